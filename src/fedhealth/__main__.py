@@ -1,0 +1,3 @@
+from fedhealth.cli import main
+
+main()

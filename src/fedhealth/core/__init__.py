@@ -1,0 +1,61 @@
+"""Core: ids, the root error type, clock, hashing, configuration and tensor serialization.
+
+Everything else in fedhealth may import this package; it imports nothing of fedhealth.
+"""
+
+from fedhealth.core._clock import Clock, ManualClock, SystemClock, utcnow
+from fedhealth.core._config import DATA_DIR_ENV, data_dir
+from fedhealth.core._errors import (
+    BudgetExceededError,
+    ChecksumError,
+    ConfigError,
+    ConflictError,
+    CryptoError,
+    DatasetError,
+    DatasetMissingError,
+    FedHealthError,
+    GovernanceError,
+    InputError,
+    NotFoundError,
+    PrivacyError,
+    ProtocolError,
+    ServiceUnavailableError,
+    TensorError,
+)
+from fedhealth.core._hashing import canonical_json, file_sha256, sha256_hex
+from fedhealth.core._ids import is_valid_name, new_id
+from fedhealth.core._tensors import TensorSpec, decode_tensors, encode_tensors, read_header, specs_of
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "BudgetExceededError",
+    "ChecksumError",
+    "Clock",
+    "ConfigError",
+    "ConflictError",
+    "CryptoError",
+    "DatasetError",
+    "DatasetMissingError",
+    "FedHealthError",
+    "GovernanceError",
+    "InputError",
+    "ManualClock",
+    "NotFoundError",
+    "PrivacyError",
+    "ProtocolError",
+    "ServiceUnavailableError",
+    "SystemClock",
+    "TensorError",
+    "TensorSpec",
+    "canonical_json",
+    "data_dir",
+    "decode_tensors",
+    "encode_tensors",
+    "file_sha256",
+    "is_valid_name",
+    "new_id",
+    "read_header",
+    "sha256_hex",
+    "specs_of",
+    "utcnow",
+]

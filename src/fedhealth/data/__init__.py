@@ -1,0 +1,3 @@
+"""Data: dataset connectors, benchmark loaders with checksums, and dataset fingerprints."""
+
+__all__: list[str] = []

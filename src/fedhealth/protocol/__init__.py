@@ -1,0 +1,58 @@
+"""Protocol: the wire contract between agent and orchestrator (pydantic models, versioned).
+
+Nothing else in fedhealth defines message shapes.
+"""
+
+from fedhealth.protocol._models import (
+    PROTOCOL_VERSION,
+    RESULT_METADATA_KEY,
+    Ack,
+    ErrorBody,
+    LocalOptimizer,
+    RecipeName,
+    RecipeSpec,
+    ResultManifest,
+    RoundInfo,
+    RoundStatus,
+    SiteCreate,
+    SiteInfo,
+    SiteMetrics,
+    StrategyName,
+    StrategySpec,
+    StudyInfo,
+    StudySpec,
+    StudyStatus,
+    Task,
+    TaskFailure,
+    TaskInfo,
+    TaskKind,
+    TaskPoll,
+    TaskStatus,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "RESULT_METADATA_KEY",
+    "Ack",
+    "ErrorBody",
+    "LocalOptimizer",
+    "RecipeName",
+    "RecipeSpec",
+    "ResultManifest",
+    "RoundInfo",
+    "RoundStatus",
+    "SiteCreate",
+    "SiteInfo",
+    "SiteMetrics",
+    "StrategyName",
+    "StrategySpec",
+    "StudyInfo",
+    "StudySpec",
+    "StudyStatus",
+    "Task",
+    "TaskFailure",
+    "TaskInfo",
+    "TaskKind",
+    "TaskPoll",
+    "TaskStatus",
+]
