@@ -1,7 +1,87 @@
 """Secure aggregation: SecAgg+ (Bell et al. 2020, after Bonawitz et al. 2017) as sans-IO state machines.
 
 Client and server consume messages and return messages; no sockets, clock or database. Tests drive them in
-memory; the agent and the orchestrator drive them over HTTPS.
+memory; the agent and the orchestrator drive them over HTTPS. The package owns the protocol (stages and their
+transition table, signed ephemeral keys, Shamir shares sealed between site pairs, AES-CTR masks), the vector
+codec that quantizes a site's contribution into the 32-bit ring, and the compute benchmark.
+
+A round, as a driver sees it::
+
+    server = SecAggServer(config)                       # orchestrator
+    client = SecAggClient(config, site, key, identities)  # each agent
+    server.receive(client.advertise_keys());  directories = server.close_stage()
+    server.receive(client.share_keys(directories[site]));  bundles = server.close_stage()
+    server.receive(client.masked_input(bundles[site], codec.encode(values)));  requests = server.close_stage()
+    server.receive(client.unmask(requests[site]));  server.close_stage()
+    sums = codec.decode(server.result().vector, len(server.result().contributors))
 """
 
-__all__: list[str] = []
+from fedhealth.secagg._client import KeyReuseGuard, SecAggClient
+from fedhealth.secagg._codec import Segment, SegmentKind, VectorCodec
+from fedhealth.secagg._config import PROTOCOL_VERSION, NeighbourhoodGraph, SecAggConfig, default_degree
+from fedhealth.secagg._errors import (
+    FailureReason,
+    RoundFailedError,
+    SecAggMessageError,
+    SecAggProtocolError,
+    SecAggSecurityError,
+)
+from fedhealth.secagg._messages import (
+    ClientMessage,
+    EncryptedShares,
+    KeyAdvertisement,
+    KeyDirectory,
+    MaskedInput,
+    RevealedShare,
+    ServerMessage,
+    ShareBox,
+    ShareBundle,
+    ShareKind,
+    UnmaskRequest,
+    UnmaskResponse,
+    decode_message,
+)
+from fedhealth.secagg._server import AggregateResult, SecAggServer
+from fedhealth.secagg._simulate import InMemoryRound, RoundReport, run_in_memory, simulate_round
+from fedhealth.secagg._stages import CLIENT_TRANSITIONS, SERVER_TRANSITIONS, ClientAction, ServerAction, Stage
+
+__all__ = [
+    "CLIENT_TRANSITIONS",
+    "PROTOCOL_VERSION",
+    "SERVER_TRANSITIONS",
+    "AggregateResult",
+    "ClientAction",
+    "ClientMessage",
+    "EncryptedShares",
+    "FailureReason",
+    "InMemoryRound",
+    "KeyAdvertisement",
+    "KeyDirectory",
+    "KeyReuseGuard",
+    "MaskedInput",
+    "NeighbourhoodGraph",
+    "RevealedShare",
+    "RoundFailedError",
+    "RoundReport",
+    "SecAggClient",
+    "SecAggConfig",
+    "SecAggMessageError",
+    "SecAggProtocolError",
+    "SecAggSecurityError",
+    "SecAggServer",
+    "Segment",
+    "SegmentKind",
+    "ServerAction",
+    "ServerMessage",
+    "ShareBox",
+    "ShareBundle",
+    "ShareKind",
+    "Stage",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "VectorCodec",
+    "decode_message",
+    "default_degree",
+    "run_in_memory",
+    "simulate_round",
+]
