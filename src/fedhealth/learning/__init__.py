@@ -1,7 +1,51 @@
-"""Learning: model recipes, server strategies, metrics.
+"""Learning: model recipes, server strategies, metrics and the benchmark presets.
 
-Recipes are pure numpy functions of (parameters, data, seed); strategies turn the clients' updates into the
-next global model. Nothing here knows about HTTP or the database.
+Recipes are pure numpy functions of (parameters, data, config, generator); strategies turn the sites' mean
+update into the next global model. Nothing here knows about HTTP, the database or the wire format: the
+services map ``fedhealth.protocol``'s specs onto :class:`LogRegConfig` / :class:`StrategyConfig`.
 """
 
-__all__: list[str] = []
+from fedhealth.learning._config import LocalOptimizer, LogRegConfig, StrategyConfig, StrategyKind
+from fedhealth.learning._errors import TrainingDivergedError
+from fedhealth.learning._logreg import (
+    bce_with_logits,
+    logreg_evaluate,
+    logreg_init,
+    logreg_objective,
+    logreg_param_specs,
+    logreg_per_example_gradients,
+    logreg_predict_proba,
+    logreg_train,
+)
+from fedhealth.learning._metrics import MetricSummary, mean_metrics, weighted_metrics
+from fedhealth.learning._results import EvalResult, TrainResult
+from fedhealth.learning._rng import task_rng
+from fedhealth.learning._strategies import apply_strategy, strategy_state_specs, weighted_mean
+from fedhealth.learning._synthetic import SYNTHETIC_STEP_SCALE, synthetic_init, synthetic_train
+
+__all__ = [
+    "SYNTHETIC_STEP_SCALE",
+    "EvalResult",
+    "LocalOptimizer",
+    "LogRegConfig",
+    "MetricSummary",
+    "StrategyConfig",
+    "StrategyKind",
+    "TrainResult",
+    "TrainingDivergedError",
+    "apply_strategy",
+    "bce_with_logits",
+    "logreg_evaluate",
+    "logreg_init",
+    "logreg_objective",
+    "logreg_param_specs",
+    "logreg_per_example_gradients",
+    "logreg_predict_proba",
+    "logreg_train",
+    "mean_metrics",
+    "strategy_state_specs",
+    "synthetic_init",
+    "synthetic_train",
+    "task_rng",
+    "weighted_mean",
+]

@@ -1,0 +1,28 @@
+"""What a recipe returns: the outcome of one round of local training, and of one evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainResult:
+    """Local parameters after training (float32), the training-set size (the aggregation weight), the mean
+    data loss over the examples seen this round, and the number of optimizer steps taken."""
+
+    params: dict[str, np.ndarray]
+    num_samples: int
+    train_loss: float
+    steps: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvalResult:
+    """Metrics of a model on one labelled set. ``auc`` is None when the set holds a single class."""
+
+    num_samples: int
+    loss: float
+    accuracy: float
+    auc: float | None
