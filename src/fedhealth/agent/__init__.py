@@ -1,5 +1,15 @@
 """Site agent: the service next to a hospital's data. It dials out only, long-polls for tasks, trains locally
-and uploads updates.
+and uploads updates, retrying with backoff whenever the orchestrator is unreachable.
 """
 
-__all__: list[str] = []
+from fedhealth.agent._agent import AgentSettings, SiteAgent, run_agent
+from fedhealth.agent._client import OrchestratorClient, OrchestratorRefused, RetryPolicy
+
+__all__ = [
+    "AgentSettings",
+    "OrchestratorClient",
+    "OrchestratorRefused",
+    "RetryPolicy",
+    "SiteAgent",
+    "run_agent",
+]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from fedhealth.cli._bench import benchmark_app
+from fedhealth.cli._demo import demo
+from fedhealth.cli._services import orchestrator_app, site_app
+
 app = typer.Typer(
     name="fedhealth",
     help="Federated learning for hospitals.",
@@ -11,6 +15,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(orchestrator_app, name="orchestrator")
+app.add_typer(site_app, name="site")
+app.command("demo")(demo)
+app.add_typer(benchmark_app, name="benchmark")
 
 
 def main() -> None:

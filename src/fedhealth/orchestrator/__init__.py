@@ -1,3 +1,36 @@
-"""Orchestrator: the coordinating service (FastAPI + SQLAlchemy + a content-addressed blob store)."""
+"""Orchestrator: the coordinating service (FastAPI + SQLAlchemy + a content-addressed blob store).
 
-__all__: list[str] = []
+Handlers are thin: durable state is in :class:`Store` (SQLite or PostgreSQL, Alembic-migrated), tensors in the
+:class:`BlobStore`, and the round engine moves studies from round to round with a quorum and a deadline.
+"""
+
+from fedhealth.orchestrator._app import OrchestratorSettings, create_app
+from fedhealth.orchestrator._blobs import BlobStore
+from fedhealth.orchestrator._db import make_engine, metadata, sqlite_url, upgrade_database
+from fedhealth.orchestrator._engine import RoundEngine
+from fedhealth.orchestrator._report import build_report, report_markdown, study_info, write_report
+from fedhealth.orchestrator._serve import serve
+from fedhealth.orchestrator._store import ModelVersion, NewRound, RoundRow, SiteRow, Store, StudyRow, TaskRow
+
+__all__ = [
+    "BlobStore",
+    "ModelVersion",
+    "NewRound",
+    "OrchestratorSettings",
+    "RoundEngine",
+    "RoundRow",
+    "SiteRow",
+    "Store",
+    "StudyRow",
+    "TaskRow",
+    "build_report",
+    "create_app",
+    "make_engine",
+    "metadata",
+    "report_markdown",
+    "serve",
+    "sqlite_url",
+    "study_info",
+    "upgrade_database",
+    "write_report",
+]

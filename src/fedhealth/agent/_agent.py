@@ -1,0 +1,152 @@
+"""The site agent's main loop: long-poll for a task, do it on local data, upload, repeat.
+
+The agent dials out only. Every failure to reach the orchestrator is retried with backoff; a task the site
+cannot do (missing dataset, wrong model shape, training diverged) is reported with a reason so the round goes
+on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from fedhealth.agent._client import OrchestratorClient, OrchestratorRefused, RetryPolicy
+from fedhealth.core import (
+    DatasetError,
+    FedHealthError,
+    InputError,
+    ServiceUnavailableError,
+    decode_tensors,
+)
+from fedhealth.data import TabularDataset, open_dataset
+from fedhealth.protocol import ResultManifest, Task, TaskFailure, TaskKind
+from fedhealth.runtime import encode_update, evaluate_on_site, param_specs, train_on_site
+
+log = logging.getLogger("fedhealth.agent")
+
+
+@dataclass(kw_only=True)
+class AgentSettings:
+    orchestrator_url: str
+    site: str
+    datasets: dict[str, str] = field(default_factory=dict)  # dataset name -> connector URI
+    data_dir: Path | None = None
+    poll_wait_s: float = 25.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+class SiteAgent:
+    def __init__(self, settings: AgentSettings, *, client: OrchestratorClient | None = None) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self.client = client or OrchestratorClient(
+            settings.orchestrator_url, settings.site, retry=settings.retry, should_stop=self._stop.is_set
+        )
+        self._datasets: dict[str, TabularDataset] = {}
+        self._models: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self.tasks_done = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        log.info("site %s polling %s", self.settings.site, self.settings.orchestrator_url)
+        while not self._stop.is_set():
+            try:
+                task = self.client.next_task(self.settings.poll_wait_s)
+            except ServiceUnavailableError:
+                continue
+            except OrchestratorRefused as exc:
+                # e.g. this site is not registered: no use hammering the orchestrator
+                log.error("the orchestrator refused this site: %s", exc)
+                self._stop.wait(self.settings.retry.max_s)
+                continue
+            if task is not None:
+                self.handle(task)
+        self.client.close()
+
+    def _dataset(self, name: str) -> TabularDataset:
+        if name not in self._datasets:
+            uri = self.settings.datasets.get(name)
+            if uri is None:
+                raise DatasetError(
+                    f"this site has no dataset named {name!r} (registered: {sorted(self.settings.datasets)})"
+                )
+            self._datasets[name] = open_dataset(uri, self.settings.data_dir)
+        return self._datasets[name]
+
+    def _model(self, task: Task) -> dict[str, np.ndarray]:
+        cached = self._models.get(task.model_digest)
+        if cached is None:
+            blob = self.client.get_model(task.model_digest, max_elapsed_s=self._time_left(task))
+            cached, _ = decode_tensors(blob, param_specs(task.recipe))
+            self._models[task.model_digest] = cached
+            while len(self._models) > 4:
+                self._models.popitem(last=False)
+        return cached
+
+    @staticmethod
+    def _time_left(task: Task) -> float:
+        return max(1.0, (task.deadline - datetime.now(UTC)).total_seconds())
+
+    def handle(self, task: Task) -> None:
+        site = self.settings.site
+        log.info("task %s: %s round %d of study %s", task.task_id, task.kind.value, task.round, task.study_id)
+        try:
+            params = self._model(task)
+            dataset = None if task.recipe.name.value == "synthetic" else self._dataset(task.dataset)
+            if task.kind is TaskKind.TRAIN:
+                outcome = train_on_site(task, site, params, dataset)
+                body = encode_update(
+                    outcome.delta, ResultManifest(task_id=task.task_id, metrics=outcome.metrics)
+                )
+                self.client.upload_result(task.task_id, body, max_elapsed_s=self._time_left(task))
+            else:
+                metrics = evaluate_on_site(task, params, dataset)
+                self.client.upload_evaluation(
+                    task.task_id,
+                    ResultManifest(task_id=task.task_id, metrics=metrics),
+                    max_elapsed_s=self._time_left(task),
+                )
+            self.tasks_done += 1
+        except OrchestratorRefused as exc:
+            log.error("task %s: the orchestrator refused the result: %s", task.task_id, exc)
+        except ServiceUnavailableError as exc:
+            log.error("task %s abandoned: %s", task.task_id, exc)
+        except DatasetError as exc:
+            self._fail(task, "dataset_unavailable", str(exc))
+        except InputError as exc:
+            self._fail(task, "invalid_task", str(exc))
+        except FedHealthError as exc:
+            self._fail(task, "training_failed", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a bug in training code must not kill the agent: report it and go on
+            log.exception("task %s crashed", task.task_id)
+            self._fail(task, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, task: Task, code: str, reason: str) -> None:
+        log.error("task %s failed: %s: %s", task.task_id, code, reason)
+        try:
+            self.client.report_failure(
+                task.task_id,
+                TaskFailure(code=code, reason=reason[:2000]),
+                max_elapsed_s=self._time_left(task),
+            )
+        except (OrchestratorRefused, ServiceUnavailableError) as exc:
+            log.error("could not report the failure of %s: %s", task.task_id, exc)
+
+
+def run_agent(settings: AgentSettings) -> None:
+    """Run an agent in the foreground until interrupted (SIGINT/SIGTERM)."""
+    agent = SiteAgent(settings)
+    try:
+        agent.run()
+    except KeyboardInterrupt:
+        log.info("site %s stopping", settings.site)
+    finally:
+        agent.client.close()

@@ -1,0 +1,180 @@
+"""``fedhealth demo``: a whole federation on this machine, start to finish, with live progress."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedhealth.protocol import RecipeSpec, StrategySpec, StudyInfo, StudySpec, StudyStatus, TaskKind
+from fedhealth.sim import LocalFederation
+
+
+class DemoDataset(StrEnum):
+    BREAST_CANCER = "breast-cancer"
+    HEART_DISEASE = "heart-disease"
+
+
+def demo_federation(dataset: DemoDataset, rounds: int | None) -> tuple[dict[str, str], StudySpec]:
+    """The sites (name -> dataset URI) and the study of the demo."""
+    if dataset is DemoDataset.HEART_DISEASE:
+        sites = {
+            "cleveland": "builtin://heart-disease/0",
+            "hungary": "builtin://heart-disease/1",
+            "switzerland": "builtin://heart-disease/2",
+            "long-beach": "builtin://heart-disease/3",
+        }
+        recipe = RecipeSpec(n_features=13, local_steps=20, learning_rate=0.05, batch_size=4)
+        strategy = StrategySpec(name="fedyogi", server_learning_rate=0.05)
+        default_rounds = 30
+    else:
+        sites = {f"hospital-{c}": f"builtin://breast-cancer/{i}?sites=4&seed=0" for i, c in enumerate("abcd")}
+        recipe = RecipeSpec(n_features=30, local_epochs=1, learning_rate=0.05, batch_size=16)
+        strategy = StrategySpec(name="fedavg")
+        default_rounds = 15
+    spec = StudySpec(
+        name=f"demo-{dataset.value}",
+        dataset=dataset.value,
+        recipe=recipe,
+        strategy=strategy,
+        rounds=rounds or default_rounds,
+        train_sites=sorted(sites),
+        min_sites=3,
+        round_deadline_s=60.0,
+        seed=0,
+    )
+    return sites, spec
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _site_table(info: StudyInfo) -> Table:
+    table = Table(title="Sites", expand=False)
+    for col in ("site", "task", "state", "train n", "train loss", "val. acc", "val. AUC"):
+        table.add_column(col, justify="right" if col not in ("site", "task", "state") else "left")
+    latest: dict[str, tuple[str, str, object]] = {}
+    for r in info.rounds:
+        for t in r.tasks:
+            latest[t.site] = (f"{r.kind.value} r{r.number}", t.status.value, t.metrics)
+    for site in (
+        info.spec.evaluation_sites
+        if info.rounds and info.rounds[-1].kind is TaskKind.EVALUATE
+        else info.spec.train_sites
+    ):
+        task, state, m = latest.get(site, ("–", "–", None))
+        table.add_row(
+            site,
+            task,
+            state,
+            str(getattr(m, "num_samples", "–") or "–"),
+            _fmt(getattr(m, "train_loss", None)),
+            _fmt(getattr(m, "accuracy", None)),
+            _fmt(getattr(m, "auc", None)),
+        )
+    return table
+
+
+def run_demo(
+    dataset: DemoDataset = DemoDataset.BREAST_CANCER,
+    rounds: int | None = None,
+    out: Path = Path("demo-output"),
+    console: Console | None = None,
+) -> int:
+    console = console or Console()
+    sites, spec = demo_federation(dataset, rounds)
+    state = out / "state"
+    shutil.rmtree(state, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    console.print(
+        f"[bold]fedhealth demo[/]: {len(sites)} sites, dataset [cyan]{dataset.value}[/], "
+        f"{spec.rounds} rounds of {spec.strategy.name.value}"
+    )
+    fed = LocalFederation(state, log_level="warning")
+    try:
+        url = fed.start_orchestrator()
+        console.print(f"orchestrator at {url} (logs in {fed.logs})")
+        for site, uri in sites.items():
+            fed.add_site(site)
+            fed.start_agent(site, {spec.dataset: uri})
+        with console.status("waiting for the sites to connect"):
+            fed.wait_for_sites(list(sites))
+        study = fed.create_study(spec)
+        progress = Progress(
+            TextColumn("[bold blue]rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        bar = progress.add_task("rounds", total=spec.rounds)
+        with Live(
+            Group(progress, _site_table(study)), console=console, refresh_per_second=8, transient=False
+        ) as live:
+
+            def show(info: StudyInfo) -> None:
+                progress.update(bar, completed=info.completed_rounds)
+                live.update(Group(progress, _site_table(info)))
+
+            final = fed.wait_for_study(study.study_id, timeout=600, on_progress=show)
+        report = fed.report(study.study_id)
+        model_path = out / "model.safetensors"
+        model_path.write_bytes(fed.model_bytes(study.study_id))
+        from fedhealth.orchestrator import report_markdown  # the report's Markdown form
+
+        report_md = out / "report.md"
+        report_md.write_text(report_markdown(report))
+        (out / "report.json").write_text(__import__("json").dumps(report, indent=2))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: stopping the orchestrator and the agents[/]")
+        fed.stop_all()
+        console.print("all processes stopped")
+        return 130
+    finally:
+        fed.stop_all()
+    wall = time.monotonic() - started
+    if final.status is not StudyStatus.COMPLETED:
+        console.print(f"[red]study {final.status.value}[/]: {final.reason}")
+        return 1
+    evaluation = report["evaluation"] or {}
+    table = Table(title="Final model, evaluated on each site's held-out data")
+    for col in ("site", "test n", "accuracy", "AUC"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for site, m in sorted((evaluation.get("per_site") or {}).items()):
+        table.add_row(site, str(m["num_eval_samples"]), _fmt(m["accuracy"]), _fmt(m["auc"]))
+    table.add_row(
+        "[bold]mean", "", f"[bold]{_fmt(evaluation.get('accuracy'))}", f"[bold]{_fmt(evaluation.get('auc'))}"
+    )
+    console.print(table)
+    console.print(
+        f"rounds: {final.completed_rounds}   wall time: {wall:.1f} s   "
+        f"model: {model_path} (sha256 {(final.model_digest or '?')[:12]}…)   report: {report_md}"
+    )
+    return 0
+
+
+def demo(
+    dataset: Annotated[
+        DemoDataset,
+        typer.Option(help="breast-cancer (offline, bundled) or heart-disease (4 real hospitals)."),
+    ] = DemoDataset.BREAST_CANCER,
+    rounds: Annotated[
+        int | None, typer.Option(help="Training rounds (default: the dataset's preset).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Where the model, the report and the logs go.")] = Path(
+        "demo-output"
+    ),
+) -> None:
+    """Start an orchestrator and 4 site agents on this machine and train one model together."""
+    sys.exit(run_demo(dataset, rounds, out))

@@ -1,0 +1,405 @@
+"""The orchestrator's HTTP surface: agent API, operator API, health. Handlers are thin; the work is in the
+store, the blob store and the round engine.
+
+Every error answer has the shape ``{"error": ..., "detail": ...}``. Malformed requests get 422 with a message,
+oversized ones 413, unknown objects 404, state conflicts 409; a 500 means a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import fedhealth
+from fedhealth.core import (
+    Clock,
+    ConflictError,
+    FedHealthError,
+    InputError,
+    NotFoundError,
+    SystemClock,
+    TensorError,
+    is_valid_name,
+)
+from fedhealth.orchestrator._blobs import BlobStore, check_digest
+from fedhealth.orchestrator._db import make_engine, sqlite_url, upgrade_database
+from fedhealth.orchestrator._engine import RoundEngine
+from fedhealth.orchestrator._notify import TaskNotifier
+from fedhealth.orchestrator._report import build_report, study_info
+from fedhealth.orchestrator._store import Store, TaskRow
+from fedhealth.protocol import (
+    Ack,
+    ResultManifest,
+    SiteCreate,
+    SiteInfo,
+    StudyInfo,
+    StudySpec,
+    StudyStatus,
+    Task,
+    TaskFailure,
+    TaskKind,
+    TaskPoll,
+    TaskStatus,
+)
+from fedhealth.runtime import decode_update, param_specs
+
+log = logging.getLogger("fedhealth.orchestrator")
+SAFETENSORS = "application/octet-stream"
+
+
+@dataclass(kw_only=True)
+class OrchestratorSettings:
+    state_dir: Path
+    database_url: str | None = None
+    fsync: bool = False
+    max_body_bytes: int = 512 << 20
+    max_wait_s: float = 60.0
+    clock: Clock = field(default_factory=SystemClock)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or sqlite_url(self.state_dir / "orchestrator.sqlite")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: Any = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+def _error(status: int, error: str, detail: Any = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+@dataclass
+class Services:
+    settings: OrchestratorSettings
+    store: Store
+    blobs: BlobStore
+    engine: RoundEngine
+    notifier: TaskNotifier
+    last_seen: dict[str, datetime] = field(default_factory=dict)
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+Svc = Annotated[Services, Depends(services)]
+
+
+async def read_body(request: Request, svc: Services) -> bytes:
+    limit = svc.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def current_site(svc: Svc, x_fedhealth_site: Annotated[str | None, Header()] = None) -> str:
+    # Issue #3 replaces this header with short-lived signed tokens; the handlers only see a site name.
+    if not x_fedhealth_site:
+        raise ApiError(401, "missing site credentials")
+    if not is_valid_name(x_fedhealth_site):
+        raise ApiError(401, "invalid site credentials")
+    svc.store.get_site(x_fedhealth_site)
+    return x_fedhealth_site
+
+
+Site = Annotated[str, Depends(current_site)]
+
+
+def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        db = make_engine(settings.resolved_database_url, fsync=settings.fsync)
+        await anyio.to_thread.run_sync(upgrade_database, db)
+        store = Store(db)
+        blobs = BlobStore(settings.state_dir / "blobs", fsync=settings.fsync)
+        notifier = TaskNotifier()
+        engine = RoundEngine(
+            store, blobs, settings.clock, notifier, reports_dir=settings.state_dir / "reports"
+        )
+        app.state.services = Services(
+            settings=settings, store=store, blobs=blobs, engine=engine, notifier=notifier
+        )
+        await engine.recover()
+        app.state.shutdown = notifier.shutdown
+        if on_ready is not None:
+            on_ready()
+        try:
+            yield
+        finally:
+            await engine.close()
+            db.dispose()
+
+    app = FastAPI(
+        title="fedhealth orchestrator",
+        version=fedhealth.__version__,
+        lifespan=lifespan,
+        responses={
+            404: {"description": "Not found"},
+            409: {"description": "Conflict with the current state"},
+            413: {"description": "Request body too large"},
+            422: {"description": "Malformed request"},
+        },
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.error, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return _error(422, "malformed request", detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(NotFoundError)
+    async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
+        return _error(404, str(exc))
+
+    @app.exception_handler(ConflictError)
+    async def _conflict(_: Request, exc: ConflictError) -> JSONResponse:
+        return _error(409, str(exc))
+
+    @app.exception_handler(InputError)
+    async def _input(_: Request, exc: InputError) -> JSONResponse:
+        return _error(422, str(exc))
+
+    @app.exception_handler(FedHealthError)
+    async def _fedhealth(_: Request, exc: FedHealthError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    # --- health ------------------------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": fedhealth.__version__}
+
+    # --- agent API ---------------------------------------------------------------------------------------
+
+    def _task_message(svc: Services, task: TaskRow) -> Task:
+        r = svc.store.get_round(task.round_id)
+        spec = svc.store.get_study(task.study_id).spec
+        return Task(
+            task_id=task.id,
+            study_id=task.study_id,
+            round=r.number,
+            kind=task.kind,
+            dataset=spec.dataset,
+            recipe=spec.recipe,
+            model_digest=r.model_in_digest,
+            seed=spec.seed,
+            deadline=r.deadline_at,
+        )
+
+    @app.get("/api/v1/agent/tasks/next", response_model=TaskPoll, tags=["agent"])
+    async def next_task(svc: Svc, site: Site, wait: Annotated[float, Query(ge=0, le=60)] = 25.0) -> TaskPoll:
+        """Long-poll: answers as soon as a task for this site exists, or after ``wait`` seconds with none."""
+        now = svc.settings.clock.now()
+        seen = svc.last_seen.get(site)
+        if seen is None or now - seen > timedelta(seconds=5):
+            svc.store.touch_site(site, now)
+            svc.last_seen[site] = now
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + min(wait, svc.settings.max_wait_s)
+        while True:
+            waiter = svc.notifier.waiter(site)
+            found = svc.store.next_task(site)
+            if found is not None:
+                waiter.cancel()
+                task, _ = found
+                svc.store.mark_delivered(task.id, svc.settings.clock.now())
+                return TaskPoll(task=_task_message(svc, task))
+            remaining = give_up - loop.time()
+            if remaining <= 0 or svc.notifier.shutting_down:
+                waiter.cancel()
+                return TaskPoll(task=None)
+            await asyncio.wait({waiter}, timeout=remaining)
+            waiter.cancel()
+
+    @app.get("/api/v1/agent/models/{digest}", tags=["agent"], response_class=Response)
+    async def get_model(svc: Svc, site: Site, digest: str) -> Response:
+        check_digest(digest)
+        return Response(svc.blobs.get(digest), media_type=SAFETENSORS)
+
+    def _own_task(svc: Services, site: str, task_id: str, kind: TaskKind) -> TaskRow:
+        task = svc.store.get_task(task_id)
+        if task.site != site:
+            raise ApiError(403, "this task belongs to another site")
+        if task.kind is not kind:
+            raise ApiError(409, f"task {task_id} is a {task.kind.value} task")
+        return task
+
+    async def _reject(svc: Services, task: TaskRow, message: str) -> ApiError:
+        svc.store.close_task(task.id, TaskStatus.REJECTED, message, svc.settings.clock.now())
+        log.warning("rejected the result of %s from %s: %s", task.id, task.site, message)
+        await svc.engine.task_closed(task.round_id)
+        return ApiError(422, "invalid update", message)
+
+    @app.post(
+        "/api/v1/agent/tasks/{task_id}/result",
+        response_model=Ack,
+        tags=["agent"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    )
+    async def upload_result(svc: Svc, site: Site, task_id: str, request: Request) -> Ack:
+        """Upload a training result: the update as a safetensors file, the result manifest in its metadata.
+
+        A retried upload of the same bytes is acknowledged once stored; different bytes for a finished task
+        get 409. An invalid update (malformed, wrong names/shapes/dtypes, NaN/Inf) closes the task as rejected
+        and gets 422; the round goes on with the other sites.
+        """
+        body = await read_body(request, svc)
+        task = _own_task(svc, site, task_id, TaskKind.TRAIN)
+        digest = hashlib.sha256(body).hexdigest()
+        if task.status is TaskStatus.COMPLETED:
+            if task.result_digest == digest:
+                return Ack(detail="already stored")
+            raise ApiError(409, "a different result was already stored for this task")
+        if not task.is_open:
+            raise ApiError(409, f"task is {task.status.value}: {task.reason}")
+        spec = svc.store.get_study(task.study_id).spec
+        try:
+            _, manifest = await anyio.to_thread.run_sync(decode_update, body, param_specs(spec.recipe))
+        except TensorError as exc:
+            raise await _reject(svc, task, str(exc)) from exc
+        except ValidationError as exc:
+            raise await _reject(svc, task, f"malformed result manifest: {exc.errors()[0]['msg']}") from exc
+        if manifest.task_id != task_id:
+            raise await _reject(svc, task, "the result manifest names another task")
+        await anyio.to_thread.run_sync(svc.blobs.put, body, digest)
+        stored = svc.store.complete_task(
+            task_id,
+            digest=digest,
+            num_samples=manifest.metrics.num_samples,
+            metrics=manifest.metrics,
+            when=svc.settings.clock.now(),
+        )
+        if not stored:
+            again = svc.store.get_task(task_id)
+            if again.status is TaskStatus.COMPLETED and again.result_digest == digest:
+                return Ack(detail="already stored")
+            raise ApiError(409, f"task is {again.status.value}: {again.reason}")
+        await svc.engine.task_closed(task.round_id)
+        return Ack()
+
+    @app.post("/api/v1/agent/tasks/{task_id}/evaluation", response_model=Ack, tags=["agent"])
+    async def upload_evaluation(svc: Svc, site: Site, task_id: str, body: ResultManifest) -> Ack:
+        task = _own_task(svc, site, task_id, TaskKind.EVALUATE)
+        if body.task_id != task_id:
+            raise ApiError(422, "the result manifest names another task")
+        if task.status is TaskStatus.COMPLETED:
+            if task.metrics == body.metrics:
+                return Ack(detail="already stored")
+            raise ApiError(409, "a different result was already stored for this task")
+        if not task.is_open:
+            raise ApiError(409, f"task is {task.status.value}: {task.reason}")
+        svc.store.complete_task(
+            task_id, digest=None, num_samples=0, metrics=body.metrics, when=svc.settings.clock.now()
+        )
+        await svc.engine.task_closed(task.round_id)
+        return Ack()
+
+    @app.post("/api/v1/agent/tasks/{task_id}/failure", response_model=Ack, tags=["agent"])
+    async def report_failure(svc: Svc, site: Site, task_id: str, body: TaskFailure) -> Ack:
+        """A site that cannot do a task says why; the round goes on without it."""
+        task = svc.store.get_task(task_id)
+        if task.site != site:
+            raise ApiError(403, "this task belongs to another site")
+        if task.is_open:
+            svc.store.close_task(
+                task_id, TaskStatus.FAILED, f"{body.code}: {body.reason}", svc.settings.clock.now()
+            )
+            log.warning("site %s could not do %s: %s: %s", site, task_id, body.code, body.reason)
+            await svc.engine.task_closed(task.round_id)
+        return Ack()
+
+    # --- operator API ------------------------------------------------------------------------------------
+
+    @app.post("/api/v1/sites", response_model=SiteInfo, status_code=201, tags=["operator"])
+    async def create_site(svc: Svc, body: SiteCreate) -> SiteInfo:
+        row = svc.store.create_site(body.name, svc.settings.clock.now())
+        return SiteInfo(name=row.name, created_at=row.created_at, last_seen_at=row.last_seen_at)
+
+    @app.get("/api/v1/sites", response_model=list[SiteInfo], tags=["operator"])
+    async def list_sites(svc: Svc) -> list[SiteInfo]:
+        return [
+            SiteInfo(name=s.name, created_at=s.created_at, last_seen_at=s.last_seen_at)
+            for s in svc.store.list_sites()
+        ]
+
+    @app.post("/api/v1/studies", response_model=StudyInfo, status_code=201, tags=["operator"])
+    async def create_study(svc: Svc, body: StudySpec) -> StudyInfo:
+        try:
+            study = await svc.engine.create_study(body)
+        except NotFoundError as exc:  # unknown site names are a malformed study, not a missing resource
+            raise ApiError(422, "invalid study", str(exc)) from exc
+        return study_info(svc.store, study.id)
+
+    @app.get("/api/v1/studies", response_model=list[StudyInfo], tags=["operator"])
+    async def list_studies(svc: Svc, status: StudyStatus | None = None) -> list[StudyInfo]:
+        return [study_info(svc.store, s.id, with_rounds=False) for s in svc.store.list_studies(status)]
+
+    @app.get("/api/v1/studies/{study_id}", response_model=StudyInfo, tags=["operator"])
+    async def get_study(svc: Svc, study_id: str) -> StudyInfo:
+        return study_info(svc.store, study_id)
+
+    @app.post("/api/v1/studies/{study_id}/cancel", response_model=StudyInfo, tags=["operator"])
+    async def cancel_study(svc: Svc, study_id: str) -> StudyInfo:
+        study = svc.store.get_study(study_id)
+        if study.status is not StudyStatus.RUNNING:
+            raise ApiError(409, f"study is {study.status.value}")
+        await svc.engine.cancel_study(study_id, "cancelled by the operator")
+        return study_info(svc.store, study_id)
+
+    @app.get("/api/v1/studies/{study_id}/model", tags=["operator"], response_class=Response)
+    async def get_study_model(svc: Svc, study_id: str) -> Response:
+        study = svc.store.get_study(study_id)
+        return Response(
+            svc.blobs.get(study.model_digest),
+            media_type=SAFETENSORS,
+            headers={"X-Fedhealth-Model-Digest": study.model_digest},
+        )
+
+    @app.get("/api/v1/studies/{study_id}/report", tags=["operator"])
+    async def get_study_report(svc: Svc, study_id: str) -> dict[str, Any]:
+        return build_report(svc.store, study_id)
+
+    return app

@@ -1,0 +1,156 @@
+"""Database schema and engine set-up for the orchestrator (SQLAlchemy Core; SQLite or PostgreSQL).
+
+The schema is defined once here; Alembic migrations (``migrations/``) create and evolve it, and
+:func:`upgrade_database` applies them at start-up, so a new release can open an old database.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+UTC_DATETIME = DateTime(timezone=True)
+
+sites = Table(
+    "sites",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("created_at", UTC_DATETIME, nullable=False),
+    Column("last_seen_at", UTC_DATETIME, nullable=True),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(63), nullable=False),
+    Column("spec_json", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("created_at", UTC_DATETIME, nullable=False),
+    Column("ended_at", UTC_DATETIME, nullable=True),
+    Column("completed_rounds", Integer, nullable=False, default=0),
+    Column("model_digest", String(64), nullable=False),
+    Column("state_digest", String(64), nullable=True),
+)
+
+rounds = Table(
+    "rounds",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("study_id", String(40), ForeignKey("studies.id"), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("started_at", UTC_DATETIME, nullable=False),
+    Column("deadline_at", UTC_DATETIME, nullable=False),
+    Column("ended_at", UTC_DATETIME, nullable=True),
+    Column("model_in_digest", String(64), nullable=False),
+    Column("model_out_digest", String(64), nullable=True),
+    Column("state_out_digest", String(64), nullable=True),
+    Column("metrics_json", Text, nullable=True),
+    UniqueConstraint("study_id", "number", name="uq_rounds_study_number"),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("round_id", String(40), ForeignKey("rounds.id"), nullable=False),
+    Column("study_id", String(40), ForeignKey("studies.id"), nullable=False),
+    Column("site", String(63), ForeignKey("sites.name"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("created_at", UTC_DATETIME, nullable=False),
+    Column("delivered_at", UTC_DATETIME, nullable=True),
+    Column("ended_at", UTC_DATETIME, nullable=True),
+    Column("result_digest", String(64), nullable=True),
+    Column("num_samples", Integer, nullable=True),
+    Column("metrics_json", Text, nullable=True),
+    UniqueConstraint("round_id", "site", name="uq_tasks_round_site"),
+)
+Index("ix_tasks_site_status", tasks.c.site, tasks.c.status)
+Index("ix_tasks_round", tasks.c.round_id)
+
+model_versions = Table(
+    "model_versions",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    Column("study_id", String(40), ForeignKey("studies.id"), nullable=False),
+    Column("round", Integer, nullable=False),
+    Column("parent_digest", String(64), nullable=True),
+    Column("created_at", UTC_DATETIME, nullable=False),
+    Column("num_sites", Integer, nullable=False),
+    Column("train_loss", Float, nullable=True),
+)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers run beside the single writer; NORMAL sync survives a killed process (the WAL is
+    # in the OS page cache), and --fsync upgrades to FULL for power-loss durability.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def make_engine(url: str, *, fsync: bool = False) -> Engine:
+    """An engine for ``url`` (``sqlite:///path`` or ``postgresql+psycopg://...``), our settings applied."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False}, pool_size=8, max_overflow=8)
+        sync = "FULL" if fsync else "NORMAL"
+
+        def _on_connect(dbapi_connection: Any, record: Any) -> None:
+            _sqlite_pragmas(dbapi_connection, record)
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA synchronous={sync}")
+            cursor.close()
+
+        event.listen(engine, "connect", _on_connect)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def upgrade_database(engine: Engine) -> None:
+    """Apply every Alembic migration up to head (creates the schema on an empty database)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "head")

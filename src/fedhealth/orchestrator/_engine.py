@@ -1,0 +1,292 @@
+"""The round engine: opens rounds, closes them at quorum-or-deadline, aggregates, and moves studies on.
+
+It runs on the orchestrator's event loop. All durable state is in the store; the engine's own memory holds
+only timers, so after a crash :meth:`RoundEngine.recover` rebuilds it from the database: a round that was
+open stays open (results already received are kept) with a fresh deadline, and the study continues from its
+last completed round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from fedhealth.core import Clock, FedHealthError, decode_tensors, encode_tensors
+from fedhealth.orchestrator._blobs import BlobStore
+from fedhealth.orchestrator._notify import TaskNotifier
+from fedhealth.orchestrator._report import write_report
+from fedhealth.orchestrator._store import ModelVersion, NewRound, RoundRow, Store, StudyRow, TaskRow
+from fedhealth.protocol import RoundStatus, StudySpec, StudyStatus, TaskKind, TaskStatus
+from fedhealth.runtime import aggregate, decode_update, initial_model, param_specs, summarize
+
+log = logging.getLogger("fedhealth.orchestrator")
+
+
+class RoundEngine:
+    def __init__(
+        self,
+        store: Store,
+        blobs: BlobStore,
+        clock: Clock,
+        notifier: TaskNotifier,
+        reports_dir: Path | None = None,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.clock = clock
+        self.notifier = notifier
+        self.reports_dir = reports_dir
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._finalizing: set[str] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Re-arm every open round after a start-up; finish those whose tasks are all closed already."""
+        now = self.clock.now()
+        for r in self.store.open_rounds():
+            spec = self.store.get_study(r.study_id).spec
+            deadline = now + timedelta(seconds=spec.round_deadline_s)
+            self.store.set_deadline(r.id, deadline)
+            log.info("resuming study %s at round %d (%s)", r.study_id, r.number, r.kind.value)
+            self._arm(r.id, deadline)
+            self.notifier.notify(self._open_sites(r.id))
+            await self.task_closed(r.id)
+
+    async def close(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        for task in list(self._background):
+            task.cancel()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _arm(self, round_id: str, deadline: datetime) -> None:
+        delay = max(0.0, (deadline - self.clock.now()).total_seconds())
+        loop = asyncio.get_running_loop()
+        old = self._timers.pop(round_id, None)
+        if old is not None:
+            old.cancel()
+        self._timers[round_id] = loop.call_later(delay, lambda: self._spawn(self.finalize(round_id)))
+
+    def _open_sites(self, round_id: str) -> list[str]:
+        return [t.site for t in self.store.tasks_of_round(round_id) if t.is_open]
+
+    # --- studies -----------------------------------------------------------------------------------------
+
+    async def create_study(self, spec: StudySpec) -> StudyRow:
+        params = initial_model(spec.recipe, spec.seed)
+        digest = self.blobs.put(encode_tensors(params))
+        now = self.clock.now()
+        first = NewRound(
+            number=1,
+            kind=TaskKind.TRAIN,
+            sites=spec.train_sites,
+            model_in_digest=digest,
+            deadline_at=now + timedelta(seconds=spec.round_deadline_s),
+        )
+        study, round_row = self.store.create_study(
+            spec=spec, model_digest=digest, state_digest=None, first=first, when=now
+        )
+        log.info(
+            "study %s (%s) created: %d rounds over %d sites",
+            study.id,
+            spec.name,
+            spec.rounds,
+            len(spec.train_sites),
+        )
+        self._arm(round_row.id, round_row.deadline_at)
+        self.notifier.notify(spec.train_sites)
+        return study
+
+    async def cancel_study(self, study_id: str, reason: str) -> None:
+        if self.store.end_study(study_id, StudyStatus.CANCELLED, reason, self.clock.now()):
+            for r in self.store.rounds_of(study_id):
+                handle = self._timers.pop(r.id, None)
+                if handle is not None:
+                    handle.cancel()
+            self._write_report(study_id)
+
+    # --- rounds ------------------------------------------------------------------------------------------
+
+    async def task_closed(self, round_id: str) -> None:
+        """Called after a task of ``round_id`` closed; finishes the round once every task is closed."""
+        if all(not t.is_open for t in self.store.tasks_of_round(round_id)):
+            await self.finalize(round_id)
+
+    async def finalize(self, round_id: str) -> None:
+        """Close a round with the results it has (at its deadline, or when every task is closed)."""
+        if round_id in self._finalizing:
+            return
+        self._finalizing.add(round_id)
+        try:
+            r = self.store.get_round(round_id)
+            if r.status is not RoundStatus.OPEN:
+                return
+            handle = self._timers.pop(round_id, None)
+            if handle is not None:
+                handle.cancel()
+            now = self.clock.now()
+            # Close late tasks first: a result arriving from now on is refused, so the set of results we
+            # aggregate is exactly the set the database says was completed.
+            for t in self.store.tasks_of_round(round_id):
+                if t.is_open:
+                    self.store.close_task(t.id, TaskStatus.TIMED_OUT, "no result by the round deadline", now)
+            study = self.store.get_study(r.study_id)
+            tasks = self.store.tasks_of_round(round_id)
+            if r.kind is TaskKind.TRAIN:
+                await self._finish_train_round(study, r, tasks)
+            else:
+                self._finish_evaluation_round(study, r, tasks)
+        except FedHealthError as exc:
+            log.exception("round %s could not be finished", round_id)
+            self._fail(round_id, f"round could not be aggregated: {exc}")
+        except Exception as exc:  # never leave a round hanging on a bug: fail the study with the reason
+            log.exception("internal error finishing round %s", round_id)
+            self._fail(round_id, f"internal error while aggregating: {type(exc).__name__}: {exc}")
+        finally:
+            self._finalizing.discard(round_id)
+
+    def _fail(self, round_id: str, reason: str) -> None:
+        r = self.store.get_round(round_id)
+        if r.status is RoundStatus.OPEN:
+            self.store.finish_round(
+                round_id,
+                status=RoundStatus.FAILED,
+                reason=reason,
+                when=self.clock.now(),
+                study_status=StudyStatus.FAILED,
+                study_reason=f"round {r.number}: {reason}",
+            )
+            self._write_report(r.study_id)
+
+    async def _finish_train_round(self, study: StudyRow, r: RoundRow, tasks: list[TaskRow]) -> None:
+        spec = study.spec
+        completed = [t for t in tasks if t.status is TaskStatus.COMPLETED]
+        now = self.clock.now()
+        if len(completed) < spec.min_sites:
+            missing = "; ".join(
+                f"{t.site}: {t.status.value} ({t.reason})" for t in tasks if t not in completed
+            )
+            reason = (
+                f"round {r.number}: quorum not met: {len(completed)} valid update(s), "
+                f"{spec.min_sites} required ({missing})"
+            )
+            log.warning("study %s failed: %s", study.id, reason)
+            self.store.finish_round(
+                r.id,
+                status=RoundStatus.FAILED,
+                reason=reason,
+                when=now,
+                study_status=StudyStatus.FAILED,
+                study_reason=reason,
+            )
+            self._write_report(study.id)
+            return
+
+        specs = param_specs(spec.recipe)
+
+        def compute() -> tuple[str, str | None]:
+            global_params, _ = decode_tensors(self.blobs.get(r.model_in_digest), specs)
+            state: dict[str, Any] = {}
+            if study.state_digest:
+                state, _ = decode_tensors(self.blobs.get(study.state_digest))
+            updates = []
+            for t in completed:  # sorted by site name: a fixed order makes the float sums reproducible
+                assert t.result_digest is not None
+                assert t.num_samples is not None
+                delta, _ = decode_update(self.blobs.get(t.result_digest), specs)
+                updates.append((t.num_samples, delta))
+            new_params, new_state = aggregate(spec.strategy, global_params, updates, state)
+            model_out = self.blobs.put(encode_tensors(new_params))
+            state_out = self.blobs.put(encode_tensors(new_state)) if new_state else None
+            return model_out, state_out
+
+        model_out, state_out = await anyio.to_thread.run_sync(compute)
+        metrics = summarize([t.metrics for t in completed if t.metrics is not None])
+        now = self.clock.now()
+        deadline = now + timedelta(seconds=spec.round_deadline_s)
+        if r.number < spec.rounds:
+            nxt = NewRound(
+                number=r.number + 1,
+                kind=TaskKind.TRAIN,
+                sites=spec.train_sites,
+                model_in_digest=model_out,
+                deadline_at=deadline,
+            )
+        else:
+            nxt = NewRound(
+                number=r.number + 1,
+                kind=TaskKind.EVALUATE,
+                sites=spec.evaluation_sites,
+                model_in_digest=model_out,
+                deadline_at=deadline,
+            )
+        version = ModelVersion(
+            digest=model_out,
+            study_id=study.id,
+            round=r.number,
+            parent_digest=r.model_in_digest,
+            created_at=now,
+            num_sites=len(completed),
+            train_loss=metrics.get("train_loss"),
+        )
+        next_row = self.store.finish_round(
+            r.id,
+            status=RoundStatus.COMPLETED,
+            reason=None,
+            when=now,
+            metrics=metrics,
+            model_out=model_out,
+            state_out=state_out,
+            version=version,
+            next_round=nxt,
+        )
+        log.info(
+            "study %s round %d/%d done: %d/%d sites, %s",
+            study.id,
+            r.number,
+            spec.rounds,
+            len(completed),
+            len(tasks),
+            {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
+        )
+        assert next_row is not None
+        self._arm(next_row.id, next_row.deadline_at)
+        self.notifier.notify(list(nxt.sites))
+
+    def _finish_evaluation_round(self, study: StudyRow, r: RoundRow, tasks: list[TaskRow]) -> None:
+        completed = [t for t in tasks if t.status is TaskStatus.COMPLETED and t.metrics is not None]
+        metrics = summarize([t.metrics for t in completed if t.metrics is not None])
+        metrics["per_site"] = {t.site: t.metrics.model_dump(mode="json") for t in completed if t.metrics}
+        missing = [f"{t.site}: {t.status.value} ({t.reason})" for t in tasks if t not in completed]
+        note = f"no evaluation from {'; '.join(missing)}" if missing else None
+        self.store.finish_round(
+            r.id,
+            status=RoundStatus.COMPLETED,
+            reason=note,
+            when=self.clock.now(),
+            metrics=metrics,
+            study_status=StudyStatus.COMPLETED,
+            study_reason=note,
+        )
+        log.info("study %s completed: %s", study.id, {k: v for k, v in metrics.items() if k != "per_site"})
+        self._write_report(study.id)
+
+    def _write_report(self, study_id: str) -> None:
+        if self.reports_dir is not None:
+            try:
+                write_report(self.store, study_id, self.reports_dir)
+            except OSError:
+                log.exception("could not write the report of study %s", study_id)

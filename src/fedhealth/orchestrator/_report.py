@@ -1,0 +1,144 @@
+"""Read models of a study: the API's StudyInfo and the study report (JSON and Markdown)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedhealth.orchestrator._store import Store
+from fedhealth.protocol import RoundInfo, RoundStatus, StudyInfo, TaskInfo, TaskKind
+
+
+def study_info(store: Store, study_id: str, *, with_rounds: bool = True) -> StudyInfo:
+    study = store.get_study(study_id)
+    rounds = store.rounds_of(study_id) if with_rounds else []
+    tasks_by_round: dict[str, list[TaskInfo]] = {}
+    if with_rounds:
+        for t in store.tasks_of_study(study_id):
+            tasks_by_round.setdefault(t.round_id, []).append(
+                TaskInfo(
+                    task_id=t.id,
+                    site=t.site,
+                    kind=t.kind,
+                    status=t.status,
+                    reason=t.reason,
+                    metrics=t.metrics,
+                )
+            )
+    open_round = next((r.number for r in rounds if r.status is RoundStatus.OPEN), None)
+    return StudyInfo(
+        study_id=study.id,
+        spec=study.spec,
+        status=study.status,
+        reason=study.reason,
+        created_at=study.created_at,
+        ended_at=study.ended_at,
+        completed_rounds=study.completed_rounds,
+        current_round=open_round,
+        model_digest=study.model_digest,
+        rounds=[
+            RoundInfo(
+                number=r.number,
+                kind=r.kind,
+                status=r.status,
+                started_at=r.started_at,
+                ended_at=r.ended_at,
+                reason=r.reason,
+                model_digest=r.model_out_digest,
+                tasks=sorted(tasks_by_round.get(r.id, []), key=lambda t: t.site),
+            )
+            for r in rounds
+        ],
+    )
+
+
+def build_report(store: Store, study_id: str) -> dict[str, Any]:
+    """Everything a reader needs to judge a study's outcome, as plain JSON."""
+    study = store.get_study(study_id)
+    rounds = store.rounds_of(study_id)
+    train = [r for r in rounds if r.kind is TaskKind.TRAIN]
+    evaluation = next((r for r in rounds if r.kind is TaskKind.EVALUATE and r.metrics), None)
+    wall = (study.ended_at - study.created_at).total_seconds() if study.ended_at else None
+    return {
+        "study_id": study.id,
+        "name": study.name,
+        "status": study.status.value,
+        "reason": study.reason,
+        "spec": study.spec.model_dump(mode="json"),
+        "created_at": study.created_at.isoformat(),
+        "ended_at": study.ended_at.isoformat() if study.ended_at else None,
+        "wall_time_s": wall,
+        "completed_rounds": study.completed_rounds,
+        "final_model_digest": study.model_digest,
+        "rounds": [
+            {
+                "number": r.number,
+                "kind": r.kind.value,
+                "status": r.status.value,
+                "reason": r.reason,
+                "duration_s": (r.ended_at - r.started_at).total_seconds() if r.ended_at else None,
+                "model_digest": r.model_out_digest,
+                "metrics": r.metrics,
+            }
+            for r in train
+        ],
+        "evaluation": evaluation.metrics if evaluation else None,
+    }
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Study report: {report['name']} ({report['study_id']})",
+        "",
+        f"- Status: **{report['status']}**" + (f" — {report['reason']}" if report["reason"] else ""),
+        f"- Dataset: `{report['spec']['dataset']}`; recipe `{report['spec']['recipe']['name']}`; "
+        f"strategy `{report['spec']['strategy']['name']}`",
+        f"- Rounds completed: {report['completed_rounds']} of {report['spec']['rounds']}",
+        f"- Wall time: {report['wall_time_s']:.2f} s"
+        if report["wall_time_s"] is not None
+        else "- Wall time: n/a",
+        f"- Final model (sha256): `{report['final_model_digest']}`",
+        "",
+    ]
+    evaluation = report.get("evaluation")
+    if evaluation and evaluation.get("per_site"):
+        lines += [
+            "## Final model, evaluated at each site",
+            "",
+            "| site | n | accuracy | AUC | loss |",
+            "|---|---|---|---|---|",
+        ]
+        for site, m in sorted(evaluation["per_site"].items()):
+            auc = f"{m['auc']:.4f}" if m.get("auc") is not None else "n/a"
+            lines.append(
+                f"| {site} | {m['num_eval_samples']} | {m['accuracy']:.4f} | {auc} | {m['eval_loss']:.4f} |"
+            )
+        mean_auc = f"{evaluation['auc']:.4f}" if evaluation.get("auc") is not None else "n/a"
+        lines += [
+            f"| **mean** | | **{evaluation.get('accuracy', float('nan')):.4f}** | **{mean_auc}** | |",
+            "",
+        ]
+    lines += [
+        "## Rounds",
+        "",
+        "| round | status | sites | train loss | local val. accuracy | s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["rounds"]:
+        m = r["metrics"] or {}
+        loss = f"{m['train_loss']:.4f}" if "train_loss" in m else ""
+        acc = f"{m['accuracy']:.4f}" if "accuracy" in m else ""
+        dur = f"{r['duration_s']:.3f}" if r["duration_s"] is not None else ""
+        lines.append(f"| {r['number']} | {r['status']} | {m.get('sites', '')} | {loss} | {acc} | {dur} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(store: Store, study_id: str, directory: Path) -> tuple[Path, Path]:
+    report = build_report(store, study_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path = directory / f"{study_id}.json"
+    md_path = directory / f"{study_id}.md"
+    json_path.write_text(json.dumps(report, indent=2, sort_keys=True))
+    md_path.write_text(report_markdown(report))
+    return json_path, md_path

@@ -1,0 +1,58 @@
+"""Running the orchestrator under uvicorn."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from fedhealth.orchestrator._app import OrchestratorSettings, create_app
+
+
+def serve(
+    settings: OrchestratorSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8443,
+    ready_file: Path | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve until interrupted. With ``port=0`` the OS picks a free port; ``ready_file`` receives
+    ``{"url": ..., "pid": ...}`` once the service accepts requests (for supervisors and tests)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    url_host = f"[{host}]" if family == socket.AF_INET6 else host
+    url = f"http://{url_host}:{bound_port}"
+
+    def _announce() -> None:  # called after the lifespan's recovery: the service is ready
+        logging.getLogger("fedhealth.orchestrator").info("orchestrator listening on %s", url)
+        if ready_file is not None:
+            tmp = ready_file.with_name(ready_file.name + ".tmp")
+            tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+            tmp.replace(ready_file)
+
+    app = create_app(settings, on_ready=_announce)
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+    server = _Server(config)
+    server.run(sockets=[sock])
+
+
+class _Server(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Long polls would otherwise hold the graceful shutdown for up to their full wait.
+        shutdown = (
+            getattr(self.config.app.state, "shutdown", None) if hasattr(self.config.app, "state") else None
+        )
+        if shutdown is not None:
+            shutdown()
+        super().handle_exit(sig, frame)

@@ -1,0 +1,507 @@
+"""The orchestrator's durable state: one interface over SQLAlchemy Core, the same on SQLite and PostgreSQL.
+
+Every method is one transaction. State changes that must happen together (closing a round, recording the
+model version, moving the study on and opening the next round) are one call, so a crash leaves either the old
+state or the new one, never half of each.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, and_, insert, select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import IntegrityError
+
+from fedhealth.core import ConflictError, NotFoundError, new_id
+from fedhealth.orchestrator._db import model_versions, rounds, sites, studies, tasks
+from fedhealth.protocol import (
+    RoundStatus,
+    SiteMetrics,
+    StudySpec,
+    StudyStatus,
+    TaskKind,
+    TaskStatus,
+)
+
+OPEN_TASK_STATES = (TaskStatus.PENDING.value, TaskStatus.DELIVERED.value)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything we write is UTC.
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SiteRow:
+    name: str
+    created_at: datetime
+    last_seen_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StudyRow:
+    id: str
+    name: str
+    spec: StudySpec
+    status: StudyStatus
+    reason: str | None
+    created_at: datetime
+    ended_at: datetime | None
+    completed_rounds: int
+    model_digest: str
+    state_digest: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundRow:
+    id: str
+    study_id: str
+    number: int
+    kind: TaskKind
+    status: RoundStatus
+    reason: str | None
+    started_at: datetime
+    deadline_at: datetime
+    ended_at: datetime | None
+    model_in_digest: str
+    model_out_digest: str | None
+    state_out_digest: str | None
+    metrics: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskRow:
+    id: str
+    round_id: str
+    study_id: str
+    site: str
+    kind: TaskKind
+    status: TaskStatus
+    reason: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+    ended_at: datetime | None
+    result_digest: str | None
+    num_samples: int | None
+    metrics: SiteMetrics | None
+
+    @property
+    def is_open(self) -> bool:
+        return self.status.value in OPEN_TASK_STATES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewRound:
+    """A round to open: number, kind, the sites that get a task, the model they start from, deadline."""
+
+    number: int
+    kind: TaskKind
+    sites: Sequence[str]
+    model_in_digest: str
+    deadline_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelVersion:
+    digest: str
+    study_id: str
+    round: int
+    parent_digest: str | None
+    created_at: datetime
+    num_sites: int
+    train_loss: float | None
+
+
+def _site(row: RowMapping) -> SiteRow:
+    return SiteRow(
+        name=row["name"], created_at=_aware(row["created_at"]), last_seen_at=_aware(row["last_seen_at"])
+    )  # type: ignore[arg-type]
+
+
+def _study(row: RowMapping) -> StudyRow:
+    return StudyRow(
+        id=row["id"],
+        name=row["name"],
+        spec=StudySpec.model_validate_json(row["spec_json"]),
+        status=StudyStatus(row["status"]),
+        reason=row["reason"],
+        created_at=_aware(row["created_at"]),  # type: ignore[arg-type]
+        ended_at=_aware(row["ended_at"]),
+        completed_rounds=row["completed_rounds"],
+        model_digest=row["model_digest"],
+        state_digest=row["state_digest"],
+    )
+
+
+def _round(row: RowMapping) -> RoundRow:
+    return RoundRow(
+        id=row["id"],
+        study_id=row["study_id"],
+        number=row["number"],
+        kind=TaskKind(row["kind"]),
+        status=RoundStatus(row["status"]),
+        reason=row["reason"],
+        started_at=_aware(row["started_at"]),  # type: ignore[arg-type]
+        deadline_at=_aware(row["deadline_at"]),  # type: ignore[arg-type]
+        ended_at=_aware(row["ended_at"]),
+        model_in_digest=row["model_in_digest"],
+        model_out_digest=row["model_out_digest"],
+        state_out_digest=row["state_out_digest"],
+        metrics=json.loads(row["metrics_json"]) if row["metrics_json"] else None,
+    )
+
+
+def _task(row: RowMapping) -> TaskRow:
+    return TaskRow(
+        id=row["id"],
+        round_id=row["round_id"],
+        study_id=row["study_id"],
+        site=row["site"],
+        kind=TaskKind(row["kind"]),
+        status=TaskStatus(row["status"]),
+        reason=row["reason"],
+        created_at=_aware(row["created_at"]),  # type: ignore[arg-type]
+        delivered_at=_aware(row["delivered_at"]),
+        ended_at=_aware(row["ended_at"]),
+        result_digest=row["result_digest"],
+        num_samples=row["num_samples"],
+        metrics=SiteMetrics.model_validate_json(row["metrics_json"]) if row["metrics_json"] else None,
+    )
+
+
+class Store:
+    """Sites, studies, rounds, tasks and model versions."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # --- sites -------------------------------------------------------------------------------------------
+
+    def create_site(self, name: str, when: datetime) -> SiteRow:
+        try:
+            with self.engine.begin() as c:
+                c.execute(insert(sites).values(name=name, created_at=when, last_seen_at=None))
+        except IntegrityError as exc:
+            raise ConflictError(f"site {name!r} already exists") from exc
+        return SiteRow(name=name, created_at=when, last_seen_at=None)
+
+    def get_site(self, name: str) -> SiteRow:
+        with self.engine.connect() as c:
+            row = c.execute(select(sites).where(sites.c.name == name)).mappings().first()
+        if row is None:
+            raise NotFoundError(f"site {name!r} is not registered")
+        return _site(row)
+
+    def list_sites(self) -> list[SiteRow]:
+        with self.engine.connect() as c:
+            return [_site(r) for r in c.execute(select(sites).order_by(sites.c.name)).mappings()]
+
+    def touch_site(self, name: str, when: datetime) -> None:
+        with self.engine.begin() as c:
+            c.execute(update(sites).where(sites.c.name == name).values(last_seen_at=when))
+
+    # --- studies -----------------------------------------------------------------------------------------
+
+    def create_study(
+        self, *, spec: StudySpec, model_digest: str, state_digest: str | None, first: NewRound, when: datetime
+    ) -> tuple[StudyRow, RoundRow]:
+        study_id = new_id("st")
+        with self.engine.begin() as c:
+            known = set(c.execute(select(sites.c.name).where(sites.c.name.in_(list(first.sites)))).scalars())
+            unknown = sorted(set(first.sites) - known)
+            if unknown:
+                raise NotFoundError(f"unknown sites: {', '.join(unknown)}")
+            c.execute(
+                insert(studies).values(
+                    id=study_id,
+                    name=spec.name,
+                    spec_json=spec.model_dump_json(),
+                    status=StudyStatus.RUNNING.value,
+                    reason=None,
+                    created_at=when,
+                    ended_at=None,
+                    completed_rounds=0,
+                    model_digest=model_digest,
+                    state_digest=state_digest,
+                )
+            )
+            round_row = self._open_round(c, study_id, first, when)
+        return self.get_study(study_id), round_row
+
+    def get_study(self, study_id: str) -> StudyRow:
+        with self.engine.connect() as c:
+            row = c.execute(select(studies).where(studies.c.id == study_id)).mappings().first()
+        if row is None:
+            raise NotFoundError(f"study {study_id!r} does not exist")
+        return _study(row)
+
+    def list_studies(self, status: StudyStatus | None = None) -> list[StudyRow]:
+        q = select(studies).order_by(studies.c.created_at, studies.c.id)
+        if status is not None:
+            q = q.where(studies.c.status == status.value)
+        with self.engine.connect() as c:
+            return [_study(r) for r in c.execute(q).mappings()]
+
+    def end_study(self, study_id: str, status: StudyStatus, reason: str | None, when: datetime) -> bool:
+        """Move a running study to a final state and close its open round; False if it was not running."""
+        with self.engine.begin() as c:
+            done = c.execute(
+                update(studies)
+                .where(and_(studies.c.id == study_id, studies.c.status == StudyStatus.RUNNING.value))
+                .values(status=status.value, reason=reason, ended_at=when)
+            ).rowcount
+            if not done:
+                return False
+            open_rounds = select(rounds.c.id).where(
+                and_(rounds.c.study_id == study_id, rounds.c.status == RoundStatus.OPEN.value)
+            )
+            c.execute(
+                update(tasks)
+                .where(and_(tasks.c.round_id.in_(open_rounds), tasks.c.status.in_(OPEN_TASK_STATES)))
+                .values(status=TaskStatus.FAILED.value, reason=f"study {status.value}", ended_at=when)
+            )
+            c.execute(
+                update(rounds)
+                .where(and_(rounds.c.study_id == study_id, rounds.c.status == RoundStatus.OPEN.value))
+                .values(status=RoundStatus.FAILED.value, reason=reason, ended_at=when)
+            )
+        return True
+
+    # --- rounds ------------------------------------------------------------------------------------------
+
+    def _open_round(self, c: Any, study_id: str, new: NewRound, when: datetime) -> RoundRow:
+        round_id = new_id("rd")
+        c.execute(
+            insert(rounds).values(
+                id=round_id,
+                study_id=study_id,
+                number=new.number,
+                kind=new.kind.value,
+                status=RoundStatus.OPEN.value,
+                reason=None,
+                started_at=when,
+                deadline_at=new.deadline_at,
+                ended_at=None,
+                model_in_digest=new.model_in_digest,
+                model_out_digest=None,
+                state_out_digest=None,
+                metrics_json=None,
+            )
+        )
+        c.execute(
+            insert(tasks),
+            [
+                {
+                    "id": new_id("tk"),
+                    "round_id": round_id,
+                    "study_id": study_id,
+                    "site": site,
+                    "kind": new.kind.value,
+                    "status": TaskStatus.PENDING.value,
+                    "reason": None,
+                    "created_at": when,
+                    "delivered_at": None,
+                    "ended_at": None,
+                    "result_digest": None,
+                    "num_samples": None,
+                    "metrics_json": None,
+                }
+                for site in sorted(new.sites)
+            ],
+        )
+        row = c.execute(select(rounds).where(rounds.c.id == round_id)).mappings().one()
+        return _round(row)
+
+    def get_round(self, round_id: str) -> RoundRow:
+        with self.engine.connect() as c:
+            row = c.execute(select(rounds).where(rounds.c.id == round_id)).mappings().first()
+        if row is None:
+            raise NotFoundError(f"round {round_id!r} does not exist")
+        return _round(row)
+
+    def rounds_of(self, study_id: str) -> list[RoundRow]:
+        with self.engine.connect() as c:
+            q = select(rounds).where(rounds.c.study_id == study_id).order_by(rounds.c.number)
+            return [_round(r) for r in c.execute(q).mappings()]
+
+    def open_rounds(self) -> list[RoundRow]:
+        with self.engine.connect() as c:
+            q = select(rounds).where(rounds.c.status == RoundStatus.OPEN.value).order_by(rounds.c.started_at)
+            return [_round(r) for r in c.execute(q).mappings()]
+
+    def set_deadline(self, round_id: str, deadline: datetime) -> None:
+        with self.engine.begin() as c:
+            c.execute(update(rounds).where(rounds.c.id == round_id).values(deadline_at=deadline))
+
+    def finish_round(
+        self,
+        round_id: str,
+        *,
+        status: RoundStatus,
+        reason: str | None,
+        when: datetime,
+        metrics: dict[str, Any] | None = None,
+        model_out: str | None = None,
+        state_out: str | None = None,
+        version: ModelVersion | None = None,
+        next_round: NewRound | None = None,
+        study_status: StudyStatus | None = None,
+        study_reason: str | None = None,
+    ) -> RoundRow | None:
+        """Close an open round and move its study on, atomically. Returns the next round, if one was opened.
+
+        Raises :class:`ConflictError` if the round was no longer open (another caller finished it).
+        """
+        with self.engine.begin() as c:
+            r = c.execute(select(rounds).where(rounds.c.id == round_id)).mappings().one()
+            done = c.execute(
+                update(rounds)
+                .where(and_(rounds.c.id == round_id, rounds.c.status == RoundStatus.OPEN.value))
+                .values(
+                    status=status.value,
+                    reason=reason,
+                    ended_at=when,
+                    model_out_digest=model_out,
+                    state_out_digest=state_out,
+                    metrics_json=json.dumps(metrics) if metrics is not None else None,
+                )
+            ).rowcount
+            if not done:
+                raise ConflictError(f"round {round_id} is no longer open")
+            c.execute(
+                update(tasks)
+                .where(and_(tasks.c.round_id == round_id, tasks.c.status.in_(OPEN_TASK_STATES)))
+                .values(
+                    status=TaskStatus.TIMED_OUT.value, reason="no result by the round deadline", ended_at=when
+                )
+            )
+            values: dict[str, Any] = {}
+            if status is RoundStatus.COMPLETED and r["kind"] == TaskKind.TRAIN.value:
+                values["completed_rounds"] = r["number"]
+                values["model_digest"] = model_out
+                values["state_digest"] = state_out
+            if study_status is not None:
+                values.update(status=study_status.value, reason=study_reason)
+                if study_status is not StudyStatus.RUNNING:
+                    values["ended_at"] = when
+            if values:
+                c.execute(update(studies).where(studies.c.id == r["study_id"]).values(**values))
+            if version is not None:
+                exists = c.execute(
+                    select(model_versions.c.digest).where(model_versions.c.digest == version.digest)
+                ).first()
+                if exists is None:
+                    c.execute(
+                        insert(model_versions).values(
+                            digest=version.digest,
+                            study_id=version.study_id,
+                            round=version.round,
+                            parent_digest=version.parent_digest,
+                            created_at=version.created_at,
+                            num_sites=version.num_sites,
+                            train_loss=version.train_loss,
+                        )
+                    )
+            if next_round is not None:
+                return self._open_round(c, r["study_id"], next_round, when)
+        return None
+
+    # --- tasks -------------------------------------------------------------------------------------------
+
+    def get_task(self, task_id: str) -> TaskRow:
+        with self.engine.connect() as c:
+            row = c.execute(select(tasks).where(tasks.c.id == task_id)).mappings().first()
+        if row is None:
+            raise NotFoundError(f"task {task_id!r} does not exist")
+        return _task(row)
+
+    def tasks_of_round(self, round_id: str) -> list[TaskRow]:
+        with self.engine.connect() as c:
+            q = select(tasks).where(tasks.c.round_id == round_id).order_by(tasks.c.site)
+            return [_task(r) for r in c.execute(q).mappings()]
+
+    def tasks_of_study(self, study_id: str) -> list[TaskRow]:
+        with self.engine.connect() as c:
+            q = select(tasks).where(tasks.c.study_id == study_id).order_by(tasks.c.created_at, tasks.c.site)
+            return [_task(r) for r in c.execute(q).mappings()]
+
+    def next_task(self, site: str) -> tuple[TaskRow, RoundRow] | None:
+        """The oldest task of ``site`` that is still open in an open round."""
+        q = (
+            select(tasks, rounds.c.number.label("_n"))
+            .join(rounds, rounds.c.id == tasks.c.round_id)
+            .where(
+                and_(
+                    tasks.c.site == site,
+                    tasks.c.status.in_(OPEN_TASK_STATES),
+                    rounds.c.status == RoundStatus.OPEN.value,
+                )
+            )
+            .order_by(tasks.c.created_at, tasks.c.id)
+            .limit(1)
+        )
+        with self.engine.connect() as c:
+            row = c.execute(q).mappings().first()
+            if row is None:
+                return None
+            r = c.execute(select(rounds).where(rounds.c.id == row["round_id"])).mappings().one()
+        return _task(row), _round(r)
+
+    def mark_delivered(self, task_id: str, when: datetime) -> None:
+        with self.engine.begin() as c:
+            c.execute(
+                update(tasks)
+                .where(and_(tasks.c.id == task_id, tasks.c.status == TaskStatus.PENDING.value))
+                .values(status=TaskStatus.DELIVERED.value, delivered_at=when)
+            )
+
+    def complete_task(
+        self, task_id: str, *, digest: str | None, num_samples: int, metrics: SiteMetrics, when: datetime
+    ) -> bool:
+        """Record a valid result if the task is still open; False if it was already closed."""
+        with self.engine.begin() as c:
+            return bool(
+                c.execute(
+                    update(tasks)
+                    .where(and_(tasks.c.id == task_id, tasks.c.status.in_(OPEN_TASK_STATES)))
+                    .values(
+                        status=TaskStatus.COMPLETED.value,
+                        result_digest=digest,
+                        num_samples=num_samples,
+                        metrics_json=metrics.model_dump_json(),
+                        ended_at=when,
+                    )
+                ).rowcount
+            )
+
+    def close_task(self, task_id: str, status: TaskStatus, reason: str, when: datetime) -> bool:
+        """Close an open task as rejected, failed or timed out; False if it was already closed."""
+        with self.engine.begin() as c:
+            return bool(
+                c.execute(
+                    update(tasks)
+                    .where(and_(tasks.c.id == task_id, tasks.c.status.in_(OPEN_TASK_STATES)))
+                    .values(status=status.value, reason=reason[:2000], ended_at=when)
+                ).rowcount
+            )
+
+    # --- model versions ----------------------------------------------------------------------------------
+
+    def model_versions_of(self, study_id: str) -> list[ModelVersion]:
+        with self.engine.connect() as c:
+            q = (
+                select(model_versions)
+                .where(model_versions.c.study_id == study_id)
+                .order_by(model_versions.c.round)
+            )
+            return [
+                ModelVersion(**{**dict(r), "created_at": _aware(r["created_at"])})
+                for r in c.execute(q).mappings()
+            ]

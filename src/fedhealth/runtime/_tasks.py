@@ -1,0 +1,208 @@
+"""What a task does, independent of transport.
+
+The site side (train or evaluate on local data) and the server side (initial model, aggregation, the server
+strategy) both live here, composed from ``learning``, ``data`` and the wire types of ``protocol``, so the two
+services stay thin and a whole round can also be driven in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedhealth.core import DatasetError, TensorError, TensorSpec, decode_tensors, encode_tensors
+from fedhealth.data import TabularDataset
+from fedhealth.learning import (
+    LocalOptimizer,
+    LogRegConfig,
+    StrategyConfig,
+    StrategyKind,
+    apply_strategy,
+    logreg_evaluate,
+    logreg_init,
+    logreg_param_specs,
+    logreg_train,
+    synthetic_init,
+    synthetic_train,
+    task_rng,
+    weighted_mean,
+)
+from fedhealth.protocol import (
+    RESULT_METADATA_KEY,
+    RecipeName,
+    RecipeSpec,
+    ResultManifest,
+    SiteMetrics,
+    StrategySpec,
+    Task,
+)
+
+Params = dict[str, np.ndarray]
+
+
+# --- mapping the wire settings onto the learning layer ---------------------------------------------------
+
+
+def logreg_config(recipe: RecipeSpec) -> LogRegConfig:
+    assert recipe.n_features is not None  # guaranteed by RecipeSpec's validator
+    return LogRegConfig(
+        n_features=recipe.n_features,
+        local_epochs=recipe.local_epochs,
+        local_steps=recipe.local_steps,
+        learning_rate=recipe.learning_rate,
+        batch_size=recipe.batch_size,
+        optimizer=LocalOptimizer(recipe.optimizer.value),
+        l2=recipe.l2,
+        proximal_mu=recipe.proximal_mu,
+    )
+
+
+def strategy_config(strategy: StrategySpec) -> StrategyConfig:
+    return StrategyConfig(
+        kind=StrategyKind(strategy.name.value),
+        server_learning_rate=strategy.server_learning_rate,
+        beta1=strategy.beta1,
+        beta2=strategy.beta2,
+        tau=strategy.tau,
+    )
+
+
+def param_specs(recipe: RecipeSpec) -> list[TensorSpec]:
+    """The tensors a model of this recipe has; uploads are checked against them."""
+    if recipe.name is RecipeName.LOGREG:
+        assert recipe.n_features is not None
+        return logreg_param_specs(recipe.n_features)
+    assert recipe.n_params is not None
+    return [TensorSpec(name="weight", shape=(recipe.n_params,), dtype="float32")]
+
+
+def initial_model(recipe: RecipeSpec, seed: int) -> Params:
+    if recipe.name is RecipeName.LOGREG:
+        assert recipe.n_features is not None
+        return logreg_init(recipe.n_features, seed)
+    assert recipe.n_params is not None
+    return synthetic_init(recipe.n_params, seed)
+
+
+# --- site side --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainOutcome:
+    delta: Params
+    metrics: SiteMetrics
+
+
+def check_dataset_fits(recipe: RecipeSpec, dataset: TabularDataset) -> None:
+    """Refuse a dataset whose width does not match the study's model, before any training."""
+    if recipe.name is RecipeName.LOGREG and dataset.X_train.shape[1] != recipe.n_features:
+        raise DatasetError(
+            f"dataset {dataset.name!r} has {dataset.X_train.shape[1]} features; "
+            f"the study's model expects {recipe.n_features}"
+        )
+
+
+def train_on_site(
+    task: Task, site: str, global_params: Params, dataset: TabularDataset | None
+) -> TrainOutcome:
+    """One round of local training: returns the update (local minus global) and the site's metrics.
+
+    Every random choice is drawn from ``task_rng(seed, round, site)``, so rerunning a task (after a crash)
+    produces the same update bit for bit.
+    """
+    started = time.perf_counter()
+    rng = task_rng(task.seed, task.round, site)
+    recipe = task.recipe
+    if recipe.name is RecipeName.SYNTHETIC:
+        result = synthetic_train(global_params, rng)
+        delta = {k: (result.params[k] - global_params[k]).astype(np.float32) for k in global_params}
+        metrics = SiteMetrics(
+            num_samples=result.num_samples,
+            train_loss=result.train_loss,
+            duration_s=time.perf_counter() - started,
+        )
+        return TrainOutcome(delta=delta, metrics=metrics)
+    if dataset is None:
+        raise DatasetError(f"no dataset registered for {task.dataset!r}")
+    check_dataset_fits(recipe, dataset)
+    result = logreg_train(global_params, dataset.X_train, dataset.y_train, logreg_config(recipe), rng)
+    evaluation = logreg_evaluate(result.params, dataset.X_test, dataset.y_test)
+    delta = {
+        k: (result.params[k].astype(np.float32) - global_params[k]).astype(np.float32) for k in global_params
+    }
+    metrics = SiteMetrics(
+        num_samples=result.num_samples,
+        num_eval_samples=evaluation.num_samples,
+        train_loss=result.train_loss,
+        eval_loss=evaluation.loss,
+        accuracy=evaluation.accuracy,
+        auc=evaluation.auc,
+        duration_s=time.perf_counter() - started,
+    )
+    return TrainOutcome(delta=delta, metrics=metrics)
+
+
+def evaluate_on_site(task: Task, params: Params, dataset: TabularDataset | None) -> SiteMetrics:
+    """Metrics of the global model on the site's local validation split."""
+    started = time.perf_counter()
+    if task.recipe.name is RecipeName.SYNTHETIC:
+        return SiteMetrics(num_samples=0, duration_s=time.perf_counter() - started)
+    if dataset is None:
+        raise DatasetError(f"no dataset registered for {task.dataset!r}")
+    check_dataset_fits(task.recipe, dataset)
+    evaluation = logreg_evaluate(params, dataset.X_test, dataset.y_test)
+    return SiteMetrics(
+        num_samples=0,
+        num_eval_samples=evaluation.num_samples,
+        eval_loss=evaluation.loss,
+        accuracy=evaluation.accuracy,
+        auc=evaluation.auc,
+        duration_s=time.perf_counter() - started,
+    )
+
+
+def encode_update(delta: Params, manifest: ResultManifest) -> bytes:
+    """The upload body: the update's tensors with the result manifest in the safetensors metadata."""
+    return encode_tensors(delta, {RESULT_METADATA_KEY: manifest.model_dump_json()})
+
+
+def decode_update(data: bytes, specs: Sequence[TensorSpec]) -> tuple[Params, ResultManifest]:
+    """Validate an upload against the model's tensor specs; raises ``TensorError`` or pydantic's error."""
+    tensors, metadata = decode_tensors(data, specs)
+    raw = metadata.get(RESULT_METADATA_KEY)
+    if raw is None:
+        raise TensorError(f"the upload's metadata lacks {RESULT_METADATA_KEY!r}")
+    return tensors, ResultManifest.model_validate_json(raw)
+
+
+# --- server side ------------------------------------------------------------------------------------------
+
+
+def aggregate(
+    strategy: StrategySpec,
+    global_params: Params,
+    updates: Sequence[tuple[int, Mapping[str, np.ndarray]]],
+    state: Params,
+) -> tuple[Params, Params]:
+    """Sample-weighted mean of the updates (in the given order), then the server strategy's step."""
+    mean = weighted_mean(updates)
+    new_params, new_state = apply_strategy(strategy_config(strategy), global_params, mean, state)
+    return {k: np.asarray(v, dtype=np.float32) for k, v in new_params.items()}, new_state
+
+
+def summarize(metrics: Sequence[SiteMetrics]) -> dict[str, Any]:
+    """Round-level figures: sample-weighted train loss, plain means of the sites' accuracy and AUC."""
+    out: dict[str, Any] = {"sites": len(metrics), "num_samples": sum(m.num_samples for m in metrics)}
+    weighted = [(m.num_samples, m.train_loss) for m in metrics if m.train_loss is not None and m.num_samples]
+    if weighted:
+        total = sum(n for n, _ in weighted)
+        out["train_loss"] = sum(n * v for n, v in weighted) / total
+    for key in ("accuracy", "auc", "eval_loss"):
+        values = [getattr(m, key) for m in metrics if getattr(m, key) is not None]
+        if values:
+            out[key] = float(np.mean(values))
+    return out

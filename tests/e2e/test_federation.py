@@ -1,0 +1,317 @@
+"""A real orchestrator and real agents as processes over loopback: results, bad input, limits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedhealth.core import decode_tensors, encode_tensors
+from fedhealth.protocol import ResultManifest, SiteMetrics, StudyStatus, TaskKind, TaskStatus
+from fedhealth.runtime import encode_update, run_study_in_memory
+from fedhealth.sim import LocalFederation
+from support import BREAST_SITES, RogueSite, breast_datasets, breast_spec
+
+pytestmark = pytest.mark.e2e
+GOOD = ["hospital-a", "hospital-b", "hospital-c"]
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    with LocalFederation(tmp_path_factory.mktemp("fed"), orchestrator_args=["--max-body-mb", "1"]) as fed:
+        fed.start_orchestrator()
+        for site in GOOD:
+            fed.add_site(site)
+            fed.start_agent(site, {"breast-cancer": BREAST_SITES[site]})
+        for rogue in ("rogue-1", "rogue-2", "rogue-3"):
+            fed.add_site(rogue)
+        yield fed
+
+
+@pytest.fixture(scope="module")
+def reference():
+    spec = breast_spec(GOOD, rounds=3)
+    return run_study_in_memory(spec, breast_datasets({s: BREAST_SITES[s] for s in GOOD}))
+
+
+def test_services_train_exactly_the_model_the_in_memory_rounds_compute(fed, reference):
+    study = fed.create_study(breast_spec(GOOD, rounds=3))
+    final = fed.wait_for_study(study.study_id, timeout=120)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    assert [r.number for r in final.rounds] == [1, 2, 3, 4]
+    assert final.rounds[-1].kind is TaskKind.EVALUATE
+    model, _ = decode_tensors(fed.model_bytes(study.study_id))
+    for name, value in reference.params.items():
+        np.testing.assert_array_equal(model[name], value)
+    evaluation = fed.report(study.study_id)["evaluation"]["per_site"]
+    for site, metrics in reference.evaluation.items():
+        assert evaluation[site]["accuracy"] == pytest.approx(metrics.accuracy)
+        assert evaluation[site]["num_eval_samples"] == metrics.num_eval_samples
+    # every training task reported its sample count, loss and validation metrics
+    for r in final.rounds[:-1]:
+        for t in r.tasks:
+            assert t.status is TaskStatus.COMPLETED
+            assert t.metrics.num_samples > 0
+            assert t.metrics.train_loss is not None
+            assert 0 <= t.metrics.accuracy <= 1
+            assert t.metrics.auc is not None
+
+
+def _bad_updates(weights: dict[str, np.ndarray], task_id: str) -> list[tuple[str, bytes, str]]:
+    manifest = ResultManifest(task_id=task_id, metrics=SiteMetrics(num_samples=10))
+    nan = {k: v.copy() for k, v in weights.items()}
+    nan["weight"][3] = np.nan
+    inf = {k: v.copy() for k, v in weights.items()}
+    inf["bias"][0] = np.inf
+    shape = {**weights, "weight": np.zeros(29, np.float32)}
+    dtype = {k: v.astype(np.float64) for k, v in weights.items()}
+    return [
+        ("nan", encode_update(nan, manifest), "'weight' holds NaN or infinite values"),
+        ("inf", encode_update(inf, manifest), "'bias' holds NaN or infinite values"),
+        ("shape", encode_update(shape, manifest), "'weight': expected shape (30,), got (29,)"),
+        ("dtype", encode_update(dtype, manifest), "expected dtype float32, got float64"),
+    ]
+
+
+def test_non_finite_misshaped_or_mistyped_updates_get_422_and_the_round_completes_without_them(fed):
+    spec = breast_spec([*GOOD, "rogue-1"], rounds=4, eval_sites=GOOD, min_sites=3)
+    study = fed.create_study(spec)
+    rogue = RogueSite(fed.url, "rogue-1")
+    try:
+        for number in range(1, 5):
+            task = rogue.poll()
+            assert task.round == number
+            label, body, message = _bad_updates(rogue.model(task), task.task_id)[number - 1]
+            response = rogue.upload(task.task_id, body)
+            assert response.status_code == 422, (label, response.text)
+            assert response.json()["error"] == "invalid update"
+            assert message in response.json()["detail"], label
+            # the task is closed: the same site cannot slip a second answer in
+            assert rogue.upload(task.task_id, body).status_code == 409
+    finally:
+        rogue.close()
+    final = fed.wait_for_study(study.study_id, timeout=120)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    for r in final.rounds[:-1]:
+        by_site = {t.site: t for t in r.tasks}
+        assert by_site["rogue-1"].status is TaskStatus.REJECTED
+        assert all(by_site[s].status is TaskStatus.COMPLETED for s in GOOD)
+    # the rejected updates left no trace: the model is the one the three good sites train alone
+    reference = run_study_in_memory(
+        breast_spec(GOOD, rounds=4, eval_sites=GOOD, min_sites=3),
+        breast_datasets({s: BREAST_SITES[s] for s in GOOD}),
+    )
+    model, _ = decode_tensors(fed.model_bytes(study.study_id))
+    np.testing.assert_array_equal(model["weight"], reference.params["weight"])
+
+
+def test_a_retried_upload_is_stored_once_and_a_different_second_upload_is_refused(fed):
+    study = fed.create_study(breast_spec(["rogue-2"], rounds=1, name="retry"))
+    rogue = RogueSite(fed.url, "rogue-2")
+    try:
+        task = rogue.poll()
+        weights = rogue.model(task)
+        manifest = ResultManifest(task_id=task.task_id, metrics=SiteMetrics(num_samples=10))
+        body = encode_update({k: np.zeros_like(v) for k, v in weights.items()}, manifest)
+        first = rogue.upload(task.task_id, body)
+        assert first.status_code == 200
+        assert first.json()["detail"] is None
+        again = rogue.upload(task.task_id, body)
+        assert again.status_code == 200
+        assert again.json()["detail"] == "already stored"
+        other = encode_update({k: np.ones_like(v) for k, v in weights.items()}, manifest)
+        conflict = rogue.upload(task.task_id, other)
+        assert conflict.status_code == 409
+        assert "different result" in conflict.json()["error"]
+    finally:
+        rogue.close()
+    final = fed.study(study.study_id)
+    assert final.rounds[0].tasks[0].status is TaskStatus.COMPLETED
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "needle"),
+    [
+        (
+            "POST",
+            "/api/v1/studies",
+            {"content": b"{not json", "headers": {"Content-Type": "application/json"}},
+            422,
+            "JSON",
+        ),
+        ("POST", "/api/v1/studies", {"json": []}, 422, "valid dictionary"),
+        ("POST", "/api/v1/studies", {"json": {"name": "x"}}, 422, "Field required"),
+        (
+            "POST",
+            "/api/v1/studies",
+            {
+                "json": {
+                    "name": "Bad Name!",
+                    "dataset": "d",
+                    "recipe": {"n_features": 3},
+                    "rounds": 1,
+                    "train_sites": ["hospital-a"],
+                }
+            },
+            422,
+            "pattern",
+        ),
+        (
+            "POST",
+            "/api/v1/studies",
+            {
+                "json": {
+                    "name": "x",
+                    "dataset": "d",
+                    "recipe": {"n_features": 3},
+                    "rounds": 0,
+                    "train_sites": ["hospital-a"],
+                }
+            },
+            422,
+            "greater than or equal to 1",
+        ),
+        (
+            "POST",
+            "/api/v1/studies",
+            {
+                "json": {
+                    "name": "x",
+                    "dataset": "d",
+                    "recipe": {"n_features": 3},
+                    "rounds": 1,
+                    "train_sites": ["hospital-a"],
+                    "min_sites": 2,
+                }
+            },
+            422,
+            "exceeds",
+        ),
+        (
+            "POST",
+            "/api/v1/studies",
+            {
+                "json": {
+                    "name": "x",
+                    "dataset": "d",
+                    "recipe": {"n_features": 3, "learning_rate": "NaN"},
+                    "rounds": 1,
+                    "train_sites": ["hospital-a"],
+                }
+            },
+            422,
+            "finite",
+        ),
+        (
+            "POST",
+            "/api/v1/studies",
+            {
+                "json": {
+                    "name": "x",
+                    "dataset": "d",
+                    "recipe": {"n_features": 3},
+                    "rounds": 1,
+                    "train_sites": ["nowhere"],
+                }
+            },
+            422,
+            "unknown sites: nowhere",
+        ),
+        (
+            "POST",
+            "/api/v1/studies",
+            {
+                "json": {
+                    "name": "x",
+                    "dataset": "d",
+                    "recipe": {"n_features": 3},
+                    "rounds": 1,
+                    "train_sites": ["hospital-a"],
+                    "surprise": 1,
+                }
+            },
+            422,
+            "Extra inputs",
+        ),
+        ("POST", "/api/v1/sites", {"json": {"name": "UPPER CASE"}}, 422, "pattern"),
+        ("POST", "/api/v1/sites", {"json": {"name": "hospital-a"}}, 409, "already exists"),
+        ("GET", "/api/v1/studies/st_nope", {}, 404, "does not exist"),
+        ("GET", "/api/v1/agent/tasks/next?wait=0", {}, 401, "missing site credentials"),
+        (
+            "GET",
+            "/api/v1/agent/tasks/next?wait=0",
+            {"headers": {"X-Fedhealth-Site": "ghost"}},
+            404,
+            "not registered",
+        ),
+        (
+            "GET",
+            "/api/v1/agent/tasks/next?wait=-1",
+            {"headers": {"X-Fedhealth-Site": "hospital-a"}},
+            422,
+            "greater than or equal to 0",
+        ),
+        (
+            "GET",
+            "/api/v1/agent/models/../../etc/passwd",
+            {"headers": {"X-Fedhealth-Site": "hospital-a"}},
+            404,
+            "",
+        ),
+        (
+            "GET",
+            "/api/v1/agent/models/xyz",
+            {"headers": {"X-Fedhealth-Site": "hospital-a"}},
+            422,
+            "not a sha256 digest",
+        ),
+        (
+            "POST",
+            "/api/v1/agent/tasks/tk_nope/failure",
+            {"headers": {"X-Fedhealth-Site": "hospital-a"}, "json": {"code": "x", "reason": "y"}},
+            404,
+            "does not exist",
+        ),
+        (
+            "POST",
+            "/api/v1/agent/tasks/tk_nope/failure",
+            {"headers": {"X-Fedhealth-Site": "hospital-a"}, "json": {"code": "BAD CODE", "reason": ""}},
+            422,
+            "pattern",
+        ),
+        (
+            "POST",
+            "/api/v1/agent/tasks/tk_nope/result",
+            {"headers": {"X-Fedhealth-Site": "hospital-a"}, "content": b"\0" * (2 << 20)},
+            413,
+            "exceeds the limit",
+        ),
+    ],
+)
+def test_malformed_requests_get_a_clear_4xx_never_a_500(fed, method, path, kwargs, status, needle):
+    response = fed.http.request(method, path, **kwargs)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"}
+    assert needle in response.text
+
+
+def test_garbage_bytes_upload_is_rejected_and_named(fed):
+    study = fed.create_study(breast_spec(["rogue-3"], rounds=1, name="garbage"))
+    rogue = RogueSite(fed.url, "rogue-3")
+    try:
+        task = rogue.poll()
+        response = rogue.upload(task.task_id, b"this is not a safetensors file")
+        assert response.status_code == 422
+        assert "not a safetensors file" in response.json()["detail"]
+        other_site = fed.http.post(
+            f"/api/v1/agent/tasks/{task.task_id}/result",
+            content=encode_tensors({"weight": np.zeros(30, np.float32)}),
+            headers={"X-Fedhealth-Site": "hospital-a"},
+        )
+        assert other_site.status_code == 403
+    finally:
+        rogue.close()
+    final = fed.wait_for_study(study.study_id, timeout=60)
+    assert final.status is StudyStatus.FAILED
+    assert "quorum not met: 0 valid update(s), 1 required" in final.reason
+    assert "rogue-3: rejected" in final.reason

@@ -1,0 +1,175 @@
+"""One contract for the orchestrator's store, run against SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from fedhealth.core import ConflictError, NotFoundError
+from fedhealth.orchestrator import ModelVersion, NewRound, Store, make_engine, sqlite_url, upgrade_database
+from fedhealth.protocol import RoundStatus, SiteMetrics, StudyStatus, TaskKind, TaskStatus
+from support import breast_spec, postgres_schema
+
+T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+DIGEST_A = "a" * 64
+DIGEST_B = "b" * 64
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        engine = make_engine(sqlite_url(tmp_path / "o.sqlite"))
+        upgrade_database(engine)
+        yield Store(engine)
+        engine.dispose()
+    else:
+        with postgres_schema() as url:
+            engine = make_engine(url)
+            upgrade_database(engine)
+            yield Store(engine)
+            engine.dispose()
+
+
+def _study(store: Store, sites=("a", "b", "c")):
+    for s in sites:
+        store.create_site(s, T0)
+    spec = breast_spec(list(sites), rounds=2, min_sites=2)
+    first = NewRound(
+        number=1,
+        kind=TaskKind.TRAIN,
+        sites=list(sites),
+        model_in_digest=DIGEST_A,
+        deadline_at=T0 + timedelta(seconds=30),
+    )
+    return store.create_study(spec=spec, model_digest=DIGEST_A, state_digest=None, first=first, when=T0)
+
+
+def test_sites_are_unique_and_listed_in_order(store):
+    store.create_site("beta", T0)
+    store.create_site("alpha", T0)
+    with pytest.raises(ConflictError, match="already exists"):
+        store.create_site("alpha", T0)
+    assert [s.name for s in store.list_sites()] == ["alpha", "beta"]
+    with pytest.raises(NotFoundError):
+        store.get_site("gamma")
+
+
+def test_creating_a_study_opens_round_one_with_a_pending_task_per_site(store):
+    study, first = _study(store)
+    assert study.status is StudyStatus.RUNNING
+    assert study.spec.min_sites == 2
+    assert first.number == 1
+    assert first.status is RoundStatus.OPEN
+    assert first.deadline_at == T0 + timedelta(seconds=30)
+    tasks = store.tasks_of_round(first.id)
+    assert [t.site for t in tasks] == ["a", "b", "c"]
+    assert all(t.status is TaskStatus.PENDING for t in tasks)
+
+
+def test_a_study_over_unknown_sites_is_refused_and_nothing_is_written(store):
+    store.create_site("a", T0)
+    spec = breast_spec(["a", "zz"], rounds=1)
+    first = NewRound(
+        number=1, kind=TaskKind.TRAIN, sites=["a", "zz"], model_in_digest=DIGEST_A, deadline_at=T0
+    )
+    with pytest.raises(NotFoundError, match="zz"):
+        store.create_study(spec=spec, model_digest=DIGEST_A, state_digest=None, first=first, when=T0)
+    assert store.list_studies() == []
+    assert store.open_rounds() == []
+
+
+def test_next_task_is_delivered_and_closes_exactly_once(store):
+    _, first = _study(store)
+    task, round_row = store.next_task("b")
+    assert round_row.id == first.id
+    assert task.site == "b"
+    store.mark_delivered(task.id, T0)
+    assert store.get_task(task.id).status is TaskStatus.DELIVERED
+    # a restarted agent gets the same task again until it is closed
+    assert store.next_task("b")[0].id == task.id
+    metrics = SiteMetrics(num_samples=10, train_loss=0.5)
+    assert store.complete_task(task.id, digest=DIGEST_B, num_samples=10, metrics=metrics, when=T0)
+    assert not store.complete_task(task.id, digest=DIGEST_A, num_samples=10, metrics=metrics, when=T0)
+    assert not store.close_task(task.id, TaskStatus.REJECTED, "late", T0)
+    stored = store.get_task(task.id)
+    assert stored.status is TaskStatus.COMPLETED
+    assert stored.result_digest == DIGEST_B
+    assert stored.metrics == metrics
+    assert store.next_task("b") is None
+
+
+def test_finishing_a_round_times_out_open_tasks_records_the_version_and_opens_the_next(store):
+    study, first = _study(store)
+    a, b, _ = store.tasks_of_round(first.id)
+    m = SiteMetrics(num_samples=5)
+    store.complete_task(a.id, digest=DIGEST_B, num_samples=5, metrics=m, when=T0)
+    store.close_task(b.id, TaskStatus.REJECTED, "NaN", T0)
+    nxt = NewRound(
+        number=2, kind=TaskKind.TRAIN, sites=["a", "b", "c"], model_in_digest=DIGEST_B, deadline_at=T0
+    )
+    version = ModelVersion(
+        digest=DIGEST_B,
+        study_id=study.id,
+        round=1,
+        parent_digest=DIGEST_A,
+        created_at=T0,
+        num_sites=1,
+        train_loss=0.3,
+    )
+    second = store.finish_round(
+        first.id,
+        status=RoundStatus.COMPLETED,
+        reason=None,
+        when=T0,
+        metrics={"sites": 1},
+        model_out=DIGEST_B,
+        state_out=None,
+        version=version,
+        next_round=nxt,
+    )
+    assert second is not None
+    assert second.number == 2
+    assert second.model_in_digest == DIGEST_B
+    statuses = {t.site: t.status for t in store.tasks_of_round(first.id)}
+    assert statuses == {"a": TaskStatus.COMPLETED, "b": TaskStatus.REJECTED, "c": TaskStatus.TIMED_OUT}
+    after = store.get_study(study.id)
+    assert after.completed_rounds == 1
+    assert after.model_digest == DIGEST_B
+    assert [v.digest for v in store.model_versions_of(study.id)] == [DIGEST_B]
+    assert store.get_round(first.id).metrics == {"sites": 1}
+    with pytest.raises(ConflictError):
+        store.finish_round(first.id, status=RoundStatus.FAILED, reason="x", when=T0)
+
+
+def test_failing_a_round_fails_the_study_with_its_reason(store):
+    study, first = _study(store)
+    store.finish_round(
+        first.id,
+        status=RoundStatus.FAILED,
+        reason="quorum not met",
+        when=T0,
+        study_status=StudyStatus.FAILED,
+        study_reason="round 1: quorum not met",
+    )
+    after = store.get_study(study.id)
+    assert after.status is StudyStatus.FAILED
+    assert after.reason == "round 1: quorum not met"
+    assert after.ended_at == T0
+    assert store.open_rounds() == []
+
+
+def test_cancelling_closes_the_open_round_and_its_tasks(store):
+    study, first = _study(store)
+    assert store.end_study(study.id, StudyStatus.CANCELLED, "operator", T0)
+    assert not store.end_study(study.id, StudyStatus.CANCELLED, "again", T0)
+    assert store.get_round(first.id).status is RoundStatus.FAILED
+    assert all(t.status is TaskStatus.FAILED for t in store.tasks_of_round(first.id))
+    assert store.next_task("a") is None
+
+
+def test_migrations_are_idempotent(store):
+    upgrade_database(store.engine)
+    _study(store)
+    upgrade_database(store.engine)
+    assert len(store.list_studies()) == 1

@@ -1,0 +1,104 @@
+"""Shared helpers for the tests: dataset locations, study specs, a misbehaving site, database URLs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from fedhealth.core import decode_tensors
+from fedhealth.data import open_dataset
+from fedhealth.protocol import RecipeSpec, StrategySpec, StudySpec, Task, TaskPoll
+from fedhealth.runtime import param_specs
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "FEDHEALTH_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+BREAST_SITES = {f"hospital-{c}": f"builtin://breast-cancer/{i}?sites=4&seed=0" for i, c in enumerate("abcd")}
+
+
+def breast_spec(sites: list[str], *, rounds: int = 3, name: str = "breast", **overrides: object) -> StudySpec:
+    fields: dict[str, object] = {
+        "name": name,
+        "dataset": "breast-cancer",
+        "recipe": RecipeSpec(n_features=30, local_epochs=1, learning_rate=0.05, batch_size=16),
+        "strategy": StrategySpec(name="fedavg"),
+        "rounds": rounds,
+        "train_sites": sorted(sites),
+        "min_sites": 1,
+        "round_deadline_s": 60.0,
+        "seed": 7,
+    }
+    fields.update(overrides)
+    return StudySpec.model_validate(fields)
+
+
+def breast_datasets(sites: dict[str, str]) -> dict[str, object]:
+    return {name: open_dataset(uri) for name, uri in sites.items()}
+
+
+def heart_data_dir() -> Path:
+    """The shared dataset folder; skipped when absent unless CI requires it."""
+    value = os.environ.get("FEDHEALTH_DATA_DIR")
+    folder = Path(value) if value else None
+    if folder is None or not (folder / "heart_disease").is_dir():
+        if os.environ.get("FEDHEALTH_REQUIRE_DATA") == "1":
+            pytest.fail(f"FEDHEALTH_DATA_DIR={value!r} does not hold heart_disease/ (required in CI)")
+        pytest.skip("set FEDHEALTH_DATA_DIR to the shared datasets folder to run this test")
+    return folder
+
+
+class RogueSite:
+    """A site driven by the test itself over the real HTTP API, to send what a real agent never would."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.name = name
+        self.http = httpx.Client(base_url=url, headers={"X-Fedhealth-Site": name}, timeout=30)
+
+    def poll(self, wait: float = 20.0) -> Task:
+        response = self.http.get("/api/v1/agent/tasks/next", params={"wait": wait})
+        response.raise_for_status()
+        task = TaskPoll.model_validate_json(response.content).task
+        assert task is not None, f"{self.name} got no task within {wait} s"
+        return task
+
+    def model(self, task: Task) -> dict[str, np.ndarray]:
+        response = self.http.get(f"/api/v1/agent/models/{task.model_digest}")
+        response.raise_for_status()
+        return decode_tensors(response.content, param_specs(task.recipe))[0]
+
+    def upload(self, task_id: str, body: bytes) -> httpx.Response:
+        return self.http.post(
+            f"/api/v1/agent/tasks/{task_id}/result",
+            content=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A throwaway schema on the local PostgreSQL; yields a URL whose connections use it."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL)
+    try:
+        with admin.begin() as c:
+            c.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at {POSTGRES_ADMIN_URL} is not reachable: {exc}")
+    try:
+        yield f"{POSTGRES_ADMIN_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as c:
+            c.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
