@@ -14,9 +14,10 @@ Quantization, for at most ``N = max_contributors`` sites:
   cannot wrap.
 - Error bound: each site's value is off by less than one step, so the decoded sum of ``m`` contributions
   differs from the sum of the clipped inputs by less than ``m * delta ~ m * N * (high - low) / 2**32`` per
-  coordinate (plus float64 rounding, relatively ~1e-16), and is unbiased. Clipping is the caller's choice of
-  range: pick ``[low, high]`` per segment (a weighted delta ``n_k * Δ_k`` needs a range that grows with the
-  largest sample count).
+  coordinate, and is unbiased; float64 rounding adds at most about ``2**-52 * max(|low|, |high|) / delta``
+  steps per value (negligible unless the range is tiny next to its distance from zero). Clipping is the
+  caller's choice of range: pick ``[low, high]`` per segment (a weighted delta ``n_k * Δ_k`` needs a range
+  that grows with the largest sample count).
 - ``INTEGER`` segments carry exact integers in ``[low, high]`` (counts); values outside are refused, not
   clipped, and the codec refuses a range with ``N * (high - low) > 2**32 - 1``. Their sums decode exactly.
 
@@ -168,7 +169,6 @@ class VectorCodec:
         # chunk by chunk, so the float64 temporaries stay in cache and nothing vector-sized is allocated
         levels = float(RING_MAX // self.max_contributors)
         scale = levels / (seg.high - seg.low)
-        offset = seg.low * scale
         width = min(CHUNK, seg.length)
         buf = np.empty(width, dtype=np.float64)
         noise = np.empty(width, dtype=np.float64)
@@ -177,8 +177,8 @@ class VectorCodec:
             stop = min(seg.length, start + CHUNK)
             n = stop - start
             b, u, xc = buf[:n], noise[:n], x[start:stop]
-            np.multiply(xc, scale, out=b)
-            np.subtract(b, offset, out=b)
+            np.subtract(xc, seg.low, out=b)  # subtract first: x*scale - low*scale would cancel badly
+            np.multiply(b, scale, out=b)
             if not math.isfinite(float(b.sum())) and not np.isfinite(xc).all():
                 raise InputError(f"segment {seg.name!r} holds NaN or infinite values")
             np.clip(b, 0.0, levels, out=b)
