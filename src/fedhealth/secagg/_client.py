@@ -311,12 +311,13 @@ class SecAggClient:
                 except CryptoError as exc:
                     raise SecAggSecurityError(f"the mask key advertised by {peer!r} is unusable") from exc
                 seeds.append((seed, self._site < peer))
-        masked = vector.copy()
+        masked = np.zeros(vector.shape, dtype=np.uint32)  # calloc'd: the chunked pass writes each page once
         self_seed = _derive.self_mask_seed(self._config, self._digest, self._self_seed, self._site)
         apply_masks(
             masked,
             add=[self_seed, *(seed for seed, lower in seeds if lower)],
             subtract=[seed for seed, lower in seeds if not lower],
+            vectors=[vector],
         )
         self._held.update(opened)
         self._self_seed = None  # only its shares are needed from here on

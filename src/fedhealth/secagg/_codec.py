@@ -37,9 +37,10 @@ from numpy.typing import ArrayLike, NDArray
 
 from fedhealth.core import ConfigError, InputError, is_valid_name
 from fedhealth.crypto import random_bytes
-from fedhealth.secagg._crypto_extra import CHUNK, uniform_noise
+from fedhealth.secagg._crypto_extra import uniform_noise
 
 RING_MAX = (1 << 32) - 1
+CHUNK = 1 << 16  # entries per step of the quantizer: large enough to amortize the per-call overhead
 
 
 class SegmentKind(Enum):
@@ -172,7 +173,7 @@ class VectorCodec:
         width = min(CHUNK, seg.length)
         buf = np.empty(width, dtype=np.float64)
         noise = np.empty(width, dtype=np.float64)
-        stream = None if rng is not None else uniform_noise(random_bytes(32), seg.length)
+        stream = None if rng is not None else uniform_noise(random_bytes(32), seg.length, CHUNK)
         for start in range(0, seg.length, CHUNK):
             stop = min(seg.length, start + CHUNK)
             n = stop - start

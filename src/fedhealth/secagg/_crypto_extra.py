@@ -32,19 +32,25 @@ def _aes_ctr(seed: bytes) -> Any:
 
 
 def apply_masks(
-    target: NDArray[np.uint32], add: Sequence[bytes] = (), subtract: Sequence[bytes] = ()
+    target: NDArray[np.uint32],
+    add: Sequence[bytes] = (),
+    subtract: Sequence[bytes] = (),
+    *,
+    vectors: Sequence[NDArray[np.uint32]] = (),
 ) -> None:
-    """``target += sum(PRG(s) for s in add) - sum(PRG(s) for s in subtract)`` mod 2**32, in place.
+    """``target += sum(vectors) + sum(PRG(s) for s in add) - sum(PRG(s) for s in subtract)`` mod 2**32.
 
-    ``PRG(seed)`` is the AES-256-CTR keystream under ``seed`` read as little-endian uint32. Each seed must key
-    exactly one stream (a fresh HKDF output per mask), so the all-zero counter block is safe. The work runs
-    chunk by chunk with every stream advancing together: each target chunk is read and written once per mask
+    In place. ``PRG(seed)`` is the AES-256-CTR keystream under ``seed`` read as little-endian uint32. Each
+    seed must key exactly one stream (a fresh HKDF output per mask), so the all-zero counter block is safe.
+    The work runs chunk by chunk with every stream advancing together: each target chunk is read and written
     while it sits in cache, and no buffer larger than a chunk is allocated.
     """
     if target.dtype != np.uint32 or target.ndim != 1 or not target.flags.writeable:
         raise ValueError("masks apply to writeable 1-D uint32 vectors")
+    if any(v.dtype != np.uint32 or v.shape != target.shape for v in vectors):
+        raise ValueError("vectors to add must be uint32 of the target's shape")
     streams = [(_aes_ctr(s), np.add) for s in add] + [(_aes_ctr(s), np.subtract) for s in subtract]
-    if not streams:
+    if not streams and not vectors:
         return
     n = target.size
     zeros = bytes(4 * min(CHUNK, n))
@@ -52,6 +58,8 @@ def apply_masks(
     for start in range(0, n, CHUNK):
         stop = min(n, start + CHUNK)
         part = target[start:stop]
+        for vector in vectors:
+            np.add(part, vector[start:stop], out=part)
         width = stop - start
         block = zeros if 4 * width == len(zeros) else zeros[: 4 * width]
         words = np.frombuffer(scratch, dtype="<u4", count=width)
@@ -69,16 +77,16 @@ def mask_of(seed: bytes, length: int) -> NDArray[np.uint32]:
     return out
 
 
-def uniform_noise(seed: bytes, length: int) -> Iterator[NDArray[np.uint32]]:
-    """The AES-CTR keystream under ``seed`` as uint32, in chunks of :data:`CHUNK`.
+def uniform_noise(seed: bytes, length: int, chunk: int = CHUNK) -> Iterator[NDArray[np.uint32]]:
+    """The AES-CTR keystream under ``seed`` as uint32, in chunks of ``chunk`` entries.
 
     Each chunk is a view of one reused buffer: it is valid until the next one is drawn.
     """
     encryptor = _aes_ctr(seed)
-    zeros = bytes(4 * min(CHUNK, length))
-    scratch = bytearray(4 * min(CHUNK, length) + _BLOCK - 1)
-    for start in range(0, length, CHUNK):
-        width = min(length, start + CHUNK) - start
+    zeros = bytes(4 * min(chunk, length))
+    scratch = bytearray(4 * min(chunk, length) + _BLOCK - 1)
+    for start in range(0, length, chunk):
+        width = min(length, start + chunk) - start
         encryptor.update_into(zeros if 4 * width == len(zeros) else zeros[: 4 * width], scratch)
         yield np.frombuffer(scratch, dtype="<u4", count=width)
 

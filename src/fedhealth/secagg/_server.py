@@ -384,8 +384,6 @@ class SecAggServer:
             dropped_keys[owner] = key
 
         total = np.zeros(self._config.vector_length, dtype=np.uint32)
-        for site in sorted(u3):
-            np.add(total, self._masked[site].vector, out=total)
         add: list[bytes] = []
         subtract = [
             _derive.self_mask_seed(self._config, self._digest, seed, site)
@@ -408,7 +406,9 @@ class SecAggServer:
                     ) from None
                 # the survivor added its mask with `owner` if it has the lower id, subtracted it otherwise
                 (subtract if survivor < owner else add).append(seed)
-        apply_masks(total, add=add, subtract=subtract)
+        apply_masks(
+            total, add=add, subtract=subtract, vectors=[self._masked[site].vector for site in sorted(u3)]
+        )
         self._result = AggregateResult(
             vector=total,
             contributors=tuple(sorted(u3)),

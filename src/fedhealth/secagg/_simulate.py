@@ -133,7 +133,8 @@ def run_in_memory(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RoundReport:
-    """Figures of :func:`simulate_round` (seconds are medians over the repeats)."""
+    """Figures of :func:`simulate_round`: seconds are medians over the repeats, wall clock except
+    ``cpu_seconds`` (this process's CPU time, which other load on the machine inflates less)."""
 
     sites: int
     params: int
@@ -146,6 +147,7 @@ class RoundReport:
     repeats: int
     seconds: float
     seconds_per_repeat: tuple[float, ...]
+    cpu_seconds: float
     client_seconds: float
     server_seconds: float
     codec_seconds: float
@@ -166,6 +168,7 @@ class RoundReport:
             "repeats": self.repeats,
             "seconds": self.seconds,
             "seconds_per_repeat": list(self.seconds_per_repeat),
+            "cpu_seconds": self.cpu_seconds,
             "client_seconds": self.client_seconds,
             "server_seconds": self.server_seconds,
             "codec_seconds": self.codec_seconds,
@@ -227,7 +230,7 @@ def simulate_round(
         }
         for s in names
     }
-    totals, client_times, server_times, codec_times = [], [], [], []
+    totals, cpu_times, client_times, server_times, codec_times = [], [], [], [], []
     exact = True
     observed: InMemoryRound | None = None
     degree = 0
@@ -237,7 +240,7 @@ def simulate_round(
         )
         degree = config.degree
         dropped = {str(s) for s in rng.choice(names, size=n_drop, replace=False)} if n_drop else set()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         encoded = {s: codec.encode(raw[s]) for s in names}
         encode_seconds = time.perf_counter() - start
         clients = {s: SecAggClient(config, s, identities[s], publics) for s in names}
@@ -249,6 +252,7 @@ def simulate_round(
         codec.decode(observed.result.vector, len(observed.result.contributors))
         decode_seconds = time.perf_counter() - t0
         totals.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         client_times.append(observed.client_seconds + encode_seconds)
         server_times.append(observed.server_seconds + decode_seconds)
         codec_times.append(encode_seconds + decode_seconds)
@@ -273,6 +277,7 @@ def simulate_round(
         repeats=repeats,
         seconds=statistics.median(totals),
         seconds_per_repeat=tuple(totals),
+        cpu_seconds=statistics.median(cpu_times),
         client_seconds=statistics.median(client_times),
         server_seconds=statistics.median(server_times),
         codec_seconds=statistics.median(codec_times),
