@@ -24,7 +24,8 @@ def _check_finite(value: Any) -> None:
 def canonical_json(value: Any) -> bytes:
     """Serialize ``value`` deterministically: sorted keys, no whitespace, UTF-8, finite numbers only."""
     _check_finite(value)
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.encode()
 
 
 def sha256_hex(data: bytes) -> str:

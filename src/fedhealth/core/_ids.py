@@ -10,7 +10,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
 def new_id(prefix: str) -> str:
-    """A new id like ``st_0192f1c2a3b4-9f1e2d3c4b5a6978``: milliseconds since the epoch, then 64 random bits."""
+    """A new id like ``st_0192f1c2a3b49f1e2d3c4b5a6978``: epoch milliseconds, then 64 random bits."""
     return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
 
 

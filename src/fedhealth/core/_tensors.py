@@ -125,7 +125,7 @@ def decode_tensors(
             got_dtype = str(_DTYPES[str(entry["dtype"])])
             if got_dtype != spec.dtype:
                 raise TensorError(f"tensor {name!r}: expected dtype {spec.dtype}, got {got_dtype}")
-            got_shape = tuple(entry["shape"])  # type: ignore[arg-type]
+            got_shape: tuple[int, ...] = tuple(entry["shape"])  # type: ignore[arg-type]
             if got_shape != spec.shape:
                 raise TensorError(f"tensor {name!r}: expected shape {spec.shape}, got {got_shape}")
     try:

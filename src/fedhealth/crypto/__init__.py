@@ -1,10 +1,18 @@
 """Crypto: a few misuse-resistant recipes over pyca/cryptography.
 
 Identity keys (Ed25519), key agreement (X25519), HKDF with bound context, AEAD (ChaCha20-Poly1305), an
-AES-CTR keystream PRG and signatures. Verification raises :class:`fedhealth.core.CryptoError`; it never returns
-a bool.
+AES-CTR keystream PRG, signatures, the federation's X.509 PKI and short-lived EdDSA access tokens.
+Verification raises :class:`fedhealth.core.CryptoError`; it never returns a bool.
 """
 
+from fedhealth.crypto._pki import (
+    PemPair,
+    certificate_fingerprint,
+    create_ca,
+    issue_client_certificate,
+    issue_server_certificate,
+    write_private,
+)
 from fedhealth.crypto._recipes import (
     KEY_BYTES,
     AgreementKey,
@@ -20,19 +28,31 @@ from fedhealth.crypto._recipes import (
     sign_json,
     verify_json,
 )
+from fedhealth.crypto._tokens import Audience, TokenClaims, TokenExpiredError, TokenIssuer, TokenVerifier
 
 __all__ = [
     "KEY_BYTES",
     "AgreementKey",
+    "Audience",
     "IdentityKey",
+    "PemPair",
     "PublicIdentity",
+    "TokenClaims",
+    "TokenExpiredError",
+    "TokenIssuer",
+    "TokenVerifier",
     "aead_decrypt",
     "aead_encrypt",
+    "certificate_fingerprint",
     "constant_time_equal",
+    "create_ca",
     "derive_key",
+    "issue_client_certificate",
+    "issue_server_certificate",
     "keystream",
     "keystream_uint32",
     "random_bytes",
     "sign_json",
     "verify_json",
+    "write_private",
 ]

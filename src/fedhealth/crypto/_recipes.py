@@ -1,4 +1,4 @@
-"""Safe recipes over pyca/cryptography. Primitives are used only here; callers get recipes that are hard to misuse.
+"""Safe recipes over pyca/cryptography. Primitives are used only here; callers get hard-to-misuse recipes.
 
 - Every derived key binds its context (protocol, purpose, study, round, ordered parties) through HKDF's info,
   serialized as canonical JSON, so a key derived for one purpose is useless for another.
@@ -185,7 +185,7 @@ class AgreementKey:
         return self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
     def exchange(self, peer_public: bytes) -> bytes:
-        """The raw shared secret with ``peer_public``. Feed it to :func:`derive_key`, never use it directly."""
+        """The raw shared secret with ``peer_public``: feed it to :func:`derive_key`, never use it as is."""
         if len(peer_public) != KEY_BYTES:
             raise CryptoError(_OPAQUE)
         try:
@@ -201,9 +201,9 @@ def derive_key(secret: bytes, context: Mapping[str, object], *, length: int = KE
     """HKDF-SHA256 of ``secret`` with ``context`` (canonical JSON) bound in as the info string."""
     if not context.get("purpose"):
         raise CryptoError("a derivation context must name its purpose")
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=canonical_json(dict(context))).derive(
-        secret
-    )
+    return HKDF(
+        algorithm=hashes.SHA256(), length=length, salt=None, info=canonical_json(dict(context))
+    ).derive(secret)
 
 
 def aead_encrypt(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:

@@ -1,0 +1,117 @@
+"""Short-lived access tokens: JWTs signed with the orchestrator's Ed25519 key (EdDSA), via PyJWT.
+
+A token names its subject (a site or a user), its role, its audience (the agent API or the operator API),
+when it was issued and when it expires (minutes, not days). Verification checks the signature, the issuer,
+the audience and the expiry; every failure raises :class:`CryptoError`, an expired token
+:class:`TokenExpiredError` so a client can tell it to renew.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+import jwt
+
+from fedhealth.core import Clock, CryptoError, SystemClock
+from fedhealth.crypto._recipes import IdentityKey, PublicIdentity
+
+ALGORITHM = "EdDSA"
+
+
+class Audience(StrEnum):
+    AGENT = "fedhealth-agent"
+    OPERATOR = "fedhealth-operator"
+
+
+class TokenExpiredError(CryptoError):
+    """The token was valid once but has expired: get a new one."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenClaims:
+    subject: str
+    role: str
+    audience: Audience
+    issued_at: datetime
+    expires_at: datetime
+    token_id: str
+
+
+class TokenIssuer:
+    def __init__(self, key: IdentityKey, issuer: str, clock: Clock | None = None) -> None:
+        self._key = key
+        self.issuer = issuer
+        self._clock = clock or SystemClock()
+
+    def issue(
+        self, *, subject: str, role: str, audience: Audience, ttl: timedelta
+    ) -> tuple[str, TokenClaims]:
+        now = self._clock.now().replace(microsecond=0)
+        claims = TokenClaims(
+            subject=subject,
+            role=role,
+            audience=audience,
+            issued_at=now,
+            expires_at=now + ttl,
+            token_id=secrets.token_hex(12),
+        )
+        payload = {
+            "iss": self.issuer,
+            "sub": subject,
+            "role": role,
+            "aud": audience.value,
+            "iat": int(now.timestamp()),
+            "nbf": int(now.timestamp()),
+            "exp": int(claims.expires_at.timestamp()),
+            "jti": claims.token_id,
+        }
+        return jwt.encode(payload, self._key.crypto_key(), algorithm=ALGORITHM), claims
+
+
+class TokenVerifier:
+    def __init__(
+        self, public: PublicIdentity, issuer: str, clock: Clock | None = None, leeway_s: float = 5.0
+    ) -> None:
+        self._public = public
+        self.issuer = issuer
+        self._clock = clock or SystemClock()
+        self._leeway = leeway_s
+
+    def verify(self, token: str, audience: Audience) -> TokenClaims:
+        try:
+            header = jwt.get_unverified_header(token)
+            if header.get("alg") != ALGORITHM:
+                raise CryptoError("invalid token")
+            payload = jwt.decode(
+                token,
+                self._public.crypto_key(),
+                algorithms=[ALGORITHM],
+                audience=audience.value,
+                issuer=self.issuer,
+                options={
+                    "require": ["exp", "iat", "sub", "aud", "iss", "jti"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                },
+            )
+        except jwt.PyJWTError as exc:
+            raise CryptoError("invalid token") from exc
+        # Expiry is checked against the injectable clock, not the process's wall clock.
+        now = self._clock.now().timestamp()
+        if payload["exp"] + self._leeway < now:
+            raise TokenExpiredError("token expired")
+        if payload.get("nbf", payload["iat"]) - self._leeway > now:
+            raise CryptoError("token not yet valid")
+        if not isinstance(payload.get("role"), str):
+            raise CryptoError("invalid token")
+        return TokenClaims(
+            subject=payload["sub"],
+            role=payload["role"],
+            audience=audience,
+            issued_at=datetime.fromtimestamp(payload["iat"], UTC),
+            expires_at=datetime.fromtimestamp(payload["exp"], UTC),
+            token_id=payload["jti"],
+        )
