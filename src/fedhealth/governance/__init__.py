@@ -1,5 +1,156 @@
 """Governance: the hash-chained signed audit log, consent registry and filter, study approval bound to a
 spec hash, site policy, provenance and model cards.
+
+Pure of services: every stateful part takes a SQLAlchemy ``Engine`` and keeps its tables on
+:data:`GOVERNANCE_METADATA` (SQLite and PostgreSQL). The agent drives :class:`TaskGate`; the orchestrator
+keeps an :class:`AuditLog`, a :class:`ProvenanceStore` and commits rounds with :func:`commit_round`.
 """
 
-__all__: list[str] = []
+from fedhealth.governance._anchoring import (
+    commit_round,
+    orchestrator_anchors,
+    record_anchor,
+    round_commitment_payload,
+    site_anchors,
+)
+from fedhealth.governance._approval import (
+    ApprovalRegistry,
+    ApprovalStatus,
+    SignedSpec,
+    StudyApproval,
+    list_study_approvals,
+    spec_hash,
+    study_name,
+)
+from fedhealth.governance._audit import (
+    DEFAULT_LOG_ID,
+    GENESIS_HASH,
+    REQUIRED_PAYLOAD_KEYS,
+    AuditEntry,
+    AuditEventType,
+    AuditLog,
+    AuditProblem,
+    BadEntry,
+    LogHead,
+    StoredLog,
+    VerificationReport,
+    read_stored_log,
+    stored_keys,
+    stored_log_ids,
+    verify_anchor,
+    verify_chain,
+    verify_loaded,
+    verify_stored_log,
+)
+from fedhealth.governance._audit_io import (
+    AuditExport,
+    export_stored_log,
+    parse_public_key,
+    read_jsonl,
+    write_jsonl,
+)
+from fedhealth.governance._consent import (
+    ANY_PURPOSE,
+    SUPPRESSION_THRESHOLD,
+    ConsentDecision,
+    ConsentFilterResult,
+    ConsentImportSummary,
+    ConsentModel,
+    ConsentRecord,
+    ConsentRegistry,
+    WithdrawalNotice,
+    consent_snapshot_hash,
+    decide,
+    parse_consent_csv,
+    suppress,
+)
+from fedhealth.governance._decision import Decision, Rule, first_refusal, record_decision, record_task_refusal
+from fedhealth.governance._errors import (
+    AuditFormatError,
+    AuditIntegrityError,
+    ConsentImportError,
+    PolicyError,
+    TaskRefusedError,
+)
+from fedhealth.governance._gate import Admission, TaskGate, TaskRequest
+from fedhealth.governance._policy import PolicyRequest, SitePolicy, check_cohort, evaluate_policy
+from fedhealth.governance._prov import PROV_NAMESPACE, model_card_markdown, to_prov_json
+from fedhealth.governance._provenance import FlagReason, ModelProvenance, ProvenanceStore, WithdrawalFlag
+from fedhealth.governance._tables import GOVERNANCE_METADATA, create_governance_tables
+
+__all__ = [
+    "ANY_PURPOSE",
+    "DEFAULT_LOG_ID",
+    "GENESIS_HASH",
+    "GOVERNANCE_METADATA",
+    "PROV_NAMESPACE",
+    "REQUIRED_PAYLOAD_KEYS",
+    "SUPPRESSION_THRESHOLD",
+    "Admission",
+    "ApprovalRegistry",
+    "ApprovalStatus",
+    "AuditEntry",
+    "AuditEventType",
+    "AuditExport",
+    "AuditFormatError",
+    "AuditIntegrityError",
+    "AuditLog",
+    "AuditProblem",
+    "BadEntry",
+    "ConsentDecision",
+    "ConsentFilterResult",
+    "ConsentImportError",
+    "ConsentImportSummary",
+    "ConsentModel",
+    "ConsentRecord",
+    "ConsentRegistry",
+    "Decision",
+    "FlagReason",
+    "LogHead",
+    "ModelProvenance",
+    "PolicyError",
+    "PolicyRequest",
+    "ProvenanceStore",
+    "Rule",
+    "SignedSpec",
+    "SitePolicy",
+    "StoredLog",
+    "StudyApproval",
+    "TaskGate",
+    "TaskRefusedError",
+    "TaskRequest",
+    "VerificationReport",
+    "WithdrawalFlag",
+    "WithdrawalNotice",
+    "check_cohort",
+    "commit_round",
+    "consent_snapshot_hash",
+    "create_governance_tables",
+    "decide",
+    "evaluate_policy",
+    "export_stored_log",
+    "first_refusal",
+    "list_study_approvals",
+    "model_card_markdown",
+    "orchestrator_anchors",
+    "parse_consent_csv",
+    "parse_public_key",
+    "read_jsonl",
+    "read_stored_log",
+    "record_anchor",
+    "record_decision",
+    "record_task_refusal",
+    "round_commitment_payload",
+    "site_anchors",
+    "spec_hash",
+    "stored_keys",
+    "stored_log_ids",
+    "study_name",
+    "suppress",
+    "to_prov_json",
+    "verify_anchor",
+    "verify_chain",
+    "verify_loaded",
+    "verify_stored_log",
+    "write_jsonl",
+]

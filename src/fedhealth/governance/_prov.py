@@ -1,0 +1,252 @@
+"""W3C PROV-JSON for a model's lineage, and its Markdown model card.
+
+PROV-JSON (W3C member submission, 2013): a document of ``prefix`` declarations, records (``entity``,
+``activity``, ``agent``) keyed by qualified name, and relations (``wasGeneratedBy``, ``used``,
+``wasDerivedFrom``, ``wasAssociatedWith``, ``wasAttributedTo``) keyed by blank-node ids whose attributes name
+the records they relate. Every name fedhealth writes is in the ``fh:`` namespace (``urn:fedhealth:``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from fedhealth.core import InputError
+from fedhealth.governance._consent import SUPPRESSION_THRESHOLD, suppress
+from fedhealth.governance._provenance import FlagReason, ModelProvenance, WithdrawalFlag
+from fedhealth.governance._timefmt import format_instant
+
+PROV_NAMESPACE = "urn:fedhealth:"
+PROV_RELATIONS = ("wasGeneratedBy", "used", "wasDerivedFrom", "wasAssociatedWith", "wasAttributedTo")
+
+
+def _qname(value: str) -> dict[str, str]:
+    return {"$": value, "type": "prov:QUALIFIED_NAME"}
+
+
+def _model_id(digest: str) -> str:
+    return f"fh:model/{digest}"
+
+
+def to_prov_json(
+    lineage: Sequence[ModelProvenance], *, flags: Iterable[WithdrawalFlag] = ()
+) -> dict[str, Any]:
+    """The lineage (newest first, as ``ProvenanceStore.lineage`` returns it) as a PROV-JSON document."""
+    flagged: dict[str, list[str]] = {}
+    for flag in flags:
+        flagged.setdefault(flag.model_digest, []).append(flag.notice_id)
+    doc: dict[str, Any] = {
+        "prefix": {"fh": PROV_NAMESPACE, "xsd": "http://www.w3.org/2001/XMLSchema#"},
+        "entity": {},
+        "activity": {},
+        "agent": {},
+        **{relation: {} for relation in PROV_RELATIONS},
+    }
+    counter = iter(range(1, 1_000_000_000))
+
+    def relate(kind: str, **attributes: Any) -> None:
+        doc[kind][f"_:{kind}{next(counter)}"] = attributes
+
+    in_lineage = {p.model_digest for p in lineage}
+    for p in lineage:
+        model = _model_id(p.model_digest)
+        doc["entity"][model] = {
+            "prov:type": _qname("fh:ModelVersion"),
+            "prov:label": f"{p.study_id} round {p.round}",
+            "fh:digest": p.model_digest,
+            "fh:study": p.study_id,
+            "fh:round": p.round,
+            "fh:nSites": p.n_sites,
+            "fh:specHash": p.spec_hash,
+            "fh:softwareVersion": p.software_version,
+            "fh:dpParams": json.dumps(dict(p.dp_params), sort_keys=True),
+            "fh:consentWithdrawalFlagged": p.model_digest in flagged,
+        }
+        activity = f"fh:training/{p.model_digest}"
+        doc["activity"][activity] = {
+            "prov:type": _qname("fh:TrainingRound" if p.n_sites else "fh:Initialization"),
+            "prov:label": f"{p.study_id} round {p.round}",
+            "prov:endTime": format_instant(p.created_at),
+        }
+        relate(
+            "wasGeneratedBy",
+            **{"prov:entity": model, "prov:activity": activity, "prov:time": format_instant(p.created_at)},
+        )
+        spec = f"fh:spec/{p.spec_hash}"
+        doc["entity"].setdefault(spec, {"prov:type": _qname("fh:StudySpec"), "fh:specHash": p.spec_hash})
+        relate("used", **{"prov:activity": activity, "prov:entity": spec})
+        software = f"fh:software/fedhealth-{p.software_version}"
+        doc["agent"].setdefault(
+            software,
+            {"prov:type": _qname("prov:SoftwareAgent"), "prov:label": f"fedhealth {p.software_version}"},
+        )
+        relate("wasAssociatedWith", **{"prov:activity": activity, "prov:agent": software})
+        if p.parent_digest is not None:
+            parent = _model_id(p.parent_digest)
+            if p.parent_digest not in in_lineage:  # a cut lineage still references a declared record
+                doc["entity"].setdefault(
+                    parent, {"prov:type": _qname("fh:ModelVersion"), "fh:digest": p.parent_digest}
+                )
+            relate("used", **{"prov:activity": activity, "prov:entity": parent})
+            relate(
+                "wasDerivedFrom",
+                **{"prov:generatedEntity": model, "prov:usedEntity": parent, "prov:activity": activity},
+            )
+        for site in p.sites:
+            agent = f"fh:site/{site}"
+            doc["agent"].setdefault(agent, {"prov:type": _qname("prov:Organization"), "prov:label": site})
+            association: dict[str, Any] = {"prov:activity": activity, "prov:agent": agent}
+            if site in p.epsilon_spent:
+                association["fh:epsilonSpent"] = float(p.epsilon_spent[site])
+            relate("wasAssociatedWith", **association)
+            dataset = f"fh:dataset/{site}/{p.dataset_fingerprints[site]}"
+            if dataset not in doc["entity"]:
+                doc["entity"][dataset] = {
+                    "prov:type": _qname("fh:DatasetFingerprint"),
+                    "fh:fingerprint": p.dataset_fingerprints[site],
+                }
+                relate("wasAttributedTo", **{"prov:entity": dataset, "prov:agent": agent})
+            relate("used", **{"prov:activity": activity, "prov:entity": dataset})
+            consent = f"fh:consent/{site}/{p.consent_snapshots[site]}"
+            if consent not in doc["entity"]:
+                doc["entity"][consent] = {
+                    "prov:type": _qname("fh:ConsentSnapshot"),
+                    "fh:snapshotHash": p.consent_snapshots[site],
+                }
+                relate("wasAttributedTo", **{"prov:entity": consent, "prov:agent": agent})
+            relate("used", **{"prov:activity": activity, "prov:entity": consent})
+    return doc
+
+
+# --- model card -------------------------------------------------------------------------------------------
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _number(name: str, value: float, threshold: int) -> str:
+    if name.startswith(("num_", "n_")) and float(value).is_integer():
+        return str(suppress(int(value), threshold))
+    return f"{value:.4g}"
+
+
+def model_card_markdown(
+    lineage: Sequence[ModelProvenance],
+    *,
+    intended_use: str,
+    site_metrics: Mapping[str, Mapping[str, float]] | None = None,
+    flags: Sequence[WithdrawalFlag] = (),
+    suppression_threshold: int = SUPPRESSION_THRESHOLD,
+) -> str:
+    """A Markdown model card for ``lineage[0]``: model details, intended use, data, per-site metrics, privacy
+    guarantee, consent statement and lineage. Counts in metrics (``num_*``, ``n_*``) below the threshold are
+    suppressed."""
+    if not lineage:
+        raise InputError("a model card needs the model's provenance")
+    model = lineage[0]
+    metrics = dict(site_metrics or {})
+    lines = [
+        f"# Model card: {model.study_id}, round {model.round}",
+        "",
+        "## Model details",
+        "",
+        f"- Model digest (sha256): `{model.model_digest}`",
+        f"- Parent model: `{model.parent_digest}`"
+        if model.parent_digest
+        else "- Parent model: none (initial model)",
+        f"- Study: `{model.study_id}`, spec hash `{model.spec_hash}`",
+        f"- Produced {format_instant(model.created_at)} by fedhealth {model.software_version}",
+        "",
+        "## Intended use",
+        "",
+        intended_use.strip(),
+        "",
+        "## Data",
+        "",
+        f"Trained by federated learning across {model.n_sites} site(s); no patient record left its site.",
+        "",
+    ]
+    if model.n_sites:
+        lines += ["| Site | Dataset fingerprint | Consent snapshot |", "|---|---|---|"]
+        lines += [
+            f"| {_cell(s)} | `{model.dataset_fingerprints[s]}` | `{model.consent_snapshots[s]}` |"
+            for s in model.sites
+        ]
+        lines.append("")
+    lines += ["## Per-site metrics", ""]
+    if metrics:
+        names = sorted({name for values in metrics.values() for name in values})
+        lines += ["| Site | " + " | ".join(_cell(n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+        for site in sorted(metrics):
+            cells = [
+                _number(n, metrics[site][n], suppression_threshold) if n in metrics[site] else "n/a"
+                for n in names
+            ]
+            lines.append(f"| {_cell(site)} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append(f"Counts below {suppression_threshold} are shown as <{suppression_threshold}.")
+    else:
+        lines.append("No per-site evaluation has been recorded for this model version.")
+    lines += ["", "## Privacy guarantee", ""]
+    lines += _privacy_lines(model)
+    lines += ["", "## Consent statement", ""]
+    lines += _consent_lines(model, flags)
+    lines += ["", "## Lineage", ""]
+    lines += [
+        f"{i + 1}. `{p.model_digest[:16]}` round {p.round}, {p.n_sites} site(s), spec `{p.spec_hash[:12]}`"
+        for i, p in enumerate(lineage)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _privacy_lines(model: ModelProvenance) -> list[str]:
+    params = dict(model.dp_params)
+    if not model.epsilon_spent:
+        return ["No differential-privacy guarantee was recorded for this model version."]
+    delta = params.get("delta")
+    worst = max(model.epsilon_spent.values())
+    level = params.get("level", "record")
+    lines = [
+        f"Differential privacy at the {level} level: for this study up to this version, each site's data is "
+        f"protected by (ε, δ)-DP with ε ≤ {worst:.4g}"
+        + (f" and δ = {delta:g}." if delta is not None else "."),
+        "",
+        "| Site | ε spent (cumulative) |",
+        "|---|---|",
+    ]
+    lines += [f"| {_cell(s)} | {model.epsilon_spent[s]:.4g} |" for s in sorted(model.epsilon_spent)]
+    if params:
+        lines += [
+            "",
+            "Mechanism parameters: " + ", ".join(f"{k} = {_cell(v)}" for k, v in sorted(params.items())),
+        ]
+    return lines
+
+
+def _consent_lines(model: ModelProvenance, flags: Sequence[WithdrawalFlag]) -> list[str]:
+    lines = [
+        "At each site, training used only the patients whose recorded consent permitted the study's purpose "
+        "on the training date; the consent snapshot each site used is named by its hash in the Data section.",
+        "",
+    ]
+    if not flags:
+        lines.append("No consent withdrawal affecting this model version has been reported.")
+        return lines
+    direct = [f for f in flags if f.reason is FlagReason.TRAINED_ON_WITHDRAWN]
+    derived = [f for f in flags if f.reason is FlagReason.DERIVED_FROM_FLAGGED]
+    lines.append(
+        f"**Flagged:** consent was withdrawn after training by patient(s) whose data this version depends on "
+        f"({len(flags)} notice(s))."
+    )
+    lines += [
+        f"- site {_cell(f.site)}: trained on snapshot `{f.snapshot_hash}` (notice {f.notice_id})"
+        for f in direct
+    ]
+    lines += [
+        f"- site {_cell(f.site)}: derived from flagged version `{(f.via_digest or '')[:16]}` "
+        f"(notice {f.notice_id})"
+        for f in derived
+    ]
+    return lines
