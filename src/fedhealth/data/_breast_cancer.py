@@ -4,11 +4,12 @@
 for benign (357): the reverse of scikit-learn's coding, so that "positive" means disease as in heart-disease.
 
 The split is seeded and heterogeneous the way real hospitals are:
-- label skew and unequal sizes: each site's share of the malignant patients and, independently, of the benign
-  ones is drawn from a Dirichlet(5) above a floor (10 malignant and 30 benign per site), so sites differ in
-  size (about 1.6x between largest and smallest) and in prevalence (about 0.25 between extremes). Stronger
-  skew (Dirichlet(1)) is easy to get but caps even a centrally trained model near 0.89 accuracy once every
-  site scales its own features, which makes a poor demonstration;
+- unequal sizes: the sites' shares of the patients are drawn from a Dirichlet(2) (the largest site is about
+  4 times the smallest on average), above a floor of 10 malignant and 30 benign patients per site;
+- label skew: each site's share is tilted by an independent log-normal factor (sigma 0.5) for each class, so
+  prevalence differs between sites (by about 0.18 between extremes on average). Much stronger skew is easy
+  to get but caps even a centrally trained model near 0.89 accuracy once every site scales its own features,
+  which makes a poor demonstration;
 - covariate skew: the patients of each class are ordered along a random direction of feature space (with
   noise, so regions overlap) and dealt to the sites in contiguous chunks, the same site order for both
   classes, so each site sees its own region of feature space, as hospitals serving different populations do.
@@ -27,7 +28,8 @@ from fedhealth.data._dataset import TabularDataset, split_indices, standardize
 
 _MIN_MALIGNANT = 10
 _MIN_BENIGN = 30
-_SHARE_CONCENTRATION = 5.0  # Dirichlet concentration of each class's split over the sites
+_SIZE_CONCENTRATION = 2.0  # Dirichlet concentration of the sites' shares of the patients
+_PREVALENCE_TILT = 0.5  # log-normal sigma tilting each site's share of one class against the other
 _REGION_NOISE = 0.3  # in units of the rank scale [0, 1): how much neighbouring sites' regions overlap
 TEST_FRACTION = 0.3
 
@@ -40,7 +42,7 @@ def _allocate(total: int, floor: int, shares: np.ndarray) -> np.ndarray:
     leftover = surplus - int(counts.sum())
     order = np.argsort(-(raw - counts), kind="stable")
     counts[order[:leftover]] += 1
-    return counts + floor
+    return np.asarray(counts + floor, dtype=np.int64)
 
 
 def breast_cancer_federation(n_sites: int = 4, seed: int = 0) -> list[TabularDataset]:
@@ -60,8 +62,12 @@ def breast_cancer_federation(n_sites: int = 4, seed: int = 0) -> list[TabularDat
         raise ConfigError(f"breast-cancer federation: seed must be a non-negative integer, got {seed!r}")
     rng = np.random.default_rng(seed)
 
-    mal_counts = _allocate(n_mal, _MIN_MALIGNANT, rng.dirichlet(np.full(n_sites, _SHARE_CONCENTRATION)))
-    ben_counts = _allocate(n_ben, _MIN_BENIGN, rng.dirichlet(np.full(n_sites, _SHARE_CONCENTRATION)))
+    size_share = rng.dirichlet(np.full(n_sites, _SIZE_CONCENTRATION))
+    tilt = np.exp(rng.normal(0.0, _PREVALENCE_TILT, size=(2, n_sites)))  # per site: malignant, benign
+    mal_share = size_share * tilt[0] / (size_share * tilt[0]).sum()
+    ben_share = size_share * tilt[1] / (size_share * tilt[1]).sum()
+    mal_counts = _allocate(n_mal, _MIN_MALIGNANT, mal_share)
+    ben_counts = _allocate(n_ben, _MIN_BENIGN, ben_share)
 
     z = (X_all - X_all.mean(axis=0)) / X_all.std(axis=0)
     direction = rng.standard_normal(z.shape[1])

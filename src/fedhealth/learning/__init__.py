@@ -18,12 +18,15 @@ from fedhealth.learning._logreg import (
     logreg_train,
 )
 from fedhealth.learning._metrics import MetricSummary, mean_metrics, weighted_metrics
+from fedhealth.learning._presets import BREAST_CANCER_PRESETS, HEART_DISEASE_PRESETS, StudyPreset
 from fedhealth.learning._results import EvalResult, TrainResult
 from fedhealth.learning._rng import task_rng
 from fedhealth.learning._strategies import apply_strategy, strategy_state_specs, weighted_mean
 from fedhealth.learning._synthetic import SYNTHETIC_STEP_SCALE, synthetic_init, synthetic_train
 
 __all__ = [
+    "BREAST_CANCER_PRESETS",
+    "HEART_DISEASE_PRESETS",
     "SYNTHETIC_STEP_SCALE",
     "EvalResult",
     "LocalOptimizer",
@@ -31,6 +34,7 @@ __all__ = [
     "MetricSummary",
     "StrategyConfig",
     "StrategyKind",
+    "StudyPreset",
     "TrainResult",
     "TrainingDivergedError",
     "apply_strategy",
@@ -48,4 +52,5 @@ __all__ = [
     "synthetic_train",
     "task_rng",
     "weighted_mean",
+    "weighted_metrics",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
 from fedhealth.core import InputError, TensorSpec
@@ -51,7 +50,13 @@ def bce_with_logits(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
 
     ``logaddexp`` keeps it finite and accurate for any finite logit (no ``log(0)`` at |z| = 1000).
     """
-    return np.logaddexp(0.0, logits) - y * logits
+    return np.asarray(np.logaddexp(0.0, logits) - y * logits, dtype=np.float64)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """The logistic function without overflow: exp is only ever taken of -|z|."""
+    e = np.exp(-np.abs(z))
+    return np.asarray(np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)), dtype=np.float64)
 
 
 def _unpack(params: Mapping[str, np.ndarray], n_features: int, what: str) -> np.ndarray:
@@ -94,7 +99,7 @@ def logreg_objective(
     Xa = _augment(X64)
     z = Xa @ theta
     loss = float(bce_with_logits(z, y64).mean())
-    grad = Xa.T @ (expit(z) - y64) / X64.shape[0]
+    grad = Xa.T @ (_sigmoid(z) - y64) / X64.shape[0]
     w = theta[:-1]
     loss += 0.5 * l2 * float(w @ w)
     grad[:-1] += l2 * w
@@ -115,7 +120,7 @@ def logreg_per_example_gradients(
     n_features = int(np.asarray(params["weight"]).shape[0]) if "weight" in params else 0
     theta = _unpack(params, n_features, "params")
     X64, y64 = check_features_labels(X, y, n_features)
-    residual = expit(_augment(X64) @ theta) - y64
+    residual = _sigmoid(_augment(X64) @ theta) - y64
     return {"weight": residual[:, None] * X64, "bias": residual[:, None].copy()}
 
 
@@ -177,7 +182,7 @@ def logreg_train(
         z = xb @ theta
         loss_sum += float(bce_with_logits(z, yb).sum())
         seen += idx.shape[0]
-        grad = xb.T @ (expit(z) - yb) / idx.shape[0] + l2_vec * theta
+        grad = xb.T @ (_sigmoid(z) - yb) / idx.shape[0] + l2_vec * theta
         if mu > 0:
             grad += mu * (theta - theta0)
         if adam:
@@ -201,7 +206,7 @@ def logreg_predict_proba(params: Mapping[str, np.ndarray], X: np.ndarray) -> np.
     n_features = int(np.asarray(params["weight"]).shape[0]) if "weight" in params else 0
     theta = _unpack(params, n_features, "params")
     X64, _ = check_features_labels(X, np.zeros(np.asarray(X).shape[0]), n_features)
-    return np.asarray(expit(_augment(X64) @ theta), dtype=np.float64)
+    return np.asarray(_sigmoid(_augment(X64) @ theta), dtype=np.float64)
 
 
 def logreg_evaluate(params: Mapping[str, np.ndarray], X: np.ndarray, y: np.ndarray) -> EvalResult:

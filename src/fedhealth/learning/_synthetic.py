@@ -34,7 +34,7 @@ def synthetic_train(
     if weight is None or not isinstance(weight, np.ndarray) or weight.ndim != 1:
         raise InputError("synthetic params must be {'weight': 1-D array}")
     check_tensors("synthetic params", params, {"weight": weight.shape})
-    noise = rng.standard_normal(weight.shape[0], dtype=np.float32)
-    noise *= np.float32(SYNTHETIC_STEP_SCALE)
-    noise += weight.astype(np.float32, copy=False)
-    return TrainResult(params={"weight": noise}, num_samples=num_samples, train_loss=0.0, steps=1)
+    local: np.ndarray = np.asarray(rng.standard_normal(weight.shape[0], dtype=np.float32))
+    local *= np.float32(SYNTHETIC_STEP_SCALE)
+    local += weight.astype(np.float32, copy=False)
+    return TrainResult(params={"weight": local}, num_samples=num_samples, train_loss=0.0, steps=1)

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+
+from fedhealth.core import ConfigError, DatasetMissingError
+from fedhealth.data import SchemaError, open_dataset
+
+
+def _write(tmp_path, text, name="cohort.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _cohort(n=40):
+    rng = np.random.default_rng(0)
+    lines = ["pid,age,bmi,label"]
+    for i in range(n):
+        lines.append(f"p{i:03d},{rng.integers(20, 90)},{rng.normal(25, 4):.3f},{i % 3 == 0:d}")
+    return "\n".join(lines) + "\n"
+
+
+def test_csv_happy_path_with_ids_split_and_standardization(tmp_path):
+    path = _write(tmp_path, _cohort())
+    d = open_dataset(f"file://{path}?label=label&id=pid&test_fraction=0.25&seed=3")
+    assert d.name == "cohort"
+    assert d.feature_names == ("age", "bmi")
+    assert (d.num_train, d.num_test) == (30, 10)
+    assert set(d.y_train.tolist()) == {0, 1}
+    assert len(d.patient_ids_train) == 30
+    assert all(pid.startswith("p") for pid in d.patient_ids_train)
+    np.testing.assert_allclose(d.X_train.mean(axis=0), 0, atol=1e-9)
+    again = open_dataset(f"file://{path}?label=label&id=pid&test_fraction=0.25&seed=3")
+    assert again.fingerprint == d.fingerprint
+    other_seed = open_dataset(f"file://{path}?label=label&id=pid&test_fraction=0.25&seed=4")
+    assert other_seed.fingerprint != d.fingerprint
+
+
+def test_csv_without_standardization_keeps_the_file_values_in_file_order(tmp_path):
+    path = _write(tmp_path, "a,b,y\n1,2,0\n3,4,1\n5,6,0\n7,8,1\n")
+    d = open_dataset(f"file://{path}?label=y&test_fraction=0&standardize=false")
+    np.testing.assert_array_equal(d.X_train, [[1, 2], [3, 4], [5, 6], [7, 8]])
+    np.testing.assert_array_equal(d.y_train, [0, 1, 0, 1])
+    assert d.num_test == 0
+    assert d.patient_ids_train is None
+
+
+def test_csv_accepts_a_percent_encoded_path_and_localhost(tmp_path):
+    path = _write(tmp_path, "a,y\n1,0\n2,1\n3,0\n4,1\n", name="my cohort.csv")
+    encoded = str(path).replace(" ", "%20")
+    d = open_dataset(f"file://localhost{encoded}?label=y&test_fraction=0")
+    assert d.num_train == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "query", "match"),
+    [
+        ("a,b\n1,0\n", "label=y", r"label column 'y' is not in the header"),
+        ("a,y\n1,0\n", "label=y&id=pid", r"id column 'pid' is not in the header"),
+        ("a,y\n1,0\nx,1\n", "label=y", r"line 3, column 'a' holds 'x', not a number"),
+        ("a,y\n1,0\n,1\n", "label=y", r"line 3, column 'a' is empty"),
+        ("a,y\n1,0\nnan,1\n", "label=y", r"not a finite number"),
+        ("a,y\n1,0\n2,2\n", "label=y", r"line 3, label column 'y' holds 2; labels must be 0 or 1"),
+        ("a,y\n1,0\n2,yes\n", "label=y", r"line 3, column 'y' holds 'yes', not a number"),
+        ("a,y\n1,0\n2\n", "label=y", r"line 3 has 1 fields, the header has 2"),
+        ("a,a,y\n1,2,0\n", "label=y", "repeats a column name"),
+        ("", "label=y", "the file is empty"),
+        ("a,y\n", "label=y", "no data rows"),
+        ("y\n1\n0\n", "label=y", "no feature columns"),
+        ("pid,a,y\nx,1,0\nx,2,1\n", "label=y&id=pid", "repeats an id"),
+        ("a,y\n1,0\n", "label=y&test_fraction=0.9", r"cannot split 1 rows"),
+        ("a,y\n1,0\n2,1\n", "label=y&test_fraction=0.5", "needs at least two training rows"),
+    ],
+)
+def test_bad_csv_content_is_a_schema_error_naming_the_file(tmp_path, text, query, match):
+    path = _write(tmp_path, text)
+    with pytest.raises(SchemaError, match=match) as info:
+        open_dataset(f"file://{path}?{query}")
+    assert str(path) in str(info.value)
+
+
+def test_a_missing_csv_file_is_a_missing_dataset(tmp_path):
+    with pytest.raises(DatasetMissingError, match=r"absent\.csv does not exist"):
+        open_dataset(f"file://{tmp_path}/absent.csv?label=y")
+
+
+@pytest.mark.parametrize(
+    ("uri", "match"),
+    [
+        ("file://relative/x.csv?label=y", "must be absolute"),
+        ("file:///x.csv", r"missing required parameter\(s\) \['label'\]"),
+        ("file:///x.csv?label=y&colour=red", r"unknown parameter\(s\) \['colour'\]"),
+        ("file:///x.csv?label=y&label=z", "repeats the parameter 'label'"),
+        ("file:///x.csv?label=y&test_fraction=1", r"must lie in \[0.0, 1.0\)"),
+        ("file:///x.csv?label=y&test_fraction=abc", "is not a number"),
+        ("file:///x.csv?label=y&seed=-1", "must be from 0"),
+        ("file:///x.csv?label=y&standardize=maybe", "is not a boolean"),
+    ],
+)
+def test_bad_csv_uris_are_config_errors(uri, match):
+    with pytest.raises(ConfigError, match=match):
+        open_dataset(uri)
