@@ -174,3 +174,32 @@ def test_in_memory_driver_counts_uploads_per_site() -> None:
     for site in fed.sites:
         assert seen.masked_input_bytes[site] <= 4 * 100 + 160
         assert seen.masked_input_bytes[site] < seen.upload_bytes[site] < 4 * 100 + 4096
+
+
+def test_fast_context_encoding_and_derivation_match_the_crypto_recipes() -> None:
+    from fedhealth.core import canonical_json
+    from fedhealth.crypto import derive_key
+    from fedhealth.secagg._crypto_extra import context_json, derive
+
+    contexts = [
+        {"purpose": "secagg-pairwise-mask", "study": "étude", "round": 3, "pair": ["site-00", "site-01"]},
+        {"purpose": "x", "protocol": "fedhealth-secagg+/1", "config_digest": "ab" * 32, "site": "site-9"},
+    ]
+    for context in contexts:
+        assert context_json(context) == canonical_json(context)
+        assert derive(b"\x01" * 32, context) == derive_key(b"\x01" * 32, context)
+    with pytest.raises(ValueError):
+        derive(b"\x01" * 32, {"study": "s"})
+
+
+def test_signed_advertisement_payload_verifies_with_the_crypto_recipe() -> None:
+    from fedhealth.crypto import verify_json
+
+    fed = make_federation(2, 2)
+    advert = fed.clients["site-00"].advertise_keys()
+    from fedhealth.secagg._derive import advertisement_payload
+
+    payload = advertisement_payload(
+        fed.config, fed.config.digest(), "site-00", advert.cipher_public_key, advert.mask_public_key
+    )
+    verify_json(fed.publics["site-00"], advert.signature, payload)  # raises if the bytes differed

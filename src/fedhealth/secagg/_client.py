@@ -26,8 +26,6 @@ from fedhealth.crypto import (
     aead_decrypt,
     aead_encrypt,
     random_bytes,
-    sign_json,
-    verify_json,
 )
 from fedhealth.secagg import _derive
 from fedhealth.secagg._config import SecAggConfig
@@ -171,7 +169,7 @@ class SecAggClient:
             config_digest=self._digest,
             cipher_public_key=cipher_pk,
             mask_public_key=mask_pk,
-            signature=sign_json(self._identity, payload),
+            signature=_derive.sign_payload(self._identity, payload),
         )
         self._guard.remember([cipher_pk, mask_pk])
         self._cipher_key, self._mask_key, self._own_advertisement = cipher_key, mask_key, advert
@@ -185,7 +183,7 @@ class SecAggClient:
             self._config, self._digest, advert.site_id, advert.cipher_public_key, advert.mask_public_key
         )
         try:
-            verify_json(self._peers[advert.site_id], advert.signature, payload)
+            _derive.verify_payload(self._peers[advert.site_id], advert.signature, payload)
         except CryptoError as exc:
             raise SecAggSecurityError(
                 f"the keys advertised for {advert.site_id!r} are not signed by it"

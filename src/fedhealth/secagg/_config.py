@@ -23,6 +23,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from fedhealth.core import ConfigError, canonical_json, is_valid_name
@@ -160,7 +161,7 @@ class SecAggConfig:
         return hashlib.sha256(canonical_json(self.to_json())).digest()
 
     def graph(self) -> NeighbourhoodGraph:
-        return NeighbourhoodGraph.build(self)
+        return _graph_of(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,3 +210,9 @@ class NeighbourhoodGraph:
                     seen.add(nb)
                     stack.append(nb)
         return seen == members
+
+
+@lru_cache(maxsize=64)
+def _graph_of(config: SecAggConfig) -> NeighbourhoodGraph:
+    # every client and the server of a simulated round share one config; build its graph once
+    return NeighbourhoodGraph.build(config)

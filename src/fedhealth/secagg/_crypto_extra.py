@@ -5,15 +5,22 @@
   4 MB keystream (about 1 ms with AES-NI) and one add, with no allocation per mask.
 - :func:`seeded_permutation` turns a public seed into a permutation (Fisher-Yates over the AES-CTR keystream
   with rejection sampling, so it is exactly uniform); every party computes the same one.
+- :func:`context_json` and :func:`derive` are :func:`fedhealth.core.canonical_json` and
+  :func:`fedhealth.crypto.derive_key` for the contexts this package builds itself (strings, integers and lists
+  of strings only), without the recursive finiteness check that cannot fail on them. A 50-site round derives
+  a few thousand keys, and that check was a third of its compute. The bytes and keys are identical (tested).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from numpy.typing import NDArray
 
 from fedhealth.crypto import KEY_BYTES, keystream
@@ -111,3 +118,17 @@ def seeded_permutation(seed: bytes, n: int) -> list[int]:
         j = draw % bound
         perm[i], perm[j] = perm[j], perm[i]
     return perm
+
+
+def context_json(context: Mapping[str, str | int | list[str]]) -> bytes:
+    """Canonical JSON (sorted keys, no whitespace, UTF-8) of strings, ints and lists of strings."""
+    return json.dumps(context, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def derive(secret: bytes, context: Mapping[str, str | int | list[str]], *, length: int = KEY_BYTES) -> bytes:
+    """HKDF-SHA256 of ``secret`` with ``context_json(context)`` as info: equal to ``crypto.derive_key``."""
+    if not context.get("purpose"):
+        raise ValueError("a derivation context must name its purpose")
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=context_json(context)).derive(
+        secret
+    )

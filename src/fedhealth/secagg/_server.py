@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedhealth.core import CryptoError
-from fedhealth.crypto import AgreementKey, PublicIdentity, constant_time_equal, verify_json
+from fedhealth.crypto import AgreementKey, PublicIdentity, constant_time_equal
 from fedhealth.secagg import _derive
 from fedhealth.secagg._config import SecAggConfig
 from fedhealth.secagg._crypto_extra import apply_masks
@@ -209,7 +209,7 @@ class SecAggServer:
                 self._config, self._digest, advert.site_id, advert.cipher_public_key, advert.mask_public_key
             )
             try:
-                verify_json(self._identities[advert.site_id], advert.signature, payload)
+                _derive.verify_payload(self._identities[advert.site_id], advert.signature, payload)
             except CryptoError as exc:
                 raise SecAggSecurityError(
                     f"the keys advertised for {advert.site_id!r} are not signed by it"
