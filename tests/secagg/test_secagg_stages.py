@@ -216,3 +216,22 @@ def test_server_moves_through_the_table_in_order() -> None:
         expected.append(SERVER_TRANSITIONS[(expected[-1], ServerAction.CLOSE_STAGE)])
     assert seen == expected
     assert fed.server.result().contributors == fed.sites
+
+
+def test_client_refuses_the_wrong_kind_of_message_for_its_stage_without_changing_stage() -> None:
+    fed = make_federation(3, 2, 4)
+    directories = fed.advertise()
+    client = fed.clients[SITE]
+    wrong = ShareBundle(recipient=SITE, config_digest=fed.config.digest(), boxes=())
+    with pytest.raises(SecAggProtocolError):
+        client.share_keys(wrong)  # type: ignore[arg-type]
+    assert client.stage is Stage.SHARE_KEYS
+    bundles = fed.share(directories)
+    with pytest.raises(SecAggProtocolError):
+        client.masked_input(directories[SITE], np.zeros(4, dtype=np.uint32))  # type: ignore[arg-type]
+    requests = fed.mask(bundles, fed.inputs(0))
+    with pytest.raises(SecAggProtocolError):
+        client.unmask(bundles[SITE])  # type: ignore[arg-type]
+    assert client.stage is Stage.UNMASK
+    client.unmask(requests[SITE])
+    assert client.stage is Stage.DONE

@@ -14,6 +14,21 @@ A round, as a driver sees it::
     server.receive(client.masked_input(bundles[site], codec.encode(values)));  requests = server.close_stage()
     server.receive(client.unmask(requests[site]));  server.close_stage()
     sums = codec.decode(server.result().vector, len(server.result().contributors))
+
+Driving it over HTTPS:
+
+- Orchestrator: one :class:`SecAggServer` per round, in one process's memory. Call ``receive`` per upload (an
+  identical re-send is a no-op, so retries are safe) and ``close_stage`` once ``awaiting()`` is empty or the
+  stage deadline passes; deliver each returned message to its site. :class:`RoundFailedError` carries a
+  :class:`FailureReason`; the server has then forgotten every masked input and share.
+- Agent: one :class:`SecAggClient` per round, kept in memory (its ephemeral secrets are never persisted; a
+  restart mid-round means the site dropped), and one long-lived :class:`KeyReuseGuard` per site process. Pin
+  the peers' identities from enrollment. Stage methods are not idempotent: cache each outgoing message and
+  re-send it on a transport retry.
+- Wire: ``to_bytes``/``from_bytes`` (or :func:`decode_message`) for every message; the masked input also as
+  safetensors (:meth:`MaskedInput.to_safetensors`, tensor ``masked_input``, uint32).
+- Values: build the round with ``vector_length=codec.length`` and a :class:`VectorCodec` whose
+  ``max_contributors`` is the number of sites, so the sum cannot wrap.
 """
 
 from fedhealth.secagg._client import KeyReuseGuard, SecAggClient

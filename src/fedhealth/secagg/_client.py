@@ -46,6 +46,8 @@ from fedhealth.secagg._messages import (
 from fedhealth.secagg._shamir import SHARE_BYTES, split_secret
 from fedhealth.secagg._stages import CLIENT_TRANSITIONS, ClientAction, Stage, next_stage
 
+_ServerMessage = KeyDirectory | ShareBundle | UnmaskRequest
+
 
 class KeyReuseGuard:
     """Remembers every ephemeral public key a site has used or seen, and refuses any key a second time.
@@ -145,7 +147,10 @@ class SecAggClient:
             self._stage = Stage.FAILED
             raise
 
-    def _check_addressed(self, recipient: str, digest: bytes) -> None:
+    def _check_addressed(self, message: _ServerMessage, kind: type[_ServerMessage]) -> None:
+        if not isinstance(message, kind):
+            raise SecAggProtocolError(f"expected a {kind.__name__}, got {type(message).__name__}")
+        recipient, digest = message.recipient, message.config_digest
         if recipient != self._site:
             raise SecAggProtocolError(f"message for {recipient!r} delivered to {self._site!r}")
         if digest != self._digest:
@@ -192,7 +197,7 @@ class SecAggClient:
     def share_keys(self, directory: KeyDirectory) -> EncryptedShares:
         """Verify the neighbours' signed keys, then secret-share the self-mask seed and mask private key."""
         nxt = self._begin(ClientAction.SHARE_KEYS)
-        self._check_addressed(directory.recipient, directory.config_digest)
+        self._check_addressed(directory, KeyDirectory)
         assert self._cipher_key is not None  # set by advertise_keys
         assert self._mask_key is not None
         with self._fail_closed():
@@ -271,7 +276,7 @@ class SecAggClient:
             or vector.shape != (self._config.vector_length,)
         ):
             raise InputError(f"the input is a uint32 vector of length {self._config.vector_length}")
-        self._check_addressed(bundle.recipient, bundle.config_digest)
+        self._check_addressed(bundle, ShareBundle)
         assert self._mask_key is not None  # set by advertise_keys
         assert self._self_seed is not None  # set by share_keys
         with self._fail_closed():
@@ -330,7 +335,7 @@ class SecAggClient:
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         """Reveal, for each peer whose shares this site holds, the one share the server is entitled to."""
         nxt = self._begin(ClientAction.UNMASK)
-        self._check_addressed(request.recipient, request.config_digest)
+        self._check_addressed(request, UnmaskRequest)
         with self._fail_closed():
             survivors, dropped = set(request.survivors), set(request.dropped)
             unknown = sorted((survivors | dropped) - set(self._config.sites))
