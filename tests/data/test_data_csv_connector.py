@@ -99,3 +99,17 @@ def test_a_missing_csv_file_is_a_missing_dataset(tmp_path):
 def test_bad_csv_uris_are_config_errors(uri, match):
     with pytest.raises(ConfigError, match=match):
         open_dataset(uri)
+
+
+def test_a_file_that_is_not_utf8_text_is_a_schema_error(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("a,y\n1,0\ncaf\xe9,1\n".encode("latin-1"))
+    with pytest.raises(SchemaError, match="not UTF-8 text"):
+        open_dataset(f"file://{path}?label=y")
+
+
+def test_a_csv_with_a_nul_byte_is_a_schema_error(tmp_path):
+    path = tmp_path / "nul.csv"
+    path.write_bytes(b"a,y\n1\x00,0\n")
+    with pytest.raises(SchemaError, match=str(path)):
+        open_dataset(f"file://{path}?label=y")

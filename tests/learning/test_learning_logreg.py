@@ -313,7 +313,7 @@ def test_divergence_is_reported_not_uploaded():
     X = np.array([[1e200], [-1e200]])
     y = np.array([0, 1])
     config = LogRegConfig(n_features=1, local_epochs=5, learning_rate=1e200, batch_size=1)
-    with np.errstate(all="ignore"), pytest.raises(TrainingDivergedError, match="diverged"):
+    with pytest.raises(TrainingDivergedError, match="diverged"):  # and no numpy warning escapes
         logreg_train(logreg_init(1, 0), X, y, config, np.random.default_rng(0))
 
 
@@ -330,8 +330,14 @@ def test_divergence_is_reported_not_uploaded():
         {"n_features": 3, "proximal_mu": float("inf")},
         {"n_features": 3, "optimizer": "adam"},
         {"n_features": True},
+        {"n_features": 3, "local_epochs": 1.5},
     ],
 )
 def test_bad_recipe_settings_are_refused(kwargs):
     with pytest.raises(ConfigError):
         LogRegConfig(**kwargs)
+
+
+def test_numpy_integers_are_accepted_as_settings():
+    config = LogRegConfig(n_features=np.int64(3), local_steps=np.int32(5), batch_size=np.int64(2))
+    assert config.local_steps == 5

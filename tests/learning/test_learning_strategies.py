@@ -258,3 +258,9 @@ def test_an_empty_model_is_refused():
 def test_bad_strategy_settings_are_refused(kwargs):
     with pytest.raises(ConfigError):
         StrategyConfig(**kwargs)
+
+
+def test_a_step_that_overflows_the_model_dtype_is_refused_without_a_numpy_warning():
+    x = {"w": np.array([3e38], np.float32)}
+    with pytest.raises(TensorError, match="non-finite"):
+        apply_strategy(StrategyConfig(server_learning_rate=10.0), x, {"w": np.array([1e38])}, {})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhealth.core import DatasetMissingError, InputError
+from fedhealth.core import DatasetError, DatasetMissingError, InputError
 from fedhealth.data._dataset import TabularDataset, split_indices, standardize
 from fedhealth.data._errors import SchemaError
 
@@ -47,6 +47,17 @@ def read_csv_dataset(path: Path, options: CsvOptions) -> TabularDataset:
     """Read, validate, split (stratified like FLamby's split) and optionally standardize a CSV file."""
     if not path.is_file():
         raise DatasetMissingError(f"CSV file {path} does not exist")
+    try:
+        return _read(path, options)
+    except UnicodeDecodeError as exc:
+        raise SchemaError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    except csv.Error as exc:
+        raise SchemaError(f"{path}: not a readable CSV file ({exc})") from exc
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+
+
+def _read(path: Path, options: CsvOptions) -> TabularDataset:
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)

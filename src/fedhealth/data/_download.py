@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedhealth.core import ChecksumError, DatasetMissingError
+from fedhealth.core import ChecksumError, DatasetError, DatasetMissingError
 
 if TYPE_CHECKING:
     import httpx
@@ -31,7 +31,11 @@ def _one_line(text: str) -> str:
 
 def verify_md5(path: Path, expected: str) -> None:
     """Raise :class:`ChecksumError` (one line: path, md5 found, md5 expected) unless the file matches."""
-    found = md5_of(path.read_bytes())
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    found = md5_of(content)
     if found != expected:
         raise ChecksumError(f"{path}: md5 {found} does not match the published md5 {expected}")
 

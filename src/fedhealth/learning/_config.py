@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 
+import numpy as np
+
 from fedhealth.core import ConfigError
 
 
@@ -30,6 +32,11 @@ class StrategyKind(StrEnum):
     FEDADAM = "fedadam"
     FEDYOGI = "fedyogi"
     FEDADAGRAD = "fedadagrad"
+
+
+def _is_int(value: object) -> bool:
+    """A true integer (Python or numpy), not a bool."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _positive_finite(name: str, value: float) -> None:
@@ -63,21 +70,13 @@ class LogRegConfig:
     proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_features, bool) or not isinstance(self.n_features, int) or self.n_features < 1:
+        if not _is_int(self.n_features) or self.n_features < 1:
             raise ConfigError(f"n_features must be a positive integer, got {self.n_features!r}")
-        if (
-            isinstance(self.local_epochs, bool)
-            or not isinstance(self.local_epochs, int)
-            or self.local_epochs < 0
-        ):
+        if not _is_int(self.local_epochs) or self.local_epochs < 0:
             raise ConfigError(f"local_epochs must be a non-negative integer, got {self.local_epochs!r}")
-        if self.local_steps is not None and (
-            isinstance(self.local_steps, bool)
-            or not isinstance(self.local_steps, int)
-            or self.local_steps < 1
-        ):
+        if self.local_steps is not None and (not _is_int(self.local_steps) or self.local_steps < 1):
             raise ConfigError(f"local_steps must be a positive integer or None, got {self.local_steps!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if not _is_int(self.batch_size) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not isinstance(self.optimizer, LocalOptimizer):
             raise ConfigError(f"optimizer must be a LocalOptimizer, got {self.optimizer!r}")

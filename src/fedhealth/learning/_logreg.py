@@ -6,6 +6,7 @@ Pure functions of (parameters, data, config, generator): the same inputs give th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -175,27 +176,33 @@ def logreg_train(
 
     loss_sum = 0.0
     seen = 0
+    steps = 0
     batches = _batches(n, config, rng)
-    for t, idx in enumerate(batches, start=1):
-        xb = Xa[idx]
-        yb = y64[idx]
-        z = xb @ theta
-        loss_sum += float(bce_with_logits(z, yb).sum())
-        seen += idx.shape[0]
-        grad = xb.T @ (_sigmoid(z) - yb) / idx.shape[0] + l2_vec * theta
-        if mu > 0:
-            grad += mu * (theta - theta0)
-        if adam:
-            m = _ADAM_BETA1 * m + (1 - _ADAM_BETA1) * grad
-            v = _ADAM_BETA2 * v + (1 - _ADAM_BETA2) * grad * grad
-            m_hat = m / (1 - _ADAM_BETA1**t)
-            v_hat = v / (1 - _ADAM_BETA2**t)
-            theta = theta - lr * m_hat / (np.sqrt(v_hat) + _ADAM_EPS)
-        else:
-            theta = theta - lr * grad
-    if not np.isfinite(theta).all():
+    # overflow is detected below and reported as divergence, not left to numpy warnings
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t, idx in enumerate(batches, start=1):
+            xb = Xa[idx]
+            yb = y64[idx]
+            z = xb @ theta
+            loss_sum += float(bce_with_logits(z, yb).sum())
+            seen += idx.shape[0]
+            steps = t
+            grad = xb.T @ (_sigmoid(z) - yb) / idx.shape[0] + l2_vec * theta
+            if mu > 0:
+                grad += mu * (theta - theta0)
+            if adam:
+                m = _ADAM_BETA1 * m + (1 - _ADAM_BETA1) * grad
+                v = _ADAM_BETA2 * v + (1 - _ADAM_BETA2) * grad * grad
+                m_hat = m / (1 - _ADAM_BETA1**t)
+                v_hat = v / (1 - _ADAM_BETA2**t)
+                theta = theta - lr * m_hat / (np.sqrt(v_hat) + _ADAM_EPS)
+            else:
+                theta = theta - lr * grad
+            if not math.isfinite(loss_sum):
+                break
+    if not math.isfinite(loss_sum) or not np.isfinite(theta).all():
         raise TrainingDivergedError(
-            f"local training diverged (non-finite parameters) after {len(batches)} steps, learning rate {lr}"
+            f"local training diverged (non-finite loss or parameters) at step {steps}, learning rate {lr}"
         )
     train_loss = loss_sum / seen if seen else float(bce_with_logits(Xa @ theta, y64).mean())
     return TrainResult(params=_pack(theta), num_samples=n, train_loss=train_loss, steps=len(batches))

@@ -16,7 +16,8 @@ for results that hold over 10-30 rounds, not for a peak at one round count; FedA
 only grows, needs the larger one. Measured means over seeds 0-4 are in benchmarks/heart_disease_inprocess.py.
 
 Breast cancer (30 features, ``breast_cancer_federation(4, seed)``): one epoch of SGD per round, lr 0.1,
-batch 16, a touch of L2; 10 rounds reach about 0.95 mean site accuracy with every strategy.
+batch 16, a touch of L2; 10 rounds reach 0.98 mean site accuracy on federation seed 0 with every strategy
+(about 0.96 averaged over federation seeds 0-9 with FedAvg).
 """
 
 from __future__ import annotations

@@ -112,8 +112,9 @@ def apply_strategy(
             step = eta * m / (np.sqrt(v) + config.tau)
             new_state[f"m.{name}"] = m
             new_state[f"v.{name}"] = v
-        updated = x + step
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as an error
+            updated = (x + step).astype(global_params[name].dtype)
         if not np.isfinite(updated).all():
             raise TensorError(f"the {config.kind.value} step made tensor {name!r} non-finite")
-        new_params[name] = updated.astype(global_params[name].dtype)
+        new_params[name] = updated
     return new_params, new_state
