@@ -9,7 +9,8 @@ Quantization, for at most ``N = max_contributors`` sites:
 
 - ``REAL`` segments are clipped to ``[low, high]`` and stochastically rounded onto
   ``L = floor((2**32 - 1) / N)`` levels of step ``delta = (high - low) / L``:
-  ``q = floor((x - low) / delta + u)`` with ``u`` uniform in ``[0, 1)``, so ``E[low + q * delta] = x``.
+  ``q = floor((x - low) / delta + u)`` with ``u`` uniform in ``[0, 1)``, then clamped to ``[0, L]`` (which
+  is the same as clipping ``x`` first), so ``E[low + q * delta] = x`` inside the range.
   Every ``q`` lies in ``[0, L]``, so the sum of up to N contributions is at most ``N * L <= 2**32 - 1``: it
   cannot wrap.
 - Error bound: each site's value is off by less than one step, so the decoded sum of ``m`` contributions
@@ -182,16 +183,17 @@ class VectorCodec:
             np.multiply(b, scale, out=b)
             if not math.isfinite(float(b.sum())) and not np.isfinite(xc).all():
                 raise InputError(f"segment {seg.name!r} holds NaN or infinite values")
-            np.clip(b, 0.0, levels, out=b)
             if stream is None:
                 assert rng is not None
                 rng.random(n, out=u)
             else:
                 np.multiply(next(stream), 2.0**-32, out=u)
             np.add(b, u, out=b)
-            q = target[start:stop]
-            np.copyto(q, b, casting="unsafe")  # truncation is floor: b is non-negative
-            np.minimum(q, np.uint32(levels), out=q)
+            # clipping after the noise: below the range every value floors to 0, above it lands on the top
+            # level, and the clamp also catches L + u rounding up to L + 1 in float64
+            np.maximum(b, 0.0, out=b)
+            np.minimum(b, levels, out=b)
+            np.copyto(target[start:stop], b, casting="unsafe")  # truncation is floor: b is non-negative
 
     def decode(self, total: NDArray[np.uint32], contributors: int) -> dict[str, NDArray[np.float64]]:
         """The per-segment sums of ``contributors`` sites' contributions, from the unmasked ring sum."""
