@@ -7,7 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
-from secagg_federation import make_federation
+from secagg_federation import Federation, make_federation
 
 from fedhealth.core import CryptoError
 from fedhealth.crypto import AgreementKey, IdentityKey, sign_json
@@ -237,7 +237,7 @@ def test_a_request_for_both_shares_of_one_site_cannot_be_built_or_decoded() -> N
         UnmaskRequest.from_json(honest)
 
 
-def _to_unmask(n: int, t: int) -> tuple[object, dict[str, UnmaskRequest]]:
+def _to_unmask(n: int, t: int) -> tuple[Federation, dict[str, UnmaskRequest]]:
     fed = make_federation(n, t)
     inputs = fed.inputs(0)
     requests = fed.mask(fed.share(fed.advertise()), inputs)
@@ -248,21 +248,21 @@ def test_client_refuses_to_unmask_when_fewer_than_threshold_survived() -> None:
     fed, requests = _to_unmask(5, 3)
     lie = dataclasses.replace(requests[A], survivors=(A, B), dropped=(C, "site-03", "site-04"))
     with pytest.raises(RoundFailedError) as info:
-        fed.clients[A].unmask(lie)  # type: ignore[attr-defined]
+        fed.clients[A].unmask(lie)
     assert info.value.reason is FailureReason.TOO_FEW_SITES
-    assert fed.clients[A].stage is Stage.FAILED  # type: ignore[attr-defined]
+    assert fed.clients[A].stage is Stage.FAILED
 
 
 def test_client_refuses_to_unmask_when_told_it_dropped() -> None:
     fed, requests = _to_unmask(4, 3)
     lie = dataclasses.replace(requests[A], survivors=(B, C, "site-03"), dropped=(A,))
     with pytest.raises(SecAggSecurityError):
-        fed.clients[A].unmask(lie)  # type: ignore[attr-defined]
+        fed.clients[A].unmask(lie)
 
 
 def test_server_refuses_to_store_a_share_it_did_not_ask_for() -> None:
     fed, requests = _to_unmask(3, 2)
-    honest = fed.clients[A].unmask(requests[A])  # type: ignore[attr-defined]
+    honest = fed.clients[A].unmask(requests[A])
     # a (buggy or colluding) site volunteers the pairwise-key share of a survivor: the server must not keep it
     extra = dataclasses.replace(
         honest,
@@ -271,9 +271,9 @@ def test_server_refuses_to_store_a_share_it_did_not_ask_for() -> None:
         ),
     )
     with pytest.raises(SecAggSecurityError):
-        fed.server.receive(extra)  # type: ignore[attr-defined]
-    assert fed.server.answered() == frozenset()  # type: ignore[attr-defined]
-    fed.server.receive(honest)  # type: ignore[attr-defined]
+        fed.server.receive(extra)
+    assert fed.server.answered() == frozenset()
+    fed.server.receive(honest)
 
 
 def test_a_server_lying_about_who_dropped_never_gets_both_shares_of_a_site() -> None:
@@ -283,20 +283,20 @@ def test_a_server_lying_about_who_dropped_never_gets_both_shares_of_a_site() -> 
     target = "site-04"
     for split in itertools.product([True, False], repeat=n - 1):
         fed, requests = _to_unmask(n, t)
-        others = [s for s in fed.sites if s != target]  # type: ignore[attr-defined]
+        others = [s for s in fed.sites if s != target]
         seed_shares, key_shares = 0, 0
         for site, told_alive in zip(others, split, strict=True):
             request = requests[site]
             if not told_alive:
-                survivors = tuple(s for s in fed.sites if s != target)  # type: ignore[attr-defined]
+                survivors = tuple(s for s in fed.sites if s != target)
                 request = dataclasses.replace(request, survivors=survivors, dropped=(target,))
-            response = fed.clients[site].unmask(request)  # type: ignore[attr-defined]
+            response = fed.clients[site].unmask(request)
             kinds = {s.kind for s in response.shares if s.owner == target}
             assert len(kinds) == 1
             seed_shares += ShareKind.SELF_MASK_SEED in kinds
             key_shares += ShareKind.PAIRWISE_KEY in kinds
         # the target itself was told the truth (it sent its masked input), so it reveals its seed share
-        own = fed.clients[target].unmask(requests[target])  # type: ignore[attr-defined]
+        own = fed.clients[target].unmask(requests[target])
         seed_shares += any(s.owner == target and s.kind is ShareKind.SELF_MASK_SEED for s in own.shares)
         assert not (seed_shares >= t and key_shares >= t)
 
