@@ -1,0 +1,52 @@
+"""DP-SGD building blocks shared by every trainer (numpy logistic regression now, an Opacus wrapper later).
+
+One DP-SGD step: draw a Poisson sample of the records, compute one gradient per sampled record, clip each to
+L2 norm ``C``, sum, add ``N(0, sigma^2 C^2)`` to every coordinate, and divide by the *expected* batch size
+``q N`` (the actual batch size depends on the data, so it must not scale the update). ``steps`` such steps are
+:class:`~fedhealth.privacy.DpSgdRelease` ``(sigma, q, steps)`` for the accountant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedhealth.privacy._accounting import DpSgdRelease
+from fedhealth.privacy._errors import DpParameterError
+from fedhealth.privacy._mechanisms import clip_per_example, gaussian_noise
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DpSgdReport:
+    """What a DP-SGD run spent (``release``, for the ledger) and how it went (for the site's own logs).
+
+    ``mean_batch_size`` and ``clipped_fraction`` are computed from the data without noise: they must stay at
+    the site and never be sent to the orchestrator.
+    """
+
+    release: DpSgdRelease
+    max_grad_norm: float
+    mean_batch_size: float
+    clipped_fraction: float
+
+
+def noisy_clipped_sum(
+    per_example_gradients: NDArray[np.floating],
+    *,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    rng: np.random.Generator,
+) -> tuple[NDArray[np.float64], int]:
+    """The sum of the rows clipped to ``max_grad_norm``, plus Gaussian noise; and how many rows were clipped.
+
+    ``per_example_gradients`` has shape ``(batch, d)``; an empty batch (shape ``(0, d)``) still gets noise.
+    """
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise DpParameterError(f"noise multiplier must be a non-negative number, got {noise_multiplier!r}")
+    clipped, norms = clip_per_example(per_example_gradients, max_grad_norm)
+    total = clipped.sum(axis=0, dtype=np.float64)
+    noise = gaussian_noise(total.shape, noise_multiplier * max_grad_norm, rng)
+    return total + noise, int(np.count_nonzero(norms > max_grad_norm))
