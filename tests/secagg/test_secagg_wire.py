@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from secagg_federation import make_federation
 
-from fedhealth.core import InputError
+from fedhealth.core import InputError, canonical_json
 from fedhealth.crypto import keystream_uint32
 from fedhealth.secagg import (
     EncryptedShares,
@@ -65,6 +65,7 @@ def test_every_message_round_trips_through_its_bytes() -> None:
             assert again == message
             assert decoded == message
             assert again.to_bytes() == data  # type: ignore[attr-defined]
+            assert data == canonical_json(message.to_json())  # type: ignore[attr-defined]
 
 
 def test_masked_input_is_four_bytes_per_entry_plus_a_small_header() -> None:
@@ -177,7 +178,6 @@ def test_in_memory_driver_counts_uploads_per_site() -> None:
 
 
 def test_fast_context_encoding_and_derivation_match_the_crypto_recipes() -> None:
-    from fedhealth.core import canonical_json
     from fedhealth.crypto import derive_key
     from fedhealth.secagg._crypto_extra import context_json, derive
 

@@ -28,7 +28,6 @@ from numpy.typing import NDArray
 from fedhealth.core import (
     InputError,
     TensorSpec,
-    canonical_json,
     decode_tensors,
     encode_tensors,
     is_valid_name,
@@ -82,6 +81,12 @@ def _check_bytes(value: object, what: str, length: int) -> None:
         raise SecAggMessageError(f"{what} must be {length} bytes")
 
 
+def _canonical(value: dict[str, Any]) -> bytes:
+    # core.canonical_json's format (sorted keys, no whitespace, UTF-8) without its recursive finiteness check:
+    # these dicts hold only strings, integers, lists and dicts, and the check was most of the encoding time
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def _load_json(data: bytes, kind: str) -> dict[str, Any]:
     if len(data) > MAX_JSON_BYTES:
         raise SecAggMessageError("message too large")
@@ -106,7 +111,7 @@ class _JsonMessage:
         raise NotImplementedError
 
     def to_bytes(self) -> bytes:
-        return canonical_json(self.to_json())
+        return _canonical(self.to_json())
 
 
 # --- client -> server: key advertisement -----------------------------------------------------------------
@@ -357,7 +362,7 @@ class MaskedInput:
         }
 
     def to_bytes(self) -> bytes:
-        header = canonical_json(self._header())
+        header = _canonical(self._header())
         raw = np.ascontiguousarray(self.vector, dtype="<u4")
         return b"".join((_MASKED_MAGIC, struct.pack("<I", len(header)), header, raw.data.cast("B")))
 
