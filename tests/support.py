@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from fedhealth.agent import OrchestratorClient
 from fedhealth.core import decode_tensors
 from fedhealth.data import open_dataset
 from fedhealth.protocol import RecipeSpec, StrategySpec, StudySpec, Task, TaskPoll
 from fedhealth.runtime import param_specs
+from fedhealth.sim import LocalFederation
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "FEDHEALTH_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -57,33 +59,43 @@ def heart_data_dir() -> Path:
 
 
 class RogueSite:
-    """A site driven by the test itself over the real HTTP API, to send what a real agent never would."""
+    """An enrolled site driven by the test itself over the real HTTPS API, to send what a real agent never
+    would. Its identity key and pinned CA come from the site's home, as a real agent's do."""
 
-    def __init__(self, url: str, name: str) -> None:
+    def __init__(self, fed: LocalFederation, name: str) -> None:
+        home = fed.site_home(name)
         self.name = name
-        self.http = httpx.Client(base_url=url, headers={"X-Fedhealth-Site": name}, timeout=30)
+        self.client = OrchestratorClient(fed.url, name, home.identity(), ca_pem=home.ca_pem())
+        self.http = self.client.http
+
+    def get(self, path: str, **kwargs: object) -> httpx.Response:
+        return self.http.get(path, headers=self.client.auth_headers(), **kwargs)
+
+    def post(self, path: str, **kwargs: object) -> httpx.Response:
+        headers = {**kwargs.pop("headers", {}), **self.client.auth_headers()}  # type: ignore[dict-item]
+        return self.http.post(path, headers=headers, **kwargs)
 
     def poll(self, wait: float = 20.0) -> Task:
-        response = self.http.get("/api/v1/agent/tasks/next", params={"wait": wait})
+        response = self.get("/api/v1/agent/tasks/next", params={"wait": wait}, timeout=wait + 10)
         response.raise_for_status()
         task = TaskPoll.model_validate_json(response.content).task
         assert task is not None, f"{self.name} got no task within {wait} s"
         return task
 
     def model(self, task: Task) -> dict[str, np.ndarray]:
-        response = self.http.get(f"/api/v1/agent/models/{task.model_digest}")
+        response = self.get(f"/api/v1/agent/models/{task.model_digest}")
         response.raise_for_status()
         return decode_tensors(response.content, param_specs(task.recipe))[0]
 
     def upload(self, task_id: str, body: bytes) -> httpx.Response:
-        return self.http.post(
+        return self.post(
             f"/api/v1/agent/tasks/{task_id}/result",
             content=body,
             headers={"Content-Type": "application/octet-stream"},
         )
 
     def close(self) -> None:
-        self.http.close()
+        self.client.close()
 
 
 @contextmanager

@@ -44,7 +44,13 @@ def test_wrong_shape_dtype_and_names_are_refused():
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"\x01", b"\xff" * 8 + b"{}", (10).to_bytes(8, "little") + b"not json!!", b"\x02\x00\x00\x00\x00\x00\x00\x00[]"],
+    [
+        b"",
+        b"\x01",
+        b"\xff" * 8 + b"{}",
+        (10).to_bytes(8, "little") + b"not json!!",
+        b"\x02\x00\x00\x00\x00\x00\x00\x00[]",
+    ],
 )
 def test_garbage_payloads_raise_tensor_error(payload):
     with pytest.raises(TensorError):

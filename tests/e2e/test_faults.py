@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from fedhealth.core import decode_tensors
-from fedhealth.orchestrator import Store, make_engine, sqlite_url
+from fedhealth.orchestrator import Store, make_engine
 from fedhealth.protocol import RecipeSpec, RoundStatus, StudySpec, StudyStatus, TaskKind, TaskStatus
 from fedhealth.runtime import run_study_in_memory
 from fedhealth.sim import LocalFederation
-from support import BREAST_SITES, breast_datasets, breast_spec, heart_data_dir
+from support import BREAST_SITES, breast_datasets, breast_spec, heart_data_dir, postgres_schema
 
 pytestmark = pytest.mark.e2e
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
@@ -67,14 +67,23 @@ def test_a_site_killed_mid_study_is_counted_out_at_the_deadline_and_quorum_decid
         assert "quorum not met" in report["reason"]
 
 
-def test_orchestrator_killed_mid_study_resumes_from_its_last_completed_round(tmp_path):
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request):
+    if request.param == "sqlite":
+        yield None
+    else:
+        with postgres_schema() as url:
+            yield url
+
+
+def test_orchestrator_killed_mid_study_resumes_from_its_last_completed_round(tmp_path, database_url):
     spec = breast_spec(
         SITES,
         rounds=12,
         name="durable",
         recipe=RecipeSpec(n_features=30, local_epochs=3, learning_rate=0.05, batch_size=8),
     )
-    with LocalFederation(tmp_path) as fed:
+    with LocalFederation(tmp_path, database_url=database_url) as fed:
         fed.start_orchestrator()
         for site in SITES:
             fed.add_site(site)
@@ -82,7 +91,7 @@ def test_orchestrator_killed_mid_study_resumes_from_its_last_completed_round(tmp
         study = fed.create_study(spec)
         _wait_until(lambda: fed.study(study.study_id).completed_rounds >= 3, interval=0.01)
         fed.stop_orchestrator(sig=signal.SIGKILL)
-        store = Store(make_engine(sqlite_url(fed.state_dir / "orchestrator.sqlite")))
+        store = Store(make_engine(fed.home.database_url()))
         at_crash = store.get_study(study.study_id).completed_rounds
         store.engine.dispose()
         assert 3 <= at_crash < spec.rounds, "the crash should fall mid-study"
@@ -95,13 +104,11 @@ def test_orchestrator_killed_mid_study_resumes_from_its_last_completed_round(tmp
     assert all(len(r.tasks) == 3 and all(t.status is TaskStatus.COMPLETED for t in r.tasks) for r in train)
     # nothing lost, nothing counted twice: the model equals an uninterrupted in-memory run
     reference = run_study_in_memory(spec, breast_datasets({s: BREAST_SITES[s] for s in SITES}))
-    model, _ = decode_tensors(fed_model(tmp_path, final.model_digest))
+    model, _ = decode_tensors(
+        (fed.state_dir / "blobs" / final.model_digest[:2] / final.model_digest).read_bytes()
+    )
     np.testing.assert_array_equal(model["weight"], reference.params["weight"])
     np.testing.assert_array_equal(model["bias"], reference.params["bias"])
-
-
-def fed_model(workdir, digest):
-    return (workdir / "orchestrator" / "blobs" / digest[:2] / digest).read_bytes()
 
 
 def test_a_corrupt_dataset_file_fails_that_site_with_a_one_line_reason_naming_the_file(tmp_path):

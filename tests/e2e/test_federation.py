@@ -75,7 +75,7 @@ def _bad_updates(weights: dict[str, np.ndarray], task_id: str) -> list[tuple[str
 def test_non_finite_misshaped_or_mistyped_updates_get_422_and_the_round_completes_without_them(fed):
     spec = breast_spec([*GOOD, "rogue-1"], rounds=4, eval_sites=GOOD, min_sites=3)
     study = fed.create_study(spec)
-    rogue = RogueSite(fed.url, "rogue-1")
+    rogue = RogueSite(fed, "rogue-1")
     try:
         for number in range(1, 5):
             task = rogue.poll()
@@ -106,7 +106,7 @@ def test_non_finite_misshaped_or_mistyped_updates_get_422_and_the_round_complete
 
 def test_a_retried_upload_is_stored_once_and_a_different_second_upload_is_refused(fed):
     study = fed.create_study(breast_spec(["rogue-2"], rounds=1, name="retry"))
-    rogue = RogueSite(fed.url, "rogue-2")
+    rogue = RogueSite(fed, "rogue-2")
     try:
         task = rogue.poll()
         weights = rogue.model(task)
@@ -128,166 +128,94 @@ def test_a_retried_upload_is_stored_once_and_a_different_second_upload_is_refuse
     assert final.rounds[0].tasks[0].status is TaskStatus.COMPLETED
 
 
+def _study(**overrides):
+    body = {
+        "name": "x",
+        "dataset": "d",
+        "recipe": {"n_features": 3},
+        "rounds": 1,
+        "train_sites": ["hospital-a"],
+    }
+    return {"auth": "admin", "json": {**body, **overrides}}
+
+
+SITE = {"auth": "site"}
+
+
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status", "needle"),
     [
         (
             "POST",
             "/api/v1/studies",
-            {"content": b"{not json", "headers": {"Content-Type": "application/json"}},
+            {"auth": "admin", "content": b"{not json", "headers": {"Content-Type": "application/json"}},
             422,
             "JSON",
         ),
-        ("POST", "/api/v1/studies", {"json": []}, 422, "valid dictionary"),
-        ("POST", "/api/v1/studies", {"json": {"name": "x"}}, 422, "Field required"),
-        (
-            "POST",
-            "/api/v1/studies",
-            {
-                "json": {
-                    "name": "Bad Name!",
-                    "dataset": "d",
-                    "recipe": {"n_features": 3},
-                    "rounds": 1,
-                    "train_sites": ["hospital-a"],
-                }
-            },
-            422,
-            "pattern",
-        ),
-        (
-            "POST",
-            "/api/v1/studies",
-            {
-                "json": {
-                    "name": "x",
-                    "dataset": "d",
-                    "recipe": {"n_features": 3},
-                    "rounds": 0,
-                    "train_sites": ["hospital-a"],
-                }
-            },
-            422,
-            "greater than or equal to 1",
-        ),
-        (
-            "POST",
-            "/api/v1/studies",
-            {
-                "json": {
-                    "name": "x",
-                    "dataset": "d",
-                    "recipe": {"n_features": 3},
-                    "rounds": 1,
-                    "train_sites": ["hospital-a"],
-                    "min_sites": 2,
-                }
-            },
-            422,
-            "exceeds",
-        ),
-        (
-            "POST",
-            "/api/v1/studies",
-            {
-                "json": {
-                    "name": "x",
-                    "dataset": "d",
-                    "recipe": {"n_features": 3, "learning_rate": "NaN"},
-                    "rounds": 1,
-                    "train_sites": ["hospital-a"],
-                }
-            },
-            422,
-            "finite",
-        ),
-        (
-            "POST",
-            "/api/v1/studies",
-            {
-                "json": {
-                    "name": "x",
-                    "dataset": "d",
-                    "recipe": {"n_features": 3},
-                    "rounds": 1,
-                    "train_sites": ["nowhere"],
-                }
-            },
-            422,
-            "unknown sites: nowhere",
-        ),
-        (
-            "POST",
-            "/api/v1/studies",
-            {
-                "json": {
-                    "name": "x",
-                    "dataset": "d",
-                    "recipe": {"n_features": 3},
-                    "rounds": 1,
-                    "train_sites": ["hospital-a"],
-                    "surprise": 1,
-                }
-            },
-            422,
-            "Extra inputs",
-        ),
-        ("POST", "/api/v1/sites", {"json": {"name": "UPPER CASE"}}, 422, "pattern"),
-        ("POST", "/api/v1/sites", {"json": {"name": "hospital-a"}}, 409, "already exists"),
-        ("GET", "/api/v1/studies/st_nope", {}, 404, "does not exist"),
-        ("GET", "/api/v1/agent/tasks/next?wait=0", {}, 401, "missing site credentials"),
+        ("POST", "/api/v1/studies", {"auth": "admin", "json": []}, 422, "valid dictionary"),
+        ("POST", "/api/v1/studies", {"auth": "admin", "json": {"name": "x"}}, 422, "Field required"),
+        ("POST", "/api/v1/studies", _study(name="Bad Name!"), 422, "pattern"),
+        ("POST", "/api/v1/studies", _study(rounds=0), 422, "greater than or equal to 1"),
+        ("POST", "/api/v1/studies", _study(min_sites=2), 422, "exceeds"),
+        ("POST", "/api/v1/studies", _study(recipe={"n_features": 3, "learning_rate": "NaN"}), 422, "finite"),
+        ("POST", "/api/v1/studies", _study(train_sites=["nowhere"]), 422, "unknown sites: nowhere"),
+        ("POST", "/api/v1/studies", _study(surprise=1), 422, "Extra inputs"),
+        ("POST", "/api/v1/studies", {"json": {"name": "x"}}, 401, "missing credentials"),
+        ("POST", "/api/v1/sites", {"auth": "admin", "json": {"name": "UPPER CASE"}}, 422, "pattern"),
+        ("POST", "/api/v1/sites", {"auth": "admin", "json": {"name": "hospital-a"}}, 409, "already exists"),
+        ("GET", "/api/v1/studies/st_nope", {"auth": "admin"}, 404, "does not exist"),
+        ("GET", "/api/v1/studies", {"headers": {"Authorization": "Basic abc"}}, 401, "bearer"),
+        ("GET", "/api/v1/agent/tasks/next?wait=0", {}, 401, "missing credentials"),
         (
             "GET",
             "/api/v1/agent/tasks/next?wait=0",
-            {"headers": {"X-Fedhealth-Site": "ghost"}},
-            404,
-            "not registered",
+            {"headers": {"Authorization": "Bearer x.y.z"}},
+            401,
+            "invalid token",
         ),
-        (
-            "GET",
-            "/api/v1/agent/tasks/next?wait=-1",
-            {"headers": {"X-Fedhealth-Site": "hospital-a"}},
-            422,
-            "greater than or equal to 0",
-        ),
-        (
-            "GET",
-            "/api/v1/agent/models/../../etc/passwd",
-            {"headers": {"X-Fedhealth-Site": "hospital-a"}},
-            404,
-            "",
-        ),
-        (
-            "GET",
-            "/api/v1/agent/models/xyz",
-            {"headers": {"X-Fedhealth-Site": "hospital-a"}},
-            422,
-            "not a sha256 digest",
-        ),
+        ("GET", "/api/v1/agent/tasks/next?wait=-1", SITE, 422, "greater than or equal to 0"),
+        ("GET", "/api/v1/agent/models/../../etc/passwd", SITE, 404, ""),
+        ("GET", "/api/v1/agent/models/xyz", SITE, 422, "not a sha256 digest"),
         (
             "POST",
             "/api/v1/agent/tasks/tk_nope/failure",
-            {"headers": {"X-Fedhealth-Site": "hospital-a"}, "json": {"code": "x", "reason": "y"}},
+            {**SITE, "json": {"code": "x", "reason": "y"}},
             404,
             "does not exist",
         ),
         (
             "POST",
             "/api/v1/agent/tasks/tk_nope/failure",
-            {"headers": {"X-Fedhealth-Site": "hospital-a"}, "json": {"code": "BAD CODE", "reason": ""}},
+            {**SITE, "json": {"code": "BAD CODE", "reason": ""}},
             422,
             "pattern",
         ),
         (
             "POST",
             "/api/v1/agent/tasks/tk_nope/result",
-            {"headers": {"X-Fedhealth-Site": "hospital-a"}, "content": b"\0" * (2 << 20)},
+            {**SITE, "content": b"\0" * (2 << 20)},
             413,
             "exceeds the limit",
+        ),
+        ("POST", "/api/v1/enroll", {"json": {"site": "x", "token": "short"}}, 422, "at least 16"),
+        (
+            "POST",
+            "/api/v1/agent/token",
+            {"json": {"site": "hospital-a", "challenge": "zz", "signature": "00"}},
+            422,
+            "pattern",
         ),
     ],
 )
 def test_malformed_requests_get_a_clear_4xx_never_a_500(fed, method, path, kwargs, status, needle):
+    kwargs = dict(kwargs)
+    auth = kwargs.pop("auth", None)
+    if auth == "admin":
+        kwargs["headers"] = {**kwargs.get("headers", {}), **fed.admin_headers()}
+    elif auth == "site":
+        rogue = RogueSite(fed, "rogue-2")
+        kwargs["headers"] = {**kwargs.get("headers", {}), **rogue.client.auth_headers()}
+        rogue.close()
     response = fed.http.request(method, path, **kwargs)
     assert response.status_code == status, response.text
     body = response.json()
@@ -297,17 +225,15 @@ def test_malformed_requests_get_a_clear_4xx_never_a_500(fed, method, path, kwarg
 
 def test_garbage_bytes_upload_is_rejected_and_named(fed):
     study = fed.create_study(breast_spec(["rogue-3"], rounds=1, name="garbage"))
-    rogue = RogueSite(fed.url, "rogue-3")
+    rogue = RogueSite(fed, "rogue-3")
     try:
         task = rogue.poll()
         response = rogue.upload(task.task_id, b"this is not a safetensors file")
         assert response.status_code == 422
         assert "not a safetensors file" in response.json()["detail"]
-        other_site = fed.http.post(
-            f"/api/v1/agent/tasks/{task.task_id}/result",
-            content=encode_tensors({"weight": np.zeros(30, np.float32)}),
-            headers={"X-Fedhealth-Site": "hospital-a"},
-        )
+        intruder = RogueSite(fed, "rogue-1")
+        other_site = intruder.upload(task.task_id, encode_tensors({"weight": np.zeros(30, np.float32)}))
+        intruder.close()
         assert other_site.status_code == 403
     finally:
         rogue.close()

@@ -2,8 +2,15 @@
 and uploads updates, retrying with backoff whenever the orchestrator is unreachable.
 """
 
-from fedhealth.agent._agent import AgentSettings, SiteAgent, run_agent
-from fedhealth.agent._client import OrchestratorClient, OrchestratorRefused, RetryPolicy
+from fedhealth.agent._agent import AgentSettings, SiteAgent, SiteRefused, run_agent
+from fedhealth.agent._client import (
+    OrchestratorClient,
+    OrchestratorRefused,
+    RetryPolicy,
+    TlsVerificationError,
+    connection_problem,
+)
+from fedhealth.agent._home import SiteHome, enroll_site
 
 __all__ = [
     "AgentSettings",
@@ -11,5 +18,10 @@ __all__ = [
     "OrchestratorRefused",
     "RetryPolicy",
     "SiteAgent",
+    "SiteHome",
+    "SiteRefused",
+    "TlsVerificationError",
+    "connection_problem",
+    "enroll_site",
     "run_agent",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhealth.agent._client import OrchestratorClient, OrchestratorRefused, RetryPolicy
+from fedhealth.agent._client import OrchestratorClient, OrchestratorRefused, RetryPolicy, TlsVerificationError
 from fedhealth.core import (
     DatasetError,
     FedHealthError,
@@ -24,6 +24,7 @@ from fedhealth.core import (
     ServiceUnavailableError,
     decode_tensors,
 )
+from fedhealth.crypto import IdentityKey
 from fedhealth.data import TabularDataset, open_dataset
 from fedhealth.protocol import ResultManifest, Task, TaskFailure, TaskKind
 from fedhealth.runtime import encode_update, evaluate_on_site, param_specs, train_on_site
@@ -35,6 +36,8 @@ log = logging.getLogger("fedhealth.agent")
 class AgentSettings:
     orchestrator_url: str
     site: str
+    identity: IdentityKey
+    ca_pem: bytes | None = None  # the pinned federation CA; None only for plain-HTTP test set-ups
     datasets: dict[str, str] = field(default_factory=dict)  # dataset name -> connector URI
     data_dir: Path | None = None
     poll_wait_s: float = 25.0
@@ -46,7 +49,12 @@ class SiteAgent:
         self.settings = settings
         self._stop = threading.Event()
         self.client = client or OrchestratorClient(
-            settings.orchestrator_url, settings.site, retry=settings.retry, should_stop=self._stop.is_set
+            settings.orchestrator_url,
+            settings.site,
+            settings.identity,
+            ca_pem=settings.ca_pem,
+            retry=settings.retry,
+            should_stop=self._stop.is_set,
         )
         self._datasets: dict[str, TabularDataset] = {}
         self._models: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
@@ -56,6 +64,8 @@ class SiteAgent:
         self._stop.set()
 
     def run(self) -> None:
+        """Poll and work until stopped. Raises :class:`SiteRefused` when the orchestrator will not serve this
+        site any more (revoked, unknown) and :class:`TlsVerificationError` for an untrusted server."""
         log.info("site %s polling %s", self.settings.site, self.settings.orchestrator_url)
         while not self._stop.is_set():
             try:
@@ -63,13 +73,13 @@ class SiteAgent:
             except ServiceUnavailableError:
                 continue
             except OrchestratorRefused as exc:
-                # e.g. this site is not registered: no use hammering the orchestrator
-                log.error("the orchestrator refused this site: %s", exc)
+                if exc.status in (401, 403):
+                    raise SiteRefused(f"the orchestrator refuses this site: {exc}") from exc
+                log.error("polling refused: %s", exc)
                 self._stop.wait(self.settings.retry.max_s)
                 continue
             if task is not None:
                 self.handle(task)
-        self.client.close()
 
     def _dataset(self, name: str) -> TabularDataset:
         if name not in self._datasets:
@@ -116,6 +126,8 @@ class SiteAgent:
                 )
             self.tasks_done += 1
         except OrchestratorRefused as exc:
+            if exc.status == 403:
+                raise SiteRefused(f"the orchestrator refuses this site: {exc}") from exc
             log.error("task %s: the orchestrator refused the result: %s", task.task_id, exc)
         except ServiceUnavailableError as exc:
             log.error("task %s abandoned: %s", task.task_id, exc)
@@ -141,12 +153,20 @@ class SiteAgent:
             log.error("could not report the failure of %s: %s", task.task_id, exc)
 
 
-def run_agent(settings: AgentSettings) -> None:
-    """Run an agent in the foreground until interrupted (SIGINT/SIGTERM)."""
+class SiteRefused(FedHealthError):
+    """The orchestrator will not serve this site (revoked or unknown): stop rather than retry."""
+
+
+def run_agent(settings: AgentSettings) -> int:
+    """Run an agent in the foreground until interrupted (SIGINT/SIGTERM); returns the process exit code."""
     agent = SiteAgent(settings)
     try:
         agent.run()
     except KeyboardInterrupt:
         log.info("site %s stopping", settings.site)
+    except (SiteRefused, TlsVerificationError) as exc:
+        log.error("%s", exc)
+        return 3
     finally:
         agent.client.close()
+    return 0

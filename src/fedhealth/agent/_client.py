@@ -1,22 +1,38 @@
-"""The agent's HTTP client for the orchestrator: retries with bounded exponential backoff and full jitter.
+"""The agent's HTTP client for the orchestrator.
 
-Connection errors and 5xx answers are retried (the orchestrator may be restarting); 4xx answers are final and
-raised as :class:`OrchestratorRefused` with the orchestrator's message.
+- Trusts only the pinned federation CA; a certificate that does not verify is a hard, clear error, never
+  retried (it means the wrong server or the wrong CA).
+- Logs in by signing the orchestrator's fresh challenge with the site's identity key, keeps the short-lived
+  access token and renews it before it expires (or at once on a 401).
+- Retries connection errors, 5xx and 429 with bounded exponential backoff and full jitter (honouring
+  Retry-After); other 4xx answers are final and raised as :class:`OrchestratorRefused`.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import httpx
 
-from fedhealth.core import FedHealthError, ServiceUnavailableError
-from fedhealth.protocol import Ack, ResultManifest, Task, TaskFailure, TaskPoll
+from fedhealth.core import FedHealthError, ServiceUnavailableError, canonical_json
+from fedhealth.crypto import IdentityKey, pinned_tls_context
+from fedhealth.protocol import (
+    Ack,
+    ChallengeResponse,
+    ResultManifest,
+    Task,
+    TaskFailure,
+    TaskPoll,
+    TokenResponse,
+    agent_login_message,
+)
 
 log = logging.getLogger("fedhealth.agent")
 T = TypeVar("T")
@@ -30,6 +46,23 @@ class OrchestratorRefused(FedHealthError):
         self.status = status
         self.error = error
         self.detail = detail
+
+
+class TlsVerificationError(FedHealthError):
+    """The orchestrator's certificate does not verify against the pinned federation CA."""
+
+
+def connection_problem(exc: httpx.TransportError) -> Exception:
+    """Name a transport failure; certificate failures become :class:`TlsVerificationError`."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return TlsVerificationError(
+                "TLS verification failed: the orchestrator's certificate is not trusted by the pinned "
+                f"federation CA ({cause.verify_message or cause.reason}); check the --ca given at enrollment"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return exc
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,19 +81,24 @@ class OrchestratorClient:
         self,
         base_url: str,
         site: str,
+        identity: IdentityKey,
         *,
+        ca_pem: bytes | None = None,
         retry: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
-        verify: Any = True,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self.site = site
         self.retry = retry or RetryPolicy()
+        self._identity = identity
         self._rng = random.Random()
         self._should_stop = should_stop
+        self._token: str | None = None
+        self._token_expires = datetime.min.replace(tzinfo=UTC)
+        verify: Any = pinned_tls_context(ca_pem) if base_url.startswith("https") and ca_pem else True
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
-            headers={"X-Fedhealth-Site": site, "User-Agent": "fedhealth-agent"},
+            headers={"User-Agent": "fedhealth-agent"},
             timeout=httpx.Timeout(30.0, connect=5.0),
             transport=transport,
             verify=verify,
@@ -69,31 +107,90 @@ class OrchestratorClient:
     def close(self) -> None:
         self._http.close()
 
+    @property
+    def http(self) -> httpx.Client:
+        """The underlying HTTP client (pinned TLS, no retries), for callers that need raw answers."""
+        return self._http
+
+    # --- authentication ----------------------------------------------------------------------------------
+
+    def _login(self) -> None:
+        challenge = ChallengeResponse.model_validate_json(
+            self._raw("POST", "/api/v1/agent/challenge", json={"site": self.site}).content
+        )
+        signature = self._identity.sign(canonical_json(agent_login_message(self.site, challenge.challenge)))
+        token = TokenResponse.model_validate_json(
+            self._raw(
+                "POST",
+                "/api/v1/agent/token",
+                json={"site": self.site, "challenge": challenge.challenge, "signature": signature.hex()},
+            ).content
+        )
+        self._token = token.access_token
+        self._token_expires = token.expires_at
+        log.debug("logged in as %s until %s", self.site, token.expires_at.isoformat())
+
+    def _raw(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise _refused(response)
+        return response
+
+    def auth_headers(self) -> dict[str, str]:
+        # renew a minute early so a long upload does not outlive its token
+        if self._token is None or datetime.now(UTC) > self._token_expires - timedelta(seconds=60):
+            self._login()
+        return {"Authorization": f"Bearer {self._token}"}
+
+    # --- requests with retries ---------------------------------------------------------------------------
+
     def _call(
-        self, what: str, send: Callable[[], httpx.Response], *, max_elapsed_s: float | None = None
+        self, what: str, method: str, path: str, *, max_elapsed_s: float | None = None, **kwargs: Any
     ) -> httpx.Response:
         started = time.monotonic()
         limit = max_elapsed_s if max_elapsed_s is not None else self.retry.max_elapsed_s
         attempt = 0
+        renewed = False
+        extra_headers: dict[str, str] = kwargs.pop("headers", {})
         while True:
             problem: str
+            wait: float | None = None
             try:
-                response = send()
+                headers = {**extra_headers, **self.auth_headers()}
+                response = self._http.request(method, path, headers=headers, **kwargs)
             except httpx.TransportError as exc:
+                named = connection_problem(exc)
+                if isinstance(named, TlsVerificationError):
+                    raise named from exc
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except OrchestratorRefused as exc:  # from the login requests
+                if exc.status == 429 or exc.status >= 500:
+                    problem = f"login: HTTP {exc.status}"
+                else:
+                    raise
             else:
                 if response.status_code < 400:
                     return response
-                if response.status_code < 500:
+                if response.status_code == 401 and not renewed:
+                    # expired or not yet valid: log in again once, at once
+                    self._token = None
+                    renewed = True
+                    continue
+                if response.status_code == 429:
+                    problem = "HTTP 429 (rate limited)"
+                    retry_after = response.headers.get("retry-after", "")
+                    wait = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None
+                elif response.status_code < 500:
                     raise _refused(response)
-                problem = f"HTTP {response.status_code}"
+                else:
+                    problem = f"HTTP {response.status_code}"
             if self._should_stop():
                 raise ServiceUnavailableError(f"{what}: stopped while retrying ({problem})")
             if limit is not None and time.monotonic() - started > limit:
                 raise ServiceUnavailableError(
                     f"{what}: orchestrator unreachable for {limit:.0f} s ({problem})"
                 )
-            delay = self.retry.delay(attempt, self._rng)
+            delay = wait if wait is not None else self.retry.delay(attempt, self._rng)
             log.warning("%s failed (%s); retrying in %.2f s", what, problem, delay)
             time.sleep(delay)
             attempt += 1
@@ -101,29 +198,25 @@ class OrchestratorClient:
     def next_task(self, wait: float) -> Task | None:
         response = self._call(
             "polling for tasks",
-            lambda: self._http.get(
-                "/api/v1/agent/tasks/next",
-                params={"wait": wait},
-                timeout=httpx.Timeout(wait + 15, connect=5.0),
-            ),
+            "GET",
+            "/api/v1/agent/tasks/next",
+            params={"wait": wait},
+            timeout=httpx.Timeout(wait + 15, connect=5.0),
         )
         return TaskPoll.model_validate_json(response.content).task
 
     def get_model(self, digest: str, *, max_elapsed_s: float | None = None) -> bytes:
         return self._call(
-            "downloading the model",
-            lambda: self._http.get(f"/api/v1/agent/models/{digest}"),
-            max_elapsed_s=max_elapsed_s,
+            "downloading the model", "GET", f"/api/v1/agent/models/{digest}", max_elapsed_s=max_elapsed_s
         ).content
 
     def upload_result(self, task_id: str, body: bytes, *, max_elapsed_s: float | None = None) -> Ack:
         response = self._call(
             "uploading the update",
-            lambda: self._http.post(
-                f"/api/v1/agent/tasks/{task_id}/result",
-                content=body,
-                headers={"Content-Type": "application/octet-stream"},
-            ),
+            "POST",
+            f"/api/v1/agent/tasks/{task_id}/result",
+            content=body,
+            headers={"Content-Type": "application/octet-stream"},
             max_elapsed_s=max_elapsed_s,
         )
         return Ack.model_validate_json(response.content)
@@ -133,11 +226,10 @@ class OrchestratorClient:
     ) -> Ack:
         response = self._call(
             "uploading the evaluation",
-            lambda: self._http.post(
-                f"/api/v1/agent/tasks/{task_id}/evaluation",
-                content=manifest.model_dump_json(),
-                headers={"Content-Type": "application/json"},
-            ),
+            "POST",
+            f"/api/v1/agent/tasks/{task_id}/evaluation",
+            content=manifest.model_dump_json(),
+            headers={"Content-Type": "application/json"},
             max_elapsed_s=max_elapsed_s,
         )
         return Ack.model_validate_json(response.content)
@@ -147,11 +239,10 @@ class OrchestratorClient:
     ) -> Ack:
         response = self._call(
             "reporting a failure",
-            lambda: self._http.post(
-                f"/api/v1/agent/tasks/{task_id}/failure",
-                content=failure.model_dump_json(),
-                headers={"Content-Type": "application/json"},
-            ),
+            "POST",
+            f"/api/v1/agent/tasks/{task_id}/failure",
+            content=failure.model_dump_json(),
+            headers={"Content-Type": "application/json"},
             max_elapsed_s=max_elapsed_s,
         )
         return Ack.model_validate_json(response.content)

@@ -6,7 +6,7 @@ import typer
 
 from fedhealth.cli._bench import benchmark_app
 from fedhealth.cli._demo import demo
-from fedhealth.cli._services import orchestrator_app, site_app
+from fedhealth.cli._services import orchestrator_app, site_app, user_app
 
 app = typer.Typer(
     name="fedhealth",
@@ -17,6 +17,7 @@ app = typer.Typer(
 )
 app.add_typer(orchestrator_app, name="orchestrator")
 app.add_typer(site_app, name="site")
+app.add_typer(user_app, name="user")
 app.command("demo")(demo)
 app.add_typer(benchmark_app, name="benchmark")
 

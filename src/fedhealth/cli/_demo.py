@@ -15,7 +15,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedhealth.protocol import RecipeSpec, StrategySpec, StudyInfo, StudySpec, StudyStatus, TaskKind
+from fedhealth.protocol import StudyInfo, StudySpec, StudyStatus, TaskKind
 from fedhealth.sim import LocalFederation
 
 
@@ -25,7 +25,10 @@ class DemoDataset(StrEnum):
 
 
 def demo_federation(dataset: DemoDataset, rounds: int | None) -> tuple[dict[str, str], StudySpec]:
-    """The sites (name -> dataset URI) and the study of the demo."""
+    """The sites (name -> dataset URI) and the study of the demo, from the learning presets."""
+    from fedhealth.learning import BREAST_CANCER_PRESETS, HEART_DISEASE_PRESETS
+    from fedhealth.runtime import preset_study
+
     if dataset is DemoDataset.HEART_DISEASE:
         sites = {
             "cleveland": "builtin://heart-disease/0",
@@ -33,25 +36,21 @@ def demo_federation(dataset: DemoDataset, rounds: int | None) -> tuple[dict[str,
             "switzerland": "builtin://heart-disease/2",
             "long-beach": "builtin://heart-disease/3",
         }
-        recipe = RecipeSpec(n_features=13, local_steps=20, learning_rate=0.05, batch_size=4)
-        strategy = StrategySpec(name="fedyogi", server_learning_rate=0.05)
-        default_rounds = 30
+        preset = HEART_DISEASE_PRESETS["fedyogi"]
     else:
         sites = {f"hospital-{c}": f"builtin://breast-cancer/{i}?sites=4&seed=0" for i, c in enumerate("abcd")}
-        recipe = RecipeSpec(n_features=30, local_epochs=1, learning_rate=0.05, batch_size=16)
-        strategy = StrategySpec(name="fedavg")
-        default_rounds = 15
-    spec = StudySpec(
+        preset = BREAST_CANCER_PRESETS["fedavg"]
+    spec = preset_study(
+        preset,
         name=f"demo-{dataset.value}",
         dataset=dataset.value,
-        recipe=recipe,
-        strategy=strategy,
-        rounds=rounds or default_rounds,
         train_sites=sorted(sites),
         min_sites=3,
         round_deadline_s=60.0,
         seed=0,
     )
+    if rounds is not None:
+        spec = spec.model_copy(update={"rounds": rounds})
     return sites, spec
 
 

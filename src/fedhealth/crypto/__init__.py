@@ -28,6 +28,7 @@ from fedhealth.crypto._recipes import (
     sign_json,
     verify_json,
 )
+from fedhealth.crypto._tls import pinned_tls_context
 from fedhealth.crypto._tokens import Audience, TokenClaims, TokenExpiredError, TokenIssuer, TokenVerifier
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "issue_server_certificate",
     "keystream",
     "keystream_uint32",
+    "pinned_tls_context",
     "random_bytes",
     "sign_json",
     "verify_json",

@@ -5,17 +5,22 @@ Handlers are thin: durable state is in :class:`Store` (SQLite or PostgreSQL, Ale
 """
 
 from fedhealth.orchestrator._app import OrchestratorSettings, create_app
+from fedhealth.orchestrator._auth import AuthService, AuthSettings
 from fedhealth.orchestrator._blobs import BlobStore
 from fedhealth.orchestrator._db import make_engine, metadata, sqlite_url, upgrade_database
 from fedhealth.orchestrator._engine import RoundEngine
+from fedhealth.orchestrator._home import OrchestratorHome, init_home
 from fedhealth.orchestrator._report import build_report, report_markdown, study_info, write_report
-from fedhealth.orchestrator._serve import serve
+from fedhealth.orchestrator._serve import TlsFiles, serve
 from fedhealth.orchestrator._store import ModelVersion, NewRound, RoundRow, SiteRow, Store, StudyRow, TaskRow
 
 __all__ = [
+    "AuthService",
+    "AuthSettings",
     "BlobStore",
     "ModelVersion",
     "NewRound",
+    "OrchestratorHome",
     "OrchestratorSettings",
     "RoundEngine",
     "RoundRow",
@@ -23,8 +28,10 @@ __all__ = [
     "Store",
     "StudyRow",
     "TaskRow",
+    "TlsFiles",
     "build_report",
     "create_app",
+    "init_home",
     "make_engine",
     "metadata",
     "report_markdown",

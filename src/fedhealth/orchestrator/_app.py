@@ -33,18 +33,28 @@ from fedhealth.core import (
     NotFoundError,
     SystemClock,
     TensorError,
-    is_valid_name,
 )
+from fedhealth.crypto import Audience, IdentityKey
+from fedhealth.orchestrator._auth import AuthService, AuthSettings, Forbidden, Principal, Unauthenticated
 from fedhealth.orchestrator._blobs import BlobStore, check_digest
 from fedhealth.orchestrator._db import make_engine, sqlite_url, upgrade_database
 from fedhealth.orchestrator._engine import RoundEngine
+from fedhealth.orchestrator._limits import BodyLimitMiddleware, RateLimiter, ceil_seconds
 from fedhealth.orchestrator._notify import TaskNotifier
 from fedhealth.orchestrator._report import build_report, study_info
-from fedhealth.orchestrator._store import Store, TaskRow
+from fedhealth.orchestrator._store import RoundRow, SiteRow, SiteStatus, Store, TaskRow
 from fedhealth.protocol import (
     Ack,
+    AgentTokenRequest,
+    ChallengeRequest,
+    ChallengeResponse,
+    EnrollRequest,
+    EnrollResponse,
+    OperatorTokenRequest,
     ResultManifest,
+    Role,
     SiteCreate,
+    SiteCreated,
     SiteInfo,
     StudyInfo,
     StudySpec,
@@ -54,6 +64,10 @@ from fedhealth.protocol import (
     TaskKind,
     TaskPoll,
     TaskStatus,
+    TokenResponse,
+    UserCreate,
+    UserCreated,
+    UserInfo,
 )
 from fedhealth.runtime import decode_update, param_specs
 
@@ -64,10 +78,14 @@ SAFETENSORS = "application/octet-stream"
 @dataclass(kw_only=True)
 class OrchestratorSettings:
     state_dir: Path
+    signing_key: IdentityKey
     database_url: str | None = None
     fsync: bool = False
     max_body_bytes: int = 512 << 20
     max_wait_s: float = 60.0
+    rate_per_s: float = 200.0  # per site or user; 0 disables
+    rate_burst: int = 400
+    auth: AuthSettings = field(default_factory=AuthSettings)
     clock: Clock = field(default_factory=SystemClock)
 
     @property
@@ -76,15 +94,20 @@ class OrchestratorSettings:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, error: str, detail: Any = None) -> None:
+    def __init__(
+        self, status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(error)
         self.status = status
         self.error = error
         self.detail = detail
+        self.headers = headers
 
 
-def _error(status: int, error: str, detail: Any = None) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+def _error(
+    status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
 @dataclass
@@ -94,6 +117,8 @@ class Services:
     blobs: BlobStore
     engine: RoundEngine
     notifier: TaskNotifier
+    auth: AuthService
+    limiter: RateLimiter
     last_seen: dict[str, datetime] = field(default_factory=dict)
 
 
@@ -104,32 +129,49 @@ def services(request: Request) -> Services:
 Svc = Annotated[Services, Depends(services)]
 
 
-async def read_body(request: Request, svc: Services) -> bytes:
-    limit = svc.settings.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+async def read_body(request: Request) -> bytes:
+    """The whole body; the size limit is enforced by :class:`BodyLimitMiddleware`."""
+    chunks = [chunk async for chunk in request.stream()]
     return b"".join(chunks)
 
 
-def current_site(svc: Svc, x_fedhealth_site: Annotated[str | None, Header()] = None) -> str:
-    # Issue #3 replaces this header with short-lived signed tokens; the handlers only see a site name.
-    if not x_fedhealth_site:
-        raise ApiError(401, "missing site credentials")
-    if not is_valid_name(x_fedhealth_site):
-        raise ApiError(401, "invalid site credentials")
-    svc.store.get_site(x_fedhealth_site)
-    return x_fedhealth_site
+def _throttle(svc: Services, key: str) -> None:
+    wait = svc.limiter.retry_after(key)
+    if wait is not None:
+        raise ApiError(
+            429, "too many requests", {"retry_after_s": round(wait, 3)}, {"Retry-After": ceil_seconds(wait)}
+        )
 
 
-Site = Annotated[str, Depends(current_site)]
+def require_site(svc: Svc, authorization: Annotated[str | None, Header()] = None) -> str:
+    """The agent API's caller: a site with a valid, unexpired agent token, not revoked."""
+    principal = svc.auth.authenticate(authorization, Audience.AGENT)
+    _throttle(svc, f"site:{principal.name}")
+    return principal.name
+
+
+Site = Annotated[str, Depends(require_site)]
+
+
+def require_roles(*roles: Role) -> Callable[..., Principal]:
+    def dependency(svc: Svc, authorization: Annotated[str | None, Header()] = None) -> Principal:
+        principal = svc.auth.authenticate(authorization, Audience.OPERATOR)
+        _throttle(svc, f"user:{principal.name}")
+        if principal.role not in roles:
+            allowed = ", ".join(r.value for r in roles)
+            raise Forbidden(f"role {principal.role.value!r} may not do this (needs one of: {allowed})")
+        return principal
+
+    return dependency
+
+
+Admin = Annotated[Principal, Depends(require_roles(Role.ADMIN))]
+Researcher = Annotated[Principal, Depends(require_roles(Role.ADMIN, Role.RESEARCHER))]
+Reader = Annotated[Principal, Depends(require_roles(Role.ADMIN, Role.RESEARCHER, Role.AUDITOR))]
+
+
+def _client_key(request: Request) -> str:
+    return f"ip:{request.client.host if request.client else '?'}"
 
 
 def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | None = None) -> FastAPI:
@@ -145,7 +187,13 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
             store, blobs, settings.clock, notifier, reports_dir=settings.state_dir / "reports"
         )
         app.state.services = Services(
-            settings=settings, store=store, blobs=blobs, engine=engine, notifier=notifier
+            settings=settings,
+            store=store,
+            blobs=blobs,
+            engine=engine,
+            notifier=notifier,
+            auth=AuthService(store, settings.signing_key, settings.clock, settings.auth),
+            limiter=RateLimiter(settings.rate_per_s, settings.rate_burst),
         )
         await engine.recover()
         app.state.shutdown = notifier.shutdown
@@ -169,9 +217,11 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
         },
     )
 
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.error, exc.detail)
+        return _error(exc.status, exc.error, exc.detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -184,6 +234,14 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Unauthenticated)
+    async def _unauthenticated(_: Request, exc: Unauthenticated) -> JSONResponse:
+        return _error(401, str(exc), headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(_: Request, exc: Forbidden) -> JSONResponse:
+        return _error(403, str(exc))
 
     @app.exception_handler(NotFoundError)
     async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
@@ -207,11 +265,42 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "version": fedhealth.__version__}
 
+    # --- enrollment and login ----------------------------------------------------------------------------
+
+    @app.post("/api/v1/enroll", response_model=EnrollResponse, tags=["enrollment"])
+    async def enroll(svc: Svc, request: Request, body: EnrollRequest) -> EnrollResponse:
+        """A site registers its Ed25519 public key with its one-time enrollment token."""
+        _throttle(svc, _client_key(request))
+        when = svc.auth.enroll(site=body.site, token=body.token, public_key_hex=body.public_key)
+        log.info("site %s enrolled (key %s…)", body.site, body.public_key[:16])
+        return EnrollResponse(site=body.site, enrolled_at=when)
+
+    @app.post("/api/v1/agent/challenge", response_model=ChallengeResponse, tags=["enrollment"])
+    async def agent_challenge(svc: Svc, request: Request, body: ChallengeRequest) -> ChallengeResponse:
+        _throttle(svc, _client_key(request))
+        challenge, expires = svc.auth.challenge(body.site)
+        return ChallengeResponse(challenge=challenge, expires_at=expires)
+
+    @app.post("/api/v1/agent/token", response_model=TokenResponse, tags=["enrollment"])
+    async def agent_token(svc: Svc, request: Request, body: AgentTokenRequest) -> TokenResponse:
+        """Trade a signature over a fresh challenge for a short-lived agent token."""
+        _throttle(svc, _client_key(request))
+        token, claims = svc.auth.agent_token(
+            site=body.site, challenge=body.challenge, signature_hex=body.signature
+        )
+        return TokenResponse(access_token=token, expires_at=claims.expires_at, role=Role.SITE)
+
+    @app.post("/api/v1/auth/token", response_model=TokenResponse, tags=["operator"])
+    async def operator_token(svc: Svc, request: Request, body: OperatorTokenRequest) -> TokenResponse:
+        """Trade a user's API key for a short-lived operator token."""
+        _throttle(svc, _client_key(request))
+        token, claims = svc.auth.operator_token(user=body.user, api_key=body.api_key)
+        return TokenResponse(access_token=token, expires_at=claims.expires_at, role=Role(claims.role))
+
     # --- agent API ---------------------------------------------------------------------------------------
 
-    def _task_message(svc: Services, task: TaskRow) -> Task:
-        r = svc.store.get_round(task.round_id)
-        spec = svc.store.get_study(task.study_id).spec
+    def _task_message(svc: Services, task: TaskRow, r: RoundRow) -> Task:
+        spec = svc.store.spec(task.study_id)
         return Task(
             task_id=task.id,
             study_id=task.study_id,
@@ -239,9 +328,10 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
             found = svc.store.next_task(site)
             if found is not None:
                 waiter.cancel()
-                task, _ = found
-                svc.store.mark_delivered(task.id, svc.settings.clock.now())
-                return TaskPoll(task=_task_message(svc, task))
+                task, round_row = found
+                if task.status is TaskStatus.PENDING:
+                    svc.store.mark_delivered(task.id, svc.settings.clock.now())
+                return TaskPoll(task=_task_message(svc, task, round_row))
             remaining = give_up - loop.time()
             if remaining <= 0 or svc.notifier.shutting_down:
                 waiter.cancel()
@@ -286,7 +376,7 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
         get 409. An invalid update (malformed, wrong names/shapes/dtypes, NaN/Inf) closes the task as rejected
         and gets 422; the round goes on with the other sites.
         """
-        body = await read_body(request, svc)
+        body = await read_body(request)
         task = _own_task(svc, site, task_id, TaskKind.TRAIN)
         digest = hashlib.sha256(body).hexdigest()
         if task.status is TaskStatus.COMPLETED:
@@ -295,7 +385,7 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
             raise ApiError(409, "a different result was already stored for this task")
         if not task.is_open:
             raise ApiError(409, f"task is {task.status.value}: {task.reason}")
-        spec = svc.store.get_study(task.study_id).spec
+        spec = svc.store.spec(task.study_id)
         try:
             _, manifest = await anyio.to_thread.run_sync(decode_update, body, param_specs(spec.recipe))
         except TensorError as exc:
@@ -353,20 +443,59 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
 
     # --- operator API ------------------------------------------------------------------------------------
 
-    @app.post("/api/v1/sites", response_model=SiteInfo, status_code=201, tags=["operator"])
-    async def create_site(svc: Svc, body: SiteCreate) -> SiteInfo:
-        row = svc.store.create_site(body.name, svc.settings.clock.now())
-        return SiteInfo(name=row.name, created_at=row.created_at, last_seen_at=row.last_seen_at)
+    @app.post("/api/v1/sites", response_model=SiteCreated, status_code=201, tags=["operator"])
+    async def create_site(svc: Svc, _: Admin, body: SiteCreate) -> SiteCreated:
+        """Register a site and issue its one-time enrollment token (hand it to the site out of band)."""
+        svc.store.create_site(body.name, svc.settings.clock.now())
+        token, expires = svc.auth.enrollment_token(body.name)
+        return SiteCreated(name=body.name, enrollment_token=token, expires_at=expires)
 
-    @app.get("/api/v1/sites", response_model=list[SiteInfo], tags=["operator"])
-    async def list_sites(svc: Svc) -> list[SiteInfo]:
+    @app.post("/api/v1/sites/{name}/enrollment-token", response_model=SiteCreated, tags=["operator"])
+    async def new_enrollment_token(svc: Svc, _: Admin, name: str) -> SiteCreated:
+        """A fresh enrollment token for an existing site (lost token, or a key rotation)."""
+        site = svc.store.get_site(name)
+        if site.status is SiteStatus.REVOKED:
+            raise ApiError(409, f"site {name!r} is revoked")
+        token, expires = svc.auth.enrollment_token(name)
+        return SiteCreated(name=name, enrollment_token=token, expires_at=expires)
+
+    @app.post("/api/v1/sites/{name}/revoke", response_model=SiteInfo, tags=["operator"])
+    async def revoke_site(svc: Svc, admin: Admin, name: str) -> SiteInfo:
+        """Revoke a site: every request it makes from now on is refused with 403."""
+        svc.store.get_site(name)
+        svc.store.revoke_site(name, svc.settings.clock.now())
+        log.warning("site %s revoked by %s", name, admin.name)
+        return _site_info(svc.store.get_site(name))
+
+    @app.post("/api/v1/users", response_model=UserCreated, status_code=201, tags=["operator"])
+    async def create_user(svc: Svc, _: Admin, body: UserCreate) -> UserCreated:
+        if body.role is Role.SITE:
+            raise ApiError(422, "sites enroll; they are not users")
+        api_key = svc.auth.new_user(body.name, body.role)
+        return UserCreated(name=body.name, role=body.role, api_key=api_key)
+
+    @app.get("/api/v1/users", response_model=list[UserInfo], tags=["operator"])
+    async def list_users(svc: Svc, _: Admin) -> list[UserInfo]:
         return [
-            SiteInfo(name=s.name, created_at=s.created_at, last_seen_at=s.last_seen_at)
-            for s in svc.store.list_sites()
+            UserInfo(name=u.name, role=Role(u.role), created_at=u.created_at, revoked_at=u.revoked_at)
+            for u in svc.store.list_users()
         ]
 
+    @app.post("/api/v1/users/{name}/revoke", response_model=Ack, tags=["operator"])
+    async def revoke_user(svc: Svc, admin: Admin, name: str) -> Ack:
+        if svc.store.get_user(name) is None:
+            raise ApiError(404, f"user {name!r} does not exist")
+        if name == admin.name:
+            raise ApiError(409, "an admin cannot revoke their own account")
+        svc.store.revoke_user(name, svc.settings.clock.now())
+        return Ack()
+
+    @app.get("/api/v1/sites", response_model=list[SiteInfo], tags=["operator"])
+    async def list_sites(svc: Svc, _: Reader) -> list[SiteInfo]:
+        return [_site_info(s) for s in svc.store.list_sites()]
+
     @app.post("/api/v1/studies", response_model=StudyInfo, status_code=201, tags=["operator"])
-    async def create_study(svc: Svc, body: StudySpec) -> StudyInfo:
+    async def create_study(svc: Svc, _: Researcher, body: StudySpec) -> StudyInfo:
         try:
             study = await svc.engine.create_study(body)
         except NotFoundError as exc:  # unknown site names are a malformed study, not a missing resource
@@ -374,15 +503,15 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
         return study_info(svc.store, study.id)
 
     @app.get("/api/v1/studies", response_model=list[StudyInfo], tags=["operator"])
-    async def list_studies(svc: Svc, status: StudyStatus | None = None) -> list[StudyInfo]:
+    async def list_studies(svc: Svc, _: Reader, status: StudyStatus | None = None) -> list[StudyInfo]:
         return [study_info(svc.store, s.id, with_rounds=False) for s in svc.store.list_studies(status)]
 
     @app.get("/api/v1/studies/{study_id}", response_model=StudyInfo, tags=["operator"])
-    async def get_study(svc: Svc, study_id: str) -> StudyInfo:
+    async def get_study(svc: Svc, _: Reader, study_id: str) -> StudyInfo:
         return study_info(svc.store, study_id)
 
     @app.post("/api/v1/studies/{study_id}/cancel", response_model=StudyInfo, tags=["operator"])
-    async def cancel_study(svc: Svc, study_id: str) -> StudyInfo:
+    async def cancel_study(svc: Svc, _: Researcher, study_id: str) -> StudyInfo:
         study = svc.store.get_study(study_id)
         if study.status is not StudyStatus.RUNNING:
             raise ApiError(409, f"study is {study.status.value}")
@@ -390,7 +519,7 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
         return study_info(svc.store, study_id)
 
     @app.get("/api/v1/studies/{study_id}/model", tags=["operator"], response_class=Response)
-    async def get_study_model(svc: Svc, study_id: str) -> Response:
+    async def get_study_model(svc: Svc, _: Reader, study_id: str) -> Response:
         study = svc.store.get_study(study_id)
         return Response(
             svc.blobs.get(study.model_digest),
@@ -399,7 +528,18 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
         )
 
     @app.get("/api/v1/studies/{study_id}/report", tags=["operator"])
-    async def get_study_report(svc: Svc, study_id: str) -> dict[str, Any]:
+    async def get_study_report(svc: Svc, _: Reader, study_id: str) -> dict[str, Any]:
         return build_report(svc.store, study_id)
 
     return app
+
+
+def _site_info(row: SiteRow) -> SiteInfo:
+    return SiteInfo(
+        name=row.name,
+        status=row.status.value,
+        created_at=row.created_at,
+        last_seen_at=row.last_seen_at,
+        enrolled_at=row.enrolled_at,
+        revoked_at=row.revoked_at,
+    )

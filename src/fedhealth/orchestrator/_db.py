@@ -43,6 +43,42 @@ sites = Table(
     Column("name", String(63), primary_key=True),
     Column("created_at", UTC_DATETIME, nullable=False),
     Column("last_seen_at", UTC_DATETIME, nullable=True),
+    # pending (registered, not enrolled) -> active (public key known) -> revoked
+    Column("status", String(16), nullable=False, server_default="pending"),
+    Column("public_key", String(64), nullable=True),  # hex of the raw Ed25519 key
+    Column("enrolled_at", UTC_DATETIME, nullable=True),
+    Column("revoked_at", UTC_DATETIME, nullable=True),
+)
+
+enrollment_tokens = Table(
+    "enrollment_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("site", String(63), ForeignKey("sites.name"), nullable=False),
+    Column("created_at", UTC_DATETIME, nullable=False),
+    Column("expires_at", UTC_DATETIME, nullable=False),
+    Column("used_at", UTC_DATETIME, nullable=True),
+)
+
+challenges = Table(
+    "challenges",
+    metadata,
+    Column("challenge", String(64), primary_key=True),
+    Column("site", String(63), ForeignKey("sites.name"), nullable=False),
+    Column("created_at", UTC_DATETIME, nullable=False),
+    Column("expires_at", UTC_DATETIME, nullable=False),
+    Column("used_at", UTC_DATETIME, nullable=True),
+)
+Index("ix_challenges_expires", challenges.c.expires_at)
+
+users = Table(
+    "users",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("api_key_hash", String(64), nullable=False),
+    Column("created_at", UTC_DATETIME, nullable=False),
+    Column("revoked_at", UTC_DATETIME, nullable=True),
 )
 
 studies = Table(

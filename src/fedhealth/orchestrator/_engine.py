@@ -52,7 +52,7 @@ class RoundEngine:
         """Re-arm every open round after a start-up; finish those whose tasks are all closed already."""
         now = self.clock.now()
         for r in self.store.open_rounds():
-            spec = self.store.get_study(r.study_id).spec
+            spec = self.store.spec(r.study_id)
             deadline = now + timedelta(seconds=spec.round_deadline_s)
             self.store.set_deadline(r.id, deadline)
             log.info("resuming study %s at round %d (%s)", r.study_id, r.number, r.kind.value)
@@ -122,7 +122,7 @@ class RoundEngine:
 
     async def task_closed(self, round_id: str) -> None:
         """Called after a task of ``round_id`` closed; finishes the round once every task is closed."""
-        if all(not t.is_open for t in self.store.tasks_of_round(round_id)):
+        if self.store.count_open_tasks(round_id) == 0:
             await self.finalize(round_id)
 
     async def finalize(self, round_id: str) -> None:
@@ -288,5 +288,5 @@ class RoundEngine:
         if self.reports_dir is not None:
             try:
                 write_report(self.store, study_id, self.reports_dir)
-            except OSError:
+            except Exception:  # a report is a convenience: never let it break the round engine
                 log.exception("could not write the report of study %s", study_id)

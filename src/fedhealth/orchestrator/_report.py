@@ -87,6 +87,10 @@ def build_report(store: Store, study_id: str) -> dict[str, Any]:
     }
 
 
+def _num(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Study report: {report['name']} ({report['study_id']})",
@@ -110,15 +114,14 @@ def report_markdown(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|",
         ]
         for site, m in sorted(evaluation["per_site"].items()):
-            auc = f"{m['auc']:.4f}" if m.get("auc") is not None else "n/a"
             lines.append(
-                f"| {site} | {m['num_eval_samples']} | {m['accuracy']:.4f} | {auc} | {m['eval_loss']:.4f} |"
+                f"| {site} | {m['num_eval_samples']} | {_num(m.get('accuracy'))} | {_num(m.get('auc'))} "
+                f"| {_num(m.get('eval_loss'))} |"
             )
-        mean_auc = f"{evaluation['auc']:.4f}" if evaluation.get("auc") is not None else "n/a"
-        lines += [
-            f"| **mean** | | **{evaluation.get('accuracy', float('nan')):.4f}** | **{mean_auc}** | |",
-            "",
-        ]
+        mean = (
+            f"| **mean** | | **{_num(evaluation.get('accuracy'))}** | **{_num(evaluation.get('auc'))}** | |"
+        )
+        lines += [mean, ""]
     lines += [
         "## Rounds",
         "",

@@ -1,4 +1,4 @@
-"""Running the orchestrator under uvicorn."""
+"""Running the orchestrator under uvicorn: HTTPS with the federation's certificate, optionally mutual TLS."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import socket
+import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -13,17 +15,31 @@ import uvicorn
 
 from fedhealth.orchestrator._app import OrchestratorSettings, create_app
 
+log = logging.getLogger("fedhealth.orchestrator")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    ca: Path
+    require_client_cert: bool = False  # mutual TLS: clients must present a certificate from the federation CA
+
 
 def serve(
     settings: OrchestratorSettings,
     *,
     host: str = "127.0.0.1",
     port: int = 8443,
+    tls: TlsFiles | None,
     ready_file: Path | None = None,
     log_level: str = "info",
 ) -> None:
-    """Serve until interrupted. With ``port=0`` the OS picks a free port; ``ready_file`` receives
-    ``{"url": ..., "pid": ...}`` once the service accepts requests (for supervisors and tests)."""
+    """Serve until interrupted. ``tls=None`` serves plain HTTP (only with an explicit ``--insecure``).
+
+    With ``port=0`` the OS picks a free port; ``ready_file`` receives ``{"url": ..., "pid": ...}`` once the
+    service accepts requests (for supervisors and tests).
+    """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -31,18 +47,33 @@ def serve(
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
     url_host = f"[{host}]" if family == socket.AF_INET6 else host
-    url = f"http://{url_host}:{bound_port}"
+    url = f"{'https' if tls else 'http'}://{url_host}:{bound_port}"
+    if tls is None:
+        log.warning("serving PLAIN HTTP (--insecure): tokens and model updates cross the network unencrypted")
 
     def _announce() -> None:  # called after the lifespan's recovery: the service is ready
-        logging.getLogger("fedhealth.orchestrator").info("orchestrator listening on %s", url)
+        log.info("orchestrator listening on %s", url)
         if ready_file is not None:
             tmp = ready_file.with_name(ready_file.name + ".tmp")
             tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
             tmp.replace(ready_file)
 
     app = create_app(settings, on_ready=_announce)
-
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+    options: dict[str, object] = {}
+    if tls is not None:
+        options = {
+            "ssl_certfile": str(tls.cert),
+            "ssl_keyfile": str(tls.key),
+            "ssl_ca_certs": str(tls.ca),
+            "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE,
+        }
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        **options,  # type: ignore[arg-type]
+    )
     server = _Server(config)
     server.run(sockets=[sock])
 
@@ -50,9 +81,8 @@ def serve(
 class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Long polls would otherwise hold the graceful shutdown for up to their full wait.
-        shutdown = (
-            getattr(self.config.app.state, "shutdown", None) if hasattr(self.config.app, "state") else None
-        )
+        state = getattr(self.config.app, "state", None)
+        shutdown = getattr(state, "shutdown", None)
         if shutdown is not None:
             shutdown()
         super().handle_exit(sig, frame)

@@ -11,14 +11,24 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Engine, and_, insert, select, update
+from sqlalchemy import Engine, and_, delete, func, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
 from fedhealth.core import ConflictError, NotFoundError, new_id
-from fedhealth.orchestrator._db import model_versions, rounds, sites, studies, tasks
+from fedhealth.orchestrator._db import (
+    challenges,
+    enrollment_tokens,
+    model_versions,
+    rounds,
+    sites,
+    studies,
+    tasks,
+    users,
+)
 from fedhealth.protocol import (
     RoundStatus,
     SiteMetrics,
@@ -27,6 +37,11 @@ from fedhealth.protocol import (
     TaskKind,
     TaskStatus,
 )
+
+
+class _Refused(Exception):
+    """Aborts a transaction whose conditions did not hold."""
+
 
 OPEN_TASK_STATES = (TaskStatus.PENDING.value, TaskStatus.DELIVERED.value)
 
@@ -38,11 +53,30 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
+class SiteStatus(StrEnum):
+    PENDING = "pending"  # registered by an admin, not enrolled yet
+    ACTIVE = "active"  # enrolled: its public key is known
+    REVOKED = "revoked"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SiteRow:
     name: str
     created_at: datetime
     last_seen_at: datetime | None
+    status: SiteStatus = SiteStatus.PENDING
+    public_key: str | None = None
+    enrolled_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UserRow:
+    name: str
+    role: str
+    api_key_hash: str
+    created_at: datetime
+    revoked_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,8 +155,14 @@ class ModelVersion:
 
 def _site(row: RowMapping) -> SiteRow:
     return SiteRow(
-        name=row["name"], created_at=_aware(row["created_at"]), last_seen_at=_aware(row["last_seen_at"])
-    )  # type: ignore[arg-type]
+        name=row["name"],
+        created_at=_aware(row["created_at"]),  # type: ignore[arg-type]
+        last_seen_at=_aware(row["last_seen_at"]),
+        status=SiteStatus(row["status"]),
+        public_key=row["public_key"],
+        enrolled_at=_aware(row["enrolled_at"]),
+        revoked_at=_aware(row["revoked_at"]),
+    )
 
 
 def _study(row: RowMapping) -> StudyRow:
@@ -181,13 +221,18 @@ class Store:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._specs: dict[str, StudySpec] = {}  # specs never change once stored
 
     # --- sites -------------------------------------------------------------------------------------------
 
     def create_site(self, name: str, when: datetime) -> SiteRow:
         try:
             with self.engine.begin() as c:
-                c.execute(insert(sites).values(name=name, created_at=when, last_seen_at=None))
+                c.execute(
+                    insert(sites).values(
+                        name=name, created_at=when, last_seen_at=None, status=SiteStatus.PENDING.value
+                    )
+                )
         except IntegrityError as exc:
             raise ConflictError(f"site {name!r} already exists") from exc
         return SiteRow(name=name, created_at=when, last_seen_at=None)
@@ -199,6 +244,11 @@ class Store:
             raise NotFoundError(f"site {name!r} is not registered")
         return _site(row)
 
+    def get_site_or_none(self, name: str) -> SiteRow | None:
+        with self.engine.connect() as c:
+            row = c.execute(select(sites).where(sites.c.name == name)).mappings().first()
+        return _site(row) if row is not None else None
+
     def list_sites(self) -> list[SiteRow]:
         with self.engine.connect() as c:
             return [_site(r) for r in c.execute(select(sites).order_by(sites.c.name)).mappings()]
@@ -206,6 +256,134 @@ class Store:
     def touch_site(self, name: str, when: datetime) -> None:
         with self.engine.begin() as c:
             c.execute(update(sites).where(sites.c.name == name).values(last_seen_at=when))
+
+    def site_status(self, name: str) -> SiteStatus | None:
+        with self.engine.connect() as c:
+            value = c.execute(select(sites.c.status).where(sites.c.name == name)).scalar()
+        return SiteStatus(value) if value is not None else None
+
+    def add_enrollment_token(self, site: str, token_hash: str, when: datetime, expires_at: datetime) -> None:
+        with self.engine.begin() as c:
+            c.execute(
+                insert(enrollment_tokens).values(
+                    token_hash=token_hash, site=site, created_at=when, expires_at=expires_at, used_at=None
+                )
+            )
+
+    def enroll_site(self, *, site: str, token_hash: str, public_key: str, when: datetime) -> bool:
+        """Spend a one-time enrollment token and record the site's public key, atomically.
+
+        False (nothing changed) if the token is unknown, for another site, used, or expired, or if the site
+        was revoked.
+        """
+        try:
+            with self.engine.begin() as c:
+                self._enroll(c, site=site, token_hash=token_hash, public_key=public_key, when=when)
+        except _Refused:
+            return False
+        return True
+
+    @staticmethod
+    def _enroll(c: Any, *, site: str, token_hash: str, public_key: str, when: datetime) -> None:
+        spent = c.execute(
+            update(enrollment_tokens)
+            .where(
+                and_(
+                    enrollment_tokens.c.token_hash == token_hash,
+                    enrollment_tokens.c.site == site,
+                    enrollment_tokens.c.used_at.is_(None),
+                    enrollment_tokens.c.expires_at > when,
+                )
+            )
+            .values(used_at=when)
+        ).rowcount
+        if not spent:
+            raise _Refused
+        enrolled = c.execute(
+            update(sites)
+            .where(and_(sites.c.name == site, sites.c.status != SiteStatus.REVOKED.value))
+            .values(status=SiteStatus.ACTIVE.value, public_key=public_key, enrolled_at=when)
+        ).rowcount
+        if not enrolled:
+            raise _Refused  # rolls the spent token back too
+
+    def revoke_site(self, name: str, when: datetime) -> bool:
+        with self.engine.begin() as c:
+            return bool(
+                c.execute(
+                    update(sites)
+                    .where(and_(sites.c.name == name, sites.c.status != SiteStatus.REVOKED.value))
+                    .values(status=SiteStatus.REVOKED.value, revoked_at=when)
+                ).rowcount
+            )
+
+    def add_challenge(self, site: str, challenge: str, when: datetime, expires_at: datetime) -> None:
+        with self.engine.begin() as c:
+            c.execute(delete(challenges).where(challenges.c.expires_at < when))
+            c.execute(
+                insert(challenges).values(
+                    challenge=challenge, site=site, created_at=when, expires_at=expires_at, used_at=None
+                )
+            )
+
+    def use_challenge(self, *, site: str, challenge: str, when: datetime) -> bool:
+        """Spend a login challenge once; False if unknown, for another site, used, or expired."""
+        with self.engine.begin() as c:
+            return bool(
+                c.execute(
+                    update(challenges)
+                    .where(
+                        and_(
+                            challenges.c.challenge == challenge,
+                            challenges.c.site == site,
+                            challenges.c.used_at.is_(None),
+                            challenges.c.expires_at > when,
+                        )
+                    )
+                    .values(used_at=when)
+                ).rowcount
+            )
+
+    # --- users -------------------------------------------------------------------------------------------
+
+    def create_user(self, name: str, role: str, api_key_hash: str, when: datetime) -> UserRow:
+        try:
+            with self.engine.begin() as c:
+                c.execute(
+                    insert(users).values(
+                        name=name, role=role, api_key_hash=api_key_hash, created_at=when, revoked_at=None
+                    )
+                )
+        except IntegrityError as exc:
+            raise ConflictError(f"user {name!r} already exists") from exc
+        return UserRow(name=name, role=role, api_key_hash=api_key_hash, created_at=when, revoked_at=None)
+
+    def get_user(self, name: str) -> UserRow | None:
+        with self.engine.connect() as c:
+            row = c.execute(select(users).where(users.c.name == name)).mappings().first()
+        if row is None:
+            return None
+        return UserRow(
+            name=row["name"],
+            role=row["role"],
+            api_key_hash=row["api_key_hash"],
+            created_at=_aware(row["created_at"]),  # type: ignore[arg-type]
+            revoked_at=_aware(row["revoked_at"]),
+        )
+
+    def list_users(self) -> list[UserRow]:
+        with self.engine.connect() as c:
+            names = list(c.execute(select(users.c.name).order_by(users.c.name)).scalars())
+        return [u for u in (self.get_user(n) for n in names) if u is not None]
+
+    def revoke_user(self, name: str, when: datetime) -> bool:
+        with self.engine.begin() as c:
+            q = (
+                update(users)
+                .where(and_(users.c.name == name, users.c.revoked_at.is_(None)))
+                .values(revoked_at=when)
+            )
+            return bool(c.execute(q).rowcount)
 
     # --- studies -----------------------------------------------------------------------------------------
 
@@ -241,6 +419,16 @@ class Store:
         if row is None:
             raise NotFoundError(f"study {study_id!r} does not exist")
         return _study(row)
+
+    def spec(self, study_id: str) -> StudySpec:
+        cached = self._specs.get(study_id)
+        if cached is None:
+            with self.engine.connect() as c:
+                raw = c.execute(select(studies.c.spec_json).where(studies.c.id == study_id)).scalar()
+            if raw is None:
+                raise NotFoundError(f"study {study_id!r} does not exist")
+            cached = self._specs[study_id] = StudySpec.model_validate_json(raw)
+        return cached
 
     def list_studies(self, status: StudyStatus | None = None) -> list[StudyRow]:
         q = select(studies).order_by(studies.c.created_at, studies.c.id)
@@ -433,9 +621,10 @@ class Store:
             return [_task(r) for r in c.execute(q).mappings()]
 
     def next_task(self, site: str) -> tuple[TaskRow, RoundRow] | None:
-        """The oldest task of ``site`` that is still open in an open round."""
+        """The oldest task of ``site`` that is still open in an open round, with its round (one query)."""
+        round_cols = [c.label(f"r_{c.name}") for c in rounds.c]
         q = (
-            select(tasks, rounds.c.number.label("_n"))
+            select(tasks, *round_cols)
             .join(rounds, rounds.c.id == tasks.c.round_id)
             .where(
                 and_(
@@ -449,10 +638,17 @@ class Store:
         )
         with self.engine.connect() as c:
             row = c.execute(q).mappings().first()
-            if row is None:
-                return None
-            r = c.execute(select(rounds).where(rounds.c.id == row["round_id"])).mappings().one()
-        return _task(row), _round(r)
+        if row is None:
+            return None
+        round_row = {c.name: row[f"r_{c.name}"] for c in rounds.c}
+        return _task(row), _round(round_row)  # type: ignore[arg-type]
+
+    def count_open_tasks(self, round_id: str) -> int:
+        with self.engine.connect() as c:
+            q = select(func.count()).where(
+                and_(tasks.c.round_id == round_id, tasks.c.status.in_(OPEN_TASK_STATES))
+            )
+            return int(c.execute(q).scalar_one())
 
     def mark_delivered(self, task_id: str, when: datetime) -> None:
         with self.engine.begin() as c:

@@ -3,6 +3,23 @@
 Nothing else in fedhealth defines message shapes.
 """
 
+from fedhealth.protocol._identity import (
+    OPERATOR_ROLES,
+    AgentTokenRequest,
+    ChallengeRequest,
+    ChallengeResponse,
+    EnrollRequest,
+    EnrollResponse,
+    OperatorCredential,
+    OperatorTokenRequest,
+    Role,
+    SiteCreated,
+    TokenResponse,
+    UserCreate,
+    UserCreated,
+    UserInfo,
+    agent_login_message,
+)
 from fedhealth.protocol._models import (
     PROTOCOL_VERSION,
     RESULT_METADATA_KEY,
@@ -31,17 +48,27 @@ from fedhealth.protocol._models import (
 )
 
 __all__ = [
+    "OPERATOR_ROLES",
     "PROTOCOL_VERSION",
     "RESULT_METADATA_KEY",
     "Ack",
+    "AgentTokenRequest",
+    "ChallengeRequest",
+    "ChallengeResponse",
+    "EnrollRequest",
+    "EnrollResponse",
     "ErrorBody",
     "LocalOptimizer",
+    "OperatorCredential",
+    "OperatorTokenRequest",
     "RecipeName",
     "RecipeSpec",
     "ResultManifest",
+    "Role",
     "RoundInfo",
     "RoundStatus",
     "SiteCreate",
+    "SiteCreated",
     "SiteInfo",
     "SiteMetrics",
     "StrategyName",
@@ -55,4 +82,9 @@ __all__ = [
     "TaskKind",
     "TaskPoll",
     "TaskStatus",
+    "TokenResponse",
+    "UserCreate",
+    "UserCreated",
+    "UserInfo",
+    "agent_login_message",
 ]

@@ -75,7 +75,9 @@ class StrategySpec(Message):
     server_learning_rate: FiniteFloat = Field(default=1.0, gt=0, le=1000)
     beta1: FiniteFloat = Field(default=0.9, ge=0, lt=1)
     beta2: FiniteFloat = Field(default=0.99, ge=0, lt=1)
-    tau: FiniteFloat = Field(default=1e-3, gt=0, le=10, description="adaptivity (epsilon) of FedAdam/Yogi/Adagrad")
+    tau: FiniteFloat = Field(
+        default=1e-3, gt=0, le=10, description="adaptivity (epsilon) of FedAdam/Yogi/Adagrad"
+    )
 
 
 class StudySpec(Message):
@@ -122,8 +124,11 @@ class SiteCreate(Message):
 
 class SiteInfo(Message):
     name: str
+    status: str = Field(description="pending (not enrolled yet), active or revoked")
     created_at: datetime
     last_seen_at: datetime | None
+    enrolled_at: datetime | None = None
+    revoked_at: datetime | None = None
 
 
 class StudyStatus(StrEnum):

@@ -16,7 +16,10 @@ from fedhealth.runtime._tasks import (
     initial_model,
     logreg_config,
     param_specs,
+    preset_study,
+    recipe_spec,
     strategy_config,
+    strategy_spec,
     summarize,
     train_on_site,
 )
@@ -32,8 +35,11 @@ __all__ = [
     "initial_model",
     "logreg_config",
     "param_specs",
+    "preset_study",
+    "recipe_spec",
     "run_study_in_memory",
     "strategy_config",
+    "strategy_spec",
     "summarize",
     "train_on_site",
 ]

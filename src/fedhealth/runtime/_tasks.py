@@ -21,6 +21,7 @@ from fedhealth.learning import (
     LogRegConfig,
     StrategyConfig,
     StrategyKind,
+    StudyPreset,
     apply_strategy,
     logreg_evaluate,
     logreg_init,
@@ -38,6 +39,7 @@ from fedhealth.protocol import (
     ResultManifest,
     SiteMetrics,
     StrategySpec,
+    StudySpec,
     Task,
 )
 
@@ -68,6 +70,43 @@ def strategy_config(strategy: StrategySpec) -> StrategyConfig:
         beta1=strategy.beta1,
         beta2=strategy.beta2,
         tau=strategy.tau,
+    )
+
+
+def recipe_spec(config: LogRegConfig) -> RecipeSpec:
+    """The wire form of a learning-layer recipe (e.g. from a preset)."""
+    return RecipeSpec(
+        name=RecipeName.LOGREG,
+        n_features=config.n_features,
+        local_epochs=config.local_epochs,
+        local_steps=config.local_steps,
+        learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        optimizer=config.optimizer.value,  # type: ignore[arg-type]
+        l2=config.l2,
+        proximal_mu=config.proximal_mu,
+    )
+
+
+def strategy_spec(config: StrategyConfig) -> StrategySpec:
+    return StrategySpec(
+        name=config.kind.value,  # type: ignore[arg-type]
+        server_learning_rate=config.server_learning_rate,
+        beta1=config.beta1,
+        beta2=config.beta2,
+        tau=config.tau,
+    )
+
+
+def preset_study(preset: StudyPreset, **fields: Any) -> StudySpec:
+    """A study running a named preset; ``fields`` give the rest (name, dataset, sites, seed...)."""
+    return StudySpec.model_validate(
+        {
+            "recipe": recipe_spec(preset.recipe),
+            "strategy": strategy_spec(preset.strategy),
+            "rounds": preset.rounds,
+            **fields,
+        }
     )
 
 

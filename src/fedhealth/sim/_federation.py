@@ -22,8 +22,12 @@ from typing import Any
 
 import httpx
 
-from fedhealth.core import FedHealthError, ServiceUnavailableError
-from fedhealth.protocol import StudyInfo, StudySpec, StudyStatus
+from fedhealth.agent import SiteHome, enroll_site
+from fedhealth.client import OperatorClient
+from fedhealth.core import FedHealthError
+from fedhealth.crypto import pinned_tls_context
+from fedhealth.orchestrator import OrchestratorHome, init_home
+from fedhealth.protocol import OperatorCredential, StudyInfo, StudySpec
 
 _PR_SET_PDEATHSIG = 1
 
@@ -38,6 +42,13 @@ class FederationError(FedHealthError):
 
 
 class LocalFederation:
+    """A federation on this machine: ``workdir/orchestrator`` is the orchestrator's home (created on first
+    start), ``workdir/sites/<name>`` each site's home, ``workdir/logs`` every process's log.
+
+    With ``tls=True`` (the default) everything runs as in production: HTTPS with the federation's own CA,
+    enrolled sites with Ed25519 identities, short-lived tokens.
+    """
+
     def __init__(
         self,
         workdir: Path,
@@ -46,19 +57,29 @@ class LocalFederation:
         env: Mapping[str, str] | None = None,
         log_level: str = "info",
         orchestrator_args: Sequence[str] = (),
+        tls: bool = True,
     ) -> None:
         self.workdir = workdir
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.state_dir = workdir / "orchestrator"
+        self.home = OrchestratorHome(workdir / "orchestrator")
         self.database_url = database_url
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.log_level = log_level
         self.orchestrator_args = list(orchestrator_args)
+        self.tls = tls
         self.orchestrator: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.url: str | None = None
-        self._http: httpx.Client | None = None
+        self._operator: OperatorClient | None = None
+        self._raw: httpx.Client | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home.state_dir
+
+    def site_home(self, name: str) -> SiteHome:
+        return SiteHome(self.workdir / "sites" / name)
 
     # --- processes ---------------------------------------------------------------------------------------
 
@@ -78,13 +99,20 @@ class LocalFederation:
             log.close()
 
     def start_orchestrator(self, timeout: float = 60.0) -> str:
+        if not self.home.exists():
+            init_home(
+                self.home.root,
+                hosts=["127.0.0.1", "localhost"],
+                url="https://127.0.0.1:0",
+                database_url=self.database_url,
+            )
         ready = self.workdir / "orchestrator.ready.json"
         ready.unlink(missing_ok=True)
         args = [
             "orchestrator",
             "serve",
-            "--state-dir",
-            str(self.state_dir),
+            "--home",
+            str(self.home.root),
             "--port",
             str(self._port_hint()),
             "--ready-file",
@@ -93,8 +121,8 @@ class LocalFederation:
             self.log_level,
             *self.orchestrator_args,
         ]
-        if self.database_url:
-            args += ["--database-url", self.database_url]
+        if not self.tls:
+            args.append("--insecure")
         self.orchestrator = self._spawn("orchestrator", args)
         deadline = time.monotonic() + timeout
         while not ready.exists():
@@ -107,9 +135,14 @@ class LocalFederation:
                 raise FederationError(f"the orchestrator did not start within {timeout:.0f} s")
             time.sleep(0.02)
         self.url = json.loads(ready.read_text())["url"]
-        if self._http is not None:
-            self._http.close()
-        self._http = httpx.Client(base_url=self.url, timeout=30.0)
+        self._close_clients()
+        credential = OperatorCredential.model_validate_json(self.home.admin_credential.read_text())
+        self._operator = OperatorClient(
+            self.url,
+            user=credential.user,
+            api_key=credential.api_key,
+            ca_pem=credential.ca_pem if self.tls else None,
+        )
         return self.url
 
     def _port_hint(self) -> int:
@@ -123,10 +156,38 @@ class LocalFederation:
             _stop(self.orchestrator, sig, timeout)
             self.orchestrator = None
 
+    def add_site(self, name: str, *, enroll: bool = True) -> str:
+        """Register a site; unless ``enroll=False``, enroll it too (key generated in its home). Returns the
+        enrollment token (already spent when enrolled)."""
+        token = self.operator.add_site(name).enrollment_token
+        if enroll:
+            self.enroll(name, token)
+        return token
+
+    def enroll(self, name: str, token: str) -> SiteHome:
+        if self.url is None:
+            raise FederationError("start the orchestrator first")
+        return enroll_site(
+            self.site_home(name).root,
+            name=name,
+            orchestrator=self.url,
+            token=token,
+            ca_pem=self.home.ca_cert.read_bytes() if self.tls else None,
+        )
+
     def start_agent(self, site: str, datasets: Mapping[str, str], *, extra_args: Sequence[str] = ()) -> None:
         if self.url is None:
             raise FederationError("start the orchestrator first")
-        args = ["site", "serve", "--orchestrator", self.url, "--name", site, "--log-level", self.log_level]
+        args = [
+            "site",
+            "serve",
+            "--home",
+            str(self.site_home(site).root),
+            "--orchestrator",
+            self.url,
+            "--log-level",
+            self.log_level,
+        ]
         for name, uri in datasets.items():
             args += ["--dataset", f"{name}={uri}"]
         self.agents[site] = self._spawn(f"agent-{site}", [*args, *extra_args])
@@ -137,12 +198,17 @@ class LocalFederation:
             _stop(proc, sig, timeout)
 
     def stop_all(self) -> None:
+        self._close_clients()  # idle keep-alive connections would hold the server's graceful shutdown
         for site in list(self.agents):
             self.stop_agent(site)
         self.stop_orchestrator()
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+
+    def _close_clients(self) -> None:
+        for client in (self._operator, self._raw):
+            if client is not None:
+                client.close()
+        self._operator = None
+        self._raw = None
 
     def __enter__(self) -> LocalFederation:
         return self
@@ -153,27 +219,35 @@ class LocalFederation:
     # --- operator calls ----------------------------------------------------------------------------------
 
     @property
-    def http(self) -> httpx.Client:
-        if self._http is None:
+    def operator(self) -> OperatorClient:
+        """The admin's authenticated client of the operator API."""
+        if self._operator is None:
             raise FederationError("the orchestrator is not running")
-        return self._http
+        return self._operator
 
-    def _check(self, response: httpx.Response) -> Any:
-        if response.status_code >= 400:
-            raise FederationError(
-                f"{response.request.method} {response.request.url.path}: "
-                f"{response.status_code} {response.text}"
-            )
-        return response.json()
+    @property
+    def http(self) -> httpx.Client:
+        """An unauthenticated client that trusts the federation CA: for sending requests by hand."""
+        if self.url is None:
+            raise FederationError("the orchestrator is not running")
+        if self._raw is None:
+            verify: Any = pinned_tls_context(self.home.ca_cert.read_bytes()) if self.tls else True
+            self._raw = httpx.Client(base_url=self.url, verify=verify, timeout=30.0)
+        return self._raw
 
-    def add_site(self, name: str) -> None:
-        self._check(self.http.post("/api/v1/sites", json={"name": name}))
+    def admin_headers(self) -> dict[str, str]:
+        credential = OperatorCredential.model_validate_json(self.home.admin_credential.read_text())
+        response = self.http.post(
+            "/api/v1/auth/token", json={"user": credential.user, "api_key": credential.api_key}
+        )
+        response.raise_for_status()
+        return {"Authorization": f"Bearer {response.json()['access_token']}"}
 
     def wait_for_sites(self, names: Sequence[str], timeout: float = 120.0) -> None:
         """Block until every named site has polled the orchestrator at least once."""
         deadline = time.monotonic() + timeout
         while True:
-            seen = {s["name"] for s in self._check(self.http.get("/api/v1/sites")) if s["last_seen_at"]}
+            seen = {s.name for s in self.operator.sites() if s.last_seen_at}
             missing = sorted(set(names) - seen)
             if not missing:
                 return
@@ -189,12 +263,10 @@ class LocalFederation:
             time.sleep(0.05)
 
     def create_study(self, spec: StudySpec) -> StudyInfo:
-        return StudyInfo.model_validate(
-            self._check(self.http.post("/api/v1/studies", json=spec.model_dump(mode="json")))
-        )
+        return self.operator.create_study(spec)
 
     def study(self, study_id: str) -> StudyInfo:
-        return StudyInfo.model_validate(self._check(self.http.get(f"/api/v1/studies/{study_id}")))
+        return self.operator.study(study_id)
 
     def wait_for_study(
         self,
@@ -204,34 +276,15 @@ class LocalFederation:
         interval: float = 0.1,
         on_progress: Callable[[StudyInfo], None] | None = None,
     ) -> StudyInfo:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                info = self.study(study_id)
-            except httpx.TransportError as exc:
-                if time.monotonic() > deadline:
-                    raise ServiceUnavailableError(f"orchestrator unreachable: {exc}") from exc
-                time.sleep(interval)
-                continue
-            if on_progress is not None:
-                on_progress(info)
-            if info.status is not StudyStatus.RUNNING:
-                return info
-            if time.monotonic() > deadline:
-                raise FederationError(f"study {study_id} still running after {timeout:.0f} s")
-            time.sleep(interval)
+        return self.operator.wait_for_study(
+            study_id, timeout=timeout, interval=interval, on_progress=on_progress
+        )
 
     def model_bytes(self, study_id: str) -> bytes:
-        response = self.http.get(f"/api/v1/studies/{study_id}/model")
-        self._check_bytes(response)
-        return response.content
+        return self.operator.model_bytes(study_id)
 
     def report(self, study_id: str) -> dict[str, Any]:
-        return self._check(self.http.get(f"/api/v1/studies/{study_id}/report"))  # type: ignore[no-any-return]
-
-    def _check_bytes(self, response: httpx.Response) -> None:
-        if response.status_code >= 400:
-            raise FederationError(f"{response.request.url.path}: {response.status_code} {response.text}")
+        return self.operator.report(study_id)
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:

@@ -1,0 +1,145 @@
+"""The orchestrator's home folder: its PKI, signing key, settings, first admin credential and state.
+
+HOME/
+  ca.pem  ca.key          the federation CA (ECDSA P-256); ca.key is 0600
+  tls.pem tls.key         the orchestrator's TLS certificate for its host names
+  signing.key             Ed25519 key that signs access tokens (0600)
+  orchestrator.json       settings chosen at init (host names, URL, database URL)
+  admin.credential        the first admin's credential (0600): URL, CA, user, API key
+  state/                  SQLite database (unless PostgreSQL), blobs, reports
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedhealth.core import ConfigError, sha256_hex, utcnow
+from fedhealth.crypto import IdentityKey, PemPair, create_ca, issue_server_certificate, write_private
+from fedhealth.protocol import OperatorCredential, Role
+
+
+def new_secret(prefix: str) -> str:
+    """A high-entropy secret (256 bits) with a recognisable prefix; stored only as its sha256."""
+    return f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def secret_hash(secret: str) -> str:
+    # The secrets are 256-bit random strings, so a plain sha256 is enough (no password stretching needed).
+    return sha256_hex(secret.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestratorHome:
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca.key"
+
+    @property
+    def tls_cert(self) -> Path:
+        return self.root / "tls.pem"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.root / "tls.key"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.root / "signing.key"
+
+    @property
+    def settings_path(self) -> Path:
+        return self.root / "orchestrator.json"
+
+    @property
+    def admin_credential(self) -> Path:
+        return self.root / "admin.credential"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    def exists(self) -> bool:
+        return self.settings_path.exists()
+
+    def require(self) -> None:
+        if not self.exists():
+            raise ConfigError(
+                f"{self.root} is not an orchestrator home; run `fedhealth orchestrator init {self.root}`"
+            )
+
+    def settings(self) -> dict[str, Any]:
+        self.require()
+        return json.loads(self.settings_path.read_text())  # type: ignore[no-any-return]
+
+    def signing_key(self) -> IdentityKey:
+        self.require()
+        return IdentityKey.load(self.signing_key_path)
+
+    def ca(self) -> PemPair:
+        return PemPair(key_pem=self.ca_key.read_bytes(), cert_pem=self.ca_cert.read_bytes())
+
+    def database_url(self, override: str | None = None) -> str:
+        return override or self.settings().get("database_url") or _default_db(self)
+
+
+def init_home(
+    root: Path,
+    *,
+    hosts: list[str],
+    url: str,
+    database_url: str | None = None,
+    federation: str = "fedhealth federation",
+    now: datetime | None = None,
+) -> OperatorCredential:
+    """Create a new federation: CA, TLS certificate, signing key, database and first admin credential."""
+    from fedhealth.orchestrator._db import make_engine, upgrade_database
+    from fedhealth.orchestrator._store import Store
+
+    home = OrchestratorHome(root)
+    if home.exists():
+        raise ConfigError(f"{root} already holds a federation; refusing to overwrite it")
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    ca = create_ca(federation, now=now)
+    write_private(home.ca_key, ca.key_pem)
+    home.ca_cert.write_bytes(ca.cert_pem)
+    tls = issue_server_certificate(ca, hosts, now=now)
+    write_private(home.tls_key, tls.key_pem)
+    home.tls_cert.write_bytes(tls.cert_pem)
+    IdentityKey.generate().save(home.signing_key_path)
+    home.state_dir.mkdir(exist_ok=True)
+    api_key = new_secret("fhk")
+    engine = make_engine(database_url or _default_db(home))
+    try:
+        upgrade_database(engine)
+        Store(engine).create_user("admin", Role.ADMIN.value, secret_hash(api_key), now or utcnow())
+    finally:
+        engine.dispose()
+    credential = OperatorCredential(
+        orchestrator=url, ca_pem=ca.cert_pem.decode(), user="admin", api_key=api_key
+    )
+    write_private(home.admin_credential, credential.model_dump_json(indent=2).encode())
+    home.settings_path.write_text(
+        json.dumps(
+            {"hosts": hosts, "url": url, "database_url": database_url, "federation": federation}, indent=2
+        )
+    )
+    return credential
+
+
+def _default_db(home: OrchestratorHome) -> str:
+    from fedhealth.orchestrator._db import sqlite_url
+
+    return sqlite_url(home.state_dir / "orchestrator.sqlite")
