@@ -23,6 +23,8 @@ Conventions, measured against dp-accounting 0.6.0 and Opacus 1.x (see tests/priv
   series terms where Opacus subtracts the negative ones, so our RDP epsilon is an upper bound on Opacus's:
   7.329335 against Opacus's 7.329111 (sigma 1.5, q 0.04, 2250 steps, delta 1e-5), equal to 4 significant
   digits and never below. We keep dp-accounting's (conservative) series.
+- dp-accounting (and the SciPy it loads) is imported on first use: it takes seconds, and neither the CLI's
+  start-up nor a process that only reads the ledger's tables should pay for it.
 - PLD cost grows with epsilon (the loss grid spans the privacy-loss range): an epsilon in the thousands can
   take seconds and gigabytes, so a study spec could stall or kill a site agent. The PLD path therefore first
   computes a cheap RDP upper bound over integer orders; when it exceeds :data:`PLD_EPSILON_CEILING` (100) --
@@ -35,14 +37,13 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar
-
-import dp_accounting
-from dp_accounting import pld as dp_pld
-from dp_accounting import rdp as dp_rdp
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedhealth.core import PrivacyError
 from fedhealth.privacy._errors import DpParameterError
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 PLD_VALUE_DISCRETIZATION = 5e-4
 PLD_EPSILON_CEILING = 100.0
@@ -137,6 +138,8 @@ class DpSgdRelease:
         )
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
+        import dp_accounting
+
         step = dp_accounting.PoissonSampledDpEvent(
             self.sample_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier)
         )
@@ -174,6 +177,8 @@ class GaussianRelease:
         return GaussianRelease(noise_multiplier=self.noise_multiplier, count=repetitions)
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
+        import dp_accounting
+
         return dp_accounting.SelfComposedDpEvent(
             dp_accounting.GaussianDpEvent(self.noise_multiplier), self.count
         )
@@ -255,6 +260,8 @@ class DpPlan:
         return DpPlan(releases=tuple(first.repeated(total) for _, (first, total) in sorted(totals.items())))
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
+        import dp_accounting
+
         return dp_accounting.ComposedDpEvent([r.to_dp_event() for r in self.releases])
 
     def to_json(self) -> list[dict[str, Any]]:
@@ -288,13 +295,17 @@ def _as_plan(value: DpPlan | DpRelease | Iterable[DpRelease]) -> DpPlan:
 
 def make_accountant(kind: AccountantKind, *, orders: Sequence[float] | None = None) -> Any:
     """A fresh dp-accounting accountant of ``kind`` with fedhealth's settings."""
+    from dp_accounting import pld, rdp
+
     if kind is AccountantKind.PLD:
-        return dp_pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
-    return dp_rdp.RdpAccountant(orders=list(orders) if orders is not None else None)
+        return pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
+    return rdp.RdpAccountant(orders=list(orders) if orders is not None else None)
 
 
 def _run(accountant: Any, plan: DpPlan, delta: float) -> float:
     # The one boundary where dp-accounting's exceptions become ours.
+    import dp_accounting
+
     try:
         accountant.compose(plan.to_dp_event())
         return float(accountant.get_epsilon(delta))

@@ -6,14 +6,12 @@ Corollary 3.3). Its privacy profile is (Balle and Wang 2018, Theorem 8)::
 
     delta(eps) = Phi(-eps/mu + mu/2) - exp(eps) * Phi(-eps/mu - mu/2)
 
-which is decreasing in ``eps``; :func:`gaussian_dp_epsilon` inverts it numerically to machine precision.
+which is decreasing in ``eps``; :func:`gaussian_dp_epsilon` inverts it by bisection to adjacent floats.
 """
 
 from __future__ import annotations
 
 import math
-
-from scipy import optimize, special  # type: ignore[import-untyped]
 
 from fedhealth.privacy._errors import DpParameterError
 
@@ -33,6 +31,8 @@ def gaussian_dp_delta(mu: float, epsilon: float) -> float:
         raise DpParameterError(f"mu must be a positive number, got {mu}")
     if not (math.isfinite(epsilon) and epsilon >= 0):
         raise DpParameterError(f"epsilon must be a non-negative number, got {epsilon}")
+    from scipy import special  # type: ignore[import-untyped]  # imported on first use: it is slow to load
+
     # In log space: the second term overflows exp() on its own for large epsilon.
     log_a = float(special.log_ndtr(-epsilon / mu + mu / 2))
     log_b = epsilon + float(special.log_ndtr(-epsilon / mu - mu / 2))
@@ -47,7 +47,15 @@ def gaussian_dp_epsilon(mu: float, delta: float) -> float:
         raise DpParameterError(f"delta must lie in (0, 1), got {delta}")
     if gaussian_dp_delta(mu, 0.0) <= delta:
         return 0.0
-    upper = 1.0
-    while gaussian_dp_delta(mu, upper) > delta:
-        upper *= 2
-    return float(optimize.brentq(lambda e: gaussian_dp_delta(mu, e) - delta, 0.0, upper, xtol=1e-12))
+    lo, hi = 0.0, 1.0
+    while gaussian_dp_delta(mu, hi) > delta:
+        lo, hi = hi, hi * 2
+    # delta(eps) decreases: bisect down to adjacent floats.
+    while True:
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            return hi
+        if gaussian_dp_delta(mu, mid) > delta:
+            lo = mid
+        else:
+            hi = mid

@@ -54,6 +54,7 @@ from fedhealth.core import (
     Clock,
     InputError,
     NotFoundError,
+    ServiceUnavailableError,
     SystemClock,
     canonical_json,
     is_valid_name,
@@ -297,7 +298,7 @@ class BudgetLedger:
         implicit BEGIN is deferred, so two transactions could both read and then both write). PostgreSQL: an
         ordinary transaction; callers lock the dataset's budget row with :meth:`_budget_row`.
         """
-        with self._engine.connect() as conn:
+        with self._connect() as conn:
             if not self._sqlite:
                 with conn.begin():
                     yield conn
@@ -310,6 +311,15 @@ class BudgetLedger:
                 conn.exec_driver_sql("ROLLBACK")
                 raise
             conn.exec_driver_sql("COMMIT")
+
+    @contextmanager
+    def _connect(self) -> Iterator[sa.Connection]:
+        """A connection; SQLAlchemy's operational errors (database locked, unreachable) become ours."""
+        try:
+            with self._engine.connect() as conn:
+                yield conn
+        except sa.exc.OperationalError as exc:
+            raise ServiceUnavailableError(f"the site's ledger database is unavailable: {exc.orig}") from exc
 
     def _budget_row(self, conn: sa.Connection, dataset: str, *, lock: bool) -> Budget:
         stmt = sa.select(_budgets).where(_budgets.c.dataset == dataset)
@@ -396,12 +406,12 @@ class BudgetLedger:
 
     def budget(self, dataset: str) -> Budget:
         """The dataset's budget, or :class:`BudgetNotSetError`."""
-        with self._engine.connect() as conn:
+        with self._connect() as conn:
             return self._budget_row(conn, _check_dataset(dataset), lock=False)
 
     def budgets(self) -> list[Budget]:
         """Every budget set at this site, by dataset name."""
-        with self._engine.connect() as conn:
+        with self._connect() as conn:
             rows = conn.execute(sa.select(_budgets).order_by(_budgets.c.dataset)).all()
         return [Budget(dataset=r.dataset, epsilon=r.epsilon, delta=r.delta) for r in rows]
 
@@ -410,7 +420,7 @@ class BudgetLedger:
     def check(self, dataset: str, planned: DpPlan) -> BudgetCheck:
         """Would ``planned`` fit now? Read-only; the answer may change before a :meth:`reserve`."""
         _check_dataset(dataset)
-        with self._engine.connect() as conn:
+        with self._connect() as conn:
             budget = self._budget_row(conn, dataset, lock=False)
             entries = self._entries(conn, dataset)
         return self._check(
@@ -534,7 +544,7 @@ class BudgetLedger:
         stmt = sa.select(_spends).where(_spends.c.status == SpendStatus.RESERVED.value)
         if dataset is not None:
             stmt = stmt.where(_spends.c.dataset == _check_dataset(dataset))
-        with self._engine.connect() as conn:
+        with self._connect() as conn:
             rows = conn.execute(stmt.order_by(_spends.c.reserved_at, _spends.c.reservation_id)).all()
         return [
             Reservation(
@@ -555,7 +565,7 @@ class BudgetLedger:
     def statement(self, dataset: str) -> BudgetStatement:
         """The dataset's budget, total spend and spend per study (reservations counted as spent)."""
         _check_dataset(dataset)
-        with self._engine.connect() as conn:
+        with self._connect() as conn:
             budget = self._budget_row(conn, dataset, lock=False)
             entries = self._entries(conn, dataset)
         by_study: dict[str, list[tuple[SpendStatus, DpPlan]]] = {}
