@@ -8,20 +8,24 @@ throwaway schema per test at ``$FEDHEALTH_TEST_POSTGRES_URL`` (default: trust au
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from fedhealth.core import ManualClock
 from fedhealth.crypto import IdentityKey
-from fedhealth.governance import AuditLog, create_governance_tables
+from fedhealth.governance import GOVERNANCE_METADATA, AuditLog, create_governance_tables
 
 POSTGRES_URL = os.environ.get(
     "FEDHEALTH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -59,38 +63,71 @@ def open_engine(url: str, schema: str | None) -> Engine:
         engine = create_engine(url)
         event.listen(engine, "connect", _no_fsync)
         return engine
-    return create_engine(url, connect_args={"options": f"-csearch_path={schema}"})
+    # without waiting for the WAL flush at each commit: durability is moot in a throwaway schema
+    return create_engine(url, connect_args={"options": f"-csearch_path={schema} -csynchronous_commit=off"})
 
 
 def _no_fsync(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.execute("PRAGMA synchronous = OFF")
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty governance database, created once and copied for each test (creating tables is slow)."""
+    path = tmp_path_factory.mktemp("template") / "governance.sqlite"
+    engine = create_engine(f"sqlite:///{path}")
+    create_governance_tables(engine)
+    engine.dispose()
+    return path
+
+
+@lru_cache(maxsize=1)
+def _postgres_ddl() -> str:
+    """GOVERNANCE_METADATA's CREATE statements for PostgreSQL as one script: one round trip per test."""
+    dialect = postgresql.dialect()
+    statements = []
+    for table in GOVERNANCE_METADATA.sorted_tables:
+        statements.append(str(CreateTable(table).compile(dialect=dialect)).strip())
+        statements += [str(CreateIndex(index).compile(dialect=dialect)).strip() for index in table.indexes]
+    return ";\n".join(statements)
+
+
 @pytest.fixture
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+def database(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path) -> Iterator[Database]:
     backend = getattr(request.cls, "backend", "sqlite")
     if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'governance.sqlite'}"
+        path = tmp_path / "governance.sqlite"
+        shutil.copyfile(sqlite_template, path)
+        url = f"sqlite:///{path}"
         engine = open_engine(url, None)
-        create_governance_tables(engine)
         yield Database(engine=engine, url=url, schema=None)
         engine.dispose()
         return
     if not _check_postgres():
         pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}")
     schema = f"gov_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    admin = _admin_engine()
+    with admin.begin() as conn:
+        conn.exec_driver_sql(
+            f'CREATE SCHEMA "{schema}"; SET LOCAL search_path TO "{schema}"; {_postgres_ddl()}'
+        )
     engine = open_engine(POSTGRES_URL, schema)
     try:
-        create_governance_tables(engine)
         yield Database(engine=engine, url=POSTGRES_URL, schema=schema)
     finally:
         engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+_admin: Engine | None = None
+
+
+def _admin_engine() -> Engine:
+    global _admin
+    if _admin is None:
+        _admin = create_engine(POSTGRES_URL)
+    return _admin
 
 
 @pytest.fixture

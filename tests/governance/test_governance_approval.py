@@ -189,19 +189,6 @@ class ApprovalContract:
         with pytest.raises(NotFoundError):
             registry.approve(spec_hash(study_spec()), reason="ok", steward="dana")
 
-    @pytest.mark.parametrize(
-        ("digest", "reason", "steward"),
-        [("abc", "ok", "dana"), (None, "  ", "dana"), (None, "ok", "")],
-        ids=["bad-hash", "blank-reason", "no-steward"],
-    )
-    def test_a_steward_decision_without_hash_reason_or_name_is_refused(
-        self, registry, digest, reason, steward
-    ):
-        real = registry.submit(study_spec()).spec_hash
-        with pytest.raises(InputError):
-            registry.approve(digest or real, reason=reason, steward=steward)
-        assert registry.get(real).status is ApprovalStatus.PENDING
-
     def test_a_hash_prefix_resolves_to_the_one_submitted_spec(self, registry):
         digest = registry.submit(study_spec()).spec_hash
         assert registry.resolve(digest[:10]) == digest
@@ -225,3 +212,20 @@ class TestApprovalOnSqlite(ApprovalContract):
 @pytest.mark.postgres
 class TestApprovalOnPostgres(ApprovalContract):
     backend = "postgres"
+
+
+@pytest.fixture
+def registry(engine, site_log) -> ApprovalRegistry:
+    return ApprovalRegistry(engine, site_log)
+
+
+@pytest.mark.parametrize(
+    ("digest", "reason", "steward"),
+    [("abc", "ok", "dana"), (None, "  ", "dana"), (None, "ok", "")],
+    ids=["bad-hash", "blank-reason", "no-steward"],
+)
+def test_a_steward_decision_without_hash_reason_or_name_is_refused(registry, digest, reason, steward):
+    real = registry.submit(study_spec()).spec_hash
+    with pytest.raises(InputError):
+        registry.approve(digest or real, reason=reason, steward=steward)
+    assert registry.get(real).status is ApprovalStatus.PENDING

@@ -192,52 +192,6 @@ class ConsentContract:
         assert registry.import_csv(plain).unchanged == 1
         assert registry.records("p1")[0].withdrawn_at == datetime(2026, 2, 1, tzinfo=UTC)
 
-    @pytest.mark.parametrize(
-        ("rows", "header", "words"),
-        [
-            (["p1,HRESCH,maybe,,,"], None, "line 2: decision must be 'permit' or 'deny'"),
-            (["p1,HRESCH,permit,,,", "p2,HRESCH,permit,01/02/2025,,"], None, "line 3: valid_from"),
-            (["p1,HRESCH,permit,2025-01-01T10:00:00,,"], None, "line 2: valid_from: .* no UTC offset"),
-            (["p1,HRESCH,permit"], None, "line 2: 3 fields, the header has 6"),
-            (
-                ["p1,HRESCH,permit,2026-01-01,2025-01-01,"],
-                None,
-                "line 2: valid_until must be after valid_from",
-            ),
-            ([",HRESCH,permit,,,"], None, "line 2: patient_id"),
-            (
-                ["p1,HRESCH,permit,,,"],
-                "patient_id,purpose,decision,valid_from,valid_until,note",
-                "line 1: .*'note'",
-            ),
-            (["p1,permit"], "patient_id,decision", "line 1: .*missing \\['purpose'\\]"),
-            ([], "", "empty file"),
-        ],
-        ids=[
-            "bad-decision",
-            "bad-date",
-            "naive-datetime",
-            "short-row",
-            "inverted-period",
-            "no-patient",
-            "unknown-column",
-            "missing-column",
-            "empty",
-        ],
-    )
-    def test_a_bad_csv_row_stops_the_import_naming_its_line(
-        self, registry, tmp_path, site_log, rows, header, words
-    ):
-        path = tmp_path / "bad.csv"
-        if header == "":
-            path.write_text("")
-        else:
-            write_csv(path, ["p0,HRESCH,permit,,,"] * 0 + rows, **({"header": header} if header else {}))
-        with pytest.raises(ConsentImportError, match=words):
-            registry.import_csv(path)
-        assert registry.records() == []
-        assert site_log.head().seq == 0
-
     def test_fhir_consents_in_a_bundle_import_with_nested_exceptions(self, registry, tmp_path):
         path = tmp_path / "consents.json"
         path.write_text(
@@ -307,29 +261,6 @@ class ConsentContract:
         consent["patient"] = {"identifier": {"system": "urn:pseudo", "value": "pseudo-77"}}
         registry.import_fhir(consent)
         assert [r.patient_id for r in registry.records()] == ["pseudo-77"]
-
-    @pytest.mark.parametrize(
-        ("mutate", "words"),
-        [
-            (lambda c: c.pop("scope"), r"resource 1 \(Consent/c1\): not a valid FHIR R4 Consent: scope"),
-            (lambda c: c["provision"].pop("type"), "provision.type must be 'permit' or 'deny'"),
-            (lambda c: c.pop("patient"), "patient must be"),
-            (lambda c: c.pop("provision"), "needs a provision"),
-        ],
-        ids=["invalid-resource", "no-provision-type", "no-patient", "no-provision"],
-    )
-    def test_a_bad_fhir_consent_stops_the_import_naming_it(self, registry, mutate, words):
-        good, bad = fhir_consent("c0", "p0"), fhir_consent("c1", "p1")
-        mutate(bad)
-        with pytest.raises(ConsentImportError, match=words):
-            registry.import_fhir([bad, good])
-        assert registry.records() == []
-
-    def test_a_fhir_file_that_is_not_json_is_refused(self, registry, tmp_path):
-        path = tmp_path / "x.json"
-        path.write_text("{not json")
-        with pytest.raises(ConsentImportError, match=r"x\.json is not JSON"):
-            registry.import_fhir(path)
 
     def test_with_20_percent_denying_the_filter_keeps_exactly_the_permitted(
         self, registry, tmp_path, site_log
@@ -438,3 +369,81 @@ def test_snapshot_hash_function_matches_the_documented_formula():
     assert consent_snapshot_hash(["b", "a", "a"], "HRESCH", date(2026, 3, 2)) == snapshot_hash_by_hand(
         {"a", "b"}, "HRESCH", date(2026, 3, 2)
     )
+
+
+# --- input errors: the backend does not matter, so SQLite only --------------------------------------------
+
+
+@pytest.fixture
+def registry(engine, site_log) -> ConsentRegistry:
+    return ConsentRegistry(engine, site_log)
+
+
+@pytest.mark.parametrize(
+    ("rows", "header", "words"),
+    [
+        (["p1,HRESCH,maybe,,,"], None, "line 2: decision must be 'permit' or 'deny'"),
+        (["p1,HRESCH,permit,,,", "p2,HRESCH,permit,01/02/2025,,"], None, "line 3: valid_from"),
+        (["p1,HRESCH,permit,2025-01-01T10:00:00,,"], None, "line 2: valid_from: .* no UTC offset"),
+        (["p1,HRESCH,permit"], None, "line 2: 3 fields, the header has 6"),
+        (
+            ["p1,HRESCH,permit,2026-01-01,2025-01-01,"],
+            None,
+            "line 2: valid_until must be after valid_from",
+        ),
+        ([",HRESCH,permit,,,"], None, "line 2: patient_id"),
+        (
+            ["p1,HRESCH,permit,,,"],
+            "patient_id,purpose,decision,valid_from,valid_until,note",
+            "line 1: .*'note'",
+        ),
+        (["p1,permit"], "patient_id,decision", "line 1: .*missing \\['purpose'\\]"),
+        ([], "", "empty file"),
+    ],
+    ids=[
+        "bad-decision",
+        "bad-date",
+        "naive-datetime",
+        "short-row",
+        "inverted-period",
+        "no-patient",
+        "unknown-column",
+        "missing-column",
+        "empty",
+    ],
+)
+def test_a_bad_csv_row_stops_the_import_naming_its_line(registry, tmp_path, site_log, rows, header, words):
+    path = tmp_path / "bad.csv"
+    if header == "":
+        path.write_text("")
+    else:
+        write_csv(path, rows, **({"header": header} if header else {}))
+    with pytest.raises(ConsentImportError, match=words):
+        registry.import_csv(path)
+    assert registry.records() == []
+    assert site_log.head().seq == 0
+
+
+@pytest.mark.parametrize(
+    ("mutate", "words"),
+    [
+        (lambda c: c.pop("scope"), r"resource 1 \(Consent/c1\): not a valid FHIR R4 Consent: scope"),
+        (lambda c: c["provision"].pop("type"), "provision.type must be 'permit' or 'deny'"),
+        (lambda c: c.pop("patient"), "patient must be"),
+        (lambda c: c.pop("provision"), "needs a provision"),
+    ],
+    ids=["invalid-resource", "no-provision-type", "no-patient", "no-provision"],
+)
+def test_a_bad_fhir_consent_stops_the_import_naming_it(registry, mutate, words):
+    good, bad = fhir_consent("c0", "p0"), fhir_consent("c1", "p1")
+    mutate(bad)
+    with pytest.raises(ConsentImportError, match=words):
+        registry.import_fhir([bad, good])
+    assert registry.records() == []
+
+
+def test_a_fhir_file_that_is_not_json_is_refused(registry, tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text("{not json")
+    with pytest.raises(ConsentImportError, match=r"x\.json is not JSON"):
+        registry.import_fhir(path)
