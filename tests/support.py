@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -114,3 +117,66 @@ def postgres_schema() -> Iterator[str]:
         with admin.begin() as c:
             c.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+class ChokeProxy:
+    """A TCP proxy in front of the orchestrator that can stall one client's upload part-way through.
+
+    It forwards bytes both ways (TLS passes through untouched). Once armed, the first connection whose
+    client-to-server stream passes ``choke_at`` bytes is held there: the rest is never forwarded, and
+    ``choked`` is set, so a test can kill the client mid-upload.
+    """
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit("//", 1)[1].rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        self.choke_at: int | None = None
+        self.choked = threading.Event()
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, scheme: str = "https") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                armed = upstream and self.choke_at is not None and not self.choked.is_set()
+                if armed and sent + len(data) > self.choke_at:
+                    dst.sendall(data[: self.choke_at - sent])
+                    self.choked.set()
+                    while src.recv(65536):  # swallow the rest until the client dies
+                        pass
+                    return
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        for s in self._sockets:
+            with contextlib.suppress(OSError):
+                s.close()

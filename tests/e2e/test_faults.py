@@ -14,7 +14,7 @@ from fedhealth.orchestrator import Store, make_engine
 from fedhealth.protocol import RecipeSpec, RoundStatus, StudySpec, StudyStatus, TaskKind, TaskStatus
 from fedhealth.runtime import run_study_in_memory
 from fedhealth.sim import LocalFederation
-from support import BREAST_SITES, breast_datasets, breast_spec, heart_data_dir, postgres_schema
+from support import BREAST_SITES, ChokeProxy, breast_datasets, breast_spec, heart_data_dir, postgres_schema
 
 pytestmark = pytest.mark.e2e
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
@@ -109,6 +109,49 @@ def test_orchestrator_killed_mid_study_resumes_from_its_last_completed_round(tmp
     )
     np.testing.assert_array_equal(model["weight"], reference.params["weight"])
     np.testing.assert_array_equal(model["bias"], reference.params["bias"])
+
+
+def test_an_agent_killed_mid_upload_and_restarted_is_counted_exactly_once(tmp_path):
+    # 200k float32 parameters: each upload is ~800 KB, so the proxy can cut one off in the middle
+    spec = StudySpec(
+        name="mid-upload",
+        dataset="none",
+        recipe=RecipeSpec(name="synthetic", n_params=200_000),
+        rounds=3,
+        train_sites=["steady", "victim"],
+        min_sites=2,
+        round_deadline_s=120.0,
+        seed=3,
+    )
+    with LocalFederation(tmp_path) as fed:
+        fed.start_orchestrator()
+        proxy = ChokeProxy(fed.url)
+        try:
+            fed.add_site("steady")
+            fed.add_site("victim")
+            fed.start_agent("steady", {})
+            fed.start_agent("victim", {}, extra_args=["--orchestrator", proxy.url()])
+            fed.wait_for_sites(["steady", "victim"])
+            proxy.choke_at = 300_000
+            study = fed.create_study(spec)
+            assert proxy.choked.wait(60), "the victim's upload never started"
+            fed.stop_agent("victim", sig=signal.SIGKILL)
+            assert fed.study(study.study_id).completed_rounds == 0
+            fed.start_agent("victim", {}, extra_args=["--orchestrator", proxy.url()])
+            final = fed.wait_for_study(study.study_id, timeout=180)
+        finally:
+            proxy.close()
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    for r in final.rounds[:-1]:
+        assert sorted((t.site, t.status) for t in r.tasks) == [
+            ("steady", TaskStatus.COMPLETED),
+            ("victim", TaskStatus.COMPLETED),
+        ]
+    reference = run_study_in_memory(spec, {"steady": None, "victim": None})
+    model, _ = decode_tensors(
+        (fed.state_dir / "blobs" / final.model_digest[:2] / final.model_digest).read_bytes()
+    )
+    np.testing.assert_array_equal(model["weight"], reference.params["weight"])
 
 
 def test_a_corrupt_dataset_file_fails_that_site_with_a_one_line_reason_naming_the_file(tmp_path):

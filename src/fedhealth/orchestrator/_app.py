@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import fedhealth
 from fedhealth.core import (
@@ -131,7 +132,10 @@ Svc = Annotated[Services, Depends(services)]
 
 async def read_body(request: Request) -> bytes:
     """The whole body; the size limit is enforced by :class:`BodyLimitMiddleware`."""
-    chunks = [chunk async for chunk in request.stream()]
+    try:
+        chunks = [chunk async for chunk in request.stream()]
+    except ClientDisconnect as exc:  # the sender died mid-upload: nothing was stored, it may retry
+        raise ApiError(400, "the client disconnected before the body was complete") from exc
     return b"".join(chunks)
 
 
