@@ -55,18 +55,25 @@ def calibrate_noise(
     kind = AccountantKind(accountant)
 
     log_target = math.log(target_epsilon)
+    lower, upper = math.log(MIN_NOISE_MULTIPLIER), math.log(MAX_NOISE_MULTIPLIER)
+
+    def sigma_at(log_sigma: float) -> float:
+        # The bounds exactly: exp(log(0.05)) is not 0.05.
+        if log_sigma <= lower:
+            return MIN_NOISE_MULTIPLIER
+        return MAX_NOISE_MULTIPLIER if log_sigma >= upper else math.exp(log_sigma)
 
     def excess(log_sigma: float) -> float:
         """log(epsilon / target): positive when sigma is too small; decreasing in sigma."""
-        release = DpSgdRelease(noise_multiplier=math.exp(log_sigma), sample_rate=sample_rate, steps=steps)
+        release = DpSgdRelease(noise_multiplier=sigma_at(log_sigma), sample_rate=sample_rate, steps=steps)
         eps = epsilon(release, delta=delta, accountant=kind)
         return (math.log(eps) if eps > 0 else -math.inf) - log_target
 
-    return math.exp(
+    return sigma_at(
         _smallest_root(
             excess,
-            lower=math.log(MIN_NOISE_MULTIPLIER),
-            upper=math.log(MAX_NOISE_MULTIPLIER),
+            lower=lower,
+            upper=upper,
             tol=math.log1p(rel_tol),
             unreachable=lambda: CalibrationError(
                 f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} reaches epsilon {target_epsilon:g} "
