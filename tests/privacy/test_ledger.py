@@ -6,6 +6,7 @@ accountant composes. The PLD default is exercised where the figures matter.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -180,6 +181,16 @@ def test_a_task_id_reserves_once_per_dataset(ledger_db):
     with pytest.raises(ReservationStateError, match="new task id"):
         ledger.reserve("heart", "study-a", "task-1", gaussian(6.0))
     ledger.reserve("lungs", "study-a", "task-1", gaussian(6.0))  # another dataset: its own ledger line
+
+
+def test_commit_refuses_a_reservation_object_whose_plan_was_altered(ledger_db):
+    ledger = ledger_db.ledger()
+    ledger.set_budget("heart", 3.0, DELTA)
+    reservation = ledger.reserve("heart", "study-a", "task-1", gaussian(3.0, 2))
+    altered = dataclasses.replace(reservation, planned=gaussian(30.0, 1))
+    with pytest.raises(ReservationStateError, match="different plan"):
+        ledger.commit(altered, gaussian(30.0, 1))
+    assert ledger.spent("heart") == pytest.approx(eps_of(gaussian(3.0, 2)))
 
 
 def test_unknown_reservation_is_not_found(ledger_db):

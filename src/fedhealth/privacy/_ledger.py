@@ -350,10 +350,13 @@ class BudgetLedger:
     def _epsilon(self, plan: DpPlan, budget: Budget) -> float:
         return epsilon(plan, delta=budget.delta, accountant=self._accountant)
 
-    def _check(self, budget: Budget, spent_plan: DpPlan, planned: DpPlan) -> BudgetCheck:
+    def _check(
+        self, budget: Budget, spent_plan: DpPlan, planned: DpPlan, projected: float | None = None
+    ) -> BudgetCheck:
         spent = self._epsilon(spent_plan, budget)
         task = self._epsilon(planned, budget)
-        projected = self._epsilon(spent_plan + planned, budget)
+        if projected is None:
+            projected = self._epsilon(spent_plan + planned, budget)
         allowed = projected <= budget.epsilon
         where = f"dataset {budget.dataset!r} (budget epsilon {budget.epsilon:g} at delta {budget.delta:g})"
         if allowed:
@@ -460,23 +463,27 @@ class BudgetLedger:
                 )
             entries = self._entries(conn, dataset)
             spent_plan = DpPlan(releases=tuple(r for _, _, p in entries for r in p.releases))
-            decision = self._check(budget, spent_plan, planned)
-            if not decision.allowed:
-                raise TaskOverBudgetError(decision)
-            conn.execute(
-                _spends.insert().values(
-                    reservation_id=reservation.reservation_id,
-                    dataset=dataset,
-                    study_id=study_id,
-                    task_id=task_id,
-                    status=SpendStatus.RESERVED.value,
-                    planned=_plan_text(planned),
-                    actual=None,
-                    exceeds_plan=False,
-                    reserved_at=now.isoformat(),
-                    settled_at=None,
+            # The one accounting call made under the lock: the lock blocks every writer of the database.
+            projected = self._epsilon(spent_plan + planned, budget)
+            refused = projected > budget.epsilon
+            if not refused:
+                conn.execute(
+                    _spends.insert().values(
+                        reservation_id=reservation.reservation_id,
+                        dataset=dataset,
+                        study_id=study_id,
+                        task_id=task_id,
+                        status=SpendStatus.RESERVED.value,
+                        planned=_plan_text(planned),
+                        actual=None,
+                        exceeds_plan=False,
+                        reserved_at=now.isoformat(),
+                        settled_at=None,
+                    )
                 )
-            )
+        if refused:
+            # Figures for the message, computed after the lock is released; nothing was written.
+            raise TaskOverBudgetError(self._check(budget, spent_plan, planned, projected))
         return reservation
 
     def _settle(self, conn: sa.Connection, reservation: Reservation) -> Any:
@@ -495,13 +502,23 @@ class BudgetLedger:
         """Replace the reservation by what was actually released; recorded even if it exceeds the plan."""
         if not isinstance(actual, DpPlan):
             raise DpParameterError(f"actual must be a DpPlan, got {type(actual).__name__}")
+        # Accounting before taking the lock (it blocks every writer); the stored plan must match the object's.
+        budget = self.budget(reservation.dataset)
+        planned_eps = self._epsilon(reservation.planned, budget)
+        actual_eps = self._epsilon(actual, budget)
+        exceeds = actual_eps > planned_eps
         with self._locked() as conn:
-            budget = self._budget_row(conn, reservation.dataset, lock=True)
+            current = self._budget_row(conn, reservation.dataset, lock=True)
+            if current != budget:  # the site changed the budget meanwhile (rare): account at its new delta
+                budget = current
+                planned_eps = self._epsilon(reservation.planned, budget)
+                actual_eps = self._epsilon(actual, budget)
+                exceeds = actual_eps > planned_eps
             row = self._settle(conn, reservation)
-            planned = _plan_of(row.planned)
-            planned_eps = self._epsilon(planned, budget)
-            actual_eps = self._epsilon(actual, budget)
-            exceeds = actual_eps > planned_eps
+            if row.planned != _plan_text(reservation.planned):
+                raise ReservationStateError(
+                    f"reservation {reservation.reservation_id} was made for a different plan"
+                )
             conn.execute(
                 _spends.update()
                 .where(_spends.c.reservation_id == reservation.reservation_id)
