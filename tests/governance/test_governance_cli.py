@@ -159,6 +159,13 @@ def test_usage_errors_exit_2_with_one_line(db, args):
     assert one_line(result.stderr).startswith("error: ")
 
 
+def test_verifying_an_empty_log_names_the_logs_the_database_holds(db):
+    result = runner.invoke(audit_app, ["verify", "--db", str(db), "--log", "other"])
+    assert result.exit_code == 2
+    assert "['main']" in one_line(result.stderr)
+    assert runner.invoke(audit_app, ["verify", "--db", str(db), "--log", "main"]).exit_code == 0
+
+
 def test_a_database_without_governance_tables_is_a_one_line_error(tmp_path):
     empty = tmp_path / "empty.sqlite"
     create_engine(f"sqlite:///{empty}").connect().close()

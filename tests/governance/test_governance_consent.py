@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import Engine, create_engine, text
 
 from fedhealth.core import InputError
+from fedhealth.crypto import IdentityKey
 from fedhealth.governance import (
     AuditEventType,
+    AuditLog,
     ConsentDecision,
     ConsentImportError,
     ConsentModel,
     ConsentRecord,
     ConsentRegistry,
     consent_snapshot_hash,
+    create_governance_tables,
     decide,
     suppress,
 )
@@ -447,3 +453,64 @@ def test_a_fhir_file_that_is_not_json_is_refused(registry, tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConsentImportError, match=r"x\.json is not JSON"):
         registry.import_fhir(path)
+
+
+@pytest.fixture(scope="module")
+def scratch_engine() -> Iterator[Engine]:
+    engine = create_engine("sqlite://")  # in memory, emptied by each example
+    create_governance_tables(engine)
+    yield engine
+    engine.dispose()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["p1", "p2", "p3"]),
+            st.sampled_from(["HRESCH", "*", "TREAT"]),
+            st.sampled_from([PERMIT, DENY]),
+            st.one_of(st.none(), st.integers(-30, 30)),
+            st.one_of(st.none(), st.integers(1, 60)),
+            st.one_of(st.none(), st.integers(-30, 30)),
+        ),
+        max_size=10,
+    ),
+    st.integers(-40, 40),
+    st.sampled_from(list(ConsentModel)),
+)
+def test_the_filter_keeps_exactly_whom_decide_permits(scratch_engine, records, day, model):
+    engine = scratch_engine
+    with engine.begin() as conn:
+        for table in ("gov_consent_records", "gov_consent_snapshot_members", "gov_consent_snapshots"):
+            conn.execute(text(f"DELETE FROM {table}"))
+    registry = ConsentRegistry(engine, AuditLog(engine, IdentityKey.generate(), "site:a"), model=model)
+    made = [
+        ConsentRecord(
+            patient_id=pid,
+            purpose=purpose,
+            decision=decision,
+            valid_from=T0 + timedelta(days=start) if start is not None else None,
+            valid_until=T0 + timedelta(days=(start or 0) + length) if length is not None else None,
+            withdrawn_at=T0 + timedelta(days=withdrawn) if withdrawn is not None else None,
+        )
+        for pid, purpose, decision, start, length, withdrawn in records
+    ]
+    registry.add(made)
+    # the registry keeps one record per identity, withdrawn at the earliest withdrawal given for it
+    merged: dict[str, ConsentRecord] = {}
+    for r in made:
+        key = json.dumps(r.identity(), sort_keys=True)
+        prior = merged.get(key)
+        stamps = [t for t in (r.withdrawn_at, prior.withdrawn_at if prior else None) if t is not None]
+        merged[key] = replace(r, withdrawn_at=min(stamps, default=None))
+    at = T0 + timedelta(days=day, hours=1)
+    result = registry.filter(["p1", "p2", "p3", "p4"], "HRESCH", at)
+    patients = ("p1", "p2", "p3", "p4")
+    verdicts = {p: decide([r for r in merged.values() if r.patient_id == p], "HRESCH", at) for p in patients}
+    opt_out = model is ConsentModel.OPT_OUT
+    assert set(result.kept_patient_ids) == {
+        p for p, v in verdicts.items() if v is PERMIT or (v is None and opt_out)
+    }
+    assert result.denied_count == sum(v is DENY for v in verdicts.values())
+    assert result.no_record_count == sum(v is None for v in verdicts.values())

@@ -38,6 +38,7 @@ from fedhealth.governance import (
     read_jsonl,
     read_stored_log,
     stored_keys,
+    stored_log_ids,
     to_prov_json,
     verify_loaded,
 )
@@ -170,6 +171,9 @@ def audit_verify(
             engine = _engine(db or "")
             stored, fallback = read_stored_log(engine, log_id=log_id), stored_keys(engine)
             where = "the database"
+            others = [name for name in stored_log_ids(engine) if name != log_id]
+            if not stored.entries and stored.malformed is None and others:
+                _fail(f"log {log_id!r} is empty here; this database holds {others}: pass --log")
         if not pinned:
             typer.echo(
                 f"note: trusting the writer keys from {where} (integrity only); pin them with --key", err=True

@@ -128,8 +128,11 @@ def _fmt(value: datetime | None) -> str | None:
     return format_instant(value) if value is not None else None
 
 
+_BEGINNING = datetime.min.replace(tzinfo=UTC)
+
+
 def _precedence(record: ConsentRecord) -> tuple[datetime, int, int]:
-    start = record.valid_from or datetime.min.replace(tzinfo=UTC)
+    start = record.valid_from or _BEGINNING
     return (start, int(record.purpose != ANY_PURPOSE), int(record.decision is ConsentDecision.DENY))
 
 
@@ -641,25 +644,32 @@ class ConsentRegistry:
                 raise InputError(f"patient id at row {i} is not a non-empty string")
         at = as_instant(on)
         distinct = set(patient_ids)
-        by_patient: dict[str, list[ConsentRecord]] = {}
+        # the winning record's precedence key per patient (as _precedence): plain tuples, because this loop
+        # sees every record of the purpose and a ConsentRecord each would dominate the cost
+        best: dict[str, tuple[datetime, int, int]] = {}
+        c = consent_records.c
+        columns = (c.patient_id, c.purpose, c.decision, c.valid_from, c.valid_until, c.withdrawn_at)
         with self._engine.connect() as conn:
-            rows = conn.execute(
-                select(consent_records).where(consent_records.c.purpose.in_([purpose, ANY_PURPOSE]))
-            )
-            for row in rows:
-                if row.patient_id in distinct:
-                    by_patient.setdefault(row.patient_id, []).append(_record_from_db(row))
-        permitted: set[str] = set()
-        unrecorded: set[str] = set()
-        denied = 0
-        for pid in distinct:
-            verdict = decide(by_patient.get(pid, ()), purpose, at)
-            if verdict is ConsentDecision.PERMIT:
-                permitted.add(pid)
-            elif verdict is ConsentDecision.DENY:
-                denied += 1
-            else:
-                unrecorded.add(pid)
+            rows = conn.execute(select(*columns).where(c.purpose.in_([purpose, ANY_PURPOSE])))
+            for pid, record_purpose, decision, valid_from, valid_until, withdrawn_at in rows:
+                if pid not in distinct:
+                    continue
+                if (
+                    (valid_from is not None and at < valid_from)
+                    or (valid_until is not None and at >= valid_until)
+                    or (withdrawn_at is not None and at >= withdrawn_at)
+                ):
+                    continue
+                key = (
+                    valid_from or _BEGINNING,
+                    int(record_purpose != ANY_PURPOSE),
+                    int(decision == ConsentDecision.DENY.value),
+                )
+                if pid not in best or key > best[pid]:
+                    best[pid] = key
+        permitted = {pid for pid, key in best.items() if not key[2]}
+        unrecorded = distinct - best.keys()
+        denied = len(best) - len(permitted)
         kept = permitted | unrecorded if self._model is ConsentModel.OPT_OUT else permitted
         day = at.date()
         result = ConsentFilterResult(
