@@ -168,6 +168,22 @@ class ApprovalContract:
         assert entries[1].actor == "steward:dana"
         assert site_log.verify().ok
 
+    def test_an_approval_whose_audit_entry_cannot_be_written_is_not_applied(
+        self, registry, site_log, monkeypatch
+    ):
+        digest = registry.submit(study_spec()).spec_hash
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("disk full")
+
+        monkeypatch.setattr(site_log, "_append_on", broken)
+        with pytest.raises(RuntimeError):
+            registry.approve(digest, reason="IRB ok", steward="dana")
+        monkeypatch.undo()
+        assert registry.get(digest).status is ApprovalStatus.PENDING
+        assert not registry.check(study_spec()).allowed
+        assert site_log.head().seq == 1
+
     def test_submitting_the_same_spec_twice_is_one_submission(self, registry, site_log):
         registry.submit(study_spec())
         registry.submit(study_spec())

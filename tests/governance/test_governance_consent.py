@@ -183,6 +183,27 @@ class ConsentContract:
         assert registry.records("p3")[0].valid_until == datetime(2027, 1, 1, tzinfo=UTC)
         assert [e.type for e in site_log.entries()] == [AuditEventType.CONSENT_IMPORTED] * 2
 
+    def test_an_import_or_withdrawal_whose_audit_entry_cannot_be_written_changes_nothing(
+        self, registry, tmp_path, site_log, monkeypatch
+    ):
+        path = write_csv(tmp_path / "consent.csv", ["p1,HRESCH,permit,2025-01-01,,", "p2,HRESCH,permit,,,"])
+        registry.import_csv(path)
+        registry.filter(["p1", "p2"], "HRESCH", T0)
+        head = site_log.head()
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("disk full")
+
+        monkeypatch.setattr(site_log, "_append_on", broken)
+        with pytest.raises(RuntimeError):
+            registry.import_csv(write_csv(tmp_path / "more.csv", ["p3,HRESCH,permit,,,"]))
+        with pytest.raises(RuntimeError):
+            registry.withdraw("p1", "HRESCH", T0 + timedelta(days=1))
+        monkeypatch.undo()
+        assert [r.patient_id for r in registry.records()] == ["p1", "p2"]
+        assert all(r.withdrawn_at is None for r in registry.records())
+        assert site_log.head() == head
+
     def test_a_csv_with_only_the_required_columns_imports(self, registry, tmp_path):
         path = write_csv(tmp_path / "c.csv", ["p1,HRESCH,permit"], header="decision,purpose,patient_id")
         with pytest.raises(ConsentImportError, match="line 2: decision"):

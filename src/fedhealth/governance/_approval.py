@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from fedhealth.core import ConflictError, CryptoError, InputError, NotFoundError, canonical_json, sha256_hex
 from fedhealth.crypto import IdentityKey, PublicIdentity
-from fedhealth.governance._audit import AuditEventType, AuditLog
+from fedhealth.governance._audit import AuditEventType, AuditLog, state_and_log
 from fedhealth.governance._decision import Decision, Rule
 from fedhealth.governance._tables import study_specs
 
@@ -177,7 +177,7 @@ class ApprovalRegistry:
             return existing
         now = self._log.clock.now()
         try:
-            with self._engine.begin() as conn:
+            with state_and_log(self._engine, self._log) as (conn, log_conn):
                 conn.execute(
                     insert(study_specs).values(
                         spec_hash=digest,
@@ -190,15 +190,15 @@ class ApprovalRegistry:
                         submitted_at=now,
                     )
                 )
+                payload: dict[str, Any] = {
+                    "spec_hash": digest,
+                    "study": name,
+                    "owner": owner,
+                    "signed": signed is not None,
+                }
+                self._log.append(AuditEventType.STUDY_SUBMITTED, payload, connection=log_conn)
         except IntegrityError:  # submitted concurrently by another process: same content by construction
-            return self.get(digest)
-        payload: dict[str, Any] = {
-            "spec_hash": digest,
-            "study": name,
-            "owner": owner,
-            "signed": signed is not None,
-        }
-        self._log.append(AuditEventType.STUDY_SUBMITTED, payload)
+            pass
         return self.get(digest)
 
     def approve(self, spec_hash: str, *, reason: str, steward: str) -> StudyApproval:
@@ -217,28 +217,29 @@ class ApprovalRegistry:
             raise InputError("a steward's decision needs the steward's name")
         current = self.get(digest)
         now = self._log.clock.now()
-        with self._engine.begin() as conn:
-            conn.execute(
-                update(study_specs)
-                .where(study_specs.c.spec_hash == digest)
-                .values(status=status.value, decided_at=now, decided_by=steward, reason=reason.strip())
-            )
         event = (
             AuditEventType.STUDY_APPROVED
             if status is ApprovalStatus.APPROVED
             else AuditEventType.STUDY_REJECTED
         )
-        self._log.append(
-            event,
-            {
-                "spec_hash": digest,
-                "study": current.study,
-                "reason": reason.strip(),
-                "steward": steward,
-                "previous_status": current.status.value,
-            },
-            actor=f"steward:{steward}",
-        )
+        with state_and_log(self._engine, self._log) as (conn, log_conn):
+            self._log.append(
+                event,
+                {
+                    "spec_hash": digest,
+                    "study": current.study,
+                    "reason": reason.strip(),
+                    "steward": steward,
+                    "previous_status": current.status.value,
+                },
+                actor=f"steward:{steward}",
+                connection=log_conn,
+            )
+            conn.execute(
+                update(study_specs)
+                .where(study_specs.c.spec_hash == digest)
+                .values(status=status.value, decided_at=now, decided_by=steward, reason=reason.strip())
+            )
         return self.get(digest)
 
     def check(self, spec: Mapping[str, Any]) -> Decision:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time as _time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -639,12 +640,24 @@ class AuditLog:
         return self._clock
 
     def append(
-        self, type: AuditEventType, payload: Mapping[str, Any], *, actor: str | None = None
+        self,
+        type: AuditEventType,
+        payload: Mapping[str, Any],
+        *,
+        actor: str | None = None,
+        connection: Connection | None = None,
     ) -> AuditEntry:
-        """Sign and append one entry after the current head; returns it. Safe across processes."""
+        """Sign and append one entry after the current head; returns it. Safe across processes.
+
+        With ``connection`` (from :meth:`transaction`), the entry commits or rolls back together with the
+        caller's own changes on that connection.
+        """
         event = AuditEventType(type)
         clean = _clean_payload(event, payload)
         who = actor or self._actor
+        if connection is not None:
+            self._register_key(connection)
+            return self._append_on(connection, event, clean, who)
         last_error: Exception | None = None
         for attempt in range(_APPEND_ATTEMPTS):
             try:
@@ -652,22 +665,7 @@ class AuditLog:
                     _begin_serialized(conn, self._log_id)
                     if not self._key_registered:
                         self._register_key(conn)
-                    head = self._head(conn)
-                    entry = self._make_entry(head, event, clean, who)
-                    conn.execute(
-                        insert(audit_entries).values(
-                            log_id=self._log_id,
-                            seq=entry.seq,
-                            time=format_instant(entry.time),
-                            actor=entry.actor,
-                            type=str(entry.type),
-                            payload=canonical_json(entry.payload).decode(),
-                            prev_hash=entry.prev_hash,
-                            entry_hash=entry.entry_hash,
-                            signature=entry.signature.hex(),
-                            signer=entry.signer,
-                        )
-                    )
+                    entry = self._append_on(conn, event, clean, who)
                     conn.commit()
                     self._key_registered = True
                     return entry
@@ -677,6 +675,48 @@ class AuditLog:
                 last_error = exc
                 _time.sleep(min(0.002 * (attempt + 1), 0.05))
         raise InputError(f"could not append to audit log {self._log_id!r}: it stays locked") from last_error
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A transaction on the log's database that holds the log's write lock until it commits.
+
+        Pass it to :meth:`append` as ``connection`` and make state changes on it too: the state and its audit
+        entries then commit together or not at all (a governance action is never half-applied).
+        """
+        with self._engine.connect() as conn:
+            _begin_serialized(conn, self._log_id)
+            yield conn
+            conn.commit()
+
+    def shares_database(self, engine: Engine) -> bool:
+        """Whether ``engine`` is this log's database, so that changes on it can share :meth:`transaction`."""
+        if engine is self._engine:
+            return True
+        mine, theirs = self._engine.url, engine.url
+        return (
+            mine.get_backend_name() == theirs.get_backend_name() == "sqlite"
+            and mine.database == theirs.database
+        )
+
+    def _append_on(
+        self, conn: Connection, event: AuditEventType, payload: dict[str, Any], actor: str
+    ) -> AuditEntry:
+        entry = self._make_entry(self._head(conn), event, payload, actor)
+        conn.execute(
+            insert(audit_entries).values(
+                log_id=self._log_id,
+                seq=entry.seq,
+                time=format_instant(entry.time),
+                actor=entry.actor,
+                type=str(entry.type),
+                payload=canonical_json(entry.payload).decode(),
+                prev_hash=entry.prev_hash,
+                entry_hash=entry.entry_hash,
+                signature=entry.signature.hex(),
+                signer=entry.signer,
+            )
+        )
+        return entry
 
     def _register_key(self, conn: Connection) -> None:
         fingerprint = self._public.fingerprint
@@ -765,3 +805,20 @@ def _clean_payload(event: AuditEventType, payload: Mapping[str, Any]) -> dict[st
         raise InputError(f"a {event.value} entry needs payload keys {missing}")
     clean: dict[str, Any] = json.loads(encoded)
     return clean
+
+
+@contextmanager
+def state_and_log(engine: Engine, log: AuditLog) -> Iterator[tuple[Connection, Connection | None]]:
+    """A transaction for a governance change and its audit entries: ``(state connection, log connection)``.
+
+    When ``engine`` is the log's database, both are the same connection and everything commits at once.
+    When it is another database the log connection is None: entries are appended (and committed) as the
+    change proceeds and the change commits last, so a failure leaves an entry for a change that did not
+    happen, never a change without its entry.
+    """
+    if log.shares_database(engine):
+        with log.transaction() as conn:
+            yield conn, conn
+    else:
+        with engine.begin() as conn:
+            yield conn, None

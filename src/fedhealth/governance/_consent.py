@@ -36,11 +36,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fedhealth.core import InputError, canonical_json, new_id, sha256_hex
-from fedhealth.governance._audit import AuditEventType, AuditLog
+from fedhealth.governance._audit import AuditEventType, AuditLog, state_and_log
 from fedhealth.governance._errors import ConsentImportError
 from fedhealth.governance._tables import consent_records, consent_snapshot_members, consent_snapshots
 from fedhealth.governance._timefmt import as_instant, format_instant, parse_bound, require_aware
@@ -514,8 +514,7 @@ class ConsentRegistry:
 
     def import_csv(self, path: Path) -> ConsentImportSummary:
         """Import a consent CSV (module docstring). All rows are validated before any is stored."""
-        records = parse_consent_csv(path)
-        return self._store(records, source=f"csv:{path.name}")
+        return self.add(parse_consent_csv(path), source=f"csv:{path.name}")
 
     def import_fhir(
         self, document: Path | Mapping[str, Any] | Sequence[Mapping[str, Any]]
@@ -525,27 +524,37 @@ class ConsentRegistry:
         parsed = _load_json(document) if isinstance(document, Path) else document
         found = parse_fhir_consents(parsed, origin=origin)
         now = self._log.clock.now()
-        summary = self._store(list(found.records), source=f"fhir:{origin}", log=False)
-        withdrawn = 0
         # a new version of a Consent resource replaces the old: records only the old version had are withdrawn
         current: dict[str, set[str]] = {}
         for record in found.records:
             resource = record.source.split("#", 1)[0]
             if resource.startswith("fhir:Consent/"):
                 current.setdefault(resource, set()).add(_record_id(record))
-        for resource, keep in current.items():
-            withdrawn += self._withdraw_source(resource, now, keep=keep)
-        for source in found.withdrawals:
-            withdrawn += self._withdraw_source(source, now)
-        summary = replace(summary, withdrawn=withdrawn, skipped=found.skipped)
-        self._log.append(AuditEventType.CONSENT_IMPORTED, summary.to_json())
+        with state_and_log(self._engine, self._log) as (conn, log_conn):
+            added, updated, unchanged = self._store(conn, found.records)
+            withdrawn = sum(self._withdraw_source(conn, r, now, keep=keep) for r, keep in current.items())
+            withdrawn += sum(self._withdraw_source(conn, source, now) for source in found.withdrawals)
+            summary = ConsentImportSummary(
+                source=f"fhir:{origin}",
+                added=added,
+                updated=updated,
+                unchanged=unchanged,
+                withdrawn=withdrawn,
+                skipped=found.skipped,
+            )
+            self._log.append(AuditEventType.CONSENT_IMPORTED, summary.to_json(), connection=log_conn)
         return summary
 
     def add(self, records: Iterable[ConsentRecord], *, source: str = "api") -> ConsentImportSummary:
-        """Store records given in code (same upsert rules as the imports)."""
-        return self._store(list(records), source=source)
+        """Store records (idempotent: a record already stored is unchanged, or gains a withdrawal time)."""
+        with state_and_log(self._engine, self._log) as (conn, log_conn):
+            added, updated, unchanged = self._store(conn, records)
+            summary = ConsentImportSummary(source=source, added=added, updated=updated, unchanged=unchanged)
+            self._log.append(AuditEventType.CONSENT_IMPORTED, summary.to_json(), connection=log_conn)
+        return summary
 
-    def _store(self, records: list[ConsentRecord], *, source: str, log: bool = True) -> ConsentImportSummary:
+    def _store(self, conn: Connection, records: Iterable[ConsentRecord]) -> tuple[int, int, int]:
+        """Upsert on ``conn``; returns (added, updated, unchanged)."""
         incoming: dict[str, ConsentRecord] = {}
         for record in records:
             key = _record_id(record)
@@ -555,60 +564,57 @@ class ConsentRegistry:
             incoming[key] = record
         now = self._log.clock.now()
         added = updated = unchanged = 0
-        with self._engine.begin() as conn:
-            existing: dict[str, datetime | None] = {}
-            for chunk in _chunks(list(incoming)):
-                rows = conn.execute(
-                    select(consent_records.c.record_id, consent_records.c.withdrawn_at).where(
-                        consent_records.c.record_id.in_(chunk)
-                    )
-                )
-                existing.update({row.record_id: row.withdrawn_at for row in rows})
-            new_rows = []
-            for key, record in incoming.items():
-                if key not in existing:
-                    new_rows.append(_row(key, record, now))
-                    added += 1
-                    continue
-                # a withdrawal is never undone by re-importing the record without one
-                merged = _earliest(existing[key], record.withdrawn_at)
-                if merged != existing[key]:
-                    conn.execute(
-                        update(consent_records)
-                        .where(consent_records.c.record_id == key)
-                        .values(withdrawn_at=merged)
-                    )
-                    updated += 1
-                else:
-                    unchanged += 1
-            if new_rows:
-                conn.execute(insert(consent_records), new_rows)
-        summary = ConsentImportSummary(source=source, added=added, updated=updated, unchanged=unchanged)
-        if log:
-            self._log.append(AuditEventType.CONSENT_IMPORTED, summary.to_json())
-        return summary
-
-    def _withdraw_source(self, source: str, when: datetime, *, keep: Iterable[str] = ()) -> int:
-        prefix = f"{source}#"
-        kept = set(keep)
-        with self._engine.begin() as conn:
+        existing: dict[str, datetime | None] = {}
+        for chunk in _chunks(list(incoming)):
             rows = conn.execute(
                 select(consent_records.c.record_id, consent_records.c.withdrawn_at).where(
-                    consent_records.c.source.startswith(prefix, autoescape=True)
+                    consent_records.c.record_id.in_(chunk)
                 )
-            ).all()
-            changed = 0
-            for row in rows:
-                if row.record_id in kept:
-                    continue
-                merged = _earliest(row.withdrawn_at, when)
-                if merged != row.withdrawn_at:
-                    conn.execute(
-                        update(consent_records)
-                        .where(consent_records.c.record_id == row.record_id)
-                        .values(withdrawn_at=merged)
-                    )
-                    changed += 1
+            )
+            existing.update({row.record_id: row.withdrawn_at for row in rows})
+        new_rows = []
+        for key, record in incoming.items():
+            if key not in existing:
+                new_rows.append(_row(key, record, now))
+                added += 1
+                continue
+            # a withdrawal is never undone by re-importing the record without one
+            merged = _earliest(existing[key], record.withdrawn_at)
+            if merged != existing[key]:
+                conn.execute(
+                    update(consent_records)
+                    .where(consent_records.c.record_id == key)
+                    .values(withdrawn_at=merged)
+                )
+                updated += 1
+            else:
+                unchanged += 1
+        if new_rows:
+            conn.execute(insert(consent_records), new_rows)
+        return added, updated, unchanged
+
+    def _withdraw_source(
+        self, conn: Connection, source: str, when: datetime, *, keep: Iterable[str] = ()
+    ) -> int:
+        prefix = f"{source}#"
+        kept = set(keep)
+        rows = conn.execute(
+            select(consent_records.c.record_id, consent_records.c.withdrawn_at).where(
+                consent_records.c.source.startswith(prefix, autoescape=True)
+            )
+        ).all()
+        changed = 0
+        for row in rows:
+            if row.record_id in kept:
+                continue
+            merged = _earliest(row.withdrawn_at, when)
+            if merged != row.withdrawn_at:
+                conn.execute(
+                    update(consent_records)
+                    .where(consent_records.c.record_id == row.record_id)
+                    .values(withdrawn_at=merged)
+                )
+                changed += 1
         return changed
 
     # reading
@@ -684,7 +690,6 @@ class ConsentRegistry:
             no_record_count=len(unrecorded),
             snapshot_hash=consent_snapshot_hash(kept, purpose, day),
         )
-        self._store_snapshot(result)
         payload: dict[str, Any] = {
             "purpose": purpose,
             "date": day.isoformat(),
@@ -696,20 +701,21 @@ class ConsentRegistry:
             payload["task_id"] = task_id
         if study_id is not None:
             payload["study_id"] = study_id
-        self._log.append(AuditEventType.CONSENT_APPLIED, payload)
+        with state_and_log(self._engine, self._log) as (conn, log_conn):
+            self._store_snapshot(conn, result)
+            self._log.append(AuditEventType.CONSENT_APPLIED, payload, connection=log_conn)
         return result
 
-    def _store_snapshot(self, result: ConsentFilterResult) -> None:
-        with self._engine.connect() as conn:
-            known = conn.execute(
-                select(consent_snapshots.c.snapshot_hash).where(
-                    consent_snapshots.c.snapshot_hash == result.snapshot_hash
-                )
-            ).first()
+    def _store_snapshot(self, conn: Connection, result: ConsentFilterResult) -> None:
+        known = conn.execute(
+            select(consent_snapshots.c.snapshot_hash).where(
+                consent_snapshots.c.snapshot_hash == result.snapshot_hash
+            )
+        ).first()
         if known is not None:
             return
         try:
-            with self._engine.begin() as conn:
+            with conn.begin_nested():
                 conn.execute(
                     insert(consent_snapshots).values(
                         snapshot_hash=result.snapshot_hash,
@@ -729,18 +735,8 @@ class ConsentRegistry:
 
     def snapshots_including(self, patient_id: str, purpose: str | None = None) -> list[str]:
         """The stored snapshot hashes that included ``patient_id`` (for ``purpose``, or any purpose)."""
-        query = (
-            select(consent_snapshots.c.snapshot_hash)
-            .join(
-                consent_snapshot_members,
-                consent_snapshot_members.c.snapshot_hash == consent_snapshots.c.snapshot_hash,
-            )
-            .where(consent_snapshot_members.c.patient_id == patient_id)
-        )
-        if purpose is not None and purpose != ANY_PURPOSE:
-            query = query.where(consent_snapshots.c.purpose == purpose)
         with self._engine.connect() as conn:
-            return sorted(set(conn.execute(query).scalars()))
+            return _snapshots_including(conn, patient_id, purpose)
 
     # withdrawal
 
@@ -757,7 +753,14 @@ class ConsentRegistry:
         scope = purpose if purpose is not None else ANY_PURPOSE
         _check_id(scope, "purpose")
         at = require_aware(when, "the withdrawal time") if when is not None else self._log.clock.now()
-        with self._engine.begin() as conn:
+        deny = ConsentRecord(
+            patient_id=patient_id,
+            purpose=scope,
+            decision=ConsentDecision.DENY,
+            valid_from=at,
+            source="withdrawal",
+        )
+        with state_and_log(self._engine, self._log) as (conn, log_conn):
             query = select(consent_records.c.record_id, consent_records.c.withdrawn_at).where(
                 consent_records.c.patient_id == patient_id
             )
@@ -771,31 +774,39 @@ class ConsentRegistry:
                         .where(consent_records.c.record_id == row.record_id)
                         .values(withdrawn_at=merged)
                     )
-        deny = ConsentRecord(
-            patient_id=patient_id,
-            purpose=scope,
-            decision=ConsentDecision.DENY,
-            valid_from=at,
-            source="withdrawal",
-        )
-        self._store([deny], source="withdrawal", log=False)
-        notice = WithdrawalNotice(
-            notice_id=new_id("wd"),
-            purpose=scope,
-            withdrawn_at=at,
-            snapshot_hashes=tuple(self.snapshots_including(patient_id, purpose)),
-        )
-        self._log.append(
-            AuditEventType.CONSENT_WITHDRAWN,
-            {
-                "patient_id": patient_id,
-                "purpose": scope,
-                "withdrawn_at": format_instant(at),
-                "notice_id": notice.notice_id,
-                "affected_snapshots": list(notice.snapshot_hashes),
-            },
-        )
+            self._store(conn, [deny])
+            notice = WithdrawalNotice(
+                notice_id=new_id("wd"),
+                purpose=scope,
+                withdrawn_at=at,
+                snapshot_hashes=tuple(_snapshots_including(conn, patient_id, purpose)),
+            )
+            self._log.append(
+                AuditEventType.CONSENT_WITHDRAWN,
+                {
+                    "patient_id": patient_id,
+                    "purpose": scope,
+                    "withdrawn_at": format_instant(at),
+                    "notice_id": notice.notice_id,
+                    "affected_snapshots": list(notice.snapshot_hashes),
+                },
+                connection=log_conn,
+            )
         return notice
+
+
+def _snapshots_including(conn: Connection, patient_id: str, purpose: str | None) -> list[str]:
+    query = (
+        select(consent_snapshots.c.snapshot_hash)
+        .join(
+            consent_snapshot_members,
+            consent_snapshot_members.c.snapshot_hash == consent_snapshots.c.snapshot_hash,
+        )
+        .where(consent_snapshot_members.c.patient_id == patient_id)
+    )
+    if purpose is not None and purpose != ANY_PURPOSE:
+        query = query.where(consent_snapshots.c.purpose == purpose)
+    return sorted(set(conn.execute(query).scalars()))
 
 
 def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:

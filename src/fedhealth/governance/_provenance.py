@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from fedhealth.core import (
@@ -29,7 +30,7 @@ from fedhealth.core import (
     SystemClock,
     canonical_json,
 )
-from fedhealth.governance._audit import AuditEventType, AuditLog
+from fedhealth.governance._audit import AuditEventType, AuditLog, state_and_log
 from fedhealth.governance._tables import model_flags, model_metrics, model_snapshots, model_versions
 from fedhealth.governance._timefmt import format_instant, parse_instant, require_aware
 
@@ -154,6 +155,12 @@ class WithdrawalFlag:
             "via_digest": self.via_digest,
             "flagged_at": format_instant(self.flagged_at),
         }
+
+
+@contextmanager
+def _plain_transaction(engine: Engine) -> Iterator[tuple[Connection, None]]:
+    with engine.begin() as conn:
+        yield conn, None
 
 
 class ProvenanceStore:
@@ -346,32 +353,39 @@ class ProvenanceStore:
                     flagged_at=when,
                 )
             frontier = nxt
-        created = self._store_flags(list(flags.values()))
-        if self._log is not None:
-            for flag in created:
-                self._log.append(AuditEventType.MODEL_FLAGGED, flag.to_json())
-        return [f for f in self.flags_of_notice(notice_id)]
+        self._store_flags(sorted(flags.values(), key=lambda f: f.model_digest))
+        return self.flags_of_notice(notice_id)
 
-    def _store_flags(self, flags: list[WithdrawalFlag]) -> list[WithdrawalFlag]:
-        created: list[WithdrawalFlag] = []
-        for flag in sorted(flags, key=lambda f: f.model_digest):
-            try:
-                with self._engine.begin() as conn:
-                    conn.execute(
-                        insert(model_flags).values(
-                            model_digest=flag.model_digest,
-                            notice_id=flag.notice_id,
-                            site=flag.site,
-                            reason=flag.reason.value,
-                            snapshot_hash=flag.snapshot_hash,
-                            via_digest=flag.via_digest,
-                            flagged_at=flag.flagged_at,
-                        )
+    def _store_flags(self, flags: list[WithdrawalFlag]) -> None:
+        """Insert the flags this notice has not yet made, each with its audit entry, in one transaction."""
+        writing = (
+            state_and_log(self._engine, self._log)
+            if self._log is not None
+            else _plain_transaction(self._engine)
+        )
+        with writing as (conn, log_conn):
+            for flag in flags:
+                known = conn.execute(
+                    select(model_flags.c.model_digest).where(
+                        (model_flags.c.model_digest == flag.model_digest)
+                        & (model_flags.c.notice_id == flag.notice_id)
                     )
-                created.append(flag)
-            except IntegrityError:
-                continue  # this notice already flagged this version: re-delivery
-        return created
+                ).first()
+                if known is not None:
+                    continue  # this notice already flagged this version: re-delivery
+                conn.execute(
+                    insert(model_flags).values(
+                        model_digest=flag.model_digest,
+                        notice_id=flag.notice_id,
+                        site=flag.site,
+                        reason=flag.reason.value,
+                        snapshot_hash=flag.snapshot_hash,
+                        via_digest=flag.via_digest,
+                        flagged_at=flag.flagged_at,
+                    )
+                )
+                if self._log is not None:
+                    self._log.append(AuditEventType.MODEL_FLAGGED, flag.to_json(), connection=log_conn)
 
     def flags(self, digest: str) -> list[WithdrawalFlag]:
         """The withdrawal flags on one version (empty: no reported withdrawal affects it)."""
