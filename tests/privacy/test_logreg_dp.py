@@ -9,7 +9,7 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 
 from fedhealth.core import InputError
-from fedhealth.learning._logreg_dp import logreg_per_example_gradients, logreg_train_dp
+from fedhealth.learning import logreg_per_example_gradients, logreg_train_dp
 from fedhealth.privacy import DpParameterError, DpSgdRelease, epsilon
 
 
@@ -35,7 +35,8 @@ def test_per_example_gradients_match_finite_differences():
     X, y = make_data(n=8, d=4)
     w = np.array([0.3, -1.2, 0.5, 2.0])
     b = np.array([-0.4])
-    grads = logreg_per_example_gradients(w, b, X, y)
+    by_name = logreg_per_example_gradients({"weight": w, "bias": b}, X, y)
+    grads = np.hstack([by_name["weight"], by_name["bias"]])
     h = 1e-6
     for i in range(len(X)):
         theta = np.concatenate([w, b])

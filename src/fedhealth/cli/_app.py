@@ -6,6 +6,7 @@ import typer
 
 from fedhealth.cli._bench import benchmark_app
 from fedhealth.cli._demo import demo
+from fedhealth.cli._privacy import budget_app, privacy_app
 from fedhealth.cli._services import orchestrator_app, site_app, user_app
 
 app = typer.Typer(
@@ -20,6 +21,8 @@ app.add_typer(site_app, name="site")
 app.add_typer(user_app, name="user")
 app.command("demo")(demo)
 app.add_typer(benchmark_app, name="benchmark")
+app.add_typer(privacy_app, name="privacy")
+site_app.add_typer(budget_app, name="budget")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from fedhealth.learning._logreg import (
     logreg_predict_proba,
     logreg_train,
 )
+from fedhealth.learning._logreg_dp import logreg_train_dp
 from fedhealth.learning._metrics import MetricSummary, mean_metrics, weighted_metrics
 from fedhealth.learning._presets import BREAST_CANCER_PRESETS, HEART_DISEASE_PRESETS, StudyPreset
 from fedhealth.learning._results import EvalResult, TrainResult
@@ -46,6 +47,7 @@ __all__ = [
     "logreg_per_example_gradients",
     "logreg_predict_proba",
     "logreg_train",
+    "logreg_train_dp",
     "mean_metrics",
     "strategy_state_specs",
     "synthetic_init",

@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedhealth.core import InputError
+from fedhealth.learning._logreg import logreg_per_example_gradients
 from fedhealth.privacy import (
     DpParameterError,
     DpSgdRelease,
@@ -28,24 +29,12 @@ from fedhealth.privacy import (
 Params = dict[str, NDArray[np.float32]]
 
 
-def _sigmoid(z: NDArray[np.float64]) -> NDArray[np.float64]:
-    # Split by sign so that exp never overflows.
-    out = np.empty_like(z)
-    pos = z >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
-    ez = np.exp(z[~pos])
-    out[~pos] = ez / (1.0 + ez)
-    return out
-
-
-def logreg_per_example_gradients(
+def _stacked_gradients(
     weight: NDArray[np.floating], bias: NDArray[np.floating], X: NDArray[np.floating], y: NDArray[np.floating]
 ) -> NDArray[np.float64]:
     """Row ``i`` is the gradient of record ``i``'s cross-entropy with respect to ``[weight..., bias]``."""
-    X64 = np.asarray(X, dtype=np.float64)
-    logits = X64 @ np.asarray(weight, dtype=np.float64) + float(bias[0])
-    residual = _sigmoid(logits) - np.asarray(y, dtype=np.float64)
-    return np.hstack([X64 * residual[:, None], residual[:, None]])
+    grads = logreg_per_example_gradients({"weight": weight, "bias": bias}, X, y)
+    return np.hstack([grads["weight"], grads["bias"]])
 
 
 def _check_inputs(params: Params, X: NDArray[np.floating], y: NDArray[np.floating]) -> int:
@@ -103,7 +92,7 @@ def logreg_train_dp(
     clipped_total = 0
     for _ in range(release.steps):
         batch = poisson_sample(n, release.sample_rate, rng)
-        grads = logreg_per_example_gradients(theta[:d], theta[d:], X64[batch], y64[batch])
+        grads = _stacked_gradients(theta[:d], theta[d:], X64[batch], y64[batch])
         noisy_sum, clipped = noisy_clipped_sum(
             grads, max_grad_norm=max_grad_norm, noise_multiplier=release.noise_multiplier, rng=rng
         )

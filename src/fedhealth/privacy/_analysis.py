@@ -31,7 +31,7 @@ def gaussian_dp_delta(mu: float, epsilon: float) -> float:
         raise DpParameterError(f"mu must be a positive number, got {mu}")
     if not (math.isfinite(epsilon) and epsilon >= 0):
         raise DpParameterError(f"epsilon must be a non-negative number, got {epsilon}")
-    from scipy import special  # type: ignore[import-untyped]  # imported on first use: it is slow to load
+    from scipy import special  # imported on first use: it is slow to load
 
     # In log space: the second term overflows exp() on its own for large epsilon.
     log_a = float(special.log_ndtr(-epsilon / mu + mu / 2))

@@ -1,7 +1,21 @@
 """Simulation: runs a whole federation on one machine (orchestrator + N agents as real processes over
 loopback) for the demo, the end-to-end tests and the benchmarks."""
 
-from fedhealth.sim._bench import RoundBenchmark, benchmark_rounds
+from fedhealth.sim._bench import (
+    FLAMBY_HEART_DISEASE,
+    MethodResult,
+    RoundBenchmark,
+    benchmark_heart_disease,
+    benchmark_rounds,
+)
 from fedhealth.sim._federation import FederationError, LocalFederation
 
-__all__ = ["FederationError", "LocalFederation", "RoundBenchmark", "benchmark_rounds"]
+__all__ = [
+    "FLAMBY_HEART_DISEASE",
+    "FederationError",
+    "LocalFederation",
+    "MethodResult",
+    "RoundBenchmark",
+    "benchmark_heart_disease",
+    "benchmark_rounds",
+]
