@@ -6,6 +6,7 @@ import typer
 
 from fedhealth.cli._bench import benchmark_app
 from fedhealth.cli._demo import demo
+from fedhealth.cli._governance import approval_app, audit_app, consent_app, model_app, provenance_app
 from fedhealth.cli._privacy import budget_app, privacy_app
 from fedhealth.cli._services import orchestrator_app, site_app, user_app
 
@@ -23,6 +24,15 @@ app.command("demo")(demo)
 app.add_typer(benchmark_app, name="benchmark")
 app.add_typer(privacy_app, name="privacy")
 site_app.add_typer(budget_app, name="budget")
+site_app.add_typer(consent_app, name="consent")
+# The data steward's approvals live beside the other site commands: `fedhealth site approve HASH --reason ...`
+for _command in approval_app.registered_commands:
+    if _command.name == "list":
+        _command.name = "approvals"  # `site list` lists the sites
+    site_app.registered_commands.append(_command)
+app.add_typer(audit_app, name="audit")
+app.add_typer(provenance_app, name="provenance")
+app.add_typer(model_app, name="model")
 
 
 def main() -> None:
