@@ -11,15 +11,20 @@ from fedhealth.agent._client import (
     connection_problem,
 )
 from fedhealth.agent._home import SiteHome, enroll_site
+from fedhealth.agent._pipeline import PassGate, SiteGate, TaskContext, TaskRefused
 
 __all__ = [
     "AgentSettings",
     "OrchestratorClient",
     "OrchestratorRefused",
+    "PassGate",
     "RetryPolicy",
     "SiteAgent",
+    "SiteGate",
     "SiteHome",
     "SiteRefused",
+    "TaskContext",
+    "TaskRefused",
     "TlsVerificationError",
     "connection_problem",
     "enroll_site",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fedhealth.agent._client import OrchestratorClient, OrchestratorRefused, RetryPolicy, TlsVerificationError
+from fedhealth.agent._pipeline import SiteGate, TaskContext, TaskRefused
 from fedhealth.core import (
     DatasetError,
     FedHealthError,
@@ -45,7 +47,13 @@ class AgentSettings:
 
 
 class SiteAgent:
-    def __init__(self, settings: AgentSettings, *, client: OrchestratorClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        client: OrchestratorClient | None = None,
+        gates: Sequence[SiteGate] = (),
+    ) -> None:
         self.settings = settings
         self._stop = threading.Event()
         self.client = client or OrchestratorClient(
@@ -59,6 +67,7 @@ class SiteAgent:
         self._datasets: dict[str, TabularDataset] = {}
         self._models: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
         self.tasks_done = 0
+        self.gates: list[SiteGate] = list(gates)
 
     def stop(self) -> None:
         self._stop.set()
@@ -108,49 +117,86 @@ class SiteAgent:
     def handle(self, task: Task) -> None:
         site = self.settings.site
         log.info("task %s: %s round %d of study %s", task.task_id, task.kind.value, task.round, task.study_id)
+        ctx = TaskContext(task=task, site=site)
         try:
+            for gate in self.gates:
+                gate.before_data(ctx)
             params = self._model(task)
-            dataset = None if task.recipe.name.value == "synthetic" else self._dataset(task.dataset)
+            dataset = None
+            if task.recipe.name.value != "synthetic":
+                ctx.data_read = True
+                dataset = self._dataset(task.dataset)
+                for gate in self.gates:
+                    dataset = gate.prepare_data(ctx, dataset)
             if task.kind is TaskKind.TRAIN:
                 outcome = train_on_site(task, site, params, dataset)
-                body = encode_update(
-                    outcome.delta, ResultManifest(task_id=task.task_id, metrics=outcome.metrics)
+                for gate in self.gates:
+                    gate.after_training(ctx)
+                self._attest(ctx)
+                manifest = ResultManifest(
+                    task_id=task.task_id, metrics=outcome.metrics, attestation=ctx.site_attestation()
                 )
+                body = encode_update(outcome.delta, manifest)
                 self.client.upload_result(task.task_id, body, max_elapsed_s=self._time_left(task))
             else:
                 metrics = evaluate_on_site(task, params, dataset)
+                for gate in self.gates:
+                    gate.after_training(ctx)
+                self._attest(ctx)
                 self.client.upload_evaluation(
                     task.task_id,
-                    ResultManifest(task_id=task.task_id, metrics=metrics),
+                    ResultManifest(task_id=task.task_id, metrics=metrics, attestation=ctx.site_attestation()),
                     max_elapsed_s=self._time_left(task),
                 )
             self.tasks_done += 1
+        except TaskRefused as refusal:
+            log.warning("task %s refused: %s: %s", task.task_id, refusal.code, refusal.reason)
+            for gate in self.gates:
+                gate.on_refused(ctx, refusal)
+            self._attest(ctx)
+            self._fail(task, refusal.code, refusal.reason, ctx)
         except OrchestratorRefused as exc:
             if exc.status == 403:
                 raise SiteRefused(f"the orchestrator refuses this site: {exc}") from exc
             log.error("task %s: the orchestrator refused the result: %s", task.task_id, exc)
         except ServiceUnavailableError as exc:
             log.error("task %s abandoned: %s", task.task_id, exc)
-        except DatasetError as exc:
-            self._fail(task, "dataset_unavailable", str(exc))
-        except InputError as exc:
-            self._fail(task, "invalid_task", str(exc))
-        except FedHealthError as exc:
-            self._fail(task, "training_failed", f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # a bug in training code must not kill the agent: report it and go on
-            log.exception("task %s crashed", task.task_id)
-            self._fail(task, "internal_error", f"{type(exc).__name__}: {exc}")
+            for gate in self.gates:
+                gate.on_failed(ctx, exc)
+            code, reason = _failure_code(exc)
+            if code == "internal_error":
+                log.exception("task %s crashed", task.task_id)
+            self._fail(task, code, reason, ctx)
 
-    def _fail(self, task: Task, code: str, reason: str) -> None:
+    def _attest(self, ctx: TaskContext) -> None:
+        for gate in self.gates:
+            gate.attest(ctx)
+
+    def _fail(self, task: Task, code: str, reason: str, ctx: TaskContext | None = None) -> None:
         log.error("task %s failed: %s: %s", task.task_id, code, reason)
         try:
             self.client.report_failure(
                 task.task_id,
-                TaskFailure(code=code, reason=reason[:2000]),
+                TaskFailure(
+                    code=code,
+                    reason=reason[:2000],
+                    attestation=ctx.site_attestation() if ctx is not None else None,
+                ),
                 max_elapsed_s=self._time_left(task),
             )
         except (OrchestratorRefused, ServiceUnavailableError) as exc:
             log.error("could not report the failure of %s: %s", task.task_id, exc)
+
+
+def _failure_code(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, DatasetError):
+        return "dataset_unavailable", str(exc)
+    if isinstance(exc, InputError):
+        return "invalid_task", str(exc)
+    if isinstance(exc, FedHealthError):
+        return "training_failed", f"{type(exc).__name__}: {exc}"
+    return "internal_error", f"{type(exc).__name__}: {exc}"
 
 
 class SiteRefused(FedHealthError):

@@ -315,6 +315,7 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
             model_digest=r.model_in_digest,
             seed=spec.seed,
             deadline=r.deadline_at,
+            spec=spec,
         )
 
     @app.get("/api/v1/agent/tasks/next", response_model=TaskPoll, tags=["agent"])
@@ -398,6 +399,8 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
             raise await _reject(svc, task, f"malformed result manifest: {exc.errors()[0]['msg']}") from exc
         if manifest.task_id != task_id:
             raise await _reject(svc, task, "the result manifest names another task")
+        if manifest.metrics is None:
+            raise await _reject(svc, task, "the result manifest lacks the site's metrics")
         await anyio.to_thread.run_sync(svc.blobs.put, body, digest)
         stored = svc.store.complete_task(
             task_id,
@@ -405,6 +408,7 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
             num_samples=manifest.metrics.num_samples,
             metrics=manifest.metrics,
             when=svc.settings.clock.now(),
+            attestation=manifest.attestation,
         )
         if not stored:
             again = svc.store.get_task(task_id)
@@ -419,6 +423,8 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
         task = _own_task(svc, site, task_id, TaskKind.EVALUATE)
         if body.task_id != task_id:
             raise ApiError(422, "the result manifest names another task")
+        if body.metrics is None:
+            raise ApiError(422, "an evaluation result needs metrics")
         if task.status is TaskStatus.COMPLETED:
             if task.metrics == body.metrics:
                 return Ack(detail="already stored")
@@ -426,7 +432,12 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
         if not task.is_open:
             raise ApiError(409, f"task is {task.status.value}: {task.reason}")
         svc.store.complete_task(
-            task_id, digest=None, num_samples=0, metrics=body.metrics, when=svc.settings.clock.now()
+            task_id,
+            digest=None,
+            num_samples=0,
+            metrics=body.metrics,
+            when=svc.settings.clock.now(),
+            attestation=body.attestation,
         )
         await svc.engine.task_closed(task.round_id)
         return Ack()
@@ -439,7 +450,11 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
             raise ApiError(403, "this task belongs to another site")
         if task.is_open:
             svc.store.close_task(
-                task_id, TaskStatus.FAILED, f"{body.code}: {body.reason}", svc.settings.clock.now()
+                task_id,
+                TaskStatus.FAILED,
+                f"{body.code}: {body.reason}",
+                svc.settings.clock.now(),
+                attestation=body.attestation,
             )
             log.warning("site %s could not do %s: %s: %s", site, task_id, body.code, body.reason)
             await svc.engine.task_closed(task.round_id)

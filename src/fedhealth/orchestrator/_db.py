@@ -131,6 +131,7 @@ tasks = Table(
     Column("result_digest", String(64), nullable=True),
     Column("num_samples", Integer, nullable=True),
     Column("metrics_json", Text, nullable=True),
+    Column("attestation_json", Text, nullable=True),  # SiteAttestation: audit head, fingerprints, DP spend
     UniqueConstraint("round_id", "site", name="uq_tasks_round_site"),
 )
 Index("ix_tasks_site_status", tasks.c.site, tasks.c.status)

@@ -31,6 +31,7 @@ from fedhealth.orchestrator._db import (
 )
 from fedhealth.protocol import (
     RoundStatus,
+    SiteAttestation,
     SiteMetrics,
     StudySpec,
     StudyStatus,
@@ -125,6 +126,7 @@ class TaskRow:
     result_digest: str | None
     num_samples: int | None
     metrics: SiteMetrics | None
+    attestation: SiteAttestation | None = None
 
     @property
     def is_open(self) -> bool:
@@ -213,6 +215,11 @@ def _task(row: RowMapping) -> TaskRow:
         result_digest=row["result_digest"],
         num_samples=row["num_samples"],
         metrics=SiteMetrics.model_validate_json(row["metrics_json"]) if row["metrics_json"] else None,
+        attestation=(
+            SiteAttestation.model_validate_json(row["attestation_json"])
+            if row.get("attestation_json")
+            else None
+        ),
     )
 
 
@@ -500,6 +507,7 @@ class Store:
                     "result_digest": None,
                     "num_samples": None,
                     "metrics_json": None,
+                    "attestation_json": None,
                 }
                 for site in sorted(new.sites)
             ],
@@ -659,7 +667,14 @@ class Store:
             )
 
     def complete_task(
-        self, task_id: str, *, digest: str | None, num_samples: int, metrics: SiteMetrics, when: datetime
+        self,
+        task_id: str,
+        *,
+        digest: str | None,
+        num_samples: int | None,
+        metrics: SiteMetrics | None,
+        when: datetime,
+        attestation: SiteAttestation | None = None,
     ) -> bool:
         """Record a valid result if the task is still open; False if it was already closed."""
         with self.engine.begin() as c:
@@ -671,20 +686,31 @@ class Store:
                         status=TaskStatus.COMPLETED.value,
                         result_digest=digest,
                         num_samples=num_samples,
-                        metrics_json=metrics.model_dump_json(),
+                        metrics_json=metrics.model_dump_json() if metrics is not None else None,
+                        attestation_json=attestation.model_dump_json() if attestation is not None else None,
                         ended_at=when,
                     )
                 ).rowcount
             )
 
-    def close_task(self, task_id: str, status: TaskStatus, reason: str, when: datetime) -> bool:
+    def close_task(
+        self,
+        task_id: str,
+        status: TaskStatus,
+        reason: str,
+        when: datetime,
+        attestation: SiteAttestation | None = None,
+    ) -> bool:
         """Close an open task as rejected, failed or timed out; False if it was already closed."""
+        values: dict[str, Any] = {"status": status.value, "reason": reason[:2000], "ended_at": when}
+        if attestation is not None:
+            values["attestation_json"] = attestation.model_dump_json()
         with self.engine.begin() as c:
             return bool(
                 c.execute(
                     update(tasks)
                     .where(and_(tasks.c.id == task_id, tasks.c.status.in_(OPEN_TASK_STATES)))
-                    .values(status=status.value, reason=reason[:2000], ended_at=when)
+                    .values(**values)
                 ).rowcount
             )
 

@@ -80,6 +80,61 @@ class StrategySpec(Message):
     )
 
 
+class DpMode(StrEnum):
+    RECORD = "record"  # DP-SGD inside each site: protects each patient (the default)
+    SITE_CENTRAL = "site-central"  # sites clip their updates, the orchestrator adds noise to the sum
+    SITE_DISTRIBUTED = (
+        "site-distributed"  # each site adds its share of the noise; the secure sum carries it all
+    )
+
+
+class AccountantName(StrEnum):
+    PLD = "pld"
+    RDP = "rdp"
+
+
+class PrivacySpec(Message):
+    """Differential privacy for a study. Either ``noise_multiplier`` is given, or ``target_epsilon`` and the
+    noise is calibrated from it (deterministically, so every site can recompute and check it)."""
+
+    mode: DpMode = DpMode.RECORD
+    delta: FiniteFloat = Field(gt=0, lt=1)
+    target_epsilon: FiniteFloat | None = Field(default=None, gt=0, le=1000)
+    noise_multiplier: FiniteFloat | None = Field(default=None, ge=0, le=10_000)
+    max_grad_norm: FiniteFloat = Field(
+        gt=0, le=1e6, description="per-example clip (record) or update clip (site)"
+    )
+    sample_rate: FiniteFloat | None = Field(
+        default=None, gt=0, le=1, description="Poisson rate (record mode)"
+    )
+    steps_per_round: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="DP-SGD steps (record mode)"
+    )
+    accountant: AccountantName = AccountantName.PLD
+
+    @model_validator(mode="after")
+    def _complete(self) -> PrivacySpec:
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("give noise_multiplier or target_epsilon")
+        if self.mode is DpMode.RECORD and (self.sample_rate is None or self.steps_per_round is None):
+            raise ValueError("record-level DP needs sample_rate and steps_per_round")
+        return self
+
+
+class SecureAggregationSpec(Message):
+    """SecAgg+ for a study: the orchestrator sees only the sum of the sites' quantized, masked updates."""
+
+    threshold: int | None = Field(default=None, ge=2, description="sites needed to unmask (default: 2n/3)")
+    stage_timeout_s: FiniteFloat = Field(default=30.0, gt=0, le=3600)
+    weight_cap: int = Field(
+        default=100_000, ge=1, le=10**9, description="most samples one site's weight counts"
+    )
+    update_clip: FiniteFloat = Field(
+        default=1.0, gt=0, le=1e6, description="per-coordinate bound on an update"
+    )
+    full_graph_max_sites: int = Field(default=20, ge=2, le=10_000)
+
+
 class StudySpec(Message):
     """A study as its owner submits it."""
 
@@ -96,6 +151,10 @@ class StudySpec(Message):
     min_sites: int = Field(default=1, ge=1, description="quorum: updates needed for a round to count")
     round_deadline_s: FiniteFloat = Field(default=300.0, gt=0, le=7 * 24 * 3600)
     seed: int = Field(default=0, ge=0, lt=2**32)
+    purpose: Name = Field(default="research", description="what patients' consent must permit")
+    description: Annotated[str, Field(max_length=4000)] = ""
+    privacy: PrivacySpec | None = None
+    secure_aggregation: SecureAggregationSpec | None = None
 
     @field_validator("train_sites", "eval_sites")
     @classmethod
@@ -108,6 +167,17 @@ class StudySpec(Message):
     def _quorum_possible(self) -> StudySpec:
         if self.min_sites > len(self.train_sites):
             raise ValueError(f"min_sites={self.min_sites} exceeds the {len(self.train_sites)} training sites")
+        return self
+
+    @model_validator(mode="after")
+    def _secagg_threshold(self) -> StudySpec:
+        sa = self.secure_aggregation
+        if (
+            sa is not None
+            and sa.threshold is not None
+            and not len(self.train_sites) / 2 < sa.threshold <= len(self.train_sites)
+        ):
+            raise ValueError("secure aggregation needs n/2 < threshold <= n (n: training sites)")
         return self
 
     @property
@@ -177,6 +247,7 @@ class TaskInfo(Message):
     status: TaskStatus
     reason: str | None = None
     metrics: SiteMetrics | None = None
+    attestation: SiteAttestation | None = None
 
 
 class RoundInfo(Message):
@@ -206,8 +277,25 @@ class StudyInfo(Message):
 # --- agent API --------------------------------------------------------------------------------------------
 
 
+class LogHeadInfo(Message):
+    """The head of a hash-chained audit log: its last sequence number and entry hash."""
+
+    seq: int = Field(ge=0)
+    hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class RoundCommitment(Message):
+    """The orchestrator's signed-log commitment to a finished round; each site logs it (cross-anchoring)."""
+
+    study_id: str
+    round: int
+    model_digest: str | None
+    orchestrator_head: LogHeadInfo
+
+
 class Task(Message):
-    """A unit of work for one site, delivered by long-poll."""
+    """A unit of work for one site, delivered by long-poll. ``spec`` is the whole study spec, so the site can
+    hash it and check its data steward's approval."""
 
     protocol_version: int = PROTOCOL_VERSION
     task_id: str
@@ -219,24 +307,54 @@ class Task(Message):
     model_digest: str = Field(description="sha256 of the global model's safetensors blob")
     seed: int
     deadline: datetime
+    spec: StudySpec
+    spec_signature: str | None = Field(default=None, description="the owner's Ed25519 signature, hex")
+    owner_public_key: str | None = Field(default=None, description="the owner's Ed25519 public key, hex")
+    commitments: list[RoundCommitment] = Field(
+        default_factory=list, description="rounds to anchor at the site"
+    )
 
 
 class TaskPoll(Message):
     task: Task | None
 
 
+class PrivacySpend(Message):
+    """What a site's ledger says after a task: the study's spend, the dataset's total and its budget."""
+
+    dataset: str
+    delta: FiniteFloat
+    study_epsilon: FiniteFloat = Field(ge=0)
+    total_epsilon: FiniteFloat = Field(ge=0)
+    budget_epsilon: FiniteFloat = Field(ge=0)
+
+
+class SiteAttestation(Message):
+    """Facts a site states about a task, none of them patient data: its audit-log head (for anchoring), the
+    fingerprint of the training set it used, its consent snapshot and its privacy ledger."""
+
+    audit_head: LogHeadInfo | None = None
+    dataset_fingerprint: str | None = None
+    consent_snapshot: str | None = None
+    privacy: PrivacySpend | None = None
+
+
 class TaskFailure(Message):
-    """Sent by an agent that cannot do a task. ``code`` is machine-readable, ``reason`` is for people."""
+    """Sent by an agent that cannot (or will not) do a task. ``code`` is machine-readable (a refusal's rule),
+    ``reason`` is for people."""
 
     code: Annotated[str, Field(pattern=r"^[a-z_]{1,40}$")]
     reason: Annotated[str, Field(min_length=1, max_length=2000)]
+    attestation: SiteAttestation | None = None
 
 
 class ResultManifest(Message):
-    """Travels inside the uploaded safetensors file's metadata (key ``fedhealth.result``)."""
+    """Travels inside the uploaded safetensors file's metadata (key ``fedhealth.result``), or as JSON.
+    ``metrics`` is absent under secure aggregation: no per-site figure leaves the site in clear then."""
 
     task_id: str
-    metrics: SiteMetrics
+    metrics: SiteMetrics | None
+    attestation: SiteAttestation | None = None
 
 
 class Ack(Message):
@@ -252,3 +370,7 @@ class ErrorBody(Message):
 
 
 RESULT_METADATA_KEY = "fedhealth.result"
+
+TaskInfo.model_rebuild()
+RoundInfo.model_rebuild()
+StudyInfo.model_rebuild()

@@ -34,6 +34,7 @@ def _task(spec: StudySpec, number: int, kind: TaskKind) -> Task:
         model_digest="0" * 64,
         seed=spec.seed,
         deadline=datetime.now(UTC),
+        spec=spec,
     )
 
 
