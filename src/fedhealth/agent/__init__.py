@@ -10,6 +10,7 @@ from fedhealth.agent._client import (
     TlsVerificationError,
     connection_problem,
 )
+from fedhealth.agent._gates import default_gates
 from fedhealth.agent._home import SiteHome, enroll_site
 from fedhealth.agent._pipeline import PassGate, SiteGate, TaskContext, TaskRefused
 
@@ -27,6 +28,7 @@ __all__ = [
     "TaskRefused",
     "TlsVerificationError",
     "connection_problem",
+    "default_gates",
     "enroll_site",
     "run_agent",
 ]

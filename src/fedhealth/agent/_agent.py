@@ -203,9 +203,9 @@ class SiteRefused(FedHealthError):
     """The orchestrator will not serve this site (revoked or unknown): stop rather than retry."""
 
 
-def run_agent(settings: AgentSettings) -> int:
+def run_agent(settings: AgentSettings, gates: Sequence[SiteGate] = ()) -> int:
     """Run an agent in the foreground until interrupted (SIGINT/SIGTERM); returns the process exit code."""
-    agent = SiteAgent(settings)
+    agent = SiteAgent(settings, gates=gates)
     try:
         agent.run()
     except KeyboardInterrupt:

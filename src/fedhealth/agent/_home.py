@@ -36,6 +36,14 @@ class SiteHome:
     def settings_path(self) -> Path:
         return self.root / "site.json"
 
+    @property
+    def database_path(self) -> Path:
+        return self.root / "site.sqlite"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.root / "policy.toml"
+
     def require(self) -> dict[str, str]:
         if not self.settings_path.exists():
             raise ConfigError(

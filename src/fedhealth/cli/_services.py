@@ -242,7 +242,7 @@ def site_serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the site agent: poll the orchestrator for tasks and train on local data."""
-    from fedhealth.agent import AgentSettings, RetryPolicy, SiteHome, run_agent
+    from fedhealth.agent import AgentSettings, RetryPolicy, SiteHome, default_gates, run_agent
 
     _setup_logging(log_level)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -258,7 +258,8 @@ def site_serve(
             poll_wait_s=poll_wait,
             retry=RetryPolicy(base_s=0.1, max_s=5.0),
         )
-    sys.exit(run_agent(settings))
+        gates = default_gates(site_home)
+    sys.exit(run_agent(settings, gates))
 
 
 # --- users -------------------------------------------------------------------------------------------------

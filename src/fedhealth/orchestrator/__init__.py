@@ -4,12 +4,14 @@ Handlers are thin: durable state is in :class:`Store` (SQLite or PostgreSQL, Ale
 :class:`BlobStore`, and the round engine moves studies from round to round with a quorum and a deadline.
 """
 
-from fedhealth.orchestrator._app import OrchestratorSettings, create_app
+from fedhealth.orchestrator._app import Extension, OrchestratorSettings, Services, create_app
 from fedhealth.orchestrator._auth import AuthService, AuthSettings
 from fedhealth.orchestrator._blobs import BlobStore
 from fedhealth.orchestrator._db import make_engine, metadata, sqlite_url, upgrade_database
 from fedhealth.orchestrator._engine import RoundEngine
+from fedhealth.orchestrator._extensions import default_extensions
 from fedhealth.orchestrator._home import OrchestratorHome, init_home
+from fedhealth.orchestrator._hooks import NullObserver, StudyObserver
 from fedhealth.orchestrator._report import build_report, report_markdown, study_info, write_report
 from fedhealth.orchestrator._serve import TlsFiles, serve
 from fedhealth.orchestrator._store import ModelVersion, NewRound, RoundRow, SiteRow, Store, StudyRow, TaskRow
@@ -18,19 +20,24 @@ __all__ = [
     "AuthService",
     "AuthSettings",
     "BlobStore",
+    "Extension",
     "ModelVersion",
     "NewRound",
+    "NullObserver",
     "OrchestratorHome",
     "OrchestratorSettings",
     "RoundEngine",
     "RoundRow",
+    "Services",
     "SiteRow",
     "Store",
+    "StudyObserver",
     "StudyRow",
     "TaskRow",
     "TlsFiles",
     "build_report",
     "create_app",
+    "default_extensions",
     "init_home",
     "make_engine",
     "metadata",

@@ -10,15 +10,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import anyio
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -40,6 +40,7 @@ from fedhealth.orchestrator._auth import AuthService, AuthSettings, Forbidden, P
 from fedhealth.orchestrator._blobs import BlobStore, check_digest
 from fedhealth.orchestrator._db import make_engine, sqlite_url, upgrade_database
 from fedhealth.orchestrator._engine import RoundEngine
+from fedhealth.orchestrator._hooks import StudyObserver
 from fedhealth.orchestrator._limits import BodyLimitMiddleware, RateLimiter, ceil_seconds
 from fedhealth.orchestrator._notify import TaskNotifier
 from fedhealth.orchestrator._report import build_report, study_info
@@ -92,6 +93,16 @@ class OrchestratorSettings:
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or sqlite_url(self.state_dir / "orchestrator.sqlite")
+
+
+class Extension(Protocol):
+    """A feature of the orchestrator (governance, privacy views...): an observer of studies and/or routes."""
+
+    def observer(
+        self, store: Store, blobs: BlobStore, settings: OrchestratorSettings
+    ) -> StudyObserver | None: ...
+
+    def routers(self) -> list[APIRouter]: ...
 
 
 class ApiError(Exception):
@@ -178,7 +189,15 @@ def _client_key(request: Request) -> str:
     return f"ip:{request.client.host if request.client else '?'}"
 
 
-def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | None = None) -> FastAPI:
+def create_app(
+    settings: OrchestratorSettings,
+    on_ready: Callable[[], None] | None = None,
+    *,
+    extensions: Sequence[Extension] = (),
+) -> FastAPI:
+    """The orchestrator's ASGI app. Each :class:`Extension` adds a study observer (built in the lifespan,
+    once the store exists) and/or routes."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -187,8 +206,14 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
         store = Store(db)
         blobs = BlobStore(settings.state_dir / "blobs", fsync=settings.fsync)
         notifier = TaskNotifier()
+        observers = [ext.observer(store, blobs, settings) for ext in extensions]
         engine = RoundEngine(
-            store, blobs, settings.clock, notifier, reports_dir=settings.state_dir / "reports"
+            store,
+            blobs,
+            settings.clock,
+            notifier,
+            reports_dir=settings.state_dir / "reports",
+            observers=[o for o in observers if o is not None],
         )
         app.state.services = Services(
             settings=settings,
@@ -222,6 +247,9 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
     )
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    for ext in extensions:
+        for router in ext.routers():
+            app.include_router(router)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -336,7 +364,10 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
                 task, round_row = found
                 if task.status is TaskStatus.PENDING:
                     svc.store.mark_delivered(task.id, svc.settings.clock.now())
-                return TaskPoll(task=_task_message(svc, task, round_row))
+                message = _task_message(svc, task, round_row)
+                for observer in svc.engine.observers:
+                    message = observer.decorate_task(message)
+                return TaskPoll(task=message)
             remaining = give_up - loop.time()
             if remaining <= 0 or svc.notifier.shutting_down:
                 waiter.cancel()
@@ -360,7 +391,7 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
     async def _reject(svc: Services, task: TaskRow, message: str) -> ApiError:
         svc.store.close_task(task.id, TaskStatus.REJECTED, message, svc.settings.clock.now())
         log.warning("rejected the result of %s from %s: %s", task.id, task.site, message)
-        await svc.engine.task_closed(task.round_id)
+        await svc.engine.task_closed(task.round_id, task.id)
         return ApiError(422, "invalid update", message)
 
     @app.post(
@@ -415,7 +446,7 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
             if again.status is TaskStatus.COMPLETED and again.result_digest == digest:
                 return Ack(detail="already stored")
             raise ApiError(409, f"task is {again.status.value}: {again.reason}")
-        await svc.engine.task_closed(task.round_id)
+        await svc.engine.task_closed(task.round_id, task.id)
         return Ack()
 
     @app.post("/api/v1/agent/tasks/{task_id}/evaluation", response_model=Ack, tags=["agent"])
@@ -439,7 +470,7 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
             when=svc.settings.clock.now(),
             attestation=body.attestation,
         )
-        await svc.engine.task_closed(task.round_id)
+        await svc.engine.task_closed(task.round_id, task.id)
         return Ack()
 
     @app.post("/api/v1/agent/tasks/{task_id}/failure", response_model=Ack, tags=["agent"])
@@ -457,7 +488,7 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
                 attestation=body.attestation,
             )
             log.warning("site %s could not do %s: %s: %s", site, task_id, body.code, body.reason)
-            await svc.engine.task_closed(task.round_id)
+            await svc.engine.task_closed(task.round_id, task.id)
         return Ack()
 
     # --- operator API ------------------------------------------------------------------------------------
@@ -514,9 +545,13 @@ def create_app(settings: OrchestratorSettings, on_ready: Callable[[], None] | No
         return [_site_info(s) for s in svc.store.list_sites()]
 
     @app.post("/api/v1/studies", response_model=StudyInfo, status_code=201, tags=["operator"])
-    async def create_study(svc: Svc, _: Researcher, body: StudySpec) -> StudyInfo:
+    async def create_study(svc: Svc, owner: Researcher, body: StudySpec) -> StudyInfo:
+        if body.owner != owner.name:
+            raise ApiError(
+                422, "invalid study", f"the spec's owner must be the submitting user ({owner.name!r})"
+            )
         try:
-            study = await svc.engine.create_study(body)
+            study = await svc.engine.create_study(body, owner.name)
         except NotFoundError as exc:  # unknown site names are a malformed study, not a missing resource
             raise ApiError(422, "invalid study", str(exc)) from exc
         return study_info(svc.store, study.id)

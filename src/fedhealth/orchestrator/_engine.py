@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import anyio
 
 from fedhealth.core import Clock, FedHealthError, decode_tensors, encode_tensors
 from fedhealth.orchestrator._blobs import BlobStore
+from fedhealth.orchestrator._hooks import StudyObserver
 from fedhealth.orchestrator._notify import TaskNotifier
 from fedhealth.orchestrator._report import write_report
 from fedhealth.orchestrator._store import ModelVersion, NewRound, RoundRow, Store, StudyRow, TaskRow
@@ -36,7 +37,9 @@ class RoundEngine:
         clock: Clock,
         notifier: TaskNotifier,
         reports_dir: Path | None = None,
+        observers: Sequence[StudyObserver] = (),
     ) -> None:
+        self.observers: list[StudyObserver] = list(observers)
         self.store = store
         self.blobs = blobs
         self.clock = clock
@@ -85,7 +88,9 @@ class RoundEngine:
 
     # --- studies -----------------------------------------------------------------------------------------
 
-    async def create_study(self, spec: StudySpec) -> StudyRow:
+    async def create_study(self, spec: StudySpec, owner: str = "admin") -> StudyRow:
+        for observer in self.observers:
+            observer.check_study(spec, owner)  # may refuse the study
         params = initial_model(spec.recipe, spec.seed)
         digest = self.blobs.put(encode_tensors(params))
         now = self.clock.now()
@@ -106,6 +111,7 @@ class RoundEngine:
             spec.rounds,
             len(spec.train_sites),
         )
+        self._notify("study_created", study, owner)
         self._arm(round_row.id, round_row.deadline_at)
         self.notifier.notify(spec.train_sites)
         return study
@@ -116,12 +122,14 @@ class RoundEngine:
                 handle = self._timers.pop(r.id, None)
                 if handle is not None:
                     handle.cancel()
-            self._write_report(study_id)
+            self._study_ended(study_id)
 
     # --- rounds ------------------------------------------------------------------------------------------
 
-    async def task_closed(self, round_id: str) -> None:
+    async def task_closed(self, round_id: str, task_id: str | None = None) -> None:
         """Called after a task of ``round_id`` closed; finishes the round once every task is closed."""
+        if task_id is not None:
+            self._notify("task_closed", self.store.get_task(task_id))
         if self.store.count_open_tasks(round_id) == 0:
             await self.finalize(round_id)
 
@@ -141,8 +149,10 @@ class RoundEngine:
             # Close late tasks first: a result arriving from now on is refused, so the set of results we
             # aggregate is exactly the set the database says was completed.
             for t in self.store.tasks_of_round(round_id):
-                if t.is_open:
-                    self.store.close_task(t.id, TaskStatus.TIMED_OUT, "no result by the round deadline", now)
+                if t.is_open and self.store.close_task(
+                    t.id, TaskStatus.TIMED_OUT, "no result by the round deadline", now
+                ):
+                    self._notify("task_closed", self.store.get_task(t.id))
             study = self.store.get_study(r.study_id)
             tasks = self.store.tasks_of_round(round_id)
             if r.kind is TaskKind.TRAIN:
@@ -169,7 +179,8 @@ class RoundEngine:
                 study_status=StudyStatus.FAILED,
                 study_reason=f"round {r.number}: {reason}",
             )
-            self._write_report(r.study_id)
+            self._round_done(round_id, None)
+            self._study_ended(r.study_id)
 
     async def _finish_train_round(self, study: StudyRow, r: RoundRow, tasks: list[TaskRow]) -> None:
         spec = study.spec
@@ -192,7 +203,8 @@ class RoundEngine:
                 study_status=StudyStatus.FAILED,
                 study_reason=reason,
             )
-            self._write_report(study.id)
+            self._round_done(r.id, None)
+            self._study_ended(study.id)
             return
 
         specs = param_specs(spec.recipe)
@@ -263,6 +275,7 @@ class RoundEngine:
             {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
         )
         assert next_row is not None
+        self._round_done(r.id, version)  # before the next round's tasks go out: they carry its commitment
         self._arm(next_row.id, next_row.deadline_at)
         self.notifier.notify(list(nxt.sites))
 
@@ -281,8 +294,25 @@ class RoundEngine:
             study_status=StudyStatus.COMPLETED,
             study_reason=note,
         )
+        self._round_done(r.id, None)
         log.info("study %s completed: %s", study.id, {k: v for k, v in metrics.items() if k != "per_site"})
-        self._write_report(study.id)
+        self._study_ended(study.id)
+
+    def _notify(self, event: str, *args: Any) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:  # an observer's failure must not stop the round engine
+                log.exception("observer %s failed on %s", type(observer).__name__, event)
+
+    def _round_done(self, round_id: str, version: ModelVersion | None) -> None:
+        r = self.store.get_round(round_id)
+        tasks = self.store.tasks_of_round(round_id)
+        self._notify("round_finished", self.store.get_study(r.study_id), r, tasks, version)
+
+    def _study_ended(self, study_id: str) -> None:
+        self._notify("study_finished", self.store.get_study(study_id))
+        self._write_report(study_id)
 
     def _write_report(self, study_id: str) -> None:
         if self.reports_dir is not None:

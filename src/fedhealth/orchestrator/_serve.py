@@ -7,13 +7,15 @@ import logging
 import os
 import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
-from fedhealth.orchestrator._app import OrchestratorSettings, create_app
+from fedhealth.orchestrator._app import Extension, OrchestratorSettings, create_app
+from fedhealth.orchestrator._extensions import default_extensions
 
 log = logging.getLogger("fedhealth.orchestrator")
 
@@ -34,6 +36,7 @@ def serve(
     tls: TlsFiles | None,
     ready_file: Path | None = None,
     log_level: str = "info",
+    extensions: Sequence[Extension] | None = None,
 ) -> None:
     """Serve until interrupted. ``tls=None`` serves plain HTTP (only with an explicit ``--insecure``).
 
@@ -58,7 +61,9 @@ def serve(
             tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
             tmp.replace(ready_file)
 
-    app = create_app(settings, on_ready=_announce)
+    app = create_app(
+        settings, on_ready=_announce, extensions=default_extensions() if extensions is None else extensions
+    )
     options: dict[str, object] = {}
     if tls is not None:
         options = {

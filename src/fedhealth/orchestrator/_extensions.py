@@ -1,0 +1,10 @@
+"""The features the orchestrator runs with by default, each an :class:`Extension` (observer and routes)."""
+
+from __future__ import annotations
+
+from fedhealth.orchestrator._app import Extension
+
+
+def default_extensions() -> list[Extension]:
+    """Every built-in extension, in the order their observers are called."""
+    return []
