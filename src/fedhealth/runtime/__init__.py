@@ -6,6 +6,13 @@ definition of a round, and so that tests can drive a whole round in memory.
 """
 
 from fedhealth.runtime._memory import InMemoryResult, run_study_in_memory
+from fedhealth.runtime._secure import (
+    SecureSum,
+    decode_sum,
+    encode_contribution,
+    secure_codec,
+    secure_threshold,
+)
 from fedhealth.runtime._tasks import (
     TrainOutcome,
     aggregate,
@@ -18,6 +25,7 @@ from fedhealth.runtime._tasks import (
     param_specs,
     preset_study,
     recipe_spec,
+    server_step,
     strategy_config,
     strategy_spec,
     summarize,
@@ -26,10 +34,13 @@ from fedhealth.runtime._tasks import (
 
 __all__ = [
     "InMemoryResult",
+    "SecureSum",
     "TrainOutcome",
     "aggregate",
     "check_dataset_fits",
+    "decode_sum",
     "decode_update",
+    "encode_contribution",
     "encode_update",
     "evaluate_on_site",
     "initial_model",
@@ -38,6 +49,9 @@ __all__ = [
     "preset_study",
     "recipe_spec",
     "run_study_in_memory",
+    "secure_codec",
+    "secure_threshold",
+    "server_step",
     "strategy_config",
     "strategy_spec",
     "summarize",

@@ -228,8 +228,14 @@ def aggregate(
     state: Params,
 ) -> tuple[Params, Params]:
     """Sample-weighted mean of the updates (in the given order), then the server strategy's step."""
-    mean = weighted_mean(updates)
-    new_params, new_state = apply_strategy(strategy_config(strategy), global_params, mean, state)
+    return server_step(strategy, global_params, weighted_mean(updates), state)
+
+
+def server_step(
+    strategy: StrategySpec, global_params: Params, mean_delta: Mapping[str, np.ndarray], state: Params
+) -> tuple[Params, Params]:
+    """The server strategy's step from the (already averaged) mean update: the secure path enters here."""
+    new_params, new_state = apply_strategy(strategy_config(strategy), global_params, mean_delta, state)
     return {k: np.asarray(v, dtype=np.float32) for k, v in new_params.items()}, new_state
 
 
