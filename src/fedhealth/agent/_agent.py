@@ -7,6 +7,7 @@ on without it.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -17,8 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhealth.agent._client import OrchestratorClient, OrchestratorRefused, RetryPolicy, TlsVerificationError
+from fedhealth.agent._client import (
+    OrchestratorClient,
+    OrchestratorRefused,
+    RetryPolicy,
+    SecureRoundGone,
+    TlsVerificationError,
+)
 from fedhealth.agent._pipeline import SiteGate, TaskContext, TaskRefused
+from fedhealth.agent._secure import PeerPins, run_secure_exchange
 from fedhealth.core import (
     DatasetError,
     FedHealthError,
@@ -28,8 +36,16 @@ from fedhealth.core import (
 )
 from fedhealth.crypto import IdentityKey
 from fedhealth.data import TabularDataset, open_dataset
-from fedhealth.protocol import ResultManifest, Task, TaskFailure, TaskKind
-from fedhealth.runtime import encode_update, evaluate_on_site, param_specs, train_on_site
+from fedhealth.protocol import ResultManifest, SiteMetrics, Task, TaskFailure, TaskKind
+from fedhealth.runtime import (
+    encode_contribution,
+    encode_update,
+    evaluate_on_site,
+    param_specs,
+    secure_codec,
+    train_on_site,
+)
+from fedhealth.secagg import KeyReuseGuard
 
 log = logging.getLogger("fedhealth.agent")
 
@@ -44,6 +60,7 @@ class AgentSettings:
     data_dir: Path | None = None
     poll_wait_s: float = 25.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    home: Path | None = None  # the site home: pinned peer keys, the site's own record of its results
 
 
 class SiteAgent:
@@ -68,6 +85,8 @@ class SiteAgent:
         self._models: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
         self.tasks_done = 0
         self.gates: list[SiteGate] = list(gates)
+        self._pins = PeerPins(settings.home / "peers.json" if settings.home is not None else None)
+        self._key_guard = KeyReuseGuard()
 
     def stop(self) -> None:
         self._stop.set()
@@ -130,19 +149,41 @@ class SiteAgent:
                     dataset = gate.prepare_data(ctx, dataset)
             if task.kind is TaskKind.TRAIN:
                 outcome = train_on_site(task, site, params, dataset)
-                for gate in self.gates:
-                    gate.after_training(ctx)
-                self._attest(ctx)
-                manifest = ResultManifest(
-                    task_id=task.task_id, metrics=outcome.metrics, attestation=ctx.site_attestation()
-                )
-                body = encode_update(outcome.delta, manifest)
-                self.client.upload_result(task.task_id, body, max_elapsed_s=self._time_left(task))
+                delta, metrics = outcome.delta, outcome.metrics
             else:
-                metrics = evaluate_on_site(task, params, dataset)
-                for gate in self.gates:
-                    gate.after_training(ctx)
-                self._attest(ctx)
+                delta, metrics = None, evaluate_on_site(task, params, dataset)
+            for gate in self.gates:
+                gate.after_training(ctx)
+            self._attest(ctx)
+            self._record_locally(task, metrics)
+            if task.secure_round is not None:
+                # Metrics travel only inside the secure sum; the manifest carries the attestation alone.
+                self.client.send_manifest(
+                    task.task_id,
+                    ResultManifest(task_id=task.task_id, metrics=None, attestation=ctx.site_attestation()),
+                    max_elapsed_s=self._time_left(task),
+                )
+                n_sites = len(task.secure_round.peer_keys)
+                codec = secure_codec(task.spec, task.kind, n_sites)
+                vector = encode_contribution(codec, task.spec, metrics, delta)
+                run_secure_exchange(
+                    self.client,
+                    task,
+                    site=site,
+                    identity=self.settings.identity,
+                    pins=self._pins,
+                    guard=self._key_guard,
+                    vector=vector,
+                    poll_wait_s=self.settings.poll_wait_s,
+                )
+            elif delta is not None:
+                manifest = ResultManifest(
+                    task_id=task.task_id, metrics=metrics, attestation=ctx.site_attestation()
+                )
+                self.client.upload_result(
+                    task.task_id, encode_update(delta, manifest), max_elapsed_s=self._time_left(task)
+                )
+            else:
                 self.client.upload_evaluation(
                     task.task_id,
                     ResultManifest(task_id=task.task_id, metrics=metrics, attestation=ctx.site_attestation()),
@@ -155,6 +196,8 @@ class SiteAgent:
                 gate.on_refused(ctx, refusal)
             self._attest(ctx)
             self._fail(task, refusal.code, refusal.reason, ctx)
+        except SecureRoundGone as exc:
+            log.warning("task %s: out of the secure round: %s", task.task_id, exc)
         except OrchestratorRefused as exc:
             if exc.status == 403:
                 raise SiteRefused(f"the orchestrator refuses this site: {exc}") from exc
@@ -168,6 +211,21 @@ class SiteAgent:
             if code == "internal_error":
                 log.exception("task %s crashed", task.task_id)
             self._fail(task, code, reason, ctx)
+
+    def _record_locally(self, task: Task, metrics: SiteMetrics) -> None:
+        """The site's own record of what it computed (kept at the site, whatever is sent)."""
+        if self.settings.home is None:
+            return
+        line = {
+            "time": datetime.now(UTC).isoformat(),
+            "study_id": task.study_id,
+            "study": task.spec.name,
+            "round": task.round,
+            "kind": task.kind.value,
+            "metrics": metrics.model_dump(mode="json"),
+        }
+        with open(self.settings.home / "results.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def _attest(self, ctx: TaskContext) -> None:
         for gate in self.gates:

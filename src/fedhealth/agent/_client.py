@@ -48,6 +48,10 @@ class OrchestratorRefused(FedHealthError):
         self.detail = detail
 
 
+class SecureRoundGone(FedHealthError):
+    """The orchestrator answered 410: this site has no further part in the secure round."""
+
+
 class TlsVerificationError(FedHealthError):
     """The orchestrator's certificate does not verify against the pinned federation CA."""
 
@@ -228,6 +232,55 @@ class OrchestratorClient:
             "uploading the evaluation",
             "POST",
             f"/api/v1/agent/tasks/{task_id}/evaluation",
+            content=manifest.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+            max_elapsed_s=max_elapsed_s,
+        )
+        return Ack.model_validate_json(response.content)
+
+    def secagg_send(
+        self, task_id: str, stage: str, body: bytes, *, max_elapsed_s: float | None = None
+    ) -> None:
+        try:
+            self._call(
+                f"sending the {stage} message",
+                "POST",
+                f"/api/v1/agent/tasks/{task_id}/secagg/{stage}",
+                content=body,
+                headers={"Content-Type": "application/octet-stream"},
+                max_elapsed_s=max_elapsed_s,
+            )
+        except OrchestratorRefused as exc:
+            if exc.status == 410:
+                raise SecureRoundGone(str(exc.detail or exc.error)) from exc
+            raise
+
+    def secagg_receive(
+        self, task_id: str, stage: str, *, wait: float, max_elapsed_s: float | None = None
+    ) -> bytes | None:
+        """The server's message after ``stage`` closed; None if it has not closed yet (long-poll)."""
+        try:
+            response = self._call(
+                f"waiting after the {stage} stage",
+                "GET",
+                f"/api/v1/agent/tasks/{task_id}/secagg/{stage}",
+                params={"wait": wait},
+                timeout=httpx.Timeout(wait + 15, connect=5.0),
+                max_elapsed_s=max_elapsed_s,
+            )
+        except OrchestratorRefused as exc:
+            if exc.status == 410:
+                raise SecureRoundGone(str(exc.detail or exc.error)) from exc
+            raise
+        return None if response.status_code == 204 else response.content
+
+    def send_manifest(
+        self, task_id: str, manifest: ResultManifest, *, max_elapsed_s: float | None = None
+    ) -> Ack:
+        response = self._call(
+            "sending the task manifest",
+            "POST",
+            f"/api/v1/agent/tasks/{task_id}/manifest",
             content=manifest.model_dump_json(),
             headers={"Content-Type": "application/json"},
             max_elapsed_s=max_elapsed_s,

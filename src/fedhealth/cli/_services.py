@@ -257,6 +257,7 @@ def site_serve(
             data_dir=data_dir,
             poll_wait_s=poll_wait,
             retry=RetryPolicy(base_s=0.1, max_s=5.0),
+            home=home,
         )
         gates = default_gates(site_home)
     sys.exit(run_agent(settings, gates))

@@ -44,6 +44,7 @@ from fedhealth.orchestrator._hooks import StudyObserver
 from fedhealth.orchestrator._limits import BodyLimitMiddleware, RateLimiter, ceil_seconds
 from fedhealth.orchestrator._notify import TaskNotifier
 from fedhealth.orchestrator._report import build_report, study_info
+from fedhealth.orchestrator._secure import SecureRoundDriver, SecureRoundGone
 from fedhealth.orchestrator._store import RoundRow, SiteRow, SiteStatus, Store, TaskRow
 from fedhealth.protocol import (
     Ack,
@@ -344,6 +345,7 @@ def create_app(
             seed=spec.seed,
             deadline=r.deadline_at,
             spec=spec,
+            secure_round=driver.info() if (driver := svc.engine.secure.get(r.id)) is not None else None,
         )
 
     @app.get("/api/v1/agent/tasks/next", response_model=TaskPoll, tags=["agent"])
@@ -473,6 +475,67 @@ def create_app(
         await svc.engine.task_closed(task.round_id, task.id)
         return Ack()
 
+    def _secure_task(svc: Services, site: str, task_id: str) -> tuple[TaskRow, SecureRoundDriver]:
+        task = svc.store.get_task(task_id)
+        if task.site != site:
+            raise ApiError(403, "this task belongs to another site")
+        driver = svc.engine.secure.get(task.round_id)
+        if driver is None or not task.is_open:
+            raise ApiError(410, "no secure round is running for this task")
+        return task, driver
+
+    @app.post(
+        "/api/v1/agent/tasks/{task_id}/secagg/{stage}",
+        response_model=Ack,
+        tags=["agent"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    )
+    async def secagg_send(svc: Svc, site: Site, task_id: str, stage: str, request: Request) -> Ack:
+        """Send this site's SecAgg+ message for ``stage`` (advertise_keys, share_keys, masked_input, unmask).
+
+        410 means this site has no further part in the round (it was counted out, or the round ended).
+        """
+        body = await read_body(request)
+        _, driver = _secure_task(svc, site, task_id)
+        try:
+            driver.receive(site, stage, body)
+        except SecureRoundGone as exc:
+            raise ApiError(410, "no longer part of this secure round", str(exc)) from exc
+        return Ack()
+
+    @app.get("/api/v1/agent/tasks/{task_id}/secagg/{stage}", tags=["agent"], response_class=Response)
+    async def secagg_receive(
+        svc: Svc, site: Site, task_id: str, stage: str, wait: Annotated[float, Query(ge=0, le=60)] = 25.0
+    ) -> Response:
+        """Long-poll for the server's SecAgg+ message to this site after ``stage`` closes (204: not yet)."""
+        _, driver = _secure_task(svc, site, task_id)
+        try:
+            data = await driver.next_message(site, stage, min(wait, svc.settings.max_wait_s))
+        except SecureRoundGone as exc:
+            raise ApiError(410, "no longer part of this secure round", str(exc)) from exc
+        if data is None:
+            return Response(status_code=204)
+        return Response(data, media_type=SAFETENSORS)
+
+    @app.post("/api/v1/agent/tasks/{task_id}/manifest", response_model=Ack, tags=["agent"])
+    async def secure_manifest(svc: Svc, site: Site, task_id: str, body: ResultManifest) -> Ack:
+        """A site's attestation for a secure task (no metrics: they travel inside the secure sum)."""
+        task = svc.store.get_task(task_id)
+        if task.site != site:
+            raise ApiError(403, "this task belongs to another site")
+        if body.task_id != task_id:
+            raise ApiError(422, "the result manifest names another task")
+        if body.metrics is not None:
+            raise ApiError(422, "under secure aggregation a site's metrics travel only inside the secure sum")
+        if body.attestation is not None:
+            svc.store.set_attestation(task_id, body.attestation)
+        return Ack()
+
     @app.post("/api/v1/agent/tasks/{task_id}/failure", response_model=Ack, tags=["agent"])
     async def report_failure(svc: Svc, site: Site, task_id: str, body: TaskFailure) -> Ack:
         """A site that cannot do a task says why; the round goes on without it."""
@@ -552,7 +615,7 @@ def create_app(
             )
         try:
             study = await svc.engine.create_study(body, owner.name)
-        except NotFoundError as exc:  # unknown site names are a malformed study, not a missing resource
+        except (NotFoundError, InputError) as exc:  # e.g. unknown sites: a malformed study, not a lost thing
             raise ApiError(422, "invalid study", str(exc)) from exc
         return study_info(svc.store, study.id)
 

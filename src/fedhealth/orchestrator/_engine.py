@@ -16,15 +16,27 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 
-from fedhealth.core import Clock, FedHealthError, decode_tensors, encode_tensors
+from fedhealth.core import Clock, FedHealthError, InputError, decode_tensors, encode_tensors
 from fedhealth.orchestrator._blobs import BlobStore
 from fedhealth.orchestrator._hooks import StudyObserver
 from fedhealth.orchestrator._notify import TaskNotifier
 from fedhealth.orchestrator._report import write_report
+from fedhealth.orchestrator._secure import SecureRounds
 from fedhealth.orchestrator._store import ModelVersion, NewRound, RoundRow, Store, StudyRow, TaskRow
 from fedhealth.protocol import RoundStatus, StudySpec, StudyStatus, TaskKind, TaskStatus
-from fedhealth.runtime import aggregate, decode_update, initial_model, param_specs, summarize
+from fedhealth.runtime import (
+    SecureSum,
+    aggregate,
+    decode_sum,
+    decode_update,
+    initial_model,
+    param_specs,
+    server_step,
+    summarize,
+)
+from fedhealth.secagg import Stage
 
 log = logging.getLogger("fedhealth.orchestrator")
 
@@ -48,6 +60,7 @@ class RoundEngine:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._finalizing: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
+        self.secure = SecureRounds()
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -59,11 +72,11 @@ class RoundEngine:
             deadline = now + timedelta(seconds=spec.round_deadline_s)
             self.store.set_deadline(r.id, deadline)
             log.info("resuming study %s at round %d (%s)", r.study_id, r.number, r.kind.value)
-            self._arm(r.id, deadline)
-            self.notifier.notify(self._open_sites(r.id))
+            self._opened(self.store.get_round(r.id))
             await self.task_closed(r.id)
 
     async def close(self) -> None:
+        self.secure.close()
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -89,6 +102,10 @@ class RoundEngine:
     # --- studies -----------------------------------------------------------------------------------------
 
     async def create_study(self, spec: StudySpec, owner: str = "admin") -> StudyRow:
+        if spec.secure_aggregation is not None:
+            for what, sites in (("training", spec.train_sites), ("evaluation", spec.evaluation_sites)):
+                if len(sites) < 2:
+                    raise InputError(f"secure aggregation needs at least 2 {what} sites")
         for observer in self.observers:
             observer.check_study(spec, owner)  # may refuse the study
         params = initial_model(spec.recipe, spec.seed)
@@ -112,8 +129,7 @@ class RoundEngine:
             len(spec.train_sites),
         )
         self._notify("study_created", study, owner)
-        self._arm(round_row.id, round_row.deadline_at)
-        self.notifier.notify(spec.train_sites)
+        self._opened(round_row)
         return study
 
     async def cancel_study(self, study_id: str, reason: str) -> None:
@@ -122,6 +138,7 @@ class RoundEngine:
                 handle = self._timers.pop(r.id, None)
                 if handle is not None:
                     handle.cancel()
+                self.secure.discard(r.id, reason)
             self._study_ended(study_id)
 
     # --- rounds ------------------------------------------------------------------------------------------
@@ -145,6 +162,10 @@ class RoundEngine:
             handle = self._timers.pop(round_id, None)
             if handle is not None:
                 handle.cancel()
+            study = self.store.get_study(r.study_id)
+            if study.spec.secure_aggregation is not None:
+                await self._finish_secure_round(study, r)
+                return
             now = self.clock.now()
             # Close late tasks first: a result arriving from now on is refused, so the set of results we
             # aggregate is exactly the set the database says was completed.
@@ -153,7 +174,6 @@ class RoundEngine:
                     t.id, TaskStatus.TIMED_OUT, "no result by the round deadline", now
                 ):
                     self._notify("task_closed", self.store.get_task(t.id))
-            study = self.store.get_study(r.study_id)
             tasks = self.store.tasks_of_round(round_id)
             if r.kind is TaskKind.TRAIN:
                 await self._finish_train_round(study, r, tasks)
@@ -167,6 +187,118 @@ class RoundEngine:
             self._fail(round_id, f"internal error while aggregating: {type(exc).__name__}: {exc}")
         finally:
             self._finalizing.discard(round_id)
+
+    def _opened(self, r: RoundRow) -> None:
+        """A round was opened (or reopened after a restart): arm its deadline, start its secure protocol if
+        the study uses one, and wake its sites' long polls."""
+        self._arm(r.id, r.deadline_at)
+        spec = self.store.spec(r.study_id)
+        if spec.secure_aggregation is not None:
+            tasks = self.store.tasks_of_round(r.id)
+            keys = {}
+            for t in tasks:
+                site = self.store.get_site_or_none(t.site)
+                if site is not None and site.public_key is not None:
+                    keys[t.site] = site.public_key
+            self.secure.start(
+                round_id=r.id,
+                study_id=r.study_id,
+                number=r.number,
+                kind=r.kind,
+                spec=spec,
+                sites=sorted(keys),
+                identities=keys,
+                on_done=lambda rid: self._spawn(self.finalize(rid)),
+                on_failed=lambda rid, reason: self._spawn(self._secure_failed(rid, reason)),
+            )
+        self.notifier.notify(self._open_sites(r.id))
+
+    async def _secure_failed(self, round_id: str, reason: str) -> None:
+        self._close_secure_tasks(round_id, contributors=())
+        self.secure.discard(round_id, reason)
+        self._fail(round_id, reason)
+
+    def _close_secure_tasks(self, round_id: str, contributors: Sequence[str]) -> None:
+        """Contributors' tasks complete (without any per-site figure); the others are named as dropped."""
+        driver = self.secure.get(round_id)
+        now = self.clock.now()
+        for t in self.store.tasks_of_round(round_id):
+            if not t.is_open:
+                continue
+            if t.site in contributors:
+                closed = self.store.complete_task(t.id, digest=None, num_samples=None, metrics=None, when=now)
+            else:
+                stage = driver.dropped_at.get(t.site) if driver is not None else None
+                where = f"at the {stage.value} stage" if stage is not None else "before the round ended"
+                closed = self.store.close_task(
+                    t.id, TaskStatus.TIMED_OUT, f"dropped out of secure aggregation {where}", now
+                )
+            if closed:
+                self._notify("task_closed", self.store.get_task(t.id))
+
+    async def _finish_secure_round(self, study: StudyRow, r: RoundRow) -> None:
+        spec = study.spec
+        driver = self.secure.get(r.id)
+        if driver is None or driver.server.stage is not Stage.DONE:
+            stage = driver.server.stage.value if driver is not None else "unknown"
+            reason = (
+                f"round {r.number}: secure aggregation did not finish (at the {stage} stage by the deadline)"
+            )
+            self._close_secure_tasks(r.id, contributors=())
+            self.secure.discard(r.id, reason)
+            self._fail(r.id, reason)
+            return
+        result = driver.result()
+        contributors = list(result.contributors)
+        self._close_secure_tasks(r.id, contributors)
+        self.secure.discard(r.id, "the round is complete")
+        needed = spec.min_sites if r.kind is TaskKind.TRAIN else 1
+        if len(contributors) < needed:
+            self._fail(r.id, f"quorum not met: {len(contributors)} contributor(s), {needed} required")
+            return
+        codec = driver.codec
+
+        def compute() -> tuple[SecureSum, str | None, str | None]:
+            sums = decode_sum(codec, spec, np.asarray(result.vector), len(contributors))
+            if sums.mean_delta is None:
+                return sums, None, None
+            specs = param_specs(spec.recipe)
+            global_params, _ = decode_tensors(self.blobs.get(r.model_in_digest), specs)
+            state: dict[str, Any] = {}
+            if study.state_digest:
+                state, _ = decode_tensors(self.blobs.get(study.state_digest))
+            new_params, new_state = server_step(spec.strategy, global_params, sums.mean_delta, state)
+            model_out = self.blobs.put(encode_tensors(new_params))
+            state_out = self.blobs.put(encode_tensors(new_state)) if new_state else None
+            return sums, model_out, state_out
+
+        sums, model_out, state_out = await anyio.to_thread.run_sync(compute)
+        metrics = dict(sums.metrics)
+        if r.kind is TaskKind.TRAIN:
+            assert model_out is not None
+            self._advance(
+                study,
+                r,
+                model_out=model_out,
+                state_out=state_out,
+                metrics=metrics,
+                contributors=len(contributors),
+            )
+            return
+        dropped = [t.site for t in self.store.tasks_of_round(r.id) if t.site not in contributors]
+        note = f"no evaluation from {', '.join(dropped)}" if dropped else None
+        self.store.finish_round(
+            r.id,
+            status=RoundStatus.COMPLETED,
+            reason=note,
+            when=self.clock.now(),
+            metrics=metrics,
+            study_status=StudyStatus.COMPLETED,
+            study_reason=note,
+        )
+        self._round_done(r.id, None)
+        log.info("study %s completed (secure): %s", study.id, metrics)
+        self._study_ended(study.id)
 
     def _fail(self, round_id: str, reason: str) -> None:
         r = self.store.get_round(round_id)
@@ -227,6 +359,22 @@ class RoundEngine:
 
         model_out, state_out = await anyio.to_thread.run_sync(compute)
         metrics = summarize([t.metrics for t in completed if t.metrics is not None])
+        self._advance(
+            study, r, model_out=model_out, state_out=state_out, metrics=metrics, contributors=len(completed)
+        )
+
+    def _advance(
+        self,
+        study: StudyRow,
+        r: RoundRow,
+        *,
+        model_out: str,
+        state_out: str | None,
+        metrics: dict[str, Any],
+        contributors: int,
+    ) -> None:
+        """Close a completed training round, record the model version and open the next round, atomically."""
+        spec = study.spec
         now = self.clock.now()
         deadline = now + timedelta(seconds=spec.round_deadline_s)
         if r.number < spec.rounds:
@@ -251,7 +399,7 @@ class RoundEngine:
             round=r.number,
             parent_digest=r.model_in_digest,
             created_at=now,
-            num_sites=len(completed),
+            num_sites=contributors,
             train_loss=metrics.get("train_loss"),
         )
         next_row = self.store.finish_round(
@@ -270,14 +418,13 @@ class RoundEngine:
             study.id,
             r.number,
             spec.rounds,
-            len(completed),
-            len(tasks),
+            contributors,
+            len(spec.train_sites),
             {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
         )
         assert next_row is not None
         self._round_done(r.id, version)  # before the next round's tasks go out: they carry its commitment
-        self._arm(next_row.id, next_row.deadline_at)
-        self.notifier.notify(list(nxt.sites))
+        self._opened(next_row)
 
     def _finish_evaluation_round(self, study: StudyRow, r: RoundRow, tasks: list[TaskRow]) -> None:
         completed = [t for t in tasks if t.status is TaskStatus.COMPLETED and t.metrics is not None]

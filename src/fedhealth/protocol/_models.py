@@ -293,6 +293,15 @@ class RoundCommitment(Message):
     orchestrator_head: LogHeadInfo
 
 
+class SecureRoundInfo(Message):
+    """How a site joins a secure round: the SecAgg+ configuration (bound into every key it derives), the
+    peers' Ed25519 identity keys as enrolled (the site pins them on first use), and the attempt id."""
+
+    config: dict[str, Any]
+    peer_keys: dict[str, str]
+    attempt: str
+
+
 class Task(Message):
     """A unit of work for one site, delivered by long-poll. ``spec`` is the whole study spec, so the site can
     hash it and check its data steward's approval."""
@@ -313,6 +322,7 @@ class Task(Message):
     commitments: list[RoundCommitment] = Field(
         default_factory=list, description="rounds to anchor at the site"
     )
+    secure_round: SecureRoundInfo | None = None
 
 
 class TaskPoll(Message):

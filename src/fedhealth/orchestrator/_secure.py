@@ -1,0 +1,269 @@
+"""Secure rounds at the orchestrator: one SecAgg+ server per open round, driven over the agent API.
+
+The protocol itself lives in ``fedhealth.secagg`` (sans-IO); this module is its transport. A site posts its
+message for the current stage; once every expected site has answered, or the stage's timeout passes, the
+stage closes with whoever answered and each continuing site can fetch the server's next message by
+long-poll. When the unmask stage closes, the round engine gets the *sum* and nothing else: the orchestrator
+never holds a site's unmasked update, and it keeps no masked input after the round.
+
+The server's state is in memory on purpose (its secrets must not be written down). After an orchestrator
+restart an open secure round starts a new attempt with fresh keys: the attempt id is bound into every key
+derivation, so a message from the old attempt is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedhealth.core import ConflictError, FedHealthError, InputError
+from fedhealth.crypto import PublicIdentity
+from fedhealth.protocol import SecureRoundInfo, StudySpec, TaskKind
+from fedhealth.runtime import secure_codec, secure_threshold
+from fedhealth.secagg import (
+    AggregateResult,
+    RoundFailedError,
+    SecAggConfig,
+    SecAggProtocolError,
+    SecAggSecurityError,
+    SecAggServer,
+    Stage,
+    VectorCodec,
+    decode_message,
+)
+
+log = logging.getLogger("fedhealth.orchestrator")
+
+STAGES = {s.value: s for s in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)}
+
+
+class SecureRoundGone(FedHealthError):
+    """This site has no further part in the round: it dropped out, or the round ended or restarted."""
+
+
+@dataclass
+class SecureRoundDriver:
+    """Drives one SecAgg+ round: stage deadlines, the outbox of each closed stage, waiting agents."""
+
+    round_id: str
+    kind: TaskKind
+    codec: VectorCodec
+    config: SecAggConfig
+    server: SecAggServer
+    peer_keys: dict[str, str]
+    attempt: str
+    stage_timeout_s: float
+    on_done: Callable[[str], None]
+    on_failed: Callable[[str, str], None]
+    outbox: dict[Stage, dict[str, bytes]] = field(default_factory=dict)
+    dropped_at: dict[str, Stage] = field(default_factory=dict)
+    ended: str | None = None  # why the round is over for everyone (failure or result)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _timer: asyncio.TimerHandle | None = None
+
+    def info(self) -> SecureRoundInfo:
+        return SecureRoundInfo(config=self.config.to_json(), peer_keys=self.peer_keys, attempt=self.attempt)
+
+    # --- stages --------------------------------------------------------------------------------------------
+
+    def arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        stage = self.server.stage
+        self._timer = asyncio.get_running_loop().call_later(self.stage_timeout_s, self._timeout, stage)
+
+    def _timeout(self, stage: Stage) -> None:
+        if self.ended is None and self.server.stage is stage:
+            log.info(
+                "secure round %s: %s stage timed out; closing with %s",
+                self.round_id,
+                stage.value,
+                sorted(self.server.answered()),
+            )
+            self.close()
+
+    def receive(self, site: str, stage_name: str, body: bytes) -> None:
+        """One site's message for ``stage_name``. Re-sending the same message is harmless."""
+        if self.ended is not None:
+            raise SecureRoundGone(self.ended)
+        stage = STAGES.get(stage_name)
+        if stage is None:
+            raise InputError(f"unknown secure-aggregation stage {stage_name!r}")
+        if stage is not self.server.stage:
+            if site in self.dropped_at:
+                raise SecureRoundGone(f"this site dropped out at the {self.dropped_at[site].value} stage")
+            raise ConflictError(f"the round is at the {self.server.stage.value} stage, not {stage_name}")
+        try:
+            message = decode_message(body)
+        except InputError:
+            raise
+        if getattr(message, "site_id", None) != site:
+            raise InputError("the message was sent by another site")
+        try:
+            self.server.receive(message)  # type: ignore[arg-type]
+        except SecAggSecurityError as exc:
+            raise InputError(f"refused: {exc}") from exc
+        except SecAggProtocolError as exc:
+            raise ConflictError(str(exc)) from exc
+        if not self.server.awaiting():
+            self.close()
+
+    def close(self) -> None:
+        stage = self.server.stage
+        expected = self.server.expected()
+        try:
+            out = self.server.close_stage()
+        except RoundFailedError as exc:
+            self._end(f"secure aggregation failed at the {stage.value} stage: {exc}")
+            self.on_failed(self.round_id, self.ended or str(exc))
+            return
+        except SecAggSecurityError as exc:
+            self._end(f"secure aggregation aborted at the {stage.value} stage: {exc}")
+            self.on_failed(self.round_id, self.ended or str(exc))
+            return
+        for site in expected - set(out):
+            self.dropped_at.setdefault(site, stage)
+        self.outbox[stage] = {site: message.to_bytes() for site, message in out.items()}
+        if self.server.stage is Stage.DONE:
+            if self._timer is not None:
+                self._timer.cancel()
+            self.ended = "the round is complete"
+            self._changed.set()
+            self.on_done(self.round_id)
+            return
+        self.arm()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _end(self, reason: str) -> None:
+        self.ended = reason
+        if self._timer is not None:
+            self._timer.cancel()
+        self.outbox.clear()
+        self._wake()
+
+    def abort(self, reason: str) -> None:
+        if self.ended is None:
+            if self.server.stage not in (Stage.DONE, Stage.FAILED):
+                self.server.abort(reason)
+            self._end(reason)
+
+    async def next_message(self, site: str, stage_name: str, wait: float) -> bytes | None:
+        """The server's message to ``site`` after ``stage_name`` closes (long-poll); None if not yet."""
+        stage = STAGES.get(stage_name)
+        if stage is None or stage is Stage.UNMASK:
+            raise InputError(f"no message follows the {stage_name!r} stage")
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + wait
+        while True:
+            closed = self.outbox.get(stage)
+            if closed is not None:
+                if site in closed:
+                    return closed[site]
+                raise SecureRoundGone(
+                    f"this site dropped out at the {self.dropped_at.get(site, stage).value} stage"
+                )
+            if self.ended is not None:
+                raise SecureRoundGone(self.ended)
+            remaining = give_up - loop.time()
+            if remaining <= 0:
+                return None
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=remaining)
+            except TimeoutError:
+                return None
+
+    def result(self) -> AggregateResult:
+        return self.server.result()
+
+
+class SecureRounds:
+    """The open secure rounds of this orchestrator process."""
+
+    def __init__(self) -> None:
+        self._drivers: dict[str, SecureRoundDriver] = {}
+
+    def start(
+        self,
+        *,
+        round_id: str,
+        study_id: str,
+        number: int,
+        kind: TaskKind,
+        spec: StudySpec,
+        sites: list[str],
+        identities: dict[str, str],
+        on_done: Callable[[str], None],
+        on_failed: Callable[[str, str], None],
+    ) -> SecureRoundDriver:
+        sa = spec.secure_aggregation
+        assert sa is not None
+        ordered = sorted(sites)
+        codec = secure_codec(spec, kind, len(ordered))
+        attempt = secrets.token_hex(8)
+        seed = hashlib.sha256(f"fedhealth-secagg-graph/{study_id}/{number}/{attempt}".encode()).digest()
+        config = SecAggConfig(
+            study_id=f"{study_id}/{attempt}",
+            round=number,
+            sites=tuple(ordered),
+            threshold=secure_threshold(spec, len(ordered)),
+            vector_length=codec.length,
+            full_graph_max_sites=sa.full_graph_max_sites,
+            graph_seed=seed,
+        )
+        server = SecAggServer(
+            config, identities={s: PublicIdentity(bytes.fromhex(identities[s])) for s in ordered}
+        )
+        driver = SecureRoundDriver(
+            round_id=round_id,
+            kind=kind,
+            codec=codec,
+            config=config,
+            server=server,
+            peer_keys={s: identities[s] for s in ordered},
+            attempt=attempt,
+            stage_timeout_s=sa.stage_timeout_s,
+            on_done=on_done,
+            on_failed=on_failed,
+        )
+        old = self._drivers.pop(round_id, None)
+        if old is not None:
+            old.abort("the round restarted with fresh keys")
+        self._drivers[round_id] = driver
+        driver.arm()
+        log.info(
+            "secure round %s (%s, attempt %s): %d sites, threshold %d, vector %d",
+            round_id,
+            kind.value,
+            attempt,
+            len(ordered),
+            config.threshold,
+            codec.length,
+        )
+        return driver
+
+    def get(self, round_id: str) -> SecureRoundDriver | None:
+        return self._drivers.get(round_id)
+
+    def discard(self, round_id: str, reason: str) -> None:
+        driver = self._drivers.pop(round_id, None)
+        if driver is not None:
+            driver.abort(reason)
+
+    def close(self) -> None:
+        for round_id in list(self._drivers):
+            self.discard(round_id, "the orchestrator is shutting down")
+
+
+def result_vector(result: AggregateResult) -> np.ndarray:
+    return np.asarray(result.vector, dtype=np.uint32)
