@@ -18,9 +18,11 @@ import sqlalchemy as sa
 
 from fedhealth.agent import OrchestratorClient
 from fedhealth.core import decode_tensors
+from fedhealth.crypto import PublicIdentity
 from fedhealth.data import open_dataset
-from fedhealth.protocol import RecipeSpec, StrategySpec, StudySpec, Task, TaskPoll
-from fedhealth.runtime import param_specs
+from fedhealth.protocol import RecipeSpec, StrategySpec, StudySpec, Task, TaskKind, TaskPoll
+from fedhealth.runtime import encode_contribution, evaluate_on_site, param_specs, secure_codec, train_on_site
+from fedhealth.secagg import KeyDirectory, SecAggClient, SecAggConfig, ShareBundle, UnmaskRequest
 from fedhealth.sim import LocalFederation
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -180,3 +182,79 @@ class ChokeProxy:
         for s in self._sockets:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+class SecureRogue:
+    """A site taking part in secure rounds, driven step by step by the test, so a test can hold a stage open
+    (the stage cannot close before every expected site answered or its timeout passed) while it kills a real
+    agent at exactly that point. It trains for real on its dataset with the same runtime code as an agent."""
+
+    def __init__(self, fed: LocalFederation, name: str, dataset_uri: str) -> None:
+        self.site = RogueSite(fed, name)
+        self.name = name
+        self.identity = fed.site_home(name).identity()
+        self.dataset = open_dataset(dataset_uri)
+        self.task: Task | None = None
+        self.protocol: SecAggClient | None = None
+        self.vector: np.ndarray | None = None
+        self._answer: bytes | None = None
+
+    def join(self, wait: float = 60.0) -> Task:
+        """Take the next task, train, and prepare this site's secure contribution."""
+        task = self.site.poll(wait)
+        assert task.secure_round is not None
+        params = self.site.model(task)
+        if task.kind is TaskKind.TRAIN:
+            outcome = train_on_site(task, self.name, params, self.dataset)
+            delta, metrics = outcome.delta, outcome.metrics
+        else:
+            delta, metrics = None, evaluate_on_site(task, params, self.dataset)
+        info = task.secure_round
+        codec = secure_codec(task.spec, task.kind, len(info.peer_keys))
+        self.vector = encode_contribution(codec, task.spec, metrics, delta)
+        peers = {s: PublicIdentity(bytes.fromhex(k)) for s, k in info.peer_keys.items()}
+        self.protocol = SecAggClient(SecAggConfig.from_json(info.config), self.name, self.identity, peers)
+        self.task = task
+        return task
+
+    def _send(self, stage: str, body: bytes) -> None:
+        assert self.task is not None
+        response = self.site.post(
+            f"/api/v1/agent/tasks/{self.task.task_id}/secagg/{stage}",
+            content=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        assert response.status_code == 200, response.text
+
+    def _receive(self, stage: str) -> bytes:
+        assert self.task is not None
+        while True:
+            response = self.site.get(
+                f"/api/v1/agent/tasks/{self.task.task_id}/secagg/{stage}", params={"wait": 20}
+            )
+            assert response.status_code in (200, 204), response.text
+            if response.status_code == 200:
+                return response.content
+
+    def step(self, stage: str) -> None:
+        """Send this site's message for ``stage`` (after receiving what the previous stage produced)."""
+        p = self.protocol
+        assert p is not None
+        if stage == "advertise_keys":
+            self._send(stage, p.advertise_keys().to_bytes())
+        elif stage == "share_keys":
+            self._send(
+                stage, p.share_keys(KeyDirectory.from_bytes(self._receive("advertise_keys"))).to_bytes()
+            )
+        elif stage == "masked_input":
+            assert self.vector is not None
+            bundle = ShareBundle.from_bytes(self._receive("share_keys"))
+            self._send(stage, p.masked_input(bundle, self.vector).to_bytes())
+        else:
+            self._send(stage, p.unmask(UnmaskRequest.from_bytes(self._receive("masked_input"))).to_bytes())
+
+    def close(self) -> None:
+        self.site.close()
+
+
+SECURE_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")

@@ -1,0 +1,197 @@
+"""Secure aggregation through the real services: sites killed at each of the four SecAgg+ stages, a round
+below threshold, and heart disease with secure aggregation against plain FedAvg."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from fedhealth.core import decode_tensors
+from fedhealth.learning import HEART_DISEASE_PRESETS
+from fedhealth.protocol import RoundStatus, SecureAggregationSpec, StudyStatus, Task, TaskKind, TaskStatus
+from fedhealth.runtime import aggregate, initial_model, preset_study, run_study_in_memory, train_on_site
+from fedhealth.sim import LocalFederation
+from support import BREAST_SITES, SECURE_STAGES, SecureRogue, breast_datasets, breast_spec, heart_data_dir
+
+pytestmark = pytest.mark.e2e
+REAL = ["hospital-a", "hospital-b", "hospital-c"]
+VICTIM = "hospital-c"
+ROGUE = "hospital-d"
+ALL = [*REAL, ROGUE]
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    with LocalFederation(tmp_path_factory.mktemp("secure")) as fed:
+        fed.start_orchestrator()
+        for site in ALL:
+            fed.add_site(site)
+        for site in REAL:
+            fed.start_agent(site, {"breast-cancer": BREAST_SITES[site]})
+        fed.wait_for_sites(REAL)
+        yield fed
+
+
+def _spec(name):
+    return breast_spec(
+        ALL,
+        rounds=2,
+        name=name,
+        min_sites=2,
+        eval_sites=["hospital-a", "hospital-b", ROGUE],
+        round_deadline_s=120,
+        secure_aggregation=SecureAggregationSpec(stage_timeout_s=8.0),  # threshold: 3 of 4
+    )
+
+
+def _wait_for_log(fed, site, text, timeout=60.0):
+    log = fed.logs / f"agent-{site}.log"
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"{site} never logged {text!r}"
+        time.sleep(0.02)
+
+
+def _task_id(fed, study_id, number, site):
+    deadline = time.monotonic() + 30
+    while True:
+        for r in fed.study(study_id).rounds:
+            if r.number == number:
+                return next(t.task_id for t in r.tasks if t.site == site)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def _expected(spec, round_sites):
+    """The plain FedAvg model when round r aggregates ``round_sites[r - 1]``: what the sum must decode to."""
+    datasets = breast_datasets(BREAST_SITES)
+    params, state = initial_model(spec.recipe, spec.seed), {}
+    for number, sites in enumerate(round_sites, start=1):
+        task = Task(
+            task_id="x",
+            study_id="x",
+            round=number,
+            kind=TaskKind.TRAIN,
+            dataset=spec.dataset,
+            recipe=spec.recipe,
+            model_digest="0" * 64,
+            seed=spec.seed,
+            deadline="2030-01-01T00:00:00Z",
+            spec=spec,
+        )
+        updates = []
+        for site in sorted(sites):
+            outcome = train_on_site(task, site, params, datasets[site])
+            updates.append((outcome.metrics.num_samples, outcome.delta))
+        params, state = aggregate(spec.strategy, params, updates, state)
+    return params
+
+
+def _run_rogue_round(rogue, hold_before=None, on_hold=None):
+    rogue.join()
+    for stage in SECURE_STAGES:
+        if stage == hold_before and on_hold is not None:
+            on_hold()
+        rogue.step(stage)
+
+
+@pytest.mark.parametrize("stage", SECURE_STAGES)
+def test_a_site_killed_at_each_stage_is_left_out_and_the_round_completes_with_the_survivors_sum(fed, stage):
+    spec = _spec(f"drop-at-{stage.replace('_', '-')}")
+    study = fed.create_study(spec)
+    rogue = SecureRogue(fed, ROGUE, BREAST_SITES[ROGUE])
+    try:
+        if stage == "advertise_keys":
+            # the victim dies between rounds: round 2 starts without it
+            def kill_after_round_one():
+                tid = _task_id(fed, study.study_id, 1, VICTIM)
+                _wait_for_log(fed, VICTIM, f"task {tid}: sent unmask")
+                fed.stop_agent(VICTIM, sig=signal.SIGKILL)
+
+            _run_rogue_round(rogue, hold_before="unmask", on_hold=kill_after_round_one)
+            _run_rogue_round(rogue)
+        else:
+            _run_rogue_round(rogue)
+            previous = SECURE_STAGES[SECURE_STAGES.index(stage) - 1]
+
+            def kill_in_round_two():
+                tid = _task_id(fed, study.study_id, 2, VICTIM)
+                _wait_for_log(fed, VICTIM, f"task {tid}: sent {previous}")
+                fed.stop_agent(VICTIM, sig=signal.SIGKILL)  # it has sent `previous`, never `stage`
+
+            # the rogue holds the previous stage open until the victim has answered it and is dead
+            _run_rogue_round(rogue, hold_before=previous, on_hold=kill_in_round_two)
+        _run_rogue_round(rogue)  # the evaluation round
+        final = fed.wait_for_study(study.study_id, timeout=120)
+    finally:
+        rogue.close()
+        fed.start_agent(VICTIM, {"breast-cancer": BREAST_SITES[VICTIM]})  # back for the next case
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    second = final.rounds[1]
+    victim_task = {t.site: t for t in second.tasks}[VICTIM]
+    # a site that sent its masked input is in the sum even if it dies before unmasking (its mask is removed)
+    in_sum = stage == "unmask"
+    if in_sum:
+        assert victim_task.status is TaskStatus.COMPLETED
+    else:
+        assert victim_task.status is TaskStatus.TIMED_OUT
+        assert f"dropped out of secure aggregation at the {stage} stage" in victim_task.reason
+    report = fed.report(study.study_id)
+    assert report["rounds"][1]["metrics"]["sites"] == (4 if in_sum else 3)
+    assert all(t.metrics is None for r in final.rounds for t in r.tasks)  # no per-site figure in clear
+    expected = _expected(spec, [ALL, ALL if in_sum else ["hospital-a", "hospital-b", ROGUE]])
+    model, _ = decode_tensors(fed.model_bytes(study.study_id))
+    np.testing.assert_allclose(model["weight"], expected["weight"], atol=1e-4)
+    np.testing.assert_allclose(model["bias"], expected["bias"], atol=1e-4)
+
+
+def test_below_threshold_the_round_fails_cleanly_and_reveals_nothing(fed):
+    study = fed.create_study(_spec("below-threshold"))
+    rogue = SecureRogue(fed, ROGUE, BREAST_SITES[ROGUE])
+    try:
+        _run_rogue_round(rogue)
+        tid = _task_id(fed, study.study_id, 1, VICTIM)
+        _wait_for_log(fed, VICTIM, f"task {tid}: sent unmask")
+        fed.stop_agent(VICTIM, sig=signal.SIGKILL)
+        # round 2: the victim is dead and the rogue stays silent: 2 of 4 sites, 3 needed
+        final = fed.wait_for_study(study.study_id, timeout=120)
+    finally:
+        rogue.close()
+        fed.start_agent(VICTIM, {"breast-cancer": BREAST_SITES[VICTIM]})
+    assert final.status is StudyStatus.FAILED
+    assert "too_few_sites: 2 sites advertised keys, 3 needed" in final.reason
+    assert final.rounds[1].status is RoundStatus.FAILED
+    assert final.rounds[1].model_digest is None
+    assert final.completed_rounds == 1
+
+
+def test_heart_disease_with_secure_aggregation_matches_plain_fedavg(tmp_path):
+    data_dir = heart_data_dir()
+    centers = [f"center-{k}" for k in range(4)]
+    with LocalFederation(tmp_path, env={"FEDHEALTH_DATA_DIR": str(data_dir)}) as fed:
+        fed.start_orchestrator()
+        for k, site in enumerate(centers):
+            fed.add_site(site)
+            fed.start_agent(site, {"heart-disease": f"builtin://heart-disease/{k}"})
+        fed.wait_for_sites(centers)
+        plain = preset_study(
+            HEART_DISEASE_PRESETS["fedavg"],
+            name="hd-plain",
+            dataset="heart-disease",
+            train_sites=centers,
+            min_sites=4,
+        )
+        secure = plain.model_copy(update={"name": "hd-secure", "secure_aggregation": SecureAggregationSpec()})
+        final = fed.wait_for_study(fed.create_study(secure).study_id, timeout=300)
+        assert final.status is StudyStatus.COMPLETED, final.reason
+        secure_accuracy = fed.report(final.study_id)["evaluation"]["accuracy"]
+    from fedhealth.data import open_dataset
+
+    reference = run_study_in_memory(
+        plain, {c: open_dataset(f"builtin://heart-disease/{k}", data_dir) for k, c in enumerate(centers)}
+    )
+    plain_accuracy = float(np.mean([m.accuracy for m in reference.evaluation.values()]))
+    assert abs(secure_accuracy - plain_accuracy) <= 0.005, (secure_accuracy, plain_accuracy)
