@@ -11,7 +11,14 @@ import pytest
 from fedhealth.agent import OrchestratorClient, OrchestratorRefused, TlsVerificationError, enroll_site
 from fedhealth.client import ClientError, OperatorClient
 from fedhealth.core import ManualClock, canonical_json
-from fedhealth.crypto import Audience, IdentityKey, TokenIssuer, create_ca
+from fedhealth.crypto import (
+    Audience,
+    IdentityKey,
+    TokenIssuer,
+    create_ca,
+    issue_client_certificate,
+    pinned_tls_context,
+)
 from fedhealth.orchestrator import AuthService, Store, make_engine
 from fedhealth.orchestrator._home import secret_hash
 from fedhealth.protocol import agent_login_message
@@ -235,3 +242,27 @@ def test_requests_over_the_rate_limit_get_429_with_retry_after(tmp_path):
         # the agent client waits it out instead of failing
         assert rogue.client.next_task(0) is None
         rogue.close()
+
+
+def test_mutual_tls_admits_only_clients_with_a_federation_certificate(tmp_path):
+    with LocalFederation(tmp_path, mtls=True) as fed:
+        fed.start_orchestrator()
+        fed.add_site("m-site")  # enrolls over the enrollment listener, which issues its client certificate
+        assert fed.site_home("m-site").client_cert() is not None
+        fed.start_agent("m-site", {})
+        fed.wait_for_sites(["m-site"])  # the agent reached the main port with its certificate
+        ca = fed.home.ca_cert.read_bytes()
+        with pytest.raises(httpx.HTTPError):  # no certificate: the TLS handshake is refused
+            httpx.get(f"{fed.url}/healthz", verify=pinned_tls_context(ca), timeout=10)
+        foreign = issue_client_certificate(create_ca("elsewhere"), "intruder")
+        with pytest.raises(httpx.HTTPError):  # a certificate from another CA: refused too
+            httpx.get(
+                f"{fed.url}/healthz",
+                verify=pinned_tls_context(ca, client_cert=(foreign.cert_pem, foreign.key_pem)),
+                timeout=10,
+            )
+        only_enrollment = httpx.get(
+            f"{fed.enroll_url}/api/v1/sites", verify=pinned_tls_context(ca), timeout=10
+        )
+        assert only_enrollment.status_code == 403
+        assert only_enrollment.json()["error"] == "only enrollment is served on this port"

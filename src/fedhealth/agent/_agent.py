@@ -56,6 +56,7 @@ class AgentSettings:
     site: str
     identity: IdentityKey
     ca_pem: bytes | None = None  # the pinned federation CA; None only for plain-HTTP test set-ups
+    client_cert: tuple[bytes, bytes] | None = None  # (certificate, key) PEM, for mutual TLS
     datasets: dict[str, str] = field(default_factory=dict)  # dataset name -> connector URI
     data_dir: Path | None = None
     poll_wait_s: float = 25.0
@@ -78,6 +79,7 @@ class SiteAgent:
             settings.site,
             settings.identity,
             ca_pem=settings.ca_pem,
+            client_cert=settings.client_cert,
             retry=settings.retry,
             should_stop=self._stop.is_set,
         )

@@ -88,6 +88,7 @@ class OrchestratorClient:
         identity: IdentityKey,
         *,
         ca_pem: bytes | None = None,
+        client_cert: tuple[bytes, bytes] | None = None,
         retry: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
         should_stop: Callable[[], bool] = lambda: False,
@@ -99,7 +100,11 @@ class OrchestratorClient:
         self._should_stop = should_stop
         self._token: str | None = None
         self._token_expires = datetime.min.replace(tzinfo=UTC)
-        verify: Any = pinned_tls_context(ca_pem) if base_url.startswith("https") and ca_pem else True
+        verify: Any = (
+            pinned_tls_context(ca_pem, client_cert=client_cert)
+            if base_url.startswith("https") and ca_pem
+            else True
+        )
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
             headers={"User-Agent": "fedhealth-agent"},

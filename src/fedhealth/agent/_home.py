@@ -16,7 +16,7 @@ import httpx
 
 from fedhealth.agent._client import OrchestratorRefused, TlsVerificationError, connection_problem
 from fedhealth.core import ConfigError
-from fedhealth.crypto import IdentityKey, pinned_tls_context
+from fedhealth.crypto import IdentityKey, create_client_csr, pinned_tls_context, write_private
 from fedhealth.protocol import EnrollResponse
 
 
@@ -35,6 +35,20 @@ class SiteHome:
     @property
     def settings_path(self) -> Path:
         return self.root / "site.json"
+
+    @property
+    def tls_key_path(self) -> Path:
+        return self.root / "tls-client.key"
+
+    @property
+    def tls_cert_path(self) -> Path:
+        return self.root / "tls-client.pem"
+
+    def client_cert(self) -> tuple[bytes, bytes] | None:
+        """(certificate, key) PEM for mutual TLS, if the orchestrator issued one at enrollment."""
+        if self.tls_cert_path.exists() and self.tls_key_path.exists():
+            return self.tls_cert_path.read_bytes(), self.tls_key_path.read_bytes()
+        return None
 
     @property
     def database_path(self) -> Path:
@@ -78,22 +92,32 @@ def enroll_site(
     orchestrator: str,
     token: str,
     ca_pem: bytes | None,
+    serve_url: str | None = None,
     transport: httpx.BaseTransport | None = None,
 ) -> SiteHome:
     """Generate this site's identity key here, register its public key with the enrollment token, pin the CA.
 
     The private key is written (0600) only after the orchestrator accepted the public key, so a failed
-    enrollment leaves nothing behind.
+    enrollment leaves nothing behind. Under mutual TLS, ``orchestrator`` is the enrollment listener and
+    ``serve_url`` the main one (what the agent will use); the site also sends a CSR for a TLS client key
+    generated here, and keeps the certificate the orchestrator returns.
     """
     home = SiteHome(root)
     key = IdentityKey.generate()
+    tls_key, tls_csr = create_client_csr(name)
     verify = pinned_tls_context(ca_pem) if orchestrator.startswith("https") and ca_pem else True
     with httpx.Client(
         base_url=orchestrator.rstrip("/"), verify=verify, timeout=30, transport=transport
     ) as http:
         try:
             response = http.post(
-                "/api/v1/enroll", json={"site": name, "token": token, "public_key": key.public().raw.hex()}
+                "/api/v1/enroll",
+                json={
+                    "site": name,
+                    "token": token,
+                    "public_key": key.public().raw.hex(),
+                    "tls_csr": tls_csr.decode(),
+                },
             )
         except httpx.TransportError as exc:
             problem = connection_problem(exc)
@@ -110,6 +134,9 @@ def enroll_site(
     enrolled = EnrollResponse.model_validate(response.json())
     root.mkdir(parents=True, exist_ok=True)
     key.save(home.identity_path)
+    if enrolled.tls_certificate is not None:
+        write_private(home.tls_key_path, tls_key)
+        home.tls_cert_path.write_text(enrolled.tls_certificate)
     if ca_pem is not None:
         home.ca_path.write_bytes(ca_pem)
     home.settings_path.write_text(

@@ -106,6 +106,9 @@ def orchestrator_serve(
         bool, typer.Option(help="Serve plain HTTP (testing only; prints a warning).")
     ] = False,
     mtls: Annotated[bool, typer.Option(help="Require client certificates from the federation CA.")] = False,
+    enroll_port: Annotated[
+        int | None, typer.Option(help="Also listen here, without client certificates, for enrollment only.")
+    ] = None,
     database_url: Annotated[
         str | None, typer.Option(help="SQLAlchemy URL (overrides the home's setting).")
     ] = None,
@@ -126,6 +129,7 @@ def orchestrator_serve(
         settings = OrchestratorSettings(
             state_dir=orch_home.state_dir,
             signing_key=orch_home.signing_key(),
+            ca=orch_home.ca() if orch_home.ca_key.exists() else None,
             database_url=orch_home.database_url(database_url),
             fsync=fsync,
             max_body_bytes=max_body_mb << 20,
@@ -139,7 +143,15 @@ def orchestrator_serve(
         tls = TlsFiles(
             cert=orch_home.tls_cert, key=orch_home.tls_key, ca=orch_home.ca_cert, require_client_cert=mtls
         )
-    serve(settings, host=host, port=port, tls=tls, ready_file=ready_file, log_level=log_level)
+    serve(
+        settings,
+        host=host,
+        port=port,
+        tls=tls,
+        enroll_port=enroll_port,
+        ready_file=ready_file,
+        log_level=log_level,
+    )
 
 
 # --- sites -------------------------------------------------------------------------------------------------
@@ -202,6 +214,10 @@ def site_enroll(
     home: Annotated[Path, typer.Option(help="Folder for this site's identity key and settings.")] = Path(
         "fedhealth-site"
     ),
+    serve_url: Annotated[
+        str | None,
+        typer.Option(help="Under mutual TLS: the main URL (--orchestrator is the enrollment port)."),
+    ] = None,
 ) -> None:
     """Generate this site's identity key locally, register its public key and pin the federation CA."""
     from fedhealth.agent import SiteHome, enroll_site
@@ -210,7 +226,12 @@ def site_enroll(
         if SiteHome(home).identity_path.exists():
             raise FedHealthError(f"{home} already holds an identity key; use another --home to enroll anew")
         enrolled = enroll_site(
-            home, name=name, orchestrator=orchestrator, token=token, ca_pem=ca.read_bytes()
+            home,
+            name=name,
+            orchestrator=orchestrator,
+            token=token,
+            ca_pem=ca.read_bytes(),
+            serve_url=serve_url,
         )
     typer.echo(f"site {name} enrolled; identity key in {enrolled.identity_path} (mode 0600)")
 
@@ -253,6 +274,7 @@ def site_serve(
             site=site_home.name,
             identity=site_home.identity(),
             ca_pem=site_home.ca_pem(),
+            client_cert=site_home.client_cert(),
             datasets=_parse_datasets(dataset or []),
             data_dir=data_dir,
             poll_wait_s=poll_wait,

@@ -42,7 +42,7 @@ class OperatorClient:
         user: str,
         api_key: str,
         ca_pem: str | None,
-        client_cert: tuple[Path, Path] | None = None,
+        client_cert: tuple[bytes, bytes] | None = None,
         timeout: float = 30.0,
     ) -> None:
         self.url = url
@@ -62,11 +62,15 @@ class OperatorClient:
     @classmethod
     def from_credential(cls, path: Path, *, url: str | None = None) -> OperatorClient:
         credential = OperatorCredential.model_validate_json(path.read_text())
+        client_cert = None
+        if credential.tls_certificate and credential.tls_key:
+            client_cert = (credential.tls_certificate.encode(), credential.tls_key.encode())
         return cls(
             url or credential.orchestrator,
             user=credential.user,
             api_key=credential.api_key,
             ca_pem=credential.ca_pem,
+            client_cert=client_cert,
         )
 
     def close(self) -> None:

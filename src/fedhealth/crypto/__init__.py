@@ -9,8 +9,10 @@ from fedhealth.crypto._pki import (
     PemPair,
     certificate_fingerprint,
     create_ca,
+    create_client_csr,
     issue_client_certificate,
     issue_server_certificate,
+    sign_client_csr,
     write_private,
 )
 from fedhealth.crypto._recipes import (
@@ -47,6 +49,7 @@ __all__ = [
     "certificate_fingerprint",
     "constant_time_equal",
     "create_ca",
+    "create_client_csr",
     "derive_key",
     "issue_client_certificate",
     "issue_server_certificate",
@@ -54,6 +57,7 @@ __all__ = [
     "keystream_uint32",
     "pinned_tls_context",
     "random_bytes",
+    "sign_client_csr",
     "sign_json",
     "verify_json",
     "write_private",

@@ -179,3 +179,36 @@ def write_private(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def create_client_csr(common_name: str) -> tuple[bytes, bytes]:
+    """A new TLS client key (ECDSA P-256, generated here; it never leaves) and its CSR: (key, csr) PEM."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(_name(common_name)).sign(key, hashes.SHA256())
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
+def sign_client_csr(
+    ca: PemPair, csr_pem: bytes, *, common_name: str, valid_days: int = 30, now: datetime | None = None
+) -> bytes:
+    """A client certificate for the key in ``csr_pem``, for ``common_name`` whatever the CSR asks for.
+
+    The CSR's own signature must verify (proof that the requester holds the key)."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise CryptoError("not a PEM certificate signing request") from exc
+    if not csr.is_signature_valid:
+        raise CryptoError("the certificate signing request's signature does not verify")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise CryptoError("client certificates need an ECDSA key")
+    return _leaf(
+        ca,
+        common_name,
+        public_key,
+        sans=[],
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        valid_days=valid_days,
+        now=now,
+    )

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import ssl
+import tempfile
 from pathlib import Path
 
 
 def pinned_tls_context(
-    ca_pem: str | bytes, *, client_cert: tuple[Path, Path] | None = None
+    ca_pem: str | bytes, *, client_cert: tuple[bytes, bytes] | None = None
 ) -> ssl.SSLContext:
-    """A client context that verifies the server against ``ca_pem`` only; TLS 1.2 at least; optionally
-    presenting a client certificate (cert, key) for mutual TLS."""
+    """A client context that verifies the server against ``ca_pem`` only, TLS 1.2 at least, optionally
+    presenting a client certificate ``(cert_pem, key_pem)`` for mutual TLS."""
     context = ssl.create_default_context(cadata=ca_pem.decode() if isinstance(ca_pem, bytes) else ca_pem)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if client_cert is not None:
-        context.load_cert_chain(certfile=str(client_cert[0]), keyfile=str(client_cert[1]))
+        # ssl loads certificate chains from files only: a private temporary folder, removed at once
+        with tempfile.TemporaryDirectory(prefix="fedhealth-tls-") as tmp:
+            cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+            cert.write_bytes(client_cert[0])
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(client_cert[1])
+            context.load_cert_chain(certfile=str(cert), keyfile=str(key))
     return context

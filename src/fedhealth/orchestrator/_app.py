@@ -29,19 +29,25 @@ import fedhealth
 from fedhealth.core import (
     Clock,
     ConflictError,
+    CryptoError,
     FedHealthError,
     InputError,
     NotFoundError,
     SystemClock,
     TensorError,
 )
-from fedhealth.crypto import Audience, IdentityKey
+from fedhealth.crypto import Audience, IdentityKey, PemPair, sign_client_csr
 from fedhealth.orchestrator._auth import AuthService, AuthSettings, Forbidden, Principal, Unauthenticated
 from fedhealth.orchestrator._blobs import BlobStore, check_digest
 from fedhealth.orchestrator._db import make_engine, sqlite_url, upgrade_database
 from fedhealth.orchestrator._engine import RoundEngine
 from fedhealth.orchestrator._hooks import StudyObserver
-from fedhealth.orchestrator._limits import BodyLimitMiddleware, RateLimiter, ceil_seconds
+from fedhealth.orchestrator._limits import (
+    BodyLimitMiddleware,
+    EnrollmentPortMiddleware,
+    RateLimiter,
+    ceil_seconds,
+)
 from fedhealth.orchestrator._notify import TaskNotifier
 from fedhealth.orchestrator._report import build_report, study_info
 from fedhealth.orchestrator._secure import SecureRoundDriver, SecureRoundGone
@@ -82,6 +88,8 @@ SAFETENSORS = "application/octet-stream"
 class OrchestratorSettings:
     state_dir: Path
     signing_key: IdentityKey
+    ca: PemPair | None = None  # to sign sites' TLS client certificates at enrollment (mutual TLS)
+    enroll_port: int | None = None  # a listener without client certificates that serves enrollment only
     database_url: str | None = None
     fsync: bool = False
     max_body_bytes: int = 512 << 20
@@ -248,6 +256,8 @@ def create_app(
     )
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.enroll_port is not None:
+        app.add_middleware(EnrollmentPortMiddleware, port=settings.enroll_port)
     for ext in extensions:
         for router in ext.routers():
             app.include_router(router)
@@ -304,9 +314,18 @@ def create_app(
     async def enroll(svc: Svc, request: Request, body: EnrollRequest) -> EnrollResponse:
         """A site registers its Ed25519 public key with its one-time enrollment token."""
         _throttle(svc, _client_key(request))
+        certificate = None
+        if body.tls_csr is not None and svc.settings.ca is not None:
+            # checked before the token is spent, so a bad request does not burn the site's token
+            try:
+                certificate = sign_client_csr(svc.settings.ca, body.tls_csr.encode(), common_name=body.site)
+            except CryptoError as exc:
+                raise ApiError(422, "invalid certificate signing request", str(exc)) from exc
         when = svc.auth.enroll(site=body.site, token=body.token, public_key_hex=body.public_key)
         log.info("site %s enrolled (key %s…)", body.site, body.public_key[:16])
-        return EnrollResponse(site=body.site, enrolled_at=when)
+        return EnrollResponse(
+            site=body.site, enrolled_at=when, tls_certificate=certificate.decode() if certificate else None
+        )
 
     @app.post("/api/v1/agent/challenge", response_model=ChallengeResponse, tags=["enrollment"])
     async def agent_challenge(svc: Svc, request: Request, body: ChallengeRequest) -> ChallengeResponse:

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from fedhealth.core import ConfigError, sha256_hex, utcnow
-from fedhealth.crypto import IdentityKey, PemPair, create_ca, issue_server_certificate, write_private
+from fedhealth.crypto import (
+    IdentityKey,
+    PemPair,
+    create_ca,
+    issue_client_certificate,
+    issue_server_certificate,
+    write_private,
+)
 from fedhealth.protocol import OperatorCredential, Role
 
 
@@ -127,8 +134,14 @@ def init_home(
         Store(engine).create_user("admin", Role.ADMIN.value, secret_hash(api_key), now or utcnow())
     finally:
         engine.dispose()
+    client = issue_client_certificate(ca, "admin", valid_days=365)
     credential = OperatorCredential(
-        orchestrator=url, ca_pem=ca.cert_pem.decode(), user="admin", api_key=api_key
+        orchestrator=url,
+        ca_pem=ca.cert_pem.decode(),
+        user="admin",
+        api_key=api_key,
+        tls_certificate=client.cert_pem.decode(),
+        tls_key=client.key_pem.decode(),
     )
     write_private(home.admin_credential, credential.model_dump_json(indent=2).encode())
     home.settings_path.write_text(

@@ -92,5 +92,41 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+class EnrollmentPortMiddleware:
+    """On the enrollment listener (no client certificates under mutual TLS), serve enrollment and health only:
+    a site without a certificate yet can enroll there, and nothing else is reachable without one."""
+
+    ALLOWED = ("/api/v1/enroll", "/healthz")
+
+    def __init__(self, app: Any, port: int) -> None:
+        self.app = app
+        self.port = port
+
+    async def __call__(
+        self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
+    ) -> None:
+        server = scope.get("server")
+        if (
+            scope["type"] == "http"
+            and server is not None
+            and server[1] == self.port
+            and scope["path"] not in self.ALLOWED
+        ):
+            body = json.dumps({"error": "only enrollment is served on this port", "detail": None}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 403,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 def ceil_seconds(value: float) -> str:
     return str(max(1, math.ceil(value)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -28,12 +29,26 @@ class TlsFiles:
     require_client_cert: bool = False  # mutual TLS: clients must present a certificate from the federation CA
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _url(scheme: str, host: str, sock: socket.socket) -> str:
+    url_host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{url_host}:{sock.getsockname()[1]}"
+
+
 def serve(
     settings: OrchestratorSettings,
     *,
     host: str = "127.0.0.1",
     port: int = 8443,
     tls: TlsFiles | None,
+    enroll_port: int | None = None,
     ready_file: Path | None = None,
     log_level: str = "info",
     extensions: Sequence[Extension] | None = None,
@@ -41,49 +56,69 @@ def serve(
     """Serve until interrupted. ``tls=None`` serves plain HTTP (only with an explicit ``--insecure``).
 
     With ``port=0`` the OS picks a free port; ``ready_file`` receives ``{"url": ..., "pid": ...}`` once the
-    service accepts requests (for supervisors and tests).
+    service accepts requests (for supervisors and tests). ``enroll_port`` opens a second HTTPS listener that
+    asks for no client certificate and serves enrollment only: under mutual TLS it is how a new site gets
+    its certificate.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    bound_port = sock.getsockname()[1]
-    url_host = f"[{host}]" if family == socket.AF_INET6 else host
-    url = f"{'https' if tls else 'http'}://{url_host}:{bound_port}"
+    scheme = "https" if tls else "http"
+    sock = _bind(host, port)
+    url = _url(scheme, host, sock)
+    enroll_sock = _bind(host, enroll_port) if enroll_port is not None else None
+    enroll_url = _url(scheme, host, enroll_sock) if enroll_sock is not None else None
+    if enroll_sock is not None:
+        settings.enroll_port = enroll_sock.getsockname()[1]
     if tls is None:
         log.warning("serving PLAIN HTTP (--insecure): tokens and model updates cross the network unencrypted")
 
     def _announce() -> None:  # called after the lifespan's recovery: the service is ready
         log.info("orchestrator listening on %s", url)
+        if enroll_url is not None:
+            log.info("enrollment listener on %s", enroll_url)
         if ready_file is not None:
             tmp = ready_file.with_name(ready_file.name + ".tmp")
-            tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+            tmp.write_text(json.dumps({"url": url, "enroll_url": enroll_url, "pid": os.getpid()}))
             tmp.replace(ready_file)
 
     app = create_app(
         settings, on_ready=_announce, extensions=default_extensions() if extensions is None else extensions
     )
-    options: dict[str, object] = {}
-    if tls is not None:
-        options = {
-            "ssl_certfile": str(tls.cert),
-            "ssl_keyfile": str(tls.key),
-            "ssl_ca_certs": str(tls.ca),
-            "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE,
-        }
-    config = uvicorn.Config(
-        app,
-        log_level=log_level,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-        **options,  # type: ignore[arg-type]
-    )
-    server = _Server(config)
-    server.run(sockets=[sock])
+
+    def config(require_client_cert: bool, lifespan: str) -> uvicorn.Config:
+        options: dict[str, object] = {}
+        if tls is not None:
+            options = {
+                "ssl_certfile": str(tls.cert),
+                "ssl_keyfile": str(tls.key),
+                "ssl_ca_certs": str(tls.ca),
+                "ssl_cert_reqs": ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE,
+            }
+        return uvicorn.Config(
+            app,
+            log_level=log_level,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            lifespan=lifespan,  # type: ignore[arg-type]
+            **options,  # type: ignore[arg-type]
+        )
+
+    main = _Server(config(bool(tls and tls.require_client_cert), "on"))
+    if enroll_sock is None:
+        main.run(sockets=[sock])
+        return
+    enroll = _Server(config(False, "off"))
+    main.peers = [enroll]
+    enroll.peers = [main]
+
+    async def both() -> None:
+        await asyncio.gather(main.serve(sockets=[sock]), enroll.serve(sockets=[enroll_sock]))
+
+    asyncio.run(both())
 
 
 class _Server(uvicorn.Server):
+    peers: list[_Server]
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Long polls would otherwise hold the graceful shutdown for up to their full wait.
         state = getattr(self.config.app, "state", None)
@@ -91,3 +126,5 @@ class _Server(uvicorn.Server):
         if shutdown is not None:
             shutdown()
         super().handle_exit(sig, frame)
+        for peer in getattr(self, "peers", []):  # a second listener stops with the first
+            peer.should_exit = True

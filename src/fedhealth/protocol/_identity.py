@@ -37,11 +37,15 @@ class EnrollRequest(Message):
     site: Name
     token: Annotated[str, Field(min_length=16, max_length=200)]
     public_key: Annotated[Hex, Field(min_length=64, max_length=64, description="raw Ed25519 public key, hex")]
+    tls_csr: Annotated[
+        str | None, Field(max_length=8000, description="PEM CSR for a TLS client certificate")
+    ] = None
 
 
 class EnrollResponse(Message):
     site: str
     enrolled_at: datetime
+    tls_certificate: str | None = Field(default=None, description="PEM client certificate (for mutual TLS)")
 
 
 class ChallengeRequest(Message):
@@ -98,6 +102,8 @@ class OperatorCredential(Message):
     ca_pem: str = Field(description="the federation CA certificate, PEM")
     user: Name
     api_key: str
+    tls_certificate: str | None = Field(default=None, description="PEM client certificate (mutual TLS)")
+    tls_key: str | None = Field(default=None, description="PEM key of the client certificate")
 
 
 def agent_login_message(site: str, challenge: str) -> dict[str, object]:

@@ -58,6 +58,7 @@ class LocalFederation:
         log_level: str = "info",
         orchestrator_args: Sequence[str] = (),
         tls: bool = True,
+        mtls: bool = False,
     ) -> None:
         self.workdir = workdir
         self.logs = workdir / "logs"
@@ -68,6 +69,8 @@ class LocalFederation:
         self.log_level = log_level
         self.orchestrator_args = list(orchestrator_args)
         self.tls = tls
+        self.mtls = mtls  # mutual TLS: clients need certificates; sites enroll on a second listener
+        self.enroll_url: str | None = None
         self.orchestrator: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.url: str | None = None
@@ -80,6 +83,19 @@ class LocalFederation:
 
     def site_home(self, name: str) -> SiteHome:
         return SiteHome(self.workdir / "sites" / name)
+
+    def budget_ledger(self, site: str) -> Any:
+        """The site's privacy-budget ledger (a ``fedhealth.privacy.BudgetLedger`` on its database), as its
+        agent and ``fedhealth site budget ... --home`` open it."""
+        from fedhealth.privacy import BudgetLedger, sqlite_engine
+
+        engine = sqlite_engine(self.site_home(site).database_path)
+        BudgetLedger.create_schema(engine)
+        return BudgetLedger(engine)
+
+    def set_budget(self, site: str, dataset: str, epsilon: float, delta: float) -> None:
+        """What ``fedhealth site budget set DATASET --epsilon E --delta D --home HOME`` does at ``site``."""
+        self.budget_ledger(site).set_budget(dataset, epsilon, delta)
 
     # --- processes ---------------------------------------------------------------------------------------
 
@@ -121,6 +137,8 @@ class LocalFederation:
             self.log_level,
             *self.orchestrator_args,
         ]
+        if self.mtls:
+            args += ["--mtls", "--enroll-port", "0"]
         if not self.tls:
             args.append("--insecure")
         self.orchestrator = self._spawn("orchestrator", args)
@@ -134,7 +152,8 @@ class LocalFederation:
             if time.monotonic() > deadline:
                 raise FederationError(f"the orchestrator did not start within {timeout:.0f} s")
             time.sleep(0.02)
-        self.url = json.loads(ready.read_text())["url"]
+        announced = json.loads(ready.read_text())
+        self.url, self.enroll_url = announced["url"], announced.get("enroll_url")
         self._close_clients()
         credential = OperatorCredential.model_validate_json(self.home.admin_credential.read_text())
         self._operator = OperatorClient(
@@ -142,8 +161,15 @@ class LocalFederation:
             user=credential.user,
             api_key=credential.api_key,
             ca_pem=credential.ca_pem if self.tls else None,
+            client_cert=self._admin_cert(),
         )
         return self.url
+
+    def _admin_cert(self) -> tuple[bytes, bytes] | None:
+        credential = OperatorCredential.model_validate_json(self.home.admin_credential.read_text())
+        if self.mtls and credential.tls_certificate and credential.tls_key:
+            return credential.tls_certificate.encode(), credential.tls_key.encode()
+        return None
 
     def _port_hint(self) -> int:
         # Reuse the previous port across restarts so that running agents find the orchestrator again.
@@ -170,7 +196,8 @@ class LocalFederation:
         return enroll_site(
             self.site_home(name).root,
             name=name,
-            orchestrator=self.url,
+            orchestrator=self.enroll_url or self.url,
+            serve_url=self.url,
             token=token,
             ca_pem=self.home.ca_cert.read_bytes() if self.tls else None,
         )
@@ -231,7 +258,8 @@ class LocalFederation:
         if self.url is None:
             raise FederationError("the orchestrator is not running")
         if self._raw is None:
-            verify: Any = pinned_tls_context(self.home.ca_cert.read_bytes()) if self.tls else True
+            ca = self.home.ca_cert.read_bytes()
+            verify: Any = pinned_tls_context(ca, client_cert=self._admin_cert()) if self.tls else True
             self._raw = httpx.Client(base_url=self.url, verify=verify, timeout=30.0)
         return self._raw
 
@@ -262,8 +290,50 @@ class LocalFederation:
                 raise FederationError(f"sites never connected within {timeout:.0f} s: {', '.join(missing)}")
             time.sleep(0.05)
 
-    def create_study(self, spec: StudySpec) -> StudyInfo:
-        return self.operator.create_study(spec)
+    # --- governance: the data stewards' approvals and the owner's signature ---------------------------------
+
+    def approve(
+        self, site: str, spec: StudySpec, *, reason: str = "approved for this federation", steward: str = "steward"
+    ) -> str:
+        """Play ``site``'s data steward: approve exactly this spec there, as ``fedhealth site approve HASH
+        --reason ... --spec FILE --home HOME`` does. Returns the spec hash."""
+        from fedhealth.agent._governance import SiteGovernance
+
+        with SiteGovernance(self.site_home(site)) as governance:
+            return governance.approve(spec, reason=reason, steward=steward, signed=self._signed(spec)).spec_hash
+
+    def owner_key(self) -> Any:
+        """The operator's spec-signing key (``fedhealth.crypto.IdentityKey``), made on first use."""
+        from fedhealth.crypto import IdentityKey
+
+        path = self.workdir / "owner.key"
+        if not path.exists():
+            IdentityKey.generate().save(path)
+        return IdentityKey.load(path)
+
+    def _signed(self, spec: StudySpec) -> Any:
+        from fedhealth.governance import SignedSpec
+
+        if self._operator is None or spec.owner != self._operator.user:
+            return None  # only the operator's own specs can be signed here
+        return SignedSpec.sign(spec.model_dump(mode="json"), owner=spec.owner, key=self.owner_key())
+
+    def create_study(self, spec: StudySpec, *, approve: bool = True, sign: bool = True) -> StudyInfo:
+        """Submit a study. By default each training and evaluation site enrolled here approves the spec first
+        (as its steward would), and the spec is signed by its owner (when the owner is the operator):
+        ``approve=False`` leaves the stewards' decisions to the caller, ``sign=False`` submits it unsigned."""
+        if approve:
+            for site in dict.fromkeys([*spec.train_sites, *spec.evaluation_sites]):
+                if self.site_home(site).identity_path.exists():
+                    self.approve(site, spec)
+        signed = self._signed(spec) if sign else None
+        if signed is None:
+            return self.operator.create_study(spec)
+        key = self.owner_key().public().raw.hex()
+        self.operator.request("PUT", "/api/v1/governance/owner-key", json={"public_key": key})
+        body = {"spec": spec.model_dump(mode="json"), "signature": signed.signature.hex()}
+        response = self.operator.request("POST", "/api/v1/governance/studies", json=body)
+        return StudyInfo.model_validate(response.json())
 
     def study(self, study_id: str) -> StudyInfo:
         return self.operator.study(study_id)
