@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedhealth.protocol import RecipeSpec, StudySpec, StudyStatus, TaskKind
+from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec, StudyStatus, TaskKind
 from fedhealth.sim._federation import FederationError, LocalFederation
 
 
@@ -32,21 +32,25 @@ def benchmark_rounds(
     workdir: Path | None = None,
     orchestrator_args: tuple[str, ...] = (),
     agent_args: tuple[str, ...] = (),
+    tls: bool = True,
+    secure: bool = False,
 ) -> RoundBenchmark:
     """Median wall time of a training round of a synthetic model of ``params`` float32 parameters.
 
     A round is timed by the orchestrator from its opening to its close: task delivery by long-poll, model
     download, the (trivial) local step, upload, validation, aggregation and the next round's opening.
-    The first ``warmup`` rounds are dropped (they include the agents' start-up).
+    The first ``warmup`` rounds are dropped. ``tls=False`` serves plain HTTP (tokens still on);
+    ``secure=True`` runs every round as a SecAgg+ round.
     """
     with tempfile.TemporaryDirectory(prefix="fedhealth-bench-") as tmp:
         root = workdir or Path(tmp)
-        with LocalFederation(root, log_level="warning", orchestrator_args=orchestrator_args) as fed:
+        with LocalFederation(root, log_level="warning", orchestrator_args=orchestrator_args, tls=tls) as fed:
             fed.start_orchestrator()
             names = [f"site-{i:02d}" for i in range(sites)]
             for name in names:
                 fed.add_site(name)
                 fed.start_agent(name, {}, extra_args=agent_args)
+            fed.wait_for_sites(names)
             spec = StudySpec(
                 name="bench-rounds",
                 dataset="none",
@@ -55,6 +59,7 @@ def benchmark_rounds(
                 train_sites=names,
                 min_sites=sites,
                 round_deadline_s=120.0,
+                secure_aggregation=SecureAggregationSpec(stage_timeout_s=60.0) if secure else None,
             )
             study = fed.create_study(spec)
             final = fed.wait_for_study(study.study_id, timeout=600, interval=0.5)
