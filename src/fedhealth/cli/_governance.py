@@ -1,20 +1,32 @@
 """Command groups for governance: ``audit``, ``provenance``, ``model``, ``approval`` and ``consent``.
 
-Register them on the root app (``app.add_typer(audit_app, name="audit")``, ``approval_app`` as ``site``, ...).
-Exit codes: 0 success (for ``audit verify``: the log verified); 1 ``audit verify`` found a bad entry, and
-printed which; 2 usage or input errors. Messages are one line, never a traceback. Commands take ``--db``: a
-SQLAlchemy URL, or the path of a SQLite file (which must exist).
+Registered on the root app: ``audit_app`` as ``audit``, ``approval_app``'s commands under ``site``,
+``consent_app`` as ``site consent``, ``provenance_app`` and ``model_app``. Exit codes: 0 success (for
+``audit verify``: the log verified); 1 ``audit verify`` found a bad entry, and printed which; 2 usage or
+input errors. Messages are one line, never a traceback.
+
+Where the data lives is given one of three ways:
+
+- ``--home DIR``: an orchestrator home (``fedhealth orchestrator init``) or a site home (``fedhealth site
+  enroll``). The log is the home's own, its writer key is pinned from the home's key file, and steward
+  actions are signed with the site's identity key.
+- ``--db``: a SQLAlchemy URL or the path of a SQLite file (plus ``--identity`` and ``--site`` to sign).
+- ``--credential FILE`` (provenance and model cards): ask a running orchestrator over its operator API.
+
+``audit verify --home A --peer B`` also checks the anchors: a site's log against the heads the orchestrator's
+round records hold for it, and the orchestrator's log against the round commitments each site recorded.
 """
 
 from __future__ import annotations
 
 import getpass
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from sqlalchemy import Engine, create_engine
@@ -30,35 +42,66 @@ from fedhealth.governance import (
     ConsentRegistry,
     LogHead,
     ProvenanceStore,
+    StoredLog,
+    VerificationReport,
+    WithdrawalNotice,
     create_governance_tables,
     export_stored_log,
     list_study_approvals,
     model_card_markdown,
+    orchestrator_anchors,
     parse_public_key,
     read_jsonl,
     read_stored_log,
+    site_anchors,
+    spec_hash,
     stored_keys,
     stored_log_ids,
     to_prov_json,
+    verify_chain,
     verify_loaded,
 )
 
+if TYPE_CHECKING:
+    from fedhealth.agent._governance import SiteGovernance
+
 EXIT_BAD_ENTRY = 1
 EXIT_USAGE = 2
+DEFAULT_INTENDED_USE = "Research within the study named above. Not validated for clinical decisions."
 
-DbOption = Annotated[str, typer.Option("--db", help="SQLAlchemy URL, or path of an existing SQLite file.")]
+DbOption = Annotated[
+    str | None, typer.Option("--db", help="SQLAlchemy URL, or path of an existing SQLite file.")
+]
+HomeOption = Annotated[
+    Path | None,
+    typer.Option("--home", help="An orchestrator home or a site home: its own database and key."),
+]
+SiteHomeOption = Annotated[
+    Path | None, typer.Option("--home", help="The site's home (from `fedhealth site enroll`).")
+]
 IdentityOption = Annotated[
-    Path,
+    Path | None,
     typer.Option(
         "--identity",
         envvar="FEDHEALTH_IDENTITY_KEY",
-        help="This site's Ed25519 identity key (PEM, mode 600): signs the audit entries.",
+        help="With --db: this site's Ed25519 identity key (PEM, mode 600): signs the audit entries.",
     ),
 ]
 SiteOption = Annotated[
-    str, typer.Option("--site", envvar="FEDHEALTH_SITE", help="This site's name (the audit log's actor).")
+    str, typer.Option("--site", envvar="FEDHEALTH_SITE", help="With --db: the site's name (the log's actor).")
 ]
 LogOption = Annotated[str, typer.Option("--log", help="Which log in the database.")]
+CredentialOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--credential",
+        envvar="FEDHEALTH_CREDENTIAL",
+        help="Operator credential file: ask the running orchestrator.",
+    ),
+]
+UrlOption = Annotated[
+    str | None, typer.Option("--orchestrator", help="With --credential: override its orchestrator URL.")
+]
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -92,7 +135,9 @@ def _engine(db: str) -> Engine:
     return create_engine(f"sqlite:///{path.resolve()}")
 
 
-def _audit_log(db: str, identity: Path, site: str) -> AuditLog:
+def _audit_log(db: str, identity: Path | None, site: str) -> AuditLog:
+    if identity is None:
+        _fail("--db needs --identity (the site's key signs the entries); or give --home")
     engine = _engine(db)
     create_governance_tables(engine)
     return AuditLog(engine, IdentityKey.load(identity), site, SystemClock())
@@ -125,6 +170,12 @@ def _anchors(values: list[str]) -> list[LogHead]:
     return heads
 
 
+def _one_source(**given: object) -> None:
+    named = [f"--{name}" for name, value in given.items() if value is not None]
+    if len(named) != 1:
+        _fail(f"give exactly one of {', '.join(f'--{n}' for n in given)}")
+
+
 def _group(name: str, help_text: str) -> typer.Typer:
     app = typer.Typer(name=name, help=help_text, no_args_is_help=True, add_completion=False)
 
@@ -137,6 +188,135 @@ def _group(name: str, help_text: str) -> typer.Typer:
     return app
 
 
+# --- homes ------------------------------------------------------------------------------------------------
+
+
+class HomeKind(StrEnum):
+    ORCHESTRATOR = "orchestrator"
+    SITE = "site"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HomeLog:
+    """The audit log of a home, with the writer key pinned from the home's own key file."""
+
+    path: Path
+    kind: HomeKind
+    name: str  # the site's name, or "orchestrator"
+    engine: Engine
+    key: PublicIdentity
+
+    def read(self) -> StoredLog:
+        return read_stored_log(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_home_log(path: Path) -> HomeLog:
+    """The log of an orchestrator home or a site home (raises FedHealthError if ``path`` is neither)."""
+    from fedhealth.agent import SiteHome
+    from fedhealth.orchestrator import OrchestratorHome
+
+    orchestrator = OrchestratorHome(path)
+    site = SiteHome(path)
+    if orchestrator.exists():
+        url = orchestrator.database_url()
+        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+            raise FedHealthError(f"{path}: the orchestrator has no database yet ({url})")
+        return HomeLog(
+            path=path,
+            kind=HomeKind.ORCHESTRATOR,
+            name="orchestrator",
+            engine=create_engine(url),
+            key=orchestrator.signing_key().public(),
+        )
+    if site.settings_path.exists():
+        if not site.database_path.is_file():
+            raise FedHealthError(f"{path}: the site has no governance database yet ({site.database_path})")
+        return HomeLog(
+            path=path,
+            kind=HomeKind.SITE,
+            name=site.name,
+            engine=create_engine(f"sqlite:///{site.database_path.resolve()}"),
+            key=site.identity().public(),
+        )
+    raise FedHealthError(f"{path} is neither an orchestrator home nor a site home")
+
+
+def anchors_from_peers(home: HomeLog, peers: Sequence[HomeLog]) -> tuple[list[LogHead], list[str]]:
+    """The heads of ``home``'s log its peers anchored, and a note per peer (its own chain's state).
+
+    A peer whose own chain does not verify still contributes what it holds, and its note says so.
+    """
+    heads: list[LogHead] = []
+    notes: list[str] = []
+    for peer in peers:
+        stored = peer.read()
+        report = verify_chain(stored.entries, {peer.key.fingerprint: peer.key})
+        state = "its log verifies" if report.ok and stored.malformed is None else "ITS LOG DOES NOT VERIFY"
+        if home.kind is HomeKind.SITE and peer.kind is HomeKind.ORCHESTRATOR:
+            held = site_anchors(stored.entries, home.name)
+        elif home.kind is HomeKind.ORCHESTRATOR and peer.kind is HomeKind.SITE:
+            held = orchestrator_anchors(stored.entries)
+        else:
+            raise FedHealthError(f"{peer.path}: a {home.kind.value} log is anchored by the other side only")
+        heads.extend(held)
+        notes.append(f"{peer.name} holds {len(held)} anchor(s) of {home.name}'s log; {state}")
+    return heads, notes
+
+
+def verify_home(home: HomeLog, peers: Sequence[HomeLog] = ()) -> VerificationReport:
+    """Chain, hashes and signatures under the home's pinned key, then every anchor its peers hold."""
+    heads, _ = anchors_from_peers(home, peers)
+    return verify_loaded(home.read(), {home.key.fingerprint: home.key}, anchored_heads=heads)
+
+
+def verify_federation(orchestrator: Path, sites: Sequence[Path]) -> list[tuple[str, VerificationReport]]:
+    """Verify the orchestrator's log (against every site's anchors) and each site's log (against the
+    orchestrator's); ``(name, report)`` in that order. Offline: reads the databases directly."""
+    orch = open_home_log(orchestrator)
+    site_logs = [open_home_log(path) for path in sites]
+    try:
+        results = [(orch.name, verify_home(orch, site_logs))]
+        results += [(site.name, verify_home(site, [orch])) for site in site_logs]
+        return results
+    finally:
+        for opened in (orch, *site_logs):
+            opened.close()
+
+
+def write_model_card(
+    orchestrator: Path, model: str, out: Path, *, intended_use: str = DEFAULT_INTENDED_USE
+) -> str:
+    """Write the Markdown model card of ``model`` (digest or prefix) from an orchestrator home's database;
+    returns the full digest."""
+    home = open_home_log(orchestrator)
+    try:
+        store = ProvenanceStore(home.engine)
+        digest = store.resolve(model)
+        out.write_text(_card(store, digest, intended_use), encoding="utf-8")
+        return digest
+    finally:
+        home.close()
+
+
+def _card(store: ProvenanceStore, digest: str, intended_use: str) -> str:
+    return model_card_markdown(
+        store.lineage(digest),
+        intended_use=intended_use,
+        site_metrics=store.metrics(digest),
+        flags=store.flags(digest),
+    )
+
+
+def _site_governance(home: Path) -> SiteGovernance:
+    from fedhealth.agent import SiteHome
+    from fedhealth.agent._governance import SiteGovernance
+
+    return SiteGovernance(SiteHome(home))
+
+
 # --- audit --------------------------------------------------------------------------------------------------
 
 audit_app = _group("audit", "Verify and export hash-chained, signed audit logs.")
@@ -146,6 +326,14 @@ audit_app = _group("audit", "Verify and export hash-chained, signed audit logs."
 def audit_verify(
     db: Annotated[str | None, typer.Option("--db", help="Verify a log in this database.")] = None,
     file: Annotated[Path | None, typer.Option("--file", help="Verify an exported JSON Lines file.")] = None,
+    home: HomeOption = None,
+    peer: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--peer",
+            help="With --home: the other side's home, whose anchors this log must match (repeatable).",
+        ),
+    ] = None,
     key: Annotated[
         list[str] | None,
         typer.Option(
@@ -158,41 +346,74 @@ def audit_verify(
     log_id: LogOption = DEFAULT_LOG_ID,
 ) -> None:
     """Check the chain, hashes and signatures (offline); name the first bad entry. Exit 1 if there is one."""
-    if (db is None) == (file is None):
-        _fail("give exactly one of --db or --file")
+    _one_source(db=db, file=file, home=home)
+    if peer and home is None:
+        _fail("--peer needs --home")
     with _errors_as_messages():
         pinned = _keys(key or [])
         heads = _anchors(anchor or [])
-        if file is not None:
-            export = read_jsonl(file)
-            stored, fallback = export.stored, dict(export.header_keys)
-            where = "the file header"
+        if home is not None:
+            report = _verify_with_home(home, peer or [], pinned, heads)
         else:
-            engine = _engine(db or "")
-            stored, fallback = read_stored_log(engine, log_id=log_id), stored_keys(engine)
-            where = "the database"
-            others = [name for name in stored_log_ids(engine) if name != log_id]
-            if not stored.entries and stored.malformed is None and others:
-                _fail(f"log {log_id!r} is empty here; this database holds {others}: pass --log")
-        if not pinned:
-            typer.echo(
-                f"note: trusting the writer keys from {where} (integrity only); pin them with --key", err=True
-            )
-        report = verify_loaded(stored, pinned or fallback, anchored_heads=heads)
+            if file is not None:
+                export = read_jsonl(file)
+                stored, fallback = export.stored, dict(export.header_keys)
+                where = "the file header"
+            else:
+                engine = _engine(db or "")
+                stored, fallback = read_stored_log(engine, log_id=log_id), stored_keys(engine)
+                where = "the database"
+                others = [name for name in stored_log_ids(engine) if name != log_id]
+                if not stored.entries and stored.malformed is None and others:
+                    _fail(f"log {log_id!r} is empty here; this database holds {others}: pass --log")
+            if not pinned:
+                typer.echo(
+                    f"note: trusting the writer keys from {where} (integrity only); pin them with --key",
+                    err=True,
+                )
+            report = verify_loaded(stored, pinned or fallback, anchored_heads=heads)
     typer.echo(report.summary())
     if not report.ok:
         raise typer.Exit(EXIT_BAD_ENTRY)
 
 
+def _verify_with_home(
+    path: Path, peers: list[Path], pinned: dict[str, PublicIdentity], heads: list[LogHead]
+) -> VerificationReport:
+    home = open_home_log(path)
+    opened = [open_home_log(p) for p in peers]
+    try:
+        held, notes = anchors_from_peers(home, opened)
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
+        keys = pinned or {home.key.fingerprint: home.key}
+        typer.echo(
+            f"note: {home.kind.value} log of {home.name}, writer key {home.key.fingerprint[:16]}", err=True
+        )
+        return verify_loaded(home.read(), keys, anchored_heads=[*heads, *held])
+    finally:
+        for log_home in (home, *opened):
+            log_home.close()
+
+
 @audit_app.command("export")
 def audit_export(
-    db: DbOption,
     out: Annotated[Path, typer.Option("--out", help="The JSON Lines file to write.")],
+    db: DbOption = None,
+    home: HomeOption = None,
     log_id: LogOption = DEFAULT_LOG_ID,
 ) -> None:
     """Write a log as JSON Lines (header line with the writer keys, then one entry per line, as stored)."""
+    _one_source(db=db, home=home)
     with _errors_as_messages():
-        count = export_stored_log(_engine(db), out, log_id=log_id)
+        if home is not None:
+            opened = open_home_log(home)
+            try:
+                count = export_stored_log(opened.engine, out, log_id=log_id)
+            finally:
+                opened.close()
+        else:
+            count = export_stored_log(_engine(db or ""), out, log_id=log_id)
     typer.echo(f"exported {count} entries of log {log_id!r} to {out}")
 
 
@@ -207,23 +428,65 @@ class ProvenanceFormat(StrEnum):
 provenance_app = _group("provenance", "Show where a model version came from.")
 
 
+def _provenance_engine(db: str | None, home: Path | None) -> Engine:
+    if home is not None:
+        return open_home_log(home).engine
+    return _engine(db or "")
+
+
+def _remote(credential: Path, url: str | None, path: str, **params: str) -> str:
+    import httpx
+
+    from fedhealth.client import OperatorClient
+
+    if not credential.is_file():
+        raise FedHealthError(f"credential file {credential} not found")
+    with OperatorClient.from_credential(credential, url=url) as client:
+        try:
+            return client.request("GET", path, params=params).text
+        except httpx.TransportError as exc:
+            raise FedHealthError(f"cannot reach the orchestrator at {client.url}: {exc}") from exc
+
+
 @provenance_app.command("show")
 def provenance_show(
     model: Annotated[str, typer.Argument(help="Model digest (or at least 8 leading hex characters).")],
-    db: DbOption,
+    db: DbOption = None,
+    home: HomeOption = None,
+    credential: CredentialOption = None,
+    orchestrator: UrlOption = None,
     fmt: Annotated[ProvenanceFormat, typer.Option("--format", help="text or W3C PROV-JSON.")] = (
         ProvenanceFormat.TEXT
     ),
 ) -> None:
     """Print a model version's lineage, newest first."""
+    _one_source(db=db, home=home, credential=credential)
     with _errors_as_messages():
-        store = ProvenanceStore(_engine(db))
-        lineage = store.lineage(store.resolve(model))
-        flags = [f for p in lineage for f in store.flags(p.model_digest)]
-    if fmt is ProvenanceFormat.PROV_JSON:
-        typer.echo(json.dumps(to_prov_json(lineage, flags=flags), indent=2, sort_keys=True))
-        return
-    flagged = {f.model_digest for f in flags}
+        if credential is not None:
+            remote_format = "prov-json" if fmt is ProvenanceFormat.PROV_JSON else "json"
+            body = json.loads(
+                _remote(
+                    credential,
+                    orchestrator,
+                    f"/api/v1/governance/models/{model}/provenance",
+                    format=remote_format,
+                )
+            )
+            if fmt is ProvenanceFormat.PROV_JSON:
+                typer.echo(json.dumps(body, indent=2, sort_keys=True))
+                return
+            from fedhealth.governance import ModelProvenance
+
+            lineage = [ModelProvenance.from_json(p) for p in body["lineage"]]
+            flagged = {f["model_digest"] for f in body["flags"]}
+        else:
+            store = ProvenanceStore(_provenance_engine(db, home))
+            lineage = store.lineage(store.resolve(model))
+            flags = [f for p in lineage for f in store.flags(p.model_digest)]
+            if fmt is ProvenanceFormat.PROV_JSON:
+                typer.echo(json.dumps(to_prov_json(lineage, flags=flags), indent=2, sort_keys=True))
+                return
+            flagged = {f.model_digest for f in flags}
     for depth, p in enumerate(lineage):
         mark = "  [FLAGGED: consent withdrawn]" if p.model_digest in flagged else ""
         typer.echo(
@@ -238,24 +501,32 @@ model_app = _group("model", "Model versions: cards.")
 @model_app.command("card")
 def model_card(
     model: Annotated[str, typer.Argument(help="Model digest (or at least 8 leading hex characters).")],
-    db: DbOption,
+    db: DbOption = None,
+    home: HomeOption = None,
+    credential: CredentialOption = None,
+    orchestrator: UrlOption = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Markdown file to write (default: stdout).")
     ] = None,
     intended_use: Annotated[str, typer.Option("--intended-use", help="The intended-use statement.")] = (
-        "Research within the study named above. Not validated for clinical decisions."
+        DEFAULT_INTENDED_USE
     ),
 ) -> None:
     """Write a Markdown model card: intended use, data, per-site metrics, privacy guarantee, consent."""
+    _one_source(db=db, home=home, credential=credential)
     with _errors_as_messages():
-        store = ProvenanceStore(_engine(db))
-        digest = store.resolve(model)
-        card = model_card_markdown(
-            store.lineage(digest),
-            intended_use=intended_use,
-            site_metrics=store.metrics(digest),
-            flags=store.flags(digest),
-        )
+        if credential is not None:
+            card = _remote(
+                credential,
+                orchestrator,
+                f"/api/v1/governance/models/{model}/card",
+                intended_use=intended_use,
+            )
+            digest = model
+        else:
+            store = ProvenanceStore(_provenance_engine(db, home))
+            digest = store.resolve(model)
+            card = _card(store, digest, intended_use)
         if out is None:
             typer.echo(card, nl=False)
             return
@@ -272,18 +543,54 @@ def _steward_decision(
     decide: Callable[[ApprovalRegistry, str, str, str], object],
     spec: str,
     reason: str,
-    db: str,
-    identity: Path,
+    *,
+    db: str | None,
+    home: Path | None,
+    identity: Path | None,
     site: str,
     steward: str | None,
+    spec_file: Path | None,
     verb: str,
 ) -> None:
+    _one_source(db=db, home=home)
     with _errors_as_messages():
-        log = _audit_log(db, identity, site)
-        registry = ApprovalRegistry(log.engine, log)
-        digest = registry.resolve(spec)
-        decide(registry, digest, reason, steward or getpass.getuser())
+        governance = _site_governance(home) if home is not None else None
+        if governance is not None:
+            registry = governance.approvals
+        else:
+            log = _audit_log(db or "", identity, site)
+            registry = ApprovalRegistry(log.engine, log)
+        try:
+            if spec_file is not None:
+                body = json.loads(spec_file.read_text(encoding="utf-8"))
+                if not isinstance(body, dict):
+                    raise FedHealthError(f"{spec_file}: a study spec is a JSON object")
+                body = _normalized_spec(body)
+                if not spec_hash(body).startswith(spec.strip().lower()):
+                    raise FedHealthError(
+                        f"{spec_file} hashes to {spec_hash(body)}, not {spec}: is it the spec you reviewed?"
+                    )
+                registry.submit(body)
+            digest = registry.resolve(spec)
+            decide(registry, digest, reason, steward or getpass.getuser())
+        finally:
+            if governance is not None:
+                governance.close()
     typer.echo(f"{verb} spec {digest}")
+
+
+def _normalized_spec(body: dict[str, object]) -> dict[str, object]:
+    """A study spec file as the site will see it in tasks: validated, defaults filled in."""
+    from pydantic import ValidationError
+
+    from fedhealth.protocol import StudySpec
+
+    try:
+        return StudySpec.model_validate(body).model_dump(mode="json")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise FedHealthError(f"not a valid study spec: {where}: {first['msg']}") from exc
 
 
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit log).")]
@@ -291,27 +598,39 @@ StewardOption = Annotated[
     str | None, typer.Option("--steward", help="The steward's name (default: the current user).")
 ]
 HashArgument = Annotated[str, typer.Argument(help="Spec hash (or at least 8 leading hex characters).")]
+SpecFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--spec",
+        help="The study spec (JSON) to register first, when the site has not received it yet; "
+        "it must hash to HASH.",
+    ),
+]
 
 
 @approval_app.command("approve")
 def approval_approve(
     spec: HashArgument,
     reason: ReasonOption,
-    db: DbOption,
-    identity: IdentityOption,
+    db: DbOption = None,
+    home: SiteHomeOption = None,
+    identity: IdentityOption = None,
     site: SiteOption = "site",
     steward: StewardOption = None,
+    spec_file: SpecFileOption = None,
 ) -> None:
-    """Approve a submitted study spec by its hash."""
+    """Approve a study spec by its hash: tasks of exactly this spec may run here."""
     _steward_decision(
         lambda r, h, why, who: r.approve(h, reason=why, steward=who),
         spec,
         reason,
-        db,
-        identity,
-        site,
-        steward,
-        "approved",
+        db=db,
+        home=home,
+        identity=identity,
+        site=site,
+        steward=steward,
+        spec_file=spec_file,
+        verb="approved",
     )
 
 
@@ -319,33 +638,42 @@ def approval_approve(
 def approval_reject(
     spec: HashArgument,
     reason: ReasonOption,
-    db: DbOption,
-    identity: IdentityOption,
+    db: DbOption = None,
+    home: SiteHomeOption = None,
+    identity: IdentityOption = None,
     site: SiteOption = "site",
     steward: StewardOption = None,
+    spec_file: SpecFileOption = None,
 ) -> None:
     """Reject (or revoke the approval of) a study spec by its hash."""
     _steward_decision(
         lambda r, h, why, who: r.reject(h, reason=why, steward=who),
         spec,
         reason,
-        db,
-        identity,
-        site,
-        steward,
-        "rejected",
+        db=db,
+        home=home,
+        identity=identity,
+        site=site,
+        steward=steward,
+        spec_file=spec_file,
+        verb="rejected",
     )
 
 
 @approval_app.command("list")
 def approval_list(
-    db: DbOption,
+    db: DbOption = None,
+    home: SiteHomeOption = None,
     status: Annotated[ApprovalStatus | None, typer.Option("--status", help="Only this status.")] = None,
 ) -> None:
-    """List submitted study specs with their status."""
+    """List the study specs this site has received or registered, with their status."""
+    _one_source(db=db, home=home)
     with _errors_as_messages():
-        engine = _engine(db)
-        rows = _list_approvals(engine, status)
+        if home is not None:
+            with _site_governance(home) as governance:
+                rows = _list_approvals(governance.engine, status)
+        else:
+            rows = _list_approvals(_engine(db or ""), status)
     if not rows:
         typer.echo("no study specs submitted")
     for line in rows:
@@ -356,7 +684,8 @@ def _list_approvals(engine: Engine, status: ApprovalStatus | None) -> list[str]:
     out = []
     for a in list_study_approvals(engine, status=status):
         decided = f" by {a.decided_by}: {a.reason}" if a.decided_by else ""
-        out.append(f"{a.spec_hash}  {a.status.value:<8}  {a.study}{decided}")
+        signed = "signed" if a.signed else "unsigned"
+        out.append(f"{a.spec_hash}  {a.status.value:<8}  {a.study} ({signed}, owner {a.owner}){decided}")
     return out
 
 
@@ -372,13 +701,27 @@ class ConsentFormat(StrEnum):
 consent_app = _group("consent", "Patient consent records at this site.")
 
 
+@contextmanager
+def _consent_registry(
+    db: str | None, home: Path | None, identity: Path | None, site: str
+) -> Iterator[ConsentRegistry]:
+    _one_source(db=db, home=home)
+    if home is not None:
+        with _site_governance(home) as governance:
+            yield governance.consent()
+        return
+    log = _audit_log(db or "", identity, site)
+    yield ConsentRegistry(log.engine, log)
+
+
 @consent_app.command("import")
 def consent_import(
     file: Annotated[
         Path, typer.Argument(help="A consent CSV, or FHIR R4 Consent JSON (Bundle or resource).")
     ],
-    db: DbOption,
-    identity: IdentityOption,
+    db: DbOption = None,
+    home: SiteHomeOption = None,
+    identity: IdentityOption = None,
     site: SiteOption = "site",
     fmt: Annotated[ConsentFormat, typer.Option("--format", help="csv, fhir, or auto (by extension).")] = (
         ConsentFormat.AUTO
@@ -391,9 +734,7 @@ def consent_import(
         if suffix not in (".csv", ".json"):
             _fail(f"cannot tell the format of {file.name}; pass --format csv or --format fhir")
         kind = ConsentFormat.CSV if suffix == ".csv" else ConsentFormat.FHIR
-    with _errors_as_messages():
-        log = _audit_log(db, identity, site)
-        registry = ConsentRegistry(log.engine, log)
+    with _errors_as_messages(), _consent_registry(db, home, identity, site) as registry:
         summary = registry.import_csv(file) if kind is ConsentFormat.CSV else registry.import_fhir(file)
     typer.echo(
         f"imported {file.name}: {summary.added} added, {summary.updated} updated, "
@@ -404,15 +745,51 @@ def consent_import(
 @consent_app.command("withdraw")
 def consent_withdraw(
     patient: Annotated[str, typer.Argument(help="The pseudonymous patient id.")],
-    db: DbOption,
-    identity: IdentityOption,
+    db: DbOption = None,
+    home: SiteHomeOption = None,
+    identity: IdentityOption = None,
     purpose: Annotated[
         str | None, typer.Option("--purpose", help="Only this purpose (default: all).")
     ] = None,
     site: SiteOption = "site",
+    report: Annotated[
+        bool,
+        typer.Option(
+            "--report/--no-report",
+            help="With --home: send the notice to the orchestrator, which flags the affected models.",
+        ),
+    ] = True,
 ) -> None:
     """Withdraw a patient's consent now; prints the notice for the orchestrator (snapshot hashes, no id)."""
     with _errors_as_messages():
-        log = _audit_log(db, identity, site)
-        notice = ConsentRegistry(log.engine, log).withdraw(patient, purpose)
-    typer.echo(json.dumps(notice.to_json(), sort_keys=True))
+        with _consent_registry(db, home, identity, site) as registry:
+            notice = registry.withdraw(patient, purpose)
+        typer.echo(json.dumps(notice.to_json(), sort_keys=True))
+        if home is not None and report:
+            _send_notices(home, [notice])
+
+
+@consent_app.command("sync")
+def consent_sync(home: Annotated[Path, typer.Option("--home", help="The site's home.")]) -> None:
+    """Send every withdrawal notice in the site's log to the orchestrator again (it ignores repeats)."""
+    from fedhealth.agent._governance import withdrawal_notices
+
+    with _errors_as_messages():
+        with _site_governance(home) as governance:
+            notices = withdrawal_notices(governance)
+        _send_notices(home, notices)
+
+
+def _send_notices(home: Path, notices: Sequence[WithdrawalNotice]) -> None:
+    from fedhealth.agent import SiteHome
+    from fedhealth.agent._governance import report_withdrawals
+
+    if not notices:
+        typer.echo("no withdrawal notices to send", err=True)
+        return
+    flagged = report_withdrawals(SiteHome(home), notices)
+    typer.echo(
+        f"sent {len(notices)} withdrawal notice(s) to the orchestrator; "
+        f"{len(flagged)} model version(s) flagged",
+        err=True,
+    )

@@ -1,0 +1,651 @@
+"""Governance at the orchestrator: its audit log, round commitments, provenance, and the routes for them.
+
+:class:`GovernanceExtension` plugs into the round engine as an observer and adds routes:
+
+- The orchestrator keeps its own hash-chained log (``gov_audit_entries`` in its database, signed with the
+  orchestrator's signing key): site enrollments (with the public key), owner signing keys, studies submitted
+  (spec hash, signature), every task's outcome (a site's refusal as ``task.refused`` with the site's rule and
+  reason), budget spends the sites attest, each model version released, and each round's commitment.
+- At the end of every round it appends a ``round.committed`` entry holding the log head each participating
+  site attested with its result or refusal (:func:`fedhealth.governance.commit_round`); the next tasks sent
+  to those sites carry that commitment (``Task.commitments``) and each site logs it, so neither side can
+  rewrite its log before those points unnoticed.
+- Each model version gets its provenance (parent, round, contributing sites with their dataset fingerprints
+  and consent snapshots, spec hash, software version, DP parameters, epsilon per site), and the evaluation
+  round's per-site metrics are recorded for the model card.
+- A site reports a consent withdrawal as snapshot hashes (``POST /api/v1/agent/governance/withdrawals``,
+  authenticated as that site); every version trained on one of those snapshots *at that site*, and every
+  version derived from one, is flagged.
+- Spec signatures: a researcher registers an Ed25519 public key once (``PUT /api/v1/governance/owner-key``;
+  an admin may replace it), then submits ``{spec, signature}`` to ``POST /api/v1/governance/studies``; the
+  orchestrator verifies the signature against the registered key and forwards signature and key in every
+  task, so each site can check that the spec is the one its owner signed. The plain ``POST /api/v1/studies``
+  still accepts unsigned specs (sites see them as unsigned).
+
+Everything the observer remembers across requests (owner keys, signatures, commitments, enrollments) is read
+back from the log itself, incrementally, so a restarted orchestrator, or another orchestrator process on the
+same PostgreSQL database, sees the same state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections import deque
+from collections.abc import Iterable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Query
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Engine, select
+
+import fedhealth
+from fedhealth.core import ConflictError, CryptoError, FedHealthError, InputError, NotFoundError
+from fedhealth.crypto import PublicIdentity
+from fedhealth.governance import (
+    GOVERNANCE_METADATA,
+    AuditEventType,
+    AuditLog,
+    LogHead,
+    ModelProvenance,
+    ProvenanceStore,
+    SignedSpec,
+    commit_round,
+    export_stored_log,
+    model_card_markdown,
+    parse_public_key,
+    record_task_refusal,
+    spec_hash,
+    to_prov_json,
+)
+from fedhealth.orchestrator._app import (
+    Admin,
+    ApiError,
+    OrchestratorSettings,
+    Reader,
+    Researcher,
+    Site,
+    Svc,
+)
+from fedhealth.orchestrator._blobs import BlobStore
+from fedhealth.orchestrator._hooks import NullObserver, StudyObserver
+from fedhealth.orchestrator._report import study_info
+from fedhealth.orchestrator._store import ModelVersion, RoundRow, SiteStatus, Store, StudyRow, TaskRow
+from fedhealth.protocol import (
+    LogHeadInfo,
+    RoundCommitment,
+    StudyInfo,
+    StudySpec,
+    Task,
+    TaskKind,
+    TaskStatus,
+)
+
+log = logging.getLogger("fedhealth.orchestrator")
+
+ACTOR = "orchestrator"
+# What a provenance record says for a site that stated no fingerprint or snapshot (a synthetic model reads
+# no data; a client that attests nothing): never a made-up digest of data.
+NO_DATA = "no-data"
+UNATTESTED = "unattested"
+NO_SNAPSHOT = "0" * 64  # "no consent snapshot": a site that read no patient rows, or did not attest one
+# failure codes of the site agent that mean "could not", not "would not": logged as failed, not refused
+FAILURE_CODES = frozenset({"dataset_unavailable", "invalid_task", "training_failed", "internal_error"})
+# commitments a task carries per site: the newest few that hold the site's head (the site skips known ones)
+COMMITMENTS_PER_TASK = 4
+DEFAULT_INTENDED_USE = "Research within the study named above. Not validated for clinical decisions."
+
+_CODE = re.compile(r"^[a-z_]{1,40}$")  # TaskFailure.code
+_ENTRIES = GOVERNANCE_METADATA.tables["gov_audit_entries"]
+_WATCHED = (
+    AuditEventType.ENROLLMENT.value,
+    AuditEventType.STUDY_SUBMITTED.value,
+    AuditEventType.CONFIGURATION_CHANGED.value,
+    AuditEventType.ROUND_COMMITTED.value,
+)
+
+
+# --- wire bodies of the governance routes ------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class OwnerKeyBody(_Body):
+    public_key: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="Ed25519 public key, hex")]
+
+
+class SignedStudyBody(_Body):
+    spec: StudySpec
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$", description="Ed25519 signature, hex")]
+
+
+class WithdrawalBody(_Body):
+    """A site's :class:`fedhealth.governance.WithdrawalNotice`: snapshot hashes, never a patient id."""
+
+    notice_id: Annotated[str, Field(min_length=1, max_length=200)]
+    purpose: Annotated[str, Field(min_length=1, max_length=200)]
+    withdrawn_at: Annotated[str, Field(max_length=40)]
+    snapshot_hashes: Annotated[
+        list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]], Field(max_length=10_000)
+    ]
+
+
+class ProvenanceFormat(StrEnum):
+    JSON = "json"
+    PROV_JSON = "prov-json"
+
+
+# --- the observer ------------------------------------------------------------------------------------------
+
+
+class GovernanceObserver(NullObserver):
+    """Keeps the orchestrator's audit log and provenance as studies move (module docstring)."""
+
+    def __init__(self, store: Store, settings: OrchestratorSettings) -> None:
+        self.store = store
+        self.engine: Engine = store.engine
+        self.log = AuditLog(self.engine, settings.signing_key, ACTOR, settings.clock)
+        self.provenance = ProvenanceStore(self.engine, audit_log=self.log)
+        self.public_key = settings.signing_key.public()
+        self._seen_seq = 0
+        self._owner_keys: dict[str, PublicIdentity] = {}
+        self._signatures: dict[str, tuple[str, str]] = {}  # study id -> (signature hex, owner key hex)
+        self._commitments: dict[str, deque[RoundCommitment]] = {}
+        self._enrolled: dict[str, str] = {}  # site -> public key hex, as logged
+        self._pending: dict[str, tuple[str, str]] = {}  # spec hash -> signature, key (being submitted)
+        self._refresh()
+        self._sync_enrollments()
+
+    # --- state read back from the log ----------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        """Read the entries appended since the last call (by this process or another) that state things."""
+        c = _ENTRIES.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(c.seq, c.type, c.payload, c.entry_hash)
+                .where((c.log_id == self.log.log_id) & (c.seq > self._seen_seq) & c.type.in_(_WATCHED))
+                .order_by(c.seq)
+            ).all()
+        for seq, kind, text, digest in rows:
+            self._seen_seq = max(self._seen_seq, int(seq))
+            try:
+                self._learn(LogHead(seq=int(seq), entry_hash=str(digest)), str(kind), json.loads(text))
+            except (ValueError, KeyError, TypeError, FedHealthError):
+                log.warning("audit entry %s (%s) could not be read back; skipped", seq, kind)
+
+    def _learn(self, head: LogHead, kind: str, payload: dict[str, Any]) -> None:
+        if kind == AuditEventType.ENROLLMENT.value:
+            self._enrolled[payload["site"]] = payload["public_key"]
+        elif kind == AuditEventType.CONFIGURATION_CHANGED.value and payload.get("setting") == "owner_key":
+            key = parse_public_key(payload["public_key"])
+            if key is not None:
+                self._owner_keys[payload["user"]] = key
+        elif kind == AuditEventType.STUDY_SUBMITTED.value and payload.get("signature"):
+            self._signatures[payload["study_id"]] = (payload["signature"], payload["owner_key"])
+        elif kind == AuditEventType.ROUND_COMMITTED.value:
+            commitment = RoundCommitment(
+                study_id=payload["study_id"],
+                round=payload["round"],
+                model_digest=payload.get("model_digest"),
+                orchestrator_head=LogHeadInfo(seq=head.seq, hash=head.entry_hash),
+            )
+            for site in payload.get("site_heads", {}):
+                self._commitments.setdefault(site, deque(maxlen=COMMITMENTS_PER_TASK)).append(commitment)
+
+    def _sync_enrollments(self) -> None:
+        """Log every enrolled site's public key once (and again after a re-enrollment with a new key)."""
+        for site in self.store.list_sites():
+            if (
+                site.status is SiteStatus.ACTIVE
+                and site.public_key
+                and self._enrolled.get(site.name) != site.public_key
+            ):
+                self.log.append(
+                    AuditEventType.ENROLLMENT,
+                    {
+                        "site": site.name,
+                        "public_key": site.public_key,
+                        "enrolled_at": site.enrolled_at.isoformat() if site.enrolled_at else None,
+                    },
+                )
+                self._enrolled[site.name] = site.public_key
+
+    def owner_key(self, user: str) -> PublicIdentity | None:
+        self._refresh()
+        return self._owner_keys.get(user)
+
+    def register_owner_key(self, user: str, key: PublicIdentity, *, by: str) -> None:
+        self.log.append(
+            AuditEventType.CONFIGURATION_CHANGED,
+            {
+                "setting": "owner_key",
+                "user": user,
+                "public_key": key.raw.hex(),
+                "fingerprint": key.fingerprint,
+                "by": by,
+            },
+            actor=f"user:{by}",
+        )
+        self._refresh()
+
+    def expect_signature(self, digest: str, signature: str, key: PublicIdentity) -> None:
+        """The next study created with this spec hash was submitted with this verified signature."""
+        self._pending[digest] = (signature, key.raw.hex())
+
+    def forget_signature(self, digest: str) -> None:
+        self._pending.pop(digest, None)
+
+    # --- observer events -----------------------------------------------------------------------------------
+
+    def study_created(self, study: StudyRow, owner: str) -> None:
+        self._sync_enrollments()
+        digest = spec_hash(study.spec.model_dump(mode="json"))
+        signed = self._pending.pop(digest, None)
+        payload: dict[str, Any] = {
+            "spec_hash": digest,
+            "study": study.name,
+            "study_id": study.id,
+            "owner": owner,
+            "signed": signed is not None,
+            "purpose": study.spec.purpose,
+            "train_sites": list(study.spec.train_sites),
+            "eval_sites": list(study.spec.evaluation_sites),
+        }
+        if signed is not None:
+            payload["signature"], payload["owner_key"] = signed
+        self.log.append(AuditEventType.STUDY_SUBMITTED, payload, actor=f"user:{owner}")
+        self._refresh()
+        # the study's initial model is the root of its lineage
+        self._record(
+            ModelProvenance(
+                model_digest=study.model_digest,
+                parent_digest=None,
+                study_id=study.id,
+                round=0,
+                n_sites=0,
+                dataset_fingerprints={},
+                consent_snapshots={},
+                spec_hash=digest,
+                software_version=fedhealth.__version__,
+                dp_params=_dp_params(study.spec),
+                created_at=study.created_at,
+            )
+        )
+
+    def task_closed(self, task: TaskRow) -> None:
+        if task.site not in self._enrolled:
+            self._sync_enrollments()
+        number = self.store.get_round(task.round_id).number
+        base: dict[str, Any] = {
+            "task_id": task.id,
+            "study_id": task.study_id,
+            "site": task.site,
+            "round": number,
+            "kind": task.kind.value,
+        }
+        head = task.attestation.audit_head if task.attestation is not None else None
+        if head is not None:
+            base["site_head"] = {"seq": head.seq, "hash": head.hash}
+        if task.status is TaskStatus.FAILED:
+            code, _, reason = (task.reason or "").partition(": ")
+            if _CODE.match(code) and code not in FAILURE_CODES:
+                record_task_refusal(
+                    self.log,
+                    task_id=task.id,
+                    study_id=task.study_id,
+                    rule=code,
+                    reason=reason or code,
+                    site=task.site,
+                    round=number,
+                    spec_hash=spec_hash(self.store.spec(task.study_id).model_dump(mode="json")),
+                )
+                return
+        payload = {**base, "outcome": task.status.value}
+        if task.status is not TaskStatus.COMPLETED and task.reason:
+            payload["reason"] = task.reason
+        if task.result_digest:
+            payload["result_digest"] = task.result_digest
+        self.log.append(AuditEventType.TASK_COMPLETED, payload)
+        privacy = task.attestation.privacy if task.attestation is not None else None
+        if privacy is not None:
+            self.log.append(
+                AuditEventType.BUDGET_SPENT,
+                {**base, **privacy.model_dump(mode="json")},
+                actor=f"site:{task.site}",
+            )
+
+    def round_finished(
+        self, study: StudyRow, round_row: RoundRow, tasks: list[TaskRow], version: ModelVersion | None
+    ) -> None:
+        if version is not None:
+            self._release(study, round_row, tasks, version)
+        if round_row.kind is TaskKind.EVALUATE:
+            self._record_metrics(round_row, tasks)
+        heads = {
+            t.site: LogHead(seq=t.attestation.audit_head.seq, entry_hash=t.attestation.audit_head.hash)
+            for t in tasks
+            if t.attestation is not None and t.attestation.audit_head is not None
+        }
+        if heads:
+            model = version.digest if version is not None else round_row.model_in_digest
+            commit_round(
+                self.log, study_id=study.id, round=round_row.number, model_digest=model, site_heads=heads
+            )
+            self._refresh()
+
+    def _release(
+        self, study: StudyRow, round_row: RoundRow, tasks: list[TaskRow], version: ModelVersion
+    ) -> None:
+        completed = [t for t in tasks if t.status is TaskStatus.COMPLETED]
+        fingerprints: dict[str, str] = {}
+        snapshots: dict[str, str] = {}
+        epsilons: dict[str, float] = {}
+        no_data = study.spec.recipe.name.value == "synthetic"
+        for t in completed:
+            attestation = t.attestation
+            fingerprint = attestation.dataset_fingerprint if attestation is not None else None
+            fingerprints[t.site] = fingerprint or (NO_DATA if no_data else UNATTESTED)
+            snapshot = attestation.consent_snapshot if attestation is not None else None
+            snapshots[t.site] = snapshot or NO_SNAPSHOT
+            if attestation is not None and attestation.privacy is not None:
+                epsilons[t.site] = attestation.privacy.study_epsilon
+        self._record(
+            ModelProvenance(
+                model_digest=version.digest,
+                parent_digest=version.parent_digest,
+                study_id=study.id,
+                round=round_row.number,
+                n_sites=len(fingerprints),
+                dataset_fingerprints=fingerprints,
+                consent_snapshots=snapshots,
+                spec_hash=spec_hash(study.spec.model_dump(mode="json")),
+                software_version=fedhealth.__version__,
+                dp_params=_dp_params(study.spec),
+                epsilon_spent=epsilons,
+                created_at=version.created_at,
+            )
+        )
+        self.log.append(
+            AuditEventType.MODEL_RELEASED,
+            {
+                "model_digest": version.digest,
+                "parent_digest": version.parent_digest,
+                "study_id": study.id,
+                "round": round_row.number,
+                "sites": sorted(fingerprints),
+            },
+        )
+
+    def _record(self, provenance: ModelProvenance) -> None:
+        try:
+            self.provenance.record(provenance)
+        except ConflictError:
+            # content addressing: another study produced byte-identical parameters (same recipe, seed and
+            # data); its provenance stays, and this study's release is still in the log
+            log.info("model %s already has provenance from another study", provenance.model_digest[:16])
+        except NotFoundError:
+            log.warning(
+                "model %s: its parent has no provenance; recorded as a root", provenance.model_digest[:16]
+            )
+            fields = provenance.to_json()
+            fields["parent_digest"] = None
+            self._record(ModelProvenance.from_json(fields))
+
+    def _record_metrics(self, round_row: RoundRow, tasks: list[TaskRow]) -> None:
+        for t in tasks:
+            if t.status is TaskStatus.COMPLETED and t.metrics is not None:
+                values = {
+                    k: float(v) for k, v in t.metrics.model_dump().items() if isinstance(v, int | float)
+                }
+                try:
+                    self.provenance.record_metrics(round_row.model_in_digest, t.site, values)
+                except NotFoundError:
+                    log.warning("no provenance for the evaluated model %s", round_row.model_in_digest[:16])
+                    return
+
+    def decorate_task(self, task: Task) -> Task:
+        try:
+            self._refresh()
+            site = self.store.get_task(task.task_id).site
+            if site not in self._enrolled:
+                self._sync_enrollments()
+            update: dict[str, Any] = {}
+            commitments = list(self._commitments.get(site, ()))
+            if commitments:
+                update["commitments"] = [*task.commitments, *commitments]
+            signed = self._signatures.get(task.study_id)
+            if signed is not None:
+                update["spec_signature"], update["owner_public_key"] = signed
+            return task.model_copy(update=update) if update else task
+        except Exception:  # a task must still go out: without its commitments, never not at all
+            log.exception("could not add the governance fields to task %s", task.task_id)
+            return task
+
+    # --- withdrawals ---------------------------------------------------------------------------------------
+
+    def withdrawal(self, site: str, body: WithdrawalBody) -> list[str]:
+        """Log a site's withdrawal notice and flag the model versions it affects; returns their digests."""
+        flags = self.provenance.flag_withdrawal(body.snapshot_hashes, site=site, notice_id=body.notice_id)
+        self.log.append(
+            AuditEventType.CONSENT_WITHDRAWN,
+            {
+                "site": site,
+                "notice_id": body.notice_id,
+                "purpose": body.purpose,
+                "withdrawn_at": body.withdrawn_at,
+                "affected_snapshots": sorted(set(body.snapshot_hashes)),
+                "flagged_models": [f.model_digest for f in flags],
+            },
+            actor=f"site:{site}",
+        )
+        return [f.model_digest for f in flags]
+
+
+def _dp_params(spec: StudySpec) -> dict[str, Any]:
+    if spec.privacy is None:
+        return {}
+    params = spec.privacy.model_dump(mode="json", exclude_none=True)
+    params["level"] = params.pop("mode")
+    return dict(params)
+
+
+def site_anchor_heads(entries: Iterable[Any], site: str) -> list[dict[str, Any]]:
+    """The heads of ``site``'s log held by the orchestrator's round commitments, with their round."""
+    out = []
+    for entry in entries:
+        if entry.type == AuditEventType.ROUND_COMMITTED:
+            head = entry.payload.get("site_heads", {}).get(site)
+            if head is not None:
+                out.append({**head, "study_id": entry.payload["study_id"], "round": entry.payload["round"]})
+    return out
+
+
+# --- the extension -----------------------------------------------------------------------------------------
+
+
+def _observer(svc: Any) -> GovernanceObserver:
+    for observer in svc.engine.observers:
+        if isinstance(observer, GovernanceObserver):
+            return observer
+    raise ApiError(404, "governance is not enabled on this orchestrator")
+
+
+class GovernanceExtension:
+    """The orchestrator's governance: observer (audit, commitments, provenance) and routes."""
+
+    def observer(
+        self, store: Store, blobs: BlobStore, settings: OrchestratorSettings
+    ) -> StudyObserver | None:
+        del blobs
+        return GovernanceObserver(store, settings)
+
+    def routers(self) -> list[APIRouter]:
+        return [_operator_router(), _agent_router()]
+
+
+def _operator_router() -> APIRouter:
+    router = APIRouter(prefix="/api/v1/governance", tags=["governance"])
+
+    @router.get("/audit", response_class=PlainTextResponse)
+    async def export_audit(svc: Svc, _: Reader) -> PlainTextResponse:
+        """The orchestrator's audit log as JSON Lines (header with the writer key, then one entry a line)."""
+        observer = _observer(svc)
+
+        def export() -> str:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "audit.jsonl"
+                export_stored_log(observer.engine, path, log_id=observer.log.log_id)
+                return path.read_text(encoding="utf-8")
+
+        return PlainTextResponse(await anyio.to_thread.run_sync(export), media_type="application/x-ndjson")
+
+    @router.get("/audit/verify")
+    async def verify_audit(svc: Svc, _: Reader) -> dict[str, Any]:
+        """Verify the orchestrator's log against the orchestrator's own key; name the first bad entry."""
+        observer = _observer(svc)
+        key = observer.public_key
+        report = await anyio.to_thread.run_sync(lambda: observer.log.verify({key.fingerprint: key}))
+        bad = report.first_bad
+        return {
+            "ok": report.ok,
+            "checked": report.checked,
+            "head": report.head.to_json(),
+            "first_bad": None
+            if bad is None
+            else {"seq": bad.seq, "problem": bad.problem.value, "detail": bad.detail},
+            "summary": report.summary(),
+            "public_key": key.raw.hex(),
+        }
+
+    @router.get("/anchors/{site}")
+    async def anchors(svc: Svc, _: Reader, site: str) -> dict[str, Any]:
+        """The heads of a site's log that the orchestrator's round commitments hold."""
+        observer = _observer(svc)
+        entries = await anyio.to_thread.run_sync(observer.log.entries)
+        return {"site": site, "heads": site_anchor_heads(entries, site)}
+
+    @router.get("/models/{model}/provenance")
+    async def provenance(
+        svc: Svc,
+        _: Reader,
+        model: str,
+        fmt: Annotated[ProvenanceFormat, Query(alias="format")] = ProvenanceFormat.JSON,
+    ) -> dict[str, Any]:
+        """A model version's lineage, newest first, with the consent-withdrawal flags on each version."""
+        store = _observer(svc).provenance
+
+        def read() -> dict[str, Any]:
+            lineage = store.lineage(store.resolve(model))
+            flags = [f for p in lineage for f in store.flags(p.model_digest)]
+            if fmt is ProvenanceFormat.PROV_JSON:
+                return to_prov_json(lineage, flags=flags)
+            return {"lineage": [p.to_json() for p in lineage], "flags": [f.to_json() for f in flags]}
+
+        return await anyio.to_thread.run_sync(read)
+
+    @router.get("/models/{model}/card", response_class=PlainTextResponse)
+    async def card(
+        svc: Svc,
+        _: Reader,
+        model: str,
+        intended_use: Annotated[str, Query(max_length=4000)] = DEFAULT_INTENDED_USE,
+    ) -> PlainTextResponse:
+        """The model card (Markdown): intended use, data, per-site metrics, privacy guarantee, consent."""
+        store = _observer(svc).provenance
+
+        def render() -> str:
+            digest = store.resolve(model)
+            return model_card_markdown(
+                store.lineage(digest),
+                intended_use=intended_use,
+                site_metrics=store.metrics(digest),
+                flags=store.flags(digest),
+            )
+
+        return PlainTextResponse(await anyio.to_thread.run_sync(render), media_type="text/markdown")
+
+    @router.put("/owner-key")
+    async def register_own_key(svc: Svc, user: Researcher, body: OwnerKeyBody) -> dict[str, str]:
+        """Register the caller's spec-signing key. Once set, only an admin may replace it."""
+        observer = _observer(svc)
+        key = _key(body.public_key)
+        current = observer.owner_key(user.name)
+        if current is not None and current != key:
+            raise ApiError(409, "a different signing key is registered for you; an admin may replace it")
+        if current is None:
+            observer.register_owner_key(user.name, key, by=user.name)
+        return {"user": user.name, "fingerprint": key.fingerprint}
+
+    @router.put("/owner-keys/{name}")
+    async def replace_key(svc: Svc, admin: Admin, name: str, body: OwnerKeyBody) -> dict[str, str]:
+        """An admin sets or replaces a user's spec-signing key."""
+        if svc.store.get_user(name) is None:
+            raise ApiError(404, f"user {name!r} does not exist")
+        key = _key(body.public_key)
+        _observer(svc).register_owner_key(name, key, by=admin.name)
+        return {"user": name, "fingerprint": key.fingerprint}
+
+    @router.post("/studies", response_model=StudyInfo, status_code=201)
+    async def create_signed_study(svc: Svc, owner: Researcher, body: SignedStudyBody) -> StudyInfo:
+        """Submit a study signed by its owner (the signature is checked against the registered key)."""
+        observer = _observer(svc)
+        spec = body.spec
+        if spec.owner != owner.name:
+            raise ApiError(
+                422, "invalid study", f"the spec's owner must be the submitting user ({owner.name!r})"
+            )
+        key = observer.owner_key(owner.name)
+        if key is None:
+            raise ApiError(
+                409, "no signing key is registered for you: PUT /api/v1/governance/owner-key first"
+            )
+        signed = SignedSpec(
+            spec=spec.model_dump(mode="json"),
+            owner=owner.name,
+            signature=bytes.fromhex(body.signature),
+            owner_key=key,
+        )
+        try:
+            signed.verify({owner.name: key})
+        except CryptoError as exc:
+            raise ApiError(
+                422, "invalid study signature", str(exc) or "the signature does not verify"
+            ) from exc
+        observer.expect_signature(signed.spec_hash, body.signature, key)
+        try:
+            study = await svc.engine.create_study(spec, owner.name)
+        except NotFoundError as exc:
+            raise ApiError(422, "invalid study", str(exc)) from exc
+        finally:
+            observer.forget_signature(signed.spec_hash)
+        return study_info(svc.store, study.id)
+
+    return router
+
+
+def _agent_router() -> APIRouter:
+    router = APIRouter(prefix="/api/v1/agent/governance", tags=["agent"])
+
+    @router.post("/withdrawals")
+    async def withdrawal(svc: Svc, site: Site, body: WithdrawalBody) -> dict[str, Any]:
+        """A site reports a consent withdrawal (snapshot hashes only); affected model versions are flagged."""
+        flagged = _observer(svc).withdrawal(site, body)
+        return {"notice_id": body.notice_id, "flagged": flagged}
+
+    return router
+
+
+def _key(hex_key: str) -> PublicIdentity:
+    key = parse_public_key(hex_key)
+    if key is None:
+        raise InputError("public_key is not an Ed25519 public key")
+    return key
