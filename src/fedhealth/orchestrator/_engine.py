@@ -352,7 +352,7 @@ class RoundEngine:
                 assert t.num_samples is not None
                 delta, _ = decode_update(self.blobs.get(t.result_digest), specs)
                 updates.append((t.num_samples, delta))
-            new_params, new_state = aggregate(spec.strategy, global_params, updates, state)
+            new_params, new_state = aggregate(spec.strategy, global_params, updates, state, spec=spec)
             model_out = self.blobs.put(encode_tensors(new_params))
             state_out = self.blobs.put(encode_tensors(new_state)) if new_state else None
             return model_out, state_out

@@ -110,14 +110,21 @@ class PrivacySpec(Message):
     steps_per_round: int | None = Field(
         default=None, ge=1, le=1_000_000, description="DP-SGD steps (record mode)"
     )
+    site_sample_rates: dict[Name, Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] | None = Field(
+        default=None,
+        description="Poisson rate per site (record mode; e.g. batch / records), overriding sample_rate; "
+        "with target_epsilon each site's noise is calibrated for its own rate",
+    )
     accountant: AccountantName = AccountantName.PLD
 
     @model_validator(mode="after")
     def _complete(self) -> PrivacySpec:
         if self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("give noise_multiplier or target_epsilon")
-        if self.mode is DpMode.RECORD and (self.sample_rate is None or self.steps_per_round is None):
-            raise ValueError("record-level DP needs sample_rate and steps_per_round")
+        if self.mode is DpMode.RECORD and (
+            (self.sample_rate is None and not self.site_sample_rates) or self.steps_per_round is None
+        ):
+            raise ValueError("record-level DP needs sample_rate (or site_sample_rates) and steps_per_round")
         return self
 
 
@@ -337,6 +344,15 @@ class PrivacySpend(Message):
     study_epsilon: FiniteFloat = Field(ge=0)
     total_epsilon: FiniteFloat = Field(ge=0)
     budget_epsilon: FiniteFloat = Field(ge=0)
+    task_epsilon: FiniteFloat | None = Field(
+        default=None, ge=0, description="what this task was charged on its own (none: nothing charged)"
+    )
+    accountant: AccountantName = Field(default=AccountantName.PLD, description="the site ledger's accountant")
+    reproducible_noise: bool = Field(
+        default=False,
+        description="noise drawn from the study seed (benchmarks only: no privacy against "
+        "whoever knows the seed)",
+    )
 
 
 class SiteAttestation(Message):
@@ -377,6 +393,43 @@ class ErrorBody(Message):
 
     error: str
     detail: Any = None
+
+
+class SitePrivacyInfo(Message):
+    """One training site's privacy figures for a study: the plan (from the spec) and, once the site has
+    attested, its ledger's figures (the study's spend, the dataset's total, the budget)."""
+
+    site: str
+    noise_multiplier: FiniteFloat = Field(ge=0)
+    sample_rate: FiniteFloat | None = Field(default=None, description="DP-SGD Poisson rate (record mode)")
+    planned_epsilon: FiniteFloat | None = Field(
+        default=None, description="the whole study at this site, record level, at the spec's delta"
+    )
+    spent: PrivacySpend | None = Field(default=None, description="the site's latest attestation")
+    remaining_epsilon: FiniteFloat | None = Field(
+        default=None,
+        description="budget minus the dataset's composed spend (informative: epsilons do not add)",
+    )
+    tasks_charged: int = Field(default=0, ge=0, description="training tasks the site attested a charge for")
+    refusal: str | None = Field(default=None, description="the site's latest refusal, 'code: reason'")
+
+
+class StudyPrivacyInfo(Message):
+    """A study's differential privacy: mode, noise and, per training site, plan and spend. ``study_id`` is
+    None for a plan (``POST /api/v1/privacy/plan``)."""
+
+    study_id: str | None
+    mode: DpMode
+    delta: FiniteFloat
+    accountant: AccountantName
+    target_epsilon: FiniteFloat | None
+    max_grad_norm: FiniteFloat
+    rounds: int
+    steps_per_round: int | None
+    site_level_epsilon: FiniteFloat | None = Field(
+        default=None, description="site modes: the guarantee for a whole site's participation"
+    )
+    sites: list[SitePrivacyInfo]
 
 
 RESULT_METADATA_KEY = "fedhealth.result"

@@ -6,6 +6,18 @@ definition of a round, and so that tests can drive a whole round in memory.
 """
 
 from fedhealth.runtime._memory import InMemoryResult, run_study_in_memory
+from fedhealth.runtime._privacy import (
+    REPRODUCIBLE_NOISE_ENV,
+    check_privacy,
+    noise_multiplier,
+    planned_epsilon,
+    privacy_summary,
+    reproducible_noise_enabled,
+    sample_rate,
+    site_level_epsilon,
+    study_plan,
+    task_plan,
+)
 from fedhealth.runtime._secure import (
     SecureSum,
     decode_sum,
@@ -33,11 +45,13 @@ from fedhealth.runtime._tasks import (
 )
 
 __all__ = [
+    "REPRODUCIBLE_NOISE_ENV",
     "InMemoryResult",
     "SecureSum",
     "TrainOutcome",
     "aggregate",
     "check_dataset_fits",
+    "check_privacy",
     "decode_sum",
     "decode_update",
     "encode_contribution",
@@ -45,15 +59,23 @@ __all__ = [
     "evaluate_on_site",
     "initial_model",
     "logreg_config",
+    "noise_multiplier",
     "param_specs",
+    "planned_epsilon",
     "preset_study",
+    "privacy_summary",
     "recipe_spec",
+    "reproducible_noise_enabled",
     "run_study_in_memory",
+    "sample_rate",
     "secure_codec",
     "secure_threshold",
     "server_step",
+    "site_level_epsilon",
     "strategy_config",
     "strategy_spec",
+    "study_plan",
     "summarize",
+    "task_plan",
     "train_on_site",
 ]

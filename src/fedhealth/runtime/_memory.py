@@ -38,17 +38,27 @@ def _task(spec: StudySpec, number: int, kind: TaskKind) -> Task:
     )
 
 
-def run_study_in_memory(spec: StudySpec, datasets: Mapping[str, TabularDataset | None]) -> InMemoryResult:
-    """Every round with every training site (no dropouts), then the evaluation round."""
+def run_study_in_memory(
+    spec: StudySpec,
+    datasets: Mapping[str, TabularDataset | None],
+    *,
+    central_rng: np.random.Generator | None = None,
+) -> InMemoryResult:
+    """Every round with every training site (no dropouts), then the evaluation round.
+
+    Differential-privacy noise at the sites is drawn from each task's generator (reproducible, as a site
+    agent does with ``FEDHEALTH_REPRODUCIBLE_NOISE=1``); site-central noise from ``central_rng`` (default:
+    a secure generator, as the orchestrator does).
+    """
     params = initial_model(spec.recipe, spec.seed)
     state: Params = {}
     for number in range(1, spec.rounds + 1):
         task = _task(spec, number, TaskKind.TRAIN)
         updates = []
         for site in sorted(spec.train_sites):
-            outcome = train_on_site(task, site, params, datasets[site])
+            outcome = train_on_site(task, site, params, datasets[site], reproducible_noise=True)
             updates.append((outcome.metrics.num_samples, outcome.delta))
-        params, state = aggregate(spec.strategy, params, updates, state)
+        params, state = aggregate(spec.strategy, params, updates, state, spec=spec, rng=central_rng)
     task = _task(spec, spec.rounds + 1, TaskKind.EVALUATE)
     evaluation = {
         site: evaluate_on_site(task, params, datasets[site]) for site in sorted(spec.evaluation_sites)

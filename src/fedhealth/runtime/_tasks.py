@@ -27,13 +27,16 @@ from fedhealth.learning import (
     logreg_init,
     logreg_param_specs,
     logreg_train,
+    logreg_train_dp,
     synthetic_init,
     synthetic_train,
     task_rng,
     weighted_mean,
 )
+from fedhealth.privacy import secure_generator
 from fedhealth.protocol import (
     RESULT_METADATA_KEY,
+    DpMode,
     RecipeName,
     RecipeSpec,
     ResultManifest,
@@ -41,6 +44,13 @@ from fedhealth.protocol import (
     StrategySpec,
     StudySpec,
     Task,
+)
+from fedhealth.runtime._privacy import (
+    noise_generator,
+    noise_multiplier,
+    private_mean,
+    privatize_update,
+    sample_rate,
 )
 
 Params = dict[str, np.ndarray]
@@ -146,13 +156,26 @@ def check_dataset_fits(recipe: RecipeSpec, dataset: TabularDataset) -> None:
 
 
 def train_on_site(
-    task: Task, site: str, global_params: Params, dataset: TabularDataset | None
+    task: Task,
+    site: str,
+    global_params: Params,
+    dataset: TabularDataset | None,
+    *,
+    reproducible_noise: bool | None = None,
 ) -> TrainOutcome:
     """One round of local training: returns the update (local minus global) and the site's metrics.
 
     Every random choice is drawn from ``task_rng(seed, round, site)``, so rerunning a task (after a crash)
-    produces the same update bit for bit.
+    produces the same update bit for bit. Differential privacy (``task.spec.privacy``) is the exception:
+    its sampling and noise come from a secure generator, unless ``reproducible_noise`` (default: the
+    ``FEDHEALTH_REPRODUCIBLE_NOISE`` environment variable) asks for the task's generator; see
+    ``fedhealth.runtime._privacy``. Record mode trains with DP-SGD; site modes clip the update (and add the
+    site's noise share in distributed mode). A DP task reports no training loss: it is computed from the
+    training records without noise.
     """
+    privacy = task.spec.privacy
+    if privacy is not None and task.recipe.name is not RecipeName.SYNTHETIC:
+        return _train_private(task, site, global_params, dataset, reproducible_noise)
     started = time.perf_counter()
     rng = task_rng(task.seed, task.round, site)
     recipe = task.recipe
@@ -177,6 +200,64 @@ def train_on_site(
         num_samples=result.num_samples,
         num_eval_samples=evaluation.num_samples,
         train_loss=result.train_loss,
+        eval_loss=evaluation.loss,
+        accuracy=evaluation.accuracy,
+        auc=evaluation.auc,
+        duration_s=time.perf_counter() - started,
+    )
+    return TrainOutcome(delta=delta, metrics=metrics)
+
+
+def _train_private(
+    task: Task,
+    site: str,
+    global_params: Params,
+    dataset: TabularDataset | None,
+    reproducible_noise: bool | None,
+) -> TrainOutcome:
+    """A training round under differential privacy (see :func:`train_on_site`)."""
+    started = time.perf_counter()
+    spec = task.spec
+    privacy = spec.privacy
+    assert privacy is not None
+    if dataset is None:
+        raise DatasetError(f"no dataset registered for {task.dataset!r}")
+    check_dataset_fits(task.recipe, dataset)
+    rng = task_rng(task.seed, task.round, site)
+    if privacy.mode is not DpMode.RECORD:
+        config = logreg_config(task.recipe)
+        result = logreg_train(global_params, dataset.X_train, dataset.y_train, config, rng)
+        delta = {
+            k: (result.params[k].astype(np.float32) - global_params[k]).astype(np.float32)
+            for k in global_params
+        }
+        # The noise share continues the task's stream when reproducible (a fresh secure one otherwise).
+        delta = privatize_update(spec, delta, noise_generator(rng, reproducible_noise))
+        # The local model itself carries no noise (only the sum does): no figure of it may leave the site.
+        return TrainOutcome(
+            delta=delta,
+            metrics=SiteMetrics(num_samples=result.num_samples, duration_s=time.perf_counter() - started),
+        )
+    assert privacy.steps_per_round is not None
+    local, _ = logreg_train_dp(
+        global_params,
+        dataset.X_train,
+        dataset.y_train,
+        noise_multiplier=noise_multiplier(spec, site),
+        max_grad_norm=privacy.max_grad_norm,
+        sample_rate=sample_rate(spec, site),
+        steps=privacy.steps_per_round,
+        learning_rate=task.recipe.learning_rate,
+        l2=task.recipe.l2,
+        rng=noise_generator(rng, reproducible_noise),
+    )
+    delta = {k: (local[k].astype(np.float32) - global_params[k]).astype(np.float32) for k in global_params}
+    # After DP-SGD the local model is itself a DP release: its metrics on the held-out split are
+    # post-processing as far as the training records are concerned.
+    evaluation = logreg_evaluate(local, dataset.X_test, dataset.y_test)
+    metrics = SiteMetrics(
+        num_samples=int(dataset.X_train.shape[0]),
+        num_eval_samples=evaluation.num_samples,
         eval_loss=evaluation.loss,
         accuracy=evaluation.accuracy,
         auc=evaluation.auc,
@@ -226,8 +307,18 @@ def aggregate(
     global_params: Params,
     updates: Sequence[tuple[int, Mapping[str, np.ndarray]]],
     state: Params,
+    *,
+    spec: StudySpec | None = None,
+    rng: np.random.Generator | None = None,
 ) -> tuple[Params, Params]:
-    """Sample-weighted mean of the updates (in the given order), then the server strategy's step."""
+    """Sample-weighted mean of the updates (in the given order), then the server strategy's step.
+
+    Under site-level DP (``spec.privacy`` in a site mode) the mean is unweighted, of re-clipped updates, with
+    the central noise added in site-central mode, drawn from ``rng`` (default: a secure generator).
+    """
+    if spec is not None and spec.privacy is not None and spec.privacy.mode is not DpMode.RECORD:
+        mean = private_mean(spec, updates, rng if rng is not None else secure_generator())
+        return server_step(strategy, global_params, mean, state)
     return server_step(strategy, global_params, weighted_mean(updates), state)
 
 
