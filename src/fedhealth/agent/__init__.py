@@ -13,12 +13,14 @@ from fedhealth.agent._client import (
 from fedhealth.agent._gates import default_gates
 from fedhealth.agent._home import SiteHome, enroll_site
 from fedhealth.agent._pipeline import PassGate, SiteGate, TaskContext, TaskRefused
+from fedhealth.agent._privacy import PrivacyGate
 
 __all__ = [
     "AgentSettings",
     "OrchestratorClient",
     "OrchestratorRefused",
     "PassGate",
+    "PrivacyGate",
     "RetryPolicy",
     "SiteAgent",
     "SiteGate",

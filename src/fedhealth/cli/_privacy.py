@@ -47,7 +47,15 @@ budget_app = typer.Typer(
 T = TypeVar("T")
 
 _ACCOUNTANT_HELP = "Accountant: pld (tight, default) or rdp."
-SiteDb = Annotated[Path, typer.Option("--site-db", help="The site's SQLite database file.")]
+SiteDb = Annotated[
+    Path | None, typer.Option("--site-db", help="The site's SQLite database file (or give --home).")
+]
+SiteHomeOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--home", help="The site's home folder (`site enroll --home`); its ledger is HOME/site.sqlite."
+    ),
+]
 
 
 def _fail(message: str) -> NoReturn:
@@ -119,6 +127,20 @@ def calibrate_command(
     )
 
 
+def _database(site_db: Path | None, home: Path | None) -> Path:
+    """The ledger's database: ``--site-db`` itself, or the site home's ``site.sqlite`` (one of the two)."""
+    if (site_db is None) == (home is None):
+        _fail("give the site's home folder (--home) or its database file (--site-db), one of the two")
+    if home is None:
+        assert site_db is not None
+        return site_db
+    from fedhealth.agent import SiteHome
+
+    if not home.is_dir():
+        _fail(f"site home {home} does not exist")
+    return SiteHome(home).database_path
+
+
 def _ledger(site_db: Path, *, create: bool) -> BudgetLedger:
     if not create and not site_db.is_file():
         _fail(f"site database {site_db} does not exist")
@@ -139,10 +161,11 @@ def budget_set_command(
     dataset: Annotated[str, typer.Argument(help="The registered dataset's name.")],
     budget_epsilon: Annotated[float, typer.Option("--epsilon", help="Total epsilon allowed (> 0).")],
     delta: Annotated[float, typer.Option("--delta", help="Delta in (0, 1).")],
-    site_db: SiteDb,
+    site_db: SiteDb = None,
+    home: SiteHomeOption = None,
 ) -> None:
-    """Set (or change) the privacy budget of a dataset."""
-    ledger = _ledger(site_db, create=True)
+    """Set (or change) the privacy budget of a dataset: every later task on it is checked against it."""
+    ledger = _ledger(_database(site_db, home), create=True)
     budget = _guard(lambda: ledger.set_budget(dataset, budget_epsilon, delta))
     typer.echo(f"budget of {budget.dataset}: epsilon {budget.epsilon:g} at delta {budget.delta:g}")
 
@@ -163,13 +186,19 @@ def _print_statement(s: BudgetStatement) -> None:
 
 @budget_app.command("show")
 def budget_show_command(
-    site_db: SiteDb,
     dataset: Annotated[str | None, typer.Argument(help="One dataset; all when omitted.")] = None,
+    site_db: SiteDb = None,
+    home: SiteHomeOption = None,
 ) -> None:
     """Show each dataset's budget, total spend and spend per study (reservations count as spent)."""
-    ledger = _ledger(site_db, create=False)
+    ledger = _ledger(_database(site_db, home), create=False)
     datasets = [dataset] if dataset is not None else [b.dataset for b in ledger.budgets()]
     if not datasets:
         typer.echo("no budgets set")
     for name in datasets:
         _print_statement(_guard(partial(ledger.statement, name)))
+        for r in _guard(partial(ledger.pending, name)):
+            typer.echo(
+                f"  never settled: task {r.task_id} of {r.study_id}, reserved "
+                f"{r.reserved_at:%Y-%m-%d %H:%M:%S} (the agent stopped after reserving; counted in full)"
+            )
