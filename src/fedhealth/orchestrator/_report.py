@@ -84,7 +84,15 @@ def build_report(store: Store, study_id: str) -> dict[str, Any]:
             for r in train
         ],
         "evaluation": evaluation.metrics if evaluation else None,
+        "privacy": _privacy_section(store, study_id),
     }
+
+
+def _privacy_section(store: Store, study_id: str) -> dict[str, Any] | None:
+    # imported here: the privacy extension's module imports the app, which imports this module
+    from fedhealth.orchestrator._privacy import privacy_report
+
+    return privacy_report(store, study_id)
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -134,6 +142,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         acc = f"{m['accuracy']:.4f}" if "accuracy" in m else ""
         dur = f"{r['duration_s']:.3f}" if r["duration_s"] is not None else ""
         lines.append(f"| {r['number']} | {r['status']} | {m.get('sites', '')} | {loss} | {acc} | {dur} |")
+    if report.get("privacy"):
+        from fedhealth.orchestrator._privacy import privacy_markdown
+
+        lines += ["", *privacy_markdown(report["privacy"])]
     return "\n".join(lines) + "\n"
 
 
