@@ -43,7 +43,7 @@ def _spec(name):
         min_sites=2,
         eval_sites=["hospital-a", "hospital-b", ROGUE],
         round_deadline_s=120,
-        secure_aggregation=SecureAggregationSpec(stage_timeout_s=8.0),  # threshold: 3 of 4
+        secure_aggregation=SecureAggregationSpec(stage_timeout_s=12.0),  # threshold: 3 of 4
     )
 
 
@@ -90,6 +90,20 @@ def _expected(spec, round_sites):
     return params
 
 
+def _revive_victim(fed):
+    """Make sure the victim agent runs and is polling before a case starts (a stage would not wait for it)."""
+    proc = fed.agents.get(VICTIM)
+    if proc is not None and proc.poll() is None:
+        return
+    log = fed.logs / f"agent-{VICTIM}.log"
+    before = log.read_text().count("polling") if log.exists() else 0
+    fed.start_agent(VICTIM, {"breast-cancer": BREAST_SITES[VICTIM]})
+    deadline = time.monotonic() + 120
+    while log.read_text().count("polling") <= before:
+        assert time.monotonic() < deadline, "the victim agent did not come back"
+        time.sleep(0.05)
+
+
 def _run_rogue_round(rogue, hold_before=None, on_hold=None):
     rogue.join()
     for stage in SECURE_STAGES:
@@ -100,6 +114,7 @@ def _run_rogue_round(rogue, hold_before=None, on_hold=None):
 
 @pytest.mark.parametrize("stage", SECURE_STAGES)
 def test_a_site_killed_at_each_stage_is_left_out_and_the_round_completes_with_the_survivors_sum(fed, stage):
+    _revive_victim(fed)
     spec = _spec(f"drop-at-{stage.replace('_', '-')}")
     study = fed.create_study(spec)
     rogue = SecureRogue(fed, ROGUE, BREAST_SITES[ROGUE])
@@ -128,7 +143,6 @@ def test_a_site_killed_at_each_stage_is_left_out_and_the_round_completes_with_th
         final = fed.wait_for_study(study.study_id, timeout=120)
     finally:
         rogue.close()
-        fed.start_agent(VICTIM, {"breast-cancer": BREAST_SITES[VICTIM]})  # back for the next case
     assert final.status is StudyStatus.COMPLETED, final.reason
     second = final.rounds[1]
     victim_task = {t.site: t for t in second.tasks}[VICTIM]
@@ -149,6 +163,7 @@ def test_a_site_killed_at_each_stage_is_left_out_and_the_round_completes_with_th
 
 
 def test_below_threshold_the_round_fails_cleanly_and_reveals_nothing(fed):
+    _revive_victim(fed)
     study = fed.create_study(_spec("below-threshold"))
     rogue = SecureRogue(fed, ROGUE, BREAST_SITES[ROGUE])
     try:
@@ -160,7 +175,6 @@ def test_below_threshold_the_round_fails_cleanly_and_reveals_nothing(fed):
         final = fed.wait_for_study(study.study_id, timeout=120)
     finally:
         rogue.close()
-        fed.start_agent(VICTIM, {"breast-cancer": BREAST_SITES[VICTIM]})
     assert final.status is StudyStatus.FAILED
     assert "too_few_sites: 2 sites advertised keys, 3 needed" in final.reason
     assert final.rounds[1].status is RoundStatus.FAILED

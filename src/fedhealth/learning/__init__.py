@@ -6,6 +6,13 @@ services map ``fedhealth.protocol``'s specs onto :class:`LogRegConfig` / :class:
 """
 
 from fedhealth.learning._config import LocalOptimizer, LogRegConfig, StrategyConfig, StrategyKind
+from fedhealth.learning._dp_presets import (
+    HEART_DISEASE_DP_DELTAS,
+    HEART_DISEASE_DP_EPSILONS,
+    HEART_DISEASE_DP_PRESETS,
+    DpPreset,
+    dp_noise_multiplier,
+)
 from fedhealth.learning._errors import TrainingDivergedError
 from fedhealth.learning._logreg import (
     bce_with_logits,
@@ -27,8 +34,12 @@ from fedhealth.learning._synthetic import SYNTHETIC_STEP_SCALE, synthetic_init, 
 
 __all__ = [
     "BREAST_CANCER_PRESETS",
+    "HEART_DISEASE_DP_DELTAS",
+    "HEART_DISEASE_DP_EPSILONS",
+    "HEART_DISEASE_DP_PRESETS",
     "HEART_DISEASE_PRESETS",
     "SYNTHETIC_STEP_SCALE",
+    "DpPreset",
     "EvalResult",
     "LocalOptimizer",
     "LogRegConfig",
@@ -40,6 +51,7 @@ __all__ = [
     "TrainingDivergedError",
     "apply_strategy",
     "bce_with_logits",
+    "dp_noise_multiplier",
     "logreg_evaluate",
     "logreg_init",
     "logreg_objective",
