@@ -43,7 +43,7 @@ def _spec(name):
         min_sites=2,
         eval_sites=["hospital-a", "hospital-b", ROGUE],
         round_deadline_s=120,
-        secure_aggregation=SecureAggregationSpec(stage_timeout_s=12.0),  # threshold: 3 of 4
+        secure_aggregation=SecureAggregationSpec(stage_timeout_s=6.0),  # threshold: 3 of 4
     )
 
 

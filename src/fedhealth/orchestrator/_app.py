@@ -379,7 +379,7 @@ def create_app(
         give_up = loop.time() + min(wait, svc.settings.max_wait_s)
         while True:
             waiter = svc.notifier.waiter(site)
-            found = svc.store.next_task(site)
+            found = svc.store.next_task(site, skip=svc.engine.secure.not_joinable)
             if found is not None:
                 waiter.cancel()
                 task, round_row = found

@@ -24,6 +24,7 @@ import numpy as np
 
 from fedhealth.core import ConflictError, FedHealthError, InputError
 from fedhealth.crypto import PublicIdentity
+from fedhealth.orchestrator._store import RoundRow, TaskRow
 from fedhealth.protocol import SecureRoundInfo, StudySpec, TaskKind
 from fedhealth.runtime import secure_codec, secure_threshold
 from fedhealth.secagg import (
@@ -186,6 +187,16 @@ class SecureRoundDriver:
     def result(self) -> AggregateResult:
         return self.server.result()
 
+    def can_join(self, site: str) -> bool:
+        """Whether ``site`` may still start this round: only before it advertised keys, at that stage. A site
+        that already took part (or restarted, losing its round keys) is not handed the task again."""
+        return (
+            self.ended is None
+            and self.server.stage is Stage.ADVERTISE_KEYS
+            and site in self.server.expected()
+            and site not in self.server.answered()
+        )
+
 
 class SecureRounds:
     """The open secure rounds of this orchestrator process."""
@@ -254,6 +265,11 @@ class SecureRounds:
 
     def get(self, round_id: str) -> SecureRoundDriver | None:
         return self._drivers.get(round_id)
+
+    def not_joinable(self, task: TaskRow, round_row: RoundRow) -> bool:
+        """For task delivery: a secure round's task the site can no longer join is not handed out."""
+        driver = self._drivers.get(round_row.id)
+        return driver is not None and not driver.can_join(task.site)
 
     def discard(self, round_id: str, reason: str) -> None:
         driver = self._drivers.pop(round_id, None)

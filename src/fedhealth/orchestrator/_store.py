@@ -8,7 +8,7 @@ state or the new one, never half of each.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -628,8 +628,11 @@ class Store:
             q = select(tasks).where(tasks.c.study_id == study_id).order_by(tasks.c.created_at, tasks.c.site)
             return [_task(r) for r in c.execute(q).mappings()]
 
-    def next_task(self, site: str) -> tuple[TaskRow, RoundRow] | None:
-        """The oldest task of ``site`` that is still open in an open round, with its round (one query)."""
+    def next_task(
+        self, site: str, skip: Callable[[TaskRow, RoundRow], bool] | None = None
+    ) -> tuple[TaskRow, RoundRow] | None:
+        """The oldest task of ``site`` that is still open in an open round, with its round (one query);
+        ``skip`` passes over tasks the caller knows the site cannot take now."""
         round_cols = [c.label(f"r_{c.name}") for c in rounds.c]
         q = (
             select(tasks, *round_cols)
@@ -642,14 +645,16 @@ class Store:
                 )
             )
             .order_by(tasks.c.created_at, tasks.c.id)
-            .limit(1)
         )
+        if skip is None:
+            q = q.limit(1)
         with self.engine.connect() as c:
-            row = c.execute(q).mappings().first()
-        if row is None:
-            return None
-        round_row = {c.name: row[f"r_{c.name}"] for c in rounds.c}
-        return _task(row), _round(round_row)  # type: ignore[arg-type]
+            rows = c.execute(q).mappings().all()
+        for row in rows:
+            found = _task(row), _round({c.name: row[f"r_{c.name}"] for c in rounds.c})  # type: ignore[arg-type]
+            if skip is None or not skip(*found):
+                return found
+        return None
 
     def count_open_tasks(self, round_id: str) -> int:
         with self.engine.connect() as c:
