@@ -94,6 +94,7 @@ from fedhealth.governance import (
     spec_hash,
 )
 from fedhealth.protocol import StudySpec, Task, TaskKind
+from fedhealth.runtime import planned_epsilon
 
 log = logging.getLogger("fedhealth.agent")
 
@@ -288,34 +289,17 @@ class SiteGovernance:
         return self.approvals.reject(record.spec_hash, reason=reason, steward=steward)
 
 
-def requested_epsilon(spec: StudySpec) -> float | None:
-    """The epsilon the whole study would spend on the site's dataset, as the policy's cap sees it.
-
-    The target when the spec states one (the noise is calibrated to it); otherwise the study's noise accounted
-    over all its rounds (record level: DP-SGD with Poisson sampling; site level: one Gaussian release per
-    round). None for a study without differential privacy. The privacy gate's ledger remains the authority
-    on what is actually spent.
-    """
-    privacy = spec.privacy
-    if privacy is None:
+def requested_epsilon(spec: StudySpec, site: str) -> float | None:
+    """The epsilon the whole study would spend on the site's dataset, as the policy's cap sees it: the
+    privacy runtime's planned epsilon for this site (record level, at the spec's delta). None for a study
+    without differential privacy; infinite for one whose privacy cannot be planned (it cannot fit a cap). The
+    privacy gate's ledger remains the authority on what is actually spent."""
+    if spec.privacy is None:
         return None
-    if privacy.target_epsilon is not None:
-        return float(privacy.target_epsilon)
-    assert privacy.noise_multiplier is not None  # guaranteed by PrivacySpec's validator
-    if privacy.noise_multiplier == 0:
+    try:
+        return float(planned_epsilon(spec, site))
+    except FedHealthError:
         return math.inf
-    from fedhealth.privacy import AccountantKind, DpSgdRelease, GaussianRelease, epsilon
-
-    accountant = AccountantKind(privacy.accountant.value)
-    if privacy.sample_rate is not None and privacy.steps_per_round is not None:
-        release: Any = DpSgdRelease(
-            noise_multiplier=privacy.noise_multiplier,
-            sample_rate=privacy.sample_rate,
-            steps=privacy.steps_per_round * spec.rounds,
-        )
-    else:
-        release = GaussianRelease(noise_multiplier=privacy.noise_multiplier, count=spec.rounds)
-    return float(epsilon(release, delta=privacy.delta, accountant=accountant))
 
 
 @dataclass
@@ -465,7 +449,7 @@ class GovernanceGate(PassGate):
     def _request(self, task: Task) -> PolicyRequest:
         digest = spec_hash(task.spec.model_dump(mode="json"))
         if digest not in self._epsilon_cache:
-            self._epsilon_cache[digest] = requested_epsilon(task.spec)
+            self._epsilon_cache[digest] = requested_epsilon(task.spec, self.governance.site)
         return PolicyRequest(
             recipe=task.recipe.name.value,
             owner=task.spec.owner,

@@ -63,6 +63,8 @@ from fedhealth.governance import (
 )
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from fedhealth.agent._governance import SiteGovernance
 
 EXIT_BAD_ENTRY = 1
@@ -793,3 +795,31 @@ def _send_notices(home: Path, notices: Sequence[WithdrawalNotice]) -> None:
         f"{len(flagged)} model version(s) flagged",
         err=True,
     )
+
+
+# --- the demo's closing governance summary ----------------------------------------------------------------
+
+
+def print_governance_summary(
+    console: Console,
+    orchestrator: Path,
+    sites: Sequence[Path],
+    model: str | None,
+    card: Path,
+) -> bool:
+    """Print ``audit verify`` for the orchestrator and every site (each against the other side's anchors) and
+    write the model card of ``model``; returns whether every log verified."""
+    from rich.table import Table
+
+    table = Table(title="Audit logs: fedhealth audit verify --home ... --peer ...")
+    table.add_column("log")
+    table.add_column("result")
+    results = verify_federation(orchestrator, sites)
+    for name, report in results:
+        style = "green" if report.ok else "bold red"
+        table.add_row(name, f"[{style}]{report.summary()}[/]")
+    console.print(table)
+    if model is not None:
+        digest = write_model_card(orchestrator, model, card)
+        console.print(f"model card of {digest[:12]}…: {card}")
+    return all(report.ok for _, report in results)

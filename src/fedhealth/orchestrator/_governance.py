@@ -101,6 +101,8 @@ FAILURE_CODES = frozenset({"dataset_unavailable", "invalid_task", "training_fail
 COMMITMENTS_PER_TASK = 4
 DEFAULT_INTENDED_USE = "Research within the study named above. Not validated for clinical decisions."
 
+# what an evaluation task's metrics say about training (zero or absent there): left out of the model card
+_TRAINING_METRICS = frozenset({"num_samples", "train_loss", "duration_s"})
 _CODE = re.compile(r"^[a-z_]{1,40}$")  # TaskFailure.code
 _ENTRIES = GOVERNANCE_METADATA.tables["gov_audit_entries"]
 _WATCHED = (
@@ -317,11 +319,8 @@ class GovernanceObserver(NullObserver):
         self.log.append(AuditEventType.TASK_COMPLETED, payload)
         privacy = task.attestation.privacy if task.attestation is not None else None
         if privacy is not None:
-            self.log.append(
-                AuditEventType.BUDGET_SPENT,
-                {**base, **privacy.model_dump(mode="json")},
-                actor=f"site:{task.site}",
-            )
+            # what the site's ledger attested with this task (the site's own log holds its charge)
+            self.log.append(AuditEventType.BUDGET_SPENT, {**base, **privacy.model_dump(mode="json")})
 
     def round_finished(
         self, study: StudyRow, round_row: RoundRow, tasks: list[TaskRow], version: ModelVersion | None
@@ -404,7 +403,9 @@ class GovernanceObserver(NullObserver):
         for t in tasks:
             if t.status is TaskStatus.COMPLETED and t.metrics is not None:
                 values = {
-                    k: float(v) for k, v in t.metrics.model_dump().items() if isinstance(v, int | float)
+                    k: float(v)
+                    for k, v in t.metrics.model_dump().items()
+                    if isinstance(v, int | float) and k not in _TRAINING_METRICS
                 }
                 try:
                     self.provenance.record_metrics(round_row.model_in_digest, t.site, values)
