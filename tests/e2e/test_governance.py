@@ -470,3 +470,21 @@ def test_an_unusable_policy_file_stops_the_gate_naming_the_key(tmp_path):
     home.policy_path.write_text('consent_model = "maybe"\n')
     with pytest.raises(PolicyError, match="consent_model"):
         GovernanceGate.from_home(home)
+
+
+def test_a_steward_approves_a_spec_file_before_the_study_starts(tmp_path):
+    home = _site_home(tmp_path)
+    spec = breast_spec(["solo"], rounds=1, name="planned")
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(spec.model_dump(mode="json", exclude_defaults=True)))  # as an owner writes it
+    digest = spec_hash(spec.model_dump(mode="json"))
+    wrong = cli("site", "approve", "ab" * 6, "--reason", "IRB-1", "--spec", path, "--home", home.root)
+    assert wrong.exit_code == 2
+    assert f"hashes to {digest}" in wrong.stderr
+    result = cli("site", "approve", digest[:12], "--reason", "IRB-1", "--spec", path, "--home", home.root)
+    assert result.exit_code == 0, result.output
+    assert digest in result.stdout
+    listed = cli("site", "approvals", "--home", home.root)
+    assert f"{digest}  approved  planned" in listed.stdout
+    with SiteGovernance(home) as governance:
+        assert governance.approvals.check(spec.model_dump(mode="json")).allowed
