@@ -38,7 +38,8 @@ from fedhealth.governance import (
     site_anchors,
     spec_hash,
 )
-from fedhealth.protocol import RecipeSpec, StudyStatus, Task, TaskKind, TaskStatus
+from fedhealth.privacy import DpSgdRelease, epsilon
+from fedhealth.protocol import PrivacySpec, RecipeSpec, StudyStatus, Task, TaskKind, TaskStatus
 from fedhealth.runtime import run_study_in_memory
 from fedhealth.sim import LocalFederation
 from support import BREAST_SITES, breast_spec
@@ -219,6 +220,28 @@ def test_a_withdrawal_after_training_flags_every_model_version_trained_on_the_pa
     # the orchestrator logged the notice it received
     received = [e for e in orchestrator_entries(running) if e.type == AuditEventType.CONSENT_WITHDRAWN]
     assert [e.payload["notice_id"] for e in received][-1] == notice["notice_id"]
+
+
+def test_provenance_records_the_dp_parameters_and_the_epsilon_each_site_spent(running):
+    for site in TRAINING:
+        running.set_budget(site, "breast-cancer", 100.0, 1e-5)
+    privacy = PrivacySpec(
+        delta=1e-5, noise_multiplier=1.1, max_grad_norm=1.0, sample_rate=0.1, steps_per_round=4
+    )
+    spec = breast_spec(TRAINING, rounds=2, name="private", privacy=privacy)
+    final = running.wait_for_study(running.create_study(spec).study_id, timeout=240)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    lineage = provenance(running, final.model_digest)["lineage"]
+    # each round's version states the study's cumulative spend at each site, as its ledger accounted it
+    for version, rounds in zip(lineage[:-1], (2, 1), strict=True):
+        assert version["dp_params"]["level"] == "record"
+        assert version["dp_params"]["noise_multiplier"] == 1.1
+        assert version["dp_params"]["delta"] == 1e-5
+        expected = epsilon(DpSgdRelease(noise_multiplier=1.1, sample_rate=0.1, steps=4 * rounds), delta=1e-5)
+        for site in TRAINING:
+            assert version["epsilon_spent"][site] == pytest.approx(expected, rel=1e-6)
+    spent = [e for e in orchestrator_entries(running) if e.type == AuditEventType.BUDGET_SPENT]
+    assert {e.payload["site"] for e in spent if e.payload["study_id"] == final.study_id} == set(TRAINING)
 
 
 # --- refusals before any data is read ----------------------------------------------------------------------
