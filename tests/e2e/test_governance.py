@@ -470,7 +470,7 @@ def test_the_gate_refuses_a_spec_whose_owner_signature_does_not_verify_before_re
         dataset="breast-cancer",
         recipe=altered.recipe,
         model_digest="0" * 64,
-        seed=0,
+        seed=altered.seed,
         deadline=datetime.now(UTC),
         spec=altered,
         spec_signature=signature.hex(),
@@ -482,6 +482,34 @@ def test_the_gate_refuses_a_spec_whose_owner_signature_does_not_verify_before_re
         gate.before_data(ctx)
     assert refused.value.code == "spec_signature"
     assert not ctx.data_read
+    gate.governance.close()
+
+
+def test_the_gate_refuses_a_task_that_would_run_other_than_its_approved_spec(tmp_path):
+    home = _site_home(tmp_path)
+    spec = breast_spec(["solo"], rounds=1, name="approved")
+    with SiteGovernance(home) as governance:
+        governance.approve(spec, reason="ok", steward="dana")
+    gate = GovernanceGate.from_home(home)
+    base = {
+        "task_id": "t-2",
+        "study_id": "st-2",
+        "round": 1,
+        "kind": TaskKind.TRAIN,
+        "dataset": "breast-cancer",
+        "recipe": spec.recipe,
+        "model_digest": "0" * 64,
+        "seed": spec.seed,
+        "deadline": datetime.now(UTC),
+        "spec": spec,
+    }
+    bolder = RecipeSpec(n_features=30, learning_rate=5.0)
+    for changes in ({"recipe": bolder}, {"dataset": "icu"}, {"seed": 8}, {"round": 2}):
+        ctx = TaskContext(task=Task(**{**base, **changes}), site="solo")
+        with pytest.raises(TaskRefused) as refused:
+            gate.before_data(ctx)
+        assert refused.value.code == "spec_mismatch", changes
+    gate.before_data(TaskContext(task=Task(**base), site="solo"))  # the task as specified passes
     gate.governance.close()
 
 

@@ -17,7 +17,8 @@ the consent snapshots each task used. :class:`GovernanceGate` is the first gate 
                   fingerprint of the training set actually used and the consent snapshot hash for the
                   orchestrator (which anchors the head in its round record).
 
-A refusal's code is the rule that refused (:class:`fedhealth.governance.Rule` values, or ``spec_signature``,
+A refusal's code is the rule that refused (:class:`fedhealth.governance.Rule` values, or
+``spec_mismatch``: the task's recipe, dataset, seed or round is not its spec's; ``spec_signature``,
 ``site_policy``, ``consent``) and its reason is the decision's sentence; the site's ``task.refused`` entry and
 the orchestrator's carry the same reason.
 
@@ -102,6 +103,7 @@ STATE_KEY = "governance"
 AUDIT_LOG_STATE = "governance.audit_log"
 SPEC_SIGNATURE_CODE = "spec_signature"
 SITE_POLICY_CODE = "site_policy"
+SPEC_MISMATCH_CODE = "spec_mismatch"
 CONSENT_CODE = "consent"
 WITHDRAWALS_PATH = "/api/v1/agent/governance/withdrawals"
 # failure codes the agent itself gives (SiteAgent's _failure_code): a task that ended without being refused
@@ -399,6 +401,11 @@ class GovernanceGate(PassGate):
             },
         )
         self._record_anchors(task)
+        mismatch = _mismatch(task)
+        if mismatch is not None:
+            self._refuse(
+                ctx, SPEC_MISMATCH_CODE, f"the task does not do what its study spec says: {mismatch}"
+            )
         try:
             settings = self.settings()
         except PolicyError as exc:
@@ -615,6 +622,24 @@ class GovernanceGate(PassGate):
                 orchestrator_head=LogHead(seq=head.seq, entry_hash=head.hash),
             )
             self._anchored.add(key)
+
+
+def _mismatch(task: Task) -> str | None:
+    """What the task would run that its spec (the approved thing) does not say, if anything: the agent trains
+    with the task's own recipe, dataset and seed, so each must be the spec's."""
+    spec = task.spec
+    if task.recipe != spec.recipe:
+        return "its recipe differs from the spec's"
+    if task.dataset != spec.dataset:
+        return f"it names dataset {task.dataset!r}, the spec {spec.dataset!r}"
+    if task.seed != spec.seed:
+        return "its seed differs from the spec's"
+    last = spec.rounds + 1  # the evaluation round follows the training rounds
+    if task.kind is TaskKind.TRAIN and not 1 <= task.round <= spec.rounds:
+        return f"training round {task.round} is outside the spec's {spec.rounds} rounds"
+    if task.kind is TaskKind.EVALUATE and task.round != last:
+        return f"an evaluation in round {task.round}; the spec evaluates in round {last}"
+    return None
 
 
 def _settings_digest(value: Any) -> str:
