@@ -21,7 +21,6 @@ std, ddof=1, as in Fed-Heart-Disease).
 from __future__ import annotations
 
 import numpy as np
-from sklearn.datasets import load_breast_cancer
 
 from fedhealth.core import ConfigError
 from fedhealth.data._dataset import TabularDataset, split_indices, standardize
@@ -48,6 +47,8 @@ def _allocate(total: int, floor: int, shares: np.ndarray) -> np.ndarray:
 def breast_cancer_federation(n_sites: int = 4, seed: int = 0) -> list[TabularDataset]:
     """``n_sites`` hospitals (2 to 11) holding disjoint parts of the breast-cancer data; deterministic in
     ``seed``. Every site has at least 40 patients and both classes in its train and its test set."""
+    from sklearn.datasets import load_breast_cancer  # scikit-learn loads slowly: on first use
+
     bunch = load_breast_cancer()
     X_all = np.asarray(bunch.data, dtype=np.float64)
     y_all = 1 - np.asarray(bunch.target, dtype=np.int64)  # 1 = malignant

@@ -6,7 +6,6 @@ import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from fedhealth.core import InputError, canonical_json
 
@@ -154,6 +153,8 @@ def split_indices(
     levels, counts = np.unique(labels, return_counts=True)
     stratify = labels if levels.size > 1 and bool((counts > 2).all()) else None
     try:
+        from sklearn.model_selection import train_test_split  # scikit-learn loads slowly: on first use
+
         train_idx, test_idx = train_test_split(
             np.arange(n),
             test_size=test_size,

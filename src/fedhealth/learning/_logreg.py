@@ -10,7 +10,6 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from fedhealth.core import InputError, TensorSpec
 from fedhealth.learning._checks import check_features_labels, check_tensors
@@ -226,5 +225,7 @@ def logreg_evaluate(params: Mapping[str, np.ndarray], X: np.ndarray, y: np.ndarr
     z = _augment(X64) @ theta
     loss = float(bce_with_logits(z, y64).mean())
     accuracy = float(((z > 0).astype(np.float64) == y64).mean())  # z > 0  <=>  sigmoid(z) > 0.5
+    from sklearn.metrics import roc_auc_score  # scikit-learn loads slowly: on first use
+
     auc = float(roc_auc_score(y64, z)) if np.unique(y64).size == 2 else None
     return EvalResult(num_samples=int(X64.shape[0]), loss=loss, accuracy=accuracy, auc=auc)
