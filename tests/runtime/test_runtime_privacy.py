@@ -189,8 +189,9 @@ def test_site_distributed_adds_the_quorum_share_of_the_noise_at_the_site_and_non
     # the share's standard deviation is sigma C / sqrt(min_sites) = 2 / sqrt(2)
     assert np.std(share) == pytest.approx(2.0 / np.sqrt(2.0), rel=0.02)
     assert private["w"].dtype == np.float32
-    mean = private_mean(spec, [(1, {"w": np.ones(3)}), (1, {"w": np.zeros(3)})], np.random.default_rng(0))
-    np.testing.assert_allclose(mean["w"], np.full(3, 1 / np.sqrt(3) / 2))  # clipped, averaged, no noise
+    # the orchestrator sums the noisy updates untouched (no clip: it would cut the noise) and adds none
+    noisy = [(1, {"w": np.full(3, 5.0)}), (1, {"w": np.zeros(3)})]
+    np.testing.assert_array_equal(private_mean(spec, noisy, np.random.default_rng(0))["w"], np.full(3, 2.5))
 
 
 def test_without_privacy_aggregation_is_the_sample_weighted_mean_bit_for_bit():
@@ -251,3 +252,13 @@ def test_site_mode_training_reports_only_the_record_count_and_sends_a_clipped_up
     m = outcome.metrics
     assert m.num_samples > 0
     assert (m.train_loss, m.accuracy, m.auc, m.eval_loss) == (None, None, None, None)
+
+
+def test_a_sites_noise_share_does_not_depend_on_the_order_its_tensors_arrived_in():
+    sa = SecureAggregationSpec(weight_cap=1, update_clip=100.0)
+    spec = spec_with({"mode": "site-distributed", "noise_multiplier": 2.0}, secure_aggregation=sa)
+    delta = {"weight": np.full(5, 0.01, np.float32), "bias": np.full(1, 0.02, np.float32)}
+    forward = privatize_update(spec, delta, np.random.default_rng(5))
+    backward = privatize_update(spec, dict(reversed(delta.items())), np.random.default_rng(5))
+    for k in delta:
+        np.testing.assert_array_equal(forward[k], backward[k])

@@ -257,27 +257,34 @@ def check_privacy(spec: StudySpec) -> None:
 def privatize_update(spec: StudySpec, delta: Mapping[str, np.ndarray], rng: np.random.Generator) -> Params:
     """Site modes, at the site: the update clipped to ``max_grad_norm`` plus, in distributed mode, the
     site's share of the noise (float32, as uploaded)."""
-    private = site_update_dp(spec).privatize({k: np.asarray(v) for k, v in delta.items()}, rng)
+    # Noise is drawn tensor by tensor: a fixed (sorted) order makes a reproducible run independent of the
+    # order in which the tensors arrived.
+    ordered = {k: np.asarray(delta[k]) for k in sorted(delta)}
+    private = site_update_dp(spec).privatize(ordered, rng)
     return {k: np.asarray(v, dtype=np.float32) for k, v in private.items()}
 
 
 def private_mean(
     spec: StudySpec, updates: Sequence[tuple[int, Mapping[str, np.ndarray]]], rng: np.random.Generator
 ) -> Params:
-    """Site modes, at the orchestrator: the unweighted mean of the (re-)clipped updates, with the central
-    noise ``N(0, sigma^2 C^2)`` added to their sum in central mode.
+    """Site modes, at the orchestrator: the unweighted mean of the updates, with the central noise
+    ``N(0, sigma^2 C^2)`` added to their sum in central mode.
 
     Every site weighs the same, so one site moves the sum by at most the clip norm; the sample counts would
-    otherwise scale a site's influence. Clipping again here costs nothing and keeps the bound even if a site
-    sent an unclipped update. The division by the number of contributors is post-processing.
+    otherwise scale a site's influence. In central mode the updates are clipped again here: it costs
+    nothing and keeps the bound even if a site sent an unclipped update. In distributed mode they carry
+    their noise shares, which must be summed untouched (secure aggregation sums them the same way). The
+    division by the number of contributors is post-processing.
     """
     if not updates:
         raise InputError("no update to average")
     dp = site_update_dp(spec)
     total: dict[str, np.ndarray] = {}
     for _, update in updates:
-        clipped, _ = dp.clip({k: np.asarray(v, dtype=np.float64) for k, v in update.items()})
-        for k, v in clipped.items():
+        values = {k: np.asarray(update[k], dtype=np.float64) for k in sorted(update)}  # a fixed noise order
+        if dp.mode is NoiseMode.CENTRAL:
+            values, _ = dp.clip(values)
+        for k, v in values.items():
             total[k] = total[k] + v if k in total else v.copy()
     if dp.mode is NoiseMode.CENTRAL:
         total = dp.central_noise(total, rng)
