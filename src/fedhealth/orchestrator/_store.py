@@ -681,20 +681,23 @@ class Store:
         when: datetime,
         attestation: SiteAttestation | None = None,
     ) -> bool:
-        """Record a valid result if the task is still open; False if it was already closed."""
+        """Record a valid result if the task is still open; False if it was already closed. Without
+        ``attestation`` the one already stored (a secure round's manifest) is kept."""
+        values: dict[str, Any] = {
+            "status": TaskStatus.COMPLETED.value,
+            "result_digest": digest,
+            "num_samples": num_samples,
+            "metrics_json": metrics.model_dump_json() if metrics is not None else None,
+            "ended_at": when,
+        }
+        if attestation is not None:
+            values["attestation_json"] = attestation.model_dump_json()
         with self.engine.begin() as c:
             return bool(
                 c.execute(
                     update(tasks)
                     .where(and_(tasks.c.id == task_id, tasks.c.status.in_(OPEN_TASK_STATES)))
-                    .values(
-                        status=TaskStatus.COMPLETED.value,
-                        result_digest=digest,
-                        num_samples=num_samples,
-                        metrics_json=metrics.model_dump_json() if metrics is not None else None,
-                        attestation_json=attestation.model_dump_json() if attestation is not None else None,
-                        ended_at=when,
-                    )
+                    .values(**values)
                 ).rowcount
             )
 
