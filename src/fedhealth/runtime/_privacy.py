@@ -281,9 +281,9 @@ def private_mean(
     dp = site_update_dp(spec)
     total: dict[str, np.ndarray] = {}
     for _, update in updates:
-        values = {k: np.asarray(update[k], dtype=np.float64) for k in sorted(update)}  # a fixed noise order
+        values: dict[str, np.ndarray] = {k: np.asarray(update[k], np.float64) for k in sorted(update)}
         if dp.mode is NoiseMode.CENTRAL:
-            values, _ = dp.clip(values)
+            values = dp.clip(values)[0]
         for k, v in values.items():
             total[k] = total[k] + v if k in total else v.copy()
     if dp.mode is NoiseMode.CENTRAL:

@@ -1,10 +1,10 @@
 """Fed-Heart-Disease with record-level differential privacy, through the real orchestrator and agents.
 
-Every (epsilon, delta) preset of ``fedhealth.learning._dp_presets`` and every seed is one study of DP-SGD
-FedAvg over the four hospitals, run by real agents over HTTPS. Accounting is the services' own: each site's
-ledger holds a budget for the study's dataset and reserves, commits and attests every round; the figure
-reported per site is the study's epsilon its ledger attested (at the budget's delta, PLD), and the budget
-is the target itself, so a site would refuse a study that exceeded it.
+Every (epsilon, delta) preset of ``fedhealth.learning.HEART_DISEASE_DP_PRESETS`` and every seed is one
+study of DP-SGD FedAvg over the four hospitals, run by real agents over HTTPS. Accounting is the services'
+own: each site's ledger holds a budget for the study's dataset and reserves, commits and attests every
+round; the figure reported per site is the study's epsilon its ledger attested (at the budget's delta,
+PLD), and the budget is the target itself, so a site would refuse a study that exceeded it.
 
 Each study gets a dataset name of its own at every site (one budget per study, all on the same
 hospital data): the ledger composes every study on one dataset, and five seeds of eight targets on one
@@ -32,7 +32,7 @@ import numpy as np
 
 from fedhealth.core import decode_tensors
 from fedhealth.data import open_dataset
-from fedhealth.learning._dp_presets import HEART_DISEASE_DP_PRESETS, DpPreset
+from fedhealth.learning import HEART_DISEASE_DP_PRESETS, DpPreset
 from fedhealth.protocol import (
     AccountantName,
     DpMode,
@@ -189,18 +189,18 @@ def benchmark_privacy(
             ]
             if no_dp:
                 rows.append((None, None, HEART_DISEASE_DP_PRESETS[targets[0]], 0.0))
-            for eps, delta, preset, fixed in rows:
+            for target, target_delta, preset, fixed in rows:
                 accs: list[list[float]] = []
                 epsilons_seen: dict[str, float] = {}
                 identical = True
                 for seed in range(seeds):
-                    label = f"eps {eps:g} delta {delta:g}" if eps is not None else "no DP"
+                    label = f"eps {target:g} delta {target_delta:g}" if target is not None else "no DP"
                     spec = dp_preset_study(
                         preset,
                         noise_multiplier=None if fixed < 0 else fixed,
-                        name=f"dp-{'none' if eps is None else f'{eps:g}-{delta:g}'}-{seed}",
-                        dataset=study_dataset(eps, delta, seed)
-                        if eps is not None and delta is not None
+                        name=f"dp-{'none' if target is None else f'{target:g}-{target_delta:g}'}-{seed}",
+                        dataset=study_dataset(target, target_delta, seed)
+                        if target is not None and target_delta is not None
                         else NO_DP_DATASET,
                         train_sites=list(HEART_DISEASE_CENTERS),
                         min_sites=len(HEART_DISEASE_CENTERS),
@@ -215,8 +215,8 @@ def benchmark_privacy(
                 sigma = noise_multiplier(spec, HEART_DISEASE_CENTERS[0])
                 results.append(
                     PrivacyResult(
-                        target_epsilon=eps,
-                        delta=delta,
+                        target_epsilon=target,
+                        delta=target_delta,
                         noise_multiplier=sigma,
                         accuracies=tuple(statistics.fmean(r) for r in accs),
                         per_center=tuple(statistics.fmean(col) for col in zip(*accs, strict=True)),
