@@ -109,7 +109,10 @@ def run_demo(
             fed.start_agent(site, {spec.dataset: uri})
         with console.status("waiting for the sites to connect"):
             fed.wait_for_sites(list(sites))
-        study = fed.create_study(spec)
+        for site in sites:  # each hospital's data steward approves this exact spec (`fedhealth site approve`)
+            digest = fed.approve(site, spec, reason="demo study reviewed by the data steward")
+            console.print(f"  {site}: data steward approved spec {digest[:12]}…")
+        study = fed.create_study(spec, approve=False)
         progress = Progress(
             TextColumn("[bold blue]rounds"),
             BarColumn(),
@@ -143,8 +146,15 @@ def run_demo(
     finally:
         fed.stop_all()
     wall = time.monotonic() - started
+    from fedhealth.cli._governance import print_governance_summary
+
+    def governance_summary(model: str | None) -> bool:  # audit verify of every log, and the model card
+        homes = [fed.site_home(site).root for site in sites]
+        return print_governance_summary(console, fed.home.root, homes, model, out / "model-card.md")
+
     if final.status is not StudyStatus.COMPLETED:
         console.print(f"[red]study {final.status.value}[/]: {final.reason}")
+        governance_summary(None)
         return 1
     evaluation = report["evaluation"] or {}
     table = Table(title="Final model, evaluated on each site's held-out data")
@@ -160,7 +170,7 @@ def run_demo(
         f"rounds: {final.completed_rounds}   wall time: {wall:.1f} s   "
         f"model: {model_path} (sha256 {(final.model_digest or '?')[:12]}…)   report: {report_md}"
     )
-    return 0
+    return 0 if governance_summary(final.model_digest) else 1
 
 
 def demo(

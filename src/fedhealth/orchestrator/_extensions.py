@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fedhealth.orchestrator._app import Extension
+from fedhealth.orchestrator._governance import GovernanceExtension
+from fedhealth.orchestrator._privacy import PrivacyExtension
 
 
 def default_extensions() -> list[Extension]:
     """Every built-in extension, in the order their observers are called."""
-    return []
+    return [GovernanceExtension(), PrivacyExtension()]

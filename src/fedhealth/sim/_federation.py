@@ -293,14 +293,21 @@ class LocalFederation:
     # --- governance: the data stewards' approvals and the owner's signature ---------------------------------
 
     def approve(
-        self, site: str, spec: StudySpec, *, reason: str = "approved for this federation", steward: str = "steward"
+        self,
+        site: str,
+        spec: StudySpec,
+        *,
+        reason: str = "approved for this federation",
+        steward: str = "steward",
     ) -> str:
         """Play ``site``'s data steward: approve exactly this spec there, as ``fedhealth site approve HASH
         --reason ... --spec FILE --home HOME`` does. Returns the spec hash."""
         from fedhealth.agent._governance import SiteGovernance
 
         with SiteGovernance(self.site_home(site)) as governance:
-            return governance.approve(spec, reason=reason, steward=steward, signed=self._signed(spec)).spec_hash
+            return governance.approve(
+                spec, reason=reason, steward=steward, signed=self._signed(spec)
+            ).spec_hash
 
     def owner_key(self) -> Any:
         """The operator's spec-signing key (``fedhealth.crypto.IdentityKey``), made on first use."""
