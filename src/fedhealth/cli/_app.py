@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import typer
 
 from fedhealth.cli._bench import benchmark_app
@@ -27,8 +29,9 @@ site_app.add_typer(budget_app, name="budget")
 site_app.add_typer(consent_app, name="consent")
 # The data steward's approvals live beside the other site commands: `fedhealth site approve HASH --reason ...`
 for _command in approval_app.registered_commands:
-    if _command.name == "list":
-        _command.name = "approvals"  # `site list` lists the sites
+    if _command.name == "list":  # `site list` lists the sites; the steward's list is `site approvals`
+        _command = copy.copy(_command)
+        _command.name = "approvals"
     site_app.registered_commands.append(_command)
 app.add_typer(audit_app, name="audit")
 app.add_typer(provenance_app, name="provenance")
