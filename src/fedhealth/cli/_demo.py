@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console, Group
@@ -15,8 +16,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedhealth.protocol import StudyInfo, StudySpec, StudyStatus, TaskKind
-from fedhealth.sim import LocalFederation
+from fedhealth.protocol import SecureAggregationSpec, StudyInfo, StudySpec, StudyStatus, TaskKind
 
 
 class DemoDataset(StrEnum):
@@ -24,8 +24,11 @@ class DemoDataset(StrEnum):
     HEART_DISEASE = "heart-disease"
 
 
-def demo_federation(dataset: DemoDataset, rounds: int | None) -> tuple[dict[str, str], StudySpec]:
-    """The sites (name -> dataset URI) and the study of the demo, from the learning presets."""
+def demo_federation(
+    dataset: DemoDataset, rounds: int | None, secure: bool = True
+) -> tuple[dict[str, str], StudySpec]:
+    """The sites (name -> dataset URI) and the study of the demo, from the learning presets; with secure
+    aggregation unless ``secure=False``."""
     from fedhealth.learning import BREAST_CANCER_PRESETS, HEART_DISEASE_PRESETS
     from fedhealth.runtime import preset_study
 
@@ -46,8 +49,9 @@ def demo_federation(dataset: DemoDataset, rounds: int | None) -> tuple[dict[str,
         dataset=dataset.value,
         train_sites=sorted(sites),
         min_sites=3,
-        round_deadline_s=60.0,
+        round_deadline_s=120.0,
         seed=0,
+        secure_aggregation=SecureAggregationSpec(stage_timeout_s=30.0) if secure else None,
     )
     if rounds is not None:
         spec = spec.model_copy(update={"rounds": rounds})
@@ -58,30 +62,51 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _site_table(info: StudyInfo) -> Table:
-    table = Table(title="Sites", expand=False)
-    for col in ("site", "task", "state", "train n", "train loss", "val. acc", "val. AUC"):
-        table.add_column(col, justify="right" if col not in ("site", "task", "state") else "left")
+def _site_table(info: StudyInfo) -> Group:
+    secure = info.spec.secure_aggregation is not None
+    table = Table(expand=False, title="Sites" + (" (secure aggregation)" if secure else ""))
+    columns = ["site", "round", "state"] + ([] if secure else ["train n", "loss", "val. acc", "AUC"])
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("site", "round", "state") else "right")
     latest: dict[str, tuple[str, str, object]] = {}
     for r in info.rounds:
         for t in r.tasks:
-            latest[t.site] = (f"{r.kind.value} r{r.number}", t.status.value, t.metrics)
-    for site in (
-        info.spec.evaluation_sites
-        if info.rounds and info.rounds[-1].kind is TaskKind.EVALUATE
-        else info.spec.train_sites
-    ):
+            latest[t.site] = (f"{r.number} {r.kind.value}", t.status.value, t.metrics)
+    for site in sorted({*info.spec.train_sites, *info.spec.evaluation_sites}):
         task, state, m = latest.get(site, ("–", "–", None))
-        table.add_row(
-            site,
-            task,
-            state,
-            str(getattr(m, "num_samples", "–") or "–"),
-            _fmt(getattr(m, "train_loss", None)),
-            _fmt(getattr(m, "accuracy", None)),
-            _fmt(getattr(m, "auc", None)),
-        )
-    return table
+        cells = [site, task, state]
+        if not secure:
+            cells += [
+                str(getattr(m, "num_samples", "–") or "–"),
+                _fmt(getattr(m, "train_loss", None)),
+                _fmt(getattr(m, "accuracy", None)),
+                _fmt(getattr(m, "auc", None)),
+            ]
+        table.add_row(*cells)
+    done = [r for r in info.rounds if r.metrics and r.kind is TaskKind.TRAIN]
+    if not done:
+        return Group(table)
+    m = done[-1].metrics or {}
+    where = "the secure sum" if secure else "the sites' reports"
+    line = (
+        f"round {done[-1].number}: {m.get('sites', '?')} sites, train loss {_fmt(m.get('train_loss'))}, "
+        f"mean local val. accuracy {_fmt(m.get('accuracy'))} (from {where})"
+    )
+    return Group(table, line)
+
+
+def _site_records(home: Path, study_id: str) -> dict[str, Any] | None:
+    """The last evaluation a site recorded for itself (its ``results.jsonl``): read here because the demo
+    plays every site too; under secure aggregation these figures never reach the orchestrator."""
+    path = home / "results.jsonl"
+    if not path.exists():
+        return None
+    found = None
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record["study_id"] == study_id and record["kind"] == TaskKind.EVALUATE.value:
+            found = record["metrics"]
+    return found
 
 
 def run_demo(
@@ -89,9 +114,12 @@ def run_demo(
     rounds: int | None = None,
     out: Path = Path("demo-output"),
     console: Console | None = None,
+    secure: bool = True,
 ) -> int:
+    from fedhealth.sim import LocalFederation  # the services load slowly: only for this command
+
     console = console or Console()
-    sites, spec = demo_federation(dataset, rounds)
+    sites, spec = demo_federation(dataset, rounds, secure)
     state = out / "state"
     shutil.rmtree(state, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +127,7 @@ def run_demo(
     console.print(
         f"[bold]fedhealth demo[/]: {len(sites)} sites, dataset [cyan]{dataset.value}[/], "
         f"{spec.rounds} rounds of {spec.strategy.name.value}"
+        + (", secure aggregation (SecAgg+)" if secure else "")
     )
     fed = LocalFederation(state, log_level="warning")
     try:
@@ -130,6 +159,7 @@ def run_demo(
                 live.update(Group(progress, _site_table(info)))
 
             final = fed.wait_for_study(study.study_id, timeout=600, on_progress=show)
+        console.print()
         report = fed.report(study.study_id)
         model_path = out / "model.safetensors"
         model_path.write_bytes(fed.model_bytes(study.study_id))
@@ -137,7 +167,7 @@ def run_demo(
 
         report_md = out / "report.md"
         report_md.write_text(report_markdown(report))
-        (out / "report.json").write_text(__import__("json").dumps(report, indent=2))
+        (out / "report.json").write_text(json.dumps(report, indent=2))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping the orchestrator and the agents[/]")
         fed.stop_all()
@@ -157,10 +187,15 @@ def run_demo(
         governance_summary(None)
         return 1
     evaluation = report["evaluation"] or {}
-    table = Table(title="Final model, evaluated on each site's held-out data")
+    per_site = evaluation.get("per_site") or {}
+    title = "Final model, evaluated on each site's held-out data"
+    if secure:  # the orchestrator only has the secure sum: per-site rows come from each site's own record
+        per_site = {s: m for s in sites if (m := _site_records(fed.site_home(s).root, final.study_id))}
+        title += "\n(per site: each site's own record, never sent; mean: from the secure sum)"
+    table = Table(title=title)
     for col in ("site", "test n", "accuracy", "AUC"):
         table.add_column(col, justify="left" if col == "site" else "right")
-    for site, m in sorted((evaluation.get("per_site") or {}).items()):
+    for site, m in sorted(per_site.items()):
         table.add_row(site, str(m["num_eval_samples"]), _fmt(m["accuracy"]), _fmt(m["auc"]))
     table.add_row(
         "[bold]mean", "", f"[bold]{_fmt(evaluation.get('accuracy'))}", f"[bold]{_fmt(evaluation.get('auc'))}"
@@ -184,6 +219,9 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the model, the report and the logs go.")] = Path(
         "demo-output"
     ),
+    secure: Annotated[
+        bool, typer.Option(help="Secure aggregation (SecAgg+); --no-secure for plain FedAvg.")
+    ] = True,
 ) -> None:
     """Start an orchestrator and 4 site agents on this machine and train one model together."""
-    sys.exit(run_demo(dataset, rounds, out))
+    sys.exit(run_demo(dataset, rounds, out, secure=secure))

@@ -46,6 +46,7 @@ def study_info(store: Store, study_id: str, *, with_rounds: bool = True) -> Stud
                 ended_at=r.ended_at,
                 reason=r.reason,
                 model_digest=r.model_out_digest,
+                metrics=r.metrics,
                 tasks=sorted(tasks_by_round.get(r.id, []), key=lambda t: t.site),
             )
             for r in rounds

@@ -265,6 +265,7 @@ class RoundInfo(Message):
     ended_at: datetime | None
     reason: str | None
     model_digest: str | None = Field(description="the global model after this round (train rounds)")
+    metrics: dict[str, Any] | None = Field(default=None, description="round-level figures (means, sums)")
     tasks: list[TaskInfo]
 
 

@@ -1,0 +1,73 @@
+"""`fedhealth demo` as a user runs it: a separate process, offline, to completion or to Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def _demo(tmp_path, *args):
+    env = {**os.environ, "COLUMNS": "120", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedhealth", "demo", "--out", str(tmp_path / "out"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+
+
+def test_the_demo_trains_four_hospitals_securely_and_prints_the_summary(tmp_path):
+    proc = _demo(tmp_path, "--rounds", "4")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    for site in ("hospital-a", "hospital-b", "hospital-c", "hospital-d"):
+        assert f"{site}: data steward approved spec" in output
+        assert f"│ {site}" in output
+    assert "secure aggregation (SecAgg+)" in output
+    assert "│ mean" in output
+    assert "rounds: 4" in output
+    assert output.count("entries verified") == 5  # the orchestrator's and every site's audit log
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "completed"
+    assert report["evaluation"]["secure"] is True
+    assert "per_site" not in report["evaluation"]  # the orchestrator never saw a site's figures
+    assert 0.8 < report["evaluation"]["accuracy"] <= 1.0
+    assert (out / "model.safetensors").stat().st_size > 0
+    assert (
+        "## Consent" in (out / "model-card.md").read_text()
+        or "consent" in (out / "model-card.md").read_text().lower()
+    )
+
+
+def test_ctrl_c_stops_every_process_of_the_demo(tmp_path):
+    proc = _demo(tmp_path, "--rounds", "200")
+    ready = tmp_path / "out" / "state" / "orchestrator.ready.json"
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "the demo's orchestrator never started"
+        time.sleep(0.1)
+    url = json.loads(ready.read_text())["url"]
+    time.sleep(3)  # let the agents start and the study run
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "all processes stopped" in output
+    with pytest.raises(httpx.TransportError):  # the orchestrator is gone
+        httpx.get(f"{url}/healthz", verify=False, timeout=5)
+    leftovers = subprocess.run(
+        ["pgrep", "-f", str(tmp_path / "out" / "state")], capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert leftovers == [], f"processes left running: {leftovers}"
