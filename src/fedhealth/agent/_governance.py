@@ -374,6 +374,10 @@ class GovernanceGate(PassGate):
     # --- the pipeline --------------------------------------------------------------------------------------
 
     def before_data(self, ctx: TaskContext) -> None:
+        with self.log.batch():  # one commit for the task's received, anchor and decision entries
+            self._before_data(ctx)
+
+    def _before_data(self, ctx: TaskContext) -> None:
         task = ctx.task
         spec = task.spec.model_dump(mode="json")
         digest = spec_hash(spec)
@@ -479,6 +483,10 @@ class GovernanceGate(PassGate):
         self._refuse(ctx, decision.rule.value, decision.reason)
 
     def prepare_data(self, ctx: TaskContext, dataset: TabularDataset) -> TabularDataset:
+        with self.log.batch():
+            return self._prepare_data(ctx, dataset)
+
+    def _prepare_data(self, ctx: TaskContext, dataset: TabularDataset) -> TabularDataset:
         notes: _TaskNotes = ctx.state[STATE_KEY]
         if ctx.task.kind is not TaskKind.TRAIN:
             # evaluation reads the held-out split, whose rows carry no patient ids in TabularDataset
@@ -569,6 +577,10 @@ class GovernanceGate(PassGate):
             log.exception("could not log the failure of task %s", ctx.task.task_id)
 
     def attest(self, ctx: TaskContext) -> None:
+        with self.log.batch():
+            self._attest(ctx)
+
+    def _attest(self, ctx: TaskContext) -> None:
         notes: _TaskNotes | None = ctx.state.get(STATE_KEY)
         if notes is not None and notes.completed and ctx.task.kind is TaskKind.TRAIN:
             notes.completed = False  # attest may be called again: one update.sent per update

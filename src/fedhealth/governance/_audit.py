@@ -24,7 +24,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, text
+from sqlalchemy import Connection, Engine, bindparam, insert, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from fedhealth.core import Clock, CryptoError, InputError, SystemClock, canonical_json, sha256_hex
@@ -591,6 +591,16 @@ def _is_retryable(exc: Exception) -> bool:
     return "locked" in message or "busy" in message
 
 
+# Built once: the statement objects (and SQLAlchemy's cache keys for them) are reused by every append.
+_HEAD_QUERY = (
+    select(audit_entries.c.seq, audit_entries.c.entry_hash)
+    .where(audit_entries.c.log_id == bindparam("log_id"))
+    .order_by(audit_entries.c.seq.desc())
+    .limit(1)
+)
+_INSERT_ENTRY = insert(audit_entries)
+
+
 class AuditLog:
     """One party's audit log in a database: append, read, verify.
 
@@ -618,6 +628,8 @@ class AuditLog:
         self._clock: Clock = clock or SystemClock()
         self._log_id = log_id
         self._key_registered = False
+        self._batch: Connection | None = None
+        self._batch_head: LogHead | None = None
 
     @property
     def engine(self) -> Engine:
@@ -655,6 +667,8 @@ class AuditLog:
         event = AuditEventType(type)
         clean = _clean_payload(event, payload)
         who = actor or self._actor
+        if connection is None and self._batch is not None:
+            return self._append_on(self._batch, event, clean, who)
         if connection is not None:
             self._register_key(connection)
             return self._append_on(connection, event, clean, who)
@@ -683,10 +697,42 @@ class AuditLog:
         Pass it to :meth:`append` as ``connection`` and make state changes on it too: the state and its audit
         entries then commit together or not at all (a governance action is never half-applied).
         """
+        if self._batch is not None:  # inside batch(): its transaction is the one
+            yield self._batch
+            return
         with self._engine.connect() as conn:
             _begin_serialized(conn, self._log_id)
             yield conn
             conn.commit()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Write every entry appended in the block (and every :meth:`transaction` opened in it) in one
+        serialized transaction: one commit instead of one per entry.
+
+        The entries are committed when the block ends even if it ends with an exception: a refusal that is
+        logged and then raised stays logged. Do not write to this database through other connections inside
+        the block (the log holds its write lock).
+        """
+        if self._batch is not None:
+            yield
+            return
+        with self._engine.connect() as conn:
+            _begin_serialized(conn, self._log_id)
+            if not self._key_registered:
+                self._register_key(conn)
+            self._batch = conn
+            try:
+                yield
+            finally:
+                self._batch = None
+                self._batch_head = None
+                try:
+                    conn.commit()
+                    self._key_registered = True
+                except Exception:
+                    conn.rollback()
+                    raise
 
     def shares_database(self, engine: Engine) -> bool:
         """Whether ``engine`` is this log's database, so that changes on it can share :meth:`transaction`."""
@@ -701,21 +747,25 @@ class AuditLog:
     def _append_on(
         self, conn: Connection, event: AuditEventType, payload: dict[str, Any], actor: str
     ) -> AuditEntry:
-        entry = self._make_entry(self._head(conn), event, payload, actor)
+        head = self._batch_head if conn is self._batch and self._batch_head is not None else self._head(conn)
+        entry = self._make_entry(head, event, payload, actor)
         conn.execute(
-            insert(audit_entries).values(
-                log_id=self._log_id,
-                seq=entry.seq,
-                time=format_instant(entry.time),
-                actor=entry.actor,
-                type=str(entry.type),
-                payload=canonical_json(entry.payload).decode(),
-                prev_hash=entry.prev_hash,
-                entry_hash=entry.entry_hash,
-                signature=entry.signature.hex(),
-                signer=entry.signer,
-            )
+            _INSERT_ENTRY,
+            {
+                "log_id": self._log_id,
+                "seq": entry.seq,
+                "time": format_instant(entry.time),
+                "actor": entry.actor,
+                "type": str(entry.type),
+                "payload": canonical_json(entry.payload).decode(),
+                "prev_hash": entry.prev_hash,
+                "entry_hash": entry.entry_hash,
+                "signature": entry.signature.hex(),
+                "signer": entry.signer,
+            },
         )
+        if conn is self._batch:  # the batch holds the log's lock: nobody else can move the head
+            self._batch_head = LogHead(seq=entry.seq, entry_hash=entry.entry_hash)
         return entry
 
     def _register_key(self, conn: Connection) -> None:
@@ -731,12 +781,7 @@ class AuditLog:
             )
 
     def _head(self, conn: Connection) -> LogHead:
-        row = conn.execute(
-            select(audit_entries.c.seq, audit_entries.c.entry_hash)
-            .where(audit_entries.c.log_id == self._log_id)
-            .order_by(audit_entries.c.seq.desc())
-            .limit(1)
-        ).first()
+        row = conn.execute(_HEAD_QUERY, {"log_id": self._log_id}).first()
         if row is None:
             return LogHead(seq=0, entry_hash=GENESIS_HASH)
         return LogHead(seq=int(row.seq), entry_hash=str(row.entry_hash))
@@ -769,6 +814,8 @@ class AuditLog:
 
     def head(self) -> LogHead:
         """The last entry's (seq, hash); ``(0, GENESIS_HASH)`` for an empty log."""
+        if self._batch is not None:
+            return self._head(self._batch)
         with self._engine.connect() as conn:
             return self._head(conn)
 
