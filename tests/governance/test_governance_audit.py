@@ -482,3 +482,35 @@ def test_payload_that_is_not_bounded_json_is_refused(site_log, payload):
     with pytest.raises(InputError):
         site_log.append(AuditEventType.CONFIGURATION_CHANGED, payload)
     assert site_log.head().seq == 0
+
+
+def test_a_batch_commits_its_entries_even_when_the_block_raises_and_they_verify(site_log, site_key):
+    def refuse() -> None:
+        with site_log.batch():
+            site_log.append(AuditEventType.TASK_RECEIVED, {"task_id": "t1", "study_id": "s"})
+            payload = {"task_id": "t1", "study_id": "s", "rule": "r", "reason": "x"}
+            site_log.append(AuditEventType.TASK_REFUSED, payload)
+            assert site_log.head().seq == 2  # the head inside a batch sees the batch's own entries
+            raise RuntimeError("the refusal is raised after it was logged")
+
+    with pytest.raises(RuntimeError):
+        refuse()
+    entries = site_log.entries()
+    assert [e.type for e in entries] == [AuditEventType.TASK_RECEIVED, AuditEventType.TASK_REFUSED]
+    assert verify_chain(entries, trusted(site_key)).ok
+
+
+def test_a_transaction_inside_a_batch_is_visible_to_other_connections_when_it_ends(site_log, engine):
+    with site_log.batch():
+        site_log.append(AuditEventType.TASK_RECEIVED, {"task_id": "t1", "study_id": "s"})
+        with site_log.transaction() as conn:
+            site_log.append(
+                AuditEventType.CONFIGURATION_CHANGED, {"setting": "a", "value": 1}, connection=conn
+            )
+        with engine.connect() as other:  # another connection already sees both entries
+            count = other.execute(text("SELECT count(*) FROM gov_audit_entries")).scalar_one()
+        assert count == 2
+        site_log.append(
+            AuditEventType.TASK_COMPLETED, {"task_id": "t1", "study_id": "s", "outcome": "completed"}
+        )
+    assert [e.seq for e in site_log.entries()] == [1, 2, 3]

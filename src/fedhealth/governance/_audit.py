@@ -697,8 +697,22 @@ class AuditLog:
         Pass it to :meth:`append` as ``connection`` and make state changes on it too: the state and its audit
         entries then commit together or not at all (a governance action is never half-applied).
         """
-        if self._batch is not None:  # inside batch(): its transaction is the one
-            yield self._batch
+        if self._batch is not None:
+            # Inside batch(): commit what the batch wrote so far, run this transaction on its own (so the
+            # state it changes is visible to other connections once it ends), then take the lock again.
+            conn = self._batch
+            conn.commit()
+            self._batch_head = None
+            _begin_serialized(conn, self._log_id)
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            else:
+                conn.commit()
+            finally:
+                _begin_serialized(conn, self._log_id)
             return
         with self._engine.connect() as conn:
             _begin_serialized(conn, self._log_id)
@@ -707,8 +721,8 @@ class AuditLog:
 
     @contextmanager
     def batch(self) -> Iterator[None]:
-        """Write every entry appended in the block (and every :meth:`transaction` opened in it) in one
-        serialized transaction: one commit instead of one per entry.
+        """Write the entries appended in the block in one serialized transaction: one commit instead of one
+        per entry. A :meth:`transaction` opened in the block commits on its own, as outside a batch.
 
         The entries are committed when the block ends even if it ends with an exception: a refusal that is
         logged and then raised stays logged. Do not write to this database through other connections inside
