@@ -7,6 +7,7 @@ on without it.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import threading
@@ -96,6 +97,7 @@ class SiteAgent:
     def run(self) -> None:
         """Poll and work until stopped. Raises :class:`SiteRefused` when the orchestrator will not serve this
         site any more (revoked, unknown) and :class:`TlsVerificationError` for an untrusted server."""
+        self._warm_up()
         log.info("site %s polling %s", self.settings.site, self.settings.orchestrator_url)
         while not self._stop.is_set():
             try:
@@ -110,6 +112,14 @@ class SiteAgent:
                 continue
             if task is not None:
                 self.handle(task)
+
+    @staticmethod
+    def _warm_up() -> None:
+        """Load the libraries training needs before the first poll (scikit-learn takes seconds), so a first
+        task does not pay them against its round's deadline. No data is read here: only a task that passed
+        its gates reads data."""
+        for module in ("sklearn.metrics", "sklearn.model_selection"):
+            importlib.import_module(module)
 
     def _dataset(self, name: str) -> TabularDataset:
         if name not in self._datasets:
