@@ -25,6 +25,7 @@ from fedhealth.protocol import (
 from fedhealth.runtime import (
     REPRODUCIBLE_NOISE_ENV,
     aggregate,
+    central_noise_on_mean,
     check_privacy,
     noise_multiplier,
     planned_epsilon,
@@ -100,17 +101,7 @@ SITE_SA = SecureAggregationSpec(weight_cap=1, update_clip=100.0)
             {},
             "record",
         ),
-        (
-            {"mode": "site-central", "noise_multiplier": 1.0},
-            {"secure_aggregation": SITE_SA},
-            "site-distributed",
-        ),
         ({"mode": "site-distributed", "noise_multiplier": 1.0}, {}, "without secure aggregation"),
-        (
-            {"mode": "site-distributed", "noise_multiplier": 1.0},
-            {"secure_aggregation": SecureAggregationSpec(update_clip=100.0)},
-            "weight_cap to 1",
-        ),
         (
             {"mode": "site-distributed", "noise_multiplier": 1.0},
             {"secure_aggregation": SecureAggregationSpec(weight_cap=1, update_clip=2.0)},
@@ -262,3 +253,16 @@ def test_a_sites_noise_share_does_not_depend_on_the_order_its_tensors_arrived_in
     backward = privatize_update(spec, dict(reversed(delta.items())), np.random.default_rng(5))
     for k in delta:
         np.testing.assert_array_equal(forward[k], backward[k])
+
+
+def test_central_noise_under_secure_aggregation_has_the_central_standard_deviation():
+    spec = spec_with(
+        {"mode": "site-central", "noise_multiplier": 2.0, "max_grad_norm": 0.5}, secure_aggregation=SITE_SA
+    )
+    check_privacy(spec)  # site-central with secure aggregation: the orchestrator noises the decoded sum
+    contributors, size = 4, 20_000
+    mean = {"weight": np.full(size, 0.25, np.float32)}
+    noisy = central_noise_on_mean(spec, mean, contributors, np.random.default_rng(1))
+    # N(0, (sigma * C)^2) on the sum, so (sigma * C / n) on the mean
+    assert np.std(noisy["weight"] - 0.25) == pytest.approx(2.0 * 0.5 / contributors, rel=0.03)
+    assert abs(float(np.mean(noisy["weight"])) - 0.25) < 0.01

@@ -25,10 +25,12 @@ from fedhealth.orchestrator._notify import TaskNotifier
 from fedhealth.orchestrator._report import write_report
 from fedhealth.orchestrator._secure import SecureRounds
 from fedhealth.orchestrator._store import ModelVersion, NewRound, RoundRow, Store, StudyRow, TaskRow
-from fedhealth.protocol import RoundStatus, StudySpec, StudyStatus, TaskKind, TaskStatus
+from fedhealth.privacy import secure_generator
+from fedhealth.protocol import DpMode, RoundStatus, StudySpec, StudyStatus, TaskKind, TaskStatus
 from fedhealth.runtime import (
     SecureSum,
     aggregate,
+    central_noise_on_mean,
     decode_sum,
     decode_update,
     initial_model,
@@ -267,7 +269,10 @@ class RoundEngine:
             state: dict[str, Any] = {}
             if study.state_digest:
                 state, _ = decode_tensors(self.blobs.get(study.state_digest))
-            new_params, new_state = server_step(spec.strategy, global_params, sums.mean_delta, state)
+            mean = sums.mean_delta
+            if spec.privacy is not None and spec.privacy.mode is DpMode.SITE_CENTRAL:
+                mean = central_noise_on_mean(spec, mean, len(contributors), secure_generator())
+            new_params, new_state = server_step(spec.strategy, global_params, mean, state)
             model_out = self.blobs.put(encode_tensors(new_params))
             state_out = self.blobs.put(encode_tensors(new_state)) if new_state else None
             return sums, model_out, state_out

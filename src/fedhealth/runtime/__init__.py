@@ -8,6 +8,7 @@ definition of a round, and so that tests can drive a whole round in memory.
 from fedhealth.runtime._memory import InMemoryResult, run_study_in_memory
 from fedhealth.runtime._privacy import (
     REPRODUCIBLE_NOISE_ENV,
+    central_noise_on_mean,
     check_privacy,
     noise_multiplier,
     planned_epsilon,
@@ -50,6 +51,7 @@ __all__ = [
     "SecureSum",
     "TrainOutcome",
     "aggregate",
+    "central_noise_on_mean",
     "check_dataset_fits",
     "check_privacy",
     "decode_sum",

@@ -216,23 +216,12 @@ def check_privacy(spec: StudySpec) -> None:
     else:
         if privacy.site_sample_rates:
             raise InputError("privacy: site_sample_rates apply to record-level DP only")
-        secure = spec.secure_aggregation
-        if privacy.mode is DpMode.SITE_DISTRIBUTED:
-            if secure is None:
-                raise InputError(
+        if privacy.mode is DpMode.SITE_DISTRIBUTED and spec.secure_aggregation is None:
+            raise InputError(
                     "privacy: site-distributed noise protects only the sum; without secure aggregation the "
                     "orchestrator would see each site's update with a fraction of the noise"
                 )
-            if secure.weight_cap != 1:
-                raise InputError(
-                    "privacy: site-level DP bounds each site's influence on an unweighted sum: set "
-                    "secure_aggregation.weight_cap to 1"
-                )
-        elif secure is not None:
-            raise InputError(
-                "privacy: site-central noise is added to the plain sum of the updates; with secure "
-                "aggregation use mode site-distributed"
-            )
+
     try:
         for site in spec.train_sites if privacy.mode is DpMode.RECORD else spec.train_sites[:1]:
             round_release(spec, site)
@@ -289,6 +278,17 @@ def private_mean(
     if dp.mode is NoiseMode.CENTRAL:
         total = dp.central_noise(total, rng)
     return {k: v / len(updates) for k, v in total.items()}
+
+
+def central_noise_on_mean(
+    spec: StudySpec, mean_delta: Mapping[str, np.ndarray], contributors: int, rng: np.random.Generator
+) -> Params:
+    """Site-central mode under secure aggregation: the orchestrator learns only the (unweighted) mean, so
+    it adds the central noise to the sum the mean came from, then divides again."""
+    dp = site_update_dp(spec)
+    total = {k: np.asarray(mean_delta[k], np.float64) * contributors for k in sorted(mean_delta)}
+    noisy = dp.central_noise(total, rng)
+    return {k: (v / contributors).astype(np.float32) for k, v in noisy.items()}
 
 
 def privacy_summary(spec: StudySpec) -> dict[str, Any] | None:

@@ -4,8 +4,8 @@ Under secure aggregation every figure a site reports travels inside the masked v
 learns only sums over the contributing sites:
 
 - training round: ``delta`` = w_k * clip(Δ_k, ±c) for the model update Δ_k (w_k = min(n_k, W), the site's
-  sample count capped at the study's ``weight_cap``), ``weight`` = w_k, ``loss`` = w_k * train loss, and the
-  validation figures below;
+  sample count capped at the study's ``weight_cap``, or 1 under site-level DP), ``weight`` = w_k,
+  ``loss`` = w_k * train loss, and the validation figures below;
 - evaluation round: ``eval_n``, ``correct`` (counts), ``accuracy``, ``auc`` and ``eval_loss`` (each site's own
   value, summed: their mean over contributors is FLamby's plain mean of site metrics), ``auc_n`` (how many
   sites could compute an AUC).
@@ -25,11 +25,27 @@ from typing import Any
 import numpy as np
 
 from fedhealth.core import InputError, TensorSpec
-from fedhealth.protocol import SecureAggregationSpec, SiteMetrics, StudySpec, TaskKind
+from fedhealth.protocol import DpMode, SecureAggregationSpec, SiteMetrics, StudySpec, TaskKind
 from fedhealth.runtime._tasks import Params, param_specs
 from fedhealth.secagg import Segment, SegmentKind, VectorCodec
 
 MAX_LOSS = 100.0  # losses are clipped here before summing (a BCE above 100 means the model is broken anyway)
+MAX_EVAL_COUNT = 1_000_000  # most held-out records one site's evaluation counts (see _count_cap)
+
+
+def _count_cap(n_sites: int) -> int:
+    # n sums of integers up to the cap must not wrap the 32-bit ring
+    return min(MAX_EVAL_COUNT, ((1 << 32) - 1) // max(1, n_sites))
+
+
+def site_weight(spec: StudySpec, num_samples: int) -> int:
+    """A site's weight in the secure sum: its sample count capped at ``weight_cap`` (FedAvg), or 1 under
+    site-level differential privacy, whose guarantee bounds each site's influence on an unweighted sum."""
+    sa = spec.secure_aggregation
+    assert sa is not None
+    if spec.privacy is not None and spec.privacy.mode is not DpMode.RECORD:
+        return 1
+    return min(num_samples, sa.weight_cap)
 
 
 def _metric_segments(cap: int) -> list[Segment]:
@@ -48,14 +64,15 @@ def secure_codec(spec: StudySpec, kind: TaskKind, n_sites: int) -> VectorCodec:
     sa = spec.secure_aggregation
     if sa is None:
         raise InputError("the study does not use secure aggregation")
-    segments = _metric_segments(sa.weight_cap)
+    segments = _metric_segments(_count_cap(n_sites))
     if kind is TaskKind.TRAIN:
         length = sum(math.prod(s.shape) for s in param_specs(spec.recipe))
-        bound = sa.weight_cap * sa.update_clip
+        top = site_weight(spec, sa.weight_cap)  # the largest weight a site can have: the ranges follow it
+        bound = top * sa.update_clip
         segments = [
             Segment(name="delta", low=-bound, high=bound, length=length),
-            Segment(name="weight", low=0, high=sa.weight_cap, kind=SegmentKind.INTEGER),
-            Segment(name="loss", low=0.0, high=sa.weight_cap * MAX_LOSS),
+            Segment(name="weight", low=0, high=top, kind=SegmentKind.INTEGER),
+            Segment(name="loss", low=0.0, high=top * MAX_LOSS),
             *segments,
         ]
     return VectorCodec(segments=tuple(segments), max_contributors=n_sites)
@@ -109,7 +126,7 @@ def encode_contribution(
     values = _metric_values(metrics)
     if delta is not None:
         sa: SecureAggregationSpec = spec.secure_aggregation  # type: ignore[assignment]
-        weight = min(metrics.num_samples, sa.weight_cap)
+        weight = site_weight(spec, metrics.num_samples)
         flat = np.clip(_flatten(delta, param_specs(spec.recipe)), -sa.update_clip, sa.update_clip)
         values |= {
             "delta": flat * weight,
