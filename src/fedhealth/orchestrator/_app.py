@@ -665,7 +665,7 @@ def create_app(
 
     @app.get("/api/v1/studies/{study_id}/report", tags=["operator"])
     async def get_study_report(svc: Svc, _: Reader, study_id: str) -> dict[str, Any]:
-        return build_report(svc.store, study_id)
+        return await anyio.to_thread.run_sync(build_report, svc.store, study_id)
 
     return app
 

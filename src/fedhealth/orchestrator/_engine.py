@@ -109,7 +109,8 @@ class RoundEngine:
                 if len(sites) < 2:
                     raise InputError(f"secure aggregation needs at least 2 {what} sites")
         for observer in self.observers:
-            observer.check_study(spec, owner)  # may refuse the study
+            # may refuse the study; in a thread, as checks can take seconds (noise calibration)
+            await anyio.to_thread.run_sync(observer.check_study, spec, owner)
         params = initial_model(spec.recipe, spec.seed)
         digest = self.blobs.put(encode_tensors(params))
         now = self.clock.now()
@@ -464,7 +465,11 @@ class RoundEngine:
 
     def _study_ended(self, study_id: str) -> None:
         self._notify("study_finished", self.store.get_study(study_id))
-        self._write_report(study_id)
+
+        async def report() -> None:  # off the event loop: the privacy section may run an accountant
+            await anyio.to_thread.run_sync(self._write_report, study_id)
+
+        self._spawn(report())
 
     def _write_report(self, study_id: str) -> None:
         if self.reports_dir is not None:

@@ -33,6 +33,7 @@ Conventions, measured against dp-accounting 0.6.0 and Opacus 1.x (see tests/priv
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -327,6 +328,13 @@ def epsilon(
         return 0.0
     if any(r.noise_multiplier == 0 for r in plan.releases):
         return math.inf
+    return _accounted(plan, delta, kind)
+
+
+@functools.lru_cache(maxsize=4096)
+def _accounted(plan: DpPlan, delta: float, kind: AccountantKind) -> float:
+    # A pure function of a merged (canonical) plan: sites and the orchestrator ask the same questions every
+    # round, and one accountant pass costs 0.1-1 s.
     if kind is AccountantKind.RDP:
         return _run(make_accountant(kind), plan, delta)
     bound = _run(make_accountant(AccountantKind.RDP, orders=_SCREEN_ORDERS), plan, delta)
