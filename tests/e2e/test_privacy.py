@@ -382,7 +382,9 @@ def test_dp_presets_through_the_services_equal_an_independent_in_process_loop(tm
         model, _ = decode_tensors(fed.model_bytes(study.study_id))
         info = privacy_info(fed, study.study_id)
     sigma = dp_noise_multiplier(preset)  # the services calibrated the spec's target_epsilon themselves
-    assert sigma == preset.noise_multiplier
+    # The recorded table agrees to floating-point noise: the PLD accountant's FFTs differ in the last digits
+    # between numpy builds, which is why the services and this loop both use the freshly calibrated value.
+    assert sigma == pytest.approx(preset.noise_multiplier, rel=1e-9)
     data = {c: open_dataset(uri, data_dir) for c, uri in uris.items()}
     params = logreg_init(preset.n_features, 4)
     for rnd in range(1, preset.rounds + 1):
