@@ -325,8 +325,10 @@ class GovernanceObserver(NullObserver):
     def round_finished(
         self, study: StudyRow, round_row: RoundRow, tasks: list[TaskRow], version: ModelVersion | None
     ) -> None:
+        # Provenance first (it writes to the orchestrator's database, which may hold the log too), then the
+        # round's audit entries in one commit: this runs between a round's close and the next one's tasks.
         if version is not None:
-            self._release(study, round_row, tasks, version)
+            self._record(self._provenance(study, round_row, tasks, version))
         if round_row.kind is TaskKind.EVALUATE:
             self._record_metrics(round_row, tasks)
         heads = {
@@ -334,16 +336,25 @@ class GovernanceObserver(NullObserver):
             for t in tasks
             if t.attestation is not None and t.attestation.audit_head is not None
         }
+        with self.log.batch():
+            if version is not None:
+                self._release(
+                    study,
+                    round_row,
+                    version,
+                    sites=sorted(t.site for t in tasks if t.status is TaskStatus.COMPLETED),
+                )
+            if heads:
+                model = version.digest if version is not None else round_row.model_in_digest
+                commit_round(
+                    self.log, study_id=study.id, round=round_row.number, model_digest=model, site_heads=heads
+                )
         if heads:
-            model = version.digest if version is not None else round_row.model_in_digest
-            commit_round(
-                self.log, study_id=study.id, round=round_row.number, model_digest=model, site_heads=heads
-            )
             self._refresh()
 
-    def _release(
+    def _provenance(
         self, study: StudyRow, round_row: RoundRow, tasks: list[TaskRow], version: ModelVersion
-    ) -> None:
+    ) -> ModelProvenance:
         completed = [t for t in tasks if t.status is TaskStatus.COMPLETED]
         fingerprints: dict[str, str] = {}
         snapshots: dict[str, str] = {}
@@ -357,22 +368,24 @@ class GovernanceObserver(NullObserver):
             snapshots[t.site] = snapshot or NO_SNAPSHOT
             if attestation is not None and attestation.privacy is not None:
                 epsilons[t.site] = attestation.privacy.study_epsilon
-        self._record(
-            ModelProvenance(
-                model_digest=version.digest,
-                parent_digest=version.parent_digest,
-                study_id=study.id,
-                round=round_row.number,
-                n_sites=len(fingerprints),
-                dataset_fingerprints=fingerprints,
-                consent_snapshots=snapshots,
-                spec_hash=spec_hash(study.spec.model_dump(mode="json")),
-                software_version=fedhealth.__version__,
-                dp_params=_dp_params(study.spec),
-                epsilon_spent=epsilons,
-                created_at=version.created_at,
-            )
+        return ModelProvenance(
+            model_digest=version.digest,
+            parent_digest=version.parent_digest,
+            study_id=study.id,
+            round=round_row.number,
+            n_sites=len(fingerprints),
+            dataset_fingerprints=fingerprints,
+            consent_snapshots=snapshots,
+            spec_hash=spec_hash(study.spec.model_dump(mode="json")),
+            software_version=fedhealth.__version__,
+            dp_params=_dp_params(study.spec),
+            epsilon_spent=epsilons,
+            created_at=version.created_at,
         )
+
+    def _release(
+        self, study: StudyRow, round_row: RoundRow, version: ModelVersion, *, sites: list[str]
+    ) -> None:
         self.log.append(
             AuditEventType.MODEL_RELEASED,
             {
@@ -380,7 +393,7 @@ class GovernanceObserver(NullObserver):
                 "parent_digest": version.parent_digest,
                 "study_id": study.id,
                 "round": round_row.number,
-                "sites": sorted(fingerprints),
+                "sites": sites,
             },
         )
 
