@@ -1,4 +1,4 @@
-"""The package map of DESIGN.md holds: lower layers never import higher ones; the security core stays light."""
+"""The package map of DESIGN.md holds: lower layers never import higher ones; the security core is light."""
 
 import subprocess
 import sys

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import numpy as np
 import pytest
 
 from fedhealth.core import decode_tensors, encode_tensors
-from fedhealth.protocol import ResultManifest, SiteMetrics, StudyStatus, TaskKind, TaskStatus
+from fedhealth.protocol import (
+    RecipeSpec,
+    ResultManifest,
+    SiteMetrics,
+    StudySpec,
+    StudyStatus,
+    TaskKind,
+    TaskStatus,
+)
 from fedhealth.runtime import encode_update, run_study_in_memory
 from fedhealth.sim import LocalFederation
 from support import BREAST_SITES, RogueSite, breast_datasets, breast_spec
@@ -22,7 +33,7 @@ def fed(tmp_path_factory):
         for site in GOOD:
             fed.add_site(site)
             fed.start_agent(site, {"breast-cancer": BREAST_SITES[site]})
-        for rogue in ("rogue-1", "rogue-2", "rogue-3"):
+        for rogue in ("rogue-1", "rogue-2", "rogue-3", "rogue-4"):
             fed.add_site(rogue)
         yield fed
 
@@ -102,6 +113,30 @@ def test_non_finite_misshaped_or_mistyped_updates_get_422_and_the_round_complete
     )
     model, _ = decode_tensors(fed.model_bytes(study.study_id))
     np.testing.assert_array_equal(model["weight"], reference.params["weight"])
+
+
+def test_a_small_model_travels_inside_its_task_and_a_large_one_is_downloaded(fed):
+    rogue = RogueSite(fed, "rogue-4")
+    try:
+        for params, inline in ((1_000, True), (100_000, False)):
+            spec = StudySpec(
+                name=f"inline-{params}",
+                dataset="none",
+                recipe=RecipeSpec(name="synthetic", n_params=params),
+                rounds=1,
+                train_sites=["rogue-4"],
+            )
+            study = fed.create_study(spec)
+            task = rogue.poll()
+            downloaded = rogue.get(f"/api/v1/agent/models/{task.model_digest}").content
+            assert hashlib.sha256(downloaded).hexdigest() == task.model_digest
+            if inline:
+                assert base64.b64decode(task.model_inline) == downloaded
+            else:
+                assert task.model_inline is None  # 400 kB: over the inline limit
+            fed.operator.cancel_study(study.study_id)
+    finally:
+        rogue.close()
 
 
 def test_a_retried_upload_is_stored_once_and_a_different_second_upload_is_refused(fed):

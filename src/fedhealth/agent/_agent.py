@@ -7,6 +7,8 @@ on without it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib
 import json
 import logging
@@ -34,6 +36,7 @@ from fedhealth.core import (
     InputError,
     ServiceUnavailableError,
     decode_tensors,
+    sha256_hex,
 )
 from fedhealth.crypto import IdentityKey
 from fedhealth.data import TabularDataset, open_dataset
@@ -134,7 +137,18 @@ class SiteAgent:
     def _model(self, task: Task) -> dict[str, np.ndarray]:
         cached = self._models.get(task.model_digest)
         if cached is None:
-            blob = self.client.get_model(task.model_digest, max_elapsed_s=self._time_left(task))
+            if task.model_inline is not None:
+                try:
+                    blob = base64.b64decode(task.model_inline, validate=True)
+                except binascii.Error as exc:
+                    raise InputError(f"the task's inline model is not base64: {exc}") from exc
+            else:
+                blob = self.client.get_model(task.model_digest, max_elapsed_s=self._time_left(task))
+            if sha256_hex(blob) != task.model_digest:
+                # content addressing is the site's check that it trains the model the round names
+                raise InputError(
+                    f"the global model received does not match its digest {task.model_digest[:16]}..."
+                )
             cached, _ = decode_tensors(blob, param_specs(task.recipe))
             self._models[task.model_digest] = cached
             while len(self._models) > 4:

@@ -8,6 +8,7 @@ oversized ones 413, unknown objects 404, state conflicts 409; a 500 means a bug.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -82,6 +83,8 @@ from fedhealth.runtime import decode_update, param_specs
 
 log = logging.getLogger("fedhealth.orchestrator")
 SAFETENSORS = "application/octet-stream"
+# Models up to this size travel inside their task (base64 in the JSON); larger ones are downloaded.
+INLINE_MODEL_MAX_BYTES = 64 << 10
 
 
 @dataclass(kw_only=True)
@@ -353,6 +356,7 @@ def create_app(
 
     def _task_message(svc: Services, task: TaskRow, r: RoundRow) -> Task:
         spec = svc.store.spec(task.study_id)
+        small = svc.blobs.get_if_small(r.model_in_digest, INLINE_MODEL_MAX_BYTES)
         return Task(
             task_id=task.id,
             study_id=task.study_id,
@@ -361,6 +365,8 @@ def create_app(
             dataset=spec.dataset,
             recipe=spec.recipe,
             model_digest=r.model_in_digest,
+            # a small model travels with its task: one request less per site and round
+            model_inline=base64.b64encode(small).decode("ascii") if small is not None else None,
             seed=spec.seed,
             deadline=r.deadline_at,
             spec=spec,

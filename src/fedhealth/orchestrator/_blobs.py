@@ -70,6 +70,18 @@ class BlobStore:
         self._remember(digest, data)
         return data
 
+    def get_if_small(self, digest: str, limit: int) -> bytes | None:
+        """The blob if it is at most ``limit`` bytes, else None (without reading a large one)."""
+        with self._lock:
+            cached = self._cache.get(digest)
+        if cached is not None:
+            return cached if len(cached) <= limit else None
+        try:
+            size = self._path(digest).stat().st_size
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"blob {digest} is not in the store") from exc
+        return self.get(digest) if size <= limit else None
+
     def exists(self, digest: str) -> bool:
         return self._path(digest).exists()
 

@@ -322,6 +322,13 @@ class Task(Message):
     dataset: str
     recipe: RecipeSpec
     model_digest: str = Field(description="sha256 of the global model's safetensors blob")
+    model_inline: str | None = Field(
+        default=None,
+        description=(
+            "the model blob itself, base64, when it is small, saving the site a download; "
+            "its sha256 must equal model_digest"
+        ),
+    )
     seed: int
     deadline: datetime
     spec: StudySpec

@@ -218,9 +218,9 @@ def check_privacy(spec: StudySpec) -> None:
             raise InputError("privacy: site_sample_rates apply to record-level DP only")
         if privacy.mode is DpMode.SITE_DISTRIBUTED and spec.secure_aggregation is None:
             raise InputError(
-                    "privacy: site-distributed noise protects only the sum; without secure aggregation the "
-                    "orchestrator would see each site's update with a fraction of the noise"
-                )
+                "privacy: site-distributed noise protects only the sum; without secure aggregation the "
+                "orchestrator would see each site's update with a fraction of the noise"
+            )
 
     try:
         for site in spec.train_sites if privacy.mode is DpMode.RECORD else spec.train_sites[:1]:
