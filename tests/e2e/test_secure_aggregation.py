@@ -48,7 +48,7 @@ def _spec(name):
 
 
 def _wait_for_log(fed, site, text, timeout=60.0):
-    log = fed.logs / f"agent-{site}.log"
+    log = fed.logs / ("orchestrator.log" if site == "orchestrator" else f"agent-{site}.log")
     deadline = time.monotonic() + timeout
     while text not in log.read_text():
         assert time.monotonic() < deadline, f"{site} never logged {text!r}"
@@ -134,7 +134,8 @@ def test_a_site_killed_at_each_stage_is_left_out_and_the_round_completes_with_th
 
             def kill_in_round_two():
                 tid = _task_id(fed, study.study_id, 2, VICTIM)
-                _wait_for_log(fed, VICTIM, f"task {tid}: sent {previous}")
+                # the orchestrator has the victim's message (the victim waits for the stage to close)
+                _wait_for_log(fed, "orchestrator", f"task {tid}: {previous} message received")
                 fed.stop_agent(VICTIM, sig=signal.SIGKILL)  # it has sent `previous`, never `stage`
 
             # the rogue holds the previous stage open until the victim has answered it and is dead
@@ -160,6 +161,36 @@ def test_a_site_killed_at_each_stage_is_left_out_and_the_round_completes_with_th
     model, _ = decode_tensors(fed.model_bytes(study.study_id))
     np.testing.assert_allclose(model["weight"], expected["weight"], atol=1e-4)
     np.testing.assert_allclose(model["bias"], expected["bias"], atol=1e-4)
+
+
+def test_a_message_sent_with_wait_is_answered_by_the_next_one_and_a_resent_one_changes_nothing(fed):
+    _revive_victim(fed)
+    study = fed.create_study(_spec("send-and-wait"))
+    rogue = SecureRogue(fed, ROGUE, BREAST_SITES[ROGUE])
+    try:
+        rogue.join()
+        assert rogue.task is not None
+        assert rogue.protocol is not None
+        path = f"/api/v1/agent/tasks/{rogue.task.task_id}/secagg/advertise_keys"
+        headers = {"Content-Type": "application/octet-stream"}
+        body = rogue.protocol.advertise_keys().to_bytes()
+        answered = rogue.site.post(path, content=body, headers=headers, params={"wait": 30})
+        assert answered.status_code == 200, answered.text
+        assert answered.headers["content-type"] == "application/octet-stream"
+        assert answered.content == rogue.site.get(path, params={"wait": 1}).content  # what GET gives
+        # a retry of a message whose stage has closed (its response was lost) is harmless
+        again = rogue.site.post(path, content=body, headers=headers, params={"wait": 1})
+        assert again.status_code == 200, again.text
+        assert again.content == answered.content
+        for stage in SECURE_STAGES[1:]:
+            rogue.step(stage)
+        _run_rogue_round(rogue)  # round 2
+        _run_rogue_round(rogue)  # the evaluation round
+        final = fed.wait_for_study(study.study_id, timeout=120)
+    finally:
+        rogue.close()
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    assert all(t.status is TaskStatus.COMPLETED for r in final.rounds for t in r.tasks)
 
 
 def test_below_threshold_the_round_fails_cleanly_and_reveals_nothing(fed):

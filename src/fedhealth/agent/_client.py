@@ -244,21 +244,38 @@ class OrchestratorClient:
         return Ack.model_validate_json(response.content)
 
     def secagg_send(
-        self, task_id: str, stage: str, body: bytes, *, max_elapsed_s: float | None = None
-    ) -> None:
+        self,
+        task_id: str,
+        stage: str,
+        body: bytes,
+        *,
+        wait: float = 0.0,
+        max_elapsed_s: float | None = None,
+    ) -> bytes | None:
+        """Send this site's message for ``stage``. With ``wait`` > 0, also wait up to that long for the
+        server's message after the stage closes and return it (None: not yet; ask :meth:`secagg_receive`)."""
+        waiting: dict[str, Any] = {}
+        if wait > 0:
+            waiting = {"params": {"wait": wait}, "timeout": httpx.Timeout(wait + 15, connect=5.0)}
         try:
-            self._call(
+            response = self._call(
                 f"sending the {stage} message",
                 "POST",
                 f"/api/v1/agent/tasks/{task_id}/secagg/{stage}",
                 content=body,
                 headers={"Content-Type": "application/octet-stream"},
                 max_elapsed_s=max_elapsed_s,
+                **waiting,
             )
         except OrchestratorRefused as exc:
             if exc.status == 410:
                 raise SecureRoundGone(str(exc.detail or exc.error)) from exc
             raise
+        if wait <= 0 or response.status_code == 204:
+            return None
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return None  # an orchestrator that does not answer with the next message
+        return response.content
 
     def secagg_receive(
         self, task_id: str, stage: str, *, wait: float, max_elapsed_s: float | None = None

@@ -92,6 +92,14 @@ def run_secure_exchange(
         client.secagg_send(task.task_id, stage, body, max_elapsed_s=left())
         log.info("task %s: sent %s", task.task_id, stage)
 
+    def exchange(stage: str, body: bytes) -> bytes:
+        """Send the stage's message and get the server's answer, in one request when it comes in time."""
+        data = client.secagg_send(
+            task.task_id, stage, body, wait=min(poll_wait_s, left()), max_elapsed_s=left()
+        )
+        log.info("task %s: sent %s", task.task_id, stage)
+        return data if data is not None else answer_to(stage)
+
     def answer_to(stage: str) -> bytes:
         while True:
             data = client.secagg_receive(
@@ -103,11 +111,10 @@ def run_secure_exchange(
                 raise SecureRoundGone(f"the round deadline passed while waiting after the {stage} stage")
 
     started = time.perf_counter()
-    send("advertise_keys", protocol.advertise_keys().to_bytes())
-    directory = KeyDirectory.from_bytes(answer_to("advertise_keys"))
-    send("share_keys", protocol.share_keys(directory).to_bytes())
-    bundle = ShareBundle.from_bytes(answer_to("share_keys"))
-    send("masked_input", protocol.masked_input(bundle, vector).to_bytes())
-    request = UnmaskRequest.from_bytes(answer_to("masked_input"))
+    directory = KeyDirectory.from_bytes(exchange("advertise_keys", protocol.advertise_keys().to_bytes()))
+    bundle = ShareBundle.from_bytes(exchange("share_keys", protocol.share_keys(directory).to_bytes()))
+    request = UnmaskRequest.from_bytes(
+        exchange("masked_input", protocol.masked_input(bundle, vector).to_bytes())
+    )
     send("unmask", protocol.unmask(request).to_bytes())
     log.info("task %s: secure round done in %.2f s", task.task_id, time.perf_counter() - started)

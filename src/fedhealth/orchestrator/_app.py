@@ -80,6 +80,7 @@ from fedhealth.protocol import (
     UserInfo,
 )
 from fedhealth.runtime import decode_update, param_specs
+from fedhealth.secagg import Stage
 
 log = logging.getLogger("fedhealth.orchestrator")
 SAFETENSORS = "application/octet-stream"
@@ -520,18 +521,34 @@ def create_app(
             }
         },
     )
-    async def secagg_send(svc: Svc, site: Site, task_id: str, stage: str, request: Request) -> Ack:
+    async def secagg_send(
+        svc: Svc,
+        site: Site,
+        task_id: str,
+        stage: str,
+        request: Request,
+        wait: Annotated[float, Query(ge=0, le=60)] = 0.0,
+    ) -> Ack | Response:
         """Send this site's SecAgg+ message for ``stage`` (advertise_keys, share_keys, masked_input, unmask).
 
-        410 means this site has no further part in the round (it was counted out, or the round ended).
+        With ``wait`` > 0 (not for unmask) the answer is the server's message to this site after the stage
+        closes, as ``GET`` of the same path would give it (204: not within ``wait`` seconds; the message sent
+        is kept): one request per stage instead of two. 410 means this site has no further part in the
+        round (it was counted out, or the round ended).
         """
         body = await read_body(request)
         _, driver = _secure_task(svc, site, task_id)
         try:
             driver.receive(site, stage, body)
+            log.info("task %s: %s message received from %s", task_id, stage, site)
+            if wait <= 0 or stage == Stage.UNMASK.value:
+                return Ack()
+            data = await driver.next_message(site, stage, min(wait, svc.settings.max_wait_s))
         except SecureRoundGone as exc:
             raise ApiError(410, "no longer part of this secure round", str(exc)) from exc
-        return Ack()
+        if data is None:
+            return Response(status_code=204)
+        return Response(data, media_type=SAFETENSORS)
 
     @app.get("/api/v1/agent/tasks/{task_id}/secagg/{stage}", tags=["agent"], response_class=Response)
     async def secagg_receive(

@@ -42,6 +42,7 @@ from fedhealth.secagg import (
 log = logging.getLogger("fedhealth.orchestrator")
 
 STAGES = {s.value: s for s in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)}
+_ORDER = {s: i for i, s in enumerate(STAGES.values())}
 
 
 class SecureRoundGone(FedHealthError):
@@ -99,6 +100,10 @@ class SecureRoundDriver:
         if stage is not self.server.stage:
             if site in self.dropped_at:
                 raise SecureRoundGone(f"this site dropped out at the {self.dropped_at[site].value} stage")
+            if _ORDER[stage] < _ORDER.get(self.server.stage, len(_ORDER)):
+                # A stage this site answered (it would be counted out otherwise) closed since: a re-sent
+                # message (a retry after a lost response) changes nothing.
+                return
             raise ConflictError(f"the round is at the {self.server.stage.value} stage, not {stage_name}")
         try:
             message = decode_message(body)
