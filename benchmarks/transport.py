@@ -6,7 +6,7 @@ which includes task delivery, download, upload, validation, aggregation and open
 two variants being compared run in alternation (A B A B ..., ``--repeats`` studies each) for each
 configuration; the ratio is taken pair by pair, so it holds when the shared machine's speed drifts.
 
-Run:  python benchmarks/transport.py [--rounds 20] [--repeats 3] [--markdown]
+Run:  python benchmarks/transport.py [--rounds 20] [--repeats 3] [--secure-only] [--markdown]
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument(
         "--markdown", action="store_true", help="print Markdown tables for docs/benchmarks.md"
     )
+    parser.add_argument(
+        "--secure-only", action="store_true", help="only the secure vs plain comparison (10 sites x 1e5)"
+    )
     args = parser.parse_args()
     started = time.monotonic()
 
@@ -66,7 +69,7 @@ def main() -> None:
         )
 
     rows = []
-    for sites in (3, 10):
+    for sites in () if args.secure_only else (3, 10):
         for params in (1_000, 100_000, 1_000_000):
             plain, tls = _pairs(
                 args.repeats, median_round(sites, params, tls=False), median_round(sites, params, tls=True)
@@ -110,8 +113,9 @@ def main() -> None:
             f"{args.rounds} timed rounds per study, {args.repeats} studies per variant in alternation, "
             f"{time.monotonic() - started:.0f} s in all._\n"
         )
-        print("| sites | params | plain HTTP median | HTTPS + tokens median | ratio (median, range) |")
-        print("|---|---|---|---|---|")
+        if rows:
+            print("| sites | params | plain HTTP median | HTTPS + tokens median | ratio (median, range) |")
+            print("|---|---|---|---|---|")
         for r in rows:
             http, https = r["http_s"] * 1000, r["https_s"] * 1000
             print(

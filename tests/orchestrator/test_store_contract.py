@@ -99,6 +99,27 @@ def test_next_task_is_delivered_and_closes_exactly_once(store):
     assert store.next_task("b") is None
 
 
+def test_closing_several_tasks_at_once_closes_each_open_one_exactly_once(store):
+    _, first = _study(store)
+    a, b, c = store.tasks_of_round(first.id)
+    store.close_task(c.id, TaskStatus.FAILED, "site said no", T0)  # already closed: left as it is
+    outcomes = {
+        a.id: (TaskStatus.COMPLETED, None),
+        b.id: (TaskStatus.TIMED_OUT, "dropped out of secure aggregation at the share_keys stage"),
+        c.id: (TaskStatus.COMPLETED, None),
+    }
+    assert store.close_tasks(outcomes, T0) == [a.id, b.id]
+    assert store.close_tasks(outcomes, T0) == []
+    by_id = {t.id: t for t in store.tasks_of_round(first.id)}
+    assert by_id[a.id].status is TaskStatus.COMPLETED
+    assert by_id[a.id].result_digest is None
+    assert by_id[b.id].status is TaskStatus.TIMED_OUT
+    assert by_id[b.id].reason == "dropped out of secure aggregation at the share_keys stage"
+    assert by_id[c.id].status is TaskStatus.FAILED
+    assert by_id[c.id].reason == "site said no"
+    assert store.count_open_tasks(first.id) == 0
+
+
 def test_finishing_a_round_times_out_open_tasks_records_the_version_and_opens_the_next(store):
     study, first = _study(store)
     a, b, _ = store.tasks_of_round(first.id)

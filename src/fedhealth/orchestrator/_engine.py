@@ -224,20 +224,21 @@ class RoundEngine:
     def _close_secure_tasks(self, round_id: str, contributors: Sequence[str]) -> None:
         """Contributors' tasks complete (without any per-site figure); the others are named as dropped."""
         driver = self.secure.get(round_id)
-        now = self.clock.now()
+        outcomes: dict[str, tuple[TaskStatus, str | None]] = {}
         for t in self.store.tasks_of_round(round_id):
             if not t.is_open:
                 continue
             if t.site in contributors:
-                closed = self.store.complete_task(t.id, digest=None, num_samples=None, metrics=None, when=now)
+                outcomes[t.id] = (TaskStatus.COMPLETED, None)
             else:
                 stage = driver.dropped_at.get(t.site) if driver is not None else None
                 where = f"at the {stage.value} stage" if stage is not None else "before the round ended"
-                closed = self.store.close_task(
-                    t.id, TaskStatus.TIMED_OUT, f"dropped out of secure aggregation {where}", now
-                )
-            if closed:
-                self._notify("task_closed", self.store.get_task(t.id))
+                outcomes[t.id] = (TaskStatus.TIMED_OUT, f"dropped out of secure aggregation {where}")
+        # Every task of the round closes at once, on the path to the next round: one transaction, and one
+        # notification that observers may write in one go.
+        closed = set(self.store.close_tasks(outcomes, self.clock.now()))
+        if closed:
+            self._notify("tasks_closed", [t for t in self.store.tasks_of_round(round_id) if t.id in closed])
 
     async def _finish_secure_round(self, study: StudyRow, r: RoundRow) -> None:
         spec = study.spec

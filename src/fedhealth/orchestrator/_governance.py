@@ -322,6 +322,11 @@ class GovernanceObserver(NullObserver):
             # what the site's ledger attested with this task (the site's own log holds its charge)
             self.log.append(AuditEventType.BUDGET_SPENT, {**base, **privacy.model_dump(mode="json")})
 
+    def tasks_closed(self, tasks: list[TaskRow]) -> None:
+        with self.log.batch():  # one commit for the lot
+            for task in tasks:
+                self.task_closed(task)
+
     def round_finished(
         self, study: StudyRow, round_row: RoundRow, tasks: list[TaskRow], version: ModelVersion | None
     ) -> None:

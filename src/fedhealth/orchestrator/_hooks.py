@@ -23,6 +23,9 @@ class StudyObserver(Protocol):
     def task_closed(self, task: TaskRow) -> None:
         """A task got its result, failed, was rejected or timed out (its row is final)."""
 
+    def tasks_closed(self, tasks: list[TaskRow]) -> None:
+        """Several tasks closed at once (a secure round's end): as ``task_closed`` for each."""
+
     def round_finished(
         self, study: StudyRow, round_row: RoundRow, tasks: list[TaskRow], version: ModelVersion | None
     ) -> None:
@@ -45,6 +48,10 @@ class NullObserver:
 
     def task_closed(self, task: TaskRow) -> None:
         return None
+
+    def tasks_closed(self, tasks: list[TaskRow]) -> None:
+        for task in tasks:
+            self.task_closed(task)
 
     def round_finished(
         self, study: StudyRow, round_row: RoundRow, tasks: list[TaskRow], version: ModelVersion | None

@@ -8,7 +8,7 @@ state or the new one, never half of each.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -708,6 +708,25 @@ class Store:
                 .where(tasks.c.id == task_id)
                 .values(attestation_json=attestation.model_dump_json())
             )
+
+    def close_tasks(self, outcomes: Mapping[str, tuple[TaskStatus, str | None]], when: datetime) -> list[str]:
+        """Close several open tasks in one transaction: task id -> (COMPLETED, or the status to close it
+        with, and the reason); a completed task keeps its stored attestation and carries no result. Returns
+        the ids of the tasks this closed (those already closed are left as they are)."""
+        closed: list[str] = []
+        with self.engine.begin() as c:
+            for task_id, (status, reason) in outcomes.items():
+                values: dict[str, Any] = {"status": status.value, "ended_at": when}
+                if status is not TaskStatus.COMPLETED:
+                    values["reason"] = (reason or "")[:2000]
+                done = c.execute(
+                    update(tasks)
+                    .where(and_(tasks.c.id == task_id, tasks.c.status.in_(OPEN_TASK_STATES)))
+                    .values(**values)
+                ).rowcount
+                if done:
+                    closed.append(task_id)
+        return closed
 
     def close_task(
         self,
