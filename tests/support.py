@@ -140,6 +140,7 @@ class ChokeProxy:
         self.choked = threading.Event()
         self._closed = False
         self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def url(self, scheme: str = "https") -> str:
@@ -151,8 +152,17 @@ class ChokeProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self._target)
-            self._sockets += [client, upstream]
+            try:
+                upstream = socket.create_connection(self._target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._closed:  # accepted while the proxy was closing: nothing may outlive close()
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
@@ -177,9 +187,11 @@ class ChokeProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        self._closed = True
-        self._listener.close()
-        for s in self._sockets:
+        with self._lock:
+            self._closed = True
+            self._listener.close()
+            sockets = list(self._sockets)
+        for s in sockets:
             with contextlib.suppress(OSError):
                 s.close()
 
