@@ -3,6 +3,7 @@ below threshold, and heart disease with secure aggregation against plain FedAvg.
 
 from __future__ import annotations
 
+import base64
 import signal
 import time
 
@@ -11,7 +12,16 @@ import pytest
 
 from fedhealth.core import decode_tensors
 from fedhealth.learning import HEART_DISEASE_PRESETS
-from fedhealth.protocol import RoundStatus, SecureAggregationSpec, StudyStatus, Task, TaskKind, TaskStatus
+from fedhealth.protocol import (
+    ATTESTATION_HEADER,
+    RoundStatus,
+    SecureAggregationSpec,
+    SiteAttestation,
+    StudyStatus,
+    Task,
+    TaskKind,
+    TaskStatus,
+)
 from fedhealth.runtime import aggregate, initial_model, preset_study, run_study_in_memory, train_on_site
 from fedhealth.sim import LocalFederation
 from support import BREAST_SITES, SECURE_STAGES, SecureRogue, breast_datasets, breast_spec, heart_data_dir
@@ -174,7 +184,15 @@ def test_a_message_sent_with_wait_is_answered_by_the_next_one_and_a_resent_one_c
         path = f"/api/v1/agent/tasks/{rogue.task.task_id}/secagg/advertise_keys"
         headers = {"Content-Type": "application/octet-stream"}
         body = rogue.protocol.advertise_keys().to_bytes()
-        answered = rogue.site.post(path, content=body, headers=headers, params={"wait": 30})
+        bad = rogue.site.post(path, content=body, headers={**headers, ATTESTATION_HEADER: "not json"})
+        assert bad.status_code == 422, bad.text
+        assert ATTESTATION_HEADER in bad.json()["error"]
+        # the site's attestation rides on its first message
+        attestation = SiteAttestation(dataset_fingerprint="ab" * 32)
+        attested = base64.b64encode(attestation.model_dump_json().encode()).decode()
+        answered = rogue.site.post(
+            path, content=body, headers={**headers, ATTESTATION_HEADER: attested}, params={"wait": 30}
+        )
         assert answered.status_code == 200, answered.text
         assert answered.headers["content-type"] == "application/octet-stream"
         assert answered.content == rogue.site.get(path, params={"wait": 1}).content  # what GET gives
@@ -191,6 +209,12 @@ def test_a_message_sent_with_wait_is_answered_by_the_next_one_and_a_resent_one_c
         rogue.close()
     assert final.status is StudyStatus.COMPLETED, final.reason
     assert all(t.status is TaskStatus.COMPLETED for r in final.rounds for t in r.tasks)
+    # stored with the task when the round closed: round 1's model lists the fingerprint the rogue attested
+    first_model = final.rounds[0].model_digest
+    provenance = fed.operator.request("GET", f"/api/v1/governance/models/{first_model}/provenance").json()
+    fingerprints = provenance["lineage"][0]["dataset_fingerprints"]
+    assert fingerprints[ROGUE] == "ab" * 32
+    assert all(fingerprints[s] not in ("ab" * 32, "unattested") for s in ALL if s != ROGUE)
 
 
 def test_below_threshold_the_round_fails_cleanly_and_reveals_nothing(fed):

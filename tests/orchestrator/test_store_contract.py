@@ -8,7 +8,7 @@ import pytest
 
 from fedhealth.core import ConflictError, NotFoundError
 from fedhealth.orchestrator import ModelVersion, NewRound, Store, make_engine, sqlite_url, upgrade_database
-from fedhealth.protocol import RoundStatus, SiteMetrics, StudyStatus, TaskKind, TaskStatus
+from fedhealth.protocol import RoundStatus, SiteAttestation, SiteMetrics, StudyStatus, TaskKind, TaskStatus
 from support import breast_spec, postgres_schema
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -103,16 +103,19 @@ def test_closing_several_tasks_at_once_closes_each_open_one_exactly_once(store):
     _, first = _study(store)
     a, b, c = store.tasks_of_round(first.id)
     store.close_task(c.id, TaskStatus.FAILED, "site said no", T0)  # already closed: left as it is
+    attested = SiteAttestation(dataset_fingerprint="f" * 64)
     outcomes = {
-        a.id: (TaskStatus.COMPLETED, None),
-        b.id: (TaskStatus.TIMED_OUT, "dropped out of secure aggregation at the share_keys stage"),
-        c.id: (TaskStatus.COMPLETED, None),
+        a.id: (TaskStatus.COMPLETED, None, attested),
+        b.id: (TaskStatus.TIMED_OUT, "dropped out of secure aggregation at the share_keys stage", None),
+        c.id: (TaskStatus.COMPLETED, None, attested),
     }
     assert store.close_tasks(outcomes, T0) == [a.id, b.id]
     assert store.close_tasks(outcomes, T0) == []
     by_id = {t.id: t for t in store.tasks_of_round(first.id)}
     assert by_id[a.id].status is TaskStatus.COMPLETED
     assert by_id[a.id].result_digest is None
+    assert by_id[a.id].attestation == attested
+    assert by_id[b.id].attestation is None
     assert by_id[b.id].status is TaskStatus.TIMED_OUT
     assert by_id[b.id].reason == "dropped out of secure aggregation at the share_keys stage"
     assert by_id[c.id].status is TaskStatus.FAILED

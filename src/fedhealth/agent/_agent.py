@@ -183,12 +183,7 @@ class SiteAgent:
             self._attest(ctx)
             self._record_locally(task, metrics)
             if task.secure_round is not None:
-                # Metrics travel only inside the secure sum; the manifest carries the attestation alone.
-                self.client.send_manifest(
-                    task.task_id,
-                    ResultManifest(task_id=task.task_id, metrics=None, attestation=ctx.site_attestation()),
-                    max_elapsed_s=self._time_left(task),
-                )
+                # Metrics travel only inside the secure sum; the attestation rides on the first message.
                 n_sites = len(task.secure_round.peer_keys)
                 codec = secure_codec(task.spec, task.kind, n_sites)
                 vector = encode_contribution(codec, task.spec, metrics, delta)
@@ -200,6 +195,7 @@ class SiteAgent:
                     pins=self._pins,
                     guard=self._key_guard,
                     vector=vector,
+                    attestation=ctx.site_attestation(),
                     poll_wait_s=self.settings.poll_wait_s,
                 )
             elif delta is not None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import random
 import ssl
@@ -24,9 +25,11 @@ import httpx
 from fedhealth.core import FedHealthError, ServiceUnavailableError, canonical_json
 from fedhealth.crypto import IdentityKey, pinned_tls_context
 from fedhealth.protocol import (
+    ATTESTATION_HEADER,
     Ack,
     ChallengeResponse,
     ResultManifest,
+    SiteAttestation,
     Task,
     TaskFailure,
     TaskPoll,
@@ -250,20 +253,25 @@ class OrchestratorClient:
         body: bytes,
         *,
         wait: float = 0.0,
+        attestation: SiteAttestation | None = None,
         max_elapsed_s: float | None = None,
     ) -> bytes | None:
-        """Send this site's message for ``stage``. With ``wait`` > 0, also wait up to that long for the
-        server's message after the stage closes and return it (None: not yet; ask :meth:`secagg_receive`)."""
+        """Send this site's message for ``stage`` (with the task's ``attestation``, if given). With ``wait``
+        > 0, also wait up to that long for the server's message after the stage closes and return it (None:
+        not yet; ask :meth:`secagg_receive`)."""
         waiting: dict[str, Any] = {}
         if wait > 0:
             waiting = {"params": {"wait": wait}, "timeout": httpx.Timeout(wait + 15, connect=5.0)}
+        headers = {"Content-Type": "application/octet-stream"}
+        if attestation is not None:
+            headers[ATTESTATION_HEADER] = base64.b64encode(attestation.model_dump_json().encode()).decode()
         try:
             response = self._call(
                 f"sending the {stage} message",
                 "POST",
                 f"/api/v1/agent/tasks/{task_id}/secagg/{stage}",
                 content=body,
-                headers={"Content-Type": "application/octet-stream"},
+                headers=headers,
                 max_elapsed_s=max_elapsed_s,
                 **waiting,
             )

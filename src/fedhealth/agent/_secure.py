@@ -24,7 +24,7 @@ from fedhealth.agent._client import OrchestratorClient, SecureRoundGone
 from fedhealth.agent._pipeline import TaskRefused
 from fedhealth.core import sha256_hex
 from fedhealth.crypto import IdentityKey, PublicIdentity
-from fedhealth.protocol import SecureRoundInfo, Task
+from fedhealth.protocol import SecureRoundInfo, SiteAttestation, Task
 from fedhealth.secagg import (
     KeyDirectory,
     KeyReuseGuard,
@@ -75,9 +75,11 @@ def run_secure_exchange(
     pins: PeerPins,
     guard: KeyReuseGuard,
     vector: np.ndarray,
+    attestation: SiteAttestation | None = None,
     poll_wait_s: float = 25.0,
 ) -> None:
-    """Take part in the task's secure round with ``vector`` (already quantized by the round's codec)."""
+    """Take part in the task's secure round with ``vector`` (already quantized by the round's codec);
+    ``attestation`` travels with the first message (no per-site figure: metrics are inside the sum)."""
     info: SecureRoundInfo | None = task.secure_round
     assert info is not None
     pins.check(info.peer_keys)
@@ -92,10 +94,15 @@ def run_secure_exchange(
         client.secagg_send(task.task_id, stage, body, max_elapsed_s=left())
         log.info("task %s: sent %s", task.task_id, stage)
 
-    def exchange(stage: str, body: bytes) -> bytes:
+    def exchange(stage: str, body: bytes, attestation: SiteAttestation | None = None) -> bytes:
         """Send the stage's message and get the server's answer, in one request when it comes in time."""
         data = client.secagg_send(
-            task.task_id, stage, body, wait=min(poll_wait_s, left()), max_elapsed_s=left()
+            task.task_id,
+            stage,
+            body,
+            wait=min(poll_wait_s, left()),
+            attestation=attestation,
+            max_elapsed_s=left(),
         )
         log.info("task %s: sent %s", task.task_id, stage)
         return data if data is not None else answer_to(stage)
@@ -111,7 +118,9 @@ def run_secure_exchange(
                 raise SecureRoundGone(f"the round deadline passed while waiting after the {stage} stage")
 
     started = time.perf_counter()
-    directory = KeyDirectory.from_bytes(exchange("advertise_keys", protocol.advertise_keys().to_bytes()))
+    directory = KeyDirectory.from_bytes(
+        exchange("advertise_keys", protocol.advertise_keys().to_bytes(), attestation)
+    )
     bundle = ShareBundle.from_bytes(exchange("share_keys", protocol.share_keys(directory).to_bytes()))
     request = UnmaskRequest.from_bytes(
         exchange("masked_input", protocol.masked_input(bundle, vector).to_bytes())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -54,6 +55,7 @@ from fedhealth.orchestrator._report import build_report, study_info
 from fedhealth.orchestrator._secure import SecureRoundDriver, SecureRoundGone
 from fedhealth.orchestrator._store import RoundRow, SiteRow, SiteStatus, Store, TaskRow
 from fedhealth.protocol import (
+    ATTESTATION_HEADER,
     Ack,
     AgentTokenRequest,
     ChallengeRequest,
@@ -63,6 +65,7 @@ from fedhealth.protocol import (
     OperatorTokenRequest,
     ResultManifest,
     Role,
+    SiteAttestation,
     SiteCreate,
     SiteCreated,
     SiteInfo,
@@ -531,15 +534,20 @@ def create_app(
     ) -> Ack | Response:
         """Send this site's SecAgg+ message for ``stage`` (advertise_keys, share_keys, masked_input, unmask).
 
-        With ``wait`` > 0 (not for unmask) the answer is the server's message to this site after the stage
-        closes, as ``GET`` of the same path would give it (204: not within ``wait`` seconds; the message sent
-        is kept): one request per stage instead of two. 410 means this site has no further part in the
-        round (it was counted out, or the round ended).
+        The site's attestation for the task may ride along in the ``X-Fedhealth-Attestation`` header
+        (base64 of its JSON), which saves the separate manifest request. With ``wait`` > 0 (not for unmask)
+        the answer is the server's message to this site after the stage closes, as ``GET`` of the same path
+        would give it (204: not within ``wait`` seconds; the message sent is kept): one request per stage
+        instead of two. 410 means this site has no further part in the round (it was counted out, or the
+        round ended).
         """
         body = await read_body(request)
+        attestation = _attestation_header(request)
         _, driver = _secure_task(svc, site, task_id)
         try:
             driver.receive(site, stage, body)
+            if attestation is not None:
+                driver.attestations[site] = attestation  # stored with the task when the round closes
             log.info("task %s: %s message received from %s", task_id, stage, site)
             if wait <= 0 or stage == Stage.UNMASK.value:
                 return Ack()
@@ -549,6 +557,15 @@ def create_app(
         if data is None:
             return Response(status_code=204)
         return Response(data, media_type=SAFETENSORS)
+
+    def _attestation_header(request: Request) -> SiteAttestation | None:
+        value = request.headers.get(ATTESTATION_HEADER)
+        if value is None:
+            return None
+        try:
+            return SiteAttestation.model_validate_json(base64.b64decode(value, validate=True))
+        except (ValueError, binascii.Error) as exc:
+            raise ApiError(422, f"invalid {ATTESTATION_HEADER} header", str(exc)[:500]) from exc
 
     @app.get("/api/v1/agent/tasks/{task_id}/secagg/{stage}", tags=["agent"], response_class=Response)
     async def secagg_receive(

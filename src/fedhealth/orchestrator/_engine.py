@@ -26,7 +26,15 @@ from fedhealth.orchestrator._report import write_report
 from fedhealth.orchestrator._secure import SecureRounds
 from fedhealth.orchestrator._store import ModelVersion, NewRound, RoundRow, Store, StudyRow, TaskRow
 from fedhealth.privacy import secure_generator
-from fedhealth.protocol import DpMode, RoundStatus, StudySpec, StudyStatus, TaskKind, TaskStatus
+from fedhealth.protocol import (
+    DpMode,
+    RoundStatus,
+    SiteAttestation,
+    StudySpec,
+    StudyStatus,
+    TaskKind,
+    TaskStatus,
+)
 from fedhealth.runtime import (
     SecureSum,
     aggregate,
@@ -224,16 +232,21 @@ class RoundEngine:
     def _close_secure_tasks(self, round_id: str, contributors: Sequence[str]) -> None:
         """Contributors' tasks complete (without any per-site figure); the others are named as dropped."""
         driver = self.secure.get(round_id)
-        outcomes: dict[str, tuple[TaskStatus, str | None]] = {}
+        outcomes: dict[str, tuple[TaskStatus, str | None, SiteAttestation | None]] = {}
         for t in self.store.tasks_of_round(round_id):
             if not t.is_open:
                 continue
+            attestation = driver.attestations.get(t.site) if driver is not None else None
             if t.site in contributors:
-                outcomes[t.id] = (TaskStatus.COMPLETED, None)
+                outcomes[t.id] = (TaskStatus.COMPLETED, None, attestation)
             else:
                 stage = driver.dropped_at.get(t.site) if driver is not None else None
                 where = f"at the {stage.value} stage" if stage is not None else "before the round ended"
-                outcomes[t.id] = (TaskStatus.TIMED_OUT, f"dropped out of secure aggregation {where}")
+                outcomes[t.id] = (
+                    TaskStatus.TIMED_OUT,
+                    f"dropped out of secure aggregation {where}",
+                    attestation,
+                )
         # Every task of the round closes at once, on the path to the next round: one transaction, and one
         # notification that observers may write in one go.
         closed = set(self.store.close_tasks(outcomes, self.clock.now()))

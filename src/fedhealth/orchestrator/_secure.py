@@ -25,7 +25,7 @@ import numpy as np
 from fedhealth.core import ConflictError, FedHealthError, InputError
 from fedhealth.crypto import PublicIdentity
 from fedhealth.orchestrator._store import RoundRow, TaskRow
-from fedhealth.protocol import SecureRoundInfo, StudySpec, TaskKind
+from fedhealth.protocol import SecureRoundInfo, SiteAttestation, StudySpec, TaskKind
 from fedhealth.runtime import secure_codec, secure_threshold
 from fedhealth.secagg import (
     AggregateResult,
@@ -65,6 +65,8 @@ class SecureRoundDriver:
     on_failed: Callable[[str, str], None]
     outbox: dict[Stage, dict[str, bytes]] = field(default_factory=dict)
     dropped_at: dict[str, Stage] = field(default_factory=dict)
+    # what each site attested with its first message; written with the tasks when the round closes
+    attestations: dict[str, SiteAttestation] = field(default_factory=dict)
     ended: str | None = None  # why the round is over for everyone (failure or result)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _timer: asyncio.TimerHandle | None = None

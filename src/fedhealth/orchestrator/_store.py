@@ -709,16 +709,23 @@ class Store:
                 .values(attestation_json=attestation.model_dump_json())
             )
 
-    def close_tasks(self, outcomes: Mapping[str, tuple[TaskStatus, str | None]], when: datetime) -> list[str]:
+    def close_tasks(
+        self,
+        outcomes: Mapping[str, tuple[TaskStatus, str | None, SiteAttestation | None]],
+        when: datetime,
+    ) -> list[str]:
         """Close several open tasks in one transaction: task id -> (COMPLETED, or the status to close it
-        with, and the reason); a completed task keeps its stored attestation and carries no result. Returns
-        the ids of the tasks this closed (those already closed are left as they are)."""
+        with; the reason; the site's attestation, if it sent one). A completed task carries no result here
+        (a secure round's). Returns the ids of the tasks this closed (those already closed are left as they
+        are)."""
         closed: list[str] = []
         with self.engine.begin() as c:
-            for task_id, (status, reason) in outcomes.items():
+            for task_id, (status, reason, attestation) in outcomes.items():
                 values: dict[str, Any] = {"status": status.value, "ended_at": when}
                 if status is not TaskStatus.COMPLETED:
                     values["reason"] = (reason or "")[:2000]
+                if attestation is not None:
+                    values["attestation_json"] = attestation.model_dump_json()
                 done = c.execute(
                     update(tasks)
                     .where(and_(tasks.c.id == task_id, tasks.c.status.in_(OPEN_TASK_STATES)))

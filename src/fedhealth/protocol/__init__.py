@@ -21,6 +21,7 @@ from fedhealth.protocol._identity import (
     agent_login_message,
 )
 from fedhealth.protocol._models import (
+    ATTESTATION_HEADER,
     PROTOCOL_VERSION,
     RESULT_METADATA_KEY,
     AccountantName,
@@ -59,6 +60,7 @@ from fedhealth.protocol._models import (
 )
 
 __all__ = [
+    "ATTESTATION_HEADER",
     "OPERATOR_ROLES",
     "PROTOCOL_VERSION",
     "RESULT_METADATA_KEY",

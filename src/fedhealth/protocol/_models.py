@@ -13,6 +13,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PROTOCOL_VERSION = 1
+# A secure task's SiteAttestation (base64 of its JSON) may ride on the site's first SecAgg+ message here.
+ATTESTATION_HEADER = "X-Fedhealth-Attestation"
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$", description="lowercase name")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
