@@ -304,19 +304,6 @@ class OrchestratorClient:
             raise
         return None if response.status_code == 204 else response.content
 
-    def send_manifest(
-        self, task_id: str, manifest: ResultManifest, *, max_elapsed_s: float | None = None
-    ) -> Ack:
-        response = self._call(
-            "sending the task manifest",
-            "POST",
-            f"/api/v1/agent/tasks/{task_id}/manifest",
-            content=manifest.model_dump_json(),
-            headers={"Content-Type": "application/json"},
-            max_elapsed_s=max_elapsed_s,
-        )
-        return Ack.model_validate_json(response.content)
-
     def report_failure(
         self, task_id: str, failure: TaskFailure, *, max_elapsed_s: float | None = None
     ) -> Ack:

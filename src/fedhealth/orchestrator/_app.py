@@ -537,8 +537,8 @@ def create_app(
     ) -> Ack | Response:
         """Send this site's SecAgg+ message for ``stage`` (advertise_keys, share_keys, masked_input, unmask).
 
-        The site's attestation for the task may ride along in the ``X-Fedhealth-Attestation`` header
-        (base64 of its JSON), which saves the separate manifest request. With ``wait`` > 0 (not for unmask)
+        The site's attestation for the task rides along in the ``X-Fedhealth-Attestation`` header (base64
+        of its JSON); it is stored with the task when the round closes. With ``wait`` > 0 (not for unmask)
         the answer is the server's message to this site after the stage closes, as ``GET`` of the same path
         would give it (204: not within ``wait`` seconds; the message sent is kept): one request per stage
         instead of two. 410 means this site has no further part in the round (it was counted out, or the
@@ -583,20 +583,6 @@ def create_app(
         if data is None:
             return Response(status_code=204)
         return Response(data, media_type=SAFETENSORS)
-
-    @app.post("/api/v1/agent/tasks/{task_id}/manifest", response_model=Ack, tags=["agent"])
-    async def secure_manifest(svc: Svc, site: Site, task_id: str, body: ResultManifest) -> Ack:
-        """A site's attestation for a secure task (no metrics: they travel inside the secure sum)."""
-        task = svc.store.get_task(task_id)
-        if task.site != site:
-            raise ApiError(403, "this task belongs to another site")
-        if body.task_id != task_id:
-            raise ApiError(422, "the result manifest names another task")
-        if body.metrics is not None:
-            raise ApiError(422, "under secure aggregation a site's metrics travel only inside the secure sum")
-        if body.attestation is not None:
-            svc.store.set_attestation(task_id, body.attestation)
-        return Ack()
 
     @app.post("/api/v1/agent/tasks/{task_id}/failure", response_model=Ack, tags=["agent"])
     async def report_failure(svc: Svc, site: Site, task_id: str, body: TaskFailure) -> Ack:

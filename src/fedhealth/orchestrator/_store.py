@@ -701,14 +701,6 @@ class Store:
                 ).rowcount
             )
 
-    def set_attestation(self, task_id: str, attestation: SiteAttestation) -> None:
-        with self.engine.begin() as c:
-            c.execute(
-                update(tasks)
-                .where(tasks.c.id == task_id)
-                .values(attestation_json=attestation.model_dump_json())
-            )
-
     def close_tasks(
         self,
         outcomes: Mapping[str, tuple[TaskStatus, str | None, SiteAttestation | None]],
