@@ -1,4 +1,4 @@
-"""Shared helpers for the tests: dataset locations, study specs, a misbehaving site, database URLs."""
+"""Shared helpers for the tests: dataset locations, study specs, a misbehaving site, the PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ from fedhealth.runtime import encode_contribution, evaluate_on_site, param_specs
 from fedhealth.secagg import KeyDirectory, SecAggClient, SecAggConfig, ShareBundle, UnmaskRequest
 from fedhealth.sim import LocalFederation
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "FEDHEALTH_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+# The suite's one PostgreSQL setting: every test marked `postgres` reaches the server through
+# `postgres_admin()` below, and an unreachable server fails those tests (never skips them).
+POSTGRES_URL_ENV = "FEDHEALTH_TEST_POSTGRES_URL"
+POSTGRES_URL = os.environ.get(POSTGRES_URL_ENV) or "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 BREAST_SITES = {f"hospital-{c}": f"builtin://breast-cancer/{i}?sites=4&seed=0" for i, c in enumerate("abcd")}
 
@@ -103,22 +104,59 @@ class RogueSite:
         self.client.close()
 
 
+_postgres: sa.Engine | None = None
+_postgres_unreachable: str | None = None
+
+
+def postgres_admin() -> sa.Engine:
+    """An engine on the test server, probed once per session.
+
+    An unreachable server fails the calling test with one line naming the URL and the setting: CI has the
+    server, so a skip would hide every PostgreSQL test at once. (``-m "not postgres"`` deselects them.)
+    """
+    global _postgres, _postgres_unreachable
+    if _postgres is None and _postgres_unreachable is None:
+        engine = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 5})
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            _postgres = engine
+        except sa.exc.OperationalError as exc:
+            engine.dispose()
+            reason = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+            _postgres_unreachable = (
+                f"PostgreSQL is unreachable at {POSTGRES_URL} ({POSTGRES_URL_ENV}): {reason}"
+            )
+    if _postgres is None:
+        pytest.fail(_postgres_unreachable, pytrace=False)
+    return _postgres
+
+
+def postgres_url(schema: str) -> str:
+    """The test server's URL with connections confined to ``schema`` (for engines and child processes)."""
+    url = sa.engine.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    return url.render_as_string(hide_password=False)
+
+
+@contextmanager
+def postgres_schema_name(prefix: str = "t") -> Iterator[str]:
+    """A throwaway schema on the test server, dropped afterwards; yields its name."""
+    admin = postgres_admin()
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield schema
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+
+
 @contextmanager
 def postgres_schema() -> Iterator[str]:
-    """A throwaway schema on the local PostgreSQL; yields a URL whose connections use it."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES_ADMIN_URL)
-    try:
-        with admin.begin() as c:
-            c.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    except sa.exc.OperationalError as exc:
-        pytest.fail(f"PostgreSQL at {POSTGRES_ADMIN_URL} is not reachable: {exc}")
-    try:
-        yield f"{POSTGRES_ADMIN_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as c:
-            c.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    """A throwaway schema on the test server; yields a URL whose connections use it."""
+    with postgres_schema_name() as schema:
+        yield postgres_url(schema)
 
 
 class ChokeProxy:

@@ -2,12 +2,12 @@
 
 Storage tests are written once as a contract class and run on both backends by subclasses that set
 ``backend = "sqlite"`` or ``backend = "postgres"`` (the latter marked ``postgres``). PostgreSQL runs in a
-throwaway schema per test at ``$FEDHEALTH_TEST_POSTGRES_URL`` (default: trust auth on 127.0.0.1:5432/test).
+throwaway schema per test on the suite's one test server (``support.POSTGRES_URL``); an unreachable server
+fails the test.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -18,19 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from fedhealth.core import ManualClock
 from fedhealth.crypto import IdentityKey
 from fedhealth.governance import GOVERNANCE_METADATA, AuditLog, create_governance_tables
-
-POSTGRES_URL = os.environ.get(
-    "FEDHEALTH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-_postgres_reachable: bool | None = None
+from support import POSTGRES_URL, postgres_admin
 
 
 @dataclass(frozen=True)
@@ -40,21 +35,6 @@ class Database:
     engine: Engine
     url: str
     schema: str | None  # PostgreSQL: the search_path to set
-
-
-def _check_postgres() -> bool:
-    global _postgres_reachable
-    if _postgres_reachable is None:
-        probe = create_engine(POSTGRES_URL)
-        try:
-            with probe.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            _postgres_reachable = True
-        except OperationalError:
-            _postgres_reachable = False
-        finally:
-            probe.dispose()
-    return _postgres_reachable
 
 
 def open_engine(url: str, schema: str | None) -> Engine:
@@ -103,10 +83,8 @@ def database(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Pa
         yield Database(engine=engine, url=url, schema=None)
         engine.dispose()
         return
-    if not _check_postgres():
-        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}")
+    admin = postgres_admin()
     schema = f"gov_test_{uuid.uuid4().hex[:12]}"
-    admin = _admin_engine()
     with admin.begin() as conn:
         conn.exec_driver_sql(
             f'CREATE SCHEMA "{schema}"; SET LOCAL search_path TO "{schema}"; {_postgres_ddl()}'
@@ -118,16 +96,6 @@ def database(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Pa
         engine.dispose()
         with admin.begin() as conn:
             conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-
-
-_admin: Engine | None = None
-
-
-def _admin_engine() -> Engine:
-    global _admin
-    if _admin is None:
-        _admin = create_engine(POSTGRES_URL)
-    return _admin
 
 
 @pytest.fixture

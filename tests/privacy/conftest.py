@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -11,8 +10,7 @@ import sqlalchemy as sa
 
 from fedhealth.core import ManualClock
 from fedhealth.privacy import AccountantKind, BudgetLedger, sqlite_engine
-
-POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from support import POSTGRES_URL, postgres_schema_name
 
 
 @dataclass(frozen=True)
@@ -40,20 +38,10 @@ def ledger_db(request: pytest.FixtureRequest, tmp_path) -> Iterator[LedgerDb]:
         yield LedgerDb(engine=engine, url=str(path), search_path=None)
         engine.dispose()
         return
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    schema = f"ledger_{secrets.token_hex(6)}"
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}: {exc.orig}")
-    engine = postgres_engine(schema)
-    BudgetLedger.create_schema(engine)
-    try:
-        yield LedgerDb(engine=engine, url=POSTGRES_URL, search_path=schema)
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+    with postgres_schema_name("ledger") as schema:
+        engine = postgres_engine(schema)
+        BudgetLedger.create_schema(engine)
+        try:
+            yield LedgerDb(engine=engine, url=POSTGRES_URL, search_path=schema)
+        finally:
+            engine.dispose()
