@@ -289,29 +289,60 @@ def test_invalid_study_or_task_ids_are_refused(ledger_db, study_id, task_id):
         ledger.reserve("heart", study_id, task_id, gaussian(6.0))
 
 
-def test_two_concurrent_reservations_that_only_fit_alone_do_not_both_pass(ledger_db):
-    # DP-SGD accounting takes tens of milliseconds: a wide window for the race the lock must prevent.
-    plan = DpPlan.of(DpSgdRelease(noise_multiplier=1.0, sample_rate=0.01, steps=200))
-    budget = (eps_of(plan) + eps_of(plan + plan)) / 2
-    ledger_db.ledger().set_budget("heart", budget, DELTA)
-    start = threading.Barrier(2)
-    outcomes: list[str] = []
+# How long a reservation holds its window open for a second one to arrive; with the lock it never does.
+WINDOW_HOLD_S = 2.0
 
-    def attempt(task: str) -> None:
+
+def test_two_concurrent_reservations_that_only_fit_alone_do_not_both_pass(ledger_db, monkeypatch):
+    # The interleaving is forced, not left to the scheduler: the first reservation waits inside its
+    # check-then-write window until the second has called reserve() and then for the second to enter the
+    # window too. Without the lock both would read an empty ledger there and both be written; with it the
+    # second waits on the lock until the first has written, and is then refused.
+    plan = gaussian(3.0, 2)
+    budget = (eps_of(plan) + eps_of(plan + plan)) / 2  # room for one such task, not two
+    ledger_db.ledger().set_budget("heart", budget, DELTA)
+    first_inside = threading.Event()
+    second_called = threading.Event()
+    both_inside = threading.Barrier(2, timeout=WINDOW_HOLD_S)
+    overlapped: list[bool] = []
+
+    def window(dataset: str) -> None:
+        if not first_inside.is_set():
+            first_inside.set()
+            assert second_called.wait(30), "the second reservation never started"
+        try:
+            both_inside.wait()
+            overlapped.append(True)
+        except threading.BrokenBarrierError:
+            overlapped.append(False)
+
+    monkeypatch.setattr("fedhealth.privacy._ledger._in_reservation_window", window)
+    outcomes: dict[str, str] = {}
+
+    def attempt(task: str, after: threading.Event | None) -> None:
         ledger = ledger_db.ledger()  # each thread its own ledger object and connections
-        start.wait()
+        if after is not None:
+            assert after.wait(30)
+            second_called.set()
         try:
             ledger.reserve("heart", "study-a", task, plan)
-            outcomes.append("reserved")
+            outcomes[task] = "reserved"
         except TaskOverBudgetError:
-            outcomes.append("refused")
+            outcomes[task] = "refused"
+        except Exception as exc:  # recorded, so that the assertion below names it
+            outcomes[task] = type(exc).__name__
 
-    threads = [threading.Thread(target=attempt, args=(f"task-{i}",)) for i in range(2)]
+    threads = [
+        threading.Thread(target=attempt, args=("task-1", None)),
+        threading.Thread(target=attempt, args=("task-2", first_inside)),
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert sorted(outcomes) == ["refused", "reserved"]
+    assert overlapped == [False, False], "two reservations were inside the check-then-write window at once"
+    assert outcomes == {"task-1": "reserved", "task-2": "refused"}
+    assert [r.task_id for r in ledger_db.ledger().pending("heart")] == ["task-1"]
     assert ledger_db.ledger().spent("heart") <= budget
 
 

@@ -262,6 +262,11 @@ def _plan_of(text: str) -> DpPlan:
     return DpPlan.from_json(json.loads(text))
 
 
+def _in_reservation_window(dataset: str) -> None:
+    """Test seam, a no-op: :meth:`BudgetLedger.reserve` calls it between reading the spend and writing the
+    reservation, so a test can hold two reservations there at once and show that the lock keeps them apart."""
+
+
 class BudgetLedger:
     """Per-dataset privacy budgets and spend at one site, in the site's database (SQLite or PostgreSQL)."""
 
@@ -466,6 +471,7 @@ class BudgetLedger:
             # The one accounting call made under the lock: the lock blocks every writer of the database.
             projected = self._epsilon(spent_plan + planned, budget)
             refused = projected > budget.epsilon
+            _in_reservation_window(dataset)
             if not refused:
                 conn.execute(
                     _spends.insert().values(
