@@ -57,10 +57,26 @@ def test_weighted_mean_hand_example_and_zero_weight_site():
     np.testing.assert_array_equal(out["w"], [4.0, 3.0])  # (1*1 + 3*5)/4, (0 + 12)/4
 
 
-def test_weighted_mean_is_bit_reproducible():
+def test_weighted_mean_is_bit_reproducible_summing_in_the_given_order():
+    # Bit-reproducible means one fixed float64 recipe: sum count * delta in the order given, then divide.
+    # The reference below is that recipe written out one number at a time, so any other summation order,
+    # precision or grouping (pairwise sums, weights divided first, float32 accumulation) differs in bits.
+    # float64 deltas: products of float32 values and small counts are exact, and would hide the order.
     rng = np.random.default_rng(0)
-    ups = [(int(rng.integers(1, 100)), {"w": rng.normal(size=1000).astype(np.float32)}) for _ in range(5)]
-    assert weighted_mean(ups)["w"].tobytes() == weighted_mean(ups)["w"].tobytes()
+    ups = [(int(rng.integers(1, 100)), {"w": rng.normal(size=200)}) for _ in range(7)]
+    total = float(sum(count for count, _ in ups))
+    expected = []
+    for i in range(200):
+        acc = 0.0
+        for count, delta in ups:
+            acc += float(count) * float(delta["w"][i])
+        expected.append(acc / total)
+    assert weighted_mean(ups)["w"].tobytes() == np.array(expected, dtype=np.float64).tobytes()
+    # The order is the callers' (sorted by site): in floating point it decides the result.
+    big = float(2**53)
+    in_order = [(1, {"w": np.array([x], np.float32)}) for x in (big, 1.0, -big)]
+    assert weighted_mean(in_order)["w"][0] == 0.0  # 2^53 + 1 rounds to 2^53, then - 2^53
+    assert weighted_mean([in_order[0], in_order[2], in_order[1]])["w"][0] == 1.0 / 3.0
 
 
 @pytest.mark.parametrize(
