@@ -1,3 +1,6 @@
+import hashlib
+import json
+
 import numpy as np
 import pytest
 
@@ -19,10 +22,44 @@ def _dataset(**overrides):
     return TabularDataset(**base)
 
 
-def test_fingerprint_is_stable_and_ignores_the_name():
-    assert _dataset().fingerprint == _dataset().fingerprint
-    assert _dataset().fingerprint == _dataset(name="other").fingerprint
-    assert len(_dataset().fingerprint) == 64
+def _reference_fingerprint(X_train, y_train, X_test, y_test, feature_names, patient_ids):
+    """The encoding ``dataset_fingerprint`` documents, written out with hashlib and json: an 8-byte
+    little-endian header length, the canonical-JSON header, then each array's little-endian C-order bytes."""
+    arrays = [
+        ("X_train", "<f8", X_train),
+        ("y_train", "<i8", y_train),
+        ("X_test", "<f8", X_test),
+        ("y_test", "<i8", y_test),
+    ]
+    header = {
+        "format": "fedhealth.tabular.v1",
+        "feature_names": list(feature_names),
+        "patient_ids_train": None if patient_ids is None else list(patient_ids),
+        "arrays": [{"name": k, "dtype": dt, "shape": list(np.shape(a))} for k, dt, a in arrays],
+    }
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    digest = hashlib.sha256(len(text).to_bytes(8, "little") + text)
+    for _, dt, a in arrays:
+        digest.update(np.ascontiguousarray(a, dtype=dt).tobytes())
+    return digest.hexdigest()
+
+
+# The toy dataset's fingerprint as recorded when the v1 format was fixed: a model's provenance names its data
+# by this value, so it must not change between runs, processes or versions without a new format name.
+TOY_FINGERPRINT_V1 = "fd91ed3842f24e5647bbd69140cebb1d9e60caf214dbfba961bf9ab65c01db72"
+
+
+def test_fingerprint_is_the_documented_encoding_stable_and_ignores_the_name():
+    expected = _reference_fingerprint(
+        [[0.5, 1.0], [2.0, -1.0], [0.0, 3.0]], [0, 1, 1], [[1.0, 1.0]], [0], ("a", "b"), ("x1", "x2", "x3")
+    )
+    assert expected == TOY_FINGERPRINT_V1
+    assert _dataset().fingerprint == expected
+    assert _dataset(name="other").fingerprint == expected
+    # no ids and an empty test split: the header says null and shape [0, 2]
+    empty = np.zeros((0, 2))
+    no_ids = _reference_fingerprint(_dataset().X_train, [0, 1, 1], empty, [], ("a", "b"), None)
+    assert _dataset(patient_ids_train=None, X_test=empty, y_test=np.zeros(0, int)).fingerprint == no_ids
 
 
 @pytest.mark.parametrize(
