@@ -1,5 +1,7 @@
+import inspect
 import math
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from fedhealth.learning import (
     task_rng,
     weighted_mean,
 )
+from fedhealth.learning import _logreg_dp as logreg_dp
 from fedhealth.learning._dp_presets import (
     HEART_DISEASE_DP_DELTAS,
     HEART_DISEASE_DP_EPSILONS,
@@ -23,6 +26,9 @@ from fedhealth.learning._dp_presets import (
     dp_noise_multiplier,
 )
 from fedhealth.privacy import AccountantKind, DpPlan, epsilon
+from fedhealth.protocol import StudySpec, Task, TaskKind
+from fedhealth.runtime import task_plan, train_on_site
+from fedhealth.sim._privacy_bench import dp_preset_study
 
 # FLamby's Fed-Heart-Disease training-set sizes (Cleveland, Hungary, Switzerland, VA Long Beach)
 HEART_TRAIN_SIZES = (199, 172, 30, 85)
@@ -52,6 +58,21 @@ def _run(preset: DpPreset, sites, seed: int, noise_multiplier: float):
             updates.append((data.num_train, {k: local[k] - params[k] for k in params}))
         params, state = apply_strategy(preset.strategy, params, weighted_mean(updates), state)
     return params, spent
+
+
+def _task(spec: StudySpec, round: int) -> Task:
+    return Task(
+        task_id=f"t-{round}",
+        study_id="st",
+        round=round,
+        kind=TaskKind.TRAIN,
+        dataset=spec.dataset,
+        recipe=spec.recipe,
+        model_digest="0" * 64,
+        seed=spec.seed,
+        deadline=datetime.now(UTC),
+        spec=spec,
+    )
 
 
 def test_presets_cover_every_target_and_fit_the_dataset():
@@ -104,14 +125,43 @@ def test_more_privacy_costs_more_noise():
         assert looser < tighter
 
 
-def test_each_site_reports_exactly_the_release_the_preset_accounts(heart_data_dir):
+def test_each_site_trains_with_exactly_the_release_the_preset_accounts(heart_data_dir, monkeypatch):
+    # The services' path, not this file's _run: the study spec the preset becomes, the release each site's
+    # ledger reserves for a round (task_plan), and the DP-SGD steps train_on_site then actually runs, seen
+    # by recording every call to the sampling and noise mechanisms. Each must be the preset's, at every
+    # Fed-Heart-Disease center whatever its size.
     preset = HEART_DISEASE_DP_PRESETS[(1.0, 1e-5)]
-    centers = [load_heart_disease(c, heart_data_dir, download=False) for c in range(4)]
-    assert tuple(d.num_train for d in centers) == HEART_TRAIN_SIZES
-    _, spent = _run(preset, [(f"center-{c}", centers[c]) for c in range(4)], 0, preset.noise_multiplier)
-    for releases in spent.values():
-        assert releases == [preset.round_release()] * preset.rounds
-        assert epsilon(DpPlan(releases=tuple(releases)), delta=preset.delta) <= preset.target_epsilon
+    centers = {f"center-{c}": load_heart_disease(c, heart_data_dir, download=False) for c in range(4)}
+    assert tuple(d.num_train for d in centers.values()) == HEART_TRAIN_SIZES
+    spec = dp_preset_study(
+        preset, name="dp-preset", dataset="heart-disease", train_sites=sorted(centers), min_sites=4, seed=0
+    )
+    calls: list[tuple] = []
+
+    def recording(kind, real, *fields):
+        def call(*args, **kwargs):
+            bound = inspect.signature(real).bind(*args, **kwargs).arguments
+            calls.append((kind, *(bound[f] for f in fields)))
+            return real(*args, **kwargs)
+
+        return call
+
+    sample, noisy_sum = logreg_dp.poisson_sample, logreg_dp.noisy_clipped_sum
+    monkeypatch.setattr(logreg_dp, "poisson_sample", recording("sample", sample, "sample_rate"))
+    noise_fields = ("noise_multiplier", "max_grad_norm")
+    monkeypatch.setattr(logreg_dp, "noisy_clipped_sum", recording("noise", noisy_sum, *noise_fields))
+    for site, data in centers.items():
+        (release,) = task_plan(spec, TaskKind.TRAIN, site).releases
+        # the services calibrate the noise themselves: it must land on the preset's recorded value
+        assert release.noise_multiplier == pytest.approx(preset.noise_multiplier, rel=2e-3)
+        assert (release.sample_rate, release.steps) == (preset.sample_rate, preset.local_steps)
+        assert (
+            epsilon(DpPlan(releases=(release,) * preset.rounds), delta=preset.delta) <= preset.target_epsilon
+        )
+        calls.clear()
+        train_on_site(_task(spec, 1), site, logreg_init(preset.n_features, 0), data, reproducible_noise=True)
+        step = [("sample", release.sample_rate), ("noise", release.noise_multiplier, preset.max_grad_norm)]
+        assert calls == step * release.steps, site
 
 
 def test_epsilon_one_presets_reach_seventy_percent_over_seeds_0_to_4(heart_data_dir):
