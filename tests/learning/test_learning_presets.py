@@ -14,6 +14,7 @@ from fedhealth.learning import (
     task_rng,
     weighted_mean,
 )
+from fedhealth.sim import FLAMBY_HEART_DISEASE
 
 
 def _run(preset: StudyPreset, sites, seed: int):
@@ -58,8 +59,13 @@ def test_a_federated_rerun_reproduces_the_model_bit_for_bit():
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
 
 
-def test_heart_disease_fedyogi_preset_beats_flamby_published_fedyogi_on_seed_0(heart_data_dir):
+def test_heart_disease_fedyogi_preset_beats_flamby_published_fedyogi_over_seeds_0_to_4(heart_data_dir):
+    # Like with like: FLamby's figure is the client-average test accuracy averaged over 5 seeds, so ours is
+    # too (one lucky seed must not carry it).
     centers = [load_heart_disease(c, heart_data_dir, download=False) for c in range(4)]
-    params = _run(HEART_DISEASE_PRESETS["fedyogi"], [(f"center-{c}", centers[c]) for c in range(4)], seed=0)
-    accuracy = np.mean([logreg_evaluate(params, d.X_test, d.y_test).accuracy for d in centers])
-    assert accuracy >= 0.7314  # FLamby's FedYogi (Terrail et al. 2022)
+    sites = [(f"center-{c}", centers[c]) for c in range(4)]
+    per_seed = []
+    for seed in range(5):
+        params = _run(HEART_DISEASE_PRESETS["fedyogi"], sites, seed=seed)
+        per_seed.append(np.mean([logreg_evaluate(params, d.X_test, d.y_test).accuracy for d in centers]))
+    assert np.mean(per_seed) >= FLAMBY_HEART_DISEASE["fedyogi"], per_seed  # 0.7314 (Terrail et al. 2022)
