@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -44,11 +48,25 @@ def test_the_demo_trains_four_hospitals_securely_and_prints_the_summary(tmp_path
     assert report["evaluation"]["secure"] is True
     assert "per_site" not in report["evaluation"]  # the orchestrator never saw a site's figures
     assert 0.8 < report["evaluation"]["accuracy"] <= 1.0
-    assert (out / "model.safetensors").stat().st_size > 0
-    assert (
-        "## Consent" in (out / "model-card.md").read_text()
-        or "consent" in (out / "model-card.md").read_text().lower()
-    )
+    # The model card describes the model written next to it, and names for each hospital the consent snapshot
+    # that hospital recorded in its own database when it trained.
+    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    assert report["final_model_digest"] == digest
+    card = (out / "model-card.md").read_text()
+    assert card.startswith(f"# Model card: {report['study_id']}, round 4\n")
+    assert f"- Model digest (sha256): `{digest}`" in card
+    rows = dict(re.findall(r"^\| (hospital-[a-d]) \| .+ \| `([0-9a-f]{64})` \|$", card, re.MULTILINE))
+    assert sorted(rows) == ["hospital-a", "hospital-b", "hospital-c", "hospital-d"], card
+    for site, snapshot in rows.items():
+        with contextlib.closing(sqlite3.connect(out / "state" / "sites" / site / "site.sqlite")) as db:
+            recorded = {h for (h,) in db.execute("SELECT snapshot_hash FROM gov_consent_snapshots")}
+        assert snapshot in recorded, (site, snapshot, recorded)
+    consent = card.split("## Consent statement\n", 1)[1].split("\n## ", 1)[0]
+    assert "training used only the patients whose recorded consent permitted" in consent
+    assert "No consent withdrawal affecting this model version has been reported." in consent
+    lineage = card.split("## Lineage\n", 1)[1]
+    versions = re.findall(r"^\d+\. `[0-9a-f]{16}` round (\d+)", lineage, re.MULTILINE)
+    assert versions == ["4", "3", "2", "1", "0"]
 
 
 def test_ctrl_c_stops_every_process_of_the_demo(tmp_path):
