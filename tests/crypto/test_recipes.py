@@ -1,3 +1,4 @@
+import ipaddress
 import os
 import stat
 from datetime import timedelta
@@ -5,7 +6,16 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.x509.verification import (
+    DNSName,
+    IPAddress,
+    PolicyBuilder,
+    ServerVerifier,
+    Store,
+    VerificationError,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -100,9 +110,33 @@ def test_server_certificate_chains_to_the_ca_and_names_its_hosts():
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     client = x509.load_pem_x509_certificate(issue_client_certificate(ca, "site-a").cert_pem)
     client.verify_directly_issued_by(ca_cert)
-    other_ca = x509.load_pem_x509_certificate(create_ca("other").cert_pem)
-    with pytest.raises((ValueError, Exception)):
-        cert.verify_directly_issued_by(other_ca)
+    # Path validation as a TLS client does it (cryptography's RFC 5280 verifier), for each name in the leaf.
+    for host in (DNSName("orchestrator.example"), IPAddress(ipaddress.ip_address("127.0.0.1"))):
+        chain = _server_verifier(ca_cert, host).verify(cert, [])
+        assert chain == [cert, ca_cert]
+    with pytest.raises(VerificationError):
+        _server_verifier(ca_cert, DNSName("attacker.example")).verify(cert, [])
+
+
+def test_a_ca_of_the_same_name_with_another_key_does_not_vouch_for_our_certificates():
+    # The name is public; only the CA's key may make a certificate ours.
+    ca = create_ca("test federation")
+    server = x509.load_pem_x509_certificate(issue_server_certificate(ca, ["orchestrator.example"]).cert_pem)
+    client = x509.load_pem_x509_certificate(issue_client_certificate(ca, "site-a").cert_pem)
+    impostor = x509.load_pem_x509_certificate(create_ca("test federation").cert_pem)
+    assert impostor.subject == x509.load_pem_x509_certificate(ca.cert_pem).subject
+    for cert in (server, client):
+        with pytest.raises(InvalidSignature):
+            cert.verify_directly_issued_by(impostor)
+    with pytest.raises(VerificationError, match="signature"):
+        _server_verifier(impostor, DNSName("orchestrator.example")).verify(server, [])
+    other = x509.load_pem_x509_certificate(create_ca("other").cert_pem)
+    with pytest.raises(ValueError, match="does not match certificate issuer"):
+        server.verify_directly_issued_by(other)
+
+
+def _server_verifier(trusted: x509.Certificate, host: DNSName | IPAddress) -> ServerVerifier:
+    return PolicyBuilder().store(Store([trusted])).build_server_verifier(host)
 
 
 def _issuer_and_verifier(clock):
