@@ -212,28 +212,34 @@ def chain() -> list[ModelProvenance]:
     return [versions[h(n)] for n in ("m3", "m2", "m1", "m0")]
 
 
-def test_prov_json_has_the_required_sections_and_every_reference_resolves():
-    doc = json.loads(json.dumps(to_prov_json(chain())))
+@pytest.mark.parametrize(
+    "versions",
+    [("m3", "m2", "m1", "m0"), ("m3", "m2")],  # the whole lineage, and one cut above its root (m1 absent)
+    ids=["to-the-root", "cut"],
+)
+def test_prov_json_has_the_required_sections_and_every_reference_resolves(versions):
+    by_digest = {p.model_digest: p for p in lineage_fixture()}
+    doc = json.loads(json.dumps(to_prov_json([by_digest[h(name)] for name in versions])))
     assert {"prefix", *RECORD_KINDS, *RELATION_ROLES} <= set(doc)
     assert doc["prefix"]["fh"] == PROV_NAMESPACE
     declared = {kind: set(doc[kind]) for kind in RECORD_KINDS}
+    prefixes = set(doc["prefix"]) | {"prov"}
+    names = [name for kind in RECORD_KINDS for name in doc[kind]]
     for relation, roles in RELATION_ROLES.items():
         assert doc[relation], relation
         for rel_id, attrs in doc[relation].items():
             assert rel_id.startswith("_:")
+            # Every role it relates, under PROV's attribute names, and no other prov: attribute but a time:
+            # a misspelt or missing role would be a relation that points nowhere.
+            used_roles = {k for k in attrs if k.startswith("prov:")} - {"prov:time"}
+            assert used_roles == set(roles), (relation, attrs)
             for role, kind in roles.items():
-                if role in attrs:
-                    assert attrs[role] in declared[kind], (relation, role, attrs[role])
-    prefixes = set(doc["prefix"]) | {"prov"}
-    names = [n for kind in RECORD_KINDS for n in doc[kind]]
-    names += [
-        v
-        for rel in RELATION_ROLES
-        for attrs in doc[rel].values()
-        for v in attrs.values()
-        if isinstance(v, str) and ":" in v and not v.endswith("Z")
-    ]
-    assert all(name.split(":", 1)[0] in prefixes for name in names)
+                assert attrs[role] in declared[kind], (relation, role, attrs[role])
+                names.append(attrs[role])
+    types = [r["prov:type"]["$"] for kind in RECORD_KINDS for r in doc[kind].values() if "prov:type" in r]
+    assert all(name.split(":", 1)[0] in prefixes for name in names + types)
+    # the oldest version's parent is declared even when the lineage stops short of it
+    assert f"fh:model/{h('m1')}" in doc["entity"]
 
 
 def test_prov_json_derivations_follow_the_lineage_and_name_every_contributing_site():
