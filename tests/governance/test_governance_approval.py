@@ -177,7 +177,7 @@ class ApprovalContract:
             raise RuntimeError("disk full")
 
         monkeypatch.setattr(site_log, "_append_on", broken)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="disk full"):
             registry.approve(digest, reason="IRB ok", steward="dana")
         monkeypatch.undo()
         assert registry.get(digest).status is ApprovalStatus.PENDING

@@ -493,7 +493,7 @@ def test_a_batch_commits_its_entries_even_when_the_block_raises_and_they_verify(
             assert site_log.head().seq == 2  # the head inside a batch sees the batch's own entries
             raise RuntimeError("the refusal is raised after it was logged")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="raised after it was logged"):
         refuse()
     entries = site_log.entries()
     assert [e.type for e in entries] == [AuditEventType.TASK_RECEIVED, AuditEventType.TASK_REFUSED]

@@ -195,9 +195,9 @@ class ConsentContract:
             raise RuntimeError("disk full")
 
         monkeypatch.setattr(site_log, "_append_on", broken)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="disk full"):
             registry.import_csv(write_csv(tmp_path / "more.csv", ["p3,HRESCH,permit,,,"]))
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="disk full"):
             registry.withdraw("p1", "HRESCH", T0 + timedelta(days=1))
         monkeypatch.undo()
         assert [r.patient_id for r in registry.records()] == ["p1", "p2"]
