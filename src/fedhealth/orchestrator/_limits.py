@@ -278,6 +278,8 @@ class RequestGate:
         )
         if self.require_client_cert and certificate is None and not on_enroll_port:
             raise Forbidden("a client certificate from the federation CA is required")
+        if certificate is not None:  # first, on every route: a revoked or retired certificate opens nothing
+            svc.auth.check_certificate(certificate)
         access = access_of(path)
         if access in (Access.AGENT, Access.OPERATOR) and not _routed(scope):
             access = Access.PUBLIC  # no such route: the router answers 404/405 without reading the body
@@ -285,8 +287,6 @@ class RequestGate:
             if access is Access.LOGIN:
                 client = scope.get("client")
                 _throttle(svc.limiter, f"ip:{client[0] if client else '?'}")
-            if certificate is not None:
-                svc.auth.check_certificate(certificate)
             return
         audience = Audience.AGENT if access is Access.AGENT else Audience.OPERATOR
         authorization = None

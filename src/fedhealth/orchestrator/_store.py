@@ -522,9 +522,8 @@ class Store:
         study_id = new_id("st")
         named = sorted({*first.sites, *spec.train_sites, *spec.evaluation_sites})
         with self.engine.begin() as c:
-            status = dict(
-                c.execute(select(sites.c.name, sites.c.status).where(sites.c.name.in_(named))).tuples().all()
-            )
+            q = select(sites.c.name, sites.c.status).where(sites.c.name.in_(named))
+            status = {name: value for name, value in c.execute(q)}
             unknown = [s for s in named if s not in status]
             if unknown:
                 raise NotFoundError(f"unknown sites: {', '.join(unknown)}")
