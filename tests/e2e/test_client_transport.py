@@ -19,7 +19,7 @@ from support_services import recording_listener
 from fedhealth.agent import OrchestratorClient, TlsVerificationError, enroll_site
 from fedhealth.client import ClientError, OperatorClient
 from fedhealth.core import ConfigError
-from fedhealth.crypto import IdentityKey, client_tls_for_url, create_ca
+from fedhealth.crypto import IdentityKey, create_ca
 from fedhealth.protocol import OperatorCredential
 from fedhealth.sim import LocalFederation
 
@@ -97,6 +97,9 @@ def test_an_https_url_in_any_case_pins_the_federation_ca(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1:1", "127.0.0.1:8443", "", "file:///etc/passwd"])
 def test_urls_that_are_not_http_or_https_are_refused(url):
+    # imported here, so that the rest of the module also runs against code that lacks it
+    from fedhealth.crypto import client_tls_for_url
+
     with pytest.raises(ConfigError):
         client_tls_for_url(url, FEDERATION_CA, insecure=True)
 

@@ -7,13 +7,15 @@ working, and only an admin's explicit rotation may retire the site's key, its to
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from support_services import KeyHolder, audit_entries, enroll_raw, operator, tls_verify
+from support_services import KeyHolder, audit_entries, enroll_raw, operator, synthetic_spec, tls_verify
 
 from fedhealth.agent import enroll_site
 from fedhealth.client import ClientError
@@ -21,6 +23,7 @@ from fedhealth.crypto import IdentityKey
 from fedhealth.orchestrator import make_engine
 from fedhealth.orchestrator._db import enrollment_tokens
 from fedhealth.orchestrator._home import secret_hash
+from fedhealth.protocol import StudyStatus
 from fedhealth.sim import LocalFederation
 
 pytestmark = pytest.mark.e2e
@@ -104,11 +107,13 @@ def test_the_real_agent_is_locked_out_only_by_an_explicit_rotation_which_retires
         assert enroll_raw(fed, "east", "fhe_" + "x" * 43).status_code == 401
     with pytest.raises(ClientError):
         fed.operator.new_enrollment_token("east")
+    # the real agent still works: it trains a study to the end
+    study = fed.create_study(synthetic_spec("after-attempts", ["east"], rounds=1))
+    assert fed.wait_for_study(study.study_id, timeout=120).status is StudyStatus.COMPLETED
+    assert agent.poll() is None, "the agent stopped without a rotation"
     holder = KeyHolder(fed, "east", _site_key(fed, "east"))
     old_token = holder.token_headers()  # issued for the current key, valid for ten minutes
     assert holder.poll(old_token).status_code == 200
-    time.sleep(1.0)
-    assert agent.poll() is None, "the agent stopped without a rotation"
 
     rotated = fed.operator.rotate_site("east")
     refused = holder.poll(old_token)
@@ -193,3 +198,29 @@ def test_under_mutual_tls_a_rotation_retires_the_old_client_certificate_at_once(
         renewed.close()
         with httpx.Client(verify=tls_verify(fed, old_cert), timeout=10) as http:
             assert http.get(f"{fed.url}/healthz").status_code == 403
+
+
+def test_the_cli_rotates_a_site_and_prints_the_token_for_its_new_key(fed):
+    fed.add_site("cli-site")
+    rotated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedhealth",
+            "site",
+            "rotate",
+            "cli-site",
+            "--credential",
+            str(fed.home.admin_credential),
+            "--orchestrator",
+            fed.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rotated.returncode == 0, rotated.stderr
+    token = rotated.stdout.strip()
+    assert token.startswith("fhe_")
+    assert "its old key is retired" in rotated.stderr
+    assert enroll_raw(fed, "cli-site", token).status_code == 200
