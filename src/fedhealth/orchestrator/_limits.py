@@ -281,8 +281,6 @@ class RequestGate:
         if certificate is not None:  # first, on every route: a revoked or retired certificate opens nothing
             svc.auth.check_certificate(certificate)
         access = access_of(path)
-        if access in (Access.AGENT, Access.OPERATOR) and not _routed(scope):
-            access = Access.PUBLIC  # no such route: the router answers 404/405 without reading the body
         if access in (Access.PUBLIC, Access.LOGIN):
             if access is Access.LOGIN:
                 client = scope.get("client")
@@ -294,7 +292,12 @@ class RequestGate:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
                 break
-        principal = svc.auth.authenticate(authorization, audience, certificate)
+        try:
+            principal = svc.auth.authenticate(authorization, audience, certificate)
+        except (Unauthenticated, Forbidden):
+            if not _routed(scope):
+                return  # no such route: the router answers 404/405 (it reads no body)
+            raise
         _throttle(svc.limiter, f"{'site' if access is Access.AGENT else 'user'}:{principal.name}")
         scope.setdefault("state", {})[PRINCIPAL] = principal
 
