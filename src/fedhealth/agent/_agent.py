@@ -66,6 +66,7 @@ class AgentSettings:
     poll_wait_s: float = 25.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     home: Path | None = None  # the site home: pinned peer keys, the site's own record of its results
+    insecure: bool = False  # allow a plain http:// orchestrator URL (local tests only)
 
 
 class SiteAgent:
@@ -86,6 +87,7 @@ class SiteAgent:
             client_cert=settings.client_cert,
             retry=settings.retry,
             should_stop=self._stop.is_set,
+            insecure=settings.insecure,
         )
         self._datasets: dict[str, TabularDataset] = {}
         self._models: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()

@@ -16,7 +16,7 @@ import httpx
 
 from fedhealth.agent._client import OrchestratorRefused, TlsVerificationError, connection_problem
 from fedhealth.core import ConfigError
-from fedhealth.crypto import IdentityKey, create_client_csr, pinned_tls_context, write_private
+from fedhealth.crypto import IdentityKey, client_tls_for_url, create_client_csr, write_private
 from fedhealth.protocol import EnrollResponse
 
 
@@ -94,6 +94,7 @@ def enroll_site(
     ca_pem: bytes | None,
     serve_url: str | None = None,
     transport: httpx.BaseTransport | None = None,
+    insecure: bool = False,
 ) -> SiteHome:
     """Generate this site's identity key here, register its public key with the enrollment token, pin the CA.
 
@@ -105,9 +106,9 @@ def enroll_site(
     home = SiteHome(root)
     key = IdentityKey.generate()
     tls_key, tls_csr = create_client_csr(name)
-    verify = pinned_tls_context(ca_pem) if orchestrator.startswith("https") and ca_pem else True
+    verify = client_tls_for_url(orchestrator, ca_pem, insecure=insecure)  # http:// only if insecure
     with httpx.Client(
-        base_url=orchestrator.rstrip("/"), verify=verify, timeout=30, transport=transport
+        base_url=orchestrator.strip().rstrip("/"), verify=verify, timeout=30, transport=transport
     ) as http:
         try:
             response = http.post(

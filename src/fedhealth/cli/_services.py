@@ -36,6 +36,13 @@ CredentialOption = Annotated[
 UrlOption = Annotated[
     str | None, typer.Option("--orchestrator", help="Override the credential's orchestrator URL.")
 ]
+InsecureOption = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="Allow a plain http:// orchestrator URL (local tests only: credentials cross in clear).",
+    ),
+]
 
 
 @contextmanager
@@ -51,14 +58,14 @@ def friendly_errors() -> Iterator[None]:
         raise typer.Exit(1) from exc
 
 
-def _operator(credential: Path, url: str | None) -> OperatorClient:
+def _operator(credential: Path, url: str | None, insecure: bool = False) -> OperatorClient:
     from fedhealth.client import OperatorClient
 
     if not credential.exists():
         raise FedHealthError(
             f"credential file {credential} not found (set --credential or FEDHEALTH_CREDENTIAL)"
         )
-    return OperatorClient.from_credential(credential, url=url)
+    return OperatorClient.from_credential(credential, url=url, insecure=insecure)
 
 
 def _setup_logging(level: str) -> None:
@@ -162,9 +169,10 @@ def site_add(
     name: Annotated[str, typer.Argument(help="The new site's name (lowercase letters, digits, - _ .).")],
     credential: CredentialOption = Path("admin.credential"),
     orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """Register a site and print its one-time enrollment token (valid 24 h)."""
-    with friendly_errors(), _operator(credential, orchestrator) as client:
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         created = client.add_site(name)
     typer.echo(created.enrollment_token)
     err.print(f"site {name} registered; the token above expires at {created.expires_at:%Y-%m-%d %H:%M} UTC")
@@ -175,11 +183,31 @@ def site_token(
     name: Annotated[str, typer.Argument(help="An existing site.")],
     credential: CredentialOption = Path("admin.credential"),
     orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
-    """Issue a fresh enrollment token for an existing site (lost token, or key rotation)."""
-    with friendly_errors(), _operator(credential, orchestrator) as client:
+    """Issue a fresh enrollment token for a site that has not enrolled yet (a lost token); the site's earlier
+    tokens stop working. An enrolled site is re-keyed with `site rotate`."""
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         created = client.new_enrollment_token(name)
     typer.echo(created.enrollment_token)
+
+
+@site_app.command("rotate")
+def site_rotate(
+    name: Annotated[str, typer.Argument(help="The enrolled site to re-key.")],
+    credential: CredentialOption = Path("admin.credential"),
+    orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
+) -> None:
+    """Re-key a site: its current key, access tokens and client certificate stop working at once; print the
+    enrollment token for its new key (the site enrolls again with it, into a new --home)."""
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
+        created = client.rotate_site(name)
+    typer.echo(created.enrollment_token)
+    err.print(
+        f"site {name} rotated: its old key is retired; the token above expires at "
+        f"{created.expires_at:%Y-%m-%d %H:%M} UTC"
+    )
 
 
 @site_app.command("revoke")
@@ -187,19 +215,22 @@ def site_revoke(
     name: Annotated[str, typer.Argument(help="The site to revoke.")],
     credential: CredentialOption = Path("admin.credential"),
     orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """Revoke a site: its next request is refused (403)."""
-    with friendly_errors(), _operator(credential, orchestrator) as client:
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         info = client.revoke_site(name)
     typer.echo(f"site {info.name} is {info.status}")
 
 
 @site_app.command("list")
 def site_list(
-    credential: CredentialOption = Path("admin.credential"), orchestrator: UrlOption = None
+    credential: CredentialOption = Path("admin.credential"),
+    orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """List the sites and their state."""
-    with friendly_errors(), _operator(credential, orchestrator) as client:
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         for s in client.sites():
             seen = f"{s.last_seen_at:%Y-%m-%d %H:%M:%S}" if s.last_seen_at else "never"
             typer.echo(f"{s.name}\t{s.status}\tlast seen {seen}")
@@ -218,6 +249,7 @@ def site_enroll(
         str | None,
         typer.Option(help="Under mutual TLS: the main URL (--orchestrator is the enrollment port)."),
     ] = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """Generate this site's identity key locally, register its public key and pin the federation CA."""
     from fedhealth.agent import SiteHome, enroll_site
@@ -232,6 +264,7 @@ def site_enroll(
             token=token,
             ca_pem=ca.read_bytes(),
             serve_url=serve_url,
+            insecure=insecure,
         )
     typer.echo(f"site {name} enrolled; identity key in {enrolled.identity_path} (mode 0600)")
 
@@ -261,6 +294,7 @@ def site_serve(
     ] = None,
     poll_wait: Annotated[float, typer.Option(help="Long-poll wait, seconds.")] = 25.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    insecure: InsecureOption = False,
 ) -> None:
     """Run the site agent: poll the orchestrator for tasks and train on local data."""
     from fedhealth.agent import AgentSettings, RetryPolicy, SiteHome, default_gates, run_agent
@@ -280,9 +314,12 @@ def site_serve(
             poll_wait_s=poll_wait,
             retry=RetryPolicy(base_s=0.1, max_s=5.0),
             home=home,
+            insecure=insecure,
         )
         gates = default_gates(site_home)
-    sys.exit(run_agent(settings, gates))
+    with friendly_errors():  # e.g. a plain http:// URL without --insecure
+        code = run_agent(settings, gates)
+    sys.exit(code)
 
 
 # --- users -------------------------------------------------------------------------------------------------
@@ -297,12 +334,13 @@ def user_add(
     ] = None,
     credential: CredentialOption = Path("admin.credential"),
     orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """Create an operator account; its API key is shown once."""
     from fedhealth.crypto import write_private
     from fedhealth.protocol import OperatorCredential
 
-    with friendly_errors(), _operator(credential, orchestrator) as client:
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         created = client.add_user(name, role)
         admin = OperatorCredential.model_validate_json(credential.read_text())
     if out is not None:
@@ -320,9 +358,54 @@ def user_add(
 
 @user_app.command("list")
 def user_list(
-    credential: CredentialOption = Path("admin.credential"), orchestrator: UrlOption = None
+    credential: CredentialOption = Path("admin.credential"),
+    orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """List operator accounts."""
-    with friendly_errors(), _operator(credential, orchestrator) as client:
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         for u in client.users():
             typer.echo(f"{u.name}\t{u.role.value}\t{'revoked' if u.revoked_at else 'active'}")
+
+
+@user_app.command("new-key")
+def user_new_key(
+    name: Annotated[str, typer.Argument(help="The user whose API key to replace.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Write the user's new credential file here (mode 0600).")
+    ] = None,
+    credential: CredentialOption = Path("admin.credential"),
+    orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
+) -> None:
+    """Replace a user's API key (a lost or leaked key): the old key and its tokens stop working at once."""
+    from fedhealth.crypto import write_private
+    from fedhealth.protocol import OperatorCredential
+
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
+        created = client.new_api_key(name)
+        admin = OperatorCredential.model_validate_json(credential.read_text())
+    if out is not None:
+        new = OperatorCredential(
+            orchestrator=orchestrator or admin.orchestrator,
+            ca_pem=admin.ca_pem,
+            user=name,
+            api_key=created.api_key,
+        )
+        write_private(out, new.model_dump_json(indent=2).encode())
+        typer.echo(f"user {name}: new API key written to {out}")
+    else:
+        typer.echo(created.api_key)
+
+
+@user_app.command("revoke")
+def user_revoke(
+    name: Annotated[str, typer.Argument(help="The user to revoke.")],
+    credential: CredentialOption = Path("admin.credential"),
+    orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
+) -> None:
+    """Revoke a user: their next request is refused (403)."""
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
+        client.revoke_user(name)
+    typer.echo(f"user {name} is revoked")

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from fedhealth.core import FedHealthError
-from fedhealth.crypto import pinned_tls_context
+from fedhealth.crypto import client_tls_for_url
 from fedhealth.protocol import (
     OperatorCredential,
     SiteCreated,
@@ -35,6 +35,9 @@ class ClientError(FedHealthError):
 
 
 class OperatorClient:
+    """The operator API over HTTPS pinned to the federation CA. A plain ``http://`` URL is refused (the API
+    key would cross the network in clear) unless ``insecure=True`` is passed explicitly."""
+
     def __init__(
         self,
         url: str,
@@ -44,15 +47,15 @@ class OperatorClient:
         ca_pem: str | None,
         client_cert: tuple[bytes, bytes] | None = None,
         timeout: float = 30.0,
+        insecure: bool = False,
     ) -> None:
+        verify = client_tls_for_url(url, ca_pem, client_cert=client_cert, insecure=insecure)
         self.url = url
         self.user = user
         self._api_key = api_key
         self._http = httpx.Client(
-            base_url=url.rstrip("/"),
-            verify=pinned_tls_context(ca_pem, client_cert=client_cert)
-            if url.startswith("https") and ca_pem
-            else True,
+            base_url=url.strip().rstrip("/"),
+            verify=verify,
             timeout=timeout,
             headers={"User-Agent": "fedhealth-operator"},
         )
@@ -60,7 +63,7 @@ class OperatorClient:
         self._expires = datetime.min.replace(tzinfo=UTC)
 
     @classmethod
-    def from_credential(cls, path: Path, *, url: str | None = None) -> OperatorClient:
+    def from_credential(cls, path: Path, *, url: str | None = None, insecure: bool = False) -> OperatorClient:
         credential = OperatorCredential.model_validate_json(path.read_text())
         client_cert = None
         if credential.tls_certificate and credential.tls_key:
@@ -71,6 +74,7 @@ class OperatorClient:
             api_key=credential.api_key,
             ca_pem=credential.ca_pem,
             client_cert=client_cert,
+            insecure=insecure,
         )
 
     def close(self) -> None:
@@ -122,6 +126,10 @@ class OperatorClient:
             self.request("POST", f"/api/v1/sites/{name}/enrollment-token").json()
         )
 
+    def rotate_site(self, name: str) -> SiteCreated:
+        """Retire the site's key and certificate; returns the enrollment token for its new key."""
+        return SiteCreated.model_validate(self.request("POST", f"/api/v1/sites/{name}/rotate").json())
+
     def revoke_site(self, name: str) -> SiteInfo:
         return SiteInfo.model_validate(self.request("POST", f"/api/v1/sites/{name}/revoke").json())
 
@@ -132,6 +140,13 @@ class OperatorClient:
         return UserCreated.model_validate(
             self.request("POST", "/api/v1/users", json={"name": name, "role": role}).json()
         )
+
+    def new_api_key(self, name: str) -> UserCreated:
+        """Replace a user's API key; the old key and the tokens issued against it stop working."""
+        return UserCreated.model_validate(self.request("POST", f"/api/v1/users/{name}/api-key").json())
+
+    def revoke_user(self, name: str) -> None:
+        self.request("POST", f"/api/v1/users/{name}/revoke")
 
     def users(self) -> list[UserInfo]:
         return [UserInfo.model_validate(u) for u in self.request("GET", "/api/v1/users").json()]
@@ -153,7 +168,12 @@ class OperatorClient:
         return StudyInfo.model_validate(self.request("POST", f"/api/v1/studies/{study_id}/cancel").json())
 
     def model_bytes(self, study_id: str) -> bytes:
+        """The study's latest released model (its owner or an admin)."""
         return self.request("GET", f"/api/v1/studies/{study_id}/model").content
+
+    def released_model(self, digest: str) -> bytes:
+        """A released model version by digest (its study's owner or an admin)."""
+        return self.request("GET", f"/api/v1/models/{digest}").content
 
     def report(self, study_id: str) -> dict[str, Any]:
         return self.request("GET", f"/api/v1/studies/{study_id}/report").json()  # type: ignore[no-any-return]

@@ -30,7 +30,7 @@ from fedhealth.crypto._recipes import (
     sign_json,
     verify_json,
 )
-from fedhealth.crypto._tls import pinned_tls_context
+from fedhealth.crypto._tls import client_tls_for_url, pinned_tls_context
 from fedhealth.crypto._tokens import Audience, TokenClaims, TokenExpiredError, TokenIssuer, TokenVerifier
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "aead_decrypt",
     "aead_encrypt",
     "certificate_fingerprint",
+    "client_tls_for_url",
     "constant_time_equal",
     "create_ca",
     "create_client_csr",

@@ -48,6 +48,8 @@ sites = Table(
     Column("public_key", String(64), nullable=True),  # hex of the raw Ed25519 key
     Column("enrolled_at", UTC_DATETIME, nullable=True),
     Column("revoked_at", UTC_DATETIME, nullable=True),
+    # sha256 of the TLS client certificate issued at enrollment (mutual TLS pins exactly this certificate)
+    Column("cert_fingerprint", String(64), nullable=True),
 )
 
 enrollment_tokens = Table(

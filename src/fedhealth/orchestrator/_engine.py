@@ -19,7 +19,7 @@ import anyio
 import numpy as np
 
 from fedhealth.core import Clock, FedHealthError, InputError, decode_tensors, encode_tensors
-from fedhealth.orchestrator._blobs import BlobStore
+from fedhealth.orchestrator._blobs import BlobKind, BlobStore
 from fedhealth.orchestrator._hooks import StudyObserver
 from fedhealth.orchestrator._notify import TaskNotifier
 from fedhealth.orchestrator._report import write_report
@@ -370,7 +370,7 @@ class RoundEngine:
             for t in completed:  # sorted by site name: a fixed order makes the float sums reproducible
                 assert t.result_digest is not None
                 assert t.num_samples is not None
-                delta, _ = decode_update(self.blobs.get(t.result_digest), specs)
+                delta, _ = decode_update(self.blobs.get(t.result_digest, kind=BlobKind.UPDATE), specs)
                 updates.append((t.num_samples, delta))
             new_params, new_state = aggregate(spec.strategy, global_params, updates, state, spec=spec)
             model_out = self.blobs.put(encode_tensors(new_params))

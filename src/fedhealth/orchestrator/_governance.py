@@ -205,6 +205,7 @@ class GovernanceObserver(NullObserver):
 
     def _sync_enrollments(self) -> None:
         """Log every enrolled site's public key once (and again after a re-enrollment with a new key)."""
+        self._refresh()  # the enrollment route logs each enrollment itself: learn those first
         for site in self.store.list_sites():
             if (
                 site.status is SiteStatus.ACTIVE

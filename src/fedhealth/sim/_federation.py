@@ -162,6 +162,7 @@ class LocalFederation:
             api_key=credential.api_key,
             ca_pem=credential.ca_pem if self.tls else None,
             client_cert=self._admin_cert(),
+            insecure=not self.tls,
         )
         return self.url
 
@@ -200,6 +201,7 @@ class LocalFederation:
             serve_url=self.url,
             token=token,
             ca_pem=self.home.ca_cert.read_bytes() if self.tls else None,
+            insecure=not self.tls,
         )
 
     def start_agent(self, site: str, datasets: Mapping[str, str], *, extra_args: Sequence[str] = ()) -> None:
@@ -215,6 +217,8 @@ class LocalFederation:
             "--log-level",
             self.log_level,
         ]
+        if not self.tls:
+            args.append("--insecure")  # plain http:// is refused without it
         for name, uri in datasets.items():
             args += ["--dataset", f"{name}={uri}"]
         self.agents[site] = self._spawn(f"agent-{site}", [*args, *extra_args])
