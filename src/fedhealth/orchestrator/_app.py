@@ -37,6 +37,7 @@ from fedhealth.core import (
     NotFoundError,
     SystemClock,
     TensorError,
+    sha256_hex,
 )
 from fedhealth.crypto import Audience, IdentityKey, PemPair, sign_client_csr
 from fedhealth.orchestrator._auth import AuthService, AuthSettings, Forbidden, Principal, Unauthenticated
@@ -703,6 +704,7 @@ def _site_info(row: SiteRow) -> SiteInfo:
     return SiteInfo(
         name=row.name,
         status=row.status.value,
+        fingerprint=sha256_hex(bytes.fromhex(row.public_key)) if row.public_key else None,
         created_at=row.created_at,
         last_seen_at=row.last_seen_at,
         enrolled_at=row.enrolled_at,
