@@ -24,6 +24,8 @@ from fedhealth.secagg._codec import Segment, SegmentKind, VectorCodec
 from fedhealth.secagg._config import SecAggConfig
 from fedhealth.secagg._errors import RoundFailedError
 from fedhealth.secagg._messages import (
+    ConsistencyRequest,
+    ConsistencySignature,
     EncryptedShares,
     KeyAdvertisement,
     KeyDirectory,
@@ -35,7 +37,7 @@ from fedhealth.secagg._messages import (
 from fedhealth.secagg._server import AggregateResult, SecAggServer
 from fedhealth.secagg._stages import Stage
 
-_ORDER = (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)
+_ORDER = (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -114,6 +116,14 @@ def run_in_memory(
                 upload(site, data)
                 seen.masked_input_bytes[site] = len(data)
                 serve(MaskedInput.from_bytes(data))
+        checks = close()
+        for site, check in checks.items():
+            if _active(site, Stage.CONSISTENCY, silent):
+                t0 = clock()
+                data = clients[site].consistency(ConsistencyRequest.from_bytes(check.to_bytes())).to_bytes()
+                seen.client_seconds += clock() - t0
+                upload(site, data)
+                serve(ConsistencySignature.from_bytes(data))
         requests = close()
         for site, request in requests.items():
             if _active(site, Stage.UNMASK, silent):
@@ -211,7 +221,7 @@ def simulate_round(
     if not 0.0 <= dropout < 1.0:
         raise ValueError("dropout is a fraction in [0, 1)")
     if drop_stage not in _ORDER:
-        raise ValueError("drop_stage must be one of the four protocol stages")
+        raise ValueError("drop_stage must be one of the five protocol stages")
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
     names = tuple(f"site-{i:04d}" for i in range(sites))
