@@ -45,7 +45,7 @@ def fed(tmp_path_factory):
         yield fed
 
 
-def _spec(name):
+def _spec(fed, name):
     return breast_spec(
         ALL,
         rounds=2,
@@ -53,7 +53,8 @@ def _spec(name):
         min_sites=2,
         eval_sites=["hospital-a", "hospital-b", ROGUE],
         round_deadline_s=120,
-        secure_aggregation=SecureAggregationSpec(stage_timeout_s=6.0),  # threshold: 3 of 4
+        # threshold: 3 of 4 (2t > n + c with c = 1), and 3 of the 3 evaluation sites
+        secure_aggregation=SecureAggregationSpec(stage_timeout_s=6.0, site_keys=fed.site_keys(ALL)),
     )
 
 
@@ -125,7 +126,7 @@ def _run_rogue_round(rogue, hold_before=None, on_hold=None):
 @pytest.mark.parametrize("stage", SECURE_STAGES)
 def test_a_site_killed_at_each_stage_is_left_out_and_the_round_completes_with_the_survivors_sum(fed, stage):
     _revive_victim(fed)
-    spec = _spec(f"drop-at-{stage.replace('_', '-')}")
+    spec = _spec(fed, f"drop-at-{stage.replace('_', '-')}")
     study = fed.create_study(spec)
     rogue = SecureRogue(fed, ROGUE, BREAST_SITES[ROGUE])
     try:
@@ -175,7 +176,7 @@ def test_a_site_killed_at_each_stage_is_left_out_and_the_round_completes_with_th
 
 def test_a_message_sent_with_wait_is_answered_by_the_next_one_and_a_resent_one_changes_nothing(fed):
     _revive_victim(fed)
-    study = fed.create_study(_spec("send-and-wait"))
+    study = fed.create_study(_spec(fed, "send-and-wait"))
     rogue = SecureRogue(fed, ROGUE, BREAST_SITES[ROGUE])
     try:
         rogue.join()
@@ -219,7 +220,7 @@ def test_a_message_sent_with_wait_is_answered_by_the_next_one_and_a_resent_one_c
 
 def test_below_threshold_the_round_fails_cleanly_and_reveals_nothing(fed):
     _revive_victim(fed)
-    study = fed.create_study(_spec("below-threshold"))
+    study = fed.create_study(_spec(fed, "below-threshold"))
     rogue = SecureRogue(fed, ROGUE, BREAST_SITES[ROGUE])
     try:
         _run_rogue_round(rogue)
@@ -253,7 +254,12 @@ def test_heart_disease_with_secure_aggregation_matches_plain_fedavg(tmp_path):
             train_sites=centers,
             min_sites=4,
         )
-        secure = plain.model_copy(update={"name": "hd-secure", "secure_aggregation": SecureAggregationSpec()})
+        secure = plain.model_copy(
+            update={
+                "name": "hd-secure",
+                "secure_aggregation": SecureAggregationSpec(site_keys=fed.site_keys(centers)),
+            }
+        )
         final = fed.wait_for_study(fed.create_study(secure).study_id, timeout=300)
         assert final.status is StudyStatus.COMPLETED, final.reason
         secure_accuracy = fed.report(final.study_id)["evaluation"]["accuracy"]
