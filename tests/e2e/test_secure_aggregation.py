@@ -4,27 +4,50 @@ below threshold, and heart disease with secure aggregation against plain FedAvg.
 from __future__ import annotations
 
 import base64
+import json
 import signal
 import time
 
 import numpy as np
 import pytest
 
-from fedhealth.core import decode_tensors
+from fedhealth.core import decode_tensors, encode_tensors
+from fedhealth.data import open_dataset
 from fedhealth.learning import HEART_DISEASE_PRESETS
 from fedhealth.protocol import (
     ATTESTATION_HEADER,
+    MAX_SITE_SAMPLES,
+    RESULT_METADATA_KEY,
+    ResultManifest,
     RoundStatus,
     SecureAggregationSpec,
     SiteAttestation,
+    SiteMetrics,
+    StrategySpec,
     StudyStatus,
     Task,
     TaskKind,
     TaskStatus,
 )
-from fedhealth.runtime import aggregate, initial_model, preset_study, run_study_in_memory, train_on_site
+from fedhealth.runtime import (
+    aggregate,
+    encode_update,
+    initial_model,
+    preset_study,
+    run_study_in_memory,
+    secure_codec,
+    train_on_site,
+)
 from fedhealth.sim import LocalFederation
-from support import BREAST_SITES, SECURE_STAGES, SecureRogue, breast_datasets, breast_spec, heart_data_dir
+from support import (
+    BREAST_SITES,
+    SECURE_STAGES,
+    RogueSite,
+    SecureRogue,
+    breast_datasets,
+    breast_spec,
+    heart_data_dir,
+)
 
 pytestmark = pytest.mark.e2e
 REAL = ["hospital-a", "hospital-b", "hospital-c"]
@@ -76,8 +99,9 @@ def _task_id(fed, study_id, number, site):
         time.sleep(0.02)
 
 
-def _expected(spec, round_sites):
-    """The plain FedAvg model when round r aggregates ``round_sites[r - 1]``: what the sum must decode to."""
+def _expected(spec, round_sites, extra=None):
+    """The plain FedAvg model when round r aggregates ``round_sites[r - 1]`` (plus ``extra[r]``, a list of
+    (samples, delta) made from the round's global model): what the sum must decode to."""
     datasets = breast_datasets(BREAST_SITES)
     params, state = initial_model(spec.recipe, spec.seed), {}
     for number, sites in enumerate(round_sites, start=1):
@@ -97,6 +121,7 @@ def _expected(spec, round_sites):
         for site in sorted(sites):
             outcome = train_on_site(task, site, params, datasets[site])
             updates.append((outcome.metrics.num_samples, outcome.delta))
+        updates += (extra or {}).get(number, [])
         params, state = aggregate(spec.strategy, params, updates, state)
     return params
 
@@ -263,10 +288,88 @@ def test_heart_disease_with_secure_aggregation_matches_plain_fedavg(tmp_path):
         final = fed.wait_for_study(fed.create_study(secure).study_id, timeout=300)
         assert final.status is StudyStatus.COMPLETED, final.reason
         secure_accuracy = fed.report(final.study_id)["evaluation"]["accuracy"]
-    from fedhealth.data import open_dataset
-
     reference = run_study_in_memory(
         plain, {c: open_dataset(f"builtin://heart-disease/{k}", data_dir) for k, c in enumerate(centers)}
     )
     plain_accuracy = float(np.mean([m.accuracy for m in reference.evaluation.values()]))
     assert abs(secure_accuracy - plain_accuracy) <= 0.005, (secure_accuracy, plain_accuracy)
+
+
+# --- finding 6: a site poisoning the sum ------------------------------------------------------------------
+
+
+def test_a_site_wrapping_the_secure_weight_fails_the_round_with_the_reason(fed):
+    _revive_victim(fed)
+    spec = _spec(fed, "wrapped-weight").model_copy(update={"rounds": 1})
+    study = fed.create_study(spec)
+    rogue = SecureRogue(fed, ROGUE, BREAST_SITES[ROGUE])
+    try:
+        rogue.join()
+        assert rogue.task is not None
+        assert rogue.vector is not None
+        codec = secure_codec(rogue.task.spec, TaskKind.TRAIN)
+        weight_at = sum(
+            seg.length for seg in codec.segments[: [g.name for g in codec.segments].index("weight")]
+        )
+        honest = sum(open_dataset(BREAST_SITES[s]).num_train for s in REAL)
+        # raw ring value instead of an encoded weight: the summed weight wraps to 1 (the documented attack)
+        rogue.vector[weight_at] = np.uint32((1 - honest) % (1 << 32))
+        for stage in SECURE_STAGES:
+            rogue.step(stage)
+        final = fed.wait_for_study(study.study_id, timeout=120)
+    finally:
+        rogue.close()
+    assert final.status is StudyStatus.FAILED
+    assert final.rounds[0].model_digest is None
+    assert "secure sum rejected" in final.reason
+    assert "a total weight of 1 from 4 sites" in final.reason
+
+
+def _manifest_with(task_id: str, num_samples: int) -> bytes:
+    """A result manifest claiming ``num_samples``, written by hand (the protocol model would refuse it)."""
+    return json.dumps({"task_id": task_id, "metrics": {"num_samples": num_samples}}).encode()
+
+
+def test_a_plain_site_claiming_huge_sample_counts_is_rejected_or_capped_never_decisive(fed):
+    _revive_victim(fed)
+    spec = breast_spec(
+        ALL,
+        rounds=3,
+        name="sample-count-poisoning",
+        min_sites=3,
+        eval_sites=REAL,
+        strategy=StrategySpec(weight_cap=200),
+    )
+    study = fed.create_study(spec)
+    rogue = RogueSite(fed, ROGUE)
+    poison = None
+    try:
+        for claimed in (2**62, 2**63):  # rounds 1 and 2: beyond any hospital, and beyond int64
+            task = rogue.poll()
+            delta = {k: np.full_like(v, 5.0) for k, v in rogue.model(task).items()}
+            body = encode_tensors(
+                delta, {RESULT_METADATA_KEY: _manifest_with(task.task_id, claimed).decode()}
+            )
+            response = rogue.upload(task.task_id, body)
+            assert response.status_code == 422, response.text
+            assert "malformed result manifest" in response.json()["detail"]
+        task = rogue.poll()  # round 3: a count the protocol allows, capped by the study at 200
+        poison = {k: np.full_like(v, 5.0) for k, v in rogue.model(task).items()}
+        manifest = ResultManifest(task_id=task.task_id, metrics=SiteMetrics(num_samples=MAX_SITE_SAMPLES))
+        assert rogue.upload(task.task_id, encode_update(poison, manifest)).status_code == 200
+    finally:
+        rogue.close()
+    final = fed.wait_for_study(study.study_id, timeout=120)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    statuses = [{t.site: t.status for t in r.tasks}[ROGUE] for r in final.rounds[:3]]
+    assert statuses == [TaskStatus.REJECTED, TaskStatus.REJECTED, TaskStatus.COMPLETED]
+    model, _ = decode_tensors(fed.model_bytes(study.study_id))
+    expected = _expected(spec, [REAL, REAL, REAL], extra={3: [(MAX_SITE_SAMPLES, poison)]})
+    np.testing.assert_allclose(model["weight"], expected["weight"], atol=1e-5)
+    # had the billion counted, the rogue's update would be the model's step: it is not
+    uncapped = _expected(
+        spec.model_copy(update={"strategy": StrategySpec(weight_cap=MAX_SITE_SAMPLES)}),
+        [REAL, REAL, REAL],
+        extra={3: [(MAX_SITE_SAMPLES, poison)]},
+    )
+    assert np.max(np.abs(uncapped["weight"] - expected["weight"])) > 1.0
