@@ -24,7 +24,14 @@ from fedhealth.crypto import PublicIdentity, pinned_tls_context
 from fedhealth.data import open_dataset
 from fedhealth.protocol import RecipeSpec, StrategySpec, StudySpec, Task, TaskKind, TaskPoll
 from fedhealth.runtime import encode_contribution, evaluate_on_site, param_specs, secure_codec, train_on_site
-from fedhealth.secagg import KeyDirectory, SecAggClient, SecAggConfig, ShareBundle, UnmaskRequest
+from fedhealth.secagg import (
+    ConsistencyRequest,
+    KeyDirectory,
+    SecAggClient,
+    SecAggConfig,
+    ShareBundle,
+    UnmaskRequest,
+)
 from fedhealth.sim import LocalFederation
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -264,14 +271,17 @@ class SecureRogue:
             assert self.vector is not None
             bundle = ShareBundle.from_bytes(self._receive("share_keys"))
             self._send(stage, p.masked_input(bundle, self.vector).to_bytes())
+        elif stage == "consistency":
+            request = ConsistencyRequest.from_bytes(self._receive("masked_input"))
+            self._send(stage, p.consistency(request).to_bytes())
         else:
-            self._send(stage, p.unmask(UnmaskRequest.from_bytes(self._receive("masked_input"))).to_bytes())
+            self._send(stage, p.unmask(UnmaskRequest.from_bytes(self._receive("consistency"))).to_bytes())
 
     def close(self) -> None:
         self.site.close()
 
 
-SECURE_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
+SECURE_STAGES = ("advertise_keys", "share_keys", "masked_input", "consistency", "unmask")
 
 
 class _QuietServer(ThreadingHTTPServer):

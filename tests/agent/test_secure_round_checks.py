@@ -128,10 +128,14 @@ def test_a_round_over_fewer_sites_keeps_the_threshold_of_the_spec_site_list():
 @pytest.mark.parametrize(
     ("config", "what"),
     [
-        ({"threshold": 4}, "threshold"),  # a lower threshold: fewer sites suffice to unmask
+        # a lower threshold (with a collusion bound low enough for SecAggConfig to accept it): fewer sites
+        # would suffice to unmask
+        ({"threshold": 4, "collusion": 0}, "threshold"),
+        ({"threshold": 4}, "configuration"),  # 2t > n + c fails: SecAggConfig itself refuses
         ({"threshold": 6}, "threshold"),  # the site accepts only the spec's, whatever the direction
-        ({"full_graph_max_sites": 2, "neighbourhood_size": 2}, "neighbourhood size"),
-        ({"graph_seed": "11" * 32}, "graph seed"),
+        ({"full_graph_max_sites": 2, "neighbourhood_size": 4}, "neighbourhood size"),
+        ({"graph_seed": "11" * 32}, "configuration"),  # the sites' adverts seed the graph, not the server
+        ({"collusion": 0}, "collusion bound"),
         ({"round": 2}, "study or round"),
         ({"study_id": "another-study/a1"}, "study or round"),
         ({"vector_length": 11}, "vector length"),

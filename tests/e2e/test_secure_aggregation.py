@@ -183,8 +183,9 @@ def test_a_site_killed_at_each_stage_is_left_out_and_the_round_completes_with_th
     assert final.status is StudyStatus.COMPLETED, final.reason
     second = final.rounds[1]
     victim_task = {t.site: t for t in second.tasks}[VICTIM]
-    # a site that sent its masked input is in the sum even if it dies before unmasking (its mask is removed)
-    in_sum = stage == "unmask"
+    # a site that sent its masked input is in the sum even if it dies before signing or unmasking (the others
+    # reveal its self-mask seed's shares)
+    in_sum = stage in ("consistency", "unmask")
     if in_sum:
         assert victim_task.status is TaskStatus.COMPLETED
     else:
@@ -243,24 +244,35 @@ def test_a_message_sent_with_wait_is_answered_by_the_next_one_and_a_resent_one_c
     assert all(fingerprints[s] not in ("ab" * 32, "unattested") for s in ALL if s != ROGUE)
 
 
-def test_below_threshold_the_round_fails_cleanly_and_reveals_nothing(fed):
+def test_below_threshold_after_the_masked_inputs_the_round_fails_and_no_site_reveals_a_share(fed):
+    """Every site's masked input is at the server (there is something to reveal); then the victim dies and
+    the rogue withholds its signature: 2 of 4 sites sign the survivor set, 3 are needed. The round fails at
+    the consistency stage, and no site answers an unmask request (none was sent)."""
     _revive_victim(fed)
     study = fed.create_study(_spec(fed, "below-threshold"))
     rogue = SecureRogue(fed, ROGUE, BREAST_SITES[ROGUE])
     try:
-        _run_rogue_round(rogue)
+        rogue.join()
+        rogue.step("advertise_keys")
+        rogue.step("share_keys")
         tid = _task_id(fed, study.study_id, 1, VICTIM)
-        _wait_for_log(fed, VICTIM, f"task {tid}: sent unmask")
-        fed.stop_agent(VICTIM, sig=signal.SIGKILL)
-        # round 2: the victim is dead and the rogue stays silent: 2 of 4 sites, 3 needed
+        _wait_for_log(fed, "orchestrator", f"task {tid}: masked_input message received")
+        fed.stop_agent(VICTIM, sig=signal.SIGKILL)  # it sent its masked input, it never signs
+        rogue.step("masked_input")  # the last masked input: the stage closes with all four inputs
+        # the rogue stays silent from here: the consistency stage closes at its timeout with 2 signers
         final = fed.wait_for_study(study.study_id, timeout=120)
     finally:
         rogue.close()
     assert final.status is StudyStatus.FAILED
-    assert "too_few_sites: 2 sites advertised keys, 3 needed" in final.reason
-    assert final.rounds[1].status is RoundStatus.FAILED
-    assert final.rounds[1].model_digest is None
-    assert final.completed_rounds == 1
+    assert "too_few_sites: 2 sites signed the survivor set, 3 needed" in final.reason
+    assert final.rounds[0].status is RoundStatus.FAILED
+    assert final.rounds[0].model_digest is None
+    orchestrator_log = (fed.logs / "orchestrator.log").read_text()
+    for site in ("hospital-a", "hospital-b"):
+        task_id = _task_id(fed, study.study_id, 1, site)
+        assert f"task {task_id}: consistency message received" in orchestrator_log  # they got that far
+        assert f"task {task_id}: unmask message received" not in orchestrator_log
+        assert f"task {task_id}: sent unmask" not in (fed.logs / f"agent-{site}.log").read_text()
 
 
 def test_heart_disease_with_secure_aggregation_matches_plain_fedavg(tmp_path):

@@ -103,8 +103,11 @@ def test_a_secure_studys_task_stripped_of_its_secure_round_gets_nothing_in_clear
 
 def test_a_round_with_a_lowered_threshold_is_refused_by_every_site(lying):
     fed, proxy = lying
-    # 3 sites, c = 1: the spec's threshold is 3; the orchestrator says 2 (what the old rule allowed)
-    final, requests = _run(fed, proxy, "low-threshold", lambda task: _with_config(task, threshold=2))
+    # 3 sites, c = 1: the spec's threshold is 3; the orchestrator says 2 with no colluders (2t > n + c holds
+    # for that configuration, so only the comparison with the approved spec catches it)
+    final, requests = _run(
+        fed, proxy, "low-threshold", lambda task: _with_config(task, threshold=2, collusion=0)
+    )
     assert final.status is StudyStatus.FAILED
     tasks = _lied_round(final, TaskKind.TRAIN).tasks
     assert all(t.reason.startswith("secure_round_mismatch: ") for t in tasks), [t.reason for t in tasks]

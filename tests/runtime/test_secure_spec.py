@@ -14,8 +14,8 @@ from fedhealth.protocol import (
     StudySpec,
     TaskKind,
     secure_round_plan,
-    threshold_problem,
 )
+from fedhealth.secagg import threshold_problem
 
 
 def _keys(sites: list[str]) -> dict[str, str]:
@@ -142,13 +142,13 @@ def test_the_spec_hash_a_steward_approves_changes_with_any_site_key():
 
 def test_above_the_full_graph_size_the_plan_has_a_neighbourhood_the_colluders_cannot_fill():
     plan = secure_round_plan(_spec(n=30, collusion=2), TaskKind.TRAIN)
-    assert plan.neighbourhood_size is not None
-    assert plan.neighbourhood_size % 2 == 0
-    assert plan.neighbourhood_size < 29
-    assert secure_round_plan(_spec(n=20), TaskKind.TRAIN).neighbourhood_size is None  # the full graph
-    assert (
-        secure_round_plan(_spec(n=30, collusion=2, neighbourhood_size=8), TaskKind.TRAIN).neighbourhood_size
-        == 8
-    )
+    assert plan.neighbourhood_size is None  # the default, which every party derives from n and c
+    assert plan.degree % 2 == 0
+    assert plan.degree < 29
+    assert secure_round_plan(_spec(n=20), TaskKind.TRAIN).degree == 19  # the full graph
+    explicit = secure_round_plan(_spec(n=30, collusion=2, neighbourhood_size=8), TaskKind.TRAIN)
+    assert (explicit.neighbourhood_size, explicit.degree) == (8, 8)
+    # 8 neighbours and 8 colluders: share threshold 9, and c + 2 = 10 would be needed
+    assert "c + 2 = 10" in _refused(n=30, collusion=8, neighbourhood_size=8)
     with pytest.raises(ValidationError, match="even"):
         SecureAggregationSpec(site_keys=_keys(_names(2)), neighbourhood_size=7)

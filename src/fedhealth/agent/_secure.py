@@ -48,6 +48,7 @@ from fedhealth.privacy import sqlite_engine
 from fedhealth.protocol import SiteAttestation, Task, secure_round_plan
 from fedhealth.runtime import secure_codec
 from fedhealth.secagg import (
+    ConsistencyRequest,
     KeyDirectory,
     KeyReuseGuard,
     SecAggClient,
@@ -241,13 +242,13 @@ def check_secure_round(task: Task, site: str, identity: IdentityKey, pins: PeerP
         raise _mismatch("participant list")
     if config.threshold != plan.threshold:
         raise _mismatch("threshold")
+    if config.collusion != plan.collusion:
+        raise _mismatch("collusion bound")
     if (
         config.full_graph_max_sites != plan.full_graph_max_sites
         or config.neighbourhood_size != plan.neighbourhood_size
     ):
         raise _mismatch("neighbourhood size")
-    if config.graph_seed is not None:  # the graph follows from the sites' own randomness, never the server's
-        raise _mismatch("graph seed")
     if config.vector_length != secure_codec(spec, task.kind).length:
         raise _mismatch("vector length")
     if set(info.peer_keys) != set(config.sites):
@@ -277,7 +278,14 @@ def run_secure_exchange(
 ) -> None:
     """Take part in the task's (checked) secure round with ``vector`` (already quantized by the round's
     codec); ``attestation`` travels with the first message (no per-site figure: metrics are in the sum)."""
-    protocol = SecAggClient(checked.config, site, identity, checked.peers, key_guard=guard)
+    protocol = SecAggClient(
+        checked.config,
+        site,
+        identity,
+        checked.peers,
+        key_guard=guard,
+        before_reveal=reveal_once(record, task, checked.attempt),
+    )
 
     def left() -> float:
         return max(1.0, (task.deadline - datetime.now(UTC)).total_seconds())
@@ -314,10 +322,11 @@ def run_secure_exchange(
         exchange("advertise_keys", protocol.advertise_keys().to_bytes(), attestation)
     )
     bundle = ShareBundle.from_bytes(exchange("share_keys", protocol.share_keys(directory).to_bytes()))
-    request = UnmaskRequest.from_bytes(
+    check = ConsistencyRequest.from_bytes(
         exchange("masked_input", protocol.masked_input(bundle, vector).to_bytes())
     )
-    reveal_once(record, task, checked.attempt)()
+    request = UnmaskRequest.from_bytes(exchange("consistency", protocol.consistency(check).to_bytes()))
+    # the client runs before_reveal (the durable once-per-round record) only after every unmask check passed
     send("unmask", protocol.unmask(request).to_bytes())
     log.info("task %s: secure round done in %.2f s", task.task_id, time.perf_counter() - started)
 

@@ -536,7 +536,8 @@ def create_app(
         request: Request,
         wait: Annotated[float, Query(ge=0, le=60)] = 0.0,
     ) -> Ack | Response:
-        """Send this site's SecAgg+ message for ``stage`` (advertise_keys, share_keys, masked_input, unmask).
+        """Send this site's SecAgg+ message for ``stage`` (advertise_keys, share_keys, masked_input,
+        consistency, unmask).
 
         The site's attestation for the task rides along in the ``X-Fedhealth-Attestation`` header (base64
         of its JSON); it is stored with the task when the round closes. With ``wait`` > 0 (not for unmask)

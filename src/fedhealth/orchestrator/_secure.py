@@ -40,7 +40,10 @@ from fedhealth.secagg import (
 
 log = logging.getLogger("fedhealth.orchestrator")
 
-STAGES = {s.value: s for s in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)}
+STAGES = {
+    s.value: s
+    for s in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK)
+}
 _ORDER = {s: i for i, s in enumerate(STAGES.values())}
 
 
@@ -217,6 +220,7 @@ def round_config(
         round=number,
         sites=tuple(sorted(set(sites) & set(plan.sites))),
         threshold=plan.threshold,
+        collusion=plan.collusion,
         vector_length=secure_codec(spec, kind).length,
         full_graph_max_sites=plan.full_graph_max_sites,
         neighbourhood_size=plan.neighbourhood_size,

@@ -60,7 +60,6 @@ from fedhealth.protocol._models import (
     TaskPoll,
     TaskStatus,
     secure_round_plan,
-    threshold_problem,
 )
 
 __all__ = [
@@ -118,5 +117,4 @@ __all__ = [
     "UserInfo",
     "agent_login_message",
     "secure_round_plan",
-    "threshold_problem",
 ]

@@ -6,13 +6,14 @@ message, never a silently ignored setting.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fedhealth.secagg import default_degree, min_threshold, neighbourhood_problem, threshold_problem
 
 PROTOCOL_VERSION = 1
 # A secure task's SiteAttestation (base64 of its JSON) may ride on the site's first SecAgg+ message here.
@@ -176,8 +177,8 @@ class SecureAggregationSpec(Message):
         default=None,
         ge=2,
         le=10_000,
-        description="k, above full_graph_max_sites (even; default: max(3 * ceil(log2 n), 2c + 2), rounded "
-        "up to even)",
+        description="k, above full_graph_max_sites (even; default: 3 * ceil(log2 n) + c, even, at most "
+        "n - 1); needs a share threshold of at least c + 2",
     )
     stage_timeout_s: FiniteFloat = Field(default=30.0, gt=0, le=3600)
     update_clip: FiniteFloat = Field(
@@ -193,42 +194,6 @@ class SecureAggregationSpec(Message):
         return v
 
 
-def threshold_problem(n: int, t: int, c: int, min_sites: int) -> str | None:
-    """What is wrong with threshold ``t`` over ``n`` sites tolerating ``c`` colluding ones and a quorum of
-    ``min_sites``, as a sentence with the arithmetic; None if nothing is.
-
-    2t > n + c: a server with c colluders cannot gather t answers from two disjoint honest groups (Bonawitz et
-    al. 2017, Bell et al. 2020); t >= min_sites: fewer unmasking sites than the quorum would release a sum the
-    study's accounting (e.g. site-distributed noise) did not plan for.
-    """
-    needed = (n + c) // 2 + 1
-    colluding = f"{c} colluding site{'s' if c != 1 else ''}"
-    if c >= n:
-        return f"{n} sites cannot tolerate {colluding}: c must be below n"
-    if t > n:
-        return f"threshold {t} exceeds the {n} sites of the round; use t <= {n}"
-    if 2 * t <= n + c:
-        return (
-            f"threshold {t} with {n} sites tolerating {colluding} needs 2t > n + c: "
-            f"{2 * t} > {n + c} is false; use t >= {needed}"
-        )
-    if t < min_sites:
-        return f"threshold {t} is below the quorum min_sites={min_sites}; use t >= {min_sites}"
-    return None
-
-
-def _default_degree(n: int) -> int:
-    # Bell et al.'s logarithmic neighbourhood: 3 * ceil(log2 n), even (as fedhealth.secagg's default_degree)
-    k = 3 * math.ceil(math.log2(max(n, 2)))
-    return k + k % 2
-
-
-def min_degree(c: int) -> int:
-    """The smallest even k whose share threshold (k + 1) // 2 + 1 is at least c + 2: then c colluders and the
-    victim itself never hold enough shares to rebuild the victim's secrets, whatever the graph."""
-    return 2 * c + 2
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SecureRoundPlan:
     """What the approved spec says a secure round of one kind must look like: the orchestrator builds the
@@ -240,7 +205,10 @@ class SecureRoundPlan:
     threshold: int
     collusion: int
     full_graph_max_sites: int
-    neighbourhood_size: int | None  # None: every pair of sites are neighbours
+    # the spec's k when it sets one above full_graph_max_sites; None: every pair of sites are neighbours up
+    # to full_graph_max_sites, and fedhealth.secagg's default_degree(n, c) above it
+    neighbourhood_size: int | None
+    degree: int  # k for the spec's n sites: n - 1 with the full graph (a round over fewer sites may differ)
 
     @property
     def n(self) -> int:
@@ -259,27 +227,18 @@ def _plan(spec: StudySpec, kind: TaskKind) -> SecureRoundPlan | str:
     c = sa.collusion if sa.collusion is not None else n // 3
     # evaluation results carry no noise and count with any one site: their quorum is 1
     quorum = spec.min_sites if kind is TaskKind.TRAIN else 1
-    t = sa.threshold if sa.threshold is not None else min(n, max((n + c) // 2 + 1, quorum))
+    t = sa.threshold if sa.threshold is not None else min(n, max(min_threshold(n, c), quorum))
     problem = threshold_problem(n, t, c, quorum)
     if problem is not None:
         return f"secure aggregation of the {what} rounds: {problem}"
     k: int | None = None
+    degree = n - 1
     if n > sa.full_graph_max_sites:
-        floor = min_degree(c)
-        if sa.neighbourhood_size is not None:
-            k = sa.neighbourhood_size
-        else:  # Bell et al.'s default, raised to the collusion floor, within the n - 1 others (even)
-            k = max(floor, min(max(_default_degree(n), floor), n - 1 - (n - 1) % 2))
-        if k < floor:
-            return (
-                f"secure aggregation of the {what} rounds: neighbourhood_size {k} tolerating {c} colluding "
-                f"sites needs k >= 2c + 2 = {floor}"
-            )
-        if k > n - 1:
-            return (
-                f"secure aggregation of the {what} rounds: {n} sites cannot have {k} neighbours each; "
-                f"lower the collusion bound or set full_graph_max_sites >= {n}"
-            )
+        k = sa.neighbourhood_size
+        degree = k if k is not None else default_degree(n, c)
+        problem = None if degree == n - 1 else neighbourhood_problem(n, degree, c)
+        if problem is not None:
+            return f"secure aggregation of the {what} rounds: {problem}"
     return SecureRoundPlan(
         kind=kind,
         sites=sites,
@@ -287,6 +246,7 @@ def _plan(spec: StudySpec, kind: TaskKind) -> SecureRoundPlan | str:
         collusion=c,
         full_graph_max_sites=sa.full_graph_max_sites,
         neighbourhood_size=k,
+        degree=degree,
     )
 
 
