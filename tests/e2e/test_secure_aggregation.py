@@ -385,3 +385,62 @@ def test_a_plain_site_claiming_huge_sample_counts_is_rejected_or_capped_never_de
         extra={3: [(MAX_SITE_SAMPLES, poison)]},
     )
     assert np.max(np.abs(uncapped["weight"] - expected["weight"])) > 1.0
+
+
+# --- finding 5: unmask once per round, across attempts and restarts ---------------------------------------
+
+
+def test_after_an_orchestrator_restart_no_site_unmasks_the_same_round_again(tmp_path):
+    """Attempt A of round 1: the three real sites answer the unmask stage (the rogue holds it open); the
+    orchestrator is killed and restarted (and one agent with it), and round 1 starts again as attempt B,
+    where the sites retrain the same update deterministically. Had they unmasked again, the orchestrator could subtract a sum over
+    fewer sites. Each refuses at the unmask stage with its durable record, and the round fails."""
+    with LocalFederation(tmp_path) as fed:
+        fed.start_orchestrator()
+        for site in ALL:
+            fed.add_site(site)
+        for site in REAL:
+            fed.start_agent(site, {"breast-cancer": BREAST_SITES[site]})
+        fed.wait_for_sites(REAL)
+        spec = breast_spec(
+            ALL,
+            rounds=1,
+            name="unmask-once",
+            min_sites=2,
+            eval_sites=REAL,
+            round_deadline_s=120,
+            secure_aggregation=SecureAggregationSpec(stage_timeout_s=15.0, site_keys=fed.site_keys(ALL)),
+        )
+        study = fed.create_study(spec)
+        rogue = SecureRogue(fed, ROGUE, BREAST_SITES[ROGUE])
+        try:
+            rogue.join()
+            for stage in SECURE_STAGES[:-1]:
+                rogue.step(stage)
+            task_ids = {site: _task_id(fed, study.study_id, 1, site) for site in REAL}
+            for tid in task_ids.values():  # attempt A: every real site unmasked
+                _wait_for_log(fed, "orchestrator", f"task {tid}: unmask message received")
+        finally:
+            rogue.close()
+        fed.stop_orchestrator(sig=signal.SIGKILL)
+        # hospital-a's agent restarts too: only its database remembers that it unmasked
+        fed.stop_agent("hospital-a", sig=signal.SIGKILL)
+        fed.start_orchestrator()
+        fed.start_agent("hospital-a", {"breast-cancer": BREAST_SITES["hospital-a"]})
+        rogue = SecureRogue(fed, ROGUE, BREAST_SITES[ROGUE])
+        try:
+            rogue.join()  # attempt B of the same round
+            for stage in SECURE_STAGES[:-1]:
+                rogue.step(stage)
+            final = fed.wait_for_study(study.study_id, timeout=120)
+        finally:
+            rogue.close()
+    assert final.status is StudyStatus.FAILED
+    tasks = {t.site: t for t in final.rounds[0].tasks}
+    for site, tid in task_ids.items():
+        assert tasks[site].status is TaskStatus.FAILED
+        assert tasks[site].reason.startswith("already_unmasked: "), tasks[site].reason
+        # the site got as far as attempt B's unmask request, and answered it no more
+        agent_log = (fed.logs / f"agent-{site}.log").read_text()
+        assert agent_log.count(f"task {tid}: sent consistency") == 2
+        assert agent_log.count(f"task {tid}: sent unmask") == 1
