@@ -393,8 +393,9 @@ def test_a_plain_site_claiming_huge_sample_counts_is_rejected_or_capped_never_de
 def test_after_an_orchestrator_restart_no_site_unmasks_the_same_round_again(tmp_path):
     """Attempt A of round 1: the three real sites answer the unmask stage (the rogue holds it open); the
     orchestrator is killed and restarted (and one agent with it), and round 1 starts again as attempt B,
-    where the sites retrain the same update deterministically. Had they unmasked again, the orchestrator could subtract a sum over
-    fewer sites. Each refuses at the unmask stage with its durable record, and the round fails."""
+    where the sites retrain the same update deterministically. Had they unmasked again, the orchestrator
+    could subtract a sum over fewer sites. Each refuses at the unmask stage with its durable record, and the
+    round fails."""
     with LocalFederation(tmp_path) as fed:
         fed.start_orchestrator()
         for site in ALL:
