@@ -130,8 +130,8 @@ class OperatorClient:
 
     def site_keys(self, names: list[str]) -> dict[str, str]:
         """The enrolled identity-key fingerprints of ``names``, for a secure study's ``site_keys``, as the
-        orchestrator reports them: each steward compares their own with ``fedhealth site peers`` (or the
-        site's key file) before approving the spec, since the orchestrator is not trusted for them."""
+        orchestrator reports them. The orchestrator is not trusted for them: each steward compares their
+        site's entry with the site's own identity key before approving the spec."""
         known = {s.name: s.fingerprint for s in self.sites()}
         missing = sorted(n for n in names if known.get(n) is None)
         if missing:

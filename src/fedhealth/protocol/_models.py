@@ -163,7 +163,8 @@ class SecureAggregationSpec(Message):
 
     site_keys: dict[Name, KeyFingerprint] = Field(
         description="each participating site's identity-key fingerprint (sha256 hex of its raw Ed25519 "
-        "public key, as `fedhealth site peers` prints it); exactly the training and evaluation sites"
+        "public key: the orchestrator's site list shows it, each steward checks it at the site); exactly "
+        "the training and evaluation sites"
     )
     threshold: int | None = Field(
         default=None,
@@ -329,7 +330,7 @@ class SiteInfo(Message):
     fingerprint: str | None = Field(
         default=None,
         description="sha256 hex of the enrolled identity key: what a secure study's site_keys names (a "
-        "steward compares it with `fedhealth site peers` out of band)",
+        "steward compares it with the site's own key out of band)",
     )
     created_at: datetime
     last_seen_at: datetime | None
