@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from fedhealth.client import ClientError
 from fedhealth.core import decode_tensors, encode_tensors
 from fedhealth.data import open_dataset
 from fedhealth.learning import HEART_DISEASE_PRESETS
@@ -445,3 +446,23 @@ def test_after_an_orchestrator_restart_no_site_unmasks_the_same_round_again(tmp_
         agent_log = (fed.logs / f"agent-{site}.log").read_text()
         assert agent_log.count(f"task {tid}: sent consistency") == 2
         assert agent_log.count(f"task {tid}: sent unmask") == 1
+
+
+# --- findings 3 and 4 at submission ----------------------------------------------------------------------
+
+
+def test_an_unsafe_threshold_or_a_spec_naming_other_keys_is_refused_at_submission(fed):
+    body = _spec(fed, "refused-at-submission").model_dump(mode="json")
+    unsafe = {**body, "secure_aggregation": {**body["secure_aggregation"], "threshold": 2}}  # 4 sites, c = 1
+    with pytest.raises(ClientError) as caught:
+        fed.operator.request("POST", "/api/v1/studies", json=unsafe)
+    assert caught.value.status == 422
+    assert "needs 2t > n + c: 4 > 5 is false; use t >= 3" in str(caught.value.detail)
+    keys = {**body["secure_aggregation"]["site_keys"], VICTIM: "ab" * 32}  # not hospital-c's enrolled key
+    wrong = {**body, "secure_aggregation": {**body["secure_aggregation"], "site_keys": keys}}
+    with pytest.raises(ClientError) as caught:
+        fed.operator.request("POST", "/api/v1/studies", json=wrong)
+    assert caught.value.status == 422
+    assert f"does not match the enrolled identity keys of {VICTIM}" in str(caught.value.detail)
+    listed = {s.name: s.fingerprint for s in fed.operator.sites()}
+    assert listed == fed.site_keys(ALL)  # the operator's view of the keys: what a steward compares
