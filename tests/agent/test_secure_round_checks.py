@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from fedhealth.agent import AgentSettings, SiteAgent
+from fedhealth.agent import AgentSettings, SiteAgent, SiteHome
+from fedhealth.agent._governance import GovernanceGate
 from fedhealth.agent._pipeline import TaskRefused
 from fedhealth.agent._secure import (
     ALREADY_UNMASKED,
@@ -290,3 +291,30 @@ def test_without_a_site_home_the_unmask_record_still_holds_for_the_process():
     record.claim(_task(_spec()), "a1")
     with pytest.raises(TaskRefused):
         record.claim(_task(_spec(), attempt="b2"), "b2")
+
+
+@pytest.mark.parametrize(
+    ("policy", "code"),
+    [("require_secure_aggregation = true\n", "require_secure_aggregation"), ("", SECURE_ROUND_MISSING)],
+)
+def test_the_site_policy_counts_a_task_without_its_secure_round_as_not_secure(tmp_path, policy, code):
+    home = SiteHome(tmp_path / "home")
+    home.root.mkdir()
+    KEYS[ME].save(home.identity_path)
+    home.settings_path.write_text(
+        json.dumps({"site": ME, "orchestrator": "https://x", "enrolled_at": "2026-01-01"})
+    )
+    home.policy_path.write_text(policy)
+    gate = GovernanceGate.from_home(home)
+    spec = _spec()
+    gate.governance.approve(spec, reason="approved", steward="steward")
+    client = RecordingClient()
+    agent = SiteAgent(
+        AgentSettings(orchestrator_url="https://x", site=ME, identity=KEYS[ME], home=home.root),
+        client=client,
+        gates=[gate],
+    )
+    agent.handle(_task(spec, secure=False))
+    assert client.sent == []
+    assert [f.code for f in client.failures] == [code]
+    gate.governance.close()
