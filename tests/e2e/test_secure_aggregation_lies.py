@@ -50,14 +50,14 @@ def _spec(fed, name, **kwargs):
 def _run(fed, proxy, name, rewrite, *, kind=TaskKind.TRAIN):
     """Run a one-round study with ``rewrite`` applied to its tasks of ``kind``; the study's final state."""
     spec = _spec(fed, name)
-    study = fed.create_study(spec)
 
     def lie(task: Task) -> Task:
-        return rewrite(task) if task.study_id == study.study_id and task.kind is kind else task
+        return rewrite(task) if task.spec.name == name and task.kind is kind else task
 
     before = len(proxy.requests)
-    proxy.rewrite_task = lie
+    proxy.rewrite_task = lie  # before the study exists: its first task may reach a site at once
     try:
+        study = fed.create_study(spec)
         final = fed.wait_for_study(study.study_id, timeout=120)
     finally:
         proxy.rewrite_task = None
