@@ -19,9 +19,10 @@ What a client checks before it reveals anything (docs/secure-aggregation.md give
   is its neighbour is a peer it masked with (U3 within U2); its share holders among the survivors reach the
   share threshold; the survivors are connected. Then it signs the set.
 - unmask: the request's set is exactly the one it signed, and carries at least t valid signatures over it
-  from distinct survivors. Then ``before_reveal`` runs, then it reveals the self-mask-seed shares it holds of
-  survivors and the pairwise-key shares of the peers it masked with that are not survivors: never both kinds
-  for one site.
+  from distinct survivors (every entry must name a survivor; it verifies in order until t are valid, and an
+  invalid one before that is refused). Then ``before_reveal`` runs, then it reveals the self-mask-seed shares
+  it holds of survivors and the pairwise-key shares of the peers it masked with that are not survivors: never
+  both kinds for one site.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class SecAggClient:
         self._held: dict[str, tuple[bytes, bytes]] = {}  # owner -> (self-mask-seed share, pairwise-key share)
         self._masked_with: frozenset[str] = frozenset()
         self._signed: tuple[str, ...] | None = None
+        self._own_signature = b""
 
     # --- state ---------------------------------------------------------------------------------------------
 
@@ -447,7 +449,7 @@ class SecAggClient:
             self._check_survivors(frozenset(request.survivors))
         payload = _derive.consistency_payload(self._config, self._digest, self._seed, request.survivors)
         signature = _derive.sign_payload(self._identity, payload)
-        self._signed = request.survivors
+        self._signed, self._own_signature = request.survivors, signature
         self._stage = nxt
         return ConsistencySignature(site_id=self._site, config_digest=self._digest, signature=signature)
 
@@ -457,22 +459,33 @@ class SecAggClient:
         assert self._seed is not None  # set by share_keys
         if request.survivors != self._signed:
             raise SecAggSecurityError("the unmask request's survivors differ from the set this site signed")
-        survivors = set(request.survivors)
-        payload = _derive.consistency_payload(self._config, self._digest, self._seed, request.survivors)
-        for entry in request.signatures:
-            if entry.site_id not in survivors:
-                raise SecAggSecurityError(f"a consistency signature from {entry.site_id!r}, not a survivor")
-            try:
-                _derive.verify_payload(self._peers[entry.site_id], entry.signature, payload)
-            except CryptoError as exc:
-                raise SecAggSecurityError(
-                    f"the consistency signature of {entry.site_id!r} does not sign this survivor set"
-                ) from exc
-        if len(request.signatures) < self._config.threshold:
+        survivors, t = set(request.survivors), self._config.threshold
+        strangers = sorted(e.site_id for e in request.signatures if e.site_id not in survivors)
+        if strangers:
+            raise SecAggSecurityError(
+                f"consistency signatures from sites that are not survivors: {strangers}"
+            )
+        if len(request.signatures) < t:
             raise RoundFailedError(
                 FailureReason.TOO_FEW_SITES,
-                f"{len(request.signatures)} sites signed the survivor set, {self._config.threshold} needed",
+                f"{len(request.signatures)} sites signed the survivor set, {t} needed",
             )
+        payload = _derive.consistency_payload(self._config, self._digest, self._seed, request.survivors)
+        for valid, entry in enumerate(request.signatures, start=1):  # sorted, distinct (the message checks)
+            if entry.site_id == self._site:
+                ok = entry.signature == self._own_signature  # no need to verify what it signed itself
+            else:
+                try:
+                    _derive.verify_payload(self._peers[entry.site_id], entry.signature, payload)
+                    ok = True
+                except CryptoError:
+                    ok = False
+            if not ok:
+                raise SecAggSecurityError(
+                    f"the consistency signature of {entry.site_id!r} does not sign this survivor set"
+                )
+            if valid == t:  # t valid signatures over its own set are all a reveal needs
+                return
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         """Reveal, for each peer whose shares this site holds, the one share the signed survivor set entitles
