@@ -268,6 +268,18 @@ def test_simulate_round_reports_exact_sum_and_upload_of_four_bytes_per_parameter
     assert report.upload_bytes_per_site < 4 * report.vector_length + 8192
 
 
+def test_simulate_round_counts_the_keystreams_of_its_floor() -> None:
+    # 5 sites, one drops after sharing keys: 4 contributors mask with themselves and 4 peers (20 keystreams),
+    # the server removes 4 self masks and the dropped site's 4 masks with them (8)
+    report = simulate_round(sites=5, params=3000, dropout=0.2, repeats=1)
+    assert report.keystreams == 4 * 5 + 4 + 4
+    assert report.floor_seconds > 0
+    assert report.floor_cpu_seconds >= 0
+    assert report.floor_ratio == report.seconds / report.floor_seconds
+    full = simulate_round(sites=10, params=10, repeats=1)
+    assert full.keystreams == 110  # the figure for 10 sites: 10 x (1 + 9) + 10
+
+
 def test_server_result_is_only_the_sum_of_the_contributors() -> None:
     fed = make_federation(4, 3, 6)
     inputs = fed.inputs(9)

@@ -20,7 +20,7 @@ from fedhealth.secagg._config import SecAggConfig
 from fedhealth.secagg._crypto_extra import context_json, derive
 from fedhealth.secagg._messages import KeyAdvertisement
 
-GRAPH_SEED_DOMAIN = b"fedhealth-secagg-graph-seed/2\x00"
+GRAPH_SEED_DOMAIN = b"fedhealth-secagg-graph-seed/2\x00"  # fields are fixed-length or length-prefixed
 
 Context = dict[str, str | int | list[str]]
 
@@ -48,8 +48,9 @@ def advertisement_payload(
 
 
 def graph_seed(digest: bytes, advertisements: Iterable[KeyAdvertisement]) -> bytes:
-    """The neighbourhood-graph seed: sha256 over a domain string, the configuration digest and the canonical
-    bytes (signature included) of every advertisement, sorted by site, each prefixed with its length.
+    """The neighbourhood-graph seed: sha256 over a domain string, the configuration digest and every field of
+    every advertisement (site id, digest, both public keys, signature), sorted by site; the site id is
+    length-prefixed and the other fields have fixed lengths, so the encoding is unambiguous.
 
     Every advertisement carries fresh random keys signed by its site, so the orchestrator cannot choose the
     seed; it can only choose which advertisements to show (docs/secure-aggregation.md says why that is
@@ -58,9 +59,13 @@ def graph_seed(digest: bytes, advertisements: Iterable[KeyAdvertisement]) -> byt
     h = hashlib.sha256(GRAPH_SEED_DOMAIN)
     h.update(digest)
     for advert in sorted(advertisements, key=lambda a: a.site_id):
-        data = advert.to_bytes()
-        h.update(len(data).to_bytes(4, "big"))
-        h.update(data)
+        site = advert.site_id.encode()
+        h.update(len(site).to_bytes(2, "big"))
+        h.update(site)
+        h.update(advert.config_digest)
+        h.update(advert.cipher_public_key)
+        h.update(advert.mask_public_key)
+        h.update(advert.signature)
     return h.digest()
 
 
