@@ -152,6 +152,22 @@ def test_masked_input_with_a_truncated_body_is_refused() -> None:
         (UnmaskRequest, "survivors", ["site-01", "site-00"]),
         (UnmaskRequest, "signatures", [{"site_id": "site-00", "signature": "AAAA"}]),
         (UnmaskRequest, "signatures", "x"),
+        (
+            UnmaskRequest,
+            "signatures",
+            [
+                {"site_id": "site-01", "signature": "A" * 86 + "=="},
+                {"site_id": "site-00", "signature": "A" * 86 + "=="},
+            ],
+        ),
+        (
+            UnmaskRequest,
+            "signatures",
+            [
+                {"site_id": "site-00", "signature": "A" * 86 + "=="},
+                {"site_id": "site-00", "signature": "A" * 86 + "=="},
+            ],
+        ),
         (UnmaskResponse, "shares", [{"owner": "site-00", "kind": "both", "share": "AA=="}]),
     ],
 )
