@@ -261,7 +261,9 @@ def test_an_agent_killed_while_it_holds_a_reservation_never_under_counts(fed):
 def test_site_distributed_noise_is_added_at_each_site_and_carried_by_the_secure_sum(fed):
     sigma, clip, quorum = 1.0, 0.5, 2
     share = sigma * clip / np.sqrt(quorum)
-    secure = SecureAggregationSpec(update_clip=clip + 6 * share + 0.01, stage_timeout_s=30.0)
+    secure = SecureAggregationSpec(
+        update_clip=clip + 6 * share + 0.01, stage_timeout_s=30.0, site_keys=fed.site_keys([A, B, D])
+    )
     spec = breast_spec(
         [A, B, D],
         name="distributed",

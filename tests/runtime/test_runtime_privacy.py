@@ -36,6 +36,7 @@ from fedhealth.runtime import (
 from fedhealth.runtime._privacy import DISTRIBUTED_CLIP_ROOM_STDS, private_mean, privatize_update
 
 SITES = ["site-a", "site-b", "site-c"]
+SITE_KEYS = {s: f"{i:064x}" for i, s in enumerate(SITES)}  # placeholders: nothing here checks them
 URI = "builtin://breast-cancer/0?sites=4&seed=0"
 
 
@@ -74,7 +75,7 @@ def task(spec: StudySpec, round: int = 1, kind: TaskKind = TaskKind.TRAIN) -> Ta
 
 # --- checks -----------------------------------------------------------------------------------------------
 
-SITE_SA = SecureAggregationSpec(weight_cap=1, update_clip=100.0)
+SITE_SA = SecureAggregationSpec(site_keys=SITE_KEYS, update_clip=100.0)
 
 
 @pytest.mark.parametrize(
@@ -104,7 +105,7 @@ SITE_SA = SecureAggregationSpec(weight_cap=1, update_clip=100.0)
         ({"mode": "site-distributed", "noise_multiplier": 1.0}, {}, "without secure aggregation"),
         (
             {"mode": "site-distributed", "noise_multiplier": 1.0},
-            {"secure_aggregation": SecureAggregationSpec(weight_cap=1, update_clip=2.0)},
+            {"secure_aggregation": SecureAggregationSpec(site_keys=SITE_KEYS, update_clip=2.0)},
             "would clip the noisy updates",
         ),
     ],
@@ -121,7 +122,7 @@ def test_valid_specs_pass_the_check():
     check_privacy(spec_with({"mode": "site-central", "target_epsilon": 2.0}))
     # the share of a site is sigma C / sqrt(min_sites); the codec needs room for C plus 6 of its std
     room = 1.0 + DISTRIBUTED_CLIP_ROOM_STDS * 1.0 / np.sqrt(2)
-    sa = SecureAggregationSpec(weight_cap=1, update_clip=room * 1.0001)
+    sa = SecureAggregationSpec(site_keys=SITE_KEYS, update_clip=room * 1.0001)
     check_privacy(spec_with({"mode": "site-distributed", "noise_multiplier": 1.0}, secure_aggregation=sa))
 
 
@@ -170,7 +171,7 @@ def test_site_central_mean_is_the_unweighted_mean_of_reclipped_updates_plus_nois
 
 
 def test_site_distributed_adds_the_quorum_share_of_the_noise_at_the_site_and_none_at_the_orchestrator():
-    sa = SecureAggregationSpec(weight_cap=1, update_clip=100.0)
+    sa = SecureAggregationSpec(site_keys=SITE_KEYS, update_clip=100.0)
     spec = spec_with(
         {"mode": "site-distributed", "noise_multiplier": 2.0}, secure_aggregation=sa, min_sites=2
     )
@@ -246,7 +247,7 @@ def test_site_mode_training_reports_only_the_record_count_and_sends_a_clipped_up
 
 
 def test_a_sites_noise_share_does_not_depend_on_the_order_its_tensors_arrived_in():
-    sa = SecureAggregationSpec(weight_cap=1, update_clip=100.0)
+    sa = SecureAggregationSpec(site_keys=SITE_KEYS, update_clip=100.0)
     spec = spec_with({"mode": "site-distributed", "noise_multiplier": 2.0}, secure_aggregation=sa)
     delta = {"weight": np.full(5, 0.01, np.float32), "bias": np.full(1, 0.02, np.float32)}
     forward = privatize_update(spec, delta, np.random.default_rng(5))

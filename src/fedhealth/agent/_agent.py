@@ -28,8 +28,9 @@ from fedhealth.agent._client import (
     SecureRoundGone,
     TlsVerificationError,
 )
+from fedhealth.agent._home import SiteHome
 from fedhealth.agent._pipeline import SiteGate, TaskContext, TaskRefused
-from fedhealth.agent._secure import PeerPins, run_secure_exchange
+from fedhealth.agent._secure import PeerPins, UnmaskRecord, check_secure_round, run_secure_exchange
 from fedhealth.core import (
     DatasetError,
     FedHealthError,
@@ -95,6 +96,9 @@ class SiteAgent:
         self.gates: list[SiteGate] = list(gates)
         self._pins = PeerPins(settings.home / "peers.json" if settings.home is not None else None)
         self._key_guard = KeyReuseGuard()
+        # the site database (HOME/site.sqlite), where the site records each secure round it unmasked
+        home = SiteHome(settings.home) if settings.home is not None else None
+        self._unmasked = UnmaskRecord.at(home.database_path if home is not None else None)
 
     def stop(self) -> None:
         self._stop.set()
@@ -168,6 +172,9 @@ class SiteAgent:
         try:
             for gate in self.gates:
                 gate.before_data(ctx)
+            # before the model or any data: a secure study's round must be the one the steward approved, and
+            # a secure study's task without its secure round is refused (nothing goes out in clear)
+            secure = check_secure_round(task, site, self.settings.identity, self._pins)
             params = self._model(task)
             dataset = None
             if task.recipe.name.value != "synthetic":
@@ -184,18 +191,17 @@ class SiteAgent:
                 gate.after_training(ctx)
             self._attest(ctx)
             self._record_locally(task, metrics)
-            if task.secure_round is not None:
+            if secure is not None:
                 # Metrics travel only inside the secure sum; the attestation rides on the first message.
-                n_sites = len(task.secure_round.peer_keys)
-                codec = secure_codec(task.spec, task.kind, n_sites)
-                vector = encode_contribution(codec, task.spec, metrics, delta)
+                vector = encode_contribution(secure_codec(task.spec, task.kind), task.spec, metrics, delta)
                 run_secure_exchange(
                     self.client,
                     task,
+                    secure,
                     site=site,
                     identity=self.settings.identity,
-                    pins=self._pins,
                     guard=self._key_guard,
+                    record=self._unmasked,
                     vector=vector,
                     attestation=ctx.site_attestation(),
                     poll_wait_s=self.settings.poll_wait_s,

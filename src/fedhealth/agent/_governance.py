@@ -466,7 +466,8 @@ class GovernanceGate(PassGate):
             owner=task.spec.owner,
             dataset=task.dataset,
             requested_epsilon=self._epsilon_cache[digest],
-            secure_aggregation=task.spec.secure_aggregation is not None,
+            # secure only if the task carries its secure round too (a task without one is a downgrade)
+            secure_aggregation=task.spec.secure_aggregation is not None and task.secure_round is not None,
         )
 
     def _cohort_before_data(self, ctx: TaskContext, settings: SiteSettings) -> None:

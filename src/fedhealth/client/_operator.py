@@ -136,6 +136,16 @@ class OperatorClient:
     def sites(self) -> list[SiteInfo]:
         return [SiteInfo.model_validate(s) for s in self.request("GET", "/api/v1/sites").json()]
 
+    def site_keys(self, names: list[str]) -> dict[str, str]:
+        """The enrolled identity-key fingerprints of ``names``, for a secure study's ``site_keys``, as the
+        orchestrator reports them. The orchestrator is not trusted for them: each steward compares their
+        site's entry with the site's own identity key before approving the spec."""
+        known = {s.name: s.fingerprint for s in self.sites()}
+        missing = sorted(n for n in names if known.get(n) is None)
+        if missing:
+            raise FedHealthError(f"sites not enrolled (no identity key yet): {', '.join(missing)}")
+        return {n: known[n] for n in names}  # type: ignore[misc]
+
     def add_user(self, name: str, role: str) -> UserCreated:
         return UserCreated.model_validate(
             self.request("POST", "/api/v1/users", json={"name": name, "role": role}).json()

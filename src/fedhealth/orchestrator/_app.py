@@ -42,6 +42,7 @@ from fedhealth.core import (
     NotFoundError,
     SystemClock,
     TensorError,
+    sha256_hex,
 )
 from fedhealth.crypto import Audience, IdentityKey, PemPair, certificate_fingerprint, sign_client_csr
 from fedhealth.governance import AuditEventType, AuditLog
@@ -644,7 +645,8 @@ def create_app(
         request: Request,
         wait: Annotated[float, Query(ge=0, le=60)] = 0.0,
     ) -> Ack | Response:
-        """Send this site's SecAgg+ message for ``stage`` (advertise_keys, share_keys, masked_input, unmask).
+        """Send this site's SecAgg+ message for ``stage`` (advertise_keys, share_keys, masked_input,
+        consistency, unmask).
 
         The site's attestation for the task rides along in the ``X-Fedhealth-Attestation`` header (base64
         of its JSON); it is stored with the task when the round closes. With ``wait`` > 0 (not for unmask)
@@ -912,6 +914,7 @@ def _site_info(row: SiteRow) -> SiteInfo:
     return SiteInfo(
         name=row.name,
         status=row.status.value,
+        fingerprint=sha256_hex(bytes.fromhex(row.public_key)) if row.public_key else None,
         created_at=row.created_at,
         last_seen_at=row.last_seen_at,
         enrolled_at=row.enrolled_at,

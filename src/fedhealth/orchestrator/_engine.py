@@ -18,7 +18,15 @@ from typing import Any
 import anyio
 import numpy as np
 
-from fedhealth.core import Clock, FedHealthError, InputError, decode_tensors, encode_tensors
+from fedhealth.core import (
+    Clock,
+    ConfigError,
+    FedHealthError,
+    InputError,
+    decode_tensors,
+    encode_tensors,
+    sha256_hex,
+)
 from fedhealth.orchestrator._blobs import BlobKind, BlobStore
 from fedhealth.orchestrator._hooks import StudyObserver
 from fedhealth.orchestrator._notify import TaskNotifier
@@ -37,6 +45,7 @@ from fedhealth.protocol import (
 )
 from fedhealth.runtime import (
     SecureSum,
+    SecureSumRejected,
     aggregate,
     central_noise_on_mean,
     decode_sum,
@@ -113,9 +122,7 @@ class RoundEngine:
 
     async def create_study(self, spec: StudySpec, owner: str = "admin") -> StudyRow:
         if spec.secure_aggregation is not None:
-            for what, sites in (("training", spec.train_sites), ("evaluation", spec.evaluation_sites)):
-                if len(sites) < 2:
-                    raise InputError(f"secure aggregation needs at least 2 {what} sites")
+            self._check_site_keys(spec)
         for observer in self.observers:
             # may refuse the study; in a thread, as checks can take seconds (noise calibration)
             await anyio.to_thread.run_sync(observer.check_study, spec, owner)
@@ -142,6 +149,23 @@ class RoundEngine:
         self._notify("study_created", study, owner)
         self._opened(round_row)
         return study
+
+    def _check_site_keys(self, spec: StudySpec) -> None:
+        """A secure study's fingerprints must be the sites' enrolled keys: every site would refuse its rounds
+        otherwise (the spec is what the stewards approve; the sites check each round against it)."""
+        assert spec.secure_aggregation is not None
+        wrong = []
+        for site, fingerprint in sorted(spec.secure_aggregation.site_keys.items()):
+            row = self.store.get_site_or_none(site)
+            if row is None or row.public_key is None:
+                wrong.append(f"{site} (not enrolled)")
+            elif sha256_hex(bytes.fromhex(row.public_key)) != fingerprint:
+                wrong.append(f"{site} (enrolled key {sha256_hex(bytes.fromhex(row.public_key))[:16]}...)")
+        if wrong:
+            raise InputError(
+                "secure_aggregation.site_keys does not match the enrolled identity keys of "
+                + ", ".join(wrong)
+            )
 
     async def cancel_study(self, study_id: str, reason: str) -> None:
         if self.store.end_study(study_id, StudyStatus.CANCELLED, reason, self.clock.now()):
@@ -211,17 +235,20 @@ class RoundEngine:
                 site = self.store.get_site_or_none(t.site)
                 if site is not None and site.public_key is not None:
                     keys[t.site] = site.public_key
-            self.secure.start(
-                round_id=r.id,
-                study_id=r.study_id,
-                number=r.number,
-                kind=r.kind,
-                spec=spec,
-                sites=sorted(keys),
-                identities=keys,
-                on_done=lambda rid: self._spawn(self.finalize(rid)),
-                on_failed=lambda rid, reason: self._spawn(self._secure_failed(rid, reason)),
-            )
+            try:
+                self.secure.start(
+                    round_id=r.id,
+                    study_id=r.study_id,
+                    number=r.number,
+                    kind=r.kind,
+                    spec=spec,
+                    sites=sorted(keys),
+                    identities=keys,
+                    on_done=lambda rid: self._spawn(self.finalize(rid)),
+                    on_failed=lambda rid, reason: self._spawn(self._secure_failed(rid, reason)),
+                )
+            except ConfigError as exc:  # e.g. fewer enrolled sites than the spec's threshold
+                self._spawn(self._secure_failed(r.id, f"secure aggregation cannot start: {exc}"))
         self.notifier.notify(self._open_sites(r.id))
 
     async def _secure_failed(self, round_id: str, reason: str) -> None:
@@ -292,7 +319,12 @@ class RoundEngine:
             state_out = self.blobs.put(encode_tensors(new_state)) if new_state else None
             return sums, model_out, state_out
 
-        sums, model_out, state_out = await anyio.to_thread.run_sync(compute)
+        try:
+            sums, model_out, state_out = await anyio.to_thread.run_sync(compute)
+        except SecureSumRejected as exc:  # a site sent values outside its ranges: nothing of it is used
+            log.warning("study %s round %d: %s", study.id, r.number, exc)
+            self._fail(r.id, f"secure sum rejected: {exc}")
+            return
         metrics = dict(sums.metrics)
         if r.kind is TaskKind.TRAIN:
             assert model_out is not None

@@ -22,6 +22,7 @@ from fedhealth.protocol._identity import (
 )
 from fedhealth.protocol._models import (
     ATTESTATION_HEADER,
+    MAX_SITE_SAMPLES,
     PROTOCOL_VERSION,
     RESULT_METADATA_KEY,
     AccountantName,
@@ -40,6 +41,7 @@ from fedhealth.protocol._models import (
     RoundStatus,
     SecureAggregationSpec,
     SecureRoundInfo,
+    SecureRoundPlan,
     SiteAttestation,
     SiteCreate,
     SiteInfo,
@@ -57,10 +59,12 @@ from fedhealth.protocol._models import (
     TaskKind,
     TaskPoll,
     TaskStatus,
+    secure_round_plan,
 )
 
 __all__ = [
     "ATTESTATION_HEADER",
+    "MAX_SITE_SAMPLES",
     "OPERATOR_ROLES",
     "PROTOCOL_VERSION",
     "RESULT_METADATA_KEY",
@@ -88,6 +92,7 @@ __all__ = [
     "RoundStatus",
     "SecureAggregationSpec",
     "SecureRoundInfo",
+    "SecureRoundPlan",
     "SiteAttestation",
     "SiteCreate",
     "SiteCreated",
@@ -111,4 +116,5 @@ __all__ = [
     "UserCreated",
     "UserInfo",
     "agent_login_message",
+    "secure_round_plan",
 ]

@@ -84,6 +84,11 @@ class LocalFederation:
     def site_home(self, name: str) -> SiteHome:
         return SiteHome(self.workdir / "sites" / name)
 
+    def site_keys(self, names: Sequence[str]) -> dict[str, str]:
+        """The identity-key fingerprints of enrolled sites, read from their own homes (what each steward
+        would state), for a secure study's ``SecureAggregationSpec.site_keys``."""
+        return {name: self.site_home(name).identity().public().fingerprint for name in names}
+
     def budget_ledger(self, site: str) -> Any:
         """The site's privacy-budget ledger (a ``fedhealth.privacy.BudgetLedger`` on its database), as its
         agent and ``fedhealth site budget ... --home`` open it."""
@@ -204,7 +209,16 @@ class LocalFederation:
             insecure=not self.tls,
         )
 
-    def start_agent(self, site: str, datasets: Mapping[str, str], *, extra_args: Sequence[str] = ()) -> None:
+    def start_agent(
+        self,
+        site: str,
+        datasets: Mapping[str, str],
+        *,
+        extra_args: Sequence[str] = (),
+        orchestrator_url: str | None = None,
+    ) -> None:
+        """Start ``site``'s agent; ``orchestrator_url`` points it somewhere else than the orchestrator (a
+        proxy in front of it, in tests)."""
         if self.url is None:
             raise FederationError("start the orchestrator first")
         args = [
@@ -213,7 +227,7 @@ class LocalFederation:
             "--home",
             str(self.site_home(site).root),
             "--orchestrator",
-            self.url,
+            orchestrator_url or self.url,
             "--log-level",
             self.log_level,
         ]
