@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 from collections import deque
 from collections.abc import Iterable
@@ -78,6 +77,7 @@ from fedhealth.orchestrator._hooks import NullObserver, StudyObserver
 from fedhealth.orchestrator._report import study_info
 from fedhealth.orchestrator._store import ModelVersion, RoundRow, SiteStatus, Store, StudyRow, TaskRow
 from fedhealth.protocol import (
+    FailureCode,
     LogHeadInfo,
     RoundCommitment,
     StudyInfo,
@@ -96,14 +96,14 @@ NO_DATA = "no-data"
 UNATTESTED = "unattested"
 NO_SNAPSHOT = "0" * 64  # "no consent snapshot": a site that read no patient rows, or did not attest one
 # failure codes of the site agent that mean "could not", not "would not": logged as failed, not refused
-FAILURE_CODES = frozenset({"dataset_unavailable", "invalid_task", "training_failed", "internal_error"})
+FAILURE_CODES = frozenset(c.value for c in FailureCode if not c.is_refusal)
 # commitments a task carries per site: the newest few that hold the site's head (the site skips known ones)
 COMMITMENTS_PER_TASK = 4
 DEFAULT_INTENDED_USE = "Research within the study named above. Not validated for clinical decisions."
 
 # what an evaluation task's metrics say about training (zero or absent there): left out of the model card
 _TRAINING_METRICS = frozenset({"num_samples", "train_loss", "duration_s"})
-_CODE = re.compile(r"^[a-z_]{1,40}$")  # TaskFailure.code
+_REFUSALS = frozenset(c.value for c in FailureCode if c.is_refusal)
 _ENTRIES = GOVERNANCE_METADATA.tables["gov_audit_entries"]
 _WATCHED = (
     AuditEventType.ENROLLMENT.value,
@@ -298,14 +298,15 @@ class GovernanceObserver(NullObserver):
         if head is not None:
             base["site_head"] = {"seq": head.seq, "hash": head.hash}
         if task.status is TaskStatus.FAILED:
-            code, _, reason = (task.reason or "").partition(": ")
-            if _CODE.match(code) and code not in FAILURE_CODES:
+            code, _, _ = (task.reason or "").partition(": ")
+            if code in _REFUSALS:
+                # the code's own fixed sentence, never text the site composed (it could carry PHI)
                 record_task_refusal(
                     self.log,
                     task_id=task.id,
                     study_id=task.study_id,
                     rule=code,
-                    reason=reason or code,
+                    reason=FailureCode(code).message,
                     site=task.site,
                     round=number,
                     spec_hash=spec_hash(self.store.spec(task.study_id).model_dump(mode="json")),

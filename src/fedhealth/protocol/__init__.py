@@ -3,6 +3,7 @@
 Nothing else in fedhealth defines message shapes.
 """
 
+from fedhealth.protocol._failures import FailureCode, failure_code
 from fedhealth.protocol._identity import (
     OPERATOR_ROLES,
     AgentTokenRequest,
@@ -73,6 +74,7 @@ __all__ = [
     "EnrollRequest",
     "EnrollResponse",
     "ErrorBody",
+    "FailureCode",
     "LocalOptimizer",
     "LogHeadInfo",
     "OperatorCredential",
@@ -111,4 +113,5 @@ __all__ = [
     "UserCreated",
     "UserInfo",
     "agent_login_message",
+    "failure_code",
 ]

@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedhealth.protocol._failures import FailureCode
+
 PROTOCOL_VERSION = 1
 # A secure task's SiteAttestation (base64 of its JSON) may ride on the site's first SecAgg+ message here.
 ATTESTATION_HEADER = "X-Fedhealth-Attestation"
@@ -376,12 +378,16 @@ class SiteAttestation(Message):
 
 
 class TaskFailure(Message):
-    """Sent by an agent that cannot (or will not) do a task. ``code`` is machine-readable (a refusal's rule),
-    ``reason`` is for people."""
+    """Sent by an agent that cannot (or will not) do a task: a code from a closed set, never free text (a
+    site's own words could carry a path or a patient id). ``reason`` is the code's fixed sentence, looked up
+    by whoever reads the message, not sent."""
 
-    code: Annotated[str, Field(pattern=r"^[a-z_]{1,40}$")]
-    reason: Annotated[str, Field(min_length=1, max_length=2000)]
+    code: FailureCode
     attestation: SiteAttestation | None = None
+
+    @property
+    def reason(self) -> str:
+        return self.code.message
 
 
 class ResultManifest(Message):
