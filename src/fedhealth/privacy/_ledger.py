@@ -57,6 +57,7 @@ from fedhealth.core import (
     ServiceUnavailableError,
     SystemClock,
     canonical_json,
+    create_private_file,
     is_valid_name,
     new_id,
 )
@@ -225,7 +226,10 @@ def _fmt(value: float) -> str:
 
 
 def sqlite_engine(path: str | Path) -> sa.Engine:
-    """An engine on the site's SQLite file with the settings the ledger relies on."""
+    """An engine on the site's SQLite file with the settings the ledger relies on. A new file is created
+    0600 first: the ledger sits beside the site's consent records."""
+    if str(path) != ":memory:":
+        create_private_file(Path(path))
     engine = sa.create_engine(
         f"sqlite:///{Path(path)}", connect_args={"timeout": 30.0, "check_same_thread": False}
     )
