@@ -62,6 +62,7 @@ class AuditEventType(StrEnum):
     POLICY_DECISION = "policy.decision"
     ROUND_COMMITTED = "round.committed"
     ANCHOR_RECORDED = "anchor.recorded"
+    COMMITMENT_KEY_REVEALED = "commitment.key_revealed"
 
 
 # Keys an entry of each type must carry, so an auditor can rely on them. Types not listed are free-form.
@@ -80,6 +81,7 @@ REQUIRED_PAYLOAD_KEYS: Mapping[AuditEventType, frozenset[str]] = {
     AuditEventType.POLICY_DECISION: frozenset({"allowed", "reason", "rule", "subject"}),
     AuditEventType.ROUND_COMMITTED: frozenset({"study_id", "round", "site_heads"}),
     AuditEventType.ANCHOR_RECORDED: frozenset({"study_id", "round", "orchestrator_head"}),
+    AuditEventType.COMMITMENT_KEY_REVEALED: frozenset({"study_id", "to", "key_sha256"}),
 }
 
 
