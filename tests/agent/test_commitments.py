@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+from site_fixtures import SITE, agent, approve, make_home, task
 from typer.testing import CliRunner
 
 from fedhealth.agent._governance import SiteGovernance
@@ -29,7 +30,6 @@ from fedhealth.governance import (
     verify_opening,
 )
 from fedhealth.protocol import RecipeSpec, StudySpec
-from site_fixtures import SITE, agent, approve, make_home, task
 
 runner = CliRunner()
 PURPOSE = "research"

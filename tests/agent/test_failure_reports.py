@@ -130,7 +130,8 @@ def test_the_same_dataset_trains_when_its_id_column_is_declared(site, tmp_path):
     client = run_one(site, f"file://{csv}?label=label&id=patient_id", dp_spec())
     assert client.failures == []
     [result] = client.results
-    assert result.metrics is not None and result.metrics.num_samples > 0
+    assert result.metrics is not None
+    assert result.metrics.num_samples > 0
     assert ledger(site).statement("cohort").spent_epsilon > 0
 
 
@@ -168,7 +169,8 @@ def test_the_wire_message_refuses_free_text_and_unknown_codes():
     with pytest.raises(ValueError, match="Input should be"):
         TaskFailure.model_validate({"code": "p0000_not_a_number"})
     for code in FailureCode:
-        assert "\n" not in code.message and len(code.message) < 120
+        assert "\n" not in code.message
+        assert len(code.message) < 120
 
 
 def test_a_newline_in_a_reason_cannot_write_a_heading_into_the_report():

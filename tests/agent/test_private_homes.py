@@ -9,13 +9,13 @@ import stat
 from pathlib import Path
 
 import pytest
+from site_fixtures import make_home
 from sqlalchemy import text
 
 from fedhealth.agent._governance import SiteGovernance, site_engine
 from fedhealth.core import ConfigError, create_private_file, make_private_dir, secure_home
 from fedhealth.orchestrator import OrchestratorHome, init_home
 from fedhealth.privacy import BudgetLedger, sqlite_engine
-from site_fixtures import make_home
 
 
 def mode(path: Path) -> int:

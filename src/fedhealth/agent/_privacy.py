@@ -296,6 +296,14 @@ class PrivacyGate(PassGate):
         charged = notes.task_epsilon if notes is not None and notes.receipt is not None else None
         if not all(math.isfinite(v) for v in (study_epsilon, statement.spent_epsilon, charged or 0.0)):
             return  # a release without noise is on the ledger: no finite figure to state
+        # The ledger accounts at its budget's delta; a model card prints the spec's: state the study's epsilon
+        # at that delta too, so nobody prints one figure beside the other delta.
+        spec_delta = task.spec.privacy.delta if task.spec.privacy is not None else None
+        spec_epsilon = (
+            self.ledger.study_epsilon(task.dataset, task.study_id, delta=spec_delta)
+            if spec_delta is not None
+            else None
+        )
         ctx.attestation["privacy"] = PrivacySpend(
             dataset=task.dataset,
             delta=statement.delta,
@@ -304,6 +312,8 @@ class PrivacyGate(PassGate):
             budget_epsilon=statement.budget_epsilon,
             task_epsilon=charged,
             accountant=AccountantName(self.ledger.accountant.value),
+            spec_delta=spec_delta,
+            spec_study_epsilon=_json_float(spec_epsilon) if spec_epsilon is not None else None,
             reproducible_noise=self.reproducible_noise,
         ).model_dump(mode="json")
 

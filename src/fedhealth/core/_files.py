@@ -34,8 +34,8 @@ def create_private_file(path: Path) -> None:
     :func:`secure_home`). Call it before a library (SQLite) creates the file with the process umask."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
-    except FileExistsError:
-        return
+    except (FileExistsError, FileNotFoundError):
+        return  # there already, or no folder for it: SQLite reports the latter when it opens the file
     os.close(fd)
 
 

@@ -589,6 +589,15 @@ class BudgetLedger:
         """The composed epsilon, at the budget's delta, of everything committed or reserved on the dataset."""
         return self.statement(dataset).spent_epsilon
 
+    def study_epsilon(self, dataset: str, study_id: str, *, delta: float) -> float:
+        """One study's composed epsilon on the dataset at ``delta`` (e.g. the study spec's, which need not be
+        the budget's): what a model card may state next to that delta."""
+        _check_dataset(dataset)
+        with self._connect() as conn:
+            entries = self._entries(conn, dataset)
+        plan = DpPlan(releases=tuple(r for study, _, p in entries if study == study_id for r in p.releases))
+        return epsilon(plan, delta=delta, accountant=self._accountant)
+
     def statement(self, dataset: str) -> BudgetStatement:
         """The dataset's budget, total spend and spend per study (reservations counted as spent)."""
         _check_dataset(dataset)

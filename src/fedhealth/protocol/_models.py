@@ -360,6 +360,15 @@ class PrivacySpend(Message):
         default=None, ge=0, description="what this task was charged on its own (none: nothing charged)"
     )
     accountant: AccountantName = Field(default=AccountantName.PLD, description="the site ledger's accountant")
+    spec_delta: FiniteFloat | None = Field(
+        default=None, gt=0, lt=1, description="the study spec's delta (the ledger's ``delta`` may differ)"
+    )
+    spec_study_epsilon: FiniteFloat | None = Field(
+        default=None,
+        ge=0,
+        description="the study's record-level epsilon at spec_delta: the figure a model card may print "
+        "beside the spec's delta",
+    )
     reproducible_noise: bool = Field(
         default=False,
         description="noise drawn from the study seed (benchmarks only: no privacy against "

@@ -171,12 +171,13 @@ def planned_epsilon(spec: StudySpec, site: str) -> float:
     return epsilon(study_plan(spec, site), delta=spec.privacy.delta, accountant=_accountant(spec))
 
 
-def site_level_epsilon(spec: StudySpec) -> float | None:
-    """Site modes: the study's guarantee for a whole site's participation (adding or removing its updates)."""
+def site_level_epsilon(spec: StudySpec, rounds: int | None = None) -> float | None:
+    """Site modes: the guarantee for a whole site's participation (adding or removing its updates) over the
+    study's rounds, or its first ``rounds``, at the spec's delta."""
     if not is_site_mode(spec):
         return None
     assert spec.privacy is not None
-    release = site_update_dp(spec).site_level_release(spec.rounds)
+    release = site_update_dp(spec).site_level_release(spec.rounds if rounds is None else rounds)
     return epsilon(release, delta=spec.privacy.delta, accountant=_accountant(spec))
 
 
