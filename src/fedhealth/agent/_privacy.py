@@ -200,6 +200,21 @@ class PrivacyGate(PassGate):
 
     def prepare_data(self, ctx: TaskContext, dataset: TabularDataset) -> TabularDataset:
         self._untouched.pop(ctx.task.task_id, None)  # the data is read from here on
+        notes: _TaskNotes | None = ctx.state.get(STATE_KEY)
+        privacy = ctx.task.spec.privacy
+        if notes is not None and privacy is not None and dataset.num_train > 0:
+            # A delta of 1/n or more allows publishing one patient's record outright: no guarantee at all.
+            # Refused here, before anything is computed on the rows (the reservation is released).
+            deltas = {"the study's": privacy.delta}
+            if notes.reservation is not None:
+                deltas["the site's budget"] = self.ledger.budget(ctx.task.dataset).delta
+            for whose, delta in deltas.items():
+                if delta >= 1.0 / dataset.num_train:
+                    raise TaskRefused(
+                        INVALID_PRIVACY,
+                        f"{whose} delta {delta:g} is not below 1/n = {1.0 / dataset.num_train:.3g} for the "
+                        f"{dataset.num_train} training records of dataset {ctx.task.dataset!r}",
+                    )
         return dataset
 
     def after_training(self, ctx: TaskContext) -> None:
