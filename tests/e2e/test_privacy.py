@@ -50,6 +50,7 @@ from fedhealth.runtime import (
     run_study_in_memory,
     train_on_site,
 )
+from fedhealth.runtime._privacy import distributed_clip_room
 from fedhealth.sim import LocalFederation
 from support import BREAST_SITES, breast_datasets, breast_spec, heart_data_dir
 
@@ -268,20 +269,22 @@ def test_an_agent_killed_while_it_holds_a_reservation_never_under_counts(fed):
 
 def test_site_distributed_noise_is_added_at_each_site_and_carried_by_the_secure_sum(fed):
     sigma, clip, quorum = 1.0, 0.5, 2
-    share = sigma * clip / np.sqrt(quorum)
-    secure = SecureAggregationSpec(update_clip=clip + 6 * share + 0.01, stage_timeout_s=30.0)
-    spec = breast_spec(
+    draft = breast_spec(
         [A, B, D],
         name="distributed",
         dataset="bc-secure",
         rounds=2,
         min_sites=quorum,
         round_deadline_s=120.0,
-        secure_aggregation=secure,
+        secure_aggregation=SecureAggregationSpec(stage_timeout_s=30.0),
         privacy=PrivacySpec(
             mode=DpMode.SITE_DISTRIBUTED, delta=DELTA, noise_multiplier=sigma, max_grad_norm=clip
         ),
     )
+    # the codec's clip leaves the room that keeps every noisy value of the study unclipped but for delta/100
+    room, _ = distributed_clip_room(draft)
+    secure = SecureAggregationSpec(update_clip=room + 0.01, stage_timeout_s=30.0)
+    spec = draft.model_copy(update={"secure_aggregation": secure})
     study = fed.create_study(spec)
     final = fed.wait_for_study(study.study_id, timeout=300)
     assert final.status is StudyStatus.COMPLETED, final.reason
