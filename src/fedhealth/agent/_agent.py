@@ -1,8 +1,9 @@
 """The site agent's main loop: long-poll for a task, do it on local data, upload, repeat.
 
 The agent dials out only. Every failure to reach the orchestrator is retried with backoff; a task the site
-cannot do (missing dataset, wrong model shape, training diverged) is reported with a reason so the round goes
-on without it.
+cannot do (missing dataset, wrong model shape, training diverged) is reported with a code from
+:class:`fedhealth.protocol.FailureCode` so the round goes on without it; the details (which may name a file
+or a patient) stay in this site's own log.
 """
 
 from __future__ import annotations

@@ -10,17 +10,18 @@ the consent snapshots each task used. :class:`GovernanceGate` is the first gate 
                   site-policy rule, each decision logged. Under the opt-in consent model a cohort that the
                   consent registry alone proves smaller than k is refused here too. A refusal here is made
                   before the dataset is opened.
-``prepare_data``  (training tasks) keep only the training rows whose patient's consent permits the study's
-                  purpose today (the consent snapshot is stored and logged with suppressed counts), then the
-                  cohort rule on what is left. The dataset handed on is the filtered one.
-``after_training`` / ``attest``  log ``task.completed`` and ``update.sent``; state the log head, the
-                  fingerprint of the training set actually used and the consent snapshot hash for the
-                  orchestrator (which anchors the head in its round record).
+``prepare_data``  (every task) keep only the rows, training and held-out, whose patient's consent permits the
+                  study's purpose today (the consent snapshot is stored and logged with suppressed counts),
+                  re-standardized on the kept training rows; then (training) the cohort rule. The dataset
+                  handed on is the filtered one.
+``after_training`` / ``attest``  log ``task.completed`` and ``update.sent``; state the log head and keyed
+                  commitments (``governance._commitments``) to the fingerprint of the rows actually used and
+                  to the consent snapshot, for the orchestrator (which anchors the head in its round record).
 
 A refusal's code is the rule that refused (:class:`fedhealth.governance.Rule` values, or
 ``spec_mismatch``: the task's recipe, dataset, seed or round is not its spec's; ``spec_signature``,
-``site_policy``, ``consent``) and its reason is the decision's sentence; the site's ``task.refused`` entry and
-the orchestrator's carry the same reason.
+``site_policy``, ``consent``) and its reason is the decision's sentence, kept in the site's ``task.refused``
+entry; the orchestrator receives the code alone and logs it with the code's fixed sentence.
 
 Defaults when the site has not said otherwise (``HOME/policy.toml`` absent or silent):
 - every study needs the steward's approval of its exact spec hash: there is no setting to turn that off;

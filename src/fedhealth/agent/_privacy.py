@@ -15,9 +15,13 @@ The site keeps a budget ``(epsilon, delta)`` per registered dataset in its ledge
                    ``budget_already_charged`` (a task id that already holds a charge: a retried task needs a
                    new id), ``invalid_privacy`` (a spec the services cannot honour).
 ``after_training`` commit what was released (the plan: the trainers take their parameters from it).
-``on_refused`` / ``on_failed``  release the reservation if the data was never read; charge it in full if it
-                   was (something data-dependent, if only a failure report, left the site).
-``attest``         state the ledger's figures for the orchestrator (:class:`fedhealth.protocol.PrivacySpend`).
+``prepare_data``   (rows counted, nothing computed yet) refuse with ``invalid_privacy`` a delta, the study's
+                   or the budget's, at or above 1/n for the dataset's n training rows.
+``on_refused`` / ``on_failed``  release the reservation if no computation on patient rows began
+                   (``ctx.data_read`` false: missing file, parse error, schema mismatch, a refusal); charge
+                   it in full if it had (a failure code may then reflect the rows).
+``attest``         state the ledger's figures for the orchestrator (:class:`fedhealth.protocol.PrivacySpend`),
+                   the study's epsilon at the ledger's delta and at the spec's (what a model card prints).
 
 Studies without differential privacy: a dataset that has a budget refuses them (their epsilon is infinite:
 the budget could not stay a guarantee); a dataset without one runs them as before budgets existed. The same
