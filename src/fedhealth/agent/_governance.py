@@ -99,7 +99,7 @@ from fedhealth.governance import (
     record_task_refusal,
     spec_hash,
 )
-from fedhealth.protocol import StudySpec, Task, TaskKind
+from fedhealth.protocol import FailureCode, StudySpec, Task, TaskKind
 from fedhealth.runtime import planned_epsilon
 
 log = logging.getLogger("fedhealth.agent")
@@ -112,7 +112,7 @@ SPEC_MISMATCH_CODE = "spec_mismatch"
 CONSENT_CODE = "consent"
 WITHDRAWALS_PATH = "/api/v1/agent/governance/withdrawals"
 # failure codes the agent itself gives (SiteAgent's _failure_code): a task that ended without being refused
-FAILURE_CODES = frozenset({"dataset_unavailable", "invalid_task", "training_failed", "internal_error"})
+FAILURE_CODES = frozenset(c.value for c in FailureCode if not c.is_refusal)
 
 
 class ConsentModelSetting(StrEnum):
