@@ -45,7 +45,7 @@ from fedhealth.core import ConfigError, CryptoError
 from fedhealth.crypto import IdentityKey, PublicIdentity
 from fedhealth.governance import spec_hash
 from fedhealth.privacy import sqlite_engine
-from fedhealth.protocol import SiteAttestation, Task, secure_round_plan
+from fedhealth.protocol import FailureCode, SiteAttestation, Task, secure_round_plan
 from fedhealth.runtime import secure_codec
 from fedhealth.secagg import (
     ConsistencyRequest,
@@ -60,11 +60,11 @@ from fedhealth.secagg import (
 log = logging.getLogger("fedhealth.agent")
 
 # TaskFailure codes of the site's secure-round refusals (their reasons: fixed sentences, no patient data)
-SECURE_ROUND_MISSING = "secure_round_missing"
-SECURE_ROUND_MISMATCH = "secure_round_mismatch"
-PEER_KEY_MISMATCH = "peer_key_mismatch"
-PEER_KEY_CHANGED = "peer_key_changed"
-ALREADY_UNMASKED = "already_unmasked"
+SECURE_ROUND_MISSING = FailureCode.SECURE_ROUND_MISSING.value
+SECURE_ROUND_MISMATCH = FailureCode.SECURE_ROUND_MISMATCH.value
+PEER_KEY_MISMATCH = FailureCode.PEER_KEY_MISMATCH.value
+PEER_KEY_CHANGED = FailureCode.PEER_KEY_CHANGED.value
+ALREADY_UNMASKED = FailureCode.ALREADY_UNMASKED.value
 
 
 class PeerPins:

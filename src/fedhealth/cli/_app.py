@@ -8,7 +8,14 @@ import typer
 
 from fedhealth.cli._bench import benchmark_app
 from fedhealth.cli._demo import demo
-from fedhealth.cli._governance import approval_app, audit_app, consent_app, model_app, provenance_app
+from fedhealth.cli._governance import (
+    approval_app,
+    audit_app,
+    commitment_app,
+    consent_app,
+    model_app,
+    provenance_app,
+)
 from fedhealth.cli._privacy import budget_app, privacy_app
 from fedhealth.cli._services import orchestrator_app, site_app, user_app
 
@@ -33,6 +40,8 @@ for _command in approval_app.registered_commands:
         _command = copy.copy(_command)
         _command.name = "approvals"
     site_app.registered_commands.append(_command)
+# ...and so does opening the site's commitments: `fedhealth site reveal-commitment-key STUDY --to ...`
+site_app.registered_commands.extend(commitment_app.registered_commands)
 app.add_typer(audit_app, name="audit")
 app.add_typer(provenance_app, name="provenance")
 app.add_typer(model_app, name="model")

@@ -4,6 +4,7 @@ services. Imports of the heavy service modules happen inside the commands, so ``
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from fedhealth.core import FedHealthError
+from fedhealth.core import FedHealthError, Tightened
 
 if TYPE_CHECKING:
     from fedhealth.client import OperatorClient
@@ -100,6 +101,14 @@ def orchestrator_init(
     typer.echo(f"  admin credential (keep it secret):     {home / 'admin.credential'}")
 
 
+def _secure_home(tightened: Tightened, home: Path) -> None:
+    """A service's files are its own from here on (keys, databases and their -wal/-shm, blobs, logs it
+    writes), and one warning line names anything in its home that was readable by others."""
+    os.umask(0o077)
+    if tightened:
+        typer.echo(f"warning: {home}: {tightened.summary()}", err=True)  # one line, never wrapped
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -133,6 +142,7 @@ def orchestrator_serve(
     orch_home = OrchestratorHome(home)
     with friendly_errors():
         orch_home.require()
+        _secure_home(orch_home.secure(), home)
         settings = OrchestratorSettings(
             state_dir=orch_home.state_dir,
             signing_key=orch_home.signing_key(),
@@ -303,6 +313,8 @@ def site_serve(
     signal.signal(signal.SIGTERM, _raise_interrupt)
     site_home = SiteHome(home)
     with friendly_errors():
+        site_home.require()
+        _secure_home(site_home.secure(), home)
         settings = AgentSettings(
             orchestrator_url=orchestrator or site_home.orchestrator,
             site=site_home.name,

@@ -30,6 +30,7 @@ from fedhealth.crypto._recipes import (
     sign_json,
     verify_json,
 )
+from fedhealth.crypto._stream import KeystreamReader
 from fedhealth.crypto._tls import client_tls_for_url, pinned_tls_context
 from fedhealth.crypto._tokens import Audience, TokenClaims, TokenExpiredError, TokenIssuer, TokenVerifier
 
@@ -38,6 +39,7 @@ __all__ = [
     "AgreementKey",
     "Audience",
     "IdentityKey",
+    "KeystreamReader",
     "PemPair",
     "PublicIdentity",
     "TokenClaims",

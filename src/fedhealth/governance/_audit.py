@@ -71,6 +71,7 @@ class AuditEventType(StrEnum):
     USER_KEY_CHANGED = "user.key_changed"
     USER_REVOKED = "user.revoked"
     STUDY_CANCELLED = "study.cancelled"
+    COMMITMENT_KEY_REVEALED = "commitment.key_revealed"
 
 
 # Keys an entry of each type must carry, so an auditor can rely on them. Types not listed are free-form.
@@ -97,6 +98,7 @@ REQUIRED_PAYLOAD_KEYS: Mapping[AuditEventType, frozenset[str]] = {
     AuditEventType.USER_KEY_CHANGED: frozenset({"user", "by"}),
     AuditEventType.USER_REVOKED: frozenset({"user", "by"}),
     AuditEventType.STUDY_CANCELLED: frozenset({"study_id", "by", "reason"}),
+    AuditEventType.COMMITMENT_KEY_REVEALED: frozenset({"study_id", "to", "key_sha256"}),
 }
 
 

@@ -3,6 +3,7 @@
 Nothing else in fedhealth defines message shapes.
 """
 
+from fedhealth.protocol._failures import FailureCode, failure_code
 from fedhealth.protocol._identity import (
     OPERATOR_ROLES,
     AgentTokenRequest,
@@ -77,6 +78,7 @@ __all__ = [
     "EnrollRequest",
     "EnrollResponse",
     "ErrorBody",
+    "FailureCode",
     "LocalOptimizer",
     "LogHeadInfo",
     "OperatorCredential",
@@ -116,5 +118,6 @@ __all__ = [
     "UserCreated",
     "UserInfo",
     "agent_login_message",
+    "failure_code",
     "secure_round_plan",
 ]

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedhealth.protocol._failures import FailureCode
 from fedhealth.secagg import default_degree, min_threshold, neighbourhood_problem, threshold_problem
 
 PROTOCOL_VERSION = 1
@@ -488,6 +489,15 @@ class PrivacySpend(Message):
         default=None, ge=0, description="what this task was charged on its own (none: nothing charged)"
     )
     accountant: AccountantName = Field(default=AccountantName.PLD, description="the site ledger's accountant")
+    spec_delta: FiniteFloat | None = Field(
+        default=None, gt=0, lt=1, description="the study spec's delta (the ledger's ``delta`` may differ)"
+    )
+    spec_study_epsilon: FiniteFloat | None = Field(
+        default=None,
+        ge=0,
+        description="the study's record-level epsilon at spec_delta: the figure a model card may print "
+        "beside the spec's delta",
+    )
     reproducible_noise: bool = Field(
         default=False,
         description="noise drawn from the study seed (benchmarks only: no privacy against "
@@ -506,12 +516,16 @@ class SiteAttestation(Message):
 
 
 class TaskFailure(Message):
-    """Sent by an agent that cannot (or will not) do a task. ``code`` is machine-readable (a refusal's rule),
-    ``reason`` is for people."""
+    """Sent by an agent that cannot (or will not) do a task: a code from a closed set, never free text (a
+    site's own words could carry a path or a patient id). ``reason`` is the code's fixed sentence, looked up
+    by whoever reads the message, not sent."""
 
-    code: Annotated[str, Field(pattern=r"^[a-z_]{1,40}$")]
-    reason: Annotated[str, Field(min_length=1, max_length=2000)]
+    code: FailureCode
     attestation: SiteAttestation | None = None
+
+    @property
+    def reason(self) -> str:
+        return self.code.message
 
 
 class ResultManifest(Message):

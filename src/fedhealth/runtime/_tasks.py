@@ -193,20 +193,29 @@ def train_on_site(
         raise DatasetError(f"no dataset registered for {task.dataset!r}")
     check_dataset_fits(recipe, dataset)
     result = logreg_train(global_params, dataset.X_train, dataset.y_train, logreg_config(recipe), rng)
-    evaluation = logreg_evaluate(result.params, dataset.X_test, dataset.y_test)
     delta = {
         k: (result.params[k].astype(np.float32) - global_params[k]).astype(np.float32) for k in global_params
     }
     metrics = SiteMetrics(
         num_samples=result.num_samples,
-        num_eval_samples=evaluation.num_samples,
         train_loss=result.train_loss,
-        eval_loss=evaluation.loss,
-        accuracy=evaluation.accuracy,
-        auc=evaluation.auc,
         duration_s=time.perf_counter() - started,
+        **_held_out_metrics(result.params, dataset),
     )
     return TrainOutcome(delta=delta, metrics=metrics)
+
+
+def _held_out_metrics(params: Params, dataset: TabularDataset) -> dict[str, Any]:
+    """A training round's figures on the held-out rows; none when consent left no held-out row."""
+    if dataset.num_test == 0:
+        return {}
+    evaluation = logreg_evaluate(params, dataset.X_test, dataset.y_test)
+    return {
+        "num_eval_samples": evaluation.num_samples,
+        "eval_loss": evaluation.loss,
+        "accuracy": evaluation.accuracy,
+        "auc": evaluation.auc,
+    }
 
 
 def _train_private(
@@ -255,14 +264,10 @@ def _train_private(
     delta = {k: (local[k].astype(np.float32) - global_params[k]).astype(np.float32) for k in global_params}
     # After DP-SGD the local model is itself a DP release: its metrics on the held-out split are
     # post-processing as far as the training records are concerned.
-    evaluation = logreg_evaluate(local, dataset.X_test, dataset.y_test)
     metrics = SiteMetrics(
         num_samples=int(dataset.X_train.shape[0]),
-        num_eval_samples=evaluation.num_samples,
-        eval_loss=evaluation.loss,
-        accuracy=evaluation.accuracy,
-        auc=evaluation.auc,
         duration_s=time.perf_counter() - started,
+        **_held_out_metrics(local, dataset),
     )
     return TrainOutcome(delta=delta, metrics=metrics)
 
