@@ -123,7 +123,9 @@ def test_in_site_modes_the_record_level_figure_is_labelled_record_level(tmp_path
         train_sites=["a", "b", "c"],
         min_sites=3,
         privacy=PrivacySpec(mode=mode, delta=SPEC_DELTA, noise_multiplier=4.0, max_grad_norm=0.1),
-        secure_aggregation=SecureAggregationSpec(update_clip=10.0)
+        secure_aggregation=SecureAggregationSpec(
+            update_clip=10.0, site_keys={s: f"{i:064x}" for i, s in enumerate("abc")}
+        )
         if mode is DpMode.SITE_DISTRIBUTED
         else None,
     )

@@ -97,17 +97,29 @@ def test_snapping_without_noise_changes_nothing():
 
 
 def distributed(
-    n_features: int, rounds: int, update_clip: float, *, sites: int = 3, **sa: object
+    n_features: int,
+    rounds: int,
+    update_clip: float,
+    *,
+    sites: int = 3,
+    quorum: int | None = None,
+    **sa: object,
 ) -> StudySpec:
+    names = [f"s{i}" for i in range(sites)]
+    keys = {s: f"{i:064x}" for i, s in enumerate(names)}  # placeholders: nothing here checks them
     return StudySpec(
         name="s",
         dataset="d",
         recipe=RecipeSpec(n_features=n_features),
         rounds=rounds,
-        train_sites=[f"s{i}" for i in range(sites)],
-        min_sites=sites,
+        train_sites=names,
+        min_sites=sites if quorum is None else quorum,
         privacy=PrivacySpec(mode="site-distributed", delta=1e-5, noise_multiplier=2.0, max_grad_norm=1.0),
-        secure_aggregation=SecureAggregationSpec(update_clip=update_clip, **sa),  # type: ignore[arg-type]
+        secure_aggregation=SecureAggregationSpec(
+            update_clip=update_clip,
+            site_keys=keys,
+            **sa,  # type: ignore[arg-type]
+        ),
     )
 
 
@@ -148,16 +160,23 @@ def test_headroom_arguments_are_checked():
 # --- distributed shares and the fewest contributors ---------------------------------------------------------
 
 
-def test_shares_are_calibrated_for_an_unmask_over_the_threshold_below_the_quorum():
-    """Quorum 6 of 6 sites, threshold 4: an orchestrator can unmask a sum of 4 shares. Shares sized for 6
-    (main) give that sum a noise multiplier of 2 * sqrt(4/6) = 1.63, not the 2.0 accounted."""
-    spec = distributed(10, 2, update_clip=1000.0, sites=6, threshold=4)
+def test_a_threshold_below_the_quorum_is_refused_so_no_unmask_carries_too_few_shares():
+    """Quorum 6 of 6 sites, threshold 4: an orchestrator could unmask a sum of 4 shares. Shares sized for 6
+    (main) give that sum a noise multiplier of 2 * sqrt(4/6) = 1.63, not the 2.0 accounted; the spec is now
+    refused at submission, with the arithmetic."""
+    with pytest.raises(ValueError, match="quorum"):
+        distributed(10, 2, update_clip=1000.0, sites=6, threshold=4)
+    main_share = 2.0 / math.sqrt(6)
+    assert math.sqrt(4) * main_share == pytest.approx(1.633, abs=1e-3)
+
+
+def test_shares_are_calibrated_for_the_quorum_the_fewest_contributors_of_an_unmask():
+    """Quorum 4 of 6 sites (threshold 5 by default): a released sum has at least 4 shares, and 4 shares carry
+    the whole sigma C."""
+    spec = distributed(10, 2, update_clip=1000.0, sites=6, quorum=4)
     assert fewest_contributors(spec) == 4
     dp = site_update_dp(spec)
-    four_shares = math.sqrt(4) * dp.site_noise_std
-    assert four_shares == pytest.approx(dp.sum_noise_std)  # sigma C = 2.0 with C = 1
-    main_share = dp.sum_noise_std / math.sqrt(6)
-    assert math.sqrt(4) * main_share / dp.clip_norm == pytest.approx(1.633, abs=1e-3)
+    assert math.sqrt(4) * dp.site_noise_std == pytest.approx(dp.sum_noise_std)  # sigma C = 2.0 with C = 1
 
 
 def test_without_an_explicit_threshold_the_quorum_is_the_fewest():
