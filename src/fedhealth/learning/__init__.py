@@ -5,6 +5,15 @@ update into the next global model. Nothing here knows about HTTP, the database o
 services map ``fedhealth.protocol``'s specs onto :class:`LogRegConfig` / :class:`StrategyConfig`.
 """
 
+from fedhealth.learning._collective_probe import ProbeSettings, probe_expected, probe_report, run_probe
+from fedhealth.learning._collectives import (
+    BenchmarkCollectives,
+    Collectives,
+    InMemoryCollectives,
+    InMemorySession,
+    SessionMember,
+    run_in_memory,
+)
 from fedhealth.learning._config import LocalOptimizer, LogRegConfig, StrategyConfig, StrategyKind
 from fedhealth.learning._dp_presets import (
     HEART_DISEASE_DP_DELTAS,
@@ -41,11 +50,17 @@ __all__ = [
     "HEART_DISEASE_PRESETS",
     "HEART_DISEASE_TRAIN_RECORDS",
     "SYNTHETIC_STEP_SCALE",
+    "BenchmarkCollectives",
+    "Collectives",
     "DpPreset",
     "EvalResult",
+    "InMemoryCollectives",
+    "InMemorySession",
     "LocalOptimizer",
     "LogRegConfig",
     "MetricSummary",
+    "ProbeSettings",
+    "SessionMember",
     "StrategyConfig",
     "StrategyKind",
     "StudyPreset",
@@ -63,6 +78,10 @@ __all__ = [
     "logreg_train",
     "logreg_train_dp",
     "mean_metrics",
+    "probe_expected",
+    "probe_report",
+    "run_in_memory",
+    "run_probe",
     "strategy_state_specs",
     "synthetic_init",
     "synthetic_train",

@@ -5,6 +5,7 @@ It sits between the two services and the domain packages so that the orchestrato
 definition of a round, and so that tests can drive a whole round in memory.
 """
 
+from fedhealth.runtime._collective import CollectiveProgram, collective_program, is_collective
 from fedhealth.runtime._memory import InMemoryResult, run_study_in_memory
 from fedhealth.runtime._privacy import (
     REPRODUCIBLE_NOISE_ENV,
@@ -53,6 +54,7 @@ from fedhealth.runtime._tasks import (
 __all__ = [
     "MAX_LOSS",
     "REPRODUCIBLE_NOISE_ENV",
+    "CollectiveProgram",
     "InMemoryResult",
     "SecureSum",
     "SecureSumRejected",
@@ -64,12 +66,14 @@ __all__ = [
     "check_dataset_fits",
     "check_privacy",
     "check_sum",
+    "collective_program",
     "decode_sum",
     "decode_update",
     "encode_contribution",
     "encode_update",
     "evaluate_on_site",
     "initial_model",
+    "is_collective",
     "logreg_config",
     "noise_multiplier",
     "param_specs",

@@ -83,6 +83,7 @@ from fedhealth.secagg._messages import (
 from fedhealth.secagg._server import AggregateResult, SecAggServer
 from fedhealth.secagg._session import (
     COLLECTIVE_PROTOCOL,
+    SETUP_INDEX,
     CollectiveConfig,
     CollectiveOp,
     SessionAdvert,
@@ -104,6 +105,7 @@ __all__ = [
     "COLLECTIVE_PROTOCOL",
     "PROTOCOL_VERSION",
     "SERVER_TRANSITIONS",
+    "SETUP_INDEX",
     "AggregateResult",
     "ClientAction",
     "ClientMessage",
