@@ -303,13 +303,16 @@ class SiteAgent:
             poll_wait_s=self.settings.poll_wait_s,
         )
         started = time.perf_counter()
-        session.open()
-        log.info("task %s: collective session joined (%d sites)", task.task_id, len(session.sites))
-        program.run_site(task.recipe, dataset, session)
-        for gate in self.gates:
-            gate.after_training(ctx)
-        self._attest(ctx)
-        session.close_with(ctx.site_attestation())
+        try:
+            session.open()
+            log.info("task %s: collective session joined (%d sites)", task.task_id, len(session.sites))
+            program.run_site(task.recipe, dataset, session)
+            for gate in self.gates:
+                gate.after_training(ctx)
+            self._attest(ctx)
+            session.close_with(ctx.site_attestation())
+        finally:
+            session.release()
         log.info(
             "task %s: collective session done: %d calls in %.2f s",
             task.task_id,

@@ -23,18 +23,29 @@ with ``GET``. A transport retry re-sends the same bytes (the relay counts a call
 from __future__ import annotations
 
 import base64
+import http.client
+import json
 import logging
+import ssl
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
 
-from fedhealth.agent._client import OrchestratorClient
+import numpy as np
+from numpy.typing import NDArray
+
+from fedhealth.agent._client import OrchestratorClient, OrchestratorRefused, TlsVerificationError
 from fedhealth.agent._pipeline import TaskRefused
 from fedhealth.agent._secure import PeerPins
+from fedhealth.core import ServiceUnavailableError
 from fedhealth.crypto import IdentityKey, PublicIdentity
 from fedhealth.governance import spec_hash
 from fedhealth.learning import SessionMember
 from fedhealth.protocol import (
     ATTESTATION_HEADER,
+    SESSION_HEADER,
     FailureCode,
     SiteAttestation,
     Task,
@@ -42,6 +53,7 @@ from fedhealth.protocol import (
     collective_plan,
 )
 from fedhealth.secagg import (
+    CallBuffer,
     CollectiveConfig,
     CollectiveSite,
     KeyReuseGuard,
@@ -109,6 +121,136 @@ def check_collective_session(task: Task, site: str, identity: IdentityKey, pins:
     return CheckedSession(config=config, peers=peers)
 
 
+class SessionChannel:
+    """One keep-alive connection for a session's calls.
+
+    It is ``http.client`` rather than the agent's httpx client: a collective is meant to cost milliseconds,
+    and httpx's per-request work was a third of a small call's. The connection uses the agent client's
+    TLS context (pinned to the federation CA, with its client certificate under mutual TLS), its token (a
+    401 logs in again once) and its retry policy (connection errors, 429 and 5xx are retried with backoff
+    until the deadline; the relay counts a re-sent call once). Results are read into one reused buffer: a
+    returned view is valid until the next call.
+    """
+
+    def __init__(self, client: OrchestratorClient, *, task_id: str, attempt: str) -> None:
+        url = urlsplit(client.base_url)
+        self._client = client
+        self._context = client.tls_context()
+        self._host = url.hostname or "localhost"
+        self._port = url.port or (443 if self._context is not None else 80)
+        self._prefix = f"{url.path.rstrip('/')}/api/v1/agent/tasks/{task_id}/collective/"
+        self._attempt = attempt
+        self._connection: http.client.HTTPConnection | None = None
+        self._buffer = bytearray()
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+        if self._connection is None:
+            if self._context is not None:
+                self._connection = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=timeout, context=self._context
+                )
+            else:
+                self._connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        elif self._connection.sock is not None:
+            self._connection.sock.settimeout(timeout)
+        else:
+            self._connection.timeout = timeout
+        return self._connection
+
+    def call(
+        self,
+        index: int,
+        body: bytes | memoryview | None,
+        *,
+        wait: float,
+        deadline: float,
+        headers: dict[str, str] | None = None,
+    ) -> memoryview | None:
+        """Send call ``index`` (``body``; None long-polls for its result) and return its result, or None if
+        it is not ready within ``wait`` seconds. ``deadline`` is a ``time.monotonic()`` value."""
+        path = f"{self._prefix}{index}?wait={wait:.3f}"
+        sent = {SESSION_HEADER: self._attempt, **(headers or {})}
+        if body is not None:
+            sent["Content-Type"] = "application/octet-stream"
+            sent["Content-Length"] = str(len(body))
+        method = "GET" if body is None else "POST"
+        attempt, renewed = 0, False
+        while True:
+            retry_after: float | None = None
+            try:
+                connection = self._connect(wait + 15)
+                connection.request(method, path, body=body, headers={**sent, **self._client.auth_headers()})
+                response = connection.getresponse()
+                if response.status == 200:
+                    return self._read(response)
+                data = response.read()
+            except ssl.SSLCertVerificationError as exc:
+                raise TlsVerificationError(
+                    f"TLS verification failed: the orchestrator's certificate is not trusted by the pinned "
+                    f"federation CA ({exc.verify_message or exc.reason})"
+                ) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                problem = f"{type(exc).__name__}: {exc}"
+            except OrchestratorRefused as exc:  # from logging in again
+                if exc.status != 429 and exc.status < 500:
+                    raise
+                problem = f"login: HTTP {exc.status}"
+            else:
+                status = response.status
+                if status == 204:
+                    return None
+                if status == 401 and not renewed:
+                    self._client.forget_token()
+                    renewed = True
+                    continue
+                error, detail = _error_of(data)
+                if status == 410:
+                    raise SessionFailedError(SessionFailure.ABORTED, str(detail or error))
+                if status == 429:
+                    value = response.getheader("retry-after", "")
+                    retry_after = float(value) if value.replace(".", "", 1).isdigit() else None
+                elif status < 500:
+                    raise OrchestratorRefused(status, error, detail)
+                problem = f"HTTP {status}"
+            if self._client.should_stop:
+                raise ServiceUnavailableError(f"collective call {index}: stopped while retrying ({problem})")
+            delay = retry_after if retry_after is not None else self._client.backoff(attempt)
+            if time.monotonic() + delay > deadline:
+                raise ServiceUnavailableError(f"collective call {index}: gave up at the deadline ({problem})")
+            log.warning("collective call %d failed (%s); retrying in %.2f s", index, problem, delay)
+            time.sleep(delay)
+            attempt += 1
+
+    def _read(self, response: http.client.HTTPResponse) -> memoryview:
+        length = int(response.getheader("content-length") or -1)
+        if length < 0:  # not what the relay sends, but still HTTP
+            return memoryview(response.read())
+        if len(self._buffer) != length:
+            self._buffer = bytearray(length)  # a new one: the caller may still hold a view of the old
+        view = memoryview(self._buffer)
+        got = 0
+        while got < length:
+            n = response.readinto(view[got:])
+            if not n:
+                raise http.client.IncompleteRead(bytes(view[:got]), length - got)
+            got += n
+        return view
+
+
+def _error_of(data: bytes) -> tuple[str, object]:
+    try:
+        body = json.loads(data)
+        return str(body.get("error")), body.get("detail")
+    except (ValueError, AttributeError):
+        return data[:500].decode("utf-8", "replace"), None
+
+
 class HttpCollectives(SessionMember):
     """This site's part in a session, over the agent's HTTPS connection to the orchestrator."""
 
@@ -130,26 +272,53 @@ class HttpCollectives(SessionMember):
         self._task_id = task.task_id
         self._attempt = checked.config.attempt
         self._extra: dict[str, str] = {}
+        self._bodies = CallBuffer()
+        # a client on a test transport cannot lend its TLS set-up to a connection of our own
+        self._channel = (
+            None
+            if client.has_custom_transport
+            else SessionChannel(client, task_id=task.task_id, attempt=checked.config.attempt)
+        )
 
-    def _exchange(self, index: int, body: bytes) -> bytes:
+    def secure_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
+        body = self._core.prepare_sum(values, buffer=self._bodies)
+        return self._core.complete_sum(self._exchange(self._core.pending_index, body))
+
+    def unmasked_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
+        body = self._core.prepare_sum(values, masked=False, buffer=self._bodies)
+        return self._core.complete_sum(self._exchange(self._core.pending_index, body))
+
+    def _exchange(self, index: int, body: bytes | memoryview) -> bytes | memoryview:
         data = self._send(index, body, self._extra)
         while data is None:
             data = self._send(index, None, {})
         return data
 
-    def _send(self, index: int, body: bytes | None, headers: dict[str, str]) -> bytes | None:
+    def _send(
+        self, index: int, body: bytes | memoryview | None, headers: dict[str, str]
+    ) -> bytes | memoryview | None:
         left = (self._deadline - datetime.now(UTC)).total_seconds()
         if left <= 0:
             raise SessionFailedError(SessionFailure.ABORTED, "the session's round deadline passed")
+        wait = min(self._poll_wait_s, left)
+        if self._channel is not None:
+            return self._channel.call(
+                index, body, wait=wait, deadline=time.monotonic() + max(1.0, left), headers=headers
+            )
         return self._client.collective_call(
             self._task_id,
             index,
-            body,
+            None if body is None else bytes(body),
             attempt=self._attempt,
-            wait=min(self._poll_wait_s, left),
+            wait=wait,
             headers=headers,
             max_elapsed_s=max(1.0, left),
         )
+
+    def release(self) -> None:
+        """Close the session's connection."""
+        if self._channel is not None:
+            self._channel.close()
 
     def close_with(self, attestation: SiteAttestation | None) -> None:
         """The closing call, carrying the site's attestation for the task (no per-site figure)."""

@@ -88,8 +88,9 @@ class SessionMember:
         """Collectives completed so far."""
         return self._core.calls
 
-    def _exchange(self, index: int, body: bytes) -> bytes | memoryview:
-        """Send call ``index`` and return its result once every participant sent theirs."""
+    def _exchange(self, index: int, body: bytes | memoryview) -> bytes | memoryview:
+        """Send call ``index`` and return its result once every participant sent theirs (a view may be
+        valid only until the next call)."""
         raise NotImplementedError
 
     def open(self) -> None:
@@ -217,8 +218,8 @@ class InMemoryCollectives(SessionMember):
         super().__init__(core)
         self._session = session
 
-    def _exchange(self, index: int, body: bytes) -> bytes | memoryview:
-        return self._session.exchange(self.site, index, body)
+    def _exchange(self, index: int, body: bytes | memoryview) -> bytes | memoryview:
+        return self._session.exchange(self.site, index, bytes(body))
 
 
 def run_in_memory(sites: Sequence[str], program: Callable[[Collectives], T], **session: Any) -> dict[str, T]:

@@ -94,6 +94,7 @@ class CollectiveSessionDriver:
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _timer: asyncio.TimerHandle | None = None
     _timed_index: int = -1
+    _buffers: dict[tuple[str, int], bytearray] = field(default_factory=dict)
 
     def info(self) -> CollectiveSessionInfo:
         return CollectiveSessionInfo(
@@ -115,6 +116,18 @@ class CollectiveSessionDriver:
         return self.ended is None and self.relay.index == 0 and site in self.relay.missing()
 
     # --- calls ---------------------------------------------------------------------------------------------
+
+    def body_buffer(self, site: str, index: int, length: int) -> bytearray:
+        """Where ``site``'s call ``index`` is read: one of two buffers per site, by the index's parity, so a
+        long session does not fault in fresh memory for every call (at 8 MB a call, that cost as much as the
+        call). The relay may keep the first body of a call as the running sum and its result; that result
+        is needed until the next call completes, and ``site``'s call ``index + 2`` cannot arrive before
+        then: the next call completes only once every site posted it, each after reading this result."""
+        key = (site, index % 2)
+        buffer = self._buffers.get(key)
+        if buffer is None or len(buffer) != length:
+            buffer = self._buffers[key] = bytearray(length)
+        return buffer
 
     async def call(self, site: str, index: int, body: bytearray, wait: float) -> bytes | memoryview | None:
         """Take ``site``'s call ``index`` and wait up to ``wait`` s for its result (None: not yet)."""
@@ -358,6 +371,33 @@ def _driver(request: Request, site: str) -> CollectiveSessionDriver | JSONRespon
     return driver  # type: ignore[no-any-return]
 
 
+async def _read_body(request: Request, driver: CollectiveSessionDriver, site: str) -> bytearray:
+    """The call's body, read into the site's reused buffer when its length is declared (the gate has
+    checked it against the upload limit before a byte was read)."""
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+        return body
+    length = int(declared)
+    index = request.path_params["index"]
+    # a re-sent call is read aside: its first copy may be the running sum or the result others are reading
+    body = (
+        bytearray(length) if driver.relay.received(site, index) else driver.body_buffer(site, index, length)
+    )
+    view = memoryview(body)
+    got = 0
+    async for chunk in request.stream():
+        if got + len(chunk) > length:
+            raise ValueError("the body is longer than its Content-Length")
+        view[got : got + len(chunk)] = chunk
+        got += len(chunk)
+    if got != length:
+        raise ValueError("the body is shorter than its Content-Length")
+    return body
+
+
 def _attestation(request: Request) -> SiteAttestation | None:
     value = request.headers.get(ATTESTATION_HEADER)
     if value is None:
@@ -386,12 +426,12 @@ async def collective_call(request: Request) -> Response:
         attestation = _attestation(request)
     except (ValueError, binascii.Error) as exc:
         return _error(422, "malformed request", str(exc)[:500])
-    body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
+        body = await _read_body(request, found, site)
     except ClientDisconnect:  # the sender died mid-call: nothing was taken, it may retry
         return _error(400, "the client disconnected before the body was complete")
+    except ValueError as exc:
+        return _error(400, str(exc))
     if attestation is not None and body[4:5] == bytes([CollectiveOp.END]):
         found.attestations[site] = attestation  # stored with the task when the session ends
     try:

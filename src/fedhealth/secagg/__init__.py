@@ -84,6 +84,7 @@ from fedhealth.secagg._server import AggregateResult, SecAggServer
 from fedhealth.secagg._session import (
     COLLECTIVE_PROTOCOL,
     SETUP_INDEX,
+    CallBuffer,
     CollectiveConfig,
     CollectiveOp,
     SessionAdvert,
@@ -107,6 +108,7 @@ __all__ = [
     "SERVER_TRANSITIONS",
     "SETUP_INDEX",
     "AggregateResult",
+    "CallBuffer",
     "ClientAction",
     "ClientMessage",
     "CollectiveConfig",

@@ -55,25 +55,26 @@ from fedhealth.crypto import KEY_BYTES, AgreementKey, IdentityKey, PublicIdentit
 from fedhealth.secagg._client import KeyReuseGuard
 from fedhealth.secagg._crypto_extra import derive
 from fedhealth.secagg._errors import SecAggMessageError, SecAggProtocolError, SecAggSecurityError
-from fedhealth.secagg._fixedpoint import decode_fixed, encode_fixed
+from fedhealth.secagg._fixedpoint import decode_fixed
 from fedhealth.secagg._session import (
     COLLECTIVE_PROTOCOL,
-    MAX_VECTOR_LENGTH,
     SETUP_INDEX,
     SIGNATURE_BYTES,
+    CallBuffer,
     CollectiveConfig,
     CollectiveOp,
     SessionAdvert,
     advert_payload,
     adverts_digest,
-    apply_masks64,
     broadcast_message,
     encode_call,
     load_json,
+    masked_sum_call,
 )
 
 _GMAC_NONCE = b"\x00" * 12  # every GMAC key is derived for one call and one pair and used once
 _END_DOMAIN = b"fedhealth-collective-end/1\x00"
+_CALL_DOMAIN = b"fedhealth-collective-call/1\x00"
 _CHAIN_DOMAIN = b"fedhealth-collective-chain/1\x00"
 
 
@@ -143,7 +144,7 @@ class CollectiveSite:
         """Collectives completed after the set-up."""
         return max(0, self._next - 1)
 
-    def _begin(self, op: CollectiveOp) -> _Pending:
+    def _ready(self, op: CollectiveOp) -> None:
         if self._broken is not None:
             raise SecAggProtocolError(f"the session is over at this site: {self._broken}")
         if self._ended:
@@ -155,9 +156,18 @@ class CollectiveSite:
                 raise SecAggProtocolError("the session is set up already")
         elif self._next == SETUP_INDEX or not self._chains:
             raise SecAggProtocolError("the session is not set up yet")
+
+    def _claim(self, pending: _Pending) -> None:
         # Indices only go forward, one at a time: no index (and so no mask key) is ever used twice.
-        pending = _Pending(index=self._next, op=op)
+        assert pending.index == self._next
         self._next += 1
+        self._pending = pending
+
+    def _begin(self, op: CollectiveOp) -> _Pending:
+        self._ready(op)
+        pending = _Pending(index=self._next, op=op)
+        self._claim(pending)
+        self._pending = None  # set by the caller once the call's body is built
         return pending
 
     def _take(self, op: CollectiveOp) -> _Pending:
@@ -224,14 +234,10 @@ class CollectiveSite:
     # --- calls -------------------------------------------------------------------------------------------
 
     def _call_keys(self, pending: _Pending) -> dict[str, bytes]:
-        """Per peer: 32 bytes of mask key then 32 bytes of GMAC key for this call, from the pair's chain."""
-        keys = {}
-        for peer, chain in self._chains.items():
-            keys[peer] = derive(
-                chain,
-                {"purpose": "collective-call", "index": pending.index, "op": pending.op.name.lower()},
-                length=2 * KEY_BYTES,
-            )
+        """Per peer: 32 bytes of mask key then 32 bytes of GMAC key for this call: HKDF-Expand (RFC 5869,
+        HMAC-SHA256) of the pair's chain with the session digest, the index and the op as info."""
+        info = _CALL_DOMAIN + self._digest + pending.index.to_bytes(8, "big") + bytes([pending.op])
+        keys = {peer: _expand64(chain, info) for peer, chain in self._chains.items()}
         pending.mac_keys = {peer: k[KEY_BYTES:] for peer, k in keys.items()}
         return keys
 
@@ -241,28 +247,28 @@ class CollectiveSite:
             tag = AESGCM(mac_key).encrypt(_GMAC_NONCE, b"", result)
             self._chains[peer] = hmac.digest(self._chains[peer], _CHAIN_DOMAIN + tag, "sha256")
 
-    def prepare_sum(self, values: NDArray[Any], *, masked: bool = True) -> bytes:
+    def prepare_sum(
+        self, values: NDArray[Any], *, masked: bool = True, buffer: CallBuffer | None = None
+    ) -> bytes | memoryview:
         """The body of a secure sum of ``values`` (any shape, real): fixed point, then masked.
 
         ``masked=False`` sends the values in clear (the benchmark's baseline only: never for a site's data).
+        With ``buffer`` the body is built there and returned as a view (valid until the buffer is reused).
         Raises :class:`~fedhealth.secagg.FixedPointRangeError` for values the ring cannot hold; the call is
         then not started and the index is not used.
         """
         array = np.asarray(values)
         if array.dtype.kind not in "biuf":
             raise SecAggMessageError("secure_sum takes real numbers")
-        if array.size > MAX_VECTOR_LENGTH:
-            raise SecAggMessageError(f"secure_sum takes at most {MAX_VECTOR_LENGTH} values")
-        ring = encode_fixed(array, self.config.n)  # before _begin: a refused value uses no index
-        pending = self._begin(CollectiveOp.SUM)
-        pending.shape, pending.length = array.shape, array.size
+        flat = np.ascontiguousarray(array, dtype=np.float64).reshape(-1)
+        self._ready(CollectiveOp.SUM)
+        pending = _Pending(index=self._next, op=CollectiveOp.SUM, shape=array.shape, length=flat.size)
         keys = self._call_keys(pending)
-        if masked:
-            add = [k[:KEY_BYTES] for p, k in keys.items() if self.site < p]
-            subtract = [k[:KEY_BYTES] for p, k in keys.items() if p < self.site]
-            apply_masks64(ring, add, subtract)
-        self._pending = pending
-        return encode_call(CollectiveOp.SUM, ring.data)
+        add = [k[:KEY_BYTES] for p, k in keys.items() if self.site < p] if masked else []
+        subtract = [k[:KEY_BYTES] for p, k in keys.items() if p < self.site] if masked else []
+        body = masked_sum_call(flat, self.config.n, add, subtract, buffer)  # raises before using the index
+        self._claim(pending)
+        return body
 
     def complete_sum(self, result: bytes | memoryview) -> NDArray[np.float64]:
         """The sum over every participant, float64 in the shape given to :meth:`prepare_sum`."""
@@ -362,6 +368,12 @@ class CollectiveSite:
             raise self._fail(exc) from None
         self._ended = True
         self._chains.clear()
+
+
+def _expand64(prk: bytes, info: bytes) -> bytes:
+    """HKDF-Expand (RFC 5869) with HMAC-SHA256 to 64 bytes; ``prk`` is a uniformly random 32-byte key."""
+    first = hmac.digest(prk, info + b"\x01", "sha256")
+    return first + hmac.digest(prk, first + info + b"\x02", "sha256")
 
 
 def _pair(a: str, b: str) -> list[str]:

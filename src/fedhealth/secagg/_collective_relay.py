@@ -65,6 +65,10 @@ class CollectiveRelay:
         completed = self.index - 1 if not self.done else self.index - 2
         return max(0, completed)
 
+    def received(self, site: str, index: int) -> bool:
+        """Whether ``site``'s call ``index`` was already taken (a re-send changes nothing)."""
+        return index == self._last_index or (index == self.index and site in self._contributors)
+
     def missing(self) -> list[str]:
         """The participants whose call for the open index has not arrived."""
         return [s for s in self.config.sites if s not in self._contributors]
@@ -96,7 +100,7 @@ class CollectiveRelay:
             raise self.failure
         if site not in self._identities:
             raise SecAggProtocolError(f"{site!r} is not a participant of this session")
-        if index == self._last_index or (index == self.index and site in self._contributors):
+        if self.received(site, index):
             return False  # a re-sent call: its result is (or will be) there
         if self.done or index < self.index:
             raise SecAggProtocolError(f"call {index} is closed")

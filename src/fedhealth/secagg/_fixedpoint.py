@@ -12,6 +12,8 @@ squares, say) scales or centres them first. Resolution is ``2^-40`` (about 9.1e-
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -37,28 +39,43 @@ def value_bound(n_sites: int) -> float:
     return float(2.0 ** (63 - SCALE_BITS)) / n_sites * _MARGIN
 
 
-def encode_fixed(values: NDArray[np.float64], n_sites: int) -> NDArray[np.uint64]:
-    """``round(values * 2^40)`` as a fresh, writeable 1-D uint64 vector (the int64 bits), after checking every
-    value is finite and within :func:`value_bound`; raises :class:`FixedPointRangeError` naming the first
-    offending position (never the value: it may be a patient's)."""
+def check_range(values: NDArray[np.float64], n_sites: int, offset: int = 0) -> None:
+    """Raise :class:`FixedPointRangeError` unless every value is finite and within :func:`value_bound`,
+    naming the first offending position (``offset`` + its index here), never the value: it may be a
+    patient's."""
+    if not values.size:
+        return
+    bound = value_bound(n_sites)
+    # max/min are NaN when a NaN is present, and a NaN compares false: one test covers both
+    if float(values.max()) < bound and float(values.min()) > -bound:
+        return
+    bad = np.flatnonzero(~(np.abs(values) < bound))
+    where = int(bad[0]) if bad.size else 0
+    what = "not finite" if not np.isfinite(values[where]) else f"outside ±{bound:.6g}"
+    raise FixedPointRangeError(
+        f"secure_sum: the value at position {offset + where} is {what}: with {n_sites} sites each value "
+        f"must lie strictly within ±2^23/{n_sites} = ±{bound:.6g} so the sum cannot overflow the 2^64 "
+        "fixed-point ring (scale or centre the values first)"
+    )
+
+
+def encode_into(values: NDArray[np.float64], out: NDArray[np.uint64], scratch: NDArray[np.float64]) -> None:
+    """``out = round(values * 2^40)`` as int64 bits, for values already checked; ``scratch`` is a float64
+    buffer at least as long (so no temporary is allocated)."""
+    work = scratch[: values.size]
+    np.multiply(values, SCALE, out=work)
+    np.rint(work, out=work)
+    np.copyto(out.view(np.int64), work, casting="unsafe")  # exact: integers well inside int64
+
+
+def encode_fixed(values: NDArray[Any], n_sites: int) -> NDArray[np.uint64]:
+    """``round(values * 2^40)`` as a fresh, writeable 1-D uint64 vector (the int64 bits), after
+    :func:`check_range`."""
     flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
-    if flat.size:
-        bound = value_bound(n_sites)
-        # max/min are NaN when a NaN is present, and a NaN compares false: one test covers both
-        if not (float(flat.max()) < bound and float(flat.min()) > -bound):
-            bad = np.flatnonzero(~(np.abs(flat) < bound))
-            where = int(bad[0]) if bad.size else 0
-            what = "not finite" if not np.isfinite(flat[where]) else f"outside ±{bound:.6g}"
-            raise FixedPointRangeError(
-                f"secure_sum: the value at position {where} is {what}: with {n_sites} sites each value must "
-                f"lie strictly within ±2^23/{n_sites} = ±{bound:.6g} so the sum cannot overflow the 2^64 "
-                "fixed-point ring (scale or centre the values first)"
-            )
-    scaled = np.multiply(flat, SCALE)
-    np.rint(scaled, out=scaled)
-    out = np.empty(flat.size, dtype=np.int64)
-    np.copyto(out, scaled, casting="unsafe")  # exact: every value is an integer well inside int64
-    return out.view(np.uint64)
+    check_range(flat, n_sites)
+    out = np.empty(flat.size, dtype=np.uint64)
+    encode_into(flat, out, np.empty(flat.size, dtype=np.float64))
+    return out
 
 
 def decode_fixed(ring: NDArray[np.uint64]) -> NDArray[np.float64]:

@@ -19,6 +19,7 @@ from fedhealth.core import ConfigError, canonical_json, is_valid_name
 from fedhealth.crypto import KEY_BYTES
 from fedhealth.secagg._crypto_extra import context_json
 from fedhealth.secagg._errors import SecAggMessageError, SecAggProtocolError
+from fedhealth.secagg._fixedpoint import check_range, encode_into
 
 COLLECTIVE_PROTOCOL = "fedhealth-collective/1"
 MIN_SITES = 3
@@ -274,27 +275,76 @@ def broadcast_message(config_digest: bytes, index: int, payload: bytes | memoryv
 def apply_masks64(target: NDArray[np.uint64], add: list[bytes], subtract: list[bytes]) -> None:
     """``target += sum(PRG(k) for k in add) - sum(PRG(k) for k in subtract)`` mod 2^64, in place, where
     ``PRG(k)`` is the AES-256-CTR keystream under ``k`` read as little-endian uint64 (each key keys exactly
-    one stream, so the zero counter block is safe). Chunk by chunk with every stream advancing together."""
+    one stream, so the zero counter block is safe)."""
     if target.dtype != np.uint64 or target.ndim != 1 or not target.flags.writeable:
         raise ValueError("masks apply to writeable 1-D uint64 vectors")
-    streams = [(_aes_ctr(k), np.add) for k in add] + [(_aes_ctr(k), np.subtract) for k in subtract]
-    n = target.size
-    if not streams or n == 0:
-        return
-    width = min(_CHUNK, n)
-    zeros = bytes(8 * width)
-    scratch = bytearray(8 * width + 15)
+    _Masker(add, subtract, min(_CHUNK, max(target.size, 1))).apply(target)
+
+
+class _Masker:
+    """The mask streams of one call, advanced chunk by chunk with every stream together, so each chunk of
+    the target is read and written while it sits in cache and nothing larger than a chunk is allocated."""
+
+    def __init__(self, add: list[bytes], subtract: list[bytes], width: int) -> None:
+        self.streams = [(_aes_ctr(k), np.add) for k in add] + [(_aes_ctr(k), np.subtract) for k in subtract]
+        self.zeros = bytes(8 * width)
+        self.scratch = bytearray(8 * width + 15)
+
+    def apply(self, part: NDArray[np.uint64]) -> None:
+        """Add the streams' next ``part.size`` words to ``part`` (call it on the target's chunks in order)."""
+        for offset in range(0, part.size, len(self.zeros) // 8):
+            piece = part[offset : offset + len(self.zeros) // 8]
+            count = piece.size
+            block = self.zeros if 8 * count == len(self.zeros) else self.zeros[: 8 * count]
+            words = np.frombuffer(self.scratch, dtype="<u8", count=count)
+            for encryptor, op in self.streams:
+                encryptor.update_into(block, self.scratch)
+                op(piece, words, out=piece)
+
+
+class CallBuffer:
+    """Memory a site reuses for its call bodies: faulting in a fresh 8 MB for every call of a long session
+    costs as much as masking it. A body built here is valid until the next one of the same size."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    def take(self, size: int) -> bytearray:
+        if len(self._data) != size:
+            self._data = bytearray(size)  # a new one: views of the old may still be alive
+        return self._data
+
+
+def masked_sum_call(
+    values: NDArray[np.float64],
+    n_sites: int,
+    add: list[bytes],
+    subtract: list[bytes],
+    buffer: CallBuffer | None = None,
+) -> bytes | memoryview:
+    """A sum call's body: the header, then ``values`` (flat float64) in fixed point with the masks added and
+    subtracted, built chunk by chunk in one buffer (range check, scaling, rounding and masks on each chunk
+    while it is in cache). Raises :class:`~fedhealth.secagg.FixedPointRangeError` before anything is used
+    up. With ``buffer`` (resized as needed) the body is written there and a view of it is returned, so a
+    caller making many calls allocates (and faults in) no new memory for each."""
+    n = values.size
+    if n > MAX_VECTOR_LENGTH:
+        raise SecAggMessageError(f"secure_sum takes at most {MAX_VECTOR_LENGTH} values")
+    for start in range(0, n, _CHUNK):  # every value first: a refused vector consumes no key or index
+        check_range(values[start : start + _CHUNK], n_sites, start)
+    size = HEADER_BYTES + 8 * n
+    target = bytearray(size) if buffer is None else buffer.take(size)
+    _HEADER.pack_into(target, 0, _MAGIC, CollectiveOp.SUM, 0, 0)
+    ring = np.frombuffer(target, dtype="<u8", offset=HEADER_BYTES, count=n)
+    width = min(_CHUNK, max(n, 1))
+    scratch = np.empty(width, dtype=np.float64)
+    masker = _Masker(add, subtract, width) if add or subtract else None
     for start in range(0, n, _CHUNK):
-        stop = min(n, start + _CHUNK)
-        part = target[start:stop]
-        count = stop - start
-        block = zeros if count == width else zeros[: 8 * count]
-        words = np.frombuffer(scratch, dtype="<u8", count=count)
-        for encryptor, op in streams:
-            encryptor.update_into(block, scratch)
-            op(part, words, out=part)
-    for encryptor, _ in streams:
-        encryptor.finalize()
+        part = ring[start : start + _CHUNK]
+        encode_into(values[start : start + _CHUNK], part, scratch)
+        if masker is not None:
+            masker.apply(part)
+    return bytes(target) if buffer is None else memoryview(target)
 
 
 def _aes_ctr(key: bytes) -> Any:
