@@ -305,9 +305,13 @@ class RoundEngine:
             self._spawn(self._collective_failed(r.id, f"the collective session cannot start: {exc}"))
 
     async def _collective_failed(self, round_id: str, reason: str) -> None:
+        driver = self.collective.get(round_id)
         self._close_collective_tasks(round_id, completed=False, reason=reason)
         self.collective.discard(round_id, reason)
-        self._fail(round_id, reason)
+        metrics = None
+        if driver is not None:  # the audit's session entry counts the calls made before the failure
+            metrics = {"session": {"calls": driver.relay.calls, "attempt": driver.config.attempt}}
+        self._fail(round_id, reason, metrics)
 
     def _close_collective_tasks(self, round_id: str, *, completed: bool, reason: str) -> None:
         """Every open task of the session closes at once: completed with the session, or failed with it."""
@@ -340,12 +344,13 @@ class RoundEngine:
         self.collective.discard(r.id, "the session is complete")
         program = collective_program(study.spec.recipe)
         assert program is not None
+        session = {"calls": outcome.calls, "attempt": driver.config.attempt}
         try:
             result = program.finish(study.spec.recipe, outcome.released)
         except ValueError as exc:
-            self._fail(r.id, f"the session's result is unusable: {exc}")
+            self._fail(r.id, f"the session's result is unusable: {exc}", {"session": session})
             return
-        metrics = {**result, "session": {"calls": outcome.calls, "attempt": driver.config.attempt}}
+        metrics = {**result, "session": session}
         self.store.finish_round(
             r.id,
             status=RoundStatus.COMPLETED,
@@ -459,13 +464,14 @@ class RoundEngine:
         log.info("study %s completed (secure): %s", study.id, metrics)
         self._study_ended(study.id)
 
-    def _fail(self, round_id: str, reason: str) -> None:
+    def _fail(self, round_id: str, reason: str, metrics: dict[str, Any] | None = None) -> None:
         r = self.store.get_round(round_id)
         if r.status is RoundStatus.OPEN:
             self.store.finish_round(
                 round_id,
                 status=RoundStatus.FAILED,
                 reason=reason,
+                metrics=metrics,
                 when=self.clock.now(),
                 study_status=StudyStatus.FAILED,
                 study_reason=f"round {r.number}: {reason}",
