@@ -30,8 +30,14 @@ class CollectiveProgram:
 
 
 def _probe_settings(recipe: RecipeSpec) -> ProbeSettings:
+    """The probe's parameters in today's flat recipe fields (until recipes carry their own parameters):
+    ``n_params`` values per sum, ``local_steps`` timed calls, ``local_epochs`` 0 for no unmasked baseline."""
     assert recipe.n_params is not None
-    return ProbeSettings(size=recipe.n_params, calls=recipe.local_steps or DEFAULT_PROBE_CALLS)
+    return ProbeSettings(
+        size=recipe.n_params,
+        calls=recipe.local_steps or DEFAULT_PROBE_CALLS,
+        baseline=recipe.local_epochs > 0,
+    )
 
 
 def _run_probe(recipe: RecipeSpec, dataset: TabularDataset | None, session: Collectives) -> None:
