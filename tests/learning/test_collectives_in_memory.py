@@ -1,5 +1,5 @@
-"""The in-memory collectives (threads, real masks and relay): what a collective recipe sees in tests and in the
-in-process runner."""
+"""The in-memory collectives (threads, real masks and relay): what a collective recipe sees in tests and in
+the in-process runner."""
 
 from __future__ import annotations
 
