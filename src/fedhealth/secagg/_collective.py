@@ -129,6 +129,7 @@ class CollectiveSite:
         self._pending: _Pending | None = None
         self._broken: str | None = None
         self._ended = False
+        self._completed = 0
 
     # --- state -------------------------------------------------------------------------------------------
 
@@ -141,8 +142,8 @@ class CollectiveSite:
 
     @property
     def calls(self) -> int:
-        """Collectives completed after the set-up."""
-        return max(0, self._next - 1)
+        """Collectives completed between the set-up and the end."""
+        return self._completed
 
     def _ready(self, op: CollectiveOp) -> None:
         if self._broken is not None:
@@ -158,16 +159,15 @@ class CollectiveSite:
             raise SecAggProtocolError("the session is not set up yet")
 
     def _claim(self, pending: _Pending) -> None:
-        # Indices only go forward, one at a time: no index (and so no mask key) is ever used twice.
+        # Indices only go forward, one at a time: no index (and so no mask key) is ever used twice. The
+        # caller makes the call pending once its body is built.
         assert pending.index == self._next
         self._next += 1
-        self._pending = pending
 
     def _begin(self, op: CollectiveOp) -> _Pending:
         self._ready(op)
         pending = _Pending(index=self._next, op=op)
         self._claim(pending)
-        self._pending = None  # set by the caller once the call's body is built
         return pending
 
     def _take(self, op: CollectiveOp) -> _Pending:
@@ -202,7 +202,7 @@ class CollectiveSite:
 
     def establish(self, result: bytes) -> None:
         """Check every participant's advert (the relay's set-up result) and derive the pair seeds."""
-        pending = self._take(CollectiveOp.SETUP)
+        self._take(CollectiveOp.SETUP)
         try:
             adverts = parse_adverts(result)
             verify_adverts(self.config, self._digest, adverts, self._peers)
@@ -229,7 +229,6 @@ class CollectiveSite:
                 )
         except (SecAggProtocolError, SecAggMessageError, CryptoError) as exc:
             raise self._fail(exc) from None
-        del pending
 
     # --- calls -------------------------------------------------------------------------------------------
 
@@ -268,6 +267,7 @@ class CollectiveSite:
         subtract = [k[:KEY_BYTES] for p, k in keys.items() if p < self.site] if masked else []
         body = masked_sum_call(flat, self.config.n, add, subtract, buffer)  # raises before using the index
         self._claim(pending)
+        self._pending = pending
         return body
 
     def complete_sum(self, result: bytes | memoryview) -> NDArray[np.float64]:
@@ -276,6 +276,7 @@ class CollectiveSite:
         if len(result) != 8 * pending.length:
             raise self._fail(SecAggMessageError("the sum has another length than the vector summed"))
         self._fold(pending, result)
+        self._completed += 1
         ring = np.frombuffer(result, dtype="<u8").astype(np.uint64, copy=False)
         return decode_fixed(ring).reshape(pending.shape)
 
@@ -312,6 +313,7 @@ class CollectiveSite:
                 SecAggSecurityError("the broadcast is not signed by the session's leader for this call")
             ) from None
         self._fold(pending, result)
+        self._completed += 1
         return payload
 
     def prepare_barrier(self) -> bytes:
@@ -325,6 +327,7 @@ class CollectiveSite:
         if len(result):
             raise self._fail(SecAggMessageError("a barrier's result is empty"))
         self._fold(pending, result)
+        self._completed += 1
 
     def prepare_end(self) -> bytes:
         """The closing call: one MAC of this site's final chain per peer (the relay cannot forge them)."""
