@@ -5,7 +5,12 @@ It sits between the two services and the domain packages so that the orchestrato
 definition of a round, and so that tests can drive a whole round in memory.
 """
 
-from fedhealth.runtime._collective import CollectiveProgram, collective_program, is_collective
+from fedhealth.runtime._collective import (
+    CollectiveProgram,
+    collective_program,
+    is_collective,
+    run_collective_in_memory,
+)
 from fedhealth.runtime._memory import InMemoryResult, run_study_in_memory
 from fedhealth.runtime._privacy import (
     REPRODUCIBLE_NOISE_ENV,
@@ -82,6 +87,7 @@ __all__ = [
     "privacy_summary",
     "recipe_spec",
     "reproducible_noise_enabled",
+    "run_collective_in_memory",
     "run_study_in_memory",
     "sample_rate",
     "secure_codec",

@@ -8,13 +8,21 @@ the collective benchmark's probe. The round engine asks :func:`is_collective`; t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from fedhealth.data import TabularDataset
-from fedhealth.learning import BenchmarkCollectives, Collectives, ProbeSettings, probe_report, run_probe
-from fedhealth.protocol import RecipeName, RecipeSpec, StudySpec
+from fedhealth.governance import spec_hash
+from fedhealth.learning import (
+    BenchmarkCollectives,
+    Collectives,
+    InMemorySession,
+    ProbeSettings,
+    probe_report,
+    run_probe,
+)
+from fedhealth.protocol import RecipeName, RecipeSpec, StudySpec, collective_plan
 
 DEFAULT_PROBE_CALLS = 50
 
@@ -61,3 +69,24 @@ def collective_program(recipe: RecipeSpec) -> CollectiveProgram | None:
 def is_collective(spec: StudySpec) -> bool:
     """Whether the study runs one collective session instead of training rounds."""
     return collective_program(spec.recipe) is not None
+
+
+def run_collective_in_memory(
+    spec: StudySpec, datasets: Mapping[str, TabularDataset | None], *, call_timeout_s: float = 30.0
+) -> dict[str, Any]:
+    """A collective study in this process: the recipe's site program at every participant of the spec's
+    session (threads, the real masks and relay), then the orchestrator's reading of what it released. What
+    the services compute for the same spec and data (the round's metrics, less the session's attempt)."""
+    program = collective_program(spec.recipe)
+    if program is None:
+        raise ValueError(f"recipe {spec.recipe.name.value!r} does not run a collective session")
+    plan = collective_plan(spec)
+    session = InMemorySession(
+        plan.sites,
+        study_id="memory",
+        spec_hash=spec_hash(spec.model_dump(mode="json")),
+        collusion=plan.collusion,
+        call_timeout_s=call_timeout_s,
+    )
+    session.run(lambda member: program.run_site(spec.recipe, datasets.get(member.site), member))
+    return program.finish(spec.recipe, session.relay.released)
