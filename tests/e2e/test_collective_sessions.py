@@ -23,7 +23,8 @@ from fedhealth.governance import AuditEntry, AuditEventType, read_stored_log
 from fedhealth.learning._collective_probe import probe_values
 from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec, StudyStatus, TaskKind, TaskStatus
 from fedhealth.secagg import encode_fixed
-from fedhealth.sim import LocalFederation
+from fedhealth.sim import LocalFederation, benchmark_collective
+from fedhealth.sim._bench import percentile
 
 pytestmark = pytest.mark.e2e
 SITES = ["site-a", "site-b", "site-c", "site-d"]
@@ -195,3 +196,19 @@ def test_a_site_revoked_mid_session_is_refused_at_its_next_call(fed, capture):
     assert late == []
     fed.agents["site-d"].wait(30)  # refused with 403 at its next call, the agent stops
     assert fed.agents["site-d"].returncode == 3
+
+
+def test_the_collective_benchmark_times_secure_and_unmasked_sums_in_one_session(tmp_path):
+    result = benchmark_collective(sites=3, size=100, calls=3, workdir=tmp_path)
+    assert result.mismatches == 0
+    assert (result.sites, result.size, result.calls) == (3, 100, 3)
+    assert len(result.secure_s) == len(result.plain_s) == 3
+    assert 0 < result.secure_median_s <= result.secure_p99_s
+    assert result.to_json()["secure_p99_ms"] == result.secure_p99_s * 1e3
+
+
+def test_p99_is_the_nearest_rank():
+    values = [float(v) for v in range(1, 201)]
+    assert percentile(values, 0.99) == 198.0
+    assert percentile(values, 0.5) == 100.0
+    assert percentile([3.0], 0.99) == 3.0

@@ -19,7 +19,7 @@ from fedhealth.orchestrator._auth import Principal
 from fedhealth.orchestrator._collective import CollectiveSessions, collective_router
 from fedhealth.orchestrator._limits import PRINCIPAL
 from fedhealth.protocol import SESSION_HEADER, RecipeSpec, Role, SecureAggregationSpec, StudySpec
-from fedhealth.secagg import CollectiveSite
+from fedhealth.secagg import CollectiveSite, SessionFailure
 
 SITES = ["site-a", "site-b", "site-c"]
 KEYS = {s: IdentityKey.generate() for s in SITES}
@@ -214,5 +214,37 @@ def test_no_sum_over_fewer_than_every_participant_is_ever_answered():
         assert polled.status_code == 410  # the session failed; it did not answer with the sum of two
         assert h.driver.relay.failure is not None
         assert h.driver.relay.missing() == SITES  # what was gathered for call 1 is gone
+
+    run(main)
+
+
+def test_a_closing_call_sent_again_after_the_session_ended_gets_the_same_answer():
+    async def main() -> None:
+        h = _Harness()
+        await h.set_up()
+        bodies = {s: h.sites[s].prepare_end() for s in SITES}
+        answers = await asyncio.gather(*(h.post(s, 1, bodies[s]) for s in SITES))
+        assert {a.status_code for a in answers} == {200}
+        assert h.done == ["rd-1"]
+        h.sessions.discard("rd-1", "the session is complete")  # what the engine does next
+        again = await h.post("site-b", 1, bodies["site-b"])  # its answer was lost on the way
+        assert again.status_code == 200
+        assert again.content == answers[1].content
+        h.sites["site-b"].complete_end(again.content)
+        other = await h.post("site-b", 7, bodies["site-b"])
+        assert other.status_code == 409
+
+    run(main)
+
+
+def test_a_late_call_to_a_failed_session_gets_its_reason():
+    async def main() -> None:
+        h = _Harness()
+        await h.set_up()
+        h.driver.fail(SessionFailure.SITE_LOST, "site-c's task ended (dataset_unavailable)")
+        h.sessions.discard("rd-1", "failed")
+        late = await h.post("site-a", 1, h.sites["site-a"].prepare_sum(np.ones(2)))
+        assert late.status_code == 410
+        assert "site-c's task ended" in late.json()["detail"]
 
     run(main)

@@ -26,6 +26,7 @@ import base64
 import binascii
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -131,6 +132,8 @@ class CollectiveSessionDriver:
 
     async def call(self, site: str, index: int, body: bytearray, wait: float) -> bytes | memoryview | None:
         """Take ``site``'s call ``index`` and wait up to ``wait`` s for its result (None: not yet)."""
+        if self.relay.done:
+            return self.relay.result(index)  # the closing call again (its answer was lost): the same answer
         if self.ended is not None:
             raise SessionGone(self.ended)
         try:
@@ -224,6 +227,10 @@ class CollectiveSessionDriver:
             self._disarm()
             self._wake()
 
+    def release(self) -> None:
+        """Drop the read buffers (the session is over; its outcome and last answer stay)."""
+        self._buffers.clear()
+
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -255,9 +262,14 @@ def session_config(
 class CollectiveSessions:
     """The open collective sessions of this orchestrator process (the engine starts and ends them)."""
 
+    # Ended sessions kept to answer late calls (a closing call re-sent after its answer was lost gets the
+    # same answer; any other gets the session's reason), the oldest going first when there are more.
+    RETIRED = 64
+
     def __init__(self) -> None:
         self._drivers: dict[str, CollectiveSessionDriver] = {}
         self._by_task: dict[str, CollectiveSessionDriver] = {}
+        self._retired: OrderedDict[str, CollectiveSessionDriver] = OrderedDict()
 
     def start(
         self,
@@ -316,11 +328,18 @@ class CollectiveSessions:
         return driver is not None and not driver.can_join(task.site)
 
     def discard(self, round_id: str, reason: str) -> None:
+        """End a round's session (the engine's call: it completed, failed, or the study ended)."""
         driver = self._drivers.pop(round_id, None)
-        if driver is not None:
-            driver.abort(reason)
-            for task_id in driver.tasks:
-                self._by_task.pop(task_id, None)
+        if driver is None:
+            return
+        driver.abort(reason)
+        driver.release()
+        self._retired[round_id] = driver
+        while len(self._retired) > self.RETIRED:
+            _, old = self._retired.popitem(last=False)
+            for task_id in old.tasks:
+                if self._by_task.get(task_id) is old:
+                    del self._by_task[task_id]
 
     def close(self) -> None:
         for round_id in list(self._drivers):
