@@ -42,7 +42,7 @@ from fedhealth.crypto import Audience, IdentityKey, PemPair, sign_client_csr
 from fedhealth.orchestrator._auth import AuthService, AuthSettings, Forbidden, Principal, Unauthenticated
 from fedhealth.orchestrator._blobs import BlobStore, check_digest
 from fedhealth.orchestrator._db import make_engine, sqlite_url, upgrade_database
-from fedhealth.orchestrator._engine import RoundEngine
+from fedhealth.orchestrator._engine import DEFAULT_APPROVAL_WAIT_S, RoundEngine
 from fedhealth.orchestrator._hooks import StudyObserver
 from fedhealth.orchestrator._limits import (
     BodyLimitMiddleware,
@@ -103,6 +103,7 @@ class OrchestratorSettings:
     max_wait_s: float = 60.0
     rate_per_s: float = 200.0  # per site or user; 0 disables
     rate_burst: int = 400
+    approval_wait_s: float = DEFAULT_APPROVAL_WAIT_S  # a study's wait for its sites' approvals, by default
     auth: AuthSettings = field(default_factory=AuthSettings)
     clock: Clock = field(default_factory=SystemClock)
 
@@ -204,6 +205,10 @@ Researcher = Annotated[Principal, Depends(require_roles(Role.ADMIN, Role.RESEARC
 Reader = Annotated[Principal, Depends(require_roles(Role.ADMIN, Role.RESEARCHER, Role.AUDITOR))]
 
 
+# How long a submitted study may wait for its sites' approvals (query parameter of the submit routes).
+ApprovalWait = Annotated[float | None, Query(gt=0, le=366 * 24 * 3600)]
+
+
 def _client_key(request: Request) -> str:
     return f"ip:{request.client.host if request.client else '?'}"
 
@@ -233,6 +238,7 @@ def create_app(
             notifier,
             reports_dir=settings.state_dir / "reports",
             observers=[o for o in observers if o is not None],
+            approval_wait_s=settings.approval_wait_s,
         )
         app.state.services = Services(
             settings=settings,
@@ -271,6 +277,9 @@ def create_app(
     for ext in extensions:
         for router in ext.routers():
             app.include_router(router)
+    from fedhealth.orchestrator._routes_sites import sites_router  # imports this module's dependencies
+
+    app.include_router(sites_router())  # study approvals, site readiness and probes, versions
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -656,13 +665,15 @@ def create_app(
         return [_site_info(s) for s in svc.store.list_sites()]
 
     @app.post("/api/v1/studies", response_model=StudyInfo, status_code=201, tags=["operator"])
-    async def create_study(svc: Svc, owner: Researcher, body: StudySpec) -> StudyInfo:
+    async def create_study(
+        svc: Svc, owner: Researcher, body: StudySpec, approval_wait_s: ApprovalWait = None
+    ) -> StudyInfo:
         if body.owner != owner.name:
             raise ApiError(
                 422, "invalid study", f"the spec's owner must be the submitting user ({owner.name!r})"
             )
         try:
-            study = await svc.engine.create_study(body, owner.name)
+            study = await svc.engine.create_study(body, owner.name, approval_wait_s=approval_wait_s)
         except (NotFoundError, InputError) as exc:  # e.g. unknown sites: a malformed study, not a lost thing
             raise ApiError(422, "invalid study", str(exc)) from exc
         return study_info(svc.store, study.id)
@@ -678,7 +689,7 @@ def create_app(
     @app.post("/api/v1/studies/{study_id}/cancel", response_model=StudyInfo, tags=["operator"])
     async def cancel_study(svc: Svc, _: Researcher, study_id: str) -> StudyInfo:
         study = svc.store.get_study(study_id)
-        if study.status is not StudyStatus.RUNNING:
+        if study.status not in (StudyStatus.RUNNING, StudyStatus.AWAITING_APPROVAL):
             raise ApiError(409, f"study is {study.status.value}")
         await svc.engine.cancel_study(study_id, "cancelled by the operator")
         return study_info(svc.store, study_id)
@@ -707,4 +718,6 @@ def _site_info(row: SiteRow) -> SiteInfo:
         last_seen_at=row.last_seen_at,
         enrolled_at=row.enrolled_at,
         revoked_at=row.revoked_at,
+        software_version=row.software_version,
+        protocol_version=row.protocol_version,
     )

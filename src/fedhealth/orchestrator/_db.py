@@ -48,6 +48,10 @@ sites = Table(
     Column("public_key", String(64), nullable=True),  # hex of the raw Ed25519 key
     Column("enrolled_at", UTC_DATETIME, nullable=True),
     Column("revoked_at", UTC_DATETIME, nullable=True),
+    # what the site's agent said at its last login, and its last `fedhealth site check` (figures only)
+    Column("software_version", String(40), nullable=True),
+    Column("protocol_version", Integer, nullable=True),
+    Column("readiness_json", Text, nullable=True),
 )
 
 enrollment_tokens = Table(
@@ -94,6 +98,20 @@ studies = Table(
     Column("completed_rounds", Integer, nullable=False, default=0),
     Column("model_digest", String(64), nullable=False),
     Column("state_digest", String(64), nullable=True),
+    Column("spec_hash", String(64), nullable=True),  # what the sites' stewards approve
+    Column("approval_deadline_at", UTC_DATETIME, nullable=True),  # while awaiting_approval
+)
+Index("ix_studies_spec_hash", studies.c.spec_hash)
+
+# Each site's latest decision on a spec hash, as the site reported it (the steward's reason stays there).
+# Keyed by hash, not study: a steward may approve a spec before the study is submitted.
+site_approvals = Table(
+    "site_approvals",
+    metadata,
+    Column("site", String(63), ForeignKey("sites.name"), primary_key=True),
+    Column("spec_hash", String(64), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("reported_at", UTC_DATETIME, nullable=False),
 )
 
 rounds = Table(
@@ -182,7 +200,8 @@ def sqlite_url(path: Path) -> str:
 
 
 def upgrade_database(engine: Engine) -> None:
-    """Apply every Alembic migration up to head (creates the schema on an empty database)."""
+    """Apply every Alembic migration up to head (creates the schema on an empty database). ``heads``: branches
+    added in parallel (each revising the same parent) are all applied, in dependency order."""
     from alembic import command
     from alembic.config import Config
 
@@ -190,4 +209,4 @@ def upgrade_database(engine: Engine) -> None:
     cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, "heads")
