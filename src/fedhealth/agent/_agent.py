@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedhealth.agent._approvals import ApprovalSync
 from fedhealth.agent._client import (
     OrchestratorClient,
     OrchestratorRefused,
@@ -28,6 +29,7 @@ from fedhealth.agent._client import (
     SecureRoundGone,
     TlsVerificationError,
 )
+from fedhealth.agent._home import SiteHome
 from fedhealth.agent._pipeline import SiteGate, TaskContext, TaskRefused
 from fedhealth.agent._secure import PeerPins, run_secure_exchange
 from fedhealth.core import (
@@ -93,6 +95,11 @@ class SiteAgent:
         self.gates: list[SiteGate] = list(gates)
         self._pins = PeerPins(settings.home / "peers.json" if settings.home is not None else None)
         self._key_guard = KeyReuseGuard()
+        # the specs awaiting this site's steward, fetched and registered between polls
+        home = SiteHome(settings.home) if settings.home is not None else None
+        self._approvals = (
+            ApprovalSync(home, self.client) if home is not None and home.settings_path.exists() else None
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -103,6 +110,8 @@ class SiteAgent:
         self._warm_up()
         log.info("site %s polling %s", self.settings.site, self.settings.orchestrator_url)
         while not self._stop.is_set():
+            if self._approvals is not None:
+                self._approvals.maybe_sync()
             try:
                 task = self.client.next_task(self.settings.poll_wait_s)
             except ServiceUnavailableError:
@@ -294,5 +303,7 @@ def run_agent(settings: AgentSettings, gates: Sequence[SiteGate] = ()) -> int:
         log.error("%s", exc)
         return 3
     finally:
+        if agent._approvals is not None:
+            agent._approvals.close()
         agent.client.close()
     return 0

@@ -207,6 +207,11 @@ class OrchestratorClient:
             time.sleep(delay)
             attempt += 1
 
+    def call(self, what: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """An authenticated request with this client's retries, for requests outside tasks (approvals,
+        readiness); 4xx answers raise :class:`OrchestratorRefused`."""
+        return self._call(what, method, path, **kwargs)
+
     def next_task(self, wait: float) -> Task | None:
         response = self._call(
             "polling for tasks",

@@ -141,7 +141,11 @@ def enroll_site(
         home.ca_path.write_bytes(ca_pem)
     home.settings_path.write_text(
         json.dumps(
-            {"site": name, "orchestrator": orchestrator, "enrolled_at": enrolled.enrolled_at.isoformat()},
+            {
+                "site": name,
+                "orchestrator": serve_url or orchestrator,  # under mutual TLS the agent uses the main URL
+                "enrolled_at": enrolled.enrolled_at.isoformat(),
+            },
             indent=2,
         )
     )

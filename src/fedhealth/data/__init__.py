@@ -9,7 +9,7 @@ from fedhealth.data._breast_cancer import breast_cancer_federation
 from fedhealth.data._csv import CsvOptions, read_csv_dataset
 from fedhealth.data._dataset import TabularDataset, dataset_fingerprint, split_indices, standardize
 from fedhealth.data._download import download_verified, verify_md5
-from fedhealth.data._errors import SchemaError
+from fedhealth.data._errors import NonNumericColumnError, SchemaError
 from fedhealth.data._heart_disease import (
     HEART_DISEASE_BASE_URL,
     HEART_DISEASE_CENTERS,
@@ -42,6 +42,7 @@ __all__ = [
     "CsvOptions",
     "DatasetURI",
     "HeartDiseaseCenter",
+    "NonNumericColumnError",
     "PooledScaling",
     "SchemaError",
     "TabularDataset",
