@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -9,12 +10,15 @@ from typing import Any
 
 import httpx
 
+from fedhealth.client._words import field_errors
 from fedhealth.core import FedHealthError
-from fedhealth.crypto import pinned_tls_context
+from fedhealth.crypto import IdentityKey, pinned_tls_context
+from fedhealth.governance import SignedSpec
 from fedhealth.protocol import (
     OperatorCredential,
     SiteCreated,
     SiteInfo,
+    SiteReadinessInfo,
     StudyInfo,
     StudySpec,
     StudyStatus,
@@ -25,10 +29,14 @@ from fedhealth.protocol import (
 
 
 class ClientError(FedHealthError):
-    """The orchestrator answered with an error; ``status`` and ``error`` are its own."""
+    """The orchestrator answered with an error; ``status`` and ``error`` are its own. A 422's list of field
+    errors reads as rules in the message (``field rounds: must be at least 1``); ``detail`` keeps it raw."""
 
     def __init__(self, status: int, error: str, detail: Any = None) -> None:
-        super().__init__(f"{status} {error}" + (f": {detail}" if detail else ""))
+        shown = detail
+        if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
+            shown = field_errors(detail)
+        super().__init__(f"{status} {error}" + (f": {shown}" if shown else ""))
         self.status = status
         self.error = error
         self.detail = detail
@@ -138,16 +146,37 @@ class OperatorClient:
 
     # --- studies -----------------------------------------------------------------------------------------
 
-    def create_study(self, spec: StudySpec) -> StudyInfo:
+    def create_study(self, spec: StudySpec, *, approval_wait_s: float | None = None) -> StudyInfo:
+        """Submit an unsigned spec (sites see it as unsigned); see :meth:`submit_study`."""
+        params = {"approval_wait_s": approval_wait_s} if approval_wait_s is not None else None
         return StudyInfo.model_validate(
-            self.request("POST", "/api/v1/studies", json=spec.model_dump(mode="json")).json()
+            self.request("POST", "/api/v1/studies", json=spec.model_dump(mode="json"), params=params).json()
         )
+
+    def register_signing_key(self, key: IdentityKey) -> None:
+        """Register this user's spec-signing key (once; an admin may replace it)."""
+        self.request("PUT", "/api/v1/governance/owner-key", json={"public_key": key.public().raw.hex()})
+
+    def submit_study(
+        self, spec: StudySpec, key: IdentityKey, *, approval_wait_s: float | None = None
+    ) -> StudyInfo:
+        """Submit a spec signed with the owner's ``key`` (registered first if need be). The study waits in
+        ``awaiting_approval`` until every site it names has approved its hash, then runs."""
+        self.register_signing_key(key)
+        signed = SignedSpec.sign(spec.model_dump(mode="json"), owner=spec.owner, key=key)
+        params = {"approval_wait_s": approval_wait_s} if approval_wait_s is not None else None
+        body = {"spec": spec.model_dump(mode="json"), "signature": signed.signature.hex()}
+        response = self.request("POST", "/api/v1/governance/studies", json=body, params=params)
+        return StudyInfo.model_validate(response.json())
 
     def study(self, study_id: str) -> StudyInfo:
         return StudyInfo.model_validate(self.request("GET", f"/api/v1/studies/{study_id}").json())
 
-    def studies(self) -> list[StudyInfo]:
-        return [StudyInfo.model_validate(s) for s in self.request("GET", "/api/v1/studies").json()]
+    def studies(self, status: StudyStatus | None = None) -> list[StudyInfo]:
+        params = {"status": status.value} if status is not None else None
+        return [
+            StudyInfo.model_validate(s) for s in self.request("GET", "/api/v1/studies", params=params).json()
+        ]
 
     def cancel_study(self, study_id: str) -> StudyInfo:
         return StudyInfo.model_validate(self.request("POST", f"/api/v1/studies/{study_id}/cancel").json())
@@ -155,8 +184,20 @@ class OperatorClient:
     def model_bytes(self, study_id: str) -> bytes:
         return self.request("GET", f"/api/v1/studies/{study_id}/model").content
 
+    def download_model(self, study_id: str, path: Path) -> str:
+        """Write the study's current model (safetensors) to ``path``; returns its sha256."""
+        blob = self.model_bytes(study_id)
+        path.write_bytes(blob)
+        return hashlib.sha256(blob).hexdigest()
+
     def report(self, study_id: str) -> dict[str, Any]:
         return self.request("GET", f"/api/v1/studies/{study_id}/report").json()  # type: ignore[no-any-return]
+
+    def site_readiness(self) -> list[SiteReadinessInfo]:
+        """Each site's latest ``fedhealth site check`` report."""
+        return [
+            SiteReadinessInfo.model_validate(r) for r in self.request("GET", "/api/v1/sites/readiness").json()
+        ]
 
     def wait_for_study(
         self,
@@ -166,7 +207,8 @@ class OperatorClient:
         interval: float = 0.1,
         on_progress: Any = None,
     ) -> StudyInfo:
-        """Poll until the study leaves ``running``; transient connection errors are waited out."""
+        """Poll until the study has ended (it may wait for approvals, then run); transient connection errors
+        are waited out."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -178,11 +220,23 @@ class OperatorClient:
                 continue
             if on_progress is not None:
                 on_progress(info)
-            if info.status is not StudyStatus.RUNNING:
+            if info.status not in (StudyStatus.RUNNING, StudyStatus.AWAITING_APPROVAL):
                 return info
             if time.monotonic() > deadline:
-                raise ClientError(408, f"study {study_id} still running after {timeout:.0f} s")
+                raise ClientError(408, f"study {study_id} still {info.status.value} after {timeout:.0f} s")
             time.sleep(interval)
+
+
+def signing_key_path(credential: Path) -> Path:
+    """Where an operator's spec-signing key lives by default: beside the credential file."""
+    return credential.with_name(credential.name.removesuffix(".credential") + ".signing.key")
+
+
+def load_signing_key(path: Path) -> IdentityKey:
+    """The operator's spec-signing key at ``path``, made (mode 0600) on first use."""
+    if not path.exists():
+        IdentityKey.generate().save(path)
+    return IdentityKey.load(path)
 
 
 def _error(response: httpx.Response) -> ClientError:
