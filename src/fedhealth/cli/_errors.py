@@ -74,7 +74,6 @@ def _refusal(status: int, error: str, detail: Any) -> tuple[str, str | None]:
         401: "check the credential file; an API key may have been revoked",
         403: "this account or site is not allowed to do that",
         404: "check the name or id",
-        409: "it conflicts with the current state",
         413: "the request is larger than the orchestrator accepts",
         429: "too many requests; wait a moment and retry",
     }
@@ -134,8 +133,8 @@ def _transport(exc: Any) -> tuple[str, str | None]:
         cause = " ".join(str(exc).split()) or type(exc).__name__
         return (
             f"cannot reach the orchestrator{where}: {cause}",
-            "is `fedhealth orchestrator serve` running there? check the host and port in the URL "
-            "(or give --orchestrator)",
+            "is `fedhealth orchestrator serve` running there? check the host and port of the URL, "
+            "or give --orchestrator URL",
         )
     if isinstance(exc, httpx.TimeoutException):
         return f"the orchestrator{where} did not answer in time", "it may be overloaded; retry"

@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -139,6 +140,7 @@ def orchestrator_serve(
     approval_wait_s = parse_duration(approval_wait, "--approval-wait")
     with friendly_errors():
         orch_home.require()
+        _check_port(host, port)
         note = _follow_port(orch_home, port, insecure=insecure)
         settings = OrchestratorSettings(
             state_dir=orch_home.state_dir,
@@ -160,7 +162,7 @@ def orchestrator_serve(
         tls = TlsFiles(
             cert=orch_home.tls_cert, key=orch_home.tls_key, ca=orch_home.ca_cert, require_client_cert=mtls
         )
-    try:
+    try:  # the port was free a moment ago; another process may still take it first
         serve(
             settings,
             host=host,
@@ -171,17 +173,32 @@ def orchestrator_serve(
             log_level=log_level.value,
         )
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            fail(
-                f"cannot listen on {host}:{port}: the port is already in use",
-                "stop the process using it (e.g. another orchestrator) or serve on another --port",
-            )
-        if exc.errno == errno.EADDRNOTAVAIL:
-            fail(
-                f"cannot listen on {host}:{port}: no such address here",
-                "give --host an address of this machine",
-            )
+        _explain_bind(exc, host, port)
         raise
+
+
+def _explain_bind(exc: OSError, host: str, port: int) -> None:
+    if exc.errno == errno.EADDRINUSE:
+        fail(
+            f"cannot listen on {host}:{port}: the port is already in use",
+            "stop the other process using it, or serve on another --port",
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        fail(
+            f"cannot listen on {host}:{port}: no such address here", "give --host an address of this machine"
+        )
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail in one line, before anything is recorded or started, if the address cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            _explain_bind(exc, host, port)
+            raise
 
 
 def _follow_port(home: object, port: int, *, insecure: bool) -> str | None:

@@ -109,8 +109,8 @@ def study_submit(
     """Submit a study signed with your key; print its id. It runs once every named site approved it."""
     from fedhealth.client import load_signing_key, load_spec, signing_key_path
 
-    loaded = load_spec(spec)
     wait = parse_duration(approval_wait, "--approval-wait") if approval_wait is not None else None
+    loaded = load_spec(spec)
     key = load_signing_key(signing_key or signing_key_path(credential))
     with operator_client(credential, orchestrator) as client:
         if loaded.owner != client.user:

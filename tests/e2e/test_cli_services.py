@@ -1,0 +1,148 @@
+"""The command line against a running orchestrator: 422 answers in words, TLS failures explained, ``--json``
+on lists and status, ``study status --watch`` exit codes, and ``orchestrator serve`` on a port other than
+the one ``init`` recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from fedhealth.cli import app
+from fedhealth.crypto import create_ca
+from fedhealth.protocol import OperatorCredential, StudyStatus
+from fedhealth.sim import LocalFederation
+from support import BREAST_SITES, breast_spec
+
+pytestmark = pytest.mark.e2e
+runner = CliRunner()
+
+
+def cli(*args: object) -> Any:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_error(result: Any, code: int) -> str:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    with LocalFederation(tmp_path_factory.mktemp("cli"), log_level="warning") as fed:
+        fed.start_orchestrator()
+        fed.add_site("north")
+        fed.start_agent(
+            "north", {"breast-cancer": BREAST_SITES["hospital-a"]}, extra_args=["--poll-wait", "2"]
+        )
+        fed.wait_for_sites(["north"])
+        yield fed
+
+
+def admin(fed: LocalFederation) -> list[object]:
+    return ["--credential", fed.home.admin_credential, "--orchestrator", fed.url]
+
+
+def test_a_422_names_the_field_and_its_rule_in_words(fed):
+    line = one_error(cli("site", "add", "Not A Name", *admin(fed)), 1)
+    assert "field name: must be lowercase letters, digits, '-', '_' or '.'" in line
+    assert "^[" not in line  # never the regular expression, with or without its brackets
+
+
+def test_a_certificate_from_another_ca_is_a_tls_error_in_one_line(fed, tmp_path):
+    real = OperatorCredential.model_validate_json(fed.home.admin_credential.read_text())
+    other = real.model_copy(update={"ca_pem": create_ca("another federation").cert_pem.decode()})
+    path = tmp_path / "wrong-ca.credential"
+    path.write_text(other.model_dump_json())
+    line = one_error(cli("site", "list", "--credential", path, "--orchestrator", fed.url), 1)
+    assert "TLS verification failed" in line
+    assert "pinned federation CA" in line
+
+
+def test_lists_and_status_print_json(fed):
+    sites = json.loads(cli("site", "list", *admin(fed), "--json").stdout)
+    assert {s["name"] for s in sites} == {"north"}
+    users = json.loads(cli("user", "list", *admin(fed), "--json").stdout)
+    assert [u["name"] for u in users] == ["admin"]
+    study = fed.create_study(breast_spec(["north"], rounds=1, name="json-status"))
+    fed.wait_for_study(study.study_id, timeout=120)
+    status = json.loads(cli("study", "status", study.study_id, *admin(fed), "--json").stdout)
+    assert status["status"] == "completed"
+    assert status["approvals"] == {"north": "approved"}
+    listed = json.loads(cli("study", "list", *admin(fed), "--json").stdout)
+    assert study.study_id in [s["study_id"] for s in listed]
+
+
+def test_study_status_watch_exits_0_for_a_completed_study_and_1_for_a_failed_one(fed):
+    done = fed.create_study(breast_spec(["north"], rounds=1, name="watched"))
+    result = cli("study", "status", done.study_id, *admin(fed), "--watch", "--interval", "0.2")
+    assert result.exit_code == 0, result.output
+    assert "completed" in result.stdout
+    failing = fed.operator.create_study(
+        breast_spec(["north"], rounds=1, name="never-approved"), approval_wait_s=1
+    )
+    result = cli("study", "status", failing.study_id, *admin(fed), "--watch", "--interval", "0.2")
+    line = one_error(result, 1)
+    assert line == f"error: study {failing.study_id} failed: approval deadline passed: not approved by north"
+    assert fed.study(failing.study_id).status is StudyStatus.FAILED
+
+
+def test_serving_on_another_port_than_init_recorded_updates_the_credential(tmp_path):
+    home = tmp_path / "orch"
+    assert cli("orchestrator", "init", home, "--host", "127.0.0.1").exit_code == 0  # records port 8443
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedhealth",
+            "orchestrator",
+            "serve",
+            "--home",
+            str(home),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        credential = home / "admin.credential"
+        while True:
+            listed = cli(
+                "site", "list", "--credential", credential
+            )  # no --orchestrator: the credential's URL
+            if listed.exit_code == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert listed.exit_code == 0, listed.output
+        assert OperatorCredential.model_validate_json(credential.read_text()).orchestrator == (
+            f"https://127.0.0.1:{port}"
+        )
+        assert json.loads((home / "orchestrator.json").read_text())["url"] == f"https://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+    notes = [line for line in stderr.decode().splitlines() if line.startswith("note:")]
+    assert notes == [
+        f"note: serving on port {port}, not the 8443 recorded at init: the recorded URL and admin.credential "
+        f"now say https://127.0.0.1:{port}"
+    ]
