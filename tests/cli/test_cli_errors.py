@@ -25,7 +25,7 @@ def cli(*args: object, env: dict[str, str] | None = None) -> Any:
 
 
 def one_error(result: Any, code: int) -> str:
-    """The result's stderr is exactly one ``error:`` line, with no traceback, and the exit code is ``code``."""
+    """stderr is exactly one ``error:`` line, with no traceback, and the exit code is ``code``."""
     assert result.exit_code == code, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -235,7 +235,8 @@ def test_a_csv_with_a_text_id_column_is_registered_with_the_id_declared(site_hom
     [
         (
             "no-id",
-            "column 'patient_id' holds 'P000', not a number (if 'patient_id' identifies patients, declare it with --id patient_id",
+            "column 'patient_id' holds 'P000', not a number "
+            "(if 'patient_id' identifies patients, declare it with --id patient_id",
         ),
         ("no-label", "label column 'outcome' is not in the header"),
         ("text-feature", "column 'bp' holds 'high', not a number"),
