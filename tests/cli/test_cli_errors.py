@@ -346,3 +346,38 @@ def test_model_predict_on_a_file_of_another_width_says_what_the_model_expects(tm
 def test_model_predict_on_a_missing_model_is_one_line(tmp_path, cohort):
     line = one_error(cli("model", "predict", "--model", tmp_path / "none.safetensors", "--csv", cohort), 1)
     assert "no such model file" in line
+
+
+def test_site_check_against_an_unreachable_orchestrator_reports_each_failure(site_home, cohort):
+    (site_home / "ca.pem").write_bytes(create_ca("test federation").cert_pem)
+    cli(
+        "site",
+        "dataset",
+        "add",
+        "cohort",
+        cohort,
+        "--label",
+        "target",
+        "--id",
+        "patient_id",
+        "--home",
+        site_home,
+    )
+    result = cli("site", "check", "--home", site_home, "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    checks = {c["name"]: c for c in report["readiness"]["checks"]}
+    assert checks["orchestrator.dns"]["status"] == "ok"
+    assert checks["orchestrator.tls"]["status"] == "fail"
+    assert checks["orchestrator.tls"]["note"] == "no TLS connection to the orchestrator"
+    assert {checks[n]["status"] for n in ("orchestrator.login", "network.download", "clock.skew")} == {
+        "skipped"
+    }
+    # what this machine can measure is measured all the same
+    assert checks["compute.logreg"]["status"] == "ok"
+    assert checks["dataset:cohort"]["status"] == "ok"
+    assert report["sent"] is False
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "orchestrator.tls" in errors[0]
+    assert "Traceback" not in result.output

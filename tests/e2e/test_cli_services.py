@@ -146,3 +146,73 @@ def test_serving_on_another_port_than_init_recorded_updates_the_credential(tmp_p
         f"note: serving on port {port}, not the 8443 recorded at init: the recorded URL and admin.credential "
         f"now say https://127.0.0.1:{port}"
     ]
+
+
+def test_site_check_against_a_running_orchestrator_sends_figures_the_operator_sees(fed):
+    home = fed.site_home("north").root
+    uri = BREAST_SITES["hospital-a"]
+    assert cli("site", "dataset", "add", "bc", uri, "--home", home).exit_code == 0
+    result = cli("site", "check", "--home", home, "--orchestrator", fed.url, "--transfer-mb", "2", "--json")
+    assert result.exit_code == 0, result.output
+    local = json.loads(result.stdout)
+    assert local["sent"] is True
+    checks = {c["name"]: c for c in local["readiness"]["checks"]}
+    expected = [
+        "orchestrator.dns",
+        "orchestrator.tls",
+        "orchestrator.login",
+        "clock.skew",
+        "network.latency",
+        "network.download",
+        "network.upload",
+        "compute.logreg",
+        "compute.synthetic",
+        "disk.free",
+        "memory.available",
+        "dataset:bc",
+    ]
+    assert list(checks) == expected
+    assert all(checks[name]["status"] == "ok" for name in expected if name != "memory.available")
+    assert abs(checks["clock.skew"]["value"]) < 5  # one machine, one clock
+    assert checks["network.download"]["unit"] == "MB/s"
+    assert checks["dataset:bc"]["value"] > 0
+    # the operator sees the same figures, and nothing that names a local file or column
+    seen = cli("site", "readiness", *admin(fed), "--json")
+    (north,) = [r for r in json.loads(seen.stdout) if r["site"] == "north"]
+    assert north["readiness"]["ready"] is True
+    assert north["readiness"]["checks"] == local["readiness"]["checks"]
+    assert str(home) not in seen.stdout
+    assert "breast-cancer/0" not in seen.stdout
+    listed = cli("site", "list", *admin(fed))
+    assert "\tready" in listed.stdout
+
+
+def test_site_check_names_the_dataset_that_fails_and_exits_1(fed, tmp_path):
+    home = fed.site_home("north").root
+    data = tmp_path / "broken.csv"
+    data.write_text("patient_id,x,target\nP1,1,0\nP2,2,1\nP3,3,0\n")
+    assert (
+        cli(
+            "site",
+            "dataset",
+            "add",
+            "broken",
+            data,
+            "--label",
+            "target",
+            "--id",
+            "patient_id",
+            "--home",
+            home,
+        ).exit_code
+        == 0
+    )
+    data.unlink()
+    result = cli("site", "check", "--home", home, "--orchestrator", fed.url, "--transfer-mb", "1")
+    assert result.exit_code == 1
+    assert "dataset:broken" in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: this site is not ready: 1 check(s) failed (dataset:broken) (see the table above)"
+    ]
+    assert cli("site", "dataset", "remove", "broken", "--home", home).exit_code == 0

@@ -168,6 +168,9 @@ def test_the_readme_federation_runs_as_written(tmp_path):
                 if "dataset add" in line:
                     assert "5 features" in out, out
                     assert "id patient_id" in out, out
+                if "site check" in line:
+                    assert "dataset:cohort" in out, out
+                    assert "network.upload" in out, out
         # the researcher: template, hash, submit (the study now waits for the approvals)
         for line in researcher:
             out = parties.run("researcher", line)

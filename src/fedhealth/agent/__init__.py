@@ -15,6 +15,7 @@ from fedhealth.agent._approvals import (
     sync_approvals,
     was_reviewed,
 )
+from fedhealth.agent._check import SiteCheck, run_site_check
 from fedhealth.agent._client import (
     OrchestratorClient,
     OrchestratorRefused,
@@ -46,6 +47,7 @@ __all__ = [
     "PrivacyGate",
     "RetryPolicy",
     "SiteAgent",
+    "SiteCheck",
     "SiteDatasets",
     "SiteGate",
     "SiteHome",
@@ -65,6 +67,7 @@ __all__ = [
     "report_decision",
     "review",
     "run_agent",
+    "run_site_check",
     "site_client",
     "spec_summary",
     "sync_approvals",

@@ -18,6 +18,7 @@ from fedhealth.cli._governance import approval_app, audit_app, consent_app, mode
 from fedhealth.cli._model import model_predict
 from fedhealth.cli._privacy import budget_app, privacy_app
 from fedhealth.cli._services import orchestrator_app, site_app, user_app
+from fedhealth.cli._site_check import site_check, site_readiness
 from fedhealth.cli._site_datasets import dataset_app
 from fedhealth.cli._steward import approvals_app
 from fedhealth.cli._study import study_app
@@ -60,6 +61,8 @@ app.add_typer(privacy_app, name="privacy")
 site_app.add_typer(budget_app, name="budget")
 site_app.add_typer(consent_app, name="consent")
 site_app.add_typer(dataset_app, name="dataset")
+site_app.command("check")(site_check)
+site_app.command("readiness")(site_readiness)
 # The data steward's approvals live beside the other site commands: `fedhealth site approvals [show HASH]`,
 # `fedhealth site approve HASH --reason ...`, `fedhealth site reject HASH --reason ...`.
 site_app.add_typer(approvals_app, name="approvals")
