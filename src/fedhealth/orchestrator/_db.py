@@ -192,7 +192,15 @@ def make_engine(url: str, *, fsync: bool = False) -> Engine:
 
         event.listen(engine, "connect", _on_connect)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    try:
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    except ImportError as exc:  # the driver is an optional extra
+        from fedhealth.core import ConfigError
+
+        raise ConfigError(
+            f"no database driver for {url.split('://', 1)[0]} ({exc.name or exc}); "
+            "for PostgreSQL install the extra: pip install 'fedhealth[postgres]'"
+        ) from exc
 
 
 def sqlite_url(path: Path) -> str:
