@@ -16,9 +16,18 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+import fedhealth
 from fedhealth.cli import app
 from fedhealth.crypto import create_ca
-from fedhealth.protocol import OperatorCredential, StudyStatus
+from fedhealth.protocol import (
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    OperatorCredential,
+    PeerVersion,
+    ProtocolMismatch,
+    StudyStatus,
+    version_headers,
+)
 from fedhealth.sim import LocalFederation
 from support import BREAST_SITES, breast_spec
 
@@ -216,3 +225,73 @@ def test_site_check_names_the_dataset_that_fails_and_exits_1(fed, tmp_path):
         "error: this site is not ready: 1 check(s) failed (dataset:broken) (see the table above)"
     ]
     assert cli("site", "dataset", "remove", "broken", "--home", home).exit_code == 0
+
+
+# --- versions on the wire ----------------------------------------------------------------------------------
+
+
+def test_the_operator_sees_the_version_each_site_runs(fed):
+    sites = json.loads(cli("site", "list", *admin(fed), "--json").stdout)
+    (north,) = sites
+    assert north["software_version"] == fedhealth.__version__
+    assert north["protocol_version"] == PROTOCOL_VERSION
+    assert f"fedhealth {fedhealth.__version__}" in cli("site", "list", *admin(fed)).stdout
+
+
+def test_every_answer_states_the_orchestrators_versions(fed):
+    answer = fed.http.get("/healthz")
+    assert PeerVersion.from_headers(answer.headers) == PeerVersion(
+        protocol=PROTOCOL_VERSION, min_protocol=MIN_PROTOCOL_VERSION, software=fedhealth.__version__
+    )
+
+
+@pytest.mark.parametrize(
+    ("stated", "sentence"),
+    [
+        (
+            {"X-Fedhealth-Protocol": "0", "X-Fedhealth-Protocol-Min": "0"},
+            f"orchestrator speaks protocol {PROTOCOL_VERSION}, this agent 0: upgrade fedhealth at this site",
+        ),
+        (
+            {"X-Fedhealth-Protocol": "9", "X-Fedhealth-Protocol-Min": "8"},
+            f"orchestrator speaks protocol {PROTOCOL_VERSION}, this agent 9 (oldest 8): "
+            "upgrade the orchestrator, or run an older fedhealth at this site",
+        ),
+    ],
+    ids=["too-old", "too-new"],
+)
+def test_an_agent_outside_the_orchestrators_protocols_is_refused_in_one_sentence(fed, stated, sentence):
+    answer = fed.http.post("/api/v1/agent/challenge", json={"site": "north"}, headers=stated)
+    assert answer.status_code == 426
+    assert answer.json()["error"] == sentence
+
+
+def test_a_real_agent_too_new_for_the_orchestrator_stops_with_that_sentence(fed, monkeypatch):
+    from fedhealth.agent import OrchestratorClient, SiteAgent
+    from fedhealth.agent import _client as client_module
+
+    newer = PeerVersion(protocol=PROTOCOL_VERSION + 2, min_protocol=PROTOCOL_VERSION + 1, software="99.0")
+    monkeypatch.setattr(client_module, "ours", lambda software: newer)
+    monkeypatch.setattr(
+        client_module,
+        "version_headers",
+        lambda software: version_headers("99.0", protocol=newer.protocol, min_protocol=newer.min_protocol),
+    )
+    home = fed.site_home("north")
+    client = OrchestratorClient(fed.url, "north", home.identity(), ca_pem=home.ca_pem())
+    with pytest.raises(ProtocolMismatch) as stopped:
+        SiteAgent(_settings(fed), client=client).run()
+    assert str(stopped.value) == (
+        f"orchestrator speaks protocol {PROTOCOL_VERSION}, this agent {PROTOCOL_VERSION + 2} "
+        f"(oldest {PROTOCOL_VERSION + 1}): upgrade the orchestrator, or run an older fedhealth at this site"
+    )
+    client.close()
+
+
+def _settings(fed: LocalFederation) -> Any:
+    from fedhealth.agent import AgentSettings
+
+    home = fed.site_home("north")
+    return AgentSettings(
+        orchestrator_url=fed.url, site="north", identity=home.identity(), ca_pem=home.ca_pem()
+    )

@@ -42,7 +42,7 @@ from fedhealth.core import (
 )
 from fedhealth.crypto import IdentityKey
 from fedhealth.data import TabularDataset, open_dataset
-from fedhealth.protocol import ResultManifest, SiteMetrics, Task, TaskFailure, TaskKind
+from fedhealth.protocol import ProtocolMismatch, ResultManifest, SiteMetrics, Task, TaskFailure, TaskKind
 from fedhealth.runtime import (
     encode_contribution,
     encode_update,
@@ -299,7 +299,7 @@ def run_agent(settings: AgentSettings, gates: Sequence[SiteGate] = ()) -> int:
         agent.run()
     except KeyboardInterrupt:
         log.info("site %s stopping", settings.site)
-    except (SiteRefused, TlsVerificationError) as exc:
+    except (SiteRefused, TlsVerificationError, ProtocolMismatch) as exc:
         log.error("%s", exc)
         return 3
     finally:

@@ -6,16 +6,19 @@ import hashlib
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel
 
+import fedhealth
 from fedhealth.client._words import field_errors
 from fedhealth.core import FedHealthError
 from fedhealth.crypto import IdentityKey, pinned_tls_context
 from fedhealth.governance import SignedSpec
 from fedhealth.protocol import (
     OperatorCredential,
+    PeerVersion,
     SiteCreated,
     SiteInfo,
     SiteReadinessInfo,
@@ -25,7 +28,11 @@ from fedhealth.protocol import (
     TokenResponse,
     UserCreated,
     UserInfo,
+    from_peer,
+    version_headers,
 )
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ClientError(FedHealthError):
@@ -62,8 +69,10 @@ class OperatorClient:
             if url.startswith("https") and ca_pem
             else True,
             timeout=timeout,
-            headers={"User-Agent": "fedhealth-operator"},
+            headers={"User-Agent": "fedhealth-operator", **version_headers(fedhealth.__version__)},
         )
+        # the orchestrator's versions, from its last answer (None: it stated none)
+        self.orchestrator_version: PeerVersion | None = None
         self._token: str | None = None
         self._expires = datetime.min.replace(tzinfo=UTC)
 
@@ -110,9 +119,15 @@ class OperatorClient:
             response = self._http.request(
                 method, path, headers={"Authorization": f"Bearer {self._token}"}, **kwargs
             )
+        self.orchestrator_version = PeerVersion.from_headers(response.headers)
         if response.status_code >= 400:
             raise _error(response)
         return response
+
+    def _parse(self, model: type[M], data: Any) -> M:
+        """A message from the orchestrator: fields a newer orchestrator added are dropped, not refused."""
+        version = self.orchestrator_version
+        return from_peer(model, data, version.protocol if version is not None else None)
 
     @staticmethod
     def _json(response: httpx.Response) -> Any:
@@ -123,34 +138,33 @@ class OperatorClient:
     # --- sites and users ---------------------------------------------------------------------------------
 
     def add_site(self, name: str) -> SiteCreated:
-        return SiteCreated.model_validate(self.request("POST", "/api/v1/sites", json={"name": name}).json())
+        return self._parse(SiteCreated, self.request("POST", "/api/v1/sites", json={"name": name}).json())
 
     def new_enrollment_token(self, name: str) -> SiteCreated:
-        return SiteCreated.model_validate(
-            self.request("POST", f"/api/v1/sites/{name}/enrollment-token").json()
-        )
+        return self._parse(SiteCreated, self.request("POST", f"/api/v1/sites/{name}/enrollment-token").json())
 
     def revoke_site(self, name: str) -> SiteInfo:
-        return SiteInfo.model_validate(self.request("POST", f"/api/v1/sites/{name}/revoke").json())
+        return self._parse(SiteInfo, self.request("POST", f"/api/v1/sites/{name}/revoke").json())
 
     def sites(self) -> list[SiteInfo]:
-        return [SiteInfo.model_validate(s) for s in self.request("GET", "/api/v1/sites").json()]
+        return [self._parse(SiteInfo, s) for s in self.request("GET", "/api/v1/sites").json()]
 
     def add_user(self, name: str, role: str) -> UserCreated:
-        return UserCreated.model_validate(
-            self.request("POST", "/api/v1/users", json={"name": name, "role": role}).json()
+        return self._parse(
+            UserCreated, self.request("POST", "/api/v1/users", json={"name": name, "role": role}).json()
         )
 
     def users(self) -> list[UserInfo]:
-        return [UserInfo.model_validate(u) for u in self.request("GET", "/api/v1/users").json()]
+        return [self._parse(UserInfo, u) for u in self.request("GET", "/api/v1/users").json()]
 
     # --- studies -----------------------------------------------------------------------------------------
 
     def create_study(self, spec: StudySpec, *, approval_wait_s: float | None = None) -> StudyInfo:
         """Submit an unsigned spec (sites see it as unsigned); see :meth:`submit_study`."""
         params = {"approval_wait_s": approval_wait_s} if approval_wait_s is not None else None
-        return StudyInfo.model_validate(
-            self.request("POST", "/api/v1/studies", json=spec.model_dump(mode="json"), params=params).json()
+        return self._parse(
+            StudyInfo,
+            self.request("POST", "/api/v1/studies", json=spec.model_dump(mode="json"), params=params).json(),
         )
 
     def register_signing_key(self, key: IdentityKey) -> None:
@@ -167,19 +181,19 @@ class OperatorClient:
         params = {"approval_wait_s": approval_wait_s} if approval_wait_s is not None else None
         body = {"spec": spec.model_dump(mode="json"), "signature": signed.signature.hex()}
         response = self.request("POST", "/api/v1/governance/studies", json=body, params=params)
-        return StudyInfo.model_validate(response.json())
+        return self._parse(StudyInfo, response.json())
 
     def study(self, study_id: str) -> StudyInfo:
-        return StudyInfo.model_validate(self.request("GET", f"/api/v1/studies/{study_id}").json())
+        return self._parse(StudyInfo, self.request("GET", f"/api/v1/studies/{study_id}").json())
 
     def studies(self, status: StudyStatus | None = None) -> list[StudyInfo]:
         params = {"status": status.value} if status is not None else None
         return [
-            StudyInfo.model_validate(s) for s in self.request("GET", "/api/v1/studies", params=params).json()
+            self._parse(StudyInfo, s) for s in self.request("GET", "/api/v1/studies", params=params).json()
         ]
 
     def cancel_study(self, study_id: str) -> StudyInfo:
-        return StudyInfo.model_validate(self.request("POST", f"/api/v1/studies/{study_id}/cancel").json())
+        return self._parse(StudyInfo, self.request("POST", f"/api/v1/studies/{study_id}/cancel").json())
 
     def model_bytes(self, study_id: str) -> bytes:
         return self.request("GET", f"/api/v1/studies/{study_id}/model").content
@@ -196,7 +210,7 @@ class OperatorClient:
     def site_readiness(self) -> list[SiteReadinessInfo]:
         """Each site's latest ``fedhealth site check`` report."""
         return [
-            SiteReadinessInfo.model_validate(r) for r in self.request("GET", "/api/v1/sites/readiness").json()
+            self._parse(SiteReadinessInfo, r) for r in self.request("GET", "/api/v1/sites/readiness").json()
         ]
 
     def wait_for_study(

@@ -54,6 +54,7 @@ from fedhealth.orchestrator._notify import TaskNotifier
 from fedhealth.orchestrator._report import build_report, study_info
 from fedhealth.orchestrator._secure import SecureRoundDriver, SecureRoundGone
 from fedhealth.orchestrator._store import RoundRow, SiteRow, SiteStatus, Store, TaskRow
+from fedhealth.orchestrator._versions import VersionHeadersMiddleware, check_client, record_agent
 from fedhealth.protocol import (
     ATTESTATION_HEADER,
     Ack,
@@ -63,6 +64,7 @@ from fedhealth.protocol import (
     EnrollRequest,
     EnrollResponse,
     OperatorTokenRequest,
+    ProtocolMismatch,
     ResultManifest,
     Role,
     SiteAttestation,
@@ -272,6 +274,7 @@ def create_app(
     )
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(VersionHeadersMiddleware)  # every answer states the protocol and release
     if settings.enroll_port is not None:
         app.add_middleware(EnrollmentPortMiddleware, port=settings.enroll_port)
     for ext in extensions:
@@ -317,6 +320,10 @@ def create_app(
     async def _input(_: Request, exc: InputError) -> JSONResponse:
         return _error(422, str(exc))
 
+    @app.exception_handler(ProtocolMismatch)
+    async def _protocol_mismatch(_: Request, exc: ProtocolMismatch) -> JSONResponse:
+        return _error(426, str(exc))
+
     @app.exception_handler(FedHealthError)
     async def _fedhealth(_: Request, exc: FedHealthError) -> JSONResponse:
         return _error(400, str(exc))
@@ -349,6 +356,7 @@ def create_app(
     @app.post("/api/v1/agent/challenge", response_model=ChallengeResponse, tags=["enrollment"])
     async def agent_challenge(svc: Svc, request: Request, body: ChallengeRequest) -> ChallengeResponse:
         _throttle(svc, _client_key(request))
+        check_client(request.headers, client_name="agent", where="at this site")
         challenge, expires = svc.auth.challenge(body.site)
         return ChallengeResponse(challenge=challenge, expires_at=expires)
 
@@ -356,15 +364,18 @@ def create_app(
     async def agent_token(svc: Svc, request: Request, body: AgentTokenRequest) -> TokenResponse:
         """Trade a signature over a fresh challenge for a short-lived agent token."""
         _throttle(svc, _client_key(request))
+        peer = check_client(request.headers, client_name="agent", where="at this site")
         token, claims = svc.auth.agent_token(
             site=body.site, challenge=body.challenge, signature_hex=body.signature
         )
+        record_agent(svc.store, body.site, peer)
         return TokenResponse(access_token=token, expires_at=claims.expires_at, role=Role.SITE)
 
     @app.post("/api/v1/auth/token", response_model=TokenResponse, tags=["operator"])
     async def operator_token(svc: Svc, request: Request, body: OperatorTokenRequest) -> TokenResponse:
         """Trade a user's API key for a short-lived operator token."""
         _throttle(svc, _client_key(request))
+        check_client(request.headers, client_name="command", where="here")
         token, claims = svc.auth.operator_token(user=body.user, api_key=body.api_key)
         return TokenResponse(access_token=token, expires_at=claims.expires_at, role=Role(claims.role))
 
