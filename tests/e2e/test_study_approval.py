@@ -152,3 +152,19 @@ def test_a_signed_spec_reaches_the_steward_verified(fed, tmp_path):
     assert '"signed": true' in shown.stdout
     assert fed.study(study_id).spec_hash == digest
     fed.operator.cancel_study(study_id)
+
+
+def test_an_awaiting_study_survives_a_restart_and_its_deadline_still_holds(fed):
+    waiting = fed.create_study(breast_spec(SITES, rounds=1, name="restart-wait"), approve=False)
+    expiring = fed.operator.create_study(breast_spec(SITES, rounds=1, name="restart-expire"), approval_wait_s=3)
+    fed.stop_orchestrator()
+    time.sleep(3.5)  # the second study's deadline passes while the orchestrator is down
+    fed.start_orchestrator()
+    expired = wait_until(fed, expiring.study_id, lambda i: i.status is not StudyStatus.AWAITING_APPROVAL)
+    assert expired.status is StudyStatus.FAILED
+    assert expired.reason == "approval deadline passed: not approved by alpha, beta"
+    assert fed.study(waiting.study_id).status is StudyStatus.AWAITING_APPROVAL
+    spec = breast_spec(SITES, rounds=1, name="restart-wait")
+    for site in SITES:
+        steward(fed, site, spec)
+    assert fed.wait_for_study(waiting.study_id, timeout=120).status is StudyStatus.COMPLETED

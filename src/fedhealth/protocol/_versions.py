@@ -114,8 +114,8 @@ def _range(peer: PeerVersion) -> str:
 
 def for_peer(message: BaseModel, peer_protocol: int) -> dict[str, Any]:
     """``message`` as JSON data for a peer speaking ``peer_protocol``: the fields added after it left out."""
-    data = message.model_dump(mode="json")
-    return _strip(type(message), data, peer_protocol)
+    stripped: dict[str, Any] = _strip(type(message), message.model_dump(mode="json"), peer_protocol)
+    return stripped
 
 
 def _strip(model: type[BaseModel], data: Any, peer_protocol: int) -> Any:

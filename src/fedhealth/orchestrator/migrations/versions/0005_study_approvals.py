@@ -1,7 +1,8 @@
 """study approvals, site versions and readiness
 
 A study now waits in ``awaiting_approval`` until every site it names reported its steward's approval of the
-spec hash: ``studies`` gains the hash (backfilled from each stored spec) and the approval deadline, and
+spec hash: ``studies`` gains the hash (backfilled from each stored spec) and the approval deadline, its status
+column widens to 32 characters, and
 ``site_approvals`` holds each site's latest decision per hash. ``sites`` gains the versions its agent stated
 at login and its last readiness report (``fedhealth site check``).
 
@@ -32,6 +33,10 @@ def _spec_hash(spec_json: str) -> str:
 
 def upgrade() -> None:
     with op.batch_alter_table("studies", schema=None) as batch_op:
+        # "awaiting_approval" does not fit the 16 characters of 0001 (PostgreSQL enforces the length)
+        batch_op.alter_column(
+            "status", existing_type=sa.String(length=16), type_=sa.String(length=32), existing_nullable=False
+        )
         batch_op.add_column(sa.Column("spec_hash", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("approval_deadline_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.create_index("ix_studies_spec_hash", ["spec_hash"], unique=False)
@@ -67,3 +72,6 @@ def downgrade() -> None:
         batch_op.drop_index("ix_studies_spec_hash")
         batch_op.drop_column("approval_deadline_at")
         batch_op.drop_column("spec_hash")
+        batch_op.alter_column(
+            "status", existing_type=sa.String(length=32), type_=sa.String(length=16), existing_nullable=False
+        )
