@@ -156,7 +156,9 @@ def test_a_signed_spec_reaches_the_steward_verified(fed, tmp_path):
 
 def test_an_awaiting_study_survives_a_restart_and_its_deadline_still_holds(fed):
     waiting = fed.create_study(breast_spec(SITES, rounds=1, name="restart-wait"), approve=False)
-    expiring = fed.operator.create_study(breast_spec(SITES, rounds=1, name="restart-expire"), approval_wait_s=3)
+    expiring = fed.operator.create_study(
+        breast_spec(SITES, rounds=1, name="restart-expire"), approval_wait_s=3
+    )
     fed.stop_orchestrator()
     time.sleep(3.5)  # the second study's deadline passes while the orchestrator is down
     fed.start_orchestrator()
