@@ -206,7 +206,10 @@ def datasets_for_serve(
 def columns_used(spec: StudySpec, summary: DatasetSummary | None) -> str:
     """A sentence saying which of the site's columns a study would read (for the steward's summary)."""
     if summary is None:
-        return f"dataset {spec.dataset!r} is not registered at this site: the study cannot use any data here"
+        return (
+            f"dataset {spec.dataset!r} is not registered at this site (`fedhealth site dataset add`); unless "
+            "`site serve` is given it with --dataset, every task of this study will fail here"
+        )
     parts = [f"{len(summary.features)} feature column(s): {', '.join(summary.features)}"]
     if summary.label is not None:
         parts.append(f"label column {summary.label!r}")
