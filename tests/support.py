@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -18,11 +20,18 @@ import sqlalchemy as sa
 
 from fedhealth.agent import OrchestratorClient
 from fedhealth.core import decode_tensors
-from fedhealth.crypto import PublicIdentity
+from fedhealth.crypto import PublicIdentity, pinned_tls_context
 from fedhealth.data import open_dataset
 from fedhealth.protocol import RecipeSpec, StrategySpec, StudySpec, Task, TaskKind, TaskPoll
 from fedhealth.runtime import encode_contribution, evaluate_on_site, param_specs, secure_codec, train_on_site
-from fedhealth.secagg import KeyDirectory, SecAggClient, SecAggConfig, ShareBundle, UnmaskRequest
+from fedhealth.secagg import (
+    ConsistencyRequest,
+    KeyDirectory,
+    SecAggClient,
+    SecAggConfig,
+    ShareBundle,
+    UnmaskRequest,
+)
 from fedhealth.sim import LocalFederation
 
 # The suite's one PostgreSQL setting: every test marked `postgres` reaches the server through
@@ -260,7 +269,7 @@ class SecureRogue:
         else:
             delta, metrics = None, evaluate_on_site(task, params, self.dataset)
         info = task.secure_round
-        codec = secure_codec(task.spec, task.kind, len(info.peer_keys))
+        codec = secure_codec(task.spec, task.kind)
         self.vector = encode_contribution(codec, task.spec, metrics, delta)
         peers = {s: PublicIdentity(bytes.fromhex(k)) for s, k in info.peer_keys.items()}
         self.protocol = SecAggClient(SecAggConfig.from_json(info.config), self.name, self.identity, peers)
@@ -300,11 +309,120 @@ class SecureRogue:
             assert self.vector is not None
             bundle = ShareBundle.from_bytes(self._receive("share_keys"))
             self._send(stage, p.masked_input(bundle, self.vector).to_bytes())
+        elif stage == "consistency":
+            request = ConsistencyRequest.from_bytes(self._receive("masked_input"))
+            self._send(stage, p.consistency(request).to_bytes())
         else:
-            self._send(stage, p.unmask(UnmaskRequest.from_bytes(self._receive("masked_input"))).to_bytes())
+            self._send(stage, p.unmask(UnmaskRequest.from_bytes(self._receive("consistency"))).to_bytes())
 
     def close(self) -> None:
         self.site.close()
 
 
-SECURE_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
+SECURE_STAGES = ("advertise_keys", "share_keys", "masked_input", "consistency", "unmask")
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that drops its connection mid-request (a killed agent) is not the test's failure
+
+
+class LyingOrchestrator:
+    """The orchestrator, lying: an HTTPS proxy in front of the real one that rewrites chosen answers.
+
+    The orchestrator owns the federation's CA, so a proxy serving the orchestrator's own TLS certificate is,
+    for a site, exactly the orchestrator: whatever it rewrites is what a malicious orchestrator could send.
+    Point agents at it with ``fed.start_agent(site, datasets, orchestrator_url=lying.url)``. Everything is
+    forwarded unchanged unless a rewrite is set:
+
+    - ``rewrite_task(task) -> task``: applied to each task an agent's long-poll returns (e.g. strip the
+      secure round, change its threshold, add a sybil peer);
+    - ``rewrite(method, path, status, body) -> body``: applied to any other response's body (bytes).
+
+    ``requests`` lists ``(method, path)`` of every request that reached the proxy, in order, so a test can
+    check what a site sent (e.g. never a result in clear). Call ``close()`` when done (or use ``with``).
+    """
+
+    def __init__(self, fed: LocalFederation) -> None:
+        assert fed.url is not None, "start the orchestrator first"
+        assert fed.url.startswith("https://"), "the lying orchestrator serves TLS: start it with tls=True"
+        self.rewrite_task: Callable[[Task], Task] | None = None
+        self.rewrite: Callable[[str, str, int, bytes], bytes] | None = None
+        self.requests: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._upstream = httpx.Client(
+            base_url=fed.url, verify=pinned_tls_context(fed.home.ca_cert.read_bytes()), timeout=120.0
+        )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(fed.home.tls_cert, fed.home.tls_key)
+        self._server = _QuietServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def paths(self, method: str, fragment: str = "") -> list[str]:
+        """The paths of the requests with ``method`` that contain ``fragment``."""
+        with self._lock:
+            return [p for m, p in self.requests if m == method and fragment in p]
+
+    def _forward(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict, bytes]:
+        with self._lock:
+            self.requests.append((method, path.split("?", 1)[0]))
+        response = self._upstream.request(method, path, headers=headers, content=body)
+        data = response.content
+        if method == "GET" and path.startswith("/api/v1/agent/tasks/next") and response.status_code == 200:
+            poll = TaskPoll.model_validate_json(data)
+            if poll.task is not None and self.rewrite_task is not None:
+                data = TaskPoll(task=self.rewrite_task(poll.task)).model_dump_json().encode()
+        elif self.rewrite is not None:
+            data = self.rewrite(method, path, response.status_code, data)
+        skip = {"content-length", "transfer-encoding", "content-encoding", "connection"}
+        out = {k: v for k, v in response.headers.items() if k.lower() not in skip}
+        return response.status_code, out, data
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _relay(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                skip = {"host", "connection", "content-length", "accept-encoding", "transfer-encoding"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                try:
+                    status, out, data = proxy._forward(self.command, self.path, headers, body)
+                except httpx.HTTPError:
+                    status, out, data = 502, {"content-type": "text/plain"}, b"upstream unreachable"
+                try:
+                    self.send_response(status)
+                    for k, v in out.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the agent went away (killed, or its long-poll gave up): nothing to tell
+                    self.close_connection = True
+
+            do_GET = do_POST = do_PUT = do_DELETE = _relay
+
+        return Handler
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._upstream.close()
+
+    def __enter__(self) -> LyingOrchestrator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -12,7 +12,7 @@ import pytest
 from fedhealth.agent import AgentSettings, SiteAgent
 from fedhealth.core import encode_tensors
 from fedhealth.crypto import IdentityKey
-from fedhealth.protocol import RecipeSpec, StudySpec, Task, TaskFailure, TaskKind, TaskPoll
+from fedhealth.protocol import FailureCode, RecipeSpec, StudySpec, Task, TaskFailure, TaskKind, TaskPoll
 from fedhealth.runtime import initial_model
 
 SITE = "site-a"
@@ -91,7 +91,9 @@ def test_a_model_matching_its_digest_is_trained_and_uploaded(model_blob, inline)
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "downloaded"])
-def test_a_model_that_does_not_match_its_digest_fails_the_task_and_nothing_is_uploaded(model_blob, inline):
+def test_a_model_that_does_not_match_its_digest_fails_the_task_and_nothing_is_uploaded(
+    model_blob, inline, caplog
+):
     tampered = bytearray(model_blob)
     tampered[-1] ^= 0x01  # one flipped bit in the last float
     digest = hashlib.sha256(model_blob).hexdigest()
@@ -100,10 +102,11 @@ def test_a_model_that_does_not_match_its_digest_fails_the_task_and_nothing_is_up
     assert client.uploads == []
     [(code, reason)] = client.failures
     assert code == "invalid_task"
-    assert f"does not match its digest {digest[:16]}" in reason
+    assert reason == FailureCode.INVALID_TASK.message  # the orchestrator gets the code's fixed sentence
+    assert f"does not match its digest {digest[:16]}" in caplog.text  # the detail stays in the site's log
 
 
-def test_an_inline_model_that_is_not_base64_fails_the_task(model_blob):
+def test_an_inline_model_that_is_not_base64_fails_the_task(model_blob, caplog):
     client = StubClient(model_blob)
     task = _task(hashlib.sha256(model_blob).hexdigest(), None).model_copy(
         update={"model_inline": "not*base64"}
@@ -112,4 +115,5 @@ def test_an_inline_model_that_is_not_base64_fails_the_task(model_blob):
     assert client.uploads == []
     [(code, reason)] = client.failures
     assert code == "invalid_task"
-    assert "not base64" in reason
+    assert reason == FailureCode.INVALID_TASK.message
+    assert "not base64" in caplog.text

@@ -48,8 +48,9 @@ def test_the_demo_trains_four_hospitals_securely_and_prints_the_summary(tmp_path
     assert report["evaluation"]["secure"] is True
     assert "per_site" not in report["evaluation"]  # the orchestrator never saw a site's figures
     assert 0.8 < report["evaluation"]["accuracy"] <= 1.0
-    # The model card describes the model written next to it, and names for each hospital the consent snapshot
-    # that hospital recorded in its own database when it trained.
+    # The model card describes the model written next to it, and names for each hospital its keyed commitment
+    # to the consent snapshot that hospital recorded in its own database when it trained (the commitment
+    # opens, in the hospital's own openings table, to that snapshot).
     digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     assert report["final_model_digest"] == digest
     card = (out / "model-card.md").read_text()
@@ -57,10 +58,16 @@ def test_the_demo_trains_four_hospitals_securely_and_prints_the_summary(tmp_path
     assert f"- Model digest (sha256): `{digest}`" in card
     rows = dict(re.findall(r"^\| (hospital-[a-d]) \| .+ \| `([0-9a-f]{64})` \|$", card, re.MULTILINE))
     assert sorted(rows) == ["hospital-a", "hospital-b", "hospital-c", "hospital-d"], card
-    for site, snapshot in rows.items():
+    for site, commitment in rows.items():
         with contextlib.closing(sqlite3.connect(out / "state" / "sites" / site / "site.sqlite")) as db:
             recorded = {h for (h,) in db.execute("SELECT snapshot_hash FROM gov_consent_snapshots")}
-        assert snapshot in recorded, (site, snapshot, recorded)
+            opened = dict(
+                db.execute(
+                    "SELECT commitment, digest FROM site_commitment_openings WHERE kind = 'consent_snapshot'"
+                )
+            )
+        assert commitment not in recorded  # never the bare hash
+        assert opened[commitment] in recorded, (site, commitment, recorded)
     consent = card.split("## Consent statement\n", 1)[1].split("\n## ", 1)[0]
     assert "training used only the patients whose recorded consent permitted" in consent
     assert "No consent withdrawal affecting this model version has been reported." in consent

@@ -11,7 +11,15 @@ import pytest
 
 from fedhealth.core import decode_tensors
 from fedhealth.orchestrator import Store, make_engine
-from fedhealth.protocol import RecipeSpec, RoundStatus, StudySpec, StudyStatus, TaskKind, TaskStatus
+from fedhealth.protocol import (
+    FailureCode,
+    RecipeSpec,
+    RoundStatus,
+    StudySpec,
+    StudyStatus,
+    TaskKind,
+    TaskStatus,
+)
 from fedhealth.runtime import run_study_in_memory
 from fedhealth.sim import LocalFederation
 from support import BREAST_SITES, ChokeProxy, breast_datasets, breast_spec, heart_data_dir, postgres_schema
@@ -154,7 +162,9 @@ def test_an_agent_killed_mid_upload_and_restarted_is_counted_exactly_once(tmp_pa
     np.testing.assert_array_equal(model["weight"], reference.params["weight"])
 
 
-def test_a_corrupt_dataset_file_fails_that_site_with_a_one_line_reason_naming_the_file(tmp_path):
+def test_a_corrupt_dataset_file_fails_that_site_with_its_code_and_names_the_file_only_in_its_own_log(
+    tmp_path,
+):
     good_dir = heart_data_dir()
     bad_dir = tmp_path / "bad-data"
     shutil.copytree(good_dir / "heart_disease", bad_dir / "heart_disease")
@@ -187,9 +197,12 @@ def test_a_corrupt_dataset_file_fails_that_site_with_a_one_line_reason_naming_th
     assert final.status is StudyStatus.COMPLETED, final.reason
     hungary = {t.site: t for t in final.rounds[0].tasks}["hungary"]
     assert hungary.status is TaskStatus.FAILED
-    assert str(target) in hungary.reason
-    assert "md5" in hungary.reason
-    assert "\n" not in hungary.reason
+    # the orchestrator learns the code; the file's path and the checksum detail stay at the site
+    assert hungary.reason == f"dataset_unavailable: {FailureCode.DATASET_UNAVAILABLE.message}"
+    assert str(target) not in hungary.reason
+    site_log = (tmp_path / "fed" / "logs" / "agent-hungary.log").read_text()
+    assert str(target) in site_log
+    assert "md5" in site_log
 
 
 def test_an_agent_whose_dataset_is_corrupt_refuses_to_start_with_one_line_naming_the_file(tmp_path):

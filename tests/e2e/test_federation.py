@@ -214,16 +214,23 @@ SITE = {"auth": "site"}
         (
             "POST",
             "/api/v1/agent/tasks/tk_nope/failure",
-            {**SITE, "json": {"code": "x", "reason": "y"}},
+            {**SITE, "json": {"code": "internal_error"}},
             404,
             "does not exist",
         ),
         (
             "POST",
             "/api/v1/agent/tasks/tk_nope/failure",
-            {**SITE, "json": {"code": "BAD CODE", "reason": ""}},
+            {**SITE, "json": {"code": "BAD CODE"}},
             422,
-            "pattern",
+            "Input should be",
+        ),
+        (
+            "POST",
+            "/api/v1/agent/tasks/tk_nope/failure",
+            {**SITE, "json": {"code": "internal_error", "reason": "/data/ward.csv: 'p0000'"}},
+            422,
+            "Extra inputs",
         ),
         (
             "POST",

@@ -31,7 +31,7 @@ from fedhealth.cli import app
 from fedhealth.client import ClientError
 from fedhealth.core import decode_tensors
 from fedhealth.crypto import IdentityKey
-from fedhealth.data import TabularDataset, open_dataset
+from fedhealth.data import open_dataset
 from fedhealth.governance import (
     AuditEntry,
     AuditEventType,
@@ -44,7 +44,7 @@ from fedhealth.governance import (
     spec_hash,
 )
 from fedhealth.privacy import DpSgdRelease, epsilon
-from fedhealth.protocol import PrivacySpec, RecipeSpec, StudyStatus, Task, TaskKind, TaskStatus
+from fedhealth.protocol import FailureCode, PrivacySpec, RecipeSpec, StudyStatus, Task, TaskKind, TaskStatus
 from fedhealth.runtime import run_study_in_memory
 from fedhealth.sim import LocalFederation
 from support import BREAST_SITES, breast_spec
@@ -73,17 +73,19 @@ def fed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def north_consent(fed, tmp_path_factory):
-    """north's consent registry: every 5th training patient denies the purpose, the others permit."""
-    ids = open_dataset(DATA["north"]).patient_ids_train
-    denying = set(ids[::5])
+    """north's consent registry: every 5th training patient, and every 5th held-out patient, denies the
+    purpose; the others permit. Returns the training ids and every denying patient."""
+    full = open_dataset(DATA["north"])
+    ids, held_out = full.patient_ids_train, full.patient_ids_test
+    denying = set(ids[::5]) | set(held_out[::5])
     csv = tmp_path_factory.mktemp("consent") / "north.csv"
-    rows = [f"{p},{PURPOSE},{'deny' if p in denying else 'permit'},2020-01-01,," for p in ids]
+    rows = [f"{p},{PURPOSE},{'deny' if p in denying else 'permit'},2020-01-01,," for p in (*ids, *held_out)]
     csv.write_text(
         "patient_id,purpose,decision,valid_from,valid_until,withdrawn_at\n" + "\n".join(rows) + "\n"
     )
     result = cli("site", "consent", "import", csv, "--home", fed.site_home("north").root)
     assert result.exit_code == 0, result.output
-    assert f"{len(ids)} added" in result.stdout
+    assert f"{len(ids) + len(held_out)} added" in result.stdout
     return ids, denying
 
 
@@ -143,36 +145,37 @@ def test_training_uses_exactly_the_patients_whose_consent_permits_the_purpose(
     spec, final = trained
     full = open_dataset(DATA["north"])
     keep = np.array([p not in denying for p in ids])
+    keep_test = np.array([p not in denying for p in full.patient_ids_test])
     assert 0.19 < 1 - keep.mean() < 0.21
-    # the permitted rows, built here from the arrays (not through the agent's code path)
-    permitted = TabularDataset(
-        name=full.name,
-        X_train=full.X_train[keep],
-        y_train=full.y_train[keep],
-        X_test=full.X_test,
-        y_test=full.y_test,
-        feature_names=full.feature_names,
-        patient_ids_train=tuple(p for p in ids if p not in denying),
-    )
+    # the permitted rows, training and held-out, selected here by the data layer (not the agent's code path)
+    permitted = full.select(keep, keep_test)
     south = open_dataset(DATA["south"])
-    # by count: every north training task trained on exactly the permitted rows; south (no consent records
-    # imported, so nobody denied) on all of its rows
+    # by count: every north training task trained on exactly the permitted rows and reported metrics on the
+    # permitted held-out rows; south (no consent records imported, so nobody denied) on all of its rows
     for r in final.rounds[:-1]:
         by_site = {t.site: t for t in r.tasks}
         assert by_site["north"].metrics.num_samples == int(keep.sum())
+        assert by_site["north"].metrics.num_eval_samples == int(keep_test.sum())
         assert by_site["south"].metrics.num_samples == south.num_train
-    # by fingerprint and consent snapshot, as the orchestrator's provenance records them
+    # by fingerprint and consent snapshot, as the orchestrator's provenance records them: keyed commitments,
+    # which north opens to an auditor, each to the digest of exactly the permitted rows
     lineage = provenance(running, final.model_digest)["lineage"]
     applied = [e for e in site_entries(running, "north") if e.type == AuditEventType.CONSENT_APPLIED]
     day = date.fromisoformat(applied[-1].payload["date"])
+    with SiteGovernance(running.site_home("north")) as governance:
+        revealed = governance.commitments.reveal(final.study_id, to="test auditor")
+    revealed.verify()
+    opened = {o.commitment: o.digest for o in revealed.openings}
+    permitted_patients = [*permitted.patient_ids_train, *permitted.patient_ids_test]
     for version in lineage[:-1]:
-        assert version["dataset_fingerprints"]["north"] == permitted.fingerprint
-        assert version["dataset_fingerprints"]["south"] == south.fingerprint
-        assert version["consent_snapshots"]["north"] == consent_snapshot_hash(
-            permitted.patient_ids_train, PURPOSE, day
+        assert opened[version["dataset_fingerprints"]["north"]] == permitted.fingerprint
+        assert opened[version["consent_snapshots"]["north"]] == consent_snapshot_hash(
+            permitted_patients, PURPOSE, day
         )
+        assert version["dataset_fingerprints"]["north"] != permitted.fingerprint  # never the bare hash
+        assert version["dataset_fingerprints"]["south"] not in (south.fingerprint, "unattested")
     # the counts in north's log, over distinct patients
-    assert applied[-1].payload["counts"]["kept"] == int(keep.sum())
+    assert applied[-1].payload["counts"]["kept"] == len(permitted_patients)
     assert applied[-1].payload["counts"]["denied"] == len(denying)
     assert applied[-1].payload["consent_model"] == "opt-in"
     # and the model is, bit for bit, the one trained in memory on exactly these rows
@@ -286,8 +289,9 @@ def assert_refused_in_both_logs(fed: LocalFederation, task_id: str, rule: str, w
         if e.type == AuditEventType.TASK_REFUSED and e.payload["task_id"] == task_id
     ]
     assert site_refusal.payload["rule"] == orch_refusal.payload["rule"] == rule
-    assert site_refusal.payload["reason"] == orch_refusal.payload["reason"]
+    # the site's log has the decision's own sentence; the orchestrator only the rule's fixed one
     assert words in site_refusal.payload["reason"]
+    assert orch_refusal.payload["reason"] == FailureCode(rule).message
     assert orch_refusal.payload["site"] == "gate"
     # nothing was read: no consent was applied for this task (the patient list is never opened either)
     applied = [

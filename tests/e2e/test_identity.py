@@ -157,7 +157,7 @@ def test_enrollment_tokens_are_single_use_and_expire(fed, tmp_path):
             ca_pem=fed.home.ca_cert.read_bytes(),
         )
     assert expired.value.status == 401
-    assert "invalid, already used, or expired" in expired.value.error
+    assert "invalid, superseded, already used, or expired" in expired.value.error
 
 
 def test_a_revoked_site_is_refused_at_its_next_request_and_its_agent_stops(fed):

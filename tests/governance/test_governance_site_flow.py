@@ -38,7 +38,7 @@ from fedhealth.governance import (
     verify_anchor,
     verify_chain,
 )
-from fedhealth.protocol._models import RecipeSpec, StudySpec, TaskFailure
+from fedhealth.protocol import FailureCode, RecipeSpec, StudySpec, TaskFailure
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 PATIENTS = [f"p{i:03d}" for i in range(50)]
@@ -126,9 +126,10 @@ def orchestrator_log(tmp_path: Path, clock: ManualClock, sqlite_template: Path) 
     return AuditLog(engine, IdentityKey.generate(), "orchestrator", clock)
 
 
-def refuse_at_orchestrator(log: AuditLog, admission_rule: str, reason: str) -> None:
-    """What the orchestrator does with the agent's TaskFailure (the wire message is validated on the way)."""
-    failure = TaskFailure.model_validate_json(json.dumps({"code": admission_rule, "reason": reason}))
+def refuse_at_orchestrator(log: AuditLog, admission_rule: str) -> None:
+    """What the orchestrator does with the agent's TaskFailure (the wire message is validated on the way):
+    the site sends its rule's code only, and the orchestrator logs the code's fixed sentence."""
+    failure = TaskFailure.model_validate_json(json.dumps({"code": admission_rule}))
     record_task_refusal(
         log, task_id="task-1", study_id="st-1", rule=failure.code, reason=failure.reason, site="hospital-a"
     )
@@ -168,9 +169,10 @@ def test_a_task_refused_before_any_data_is_read_has_its_reason_in_both_logs(
     assert words in admission.refusal.reason
     assert site.id_loads == 0
     assert admission.consent is None
-    refuse_at_orchestrator(orchestrator_log, admission.refusal.rule.value, admission.refusal.reason)
-    expected = (rule.value, admission.refusal.reason)
-    assert refusal_reasons(site.log) == [expected] == refusal_reasons(orchestrator_log)
+    refuse_at_orchestrator(orchestrator_log, admission.refusal.rule.value)
+    # the site's log has its decision's sentence; the orchestrator's the same rule with the rule's fixed one
+    assert refusal_reasons(site.log) == [(rule.value, admission.refusal.reason)]
+    assert refusal_reasons(orchestrator_log) == [(rule.value, FailureCode(rule.value).message)]
     assert site.log.verify().ok
     assert orchestrator_log.verify().ok
 
@@ -193,12 +195,9 @@ def test_a_cohort_below_k_after_consent_is_refused_before_training_data_is_loade
     assert admission.consent is not None
     assert admission.consent.kept_count == 40
     assert "40" not in admission.refusal.reason
-    refuse_at_orchestrator(orchestrator_log, admission.refusal.rule.value, admission.refusal.reason)
-    assert (
-        refusal_reasons(site.log)
-        == refusal_reasons(orchestrator_log)
-        == [("min_cohort_k", admission.refusal.reason)]
-    )
+    refuse_at_orchestrator(orchestrator_log, admission.refusal.rule.value)
+    assert refusal_reasons(site.log) == [("min_cohort_k", admission.refusal.reason)]
+    assert refusal_reasons(orchestrator_log) == [("min_cohort_k", FailureCode.MIN_COHORT.message)]
 
 
 def test_every_decision_of_an_admitted_task_is_logged_and_only_consenting_rows_are_kept(site):
@@ -238,9 +237,11 @@ def test_every_decision_of_an_admitted_task_is_logged_and_only_consenting_rows_a
     assert all(d["subject"]["spec_hash"] == spec_hash(spec()) for d in decisions)
 
 
-def test_every_refusal_code_fits_the_wire_protocols_task_failure():
+def test_every_refusal_code_is_a_wire_failure_code_that_counts_as_a_refusal():
     for rule in Rule:
-        TaskFailure(code=rule.value, reason="x")
+        failure = TaskFailure(code=rule.value)
+        assert failure.code.is_refusal, rule
+        assert failure.code is not FailureCode.REFUSED  # a code of its own, with its own sentence
 
 
 def test_a_withdrawal_after_training_flags_the_model_versions_trained_with_that_patient(

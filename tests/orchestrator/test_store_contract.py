@@ -5,9 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
 
-from fedhealth.core import ConflictError, NotFoundError
+from fedhealth.core import ConflictError, InputError, NotFoundError
+from fedhealth.crypto import IdentityKey
+from fedhealth.governance import AuditEventType, AuditLog
 from fedhealth.orchestrator import ModelVersion, NewRound, Store, make_engine, sqlite_url, upgrade_database
+from fedhealth.orchestrator._db import enrollment_tokens
+from fedhealth.orchestrator._store import EnrollOutcome, SiteStatus
 from fedhealth.protocol import (
     ApprovalState,
     RoundStatus,
@@ -316,3 +321,202 @@ def test_the_migration_fills_in_the_spec_hash_of_studies_stored_before_it(tmp_pa
     upgrade_database(engine)
     assert old.get_study("st_old").spec_hash == spec_hash(spec.model_dump(mode="json"))
     engine.dispose()
+
+
+# --- identity: enrollment tokens, enrollment, rotation, revocation (threat-model finding 9) ---------------
+
+LATER = T0 + timedelta(hours=24)
+
+
+def test_issuing_an_enrollment_token_cancels_the_sites_earlier_ones(store):
+    store.create_site("a", T0)
+    assert store.add_enrollment_token("a", "h1", T0, LATER) == 0
+    assert store.add_enrollment_token("a", "h2", T0, LATER) == 1
+    assert (
+        store.enroll_site(site="a", token_hash="h1", public_key="k" * 64, when=T0)
+        is EnrollOutcome.INVALID_TOKEN
+    )
+    assert store.get_site("a").status is SiteStatus.PENDING
+    assert (
+        store.enroll_site(site="a", token_hash="h2", public_key="k" * 64, when=T0) is EnrollOutcome.ENROLLED
+    )
+
+
+@pytest.mark.parametrize("case", ["expired", "other site", "spent", "unknown site"])
+def test_an_enrollment_with_a_token_that_is_not_the_sites_valid_one_changes_nothing(store, case):
+    store.create_site("a", T0)
+    store.create_site("b", T0)
+    store.add_enrollment_token("a", "ha", T0, LATER)
+    store.add_enrollment_token("b", "hb", T0, LATER)
+    site, token, when = {
+        "expired": ("a", "ha", LATER + timedelta(seconds=1)),
+        "other site": ("a", "hb", T0),
+        "spent": ("a", "ha", T0),
+        "unknown site": ("zz", "ha", T0),
+    }[case]
+    if case == "spent":
+        assert (
+            store.enroll_site(site="a", token_hash="ha", public_key="1" * 64, when=T0)
+            is EnrollOutcome.ENROLLED
+        )
+        assert store.enroll_site(site=site, token_hash=token, public_key="2" * 64, when=when) is (
+            EnrollOutcome.INVALID_TOKEN
+        )
+        assert store.get_site("a").public_key == "1" * 64
+        return
+    assert store.enroll_site(site=site, token_hash=token, public_key="2" * 64, when=when) is (
+        EnrollOutcome.INVALID_TOKEN
+    )
+    assert store.get_site("a").status is SiteStatus.PENDING
+    assert store.get_site("b").status is SiteStatus.PENDING
+
+
+def test_an_enrolled_site_gets_no_token_and_is_never_enrolled_over(store, tmp_path):
+    store.create_site("a", T0)
+    store.add_enrollment_token("a", "h1", T0, LATER)
+    store.enroll_site(site="a", token_hash="h1", public_key="1" * 64, when=T0, cert_fingerprint="c" * 64)
+    with pytest.raises(ConflictError, match="rotate"):
+        store.add_enrollment_token("a", "h2", T0, LATER)
+    # a valid token that exists anyway (written by an older version) does not overwrite the key
+    with store.engine.begin() as c:
+        c.execute(
+            sa.insert(enrollment_tokens).values(
+                token_hash="h3", site="a", created_at=T0, expires_at=LATER, used_at=None
+            )
+        )
+    outcome = store.enroll_site(site="a", token_hash="h3", public_key="2" * 64, when=T0)
+    assert outcome is EnrollOutcome.ALREADY_ENROLLED
+    site = store.get_site("a")
+    assert (site.public_key, site.cert_fingerprint) == ("1" * 64, "c" * 64)
+
+
+def test_rotation_retires_the_key_and_certificate_and_issues_the_one_token_for_the_new_key(store):
+    store.create_site("a", T0)
+    store.add_enrollment_token("a", "h1", T0, LATER)
+    store.enroll_site(site="a", token_hash="h1", public_key="1" * 64, when=T0, cert_fingerprint="c" * 64)
+    store.add_challenge("a", "ch", T0, LATER)
+    before = store.rotate_site("a", "h2", T0, LATER)
+    assert (before.public_key, before.cert_fingerprint) == ("1" * 64, "c" * 64)
+    after = store.get_site("a")
+    assert after.status is SiteStatus.PENDING
+    assert (after.public_key, after.cert_fingerprint, after.enrolled_at) == (None, None, None)
+    assert not store.use_challenge(site="a", challenge="ch", when=T0)  # outstanding challenges cancelled
+    with pytest.raises(ConflictError, match="pending"):
+        store.rotate_site("a", "h3", T0, LATER)
+    assert (
+        store.enroll_site(site="a", token_hash="h2", public_key="2" * 64, when=T0) is EnrollOutcome.ENROLLED
+    )
+    assert store.get_site("a").public_key == "2" * 64
+    with pytest.raises(NotFoundError):
+        store.rotate_site("zz", "h4", T0, LATER)
+
+
+def test_revoking_a_site_cancels_its_tokens_and_nothing_revives_it(store):
+    store.create_site("a", T0)
+    store.add_enrollment_token("a", "h1", T0, LATER)
+    assert store.revoke_site("a", T0)
+    assert not store.revoke_site("a", T0)
+    assert (
+        store.enroll_site(site="a", token_hash="h1", public_key="1" * 64, when=T0)
+        is EnrollOutcome.INVALID_TOKEN
+    )
+    with pytest.raises(ConflictError, match="revoked"):
+        store.add_enrollment_token("a", "h2", T0, LATER)
+    with pytest.raises(ConflictError, match="revoked"):
+        store.rotate_site("a", "h3", T0, LATER)
+    assert store.get_site("a").status is SiteStatus.REVOKED
+
+
+def test_sites_and_users_share_one_namespace_of_names(store):
+    store.create_site("north", T0)
+    store.create_user("rita", "researcher", "x" * 64, T0)
+    with pytest.raises(ConflictError, match="user's name"):
+        store.create_site("rita", T0)
+    with pytest.raises(ConflictError, match="site's name"):
+        store.create_user("north", "auditor", "y" * 64, T0)
+    with pytest.raises(ConflictError, match="already exists"):
+        store.create_user("rita", "auditor", "y" * 64, T0)
+
+
+def test_a_users_api_key_is_replaced_unless_the_user_is_revoked(store):
+    store.create_user("rita", "researcher", "x" * 64, T0)
+    assert store.set_user_api_key("rita", "y" * 64)
+    assert store.get_user("rita").api_key_hash == "y" * 64
+    assert not store.set_user_api_key("nobody", "z" * 64)
+    store.revoke_user("rita", T0)
+    assert not store.set_user_api_key("rita", "z" * 64)
+    assert store.get_user("rita").api_key_hash == "y" * 64
+
+
+def test_an_identity_change_and_its_audit_entry_commit_together_or_not_at_all(store):
+    log = AuditLog(store.engine, IdentityKey.generate(), "orchestrator")
+
+    def crash_before_the_commit() -> None:
+        with log.transaction() as c:
+            store.create_site("a", T0, connection=c)
+            store.add_enrollment_token("a", "h1", T0, LATER, connection=c)
+            log.append(AuditEventType.SITE_CREATED, {"site": "a", "by": "admin"}, connection=c)
+            raise RuntimeError("crash before the commit")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        crash_before_the_commit()
+    assert store.get_site_or_none("a") is None
+    assert log.entries() == []
+    with log.transaction() as c:
+        store.create_site("a", T0, connection=c)
+        log.append(AuditEventType.SITE_CREATED, {"site": "a", "by": "admin"}, connection=c)
+    assert store.get_site("a").status is SiteStatus.PENDING
+    assert [e.type for e in log.entries()] == [AuditEventType.SITE_CREATED]
+
+
+# --- what may be read, and who takes part (threat-model findings 10 and 14) -------------------------------
+
+
+def test_a_site_may_read_only_the_input_model_of_its_own_open_tasks(store):
+    _, first = _study(store, sites=("a", "b"))
+    store.create_site("c", T0)
+    assert store.site_may_read_model("a", DIGEST_A)
+    assert not store.site_may_read_model("c", DIGEST_A)  # no task
+    assert not store.site_may_read_model("a", DIGEST_B)  # not its task's model
+    task_a = next(t for t in store.tasks_of_round(first.id) if t.site == "a")
+    store.complete_task(
+        task_a.id, digest=DIGEST_B, num_samples=1, metrics=SiteMetrics(num_samples=1), when=T0
+    )
+    assert not store.site_may_read_model("a", DIGEST_A)  # its task is closed
+    assert not store.site_may_read_model("a", DIGEST_B)  # its own upload
+    assert store.site_may_read_model("b", DIGEST_A)
+
+
+def test_only_released_versions_are_model_versions(store):
+    study, first = _study(store)
+    assert store.model_version(DIGEST_A) is None  # the initial model
+    version = ModelVersion(
+        digest=DIGEST_B,
+        study_id=study.id,
+        round=1,
+        parent_digest=DIGEST_A,
+        created_at=T0,
+        num_sites=2,
+        train_loss=None,
+    )
+    store.finish_round(
+        first.id, status=RoundStatus.COMPLETED, reason=None, when=T0, model_out=DIGEST_B, version=version
+    )
+    found = store.model_version(DIGEST_B)
+    assert found is not None
+    assert (found.study_id, found.round, found.created_at) == (study.id, 1, T0)
+
+
+@pytest.mark.parametrize(
+    ("eval_sites", "error", "needle"),
+    [(["r"], InputError, "revoked sites cannot take part in a study: r"), (["zz"], NotFoundError, "zz")],
+)
+def test_a_study_naming_a_revoked_or_unknown_evaluation_site_is_refused(store, eval_sites, error, needle):
+    for s in ("a", "r"):
+        store.create_site(s, T0)
+    store.revoke_site("r", T0)
+    spec = breast_spec(["a"], rounds=1, eval_sites=eval_sites)
+    first = NewRound(number=1, kind=TaskKind.TRAIN, sites=["a"], model_in_digest=DIGEST_A, deadline_at=T0)
+    with pytest.raises(error, match=needle):
+        store.create_study(spec=spec, model_digest=DIGEST_A, state_digest=None, first=first, when=T0)
+    assert store.list_studies() == []

@@ -11,7 +11,7 @@ import pytest
 from fedhealth.core import InputError
 from fedhealth.data import open_dataset
 from fedhealth.learning import logreg_init, logreg_train_dp, task_rng, weighted_mean
-from fedhealth.privacy import DpSgdRelease, GaussianRelease, calibrate_noise, epsilon
+from fedhealth.privacy import DpSgdRelease, GaussianRelease, calibrate_noise, epsilon, snap, snap_grid
 from fedhealth.protocol import (
     LocalOptimizer,
     PrivacySpec,
@@ -33,9 +33,10 @@ from fedhealth.runtime import (
     task_plan,
     train_on_site,
 )
-from fedhealth.runtime._privacy import DISTRIBUTED_CLIP_ROOM_STDS, private_mean, privatize_update
+from fedhealth.runtime._privacy import distributed_clip_room, private_mean, privatize_update
 
 SITES = ["site-a", "site-b", "site-c"]
+SITE_KEYS = {s: f"{i:064x}" for i, s in enumerate(SITES)}  # placeholders: nothing here checks them
 URI = "builtin://breast-cancer/0?sites=4&seed=0"
 
 
@@ -74,7 +75,7 @@ def task(spec: StudySpec, round: int = 1, kind: TaskKind = TaskKind.TRAIN) -> Ta
 
 # --- checks -----------------------------------------------------------------------------------------------
 
-SITE_SA = SecureAggregationSpec(weight_cap=1, update_clip=100.0)
+SITE_SA = SecureAggregationSpec(site_keys=SITE_KEYS, update_clip=100.0)
 
 
 @pytest.mark.parametrize(
@@ -104,8 +105,8 @@ SITE_SA = SecureAggregationSpec(weight_cap=1, update_clip=100.0)
         ({"mode": "site-distributed", "noise_multiplier": 1.0}, {}, "without secure aggregation"),
         (
             {"mode": "site-distributed", "noise_multiplier": 1.0},
-            {"secure_aggregation": SecureAggregationSpec(weight_cap=1, update_clip=2.0)},
-            "would clip the noisy updates",
+            {"secure_aggregation": SecureAggregationSpec(site_keys=SITE_KEYS, update_clip=2.0)},
+            "could clip the noisy updates",
         ),
     ],
 )
@@ -119,9 +120,12 @@ def test_valid_specs_pass_the_check():
     check_privacy(spec_with({"target_epsilon": 1.0}))
     check_privacy(spec_with({"noise_multiplier": 0.0}))  # DP-SGD without noise: a baseline, epsilon infinite
     check_privacy(spec_with({"mode": "site-central", "target_epsilon": 2.0}))
-    # the share of a site is sigma C / sqrt(min_sites); the codec needs room for C plus 6 of its std
-    room = 1.0 + DISTRIBUTED_CLIP_ROOM_STDS * 1.0 / np.sqrt(2)
-    sa = SecureAggregationSpec(weight_cap=1, update_clip=room * 1.0001)
+    # the share of a site is sigma C / sqrt(fewest contributors); the codec needs room for C plus the
+    # standard deviations that keep every noisy value of the study unclipped but for 1 % of delta
+    spec = spec_with({"mode": "site-distributed", "noise_multiplier": 1.0}, secure_aggregation=SITE_SA)
+    room, stds = distributed_clip_room(spec)
+    assert room == pytest.approx(1.0 + stds * 1.0 / np.sqrt(2))
+    sa = SecureAggregationSpec(site_keys=SITE_KEYS, update_clip=room * 1.0001)
     check_privacy(spec_with({"mode": "site-distributed", "noise_multiplier": 1.0}, secure_aggregation=sa))
 
 
@@ -165,12 +169,14 @@ def test_site_central_mean_is_the_unweighted_mean_of_reclipped_updates_plus_nois
     ]
     got = private_mean(spec, updates, np.random.default_rng(7))
     noise = np.random.default_rng(7).normal(0.0, 0.5 * 2.0, size=2)
-    expected = (np.array([1.2, 1.6]) + np.array([0.0, 1.0]) + noise) / 2
+    # the noisy sum is snapped to a grid of 1/8 of the noise's std (the floating-point mitigation)
+    expected = snap(np.array([1.2, 1.6]) + np.array([0.0, 1.0]) + noise, 0.5 * 2.0) / 2
+    assert snap_grid(0.5 * 2.0) == 0.125
     np.testing.assert_allclose(got["w"], expected, rtol=1e-6)
 
 
 def test_site_distributed_adds_the_quorum_share_of_the_noise_at_the_site_and_none_at_the_orchestrator():
-    sa = SecureAggregationSpec(weight_cap=1, update_clip=100.0)
+    sa = SecureAggregationSpec(site_keys=SITE_KEYS, update_clip=100.0)
     spec = spec_with(
         {"mode": "site-distributed", "noise_multiplier": 2.0}, secure_aggregation=sa, min_sites=2
     )
@@ -246,7 +252,7 @@ def test_site_mode_training_reports_only_the_record_count_and_sends_a_clipped_up
 
 
 def test_a_sites_noise_share_does_not_depend_on_the_order_its_tensors_arrived_in():
-    sa = SecureAggregationSpec(weight_cap=1, update_clip=100.0)
+    sa = SecureAggregationSpec(site_keys=SITE_KEYS, update_clip=100.0)
     spec = spec_with({"mode": "site-distributed", "noise_multiplier": 2.0}, secure_aggregation=sa)
     delta = {"weight": np.full(5, 0.01, np.float32), "bias": np.full(1, 0.02, np.float32)}
     forward = privatize_update(spec, delta, np.random.default_rng(5))

@@ -10,6 +10,7 @@ from numpy.typing import NDArray
 
 from fedhealth.crypto import IdentityKey, PublicIdentity
 from fedhealth.secagg import (
+    ConsistencyRequest,
     KeyDirectory,
     KeyReuseGuard,
     SecAggClient,
@@ -60,9 +61,16 @@ class Federation:
         bundles: Mapping[str, ShareBundle],
         inputs: Mapping[str, NDArray[np.uint32]],
         sites: tuple[str, ...] | None = None,
-    ) -> dict[str, UnmaskRequest]:
+    ) -> dict[str, ConsistencyRequest]:
         for s in sites if sites is not None else tuple(bundles):
             self.server.receive(self.clients[s].masked_input(bundles[s], inputs[s]))
+        return self.server.close_stage()  # type: ignore[return-value]
+
+    def sign(
+        self, checks: Mapping[str, ConsistencyRequest], sites: tuple[str, ...] | None = None
+    ) -> dict[str, UnmaskRequest]:
+        for s in sites if sites is not None else tuple(checks):
+            self.server.receive(self.clients[s].consistency(checks[s]))
         return self.server.close_stage()  # type: ignore[return-value]
 
     def unmask(self, requests: Mapping[str, UnmaskRequest], sites: tuple[str, ...] | None = None) -> None:
@@ -78,6 +86,7 @@ def make_federation(
     *,
     study: str = "study-1",
     round_number: int = 0,
+    collusion: int = 0,
     full_graph_max_sites: int = 20,
     neighbourhood_size: int | None = None,
     keys: Mapping[str, IdentityKey] | None = None,
@@ -91,6 +100,7 @@ def make_federation(
         sites=names,
         threshold=threshold if threshold is not None else n // 2 + 1,
         vector_length=length,
+        collusion=collusion,
         full_graph_max_sites=full_graph_max_sites,
         neighbourhood_size=neighbourhood_size,
     )

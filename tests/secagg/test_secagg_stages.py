@@ -13,6 +13,7 @@ from fedhealth.secagg import (
     CLIENT_TRANSITIONS,
     SERVER_TRANSITIONS,
     ClientAction,
+    ConsistencyRequest,
     KeyDirectory,
     SecAggClient,
     SecAggProtocolError,
@@ -24,6 +25,18 @@ from fedhealth.secagg import (
 )
 
 SITE = "site-00"
+
+# the order the protocol defines (Bonawitz et al. 2017 with the consistency check), written out, not read
+# from the tables under test
+CLIENT_STAGES = [
+    Stage.ADVERTISE_KEYS,
+    Stage.SHARE_KEYS,
+    Stage.MASKED_INPUT,
+    Stage.CONSISTENCY,
+    Stage.UNMASK,
+    Stage.DONE,
+    Stage.FAILED,
+]
 
 
 def _client_at(stage: Stage) -> tuple[Federation, SecAggClient]:
@@ -38,9 +51,10 @@ def _client_at(stage: Stage) -> tuple[Federation, SecAggClient]:
     state: dict[str, dict[str, object]] = {}
     steps.append(lambda: state.update(directories=fed.advertise()))
     steps.append(lambda: state.update(bundles=fed.share(state["directories"])))  # type: ignore[arg-type]
-    steps.append(lambda: state.update(requests=fed.mask(state["bundles"], inputs)))  # type: ignore[arg-type]
+    steps.append(lambda: state.update(checks=fed.mask(state["bundles"], inputs)))  # type: ignore[arg-type]
+    steps.append(lambda: state.update(requests=fed.sign(state["checks"])))  # type: ignore[arg-type]
     steps.append(lambda: fed.unmask(state["requests"]))  # type: ignore[arg-type]
-    order = [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK, Stage.DONE]
+    order = [*CLIENT_STAGES[:5], Stage.DONE]
     for step in steps[: order.index(stage)]:
         step()
     assert client.stage is stage
@@ -58,22 +72,17 @@ def _client_call(fed: Federation, client: SecAggClient, action: ClientAction) ->
         ClientAction.MASKED_INPUT: lambda: client.masked_input(
             ShareBundle(recipient=SITE, config_digest=digest, boxes=()), vector
         ),
+        ClientAction.CONSISTENCY: lambda: client.consistency(
+            ConsistencyRequest(recipient=SITE, config_digest=digest, survivors=fed.sites)
+        ),
         ClientAction.UNMASK: lambda: client.unmask(
-            UnmaskRequest(recipient=SITE, config_digest=digest, survivors=fed.sites, dropped=())
+            UnmaskRequest(recipient=SITE, config_digest=digest, survivors=fed.sites, signatures=())
         ),
         ClientAction.ABORT: client.abort,
     }
     calls[action]()
 
 
-CLIENT_STAGES = [
-    Stage.ADVERTISE_KEYS,
-    Stage.SHARE_KEYS,
-    Stage.MASKED_INPUT,
-    Stage.UNMASK,
-    Stage.DONE,
-    Stage.FAILED,
-]
 FORBIDDEN_CLIENT = [(s, a) for s in CLIENT_STAGES for a in ClientAction if (s, a) not in CLIENT_TRANSITIONS]
 
 
@@ -86,14 +95,14 @@ def test_client_refuses_every_action_outside_its_transition_table(stage: Stage, 
     assert client.stage is stage
 
 
-@pytest.mark.parametrize("stage", CLIENT_STAGES[:4], ids=lambda v: v.value)
+@pytest.mark.parametrize("stage", CLIENT_STAGES[:5], ids=lambda v: v.value)
 def test_client_abort_from_any_active_stage_fails_it(stage: Stage) -> None:
     _, client = _client_at(stage)
     client.abort()
     assert client.stage is CLIENT_TRANSITIONS[(stage, ClientAction.ABORT)] is Stage.FAILED
 
 
-def test_client_moves_through_the_table_in_order() -> None:
+def test_client_moves_through_the_stages_in_protocol_order() -> None:
     fed = make_federation(3, 2, 4)
     client = fed.clients[SITE]
     seen = [client.stage]
@@ -101,20 +110,49 @@ def test_client_moves_through_the_table_in_order() -> None:
     seen.append(client.stage)
     bundles = fed.share(directories)
     seen.append(client.stage)
-    requests = fed.mask(bundles, fed.inputs(0))
+    checks = fed.mask(bundles, fed.inputs(0))
+    seen.append(client.stage)
+    requests = fed.sign(checks)
     seen.append(client.stage)
     fed.unmask(requests)
     seen.append(client.stage)
-    actions = [
-        ClientAction.ADVERTISE_KEYS,
-        ClientAction.SHARE_KEYS,
-        ClientAction.MASKED_INPUT,
-        ClientAction.UNMASK,
+    assert seen == [
+        Stage.ADVERTISE_KEYS,
+        Stage.SHARE_KEYS,
+        Stage.MASKED_INPUT,
+        Stage.CONSISTENCY,
+        Stage.UNMASK,
+        Stage.DONE,
     ]
-    expected = [Stage.ADVERTISE_KEYS]
-    for action in actions:
-        expected.append(CLIENT_TRANSITIONS[(expected[-1], action)])
-    assert seen == expected
+
+
+def test_the_tables_allow_exactly_the_protocol_order_and_abort() -> None:
+    forward = {
+        (Stage.ADVERTISE_KEYS, ClientAction.ADVERTISE_KEYS): Stage.SHARE_KEYS,
+        (Stage.SHARE_KEYS, ClientAction.SHARE_KEYS): Stage.MASKED_INPUT,
+        (Stage.MASKED_INPUT, ClientAction.MASKED_INPUT): Stage.CONSISTENCY,
+        (Stage.CONSISTENCY, ClientAction.CONSISTENCY): Stage.UNMASK,
+        (Stage.UNMASK, ClientAction.UNMASK): Stage.DONE,
+    }
+    aborts = {(stage, ClientAction.ABORT): Stage.FAILED for stage in CLIENT_STAGES[:5]}
+    assert dict(CLIENT_TRANSITIONS) == {**forward, **aborts}
+    closes = {
+        (Stage.ADVERTISE_KEYS, ServerAction.CLOSE_STAGE): Stage.SHARE_KEYS,
+        (Stage.SHARE_KEYS, ServerAction.CLOSE_STAGE): Stage.MASKED_INPUT,
+        (Stage.MASKED_INPUT, ServerAction.CLOSE_STAGE): Stage.CONSISTENCY,
+        (Stage.CONSISTENCY, ServerAction.CLOSE_STAGE): Stage.UNMASK,
+        (Stage.UNMASK, ServerAction.CLOSE_STAGE): Stage.DONE,
+    }
+    receives = {
+        (Stage.ADVERTISE_KEYS, ServerAction.RECEIVE_ADVERTISEMENT): Stage.ADVERTISE_KEYS,
+        (Stage.SHARE_KEYS, ServerAction.RECEIVE_SHARES): Stage.SHARE_KEYS,
+        (Stage.MASKED_INPUT, ServerAction.RECEIVE_MASKED_INPUT): Stage.MASKED_INPUT,
+        (Stage.CONSISTENCY, ServerAction.RECEIVE_CONSISTENCY): Stage.CONSISTENCY,
+        (Stage.UNMASK, ServerAction.RECEIVE_UNMASK_RESPONSE): Stage.UNMASK,
+    }
+    server_aborts = {(stage, ServerAction.ABORT): Stage.FAILED for stage in CLIENT_STAGES[:5]}
+    result = {(Stage.DONE, ServerAction.READ_RESULT): Stage.DONE}
+    assert dict(SERVER_TRANSITIONS) == {**closes, **receives, **server_aborts, **result}
 
 
 def test_a_stage_called_twice_raises() -> None:
@@ -145,19 +183,25 @@ def _server_at(stage: Stage) -> tuple[Federation, dict[str, object]]:
     for s in ref.sites[1:]:
         ref.server.receive(ref.clients[s].masked_input(bundles[s], inputs[s]))  # type: ignore[arg-type]
     ref.server.receive(msgs["masked"])  # type: ignore[arg-type]
+    checks = ref.server.close_stage()
+    msgs["signature"] = c.consistency(checks[SITE])  # type: ignore[arg-type]
+    for s in ref.sites[1:]:
+        ref.server.receive(ref.clients[s].consistency(checks[s]))  # type: ignore[arg-type]
+    ref.server.receive(msgs["signature"])  # type: ignore[arg-type]
     requests = ref.server.close_stage()
     msgs["response"] = c.unmask(requests[SITE])  # type: ignore[arg-type]
 
     if stage is Stage.FAILED:
         fed.server.abort()
         return fed, msgs
-    order = [Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK, Stage.DONE]
+    order = [*CLIENT_STAGES[:5], Stage.DONE]
     state: dict[str, dict[str, object]] = {}
     fed_inputs = fed.inputs(1)
     steps: list[Callable[[], object]] = [
         lambda: state.update(directories=fed.advertise()),
         lambda: state.update(bundles=fed.share(state["directories"])),  # type: ignore[arg-type]
-        lambda: state.update(requests=fed.mask(state["bundles"], fed_inputs)),  # type: ignore[arg-type]
+        lambda: state.update(checks=fed.mask(state["bundles"], fed_inputs)),  # type: ignore[arg-type]
+        lambda: state.update(requests=fed.sign(state["checks"])),  # type: ignore[arg-type]
         lambda: fed.unmask(state["requests"]),  # type: ignore[arg-type]
     ]
     for step in steps[: order.index(stage)]:
@@ -171,6 +215,7 @@ def _server_call(server: SecAggServer, action: ServerAction, msgs: dict[str, obj
         ServerAction.RECEIVE_ADVERTISEMENT: lambda: server.receive(msgs["advert"]),  # type: ignore[arg-type]
         ServerAction.RECEIVE_SHARES: lambda: server.receive(msgs["shares"]),  # type: ignore[arg-type]
         ServerAction.RECEIVE_MASKED_INPUT: lambda: server.receive(msgs["masked"]),  # type: ignore[arg-type]
+        ServerAction.RECEIVE_CONSISTENCY: lambda: server.receive(msgs["signature"]),  # type: ignore[arg-type]
         ServerAction.RECEIVE_UNMASK_RESPONSE: lambda: server.receive(msgs["response"]),  # type: ignore[arg-type]
         ServerAction.CLOSE_STAGE: server.close_stage,
         ServerAction.READ_RESULT: server.result,
@@ -194,27 +239,33 @@ def test_server_refuses_every_action_outside_its_transition_table(stage: Stage, 
 def test_server_refuses_a_message_type_it_never_receives() -> None:
     fed = make_federation(3, 2)
     request = UnmaskRequest(
-        recipient=SITE, config_digest=fed.config.digest(), survivors=fed.sites, dropped=()
+        recipient=SITE, config_digest=fed.config.digest(), survivors=fed.sites, signatures=()
     )
     with pytest.raises(SecAggProtocolError):
         fed.server.receive(request)  # type: ignore[arg-type]
 
 
-def test_server_moves_through_the_table_in_order() -> None:
+def test_server_moves_through_the_stages_in_protocol_order() -> None:
     fed = make_federation(3, 2, 4)
     seen = [fed.server.stage]
     directories = fed.advertise()
     seen.append(fed.server.stage)
     bundles = fed.share(directories)
     seen.append(fed.server.stage)
-    requests = fed.mask(bundles, fed.inputs(0))
+    checks = fed.mask(bundles, fed.inputs(0))
+    seen.append(fed.server.stage)
+    requests = fed.sign(checks)
     seen.append(fed.server.stage)
     fed.unmask(requests)
     seen.append(fed.server.stage)
-    expected = [Stage.ADVERTISE_KEYS]
-    for _ in range(4):
-        expected.append(SERVER_TRANSITIONS[(expected[-1], ServerAction.CLOSE_STAGE)])
-    assert seen == expected
+    assert seen == [
+        Stage.ADVERTISE_KEYS,
+        Stage.SHARE_KEYS,
+        Stage.MASKED_INPUT,
+        Stage.CONSISTENCY,
+        Stage.UNMASK,
+        Stage.DONE,
+    ]
     assert fed.server.result().contributors == fed.sites
 
 
@@ -229,9 +280,13 @@ def test_client_refuses_the_wrong_kind_of_message_for_its_stage_without_changing
     bundles = fed.share(directories)
     with pytest.raises(SecAggProtocolError):
         client.masked_input(directories[SITE], np.zeros(4, dtype=np.uint32))  # type: ignore[arg-type]
-    requests = fed.mask(bundles, fed.inputs(0))
+    checks = fed.mask(bundles, fed.inputs(0))
     with pytest.raises(SecAggProtocolError):
-        client.unmask(bundles[SITE])  # type: ignore[arg-type]
+        client.consistency(bundles[SITE])  # type: ignore[arg-type]
+    assert client.stage is Stage.CONSISTENCY
+    requests = fed.sign(checks)
+    with pytest.raises(SecAggProtocolError):
+        client.unmask(checks[SITE])  # type: ignore[arg-type]
     assert client.stage is Stage.UNMASK
     client.unmask(requests[SITE])
     assert client.stage is Stage.DONE

@@ -9,6 +9,8 @@ from secagg_federation import make_federation
 from fedhealth.core import InputError, canonical_json
 from fedhealth.crypto import keystream_uint32
 from fedhealth.secagg import (
+    ConsistencyRequest,
+    ConsistencySignature,
     EncryptedShares,
     KeyAdvertisement,
     KeyDirectory,
@@ -44,10 +46,31 @@ def _one_round_of_messages() -> list[object]:
         masked = fed.clients[s].masked_input(bundles[s], inputs[s])  # type: ignore[arg-type]
         out.append(masked)
         fed.server.receive(masked)
+    checks = fed.server.close_stage()
+    out.append(checks[site])
+    for s in fed.sites:
+        signature = fed.clients[s].consistency(checks[s])  # type: ignore[arg-type]
+        out.append(signature)
+        fed.server.receive(signature)
     requests = fed.server.close_stage()
     out.append(requests[site])
     out.append(fed.clients[site].unmask(requests[site]))  # type: ignore[arg-type]
     return out
+
+
+def test_one_round_has_every_message_kind() -> None:
+    kinds = {type(m) for m in _one_round_of_messages()}
+    assert kinds == {
+        KeyAdvertisement,
+        KeyDirectory,
+        EncryptedShares,
+        ShareBundle,
+        MaskedInput,
+        ConsistencyRequest,
+        ConsistencySignature,
+        UnmaskRequest,
+        UnmaskResponse,
+    }
 
 
 def test_every_message_round_trips_through_its_bytes() -> None:
@@ -123,7 +146,28 @@ def test_masked_input_with_a_truncated_body_is_refused() -> None:
         (KeyDirectory, "advertisements", [1, 2]),
         (EncryptedShares, "boxes", [{"sender": "site-01", "recipient": "site-00", "ciphertext": "AA=="}]),
         (ShareBundle, "boxes", "x"),
+        (ConsistencyRequest, "survivors", ["site-01", "site-00"]),
+        (ConsistencyRequest, "survivors", ["site-00", "site-00"]),
+        (ConsistencySignature, "signature", "AAAA"),
         (UnmaskRequest, "survivors", ["site-01", "site-00"]),
+        (UnmaskRequest, "signatures", [{"site_id": "site-00", "signature": "AAAA"}]),
+        (UnmaskRequest, "signatures", "x"),
+        (
+            UnmaskRequest,
+            "signatures",
+            [
+                {"site_id": "site-01", "signature": "A" * 86 + "=="},
+                {"site_id": "site-00", "signature": "A" * 86 + "=="},
+            ],
+        ),
+        (
+            UnmaskRequest,
+            "signatures",
+            [
+                {"site_id": "site-00", "signature": "A" * 86 + "=="},
+                {"site_id": "site-00", "signature": "A" * 86 + "=="},
+            ],
+        ),
         (UnmaskResponse, "shares", [{"owner": "site-00", "kind": "both", "share": "AA=="}]),
     ],
 )

@@ -1,8 +1,9 @@
 """The site agent's main loop: long-poll for a task, do it on local data, upload, repeat.
 
 The agent dials out only. Every failure to reach the orchestrator is retried with backoff; a task the site
-cannot do (missing dataset, wrong model shape, training diverged) is reported with a reason so the round goes
-on without it.
+cannot do (missing dataset, wrong model shape, training diverged) is reported with a code from
+:class:`fedhealth.protocol.FailureCode` so the round goes on without it; the details (which may name a file
+or a patient) stay in this site's own log.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from fedhealth.agent._client import (
 )
 from fedhealth.agent._home import SiteHome
 from fedhealth.agent._pipeline import SiteGate, TaskContext, TaskRefused
-from fedhealth.agent._secure import PeerPins, run_secure_exchange
+from fedhealth.agent._secure import PeerPins, UnmaskRecord, check_secure_round, run_secure_exchange
 from fedhealth.core import (
+    ConfigError,
     DatasetError,
     FedHealthError,
     InputError,
@@ -41,9 +43,19 @@ from fedhealth.core import (
     sha256_hex,
 )
 from fedhealth.crypto import IdentityKey
-from fedhealth.data import TabularDataset, open_dataset
-from fedhealth.protocol import ProtocolMismatch, ResultManifest, SiteMetrics, Task, TaskFailure, TaskKind
+from fedhealth.data import SchemaError, TabularDataset, open_dataset
+from fedhealth.protocol import (
+    FailureCode,
+    ProtocolMismatch,
+    ResultManifest,
+    SiteMetrics,
+    Task,
+    TaskFailure,
+    TaskKind,
+    failure_code,
+)
 from fedhealth.runtime import (
+    check_dataset_fits,
     encode_contribution,
     encode_update,
     evaluate_on_site,
@@ -68,6 +80,7 @@ class AgentSettings:
     poll_wait_s: float = 25.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     home: Path | None = None  # the site home: pinned peer keys, the site's own record of its results
+    insecure: bool = False  # allow a plain http:// orchestrator URL (local tests only)
 
 
 class SiteAgent:
@@ -88,6 +101,7 @@ class SiteAgent:
             client_cert=settings.client_cert,
             retry=settings.retry,
             should_stop=self._stop.is_set,
+            insecure=settings.insecure,
         )
         self._datasets: dict[str, TabularDataset] = {}
         self._models: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
@@ -95,8 +109,10 @@ class SiteAgent:
         self.gates: list[SiteGate] = list(gates)
         self._pins = PeerPins(settings.home / "peers.json" if settings.home is not None else None)
         self._key_guard = KeyReuseGuard()
-        # the specs awaiting this site's steward, fetched and registered between polls
+        # the site database (HOME/site.sqlite), where the site records each secure round it unmasked
         home = SiteHome(settings.home) if settings.home is not None else None
+        self._unmasked = UnmaskRecord.at(home.database_path if home is not None else None)
+        # the specs awaiting this site's steward, fetched and registered between polls
         self._approvals = (
             ApprovalSync(home, self.client) if home is not None and home.settings_path.exists() else None
         )
@@ -140,7 +156,10 @@ class SiteAgent:
                 raise DatasetError(
                     f"this site has no dataset named {name!r} (registered: {sorted(self.settings.datasets)})"
                 )
-            self._datasets[name] = open_dataset(uri, self.settings.data_dir)
+            try:
+                self._datasets[name] = open_dataset(uri, self.settings.data_dir)
+            except ConfigError as exc:  # a malformed dataset URI: the dataset is not available
+                raise DatasetError(str(exc)) from exc
         return self._datasets[name]
 
     def _model(self, task: Task) -> dict[str, np.ndarray]:
@@ -175,13 +194,20 @@ class SiteAgent:
         try:
             for gate in self.gates:
                 gate.before_data(ctx)
+            # before the model or any data: a secure study's round must be the one the steward approved, and
+            # a secure study's task without its secure round is refused (nothing goes out in clear)
+            secure = check_secure_round(task, site, self.settings.identity, self._pins)
             params = self._model(task)
             dataset = None
             if task.recipe.name.value != "synthetic":
-                ctx.data_read = True
                 dataset = self._dataset(task.dataset)
+                _check_fits(task, dataset)
                 for gate in self.gates:
                     dataset = gate.prepare_data(ctx, dataset)
+                # From here on the rows are computed on: a failure after this point may reflect them, so
+                # the budget reserved for the task is charged; one before it (missing file, bad header,
+                # a value that does not parse, a schema that does not fit) released.
+                ctx.data_read = True
             if task.kind is TaskKind.TRAIN:
                 outcome = train_on_site(task, site, params, dataset)
                 delta, metrics = outcome.delta, outcome.metrics
@@ -191,18 +217,17 @@ class SiteAgent:
                 gate.after_training(ctx)
             self._attest(ctx)
             self._record_locally(task, metrics)
-            if task.secure_round is not None:
+            if secure is not None:
                 # Metrics travel only inside the secure sum; the attestation rides on the first message.
-                n_sites = len(task.secure_round.peer_keys)
-                codec = secure_codec(task.spec, task.kind, n_sites)
-                vector = encode_contribution(codec, task.spec, metrics, delta)
+                vector = encode_contribution(secure_codec(task.spec, task.kind), task.spec, metrics, delta)
                 run_secure_exchange(
                     self.client,
                     task,
+                    secure,
                     site=site,
                     identity=self.settings.identity,
-                    pins=self._pins,
                     guard=self._key_guard,
+                    record=self._unmasked,
                     vector=vector,
                     attestation=ctx.site_attestation(),
                     poll_wait_s=self.settings.poll_wait_s,
@@ -226,7 +251,7 @@ class SiteAgent:
             for gate in self.gates:
                 gate.on_refused(ctx, refusal)
             self._attest(ctx)
-            self._fail(task, refusal.code, refusal.reason, ctx)
+            self._fail(task, failure_code(refusal.code), ctx)
         except SecureRoundGone as exc:
             log.warning("task %s: out of the secure round: %s", task.task_id, exc)
         except OrchestratorRefused as exc:
@@ -238,10 +263,12 @@ class SiteAgent:
         except Exception as exc:  # a bug in training code must not kill the agent: report it and go on
             for gate in self.gates:
                 gate.on_failed(ctx, exc)
-            code, reason = _failure_code(exc)
-            if code == "internal_error":
+            code = _failure_code(exc)
+            if code is FailureCode.INTERNAL_ERROR:
                 log.exception("task %s crashed", task.task_id)
-            self._fail(task, code, reason, ctx)
+            else:  # the detail (it may name a file or a patient) stays in this site's own log
+                log.error("task %s failed: %s: %s: %s", task.task_id, code.value, type(exc).__name__, exc)
+            self._fail(task, code, ctx)
 
     def _record_locally(self, task: Task, metrics: SiteMetrics) -> None:
         """The site's own record of what it computed (kept at the site, whatever is sent)."""
@@ -262,30 +289,39 @@ class SiteAgent:
         for gate in self.gates:
             gate.attest(ctx)
 
-    def _fail(self, task: Task, code: str, reason: str, ctx: TaskContext | None = None) -> None:
-        log.error("task %s failed: %s: %s", task.task_id, code, reason)
+    def _fail(self, task: Task, code: FailureCode, ctx: TaskContext | None = None) -> None:
+        """Tell the orchestrator the task's code, nothing more: the code's sentence is fixed (it is looked
+        up, not sent) and the details were logged here by the caller."""
+        log.info("task %s: reporting %s to the orchestrator", task.task_id, code.value)
         try:
             self.client.report_failure(
                 task.task_id,
-                TaskFailure(
-                    code=code,
-                    reason=reason[:2000],
-                    attestation=ctx.site_attestation() if ctx is not None else None,
-                ),
+                TaskFailure(code=code, attestation=ctx.site_attestation() if ctx is not None else None),
                 max_elapsed_s=self._time_left(task),
             )
         except (OrchestratorRefused, ServiceUnavailableError) as exc:
             log.error("could not report the failure of %s: %s", task.task_id, exc)
 
 
-def _failure_code(exc: BaseException) -> tuple[str, str]:
-    if isinstance(exc, DatasetError):
-        return "dataset_unavailable", str(exc)
+def _check_fits(task: Task, dataset: TabularDataset) -> None:
+    """The dataset's width against the study's model: a schema question, answered before any row is used."""
+    try:
+        check_dataset_fits(task.recipe, dataset)
+    except DatasetError as exc:
+        raise SchemaError(str(exc)) from exc
+
+
+def _failure_code(exc: BaseException) -> FailureCode:
+    """The code for an exception; its message never leaves the site (it may name a path or a patient)."""
+    if isinstance(exc, SchemaError):
+        return FailureCode.DATASET_INVALID
+    if isinstance(exc, DatasetError):  # missing, unreadable or failing its checksum
+        return FailureCode.DATASET_UNAVAILABLE
     if isinstance(exc, InputError):
-        return "invalid_task", str(exc)
+        return FailureCode.INVALID_TASK
     if isinstance(exc, FedHealthError):
-        return "training_failed", f"{type(exc).__name__}: {exc}"
-    return "internal_error", f"{type(exc).__name__}: {exc}"
+        return FailureCode.TRAINING_FAILED
+    return FailureCode.INTERNAL_ERROR
 
 
 class SiteRefused(FedHealthError):

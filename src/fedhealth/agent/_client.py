@@ -1,7 +1,8 @@
 """The agent's HTTP client for the orchestrator.
 
 - Trusts only the pinned federation CA; a certificate that does not verify is a hard, clear error, never
-  retried (it means the wrong server or the wrong CA).
+  retried (it means the wrong server or the wrong CA). A plain ``http://`` URL is refused unless the caller
+  passes ``insecure=True`` explicitly; the scheme is compared case-insensitively (``HTTPS://`` pins too).
 - Logs in by signing the orchestrator's fresh challenge with the site's identity key, keeps the short-lived
   access token and renews it before it expires (or at once on a 401).
 - Retries connection errors, 5xx and 429 with bounded exponential backoff and full jitter (honouring
@@ -24,7 +25,7 @@ import httpx
 
 import fedhealth
 from fedhealth.core import FedHealthError, ServiceUnavailableError, canonical_json
-from fedhealth.crypto import IdentityKey, pinned_tls_context
+from fedhealth.crypto import IdentityKey, client_tls_for_url
 from fedhealth.protocol import (
     ATTESTATION_HEADER,
     Ack,
@@ -102,7 +103,9 @@ class OrchestratorClient:
         retry: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        insecure: bool = False,
     ) -> None:
+        verify = client_tls_for_url(base_url, ca_pem, client_cert=client_cert, insecure=insecure)
         self.site = site
         self.retry = retry or RetryPolicy()
         self._identity = identity
@@ -110,15 +113,10 @@ class OrchestratorClient:
         self._should_stop = should_stop
         self._token: str | None = None
         self._token_expires = datetime.min.replace(tzinfo=UTC)
-        verify: Any = (
-            pinned_tls_context(ca_pem, client_cert=client_cert)
-            if base_url.startswith("https") and ca_pem
-            else True
-        )
         # the orchestrator's versions, from its answers; None until it answered (or if it states none)
         self.orchestrator_version: PeerVersion | None = None
         self._http = httpx.Client(
-            base_url=base_url.rstrip("/"),
+            base_url=base_url.strip().rstrip("/"),
             headers={"User-Agent": "fedhealth-agent", **version_headers(fedhealth.__version__)},
             timeout=httpx.Timeout(30.0, connect=5.0),
             transport=transport,

@@ -10,17 +10,18 @@ the consent snapshots each task used. :class:`GovernanceGate` is the first gate 
                   site-policy rule, each decision logged. Under the opt-in consent model a cohort that the
                   consent registry alone proves smaller than k is refused here too. A refusal here is made
                   before the dataset is opened.
-``prepare_data``  (training tasks) keep only the training rows whose patient's consent permits the study's
-                  purpose today (the consent snapshot is stored and logged with suppressed counts), then the
-                  cohort rule on what is left. The dataset handed on is the filtered one.
-``after_training`` / ``attest``  log ``task.completed`` and ``update.sent``; state the log head, the
-                  fingerprint of the training set actually used and the consent snapshot hash for the
-                  orchestrator (which anchors the head in its round record).
+``prepare_data``  (every task) keep only the rows, training and held-out, whose patient's consent permits the
+                  study's purpose today (the consent snapshot is stored and logged with suppressed counts),
+                  re-standardized on the kept training rows; then (training) the cohort rule. The dataset
+                  handed on is the filtered one.
+``after_training`` / ``attest``  log ``task.completed`` and ``update.sent``; state the log head and keyed
+                  commitments (``governance._commitments``) to the fingerprint of the rows actually used and
+                  to the consent snapshot, for the orchestrator (which anchors the head in its round record).
 
 A refusal's code is the rule that refused (:class:`fedhealth.governance.Rule` values, or
 ``spec_mismatch``: the task's recipe, dataset, seed or round is not its spec's; ``spec_signature``,
-``site_policy``, ``consent``) and its reason is the decision's sentence; the site's ``task.refused`` entry and
-the orchestrator's carry the same reason.
+``site_policy``, ``consent``) and its reason is the decision's sentence, kept in the site's ``task.refused``
+entry; the orchestrator receives the code alone and logs it with the code's fixed sentence.
 
 Defaults when the site has not said otherwise (``HOME/policy.toml`` absent or silent):
 - every study needs the steward's approval of its exact spec hash: there is no setting to turn that off;
@@ -66,6 +67,7 @@ from fedhealth.core import (
     ServiceUnavailableError,
     SystemClock,
     canonical_json,
+    create_private_file,
 )
 from fedhealth.crypto import IdentityKey, PublicIdentity
 from fedhealth.data import TabularDataset
@@ -75,6 +77,8 @@ from fedhealth.governance import (
     ApprovalRegistry,
     AuditEventType,
     AuditLog,
+    CommitmentKeys,
+    CommitmentKind,
     ConsentModel,
     ConsentRegistry,
     LogHead,
@@ -85,6 +89,7 @@ from fedhealth.governance import (
     StudyApproval,
     WithdrawalNotice,
     check_cohort,
+    commitments_to,
     create_governance_tables,
     evaluate_policy,
     first_refusal,
@@ -94,7 +99,7 @@ from fedhealth.governance import (
     record_task_refusal,
     spec_hash,
 )
-from fedhealth.protocol import StudySpec, Task, TaskKind
+from fedhealth.protocol import FailureCode, StudySpec, Task, TaskKind
 from fedhealth.runtime import planned_epsilon
 
 log = logging.getLogger("fedhealth.agent")
@@ -107,7 +112,7 @@ SPEC_MISMATCH_CODE = "spec_mismatch"
 CONSENT_CODE = "consent"
 WITHDRAWALS_PATH = "/api/v1/agent/governance/withdrawals"
 # failure codes the agent itself gives (SiteAgent's _failure_code): a task that ended without being refused
-FAILURE_CODES = frozenset({"dataset_unavailable", "invalid_task", "training_failed", "internal_error"})
+FAILURE_CODES = frozenset(c.value for c in FailureCode if not c.is_refusal)
 
 
 class ConsentModelSetting(StrEnum):
@@ -161,7 +166,9 @@ def load_site_settings(path: Path) -> SiteSettings:
 
 
 def site_engine(path: Path) -> Engine:
-    """The site database: WAL, so the agent and the steward's commands can use it at the same time."""
+    """The site database: WAL, so the agent and the steward's commands can use it at the same time. Created
+    0600 before SQLite opens it (its -wal and -shm files take the same mode)."""
+    create_private_file(path)
     engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
 
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -199,12 +206,16 @@ class SiteGovernance:
 
     def __init__(self, home: SiteHome, *, clock: Clock | None = None) -> None:
         settings = home.require()
+        tightened = home.secure()
+        if tightened:
+            log.warning("site home %s: %s", home.root, tightened.summary())
         self.home = home
         self.site: str = settings["site"]
         self.engine = site_engine(home.database_path)
         _create_tables(self.engine)
         self.log = AuditLog(self.engine, home.identity(), f"site:{self.site}", clock or SystemClock())
         self.approvals = ApprovalRegistry(self.engine, self.log)
+        self.commitments = CommitmentKeys(self.engine, self.log)
         self._record_enrollment(settings)
 
     def close(self) -> None:
@@ -466,7 +477,8 @@ class GovernanceGate(PassGate):
             owner=task.spec.owner,
             dataset=task.dataset,
             requested_epsilon=self._epsilon_cache[digest],
-            secure_aggregation=task.spec.secure_aggregation is not None,
+            # secure only if the task carries its secure round too (a task without one is a downgrade)
+            secure_aggregation=task.spec.secure_aggregation is not None and task.secure_round is not None,
         )
 
     def _cohort_before_data(self, ctx: TaskContext, settings: SiteSettings) -> None:
@@ -487,46 +499,48 @@ class GovernanceGate(PassGate):
             return self._prepare_data(ctx, dataset)
 
     def _prepare_data(self, ctx: TaskContext, dataset: TabularDataset) -> TabularDataset:
+        """Keep only the rows, training and held-out alike, of patients whose consent permits the study's
+        purpose today: an evaluation's metrics, a training round's metrics on the held-out split and the
+        standardization statistics are computed on patients too. Training tasks then apply the cohort rule
+        to the training rows kept."""
         notes: _TaskNotes = ctx.state[STATE_KEY]
-        if ctx.task.kind is not TaskKind.TRAIN:
-            # evaluation reads the held-out split, whose rows carry no patient ids in TabularDataset
-            notes.dataset_fingerprint = dataset.fingerprint
-            return dataset
+        training = ctx.task.kind is TaskKind.TRAIN
         settings = self._settings or self.settings()
         model, why = self.governance.resolve_consent_model(settings.consent_model)
-        ids: Sequence[str]
-        if dataset.patient_ids_train is not None:
-            ids = dataset.patient_ids_train
-        elif model is ConsentModel.OPT_OUT:
-            ids = [
-                f"row:{i}" for i in range(dataset.num_train)
-            ]  # nobody denied: every row, named by position
-        else:
+        train_ids = _row_ids(dataset.patient_ids_train, dataset.num_train, "row", model)
+        test_ids = _row_ids(dataset.patient_ids_test, dataset.num_test, "test-row", model)
+        if train_ids is None or test_ids is None:
             self._refuse(
                 ctx,
                 CONSENT_CODE,
-                f"dataset {ctx.task.dataset!r} has no patient ids, so consent ({why}) cannot be checked",
+                f"dataset {ctx.task.dataset!r} has no patient ids for its "
+                f"{'training' if train_ids is None else 'held-out'} rows, "
+                f"so consent ({why}) cannot be checked",
             )
+        # Both parts, whatever the task: training rounds report metrics on the held-out part, evaluations
+        # read it, and both see features standardized with the training part's statistics.
+        used = [*train_ids, *test_ids]
         result = self.governance.consent(model).filter(
-            ids,
+            used,
             ctx.task.spec.purpose,
             self.log.clock.now(),
             task_id=ctx.task.task_id,
             study_id=ctx.task.study_id,
         )
-        cohort = check_cohort(settings.policy, result.kept_count)
-        record_decision(self.log, cohort, subject={**notes.subject, "snapshot_hash": result.snapshot_hash})
-        if not cohort.allowed:
-            self._refuse(ctx, cohort.rule.value, cohort.reason)
-        if len(result.kept_indices) == dataset.num_train:
-            kept = dataset
-        else:
-            mask = np.zeros(dataset.num_train, dtype=np.bool_)
-            mask[list(result.kept_indices)] = True
-            kept = dataset.select_train(mask)
-        notes.dataset_fingerprint = kept.fingerprint
+        kept = np.zeros(len(used), dtype=np.bool_)
+        kept[list(result.kept_indices)] = True
+        keep_train, keep_test = kept[: len(train_ids)], kept[len(train_ids) :]
+        if training:
+            cohort = check_cohort(settings.policy, int(keep_train.sum()))
+            record_decision(
+                self.log, cohort, subject={**notes.subject, "snapshot_hash": result.snapshot_hash}
+            )
+            if not cohort.allowed:
+                self._refuse(ctx, cohort.rule.value, cohort.reason)
+        selected = dataset if kept.all() else dataset.select(keep_train, keep_test)
+        notes.dataset_fingerprint = selected.fingerprint
         notes.consent_snapshot = result.snapshot_hash
-        return kept
+        return selected
 
     def after_training(self, ctx: TaskContext) -> None:
         notes: _TaskNotes = ctx.state[STATE_KEY]
@@ -597,10 +611,16 @@ class GovernanceGate(PassGate):
             )
         head = self.log.head()
         ctx.attestation["audit_head"] = {"seq": head.seq, "hash": head.entry_hash}
-        if notes is not None and notes.dataset_fingerprint is not None:
-            ctx.attestation["dataset_fingerprint"] = notes.dataset_fingerprint
-        if notes is not None and notes.consent_snapshot is not None:
-            ctx.attestation["consent_snapshot"] = notes.consent_snapshot
+        # Keyed commitments, never the bare hashes: those would let anyone who knows every record but one
+        # test a guess about the last (governance._commitments).
+        for kind, digest in (
+            (CommitmentKind.DATASET_FINGERPRINT, notes.dataset_fingerprint if notes is not None else None),
+            (CommitmentKind.CONSENT_SNAPSHOT, notes.consent_snapshot if notes is not None else None),
+        ):
+            if digest is not None:
+                ctx.attestation[kind.value] = self.governance.commitments.commit(
+                    kind=kind, study_id=ctx.task.study_id, task_id=ctx.task.task_id, digest=digest
+                )
 
     # --- helpers -------------------------------------------------------------------------------------------
 
@@ -654,6 +674,16 @@ def _mismatch(task: Task) -> str | None:
     return None
 
 
+def _row_ids(ids: Sequence[str] | None, rows: int, prefix: str, model: ConsentModel) -> Sequence[str] | None:
+    """The patient id of each row; without ids, under opt-out (nobody denied) every row named by its
+    position, and under opt-in None: consent cannot be checked."""
+    if ids is not None:
+        return ids
+    if model is ConsentModel.OPT_OUT:
+        return [f"{prefix}:{i}" for i in range(rows)]
+    return None
+
+
 def _settings_digest(value: Any) -> str:
     return hashlib.sha256(canonical_json(value if value is not None else {})).hexdigest()
 
@@ -680,9 +710,27 @@ def withdrawal_notices(governance: SiteGovernance) -> list[WithdrawalNotice]:
 def report_withdrawals(
     home: SiteHome, notices: Iterable[WithdrawalNotice], *, identity: IdentityKey | None = None
 ) -> list[str]:
-    """Send withdrawal notices (snapshot hashes, never a patient id) to the orchestrator, authenticated as
-    this site. Returns the digests of the model versions the orchestrator flagged. Raises
-    :class:`ServiceUnavailableError` if it cannot be reached."""
+    """Send withdrawal notices (never a patient id) to the orchestrator, authenticated as this site. Returns
+    the digests of the model versions the orchestrator flagged. Raises :class:`ServiceUnavailableError` if
+    it cannot be reached.
+
+    The orchestrator knows a consent snapshot only by the keyed commitments this site attested to it (one
+    per task), so each notice goes out with those commitments in place of the snapshot hashes."""
+    engine = site_engine(home.database_path)
+    try:
+        notices = [
+            WithdrawalNotice(
+                notice_id=n.notice_id,
+                purpose=n.purpose,
+                withdrawn_at=n.withdrawn_at,
+                snapshot_hashes=tuple(
+                    commitments_to(engine, CommitmentKind.CONSENT_SNAPSHOT, n.snapshot_hashes)
+                ),
+            )
+            for n in notices
+        ]
+    finally:
+        engine.dispose()
     client = OrchestratorClient(
         home.orchestrator,
         home.name,

@@ -1,9 +1,10 @@
 """The site's home folder: its identity key (never leaves the site), the pinned federation CA, settings.
 
-HOME/
-  identity.key   Ed25519 private key, PKCS#8 PEM, mode 0600
+HOME/            mode 0700, every file in it 0600: no other local account reads it (checked at start-up)
+  identity.key   Ed25519 private key, PKCS#8 PEM
   ca.pem         the federation CA the site pins: it trusts no other certificate authority
   site.json      site name, orchestrator URL, enrollment time
+  site.sqlite    consent records (patient ids, decisions), approvals, audit log, privacy ledger
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 import httpx
 
 from fedhealth.agent._client import OrchestratorRefused, TlsVerificationError, connection_problem
-from fedhealth.core import ConfigError
-from fedhealth.crypto import IdentityKey, create_client_csr, pinned_tls_context, write_private
+from fedhealth.core import ConfigError, Tightened, make_private_dir, secure_home
+from fedhealth.crypto import IdentityKey, client_tls_for_url, create_client_csr, write_private
 from fedhealth.protocol import EnrollResponse
 
 
@@ -58,6 +59,11 @@ class SiteHome:
     def policy_path(self) -> Path:
         return self.root / "policy.toml"
 
+    def secure(self) -> Tightened:
+        """Make the home 0700 and its files 0600 if they are looser (what changed, for one log line);
+        :class:`ConfigError` for a home another account owns."""
+        return secure_home(self.root, what="site home")
+
     def require(self) -> dict[str, str]:
         if not self.settings_path.exists():
             raise ConfigError(
@@ -82,7 +88,7 @@ class SiteHome:
     def set_orchestrator(self, url: str) -> None:
         settings = self.require()
         settings["orchestrator"] = url
-        self.settings_path.write_text(json.dumps(settings, indent=2))
+        write_private(self.settings_path, json.dumps(settings, indent=2).encode())
 
 
 def enroll_site(
@@ -94,6 +100,7 @@ def enroll_site(
     ca_pem: bytes | None,
     serve_url: str | None = None,
     transport: httpx.BaseTransport | None = None,
+    insecure: bool = False,
 ) -> SiteHome:
     """Generate this site's identity key here, register its public key with the enrollment token, pin the CA.
 
@@ -105,9 +112,9 @@ def enroll_site(
     home = SiteHome(root)
     key = IdentityKey.generate()
     tls_key, tls_csr = create_client_csr(name)
-    verify = pinned_tls_context(ca_pem) if orchestrator.startswith("https") and ca_pem else True
+    verify = client_tls_for_url(orchestrator, ca_pem, insecure=insecure)  # http:// only if insecure
     with httpx.Client(
-        base_url=orchestrator.rstrip("/"), verify=verify, timeout=30, transport=transport
+        base_url=orchestrator.strip().rstrip("/"), verify=verify, timeout=30, transport=transport
     ) as http:
         try:
             response = http.post(
@@ -132,14 +139,15 @@ def enroll_site(
             response.status_code, str(body.get("error", response.text[:200])), body.get("detail")
         )
     enrolled = EnrollResponse.model_validate(response.json())
-    root.mkdir(parents=True, exist_ok=True)
+    make_private_dir(root)
     key.save(home.identity_path)
     if enrolled.tls_certificate is not None:
         write_private(home.tls_key_path, tls_key)
-        home.tls_cert_path.write_text(enrolled.tls_certificate)
+        write_private(home.tls_cert_path, enrolled.tls_certificate.encode())
     if ca_pem is not None:
-        home.ca_path.write_bytes(ca_pem)
-    home.settings_path.write_text(
+        write_private(home.ca_path, ca_pem)
+    write_private(
+        home.settings_path,
         json.dumps(
             {
                 "site": name,
@@ -147,6 +155,6 @@ def enroll_site(
                 "enrolled_at": enrolled.enrolled_at.isoformat(),
             },
             indent=2,
-        )
+        ).encode(),
     )
     return home

@@ -37,6 +37,8 @@ class TaskContext:
 
     task: Task
     site: str
+    # set once computation on patient rows begins (after loading, schema checks and consent): a failure
+    # before it releases the task's budget reservation, one after it is charged
     data_read: bool = False
     attestation: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)

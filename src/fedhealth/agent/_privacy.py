@@ -15,9 +15,13 @@ The site keeps a budget ``(epsilon, delta)`` per registered dataset in its ledge
                    ``budget_already_charged`` (a task id that already holds a charge: a retried task needs a
                    new id), ``invalid_privacy`` (a spec the services cannot honour).
 ``after_training`` commit what was released (the plan: the trainers take their parameters from it).
-``on_refused`` / ``on_failed``  release the reservation if the data was never read; charge it in full if it
-                   was (something data-dependent, if only a failure report, left the site).
-``attest``         state the ledger's figures for the orchestrator (:class:`fedhealth.protocol.PrivacySpend`).
+``prepare_data``   (rows counted, nothing computed yet) refuse with ``invalid_privacy`` a delta, the study's
+                   or the budget's, at or above 1/n for the dataset's n training rows.
+``on_refused`` / ``on_failed``  release the reservation if no computation on patient rows began
+                   (``ctx.data_read`` false: missing file, parse error, schema mismatch, a refusal); charge
+                   it in full if it had (a failure code may then reflect the rows).
+``attest``         state the ledger's figures for the orchestrator (:class:`fedhealth.protocol.PrivacySpend`),
+                   the study's epsilon at the ledger's delta and at the spec's (what a model card prints).
 
 Studies without differential privacy: a dataset that has a budget refuses them (their epsilon is infinite:
 the budget could not stay a guarantee); a dataset without one runs them as before budgets existed. The same
@@ -200,6 +204,21 @@ class PrivacyGate(PassGate):
 
     def prepare_data(self, ctx: TaskContext, dataset: TabularDataset) -> TabularDataset:
         self._untouched.pop(ctx.task.task_id, None)  # the data is read from here on
+        notes: _TaskNotes | None = ctx.state.get(STATE_KEY)
+        privacy = ctx.task.spec.privacy
+        if notes is not None and privacy is not None and dataset.num_train > 0:
+            # A delta of 1/n or more allows publishing one patient's record outright: no guarantee at all.
+            # Refused here, before anything is computed on the rows (the reservation is released).
+            deltas = {"the study's": privacy.delta}
+            if notes.reservation is not None:
+                deltas["the site's budget"] = self.ledger.budget(ctx.task.dataset).delta
+            for whose, delta in deltas.items():
+                if delta >= 1.0 / dataset.num_train:
+                    raise TaskRefused(
+                        INVALID_PRIVACY,
+                        f"{whose} delta {delta:g} is not below 1/n = {1.0 / dataset.num_train:.3g} for the "
+                        f"{dataset.num_train} training records of dataset {ctx.task.dataset!r}",
+                    )
         return dataset
 
     def after_training(self, ctx: TaskContext) -> None:
@@ -296,6 +315,14 @@ class PrivacyGate(PassGate):
         charged = notes.task_epsilon if notes is not None and notes.receipt is not None else None
         if not all(math.isfinite(v) for v in (study_epsilon, statement.spent_epsilon, charged or 0.0)):
             return  # a release without noise is on the ledger: no finite figure to state
+        # The ledger accounts at its budget's delta; a model card prints the spec's: state the study's epsilon
+        # at that delta too, so nobody prints one figure beside the other delta.
+        spec_delta = task.spec.privacy.delta if task.spec.privacy is not None else None
+        spec_epsilon = (
+            self.ledger.study_epsilon(task.dataset, task.study_id, delta=spec_delta)
+            if spec_delta is not None
+            else None
+        )
         ctx.attestation["privacy"] = PrivacySpend(
             dataset=task.dataset,
             delta=statement.delta,
@@ -304,6 +331,8 @@ class PrivacyGate(PassGate):
             budget_epsilon=statement.budget_epsilon,
             task_epsilon=charged,
             accountant=AccountantName(self.ledger.accountant.value),
+            spec_delta=spec_delta,
+            spec_study_epsilon=_json_float(spec_epsilon) if spec_epsilon is not None else None,
             reproducible_noise=self.reproducible_noise,
         ).model_dump(mode="json")
 

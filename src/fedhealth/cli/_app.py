@@ -14,7 +14,14 @@ import fedhealth
 from fedhealth.cli._bench import benchmark_app
 from fedhealth.cli._demo import demo
 from fedhealth.cli._errors import FedhealthGroup
-from fedhealth.cli._governance import approval_app, audit_app, consent_app, model_app, provenance_app
+from fedhealth.cli._governance import (
+    approval_app,
+    audit_app,
+    commitment_app,
+    consent_app,
+    model_app,
+    provenance_app,
+)
 from fedhealth.cli._model import model_predict
 from fedhealth.cli._privacy import budget_app, privacy_app
 from fedhealth.cli._services import orchestrator_app, site_app, user_app
@@ -69,6 +76,8 @@ site_app.add_typer(approvals_app, name="approvals")
 for _command in approval_app.registered_commands:
     if _command.name in ("approve", "reject"):  # approval_app's `list` is `site approvals` above
         site_app.registered_commands.append(_command)
+# ...and so does opening the site's commitments: `fedhealth site reveal-commitment-key STUDY --to ...`
+site_app.registered_commands.extend(commitment_app.registered_commands)
 app.add_typer(audit_app, name="audit")
 app.add_typer(provenance_app, name="provenance")
 model_app.command("predict")(model_predict)

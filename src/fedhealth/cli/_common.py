@@ -37,7 +37,7 @@ class LogLevel(StrEnum):
     ERROR = "error"
 
 
-def operator_client(credential: Path, url: str | None) -> OperatorClient:
+def operator_client(credential: Path, url: str | None, insecure: bool = False) -> OperatorClient:
     """The operator API client of a credential file (a missing file is one clear line)."""
     from pydantic import ValidationError
 
@@ -50,7 +50,7 @@ def operator_client(credential: Path, url: str | None) -> OperatorClient:
             "in the orchestrator's home",
         )
     try:
-        return OperatorClient.from_credential(credential, url=url)
+        return OperatorClient.from_credential(credential, url=url, insecure=insecure)
     except (ValidationError, ValueError) as exc:
         fail(f"{credential} is not a fedhealth credential file ({type(exc).__name__})")
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,10 +26,10 @@ class DemoDataset(StrEnum):
 
 
 def demo_federation(
-    dataset: DemoDataset, rounds: int | None, secure: bool = True
+    dataset: DemoDataset, rounds: int | None, site_keys: Mapping[str, str] | None = None
 ) -> tuple[dict[str, str], StudySpec]:
     """The sites (name -> dataset URI) and the study of the demo, from the learning presets; with secure
-    aggregation unless ``secure=False``."""
+    aggregation when the enrolled sites' key fingerprints are given (the spec names them)."""
     from fedhealth.learning import BREAST_CANCER_PRESETS, HEART_DISEASE_PRESETS
     from fedhealth.runtime import preset_study
 
@@ -51,7 +52,9 @@ def demo_federation(
         min_sites=3,
         round_deadline_s=120.0,
         seed=0,
-        secure_aggregation=SecureAggregationSpec(stage_timeout_s=30.0) if secure else None,
+        secure_aggregation=SecureAggregationSpec(stage_timeout_s=30.0, site_keys=dict(site_keys))
+        if site_keys is not None
+        else None,
     )
     if rounds is not None:
         spec = spec.model_copy(update={"rounds": rounds})
@@ -119,7 +122,7 @@ def run_demo(
     from fedhealth.sim import LocalFederation  # the services load slowly: only for this command
 
     console = console or Console()
-    sites, spec = demo_federation(dataset, rounds, secure)
+    sites, spec = demo_federation(dataset, rounds)  # the secure spec follows once the sites have keys
     state = out / "state"
     shutil.rmtree(state, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +141,8 @@ def run_demo(
             fed.start_agent(site, {spec.dataset: uri})
         with console.status("waiting for the sites to connect"):
             fed.wait_for_sites(list(sites))
+        if secure:  # the spec names every site's identity-key fingerprint: the stewards approve those too
+            _, spec = demo_federation(dataset, rounds, fed.site_keys(sorted(sites)))
         for site in sites:  # each hospital's data steward approves this exact spec (`fedhealth site approve`)
             digest = fed.approve(site, spec, reason="demo study reviewed by the data steward")
             console.print(f"  {site}: data steward approved spec {digest[:12]}…")

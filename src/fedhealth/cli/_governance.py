@@ -841,6 +841,69 @@ def _send_notices(home: Path, notices: Sequence[WithdrawalNotice]) -> None:
     )
 
 
+# --- keyed commitments: opening them to an auditor -------------------------------------------------------
+
+commitment_app = _group("commitments", "Open this site's keyed commitments to an auditor.")
+
+
+@commitment_app.command("reveal-commitment-key")
+def reveal_commitment_key(
+    study: Annotated[str, typer.Argument(help="The study id whose commitments to open.")],
+    to: Annotated[str, typer.Option("--to", help="Who receives the key (written to the site's log).")],
+    home: Annotated[Path, typer.Option("--home", help="The site's home.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the key and openings here (mode 0600), not stdout.")
+    ] = None,
+) -> None:
+    """Reveal the study's commitment key with the opening (task, kind, digest) of every commitment this site
+    attested for it, so that an auditor can check them (`fedhealth audit verify-commitments FILE`). The
+    disclosure is an entry of the site's audit log."""
+    from fedhealth.crypto import write_private
+
+    with _errors_as_messages():
+        with _site_governance(home) as governance:
+            revelation = governance.commitments.reveal(study, to=to)
+        text = json.dumps(revelation.to_json(), indent=2, sort_keys=True)
+        if out is None:
+            typer.echo(text)
+        else:
+            write_private(out, text.encode())
+    typer.echo(
+        f"revealed the commitment key of study {study} to {to} ({len(revelation.openings)} opening(s))",
+        err=True,
+    )
+
+
+@audit_app.command("verify-commitments")
+def audit_verify_commitments(
+    file: Annotated[Path, typer.Argument(help="What `fedhealth site reveal-commitment-key` wrote.")],
+    commitment: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--commitment", help="An attested commitment (e.g. from provenance) that must be opened here."
+        ),
+    ] = None,
+) -> None:
+    """Check every opening of a revealed commitment key; with --commitment, also that each given commitment
+    is among them. Exit 1 at the first that fails."""
+    from fedhealth.core import CryptoError
+    from fedhealth.governance import Revelation
+
+    with _errors_as_messages():
+        revelation = Revelation.from_json(json.loads(file.read_text(encoding="utf-8")))
+    try:
+        revelation.verify()
+    except CryptoError as exc:
+        _fail(str(exc), EXIT_BAD_ENTRY)
+    opened = {o.commitment: o for o in revelation.openings}
+    for value in commitment or []:
+        if value not in opened:
+            _fail(f"commitment {value} is not among the openings of study {revelation.study_id}", 1)
+        o = opened[value]
+        typer.echo(f"{value}: {o.kind.value} of task {o.task_id} = {o.digest}")
+    typer.echo(f"{len(revelation.openings)} opening(s) of study {revelation.study_id} verified")
+
+
 # --- the demo's closing governance summary ----------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -21,7 +22,7 @@ import typer
 
 from fedhealth.cli._common import JsonOption, LogLevel, operator_client, parse_duration, print_json
 from fedhealth.cli._errors import error_line, explain, fail
-from fedhealth.core import FedHealthError
+from fedhealth.core import FedHealthError, Tightened
 
 if TYPE_CHECKING:
     from fedhealth.client import OperatorClient
@@ -41,6 +42,13 @@ CredentialOption = Annotated[
 UrlOption = Annotated[
     str | None, typer.Option("--orchestrator", help="Override the credential's orchestrator URL.")
 ]
+InsecureOption = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="Allow a plain http:// orchestrator URL (local tests only: credentials cross in clear).",
+    ),
+]
 
 
 @contextmanager
@@ -57,8 +65,8 @@ def friendly_errors() -> Iterator[None]:
         raise typer.Exit(1) from exc
 
 
-def _operator(credential: Path, url: str | None) -> OperatorClient:
-    return operator_client(credential, url)
+def _operator(credential: Path, url: str | None, insecure: bool = False) -> OperatorClient:
+    return operator_client(credential, url, insecure)
 
 
 class UserRole(StrEnum):
@@ -103,6 +111,14 @@ def orchestrator_init(
     typer.echo(f"  serve it with: fedhealth orchestrator serve --home {home} --port {port}")
 
 
+def _secure_home(tightened: Tightened, home: Path) -> None:
+    """A service's files are its own from here on (keys, databases and their -wal/-shm, blobs, logs it
+    writes), and one warning line names anything in its home that was readable by others."""
+    os.umask(0o077)
+    if tightened:
+        typer.echo(f"warning: {home}: {tightened.summary()}", err=True)  # one line, never wrapped
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -140,6 +156,7 @@ def orchestrator_serve(
     approval_wait_s = parse_duration(approval_wait, "--approval-wait")
     with friendly_errors():
         orch_home.require()
+        _secure_home(orch_home.secure(), home)
         _check_port(host, port)
         note = _follow_port(orch_home, port, insecure=insecure)
         settings = OrchestratorSettings(
@@ -241,9 +258,10 @@ def site_add(
     name: Annotated[str, typer.Argument(help="The new site's name (lowercase letters, digits, - _ .).")],
     credential: CredentialOption = Path("admin.credential"),
     orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """Register a site and print its one-time enrollment token (valid 24 h)."""
-    with friendly_errors(), _operator(credential, orchestrator) as client:
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         created = client.add_site(name)
     typer.echo(created.enrollment_token)
     typer.echo(
@@ -258,11 +276,31 @@ def site_token(
     name: Annotated[str, typer.Argument(help="An existing site.")],
     credential: CredentialOption = Path("admin.credential"),
     orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
-    """Issue a fresh enrollment token for an existing site (lost token, or key rotation)."""
-    with friendly_errors(), _operator(credential, orchestrator) as client:
+    """Issue a fresh enrollment token for a site that has not enrolled yet (a lost token); the site's earlier
+    tokens stop working. An enrolled site is re-keyed with `site rotate`."""
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         created = client.new_enrollment_token(name)
     typer.echo(created.enrollment_token)
+
+
+@site_app.command("rotate")
+def site_rotate(
+    name: Annotated[str, typer.Argument(help="The enrolled site to re-key.")],
+    credential: CredentialOption = Path("admin.credential"),
+    orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
+) -> None:
+    """Re-key a site: its current key, access tokens and client certificate stop working at once; print the
+    enrollment token for its new key (the site enrolls again with it, into a new --home)."""
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
+        created = client.rotate_site(name)
+    typer.echo(created.enrollment_token)
+    err.print(
+        f"site {name} rotated: its old key is retired; the token above expires at "
+        f"{created.expires_at:%Y-%m-%d %H:%M} UTC"
+    )
 
 
 @site_app.command("revoke")
@@ -270,9 +308,10 @@ def site_revoke(
     name: Annotated[str, typer.Argument(help="The site to revoke.")],
     credential: CredentialOption = Path("admin.credential"),
     orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """Revoke a site: its next request is refused (403)."""
-    with friendly_errors(), _operator(credential, orchestrator) as client:
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         info = client.revoke_site(name)
     typer.echo(f"site {info.name} is {info.status}")
 
@@ -282,9 +321,10 @@ def site_list(
     credential: CredentialOption = Path("admin.credential"),
     orchestrator: UrlOption = None,
     as_json: JsonOption = False,
+    insecure: InsecureOption = False,
 ) -> None:
     """List the sites: state, last contact, the fedhealth version each runs, and its readiness."""
-    with friendly_errors(), _operator(credential, orchestrator) as client:
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         found = client.sites()
         readiness = {r.site: r.readiness for r in _readiness_or_empty(client)}
     if as_json:
@@ -325,6 +365,7 @@ def site_enroll(
         str | None,
         typer.Option(help="Under mutual TLS: the main URL (--orchestrator is the enrollment port)."),
     ] = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """Generate this site's identity key locally, register its public key and pin the federation CA."""
     from fedhealth.agent import SiteHome, enroll_site
@@ -345,6 +386,7 @@ def site_enroll(
             token=token,
             ca_pem=ca.read_bytes(),
             serve_url=serve_url,
+            insecure=insecure,
         )
     typer.echo(f"site {name} enrolled; identity key in {enrolled.identity_path} (mode 0600)")
 
@@ -374,6 +416,7 @@ def site_serve(
     ] = None,
     poll_wait: Annotated[float, typer.Option(help="Long-poll wait, seconds.")] = 25.0,
     log_level: Annotated[LogLevel, typer.Option(help="How much to log.")] = LogLevel.INFO,
+    insecure: InsecureOption = False,
 ) -> None:
     """Run the site agent: poll the orchestrator for tasks and train on local data.
 
@@ -394,6 +437,7 @@ def site_serve(
     overrides = _parse_datasets(dataset or [])
     with friendly_errors():
         site_home.require()
+        _secure_home(site_home.secure(), home)
         datasets, checked = datasets_for_serve(site_home, overrides, data_dir)
         for summary in checked:
             logging.getLogger("fedhealth.agent").info(
@@ -416,9 +460,12 @@ def site_serve(
             poll_wait_s=poll_wait,
             retry=RetryPolicy(base_s=0.1, max_s=5.0),
             home=home,
+            insecure=insecure,
         )
         gates = default_gates(site_home)
-    sys.exit(run_agent(settings, gates))
+    with friendly_errors():  # e.g. a plain http:// URL without --insecure
+        code = run_agent(settings, gates)
+    sys.exit(code)
 
 
 # --- users -------------------------------------------------------------------------------------------------
@@ -433,12 +480,13 @@ def user_add(
     ] = None,
     credential: CredentialOption = Path("admin.credential"),
     orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """Create an operator account; its API key is shown once."""
     from fedhealth.crypto import write_private
     from fedhealth.protocol import OperatorCredential
 
-    with friendly_errors(), _operator(credential, orchestrator) as client:
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         created = client.add_user(name, role.value)
         admin = OperatorCredential.model_validate_json(credential.read_text())
     if out is not None:
@@ -459,12 +507,56 @@ def user_list(
     credential: CredentialOption = Path("admin.credential"),
     orchestrator: UrlOption = None,
     as_json: JsonOption = False,
+    insecure: InsecureOption = False,
 ) -> None:
     """List operator accounts."""
-    with friendly_errors(), _operator(credential, orchestrator) as client:
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         users = client.users()
     if as_json:
         print_json(users)
         return
     for u in users:
         typer.echo(f"{u.name}\t{u.role.value}\t{'revoked' if u.revoked_at else 'active'}")
+
+
+@user_app.command("new-key")
+def user_new_key(
+    name: Annotated[str, typer.Argument(help="The user whose API key to replace.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Write the user's new credential file here (mode 0600).")
+    ] = None,
+    credential: CredentialOption = Path("admin.credential"),
+    orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
+) -> None:
+    """Replace a user's API key (a lost or leaked key): the old key and its tokens stop working at once."""
+    from fedhealth.crypto import write_private
+    from fedhealth.protocol import OperatorCredential
+
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
+        created = client.new_api_key(name)
+        admin = OperatorCredential.model_validate_json(credential.read_text())
+    if out is not None:
+        new = OperatorCredential(
+            orchestrator=orchestrator or admin.orchestrator,
+            ca_pem=admin.ca_pem,
+            user=name,
+            api_key=created.api_key,
+        )
+        write_private(out, new.model_dump_json(indent=2).encode())
+        typer.echo(f"user {name}: new API key written to {out}")
+    else:
+        typer.echo(created.api_key)
+
+
+@user_app.command("revoke")
+def user_revoke(
+    name: Annotated[str, typer.Argument(help="The user to revoke.")],
+    credential: CredentialOption = Path("admin.credential"),
+    orchestrator: UrlOption = None,
+    insecure: InsecureOption = False,
+) -> None:
+    """Revoke a user: their next request is refused (403)."""
+    with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
+        client.revoke_user(name)
+    typer.echo(f"user {name} is revoked")

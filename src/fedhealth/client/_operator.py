@@ -14,7 +14,7 @@ from pydantic import BaseModel
 import fedhealth
 from fedhealth.client._words import field_errors
 from fedhealth.core import FedHealthError
-from fedhealth.crypto import IdentityKey, pinned_tls_context
+from fedhealth.crypto import IdentityKey, client_tls_for_url
 from fedhealth.governance import SignedSpec
 from fedhealth.protocol import (
     OperatorCredential,
@@ -50,6 +50,9 @@ class ClientError(FedHealthError):
 
 
 class OperatorClient:
+    """The operator API over HTTPS pinned to the federation CA. A plain ``http://`` URL is refused (the API
+    key would cross the network in clear) unless ``insecure=True`` is passed explicitly."""
+
     def __init__(
         self,
         url: str,
@@ -59,15 +62,15 @@ class OperatorClient:
         ca_pem: str | None,
         client_cert: tuple[bytes, bytes] | None = None,
         timeout: float = 30.0,
+        insecure: bool = False,
     ) -> None:
+        verify = client_tls_for_url(url, ca_pem, client_cert=client_cert, insecure=insecure)
         self.url = url
         self.user = user
         self._api_key = api_key
         self._http = httpx.Client(
-            base_url=url.rstrip("/"),
-            verify=pinned_tls_context(ca_pem, client_cert=client_cert)
-            if url.startswith("https") and ca_pem
-            else True,
+            base_url=url.strip().rstrip("/"),
+            verify=verify,
             timeout=timeout,
             headers={"User-Agent": "fedhealth-operator", **version_headers(fedhealth.__version__)},
         )
@@ -77,7 +80,7 @@ class OperatorClient:
         self._expires = datetime.min.replace(tzinfo=UTC)
 
     @classmethod
-    def from_credential(cls, path: Path, *, url: str | None = None) -> OperatorClient:
+    def from_credential(cls, path: Path, *, url: str | None = None, insecure: bool = False) -> OperatorClient:
         credential = OperatorCredential.model_validate_json(path.read_text())
         client_cert = None
         if credential.tls_certificate and credential.tls_key:
@@ -88,6 +91,7 @@ class OperatorClient:
             api_key=credential.api_key,
             ca_pem=credential.ca_pem,
             client_cert=client_cert,
+            insecure=insecure,
         )
 
     def close(self) -> None:
@@ -143,16 +147,37 @@ class OperatorClient:
     def new_enrollment_token(self, name: str) -> SiteCreated:
         return self._parse(SiteCreated, self.request("POST", f"/api/v1/sites/{name}/enrollment-token").json())
 
+    def rotate_site(self, name: str) -> SiteCreated:
+        """Retire the site's key and certificate; returns the enrollment token for its new key."""
+        return SiteCreated.model_validate(self.request("POST", f"/api/v1/sites/{name}/rotate").json())
+
     def revoke_site(self, name: str) -> SiteInfo:
         return self._parse(SiteInfo, self.request("POST", f"/api/v1/sites/{name}/revoke").json())
 
     def sites(self) -> list[SiteInfo]:
         return [self._parse(SiteInfo, s) for s in self.request("GET", "/api/v1/sites").json()]
 
+    def site_keys(self, names: list[str]) -> dict[str, str]:
+        """The enrolled identity-key fingerprints of ``names``, for a secure study's ``site_keys``, as the
+        orchestrator reports them. The orchestrator is not trusted for them: each steward compares their
+        site's entry with the site's own identity key before approving the spec."""
+        known = {s.name: s.fingerprint for s in self.sites()}
+        missing = sorted(n for n in names if known.get(n) is None)
+        if missing:
+            raise FedHealthError(f"sites not enrolled (no identity key yet): {', '.join(missing)}")
+        return {n: known[n] for n in names}  # type: ignore[misc]
+
     def add_user(self, name: str, role: str) -> UserCreated:
         return self._parse(
             UserCreated, self.request("POST", "/api/v1/users", json={"name": name, "role": role}).json()
         )
+
+    def new_api_key(self, name: str) -> UserCreated:
+        """Replace a user's API key; the old key and the tokens issued against it stop working."""
+        return UserCreated.model_validate(self.request("POST", f"/api/v1/users/{name}/api-key").json())
+
+    def revoke_user(self, name: str) -> None:
+        self.request("POST", f"/api/v1/users/{name}/revoke")
 
     def users(self) -> list[UserInfo]:
         return [self._parse(UserInfo, u) for u in self.request("GET", "/api/v1/users").json()]
@@ -196,6 +221,7 @@ class OperatorClient:
         return self._parse(StudyInfo, self.request("POST", f"/api/v1/studies/{study_id}/cancel").json())
 
     def model_bytes(self, study_id: str) -> bytes:
+        """The study's latest released model (its owner or an admin)."""
         return self.request("GET", f"/api/v1/studies/{study_id}/model").content
 
     def download_model(self, study_id: str, path: Path) -> str:
@@ -203,6 +229,9 @@ class OperatorClient:
         blob = self.model_bytes(study_id)
         path.write_bytes(blob)
         return hashlib.sha256(blob).hexdigest()
+    def released_model(self, digest: str) -> bytes:
+        """A released model version by digest (its study's owner or an admin)."""
+        return self.request("GET", f"/api/v1/models/{digest}").content
 
     def report(self, study_id: str) -> dict[str, Any]:
         return self.request("GET", f"/api/v1/studies/{study_id}/report").json()  # type: ignore[no-any-return]

@@ -22,12 +22,22 @@ from fedhealth.core._errors import (
     ServiceUnavailableError,
     TensorError,
 )
+from fedhealth.core._files import (
+    PRIVATE_DIR_MODE,
+    PRIVATE_FILE_MODE,
+    Tightened,
+    create_private_file,
+    make_private_dir,
+    secure_home,
+)
 from fedhealth.core._hashing import canonical_json, file_sha256, sha256_hex
 from fedhealth.core._ids import is_valid_name, new_id
 from fedhealth.core._tensors import TensorSpec, decode_tensors, encode_tensors, read_header, specs_of
 
 __all__ = [
     "DATA_DIR_ENV",
+    "PRIVATE_DIR_MODE",
+    "PRIVATE_FILE_MODE",
     "BudgetExceededError",
     "ChecksumError",
     "Clock",
@@ -47,14 +57,18 @@ __all__ = [
     "SystemClock",
     "TensorError",
     "TensorSpec",
+    "Tightened",
     "canonical_json",
+    "create_private_file",
     "data_dir",
     "decode_tensors",
     "encode_tensors",
     "file_sha256",
     "is_valid_name",
+    "make_private_dir",
     "new_id",
     "read_header",
+    "secure_home",
     "sha256_hex",
     "specs_of",
     "utcnow",

@@ -30,7 +30,8 @@ from fedhealth.crypto._recipes import (
     sign_json,
     verify_json,
 )
-from fedhealth.crypto._tls import pinned_tls_context
+from fedhealth.crypto._stream import KeystreamReader
+from fedhealth.crypto._tls import client_tls_for_url, pinned_tls_context
 from fedhealth.crypto._tokens import Audience, TokenClaims, TokenExpiredError, TokenIssuer, TokenVerifier
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "AgreementKey",
     "Audience",
     "IdentityKey",
+    "KeystreamReader",
     "PemPair",
     "PublicIdentity",
     "TokenClaims",
@@ -47,6 +49,7 @@ __all__ = [
     "aead_decrypt",
     "aead_encrypt",
     "certificate_fingerprint",
+    "client_tls_for_url",
     "constant_time_equal",
     "create_ca",
     "create_client_csr",

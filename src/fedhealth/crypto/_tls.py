@@ -6,6 +6,9 @@ import os
 import ssl
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from fedhealth.core import ConfigError
 
 
 def pinned_tls_context(
@@ -25,3 +28,30 @@ def pinned_tls_context(
                 f.write(client_cert[1])
             context.load_cert_chain(certfile=str(cert), keyfile=str(key))
     return context
+
+
+def client_tls_for_url(
+    url: str,
+    ca_pem: str | bytes | None,
+    *,
+    client_cert: tuple[bytes, bytes] | None = None,
+    insecure: bool = False,
+) -> ssl.SSLContext | bool:
+    """How a client of ``url`` verifies the server (an ``httpx`` ``verify`` value): decided here only.
+
+    ``https`` (the scheme compared case-insensitively: ``HTTPS://`` is https too) gets a context pinned to
+    ``ca_pem``, or the system's trust store when no CA is given. ``http`` is refused unless ``insecure`` is
+    set explicitly (loopback tests), since tokens and API keys would cross the network in clear; any other
+    scheme is refused.
+    """
+    scheme = urlsplit(url.strip()).scheme.lower()
+    if scheme == "https":
+        return pinned_tls_context(ca_pem, client_cert=client_cert) if ca_pem else True
+    if scheme == "http":
+        if insecure:
+            return True
+        raise ConfigError(
+            f"refusing to send credentials over plain HTTP to {url}: use an https:// URL "
+            "(or pass --insecure for a local test set-up)"
+        )
+    raise ConfigError(f"not an http(s) URL: {url[:200]!r}")

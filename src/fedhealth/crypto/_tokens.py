@@ -1,9 +1,11 @@
 """Short-lived access tokens: JWTs signed with the orchestrator's Ed25519 key (EdDSA), via PyJWT.
 
 A token names its subject (a site or a user), its role, its audience (the agent API or the operator API),
-when it was issued and when it expires (minutes, not days). Verification checks the signature, the issuer,
-the audience and the expiry; every failure raises :class:`CryptoError`, an expired token
-:class:`TokenExpiredError` so a client can tell it to renew.
+when it was issued and when it expires (minutes, not days). It may also name the credential it was issued
+against (RFC 7800 ``cnf``: a thumbprint of the site's key or the user's API key), so that replacing that
+credential invalidates the tokens issued against the old one at once, not when they expire. Verification
+checks the signature, the issuer, the audience and the expiry; every failure raises :class:`CryptoError`, an
+expired token :class:`TokenExpiredError` so a client can tell it to renew.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class TokenClaims:
     issued_at: datetime
     expires_at: datetime
     token_id: str
+    confirmation: str | None = None  # ``cnf.jkt``: thumbprint of the credential the token was issued against
 
 
 class TokenIssuer:
@@ -47,7 +50,13 @@ class TokenIssuer:
         self._clock = clock or SystemClock()
 
     def issue(
-        self, *, subject: str, role: str, audience: Audience, ttl: timedelta
+        self,
+        *,
+        subject: str,
+        role: str,
+        audience: Audience,
+        ttl: timedelta,
+        confirmation: str | None = None,
     ) -> tuple[str, TokenClaims]:
         now = self._clock.now().replace(microsecond=0)
         claims = TokenClaims(
@@ -57,8 +66,9 @@ class TokenIssuer:
             issued_at=now,
             expires_at=now + ttl,
             token_id=secrets.token_hex(12),
+            confirmation=confirmation,
         )
-        payload = {
+        payload: dict[str, object] = {
             "iss": self.issuer,
             "sub": subject,
             "role": role,
@@ -68,6 +78,8 @@ class TokenIssuer:
             "exp": int(claims.expires_at.timestamp()),
             "jti": claims.token_id,
         }
+        if confirmation is not None:
+            payload["cnf"] = {"jkt": confirmation}
         return jwt.encode(payload, self._key.crypto_key(), algorithm=ALGORITHM), claims
 
 
@@ -107,6 +119,9 @@ class TokenVerifier:
             raise CryptoError("token not yet valid")
         if not isinstance(payload.get("role"), str):
             raise CryptoError("invalid token")
+        confirmation = payload.get("cnf", {})
+        if not isinstance(confirmation, dict) or not isinstance(confirmation.get("jkt", ""), str):
+            raise CryptoError("invalid token")
         return TokenClaims(
             subject=payload["sub"],
             role=payload["role"],
@@ -114,4 +129,5 @@ class TokenVerifier:
             issued_at=datetime.fromtimestamp(payload["iat"], UTC),
             expires_at=datetime.fromtimestamp(payload["exp"], UTC),
             token_id=payload["jti"],
+            confirmation=confirmation.get("jkt"),
         )

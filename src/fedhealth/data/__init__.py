@@ -7,7 +7,14 @@ fingerprint. Nothing here trains models or talks to the orchestrator.
 
 from fedhealth.data._breast_cancer import breast_cancer_federation
 from fedhealth.data._csv import CsvOptions, read_csv_dataset
-from fedhealth.data._dataset import TabularDataset, dataset_fingerprint, split_indices, standardize
+from fedhealth.data._dataset import (
+    Scaling,
+    TabularDataset,
+    dataset_fingerprint,
+    fit_scaling,
+    split_indices,
+    standardize,
+)
 from fedhealth.data._download import download_verified, verify_md5
 from fedhealth.data._errors import NonNumericColumnError, SchemaError
 from fedhealth.data._heart_disease import (
@@ -44,11 +51,13 @@ __all__ = [
     "HeartDiseaseCenter",
     "NonNumericColumnError",
     "PooledScaling",
+    "Scaling",
     "SchemaError",
     "TabularDataset",
     "breast_cancer_federation",
     "dataset_fingerprint",
     "download_verified",
+    "fit_scaling",
     "heart_disease_file",
     "load_heart_disease",
     "open_dataset",

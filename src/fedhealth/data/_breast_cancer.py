@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedhealth.core import ConfigError
-from fedhealth.data._dataset import TabularDataset, split_indices, standardize
+from fedhealth.data._dataset import TabularDataset, fit_scaling, split_indices
 
 _MIN_MALIGNANT = 10
 _MIN_BENIGN = 30
@@ -93,16 +93,18 @@ def breast_cancer_federation(n_sites: int = 4, seed: int = 0) -> list[TabularDat
         rows = np.array(sorted(members[site]), dtype=np.int64)
         y = y_all[rows]
         train, test = split_indices(y, test_size=TEST_FRACTION, random_state=int(split_seeds[site]))
-        X_train, X_test = standardize(X_all[rows[train]], X_all[rows[test]])
+        scaling = fit_scaling(X_all[rows[train]])
         sites.append(
             TabularDataset(
                 name=f"breast-cancer-{site}",
-                X_train=X_train,
+                X_train=scaling.apply(X_all[rows[train]]),
                 y_train=y[train],
-                X_test=X_test,
+                X_test=scaling.apply(X_all[rows[test]]),
                 y_test=y[test],
                 feature_names=names,
                 patient_ids_train=tuple(f"bc-{r:06d}" for r in rows[train]),
+                patient_ids_test=tuple(f"bc-{r:06d}" for r in rows[test]),
+                scaling=scaling,
             )
         )
     return sites

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fedhealth.core import DatasetError, DatasetMissingError, InputError
-from fedhealth.data._dataset import TabularDataset, split_indices, standardize
+from fedhealth.data._dataset import TabularDataset, fit_scaling, split_indices
 from fedhealth.data._errors import NonNumericColumnError, SchemaError
 
 
@@ -106,11 +106,13 @@ def _read(path: Path, options: CsvOptions) -> TabularDataset:
         raise SchemaError(f"{path}: id column {options.id_column!r} repeats an id")
     X = np.array(features, dtype=np.float64)
     y = np.array(labels, dtype=np.int64)
+    scaling = None
     try:
         train, test = split_indices(y, test_size=options.test_fraction, random_state=options.seed)
         X_train, X_test = X[train], X[test]
         if options.standardize:
-            X_train, X_test = standardize(X_train, X_test)
+            scaling = fit_scaling(X_train)
+            X_train, X_test = scaling.apply(X_train), scaling.apply(X_test)
     except InputError as exc:
         raise SchemaError(f"{path}: {exc}") from exc
     return TabularDataset(
@@ -121,4 +123,6 @@ def _read(path: Path, options: CsvOptions) -> TabularDataset:
         y_test=y[test],
         feature_names=tuple(columns[i] for i in feature_at),
         patient_ids_train=tuple(ids[i] for i in train) if id_at is not None else None,
+        patient_ids_test=tuple(ids[i] for i in test) if id_at is not None else None,
+        scaling=scaling,
     )

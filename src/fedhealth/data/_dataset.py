@@ -21,11 +21,33 @@ def _frozen(arr: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Scaling:
+    """The training part's per-feature mean and std (plus ``STD_EPSILON``) that both parts were
+    standardized with: kept so that the same rows can be re-standardized on a subset of the patients."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", _frozen(np.asarray(self.mean, dtype=np.float64)))
+        object.__setattr__(self, "std", _frozen(np.asarray(self.std, dtype=np.float64)))
+        if self.mean.ndim != 1 or self.std.shape != self.mean.shape:
+            raise InputError("a scaling is one mean and one std per feature")
+        if not (np.isfinite(self.mean).all() and np.isfinite(self.std).all() and (self.std > 0).all()):
+            raise InputError("a scaling's means must be finite and its stds positive")
+
+    def apply(self, X: np.ndarray) -> np.ndarray:
+        return (X - self.mean) / self.std
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TabularDataset:
     """One site's data, split into train and test: float64 features, int64 labels in {0, 1}.
 
     The arrays are copied and made read-only, so a dataset cannot change under its fingerprint.
-    ``patient_ids_train`` are pseudonymous ids of the training rows (for consent filtering); unique if given.
+    ``patient_ids_train`` and ``patient_ids_test`` are pseudonymous ids of the rows of each part (for consent
+    filtering: a patient's consent governs training and evaluation alike); unique if given. ``scaling`` is
+    the training part's statistics the features were standardized with, if they were (see :meth:`select`).
     ``fingerprint`` is the sha256 (hex) of a canonical encoding of the feature names, the patient ids and all
     four arrays (shapes, little-endian bytes); it identifies the content, not the ``name``.
     """
@@ -37,6 +59,8 @@ class TabularDataset:
     y_test: np.ndarray
     feature_names: tuple[str, ...]
     patient_ids_train: tuple[str, ...] | None = None
+    patient_ids_test: tuple[str, ...] | None = None
+    scaling: Scaling | None = None
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -65,19 +89,26 @@ class TabularDataset:
                 raise InputError(f"dataset {self.name!r}: y_{part} must hold only the labels 0 and 1")
             arrays[f"X_{part}"] = _frozen(X64)
             arrays[f"y_{part}"] = _frozen(y.astype(np.int64))
-        ids = None if self.patient_ids_train is None else tuple(str(i) for i in self.patient_ids_train)
-        if ids is not None:
-            if len(ids) != arrays["X_train"].shape[0]:
-                raise InputError(
-                    f"dataset {self.name!r}: {len(ids)} patient ids for {len(arrays['y_train'])} train rows"
-                )
-            if len(set(ids)) != len(ids):
-                raise InputError(f"dataset {self.name!r}: patient ids are not unique")
+        ids = self._ids("train", self.patient_ids_train, arrays["X_train"].shape[0])
+        test_ids = self._ids("test", self.patient_ids_test, arrays["X_test"].shape[0])
+        if self.scaling is not None and self.scaling.mean.shape != (d,):
+            raise InputError(f"dataset {self.name!r}: its scaling is not over its {d} features")
         for key, value in arrays.items():
             object.__setattr__(self, key, value)
         object.__setattr__(self, "feature_names", names)
         object.__setattr__(self, "patient_ids_train", ids)
-        object.__setattr__(self, "fingerprint", dataset_fingerprint(arrays, names, ids))
+        object.__setattr__(self, "patient_ids_test", test_ids)
+        object.__setattr__(self, "fingerprint", dataset_fingerprint(arrays, names, ids, test_ids))
+
+    def _ids(self, part: str, given: tuple[str, ...] | None, rows: int) -> tuple[str, ...] | None:
+        if given is None:
+            return None
+        ids = tuple(str(i) for i in given)
+        if len(ids) != rows:
+            raise InputError(f"dataset {self.name!r}: {len(ids)} patient ids for {rows} {part} rows")
+        if len(set(ids)) != len(ids):
+            raise InputError(f"dataset {self.name!r}: {part} patient ids are not unique")
+        return ids
 
     @property
     def n_features(self) -> int:
@@ -92,44 +123,72 @@ class TabularDataset:
         return int(self.X_test.shape[0])
 
     def select_train(self, keep: np.ndarray) -> TabularDataset:
-        """A copy holding only the training rows where the boolean mask ``keep`` is true (test set unchanged);
-        e.g. the patients whose consent covers a study."""
-        mask = np.asarray(keep)
-        if mask.dtype != np.bool_ or mask.shape != (self.num_train,):
-            raise InputError(f"keep must be a boolean mask of shape ({self.num_train},)")
-        ids = None
-        if self.patient_ids_train is not None:
-            ids = tuple(i for i, k in zip(self.patient_ids_train, mask.tolist(), strict=True) if k)
+        """A copy holding only the training rows where the boolean mask ``keep`` is true (test rows kept);
+        see :meth:`select`."""
+        return self.select(keep, np.ones(self.num_test, dtype=np.bool_))
+
+    def select(self, train: np.ndarray, test: np.ndarray) -> TabularDataset:
+        """A copy holding only the rows where the boolean masks are true, e.g. the patients whose consent
+        covers a study. If the features were standardized (``scaling``) and training rows are dropped, both
+        parts are standardized again with the kept training rows' statistics: a statistic computed on the
+        patients left out would otherwise still shape what the study computes."""
+        keep_train = _mask(train, self.num_train, "train")
+        keep_test = _mask(test, self.num_test, "test")
+        X_train, X_test = self.X_train[keep_train], self.X_test[keep_test]
+        scaling = self.scaling
+        if scaling is not None and not keep_train.all():
+            raw_train = X_train * scaling.std + scaling.mean
+            raw_test = X_test * scaling.std + scaling.mean
+            scaling = fit_scaling(raw_train)
+            X_train, X_test = scaling.apply(raw_train), scaling.apply(raw_test)
         return TabularDataset(
             name=self.name,
-            X_train=self.X_train[mask],
-            y_train=self.y_train[mask],
-            X_test=self.X_test,
-            y_test=self.y_test,
+            X_train=X_train,
+            y_train=self.y_train[keep_train],
+            X_test=X_test,
+            y_test=self.y_test[keep_test],
             feature_names=self.feature_names,
-            patient_ids_train=ids,
+            patient_ids_train=_kept(self.patient_ids_train, keep_train),
+            patient_ids_test=_kept(self.patient_ids_test, keep_test),
+            scaling=scaling,
         )
 
 
+def _mask(keep: np.ndarray, rows: int, part: str) -> np.ndarray:
+    mask = np.asarray(keep)
+    if mask.dtype != np.bool_ or mask.shape != (rows,):
+        raise InputError(f"the {part} mask must be boolean of shape ({rows},)")
+    return mask
+
+
+def _kept(ids: tuple[str, ...] | None, mask: np.ndarray) -> tuple[str, ...] | None:
+    return None if ids is None else tuple(i for i, k in zip(ids, mask.tolist(), strict=True) if k)
+
+
 def dataset_fingerprint(
-    arrays: dict[str, np.ndarray], feature_names: tuple[str, ...], patient_ids: tuple[str, ...] | None
+    arrays: dict[str, np.ndarray],
+    feature_names: tuple[str, ...],
+    patient_ids: tuple[str, ...] | None,
+    test_patient_ids: tuple[str, ...] | None = None,
 ) -> str:
     """sha256 over: an 8-byte length, a canonical-JSON header (format, names, ids, each array's dtype and
-    shape), then each array's little-endian C-order bytes in a fixed order (float64 X, int64 y)."""
+    shape), then each array's little-endian C-order bytes in a fixed order (float64 X, int64 y). The test
+    part's ids enter the header only when given (earlier fingerprints stay valid)."""
     order = ("X_train", "y_train", "X_test", "y_test")
     encoded = []
     for key in order:
         arr = arrays[key]
         dtype = "<f8" if key.startswith("X") else "<i8"
         encoded.append((key, dtype, np.ascontiguousarray(arr, dtype=dtype)))
-    header = canonical_json(
-        {
-            "format": _FINGERPRINT_FORMAT,
-            "feature_names": list(feature_names),
-            "patient_ids_train": list(patient_ids) if patient_ids is not None else None,
-            "arrays": [{"name": k, "dtype": dt, "shape": list(a.shape)} for k, dt, a in encoded],
-        }
-    )
+    fields: dict[str, object] = {
+        "format": _FINGERPRINT_FORMAT,
+        "feature_names": list(feature_names),
+        "patient_ids_train": list(patient_ids) if patient_ids is not None else None,
+        "arrays": [{"name": k, "dtype": dt, "shape": list(a.shape)} for k, dt, a in encoded],
+    }
+    if test_patient_ids is not None:
+        fields["patient_ids_test"] = list(test_patient_ids)
+    header = canonical_json(fields)
     h = hashlib.sha256()
     h.update(len(header).to_bytes(8, "little"))
     h.update(header)
@@ -168,10 +227,14 @@ def split_indices(
     return np.sort(train_idx), np.sort(test_idx)
 
 
-def standardize(X_train: np.ndarray, X_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scale both parts by the training part's mean and std (ddof=1) plus ``STD_EPSILON``, as FLamby does."""
+def fit_scaling(X_train: np.ndarray) -> Scaling:
+    """The training part's mean and std (ddof=1) plus ``STD_EPSILON``, as FLamby computes them."""
     if X_train.shape[0] < 2:
         raise InputError("standardization needs at least two training rows")
-    mean = X_train.mean(axis=0)
-    std = X_train.std(axis=0, ddof=1) + STD_EPSILON
-    return (X_train - mean) / std, (X_test - mean) / std
+    return Scaling(mean=X_train.mean(axis=0), std=X_train.std(axis=0, ddof=1) + STD_EPSILON)
+
+
+def standardize(X_train: np.ndarray, X_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale both parts by the training part's mean and std (ddof=1) plus ``STD_EPSILON``, as FLamby does."""
+    scaling = fit_scaling(X_train)
+    return scaling.apply(X_train), scaling.apply(X_test)

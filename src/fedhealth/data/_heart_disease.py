@@ -34,7 +34,7 @@ import numpy as np
 
 from fedhealth.core import ConfigError, DatasetMissingError
 from fedhealth.core import data_dir as default_data_dir
-from fedhealth.data._dataset import TabularDataset, split_indices, standardize
+from fedhealth.data._dataset import TabularDataset, fit_scaling, split_indices, standardize
 from fedhealth.data._download import download_verified, verify_md5
 from fedhealth.data._errors import SchemaError
 
@@ -191,6 +191,7 @@ class _RawCenter:
     X_test: np.ndarray
     y_test: np.ndarray
     ids_train: tuple[str, ...]
+    ids_test: tuple[str, ...]
 
 
 def _raw_center(
@@ -210,19 +211,23 @@ def _raw_center(
         X_test=X[test],
         y_test=y[test],
         ids_train=tuple(f"hd{spec.index}-{lines[i]:06d}" for i in train),
+        ids_test=tuple(f"hd{spec.index}-{lines[i]:06d}" for i in test),
     )
 
 
 def _scaled(name: str, parts: Sequence[_RawCenter], per_part: bool) -> TabularDataset:
     """Standardize (each part on its own, or all on the union of the training parts) and concatenate."""
+    scaling = None  # per-center parts of a pooled set have no one scaling to refit on a subset
     if per_part:
         scaled = [standardize(p.X_train, p.X_test) for p in parts]
         X_train = np.concatenate([s[0] for s in scaled])
         X_test = np.concatenate([s[1] for s in scaled])
+        if len(parts) == 1:
+            scaling = fit_scaling(parts[0].X_train)
     else:
-        X_train, X_test = standardize(
-            np.concatenate([p.X_train for p in parts]), np.concatenate([p.X_test for p in parts])
-        )
+        scaling = fit_scaling(np.concatenate([p.X_train for p in parts]))
+        X_train = scaling.apply(np.concatenate([p.X_train for p in parts]))
+        X_test = scaling.apply(np.concatenate([p.X_test for p in parts]))
     return TabularDataset(
         name=name,
         X_train=X_train,
@@ -231,6 +236,8 @@ def _scaled(name: str, parts: Sequence[_RawCenter], per_part: bool) -> TabularDa
         y_test=np.concatenate([p.y_test for p in parts]),
         feature_names=HEART_DISEASE_FEATURES,
         patient_ids_train=tuple(i for p in parts for i in p.ids_train),
+        patient_ids_test=tuple(i for p in parts for i in p.ids_test),
+        scaling=scaling,
     )
 
 

@@ -49,6 +49,16 @@ from fedhealth.governance._audit_io import (
     read_jsonl,
     write_jsonl,
 )
+from fedhealth.governance._commitments import (
+    COMMITMENT_METADATA,
+    CommitmentKeys,
+    CommitmentKind,
+    Opening,
+    Revelation,
+    commit,
+    commitments_to,
+    verify_opening,
+)
 from fedhealth.governance._consent import (
     ANY_PURPOSE,
     SUPPRESSION_THRESHOLD,
@@ -80,6 +90,7 @@ from fedhealth.governance._tables import GOVERNANCE_METADATA, create_governance_
 
 __all__ = [
     "ANY_PURPOSE",
+    "COMMITMENT_METADATA",
     "DEFAULT_LOG_ID",
     "GENESIS_HASH",
     "GOVERNANCE_METADATA",
@@ -97,6 +108,8 @@ __all__ = [
     "AuditLog",
     "AuditProblem",
     "BadEntry",
+    "CommitmentKeys",
+    "CommitmentKind",
     "ConsentDecision",
     "ConsentFilterResult",
     "ConsentImportError",
@@ -108,9 +121,11 @@ __all__ = [
     "FlagReason",
     "LogHead",
     "ModelProvenance",
+    "Opening",
     "PolicyError",
     "PolicyRequest",
     "ProvenanceStore",
+    "Revelation",
     "Rule",
     "SignedSpec",
     "SitePolicy",
@@ -123,7 +138,9 @@ __all__ = [
     "WithdrawalFlag",
     "WithdrawalNotice",
     "check_cohort",
+    "commit",
     "commit_round",
+    "commitments_to",
     "consent_snapshot_hash",
     "create_governance_tables",
     "decide",
@@ -151,6 +168,7 @@ __all__ = [
     "verify_anchor",
     "verify_chain",
     "verify_loaded",
+    "verify_opening",
     "verify_stored_log",
     "write_jsonl",
 ]

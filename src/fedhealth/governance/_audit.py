@@ -63,6 +63,16 @@ class AuditEventType(StrEnum):
     POLICY_DECISION = "policy.decision"
     ROUND_COMMITTED = "round.committed"
     ANCHOR_RECORDED = "anchor.recorded"
+    # identity and authorization actions at the orchestrator (who did them is in the payload's "by")
+    SITE_CREATED = "site.created"
+    SITE_TOKEN_ISSUED = "site.enrollment_token_issued"  # noqa: S105 - an event name, not a secret
+    SITE_ROTATED = "site.rotated"
+    SITE_REVOKED = "site.revoked"
+    USER_CREATED = "user.created"
+    USER_KEY_CHANGED = "user.key_changed"
+    USER_REVOKED = "user.revoked"
+    STUDY_CANCELLED = "study.cancelled"
+    COMMITMENT_KEY_REVEALED = "commitment.key_revealed"
 
 
 # Keys an entry of each type must carry, so an auditor can rely on them. Types not listed are free-form.
@@ -82,6 +92,15 @@ REQUIRED_PAYLOAD_KEYS: Mapping[AuditEventType, frozenset[str]] = {
     AuditEventType.POLICY_DECISION: frozenset({"allowed", "reason", "rule", "subject"}),
     AuditEventType.ROUND_COMMITTED: frozenset({"study_id", "round", "site_heads"}),
     AuditEventType.ANCHOR_RECORDED: frozenset({"study_id", "round", "orchestrator_head"}),
+    AuditEventType.SITE_CREATED: frozenset({"site", "by"}),
+    AuditEventType.SITE_TOKEN_ISSUED: frozenset({"site", "by", "expires_at"}),
+    AuditEventType.SITE_ROTATED: frozenset({"site", "by", "old_key"}),
+    AuditEventType.SITE_REVOKED: frozenset({"site", "by"}),
+    AuditEventType.USER_CREATED: frozenset({"user", "role", "by"}),
+    AuditEventType.USER_KEY_CHANGED: frozenset({"user", "by"}),
+    AuditEventType.USER_REVOKED: frozenset({"user", "by"}),
+    AuditEventType.STUDY_CANCELLED: frozenset({"study_id", "by", "reason"}),
+    AuditEventType.COMMITMENT_KEY_REVEALED: frozenset({"study_id", "to", "key_sha256"}),
 }
 
 

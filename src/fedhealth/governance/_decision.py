@@ -74,8 +74,8 @@ def record_task_refusal(
     round: int | None = None,
     spec_hash: str | None = None,
 ) -> AuditEntry:
-    """Write a ``task.refused`` entry. The site calls it when it refuses; the orchestrator calls it with the
-    ``code`` (the rule) and ``reason`` of the site's ``TaskFailure``, so both logs carry the same reason."""
+    """Write a ``task.refused`` entry. The site calls it when it refuses, with its decision's reason; the
+    orchestrator calls it with the ``code`` of the site's ``TaskFailure`` and that code's fixed sentence."""
     payload: dict[str, Any] = {"task_id": task_id, "study_id": study_id, "rule": rule, "reason": reason}
     if site is not None:
         payload["site"] = site

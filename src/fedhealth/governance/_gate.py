@@ -8,10 +8,10 @@ The agent calls :meth:`TaskGate.admit` when a task arrives, before it touches th
    filtered by consent for the study's purpose on the task date (snapshot stored and logged), and
 3. the cohort rule (at least k patients after consent) is checked.
 
-A refused task gets a ``task.refused`` entry in the site log; the agent sends the refusal's ``rule`` as the
-``TaskFailure.code`` and its ``reason`` as the reason, and the orchestrator logs them with
-:func:`record_task_refusal`, so the reason is in both logs. An admitted task's ``consent.kept_indices`` are
-the only rows the agent may load.
+A refused task gets a ``task.refused`` entry in the site log with the decision's reason; the agent sends the
+refusal's ``rule`` alone as the ``TaskFailure.code``, and the orchestrator logs it with
+:func:`record_task_refusal` and the code's fixed sentence (the site's own words never leave it). An
+admitted task's ``consent.kept_indices`` are the only rows the agent may load.
 """
 
 from __future__ import annotations

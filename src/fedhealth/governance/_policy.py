@@ -142,7 +142,9 @@ class PolicyRequest:
 
     ``requested_epsilon`` is the epsilon the study will spend on ``dataset`` (None: the study has no
     differential privacy, i.e. no bound); ``epsilon_spent`` is what the dataset has already spent (from the
-    privacy ledger), so the cap applies to the total.
+    privacy ledger), so the cap applies to the total. ``secure_aggregation`` says whether the task's result
+    goes only into a secure sum: the study's spec asks for it *and* the task carries its secure round (the
+    spec's flag alone is not enough: a task stripped of its round is a downgrade to plaintext).
     """
 
     recipe: str
@@ -201,7 +203,9 @@ def _check_secure_aggregation(policy: SitePolicy, request: PolicyRequest) -> Dec
     if request.secure_aggregation:
         return Decision.allow(Rule.SECURE_AGGREGATION, "the study uses secure aggregation, as required")
     return Decision.refuse(
-        Rule.SECURE_AGGREGATION, "the site requires secure aggregation; the study does not use it"
+        Rule.SECURE_AGGREGATION,
+        "the site requires secure aggregation; the study does not use it, or the task came without its "
+        "secure round",
     )
 
 

@@ -202,21 +202,37 @@ def model_card_markdown(
 
 
 def _privacy_lines(model: ModelProvenance) -> list[str]:
+    """Each epsilon with the delta it holds at and the level it protects: ``epsilon_spent`` is record level
+    (each site's patients) at ``epsilon_delta``; a site-level figure (a whole site's participation) is
+    printed as such, never in place of the record-level one."""
     params = dict(model.dp_params)
-    if not model.epsilon_spent:
+    site_level = params.get("site_level_epsilon")
+    if not model.epsilon_spent and site_level is None:
         return ["No differential-privacy guarantee was recorded for this model version."]
-    delta = params.get("delta")
-    worst = max(model.epsilon_spent.values())
-    level = params.get("level", "record")
-    lines = [
-        f"Differential privacy at the {level} level: for this study up to this version, each site's data is "
-        f"protected by (ε, δ)-DP with ε ≤ {worst:.4g}"
-        + (f" and δ = {delta:g}." if delta is not None else "."),
-        "",
-        "| Site | ε spent (cumulative) |",
-        "|---|---|",
-    ]
-    lines += [f"| {_cell(s)} | {model.epsilon_spent[s]:.4g} |" for s in sorted(model.epsilon_spent)]
+    # ModelProvenance's contract: epsilon_spent holds at epsilon_delta (or, if absent, delta); the
+    # orchestrator records the sites' figures at the spec's delta for exactly this reason.
+    delta = params.get("epsilon_delta", params.get("delta"))
+    lines: list[str] = []
+    if model.epsilon_spent:
+        worst = max(model.epsilon_spent.values())
+        at = f" and δ = {delta:g}." if delta is not None else " (δ not recorded)."
+        column = "record-level ε spent (cumulative)" + (f", at δ = {delta:g}" if delta is not None else "")
+        lines += [
+            "Record-level differential privacy (each patient at each site): for this study up to this "
+            f"version, each site's patients are protected by (ε, δ)-DP with ε ≤ {worst:.4g}" + at,
+            "",
+            f"| Site | {column} |",
+            "|---|---|",
+        ]
+        lines += [f"| {_cell(s)} | {model.epsilon_spent[s]:.4g} |" for s in sorted(model.epsilon_spent)]
+    if site_level is not None:
+        mode = params.get("mode", "site")
+        lines += [
+            "",
+            f"Site-level differential privacy (a whole site's participation, mode {_cell(mode)}): "
+            f"(ε, δ)-DP with ε = {float(site_level):.4g} and δ = {float(params.get('delta', 0.0)):g} "
+            "over the rounds up to this version.",
+        ]
     if params:
         lines += [
             "",

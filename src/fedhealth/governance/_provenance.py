@@ -46,10 +46,13 @@ class ModelProvenance:
     """Where one model version came from.
 
     ``dataset_fingerprints`` and ``consent_snapshots`` are keyed by the sites whose updates were aggregated
-    into this version (``n_sites`` of them). ``epsilon_spent`` is, per site, the cumulative epsilon of this
-    study at that site up to and including this version, as the site's accountant reports it (composition
-    is not a sum, so it is recorded, not added up); ``dp_params`` holds the rest (mechanism, delta,
-    clipping, noise, level).
+    into this version (``n_sites`` of them): the keyed commitments each site attested (see
+    ``governance._commitments``), never bare hashes of its data. ``epsilon_spent`` is, per site, the
+    cumulative record-level epsilon of this study at that site up to and including this version, as the
+    site's accountant reports it (composition is not a sum, so it is recorded, not added up), and it holds
+    at ``dp_params["epsilon_delta"]`` (else ``dp_params["delta"]``): whoever records it states it at that
+    delta. ``dp_params`` holds the rest (mode, delta, clipping, noise, ``level`` of ``epsilon_spent``, a
+    site-level figure in site modes).
     """
 
     model_digest: str

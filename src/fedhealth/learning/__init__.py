@@ -10,6 +10,7 @@ from fedhealth.learning._dp_presets import (
     HEART_DISEASE_DP_DELTAS,
     HEART_DISEASE_DP_EPSILONS,
     HEART_DISEASE_DP_PRESETS,
+    HEART_DISEASE_TRAIN_RECORDS,
     DpPreset,
     dp_noise_multiplier,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "HEART_DISEASE_DP_EPSILONS",
     "HEART_DISEASE_DP_PRESETS",
     "HEART_DISEASE_PRESETS",
+    "HEART_DISEASE_TRAIN_RECORDS",
     "SYNTHETIC_STEP_SCALE",
     "DpPreset",
     "EvalResult",

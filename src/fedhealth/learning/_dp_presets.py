@@ -115,6 +115,9 @@ class DpPreset:
     rounds: int
     accountant: AccountantKind = AccountantKind.PLD
     description: str = ""
+    # The largest training set a site of this preset holds: delta must stay below 1 / records, or the
+    # guarantee allows releasing one patient's record whole with probability delta.
+    largest_site_records: int | None = None
 
     def __post_init__(self) -> None:
         _positive("target_epsilon", self.target_epsilon)
@@ -139,6 +142,20 @@ class DpPreset:
         _whole("rounds", self.rounds)
         if not isinstance(self.accountant, AccountantKind):
             raise ConfigError(f"accountant must be an AccountantKind, got {self.accountant!r}")
+        if self.largest_site_records is not None:
+            _whole("largest_site_records", self.largest_site_records)
+            self.check_site_records(self.largest_site_records)
+
+    def check_site_records(self, records: int) -> None:
+        """Refuse this preset for a site holding ``records`` training records if delta >= 1 / records: a
+        mechanism that publishes one random record outright is (0, 1/records)-DP, so such a delta
+        protects nobody."""
+        _whole("records", records)
+        if self.delta >= 1.0 / records:
+            raise ConfigError(
+                f"delta {self.delta:g} is not below 1/n = {1.0 / records:.3g} for a site of {records} "
+                "training records: at that delta a mechanism may publish one patient's record outright"
+            )
 
     @property
     def total_steps(self) -> int:
@@ -174,6 +191,8 @@ def dp_noise_multiplier(preset: DpPreset) -> float:
 
 HEART_DISEASE_DP_EPSILONS: tuple[float, ...] = (0.5, 1.0, 3.0, 8.0)
 HEART_DISEASE_DP_DELTAS: tuple[float, ...] = (1e-3, 1e-5)  # FLamby's, and the usual 1e-5 (< 1 / 486)
+# Training records per center (Cleveland, Hungary, Switzerland, VA): the largest bounds delta (1e-3 < 1/199).
+HEART_DISEASE_TRAIN_RECORDS: tuple[int, ...] = (199, 172, 30, 85)
 
 # dp_noise_multiplier of each preset below, as calibrate_noise returned it (dp-accounting 0.6, PLD)
 _CALIBRATED: Mapping[tuple[float, float], float] = {
@@ -200,6 +219,7 @@ def _heart_disease_dp(target_epsilon: float, delta: float) -> DpPreset:
         learning_rate=0.03,
         strategy=StrategyConfig(kind=StrategyKind.FEDAVG, server_learning_rate=1.0),
         rounds=15,
+        largest_site_records=max(HEART_DISEASE_TRAIN_RECORDS),
         description=(
             f"DP-FedAvg at epsilon {target_epsilon:g}, delta {delta:g}: 15 rounds x 1 DP-SGD step, "
             "sample rate 0.2, clip 1, learning rate 0.03"

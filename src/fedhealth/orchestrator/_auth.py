@@ -7,6 +7,12 @@
 - People use named accounts with a role and an API key (kept as a hash) that they trade for a short-lived
   operator token (audience ``fedhealth-operator``).
 - An agent token never opens an operator endpoint and an operator token never acts as a site (403).
+- A token names the credential it was issued against (``cnf``: the site's key, the user's API key), so a
+  rotated site key or a changed API key retires every token issued against the old one at once.
+- Enrollment tokens: one outstanding per site (issuing one cancels the others), spent on use, and only for a
+  site without a key. An enrolled site is re-keyed by an admin's explicit rotation, never by enrolling again.
+- Under mutual TLS the client certificate must be the one issued to its subject at the latest enrollment (a
+  site) or name a user who is not revoked, and it must name the token's subject.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from fedhealth.core import Clock, CryptoError, FedHealthError, canonical_json
+from sqlalchemy import Connection
+
+from fedhealth.core import Clock, ConflictError, CryptoError, FedHealthError, canonical_json, sha256_hex
 from fedhealth.crypto import (
     Audience,
     IdentityKey,
@@ -27,7 +35,7 @@ from fedhealth.crypto import (
     constant_time_equal,
 )
 from fedhealth.orchestrator._home import new_secret, secret_hash
-from fedhealth.orchestrator._store import SiteStatus, Store
+from fedhealth.orchestrator._store import EnrollOutcome, SiteRow, SiteStatus, Store
 from fedhealth.protocol import OPERATOR_ROLES, Role, agent_login_message
 
 
@@ -56,6 +64,33 @@ class Principal:
     claims: TokenClaims
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IssuedToken:
+    """An enrollment token as issued: the secret (shown once), its expiry, the earlier ones it cancelled."""
+
+    token: str
+    expires_at: datetime
+    cancelled: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerCertificate:
+    """The TLS client certificate of a connection (mutual TLS): its subject's common name and its sha256."""
+
+    name: str
+    fingerprint: str
+
+
+def key_thumbprint(public_key_hex: str) -> str:
+    """What a site's tokens are bound to: the sha256 of its raw Ed25519 public key."""
+    return sha256_hex(bytes.fromhex(public_key_hex))
+
+
+def api_key_thumbprint(api_key_hash: str) -> str:
+    """What a user's tokens are bound to: derived from the stored hash of the API key, never the key."""
+    return sha256_hex(f"fedhealth-operator-key:{api_key_hash}".encode())
+
+
 class AuthService:
     ISSUER = "fedhealth-orchestrator"
 
@@ -70,23 +105,55 @@ class AuthService:
 
     # --- enrollment --------------------------------------------------------------------------------------
 
-    def enrollment_token(self, site: str) -> tuple[str, datetime]:
+    def enrollment_token(self, site: str, *, connection: Connection | None = None) -> IssuedToken:
+        """A new enrollment token for a site without a key; the site's earlier tokens stop working."""
         token = new_secret("fhe")
         now = self.clock.now()
         expires = now + self.settings.enrollment_token_ttl
-        self.store.add_enrollment_token(site, secret_hash(token), now, expires)
-        return token, expires
+        cancelled = self.store.add_enrollment_token(
+            site, secret_hash(token), now, expires, connection=connection
+        )
+        return IssuedToken(token=token, expires_at=expires, cancelled=cancelled)
 
-    def enroll(self, *, site: str, token: str, public_key_hex: str) -> datetime:
+    def rotate(self, site: str, *, connection: Connection | None = None) -> tuple[str, datetime, SiteRow]:
+        """Retire an enrolled site's key and client certificate and issue the enrollment token for its new
+        key; returns the token, its expiry and the site as it was."""
+        token = new_secret("fhe")
+        now = self.clock.now()
+        expires = now + self.settings.enrollment_token_ttl
+        before = self.store.rotate_site(site, secret_hash(token), now, expires, connection=connection)
+        return token, expires, before
+
+    def enroll(
+        self,
+        *,
+        site: str,
+        token: str,
+        public_key_hex: str,
+        cert_fingerprint: str | None = None,
+        connection: Connection | None = None,
+    ) -> datetime:
         try:
             PublicIdentity(bytes.fromhex(public_key_hex))
         except (ValueError, CryptoError) as exc:
             raise Unauthenticated("the public key is not a valid Ed25519 key") from exc
         now = self.clock.now()
-        if not self.store.enroll_site(
-            site=site, token_hash=secret_hash(token), public_key=public_key_hex, when=now
-        ):
-            raise Unauthenticated("enrollment token is invalid, already used, or expired")
+        outcome = self.store.enroll_site(
+            site=site,
+            token_hash=secret_hash(token),
+            public_key=public_key_hex,
+            when=now,
+            cert_fingerprint=cert_fingerprint,
+            connection=connection,
+        )
+        if outcome is EnrollOutcome.ALREADY_ENROLLED:
+            raise ConflictError(
+                f"site {site!r} is already enrolled; an admin re-keys it with `fedhealth site rotate {site}`"
+            )
+        if outcome is EnrollOutcome.REVOKED:
+            raise Forbidden("this site has been revoked")
+        if outcome is not EnrollOutcome.ENROLLED:
+            raise Unauthenticated("enrollment token is invalid, superseded, already used, or expired")
         return now
 
     # --- agent login -------------------------------------------------------------------------------------
@@ -119,7 +186,11 @@ class AuthService:
         except (ValueError, CryptoError) as exc:
             raise Unauthenticated("signature does not match the site's enrolled key") from exc
         return self._issuer.issue(
-            subject=site, role=Role.SITE.value, audience=Audience.AGENT, ttl=self.settings.agent_token_ttl
+            subject=site,
+            role=Role.SITE.value,
+            audience=Audience.AGENT,
+            ttl=self.settings.agent_token_ttl,
+            confirmation=key_thumbprint(row.public_key),
         )
 
     # --- operators ---------------------------------------------------------------------------------------
@@ -133,20 +204,36 @@ class AuthService:
         if row.revoked_at is not None:
             raise Forbidden("this user has been revoked")
         return self._issuer.issue(
-            subject=user, role=row.role, audience=Audience.OPERATOR, ttl=self.settings.operator_token_ttl
+            subject=user,
+            role=row.role,
+            audience=Audience.OPERATOR,
+            ttl=self.settings.operator_token_ttl,
+            confirmation=api_key_thumbprint(row.api_key_hash),
         )
 
-    def new_user(self, name: str, role: Role) -> str:
+    def new_user(self, name: str, role: Role, *, connection: Connection | None = None) -> str:
         if role is Role.SITE:
             raise FedHealthError("sites enroll; they are not users")
         api_key = new_secret("fhk")
-        self.store.create_user(name, role.value, secret_hash(api_key), self.clock.now())
+        self.store.create_user(
+            name, role.value, secret_hash(api_key), self.clock.now(), connection=connection
+        )
+        return api_key
+
+    def new_api_key(self, name: str, *, connection: Connection | None = None) -> str:
+        """Replace a user's API key; the old key and every token issued against it stop working at once."""
+        api_key = new_secret("fhk")
+        if not self.store.set_user_api_key(name, secret_hash(api_key), connection=connection):
+            raise ConflictError(f"user {name!r} does not exist or is revoked")
         return api_key
 
     # --- per request -------------------------------------------------------------------------------------
 
-    def authenticate(self, authorization: str | None, audience: Audience) -> Principal:
-        """Check a bearer token for an endpoint of ``audience``; raise 401/403 errors otherwise."""
+    def authenticate(
+        self, authorization: str | None, audience: Audience, certificate: PeerCertificate | None = None
+    ) -> Principal:
+        """Check a bearer token for an endpoint of ``audience`` (and, under mutual TLS, the connection's
+        client certificate against the token's subject); raise 401/403 errors otherwise."""
         if not authorization:
             raise Unauthenticated("missing credentials: send 'Authorization: Bearer <token>'")
         scheme, _, token = authorization.partition(" ")
@@ -170,14 +257,20 @@ class AuthService:
             role = Role(claims.role)
         except ValueError as exc:
             raise Unauthenticated("invalid token") from exc
+        if certificate is not None and certificate.name != claims.subject:
+            raise Forbidden("the client certificate does not belong to the token's subject")
         if audience is Audience.AGENT:
             if role is not Role.SITE:
                 raise Forbidden("only sites may call the agent API")
-            status = self.store.site_status(claims.subject)
-            if status is SiteStatus.REVOKED:
+            site = self.store.get_site_or_none(claims.subject)
+            if site is not None and certificate is not None:
+                _check_site_certificate(site, certificate)
+            if site is not None and site.status is SiteStatus.REVOKED:
                 raise Forbidden("this site has been revoked")
-            if status is not SiteStatus.ACTIVE:
+            if site is None or site.status is not SiteStatus.ACTIVE or site.public_key is None:
                 raise Unauthenticated("unknown site")
+            if claims.confirmation != key_thumbprint(site.public_key):
+                raise Unauthenticated("token was issued for a retired key of this site")
         else:
             if role not in OPERATOR_ROLES:
                 raise Forbidden("only operators may call the operator API")
@@ -186,4 +279,27 @@ class AuthService:
                 raise Unauthenticated("unknown user")
             if user.revoked_at is not None:
                 raise Forbidden("this user has been revoked")
+            if claims.confirmation != api_key_thumbprint(user.api_key_hash):
+                raise Unauthenticated("token was issued for a replaced API key")
+            role = Role(user.role)  # the role the user has now
         return Principal(name=claims.subject, role=role, claims=claims)
+
+    def check_certificate(self, certificate: PeerCertificate) -> None:
+        """Under mutual TLS, on a route without a token (login): the certificate must be a current site's
+        (the one issued at its latest enrollment) or an unrevoked user's."""
+        site = self.store.get_site_or_none(certificate.name)
+        if site is not None:
+            _check_site_certificate(site, certificate)
+            return
+        user = self.store.get_user(certificate.name)
+        if user is None:
+            raise Forbidden("the client certificate names no site or user of this federation")
+        if user.revoked_at is not None:
+            raise Forbidden("this user has been revoked")
+
+
+def _check_site_certificate(site: SiteRow, certificate: PeerCertificate) -> None:
+    if site.status is SiteStatus.REVOKED:
+        raise Forbidden("this site has been revoked")
+    if site.cert_fingerprint is None or certificate.fingerprint != site.cert_fingerprint:
+        raise Forbidden("this client certificate was not issued at the site's latest enrollment")

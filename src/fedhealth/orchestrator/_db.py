@@ -52,6 +52,8 @@ sites = Table(
     Column("software_version", String(40), nullable=True),
     Column("protocol_version", Integer, nullable=True),
     Column("readiness_json", Text, nullable=True),
+    # sha256 of the TLS client certificate issued at enrollment (mutual TLS pins exactly this certificate)
+    Column("cert_fingerprint", String(64), nullable=True),
 )
 
 enrollment_tokens = Table(

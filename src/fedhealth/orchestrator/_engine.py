@@ -24,9 +24,17 @@ from typing import Any
 import anyio
 import numpy as np
 
-from fedhealth.core import Clock, FedHealthError, InputError, decode_tensors, encode_tensors
+from fedhealth.core import (
+    Clock,
+    ConfigError,
+    FedHealthError,
+    InputError,
+    decode_tensors,
+    encode_tensors,
+    sha256_hex,
+)
 from fedhealth.governance import spec_hash
-from fedhealth.orchestrator._blobs import BlobStore
+from fedhealth.orchestrator._blobs import BlobKind, BlobStore
 from fedhealth.orchestrator._hooks import StudyObserver
 from fedhealth.orchestrator._notify import TaskNotifier
 from fedhealth.orchestrator._report import write_report
@@ -45,6 +53,7 @@ from fedhealth.protocol import (
 )
 from fedhealth.runtime import (
     SecureSum,
+    SecureSumRejected,
     aggregate,
     central_noise_on_mean,
     decode_sum,
@@ -135,9 +144,7 @@ class RoundEngine:
         """Store a submitted study. It runs at once if every site it names has approved its spec hash
         already; otherwise it waits for their approvals for ``approval_wait_s`` (default: the engine's)."""
         if spec.secure_aggregation is not None:
-            for what, sites in (("training", spec.train_sites), ("evaluation", spec.evaluation_sites)):
-                if len(sites) < 2:
-                    raise InputError(f"secure aggregation needs at least 2 {what} sites")
+            self._check_site_keys(spec)
         for observer in self.observers:
             # may refuse the study; in a thread, as checks can take seconds (noise calibration)
             await anyio.to_thread.run_sync(observer.check_study, spec, owner)
@@ -185,6 +192,23 @@ class RoundEngine:
             model_in_digest=model_digest,
             deadline_at=now + timedelta(seconds=spec.round_deadline_s),
         )
+
+    def _check_site_keys(self, spec: StudySpec) -> None:
+        """A secure study's fingerprints must be the sites' enrolled keys: every site would refuse its rounds
+        otherwise (the spec is what the stewards approve; the sites check each round against it)."""
+        assert spec.secure_aggregation is not None
+        wrong = []
+        for site, fingerprint in sorted(spec.secure_aggregation.site_keys.items()):
+            row = self.store.get_site_or_none(site)
+            if row is None or row.public_key is None:
+                wrong.append(f"{site} (not enrolled)")
+            elif sha256_hex(bytes.fromhex(row.public_key)) != fingerprint:
+                wrong.append(f"{site} (enrolled key {sha256_hex(bytes.fromhex(row.public_key))[:16]}...)")
+        if wrong:
+            raise InputError(
+                "secure_aggregation.site_keys does not match the enrolled identity keys of "
+                + ", ".join(wrong)
+            )
 
     async def cancel_study(self, study_id: str, reason: str) -> None:
         if self.store.end_study(study_id, StudyStatus.CANCELLED, reason, self.clock.now()):
@@ -323,17 +347,20 @@ class RoundEngine:
                 site = self.store.get_site_or_none(t.site)
                 if site is not None and site.public_key is not None:
                     keys[t.site] = site.public_key
-            self.secure.start(
-                round_id=r.id,
-                study_id=r.study_id,
-                number=r.number,
-                kind=r.kind,
-                spec=spec,
-                sites=sorted(keys),
-                identities=keys,
-                on_done=lambda rid: self._spawn(self.finalize(rid)),
-                on_failed=lambda rid, reason: self._spawn(self._secure_failed(rid, reason)),
-            )
+            try:
+                self.secure.start(
+                    round_id=r.id,
+                    study_id=r.study_id,
+                    number=r.number,
+                    kind=r.kind,
+                    spec=spec,
+                    sites=sorted(keys),
+                    identities=keys,
+                    on_done=lambda rid: self._spawn(self.finalize(rid)),
+                    on_failed=lambda rid, reason: self._spawn(self._secure_failed(rid, reason)),
+                )
+            except ConfigError as exc:  # e.g. fewer enrolled sites than the spec's threshold
+                self._spawn(self._secure_failed(r.id, f"secure aggregation cannot start: {exc}"))
         self.notifier.notify(self._open_sites(r.id))
 
     async def _secure_failed(self, round_id: str, reason: str) -> None:
@@ -404,7 +431,12 @@ class RoundEngine:
             state_out = self.blobs.put(encode_tensors(new_state)) if new_state else None
             return sums, model_out, state_out
 
-        sums, model_out, state_out = await anyio.to_thread.run_sync(compute)
+        try:
+            sums, model_out, state_out = await anyio.to_thread.run_sync(compute)
+        except SecureSumRejected as exc:  # a site sent values outside its ranges: nothing of it is used
+            log.warning("study %s round %d: %s", study.id, r.number, exc)
+            self._fail(r.id, f"secure sum rejected: {exc}")
+            return
         metrics = dict(sums.metrics)
         if r.kind is TaskKind.TRAIN:
             assert model_out is not None
@@ -482,7 +514,7 @@ class RoundEngine:
             for t in completed:  # sorted by site name: a fixed order makes the float sums reproducible
                 assert t.result_digest is not None
                 assert t.num_samples is not None
-                delta, _ = decode_update(self.blobs.get(t.result_digest), specs)
+                delta, _ = decode_update(self.blobs.get(t.result_digest, kind=BlobKind.UPDATE), specs)
                 updates.append((t.num_samples, delta))
             new_params, new_state = aggregate(spec.strategy, global_params, updates, state, spec=spec)
             model_out = self.blobs.put(encode_tensors(new_params))

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+import math
 import tempfile
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -79,14 +79,17 @@ from fedhealth.orchestrator._hooks import NullObserver, StudyObserver
 from fedhealth.orchestrator._report import study_info
 from fedhealth.orchestrator._store import ModelVersion, RoundRow, SiteStatus, Store, StudyRow, TaskRow
 from fedhealth.protocol import (
+    FailureCode,
     LogHeadInfo,
     RoundCommitment,
+    SiteAttestation,
     StudyInfo,
     StudySpec,
     Task,
     TaskKind,
     TaskStatus,
 )
+from fedhealth.runtime import site_level_epsilon
 
 log = logging.getLogger("fedhealth.orchestrator")
 
@@ -97,14 +100,14 @@ NO_DATA = "no-data"
 UNATTESTED = "unattested"
 NO_SNAPSHOT = "0" * 64  # "no consent snapshot": a site that read no patient rows, or did not attest one
 # failure codes of the site agent that mean "could not", not "would not": logged as failed, not refused
-FAILURE_CODES = frozenset({"dataset_unavailable", "invalid_task", "training_failed", "internal_error"})
+FAILURE_CODES = frozenset(c.value for c in FailureCode if not c.is_refusal)
 # commitments a task carries per site: the newest few that hold the site's head (the site skips known ones)
 COMMITMENTS_PER_TASK = 4
 DEFAULT_INTENDED_USE = "Research within the study named above. Not validated for clinical decisions."
 
 # what an evaluation task's metrics say about training (zero or absent there): left out of the model card
 _TRAINING_METRICS = frozenset({"num_samples", "train_loss", "duration_s"})
-_CODE = re.compile(r"^[a-z_]{1,40}$")  # TaskFailure.code
+_REFUSALS = frozenset(c.value for c in FailureCode if c.is_refusal)
 _ENTRIES = GOVERNANCE_METADATA.tables["gov_audit_entries"]
 _WATCHED = (
     AuditEventType.ENROLLMENT.value,
@@ -206,6 +209,7 @@ class GovernanceObserver(NullObserver):
 
     def _sync_enrollments(self) -> None:
         """Log every enrolled site's public key once (and again after a re-enrollment with a new key)."""
+        self._refresh()  # the enrollment route logs each enrollment itself: learn those first
         for site in self.store.list_sites():
             if (
                 site.status is SiteStatus.ACTIVE
@@ -284,7 +288,7 @@ class GovernanceObserver(NullObserver):
                 consent_snapshots={},
                 spec_hash=digest,
                 software_version=fedhealth.__version__,
-                dp_params=_dp_params(study.spec),
+                dp_params=provenance_dp_params(study.spec, 0),
                 created_at=study.created_at,
             )
         )
@@ -304,14 +308,15 @@ class GovernanceObserver(NullObserver):
         if head is not None:
             base["site_head"] = {"seq": head.seq, "hash": head.hash}
         if task.status is TaskStatus.FAILED:
-            code, _, reason = (task.reason or "").partition(": ")
-            if _CODE.match(code) and code not in FAILURE_CODES:
+            code, _, _ = (task.reason or "").partition(": ")
+            if code in _REFUSALS:
+                # the code's own fixed sentence, never text the site composed (it could carry PHI)
                 record_task_refusal(
                     self.log,
                     task_id=task.id,
                     study_id=task.study_id,
                     rule=code,
-                    reason=reason or code,
+                    reason=FailureCode(code).message,
                     site=task.site,
                     round=number,
                     spec_hash=spec_hash(self.store.spec(task.study_id).model_dump(mode="json")),
@@ -369,7 +374,6 @@ class GovernanceObserver(NullObserver):
         completed = [t for t in tasks if t.status is TaskStatus.COMPLETED]
         fingerprints: dict[str, str] = {}
         snapshots: dict[str, str] = {}
-        epsilons: dict[str, float] = {}
         no_data = study.spec.recipe.name.value == "synthetic"
         for t in completed:
             attestation = t.attestation
@@ -377,8 +381,7 @@ class GovernanceObserver(NullObserver):
             fingerprints[t.site] = fingerprint or (NO_DATA if no_data else UNATTESTED)
             snapshot = attestation.consent_snapshot if attestation is not None else None
             snapshots[t.site] = snapshot or NO_SNAPSHOT
-            if attestation is not None and attestation.privacy is not None:
-                epsilons[t.site] = attestation.privacy.study_epsilon
+        epsilons = provenance_epsilons(study.spec, {t.site: t.attestation for t in completed})
         return ModelProvenance(
             model_digest=version.digest,
             parent_digest=version.parent_digest,
@@ -389,7 +392,7 @@ class GovernanceObserver(NullObserver):
             consent_snapshots=snapshots,
             spec_hash=spec_hash(study.spec.model_dump(mode="json")),
             software_version=fedhealth.__version__,
-            dp_params=_dp_params(study.spec),
+            dp_params=provenance_dp_params(study.spec, round_row.number),
             epsilon_spent=epsilons,
             created_at=version.created_at,
         )
@@ -475,12 +478,37 @@ class GovernanceObserver(NullObserver):
         return [f.model_digest for f in flags]
 
 
-def _dp_params(spec: StudySpec) -> dict[str, Any]:
+def provenance_dp_params(spec: StudySpec, rounds: int | None = None) -> dict[str, Any]:
+    """A version's DP parameters: the spec's privacy section, and what its epsilons mean. ``epsilon_spent``
+    is record level (each site's patients, as its ledger charges them) at ``epsilon_delta`` (the spec's
+    delta) in every mode; site modes add ``site_level_epsilon``, a whole site's participation over the
+    first ``rounds`` rounds at the same delta."""
     if spec.privacy is None:
         return {}
     params = spec.privacy.model_dump(mode="json", exclude_none=True)
-    params["level"] = params.pop("mode")
+    params["level"] = "record"
+    params["epsilon_delta"] = spec.privacy.delta
+    site_level = site_level_epsilon(spec, rounds) if rounds != 0 else None  # the initial model: none yet
+    if site_level is not None and math.isfinite(site_level):
+        params["site_level_epsilon"] = site_level
     return dict(params)
+
+
+def provenance_epsilons(
+    spec: StudySpec, attestations: Mapping[str, SiteAttestation | None]
+) -> dict[str, float]:
+    """Each site's cumulative record-level epsilon for the study at the spec's delta, as its ledger attested
+    it. A site that stated it only at its budget's delta is left out: that figure beside the spec's delta
+    would overstate the guarantee (a budget at delta 1e-3 gives a smaller epsilon than 1e-5 does)."""
+    if spec.privacy is None:
+        return {}
+    out: dict[str, float] = {}
+    for site, attestation in attestations.items():
+        spent = attestation.privacy if attestation is not None else None
+        if spent is None or spent.spec_study_epsilon is None or spent.spec_delta != spec.privacy.delta:
+            continue
+        out[site] = spent.spec_study_epsilon
+    return out
 
 
 def site_anchor_heads(entries: Iterable[Any], site: str) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """The orchestrator's home folder: its PKI, signing key, settings, first admin credential and state.
 
-HOME/
+HOME/                     mode 0700; keys, credential and database files 0600 (checked at start-up)
   ca.pem  ca.key          the federation CA (ECDSA P-256); ca.key is 0600
   tls.pem tls.key         the orchestrator's TLS certificate for its host names
   signing.key             Ed25519 key that signs access tokens (0600)
@@ -12,14 +12,21 @@ HOME/
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedhealth.core import ConfigError, sha256_hex, utcnow
+from fedhealth.core import (
+    ConfigError,
+    Tightened,
+    create_private_file,
+    make_private_dir,
+    secure_home,
+    sha256_hex,
+    utcnow,
+)
 from fedhealth.crypto import (
     IdentityKey,
     PemPair,
@@ -80,6 +87,12 @@ class OrchestratorHome:
     def exists(self) -> bool:
         return self.settings_path.exists()
 
+    def secure(self) -> Tightened:
+        """Make the home and its state folder 0700 and the files directly in them (keys, the credential,
+        the SQLite database and its -wal/-shm) 0600 if looser; :class:`ConfigError` for a home another
+        account owns. Returns what changed, for one log line."""
+        return secure_home(self.root, what="orchestrator home", subdirs=("state",))
+
     def require(self) -> None:
         if not self.exists():
             raise ConfigError(
@@ -117,8 +130,7 @@ def init_home(
     home = OrchestratorHome(root)
     if home.exists():
         raise ConfigError(f"{root} already holds a federation; refusing to overwrite it")
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o700)
+    make_private_dir(root)
     ca = create_ca(federation, now=now)
     write_private(home.ca_key, ca.key_pem)
     home.ca_cert.write_bytes(ca.cert_pem)
@@ -126,7 +138,9 @@ def init_home(
     write_private(home.tls_key, tls.key_pem)
     home.tls_cert.write_bytes(tls.cert_pem)
     IdentityKey.generate().save(home.signing_key_path)
-    home.state_dir.mkdir(exist_ok=True)
+    make_private_dir(home.state_dir)
+    if database_url is None:
+        create_private_file(home.state_dir / "orchestrator.sqlite")  # 0600 before SQLite creates it
     api_key = new_secret("fhk")
     engine = make_engine(database_url or _default_db(home))
     try:

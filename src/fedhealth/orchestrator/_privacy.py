@@ -31,6 +31,7 @@ from fedhealth.core import InputError
 from fedhealth.orchestrator._app import ApiError, OrchestratorSettings, Reader, Researcher, Svc
 from fedhealth.orchestrator._blobs import BlobStore
 from fedhealth.orchestrator._hooks import NullObserver, StudyObserver
+from fedhealth.orchestrator._report import one_line
 from fedhealth.orchestrator._store import Store, TaskRow
 from fedhealth.protocol import (
     DpMode,
@@ -170,7 +171,7 @@ def privacy_markdown(section: Mapping[str, Any]) -> list[str]:
             f"| {s['site']} | {s['noise_multiplier']:.4g} | {_eps(s.get('planned_epsilon'))} "
             f"| {_eps(spent.get('study_epsilon'))} | {_eps(spent.get('total_epsilon'))} "
             f"| {_eps(spent.get('budget_epsilon'))} | {_eps(s.get('remaining_epsilon'))} "
-            f"| {s.get('tasks_charged', 0)} | {s.get('refusal') or ''} |"
+            f"| {s.get('tasks_charged', 0)} | {one_line(s.get('refusal') or '')} |"
         )
     return lines
 

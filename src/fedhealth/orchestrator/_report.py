@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,17 @@ def _privacy_section(store: Store, study_id: str) -> dict[str, Any] | None:
     return privacy_report(store, study_id)
 
 
+# Every character that could end a Markdown line or a table cell: C0/C1 controls (\n, \r, ...), the
+# Unicode line and paragraph separators.
+_LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+def one_line(text: object) -> str:
+    """``text`` as one line of a Markdown report, safe inside a table cell: a reason (a cancelling user's
+    words, a study's failure summary) must not start a heading, a list or a row of its own."""
+    return _LINE_BREAKS.sub(" ", str(text)).replace("|", "\\|").strip()
+
+
 def _num(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -108,7 +120,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Study report: {report['name']} ({report['study_id']})",
         "",
-        f"- Status: **{report['status']}**" + (f" — {report['reason']}" if report["reason"] else ""),
+        f"- Status: **{report['status']}**"
+        + (f" — {one_line(report['reason'])}" if report["reason"] else ""),
         f"- Dataset: `{report['spec']['dataset']}`; recipe `{report['spec']['recipe']['name']}`; "
         f"strategy `{report['spec']['strategy']['name']}`",
         f"- Rounds completed: {report['completed_rounds']} of {report['spec']['rounds']}",

@@ -14,7 +14,6 @@ derivation, so a message from the old attempt is refused.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -25,8 +24,8 @@ import numpy as np
 from fedhealth.core import ConflictError, FedHealthError, InputError
 from fedhealth.crypto import PublicIdentity
 from fedhealth.orchestrator._store import RoundRow, TaskRow
-from fedhealth.protocol import SecureRoundInfo, SiteAttestation, StudySpec, TaskKind
-from fedhealth.runtime import secure_codec, secure_threshold
+from fedhealth.protocol import SecureRoundInfo, SiteAttestation, StudySpec, TaskKind, secure_round_plan
+from fedhealth.runtime import secure_codec
 from fedhealth.secagg import (
     AggregateResult,
     RoundFailedError,
@@ -41,7 +40,10 @@ from fedhealth.secagg import (
 
 log = logging.getLogger("fedhealth.orchestrator")
 
-STAGES = {s.value: s for s in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)}
+STAGES = {
+    s.value: s
+    for s in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK)
+}
 _ORDER = {s: i for i, s in enumerate(STAGES.values())}
 
 
@@ -205,6 +207,26 @@ class SecureRoundDriver:
         )
 
 
+def round_config(
+    spec: StudySpec, kind: TaskKind, *, study_id: str, number: int, attempt: str, sites: list[str]
+) -> SecAggConfig:
+    """A round's SecAgg+ configuration. Everything but the participants (``sites`` that the spec names for
+    ``kind``) comes from the approved spec, which each site checks the round against: the threshold follows
+    the spec's site list for the kind, not how many sites are here. Raises ``ConfigError`` if the round
+    cannot be held (e.g. fewer sites than the threshold)."""
+    plan = secure_round_plan(spec, kind)
+    return SecAggConfig(
+        study_id=f"{study_id}/{attempt}",
+        round=number,
+        sites=tuple(sorted(set(sites) & set(plan.sites))),
+        threshold=plan.threshold,
+        collusion=plan.collusion,
+        vector_length=secure_codec(spec, kind).length,
+        full_graph_max_sites=plan.full_graph_max_sites,
+        neighbourhood_size=plan.neighbourhood_size,
+    )
+
+
 class SecureRounds:
     """The open secure rounds of this orchestrator process."""
 
@@ -226,19 +248,10 @@ class SecureRounds:
     ) -> SecureRoundDriver:
         sa = spec.secure_aggregation
         assert sa is not None
-        ordered = sorted(sites)
-        codec = secure_codec(spec, kind, len(ordered))
         attempt = secrets.token_hex(8)
-        seed = hashlib.sha256(f"fedhealth-secagg-graph/{study_id}/{number}/{attempt}".encode()).digest()
-        config = SecAggConfig(
-            study_id=f"{study_id}/{attempt}",
-            round=number,
-            sites=tuple(ordered),
-            threshold=secure_threshold(spec, len(ordered)),
-            vector_length=codec.length,
-            full_graph_max_sites=sa.full_graph_max_sites,
-            graph_seed=seed,
-        )
+        config = round_config(spec, kind, study_id=study_id, number=number, attempt=attempt, sites=sites)
+        ordered = list(config.sites)
+        codec = secure_codec(spec, kind)
         server = SecAggServer(
             config, identities={s: PublicIdentity(bytes.fromhex(identities[s])) for s in ordered}
         )

@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from fedhealth.orchestrator._app import Extension, OrchestratorSettings, create_app
 from fedhealth.orchestrator._extensions import default_extensions
@@ -68,6 +70,7 @@ def serve(
     enroll_url = _url(scheme, host, enroll_sock) if enroll_sock is not None else None
     if enroll_sock is not None:
         settings.enroll_port = enroll_sock.getsockname()[1]
+    settings.require_client_cert = bool(tls and tls.require_client_cert)
     if tls is None:
         log.warning("serving PLAIN HTTP (--insecure): tokens and model updates cross the network unencrypted")
 
@@ -93,6 +96,8 @@ def serve(
                 "ssl_ca_certs": str(tls.ca),
                 "ssl_cert_reqs": ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE,
             }
+            if require_client_cert:
+                options["http"] = _PeerCertificateProtocol
         return uvicorn.Config(
             app,
             log_level=log_level,
@@ -128,3 +133,31 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
         for peer in getattr(self, "peers", []):  # a second listener stops with the first
             peer.should_exit = True
+
+
+def _with_client_certificate(app: Any, pem: str) -> Any:
+    """The ASGI app with the connection's client certificate in each request's scope, as the ASGI TLS
+    extension names it (``extensions.tls.client_cert_chain``)."""
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            extensions = dict(scope.get("extensions") or {})
+            extensions["tls"] = {**extensions.get("tls", {}), "client_cert_chain": [pem]}
+            scope = {**scope, "extensions": extensions}
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+class _PeerCertificateProtocol(AutoHTTPProtocol):  # type: ignore[valid-type,misc]
+    """uvicorn's HTTP protocol, telling the app which certificate the client presented (uvicorn does not):
+    mutual TLS then checks who holds it against the store on every request, so a revoked or rotated
+    site's certificate is refused at once although the CA still vouches for it."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if der:
+            # uvicorn's protocols keep the app per connection, so this connection's requests carry its cert
+            self.app = _with_client_certificate(self.app, ssl.DER_cert_to_PEM_cert(der))  # type: ignore[has-type]

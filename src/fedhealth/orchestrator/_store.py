@@ -8,17 +8,18 @@ state or the new one, never half of each.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
-from fedhealth.core import ConflictError, NotFoundError, new_id
+from fedhealth.core import ConflictError, InputError, NotFoundError, new_id
 from fedhealth.orchestrator._db import (
     challenges,
     enrollment_tokens,
@@ -41,11 +42,6 @@ from fedhealth.protocol import (
     TaskStatus,
 )
 
-
-class _Refused(Exception):
-    """Aborts a transaction whose conditions did not hold."""
-
-
 OPEN_TASK_STATES = (TaskStatus.PENDING.value, TaskStatus.DELIVERED.value)
 # a study that has not ended: waiting for its sites' approvals, or running rounds
 LIVE_STUDY_STATES = (StudyStatus.AWAITING_APPROVAL.value, StudyStatus.RUNNING.value)
@@ -59,8 +55,17 @@ def _aware(value: datetime | None) -> datetime | None:
 
 
 class SiteStatus(StrEnum):
-    PENDING = "pending"  # registered by an admin, not enrolled yet
+    PENDING = "pending"  # registered by an admin (or rotated), not enrolled with a key yet
     ACTIVE = "active"  # enrolled: its public key is known
+    REVOKED = "revoked"
+
+
+class EnrollOutcome(StrEnum):
+    """What an enrollment attempt came to (only ``ENROLLED`` changes anything)."""
+
+    ENROLLED = "enrolled"
+    INVALID_TOKEN = "invalid_token"  # noqa: S105 - unknown, superseded, spent, expired, or another site's token
+    ALREADY_ENROLLED = "already_enrolled"  # a valid token, but the site has a key: re-keying is a rotation
     REVOKED = "revoked"
 
 
@@ -75,6 +80,7 @@ class SiteRow:
     revoked_at: datetime | None = None
     software_version: str | None = None
     protocol_version: int | None = None
+    cert_fingerprint: str | None = None  # sha256 of the TLS client certificate issued at enrollment
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,6 +185,7 @@ def _site(row: RowMapping) -> SiteRow:
         revoked_at=_aware(row["revoked_at"]),
         software_version=row.get("software_version"),
         protocol_version=row.get("protocol_version"),
+        cert_fingerprint=row["cert_fingerprint"],
     )
 
 
@@ -247,17 +254,33 @@ class Store:
         self.engine = engine
         self._specs: dict[str, StudySpec] = {}  # specs never change once stored
 
+    @contextmanager
+    def _writing(self, connection: Connection | None) -> Iterator[Connection]:
+        """The caller's transaction if it passes one (e.g. the audit log's, so that a security action and
+        its audit entry commit together), else a transaction of our own."""
+        if connection is not None:
+            yield connection
+        else:
+            with self.engine.begin() as c:
+                yield c
+
     # --- sites -------------------------------------------------------------------------------------------
 
-    def create_site(self, name: str, when: datetime) -> SiteRow:
+    def create_site(self, name: str, when: datetime, *, connection: Connection | None = None) -> SiteRow:
+        """Register a site. Site and user names share one namespace (the subject of a TLS client
+        certificate names one principal), so a user's name is refused too."""
         try:
-            with self.engine.begin() as c:
+            with self._writing(connection) as c:
+                if c.execute(select(users.c.name).where(users.c.name == name)).first() is not None:
+                    raise ConflictError(f"{name!r} is a user's name; sites and users need distinct names")
+                if c.execute(select(sites.c.name).where(sites.c.name == name)).first() is not None:
+                    raise ConflictError(f"site {name!r} already exists")
                 c.execute(
                     insert(sites).values(
                         name=name, created_at=when, last_seen_at=None, status=SiteStatus.PENDING.value
                     )
                 )
-        except IntegrityError as exc:
+        except IntegrityError as exc:  # a concurrent registration of the same name won
             raise ConflictError(f"site {name!r} already exists") from exc
         return SiteRow(name=name, created_at=when, last_seen_at=None)
 
@@ -306,60 +329,141 @@ class Store:
                 .values(software_version=software_version, protocol_version=protocol_version)
             )
 
-    def add_enrollment_token(self, site: str, token_hash: str, when: datetime, expires_at: datetime) -> None:
-        with self.engine.begin() as c:
+    @staticmethod
+    def _locked_status(c: Connection, site: str) -> SiteStatus:
+        # FOR UPDATE on PostgreSQL serializes token changes of one site; SQLite has one writer at a time
+        value = c.execute(select(sites.c.status).where(sites.c.name == site).with_for_update()).scalar()
+        if value is None:
+            raise NotFoundError(f"site {site!r} is not registered")
+        return SiteStatus(value)
+
+    @staticmethod
+    def _cancel_credentials(c: Connection, site: str) -> int:
+        """Cancel the site's outstanding enrollment tokens and login challenges; returns how many tokens."""
+        cancelled = c.execute(
+            delete(enrollment_tokens).where(
+                and_(enrollment_tokens.c.site == site, enrollment_tokens.c.used_at.is_(None))
+            )
+        ).rowcount
+        c.execute(delete(challenges).where(challenges.c.site == site))
+        return int(cancelled or 0)
+
+    def add_enrollment_token(
+        self,
+        site: str,
+        token_hash: str,
+        when: datetime,
+        expires_at: datetime,
+        *,
+        connection: Connection | None = None,
+    ) -> int:
+        """Make ``token_hash`` the site's one outstanding enrollment token; returns how many earlier tokens
+        it cancelled. Only a site without a key (pending) gets one: an enrolled site is re-keyed by
+        :meth:`rotate_site`, a revoked one never again (:class:`ConflictError`)."""
+        with self._writing(connection) as c:
+            status = self._locked_status(c, site)
+            if status is SiteStatus.ACTIVE:
+                raise ConflictError(
+                    f"site {site!r} is enrolled; to give it a new key: fedhealth site rotate {site}"
+                )
+            if status is SiteStatus.REVOKED:
+                raise ConflictError(f"site {site!r} is revoked")
+            cancelled = self._cancel_credentials(c, site)
             c.execute(
                 insert(enrollment_tokens).values(
                     token_hash=token_hash, site=site, created_at=when, expires_at=expires_at, used_at=None
                 )
             )
+        return cancelled
 
-    def enroll_site(self, *, site: str, token_hash: str, public_key: str, when: datetime) -> bool:
-        """Spend a one-time enrollment token and record the site's public key, atomically.
-
-        False (nothing changed) if the token is unknown, for another site, used, or expired, or if the site
-        was revoked.
-        """
-        try:
-            with self.engine.begin() as c:
-                self._enroll(c, site=site, token_hash=token_hash, public_key=public_key, when=when)
-        except _Refused:
-            return False
-        return True
-
-    @staticmethod
-    def _enroll(c: Any, *, site: str, token_hash: str, public_key: str, when: datetime) -> None:
-        spent = c.execute(
-            update(enrollment_tokens)
-            .where(
-                and_(
-                    enrollment_tokens.c.token_hash == token_hash,
-                    enrollment_tokens.c.site == site,
-                    enrollment_tokens.c.used_at.is_(None),
-                    enrollment_tokens.c.expires_at > when,
+    def enroll_site(
+        self,
+        *,
+        site: str,
+        token_hash: str,
+        public_key: str,
+        when: datetime,
+        cert_fingerprint: str | None = None,
+        connection: Connection | None = None,
+    ) -> EnrollOutcome:
+        """Spend the site's outstanding enrollment token and record its public key (and the fingerprint of
+        the TLS client certificate issued with it), atomically. Every outcome but ``ENROLLED`` writes
+        nothing, and the site's state is told only to a caller holding a valid token."""
+        with self._writing(connection) as c:
+            # FOR UPDATE on PostgreSQL: two enrollments of one site run one after the other
+            status = c.execute(select(sites.c.status).where(sites.c.name == site).with_for_update()).scalar()
+            valid = and_(
+                enrollment_tokens.c.token_hash == token_hash,
+                enrollment_tokens.c.site == site,
+                enrollment_tokens.c.used_at.is_(None),
+                enrollment_tokens.c.expires_at > when,
+            )
+            if status is None or c.execute(select(enrollment_tokens.c.site).where(valid)).first() is None:
+                return EnrollOutcome.INVALID_TOKEN
+            if status == SiteStatus.REVOKED.value:
+                return EnrollOutcome.REVOKED
+            if status == SiteStatus.ACTIVE.value:
+                # never overwrite a live key: the holder of a stray token must not take the site over
+                return EnrollOutcome.ALREADY_ENROLLED
+            if not c.execute(update(enrollment_tokens).where(valid).values(used_at=when)).rowcount:
+                return EnrollOutcome.INVALID_TOKEN  # spent by a concurrent enrollment meanwhile
+            self._cancel_credentials(c, site)
+            c.execute(
+                update(sites)
+                .where(sites.c.name == site)
+                .values(
+                    status=SiteStatus.ACTIVE.value,
+                    public_key=public_key,
+                    enrolled_at=when,
+                    cert_fingerprint=cert_fingerprint,
                 )
             )
-            .values(used_at=when)
-        ).rowcount
-        if not spent:
-            raise _Refused
-        enrolled = c.execute(
-            update(sites)
-            .where(and_(sites.c.name == site, sites.c.status != SiteStatus.REVOKED.value))
-            .values(status=SiteStatus.ACTIVE.value, public_key=public_key, enrolled_at=when)
-        ).rowcount
-        if not enrolled:
-            raise _Refused  # rolls the spent token back too
+        return EnrollOutcome.ENROLLED
 
-    def revoke_site(self, name: str, when: datetime) -> bool:
-        with self.engine.begin() as c:
-            return bool(
-                c.execute(
-                    update(sites)
-                    .where(and_(sites.c.name == name, sites.c.status != SiteStatus.REVOKED.value))
-                    .values(status=SiteStatus.REVOKED.value, revoked_at=when)
-                ).rowcount
+    def rotate_site(
+        self,
+        name: str,
+        token_hash: str,
+        when: datetime,
+        expires_at: datetime,
+        *,
+        connection: Connection | None = None,
+    ) -> SiteRow:
+        """Retire an enrolled site's key and client certificate at once and make ``token_hash`` its one
+        enrollment token, atomically; returns the site as it was (with the retired key). The site is
+        pending until it enrolls with a new key."""
+        with self._writing(connection) as c:
+            status = self._locked_status(c, name)
+            if status is not SiteStatus.ACTIVE:
+                hint = " (issue it a new enrollment token instead)" if status is SiteStatus.PENDING else ""
+                raise ConflictError(f"site {name!r} is {status.value}, not enrolled{hint}")
+            before = _site(c.execute(select(sites).where(sites.c.name == name)).mappings().one())
+            self._cancel_credentials(c, name)
+            c.execute(
+                update(sites)
+                .where(sites.c.name == name)
+                .values(
+                    status=SiteStatus.PENDING.value, public_key=None, enrolled_at=None, cert_fingerprint=None
+                )
             )
+            c.execute(
+                insert(enrollment_tokens).values(
+                    token_hash=token_hash, site=name, created_at=when, expires_at=expires_at, used_at=None
+                )
+            )
+        return before
+
+    def revoke_site(self, name: str, when: datetime, *, connection: Connection | None = None) -> bool:
+        """Revoke a site for good (its tokens and challenges are cancelled too); False if already revoked."""
+        with self._writing(connection) as c:
+            done = c.execute(
+                update(sites)
+                .where(and_(sites.c.name == name, sites.c.status != SiteStatus.REVOKED.value))
+                .values(status=SiteStatus.REVOKED.value, revoked_at=when)
+            ).rowcount
+            if done:
+                self._cancel_credentials(c, name)
+            return bool(done)
 
     def add_challenge(self, site: str, challenge: str, when: datetime, expires_at: datetime) -> None:
         with self.engine.begin() as c:
@@ -390,9 +494,15 @@ class Store:
 
     # --- users -------------------------------------------------------------------------------------------
 
-    def create_user(self, name: str, role: str, api_key_hash: str, when: datetime) -> UserRow:
+    def create_user(
+        self, name: str, role: str, api_key_hash: str, when: datetime, *, connection: Connection | None = None
+    ) -> UserRow:
         try:
-            with self.engine.begin() as c:
+            with self._writing(connection) as c:
+                if c.execute(select(sites.c.name).where(sites.c.name == name)).first() is not None:
+                    raise ConflictError(f"{name!r} is a site's name; sites and users need distinct names")
+                if c.execute(select(users.c.name).where(users.c.name == name)).first() is not None:
+                    raise ConflictError(f"user {name!r} already exists")
                 c.execute(
                     insert(users).values(
                         name=name, role=role, api_key_hash=api_key_hash, created_at=when, revoked_at=None
@@ -420,8 +530,20 @@ class Store:
             names = list(c.execute(select(users.c.name).order_by(users.c.name)).scalars())
         return [u for u in (self.get_user(n) for n in names) if u is not None]
 
-    def revoke_user(self, name: str, when: datetime) -> bool:
-        with self.engine.begin() as c:
+    def set_user_api_key(self, name: str, api_key_hash: str, *, connection: Connection | None = None) -> bool:
+        """Replace a user's API key (the old one, and every token issued against it, stop working);
+        False if the user does not exist or is revoked."""
+        with self._writing(connection) as c:
+            return bool(
+                c.execute(
+                    update(users)
+                    .where(and_(users.c.name == name, users.c.revoked_at.is_(None)))
+                    .values(api_key_hash=api_key_hash)
+                ).rowcount
+            )
+
+    def revoke_user(self, name: str, when: datetime, *, connection: Connection | None = None) -> bool:
+        with self._writing(connection) as c:
             q = (
                 update(users)
                 .where(and_(users.c.name == name, users.c.revoked_at.is_(None)))
@@ -445,12 +567,16 @@ class Store:
         """Store a study. With ``first`` it runs at once (round 1 opens); without, it waits in
         ``awaiting_approval`` until :meth:`start_study` (or fails at ``approval_deadline_at``)."""
         study_id = new_id("st")
-        named = {*spec.train_sites, *spec.evaluation_sites}
+        named = sorted({*spec.train_sites, *spec.evaluation_sites, *(first.sites if first is not None else ())})
         with self.engine.begin() as c:
-            known = set(c.execute(select(sites.c.name).where(sites.c.name.in_(sorted(named)))).scalars())
-            unknown = sorted(named - known)
+            q = select(sites.c.name, sites.c.status).where(sites.c.name.in_(named))
+            site_status = {name: value for name, value in c.execute(q)}
+            unknown = [s for s in named if s not in site_status]
             if unknown:
                 raise NotFoundError(f"unknown sites: {', '.join(unknown)}")
+            revoked = [s for s in named if site_status[s] == SiteStatus.REVOKED.value]
+            if revoked:
+                raise InputError(f"revoked sites cannot take part in a study: {', '.join(revoked)}")
             status = StudyStatus.RUNNING if first is not None else StudyStatus.AWAITING_APPROVAL
             c.execute(
                 insert(studies).values(
@@ -865,7 +991,34 @@ class Store:
                 ).rowcount
             )
 
-    # --- model versions ----------------------------------------------------------------------------------
+    # --- model versions and who may read them -------------------------------------------------------------
+
+    def site_may_read_model(self, site: str, digest: str) -> bool:
+        """Whether ``digest`` is the input model of a task of ``site`` that is still open: the only models an
+        agent may download (never another site's upload, nor a model of a task it was not given)."""
+        q = (
+            select(tasks.c.id)
+            .join(rounds, rounds.c.id == tasks.c.round_id)
+            .where(
+                and_(
+                    tasks.c.site == site,
+                    tasks.c.status.in_(OPEN_TASK_STATES),
+                    rounds.c.status == RoundStatus.OPEN.value,
+                    rounds.c.model_in_digest == digest,
+                )
+            )
+            .limit(1)
+        )
+        with self.engine.connect() as c:
+            return c.execute(q).first() is not None
+
+    def model_version(self, digest: str) -> ModelVersion | None:
+        """The released model version with this digest (a completed round's output), if there is one."""
+        with self.engine.connect() as c:
+            row = (
+                c.execute(select(model_versions).where(model_versions.c.digest == digest)).mappings().first()
+            )
+        return ModelVersion(**{**dict(row), "created_at": _aware(row["created_at"])}) if row else None
 
     def model_versions_of(self, study_id: str) -> list[ModelVersion]:
         with self.engine.connect() as c:

@@ -51,13 +51,19 @@ from fedhealth.privacy._ledger import (
 )
 from fedhealth.privacy._mechanisms import (
     NoiseMode,
+    RandomSource,
+    SecureRandom,
     SiteUpdateDp,
     clip_by_l2_norm,
+    clip_headroom_stds,
     clip_per_example,
+    clip_tail_mass,
     gaussian_noise,
     global_l2_norm,
     poisson_sample,
     secure_generator,
+    snap,
+    snap_grid,
 )
 
 __all__ = [
@@ -81,8 +87,10 @@ __all__ = [
     "GaussianRelease",
     "Mechanism",
     "NoiseMode",
+    "RandomSource",
     "Reservation",
     "ReservationStateError",
+    "SecureRandom",
     "SiteUpdateDp",
     "SpendReceipt",
     "SpendStatus",
@@ -92,7 +100,9 @@ __all__ = [
     "check_delta",
     "check_sample_rate",
     "clip_by_l2_norm",
+    "clip_headroom_stds",
     "clip_per_example",
+    "clip_tail_mass",
     "compose",
     "epsilon",
     "gaussian_dp_delta",
@@ -105,5 +115,7 @@ __all__ = [
     "poisson_sample",
     "release_from_json",
     "secure_generator",
+    "snap",
+    "snap_grid",
     "sqlite_engine",
 ]

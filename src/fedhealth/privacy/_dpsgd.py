@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from fedhealth.privacy._accounting import DpSgdRelease
 from fedhealth.privacy._errors import DpParameterError
-from fedhealth.privacy._mechanisms import clip_per_example, gaussian_noise
+from fedhealth.privacy._mechanisms import RandomSource, clip_per_example, gaussian_noise, snap
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,9 +38,10 @@ def noisy_clipped_sum(
     *,
     max_grad_norm: float,
     noise_multiplier: float,
-    rng: np.random.Generator,
+    rng: RandomSource,
 ) -> tuple[NDArray[np.float64], int]:
-    """The sum of the rows clipped to ``max_grad_norm``, plus Gaussian noise; and how many rows were clipped.
+    """The sum of the rows clipped to ``max_grad_norm``, plus Gaussian noise, snapped to a grid below the
+    noise's scale (the floating-point mitigation of ``_mechanisms``); and how many rows were clipped.
 
     ``per_example_gradients`` has shape ``(batch, d)``; an empty batch (shape ``(0, d)``) still gets noise.
     """
@@ -48,5 +49,6 @@ def noisy_clipped_sum(
         raise DpParameterError(f"noise multiplier must be a non-negative number, got {noise_multiplier!r}")
     clipped, norms = clip_per_example(per_example_gradients, max_grad_norm)
     total = clipped.sum(axis=0, dtype=np.float64)
-    noise = gaussian_noise(total.shape, noise_multiplier * max_grad_norm, rng)
-    return total + noise, int(np.count_nonzero(norms > max_grad_norm))
+    std = noise_multiplier * max_grad_norm
+    noisy = snap(total + gaussian_noise(total.shape, std, rng), std)
+    return noisy, int(np.count_nonzero(norms > max_grad_norm))

@@ -57,6 +57,7 @@ from fedhealth.core import (
     ServiceUnavailableError,
     SystemClock,
     canonical_json,
+    create_private_file,
     is_valid_name,
     new_id,
 )
@@ -225,7 +226,10 @@ def _fmt(value: float) -> str:
 
 
 def sqlite_engine(path: str | Path) -> sa.Engine:
-    """An engine on the site's SQLite file with the settings the ledger relies on."""
+    """An engine on the site's SQLite file with the settings the ledger relies on. A new file is created
+    0600 first: the ledger sits beside the site's consent records."""
+    if str(path) != ":memory:":
+        create_private_file(Path(path))
     engine = sa.create_engine(
         f"sqlite:///{Path(path)}", connect_args={"timeout": 30.0, "check_same_thread": False}
     )
@@ -584,6 +588,15 @@ class BudgetLedger:
     def spent(self, dataset: str) -> float:
         """The composed epsilon, at the budget's delta, of everything committed or reserved on the dataset."""
         return self.statement(dataset).spent_epsilon
+
+    def study_epsilon(self, dataset: str, study_id: str, *, delta: float) -> float:
+        """One study's composed epsilon on the dataset at ``delta`` (e.g. the study spec's, which need not be
+        the budget's): what a model card may state next to that delta."""
+        _check_dataset(dataset)
+        with self._connect() as conn:
+            entries = self._entries(conn, dataset)
+        plan = DpPlan(releases=tuple(r for study, _, p in entries if study == study_id for r in p.releases))
+        return epsilon(plan, delta=delta, accountant=self._accountant)
 
     def statement(self, dataset: str) -> BudgetStatement:
         """The dataset's budget, total spend and spend per study (reservations counted as spent)."""

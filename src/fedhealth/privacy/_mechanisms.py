@@ -1,9 +1,21 @@
 """Clipping, Gaussian noise, Poisson sampling, and site-level DP for model updates.
 
-Randomness is always a ``numpy.random.Generator`` passed in. Production code passes
-:func:`secure_generator` (seeded from ``os.urandom``, never from a caller's seed); tests pass a fixed one.
-Caveat shared with Opacus and TF Privacy: noise is sampled in floating point, which leaks in theory (Mironov
-2012 for Laplace; Jin et al. 2022 for Gaussian); a discrete Gaussian would close that gap.
+Randomness is a :data:`RandomSource` passed in. Production code passes :func:`secure_generator`: a
+:class:`SecureRandom`, whose every bit comes from an AES-256-CTR keystream under a key drawn from
+``os.urandom`` (a CSPRNG: nobody can predict the noise from outputs they saw, which a statistical generator
+such as PCG64DXSM does not promise); tests pass a seeded ``numpy.random.Generator`` so that results can be
+reproduced.
+
+Floating-point noise leaks in theory (Mironov 2012 for Laplace; Jin et al. 2022 for Gaussian): the set of
+floats an output ``x + noise`` can take depends on ``x`` in its low-order bits. Every noisy value that is
+released as it is (a DP-SGD step's noisy sum, the orchestrator's central noise) is therefore *snapped*
+(:func:`snap`): rounded to a power-of-two grid ``Lambda`` in (1/16, 1/8] of the noise's standard
+deviation, Mironov's remedy, which discards exactly the low-order bits the attack reads. In exact
+arithmetic rounding is post-processing, so the accounted epsilon is unchanged; the rounding adds variance
+at most ``Lambda^2 / 12``, under 0.1 % of the noise's. Mironov proves his bound for the Laplace mechanism with
+``Lambda`` at least the noise scale; no such theorem covers the Gaussian, so this is a mitigation, not a
+bound, and docs/privacy.md says so. A discrete Gaussian in the integer domain would be the bound; it is not
+implemented.
 
 Site-level DP protects a whole site's contribution to one round. Each site clips its update to L2 norm
 ``C``; the sum then moves by at most ``C`` when one site is added or removed, and Gaussian noise of standard
@@ -28,23 +40,82 @@ patients) a round of site-level noise therefore counts as a Gaussian release at 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from statistics import NormalDist
 
 import numpy as np
 from numpy.typing import NDArray
 
+from fedhealth.crypto import KeystreamReader
 from fedhealth.privacy._accounting import GaussianRelease, check_sample_rate
 from fedhealth.privacy._errors import DpParameterError
 
 Array = NDArray[np.floating]
 
 
-def secure_generator() -> np.random.Generator:
-    """A generator seeded with 256 bits from ``os.urandom``: the one to use for real noise."""
-    return np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence(int.from_bytes(os.urandom(32)))))
+class SecureRandom:
+    """Uniform and Gaussian draws from a CSPRNG (an AES-256-CTR keystream under a key from ``os.urandom``),
+    with the two methods the mechanisms use from ``numpy.random.Generator``. It takes no seed: real noise
+    must not be reproducible by anyone."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self) -> None:
+        self._stream = KeystreamReader()
+
+    def _uint64(self, count: int) -> NDArray[np.uint64]:
+        return np.frombuffer(self._stream.read(8 * count), dtype="<u8").astype(np.uint64, copy=False)
+
+    def random(self, size: int | tuple[int, ...] | None = None) -> NDArray[np.float64]:
+        """Uniform on [0, 1) with 53 random bits each (every double of the form k / 2**53)."""
+        shape = _shape(size)
+        count = math.prod(shape)
+        return ((self._uint64(count) >> np.uint64(11)).astype(np.float64) * 2.0**-53).reshape(shape)
+
+    def normal(
+        self, loc: float = 0.0, scale: float = 1.0, size: int | tuple[int, ...] | None = None
+    ) -> NDArray[np.float64]:
+        """Independent ``N(loc, scale^2)`` draws (Box-Muller over the keystream's uniforms)."""
+        shape = _shape(size)
+        count = math.prod(shape)
+        pairs = (count + 1) // 2
+        u1 = 1.0 - self.random(pairs)  # in (0, 1]: the logarithm stays finite
+        u2 = self.random(pairs)
+        radius = np.sqrt(-2.0 * np.log(u1))
+        angle = 2.0 * math.pi * u2
+        z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
+        return (loc + scale * z).reshape(shape)
+
+
+RandomSource = np.random.Generator | SecureRandom
+
+
+def _shape(size: int | tuple[int, ...] | None) -> tuple[int, ...]:
+    if size is None:
+        return ()
+    return (size,) if isinstance(size, int) else tuple(size)
+
+
+def secure_generator() -> SecureRandom:
+    """The source for real noise and real sampling: a fresh :class:`SecureRandom` (a CSPRNG)."""
+    return SecureRandom()
+
+
+def snap_grid(std: float) -> float:
+    """The snapping grid for noise of standard deviation ``std``: the power of two in ``(std/16, std/8]``."""
+    return 2.0 ** (math.floor(math.log2(_check_std(std))) - 3)
+
+
+def snap(values: NDArray[np.floating], std: float) -> NDArray[np.float64]:
+    """``values`` (already noised, with noise of standard deviation ``std``) rounded to :func:`snap_grid`:
+    Mironov's remedy for the floating-point attack (module docstring). ``std`` 0 leaves them unchanged."""
+    out = np.asarray(values, dtype=np.float64)
+    if std == 0:
+        return out
+    grid = snap_grid(std)
+    return np.round(out / grid) * grid
 
 
 def _check_norm(name: str, value: float) -> float:
@@ -80,12 +151,12 @@ def clip_per_example(gradients: Array, max_norm: float) -> tuple[Array, NDArray[
     return gradients * scale[:, None], norms
 
 
-def gaussian_noise(shape: tuple[int, ...], std: float, rng: np.random.Generator) -> NDArray[np.float64]:
+def gaussian_noise(shape: tuple[int, ...], std: float, rng: RandomSource) -> NDArray[np.float64]:
     """Independent ``N(0, std^2)`` entries (float64)."""
-    return rng.normal(0.0, _check_std(std), size=shape)
+    return np.asarray(rng.normal(0.0, _check_std(std), size=shape), dtype=np.float64)
 
 
-def poisson_sample(n: int, sample_rate: float, rng: np.random.Generator) -> NDArray[np.int64]:
+def poisson_sample(n: int, sample_rate: float, rng: RandomSource) -> NDArray[np.int64]:
     """Indices of a Poisson sample of ``range(n)``: each index independently with probability ``sample_rate``.
 
     The batch size is random (and may be 0); that is what the accountant's ``PoissonSampledDpEvent`` assumes.
@@ -152,7 +223,7 @@ class SiteUpdateDp:
         scale = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
         return {k: (v * scale).astype(v.dtype, copy=False) for k, v in update.items()}, norm
 
-    def privatize(self, update: Mapping[str, Array], rng: np.random.Generator) -> dict[str, Array]:
+    def privatize(self, update: Mapping[str, Array], rng: RandomSource) -> dict[str, Array]:
         """What a site sends: its clipped update, plus its noise share in distributed mode (dtypes kept)."""
         clipped, _ = self.clip(update)
         std = self.site_noise_std
@@ -160,14 +231,17 @@ class SiteUpdateDp:
             return clipped
         return {k: (v + gaussian_noise(v.shape, std, rng)).astype(v.dtype) for k, v in clipped.items()}
 
-    def central_noise(self, aggregate: Mapping[str, Array], rng: np.random.Generator) -> dict[str, Array]:
-        """Central mode, at the orchestrator: the sum of clipped updates plus ``N(0, sigma^2 C^2)``."""
+    def central_noise(self, aggregate: Mapping[str, Array], rng: RandomSource) -> dict[str, Array]:
+        """Central mode, at the orchestrator: the sum of clipped updates plus ``N(0, sigma^2 C^2)``, snapped
+        (module docstring)."""
         if self.mode is not NoiseMode.CENTRAL:
             raise DpParameterError(
                 "central noise is only added in central mode; in distributed mode sites add it"
             )
         std = self.sum_noise_std
-        return {k: (v + gaussian_noise(v.shape, std, rng)).astype(v.dtype) for k, v in aggregate.items()}
+        return {
+            k: snap(v + gaussian_noise(v.shape, std, rng), std).astype(v.dtype) for k, v in aggregate.items()
+        }
 
     def site_level_release(self, rounds: int = 1) -> GaussianRelease:
         """The study's guarantee for a whole site (add or remove one site's update): sensitivity ``C``."""
@@ -181,3 +255,28 @@ class SiteUpdateDp:
         site-level noise is post-processing) and this one need not be charged as well.
         """
         return GaussianRelease(noise_multiplier=self.noise_multiplier / 2, count=rounds)
+
+
+# --- the secure-aggregation codec's per-coordinate clip, under distributed noise ---------------------------
+
+
+def clip_tail_mass(stds: float, coordinates: int) -> float:
+    """Probability that any of ``coordinates`` independent Gaussian noise values exceeds ``stds`` standard
+    deviations in absolute value (the union bound ``coordinates * 2 * Phi(-stds)``)."""
+    if coordinates < 1:
+        raise DpParameterError(f"coordinates must be at least 1, got {coordinates}")
+    return min(1.0, coordinates * math.erfc(stds / math.sqrt(2.0)))
+
+
+def clip_headroom_stds(coordinates: int, tail: float) -> float:
+    """The fewest standard deviations of headroom above a clipped value so that ``coordinates`` noisy
+    values are all inside it except with probability at most ``tail`` (:func:`clip_tail_mass`)."""
+    if coordinates < 1:
+        raise DpParameterError(f"coordinates must be at least 1, got {coordinates}")
+    if not 0 < tail < 1:
+        raise DpParameterError(f"the tail probability must lie in (0, 1), got {tail!r}")
+    # Phi^-1 of the one-sided tail share; NormalDist handles tails far below double-precision 1 - p
+    z = -NormalDist().inv_cdf(tail / (2.0 * coordinates))
+    while clip_tail_mass(z, coordinates) > tail:  # inv_cdf is accurate to ~1e-15; never round down
+        z = math.nextafter(z, math.inf)
+    return z

@@ -3,6 +3,7 @@
 Nothing else in fedhealth defines message shapes.
 """
 
+from fedhealth.protocol._failures import FailureCode, failure_code
 from fedhealth.protocol._identity import (
     OPERATOR_ROLES,
     AgentTokenRequest,
@@ -22,6 +23,7 @@ from fedhealth.protocol._identity import (
 )
 from fedhealth.protocol._models import (
     ATTESTATION_HEADER,
+    MAX_SITE_SAMPLES,
     PROTOCOL_VERSION,
     RESULT_METADATA_KEY,
     AccountantName,
@@ -41,6 +43,7 @@ from fedhealth.protocol._models import (
     RoundStatus,
     SecureAggregationSpec,
     SecureRoundInfo,
+    SecureRoundPlan,
     SiteAttestation,
     SiteCreate,
     SiteInfo,
@@ -58,6 +61,7 @@ from fedhealth.protocol._models import (
     TaskKind,
     TaskPoll,
     TaskStatus,
+    secure_round_plan,
 )
 from fedhealth.protocol._site import (
     ApprovalReport,
@@ -89,6 +93,7 @@ __all__ = [
     "FIELDS_SINCE",
     "MIN_PROTOCOL_HEADER",
     "MIN_PROTOCOL_VERSION",
+    "MAX_SITE_SAMPLES",
     "OPERATOR_ROLES",
     "PROTOCOL_HEADER",
     "PROTOCOL_VERSION",
@@ -106,6 +111,7 @@ __all__ = [
     "EnrollRequest",
     "EnrollResponse",
     "ErrorBody",
+    "FailureCode",
     "LocalOptimizer",
     "LogHeadInfo",
     "OperatorCredential",
@@ -127,6 +133,7 @@ __all__ = [
     "RoundStatus",
     "SecureAggregationSpec",
     "SecureRoundInfo",
+    "SecureRoundPlan",
     "SiteAttestation",
     "SiteCreate",
     "SiteCreated",
@@ -157,4 +164,6 @@ __all__ = [
     "negotiate",
     "ours",
     "version_headers",
+    "failure_code",
+    "secure_round_plan",
 ]

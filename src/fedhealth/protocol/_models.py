@@ -6,11 +6,15 @@ message, never a silently ignored setting.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fedhealth.protocol._failures import FailureCode
+from fedhealth.secagg import default_degree, min_threshold, neighbourhood_problem, threshold_problem
 
 PROTOCOL_VERSION = 1
 # A secure task's SiteAttestation (base64 of its JSON) may ride on the site's first SecAgg+ message here.
@@ -18,6 +22,12 @@ ATTESTATION_HEADER = "X-Fedhealth-Attestation"
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$", description="lowercase name")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+KeyFingerprint = Annotated[
+    str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256 hex of a site's raw Ed25519 public key")
+]
+# The most samples one site may report for one task. Far above any hospital's cohort; it keeps every weight
+# and sum an exact integer in float64 and int64 (2**62 samples let one site set a plain-mode model outright).
+MAX_SITE_SAMPLES = 1_000_000_000
 
 
 class Message(BaseModel):
@@ -74,6 +84,20 @@ class StrategySpec(Message):
     """How the orchestrator turns the sites' updates into the next global model."""
 
     name: StrategyName = StrategyName.FEDAVG
+    weight_cap: int = Field(
+        default=100_000,
+        ge=1,
+        le=MAX_SITE_SAMPLES,
+        description="most samples one site's aggregation weight counts (both modes: the server caps reported "
+        "counts in plain mode, the site caps its weight inside the secure sum)",
+    )
+    max_update_norm: FiniteFloat | None = Field(
+        default=None,
+        gt=0,
+        le=1e9,
+        description="if set, each site's update is scaled down to at most this L2 norm before averaging "
+        "(by the orchestrator in plain mode, by each site under secure aggregation)",
+    )
     server_learning_rate: FiniteFloat = Field(default=1.0, gt=0, le=1000)
     beta1: FiniteFloat = Field(default=0.9, ge=0, lt=1)
     beta2: FiniteFloat = Field(default=0.99, ge=0, lt=1)
@@ -131,17 +155,110 @@ class PrivacySpec(Message):
 
 
 class SecureAggregationSpec(Message):
-    """SecAgg+ for a study: the orchestrator sees only the sum of the sites' quantized, masked updates."""
+    """SecAgg+ for a study: the orchestrator sees only the sum of the sites' quantized, masked updates.
 
-    threshold: int | None = Field(default=None, ge=2, description="sites needed to unmask (default: 2n/3)")
-    stage_timeout_s: FiniteFloat = Field(default=30.0, gt=0, le=3600)
-    weight_cap: int = Field(
-        default=100_000, ge=1, le=10**9, description="most samples one site's weight counts"
+    The spec binds the round set-up to what the data stewards approve (its hash covers every field): the
+    participating sites and their identity-key fingerprints (``site_keys``), the collusion bound, the
+    threshold and the neighbourhood size. Every site checks each round against :func:`secure_round_plan`.
+    """
+
+    site_keys: dict[Name, KeyFingerprint] = Field(
+        description="each participating site's identity-key fingerprint (sha256 hex of its raw Ed25519 "
+        "public key: the orchestrator's site list shows it, each steward checks it at the site); exactly "
+        "the training and evaluation sites"
     )
+    threshold: int | None = Field(
+        default=None,
+        ge=2,
+        description="sites needed to unmask (default: the smallest t with 2t > n + c, at least the quorum)",
+    )
+    collusion: int | None = Field(
+        default=None, ge=0, description="c: sites that may collude with the orchestrator (default: n // 3)"
+    )
+    neighbourhood_size: int | None = Field(
+        default=None,
+        ge=2,
+        le=10_000,
+        description="k, above full_graph_max_sites (even; default: 3 * ceil(log2 n) + c, even, at most "
+        "n - 1); needs a share threshold of at least c + 2",
+    )
+    stage_timeout_s: FiniteFloat = Field(default=30.0, gt=0, le=3600)
     update_clip: FiniteFloat = Field(
         default=1.0, gt=0, le=1e6, description="per-coordinate bound on an update"
     )
     full_graph_max_sites: int = Field(default=20, ge=2, le=10_000)
+
+    @field_validator("neighbourhood_size")
+    @classmethod
+    def _even(cls, v: int | None) -> int | None:
+        if v is not None and v % 2:
+            raise ValueError("neighbourhood_size must be even")
+        return v
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecureRoundPlan:
+    """What the approved spec says a secure round of one kind must look like: the orchestrator builds the
+    round's SecAgg+ configuration from it, and each site checks that configuration against it. Everything
+    here follows from the spec alone, never from how many sites the orchestrator put in a round."""
+
+    kind: TaskKind
+    sites: tuple[str, ...]  # sorted: the spec's sites for this kind, the only ones a round may contain
+    threshold: int
+    collusion: int
+    full_graph_max_sites: int
+    # the spec's k when it sets one above full_graph_max_sites; None: every pair of sites are neighbours up
+    # to full_graph_max_sites, and fedhealth.secagg's default_degree(n, c) above it
+    neighbourhood_size: int | None
+    degree: int  # k for the spec's n sites: n - 1 with the full graph (a round over fewer sites may differ)
+
+    @property
+    def n(self) -> int:
+        return len(self.sites)
+
+
+def _plan(spec: StudySpec, kind: TaskKind) -> SecureRoundPlan | str:
+    sa = spec.secure_aggregation
+    if sa is None:
+        return "the study does not use secure aggregation"
+    sites = tuple(sorted(spec.train_sites if kind is TaskKind.TRAIN else spec.evaluation_sites))
+    n = len(sites)
+    what = "training" if kind is TaskKind.TRAIN else "evaluation"
+    if n < 2:
+        return f"secure aggregation needs at least 2 {what} sites"
+    c = sa.collusion if sa.collusion is not None else n // 3
+    # evaluation results carry no noise and count with any one site: their quorum is 1
+    quorum = spec.min_sites if kind is TaskKind.TRAIN else 1
+    t = sa.threshold if sa.threshold is not None else min(n, max(min_threshold(n, c), quorum))
+    problem = threshold_problem(n, t, c, quorum)
+    if problem is not None:
+        return f"secure aggregation of the {what} rounds: {problem}"
+    k: int | None = None
+    degree = n - 1
+    if n > sa.full_graph_max_sites:
+        k = sa.neighbourhood_size
+        degree = k if k is not None else default_degree(n, c)
+        problem = None if degree == n - 1 else neighbourhood_problem(n, degree, c)
+        if problem is not None:
+            return f"secure aggregation of the {what} rounds: {problem}"
+    return SecureRoundPlan(
+        kind=kind,
+        sites=sites,
+        threshold=t,
+        collusion=c,
+        full_graph_max_sites=sa.full_graph_max_sites,
+        neighbourhood_size=k,
+        degree=degree,
+    )
+
+
+def secure_round_plan(spec: StudySpec, kind: TaskKind) -> SecureRoundPlan:
+    """The SecAgg+ set-up the spec prescribes for rounds of ``kind`` (raises ValueError if it has none; a
+    validated :class:`StudySpec` with ``secure_aggregation`` always has one)."""
+    plan = _plan(spec, kind)
+    if isinstance(plan, str):
+        raise ValueError(plan)
+    return plan
 
 
 class StudySpec(Message):
@@ -179,14 +296,21 @@ class StudySpec(Message):
         return self
 
     @model_validator(mode="after")
-    def _secagg_threshold(self) -> StudySpec:
+    def _secagg_bound_to_sites(self) -> StudySpec:
         sa = self.secure_aggregation
-        if (
-            sa is not None
-            and sa.threshold is not None
-            and not len(self.train_sites) / 2 < sa.threshold <= len(self.train_sites)
-        ):
-            raise ValueError("secure aggregation needs n/2 < threshold <= n (n: training sites)")
+        if sa is None:
+            return self
+        sites = set(self.train_sites) | set(self.evaluation_sites)
+        missing, extra = sorted(sites - set(sa.site_keys)), sorted(set(sa.site_keys) - sites)
+        if missing or extra:
+            raise ValueError(
+                "secure_aggregation.site_keys must name exactly the training and evaluation sites "
+                f"(missing: {missing or 'none'}; not in the study: {extra or 'none'})"
+            )
+        for kind in (TaskKind.TRAIN, TaskKind.EVALUATE):
+            plan = _plan(self, kind)
+            if isinstance(plan, str):
+                raise ValueError(plan)
         return self
 
     @property
@@ -204,6 +328,11 @@ class SiteCreate(Message):
 class SiteInfo(Message):
     name: str
     status: str = Field(description="pending (not enrolled yet), active or revoked")
+    fingerprint: str | None = Field(
+        default=None,
+        description="sha256 hex of the enrolled identity key: what a secure study's site_keys names (a "
+        "steward compares it with the site's own key out of band)",
+    )
     created_at: datetime
     last_seen_at: datetime | None
     enrolled_at: datetime | None = None
@@ -243,8 +372,10 @@ class TaskStatus(StrEnum):
 class SiteMetrics(Message):
     """What one site reports for one task. Evaluation metrics are on the site's local validation split."""
 
-    num_samples: int = Field(ge=0, description="training examples used (the aggregation weight)")
-    num_eval_samples: int = Field(default=0, ge=0)
+    num_samples: int = Field(
+        ge=0, le=MAX_SITE_SAMPLES, description="training examples used (the aggregation weight)"
+    )
+    num_eval_samples: int = Field(default=0, ge=0, le=MAX_SITE_SAMPLES)
     train_loss: FiniteFloat | None = None
     eval_loss: FiniteFloat | None = None
     accuracy: FiniteFloat | None = Field(default=None, ge=0, le=1)
@@ -377,6 +508,15 @@ class PrivacySpend(Message):
         default=None, ge=0, description="what this task was charged on its own (none: nothing charged)"
     )
     accountant: AccountantName = Field(default=AccountantName.PLD, description="the site ledger's accountant")
+    spec_delta: FiniteFloat | None = Field(
+        default=None, gt=0, lt=1, description="the study spec's delta (the ledger's ``delta`` may differ)"
+    )
+    spec_study_epsilon: FiniteFloat | None = Field(
+        default=None,
+        ge=0,
+        description="the study's record-level epsilon at spec_delta: the figure a model card may print "
+        "beside the spec's delta",
+    )
     reproducible_noise: bool = Field(
         default=False,
         description="noise drawn from the study seed (benchmarks only: no privacy against "
@@ -395,12 +535,16 @@ class SiteAttestation(Message):
 
 
 class TaskFailure(Message):
-    """Sent by an agent that cannot (or will not) do a task. ``code`` is machine-readable (a refusal's rule),
-    ``reason`` is for people."""
+    """Sent by an agent that cannot (or will not) do a task: a code from a closed set, never free text (a
+    site's own words could carry a path or a patient id). ``reason`` is the code's fixed sentence, looked up
+    by whoever reads the message, not sent."""
 
-    code: Annotated[str, Field(pattern=r"^[a-z_]{1,40}$")]
-    reason: Annotated[str, Field(min_length=1, max_length=2000)]
+    code: FailureCode
     attestation: SiteAttestation | None = None
+
+    @property
+    def reason(self) -> str:
+        return self.code.message
 
 
 class ResultManifest(Message):

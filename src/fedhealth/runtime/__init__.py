@@ -20,15 +20,20 @@ from fedhealth.runtime._privacy import (
     task_plan,
 )
 from fedhealth.runtime._secure import (
+    MAX_LOSS,
     SecureSum,
+    SecureSumRejected,
+    check_sum,
     decode_sum,
     encode_contribution,
     secure_codec,
-    secure_threshold,
+    site_weight,
 )
 from fedhealth.runtime._tasks import (
     TrainOutcome,
     aggregate,
+    bound_update_norm,
+    bounded_updates,
     check_dataset_fits,
     decode_update,
     encode_update,
@@ -46,14 +51,19 @@ from fedhealth.runtime._tasks import (
 )
 
 __all__ = [
+    "MAX_LOSS",
     "REPRODUCIBLE_NOISE_ENV",
     "InMemoryResult",
     "SecureSum",
+    "SecureSumRejected",
     "TrainOutcome",
     "aggregate",
+    "bound_update_norm",
+    "bounded_updates",
     "central_noise_on_mean",
     "check_dataset_fits",
     "check_privacy",
+    "check_sum",
     "decode_sum",
     "decode_update",
     "encode_contribution",
@@ -71,9 +81,9 @@ __all__ = [
     "run_study_in_memory",
     "sample_rate",
     "secure_codec",
-    "secure_threshold",
     "server_step",
     "site_level_epsilon",
+    "site_weight",
     "strategy_config",
     "strategy_spec",
     "study_plan",

@@ -41,20 +41,24 @@ from fedhealth.privacy import (
     DpRelease,
     DpSgdRelease,
     NoiseMode,
+    RandomSource,
     SiteUpdateDp,
     calibrate_noise,
+    clip_headroom_stds,
     epsilon,
     secure_generator,
 )
-from fedhealth.protocol import DpMode, LocalOptimizer, RecipeName, StudySpec, TaskKind
+from fedhealth.protocol import DpMode, LocalOptimizer, RecipeName, StudySpec, TaskKind, secure_round_plan
 
 Params = dict[str, np.ndarray]
 
 REPRODUCIBLE_NOISE_ENV = "FEDHEALTH_REPRODUCIBLE_NOISE"
-# The codec of secure aggregation clips every coordinate at ``update_clip``; site-distributed mode asks for
-# enough room that a clipped update plus its noise share is clipped there with probability ~2e-9 per
-# coordinate (6 standard deviations), so the secure sum is the sum of the noisy updates.
-DISTRIBUTED_CLIP_ROOM_STDS = 6.0
+# The codec of secure aggregation clips every coordinate at ``update_clip``. In site-distributed mode a
+# clipped coordinate of a noisy update is a failure of the Gaussian mechanism; its probability over the
+# whole study (every coordinate d of every site's update n in every round R) must stay below this share of
+# delta, and the headroom ``update_clip - clip norm`` is sized for it (clip_headroom_stds over d * n * R
+# values). The guarantee is then (epsilon, delta) with this tail inside delta's 1 %: see docs/privacy.md.
+CLIP_TAIL_SHARE_OF_DELTA = 0.01
 
 
 def reproducible_noise_enabled() -> bool:
@@ -62,9 +66,7 @@ def reproducible_noise_enabled() -> bool:
     return os.environ.get(REPRODUCIBLE_NOISE_ENV, "").strip() == "1"
 
 
-def noise_generator(
-    rng_if_reproducible: np.random.Generator, reproducible: bool | None
-) -> np.random.Generator:
+def noise_generator(rng_if_reproducible: np.random.Generator, reproducible: bool | None) -> RandomSource:
     """The generator for DP noise: the task's own (reproducible) one, or a fresh secure one."""
     if reproducible is None:
         reproducible = reproducible_noise_enabled()
@@ -123,8 +125,20 @@ def noise_multiplier(spec: StudySpec, site: str | None = None) -> float:
     return 2.0 * _calibrated(privacy.target_epsilon, privacy.delta, 1.0, spec.rounds, _accountant(spec))
 
 
+def fewest_contributors(spec: StudySpec) -> int:
+    """The fewest training sites whose sum may be released: the quorum, and under secure aggregation also
+    its unmasking threshold (an orchestrator can unmask a sum over any ``threshold`` surviving sites, even
+    below the quorum it is meant to wait for). Site-distributed noise shares are calibrated on this."""
+    fewest = spec.min_sites
+    if spec.secure_aggregation is not None:
+        # the spec refuses a threshold below the quorum, so this is the quorum; kept as a second lock
+        fewest = min(fewest, secure_round_plan(spec, TaskKind.TRAIN).threshold)
+    return fewest
+
+
 def site_update_dp(spec: StudySpec) -> SiteUpdateDp:
-    """Site modes: the clip norm, noise multiplier and quorum of the study's site-level mechanism."""
+    """Site modes: the clip norm, noise multiplier and the fewest contributors of the study's site-level
+    mechanism (each distributed share is calibrated so that that many shares carry the whole noise)."""
     privacy = spec.privacy
     if privacy is None or privacy.mode is DpMode.RECORD:
         raise InputError("only site-level DP clips and noises whole updates")
@@ -134,8 +148,31 @@ def site_update_dp(spec: StudySpec) -> SiteUpdateDp:
         noise_multiplier=noise_multiplier(spec),
         mode=mode,
         num_sites=len(spec.train_sites),
-        min_quorum=spec.min_sites,
+        min_quorum=fewest_contributors(spec),
     )
+
+
+def model_size(spec: StudySpec) -> int:
+    """How many numbers one update holds (the model's parameters)."""
+    recipe = spec.recipe
+    if recipe.name is RecipeName.LOGREG:
+        assert recipe.n_features is not None
+        return recipe.n_features + 1  # weight and bias
+    assert recipe.n_params is not None
+    return recipe.n_params
+
+
+def distributed_clip_room(spec: StudySpec) -> tuple[float, float]:
+    """Site-distributed mode: the smallest ``update_clip`` that keeps the chance of the codec clipping any
+    noisy coordinate, over the whole study, within ``CLIP_TAIL_SHARE_OF_DELTA`` of delta; and the number of
+    standard deviations of a noise share that room holds. A coordinate of a clipped update is at most the
+    clip norm C, so it is clipped only if its noise exceeds ``update_clip - C``."""
+    privacy = spec.privacy
+    assert privacy is not None
+    dp = site_update_dp(spec)
+    values = model_size(spec) * len(spec.train_sites) * spec.rounds
+    stds = clip_headroom_stds(values, CLIP_TAIL_SHARE_OF_DELTA * privacy.delta)
+    return dp.clip_norm + stds * dp.site_noise_std, stds
 
 
 def round_release(spec: StudySpec, site: str) -> DpRelease:
@@ -171,12 +208,13 @@ def planned_epsilon(spec: StudySpec, site: str) -> float:
     return epsilon(study_plan(spec, site), delta=spec.privacy.delta, accountant=_accountant(spec))
 
 
-def site_level_epsilon(spec: StudySpec) -> float | None:
-    """Site modes: the study's guarantee for a whole site's participation (adding or removing its updates)."""
+def site_level_epsilon(spec: StudySpec, rounds: int | None = None) -> float | None:
+    """Site modes: the guarantee for a whole site's participation (adding or removing its updates) over the
+    study's rounds, or its first ``rounds``, at the spec's delta."""
     if not is_site_mode(spec):
         return None
     assert spec.privacy is not None
-    release = site_update_dp(spec).site_level_release(spec.rounds)
+    release = site_update_dp(spec).site_level_release(spec.rounds if rounds is None else rounds)
     return epsilon(release, delta=spec.privacy.delta, accountant=_accountant(spec))
 
 
@@ -226,15 +264,18 @@ def check_privacy(spec: StudySpec) -> None:
         for site in spec.train_sites if privacy.mode is DpMode.RECORD else spec.train_sites[:1]:
             round_release(spec, site)
         if privacy.mode is DpMode.SITE_DISTRIBUTED:
-            dp = site_update_dp(spec)
             assert spec.secure_aggregation is not None
-            room = dp.clip_norm + DISTRIBUTED_CLIP_ROOM_STDS * dp.site_noise_std
+            room, stds = distributed_clip_room(spec)
             clip = spec.secure_aggregation.update_clip
             if clip < room:
+                values = model_size(spec) * len(spec.train_sites) * spec.rounds
                 raise InputError(
-                    f"privacy: secure_aggregation.update_clip {clip:g} would clip "
-                    f"the noisy updates; it must be at least {room:.4g} (the clip norm plus "
-                    f"{DISTRIBUTED_CLIP_ROOM_STDS:g} standard deviations of a site's noise share)"
+                    f"privacy: secure_aggregation.update_clip {clip:g} could clip the noisy updates; it must "
+                    f"be at least {room:.4g}: the clip norm plus {stds:.3g} standard deviations of a site's "
+                    f"noise share, so that none of the {values} noisy values of the study "
+                    f"({model_size(spec)} parameters x {len(spec.train_sites)} sites x {spec.rounds} rounds) "
+                    "is clipped except "
+                    f"with probability {CLIP_TAIL_SHARE_OF_DELTA * privacy.delta:.3g} (1 % of delta)"
                 )
     except (CalibrationError, DpParameterError) as exc:
         raise InputError(f"privacy: {exc}") from exc
@@ -243,7 +284,7 @@ def check_privacy(spec: StudySpec) -> None:
 # --- noise where it belongs --------------------------------------------------------------------------------
 
 
-def privatize_update(spec: StudySpec, delta: Mapping[str, np.ndarray], rng: np.random.Generator) -> Params:
+def privatize_update(spec: StudySpec, delta: Mapping[str, np.ndarray], rng: RandomSource) -> Params:
     """Site modes, at the site: the update clipped to ``max_grad_norm`` plus, in distributed mode, the
     site's share of the noise (float32, as uploaded)."""
     # Noise is drawn tensor by tensor: a fixed (sorted) order makes a reproducible run independent of the
@@ -254,7 +295,7 @@ def privatize_update(spec: StudySpec, delta: Mapping[str, np.ndarray], rng: np.r
 
 
 def private_mean(
-    spec: StudySpec, updates: Sequence[tuple[int, Mapping[str, np.ndarray]]], rng: np.random.Generator
+    spec: StudySpec, updates: Sequence[tuple[int, Mapping[str, np.ndarray]]], rng: RandomSource
 ) -> Params:
     """Site modes, at the orchestrator: the unweighted mean of the updates, with the central noise
     ``N(0, sigma^2 C^2)`` added to their sum in central mode.
@@ -281,7 +322,7 @@ def private_mean(
 
 
 def central_noise_on_mean(
-    spec: StudySpec, mean_delta: Mapping[str, np.ndarray], contributors: int, rng: np.random.Generator
+    spec: StudySpec, mean_delta: Mapping[str, np.ndarray], contributors: int, rng: RandomSource
 ) -> Params:
     """Site-central mode under secure aggregation: the orchestrator learns only the (unweighted) mean, so
     it adds the central noise to the sum the mean came from, then divides again."""

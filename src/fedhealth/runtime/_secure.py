@@ -3,9 +3,10 @@
 Under secure aggregation every figure a site reports travels inside the masked vector, so the orchestrator
 learns only sums over the contributing sites:
 
-- training round: ``delta`` = w_k * clip(Δ_k, ±c) for the model update Δ_k (w_k = min(n_k, W), the site's
-  sample count capped at the study's ``weight_cap``, or 1 under site-level DP), ``weight`` = w_k,
-  ``loss`` = w_k * train loss, and the validation figures below;
+- training round: ``delta`` = w_k * clip(Δ_k, ±c) for the model update Δ_k (first scaled to the strategy's
+  ``max_update_norm`` if set; w_k = min(n_k, W), the site's sample count capped at the strategy's
+  ``weight_cap`` and at least 1, or 1 under site-level DP), ``weight`` = w_k, ``loss`` = w_k * train loss,
+  and the validation figures below;
 - evaluation round: ``eval_n``, ``correct`` (counts), ``accuracy``, ``auc`` and ``eval_loss`` (each site's own
   value, summed: their mean over contributors is FLamby's plain mean of site metrics), ``auc_n`` (how many
   sites could compute an AUC).
@@ -13,6 +14,15 @@ learns only sums over the contributing sites:
 The sample-weighted mean update is then ``sum(delta) / sum(weight)``: FedAvg's weighting, with nothing
 revealed per site. Values are clipped to their segment's range; the codec's quantization error per
 coordinate of the sum is below ``contributors * step`` (see ``fedhealth.secagg``'s codec).
+
+The codec of a round depends on the approved spec only (its sites for the round's kind), never on what the
+orchestrator says about the round. Nothing stops a malicious site from sending raw ring values instead of
+an encoded vector, so after unmasking :func:`decode_sum` checks every segment against what the contributors
+can possibly produce, and the segments against each other (:class:`SecureSumRejected` otherwise): a wrapped
+weight (1 instead of 900) is caught. What no check can catch: a malicious contributor controls the decoded
+sums as long as they stay consistent, so it can move the round's mean update anywhere within
+``±update_clip`` per coordinate (and within ``max_update_norm``). Only robust aggregation over individual
+updates, which secure aggregation hides by design, or proofs of range would bound it further.
 """
 
 from __future__ import annotations
@@ -25,8 +35,15 @@ from typing import Any
 import numpy as np
 
 from fedhealth.core import InputError, TensorSpec
-from fedhealth.protocol import DpMode, SecureAggregationSpec, SiteMetrics, StudySpec, TaskKind
-from fedhealth.runtime._tasks import Params, param_specs
+from fedhealth.protocol import (
+    DpMode,
+    SecureAggregationSpec,
+    SiteMetrics,
+    StudySpec,
+    TaskKind,
+    secure_round_plan,
+)
+from fedhealth.runtime._tasks import Params, bound_update_norm, param_specs
 from fedhealth.secagg import Segment, SegmentKind, VectorCodec
 
 MAX_LOSS = 100.0  # losses are clipped here before summing (a BCE above 100 means the model is broken anyway)
@@ -38,14 +55,18 @@ def _count_cap(n_sites: int) -> int:
     return min(MAX_EVAL_COUNT, ((1 << 32) - 1) // max(1, n_sites))
 
 
+class SecureSumRejected(InputError):
+    """A decoded secure sum lies outside what its contributors can produce (a site sent values outside its
+    ranges, e.g. raw ring values that wrap): the round fails with this reason and nothing of it is used."""
+
+
 def site_weight(spec: StudySpec, num_samples: int) -> int:
-    """A site's weight in the secure sum: its sample count capped at ``weight_cap`` (FedAvg), or 1 under
-    site-level differential privacy, whose guarantee bounds each site's influence on an unweighted sum."""
-    sa = spec.secure_aggregation
-    assert sa is not None
+    """A site's weight in the secure sum: its sample count capped at the strategy's ``weight_cap`` and at
+    least 1 (FedAvg; the server checks each contributor weighs 1..cap), or 1 under site-level differential
+    privacy, whose guarantee bounds each site's influence on an unweighted sum."""
     if spec.privacy is not None and spec.privacy.mode is not DpMode.RECORD:
         return 1
-    return min(num_samples, sa.weight_cap)
+    return max(1, min(num_samples, spec.strategy.weight_cap))
 
 
 def _metric_segments(cap: int) -> list[Segment]:
@@ -59,15 +80,17 @@ def _metric_segments(cap: int) -> list[Segment]:
     ]
 
 
-def secure_codec(spec: StudySpec, kind: TaskKind, n_sites: int) -> VectorCodec:
-    """The codec of a round: the same on every site and at the orchestrator (it depends on the spec only)."""
+def secure_codec(spec: StudySpec, kind: TaskKind) -> VectorCodec:
+    """The codec of a round: the same on every site and at the orchestrator. It depends on the approved spec
+    only (its sites for ``kind`` bound the contributors), not on the round the orchestrator set up."""
     sa = spec.secure_aggregation
     if sa is None:
         raise InputError("the study does not use secure aggregation")
+    n_sites = secure_round_plan(spec, kind).n
     segments = _metric_segments(_count_cap(n_sites))
     if kind is TaskKind.TRAIN:
         length = sum(math.prod(s.shape) for s in param_specs(spec.recipe))
-        top = site_weight(spec, sa.weight_cap)  # the largest weight a site can have: the ranges follow it
+        top = site_weight(spec, spec.strategy.weight_cap)  # the largest weight a site can have
         bound = top * sa.update_clip
         segments = [
             Segment(name="delta", low=-bound, high=bound, length=length),
@@ -76,15 +99,6 @@ def secure_codec(spec: StudySpec, kind: TaskKind, n_sites: int) -> VectorCodec:
             *segments,
         ]
     return VectorCodec(segments=tuple(segments), max_contributors=n_sites)
-
-
-def secure_threshold(spec: StudySpec, n_sites: int) -> int:
-    """Sites needed to unmask: the spec's threshold, else max(2n/3 rounded up, a strict majority, quorum)."""
-    sa = spec.secure_aggregation
-    assert sa is not None
-    if sa.threshold is not None:
-        return sa.threshold
-    return min(n_sites, max(math.ceil(2 * n_sites / 3), n_sites // 2 + 1, spec.min_sites))
 
 
 def _flatten(params: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> np.ndarray:
@@ -127,7 +141,10 @@ def encode_contribution(
     if delta is not None:
         sa: SecureAggregationSpec = spec.secure_aggregation  # type: ignore[assignment]
         weight = site_weight(spec, metrics.num_samples)
-        flat = np.clip(_flatten(delta, param_specs(spec.recipe)), -sa.update_clip, sa.update_clip)
+        flat = _flatten(delta, param_specs(spec.recipe))
+        if spec.strategy.max_update_norm is not None:  # as the orchestrator bounds a plain-mode update
+            flat = bound_update_norm(flat, spec.strategy.max_update_norm)
+        flat = np.clip(flat, -sa.update_clip, sa.update_clip)
         values |= {
             "delta": flat * weight,
             "weight": weight,
@@ -146,7 +163,12 @@ class SecureSum:
 
 
 def decode_sum(codec: VectorCodec, spec: StudySpec, total: np.ndarray, contributors: int) -> SecureSum:
-    sums = codec.decode(total, contributors)
+    """The round's figures from the unmasked sum; :class:`SecureSumRejected` if the sum is impossible."""
+    try:
+        sums = codec.decode(total, contributors)
+    except InputError as exc:
+        raise SecureSumRejected(str(exc)) from exc
+    check_sum(codec, spec, sums, contributors)
     metrics: dict[str, Any] = {"sites": contributors, "secure": True}
     eval_n = float(sums["eval_n"][0])
     if eval_n > 0:
@@ -159,10 +181,64 @@ def decode_sum(codec: VectorCodec, spec: StudySpec, total: np.ndarray, contribut
     mean_delta = None
     if "delta" in sums:
         weight = float(sums["weight"][0])
-        if weight <= 0:
-            raise InputError("the secure sum carries no sample weight")
         metrics["num_samples"] = int(weight)
         metrics["train_loss"] = float(sums["loss"][0]) / weight
         specs = param_specs(spec.recipe)
         mean_delta = {k: v.astype(np.float32) for k, v in _unflatten(sums["delta"] / weight, specs).items()}
     return SecureSum(contributors=contributors, mean_delta=mean_delta, metrics=metrics)
+
+
+def check_sum(codec: VectorCodec, spec: StudySpec, sums: Mapping[str, np.ndarray], contributors: int) -> None:
+    """Refuse decoded sums that ``contributors`` honest encodings cannot produce.
+
+    The codec already bounds each segment by ``contributors`` times its range. On top of that, per segment
+    and across segments, up to the codec's quantization error bound: every contributor weighs 1..cap (so
+    contributors <= sum weight <= contributors * cap); |sum delta| <= update_clip * sum weight per coordinate
+    (each site's delta is its weight times a clipped update) and, with ``max_update_norm``, in L2 too;
+    loss <= MAX_LOSS * weight; correct <= eval_n; auc <= auc_n <= contributors; accuracy <= contributors.
+    """
+    m = contributors
+
+    def scalar(name: str) -> float:
+        return float(sums[name][0])
+
+    def slack(name: str) -> float:
+        return codec.error_bound(name, m)
+
+    problems: list[str] = []
+    if scalar("correct") > scalar("eval_n"):
+        problems.append(f"{scalar('correct'):.0f} correct predictions out of {scalar('eval_n'):.0f}")
+    if scalar("auc_n") > m:
+        problems.append(f"{scalar('auc_n'):.0f} sites with an AUC among {m} contributors")
+    if scalar("auc") > scalar("auc_n") + slack("auc"):
+        problems.append(f"AUCs summing to {scalar('auc'):.4g} over {scalar('auc_n'):.0f} sites")
+    if scalar("accuracy") > m + slack("accuracy"):
+        problems.append(f"accuracies summing to {scalar('accuracy'):.4g} over {m} sites")
+    if "delta" in sums:
+        sa = spec.secure_aggregation
+        assert sa is not None
+        weight = scalar("weight")
+        low, high = m * site_weight(spec, 1), m * site_weight(spec, spec.strategy.weight_cap)
+        if not low <= weight <= high:
+            problems.append(f"a total weight of {weight:.0f} from {m} sites (possible: {low} to {high})")
+        else:
+            delta = np.asarray(sums["delta"], dtype=np.float64)
+            worst = float(np.max(np.abs(delta))) if delta.size else 0.0
+            if worst > sa.update_clip * weight + slack("delta"):
+                problems.append(
+                    f"a summed update coordinate of {worst:.4g} where the {weight:.0f} units of weight allow "
+                    f"at most {sa.update_clip * weight:.4g}"
+                )
+            norm_bound = spec.strategy.max_update_norm
+            if norm_bound is not None:
+                norm = float(np.linalg.norm(delta))
+                allowed = norm_bound * weight + slack("delta") * math.sqrt(delta.size)
+                if norm > allowed:
+                    problems.append(f"a summed update of L2 norm {norm:.4g} above {allowed:.4g}")
+            if scalar("loss") > MAX_LOSS * weight + slack("loss"):
+                problems.append(f"a summed loss of {scalar('loss'):.4g} for a weight of {weight:.0f}")
+    if problems:
+        raise SecureSumRejected(
+            f"the decoded secure sum is impossible for {m} contributing sites ({'; '.join(problems)}): "
+            "a site sent values outside its ranges"
+        )

@@ -7,6 +7,7 @@ services stay thin and a whole round can also be driven in memory.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -192,20 +193,29 @@ def train_on_site(
         raise DatasetError(f"no dataset registered for {task.dataset!r}")
     check_dataset_fits(recipe, dataset)
     result = logreg_train(global_params, dataset.X_train, dataset.y_train, logreg_config(recipe), rng)
-    evaluation = logreg_evaluate(result.params, dataset.X_test, dataset.y_test)
     delta = {
         k: (result.params[k].astype(np.float32) - global_params[k]).astype(np.float32) for k in global_params
     }
     metrics = SiteMetrics(
         num_samples=result.num_samples,
-        num_eval_samples=evaluation.num_samples,
         train_loss=result.train_loss,
-        eval_loss=evaluation.loss,
-        accuracy=evaluation.accuracy,
-        auc=evaluation.auc,
         duration_s=time.perf_counter() - started,
+        **_held_out_metrics(result.params, dataset),
     )
     return TrainOutcome(delta=delta, metrics=metrics)
+
+
+def _held_out_metrics(params: Params, dataset: TabularDataset) -> dict[str, Any]:
+    """A training round's figures on the held-out rows; none when consent left no held-out row."""
+    if dataset.num_test == 0:
+        return {}
+    evaluation = logreg_evaluate(params, dataset.X_test, dataset.y_test)
+    return {
+        "num_eval_samples": evaluation.num_samples,
+        "eval_loss": evaluation.loss,
+        "accuracy": evaluation.accuracy,
+        "auc": evaluation.auc,
+    }
 
 
 def _train_private(
@@ -254,14 +264,10 @@ def _train_private(
     delta = {k: (local[k].astype(np.float32) - global_params[k]).astype(np.float32) for k in global_params}
     # After DP-SGD the local model is itself a DP release: its metrics on the held-out split are
     # post-processing as far as the training records are concerned.
-    evaluation = logreg_evaluate(local, dataset.X_test, dataset.y_test)
     metrics = SiteMetrics(
         num_samples=int(dataset.X_train.shape[0]),
-        num_eval_samples=evaluation.num_samples,
-        eval_loss=evaluation.loss,
-        accuracy=evaluation.accuracy,
-        auc=evaluation.auc,
         duration_s=time.perf_counter() - started,
+        **_held_out_metrics(local, dataset),
     )
     return TrainOutcome(delta=delta, metrics=metrics)
 
@@ -302,6 +308,32 @@ def decode_update(data: bytes, specs: Sequence[TensorSpec]) -> tuple[Params, Res
 # --- server side ------------------------------------------------------------------------------------------
 
 
+def bound_update_norm(flat: np.ndarray, max_norm: float) -> np.ndarray:
+    """``flat`` scaled down to L2 norm ``max_norm`` if it is longer (float64)."""
+    flat = np.asarray(flat, dtype=np.float64)
+    norm = float(np.linalg.norm(flat))
+    return flat * (max_norm / norm) if norm > max_norm else flat
+
+
+def bounded_updates(
+    strategy: StrategySpec, updates: Sequence[tuple[int, Mapping[str, np.ndarray]]]
+) -> list[tuple[int, Mapping[str, np.ndarray]]]:
+    """What the server averages in plain mode: each sample count capped at ``weight_cap`` (a site reporting
+    2**62 samples would set the model alone) and, with ``max_update_norm``, each update scaled down to that
+    L2 norm over all its tensors (clipped, not rejected: an honest site with a large step still counts)."""
+    out: list[tuple[int, Mapping[str, np.ndarray]]] = []
+    for count, delta in updates:
+        if strategy.max_update_norm is not None:
+            norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values()))
+            if norm > strategy.max_update_norm:
+                scale = strategy.max_update_norm / norm
+                delta = {
+                    k: (np.asarray(v, dtype=np.float64) * scale).astype(v.dtype) for k, v in delta.items()
+                }
+        out.append((min(int(count), strategy.weight_cap), delta))
+    return out
+
+
 def aggregate(
     strategy: StrategySpec,
     global_params: Params,
@@ -311,11 +343,13 @@ def aggregate(
     spec: StudySpec | None = None,
     rng: np.random.Generator | None = None,
 ) -> tuple[Params, Params]:
-    """Sample-weighted mean of the updates (in the given order), then the server strategy's step.
+    """Sample-weighted mean of the updates (in the given order), then the server strategy's step. Weights
+    are capped and updates norm-bounded first (:func:`bounded_updates`).
 
     Under site-level DP (``spec.privacy`` in a site mode) the mean is unweighted, of re-clipped updates, with
     the central noise added in site-central mode, drawn from ``rng`` (default: a secure generator).
     """
+    updates = bounded_updates(strategy, updates)
     if spec is not None and spec.privacy is not None and spec.privacy.mode is not DpMode.RECORD:
         mean = private_mean(spec, updates, rng if rng is not None else secure_generator())
         return server_step(strategy, global_params, mean, state)

@@ -11,7 +11,8 @@ A round, as a driver sees it::
     client = SecAggClient(config, site, key, identities)  # each agent
     server.receive(client.advertise_keys());  directories = server.close_stage()
     server.receive(client.share_keys(directories[site]));  bundles = server.close_stage()
-    server.receive(client.masked_input(bundles[site], codec.encode(values)));  requests = server.close_stage()
+    server.receive(client.masked_input(bundles[site], codec.encode(values)));  checks = server.close_stage()
+    server.receive(client.consistency(checks[site]));  requests = server.close_stage()
     server.receive(client.unmask(requests[site]));  server.close_stage()
     sums = codec.decode(server.result().vector, len(server.result().contributors))
 
@@ -24,7 +25,8 @@ Driving it over HTTPS:
 - Agent: one :class:`SecAggClient` per round, kept in memory (its ephemeral secrets are never persisted; a
   restart mid-round means the site dropped), and one long-lived :class:`KeyReuseGuard` per site process. Pin
   the peers' identities from enrollment. Stage methods are not idempotent: cache each outgoing message and
-  re-send it on a transport retry.
+  re-send it on a transport retry. Pass ``before_reveal`` to record, durably, that the site unmasked this
+  (study, round) before any share leaves it.
 - Wire: ``to_bytes``/``from_bytes`` (or :func:`decode_message`) for every message; the masked input also as
   safetensors (:meth:`MaskedInput.to_safetensors`, tensor ``masked_input``, uint32).
 - Values: build the round with ``vector_length=codec.length`` and a :class:`VectorCodec` whose
@@ -33,7 +35,18 @@ Driving it over HTTPS:
 
 from fedhealth.secagg._client import KeyReuseGuard, SecAggClient
 from fedhealth.secagg._codec import Segment, SegmentKind, VectorCodec
-from fedhealth.secagg._config import PROTOCOL_VERSION, NeighbourhoodGraph, SecAggConfig, default_degree
+from fedhealth.secagg._config import (
+    PROTOCOL_VERSION,
+    NeighbourhoodGraph,
+    SecAggConfig,
+    default_degree,
+    graph_for,
+    min_degree,
+    min_threshold,
+    neighbourhood_problem,
+    sparse_share_threshold,
+    threshold_problem,
+)
 from fedhealth.secagg._errors import (
     FailureReason,
     RoundFailedError,
@@ -43,6 +56,8 @@ from fedhealth.secagg._errors import (
 )
 from fedhealth.secagg._messages import (
     ClientMessage,
+    ConsistencyRequest,
+    ConsistencySignature,
     EncryptedShares,
     KeyAdvertisement,
     KeyDirectory,
@@ -52,6 +67,7 @@ from fedhealth.secagg._messages import (
     ShareBox,
     ShareBundle,
     ShareKind,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
     decode_message,
@@ -67,6 +83,8 @@ __all__ = [
     "AggregateResult",
     "ClientAction",
     "ClientMessage",
+    "ConsistencyRequest",
+    "ConsistencySignature",
     "EncryptedShares",
     "FailureReason",
     "InMemoryRound",
@@ -92,11 +110,18 @@ __all__ = [
     "ShareBundle",
     "ShareKind",
     "Stage",
+    "SurvivorSignature",
     "UnmaskRequest",
     "UnmaskResponse",
     "VectorCodec",
     "decode_message",
     "default_degree",
+    "graph_for",
+    "min_degree",
+    "min_threshold",
+    "neighbourhood_problem",
     "run_in_memory",
     "simulate_round",
+    "sparse_share_threshold",
+    "threshold_problem",
 ]

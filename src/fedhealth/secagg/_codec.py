@@ -191,8 +191,7 @@ class VectorCodec:
             np.add(b, u, out=b)
             # clipping after the noise: below the range every value floors to 0, above it lands on the top
             # level, and the clamp also catches L + u rounding up to L + 1 in float64
-            np.maximum(b, 0.0, out=b)
-            np.minimum(b, levels, out=b)
+            np.clip(b, 0.0, levels, out=b)
             np.copyto(target[start:stop], b, casting="unsafe")  # truncation is floor: b is non-negative
 
     def decode(self, total: NDArray[np.uint32], contributors: int) -> dict[str, NDArray[np.float64]]:

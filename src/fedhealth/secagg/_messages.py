@@ -7,8 +7,8 @@ so the upload is 4 bytes per parameter plus a constant.
 Every message names the round by the digest of its :class:`~fedhealth.secagg.SecAggConfig`; a message carrying
 another round's digest is refused by the party that receives it.
 
-    client -> server   KeyAdvertisement   EncryptedShares   MaskedInput   UnmaskResponse
-    server -> client   KeyDirectory       ShareBundle       UnmaskRequest
+    client -> server   KeyAdvertisement   EncryptedShares   MaskedInput   ConsistencySignature  UnmaskResponse
+    server -> client   KeyDirectory       ShareBundle       ConsistencyRequest  UnmaskRequest
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from fedhealth.core import (
     encode_tensors,
     is_valid_name,
 )
-from fedhealth.secagg._errors import SecAggMessageError, SecAggSecurityError
+from fedhealth.secagg._errors import SecAggMessageError
 from fedhealth.secagg._shamir import SHARE_BYTES
 
 DIGEST_BYTES = 32
@@ -40,6 +40,8 @@ PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 COMMITMENT_BYTES = 32
 MAX_JSON_BYTES = 64 << 20
+# config.MAX_SITES: a directory or survivor list never names more sites than a round has
+MAX_DIRECTORY = 10_000
 _MASKED_MAGIC = b"FHSAMI01"
 
 
@@ -166,7 +168,9 @@ class KeyAdvertisement(_JsonMessage):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeyDirectory(_JsonMessage):
-    """Server -> one site: the advertisements of that site's neighbours that arrived in time (its own too)."""
+    """Server -> one site: every advertisement that arrived in time (U1, its own too), sorted by site.
+
+    Each client verifies all of them and hashes them into the neighbourhood-graph seed."""
 
     KIND: ClassVar[str] = "secagg.key_directory"
     recipient: str
@@ -180,6 +184,8 @@ class KeyDirectory(_JsonMessage):
             isinstance(a, KeyAdvertisement) for a in self.advertisements
         ):
             raise SecAggMessageError("advertisements must be a tuple of KeyAdvertisement")
+        if len(self.advertisements) > MAX_DIRECTORY:
+            raise SecAggMessageError(f"at most {MAX_DIRECTORY} advertisements")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -421,32 +427,31 @@ class ShareKind(Enum):
     """Of a site that dropped before its masked input arrived: removes its pairwise masks."""
 
 
+def _check_site_list(group: object, name: str) -> None:
+    if not isinstance(group, tuple):
+        raise SecAggMessageError(f"{name} must be a tuple")
+    if len(group) > MAX_DIRECTORY:
+        raise SecAggMessageError(f"{name} names more than {MAX_DIRECTORY} sites")
+    for s in group:
+        _check_site(s, name)
+    if list(group) != sorted(set(group)):
+        raise SecAggMessageError(f"{name} must be sorted and distinct")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class UnmaskRequest(_JsonMessage):
-    """Server -> each survivor: whose masked input arrived (``survivors``) and who dropped after sharing keys.
+class ConsistencyRequest(_JsonMessage):
+    """Server -> each site whose masked input arrived: the survivor set U3 (sorted), for the site to check and
+    sign (Bonawitz et al. 2017, ConsistencyCheck)."""
 
-    A site in both lists is refused on construction: answering would give the server both shares of one site.
-    """
-
-    KIND: ClassVar[str] = "secagg.unmask_request"
+    KIND: ClassVar[str] = "secagg.consistency_request"
     recipient: str
     config_digest: bytes
     survivors: tuple[str, ...]
-    dropped: tuple[str, ...]
 
     def __post_init__(self) -> None:
         _check_site(self.recipient, "recipient")
         _check_bytes(self.config_digest, "config_digest", DIGEST_BYTES)
-        for name, group in (("survivors", self.survivors), ("dropped", self.dropped)):
-            if not isinstance(group, tuple):
-                raise SecAggMessageError(f"{name} must be a tuple")
-            for s in group:
-                _check_site(s, name)
-            if list(group) != sorted(set(group)):
-                raise SecAggMessageError(f"{name} must be sorted and distinct")
-        both = set(self.survivors) & set(self.dropped)
-        if both:
-            raise SecAggSecurityError(f"the server asks for both shares of {sorted(both)}")
+        _check_site_list(self.survivors, "survivors")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -454,7 +459,119 @@ class UnmaskRequest(_JsonMessage):
             "recipient": self.recipient,
             "config_digest": _b64(self.config_digest),
             "survivors": list(self.survivors),
-            "dropped": list(self.dropped),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ConsistencyRequest:
+        if data.get("kind") != cls.KIND:
+            raise SecAggMessageError(f"expected a {cls.KIND} message")
+        return cls(
+            recipient=_field(data, "recipient", str),
+            config_digest=_unb64(_field(data, "config_digest", str), "config_digest", DIGEST_BYTES),
+            survivors=tuple(_field(data, "survivors", list)),
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ConsistencyRequest:
+        return cls.from_json(_load_json(data, cls.KIND))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConsistencySignature(_JsonMessage):
+    """Site -> server: the site's Ed25519 identity signature over the survivor set it was told (see
+    ``_derive.consistency_payload``)."""
+
+    KIND: ClassVar[str] = "secagg.consistency_signature"
+    site_id: str
+    config_digest: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _check_site(self.site_id, "site_id")
+        _check_bytes(self.config_digest, "config_digest", DIGEST_BYTES)
+        _check_bytes(self.signature, "signature", SIGNATURE_BYTES)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.KIND,
+            "site_id": self.site_id,
+            "config_digest": _b64(self.config_digest),
+            "signature": _b64(self.signature),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ConsistencySignature:
+        if data.get("kind") != cls.KIND:
+            raise SecAggMessageError(f"expected a {cls.KIND} message")
+        return cls(
+            site_id=_field(data, "site_id", str),
+            config_digest=_unb64(_field(data, "config_digest", str), "config_digest", DIGEST_BYTES),
+            signature=_unb64(_field(data, "signature", str), "signature", SIGNATURE_BYTES),
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ConsistencySignature:
+        return cls.from_json(_load_json(data, cls.KIND))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SurvivorSignature:
+    """One site's consistency signature, as the server forwards it in an :class:`UnmaskRequest`."""
+
+    site_id: str
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _check_site(self.site_id, "site_id")
+        _check_bytes(self.signature, "signature", SIGNATURE_BYTES)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"site_id": self.site_id, "signature": _b64(self.signature)}
+
+    @classmethod
+    def from_json(cls, data: object) -> SurvivorSignature:
+        if not isinstance(data, dict):
+            raise SecAggMessageError("a survivor signature must be an object")
+        return cls(
+            site_id=_field(data, "site_id", str),
+            signature=_unb64(_field(data, "signature", str), "signature", SIGNATURE_BYTES),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnmaskRequest(_JsonMessage):
+    """Server -> each site that signed: the survivor set and the consistency signatures over it.
+
+    There is no list of dropped sites: each client reveals pairwise-key shares of exactly the peers it masked
+    with that are not survivors, and self-mask-seed shares of the survivors, so it never reveals both kinds
+    for one site.
+    """
+
+    KIND: ClassVar[str] = "secagg.unmask_request"
+    recipient: str
+    config_digest: bytes
+    survivors: tuple[str, ...]
+    signatures: tuple[SurvivorSignature, ...]
+
+    def __post_init__(self) -> None:
+        _check_site(self.recipient, "recipient")
+        _check_bytes(self.config_digest, "config_digest", DIGEST_BYTES)
+        _check_site_list(self.survivors, "survivors")
+        if not isinstance(self.signatures, tuple) or not all(
+            isinstance(s, SurvivorSignature) for s in self.signatures
+        ):
+            raise SecAggMessageError("signatures must be a tuple of SurvivorSignature")
+        signers = [s.site_id for s in self.signatures]
+        if signers != sorted(set(signers)):
+            raise SecAggMessageError("signatures must be sorted by site and at most one per site")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.KIND,
+            "recipient": self.recipient,
+            "config_digest": _b64(self.config_digest),
+            "survivors": list(self.survivors),
+            "signatures": [s.to_json() for s in self.signatures],
         }
 
     @classmethod
@@ -465,7 +582,7 @@ class UnmaskRequest(_JsonMessage):
             recipient=_field(data, "recipient", str),
             config_digest=_unb64(_field(data, "config_digest", str), "config_digest", DIGEST_BYTES),
             survivors=tuple(_field(data, "survivors", list)),
-            dropped=tuple(_field(data, "dropped", list)),
+            signatures=tuple(SurvivorSignature.from_json(s) for s in _field(data, "signatures", list)),
         )
 
     @classmethod
@@ -546,12 +663,23 @@ class UnmaskResponse(_JsonMessage):
         return cls.from_json(_load_json(data, cls.KIND))
 
 
-ClientMessage: TypeAlias = KeyAdvertisement | EncryptedShares | MaskedInput | UnmaskResponse
-ServerMessage: TypeAlias = KeyDirectory | ShareBundle | UnmaskRequest
+ClientMessage: TypeAlias = (
+    KeyAdvertisement | EncryptedShares | MaskedInput | ConsistencySignature | UnmaskResponse
+)
+ServerMessage: TypeAlias = KeyDirectory | ShareBundle | ConsistencyRequest | UnmaskRequest
 
 _JSON_KINDS: dict[str, Any] = {
     cls.KIND: cls
-    for cls in (KeyAdvertisement, KeyDirectory, EncryptedShares, ShareBundle, UnmaskRequest, UnmaskResponse)
+    for cls in (
+        KeyAdvertisement,
+        KeyDirectory,
+        EncryptedShares,
+        ShareBundle,
+        ConsistencyRequest,
+        ConsistencySignature,
+        UnmaskRequest,
+        UnmaskResponse,
+    )
 }
 
 

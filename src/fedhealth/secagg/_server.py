@@ -7,8 +7,13 @@ at the first two stages (as if they had dropped), so a dropout during key set-up
 fewer than ``threshold`` sites remain, or a neighbourhood is too thin, ``close_stage`` raises
 :class:`RoundFailedError`, the server forgets every masked input and share, and nothing is revealed.
 
+After the masked inputs it runs the consistency round: it sends the survivor set U3 to each survivor,
+collects their signatures (checked on receipt when it knows the identities), and sends the survivors and all
+signatures to each signer. Clients reveal nothing without t valid signatures over the set they signed.
+
 The server asks each site for at most one kind of share per owner and refuses to store a share of the other
-kind, so it never holds both the self-mask seed and the pairwise key of one site.
+kind, so it never holds both the self-mask seed and the pairwise key of one site. The neighbourhood graph's
+seed comes from the advertisements it relays (all of them, to every site), never from the server itself.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from numpy.typing import NDArray
 from fedhealth.core import CryptoError
 from fedhealth.crypto import AgreementKey, PublicIdentity, constant_time_equal
 from fedhealth.secagg import _derive
-from fedhealth.secagg._config import SecAggConfig
+from fedhealth.secagg._config import NeighbourhoodGraph, SecAggConfig, graph_for
 from fedhealth.secagg._crypto_extra import apply_masks
 from fedhealth.secagg._errors import FailureReason, RoundFailedError, SecAggProtocolError, SecAggSecurityError
 from fedhealth.secagg._messages import (
     ClientMessage,
+    ConsistencyRequest,
+    ConsistencySignature,
     EncryptedShares,
     KeyAdvertisement,
     KeyDirectory,
@@ -36,18 +43,20 @@ from fedhealth.secagg._messages import (
     ShareBox,
     ShareBundle,
     ShareKind,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
 )
 from fedhealth.secagg._shamir import reconstruct_secret
 from fedhealth.secagg._stages import SERVER_TRANSITIONS, ServerAction, Stage, next_stage
 
-_M = TypeVar("_M", KeyAdvertisement, EncryptedShares, MaskedInput, UnmaskResponse)
+_M = TypeVar("_M", KeyAdvertisement, EncryptedShares, MaskedInput, ConsistencySignature, UnmaskResponse)
 
 _RECEIVE = {
     KeyAdvertisement: ServerAction.RECEIVE_ADVERTISEMENT,
     EncryptedShares: ServerAction.RECEIVE_SHARES,
     MaskedInput: ServerAction.RECEIVE_MASKED_INPUT,
+    ConsistencySignature: ServerAction.RECEIVE_CONSISTENCY,
     UnmaskResponse: ServerAction.RECEIVE_UNMASK_RESPONSE,
 }
 
@@ -64,8 +73,8 @@ class AggregateResult:
 class SecAggServer:
     """The aggregating side of one SecAgg+ round.
 
-    With ``identities`` the server also checks advertisement signatures on receipt, so a forged upload is
-    refused at once instead of making every client abort; clients check them regardless.
+    With ``identities`` the server also checks advertisement and consistency signatures on receipt, so a
+    forged upload is refused at once instead of making every client abort; clients check them regardless.
     """
 
     def __init__(
@@ -78,12 +87,14 @@ class SecAggServer:
         self._config = config
         self._identities = dict(identities) if identities is not None else None
         self._digest = config.digest()
-        self._graph = config.graph()
+        self._seed: bytes | None = None
+        self._graph: NeighbourhoodGraph | None = None
         self._stage = Stage.ADVERTISE_KEYS
         self._expected: frozenset[str] = frozenset(config.sites)
         self._adverts: dict[str, KeyAdvertisement] = {}
         self._shares: dict[str, EncryptedShares] = {}
         self._masked: dict[str, MaskedInput] = {}
+        self._signatures: dict[str, ConsistencySignature] = {}
         self._responses: dict[str, UnmaskResponse] = {}
         self._u1: frozenset[str] = frozenset()
         self._u2: frozenset[str] = frozenset()
@@ -103,6 +114,18 @@ class SecAggServer:
         return self._config
 
     @property
+    def graph_seed(self) -> bytes | None:
+        """The graph seed of the advertisements the server relayed (None before the first stage closed)."""
+        return self._seed
+
+    @property
+    def graph(self) -> NeighbourhoodGraph:
+        """The round's neighbourhood graph; known once the advertise stage has closed."""
+        if self._graph is None:
+            raise SecAggProtocolError("the graph is known once the advertise stage has closed")
+        return self._graph
+
+    @property
     def failure(self) -> RoundFailedError | None:
         """Why the round failed, once it has."""
         return self._failure
@@ -117,6 +140,7 @@ class SecAggServer:
             Stage.ADVERTISE_KEYS: self._adverts,
             Stage.SHARE_KEYS: self._shares,
             Stage.MASKED_INPUT: self._masked,
+            Stage.CONSISTENCY: self._signatures,
             Stage.UNMASK: self._responses,
         }
         return frozenset(stores.get(self._stage, {}))
@@ -132,6 +156,7 @@ class SecAggServer:
     def _wipe(self) -> None:
         self._shares.clear()
         self._masked.clear()
+        self._signatures.clear()
         self._responses.clear()
 
     def _fail(self, reason: FailureReason, detail: str) -> RoundFailedError:
@@ -184,6 +209,12 @@ class SecAggServer:
             same = prior is not None and np.array_equal(prior.vector, message.vector)
             self._store(self._masked, site, message, same)
             return
+        if isinstance(message, ConsistencySignature):
+            same = message == self._signatures.get(site)
+            if not same:
+                self._check_consistency(message)
+            self._store(self._signatures, site, message, same)
+            return
         self._check_response(message)
         self._store(self._responses, site, message, message == self._responses.get(site))
 
@@ -215,8 +246,20 @@ class SecAggServer:
                     f"the keys advertised for {advert.site_id!r} are not signed by it"
                 ) from exc
 
+    def _check_consistency(self, message: ConsistencySignature) -> None:
+        if self._identities is None:
+            return
+        assert self._seed is not None
+        payload = _derive.consistency_payload(self._config, self._digest, self._seed, self._u3)
+        try:
+            _derive.verify_payload(self._identities[message.site_id], message.signature, payload)
+        except CryptoError as exc:
+            raise SecAggSecurityError(
+                f"the consistency signature of {message.site_id!r} does not sign the survivor set"
+            ) from exc
+
     def _check_shares(self, message: EncryptedShares) -> None:
-        want = self._graph.of(message.site_id) & self._u1
+        want = self.graph.of(message.site_id) & self._u1
         got = {b.recipient for b in message.boxes}
         if got != want:
             raise SecAggProtocolError(
@@ -226,7 +269,7 @@ class SecAggServer:
     def _check_response(self, message: UnmaskResponse) -> None:
         site = message.site_id
         for share in message.shares:
-            if site not in self._graph.holders(share.owner) or share.owner not in self._u2:
+            if site not in self.graph.holders(share.owner) or share.owner not in self._u2:
                 raise SecAggProtocolError(f"{site!r} cannot hold a share of {share.owner!r}")
             if self._requested.get(share.owner) is not share.kind:
                 # never store the other kind: holding both would unmask that site's input
@@ -249,6 +292,8 @@ class SecAggServer:
             out = self._close_share()
         elif self._stage is Stage.MASKED_INPUT:
             out = self._close_masked()
+        elif self._stage is Stage.CONSISTENCY:
+            out = self._close_consistency()
         else:
             self._close_unmask()
             out = {}
@@ -261,7 +306,7 @@ class SecAggServer:
         alive = set(present)
         changed = True
         while changed:
-            thin = {s for s in alive if len(self._graph.holders(s) & alive) < t}
+            thin = {s for s in alive if len(self.graph.holders(s) & alive) < t}
             alive -= thin
             changed = bool(thin)
         return frozenset(alive)
@@ -274,17 +319,18 @@ class SecAggServer:
 
     def _close_advertise(self) -> dict[str, ServerMessage]:
         self._require(frozenset(self._adverts), "advertised keys")
-        u1 = self._prune(frozenset(self._adverts))
-        self._require(u1, "advertised keys with enough neighbours")
-        self._u1 = u1
-        self._expected = u1
+        # every site is shown every advertisement: the graph seed hashes them all, so all agree on the graph
+        everyone = tuple(self._adverts[s] for s in sorted(self._adverts))
+        self._seed = _derive.graph_seed(self._digest, everyone)
+        self._graph = graph_for(self._config, self._seed)
+        self._u1 = frozenset(self._adverts)
+        # a site with too few share holders could not share its secrets: leave it out rather than wait
+        going_on = self._prune(self._u1)
+        self._require(going_on, "advertised keys with enough neighbours")
+        self._expected = going_on
         return {
-            site: KeyDirectory(
-                recipient=site,
-                config_digest=self._digest,
-                advertisements=tuple(self._adverts[p] for p in sorted(self._graph.holders(site) & u1)),
-            )
-            for site in sorted(u1)
+            site: KeyDirectory(recipient=site, config_digest=self._digest, advertisements=everyone)
+            for site in sorted(going_on)
         }
 
     def _close_share(self) -> dict[str, ServerMessage]:
@@ -306,14 +352,15 @@ class SecAggServer:
     def _close_masked(self) -> dict[str, ServerMessage]:
         u3 = frozenset(self._masked)
         self._require(u3, "sent masked inputs")
-        if not self._graph.is_connected(u3):
+        graph = self.graph
+        if not graph.is_connected(u3):
             raise self._fail(
                 FailureReason.SURVIVORS_DISCONNECTED, "the survivors split the neighbourhood graph"
             )
         t = self._config.share_threshold
         dropped = self._u2 - u3
-        needed = set(u3) | {j for j in dropped if self._graph.of(j) & u3}
-        thin = sorted(s for s in needed if len(self._graph.holders(s) & u3) < t)
+        needed = set(u3) | {j for j in dropped if graph.of(j) & u3}
+        thin = sorted(s for s in needed if len(graph.holders(s) & u3) < t)
         if thin:
             raise self._fail(FailureReason.NEIGHBOURHOOD_TOO_SMALL, f"too few share holders left for {thin}")
         for owner in sorted(u3):
@@ -322,10 +369,25 @@ class SecAggServer:
             self._grant(owner, ShareKind.PAIRWISE_KEY)
         self._u3 = u3
         self._expected = u3
-        survivors, gone = tuple(sorted(u3)), tuple(sorted(dropped))
+        survivors = tuple(sorted(u3))
         return {
-            site: UnmaskRequest(recipient=site, config_digest=self._digest, survivors=survivors, dropped=gone)
+            site: ConsistencyRequest(recipient=site, config_digest=self._digest, survivors=survivors)
             for site in survivors
+        }
+
+    def _close_consistency(self) -> dict[str, ServerMessage]:
+        signers = frozenset(self._signatures)
+        self._require(signers, "signed the survivor set")
+        survivors = tuple(sorted(self._u3))
+        signatures = tuple(
+            SurvivorSignature(site_id=s, signature=self._signatures[s].signature) for s in sorted(signers)
+        )
+        self._expected = signers
+        return {
+            site: UnmaskRequest(
+                recipient=site, config_digest=self._digest, survivors=survivors, signatures=signatures
+            )
+            for site in sorted(signers)
         }
 
     def _grant(self, owner: str, kind: ShareKind) -> None:
@@ -364,8 +426,10 @@ class SecAggServer:
                     FailureReason.INCONSISTENT_SHARES, f"the shares of {owner!r} are inconsistent"
                 )
             self_seeds[owner] = seed
+        graph, graph_seed = self.graph, self._seed
+        assert graph_seed is not None
         dropped_keys: dict[str, AgreementKey] = {}
-        for owner in sorted(j for j in dropped if self._graph.of(j) & u3):
+        for owner in sorted(j for j in dropped if graph.of(j) & u3):
             points = self._collect(owner, ShareKind.PAIRWISE_KEY)
             if len(points) < t:
                 raise self._fail(
@@ -386,15 +450,16 @@ class SecAggServer:
         total = np.zeros(self._config.vector_length, dtype=np.uint32)
         add: list[bytes] = []
         subtract = [
-            _derive.self_mask_seed(self._config, self._digest, seed, site)
-            for site, seed in self_seeds.items()
+            _derive.self_mask_seed(self._config, self._digest, self_seed, site)
+            for site, self_seed in self_seeds.items()
         ]
         for owner, key in dropped_keys.items():
-            for survivor in sorted(self._graph.of(owner) & u3):
+            for survivor in sorted(graph.of(owner) & u3):
                 try:
-                    seed = _derive.pairwise_mask_seed(
+                    pair_seed = _derive.pairwise_mask_seed(
                         self._config,
                         self._digest,
+                        graph_seed,
                         key,
                         self._adverts[survivor].mask_public_key,
                         owner,
@@ -405,7 +470,7 @@ class SecAggServer:
                         FailureReason.INCONSISTENT_SHARES, f"unusable key of {survivor!r}"
                     ) from None
                 # the survivor added its mask with `owner` if it has the lower id, subtracted it otherwise
-                (subtract if survivor < owner else add).append(seed)
+                (subtract if survivor < owner else add).append(pair_seed)
         apply_masks(
             total, add=add, subtract=subtract, vectors=[self._masked[site].vector for site in sorted(u3)]
         )
@@ -418,4 +483,10 @@ class SecAggServer:
         self._wipe()
 
 
-_COLLECTING = (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)
+_COLLECTING = (
+    Stage.ADVERTISE_KEYS,
+    Stage.SHARE_KEYS,
+    Stage.MASKED_INPUT,
+    Stage.CONSISTENCY,
+    Stage.UNMASK,
+)

@@ -16,17 +16,24 @@ from fedhealth.secagg._errors import SecAggProtocolError
 
 
 class Stage(Enum):
-    """The stages of one round: advertise keys -> share keys -> masked input -> unmask."""
+    """The stages of one round: advertise keys -> share keys -> masked input -> consistency -> unmask."""
 
     ADVERTISE_KEYS = "advertise_keys"
     SHARE_KEYS = "share_keys"
     MASKED_INPUT = "masked_input"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
     DONE = "done"
     FAILED = "failed"
 
 
-ACTIVE_STAGES = (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)
+ACTIVE_STAGES = (
+    Stage.ADVERTISE_KEYS,
+    Stage.SHARE_KEYS,
+    Stage.MASKED_INPUT,
+    Stage.CONSISTENCY,
+    Stage.UNMASK,
+)
 
 
 class ClientAction(Enum):
@@ -35,6 +42,7 @@ class ClientAction(Enum):
     ADVERTISE_KEYS = "advertise_keys"
     SHARE_KEYS = "share_keys"
     MASKED_INPUT = "masked_input"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
     ABORT = "abort"
 
@@ -45,6 +53,7 @@ class ServerAction(Enum):
     RECEIVE_ADVERTISEMENT = "receive_advertisement"
     RECEIVE_SHARES = "receive_shares"
     RECEIVE_MASKED_INPUT = "receive_masked_input"
+    RECEIVE_CONSISTENCY = "receive_consistency"
     RECEIVE_UNMASK_RESPONSE = "receive_unmask_response"
     CLOSE_STAGE = "close_stage"
     READ_RESULT = "read_result"
@@ -55,7 +64,8 @@ CLIENT_TRANSITIONS: Mapping[tuple[Stage, ClientAction], Stage] = MappingProxyTyp
     {
         (Stage.ADVERTISE_KEYS, ClientAction.ADVERTISE_KEYS): Stage.SHARE_KEYS,
         (Stage.SHARE_KEYS, ClientAction.SHARE_KEYS): Stage.MASKED_INPUT,
-        (Stage.MASKED_INPUT, ClientAction.MASKED_INPUT): Stage.UNMASK,
+        (Stage.MASKED_INPUT, ClientAction.MASKED_INPUT): Stage.CONSISTENCY,
+        (Stage.CONSISTENCY, ClientAction.CONSISTENCY): Stage.UNMASK,
         (Stage.UNMASK, ClientAction.UNMASK): Stage.DONE,
         **{(stage, ClientAction.ABORT): Stage.FAILED for stage in ACTIVE_STAGES},
     }
@@ -68,7 +78,9 @@ SERVER_TRANSITIONS: Mapping[tuple[Stage, ServerAction], Stage] = MappingProxyTyp
         (Stage.SHARE_KEYS, ServerAction.RECEIVE_SHARES): Stage.SHARE_KEYS,
         (Stage.SHARE_KEYS, ServerAction.CLOSE_STAGE): Stage.MASKED_INPUT,
         (Stage.MASKED_INPUT, ServerAction.RECEIVE_MASKED_INPUT): Stage.MASKED_INPUT,
-        (Stage.MASKED_INPUT, ServerAction.CLOSE_STAGE): Stage.UNMASK,
+        (Stage.MASKED_INPUT, ServerAction.CLOSE_STAGE): Stage.CONSISTENCY,
+        (Stage.CONSISTENCY, ServerAction.RECEIVE_CONSISTENCY): Stage.CONSISTENCY,
+        (Stage.CONSISTENCY, ServerAction.CLOSE_STAGE): Stage.UNMASK,
         (Stage.UNMASK, ServerAction.RECEIVE_UNMASK_RESPONSE): Stage.UNMASK,
         (Stage.UNMASK, ServerAction.CLOSE_STAGE): Stage.DONE,
         (Stage.DONE, ServerAction.READ_RESULT): Stage.DONE,

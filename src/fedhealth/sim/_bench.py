@@ -59,7 +59,9 @@ def benchmark_rounds(
                 train_sites=names,
                 min_sites=sites,
                 round_deadline_s=120.0,
-                secure_aggregation=SecureAggregationSpec(stage_timeout_s=60.0) if secure else None,
+                secure_aggregation=SecureAggregationSpec(stage_timeout_s=60.0, site_keys=fed.site_keys(names))
+                if secure
+                else None,
             )
             study = fed.create_study(spec)
             final = fed.wait_for_study(study.study_id, timeout=600, interval=0.5)

@@ -84,6 +84,11 @@ class LocalFederation:
     def site_home(self, name: str) -> SiteHome:
         return SiteHome(self.workdir / "sites" / name)
 
+    def site_keys(self, names: Sequence[str]) -> dict[str, str]:
+        """The identity-key fingerprints of enrolled sites, read from their own homes (what each steward
+        would state), for a secure study's ``SecureAggregationSpec.site_keys``."""
+        return {name: self.site_home(name).identity().public().fingerprint for name in names}
+
     def budget_ledger(self, site: str) -> Any:
         """The site's privacy-budget ledger (a ``fedhealth.privacy.BudgetLedger`` on its database), as its
         agent and ``fedhealth site budget ... --home`` open it."""
@@ -162,6 +167,7 @@ class LocalFederation:
             api_key=credential.api_key,
             ca_pem=credential.ca_pem if self.tls else None,
             client_cert=self._admin_cert(),
+            insecure=not self.tls,
         )
         return self.url
 
@@ -200,9 +206,19 @@ class LocalFederation:
             serve_url=self.url,
             token=token,
             ca_pem=self.home.ca_cert.read_bytes() if self.tls else None,
+            insecure=not self.tls,
         )
 
-    def start_agent(self, site: str, datasets: Mapping[str, str], *, extra_args: Sequence[str] = ()) -> None:
+    def start_agent(
+        self,
+        site: str,
+        datasets: Mapping[str, str],
+        *,
+        extra_args: Sequence[str] = (),
+        orchestrator_url: str | None = None,
+    ) -> None:
+        """Start ``site``'s agent; ``orchestrator_url`` points it somewhere else than the orchestrator (a
+        proxy in front of it, in tests)."""
         if self.url is None:
             raise FederationError("start the orchestrator first")
         args = [
@@ -211,10 +227,12 @@ class LocalFederation:
             "--home",
             str(self.site_home(site).root),
             "--orchestrator",
-            self.url,
+            orchestrator_url or self.url,
             "--log-level",
             self.log_level,
         ]
+        if not self.tls:
+            args.append("--insecure")  # plain http:// is refused without it
         for name, uri in datasets.items():
             args += ["--dataset", f"{name}={uri}"]
         self.agents[site] = self._spawn(f"agent-{site}", [*args, *extra_args])

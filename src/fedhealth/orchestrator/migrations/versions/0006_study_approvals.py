@@ -6,7 +6,7 @@ column widens to 32 characters, and
 ``site_approvals`` holds each site's latest decision per hash. ``sites`` gains the versions its agent stated
 at login and its last readiness report (``fedhealth site check``).
 
-Revision ID: 0005_approvals
+Revision ID: 0006
 Revises: 0004
 Create Date: 2026-12-06 03:00:00.000000
 """
@@ -17,8 +17,8 @@ import json
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_approvals"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

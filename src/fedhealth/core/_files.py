@@ -1,0 +1,97 @@
+"""Private homes: folders 0700 and files 0600, for every place that holds keys, consent records or ledgers.
+
+A site home holds the site's identity key and ``site.sqlite`` (consent records with patient ids, permit and
+deny decisions, the privacy ledger); the orchestrator's home holds the federation's CA key, its signing key
+and its database. No other local account may read any of it. New files are created private from the start
+(:func:`create_private_file` before SQLite opens a database: SQLite gives the database's ``-wal`` and
+``-shm`` files the database file's own mode), and every service checks its home when it starts
+(:func:`secure_home`): anything looser is tightened, and a home another account owns is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedhealth.core._errors import ConfigError
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+_OTHERS = 0o077  # group and world bits
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) as 0700; tighten it if it exists with looser bits."""
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    if stat.S_IMODE(path.stat().st_mode) & _OTHERS:
+        os.chmod(path, PRIVATE_DIR_MODE)
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` empty as 0600 if it does not exist (an existing file is left as it is: see
+    :func:`secure_home`). Call it before a library (SQLite) creates the file with the process umask."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
+    except (FileExistsError, FileNotFoundError):
+        return  # there already, or no folder for it: SQLite reports the latter when it opens the file
+    os.close(fd)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tightened:
+    """What :func:`secure_home` changed: each path with its old mode."""
+
+    changes: tuple[tuple[Path, int], ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.changes)
+
+    def summary(self) -> str:
+        """One line naming what was tightened."""
+        shown = ", ".join(f"{p.name or p} {mode:o}" for p, mode in self.changes[:4])
+        more = f" and {len(self.changes) - 4} more" if len(self.changes) > 4 else ""
+        return f"tightened to 0700/0600 (was: {shown}{more}): other local users could read them"
+
+
+def secure_home(root: Path, *, what: str, subdirs: tuple[str, ...] = ()) -> Tightened:
+    """Check a home at start-up: ``root`` and the given ``subdirs`` must belong to this user; each is made
+    0700 and every file directly inside them 0600 (executable bits kept for the owner only). Symbolic links
+    are not followed. Raises :class:`ConfigError` (one line) for a home that is not a folder or that another
+    account owns: this process would then keep patient data where someone else controls access."""
+    changes: list[tuple[Path, int]] = []
+    for folder in (root, *(root / s for s in subdirs)):
+        try:
+            info = os.lstat(folder)
+        except FileNotFoundError:
+            if folder == root:
+                raise ConfigError(f"{what} {root} does not exist") from None
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"{what} {folder} is not a folder (a symbolic link is not accepted)")
+        if info.st_uid != os.getuid():
+            raise ConfigError(
+                f"{what} {folder} belongs to uid {info.st_uid}, not to this user (uid {os.getuid()}); "
+                "refusing to use a home another account controls"
+            )
+        changes += _tighten(folder, info.st_mode, PRIVATE_DIR_MODE)
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False):
+                    mode = entry.stat(follow_symlinks=False).st_mode
+                    changes += _tighten(Path(entry.path), mode, stat.S_IMODE(mode) & ~_OTHERS)
+    return Tightened(changes=tuple(changes))
+
+
+def _tighten(path: Path, mode: int, wanted: int) -> list[tuple[Path, int]]:
+    current = stat.S_IMODE(mode)
+    if not current & _OTHERS:
+        return []
+    try:
+        os.chmod(path, wanted, follow_symlinks=False)
+    except OSError as exc:
+        raise ConfigError(
+            f"{path} is readable by other users (mode {current:o}) and cannot be tightened: {exc.strerror}"
+        ) from exc
+    return [(path, current)]
