@@ -235,9 +235,10 @@ def _follow_port(home: object, port: int, *, insecure: bool) -> str | None:
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     new_url = urlunsplit((scheme, f"{host}:{port}", parts.path, "", ""))
     settings["url"] = new_url
-    home.settings_path.write_text(json.dumps(settings, indent=2))
+    from fedhealth.crypto import write_private
+
+    write_private(home.settings_path, json.dumps(settings, indent=2).encode())
     if home.admin_credential.exists():
-        from fedhealth.crypto import write_private
 
         credential = OperatorCredential.model_validate_json(home.admin_credential.read_text())
         if credential.orchestrator == recorded:
@@ -297,9 +298,10 @@ def site_rotate(
     with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         created = client.rotate_site(name)
     typer.echo(created.enrollment_token)
-    err.print(
+    typer.echo(
         f"site {name} rotated: its old key is retired; the token above expires at "
-        f"{created.expires_at:%Y-%m-%d %H:%M} UTC"
+        f"{created.expires_at:%Y-%m-%d %H:%M} UTC",
+        err=True,
     )
 
 

@@ -229,6 +229,7 @@ class OperatorClient:
         blob = self.model_bytes(study_id)
         path.write_bytes(blob)
         return hashlib.sha256(blob).hexdigest()
+
     def released_model(self, digest: str) -> bytes:
         """A released model version by digest (its study's owner or an admin)."""
         return self.request("GET", f"/api/v1/models/{digest}").content

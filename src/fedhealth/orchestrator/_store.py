@@ -567,7 +567,9 @@ class Store:
         """Store a study. With ``first`` it runs at once (round 1 opens); without, it waits in
         ``awaiting_approval`` until :meth:`start_study` (or fails at ``approval_deadline_at``)."""
         study_id = new_id("st")
-        named = sorted({*spec.train_sites, *spec.evaluation_sites, *(first.sites if first is not None else ())})
+        named = sorted(
+            {*spec.train_sites, *spec.evaluation_sites, *(first.sites if first is not None else ())}
+        )
         with self.engine.begin() as c:
             q = select(sites.c.name, sites.c.status).where(sites.c.name.in_(named))
             site_status = {name: value for name, value in c.execute(q)}

@@ -7,7 +7,7 @@ column widens to 32 characters, and
 at login and its last readiness report (``fedhealth site check``).
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-06 03:00:00.000000
 """
 
