@@ -239,7 +239,6 @@ def _follow_port(home: object, port: int, *, insecure: bool) -> str | None:
 
     write_private(home.settings_path, json.dumps(settings, indent=2).encode())
     if home.admin_credential.exists():
-
         credential = OperatorCredential.model_validate_json(home.admin_credential.read_text())
         if credential.orchestrator == recorded:
             updated = credential.model_copy(update={"orchestrator": new_url})
