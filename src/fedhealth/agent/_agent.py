@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedhealth.agent._approvals import ApprovalSync
 from fedhealth.agent._client import (
     OrchestratorClient,
     OrchestratorRefused,
@@ -45,6 +46,7 @@ from fedhealth.crypto import IdentityKey
 from fedhealth.data import SchemaError, TabularDataset, open_dataset
 from fedhealth.protocol import (
     FailureCode,
+    ProtocolMismatch,
     ResultManifest,
     SiteMetrics,
     Task,
@@ -110,6 +112,10 @@ class SiteAgent:
         # the site database (HOME/site.sqlite), where the site records each secure round it unmasked
         home = SiteHome(settings.home) if settings.home is not None else None
         self._unmasked = UnmaskRecord.at(home.database_path if home is not None else None)
+        # the specs awaiting this site's steward, fetched and registered between polls
+        self._approvals = (
+            ApprovalSync(home, self.client) if home is not None and home.settings_path.exists() else None
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -120,6 +126,8 @@ class SiteAgent:
         self._warm_up()
         log.info("site %s polling %s", self.settings.site, self.settings.orchestrator_url)
         while not self._stop.is_set():
+            if self._approvals is not None:
+                self._approvals.maybe_sync()
             try:
                 task = self.client.next_task(self.settings.poll_wait_s)
             except ServiceUnavailableError:
@@ -327,9 +335,11 @@ def run_agent(settings: AgentSettings, gates: Sequence[SiteGate] = ()) -> int:
         agent.run()
     except KeyboardInterrupt:
         log.info("site %s stopping", settings.site)
-    except (SiteRefused, TlsVerificationError) as exc:
+    except (SiteRefused, TlsVerificationError, ProtocolMismatch) as exc:
         log.error("%s", exc)
         return 3
     finally:
+        if agent._approvals is not None:
+            agent._approvals.close()
         agent.client.close()
     return 0

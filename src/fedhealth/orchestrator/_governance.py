@@ -67,6 +67,7 @@ from fedhealth.governance import (
 from fedhealth.orchestrator._app import (
     Admin,
     ApiError,
+    ApprovalWait,
     OrchestratorSettings,
     Reader,
     Researcher,
@@ -249,6 +250,11 @@ class GovernanceObserver(NullObserver):
 
     def forget_signature(self, digest: str) -> None:
         self._pending.pop(digest, None)
+
+    def signature_of(self, study_id: str) -> tuple[str, str] | None:
+        """(signature hex, owner key hex) of a signed study's spec; None if it was submitted unsigned."""
+        self._refresh()
+        return self._signatures.get(study_id)
 
     # --- observer events -----------------------------------------------------------------------------------
 
@@ -642,7 +648,9 @@ def _operator_router() -> APIRouter:
         return {"user": name, "fingerprint": key.fingerprint}
 
     @router.post("/studies", response_model=StudyInfo, status_code=201)
-    async def create_signed_study(svc: Svc, owner: Researcher, body: SignedStudyBody) -> StudyInfo:
+    async def create_signed_study(
+        svc: Svc, owner: Researcher, body: SignedStudyBody, approval_wait_s: ApprovalWait = None
+    ) -> StudyInfo:
         """Submit a study signed by its owner (the signature is checked against the registered key)."""
         observer = _observer(svc)
         spec = body.spec
@@ -669,7 +677,7 @@ def _operator_router() -> APIRouter:
             ) from exc
         observer.expect_signature(signed.spec_hash, body.signature, key)
         try:
-            study = await svc.engine.create_study(spec, owner.name)
+            study = await svc.engine.create_study(spec, owner.name, approval_wait_s=approval_wait_s)
         except NotFoundError as exc:
             raise ApiError(422, "invalid study", str(exc)) from exc
         finally:

@@ -115,7 +115,8 @@ class BodyLimits:
         return self.json_bytes
 
 
-_UPLOADS = re.compile(r"^/api/v1/agent/tasks/[^/]+/(result|secagg/[^/]+)$")
+# updates, secure-aggregation stage messages, and the bandwidth probe of `fedhealth site check` (up to 32 MB)
+_UPLOADS = re.compile(r"^/api/v1/agent/(tasks/[^/]+/(result|secagg/[^/]+)|probe)$")
 _DOCUMENTS = frozenset(
     {
         "/api/v1/studies",

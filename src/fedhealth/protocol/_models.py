@@ -337,9 +337,12 @@ class SiteInfo(Message):
     last_seen_at: datetime | None
     enrolled_at: datetime | None = None
     revoked_at: datetime | None = None
+    software_version: str | None = Field(default=None, description="fedhealth version at the last login")
+    protocol_version: int | None = Field(default=None, description="protocol version at the last login")
 
 
 class StudyStatus(StrEnum):
+    AWAITING_APPROVAL = "awaiting_approval"  # submitted; not every named site's steward approved its spec yet
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -402,6 +405,14 @@ class RoundInfo(Message):
     tasks: list[TaskInfo]
 
 
+class ApprovalState(StrEnum):
+    """A site's decision on a spec hash, as the site reported it to the orchestrator."""
+
+    PENDING = "pending"  # not reported yet
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
 class StudyInfo(Message):
     study_id: str
     spec: StudySpec
@@ -413,6 +424,14 @@ class StudyInfo(Message):
     current_round: int | None
     model_digest: str | None
     rounds: list[RoundInfo] = []
+    spec_hash: str | None = Field(default=None, description="what each site's data steward approves")
+    approvals: dict[str, ApprovalState] = Field(
+        default_factory=dict, description="each named site's decision on the spec hash"
+    )
+    approval_deadline: datetime | None = Field(
+        default=None,
+        description="an awaiting study fails at this time, naming the sites that did not approve",
+    )
 
 
 # --- agent API --------------------------------------------------------------------------------------------

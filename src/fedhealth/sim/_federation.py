@@ -318,14 +318,18 @@ class LocalFederation:
         reason: str = "approved for this federation",
         steward: str = "steward",
     ) -> str:
-        """Play ``site``'s data steward: approve exactly this spec there, as ``fedhealth site approve HASH
-        --reason ... --spec FILE --home HOME`` does. Returns the spec hash."""
+        """Play ``site``'s data steward: approve exactly this spec there and tell the orchestrator, as
+        ``fedhealth site approve HASH --reason ... --home HOME`` does. Returns the spec hash."""
+        from fedhealth.agent import report_approval
         from fedhealth.agent._governance import SiteGovernance
 
         with SiteGovernance(self.site_home(site)) as governance:
-            return governance.approve(
+            digest = governance.approve(
                 spec, reason=reason, steward=steward, signed=self._signed(spec)
             ).spec_hash
+        if self.url is not None:  # as `fedhealth site approve` does: the orchestrator learns the decision
+            report_approval(self.site_home(site), digest, approved=True, url=self.url)
+        return digest
 
     def owner_key(self) -> Any:
         """The operator's spec-signing key (``fedhealth.crypto.IdentityKey``), made on first use."""
