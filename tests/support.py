@@ -39,6 +39,17 @@ from fedhealth.sim import LocalFederation
 POSTGRES_URL_ENV = "FEDHEALTH_TEST_POSTGRES_URL"
 POSTGRES_URL = os.environ.get(POSTGRES_URL_ENV) or "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
+
+def logreg_recipe(n_features: int = 30, **params: object) -> RecipeSpec:
+    """The logistic-regression recipe of a test study (``params``: local_epochs, learning_rate...)."""
+    return RecipeSpec(n_features=n_features, **params)  # type: ignore[arg-type]
+
+
+def synthetic_recipe(n_params: int) -> RecipeSpec:
+    """The data-free recipe of the transport tests: a model of ``n_params`` float32 numbers."""
+    return RecipeSpec(name="synthetic", n_params=n_params)
+
+
 BREAST_SITES = {f"hospital-{c}": f"builtin://breast-cancer/{i}?sites=4&seed=0" for i, c in enumerate("abcd")}
 
 
