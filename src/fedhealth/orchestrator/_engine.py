@@ -48,6 +48,7 @@ from fedhealth.runtime import (
     SecureSumRejected,
     aggregate,
     central_noise_on_mean,
+    check_recipe,
     decode_sum,
     decode_update,
     initial_model,
@@ -121,6 +122,7 @@ class RoundEngine:
     # --- studies -----------------------------------------------------------------------------------------
 
     async def create_study(self, spec: StudySpec, owner: str = "admin") -> StudyRow:
+        check_recipe(spec)  # an unknown recipe or version, or params it refuses: 422 with "field: rule"
         if spec.secure_aggregation is not None:
             self._check_site_keys(spec)
         for observer in self.observers:
