@@ -29,7 +29,8 @@ from fedhealth.governance import (
     read_stored_log,
     verify_opening,
 )
-from fedhealth.protocol import RecipeSpec, StudySpec
+from fedhealth.protocol import StudySpec
+from support import logreg_recipe
 
 runner = CliRunner()
 PURPOSE = "research"
@@ -53,9 +54,7 @@ def trained(tmp_path):
     assert (
         runner.invoke(app, ["site", "consent", "import", str(csv), "--home", str(home.root)]).exit_code == 0
     )
-    spec = StudySpec(
-        name="s", dataset="bc", recipe=RecipeSpec(n_features=30), rounds=2, train_sites=[SITE], seed=1
-    )
+    spec = StudySpec(name="s", dataset="bc", recipe=logreg_recipe(30), rounds=2, train_sites=[SITE], seed=1)
     approve(home, spec)
     a, client = agent(home, {"bc": uri})
     a.handle(task(spec, task_id="tk-1"))

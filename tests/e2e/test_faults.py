@@ -13,7 +13,6 @@ from fedhealth.core import decode_tensors
 from fedhealth.orchestrator import Store, make_engine
 from fedhealth.protocol import (
     FailureCode,
-    RecipeSpec,
     RoundStatus,
     StudySpec,
     StudyStatus,
@@ -22,7 +21,16 @@ from fedhealth.protocol import (
 )
 from fedhealth.runtime import run_study_in_memory
 from fedhealth.sim import LocalFederation
-from support import BREAST_SITES, ChokeProxy, breast_datasets, breast_spec, heart_data_dir, postgres_schema
+from support import (
+    BREAST_SITES,
+    ChokeProxy,
+    breast_datasets,
+    breast_spec,
+    heart_data_dir,
+    logreg_recipe,
+    postgres_schema,
+    synthetic_recipe,
+)
 
 pytestmark = pytest.mark.e2e
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
@@ -89,7 +97,7 @@ def test_orchestrator_killed_mid_study_resumes_from_its_last_completed_round(tmp
         SITES,
         rounds=12,
         name="durable",
-        recipe=RecipeSpec(n_features=30, local_epochs=3, learning_rate=0.05, batch_size=8),
+        recipe=logreg_recipe(30, local_epochs=3, learning_rate=0.05, batch_size=8),
     )
     with LocalFederation(tmp_path, database_url=database_url) as fed:
         fed.start_orchestrator()
@@ -124,7 +132,7 @@ def test_an_agent_killed_mid_upload_and_restarted_is_counted_exactly_once(tmp_pa
     spec = StudySpec(
         name="mid-upload",
         dataset="none",
-        recipe=RecipeSpec(name="synthetic", n_params=200_000),
+        recipe=synthetic_recipe(200_000),
         rounds=3,
         train_sites=["steady", "victim"],
         min_sites=2,
@@ -172,7 +180,7 @@ def test_a_corrupt_dataset_file_fails_that_site_with_its_code_and_names_the_file
     spec = StudySpec(
         name="corrupt",
         dataset="heart-disease",
-        recipe=RecipeSpec(n_features=13),
+        recipe=logreg_recipe(13),
         rounds=1,
         train_sites=["cleveland", "hungary"],
         min_sites=1,

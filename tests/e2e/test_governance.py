@@ -44,10 +44,10 @@ from fedhealth.governance import (
     spec_hash,
 )
 from fedhealth.privacy import DpSgdRelease, epsilon
-from fedhealth.protocol import FailureCode, PrivacySpec, RecipeSpec, StudyStatus, Task, TaskKind, TaskStatus
+from fedhealth.protocol import FailureCode, PrivacySpec, StudyStatus, Task, TaskKind, TaskStatus
 from fedhealth.runtime import run_study_in_memory
 from fedhealth.sim import LocalFederation
-from support import BREAST_SITES, breast_spec
+from support import BREAST_SITES, breast_spec, logreg_recipe
 
 pytestmark = pytest.mark.e2e
 runner = CliRunner()
@@ -329,7 +329,7 @@ def test_a_spec_changed_after_approval_is_refused(running):
     set_policy(running, "gate", None)
     approved = breast_spec(["gate"], rounds=1, name="drifting")
     running.approve("gate", approved, reason="IRB-2026-07")
-    changed = approved.model_copy(update={"recipe": RecipeSpec(n_features=30, learning_rate=0.5)})
+    changed = approved.model_copy(update={"recipe": logreg_recipe(30, learning_rate=0.5)})
     tell_orchestrator_gate_approved(running, changed)
     study = running.create_study(changed, approve=False)
     final = running.wait_for_study(study.study_id, timeout=60)
@@ -525,7 +525,7 @@ def test_the_gate_refuses_a_task_that_would_run_other_than_its_approved_spec(tmp
         "deadline": datetime.now(UTC),
         "spec": spec,
     }
-    bolder = RecipeSpec(n_features=30, learning_rate=5.0)
+    bolder = logreg_recipe(30, learning_rate=5.0)
     for changes in ({"recipe": bolder}, {"dataset": "icu"}, {"seed": 8}, {"round": 2}):
         ctx = TaskContext(task=Task(**{**base, **changes}), site="solo")
         with pytest.raises(TaskRefused) as refused:

@@ -33,9 +33,7 @@ from fedhealth.privacy import DpPlan, DpSgdRelease, GaussianRelease, calibrate_n
 from fedhealth.protocol import (
     DpMode,
     FailureCode,
-    LocalOptimizer,
     PrivacySpec,
-    RecipeSpec,
     SecureAggregationSpec,
     StudyPrivacyInfo,
     StudyStatus,
@@ -52,7 +50,7 @@ from fedhealth.runtime import (
 )
 from fedhealth.runtime._privacy import distributed_clip_room
 from fedhealth.sim import LocalFederation
-from support import BREAST_SITES, breast_datasets, breast_spec, heart_data_dir
+from support import BREAST_SITES, breast_datasets, breast_spec, heart_data_dir, logreg_recipe
 
 pytestmark = pytest.mark.e2e
 
@@ -75,7 +73,7 @@ def dp_spec(name: str, dataset: str, sites: list[str], *, target: float | None =
     )
     fields: dict[str, object] = {
         "dataset": dataset,
-        "recipe": RecipeSpec(n_features=30, learning_rate=0.5),
+        "recipe": logreg_recipe(30, learning_rate=0.5),
         "rounds": ROUNDS,
         "privacy": privacy,
         "min_sites": 1,
@@ -336,7 +334,7 @@ def test_site_distributed_noise_is_added_at_each_site_and_carried_by_the_secure_
 @pytest.mark.parametrize(
     ("study", "privacy", "message"),
     [
-        ({"recipe": RecipeSpec(n_features=30, optimizer=LocalOptimizer.ADAM)}, {}, "optimizer must be 'sgd'"),
+        ({"recipe": logreg_recipe(30, optimizer="adam")}, {}, "optimizer must be 'sgd'"),
         ({}, {"target_epsilon": 1e-9}, "no noise multiplier up to"),
         ({}, {"mode": DpMode.SITE_DISTRIBUTED}, "without secure aggregation"),
         ({}, {"site_sample_rates": {"hospital-z": 0.5}}, "site_sample_rates names sites that do not train"),

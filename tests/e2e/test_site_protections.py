@@ -31,9 +31,10 @@ from fedhealth.cli import app
 from fedhealth.core import decode_tensors
 from fedhealth.data import open_dataset
 from fedhealth.governance import AuditEntry
-from fedhealth.protocol import PrivacySpec, RecipeSpec, StudySpec, StudyStatus, TaskKind, TaskStatus
+from fedhealth.protocol import PrivacySpec, StudySpec, StudyStatus, TaskKind, TaskStatus
 from fedhealth.runtime import run_study_in_memory
 from fedhealth.sim import LocalFederation
+from support import logreg_recipe
 
 pytestmark = pytest.mark.e2e
 runner = CliRunner()
@@ -125,7 +126,7 @@ def parse_error_study(fed):
     spec = StudySpec(
         name="ward-dp",
         dataset="cohort",
-        recipe=RecipeSpec(n_features=4, learning_rate=0.5),
+        recipe=logreg_recipe(4, learning_rate=0.5),
         rounds=1,
         train_sites=["ward"],
         min_sites=1,
@@ -250,7 +251,7 @@ def clinic_spec(name: str) -> StudySpec:
     return StudySpec(
         name=name,
         dataset="cohort",
-        recipe=RecipeSpec(n_features=3, learning_rate=0.1, batch_size=8),
+        recipe=logreg_recipe(3, learning_rate=0.1, batch_size=8),
         rounds=2,
         train_sites=["clinic"],
         min_sites=1,

@@ -44,6 +44,7 @@ from fedhealth.core import (
 )
 from fedhealth.crypto import IdentityKey
 from fedhealth.data import SchemaError, TabularDataset, open_dataset
+from fedhealth.learning import RecipeError
 from fedhealth.protocol import (
     FailureCode,
     ProtocolMismatch,
@@ -56,6 +57,7 @@ from fedhealth.protocol import (
 )
 from fedhealth.runtime import (
     check_dataset_fits,
+    check_recipe,
     encode_contribution,
     encode_update,
     evaluate_on_site,
@@ -194,12 +196,15 @@ class SiteAgent:
         try:
             for gate in self.gates:
                 gate.before_data(ctx)
+            # before the model or any data: this site must have the study's recipe at its version, and the
+            # recipe must accept the study's params (RecipeError: reported as invalid_recipe)
+            recipe = check_recipe(task.spec)
             # before the model or any data: a secure study's round must be the one the steward approved, and
             # a secure study's task without its secure round is refused (nothing goes out in clear)
             secure = check_secure_round(task, site, self.settings.identity, self._pins)
             params = self._model(task)
             dataset = None
-            if task.recipe.name.value != "synthetic":
+            if recipe.capabilities.reads_data:
                 dataset = self._dataset(task.dataset)
                 _check_fits(task, dataset)
                 for gate in self.gates:
@@ -313,6 +318,8 @@ def _check_fits(task: Task, dataset: TabularDataset) -> None:
 
 def _failure_code(exc: BaseException) -> FailureCode:
     """The code for an exception; its message never leaves the site (it may name a path or a patient)."""
+    if isinstance(exc, RecipeError):  # unknown recipe or version, params the recipe refuses
+        return FailureCode.INVALID_RECIPE
     if isinstance(exc, SchemaError):
         return FailureCode.DATASET_INVALID
     if isinstance(exc, DatasetError):  # missing, unreadable or failing its checksum

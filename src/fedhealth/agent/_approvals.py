@@ -37,16 +37,18 @@ from fedhealth.governance import (
     SignedSpec,
     StudyApproval,
 )
+from fedhealth.learning import CombinationPattern, RecipeError
 from fedhealth.protocol import (
     ApprovalReport,
     ApprovalState,
     DpMode,
     PendingSpec,
     PendingSpecs,
-    RecipeName,
     StudySpec,
+    TaskKind,
+    secure_round_plan,
 )
-from fedhealth.runtime import param_specs
+from fedhealth.runtime import study_recipe
 
 log = logging.getLogger("fedhealth.agent")
 APPROVALS_PATH = "/api/v1/agent/approvals"
@@ -202,30 +204,30 @@ def was_reviewed(engine: Engine, spec_hash: str) -> bool:
 def spec_summary(spec: StudySpec, site: str, dataset: DatasetSummary | None) -> list[str]:
     """The plain-language summary a steward reads before approving: what runs, on which columns, how often,
     under which protection, what it costs the privacy budget and what leaves the site."""
-    recipe = spec.recipe
-    n_params = sum(_size(s.shape) for s in param_specs(recipe))
-    if recipe.name is RecipeName.LOGREG:
-        model = f"logistic regression on {recipe.n_features} features ({n_params} parameters)"
+    try:
+        resolved = study_recipe(spec.recipe)
+    except RecipeError as exc:  # a recipe this site does not have: every task here would be refused
+        resolved = None
+        model = f"recipe {spec.recipe.name!r} (NOT installed at this site: {exc})"
+        reads_data, n_params = True, 0
     else:
-        model = f"a synthetic benchmark model of {n_params} parameters that reads no data"
-    steps = f"{recipe.local_steps} step(s)" if recipe.local_steps else f"{recipe.local_epochs} epoch(s)"
+        model, reads_data = resolved.describe(), resolved.capabilities.reads_data
+        rounds_recipe = resolved.pattern is CombinationPattern.ROUNDS
+        n_params = sum(_size(s.shape) for s in resolved.param_specs()) if rounds_recipe else 0
     lines = [
         f"Study {spec.name!r} by {spec.owner!r}, for the purpose {spec.purpose!r}"
         + (f": {spec.description}" if spec.description else "."),
-        f"Model: {model}; {steps} of {recipe.optimizer.value} per round at learning rate "
-        f"{recipe.learning_rate:g}, batch size {recipe.batch_size}; combined by {spec.strategy.name.value}.",
+        f"Model: {model}; recipe {spec.recipe.name!r} version {spec.recipe.version}; combined by "
+        f"{spec.strategy.name.value}.",
     ]
-    if recipe.name is RecipeName.SYNTHETIC:
+    if not reads_data:
         lines.append(f"Data: none is read (dataset {spec.dataset!r} is named but not opened).")
     else:
         lines.append("Data: " + columns_used(spec, dataset) + ".")
-        if (
-            dataset is not None
-            and recipe.n_features is not None
-            and len(dataset.features) != recipe.n_features
-        ):
+        width = resolved.data_schema().n_features if resolved is not None else None
+        if dataset is not None and width is not None and len(dataset.features) != width:
             lines.append(
-                f"WARNING: the model expects {recipe.n_features} features; this dataset has "
+                f"WARNING: the model expects {width} features; this dataset has "
                 f"{len(dataset.features)}, so every task here would fail."
             )
     role = []
@@ -242,10 +244,11 @@ def spec_summary(spec: StudySpec, site: str, dataset: DatasetSummary | None) -> 
     sa = spec.secure_aggregation
     n = len(spec.train_sites)
     if sa is not None:
-        threshold = sa.threshold if sa.threshold is not None else f"2n/3 of n = {n}"
+        plan = secure_round_plan(spec, TaskKind.TRAIN)
         lines.append(
-            f"Secure aggregation: on (SecAgg+, threshold {threshold}): the orchestrator sees only the sum of "
-            "the sites' updates and metrics, never this site's own."
+            f"Secure aggregation: on (SecAgg+ over {n} sites, threshold {plan.threshold}, tolerating "
+            f"{plan.collusion} colluding site(s)): the orchestrator sees only the sum of the sites' updates "
+            "and metrics, never this site's own; the spec names every site's key fingerprint."
         )
     else:
         lines.append("Secure aggregation: off: the orchestrator sees this site's update and metrics.")

@@ -17,14 +17,12 @@ import socket
 import ssl
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-import numpy as np
 
 import fedhealth
 from fedhealth.agent._approvals import site_client
@@ -33,8 +31,8 @@ from fedhealth.agent._datasets import DatasetCheckError, SiteDatasets, check_dat
 from fedhealth.agent._home import SiteHome
 from fedhealth.core import FedHealthError
 from fedhealth.crypto import pinned_tls_context
-from fedhealth.learning import LogRegConfig, logreg_init, logreg_train, synthetic_init, synthetic_train
-from fedhealth.protocol import PROTOCOL_VERSION, CheckStatus, ReadinessCheck, RecipeName, SiteReadiness
+from fedhealth.learning import ReferenceStep, default_registry
+from fedhealth.protocol import PROTOCOL_VERSION, CheckStatus, ReadinessCheck, SiteReadiness
 
 READINESS_PATH = "/api/v1/agent/readiness"
 PROBE_PATH = "/api/v1/agent/probe"
@@ -272,29 +270,28 @@ def _send(result: SiteCheck, client: OrchestratorClient) -> None:
 # --- this machine -------------------------------------------------------------------------------------------
 
 
-def reference_steps() -> dict[RecipeName, Callable[[], None]]:
-    """One timed training step per recipe: a round's work on a reference size."""
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(5000, 30))
-    y = (rng.random(5000) < 0.5).astype(np.int64)
-
-    def logreg() -> None:
-        logreg_train(
-            logreg_init(30, 0), X, y, LogRegConfig(n_features=30, local_epochs=1, batch_size=32), rng
-        )
-
-    def synthetic() -> None:
-        synthetic_train(synthetic_init(1_000_000, 0), rng)
-
-    return {RecipeName.LOGREG: logreg, RecipeName.SYNTHETIC: synthetic}
+def reference_steps() -> dict[str, ReferenceStep | Exception]:
+    """Each installed recipe's reference step (its newest version), by name: the work of a round on a
+    reference size that the recipe chose; a recipe that cannot even load is reported, not fatal."""
+    registry = default_registry()
+    steps: dict[str, ReferenceStep | Exception] = {}
+    for name in registry.names():
+        try:
+            recipe = registry.get(name, registry.versions(name)[-1])
+            steps[name] = recipe.reference_step()
+        except Exception as exc:  # a broken plug-in is a finding of the check
+            steps[name] = exc
+    return steps
 
 
 def _local(result: SiteCheck, home: SiteHome, data_dir: Path | None) -> None:
     for recipe, step in reference_steps().items():
-        name = f"compute.{recipe.value}"
+        name = f"compute.{recipe}"
         started = time.perf_counter()
         try:
-            step()
+            if isinstance(step, Exception):
+                raise step
+            step.run()
         except Exception as exc:  # a recipe that cannot run here is a finding, not a crash of the check
             result.add(
                 name,
@@ -305,8 +302,7 @@ def _local(result: SiteCheck, home: SiteHome, data_dir: Path | None) -> None:
             continue
         elapsed = _ms(started)
         status = CheckStatus.WARN if elapsed > STEP_WARN_MS else CheckStatus.OK
-        note = "one epoch, 5000 x 30" if recipe is RecipeName.LOGREG else "one step, 1e6 parameters"
-        result.add(name, status, round(elapsed, 1), "ms", note)
+        result.add(name, status, round(elapsed, 1), "ms", step.note)
     free_gb = shutil.disk_usage(home.root).free / 1e9
     disk = (
         CheckStatus.FAIL

@@ -30,7 +30,7 @@ from fedhealth.cli._common import (
     print_json,
 )
 from fedhealth.cli._errors import fail, usage
-from fedhealth.protocol import ApprovalState, RecipeName, StudyInfo, StudyStatus, TaskStatus
+from fedhealth.protocol import ApprovalState, StudyInfo, StudyStatus, TaskStatus
 
 study_app = typer.Typer(help="Write, submit and follow studies.", no_args_is_help=True)
 SpecArgument = Annotated[Path, typer.Argument(help="The study spec file (TOML, or .json).")]
@@ -40,7 +40,7 @@ _ENDED = (StudyStatus.COMPLETED, StudyStatus.FAILED, StudyStatus.CANCELLED)
 
 @study_app.command("init")
 def study_init(
-    recipe: Annotated[RecipeName, typer.Option(help="What each site trains.")],
+    recipe: Annotated[str, typer.Option(help="What each site trains: an installed recipe (e.g. logreg).")],
     dataset: Annotated[str, typer.Option(help="The dataset name the sites registered.")],
     site: Annotated[list[str] | None, typer.Option("--site", help="A training site (repeatable).")] = None,
     features: Annotated[
@@ -54,16 +54,20 @@ def study_init(
 ) -> None:
     """Write a commented study spec template to edit before `study hash` and `study submit`."""
     from fedhealth.client import spec_template
+    from fedhealth.learning import UnknownRecipeError
 
-    text = spec_template(
-        recipe=recipe,
-        dataset=dataset,
-        sites=sorted(site or []),
-        name=name,
-        owner=owner,
-        features=features,
-        rounds=rounds,
-    )
+    try:
+        text = spec_template(
+            recipe=recipe,
+            dataset=dataset,
+            sites=sorted(site or []),
+            name=name,
+            owner=owner,
+            features=features,
+            rounds=rounds,
+        )
+    except UnknownRecipeError as exc:
+        fail(str(exc), "install the package that provides it, or pick one of the installed recipes")
     if str(out) == "-":
         typer.echo(text, nl=False)
         return

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from fedhealth.client._words import field_errors
 from fedhealth.core import InputError
 from fedhealth.governance import spec_hash
-from fedhealth.protocol import RecipeName, StudySpec
+from fedhealth.protocol import StudySpec
 
 
 class SpecFileError(InputError):
@@ -41,24 +41,31 @@ def _toml(value: Any) -> str:
 
 def spec_template(
     *,
-    recipe: RecipeName,
+    recipe: str,
     dataset: str,
     sites: list[str],
     name: str = "my-study",
     owner: str = "admin",
     features: int | None = None,
-    params: int | None = None,
     rounds: int = 5,
 ) -> str:
-    """A commented study spec in TOML, valid as written once the sites and the model's width are right."""
-    if recipe is RecipeName.LOGREG:
-        width = f"n_features = {features if features is not None else 1}"
-        width_note = "the number of feature columns (`fedhealth site dataset list` at a site shows it)"
-        if features is None:
-            width_note = "SET THIS: " + width_note
-    else:
-        width = f"n_params = {params if params is not None else 1000}"
-        width_note = "the model's size (a synthetic model reads no data)"
+    """A commented study spec in TOML, valid as written once the sites and the model's width are right.
+    The ``[recipe.params]`` lines come from the recipe itself (``Recipe.template``), so a plug-in recipe
+    gets a template too; an unknown recipe is :class:`~fedhealth.learning.UnknownRecipeError`."""
+    from fedhealth.learning import default_registry
+
+    registry = default_registry()
+    versions = registry.versions(recipe)
+    if not versions:
+        from fedhealth.learning import UnknownRecipeError
+
+        raise UnknownRecipeError(
+            f"no recipe {recipe!r} is installed here (installed: {', '.join(registry.names()) or 'none'})"
+        )
+    version = versions[-1]
+    recipe_lines = [
+        f"{p.key} = {_toml(p.value)}  # {p.comment}" for p in registry.get(recipe, version).template(features)
+    ]
     site_list = sites or ["site-a", "site-b"]
     lines = [
         "# A fedhealth study spec. Every field below is part of what each site's data steward approves:",
@@ -79,13 +86,11 @@ def spec_template(
         "seed = 0",
         "",
         "[recipe]",
-        f"name = {_toml(recipe.value)}",
-        f"{width}  # {width_note}",
-        "local_epochs = 1  # passes over the local data per round",
-        "learning_rate = 0.05",
-        "batch_size = 16",
-        'optimizer = "sgd"  # sgd or adam',
-        "l2 = 0.0  # weight decay",
+        f"name = {_toml(recipe)}  # `fedhealth study init --recipe` lists the recipes installed here",
+        f"version = {_toml(version)}",
+        "",
+        "[recipe.params]",
+        *recipe_lines,
         "",
         "[strategy]",
         'name = "fedavg"  # fedavg, fedprox, fedadam, fedyogi or fedadagrad',
@@ -101,9 +106,11 @@ def spec_template(
         "# steps_per_round = 20",
         "",
         "# Secure aggregation: uncomment so the orchestrator sees only the sum of the sites' updates",
-        "# (needs at least 2 training sites; threshold: sites needed to unmask, more than half).",
+        "# (at least 2 training sites). site_keys names every site's identity-key fingerprint (`fedhealth",
+        "# site list --json` shows them; each steward checks its own); the threshold defaults to the",
+        "# smallest safe one for the collusion bound (default: a third of the sites).",
         "# [secure_aggregation]",
-        f"# threshold = {max(2, len(site_list))}",
+        "# site_keys = { " + ", ".join(f'{_toml(s)} = "<fingerprint>"' for s in site_list) + " }",
         "",
     ]
     return "\n".join(lines)

@@ -56,6 +56,7 @@ from fedhealth.runtime import (
     SecureSumRejected,
     aggregate,
     central_noise_on_mean,
+    check_recipe,
     decode_sum,
     decode_update,
     initial_model,
@@ -143,6 +144,7 @@ class RoundEngine:
     ) -> StudyRow:
         """Store a submitted study. It runs at once if every site it names has approved its spec hash
         already; otherwise it waits for their approvals for ``approval_wait_s`` (default: the engine's)."""
+        check_recipe(spec)  # an unknown recipe or version, or params it refuses: 422 with "field: rule"
         if spec.secure_aggregation is not None:
             self._check_site_keys(spec)
         for observer in self.observers:

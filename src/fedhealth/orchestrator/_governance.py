@@ -89,7 +89,7 @@ from fedhealth.protocol import (
     TaskKind,
     TaskStatus,
 )
-from fedhealth.runtime import site_level_epsilon
+from fedhealth.runtime import recipe_capabilities, site_level_epsilon
 
 log = logging.getLogger("fedhealth.orchestrator")
 
@@ -374,7 +374,7 @@ class GovernanceObserver(NullObserver):
         completed = [t for t in tasks if t.status is TaskStatus.COMPLETED]
         fingerprints: dict[str, str] = {}
         snapshots: dict[str, str] = {}
-        no_data = study.spec.recipe.name.value == "synthetic"
+        no_data = not recipe_capabilities(study.spec.recipe).reads_data
         for t in completed:
             attestation = t.attestation
             fingerprint = attestation.dataset_fingerprint if attestation is not None else None

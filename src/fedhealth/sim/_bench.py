@@ -8,7 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec, StudyStatus, TaskKind
+from fedhealth.learning import SYNTHETIC_RECIPE, SyntheticParams
+from fedhealth.protocol import SecureAggregationSpec, StudySpec, StudyStatus, TaskKind
+from fedhealth.runtime import recipe_spec
 from fedhealth.sim._federation import FederationError, LocalFederation
 
 
@@ -54,7 +56,7 @@ def benchmark_rounds(
             spec = StudySpec(
                 name="bench-rounds",
                 dataset="none",
-                recipe=RecipeSpec(name="synthetic", n_params=params),
+                recipe=recipe_spec(SYNTHETIC_RECIPE, SyntheticParams(n_params=params)),
                 rounds=rounds + warmup,
                 train_sites=names,
                 min_sites=sites,
