@@ -6,13 +6,27 @@ PY := $(VENV)/bin/python
 FEDHEALTH_DATA_DIR ?= $(abspath ../shared/datasets)
 export FEDHEALTH_DATA_DIR
 
-.PHONY: demo test lint typecheck bench clean
+# The tested versions of every dependency: installs use them, `make lock` refreshes them.
+CONSTRAINTS := constraints.txt
+EXTRAS := dev,postgres
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: demo test lint typecheck bench clean lock
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	touch $@
+
+# Resolve the newest versions pyproject.toml allows in a scratch virtualenv and pin them all.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q -e '.[$(EXTRAS),bench]'
+	echo "# Tested versions of fedhealth's dependencies; regenerate with \`make lock\`." > $(CONSTRAINTS)
+	.lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^fedhealth' >> $(CONSTRAINTS)
+	rm -rf .lock-venv
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/fedhealth demo

@@ -52,7 +52,7 @@ def main() -> None:
         spec = StudySpec(
             name="bench-collective-cpu",
             dataset="none",
-            recipe=RecipeSpec(name="collective-probe", n_params=args.size, local_steps=args.calls),
+            recipe=RecipeSpec(name="collective-probe", params={"size": args.size, "calls": args.calls}),
             rounds=1,
             train_sites=names,
             round_deadline_s=3600,

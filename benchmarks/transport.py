@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec, TaskKind
-from fedhealth.runtime import secure_codec
+from fedhealth.learning import SYNTHETIC_RECIPE, SyntheticParams
+from fedhealth.protocol import SecureAggregationSpec, StudySpec, TaskKind
+from fedhealth.runtime import recipe_spec, secure_codec
 from fedhealth.sim import benchmark_rounds
 
 
@@ -30,7 +31,7 @@ def upload_bytes(sites: int, params: int) -> int:
     spec = StudySpec(
         name="x",
         dataset="x",
-        recipe=RecipeSpec(name="synthetic", n_params=params),
+        recipe=recipe_spec(SYNTHETIC_RECIPE, SyntheticParams(n_params=params)),
         rounds=1,
         train_sites=names,
         # the codec's length does not depend on the keys: placeholders stand for the sites' fingerprints

@@ -22,8 +22,16 @@ from fedhealth.agent import OrchestratorClient
 from fedhealth.core import decode_tensors
 from fedhealth.crypto import PublicIdentity, pinned_tls_context
 from fedhealth.data import open_dataset
+from fedhealth.learning import LOGREG_RECIPE, SYNTHETIC_RECIPE, LogRegParams, SyntheticParams
 from fedhealth.protocol import RecipeSpec, StrategySpec, StudySpec, Task, TaskKind, TaskPoll
-from fedhealth.runtime import encode_contribution, evaluate_on_site, param_specs, secure_codec, train_on_site
+from fedhealth.runtime import (
+    encode_contribution,
+    evaluate_on_site,
+    param_specs,
+    recipe_spec,
+    secure_codec,
+    train_on_site,
+)
 from fedhealth.secagg import (
     ConsistencyRequest,
     KeyDirectory,
@@ -39,6 +47,22 @@ from fedhealth.sim import LocalFederation
 POSTGRES_URL_ENV = "FEDHEALTH_TEST_POSTGRES_URL"
 POSTGRES_URL = os.environ.get(POSTGRES_URL_ENV) or "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
+
+def logreg_recipe(n_features: int = 30, **params: object) -> RecipeSpec:
+    """The logistic-regression recipe of a test study (``params``: local_epochs, learning_rate...), its
+    params validated here so that a typo fails where it is written."""
+    return recipe_spec(LOGREG_RECIPE, LogRegParams(n_features=n_features, **params))  # type: ignore[arg-type]
+
+
+def synthetic_recipe(n_params: int) -> RecipeSpec:
+    """The data-free recipe of the transport tests: a model of ``n_params`` float32 numbers."""
+    return recipe_spec(SYNTHETIC_RECIPE, SyntheticParams(n_params=n_params))
+
+
+# A recipe plug-in outside src/ (its package and its dist-info): on PYTHONPATH, it registers "toy-centroid".
+TOY_PLUGIN_PATH = Path(__file__).resolve().parent / "plugins" / "fedhealth_toy"
+TOY_RECIPE = "toy-centroid"
+
 BREAST_SITES = {f"hospital-{c}": f"builtin://breast-cancer/{i}?sites=4&seed=0" for i, c in enumerate("abcd")}
 
 
@@ -46,7 +70,7 @@ def breast_spec(sites: list[str], *, rounds: int = 3, name: str = "breast", **ov
     fields: dict[str, object] = {
         "name": name,
         "dataset": "breast-cancer",
-        "recipe": RecipeSpec(n_features=30, local_epochs=1, learning_rate=0.05, batch_size=16),
+        "recipe": logreg_recipe(30, local_epochs=1, learning_rate=0.05, batch_size=16),
         "strategy": StrategySpec(name="fedavg"),
         "rounds": rounds,
         "train_sites": sorted(sites),

@@ -32,7 +32,7 @@ def _spec(sites: list[str] = SITES, *, secure: bool = True) -> StudySpec:
     return StudySpec(
         name="collective",
         dataset="none",
-        recipe=RecipeSpec(name="collective-probe", n_params=8),
+        recipe=RecipeSpec(name="collective-probe", params={"size": 8}),
         rounds=1,
         train_sites=sites,
         secure_aggregation=SecureAggregationSpec(site_keys={s: KEYS[s].public().fingerprint for s in sites})

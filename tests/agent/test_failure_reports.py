@@ -21,10 +21,12 @@ from fedhealth.core import (
     InputError,
 )
 from fedhealth.data import SchemaError
+from fedhealth.learning import RecipeParamsError, UnknownRecipeError
 from fedhealth.orchestrator._privacy import privacy_markdown
 from fedhealth.orchestrator._report import one_line, report_markdown
 from fedhealth.privacy import BudgetLedger, sqlite_engine
 from fedhealth.protocol import FailureCode, PrivacySpec, RecipeSpec, StudySpec, TaskFailure
+from support import logreg_recipe
 
 DELTA = 1e-5
 PATIENTS = [f"p{i:04d}" for i in range(40)]
@@ -41,7 +43,7 @@ def dp_spec(n_features: int = 2) -> StudySpec:
     return StudySpec(
         name="dp-study",
         dataset="cohort",
-        recipe=RecipeSpec(n_features=n_features, learning_rate=0.5),
+        recipe=logreg_recipe(n_features, learning_rate=0.5),
         rounds=2,
         train_sites=[SITE],
         privacy=PrivacySpec(
@@ -135,6 +137,31 @@ def test_the_same_dataset_trains_when_its_id_column_is_declared(site, tmp_path):
     assert ledger(site).statement("cohort").spent_epsilon > 0
 
 
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        RecipeSpec(name="xgboost", params={"trees": 10}),
+        RecipeSpec(name="logreg", version="2", params={"n_features": 2}),
+        RecipeSpec(name="logreg", params={"n_features": 2, "learning_rate": -1.0}),
+    ],
+    ids=["unknown-recipe", "unknown-version", "bad-params"],
+)
+def test_a_recipe_the_site_cannot_run_is_refused_before_any_data_and_charges_nothing(site, tmp_path, recipe):
+    """The dataset URI names no file: had the agent opened the data first, the code would be
+    dataset_unavailable; the recipe is checked before, and nothing is reserved or charged."""
+    spec = dp_spec().model_copy(update={"recipe": recipe})
+    approve(site, spec)
+    a, client = agent(site, {"cohort": f"file://{tmp_path}/absent.csv?label=label&id=patient_id"})
+    # the orchestrator had the recipe (it built the model); this site does not
+    a.handle(task(dp_spec()).model_copy(update={"recipe": recipe, "spec": spec}))
+    [failure] = client.failures
+    assert failure.code is FailureCode.INVALID_RECIPE
+    assert failure.reason == FailureCode.INVALID_RECIPE.message
+    assert client.results == []
+    assert ledger(site).statement("cohort").spent_epsilon == 0.0
+    assert ledger(site).pending("cohort") == []
+
+
 def test_a_refusal_sends_its_rule_code_with_the_rules_fixed_sentence(site, tmp_path):
     csv = write_csv(tmp_path / "cohort.csv")
     spec = dp_spec()
@@ -153,6 +180,8 @@ def test_a_refusal_sends_its_rule_code_with_the_rules_fixed_sentence(site, tmp_p
         (DatasetMissingError("CSV file /data/x.csv does not exist"), FailureCode.DATASET_UNAVAILABLE),
         (ChecksumError("/data/x does not match"), FailureCode.DATASET_UNAVAILABLE),
         (DatasetError("no dataset named 'x'"), FailureCode.DATASET_UNAVAILABLE),
+        (UnknownRecipeError("recipe.name: no recipe 'xgboost' is installed"), FailureCode.INVALID_RECIPE),
+        (RecipeParamsError(["recipe.params.n_features: Field required"]), FailureCode.INVALID_RECIPE),
         (InputError("the model does not match its digest"), FailureCode.INVALID_TASK),
         (ConfigError("bad setting"), FailureCode.TRAINING_FAILED),
         (RuntimeError("bug"), FailureCode.INTERNAL_ERROR),

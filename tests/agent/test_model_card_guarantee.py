@@ -17,7 +17,6 @@ from fedhealth.protocol import (
     DpMode,
     PrivacySpec,
     PrivacySpend,
-    RecipeSpec,
     SecureAggregationSpec,
     SiteAttestation,
     StudySpec,
@@ -25,6 +24,7 @@ from fedhealth.protocol import (
     TaskKind,
 )
 from fedhealth.runtime import site_level_epsilon
+from support import logreg_recipe
 
 SPEC_DELTA, BUDGET_DELTA = 1e-5, 1e-3
 SIGMA, Q, STEPS = 1.2, 0.05, 40
@@ -34,7 +34,7 @@ def record_spec() -> StudySpec:
     return StudySpec(
         name="s",
         dataset="bc",
-        recipe=RecipeSpec(n_features=30),
+        recipe=logreg_recipe(30),
         rounds=1,
         train_sites=["a"],
         privacy=PrivacySpec(
@@ -118,7 +118,7 @@ def test_in_site_modes_the_record_level_figure_is_labelled_record_level(tmp_path
     spec = StudySpec(
         name="s",
         dataset="bc",
-        recipe=RecipeSpec(n_features=30),
+        recipe=logreg_recipe(30),
         rounds=3,
         train_sites=["a", "b", "c"],
         min_sites=3,

@@ -12,8 +12,9 @@ import pytest
 from fedhealth.agent import AgentSettings, SiteAgent
 from fedhealth.core import encode_tensors
 from fedhealth.crypto import IdentityKey
-from fedhealth.protocol import FailureCode, RecipeSpec, StudySpec, Task, TaskFailure, TaskKind, TaskPoll
+from fedhealth.protocol import FailureCode, StudySpec, Task, TaskFailure, TaskKind, TaskPoll
 from fedhealth.runtime import initial_model
+from support import synthetic_recipe
 
 SITE = "site-a"
 
@@ -50,7 +51,7 @@ def _task(digest: str, inline: bytes | None) -> Task:
     spec = StudySpec(
         name="s",
         dataset="none",
-        recipe=RecipeSpec(name="synthetic", n_params=100),
+        recipe=synthetic_recipe(100),
         rounds=1,
         train_sites=[SITE],
     )
@@ -71,7 +72,7 @@ def _task(digest: str, inline: bytes | None) -> Task:
 
 @pytest.fixture
 def model_blob() -> bytes:
-    recipe = RecipeSpec(name="synthetic", n_params=100)
+    recipe = synthetic_recipe(100)
     return encode_tensors(initial_model(recipe, 0))
 
 

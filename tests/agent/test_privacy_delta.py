@@ -8,7 +8,8 @@ from pathlib import Path
 from site_fixtures import SITE, agent, approve, make_home, task
 
 from fedhealth.privacy import BudgetLedger, sqlite_engine
-from fedhealth.protocol import FailureCode, PrivacySpec, RecipeSpec, StudySpec
+from fedhealth.protocol import FailureCode, PrivacySpec, StudySpec
+from support import logreg_recipe
 
 
 def cohort(path: Path, n: int) -> Path:
@@ -21,7 +22,7 @@ def spec(delta: float) -> StudySpec:
     return StudySpec(
         name=f"d{delta:g}".replace("-", "m").replace(".", "p"),
         dataset="cohort",
-        recipe=RecipeSpec(n_features=2),
+        recipe=logreg_recipe(2),
         rounds=1,
         train_sites=[SITE],
         privacy=PrivacySpec(

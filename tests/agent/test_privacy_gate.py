@@ -11,7 +11,8 @@ from fedhealth.agent import PrivacyGate, TaskContext, TaskRefused
 from fedhealth.core import DatasetError
 from fedhealth.data import open_dataset
 from fedhealth.privacy import BudgetLedger, DpPlan, DpSgdRelease, epsilon, sqlite_engine
-from fedhealth.protocol import PrivacySpec, PrivacySpend, RecipeSpec, StudySpec, Task, TaskKind
+from fedhealth.protocol import PrivacySpec, PrivacySpend, StudySpec, Task, TaskKind
+from support import logreg_recipe
 
 SITE = "site-a"
 DATASET = "bc"
@@ -24,7 +25,7 @@ def spec(name: str = "s", *, privacy: bool = True, rounds: int = ROUNDS, **priv:
     fields: dict[str, object] = {
         "name": name,
         "dataset": DATASET,
-        "recipe": RecipeSpec(n_features=30),
+        "recipe": logreg_recipe(30),
         "rounds": rounds,
         "train_sites": [SITE],
     }

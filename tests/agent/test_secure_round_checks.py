@@ -27,7 +27,6 @@ from fedhealth.core import sha256_hex
 from fedhealth.crypto import IdentityKey
 from fedhealth.orchestrator._secure import round_config
 from fedhealth.protocol import (
-    RecipeSpec,
     SecureAggregationSpec,
     SecureRoundInfo,
     StudySpec,
@@ -37,6 +36,7 @@ from fedhealth.protocol import (
     TaskPoll,
     secure_round_plan,
 )
+from support import synthetic_recipe
 
 SITES = ["site-a", "site-b", "site-c", "site-d", "site-e", "site-f"]
 ME = "site-a"
@@ -53,7 +53,7 @@ def _spec(**secure: object) -> StudySpec:
     return StudySpec(
         name="secure",
         dataset="none",
-        recipe=RecipeSpec(name="synthetic", n_params=10),
+        recipe=synthetic_recipe(10),
         rounds=2,
         train_sites=SITES,
         min_sites=2,

@@ -22,7 +22,6 @@ from fedhealth.client import OperatorClient
 from fedhealth.core import canonical_json
 from fedhealth.crypto import IdentityKey, PemPair, create_ca, issue_server_certificate, pinned_tls_context
 from fedhealth.protocol import (
-    RecipeSpec,
     ResultManifest,
     SiteMetrics,
     StudySpec,
@@ -32,6 +31,7 @@ from fedhealth.protocol import (
 )
 from fedhealth.runtime import encode_update, param_specs
 from fedhealth.sim import LocalFederation
+from support import synthetic_recipe
 
 
 def tls_verify(fed: LocalFederation, client_cert: tuple[bytes, bytes] | None = None) -> ssl.SSLContext:
@@ -114,7 +114,7 @@ def synthetic_spec(name: str, sites: list[str], *, seed: int = 1, rounds: int = 
     fields: dict[str, Any] = {
         "name": name,
         "dataset": "none",
-        "recipe": RecipeSpec(name="synthetic", n_params=64),
+        "recipe": synthetic_recipe(64),
         "rounds": rounds,
         "train_sites": sites,
         "min_sites": 1,

@@ -19,6 +19,13 @@ from fedhealth.sim import LocalFederation
 pytestmark = pytest.mark.e2e
 
 
+def approved(fed, spec):
+    """Every site the spec names approves it first (its steward's part), so the study starts at once."""
+    for site in dict.fromkeys([*spec.train_sites, *spec.evaluation_sites]):
+        fed.approve(site, spec)
+    return spec
+
+
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     with LocalFederation(tmp_path_factory.mktemp("authz")) as fed:
@@ -32,7 +39,7 @@ def fed(tmp_path_factory):
 def test_only_the_owner_or_an_admin_may_cancel_a_study(fed):
     rita, bob = operator(fed, "rita", "researcher"), operator(fed, "bob", "researcher")
     audrey = operator(fed, "audrey", "auditor")
-    study = bob.create_study(synthetic_spec("bobs", ["authz-a"], owner="bob"))
+    study = bob.create_study(approved(fed, synthetic_spec("bobs", ["authz-a"], owner="bob")))
     for intruder in (rita, audrey):
         with pytest.raises(ClientError) as refused:
             intruder.cancel_study(study.study_id)
@@ -45,7 +52,7 @@ def test_only_the_owner_or_an_admin_may_cancel_a_study(fed):
     cancelled = bob.cancel_study(study.study_id)
     assert cancelled.status is StudyStatus.CANCELLED
     assert cancelled.reason == "cancelled by bob"
-    ritas = rita.create_study(synthetic_spec("ritas", ["authz-a"], owner="rita"))
+    ritas = rita.create_study(approved(fed, synthetic_spec("ritas", ["authz-a"], owner="rita")))
     by_admin = fed.operator.cancel_study(ritas.study_id)
     assert by_admin.reason == "cancelled by admin"
     for client in (rita, bob, audrey):

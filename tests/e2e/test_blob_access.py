@@ -28,6 +28,13 @@ pytestmark = pytest.mark.e2e
 SITES = ["blob-a", "blob-b"]
 
 
+def approved(fed, spec):
+    """Every site the spec names approves it first (its steward's part), so the study starts at once."""
+    for site in dict.fromkeys([*spec.train_sites, *spec.evaluation_sites]):
+        fed.approve(site, spec)
+    return spec
+
+
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     with LocalFederation(tmp_path_factory.mktemp("blobs")) as fed:
@@ -62,7 +69,7 @@ def _upload(holder, headers, task):
 
 def test_sites_download_only_the_input_models_of_their_own_open_tasks_and_never_an_upload(fed, sites):
     (a, a_auth), (b, b_auth) = sites["blob-a"], sites["blob-b"]
-    shared = fed.operator.create_study(synthetic_spec("shared", SITES, seed=1))
+    shared = fed.operator.create_study(approved(fed, synthetic_spec("shared", SITES, seed=1)))
     task_a, task_b = poll_task(a.http, a_auth), poll_task(b.http, b_auth)
     update = _upload(a, a_auth, task_a)
     digest = hashlib.sha256(update).hexdigest()
@@ -78,7 +85,7 @@ def test_sites_download_only_the_input_models_of_their_own_open_tasks_and_never_
     assert (nothing.status_code, nothing.json()) == (stolen.status_code, stolen.json())  # no oracle
 
     # a model of a task that is a's only (another study, another seed: another initial model)
-    only_a = fed.operator.create_study(synthetic_spec("only-a", ["blob-a"], seed=2))
+    only_a = fed.operator.create_study(approved(fed, synthetic_spec("only-a", ["blob-a"], seed=2)))
     task_a2 = poll_task(a.http, a_auth)
     assert task_a2.study_id == only_a.study_id
     assert task_a2.model_digest != task_b.model_digest
@@ -100,7 +107,7 @@ def test_sites_download_only_the_input_models_of_their_own_open_tasks_and_never_
 
 def test_operators_download_released_models_only_and_by_role(fed, sites):
     a, a_auth = sites["blob-a"]
-    study = fed.operator.create_study(synthetic_spec("released", ["blob-a"], seed=5))
+    study = fed.operator.create_study(approved(fed, synthetic_spec("released", ["blob-a"], seed=5)))
     task = poll_task(a.http, a_auth)
     initial = task.model_digest
     update = hashlib.sha256(_upload(a, a_auth, task)).hexdigest()
@@ -136,7 +143,9 @@ def test_operators_download_released_models_only_and_by_role(fed, sites):
     fed.operator.cancel_study(study.study_id)
 
     # a researcher's own study: nothing until a round released a model, then that model
-    own = rita.create_study(synthetic_spec("ritas", ["blob-a"], seed=3, owner="rita", rounds=1))
+    own = rita.create_study(
+        approved(fed, synthetic_spec("ritas", ["blob-a"], seed=3, owner="rita", rounds=1))
+    )
     with pytest.raises(ClientError) as early:
         rita.model_bytes(own.study_id)
     assert early.value.status == 404

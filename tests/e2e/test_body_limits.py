@@ -29,6 +29,13 @@ pytestmark = pytest.mark.e2e
 MiB = 1 << 20
 
 
+def approved(fed, spec):
+    """Every site the spec names approves it first (its steward's part), so the study starts at once."""
+    for site in dict.fromkeys([*spec.train_sites, *spec.evaluation_sites]):
+        fed.approve(site, spec)
+    return spec
+
+
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     with LocalFederation(tmp_path_factory.mktemp("limits")) as fed:
@@ -130,7 +137,7 @@ def test_each_route_class_has_its_own_limit(fed):
     # uploads: bounded by the task's model (64 float32 parameters here), not by the 512 MiB limit
     holder = KeyHolder(fed, "lim-site", fed.site_home("lim-site").identity())
     auth = holder.token_headers()
-    study = fed.operator.create_study(synthetic_spec("upload-limit", ["lim-site"]))
+    study = fed.operator.create_study(approved(fed, synthetic_spec("upload-limit", ["lim-site"])))
     task = poll_task(holder.http, auth)
     oversized = valid_update(task) + b"\0" * (2 * MiB)
     response = holder.http.post(

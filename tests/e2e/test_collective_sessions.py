@@ -20,7 +20,7 @@ from sqlalchemy import create_engine
 from support_services import audit_entries
 
 from fedhealth.governance import AuditEntry, AuditEventType, read_stored_log
-from fedhealth.learning._collective_probe import probe_values
+from fedhealth.learning import probe_values
 from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec, StudyStatus, TaskKind, TaskStatus
 from fedhealth.secagg import encode_fixed
 from fedhealth.sim import LocalFederation, benchmark_collective
@@ -56,7 +56,7 @@ def _probe(
         name=name,
         dataset="none",
         recipe=RecipeSpec(
-            name="collective-probe", n_params=size, local_steps=calls, local_epochs=1 if baseline else 0
+            name="collective-probe", params={"size": size, "calls": calls, "baseline": baseline}
         ),
         rounds=1,
         train_sites=SITES,

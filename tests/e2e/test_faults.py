@@ -13,7 +13,6 @@ from fedhealth.core import decode_tensors
 from fedhealth.orchestrator import Store, make_engine
 from fedhealth.protocol import (
     FailureCode,
-    RecipeSpec,
     RoundStatus,
     StudySpec,
     StudyStatus,
@@ -22,7 +21,16 @@ from fedhealth.protocol import (
 )
 from fedhealth.runtime import run_study_in_memory
 from fedhealth.sim import LocalFederation
-from support import BREAST_SITES, ChokeProxy, breast_datasets, breast_spec, heart_data_dir, postgres_schema
+from support import (
+    BREAST_SITES,
+    ChokeProxy,
+    breast_datasets,
+    breast_spec,
+    heart_data_dir,
+    logreg_recipe,
+    postgres_schema,
+    synthetic_recipe,
+)
 
 pytestmark = pytest.mark.e2e
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
@@ -89,7 +97,7 @@ def test_orchestrator_killed_mid_study_resumes_from_its_last_completed_round(tmp
         SITES,
         rounds=12,
         name="durable",
-        recipe=RecipeSpec(n_features=30, local_epochs=3, learning_rate=0.05, batch_size=8),
+        recipe=logreg_recipe(30, local_epochs=3, learning_rate=0.05, batch_size=8),
     )
     with LocalFederation(tmp_path, database_url=database_url) as fed:
         fed.start_orchestrator()
@@ -124,7 +132,7 @@ def test_an_agent_killed_mid_upload_and_restarted_is_counted_exactly_once(tmp_pa
     spec = StudySpec(
         name="mid-upload",
         dataset="none",
-        recipe=RecipeSpec(name="synthetic", n_params=200_000),
+        recipe=synthetic_recipe(200_000),
         rounds=3,
         train_sites=["steady", "victim"],
         min_sites=2,
@@ -169,11 +177,10 @@ def test_a_corrupt_dataset_file_fails_that_site_with_its_code_and_names_the_file
     bad_dir = tmp_path / "bad-data"
     shutil.copytree(good_dir / "heart_disease", bad_dir / "heart_disease")
     target = bad_dir / "heart_disease" / "processed.hungarian.data"
-    target.write_bytes(target.read_bytes().replace(b"1", b"2", 1))
     spec = StudySpec(
         name="corrupt",
         dataset="heart-disease",
-        recipe=RecipeSpec(n_features=13),
+        recipe=logreg_recipe(13),
         rounds=1,
         train_sites=["cleveland", "hungary"],
         min_sites=1,
@@ -190,6 +197,10 @@ def test_a_corrupt_dataset_file_fails_that_site_with_its_code_and_names_the_file
         fed.start_agent(
             "hungary", {"heart-disease": "builtin://heart-disease/1"}, extra_args=["--data-dir", str(bad_dir)]
         )
+        fed.wait_for_sites(["cleveland", "hungary"])
+        # corrupted after hungary's agent started: `site serve` checks its datasets when it starts (the test
+        # below), so only a file that changes later reaches a task
+        target.write_bytes(target.read_bytes().replace(b"1", b"2", 1))
         final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=120)
     assert final.status is StudyStatus.COMPLETED, final.reason
     hungary = {t.site: t for t in final.rounds[0].tasks}["hungary"]
@@ -200,3 +211,24 @@ def test_a_corrupt_dataset_file_fails_that_site_with_its_code_and_names_the_file
     site_log = (tmp_path / "fed" / "logs" / "agent-hungary.log").read_text()
     assert str(target) in site_log
     assert "md5" in site_log
+
+
+def test_an_agent_whose_dataset_is_corrupt_refuses_to_start_with_one_line_naming_the_file(tmp_path):
+    bad_dir = tmp_path / "bad-data"
+    shutil.copytree(heart_data_dir() / "heart_disease", bad_dir / "heart_disease")
+    target = bad_dir / "heart_disease" / "processed.hungarian.data"
+    target.write_bytes(target.read_bytes().replace(b"1", b"2", 1))
+    with LocalFederation(tmp_path / "fed") as fed:
+        fed.start_orchestrator()
+        fed.add_site("hungary")
+        fed.start_agent(
+            "hungary", {"heart-disease": "builtin://heart-disease/1"}, extra_args=["--data-dir", str(bad_dir)]
+        )
+        assert fed.agents["hungary"].wait(timeout=60) == 1
+        log = (fed.logs / "agent-hungary.log").read_text()
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith("error: dataset 'heart-disease': ")
+    assert str(target) in errors[0]
+    assert "md5" in errors[0]
+    assert "Traceback" not in log

@@ -10,7 +10,6 @@ import pytest
 
 from fedhealth.core import decode_tensors, encode_tensors
 from fedhealth.protocol import (
-    RecipeSpec,
     ResultManifest,
     SiteMetrics,
     StudySpec,
@@ -20,7 +19,7 @@ from fedhealth.protocol import (
 )
 from fedhealth.runtime import encode_update, run_study_in_memory
 from fedhealth.sim import LocalFederation
-from support import BREAST_SITES, RogueSite, breast_datasets, breast_spec
+from support import BREAST_SITES, RogueSite, breast_datasets, breast_spec, synthetic_recipe
 
 pytestmark = pytest.mark.e2e
 GOOD = ["hospital-a", "hospital-b", "hospital-c"]
@@ -122,7 +121,7 @@ def test_a_small_model_travels_inside_its_task_and_a_large_one_is_downloaded(fed
             spec = StudySpec(
                 name=f"inline-{params}",
                 dataset="none",
-                recipe=RecipeSpec(name="synthetic", n_params=params),
+                recipe=synthetic_recipe(params),
                 rounds=1,
                 train_sites=["rogue-4"],
             )
@@ -167,7 +166,7 @@ def _study(**overrides):
     body = {
         "name": "x",
         "dataset": "d",
-        "recipe": {"n_features": 3},
+        "recipe": {"name": "logreg", "params": {"n_features": 3}},
         "rounds": 1,
         "train_sites": ["hospital-a"],
     }
@@ -192,7 +191,34 @@ SITE = {"auth": "site"}
         ("POST", "/api/v1/studies", _study(name="Bad Name!"), 422, "pattern"),
         ("POST", "/api/v1/studies", _study(rounds=0), 422, "greater than or equal to 1"),
         ("POST", "/api/v1/studies", _study(min_sites=2), 422, "exceeds"),
-        ("POST", "/api/v1/studies", _study(recipe={"n_features": 3, "learning_rate": "NaN"}), 422, "finite"),
+        (
+            "POST",
+            "/api/v1/studies",
+            _study(recipe={"name": "logreg", "params": {"n_features": 3, "learning_rate": "NaN"}}),
+            422,
+            "recipe.params.learning_rate: Input should be a finite number",
+        ),
+        (
+            "POST",
+            "/api/v1/studies",
+            _study(recipe={"name": "xgboost", "params": {}}),
+            422,
+            "recipe.name: no recipe 'xgboost' is installed",
+        ),
+        (
+            "POST",
+            "/api/v1/studies",
+            _study(recipe={"name": "logreg", "version": "7", "params": {"n_features": 3}}),
+            422,
+            "recipe.version: recipe 'logreg' has no version '7'",
+        ),
+        (
+            "POST",
+            "/api/v1/studies",
+            _study(recipe={"name": "logreg", "params": {"n_feature": 3}}),
+            422,
+            "recipe.params.n_features: Field required; recipe.params.n_feature: Extra inputs",
+        ),
         ("POST", "/api/v1/studies", _study(train_sites=["nowhere"]), 422, "unknown sites: nowhere"),
         ("POST", "/api/v1/studies", _study(surprise=1), 422, "Extra inputs"),
         ("POST", "/api/v1/studies", {"json": {"name": "x"}}, 401, "missing credentials"),

@@ -1,9 +1,14 @@
 """Governance through the real services: a real orchestrator and real agents as processes over HTTPS.
 
 One federation serves the whole file: ``north`` (breast-cancer site 0) holds consent records, 20 % of its
-patients denying; ``south`` (site 1) has imported none; ``gate``'s dataset is a CSV file that does not exist,
-so any task that got as far as loading data would fail with ``dataset_unavailable``: a refusal with another
-code was made before the data was loaded.
+patients denying; ``south`` (site 1) has imported none; ``gate``'s dataset is a CSV file that is deleted once
+its agent has started (``site serve`` checks every dataset when it starts), so any task that got as far as
+loading data would fail with ``dataset_unavailable``: a refusal with another code was made before the data
+was loaded.
+
+A study waits for the approval of every site it names; to put an unapproved spec in front of ``gate``'s gate,
+the orchestrator is told ``gate`` approved it (as a mistaken or compromised orchestrator could act anyway)
+while ``gate``'s steward never did.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
-from fedhealth.agent import SiteHome, TaskContext, TaskRefused
+from fedhealth.agent import SiteHome, TaskContext, TaskRefused, report_approval
 from fedhealth.agent._governance import GovernanceGate, SiteGovernance
 from fedhealth.cli import app
 from fedhealth.client import ClientError
@@ -39,10 +44,10 @@ from fedhealth.governance import (
     spec_hash,
 )
 from fedhealth.privacy import DpSgdRelease, epsilon
-from fedhealth.protocol import FailureCode, PrivacySpec, RecipeSpec, StudyStatus, Task, TaskKind, TaskStatus
+from fedhealth.protocol import FailureCode, PrivacySpec, StudyStatus, Task, TaskKind, TaskStatus
 from fedhealth.runtime import run_study_in_memory
 from fedhealth.sim import LocalFederation
-from support import BREAST_SITES, breast_spec
+from support import BREAST_SITES, breast_spec, logreg_recipe
 
 pytestmark = pytest.mark.e2e
 runner = CliRunner()
@@ -85,12 +90,22 @@ def north_consent(fed, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def running(fed, north_consent):
+def running(fed, north_consent, tmp_path_factory):
     fed.start_agent("north", {"breast-cancer": DATA["north"]})
     fed.start_agent("south", {"breast-cancer": DATA["south"]})
-    fed.start_agent("gate", {"breast-cancer": "file:///nonexistent/fedhealth/gate.csv?label=y"})
+    gate_csv = tmp_path_factory.mktemp("gate") / "gate.csv"
+    gate_csv.write_text("x1,x2,y\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40)))
+    fed.start_agent("gate", {"breast-cancer": f"file://{gate_csv}?label=y"})
     fed.wait_for_sites(["north", "south", "gate"])
+    gate_csv.unlink()  # checked when the agent started; gone by the first task
     return fed
+
+
+def tell_orchestrator_gate_approved(fed: LocalFederation, spec: Any) -> None:
+    """The orchestrator believes ``gate`` approved ``spec``; gate's steward did not."""
+    report_approval(
+        fed.site_home("gate"), spec_hash(spec.model_dump(mode="json")), approved=True, url=fed.url
+    )
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +267,8 @@ def test_provenance_records_the_dp_parameters_and_the_epsilon_each_site_spent(ru
 
 def gate_study(fed: LocalFederation, name: str, *, approve: bool, **changes: Any):
     spec = breast_spec(["gate"], rounds=1, name=name, **changes)
+    if not approve:
+        tell_orchestrator_gate_approved(fed, spec)
     study = fed.create_study(spec, approve=approve)
     final = fed.wait_for_study(study.study_id, timeout=60)
     assert final.status is StudyStatus.FAILED
@@ -312,7 +329,8 @@ def test_a_spec_changed_after_approval_is_refused(running):
     set_policy(running, "gate", None)
     approved = breast_spec(["gate"], rounds=1, name="drifting")
     running.approve("gate", approved, reason="IRB-2026-07")
-    changed = approved.model_copy(update={"recipe": RecipeSpec(n_features=30, learning_rate=0.5)})
+    changed = approved.model_copy(update={"recipe": logreg_recipe(30, learning_rate=0.5)})
+    tell_orchestrator_gate_approved(running, changed)
     study = running.create_study(changed, approve=False)
     final = running.wait_for_study(study.study_id, timeout=60)
     (task,) = final.rounds[0].tasks
@@ -507,7 +525,7 @@ def test_the_gate_refuses_a_task_that_would_run_other_than_its_approved_spec(tmp
         "deadline": datetime.now(UTC),
         "spec": spec,
     }
-    bolder = RecipeSpec(n_features=30, learning_rate=5.0)
+    bolder = logreg_recipe(30, learning_rate=5.0)
     for changes in ({"recipe": bolder}, {"dataset": "icu"}, {"seed": 8}, {"round": 2}):
         ctx = TaskContext(task=Task(**{**base, **changes}), site="solo")
         with pytest.raises(TaskRefused) as refused:
@@ -533,13 +551,16 @@ def test_a_steward_approves_a_spec_file_before_the_study_starts(tmp_path):
     path = tmp_path / "study.json"
     path.write_text(json.dumps(spec.model_dump(mode="json", exclude_defaults=True)))  # as an owner writes it
     digest = spec_hash(spec.model_dump(mode="json"))
-    wrong = cli("site", "approve", "ab" * 6, "--reason", "IRB-1", "--spec", path, "--home", home.root)
-    assert wrong.exit_code == 2
+    wrong = cli("site", "approvals", "show", "ab" * 6, "--spec", path, "--home", home.root, "--offline")
+    assert wrong.exit_code == 1
     assert f"hashes to {digest}" in wrong.stderr
-    result = cli("site", "approve", digest[:12], "--reason", "IRB-1", "--spec", path, "--home", home.root)
+    shown = cli("site", "approvals", "show", digest[:12], "--spec", path, "--home", home.root, "--offline")
+    assert shown.exit_code == 0, shown.output
+    approve = ["site", "approve", digest[:12], "--reason", "IRB-1", "--home", home.root, "--no-report"]
+    result = cli(*approve)
     assert result.exit_code == 0, result.output
     assert digest in result.stdout
-    listed = cli("site", "approvals", "--home", home.root)
+    listed = cli("site", "approvals", "--home", home.root, "--offline")
     assert f"{digest}  approved  planned" in listed.stdout
     with SiteGovernance(home) as governance:
         assert governance.approvals.check(spec.model_dump(mode="json")).allowed

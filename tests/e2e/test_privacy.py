@@ -33,9 +33,7 @@ from fedhealth.privacy import DpPlan, DpSgdRelease, GaussianRelease, calibrate_n
 from fedhealth.protocol import (
     DpMode,
     FailureCode,
-    LocalOptimizer,
     PrivacySpec,
-    RecipeSpec,
     SecureAggregationSpec,
     StudyPrivacyInfo,
     StudyStatus,
@@ -52,14 +50,13 @@ from fedhealth.runtime import (
 )
 from fedhealth.runtime._privacy import distributed_clip_room
 from fedhealth.sim import LocalFederation
-from support import BREAST_SITES, breast_datasets, breast_spec, heart_data_dir
+from support import BREAST_SITES, breast_datasets, breast_spec, heart_data_dir, logreg_recipe
 
 pytestmark = pytest.mark.e2e
 
 A, B, C, D = "hospital-a", "hospital-b", "hospital-c", "hospital-d"
 DELTA = 1e-5
 Q, STEPS, ROUNDS = 0.1, 5, 3
-MISSING = "file:///nonexistent/fedhealth-test/breast.csv?label=target"
 COMPOSE_BUDGET = 1.5  # one study at epsilon 1 composes with a second to 1.36, with a third to 1.65
 
 runner = CliRunner()
@@ -76,7 +73,7 @@ def dp_spec(name: str, dataset: str, sites: list[str], *, target: float | None =
     )
     fields: dict[str, object] = {
         "dataset": dataset,
-        "recipe": RecipeSpec(n_features=30, learning_rate=0.5),
+        "recipe": logreg_recipe(30, learning_rate=0.5),
         "rounds": ROUNDS,
         "privacy": privacy,
         "min_sites": 1,
@@ -125,14 +122,18 @@ def fed(tmp_path_factory):
             fed.set_budget(site, "bc-compose", COMPOSE_BUDGET, DELTA)
             uri = BREAST_SITES[site]
             fed.start_agent(site, {"bc-refuse": uri, "bc-compose": uri, "bc-secure": uri})
-        # C's dataset does not exist: a task that opened it could only fail on the missing file
+        # C's dataset is deleted once its agent has started (site serve checks every dataset at start): a
+        # task that opened it could only fail on the missing file
         fed.set_budget(C, "bc-refuse", 0.5, DELTA)
-        fed.start_agent(C, {"bc-refuse": MISSING})
+        c_csv = workdir / "c-breast.csv"
+        c_csv.write_text("x1,x2,target\n" + "".join(f"{i},{i % 5},{i % 2}\n" for i in range(40)))
+        fed.start_agent(C, {"bc-refuse": f"file://{c_csv}?label=target"})
         fed.set_budget(D, "bc-kill", 100.0, DELTA)
         fed.start_agent(D, d_datasets())
         for site in (A, B, D):
             fed.set_budget(site, "bc-secure", 50.0, DELTA)
         fed.wait_for_sites([A, B, C, D])
+        c_csv.unlink()
         yield fed
 
 
@@ -333,7 +334,7 @@ def test_site_distributed_noise_is_added_at_each_site_and_carried_by_the_secure_
 @pytest.mark.parametrize(
     ("study", "privacy", "message"),
     [
-        ({"recipe": RecipeSpec(n_features=30, optimizer=LocalOptimizer.ADAM)}, {}, "optimizer must be 'sgd'"),
+        ({"recipe": logreg_recipe(30, optimizer="adam")}, {}, "optimizer must be 'sgd'"),
         ({}, {"target_epsilon": 1e-9}, "no noise multiplier up to"),
         ({}, {"mode": DpMode.SITE_DISTRIBUTED}, "without secure aggregation"),
         ({}, {"site_sample_rates": {"hospital-z": 0.5}}, "site_sample_rates names sites that do not train"),

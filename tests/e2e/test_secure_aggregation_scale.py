@@ -11,7 +11,6 @@ import pytest
 
 from fedhealth.core import decode_tensors
 from fedhealth.protocol import (
-    RecipeSpec,
     SecureAggregationSpec,
     StrategySpec,
     StudySpec,
@@ -22,7 +21,7 @@ from fedhealth.protocol import (
 )
 from fedhealth.runtime import run_study_in_memory
 from fedhealth.sim import LocalFederation
-from support import postgres_schema
+from support import postgres_schema, synthetic_recipe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.slow]
 SITES = [f"site-{i:02d}" for i in range(25)]
@@ -39,7 +38,7 @@ def test_twenty_five_sites_in_neighbourhood_mode_on_postgresql_sum_to_the_plain_
         spec = StudySpec(
             name="secure-25",
             dataset="none",
-            recipe=RecipeSpec(name="synthetic", n_params=500),
+            recipe=synthetic_recipe(500),
             # every synthetic site weighs 1; a small cap keeps the codec's step small (exact comparison)
             strategy=StrategySpec(weight_cap=10),
             rounds=2,

@@ -20,7 +20,8 @@ from fedhealth.governance import (
     SignedSpec,
     spec_hash,
 )
-from fedhealth.protocol._models import RecipeSpec, StudySpec
+from fedhealth.protocol._models import StudySpec
+from support import logreg_recipe
 
 
 def study_spec(**changes: Any) -> dict[str, Any]:
@@ -28,7 +29,7 @@ def study_spec(**changes: Any) -> dict[str, Any]:
         "name": "sepsis-risk",
         "owner": "alice",
         "dataset": "icu-2024",
-        "recipe": RecipeSpec(n_features=12),
+        "recipe": logreg_recipe(12),
         "rounds": 5,
         "train_sites": ["hospital-a", "hospital-b"],
     }

@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
 from fedhealth.cli._governance import approval_app, audit_app, consent_app, model_app, provenance_app
+from fedhealth.cli._steward import approvals_app
 from fedhealth.core import ManualClock
 from fedhealth.crypto import IdentityKey
 from fedhealth.governance import (
@@ -146,12 +147,11 @@ def test_a_tampered_export_file_fails_verification(db, key, tmp_path):
         ["verify"],
         ["verify", "--db", "x", "--file", "y"],
         ["verify", "--db", "/nonexistent/site.sqlite"],
-        ["verify", "--file", "/nonexistent/audit.jsonl"],
         ["verify", "--db", "{db}", "--key", "not-a-key"],
         ["verify", "--db", "{db}", "--anchor", "four:abc"],
         ["export", "--db", "/nonexistent/site.sqlite", "--out", "x.jsonl"],
     ],
-    ids=["no-source", "two-sources", "no-db", "no-file", "bad-key", "bad-anchor", "export-no-db"],
+    ids=["no-source", "two-sources", "no-db", "bad-key", "bad-anchor", "export-no-db"],
 )
 def test_usage_errors_exit_2_with_one_line(db, args):
     result = runner.invoke(audit_app, [a.replace("{db}", str(db)) for a in args])
@@ -166,11 +166,19 @@ def test_verifying_an_empty_log_names_the_logs_the_database_holds(db):
     assert runner.invoke(audit_app, ["verify", "--db", str(db), "--log", "main"]).exit_code == 0
 
 
+def test_a_missing_export_file_is_a_runtime_error_in_one_line():
+    result = runner.invoke(audit_app, ["verify", "--file", "/nonexistent/audit.jsonl"])
+    assert result.exit_code == 1
+    line = one_line(result.stderr)
+    assert line.startswith("error: ")
+    assert "/nonexistent/audit.jsonl" in line
+
+
 def test_a_database_without_governance_tables_is_a_one_line_error(tmp_path):
     empty = tmp_path / "empty.sqlite"
     create_engine(f"sqlite:///{empty}").connect().close()
     result = runner.invoke(audit_app, ["verify", "--db", str(empty)])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert one_line(result.stderr).startswith("error: database:")
 
 
@@ -180,6 +188,8 @@ def test_a_steward_approves_and_rejects_by_hash_prefix_and_lists(db, key):
     ApprovalRegistry(engine, log).submit(SPEC)
     digest = spec_hash(SPEC)
     common = ["--db", str(db), "--identity", str(key[1]), "--steward", "dana"]
+    shown = runner.invoke(approvals_app, ["show", digest[:10], *common])  # a steward approves what they read
+    assert shown.exit_code == 0, shown.output
     result = runner.invoke(approval_app, ["approve", digest[:10], "--reason", "IRB-2026-114", *common])
     assert result.exit_code == 0
     assert digest in result.stdout
@@ -194,10 +204,10 @@ def test_a_steward_approves_and_rejects_by_hash_prefix_and_lists(db, key):
     engine.dispose()
 
 
-def test_approving_an_unknown_hash_or_without_a_reason_is_a_usage_error(db, key):
+def test_approving_an_unknown_hash_fails_and_without_a_reason_is_a_usage_error(db, key):
     common = ["--db", str(db), "--identity", str(key[1])]
     result = runner.invoke(approval_app, ["approve", "ab" * 32, "--reason", "x", *common])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "error:" in result.stderr
     result = runner.invoke(approval_app, ["approve", "ab" * 32, *common])
     assert result.exit_code == 2
@@ -240,7 +250,7 @@ def test_consent_import_of_fhir_json_and_a_bad_csv(db, key, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("patient_id,purpose,decision\np1,HRESCH,yes\n")
     result = runner.invoke(consent_app, ["import", str(bad), *common])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "bad.csv line 2: decision" in one_line(result.stderr)
     other = tmp_path / "consent.xml"
     other.write_text("<x/>")
@@ -308,5 +318,5 @@ def test_model_card_is_written_with_every_section(provenance_db, tmp_path):
 def test_an_unknown_model_is_a_one_line_error(provenance_db):
     path, _ = provenance_db
     result = runner.invoke(model_app, ["card", "ffffffffffff", "--db", str(path)])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert one_line(result.stderr).startswith("error: no recorded model")

@@ -38,7 +38,8 @@ from fedhealth.governance import (
     verify_anchor,
     verify_chain,
 )
-from fedhealth.protocol import FailureCode, RecipeSpec, StudySpec, TaskFailure
+from fedhealth.protocol import FailureCode, StudySpec, TaskFailure
+from support import logreg_recipe
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 PATIENTS = [f"p{i:03d}" for i in range(50)]
@@ -50,7 +51,7 @@ def spec(**changes: Any) -> dict[str, Any]:
         "name": "sepsis-risk",
         "owner": "alice",
         "dataset": "icu-2024",
-        "recipe": RecipeSpec(n_features=12),
+        "recipe": logreg_recipe(12),
         "rounds": 3,
         "train_sites": ["hospital-a"],
     }

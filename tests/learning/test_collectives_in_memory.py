@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from fedhealth.learning import (
+    COLLECTIVE_PROBE_RECIPE,
     BenchmarkCollectives,
     Collectives,
     InMemorySession,
-    ProbeSettings,
+    ProbeParams,
+    SessionContext,
     probe_expected,
-    probe_report,
     run_in_memory,
-    run_probe,
 )
 from fedhealth.secagg import FixedPointRangeError, SessionFailedError, SessionFailure
 
@@ -98,12 +98,19 @@ def test_a_value_out_of_range_is_refused_at_the_site_before_anything_is_sent() -
     assert session.relay.index == 1  # no site's call 1 was completed; a's was never sent
 
 
-def test_the_probe_program_reports_per_call_latency_and_no_mismatch() -> None:
+def test_the_probe_recipe_reports_per_call_latency_and_no_mismatch() -> None:
+    params = ProbeParams(size=50, calls=4, warmup=1)
     session = InMemorySession(SITES)
-    session.run(lambda s: run_probe(ProbeSettings(size=50, calls=4, warmup=1), s))  # type: ignore[arg-type]
-    report = probe_report(session.relay.released)
+    outcomes = session.run(
+        lambda s: COLLECTIVE_PROBE_RECIPE.run_site(
+            params, None, s, SessionContext(site=s.site, seed=0, rng=np.random.default_rng(0))
+        )
+    )
+    assert {o.record["mismatches_here"] for o in outcomes.values()} == {0}
+    assert session.relay.released is not None
+    report = COLLECTIVE_PROBE_RECIPE.finish(params, session.relay.released)
     assert report["mismatches"] == 0
     assert report["calls"] == 4
-    assert len(report["secure_s"]) == len(report["plain_s"]) == 4
-    assert all(t > 0 for t in report["secure_s"])
+    assert len(report["secure_s"]) == len(report["plain_s"]) == 4  # type: ignore[arg-type]
+    assert all(t > 0 for t in report["secure_s"])  # type: ignore[union-attr,operator]
     assert probe_expected(3, 4) == pytest.approx([3.0, 3.003, 3.006, 3.009], abs=1e-11)

@@ -30,7 +30,7 @@ def _spec(timeout_s: float = 30.0) -> StudySpec:
     return StudySpec(
         name="collective",
         dataset="none",
-        recipe=RecipeSpec(name="collective-probe", n_params=4),
+        recipe=RecipeSpec(name="collective-probe", params={"size": 4}),
         rounds=1,
         train_sites=SITES,
         secure_aggregation=SecureAggregationSpec(

@@ -13,7 +13,15 @@ from fedhealth.governance import AuditEventType, AuditLog
 from fedhealth.orchestrator import ModelVersion, NewRound, Store, make_engine, sqlite_url, upgrade_database
 from fedhealth.orchestrator._db import enrollment_tokens
 from fedhealth.orchestrator._store import EnrollOutcome, SiteStatus
-from fedhealth.protocol import RoundStatus, SiteAttestation, SiteMetrics, StudyStatus, TaskKind, TaskStatus
+from fedhealth.protocol import (
+    ApprovalState,
+    RoundStatus,
+    SiteAttestation,
+    SiteMetrics,
+    StudyStatus,
+    TaskKind,
+    TaskStatus,
+)
 from support import breast_spec, postgres_schema
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -202,6 +210,117 @@ def test_migrations_are_idempotent(store):
     _study(store)
     upgrade_database(store.engine)
     assert len(store.list_studies()) == 1
+
+
+# --- studies awaiting their sites' approvals ----------------------------------------------------------------
+
+
+def _awaiting(store: Store, sites=("a", "b")):
+    for s in sites:
+        store.create_site(s, T0)
+    spec = breast_spec(list(sites), rounds=1)
+    study, first = store.create_study(
+        spec=spec,
+        model_digest=DIGEST_A,
+        state_digest=None,
+        first=None,
+        when=T0,
+        spec_hash=DIGEST_B,
+        approval_deadline_at=T0 + timedelta(hours=1),
+    )
+    assert first is None
+    return study
+
+
+def test_a_study_without_a_first_round_awaits_approval_and_holds_no_round(store):
+    study = _awaiting(store)
+    assert study.status is StudyStatus.AWAITING_APPROVAL
+    assert study.approval_deadline_at == T0 + timedelta(hours=1)
+    assert study.spec_hash == DIGEST_B
+    assert store.rounds_of(study.id) == []
+    assert [s.id for s in store.awaiting_studies(DIGEST_B)] == [study.id]
+    assert store.awaiting_studies(DIGEST_A) == []
+
+
+def test_each_sites_latest_decision_on_a_hash_counts_and_unreported_sites_are_pending(store):
+    _awaiting(store, sites=("a", "b", "c"))
+    store.record_approval("a", DIGEST_B, ApprovalState.APPROVED, T0)
+    store.record_approval("b", DIGEST_B, ApprovalState.APPROVED, T0)
+    store.record_approval("b", DIGEST_B, ApprovalState.REJECTED, T0 + timedelta(seconds=1))  # revoked
+    store.record_approval("c", DIGEST_A, ApprovalState.APPROVED, T0)  # another spec
+    assert store.approvals_of(DIGEST_B, ["a", "b", "c"]) == {
+        "a": ApprovalState.APPROVED,
+        "b": ApprovalState.REJECTED,
+        "c": ApprovalState.PENDING,
+    }
+
+
+def test_starting_an_awaiting_study_opens_round_one_once(store):
+    study = _awaiting(store)
+    first = NewRound(
+        number=1, kind=TaskKind.TRAIN, sites=["a", "b"], model_in_digest=DIGEST_A, deadline_at=T0
+    )
+    opened = store.start_study(study.id, first, T0)
+    assert opened is not None
+    assert [t.site for t in store.tasks_of_round(opened.id)] == ["a", "b"]
+    assert store.get_study(study.id).status is StudyStatus.RUNNING
+    assert store.start_study(study.id, first, T0) is None  # started already: nothing more opens
+    assert len(store.rounds_of(study.id)) == 1
+
+
+def test_ending_only_an_awaiting_study_leaves_a_running_one_alone(store):
+    waiting = _awaiting(store)
+    running, _ = _study(store, sites=("x", "y"))
+    assert not store.end_study(
+        running.id, StudyStatus.FAILED, "x", T0, only_from=StudyStatus.AWAITING_APPROVAL
+    )
+    assert store.get_study(running.id).status is StudyStatus.RUNNING
+    assert store.end_study(
+        waiting.id, StudyStatus.FAILED, "deadline", T0, only_from=StudyStatus.AWAITING_APPROVAL
+    )
+    assert store.get_study(waiting.id).status is StudyStatus.FAILED
+    assert (
+        store.start_study(
+            waiting.id,
+            NewRound(number=1, kind=TaskKind.TRAIN, sites=["a"], model_in_digest=DIGEST_A, deadline_at=T0),
+            T0,
+        )
+        is None
+    )
+
+
+def test_the_migration_fills_in_the_spec_hash_of_studies_stored_before_it(tmp_path):
+    from pathlib import Path
+
+    from alembic import command
+    from alembic.config import Config
+
+    from fedhealth.governance import spec_hash
+
+    engine = make_engine(sqlite_url(tmp_path / "old.sqlite"))
+    cfg = Config()
+    cfg.set_main_option(
+        "script_location", str(Path(upgrade_database.__code__.co_filename).with_name("migrations"))
+    )
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "0004")
+    old = Store(engine)
+    for s in ("a", "b"):
+        with engine.begin() as c:
+            c.exec_driver_sql(
+                f"INSERT INTO sites (name, created_at, status) VALUES ('{s}', '2026-01-01', 'active')"
+            )
+    spec = breast_spec(["a", "b"], rounds=1)
+    with engine.begin() as c:
+        c.exec_driver_sql(
+            "INSERT INTO studies (id, name, spec_json, status, created_at, completed_rounds, model_digest) "
+            "VALUES ('st_old', 'breast', ?, 'running', '2026-01-01', 0, ?)",
+            (spec.model_dump_json(), DIGEST_A),
+        )
+    upgrade_database(engine)
+    assert old.get_study("st_old").spec_hash == spec_hash(spec.model_dump(mode="json"))
+    engine.dispose()
 
 
 # --- identity: enrollment tokens, enrollment, rotation, revocation (threat-model finding 9) ---------------

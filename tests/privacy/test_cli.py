@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -87,7 +88,7 @@ def test_epsilon_refuses_invalid_input_with_one_line_and_exit_code_2(overrides, 
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith("Error: ")
+    assert lines[0].startswith("error: ")
     assert message in lines[0]
     assert "Traceback" not in result.output
 
@@ -156,7 +157,6 @@ def test_budget_set_changes_an_existing_budget(tmp_path):
         (["set", "Heart Disease", "--epsilon", "3", "--delta", "1e-5"], "not valid"),
         (["set", "heart", "--epsilon", "0", "--delta", "1e-5"], "positive"),
         (["set", "heart", "--epsilon", "3", "--delta", "0"], "delta"),
-        (["show", "lungs"], "no privacy budget"),
     ],
 )
 def test_budget_commands_refuse_invalid_input_with_exit_code_2(tmp_path, args, message):
@@ -169,8 +169,28 @@ def test_budget_commands_refuse_invalid_input_with_exit_code_2(tmp_path, args, m
     assert message in lines[0]
 
 
+def test_budget_show_of_a_dataset_without_a_budget_is_a_runtime_error(tmp_path):
+    db = str(tmp_path / "site.sqlite")
+    runner.invoke(budget_app, ["set", "heart", "--epsilon", "3", "--delta", "1e-5", "--site-db", db])
+    result = runner.invoke(budget_app, ["show", "lungs", "--site-db", db])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "no privacy budget" in result.stderr
+
+
+def test_budget_show_prints_json(tmp_path):
+    db = str(tmp_path / "site.sqlite")
+    runner.invoke(budget_app, ["set", "heart", "--epsilon", "3", "--delta", "1e-5", "--site-db", db])
+    result = runner.invoke(budget_app, ["show", "--site-db", db, "--json"])
+    assert result.exit_code == 0, result.output
+    (statement,) = json.loads(result.stdout)
+    assert statement["dataset"] == "heart"
+    assert statement["budget_epsilon"] == 3
+    assert statement["studies"] == []
+
+
 def test_budget_show_refuses_a_missing_site_database(tmp_path):
     result = runner.invoke(budget_app, ["show", "--site-db", str(tmp_path / "absent.sqlite")])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "does not exist" in result.stderr
     assert not (tmp_path / "absent.sqlite").exists()

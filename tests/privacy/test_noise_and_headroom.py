@@ -24,7 +24,7 @@ from fedhealth.privacy import (
     snap,
     snap_grid,
 )
-from fedhealth.protocol import PrivacySpec, RecipeSpec, SecureAggregationSpec, StudySpec
+from fedhealth.protocol import PrivacySpec, SecureAggregationSpec, StudySpec
 from fedhealth.runtime import check_privacy
 from fedhealth.runtime._privacy import (
     CLIP_TAIL_SHARE_OF_DELTA,
@@ -32,6 +32,7 @@ from fedhealth.runtime._privacy import (
     fewest_contributors,
     site_update_dp,
 )
+from support import logreg_recipe
 
 # --- the noise source ---------------------------------------------------------------------------------------
 
@@ -110,7 +111,7 @@ def distributed(
     return StudySpec(
         name="s",
         dataset="d",
-        recipe=RecipeSpec(n_features=n_features),
+        recipe=logreg_recipe(n_features),
         rounds=rounds,
         train_sites=names,
         min_sites=sites if quorum is None else quorum,

@@ -18,7 +18,6 @@ from fedhealth.protocol import (
     MAX_SITE_SAMPLES,
     DpMode,
     PrivacySpec,
-    RecipeSpec,
     SecureAggregationSpec,
     SiteMetrics,
     StrategySpec,
@@ -33,6 +32,7 @@ from fedhealth.runtime import (
     encode_contribution,
     secure_codec,
 )
+from support import synthetic_recipe
 
 SITES = ["site-a", "site-b", "site-c", "site-d"]
 N_PARAMS = 6
@@ -42,7 +42,7 @@ def _spec(*, weight_cap: int = 100_000, norm: float | None = None, site_dp: bool
     return StudySpec(
         name="poison",
         dataset="none",
-        recipe=RecipeSpec(name="synthetic", n_params=N_PARAMS),
+        recipe=synthetic_recipe(N_PARAMS),
         strategy=StrategySpec(weight_cap=weight_cap, max_update_norm=norm),
         rounds=1,
         train_sites=SITES,

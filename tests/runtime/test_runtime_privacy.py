@@ -13,10 +13,7 @@ from fedhealth.data import open_dataset
 from fedhealth.learning import logreg_init, logreg_train_dp, task_rng, weighted_mean
 from fedhealth.privacy import DpSgdRelease, GaussianRelease, calibrate_noise, epsilon, snap, snap_grid
 from fedhealth.protocol import (
-    LocalOptimizer,
     PrivacySpec,
-    RecipeName,
-    RecipeSpec,
     SecureAggregationSpec,
     StudySpec,
     Task,
@@ -34,6 +31,7 @@ from fedhealth.runtime import (
     train_on_site,
 )
 from fedhealth.runtime._privacy import distributed_clip_room, private_mean, privatize_update
+from support import logreg_recipe, synthetic_recipe
 
 SITES = ["site-a", "site-b", "site-c"]
 SITE_KEYS = {s: f"{i:064x}" for i, s in enumerate(SITES)}  # placeholders: nothing here checks them
@@ -44,7 +42,7 @@ def spec_with(privacy: dict | None, **study: object) -> StudySpec:
     fields: dict[str, object] = {
         "name": "s",
         "dataset": "bc",
-        "recipe": RecipeSpec(n_features=30, learning_rate=0.5),
+        "recipe": logreg_recipe(30, learning_rate=0.5),
         "rounds": 4,
         "train_sites": SITES,
         "min_sites": 2,
@@ -82,13 +80,13 @@ SITE_SA = SecureAggregationSpec(site_keys=SITE_KEYS, update_clip=100.0)
     ("privacy", "study", "message"),
     [
         ({"target_epsilon": 1.0, "noise_multiplier": 1.0}, {}, "not both"),
-        ({"target_epsilon": 1.0}, {"recipe": RecipeSpec(name=RecipeName.SYNTHETIC, n_params=3)}, "logreg"),
+        ({"target_epsilon": 1.0}, {"recipe": synthetic_recipe(3)}, "does not implement record-level DP"),
         (
             {"target_epsilon": 1.0},
-            {"recipe": RecipeSpec(n_features=30, optimizer=LocalOptimizer.ADAM)},
+            {"recipe": logreg_recipe(30, optimizer="adam")},
             "sgd",
         ),
-        ({"target_epsilon": 1.0}, {"recipe": RecipeSpec(n_features=30, proximal_mu=0.1)}, "proximal_mu 0"),
+        ({"target_epsilon": 1.0}, {"recipe": logreg_recipe(30, proximal_mu=0.1)}, "proximal_mu 0"),
         ({"target_epsilon": 1e-9}, {}, "no noise multiplier up to"),
         ({"target_epsilon": 1.0, "site_sample_rates": {"elsewhere": 0.2}}, {}, "do not train"),
         (
@@ -97,6 +95,11 @@ SITE_SA = SecureAggregationSpec(site_keys=SITE_KEYS, update_clip=100.0)
             "no sampling rate for site-b, site-c",
         ),
         ({"mode": "site-central", "noise_multiplier": 0.0}, {}, "positive noise_multiplier"),
+        (
+            {"mode": "site-central", "noise_multiplier": 1.0},
+            {"recipe": synthetic_recipe(3)},
+            r"recipe 'synthetic' \(version 1\) does not implement site-level DP",
+        ),
         (
             {"mode": "site-central", "noise_multiplier": 1.0, "site_sample_rates": {"site-a": 0.2}},
             {},

@@ -9,13 +9,13 @@ import pytest
 from pydantic import ValidationError
 
 from fedhealth.protocol import (
-    RecipeSpec,
     SecureAggregationSpec,
     StudySpec,
     TaskKind,
     secure_round_plan,
 )
 from fedhealth.secagg import threshold_problem
+from support import synthetic_recipe
 
 
 def _keys(sites: list[str]) -> dict[str, str]:
@@ -35,7 +35,7 @@ def _spec(
     return StudySpec(
         name="s",
         dataset="none",
-        recipe=RecipeSpec(name="synthetic", n_params=3),
+        recipe=synthetic_recipe(3),
         rounds=1,
         train_sites=sites,
         eval_sites=eval_sites,
@@ -112,7 +112,7 @@ def test_site_keys_must_cover_exactly_the_training_and_evaluation_sites():
         StudySpec(
             name="s",
             dataset="none",
-            recipe=RecipeSpec(name="synthetic", n_params=3),
+            recipe=synthetic_recipe(3),
             rounds=1,
             train_sites=_names(5),
             secure_aggregation=SecureAggregationSpec(site_keys=_keys(_names(4))),
@@ -121,7 +121,7 @@ def test_site_keys_must_cover_exactly_the_training_and_evaluation_sites():
         StudySpec(
             name="s",
             dataset="none",
-            recipe=RecipeSpec(name="synthetic", n_params=3),
+            recipe=synthetic_recipe(3),
             rounds=1,
             train_sites=_names(2),
             secure_aggregation=SecureAggregationSpec(site_keys=_keys([*_names(2), "sybil"])),

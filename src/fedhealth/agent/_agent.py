@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from fedhealth.agent._approvals import ApprovalSync
 from fedhealth.agent._client import (
     OrchestratorClient,
     OrchestratorRefused,
@@ -46,8 +47,10 @@ from fedhealth.core import (
 )
 from fedhealth.crypto import IdentityKey
 from fedhealth.data import SchemaError, TabularDataset, open_dataset
+from fedhealth.learning import RecipeError, ResolvedRecipe
 from fedhealth.protocol import (
     FailureCode,
+    ProtocolMismatch,
     ResultManifest,
     SiteMetrics,
     Task,
@@ -57,11 +60,12 @@ from fedhealth.protocol import (
 )
 from fedhealth.runtime import (
     check_dataset_fits,
-    collective_program,
+    check_recipe,
     encode_contribution,
     encode_update,
     evaluate_on_site,
     param_specs,
+    run_site_program,
     secure_codec,
     train_on_site,
 )
@@ -114,6 +118,10 @@ class SiteAgent:
         # the site database (HOME/site.sqlite), where the site records each secure round it unmasked
         home = SiteHome(settings.home) if settings.home is not None else None
         self._unmasked = UnmaskRecord.at(home.database_path if home is not None else None)
+        # the specs awaiting this site's steward, fetched and registered between polls
+        self._approvals = (
+            ApprovalSync(home, self.client) if home is not None and home.settings_path.exists() else None
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -124,6 +132,8 @@ class SiteAgent:
         self._warm_up()
         log.info("site %s polling %s", self.settings.site, self.settings.orchestrator_url)
         while not self._stop.is_set():
+            if self._approvals is not None:
+                self._approvals.maybe_sync()
             try:
                 task = self.client.next_task(self.settings.poll_wait_s)
             except ServiceUnavailableError:
@@ -190,8 +200,11 @@ class SiteAgent:
         try:
             for gate in self.gates:
                 gate.before_data(ctx)
+            # before the model or any data: this site must have the study's recipe at its version, and the
+            # recipe must accept the study's params (RecipeError: reported as invalid_recipe)
+            recipe = check_recipe(task.spec)
             if task.kind is TaskKind.COLLECTIVE:
-                self._run_collective(task, ctx)
+                self._run_collective(task, ctx, recipe)
                 self.tasks_done += 1
                 return
             # before the model or any data: a secure study's round must be the one the steward approved, and
@@ -199,7 +212,7 @@ class SiteAgent:
             secure = check_secure_round(task, site, self.settings.identity, self._pins)
             params = self._model(task)
             dataset = None
-            if task.recipe.name.value != "synthetic":
+            if recipe.capabilities.reads_data:
                 dataset = self._dataset(task.dataset)
                 _check_fits(task, dataset)
                 for gate in self.gates:
@@ -279,17 +292,16 @@ class SiteAgent:
                 log.error("task %s failed: %s: %s: %s", task.task_id, code.value, type(exc).__name__, exc)
             self._fail(task, code, ctx)
 
-    def _run_collective(self, task: Task, ctx: TaskContext) -> None:
+    def _run_collective(self, task: Task, ctx: TaskContext, recipe: ResolvedRecipe) -> None:
         """A collective session: the checks, the recipe's site program over the session, the closing call
         (with the attestation), and the site's own record of it."""
         site = self.settings.site
         checked = check_collective_session(task, site, self.settings.identity, self._pins)
-        program = collective_program(task.recipe)
-        if program is None:
-            raise InputError("the task is a collective session but its recipe runs rounds")
+        recipe.collective()  # RecipeError (invalid_recipe) for a recipe combined in rounds
         dataset = None
-        if program.reads_data:
+        if recipe.capabilities.reads_data:
             dataset = self._dataset(task.dataset)
+            _check_fits(task, dataset)
             for gate in self.gates:
                 dataset = gate.prepare_data(ctx, dataset)
             ctx.data_read = True
@@ -306,7 +318,7 @@ class SiteAgent:
         try:
             session.open()
             log.info("task %s: collective session joined (%d sites)", task.task_id, len(session.sites))
-            program.run_site(task.recipe, dataset, session)
+            outcome = run_site_program(recipe, task.spec, dataset, session, task.round)
             for gate in self.gates:
                 gate.after_training(ctx)
             self._attest(ctx)
@@ -319,7 +331,7 @@ class SiteAgent:
             session.calls,
             time.perf_counter() - started,
         )
-        self._record(task, {"collective_calls": session.calls})
+        self._record(task, {"collective_calls": session.calls, **outcome.record})
 
     def _record_locally(self, task: Task, metrics: SiteMetrics) -> None:
         """The site's own record of what it computed (kept at the site, whatever is sent)."""
@@ -367,6 +379,8 @@ def _check_fits(task: Task, dataset: TabularDataset) -> None:
 
 def _failure_code(exc: BaseException) -> FailureCode:
     """The code for an exception; its message never leaves the site (it may name a path or a patient)."""
+    if isinstance(exc, RecipeError):  # unknown recipe or version, params the recipe refuses
+        return FailureCode.INVALID_RECIPE
     if isinstance(exc, SchemaError):
         return FailureCode.DATASET_INVALID
     if isinstance(exc, DatasetError):  # missing, unreadable or failing its checksum
@@ -389,9 +403,11 @@ def run_agent(settings: AgentSettings, gates: Sequence[SiteGate] = ()) -> int:
         agent.run()
     except KeyboardInterrupt:
         log.info("site %s stopping", settings.site)
-    except (SiteRefused, TlsVerificationError) as exc:
+    except (SiteRefused, TlsVerificationError, ProtocolMismatch) as exc:
         log.error("%s", exc)
         return 3
     finally:
+        if agent._approvals is not None:
+            agent._approvals.close()
         agent.client.close()
     return 0

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+import fedhealth
 from fedhealth.core import FedHealthError, ServiceUnavailableError, canonical_json
 from fedhealth.crypto import IdentityKey, client_tls_for_url
 from fedhealth.protocol import (
@@ -30,6 +31,8 @@ from fedhealth.protocol import (
     SESSION_HEADER,
     Ack,
     ChallengeResponse,
+    PeerVersion,
+    ProtocolMismatch,
     ResultManifest,
     SiteAttestation,
     Task,
@@ -37,6 +40,10 @@ from fedhealth.protocol import (
     TaskPoll,
     TokenResponse,
     agent_login_message,
+    from_peer,
+    negotiate,
+    ours,
+    version_headers,
 )
 from fedhealth.secagg import SessionFailedError, SessionFailure
 
@@ -111,9 +118,11 @@ class OrchestratorClient:
         self._verify = verify
         self._custom_transport = transport is not None
         self.base_url = base_url.strip().rstrip("/")
+        # the orchestrator's versions, from its answers; None until it answered (or if it states none)
+        self.orchestrator_version: PeerVersion | None = None
         self._http = httpx.Client(
             base_url=self.base_url,
-            headers={"User-Agent": "fedhealth-agent"},
+            headers={"User-Agent": "fedhealth-agent", **version_headers(fedhealth.__version__)},
             timeout=httpx.Timeout(30.0, connect=5.0),
             transport=transport,
             verify=verify,
@@ -154,9 +163,9 @@ class OrchestratorClient:
     # --- authentication ----------------------------------------------------------------------------------
 
     def _login(self) -> None:
-        challenge = ChallengeResponse.model_validate_json(
-            self._raw("POST", "/api/v1/agent/challenge", json={"site": self.site}).content
-        )
+        answer = self._raw("POST", "/api/v1/agent/challenge", json={"site": self.site})
+        self._check_orchestrator(answer)
+        challenge = ChallengeResponse.model_validate_json(answer.content)
         signature = self._identity.sign(canonical_json(agent_login_message(self.site, challenge.challenge)))
         token = TokenResponse.model_validate_json(
             self._raw(
@@ -168,6 +177,17 @@ class OrchestratorClient:
         self._token = token.access_token
         self._token_expires = token.expires_at
         log.debug("logged in as %s until %s", self.site, token.expires_at.isoformat())
+
+    def _check_orchestrator(self, response: httpx.Response) -> None:
+        """Refuse an orchestrator that shares no protocol with this agent (one sentence, never retried)."""
+        stated = PeerVersion.from_headers(response.headers)
+        self.orchestrator_version = stated
+        if stated is not None:
+            negotiate(stated, ours(fedhealth.__version__), client_name="agent", where="at this site")
+
+    @property
+    def orchestrator_protocol(self) -> int | None:
+        return self.orchestrator_version.protocol if self.orchestrator_version is not None else None
 
     def _raw(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         response = self._http.request(method, path, **kwargs)
@@ -234,6 +254,11 @@ class OrchestratorClient:
             time.sleep(delay)
             attempt += 1
 
+    def call(self, what: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """An authenticated request with this client's retries, for requests outside tasks (approvals,
+        readiness); 4xx answers raise :class:`OrchestratorRefused`."""
+        return self._call(what, method, path, **kwargs)
+
     def next_task(self, wait: float) -> Task | None:
         response = self._call(
             "polling for tasks",
@@ -242,7 +267,7 @@ class OrchestratorClient:
             params={"wait": wait},
             timeout=httpx.Timeout(wait + 15, connect=5.0),
         )
-        return TaskPoll.model_validate_json(response.content).task
+        return from_peer(TaskPoll, response.content, self.orchestrator_protocol).task
 
     def get_model(self, digest: str, *, max_elapsed_s: float | None = None) -> bytes:
         return self._call(
@@ -381,9 +406,11 @@ class OrchestratorClient:
         return Ack.model_validate_json(response.content)
 
 
-def _refused(response: httpx.Response) -> OrchestratorRefused:
+def _refused(response: httpx.Response) -> OrchestratorRefused | ProtocolMismatch:
     try:
         body = response.json()
-        return OrchestratorRefused(response.status_code, str(body.get("error")), body.get("detail"))
     except ValueError:
         return OrchestratorRefused(response.status_code, response.text[:500])
+    if response.status_code == 426:  # no protocol in common: the sentence says which side to upgrade
+        return ProtocolMismatch(str(body.get("error")))
+    return OrchestratorRefused(response.status_code, str(body.get("error")), body.get("detail"))

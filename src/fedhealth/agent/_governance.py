@@ -100,7 +100,7 @@ from fedhealth.governance import (
     spec_hash,
 )
 from fedhealth.protocol import FailureCode, StudySpec, Task, TaskKind
-from fedhealth.runtime import planned_epsilon
+from fedhealth.runtime import planned_epsilon, recipe_capabilities
 
 log = logging.getLogger("fedhealth.agent")
 
@@ -439,7 +439,7 @@ class GovernanceGate(PassGate):
         refusal = first_refusal(decisions)
         if refusal is not None:
             self._refuse(ctx, refusal.rule.value, refusal.reason)
-        if task.kind is TaskKind.TRAIN and task.recipe.name.value != "synthetic":
+        if task.kind is TaskKind.TRAIN and recipe_capabilities(task.recipe).reads_data:
             self._cohort_before_data(ctx, settings)
 
     def _signed_spec(self, ctx: TaskContext, spec: Mapping[str, Any]) -> SignedSpec | None:
@@ -473,7 +473,7 @@ class GovernanceGate(PassGate):
         if digest not in self._epsilon_cache:
             self._epsilon_cache[digest] = requested_epsilon(task.spec, self.governance.site)
         return PolicyRequest(
-            recipe=task.recipe.name.value,
+            recipe=task.recipe.name,
             owner=task.spec.owner,
             dataset=task.dataset,
             requested_epsilon=self._epsilon_cache[digest],

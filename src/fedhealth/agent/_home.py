@@ -149,7 +149,11 @@ def enroll_site(
     write_private(
         home.settings_path,
         json.dumps(
-            {"site": name, "orchestrator": orchestrator, "enrolled_at": enrolled.enrolled_at.isoformat()},
+            {
+                "site": name,
+                "orchestrator": serve_url or orchestrator,  # under mutual TLS the agent uses the main URL
+                "enrolled_at": enrolled.enrolled_at.isoformat(),
+            },
             indent=2,
         ).encode(),
     )

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from fedhealth.agent._governance import SiteGovernance
 
 EXIT_BAD_ENTRY = 1
+EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 DEFAULT_INTENDED_USE = "Research within the study named above. Not validated for clinical decisions."
 
@@ -113,16 +114,17 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 @contextmanager
 def _errors_as_messages() -> Iterator[None]:
-    """The one boundary where fedhealth and database errors become a one-line message and exit code 2."""
+    """Where fedhealth and database errors become a one-line message and exit code 1 (a runtime failure;
+    usage errors exit 2 where they are found)."""
     try:
         yield
     except FedHealthError as exc:
-        _fail(str(exc) or type(exc).__name__)
+        _fail(str(exc) or type(exc).__name__, EXIT_RUNTIME)
     except SQLAlchemyError as exc:
         cause = getattr(exc, "orig", None) or exc
-        _fail(f"database: {(str(cause).splitlines() or [type(cause).__name__])[0]}")
+        _fail(f"database: {(str(cause).splitlines() or [type(cause).__name__])[0]}", EXIT_RUNTIME)
     except OSError as exc:
-        _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+        _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), EXIT_RUNTIME)
 
 
 def _engine(db: str) -> Engine:
@@ -553,8 +555,13 @@ def _steward_decision(
     steward: str | None,
     spec_file: Path | None,
     verb: str,
+    require_review: bool = False,
+    report: bool = True,
 ) -> None:
+    from fedhealth.agent import was_reviewed
+
     _one_source(db=db, home=home)
+    warning = None
     with _errors_as_messages():
         governance = _site_governance(home) if home is not None else None
         if governance is not None:
@@ -574,11 +581,39 @@ def _steward_decision(
                     )
                 registry.submit(body)
             digest = registry.resolve(spec)
+            engine = governance.engine if governance is not None else log.engine
+            if require_review and not was_reviewed(engine, digest):
+                _fail(
+                    f"spec {digest} has not been shown at this site (run `fedhealth site approvals show "
+                    f"{digest[:12]}` first: a steward approves what they have read, not a hash)",
+                    EXIT_RUNTIME,
+                )
             decide(registry, digest, reason, steward or getpass.getuser())
         finally:
             if governance is not None:
                 governance.close()
+        if home is not None and report:
+            warning = _report_decision(home, digest, approved=verb == "approved")
     typer.echo(f"{verb} spec {digest}")
+    if warning is not None:
+        typer.echo(warning, err=True)
+
+
+def _report_decision(home: Path, digest: str, *, approved: bool) -> str | None:
+    """Tell the orchestrator (state only; the reason stays here). A warning if it is out of reach: the
+    site's agent reports the decision again while the study waits."""
+    import httpx
+
+    from fedhealth.agent import SiteHome, report_approval
+
+    try:
+        report_approval(SiteHome(home), digest, approved=approved)
+    except (FedHealthError, httpx.HTTPError) as exc:
+        return (
+            "warning: the orchestrator was not told yet "
+            f"({' '.join(str(exc).split())[:200]}); the site's agent will tell it while the study waits"
+        )
+    return None
 
 
 def _normalized_spec(body: dict[str, object]) -> dict[str, object]:
@@ -598,6 +633,9 @@ def _normalized_spec(body: dict[str, object]) -> dict[str, object]:
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit log).")]
 StewardOption = Annotated[
     str | None, typer.Option("--steward", help="The steward's name (default: the current user).")
+]
+ReportOption = Annotated[
+    bool, typer.Option("--report/--no-report", help="With --home: tell the orchestrator (state only).")
 ]
 HashArgument = Annotated[str, typer.Argument(help="Spec hash (or at least 8 leading hex characters).")]
 SpecFileOption = Annotated[
@@ -620,8 +658,10 @@ def approval_approve(
     site: SiteOption = "site",
     steward: StewardOption = None,
     spec_file: SpecFileOption = None,
+    report: ReportOption = True,
 ) -> None:
-    """Approve a study spec by its hash: tasks of exactly this spec may run here."""
+    """Approve a study spec by its hash, once `site approvals show HASH` displayed it: tasks of exactly this
+    spec may run here. With --home the orchestrator is told, so a study waiting for it can start."""
     _steward_decision(
         lambda r, h, why, who: r.approve(h, reason=why, steward=who),
         spec,
@@ -633,6 +673,8 @@ def approval_approve(
         steward=steward,
         spec_file=spec_file,
         verb="approved",
+        require_review=True,
+        report=report,
     )
 
 
@@ -646,8 +688,9 @@ def approval_reject(
     site: SiteOption = "site",
     steward: StewardOption = None,
     spec_file: SpecFileOption = None,
+    report: ReportOption = True,
 ) -> None:
-    """Reject (or revoke the approval of) a study spec by its hash."""
+    """Reject (or revoke the approval of) a study spec by its hash; with --home the orchestrator is told."""
     _steward_decision(
         lambda r, h, why, who: r.reject(h, reason=why, steward=who),
         spec,
@@ -659,6 +702,7 @@ def approval_reject(
         steward=steward,
         spec_file=spec_file,
         verb="rejected",
+        report=report,
     )
 
 

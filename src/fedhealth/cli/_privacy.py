@@ -1,13 +1,15 @@
 """``fedhealth privacy ...`` for privacy officers, and ``fedhealth site budget ...`` for the site's ledger.
 
-Thin: every command parses, calls :mod:`fedhealth.privacy`, and prints. Invalid input exits with code 2 and
-one line on stderr, never a traceback.
+Thin: every command parses, calls :mod:`fedhealth.privacy`, and prints. Failures are one line
+``error: ...`` on stderr, never a traceback: exit code 2 for invalid input (a parameter out of its range, a
+target no noise reaches), 1 for a runtime failure (no such database, no budget for that dataset).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from typing import Annotated, NoReturn, TypeVar
@@ -15,12 +17,15 @@ from typing import Annotated, NoReturn, TypeVar
 import sqlalchemy as sa
 import typer
 
-from fedhealth.core import FedHealthError
+from fedhealth.cli._common import JsonOption, print_json
+from fedhealth.cli._errors import EXIT_RUNTIME, EXIT_USAGE, FedhealthGroup
+from fedhealth.core import FedHealthError, InputError
 from fedhealth.privacy import (
     PLD_EPSILON_CEILING,
     AccountantKind,
     BudgetLedger,
     BudgetStatement,
+    CalibrationError,
     DpParameterError,
     DpSgdRelease,
     calibrate_noise,
@@ -34,6 +39,7 @@ privacy_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=FedhealthGroup,
 )
 
 budget_app = typer.Typer(
@@ -42,6 +48,7 @@ budget_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=FedhealthGroup,
 )
 
 T = TypeVar("T")
@@ -58,24 +65,28 @@ SiteHomeOption = Annotated[
 ]
 
 
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code=2)
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=code)
 
 
 def _guard(action: Callable[[], T]) -> T:
-    """Run ``action``; our own errors become a one-line message and exit code 2."""
+    """Run ``action``; invalid parameters exit 2, other fedhealth errors 1, each with one line."""
     try:
         return action()
+    except (DpParameterError, CalibrationError, InputError) as exc:
+        _fail(str(exc), EXIT_USAGE)
     except FedHealthError as exc:
-        _fail(str(exc))
+        _fail(str(exc), EXIT_RUNTIME)
 
 
-def _accountant(name: str) -> AccountantKind:
-    try:
-        return AccountantKind(name.lower())
-    except ValueError:
-        _fail(f"accountant must be one of {', '.join(k.value for k in AccountantKind)}, got {name!r}")
+class Accountant(StrEnum):  # AccountantKind's choices, as an option
+    PLD = "pld"
+    RDP = "rdp"
+
+
+def _accountant(choice: Accountant) -> AccountantKind:
+    return AccountantKind(choice.value)
 
 
 def _release(sigma: float, sample_rate: float, steps: int) -> DpSgdRelease:
@@ -90,7 +101,9 @@ def epsilon_command(
     sample_rate: Annotated[float, typer.Option("--sample-rate", help="Poisson sampling rate q in (0, 1].")],
     steps: Annotated[int, typer.Option("--steps", help="Number of noisy steps.")],
     delta: Annotated[float, typer.Option("--delta", help="Target delta in (0, 1).")],
-    accountant: Annotated[str, typer.Option("--accountant", help=_ACCOUNTANT_HELP)] = "pld",
+    accountant: Annotated[
+        Accountant, typer.Option("--accountant", help=_ACCOUNTANT_HELP, case_sensitive=False)
+    ] = Accountant.PLD,
 ) -> None:
     """Print the epsilon of DP-SGD (Poisson-sampled Gaussian) at the given delta."""
     kind = _accountant(accountant)
@@ -111,7 +124,9 @@ def calibrate_command(
     delta: Annotated[float, typer.Option("--delta", help="Target delta in (0, 1).")],
     sample_rate: Annotated[float, typer.Option("--sample-rate", help="Poisson sampling rate q in (0, 1].")],
     steps: Annotated[int, typer.Option("--steps", help="Number of noisy steps.")],
-    accountant: Annotated[str, typer.Option("--accountant", help=_ACCOUNTANT_HELP)] = "pld",
+    accountant: Annotated[
+        Accountant, typer.Option("--accountant", help=_ACCOUNTANT_HELP, case_sensitive=False)
+    ] = Accountant.PLD,
 ) -> None:
     """Print the smallest noise multiplier whose epsilon does not exceed the target."""
     kind = _accountant(accountant)
@@ -137,18 +152,18 @@ def _database(site_db: Path | None, home: Path | None) -> Path:
     from fedhealth.agent import SiteHome
 
     if not home.is_dir():
-        _fail(f"site home {home} does not exist")
+        _fail(f"site home {home} does not exist", EXIT_RUNTIME)
     return SiteHome(home).database_path
 
 
 def _ledger(site_db: Path, *, create: bool) -> BudgetLedger:
     if not create and not site_db.is_file():
-        _fail(f"site database {site_db} does not exist")
+        _fail(f"site database {site_db} does not exist", EXIT_RUNTIME)
     engine = sqlite_engine(site_db)
     if create:
         BudgetLedger.create_schema(engine)
     elif not _has_ledger(engine):
-        _fail(f"site database {site_db} holds no privacy budgets yet")
+        _fail(f"site database {site_db} holds no privacy budgets yet", EXIT_RUNTIME)
     return BudgetLedger(engine)
 
 
@@ -189,10 +204,14 @@ def budget_show_command(
     dataset: Annotated[str | None, typer.Argument(help="One dataset; all when omitted.")] = None,
     site_db: SiteDb = None,
     home: SiteHomeOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Show each dataset's budget, total spend and spend per study (reservations count as spent)."""
     ledger = _ledger(_database(site_db, home), create=False)
     datasets = [dataset] if dataset is not None else [b.dataset for b in ledger.budgets()]
+    if as_json:
+        print_json([_statement_json(_guard(partial(ledger.statement, n)), ledger, n) for n in datasets])
+        return
     if not datasets:
         typer.echo("no budgets set")
     for name in datasets:
@@ -202,3 +221,27 @@ def budget_show_command(
                 f"  never settled: task {r.task_id} of {r.study_id}, reserved "
                 f"{r.reserved_at:%Y-%m-%d %H:%M:%S} (the agent stopped after reserving; counted in full)"
             )
+
+
+def _statement_json(s: BudgetStatement, ledger: BudgetLedger, name: str) -> dict[str, object]:
+    return {
+        "dataset": s.dataset,
+        "budget_epsilon": s.budget_epsilon,
+        "delta": s.delta,
+        "spent_epsilon": s.spent_epsilon,
+        "remaining_epsilon": s.remaining_epsilon,
+        "accountant": s.accountant.value,
+        "studies": [
+            {
+                "study_id": st.study_id,
+                "epsilon": st.epsilon,
+                "committed_tasks": st.committed_tasks,
+                "reserved_tasks": st.reserved_tasks,
+            }
+            for st in s.studies
+        ],
+        "never_settled": [
+            {"task_id": r.task_id, "study_id": r.study_id, "reserved_at": r.reserved_at.isoformat()}
+            for r in _guard(partial(ledger.pending, name))
+        ],
+    }

@@ -3,19 +3,25 @@ services. Imports of the heavy service modules happen inside the commands, so ``
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
-from rich.console import Console
 
+from fedhealth.cli._common import JsonOption, LogLevel, operator_client, parse_duration, print_json
+from fedhealth.cli._errors import error_line, explain, fail
 from fedhealth.core import FedHealthError, Tightened
 
 if TYPE_CHECKING:
@@ -24,7 +30,6 @@ if TYPE_CHECKING:
 orchestrator_app = typer.Typer(help="Run and administer the orchestrator.", no_args_is_help=True)
 site_app = typer.Typer(help="Enroll, run and administer site agents.", no_args_is_help=True)
 user_app = typer.Typer(help="Operator accounts (admin only).", no_args_is_help=True)
-err = Console(stderr=True)
 
 CredentialOption = Annotated[
     Path,
@@ -48,29 +53,32 @@ InsecureOption = Annotated[
 
 @contextmanager
 def friendly_errors() -> Iterator[None]:
-    """One clear line on stderr and exit code 1 for any fedhealth error; no tracebacks for users."""
+    """One plain line on stderr (``error: what (hint)``) and exit code 1 for any fedhealth, file or
+    connection error; no tracebacks for users. (Plain text: a message's brackets are not markup.)"""
+    import httpx
+
     try:
         yield
-    except FedHealthError as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from exc
-    except OSError as exc:
-        err.print(f"[red]error:[/] {exc}")
+    except (FedHealthError, OSError, httpx.HTTPError) as exc:
+        known = explain(exc)
+        typer.echo(error_line(*(known or (str(exc), None))), err=True)
         raise typer.Exit(1) from exc
 
 
 def _operator(credential: Path, url: str | None, insecure: bool = False) -> OperatorClient:
-    from fedhealth.client import OperatorClient
-
-    if not credential.exists():
-        raise FedHealthError(
-            f"credential file {credential} not found (set --credential or FEDHEALTH_CREDENTIAL)"
-        )
-    return OperatorClient.from_credential(credential, url=url, insecure=insecure)
+    return operator_client(credential, url, insecure)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+class UserRole(StrEnum):
+    """The roles an operator account may have (sites enroll; they are not users)."""
+
+    ADMIN = "admin"
+    RESEARCHER = "researcher"
+    AUDITOR = "auditor"
+
+
+def _setup_logging(level: LogLevel) -> None:
+    logging.basicConfig(level=level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
@@ -94,11 +102,13 @@ def orchestrator_init(
     from fedhealth.orchestrator import init_home
 
     hosts = host or ["localhost", "127.0.0.1"]
+    url_host = f"[{hosts[0]}]" if ":" in hosts[0] else hosts[0]
     with friendly_errors():
-        init_home(home, hosts=hosts, url=url or f"https://{hosts[0]}:{port}", database_url=database_url)
+        init_home(home, hosts=hosts, url=url or f"https://{url_host}:{port}", database_url=database_url)
     typer.echo(f"federation created in {home}")
     typer.echo(f"  CA certificate (give it to each site): {home / 'ca.pem'}")
     typer.echo(f"  admin credential (keep it secret):     {home / 'admin.credential'}")
+    typer.echo(f"  serve it with: fedhealth orchestrator serve --home {home} --port {port}")
 
 
 def _secure_home(tightened: Tightened, home: Path) -> None:
@@ -134,15 +144,21 @@ def orchestrator_serve(
     ] = False,
     max_body_mb: Annotated[int, typer.Option(help="Largest request body accepted, in MiB.")] = 512,
     rate_limit: Annotated[float, typer.Option(help="Requests per second per site or user (0: off).")] = 200.0,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    approval_wait: Annotated[
+        str, typer.Option(help="How long a study waits for its sites' approvals by default (e.g. 12h, 7d).")
+    ] = "7d",
+    log_level: Annotated[LogLevel, typer.Option(help="How much to log.")] = LogLevel.INFO,
 ) -> None:
     """Serve the agent API and the operator API on one HTTPS port."""
     from fedhealth.orchestrator import OrchestratorHome, OrchestratorSettings, TlsFiles, serve
 
     orch_home = OrchestratorHome(home)
+    approval_wait_s = parse_duration(approval_wait, "--approval-wait")
     with friendly_errors():
         orch_home.require()
         _secure_home(orch_home.secure(), home)
+        _check_port(host, port)
+        note = _follow_port(orch_home, port, insecure=insecure)
         settings = OrchestratorSettings(
             state_dir=orch_home.state_dir,
             signing_key=orch_home.signing_key(),
@@ -152,22 +168,85 @@ def orchestrator_serve(
             max_body_bytes=max_body_mb << 20,
             rate_per_s=rate_limit,
             rate_burst=max(1, int(rate_limit * 2)),
+            approval_wait_s=approval_wait_s,
         )
+    if note is not None:
+        typer.echo(note, err=True)
     if insecure:
-        err.print("[yellow]warning:[/] --insecure: serving plain HTTP; use it only for local tests")
+        typer.echo("warning: --insecure: serving plain HTTP; use it only for local tests", err=True)
         tls = None
     else:
         tls = TlsFiles(
             cert=orch_home.tls_cert, key=orch_home.tls_key, ca=orch_home.ca_cert, require_client_cert=mtls
         )
-    serve(
-        settings,
-        host=host,
-        port=port,
-        tls=tls,
-        enroll_port=enroll_port,
-        ready_file=ready_file,
-        log_level=log_level,
+    try:  # the port was free a moment ago; another process may still take it first
+        serve(
+            settings,
+            host=host,
+            port=port,
+            tls=tls,
+            enroll_port=enroll_port,
+            ready_file=ready_file,
+            log_level=log_level.value,
+        )
+    except OSError as exc:
+        _explain_bind(exc, host, port)
+        raise
+
+
+def _explain_bind(exc: OSError, host: str, port: int) -> None:
+    if exc.errno == errno.EADDRINUSE:
+        fail(
+            f"cannot listen on {host}:{port}: the port is already in use",
+            "stop the other process using it, or serve on another --port",
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        fail(
+            f"cannot listen on {host}:{port}: no such address here", "give --host an address of this machine"
+        )
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail in one line, before anything is recorded or started, if the address cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            _explain_bind(exc, host, port)
+            raise
+
+
+def _follow_port(home: object, port: int, *, insecure: bool) -> str | None:
+    """Serving on another port than the URL `orchestrator init` recorded: update the recorded URL and the
+    admin credential to it (the credential would otherwise point operators at the wrong port), and say so
+    in one line. Port 0 (any free port) leaves them alone: the port is not known yet."""
+    from fedhealth.orchestrator import OrchestratorHome
+    from fedhealth.protocol import OperatorCredential
+
+    assert isinstance(home, OrchestratorHome)
+    settings = home.settings()
+    recorded = str(settings.get("url") or "")
+    parts = urlsplit(recorded)
+    if port == 0 or not parts.hostname or parts.port == port:
+        return None
+    scheme = "http" if insecure else parts.scheme
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    new_url = urlunsplit((scheme, f"{host}:{port}", parts.path, "", ""))
+    settings["url"] = new_url
+    from fedhealth.crypto import write_private
+
+    write_private(home.settings_path, json.dumps(settings, indent=2).encode())
+    if home.admin_credential.exists():
+        credential = OperatorCredential.model_validate_json(home.admin_credential.read_text())
+        if credential.orchestrator == recorded:
+            updated = credential.model_copy(update={"orchestrator": new_url})
+            home.admin_credential.unlink()
+            write_private(home.admin_credential, updated.model_dump_json(indent=2).encode())
+    return (
+        f"note: serving on port {port}, not the {parts.port or 'default'} recorded at init: "
+        f"the recorded URL and admin.credential now say {new_url}"
     )
 
 
@@ -185,7 +264,11 @@ def site_add(
     with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         created = client.add_site(name)
     typer.echo(created.enrollment_token)
-    err.print(f"site {name} registered; the token above expires at {created.expires_at:%Y-%m-%d %H:%M} UTC")
+    typer.echo(
+        f"site {name} registered; the token above expires at {created.expires_at:%Y-%m-%d %H:%M} UTC. "
+        "Give it, with ca.pem from the orchestrator's home, to the site's administrator for `site enroll`.",
+        err=True,
+    )
 
 
 @site_app.command("token")
@@ -214,9 +297,10 @@ def site_rotate(
     with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         created = client.rotate_site(name)
     typer.echo(created.enrollment_token)
-    err.print(
+    typer.echo(
         f"site {name} rotated: its old key is retired; the token above expires at "
-        f"{created.expires_at:%Y-%m-%d %H:%M} UTC"
+        f"{created.expires_at:%Y-%m-%d %H:%M} UTC",
+        err=True,
     )
 
 
@@ -237,20 +321,43 @@ def site_revoke(
 def site_list(
     credential: CredentialOption = Path("admin.credential"),
     orchestrator: UrlOption = None,
+    as_json: JsonOption = False,
     insecure: InsecureOption = False,
 ) -> None:
-    """List the sites and their state."""
+    """List the sites: state, last contact, the fedhealth version each runs, and its readiness."""
     with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
-        for s in client.sites():
-            seen = f"{s.last_seen_at:%Y-%m-%d %H:%M:%S}" if s.last_seen_at else "never"
-            typer.echo(f"{s.name}\t{s.status}\tlast seen {seen}")
+        found = client.sites()
+        readiness = {r.site: r.readiness for r in _readiness_or_empty(client)}
+    if as_json:
+        print_json([{**s.model_dump(mode="json"), "readiness": readiness.get(s.name)} for s in found])
+        return
+    for s in found:
+        seen = f"{s.last_seen_at:%Y-%m-%d %H:%M:%S}" if s.last_seen_at else "never"
+        version = f"fedhealth {s.software_version}" if s.software_version else "version unknown"
+        ready = readiness.get(s.name)
+        check = "not checked" if ready is None else ("ready" if ready.ready else "NOT READY")
+        typer.echo(f"{s.name}\t{s.status}\tlast seen {seen}\t{version}\t{check}")
+
+
+def _readiness_or_empty(client: OperatorClient) -> list[object]:
+    from fedhealth.client import ClientError
+
+    try:
+        return list(client.site_readiness())
+    except ClientError as exc:
+        if exc.status == 404:  # an orchestrator from before readiness reports
+            return []
+        raise
 
 
 @site_app.command("enroll")
 def site_enroll(
     orchestrator: Annotated[str, typer.Option(help="The orchestrator's URL.")],
     token: Annotated[str, typer.Option(help="The one-time enrollment token from `site add`.")],
-    ca: Annotated[Path, typer.Option(help="The federation CA certificate (ca.pem) to pin.")],
+    ca: Annotated[
+        Path,
+        typer.Option(help="The federation CA certificate to pin: ca.pem from the orchestrator's home."),
+    ],
     name: Annotated[str, typer.Option(help="This site's name, as registered.")],
     home: Annotated[Path, typer.Option(help="Folder for this site's identity key and settings.")] = Path(
         "fedhealth-site"
@@ -267,6 +374,12 @@ def site_enroll(
     with friendly_errors():
         if SiteHome(home).identity_path.exists():
             raise FedHealthError(f"{home} already holds an identity key; use another --home to enroll anew")
+        if not ca.is_file():
+            fail(
+                f"CA file {ca} not found",
+                "copy ca.pem from the orchestrator's home (the folder given to `orchestrator init`), "
+                "as the orchestrator's operator gives it to you",
+            )
         enrolled = enroll_site(
             home,
             name=name,
@@ -303,25 +416,47 @@ def site_serve(
         Path | None, typer.Option(help="Folder of downloaded datasets (default $FEDHEALTH_DATA_DIR).")
     ] = None,
     poll_wait: Annotated[float, typer.Option(help="Long-poll wait, seconds.")] = 25.0,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[LogLevel, typer.Option(help="How much to log.")] = LogLevel.INFO,
     insecure: InsecureOption = False,
 ) -> None:
-    """Run the site agent: poll the orchestrator for tasks and train on local data."""
-    from fedhealth.agent import AgentSettings, RetryPolicy, SiteHome, default_gates, run_agent
+    """Run the site agent: poll the orchestrator for tasks and train on local data.
+
+    Uses the datasets registered with `site dataset add` (a --dataset of the same name overrides one);
+    each is checked before the first poll, and a dataset that fails its check stops the agent at once."""
+    from fedhealth.agent import (
+        AgentSettings,
+        RetryPolicy,
+        SiteHome,
+        datasets_for_serve,
+        default_gates,
+        run_agent,
+    )
 
     _setup_logging(log_level)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     site_home = SiteHome(home)
+    overrides = _parse_datasets(dataset or [])
     with friendly_errors():
         site_home.require()
         _secure_home(site_home.secure(), home)
+        datasets, checked = datasets_for_serve(site_home, overrides, data_dir)
+        for summary in checked:
+            logging.getLogger("fedhealth.agent").info(
+                "dataset %s: %d rows, %d features", summary.name, summary.rows, len(summary.features)
+            )
+        if not datasets:
+            typer.echo(
+                "warning: no datasets registered; a study that reads data will fail here "
+                "(add one with `fedhealth site dataset add`)",
+                err=True,
+            )
         settings = AgentSettings(
             orchestrator_url=orchestrator or site_home.orchestrator,
             site=site_home.name,
             identity=site_home.identity(),
             ca_pem=site_home.ca_pem(),
             client_cert=site_home.client_cert(),
-            datasets=_parse_datasets(dataset or []),
+            datasets=datasets,
             data_dir=data_dir,
             poll_wait_s=poll_wait,
             retry=RetryPolicy(base_s=0.1, max_s=5.0),
@@ -340,7 +475,7 @@ def site_serve(
 @user_app.command("add")
 def user_add(
     name: Annotated[str, typer.Argument(help="The user's name.")],
-    role: Annotated[str, typer.Option(help="admin, researcher or auditor.")],
+    role: Annotated[UserRole, typer.Option(help="What the account may do.")],
     out: Annotated[
         Path | None, typer.Option(help="Write the new user's credential file here (mode 0600).")
     ] = None,
@@ -353,7 +488,7 @@ def user_add(
     from fedhealth.protocol import OperatorCredential
 
     with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
-        created = client.add_user(name, role)
+        created = client.add_user(name, role.value)
         admin = OperatorCredential.model_validate_json(credential.read_text())
     if out is not None:
         new = OperatorCredential(
@@ -363,7 +498,7 @@ def user_add(
             api_key=created.api_key,
         )
         write_private(out, new.model_dump_json(indent=2).encode())
-        typer.echo(f"user {name} ({role}) created; credential written to {out}")
+        typer.echo(f"user {name} ({role.value}) created; credential written to {out}")
     else:
         typer.echo(created.api_key)
 
@@ -372,12 +507,17 @@ def user_add(
 def user_list(
     credential: CredentialOption = Path("admin.credential"),
     orchestrator: UrlOption = None,
+    as_json: JsonOption = False,
     insecure: InsecureOption = False,
 ) -> None:
     """List operator accounts."""
     with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
-        for u in client.users():
-            typer.echo(f"{u.name}\t{u.role.value}\t{'revoked' if u.revoked_at else 'active'}")
+        users = client.users()
+    if as_json:
+        print_json(users)
+        return
+    for u in users:
+        typer.echo(f"{u.name}\t{u.role.value}\t{'revoked' if u.revoked_at else 'active'}")
 
 
 @user_app.command("new-key")

@@ -16,7 +16,7 @@ from fedhealth.data._dataset import (
     standardize,
 )
 from fedhealth.data._download import download_verified, verify_md5
-from fedhealth.data._errors import SchemaError
+from fedhealth.data._errors import NonNumericColumnError, SchemaError
 from fedhealth.data._heart_disease import (
     HEART_DISEASE_BASE_URL,
     HEART_DISEASE_CENTERS,
@@ -49,6 +49,7 @@ __all__ = [
     "CsvOptions",
     "DatasetURI",
     "HeartDiseaseCenter",
+    "NonNumericColumnError",
     "PooledScaling",
     "Scaling",
     "SchemaError",

@@ -11,7 +11,7 @@ import numpy as np
 
 from fedhealth.core import DatasetError, DatasetMissingError, InputError
 from fedhealth.data._dataset import TabularDataset, fit_scaling, split_indices
-from fedhealth.data._errors import SchemaError
+from fedhealth.data._errors import NonNumericColumnError, SchemaError
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,8 +35,8 @@ def _number(path: Path, line: int, column: str, text: str) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise SchemaError(
-            f"{path}: line {line}, column {column!r} holds {value[:40]!r}, not a number"
+        raise NonNumericColumnError(
+            f"{path}: line {line}, column {column!r} holds {value[:40]!r}, not a number", column=column
         ) from None
     if not math.isfinite(number):
         raise SchemaError(f"{path}: line {line}, column {column!r} holds {value[:40]!r}, not a finite number")

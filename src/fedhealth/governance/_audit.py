@@ -48,6 +48,7 @@ class AuditEventType(StrEnum):
     STUDY_SUBMITTED = "study.submitted"
     STUDY_APPROVED = "study.approved"
     STUDY_REJECTED = "study.rejected"
+    STUDY_REVIEWED = "study.reviewed"  # the steward displayed the full spec (`fedhealth site approvals show`)
     TASK_RECEIVED = "task.received"
     TASK_REFUSED = "task.refused"
     TASK_COMPLETED = "task.completed"
@@ -81,6 +82,7 @@ REQUIRED_PAYLOAD_KEYS: Mapping[AuditEventType, frozenset[str]] = {
     AuditEventType.STUDY_SUBMITTED: frozenset({"spec_hash", "study"}),
     AuditEventType.STUDY_APPROVED: frozenset({"spec_hash", "study", "reason", "steward"}),
     AuditEventType.STUDY_REJECTED: frozenset({"spec_hash", "study", "reason", "steward"}),
+    AuditEventType.STUDY_REVIEWED: frozenset({"spec_hash", "study", "steward"}),
     AuditEventType.TASK_RECEIVED: frozenset({"task_id", "study_id"}),
     AuditEventType.TASK_REFUSED: frozenset({"task_id", "study_id", "rule", "reason"}),
     AuditEventType.TASK_COMPLETED: frozenset({"task_id", "study_id"}),

@@ -10,11 +10,12 @@ import numpy as np
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainResult:
     """Local parameters after training (float32), the training-set size (the aggregation weight), the mean
-    data loss over the examples seen this round, and the number of optimizer steps taken."""
+    data loss over the examples seen this round (None when it may not be reported: under DP-SGD it would be
+    computed from the training records without noise), and the number of optimizer steps taken."""
 
     params: dict[str, np.ndarray]
     num_samples: int
-    train_loss: float
+    train_loss: float | None
     steps: int
 
 

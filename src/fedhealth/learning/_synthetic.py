@@ -7,11 +7,25 @@ costing almost nothing to compute.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from fedhealth.core import InputError
+from fedhealth.core import InputError, TensorSpec
+from fedhealth.data import TabularDataset
 from fedhealth.learning._checks import check_tensors
+from fedhealth.learning._recipe import (
+    CombinationPattern,
+    DataSchema,
+    DpLevel,
+    ModelExport,
+    Params,
+    RecipeCapabilities,
+    RecordDp,
+    ReferenceStep,
+    TemplateParam,
+)
 from fedhealth.learning._results import TrainResult
 
 # the scale of a synthetic update: about the size of one SGD round's change of a small model
@@ -38,3 +52,73 @@ def synthetic_train(
     local *= np.float32(SYNTHETIC_STEP_SCALE)
     local += weight.astype(np.float32, copy=False)
     return TrainResult(params={"weight": local}, num_samples=num_samples, train_loss=0.0, steps=1)
+
+
+class SyntheticParams(BaseModel):
+    """``recipe.params`` of ``synthetic``: the model's size."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_params: int = Field(ge=1, le=100_000_000, description="float32 numbers in the model")
+
+
+class SyntheticRecipe:
+    """A data-free model of any size for transport and secure-aggregation benchmarks (``synthetic``,
+    version 1): it reads no data, so no consent, cohort or privacy budget applies, and no DP is offered."""
+
+    name: Literal["synthetic"] = "synthetic"
+    version: Literal["1"] = "1"
+    params_model = SyntheticParams
+    pattern = CombinationPattern.ROUNDS
+    capabilities = RecipeCapabilities(reads_data=False, secure_sum=True)
+
+    def data_schema(self, params: SyntheticParams) -> DataSchema:
+        return DataSchema()
+
+    def param_specs(self, params: SyntheticParams) -> list[TensorSpec]:
+        return [TensorSpec(name="weight", shape=(params.n_params,), dtype="float32")]
+
+    def init(self, params: SyntheticParams, seed: int) -> Params:
+        return synthetic_init(params.n_params, seed)
+
+    def train(
+        self,
+        params: SyntheticParams,
+        model: Params,
+        dataset: TabularDataset | None,
+        rng: np.random.Generator,
+        *,
+        record_dp: RecordDp | None = None,
+    ) -> TrainResult:
+        if record_dp is not None:
+            raise InputError("the synthetic recipe does not implement record-level DP")
+        return synthetic_train(model, rng)
+
+    def evaluate(self, params: SyntheticParams, model: Params, dataset: TabularDataset | None) -> None:
+        return None  # nothing to evaluate on: the model means nothing
+
+    def dp_problem(self, params: SyntheticParams, level: DpLevel) -> str | None:
+        return None  # never asked: the capabilities declare no DP
+
+    def describe(self, params: SyntheticParams) -> str:
+        return f"a synthetic benchmark model of {params.n_params} parameters that reads no data"
+
+    def template(self, n_features: int | None) -> list[TemplateParam]:
+        return [TemplateParam(key="n_params", value=1000, comment="the model's size (it reads no data)")]
+
+    def reference_step(self) -> ReferenceStep:
+        model = synthetic_init(1_000_000, 0)
+
+        def run() -> None:
+            synthetic_train(model, np.random.default_rng(0))
+
+        return ReferenceStep(run=run, note="one step, 1e6 parameters")
+
+    def export(self, params: SyntheticParams, model: Params) -> ModelExport:
+        tensors = {"weight": np.array(model["weight"], dtype=np.float32)}
+        return ModelExport(
+            tensors=tensors, metadata={"recipe": self.name, "version": self.version, "feature_names": None}
+        )
+
+
+SYNTHETIC_RECIPE = SyntheticRecipe()

@@ -57,7 +57,7 @@ from fedhealth.orchestrator._auth import (
 from fedhealth.orchestrator._blobs import BlobKind, BlobStore, check_digest
 from fedhealth.orchestrator._collective import collective_router
 from fedhealth.orchestrator._db import make_engine, sqlite_url, upgrade_database
-from fedhealth.orchestrator._engine import RoundEngine
+from fedhealth.orchestrator._engine import DEFAULT_APPROVAL_WAIT_S, RoundEngine
 from fedhealth.orchestrator._hooks import StudyObserver
 from fedhealth.orchestrator._limits import (
     PRINCIPAL,
@@ -79,6 +79,7 @@ from fedhealth.orchestrator._store import (
     StudyRow,
     TaskRow,
 )
+from fedhealth.orchestrator._versions import VersionHeadersMiddleware, check_client, record_agent
 from fedhealth.protocol import (
     ATTESTATION_HEADER,
     Ack,
@@ -88,6 +89,7 @@ from fedhealth.protocol import (
     EnrollRequest,
     EnrollResponse,
     OperatorTokenRequest,
+    ProtocolMismatch,
     ResultManifest,
     Role,
     SiteAttestation,
@@ -135,6 +137,7 @@ class OrchestratorSettings:
     max_wait_s: float = 60.0
     rate_per_s: float = 200.0  # per site or user; 0 disables
     rate_burst: int = 400
+    approval_wait_s: float = DEFAULT_APPROVAL_WAIT_S  # a study's wait for its sites' approvals, by default
     auth: AuthSettings = field(default_factory=AuthSettings)
     clock: Clock = field(default_factory=SystemClock)
 
@@ -249,6 +252,10 @@ Researcher = Annotated[Principal, Depends(require_roles(Role.ADMIN, Role.RESEARC
 Reader = Annotated[Principal, Depends(require_roles(Role.ADMIN, Role.RESEARCHER, Role.AUDITOR))]
 
 
+# How long a submitted study may wait for its sites' approvals (query parameter of the submit routes).
+ApprovalWait = Annotated[float | None, Query(gt=0, le=366 * 24 * 3600)]
+
+
 def _check_certificate_names(request: Request, name: str) -> None:
     """Under mutual TLS a login names the principal its client certificate was issued to."""
     certificate = peer_certificate(request.scope)
@@ -281,6 +288,7 @@ def create_app(
             notifier,
             reports_dir=settings.state_dir / "reports",
             observers=[o for o in observers if o is not None],
+            approval_wait_s=settings.approval_wait_s,
         )
         app.state.services = Services(
             settings=settings,
@@ -324,12 +332,16 @@ def create_app(
         require_client_cert=settings.require_client_cert,
         enroll_port=settings.enroll_port,
     )
+    app.add_middleware(VersionHeadersMiddleware)  # every answer states the protocol and release
     if settings.enroll_port is not None:
         app.add_middleware(EnrollmentPortMiddleware, port=settings.enroll_port)
     for ext in extensions:
         for router in ext.routers():
             app.include_router(router)
     app.include_router(collective_router())
+    from fedhealth.orchestrator._routes_sites import sites_router  # imports this module's dependencies
+
+    app.include_router(sites_router())  # study approvals, site readiness and probes, versions
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -368,6 +380,10 @@ def create_app(
     @app.exception_handler(InputError)
     async def _input(_: Request, exc: InputError) -> JSONResponse:
         return _error(422, str(exc))
+
+    @app.exception_handler(ProtocolMismatch)
+    async def _protocol_mismatch(_: Request, exc: ProtocolMismatch) -> JSONResponse:
+        return _error(426, str(exc))
 
     @app.exception_handler(FedHealthError)
     async def _fedhealth(_: Request, exc: FedHealthError) -> JSONResponse:
@@ -423,6 +439,7 @@ def create_app(
     @app.post("/api/v1/agent/challenge", response_model=ChallengeResponse, tags=["enrollment"])
     async def agent_challenge(svc: Svc, request: Request, body: ChallengeRequest) -> ChallengeResponse:
         _check_certificate_names(request, body.site)
+        check_client(request.headers, client_name="agent", where="at this site")
         challenge, expires = svc.auth.challenge(body.site)
         return ChallengeResponse(challenge=challenge, expires_at=expires)
 
@@ -430,15 +447,18 @@ def create_app(
     async def agent_token(svc: Svc, request: Request, body: AgentTokenRequest) -> TokenResponse:
         """Trade a signature over a fresh challenge for a short-lived agent token."""
         _check_certificate_names(request, body.site)
+        peer = check_client(request.headers, client_name="agent", where="at this site")
         token, claims = svc.auth.agent_token(
             site=body.site, challenge=body.challenge, signature_hex=body.signature
         )
+        record_agent(svc.store, body.site, peer)
         return TokenResponse(access_token=token, expires_at=claims.expires_at, role=Role.SITE)
 
     @app.post("/api/v1/auth/token", response_model=TokenResponse, tags=["operator"])
     async def operator_token(svc: Svc, request: Request, body: OperatorTokenRequest) -> TokenResponse:
         """Trade a user's API key for a short-lived operator token."""
         _check_certificate_names(request, body.user)
+        check_client(request.headers, client_name="command", where="here")
         token, claims = svc.auth.operator_token(user=body.user, api_key=body.api_key)
         return TokenResponse(access_token=token, expires_at=claims.expires_at, role=Role(claims.role))
 
@@ -813,13 +833,15 @@ def create_app(
     # --- operator API: studies and models -----------------------------------------------------------------
 
     @app.post("/api/v1/studies", response_model=StudyInfo, status_code=201, tags=["operator"])
-    async def create_study(svc: Svc, owner: Researcher, body: StudySpec) -> StudyInfo:
+    async def create_study(
+        svc: Svc, owner: Researcher, body: StudySpec, approval_wait_s: ApprovalWait = None
+    ) -> StudyInfo:
         if body.owner != owner.name:
             raise ApiError(
                 422, "invalid study", f"the spec's owner must be the submitting user ({owner.name!r})"
             )
         try:
-            study = await svc.engine.create_study(body, owner.name)
+            study = await svc.engine.create_study(body, owner.name, approval_wait_s=approval_wait_s)
         except (NotFoundError, InputError) as exc:  # unknown or revoked sites: a malformed study
             raise ApiError(422, "invalid study", str(exc)) from exc
         return study_info(svc.store, study.id)
@@ -837,7 +859,7 @@ def create_app(
         """Cancel a running study: its owner or an admin only."""
         study = svc.store.get_study(study_id)
         _owner_or_admin(who, study, "cancel it")
-        if study.status is not StudyStatus.RUNNING:
+        if study.status not in (StudyStatus.RUNNING, StudyStatus.AWAITING_APPROVAL):
             raise ApiError(409, f"study is {study.status.value}")
         reason = f"cancelled by {who.name}"
         await svc.engine.cancel_study(study_id, reason)
@@ -922,4 +944,6 @@ def _site_info(row: SiteRow) -> SiteInfo:
         last_seen_at=row.last_seen_at,
         enrolled_at=row.enrolled_at,
         revoked_at=row.revoked_at,
+        software_version=row.software_version,
+        protocol_version=row.protocol_version,
     )

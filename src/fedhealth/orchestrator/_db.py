@@ -48,6 +48,10 @@ sites = Table(
     Column("public_key", String(64), nullable=True),  # hex of the raw Ed25519 key
     Column("enrolled_at", UTC_DATETIME, nullable=True),
     Column("revoked_at", UTC_DATETIME, nullable=True),
+    # what the site's agent said at its last login, and its last `fedhealth site check` (figures only)
+    Column("software_version", String(40), nullable=True),
+    Column("protocol_version", Integer, nullable=True),
+    Column("readiness_json", Text, nullable=True),
     # sha256 of the TLS client certificate issued at enrollment (mutual TLS pins exactly this certificate)
     Column("cert_fingerprint", String(64), nullable=True),
 )
@@ -89,13 +93,27 @@ studies = Table(
     Column("id", String(40), primary_key=True),
     Column("name", String(63), nullable=False),
     Column("spec_json", Text, nullable=False),
-    Column("status", String(16), nullable=False),
+    Column("status", String(32), nullable=False),  # "awaiting_approval" is 17 long
     Column("reason", Text, nullable=True),
     Column("created_at", UTC_DATETIME, nullable=False),
     Column("ended_at", UTC_DATETIME, nullable=True),
     Column("completed_rounds", Integer, nullable=False, default=0),
     Column("model_digest", String(64), nullable=False),
     Column("state_digest", String(64), nullable=True),
+    Column("spec_hash", String(64), nullable=True),  # what the sites' stewards approve
+    Column("approval_deadline_at", UTC_DATETIME, nullable=True),  # while awaiting_approval
+)
+Index("ix_studies_spec_hash", studies.c.spec_hash)
+
+# Each site's latest decision on a spec hash, as the site reported it (the steward's reason stays there).
+# Keyed by hash, not study: a steward may approve a spec before the study is submitted.
+site_approvals = Table(
+    "site_approvals",
+    metadata,
+    Column("site", String(63), ForeignKey("sites.name"), primary_key=True),
+    Column("spec_hash", String(64), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("reported_at", UTC_DATETIME, nullable=False),
 )
 
 rounds = Table(
@@ -176,7 +194,15 @@ def make_engine(url: str, *, fsync: bool = False) -> Engine:
 
         event.listen(engine, "connect", _on_connect)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    try:
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    except ImportError as exc:  # the driver is an optional extra
+        from fedhealth.core import ConfigError
+
+        raise ConfigError(
+            f"no database driver for {url.split('://', 1)[0]} ({exc.name or exc}); "
+            "for PostgreSQL install the extra: pip install 'fedhealth[postgres]'"
+        ) from exc
 
 
 def sqlite_url(path: Path) -> str:
@@ -184,7 +210,8 @@ def sqlite_url(path: Path) -> str:
 
 
 def upgrade_database(engine: Engine) -> None:
-    """Apply every Alembic migration up to head (creates the schema on an empty database)."""
+    """Apply every Alembic migration up to head (creates the schema on an empty database). ``heads``: branches
+    added in parallel (each revising the same parent) are all applied, in dependency order."""
     from alembic import command
     from alembic.config import Config
 
@@ -192,4 +219,4 @@ def upgrade_database(engine: Engine) -> None:
     cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, "heads")

@@ -4,6 +4,12 @@ It runs on the orchestrator's event loop. All durable state is in the store; the
 only timers, so after a crash :meth:`RoundEngine.recover` rebuilds it from the database: a round that was
 open stays open (results already received are kept) with a fresh deadline, and the study continues from its
 last completed round.
+
+A study starts only once every site it names has reported its data steward's approval of the exact spec
+hash (:meth:`RoundEngine.approval_reported`); until then it is ``awaiting_approval``, and it fails with the
+names of the sites that did not approve when a site rejects the spec or its approval deadline passes. The
+sites' gates still check the approval on every task: the orchestrator's wait is a courtesy to researchers
+(no round 1 that fails for want of a decision), not the enforcement.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from fedhealth.core import (
     encode_tensors,
     sha256_hex,
 )
+from fedhealth.governance import spec_hash
 from fedhealth.orchestrator._blobs import BlobKind, BlobStore
 from fedhealth.orchestrator._collective import CollectiveSessions
 from fedhealth.orchestrator._hooks import StudyObserver
@@ -36,6 +43,7 @@ from fedhealth.orchestrator._secure import SecureRounds
 from fedhealth.orchestrator._store import ModelVersion, NewRound, RoundRow, Store, StudyRow, TaskRow
 from fedhealth.privacy import secure_generator
 from fedhealth.protocol import (
+    ApprovalState,
     DpMode,
     RoundStatus,
     SiteAttestation,
@@ -43,16 +51,16 @@ from fedhealth.protocol import (
     StudyStatus,
     TaskKind,
     TaskStatus,
-    collective_plan,
 )
 from fedhealth.runtime import (
     SecureSum,
     SecureSumRejected,
     aggregate,
     central_noise_on_mean,
-    collective_program,
+    check_recipe,
     decode_sum,
     decode_update,
+    finish_session,
     initial_model,
     is_collective,
     param_specs,
@@ -62,6 +70,8 @@ from fedhealth.runtime import (
 from fedhealth.secagg import SessionFailure, Stage
 
 log = logging.getLogger("fedhealth.orchestrator")
+# How long a submitted study waits for its sites' approvals unless its submission says otherwise.
+DEFAULT_APPROVAL_WAIT_S = 7 * 24 * 3600.0
 
 
 class RoundEngine:
@@ -73,7 +83,10 @@ class RoundEngine:
         notifier: TaskNotifier,
         reports_dir: Path | None = None,
         observers: Sequence[StudyObserver] = (),
+        approval_wait_s: float = DEFAULT_APPROVAL_WAIT_S,
     ) -> None:
+        self.approval_wait_s = approval_wait_s
+        self._approval_timers: dict[str, asyncio.TimerHandle] = {}
         self.observers: list[StudyObserver] = list(observers)
         self.store = store
         self.blobs = blobs
@@ -98,13 +111,18 @@ class RoundEngine:
             log.info("resuming study %s at round %d (%s)", r.study_id, r.number, r.kind.value)
             self._opened(self.store.get_round(r.id))
             await self.task_closed(r.id)
+        for study in self.store.awaiting_studies():
+            assert study.approval_deadline_at is not None
+            self._arm_approval(study.id, study.approval_deadline_at)
+            await self._check_approvals(study)
 
     async def close(self) -> None:
         self.secure.close()
         self.collective.close()
-        for handle in self._timers.values():
+        for handle in [*self._timers.values(), *self._approval_timers.values()]:
             handle.cancel()
         self._timers.clear()
+        self._approval_timers.clear()
         for task in list(self._background):
             task.cancel()
 
@@ -126,42 +144,62 @@ class RoundEngine:
 
     # --- studies -----------------------------------------------------------------------------------------
 
-    async def create_study(self, spec: StudySpec, owner: str = "admin") -> StudyRow:
-        collective = is_collective(spec)
-        if collective:
-            try:
-                collective_plan(spec)  # participants and keys bound by the spec, at least 3 sites
-            except ValueError as exc:
-                raise InputError(f"this collective study cannot run: {exc}") from None
+    async def create_study(
+        self, spec: StudySpec, owner: str = "admin", *, approval_wait_s: float | None = None
+    ) -> StudyRow:
+        """Store a submitted study. It runs at once if every site it names has approved its spec hash
+        already; otherwise it waits for their approvals for ``approval_wait_s`` (default: the engine's)."""
+        check_recipe(spec)  # an unknown recipe or version, or params it refuses: 422 with "field: rule"
         if spec.secure_aggregation is not None:
             self._check_site_keys(spec)
         for observer in self.observers:
             # may refuse the study; in a thread, as checks can take seconds (noise calibration)
             await anyio.to_thread.run_sync(observer.check_study, spec, owner)
         # a collective study has no model: its one session round starts from the empty one
-        params = {} if collective else initial_model(spec.recipe, spec.seed)
+        params = {} if is_collective(spec) else initial_model(spec.recipe, spec.seed)
         digest = self.blobs.put(encode_tensors(params))
         now = self.clock.now()
-        first = NewRound(
-            number=1,
-            kind=TaskKind.COLLECTIVE if collective else TaskKind.TRAIN,
-            sites=spec.train_sites,
-            model_in_digest=digest,
-            deadline_at=now + timedelta(seconds=spec.round_deadline_s),
-        )
+        digest_of_spec = spec_hash(spec.model_dump(mode="json"))
+        named = sorted({*spec.train_sites, *spec.evaluation_sites})
+        approvals = self.store.approvals_of(digest_of_spec, named)
+        approved = all(state is ApprovalState.APPROVED for state in approvals.values())
+        first = self._first_round(spec, digest, now) if approved else None
+        wait = self.approval_wait_s if approval_wait_s is None else approval_wait_s
+        approval_deadline = now + timedelta(seconds=wait)
         study, round_row = self.store.create_study(
-            spec=spec, model_digest=digest, state_digest=None, first=first, when=now
+            spec=spec,
+            model_digest=digest,
+            state_digest=None,
+            first=first,
+            when=now,
+            spec_hash=digest_of_spec,
+            approval_deadline_at=approval_deadline,
         )
         log.info(
-            "study %s (%s) created: %d rounds over %d sites",
+            "study %s (%s) created: %d rounds over %d sites%s",
             study.id,
             spec.name,
             spec.rounds,
             len(spec.train_sites),
+            "" if approved else f"; awaiting the approval of {', '.join(self._not_approved(approvals))}",
         )
         self._notify("study_created", study, owner)
-        self._opened(round_row)
-        return study
+        if round_row is not None:
+            self._opened(round_row)
+        else:
+            self._arm_approval(study.id, approval_deadline)
+            await self._check_approvals(study)
+        return self.store.get_study(study.id)
+
+    @staticmethod
+    def _first_round(spec: StudySpec, model_digest: str, now: datetime) -> NewRound:
+        return NewRound(
+            number=1,
+            kind=TaskKind.COLLECTIVE if is_collective(spec) else TaskKind.TRAIN,
+            sites=spec.train_sites,
+            model_in_digest=model_digest,
+            deadline_at=now + timedelta(seconds=spec.round_deadline_s),
+        )
 
     def _check_site_keys(self, spec: StudySpec) -> None:
         """A secure study's fingerprints must be the sites' enrolled keys: every site would refuse its rounds
@@ -182,12 +220,81 @@ class RoundEngine:
 
     async def cancel_study(self, study_id: str, reason: str) -> None:
         if self.store.end_study(study_id, StudyStatus.CANCELLED, reason, self.clock.now()):
+            self._disarm_approval(study_id)
             for r in self.store.rounds_of(study_id):
                 handle = self._timers.pop(r.id, None)
                 if handle is not None:
                     handle.cancel()
                 self.secure.discard(r.id, reason)
                 self.collective.discard(r.id, reason)
+            self._study_ended(study_id)
+
+    # --- approvals -----------------------------------------------------------------------------------------
+
+    async def approval_reported(self, site: str, digest: str, state: ApprovalState) -> None:
+        """A site reported its steward's decision on a spec hash: start or fail the studies waiting on it."""
+        self.store.record_approval(site, digest, state, self.clock.now())
+        for study in self.store.awaiting_studies(digest):
+            if site in study.named_sites:
+                await self._check_approvals(study)
+
+    @staticmethod
+    def _not_approved(approvals: dict[str, ApprovalState]) -> list[str]:
+        return [site for site, state in approvals.items() if state is not ApprovalState.APPROVED]
+
+    async def _check_approvals(self, study: StudyRow) -> None:
+        """Start an awaiting study whose sites all approved; fail one that a site rejected."""
+        assert study.spec_hash is not None
+        approvals = self.store.approvals_of(study.spec_hash, study.named_sites)
+        rejected = [site for site, state in approvals.items() if state is ApprovalState.REJECTED]
+        if rejected:
+            self._end_awaiting(
+                study.id,
+                f"not approved: the data steward of {', '.join(rejected)} rejected spec "
+                f"{study.spec_hash[:12]}",
+            )
+            return
+        if self._not_approved(approvals):
+            return
+        row = self.store.start_study(
+            study.id, self._first_round(study.spec, study.model_digest, self.clock.now()), self.clock.now()
+        )
+        if row is None:
+            return  # started or ended meanwhile
+        self._disarm_approval(study.id)
+        log.info("study %s approved by every site it names: round 1 opens", study.id)
+        self._opened(row)
+
+    def _arm_approval(self, study_id: str, deadline: datetime) -> None:
+        delay = max(0.0, (deadline - self.clock.now()).total_seconds())
+        self._disarm_approval(study_id)
+        self._approval_timers[study_id] = asyncio.get_running_loop().call_later(
+            delay, lambda: self._spawn(self._approval_deadline(study_id))
+        )
+
+    def _disarm_approval(self, study_id: str) -> None:
+        handle = self._approval_timers.pop(study_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    async def _approval_deadline(self, study_id: str) -> None:
+        self._approval_timers.pop(study_id, None)
+        study = self.store.get_study(study_id)
+        if study.status is not StudyStatus.AWAITING_APPROVAL or study.spec_hash is None:
+            return
+        missing = self._not_approved(self.store.approvals_of(study.spec_hash, study.named_sites))
+        if not missing:  # every approval arrived in the same instant
+            await self._check_approvals(study)
+            return
+        self._end_awaiting(study_id, f"approval deadline passed: not approved by {', '.join(missing)}")
+
+    def _end_awaiting(self, study_id: str, reason: str) -> None:
+        ended = self.store.end_study(
+            study_id, StudyStatus.FAILED, reason, self.clock.now(), only_from=StudyStatus.AWAITING_APPROVAL
+        )
+        if ended:
+            self._disarm_approval(study_id)
+            log.warning("study %s failed: %s", study_id, reason)
             self._study_ended(study_id)
 
     # --- rounds ------------------------------------------------------------------------------------------
@@ -342,12 +449,10 @@ class RoundEngine:
         outcome = driver.outcome()
         self._close_collective_tasks(r.id, completed=True, reason="")
         self.collective.discard(r.id, "the session is complete")
-        program = collective_program(study.spec.recipe)
-        assert program is not None
         session = {"calls": outcome.calls, "attempt": driver.config.attempt}
         try:
-            result = program.finish(study.spec.recipe, outcome.released)
-        except ValueError as exc:
+            result = finish_session(study.spec.recipe, outcome.released)
+        except (ValueError, FedHealthError) as exc:
             self._fail(r.id, f"the session's result is unusable: {exc}", {"session": session})
             return
         metrics = {**result, "session": session}

@@ -67,6 +67,7 @@ from fedhealth.governance import (
 from fedhealth.orchestrator._app import (
     Admin,
     ApiError,
+    ApprovalWait,
     OrchestratorSettings,
     Reader,
     Researcher,
@@ -88,7 +89,7 @@ from fedhealth.protocol import (
     TaskKind,
     TaskStatus,
 )
-from fedhealth.runtime import site_level_epsilon
+from fedhealth.runtime import recipe_capabilities, site_level_epsilon
 
 log = logging.getLogger("fedhealth.orchestrator")
 
@@ -250,6 +251,11 @@ class GovernanceObserver(NullObserver):
     def forget_signature(self, digest: str) -> None:
         self._pending.pop(digest, None)
 
+    def signature_of(self, study_id: str) -> tuple[str, str] | None:
+        """(signature hex, owner key hex) of a signed study's spec; None if it was submitted unsigned."""
+        self._refresh()
+        return self._signatures.get(study_id)
+
     # --- observer events -----------------------------------------------------------------------------------
 
     def study_created(self, study: StudyRow, owner: str) -> None:
@@ -390,7 +396,7 @@ class GovernanceObserver(NullObserver):
         completed = [t for t in tasks if t.status is TaskStatus.COMPLETED]
         fingerprints: dict[str, str] = {}
         snapshots: dict[str, str] = {}
-        no_data = study.spec.recipe.name.value == "synthetic"
+        no_data = not recipe_capabilities(study.spec.recipe).reads_data
         for t in completed:
             attestation = t.attestation
             fingerprint = attestation.dataset_fingerprint if attestation is not None else None
@@ -664,7 +670,9 @@ def _operator_router() -> APIRouter:
         return {"user": name, "fingerprint": key.fingerprint}
 
     @router.post("/studies", response_model=StudyInfo, status_code=201)
-    async def create_signed_study(svc: Svc, owner: Researcher, body: SignedStudyBody) -> StudyInfo:
+    async def create_signed_study(
+        svc: Svc, owner: Researcher, body: SignedStudyBody, approval_wait_s: ApprovalWait = None
+    ) -> StudyInfo:
         """Submit a study signed by its owner (the signature is checked against the registered key)."""
         observer = _observer(svc)
         spec = body.spec
@@ -691,7 +699,7 @@ def _operator_router() -> APIRouter:
             ) from exc
         observer.expect_signature(signed.spec_hash, body.signature, key)
         try:
-            study = await svc.engine.create_study(spec, owner.name)
+            study = await svc.engine.create_study(spec, owner.name, approval_wait_s=approval_wait_s)
         except NotFoundError as exc:
             raise ApiError(422, "invalid study", str(exc)) from exc
         finally:

@@ -133,10 +133,10 @@ def init_home(
     make_private_dir(root)
     ca = create_ca(federation, now=now)
     write_private(home.ca_key, ca.key_pem)
-    home.ca_cert.write_bytes(ca.cert_pem)
+    write_private(home.ca_cert, ca.cert_pem)  # public, but the home's rule is one: every file 0600
     tls = issue_server_certificate(ca, hosts, now=now)
     write_private(home.tls_key, tls.key_pem)
-    home.tls_cert.write_bytes(tls.cert_pem)
+    write_private(home.tls_cert, tls.cert_pem)
     IdentityKey.generate().save(home.signing_key_path)
     make_private_dir(home.state_dir)
     if database_url is None:
@@ -158,11 +158,8 @@ def init_home(
         tls_key=client.key_pem.decode(),
     )
     write_private(home.admin_credential, credential.model_dump_json(indent=2).encode())
-    home.settings_path.write_text(
-        json.dumps(
-            {"hosts": hosts, "url": url, "database_url": database_url, "federation": federation}, indent=2
-        )
-    )
+    settings = {"hosts": hosts, "url": url, "database_url": database_url, "federation": federation}
+    write_private(home.settings_path, json.dumps(settings, indent=2).encode())
     return credential
 
 

@@ -117,7 +117,9 @@ class BodyLimits:
         return self.json_bytes
 
 
-_UPLOADS = re.compile(r"^/api/v1/agent/tasks/[^/]+/(result|secagg/[^/]+|collective/[0-9]+)$")
+# updates, secure-aggregation stage messages, collective calls, and the bandwidth probe of `fedhealth site
+# check` (up to 32 MB)
+_UPLOADS = re.compile(r"^/api/v1/agent/(tasks/[^/]+/(result|secagg/[^/]+|collective/[0-9]+)|probe)$")
 _COLLECTIVE = re.compile(r"^/api/v1/agent/tasks/[^/]+/collective/[0-9]+$")
 # A collective call takes this fraction of a rate token: a session makes hundreds of calls a second by
 # design, and paces itself (no site can send call i + 1 before every site sent call i), while the bucket

@@ -6,10 +6,10 @@ only repeats what the sites attested (:class:`fedhealth.protocol.PrivacySpend` i
 beside what the study's spec plans. Both sides compute the plan with the same code
 (:mod:`fedhealth.runtime`'s privacy functions), so a site's charge per round is predictable here.
 
-- ``check_study``: the spec's privacy section is checked (:func:`fedhealth.runtime.check_privacy`): record
-  mode only for the logreg recipe with plain SGD, a target epsilon that some noise multiplier reaches (the
-  calibration runs here, for every training site), site-distributed noise only under secure aggregation
-  with unweighted sums. A refusal is a 422 naming the problem.
+- ``check_study``: the spec's privacy section is checked (:func:`fedhealth.runtime.check_privacy`): each
+  mode only for a recipe that declares it (DP-SGD: logreg with plain SGD), a target epsilon that some noise
+  multiplier reaches (the calibration runs here, for every training site), site-distributed noise only
+  under secure aggregation with unweighted sums. A refusal is a 422 naming the problem.
 - ``POST /api/v1/privacy/plan`` (researcher): the noise and the per-site epsilon a spec would get, without
   creating the study.
 - ``GET /api/v1/studies/{id}/privacy`` (reader): per training site, the plan and the latest figures its

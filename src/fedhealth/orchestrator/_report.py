@@ -28,7 +28,11 @@ def study_info(store: Store, study_id: str, *, with_rounds: bool = True) -> Stud
                 )
             )
     open_round = next((r.number for r in rounds if r.status is RoundStatus.OPEN), None)
+    approvals = store.approvals_of(study.spec_hash, study.named_sites) if study.spec_hash else {}
     return StudyInfo(
+        spec_hash=study.spec_hash,
+        approvals=approvals,
+        approval_deadline=study.approval_deadline_at,
         study_id=study.id,
         spec=study.spec,
         status=study.status,

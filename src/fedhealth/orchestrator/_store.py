@@ -25,12 +25,14 @@ from fedhealth.orchestrator._db import (
     enrollment_tokens,
     model_versions,
     rounds,
+    site_approvals,
     sites,
     studies,
     tasks,
     users,
 )
 from fedhealth.protocol import (
+    ApprovalState,
     RoundStatus,
     SiteAttestation,
     SiteMetrics,
@@ -41,6 +43,8 @@ from fedhealth.protocol import (
 )
 
 OPEN_TASK_STATES = (TaskStatus.PENDING.value, TaskStatus.DELIVERED.value)
+# a study that has not ended: waiting for its sites' approvals, or running rounds
+LIVE_STUDY_STATES = (StudyStatus.AWAITING_APPROVAL.value, StudyStatus.RUNNING.value)
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -74,6 +78,8 @@ class SiteRow:
     public_key: str | None = None
     enrolled_at: datetime | None = None
     revoked_at: datetime | None = None
+    software_version: str | None = None
+    protocol_version: int | None = None
     cert_fingerprint: str | None = None  # sha256 of the TLS client certificate issued at enrollment
 
 
@@ -107,6 +113,13 @@ class StudyRow:
     completed_rounds: int
     model_digest: str
     state_digest: str | None
+    spec_hash: str | None = None
+    approval_deadline_at: datetime | None = None
+
+    @property
+    def named_sites(self) -> list[str]:
+        """Every site the study names (training and evaluation): each must approve its spec."""
+        return sorted({*self.spec.train_sites, *self.spec.evaluation_sites})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,6 +192,8 @@ def _site(row: RowMapping) -> SiteRow:
         public_key=row["public_key"],
         enrolled_at=_aware(row["enrolled_at"]),
         revoked_at=_aware(row["revoked_at"]),
+        software_version=row.get("software_version"),
+        protocol_version=row.get("protocol_version"),
         cert_fingerprint=row["cert_fingerprint"],
     )
 
@@ -195,6 +210,8 @@ def _study(row: RowMapping) -> StudyRow:
         completed_rounds=row["completed_rounds"],
         model_digest=row["model_digest"],
         state_digest=row["state_digest"],
+        spec_hash=row.get("spec_hash"),
+        approval_deadline_at=_aware(row.get("approval_deadline_at")),
     )
 
 
@@ -322,6 +339,26 @@ class Store:
         with self.engine.connect() as c:
             value = c.execute(select(sites.c.status).where(sites.c.name == name)).scalar()
         return SiteStatus(value) if value is not None else None
+
+    def set_readiness(self, name: str, readiness_json: str) -> None:
+        """A site's latest ``fedhealth site check`` report (figures only)."""
+        with self.engine.begin() as c:
+            c.execute(update(sites).where(sites.c.name == name).values(readiness_json=readiness_json))
+
+    def readiness(self) -> dict[str, str | None]:
+        """Every site's latest readiness report (JSON text), by name; None where it sent none."""
+        with self.engine.connect() as c:
+            rows = c.execute(select(sites.c.name, sites.c.readiness_json).order_by(sites.c.name)).all()
+        return {name: text for name, text in rows}
+
+    def set_versions(self, name: str, *, software_version: str, protocol_version: int) -> None:
+        """What the site's agent stated at its last login."""
+        with self.engine.begin() as c:
+            c.execute(
+                update(sites)
+                .where(sites.c.name == name)
+                .values(software_version=software_version, protocol_version=protocol_version)
+            )
 
     @staticmethod
     def _locked_status(c: Connection, site: str) -> SiteStatus:
@@ -548,35 +585,106 @@ class Store:
     # --- studies -----------------------------------------------------------------------------------------
 
     def create_study(
-        self, *, spec: StudySpec, model_digest: str, state_digest: str | None, first: NewRound, when: datetime
-    ) -> tuple[StudyRow, RoundRow]:
+        self,
+        *,
+        spec: StudySpec,
+        model_digest: str,
+        state_digest: str | None,
+        first: NewRound | None,
+        when: datetime,
+        spec_hash: str | None = None,
+        approval_deadline_at: datetime | None = None,
+    ) -> tuple[StudyRow, RoundRow | None]:
+        """Store a study. With ``first`` it runs at once (round 1 opens); without, it waits in
+        ``awaiting_approval`` until :meth:`start_study` (or fails at ``approval_deadline_at``)."""
         study_id = new_id("st")
-        named = sorted({*first.sites, *spec.train_sites, *spec.evaluation_sites})
+        named = sorted(
+            {*spec.train_sites, *spec.evaluation_sites, *(first.sites if first is not None else ())}
+        )
         with self.engine.begin() as c:
             q = select(sites.c.name, sites.c.status).where(sites.c.name.in_(named))
-            status = {name: value for name, value in c.execute(q)}
-            unknown = [s for s in named if s not in status]
+            site_status = {name: value for name, value in c.execute(q)}
+            unknown = [s for s in named if s not in site_status]
             if unknown:
                 raise NotFoundError(f"unknown sites: {', '.join(unknown)}")
-            revoked = [s for s in named if status[s] == SiteStatus.REVOKED.value]
+            revoked = [s for s in named if site_status[s] == SiteStatus.REVOKED.value]
             if revoked:
                 raise InputError(f"revoked sites cannot take part in a study: {', '.join(revoked)}")
+            status = StudyStatus.RUNNING if first is not None else StudyStatus.AWAITING_APPROVAL
             c.execute(
                 insert(studies).values(
                     id=study_id,
                     name=spec.name,
                     spec_json=spec.model_dump_json(),
-                    status=StudyStatus.RUNNING.value,
+                    status=status.value,
                     reason=None,
                     created_at=when,
                     ended_at=None,
                     completed_rounds=0,
                     model_digest=model_digest,
                     state_digest=state_digest,
+                    spec_hash=spec_hash,
+                    approval_deadline_at=approval_deadline_at if first is None else None,
                 )
             )
-            round_row = self._open_round(c, study_id, first, when)
+            round_row = self._open_round(c, study_id, first, when) if first is not None else None
         return self.get_study(study_id), round_row
+
+    def start_study(self, study_id: str, first: NewRound, when: datetime) -> RoundRow | None:
+        """Move an awaiting study to running and open its first round, atomically; None if it was not
+        awaiting any more (started or ended by another caller)."""
+        with self.engine.begin() as c:
+            moved = c.execute(
+                update(studies)
+                .where(
+                    and_(studies.c.id == study_id, studies.c.status == StudyStatus.AWAITING_APPROVAL.value)
+                )
+                .values(status=StudyStatus.RUNNING.value, approval_deadline_at=None)
+            ).rowcount
+            if not moved:
+                return None
+            return self._open_round(c, study_id, first, when)
+
+    def awaiting_studies(self, spec_hash: str | None = None) -> list[StudyRow]:
+        q = select(studies).where(studies.c.status == StudyStatus.AWAITING_APPROVAL.value)
+        if spec_hash is not None:
+            q = q.where(studies.c.spec_hash == spec_hash)
+        with self.engine.connect() as c:
+            return [_study(r) for r in c.execute(q.order_by(studies.c.created_at, studies.c.id)).mappings()]
+
+    # --- approvals -----------------------------------------------------------------------------------------
+
+    def record_approval(self, site: str, spec_hash: str, state: ApprovalState, when: datetime) -> None:
+        """A site's latest decision on a spec hash (a later report replaces an earlier one)."""
+        for attempt in range(2):
+            try:
+                with self.engine.begin() as c:
+                    done = c.execute(
+                        update(site_approvals)
+                        .where(and_(site_approvals.c.site == site, site_approvals.c.spec_hash == spec_hash))
+                        .values(state=state.value, reported_at=when)
+                    ).rowcount
+                    if not done:
+                        c.execute(
+                            insert(site_approvals).values(
+                                site=site, spec_hash=spec_hash, state=state.value, reported_at=when
+                            )
+                        )
+                return
+            except IntegrityError:  # inserted concurrently by another report: update that row instead
+                if attempt:
+                    raise
+
+    def approvals_of(self, spec_hash: str, named: Sequence[str]) -> dict[str, ApprovalState]:
+        """Each named site's decision on ``spec_hash`` (pending where it reported none)."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(site_approvals.c.site, site_approvals.c.state).where(
+                    site_approvals.c.spec_hash == spec_hash
+                )
+            ).all()
+        reported = {site: ApprovalState(state) for site, state in rows}
+        return {site: reported.get(site, ApprovalState.PENDING) for site in sorted(named)}
 
     def get_study(self, study_id: str) -> StudyRow:
         with self.engine.connect() as c:
@@ -602,12 +710,22 @@ class Store:
         with self.engine.connect() as c:
             return [_study(r) for r in c.execute(q).mappings()]
 
-    def end_study(self, study_id: str, status: StudyStatus, reason: str | None, when: datetime) -> bool:
-        """Move a running study to a final state and close its open round; False if it was not running."""
+    def end_study(
+        self,
+        study_id: str,
+        status: StudyStatus,
+        reason: str | None,
+        when: datetime,
+        *,
+        only_from: StudyStatus | None = None,
+    ) -> bool:
+        """Move a running or awaiting study (only ``only_from``, if given) to a final state and close its
+        open round; False if it was not in such a state."""
+        live = (only_from.value,) if only_from is not None else LIVE_STUDY_STATES
         with self.engine.begin() as c:
             done = c.execute(
                 update(studies)
-                .where(and_(studies.c.id == study_id, studies.c.status == StudyStatus.RUNNING.value))
+                .where(and_(studies.c.id == study_id, studies.c.status.in_(live)))
                 .values(status=status.value, reason=reason, ended_at=when)
             ).rowcount
             if not done:

@@ -44,6 +44,7 @@ class FailureCode(StrEnum):
     # failures: the site could not do it
     DATASET_UNAVAILABLE = "dataset_unavailable"
     DATASET_INVALID = "dataset_invalid"
+    INVALID_RECIPE = "invalid_recipe"
     INVALID_TASK = "invalid_task"
     TRAINING_FAILED = "training_failed"
     INTERNAL_ERROR = "internal_error"
@@ -63,6 +64,7 @@ _FAILURES = frozenset(
     {
         FailureCode.DATASET_UNAVAILABLE,
         FailureCode.DATASET_INVALID,
+        FailureCode.INVALID_RECIPE,
         FailureCode.INVALID_TASK,
         FailureCode.TRAINING_FAILED,
         FailureCode.INTERNAL_ERROR,
@@ -96,6 +98,8 @@ _MESSAGES: dict[FailureCode, str] = {
     FailureCode.REFUSED: "a rule of the site refused the task",
     FailureCode.DATASET_UNAVAILABLE: "the site's dataset for this study is not available",
     FailureCode.DATASET_INVALID: "the site's dataset does not fit the study (format, schema or values)",
+    FailureCode.INVALID_RECIPE: "the site does not have the study's recipe at its version, or the recipe "
+    "refuses its parameters",
     FailureCode.INVALID_TASK: "the task or its model failed the site's checks",
     FailureCode.TRAINING_FAILED: "training or evaluation failed at the site",
     FailureCode.INTERNAL_ERROR: "the site agent hit an internal error",

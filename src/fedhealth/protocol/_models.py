@@ -6,12 +6,13 @@ message, never a silently ignored setting.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from fedhealth.protocol._failures import FailureCode
 from fedhealth.secagg import (
@@ -31,6 +32,9 @@ SESSION_HEADER = "X-Fedhealth-Session"
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$", description="lowercase name")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+RecipeVersion = Annotated[
+    str, Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,31}$", description="a recipe's version")
+]
 KeyFingerprint = Annotated[
     str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256 hex of a site's raw Ed25519 public key")
 ]
@@ -46,19 +50,6 @@ class Message(BaseModel):
 # --- study specification ----------------------------------------------------------------------------------
 
 
-class RecipeName(StrEnum):
-    LOGREG = "logreg"
-    SYNTHETIC = "synthetic"  # no data: a fixed-size model whose "training" is cheap; for transport benchmarks
-    # no data: a collective session timing secure sums of n_params values (local_steps of them); the
-    # collective benchmark's recipe until recipes are plug-ins (it becomes a registered collective recipe)
-    COLLECTIVE_PROBE = "collective-probe"
-
-
-class LocalOptimizer(StrEnum):
-    SGD = "sgd"
-    ADAM = "adam"
-
-
 class StrategyName(StrEnum):
     FEDAVG = "fedavg"
     FEDPROX = "fedprox"
@@ -68,30 +59,32 @@ class StrategyName(StrEnum):
 
 
 class RecipeSpec(Message):
-    """What each site trains and how."""
+    """What each site runs: a recipe plug-in's name and version (``fedhealth.learning``'s registry, entry
+    point group ``fedhealth.recipes``) and its parameters. The protocol knows no recipe: the recipe's own
+    parameter model validates ``params``, at the orchestrator when the study is submitted (422 with "field:
+    rule" messages) and at every site before it reads any data (failure code ``invalid_recipe``). The spec
+    hash covers all three, so a steward approves this exact recipe, version and parameters."""
 
-    name: RecipeName = RecipeName.LOGREG
-    n_features: int | None = Field(default=None, ge=1, le=1_000_000, description="logreg input width")
-    n_params: int | None = Field(default=None, ge=1, le=100_000_000, description="synthetic model size")
-    local_epochs: int = Field(default=1, ge=0, le=10_000)
-    local_steps: int | None = Field(
-        default=None, ge=1, le=1_000_000, description="if set, a fixed number of minibatch steps per round"
+    name: Name = Field(description="the recipe's registered name, e.g. 'logreg'")
+    version: RecipeVersion = Field(default="1", description="the recipe's version; every site must have it")
+    params: dict[str, JsonValue] = Field(
+        default_factory=dict, description="the recipe's parameters, validated by the recipe itself"
     )
-    learning_rate: FiniteFloat = Field(default=0.05, gt=0, le=100)
-    batch_size: int = Field(default=16, ge=1, le=1_000_000)
-    optimizer: LocalOptimizer = LocalOptimizer.SGD
-    l2: FiniteFloat = Field(default=0.0, ge=0, le=100)
-    proximal_mu: FiniteFloat = Field(default=0.0, ge=0, le=100, description="FedProx proximal weight")
 
-    @model_validator(mode="after")
-    def _shape_given(self) -> RecipeSpec:
-        if self.name is RecipeName.LOGREG and self.n_features is None:
-            raise ValueError("recipe 'logreg' needs n_features")
-        if self.name is RecipeName.SYNTHETIC and self.n_params is None:
-            raise ValueError("recipe 'synthetic' needs n_params")
-        if self.name is RecipeName.COLLECTIVE_PROBE and self.n_params is None:
-            raise ValueError("recipe 'collective-probe' needs n_params (the length of each sum)")
-        return self
+    @field_validator("params")
+    @classmethod
+    def _finite(cls, v: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        # JSON has no NaN or infinity (the spec hash is over canonical JSON): refused on receipt, at any depth
+        stack: list[JsonValue] = [v]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError("recipe params must be finite numbers (no NaN or infinity)")
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+        return v
 
 
 class StrategySpec(Message):
@@ -389,9 +382,12 @@ class SiteInfo(Message):
     last_seen_at: datetime | None
     enrolled_at: datetime | None = None
     revoked_at: datetime | None = None
+    software_version: str | None = Field(default=None, description="fedhealth version at the last login")
+    protocol_version: int | None = Field(default=None, description="protocol version at the last login")
 
 
 class StudyStatus(StrEnum):
+    AWAITING_APPROVAL = "awaiting_approval"  # submitted; not every named site's steward approved its spec yet
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -455,6 +451,14 @@ class RoundInfo(Message):
     tasks: list[TaskInfo]
 
 
+class ApprovalState(StrEnum):
+    """A site's decision on a spec hash, as the site reported it to the orchestrator."""
+
+    PENDING = "pending"  # not reported yet
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
 class StudyInfo(Message):
     study_id: str
     spec: StudySpec
@@ -466,6 +470,14 @@ class StudyInfo(Message):
     current_round: int | None
     model_digest: str | None
     rounds: list[RoundInfo] = []
+    spec_hash: str | None = Field(default=None, description="what each site's data steward approves")
+    approvals: dict[str, ApprovalState] = Field(
+        default_factory=dict, description="each named site's decision on the spec hash"
+    )
+    approval_deadline: datetime | None = Field(
+        default=None,
+        description="an awaiting study fails at this time, naming the sites that did not approve",
+    )
 
 
 # --- agent API --------------------------------------------------------------------------------------------

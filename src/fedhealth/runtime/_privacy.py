@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from fedhealth.core import InputError
+from fedhealth.learning import DpLevel
 from fedhealth.privacy import (
     AccountantKind,
     CalibrationError,
@@ -48,7 +49,8 @@ from fedhealth.privacy import (
     epsilon,
     secure_generator,
 )
-from fedhealth.protocol import DpMode, LocalOptimizer, RecipeName, StudySpec, TaskKind, secure_round_plan
+from fedhealth.protocol import DpMode, StudySpec, TaskKind, secure_round_plan
+from fedhealth.runtime._recipes import study_recipe
 
 Params = dict[str, np.ndarray]
 
@@ -154,12 +156,7 @@ def site_update_dp(spec: StudySpec) -> SiteUpdateDp:
 
 def model_size(spec: StudySpec) -> int:
     """How many numbers one update holds (the model's parameters)."""
-    recipe = spec.recipe
-    if recipe.name is RecipeName.LOGREG:
-        assert recipe.n_features is not None
-        return recipe.n_features + 1  # weight and bias
-    assert recipe.n_params is not None
-    return recipe.n_params
+    return sum(s.numel for s in study_recipe(spec.recipe).param_specs())
 
 
 def distributed_clip_room(spec: StudySpec) -> tuple[float, float]:
@@ -231,18 +228,14 @@ def check_privacy(spec: StudySpec) -> None:
         raise InputError("privacy: give noise_multiplier or target_epsilon, not both")
     if privacy.noise_multiplier == 0 and privacy.mode is not DpMode.RECORD:
         raise InputError("privacy: site-level DP needs a positive noise_multiplier")
-    recipe = spec.recipe
+    # The recipe says which DP it implements (and whether these params allow it): a RecipeError of an
+    # unknown recipe or bad params propagates as it is, it is not a privacy problem.
+    problem = study_recipe(spec.recipe).dp_problem(
+        DpLevel.RECORD if privacy.mode is DpMode.RECORD else DpLevel.SITE
+    )
+    if problem is not None:
+        raise InputError(f"privacy: {problem}")
     if privacy.mode is DpMode.RECORD:
-        if recipe.name is not RecipeName.LOGREG:
-            raise InputError(
-                "privacy: record-level DP (DP-SGD) is implemented for the logreg recipe, "
-                f"not {recipe.name.value!r}"
-            )
-        if recipe.optimizer is not LocalOptimizer.SGD or recipe.proximal_mu != 0:
-            raise InputError(
-                "privacy: record-level DP trains with plain DP-SGD: the recipe's optimizer must be 'sgd' and "
-                "proximal_mu 0"
-            )
         unknown = sorted(set(privacy.site_sample_rates or {}) - set(spec.train_sites))
         if unknown:
             raise InputError(

@@ -15,22 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from fedhealth.core import DatasetError, TensorError, TensorSpec, decode_tensors, encode_tensors
+from fedhealth.core import DatasetError, InputError, TensorError, TensorSpec, decode_tensors, encode_tensors
 from fedhealth.data import TabularDataset
 from fedhealth.learning import (
-    LocalOptimizer,
-    LogRegConfig,
+    LOGREG_RECIPE,
+    LogRegParams,
+    RecordDp,
+    ResolvedRecipe,
     StrategyConfig,
     StrategyKind,
     StudyPreset,
     apply_strategy,
-    logreg_evaluate,
-    logreg_init,
-    logreg_param_specs,
-    logreg_train,
-    logreg_train_dp,
-    synthetic_init,
-    synthetic_train,
     task_rng,
     weighted_mean,
 )
@@ -38,8 +33,6 @@ from fedhealth.privacy import secure_generator
 from fedhealth.protocol import (
     RESULT_METADATA_KEY,
     DpMode,
-    RecipeName,
-    RecipeSpec,
     ResultManifest,
     SiteMetrics,
     StrategySpec,
@@ -53,25 +46,15 @@ from fedhealth.runtime._privacy import (
     privatize_update,
     sample_rate,
 )
+from fedhealth.runtime._recipes import (
+    initial_model as initial_model,  # re-exported: the in-memory runner imports it from here
+)
+from fedhealth.runtime._recipes import (
+    param_specs as param_specs,  # re-exported: the secure-sum codec imports it from here
+)
+from fedhealth.runtime._recipes import recipe_spec, study_recipe
 
 Params = dict[str, np.ndarray]
-
-
-# --- mapping the wire settings onto the learning layer ---------------------------------------------------
-
-
-def logreg_config(recipe: RecipeSpec) -> LogRegConfig:
-    assert recipe.n_features is not None  # guaranteed by RecipeSpec's validator
-    return LogRegConfig(
-        n_features=recipe.n_features,
-        local_epochs=recipe.local_epochs,
-        local_steps=recipe.local_steps,
-        learning_rate=recipe.learning_rate,
-        batch_size=recipe.batch_size,
-        optimizer=LocalOptimizer(recipe.optimizer.value),
-        l2=recipe.l2,
-        proximal_mu=recipe.proximal_mu,
-    )
 
 
 def strategy_config(strategy: StrategySpec) -> StrategyConfig:
@@ -81,21 +64,6 @@ def strategy_config(strategy: StrategySpec) -> StrategyConfig:
         beta1=strategy.beta1,
         beta2=strategy.beta2,
         tau=strategy.tau,
-    )
-
-
-def recipe_spec(config: LogRegConfig) -> RecipeSpec:
-    """The wire form of a learning-layer recipe (e.g. from a preset)."""
-    return RecipeSpec(
-        name=RecipeName.LOGREG,
-        n_features=config.n_features,
-        local_epochs=config.local_epochs,
-        local_steps=config.local_steps,
-        learning_rate=config.learning_rate,
-        batch_size=config.batch_size,
-        optimizer=config.optimizer.value,  # type: ignore[arg-type]
-        l2=config.l2,
-        proximal_mu=config.proximal_mu,
     )
 
 
@@ -110,32 +78,16 @@ def strategy_spec(config: StrategyConfig) -> StrategySpec:
 
 
 def preset_study(preset: StudyPreset, **fields: Any) -> StudySpec:
-    """A study running a named preset; ``fields`` give the rest (name, dataset, sites, seed...)."""
+    """A study running a named (logistic-regression) preset; ``fields`` give the rest (name, dataset,
+    sites, seed...)."""
     return StudySpec.model_validate(
         {
-            "recipe": recipe_spec(preset.recipe),
+            "recipe": recipe_spec(LOGREG_RECIPE, LogRegParams.from_config(preset.recipe)),
             "strategy": strategy_spec(preset.strategy),
             "rounds": preset.rounds,
             **fields,
         }
     )
-
-
-def param_specs(recipe: RecipeSpec) -> list[TensorSpec]:
-    """The tensors a model of this recipe has; uploads are checked against them."""
-    if recipe.name is RecipeName.LOGREG:
-        assert recipe.n_features is not None
-        return logreg_param_specs(recipe.n_features)
-    assert recipe.n_params is not None
-    return [TensorSpec(name="weight", shape=(recipe.n_params,), dtype="float32")]
-
-
-def initial_model(recipe: RecipeSpec, seed: int) -> Params:
-    if recipe.name is RecipeName.LOGREG:
-        assert recipe.n_features is not None
-        return logreg_init(recipe.n_features, seed)
-    assert recipe.n_params is not None
-    return synthetic_init(recipe.n_params, seed)
 
 
 # --- site side --------------------------------------------------------------------------------------------
@@ -147,13 +99,22 @@ class TrainOutcome:
     metrics: SiteMetrics
 
 
-def check_dataset_fits(recipe: RecipeSpec, dataset: TabularDataset) -> None:
-    """Refuse a dataset whose width does not match the study's model, before any training."""
-    if recipe.name is RecipeName.LOGREG and dataset.X_train.shape[1] != recipe.n_features:
-        raise DatasetError(
-            f"dataset {dataset.name!r} has {dataset.X_train.shape[1]} features; "
-            f"the study's model expects {recipe.n_features}"
-        )
+def _site_data(recipe: ResolvedRecipe, task: Task, dataset: TabularDataset | None) -> TabularDataset | None:
+    """The dataset the recipe trains on, checked against its schema; None for a recipe that reads none."""
+    if not recipe.capabilities.reads_data:
+        return None
+    if dataset is None:
+        raise DatasetError(f"no dataset registered for {task.dataset!r}")
+    recipe.check_dataset(dataset)
+    return dataset
+
+
+def _delta(local: Params, global_params: Params) -> Params:
+    """The upload: local minus global, in float32 (as every recipe's float32 models subtract)."""
+    return {
+        k: (np.asarray(local[k]).astype(np.float32) - global_params[k]).astype(np.float32)
+        for k in global_params
+    }
 
 
 def train_on_site(
@@ -170,46 +131,66 @@ def train_on_site(
     produces the same update bit for bit. Differential privacy (``task.spec.privacy``) is the exception:
     its sampling and noise come from a secure generator, unless ``reproducible_noise`` (default: the
     ``FEDHEALTH_REPRODUCIBLE_NOISE`` environment variable) asks for the task's generator; see
-    ``fedhealth.runtime._privacy``. Record mode trains with DP-SGD; site modes clip the update (and add the
-    site's noise share in distributed mode). A DP task reports no training loss: it is computed from the
-    training records without noise.
+    ``fedhealth.runtime._privacy``. Record mode has the recipe train with DP-SGD; site modes clip the update
+    (and add the site's noise share in distributed mode). A DP task reports no training loss: it is computed
+    from the training records without noise. A recipe is asked only for the DP it declares.
     """
-    privacy = task.spec.privacy
-    if privacy is not None and task.recipe.name is not RecipeName.SYNTHETIC:
-        return _train_private(task, site, global_params, dataset, reproducible_noise)
     started = time.perf_counter()
+    recipe = study_recipe(task.recipe)
+    data = _site_data(recipe, task, dataset)
     rng = task_rng(task.seed, task.round, site)
-    recipe = task.recipe
-    if recipe.name is RecipeName.SYNTHETIC:
-        result = synthetic_train(global_params, rng)
-        delta = {k: (result.params[k] - global_params[k]).astype(np.float32) for k in global_params}
+    spec = task.spec
+    privacy = spec.privacy
+    if privacy is None:
+        result = recipe.train(global_params, data, rng)
         metrics = SiteMetrics(
             num_samples=result.num_samples,
             train_loss=result.train_loss,
             duration_s=time.perf_counter() - started,
+            **_held_out_metrics(recipe, result.params, data),
         )
-        return TrainOutcome(delta=delta, metrics=metrics)
-    if dataset is None:
-        raise DatasetError(f"no dataset registered for {task.dataset!r}")
-    check_dataset_fits(recipe, dataset)
-    result = logreg_train(global_params, dataset.X_train, dataset.y_train, logreg_config(recipe), rng)
-    delta = {
-        k: (result.params[k].astype(np.float32) - global_params[k]).astype(np.float32) for k in global_params
-    }
+        return TrainOutcome(delta=_delta(result.params, global_params), metrics=metrics)
+    if privacy.mode is not DpMode.RECORD:
+        if not recipe.capabilities.site_dp:
+            raise InputError(f"privacy: recipe {recipe.name!r} does not declare site-level DP")
+        result = recipe.train(global_params, data, rng)
+        # The noise share continues the task's stream when reproducible (a fresh secure one otherwise).
+        delta = privatize_update(
+            spec, _delta(result.params, global_params), noise_generator(rng, reproducible_noise)
+        )
+        # The local model itself carries no noise (only the sum does): no figure of it may leave the site.
+        return TrainOutcome(
+            delta=delta,
+            metrics=SiteMetrics(num_samples=result.num_samples, duration_s=time.perf_counter() - started),
+        )
+    assert privacy.steps_per_round is not None
+    record_dp = RecordDp(
+        noise_multiplier=noise_multiplier(spec, site),
+        max_grad_norm=privacy.max_grad_norm,
+        sample_rate=sample_rate(spec, site),
+        steps=privacy.steps_per_round,
+    )
+    result = recipe.train(global_params, data, noise_generator(rng, reproducible_noise), record_dp=record_dp)
+    # After DP-SGD the local model is itself a DP release: its metrics on the held-out split are
+    # post-processing as far as the training records are concerned.
     metrics = SiteMetrics(
         num_samples=result.num_samples,
-        train_loss=result.train_loss,
         duration_s=time.perf_counter() - started,
-        **_held_out_metrics(result.params, dataset),
+        **_held_out_metrics(recipe, result.params, data),
     )
-    return TrainOutcome(delta=delta, metrics=metrics)
+    return TrainOutcome(delta=_delta(result.params, global_params), metrics=metrics)
 
 
-def _held_out_metrics(params: Params, dataset: TabularDataset) -> dict[str, Any]:
-    """A training round's figures on the held-out rows; none when consent left no held-out row."""
-    if dataset.num_test == 0:
+def _held_out_metrics(
+    recipe: ResolvedRecipe, params: Params, dataset: TabularDataset | None
+) -> dict[str, Any]:
+    """A training round's figures on the held-out rows; none when consent left no held-out row (or the
+    recipe reads no data, or has nothing to report)."""
+    if dataset is None or dataset.num_test == 0:
         return {}
-    evaluation = logreg_evaluate(params, dataset.X_test, dataset.y_test)
+    evaluation = recipe.evaluate(params, dataset)
+    if evaluation is None:
+        return {}
     return {
         "num_eval_samples": evaluation.num_samples,
         "eval_loss": evaluation.loss,
@@ -218,69 +199,14 @@ def _held_out_metrics(params: Params, dataset: TabularDataset) -> dict[str, Any]
     }
 
 
-def _train_private(
-    task: Task,
-    site: str,
-    global_params: Params,
-    dataset: TabularDataset | None,
-    reproducible_noise: bool | None,
-) -> TrainOutcome:
-    """A training round under differential privacy (see :func:`train_on_site`)."""
-    started = time.perf_counter()
-    spec = task.spec
-    privacy = spec.privacy
-    assert privacy is not None
-    if dataset is None:
-        raise DatasetError(f"no dataset registered for {task.dataset!r}")
-    check_dataset_fits(task.recipe, dataset)
-    rng = task_rng(task.seed, task.round, site)
-    if privacy.mode is not DpMode.RECORD:
-        config = logreg_config(task.recipe)
-        result = logreg_train(global_params, dataset.X_train, dataset.y_train, config, rng)
-        delta = {
-            k: (result.params[k].astype(np.float32) - global_params[k]).astype(np.float32)
-            for k in global_params
-        }
-        # The noise share continues the task's stream when reproducible (a fresh secure one otherwise).
-        delta = privatize_update(spec, delta, noise_generator(rng, reproducible_noise))
-        # The local model itself carries no noise (only the sum does): no figure of it may leave the site.
-        return TrainOutcome(
-            delta=delta,
-            metrics=SiteMetrics(num_samples=result.num_samples, duration_s=time.perf_counter() - started),
-        )
-    assert privacy.steps_per_round is not None
-    local, _ = logreg_train_dp(
-        global_params,
-        dataset.X_train,
-        dataset.y_train,
-        noise_multiplier=noise_multiplier(spec, site),
-        max_grad_norm=privacy.max_grad_norm,
-        sample_rate=sample_rate(spec, site),
-        steps=privacy.steps_per_round,
-        learning_rate=task.recipe.learning_rate,
-        l2=task.recipe.l2,
-        rng=noise_generator(rng, reproducible_noise),
-    )
-    delta = {k: (local[k].astype(np.float32) - global_params[k]).astype(np.float32) for k in global_params}
-    # After DP-SGD the local model is itself a DP release: its metrics on the held-out split are
-    # post-processing as far as the training records are concerned.
-    metrics = SiteMetrics(
-        num_samples=int(dataset.X_train.shape[0]),
-        duration_s=time.perf_counter() - started,
-        **_held_out_metrics(local, dataset),
-    )
-    return TrainOutcome(delta=delta, metrics=metrics)
-
-
 def evaluate_on_site(task: Task, params: Params, dataset: TabularDataset | None) -> SiteMetrics:
     """Metrics of the global model on the site's local validation split."""
     started = time.perf_counter()
-    if task.recipe.name is RecipeName.SYNTHETIC:
+    recipe = study_recipe(task.recipe)
+    data = _site_data(recipe, task, dataset)
+    evaluation = recipe.evaluate(params, data)
+    if evaluation is None:
         return SiteMetrics(num_samples=0, duration_s=time.perf_counter() - started)
-    if dataset is None:
-        raise DatasetError(f"no dataset registered for {task.dataset!r}")
-    check_dataset_fits(task.recipe, dataset)
-    evaluation = logreg_evaluate(params, dataset.X_test, dataset.y_test)
     return SiteMetrics(
         num_samples=0,
         num_eval_samples=evaluation.num_samples,

@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec, StudyStatus, TaskKind
+from fedhealth.learning import COLLECTIVE_PROBE_RECIPE, SYNTHETIC_RECIPE, ProbeParams, SyntheticParams
+from fedhealth.protocol import SecureAggregationSpec, StudySpec, StudyStatus, TaskKind
+from fedhealth.runtime import recipe_spec
 from fedhealth.sim._federation import FederationError, LocalFederation
 
 
@@ -56,7 +58,7 @@ def benchmark_rounds(
             spec = StudySpec(
                 name="bench-rounds",
                 dataset="none",
-                recipe=RecipeSpec(name="synthetic", n_params=params),
+                recipe=recipe_spec(SYNTHETIC_RECIPE, SyntheticParams(n_params=params)),
                 rounds=rounds + warmup,
                 train_sites=names,
                 min_sites=sites,
@@ -166,7 +168,7 @@ def benchmark_collective(
             spec = StudySpec(
                 name="bench-collective",
                 dataset="none",
-                recipe=RecipeSpec(name="collective-probe", n_params=size, local_steps=calls),
+                recipe=recipe_spec(COLLECTIVE_PROBE_RECIPE, ProbeParams(size=size, calls=calls)),
                 rounds=1,
                 train_sites=names,
                 min_sites=sites,

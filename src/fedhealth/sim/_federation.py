@@ -37,6 +37,16 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _with_python_path(env: dict[str, str], folders: Sequence[Path]) -> dict[str, str]:
+    """``env`` with ``folders`` in front of its ``PYTHONPATH``."""
+    if not folders:
+        return env
+    parts = [str(Path(f).resolve()) for f in folders]
+    if env.get("PYTHONPATH"):
+        parts.append(env["PYTHONPATH"])
+    return {**env, "PYTHONPATH": os.pathsep.join(parts)}
+
+
 class FederationError(FedHealthError):
     """A process of the local federation did not start or answer."""
 
@@ -46,7 +56,9 @@ class LocalFederation:
     start), ``workdir/sites/<name>`` each site's home, ``workdir/logs`` every process's log.
 
     With ``tls=True`` (the default) everything runs as in production: HTTPS with the federation's own CA,
-    enrolled sites with Ed25519 identities, short-lived tokens.
+    enrolled sites with Ed25519 identities, short-lived tokens. ``env`` is added to every process's
+    environment; ``python_path`` folders go in front of its ``PYTHONPATH`` (e.g. a recipe plug-in's package
+    and its ``*.dist-info``: importlib.metadata then finds its ``fedhealth.recipes`` entry point).
     """
 
     def __init__(
@@ -59,13 +71,15 @@ class LocalFederation:
         orchestrator_args: Sequence[str] = (),
         tls: bool = True,
         mtls: bool = False,
+        python_path: Sequence[Path] = (),
     ) -> None:
         self.workdir = workdir
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.home = OrchestratorHome(workdir / "orchestrator")
         self.database_url = database_url
-        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self._base_python_path = {**os.environ, **(env or {})}.get("PYTHONPATH", "")
+        self.env = _with_python_path({**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}, python_path)
         self.log_level = log_level
         self.orchestrator_args = list(orchestrator_args)
         self.tls = tls
@@ -104,7 +118,9 @@ class LocalFederation:
 
     # --- processes ---------------------------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, args: list[str], env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it for its lifetime
         try:
             return subprocess.Popen(
@@ -112,7 +128,7 @@ class LocalFederation:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=self.env,
+                env=dict(env) if env is not None else self.env,
                 start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
@@ -216,9 +232,11 @@ class LocalFederation:
         *,
         extra_args: Sequence[str] = (),
         orchestrator_url: str | None = None,
+        python_path: Sequence[Path] | None = None,
     ) -> None:
         """Start ``site``'s agent; ``orchestrator_url`` points it somewhere else than the orchestrator (a
-        proxy in front of it, in tests)."""
+        proxy in front of it, in tests); ``python_path`` replaces the federation's extra ``PYTHONPATH``
+        folders for this agent (``()``: none, e.g. a site that lacks a recipe plug-in)."""
         if self.url is None:
             raise FederationError("start the orchestrator first")
         args = [
@@ -235,7 +253,13 @@ class LocalFederation:
             args.append("--insecure")  # plain http:// is refused without it
         for name, uri in datasets.items():
             args += ["--dataset", f"{name}={uri}"]
-        self.agents[site] = self._spawn(f"agent-{site}", [*args, *extra_args])
+        env: dict[str, str] | None = None
+        if python_path is not None:
+            env = {k: v for k, v in self.env.items() if k != "PYTHONPATH"}
+            if self._base_python_path:
+                env["PYTHONPATH"] = self._base_python_path
+            env = _with_python_path(env, python_path)
+        self.agents[site] = self._spawn(f"agent-{site}", [*args, *extra_args], env)
 
     def stop_agent(self, site: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         proc = self.agents.pop(site, None)
@@ -318,14 +342,18 @@ class LocalFederation:
         reason: str = "approved for this federation",
         steward: str = "steward",
     ) -> str:
-        """Play ``site``'s data steward: approve exactly this spec there, as ``fedhealth site approve HASH
-        --reason ... --spec FILE --home HOME`` does. Returns the spec hash."""
+        """Play ``site``'s data steward: approve exactly this spec there and tell the orchestrator, as
+        ``fedhealth site approve HASH --reason ... --home HOME`` does. Returns the spec hash."""
+        from fedhealth.agent import report_approval
         from fedhealth.agent._governance import SiteGovernance
 
         with SiteGovernance(self.site_home(site)) as governance:
-            return governance.approve(
+            digest = governance.approve(
                 spec, reason=reason, steward=steward, signed=self._signed(spec)
             ).spec_hash
+        if self.url is not None:  # as `fedhealth site approve` does: the orchestrator learns the decision
+            report_approval(self.site_home(site), digest, approved=True, url=self.url)
+        return digest
 
     def owner_key(self) -> Any:
         """The operator's spec-signing key (``fedhealth.crypto.IdentityKey``), made on first use."""

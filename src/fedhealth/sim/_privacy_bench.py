@@ -32,18 +32,22 @@ import numpy as np
 
 from fedhealth.core import decode_tensors
 from fedhealth.data import open_dataset
-from fedhealth.learning import HEART_DISEASE_DP_PRESETS, DpPreset
+from fedhealth.learning import HEART_DISEASE_DP_PRESETS, LOGREG_RECIPE, DpPreset, LogRegParams
 from fedhealth.protocol import (
     AccountantName,
     DpMode,
     PrivacySpec,
-    RecipeName,
-    RecipeSpec,
     StudyPrivacyInfo,
     StudySpec,
     StudyStatus,
 )
-from fedhealth.runtime import REPRODUCIBLE_NOISE_ENV, noise_multiplier, run_study_in_memory, strategy_spec
+from fedhealth.runtime import (
+    REPRODUCIBLE_NOISE_ENV,
+    noise_multiplier,
+    recipe_spec,
+    run_study_in_memory,
+    strategy_spec,
+)
 from fedhealth.sim._bench import HEART_DISEASE_CENTERS
 from fedhealth.sim._federation import FederationError, LocalFederation
 
@@ -73,12 +77,14 @@ def dp_preset_study(preset: DpPreset, *, noise_multiplier: float | None = None, 
         steps_per_round=preset.local_steps,
         accountant=AccountantName(preset.accountant.value),
     )
-    recipe = RecipeSpec(
-        name=RecipeName.LOGREG,
-        n_features=preset.n_features,
-        local_steps=preset.local_steps,
-        learning_rate=preset.learning_rate,
-        l2=preset.l2,
+    recipe = recipe_spec(
+        LOGREG_RECIPE,
+        LogRegParams(
+            n_features=preset.n_features,
+            local_steps=preset.local_steps,
+            learning_rate=preset.learning_rate,
+            l2=preset.l2,
+        ),
     )
     return StudySpec.model_validate(
         {

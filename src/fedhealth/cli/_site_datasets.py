@@ -1,0 +1,143 @@
+"""``fedhealth site dataset ...``: the datasets a site offers to studies, registered once in its home.
+
+    site dataset add NAME FILE.csv --label COLUMN [--id COLUMN] --home HOME
+    site dataset add NAME URI --home HOME          (file:///...csv?label=...&id=..., builtin://...)
+    site dataset list | check [NAME] | remove NAME --home HOME
+
+Each dataset is checked when it is added (nothing is registered if the check fails) and again when
+``fedhealth site serve`` starts. The id column is used for consent and never becomes a feature.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from fedhealth.cli._common import JsonOption, print_json
+from fedhealth.cli._errors import usage
+
+if TYPE_CHECKING:
+    from fedhealth.agent import DatasetSummary, SiteDatasets
+
+dataset_app = typer.Typer(help="The datasets this site offers to studies.", no_args_is_help=True)
+SiteHomeOption = Annotated[Path, typer.Option("--home", help="The site's home (from `site enroll`).")]
+DataDirOption = Annotated[
+    Path | None, typer.Option(help="Folder of downloaded builtin datasets (default $FEDHEALTH_DATA_DIR).")
+]
+
+
+def _registry(home: Path) -> SiteDatasets:
+    from fedhealth.agent import SiteDatasets, SiteHome
+
+    site = SiteHome(home)
+    site.require()
+    return SiteDatasets(site)
+
+
+def _uri(source: str, label: str | None, id_column: str | None) -> str:
+    from fedhealth.agent import csv_uri
+
+    if "://" in source:
+        if label is not None or id_column is not None:
+            usage(
+                "--label and --id go with a CSV file path, not a URI",
+                "put them in the URI: ?label=...&id=...",
+            )
+        return source
+    if label is None:
+        usage(f"{source} is a file path: name its label column with --label COLUMN")
+    return csv_uri(Path(source), label=label, id_column=id_column)
+
+
+@dataset_app.command("add")
+def dataset_add(
+    name: Annotated[str, typer.Argument(help="The name studies use (the spec's `dataset`).")],
+    source: Annotated[str, typer.Argument(help="A CSV file path, or a dataset URI.")],
+    home: SiteHomeOption,
+    label: Annotated[str | None, typer.Option(help="CSV: the label column (0 or 1).")] = None,
+    id_column: Annotated[
+        str | None,
+        typer.Option("--id", help="CSV: the patient id column (for consent; never a feature)."),
+    ] = None,
+    replace: Annotated[bool, typer.Option(help="Replace a dataset of the same name.")] = False,
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check a dataset and register it under NAME."""
+    summary = _registry(home).add(name, _uri(source, label, id_column), data_dir=data_dir, replace=replace)
+    if as_json:
+        print_json(summary.to_json())
+        return
+    typer.echo(_line(summary))
+
+
+def _line(summary: DatasetSummary) -> str:
+    roles = []
+    if summary.label is not None:
+        roles.append(f"label {summary.label}")
+    if summary.id_column is not None:
+        roles.append(f"id {summary.id_column}")
+    extra = f", {', '.join(roles)}" if roles else ""
+    return f"{summary.name}\t{summary.rows} rows, {len(summary.features)} features{extra}\t{summary.uri}"
+
+
+@dataset_app.command("list")
+def dataset_list(home: SiteHomeOption, data_dir: DataDirOption = None, as_json: JsonOption = False) -> None:
+    """List the registered datasets, each checked now (rows, features, label and id columns)."""
+    from fedhealth.agent import DatasetCheckError, check_dataset
+
+    registered = _registry(home).all()
+    rows: list[dict[str, object]] = []
+    for name, uri in registered.items():
+        try:
+            rows.append({**check_dataset(name, uri, data_dir).to_json(), "ok": True})
+        except DatasetCheckError as exc:
+            rows.append({"name": name, "uri": uri, "ok": False, "error": str(exc)})
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        typer.echo("no datasets registered (add one with `fedhealth site dataset add`)", err=True)
+    for row in rows:
+        if row["ok"]:
+            features = row["features"]
+            assert isinstance(features, list)
+            label = f", label {row['label']}" if row.get("label") else ""
+            id_column = f", id {row['id_column']}" if row.get("id_column") else ""
+            typer.echo(
+                f"{row['name']}\t{row['rows']} rows, {len(features)} features{label}{id_column}\t{row['uri']}"
+            )
+        else:
+            typer.echo(f"{row['name']}\tBROKEN: {row['error']}\t{row['uri']}")
+
+
+@dataset_app.command("check")
+def dataset_check(
+    home: SiteHomeOption,
+    name: Annotated[str | None, typer.Argument(help="One dataset (default: every one).")] = None,
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check registered datasets as `site serve` will; exit 1 at the first that fails."""
+    from fedhealth.agent import check_dataset
+
+    registry = _registry(home)
+    names = [name] if name is not None else list(registry.all())
+    summaries = [check_dataset(n, registry.uri(n), data_dir) for n in names]
+    if as_json:
+        print_json([s.to_json() for s in summaries])
+        return
+    for summary in summaries:
+        typer.echo(f"ok: {_line(summary)}")
+
+
+@dataset_app.command("remove")
+def dataset_remove(
+    name: Annotated[str, typer.Argument(help="The dataset to unregister (its file is left alone).")],
+    home: SiteHomeOption,
+) -> None:
+    """Unregister a dataset."""
+    _registry(home).remove(name)
+    typer.echo(f"dataset {name} removed")

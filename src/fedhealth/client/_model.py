@@ -1,0 +1,172 @@
+"""A downloaded model, used on new data: ``fedhealth model predict`` and :func:`load_model` in a notebook.
+
+A study's model is a safetensors file (``fedhealth study download ID --model FILE``). For the logistic
+regression recipe it holds ``weight`` (one number per feature) and ``bias``; :func:`predict_csv` applies it to
+the rows of a raw CSV file whose feature columns are those the study trained on, in the same order.
+
+Scaling: each site standardized its features with its own data's mean and standard deviation before
+training, so the model expects standardized inputs. ``Scaling.OWN`` (the default) standardizes the new file
+the same way, with its own mean and standard deviation; ``Scaling.NONE`` passes values through (for a file
+that is standardized already). A later release ships full model packages with the training scaling inside.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+
+from fedhealth.core import InputError, TensorError, decode_tensors, sha256_hex
+from fedhealth.data import standardize
+from fedhealth.learning import logreg_evaluate, logreg_predict_proba
+
+
+class Scaling(StrEnum):
+    OWN = "own"  # standardize with the file's own mean and std, as each site did with its data
+    NONE = "none"  # the values are used as they are
+
+
+class ModelFileError(InputError):
+    """A model file cannot be read, or is not a model this release can apply."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogisticModel:
+    """A logistic-regression model: P(y = 1 | x) = sigmoid(weight . x + bias)."""
+
+    weight: np.ndarray
+    bias: float
+    digest: str  # sha256 of the file: what the study's provenance and model card name
+
+    @property
+    def n_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """P(y = 1) for each row of ``X`` (already scaled as the model expects)."""
+        return logreg_predict_proba(self._params(), X)
+
+    def _params(self) -> dict[str, np.ndarray]:
+        return {"weight": self.weight, "bias": np.array([self.bias], dtype=np.float32)}
+
+
+def load_model(path: Path | str) -> LogisticModel:
+    """Read a downloaded study model (safetensors)."""
+    file = Path(path)
+    try:
+        blob = file.read_bytes()
+    except FileNotFoundError:
+        raise ModelFileError(f"{file}: no such model file") from None
+    except OSError as exc:
+        raise ModelFileError(f"{file}: cannot be read ({exc.strerror or exc})") from exc
+    try:
+        tensors, _ = decode_tensors(blob)
+    except TensorError as exc:
+        raise ModelFileError(f"{file}: not a fedhealth model ({exc})") from exc
+    if set(tensors) != {"weight", "bias"} or tensors["bias"].shape != (1,) or tensors["weight"].ndim != 1:
+        raise ModelFileError(
+            f"{file}: holds tensors {sorted(tensors)}; only logistic-regression models (weight, bias) can be "
+            "applied here"
+        )
+    return LogisticModel(
+        weight=np.asarray(tensors["weight"], dtype=np.float32),
+        bias=float(tensors["bias"][0]),
+        digest=sha256_hex(blob),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Predictions:
+    """The model's output for each row, with accuracy and AUC when the file has its label column."""
+
+    row_ids: tuple[str, ...]
+    probabilities: np.ndarray
+    labels: np.ndarray | None
+    accuracy: float | None
+    auc: float | None
+
+    def to_csv(self, path: Path, id_name: str = "id") -> None:
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow([id_name, "probability", "prediction"])
+            for rid, p in zip(self.row_ids, self.probabilities, strict=True):
+                writer.writerow([rid, f"{p:.6f}", int(p > 0.5)])
+
+
+def predict_csv(
+    model: LogisticModel,
+    path: Path | str,
+    *,
+    label: str | None = None,
+    id_column: str | None = None,
+    scaling: Scaling = Scaling.OWN,
+) -> Predictions:
+    """Apply ``model`` to every row of a CSV file: its columns other than ``label`` and ``id_column`` are the
+    features, in file order. Rows are named by ``id_column``, else by their line number."""
+    file = Path(path)
+    X, y, ids, features = _read(file, label, id_column)
+    if X.shape[1] != model.n_features:
+        raise InputError(
+            f"{file}: {X.shape[1]} feature column(s) ({', '.join(features)}); the model expects "
+            f"{model.n_features} (name the label with --label and the id column with --id)"
+        )
+    if scaling is Scaling.OWN:
+        X, _ = standardize(X, X)
+    probabilities = model.predict_proba(X)
+    accuracy = auc = None
+    if y is not None:
+        result = logreg_evaluate(model._params(), X, y)
+        accuracy, auc = result.accuracy, result.auc
+    return Predictions(row_ids=ids, probabilities=probabilities, labels=y, accuracy=accuracy, auc=auc)
+
+
+def _read(
+    path: Path, label: str | None, id_column: str | None
+) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...], list[str]]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such CSV file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot be read as CSV ({exc})") from exc
+    rows = [r for r in rows if r and any(c.strip() for c in r)]
+    if len(rows) < 2:
+        raise InputError(f"{path}: needs a header row and at least one data row")
+    header = [c.strip() for c in rows[0]]
+    for role, name in (("label", label), ("id", id_column)):
+        if name is not None and name not in header:
+            raise InputError(f"{path}: {role} column {name!r} is not in the header {header}")
+    feature_at = [i for i, c in enumerate(header) if c not in (label, id_column)]
+    X = np.empty((len(rows) - 1, len(feature_at)), dtype=np.float64)
+    y = np.empty(len(rows) - 1, dtype=np.float64) if label is not None else None
+    ids: list[str] = []
+    for r, record in enumerate(rows[1:]):
+        line = r + 2
+        if len(record) != len(header):
+            raise InputError(f"{path}: line {line} has {len(record)} fields, the header has {len(header)}")
+        for j, i in enumerate(feature_at):
+            X[r, j] = _number(path, line, header[i], record[i])
+        if y is not None and label is not None:
+            y[r] = _number(path, line, label, record[header.index(label)])
+        ids.append(record[header.index(id_column)].strip() if id_column is not None else str(line))
+    if y is not None and not set(np.unique(y)) <= {0.0, 1.0}:
+        raise InputError(f"{path}: label column {label!r} must hold 0 or 1")
+    return X, y, tuple(ids), [header[i] for i in feature_at]
+
+
+def _number(path: Path, line: int, column: str, text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise InputError(
+            f"{path}: line {line}, column {column!r} holds {text.strip()[:40]!r}, not a number "
+            "(name an id column with --id)"
+        ) from None
+    if not math.isfinite(value):
+        raise InputError(f"{path}: line {line}, column {column!r} is not a finite number")
+    return value

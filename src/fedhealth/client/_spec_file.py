@@ -1,0 +1,142 @@
+"""Study spec files: the commented TOML template ``fedhealth study init`` writes, and the loader every study
+command (and the Python API) reads them with.
+
+The spec file is what the owner submits and what each site's steward approves by hash: the hash is taken over
+the spec *as the sites receive it* (validated, every default filled in:
+``StudySpec.model_dump(mode="json")``), so a file that leaves a field at its default hashes the same as one
+that spells it out.
+
+The template is written by :func:`spec_template` alone: when the spec's format changes (the recipe becomes
+``{name, version, params}``), this one function and its test change.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from fedhealth.client._words import field_errors
+from fedhealth.core import InputError
+from fedhealth.governance import spec_hash
+from fedhealth.protocol import StudySpec
+
+
+class SpecFileError(InputError):
+    """A study spec file cannot be read or does not validate; the message names the file and the field."""
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def spec_template(
+    *,
+    recipe: str,
+    dataset: str,
+    sites: list[str],
+    name: str = "my-study",
+    owner: str = "admin",
+    features: int | None = None,
+    rounds: int = 5,
+) -> str:
+    """A commented study spec in TOML, valid as written once the sites and the model's width are right.
+    The ``[recipe.params]`` lines come from the recipe itself (``Recipe.template``), so a plug-in recipe
+    gets a template too; an unknown recipe is :class:`~fedhealth.learning.UnknownRecipeError`."""
+    from fedhealth.learning import default_registry
+
+    registry = default_registry()
+    versions = registry.versions(recipe)
+    if not versions:
+        from fedhealth.learning import UnknownRecipeError
+
+        raise UnknownRecipeError(
+            f"no recipe {recipe!r} is installed here (installed: {', '.join(registry.names()) or 'none'})"
+        )
+    version = versions[-1]
+    recipe_lines = [
+        f"{p.key} = {_toml(p.value)}  # {p.comment}" for p in registry.get(recipe, version).template(features)
+    ]
+    site_list = sites or ["site-a", "site-b"]
+    lines = [
+        "# A fedhealth study spec. Every field below is part of what each site's data steward approves:",
+        "# change any of them and the spec hash changes. Then:",
+        "#   fedhealth study hash study.toml      the hash to send to each site's steward",
+        "#   fedhealth study submit study.toml    submit it, signed with your key; it awaits the approvals",
+        "",
+        f"name = {_toml(name)}  # lowercase letters, digits, - _ .",
+        f"owner = {_toml(owner)}  # the operator account that submits it (yours)",
+        'purpose = "research"  # what patients\' consent must permit',
+        'description = ""  # shown to each steward',
+        f"dataset = {_toml(dataset)}  # the name each site registered with `fedhealth site dataset add`",
+        f"train_sites = {_toml(site_list)}",
+        "# eval_sites = []  # the sites that evaluate the final model (default: the training sites)",
+        f"rounds = {rounds}  # training rounds; one evaluation round follows",
+        f"min_sites = {len(site_list)}  # quorum: updates a round needs to count",
+        "round_deadline_s = 300.0  # a round closes with what it has after this long",
+        "seed = 0",
+        "",
+        "[recipe]",
+        f"name = {_toml(recipe)}  # `fedhealth study init --recipe` lists the recipes installed here",
+        f"version = {_toml(version)}",
+        "",
+        "[recipe.params]",
+        *recipe_lines,
+        "",
+        "[strategy]",
+        'name = "fedavg"  # fedavg, fedprox, fedadam, fedyogi or fedadagrad',
+        "",
+        "# Differential privacy: uncomment to train with record-level DP-SGD at each site. Each site's",
+        "# budget is charged the planned epsilon (its steward sees it before approving).",
+        "# [privacy]",
+        '# mode = "record"',
+        "# target_epsilon = 3.0",
+        "# delta = 1e-5",
+        "# max_grad_norm = 1.0",
+        "# sample_rate = 0.05",
+        "# steps_per_round = 20",
+        "",
+        "# Secure aggregation: uncomment so the orchestrator sees only the sum of the sites' updates",
+        "# (at least 2 training sites). site_keys names every site's identity-key fingerprint (`fedhealth",
+        "# site list --json` shows them; each steward checks its own); the threshold defaults to the",
+        "# smallest safe one for the collusion bound (default: a third of the sites).",
+        "# [secure_aggregation]",
+        "# site_keys = { " + ", ".join(f'{_toml(s)} = "<fingerprint>"' for s in site_list) + " }",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def load_spec(path: Path) -> StudySpec:
+    """Read a spec file (TOML, or JSON by its ``.json`` suffix) and validate it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecFileError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecFileError(f"{path}: cannot be read ({exc})") from exc
+    try:
+        body = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
+        raise SpecFileError(f"{path}: not valid {kind}: {exc}") from exc
+    if not isinstance(body, dict):
+        raise SpecFileError(f"{path}: a study spec is an object (a table of fields)")
+    try:
+        return StudySpec.model_validate(body)
+    except ValidationError as exc:
+        raise SpecFileError(f"{path}: {field_errors(exc.errors())}") from exc
+
+
+def study_spec_hash(spec: StudySpec) -> str:
+    """The hash each site's steward approves: of the spec as the sites will receive it."""
+    return spec_hash(spec.model_dump(mode="json"))
