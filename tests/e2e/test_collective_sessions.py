@@ -20,11 +20,13 @@ from sqlalchemy import create_engine
 from support_services import audit_entries
 
 from fedhealth.governance import AuditEntry, AuditEventType, read_stored_log
-from fedhealth.learning import probe_values
+from fedhealth.learning import probe_values, reload_recipes
 from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec, StudyStatus, TaskKind, TaskStatus
+from fedhealth.runtime import run_collective_in_memory
 from fedhealth.secagg import encode_fixed
 from fedhealth.sim import LocalFederation, benchmark_collective
 from fedhealth.sim._bench import percentile
+from support import BREAST_SITES, TOY_COLLECTIVE_RECIPE, TOY_PLUGIN_PATH, breast_datasets
 
 pytestmark = pytest.mark.e2e
 SITES = ["site-a", "site-b", "site-c", "site-d"]
@@ -212,3 +214,35 @@ def test_p99_is_the_nearest_rank():
     assert percentile(values, 0.99) == 198.0
     assert percentile(values, 0.5) == 100.0
     assert percentile([3.0], 0.99) == 3.0
+
+
+def test_a_third_party_collective_recipe_runs_through_the_services_and_equals_the_in_memory_run(
+    tmp_path, monkeypatch
+):
+    sites = sorted(BREAST_SITES)
+    with LocalFederation(tmp_path, log_level="warning", python_path=[TOY_PLUGIN_PATH]) as fed:
+        fed.start_orchestrator()
+        for site in sites:
+            fed.add_site(site)
+            fed.start_agent(site, {"breast-cancer": BREAST_SITES[site]})
+        fed.wait_for_sites(sites)
+        spec = StudySpec(
+            name="toy-mean",
+            dataset="breast-cancer",
+            recipe=RecipeSpec(name=TOY_COLLECTIVE_RECIPE, params={"n_features": 30}),
+            rounds=1,
+            train_sites=sites,
+            round_deadline_s=120,
+            secure_aggregation=SecureAggregationSpec(site_keys=fed.site_keys(sites)),
+        )
+        final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=120, interval=0.2)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    released = final.rounds[0].metrics or {}
+    monkeypatch.syspath_prepend(str(TOY_PLUGIN_PATH))
+    reload_recipes()
+    try:
+        reference = run_collective_in_memory(spec, breast_datasets(BREAST_SITES))
+    finally:
+        reload_recipes()
+    assert released["means"] == reference["means"]  # bit for bit: the same exact fixed-point sums
+    assert released["rows"] == reference["rows"]
