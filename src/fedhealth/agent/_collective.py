@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from numpy.typing import NDArray
 
+import fedhealth
 from fedhealth.agent._client import OrchestratorClient, OrchestratorRefused, TlsVerificationError
 from fedhealth.agent._pipeline import TaskRefused
 from fedhealth.agent._secure import PeerPins
@@ -51,6 +52,7 @@ from fedhealth.protocol import (
     Task,
     TaskKind,
     collective_plan,
+    version_headers,
 )
 from fedhealth.secagg import (
     CallBuffer,
@@ -140,6 +142,8 @@ class SessionChannel:
         self._port = url.port or (443 if self._context is not None else 80)
         self._prefix = f"{url.path.rstrip('/')}/api/v1/agent/tasks/{task_id}/collective/"
         self._attempt = attempt
+        # what every agent request states (its protocol range and release), and the session's attempt
+        self._fixed_headers = {**version_headers(fedhealth.__version__), SESSION_HEADER: attempt}
         self._connection: http.client.HTTPConnection | None = None
         self._buffer = bytearray()
 
@@ -174,7 +178,7 @@ class SessionChannel:
         """Send call ``index`` (``body``; None long-polls for its result) and return its result, or None if
         it is not ready within ``wait`` seconds. ``deadline`` is a ``time.monotonic()`` value."""
         path = f"{self._prefix}{index}?wait={wait:.3f}"
-        sent = {SESSION_HEADER: self._attempt, **(headers or {})}
+        sent = {**self._fixed_headers, **(headers or {})}
         if body is not None:
             sent["Content-Type"] = "application/octet-stream"
             sent["Content-Length"] = str(len(body))
