@@ -28,7 +28,6 @@ from fedhealth.core import FedHealthError, ServiceUnavailableError, canonical_js
 from fedhealth.crypto import IdentityKey, client_tls_for_url
 from fedhealth.protocol import (
     ATTESTATION_HEADER,
-    SESSION_HEADER,
     Ack,
     ChallengeResponse,
     PeerVersion,
@@ -45,7 +44,6 @@ from fedhealth.protocol import (
     ours,
     version_headers,
 )
-from fedhealth.secagg import SessionFailedError, SessionFailure
 
 log = logging.getLogger("fedhealth.agent")
 T = TypeVar("T")
@@ -353,42 +351,6 @@ class OrchestratorClient:
         except OrchestratorRefused as exc:
             if exc.status == 410:
                 raise SecureRoundGone(str(exc.detail or exc.error)) from exc
-            raise
-        return None if response.status_code == 204 else response.content
-
-    def collective_call(
-        self,
-        task_id: str,
-        index: int,
-        body: bytes | None,
-        *,
-        attempt: str,
-        wait: float,
-        headers: dict[str, str] | None = None,
-        max_elapsed_s: float | None = None,
-    ) -> bytes | None:
-        """Send this site's collective call ``index`` (``body``; None long-polls for its result instead) and
-        return the result, or None if it is not ready within ``wait`` seconds. A 410 (the session failed,
-        ended or restarted) raises :class:`~fedhealth.secagg.SessionFailedError` with the orchestrator's
-        reason."""
-        path = f"/api/v1/agent/tasks/{task_id}/collective/{index}"
-        sent = {SESSION_HEADER: attempt, **(headers or {})}
-        if body is not None:
-            sent["Content-Type"] = "application/octet-stream"
-        try:
-            response = self._call(
-                f"collective call {index}",
-                "GET" if body is None else "POST",
-                path,
-                content=body,
-                headers=sent,
-                params={"wait": wait},
-                timeout=httpx.Timeout(wait + 15, connect=5.0),
-                max_elapsed_s=max_elapsed_s,
-            )
-        except OrchestratorRefused as exc:
-            if exc.status == 410:
-                raise SessionFailedError(SessionFailure.ABORTED, str(exc.detail or exc.error)) from None
             raise
         return None if response.status_code == 204 else response.content
 

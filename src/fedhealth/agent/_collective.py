@@ -40,7 +40,7 @@ import fedhealth
 from fedhealth.agent._client import OrchestratorClient, OrchestratorRefused, TlsVerificationError
 from fedhealth.agent._pipeline import TaskRefused
 from fedhealth.agent._secure import PeerPins
-from fedhealth.core import ServiceUnavailableError
+from fedhealth.core import ConfigError, ServiceUnavailableError
 from fedhealth.crypto import IdentityKey, PublicIdentity
 from fedhealth.governance import spec_hash
 from fedhealth.learning import SessionMember
@@ -270,19 +270,13 @@ class HttpCollectives(SessionMember):
         poll_wait_s: float = 25.0,
     ) -> None:
         super().__init__(CollectiveSite(checked.config, site, identity, checked.peers, key_guard=guard))
-        self._client = client
         self._deadline = task.deadline
         self._poll_wait_s = poll_wait_s
-        self._task_id = task.task_id
-        self._attempt = checked.config.attempt
         self._extra: dict[str, str] = {}
         self._bodies = CallBuffer()
-        # a client on a test transport cannot lend its TLS set-up to a connection of our own
-        self._channel = (
-            None
-            if client.has_custom_transport
-            else SessionChannel(client, task_id=task.task_id, attempt=checked.config.attempt)
-        )
+        if client.has_custom_transport:  # a test transport cannot lend its TLS set-up to a connection of ours
+            raise ConfigError("a collective session needs the agent's network connection to the orchestrator")
+        self._channel = SessionChannel(client, task_id=task.task_id, attempt=checked.config.attempt)
 
     def secure_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
         body = self._core.prepare_sum(values, buffer=self._bodies)
@@ -305,24 +299,13 @@ class HttpCollectives(SessionMember):
         if left <= 0:
             raise SessionFailedError(SessionFailure.ABORTED, "the session's round deadline passed")
         wait = min(self._poll_wait_s, left)
-        if self._channel is not None:
-            return self._channel.call(
-                index, body, wait=wait, deadline=time.monotonic() + max(1.0, left), headers=headers
-            )
-        return self._client.collective_call(
-            self._task_id,
-            index,
-            None if body is None else bytes(body),
-            attempt=self._attempt,
-            wait=wait,
-            headers=headers,
-            max_elapsed_s=max(1.0, left),
+        return self._channel.call(
+            index, body, wait=wait, deadline=time.monotonic() + max(1.0, left), headers=headers
         )
 
     def release(self) -> None:
         """Close the session's connection."""
-        if self._channel is not None:
-            self._channel.close()
+        self._channel.close()
 
     def close_with(self, attestation: SiteAttestation | None) -> None:
         """The closing call, carrying the site's attestation for the task (no per-site figure)."""

@@ -36,6 +36,9 @@ def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    # Listening from here on: the ready file is written during the app's start-up, before uvicorn listens,
+    # and a client that read it got "connection refused" until then; now it waits in the backlog instead.
+    sock.listen(2048)
     return sock
 
 
