@@ -167,3 +167,14 @@ def test_no_module_outside_the_registry_and_the_recipes_branches_on_a_recipe_nam
     assert not offenders, "ask the recipe (fedhealth.runtime.study_recipe), not its name:\n" + "\n".join(
         offenders
     )
+
+
+def test_test_modules_have_unique_basenames():
+    # pytest imports test modules by basename (rootdir, no packages): two of one name break collection
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(ROOT)} and {path.relative_to(ROOT)}")
+        seen[path.name] = path
+    assert not clashes, clashes

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from fedhealth.cli import app
 from fedhealth.client import spec_template
-from fedhealth.protocol import OperatorCredential, RecipeName, StudyStatus
+from fedhealth.protocol import OperatorCredential, StudyStatus
 from fedhealth.sim import LocalFederation
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +56,7 @@ def test_the_python_api_doc_runs_as_written(tmp_path, monkeypatch, capsys):
         )
         (work / "study.toml").write_text(
             spec_template(
-                recipe=RecipeName.LOGREG,
+                recipe="logreg",
                 dataset="cohort",
                 sites=list(SITES),
                 features=4,
