@@ -62,6 +62,7 @@ def synthetic_recipe(n_params: int) -> RecipeSpec:
 # A recipe plug-in outside src/ (its package and its dist-info): on PYTHONPATH, it registers "toy-centroid".
 TOY_PLUGIN_PATH = Path(__file__).resolve().parent / "plugins" / "fedhealth_toy"
 TOY_RECIPE = "toy-centroid"
+TOY_COLLECTIVE_RECIPE = "toy-mean"  # the toy package's collective recipe: pooled feature means
 
 BREAST_SITES = {f"hospital-{c}": f"builtin://breast-cancer/{i}?sites=4&seed=0" for i, c in enumerate("abcd")}
 

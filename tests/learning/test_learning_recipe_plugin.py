@@ -9,10 +9,11 @@ import importlib.metadata
 import numpy as np
 import pytest
 
+from fedhealth.crypto import IdentityKey
 from fedhealth.learning import RecipeRegistry, UnknownRecipeError, default_registry, reload_recipes
-from fedhealth.protocol import RecipeSpec, StudySpec
-from fedhealth.runtime import check_recipe, run_study_in_memory
-from support import BREAST_SITES, TOY_PLUGIN_PATH, TOY_RECIPE, breast_datasets
+from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec
+from fedhealth.runtime import check_recipe, run_collective_in_memory, run_study_in_memory
+from support import BREAST_SITES, TOY_COLLECTIVE_RECIPE, TOY_PLUGIN_PATH, TOY_RECIPE, breast_datasets
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def test_the_toy_package_registers_its_recipe_under_the_fedhealth_recipes_group(
     [dist] = importlib.metadata.distributions(path=[str(TOY_PLUGIN_PATH)])
     assert dist.metadata["Name"] == "fedhealth-toy"
     registry = RecipeRegistry.from_entry_points(path=[str(TOY_PLUGIN_PATH)])
-    assert registry.names() == [TOY_RECIPE]
+    assert registry.names() == [TOY_RECIPE, TOY_COLLECTIVE_RECIPE]
 
 
 def test_without_the_package_the_recipe_is_unknown_and_with_it_the_default_registry_finds_it(monkeypatch):
@@ -69,3 +70,22 @@ def test_a_study_of_the_toy_recipe_moves_the_centroids_to_the_sites_pooled_class
     for site, metrics in result.evaluation.items():
         assert metrics.accuracy is not None
         assert metrics.accuracy > 0.85, site
+
+
+def test_the_toy_collective_recipe_releases_exactly_the_pooled_feature_means(toy_installed):
+    sites = sorted(BREAST_SITES)
+    datasets = breast_datasets(BREAST_SITES)
+    spec = StudySpec(
+        name="toy-mean",
+        dataset="breast-cancer",
+        recipe=RecipeSpec(name=TOY_COLLECTIVE_RECIPE, params={"n_features": 30}),
+        rounds=1,
+        train_sites=sites,
+        secure_aggregation=SecureAggregationSpec(
+            site_keys={s: IdentityKey.generate().public().fingerprint for s in sites}
+        ),
+    )
+    result = run_collective_in_memory(spec, datasets)
+    pooled = np.concatenate([d.X_train for d in datasets.values()]).astype(np.float64)
+    assert result["rows"] == pooled.shape[0]
+    np.testing.assert_allclose(result["means"], pooled.mean(axis=0), rtol=0, atol=1e-9)

@@ -10,6 +10,7 @@ import pytest
 from fedhealth.core import CryptoError, ManualClock
 from fedhealth.crypto import Audience, IdentityKey, TokenIssuer, TokenVerifier
 from fedhealth.orchestrator._limits import (
+    COLLECTIVE_CALL_COST,
     Access,
     BodyClass,
     BodyLimits,
@@ -24,6 +25,9 @@ from fedhealth.orchestrator._limits import (
     [
         ("POST", "/api/v1/agent/tasks/tk_1/result", BodyClass.UPLOAD),
         ("POST", "/api/v1/agent/tasks/tk_1/secagg/masked_input", BodyClass.UPLOAD),
+        ("POST", "/api/v1/agent/tasks/tk_1/collective/17", BodyClass.UPLOAD),
+        ("GET", "/api/v1/agent/tasks/tk_1/collective/17", BodyClass.JSON),
+        ("POST", "/api/v1/agent/tasks/tk_1/collective/x", BodyClass.JSON),
         ("GET", "/api/v1/agent/tasks/tk_1/secagg/masked_input", BodyClass.JSON),
         ("POST", "/api/v1/agent/tasks/tk_1/evaluation", BodyClass.JSON),
         ("POST", "/api/v1/agent/tasks/tk_1/result/extra", BodyClass.JSON),
@@ -63,6 +67,16 @@ def test_only_uploads_get_the_large_limit():
 )
 def test_each_path_has_an_access_class(path, expected):
     assert access_of(path) is expected
+
+
+def test_a_collective_call_takes_a_fraction_of_a_token_and_the_bucket_still_bounds_it():
+    now = [0.0]
+    limiter = RateLimiter(10.0, 5, clock=lambda: now[0])
+    allowed = 0
+    while limiter.retry_after("site:a", COLLECTIVE_CALL_COST) is None:
+        allowed += 1
+    assert 249 <= allowed <= 250  # a burst of 5 tokens is 250 collective calls (float steps)
+    assert limiter.retry_after("site:a") is not None  # and a full request waits like any other
 
 
 def test_the_rate_limiter_forgets_idle_callers_instead_of_growing_without_bound():

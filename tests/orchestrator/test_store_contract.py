@@ -520,3 +520,22 @@ def test_a_study_naming_a_revoked_or_unknown_evaluation_site_is_refused(store, e
     with pytest.raises(error, match=needle):
         store.create_study(spec=spec, model_digest=DIGEST_A, state_digest=None, first=first, when=T0)
     assert store.list_studies() == []
+
+
+def test_a_sites_credentials_follow_enrollment_rotation_and_revocation_at_once(store):
+    # what every authenticated request reads (through the driver's cursor, not the ORM)
+    assert store.site_credentials("a") is None
+    store.create_site("a", T0)
+    assert store.site_credentials("a").status is SiteStatus.PENDING
+    store.add_enrollment_token("a", "h1", T0, LATER)
+    store.enroll_site(site="a", token_hash="h1", public_key="1" * 64, when=T0, cert_fingerprint="c" * 64)
+    enrolled = store.site_credentials("a")
+    assert (enrolled.status, enrolled.public_key, enrolled.cert_fingerprint) == (
+        SiteStatus.ACTIVE,
+        "1" * 64,
+        "c" * 64,
+    )
+    store.rotate_site("a", "h2", T0, LATER)
+    assert store.site_credentials("a").public_key is None
+    store.revoke_site("a", T0)
+    assert store.site_credentials("a").status is SiteStatus.REVOKED

@@ -106,11 +106,25 @@ def test_check_recipe_accepts_the_builtins_and_refuses_what_it_cannot_run(regist
         check_recipe(spec(RecipeSpec(name="logreg", params={"n_features": 0})))
 
 
-def test_a_collective_recipe_is_refused_until_the_engine_runs_sessions(registry):
-    with pytest.raises(
-        RecipeError, match="runs as a collective session, which this orchestrator does not run"
-    ):
-        check_recipe(spec(RecipeSpec(name="session-sum", params={"n_features": 3})))
+def test_a_collective_recipe_runs_only_a_session_its_spec_can_hold(registry):
+    session = RecipeSpec(name="session-sum", params={"n_features": 3})
+    with pytest.raises(RecipeError, match=r"runs a collective session: .*site_keys"):
+        check_recipe(spec(session))  # no keys to bind the participants to
+    three = [*SITES, "site-c"]
+    secure = SecureAggregationSpec(site_keys={s: f"{i:064x}" for i, s in enumerate(three)})
+    with pytest.raises(RecipeError, match="at least 3 sites"):
+        check_recipe(
+            spec(
+                session,
+                secure_aggregation=secure.model_copy(
+                    update={"site_keys": {s: k for s, k in secure.site_keys.items() if s in SITES}}
+                ),
+            )
+        )
+    held = StudySpec(
+        name="s", dataset="d", recipe=session, rounds=1, train_sites=three, secure_aggregation=secure
+    )
+    assert check_recipe(held).name == "session-sum"
 
 
 def test_secure_aggregation_is_refused_for_a_recipe_that_does_not_declare_secure_sum(registry):

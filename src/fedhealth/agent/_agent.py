@@ -14,11 +14,13 @@ import importlib
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +32,7 @@ from fedhealth.agent._client import (
     SecureRoundGone,
     TlsVerificationError,
 )
+from fedhealth.agent._collective import HttpCollectives, check_collective_session
 from fedhealth.agent._home import SiteHome
 from fedhealth.agent._pipeline import SiteGate, TaskContext, TaskRefused
 from fedhealth.agent._secure import PeerPins, UnmaskRecord, check_secure_round, run_secure_exchange
@@ -44,7 +47,7 @@ from fedhealth.core import (
 )
 from fedhealth.crypto import IdentityKey
 from fedhealth.data import SchemaError, TabularDataset, open_dataset
-from fedhealth.learning import RecipeError
+from fedhealth.learning import RecipeError, ResolvedRecipe
 from fedhealth.protocol import (
     FailureCode,
     ProtocolMismatch,
@@ -62,10 +65,11 @@ from fedhealth.runtime import (
     encode_update,
     evaluate_on_site,
     param_specs,
+    run_site_program,
     secure_codec,
     train_on_site,
 )
-from fedhealth.secagg import KeyReuseGuard
+from fedhealth.secagg import KeyReuseGuard, SecAggSecurityError, SessionFailedError
 
 log = logging.getLogger("fedhealth.agent")
 
@@ -199,6 +203,10 @@ class SiteAgent:
             # before the model or any data: this site must have the study's recipe at its version, and the
             # recipe must accept the study's params (RecipeError: reported as invalid_recipe)
             recipe = check_recipe(task.spec)
+            if task.kind is TaskKind.COLLECTIVE:
+                self._run_collective(task, ctx, recipe)
+                self.tasks_done += 1
+                return
             # before the model or any data: a secure study's round must be the one the steward approved, and
             # a secure study's task without its secure round is refused (nothing goes out in clear)
             secure = check_secure_round(task, site, self.settings.identity, self._pins)
@@ -259,6 +267,15 @@ class SiteAgent:
             self._fail(task, failure_code(refusal.code), ctx)
         except SecureRoundGone as exc:
             log.warning("task %s: out of the secure round: %s", task.task_id, exc)
+        except SessionFailedError as exc:  # the orchestrator ended the session (and closed the task)
+            log.warning("task %s: the collective session failed: %s", task.task_id, exc)
+            for gate in self.gates:
+                gate.on_failed(ctx, exc)
+        except SecAggSecurityError as exc:  # a key, signature or result of the session failed our checks
+            log.error("task %s: stopped the collective session: %s", task.task_id, exc)
+            for gate in self.gates:
+                gate.on_failed(ctx, exc)
+            self._fail(task, FailureCode.COLLECTIVE_REFUSED, ctx)
         except OrchestratorRefused as exc:
             if exc.status == 403:
                 raise SiteRefused(f"the orchestrator refuses this site: {exc}") from exc
@@ -275,8 +292,52 @@ class SiteAgent:
                 log.error("task %s failed: %s: %s: %s", task.task_id, code.value, type(exc).__name__, exc)
             self._fail(task, code, ctx)
 
+    def _run_collective(self, task: Task, ctx: TaskContext, recipe: ResolvedRecipe) -> None:
+        """A collective session: the checks, the recipe's site program over the session, the closing call
+        (with the attestation), and the site's own record of it."""
+        site = self.settings.site
+        checked = check_collective_session(task, site, self.settings.identity, self._pins)
+        recipe.collective()  # RecipeError (invalid_recipe) for a recipe combined in rounds
+        dataset = None
+        if recipe.capabilities.reads_data:
+            dataset = self._dataset(task.dataset)
+            _check_fits(task, dataset)
+            for gate in self.gates:
+                dataset = gate.prepare_data(ctx, dataset)
+            ctx.data_read = True
+        session = HttpCollectives(
+            self.client,
+            task,
+            checked,
+            site=site,
+            identity=self.settings.identity,
+            guard=self._key_guard,
+            poll_wait_s=self.settings.poll_wait_s,
+        )
+        started = time.perf_counter()
+        try:
+            session.open()
+            log.info("task %s: collective session joined (%d sites)", task.task_id, len(session.sites))
+            outcome = run_site_program(recipe, task.spec, dataset, session, task.round)
+            for gate in self.gates:
+                gate.after_training(ctx)
+            self._attest(ctx)
+            session.close_with(ctx.site_attestation())
+        finally:
+            session.release()
+        log.info(
+            "task %s: collective session done: %d calls in %.2f s",
+            task.task_id,
+            session.calls,
+            time.perf_counter() - started,
+        )
+        self._record(task, {"collective_calls": session.calls, **outcome.record})
+
     def _record_locally(self, task: Task, metrics: SiteMetrics) -> None:
         """The site's own record of what it computed (kept at the site, whatever is sent)."""
+        self._record(task, metrics.model_dump(mode="json"))
+
+    def _record(self, task: Task, metrics: dict[str, Any]) -> None:
         if self.settings.home is None:
             return
         line = {
@@ -285,7 +346,7 @@ class SiteAgent:
             "study": task.spec.name,
             "round": task.round,
             "kind": task.kind.value,
-            "metrics": metrics.model_dump(mode="json"),
+            "metrics": metrics,
         }
         with open(self.settings.home / "results.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")

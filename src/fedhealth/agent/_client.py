@@ -113,10 +113,13 @@ class OrchestratorClient:
         self._should_stop = should_stop
         self._token: str | None = None
         self._token_expires = datetime.min.replace(tzinfo=UTC)
+        self._verify = verify
+        self._custom_transport = transport is not None
+        self.base_url = base_url.strip().rstrip("/")
         # the orchestrator's versions, from its answers; None until it answered (or if it states none)
         self.orchestrator_version: PeerVersion | None = None
         self._http = httpx.Client(
-            base_url=base_url.strip().rstrip("/"),
+            base_url=self.base_url,
             headers={"User-Agent": "fedhealth-agent", **version_headers(fedhealth.__version__)},
             timeout=httpx.Timeout(30.0, connect=5.0),
             transport=transport,
@@ -125,6 +128,30 @@ class OrchestratorClient:
 
     def close(self) -> None:
         self._http.close()
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context this client verifies the orchestrator with (pinned to the federation CA), for a
+        connection of its own (a collective session's); None for a plain-HTTP test set-up."""
+        if not self.base_url.lower().startswith("https"):
+            return None
+        return self._verify if isinstance(self._verify, ssl.SSLContext) else ssl.create_default_context()
+
+    @property
+    def has_custom_transport(self) -> bool:
+        """Whether requests go through a transport given at construction (tests), not the network."""
+        return self._custom_transport
+
+    def forget_token(self) -> None:
+        """Log in again before the next request (after a 401)."""
+        self._token = None
+
+    @property
+    def should_stop(self) -> bool:
+        return self._should_stop()
+
+    def backoff(self, attempt: int) -> float:
+        """How long to wait before retry ``attempt`` (the client's policy, full jitter)."""
+        return self.retry.delay(attempt, self._rng)
 
     @property
     def http(self) -> httpx.Client:

@@ -477,8 +477,10 @@ class GovernanceGate(PassGate):
             owner=task.spec.owner,
             dataset=task.dataset,
             requested_epsilon=self._epsilon_cache[digest],
-            # secure only if the task carries its secure round too (a task without one is a downgrade)
-            secure_aggregation=task.spec.secure_aggregation is not None and task.secure_round is not None,
+            # secure only if the task carries its secure round (or, for a collective session, its masked
+            # session) too: a task without one is a downgrade
+            secure_aggregation=task.spec.secure_aggregation is not None
+            and (task.secure_round is not None or task.collective is not None),
         )
 
     def _cohort_before_data(self, ctx: TaskContext, settings: SiteSettings) -> None:
@@ -671,6 +673,8 @@ def _mismatch(task: Task) -> str | None:
         return f"training round {task.round} is outside the spec's {spec.rounds} rounds"
     if task.kind is TaskKind.EVALUATE and task.round != last:
         return f"an evaluation in round {task.round}; the spec evaluates in round {last}"
+    if task.kind is TaskKind.COLLECTIVE and task.round != 1:
+        return f"a collective session in round {task.round}; a collective study has one, round 1"
     return None
 
 

@@ -35,6 +35,33 @@ def rounds_benchmark(
     )
 
 
+@benchmark_app.command("collective")
+def collective_benchmark(
+    sites: Annotated[int, typer.Option(min=3, help="Number of site agents (a session needs 3).")] = 4,
+    size: Annotated[int, typer.Option(min=1, help="float64 values per sum.")] = 10_000,
+    calls: Annotated[int, typer.Option(min=1, help="Timed calls of each kind (after 3 warm-up).")] = 200,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Median and p99 latency of one secure_sum over the real services (loopback HTTPS, real agents), with
+    the same sum unmasked beside it in the same session."""
+    from fedhealth.sim import benchmark_collective
+
+    result = benchmark_collective(sites=sites, size=size, calls=calls)
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    if result.mismatches:
+        raise typer.Exit(f"error: {result.mismatches} calls returned a sum other than the exact one")
+    load = ", ".join(f"{v:.2f}" for v in result.load_before)
+    secure = f"median {result.secure_median_s * 1e3:.2f} ms   p99 {result.secure_p99_s * 1e3:.2f} ms"
+    plain = f"median {result.plain_median_s * 1e3:.2f} ms   p99 {result.plain_p99_s * 1e3:.2f} ms"
+    Console().print(
+        f"{sites} sites x {size:,} float64, {result.calls} calls each:\n"
+        f"  secure_sum   {secure}\n  unmasked sum {plain}\n"
+        f"  every sum exact; load average at start {load} on {result.cpus} CPUs"
+    )
+
+
 @benchmark_app.command("heart-disease")
 def heart_disease_benchmark(
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per method (FLamby used 5).")] = 5,

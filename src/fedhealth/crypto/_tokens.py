@@ -92,6 +92,18 @@ class TokenVerifier:
         self._clock = clock or SystemClock()
         self._leeway = leeway_s
 
+    def _check_times(self, expires: float, not_before: float) -> None:
+        now = self._clock.now().timestamp()
+        if expires + self._leeway < now:
+            raise TokenExpiredError("token expired")
+        if not_before - self._leeway > now:
+            raise CryptoError("token not yet valid")
+
+    def check_times(self, claims: TokenClaims) -> None:
+        """Re-check a verified token's validity period now (for a caller that keeps verified claims):
+        :class:`TokenExpiredError` once expired, :class:`CryptoError` before its start."""
+        self._check_times(claims.expires_at.timestamp(), claims.issued_at.timestamp())
+
     def verify(self, token: str, audience: Audience) -> TokenClaims:
         try:
             header = jwt.get_unverified_header(token)
@@ -112,11 +124,7 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise CryptoError("invalid token") from exc
         # Expiry is checked against the injectable clock, not the process's wall clock.
-        now = self._clock.now().timestamp()
-        if payload["exp"] + self._leeway < now:
-            raise TokenExpiredError("token expired")
-        if payload.get("nbf", payload["iat"]) - self._leeway > now:
-            raise CryptoError("token not yet valid")
+        self._check_times(payload["exp"], payload.get("nbf", payload["iat"]))
         if not isinstance(payload.get("role"), str):
             raise CryptoError("invalid token")
         confirmation = payload.get("cnf", {})

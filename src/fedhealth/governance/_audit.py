@@ -73,6 +73,8 @@ class AuditEventType(StrEnum):
     USER_REVOKED = "user.revoked"
     STUDY_CANCELLED = "study.cancelled"
     COMMITMENT_KEY_REVEALED = "commitment.key_revealed"
+    # a collective session's end (its start, participants, outcome and call count; not each call)
+    SESSION_ENDED = "session.ended"
 
 
 # Keys an entry of each type must carry, so an auditor can rely on them. Types not listed are free-form.
@@ -101,6 +103,7 @@ REQUIRED_PAYLOAD_KEYS: Mapping[AuditEventType, frozenset[str]] = {
     AuditEventType.USER_REVOKED: frozenset({"user", "by"}),
     AuditEventType.STUDY_CANCELLED: frozenset({"study_id", "by", "reason"}),
     AuditEventType.COMMITMENT_KEY_REVEALED: frozenset({"study_id", "to", "key_sha256"}),
+    AuditEventType.SESSION_ENDED: frozenset({"study_id", "round", "outcome", "calls", "sites"}),
 }
 
 

@@ -9,7 +9,21 @@ knows about HTTP, the database or the wire format: fedhealth.runtime maps ``fedh
 :class:`StrategyConfig`.
 """
 
-from fedhealth.learning._collectives import Collectives
+from fedhealth.learning._collective_probe import (
+    COLLECTIVE_PROBE_RECIPE,
+    CollectiveProbeRecipe,
+    ProbeParams,
+    probe_expected,
+    probe_values,
+)
+from fedhealth.learning._collectives import (
+    BenchmarkCollectives,
+    Collectives,
+    InMemoryCollectives,
+    InMemorySession,
+    SessionMember,
+    run_in_memory,
+)
 from fedhealth.learning._config import LocalOptimizer, LogRegConfig, StrategyConfig, StrategyKind
 from fedhealth.learning._dp_presets import (
     HEART_DISEASE_DP_DELTAS,
@@ -77,6 +91,7 @@ from fedhealth.learning._synthetic import (
 
 __all__ = [
     "BREAST_CANCER_PRESETS",
+    "COLLECTIVE_PROBE_RECIPE",
     "HEART_DISEASE_DP_DELTAS",
     "HEART_DISEASE_DP_EPSILONS",
     "HEART_DISEASE_DP_PRESETS",
@@ -86,6 +101,8 @@ __all__ = [
     "RECIPE_ENTRY_POINT_GROUP",
     "SYNTHETIC_RECIPE",
     "SYNTHETIC_STEP_SCALE",
+    "BenchmarkCollectives",
+    "CollectiveProbeRecipe",
     "CollectiveRecipe",
     "Collectives",
     "CombinationPattern",
@@ -93,12 +110,15 @@ __all__ = [
     "DpLevel",
     "DpPreset",
     "EvalResult",
+    "InMemoryCollectives",
+    "InMemorySession",
     "LocalOptimizer",
     "LogRegConfig",
     "LogRegParams",
     "LogRegRecipe",
     "MetricSummary",
     "ModelExport",
+    "ProbeParams",
     "Recipe",
     "RecipeCapabilities",
     "RecipeError",
@@ -109,6 +129,7 @@ __all__ = [
     "ResolvedRecipe",
     "RoundsRecipe",
     "SessionContext",
+    "SessionMember",
     "SiteSessionOutcome",
     "StrategyConfig",
     "StrategyKind",
@@ -133,8 +154,11 @@ __all__ = [
     "logreg_train",
     "logreg_train_dp",
     "mean_metrics",
+    "probe_expected",
+    "probe_values",
     "reload_recipes",
     "resolve_recipe",
+    "run_in_memory",
     "strategy_state_specs",
     "synthetic_init",
     "synthetic_train",

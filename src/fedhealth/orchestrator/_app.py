@@ -55,6 +55,7 @@ from fedhealth.orchestrator._auth import (
     Unauthenticated,
 )
 from fedhealth.orchestrator._blobs import BlobKind, BlobStore, check_digest
+from fedhealth.orchestrator._collective import collective_router
 from fedhealth.orchestrator._db import make_engine, sqlite_url, upgrade_database
 from fedhealth.orchestrator._engine import DEFAULT_APPROVAL_WAIT_S, RoundEngine
 from fedhealth.orchestrator._hooks import StudyObserver
@@ -337,6 +338,7 @@ def create_app(
     for ext in extensions:
         for router in ext.routers():
             app.include_router(router)
+    app.include_router(collective_router())
     from fedhealth.orchestrator._routes_sites import sites_router  # imports this module's dependencies
 
     app.include_router(sites_router())  # study approvals, site readiness and probes, versions
@@ -479,6 +481,7 @@ def create_app(
             deadline=r.deadline_at,
             spec=spec,
             secure_round=driver.info() if (driver := svc.engine.secure.get(r.id)) is not None else None,
+            collective=session.info() if (session := svc.engine.collective.get(r.id)) is not None else None,
         )
 
     @app.get("/api/v1/agent/tasks/next", response_model=TaskPoll, tags=["agent"])
@@ -493,7 +496,7 @@ def create_app(
         give_up = loop.time() + min(wait, svc.settings.max_wait_s)
         while True:
             waiter = svc.notifier.waiter(site)
-            found = svc.store.next_task(site, skip=svc.engine.secure.not_joinable)
+            found = svc.store.next_task(site, skip=svc.engine.not_joinable)
             if found is not None:
                 waiter.cancel()
                 task, round_row = found

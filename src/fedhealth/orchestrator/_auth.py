@@ -35,8 +35,11 @@ from fedhealth.crypto import (
     constant_time_equal,
 )
 from fedhealth.orchestrator._home import new_secret, secret_hash
-from fedhealth.orchestrator._store import EnrollOutcome, SiteRow, SiteStatus, Store
+from fedhealth.orchestrator._store import EnrollOutcome, SiteCredentials, SiteRow, SiteStatus, Store
 from fedhealth.protocol import OPERATOR_ROLES, Role, agent_login_message
+
+# Verified tokens remembered (see AuthService._verified_claims): a few per site and user at a time.
+CLAIMS_CACHE_SIZE = 4096
 
 
 class Unauthenticated(FedHealthError):
@@ -102,6 +105,7 @@ class AuthService:
         self.settings = settings or AuthSettings()
         self._issuer = TokenIssuer(signing_key, self.ISSUER, clock)
         self._verifier = TokenVerifier(signing_key.public(), self.ISSUER, clock)
+        self._claims_cache: dict[tuple[str, Audience], TokenClaims] = {}
 
     # --- enrollment --------------------------------------------------------------------------------------
 
@@ -229,6 +233,23 @@ class AuthService:
 
     # --- per request -------------------------------------------------------------------------------------
 
+    def _verified_claims(self, token: str, audience: Audience) -> TokenClaims:
+        """The token's claims, its signature checked once per token: a collective session makes hundreds of
+        requests a second with one token, and the signature check was most of each request's cost. The
+        validity period is re-checked on every use, and everything revocation can change (the site's or
+        user's status, its current key or API key) is read from the store on every request below, so a
+        revocation still takes effect at the next request."""
+        key = (token, audience)
+        claims = self._claims_cache.get(key)
+        if claims is not None:
+            self._verifier.check_times(claims)
+            return claims
+        claims = self._verifier.verify(token, audience)
+        if len(self._claims_cache) >= CLAIMS_CACHE_SIZE:
+            self._claims_cache.pop(next(iter(self._claims_cache)))  # the oldest: tokens live minutes
+        self._claims_cache[key] = claims
+        return claims
+
     def authenticate(
         self, authorization: str | None, audience: Audience, certificate: PeerCertificate | None = None
     ) -> Principal:
@@ -242,7 +263,7 @@ class AuthService:
         claims = None
         for candidate in (audience, *(a for a in Audience if a is not audience)):
             try:
-                claims = self._verifier.verify(token.strip(), candidate)
+                claims = self._verified_claims(token.strip(), candidate)
                 break
             except TokenExpiredError as exc:
                 raise Unauthenticated("token expired") from exc
@@ -262,7 +283,7 @@ class AuthService:
         if audience is Audience.AGENT:
             if role is not Role.SITE:
                 raise Forbidden("only sites may call the agent API")
-            site = self.store.get_site_or_none(claims.subject)
+            site = self.store.site_credentials(claims.subject)
             if site is not None and certificate is not None:
                 _check_site_certificate(site, certificate)
             if site is not None and site.status is SiteStatus.REVOKED:
@@ -298,7 +319,7 @@ class AuthService:
             raise Forbidden("this user has been revoked")
 
 
-def _check_site_certificate(site: SiteRow, certificate: PeerCertificate) -> None:
+def _check_site_certificate(site: SiteRow | SiteCredentials, certificate: PeerCertificate) -> None:
     if site.status is SiteStatus.REVOKED:
         raise Forbidden("this site has been revoked")
     if site.cert_fingerprint is None or certificate.fingerprint != site.cert_fingerprint:

@@ -35,6 +35,7 @@ from fedhealth.core import (
 )
 from fedhealth.governance import spec_hash
 from fedhealth.orchestrator._blobs import BlobKind, BlobStore
+from fedhealth.orchestrator._collective import CollectiveSessions
 from fedhealth.orchestrator._hooks import StudyObserver
 from fedhealth.orchestrator._notify import TaskNotifier
 from fedhealth.orchestrator._report import write_report
@@ -59,12 +60,14 @@ from fedhealth.runtime import (
     check_recipe,
     decode_sum,
     decode_update,
+    finish_session,
     initial_model,
+    is_collective,
     param_specs,
     server_step,
     summarize,
 )
-from fedhealth.secagg import Stage
+from fedhealth.secagg import SessionFailure, Stage
 
 log = logging.getLogger("fedhealth.orchestrator")
 # How long a submitted study waits for its sites' approvals unless its submission says otherwise.
@@ -94,6 +97,7 @@ class RoundEngine:
         self._finalizing: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self.secure = SecureRounds()
+        self.collective = CollectiveSessions()
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -114,6 +118,7 @@ class RoundEngine:
 
     async def close(self) -> None:
         self.secure.close()
+        self.collective.close()
         for handle in [*self._timers.values(), *self._approval_timers.values()]:
             handle.cancel()
         self._timers.clear()
@@ -150,7 +155,8 @@ class RoundEngine:
         for observer in self.observers:
             # may refuse the study; in a thread, as checks can take seconds (noise calibration)
             await anyio.to_thread.run_sync(observer.check_study, spec, owner)
-        params = initial_model(spec.recipe, spec.seed)
+        # a collective study has no model: its one session round starts from the empty one
+        params = {} if is_collective(spec) else initial_model(spec.recipe, spec.seed)
         digest = self.blobs.put(encode_tensors(params))
         now = self.clock.now()
         digest_of_spec = spec_hash(spec.model_dump(mode="json"))
@@ -189,7 +195,7 @@ class RoundEngine:
     def _first_round(spec: StudySpec, model_digest: str, now: datetime) -> NewRound:
         return NewRound(
             number=1,
-            kind=TaskKind.TRAIN,
+            kind=TaskKind.COLLECTIVE if is_collective(spec) else TaskKind.TRAIN,
             sites=spec.train_sites,
             model_in_digest=model_digest,
             deadline_at=now + timedelta(seconds=spec.round_deadline_s),
@@ -220,6 +226,7 @@ class RoundEngine:
                 if handle is not None:
                     handle.cancel()
                 self.secure.discard(r.id, reason)
+                self.collective.discard(r.id, reason)
             self._study_ended(study_id)
 
     # --- approvals -----------------------------------------------------------------------------------------
@@ -295,7 +302,13 @@ class RoundEngine:
     async def task_closed(self, round_id: str, task_id: str | None = None) -> None:
         """Called after a task of ``round_id`` closed; finishes the round once every task is closed."""
         if task_id is not None:
-            self._notify("task_closed", self.store.get_task(task_id))
+            task = self.store.get_task(task_id)
+            self._notify("task_closed", task)
+            driver = self.collective.get(round_id)
+            if driver is not None and task.status is not TaskStatus.COMPLETED and driver.ended is None:
+                # no dropout recovery: a participant whose task ended takes the session down with it
+                driver.fail(SessionFailure.SITE_LOST, f"{task.site}'s task ended ({task.reason})")
+                return
         if self.store.count_open_tasks(round_id) == 0:
             await self.finalize(round_id)
 
@@ -312,6 +325,9 @@ class RoundEngine:
             if handle is not None:
                 handle.cancel()
             study = self.store.get_study(r.study_id)
+            if r.kind is TaskKind.COLLECTIVE:
+                await self._finish_collective_round(study, r)
+                return
             if study.spec.secure_aggregation is not None:
                 await self._finish_secure_round(study, r)
                 return
@@ -342,7 +358,9 @@ class RoundEngine:
         the study uses one, and wake its sites' long polls."""
         self._arm(r.id, r.deadline_at)
         spec = self.store.spec(r.study_id)
-        if spec.secure_aggregation is not None:
+        if r.kind is TaskKind.COLLECTIVE:
+            self._open_collective(r, spec)
+        elif spec.secure_aggregation is not None:
             tasks = self.store.tasks_of_round(r.id)
             keys = {}
             for t in tasks:
@@ -364,6 +382,91 @@ class RoundEngine:
             except ConfigError as exc:  # e.g. fewer enrolled sites than the spec's threshold
                 self._spawn(self._secure_failed(r.id, f"secure aggregation cannot start: {exc}"))
         self.notifier.notify(self._open_sites(r.id))
+
+    def not_joinable(self, task: TaskRow, round_row: RoundRow) -> bool:
+        """For task delivery: a task its site can no longer join (a secure round or session under way)."""
+        return self.secure.not_joinable(task, round_row) or self.collective.not_joinable(task, round_row)
+
+    # --- collective sessions (one session round per collective study) ---------------------------------------
+
+    def _open_collective(self, r: RoundRow, spec: StudySpec) -> None:
+        """Start the session of a collective round; its tasks go out with the session's set-up."""
+        tasks = {t.id: t.site for t in self.store.tasks_of_round(r.id) if t.is_open}
+        keys = {}
+        for site_name in tasks.values():
+            site = self.store.get_site_or_none(site_name)
+            if site is not None and site.public_key is not None:
+                keys[site_name] = site.public_key
+        try:
+            self.collective.start(
+                round_id=r.id,
+                study_id=r.study_id,
+                number=r.number,
+                spec=spec,
+                tasks=tasks,
+                identities=keys,
+                on_done=lambda rid: self._spawn(self.finalize(rid)),
+                on_failed=lambda rid, reason: self._spawn(self._collective_failed(rid, reason)),
+            )
+        except ConfigError as exc:  # e.g. a participant without an enrolled key
+            self._spawn(self._collective_failed(r.id, f"the collective session cannot start: {exc}"))
+
+    async def _collective_failed(self, round_id: str, reason: str) -> None:
+        driver = self.collective.get(round_id)
+        self._close_collective_tasks(round_id, completed=False, reason=reason)
+        self.collective.discard(round_id, reason)
+        metrics = None
+        if driver is not None:  # the audit's session entry counts the calls made before the failure
+            metrics = {"session": {"calls": driver.relay.calls, "attempt": driver.config.attempt}}
+        self._fail(round_id, reason, metrics)
+
+    def _close_collective_tasks(self, round_id: str, *, completed: bool, reason: str) -> None:
+        """Every open task of the session closes at once: completed with the session, or failed with it."""
+        driver = self.collective.get(round_id)
+        attestations = driver.attestations if driver is not None else {}
+        status = TaskStatus.COMPLETED if completed else TaskStatus.FAILED
+        outcomes = {
+            t.id: (status, None if completed else reason, attestations.get(t.site))
+            for t in self.store.tasks_of_round(round_id)
+            if t.is_open
+        }
+        closed = set(self.store.close_tasks(outcomes, self.clock.now()))
+        if closed:
+            self._notify("tasks_closed", [t for t in self.store.tasks_of_round(round_id) if t.id in closed])
+
+    async def _finish_collective_round(self, study: StudyRow, r: RoundRow) -> None:
+        """The session round closes when its session ends (or at the round's deadline): its released result,
+        read by the recipe, becomes the round's and the study's metrics."""
+        driver = self.collective.get(r.id)
+        if driver is None or not driver.done:
+            reason = driver.ended if driver is not None and driver.ended else None
+            reason = reason or (
+                "the collective session did not finish by the round deadline"
+                + (f" ({driver.relay.calls} calls done)" if driver is not None else "")
+            )
+            await self._collective_failed(r.id, reason)
+            return
+        outcome = driver.outcome()
+        self._close_collective_tasks(r.id, completed=True, reason="")
+        self.collective.discard(r.id, "the session is complete")
+        session = {"calls": outcome.calls, "attempt": driver.config.attempt}
+        try:
+            result = finish_session(study.spec.recipe, outcome.released)
+        except (ValueError, FedHealthError) as exc:
+            self._fail(r.id, f"the session's result is unusable: {exc}", {"session": session})
+            return
+        metrics = {**result, "session": session}
+        self.store.finish_round(
+            r.id,
+            status=RoundStatus.COMPLETED,
+            reason=None,
+            when=self.clock.now(),
+            metrics=metrics,
+            study_status=StudyStatus.COMPLETED,
+        )
+        self._round_done(r.id, None)
+        log.info("study %s completed: collective session of %d calls", study.id, outcome.calls)
+        self._study_ended(study.id)
 
     async def _secure_failed(self, round_id: str, reason: str) -> None:
         self._close_secure_tasks(round_id, contributors=())
@@ -466,13 +569,14 @@ class RoundEngine:
         log.info("study %s completed (secure): %s", study.id, metrics)
         self._study_ended(study.id)
 
-    def _fail(self, round_id: str, reason: str) -> None:
+    def _fail(self, round_id: str, reason: str, metrics: dict[str, Any] | None = None) -> None:
         r = self.store.get_round(round_id)
         if r.status is RoundStatus.OPEN:
             self.store.finish_round(
                 round_id,
                 status=RoundStatus.FAILED,
                 reason=reason,
+                metrics=metrics,
                 when=self.clock.now(),
                 study_status=StudyStatus.FAILED,
                 study_reason=f"round {r.number}: {reason}",

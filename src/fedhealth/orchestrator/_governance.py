@@ -353,6 +353,8 @@ class GovernanceObserver(NullObserver):
             if t.attestation is not None and t.attestation.audit_head is not None
         }
         with self.log.batch():
+            if round_row.kind is TaskKind.COLLECTIVE:
+                self._session_ended(study, round_row, tasks)
             if version is not None:
                 self._release(
                     study,
@@ -367,6 +369,26 @@ class GovernanceObserver(NullObserver):
                 )
         if heads:
             self._refresh()
+
+    def _session_ended(self, study: StudyRow, round_row: RoundRow, tasks: list[TaskRow]) -> None:
+        """One entry per collective session, when it ends: who took part, when, how many collectives ran,
+        and how it ended (a session's calls are not audited one by one: there can be thousands)."""
+        session = (round_row.metrics or {}).get("session") or {}
+        self.log.append(
+            AuditEventType.SESSION_ENDED,
+            {
+                "study_id": study.id,
+                "round": round_row.number,
+                "sites": sorted(t.site for t in tasks),
+                "outcome": round_row.status.value,
+                "calls": int(session.get("calls", 0)),
+                "attempt": session.get("attempt"),
+                "started_at": round_row.started_at.isoformat(),
+                "ended_at": round_row.ended_at.isoformat() if round_row.ended_at else None,
+                "reason": round_row.reason,
+                "spec_hash": spec_hash(study.spec.model_dump(mode="json")),
+            },
+        )
 
     def _provenance(
         self, study: StudyRow, round_row: RoundRow, tasks: list[TaskRow], version: ModelVersion

@@ -6,12 +6,13 @@ limit done in a dependency comes after the body is in memory; an unauthenticated
 could then exhaust the orchestrator's memory. The gate therefore:
 
 1. classifies the route: a plain JSON request (64 KiB), a document (a study spec, a withdrawal notice:
-   4 MiB), or an upload (a site's update or secure-aggregation message: the ``--max-body-mb`` limit, and an
-   update is streamed to disk); a declared ``Content-Length`` over the limit gets 413 at once, and a body
-   without one is counted as it streams;
+   4 MiB), or an upload (a site's update, secure-aggregation message or collective call: the
+   ``--max-body-mb`` limit, and an update is streamed to disk); a declared ``Content-Length`` over the
+   limit gets 413 at once, and a body without one is counted as it streams;
 2. under mutual TLS, checks the connection's client certificate (a site's must be the one issued at its
    latest enrollment; a revoked site or user is refused);
-3. authenticates the bearer token of an agent or operator route (401/403) and takes one token from the
+3. authenticates the bearer token of an agent or operator route (401/403) and takes one token (a fiftieth
+   for a collective call, see ``COLLECTIVE_CALL_COST``) from the
    caller's rate bucket (429); login and enrollment routes are limited per client address instead.
 
 Only then does the route run (and read the body). The principal the gate authenticated rides in the request
@@ -69,8 +70,9 @@ class RateLimiter:
         self._max_keys = max_keys
         self._buckets: dict[str, _Bucket] = {}
 
-    def retry_after(self, key: str) -> float | None:
-        """Take one token for ``key``; None if allowed, else the seconds until one is available."""
+    def retry_after(self, key: str, cost: float = 1.0) -> float | None:
+        """Take ``cost`` tokens (one by default) for ``key``; None if allowed, else the seconds until they
+        are available."""
         if self.rate <= 0:
             return None
         now = self._clock()
@@ -81,10 +83,10 @@ class RateLimiter:
             bucket = self._buckets[key] = _Bucket(tokens=float(self.burst), updated=now)
         bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * self.rate)
         bucket.updated = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
+        if bucket.tokens >= cost:
+            bucket.tokens -= cost
             return None
-        return (1.0 - bucket.tokens) / self.rate
+        return (cost - bucket.tokens) / self.rate
 
     def _prune(self, now: float) -> None:
         full_after = self.burst / self.rate  # a bucket idle this long is full again: forgetting it is free
@@ -115,8 +117,14 @@ class BodyLimits:
         return self.json_bytes
 
 
-# updates, secure-aggregation stage messages, and the bandwidth probe of `fedhealth site check` (up to 32 MB)
-_UPLOADS = re.compile(r"^/api/v1/agent/(tasks/[^/]+/(result|secagg/[^/]+)|probe)$")
+# updates, secure-aggregation stage messages, collective calls, and the bandwidth probe of `fedhealth site
+# check` (up to 32 MB)
+_UPLOADS = re.compile(r"^/api/v1/agent/(tasks/[^/]+/(result|secagg/[^/]+|collective/[0-9]+)|probe)$")
+_COLLECTIVE = re.compile(r"^/api/v1/agent/tasks/[^/]+/collective/[0-9]+$")
+# A collective call takes this fraction of a rate token: a session makes hundreds of calls a second by
+# design, and paces itself (no site can send call i + 1 before every site sent call i), while the bucket
+# still bounds a site that loops on one call.
+COLLECTIVE_CALL_COST = 0.02
 _DOCUMENTS = frozenset(
     {
         "/api/v1/studies",
@@ -299,7 +307,8 @@ class RequestGate:
             if not _routed(scope):
                 return  # no such route: the router answers 404/405 (it reads no body)
             raise
-        _throttle(svc.limiter, f"{'site' if access is Access.AGENT else 'user'}:{principal.name}")
+        cost = COLLECTIVE_CALL_COST if _COLLECTIVE.match(path) else 1.0
+        _throttle(svc.limiter, f"{'site' if access is Access.AGENT else 'user'}:{principal.name}", cost)
         scope.setdefault("state", {})[PRINCIPAL] = principal
 
 
@@ -314,8 +323,8 @@ class _Throttled(Exception):
         self.wait = wait
 
 
-def _throttle(limiter: RateLimiter, key: str) -> None:
-    wait = limiter.retry_after(key)
+def _throttle(limiter: RateLimiter, key: str, cost: float = 1.0) -> None:
+    wait = limiter.retry_after(key, cost)
     if wait is not None:
         raise _Throttled(wait)
 

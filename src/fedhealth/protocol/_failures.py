@@ -39,6 +39,7 @@ class FailureCode(StrEnum):
     SECURE_ROUND_MISMATCH = "secure_round_mismatch"
     ALREADY_UNMASKED = "already_unmasked"
     SECURE_ROUND_REFUSED = "secure_round_refused"
+    COLLECTIVE_REFUSED = "collective_refused"
     REFUSED = "refused"  # a site rule without a code of its own here (newer agent, custom gate)
     # failures: the site could not do it
     DATASET_UNAVAILABLE = "dataset_unavailable"
@@ -92,6 +93,8 @@ _MESSAGES: dict[FailureCode, str] = {
     FailureCode.SECURE_ROUND_MISMATCH: "the secure round's set-up is not what the approved spec prescribes",
     FailureCode.ALREADY_UNMASKED: "the site already answered the unmask stage of this round",
     FailureCode.SECURE_ROUND_REFUSED: "the site refused the secure round's set-up",
+    FailureCode.COLLECTIVE_REFUSED: "the site stopped the collective session: a key, signature or result "
+    "failed its checks",
     FailureCode.REFUSED: "a rule of the site refused the task",
     FailureCode.DATASET_UNAVAILABLE: "the site's dataset for this study is not available",
     FailureCode.DATASET_INVALID: "the site's dataset does not fit the study (format, schema or values)",

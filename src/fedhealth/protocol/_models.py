@@ -15,11 +15,20 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from fedhealth.protocol._failures import FailureCode
-from fedhealth.secagg import default_degree, min_threshold, neighbourhood_problem, threshold_problem
+from fedhealth.secagg import (
+    default_degree,
+    min_threshold,
+    neighbourhood_problem,
+    participants_problem,
+    threshold_problem,
+)
 
 PROTOCOL_VERSION = 1
 # A secure task's SiteAttestation (base64 of its JSON) may ride on the site's first SecAgg+ message here.
 ATTESTATION_HEADER = "X-Fedhealth-Attestation"
+# A collective call names its session's attempt here: a call of an earlier attempt (from before an
+# orchestrator restart) gets 410 instead of reaching the new session's relay.
+SESSION_HEADER = "X-Fedhealth-Session"
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$", description="lowercase name")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -250,6 +259,44 @@ def _plan(spec: StudySpec, kind: TaskKind) -> SecureRoundPlan | str:
     )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CollectivePlan:
+    """What the approved spec says a collective session must look like: exactly these participants (the
+    spec's training sites, sorted; sites[0] leads), these identity-key fingerprints, this collusion bound.
+    The orchestrator builds the session from it and each site checks the session against it."""
+
+    sites: tuple[str, ...]
+    site_keys: dict[str, str]
+    collusion: int
+    call_timeout_s: float  # a participant that has not sent a call this long after the first one is lost
+
+    @property
+    def leader(self) -> str:
+        return self.sites[0]
+
+
+def collective_plan(spec: StudySpec) -> CollectivePlan:
+    """The collective session a spec prescribes (raises ValueError, with the reason, when it cannot hold one:
+    no ``secure_aggregation`` to bind the participants' keys, fewer than 3 sites, too many colluders)."""
+    sa = spec.secure_aggregation
+    if sa is None:
+        raise ValueError(
+            "a collective study needs secure_aggregation with every site's identity-key fingerprint "
+            "(site_keys): each site checks the session's participants and keys against it"
+        )
+    sites = tuple(sorted(spec.train_sites))
+    collusion = sa.collusion if sa.collusion is not None else len(sites) // 3
+    problem = participants_problem(len(sites), collusion)
+    if problem is not None:
+        raise ValueError(problem)
+    return CollectivePlan(
+        sites=sites,
+        site_keys={s: sa.site_keys[s] for s in sites},
+        collusion=collusion,
+        call_timeout_s=sa.stage_timeout_s,
+    )
+
+
 def secure_round_plan(spec: StudySpec, kind: TaskKind) -> SecureRoundPlan:
     """The SecAgg+ set-up the spec prescribes for rounds of ``kind`` (raises ValueError if it has none; a
     validated :class:`StudySpec` with ``secure_aggregation`` always has one)."""
@@ -356,6 +403,7 @@ class RoundStatus(StrEnum):
 class TaskKind(StrEnum):
     TRAIN = "train"
     EVALUATE = "evaluate"
+    COLLECTIVE = "collective"  # a site's part in a collective session (one per site, round 1)
 
 
 class TaskStatus(StrEnum):
@@ -460,6 +508,16 @@ class SecureRoundInfo(Message):
     attempt: str
 
 
+class CollectiveSessionInfo(Message):
+    """How a site joins a collective session: its participants (each site checks them against the approved
+    spec's :func:`collective_plan`), their Ed25519 identity keys as enrolled, and the session's attempt id
+    (bound, with the study, round and spec hash, into every key the session derives)."""
+
+    sites: list[Name]
+    peer_keys: dict[Name, str]
+    attempt: Annotated[str, Field(min_length=1, max_length=64)]
+
+
 class Task(Message):
     """A unit of work for one site, delivered by long-poll. ``spec`` is the whole study spec, so the site can
     hash it and check its data steward's approval."""
@@ -488,6 +546,7 @@ class Task(Message):
         default_factory=list, description="rounds to anchor at the site"
     )
     secure_round: SecureRoundInfo | None = None
+    collective: CollectiveSessionInfo | None = None
 
 
 class TaskPoll(Message):

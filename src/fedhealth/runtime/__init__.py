@@ -5,6 +5,13 @@ It sits between the two services and the domain packages so that the orchestrato
 definition of a round, and so that tests can drive a whole round in memory.
 """
 
+from fedhealth.runtime._collective import (
+    finish_session,
+    is_collective,
+    run_collective_in_memory,
+    run_site_program,
+    session_context,
+)
 from fedhealth.runtime._memory import InMemoryResult, run_study_in_memory
 from fedhealth.runtime._privacy import (
     REPRODUCIBLE_NOISE_ENV,
@@ -74,7 +81,9 @@ __all__ = [
     "encode_contribution",
     "encode_update",
     "evaluate_on_site",
+    "finish_session",
     "initial_model",
+    "is_collective",
     "noise_multiplier",
     "param_specs",
     "planned_epsilon",
@@ -83,10 +92,13 @@ __all__ = [
     "recipe_capabilities",
     "recipe_spec",
     "reproducible_noise_enabled",
+    "run_collective_in_memory",
+    "run_site_program",
     "run_study_in_memory",
     "sample_rate",
     "secure_codec",
     "server_step",
+    "session_context",
     "site_level_epsilon",
     "site_weight",
     "strategy_config",

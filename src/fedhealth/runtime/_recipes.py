@@ -21,7 +21,7 @@ from fedhealth.learning import (
     ResolvedRecipe,
     resolve_recipe,
 )
-from fedhealth.protocol import RecipeSpec, StudySpec
+from fedhealth.protocol import RecipeSpec, StudySpec, collective_plan
 
 Params = dict[str, np.ndarray]
 
@@ -40,15 +40,23 @@ def recipe_capabilities(recipe: RecipeSpec) -> RecipeCapabilities:
 def check_recipe(spec: StudySpec) -> ResolvedRecipe:
     """Refuse a study whose recipe this installation cannot run as specified (:class:`RecipeError`): unknown
     name or version, params its model refuses, a combination pattern the services do not run, secure
-    aggregation of a recipe that cannot be summed securely. Privacy is :func:`check_privacy`'s. The
-    orchestrator runs it at submission, each site before it reads any data."""
+    aggregation of a recipe that cannot be summed securely, a collective session the spec cannot hold
+    (:func:`~fedhealth.protocol.collective_plan`: its site keys, at least 3 sites). Privacy is
+    :func:`check_privacy`'s. The orchestrator runs it at submission, each site before it reads any data."""
     recipe = study_recipe(spec.recipe)
+    if recipe.pattern is CombinationPattern.COLLECTIVE:
+        # one session over exactly the spec's sites, their keys bound by the spec (every sum is masked)
+        try:
+            collective_plan(spec)
+        except ValueError as exc:
+            raise RecipeError(
+                f"secure_aggregation: recipe {recipe.name!r} runs a collective session: {exc}"
+            ) from None
+        return recipe
     if recipe.pattern is not CombinationPattern.ROUNDS:
-        # Collective sessions (issue 11, item 3) plug in here: until the round engine runs them, such a
-        # study is refused up front instead of failing at its first task.
         raise RecipeError(
-            f"recipe.name: recipe {recipe.name!r} runs as a {recipe.pattern.value} session, which this "
-            "orchestrator does not run yet; only recipes combined in rounds"
+            f"recipe.name: recipe {recipe.name!r} is combined as {recipe.pattern.value!r}, which this "
+            "orchestrator does not run"
         )
     if spec.secure_aggregation is not None and not recipe.capabilities.secure_sum:
         raise RecipeError(

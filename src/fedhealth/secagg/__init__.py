@@ -31,10 +31,17 @@ Driving it over HTTPS:
   safetensors (:meth:`MaskedInput.to_safetensors`, tensor ``masked_input``, uint32).
 - Values: build the round with ``vector_length=codec.length`` and a :class:`VectorCodec` whose
   ``max_contributors`` is the number of sites, so the sum cannot wrap.
+
+Collective sessions (many short synchronous collectives over a fixed set of sites inside one task) are the
+package's second protocol: :class:`CollectiveSite` and :class:`CollectiveRelay`, fixed point in the 2^64 ring
+(:func:`encode_fixed`), pairwise masks fresh per call and no dropout recovery (``_collective.py`` describes
+it).
 """
 
 from fedhealth.secagg._client import KeyReuseGuard, SecAggClient
 from fedhealth.secagg._codec import Segment, SegmentKind, VectorCodec
+from fedhealth.secagg._collective import CollectiveSite
+from fedhealth.secagg._collective_relay import CollectiveRelay
 from fedhealth.secagg._config import (
     PROTOCOL_VERSION,
     NeighbourhoodGraph,
@@ -54,6 +61,7 @@ from fedhealth.secagg._errors import (
     SecAggProtocolError,
     SecAggSecurityError,
 )
+from fedhealth.secagg._fixedpoint import FixedPointRangeError, decode_fixed, encode_fixed, value_bound
 from fedhealth.secagg._messages import (
     ClientMessage,
     ConsistencyRequest,
@@ -73,20 +81,45 @@ from fedhealth.secagg._messages import (
     decode_message,
 )
 from fedhealth.secagg._server import AggregateResult, SecAggServer
+from fedhealth.secagg._session import (
+    COLLECTIVE_PROTOCOL,
+    SETUP_INDEX,
+    CallBuffer,
+    CollectiveConfig,
+    CollectiveOp,
+    SessionAdvert,
+    SessionFailedError,
+    SessionFailure,
+    decode_call,
+    encode_call,
+    participants_problem,
+)
+from fedhealth.secagg._session import (
+    MIN_SITES as COLLECTIVE_MIN_SITES,
+)
 from fedhealth.secagg._simulate import InMemoryRound, RoundReport, run_in_memory, simulate_round
 from fedhealth.secagg._stages import CLIENT_TRANSITIONS, SERVER_TRANSITIONS, ClientAction, ServerAction, Stage
 
 __all__ = [
     "CLIENT_TRANSITIONS",
+    "COLLECTIVE_MIN_SITES",
+    "COLLECTIVE_PROTOCOL",
     "PROTOCOL_VERSION",
     "SERVER_TRANSITIONS",
+    "SETUP_INDEX",
     "AggregateResult",
+    "CallBuffer",
     "ClientAction",
     "ClientMessage",
+    "CollectiveConfig",
+    "CollectiveOp",
+    "CollectiveRelay",
+    "CollectiveSite",
     "ConsistencyRequest",
     "ConsistencySignature",
     "EncryptedShares",
     "FailureReason",
+    "FixedPointRangeError",
     "InMemoryRound",
     "KeyAdvertisement",
     "KeyDirectory",
@@ -106,6 +139,9 @@ __all__ = [
     "SegmentKind",
     "ServerAction",
     "ServerMessage",
+    "SessionAdvert",
+    "SessionFailedError",
+    "SessionFailure",
     "ShareBox",
     "ShareBundle",
     "ShareKind",
@@ -114,14 +150,20 @@ __all__ = [
     "UnmaskRequest",
     "UnmaskResponse",
     "VectorCodec",
+    "decode_call",
+    "decode_fixed",
     "decode_message",
     "default_degree",
+    "encode_call",
+    "encode_fixed",
     "graph_for",
     "min_degree",
     "min_threshold",
     "neighbourhood_problem",
+    "participants_problem",
     "run_in_memory",
     "simulate_round",
     "sparse_share_threshold",
     "threshold_problem",
+    "value_bound",
 ]

@@ -3,8 +3,10 @@ loopback) for the demo, the end-to-end tests and the benchmarks."""
 
 from fedhealth.sim._bench import (
     FLAMBY_HEART_DISEASE,
+    CollectiveBenchmark,
     MethodResult,
     RoundBenchmark,
+    benchmark_collective,
     benchmark_heart_disease,
     benchmark_rounds,
 )
@@ -12,10 +14,12 @@ from fedhealth.sim._federation import FederationError, LocalFederation
 
 __all__ = [
     "FLAMBY_HEART_DISEASE",
+    "CollectiveBenchmark",
     "FederationError",
     "LocalFederation",
     "MethodResult",
     "RoundBenchmark",
+    "benchmark_collective",
     "benchmark_heart_disease",
     "benchmark_rounds",
 ]

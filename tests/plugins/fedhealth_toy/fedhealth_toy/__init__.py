@@ -1,4 +1,5 @@
-"""A third-party recipe as a hospital would write one: nearest class centroid, combined in rounds.
+"""Third-party recipes as a hospital would write them: nearest class centroid, combined in rounds, and the
+pooled feature means, as a collective session (below).
 
 It lives outside fedhealth's source tree and uses only fedhealth's public API. Its distribution metadata
 (``fedhealth_toy-0.1.dist-info`` beside this package) registers it under the entry-point group
@@ -13,12 +14,15 @@ patient is predicted positive when nearer ``centroid_1``.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from fedhealth.core import InputError, TensorSpec
 from fedhealth.data import TabularDataset
 from fedhealth.learning import (
+    Collectives,
     CombinationPattern,
     DataSchema,
     DpLevel,
@@ -27,6 +31,8 @@ from fedhealth.learning import (
     RecipeCapabilities,
     RecordDp,
     ReferenceStep,
+    SessionContext,
+    SiteSessionOutcome,
     TemplateParam,
     TrainResult,
 )
@@ -136,3 +142,60 @@ class CentroidRecipe:
 
 
 RECIPE = CentroidRecipe()
+
+
+# --- a collective recipe -----------------------------------------------------------------------------------
+
+
+class MeanParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_features: int = Field(ge=1, le=100_000)
+
+
+class FeatureMeanRecipe:
+    """The pooled mean of every feature over the sites' training rows, as one collective session: each site
+    secure-sums its per-feature sums and its row count, and the leader broadcasts the means (the only thing
+    released). Combined as a collective session, not in rounds."""
+
+    name = "toy-mean"
+    version = "1"
+    params_model = MeanParams
+    pattern = CombinationPattern.COLLECTIVE
+    capabilities = RecipeCapabilities(reads_data=True)
+
+    def data_schema(self, params: MeanParams) -> DataSchema:
+        return DataSchema(n_features=params.n_features)
+
+    def describe(self, params: MeanParams) -> str:
+        return f"the pooled mean of {params.n_features} features (each site sends masked sums and its count)"
+
+    def template(self, n_features: int | None) -> list[TemplateParam]:
+        return [TemplateParam(key="n_features", value=n_features or 30, comment="the dataset's width")]
+
+    def reference_step(self) -> ReferenceStep:
+        X = np.random.default_rng(0).normal(size=(5000, 30))
+
+        def run() -> None:
+            X.sum(axis=0)
+
+        return ReferenceStep(run=run, note="column sums of 5000 x 30")
+
+    def run_site(
+        self, params: MeanParams, dataset: TabularDataset | None, session: Collectives, ctx: SessionContext
+    ) -> SiteSessionOutcome:
+        X = _data(dataset).X_train.astype(np.float64)
+        totals = session.secure_sum(np.concatenate([X.sum(axis=0), [X.shape[0]]]))
+        means = (totals[:-1] / totals[-1]).tolist()
+        leader = session.site == session.sites[0]
+        session.broadcast(json.dumps({"means": means, "rows": int(totals[-1])}).encode() if leader else None)
+        return SiteSessionOutcome(record={"rows_here": int(X.shape[0])})
+
+    def finish(self, params: MeanParams, released: bytes) -> dict[str, JsonValue]:
+        result = json.loads(released)
+        if not isinstance(result, dict) or len(result.get("means", ())) != params.n_features:
+            raise ValueError("the released means do not match the study's features")
+        return result
+
+
+MEAN_RECIPE = FeatureMeanRecipe()
