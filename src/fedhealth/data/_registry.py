@@ -3,19 +3,31 @@
     builtin://heart-disease/<0-3>                 Fed-Heart-Disease (FLamby protocol, downloads if absent)
     builtin://heart-disease/pooled[?scaling=per-center|global]
     builtin://breast-cancer/<i>?sites=4&seed=0    site i of the offline breast-cancer federation
-    file:///abs/path.csv?label=<col>[&id=<col>][&test_fraction=0.3][&seed=0][&standardize=true]
+    file:///abs/path.csv?label=<col>[&id=<col>]   a CSV or Parquet file (by extension, or format=csv|parquet)
+    sql+<sqlalchemy-url>?table=<t>|query=<q>&...  a table or read-only query of any SQLAlchemy database
+    omop+<sqlalchemy-url>?definition=/abs/cohort.toml&...   an OMOP CDM v5.4 cohort (see ``_omop``)
+    fhir+https://server/fhir?mapping=/abs/mapping.toml&...  a FHIR R4 server (see ``_fhir``)
 
-A new source (SQL/OMOP, FHIR, DICOM) is a class with ``open(uri, data_dir) -> TabularDataset``
-registered under its scheme with :func:`register_connector`; the site agent only ever calls
-:func:`open_dataset`. Every URI is parsed and its parameters checked (unknown ones are refused) before any
-data is read.
+Every tabular source also takes ``schema=/abs/schema.toml`` (see ``_schema``), ``test_fraction=0.3``,
+``seed=0`` and ``standardize=true``. A scheme ``a+b`` is served by the connector registered for ``a`` when no
+connector is registered for ``a+b`` itself.
+
+Secrets never appear in a message: a password in the URI's user part (``postgresql://user:pw@host/db``)
+and the values of ``password=`` and ``token=`` are kept apart from :attr:`DatasetURI.raw`, which shows them
+as ``***``; ``password_env=NAME`` and ``token_env=NAME`` read them from the environment instead.
+
+A new source (DICOM, ...) is a class with ``open(uri, data_dir) -> TabularDataset`` registered under its
+scheme with :func:`register_connector`; the site agent only ever calls :func:`open_dataset`. Every URI is
+parsed and its parameters checked (unknown ones are refused) before any data is read.
 """
 
 from __future__ import annotations
 
+import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Protocol
@@ -24,46 +36,83 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from fedhealth.core import ConfigError
 from fedhealth.core import data_dir as default_data_dir
 from fedhealth.data._breast_cancer import breast_cancer_federation
-from fedhealth.data._csv import CsvOptions, read_csv_dataset
 from fedhealth.data._dataset import TabularDataset
+from fedhealth.data._files import FileFormat, read_file_table
 from fedhealth.data._heart_disease import HEART_DISEASE_CENTERS, PooledScaling, load_heart_disease
+from fedhealth.data._quality import QualityReport, dataset_quality, table_quality
+from fedhealth.data._schema import DatasetSchema, load_schema
+from fedhealth.data._table import ParsedTable, SourceTable, TableOptions, build_dataset, parse_table
+
+# query parameters whose values are secrets: kept out of DatasetURI.raw and every message
+SECRET_PARAMS = frozenset({"password", "token"})
+REDACTED = "***"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DatasetURI:
-    """A parsed dataset URI: ``scheme://host/path?key=value&...`` with unique keys."""
+    """A parsed dataset URI: ``scheme://host/path?key=value&...`` with unique keys.
+
+    ``raw``, ``host`` and ``params`` show secrets as ``***``; the secrets themselves are only in
+    ``password`` (the user part's) and :meth:`secret` (``password=``, ``token=``), left out of ``repr``.
+    """
 
     raw: str
     scheme: str
     host: str
     path: str
     params: Mapping[str, str]
+    password: str | None = field(default=None, repr=False)
+    secrets: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
 
     @classmethod
     def parse(cls, uri: str) -> DatasetURI:
+        shown = redact_uri(uri)
         try:
             parts = urlsplit(uri)
             pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+            password = parts.password
         except ValueError as exc:
-            raise ConfigError(f"dataset URI {uri!r} is malformed: {exc}") from exc
+            # the message of urllib may quote the URI: say only what was wrong with the redacted one
+            raise ConfigError(f"dataset URI {shown!r} is malformed") from exc
         if not parts.scheme:
             raise ConfigError(
-                f"dataset URI {uri!r} has no scheme (expected e.g. builtin://... or file:///...)"
+                f"dataset URI {shown!r} has no scheme (expected e.g. builtin://... or file:///...)"
             )
         if parts.fragment:
-            raise ConfigError(f"dataset URI {uri!r}: fragments (#...) are not supported")
+            raise ConfigError(f"dataset URI {shown!r}: fragments (#...) are not supported")
         params: dict[str, str] = {}
+        secrets: dict[str, str] = {}
         for key, value in pairs:
             if key in params:
-                raise ConfigError(f"dataset URI {uri!r} repeats the parameter {key!r}")
+                raise ConfigError(f"dataset URI {shown!r} repeats the parameter {key!r}")
+            if key in SECRET_PARAMS:
+                secrets[key] = value
+                value = REDACTED
             params[key] = value
         return cls(
-            raw=uri,
+            raw=shown,
             scheme=parts.scheme.lower(),
-            host=parts.netloc,
+            host=_redacted_netloc(parts.netloc),
             path=parts.path,
             params=MappingProxyType(params),
+            password=unquote(password) if password is not None else None,
+            secrets=MappingProxyType(secrets),
         )
+
+    def secret(self, key: str, *, env_key: str) -> str | None:
+        """A secret given as ``key=value`` (kept in the site's 0600 registry) or as ``env_key=NAME`` (read
+        from that environment variable now); None if neither. Both at once is refused."""
+        given, env = self.secrets.get(key), self.params.get(env_key)
+        if given is not None and env is not None:
+            raise ConfigError(f"dataset URI {self.raw!r}: give {key}= or {env_key}=, not both")
+        if env is None:
+            return given
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError(
+                f"dataset URI {self.raw!r}: {env_key}={env} names an environment variable that is not set"
+            )
+        return value
 
     def check_params(self, allowed: AbstractSet[str], required: AbstractSet[str] = frozenset()) -> None:
         unknown = sorted(self.params.keys() - allowed)
@@ -114,10 +163,79 @@ class DatasetURI:
         raise ConfigError(f"dataset URI {self.raw!r}: {key}={text!r} is not a boolean (true/false)")
 
 
+def _redacted_netloc(netloc: str) -> str:
+    userinfo, at, hostport = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return netloc
+    return f"{userinfo.split(':', 1)[0]}:{REDACTED}@{hostport}"
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with the user part's password and secret parameters' values shown as ``***`` (for every
+    message, listing and log line that shows a dataset URI)."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<a malformed URI>"
+    netloc = _redacted_netloc(parts.netloc)
+    query = parts.query
+    if query:
+        pieces = []
+        for piece in query.split("&"):
+            key = unquote(piece.split("=", 1)[0].replace("+", " "))
+            pieces.append(f"{piece.split('=', 1)[0]}={REDACTED}" if key in SECRET_PARAMS else piece)
+        query = "&".join(pieces)
+    scheme = f"{parts.scheme}://" if parts.scheme else ""
+    tail = (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    return f"{scheme}{netloc}{parts.path}{tail}"
+
+
 class Connector(Protocol):
     """Opens the datasets of one URI scheme."""
 
     def open(self, uri: DatasetURI, data_dir: Path) -> TabularDataset: ...
+
+
+# the parameters every tabular connector takes, beside its own
+TABLE_PARAMS = frozenset({"label", "id", "schema", "test_fraction", "seed", "standardize"})
+
+
+def table_options(uri: DatasetURI, *, label_required: bool = False) -> TableOptions:
+    """The shared parameters of a tabular source: roles, a declared schema, the split and scaling."""
+    schema: DatasetSchema | None = None
+    schema_path = uri.params.get("schema")
+    if schema_path is not None:
+        path = Path(schema_path)
+        if not path.is_absolute():
+            raise ConfigError(f"dataset URI {uri.raw!r}: schema={schema_path!r} must be an absolute path")
+        schema = load_schema(path)
+    if label_required and "label" not in uri.params and schema is None:
+        raise ConfigError(f"dataset URI {uri.raw!r}: missing required parameter(s) ['label']")
+    return TableOptions(
+        label=uri.params.get("label"),
+        id_column=uri.params.get("id"),
+        schema=schema,
+        test_fraction=uri.float_param("test_fraction", 0.3, low=0.0, high_exclusive=1.0),
+        seed=uri.int_param("seed", 0, low=0, high=2**32 - 1),
+        standardize=uri.bool_param("standardize", True),
+    )
+
+
+class TabularConnector(ABC):
+    """A connector whose source is a table: it reads a :class:`SourceTable`; parsing, ordering, splitting,
+    filling, encoding and scaling are shared (``_table``), and so is the quality report."""
+
+    @abstractmethod
+    def read(self, uri: DatasetURI, data_dir: Path) -> tuple[SourceTable, TableOptions]:
+        """Check the URI's parameters, then read the source's table."""
+
+    def parse(self, uri: DatasetURI, data_dir: Path) -> tuple[ParsedTable, TableOptions]:
+        source, options = self.read(uri, data_dir)
+        return parse_table(source, options), options
+
+    def open(self, uri: DatasetURI, data_dir: Path) -> TabularDataset:
+        parsed, options = self.parse(uri, data_dir)
+        return build_dataset(parsed, options)
 
 
 BuiltinOpener = Callable[[DatasetURI, str, Path], TabularDataset]
@@ -178,10 +296,11 @@ def _open_breast_cancer(uri: DatasetURI, part: str, data_dir: Path) -> TabularDa
     return breast_cancer_federation(n_sites, seed)[site]
 
 
-class CsvConnector:
-    """``file:///absolute/path.csv?label=<col>``: a local CSV file (see :class:`CsvOptions`)."""
+class FileConnector(TabularConnector):
+    """``file:///absolute/path.csv?label=<col>``: a local CSV or Parquet file, by its extension or
+    ``format=csv|parquet``. The label comes from ``label=`` or the declared schema."""
 
-    def open(self, uri: DatasetURI, data_dir: Path) -> TabularDataset:
+    def read(self, uri: DatasetURI, data_dir: Path) -> tuple[SourceTable, TableOptions]:
         del data_dir  # the URI carries an absolute path
         if uri.host not in ("", "localhost"):
             raise ConfigError(
@@ -190,15 +309,24 @@ class CsvConnector:
         path = Path(unquote(uri.path))
         if not path.is_absolute():
             raise ConfigError(f"dataset URI {uri.raw!r}: the file path must be absolute")
-        uri.check_params({"label", "id", "test_fraction", "seed", "standardize"}, {"label"})
-        options = CsvOptions(
-            label=uri.params["label"],
-            id_column=uri.params.get("id"),
-            test_fraction=uri.float_param("test_fraction", 0.3, low=0.0, high_exclusive=1.0),
-            seed=uri.int_param("seed", 0, low=0, high=2**32 - 1),
-            standardize=uri.bool_param("standardize", True),
-        )
-        return read_csv_dataset(path, options)
+        uri.check_params(TABLE_PARAMS | {"format"})
+        options = table_options(uri, label_required=True)
+        text = uri.params.get("format")
+        if text is not None:
+            try:
+                fmt: FileFormat | None = FileFormat(text)
+            except ValueError:
+                allowed = [f.value for f in FileFormat]
+                raise ConfigError(
+                    f"dataset URI {uri.raw!r}: format={text!r} is not one of {allowed}"
+                ) from None
+        else:
+            fmt = FileFormat.of(path) or FileFormat.CSV
+        assert fmt is not None
+        return read_file_table(path, fmt), options
+
+
+CsvConnector = FileConnector  # the name before Parquet files were read too
 
 
 class ConnectorRegistry:
@@ -217,14 +345,54 @@ class ConnectorRegistry:
     def schemes(self) -> tuple[str, ...]:
         return tuple(sorted(self._connectors))
 
-    def open(self, uri: str, data_dir: Path | str | None = None) -> TabularDataset:
-        parsed = DatasetURI.parse(uri)
-        connector = self._connectors.get(parsed.scheme)
+    def connector(self, parsed: DatasetURI) -> Connector:
+        """The connector for ``a+b``: the one registered for ``a+b``, else for ``a``."""
+        connector = self._connectors.get(parsed.scheme) or self._connectors.get(
+            parsed.scheme.split("+", 1)[0]
+        )
         if connector is None:
             raise ConfigError(
-                f"no connector for scheme {parsed.scheme!r} in {uri!r}; known schemes: {list(self.schemes)}"
+                f"no connector for scheme {parsed.scheme!r} in {parsed.raw!r}; "
+                f"known schemes: {list(self.schemes)}"
             )
-        return connector.open(parsed, Path(data_dir) if data_dir is not None else default_data_dir())
+        return connector
+
+    def open(self, uri: str, data_dir: Path | str | None = None) -> TabularDataset:
+        parsed = DatasetURI.parse(uri)
+        return self.connector(parsed).open(parsed, _folder(data_dir))
+
+    def inspect(self, uri: str, data_dir: Path | str | None = None) -> DatasetInspection:
+        """Open a dataset and describe it for its site: the dataset, its schema and a quality report."""
+        parsed = DatasetURI.parse(uri)
+        connector = self.connector(parsed)
+        if isinstance(connector, TabularConnector):
+            table, options = connector.parse(parsed, _folder(data_dir))
+            return DatasetInspection(
+                dataset=build_dataset(table, options),
+                schema=table.schema,
+                schema_inferred=table.inferred,
+                ignored_columns=table.ignored,
+                quality=table_quality(table),
+            )
+        dataset = connector.open(parsed, _folder(data_dir))
+        return DatasetInspection(dataset=dataset, schema=None, quality=dataset_quality(dataset))
+
+
+def _folder(data_dir: Path | str | None) -> Path:
+    return Path(data_dir) if data_dir is not None else default_data_dir()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatasetInspection:
+    """What a site learns about one of its datasets when it checks it (never sent anywhere): the dataset,
+    the schema it was read with (None for a builtin dataset), whether that schema was inferred, the source's
+    columns no feature reads, and the data-quality report."""
+
+    dataset: TabularDataset
+    schema: DatasetSchema | None
+    quality: QualityReport
+    schema_inferred: bool = False
+    ignored_columns: tuple[str, ...] = ()
 
 
 BUILTIN_DATASETS = BuiltinConnector()
@@ -233,7 +401,7 @@ BUILTIN_DATASETS.add("breast-cancer", _open_breast_cancer)
 
 DEFAULT_REGISTRY = ConnectorRegistry()
 DEFAULT_REGISTRY.register("builtin", BUILTIN_DATASETS)
-DEFAULT_REGISTRY.register("file", CsvConnector())
+DEFAULT_REGISTRY.register("file", FileConnector())
 
 
 def register_connector(scheme: str, connector: Connector, *, replace: bool = False) -> None:
@@ -244,3 +412,8 @@ def register_connector(scheme: str, connector: Connector, *, replace: bool = Fal
 def open_dataset(uri: str, data_dir: Path | str | None = None) -> TabularDataset:
     """Open the dataset a URI names (see the module docstring for the URI forms)."""
     return DEFAULT_REGISTRY.open(uri, data_dir)
+
+
+def inspect_dataset(uri: str, data_dir: Path | str | None = None) -> DatasetInspection:
+    """Open the dataset a URI names with its schema and quality report (for the site's own eyes)."""
+    return DEFAULT_REGISTRY.inspect(uri, data_dir)
