@@ -7,6 +7,14 @@ fingerprint. Nothing here trains models or talks to the orchestrator.
 """
 
 from fedhealth.data._breast_cancer import breast_cancer_federation
+from fedhealth.data._connector import (
+    TABLE_PARAMS,
+    Connector,
+    DatasetURI,
+    TabularConnector,
+    redact_uri,
+    table_options,
+)
 from fedhealth.data._dataset import (
     FillRule,
     Imputation,
@@ -18,7 +26,15 @@ from fedhealth.data._dataset import (
     standardize,
 )
 from fedhealth.data._download import download_verified, verify_md5
-from fedhealth.data._errors import NonNumericColumnError, SchemaError
+from fedhealth.data._errors import (
+    CredentialsRefusedError,
+    NonNumericColumnError,
+    SchemaError,
+    SourceUnavailableError,
+    UnitMismatchError,
+    UnsafeQueryError,
+)
+from fedhealth.data._fhir import FhirClient, FhirConnector, FhirMapping, fetch_consents, load_mapping
 from fedhealth.data._files import CsvOptions, FileFormat, read_csv_dataset, read_file_table
 from fedhealth.data._heart_disease import (
     HEART_DISEASE_BASE_URL,
@@ -31,23 +47,18 @@ from fedhealth.data._heart_disease import (
     heart_disease_records,
     load_heart_disease,
 )
+from fedhealth.data._omop import OmopConnector, OmopDefinition, compile_cohort_query, load_definition
 from fedhealth.data._quality import ColumnQuality, QualityReport, dataset_quality, table_quality
 from fedhealth.data._registry import (
     BUILTIN_DATASETS,
-    TABLE_PARAMS,
     BuiltinConnector,
-    Connector,
     ConnectorRegistry,
     CsvConnector,
     DatasetInspection,
-    DatasetURI,
     FileConnector,
-    TabularConnector,
     inspect_dataset,
     open_dataset,
-    redact_uri,
     register_connector,
-    table_options,
 )
 from fedhealth.data._schema import (
     CategoricalColumn,
@@ -60,6 +71,7 @@ from fedhealth.data._schema import (
     load_schema,
     parse_schema,
 )
+from fedhealth.data._sql import SqlConnector, check_read_only_sql
 from fedhealth.data._table import (
     ParsedColumn,
     ParsedTable,
@@ -81,6 +93,7 @@ __all__ = [
     "ColumnQuality",
     "Connector",
     "ConnectorRegistry",
+    "CredentialsRefusedError",
     "CsvConnector",
     "CsvOptions",
     "DatasetInspection",
@@ -88,6 +101,9 @@ __all__ = [
     "DatasetURI",
     "DateColumn",
     "DateUnit",
+    "FhirClient",
+    "FhirConnector",
+    "FhirMapping",
     "FileConnector",
     "FileFormat",
     "FillRule",
@@ -97,6 +113,8 @@ __all__ = [
     "MissingPolicy",
     "NonNumericColumnError",
     "NumericColumn",
+    "OmopConnector",
+    "OmopDefinition",
     "ParsedColumn",
     "ParsedTable",
     "PooledScaling",
@@ -104,20 +122,29 @@ __all__ = [
     "Scaling",
     "SchemaError",
     "SourceTable",
+    "SourceUnavailableError",
+    "SqlConnector",
     "TableOptions",
     "TabularConnector",
     "TabularDataset",
+    "UnitMismatchError",
+    "UnsafeQueryError",
     "UnseenPolicy",
     "breast_cancer_federation",
     "build_dataset",
+    "check_read_only_sql",
+    "compile_cohort_query",
     "dataset_fingerprint",
     "dataset_quality",
     "download_verified",
+    "fetch_consents",
     "fit_scaling",
     "heart_disease_file",
     "heart_disease_records",
     "inspect_dataset",
+    "load_definition",
     "load_heart_disease",
+    "load_mapping",
     "load_schema",
     "open_dataset",
     "parse_schema",
