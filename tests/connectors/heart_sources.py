@@ -356,12 +356,12 @@ window = [-365, 0]
 
 def create_cdm(engine: sa.Engine, schema: str) -> None:
     """The eight CDM tables, from the official DDL subset, in ``schema``."""
-    ddl = DDL.read_text().replace("@cdmDatabaseSchema", f'"{schema}"')
+    text = DDL.read_text().replace("@cdmDatabaseSchema", f'"{schema}"')
+    ddl = "\n".join(line for line in text.splitlines() if not line.strip().startswith("--"))
     with engine.begin() as conn:
         for statement in ddl.split(";"):
-            body = "\n".join(line for line in statement.splitlines() if not line.strip().startswith("--"))
-            if body.strip():
-                conn.exec_driver_sql(body)
+            if statement.strip():
+                conn.exec_driver_sql(statement)
 
 
 def omop_rows(people: Sequence[Patient]) -> dict[str, list[dict[str, Any]]]:
@@ -435,7 +435,8 @@ def omop_rows(people: Sequence[Patient]) -> dict[str, list[dict[str, Any]]]:
                         "unit_concept_id": unit,
                     }
                 )
-        findings = [FBS] * p.fbs + [CP[p.cp]] * (p.cp in CP) + [RESTECG[p.restecg]] * (p.restecg in RESTECG)
+        findings = [FBS] * p.fbs + [CP[p.cp] for _ in [1] if p.cp in CP]
+        findings += [RESTECG[p.restecg] for _ in [1] if p.restecg in RESTECG]
         for concept in findings:
             rows["condition_occurrence"].append(
                 _condition(next(counter), pid, concept, INDEX - timedelta(days=16))

@@ -341,7 +341,8 @@ def compile_cohort_query(
     definition: OmopDefinition, tables: dict[str, sa.Table], dialect: str
 ) -> tuple[sa.Select[Any], list[tuple[Feature, str]]]:
     """The query: one row per cohort member with ``person_key``, each feature, the label (and, for each
-    latest value whose unit is checked, a ``<feature>__unit`` column)."""
+    latest value whose unit is checked, ``<feature>__bad``: how many values in the window carry another
+    unit, and ``<feature>__unit``: one of those units)."""
     dates = _Dates(dialect)
     cohort = definition.cohort
     person, period = tables["person"], tables["observation_period"]
@@ -421,11 +422,23 @@ def compile_cohort_query(
                 value = sa.case((value > 0, 1), else_=0)
             columns.append(value.label(feature.name))
             continue
+        checks: list[sa.ColumnElement[Any]] = []
+        if feature.unit_concept_ids:
+            # every value in the window is checked, not only the latest: mixed units are a data problem
+            declared = t.c.unit_concept_id.in_(feature.unit_concept_ids)
+            checks = [
+                sa.func.sum(sa.case((declared, 0), else_=1))
+                .over(partition_by=members.c.person_id)
+                .label("bad"),
+                sa.func.max(sa.case((declared, None), else_=sa.func.coalesce(t.c.unit_concept_id, -1)))
+                .over(partition_by=members.c.person_id)
+                .label("bad_unit"),
+            ]
         ranked = (
             sa.select(
                 members.c.person_id,
                 t.c.value_as_number,
-                t.c.unit_concept_id,
+                *checks,
                 sa.func.row_number()
                 .over(partition_by=members.c.person_id, order_by=(t.c[day].desc(), t.c[row].desc()))
                 .label("rank"),
@@ -437,9 +450,9 @@ def compile_cohort_query(
         joins.append((latest, latest.c.person_id == members.c.person_id))
         columns.append(latest.c.value_as_number.label(feature.name))
         if feature.unit_concept_ids:
-            unit_column = f"{feature.name}__unit"
-            columns.append(latest.c.unit_concept_id.label(unit_column))
-            unit_checks.append((feature, unit_column))
+            columns.append(latest.c.bad.label(f"{feature.name}__bad"))
+            columns.append(latest.c.bad_unit.label(f"{feature.name}__unit"))
+            unit_checks.append((feature, feature.name))
     outcome = definition.label
     name, concept, day, _ = _DOMAINS[outcome.domain]
     t = tables[name]
@@ -519,17 +532,17 @@ def read_cohort(
         query, unit_checks = compile_cohort_query(definition, tables, conn.dialect.name)
         result = conn.execute(query)
         frame = pd.DataFrame.from_records([tuple(r) for r in result.fetchall()], columns=list(result.keys()))
-    for feature, unit_column in unit_checks:
-        units = frame[unit_column]
-        # a value whose unit is unknown (NULL) cannot be checked either: refused like a wrong one
-        bad = frame[feature.name].notna() & ~units.isin(list(feature.unit_concept_ids))
-        if bad.any():
-            seen = sorted({str(int(u)) if pd.notna(u) else "none" for u in units[bad]})
+    for feature, name in unit_checks:
+        # a value of unknown unit (NULL, counted as -1) cannot be checked either: refused like a wrong one
+        bad = pd.to_numeric(frame[f"{name}__bad"]).fillna(0)
+        if (bad > 0).any():
+            units = frame.loc[bad > 0, f"{name}__unit"]
+            seen = sorted({"none" if int(u) == -1 else str(int(u)) for u in units})
             raise UnitMismatchError(
-                f"{where}: feature {feature.name!r}: {int(bad.sum())} value(s) carry unit concept(s) {seen}, "
-                f"not the declared {list(feature.unit_concept_ids)}"
+                f"{where}: feature {name!r}: {int(bad.sum())} value(s) in the window carry unit concept(s) "
+                f"{seen}, not the declared {list(feature.unit_concept_ids)}"
             )
-        frame = frame.drop(columns=unit_column)
+        frame = frame.drop(columns=[f"{name}__bad", f"{name}__unit"])
     if frame.empty:
         raise SchemaError(
             f"{where}: the cohort is empty (no person has a qualifying event in an observation period)"
