@@ -15,6 +15,9 @@ feature. A text column that is not declared is refused with a hint to declare it
 
 A URI may hold a secret (a database password, a bearer token): the registry file is private to the site's
 account, and every URI shown (listings, messages, logs) has the secret replaced by ``***``.
+
+A FHIR dataset with ``consent=true`` feeds the site's consent registry from the same server's Consent
+resources: when it is added, when ``site serve`` starts, and on ``fedhealth site dataset sync-consent NAME``.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ from fedhealth.data import (
     NonNumericColumnError,
     QualityReport,
     SchemaError,
+    fetch_consents,
     inspect_dataset,
     redact_uri,
 )
+from fedhealth.governance import ConsentImportSummary
 from fedhealth.protocol import StudySpec
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
@@ -292,6 +297,33 @@ class SiteDatasets:
         write_private(self.path, (json.dumps(body, indent=2) + "\n").encode())
 
 
+def feeds_consent(uri: str) -> bool:
+    """Whether a dataset URI asks for its server's Consent resources to feed the consent registry."""
+    try:
+        parsed = DatasetURI.parse(uri)
+    except ConfigError:
+        return False
+    return parsed.scheme.startswith("fhir+") and parsed.bool_param("consent", False)
+
+
+def sync_consent(home: SiteHome, name: str, uri: str | None = None) -> ConsentImportSummary:
+    """Import the Consent resources of a FHIR dataset's server into the site's consent registry (an
+    audited import; records the server no longer holds as active are withdrawn by their status)."""
+    from fedhealth.agent._governance import SiteGovernance  # the governance state: only when needed
+
+    uri = uri if uri is not None else SiteDatasets(home).uri(name)
+    if not uri.startswith("fhir+"):
+        raise DatasetCheckError(
+            f"dataset {name!r} is not a FHIR dataset", "consent is read from FHIR servers (fhir+https://...)"
+        )
+    try:
+        resources = fetch_consents(uri)
+    except (DatasetError, ConfigError) as exc:
+        raise DatasetCheckError(f"dataset {name!r}: {exc}", _hint(exc)) from exc
+    with SiteGovernance(home) as governance:
+        return governance.consent().import_fhir(list(resources))
+
+
 def datasets_for_serve(
     home: SiteHome, overrides: Mapping[str, str], data_dir: Path | None = None
 ) -> tuple[dict[str, str], list[DatasetSummary]]:
@@ -303,6 +335,9 @@ def datasets_for_serve(
         check_dataset(name, uri, data_dir, pinned=name not in overrides and registry.pinned(name))
         for name, uri in sorted(chosen.items())
     ]
+    for name, uri in sorted(chosen.items()):
+        if feeds_consent(uri):
+            sync_consent(home, name, uri)
     return chosen, summaries
 
 

@@ -4,6 +4,7 @@
     site dataset add NAME URI --home HOME          (file:///...?label=...&id=..., sql+postgresql://...,
                                                     omop+postgresql://..., fhir+https://..., builtin://...)
     site dataset list | check [NAME] | remove NAME --home HOME
+    site dataset sync-consent NAME --home HOME     (FHIR: the server's Consent resources -> consent registry)
 
 Each dataset is checked when it is added (nothing is registered if the check fails; its schema is pinned)
 and again when ``fedhealth site serve`` starts. The id column is used for consent and never becomes a
@@ -24,6 +25,7 @@ from fedhealth.cli._errors import usage
 
 if TYPE_CHECKING:
     from fedhealth.agent import DatasetSummary, SiteDatasets
+    from fedhealth.governance import ConsentImportSummary
 
 dataset_app = typer.Typer(help="The datasets this site offers to studies.", no_args_is_help=True)
 SiteHomeOption = Annotated[Path, typer.Option("--home", help="The site's home (from `site enroll`).")]
@@ -74,12 +76,28 @@ def dataset_add(
     as_json: JsonOption = False,
 ) -> None:
     """Check a dataset and register it under NAME (its schema is pinned: see `site dataset check`)."""
+    from fedhealth.agent import feeds_consent, sync_consent
+
     uri = _uri(source, label, id_column, schema)
-    summary = _registry(home).add(name, uri, data_dir=data_dir, replace=replace)
+    registry = _registry(home)
+    summary = registry.add(name, uri, data_dir=data_dir, replace=replace)
+    imported = sync_consent(registry.home, name, uri) if feeds_consent(uri) else None
     if as_json:
-        print_json(summary.to_json())
+        out = summary.to_json()
+        if imported is not None:
+            out["consent"] = imported.to_json()
+        print_json(out)
         return
     typer.echo(_line(summary))
+    if imported is not None:
+        typer.echo(_consent_line(imported))
+
+
+def _consent_line(summary: ConsentImportSummary) -> str:
+    return (
+        f"consent from the FHIR server: {summary.added} added, {summary.updated} updated, "
+        f"{summary.unchanged} unchanged, {summary.withdrawn} withdrawn, {summary.skipped} skipped"
+    )
 
 
 def _line(summary: DatasetSummary) -> str:
@@ -160,3 +178,20 @@ def dataset_remove(
     """Unregister a dataset."""
     _registry(home).remove(name)
     typer.echo(f"dataset {name} removed")
+
+
+@dataset_app.command("sync-consent")
+def dataset_sync_consent(
+    name: Annotated[str, typer.Argument(help="A FHIR dataset (fhir+https://...).")],
+    home: SiteHomeOption,
+    as_json: JsonOption = False,
+) -> None:
+    """Import the Consent resources of a FHIR dataset's server into this site's consent registry."""
+    from fedhealth.agent import sync_consent
+
+    registry = _registry(home)
+    summary = sync_consent(registry.home, name)
+    if as_json:
+        print_json(summary.to_json())
+        return
+    typer.echo(_consent_line(summary))
