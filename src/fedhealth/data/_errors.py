@@ -46,6 +46,13 @@ class SchemaError(DatasetError):
     """A dataset's content does not fit what was asked of it: a column is missing, a value is not a number,
     a label is not binary. The message names the file, and the line and column where it can."""
 
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
 
 class NonNumericColumnError(SchemaError):
     """A feature column holds a value that is not a number. ``column`` names it, so a caller can suggest

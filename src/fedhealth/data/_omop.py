@@ -518,7 +518,8 @@ def read_cohort(
         ]
         if absent:
             raise SchemaError(
-                f"{where}: the CDM table(s) {absent} do not exist (or this user cannot see them)"
+                f"{where}: the CDM table(s) {absent} do not exist (or this user cannot see them)",
+                hint="check cdm_schema= (and vocabulary_schema=) and that the CDM tables are loaded",
             )
         named = definition.concepts()
         concept = tables["concept"]
@@ -528,7 +529,10 @@ def read_cohort(
         missing = sorted(set(named) - found)
         if missing:
             which = "; ".join(f"{c} ({named[c]})" for c in missing)
-            raise SchemaError(f"{where}: concept(s) not in the CDM's concept table: {which}")
+            raise SchemaError(
+                f"{where}: concept(s) not in the CDM's concept table: {which}",
+                hint="load the vocabulary into the concept table, or fix the definition's concept ids",
+            )
         query, unit_checks = compile_cohort_query(definition, tables, conn.dialect.name)
         result = conn.execute(query)
         frame = pd.DataFrame.from_records([tuple(r) for r in result.fetchall()], columns=list(result.keys()))

@@ -173,7 +173,7 @@ def translate_error(exc: sa.exc.DBAPIError, db: Database, where: str) -> Dataset
             f"{where}: the query tried to write, and its read-only transaction refused ({text})"
         )
     if state in ("42P01", "3F000", "42703") or "no such table" in lowered or "no such column" in lowered:
-        return SchemaError(f"{where}: {text}")
+        return SchemaError(f"{where}: {text}", hint="check the tables and columns the dataset names")
     if state in ("42501", "28000", "28P01") or any(words in lowered for words in _CREDENTIALS):
         return CredentialsRefusedError(
             f"the database at {db.shown} refuses this site's credentials: {text}",
@@ -274,7 +274,8 @@ def read_sql_table(
         except sa.exc.NoSuchTableError:
             qualified = f"{db_schema}.{table}" if db_schema else table
             raise SchemaError(
-                f"table {qualified!r} does not exist at {db.shown} (or this user cannot see it)"
+                f"table {qualified!r} does not exist at {db.shown} (or this user cannot see it)",
+                hint="check table= and db_schema=, and that the user may see the table",
             ) from None
         has_id = id_column is not None and id_column in reflected.c
         order = [reflected.c[id_column]] if has_id else list(reflected.c)
