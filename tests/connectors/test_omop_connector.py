@@ -193,7 +193,7 @@ def test_the_definition_gives_the_schema_the_table_code_reads():
     import tomllib
 
     parsed = OmopDefinition.model_validate(tomllib.loads(OMOP_DEFINITION))
-    schema = parsed.schema()
+    schema = parsed.dataset_schema()
     assert schema.id == "person_key"
     assert schema.label == "disease"
     assert len(schema.feature_names) == 14

@@ -197,7 +197,7 @@ class FhirMapping(BaseModel):
             raise ValueError(f"feature names must be unique and differ from the label's and {_ID!r}")
         return self
 
-    def schema(self) -> DatasetSchema:
+    def dataset_schema(self) -> DatasetSchema:
         return DatasetSchema(
             id=_ID, label=self.label.name, columns={f.name: f.column() for f in self.features}
         )
@@ -626,7 +626,7 @@ class FhirConnector(TabularConnector):
         with client_for(uri) as client:
             where = f"the FHIR server at {client.shown}"
             frame = read_feature_table(client, mapping, where)
-        source = SourceTable(name=path.stem, where=where, frame=frame, schema=mapping.schema())
+        source = SourceTable(name=path.stem, where=where, frame=frame, schema=mapping.dataset_schema())
         return source, TableOptions(
             label=options.label,
             id_column=_ID,

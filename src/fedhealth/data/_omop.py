@@ -243,7 +243,7 @@ class OmopDefinition(BaseModel):
             raise ValueError("feature names must be unique and differ from the label's and 'person_id'")
         return self
 
-    def schema(self) -> DatasetSchema:
+    def dataset_schema(self) -> DatasetSchema:
         return DatasetSchema(
             id=_ID, label=self.label.name, columns={f.name: f.column() for f in self.features}
         )
@@ -456,13 +456,25 @@ def compile_cohort_query(
     outcome = definition.label
     name, concept, day, _ = _DOMAINS[outcome.domain]
     t = tables[name]
-    happened = sa.exists().where(
-        t.c.person_id == members.c.person_id,
-        t.c[concept].in_(outcome.concept_ids),
-        t.c[day] >= dates.shift(members.c.index_date, outcome.window.start),
-        t.c[day] <= dates.shift(members.c.index_date, outcome.window.end),
+    # a grouped join, not a correlated EXISTS: PostgreSQL would scan the domain table once per person
+    outcomes = (
+        sa.select(members.c.person_id, sa.func.count().label("n"))
+        .select_from(
+            members.join(
+                t,
+                sa.and_(
+                    t.c.person_id == members.c.person_id,
+                    t.c[concept].in_(outcome.concept_ids),
+                    t.c[day] >= dates.shift(members.c.index_date, outcome.window.start),
+                    t.c[day] <= dates.shift(members.c.index_date, outcome.window.end),
+                ),
+            )
+        )
+        .group_by(members.c.person_id)
+        .subquery("outcome")
     )
-    columns.append(sa.case((happened, 1), else_=0).label(outcome.name))
+    joins.append((outcomes, outcomes.c.person_id == members.c.person_id))
+    columns.append(sa.case((outcomes.c.n > 0, 1), else_=0).label(outcome.name))
     source: sa.FromClause = members
     for joined, on in joins:
         source = source.outerjoin(joined, on)
@@ -489,7 +501,7 @@ class OmopConnector(TabularConnector):
         cdm_schema = uri.params.get("cdm_schema")
         where = f"the OMOP CDM at {db.shown}" + (f" (schema {cdm_schema})" if cdm_schema else "")
         frame = read_cohort(db, definition, cdm_schema, uri.params.get("vocabulary_schema"), where)
-        source = SourceTable(name=path.stem, where=where, frame=frame, schema=definition.schema())
+        source = SourceTable(name=path.stem, where=where, frame=frame, schema=definition.dataset_schema())
         if options.id_column not in (None, _ID):
             raise ConfigError(f"dataset URI {uri.raw!r}: an OMOP dataset's id is the cohort's person id")
         return source, TableOptions(
