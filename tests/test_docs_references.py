@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["docs/security.md", "docs/privacy.md", "docs/secure-aggregation.md", "docs/governance.md"]
+DOCS = [
+    "docs/security.md",
+    "docs/privacy.md",
+    "docs/secure-aggregation.md",
+    "docs/governance.md",
+    "docs/connectors.md",
+]
 REFERENCE = re.compile(r"`(tests/[\w/]+\.py)?::(\w+)(?:\[[^\]]*\])?`")
 
 

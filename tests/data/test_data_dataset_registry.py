@@ -35,7 +35,10 @@ def test_heart_disease_uris_open_the_loader_datasets(heart_data_dir):
 @pytest.mark.parametrize(
     ("uri", "match"),
     [
-        ("s3://bucket/x.csv", r"no connector for scheme 's3'.*known schemes: \['builtin', 'file'\]"),
+        (
+            "s3://bucket/x.csv",
+            r"no connector for scheme 's3'.*known schemes: \['builtin', 'fhir', 'file', 'omop', 'sql'\]",
+        ),
         ("heart-disease/0", "has no scheme"),
         ("builtin://mnist/0", r"unknown builtin dataset 'mnist'.*\['breast-cancer', 'heart-disease'\]"),
         ("builtin://heart-disease/5", "must be 0, 1, 2, 3 or pooled"),

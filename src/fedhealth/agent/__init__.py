@@ -30,6 +30,8 @@ from fedhealth.agent._datasets import (
     check_dataset,
     csv_uri,
     datasets_for_serve,
+    feeds_consent,
+    sync_consent,
 )
 from fedhealth.agent._gates import default_gates
 from fedhealth.agent._home import SiteHome, enroll_site
@@ -62,6 +64,7 @@ __all__ = [
     "datasets_for_serve",
     "default_gates",
     "enroll_site",
+    "feeds_consent",
     "fetch_pending",
     "report_approval",
     "report_decision",
@@ -71,5 +74,6 @@ __all__ = [
     "site_client",
     "spec_summary",
     "sync_approvals",
+    "sync_consent",
     "was_reviewed",
 ]

@@ -210,3 +210,76 @@ def privacy_benchmark(
     if plot is not None:
         console.print(f"plot written to {plot}")
     console.print(f"wall time {time.monotonic() - started:.0f} s")
+
+
+@benchmark_app.command("connectors")
+def connectors_benchmark(
+    postgres_url: Annotated[
+        str | None,
+        typer.Option(
+            help="A PostgreSQL URL (default $FEDHEALTH_TEST_POSTGRES_URL, else 127.0.0.1:5432/test)."
+        ),
+    ] = None,
+    patients: Annotated[int, typer.Option(min=10, help="Patients in the PostgreSQL table.")] = 100_000,
+    omop_persons: Annotated[int, typer.Option(min=10, help="Persons in the OMOP CDM.")] = 100_000,
+    fhir_patients: Annotated[int, typer.Option(min=10, help="Patients on the FHIR server.")] = 10_000,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measurement (median).")] = 3,
+    ddl: Annotated[Path, typer.Option(help="The OMOP CDM v5.4 PostgreSQL DDL subset.")] = Path(
+        "tests/connectors/omop_cdm_v5.4_postgresql_subset.sql"
+    ),
+    sekmet: Annotated[
+        Path | None,
+        typer.Option(help="The sekmet command of a sekmet-fhir virtualenv (default .cache/sekmet-venv)."),
+    ] = None,
+    workdir: Annotated[Path, typer.Option(help="Scratch folder.")] = Path(".cache/bench-connectors"),
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Datasets folder (default $FEDHEALTH_DATA_DIR).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON array.")] = False,
+) -> None:
+    """Rows per second extracted from PostgreSQL, an OMOP CDM and a FHIR server, beside pandas' read_sql."""
+    import os
+
+    from rich.table import Table
+
+    from fedhealth.sim import benchmark_connectors
+
+    url = (
+        postgres_url
+        or os.environ.get("FEDHEALTH_TEST_POSTGRES_URL")
+        or ("postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    )
+    if not ddl.is_file():
+        raise typer.BadParameter(f"{ddl} does not exist; run from the repository root or pass --ddl")
+    exe = (sekmet or Path(".cache/sekmet-venv/bin/sekmet")).absolute()
+    if not exe.exists():
+        raise typer.BadParameter(
+            f"{exe} does not exist: build it with `python -m venv .cache/sekmet-venv && "
+            ".cache/sekmet-venv/bin/pip install sekmet-fhir` (or run the FHIR tests once), or pass --sekmet"
+        )
+    console = Console(stderr=True)
+    started = time.monotonic()
+    with console.status("loading") as status:
+        results = benchmark_connectors(
+            postgres_url=url,
+            ddl=ddl,
+            sekmet=exe,
+            workdir=workdir,
+            data_dir=data_dir,
+            patients_n=patients,
+            omop_persons=omop_persons,
+            fhir_patients=fhir_patients,
+            repeats=repeats,
+            on_step=status.update,
+        )
+    if as_json:
+        print(json.dumps([r.to_json() for r in results]))
+        return
+    table = Table(
+        title=f"Connector extraction, median of {repeats} ({time.monotonic() - started:.0f} s in all)"
+    )
+    for col in ("source", "what", "rows", "median", "rows/s"):
+        table.add_column(col, justify="left" if col in ("source", "what") else "right")
+    for r in results:
+        table.add_row(r.source, r.what, f"{r.rows:,}", f"{r.seconds:.2f} s", f"{r.rows_per_s:,.0f}")
+    Console().print(table)

@@ -1,11 +1,16 @@
 """``fedhealth site dataset ...``: the datasets a site offers to studies, registered once in its home.
 
-    site dataset add NAME FILE.csv --label COLUMN [--id COLUMN] --home HOME
-    site dataset add NAME URI --home HOME          (file:///...csv?label=...&id=..., builtin://...)
+    site dataset add NAME FILE.csv|FILE.parquet --label COLUMN [--id COLUMN] [--schema FILE.toml] --home HOME
+    site dataset add NAME URI --home HOME          (file:///...?label=...&id=..., sql+postgresql://...,
+                                                    omop+postgresql://..., fhir+https://..., builtin://...)
     site dataset list | check [NAME] | remove NAME --home HOME
+    site dataset sync-consent NAME --home HOME     (FHIR: the server's Consent resources -> consent registry)
 
-Each dataset is checked when it is added (nothing is registered if the check fails) and again when
-``fedhealth site serve`` starts. The id column is used for consent and never becomes a feature.
+Each dataset is checked when it is added (nothing is registered if the check fails; its schema is pinned)
+and again when ``fedhealth site serve`` starts. The id column is used for consent and never becomes a
+feature. ``check`` prints each dataset's data-quality report (missing values, ranges, far-out values,
+category counts): it stays on this screen, nothing of it is sent. URIs are shown with secrets as ``***``.
+docs/connectors.md has a worked example per source.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from fedhealth.cli._errors import usage
 
 if TYPE_CHECKING:
     from fedhealth.agent import DatasetSummary, SiteDatasets
+    from fedhealth.governance import ConsentImportSummary
 
 dataset_app = typer.Typer(help="The datasets this site offers to studies.", no_args_is_help=True)
 SiteHomeOption = Annotated[Path, typer.Option("--home", help="The site's home (from `site enroll`).")]
@@ -36,19 +42,19 @@ def _registry(home: Path) -> SiteDatasets:
     return SiteDatasets(site)
 
 
-def _uri(source: str, label: str | None, id_column: str | None) -> str:
+def _uri(source: str, label: str | None, id_column: str | None, schema: Path | None) -> str:
     from fedhealth.agent import csv_uri
 
     if "://" in source:
-        if label is not None or id_column is not None:
+        if label is not None or id_column is not None or schema is not None:
             usage(
-                "--label and --id go with a CSV file path, not a URI",
-                "put them in the URI: ?label=...&id=...",
+                "--label, --id and --schema go with a file path, not a URI",
+                "put them in the URI: ?label=...&id=...&schema=/abs/schema.toml",
             )
         return source
-    if label is None:
-        usage(f"{source} is a file path: name its label column with --label COLUMN")
-    return csv_uri(Path(source), label=label, id_column=id_column)
+    if label is None and schema is None:
+        usage(f"{source} is a file path: name its label column with --label COLUMN (or give --schema)")
+    return csv_uri(Path(source), label=label, id_column=id_column, schema=schema)
 
 
 @dataset_app.command("add")
@@ -59,18 +65,39 @@ def dataset_add(
     label: Annotated[str | None, typer.Option(help="CSV: the label column (0 or 1).")] = None,
     id_column: Annotated[
         str | None,
-        typer.Option("--id", help="CSV: the patient id column (for consent; never a feature)."),
+        typer.Option("--id", help="File: the patient id column (for consent; never a feature)."),
+    ] = None,
+    schema: Annotated[
+        Path | None,
+        typer.Option(help="File: a schema (TOML) declaring categories, dates and missing-value policies."),
     ] = None,
     replace: Annotated[bool, typer.Option(help="Replace a dataset of the same name.")] = False,
     data_dir: DataDirOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Check a dataset and register it under NAME."""
-    summary = _registry(home).add(name, _uri(source, label, id_column), data_dir=data_dir, replace=replace)
+    """Check a dataset and register it under NAME (its schema is pinned: see `site dataset check`)."""
+    from fedhealth.agent import feeds_consent, sync_consent
+
+    uri = _uri(source, label, id_column, schema)
+    registry = _registry(home)
+    summary = registry.add(name, uri, data_dir=data_dir, replace=replace)
+    imported = sync_consent(registry.home, name, uri) if feeds_consent(uri) else None
     if as_json:
-        print_json(summary.to_json())
+        out = summary.to_json()
+        if imported is not None:
+            out["consent"] = imported.to_json()
+        print_json(out)
         return
     typer.echo(_line(summary))
+    if imported is not None:
+        typer.echo(_consent_line(imported))
+
+
+def _consent_line(summary: ConsentImportSummary) -> str:
+    return (
+        f"consent from the FHIR server: {summary.added} added, {summary.updated} updated, "
+        f"{summary.unchanged} unchanged, {summary.withdrawn} withdrawn, {summary.skipped} skipped"
+    )
 
 
 def _line(summary: DatasetSummary) -> str:
@@ -87,14 +114,17 @@ def _line(summary: DatasetSummary) -> str:
 def dataset_list(home: SiteHomeOption, data_dir: DataDirOption = None, as_json: JsonOption = False) -> None:
     """List the registered datasets, each checked now (rows, features, label and id columns)."""
     from fedhealth.agent import DatasetCheckError, check_dataset
+    from fedhealth.data import redact_uri
 
-    registered = _registry(home).all()
+    registry = _registry(home)
+    registered = registry.all()
     rows: list[dict[str, object]] = []
     for name, uri in registered.items():
         try:
-            rows.append({**check_dataset(name, uri, data_dir).to_json(), "ok": True})
+            summary = check_dataset(name, uri, data_dir, pinned=registry.pinned(name))
+            rows.append({**summary.to_json(), "ok": True})
         except DatasetCheckError as exc:
-            rows.append({"name": name, "uri": uri, "ok": False, "error": str(exc)})
+            rows.append({"name": name, "uri": redact_uri(uri), "ok": False, "error": str(exc)})
     if as_json:
         print_json(rows)
         return
@@ -120,17 +150,24 @@ def dataset_check(
     data_dir: DataDirOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Check registered datasets as `site serve` will; exit 1 at the first that fails."""
+    """Check registered datasets as `site serve` will and print each one's data-quality report (for this
+    screen only); exit 1 at the first that fails."""
     from fedhealth.agent import check_dataset
 
     registry = _registry(home)
     names = [name] if name is not None else list(registry.all())
-    summaries = [check_dataset(n, registry.uri(n), data_dir) for n in names]
+    summaries = [check_dataset(n, registry.uri(n), data_dir, pinned=registry.pinned(n)) for n in names]
     if as_json:
-        print_json([s.to_json() for s in summaries])
+        print_json([s.to_json(quality=True) for s in summaries])
         return
     for summary in summaries:
         typer.echo(f"ok: {_line(summary)}")
+        if summary.schema is not None:
+            how = "inferred from the source" if summary.schema_inferred else "declared"
+            typer.echo(f"  schema ({how}): features {', '.join(summary.features)}")
+        if summary.quality is not None:
+            for line in summary.quality.lines():
+                typer.echo(f"  {line}")
 
 
 @dataset_app.command("remove")
@@ -141,3 +178,20 @@ def dataset_remove(
     """Unregister a dataset."""
     _registry(home).remove(name)
     typer.echo(f"dataset {name} removed")
+
+
+@dataset_app.command("sync-consent")
+def dataset_sync_consent(
+    name: Annotated[str, typer.Argument(help="A FHIR dataset (fhir+https://...).")],
+    home: SiteHomeOption,
+    as_json: JsonOption = False,
+) -> None:
+    """Import the Consent resources of a FHIR dataset's server into this site's consent registry."""
+    from fedhealth.agent import sync_consent
+
+    registry = _registry(home)
+    summary = sync_consent(registry.home, name)
+    if as_json:
+        print_json(summary.to_json())
+        return
+    typer.echo(_consent_line(summary))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
@@ -40,6 +41,56 @@ class Scaling:
         return (X - self.mean) / self.std
 
 
+class FillRule(StrEnum):
+    """How a feature's missing cells were filled from the training part (a statistic to compute again when
+    rows are dropped; a constant fill needs no such record)."""
+
+    MEAN = "mean"
+    MEDIAN = "median"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Imputation:
+    """The features whose missing cells were filled with a statistic of the training part: their indices,
+    rules, and where the cells were missing (boolean, rows by ``features``), so that
+    :meth:`TabularDataset.select` can fill them again from the patients kept."""
+
+    features: tuple[int, ...]
+    rules: tuple[FillRule, ...]
+    missing_train: np.ndarray
+    missing_test: np.ndarray
+
+    def __post_init__(self) -> None:
+        k = len(self.features)
+        if len(self.rules) != k:
+            raise InputError("an imputation needs one rule per feature it fills")
+        for name in ("missing_train", "missing_test"):
+            mask = np.asarray(getattr(self, name))
+            if mask.dtype != np.bool_ or mask.ndim != 2 or mask.shape[1] != k:
+                raise InputError(f"an imputation's {name} must be boolean of shape (rows, {k})")
+            object.__setattr__(self, name, _frozen(mask))
+
+    def refill(self, X_train: np.ndarray, X_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Both parts (unscaled) with the missing cells filled again from the training rows given."""
+        X_train, X_test = X_train.copy(), X_test.copy()
+        for j, (feature, rule) in enumerate(zip(self.features, self.rules, strict=True)):
+            observed = X_train[~self.missing_train[:, j], feature]
+            if observed.size == 0:
+                raise InputError(f"feature {feature}: no training row left has a value to fill from")
+            fill = float(np.mean(observed)) if rule is FillRule.MEAN else float(np.median(observed))
+            X_train[self.missing_train[:, j], feature] = fill
+            X_test[self.missing_test[:, j], feature] = fill
+        return X_train, X_test
+
+    def select(self, keep_train: np.ndarray, keep_test: np.ndarray) -> Imputation:
+        return Imputation(
+            features=self.features,
+            rules=self.rules,
+            missing_train=self.missing_train[keep_train],
+            missing_test=self.missing_test[keep_test],
+        )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TabularDataset:
     """One site's data, split into train and test: float64 features, int64 labels in {0, 1}.
@@ -47,7 +98,8 @@ class TabularDataset:
     The arrays are copied and made read-only, so a dataset cannot change under its fingerprint.
     ``patient_ids_train`` and ``patient_ids_test`` are pseudonymous ids of the rows of each part (for consent
     filtering: a patient's consent governs training and evaluation alike); unique if given. ``scaling`` is
-    the training part's statistics the features were standardized with, if they were (see :meth:`select`).
+    the training part's statistics the features were standardized with, if they were (see :meth:`select`);
+    ``imputation`` records the features whose missing cells hold a statistic of the training part.
     ``fingerprint`` is the sha256 (hex) of a canonical encoding of the feature names, the patient ids and all
     four arrays (shapes, little-endian bytes); it identifies the content, not the ``name``.
     """
@@ -61,6 +113,7 @@ class TabularDataset:
     patient_ids_train: tuple[str, ...] | None = None
     patient_ids_test: tuple[str, ...] | None = None
     scaling: Scaling | None = None
+    imputation: Imputation | None = None
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +146,12 @@ class TabularDataset:
         test_ids = self._ids("test", self.patient_ids_test, arrays["X_test"].shape[0])
         if self.scaling is not None and self.scaling.mean.shape != (d,):
             raise InputError(f"dataset {self.name!r}: its scaling is not over its {d} features")
+        if self.imputation is not None and (
+            self.imputation.missing_train.shape[0] != arrays["X_train"].shape[0]
+            or self.imputation.missing_test.shape[0] != arrays["X_test"].shape[0]
+            or not all(0 <= f < d for f in self.imputation.features)
+        ):
+            raise InputError(f"dataset {self.name!r}: its imputation does not fit its rows and features")
         for key, value in arrays.items():
             object.__setattr__(self, key, value)
         object.__setattr__(self, "feature_names", names)
@@ -131,16 +190,25 @@ class TabularDataset:
         """A copy holding only the rows where the boolean masks are true, e.g. the patients whose consent
         covers a study. If the features were standardized (``scaling``) and training rows are dropped, both
         parts are standardized again with the kept training rows' statistics: a statistic computed on the
-        patients left out would otherwise still shape what the study computes."""
+        patients left out would otherwise still shape what the study computes. Missing cells filled with a
+        mean or median of the training part are filled again from the kept training rows, for the same
+        reason."""
         keep_train = _mask(train, self.num_train, "train")
         keep_test = _mask(test, self.num_test, "test")
         X_train, X_test = self.X_train[keep_train], self.X_test[keep_test]
         scaling = self.scaling
-        if scaling is not None and not keep_train.all():
-            raw_train = X_train * scaling.std + scaling.mean
-            raw_test = X_test * scaling.std + scaling.mean
-            scaling = fit_scaling(raw_train)
-            X_train, X_test = scaling.apply(raw_train), scaling.apply(raw_test)
+        imputation = self.imputation.select(keep_train, keep_test) if self.imputation is not None else None
+        if not keep_train.all() and (scaling is not None or imputation is not None):
+            raw_train, raw_test = X_train, X_test
+            if scaling is not None:
+                raw_train = X_train * scaling.std + scaling.mean
+                raw_test = X_test * scaling.std + scaling.mean
+            if imputation is not None:
+                raw_train, raw_test = imputation.refill(raw_train, raw_test)
+            X_train, X_test = raw_train, raw_test
+            if scaling is not None:
+                scaling = fit_scaling(raw_train)
+                X_train, X_test = scaling.apply(raw_train), scaling.apply(raw_test)
         return TabularDataset(
             name=self.name,
             X_train=X_train,
@@ -151,6 +219,7 @@ class TabularDataset:
             patient_ids_train=_kept(self.patient_ids_train, keep_train),
             patient_ids_test=_kept(self.patient_ids_test, keep_test),
             scaling=scaling,
+            imputation=imputation,
         )
 
 

@@ -215,6 +215,46 @@ def _raw_center(
     )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeartDiseaseRecord:
+    """One patient row of a center as the protocol keeps it (steps 1-3), before encoding: the raw UCI
+    values, the label, and the id ``hd<center>-<line>`` the loader gives it. For building the same
+    patients in other forms (CSV, SQL, OMOP CDM, FHIR) in tests and benchmarks."""
+
+    patient_id: str
+    age: float
+    sex: float
+    trestbps: float
+    chol: float
+    fbs: float
+    thalach: float
+    exang: float
+    oldpeak: float
+    cp: int
+    restecg: int
+    disease: int
+
+
+def heart_disease_records(
+    center: int, data_dir: Path | str | None = None, *, download: bool = True
+) -> tuple[HeartDiseaseRecord, ...]:
+    """Every kept row of one center in file order (ids as :func:`load_heart_disease` gives them)."""
+    spec = _center(center)
+    path = heart_disease_file(center, data_dir, download=download)
+    raw, y, lines = _parse(path)
+    names = [name for _, name in _NUMERIC]
+    return tuple(
+        HeartDiseaseRecord(
+            patient_id=f"hd{spec.index}-{line:06d}",
+            **{name: float(row[k]) for k, name in enumerate(names)},
+            cp=int(row[len(names)]),
+            restecg=int(row[len(names) + 1]),
+            disease=int(label),
+        )
+        for row, label, line in zip(raw, y, lines, strict=True)
+    )
+
+
 def _scaled(name: str, parts: Sequence[_RawCenter], per_part: bool) -> TabularDataset:
     """Standardize (each part on its own, or all on the union of the training parts) and concatenate."""
     scaling = None  # per-center parts of a pooled set have no one scaling to refit on a subset

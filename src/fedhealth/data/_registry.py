@@ -3,122 +3,50 @@
     builtin://heart-disease/<0-3>                 Fed-Heart-Disease (FLamby protocol, downloads if absent)
     builtin://heart-disease/pooled[?scaling=per-center|global]
     builtin://breast-cancer/<i>?sites=4&seed=0    site i of the offline breast-cancer federation
-    file:///abs/path.csv?label=<col>[&id=<col>][&test_fraction=0.3][&seed=0][&standardize=true]
+    file:///abs/path.csv?label=<col>[&id=<col>]   a CSV or Parquet file (by extension, or format=csv|parquet)
+    sql+<sqlalchemy-url>?table=<t>|query=<q>&...  a table or read-only query of any SQLAlchemy database
+    omop+<sqlalchemy-url>?definition=/abs/cohort.toml&...   an OMOP CDM v5.4 cohort (see ``_omop``)
+    fhir+https://server/fhir?mapping=/abs/mapping.toml&...  a FHIR R4 server (see ``_fhir``)
 
-A new source (SQL/OMOP, FHIR, DICOM) is a class with ``open(uri, data_dir) -> TabularDataset``
-registered under its scheme with :func:`register_connector`; the site agent only ever calls
-:func:`open_dataset`. Every URI is parsed and its parameters checked (unknown ones are refused) before any
-data is read.
+Every tabular source also takes ``schema=/abs/schema.toml`` (see ``_schema``), ``test_fraction=0.3``,
+``seed=0`` and ``standardize=true``. A scheme ``a+b`` is served by the connector registered for ``a`` when no
+connector is registered for ``a+b`` itself.
+
+Secrets never appear in a message: a password in the URI's user part (``postgresql://user:pw@host/db``)
+and the values of ``password=`` and ``token=`` are kept apart from :attr:`DatasetURI.raw`, which shows them
+as ``***``; ``password_env=NAME`` and ``token_env=NAME`` read them from the environment instead.
+
+A new source (DICOM, ...) is a class with ``open(uri, data_dir) -> TabularDataset`` registered under its
+scheme with :func:`register_connector`; the site agent only ever calls :func:`open_dataset`. Every URI is
+parsed and its parameters checked (unknown ones are refused) before any data is read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-from typing import Protocol
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote
 
 from fedhealth.core import ConfigError
 from fedhealth.core import data_dir as default_data_dir
 from fedhealth.data._breast_cancer import breast_cancer_federation
-from fedhealth.data._csv import CsvOptions, read_csv_dataset
+from fedhealth.data._connector import (
+    TABLE_PARAMS,
+    Connector,
+    DatasetURI,
+    TabularConnector,
+    table_options,
+)
 from fedhealth.data._dataset import TabularDataset
+from fedhealth.data._fhir import FhirConnector
+from fedhealth.data._files import FileFormat, read_file_table
 from fedhealth.data._heart_disease import HEART_DISEASE_CENTERS, PooledScaling, load_heart_disease
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DatasetURI:
-    """A parsed dataset URI: ``scheme://host/path?key=value&...`` with unique keys."""
-
-    raw: str
-    scheme: str
-    host: str
-    path: str
-    params: Mapping[str, str]
-
-    @classmethod
-    def parse(cls, uri: str) -> DatasetURI:
-        try:
-            parts = urlsplit(uri)
-            pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-        except ValueError as exc:
-            raise ConfigError(f"dataset URI {uri!r} is malformed: {exc}") from exc
-        if not parts.scheme:
-            raise ConfigError(
-                f"dataset URI {uri!r} has no scheme (expected e.g. builtin://... or file:///...)"
-            )
-        if parts.fragment:
-            raise ConfigError(f"dataset URI {uri!r}: fragments (#...) are not supported")
-        params: dict[str, str] = {}
-        for key, value in pairs:
-            if key in params:
-                raise ConfigError(f"dataset URI {uri!r} repeats the parameter {key!r}")
-            params[key] = value
-        return cls(
-            raw=uri,
-            scheme=parts.scheme.lower(),
-            host=parts.netloc,
-            path=parts.path,
-            params=MappingProxyType(params),
-        )
-
-    def check_params(self, allowed: AbstractSet[str], required: AbstractSet[str] = frozenset()) -> None:
-        unknown = sorted(self.params.keys() - allowed)
-        if unknown:
-            raise ConfigError(
-                f"dataset URI {self.raw!r}: unknown parameter(s) {unknown}; allowed: {sorted(allowed)}"
-            )
-        missing = sorted(required - self.params.keys())
-        if missing:
-            raise ConfigError(f"dataset URI {self.raw!r}: missing required parameter(s) {missing}")
-
-    def int_param(self, key: str, default: int, *, low: int, high: int | None = None) -> int:
-        text = self.params.get(key)
-        if text is None:
-            return default
-        try:
-            value = int(text)
-        except ValueError:
-            raise ConfigError(f"dataset URI {self.raw!r}: {key}={text!r} is not an integer") from None
-        if value < low or (high is not None and value > high):
-            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
-            raise ConfigError(f"dataset URI {self.raw!r}: {key}={value} must be {bound}")
-        return value
-
-    def float_param(self, key: str, default: float, *, low: float, high_exclusive: float) -> float:
-        text = self.params.get(key)
-        if text is None:
-            return default
-        try:
-            value = float(text)
-        except ValueError:
-            raise ConfigError(f"dataset URI {self.raw!r}: {key}={text!r} is not a number") from None
-        if not low <= value < high_exclusive:
-            raise ConfigError(
-                f"dataset URI {self.raw!r}: {key}={value} must lie in [{low}, {high_exclusive})"
-            )
-        return value
-
-    def bool_param(self, key: str, default: bool) -> bool:
-        text = self.params.get(key)
-        if text is None:
-            return default
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes"):
-            return True
-        if lowered in ("0", "false", "no"):
-            return False
-        raise ConfigError(f"dataset URI {self.raw!r}: {key}={text!r} is not a boolean (true/false)")
-
-
-class Connector(Protocol):
-    """Opens the datasets of one URI scheme."""
-
-    def open(self, uri: DatasetURI, data_dir: Path) -> TabularDataset: ...
-
+from fedhealth.data._omop import OmopConnector
+from fedhealth.data._quality import QualityReport, dataset_quality, table_quality
+from fedhealth.data._schema import DatasetSchema
+from fedhealth.data._sql import SqlConnector
+from fedhealth.data._table import SourceTable, TableOptions, build_dataset
 
 BuiltinOpener = Callable[[DatasetURI, str, Path], TabularDataset]
 
@@ -178,10 +106,11 @@ def _open_breast_cancer(uri: DatasetURI, part: str, data_dir: Path) -> TabularDa
     return breast_cancer_federation(n_sites, seed)[site]
 
 
-class CsvConnector:
-    """``file:///absolute/path.csv?label=<col>``: a local CSV file (see :class:`CsvOptions`)."""
+class FileConnector(TabularConnector):
+    """``file:///absolute/path.csv?label=<col>``: a local CSV or Parquet file, by its extension or
+    ``format=csv|parquet``. The label comes from ``label=`` or the declared schema."""
 
-    def open(self, uri: DatasetURI, data_dir: Path) -> TabularDataset:
+    def read(self, uri: DatasetURI, data_dir: Path) -> tuple[SourceTable, TableOptions]:
         del data_dir  # the URI carries an absolute path
         if uri.host not in ("", "localhost"):
             raise ConfigError(
@@ -190,15 +119,24 @@ class CsvConnector:
         path = Path(unquote(uri.path))
         if not path.is_absolute():
             raise ConfigError(f"dataset URI {uri.raw!r}: the file path must be absolute")
-        uri.check_params({"label", "id", "test_fraction", "seed", "standardize"}, {"label"})
-        options = CsvOptions(
-            label=uri.params["label"],
-            id_column=uri.params.get("id"),
-            test_fraction=uri.float_param("test_fraction", 0.3, low=0.0, high_exclusive=1.0),
-            seed=uri.int_param("seed", 0, low=0, high=2**32 - 1),
-            standardize=uri.bool_param("standardize", True),
-        )
-        return read_csv_dataset(path, options)
+        uri.check_params(TABLE_PARAMS | {"format"})
+        options = table_options(uri, label_required=True)
+        text = uri.params.get("format")
+        if text is not None:
+            try:
+                fmt: FileFormat | None = FileFormat(text)
+            except ValueError:
+                allowed = [f.value for f in FileFormat]
+                raise ConfigError(
+                    f"dataset URI {uri.raw!r}: format={text!r} is not one of {allowed}"
+                ) from None
+        else:
+            fmt = FileFormat.of(path) or FileFormat.CSV
+        assert fmt is not None
+        return read_file_table(path, fmt), options
+
+
+CsvConnector = FileConnector  # the name before Parquet files were read too
 
 
 class ConnectorRegistry:
@@ -217,14 +155,54 @@ class ConnectorRegistry:
     def schemes(self) -> tuple[str, ...]:
         return tuple(sorted(self._connectors))
 
-    def open(self, uri: str, data_dir: Path | str | None = None) -> TabularDataset:
-        parsed = DatasetURI.parse(uri)
-        connector = self._connectors.get(parsed.scheme)
+    def connector(self, parsed: DatasetURI) -> Connector:
+        """The connector for ``a+b``: the one registered for ``a+b``, else for ``a``."""
+        connector = self._connectors.get(parsed.scheme) or self._connectors.get(
+            parsed.scheme.split("+", 1)[0]
+        )
         if connector is None:
             raise ConfigError(
-                f"no connector for scheme {parsed.scheme!r} in {uri!r}; known schemes: {list(self.schemes)}"
+                f"no connector for scheme {parsed.scheme!r} in {parsed.raw!r}; "
+                f"known schemes: {list(self.schemes)}"
             )
-        return connector.open(parsed, Path(data_dir) if data_dir is not None else default_data_dir())
+        return connector
+
+    def open(self, uri: str, data_dir: Path | str | None = None) -> TabularDataset:
+        parsed = DatasetURI.parse(uri)
+        return self.connector(parsed).open(parsed, _folder(data_dir))
+
+    def inspect(self, uri: str, data_dir: Path | str | None = None) -> DatasetInspection:
+        """Open a dataset and describe it for its site: the dataset, its schema and a quality report."""
+        parsed = DatasetURI.parse(uri)
+        connector = self.connector(parsed)
+        if isinstance(connector, TabularConnector):
+            table, options = connector.parse(parsed, _folder(data_dir))
+            return DatasetInspection(
+                dataset=build_dataset(table, options),
+                schema=table.schema,
+                schema_inferred=table.inferred,
+                ignored_columns=table.ignored,
+                quality=table_quality(table),
+            )
+        dataset = connector.open(parsed, _folder(data_dir))
+        return DatasetInspection(dataset=dataset, schema=None, quality=dataset_quality(dataset))
+
+
+def _folder(data_dir: Path | str | None) -> Path:
+    return Path(data_dir) if data_dir is not None else default_data_dir()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatasetInspection:
+    """What a site learns about one of its datasets when it checks it (never sent anywhere): the dataset,
+    the schema it was read with (None for a builtin dataset), whether that schema was inferred, the source's
+    columns no feature reads, and the data-quality report."""
+
+    dataset: TabularDataset
+    schema: DatasetSchema | None
+    quality: QualityReport
+    schema_inferred: bool = False
+    ignored_columns: tuple[str, ...] = ()
 
 
 BUILTIN_DATASETS = BuiltinConnector()
@@ -233,7 +211,10 @@ BUILTIN_DATASETS.add("breast-cancer", _open_breast_cancer)
 
 DEFAULT_REGISTRY = ConnectorRegistry()
 DEFAULT_REGISTRY.register("builtin", BUILTIN_DATASETS)
-DEFAULT_REGISTRY.register("file", CsvConnector())
+DEFAULT_REGISTRY.register("file", FileConnector())
+DEFAULT_REGISTRY.register("sql", SqlConnector())
+DEFAULT_REGISTRY.register("omop", OmopConnector())
+DEFAULT_REGISTRY.register("fhir", FhirConnector())
 
 
 def register_connector(scheme: str, connector: Connector, *, replace: bool = False) -> None:
@@ -244,3 +225,8 @@ def register_connector(scheme: str, connector: Connector, *, replace: bool = Fal
 def open_dataset(uri: str, data_dir: Path | str | None = None) -> TabularDataset:
     """Open the dataset a URI names (see the module docstring for the URI forms)."""
     return DEFAULT_REGISTRY.open(uri, data_dir)
+
+
+def inspect_dataset(uri: str, data_dir: Path | str | None = None) -> DatasetInspection:
+    """Open the dataset a URI names with its schema and quality report (for the site's own eyes)."""
+    return DEFAULT_REGISTRY.inspect(uri, data_dir)

@@ -10,16 +10,19 @@ from fedhealth.sim._bench import (
     benchmark_heart_disease,
     benchmark_rounds,
 )
+from fedhealth.sim._connector_bench import ExtractionResult, benchmark_connectors
 from fedhealth.sim._federation import FederationError, LocalFederation
 
 __all__ = [
     "FLAMBY_HEART_DISEASE",
     "CollectiveBenchmark",
+    "ExtractionResult",
     "FederationError",
     "LocalFederation",
     "MethodResult",
     "RoundBenchmark",
     "benchmark_collective",
+    "benchmark_connectors",
     "benchmark_heart_disease",
     "benchmark_rounds",
 ]

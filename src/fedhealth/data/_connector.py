@@ -1,0 +1,213 @@
+"""The connector interface: dataset URIs (with their secrets kept apart), the :class:`Connector` protocol,
+and :class:`TabularConnector`, the base of every connector whose source is a table."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Protocol
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from fedhealth.core import ConfigError
+from fedhealth.data._dataset import TabularDataset
+from fedhealth.data._schema import DatasetSchema, load_schema
+from fedhealth.data._table import ParsedTable, SourceTable, TableOptions, build_dataset, parse_table
+
+# query parameters whose values are secrets: kept out of DatasetURI.raw and every message
+SECRET_PARAMS = frozenset({"password", "token"})
+REDACTED = "***"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatasetURI:
+    """A parsed dataset URI: ``scheme://host/path?key=value&...`` with unique keys.
+
+    ``raw``, ``host`` and ``params`` show secrets as ``***``; the secrets themselves are only in
+    ``password`` (the user part's) and :meth:`secret` (``password=``, ``token=``), left out of ``repr``.
+    """
+
+    raw: str
+    scheme: str
+    host: str
+    path: str
+    params: Mapping[str, str]
+    password: str | None = field(default=None, repr=False)
+    secrets: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+
+    @classmethod
+    def parse(cls, uri: str) -> DatasetURI:
+        shown = redact_uri(uri)
+        try:
+            parts = urlsplit(uri)
+            pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+            password = parts.password
+        except ValueError as exc:
+            # the message of urllib may quote the URI: say only what was wrong with the redacted one
+            raise ConfigError(f"dataset URI {shown!r} is malformed") from exc
+        if not parts.scheme:
+            raise ConfigError(
+                f"dataset URI {shown!r} has no scheme (expected e.g. builtin://... or file:///...)"
+            )
+        if parts.fragment:
+            raise ConfigError(f"dataset URI {shown!r}: fragments (#...) are not supported")
+        params: dict[str, str] = {}
+        secrets: dict[str, str] = {}
+        for key, value in pairs:
+            if key in params:
+                raise ConfigError(f"dataset URI {shown!r} repeats the parameter {key!r}")
+            if key in SECRET_PARAMS:
+                secrets[key] = value
+                value = REDACTED
+            params[key] = value
+        return cls(
+            raw=shown,
+            scheme=parts.scheme.lower(),
+            host=_redacted_netloc(parts.netloc),
+            path=parts.path,
+            params=MappingProxyType(params),
+            password=unquote(password) if password is not None else None,
+            secrets=MappingProxyType(secrets),
+        )
+
+    def secret(self, key: str, *, env_key: str) -> str | None:
+        """A secret given as ``key=value`` (kept in the site's 0600 registry) or as ``env_key=NAME`` (read
+        from that environment variable now); None if neither. Both at once is refused."""
+        given, env = self.secrets.get(key), self.params.get(env_key)
+        if given is not None and env is not None:
+            raise ConfigError(f"dataset URI {self.raw!r}: give {key}= or {env_key}=, not both")
+        if env is None:
+            return given
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError(
+                f"dataset URI {self.raw!r}: {env_key}={env} names an environment variable that is not set"
+            )
+        return value
+
+    def check_params(self, allowed: AbstractSet[str], required: AbstractSet[str] = frozenset()) -> None:
+        unknown = sorted(self.params.keys() - allowed)
+        if unknown:
+            raise ConfigError(
+                f"dataset URI {self.raw!r}: unknown parameter(s) {unknown}; allowed: {sorted(allowed)}"
+            )
+        missing = sorted(required - self.params.keys())
+        if missing:
+            raise ConfigError(f"dataset URI {self.raw!r}: missing required parameter(s) {missing}")
+
+    def int_param(self, key: str, default: int, *, low: int, high: int | None = None) -> int:
+        text = self.params.get(key)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"dataset URI {self.raw!r}: {key}={text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"dataset URI {self.raw!r}: {key}={value} must be {bound}")
+        return value
+
+    def float_param(self, key: str, default: float, *, low: float, high_exclusive: float) -> float:
+        text = self.params.get(key)
+        if text is None:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"dataset URI {self.raw!r}: {key}={text!r} is not a number") from None
+        if not low <= value < high_exclusive:
+            raise ConfigError(
+                f"dataset URI {self.raw!r}: {key}={value} must lie in [{low}, {high_exclusive})"
+            )
+        return value
+
+    def bool_param(self, key: str, default: bool) -> bool:
+        text = self.params.get(key)
+        if text is None:
+            return default
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes"):
+            return True
+        if lowered in ("0", "false", "no"):
+            return False
+        raise ConfigError(f"dataset URI {self.raw!r}: {key}={text!r} is not a boolean (true/false)")
+
+
+def _redacted_netloc(netloc: str) -> str:
+    userinfo, at, hostport = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return netloc
+    return f"{userinfo.split(':', 1)[0]}:{REDACTED}@{hostport}"
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with the user part's password and secret parameters' values shown as ``***`` (for every
+    message, listing and log line that shows a dataset URI)."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<a malformed URI>"
+    netloc = _redacted_netloc(parts.netloc)
+    query = parts.query
+    if query:
+        pieces = []
+        for piece in query.split("&"):
+            key = unquote(piece.split("=", 1)[0].replace("+", " "))
+            pieces.append(f"{piece.split('=', 1)[0]}={REDACTED}" if key in SECRET_PARAMS else piece)
+        query = "&".join(pieces)
+    scheme = f"{parts.scheme}://" if parts.scheme else ""
+    tail = (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    return f"{scheme}{netloc}{parts.path}{tail}"
+
+
+class Connector(Protocol):
+    """Opens the datasets of one URI scheme."""
+
+    def open(self, uri: DatasetURI, data_dir: Path) -> TabularDataset: ...
+
+
+# the parameters every tabular connector takes, beside its own
+TABLE_PARAMS = frozenset({"label", "id", "schema", "test_fraction", "seed", "standardize"})
+
+
+def table_options(uri: DatasetURI, *, label_required: bool = False) -> TableOptions:
+    """The shared parameters of a tabular source: roles, a declared schema, the split and scaling."""
+    schema: DatasetSchema | None = None
+    schema_path = uri.params.get("schema")
+    if schema_path is not None:
+        path = Path(schema_path)
+        if not path.is_absolute():
+            raise ConfigError(f"dataset URI {uri.raw!r}: schema={schema_path!r} must be an absolute path")
+        schema = load_schema(path)
+    if label_required and "label" not in uri.params and schema is None:
+        raise ConfigError(f"dataset URI {uri.raw!r}: missing required parameter(s) ['label']")
+    return TableOptions(
+        label=uri.params.get("label"),
+        id_column=uri.params.get("id"),
+        schema=schema,
+        test_fraction=uri.float_param("test_fraction", 0.3, low=0.0, high_exclusive=1.0),
+        seed=uri.int_param("seed", 0, low=0, high=2**32 - 1),
+        standardize=uri.bool_param("standardize", True),
+    )
+
+
+class TabularConnector(ABC):
+    """A connector whose source is a table: it reads a :class:`SourceTable`; parsing, ordering, splitting,
+    filling, encoding and scaling are shared (``_table``), and so is the quality report."""
+
+    @abstractmethod
+    def read(self, uri: DatasetURI, data_dir: Path) -> tuple[SourceTable, TableOptions]:
+        """Check the URI's parameters, then read the source's table."""
+
+    def parse(self, uri: DatasetURI, data_dir: Path) -> tuple[ParsedTable, TableOptions]:
+        source, options = self.read(uri, data_dir)
+        return parse_table(source, options), options
+
+    def open(self, uri: DatasetURI, data_dir: Path) -> TabularDataset:
+        parsed, options = self.parse(uri, data_dir)
+        return build_dataset(parsed, options)

@@ -1,0 +1,311 @@
+"""SQL: a table or a read-only query of any database SQLAlchemy reaches, as a dataset.
+
+    sql+postgresql+psycopg://analyst@db.hospital.org:5432/warehouse?table=cohort&db_schema=research
+        &id=patient_id&label=outcome&password_env=WAREHOUSE_PASSWORD
+    sql+postgresql+psycopg://analyst@db/warehouse?query=SELECT ... WHERE ward = :ward&param.ward=cardiology
+        &id=patient_id&label=outcome
+    sql+sqlite:////data/cohort.db?table=cohort&label=outcome
+
+After ``sql+`` comes the SQLAlchemy URL without its password. Parameters: ``table=`` (and ``db_schema=``),
+or ``query=`` / ``query_file=/abs/cohort.sql`` with ``param.NAME=VALUE`` for each ``:NAME`` it binds (values
+are bound, never pasted into the SQL); ``password=`` (kept in the site's 0600 registry) or
+``password_env=NAME`` (read from the environment when the dataset is opened); ``db.NAME=VALUE`` passed to the
+driver (``db.sslmode=require``); and the parameters every tabular source takes (``label``, ``id``,
+``schema``, ``test_fraction``, ``seed``, ``standardize``). A table is read ordered by its id column (by every
+column when it has none), so a row's number in a message is stable.
+
+Read-only, twice over: a query must be one ``SELECT`` (or ``WITH ... SELECT``) statement, without ``INTO``
+or row locks, checked before it is sent; and everything runs in a transaction the database itself holds
+read-only (``SET TRANSACTION READ ONLY`` on PostgreSQL and MySQL, ``PRAGMA query_only`` on SQLite), then
+rolled back. Other databases get the statement check and the rollback only.
+
+Errors are translated here, once: an unreachable server or a refused login is a
+:class:`SourceUnavailableError` / :class:`CredentialsRefusedError`, a missing table or column a
+:class:`SchemaError`, a write an :class:`UnsafeQueryError`. No message carries the password: the URL is shown
+with ``***`` and the driver's text is scrubbed of it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+
+from fedhealth.core import ConfigError, DatasetError
+from fedhealth.data._connector import (
+    REDACTED,
+    TABLE_PARAMS,
+    DatasetURI,
+    TabularConnector,
+    table_options,
+)
+from fedhealth.data._errors import (
+    CredentialsRefusedError,
+    SchemaError,
+    SourceUnavailableError,
+    UnsafeQueryError,
+)
+from fedhealth.data._table import SourceTable, TableOptions
+
+SQL_PARAMS = frozenset({"table", "query", "query_file", "db_schema", "password", "password_env"})
+_PARAM_PREFIX = "param."
+_DRIVER_PREFIX = "db."
+_CONNECT_TIMEOUT_S = 10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Database:
+    """A database a dataset URI names: its SQLAlchemy URL (with the password) and how messages show it."""
+
+    url: sa.URL
+    shown: str
+    secrets: tuple[str, ...] = ()
+
+    def scrub(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret:
+                text = text.replace(secret, REDACTED)
+        return text
+
+
+def database_of(uri: DatasetURI, prefix: str) -> Database:
+    """The database after ``<prefix>+`` in the URI's scheme, with its password from the URI's user part,
+    ``password=`` or ``password_env=``, and ``db.NAME=VALUE`` driver options."""
+    driver = uri.scheme.removeprefix(prefix + "+")
+    if driver == uri.scheme or not driver:
+        raise ConfigError(
+            f"dataset URI {uri.raw!r}: name the database after {prefix}+, like "
+            f"{prefix}+postgresql+psycopg://user@host/db"
+        )
+    netloc = urlsplit(f"//{uri.host}")
+    password = uri.secret("password", env_key="password_env")
+    if password is not None and uri.password is not None:
+        raise ConfigError(
+            f"dataset URI {uri.raw!r}: the password is given twice (in the URI and as a parameter)"
+        )
+    password = password if password is not None else uri.password
+    username = netloc.username
+    host = netloc.hostname
+    try:
+        port = netloc.port
+    except ValueError:
+        raise ConfigError(f"dataset URI {uri.raw!r}: the port is not a number") from None
+    database = unquote(uri.path[1:]) if uri.path.startswith("/") else unquote(uri.path)
+    query = {k[len(_DRIVER_PREFIX) :]: v for k, v in uri.params.items() if k.startswith(_DRIVER_PREFIX)}
+    if driver.startswith("postgresql") and "connect_timeout" not in query:
+        query["connect_timeout"] = str(
+            _CONNECT_TIMEOUT_S
+        )  # an unreachable host fails in seconds, not minutes
+    try:
+        url = sa.URL.create(
+            driver,
+            username=unquote(username) if username else None,
+            password=password,
+            host=host,
+            port=port,
+            database=database or None,
+            query=query,
+        )
+        sa.create_engine(url, poolclass=NullPool).dispose()  # checks the dialect and driver are installed
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise ConfigError(
+            f"dataset URI {uri.raw!r}: {driver!r} is not a usable SQLAlchemy database: {exc}"
+        ) from exc
+    shown = url.set(query={}).render_as_string(hide_password=True)  # no driver options in messages
+    return Database(url=url, shown=shown, secrets=(password,) if password else ())
+
+
+@contextmanager
+def read_only(db: Database, where: str) -> Iterator[sa.Connection]:
+    """A connection in a transaction the database holds read-only, rolled back at the end; every
+    driver error inside is translated (see the module docstring)."""
+    engine = sa.create_engine(db.url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            transaction = conn.begin()
+            try:
+                _hold_read_only(conn)
+                yield conn
+            finally:
+                transaction.rollback()  # nothing a dataset read does is ever committed
+    except sa.exc.DBAPIError as exc:
+        raise translate_error(exc, db, where) from exc
+    finally:
+        engine.dispose()
+
+
+def _hold_read_only(conn: sa.Connection) -> None:
+    dialect = conn.dialect.name
+    if dialect in ("postgresql", "mysql", "mariadb"):
+        conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+    elif dialect == "sqlite":
+        conn.exec_driver_sql("PRAGMA query_only = ON")
+
+
+_CREDENTIALS = (
+    "password authentication failed",
+    "no password supplied",
+    'role "',
+    "access denied",
+    "permission denied",
+    "pg_hba.conf",
+    "authentication failed",
+)
+
+
+def translate_error(exc: sa.exc.DBAPIError, db: Database, where: str) -> DatasetError:
+    """One clear error for a driver's: what failed, where, and what to do (the password scrubbed)."""
+    orig = exc.orig if exc.orig is not None else exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    text = db.scrub(lines[0] if lines else type(orig).__name__)
+    lowered = text.lower()
+    state = str(getattr(orig, "sqlstate", "") or "")
+    if state == "25006" or "read-only transaction" in lowered or "readonly database" in lowered:
+        return UnsafeQueryError(
+            f"{where}: the query tried to write, and its read-only transaction refused ({text})"
+        )
+    if state in ("42P01", "3F000", "42703") or "no such table" in lowered or "no such column" in lowered:
+        return SchemaError(f"{where}: {text}", hint="check the tables and columns the dataset names")
+    if state in ("42501", "28000", "28P01") or any(words in lowered for words in _CREDENTIALS):
+        return CredentialsRefusedError(
+            f"the database at {db.shown} refuses this site's credentials: {text}",
+            hint="check the user name and the password (password_env=NAME reads it from the environment), "
+            "and that the user may read what the dataset names",
+        )
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return SourceUnavailableError(
+            f"cannot reach the database at {db.shown}: {text}",
+            hint="is the database server running and reachable from this host? check the host, the port and "
+            "the database name",
+        )
+    return DatasetError(f"{where}: {text}")
+
+
+# --- the statement check ------------------------------------------------------------------------------------
+
+_LITERALS = re.compile(
+    r"""
+      --[^\n]*                      # a line comment
+    | /\*.*?\*/                     # a block comment
+    | '(?:[^']|'')*'                # a string
+    | "(?:[^"]|"")*"                # a quoted identifier
+    | \$(?P<tag>\w*)\$.*?\$(?P=tag)\$   # a PostgreSQL dollar-quoted string
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+_WRITES_INSIDE = re.compile(r"\b(INTO|FOR\s+(UPDATE|SHARE|NO\s+KEY\s+UPDATE|KEY\s+SHARE))\b", re.IGNORECASE)
+
+
+def check_read_only_sql(sql: str) -> None:
+    """Refuse anything but one ``SELECT`` (or ``WITH ... SELECT``) statement without ``INTO`` or row locks.
+    A writing ``WITH`` (``WITH d AS (DELETE ...) SELECT``) passes this check and is stopped by the
+    read-only transaction."""
+    body = _LITERALS.sub(" ", sql).strip()
+    body = body[:-1].rstrip() if body.endswith(";") else body
+    if not body:
+        raise UnsafeQueryError("the dataset query is empty")
+    if ";" in body:
+        raise UnsafeQueryError("the dataset query holds more than one statement")
+    first = body.split(None, 1)[0].upper()
+    if first not in ("SELECT", "WITH"):
+        raise UnsafeQueryError(f"the dataset query is a {first} statement; only SELECT is run")
+    found = _WRITES_INSIDE.search(body)
+    if found:
+        raise UnsafeQueryError(f"the dataset query uses {found.group(0).upper()}; a dataset query only reads")
+
+
+# --- the connector ------------------------------------------------------------------------------------------
+
+
+class SqlConnector(TabularConnector):
+    """``sql+<sqlalchemy-url>?table=...|query=...``: see the module docstring."""
+
+    def read(self, uri: DatasetURI, data_dir: Path) -> tuple[SourceTable, TableOptions]:
+        del data_dir
+        allowed = {k for k in uri.params if k.startswith((_PARAM_PREFIX, _DRIVER_PREFIX))}
+        uri.check_params(TABLE_PARAMS | SQL_PARAMS | allowed)
+        options = table_options(uri, label_required=True)
+        db = database_of(uri, "sql")
+        sources = [k for k in ("table", "query", "query_file") if k in uri.params]
+        if len(sources) != 1:
+            raise ConfigError(f"dataset URI {uri.raw!r}: give exactly one of table=, query= or query_file=")
+        binds = {k[len(_PARAM_PREFIX) :]: v for k, v in uri.params.items() if k.startswith(_PARAM_PREFIX)}
+        db_schema = uri.params.get("db_schema")
+        if "table" in uri.params:
+            if binds:
+                raise ConfigError(f"dataset URI {uri.raw!r}: param.NAME= goes with query=, not table=")
+            table = uri.params["table"]
+            where = f"table {table!r} at {db.shown}"
+            frame = read_sql_table(db, table, db_schema=db_schema, id_column=options.id_column, where=where)
+            return SourceTable(name=table, where=where, frame=frame), options
+        query = uri.params.get("query")
+        if query is None:
+            query = _query_file(uri, uri.params["query_file"])
+        where = f"the dataset query at {db.shown}"
+        frame = read_sql_query(db, query, binds, db_schema=db_schema, where=where)
+        return SourceTable(name="query", where=where, frame=frame), options
+
+
+def _query_file(uri: DatasetURI, text: str) -> str:
+    path = Path(text)
+    if not path.is_absolute():
+        raise ConfigError(f"dataset URI {uri.raw!r}: query_file={text!r} must be an absolute path")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"dataset URI {uri.raw!r}: query file {path} cannot be read ({exc})") from exc
+
+
+def read_sql_table(
+    db: Database, table: str, *, db_schema: str | None, id_column: str | None, where: str
+) -> pd.DataFrame:
+    """Every row of a table (ordered by ``id_column``, else by every column) in a read-only transaction."""
+    with read_only(db, where) as conn:
+        try:
+            reflected = sa.Table(table, sa.MetaData(), schema=db_schema, autoload_with=conn)
+        except sa.exc.NoSuchTableError:
+            qualified = f"{db_schema}.{table}" if db_schema else table
+            raise SchemaError(
+                f"table {qualified!r} does not exist at {db.shown} (or this user cannot see it)",
+                hint="check table= and db_schema=, and that the user may see the table",
+            ) from None
+        has_id = id_column is not None and id_column in reflected.c
+        order = [reflected.c[id_column]] if has_id else list(reflected.c)
+        result = conn.execute(sa.select(reflected).order_by(*order))
+        return _frame(result)
+
+
+def read_sql_query(
+    db: Database, query: str, binds: dict[str, str], *, db_schema: str | None, where: str
+) -> pd.DataFrame:
+    """A checked ``SELECT`` with its bound parameters, in a read-only transaction."""
+    check_read_only_sql(query)
+    statement = sa.text(query)
+    wanted = set(statement.compile().params)
+    missing, extra = sorted(wanted - binds.keys()), sorted(binds.keys() - wanted)
+    if missing:
+        raise ConfigError(
+            f"{where}: the query binds {[':' + m for m in missing]}: give param.NAME=VALUE for each"
+        )
+    if extra:
+        raise ConfigError(f"{where}: param.{extra[0]}= names no :{extra[0]} of the query")
+    with read_only(db, where) as conn:
+        if db_schema is not None:
+            if conn.dialect.name != "postgresql":
+                raise ConfigError(f"{where}: db_schema= goes with table= here; name the schema in the query")
+            conn.execute(sa.select(sa.func.set_config("search_path", db_schema, True)))
+        return _frame(conn.execute(statement, binds))
+
+
+def _frame(result: sa.CursorResult[Any]) -> pd.DataFrame:
+    columns = list(result.keys())
+    rows = result.fetchall()
+    return pd.DataFrame.from_records([tuple(r) for r in rows], columns=columns)
