@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 import fedhealth
 from fedhealth.cli import app
 from fedhealth.crypto import create_ca
+from fedhealth.learning import default_registry
 from fedhealth.protocol import (
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
@@ -174,13 +175,13 @@ def test_site_check_against_a_running_orchestrator_sends_figures_the_operator_se
         "network.latency",
         "network.download",
         "network.upload",
-        "compute.logreg",
-        "compute.synthetic",
+        *(f"compute.{name}" for name in default_registry().names()),
         "disk.free",
         "memory.available",
         "dataset:bc",
     ]
     assert list(checks) == expected
+    assert {"compute.logreg", "compute.synthetic"} <= set(checks)  # the built-in recipes are always installed
     assert all(checks[name]["status"] == "ok" for name in expected if name != "memory.available")
     assert abs(checks["clock.skew"]["value"]) < 5  # one machine, one clock
     assert checks["network.download"]["unit"] == "MB/s"
