@@ -33,6 +33,7 @@ from fedhealth.agent._client import (
     TlsVerificationError,
 )
 from fedhealth.agent._collective import HttpCollectives, check_collective_session
+from fedhealth.agent._datasets import feeds_consent, sync_consent
 from fedhealth.agent._home import SiteHome
 from fedhealth.agent._pipeline import SiteGate, TaskContext, TaskRefused
 from fedhealth.agent._secure import PeerPins, UnmaskRecord, check_secure_round, run_secure_exchange
@@ -161,7 +162,8 @@ class SiteAgent:
         the warehouse's current ones and its schema is checked against the one pinned at ``site dataset
         add`` before any task of a new study (a renamed or retyped column refuses the task, charging
         nothing); later tasks of the same study reuse those rows, so every round of a study trains on one
-        snapshot. Only the newest study's rows are kept per dataset."""
+        snapshot. Only the newest study's rows are kept per dataset. A FHIR dataset added with
+        ``consent=true`` also reads its server's Consent resources again then."""
         held = self._datasets.get(name)
         if held is not None and held[0] == study_id:
             return held[1]
@@ -175,6 +177,10 @@ class SiteAgent:
             dataset = open_dataset(uri, self.settings.data_dir)
         except ConfigError as exc:  # a malformed dataset URI: the dataset is not available
             raise DatasetError(str(exc)) from exc
+        if self.settings.home is not None and feeds_consent(uri):
+            # a FHIR dataset that feeds consent: the server's Consent resources as they are now, imported
+            # (audited) before the consent gate filters this study's rows
+            sync_consent(SiteHome(self.settings.home), name, uri)
         self._datasets[name] = (study_id, dataset)
         return dataset
 
