@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import typer
@@ -148,8 +148,11 @@ def orchestrator_serve(
         str, typer.Option(help="How long a study waits for its sites' approvals by default (e.g. 12h, 7d).")
     ] = "7d",
     log_level: Annotated[LogLevel, typer.Option(help="How much to log.")] = LogLevel.INFO,
+    dashboard: Annotated[
+        bool, typer.Option(help="Serve the governance dashboard under /ui (needs fedhealth[dashboard]).")
+    ] = True,
 ) -> None:
-    """Serve the agent API and the operator API on one HTTPS port."""
+    """Serve the agent API, the operator API and the dashboard (/ui) on one HTTPS port."""
     from fedhealth.orchestrator import OrchestratorHome, OrchestratorSettings, TlsFiles, serve
 
     orch_home = OrchestratorHome(home)
@@ -188,10 +191,28 @@ def orchestrator_serve(
             enroll_port=enroll_port,
             ready_file=ready_file,
             log_level=log_level.value,
+            extensions=_serve_extensions(dashboard=dashboard),
         )
     except OSError as exc:
         _explain_bind(exc, host, port)
         raise
+
+
+def _serve_extensions(*, dashboard: bool) -> list[Any]:
+    """The orchestrator's default extensions, plus the dashboard (it sits above the orchestrator in the
+    layers, so the command adds it, not the orchestrator)."""
+    from fedhealth.orchestrator import default_extensions
+
+    extensions: list[Any] = list(default_extensions())
+    if dashboard:
+        try:
+            from fedhealth.dashboard import DashboardExtension
+
+            extensions.append(DashboardExtension())
+        except (ImportError, FedHealthError) as exc:
+            hint = "pip install 'fedhealth[dashboard]', or serve with --no-dashboard"
+            fail(f"the dashboard cannot be served: {exc}", hint)
+    return extensions
 
 
 def _explain_bind(exc: OSError, host: str, port: int) -> None:
