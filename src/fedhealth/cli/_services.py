@@ -151,6 +151,13 @@ def orchestrator_serve(
     dashboard: Annotated[
         bool, typer.Option(help="Serve the governance dashboard under /ui (needs fedhealth[dashboard]).")
     ] = True,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus metrics on this port (0: any free port; default: off)."),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address of the metrics listener (keep it local: metrics carry no auth).")
+    ] = "127.0.0.1",
 ) -> None:
     """Serve the agent API, the operator API and the dashboard (/ui) on one HTTPS port."""
     from fedhealth.orchestrator import OrchestratorHome, OrchestratorSettings, TlsFiles, serve
@@ -191,19 +198,27 @@ def orchestrator_serve(
             enroll_port=enroll_port,
             ready_file=ready_file,
             log_level=log_level.value,
-            extensions=_serve_extensions(dashboard=dashboard),
+            extensions=_serve_extensions(
+                dashboard=dashboard, metrics_port=metrics_port, metrics_host=metrics_host
+            ),
         )
     except OSError as exc:
         _explain_bind(exc, host, port)
         raise
 
 
-def _serve_extensions(*, dashboard: bool) -> list[Any]:
-    """The orchestrator's default extensions, plus the dashboard (it sits above the orchestrator in the
-    layers, so the command adds it, not the orchestrator)."""
+def _serve_extensions(*, dashboard: bool, metrics_port: int | None, metrics_host: str) -> list[Any]:
+    """The orchestrator's default extensions, plus the dashboard and the Prometheus metrics (they sit above
+    the orchestrator in the layers, so the command adds them, not the orchestrator)."""
     from fedhealth.orchestrator import default_extensions
 
     extensions: list[Any] = list(default_extensions())
+    if metrics_port is not None:
+        try:
+            from fedhealth.dashboard import MetricsExtension
+        except ImportError as exc:
+            fail(f"metrics cannot be served: {exc}", "pip install 'fedhealth[dashboard]'")
+        extensions.append(MetricsExtension(metrics_port, host=metrics_host))
     if dashboard:
         try:
             from fedhealth.dashboard import DashboardExtension

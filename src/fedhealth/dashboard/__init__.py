@@ -7,6 +7,14 @@ installed packages (``pip install 'fedhealth[dashboard]'``).
 
 from fedhealth.dashboard._assets import MissingAsset
 from fedhealth.dashboard._extension import DashboardExtension
+from fedhealth.dashboard._metrics import DEFAULT_METRICS_HOST, FederationMetrics, MetricsExtension
 from fedhealth.dashboard._routes import dashboard_router
 
-__all__ = ["DashboardExtension", "MissingAsset", "dashboard_router"]
+__all__ = [
+    "DEFAULT_METRICS_HOST",
+    "DashboardExtension",
+    "FederationMetrics",
+    "MetricsExtension",
+    "MissingAsset",
+    "dashboard_router",
+]
