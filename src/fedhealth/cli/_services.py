@@ -597,3 +597,44 @@ def user_revoke(
     with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         client.revoke_user(name)
     typer.echo(f"user {name} is revoked")
+
+
+@site_app.command("dashboard")
+def site_dashboard(
+    home: Annotated[Path, typer.Option(help="The folder `site enroll` created.")] = Path("fedhealth-site"),
+    host: Annotated[str, typer.Option(help="Address to listen on (keep it local).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8765,
+    steward: Annotated[str | None, typer.Option(help="Your name (default: the current user).")] = None,
+    ready_file: Annotated[
+        Path | None, typer.Option(help="Write {url, login_url, pid} here (mode 0600) once listening.")
+    ] = None,
+    log_level: Annotated[LogLevel, typer.Option(help="How much to log.")] = LogLevel.WARNING,
+) -> None:
+    """The data steward's dashboard in a browser: the approvals queue (read a spec, approve or refuse it with
+    a reason). Prints a one-time sign-in link."""
+    import getpass
+
+    from fedhealth.agent import SiteHome
+
+    with friendly_errors():
+        site_home = SiteHome(home)
+        site_home.require()
+        try:
+            from fedhealth.dashboard import serve_site_dashboard
+        except ImportError as exc:
+            fail(f"the dashboard cannot be served: {exc}", "pip install 'fedhealth[dashboard]'")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        serve_site_dashboard(
+            site_home,
+            host=host,
+            port=port,
+            steward=steward or getpass.getuser(),
+            ready_file=ready_file,
+            log_level=log_level.value,
+        )
+    except KeyboardInterrupt:
+        return
+    except OSError as exc:
+        _explain_bind(exc, host, port)
+        raise

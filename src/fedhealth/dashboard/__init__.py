@@ -9,6 +9,7 @@ from fedhealth.dashboard._assets import MissingAsset
 from fedhealth.dashboard._extension import DashboardExtension
 from fedhealth.dashboard._metrics import DEFAULT_METRICS_HOST, FederationMetrics, MetricsExtension
 from fedhealth.dashboard._routes import dashboard_router
+from fedhealth.dashboard._site import serve_site_dashboard, site_dashboard_app
 
 __all__ = [
     "DEFAULT_METRICS_HOST",
@@ -17,4 +18,6 @@ __all__ = [
     "MetricsExtension",
     "MissingAsset",
     "dashboard_router",
+    "serve_site_dashboard",
+    "site_dashboard_app",
 ]
