@@ -172,3 +172,23 @@ def test_an_unknown_study_is_a_404_page_and_assets_come_from_installed_packages(
     page = dash.client.get("/ui/federation")
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert not re.search(r"<script(?![^>]*(src=|application/json))", page.text)  # no inline script
+
+
+def test_the_dashboard_benchmark_seeds_a_federation_and_times_every_page():
+    from fedhealth.dashboard import benchmark_dashboard
+
+    result = benchmark_dashboard(sites=4, studies=2, rounds=6, sites_per_study=3, repeats=1)
+    assert (result.sites, result.studies, result.rounds, result.tasks) == (4, 2, 6, 18)
+    assert result.audit_entries == 6
+    pages = [p.page for p in result.pages]
+    for page in [
+        "/ui/federation",
+        "/ui/studies",
+        "/ui/privacy",
+        "/ui/models",
+        "/ui/audit",
+        "/ui/audit/verify",
+    ]:
+        assert page in pages
+    assert any(p.startswith("/ui/studies/st_") for p in pages)
+    assert all(p.bytes > 0 and p.requests == 1 for p in result.pages)

@@ -6,6 +6,7 @@ installed packages (``pip install 'fedhealth[dashboard]'``).
 """
 
 from fedhealth.dashboard._assets import MissingAsset
+from fedhealth.dashboard._bench import DashboardBenchmark, PageTime, benchmark_dashboard
 from fedhealth.dashboard._extension import DashboardExtension
 from fedhealth.dashboard._metrics import DEFAULT_METRICS_HOST, FederationMetrics, MetricsExtension
 from fedhealth.dashboard._routes import dashboard_router
@@ -13,10 +14,13 @@ from fedhealth.dashboard._site import serve_site_dashboard, site_dashboard_app
 
 __all__ = [
     "DEFAULT_METRICS_HOST",
+    "DashboardBenchmark",
     "DashboardExtension",
     "FederationMetrics",
     "MetricsExtension",
     "MissingAsset",
+    "PageTime",
+    "benchmark_dashboard",
     "dashboard_router",
     "serve_site_dashboard",
     "site_dashboard_app",
