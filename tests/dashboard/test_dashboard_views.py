@@ -192,3 +192,23 @@ def test_the_dashboard_benchmark_seeds_a_federation_and_times_every_page():
         assert page in pages
     assert any(p.startswith("/ui/studies/st_") for p in pages)
     assert all(p.bytes > 0 and p.requests == 1 for p in result.pages)
+
+
+def test_the_budget_chart_draws_at_most_its_point_limit_per_series_and_always_the_latest(dash):
+    from fedhealth.dashboard._views import CHART_POINTS
+
+    _admin(dash)
+    with dash.svc.audit.batch():
+        for n in range(1, 3 * CHART_POINTS + 2):
+            dash.svc.audit.append(
+                AuditEventType.BUDGET_SPENT,
+                {"task_id": f"t{n}", "study_id": "st_x", "site": "site-a", "dataset": "d", "round": n,
+                 "total_epsilon": n / 1000, "budget_epsilon": 5.0, "task_epsilon": 0.001},
+            )  # fmt: skip
+    page = dash.client.get("/ui/privacy").text
+    spent = next(t for t in figure_of(page, "budget-figure")["data"] if t["name"].endswith("spent"))
+    assert len(spent["y"]) == CHART_POINTS
+    assert spent["y"][0] == pytest.approx(0.001)
+    assert spent["y"][-1] == pytest.approx((3 * CHART_POINTS + 1) / 1000)
+    assert "0.7510" in page  # the table: the latest total over all 751 attestations
+    assert ">751<" in page  # every charge counted, drawn or not

@@ -31,6 +31,9 @@ _FLAGS = GOVERNANCE_METADATA.tables["gov_model_flags"]
 # round metrics that are counts or times, not model quality: not drawn on the metrics chart
 _NOT_QUALITY = frozenset({"sites", "num_samples", "num_eval_samples", "duration_s", "contributors"})
 AUDIT_PAGE_SIZE = 200
+# points drawn per series of the burn-down chart (evenly spaced, always the latest): 20,000 attestations
+# would otherwise make a page of megabytes that the browser draws no better
+CHART_POINTS = 250
 MODELS_PAGE_SIZE = 500
 DEFAULT_INTENDED_USE = "Research within the study named above. Not validated for clinical decisions."
 
@@ -237,6 +240,14 @@ def _entries(svc: Services, types: Iterable[str]) -> list[Any]:
         )
 
 
+def _thin(points: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """At most ``limit`` evenly spaced points, the first and the last always among them."""
+    if len(points) <= limit:
+        return points
+    step = (len(points) - 1) / (limit - 1)
+    return [points[round(i * step)] for i in range(limit)]
+
+
 def privacy_view(svc: Services) -> dict[str, Any]:
     """Each site's attested epsilon spend per dataset over time against its budget, from the budget entries
     of the orchestrator's audit log (what each site's ledger attested with each task); one query."""
@@ -257,13 +268,14 @@ def privacy_view(svc: Services) -> dict[str, Any]:
     rows = []
     for (site, dataset), points in sorted(series.items()):
         name = f"{site} / {dataset}"
+        drawn = _thin(points, CHART_POINTS)
         traces.append(
             {
                 "type": "scatter",
                 "mode": "lines+markers",
                 "name": f"{name}: spent",
-                "x": [p["time"] for p in points],
-                "y": [p["total"] for p in points],
+                "x": [p["time"] for p in drawn],
+                "y": [p["total"] for p in drawn],
             }
         )
         budget = points[-1]["budget"]
