@@ -194,21 +194,30 @@ def test_the_dashboard_benchmark_seeds_a_federation_and_times_every_page():
     assert all(p.bytes > 0 and p.requests == 1 for p in result.pages)
 
 
-def test_the_budget_chart_draws_at_most_its_point_limit_per_series_and_always_the_latest(dash):
+def test_the_budget_chart_draws_at_most_its_point_limit_and_always_the_latest(dash):
     from fedhealth.dashboard._views import CHART_POINTS
 
     _admin(dash)
+    n_entries = 3 * CHART_POINTS + 1
+
+    def attest(n: int) -> None:
+        dash.svc.audit.append(
+            AuditEventType.BUDGET_SPENT,
+            {"task_id": f"t{n}", "study_id": "st_x", "site": "site-a", "dataset": "d", "round": n,
+             "total_epsilon": n / 10_000, "budget_epsilon": 5.0, "task_epsilon": 0.0001},
+        )  # fmt: skip
+
     with dash.svc.audit.batch():
-        for n in range(1, 3 * CHART_POINTS + 2):
-            dash.svc.audit.append(
-                AuditEventType.BUDGET_SPENT,
-                {"task_id": f"t{n}", "study_id": "st_x", "site": "site-a", "dataset": "d", "round": n,
-                 "total_epsilon": n / 1000, "budget_epsilon": 5.0, "task_epsilon": 0.001},
-            )  # fmt: skip
+        for n in range(1, n_entries + 1):
+            attest(n)
     page = dash.client.get("/ui/privacy").text
     spent = next(t for t in figure_of(page, "budget-figure")["data"] if t["name"].endswith("spent"))
     assert len(spent["y"]) == CHART_POINTS
-    assert spent["y"][0] == pytest.approx(0.001)
-    assert spent["y"][-1] == pytest.approx((3 * CHART_POINTS + 1) / 1000)
-    assert "0.7510" in page  # the table: the latest total over all 751 attestations
-    assert ">751<" in page  # every charge counted, drawn or not
+    assert spent["y"][0] == pytest.approx(0.0001)
+    assert spent["y"][-1] == pytest.approx(n_entries / 10_000)
+    assert f"<td>{n_entries / 10_000:.4f}</td>" in page  # the table: the latest total
+    assert f"<td>{n_entries}</td>" in page  # every charge counted, drawn or not
+    attest(n_entries + 1)  # a new attestation shows at the next view (parsed entries are kept, new ones read)
+    page = dash.client.get("/ui/privacy").text
+    assert f"<td>{(n_entries + 1) / 10_000:.4f}</td>" in page
+    assert f"<td>{n_entries + 1}</td>" in page

@@ -314,6 +314,7 @@ def dashboard_benchmark(
     )
     for page in result.pages:
         console.print(
-            f"{page.page:<40} median {page.median_ms:7.1f} ms  p90 {page.p90_ms:7.1f} ms  "
+            f"{page.page:<40} first {page.first_ms:7.1f} ms  median {page.median_ms:7.1f} ms  "
+            f"p90 {page.p90_ms:7.1f} ms  "
             f"{page.bytes:>9,} bytes"
         )

@@ -42,6 +42,7 @@ _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PageTime:
     page: str
+    first_ms: float  # the first request of a fresh process (caches cold)
     median_ms: float
     p90_ms: float
     bytes: int
@@ -217,11 +218,12 @@ async def _measure(svc: Services, app: Any, pages: list[str], repeats: int) -> l
                     raise RuntimeError(f"{page}: {response.status_code} {response.text[:200]}")
                 times.append(elapsed)
                 size = len(response.content)
-            times = times[1:]  # the first request warms caches
+            first, times = times[0], times[1:]  # the first request warms caches: reported apart
             ordered = sorted(times)
             out.append(
                 PageTime(
                     page=page,
+                    first_ms=1000 * first,
                     median_ms=1000 * statistics.median(times),
                     p90_ms=1000 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
                     bytes=size,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -31,9 +33,11 @@ _FLAGS = GOVERNANCE_METADATA.tables["gov_model_flags"]
 # round metrics that are counts or times, not model quality: not drawn on the metrics chart
 _NOT_QUALITY = frozenset({"sites", "num_samples", "num_eval_samples", "duration_s", "contributors"})
 AUDIT_PAGE_SIZE = 200
-# points drawn per series of the burn-down chart (evenly spaced, always the latest): 20,000 attestations
-# would otherwise make a page of megabytes that the browser draws no better
-CHART_POINTS = 250
+# points drawn on the burn-down chart, shared by its series (each gets at least MIN_SERIES_POINTS, evenly
+# spaced, its first and latest always among them): 20,000 attestations would otherwise make a page of
+# megabytes that the browser draws no better
+CHART_POINTS = 2000
+MIN_SERIES_POINTS = 25
 MODELS_PAGE_SIZE = 500
 DEFAULT_INTENDED_USE = "Research within the study named above. Not validated for clinical decisions."
 
@@ -228,16 +232,55 @@ def _open(status: TaskStatus) -> bool:
 # --- privacy ----------------------------------------------------------------------------------------------
 
 
-def _entries(svc: Services, types: Iterable[str]) -> list[Any]:
+def _entries(svc: Services, types: Iterable[str], after: int = 0) -> list[Any]:
     c = _ENTRIES.c
     with svc.store.engine.connect() as conn:
         return list(
             conn.execute(
                 select(c.seq, c.time, c.actor, c.type, c.payload)
-                .where((c.log_id == svc.audit.log_id) & c.type.in_(list(types)))
+                .where((c.log_id == svc.audit.log_id) & c.type.in_(list(types)) & (c.seq > after))
                 .order_by(c.seq)
             )
         )
+
+
+class _BudgetSeries:
+    """The budget attestations of one audit log, parsed once: each call reads only the entries appended
+    since the last (one query), as the governance observer reads its log. The log is append-only; an
+    entry rewritten in the database is what the audit page's verification reports."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen = 0
+        self.series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    def refresh(self, svc: Services) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        with self.lock:
+            for row in _entries(svc, [AuditEventType.BUDGET_SPENT.value], after=self.seen):
+                self.seen = max(self.seen, int(row.seq))
+                payload = json.loads(row.payload)
+                key = (str(payload.get("site", "?")), str(payload.get("dataset", "?")))
+                self.series.setdefault(key, []).append(
+                    {
+                        "time": row.time,
+                        "study_id": payload.get("study_id"),
+                        "total": _finite(payload.get("total_epsilon")),
+                        "budget": _finite(payload.get("budget_epsilon")),
+                        "task": _finite(payload.get("task_epsilon")),
+                    }
+                )
+            return {k: list(v) for k, v in self.series.items()}
+
+
+_BUDGETS: weakref.WeakKeyDictionary[Any, dict[str, _BudgetSeries]] = weakref.WeakKeyDictionary()
+_BUDGETS_LOCK = threading.Lock()
+
+
+def _budget_series(svc: Services) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    with _BUDGETS_LOCK:
+        per_log = _BUDGETS.setdefault(svc.store.engine, {})
+        cache = per_log.setdefault(svc.audit.log_id, _BudgetSeries())
+    return cache.refresh(svc)
 
 
 def _thin(points: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
@@ -250,25 +293,15 @@ def _thin(points: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
 
 def privacy_view(svc: Services) -> dict[str, Any]:
     """Each site's attested epsilon spend per dataset over time against its budget, from the budget entries
-    of the orchestrator's audit log (what each site's ledger attested with each task); one query."""
-    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in _entries(svc, [AuditEventType.BUDGET_SPENT.value]):
-        payload = json.loads(row.payload)
-        key = (str(payload.get("site", "?")), str(payload.get("dataset", "?")))
-        series.setdefault(key, []).append(
-            {
-                "time": row.time,
-                "study_id": payload.get("study_id"),
-                "total": _finite(payload.get("total_epsilon")),
-                "budget": _finite(payload.get("budget_epsilon")),
-                "task": _finite(payload.get("task_epsilon")),
-            }
-        )
+    of the orchestrator's audit log (what each site's ledger attested with each task); one query, for the
+    entries appended since the last view (:class:`_BudgetSeries`)."""
+    series = _budget_series(svc)
     traces: list[dict[str, Any]] = []
     rows = []
+    per_series = max(MIN_SERIES_POINTS, CHART_POINTS // max(1, len(series)))
     for (site, dataset), points in sorted(series.items()):
         name = f"{site} / {dataset}"
-        drawn = _thin(points, CHART_POINTS)
+        drawn = _thin(points, per_series)
         traces.append(
             {
                 "type": "scatter",
