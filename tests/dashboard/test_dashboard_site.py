@@ -1,6 +1,7 @@
 """The site dashboard (``fedhealth site dashboard``) in chromium: a data steward signs in with the one-time
 link, reads a pending spec, approves it with a reason, and the study that waited for this site starts and
-completes; the decision is in the site's signed audit log. The sign-in link works once, and a decision
+completes; the decision is in the site's signed audit log, and the site's overview shows its budgets and
+its own audit log verified. The sign-in link works once, and a decision
 without its CSRF token is refused."""
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def steward_ui(tmp_path) -> Iterator[tuple[LocalFederation, dict[str, str]]]:
         fed.start_orchestrator()
         for site in (A, B):
             fed.add_site(site)
+            fed.set_budget(site, "bc-dp", 3.0, 1e-5)  # a budget for DP studies of another dataset
             fed.start_agent(site, {"breast-cancer": BREAST_SITES[site]})
         fed.wait_for_sites([A, B])
         ready = tmp_path / "site-ui.json"
@@ -82,6 +84,10 @@ def test_a_steward_approves_a_pending_spec_in_the_browser_and_the_study_starts(s
         page.click("#approve")
         page.wait_for_selector(f"#decided tr[data-spec='{study.spec_hash}']")
         assert "approved" in page.locator(f"#decided tr[data-spec='{study.spec_hash}']").inner_text()
+        page.click("#overview-link")  # the site's budgets, consent and its own audit log
+        assert "3.0000" in page.locator("#site-budgets tr[data-dataset='bc-dp']").inner_text()
+        assert page.text_content("#site-verify").startswith("Verified")
+        _shot(page, "site-overview", tmp_path)
         # the link was spent: a second use opens nothing
         other = browser.new_page()
         assert other.goto(ui["login_url"]).status == 401

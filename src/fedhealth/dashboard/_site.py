@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
+from sqlalchemy import func, select
 
 from fedhealth.agent import (
     DatasetCheckError,
@@ -46,7 +47,8 @@ from fedhealth.agent import (
 )
 from fedhealth.core import FedHealthError
 from fedhealth.dashboard._assets import ASSET_NAMES, asset
-from fedhealth.governance import ApprovalStatus, list_study_approvals
+from fedhealth.governance import GOVERNANCE_METADATA, ApprovalStatus, list_study_approvals
+from fedhealth.privacy import BudgetLedger, sqlite_engine
 from fedhealth.protocol import StudySpec
 
 log = logging.getLogger("fedhealth.dashboard")
@@ -229,7 +231,50 @@ def site_dashboard_app(home: SiteHome, *, token: str, steward: str) -> FastAPI:
             log.warning("spec %s: %s", full[:12], warning)
         return RedirectResponse("/approvals", status_code=303)
 
+    @app.get("/overview")
+    async def overview(request: Request) -> Response:
+        if session_of(request) is None:
+            return _error(401, "sign in with the link `fedhealth site dashboard` printed")
+        data = await anyio.to_thread.run_sync(site_overview, home)
+        return _page("site_overview.html", site=site_name, steward=steward, **data)
+
     return app
+
+
+def site_overview(home: SiteHome) -> dict[str, Any]:
+    """This site's privacy budget per dataset with each study's charge, its consent states, and its own audit
+    log verified against its identity key."""
+    with SiteGovernance(home) as governance:
+        ledger_engine = sqlite_engine(home.database_path)
+        try:
+            BudgetLedger.create_schema(ledger_engine)
+            ledger = BudgetLedger(ledger_engine)
+            budgets = [ledger.statement(b.dataset) for b in ledger.budgets()]
+        finally:
+            ledger_engine.dispose()
+        records = GOVERNANCE_METADATA.tables["gov_consent_records"]
+        with governance.engine.connect() as conn:
+            consent = [
+                {"purpose": purpose, "decision": decision, "withdrawn": bool(withdrawn), "patients": int(n)}
+                for purpose, decision, withdrawn, n in conn.execute(
+                    select(
+                        records.c.purpose,
+                        records.c.decision,
+                        records.c.withdrawn_at.is_not(None),
+                        func.count(func.distinct(records.c.patient_id)),
+                    )
+                    .group_by(records.c.purpose, records.c.decision, records.c.withdrawn_at.is_not(None))
+                    .order_by(records.c.purpose, records.c.decision)
+                )
+            ]
+        report = governance.log.verify()
+    return {
+        "budgets": budgets,
+        "consent": consent,
+        "verified": report.ok,
+        "checked": report.checked,
+        "summary": report.summary(),
+    }
 
 
 def _dataset_summary(home: SiteHome, name: str) -> tuple[Any, str | None]:
