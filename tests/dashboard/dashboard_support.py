@@ -170,3 +170,13 @@ def figure_of(html: str, figure_id: str) -> dict:
     found = re.search(rf'<script type="application/json" id="{figure_id}">(.*?)</script>', html, re.S)
     assert found is not None, f"no figure {figure_id}"
     return json.loads(found.group(1))
+
+
+def copy_screenshots(folder: Path, docs: Path) -> None:
+    """The screenshots of a browser test into docs/dashboard/, as 128-colour PNGs (a third of the size)."""
+    from PIL import Image
+
+    docs.mkdir(parents=True, exist_ok=True)
+    for shot in sorted(folder.glob("*.png")):
+        image = Image.open(shot).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+        image.save(docs / shot.name, optimize=True)

@@ -9,11 +9,11 @@ The browser is /usr/bin/chromium (``.ci/run`` installs it); a missing browser fa
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dashboard_support import copy_screenshots
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from fedhealth.protocol import OperatorCredential, PrivacySpec, StudyStatus
@@ -160,9 +160,7 @@ def test_each_page_renders_its_data_and_its_charts_draw(fed, browser, tmp_path):
     _shot(page, "audit", tmp_path)
     assert errors == []
     if os.environ.get("FEDHEALTH_DASHBOARD_SCREENSHOTS") == "1":
-        DOCS.mkdir(parents=True, exist_ok=True)
-        for shot in tmp_path.glob("*.png"):
-            shutil.copy(shot, DOCS / shot.name)
+        copy_screenshots(tmp_path, DOCS)
 
 
 def test_a_reader_sees_no_admin_action_and_is_refused_one(fed, browser):

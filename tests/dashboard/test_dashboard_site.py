@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dashboard_support import copy_screenshots
 from playwright.sync_api import sync_playwright
 
 from fedhealth.agent import SiteGovernance
@@ -102,9 +102,7 @@ def test_a_steward_approves_a_pending_spec_in_the_browser_and_the_study_starts(s
     ]
     assert any(e.type == AuditEventType.STUDY_REVIEWED and e.payload["steward"] == "dana" for e in entries)
     if os.environ.get("FEDHEALTH_DASHBOARD_SCREENSHOTS") == "1":
-        DOCS.mkdir(parents=True, exist_ok=True)
-        for shot in tmp_path.glob("*.png"):
-            shutil.copy(shot, DOCS / shot.name)
+        copy_screenshots(tmp_path, DOCS)
 
 
 def test_a_decision_without_its_csrf_token_is_refused_and_recorded_nowhere(steward_ui):
