@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -180,3 +181,22 @@ def copy_screenshots(folder: Path, docs: Path) -> None:
     for shot in sorted(folder.glob("*.png")):
         image = Image.open(shot).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
         image.save(docs / shot.name, optimize=True)
+
+
+_SERIOUS = ("serious", "critical")
+
+
+def assert_accessible(page: Any) -> None:
+    """axe-core (from the installed axe-playwright-python) run in the page: no serious or critical violation.
+    The page's context must bypass its CSP (the script is injected inline)."""
+    import importlib.resources
+
+    script = (importlib.resources.files("axe_playwright_python") / "axe.min.js").read_text(encoding="utf-8")
+    if not page.evaluate("() => typeof window.axe !== 'undefined'"):
+        page.add_script_tag(content=script)
+    violations = page.evaluate(
+        """async () => (await axe.run(document, {resultTypes: ['violations']})).violations.map(v => ({
+             id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.map(n => n.target.join(' '))}))"""
+    )
+    bad = [v for v in violations if v["impact"] in _SERIOUS]
+    assert not bad, f"{page.url}: {bad}"

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dashboard_support import copy_screenshots
+from dashboard_support import assert_accessible, copy_screenshots
 from playwright.sync_api import sync_playwright
 
 from fedhealth.agent import SiteGovernance
@@ -70,7 +70,7 @@ def test_a_steward_approves_a_pending_spec_in_the_browser_and_the_study_starts(s
     assert fed.study(study.study_id).status is StudyStatus.AWAITING_APPROVAL
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page = browser.new_page(viewport={"width": 1100, "height": 800}, bypass_csp=True)
         page.goto(ui["login_url"])
         assert page.text_content("#steward") == "dana"
         row = page.locator(f"#pending tr[data-spec='{study.spec_hash}']")
@@ -126,4 +126,5 @@ def test_a_decision_without_its_csrf_token_is_refused_and_recorded_nowhere(stewa
 
 
 def _shot(page, name: str, folder: Path) -> None:
+    assert_accessible(page)
     page.screenshot(path=str(folder / f"{name}.png"))
