@@ -221,3 +221,13 @@ def test_the_budget_chart_draws_at_most_its_point_limit_and_always_the_latest(da
     page = dash.client.get("/ui/privacy").text
     assert f"<td>{(n_entries + 1) / 10_000:.4f}</td>" in page
     assert f"<td>{n_entries + 1}</td>" in page
+
+
+def test_a_missing_asset_package_or_file_is_one_clear_error():
+    from fedhealth.dashboard import MissingAsset
+    from fedhealth.dashboard._assets import _package_file
+
+    with pytest.raises(MissingAsset, match=r"pip install 'fedhealth\[dashboard\]'"):
+        _package_file("no_such_asset_package", "x.js")
+    with pytest.raises(MissingAsset, match="static/nothing.js is missing"):
+        _package_file("fedhealth.dashboard", "static", "nothing.js")
