@@ -229,5 +229,5 @@ def test_a_missing_asset_package_or_file_is_one_clear_error():
 
     with pytest.raises(MissingAsset, match=r"pip install 'fedhealth\[dashboard\]'"):
         _package_file("no_such_asset_package", "x.js")
-    with pytest.raises(MissingAsset, match="static/nothing.js is missing"):
+    with pytest.raises(MissingAsset, match=r"static/nothing\.js is missing"):
         _package_file("fedhealth.dashboard", "static", "nothing.js")
