@@ -33,7 +33,7 @@ from fedhealth.core import DatasetError
 from fedhealth.data import TabularDataset
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
-from fedhealth.learning._lightgbm_network import SessionNetwork
+from fedhealth.learning._lightgbm_network import SessionNetwork, TreeTracker
 from fedhealth.learning._recipe import (
     CombinationPattern,
     DataSchema,
@@ -345,6 +345,12 @@ def train_site(
         local_rows=len(y),
         init_schedule=_init_schedule(params),
         init_score=lambda _i: global_mean,
+        tree=TreeTracker(
+            codes.astype(np.int64),
+            num_leaves=params.num_leaves,
+            max_depth=params.max_depth,
+            min_data_in_leaf=params.min_data_in_leaf,
+        ),
     )
     network.bind(lgb.basic._LIB)
     try:

@@ -35,14 +35,17 @@ import math
 import struct
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fedhealth.learning._collectives import Collectives
 
 # 2 x SplitInfo::Size(max_cat_threshold) with LightGBM's default max_cat_threshold of 32 (split_info.hpp)
 SPLIT_RECORD_BYTES = 2 * (94 + 4 * 32)
+_SCALE = 2.0**40  # the session's fixed-point scale
 ROOT_TUPLE_BYTES = 24  # std::tuple<int32, double, double> in libstdc++: Σh at 0, Σg at 8, n at 16
 
 _REDUCER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int32)
@@ -92,6 +95,7 @@ class SessionNetwork:
         local_rows: int,
         init_schedule: Sequence[str],
         init_score: Callable[[int], float | None],
+        tree: TreeTracker | None = None,
     ) -> None:
         self.session = session
         self.n = len(session.sites)
@@ -104,6 +108,7 @@ class SessionNetwork:
         self.error: BaseException | None = None
         self.calls: dict[str, int] = {}
         self._sum_reducers: dict[int, bool] = {}
+        self.tree = tree
 
     # --- binding to LightGBM's thread-local network ----------------------------------------------------
 
@@ -136,6 +141,18 @@ class SessionNetwork:
 
     def _count(self, what: str) -> None:
         self.calls[what] = self.calls.get(what, 0) + 1
+
+    def _float_sum(self, values: NDArray[np.float64]) -> NDArray[np.float64]:
+        """The sum of float64 values over the sites, exact to 2^-80 (one secure sum of twice the values):
+        each value splits into its 2^-40 fixed-point part and the remainder times 2^40 (both exact in
+        float64), each part sums exactly in the session's ring, and the result is their sum, rounded once.
+        A plain 2^-40 sum would round the tiny hessians of confident rows (float32 values below 2^-17), and
+        the model would drift from LightGBM's own sums."""
+        flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+        high = np.rint(flat * _SCALE) / _SCALE
+        low = (flat - high) * _SCALE
+        total = self.session.secure_sum(np.concatenate([high, low]))
+        return np.asarray(total[: flat.size] + total[flat.size :] / _SCALE, dtype=np.float64)
 
     # --- reduce-scatter --------------------------------------------------------------------------------
 
@@ -171,7 +188,7 @@ class SessionNetwork:
                     raise UnprotectedCollectiveError(
                         "LightGBM asked for a reduce-scatter that is not a float64 sum"
                     )
-                total = self.session.secure_sum(data.view(np.float64))
+                total = self._float_sum(data.view(np.float64))
                 own = total.view(np.uint8)[start : start + length]
                 self._count("histogram_sum")
             except BaseException as exc:
@@ -217,7 +234,9 @@ class SessionNetwork:
                 raise UnprotectedCollectiveError("LightGBM's root statistics do not have the expected layout")
             self.phase = "train"
             self._count("root_sum")
-            h, g, n = self.session.secure_sum(np.array([hess, grad, rows], dtype=np.float64)).tolist()
+            h, g, n = self._float_sum(np.array([hess, grad, rows], dtype=np.float64)).tolist()
+            if self.tree is not None:
+                self.tree.start(round(n))
             return [struct.pack("<ddi4x", h, g, round(n)), *[zeros] * (self.n - 1)]
         if size == 8:
             kind = "sum" if self.phase == "create" else (self._schedule.pop(0) if self._schedule else None)
@@ -226,7 +245,7 @@ class SessionNetwork:
             (value,) = struct.unpack("<d", data)
             if kind == "sum":
                 self._count("statistic_sum")
-                total = self.session.secure_sum(np.array([value], dtype=np.float64))
+                total = self._float_sum(np.array([value], dtype=np.float64))
                 return [struct.pack("<d", float(total[0])), *[zeros] * (self.n - 1)]
             self._count("init_score")
             chosen = self._init_score(self._means)
@@ -245,7 +264,132 @@ class SessionNetwork:
         values = np.zeros((self.n, words.size), dtype=np.float64)
         values[self.rank] = words
         total = self.session.secure_sum(values.reshape(-1)).reshape(self.n, words.size)
-        return [np.rint(row).astype("<u2").tobytes() for row in total]
+        blocks = [np.rint(row).astype("<u2").tobytes() for row in total]
+        if self.tree is not None:
+            blocks = self.tree.exact_counts(blocks, self.session)
+        return blocks
+
+
+# SplitInfo::CopyTo's layout (split_info.hpp): feature i32 @0, left_count i32 @4, right_count i32 @8,
+# gain f64 @12, threshold u32 @20, ...
+_SPLIT_BYTES = SPLIT_RECORD_BYTES // 2
+_HEAD = struct.Struct("<iiidI")
+
+
+@dataclass(slots=True)
+class _Split:
+    feature: int
+    left: int
+    right: int
+    gain: float
+    threshold: int
+
+    def beats(self, other: _Split) -> bool:
+        """SplitInfo::operator>: the larger gain, then the smaller feature index (-1 last)."""
+        if self.gain != other.gain:
+            return self.gain > other.gain
+        mine = self.feature if self.feature >= 0 else 2**31 - 1
+        theirs = other.feature if other.feature >= 0 else 2**31 - 1
+        return mine < theirs
+
+
+_NONE = _Split(feature=-1, left=0, right=0, gain=-math.inf, threshold=0)
+
+
+class TreeTracker:
+    """This site's copy of the tree LightGBM is growing, so that every split record carries the exact number
+    of rows on each side (a secure sum of the sites' own counts) instead of LightGBM's data-parallel estimate
+    from hessians. With exact counts LightGBM's data-parallel learner makes the decisions its serial learner
+    makes on the pooled rows (min_data_in_leaf, the smaller child, the counts in the model).
+
+    It replays SerialTreeLearner::Train of LightGBM 4.7.0: best-first, the leaf of the largest gain is split
+    (left keeps the leaf's index, right takes the next), children with ``left_count < right_count`` make the
+    left child the smaller one, and BeforeFindBestSplit skips the search when the depth limit is reached or
+    both children are below twice ``min_data_in_leaf``.
+    """
+
+    def __init__(self, codes: NDArray[np.int64], *, num_leaves: int, max_depth: int, min_data_in_leaf: int):
+        self.codes = codes
+        self.num_leaves = num_leaves
+        self.max_depth = max_depth
+        self.min_data_in_leaf = min_data_in_leaf
+        self.leaf_of_row = np.zeros(codes.shape[0], dtype=np.int64)
+        self.counts: list[int] = []
+        self.depth: list[int] = []
+        self.best: list[_Split] = []
+        self.pending: tuple[int, int] | None = None
+        self.splits = 0
+
+    def start(self, rows: int) -> None:
+        """A new tree: every row in leaf 0; the search for (smaller 0, larger none) comes next."""
+        self.leaf_of_row[:] = 0
+        self.counts, self.depth, self.best = [rows], [0], [_NONE]
+        self.pending = (0, -1)
+        self.splits = 0
+
+    def exact_counts(self, blocks: list[bytes], session: Collectives) -> list[bytes]:
+        if self.pending is None:
+            raise UnprotectedCollectiveError("LightGBM searched for a split the replayed tree did not expect")
+        leaves = self.pending
+        records = [[_Split(*_HEAD.unpack_from(b, k * _SPLIT_BYTES)) for k in (0, 1)] for b in blocks]
+        local = np.zeros((len(blocks), 2), dtype=np.float64)
+        for k, leaf in enumerate(leaves):
+            if leaf < 0:
+                continue
+            in_leaf = self.codes[self.leaf_of_row == leaf]
+            for site, pair in enumerate(records):
+                if pair[k].feature >= 0:
+                    local[site, k] = np.count_nonzero(in_leaf[:, pair[k].feature] <= pair[k].threshold)
+        left = np.rint(session.secure_sum(local.reshape(-1))).astype(np.int64).reshape(local.shape)
+        out = []
+        for site, pair in enumerate(records):
+            block = bytearray(blocks[site])
+            for k, leaf in enumerate(leaves):
+                if leaf >= 0 and pair[k].feature >= 0:
+                    pair[k].left = int(left[site, k])
+                    pair[k].right = self.counts[leaf] - pair[k].left
+                    struct.pack_into("<ii", block, k * _SPLIT_BYTES + 4, pair[k].left, pair[k].right)
+            out.append(bytes(block))
+        for k, leaf in enumerate(leaves):  # SyncUpGlobalBestSplit: the first best in site order
+            if leaf >= 0:
+                chosen = records[0][k]
+                for pair in records[1:]:
+                    if pair[k].beats(chosen):
+                        chosen = pair[k]
+                self.best[leaf] = chosen
+        self._grow()
+        return out
+
+    def _grow(self) -> None:
+        """Replay LightGBM's loop until its next split search (``pending``) or the tree's end (None)."""
+        self.pending = None
+        while True:
+            best_leaf = 0
+            for leaf in range(1, len(self.best)):
+                if self.best[leaf].beats(self.best[best_leaf]):
+                    best_leaf = leaf
+            split = self.best[best_leaf]
+            if split.gain <= 0.0:
+                return
+            new = len(self.counts)
+            rows = self.leaf_of_row == best_leaf
+            goes_right = rows & (self.codes[:, split.feature] > split.threshold)
+            self.leaf_of_row[goes_right] = new
+            self.counts[best_leaf] = split.left
+            self.counts.append(split.right)
+            self.depth[best_leaf] += 1
+            self.depth.append(self.depth[best_leaf])
+            self.best.append(_NONE)
+            self.splits += 1
+            if self.splits >= self.num_leaves - 1:
+                return
+            too_deep = self.max_depth > 0 and self.depth[best_leaf] >= self.max_depth
+            too_few = split.right < 2 * self.min_data_in_leaf and split.left < 2 * self.min_data_in_leaf
+            if too_deep or too_few:
+                self.best[best_leaf] = self.best[new] = _NONE
+                continue
+            self.pending = (best_leaf, new) if split.left < split.right else (new, best_leaf)
+            return
 
 
 def _times_n(value: float, n: int) -> float:
