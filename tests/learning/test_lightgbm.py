@@ -217,3 +217,9 @@ def test_a_dataset_of_another_width_is_refused_before_training(centers):
     resolved = resolve_recipe("lightgbm", "1", {"n_features": 12})
     with pytest.raises(Exception, match="has 13 features; the study's model expects 12"):
         resolved.check_dataset(centers[0])
+
+
+def test_the_site_check_reference_step_trains_on_synthetic_rows():
+    step = LIGHTGBM_RECIPE.reference_step()
+    step.run()
+    assert "synthetic" in step.note

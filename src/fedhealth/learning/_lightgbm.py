@@ -434,7 +434,12 @@ class LightGbmRecipe:
             X = rng.normal(size=(2000, 10))
             y = (X[:, 0] + rng.normal(size=2000) > 0).astype(np.int64)
             data = TabularDataset(
-                "reference", X[:1500], y[:1500], X[1500:], y[1500:], tuple(map(str, range(10)))
+                name="reference",
+                X_train=X[:1500],
+                y_train=y[:1500],
+                X_test=X[1500:],
+                y_test=y[1500:],
+                feature_names=tuple(f"x{j}" for j in range(10)),
             )
             train_pooled(LightGbmParams(n_features=10, num_rounds=20), [data])
 
