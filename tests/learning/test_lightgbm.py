@@ -78,7 +78,9 @@ def test_without_exact_counts_lightgbm_data_parallel_drifts_from_the_pooled_mode
     # and on Fed-Heart-Disease its trees leave the pooled ones (the counts first, then the splits)
     from fedhealth.learning import _lightgbm_network
 
-    monkeypatch.setattr(_lightgbm_network.TreeTracker, "exact_counts", lambda self, blocks, session: blocks)
+    monkeypatch.setattr(
+        _lightgbm_network.TreeTracker, "exact_counts", lambda self, blocks, secure_sum: blocks
+    )
     monkeypatch.setattr(_lightgbm_network.TreeTracker, "start", lambda self, rows: None)
     params = LightGbmParams(n_features=13, num_rounds=10)
     federated = _federated(params, centers)[SITES[0]][0]
@@ -99,6 +101,7 @@ def test_the_collectives_lightgbm_asks_for_are_the_protected_ones(centers):
     assert calls["init_score"] == 1
     assert calls["root_sum"] == 5
     assert calls["histogram_sum"] == calls["split_records"] == 5 * 3  # 4 leaves: 3 split steps per tree
+    assert calls.pop("values_sent") > 0
     assert set(calls) == {
         "count_sum",
         "statistic_sum",

@@ -370,7 +370,10 @@ def train_site(
                 break
     finally:
         network.unbind(lgb.basic._LIB)
-    return LightGbmModel(model_text=booster.model_to_string(), binning=binning), dict(network.calls)
+    return LightGbmModel(model_text=booster.model_to_string(), binning=binning), {
+        **network.calls,
+        "values_sent": network.values_sent,
+    }
 
 
 def _test_sums(params: LightGbmParams, model: LightGbmModel, dataset: TabularDataset) -> NDArray[np.float64]:

@@ -109,6 +109,7 @@ class SessionNetwork:
         self.calls: dict[str, int] = {}
         self._sum_reducers: dict[int, bool] = {}
         self.tree = tree
+        self.values_sent = 0  # float64 values this site put into secure sums during training
 
     # --- binding to LightGBM's thread-local network ----------------------------------------------------
 
@@ -142,6 +143,10 @@ class SessionNetwork:
     def _count(self, what: str) -> None:
         self.calls[what] = self.calls.get(what, 0) + 1
 
+    def _secure_sum(self, values: NDArray[np.float64]) -> NDArray[np.float64]:
+        self.values_sent += int(np.size(values))
+        return self.session.secure_sum(values)
+
     def _float_sum(self, values: NDArray[np.float64]) -> NDArray[np.float64]:
         """The sum of float64 values over the sites, exact to 2^-80 (one secure sum of twice the values):
         each value splits into its 2^-40 fixed-point part and the remainder times 2^40 (both exact in
@@ -151,7 +156,7 @@ class SessionNetwork:
         flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
         high = np.rint(flat * _SCALE) / _SCALE
         low = (flat - high) * _SCALE
-        total = self.session.secure_sum(np.concatenate([high, low]))
+        total = self._secure_sum(np.concatenate([high, low]))
         return np.asarray(total[: flat.size] + total[flat.size :] / _SCALE, dtype=np.float64)
 
     # --- reduce-scatter --------------------------------------------------------------------------------
@@ -226,7 +231,7 @@ class SessionNetwork:
         if size == 4:
             self._count("count_sum")
             (value,) = struct.unpack("<i", data)
-            total = self.session.secure_sum(np.array([value], dtype=np.float64))
+            total = self._secure_sum(np.array([value], dtype=np.float64))
             return [struct.pack("<i", round(float(total[0]))), *[zeros] * (self.n - 1)]
         if size == ROOT_TUPLE_BYTES and self.phase != "create":
             hess, grad, rows = struct.unpack("<ddi4x", data)
@@ -252,7 +257,7 @@ class SessionNetwork:
             self._means += 1
             if chosen is None:  # LightGBM's own value, the same at every site: check that it is
                 chosen = value
-                total = self.session.secure_sum(np.array([value], dtype=np.float64))
+                total = self._secure_sum(np.array([value], dtype=np.float64))
                 if total[0] != int(np.rint(value * 2.0**40)) * self.n / 2.0**40:
                     raise UnprotectedCollectiveError("the sites do not agree on the initial score")
             return [struct.pack("<d", _times_n(chosen, self.n)), *[zeros] * (self.n - 1)]
@@ -263,10 +268,10 @@ class SessionNetwork:
         words = np.frombuffer(data, dtype="<u2").astype(np.float64)
         values = np.zeros((self.n, words.size), dtype=np.float64)
         values[self.rank] = words
-        total = self.session.secure_sum(values.reshape(-1)).reshape(self.n, words.size)
+        total = self._secure_sum(values.reshape(-1)).reshape(self.n, words.size)
         blocks = [np.rint(row).astype("<u2").tobytes() for row in total]
         if self.tree is not None:
-            blocks = self.tree.exact_counts(blocks, self.session)
+            blocks = self.tree.exact_counts(blocks, self._secure_sum)
         return blocks
 
 
@@ -327,7 +332,9 @@ class TreeTracker:
         self.pending = (0, -1)
         self.splits = 0
 
-    def exact_counts(self, blocks: list[bytes], session: Collectives) -> list[bytes]:
+    def exact_counts(
+        self, blocks: list[bytes], secure_sum: Callable[[NDArray[np.float64]], NDArray[np.float64]]
+    ) -> list[bytes]:
         if self.pending is None:
             raise UnprotectedCollectiveError("LightGBM searched for a split the replayed tree did not expect")
         leaves = self.pending
@@ -340,7 +347,7 @@ class TreeTracker:
             for site, pair in enumerate(records):
                 if pair[k].feature >= 0:
                     local[site, k] = np.count_nonzero(in_leaf[:, pair[k].feature] <= pair[k].threshold)
-        left = np.rint(session.secure_sum(local.reshape(-1))).astype(np.int64).reshape(local.shape)
+        left = np.rint(secure_sum(local.reshape(-1))).astype(np.int64).reshape(local.shape)
         out = []
         for site, pair in enumerate(records):
             block = bytearray(blocks[site])
