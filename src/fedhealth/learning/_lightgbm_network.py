@@ -202,7 +202,9 @@ class SessionNetwork:
 
     # --- allgather -------------------------------------------------------------------------------------
 
-    def allgather(self, input_ptr: int, input_size: int, starts: list[int], lens: list[int], output_ptr: int):  # type: ignore[no-untyped-def]
+    def allgather(
+        self, input_ptr: int, input_size: int, starts: list[int], lens: list[int], output_ptr: int
+    ) -> None:
         data = ctypes.string_at(input_ptr, input_size)  # first: LightGBM may pass output as input
         blocks = [b"\0" * length for length in lens]
         if self.error is None:
@@ -212,12 +214,10 @@ class SessionNetwork:
                 self.error = exc
         if self.error is not None:  # alone: every block this site's own
             blocks = [data[:length].ljust(length, b"\0") for length in lens]
-        out = b"".join(blocks)
-        total = starts[-1] + lens[-1]
-        if len(out) != total or any(starts[i] != sum(lens[:i]) for i in range(len(lens))):
-            out = bytearray(total)
-            for i, block in enumerate(blocks):
-                out[starts[i] : starts[i] + lens[i]] = block
+        total = max(start + length for start, length in zip(starts, lens, strict=True))
+        out = bytearray(total)
+        for start, length, block in zip(starts, lens, blocks, strict=True):
+            out[start : start + length] = block
         ctypes.memmove(output_ptr, bytes(out), total)
 
     def _allgather(self, data: bytes, lens: list[int]) -> list[bytes]:
