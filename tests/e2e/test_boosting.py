@@ -136,3 +136,12 @@ def test_a_site_killed_mid_training_fails_the_boosting_session_for_everyone(fed,
     completed = max(r["index"] for r in records if r["event"] == "completed")
     assert not [r for r in records if r["event"] == "completed" and r["index"] > completed]
     assert not [r for r in records if r["op"] == "BROADCAST"]  # the leader never released anything
+
+
+def test_bad_lightgbm_params_are_refused_at_submission_in_one_line_and_no_study_is_created(fed):
+    before = {s.study_id for s in fed.operator.studies()}
+    spec = _spec(fed, "lightgbm-bad", {"n_features": 13, "objective": "lambdarank"}, timeout_s=5)
+    with pytest.raises(Exception, match=r"recipe\.params\.objective: Input should be") as err:
+        fed.create_study(spec, approve=False)
+    assert "\n" not in str(err.value)
+    assert {s.study_id for s in fed.operator.studies()} == before
