@@ -226,3 +226,72 @@ def test_the_site_check_reference_step_trains_on_synthetic_rows():
     step = LIGHTGBM_RECIPE.reference_step()
     step.run()
     assert "synthetic" in step.note
+
+
+class _Recording:
+    """A stand-in session that records what would be summed (the protocol's only way out)."""
+
+    site = "a"
+    sites = ("a", "b", "c")
+
+    def __init__(self) -> None:
+        self.summed: list[np.ndarray] = []
+
+    def secure_sum(self, values):
+        self.summed.append(np.array(values))
+        return np.array(values, dtype=np.float64) * 3
+
+    def broadcast(self, data):
+        raise AssertionError("nothing is broadcast during training")
+
+    def barrier(self):
+        raise AssertionError("no barrier during training")
+
+
+def _network(session: _Recording) -> Any:
+    from fedhealth.learning._lightgbm_network import SessionNetwork
+
+    return SessionNetwork(session, local_rows=10, init_schedule=[], init_score=lambda _i: None)
+
+
+def test_a_collective_lightgbm_was_not_expected_to_ask_for_fails_instead_of_being_sent():
+    from fedhealth.learning._lightgbm_network import UnprotectedCollectiveError
+
+    session = _Recording()
+    network = _network(session)
+    network.phase = "train"
+    for size in (
+        12,
+        8,
+        100,
+    ):  # an allgather of a size no protected call site has, or an 8-byte one mid-training
+        with pytest.raises(UnprotectedCollectiveError):
+            network._allgather(b"\x01" * size, [size] * 3)
+    assert session.summed == []  # nothing left the site
+
+
+def test_a_reduce_scatter_whose_reducer_is_not_a_sum_is_refused():
+    import ctypes
+
+    from fedhealth.learning._lightgbm_network import _REDUCER, UnprotectedCollectiveError
+
+    @_REDUCER
+    def maximum(src, dst, type_size, length):  # a max reducer, as LightGBM's GlobalSyncUpByMax has
+        a = (ctypes.c_double * (length // 8)).from_address(src)
+        b = (ctypes.c_double * (length // 8)).from_address(dst)
+        for i in range(length // 8):
+            b[i] = max(a[i], b[i])
+
+    pointer = ctypes.c_void_p(ctypes.cast(maximum, ctypes.c_void_p).value)
+    session = _Recording()
+    network = _network(session)
+    data = np.arange(6, dtype=np.float64)
+    out = np.zeros(2)
+    network.reduce_scatter(
+        data.ctypes.data, 48, 8, [0, 16, 32], [16, 16, 16], out.ctypes.data, ctypes.addressof(pointer)
+    )
+    assert isinstance(network.error, UnprotectedCollectiveError)
+    assert session.summed == []
+    assert out.tolist() == [0.0, 1.0]  # the site's own block: LightGBM goes on alone until the loop raises
+    with pytest.raises(UnprotectedCollectiveError):
+        network.check()

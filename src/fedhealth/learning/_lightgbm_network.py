@@ -228,7 +228,7 @@ class SessionNetwork:
         if size == SPLIT_RECORD_BYTES:
             self._count("split_records")
             return self._gather_records(data)
-        if size == 4:
+        if size == 4 and self.phase == "create":  # the objective's label counts (BinaryLogloss::Init)
             self._count("count_sum")
             (value,) = struct.unpack("<i", data)
             total = self._secure_sum(np.array([value], dtype=np.float64))
