@@ -15,8 +15,10 @@ import pytest
 
 from fedhealth.data import load_heart_disease
 from fedhealth.learning import LIGHTGBM_RECIPE, LightGbmModel, LightGbmParams, train_pooled
+from fedhealth.learning._lightgbm import cell_counts
 from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec, StudyStatus, TaskKind, TaskStatus
 from fedhealth.runtime import run_collective_in_memory
+from fedhealth.secagg import encode_fixed
 from fedhealth.sim import LocalFederation
 from support import heart_data_dir
 
@@ -112,6 +114,15 @@ def test_federated_lightgbm_through_the_services_is_the_pooled_model_and_the_rel
     assert len(sums) > 4 * 8 * 5  # bins, per tree the root, per split step histograms, records, counts
     for record in sums:  # a clear vector would be small fixed-point numbers; a masked one is uniform
         assert not all(_small(v) for v in record["head"]), record
+    # the first sum is the grid counts: each site's masked vector shares no coordinate with its clear counts
+    lp = LightGbmParams(**params)
+    low, high = zip(*lp.ranges(), strict=True)
+    for site, center in zip(SITES, centers, strict=True):
+        clear = encode_fixed(cell_counts(center.X_train, low, high, lp.grid_cells).reshape(-1), 4)
+        [first] = [r for r in records if r["event"] == "received" and r["index"] == 1 and r["site"] == site]
+        assert first["op"] == "SUM"
+        assert len(first["head"]) == 16
+        assert not any(a == b for a, b in zip(first["head"], clear[:16].tolist(), strict=True))
 
 
 def test_a_site_killed_mid_training_fails_the_boosting_session_for_everyone(fed, capture):
