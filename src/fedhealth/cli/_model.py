@@ -1,4 +1,7 @@
-"""``fedhealth model predict``: apply a downloaded study model to the rows of a raw CSV file.
+"""``fedhealth model predict`` (a downloaded model on the rows of a raw CSV file) and ``fedhealth model
+export`` (a study's final model as a model package: docs/model-packages.md).
+
+    fedhealth model export STUDY --out DIR [--force]
 
     fedhealth study download ID --model model.safetensors
     fedhealth model predict --model model.safetensors --csv new-patients.csv --id patient_id [--label target]
@@ -18,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from fedhealth.cli._common import JsonOption, print_json
+from fedhealth.cli._common import CredentialOption, JsonOption, UrlOption, operator_client, print_json
 
 
 class ScalingChoice(StrEnum):  # fedhealth.client.Scaling, without importing numpy for `--help`
@@ -73,3 +76,25 @@ def model_predict(
     if out is not None:
         summary += f"; written to {out}"
     typer.echo(summary, err=out is None)
+
+
+def model_export(
+    study_id: Annotated[str, typer.Argument(help="The study whose final model to package.")],
+    out: Annotated[Path, typer.Option("--out", help="The package folder to write (new or empty).")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the package files in a folder that is not empty.")
+    ] = False,
+    credential: CredentialOption = Path("admin.credential"),
+    orchestrator: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a completed study's model as a package: weights, metadata and, where the recipe can, ONNX."""
+    from fedhealth.client import export_package
+
+    with operator_client(credential, orchestrator) as client:
+        metadata = export_package(client, study_id, out, force=force)
+    if as_json:
+        print_json(metadata)
+        return
+    files = ", ".join(sorted(metadata["files"]))
+    typer.echo(f"model {metadata['model_digest'][:16]}… of study {study_id} packaged in {out} ({files})")

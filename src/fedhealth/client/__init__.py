@@ -11,6 +11,7 @@ from fedhealth.client._model import (
     ModelFileError,
     Predictions,
     Scaling,
+    export_package,
     load_model,
     predict_csv,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "Predictions",
     "Scaling",
     "SpecFileError",
+    "export_package",
     "field_errors",
     "load_model",
     "load_signing_key",
