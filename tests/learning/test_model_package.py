@@ -273,7 +273,7 @@ def test_an_edited_spec_is_refused_by_its_hash(setup, tmp_path):
 
 
 def test_a_folder_without_a_package_is_refused(tmp_path):
-    with pytest.raises(PackageError, match="no metadata.json"):
+    with pytest.raises(PackageError, match=r"no metadata\.json"):
         fedhealth.load_model(tmp_path)
     with pytest.raises(PackageError, match="no such package folder"):
         fedhealth.load_model(tmp_path / "absent")
