@@ -15,18 +15,10 @@ file (``fedhealth model export``).
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    JsonValue,
-    SerializerFunctionWrapHandler,
-    model_serializer,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from fedhealth.core import ConfigError, DatasetError, TensorSpec
 from fedhealth.data import TabularDataset
@@ -105,16 +97,6 @@ class LogRegParams(BaseModel):
             if problem is not None:
                 raise ValueError(problem)
         return self
-
-    @model_serializer(mode="wrap")
-    def _omit_unset_additions(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # the fields added for model packages are left out while unset, so that every spec written before
-        # them (and its hash, which stewards approved) stays exactly as it was
-        data: dict[str, Any] = handler(self)
-        for key in ("preprocessing", "label_meaning"):
-            if data.get(key) is None:
-                data.pop(key, None)
-        return data
 
     def config(self) -> LogRegConfig:
         """The learning layer's settings for one round of local training."""
