@@ -191,3 +191,42 @@ def test_export_refuses_a_folder_that_is_not_empty_unless_forced(fed, finished, 
     assert result.exit_code == 0, result.output
     assert fedhealth.load_model(out).model_digest == finished.model_digest
     assert (out / "readme.txt").read_text() == "mine"
+
+
+def test_model_predict_applies_a_package_to_a_raw_csv(fed, finished, datasets, tmp_path):
+    out = tmp_path / "package"
+    assert cli(fed, "model", "export", finished.study_id, "--out", out).exit_code == 0
+    csv = tmp_path / "cleveland.csv"
+    raw_csv(csv, 0, datasets["cleveland"].patient_ids_test)
+    result = runner.invoke(
+        app,
+        [
+            "model",
+            "predict",
+            "--package",
+            str(out),
+            "--csv",
+            str(csv),
+            "--id",
+            "patient_id",
+            "--label",
+            "disease",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    frame = pd.read_csv(csv, dtype={"patient_id": str})
+    assert [p["id"] for p in body["predictions"]] == frame["patient_id"].tolist()
+    np.testing.assert_array_equal(
+        [p["probability"] for p in body["predictions"]], fedhealth.load_model(out).predict_proba(frame)
+    )
+    assert body["model_digest"] == finished.model_digest
+    assert (
+        body["accuracy"] == fed.report(finished.study_id)["evaluation"]["per_site"]["cleveland"]["accuracy"]
+    )
+    both = runner.invoke(
+        app, ["model", "predict", "--package", str(out), "--model", str(out), "--csv", str(csv)]
+    )
+    assert both.exit_code == 2
+    assert "give exactly one of --model FILE and --package DIR" in both.stderr

@@ -14,6 +14,7 @@ from fedhealth.client._model import (
     export_package,
     load_model,
     predict_csv,
+    predict_csv_with_package,
 )
 from fedhealth.client._operator import (
     ClientError,
@@ -38,6 +39,7 @@ __all__ = [
     "load_signing_key",
     "load_spec",
     "predict_csv",
+    "predict_csv_with_package",
     "rule_in_words",
     "signing_key_path",
     "spec_template",

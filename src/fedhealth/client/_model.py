@@ -141,6 +141,46 @@ def predict_csv(
     return Predictions(row_ids=ids, probabilities=probabilities, labels=y, accuracy=accuracy, auc=auc)
 
 
+def predict_csv_with_package(
+    package: Path | str, path: Path | str, *, label: str | None = None, id_column: str | None = None
+) -> tuple[str, Predictions]:
+    """Apply a model package (``fedhealth.load_model``) to every row of a CSV file; returns the model digest
+    and the predictions. Columns are selected by name; rows are named by ``id_column``, else their line."""
+    import pandas as pd
+
+    from fedhealth.learning import load_package
+
+    loaded = load_package(package)
+    file = Path(path)
+    try:
+        frame = pd.read_csv(file, dtype={id_column: str} if id_column is not None else None)
+    except FileNotFoundError:
+        raise InputError(f"{file}: no such CSV file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{file}: cannot be read as CSV ({exc})") from exc
+    for role, name in (("label", label), ("id", id_column)):
+        if name is not None and name not in frame.columns:
+            raise InputError(f"{file}: {role} column {name!r} is not in the header {list(frame.columns)}")
+    probabilities = loaded.predict_proba(frame)
+    ids = (
+        tuple(str(v).strip() for v in frame[id_column].tolist())
+        if id_column is not None
+        else tuple(str(i + 2) for i in range(len(frame)))
+    )
+    y = accuracy = auc = None
+    if label is not None:
+        y = pd.to_numeric(frame[label], errors="coerce").to_numpy(dtype=np.float64)
+        if not set(np.unique(y)) <= {0.0, 1.0}:
+            raise InputError(f"{file}: label column {label!r} must hold 0 or 1")
+        accuracy = float(((probabilities > 0.5) == (y == 1.0)).mean())
+        if np.unique(y).size == 2:
+            from sklearn.metrics import roc_auc_score  # scikit-learn loads slowly: on first use
+
+            auc = float(roc_auc_score(y, probabilities))
+    predictions = Predictions(row_ids=ids, probabilities=probabilities, labels=y, accuracy=accuracy, auc=auc)
+    return loaded.model_digest, predictions
+
+
 def _read(
     path: Path, label: str | None, id_column: str | None
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...], list[str]]:
