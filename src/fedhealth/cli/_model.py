@@ -2,6 +2,7 @@
 export`` (a study's final model as a model package: docs/model-packages.md).
 
     fedhealth model export STUDY --out DIR [--force]
+    fedhealth model scaling STATS-REPORT.json [--features a,b,c]
     fedhealth model predict --package DIR --csv new-patients.csv --id patient_id [--label target]
 
     fedhealth study download ID --model model.safetensors
@@ -24,7 +25,7 @@ from typing import Annotated
 import typer
 
 from fedhealth.cli._common import CredentialOption, JsonOption, UrlOption, operator_client, print_json
-from fedhealth.cli._errors import usage
+from fedhealth.cli._errors import fail, usage
 
 
 class ScalingChoice(StrEnum):  # fedhealth.client.Scaling, without importing numpy for `--help`
@@ -112,3 +113,37 @@ def model_export(
         return
     files = ", ".join(sorted(metadata["files"]))
     typer.echo(f"model {metadata['model_digest'][:16]}… of study {study_id} packaged in {out} ({files})")
+
+
+def model_scaling(
+    report: Annotated[Path, typer.Argument(help="A federated statistics report (`stats run --out`).")],
+    features: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated features in the model's order (default: the report's)."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the `[recipe.params.preprocessing]` section of a study spec (standardize = "given") with the
+    federation-wide mean and scale of a federated statistics report."""
+    import json
+
+    from fedhealth.learning import scaling_from_statistics
+
+    try:
+        body = json.loads(report.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        fail(f"{report}: no such report file")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        fail(f"{report}: cannot be read as JSON ({exc})")
+    chosen = [f.strip() for f in features.split(",") if f.strip()] if features is not None else None
+    names, mean, scale = scaling_from_statistics(body, chosen)
+    if as_json:
+        print_json({"feature_names": names, "mean": mean, "scale": scale})
+        return
+    noise = body.get("noise")
+    typer.echo(f"# federation-wide statistics of sites {', '.join(map(str, body.get('sites', [])))}")
+    typer.echo(f"# noise: {json.dumps(noise)}; features in this order: {json.dumps(names)}")
+    typer.echo("[recipe.params.preprocessing]")
+    typer.echo('standardize = "given"')
+    typer.echo(f"mean = [{', '.join(repr(v) for v in mean)}]")
+    typer.echo(f"scale = [{', '.join(repr(v) for v in scale)}]")

@@ -71,6 +71,7 @@ from fedhealth.learning._preprocessing import (
     Preprocessing,
     StandardizeMode,
     preprocessing_metadata,
+    scaling_from_statistics,
     scaling_from_sums,
 )
 from fedhealth.learning._presets import BREAST_CANCER_PRESETS, HEART_DISEASE_PRESETS, StudyPreset
@@ -196,6 +197,7 @@ __all__ = [
     "reload_recipes",
     "resolve_recipe",
     "run_in_memory",
+    "scaling_from_statistics",
     "scaling_from_sums",
     "strategy_state_specs",
     "synthetic_init",

@@ -12,6 +12,11 @@ the same ones, and the exported model package carries them:
 - no ``preprocessing`` at all (the default, and every study before packages): each site standardizes with
   its own training rows' mean and std, as FLamby does; such a model has no one scaling to ship.
 
+Getting ``mean`` and ``scale`` from the federation: run federated statistics (recipe ``stats``, ``fedhealth
+stats run``) over the model's features on datasets registered unstandardized, then
+:func:`scaling_from_statistics` (``fedhealth model scaling REPORT``) reads the report's pooled mean and
+variance, every figure of which went through secure sum.
+
 ``categorical`` says how a raw column became one-hot features (``cp = {categories = ["1", "2", "3", "4"],
 features = ["cp_2", "cp_3", "cp_4"]}``: the features stand for the last categories, all of them or all but
 the first, dropped). Sites one-hot their data themselves (their dataset schema); this declaration is what a
@@ -21,7 +26,7 @@ model package needs to do the same with a raw table.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -185,4 +190,53 @@ def scaling_from_sums(
     mean = s / n
     variance = np.maximum(s2 - n * mean * mean, 0.0) / (n - 1)
     scale = np.sqrt(variance) + STD_EPSILON
-    return [float(m) for m in mean], [float(v) for v in scale if math.isfinite(v)]
+    return [float(m) for m in mean], [float(v) for v in scale]
+
+
+def scaling_from_statistics(
+    report: Mapping[str, Any], features: Sequence[str] | None = None
+) -> tuple[list[str], list[float], list[float]]:
+    """Feature names, ``mean`` and ``scale`` for ``standardize = "given"`` from a federated statistics
+    report (recipe ``stats``, docs/statistics.md): its stratum over every site and label, each feature's
+    mean and sample variance (``variance_ddof`` 1); scale is the std plus ``STD_EPSILON``. ``features``
+    picks and orders them (default: the report's order). Refuses a suppressed or absent figure."""
+    if not isinstance(report, Mapping) or not isinstance(report.get("strata"), list):
+        raise InputError("not a federated statistics report: it has no strata")
+    if report.get("variance_ddof") != 1:
+        raise InputError("the report's variances must be sample variances (variance_ddof 1)")
+    pooled = next(
+        (
+            s
+            for s in report["strata"]
+            if isinstance(s, Mapping) and s.get("stratum") == {"label": None, "site": None}
+        ),
+        None,
+    )
+    if pooled is None:
+        raise InputError("the report has no stratum over every site and label")
+    figures = pooled.get("features")
+    if not isinstance(figures, Mapping):
+        raise InputError("the report's pooled stratum has no features")
+    listed = report.get("features")
+    default = [str(f) for f in listed] if isinstance(listed, list) else list(figures)
+    names = list(features) if features is not None else default
+    mean: list[float] = []
+    scale: list[float] = []
+    for name in names:
+        entry = figures.get(name)
+        if not isinstance(entry, Mapping):
+            raise InputError(f"the report has no statistics for feature {name!r}")
+        values = []
+        for key in ("mean", "variance"):
+            cell = entry.get(key)
+            value = cell.get("value") if isinstance(cell, Mapping) else None
+            if isinstance(cell, Mapping) and cell.get("suppressed"):
+                raise InputError(f"feature {name!r}: its {key} is suppressed (fewer records than the k rule)")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise InputError(f"feature {name!r}: the report holds no {key}")
+            values.append(float(value))
+        if values[1] < 0:
+            raise InputError(f"feature {name!r}: a negative variance")
+        mean.append(values[0])
+        scale.append(math.sqrt(values[1]) + STD_EPSILON)
+    return names, mean, scale
