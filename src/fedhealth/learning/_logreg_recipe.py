@@ -301,7 +301,7 @@ class LogRegRecipe:
         metadata: dict[str, JsonValue] = {
             "recipe": self.name,
             "version": self.version,
-            "feature_names": names,
+            "feature_names": list(names) if names is not None else None,
             "n_features": params.n_features,
             "output": "P(label = 1) = sigmoid(features . weight + bias), features after preprocessing",
             "preprocessing": preprocessing_metadata(params.preprocessing, names),

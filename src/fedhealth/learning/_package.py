@@ -232,8 +232,8 @@ class ModelPackage:
         out = np.empty((len(frame), len(self.feature_names)), dtype=np.float64)
         for j, feature in enumerate(self.feature_names):
             if feature in self._one_hot:
-                column, category = self._one_hot[feature]
-                out[:, j] = values[column] == category
+                source, category = self._one_hot[feature]
+                out[:, j] = values[source] == category
             else:
                 out[:, j] = values[feature]
         return out
@@ -270,7 +270,7 @@ def _numeric(name: str, series: Any) -> np.ndarray:
             f"column {name!r} holds {series.dtype} values, not numbers (convert it, e.g. "
             "pandas.to_numeric, before predicting)"
         )
-    values = series.to_numpy(dtype=np.float64)
+    values = np.asarray(series.to_numpy(dtype=np.float64), dtype=np.float64)
     if not np.isfinite(values).all():
         raise PackageInputError(f"column {name!r} holds an infinite value")
     return values
