@@ -386,3 +386,10 @@ def test_preprocessing_params_are_checked_where_the_spec_is_written(preprocessin
     with pytest.raises(ValidationError) as err:
         LogRegParams.model_validate(fields)
     assert message in str(err.value)
+
+
+def test_a_model_whose_study_named_no_features_is_not_packaged(sites, tmp_path):
+    params = LogRegParams(n_features=13)
+    with pytest.raises(PackageError, match="the study named no features"):
+        package(tmp_path, params, trained(params, sites))
+    assert not (tmp_path / "package").exists()

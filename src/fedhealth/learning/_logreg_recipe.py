@@ -304,7 +304,7 @@ class LogRegRecipe:
             "feature_names": list(names) if names is not None else None,
             "n_features": params.n_features,
             "output": "P(label = 1) = sigmoid(features . weight + bias), features after preprocessing",
-            "preprocessing": preprocessing_metadata(params.preprocessing, names),
+            "preprocessing": preprocessing_metadata(params.preprocessing),
             "label": {"positive_class": 1, "meaning": params.label_meaning},
         }
 

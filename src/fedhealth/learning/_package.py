@@ -111,6 +111,14 @@ def write_package(
     built in memory first; each file then lands by an atomic rename, the metadata last."""
     if sha256_hex(weights) != origin.model_digest:
         raise PackageError("the weights given are not the model the origin names (digest differs)")
+    recipe = f"recipe {export.metadata.get('recipe')!r}"
+    if export.predict_proba is None:
+        raise PackageError(f"{recipe} gives no way to apply its model outside fedhealth; nothing to package")
+    if export.metadata.get("feature_names") is None:
+        raise PackageError(
+            f"the study named no features, and a package selects a table's columns by name: declare "
+            f"feature_names in the {recipe}'s params"
+        )
     if out.exists() and not out.is_dir():
         raise PackageError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:

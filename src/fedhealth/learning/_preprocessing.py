@@ -152,13 +152,20 @@ class Preprocessing(BaseModel):
         return "features used unscaled"
 
 
-def preprocessing_metadata(
-    preprocessing: Preprocessing | None, feature_names: Sequence[str] | None
-) -> dict[str, JsonValue]:
+def preprocessing_metadata(preprocessing: Preprocessing | None) -> dict[str, JsonValue]:
     """The ``preprocessing`` section of an export's metadata (what a model package applies)."""
+    # missing values: a site's connector fills them by its dataset's declared rule; the package has no such
+    # rule, so it refuses them ("refuse") rather than guess
     if preprocessing is None:
-        return {"standardize": StandardizeMode.SITE.value, "mean": None, "scale": None, "categorical": {}}
+        return {
+            "standardize": StandardizeMode.SITE.value,
+            "mean": None,
+            "scale": None,
+            "categorical": {},
+            "missing": "refuse",
+        }
     return {
+        "missing": "refuse",
         "standardize": preprocessing.standardize.value,
         "mean": list(preprocessing.mean) if preprocessing.mean is not None else None,
         "scale": list(preprocessing.scale) if preprocessing.scale is not None else None,
