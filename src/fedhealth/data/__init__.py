@@ -16,6 +16,7 @@ from fedhealth.data._connector import (
     table_options,
 )
 from fedhealth.data._dataset import (
+    STD_EPSILON,
     FillRule,
     Imputation,
     Scaling,
@@ -68,6 +69,7 @@ from fedhealth.data._schema import (
     MissingPolicy,
     NumericColumn,
     UnseenPolicy,
+    category_text,
     load_schema,
     parse_schema,
 )
@@ -87,6 +89,7 @@ __all__ = [
     "HEART_DISEASE_BASE_URL",
     "HEART_DISEASE_CENTERS",
     "HEART_DISEASE_FEATURES",
+    "STD_EPSILON",
     "TABLE_PARAMS",
     "BuiltinConnector",
     "CategoricalColumn",
@@ -132,6 +135,7 @@ __all__ = [
     "UnseenPolicy",
     "breast_cancer_federation",
     "build_dataset",
+    "category_text",
     "check_read_only_sql",
     "compile_cohort_query",
     "dataset_fingerprint",

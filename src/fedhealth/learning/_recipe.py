@@ -131,10 +131,19 @@ class RecordDp:
 class ModelExport:
     """A trained model as a recipe hands it out: its tensors, and metadata that says how to use them (at
     least ``recipe``, ``version`` and ``feature_names``, the features in input order, or None when the study
-    did not name them). Model packages (safetensors, ONNX, preprocessing) are built on top of this."""
+    did not name them). Model packages (fedhealth.learning's ``write_package``) are built on top of this.
+
+    A recipe whose model can be applied outside fedhealth also gives, in ``metadata``: ``preprocessing``
+    (see :func:`~fedhealth.learning.preprocessing_metadata`: how raw columns become its features) and
+    ``label`` (``positive_class`` and what it means); and ``predict_proba``, P(label = 1) for each row of
+    a feature matrix in ``feature_names`` order, after that preprocessing (float64). ``onnx``, for a recipe
+    declaring ``export_onnx``, builds the same model, preprocessing's standardization included, as an ONNX
+    file (the ``onnx`` package is imported only then)."""
 
     tensors: Params
     metadata: Mapping[str, JsonValue]
+    predict_proba: Callable[[np.ndarray], np.ndarray] | None = None
+    onnx: Callable[[], bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
