@@ -64,19 +64,10 @@ from fedhealth.governance import (
     spec_hash,
     to_prov_json,
 )
-from fedhealth.orchestrator._app import (
-    Admin,
-    ApiError,
-    ApprovalWait,
-    OrchestratorSettings,
-    Reader,
-    Researcher,
-    Site,
-    Svc,
-)
-from fedhealth.orchestrator._blobs import BlobStore
-from fedhealth.orchestrator._hooks import NullObserver, StudyObserver
+from fedhealth.orchestrator._hooks import NullObserver
+from fedhealth.orchestrator._http import Admin, ApiError, ApprovalWait, Reader, Researcher, Site, Svc
 from fedhealth.orchestrator._report import study_info
+from fedhealth.orchestrator._service import ExtensionContext, OrchestratorSettings, Registration
 from fedhealth.orchestrator._store import ModelVersion, RoundRow, SiteStatus, Store, StudyRow, TaskRow
 from fedhealth.protocol import (
     FailureCode,
@@ -547,33 +538,37 @@ def site_anchor_heads(entries: Iterable[Any], site: str) -> list[dict[str, Any]]
 # --- the extension -----------------------------------------------------------------------------------------
 
 
-def _observer(svc: Any) -> GovernanceObserver:
-    for observer in svc.engine.observers:
-        if isinstance(observer, GovernanceObserver):
-            return observer
-    raise ApiError(404, "governance is not enabled on this orchestrator")
-
-
 class GovernanceExtension:
-    """The orchestrator's governance: observer (audit, commitments, provenance) and routes."""
+    """The orchestrator's governance: observer (audit, commitments, provenance) and routes.
 
-    def observer(
-        self, store: Store, blobs: BlobStore, settings: OrchestratorSettings
-    ) -> StudyObserver | None:
-        del blobs
-        return GovernanceObserver(store, settings)
+    The observer is this extension's state: built when the orchestrator starts, read by its own routes.
+    """
+
+    def __init__(self) -> None:
+        self._observer: GovernanceObserver | None = None
+
+    def start(self, context: ExtensionContext) -> Registration:
+        self._observer = GovernanceObserver(context.store, context.settings)
+        return Registration(observer=self._observer, spec_signatures=self._observer.signature_of)
+
+    @property
+    def observer(self) -> GovernanceObserver:
+        """The running observer (404 before the orchestrator started this extension)."""
+        if self._observer is None:
+            raise ApiError(404, "governance is not enabled on this orchestrator")
+        return self._observer
 
     def routers(self) -> list[APIRouter]:
-        return [_operator_router(), _agent_router()]
+        return [_operator_router(self), _agent_router(self)]
 
 
-def _operator_router() -> APIRouter:
+def _operator_router(governance: GovernanceExtension) -> APIRouter:
     router = APIRouter(prefix="/api/v1/governance", tags=["governance"])
 
     @router.get("/audit", response_class=PlainTextResponse)
     async def export_audit(svc: Svc, _: Reader) -> PlainTextResponse:
         """The orchestrator's audit log as JSON Lines (header with the writer key, then one entry a line)."""
-        observer = _observer(svc)
+        observer = governance.observer
 
         def export() -> str:
             with tempfile.TemporaryDirectory() as tmp:
@@ -586,7 +581,7 @@ def _operator_router() -> APIRouter:
     @router.get("/audit/verify")
     async def verify_audit(svc: Svc, _: Reader) -> dict[str, Any]:
         """Verify the orchestrator's log against the orchestrator's own key; name the first bad entry."""
-        observer = _observer(svc)
+        observer = governance.observer
         key = observer.public_key
         report = await anyio.to_thread.run_sync(lambda: observer.log.verify({key.fingerprint: key}))
         bad = report.first_bad
@@ -604,7 +599,7 @@ def _operator_router() -> APIRouter:
     @router.get("/anchors/{site}")
     async def anchors(svc: Svc, _: Reader, site: str) -> dict[str, Any]:
         """The heads of a site's log that the orchestrator's round commitments hold."""
-        observer = _observer(svc)
+        observer = governance.observer
         entries = await anyio.to_thread.run_sync(observer.log.entries)
         return {"site": site, "heads": site_anchor_heads(entries, site)}
 
@@ -616,7 +611,7 @@ def _operator_router() -> APIRouter:
         fmt: Annotated[ProvenanceFormat, Query(alias="format")] = ProvenanceFormat.JSON,
     ) -> dict[str, Any]:
         """A model version's lineage, newest first, with the consent-withdrawal flags on each version."""
-        store = _observer(svc).provenance
+        store = governance.observer.provenance
 
         def read() -> dict[str, Any]:
             lineage = store.lineage(store.resolve(model))
@@ -635,7 +630,7 @@ def _operator_router() -> APIRouter:
         intended_use: Annotated[str, Query(max_length=4000)] = DEFAULT_INTENDED_USE,
     ) -> PlainTextResponse:
         """The model card (Markdown): intended use, data, per-site metrics, privacy guarantee, consent."""
-        store = _observer(svc).provenance
+        store = governance.observer.provenance
 
         def render() -> str:
             digest = store.resolve(model)
@@ -651,7 +646,7 @@ def _operator_router() -> APIRouter:
     @router.put("/owner-key")
     async def register_own_key(svc: Svc, user: Researcher, body: OwnerKeyBody) -> dict[str, str]:
         """Register the caller's spec-signing key. Once set, only an admin may replace it."""
-        observer = _observer(svc)
+        observer = governance.observer
         key = _key(body.public_key)
         current = observer.owner_key(user.name)
         if current is not None and current != key:
@@ -666,7 +661,7 @@ def _operator_router() -> APIRouter:
         if svc.store.get_user(name) is None:
             raise ApiError(404, f"user {name!r} does not exist")
         key = _key(body.public_key)
-        _observer(svc).register_owner_key(name, key, by=admin.name)
+        governance.observer.register_owner_key(name, key, by=admin.name)
         return {"user": name, "fingerprint": key.fingerprint}
 
     @router.post("/studies", response_model=StudyInfo, status_code=201)
@@ -674,7 +669,7 @@ def _operator_router() -> APIRouter:
         svc: Svc, owner: Researcher, body: SignedStudyBody, approval_wait_s: ApprovalWait = None
     ) -> StudyInfo:
         """Submit a study signed by its owner (the signature is checked against the registered key)."""
-        observer = _observer(svc)
+        observer = governance.observer
         spec = body.spec
         if spec.owner != owner.name:
             raise ApiError(
@@ -709,13 +704,13 @@ def _operator_router() -> APIRouter:
     return router
 
 
-def _agent_router() -> APIRouter:
+def _agent_router(governance: GovernanceExtension) -> APIRouter:
     router = APIRouter(prefix="/api/v1/agent/governance", tags=["agent"])
 
     @router.post("/withdrawals")
     async def withdrawal(svc: Svc, site: Site, body: WithdrawalBody) -> dict[str, Any]:
         """A site reports a consent withdrawal (snapshot hashes only); affected model versions are flagged."""
-        flagged = _observer(svc).withdrawal(site, body)
+        flagged = governance.observer.withdrawal(site, body)
         return {"notice_id": body.notice_id, "flagged": flagged}
 
     return router
