@@ -17,6 +17,7 @@ from fastapi import APIRouter
 
 from fedhealth.core import ConflictError, InputError, NotFoundError
 from fedhealth.crypto import Audience, IdentityKey, TokenClaims
+from fedhealth.governance import SignedSpec
 from fedhealth.orchestrator import (
     Extension,
     ExtensionContext,
@@ -30,7 +31,13 @@ from fedhealth.orchestrator import (
     start_service,
 )
 from fedhealth.orchestrator._auth import Forbidden, Principal
-from fedhealth.orchestrator._governance import GovernanceExtension
+from fedhealth.orchestrator._governance import (
+    GovernanceExtension,
+    OwnerKeyBody,
+    SignedStudyBody,
+    register_signing_key,
+    submit_signed_study,
+)
 from fedhealth.orchestrator._http import ApiError
 from fedhealth.orchestrator._routes_admin import add_user, register_site, revoke_account
 from fedhealth.orchestrator._routes_auth import enroll_site
@@ -415,3 +422,41 @@ def test_without_governance_specs_go_unsigned_and_its_routes_say_it_is_off(tmp_p
     with pytest.raises(ApiError) as off:
         _ = GovernanceExtension().observer  # never started: its routes answer 404, not a crash
     assert off.value.status == 404
+
+
+def test_a_signed_study_is_checked_against_the_owners_key_and_its_signature_reaches_the_sites(
+    tmp_path: Path,
+) -> None:
+    governance = GovernanceExtension()
+    key, other = IdentityKey.generate(), IdentityKey.generate()
+    spec = _spec()
+    signed = SignedSpec.sign(spec.model_dump(mode="json"), owner="alice", key=key)
+    good = SignedStudyBody(spec=spec, signature=signed.signature.hex())
+    by_another_key = SignedSpec.sign(spec.model_dump(mode="json"), owner="alice", key=other)
+    forged = SignedStudyBody(spec=spec, signature=by_another_key.signature.hex())
+
+    async def main() -> None:
+        async with _service(tmp_path, [governance]) as svc:
+            observer = governance.observer
+            with pytest.raises(ApiError) as no_key:
+                await submit_signed_study(svc, observer, RESEARCHER, good)
+            assert no_key.value.status == 409
+            mine = OwnerKeyBody(public_key=key.public().raw.hex())
+            assert register_signing_key(observer, RESEARCHER, mine)["fingerprint"] == key.public().fingerprint
+            with pytest.raises(ApiError) as second:
+                register_signing_key(observer, RESEARCHER, OwnerKeyBody(public_key=other.public().raw.hex()))
+            assert second.value.status == 409
+            with pytest.raises(ApiError) as bad:
+                await submit_signed_study(svc, observer, RESEARCHER, forged)
+            assert (bad.value.status, bad.value.error) == (422, "invalid study signature")
+            with pytest.raises(ApiError) as not_owner:
+                await submit_signed_study(svc, observer, OTHER_RESEARCHER, good)
+            assert not_owner.value.status == 422
+            assert svc.store.list_studies(None) == []  # nothing refused was stored
+            info = await submit_signed_study(svc, observer, RESEARCHER, good)
+            (pending,) = pending_specs(svc, "site-b").specs
+            assert pending.study_id == info.study_id
+            assert pending.spec_signature == good.signature
+            assert pending.owner_public_key == key.public().raw.hex()
+
+    asyncio.run(main())

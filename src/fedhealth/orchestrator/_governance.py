@@ -64,10 +64,16 @@ from fedhealth.governance import (
     spec_hash,
     to_prov_json,
 )
+from fedhealth.orchestrator._auth import Principal
 from fedhealth.orchestrator._hooks import NullObserver
 from fedhealth.orchestrator._http import Admin, ApiError, ApprovalWait, Reader, Researcher, Site, Svc
 from fedhealth.orchestrator._report import study_info
-from fedhealth.orchestrator._service import ExtensionContext, OrchestratorSettings, Registration
+from fedhealth.orchestrator._service import (
+    ExtensionContext,
+    OrchestratorService,
+    OrchestratorSettings,
+    Registration,
+)
 from fedhealth.orchestrator._store import ModelVersion, RoundRow, SiteStatus, Store, StudyRow, TaskRow
 from fedhealth.protocol import (
     FailureCode,
@@ -562,6 +568,68 @@ class GovernanceExtension:
         return [_operator_router(self), _agent_router(self)]
 
 
+# --- handlers: plain functions of the service and the extension's observer --------------------------------
+
+
+def register_signing_key(observer: GovernanceObserver, user: Principal, body: OwnerKeyBody) -> dict[str, str]:
+    """Register the caller's spec-signing key; a different key than the one registered is 409."""
+    key = _key(body.public_key)
+    current = observer.owner_key(user.name)
+    if current is not None and current != key:
+        raise ApiError(409, "a different signing key is registered for you; an admin may replace it")
+    if current is None:
+        observer.register_owner_key(user.name, key, by=user.name)
+    return {"user": user.name, "fingerprint": key.fingerprint}
+
+
+def set_owner_key(
+    svc: OrchestratorService, observer: GovernanceObserver, admin: Principal, name: str, body: OwnerKeyBody
+) -> dict[str, str]:
+    """An admin sets or replaces a user's spec-signing key (404 for an unknown user)."""
+    if svc.store.get_user(name) is None:
+        raise ApiError(404, f"user {name!r} does not exist")
+    key = _key(body.public_key)
+    observer.register_owner_key(name, key, by=admin.name)
+    return {"user": name, "fingerprint": key.fingerprint}
+
+
+async def submit_signed_study(
+    svc: OrchestratorService,
+    observer: GovernanceObserver,
+    owner: Principal,
+    body: SignedStudyBody,
+    approval_wait_s: float | None = None,
+) -> StudyInfo:
+    """Store a study its owner signed, once the signature verifies against the owner's registered key."""
+    spec = body.spec
+    if spec.owner != owner.name:
+        raise ApiError(422, "invalid study", f"the spec's owner must be the submitting user ({owner.name!r})")
+    key = observer.owner_key(owner.name)
+    if key is None:
+        raise ApiError(409, "no signing key is registered for you: PUT /api/v1/governance/owner-key first")
+    signed = SignedSpec(
+        spec=spec.model_dump(mode="json"),
+        owner=owner.name,
+        signature=bytes.fromhex(body.signature),
+        owner_key=key,
+    )
+    try:
+        signed.verify({owner.name: key})
+    except CryptoError as exc:
+        raise ApiError(422, "invalid study signature", str(exc) or "the signature does not verify") from exc
+    observer.expect_signature(signed.spec_hash, body.signature, key)
+    try:
+        study = await svc.engine.create_study(spec, owner.name, approval_wait_s=approval_wait_s)
+    except NotFoundError as exc:
+        raise ApiError(422, "invalid study", str(exc)) from exc
+    finally:
+        observer.forget_signature(signed.spec_hash)
+    return study_info(svc.store, study.id)
+
+
+# --- routes ------------------------------------------------------------------------------------------------
+
+
 def _operator_router(governance: GovernanceExtension) -> APIRouter:
     router = APIRouter(prefix="/api/v1/governance", tags=["governance"])
 
@@ -646,60 +714,19 @@ def _operator_router(governance: GovernanceExtension) -> APIRouter:
     @router.put("/owner-key")
     async def register_own_key(svc: Svc, user: Researcher, body: OwnerKeyBody) -> dict[str, str]:
         """Register the caller's spec-signing key. Once set, only an admin may replace it."""
-        observer = governance.observer
-        key = _key(body.public_key)
-        current = observer.owner_key(user.name)
-        if current is not None and current != key:
-            raise ApiError(409, "a different signing key is registered for you; an admin may replace it")
-        if current is None:
-            observer.register_owner_key(user.name, key, by=user.name)
-        return {"user": user.name, "fingerprint": key.fingerprint}
+        return register_signing_key(governance.observer, user, body)
 
     @router.put("/owner-keys/{name}")
     async def replace_key(svc: Svc, admin: Admin, name: str, body: OwnerKeyBody) -> dict[str, str]:
         """An admin sets or replaces a user's spec-signing key."""
-        if svc.store.get_user(name) is None:
-            raise ApiError(404, f"user {name!r} does not exist")
-        key = _key(body.public_key)
-        governance.observer.register_owner_key(name, key, by=admin.name)
-        return {"user": name, "fingerprint": key.fingerprint}
+        return set_owner_key(svc, governance.observer, admin, name, body)
 
     @router.post("/studies", response_model=StudyInfo, status_code=201)
     async def create_signed_study(
         svc: Svc, owner: Researcher, body: SignedStudyBody, approval_wait_s: ApprovalWait = None
     ) -> StudyInfo:
         """Submit a study signed by its owner (the signature is checked against the registered key)."""
-        observer = governance.observer
-        spec = body.spec
-        if spec.owner != owner.name:
-            raise ApiError(
-                422, "invalid study", f"the spec's owner must be the submitting user ({owner.name!r})"
-            )
-        key = observer.owner_key(owner.name)
-        if key is None:
-            raise ApiError(
-                409, "no signing key is registered for you: PUT /api/v1/governance/owner-key first"
-            )
-        signed = SignedSpec(
-            spec=spec.model_dump(mode="json"),
-            owner=owner.name,
-            signature=bytes.fromhex(body.signature),
-            owner_key=key,
-        )
-        try:
-            signed.verify({owner.name: key})
-        except CryptoError as exc:
-            raise ApiError(
-                422, "invalid study signature", str(exc) or "the signature does not verify"
-            ) from exc
-        observer.expect_signature(signed.spec_hash, body.signature, key)
-        try:
-            study = await svc.engine.create_study(spec, owner.name, approval_wait_s=approval_wait_s)
-        except NotFoundError as exc:
-            raise ApiError(422, "invalid study", str(exc)) from exc
-        finally:
-            observer.forget_signature(signed.spec_hash)
-        return study_info(svc.store, study.id)
+        return await submit_signed_study(svc, governance.observer, owner, body, approval_wait_s)
 
     return router
 

@@ -39,7 +39,7 @@ from fedhealth.orchestrator._store import Store
 AUDIT_ACTOR = "orchestrator"
 
 # (signature hex, owner key hex) of a study's spec as its owner signed it; None: submitted unsigned.
-SpecSignatures = Callable[[str], "tuple[str, str] | None"]
+SpecSignatures = Callable[[str], tuple[str, str] | None]
 
 
 @dataclass(kw_only=True)
