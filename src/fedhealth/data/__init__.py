@@ -48,7 +48,13 @@ from fedhealth.data._heart_disease import (
     heart_disease_records,
     load_heart_disease,
 )
-from fedhealth.data._omop import OmopConnector, OmopDefinition, compile_cohort_query, load_definition
+from fedhealth.data._omop import (
+    OmopConnector,
+    OmopDefinition,
+    compile_cohort_query,
+    load_definition,
+    read_cohort,
+)
 from fedhealth.data._quality import ColumnQuality, QualityReport, dataset_quality, table_quality
 from fedhealth.data._registry import (
     BUILTIN_DATASETS,
@@ -73,7 +79,7 @@ from fedhealth.data._schema import (
     load_schema,
     parse_schema,
 )
-from fedhealth.data._sql import SqlConnector, check_read_only_sql
+from fedhealth.data._sql import SqlConnector, check_read_only_sql, database_of
 from fedhealth.data._table import (
     ParsedColumn,
     ParsedTable,
@@ -138,6 +144,7 @@ __all__ = [
     "category_text",
     "check_read_only_sql",
     "compile_cohort_query",
+    "database_of",
     "dataset_fingerprint",
     "dataset_quality",
     "download_verified",
@@ -153,6 +160,7 @@ __all__ = [
     "open_dataset",
     "parse_schema",
     "parse_table",
+    "read_cohort",
     "read_csv_dataset",
     "read_file_table",
     "read_table",
