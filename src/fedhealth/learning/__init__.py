@@ -65,6 +65,7 @@ from fedhealth.learning._recipe import (
     ReferenceStep,
     RoundsRecipe,
     SessionContext,
+    SessionDpRecipe,
     SiteSessionOutcome,
     TemplateParam,
 )
@@ -79,6 +80,7 @@ from fedhealth.learning._registry import (
 )
 from fedhealth.learning._results import EvalResult, TrainResult
 from fedhealth.learning._rng import task_rng
+from fedhealth.learning._stats import STATS_RECIPE, StatsParams, StatsRecipe, exact_secure_sum
 from fedhealth.learning._strategies import apply_strategy, strategy_state_specs, weighted_mean
 from fedhealth.learning._synthetic import (
     SYNTHETIC_RECIPE,
@@ -99,6 +101,7 @@ __all__ = [
     "HEART_DISEASE_TRAIN_RECORDS",
     "LOGREG_RECIPE",
     "RECIPE_ENTRY_POINT_GROUP",
+    "STATS_RECIPE",
     "SYNTHETIC_RECIPE",
     "SYNTHETIC_STEP_SCALE",
     "BenchmarkCollectives",
@@ -129,8 +132,11 @@ __all__ = [
     "ResolvedRecipe",
     "RoundsRecipe",
     "SessionContext",
+    "SessionDpRecipe",
     "SessionMember",
     "SiteSessionOutcome",
+    "StatsParams",
+    "StatsRecipe",
     "StrategyConfig",
     "StrategyKind",
     "StudyPreset",
@@ -144,6 +150,7 @@ __all__ = [
     "bce_with_logits",
     "default_registry",
     "dp_noise_multiplier",
+    "exact_secure_sum",
     "load_recipe",
     "logreg_evaluate",
     "logreg_init",
