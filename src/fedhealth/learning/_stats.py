@@ -18,7 +18,7 @@ session's result (``finish`` reads it).
 
 **Exactness.** ``secure_sum`` adds ``round(x * 2^40)`` in a 2^64 ring and needs ``|x| < 2^23 / n`` for n
 sites. Each local figure is split into three limbs in a public base ``B`` (a power of two below that
-bound): ``x = h2 B^2 + h1 B + l`` with integer ``h2, h1`` and ``0 <= l < B``. The split is exact in float64
+bound): ``|x| = h2 B^2 + h1 B + l`` with integer ``h2, h1`` and ``0 <= l < B``, each limb carrying x's sign. The split is exact in float64
 (divisions by powers of two and floors), the integer limbs sum exactly, and only the lowest limb is rounded,
 to ``2^-40``: the federated sum equals the sum of the sites' float64 figures to within ``n 2^-41`` plus one
 float64 rounding when the limbs are recombined. Counts are integers and come out exact. A figure whose top
@@ -221,16 +221,21 @@ def split_limbs(values: NDArray[np.float64], n_sites: int) -> NDArray[np.float64
     if not np.isfinite(values).all():
         raise InputError("stats: a local figure is not finite; nothing was sent")
     base = limb_base(n_sites)
-    top = np.floor(values / (base * base))
-    if values.size and float(np.abs(top).max()) >= value_bound(n_sites):
+    # the magnitude is split and the sign applied to every limb: each subtraction below is then exact (the
+    # result is a multiple of the operand's ulp and smaller than it), where a floor of a negative value
+    # would add B^2 to it and lose its low bits
+    sign = np.sign(values)
+    magnitude = np.abs(values)
+    top = np.floor(magnitude / (base * base))
+    if values.size and float(top.max()) >= value_bound(n_sites):
         raise InputError(
             f"stats: a local figure is too large for an exact secure sum over {n_sites} sites "
             f"(more than about {base * base * value_bound(n_sites):.3g}); nothing was sent"
         )
-    rest = values - top * (base * base)
+    rest = magnitude - top * (base * base)
     mid = np.floor(rest / base)
     low = rest - mid * base
-    return np.stack([top, mid, low])
+    return np.stack([sign * top, sign * mid, sign * low])
 
 
 def join_limbs(limbs: NDArray[np.float64], n_sites: int) -> NDArray[np.float64]:
