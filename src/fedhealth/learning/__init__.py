@@ -80,7 +80,13 @@ from fedhealth.learning._registry import (
 )
 from fedhealth.learning._results import EvalResult, TrainResult
 from fedhealth.learning._rng import task_rng
-from fedhealth.learning._stats import STATS_RECIPE, StatsParams, StatsRecipe, exact_secure_sum
+from fedhealth.learning._stats import (
+    STATS_RECIPE,
+    StatsParams,
+    StatsRecipe,
+    exact_secure_sum,
+    run_stats_in_memory,
+)
 from fedhealth.learning._strategies import apply_strategy, strategy_state_specs, weighted_mean
 from fedhealth.learning._synthetic import (
     SYNTHETIC_RECIPE,
@@ -166,6 +172,7 @@ __all__ = [
     "reload_recipes",
     "resolve_recipe",
     "run_in_memory",
+    "run_stats_in_memory",
     "strategy_state_specs",
     "synthetic_init",
     "synthetic_train",

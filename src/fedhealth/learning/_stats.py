@@ -17,12 +17,13 @@ The leader then broadcasts the report, which holds only what the rule releases; 
 session's result (``finish`` reads it).
 
 **Exactness.** ``secure_sum`` adds ``round(x * 2^40)`` in a 2^64 ring and needs ``|x| < 2^23 / n`` for n
-sites. Each local figure is split into three limbs in a public base ``B`` (a power of two below that
-bound): ``|x| = h2 B^2 + h1 B + l`` with integer ``h2, h1`` and ``0 <= l < B``, each limb carrying x's sign. The split is exact in float64
-(divisions by powers of two and floors), the integer limbs sum exactly, and only the lowest limb is rounded,
-to ``2^-40``: the federated sum equals the sum of the sites' float64 figures to within ``n 2^-41`` plus one
+sites. Each local figure is split into three limbs in a public base ``B`` (the power of two at most half
+that bound): ``|x| = h2 B^2 + h1 B + l`` with integer ``h2, h1`` and ``0 <= l < B``, each limb carrying x's
+sign. The split is exact in float64 (divisions by powers of two, floors, and subtractions whose result is a
+multiple of the operand's ulp), the integer limbs sum exactly, and only the lowest limb is rounded, to
+``2^-40``: the federated sum equals the sum of the sites' float64 figures to within ``n 2^-41`` plus one
 float64 rounding when the limbs are recombined. Counts are integers and come out exact. A figure whose top
-limb would leave the range (beyond about ``B^2 2^23 / n``, 2^61 with four sites) is refused.
+limb would leave the range (beyond about ``B^2 2^23 / n``: 2^59 with four sites) is refused.
 
 **Noise** (``noise_multiplier`` or ``target_epsilon`` with ``delta``): each site adds to every figure it
 sends Gaussian noise of standard deviation ``z * sensitivity * scale`` where ``scale`` is 1 for counts, the
@@ -39,6 +40,7 @@ import functools
 import itertools
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -64,7 +66,9 @@ from fedhealth.privacy import (
     DpParameterError,
     DpPlan,
     GaussianRelease,
+    RandomSource,
     calibrate_noise,
+    secure_generator,
 )
 from fedhealth.secagg import value_bound
 
@@ -576,6 +580,32 @@ class StatsRecipe:
 
 
 STATS_RECIPE = StatsRecipe()
+
+
+def run_stats_in_memory(
+    params: StatsParams | Mapping[str, Any],
+    datasets: Mapping[str, TabularDataset | None],
+    *,
+    noise: Callable[[str], RandomSource] | None = None,
+    call_timeout_s: float = 30.0,
+) -> dict[str, JsonValue]:
+    """A whole stats session among ``datasets``' sites in this process (threads, the real masks and relay),
+    and the report the orchestrator would read from it. ``noise(site)`` gives each site's noise generator
+    (default: a fresh secure one per site, :func:`fedhealth.privacy.secure_generator`). For tests and a
+    researcher's dry run on synthetic data; the services run the same program through
+    :func:`fedhealth.runtime.run_collective_in_memory` or the agents."""
+    checked = params if isinstance(params, StatsParams) else StatsParams.model_validate(dict(params))
+    session = InMemorySession(sorted(datasets), call_timeout_s=call_timeout_s)
+
+    def program(member: Collectives) -> SiteSessionOutcome:
+        generator = noise(member.site) if noise is not None else secure_generator()
+        ctx = SessionContext(site=member.site, seed=0, rng=np.random.default_rng(0), noise=generator)
+        return STATS_RECIPE.run_site(checked, datasets[member.site], member, ctx)
+
+    session.run(program)
+    if session.relay.released is None:
+        raise InputError("stats: the session released nothing")
+    return STATS_RECIPE.finish(checked, session.relay.released)
 
 
 def report_cells(report: dict[str, Any]) -> list[tuple[dict[str, Any], str, dict[str, Any]]]:
