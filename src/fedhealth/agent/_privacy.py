@@ -23,6 +23,11 @@ The site keeps a budget ``(epsilon, delta)`` per registered dataset in its ledge
 ``attest``         state the ledger's figures for the orchestrator (:class:`fedhealth.protocol.PrivacySpend`),
                    the study's epsilon at the ledger's delta and at the spec's (what a model card prints).
 
+Collective sessions (``TaskKind.COLLECTIVE``) of a recipe that reads data go through the same steps: what a
+session releases is what its recipe declares for its own noise (``session_dp``, e.g. ``stats`` with a noise
+multiplier: one Gaussian release, :func:`fedhealth.runtime.session_plan`); a session without noise releases
+exact figures and counts as a study without differential privacy.
+
 Studies without differential privacy: a dataset that has a budget refuses them (their epsilon is infinite:
 the budget could not stay a guarantee); a dataset without one runs them as before budgets existed. The same
 holds for a DP-SGD spec with noise multiplier 0 (a clipping-only baseline). Evaluation tasks read only the
