@@ -14,8 +14,13 @@ from fedhealth.core import InputError
 from fedhealth.data import FillRule, Imputation, TabularDataset, heart_disease_records, load_heart_disease
 from fedhealth.learning import (
     STATS_RECIPE,
+    CombinationPattern,
+    DataSchema,
     InMemorySession,
+    RecipeCapabilities,
+    RecipeError,
     RecipeParamsError,
+    RecipeRegistry,
     SessionContext,
     StatsParams,
     exact_secure_sum,
@@ -319,3 +324,22 @@ def test_a_non_finite_local_figure_is_refused_before_anything_is_sent():
     values = {s: np.array([1.0, np.nan]) for s in ("a", "b", "c")}
     with pytest.raises(InputError, match="not finite"):
         InMemorySession(sorted(values)).run(lambda m: exact_secure_sum(m, values[m.site]))
+
+
+def test_a_collective_recipe_that_declares_session_dp_without_its_plan_is_not_registered():
+    class Unaccounted:
+        name, version, params_model = "unaccounted", "1", StatsParams
+        pattern = CombinationPattern.COLLECTIVE
+        capabilities = RecipeCapabilities(session_dp=True)
+
+        def data_schema(self, params):
+            return DataSchema()
+
+        def run_site(self, params, dataset, session, ctx):
+            raise AssertionError("never run")
+
+        def finish(self, params, released):
+            return {}
+
+    with pytest.raises(RecipeError, match="a collective recipe needs dp_plan"):
+        RecipeRegistry([Unaccounted()])
