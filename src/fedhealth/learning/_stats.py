@@ -29,9 +29,11 @@ limb would leave the range (beyond about ``B^2 2^23 / n``: 2^59 with four sites)
 sends Gaussian noise of standard deviation ``z * sensitivity * scale`` where ``scale`` is 1 for counts, the
 half-width ``h`` of the feature's edges for sums of ``x - c`` and ``h^2`` for sums of squares (values are
 clipped to the edges first), and ``sensitivity`` is the L2 norm of everything one patient can change in the
-two sums together, in those units (:func:`sensitivity`). Each site adds the full noise itself, so its
-guarantee does not depend on any other site being honest; the site's ledger charges one Gaussian release of
-multiplier ``z`` (declared by :meth:`StatsRecipe.dp_plan`, charged by the agent's privacy gate).
+two sums together, in those units (:func:`sensitivity`); the noisy figures are snapped to a power-of-two
+grid of their noise (:func:`fedhealth.privacy.snap`, as every release). Each site adds the full noise
+itself, so its guarantee does not depend on any other site being honest; the site's ledger charges one
+Gaussian release of multiplier ``z`` (declared by :meth:`StatsRecipe.dp_plan`, charged by the agent's
+privacy gate).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from fedhealth.privacy import (
     RandomSource,
     calibrate_noise,
     secure_generator,
+    snap,
 )
 from fedhealth.secagg import value_bound
 
@@ -533,9 +536,9 @@ class StatsRecipe:
         std = 0.0 if z is None else z * sensitivity(params)
 
         local = count_vector(params, cols, session.site, layout)
-        if z is not None:
+        if z is not None:  # noisy figures are snapped like every release (privacy._mechanisms: Mironov)
             assert ctx.noise is not None
-            local = local + ctx.noise.normal(0.0, std, size=local.size)
+            local = snap(local + ctx.noise.normal(0.0, std, size=local.size), std)
         counts = read_counts(params, exact_secure_sum(session, local), layout)
 
         # the second sum: only cells whose observed count is released, in a layout every site derives alike
@@ -560,7 +563,8 @@ class StatsRecipe:
             sums[2 * i + 1] = float(np.sum(centred * centred))
         if z is not None and sums.size:
             assert ctx.noise is not None
-            sums = sums + ctx.noise.normal(0.0, 1.0, size=sums.size) * (std * scales)
+            noisy = sums + ctx.noise.normal(0.0, 1.0, size=sums.size) * (std * scales)
+            sums = np.array([snap(np.array([v]), std * u)[0] for v, u in zip(noisy, scales, strict=True)])
         totals = exact_secure_sum(session, sums)
         moments = {cell: (float(totals[2 * i]), float(totals[2 * i + 1])) for i, cell in enumerate(wanted)}
 
