@@ -9,6 +9,8 @@ ledger is charged the session's Gaussian release, and a site whose budget cannot
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,9 +19,12 @@ from typer.testing import CliRunner
 
 from fedhealth.cli import app
 from fedhealth.data import load_heart_disease
+from fedhealth.learning import StatsParams
+from fedhealth.learning._stats import count_vector, site_columns, split_limbs, strata
 from fedhealth.privacy import DpPlan, GaussianRelease, epsilon
 from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec, StudyStatus
 from fedhealth.runtime import run_collective_in_memory
+from fedhealth.secagg import encode_fixed
 from fedhealth.sim import LocalFederation
 from support import heart_data_dir
 
@@ -29,12 +34,21 @@ EXACT = "heart-disease"  # no budget: exact statistics run
 PRIVATE = "heart-disease-dp"  # the same files under a budget
 DELTA = 1e-5
 SIGMA = 4.0
+CAPTURE_DIR = Path(__file__).with_name("relay_capture")
 
 
 @pytest.fixture(scope="module")
-def fed(tmp_path_factory):
+def capture(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("relay") / "relay.jsonl"
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory, capture):
     folder = heart_data_dir()
-    with LocalFederation(tmp_path_factory.mktemp("stats"), log_level="warning") as fed:
+    # the orchestrator's relay records what it was handed (tests/e2e/relay_capture/sitecustomize.py)
+    path = os.pathsep.join(p for p in (str(CAPTURE_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"PYTHONPATH": path, "FEDHEALTH_TEST_RELAY_CAPTURE": str(capture)}
+    with LocalFederation(tmp_path_factory.mktemp("stats"), log_level="warning", env=env) as fed:
         fed.start_orchestrator()
         for site, center in SITES.items():
             fed.add_site(site)
@@ -58,8 +72,9 @@ def stats_spec(fed: LocalFederation, name: str, dataset: str, **params: Any) -> 
 
 
 def test_stats_run_releases_the_pooled_statistics_of_the_four_files_and_suppresses_cells_under_k(
-    fed, tmp_path
+    fed, tmp_path, capture
 ):
+    capture.unlink(missing_ok=True)
     features = ["age", "sex", "chol", "thalach", "oldpeak"]
     spec = stats_spec(fed, "describe-heart", EXACT, features=features, by_label=True, min_cell_count=5)
     path = tmp_path / "stats.json"
@@ -117,6 +132,21 @@ def test_stats_run_releases_the_pooled_statistics_of_the_four_files_and_suppress
 
     in_memory = run_collective_in_memory(spec, datasets)
     assert report["strata"] == in_memory["strata"]  # bit for bit: the same exact sums
+
+    # what the orchestrator was handed for the first sum (the counts): every site's vector masked in every
+    # coordinate it recorded. In clear the first coordinates would be the counts' top limbs, zeros.
+    params = StatsParams.model_validate(spec.recipe.params)
+    layout = strata(params, tuple(sorted(SITES)))
+    records = [json.loads(line) for line in capture.read_text().splitlines() if line.strip()]
+    first_sum = [r for r in records if r["event"] == "received" and r["op"] == "SUM" and r["index"] == 1]
+    assert sorted(r["site"] for r in first_sum) == sorted(SITES)
+    total = 0.0
+    for record in first_sum:
+        local = count_vector(params, site_columns(params, datasets[record["site"]]), record["site"], layout)
+        total += local[0]
+        clear = encode_fixed(split_limbs(local, len(SITES)), len(SITES))[:16].tolist()
+        assert not any(a == b for a, b in zip(record["head"], clear, strict=True))
+    assert total == report["strata"][0]["rows"]["value"]  # the clear vectors compared are the sites' own
 
 
 def test_noisy_stats_charge_every_sites_ledger_and_a_spent_budget_refuses_the_next_session(fed):
