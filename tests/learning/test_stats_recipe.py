@@ -77,8 +77,8 @@ def histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def assert_cells_equal_pooled(figures: dict[str, Any], values: np.ndarray, edges: np.ndarray, k: int) -> int:
-    """Every released cell equals the pooled figure (1e-9); every cell under k is suppressed. Returns how
-    many histogram bins were suppressed."""
+    """Every released cell equals the pooled figure (1e-9); every cell under k is suppressed, and never
+    exactly one bin (it would be the count minus the others). Returns how many bins were suppressed."""
     n = values.size
     assert figures["count"] == {"value": n, "suppressed": False}
     assert figures["mean"]["value"] == pytest.approx(values.mean(), rel=1e-9, abs=1e-9)
@@ -87,9 +87,12 @@ def assert_cells_equal_pooled(figures: dict[str, Any], values: np.ndarray, edges
     for cell, expected in zip(figures["histogram"], histogram(values, edges), strict=True):
         if 0 < expected < k:
             assert cell == {"value": None, "suppressed": True}
+        if cell["suppressed"]:
+            assert cell["value"] is None
             suppressed += 1
         else:
-            assert cell == {"value": int(expected), "suppressed": False}
+            assert cell["value"] == int(expected)
+    assert suppressed != 1
     return suppressed
 
 
@@ -343,3 +346,52 @@ def test_a_collective_recipe_that_declares_session_dp_without_its_plan_is_not_re
 
     with pytest.raises(RecipeError, match="a collective recipe needs dp_plan"):
         RecipeRegistry([Unaccounted()])
+
+
+def test_a_small_missing_count_hides_the_count_too_and_a_small_count_hides_the_missing_count():
+    datasets = {}
+    for site in ("a", "b", "c"):
+        base = small_site(site, 30)
+        missing = np.zeros((30, 2), bool)
+        missing[:1, 0] = True  # x: 3 missing in all, under k: the count would give it away
+        missing[3:, 1] = True  # z: 9 observed in all, under k: the missing count would give it away
+        datasets[site] = TabularDataset(
+            name=site,
+            X_train=base.X_train,
+            y_train=base.y_train,
+            X_test=base.X_test,
+            y_test=base.y_test,
+            feature_names=base.feature_names,
+            imputation=Imputation(
+                features=(0, 1),
+                rules=(FillRule.MEAN, FillRule.MEAN),
+                missing_train=missing,
+                missing_test=missing[:0],
+            ),
+        )
+    report = run_stats(StatsParams(features=["x", "z"], min_cell_count=10), datasets)
+    figures = stratum(report)
+    assert figures["rows"] == {"value": 90, "suppressed": False}
+    x, z = figures["features"]["x"], figures["features"]["z"]
+    for name in ("count", "missing", "missing_fraction"):
+        assert x[name] == {"value": None, "suppressed": True}
+        assert z[name] == {"value": None, "suppressed": True}
+    assert x["mean"]["suppressed"] is False  # a statistic of 87 records
+    # the bins would add up to the hidden count: at least one of them is withheld
+    assert any(cell["suppressed"] for cell in x["histogram"])
+    assert all(cell["suppressed"] for cell in z["histogram"])
+    assert z["mean"] == {"value": None, "suppressed": True}
+
+
+def test_a_single_small_bin_is_hidden_with_a_second_one():
+    values = np.array([-0.75] * 12 + [0.25] * 12 + [2.5] * 2)  # one bin of 2 under k = 5
+    X = values[:, None]
+    y = np.zeros(values.size, np.int64)
+    one = TabularDataset(name="a", X_train=X, y_train=y, X_test=X[:0], y_test=y[:0], feature_names=("x",))
+    empty = TabularDataset(
+        name="e", X_train=X[:0], y_train=y[:0], X_test=X[:0], y_test=y[:0], feature_names=("x",)
+    )
+    report = run_stats(StatsParams(features=["x"]), {"a": one, "b": empty, "c": empty})
+    bins = stratum(report)["features"]["x"]["histogram"]
+    assert [i for i, c in enumerate(bins) if c["suppressed"]] == [3, 8]  # the 2 (bin 8), then a 12 (bin 3)
+    assert stratum(report)["features"]["x"]["count"]["value"] == 26

@@ -393,6 +393,24 @@ def _count(value: float, noisy: bool) -> float | int:
     return max(0, round(value)) if noisy else round(value)
 
 
+def suppressed_bins(
+    hist: NDArray[np.float64], k: int, noisy: bool, *, observed_ok: bool, count_shown: bool
+) -> set[int]:
+    """The histogram bins withheld: all of them if the observed count is suppressed; else each bin of 1 to
+    k-1 records (primary), plus the smallest other non-empty bin when one suppressed bin could otherwise be
+    recovered by subtraction: from the shown count if exactly one bin is suppressed, or, when the count is
+    withheld (its missing count is small), from the rows if no bin is (secondary suppression)."""
+    if not observed_ok:
+        return set(range(len(hist)))
+    hidden = {i for i, c in enumerate(hist) if not _released(float(c), k, noisy)}
+    needed = 1 if count_shown else 0
+    if len(hidden) == needed:
+        spare = [i for i, c in enumerate(hist) if i not in hidden and float(c) > 0]
+        if spare:
+            hidden.add(min(spare, key=lambda i: (float(hist[i]), i)))
+    return hidden
+
+
 def build_report(
     params: StatsParams,
     sites: tuple[str, ...],
@@ -425,15 +443,16 @@ def build_report(
                 if noisy:  # clamped to what clipped values can give: post-processing
                     mean = min(max(mean, float(edges[0])), float(edges[-1]))
                     var = None if var is None else max(var, 0.0)
+            # a feature's rows split into observed and missing: both are shown or neither, else the one
+            # suppressed would be the other subtracted from the rows
+            shown = obs_ok and miss_ok
             total = n_obs + n_miss
-            fraction = n_miss / total if miss_ok and obs_ok and total > 0 else None
-            bins = [
-                _cell(_count(float(c), noisy), not (obs_ok and _released(float(c), k, noisy)))
-                for c in counts.hist[s][j]
-            ]
+            fraction = n_miss / total if shown and total > 0 else None
+            hidden = suppressed_bins(counts.hist[s][j], k, noisy, observed_ok=obs_ok, count_shown=shown)
+            bins = [_cell(_count(float(c), noisy), i in hidden) for i, c in enumerate(counts.hist[s][j])]
             features[feature] = {
-                "count": _cell(_count(n_obs, noisy), not obs_ok),
-                "missing": _cell(_count(n_miss, noisy), not miss_ok),
+                "count": _cell(_count(n_obs, noisy), not shown),
+                "missing": _cell(_count(n_miss, noisy), not shown),
                 "missing_fraction": _cell(fraction, fraction is None),
                 "mean": _cell(mean, mean is None),
                 "variance": _cell(var, var is None),
