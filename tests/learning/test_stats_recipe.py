@@ -5,6 +5,7 @@ ledger, exact sums survive large values, and bad params or data are refused with
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import numpy as np
@@ -395,3 +396,20 @@ def test_a_single_small_bin_is_hidden_with_a_second_one():
     bins = stratum(report)["features"]["x"]["histogram"]
     assert [i for i, c in enumerate(bins) if c["suppressed"]] == [3, 8]  # the 2 (bin 8), then a 12 (bin 3)
     assert stratum(report)["features"]["x"]["count"]["value"] == 26
+
+
+def test_a_leader_that_broadcasts_another_report_fails_the_session(monkeypatch):
+    from fedhealth.learning import _stats
+
+    honest = _stats.build_report
+
+    def leader_lies(params, sites, counts, moments, z):  # type: ignore[no-untyped-def]
+        report = honest(params, sites, counts, moments, z)
+        if threading.current_thread().name == f"collective-{sites[0]}":
+            report["min_cell_count"] = 1  # e.g. claims a smaller k
+        return report
+
+    monkeypatch.setattr(_stats, "build_report", leader_lies)
+    datasets = {"a": small_site("a", 20), "b": small_site("b", 20), "c": small_site("c", 20)}
+    with pytest.raises(InputError, match="leader's report differs"):
+        run_stats(StatsParams(features=["x"]), datasets)

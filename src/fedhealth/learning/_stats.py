@@ -479,6 +479,10 @@ def build_report(
     }
 
 
+class ReportMismatchError(InputError):
+    """The report the session's leader broadcast is not the one the sums give."""
+
+
 # --- the recipe ------------------------------------------------------------------------------------------
 
 
@@ -587,10 +591,15 @@ class StatsRecipe:
         totals = exact_secure_sum(session, sums)
         moments = {cell: (float(totals[2 * i]), float(totals[2 * i + 1])) for i, cell in enumerate(wanted)}
 
-        report = None
-        if session.site == sites[0]:
-            report = json.dumps(build_report(params, sites, counts, moments, z), allow_nan=False).encode()
-        session.broadcast(report)
+        # every site reads the same sums into the same report; the leader broadcasts it and the others check
+        # it byte for byte, so a leader cannot release a cell the rule withholds without failing the session
+        own = json.dumps(build_report(params, sites, counts, moments, z), allow_nan=False).encode()
+        released = session.broadcast(own if session.site == sites[0] else None)
+        if released != own:
+            raise ReportMismatchError(
+                "stats: the leader's report differs from this site's reading of the same sums; "
+                "refusing the session"
+            )
         return SiteSessionOutcome(
             record={"rows_here": 0 if cols is None else int(cols.y.size), "noise_multiplier": z}
         )
