@@ -413,3 +413,18 @@ def test_a_leader_that_broadcasts_another_report_fails_the_session(monkeypatch):
     datasets = {"a": small_site("a", 20), "b": small_site("b", 20), "c": small_site("c", 20)}
     with pytest.raises(InputError, match="leader's report differs"):
         run_stats(StatsParams(features=["x"]), datasets)
+
+
+def test_with_noise_values_are_clipped_for_the_sums_but_keep_their_open_ended_bins():
+    values = np.array([-10.0] * 50 + [10.0] * 50)
+    X = values[:, None]
+    y = np.zeros(values.size, np.int64)
+    data = TabularDataset(name="a", X_train=X, y_train=y, X_test=X[:0], y_test=y[:0], feature_names=("x",))
+    params = StatsParams(features=["x"], noise_multiplier=0.01)  # tiny noise: the counts round to exact
+    report = run_stats(params, {"a": data, "b": data, "c": data}, noise_seed=5)
+    figures = stratum(report)["features"]["x"]
+    hist = [c["value"] for c in figures["histogram"]]
+    assert hist[0] == hist[-1] == 150  # below -3 and at or above 3, as without noise
+    assert hist[1:-1] == [None] * 8  # a noisy zero is not a zero: under k, suppressed
+    assert figures["mean"]["value"] == pytest.approx(0.0, abs=0.05)
+    assert figures["variance"]["value"] == pytest.approx(9.0 * 300 / 299, rel=0.01)  # clipped to +-3

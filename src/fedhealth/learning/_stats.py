@@ -330,10 +330,6 @@ def count_vector(
     return np.concatenate(parts)
 
 
-def count_scales(params: StatsParams, layout: list[Stratum]) -> int:
-    return len(layout) * (1 + sum(2 + params.edges(f).size + 1 for f in params.features))
-
-
 def centre_and_half_width(edges: NDArray[np.float64]) -> tuple[float, float]:
     lo, hi = float(edges[0]), float(edges[-1])
     return (lo + hi) / 2.0, (hi - lo) / 2.0
@@ -552,10 +548,6 @@ class StatsRecipe:
         if z is not None and ctx.noise is None:
             raise InputError("stats: noise was asked for but the session gave no noise generator")
         cols = site_columns(params, dataset) if dataset is not None else None
-        if cols is not None and z is not None:  # clip to the public edges: the sensitivity assumes it
-            for j, feature in enumerate(params.features):
-                edges = params.edges(feature)
-                cols.X[:, j] = np.clip(cols.X[:, j], edges[0], edges[-1])
         std = 0.0 if z is None else z * sensitivity(params)
 
         local = count_vector(params, cols, session.site, layout)
@@ -576,12 +568,16 @@ class StatsRecipe:
         sums = np.zeros(2 * len(wanted))
         scales = np.ones(2 * len(wanted))
         for i, (s, j) in enumerate(wanted):
-            centre, half = centre_and_half_width(params.edges(params.features[j]))
+            edges = params.edges(params.features[j])
+            centre, half = centre_and_half_width(edges)
             scales[2 * i], scales[2 * i + 1] = half, half * half
             if cols is None:
                 continue
             rows = _rows_in(layout[s], session.site, cols.y) & ~cols.missing[:, j]
-            centred = cols.X[rows, j] - centre
+            values = cols.X[rows, j]
+            if z is not None:  # the sums' sensitivity assumes values within the public edges
+                values = np.clip(values, edges[0], edges[-1])
+            centred = values - centre
             sums[2 * i] = float(np.sum(centred))
             sums[2 * i + 1] = float(np.sum(centred * centred))
         if z is not None and sums.size:
@@ -638,12 +634,3 @@ def run_stats_in_memory(
     if session.relay.released is None:
         raise InputError("stats: the session released nothing")
     return STATS_RECIPE.finish(checked, session.relay.released)
-
-
-def report_cells(report: dict[str, Any]) -> list[tuple[dict[str, Any], str, dict[str, Any]]]:
-    """(stratum, feature, figures) for every stratum and feature of a report, in order (for tables)."""
-    out = []
-    for stratum in report["strata"]:
-        for feature, figures in stratum["features"].items():
-            out.append((stratum["stratum"], feature, figures))
-    return out
