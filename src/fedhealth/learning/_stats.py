@@ -502,8 +502,13 @@ class StatsRecipe:
             extra.append("per site")
         per = f" (also {' and '.join(extra)})" if extra else ""
         noise = (
-            f"; each site adds Gaussian noise (multiplier {noise_multiplier(params):.4g}), charged to "
-            "its privacy budget"
+            f"; each site adds Gaussian noise (multiplier {noise_multiplier(params):.4g}"
+            + (
+                f", epsilon {params.target_epsilon:g} at delta {params.delta:g}"
+                if params.target_epsilon is not None
+                else ""
+            )
+            + "), charged to its privacy budget"
             if params.noisy
             else "; no noise is added (the released figures are exact)"
         )
