@@ -18,6 +18,7 @@ DOCS = [
     "docs/governance.md",
     "docs/connectors.md",
     "docs/model-packages.md",
+    "docs/statistics.md",
 ]
 REFERENCE = re.compile(r"`(tests/[\w/]+\.py)?::(\w+)(?:\[[^\]]*\])?`")
 

@@ -27,6 +27,7 @@ from fedhealth.cli._privacy import budget_app, privacy_app
 from fedhealth.cli._services import orchestrator_app, site_app, user_app
 from fedhealth.cli._site_check import site_check, site_readiness
 from fedhealth.cli._site_datasets import dataset_app
+from fedhealth.cli._stats import stats_app
 from fedhealth.cli._steward import approvals_app
 from fedhealth.cli._study import study_app
 
@@ -84,6 +85,7 @@ model_app.command("predict")(model_predict)
 model_app.command("export")(model_export)
 model_app.command("scaling")(model_scaling)
 app.add_typer(model_app, name="model")
+app.add_typer(stats_app, name="stats")
 
 
 def main() -> None:

@@ -87,6 +87,7 @@ from fedhealth.learning._recipe import (
     ReferenceStep,
     RoundsRecipe,
     SessionContext,
+    SessionDpRecipe,
     SiteSessionOutcome,
     TemplateParam,
 )
@@ -101,6 +102,13 @@ from fedhealth.learning._registry import (
 )
 from fedhealth.learning._results import EvalResult, TrainResult
 from fedhealth.learning._rng import task_rng
+from fedhealth.learning._stats import (
+    STATS_RECIPE,
+    StatsParams,
+    StatsRecipe,
+    exact_secure_sum,
+    run_stats_in_memory,
+)
 from fedhealth.learning._strategies import apply_strategy, strategy_state_specs, weighted_mean
 from fedhealth.learning._synthetic import (
     SYNTHETIC_RECIPE,
@@ -124,6 +132,7 @@ __all__ = [
     "ONNX_FILE",
     "PACKAGE_FORMAT",
     "RECIPE_ENTRY_POINT_GROUP",
+    "STATS_RECIPE",
     "SYNTHETIC_RECIPE",
     "SYNTHETIC_STEP_SCALE",
     "WEIGHTS_FILE",
@@ -162,9 +171,12 @@ __all__ = [
     "ResolvedRecipe",
     "RoundsRecipe",
     "SessionContext",
+    "SessionDpRecipe",
     "SessionMember",
     "SiteSessionOutcome",
     "StandardizeMode",
+    "StatsParams",
+    "StatsRecipe",
     "StrategyConfig",
     "StrategyKind",
     "StudyPreset",
@@ -178,6 +190,7 @@ __all__ = [
     "bce_with_logits",
     "default_registry",
     "dp_noise_multiplier",
+    "exact_secure_sum",
     "load_package",
     "load_recipe",
     "logreg_evaluate",
@@ -197,6 +210,7 @@ __all__ = [
     "reload_recipes",
     "resolve_recipe",
     "run_in_memory",
+    "run_stats_in_memory",
     "scaling_from_statistics",
     "scaling_from_sums",
     "strategy_state_specs",
