@@ -220,3 +220,45 @@ def test_a_bad_mapping_names_the_key(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
         open_dataset(f"fhir+http://127.0.0.1:9/fhir?mapping={path}")
+
+
+def test_the_agent_reads_consent_from_the_fhir_server_again_for_each_study(tmp_path, heart_dir, mapping):
+    """A patient who withdraws on the hospital's FHIR server between two studies is out of the second one:
+    the agent imports the server's Consent resources again at each study's first task (issue 15), not only
+    when the dataset was added or the agent started."""
+    from agent.site_fixtures import agent, approve, make_home, task
+    from fedhealth.agent._governance import SiteGovernance
+    from fedhealth.governance import ConsentDecision, decide
+    from fedhealth.protocol import StudySpec
+    from support import logreg_recipe
+
+    people = patients(2, heart_dir)
+    with sekmet_server(tmp_path / "fhir") as fhir:
+        fhir.load(fhir_resources(people))
+        fhir.load([research_consent(p.pid) for p in people])
+        uri = fhir_uri(fhir.base_url, mapping, "&consent=true")
+        width = len(open_dataset(uri).feature_names)
+        home = make_home(tmp_path / "site")
+        spec = StudySpec(
+            name="fhir-consent",
+            dataset="heart",
+            recipe=logreg_recipe(width),
+            rounds=1,
+            train_sites=["hospital-a"],
+        )
+        approve(home, spec)
+        a, client = agent(home, {"heart": uri})
+        a.handle(task(spec).model_copy(update={"study_id": "st-1", "task_id": "tk-1"}))
+        withdrawn = people[:10]
+        fhir.load([research_consent(p.pid, "deny") for p in withdrawn])  # withdrawn at the hospital
+        a.handle(task(spec).model_copy(update={"study_id": "st-2", "task_id": "tk-2"}))
+    assert client.failures == []
+    first, second = (r.metrics.num_samples for r in client.results if r.metrics is not None)
+    assert second < first
+    with SiteGovernance(home) as governance:
+        registry = governance.consent()
+        now = datetime.now(UTC)
+        assert all(
+            decide(registry.records(p.pid), "research", now) is ConsentDecision.DENY for p in withdrawn
+        )
+        assert decide(registry.records(people[20].pid), "research", now) is ConsentDecision.PERMIT

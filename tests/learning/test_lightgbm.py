@@ -156,6 +156,8 @@ def test_the_export_carries_the_model_and_its_bins(centers):
     X = _test_rows(centers)
     assert again == model
     assert np.array_equal(again.predict(X), model.predict(X))
+    assert export.predict_proba is not None
+    assert np.array_equal(export.predict_proba(X), model.predict(X))  # P(label = 1), raw features in
 
 
 def test_a_site_lost_mid_training_fails_the_session_for_every_site(centers):

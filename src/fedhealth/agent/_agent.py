@@ -33,6 +33,7 @@ from fedhealth.agent._client import (
     TlsVerificationError,
 )
 from fedhealth.agent._collective import HttpCollectives, check_collective_session
+from fedhealth.agent._datasets import feeds_consent, sync_consent
 from fedhealth.agent._home import SiteHome
 from fedhealth.agent._pipeline import SiteGate, TaskContext, TaskRefused
 from fedhealth.agent._secure import PeerPins, UnmaskRecord, check_secure_round, run_secure_exchange
@@ -109,7 +110,8 @@ class SiteAgent:
             should_stop=self._stop.is_set,
             insecure=settings.insecure,
         )
-        self._datasets: dict[str, TabularDataset] = {}
+        # per dataset: the study it was opened for and its rows (see _dataset)
+        self._datasets: dict[str, tuple[str, TabularDataset]] = {}
         self._models: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
         self.tasks_done = 0
         self.gates: list[SiteGate] = list(gates)
@@ -155,18 +157,32 @@ class SiteAgent:
         for module in ("sklearn.metrics", "sklearn.model_selection"):
             importlib.import_module(module)
 
-    def _dataset(self, name: str) -> TabularDataset:
-        if name not in self._datasets:
-            uri = self.settings.datasets.get(name)
-            if uri is None:
-                raise DatasetError(
-                    f"this site has no dataset named {name!r} (registered: {sorted(self.settings.datasets)})"
-                )
-            try:
-                self._datasets[name] = open_dataset(uri, self.settings.data_dir)
-            except ConfigError as exc:  # a malformed dataset URI: the dataset is not available
-                raise DatasetError(str(exc)) from exc
-        return self._datasets[name]
+    def _dataset(self, name: str, study_id: str) -> TabularDataset:
+        """The dataset as this study sees it. A study's first task opens the source again, so the rows are
+        the warehouse's current ones and its schema is checked against the one pinned at ``site dataset
+        add`` before any task of a new study (a renamed or retyped column refuses the task, charging
+        nothing); later tasks of the same study reuse those rows, so every round of a study trains on one
+        snapshot. Only the newest study's rows are kept per dataset. A FHIR dataset added with
+        ``consent=true`` also reads its server's Consent resources again then."""
+        held = self._datasets.get(name)
+        if held is not None and held[0] == study_id:
+            return held[1]
+        uri = self.settings.datasets.get(name)
+        if uri is None:
+            raise DatasetError(
+                f"this site has no dataset named {name!r} (registered: {sorted(self.settings.datasets)})"
+            )
+        self._datasets.pop(name, None)  # a failed open below must not leave the previous study's rows
+        try:
+            dataset = open_dataset(uri, self.settings.data_dir)
+        except ConfigError as exc:  # a malformed dataset URI: the dataset is not available
+            raise DatasetError(str(exc)) from exc
+        if self.settings.home is not None and feeds_consent(uri):
+            # a FHIR dataset that feeds consent: the server's Consent resources as they are now, imported
+            # (audited) before the consent gate filters this study's rows
+            sync_consent(SiteHome(self.settings.home), name, uri)
+        self._datasets[name] = (study_id, dataset)
+        return dataset
 
     def _model(self, task: Task) -> dict[str, np.ndarray]:
         cached = self._models.get(task.model_digest)
@@ -213,7 +229,7 @@ class SiteAgent:
             params = self._model(task)
             dataset = None
             if recipe.capabilities.reads_data:
-                dataset = self._dataset(task.dataset)
+                dataset = self._dataset(task.dataset, task.study_id)
                 _check_fits(task, dataset)
                 for gate in self.gates:
                     dataset = gate.prepare_data(ctx, dataset)
@@ -300,7 +316,7 @@ class SiteAgent:
         recipe.collective()  # RecipeError (invalid_recipe) for a recipe combined in rounds
         dataset = None
         if recipe.capabilities.reads_data:
-            dataset = self._dataset(task.dataset)
+            dataset = self._dataset(task.dataset, task.study_id)
             _check_fits(task, dataset)
             for gate in self.gates:
                 dataset = gate.prepare_data(ctx, dataset)

@@ -513,6 +513,7 @@ class LightGbmRecipe:
                 "num_class": params.num_class,
                 "grid_cells": binning.grid_cells,
             },
+            predict_proba=model.predict if params.objective == "binary" else None,
         )
 
 
