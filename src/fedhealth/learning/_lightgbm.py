@@ -414,9 +414,10 @@ class LightGbmRecipe:
         return (
             f"gradient-boosted trees (LightGBM {params.objective}, {params.num_rounds} rounds of at most "
             f"{params.num_leaves} leaves) on the site's training rows: the site sends per-feature counts "
-            "on a public grid and, per split, gradient histograms and root sums, each only inside a secure "
-            "sum; per split it releases its best split among its features, computed from the sums over all "
-            "sites; at the end, test-set counts and losses inside a secure sum"
+            "on a public grid, label counts and sums, and per tree and split the root's and the smaller "
+            "child's gradient histograms and the rows on each side of candidate splits, each only inside a "
+            "secure sum; per split it releases its best split among its features, computed from the sums "
+            "over all sites; at the end, test-set counts and losses inside a secure sum"
         )
 
     def template(self, n_features: int | None) -> list[TemplateParam]:
