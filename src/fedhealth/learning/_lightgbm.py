@@ -23,7 +23,7 @@ import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -244,7 +244,19 @@ def agree_bins(counts: NDArray[Any], max_bin: int) -> tuple[tuple[int, ...], ...
     return tuple(out)
 
 
-def binning_of(params: LightGbmParams, counts: NDArray[Any]) -> Binning:
+class GridParams(Protocol):
+    """What the agreed bins depend on (the boosting recipes' params)."""
+
+    @property
+    def n_features(self) -> int: ...
+    @property
+    def grid_cells(self) -> int: ...
+    @property
+    def max_bin(self) -> int: ...
+    def ranges(self) -> list[tuple[float, float]]: ...
+
+
+def binning_of(params: GridParams, counts: NDArray[Any]) -> Binning:
     ranges = params.ranges()
     return Binning(
         low=tuple(lo for lo, _ in ranges),
@@ -376,18 +388,18 @@ def train_site(
     }
 
 
-def _test_sums(params: LightGbmParams, model: LightGbmModel, dataset: TabularDataset) -> NDArray[np.float64]:
+def held_out_sums(kind: str, predict: Any, dataset: TabularDataset) -> NDArray[np.float64]:
     """This site's test statistics, summed over the sites: [rows, correct, loss sum, own accuracy, 1 if it
     has test rows]."""
     rows = len(dataset.y_test)
     if rows == 0:
         return np.zeros(5)
     y = dataset.y_test.astype(np.float64)
-    pred = model.predict(dataset.X_test)
-    if params.objective == "regression":
+    pred = predict(dataset.X_test)
+    if kind == "regression":
         loss = float(np.sum((pred - y) ** 2))
         correct = float(np.sum((pred >= 0.5) == (y == 1)))
-    elif params.objective == "binary":
+    elif kind == "binary":
         p = np.clip(pred, 1e-15, 1 - 1e-15)
         loss = float(-np.sum(y * np.log(p) + (1 - y) * np.log(1 - p)))
         correct = float(np.sum((pred >= 0.5) == (y == 1)))
@@ -396,6 +408,28 @@ def _test_sums(params: LightGbmParams, model: LightGbmModel, dataset: TabularDat
         loss = float(-np.sum(np.log(p)))
         correct = float(np.sum(np.argmax(pred, axis=1) == y))
     return np.array([rows, correct, loss, correct / rows, 1.0])
+
+
+def release(
+    session: Collectives,
+    sums: NDArray[np.float64],
+    kind: str,
+    model: dict[str, JsonValue],
+    trees: Any,
+) -> None:
+    """The session's end: the held-out statistics summed, and the leader's broadcast of the model and the
+    metrics (the session's released result)."""
+    rows, correct, loss, accuracy_sum, with_test = session.secure_sum(sums).tolist()
+    report = None
+    if session.site == session.sites[0]:
+        metrics: dict[str, JsonValue] = {
+            "test_rows": round(rows),
+            "accuracy": correct / rows if rows else None,
+            "mean_client_accuracy": accuracy_sum / with_test if with_test else None,
+            ("mse" if kind == "regression" else "log_loss"): loss / rows if rows else None,
+        }
+        report = json.dumps({**model, "trees": trees(), "sites": len(session.sites), **metrics}).encode()
+    session.broadcast(report)
 
 
 class LightGbmRecipe:
@@ -460,26 +494,13 @@ class LightGbmRecipe:
             raise DatasetError("LightGBM needs the site's dataset")
         self.data_schema(params).check(dataset)
         model, calls = train_site(params, dataset, session)
-        sums = session.secure_sum(_test_sums(params, model, dataset))
-        rows, correct, loss, accuracy_sum, with_test = sums.tolist()
-        report = None
-        if session.site == session.sites[0]:
-            metrics: dict[str, JsonValue] = {
-                "test_rows": round(rows),
-                "accuracy": correct / rows if rows else None,
-                "mean_client_accuracy": accuracy_sum / with_test if with_test else None,
-                ("mse" if params.objective == "regression" else "log_loss"): loss / rows if rows else None,
-            }
-            report = json.dumps(
-                {
-                    "model": model.model_text,
-                    "binning": model.binning.to_json(),
-                    "trees": model.booster().num_trees(),
-                    "sites": len(session.sites),
-                    **metrics,
-                }
-            ).encode()
-        session.broadcast(report)
+        release(
+            session,
+            held_out_sums(params.objective, model.predict, dataset),
+            params.objective,
+            {"model": model.model_text, "binning": model.binning.to_json()},
+            lambda: model.booster().num_trees(),
+        )
         return SiteSessionOutcome(
             record={"collectives": dict(calls.items()), "train_rows": len(dataset.y_train)}
         )
