@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 
 from fedhealth.data import load_heart_disease
-from fedhealth.learning import LIGHTGBM_RECIPE, LightGbmModel, LightGbmParams, train_pooled
+from fedhealth.learning import (
+    LIGHTGBM_RECIPE,
+    LightGbmModel,
+    LightGbmParams,
+    XGBoostModel,
+    XGBoostParams,
+    train_pooled,
+    train_pooled_xgboost,
+)
 from fedhealth.learning._lightgbm import cell_counts
 from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec, StudyStatus, TaskKind, TaskStatus
 from fedhealth.runtime import run_collective_in_memory
@@ -123,6 +131,31 @@ def test_federated_lightgbm_through_the_services_is_the_pooled_model_and_the_rel
         assert first["op"] == "SUM"
         assert len(first["head"]) == 16
         assert not any(a == b for a, b in zip(first["head"], clear[:16].tolist(), strict=True))
+
+
+def test_federated_xgboost_through_the_services_is_the_pooled_model(fed, capture, data_dir):
+    capture.unlink(missing_ok=True)
+    params = {"n_features": 13, "num_rounds": 6, "max_depth": 3}
+    spec = _spec(fed, "xgboost-heart", params, timeout_s=60).model_copy(
+        update={"recipe": RecipeSpec(name="xgboost", params=params)}
+    )
+    final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=300, interval=0.2)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    result = final.rounds[0].metrics or {}
+    centers = [load_heart_disease(c, data_dir, download=False) for c in range(4)]
+    model = XGBoostModel.from_result(result)
+    pooled = train_pooled_xgboost(XGBoostParams(**params), centers)
+    X = np.concatenate([c.X_test for c in centers])
+    assert np.array_equal(model.predict(X), pooled.predict(X))
+    assert (
+        json.loads(model.model_json)["learner"]["gradient_booster"]["model"]["trees"]
+        == (json.loads(pooled.model_json)["learner"]["gradient_booster"]["model"]["trees"])
+    )
+    records = _records(capture)
+    assert {r["op"] for r in records if r["event"] == "received"} <= {"SETUP", "SUM", "BROADCAST", "END"}
+    sums = [r for r in records if r["event"] == "received" and r["op"] == "SUM" and len(r["head"]) >= 4]
+    for record in sums:
+        assert not all(_small(v) for v in record["head"]), record
 
 
 def test_a_site_killed_mid_training_fails_the_boosting_session_for_everyone(fed, capture):

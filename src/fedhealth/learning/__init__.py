@@ -128,6 +128,14 @@ from fedhealth.learning._synthetic import (
     synthetic_init,
     synthetic_train,
 )
+from fedhealth.learning._xgboost import (
+    XGBOOST_RECIPE,
+    XGBoostModel,
+    XGBoostParams,
+    XGBoostRecipe,
+    train_pooled_xgboost,
+    train_site_xgboost,
+)
 
 __all__ = [
     "BREAST_CANCER_PRESETS",
@@ -147,6 +155,7 @@ __all__ = [
     "SYNTHETIC_RECIPE",
     "SYNTHETIC_STEP_SCALE",
     "WEIGHTS_FILE",
+    "XGBOOST_RECIPE",
     "BenchmarkCollectives",
     "Binning",
     "CategoricalEncoding",
@@ -201,6 +210,9 @@ __all__ = [
     "TrainResult",
     "TrainingDivergedError",
     "UnknownRecipeError",
+    "XGBoostModel",
+    "XGBoostParams",
+    "XGBoostRecipe",
     "apply_strategy",
     "bce_with_logits",
     "default_registry",
@@ -234,7 +246,9 @@ __all__ = [
     "synthetic_train",
     "task_rng",
     "train_pooled",
+    "train_pooled_xgboost",
     "train_site",
+    "train_site_xgboost",
     "weighted_mean",
     "weighted_metrics",
     "write_package",
