@@ -8,12 +8,14 @@ are in the database. It is the real engine, store (SQLite in a temporary folder)
 HTTP and without agents: what a change to the round engine can slow down, and nothing else.
 
 Before/after in one run: with ``--baseline REV`` the script exports ``src/`` of that git revision into a
-temporary folder and runs itself as child processes alternately with that ``src/`` and with this checkout's
-first on ``PYTHONPATH`` (``--repeats`` pairs), then prints both medians and their ratio per configuration.
+temporary folder and runs itself as child processes with that ``src/`` or with this checkout's first on
+``PYTHONPATH``, alternating (``--repeats`` pairs per configuration, who goes first swapped each time), then
+prints both medians and their ratio per configuration: wall-clock time (the latency) and the process's CPU
+time over all its threads (the work; far steadier than wall-clock time on a loaded, shared machine).
 
-Run: python benchmarks/round_latency.py --baseline main --repeats 3
+Run: python benchmarks/round_latency.py --baseline main --repeats 4
      (one implementation only: python benchmarks/round_latency.py --child)
-Exit status 1 if a ratio (this checkout / baseline) is above ``--max-ratio`` (default 1.1).
+Exit status 1 if a wall-clock ratio (this checkout / baseline) is above ``--max-ratio`` (default 1.1).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ CONFIGS = ((3, 1_000, 40), (10, 1_000_000, 12))
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def _study_rounds(sites: int, n_params: int, rounds: int, folder: Path) -> list[float]:
+async def _study_rounds(
+    sites: int, n_params: int, rounds: int, folder: Path
+) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds (all threads: the aggregation runs in a worker) of each round."""
     from fedhealth.core import SystemClock
     from fedhealth.governance import spec_hash
     from fedhealth.learning import SYNTHETIC_RECIPE, SyntheticParams
@@ -78,7 +83,8 @@ async def _study_rounds(sites: int, n_params: int, rounds: int, folder: Path) ->
         store.record_approval(name, digest, ApprovalState.APPROVED, clock.now())
     study = await engine.create_study(spec)
     specs = param_specs(spec.recipe)
-    timings = []
+    timings: list[float] = []
+    cpu: list[float] = []
     try:
         for number in range(1, rounds + 1):
             (r,) = [x for x in store.open_rounds() if x.study_id == study.id]
@@ -93,7 +99,7 @@ async def _study_rounds(sites: int, n_params: int, rounds: int, folder: Path) ->
                 )
                 for i, t in enumerate(tasks)
             }
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             for t in tasks:
                 result = blobs.put(bodies[t.id], kind=BlobKind.UPDATE)
                 assert store.complete_task(
@@ -105,28 +111,36 @@ async def _study_rounds(sites: int, n_params: int, rounds: int, folder: Path) ->
                 )
                 await engine.task_closed(r.id, t.id)
             timings.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - started_cpu)
             assert store.get_round(r.id).status.value == "completed", store.get_round(r.id).reason
     finally:
         await engine.close()
         db.dispose()
-    return timings
+    return timings, cpu
 
 
-def _child() -> None:
+def _key(sites: int, n_params: int) -> str:
+    return f"{sites} x {n_params:.0e}"
+
+
+def _child(only: str | None) -> None:
     import fedhealth
 
     out: dict[str, object] = {"source": str(Path(fedhealth.__file__).resolve().parent.parent)}
     for sites, n_params, rounds in CONFIGS:
+        if only is not None and only != _key(sites, n_params):
+            continue
         with tempfile.TemporaryDirectory(prefix="round-latency-") as folder:
-            timings = asyncio.run(_study_rounds(sites, n_params, rounds, Path(folder)))
-        out[f"{sites}x{n_params:g}"] = timings[1:]  # the first round warms caches and imports
+            wall, cpu = asyncio.run(_study_rounds(sites, n_params, rounds, Path(folder)))
+        # the first round warms caches and imports
+        out[_key(sites, n_params)] = {"wall": wall[1:], "cpu": cpu[1:]}
     print(json.dumps(out))
 
 
-def _run_child(src: Path) -> dict[str, list[float]]:
+def _run_child(src: Path, only: str) -> dict[str, dict[str, list[float]]]:
     env = {**os.environ, "PYTHONPATH": str(src)}
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child"],
+        [sys.executable, str(Path(__file__).resolve()), "--child", "--only", only],
         env=env,
         check=True,
         capture_output=True,
@@ -141,12 +155,13 @@ def _run_child(src: Path) -> dict[str, list[float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", action="store_true", help="time this interpreter's fedhealth only")
+    parser.add_argument("--only", help="one configuration, as printed (e.g. '3 x 1e+03')")
     parser.add_argument("--baseline", help="git revision to compare against (its src/ on PYTHONPATH)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each implementation")
+    parser.add_argument("--repeats", type=int, default=4, help="alternating runs of each implementation")
     parser.add_argument("--max-ratio", type=float, default=1.1)
     args = parser.parse_args()
     if args.child or args.baseline is None:
-        _child()
+        _child(args.only)
         return 0
     head = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline],
@@ -154,24 +169,32 @@ def main() -> int:
         capture_output=True,
         text=True,
     ).stdout.strip()
-    samples: dict[str, dict[str, list[float]]] = {"baseline": {}, "current": {}}
+    # samples[implementation][configuration][wall | cpu]: every timed round of every run
+    samples: dict[str, dict[str, dict[str, list[float]]]] = {"baseline": {}, "current": {}}
     with tempfile.TemporaryDirectory(prefix="round-latency-base-") as base:
         archive = subprocess.run(
             ["git", "-C", str(ROOT), "archive", args.baseline, "src"], check=True, capture_output=True
         ).stdout
         subprocess.run(["tar", "-x", "-C", base], input=archive, check=True)
-        for _ in range(args.repeats):
-            for which, src in (("baseline", Path(base) / "src"), ("current", ROOT / "src")):
-                for key, values in _run_child(src).items():
-                    samples[which].setdefault(key, []).extend(values)
+        sources = {"baseline": Path(base) / "src", "current": ROOT / "src"}
+        # Alternate per configuration and swap who goes first each time: a shared machine's load drifts.
+        for sites, n_params, _ in CONFIGS:
+            key = _key(sites, n_params)
+            for repeat in range(args.repeats):
+                order = ["baseline", "current"] if repeat % 2 == 0 else ["current", "baseline"]
+                for which in order:
+                    for measure, values in _run_child(sources[which], key)[key].items():
+                        samples[which].setdefault(key, {}).setdefault(measure, []).extend(values)
     worst = 0.0
     print(f"round latency, median over rounds (baseline {args.baseline} = {head}; {args.repeats} runs each)")
-    print(f"{'sites x params':>16} {'baseline ms':>12} {'current ms':>12} {'ratio':>7}")
-    for key in samples["current"]:
-        before = statistics.median(samples["baseline"][key]) * 1e3
-        after = statistics.median(samples["current"][key]) * 1e3
-        worst = max(worst, after / before)
-        print(f"{key:>16} {before:12.2f} {after:12.2f} {after / before:7.3f}")
+    print(f"{'sites x params':>16} {'measure':>8} {'baseline ms':>12} {'current ms':>12} {'ratio':>7}")
+    for key, measures in samples["current"].items():
+        for measure, values in measures.items():
+            before = statistics.median(samples["baseline"][key][measure]) * 1e3
+            after = statistics.median(values) * 1e3
+            if measure == "wall":
+                worst = max(worst, after / before)
+            print(f"{key:>16} {measure:>8} {before:12.2f} {after:12.2f} {after / before:7.3f}")
     return 1 if worst > args.max_ratio else 0
 
 
