@@ -70,6 +70,7 @@ from fedhealth.runtime import (
     Resumed,
     RoundCommand,
     RoundEvent,
+    RoundPhase,
     RoundState,
     SecureSum,
     SecureSumDone,
@@ -397,8 +398,14 @@ class RoundEngine:
                 answer = AggregationFailed(
                     reason=f"internal error while aggregating: {type(exc).__name__}: {exc}"
                 )
-            if answer is not None:
-                pending.extend(state.handle(answer))
+            if answer is None:
+                continue
+            if state.phase is RoundPhase.ENDED and isinstance(answer, AggregationFailed):
+                # The rules' last word (open the next round, finish the study) could not be written: the
+                # round must not hang open without rules or a deadline, so it fails with the reason.
+                self._fail(round_id, FailStudy(round=state.number, reason=answer.reason))
+                continue
+            pending.extend(state.handle(answer))
 
     async def _carry_out(
         self, round_id: str, state: RoundState, command: RoundCommand, closing: _Closing
