@@ -1,9 +1,15 @@
 """The round engine: opens rounds, closes them at quorum-or-deadline, aggregates, and moves studies on.
 
+The rules themselves (when a round closes, its quorum, what a failed secure sum or session does, what opens
+next, when the study finishes or fails) are not here: they are :class:`fedhealth.runtime.RoundState`'s,
+which the in-memory runner drives too. The engine is their driver against the database and the agent API:
+it turns task closures, deadlines and the ends of secure sums and sessions into the machine's events, and
+carries out its commands (closing tasks, aggregating, recording the round's end and opening the next one).
+
 It runs on the orchestrator's event loop. All durable state is in the store; the engine's own memory holds
-only timers, so after a crash :meth:`RoundEngine.recover` rebuilds it from the database: a round that was
-open stays open (results already received are kept) with a fresh deadline, and the study continues from its
-last completed round.
+only timers and each open round's ``RoundState`` (rebuilt from the round's tasks), so after a crash
+:meth:`RoundEngine.recover` rebuilds it from the database: a round that was open stays open (results
+already received are kept) with a fresh deadline, and the study continues from its last completed round.
 
 A study starts only once every site it names has reported its data steward's approval of the exact spec
 hash (:meth:`RoundEngine.approval_reported`); until then it is ``awaiting_approval``, and it fails with the
