@@ -124,3 +124,34 @@ def test_model_scaling_on_a_bad_file_is_one_error_line(tmp_path):
     missing = runner.invoke(app, ["model", "scaling", str(tmp_path / "absent.json")])
     assert missing.exit_code == 1
     assert "no such report file" in missing.stderr
+
+
+def test_a_real_stats_session_on_raw_heart_disease_gives_the_pooled_scaling(heart_data_dir):
+    """The workflow docs/model-packages.md describes, end to end in this process: the four hospitals' raw
+    values go through a federated statistics session (masked sums only), and its report gives the spec's
+    ``mean`` and ``scale``: those of the union of the four files, which no single site could compute."""
+    from fedhealth.data import TabularDataset, heart_disease_records
+    from fedhealth.learning import StatsParams, run_stats_in_memory
+
+    datasets = {}
+    for center in range(4):
+        records = heart_disease_records(center, heart_data_dir, download=False)
+        X = np.array([[getattr(r, f) for f in FEATURES] for r in records], dtype=float)
+        y = np.array([r.disease for r in records])
+        datasets[f"h{center}"] = TabularDataset(
+            name=f"raw-{center}", X_train=X, y_train=y, X_test=X[:0], y_test=y[:0], feature_names=FEATURES
+        )
+    bins = {
+        "age": [20.0, 40.0, 60.0, 80.0],
+        "chol": [0.0, 200.0, 400.0, 700.0],
+        "thalach": [50.0, 150.0, 250.0],
+    }
+    report = run_stats_in_memory(StatsParams(features=list(FEATURES), bins=bins), datasets)
+    names, mean, scale = scaling_from_statistics(json.loads(json.dumps(report)))
+    pooled = np.concatenate([d.X_train for d in datasets.values()])
+    assert names == list(FEATURES)
+    np.testing.assert_allclose(mean, pooled.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(scale, pooled.std(axis=0, ddof=1) + STD_EPSILON, rtol=1e-9)
+    # and no single site's own figures would have given it
+    for dataset in datasets.values():
+        assert not np.allclose(dataset.X_train.mean(axis=0), mean, rtol=1e-3)
