@@ -189,3 +189,44 @@ def test_bad_lightgbm_params_are_refused_at_submission_in_one_line_and_no_study_
         fed.create_study(spec, approve=False)
     assert "\n" not in str(err.value)
     assert {s.study_id for s in fed.operator.studies()} == before
+
+
+def _restart(fed: LocalFederation, site: str, data_dir: Path) -> None:
+    fed.start_agent(
+        site,
+        {"heart-disease": f"builtin://heart-disease/{SITES.index(site)}"},
+        extra_args=["--data-dir", str(data_dir)],
+    )
+    fed.wait_for_sites(SITES)
+
+
+def test_a_killed_xgboost_session_fails_cleanly_and_the_same_agents_train_again(fed, capture, data_dir):
+    if fed.agents["center-2"].poll() is not None:  # killed by the LightGBM test above
+        _restart(fed, "center-2", data_dir)
+    capture.unlink(missing_ok=True)
+    params = {"n_features": 13, "num_rounds": 5000, "max_depth": 6}
+    spec = _spec(fed, "xgboost-killed", params, timeout_s=5).model_copy(
+        update={"recipe": RecipeSpec(name="xgboost", params=params)}
+    )
+    study = fed.create_study(spec)
+    deadline = time.monotonic() + 120
+    while max((r["index"] for r in _records(capture) if r["event"] == "completed"), default=0) < 20:
+        assert time.monotonic() < deadline, "the training did not get going"
+        time.sleep(0.05)
+    victim = fed.agents["center-3"]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    final = fed.wait_for_study(study.study_id, timeout=120, interval=0.2)
+    assert final.status is StudyStatus.FAILED
+    assert "center-3 did not take part in collective call" in (final.reason or "")
+    assert not [r for r in _records(capture) if r["op"] == "BROADCAST"]
+
+    # the survivors' processes (whose XGBoost was aborted mid-training) train the next study
+    _restart(fed, "center-3", data_dir)
+    small = {"n_features": 13, "num_rounds": 3, "max_depth": 2}
+    again = _spec(fed, "xgboost-again", small, timeout_s=60).model_copy(
+        update={"recipe": RecipeSpec(name="xgboost", params=small)}
+    )
+    after = fed.wait_for_study(fed.create_study(again).study_id, timeout=300, interval=0.2)
+    assert after.status is StudyStatus.COMPLETED, after.reason
+    assert (after.rounds[0].metrics or {})["trees"] == 3
