@@ -57,8 +57,9 @@ def test_lightgbm_is_the_pinned_version():
         {},  # binary, 31 leaves, min_data_in_leaf=1, min_gain_to_split=1e-6
         {"num_leaves": 8, "max_depth": 3, "lambda_l2": 1.0, "learning_rate": 0.3},
         {"objective": "regression", "num_leaves": 15, "min_data_in_leaf": 20},
+        {"objective": "multiclass", "num_class": 2, "num_leaves": 8},
     ],
-    ids=["binary", "binary-depth-3", "regression-min-data-20"],
+    ids=["binary", "binary-depth-3", "regression-min-data-20", "multiclass"],
 )
 def test_federated_lightgbm_equals_lightgbm_on_the_pooled_rows_bit_for_bit(centers, overrides):
     params = LightGbmParams(n_features=13, num_rounds=60, **overrides)
@@ -70,7 +71,7 @@ def test_federated_lightgbm_equals_lightgbm_on_the_pooled_rows_bit_for_bit(cente
     assert _trees(federated.model_text) == _trees(pooled.model_text)
     X = _test_rows(centers)
     assert np.array_equal(federated.predict(X, raw_score=True), pooled.predict(X, raw_score=True))
-    assert federated.booster().num_trees() == 60
+    assert federated.booster().num_trees() == 60 * params.num_class
 
 
 def test_without_exact_counts_lightgbm_data_parallel_drifts_from_the_pooled_model(centers, monkeypatch):
