@@ -19,6 +19,7 @@ DOCS = [
     "docs/connectors.md",
     "docs/model-packages.md",
     "docs/statistics.md",
+    "docs/boosting.md",
 ]
 REFERENCE = re.compile(r"`(tests/[\w/]+\.py)?::(\w+)(?:\[[^\]]*\])?`")
 

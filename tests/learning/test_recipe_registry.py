@@ -86,8 +86,8 @@ def test_builtin_recipes_are_entry_points_of_the_fedhealth_distribution():
 
 
 def test_an_unknown_recipe_names_what_is_installed():
-    with pytest.raises(UnknownRecipeError, match=r"recipe.name: no recipe 'xgboost' .*installed: .*logreg"):
-        resolve_recipe("xgboost", "1", {})
+    with pytest.raises(UnknownRecipeError, match=r"recipe.name: no recipe 'catboost' .*installed: .*logreg"):
+        resolve_recipe("catboost", "1", {})
 
 
 def test_a_version_the_site_does_not_have_is_refused_with_the_versions_it_has():

@@ -39,6 +39,16 @@ from fedhealth.learning._errors import (
     TrainingDivergedError,
     UnknownRecipeError,
 )
+from fedhealth.learning._lightgbm import (
+    LIGHTGBM_RECIPE,
+    Binning,
+    LightGbmModel,
+    LightGbmParams,
+    LightGbmRecipe,
+    model_from_export,
+    train_pooled,
+    train_site,
+)
 from fedhealth.learning._logreg import (
     bce_with_logits,
     logreg_evaluate,
@@ -118,6 +128,14 @@ from fedhealth.learning._synthetic import (
     synthetic_init,
     synthetic_train,
 )
+from fedhealth.learning._xgboost import (
+    XGBOOST_RECIPE,
+    XGBoostModel,
+    XGBoostParams,
+    XGBoostRecipe,
+    train_pooled_xgboost,
+    train_site_xgboost,
+)
 
 __all__ = [
     "BREAST_CANCER_PRESETS",
@@ -127,6 +145,7 @@ __all__ = [
     "HEART_DISEASE_DP_PRESETS",
     "HEART_DISEASE_PRESETS",
     "HEART_DISEASE_TRAIN_RECORDS",
+    "LIGHTGBM_RECIPE",
     "LOGREG_RECIPE",
     "METADATA_FILE",
     "ONNX_FILE",
@@ -136,7 +155,9 @@ __all__ = [
     "SYNTHETIC_RECIPE",
     "SYNTHETIC_STEP_SCALE",
     "WEIGHTS_FILE",
+    "XGBOOST_RECIPE",
     "BenchmarkCollectives",
+    "Binning",
     "CategoricalEncoding",
     "CollectiveProbeRecipe",
     "CollectiveRecipe",
@@ -149,6 +170,9 @@ __all__ = [
     "InMemoryCollectives",
     "InMemorySession",
     "InputColumn",
+    "LightGbmModel",
+    "LightGbmParams",
+    "LightGbmRecipe",
     "LocalOptimizer",
     "LogRegConfig",
     "LogRegParams",
@@ -186,6 +210,9 @@ __all__ = [
     "TrainResult",
     "TrainingDivergedError",
     "UnknownRecipeError",
+    "XGBoostModel",
+    "XGBoostParams",
+    "XGBoostRecipe",
     "apply_strategy",
     "bce_with_logits",
     "default_registry",
@@ -203,6 +230,7 @@ __all__ = [
     "logreg_train",
     "logreg_train_dp",
     "mean_metrics",
+    "model_from_export",
     "package_metadata",
     "preprocessing_metadata",
     "probe_expected",
@@ -217,6 +245,10 @@ __all__ = [
     "synthetic_init",
     "synthetic_train",
     "task_rng",
+    "train_pooled",
+    "train_pooled_xgboost",
+    "train_site",
+    "train_site_xgboost",
     "weighted_mean",
     "weighted_metrics",
     "write_package",
