@@ -18,6 +18,9 @@ DOCS = [
     "docs/governance.md",
     "docs/connectors.md",
     "docs/dashboard.md",
+    "docs/model-packages.md",
+    "docs/statistics.md",
+    "docs/boosting.md",
 ]
 REFERENCE = re.compile(r"`(tests/[\w/]+\.py)?::(\w+)(?:\[[^\]]*\])?`")
 

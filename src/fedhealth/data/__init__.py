@@ -16,6 +16,7 @@ from fedhealth.data._connector import (
     table_options,
 )
 from fedhealth.data._dataset import (
+    STD_EPSILON,
     FillRule,
     Imputation,
     Scaling,
@@ -47,7 +48,13 @@ from fedhealth.data._heart_disease import (
     heart_disease_records,
     load_heart_disease,
 )
-from fedhealth.data._omop import OmopConnector, OmopDefinition, compile_cohort_query, load_definition
+from fedhealth.data._omop import (
+    OmopConnector,
+    OmopDefinition,
+    compile_cohort_query,
+    load_definition,
+    read_cohort,
+)
 from fedhealth.data._quality import ColumnQuality, QualityReport, dataset_quality, table_quality
 from fedhealth.data._registry import (
     BUILTIN_DATASETS,
@@ -68,10 +75,11 @@ from fedhealth.data._schema import (
     MissingPolicy,
     NumericColumn,
     UnseenPolicy,
+    category_text,
     load_schema,
     parse_schema,
 )
-from fedhealth.data._sql import SqlConnector, check_read_only_sql
+from fedhealth.data._sql import SqlConnector, check_read_only_sql, database_of
 from fedhealth.data._table import (
     ParsedColumn,
     ParsedTable,
@@ -87,6 +95,7 @@ __all__ = [
     "HEART_DISEASE_BASE_URL",
     "HEART_DISEASE_CENTERS",
     "HEART_DISEASE_FEATURES",
+    "STD_EPSILON",
     "TABLE_PARAMS",
     "BuiltinConnector",
     "CategoricalColumn",
@@ -132,8 +141,10 @@ __all__ = [
     "UnseenPolicy",
     "breast_cancer_federation",
     "build_dataset",
+    "category_text",
     "check_read_only_sql",
     "compile_cohort_query",
+    "database_of",
     "dataset_fingerprint",
     "dataset_quality",
     "download_verified",
@@ -149,6 +160,7 @@ __all__ = [
     "open_dataset",
     "parse_schema",
     "parse_table",
+    "read_cohort",
     "read_csv_dataset",
     "read_file_table",
     "read_table",
