@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from fedhealth.dashboard._assets import check_assets
 from fedhealth.dashboard._routes import dashboard_router
-from fedhealth.orchestrator import BlobStore, OrchestratorSettings, Store, StudyObserver
+from fedhealth.orchestrator import ExtensionContext, Registration
 
 
 class DashboardExtension:
@@ -17,11 +17,9 @@ class DashboardExtension:
     def __init__(self) -> None:
         check_assets()  # a missing asset package fails the start, not a page in a browser
 
-    def observer(
-        self, store: Store, blobs: BlobStore, settings: OrchestratorSettings
-    ) -> StudyObserver | None:
-        del store, blobs, settings
-        return None
+    def start(self, context: ExtensionContext) -> Registration:
+        del context  # the pages read the running service (request.app.state.services); no state of its own
+        return Registration()
 
     def routers(self) -> list[APIRouter]:
         return [dashboard_router()]

@@ -28,13 +28,12 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fedhealth.orchestrator import (
-    BlobStore,
+    ExtensionContext,
     ModelVersion,
     NullObserver,
-    OrchestratorSettings,
+    Registration,
     RoundRow,
     Store,
-    StudyObserver,
     StudyRow,
     TaskRow,
 )
@@ -258,18 +257,15 @@ class MetricsExtension:
         self.metrics = FederationMetrics()
         self._server: Any = None
 
-    def observer(
-        self, store: Store, blobs: BlobStore, settings: OrchestratorSettings
-    ) -> StudyObserver | None:
-        del blobs
-        self.metrics.watch_sites(store, settings.clock.now)
+    def start(self, context: ExtensionContext) -> Registration:
+        self.metrics.watch_sites(context.store, context.settings.clock.now)
         if self._server is None:  # the lifespan runs once per process
             self._server, _ = start_http_server(
                 self.requested_port, addr=self.host, registry=self.metrics.registry
             )
             self.port = int(self._server.server_port)
             log.info("Prometheus metrics on http://%s:%d/metrics", self.host, self.port)
-        return MetricsObserver(self.metrics)
+        return Registration(observer=MetricsObserver(self.metrics))
 
     def routers(self) -> list[APIRouter]:
         return []
