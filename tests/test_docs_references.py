@@ -17,6 +17,7 @@ DOCS = [
     "docs/secure-aggregation.md",
     "docs/governance.md",
     "docs/connectors.md",
+    "docs/dashboard.md",
     "docs/model-packages.md",
     "docs/statistics.md",
     "docs/boosting.md",

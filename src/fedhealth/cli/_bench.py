@@ -283,3 +283,38 @@ def connectors_benchmark(
     for r in results:
         table.add_row(r.source, r.what, f"{r.rows:,}", f"{r.seconds:.2f} s", f"{r.rows_per_s:,.0f}")
     Console().print(table)
+
+
+@benchmark_app.command("dashboard")
+def dashboard_benchmark(
+    sites: Annotated[int, typer.Option(min=1, help="Sites in the seeded federation.")] = 50,
+    studies: Annotated[int, typer.Option(min=1, help="Finished studies.")] = 200,
+    rounds: Annotated[
+        int, typer.Option(min=1, help="Rounds in all (split evenly over the studies).")
+    ] = 20_000,
+    sites_per_study: Annotated[int, typer.Option(min=1, help="Training sites of each study.")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed requests per page (median).")] = 15,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Each dashboard page's server time (median) on a seeded database of sites, studies and rounds."""
+    from dataclasses import asdict
+
+    from fedhealth.dashboard import benchmark_dashboard
+
+    result = benchmark_dashboard(
+        sites=sites, studies=studies, rounds=rounds, sites_per_study=sites_per_study, repeats=repeats
+    )
+    if as_json:
+        print(json.dumps(asdict(result)))
+        return
+    console = Console()
+    console.print(
+        f"{result.sites} sites, {result.studies} studies, {result.rounds:,} rounds, {result.tasks:,} tasks, "
+        f"{result.audit_entries:,} budget entries (seeded in {result.seed_s:.0f} s)"
+    )
+    for page in result.pages:
+        console.print(
+            f"{page.page:<40} first {page.first_ms:7.1f} ms  median {page.median_ms:7.1f} ms  "
+            f"p90 {page.p90_ms:7.1f} ms  "
+            f"{page.bytes:>9,} bytes"
+        )

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import typer
@@ -148,8 +148,18 @@ def orchestrator_serve(
         str, typer.Option(help="How long a study waits for its sites' approvals by default (e.g. 12h, 7d).")
     ] = "7d",
     log_level: Annotated[LogLevel, typer.Option(help="How much to log.")] = LogLevel.INFO,
+    dashboard: Annotated[
+        bool, typer.Option(help="Serve the governance dashboard under /ui (needs fedhealth[dashboard]).")
+    ] = True,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus metrics on this port (0: any free port; default: off)."),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address of the metrics listener (keep it local: metrics carry no auth).")
+    ] = "127.0.0.1",
 ) -> None:
-    """Serve the agent API and the operator API on one HTTPS port."""
+    """Serve the agent API, the operator API and the dashboard (/ui) on one HTTPS port."""
     from fedhealth.orchestrator import OrchestratorHome, OrchestratorSettings, TlsFiles, serve
 
     orch_home = OrchestratorHome(home)
@@ -188,10 +198,36 @@ def orchestrator_serve(
             enroll_port=enroll_port,
             ready_file=ready_file,
             log_level=log_level.value,
+            extensions=_serve_extensions(
+                dashboard=dashboard, metrics_port=metrics_port, metrics_host=metrics_host
+            ),
         )
     except OSError as exc:
         _explain_bind(exc, host, port)
         raise
+
+
+def _serve_extensions(*, dashboard: bool, metrics_port: int | None, metrics_host: str) -> list[Any]:
+    """The orchestrator's default extensions, plus the dashboard and the Prometheus metrics (they sit above
+    the orchestrator in the layers, so the command adds them, not the orchestrator)."""
+    from fedhealth.orchestrator import default_extensions
+
+    extensions: list[Any] = list(default_extensions())
+    if metrics_port is not None:
+        try:
+            from fedhealth.dashboard import MetricsExtension
+        except ImportError as exc:
+            fail(f"metrics cannot be served: {exc}", "pip install 'fedhealth[dashboard]'")
+        extensions.append(MetricsExtension(metrics_port, host=metrics_host))
+    if dashboard:
+        try:
+            from fedhealth.dashboard import DashboardExtension
+
+            extensions.append(DashboardExtension())
+        except (ImportError, FedHealthError) as exc:
+            hint = "pip install 'fedhealth[dashboard]', or serve with --no-dashboard"
+            fail(f"the dashboard cannot be served: {exc}", hint)
+    return extensions
 
 
 def _explain_bind(exc: OSError, host: str, port: int) -> None:
@@ -561,3 +597,44 @@ def user_revoke(
     with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         client.revoke_user(name)
     typer.echo(f"user {name} is revoked")
+
+
+@site_app.command("dashboard")
+def site_dashboard(
+    home: Annotated[Path, typer.Option(help="The folder `site enroll` created.")] = Path("fedhealth-site"),
+    host: Annotated[str, typer.Option(help="Address to listen on (keep it local).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8765,
+    steward: Annotated[str | None, typer.Option(help="Your name (default: the current user).")] = None,
+    ready_file: Annotated[
+        Path | None, typer.Option(help="Write {url, login_url, pid} here (mode 0600) once listening.")
+    ] = None,
+    log_level: Annotated[LogLevel, typer.Option(help="How much to log.")] = LogLevel.WARNING,
+) -> None:
+    """The data steward's dashboard in a browser: the approvals queue (read a spec, approve or refuse it with
+    a reason). Prints a one-time sign-in link."""
+    import getpass
+
+    from fedhealth.agent import SiteHome
+
+    with friendly_errors():
+        site_home = SiteHome(home)
+        site_home.require()
+        try:
+            from fedhealth.dashboard import serve_site_dashboard
+        except ImportError as exc:
+            fail(f"the dashboard cannot be served: {exc}", "pip install 'fedhealth[dashboard]'")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        serve_site_dashboard(
+            site_home,
+            host=host,
+            port=port,
+            steward=steward or getpass.getuser(),
+            ready_file=ready_file,
+            log_level=log_level.value,
+        )
+    except KeyboardInterrupt:
+        return
+    except OSError as exc:
+        _explain_bind(exc, host, port)
+        raise

@@ -75,6 +75,8 @@ class AuditEventType(StrEnum):
     COMMITMENT_KEY_REVEALED = "commitment.key_revealed"
     # a collective session's end (its start, participants, outcome and call count; not each call)
     SESSION_ENDED = "session.ended"
+    # an operator's action through the dashboard: sign-in (or its refusal), sign-out, each form submitted
+    UI_ACTION = "ui.action"
 
 
 # Keys an entry of each type must carry, so an auditor can rely on them. Types not listed are free-form.
@@ -104,6 +106,7 @@ REQUIRED_PAYLOAD_KEYS: Mapping[AuditEventType, frozenset[str]] = {
     AuditEventType.STUDY_CANCELLED: frozenset({"study_id", "by", "reason"}),
     AuditEventType.COMMITMENT_KEY_REVEALED: frozenset({"study_id", "to", "key_sha256"}),
     AuditEventType.SESSION_ENDED: frozenset({"study_id", "round", "outcome", "calls", "sites"}),
+    AuditEventType.UI_ACTION: frozenset({"action", "by"}),
 }
 
 

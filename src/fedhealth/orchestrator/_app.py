@@ -112,6 +112,8 @@ def create_app(
         enroll_port=settings.enroll_port,
     )
     app.add_middleware(VersionHeadersMiddleware)  # every answer states the protocol and release
+    for ext in extensions:  # an extension may wrap every request (e.g. the metrics' request timer)
+        getattr(ext, "install_middleware", lambda _app: None)(app)
     if settings.enroll_port is not None:
         app.add_middleware(EnrollmentPortMiddleware, port=settings.enroll_port)
     for ext in extensions:

@@ -1,0 +1,363 @@
+"""The dashboard's routes under ``/ui``: thin adapters that check the session, call a read model of
+:mod:`fedhealth.dashboard._views` in a worker thread, and render a template.
+
+Pages: federation, studies (list and one study), privacy, models (and each model card), audit (with the
+verification result). Actions (forms, POST, CSRF-checked): sign in, sign out, revoke a site (admin),
+cancel a study (its owner or an admin). Every action through the UI, allowed or refused, is an entry in the
+orchestrator's audit log (``ui.action``), and so is every sign-in attempt.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from fedhealth.core import FedHealthError, NotFoundError
+from fedhealth.dashboard import _views as views
+from fedhealth.dashboard._assets import ASSET_NAMES, asset, check_assets
+from fedhealth.dashboard._session import (
+    COOKIE_PATH,
+    CSRF_FIELD,
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    Denied,
+    UiUser,
+    check_csrf,
+    current_user,
+    new_login_csrf,
+)
+from fedhealth.governance import AuditEventType
+from fedhealth.orchestrator import Services
+from fedhealth.protocol import Role, StudyStatus
+
+log = logging.getLogger("fedhealth.dashboard")
+PREFIX = "/ui"
+# Scripts and styles from this origin only; Plotly sets inline styles on its SVG, hence 'unsafe-inline' for
+# styles (not for scripts: the pages have no inline script).
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+)
+_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+FORM_MAX_BYTES = 16 << 10
+
+_templates = Environment(
+    loader=FileSystemLoader(str(Path(__file__).parent / "templates")),
+    autoescape=select_autoescape(["html"]),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def _svc(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+def _render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    html = _templates.get_template(name).render(prefix=PREFIX, **context)
+    return HTMLResponse(html, status_code=status, headers=_HEADERS)
+
+
+def _user(request: Request) -> UiUser:
+    svc = _svc(request)
+    return current_user(svc.auth, svc.settings.signing_key, request.cookies.get(SESSION_COOKIE))
+
+
+def _audit(svc: Services, who: str, action: str, **details: Any) -> None:
+    """One UI action in the orchestrator's signed audit log."""
+    svc.audit.append(AuditEventType.UI_ACTION, {"action": action, "by": who, **details}, actor=f"user:{who}")
+
+
+async def _form(request: Request) -> dict[str, str]:
+    body = await request.body()
+    if len(body) > FORM_MAX_BYTES:
+        raise Denied(400, "the form is too large")
+    try:
+        parsed = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError as exc:
+        raise Denied(400, "the form is not UTF-8") from exc
+    return {k: v[0] for k, v in parsed.items()}
+
+
+Page = Callable[..., Awaitable[Response]]
+
+
+def ui_page(handler: Page) -> Page:
+    """Turn :class:`Denied` (and not-found) into an HTML answer: a sign-in redirect for 401, an error page
+    otherwise."""
+
+    @functools.wraps(handler)
+    async def wrapped(*args: Any, **kwargs: Any) -> Response:
+        try:
+            return await handler(*args, **kwargs)
+        except Denied as exc:
+            if exc.status == 401:
+                return RedirectResponse(f"{PREFIX}/login", status_code=303)
+            return _render("error.html", status=exc.status, message=str(exc), user=None)
+        except NotFoundError as exc:
+            return _render("error.html", status=404, message=str(exc), user=None)
+
+    return wrapped
+
+
+def dashboard_router() -> APIRouter:
+    """The ``/ui`` routes (raises :class:`~fedhealth.dashboard._assets.MissingAsset` if an asset's package is
+    missing, so a broken install fails when the orchestrator starts, not in a browser)."""
+    check_assets()
+    router = APIRouter(prefix=PREFIX, include_in_schema=False)
+
+    @router.get("/static/{name}")
+    async def static(name: str) -> Response:
+        if name not in ASSET_NAMES:
+            return Response("not found", status_code=404, media_type="text/plain")
+        found = asset(name)
+        return Response(
+            found.body,
+            media_type=found.media_type,
+            headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"},
+        )
+
+    @router.get("")
+    @router.get("/")
+    async def home() -> Response:
+        return RedirectResponse(f"{PREFIX}/federation", status_code=303)
+
+    # --- sign-in ---------------------------------------------------------------------------------------
+
+    @router.get("/login")
+    async def login_page(request: Request) -> Response:
+        token = new_login_csrf()
+        response = _render("login.html", user=None, csrf=token, error=None)
+        _set_cookie(response, LOGIN_CSRF_COOKIE, token, max_age=900)
+        return response
+
+    @router.post("/login")
+    @ui_page
+    async def login(request: Request) -> Response:
+        svc = _svc(request)
+        client = request.client.host if request.client else "?"
+        if svc.limiter.retry_after(f"ip:{client}") is not None:
+            raise Denied(429, "too many sign-in attempts; wait a moment")
+        form = await _form(request)
+        check_csrf(request.cookies.get(LOGIN_CSRF_COOKIE) or "", form.get(CSRF_FIELD))
+        user, api_key = form.get("user", "").strip(), form.get("api_key", "").strip()
+        try:
+            token, claims = await anyio.to_thread.run_sync(
+                lambda: svc.auth.operator_token(user=user, api_key=api_key)
+            )
+        except FedHealthError as exc:
+            refusal, message = type(exc).__name__, str(exc)
+            if user and len(user) <= 64:
+                await anyio.to_thread.run_sync(lambda: _audit(svc, user, "sign-in refused", reason=refusal))
+            fresh = new_login_csrf()
+            refused = _render("login.html", status=401, user=None, csrf=fresh, error=message)
+            _set_cookie(refused, LOGIN_CSRF_COOKIE, fresh, max_age=900)
+            return refused
+        await anyio.to_thread.run_sync(lambda: _audit(svc, user, "sign-in", role=claims.role))
+        response = RedirectResponse(f"{PREFIX}/federation", status_code=303)
+        lifetime = int(svc.settings.auth.operator_token_ttl.total_seconds())
+        _set_cookie(response, SESSION_COOKIE, token, max_age=lifetime)
+        response.delete_cookie(
+            LOGIN_CSRF_COOKIE, path=COOKIE_PATH, secure=True, httponly=True, samesite="strict"
+        )
+        return response
+
+    @router.post("/logout")
+    @ui_page
+    async def logout(request: Request) -> Response:
+        who = _user(request)
+        form = await _form(request)
+        check_csrf(who.csrf, form.get(CSRF_FIELD))
+        await anyio.to_thread.run_sync(lambda: _audit(_svc(request), who.name, "sign-out"))
+        response = RedirectResponse(f"{PREFIX}/login", status_code=303)
+        response.delete_cookie(
+            SESSION_COOKIE, path=COOKIE_PATH, secure=True, httponly=True, samesite="strict"
+        )
+        return response
+
+    # --- pages -----------------------------------------------------------------------------------------
+
+    @router.get("/federation")
+    @ui_page
+    async def federation(request: Request) -> Response:
+        who = _user(request)
+        data = await anyio.to_thread.run_sync(views.federation_view, _svc(request))
+        return _render("federation.html", user=who, page="federation", **data)
+
+    @router.get("/studies")
+    @ui_page
+    async def studies(request: Request) -> Response:
+        who = _user(request)
+        rows = await anyio.to_thread.run_sync(views.studies_view, _svc(request))
+        return _render("studies.html", user=who, page="studies", studies=rows)
+
+    @router.get("/studies/{study_id}")
+    @ui_page
+    async def study(request: Request, study_id: str) -> Response:
+        who = _user(request)
+        svc = _svc(request)
+        owner = (await anyio.to_thread.run_sync(svc.store.get_study, study_id)).spec.owner
+        if not who.may_see_study(owner):
+            raise Denied(403, "a researcher sees the details of their own studies only")
+        data = await anyio.to_thread.run_sync(views.study_view, svc, study_id)
+        cancellable = data["status"] in (StudyStatus.RUNNING.value, StudyStatus.AWAITING_APPROVAL.value)
+        return _render(
+            "study.html",
+            user=who,
+            page="studies",
+            study=data,
+            may_cancel=cancellable and who.may_cancel_study(owner),
+        )
+
+    @router.get("/privacy")
+    @ui_page
+    async def privacy(request: Request) -> Response:
+        who = _user(request)
+        data = await anyio.to_thread.run_sync(views.privacy_view, _svc(request))
+        return _render("privacy.html", user=who, page="privacy", **data)
+
+    @router.get("/models")
+    @ui_page
+    async def models(request: Request) -> Response:
+        who = _user(request)
+        rows = await anyio.to_thread.run_sync(views.models_view, _svc(request))
+        return _render("models.html", user=who, page="models", models=rows)
+
+    @router.get("/models/{digest}/card")
+    @ui_page
+    async def card(request: Request, digest: str) -> Response:
+        who = _user(request)
+        svc = _svc(request)
+        study_id, text = await anyio.to_thread.run_sync(views.model_card, svc, digest)
+        owner = (await anyio.to_thread.run_sync(svc.store.get_study, study_id)).spec.owner
+        if not who.may_see_study(owner):
+            raise Denied(403, "a researcher sees the details of their own studies only")
+        return _render("card.html", user=who, page="models", digest=digest, card=text)
+
+    @router.get("/audit")
+    @ui_page
+    async def audit(request: Request) -> Response:
+        who = _user(request)
+        q = request.query_params
+        filters: dict[str, str | None] = {
+            "event_type": q.get("type") or None,
+            "actor": q.get("actor") or None,
+            "text": (q.get("text") or "")[:200] or None,
+        }
+        rows = await anyio.to_thread.run_sync(
+            lambda: views.audit_view(
+                _svc(request), event_type=filters["event_type"], actor=filters["actor"], text=filters["text"]
+            )
+        )
+        return _render(
+            "audit.html",
+            user=who,
+            page="audit",
+            entries=rows,
+            types=views.audit_types(),
+            filters=filters,
+            page_size=views.AUDIT_PAGE_SIZE,
+            export=urlencode({k: v for k, v in q.items() if v}),
+        )
+
+    @router.get("/audit/verify")
+    @ui_page
+    async def verify(request: Request) -> Response:
+        who = _user(request)
+        result = await anyio.to_thread.run_sync(views.verification_view, _svc(request))
+        return _render("verify.html", user=who, result=result)
+
+    # --- actions ---------------------------------------------------------------------------------------
+
+    @router.post("/sites/{name}/revoke")
+    @ui_page
+    async def revoke(request: Request, name: str) -> Response:
+        who = _user(request)
+        svc = _svc(request)
+        form = await _form(request)
+        check_csrf(who.csrf, form.get(CSRF_FIELD))
+        if who.role is not Role.ADMIN:
+            await anyio.to_thread.run_sync(
+                lambda: _audit(svc, who.name, "revoke site refused", site=name, role=who.role.value)
+            )
+            raise Denied(403, f"role {who.role.value!r} may not revoke sites (needs admin)")
+
+        def do() -> None:
+            svc.store.get_site(name)  # 404 for an unknown site
+            with svc.audit.transaction() as c:
+                if svc.store.revoke_site(name, svc.settings.clock.now(), connection=c):
+                    svc.audit.append(
+                        AuditEventType.SITE_REVOKED,
+                        {"site": name, "by": who.name, "via": "dashboard"},
+                        actor=f"user:{who.name}",
+                        connection=c,
+                    )
+                svc.audit.append(
+                    AuditEventType.UI_ACTION,
+                    {"action": "revoke site", "by": who.name, "site": name},
+                    actor=f"user:{who.name}",
+                    connection=c,
+                )
+
+        await anyio.to_thread.run_sync(do)
+        log.warning("site %s revoked by %s through the dashboard", name, who.name)
+        return RedirectResponse(f"{PREFIX}/federation", status_code=303)
+
+    @router.post("/studies/{study_id}/cancel")
+    @ui_page
+    async def cancel(request: Request, study_id: str) -> Response:
+        who = _user(request)
+        svc = _svc(request)
+        form = await _form(request)
+        check_csrf(who.csrf, form.get(CSRF_FIELD))
+        study = await anyio.to_thread.run_sync(svc.store.get_study, study_id)
+        if not who.may_cancel_study(study.spec.owner):
+            await anyio.to_thread.run_sync(
+                lambda: _audit(svc, who.name, "cancel study refused", study_id=study_id, role=who.role.value)
+            )
+            raise Denied(403, "only the study's owner or an admin may cancel it")
+        if study.status not in (StudyStatus.RUNNING, StudyStatus.AWAITING_APPROVAL):
+            raise Denied(409, f"the study is {study.status.value}")
+        reason = f"cancelled by {who.name}"
+        await svc.engine.cancel_study(study_id, reason)
+        after = await anyio.to_thread.run_sync(svc.store.get_study, study_id)
+        if after.status is StudyStatus.CANCELLED and after.reason == reason:
+            await anyio.to_thread.run_sync(
+                lambda: svc.audit.append(
+                    AuditEventType.STUDY_CANCELLED,
+                    {
+                        "study_id": study_id,
+                        "study": study.name,
+                        "owner": study.spec.owner,
+                        "reason": reason,
+                        "by": who.name,
+                    },
+                    actor=f"user:{who.name}",
+                )
+            )
+        await anyio.to_thread.run_sync(
+            lambda: _audit(svc, who.name, "cancel study", study_id=study_id, outcome=after.status.value)
+        )
+        return RedirectResponse(f"{PREFIX}/studies/{study_id}", status_code=303)
+
+    return router
+
+
+def _set_cookie(response: Response, name: str, value: str, *, max_age: int) -> None:
+    response.set_cookie(
+        name, value, max_age=max_age, path=COOKIE_PATH, secure=True, httponly=True, samesite="strict"
+    )
