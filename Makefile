@@ -31,7 +31,12 @@ lock:
 demo: $(VENV)/.installed
 	$(VENV)/bin/fedhealth demo
 
-test: $(VENV)/.installed
+# Debian's chromium for the dashboard's browser tests (installed with apt when missing; a failure stops here)
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	bash .ci/install-chromium
+
+test: $(VENV)/.installed $(CHROMIUM)
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed
