@@ -1,10 +1,11 @@
 """The dashboard's routes under ``/ui``: thin adapters that check the session, call a read model of
 :mod:`fedhealth.dashboard._views` in a worker thread, and render a template.
 
-Pages: federation, studies (list and one study), privacy, models (and each model card), audit (with the
-verification result). Actions (forms, POST, CSRF-checked): sign in, sign out, revoke a site (admin),
-cancel a study (its owner or an admin). Every action through the UI, allowed or refused, is an entry in the
-orchestrator's audit log (``ui.action``), and so is every sign-in attempt.
+Pages: federation, studies (list and one study), privacy, models (and each model card), drift, audit (with
+the verification result). Actions (forms, POST, CSRF-checked): sign in, sign out, revoke a site (admin),
+cancel a study (its owner or an admin), designate a drift reference (admin). Every action through the UI,
+allowed or refused, is an entry in the orchestrator's audit log (``ui.action``), and so is every sign-in
+attempt.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from fedhealth.core import FedHealthError, NotFoundError
 from fedhealth.dashboard import _views as views
 from fedhealth.dashboard._assets import ASSET_NAMES, asset, check_assets
+from fedhealth.dashboard._drift_watch import stats_report_of
 from fedhealth.dashboard._session import (
     COOKIE_PATH,
     CSRF_FIELD,
@@ -248,6 +250,13 @@ def dashboard_router() -> APIRouter:
             raise Denied(403, "a researcher sees the details of their own studies only")
         return _render("card.html", user=who, page="models", digest=digest, card=text)
 
+    @router.get("/drift")
+    @ui_page
+    async def drift(request: Request) -> Response:
+        who = _user(request)
+        data = await anyio.to_thread.run_sync(views.drift_view, _svc(request))
+        return _render("drift.html", user=who, page="drift", **data)
+
     @router.get("/audit")
     @ui_page
     async def audit(request: Request) -> Response:
@@ -316,6 +325,43 @@ def dashboard_router() -> APIRouter:
         await anyio.to_thread.run_sync(do)
         log.warning("site %s revoked by %s through the dashboard", name, who.name)
         return RedirectResponse(f"{PREFIX}/federation", status_code=303)
+
+    @router.post("/drift/reference")
+    @ui_page
+    async def drift_reference(request: Request) -> Response:
+        who = _user(request)
+        svc = _svc(request)
+        form = await _form(request)
+        check_csrf(who.csrf, form.get(CSRF_FIELD))
+        study_id = form.get("study_id", "").strip()[:64]
+        if who.role is not Role.ADMIN:
+            await anyio.to_thread.run_sync(
+                lambda: _audit(
+                    svc, who.name, "drift reference refused", study_id=study_id, role=who.role.value
+                )
+            )
+            raise Denied(403, f"role {who.role.value!r} may not designate drift references (needs admin)")
+
+        def do() -> None:
+            study = svc.store.get_study(study_id)  # 404 for an unknown study
+            if study.status is not StudyStatus.COMPLETED or stats_report_of(svc.store, study_id) is None:
+                raise Denied(409, f"study {study_id} is not a completed statistics study")
+            with svc.audit.transaction() as c:
+                svc.audit.append(
+                    AuditEventType.DRIFT_REFERENCE,
+                    {"study_id": study_id, "dataset": study.spec.dataset, "by": who.name},
+                    actor=f"user:{who.name}",
+                    connection=c,
+                )
+                svc.audit.append(
+                    AuditEventType.UI_ACTION,
+                    {"action": "drift reference", "by": who.name, "study_id": study_id},
+                    actor=f"user:{who.name}",
+                    connection=c,
+                )
+
+        await anyio.to_thread.run_sync(do)
+        return RedirectResponse(f"{PREFIX}/drift", status_code=303)
 
     @router.post("/studies/{study_id}/cancel")
     @ui_page

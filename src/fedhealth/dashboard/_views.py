@@ -29,6 +29,7 @@ from fedhealth.protocol import ApprovalState, CheckStatus, SiteReadiness, TaskKi
 _ENTRIES = GOVERNANCE_METADATA.tables["gov_audit_entries"]
 _MODELS = GOVERNANCE_METADATA.tables["gov_model_versions"]
 _FLAGS = GOVERNANCE_METADATA.tables["gov_model_flags"]
+_METRICS = GOVERNANCE_METADATA.tables["gov_model_metrics"]
 
 # round metrics that are counts or times, not model quality: not drawn on the metrics chart
 _NOT_QUALITY = frozenset({"sites", "num_samples", "num_eval_samples", "duration_s", "contributors"})
@@ -466,3 +467,102 @@ def verification_view(svc: Services) -> dict[str, Any]:
 
 def visible(rows: Sequence[Mapping[str, Any]], may_see: Any) -> list[Mapping[str, Any]]:
     return [r for r in rows if may_see(r)]
+
+
+# --- drift ------------------------------------------------------------------------------------------------
+
+DRIFT_PAGE_SIZE = 100
+VALIDATION_CHART_KEYS = 4  # at most this many metrics drawn across model versions
+
+
+def drift_view(svc: Services) -> dict[str, Any]:
+    """Feature-distribution drift (the ``drift.checked`` entries, newest first: one query) with the latest
+    comparison of each dataset and its alerts, the designated references (one query), and each site's
+    validation metrics across model versions (one query)."""
+    c = _ENTRIES.c
+    with svc.store.engine.connect() as conn:
+        checks = list(
+            conn.execute(
+                select(c.seq, c.time, c.payload)
+                .where((c.log_id == svc.audit.log_id) & (c.type == AuditEventType.DRIFT_CHECKED.value))
+                .order_by(c.seq.desc())
+                .limit(DRIFT_PAGE_SIZE)
+            )
+        )
+        designations = list(
+            conn.execute(
+                select(c.seq, c.time, c.payload)
+                .where((c.log_id == svc.audit.log_id) & (c.type == AuditEventType.DRIFT_REFERENCE.value))
+                .order_by(c.seq)
+            )
+        )
+        site_metrics = list(
+            conn.execute(
+                select(_METRICS.c.model_digest, _METRICS.c.site, _METRICS.c.metrics, _MODELS.c.created_at)
+                .join(_MODELS, _MODELS.c.model_digest == _METRICS.c.model_digest)
+                .order_by(_MODELS.c.created_at.desc())
+                .limit(MODELS_PAGE_SIZE * 8)
+            )
+        )
+    comparisons = []
+    latest: dict[str, dict[str, Any]] = {}
+    for row in checks:
+        payload = json.loads(row.payload)
+        entry = {
+            "seq": row.seq,
+            "time": row.time,
+            "study_id": payload.get("study_id", ""),
+            "study": payload.get("study", ""),
+            "dataset": payload.get("dataset", ""),
+            "reference_study_id": payload.get("reference_study_id", ""),
+            "reference": payload.get("reference", ""),
+            "level": payload.get("level", "ok"),
+            "thresholds": payload.get("thresholds") or {},
+            "findings": payload.get("findings") or [],
+        }
+        comparisons.append(entry)
+        latest.setdefault(entry["dataset"], entry)
+    references = {}
+    for row in designations:
+        payload = json.loads(row.payload)
+        references[str(payload.get("dataset", ""))] = {
+            "study_id": payload.get("study_id", ""),
+            "by": payload.get("by", ""),
+            "time": row.time,
+        }
+    # per-site validation metrics across model versions, oldest version first
+    per_key: dict[str, dict[str, list[tuple[str, float]]]] = {}
+    versions: list[str] = []
+    for row in reversed(site_metrics):
+        if row.model_digest not in versions:
+            versions.append(row.model_digest)
+        for key, value in json.loads(row.metrics).items():
+            number = _finite(value)
+            if number is not None and key not in _NOT_QUALITY:
+                per_key.setdefault(key, {}).setdefault(row.site, []).append((row.model_digest[:12], number))
+    validation = [
+        _figure(
+            [
+                {
+                    "type": "scatter",
+                    "mode": "lines+markers",
+                    "name": site,
+                    "x": [p[0] for p in points],
+                    "y": [p[1] for p in points],
+                }
+                for site, points in sorted(series.items())
+            ],
+            title=f"{key} per site across model versions",
+            x_title="model version (oldest first)",
+            y_title=key,
+        )
+        for key, series in sorted(per_key.items())[:VALIDATION_CHART_KEYS]
+    ]
+    return {
+        "latest": [latest[d] for d in sorted(latest)],
+        "comparisons": comparisons,
+        "alerts": [e for e in latest.values() if e["level"] == "alert"],
+        "references": references,
+        "validation": validation,
+        "versions": len(versions),
+    }

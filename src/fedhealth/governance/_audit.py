@@ -77,6 +77,10 @@ class AuditEventType(StrEnum):
     SESSION_ENDED = "session.ended"
     # an operator's action through the dashboard: sign-in (or its refusal), sign-out, each form submitted
     UI_ACTION = "ui.action"
+    # feature-distribution drift: a stats study's histograms compared with its reference (level ok/warn/alert)
+    DRIFT_CHECKED = "drift.checked"
+    # an operator designated a stats study as the drift reference of its dataset
+    DRIFT_REFERENCE = "drift.reference"
 
 
 # Keys an entry of each type must carry, so an auditor can rely on them. Types not listed are free-form.
@@ -97,6 +101,10 @@ REQUIRED_PAYLOAD_KEYS: Mapping[AuditEventType, frozenset[str]] = {
     AuditEventType.ROUND_COMMITTED: frozenset({"study_id", "round", "site_heads"}),
     AuditEventType.ANCHOR_RECORDED: frozenset({"study_id", "round", "orchestrator_head"}),
     AuditEventType.SITE_CREATED: frozenset({"site", "by"}),
+    AuditEventType.DRIFT_CHECKED: frozenset(
+        {"study_id", "reference_study_id", "dataset", "level", "findings"}
+    ),
+    AuditEventType.DRIFT_REFERENCE: frozenset({"study_id", "dataset", "by"}),
     AuditEventType.SITE_TOKEN_ISSUED: frozenset({"site", "by", "expires_at"}),
     AuditEventType.SITE_ROTATED: frozenset({"site", "by", "old_key"}),
     AuditEventType.SITE_REVOKED: frozenset({"site", "by"}),
