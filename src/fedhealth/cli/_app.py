@@ -23,6 +23,7 @@ from fedhealth.cli._governance import (
     provenance_app,
 )
 from fedhealth.cli._model import model_export, model_predict, model_scaling
+from fedhealth.cli._onboarding import onboarding_app
 from fedhealth.cli._privacy import budget_app, privacy_app
 from fedhealth.cli._services import orchestrator_app, site_app, user_app
 from fedhealth.cli._site_check import site_check, site_readiness
@@ -86,6 +87,7 @@ model_app.command("export")(model_export)
 model_app.command("scaling")(model_scaling)
 app.add_typer(model_app, name="model")
 app.add_typer(stats_app, name="stats")
+app.add_typer(onboarding_app, name="onboarding")
 
 
 def main() -> None:

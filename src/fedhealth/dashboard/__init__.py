@@ -9,11 +9,14 @@ from fedhealth.dashboard._assets import MissingAsset
 from fedhealth.dashboard._bench import DashboardBenchmark, PageTime, benchmark_dashboard
 from fedhealth.dashboard._extension import DashboardExtension
 from fedhealth.dashboard._metrics import DEFAULT_METRICS_HOST, FederationMetrics, MetricsExtension
+from fedhealth.dashboard._onboarding import PACK_FILES, onboarding_pack
+from fedhealth.dashboard._onboarding import write_pack as write_onboarding_pack
 from fedhealth.dashboard._routes import dashboard_router
 from fedhealth.dashboard._site import serve_site_dashboard, site_dashboard_app
 
 __all__ = [
     "DEFAULT_METRICS_HOST",
+    "PACK_FILES",
     "DashboardBenchmark",
     "DashboardExtension",
     "FederationMetrics",
@@ -22,6 +25,8 @@ __all__ = [
     "PageTime",
     "benchmark_dashboard",
     "dashboard_router",
+    "onboarding_pack",
     "serve_site_dashboard",
     "site_dashboard_app",
+    "write_onboarding_pack",
 ]

@@ -26,6 +26,7 @@ from fedhealth.core import FedHealthError, NotFoundError
 from fedhealth.dashboard import _views as views
 from fedhealth.dashboard._assets import ASSET_NAMES, asset, check_assets
 from fedhealth.dashboard._drift_watch import stats_report_of
+from fedhealth.dashboard._onboarding import onboarding_pack, pack_zip
 from fedhealth.dashboard._session import (
     COOKIE_PATH,
     CSRF_FIELD,
@@ -289,6 +290,27 @@ def dashboard_router() -> APIRouter:
         who = _user(request)
         result = await anyio.to_thread.run_sync(views.verification_view, _svc(request))
         return _render("verify.html", user=who, result=result)
+
+    @router.get("/sites/{name}/onboarding.zip")
+    @ui_page
+    async def onboarding(request: Request, name: str) -> Response:
+        who = _user(request)
+        svc = _svc(request)
+        if who.role is not Role.ADMIN:
+            await anyio.to_thread.run_sync(
+                lambda: _audit(svc, who.name, "onboarding kit refused", site=name, role=who.role.value)
+            )
+            raise Denied(403, f"role {who.role.value!r} may not download onboarding kits (needs admin)")
+        pack = await anyio.to_thread.run_sync(
+            lambda: onboarding_pack(svc.store, svc.audit, name, approval_wait_s=svc.settings.approval_wait_s)
+        )
+        await anyio.to_thread.run_sync(lambda: _audit(svc, who.name, "onboarding kit", site=name))
+        folder = f"onboarding-{name}"
+        return Response(
+            pack_zip(pack, folder),
+            media_type="application/zip",
+            headers={**_HEADERS, "Content-Disposition": f'attachment; filename="{folder}.zip"'},
+        )
 
     # --- actions ---------------------------------------------------------------------------------------
 
