@@ -24,6 +24,8 @@ SHIFTED = "west"
 DATASET = "cohort"
 AGE_BINS = [20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0]
 CHOL_BINS = [100.0, 150.0, 200.0, 250.0, 300.0, 400.0]
+CHROMIUM = Path("/usr/bin/chromium")
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
 
 
 def write_cohort(path: Path, seed: int, *, age_shift: float = 0.0) -> str:
@@ -85,7 +87,9 @@ def _drift_entries(fed: LocalFederation) -> list[dict]:
     return [r for r in rows if r.get("type") == AuditEventType.DRIFT_CHECKED.value]
 
 
-def test_a_shifted_site_raises_a_psi_alert_on_the_drift_page_and_in_the_audit_log(fed):
+@pytest.fixture(scope="module")
+def drifted(fed) -> tuple[str, str]:
+    """Two statistics studies of the cohort: the reference, then the same after one site's ages shifted."""
     reference = _run(fed, "cohort-reference")
     assert _drift_entries(fed) == []  # the first statistics study of the dataset is its reference
 
@@ -94,8 +98,11 @@ def test_a_shifted_site_raises_a_psi_alert_on_the_drift_page_and_in_the_audit_lo
     shifted = write_cohort(fed.data_dir / f"{SHIFTED}.csv", seed=SITES.index(SHIFTED), age_shift=15.0)
     fed.start_agent(SHIFTED, {DATASET: shifted})
     fed.wait_for_sites(SITES)
-    later = _run(fed, "cohort-later")
+    return reference, _run(fed, "cohort-later")
 
+
+def test_a_shifted_site_raises_a_psi_alert_on_the_drift_page_and_in_the_audit_log(fed, drifted):
+    reference, later = drifted
     entries = _drift_entries(fed)
     assert len(entries) == 1
     payload = entries[0]["payload"]
@@ -131,3 +138,32 @@ def test_a_shifted_site_raises_a_psi_alert_on_the_drift_page_and_in_the_audit_lo
     assert audit.text.count('data-type="drift.checked"') == 1
     quiet = client.get("/ui/audit", params={"type": "drift.checked", "text": '"level":"ok","reference"'})
     assert 'data-type="drift.checked"' not in quiet.text
+
+
+def test_the_drift_page_with_its_alert_passes_axe_core_in_chromium(fed, drifted):
+    from dashboard_support import assert_accessible
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.exists(), "the browser tests need Debian's chromium: apt-get install chromium"
+    admin = OperatorCredential.model_validate_json(fed.home.admin_credential.read_text())
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
+        try:
+            context = browser.new_context(base_url=fed.url, ignore_https_errors=True, bypass_csp=True)
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto("/ui/login")
+            page.fill("#user", admin.user)
+            page.fill("#api_key", admin.api_key)
+            page.click("button[type=submit]")
+            page.wait_for_selector("#whoami")
+            page.click("nav >> text=Drift")
+            page.wait_for_selector(f"[data-alert='{DATASET}']")
+            assert page.get_attribute("nav a[aria-current=page]", "href") == "/ui/drift"
+            row = page.locator(f"tr[data-site='{SHIFTED}'][data-feature='age']")
+            assert row.get_attribute("data-level") == "alert"
+            assert_accessible(page)
+            assert errors == []
+        finally:
+            browser.close()
