@@ -247,3 +247,15 @@ def test_the_drift_page_reads_a_bounded_number_of_statements_and_draws_validatio
     assert {t["name"] for t in figure["data"]} == {"site-000", "site-001"}
     assert [len(t["y"]) for t in figure["data"]] == [len(versions)] * 2
     assert json.dumps(figure).count("num_samples") == 0  # counts are not drawn as quality
+
+
+def test_serve_takes_the_drift_thresholds_and_refuses_disordered_ones():
+    from fedhealth.cli._errors import CliError
+    from fedhealth.cli._services import _serve_extensions
+    from fedhealth.dashboard import DashboardExtension
+
+    served = _serve_extensions(dashboard=True, metrics_port=None, metrics_host="127.0.0.1", drift=(0.2, 0.5))
+    [dashboard] = [e for e in served if isinstance(e, DashboardExtension)]
+    assert dashboard.drift == DriftThresholds(warn=0.2, alert=0.5)
+    with pytest.raises(CliError, match=r"--drift-warn/--drift-alert: drift thresholds must satisfy 0 < warn"):
+        _serve_extensions(dashboard=True, metrics_port=None, metrics_host="127.0.0.1", drift=(0.3, 0.2))

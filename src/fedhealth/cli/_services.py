@@ -21,8 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 import typer
 
 from fedhealth.cli._common import JsonOption, LogLevel, operator_client, parse_duration, print_json
-from fedhealth.cli._errors import error_line, explain, fail
-from fedhealth.core import FedHealthError, Tightened
+from fedhealth.cli._errors import error_line, explain, fail, usage
+from fedhealth.core import FedHealthError, InputError, Tightened
 
 if TYPE_CHECKING:
     from fedhealth.client import OperatorClient
@@ -158,6 +158,12 @@ def orchestrator_serve(
     metrics_host: Annotated[
         str, typer.Option(help="Address of the metrics listener (keep it local: metrics carry no auth).")
     ] = "127.0.0.1",
+    drift_warn: Annotated[
+        float, typer.Option(help="Feature drift: a PSI at or above this is a warning (dashboard, audit).")
+    ] = 0.1,
+    drift_alert: Annotated[
+        float, typer.Option(help="Feature drift: a PSI at or above this is an alert (dashboard, audit).")
+    ] = 0.25,
 ) -> None:
     """Serve the agent API, the operator API and the dashboard (/ui) on one HTTPS port."""
     from fedhealth.orchestrator import OrchestratorHome, OrchestratorSettings, TlsFiles, serve
@@ -199,7 +205,10 @@ def orchestrator_serve(
             ready_file=ready_file,
             log_level=log_level.value,
             extensions=_serve_extensions(
-                dashboard=dashboard, metrics_port=metrics_port, metrics_host=metrics_host
+                dashboard=dashboard,
+                metrics_port=metrics_port,
+                metrics_host=metrics_host,
+                drift=(drift_warn, drift_alert),
             ),
         )
     except OSError as exc:
@@ -207,7 +216,13 @@ def orchestrator_serve(
         raise
 
 
-def _serve_extensions(*, dashboard: bool, metrics_port: int | None, metrics_host: str) -> list[Any]:
+def _serve_extensions(
+    *,
+    dashboard: bool,
+    metrics_port: int | None,
+    metrics_host: str,
+    drift: tuple[float, float] | None = None,
+) -> list[Any]:
     """The orchestrator's default extensions, plus the dashboard and the Prometheus metrics (they sit above
     the orchestrator in the layers, so the command adds them, not the orchestrator)."""
     from fedhealth.orchestrator import default_extensions
@@ -221,9 +236,13 @@ def _serve_extensions(*, dashboard: bool, metrics_port: int | None, metrics_host
         extensions.append(MetricsExtension(metrics_port, host=metrics_host))
     if dashboard:
         try:
-            from fedhealth.dashboard import DashboardExtension
+            from fedhealth.dashboard import DashboardExtension, DriftThresholds
 
-            extensions.append(DashboardExtension())
+            try:
+                thresholds = DriftThresholds(*drift) if drift is not None else None
+            except InputError as exc:
+                usage(f"--drift-warn/--drift-alert: {exc}")
+            extensions.append(DashboardExtension(drift=thresholds))
         except (ImportError, FedHealthError) as exc:
             hint = "pip install 'fedhealth[dashboard]', or serve with --no-dashboard"
             fail(f"the dashboard cannot be served: {exc}", hint)

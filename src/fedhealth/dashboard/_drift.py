@@ -23,13 +23,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fedhealth.core import InputError
+
 WARN_PSI = 0.1
 ALERT_PSI = 0.25
 FRACTION_FLOOR = 1e-4
 LEVELS = ("ok", "warn", "alert")
 
 
-class DriftInputError(ValueError):
+class DriftInputError(InputError, ValueError):
     """Two reports that cannot be compared (other features' bins), or thresholds that make no sense."""
 
 
