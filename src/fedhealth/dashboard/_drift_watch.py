@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import select
@@ -61,12 +61,18 @@ def designated_reference(store: Store, log_id: str, dataset: str) -> str | None:
 
 
 def find_reference(
-    store: Store, log_id: str, study: StudyRow, report: Mapping[str, Any]
+    store: Store,
+    log_id: str,
+    study: StudyRow,
+    report: Mapping[str, Any],
+    reports: Callable[[str], dict[str, Any] | None] | None = None,
 ) -> tuple[StudyRow, dict[str, Any]] | None:
-    """The reference study and report for ``study`` (module docstring), or None if it has none."""
+    """The reference study and report for ``study`` (module docstring), or None if it has none.
+    ``reports(study_id)`` reads a completed study's report (default: :func:`stats_report_of`)."""
+    read = reports or (lambda study_id: stats_report_of(store, study_id))
     designated = designated_reference(store, log_id, study.spec.dataset)
     if designated is not None and designated != study.id:
-        ref_report = stats_report_of(store, designated)
+        ref_report = read(designated)
         if ref_report is not None and comparable(ref_report, report):
             return store.get_study(designated), ref_report
     earlier = sorted(
@@ -78,7 +84,7 @@ def find_reference(
         key=lambda s: s.created_at,
     )
     for candidate in earlier:
-        ref_report = stats_report_of(store, candidate.id)
+        ref_report = read(candidate.id)
         if ref_report is not None and comparable(ref_report, report):
             return candidate, ref_report
     return None
@@ -91,14 +97,21 @@ class DriftObserver(NullObserver):
         self.store = store
         self.thresholds = thresholds
         self.audit = AuditLog(store.engine, settings.signing_key, ACTOR, settings.clock)
+        # a completed study's result never changes: each is read once (None: not a statistics report)
+        self._reports: dict[str, dict[str, Any] | None] = {}
+
+    def _report(self, study_id: str) -> dict[str, Any] | None:
+        if study_id not in self._reports:
+            self._reports[study_id] = stats_report_of(self.store, study_id)
+        return self._reports[study_id]
 
     def study_finished(self, study: StudyRow) -> None:
         if study.status is not StudyStatus.COMPLETED:
             return
-        report = stats_report_of(self.store, study.id)
+        report = self._report(study.id)
         if report is None:
             return
-        found = find_reference(self.store, self.audit.log_id, study, report)
+        found = find_reference(self.store, self.audit.log_id, study, report, self._report)
         if found is None:
             log.info("study %s: no drift reference for dataset %s yet", study.id, study.spec.dataset)
             return
