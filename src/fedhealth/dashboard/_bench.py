@@ -263,6 +263,7 @@ def benchmark_dashboard(
                     f"/ui/studies/{study_id}",
                     "/ui/privacy",
                     "/ui/models",
+                    "/ui/drift",
                     "/ui/audit",
                     "/ui/audit?type=budget.spent",
                     "/ui/audit/verify",
