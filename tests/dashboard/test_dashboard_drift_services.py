@@ -6,6 +6,7 @@ the orchestrator compares the second report with the first, the alert is on the 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,8 +141,8 @@ def test_a_shifted_site_raises_a_psi_alert_on_the_drift_page_and_in_the_audit_lo
     assert 'data-type="drift.checked"' not in quiet.text
 
 
-def test_the_drift_page_with_its_alert_passes_axe_core_in_chromium(fed, drifted):
-    from dashboard_support import assert_accessible
+def test_the_drift_page_with_its_alert_passes_axe_core_in_chromium(fed, drifted, tmp_path):
+    from dashboard_support import assert_accessible, copy_screenshots
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM.exists(), "the browser tests need Debian's chromium: apt-get install chromium"
@@ -149,7 +150,12 @@ def test_the_drift_page_with_its_alert_passes_axe_core_in_chromium(fed, drifted)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
         try:
-            context = browser.new_context(base_url=fed.url, ignore_https_errors=True, bypass_csp=True)
+            context = browser.new_context(
+                base_url=fed.url,
+                ignore_https_errors=True,
+                bypass_csp=True,
+                viewport={"width": 1100, "height": 800},
+            )
             page = context.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -165,5 +171,8 @@ def test_the_drift_page_with_its_alert_passes_axe_core_in_chromium(fed, drifted)
             assert row.get_attribute("data-level") == "alert"
             assert_accessible(page)
             assert errors == []
+            if os.environ.get("FEDHEALTH_DASHBOARD_SCREENSHOTS") == "1":  # docs/dashboard.md's screenshot
+                page.screenshot(path=str(tmp_path / "drift.png"), full_page=False)
+                copy_screenshots(tmp_path, Path(__file__).resolve().parents[2] / "docs" / "dashboard")
         finally:
             browser.close()
