@@ -183,3 +183,19 @@ def test_an_admin_downloads_the_kit_from_the_dashboard_and_an_auditor_is_refused
     actions = [e.payload for e in dash.svc.audit.entries() if e.type == AuditEventType.UI_ACTION]
     assert {"action": "onboarding kit", "by": "root", "site": "alpha"} in actions
     assert any(a["action"] == "onboarding kit refused" and a["by"] == "ann" for a in actions)
+
+
+def test_the_cli_refuses_a_folder_that_is_not_a_home_and_an_output_that_is_a_file(home, tmp_path):
+    not_home = CliRunner().invoke(
+        app, ["onboarding", "pack", "--site", "alpha", "--out", str(tmp_path / "k"), "--home", str(tmp_path)]
+    )
+    assert not_home.exit_code == 1
+    assert "is not an orchestrator home" in not_home.output
+    a_file = tmp_path / "taken.md"
+    a_file.write_text("keep me")
+    clash = CliRunner().invoke(
+        app, ["onboarding", "pack", "--site", "alpha", "--out", str(a_file), "--home", str(home)]
+    )
+    assert clash.exit_code == 1
+    assert "is not a folder" in clash.output
+    assert a_file.read_text() == "keep me"
