@@ -50,8 +50,10 @@ class Dashboard:
 
 
 @contextmanager
-def dashboard_app(state_dir: Path) -> Iterator[Dashboard]:
-    settings = OrchestratorSettings(state_dir=state_dir, signing_key=IdentityKey.generate(), rate_per_s=0)
+def dashboard_app(state_dir: Path, database_url: str | None = None) -> Iterator[Dashboard]:
+    settings = OrchestratorSettings(
+        state_dir=state_dir, signing_key=IdentityKey.generate(), rate_per_s=0, database_url=database_url
+    )
     app = create_app(settings, extensions=[*default_extensions(), DashboardExtension()])
     # https: the session cookie is Secure, so a client only sends it back over HTTPS
     with TestClient(app, base_url="https://testserver") as client:

@@ -18,16 +18,20 @@ from fedhealth.dashboard._drift_watch import DriftObserver
 from fedhealth.governance import AuditEventType, ModelProvenance, ProvenanceStore
 from fedhealth.orchestrator import NewRound
 from fedhealth.protocol import RecipeSpec, Role, RoundStatus, StudyStatus, TaskKind
-from support import breast_spec
+from support import breast_spec, postgres_schema
 
 SITES = ["a", "b"]
 EDGES = [0.0, 1.0, 2.0]  # four bins
 
 
-@pytest.fixture
-def dash(tmp_path):
-    with dashboard_app(tmp_path / "state") as d:
-        yield d
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def dash(request, tmp_path):
+    if request.param == "sqlite":
+        with dashboard_app(tmp_path / "state") as d:
+            yield d
+    else:
+        with postgres_schema() as url, dashboard_app(tmp_path / "state", database_url=url) as d:
+            yield d
 
 
 def _cell(value: int | None) -> dict[str, Any]:
