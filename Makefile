@@ -8,7 +8,7 @@ export FEDHEALTH_DATA_DIR
 
 # The tested versions of every dependency: installs use them, `make lock` refreshes them.
 CONSTRAINTS := constraints.txt
-EXTRAS := dev,postgres
+EXTRAS := dev,postgres,imaging
 
 .PHONY: demo test lint typecheck bench clean lock
 
