@@ -25,6 +25,7 @@ from fedhealth.data._dataset import (
     split_indices,
     standardize,
 )
+from fedhealth.data._dicom import DicomConnector, dicom_grey
 from fedhealth.data._download import download_verified, verify_md5
 from fedhealth.data._errors import (
     CredentialsRefusedError,
@@ -47,6 +48,7 @@ from fedhealth.data._heart_disease import (
     heart_disease_records,
     load_heart_disease,
 )
+from fedhealth.data._images import ImageFolderConnector, image_quality, read_picture
 from fedhealth.data._omop import OmopConnector, OmopDefinition, compile_cohort_query, load_definition
 from fedhealth.data._quality import ColumnQuality, QualityReport, dataset_quality, table_quality
 from fedhealth.data._registry import (
@@ -101,6 +103,7 @@ __all__ = [
     "DatasetURI",
     "DateColumn",
     "DateUnit",
+    "DicomConnector",
     "FhirClient",
     "FhirConnector",
     "FhirMapping",
@@ -109,6 +112,7 @@ __all__ = [
     "FillRule",
     "HeartDiseaseCenter",
     "HeartDiseaseRecord",
+    "ImageFolderConnector",
     "Imputation",
     "MissingPolicy",
     "NonNumericColumnError",
@@ -136,11 +140,13 @@ __all__ = [
     "compile_cohort_query",
     "dataset_fingerprint",
     "dataset_quality",
+    "dicom_grey",
     "download_verified",
     "fetch_consents",
     "fit_scaling",
     "heart_disease_file",
     "heart_disease_records",
+    "image_quality",
     "inspect_dataset",
     "load_definition",
     "load_heart_disease",
@@ -151,6 +157,7 @@ __all__ = [
     "parse_table",
     "read_csv_dataset",
     "read_file_table",
+    "read_picture",
     "read_table",
     "redact_uri",
     "register_connector",

@@ -7,6 +7,8 @@
     sql+<sqlalchemy-url>?table=<t>|query=<q>&...  a table or read-only query of any SQLAlchemy database
     omop+<sqlalchemy-url>?definition=/abs/cohort.toml&...   an OMOP CDM v5.4 cohort (see ``_omop``)
     fhir+https://server/fhir?mapping=/abs/mapping.toml&...  a FHIR R4 server (see ``_fhir``)
+    images:///abs/folder?labels=/abs/labels.csv&size=28      PNG/JPEG files with labels (see ``_images``)
+    dicom:///abs/folder?labels=/abs/labels.csv&size=28       DICOM files with labels (see ``_dicom``)
 
 Every tabular source also takes ``schema=/abs/schema.toml`` (see ``_schema``), ``test_fraction=0.3``,
 ``seed=0`` and ``standardize=true``. A scheme ``a+b`` is served by the connector registered for ``a`` when no
@@ -39,9 +41,11 @@ from fedhealth.data._connector import (
     table_options,
 )
 from fedhealth.data._dataset import TabularDataset
+from fedhealth.data._dicom import DicomConnector
 from fedhealth.data._fhir import FhirConnector
 from fedhealth.data._files import FileFormat, read_file_table
 from fedhealth.data._heart_disease import HEART_DISEASE_CENTERS, PooledScaling, load_heart_disease
+from fedhealth.data._images import ImageFolderConnector
 from fedhealth.data._omop import OmopConnector
 from fedhealth.data._quality import QualityReport, dataset_quality, table_quality
 from fedhealth.data._schema import DatasetSchema
@@ -185,7 +189,8 @@ class ConnectorRegistry:
                 quality=table_quality(table),
             )
         dataset = connector.open(parsed, _folder(data_dir))
-        return DatasetInspection(dataset=dataset, schema=None, quality=dataset_quality(dataset))
+        report = getattr(connector, "quality", dataset_quality)  # e.g. image folders: one pixel summary
+        return DatasetInspection(dataset=dataset, schema=None, quality=report(dataset))
 
 
 def _folder(data_dir: Path | str | None) -> Path:
@@ -215,6 +220,8 @@ DEFAULT_REGISTRY.register("file", FileConnector())
 DEFAULT_REGISTRY.register("sql", SqlConnector())
 DEFAULT_REGISTRY.register("omop", OmopConnector())
 DEFAULT_REGISTRY.register("fhir", FhirConnector())
+DEFAULT_REGISTRY.register("images", ImageFolderConnector())
+DEFAULT_REGISTRY.register("dicom", DicomConnector())
 
 
 def register_connector(scheme: str, connector: Connector, *, replace: bool = False) -> None:
