@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import square_images
+from imaging_files import square_images
 
 from fedhealth.learning import DpLevel, RecipeError, RecordDp, resolve_recipe
 from fedhealth.protocol import RecipeSpec, StrategySpec, StudySpec

@@ -7,6 +7,12 @@ fingerprint. Nothing here trains models or talks to the orchestrator.
 """
 
 from fedhealth.data._breast_cancer import breast_cancer_federation
+from fedhealth.data._breastmnist import (
+    BREASTMNIST_MD5,
+    breastmnist_arrays,
+    breastmnist_federation,
+    breastmnist_pooled,
+)
 from fedhealth.data._connector import (
     TABLE_PARAMS,
     Connector,
@@ -85,6 +91,7 @@ from fedhealth.data._table import (
 )
 
 __all__ = [
+    "BREASTMNIST_MD5",
     "BUILTIN_DATASETS",
     "HEART_DISEASE_BASE_URL",
     "HEART_DISEASE_CENTERS",
@@ -135,6 +142,9 @@ __all__ = [
     "UnsafeQueryError",
     "UnseenPolicy",
     "breast_cancer_federation",
+    "breastmnist_arrays",
+    "breastmnist_federation",
+    "breastmnist_pooled",
     "build_dataset",
     "check_read_only_sql",
     "compile_cohort_query",

@@ -117,8 +117,20 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def torch_threads() -> int:
+    """CPU threads torch uses: ``$FEDHEALTH_TORCH_THREADS``, else half the cores (at least 1). An agent
+    shares its machine (HTTP, secure aggregation, other processes): on a busy 2-core host two spinning
+    torch threads ran a CNN step ten times slower than one."""
+    text = os.environ.get("FEDHEALTH_TORCH_THREADS", "")
+    if text.strip().isdigit() and int(text) >= 1:
+        return int(text)
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def _deterministic() -> None:
     torch = _torch()
+    if torch.get_num_threads() != torch_threads():
+        torch.set_num_threads(torch_threads())
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (CUDA only)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
@@ -473,3 +485,16 @@ class TorchRecipe:
 
 
 TORCH_RECIPE = TorchRecipe()
+
+# BreastMNIST (28 x 28 grey, 4 sites): the demo's and the benchmark's settings (docs/benchmarks.md)
+BREASTMNIST_PARAMS = TorchParams(
+    architecture=Architecture.CNN,
+    input_size=28,
+    channels=1,
+    optimizer=LocalOptimizer.ADAM,
+    learning_rate=0.001,
+    local_epochs=1,
+    batch_size=32,
+    augment_flips=True,
+)
+BREASTMNIST_ROUNDS = 20
