@@ -5,7 +5,8 @@ scored on the official test set (156 images): AUC and accuracy, plus the time of
 All models run through :func:`fedhealth.runtime.run_study_in_memory`, the runtime the site agents and the
 orchestrator run (without the sockets). Sites: ``builtin://breastmnist/<i>?sites=4&seed=0``.
 
-Run:  python benchmarks/imaging_breastmnist.py [--rounds 20] [--strategies fedavg,fedadam] [--json out.json]
+Run:  python benchmarks/imaging_breastmnist.py [--rounds 20] [--strategies fedavg,fedadam] [--params JSON]
+      [--server-lr 0.01] [--skip-central] [--skip-local] [--json out.json]
 """
 
 from __future__ import annotations
@@ -62,12 +63,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=BREASTMNIST_ROUNDS)
     parser.add_argument("--strategies", default="fedavg")
     parser.add_argument("--server-lr", type=float, default=0.01, help="server learning rate of FedOpt")
+    parser.add_argument("--params", default="{}", help="JSON overriding the recipe params of the preset")
     parser.add_argument("--skip-local", action="store_true")
+    parser.add_argument("--skip-central", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     import torch
 
-    params = BREASTMNIST_PARAMS
+    params = TorchParams(**{**BREASTMNIST_PARAMS.model_dump(), **json.loads(args.params)})
     sites = {f"site-{i}": d for i, d in enumerate(breastmnist_federation(4, SEED))}
     pooled = breastmnist_pooled()
     rows: list[dict[str, Any]] = []
@@ -82,9 +85,9 @@ def main() -> None:
         extra |= {"server_learning_rate": args.server_lr} if strategy == "fedyogi" else {}
         model, round_s = run(params, sites, args.rounds, strategy, **extra)
         record(f"federated {strategy}, 4 sites", model, round_s, args.rounds)
-    # the centralized baseline: the same recipe, one "site" with all 624 training images, as many epochs
-    model, round_s = run(params, {"pooled": pooled}, args.rounds, "fedavg")
-    record("centralized (same code, pooled data)", model, round_s, args.rounds)
+    if not args.skip_central:  # the same recipe, one "site" holding all 624 training images, as many epochs
+        model, round_s = run(params, {"pooled": pooled}, args.rounds, "fedavg")
+        record("centralized (same code, pooled data)", model, round_s, args.rounds)
     if not args.skip_local:
         for name, data in sites.items():
             model, round_s = run(params, {name: data}, args.rounds, "fedavg")

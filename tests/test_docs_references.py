@@ -17,6 +17,7 @@ DOCS = [
     "docs/secure-aggregation.md",
     "docs/governance.md",
     "docs/connectors.md",
+    "docs/imaging.md",
 ]
 REFERENCE = re.compile(r"`(tests/[\w/]+\.py)?::(\w+)(?:\[[^\]]*\])?`")
 

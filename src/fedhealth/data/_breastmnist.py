@@ -11,7 +11,7 @@ Labels are MedMNIST's: 1 = normal or benign, 0 = malignant. Each image becomes o
 
 ``breastmnist_federation(n_sites, seed)``: the official train and validation images (624) are the sites'
 training rows, the official test images (156) their held-out rows. Each site's share of each class is drawn
-from a Dirichlet distribution centred on unequal site sizes (about 40/30/20/10% for 4 sites, in an order
+from a Dirichlet distribution centred on unequal site sizes (37/27/21/15% for 4 sites, in an order
 drawn from the seed), so the sites differ in size and in label balance; each site gets at least
 ``MIN_PER_CLASS`` training images of each class. ``breastmnist_pooled()`` is the whole set (the centralized
 baseline's data, trained by the same code). Row ids ``bm-<part>-<index>`` name the image's index in its
