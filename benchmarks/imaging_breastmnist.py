@@ -27,14 +27,22 @@ from fedhealth.learning._torch_recipe import (
     torch_evaluate,
     torch_threads,
 )
-from fedhealth.protocol import RecipeSpec, StrategySpec, StudySpec
+from fedhealth.protocol import PrivacySpec, RecipeSpec, StrategySpec, StudySpec
 from fedhealth.runtime import run_study_in_memory
 
 SEED = 0
 
 
-def spec(params: TorchParams, sites: list[str], rounds: int, strategy: str, **extra: Any) -> StudySpec:
+def spec(
+    params: TorchParams,
+    sites: list[str],
+    rounds: int,
+    strategy: str,
+    privacy: PrivacySpec | None = None,
+    **extra: Any,
+) -> StudySpec:
     return StudySpec(
+        privacy=privacy,
         name="breastmnist-bench",
         dataset="breastmnist",
         recipe=RecipeSpec(name="torch", params=params.model_dump(mode="json")),
@@ -51,10 +59,16 @@ def scored(params: TorchParams, model: dict[str, np.ndarray], test: TabularDatas
 
 
 def run(
-    params: TorchParams, datasets: dict[str, TabularDataset], rounds: int, strategy: str, **extra: Any
+    params: TorchParams,
+    datasets: dict[str, TabularDataset],
+    rounds: int,
+    strategy: str,
+    privacy: PrivacySpec | None = None,
+    **extra: Any,
 ) -> tuple[dict[str, np.ndarray], float]:
     started = time.perf_counter()
-    result = run_study_in_memory(spec(params, sorted(datasets), rounds, strategy, **extra), datasets)
+    study = spec(params, sorted(datasets), rounds, strategy, privacy, **extra)
+    result = run_study_in_memory(study, datasets)
     return result.params, (time.perf_counter() - started) / rounds
 
 
@@ -64,6 +78,12 @@ def main() -> None:
     parser.add_argument("--strategies", default="fedavg")
     parser.add_argument("--server-lr", type=float, default=0.01, help="server learning rate of FedOpt")
     parser.add_argument("--params", default="{}", help="JSON overriding the recipe params of the preset")
+    parser.add_argument("--dp-epsilons", default="", help="e.g. 8,1: FedAvg with DP-SGD at each epsilon")
+    parser.add_argument("--dp-params", default='{"norm": "group", "optimizer": "sgd", "learning_rate": 0.1}')
+    parser.add_argument("--dp-sample-rate", type=float, default=0.1)
+    parser.add_argument("--dp-steps", type=int, default=10, help="DP-SGD steps per round")
+    parser.add_argument("--dp-delta", type=float, default=1e-4)
+    parser.add_argument("--skip-federated", action="store_true")
     parser.add_argument("--skip-local", action="store_true")
     parser.add_argument("--skip-central", action="store_true")
     parser.add_argument("--json", default=None)
@@ -75,14 +95,28 @@ def main() -> None:
     pooled = breastmnist_pooled()
     rows: list[dict[str, Any]] = []
 
-    def record(setting: str, model: dict[str, np.ndarray], round_s: float | None, rounds: int) -> None:
-        row = {"setting": setting, "rounds": rounds, **scored(params, model, pooled), "round_s": round_s}
+    def record(
+        setting: str, model: dict[str, np.ndarray], round_s: float, rounds: int, used: TorchParams = params
+    ) -> None:
+        row = {"setting": setting, "rounds": rounds, **scored(used, model, pooled), "round_s": round_s}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    for strategy in args.strategies.split(","):
-        extra = {"server_learning_rate": args.server_lr} if strategy.startswith("fedad") else {}
-        extra |= {"server_learning_rate": args.server_lr} if strategy == "fedyogi" else {}
+    for eps in [float(e) for e in args.dp_epsilons.split(",") if e]:
+        dp_params = TorchParams(**{**params.model_dump(), **json.loads(args.dp_params)})
+        privacy = PrivacySpec(
+            delta=args.dp_delta,
+            target_epsilon=eps,
+            max_grad_norm=1.0,
+            sample_rate=args.dp_sample_rate,
+            steps_per_round=args.dp_steps,
+        )
+        model, round_s = run(dp_params, sites, args.rounds, "fedavg", privacy)
+        setting = f"federated fedavg, DP-SGD epsilon {eps:g} (delta {args.dp_delta:g}) per site"
+        record(setting, model, round_s, args.rounds, dp_params)
+    for strategy in args.strategies.split(",") if not args.skip_federated else []:
+        fedopt = strategy in ("fedadam", "fedyogi", "fedadagrad")
+        extra = {"server_learning_rate": args.server_lr} if fedopt else {}
         model, round_s = run(params, sites, args.rounds, strategy, **extra)
         record(f"federated {strategy}, 4 sites", model, round_s, args.rounds)
     if not args.skip_central:  # the same recipe, one "site" holding all 624 training images, as many epochs
