@@ -326,7 +326,7 @@ def torch_train_dp(
                 p.add_(update + params.weight_decay * p, alpha=-params.learning_rate)
                 offset += size
     gsm.zero_grad(set_to_none=True)
-    local = _exported(gsm._module)
+    local = _exported(net)  # the wrapped network, its parameters updated in place
     return TrainResult(params=local, num_samples=n, train_loss=None, steps=record_dp.steps)
 
 
