@@ -30,7 +30,8 @@ from fedhealth.learning._torch_recipe import (
 from fedhealth.protocol import PrivacySpec, RecipeSpec, StrategySpec, StudySpec
 from fedhealth.runtime import run_study_in_memory
 
-SEED = 0
+SEED = 0  # the split of BreastMNIST into sites
+STUDY_SEED = [0]  # the studies' seed (initial model, shuffling): --study-seed
 
 
 def spec(
@@ -49,7 +50,7 @@ def spec(
         strategy=StrategySpec(name=strategy, **extra),
         rounds=rounds,
         train_sites=sites,
-        seed=SEED,
+        seed=STUDY_SEED[0],
     )
 
 
@@ -86,8 +87,10 @@ def main() -> None:
     parser.add_argument("--skip-federated", action="store_true")
     parser.add_argument("--skip-local", action="store_true")
     parser.add_argument("--skip-central", action="store_true")
+    parser.add_argument("--study-seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    STUDY_SEED[0] = args.study_seed
     import torch
 
     params = TorchParams(**{**BREASTMNIST_PARAMS.model_dump(), **json.loads(args.params)})
