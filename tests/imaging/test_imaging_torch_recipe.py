@@ -11,6 +11,7 @@ import pytest
 from imaging_files import square_images
 
 from fedhealth.learning import DpLevel, RecipeError, RecordDp, resolve_recipe
+from fedhealth.learning._torch_recipe import TORCH_RECIPE, TorchParams, torch_threads
 from fedhealth.protocol import RecipeSpec, StrategySpec, StudySpec
 from fedhealth.runtime import run_study_in_memory
 
@@ -179,3 +180,20 @@ def test_a_study_runs_in_memory_through_the_runtime_with_fedavg_and_fedprox():
         assert all(first.params[k].tobytes() == again.params[k].tobytes() for k in first.params)
         assert set(first.evaluation) == {"a", "b"}
         assert all(m.num_eval_samples > 0 for m in first.evaluation.values())
+
+
+def test_the_stewards_sentence_and_the_spec_template_name_the_settings():
+    text = recipe(augment_flips=True, proximal_mu=0.1).describe()
+    for words in ("cnn", "16x16", "37954 values", "adam", "flips", "FedProx weight 0.1"):
+        assert words in text.replace(",", ""), words
+    template = {p.key: p.value for p in TORCH_RECIPE.template(784)}
+    params = TorchParams(**template)
+    assert params.input_size == 28
+    assert params.n_features == 784
+
+
+def test_torch_threads_follow_the_environment(monkeypatch):
+    monkeypatch.setenv("FEDHEALTH_TORCH_THREADS", "3")
+    assert torch_threads() == 3
+    monkeypatch.setenv("FEDHEALTH_TORCH_THREADS", "many")
+    assert torch_threads() >= 1
