@@ -21,6 +21,7 @@ def write_dicom(
     bits: int = 16,
     signed: bool = False,
     with_pixels: bool = True,
+    attributes: dict[str, str] | None = None,
 ) -> Path:
     """A single-frame grey DICOM file (Secondary Capture) of the integer ``pixels``."""
     from pydicom.dataset import FileDataset, FileMetaDataset
@@ -35,6 +36,8 @@ def write_dicom(
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "OT"
     ds.PatientID = "ANON"
+    for keyword, value in (attributes or {}).items():
+        setattr(ds, keyword, value)
     if with_pixels:
         rows, cols = pixels.shape
         ds.Rows, ds.Columns = rows, cols

@@ -133,3 +133,27 @@ def test_bad_uris_are_refused_before_reading(tmp_path):
     write_labels(folder / "labels.csv", [("p1", "img000.dcm", "0"), ("p1", "img001.dcm", "1")])
     with pytest.raises(SchemaError, match="one image per patient"):
         open_dataset(uri("dicom", folder))
+
+
+def test_the_site_check_reports_identifying_dicom_attributes_without_their_values(tmp_path):
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    rows = []
+    for i in range(4):
+        extra = {"PatientName": "Doe^Jane", "PatientBirthDate": "19700101"} if i < 2 else {}
+        write_dicom(folder / f"s{i}.dcm", np.full((8, 8), 100 * i), attributes=extra)
+        rows.append((f"p{i}", f"s{i}.dcm", str(i % 2)))
+    write_labels(folder / "labels.csv", rows)
+    lines = check_dataset("ct", uri("dicom", folder, size=8)).quality.lines()
+    warnings = [line for line in lines if "warning:" in line]
+    assert len(warnings) == 3  # PatientBirthDate, PatientID, PatientName
+    assert any("PatientName in 2 file(s) (e.g. s0.dcm)" in line for line in warnings)
+    assert any("PatientID in 4 file(s)" in line for line in warnings)
+    assert not any("Doe" in line or "1970" in line or "ANON" in line for line in lines)  # never a value
+    allowed = check_dataset("ct", uri("dicom", folder, size=8, allow_tags="PatientID,PatientName"))
+    assert [line for line in allowed.quality.lines() if "warning:" in line] == [
+        "  warning: identifying DICOM attribute PatientBirthDate in 2 file(s) (e.g. s0.dcm); de-identify the "
+        "files, or allow it with allow_tags="
+    ]
+    with pytest.raises(DatasetCheckError, match="allow_tags names"):
+        check_dataset("ct", uri("dicom", folder, allow_tags="Colour"))

@@ -1,5 +1,9 @@
 """DICOM images (``dicom:///abs/folder?labels=/abs/labels.csv&size=28``), read with pydicom.
 
+``fedhealth site dataset check`` also reports each identifying attribute (:data:`IDENTIFYING_ATTRIBUTES`:
+names, ids, dates, places, clinicians) that the files carry with a value, naming the attribute and a file,
+never the value; ``allow_tags=PatientID,...`` lets a site keep some it has pseudonymised.
+
 Each file's stored values become grey levels in [0, 1] as a viewer shows them:
 
 1. the modality LUT: ``value * RescaleSlope + RescaleIntercept`` (e.g. Hounsfield units for CT), on the
@@ -22,9 +26,52 @@ import numpy as np
 from fedhealth.core import ConfigError
 from fedhealth.data._connector import DatasetURI
 from fedhealth.data._dataset import TabularDataset
-from fedhealth.data._images import IMAGE_PARAMS, ImageProblem, _folder, image_quality, read_image_folder
+from fedhealth.data._images import (
+    IMAGE_PARAMS,
+    ImageProblem,
+    _folder,
+    _label_rows,
+    image_quality,
+    read_image_folder,
+)
+from fedhealth.data._quality import QualityReport
 
 _IGNORED_SUFFIXES = frozenset({".csv", ".txt", ".json", ".md", ".toml"})
+
+# Attributes that identify a patient, a clinician, a place or an examination (after DICOM PS3.15's Basic
+# Application Level Confidentiality Profile). ``site dataset check`` reports each one a file carries with a
+# non-empty value, unless the site allows it (``allow_tags=PatientID,StudyDate``): their values never leave
+# the site, but a folder meant to be de-identified should not hold them.
+IDENTIFYING_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientMotherBirthName",
+    "MedicalRecordLocator",
+    "IssuerOfPatientID",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "OperatorsName",
+    "RequestingPhysician",
+    "StationName",
+    "DeviceSerialNumber",
+)
 
 
 def _first(value: object) -> float:
@@ -97,12 +144,41 @@ def _is_dicom_candidate(path: Path) -> bool:
     return path.suffix.lower() not in _IGNORED_SUFFIXES and path.name.upper() != "DICOMDIR"
 
 
+def identifying_attributes(
+    folder: Path, files: list[str], allowed: frozenset[str] = frozenset()
+) -> dict[str, list[str]]:
+    """For each identifying attribute (not ``allowed``) the files (relative to ``folder``) where it holds a
+    non-empty value; headers only are read."""
+    import pydicom
+
+    found: dict[str, list[str]] = {}
+    for rel in files:
+        ds = pydicom.dcmread(folder / rel, stop_before_pixels=True)
+        for keyword in IDENTIFYING_ATTRIBUTES:
+            if keyword not in allowed and str(ds.get(keyword, "") or "").strip():
+                found.setdefault(keyword, []).append(rel)
+    return found
+
+
+def _allowed(uri: DatasetURI) -> frozenset[str]:
+    text = uri.params.get("allow_tags", "")
+    names = frozenset(t.strip() for t in text.split(",") if t.strip())
+    unknown = sorted(names - set(IDENTIFYING_ATTRIBUTES))
+    if unknown:
+        raise ConfigError(
+            f"dataset URI {uri.raw!r}: allow_tags names {unknown}, not among the identifying attributes "
+            f"{list(IDENTIFYING_ATTRIBUTES)}"
+        )
+    return names
+
+
 class DicomConnector:
     """``dicom:///abs/folder?labels=/abs/labels.csv&size=28[&window=CENTER:WIDTH]``: one grey channel."""
 
     def open(self, uri: DatasetURI, data_dir: Path) -> TabularDataset:
         del data_dir  # the URI carries an absolute path
-        uri.check_params(IMAGE_PARAMS | {"window"})
+        uri.check_params(IMAGE_PARAMS | {"window", "allow_tags"})
+        _allowed(uri)
         folder, labels = _folder(uri)
         window = _window(uri)
 
@@ -122,4 +198,18 @@ class DicomConnector:
             name=folder.name,
         )
 
-    quality = staticmethod(image_quality)
+    def inspect(self, uri: DatasetURI, data_dir: Path) -> tuple[TabularDataset, QualityReport]:
+        """The dataset and its site-only report, which names the identifying attributes the files carry."""
+        dataset = self.open(uri, data_dir)
+        folder, labels = _folder(uri)
+        files = [rel for _, rel, _ in _label_rows(labels, folder, [])]
+        found = identifying_attributes(folder, files, _allowed(uri))
+        warnings = tuple(
+            f"identifying DICOM attribute {keyword} in {len(where)} file(s) (e.g. {where[0]}); "
+            "de-identify the files, or allow it with allow_tags="
+            for keyword, where in sorted(found.items())
+        )
+        report = image_quality(dataset)
+        return dataset, QualityReport(
+            rows=report.rows, positives=report.positives, columns=report.columns, warnings=warnings
+        )

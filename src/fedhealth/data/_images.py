@@ -1,7 +1,7 @@
 """Image datasets: a folder of PNG/JPEG files, or of DICOM files (``_dicom``), with a labels CSV.
 
     images:///abs/folder?labels=/abs/labels.csv&size=28[&channels=1|3][&test_fraction=0.3&seed=0]
-    dicom:///abs/folder?labels=/abs/labels.csv&size=28[&window=CENTER:WIDTH][&test_fraction=0.3&seed=0]
+    dicom:///abs/folder?labels=/abs/labels.csv&size=28[&window=CENTER:WIDTH][&allow_tags=A,B][&test_fraction=0.3&seed=0]
 
 The labels CSV (default ``labels.csv`` in the folder) has a header with the columns ``patient_id``,
 ``file`` (relative to the folder) and ``label`` (0 or 1): one image per patient, since a row's patient id

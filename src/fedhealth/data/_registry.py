@@ -212,6 +212,10 @@ class ConnectorRegistry:
                 ignored_columns=table.ignored,
                 quality=table_quality(table),
             )
+        inspect = getattr(connector, "inspect", None)  # a connector with findings of its own (DICOM tags)
+        if inspect is not None:
+            dataset, quality = inspect(parsed, _folder(data_dir))
+            return DatasetInspection(dataset=dataset, schema=None, quality=quality)
         dataset = connector.open(parsed, _folder(data_dir))
         report = getattr(connector, "quality", dataset_quality)  # e.g. image folders: one pixel summary
         return DatasetInspection(dataset=dataset, schema=None, quality=report(dataset))
