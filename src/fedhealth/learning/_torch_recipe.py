@@ -128,12 +128,18 @@ def torch_threads() -> int:
 
 
 def _deterministic() -> None:
+    """Bit-reproducible kernels on CPU. On CUDA some backward kernels (adaptive average pooling, max
+    pooling) have no deterministic version, and strict mode would refuse them: there cuDNN is only asked for
+    deterministic convolutions, and a rerun gives a model close to, not bit-identical with, the first."""
     torch = _torch()
     if torch.get_num_threads() != torch_threads():
         torch.set_num_threads(torch_threads())
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (CUDA only)
-    torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+    if torch.cuda.is_available():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.use_deterministic_algorithms(True)
 
 
 @contextmanager
