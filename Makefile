@@ -8,7 +8,7 @@ export FEDHEALTH_DATA_DIR
 
 # The tested versions of every dependency: installs use them, `make lock` refreshes them.
 CONSTRAINTS := constraints.txt
-EXTRAS := dev,postgres,imaging
+EXTRAS := dev,postgres,onnx,gbdt,imaging
 
 .PHONY: demo test lint typecheck bench clean lock
 
@@ -37,6 +37,7 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy

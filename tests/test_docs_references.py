@@ -17,6 +17,9 @@ DOCS = [
     "docs/secure-aggregation.md",
     "docs/governance.md",
     "docs/connectors.md",
+    "docs/model-packages.md",
+    "docs/statistics.md",
+    "docs/boosting.md",
     "docs/imaging.md",
 ]
 REFERENCE = re.compile(r"`(tests/[\w/]+\.py)?::(\w+)(?:\[[^\]]*\])?`")

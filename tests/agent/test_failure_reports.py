@@ -140,7 +140,7 @@ def test_the_same_dataset_trains_when_its_id_column_is_declared(site, tmp_path):
 @pytest.mark.parametrize(
     "recipe",
     [
-        RecipeSpec(name="xgboost", params={"trees": 10}),
+        RecipeSpec(name="catboost", params={"trees": 10}),
         RecipeSpec(name="logreg", version="2", params={"n_features": 2}),
         RecipeSpec(name="logreg", params={"n_features": 2, "learning_rate": -1.0}),
     ],

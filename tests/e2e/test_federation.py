@@ -201,9 +201,9 @@ SITE = {"auth": "site"}
         (
             "POST",
             "/api/v1/studies",
-            _study(recipe={"name": "xgboost", "params": {}}),
+            _study(recipe={"name": "catboost", "params": {}}),
             422,
-            "recipe.name: no recipe 'xgboost' is installed",
+            "recipe.name: no recipe 'catboost' is installed",
         ),
         (
             "POST",

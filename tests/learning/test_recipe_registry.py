@@ -86,8 +86,8 @@ def test_builtin_recipes_are_entry_points_of_the_fedhealth_distribution():
 
 
 def test_an_unknown_recipe_names_what_is_installed():
-    with pytest.raises(UnknownRecipeError, match=r"recipe.name: no recipe 'xgboost' .*installed: .*logreg"):
-        resolve_recipe("xgboost", "1", {})
+    with pytest.raises(UnknownRecipeError, match=r"recipe.name: no recipe 'catboost' .*installed: .*logreg"):
+        resolve_recipe("catboost", "1", {})
 
 
 def test_a_version_the_site_does_not_have_is_refused_with_the_versions_it_has():
@@ -226,7 +226,7 @@ def test_logreg_recipe_runs_dp_sgd_exactly_as_logreg_train_dp_and_reports_no_los
 def test_logreg_declares_both_dp_levels_and_refuses_dp_sgd_with_adam_or_fedprox():
     plain = resolve_recipe("logreg", "1", {"n_features": 3})
     assert plain.capabilities == RecipeCapabilities(
-        reads_data=True, record_dp=True, site_dp=True, secure_sum=True
+        reads_data=True, record_dp=True, site_dp=True, secure_sum=True, export_onnx=True
     )
     assert (plain.dp_problem(DpLevel.RECORD), plain.dp_problem(DpLevel.SITE)) == (None, None)
     for params in ({"optimizer": "adam"}, {"proximal_mu": 0.1}):

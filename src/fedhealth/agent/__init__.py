@@ -34,6 +34,7 @@ from fedhealth.agent._datasets import (
     sync_consent,
 )
 from fedhealth.agent._gates import default_gates
+from fedhealth.agent._governance import SiteGovernance, report_withdrawals, withdrawal_notices
 from fedhealth.agent._home import SiteHome, enroll_site
 from fedhealth.agent._pipeline import PassGate, SiteGate, TaskContext, TaskRefused
 from fedhealth.agent._privacy import PrivacyGate
@@ -52,6 +53,7 @@ __all__ = [
     "SiteCheck",
     "SiteDatasets",
     "SiteGate",
+    "SiteGovernance",
     "SiteHome",
     "SiteRefused",
     "SyncResult",
@@ -68,6 +70,7 @@ __all__ = [
     "fetch_pending",
     "report_approval",
     "report_decision",
+    "report_withdrawals",
     "review",
     "run_agent",
     "run_site_check",
@@ -76,4 +79,5 @@ __all__ = [
     "sync_approvals",
     "sync_consent",
     "was_reviewed",
+    "withdrawal_notices",
 ]

@@ -23,6 +23,11 @@ The site keeps a budget ``(epsilon, delta)`` per registered dataset in its ledge
 ``attest``         state the ledger's figures for the orchestrator (:class:`fedhealth.protocol.PrivacySpend`),
                    the study's epsilon at the ledger's delta and at the spec's (what a model card prints).
 
+Collective sessions (``TaskKind.COLLECTIVE``) of a recipe that reads data go through the same steps: what a
+session releases is what its recipe declares for its own noise (``session_dp``, e.g. ``stats`` with a noise
+multiplier: one Gaussian release, :func:`fedhealth.runtime.session_plan`); a session without noise releases
+exact figures and counts as a study without differential privacy.
+
 Studies without differential privacy: a dataset that has a budget refuses them (their epsilon is infinite:
 the budget could not stay a guarantee); a dataset without one runs them as before budgets existed. The same
 holds for a DP-SGD spec with noise multiplier 0 (a clipping-only baseline). Evaluation tasks read only the
@@ -62,7 +67,13 @@ from fedhealth.privacy import (
     sqlite_engine,
 )
 from fedhealth.protocol import AccountantName, PrivacySpend, TaskKind
-from fedhealth.runtime import check_privacy, recipe_capabilities, reproducible_noise_enabled, task_plan
+from fedhealth.runtime import (
+    check_privacy,
+    recipe_capabilities,
+    reproducible_noise_enabled,
+    session_plan,
+    task_plan,
+)
 
 log = logging.getLogger("fedhealth.agent")
 
@@ -76,6 +87,9 @@ INVALID_PRIVACY = "invalid_privacy"
 
 # What a study without differential privacy releases, as the ledger sees it: infinite epsilon.
 _NO_NOISE = DpPlan.of(GaussianRelease(noise_multiplier=0.0))
+# Tasks that compute something released about the records: training rounds, and collective sessions (their
+# recipe declares the noise it adds, ``session_dp``; one without noise releases exact figures).
+_CHARGED_KINDS = (TaskKind.TRAIN, TaskKind.COLLECTIVE)
 
 
 @dataclass
@@ -142,12 +156,17 @@ class PrivacyGate(PassGate):
         task = ctx.task
         # Only training on patient rows releases anything about them; a recipe that reads no data (a
         # transport benchmark's) computes nothing on them, so there is nothing to account.
-        if task.kind is not TaskKind.TRAIN or not recipe_capabilities(task.recipe).reads_data:
+        if task.kind not in _CHARGED_KINDS or not recipe_capabilities(task.recipe).reads_data:
             return
         spec = task.spec
         try:
-            check_privacy(spec)
-            plan = task_plan(spec, task.kind, ctx.site) if spec.privacy is not None else _NO_NOISE
+            if task.kind is TaskKind.COLLECTIVE:
+                # a collective session releases what its recipe declares (its own noise), or is exact
+                session = session_plan(spec)
+                plan = _NO_NOISE if session is None or session.is_empty else session
+            else:
+                check_privacy(spec)
+                plan = task_plan(spec, task.kind, ctx.site) if spec.privacy is not None else _NO_NOISE
         except InputError as exc:
             raise TaskRefused(INVALID_PRIVACY, str(exc)) from exc
         notes = _TaskNotes(plan=plan)
@@ -164,7 +183,10 @@ class PrivacyGate(PassGate):
         except BudgetNotSetError as exc:
             if noiseless:
                 return  # no budget on this dataset: a study without noise runs as before budgets existed
-            assert spec.privacy is not None
+            if spec.privacy is None:  # a collective session with its recipe's own noise
+                raise TaskRefused(
+                    BUDGET_NOT_SET, f"{exc}; this session adds noise whose spend the ledger must account"
+                ) from exc
             needs = epsilon(plan, delta=spec.privacy.delta)
             raise TaskRefused(
                 BUDGET_NOT_SET,
@@ -172,7 +194,9 @@ class PrivacyGate(PassGate):
             ) from exc
         except TaskOverBudgetError as exc:
             prefix = (
-                "the study has no differential privacy (epsilon infinite); " if spec.privacy is None else ""
+                "the study has no differential privacy (epsilon infinite); "
+                if spec.privacy is None and noiseless
+                else ""
             )
             raise TaskRefused(BUDGET_EXCEEDED, prefix + exc.check.reason) from exc
         except ReservationStateError as exc:

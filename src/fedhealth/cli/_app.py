@@ -22,11 +22,12 @@ from fedhealth.cli._governance import (
     model_app,
     provenance_app,
 )
-from fedhealth.cli._model import model_predict
+from fedhealth.cli._model import model_export, model_predict, model_scaling
 from fedhealth.cli._privacy import budget_app, privacy_app
 from fedhealth.cli._services import orchestrator_app, site_app, user_app
 from fedhealth.cli._site_check import site_check, site_readiness
 from fedhealth.cli._site_datasets import dataset_app
+from fedhealth.cli._stats import stats_app
 from fedhealth.cli._steward import approvals_app
 from fedhealth.cli._study import study_app
 
@@ -81,7 +82,10 @@ site_app.registered_commands.extend(commitment_app.registered_commands)
 app.add_typer(audit_app, name="audit")
 app.add_typer(provenance_app, name="provenance")
 model_app.command("predict")(model_predict)
+model_app.command("export")(model_export)
+model_app.command("scaling")(model_scaling)
 app.add_typer(model_app, name="model")
+app.add_typer(stats_app, name="stats")
 
 
 def main() -> None:

@@ -156,7 +156,7 @@ def privacy_benchmark(
     accuracy at each privacy target, each site's epsilon as its own ledger accounted it."""
     from rich.table import Table
 
-    from fedhealth.sim._privacy_bench import benchmark_privacy, plot_privacy
+    from fedhealth.sim import benchmark_privacy, plot_privacy
 
     console = Console(stderr=as_json)
     started = time.monotonic()

@@ -65,7 +65,7 @@ from fedhealth.governance import (
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from fedhealth.agent._governance import SiteGovernance
+    from fedhealth.agent import SiteGovernance
 
 EXIT_BAD_ENTRY = 1
 EXIT_RUNTIME = 1
@@ -315,8 +315,7 @@ def _card(store: ProvenanceStore, digest: str, intended_use: str) -> str:
 
 
 def _site_governance(home: Path) -> SiteGovernance:
-    from fedhealth.agent import SiteHome
-    from fedhealth.agent._governance import SiteGovernance
+    from fedhealth.agent import SiteGovernance, SiteHome
 
     return SiteGovernance(SiteHome(home))
 
@@ -818,7 +817,7 @@ def consent_withdraw(
 @consent_app.command("sync")
 def consent_sync(home: Annotated[Path, typer.Option("--home", help="The site's home.")]) -> None:
     """Send every withdrawal notice in the site's log to the orchestrator again (it ignores repeats)."""
-    from fedhealth.agent._governance import withdrawal_notices
+    from fedhealth.agent import withdrawal_notices
 
     with _errors_as_messages():
         with _site_governance(home) as governance:
@@ -827,8 +826,7 @@ def consent_sync(home: Annotated[Path, typer.Option("--home", help="The site's h
 
 
 def _send_notices(home: Path, notices: Sequence[WithdrawalNotice]) -> None:
-    from fedhealth.agent import SiteHome
-    from fedhealth.agent._governance import report_withdrawals
+    from fedhealth.agent import SiteHome, report_withdrawals
 
     if not notices:
         typer.echo("no withdrawal notices to send", err=True)

@@ -22,7 +22,7 @@ from fedhealth.cli._errors import fail, usage
 from fedhealth.governance import ApprovalStatus
 
 if TYPE_CHECKING:
-    from fedhealth.agent._governance import SiteGovernance
+    from fedhealth.agent import SiteGovernance
 
 approvals_app = typer.Typer(
     help="Study specs awaiting or decided by this site's data steward.",
@@ -57,8 +57,7 @@ def sync_from_orchestrator(governance: SiteGovernance) -> str | None:
 
 
 def _open(home: Path) -> SiteGovernance:
-    from fedhealth.agent import SiteHome
-    from fedhealth.agent._governance import SiteGovernance
+    from fedhealth.agent import SiteGovernance, SiteHome
 
     return SiteGovernance(SiteHome(home))
 

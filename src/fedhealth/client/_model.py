@@ -7,7 +7,11 @@ the rows of a raw CSV file whose feature columns are those the study trained on,
 Scaling: each site standardized its features with its own data's mean and standard deviation before
 training, so the model expects standardized inputs. ``Scaling.OWN`` (the default) standardizes the new file
 the same way, with its own mean and standard deviation; ``Scaling.NONE`` passes values through (for a file
-that is standardized already). A later release ships full model packages with the training scaling inside.
+that is standardized already).
+
+A full model package (:func:`export_package`, ``fedhealth model export``; docs/model-packages.md) carries the
+feature names, the study's preprocessing, label meaning, provenance and privacy guarantee with the weights,
+and ``fedhealth.load_model`` applies it to a pandas DataFrame of raw columns.
 """
 
 from __future__ import annotations
@@ -15,14 +19,27 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedhealth.core import InputError, TensorError, decode_tensors, sha256_hex
+from fedhealth.core import InputError, TensorError, canonical_json, decode_tensors, sha256_hex
 from fedhealth.data import standardize
-from fedhealth.learning import logreg_evaluate, logreg_predict_proba
+from fedhealth.learning import (
+    PackageError,
+    PackageOrigin,
+    RecipeError,
+    logreg_evaluate,
+    logreg_predict_proba,
+    resolve_recipe,
+    write_package,
+)
+
+if TYPE_CHECKING:
+    from fedhealth.client._operator import OperatorClient
 
 
 class Scaling(StrEnum):
@@ -124,6 +141,46 @@ def predict_csv(
     return Predictions(row_ids=ids, probabilities=probabilities, labels=y, accuracy=accuracy, auc=auc)
 
 
+def predict_csv_with_package(
+    package: Path | str, path: Path | str, *, label: str | None = None, id_column: str | None = None
+) -> tuple[str, Predictions]:
+    """Apply a model package (``fedhealth.load_model``) to every row of a CSV file; returns the model digest
+    and the predictions. Columns are selected by name; rows are named by ``id_column``, else their line."""
+    import pandas as pd
+
+    from fedhealth.learning import load_package
+
+    loaded = load_package(package)
+    file = Path(path)
+    try:
+        frame = pd.read_csv(file, dtype={id_column: str} if id_column is not None else None)
+    except FileNotFoundError:
+        raise InputError(f"{file}: no such CSV file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{file}: cannot be read as CSV ({exc})") from exc
+    for role, name in (("label", label), ("id", id_column)):
+        if name is not None and name not in frame.columns:
+            raise InputError(f"{file}: {role} column {name!r} is not in the header {list(frame.columns)}")
+    probabilities = loaded.predict_proba(frame)
+    ids = (
+        tuple(str(v).strip() for v in frame[id_column].tolist())
+        if id_column is not None
+        else tuple(str(i + 2) for i in range(len(frame)))
+    )
+    y = accuracy = auc = None
+    if label is not None:
+        y = pd.to_numeric(frame[label], errors="coerce").to_numpy(dtype=np.float64)
+        if not set(np.unique(y)) <= {0.0, 1.0}:
+            raise InputError(f"{file}: label column {label!r} must hold 0 or 1")
+        accuracy = float(((probabilities > 0.5) == (y == 1.0)).mean())
+        if np.unique(y).size == 2:
+            from sklearn.metrics import roc_auc_score  # scikit-learn loads slowly: on first use
+
+            auc = float(roc_auc_score(y, probabilities))
+    predictions = Predictions(row_ids=ids, probabilities=probabilities, labels=y, accuracy=accuracy, auc=auc)
+    return loaded.model_digest, predictions
+
+
 def _read(
     path: Path, label: str | None, id_column: str | None
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...], list[str]]:
@@ -170,3 +227,83 @@ def _number(path: Path, line: int, column: str, text: str) -> float:
     if not math.isfinite(value):
         raise InputError(f"{path}: line {line}, column {column!r} is not a finite number")
     return value
+
+
+# --- model packages ---------------------------------------------------------------------------------------
+
+
+def export_package(
+    client: OperatorClient, study_id: str, out: Path, *, force: bool = False, now: datetime | None = None
+) -> dict[str, Any]:
+    """Write study ``study_id``'s final model as a model package into ``out`` (see
+    fedhealth.learning's ``write_package``); returns the package's metadata.
+
+    Refuses (:class:`~fedhealth.learning.PackageError`) a study that has not completed, a folder that exists
+    and is not empty (unless ``force``), and a model or spec that does not match what the orchestrator
+    states for the study (digest, spec hash)."""
+    from fedhealth import __version__
+    from fedhealth.client._operator import ClientError
+    from fedhealth.protocol import StudyStatus
+
+    info = client.study(study_id)
+    if info.status is not StudyStatus.COMPLETED:
+        raise PackageError(
+            f"study {study_id} is {info.status.value}; only a completed study's final model is packaged "
+            "(`fedhealth study download ID --model FILE` saves its latest model as it is)"
+        )
+    if info.model_digest is None:
+        raise PackageError(f"study {study_id} has no released model")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
+        raise PackageError(f"{out} exists and is not an empty folder; choose a new folder or give --force")
+    spec = info.spec.model_dump(mode="json")
+    spec_hash = sha256_hex(canonical_json(spec))
+    if info.spec_hash is not None and info.spec_hash != spec_hash:
+        raise PackageError(f"study {study_id}: the spec's hash differs from the one its sites approved")
+    weights = client.model_bytes(study_id)
+    if sha256_hex(weights) != info.model_digest:
+        raise PackageError(f"study {study_id}: the model downloaded is not the study's final model (digest)")
+    recipe = info.spec.recipe
+    try:
+        resolved = resolve_recipe(recipe.name, recipe.version, recipe.params)
+        tensors, _ = decode_tensors(weights, resolved.param_specs())
+        export = resolved.export(tensors)
+    except (RecipeError, TensorError) as exc:
+        raise PackageError(f"study {study_id}: its model cannot be exported here ({exc})") from exc
+    provenance: dict[str, Any] | None
+    try:
+        lineage = client.request("GET", f"/api/v1/governance/models/{info.model_digest}/provenance").json()
+        provenance = lineage["lineage"][0] if lineage.get("lineage") else None
+    except ClientError as exc:
+        if exc.status != 404:
+            raise
+        provenance = None  # an orchestrator without governance keeps no provenance
+    origin = PackageOrigin(
+        study_id=study_id,
+        spec=spec,
+        spec_hash=spec_hash,
+        model_digest=info.model_digest,
+        provenance=provenance,
+        privacy=_privacy(spec, provenance),
+        software_version=__version__,
+        exported_at=(now or datetime.now(UTC)).isoformat(),
+    )
+    return write_package(out, export=export, weights=weights, origin=origin, force=force)
+
+
+def _privacy(spec: dict[str, Any], provenance: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The guarantee a package states: record level, the largest site's epsilon at the spec's delta (each
+    site's ledger attested its own), and the site-level figure in site modes; None without DP."""
+    privacy = spec.get("privacy")
+    if privacy is None:
+        return None
+    dp = dict(provenance.get("dp_params") or {}) if provenance is not None else {}
+    per_site = dict(provenance.get("epsilon_spent") or {}) if provenance is not None else {}
+    return {
+        "mode": privacy.get("mode"),
+        "level": dp.get("level", "record"),
+        "epsilon": max(per_site.values()) if per_site else None,
+        "delta": dp.get("epsilon_delta", privacy.get("delta")),
+        "per_site_epsilon": per_site,
+        "site_level_epsilon": dp.get("site_level_epsilon"),
+        "accountant": privacy.get("accountant"),
+    }

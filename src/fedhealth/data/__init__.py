@@ -22,6 +22,7 @@ from fedhealth.data._connector import (
     table_options,
 )
 from fedhealth.data._dataset import (
+    STD_EPSILON,
     FillRule,
     Imputation,
     Scaling,
@@ -55,7 +56,13 @@ from fedhealth.data._heart_disease import (
     load_heart_disease,
 )
 from fedhealth.data._images import ImageFolderConnector, image_quality, read_picture
-from fedhealth.data._omop import OmopConnector, OmopDefinition, compile_cohort_query, load_definition
+from fedhealth.data._omop import (
+    OmopConnector,
+    OmopDefinition,
+    compile_cohort_query,
+    load_definition,
+    read_cohort,
+)
 from fedhealth.data._quality import ColumnQuality, QualityReport, dataset_quality, table_quality
 from fedhealth.data._registry import (
     BUILTIN_DATASETS,
@@ -76,10 +83,11 @@ from fedhealth.data._schema import (
     MissingPolicy,
     NumericColumn,
     UnseenPolicy,
+    category_text,
     load_schema,
     parse_schema,
 )
-from fedhealth.data._sql import SqlConnector, check_read_only_sql
+from fedhealth.data._sql import SqlConnector, check_read_only_sql, database_of
 from fedhealth.data._table import (
     ParsedColumn,
     ParsedTable,
@@ -96,6 +104,7 @@ __all__ = [
     "HEART_DISEASE_BASE_URL",
     "HEART_DISEASE_CENTERS",
     "HEART_DISEASE_FEATURES",
+    "STD_EPSILON",
     "TABLE_PARAMS",
     "BuiltinConnector",
     "CategoricalColumn",
@@ -146,8 +155,10 @@ __all__ = [
     "breastmnist_federation",
     "breastmnist_pooled",
     "build_dataset",
+    "category_text",
     "check_read_only_sql",
     "compile_cohort_query",
+    "database_of",
     "dataset_fingerprint",
     "dataset_quality",
     "dicom_grey",
@@ -165,6 +176,7 @@ __all__ = [
     "open_dataset",
     "parse_schema",
     "parse_table",
+    "read_cohort",
     "read_csv_dataset",
     "read_file_table",
     "read_picture",

@@ -39,6 +39,16 @@ from fedhealth.learning._errors import (
     TrainingDivergedError,
     UnknownRecipeError,
 )
+from fedhealth.learning._lightgbm import (
+    LIGHTGBM_RECIPE,
+    Binning,
+    LightGbmModel,
+    LightGbmParams,
+    LightGbmRecipe,
+    model_from_export,
+    train_pooled,
+    train_site,
+)
 from fedhealth.learning._logreg import (
     bce_with_logits,
     logreg_evaluate,
@@ -50,8 +60,30 @@ from fedhealth.learning._logreg import (
     logreg_train,
 )
 from fedhealth.learning._logreg_dp import logreg_train_dp
-from fedhealth.learning._logreg_recipe import LOGREG_RECIPE, LogRegParams, LogRegRecipe
+from fedhealth.learning._logreg_recipe import LOGREG_RECIPE, LogRegParams, LogRegRecipe, logreg_onnx
 from fedhealth.learning._metrics import MetricSummary, mean_metrics, weighted_metrics
+from fedhealth.learning._package import (
+    METADATA_FILE,
+    ONNX_FILE,
+    PACKAGE_FORMAT,
+    WEIGHTS_FILE,
+    InputColumn,
+    ModelPackage,
+    PackageError,
+    PackageInputError,
+    PackageOrigin,
+    load_package,
+    package_metadata,
+    write_package,
+)
+from fedhealth.learning._preprocessing import (
+    CategoricalEncoding,
+    Preprocessing,
+    StandardizeMode,
+    preprocessing_metadata,
+    scaling_from_statistics,
+    scaling_from_sums,
+)
 from fedhealth.learning._presets import BREAST_CANCER_PRESETS, HEART_DISEASE_PRESETS, StudyPreset
 from fedhealth.learning._recipe import (
     CollectiveRecipe,
@@ -65,6 +97,7 @@ from fedhealth.learning._recipe import (
     ReferenceStep,
     RoundsRecipe,
     SessionContext,
+    SessionDpRecipe,
     SiteSessionOutcome,
     TemplateParam,
 )
@@ -79,6 +112,13 @@ from fedhealth.learning._registry import (
 )
 from fedhealth.learning._results import EvalResult, TrainResult
 from fedhealth.learning._rng import task_rng
+from fedhealth.learning._stats import (
+    STATS_RECIPE,
+    StatsParams,
+    StatsRecipe,
+    exact_secure_sum,
+    run_stats_in_memory,
+)
 from fedhealth.learning._strategies import apply_strategy, strategy_state_specs, weighted_mean
 from fedhealth.learning._synthetic import (
     SYNTHETIC_RECIPE,
@@ -87,6 +127,14 @@ from fedhealth.learning._synthetic import (
     SyntheticRecipe,
     synthetic_init,
     synthetic_train,
+)
+from fedhealth.learning._xgboost import (
+    XGBOOST_RECIPE,
+    XGBoostModel,
+    XGBoostParams,
+    XGBoostRecipe,
+    train_pooled_xgboost,
+    train_site_xgboost,
 )
 
 __all__ = [
@@ -97,11 +145,20 @@ __all__ = [
     "HEART_DISEASE_DP_PRESETS",
     "HEART_DISEASE_PRESETS",
     "HEART_DISEASE_TRAIN_RECORDS",
+    "LIGHTGBM_RECIPE",
     "LOGREG_RECIPE",
+    "METADATA_FILE",
+    "ONNX_FILE",
+    "PACKAGE_FORMAT",
     "RECIPE_ENTRY_POINT_GROUP",
+    "STATS_RECIPE",
     "SYNTHETIC_RECIPE",
     "SYNTHETIC_STEP_SCALE",
+    "WEIGHTS_FILE",
+    "XGBOOST_RECIPE",
     "BenchmarkCollectives",
+    "Binning",
+    "CategoricalEncoding",
     "CollectiveProbeRecipe",
     "CollectiveRecipe",
     "Collectives",
@@ -112,12 +169,21 @@ __all__ = [
     "EvalResult",
     "InMemoryCollectives",
     "InMemorySession",
+    "InputColumn",
+    "LightGbmModel",
+    "LightGbmParams",
+    "LightGbmRecipe",
     "LocalOptimizer",
     "LogRegConfig",
     "LogRegParams",
     "LogRegRecipe",
     "MetricSummary",
     "ModelExport",
+    "ModelPackage",
+    "PackageError",
+    "PackageInputError",
+    "PackageOrigin",
+    "Preprocessing",
     "ProbeParams",
     "Recipe",
     "RecipeCapabilities",
@@ -129,8 +195,12 @@ __all__ = [
     "ResolvedRecipe",
     "RoundsRecipe",
     "SessionContext",
+    "SessionDpRecipe",
     "SessionMember",
     "SiteSessionOutcome",
+    "StandardizeMode",
+    "StatsParams",
+    "StatsRecipe",
     "StrategyConfig",
     "StrategyKind",
     "StudyPreset",
@@ -140,29 +210,46 @@ __all__ = [
     "TrainResult",
     "TrainingDivergedError",
     "UnknownRecipeError",
+    "XGBoostModel",
+    "XGBoostParams",
+    "XGBoostRecipe",
     "apply_strategy",
     "bce_with_logits",
     "default_registry",
     "dp_noise_multiplier",
+    "exact_secure_sum",
+    "load_package",
     "load_recipe",
     "logreg_evaluate",
     "logreg_init",
     "logreg_objective",
+    "logreg_onnx",
     "logreg_param_specs",
     "logreg_per_example_gradients",
     "logreg_predict_proba",
     "logreg_train",
     "logreg_train_dp",
     "mean_metrics",
+    "model_from_export",
+    "package_metadata",
+    "preprocessing_metadata",
     "probe_expected",
     "probe_values",
     "reload_recipes",
     "resolve_recipe",
     "run_in_memory",
+    "run_stats_in_memory",
+    "scaling_from_statistics",
+    "scaling_from_sums",
     "strategy_state_specs",
     "synthetic_init",
     "synthetic_train",
     "task_rng",
+    "train_pooled",
+    "train_pooled_xgboost",
+    "train_site",
+    "train_site_xgboost",
     "weighted_mean",
     "weighted_metrics",
+    "write_package",
 ]

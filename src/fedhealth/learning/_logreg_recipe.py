@@ -5,20 +5,37 @@ The numerics are :mod:`fedhealth.learning._logreg` (SGD/Adam, L2, FedProx) and
 study's ``recipe.params`` onto them. Record-level DP is this recipe's ``train`` under :class:`RecordDp`
 (plain DP-SGD: optimizer ``sgd``, no proximal term); site-level DP needs nothing of it (the runtime clips and
 noises the update), so both are declared in its capabilities.
+
+``preprocessing`` (optional, :mod:`fedhealth.learning._preprocessing`) fixes how every site scales its
+features (the spec's federation-wide mean and scale, or none); a spec without it trains exactly as before
+(each site's own standardization), bit for bit. Its export can be written as a model package with an ONNX
+file (``fedhealth model export``).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
-from fedhealth.core import DatasetError, TensorSpec
+from fedhealth.core import ConfigError, DatasetError, TensorSpec
 from fedhealth.data import TabularDataset
 from fedhealth.learning._config import LocalOptimizer, LogRegConfig
-from fedhealth.learning._logreg import logreg_evaluate, logreg_init, logreg_param_specs, logreg_train
+from fedhealth.learning._logreg import (
+    logreg_evaluate,
+    logreg_init,
+    logreg_param_specs,
+    logreg_predict_proba,
+    logreg_train,
+)
 from fedhealth.learning._logreg_dp import logreg_train_dp
+from fedhealth.learning._preprocessing import (
+    Preprocessing,
+    StandardizeMode,
+    preprocessing_metadata,
+)
 from fedhealth.learning._recipe import (
     CombinationPattern,
     DataSchema,
@@ -58,6 +75,13 @@ class LogRegParams(BaseModel):
     feature_names: tuple[FeatureName, ...] | None = Field(
         default=None, description="the features in input order; every site's dataset must declare them"
     )
+    preprocessing: Preprocessing | None = Field(
+        default=None,
+        description="how every site scales its features (default: each with its own statistics)",
+    )
+    label_meaning: str | None = Field(
+        default=None, min_length=1, max_length=500, description="what label 1 means, for the model package"
+    )
 
     @model_validator(mode="after")
     def _names_fit(self) -> LogRegParams:
@@ -68,6 +92,10 @@ class LogRegParams(BaseModel):
                 )
             if len(set(self.feature_names)) != len(self.feature_names):
                 raise ValueError("feature_names must be unique")
+        if self.preprocessing is not None:
+            problem = self.preprocessing.problem(self.feature_names, self.n_features)
+            if problem is not None:
+                raise ValueError(problem)
         return self
 
     def config(self) -> LogRegConfig:
@@ -105,6 +133,69 @@ def _rows(dataset: TabularDataset | None) -> TabularDataset:
     return dataset
 
 
+def _features(params: LogRegParams, dataset: TabularDataset, X: np.ndarray) -> np.ndarray:
+    """``X`` (rows of ``dataset``) as the study's preprocessing wants them; as given without one."""
+    if params.preprocessing is None:
+        return X
+    return params.preprocessing.apply(dataset, X)
+
+
+def logreg_onnx(
+    weight: np.ndarray, bias: np.ndarray, preprocessing: Preprocessing | None, feature_names: list[str] | None
+) -> bytes:
+    """An ONNX graph computing P(label = 1) from the features in input order (float64, shape (rows,
+    n_features)): ``sigmoid(((x - mean) / scale) . weight + bias)``, the standardization only when the
+    preprocessing gives it. Output ``probability``, shape (rows,)."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError as exc:
+        raise ConfigError(
+            "writing an ONNX file needs the onnx package: pip install 'fedhealth[onnx]'"
+        ) from exc
+    n = int(weight.shape[0])
+    initializers = [
+        numpy_helper.from_array(np.asarray(weight, dtype=np.float64).reshape(n, 1), "weight"),
+        numpy_helper.from_array(np.asarray(bias, dtype=np.float64).reshape(1), "bias"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "flat"),
+    ]
+    nodes = []
+    current = "features"
+    if preprocessing is not None and preprocessing.standardize is StandardizeMode.GIVEN:
+        assert preprocessing.mean is not None
+        assert preprocessing.scale is not None
+        initializers += [
+            numpy_helper.from_array(np.asarray(preprocessing.mean, dtype=np.float64), "mean"),
+            numpy_helper.from_array(np.asarray(preprocessing.scale, dtype=np.float64), "scale"),
+        ]
+        nodes += [
+            helper.make_node("Sub", ["features", "mean"], ["centered"]),
+            helper.make_node("Div", ["centered", "scale"], ["standardized"]),
+        ]
+        current = "standardized"
+    nodes += [
+        helper.make_node("MatMul", [current, "weight"], ["dot"]),
+        helper.make_node("Add", ["dot", "bias"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["column"]),
+        helper.make_node("Reshape", ["column", "flat"], ["probability"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fedhealth_logreg",
+        [helper.make_tensor_value_info("features", TensorProto.DOUBLE, ["rows", n])],
+        [helper.make_tensor_value_info("probability", TensorProto.DOUBLE, ["rows"])],
+        initializer=initializers,
+    )
+    # opset 17 and IR 8: what every onnxruntime of the last years runs
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8, producer_name="fedhealth"
+    )
+    if feature_names is not None:
+        helper.set_model_props(model, {"feature_names": json.dumps(feature_names)})
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString(deterministic=True))
+
+
 class LogRegRecipe:
     """Binary logistic regression in numpy: ``{"weight": (n_features,), "bias": (1,)}`` float32."""
 
@@ -112,7 +203,9 @@ class LogRegRecipe:
     version: Literal["1"] = "1"
     params_model = LogRegParams
     pattern = CombinationPattern.ROUNDS
-    capabilities = RecipeCapabilities(reads_data=True, record_dp=True, site_dp=True, secure_sum=True)
+    capabilities = RecipeCapabilities(
+        reads_data=True, record_dp=True, site_dp=True, secure_sum=True, export_onnx=True
+    )
 
     def data_schema(self, params: LogRegParams) -> DataSchema:
         return DataSchema(n_features=params.n_features, feature_names=params.feature_names)
@@ -133,11 +226,12 @@ class LogRegRecipe:
         record_dp: RecordDp | None = None,
     ) -> TrainResult:
         data = _rows(dataset)
+        X_train = _features(params, data, data.X_train)
         if record_dp is None:
-            return logreg_train(model, data.X_train, data.y_train, params.config(), rng)
+            return logreg_train(model, X_train, data.y_train, params.config(), rng)
         local, _ = logreg_train_dp(
             model,
-            data.X_train,
+            X_train,
             data.y_train,
             noise_multiplier=record_dp.noise_multiplier,
             max_grad_norm=record_dp.max_grad_norm,
@@ -153,7 +247,7 @@ class LogRegRecipe:
 
     def evaluate(self, params: LogRegParams, model: Params, dataset: TabularDataset | None) -> EvalResult:
         data = _rows(dataset)
-        return logreg_evaluate(model, data.X_test, data.y_test)
+        return logreg_evaluate(model, _features(params, data, data.X_test), data.y_test)
 
     def dp_problem(self, params: LogRegParams, level: DpLevel) -> str | None:
         plain_sgd = params.optimizer is LocalOptimizer.SGD and params.proximal_mu == 0
@@ -167,10 +261,11 @@ class LogRegRecipe:
     def describe(self, params: LogRegParams) -> str:
         steps = f"{params.local_steps} step(s)" if params.local_steps else f"{params.local_epochs} epoch(s)"
         prox = f", FedProx weight {params.proximal_mu:g}" if params.proximal_mu else ""
+        scaled = f"; {params.preprocessing.describe()}" if params.preprocessing is not None else ""
         return (
             f"logistic regression on {params.n_features} features ({params.n_features + 1} parameters); "
             f"{steps} of {params.optimizer.value} per round at learning rate {params.learning_rate:g}, "
-            f"batch size {params.batch_size}, L2 {params.l2:g}{prox}"
+            f"batch size {params.batch_size}, L2 {params.l2:g}{prox}{scaled}"
         )
 
     def template(self, n_features: int | None) -> list[TemplateParam]:
@@ -202,14 +297,31 @@ class LogRegRecipe:
     def export(self, params: LogRegParams, model: Params) -> ModelExport:
         specs = self.param_specs(params)
         tensors = {s.name: np.array(model[s.name], dtype=np.float32) for s in specs}
+        names = list(params.feature_names) if params.feature_names is not None else None
         metadata: dict[str, JsonValue] = {
             "recipe": self.name,
             "version": self.version,
-            "feature_names": list(params.feature_names) if params.feature_names is not None else None,
+            "feature_names": list(names) if names is not None else None,
             "n_features": params.n_features,
-            "output": "P(label = 1) = sigmoid(features . weight + bias)",
+            "output": "P(label = 1) = sigmoid(features . weight + bias), features after preprocessing",
+            "preprocessing": preprocessing_metadata(params.preprocessing),
+            "label": {"positive_class": 1, "meaning": params.label_meaning},
         }
-        return ModelExport(tensors=tensors, metadata=metadata)
+
+        def predict_proba(X: np.ndarray) -> np.ndarray:
+            return logreg_predict_proba(tensors, X)
+
+        def onnx() -> bytes:
+            return logreg_onnx(tensors["weight"], tensors["bias"], params.preprocessing, names)
+
+        # a model trained on per-site scaling has no one scaling an ONNX graph could hold
+        known_scaling = params.preprocessing is not None
+        return ModelExport(
+            tensors=tensors,
+            metadata=metadata,
+            predict_proba=predict_proba,
+            onnx=onnx if known_scaling else None,
+        )
 
 
 LOGREG_RECIPE = LogRegRecipe()

@@ -37,6 +37,7 @@ from fedhealth.core import TensorSpec
 from fedhealth.data import SchemaError, TabularDataset
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._results import EvalResult, TrainResult
+from fedhealth.privacy import DpPlan, RandomSource
 
 Params = dict[str, np.ndarray]
 P = TypeVar("P", bound=BaseModel)
@@ -65,6 +66,8 @@ class RecipeCapabilities:
     when given :class:`RecordDp`. ``site_dp``: its update is a plain float vector the runtime may clip and
     noise as a whole. ``secure_sum``: its update may travel inside a SecAgg+ secure sum (a fixed-size float
     vector whose mean is the update's meaning). ``export_onnx``: its export can become an ONNX file.
+    ``session_dp``: a collective recipe that adds noise in its session and declares what it releases about a
+    site's records with ``dp_plan(params) -> DpPlan`` (the site's ledger charges it before any data is read).
     """
 
     reads_data: bool = True
@@ -72,6 +75,7 @@ class RecipeCapabilities:
     site_dp: bool = False
     secure_sum: bool = False
     export_onnx: bool = False
+    session_dp: bool = False
 
     def supports(self, level: DpLevel) -> bool:
         return self.record_dp if level is DpLevel.RECORD else self.site_dp
@@ -131,10 +135,19 @@ class RecordDp:
 class ModelExport:
     """A trained model as a recipe hands it out: its tensors, and metadata that says how to use them (at
     least ``recipe``, ``version`` and ``feature_names``, the features in input order, or None when the study
-    did not name them). Model packages (safetensors, ONNX, preprocessing) are built on top of this."""
+    did not name them). Model packages (fedhealth.learning's ``write_package``) are built on top of this.
+
+    A recipe whose model can be applied outside fedhealth also gives, in ``metadata``: ``preprocessing``
+    (see :func:`~fedhealth.learning.preprocessing_metadata`: how raw columns become its features) and
+    ``label`` (``positive_class`` and what it means); and ``predict_proba``, P(label = 1) for each row of
+    a feature matrix in ``feature_names`` order, after that preprocessing (float64). ``onnx``, for a recipe
+    declaring ``export_onnx``, builds the same model, preprocessing's standardization included, as an ONNX
+    file (the ``onnx`` package is imported only then)."""
 
     tensors: Params
     metadata: Mapping[str, JsonValue]
+    predict_proba: Callable[[np.ndarray], np.ndarray] | None = None
+    onnx: Callable[[], bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,11 +172,14 @@ class ReferenceStep:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SessionContext:
     """What a collective recipe's site program knows besides its data and session: the site, the study
-    seed, and a generator determined by (seed, session, site) for the program's own random choices."""
+    seed, and a generator determined by (seed, session, site) for the program's own random choices.
+    ``noise`` is the generator for differential-privacy noise (a cryptographically secure one unless the
+    site runs with reproducible noise for tests); None where the runtime gives none."""
 
     site: str
     seed: int
     rng: np.random.Generator
+    noise: RandomSource | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,4 +283,13 @@ class CollectiveRecipe(Recipe[P], Protocol[P]):
     def finish(self, params: P, released: bytes) -> dict[str, JsonValue]:
         """At the orchestrator: the session's public result (e.g. statistics as JSON) from what the session
         released."""
+        ...
+
+
+class SessionDpRecipe(CollectiveRecipe[P], Protocol[P]):
+    """A collective recipe that declares ``session_dp``: its session adds noise, and it says what one
+    session releases about a site's records, which the site's ledger charges."""
+
+    def dp_plan(self, params: P) -> DpPlan:
+        """The releases of one session at one site (an empty plan: nothing noised, epsilon infinite)."""
         ...

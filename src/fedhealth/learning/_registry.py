@@ -46,8 +46,10 @@ from fedhealth.learning._recipe import (
     RecipeCapabilities,
     RecordDp,
     RoundsRecipe,
+    SessionDpRecipe,
 )
 from fedhealth.learning._results import EvalResult, TrainResult
+from fedhealth.privacy import DpPlan
 
 RECIPE_ENTRY_POINT_GROUP = "fedhealth.recipes"
 # The wire's rules for the names a study spec can carry (fedhealth.protocol's Name and RecipeSpec.version):
@@ -109,6 +111,13 @@ class ResolvedRecipe:
             )
         return cast(CollectiveRecipe[Any], self.recipe)
 
+    def session_dp_plan(self) -> DpPlan | None:
+        """What one collective session of this study releases about a site's records under the recipe's own
+        noise (``capabilities.session_dp``); None for a recipe that declares no such noise."""
+        if not self.capabilities.session_dp:
+            return None
+        return cast(SessionDpRecipe[Any], self.collective()).dp_plan(self.params)
+
     # --- the rounds pattern, forwarded with the study's params ---------------------------------------------
 
     def param_specs(self) -> list[TensorSpec]:
@@ -165,6 +174,8 @@ def _is_recipe(obj: object) -> str | None:
         if recipe.pattern is CombinationPattern.ROUNDS
         else ("run_site", "finish")
     )
+    if recipe.capabilities.session_dp:
+        needed = (*needed, "dp_plan")
     missing = [m for m in needed if not callable(getattr(recipe, m, None))]
     if missing:
         return f"a {recipe.pattern.value} recipe needs {', '.join(missing)}"

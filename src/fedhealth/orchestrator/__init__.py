@@ -1,10 +1,12 @@
 """Orchestrator: the coordinating service (FastAPI + SQLAlchemy + a content-addressed blob store).
 
-Handlers are thin: durable state is in :class:`Store` (SQLite or PostgreSQL, Alembic-migrated), tensors in the
-:class:`BlobStore`, and the round engine moves studies from round to round with a quorum and a deadline.
+Routes are thin adapters over plain handler functions of one :class:`OrchestratorService` (``_app`` says
+which module holds which area); durable state is in :class:`Store` (SQLite or PostgreSQL, Alembic-migrated),
+tensors in the :class:`BlobStore`, and the round engine moves studies from round to round with a quorum and a
+deadline.
 """
 
-from fedhealth.orchestrator._app import Extension, OrchestratorSettings, Services, create_app
+from fedhealth.orchestrator._app import create_app
 from fedhealth.orchestrator._auth import AuthService, AuthSettings
 from fedhealth.orchestrator._blobs import BlobStore
 from fedhealth.orchestrator._db import make_engine, metadata, sqlite_url, upgrade_database
@@ -14,6 +16,15 @@ from fedhealth.orchestrator._home import OrchestratorHome, init_home
 from fedhealth.orchestrator._hooks import NullObserver, StudyObserver
 from fedhealth.orchestrator._report import build_report, report_markdown, study_info, write_report
 from fedhealth.orchestrator._serve import TlsFiles, serve
+from fedhealth.orchestrator._service import (
+    Extension,
+    ExtensionContext,
+    OrchestratorService,
+    OrchestratorSettings,
+    Registration,
+    Services,
+    start_service,
+)
 from fedhealth.orchestrator._store import ModelVersion, NewRound, RoundRow, SiteRow, Store, StudyRow, TaskRow
 
 __all__ = [
@@ -21,11 +32,14 @@ __all__ = [
     "AuthSettings",
     "BlobStore",
     "Extension",
+    "ExtensionContext",
     "ModelVersion",
     "NewRound",
     "NullObserver",
     "OrchestratorHome",
+    "OrchestratorService",
     "OrchestratorSettings",
+    "Registration",
     "RoundEngine",
     "RoundRow",
     "Services",
@@ -44,6 +58,7 @@ __all__ = [
     "report_markdown",
     "serve",
     "sqlite_url",
+    "start_service",
     "study_info",
     "upgrade_database",
     "write_report",

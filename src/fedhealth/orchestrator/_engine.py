@@ -1,9 +1,15 @@
 """The round engine: opens rounds, closes them at quorum-or-deadline, aggregates, and moves studies on.
 
+The rules themselves (when a round closes, its quorum, what a failed secure sum or session does, what opens
+next, when the study finishes or fails) are not here: they are :class:`fedhealth.runtime.RoundState`'s,
+which the in-memory runner drives too. The engine is their driver against the database and the agent API:
+it turns task closures, deadlines and the ends of secure sums and sessions into the machine's events, and
+carries out its commands (closing tasks, aggregating, recording the round's end and opening the next one).
+
 It runs on the orchestrator's event loop. All durable state is in the store; the engine's own memory holds
-only timers, so after a crash :meth:`RoundEngine.recover` rebuilds it from the database: a round that was
-open stays open (results already received are kept) with a fresh deadline, and the study continues from its
-last completed round.
+only timers and each open round's ``RoundState`` (rebuilt from the round's tasks), so after a crash
+:meth:`RoundEngine.recover` rebuilds it from the database: a round that was open stays open (results
+already received are kept) with a fresh deadline, and the study continues from its last completed round.
 
 A study starts only once every site it names has reported its data steward's approval of the exact spec
 hash (:meth:`RoundEngine.approval_reported`); until then it is ``awaiting_approval``, and it fails with the
@@ -16,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -53,14 +61,39 @@ from fedhealth.protocol import (
     TaskStatus,
 )
 from fedhealth.runtime import (
+    AbandonSession,
+    Aggregate,
+    Aggregated,
+    AggregationFailed,
+    CloseTasks,
+    Combination,
+    ConcludeSecureSum,
+    ConcludeSession,
+    DeadlinePassed,
+    FailStudy,
+    FinishStudy,
+    OpenRound,
+    Resumed,
+    RoundCommand,
+    RoundEvent,
+    RoundPhase,
+    RoundState,
     SecureSum,
+    SecureSumDone,
+    SecureSumFailed,
     SecureSumRejected,
+    SessionDone,
+    SessionFailed,
+    StudyRules,
+    TaskClosed,
+    TaskOutcome,
     aggregate,
     central_noise_on_mean,
     check_recipe,
     decode_sum,
     decode_update,
     finish_session,
+    first_round,
     initial_model,
     is_collective,
     param_specs,
@@ -72,6 +105,21 @@ from fedhealth.secagg import SessionFailure, Stage
 log = logging.getLogger("fedhealth.orchestrator")
 # How long a submitted study waits for its sites' approvals unless its submission says otherwise.
 DEFAULT_APPROVAL_WAIT_S = 7 * 24 * 3600.0
+
+
+@dataclass
+class _Closing:
+    """What one drive of a round's rules carries from a command to the next (the aggregation's outputs for
+    the round's end); nothing of it outlives the drive."""
+
+    round: RoundRow | None = None
+    study: StudyRow | None = None
+    contributors: int = 0
+    model_out: str | None = None
+    state_out: str | None = None
+    metrics: dict[str, Any] | None = None
+    session_calls: int = 0
+    at: datetime | None = None
 
 
 class RoundEngine:
@@ -94,7 +142,7 @@ class RoundEngine:
         self.notifier = notifier
         self.reports_dir = reports_dir
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._finalizing: set[str] = set()
+        self._rounds: dict[str, RoundState] = {}  # the rules of each open round this process drives
         self._background: set[asyncio.Task[Any]] = set()
         self.secure = SecureRounds()
         self.collective = CollectiveSessions()
@@ -123,6 +171,7 @@ class RoundEngine:
             handle.cancel()
         self._timers.clear()
         self._approval_timers.clear()
+        self._rounds.clear()
         for task in list(self._background):
             task.cancel()
 
@@ -138,9 +187,6 @@ class RoundEngine:
         if old is not None:
             old.cancel()
         self._timers[round_id] = loop.call_later(delay, lambda: self._spawn(self.finalize(round_id)))
-
-    def _open_sites(self, round_id: str) -> list[str]:
-        return [t.site for t in self.store.tasks_of_round(round_id) if t.is_open]
 
     # --- studies -----------------------------------------------------------------------------------------
 
@@ -193,12 +239,13 @@ class RoundEngine:
 
     @staticmethod
     def _first_round(spec: StudySpec, model_digest: str, now: datetime) -> NewRound:
+        first = first_round(StudyRules.of(spec), now)
         return NewRound(
-            number=1,
-            kind=TaskKind.COLLECTIVE if is_collective(spec) else TaskKind.TRAIN,
-            sites=spec.train_sites,
+            number=first.number,
+            kind=first.kind,
+            sites=first.sites,
             model_in_digest=model_digest,
-            deadline_at=now + timedelta(seconds=spec.round_deadline_s),
+            deadline_at=first.deadline_at,
         )
 
     def _check_site_keys(self, spec: StudySpec) -> None:
@@ -222,6 +269,7 @@ class RoundEngine:
         if self.store.end_study(study_id, StudyStatus.CANCELLED, reason, self.clock.now()):
             self._disarm_approval(study_id)
             for r in self.store.rounds_of(study_id):
+                self._rounds.pop(r.id, None)
                 handle = self._timers.pop(r.id, None)
                 if handle is not None:
                     handle.cancel()
@@ -297,71 +345,165 @@ class RoundEngine:
             log.warning("study %s failed: %s", study_id, reason)
             self._study_ended(study_id)
 
-    # --- rounds ------------------------------------------------------------------------------------------
+    # --- rounds: the driver of the round rules (fedhealth.runtime.RoundState) ------------------------------
 
     async def task_closed(self, round_id: str, task_id: str | None = None) -> None:
-        """Called after a task of ``round_id`` closed; finishes the round once every task is closed."""
-        if task_id is not None:
-            task = self.store.get_task(task_id)
-            self._notify("task_closed", task)
-            driver = self.collective.get(round_id)
-            if driver is not None and task.status is not TaskStatus.COMPLETED and driver.ended is None:
-                # no dropout recovery: a participant whose task ended takes the session down with it
-                driver.fail(SessionFailure.SITE_LOST, f"{task.site}'s task ended ({task.reason})")
-                return
-        if self.store.count_open_tasks(round_id) == 0:
-            await self.finalize(round_id)
+        """Called after task ``task_id`` of ``round_id`` closed; without a task, takes the round up again
+        after a restart (it closes at once if every task closed meanwhile). The round's rules decide."""
+        if task_id is None:
+            await self._drive(round_id, Resumed())
+            return
+        task = self.store.get_task(task_id)
+        self._notify("task_closed", task)
+        if not task.is_open:
+            await self._drive(round_id, TaskClosed(site=task.site, status=task.status, reason=task.reason))
 
     async def finalize(self, round_id: str) -> None:
-        """Close a round with the results it has (at its deadline, or when every task is closed)."""
-        if round_id in self._finalizing:
+        """The round's deadline passed: it closes with the results it has."""
+        await self._drive(round_id, DeadlinePassed())
+
+    def _round_state(self, round_id: str) -> tuple[RoundState | None, bool]:
+        """The rules of an open round, and whether they were just read from the database (a round this
+        process did not open: it may have closed its last task meanwhile)."""
+        state = self._rounds.get(round_id)
+        if state is not None:
+            return state, False
+        r = self.store.get_round(round_id)
+        if r.status is not RoundStatus.OPEN:
+            return None, False
+        return self._load_round(r, self.store.tasks_of_round(round_id)), True
+
+    def _load_round(self, r: RoundRow, tasks: Sequence[TaskRow]) -> RoundState:
+        state = RoundState(
+            StudyRules.of(self.store.spec(r.study_id)),
+            number=r.number,
+            kind=r.kind,
+            tasks=[TaskOutcome(site=t.site, status=t.status, reason=t.reason) for t in tasks],
+        )
+        self._rounds[r.id] = state
+        return state
+
+    async def _drive(self, round_id: str, event: RoundEvent) -> None:
+        """Feed ``event`` to the round's rules, then carry out their commands in order, feeding back what a
+        command reports (how a secure sum or session ended, how the aggregation went) until none is left."""
+        state, loaded = self._round_state(round_id)
+        if state is None:
             return
-        self._finalizing.add(round_id)
-        try:
-            r = self.store.get_round(round_id)
-            if r.status is not RoundStatus.OPEN:
-                return
-            handle = self._timers.pop(round_id, None)
-            if handle is not None:
-                handle.cancel()
-            study = self.store.get_study(r.study_id)
-            if r.kind is TaskKind.COLLECTIVE:
-                await self._finish_collective_round(study, r)
-                return
-            if study.spec.secure_aggregation is not None:
-                await self._finish_secure_round(study, r)
-                return
-            now = self.clock.now()
-            # Close late tasks first: a result arriving from now on is refused, so the set of results we
-            # aggregate is exactly the set the database says was completed.
-            for t in self.store.tasks_of_round(round_id):
-                if t.is_open and self.store.close_task(
-                    t.id, TaskStatus.TIMED_OUT, "no result by the round deadline", now
-                ):
-                    self._notify("task_closed", self.store.get_task(t.id))
-            tasks = self.store.tasks_of_round(round_id)
-            if r.kind is TaskKind.TRAIN:
-                await self._finish_train_round(study, r, tasks)
-            else:
-                self._finish_evaluation_round(study, r, tasks)
-        except FedHealthError as exc:
-            log.exception("round %s could not be finished", round_id)
-            self._fail(round_id, f"round could not be aggregated: {exc}")
-        except Exception as exc:  # never leave a round hanging on a bug: fail the study with the reason
-            log.exception("internal error finishing round %s", round_id)
-            self._fail(round_id, f"internal error while aggregating: {type(exc).__name__}: {exc}")
-        finally:
-            self._finalizing.discard(round_id)
+        pending = deque(state.handle(Resumed()) if loaded else ())
+        pending.extend(state.handle(event))
+        closing = _Closing()
+        while pending:
+            command = pending.popleft()
+            try:
+                answer = await self._carry_out(round_id, state, command, closing)
+            except FedHealthError as exc:
+                log.exception("round %s could not be finished", round_id)
+                answer = AggregationFailed(reason=f"round could not be aggregated: {exc}")
+            except Exception as exc:  # never leave a round hanging on a bug: fail the study with the reason
+                log.exception("internal error finishing round %s", round_id)
+                answer = AggregationFailed(
+                    reason=f"internal error while aggregating: {type(exc).__name__}: {exc}"
+                )
+            if answer is None:
+                continue
+            if state.phase is RoundPhase.ENDED and isinstance(answer, AggregationFailed):
+                # The rules' last word (open the next round, finish the study) could not be written: the
+                # round must not hang open without rules or a deadline, so it fails with the reason.
+                self._fail(round_id, FailStudy(round=state.number, reason=answer.reason))
+                continue
+            pending.extend(state.handle(answer))
+
+    async def _carry_out(
+        self, round_id: str, state: RoundState, command: RoundCommand, closing: _Closing
+    ) -> RoundEvent | None:
+        match command:
+            case CloseTasks():
+                self._close_tasks(round_id, state, command)
+            case ConcludeSecureSum():
+                return self._secure_outcome(round_id)
+            case ConcludeSession():
+                return self._session_outcome(round_id)
+            case AbandonSession(reason=reason):
+                driver = self.collective.get(round_id)
+                if driver is not None and driver.ended is None:
+                    # no dropout recovery: the session fails for everyone; its on_failed reports back
+                    driver.fail(SessionFailure.SITE_LOST, reason)
+                # else its end is on its way already (its on_done or on_failed was called)
+            case Aggregate(contributors=contributors):
+                return await self._aggregate(round_id, state, contributors, closing)
+            case OpenRound():
+                self._advance(round_id, command, closing)
+            case FinishStudy(note=note):
+                self._finish(round_id, state, note, closing)
+            case FailStudy():
+                self._fail(round_id, command, closing)
+        return None
+
+    def _close_tasks(self, round_id: str, state: RoundState, command: CloseTasks) -> None:
+        """Close the tasks the rules closed. A plain round's late tasks close one by one; a secure round's or
+        session's all at once (one transaction, one notification that observers may write in one go), with
+        what each site attested and, for a secure dropout, the stage it dropped out at."""
+        now = self.clock.now()
+        tasks = {t.site: t for t in self.store.tasks_of_round(round_id)}
+        if state.rules.combination is Combination.PLAIN:
+            for outcome in command.outcomes:
+                task = tasks[outcome.site]
+                if self.store.close_task(task.id, outcome.status, outcome.reason or "", now):
+                    self._notify("task_closed", self.store.get_task(task.id))
+            return
+        secure = self.secure.get(round_id)
+        session = self.collective.get(round_id)
+        attestations = secure.attestations if secure is not None else {}
+        if session is not None:
+            attestations = session.attestations
+        outcomes: dict[str, tuple[TaskStatus, str | None, SiteAttestation | None]] = {}
+        for outcome in command.outcomes:
+            reason = outcome.reason
+            stage = secure.dropped_at.get(outcome.site) if secure is not None else None
+            if stage is not None and outcome.status is not TaskStatus.COMPLETED:
+                reason = f"dropped out of secure aggregation at the {stage.value} stage"
+            outcomes[tasks[outcome.site].id] = (outcome.status, reason, attestations.get(outcome.site))
+        closed = set(self.store.close_tasks(outcomes, now))
+        if closed:
+            self._notify("tasks_closed", [t for t in self.store.tasks_of_round(round_id) if t.id in closed])
+
+    def _secure_outcome(self, round_id: str) -> SecureSumDone | SecureSumFailed:
+        """How the round's secure sum ended (its result stands if it completed before the round closed)."""
+        driver = self.secure.get(round_id)
+        if driver is None or driver.server.stage is not Stage.DONE:
+            stage = driver.server.stage.value if driver is not None else "unknown"
+            return SecureSumFailed(
+                reason=f"secure aggregation did not finish (at the {stage} stage by the deadline)"
+            )
+        return SecureSumDone(contributors=tuple(driver.result().contributors))
+
+    async def _secure_settled(self, round_id: str) -> None:
+        await self._drive(round_id, self._secure_outcome(round_id))
+
+    def _session_outcome(self, round_id: str) -> SessionDone | SessionFailed:
+        """How the round's collective session ended (or, still running, why it did not finish)."""
+        driver = self.collective.get(round_id)
+        if driver is not None and driver.done:
+            return SessionDone()
+        reason = driver.ended if driver is not None and driver.ended else None
+        return SessionFailed(
+            reason=reason
+            or (
+                "the collective session did not finish by the round deadline"
+                + (f" ({driver.relay.calls} calls done)" if driver is not None else "")
+            )
+        )
 
     def _opened(self, r: RoundRow) -> None:
-        """A round was opened (or reopened after a restart): arm its deadline, start its secure protocol if
-        the study uses one, and wake its sites' long polls."""
+        """A round was opened (or reopened after a restart): take up its rules, arm its deadline, start its
+        secure protocol or collective session if the study uses one, and wake its sites' long polls."""
+        tasks = self.store.tasks_of_round(r.id)
+        state = self._load_round(r, tasks)
         self._arm(r.id, r.deadline_at)
         spec = self.store.spec(r.study_id)
-        if r.kind is TaskKind.COLLECTIVE:
-            self._open_collective(r, spec)
-        elif spec.secure_aggregation is not None:
-            tasks = self.store.tasks_of_round(r.id)
+        if state.rules.combination is Combination.SESSION:
+            self._open_collective(r, spec, tasks)
+        elif state.rules.combination is Combination.SECURE:
             keys = {}
             for t in tasks:
                 site = self.store.get_site_or_none(t.site)
@@ -376,22 +518,23 @@ class RoundEngine:
                     spec=spec,
                     sites=sorted(keys),
                     identities=keys,
-                    on_done=lambda rid: self._spawn(self.finalize(rid)),
-                    on_failed=lambda rid, reason: self._spawn(self._secure_failed(rid, reason)),
+                    on_done=lambda rid: self._spawn(self._secure_settled(rid)),
+                    on_failed=lambda rid, reason: self._spawn(
+                        self._drive(rid, SecureSumFailed(reason=reason))
+                    ),
                 )
             except ConfigError as exc:  # e.g. fewer enrolled sites than the spec's threshold
-                self._spawn(self._secure_failed(r.id, f"secure aggregation cannot start: {exc}"))
-        self.notifier.notify(self._open_sites(r.id))
+                failed = SecureSumFailed(reason=f"secure aggregation cannot start: {exc}")
+                self._spawn(self._drive(r.id, failed))
+        self.notifier.notify([t.site for t in tasks if t.is_open])
 
     def not_joinable(self, task: TaskRow, round_row: RoundRow) -> bool:
         """For task delivery: a task its site can no longer join (a secure round or session under way)."""
         return self.secure.not_joinable(task, round_row) or self.collective.not_joinable(task, round_row)
 
-    # --- collective sessions (one session round per collective study) ---------------------------------------
-
-    def _open_collective(self, r: RoundRow, spec: StudySpec) -> None:
+    def _open_collective(self, r: RoundRow, spec: StudySpec, round_tasks: Sequence[TaskRow]) -> None:
         """Start the session of a collective round; its tasks go out with the session's set-up."""
-        tasks = {t.id: t.site for t in self.store.tasks_of_round(r.id) if t.is_open}
+        tasks = {t.id: t.site for t in round_tasks if t.is_open}
         keys = {}
         for site_name in tasks.values():
             site = self.store.get_site_or_none(site_name)
@@ -405,210 +548,49 @@ class RoundEngine:
                 spec=spec,
                 tasks=tasks,
                 identities=keys,
-                on_done=lambda rid: self._spawn(self.finalize(rid)),
-                on_failed=lambda rid, reason: self._spawn(self._collective_failed(rid, reason)),
+                on_done=lambda rid: self._spawn(self._drive(rid, SessionDone())),
+                on_failed=lambda rid, reason: self._spawn(self._drive(rid, SessionFailed(reason=reason))),
             )
         except ConfigError as exc:  # e.g. a participant without an enrolled key
-            self._spawn(self._collective_failed(r.id, f"the collective session cannot start: {exc}"))
+            failed = SessionFailed(reason=f"the collective session cannot start: {exc}")
+            self._spawn(self._drive(r.id, failed))
 
-    async def _collective_failed(self, round_id: str, reason: str) -> None:
-        driver = self.collective.get(round_id)
-        self._close_collective_tasks(round_id, completed=False, reason=reason)
-        self.collective.discard(round_id, reason)
-        metrics = None
-        if driver is not None:  # the audit's session entry counts the calls made before the failure
-            metrics = {"session": {"calls": driver.relay.calls, "attempt": driver.config.attempt}}
-        self._fail(round_id, reason, metrics)
+    # --- aggregation and the end of a round -----------------------------------------------------------------
 
-    def _close_collective_tasks(self, round_id: str, *, completed: bool, reason: str) -> None:
-        """Every open task of the session closes at once: completed with the session, or failed with it."""
-        driver = self.collective.get(round_id)
-        attestations = driver.attestations if driver is not None else {}
-        status = TaskStatus.COMPLETED if completed else TaskStatus.FAILED
-        outcomes = {
-            t.id: (status, None if completed else reason, attestations.get(t.site))
-            for t in self.store.tasks_of_round(round_id)
-            if t.is_open
-        }
-        closed = set(self.store.close_tasks(outcomes, self.clock.now()))
-        if closed:
-            self._notify("tasks_closed", [t for t in self.store.tasks_of_round(round_id) if t.id in closed])
-
-    async def _finish_collective_round(self, study: StudyRow, r: RoundRow) -> None:
-        """The session round closes when its session ends (or at the round's deadline): its released result,
-        read by the recipe, becomes the round's and the study's metrics."""
-        driver = self.collective.get(r.id)
-        if driver is None or not driver.done:
-            reason = driver.ended if driver is not None and driver.ended else None
-            reason = reason or (
-                "the collective session did not finish by the round deadline"
-                + (f" ({driver.relay.calls} calls done)" if driver is not None else "")
-            )
-            await self._collective_failed(r.id, reason)
-            return
-        outcome = driver.outcome()
-        self._close_collective_tasks(r.id, completed=True, reason="")
-        self.collective.discard(r.id, "the session is complete")
-        session = {"calls": outcome.calls, "attempt": driver.config.attempt}
-        try:
-            result = finish_session(study.spec.recipe, outcome.released)
-        except (ValueError, FedHealthError) as exc:
-            self._fail(r.id, f"the session's result is unusable: {exc}", {"session": session})
-            return
-        metrics = {**result, "session": session}
-        self.store.finish_round(
-            r.id,
-            status=RoundStatus.COMPLETED,
-            reason=None,
-            when=self.clock.now(),
-            metrics=metrics,
-            study_status=StudyStatus.COMPLETED,
-        )
-        self._round_done(r.id, None)
-        log.info("study %s completed: collective session of %d calls", study.id, outcome.calls)
-        self._study_ended(study.id)
-
-    async def _secure_failed(self, round_id: str, reason: str) -> None:
-        self._close_secure_tasks(round_id, contributors=())
-        self.secure.discard(round_id, reason)
-        self._fail(round_id, reason)
-
-    def _close_secure_tasks(self, round_id: str, contributors: Sequence[str]) -> None:
-        """Contributors' tasks complete (without any per-site figure); the others are named as dropped."""
-        driver = self.secure.get(round_id)
-        outcomes: dict[str, tuple[TaskStatus, str | None, SiteAttestation | None]] = {}
-        for t in self.store.tasks_of_round(round_id):
-            if not t.is_open:
-                continue
-            attestation = driver.attestations.get(t.site) if driver is not None else None
-            if t.site in contributors:
-                outcomes[t.id] = (TaskStatus.COMPLETED, None, attestation)
-            else:
-                stage = driver.dropped_at.get(t.site) if driver is not None else None
-                where = f"at the {stage.value} stage" if stage is not None else "before the round ended"
-                outcomes[t.id] = (
-                    TaskStatus.TIMED_OUT,
-                    f"dropped out of secure aggregation {where}",
-                    attestation,
-                )
-        # Every task of the round closes at once, on the path to the next round: one transaction, and one
-        # notification that observers may write in one go.
-        closed = set(self.store.close_tasks(outcomes, self.clock.now()))
-        if closed:
-            self._notify("tasks_closed", [t for t in self.store.tasks_of_round(round_id) if t.id in closed])
-
-    async def _finish_secure_round(self, study: StudyRow, r: RoundRow) -> None:
-        spec = study.spec
-        driver = self.secure.get(r.id)
-        if driver is None or driver.server.stage is not Stage.DONE:
-            stage = driver.server.stage.value if driver is not None else "unknown"
-            reason = (
-                f"round {r.number}: secure aggregation did not finish (at the {stage} stage by the deadline)"
-            )
-            self._close_secure_tasks(r.id, contributors=())
-            self.secure.discard(r.id, reason)
-            self._fail(r.id, reason)
-            return
-        result = driver.result()
-        contributors = list(result.contributors)
-        self._close_secure_tasks(r.id, contributors)
-        self.secure.discard(r.id, "the round is complete")
-        needed = spec.min_sites if r.kind is TaskKind.TRAIN else 1
-        if len(contributors) < needed:
-            self._fail(r.id, f"quorum not met: {len(contributors)} contributor(s), {needed} required")
-            return
-        codec = driver.codec
-
-        def compute() -> tuple[SecureSum, str | None, str | None]:
-            sums = decode_sum(codec, spec, np.asarray(result.vector), len(contributors))
-            if sums.mean_delta is None:
-                return sums, None, None
-            specs = param_specs(spec.recipe)
-            global_params, _ = decode_tensors(self.blobs.get(r.model_in_digest), specs)
-            state: dict[str, Any] = {}
-            if study.state_digest:
-                state, _ = decode_tensors(self.blobs.get(study.state_digest))
-            mean = sums.mean_delta
-            if spec.privacy is not None and spec.privacy.mode is DpMode.SITE_CENTRAL:
-                mean = central_noise_on_mean(spec, mean, len(contributors), secure_generator())
-            new_params, new_state = server_step(spec.strategy, global_params, mean, state)
-            model_out = self.blobs.put(encode_tensors(new_params))
-            state_out = self.blobs.put(encode_tensors(new_state)) if new_state else None
-            return sums, model_out, state_out
-
-        try:
-            sums, model_out, state_out = await anyio.to_thread.run_sync(compute)
-        except SecureSumRejected as exc:  # a site sent values outside its ranges: nothing of it is used
-            log.warning("study %s round %d: %s", study.id, r.number, exc)
-            self._fail(r.id, f"secure sum rejected: {exc}")
-            return
-        metrics = dict(sums.metrics)
-        if r.kind is TaskKind.TRAIN:
-            assert model_out is not None
-            self._advance(
-                study,
-                r,
-                model_out=model_out,
-                state_out=state_out,
-                metrics=metrics,
-                contributors=len(contributors),
-            )
-            return
-        dropped = [t.site for t in self.store.tasks_of_round(r.id) if t.site not in contributors]
-        note = f"no evaluation from {', '.join(dropped)}" if dropped else None
-        self.store.finish_round(
-            r.id,
-            status=RoundStatus.COMPLETED,
-            reason=note,
-            when=self.clock.now(),
-            metrics=metrics,
-            study_status=StudyStatus.COMPLETED,
-            study_reason=note,
-        )
-        self._round_done(r.id, None)
-        log.info("study %s completed (secure): %s", study.id, metrics)
-        self._study_ended(study.id)
-
-    def _fail(self, round_id: str, reason: str, metrics: dict[str, Any] | None = None) -> None:
+    async def _aggregate(
+        self, round_id: str, state: RoundState, contributors: tuple[str, ...], closing: _Closing
+    ) -> Aggregated | AggregationFailed:
+        """Combine a counted round: the model step of a training round, the figures of an evaluation, the
+        result a session released. Heavy work runs in a worker thread, off the event loop."""
         r = self.store.get_round(round_id)
-        if r.status is RoundStatus.OPEN:
-            self.store.finish_round(
-                round_id,
-                status=RoundStatus.FAILED,
-                reason=reason,
-                metrics=metrics,
-                when=self.clock.now(),
-                study_status=StudyStatus.FAILED,
-                study_reason=f"round {r.number}: {reason}",
-            )
-            self._round_done(round_id, None)
-            self._study_ended(r.study_id)
+        study = self.store.get_study(r.study_id)
+        closing.round, closing.study, closing.contributors = r, study, len(contributors)
+        match state.rules.combination, r.kind:
+            case Combination.SESSION, _:
+                failure = self._aggregate_session(round_id, study.spec, closing)
+            case Combination.SECURE, _:
+                failure = await self._aggregate_secure(r, study, closing)
+            case _, TaskKind.TRAIN:
+                failure = await self._aggregate_updates(r, study, contributors, closing)
+            case _:
+                tasks = self.store.tasks_of_round(round_id)
+                completed = [t for t in tasks if t.site in contributors and t.metrics is not None]
+                metrics = summarize([t.metrics for t in completed if t.metrics is not None])
+                metrics["per_site"] = {
+                    t.site: t.metrics.model_dump(mode="json") for t in completed if t.metrics is not None
+                }
+                closing.metrics = metrics
+                failure = None
+        if failure is not None:
+            return AggregationFailed(reason=failure)
+        closing.at = self.clock.now()
+        return Aggregated(at=closing.at)
 
-    async def _finish_train_round(self, study: StudyRow, r: RoundRow, tasks: list[TaskRow]) -> None:
+    async def _aggregate_updates(
+        self, r: RoundRow, study: StudyRow, contributors: tuple[str, ...], closing: _Closing
+    ) -> str | None:
         spec = study.spec
-        completed = [t for t in tasks if t.status is TaskStatus.COMPLETED]
-        now = self.clock.now()
-        if len(completed) < spec.min_sites:
-            missing = "; ".join(
-                f"{t.site}: {t.status.value} ({t.reason})" for t in tasks if t not in completed
-            )
-            reason = (
-                f"round {r.number}: quorum not met: {len(completed)} valid update(s), "
-                f"{spec.min_sites} required ({missing})"
-            )
-            log.warning("study %s failed: %s", study.id, reason)
-            self.store.finish_round(
-                r.id,
-                status=RoundStatus.FAILED,
-                reason=reason,
-                when=now,
-                study_status=StudyStatus.FAILED,
-                study_reason=reason,
-            )
-            self._round_done(r.id, None)
-            self._study_ended(study.id)
-            return
-
+        completed = [t for t in self.store.tasks_of_round(r.id) if t.site in contributors]
         specs = param_specs(spec.recipe)
 
         def compute() -> tuple[str, str | None]:
@@ -627,59 +609,124 @@ class RoundEngine:
             state_out = self.blobs.put(encode_tensors(new_state)) if new_state else None
             return model_out, state_out
 
-        model_out, state_out = await anyio.to_thread.run_sync(compute)
-        metrics = summarize([t.metrics for t in completed if t.metrics is not None])
-        self._advance(
-            study, r, model_out=model_out, state_out=state_out, metrics=metrics, contributors=len(completed)
-        )
+        closing.model_out, closing.state_out = await anyio.to_thread.run_sync(compute)
+        closing.metrics = summarize([t.metrics for t in completed if t.metrics is not None])
+        return None
 
-    def _advance(
-        self,
-        study: StudyRow,
-        r: RoundRow,
-        *,
-        model_out: str,
-        state_out: str | None,
-        metrics: dict[str, Any],
-        contributors: int,
-    ) -> None:
-        """Close a completed training round, record the model version and open the next round, atomically."""
+    async def _aggregate_secure(self, r: RoundRow, study: StudyRow, closing: _Closing) -> str | None:
         spec = study.spec
-        now = self.clock.now()
-        deadline = now + timedelta(seconds=spec.round_deadline_s)
-        if r.number < spec.rounds:
-            nxt = NewRound(
-                number=r.number + 1,
-                kind=TaskKind.TRAIN,
-                sites=spec.train_sites,
-                model_in_digest=model_out,
-                deadline_at=deadline,
+        driver = self.secure.get(r.id)
+        assert driver is not None  # the rules count a secure round only on its sum's result
+        result = driver.result()
+        codec = driver.codec
+        n = len(result.contributors)
+        self.secure.discard(r.id, "the round is complete")  # its secrets go before the heavy work starts
+
+        def compute() -> tuple[SecureSum, str | None, str | None]:
+            sums = decode_sum(codec, spec, np.asarray(result.vector), n)
+            if sums.mean_delta is None:
+                return sums, None, None
+            specs = param_specs(spec.recipe)
+            global_params, _ = decode_tensors(self.blobs.get(r.model_in_digest), specs)
+            state: dict[str, Any] = {}
+            if study.state_digest:
+                state, _ = decode_tensors(self.blobs.get(study.state_digest))
+            mean = sums.mean_delta
+            if spec.privacy is not None and spec.privacy.mode is DpMode.SITE_CENTRAL:
+                mean = central_noise_on_mean(spec, mean, n, secure_generator())
+            new_params, new_state = server_step(spec.strategy, global_params, mean, state)
+            model_out = self.blobs.put(encode_tensors(new_params))
+            state_out = self.blobs.put(encode_tensors(new_state)) if new_state else None
+            return sums, model_out, state_out
+
+        try:
+            sums, closing.model_out, closing.state_out = await anyio.to_thread.run_sync(compute)
+        except SecureSumRejected as exc:  # a site sent values outside its ranges: nothing of it is used
+            log.warning("study %s round %d: %s", study.id, r.number, exc)
+            return f"secure sum rejected: {exc}"
+        closing.metrics = dict(sums.metrics)
+        return None
+
+    def _aggregate_session(self, round_id: str, spec: StudySpec, closing: _Closing) -> str | None:
+        """The session's released result, read by the recipe, becomes the round's and the study's metrics."""
+        driver = self.collective.get(round_id)
+        assert driver is not None  # the rules count a session round only once its session completed
+        outcome = driver.outcome()
+        session = {"calls": outcome.calls, "attempt": driver.config.attempt}
+        closing.session_calls = outcome.calls
+        self.collective.discard(round_id, "the session is complete")
+        try:
+            result = finish_session(spec.recipe, outcome.released)
+        except (ValueError, FedHealthError) as exc:
+            closing.metrics = {"session": session}
+            return f"the session's result is unusable: {exc}"
+        closing.metrics = {**result, "session": session}
+        return None
+
+    def _end_round(self, round_id: str, reason: str) -> None:
+        """Forget a round that ended: its rules, its deadline, and its secure sum or session if still held."""
+        self._rounds.pop(round_id, None)
+        handle = self._timers.pop(round_id, None)
+        if handle is not None:
+            handle.cancel()
+        self.secure.discard(round_id, reason)
+        self.collective.discard(round_id, reason)
+
+    def _fail(self, round_id: str, command: FailStudy, closing: _Closing | None = None) -> None:
+        r = self.store.get_round(round_id)
+        metrics = closing.metrics if closing is not None else None
+        driver = self.collective.get(round_id)
+        if driver is not None:  # the audit's session entry counts the calls made before the failure
+            metrics = {"session": {"calls": driver.relay.calls, "attempt": driver.config.attempt}}
+        self._end_round(round_id, command.reason)
+        if r.status is RoundStatus.OPEN:
+            log.warning("study %s failed: %s", r.study_id, command.study_reason)
+            self.store.finish_round(
+                round_id,
+                status=RoundStatus.FAILED,
+                reason=command.reason,
+                metrics=metrics,
+                when=self.clock.now(),
+                study_status=StudyStatus.FAILED,
+                study_reason=command.study_reason,
             )
-        else:
-            nxt = NewRound(
-                number=r.number + 1,
-                kind=TaskKind.EVALUATE,
-                sites=spec.evaluation_sites,
-                model_in_digest=model_out,
-                deadline_at=deadline,
-            )
+            self._round_done(round_id, None)
+            self._study_ended(r.study_id)
+
+    def _advance(self, round_id: str, command: OpenRound, closing: _Closing) -> None:
+        """Close a completed training round, record the model version and open the next round, atomically."""
+        r, study = closing.round, closing.study
+        assert r is not None
+        assert study is not None
+        assert closing.model_out is not None
+        spec = study.spec
+        metrics = closing.metrics or {}
+        now = closing.at or self.clock.now()
+        nxt = NewRound(
+            number=command.number,
+            kind=command.kind,
+            sites=command.sites,
+            model_in_digest=closing.model_out,
+            deadline_at=command.deadline_at,
+        )
         version = ModelVersion(
-            digest=model_out,
+            digest=closing.model_out,
             study_id=study.id,
             round=r.number,
             parent_digest=r.model_in_digest,
             created_at=now,
-            num_sites=contributors,
+            num_sites=closing.contributors,
             train_loss=metrics.get("train_loss"),
         )
+        self._end_round(round_id, "the round is complete")
         next_row = self.store.finish_round(
             r.id,
             status=RoundStatus.COMPLETED,
             reason=None,
             when=now,
             metrics=metrics,
-            model_out=model_out,
-            state_out=state_out,
+            model_out=closing.model_out,
+            state_out=closing.state_out,
             version=version,
             next_round=nxt,
         )
@@ -688,7 +735,7 @@ class RoundEngine:
             study.id,
             r.number,
             spec.rounds,
-            contributors,
+            closing.contributors,
             len(spec.train_sites),
             {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
         )
@@ -696,14 +743,14 @@ class RoundEngine:
         self._round_done(r.id, version)  # before the next round's tasks go out: they carry its commitment
         self._opened(next_row)
 
-    def _finish_evaluation_round(self, study: StudyRow, r: RoundRow, tasks: list[TaskRow]) -> None:
-        completed = [t for t in tasks if t.status is TaskStatus.COMPLETED and t.metrics is not None]
-        metrics = summarize([t.metrics for t in completed if t.metrics is not None])
-        metrics["per_site"] = {t.site: t.metrics.model_dump(mode="json") for t in completed if t.metrics}
-        missing = [f"{t.site}: {t.status.value} ({t.reason})" for t in tasks if t not in completed]
-        note = f"no evaluation from {'; '.join(missing)}" if missing else None
+    def _finish(self, round_id: str, state: RoundState, note: str | None, closing: _Closing) -> None:
+        """Close the study's last round (an evaluation, or its session) and the study with it."""
+        assert closing.round is not None
+        study_id = closing.round.study_id
+        metrics = closing.metrics or {}
+        self._end_round(round_id, "the round is complete")
         self.store.finish_round(
-            r.id,
+            round_id,
             status=RoundStatus.COMPLETED,
             reason=note,
             when=self.clock.now(),
@@ -711,9 +758,14 @@ class RoundEngine:
             study_status=StudyStatus.COMPLETED,
             study_reason=note,
         )
-        self._round_done(r.id, None)
-        log.info("study %s completed: %s", study.id, {k: v for k, v in metrics.items() if k != "per_site"})
-        self._study_ended(study.id)
+        self._round_done(round_id, None)
+        if state.kind is TaskKind.COLLECTIVE:
+            log.info("study %s completed: collective session of %d calls", study_id, closing.session_calls)
+        else:
+            how = " (secure)" if state.rules.combination is Combination.SECURE else ""
+            shown = {k: v for k, v in metrics.items() if k != "per_site"}
+            log.info("study %s completed%s: %s", study_id, how, shown)
+        self._study_ended(study_id)
 
     def _notify(self, event: str, *args: Any) -> None:
         for observer in self.observers:

@@ -1,10 +1,10 @@
-"""The features the orchestrator runs with by default, each an :class:`Extension` (observer and routes)."""
+"""The features the orchestrator runs with by default, each an :class:`Extension` (routes and state)."""
 
 from __future__ import annotations
 
-from fedhealth.orchestrator._app import Extension
 from fedhealth.orchestrator._governance import GovernanceExtension
 from fedhealth.orchestrator._privacy import PrivacyExtension
+from fedhealth.orchestrator._service import Extension
 
 
 def default_extensions() -> list[Extension]:

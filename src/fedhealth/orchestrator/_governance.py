@@ -64,19 +64,16 @@ from fedhealth.governance import (
     spec_hash,
     to_prov_json,
 )
-from fedhealth.orchestrator._app import (
-    Admin,
-    ApiError,
-    ApprovalWait,
-    OrchestratorSettings,
-    Reader,
-    Researcher,
-    Site,
-    Svc,
-)
-from fedhealth.orchestrator._blobs import BlobStore
-from fedhealth.orchestrator._hooks import NullObserver, StudyObserver
+from fedhealth.orchestrator._auth import Principal
+from fedhealth.orchestrator._hooks import NullObserver
+from fedhealth.orchestrator._http import Admin, ApiError, ApprovalWait, Reader, Researcher, Site, Svc
 from fedhealth.orchestrator._report import study_info
+from fedhealth.orchestrator._service import (
+    ExtensionContext,
+    OrchestratorService,
+    OrchestratorSettings,
+    Registration,
+)
 from fedhealth.orchestrator._store import ModelVersion, RoundRow, SiteStatus, Store, StudyRow, TaskRow
 from fedhealth.protocol import (
     FailureCode,
@@ -547,33 +544,99 @@ def site_anchor_heads(entries: Iterable[Any], site: str) -> list[dict[str, Any]]
 # --- the extension -----------------------------------------------------------------------------------------
 
 
-def _observer(svc: Any) -> GovernanceObserver:
-    for observer in svc.engine.observers:
-        if isinstance(observer, GovernanceObserver):
-            return observer
-    raise ApiError(404, "governance is not enabled on this orchestrator")
-
-
 class GovernanceExtension:
-    """The orchestrator's governance: observer (audit, commitments, provenance) and routes."""
+    """The orchestrator's governance: observer (audit, commitments, provenance) and routes.
 
-    def observer(
-        self, store: Store, blobs: BlobStore, settings: OrchestratorSettings
-    ) -> StudyObserver | None:
-        del blobs
-        return GovernanceObserver(store, settings)
+    The observer is this extension's state: built when the orchestrator starts, read by its own routes.
+    """
+
+    def __init__(self) -> None:
+        self._observer: GovernanceObserver | None = None
+
+    def start(self, context: ExtensionContext) -> Registration:
+        self._observer = GovernanceObserver(context.store, context.settings)
+        return Registration(observer=self._observer, spec_signatures=self._observer.signature_of)
+
+    @property
+    def observer(self) -> GovernanceObserver:
+        """The running observer (404 before the orchestrator started this extension)."""
+        if self._observer is None:
+            raise ApiError(404, "governance is not enabled on this orchestrator")
+        return self._observer
 
     def routers(self) -> list[APIRouter]:
-        return [_operator_router(), _agent_router()]
+        return [_operator_router(self), _agent_router(self)]
 
 
-def _operator_router() -> APIRouter:
+# --- handlers: plain functions of the service and the extension's observer --------------------------------
+
+
+def register_signing_key(observer: GovernanceObserver, user: Principal, body: OwnerKeyBody) -> dict[str, str]:
+    """Register the caller's spec-signing key; a different key than the one registered is 409."""
+    key = _key(body.public_key)
+    current = observer.owner_key(user.name)
+    if current is not None and current != key:
+        raise ApiError(409, "a different signing key is registered for you; an admin may replace it")
+    if current is None:
+        observer.register_owner_key(user.name, key, by=user.name)
+    return {"user": user.name, "fingerprint": key.fingerprint}
+
+
+def set_owner_key(
+    svc: OrchestratorService, observer: GovernanceObserver, admin: Principal, name: str, body: OwnerKeyBody
+) -> dict[str, str]:
+    """An admin sets or replaces a user's spec-signing key (404 for an unknown user)."""
+    if svc.store.get_user(name) is None:
+        raise ApiError(404, f"user {name!r} does not exist")
+    key = _key(body.public_key)
+    observer.register_owner_key(name, key, by=admin.name)
+    return {"user": name, "fingerprint": key.fingerprint}
+
+
+async def submit_signed_study(
+    svc: OrchestratorService,
+    observer: GovernanceObserver,
+    owner: Principal,
+    body: SignedStudyBody,
+    approval_wait_s: float | None = None,
+) -> StudyInfo:
+    """Store a study its owner signed, once the signature verifies against the owner's registered key."""
+    spec = body.spec
+    if spec.owner != owner.name:
+        raise ApiError(422, "invalid study", f"the spec's owner must be the submitting user ({owner.name!r})")
+    key = observer.owner_key(owner.name)
+    if key is None:
+        raise ApiError(409, "no signing key is registered for you: PUT /api/v1/governance/owner-key first")
+    signed = SignedSpec(
+        spec=spec.model_dump(mode="json"),
+        owner=owner.name,
+        signature=bytes.fromhex(body.signature),
+        owner_key=key,
+    )
+    try:
+        signed.verify({owner.name: key})
+    except CryptoError as exc:
+        raise ApiError(422, "invalid study signature", str(exc) or "the signature does not verify") from exc
+    observer.expect_signature(signed.spec_hash, body.signature, key)
+    try:
+        study = await svc.engine.create_study(spec, owner.name, approval_wait_s=approval_wait_s)
+    except NotFoundError as exc:
+        raise ApiError(422, "invalid study", str(exc)) from exc
+    finally:
+        observer.forget_signature(signed.spec_hash)
+    return study_info(svc.store, study.id)
+
+
+# --- routes ------------------------------------------------------------------------------------------------
+
+
+def _operator_router(governance: GovernanceExtension) -> APIRouter:
     router = APIRouter(prefix="/api/v1/governance", tags=["governance"])
 
     @router.get("/audit", response_class=PlainTextResponse)
     async def export_audit(svc: Svc, _: Reader) -> PlainTextResponse:
         """The orchestrator's audit log as JSON Lines (header with the writer key, then one entry a line)."""
-        observer = _observer(svc)
+        observer = governance.observer
 
         def export() -> str:
             with tempfile.TemporaryDirectory() as tmp:
@@ -586,7 +649,7 @@ def _operator_router() -> APIRouter:
     @router.get("/audit/verify")
     async def verify_audit(svc: Svc, _: Reader) -> dict[str, Any]:
         """Verify the orchestrator's log against the orchestrator's own key; name the first bad entry."""
-        observer = _observer(svc)
+        observer = governance.observer
         key = observer.public_key
         report = await anyio.to_thread.run_sync(lambda: observer.log.verify({key.fingerprint: key}))
         bad = report.first_bad
@@ -604,7 +667,7 @@ def _operator_router() -> APIRouter:
     @router.get("/anchors/{site}")
     async def anchors(svc: Svc, _: Reader, site: str) -> dict[str, Any]:
         """The heads of a site's log that the orchestrator's round commitments hold."""
-        observer = _observer(svc)
+        observer = governance.observer
         entries = await anyio.to_thread.run_sync(observer.log.entries)
         return {"site": site, "heads": site_anchor_heads(entries, site)}
 
@@ -616,7 +679,7 @@ def _operator_router() -> APIRouter:
         fmt: Annotated[ProvenanceFormat, Query(alias="format")] = ProvenanceFormat.JSON,
     ) -> dict[str, Any]:
         """A model version's lineage, newest first, with the consent-withdrawal flags on each version."""
-        store = _observer(svc).provenance
+        store = governance.observer.provenance
 
         def read() -> dict[str, Any]:
             lineage = store.lineage(store.resolve(model))
@@ -635,7 +698,7 @@ def _operator_router() -> APIRouter:
         intended_use: Annotated[str, Query(max_length=4000)] = DEFAULT_INTENDED_USE,
     ) -> PlainTextResponse:
         """The model card (Markdown): intended use, data, per-site metrics, privacy guarantee, consent."""
-        store = _observer(svc).provenance
+        store = governance.observer.provenance
 
         def render() -> str:
             digest = store.resolve(model)
@@ -651,71 +714,30 @@ def _operator_router() -> APIRouter:
     @router.put("/owner-key")
     async def register_own_key(svc: Svc, user: Researcher, body: OwnerKeyBody) -> dict[str, str]:
         """Register the caller's spec-signing key. Once set, only an admin may replace it."""
-        observer = _observer(svc)
-        key = _key(body.public_key)
-        current = observer.owner_key(user.name)
-        if current is not None and current != key:
-            raise ApiError(409, "a different signing key is registered for you; an admin may replace it")
-        if current is None:
-            observer.register_owner_key(user.name, key, by=user.name)
-        return {"user": user.name, "fingerprint": key.fingerprint}
+        return register_signing_key(governance.observer, user, body)
 
     @router.put("/owner-keys/{name}")
     async def replace_key(svc: Svc, admin: Admin, name: str, body: OwnerKeyBody) -> dict[str, str]:
         """An admin sets or replaces a user's spec-signing key."""
-        if svc.store.get_user(name) is None:
-            raise ApiError(404, f"user {name!r} does not exist")
-        key = _key(body.public_key)
-        _observer(svc).register_owner_key(name, key, by=admin.name)
-        return {"user": name, "fingerprint": key.fingerprint}
+        return set_owner_key(svc, governance.observer, admin, name, body)
 
     @router.post("/studies", response_model=StudyInfo, status_code=201)
     async def create_signed_study(
         svc: Svc, owner: Researcher, body: SignedStudyBody, approval_wait_s: ApprovalWait = None
     ) -> StudyInfo:
         """Submit a study signed by its owner (the signature is checked against the registered key)."""
-        observer = _observer(svc)
-        spec = body.spec
-        if spec.owner != owner.name:
-            raise ApiError(
-                422, "invalid study", f"the spec's owner must be the submitting user ({owner.name!r})"
-            )
-        key = observer.owner_key(owner.name)
-        if key is None:
-            raise ApiError(
-                409, "no signing key is registered for you: PUT /api/v1/governance/owner-key first"
-            )
-        signed = SignedSpec(
-            spec=spec.model_dump(mode="json"),
-            owner=owner.name,
-            signature=bytes.fromhex(body.signature),
-            owner_key=key,
-        )
-        try:
-            signed.verify({owner.name: key})
-        except CryptoError as exc:
-            raise ApiError(
-                422, "invalid study signature", str(exc) or "the signature does not verify"
-            ) from exc
-        observer.expect_signature(signed.spec_hash, body.signature, key)
-        try:
-            study = await svc.engine.create_study(spec, owner.name, approval_wait_s=approval_wait_s)
-        except NotFoundError as exc:
-            raise ApiError(422, "invalid study", str(exc)) from exc
-        finally:
-            observer.forget_signature(signed.spec_hash)
-        return study_info(svc.store, study.id)
+        return await submit_signed_study(svc, governance.observer, owner, body, approval_wait_s)
 
     return router
 
 
-def _agent_router() -> APIRouter:
+def _agent_router(governance: GovernanceExtension) -> APIRouter:
     router = APIRouter(prefix="/api/v1/agent/governance", tags=["agent"])
 
     @router.post("/withdrawals")
     async def withdrawal(svc: Svc, site: Site, body: WithdrawalBody) -> dict[str, Any]:
         """A site reports a consent withdrawal (snapshot hashes only); affected model versions are flagged."""
-        flagged = _observer(svc).withdrawal(site, body)
+        flagged = governance.observer.withdrawal(site, body)
         return {"notice_id": body.notice_id, "flagged": flagged}
 
     return router

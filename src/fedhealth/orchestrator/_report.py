@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
+from fedhealth.orchestrator._privacy_plan import privacy_markdown, privacy_report
 from fedhealth.orchestrator._store import Store
+from fedhealth.orchestrator._text import one_line
 from fedhealth.protocol import RoundInfo, RoundStatus, StudyInfo, TaskInfo, TaskKind
+
+__all__ = ["build_report", "one_line", "report_markdown", "study_info", "write_report"]
 
 
 def study_info(store: Store, study_id: str, *, with_rounds: bool = True) -> StudyInfo:
@@ -90,26 +93,8 @@ def build_report(store: Store, study_id: str) -> dict[str, Any]:
             for r in train
         ],
         "evaluation": evaluation.metrics if evaluation else None,
-        "privacy": _privacy_section(store, study_id),
+        "privacy": privacy_report(store, study_id),
     }
-
-
-def _privacy_section(store: Store, study_id: str) -> dict[str, Any] | None:
-    # imported here: the privacy extension's module imports the app, which imports this module
-    from fedhealth.orchestrator._privacy import privacy_report
-
-    return privacy_report(store, study_id)
-
-
-# Every character that could end a Markdown line or a table cell: C0/C1 controls (\n, \r, ...), the
-# Unicode line and paragraph separators.
-_LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
-
-
-def one_line(text: object) -> str:
-    """``text`` as one line of a Markdown report, safe inside a table cell: a reason (a cancelling user's
-    words, a study's failure summary) must not start a heading, a list or a row of its own."""
-    return _LINE_BREAKS.sub(" ", str(text)).replace("|", "\\|").strip()
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -161,8 +146,6 @@ def report_markdown(report: dict[str, Any]) -> str:
         dur = f"{r['duration_s']:.3f}" if r["duration_s"] is not None else ""
         lines.append(f"| {r['number']} | {r['status']} | {m.get('sites', '')} | {loss} | {acc} | {dur} |")
     if report.get("privacy"):
-        from fedhealth.orchestrator._privacy import privacy_markdown
-
         lines += ["", *privacy_markdown(report["privacy"])]
     return "\n".join(lines) + "\n"
 

@@ -18,7 +18,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from fedhealth.orchestrator._app import ApiError, Reader, Services, Site, Svc, read_body
+from fedhealth.orchestrator._http import ApiError, Reader, Site, Svc, read_body
+from fedhealth.orchestrator._service import OrchestratorService
 from fedhealth.protocol import (
     Ack,
     ApprovalReport,
@@ -33,13 +34,13 @@ PROBE_MAX_BYTES = 32 << 20  # the largest bandwidth probe either way
 _PROBE_BLOCK = bytes(range(256)) * 4096  # 1 MiB of a fixed pattern: no randomness needed to time a transfer
 
 
-def pending_specs(svc: Services, site: str) -> PendingSpecs:
+def pending_specs(svc: OrchestratorService, site: str) -> PendingSpecs:
     """The studies that name ``site`` and still await its steward's decision."""
     out = []
     for study in svc.store.awaiting_studies():
         if site not in study.named_sites or study.spec_hash is None:
             continue
-        signed = _signature(svc, study.id)
+        signed = svc.signature_of(study.id)  # the governance extension keeps owners' signatures
         out.append(
             PendingSpec(
                 study_id=study.id,
@@ -53,17 +54,7 @@ def pending_specs(svc: Services, site: str) -> PendingSpecs:
     return PendingSpecs(specs=out)
 
 
-def _signature(svc: Services, study_id: str) -> tuple[str, str] | None:
-    # the governance extension, when present, knows which specs were signed by their owner
-    for observer in svc.engine.observers:
-        signature_of = getattr(observer, "signature_of", None)
-        if signature_of is not None:
-            found: tuple[str, str] | None = signature_of(study_id)
-            return found
-    return None
-
-
-def readiness_of_sites(svc: Services) -> list[SiteReadinessInfo]:
+def readiness_of_sites(svc: OrchestratorService) -> list[SiteReadinessInfo]:
     reports = svc.store.readiness()
     return [
         SiteReadinessInfo(
@@ -72,6 +63,20 @@ def readiness_of_sites(svc: Services) -> list[SiteReadinessInfo]:
         )
         for name, text in reports.items()
     ]
+
+
+async def accept_approval(svc: OrchestratorService, site: str, body: ApprovalReport) -> Ack:
+    """This site's steward decided on a spec hash; the studies waiting on it start or fail."""
+    await svc.engine.approval_reported(site, body.spec_hash, body.state)
+    return Ack()
+
+
+def accept_readiness(svc: OrchestratorService, site: str, body: SiteReadiness) -> Ack:
+    """Keep a site's latest readiness report (a site reports its own only: 403 otherwise)."""
+    if body.site != site:
+        raise ApiError(403, "a site reports its own readiness only")
+    svc.store.set_readiness(site, body.model_dump_json())
+    return Ack()
 
 
 def sites_router() -> APIRouter:
@@ -85,8 +90,7 @@ def sites_router() -> APIRouter:
     @router.post("/api/v1/agent/approvals", response_model=Ack, tags=["agent"])
     async def report_approval(svc: Svc, site: Site, body: ApprovalReport) -> Ack:
         """This site's steward approved or rejected a spec hash; studies waiting on it start or fail."""
-        await svc.engine.approval_reported(site, body.spec_hash, body.state)
-        return Ack()
+        return await accept_approval(svc, site, body)
 
     @router.get("/api/v1/agent/probe/time", tags=["agent"])
     async def probe_time(svc: Svc, site: Site) -> dict[str, Any]:
@@ -116,10 +120,7 @@ def sites_router() -> APIRouter:
     @router.post("/api/v1/agent/readiness", response_model=Ack, tags=["agent"])
     async def report_readiness(svc: Svc, site: Site, body: SiteReadiness) -> Ack:
         """A site's ``fedhealth site check`` figures (no data, paths or column names)."""
-        if body.site != site:
-            raise ApiError(403, "a site reports its own readiness only")
-        svc.store.set_readiness(site, body.model_dump_json())
-        return Ack()
+        return accept_readiness(svc, site, body)
 
     @router.get("/api/v1/sites/readiness", response_model=list[SiteReadinessInfo], tags=["operator"])
     async def list_readiness(svc: Svc, _: Reader) -> list[SiteReadinessInfo]:

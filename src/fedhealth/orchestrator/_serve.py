@@ -17,8 +17,9 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from fedhealth.orchestrator._app import Extension, OrchestratorSettings, create_app
+from fedhealth.orchestrator._app import create_app
 from fedhealth.orchestrator._extensions import default_extensions
+from fedhealth.orchestrator._service import Extension, OrchestratorSettings
 
 log = logging.getLogger("fedhealth.orchestrator")
 

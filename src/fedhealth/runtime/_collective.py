@@ -24,6 +24,7 @@ from fedhealth.learning import (
     task_rng,
 )
 from fedhealth.protocol import RecipeSpec, StudySpec, collective_plan
+from fedhealth.runtime._privacy import noise_generator
 from fedhealth.runtime._recipes import study_recipe
 
 
@@ -32,10 +33,18 @@ def is_collective(spec: StudySpec) -> bool:
     return study_recipe(spec.recipe).pattern is CombinationPattern.COLLECTIVE
 
 
-def session_context(spec: StudySpec, site: str, round_number: int = 1) -> SessionContext:
-    """What a site program knows besides its data and session: the site, the study seed, and a generator
-    fixed by (seed, session round, site), the same in every attempt."""
-    return SessionContext(site=site, seed=spec.seed, rng=task_rng(spec.seed, round_number, site))
+def session_context(
+    spec: StudySpec, site: str, round_number: int = 1, *, reproducible_noise: bool | None = None
+) -> SessionContext:
+    """What a site program knows besides its data and session: the site, the study seed, a generator
+    fixed by (seed, session round, site), the same in every attempt, and the generator for DP noise (a
+    secure one, unless ``reproducible_noise`` or ``FEDHEALTH_REPRODUCIBLE_NOISE=1``: see
+    :func:`~fedhealth.runtime.noise_generator`)."""
+    rng = task_rng(spec.seed, round_number, site)
+    noise_rng = task_rng(spec.seed, round_number, f"{site}/noise")
+    return SessionContext(
+        site=site, seed=spec.seed, rng=rng, noise=noise_generator(noise_rng, reproducible_noise)
+    )
 
 
 def run_site_program(

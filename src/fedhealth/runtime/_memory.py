@@ -13,8 +13,25 @@ from datetime import UTC, datetime
 import numpy as np
 
 from fedhealth.data import TabularDataset
-from fedhealth.protocol import SiteMetrics, StudySpec, Task, TaskKind
+from fedhealth.protocol import SiteMetrics, StudySpec, Task, TaskKind, TaskStatus
+from fedhealth.runtime._rounds import (
+    Aggregate,
+    Aggregated,
+    CloseTasks,
+    Combination,
+    FailStudy,
+    FinishStudy,
+    OpenRound,
+    RoundCommand,
+    RoundState,
+    StudyRules,
+    TaskClosed,
+    first_round,
+)
 from fedhealth.runtime._tasks import Params, aggregate, evaluate_on_site, initial_model, train_on_site
+
+# The in-memory study's time: deadlines mean nothing here (no site is ever late), so no clock is read.
+_START = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,23 +61,52 @@ def run_study_in_memory(
     *,
     central_rng: np.random.Generator | None = None,
 ) -> InMemoryResult:
-    """Every round with every training site (no dropouts), then the evaluation round.
+    """Every round with every training site (no dropouts), then the evaluation round, as the round rules
+    (:class:`~fedhealth.runtime.RoundState`, the orchestrator's) open, count and end them.
 
     Differential-privacy noise at the sites is drawn from each task's generator (reproducible, as a site
     agent does with ``FEDHEALTH_REPRODUCIBLE_NOISE=1``); site-central noise from ``central_rng`` (default:
-    a secure generator, as the orchestrator does).
+    a secure generator, as the orchestrator does). The study is computed the plain way whatever its spec
+    says of secure aggregation: the reference that secure studies are compared against.
     """
+    rules = StudyRules.of(spec, Combination.PLAIN)
     params = initial_model(spec.recipe, spec.seed)
     state: Params = {}
-    for number in range(1, spec.rounds + 1):
-        task = _task(spec, number, TaskKind.TRAIN)
-        updates = []
-        for site in sorted(spec.train_sites):
-            outcome = train_on_site(task, site, params, datasets[site], reproducible_noise=True)
-            updates.append((outcome.metrics.num_samples, outcome.delta))
-        params, state = aggregate(spec.strategy, params, updates, state, spec=spec, rng=central_rng)
-    task = _task(spec, spec.rounds + 1, TaskKind.EVALUATE)
-    evaluation = {
-        site: evaluate_on_site(task, params, datasets[site]) for site in sorted(spec.evaluation_sites)
-    }
+    evaluation: dict[str, SiteMetrics] = {}
+    opening: OpenRound | None = first_round(rules, _START)
+    while opening is not None:
+        current = RoundState.opened(rules, opening)
+        task = _task(spec, opening.number, opening.kind)
+        updates: dict[str, tuple[int, Params]] = {}
+        commands: list[RoundCommand] = []
+        for site in sorted(opening.sites):
+            if opening.kind is TaskKind.TRAIN:
+                outcome = train_on_site(task, site, params, datasets[site], reproducible_noise=True)
+                updates[site] = (outcome.metrics.num_samples, outcome.delta)
+            else:
+                evaluation[site] = evaluate_on_site(task, params, datasets[site])
+            commands.extend(current.handle(TaskClosed(site=site, status=TaskStatus.COMPLETED)))
+        opening = None
+        while commands:
+            command = commands.pop(0)
+            match command:
+                case Aggregate(contributors=contributors):
+                    if current.kind is TaskKind.TRAIN:
+                        params, state = aggregate(
+                            spec.strategy,
+                            params,
+                            [updates[site] for site in contributors],
+                            state,
+                            spec=spec,
+                            rng=central_rng,
+                        )
+                    commands.extend(current.handle(Aggregated(at=_START)))
+                case OpenRound():
+                    opening = command
+                case FailStudy():  # every site answers every task here: a failure is a bug
+                    raise RuntimeError(f"the in-memory study failed: {command.study_reason}")
+                case FinishStudy() | CloseTasks():
+                    pass
+                case _:
+                    raise AssertionError(f"a plain round asked for {command!r}")
     return InMemoryResult(params={k: np.asarray(v) for k, v in params.items()}, evaluation=evaluation)

@@ -188,10 +188,23 @@ def round_release(spec: StudySpec, site: str) -> DpRelease:
 
 
 def task_plan(spec: StudySpec, kind: TaskKind, site: str) -> DpPlan:
-    """The releases a task declares to the site's ledger: one round's for training, none for evaluation."""
+    """The releases a task declares to the site's ledger: one round's for training, none for evaluation;
+    for a collective session, what its recipe declares (``session_dp``), else nothing."""
+    if kind is TaskKind.COLLECTIVE:
+        plan = session_plan(spec)
+        return DpPlan() if plan is None else plan
     if spec.privacy is None or kind is not TaskKind.TRAIN:
         return DpPlan()
     return DpPlan.of(round_release(spec, site))
+
+
+def session_plan(spec: StudySpec) -> DpPlan | None:
+    """A collective study: what one session releases about a site's records under its recipe's own noise
+    (an empty plan: no noise, epsilon infinite), or None when the recipe declares no session DP."""
+    try:
+        return study_recipe(spec.recipe).session_dp_plan()
+    except (CalibrationError, DpParameterError) as exc:
+        raise InputError(f"recipe.params: {exc}") from exc
 
 
 def study_plan(spec: StudySpec, site: str) -> DpPlan:

@@ -12,6 +12,7 @@ from fedhealth.sim._bench import (
 )
 from fedhealth.sim._connector_bench import ExtractionResult, benchmark_connectors
 from fedhealth.sim._federation import FederationError, LocalFederation
+from fedhealth.sim._privacy_bench import PrivacyResult, benchmark_privacy, plot_privacy
 
 __all__ = [
     "FLAMBY_HEART_DISEASE",
@@ -20,9 +21,12 @@ __all__ = [
     "FederationError",
     "LocalFederation",
     "MethodResult",
+    "PrivacyResult",
     "RoundBenchmark",
     "benchmark_collective",
     "benchmark_connectors",
     "benchmark_heart_disease",
+    "benchmark_privacy",
     "benchmark_rounds",
+    "plot_privacy",
 ]

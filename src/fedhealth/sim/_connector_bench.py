@@ -229,8 +229,7 @@ def _rows(dataset: Any) -> int:
 def benchmark_omop(
     engine: sa.Engine, url: str, people: Sequence[Patient], ddl: Path, workdir: Path, repeats: int
 ) -> list[ExtractionResult]:
-    from fedhealth.data._omop import read_cohort
-    from fedhealth.data._sql import database_of
+    from fedhealth.data import database_of, read_cohort
 
     results = []
     with _schema(engine) as schema:

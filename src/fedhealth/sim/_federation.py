@@ -344,8 +344,7 @@ class LocalFederation:
     ) -> str:
         """Play ``site``'s data steward: approve exactly this spec there and tell the orchestrator, as
         ``fedhealth site approve HASH --reason ... --home HOME`` does. Returns the spec hash."""
-        from fedhealth.agent import report_approval
-        from fedhealth.agent._governance import SiteGovernance
+        from fedhealth.agent import SiteGovernance, report_approval
 
         with SiteGovernance(self.site_home(site)) as governance:
             digest = governance.approve(

@@ -1,0 +1,557 @@
+"""``lightgbm``: federated gradient-boosted trees with LightGBM, exact, on the collective seam.
+
+Every site runs LightGBM's own data-parallel learner on its training rows; LightGBM's network is the session
+(:mod:`fedhealth.learning._lightgbm_network`), so gradient histograms, label statistics and root sums travel
+only inside secure sums, and the best-split records (computed from the sums; they become the model) are the
+only values released per split. docs/boosting.md says exactly what the orchestrator and each site observe.
+
+Bins are agreed before training from a secure sum: each site counts its values per cell of a public grid
+(``grid_cells`` equal cells over each feature's public range; values outside fall into the edge cells), and
+every site derives the same bins (at most ``max_bin`` runs of adjacent cells, from the summed counts alone).
+Sites then train on bin codes with a reference Dataset built from the bin counts only (no row of anybody),
+so that LightGBM never exchanges bin mappers, which would hold one site's raw values.
+
+The model is LightGBM's model text over codes plus the binning (:class:`LightGbmModel` predicts on raw
+features). It is identical to LightGBM's own data-parallel training on the same partition, and to LightGBM
+trained on the pooled codes on one machine (:func:`train_pooled`) when count-based limits cannot bind:
+``min_data_in_leaf=1`` with ``min_gain_to_split > 0``, the defaults here (docs/boosting.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+
+from fedhealth.core import DatasetError
+from fedhealth.data import TabularDataset
+from fedhealth.learning._collectives import Collectives
+from fedhealth.learning._errors import RecipeError
+from fedhealth.learning._lightgbm_network import SessionNetwork, TreeTracker
+from fedhealth.learning._recipe import (
+    CombinationPattern,
+    DataSchema,
+    ModelExport,
+    RecipeCapabilities,
+    ReferenceStep,
+    SessionContext,
+    SiteSessionOutcome,
+    TemplateParam,
+)
+
+LIGHTGBM_VERSION = "4.7.0"  # the call sites of _lightgbm_network are this version's
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+FeatureName = Annotated[str, Field(min_length=1, max_length=200)]
+Range = tuple[FiniteFloat, FiniteFloat]
+
+
+class LightGbmParams(BaseModel):
+    """``recipe.params`` of ``lightgbm``: LightGBM's parameters (same names and meaning) plus the public
+    binning grid. The defaults ``min_data_in_leaf=1, min_gain_to_split=1e-6`` make the federated model equal
+    LightGBM's on the pooled data (docs/boosting.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_features: int = Field(ge=1, le=10_000, description="input width")
+    feature_names: tuple[FeatureName, ...] | None = Field(
+        default=None, description="the features in input order; every site's dataset must declare them"
+    )
+    objective: Literal["binary", "regression", "multiclass"] = "binary"
+    num_class: int = Field(default=1, ge=1, le=256, description="classes (multiclass only, >= 2)")
+    num_rounds: int = Field(default=100, ge=1, le=10_000, description="boosting rounds")
+    num_leaves: int = Field(default=31, ge=2, le=4096)
+    max_depth: int = Field(default=-1, ge=-1, le=64, description="-1: no limit")
+    learning_rate: FiniteFloat = Field(default=0.1, gt=0, le=1)
+    lambda_l1: FiniteFloat = Field(default=0.0, ge=0, le=1e6)
+    lambda_l2: FiniteFloat = Field(default=0.0, ge=0, le=1e6)
+    min_gain_to_split: FiniteFloat = Field(default=1e-6, ge=0, le=1e6)
+    min_data_in_leaf: int = Field(default=1, ge=1, le=1_000_000)
+    min_sum_hessian_in_leaf: FiniteFloat = Field(default=1e-3, ge=0, le=1e6)
+    boost_from_average: bool = True
+    max_bin: int = Field(default=255, ge=2, le=255, description="bins per feature at most")
+    grid_cells: int = Field(default=1024, ge=2, le=65_536, description="public grid cells per feature")
+    value_range: Range = Field(
+        default=(-10.0, 10.0), description="public range of every feature (standardized data by default)"
+    )
+    feature_ranges: tuple[Range, ...] | None = Field(
+        default=None, description="a public range per feature, in input order (instead of value_range)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LightGbmParams:
+        if self.objective == "multiclass" and self.num_class < 2:
+            raise ValueError("multiclass needs num_class >= 2")
+        if self.objective != "multiclass" and self.num_class != 1:
+            raise ValueError(f"num_class applies to multiclass only ({self.objective} has one output)")
+        if self.max_depth == 0:
+            raise ValueError("max_depth must be -1 (no limit) or at least 1")
+        if self.feature_names is not None:
+            if len(self.feature_names) != self.n_features:
+                raise ValueError(
+                    f"feature_names names {len(self.feature_names)} features, n_features is {self.n_features}"
+                )
+            if len(set(self.feature_names)) != len(self.feature_names):
+                raise ValueError("feature_names must be unique")
+        if self.feature_ranges is not None and len(self.feature_ranges) != self.n_features:
+            raise ValueError(
+                f"feature_ranges gives {len(self.feature_ranges)} ranges, n_features is {self.n_features}"
+            )
+        for low, high in self.ranges():
+            if not low < high:
+                raise ValueError(f"a feature range must have low < high, got [{low}, {high}]")
+        return self
+
+    def ranges(self) -> list[tuple[float, float]]:
+        if self.feature_ranges is not None:
+            return [(float(lo), float(hi)) for lo, hi in self.feature_ranges]
+        return [(float(self.value_range[0]), float(self.value_range[1]))] * self.n_features
+
+    def training_params(self) -> dict[str, Any]:
+        """LightGBM's training parameters (the same at every site and for the pooled reference)."""
+        out: dict[str, Any] = {
+            "objective": self.objective,
+            "num_iterations": self.num_rounds,
+            "num_leaves": self.num_leaves,
+            "max_depth": self.max_depth,
+            "learning_rate": self.learning_rate,
+            "lambda_l1": self.lambda_l1,
+            "lambda_l2": self.lambda_l2,
+            "min_gain_to_split": self.min_gain_to_split,
+            "min_data_in_leaf": self.min_data_in_leaf,
+            "min_sum_hessian_in_leaf": self.min_sum_hessian_in_leaf,
+            "boost_from_average": self.boost_from_average,
+            "force_row_wise": True,  # not LightGBM's timing-based choice
+            "deterministic": True,
+            **DATASET_PARAMS,
+        }
+        if self.objective == "multiclass":
+            out["num_class"] = self.num_class
+        return out
+
+
+# The Dataset settings of the reference and every site's Dataset: one bin per code, nothing pruned or
+# bundled from data, one thread (several sites may share a process), no LightGBM output.
+DATASET_PARAMS: dict[str, Any] = {
+    "max_bin": 255,
+    "min_data_in_bin": 1,
+    "feature_pre_filter": False,
+    "enable_bundle": False,
+    "use_missing": False,
+    "bin_construct_sample_cnt": 1 << 20,
+    "num_threads": 1,
+    "verbosity": -1,
+}
+
+
+def _lgb() -> Any:
+    try:
+        import lightgbm
+    except ImportError as exc:
+        raise RecipeError("the lightgbm recipe needs LightGBM here: install fedhealth[gbdt]") from exc
+    if lightgbm.__version__ != LIGHTGBM_VERSION:
+        raise RecipeError(
+            f"the lightgbm recipe runs on LightGBM {LIGHTGBM_VERSION} (its network callbacks are "
+            f"version-specific); this site has {lightgbm.__version__}"
+        )
+    return lightgbm
+
+
+# --- agreed bins -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Binning:
+    """Bins agreed from summed grid counts: feature j's cell of value x is ``floor((x - low_j) / (high_j -
+    low_j) * grid_cells)`` clipped to the grid; its bin code is the run of cells (``starts[j]``, the first
+    cell of each bin, ascending, from 0) the cell falls in."""
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    grid_cells: int
+    starts: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_bins(self) -> list[int]:
+        return [len(s) for s in self.starts]
+
+    def codes(self, X: NDArray[Any]) -> NDArray[np.float64]:
+        cells = grid_cells(X, self.low, self.high, self.grid_cells)
+        out = np.empty(cells.shape, dtype=np.float64)
+        for j, starts in enumerate(self.starts):
+            out[:, j] = np.searchsorted(np.asarray(starts), cells[:, j], side="right") - 1
+        return out
+
+    def to_json(self) -> dict[str, JsonValue]:
+        return {
+            "low": list(self.low),
+            "high": list(self.high),
+            "grid_cells": self.grid_cells,
+            "starts": [list(s) for s in self.starts],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Binning:
+        return cls(
+            low=tuple(float(v) for v in data["low"]),
+            high=tuple(float(v) for v in data["high"]),
+            grid_cells=int(data["grid_cells"]),
+            starts=tuple(tuple(int(c) for c in s) for s in data["starts"]),
+        )
+
+
+def grid_cells(X: NDArray[Any], low: Sequence[float], high: Sequence[float], cells: int) -> NDArray[np.int64]:
+    """Each value's cell of the public grid (values outside the range fall into the edge cells)."""
+    lo = np.asarray(low, dtype=np.float64)
+    width = np.asarray(high, dtype=np.float64) - lo
+    scaled = np.floor((np.asarray(X, dtype=np.float64) - lo) / width * cells)
+    return np.clip(scaled, 0, cells - 1).astype(np.int64)
+
+
+def cell_counts(
+    X: NDArray[Any], low: Sequence[float], high: Sequence[float], cells: int
+) -> NDArray[np.float64]:
+    """Rows per grid cell, per feature: shape (features, cells)."""
+    idx = grid_cells(X, low, high, cells)
+    counts = np.zeros((idx.shape[1], cells), dtype=np.float64)
+    for j in range(idx.shape[1]):
+        counts[j] = np.bincount(idx[:, j], minlength=cells)
+    return counts
+
+
+def agree_bins(counts: NDArray[Any], max_bin: int) -> tuple[tuple[int, ...], ...]:
+    """Each feature's bins from the summed counts alone: one bin per occupied cell if at most ``max_bin``
+    are occupied, else runs of cells cut at the count quantiles; every bin starts at an occupied cell (the
+    first at cell 0), so no bin is empty of the pooled data."""
+    out = []
+    for row in np.asarray(counts, dtype=np.float64):
+        occupied = np.flatnonzero(row > 0)
+        if occupied.size <= max_bin:
+            cuts = occupied[1:]
+        else:
+            cum = np.cumsum(row)
+            targets = cum[-1] * np.arange(1, max_bin) / max_bin
+            after = np.searchsorted(cum, targets, side="left") + 1  # a new bin starts after the target's cell
+            nxt = np.searchsorted(occupied, after, side="left")  # ... at the next occupied cell
+            cuts = np.unique(occupied[nxt[nxt < occupied.size]])
+            cuts = cuts[cuts > (occupied[0] if occupied.size else 0)]
+        out.append((0, *(int(c) for c in cuts)))
+    return tuple(out)
+
+
+class GridParams(Protocol):
+    """What the agreed bins depend on (the boosting recipes' params)."""
+
+    @property
+    def n_features(self) -> int: ...
+    @property
+    def grid_cells(self) -> int: ...
+    @property
+    def max_bin(self) -> int: ...
+    def ranges(self) -> list[tuple[float, float]]: ...
+
+
+def binning_of(params: GridParams, counts: NDArray[Any]) -> Binning:
+    ranges = params.ranges()
+    return Binning(
+        low=tuple(lo for lo, _ in ranges),
+        high=tuple(hi for _, hi in ranges),
+        grid_cells=params.grid_cells,
+        starts=agree_bins(np.asarray(counts).reshape(params.n_features, params.grid_cells), params.max_bin),
+    )
+
+
+def reference_dataset(binning: Binning) -> Any:
+    """LightGBM's reference Dataset of ``binning``: column j cycles through its codes, so LightGBM makes one
+    bin per code; no row of any site is in it."""
+    lgb = _lgb()
+    rows = max(2, *binning.num_bins)
+    data = np.column_stack([np.arange(rows) % k for k in binning.num_bins]).astype(np.float64)
+    return lgb.Dataset(data, params=dict(DATASET_PARAMS), free_raw_data=False).construct()
+
+
+# --- the model -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LightGbmModel:
+    """The trained model: LightGBM's model text over bin codes, and the binning that maps raw features to
+    codes."""
+
+    model_text: str
+    binning: Binning
+
+    def booster(self) -> Any:
+        return _lgb().Booster(model_str=self.model_text)
+
+    def predict(self, X: NDArray[Any], *, raw_score: bool = False) -> NDArray[np.float64]:
+        """LightGBM's predictions for raw feature rows ``X``."""
+        out = self.booster().predict(self.binning.codes(X), raw_score=raw_score, num_threads=1)
+        return np.asarray(out, dtype=np.float64)
+
+    @classmethod
+    def from_result(cls, result: Mapping[str, Any]) -> LightGbmModel:
+        """The model in a study's result (what ``finish`` returned)."""
+        return cls(model_text=str(result["model"]), binning=Binning.from_json(result["binning"]))
+
+
+def train_pooled(params: LightGbmParams, datasets: Sequence[TabularDataset]) -> LightGbmModel:
+    """LightGBM on one machine, on the sites' training rows pooled (in the given order), with the bins the
+    federation agrees on: the reference the federated model is compared with."""
+    lgb = _lgb()
+    ranges = params.ranges()
+    low, high = [lo for lo, _ in ranges], [hi for _, hi in ranges]
+    counts = sum(cell_counts(d.X_train, low, high, params.grid_cells) for d in datasets)
+    binning = binning_of(params, np.asarray(counts))
+    X = np.concatenate([binning.codes(d.X_train) for d in datasets])
+    y = np.concatenate([d.y_train for d in datasets]).astype(np.float64)
+    train = lgb.Dataset(X, label=y, reference=reference_dataset(binning), params=dict(DATASET_PARAMS))
+    booster = lgb.train({**params.training_params(), "tree_learner": "serial"}, train, params.num_rounds)
+    return LightGbmModel(model_text=booster.model_to_string(), binning=binning)
+
+
+# --- the site program ------------------------------------------------------------------------------------
+
+
+def _init_schedule(params: LightGbmParams) -> list[str]:
+    """The 8-byte allgathers of the first iteration (LightGBM 4.7.0's BoostFromAverage)."""
+    if not params.boost_from_average:
+        return []
+    if params.objective == "binary":
+        return ["sum", "sum", "mean"]  # BinaryLogloss::BoostFromScore's suml and sumw, then the mean
+    if params.objective == "multiclass":
+        return ["mean"] * params.num_class
+    return ["mean"]
+
+
+def train_site(
+    params: LightGbmParams, dataset: TabularDataset, session: Collectives
+) -> tuple[LightGbmModel, dict[str, int]]:
+    """The federated training at one site (every site calls it over the same session): agreed bins, then
+    LightGBM's data-parallel learner over the session. Returns the model (the same at every site) and the
+    collectives LightGBM asked for, by kind."""
+    lgb = _lgb()
+    ranges = params.ranges()
+    low, high = [lo for lo, _ in ranges], [hi for _, hi in ranges]
+    X, y = dataset.X_train, dataset.y_train.astype(np.float64)
+    counts = session.secure_sum(cell_counts(X, low, high, params.grid_cells).reshape(-1))
+    binning = binning_of(params, counts)
+    global_mean: float | None = None
+    if params.objective == "regression" and params.boost_from_average:
+        # LightGBM's data-parallel start would be the mean of the sites' means; the pooled mean instead
+        total_y, total_n = session.secure_sum(np.array([y.sum(), y.size], dtype=np.float64)).tolist()
+        if total_n < 1:
+            raise DatasetError("no site has a training row")
+        global_mean = total_y / total_n
+    codes = binning.codes(X)
+    train = lgb.Dataset(codes, label=y, reference=reference_dataset(binning), params=dict(DATASET_PARAMS))
+    train.construct()
+    n = len(session.sites)
+    network = SessionNetwork(
+        session,
+        local_rows=len(y),
+        init_schedule=_init_schedule(params),
+        init_score=lambda _i: global_mean,
+        tree=TreeTracker(
+            codes.astype(np.int64),
+            num_leaves=params.num_leaves,
+            max_depth=params.max_depth,
+            min_data_in_leaf=params.min_data_in_leaf,
+        ),
+    )
+    network.bind(lgb.basic._LIB)
+    try:
+        booster = lgb.Booster(
+            params={**params.training_params(), "tree_learner": "data", "num_machines": n}, train_set=train
+        )
+        network.check()
+        network.phase = "init"
+        for _ in range(params.num_rounds):
+            try:
+                finished = booster.update()
+            except lgb.basic.LightGBMError:
+                network.check()  # LightGBM failed on what a failed session left: the session's reason
+                raise
+            network.check()
+            if finished:
+                break
+    finally:
+        network.unbind(lgb.basic._LIB)
+    return LightGbmModel(model_text=booster.model_to_string(), binning=binning), {
+        **network.calls,
+        "values_sent": network.values_sent,
+    }
+
+
+def held_out_sums(kind: str, predict: Any, dataset: TabularDataset) -> NDArray[np.float64]:
+    """This site's test statistics, summed over the sites: [rows, correct, loss sum, own accuracy, 1 if it
+    has test rows]."""
+    rows = len(dataset.y_test)
+    if rows == 0:
+        return np.zeros(5)
+    y = dataset.y_test.astype(np.float64)
+    pred = predict(dataset.X_test)
+    if kind == "regression":
+        loss = float(np.sum((pred - y) ** 2))
+        correct = float(np.sum((pred >= 0.5) == (y == 1)))
+    elif kind == "binary":
+        p = np.clip(pred, 1e-15, 1 - 1e-15)
+        loss = float(-np.sum(y * np.log(p) + (1 - y) * np.log(1 - p)))
+        correct = float(np.sum((pred >= 0.5) == (y == 1)))
+    else:
+        p = np.clip(pred[np.arange(rows), y.astype(np.int64)], 1e-15, 1.0)
+        loss = float(-np.sum(np.log(p)))
+        correct = float(np.sum(np.argmax(pred, axis=1) == y))
+    return np.array([rows, correct, loss, correct / rows, 1.0])
+
+
+def release(
+    session: Collectives,
+    sums: NDArray[np.float64],
+    kind: str,
+    model: dict[str, JsonValue],
+    trees: Any,
+) -> None:
+    """The session's end: the held-out statistics summed, and the leader's broadcast of the model and the
+    metrics (the session's released result)."""
+    rows, correct, loss, accuracy_sum, with_test = session.secure_sum(sums).tolist()
+    report = None
+    if session.site == session.sites[0]:
+        metrics: dict[str, JsonValue] = {
+            "test_rows": round(rows),
+            "accuracy": correct / rows if rows else None,
+            "mean_client_accuracy": accuracy_sum / with_test if with_test else None,
+            ("mse" if kind == "regression" else "log_loss"): loss / rows if rows else None,
+        }
+        report = json.dumps({**model, "trees": trees(), "sites": len(session.sites), **metrics}).encode()
+    session.broadcast(report)
+
+
+class LightGbmRecipe:
+    """Federated LightGBM as a collective recipe, version 1."""
+
+    name: Literal["lightgbm"] = "lightgbm"
+    version: Literal["1"] = "1"
+    params_model = LightGbmParams
+    pattern = CombinationPattern.COLLECTIVE
+    capabilities = RecipeCapabilities()
+
+    def data_schema(self, params: LightGbmParams) -> DataSchema:
+        return DataSchema(n_features=params.n_features, feature_names=params.feature_names)
+
+    def describe(self, params: LightGbmParams) -> str:
+        return (
+            f"gradient-boosted trees (LightGBM {params.objective}, {params.num_rounds} rounds of at most "
+            f"{params.num_leaves} leaves) on the site's training rows: the site sends per-feature counts "
+            "on a public grid, label counts and sums, and per tree and split the root's and the smaller "
+            "child's gradient histograms and the rows on each side of candidate splits, each only inside a "
+            "secure sum; per split it releases its best split among its features, computed from the sums "
+            "over all sites; at the end, test-set counts and losses inside a secure sum"
+        )
+
+    def template(self, n_features: int | None) -> list[TemplateParam]:
+        return [
+            TemplateParam(key="n_features", value=n_features or 13, comment="input width"),
+            TemplateParam(key="objective", value="binary", comment="binary, multiclass or regression"),
+            TemplateParam(key="num_rounds", value=100, comment="boosting rounds"),
+            TemplateParam(key="num_leaves", value=31, comment="leaves per tree at most"),
+            TemplateParam(key="learning_rate", value=0.1, comment="shrinkage"),
+            TemplateParam(
+                key="value_range", value=[-10.0, 10.0], comment="public range of every (standardized) feature"
+            ),
+        ]
+
+    def reference_step(self) -> ReferenceStep:
+        def run() -> None:
+            rng = np.random.default_rng(0)
+            X = rng.normal(size=(2000, 10))
+            y = (X[:, 0] + rng.normal(size=2000) > 0).astype(np.int64)
+            data = TabularDataset(
+                name="reference",
+                X_train=X[:1500],
+                y_train=y[:1500],
+                X_test=X[1500:],
+                y_test=y[1500:],
+                feature_names=tuple(f"x{j}" for j in range(10)),
+            )
+            train_pooled(LightGbmParams(n_features=10, num_rounds=20), [data])
+
+        return ReferenceStep(run=run, note="20 trees on 1500 x 10 synthetic rows, one machine")
+
+    def run_site(
+        self,
+        params: LightGbmParams,
+        dataset: TabularDataset | None,
+        session: Collectives,
+        ctx: SessionContext,
+    ) -> SiteSessionOutcome:
+        if dataset is None:
+            raise DatasetError("LightGBM needs the site's dataset")
+        self.data_schema(params).check(dataset)
+        model, calls = train_site(params, dataset, session)
+        release(
+            session,
+            held_out_sums(params.objective, model.predict, dataset),
+            params.objective,
+            {"model": model.model_text, "binning": model.binning.to_json()},
+            lambda: model.booster().num_trees(),
+        )
+        return SiteSessionOutcome(
+            record={"collectives": dict(calls.items()), "train_rows": len(dataset.y_train)}
+        )
+
+    def finish(self, params: LightGbmParams, released: bytes) -> dict[str, JsonValue]:
+        result = json.loads(released)
+        if not isinstance(result, dict) or not isinstance(result.get("model"), str):
+            raise ValueError("the lightgbm session released no model")
+        return result
+
+    def export(self, params: LightGbmParams, result: Mapping[str, Any]) -> ModelExport:
+        """The model of a study's result (what ``finish`` returned) as tensors and metadata: ``model`` the
+        LightGBM model text (UTF-8 bytes, over bin codes), ``bin_starts`` every feature's first cells
+        concatenated and ``bin_counts`` how many each has, ``low``/``high`` the public grid's ranges."""
+        model = LightGbmModel.from_result(result)
+        binning = model.binning
+        return ModelExport(
+            tensors={
+                "model": np.frombuffer(model.model_text.encode(), dtype=np.uint8).copy(),
+                "bin_starts": np.concatenate([np.asarray(s, dtype=np.int64) for s in binning.starts]),
+                "bin_counts": np.asarray(binning.num_bins, dtype=np.int64),
+                "low": np.asarray(binning.low, dtype=np.float64),
+                "high": np.asarray(binning.high, dtype=np.float64),
+            },
+            metadata={
+                "recipe": self.name,
+                "version": self.version,
+                "feature_names": list(params.feature_names) if params.feature_names else None,
+                "format": "lightgbm-text over bin codes",
+                "lightgbm": LIGHTGBM_VERSION,
+                "objective": params.objective,
+                "num_class": params.num_class,
+                "grid_cells": binning.grid_cells,
+            },
+            predict_proba=model.predict if params.objective == "binary" else None,
+        )
+
+
+def model_from_export(export: ModelExport) -> LightGbmModel:
+    """The model back from :meth:`LightGbmRecipe.export`'s tensors."""
+    t = export.tensors
+    counts = [int(c) for c in t["bin_counts"]]
+    edges = np.cumsum([0, *counts])
+    starts = tuple(tuple(int(c) for c in t["bin_starts"][a:b]) for a, b in itertools.pairwise(edges))
+    binning = Binning(
+        low=tuple(float(v) for v in t["low"]),
+        high=tuple(float(v) for v in t["high"]),
+        grid_cells=int(export.metadata["grid_cells"]),  # type: ignore[arg-type]
+        starts=starts,
+    )
+    return LightGbmModel(model_text=bytes(t["model"]).decode(), binning=binning)
+
+
+LIGHTGBM_RECIPE = LightGbmRecipe()

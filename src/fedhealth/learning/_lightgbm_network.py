@@ -1,0 +1,453 @@
+"""LightGBM's network, routed through a session's collectives (docs/boosting.md).
+
+LightGBM's data-parallel learner talks to the other machines through two functions it is given with
+``LGBM_NetworkInitWithFunctions``: a reduce-scatter and an allgather. :class:`SessionNetwork` implements both
+on a :class:`~fedhealth.learning.Collectives` session so that nothing a site computed from its own rows leaves
+it except inside a secure sum:
+
+- reduce-scatter (gradient histograms; LightGBM hands the reducer, which must be a float64 sum): one secure
+  sum of the whole buffer; the site keeps its block.
+- allgather of a sum-type statistic (label counts and sums at booster creation, the root's (n, Σg, Σh) of each
+  tree): one secure sum; the site writes the sum into block 0 and zeros into the others, so that LightGBM's
+  own local reduction (block 0 + block 1 + ...) yields the sum exactly.
+- allgather of the initial score's mean (``GlobalSyncUpByMean``, the first iteration): the value every site
+  must agree on (the objective's global start, or the pooled label mean for regression, which the recipe
+  computed from secure sums) is written so that LightGBM's division by the number of machines returns it.
+- allgather of the best-split records (2 × ``SplitInfo``, computed from the summed histograms): each site's
+  record in its own block of a secure sum, so that the sum is the concatenation; these records, which become
+  the model, are the only values released per split.
+
+Anything else LightGBM asks for (another reducer, another size) fails the session: it is never sent in clear.
+The call sites are those of LightGBM 4.7.0 (the ``gbdt`` extra pins it; tests/learning/test_lightgbm.py
+checks the schedule).
+
+LightGBM keeps its network state per thread and gives the callbacks no context pointer: a network is bound to
+the thread that created it (:meth:`SessionNetwork.bind`), which must also train and free it. Python exceptions
+cannot unwind through LightGBM's C++ frames, so a callback never raises: it records the error, answers with
+the site's local values (as if it were alone; LightGBM finishes the iteration on them) and the training loop
+raises the error after the iteration (:meth:`SessionNetwork.check`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedhealth.learning._collectives import Collectives
+
+# 2 x SplitInfo::Size(max_cat_threshold) with LightGBM's default max_cat_threshold of 32 (split_info.hpp)
+SPLIT_RECORD_BYTES = 2 * (94 + 4 * 32)
+_SCALE = 2.0**40  # the session's fixed-point scale
+ROOT_TUPLE_BYTES = 24  # std::tuple<int32, double, double> in libstdc++: Σh at 0, Σg at 8, n at 16
+
+_REDUCER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int32)
+_REDUCE_SCATTER = ctypes.CFUNCTYPE(
+    None,
+    ctypes.c_void_p,
+    ctypes.c_int32,
+    ctypes.c_int,
+    ctypes.POINTER(ctypes.c_int32),
+    ctypes.POINTER(ctypes.c_int32),
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_int32,
+    ctypes.c_void_p,  # const ReduceFunction&: a pointer to the function pointer
+)
+_ALLGATHER = ctypes.CFUNCTYPE(
+    None,
+    ctypes.c_void_p,
+    ctypes.c_int32,
+    ctypes.POINTER(ctypes.c_int32),
+    ctypes.POINTER(ctypes.c_int32),
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_int32,
+)
+
+_bound = threading.local()
+
+
+class UnprotectedCollectiveError(RuntimeError):
+    """LightGBM asked for a collective this bridge does not know how to protect; the session fails."""
+
+
+class SessionNetwork:
+    """One site's LightGBM network over ``session`` (see the module's docstring).
+
+    ``local_rows``: the site's training rows (checked against the root statistics' layout). ``init_schedule``:
+    what each 8-byte allgather of the first iteration is, in order (``"sum"`` or ``"mean"``).
+    ``init_score``: for a ``"mean"`` call, the value every site must end with (None: the value LightGBM
+    passes, which must then be the same at every site, checked with a secure sum).
+    """
+
+    def __init__(
+        self,
+        session: Collectives,
+        *,
+        local_rows: int,
+        init_schedule: Sequence[str],
+        init_score: Callable[[int], float | None],
+        tree: TreeTracker | None = None,
+    ) -> None:
+        self.session = session
+        self.n = len(session.sites)
+        self.rank = session.sites.index(session.site)
+        self.local_rows = local_rows
+        self._schedule = list(init_schedule)
+        self._init_score = init_score
+        self._means = 0
+        self.phase = "create"  # "create" (booster construction), "init" (first iteration's start), "train"
+        self.error: BaseException | None = None
+        self.calls: dict[str, int] = {}
+        self._sum_reducers: dict[int, bool] = {}
+        self.tree = tree
+        self.values_sent = 0  # float64 values this site put into secure sums during training
+
+    # --- binding to LightGBM's thread-local network ----------------------------------------------------
+
+    def bind(self, lib: Any) -> None:
+        """``LGBM_NetworkInitWithFunctions`` on this thread, with this network behind the callbacks."""
+        if getattr(_bound, "network", None) is not None:
+            raise RuntimeError("this thread already runs a LightGBM network")
+        _bound.network = self
+        code = lib.LGBM_NetworkInitWithFunctions(
+            ctypes.c_int(self.n),
+            ctypes.c_int(self.rank),
+            ctypes.cast(_reduce_scatter_cb, ctypes.c_void_p),
+            ctypes.cast(_allgather_cb, ctypes.c_void_p),
+        )
+        if code != 0:
+            _bound.network = None
+            raise RuntimeError(lib.LGBM_GetLastError().decode())
+
+    def unbind(self, lib: Any) -> None:
+        """``LGBM_NetworkFree`` on this thread."""
+        try:
+            lib.LGBM_NetworkFree()
+        finally:
+            _bound.network = None
+
+    def check(self) -> None:
+        """Raise the error a callback recorded, if any."""
+        if self.error is not None:
+            raise self.error
+
+    def _count(self, what: str) -> None:
+        self.calls[what] = self.calls.get(what, 0) + 1
+
+    def _secure_sum(self, values: NDArray[np.float64]) -> NDArray[np.float64]:
+        self.values_sent += int(np.size(values))
+        return self.session.secure_sum(values)
+
+    def _float_sum(self, values: NDArray[np.float64]) -> NDArray[np.float64]:
+        """The sum of float64 values over the sites, exact to 2^-80 (one secure sum of twice the values):
+        each value splits into its 2^-40 fixed-point part and the remainder times 2^40 (both exact in
+        float64), each part sums exactly in the session's ring, and the result is their sum, rounded once.
+        A plain 2^-40 sum would round the tiny hessians of confident rows (float32 values below 2^-17), and
+        the model would drift from LightGBM's own sums."""
+        flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+        high = np.rint(flat * _SCALE) / _SCALE
+        low = (flat - high) * _SCALE
+        total = self._secure_sum(np.concatenate([high, low]))
+        return np.asarray(total[: flat.size] + total[flat.size :] / _SCALE, dtype=np.float64)
+
+    # --- reduce-scatter --------------------------------------------------------------------------------
+
+    def _is_float_sum(self, reducer_ref: int) -> bool:
+        fn_ptr = ctypes.cast(reducer_ref, ctypes.POINTER(ctypes.c_void_p))[0]
+        key = int(fn_ptr or 0)
+        known = self._sum_reducers.get(key)
+        if known is None:
+            reducer = _REDUCER(key)
+            src = np.array([1.5, -0.25], dtype=np.float64)
+            dst = np.array([2.25, 4.0], dtype=np.float64)
+            reducer(src.ctypes.data, dst.ctypes.data, 8, 16)
+            known = dst.tolist() == [3.75, 3.75]
+            self._sum_reducers[key] = known
+        return known
+
+    def reduce_scatter(
+        self,
+        input_ptr: int,
+        input_size: int,
+        type_size: int,
+        starts: list[int],
+        lens: list[int],
+        output_ptr: int,
+        reducer_ref: int,
+    ) -> None:
+        data = np.frombuffer(ctypes.string_at(input_ptr, input_size), dtype=np.uint8)
+        start, length = starts[self.rank], lens[self.rank]
+        own = data[start : start + length]
+        if self.error is None:
+            try:
+                if type_size != 8 or input_size % 8 or not self._is_float_sum(reducer_ref):
+                    raise UnprotectedCollectiveError(
+                        "LightGBM asked for a reduce-scatter that is not a float64 sum"
+                    )
+                total = self._float_sum(data.view(np.float64))
+                own = total.view(np.uint8)[start : start + length]
+                self._count("histogram_sum")
+            except BaseException as exc:
+                self.error = exc
+        ctypes.memmove(output_ptr, np.ascontiguousarray(own).ctypes.data, length)
+
+    # --- allgather -------------------------------------------------------------------------------------
+
+    def allgather(
+        self, input_ptr: int, input_size: int, starts: list[int], lens: list[int], output_ptr: int
+    ) -> None:
+        data = ctypes.string_at(input_ptr, input_size)  # first: LightGBM may pass output as input
+        blocks = [b"\0" * length for length in lens]
+        if self.error is None:
+            try:
+                blocks = self._allgather(data, lens)
+            except BaseException as exc:
+                self.error = exc
+        if self.error is not None:  # alone: every block this site's own
+            blocks = [data[:length].ljust(length, b"\0") for length in lens]
+        total = max(start + length for start, length in zip(starts, lens, strict=True))
+        out = bytearray(total)
+        for start, length, block in zip(starts, lens, blocks, strict=True):
+            out[start : start + length] = block
+        ctypes.memmove(output_ptr, bytes(out), total)
+
+    def _allgather(self, data: bytes, lens: list[int]) -> list[bytes]:
+        size = len(data)
+        if any(length != size for length in lens):
+            raise UnprotectedCollectiveError("LightGBM asked for an allgather of unequal blocks")
+        zeros = b"\0" * size
+        if size == SPLIT_RECORD_BYTES:
+            self._count("split_records")
+            return self._gather_records(data)
+        if size == 4 and self.phase == "create":  # the objective's label counts (BinaryLogloss::Init)
+            self._count("count_sum")
+            (value,) = struct.unpack("<i", data)
+            total = self._secure_sum(np.array([value], dtype=np.float64))
+            return [struct.pack("<i", round(float(total[0]))), *[zeros] * (self.n - 1)]
+        if size == ROOT_TUPLE_BYTES and self.phase != "create":
+            hess, grad, rows = struct.unpack("<ddi4x", data)
+            if rows != self.local_rows:
+                raise UnprotectedCollectiveError("LightGBM's root statistics do not have the expected layout")
+            self.phase = "train"
+            self._count("root_sum")
+            h, g, n = self._float_sum(np.array([hess, grad, rows], dtype=np.float64)).tolist()
+            if self.tree is not None:
+                self.tree.start(round(n))
+            return [struct.pack("<ddi4x", h, g, round(n)), *[zeros] * (self.n - 1)]
+        if size == 8:
+            kind = "sum" if self.phase == "create" else (self._schedule.pop(0) if self._schedule else None)
+            if self.phase == "train" or kind is None:
+                raise UnprotectedCollectiveError("LightGBM asked for an unexpected 8-byte allgather")
+            (value,) = struct.unpack("<d", data)
+            if kind == "sum":
+                self._count("statistic_sum")
+                total = self._float_sum(np.array([value], dtype=np.float64))
+                return [struct.pack("<d", float(total[0])), *[zeros] * (self.n - 1)]
+            self._count("init_score")
+            chosen = self._init_score(self._means)
+            self._means += 1
+            if chosen is None:  # LightGBM's own value, the same at every site: check that it is
+                chosen = value
+                total = self._secure_sum(np.array([value], dtype=np.float64))
+                if total[0] != int(np.rint(value * 2.0**40)) * self.n / 2.0**40:
+                    raise UnprotectedCollectiveError("the sites do not agree on the initial score")
+            return [struct.pack("<d", _times_n(chosen, self.n)), *[zeros] * (self.n - 1)]
+        raise UnprotectedCollectiveError(f"LightGBM asked for an unexpected {size}-byte allgather")
+
+    def _gather_records(self, data: bytes) -> list[bytes]:
+        """Each site's record in its own block of one secure sum: the sum is their concatenation."""
+        words = np.frombuffer(data, dtype="<u2").astype(np.float64)
+        values = np.zeros((self.n, words.size), dtype=np.float64)
+        values[self.rank] = words
+        total = self._secure_sum(values.reshape(-1)).reshape(self.n, words.size)
+        blocks = [np.rint(row).astype("<u2").tobytes() for row in total]
+        if self.tree is not None:
+            blocks = self.tree.exact_counts(blocks, self._secure_sum)
+        return blocks
+
+
+# SplitInfo::CopyTo's layout (split_info.hpp): feature i32 @0, left_count i32 @4, right_count i32 @8,
+# gain f64 @12, threshold u32 @20, ...
+_SPLIT_BYTES = SPLIT_RECORD_BYTES // 2
+_HEAD = struct.Struct("<iiidI")
+
+
+@dataclass(slots=True)
+class _Split:
+    feature: int
+    left: int
+    right: int
+    gain: float
+    threshold: int
+
+    def beats(self, other: _Split) -> bool:
+        """SplitInfo::operator>: the larger gain, then the smaller feature index (-1 last)."""
+        if self.gain != other.gain:
+            return self.gain > other.gain
+        mine = self.feature if self.feature >= 0 else 2**31 - 1
+        theirs = other.feature if other.feature >= 0 else 2**31 - 1
+        return mine < theirs
+
+
+_NONE = _Split(feature=-1, left=0, right=0, gain=-math.inf, threshold=0)
+
+
+class TreeTracker:
+    """This site's copy of the tree LightGBM is growing, so that every split record carries the exact number
+    of rows on each side (a secure sum of the sites' own counts) instead of LightGBM's data-parallel estimate
+    from hessians. With exact counts LightGBM's data-parallel learner makes the decisions its serial learner
+    makes on the pooled rows (min_data_in_leaf, the smaller child, the counts in the model).
+
+    It replays SerialTreeLearner::Train of LightGBM 4.7.0: best-first, the leaf of the largest gain is split
+    (left keeps the leaf's index, right takes the next), children with ``left_count < right_count`` make the
+    left child the smaller one, and BeforeFindBestSplit skips the search when the depth limit is reached or
+    both children are below twice ``min_data_in_leaf``.
+    """
+
+    def __init__(self, codes: NDArray[np.int64], *, num_leaves: int, max_depth: int, min_data_in_leaf: int):
+        self.codes = codes
+        self.num_leaves = num_leaves
+        self.max_depth = max_depth
+        self.min_data_in_leaf = min_data_in_leaf
+        self.leaf_of_row = np.zeros(codes.shape[0], dtype=np.int64)
+        self.counts: list[int] = []
+        self.depth: list[int] = []
+        self.best: list[_Split] = []
+        self.pending: tuple[int, int] | None = None
+        self.splits = 0
+
+    def start(self, rows: int) -> None:
+        """A new tree: every row in leaf 0; the search for (smaller 0, larger none) comes next."""
+        self.leaf_of_row[:] = 0
+        self.counts, self.depth, self.best = [rows], [0], [_NONE]
+        self.pending = (0, -1)
+        self.splits = 0
+
+    def exact_counts(
+        self, blocks: list[bytes], secure_sum: Callable[[NDArray[np.float64]], NDArray[np.float64]]
+    ) -> list[bytes]:
+        if self.pending is None:
+            raise UnprotectedCollectiveError("LightGBM searched for a split the replayed tree did not expect")
+        leaves = self.pending
+        records = [[_Split(*_HEAD.unpack_from(b, k * _SPLIT_BYTES)) for k in (0, 1)] for b in blocks]
+        local = np.zeros((len(blocks), 2), dtype=np.float64)
+        for k, leaf in enumerate(leaves):
+            if leaf < 0:
+                continue
+            in_leaf = self.codes[self.leaf_of_row == leaf]
+            for site, pair in enumerate(records):
+                if pair[k].feature >= 0:
+                    local[site, k] = np.count_nonzero(in_leaf[:, pair[k].feature] <= pair[k].threshold)
+        left = np.rint(secure_sum(local.reshape(-1))).astype(np.int64).reshape(local.shape)
+        out = []
+        for site, pair in enumerate(records):
+            block = bytearray(blocks[site])
+            for k, leaf in enumerate(leaves):
+                if leaf >= 0 and pair[k].feature >= 0:
+                    pair[k].left = int(left[site, k])
+                    pair[k].right = self.counts[leaf] - pair[k].left
+                    struct.pack_into("<ii", block, k * _SPLIT_BYTES + 4, pair[k].left, pair[k].right)
+            out.append(bytes(block))
+        for k, leaf in enumerate(leaves):  # SyncUpGlobalBestSplit: the first best in site order
+            if leaf >= 0:
+                chosen = records[0][k]
+                for pair in records[1:]:
+                    if pair[k].beats(chosen):
+                        chosen = pair[k]
+                self.best[leaf] = chosen
+        self._grow()
+        return out
+
+    def _grow(self) -> None:
+        """Replay LightGBM's loop until its next split search (``pending``) or the tree's end (None)."""
+        self.pending = None
+        while True:
+            best_leaf = 0
+            for leaf in range(1, len(self.best)):
+                if self.best[leaf].beats(self.best[best_leaf]):
+                    best_leaf = leaf
+            split = self.best[best_leaf]
+            if split.gain <= 0.0:
+                return
+            new = len(self.counts)
+            rows = self.leaf_of_row == best_leaf
+            goes_right = rows & (self.codes[:, split.feature] > split.threshold)
+            self.leaf_of_row[goes_right] = new
+            self.counts[best_leaf] = split.left
+            self.counts.append(split.right)
+            self.depth[best_leaf] += 1
+            self.depth.append(self.depth[best_leaf])
+            self.best.append(_NONE)
+            self.splits += 1
+            if self.splits >= self.num_leaves - 1:
+                return
+            too_deep = self.max_depth > 0 and self.depth[best_leaf] >= self.max_depth
+            too_few = split.right < 2 * self.min_data_in_leaf and split.left < 2 * self.min_data_in_leaf
+            if too_deep or too_few:
+                self.best[best_leaf] = self.best[new] = _NONE
+                continue
+            self.pending = (best_leaf, new) if split.left < split.right else (new, best_leaf)
+            return
+
+
+def _times_n(value: float, n: int) -> float:
+    """A double ``w`` with ``w / n == value`` in float64 (LightGBM divides the summed blocks by the number
+    of machines), the nearest to ``value * n``; ``value * n`` itself if none is near."""
+    w = value * n
+    candidates = [w]
+    for direction in (math.inf, -math.inf):
+        x = w
+        for _ in range(8):
+            x = math.nextafter(x, direction)
+            candidates.append(x)
+    for candidate in candidates:
+        if candidate / n == value:
+            return candidate
+    return w
+
+
+def _ints(ptr: Any, n: int) -> list[int]:
+    return [int(ptr[i]) for i in range(n)]
+
+
+@_REDUCE_SCATTER
+def _reduce_scatter_cb(  # type: ignore[no-untyped-def]
+    input_ptr, input_size, type_size, block_start, block_len, num_block, output_ptr, output_size, reducer_ref
+):
+    network: SessionNetwork | None = getattr(_bound, "network", None)
+    if network is None:  # cannot happen: LightGBM calls back on the thread that bound it
+        return
+    try:
+        network.reduce_scatter(
+            input_ptr,
+            input_size,
+            type_size,
+            _ints(block_start, num_block),
+            _ints(block_len, num_block),
+            output_ptr,
+            reducer_ref,
+        )
+    except BaseException as exc:  # never through the C++ frames
+        network.error = network.error or exc
+
+
+@_ALLGATHER
+def _allgather_cb(input_ptr, input_size, block_start, block_len, num_block, output_ptr, output_size):  # type: ignore[no-untyped-def]
+    network: SessionNetwork | None = getattr(_bound, "network", None)
+    if network is None:
+        return
+    try:
+        network.allgather(
+            input_ptr, input_size, _ints(block_start, num_block), _ints(block_len, num_block), output_ptr
+        )
+    except BaseException as exc:
+        network.error = network.error or exc

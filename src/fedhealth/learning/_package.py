@@ -1,0 +1,373 @@
+"""Model packages: a study's trained model as a folder a hospital can deploy without fedhealth's services.
+
+Layout (docs/model-packages.md)::
+
+    DIR/metadata.json       what the model is and how to feed it (below), with the digests of the files
+    DIR/model.safetensors   the released model, byte for byte the orchestrator's (its sha256 is the model
+                            digest that the study's provenance and audit log name)
+    DIR/model.onnx          the same model with its standardization, for recipes that can (optional)
+
+``metadata.json`` holds the recipe's export metadata under ``model`` (feature names in input order,
+preprocessing, label meaning), where the model came from (study, spec hash, the whole study spec, model
+digest, provenance, privacy guarantee), and ``files`` (name → sha256). :func:`load_package` checks all of it
+before anything is predicted: each file's digest, the weights' digest against the model digest, the spec's
+hash, and that the recipe, given the spec's params and the weights, exports exactly the ``model`` section
+recorded (so an edited mean, scale or feature order is refused, not applied). ``package_digest`` covers the
+rest of the metadata. These checks catch corruption and edits; authenticity is the model digest and spec
+hash matching what the orchestrator's provenance (``fedhealth provenance show DIGEST``) and each site's
+approval record say.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhealth.core import InputError, TensorError, canonical_json, decode_tensors, sha256_hex
+from fedhealth.data import category_text
+from fedhealth.learning._errors import RecipeError
+from fedhealth.learning._preprocessing import StandardizeMode
+from fedhealth.learning._recipe import ModelExport
+from fedhealth.learning._registry import resolve_recipe
+
+PACKAGE_FORMAT = "fedhealth.model-package.v1"
+METADATA_FILE = "metadata.json"
+WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+_PACKAGE_FILES = (METADATA_FILE, WEIGHTS_FILE, ONNX_FILE)
+_MAX_METADATA_BYTES = 64 * 1024 * 1024
+
+
+class PackageError(InputError):
+    """A model package cannot be written or read, or fails its integrity checks."""
+
+
+class PackageInputError(InputError):
+    """A table given to a package's model does not fit what the model was trained on."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PackageOrigin:
+    """Where a packaged model came from, as the orchestrator states it.
+
+    ``spec`` is the study spec as JSON (its canonical-JSON sha256 is ``spec_hash``), ``model_digest`` the
+    sha256 of the weights file, ``provenance`` the model version's provenance record (None when the
+    orchestrator keeps none), ``privacy`` the guarantee (``level``, ``epsilon``, ``delta``; None without
+    differential privacy)."""
+
+    study_id: str
+    spec: Mapping[str, Any]
+    spec_hash: str
+    model_digest: str
+    provenance: Mapping[str, Any] | None
+    privacy: Mapping[str, Any] | None
+    software_version: str
+    exported_at: str
+
+
+def _json(value: Any) -> Any:
+    """``value`` as plain JSON data (tuples become lists), for comparing what was recorded."""
+    return json.loads(canonical_json(value))
+
+
+def package_metadata(export: ModelExport, origin: PackageOrigin, files: Mapping[str, str]) -> dict[str, Any]:
+    """The whole ``metadata.json`` (with its ``package_digest``)."""
+    model = _json(dict(export.metadata))
+    metadata: dict[str, Any] = {
+        "format": PACKAGE_FORMAT,
+        "recipe": {"name": model.get("recipe"), "version": model.get("version")},
+        "feature_names": model.get("feature_names"),
+        "preprocessing": model.get("preprocessing"),
+        "label": model.get("label"),
+        "model": model,
+        "study_id": origin.study_id,
+        "spec_hash": origin.spec_hash,
+        "study_spec": _json(dict(origin.spec)),
+        "model_digest": origin.model_digest,
+        "provenance": _json(dict(origin.provenance)) if origin.provenance is not None else None,
+        "privacy": _json(dict(origin.privacy)) if origin.privacy is not None else None,
+        "fedhealth_version": origin.software_version,
+        "exported_at": origin.exported_at,
+        "files": dict(sorted(files.items())),
+    }
+    metadata["package_digest"] = sha256_hex(canonical_json(metadata))
+    return metadata
+
+
+def write_package(
+    out: Path, *, export: ModelExport, weights: bytes, origin: PackageOrigin, force: bool = False
+) -> dict[str, Any]:
+    """Write a package into ``out``; returns its metadata.
+
+    ``out`` must not exist or be an empty folder; with ``force`` an existing folder's package files are
+    replaced (other files in it are left alone, a stale ONNX file is removed). Everything is checked and
+    built in memory first; each file then lands by an atomic rename, the metadata last."""
+    if sha256_hex(weights) != origin.model_digest:
+        raise PackageError("the weights given are not the model the origin names (digest differs)")
+    recipe = f"recipe {export.metadata.get('recipe')!r}"
+    if export.predict_proba is None:
+        raise PackageError(f"{recipe} gives no way to apply its model outside fedhealth; nothing to package")
+    if export.metadata.get("feature_names") is None:
+        raise PackageError(
+            f"the study named no features, and a package selects a table's columns by name: declare "
+            f"feature_names in the {recipe}'s params"
+        )
+    if out.exists() and not out.is_dir():
+        raise PackageError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise PackageError(f"{out} exists and is not empty; choose a new folder or give --force to replace")
+    blobs: dict[str, bytes] = {WEIGHTS_FILE: weights}
+    if export.onnx is not None:
+        blobs[ONNX_FILE] = export.onnx()
+    metadata = package_metadata(export, origin, {name: sha256_hex(b) for name, b in blobs.items()})
+    blobs[METADATA_FILE] = json.dumps(metadata, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if ONNX_FILE not in blobs:
+            (out / ONNX_FILE).unlink(missing_ok=True)
+        for name in (WEIGHTS_FILE, ONNX_FILE, METADATA_FILE):
+            if name in blobs:
+                _write_atomic(out / name, blobs[name])
+    except OSError as exc:
+        raise PackageError(f"cannot write the package into {out}: {exc.strerror or exc}") from exc
+    return metadata
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InputColumn:
+    """A column the model reads from a table: numeric, or categorical with its categories."""
+
+    name: str
+    categories: tuple[str, ...] | None = None
+
+
+class ModelPackage:
+    """A verified model package (:func:`load_package`): ``predict_proba`` on a pandas DataFrame of raw
+    columns, selected by name, encoded and standardized as the study declared."""
+
+    def __init__(self, *, path: Path, metadata: Mapping[str, Any], export: ModelExport) -> None:
+        self.path = path
+        self.metadata = metadata
+        self._export = export
+        model = metadata["model"]
+        self.feature_names: tuple[str, ...] = tuple(model["feature_names"])
+        pre = model["preprocessing"]
+        self.standardize = StandardizeMode(pre["standardize"])
+        self._mean = np.asarray(pre["mean"], dtype=np.float64) if pre["mean"] is not None else None
+        self._scale = np.asarray(pre["scale"], dtype=np.float64) if pre["scale"] is not None else None
+        # feature → (raw column, category it is 1 for); numeric features read the column of their name
+        self._one_hot: dict[str, tuple[str, str]] = {}
+        columns: dict[str, InputColumn] = {}
+        categorical = pre.get("categorical") or {}
+        for column, encoding in categorical.items():
+            categories = tuple(encoding["categories"])
+            features = encoding["features"]
+            for feature, category in zip(features, categories[-len(features) :], strict=True):
+                self._one_hot[feature] = (column, category)
+        for feature in self.feature_names:
+            if feature in self._one_hot:
+                column = self._one_hot[feature][0]
+                columns.setdefault(
+                    column, InputColumn(name=column, categories=tuple(categorical[column]["categories"]))
+                )
+            else:
+                columns.setdefault(feature, InputColumn(name=feature))
+        self.input_columns: tuple[InputColumn, ...] = tuple(columns.values())
+
+    @property
+    def model_digest(self) -> str:
+        return str(self.metadata["model_digest"])
+
+    @property
+    def spec_hash(self) -> str:
+        return str(self.metadata["spec_hash"])
+
+    @property
+    def privacy(self) -> Mapping[str, Any] | None:
+        value = self.metadata.get("privacy")
+        return value if isinstance(value, Mapping) else None
+
+    def features(self, frame: Any) -> np.ndarray:
+        """The model's feature matrix (rows of ``frame``, columns in ``feature_names`` order), encoded but
+        not yet standardized; :class:`PackageInputError` naming the first problem otherwise. Columns the
+        model does not read are ignored; no missing value is accepted (the model has no rule to fill one)."""
+        import pandas as pd
+
+        if not isinstance(frame, pd.DataFrame):
+            raise PackageInputError(f"predict_proba takes a pandas DataFrame, not {type(frame).__name__}")
+        missing = [c.name for c in self.input_columns if c.name not in frame.columns]
+        if missing:
+            raise PackageInputError(
+                f"the table lacks column(s) {missing}; the model reads {[c.name for c in self.input_columns]}"
+            )
+        if frame.columns.duplicated().any():
+            repeated = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
+            raise PackageInputError(f"the table has repeated column names {repeated}")
+        values: dict[str, np.ndarray] = {}
+        for column in self.input_columns:
+            series = frame[column.name]
+            absent = series.isna().to_numpy()
+            if absent.any():
+                rows = [str(i) for i in series.index[absent][:5]]
+                raise PackageInputError(
+                    f"column {column.name!r} has {int(absent.sum())} missing value(s) (rows {', '.join(rows)}"
+                    f"{', ...' if absent.sum() > 5 else ''}); the model accepts none: fill or drop them first"
+                )
+            if column.categories is None:
+                values[column.name] = _numeric(column.name, series)
+            else:
+                values[column.name] = _categories(column, series)
+        out = np.empty((len(frame), len(self.feature_names)), dtype=np.float64)
+        for j, feature in enumerate(self.feature_names):
+            if feature in self._one_hot:
+                source, category = self._one_hot[feature]
+                out[:, j] = values[source] == category
+            else:
+                out[:, j] = values[feature]
+        return out
+
+    def standardized(self, X: np.ndarray) -> np.ndarray:
+        """``X`` (from :meth:`features`) standardized as the model was trained."""
+        if self.standardize is StandardizeMode.GIVEN:
+            assert self._mean is not None
+            assert self._scale is not None
+            return (X - self._mean) / self._scale
+        if self.standardize is StandardizeMode.NONE:
+            return X
+        raise PackageInputError(
+            "this model was trained on features each site standardized with its own statistics, so no one "
+            "scaling comes with it; pass features standardized as a site would (assume_standardized=True), "
+            "or train with preprocessing standardize = 'given'"
+        )
+
+    def predict_proba(self, frame: Any, *, assume_standardized: bool = False) -> np.ndarray:
+        """P(label = 1) for each row of the DataFrame ``frame`` (float64, in row order)."""
+        X = self.features(frame)
+        if not assume_standardized:
+            X = self.standardized(X)
+        predict = self._export.predict_proba
+        assert predict is not None  # load_package refuses an export without one
+        return np.asarray(predict(X), dtype=np.float64)
+
+
+def _numeric(name: str, series: Any) -> np.ndarray:
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series):
+        raise PackageInputError(
+            f"column {name!r} holds {series.dtype} values, not numbers (convert it, e.g. "
+            "pandas.to_numeric, before predicting)"
+        )
+    values = np.asarray(series.to_numpy(dtype=np.float64), dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise PackageInputError(f"column {name!r} holds an infinite value")
+    return values
+
+
+def _categories(column: InputColumn, series: Any) -> np.ndarray:
+    assert column.categories is not None
+    texts = np.array([category_text(v) for v in series.tolist()], dtype=object)
+    known = set(column.categories)
+    unseen = sorted({t for t in texts.tolist() if t not in known})
+    if unseen:
+        raise PackageInputError(
+            f"column {column.name!r} holds {unseen[:5]}, not among its categories {list(column.categories)}"
+        )
+    return texts
+
+
+def load_package(path: Path | str) -> ModelPackage:
+    """Read and verify a model package (:class:`PackageError` if anything does not check out)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise PackageError(f"{folder}: no such package folder")
+    metadata = _read_metadata(folder)
+    files = metadata.get("files")
+    if not isinstance(files, dict) or WEIGHTS_FILE not in files:
+        raise PackageError(f"{folder}: metadata lists no {WEIGHTS_FILE}")
+    blobs: dict[str, bytes] = {}
+    for name, digest in files.items():
+        if name not in _PACKAGE_FILES or name == METADATA_FILE:
+            raise PackageError(f"{folder}: metadata lists an unexpected file {name!r}")
+        try:
+            blob = (folder / name).read_bytes()
+        except FileNotFoundError:
+            raise PackageError(f"{folder}: {name} is missing") from None
+        except OSError as exc:
+            raise PackageError(f"{folder}: {name} cannot be read ({exc.strerror or exc})") from exc
+        if sha256_hex(blob) != digest:
+            raise PackageError(f"{folder}: {name} was modified (its sha256 differs from the metadata's)")
+        blobs[name] = blob
+    claimed = {k: v for k, v in metadata.items() if k != "package_digest"}
+    if sha256_hex(canonical_json(claimed)) != metadata.get("package_digest"):
+        raise PackageError(f"{folder}: {METADATA_FILE} was modified (its package_digest does not match)")
+    if sha256_hex(blobs[WEIGHTS_FILE]) != metadata.get("model_digest"):
+        raise PackageError(f"{folder}: {WEIGHTS_FILE} is not the model the metadata names")
+    spec = metadata.get("study_spec")
+    if not isinstance(spec, dict) or sha256_hex(canonical_json(spec)) != metadata.get("spec_hash"):
+        raise PackageError(f"{folder}: the study spec does not match its spec hash")
+    export = _reexport(folder, spec, blobs[WEIGHTS_FILE])
+    if _json(dict(export.metadata)) != metadata.get("model"):
+        raise PackageError(
+            f"{folder}: the metadata's model section differs from what the study spec and weights give "
+            "(feature names, preprocessing or label were edited)"
+        )
+    for key in ("feature_names", "preprocessing", "label"):
+        if metadata.get(key) != metadata["model"].get(key):
+            raise PackageError(f"{folder}: the metadata's {key} differs from its model section")
+    if export.predict_proba is None:
+        raise PackageError(f"{folder}: recipe {spec['recipe'].get('name')!r} gives no way to predict")
+    if metadata["model"].get("feature_names") is None:
+        raise PackageError(f"{folder}: the study named no features, so no table can be fed to this model")
+    return ModelPackage(path=folder, metadata=metadata, export=export)
+
+
+def _read_metadata(folder: Path) -> dict[str, Any]:
+    file = folder / METADATA_FILE
+    try:
+        if file.stat().st_size > _MAX_METADATA_BYTES:
+            raise PackageError(f"{folder}: {METADATA_FILE} is too large")
+        metadata = json.loads(file.read_bytes())
+    except FileNotFoundError:
+        raise PackageError(f"{folder}: no {METADATA_FILE}; not a fedhealth model package") from None
+    except (OSError, ValueError) as exc:
+        raise PackageError(f"{folder}: {METADATA_FILE} cannot be read as JSON ({exc})") from exc
+    if not isinstance(metadata, dict) or metadata.get("format") != PACKAGE_FORMAT:
+        raise PackageError(f"{folder}: not a {PACKAGE_FORMAT} package")
+    return metadata
+
+
+def _reexport(folder: Path, spec: Mapping[str, Any], weights: bytes) -> ModelExport:
+    recipe = spec.get("recipe")
+    if not isinstance(recipe, dict):
+        raise PackageError(f"{folder}: the study spec names no recipe")
+    try:
+        resolved = resolve_recipe(
+            str(recipe.get("name")), str(recipe.get("version", "1")), recipe.get("params") or {}
+        )
+        tensors, _ = decode_tensors(weights, resolved.param_specs())
+        return resolved.export(tensors)
+    except RecipeError as exc:
+        raise PackageError(f"{folder}: the study's recipe cannot be used here ({exc})") from exc
+    except TensorError as exc:
+        raise PackageError(f"{folder}: {WEIGHTS_FILE} does not fit the study's recipe ({exc})") from exc

@@ -1,0 +1,307 @@
+"""``xgboost``: federated XGBoost (3.2.0, hist) on the collective seam, exact (docs/boosting.md).
+
+Every site runs XGBoost's own distributed training with the federated communicator; its server is a proxy at
+the site, on 127.0.0.1 (:mod:`fedhealth.learning._xgboost_proxy`), that answers every collective through the
+session: gradient histograms and other float sums only inside secure sums. Bins are the ones the ``lightgbm``
+recipe agrees (a secure sum of counts on a public grid), applied through a ``QuantileDMatrix`` reference
+built from the bin counts alone, so that XGBoost never exchanges quantile sketches (which hold every site's
+raw values). The model equals XGBoost trained on the pooled rows on one machine
+(:func:`train_pooled_xgboost`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+
+from fedhealth.core import DatasetError
+from fedhealth.data import TabularDataset
+from fedhealth.learning._collectives import Collectives
+from fedhealth.learning._errors import RecipeError
+from fedhealth.learning._lightgbm import Binning, binning_of, cell_counts, held_out_sums, release
+from fedhealth.learning._recipe import (
+    CombinationPattern,
+    DataSchema,
+    ModelExport,
+    RecipeCapabilities,
+    ReferenceStep,
+    SessionContext,
+    SiteSessionOutcome,
+    TemplateParam,
+)
+from fedhealth.learning._xgboost_proxy import SessionProxy
+
+XGBOOST_VERSION = "3.2.0"  # the last release with the federated communicator
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+FeatureName = Annotated[str, Field(min_length=1, max_length=200)]
+Range = tuple[FiniteFloat, FiniteFloat]
+_KIND = {"binary:logistic": "binary", "reg:squarederror": "regression", "multi:softprob": "multiclass"}
+
+
+class XGBoostParams(BaseModel):
+    """``recipe.params`` of ``xgboost``: XGBoost's parameters (same names and meaning) plus the public
+    binning grid of the ``lightgbm`` recipe."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_features: int = Field(ge=1, le=10_000, description="input width")
+    feature_names: tuple[FeatureName, ...] | None = None
+    objective: Literal["binary:logistic", "reg:squarederror", "multi:softprob"] = "binary:logistic"
+    num_class: int = Field(default=1, ge=1, le=256, description="classes (multi:softprob only, >= 2)")
+    num_rounds: int = Field(default=100, ge=1, le=10_000)
+    max_depth: int = Field(default=6, ge=1, le=32)
+    learning_rate: FiniteFloat = Field(default=0.3, gt=0, le=1)
+    reg_lambda: FiniteFloat = Field(default=1.0, ge=0, le=1e6)
+    reg_alpha: FiniteFloat = Field(default=0.0, ge=0, le=1e6)
+    min_child_weight: FiniteFloat = Field(default=1.0, ge=0, le=1e6)
+    gamma: FiniteFloat = Field(default=0.0, ge=0, le=1e6)
+    max_bin: int = Field(default=255, ge=2, le=255)
+    grid_cells: int = Field(default=1024, ge=2, le=65_536)
+    value_range: Range = (-10.0, 10.0)
+    feature_ranges: tuple[Range, ...] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> XGBoostParams:
+        if self.objective == "multi:softprob" and self.num_class < 2:
+            raise ValueError("multi:softprob needs num_class >= 2")
+        if self.objective != "multi:softprob" and self.num_class != 1:
+            raise ValueError(f"num_class applies to multi:softprob only ({self.objective} has one output)")
+        if self.feature_names is not None and len(self.feature_names) != self.n_features:
+            raise ValueError(
+                f"feature_names names {len(self.feature_names)} features, n_features is {self.n_features}"
+            )
+        if self.feature_ranges is not None and len(self.feature_ranges) != self.n_features:
+            raise ValueError(
+                f"feature_ranges gives {len(self.feature_ranges)} ranges, n_features is {self.n_features}"
+            )
+        for low, high in self.ranges():
+            if not low < high:
+                raise ValueError(f"a feature range must have low < high, got [{low}, {high}]")
+        return self
+
+    def ranges(self) -> list[tuple[float, float]]:
+        if self.feature_ranges is not None:
+            return [(float(lo), float(hi)) for lo, hi in self.feature_ranges]
+        return [(float(self.value_range[0]), float(self.value_range[1]))] * self.n_features
+
+    def training_params(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "objective": self.objective,
+            "tree_method": "hist",
+            "max_depth": self.max_depth,
+            "eta": self.learning_rate,
+            "lambda": self.reg_lambda,
+            "alpha": self.reg_alpha,
+            "min_child_weight": self.min_child_weight,
+            "gamma": self.gamma,
+            "max_bin": 256,
+            "nthread": 1,
+            "seed": 0,
+            "verbosity": 0,
+        }
+        if self.objective == "multi:softprob":
+            out["num_class"] = self.num_class
+        return out
+
+
+def _xgb() -> Any:
+    try:
+        import xgboost
+    except ImportError as exc:
+        raise RecipeError("the xgboost recipe needs XGBoost here: install fedhealth[gbdt]") from exc
+    if xgboost.__version__ != XGBOOST_VERSION:
+        raise RecipeError(
+            f"the xgboost recipe runs on XGBoost {XGBOOST_VERSION} (the last with the federated "
+            f"communicator); this site has {xgboost.__version__}"
+        )
+    return xgboost
+
+
+def _reference(binning: Binning) -> Any:
+    """XGBoost's reference matrix of ``binning``: column j cycles through its codes; no row of any site."""
+    xgb = _xgb()
+    rows = max(2, *binning.num_bins)
+    data = np.column_stack([np.arange(rows) % k for k in binning.num_bins]).astype(np.float64)
+    return xgb.QuantileDMatrix(data, max_bin=256, nthread=1)
+
+
+@dataclass(frozen=True, slots=True)
+class XGBoostModel:
+    """The trained model: XGBoost's JSON model over bin codes and the binning."""
+
+    model_json: str
+    binning: Binning
+
+    def booster(self) -> Any:
+        booster = _xgb().Booster()
+        booster.load_model(bytearray(self.model_json.encode()))
+        return booster
+
+    def predict(self, X: NDArray[Any]) -> NDArray[np.float64]:
+        xgb = _xgb()
+        out = self.booster().predict(xgb.DMatrix(self.binning.codes(X), nthread=1))
+        return np.asarray(out, dtype=np.float64)
+
+    @classmethod
+    def from_result(cls, result: Mapping[str, Any]) -> XGBoostModel:
+        return cls(model_json=str(result["model"]), binning=Binning.from_json(result["binning"]))
+
+
+def train_pooled_xgboost(params: XGBoostParams, datasets: Sequence[TabularDataset]) -> XGBoostModel:
+    """XGBoost on one machine on the pooled training rows, with the bins the federation agrees on."""
+    xgb = _xgb()
+    low, high = zip(*params.ranges(), strict=True)
+    counts = sum(cell_counts(d.X_train, low, high, params.grid_cells) for d in datasets)
+    binning = binning_of(params, np.asarray(counts))
+    X = np.concatenate([binning.codes(d.X_train) for d in datasets])
+    y = np.concatenate([d.y_train for d in datasets]).astype(np.float64)
+    train = xgb.QuantileDMatrix(X, label=y, ref=_reference(binning), nthread=1)
+    booster = xgb.train(params.training_params(), train, params.num_rounds)
+    return XGBoostModel(model_json=bytes(booster.save_raw("json")).decode(), binning=binning)
+
+
+def train_site_xgboost(
+    params: XGBoostParams, dataset: TabularDataset, session: Collectives
+) -> tuple[XGBoostModel, dict[str, int]]:
+    """The federated training at one site: agreed bins, then XGBoost's federated communicator answered by
+    a proxy on 127.0.0.1 over the session. Returns the model (the same at every site) and the collectives
+    by kind."""
+    xgb = _xgb()
+    low, high = zip(*params.ranges(), strict=True)
+    counts = session.secure_sum(cell_counts(dataset.X_train, low, high, params.grid_cells).reshape(-1))
+    binning = binning_of(params, counts)
+    train = xgb.QuantileDMatrix(  # before the communicator: no sketch is exchanged
+        binning.codes(dataset.X_train),
+        label=dataset.y_train.astype(np.float64),
+        ref=_reference(binning),
+        nthread=1,
+    )
+    proxy = SessionProxy(session)
+    address = proxy.start()
+    try:
+        with xgb.collective.CommunicatorContext(
+            dmlc_communicator="federated",
+            federated_server_address=address,
+            federated_world_size=proxy.n,
+            federated_rank=proxy.rank,
+        ):
+            try:
+                booster = xgb.train(params.training_params(), train, params.num_rounds)
+            except xgb.core.XGBoostError:
+                if proxy.error is not None:
+                    raise proxy.error from None
+                raise
+    finally:
+        proxy.stop()
+    if proxy.error is not None:
+        raise proxy.error
+    model = XGBoostModel(model_json=bytes(booster.save_raw("json")).decode(), binning=binning)
+    return model, {**proxy.calls, "values_sent": proxy.values_sent}
+
+
+class XGBoostRecipe:
+    """Federated XGBoost as a collective recipe, version 1."""
+
+    name: Literal["xgboost"] = "xgboost"
+    version: Literal["1"] = "1"
+    params_model = XGBoostParams
+    pattern = CombinationPattern.COLLECTIVE
+    capabilities = RecipeCapabilities()
+
+    def data_schema(self, params: XGBoostParams) -> DataSchema:
+        return DataSchema(n_features=params.n_features, feature_names=params.feature_names)
+
+    def describe(self, params: XGBoostParams) -> str:
+        return (
+            f"gradient-boosted trees (XGBoost {params.objective}, {params.num_rounds} rounds of depth at "
+            f"most {params.max_depth}) on the site's training rows: the site sends per-feature counts on a "
+            "public grid and XGBoost's gradient histograms and sums, each only inside a secure sum, and "
+            "its column count and flags; at the end, test-set counts and losses inside a secure sum"
+        )
+
+    def template(self, n_features: int | None) -> list[TemplateParam]:
+        return [
+            TemplateParam(key="n_features", value=n_features or 13, comment="input width"),
+            TemplateParam(key="objective", value="binary:logistic", comment="or reg:squarederror"),
+            TemplateParam(key="num_rounds", value=100, comment="boosting rounds"),
+            TemplateParam(key="max_depth", value=6, comment="tree depth at most"),
+            TemplateParam(key="value_range", value=[-10.0, 10.0], comment="public range of every feature"),
+        ]
+
+    def reference_step(self) -> ReferenceStep:
+        def run() -> None:
+            rng = np.random.default_rng(0)
+            X = rng.normal(size=(2000, 10))
+            y = (X[:, 0] + rng.normal(size=2000) > 0).astype(np.int64)
+            data = TabularDataset(
+                name="reference",
+                X_train=X[:1500],
+                y_train=y[:1500],
+                X_test=X[1500:],
+                y_test=y[1500:],
+                feature_names=tuple(f"x{j}" for j in range(10)),
+            )
+            train_pooled_xgboost(XGBoostParams(n_features=10, num_rounds=20), [data])
+
+        return ReferenceStep(run=run, note="20 trees on 1500 x 10 synthetic rows, one machine")
+
+    def run_site(
+        self,
+        params: XGBoostParams,
+        dataset: TabularDataset | None,
+        session: Collectives,
+        ctx: SessionContext,
+    ) -> SiteSessionOutcome:
+        if dataset is None:
+            raise DatasetError("XGBoost needs the site's dataset")
+        self.data_schema(params).check(dataset)
+        model, calls = train_site_xgboost(params, dataset, session)
+        kind = _KIND[params.objective]
+        release(
+            session,
+            held_out_sums(kind, model.predict, dataset),
+            kind,
+            {"model": model.model_json, "binning": model.binning.to_json()},
+            lambda: params.num_rounds * max(1, params.num_class),
+        )
+        return SiteSessionOutcome(record={"collectives": dict(calls), "train_rows": len(dataset.y_train)})
+
+    def finish(self, params: XGBoostParams, released: bytes) -> dict[str, JsonValue]:
+        result = json.loads(released)
+        if not isinstance(result, dict) or not isinstance(result.get("model"), str):
+            raise ValueError("the xgboost session released no model")
+        return result
+
+    def export(self, params: XGBoostParams, result: Mapping[str, Any]) -> ModelExport:
+        """``model``: XGBoost's JSON model (UTF-8 bytes, over bin codes); the binning as for lightgbm."""
+        model = XGBoostModel.from_result(result)
+        binning = model.binning
+        return ModelExport(
+            tensors={
+                "model": np.frombuffer(model.model_json.encode(), dtype=np.uint8).copy(),
+                "bin_starts": np.concatenate([np.asarray(s, dtype=np.int64) for s in binning.starts]),
+                "bin_counts": np.asarray(binning.num_bins, dtype=np.int64),
+                "low": np.asarray(binning.low, dtype=np.float64),
+                "high": np.asarray(binning.high, dtype=np.float64),
+            },
+            metadata={
+                "recipe": self.name,
+                "version": self.version,
+                "feature_names": list(params.feature_names) if params.feature_names else None,
+                "format": "xgboost-json over bin codes",
+                "xgboost": XGBOOST_VERSION,
+                "objective": params.objective,
+                "num_class": params.num_class,
+                "grid_cells": binning.grid_cells,
+            },
+            predict_proba=model.predict if params.objective == "binary:logistic" else None,
+        )
+
+
+XGBOOST_RECIPE = XGBoostRecipe()

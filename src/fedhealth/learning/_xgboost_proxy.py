@@ -1,0 +1,207 @@
+"""XGBoost's federated communicator, answered at the site: a gRPC servicer of XGBoost 3.2.0's
+``federated.proto`` on 127.0.0.1 whose every call goes through a session's collectives (docs/boosting.md).
+
+XGBoost's federated client sends each collective of the site's worker to this proxy (one proxy per site,
+listening on the loopback interface only). The proxy answers from the session:
+
+- Allreduce SUM of floats: one secure sum, exact to 2^-80 (two fixed-point parts, like LightGBM's sums);
+- Allreduce SUM of integers: one secure sum of 16-bit limbs, recombined modulo 2^(8 x width);
+- Allgather, AllgatherV, Broadcast and the other reductions (MAX, MIN, bitwise): each site's buffer in its own
+  block of a secure sum (so the sum is their concatenation), reduced at the site. XGBoost uses these, with
+  agreed bins, only for metadata (column counts, flags); they are released like split records.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedhealth.learning._collectives import Collectives
+
+SERVICE = "xgboost.collective.federated.Federated"
+_SCALE = 2.0**40
+_TYPES: dict[int, str] = {
+    1: "<f4",
+    2: "<f8",
+    4: "<i1",
+    5: "<i2",
+    6: "<i4",
+    7: "<i8",
+    8: "<u1",
+    9: "<u2",
+    10: "<u4",
+    11: "<u8",
+}
+MAX, MIN, SUM, AND, OR, XOR = range(6)
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def decode_request(data: bytes) -> dict[int, Any]:
+    """A federated.proto request's fields by number (varints and bytes; proto3, no nesting)."""
+    fields: dict[int, Any] = {}
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            fields[number], pos = _varint(data, pos)
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            fields[number] = data[pos : pos + length]
+            pos += length
+        else:
+            raise ValueError(f"unexpected wire type {wire} in a federated.proto request")
+    return fields
+
+
+def encode_reply(buffer: bytes) -> bytes:
+    """A reply message: ``bytes receive_buffer = 1``."""
+    out = bytearray(b"\x0a")
+    length = len(buffer)
+    while True:
+        byte = length & 0x7F
+        length >>= 7
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    return bytes(out) + buffer
+
+
+class SessionProxy:
+    """The site's federated.proto server over ``session``; ``calls`` counts them by kind."""
+
+    def __init__(self, session: Collectives) -> None:
+        self.session = session
+        self.n = len(session.sites)
+        self.rank = session.sites.index(session.site)
+        self.calls: dict[str, int] = {}
+        self.values_sent = 0
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self.port = 0
+
+    def start(self) -> str:
+        import grpc
+
+        def unary(fn: Any) -> Any:
+            return grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=decode_request, response_serializer=encode_reply
+            )
+
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Allgather": unary(self._allgather),
+                "AllgatherV": unary(self._allgather),
+                "Allreduce": unary(self._allreduce),
+                "Broadcast": unary(self._broadcast),
+            },
+        )
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        self._server.add_generic_rpc_handlers((handler,))
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=None)
+
+    # --- the collectives --------------------------------------------------------------------------------
+
+    def _secure_sum(self, values: NDArray[np.float64]) -> NDArray[np.float64]:
+        self.values_sent += int(values.size)
+        return self.session.secure_sum(values)
+
+    def _guarded(self, what: str, fn: Any, context: Any) -> bytes:
+        with self._lock:
+            self.calls[what] = self.calls.get(what, 0) + 1
+            try:
+                result: bytes = fn()
+                return result
+            except BaseException as exc:
+                self.error = self.error or exc
+                import grpc
+
+                context.abort(grpc.StatusCode.ABORTED, "the collective session failed")
+                raise
+
+    def gather(self, data: bytes) -> list[bytes]:
+        """Every site's bytes, in rank order: lengths, then 16-bit words, each site in its own block."""
+        lengths = np.zeros(self.n)
+        lengths[self.rank] = len(data)
+        sizes = [round(v) for v in self._secure_sum(lengths)]
+        words = [(s + 1) // 2 for s in sizes]
+        offsets = np.cumsum([0, *words])
+        values = np.zeros(int(offsets[-1]))
+        padded = data + b"\0" * (len(data) % 2)
+        values[offsets[self.rank] : offsets[self.rank + 1]] = np.frombuffer(padded, dtype="<u2")
+        total = np.rint(self._secure_sum(values)).astype("<u2").tobytes()
+        return [total[2 * offsets[r] : 2 * offsets[r] + sizes[r]] for r in range(self.n)]
+
+    def _allgather(self, request: dict[int, Any], context: Any) -> bytes:
+        return self._guarded("gather", lambda: b"".join(self.gather(request.get(3, b""))), context)
+
+    def _broadcast(self, request: dict[int, Any], context: Any) -> bytes:
+        root = int(request.get(4, 0))
+        data = request.get(3, b"") if self.rank == root else b""
+        return self._guarded("gather", lambda: self.gather(data)[root], context)
+
+    def _allreduce(self, request: dict[int, Any], context: Any) -> bytes:
+        dtype = np.dtype(_TYPES[int(request.get(4, 0))])
+        op = int(request.get(5, 0))
+        values = np.frombuffer(request.get(3, b""), dtype=dtype)
+        if op == SUM and dtype.kind == "f":
+            return self._guarded(
+                "float_sum", lambda: self._float_sum(values).astype(dtype).tobytes(), context
+            )
+        if op == SUM:
+            return self._guarded("int_sum", lambda: self._int_sum(values).tobytes(), context)
+
+        def reduce() -> bytes:
+            parts = [np.frombuffer(b, dtype=dtype) for b in self.gather(values.tobytes())]
+            fn = {
+                MAX: np.maximum,
+                MIN: np.minimum,
+                AND: np.bitwise_and,
+                OR: np.bitwise_or,
+                XOR: np.bitwise_xor,
+            }
+            out = parts[0]
+            for part in parts[1:]:
+                out = fn[op](out, part)
+            return np.asarray(out, dtype=dtype).tobytes()
+
+        return self._guarded("metadata", reduce, context)
+
+    def _float_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
+        flat = np.asarray(values, dtype=np.float64).reshape(-1)
+        high = np.rint(flat * _SCALE) / _SCALE
+        low = (flat - high) * _SCALE
+        total = self._secure_sum(np.concatenate([high, low]))
+        return np.asarray(total[: flat.size] + total[flat.size :] / _SCALE, dtype=np.float64)
+
+    def _int_sum(self, values: NDArray[Any]) -> NDArray[Any]:
+        width = values.dtype.itemsize
+        unsigned = values.view(f"<u{width}") if width > 1 else values.view("<u1")
+        limbs = np.frombuffer(unsigned.astype("<u8").tobytes(), dtype="<u2").astype(np.float64)
+        sums = np.rint(self._secure_sum(limbs)).astype(np.uint64).reshape(-1, 4)
+        total = np.zeros(sums.shape[0], dtype=np.uint64)
+        for k in range(4):
+            total += sums[:, k] << np.uint64(16 * k)  # wraps modulo 2^64, as the integers do
+        return total.astype(f"<u{width}" if width > 1 else "<u1").view(values.dtype)

@@ -1,0 +1,116 @@
+"""The agent's side of a secure round (SecAgg+): ``POST`` and ``GET /api/v1/agent/tasks/{id}/secagg/{stage}``.
+
+The protocol is :class:`~fedhealth.orchestrator._secure.SecureRoundDriver`'s; handlers are plain functions
+of the service that find the round's driver for a site's task and hand it the message, or wait for the
+server's message to the site.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request, Response
+
+from fedhealth.orchestrator._http import (
+    SAFETENSORS,
+    SAFETENSORS_BODY,
+    ApiError,
+    Site,
+    Svc,
+    Wait,
+    attestation_header,
+    read_body,
+)
+from fedhealth.orchestrator._secure import SecureRoundDriver, SecureRoundGone
+from fedhealth.orchestrator._service import OrchestratorService
+from fedhealth.orchestrator._store import TaskRow
+from fedhealth.protocol import Ack, SiteAttestation
+from fedhealth.secagg import Stage
+
+log = logging.getLogger("fedhealth.orchestrator")
+
+
+def secure_task(svc: OrchestratorService, site: str, task_id: str) -> tuple[TaskRow, SecureRoundDriver]:
+    """This site's open task and the driver of its secure round (403: another site's; 410: none runs)."""
+    task = svc.store.get_task(task_id)
+    if task.site != site:
+        raise ApiError(403, "this task belongs to another site")
+    driver = svc.engine.secure.get(task.round_id)
+    if driver is None or not task.is_open:
+        raise ApiError(410, "no secure round is running for this task")
+    return task, driver
+
+
+def accept_secagg_message(
+    svc: OrchestratorService,
+    site: str,
+    task_id: str,
+    stage: str,
+    body: bytes,
+    attestation: SiteAttestation | None,
+) -> SecureRoundDriver:
+    """Hand this site's message for ``stage`` to its round's driver; the driver, to wait for the answer on.
+
+    The attestation is stored with the task when the round closes. 410: the site has no further part in the
+    round (it was counted out, or the round ended).
+    """
+    _, driver = secure_task(svc, site, task_id)
+    try:
+        driver.receive(site, stage, body)
+    except SecureRoundGone as exc:
+        raise ApiError(410, "no longer part of this secure round", str(exc)) from exc
+    if attestation is not None:
+        driver.attestations[site] = attestation  # stored with the task when the round closes
+    log.info("task %s: %s message received from %s", task_id, stage, site)
+    return driver
+
+
+async def secagg_message(
+    svc: OrchestratorService, driver: SecureRoundDriver, site: str, stage: str, wait: float
+) -> bytes | None:
+    """The server's message to this site after ``stage`` closes; None if not within ``wait`` seconds."""
+    try:
+        return await driver.next_message(site, stage, min(wait, svc.settings.max_wait_s))
+    except SecureRoundGone as exc:
+        raise ApiError(410, "no longer part of this secure round", str(exc)) from exc
+
+
+def _answer(data: bytes | None) -> Response:
+    if data is None:
+        return Response(status_code=204)
+    return Response(data, media_type=SAFETENSORS)
+
+
+def secure_router() -> APIRouter:
+    router = APIRouter(tags=["agent"])
+
+    @router.post(
+        "/api/v1/agent/tasks/{task_id}/secagg/{stage}", response_model=Ack, openapi_extra=SAFETENSORS_BODY
+    )
+    async def secagg_send(
+        svc: Svc, site: Site, task_id: str, stage: str, request: Request, wait: Wait = 0.0
+    ) -> Ack | Response:
+        """Send this site's SecAgg+ message for ``stage`` (advertise_keys, share_keys, masked_input,
+        consistency, unmask).
+
+        The site's attestation for the task rides along in the ``X-Fedhealth-Attestation`` header (base64
+        of its JSON); it is stored with the task when the round closes. With ``wait`` > 0 (not for unmask)
+        the answer is the server's message to this site after the stage closes, as ``GET`` of the same path
+        would give it (204: not within ``wait`` seconds; the message sent is kept): one request per stage
+        instead of two. 410 means this site has no further part in the round (it was counted out, or the
+        round ended).
+        """
+        body = await read_body(request)
+        attestation = attestation_header(request)
+        driver = accept_secagg_message(svc, site, task_id, stage, body, attestation)
+        if wait <= 0 or stage == Stage.UNMASK.value:
+            return Ack()
+        return _answer(await secagg_message(svc, driver, site, stage, wait))
+
+    @router.get("/api/v1/agent/tasks/{task_id}/secagg/{stage}", response_class=Response)
+    async def secagg_receive(svc: Svc, site: Site, task_id: str, stage: str, wait: Wait = 25.0) -> Response:
+        """Long-poll for the server's SecAgg+ message to this site after ``stage`` closes (204: not yet)."""
+        _, driver = secure_task(svc, site, task_id)
+        return _answer(await secagg_message(svc, driver, site, stage, wait))
+
+    return router

@@ -1,0 +1,232 @@
+"""Federated LightGBM through the real services: four Fed-Heart-Disease agents as processes, the orchestrator
+over HTTPS, the session's relay instrumented from outside (``relay_capture``) to record what it held."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedhealth.data import load_heart_disease
+from fedhealth.learning import (
+    LIGHTGBM_RECIPE,
+    LightGbmModel,
+    LightGbmParams,
+    XGBoostModel,
+    XGBoostParams,
+    train_pooled,
+    train_pooled_xgboost,
+)
+from fedhealth.learning._lightgbm import cell_counts
+from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec, StudyStatus, TaskKind, TaskStatus
+from fedhealth.runtime import run_collective_in_memory
+from fedhealth.secagg import encode_fixed
+from fedhealth.sim import LocalFederation
+from support import heart_data_dir
+
+pytestmark = pytest.mark.e2e
+SITES = ["center-0", "center-1", "center-2", "center-3"]
+CAPTURE_DIR = Path(__file__).with_name("relay_capture")
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    return heart_data_dir()
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("relay") / "relay.jsonl"
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory, capture, data_dir):
+    path = os.pathsep.join(p for p in (str(CAPTURE_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"PYTHONPATH": path, "FEDHEALTH_TEST_RELAY_CAPTURE": str(capture)}
+    with LocalFederation(tmp_path_factory.mktemp("boosting"), env=env, log_level="warning") as fed:
+        fed.start_orchestrator()
+        for i, site in enumerate(SITES):
+            fed.add_site(site)
+            fed.start_agent(
+                site,
+                {"heart-disease": f"builtin://heart-disease/{i}"},
+                extra_args=["--data-dir", str(data_dir)],
+            )
+        fed.wait_for_sites(SITES)
+        yield fed
+
+
+def _spec(fed: LocalFederation, name: str, params: dict[str, Any], timeout_s: float) -> StudySpec:
+    return StudySpec(
+        name=name,
+        dataset="heart-disease",
+        recipe=RecipeSpec(name="lightgbm", params=params),
+        rounds=1,
+        train_sites=SITES,
+        round_deadline_s=600,
+        secure_aggregation=SecureAggregationSpec(site_keys=fed.site_keys(SITES), stage_timeout_s=timeout_s),
+    )
+
+
+def _records(capture: Path) -> list[dict[str, Any]]:
+    if not capture.exists():
+        return []
+    return [json.loads(line) for line in capture.read_text().splitlines() if line.strip()]
+
+
+def _small(value: int) -> bool:
+    """A fixed-point number a clear histogram, count or split record would hold (|x| < 2^10 at 2^-40)."""
+    signed = value - (1 << 64) if value >= 1 << 63 else value
+    return abs(signed) < 1 << 50
+
+
+def test_federated_lightgbm_through_the_services_is_the_pooled_model_and_the_relay_holds_only_masked_sums(
+    fed, capture, data_dir
+):
+    capture.unlink(missing_ok=True)
+    params = {"n_features": 13, "num_rounds": 8, "num_leaves": 6}
+    spec = _spec(fed, "lightgbm-heart", params, timeout_s=60)
+    final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=300, interval=0.2)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    [session] = final.rounds
+    assert session.kind is TaskKind.COLLECTIVE
+    assert {t.status for t in session.tasks} == {TaskStatus.COMPLETED}
+    result = session.metrics or {}
+    assert result["trees"] == 8
+    assert result["sites"] == 4
+    assert 0.6 < result["accuracy"] <= 1.0
+    assert 0.0 < result["mean_client_accuracy"] <= 1.0
+
+    centers = [load_heart_disease(c, data_dir, download=False) for c in range(4)]
+    model = LightGbmModel.from_result(result)
+    pooled = train_pooled(LightGbmParams(**params), centers)
+    assert model.model_text.split("end of trees")[0] == pooled.model_text.split("end of trees")[0]
+    X = np.concatenate([c.X_test for c in centers])
+    assert np.array_equal(model.predict(X), pooled.predict(X))
+    in_memory = run_collective_in_memory(spec, dict(zip(SITES, centers, strict=True)), call_timeout_s=120)
+    assert in_memory["model"] == result["model"]  # the services compute what the in-process runner does
+    exported = LIGHTGBM_RECIPE.export(LightGbmParams(**params), result)
+    assert bytes(exported.tensors["model"]).decode() == result["model"]
+
+    # what the orchestrator held: sums (masked vectors) and the final broadcast, nothing else
+    records = _records(capture)
+    ops = {r["op"] for r in records if r["event"] == "received"}
+    assert ops <= {"SETUP", "SUM", "BROADCAST", "END"}
+    sums = [r for r in records if r["event"] == "received" and r["op"] == "SUM" and len(r["head"]) >= 4]
+    assert len(sums) > 4 * 8 * 5  # bins, per tree the root, per split step histograms, records, counts
+    for record in sums:  # a clear vector would be small fixed-point numbers; a masked one is uniform
+        assert not all(_small(v) for v in record["head"]), record
+    # the first sum is the grid counts: each site's masked vector shares no coordinate with its clear counts
+    lp = LightGbmParams(**params)
+    low, high = zip(*lp.ranges(), strict=True)
+    for site, center in zip(SITES, centers, strict=True):
+        clear = encode_fixed(cell_counts(center.X_train, low, high, lp.grid_cells).reshape(-1), 4)
+        [first] = [r for r in records if r["event"] == "received" and r["index"] == 1 and r["site"] == site]
+        assert first["op"] == "SUM"
+        assert len(first["head"]) == 16
+        assert not any(a == b for a, b in zip(first["head"], clear[:16].tolist(), strict=True))
+
+
+def test_federated_xgboost_through_the_services_is_the_pooled_model(fed, capture, data_dir):
+    capture.unlink(missing_ok=True)
+    params = {"n_features": 13, "num_rounds": 6, "max_depth": 3}
+    spec = _spec(fed, "xgboost-heart", params, timeout_s=60).model_copy(
+        update={"recipe": RecipeSpec(name="xgboost", params=params)}
+    )
+    final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=300, interval=0.2)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    result = final.rounds[0].metrics or {}
+    centers = [load_heart_disease(c, data_dir, download=False) for c in range(4)]
+    model = XGBoostModel.from_result(result)
+    pooled = train_pooled_xgboost(XGBoostParams(**params), centers)
+    X = np.concatenate([c.X_test for c in centers])
+    assert np.array_equal(model.predict(X), pooled.predict(X))
+    assert (
+        json.loads(model.model_json)["learner"]["gradient_booster"]["model"]["trees"]
+        == (json.loads(pooled.model_json)["learner"]["gradient_booster"]["model"]["trees"])
+    )
+    records = _records(capture)
+    assert {r["op"] for r in records if r["event"] == "received"} <= {"SETUP", "SUM", "BROADCAST", "END"}
+    sums = [r for r in records if r["event"] == "received" and r["op"] == "SUM" and len(r["head"]) >= 4]
+    for record in sums:
+        assert not all(_small(v) for v in record["head"]), record
+
+
+def test_a_site_killed_mid_training_fails_the_boosting_session_for_everyone(fed, capture):
+    capture.unlink(missing_ok=True)
+    params = {"n_features": 13, "num_rounds": 5000, "num_leaves": 31}
+    study = fed.create_study(_spec(fed, "lightgbm-killed", params, timeout_s=5))
+    deadline = time.monotonic() + 120
+    while max((r["index"] for r in _records(capture) if r["event"] == "completed"), default=0) < 40:
+        assert time.monotonic() < deadline, "the training did not get going"
+        time.sleep(0.05)
+    victim = fed.agents["center-2"]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    final = fed.wait_for_study(study.study_id, timeout=120, interval=0.2)
+
+    assert final.status is StudyStatus.FAILED
+    assert "center-2 did not take part in collective call" in (final.reason or "")
+    [session] = final.rounds
+    assert {t.status for t in session.tasks} == {TaskStatus.FAILED}
+    assert session.metrics is None or "model" not in session.metrics  # no model released
+    records = _records(capture)
+    completed = max(r["index"] for r in records if r["event"] == "completed")
+    assert not [r for r in records if r["event"] == "completed" and r["index"] > completed]
+    assert not [r for r in records if r["op"] == "BROADCAST"]  # the leader never released anything
+
+
+def test_bad_lightgbm_params_are_refused_at_submission_in_one_line_and_no_study_is_created(fed):
+    before = {s.study_id for s in fed.operator.studies()}
+    spec = _spec(fed, "lightgbm-bad", {"n_features": 13, "objective": "lambdarank"}, timeout_s=5)
+    with pytest.raises(Exception, match=r"recipe\.params\.objective: Input should be") as err:
+        fed.create_study(spec, approve=False)
+    assert "\n" not in str(err.value)
+    assert {s.study_id for s in fed.operator.studies()} == before
+
+
+def _restart(fed: LocalFederation, site: str, data_dir: Path) -> None:
+    fed.start_agent(
+        site,
+        {"heart-disease": f"builtin://heart-disease/{SITES.index(site)}"},
+        extra_args=["--data-dir", str(data_dir)],
+    )
+    fed.wait_for_sites(SITES)
+
+
+def test_a_killed_xgboost_session_fails_cleanly_and_the_same_agents_train_again(fed, capture, data_dir):
+    if fed.agents["center-2"].poll() is not None:  # killed by the LightGBM test above
+        _restart(fed, "center-2", data_dir)
+    capture.unlink(missing_ok=True)
+    params = {"n_features": 13, "num_rounds": 5000, "max_depth": 6}
+    spec = _spec(fed, "xgboost-killed", params, timeout_s=5).model_copy(
+        update={"recipe": RecipeSpec(name="xgboost", params=params)}
+    )
+    study = fed.create_study(spec)
+    deadline = time.monotonic() + 120
+    while max((r["index"] for r in _records(capture) if r["event"] == "completed"), default=0) < 20:
+        assert time.monotonic() < deadline, "the training did not get going"
+        time.sleep(0.05)
+    victim = fed.agents["center-3"]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    final = fed.wait_for_study(study.study_id, timeout=120, interval=0.2)
+    assert final.status is StudyStatus.FAILED
+    assert "center-3 did not take part in collective call" in (final.reason or "")
+    assert not [r for r in _records(capture) if r["op"] == "BROADCAST"]
+
+    # the survivors' processes (whose XGBoost was aborted mid-training) train the next study
+    _restart(fed, "center-3", data_dir)
+    small = {"n_features": 13, "num_rounds": 3, "max_depth": 2}
+    again = _spec(fed, "xgboost-again", small, timeout_s=60).model_copy(
+        update={"recipe": RecipeSpec(name="xgboost", params=small)}
+    )
+    after = fed.wait_for_study(fed.create_study(again).study_id, timeout=300, interval=0.2)
+    assert after.status is StudyStatus.COMPLETED, after.reason
+    assert (after.rounds[0].metrics or {})["trees"] == 3

@@ -1,0 +1,300 @@
+"""Federated LightGBM (``lightgbm`` recipe) in one process: four Fed-Heart-Disease centers over an in-memory
+session (real masks and relay), against LightGBM trained on the pooled rows on one machine."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import lightgbm  # the gbdt extra is installed by `make test`: missing, these tests fail
+import numpy as np
+import pytest
+
+from fedhealth.data import load_heart_disease
+from fedhealth.learning import (
+    LIGHTGBM_RECIPE,
+    InMemorySession,
+    LightGbmModel,
+    LightGbmParams,
+    RecipeParamsError,
+    model_from_export,
+    resolve_recipe,
+    train_pooled,
+    train_site,
+)
+from fedhealth.learning._lightgbm import agree_bins, cell_counts
+from fedhealth.secagg import SessionFailedError
+
+SITES = ["center-0", "center-1", "center-2", "center-3"]
+
+
+@pytest.fixture(scope="module")
+def centers(heart_data_dir) -> list[Any]:
+    return [load_heart_disease(c, heart_data_dir, download=False) for c in range(4)]
+
+
+def _federated(params: LightGbmParams, centers: list[Any]) -> dict[str, tuple[LightGbmModel, dict[str, int]]]:
+    session = InMemorySession(SITES, call_timeout_s=60)
+    return session.run(lambda member: train_site(params, centers[SITES.index(member.site)], member))
+
+
+def _trees(model_text: str) -> str:
+    """The trees of a model text (the parameters section names the tree learner and machine count)."""
+    return model_text.split("end of trees")[0]
+
+
+def _test_rows(centers: list[Any]) -> np.ndarray:
+    return np.concatenate([c.X_test for c in centers])
+
+
+def test_lightgbm_is_the_pinned_version():
+    assert lightgbm.__version__ == "4.7.0"  # _lightgbm_network's call-site table is this version's
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # binary, 31 leaves, min_data_in_leaf=1, min_gain_to_split=1e-6
+        {"num_leaves": 8, "max_depth": 3, "lambda_l2": 1.0, "learning_rate": 0.3},
+        {"objective": "regression", "num_leaves": 15, "min_data_in_leaf": 20},
+        {"objective": "multiclass", "num_class": 2, "num_leaves": 8},
+    ],
+    ids=["binary", "binary-depth-3", "regression-min-data-20", "multiclass"],
+)
+def test_federated_lightgbm_equals_lightgbm_on_the_pooled_rows_bit_for_bit(centers, overrides):
+    params = LightGbmParams(n_features=13, num_rounds=60, **overrides)
+    runs = _federated(params, centers)
+    assert len({model.model_text for model, _ in runs.values()}) == 1  # every site ends with the same model
+    federated = runs[SITES[0]][0]
+    pooled = train_pooled(params, centers)
+    # every tree: splits, thresholds, gains, leaf values, weights and row counts
+    assert _trees(federated.model_text) == _trees(pooled.model_text)
+    X = _test_rows(centers)
+    assert np.array_equal(federated.predict(X, raw_score=True), pooled.predict(X, raw_score=True))
+    assert federated.booster().num_trees() == 60 * params.num_class
+
+
+def test_without_exact_counts_lightgbm_data_parallel_drifts_from_the_pooled_model(centers, monkeypatch):
+    # what the exact counts buy: LightGBM's data-parallel learner estimates a child's rows from hessians,
+    # and on Fed-Heart-Disease its trees leave the pooled ones (the counts first, then the splits)
+    from fedhealth.learning import _lightgbm_network
+
+    monkeypatch.setattr(
+        _lightgbm_network.TreeTracker, "exact_counts", lambda self, blocks, secure_sum: blocks
+    )
+    monkeypatch.setattr(_lightgbm_network.TreeTracker, "start", lambda self, rows: None)
+    params = LightGbmParams(n_features=13, num_rounds=10)
+    federated = _federated(params, centers)[SITES[0]][0]
+    pooled = train_pooled(params, centers)
+    assert _trees(federated.model_text) != _trees(pooled.model_text)
+    counts = re.findall(r"leaf_count=.*", federated.model_text)
+    assert counts != re.findall(r"leaf_count=.*", pooled.model_text)
+
+
+def test_the_collectives_lightgbm_asks_for_are_the_protected_ones(centers):
+    params = LightGbmParams(n_features=13, num_rounds=5, num_leaves=4)
+    runs = _federated(params, centers)
+    calls = runs[SITES[0]][1]
+    # booster creation: positive and negative counts; first iteration: label sum, weight sum, start score;
+    # each tree: its root's (n, Σg, Σh), then per split step one histogram sum and one split-record gather
+    assert calls["count_sum"] == 2
+    assert calls["statistic_sum"] == 2
+    assert calls["init_score"] == 1
+    assert calls["root_sum"] == 5
+    assert calls["histogram_sum"] == calls["split_records"] == 5 * 3  # 4 leaves: 3 split steps per tree
+    assert calls.pop("values_sent") > 0
+    assert set(calls) == {
+        "count_sum",
+        "statistic_sum",
+        "init_score",
+        "root_sum",
+        "histogram_sum",
+        "split_records",
+    }
+    # and the only clear values: per split step, every site's two best-split records (a gather by secure sum)
+
+
+def test_multiclass_trains_one_tree_per_class_and_round(centers):
+    params = LightGbmParams(n_features=13, objective="multiclass", num_class=2, num_rounds=3, num_leaves=4)
+    runs = _federated(params, centers)
+    model = runs[SITES[0]][0]
+    assert model.booster().num_trees() == 6
+    assert runs[SITES[0]][1]["init_score"] == 2
+    probs = model.predict(_test_rows(centers))
+    assert probs.shape == (sum(len(c.y_test) for c in centers), 2)
+    assert np.allclose(probs.sum(axis=1), 1.0)
+
+
+def test_agreed_bins_come_from_the_summed_counts_and_match_the_pooled_ones(centers):
+    params = LightGbmParams(n_features=13, max_bin=16, num_rounds=1)
+    low, high = zip(*params.ranges(), strict=True)
+    per_site = [cell_counts(c.X_train, low, high, params.grid_cells) for c in centers]
+    starts = agree_bins(sum(per_site), 16)
+    for feature, first_cells in enumerate(starts):
+        assert first_cells[0] == 0
+        assert 1 <= len(first_cells) <= 16
+        occupied = np.flatnonzero(sum(per_site)[feature])
+        assert all(c in occupied for c in first_cells[1:])  # no bin empty of the pooled data
+    # the federated sites derive exactly these bins from the secure sum
+    runs = _federated(params, centers)
+    assert runs[SITES[0]][0].binning.starts == starts == train_pooled(params, centers).binning.starts
+
+
+def test_few_occupied_cells_get_one_bin_each():
+    counts = np.zeros((1, 10))
+    counts[0, [2, 5, 9]] = [3, 1, 4]
+    assert agree_bins(counts, 255) == ((0, 5, 9),)
+
+
+def test_the_export_carries_the_model_and_its_bins(centers):
+    params = LightGbmParams(n_features=13, num_rounds=3, num_leaves=4)
+    model = train_pooled(params, centers)
+    result = {"model": model.model_text, "binning": model.binning.to_json()}
+    export = LIGHTGBM_RECIPE.export(params, result)
+    assert export.metadata["recipe"] == "lightgbm"
+    assert export.metadata["format"] == "lightgbm-text over bin codes"
+    again = model_from_export(export)
+    X = _test_rows(centers)
+    assert again == model
+    assert np.array_equal(again.predict(X), model.predict(X))
+    assert export.predict_proba is not None
+    assert np.array_equal(export.predict_proba(X), model.predict(X))  # P(label = 1), raw features in
+
+
+def test_a_site_lost_mid_training_fails_the_session_for_every_site(centers):
+    params = LightGbmParams(n_features=13, num_rounds=50, num_leaves=8)
+    session = InMemorySession(SITES, call_timeout_s=60)
+    errors: dict[str, BaseException] = {}
+
+    class Crash(RuntimeError):
+        pass
+
+    def program(member):
+        calls = 0
+        original = member.secure_sum
+
+        def secure_sum(values):
+            nonlocal calls
+            calls += 1
+            if member.site == "center-2" and calls == 40:  # in the middle of the third tree or so
+                raise Crash("center-2's process died")
+            return original(values)
+
+        member.secure_sum = secure_sum
+        try:
+            return train_site(params, centers[SITES.index(member.site)], member)
+        except BaseException as exc:
+            errors[member.site] = exc
+            raise
+
+    with pytest.raises(Crash):
+        session.run(program)
+    assert isinstance(errors["center-2"], Crash)
+    for site in ("center-0", "center-1", "center-3"):  # the others: the session's failure, not LightGBM's
+        assert isinstance(errors[site], SessionFailedError), errors[site]
+        assert "center-2" in str(errors[site])
+    assert session.relay.released is None
+
+
+@pytest.mark.parametrize(
+    ("params", "problem"),
+    [
+        ({"n_features": 13, "objective": "lambdarank"}, "recipe.params.objective: Input should be"),
+        ({"n_features": 13, "objective": "multiclass"}, "multiclass needs num_class >= 2"),
+        ({"n_features": 13, "num_class": 3}, "num_class applies to multiclass only"),
+        ({"n_features": 13, "num_leaves": 1}, "recipe.params.num_leaves: Input should be greater than"),
+        ({"n_features": 13, "max_bin": 1000}, "recipe.params.max_bin: Input should be less than"),
+        ({"n_features": 13, "learning_rate": 0}, "recipe.params.learning_rate: Input should be greater"),
+        ({"n_features": 13, "max_depth": 0}, "max_depth must be -1"),
+        ({"n_features": 13, "value_range": [1, 1]}, "a feature range must have low < high"),
+        ({"n_features": 2, "feature_ranges": [[0, 1]]}, "feature_ranges gives 1 ranges, n_features is 2"),
+        ({"n_features": 13, "tree_learner": "voting"}, "recipe.params.tree_learner: Extra inputs"),
+        ({"n_features": 13, "use_quantized_grad": True}, "recipe.params.use_quantized_grad: Extra inputs"),
+    ],
+)
+def test_bad_params_are_refused_with_one_clear_line(params, problem):
+    with pytest.raises(RecipeParamsError) as err:
+        resolve_recipe("lightgbm", "1", params)
+    assert problem in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_dataset_of_another_width_is_refused_before_training(centers):
+    resolved = resolve_recipe("lightgbm", "1", {"n_features": 12})
+    with pytest.raises(Exception, match="has 13 features; the study's model expects 12"):
+        resolved.check_dataset(centers[0])
+
+
+def test_the_site_check_reference_step_trains_on_synthetic_rows():
+    step = LIGHTGBM_RECIPE.reference_step()
+    step.run()
+    assert "synthetic" in step.note
+
+
+class _Recording:
+    """A stand-in session that records what would be summed (the protocol's only way out)."""
+
+    site = "a"
+    sites = ("a", "b", "c")
+
+    def __init__(self) -> None:
+        self.summed: list[np.ndarray] = []
+
+    def secure_sum(self, values):
+        self.summed.append(np.array(values))
+        return np.array(values, dtype=np.float64) * 3
+
+    def broadcast(self, data):
+        raise AssertionError("nothing is broadcast during training")
+
+    def barrier(self):
+        raise AssertionError("no barrier during training")
+
+
+def _network(session: _Recording) -> Any:
+    from fedhealth.learning._lightgbm_network import SessionNetwork
+
+    return SessionNetwork(session, local_rows=10, init_schedule=[], init_score=lambda _i: None)
+
+
+def test_a_collective_lightgbm_was_not_expected_to_ask_for_fails_instead_of_being_sent():
+    from fedhealth.learning._lightgbm_network import UnprotectedCollectiveError
+
+    session = _Recording()
+    network = _network(session)
+    network.phase = "train"
+    for size in (
+        12,
+        8,
+        100,
+    ):  # an allgather of a size no protected call site has, or an 8-byte one mid-training
+        with pytest.raises(UnprotectedCollectiveError):
+            network._allgather(b"\x01" * size, [size] * 3)
+    assert session.summed == []  # nothing left the site
+
+
+def test_a_reduce_scatter_whose_reducer_is_not_a_sum_is_refused():
+    import ctypes
+
+    from fedhealth.learning._lightgbm_network import _REDUCER, UnprotectedCollectiveError
+
+    @_REDUCER
+    def maximum(src, dst, type_size, length):  # a max reducer, as LightGBM's GlobalSyncUpByMax has
+        a = (ctypes.c_double * (length // 8)).from_address(src)
+        b = (ctypes.c_double * (length // 8)).from_address(dst)
+        for i in range(length // 8):
+            b[i] = max(a[i], b[i])
+
+    pointer = ctypes.c_void_p(ctypes.cast(maximum, ctypes.c_void_p).value)
+    session = _Recording()
+    network = _network(session)
+    data = np.arange(6, dtype=np.float64)
+    out = np.zeros(2)
+    network.reduce_scatter(
+        data.ctypes.data, 48, 8, [0, 16, 32], [16, 16, 16], out.ctypes.data, ctypes.addressof(pointer)
+    )
+    assert isinstance(network.error, UnprotectedCollectiveError)
+    assert session.summed == []
+    assert out.tolist() == [0.0, 1.0]  # the site's own block: LightGBM goes on alone until the loop raises
+    with pytest.raises(UnprotectedCollectiveError):
+        network.check()
