@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedhealth.data import TabularDataset, breastmnist_federation, breastmnist_pooled
-from fedhealth.learning._torch_recipe import (
+from fedhealth.learning import (
     BREASTMNIST_PARAMS,
     BREASTMNIST_ROUNDS,
     TorchParams,

@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 from imaging_files import square_images
 
-from fedhealth.learning import DpLevel, RecipeError, RecordDp, resolve_recipe
-from fedhealth.learning._torch_recipe import TORCH_RECIPE, TorchParams, torch_threads
+from fedhealth.learning import (
+    TORCH_RECIPE,
+    DpLevel,
+    RecipeError,
+    RecordDp,
+    TorchParams,
+    resolve_recipe,
+    torch_threads,
+)
 from fedhealth.protocol import RecipeSpec, StrategySpec, StudySpec
 from fedhealth.runtime import run_study_in_memory
 

@@ -68,7 +68,7 @@ def _imaging_federation(
     rounds: int | None, site_keys: Mapping[str, str] | None
 ) -> tuple[dict[str, str], StudySpec]:
     """BreastMNIST split into 4 hospitals with label and size skew, the small CNN trained with FedAvg."""
-    from fedhealth.learning._torch_recipe import BREASTMNIST_PARAMS, BREASTMNIST_ROUNDS, TORCH_RECIPE
+    from fedhealth.learning import BREASTMNIST_PARAMS, BREASTMNIST_ROUNDS, TORCH_RECIPE
     from fedhealth.runtime import recipe_spec
 
     sites = {f"hospital-{c}": f"builtin://breastmnist/{i}?sites=4&seed=0" for i, c in enumerate("abcd")}
