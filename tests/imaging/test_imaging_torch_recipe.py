@@ -204,3 +204,37 @@ def test_torch_threads_follow_the_environment(monkeypatch):
     assert torch_threads() == 3
     monkeypatch.setenv("FEDHEALTH_TORCH_THREADS", "many")
     assert torch_threads() >= 1
+
+
+def test_batchnorm_running_statistics_are_averaged_plainly_under_fedadam():
+    """FedAdam's adaptive step on BatchNorm's running variance collapsed the CNN (accuracy near the minority
+    class rate): the recipe declares those tensors statistics of the data, and the server takes their plain
+    mean under every strategy while the trained weights get the adaptive step."""
+    from fedhealth.runtime import aggregate
+
+    resolved = recipe(norm="batch")
+    averaged = resolved.averaged_tensors()
+    assert averaged
+    assert all(n.endswith((".running_mean", ".running_var")) for n in averaged)
+    assert not any(s.name.endswith(".weight") and s.name in averaged for s in resolved.param_specs())
+    model = resolved.init(0)
+    rng = np.random.default_rng(3)
+    updates = [
+        (n, {k: rng.normal(size=v.shape).astype(np.float32) for k, v in model.items()}) for n in (30, 10)
+    ]
+    spec = StudySpec(
+        name="bn",
+        dataset="squares",
+        recipe=RecipeSpec(name="torch", params={**SMALL, "norm": "batch"}),
+        strategy=StrategySpec(name="fedadam"),
+        rounds=1,
+        train_sites=["a", "b"],
+    )
+    new, state = aggregate(spec.strategy, model, updates, {}, spec=spec)
+    for name in averaged:
+        mean = (30 * updates[0][1][name].astype(np.float64) + 10 * updates[1][1][name]) / 40
+        np.testing.assert_allclose(new[name], model[name] + mean, rtol=1e-6)
+        assert f"m.{name}" not in state
+    trained = next(n for n in model if n not in averaged and n.endswith("weight"))
+    assert f"m.{trained}" in state
+    assert recipe(norm="group").averaged_tensors() == frozenset()

@@ -230,6 +230,10 @@ class RoundsRecipe(Recipe[P], Protocol[P]):
 
     Every method is a pure function of its arguments (and ``rng``'s stream), so a task rerun after a crash
     gives the same bytes, and the orchestrator and an in-memory run compute the same models.
+
+    Optional: ``averaged_tensors(params) -> Collection[str]`` names tensors that are statistics of the data
+    rather than trained parameters (BatchNorm's running mean and variance); the server takes their plain
+    weighted mean under every strategy, and adaptive strategies keep no state for them.
     """
 
     def param_specs(self, params: P) -> list[TensorSpec]:

@@ -152,6 +152,21 @@ class ResolvedRecipe:
     def export(self, model: Params) -> ModelExport:
         return self.rounds().export(self.params, model)
 
+    def averaged_tensors(self) -> frozenset[str]:
+        """The tensors the server averages plainly under every strategy (statistics of the data, not trained
+        parameters): what the recipe declares with its optional ``averaged_tensors(params)``; none when it
+        declares nothing."""
+        declared = getattr(self.rounds(), "averaged_tensors", None)
+        if declared is None:
+            return frozenset()
+        names = frozenset(declared(self.params))
+        unknown = names - {s.name for s in self.param_specs()}
+        if unknown:
+            raise RecipeError(
+                f"recipe {self.name!r} declares averaged tensors it does not have: {sorted(unknown)}"
+            )
+        return names
+
 
 def _is_recipe(obj: object) -> str | None:
     """Why ``obj`` is not a recipe, or None: the attributes every recipe declares, with their types."""

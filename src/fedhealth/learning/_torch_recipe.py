@@ -388,6 +388,11 @@ class TorchRecipe:
     def param_specs(self, params: TorchParams) -> list[TensorSpec]:
         return list(_specs(params))
 
+    def averaged_tensors(self, params: TorchParams) -> frozenset[str]:
+        """BatchNorm's running mean and variance: statistics of the sites' images, averaged plainly by the
+        server under every strategy (an adaptive step on them collapses the network)."""
+        return frozenset(s.name for s in _specs(params) if s.name.endswith((".running_mean", ".running_var")))
+
     def init(self, params: TorchParams, seed: int) -> Params:
         with _seeded(seed):
             return _exported(_network(params))
