@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
@@ -67,12 +68,13 @@ class LightGbmParams(BaseModel):
     num_rounds: int = Field(default=100, ge=1, le=10_000, description="boosting rounds")
     num_leaves: int = Field(default=31, ge=2, le=4096)
     max_depth: int = Field(default=-1, ge=-1, le=64, description="-1: no limit")
-    learning_rate: FiniteFloat = Field(default=0.1, gt=0, le=1)
-    lambda_l1: FiniteFloat = Field(default=0.0, ge=0, le=1e6)
-    lambda_l2: FiniteFloat = Field(default=0.0, ge=0, le=1e6)
-    min_gain_to_split: FiniteFloat = Field(default=1e-6, ge=0, le=1e6)
+    # the lower bounds of these are LightGBM's own, which it is asked for (library_problem)
+    learning_rate: FiniteFloat = Field(default=0.1, le=1)
+    lambda_l1: FiniteFloat = Field(default=0.0, le=1e6)
+    lambda_l2: FiniteFloat = Field(default=0.0, le=1e6)
+    min_gain_to_split: FiniteFloat = Field(default=1e-6, le=1e6)
     min_data_in_leaf: int = Field(default=1, ge=1, le=1_000_000)
-    min_sum_hessian_in_leaf: FiniteFloat = Field(default=1e-3, ge=0, le=1e6)
+    min_sum_hessian_in_leaf: FiniteFloat = Field(default=1e-3, le=1e6)
     boost_from_average: bool = True
     max_bin: int = Field(default=255, ge=2, le=255, description="bins per feature at most")
     grid_cells: int = Field(default=1024, ge=2, le=65_536, description="public grid cells per feature")
@@ -105,12 +107,19 @@ class LightGbmParams(BaseModel):
         for low, high in self.ranges():
             if not low < high:
                 raise ValueError(f"a feature range must have low < high, got [{low}, {high}]")
+        problem = library_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     def ranges(self) -> list[tuple[float, float]]:
         if self.feature_ranges is not None:
             return [(float(lo), float(hi)) for lo, hi in self.feature_ranges]
         return [(float(self.value_range[0]), float(self.value_range[1]))] * self.n_features
+
+    def label_classes(self) -> int | None:
+        """The number of classes (None for regression), for the synthetic rows the library is asked on."""
+        return {"binary": 2, "multiclass": self.num_class}.get(self.objective)
 
     def training_params(self) -> dict[str, Any]:
         """LightGBM's training parameters (the same at every site and for the pooled reference)."""
@@ -147,6 +156,37 @@ DATASET_PARAMS: dict[str, Any] = {
     "num_threads": 1,
     "verbosity": -1,
 }
+
+
+def _probe_rows(n_features: int, classes: int | None) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """A few synthetic rows (no one's data) of the study's width, every class present."""
+    rows = 2 * max(2, classes or 2)
+    X = (np.arange(rows * n_features, dtype=np.float64).reshape(rows, n_features) * 7) % 5
+    y = (np.arange(rows) % classes if classes else np.arange(rows)).astype(np.float64)
+    return X, y
+
+
+def _first_line(exc: BaseException) -> str:
+    """A library's error message as one line, without the source path and time stamp it may carry."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    line = re.sub(r"^\[[0-9:]+\] \S+?:\d+: ", "", line)  # XGBoost: "[12:00:00] /src/x.cc:42: ..."
+    return re.sub(r" at \S+, line \d+ ?\.?$", "", line).strip()  # LightGBM: "... at /src/x.cpp, line 9 ."
+
+
+def library_problem(params: LightGbmParams) -> str | None:
+    """What LightGBM says of these parameters, asked on a few synthetic rows, in one line; None if it
+    accepts them, or if this process has no LightGBM (a site refuses the study before training then)."""
+    try:
+        lgb = _lgb()
+    except RecipeError:
+        return None
+    X, y = _probe_rows(params.n_features, params.label_classes())
+    try:
+        data = lgb.Dataset(X, label=y, params=dict(DATASET_PARAMS))
+        lgb.Booster(params={**params.training_params(), "tree_learner": "serial"}, train_set=data)
+    except lgb.basic.LightGBMError as exc:
+        return f"LightGBM {LIGHTGBM_VERSION} refuses these parameters: {_first_line(exc)}"
+    return None
 
 
 def _lgb() -> Any:

@@ -24,7 +24,15 @@ from fedhealth.core import DatasetError
 from fedhealth.data import TabularDataset
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
-from fedhealth.learning._lightgbm import Binning, binning_of, cell_counts, held_out_sums, release
+from fedhealth.learning._lightgbm import (
+    Binning,
+    _first_line,
+    _probe_rows,
+    binning_of,
+    cell_counts,
+    held_out_sums,
+    release,
+)
 from fedhealth.learning._recipe import (
     CombinationPattern,
     DataSchema,
@@ -57,10 +65,11 @@ class XGBoostParams(BaseModel):
     num_rounds: int = Field(default=100, ge=1, le=10_000)
     max_depth: int = Field(default=6, ge=1, le=32)
     learning_rate: FiniteFloat = Field(default=0.3, gt=0, le=1)
-    reg_lambda: FiniteFloat = Field(default=1.0, ge=0, le=1e6)
-    reg_alpha: FiniteFloat = Field(default=0.0, ge=0, le=1e6)
-    min_child_weight: FiniteFloat = Field(default=1.0, ge=0, le=1e6)
-    gamma: FiniteFloat = Field(default=0.0, ge=0, le=1e6)
+    # the lower bounds of these are XGBoost's own, which it is asked for (xgboost_problem)
+    reg_lambda: FiniteFloat = Field(default=1.0, le=1e6)
+    reg_alpha: FiniteFloat = Field(default=0.0, le=1e6)
+    min_child_weight: FiniteFloat = Field(default=1.0, le=1e6)
+    gamma: FiniteFloat = Field(default=0.0, le=1e6)
     max_bin: int = Field(default=255, ge=2, le=255)
     grid_cells: int = Field(default=1024, ge=2, le=65_536)
     value_range: Range = (-10.0, 10.0)
@@ -83,7 +92,14 @@ class XGBoostParams(BaseModel):
         for low, high in self.ranges():
             if not low < high:
                 raise ValueError(f"a feature range must have low < high, got [{low}, {high}]")
+        problem = xgboost_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
         return self
+
+    def label_classes(self) -> int | None:
+        """The number of classes (None for regression), for the synthetic rows the library is asked on."""
+        return {"binary:logistic": 2, "multi:softprob": self.num_class}.get(self.objective)
 
     def ranges(self) -> list[tuple[float, float]]:
         if self.feature_ranges is not None:
@@ -121,6 +137,21 @@ def _xgb() -> Any:
             f"communicator); this site has {xgboost.__version__}"
         )
     return xgboost
+
+
+def xgboost_problem(params: XGBoostParams) -> str | None:
+    """What XGBoost says of these parameters, asked with one round on a few synthetic rows, in one line;
+    None if it accepts them, or if this process has no XGBoost (a site refuses the study before training)."""
+    try:
+        xgb = _xgb()
+    except RecipeError:
+        return None
+    X, y = _probe_rows(params.n_features, params.label_classes())
+    try:
+        xgb.train(params.training_params(), xgb.DMatrix(X, label=y, nthread=1), 1)
+    except xgb.core.XGBoostError as exc:
+        return f"XGBoost {XGBOOST_VERSION} refuses these parameters: {_first_line(exc)}"
+    return None
 
 
 def _reference(binning: Binning) -> Any:
