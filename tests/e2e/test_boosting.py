@@ -10,14 +10,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightgbm
 import numpy as np
+import pandas as pd
 import pytest
+import xgboost
+from typer.testing import CliRunner
 
+import fedhealth
+from fedhealth.cli import app
 from fedhealth.data import load_heart_disease
 from fedhealth.learning import (
     LIGHTGBM_RECIPE,
     LightGbmModel,
     LightGbmParams,
+    PackageError,
     XGBoostModel,
     XGBoostParams,
     train_pooled,
@@ -180,6 +187,66 @@ def test_federated_xgboost_through_the_services_is_the_pooled_model(fed, capture
     sums = [r for r in records if r["event"] == "received" and r["op"] == "SUM" and len(r["head"]) >= 4]
     for record in sums:
         assert not all(_small(v) for v in record["head"]), record
+
+
+def _cli(fed: LocalFederation, *args: object) -> Any:
+    admin = ["--credential", fed.home.admin_credential, "--orchestrator", fed.url]
+    return CliRunner().invoke(app, [str(a) for a in (*args, *admin)])
+
+
+@pytest.mark.parametrize(
+    ("recipe", "params", "native"),
+    [
+        ("lightgbm", {"num_rounds": 6, "num_leaves": 6}, "model.txt"),
+        ("xgboost", {"num_rounds": 5, "max_depth": 3}, "model.json"),
+    ],
+)
+def test_an_exported_boosting_model_predicts_raw_rows_as_the_federated_model_does(
+    fed, data_dir, tmp_path, recipe, params, native
+):
+    centers = [load_heart_disease(c, data_dir, download=False) for c in range(4)]
+    names = list(centers[0].feature_names)
+    params = {"n_features": 13, "feature_names": names, "label_meaning": "heart disease", **params}
+    spec = _spec(fed, f"{recipe}-export", params, timeout_s=60).model_copy(
+        update={"recipe": RecipeSpec(name=recipe, params=params)}
+    )
+    final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=300, interval=0.2)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    result = final.rounds[0].metrics or {}
+
+    out = tmp_path / "package"
+    exported = _cli(fed, "model", "export", final.study_id, "--out", out, "--json")
+    assert exported.exit_code == 0, exported.output
+    metadata = json.loads(exported.output)
+    assert set(metadata["files"]) == {"result.json", native}
+    assert metadata["recipe"] == {"name": recipe, "version": "1"}
+    assert metadata["feature_names"] == names
+    assert metadata["label"] == {"positive_class": 1, "meaning": "heart disease"}
+    assert metadata["spec_hash"] == final.spec_hash
+    assert metadata["privacy"] is None  # no differential privacy in this study: the package says so
+    assert set(metadata["provenance"]["sites"]) == set(SITES)
+    assert (out / native).read_text() == result["model"]  # the library's own model file, as released
+
+    # the package, loaded with the library alone, predicts the sites' rows as the federated model does
+    X = np.concatenate([c.X_test for c in centers])
+    frame = pd.DataFrame(X[:, ::-1], columns=names[::-1])  # columns are found by name
+    package = fedhealth.load_model(out)
+    ours = package.predict_proba(frame, assume_standardized=True)
+    model = (LightGbmModel if recipe == "lightgbm" else XGBoostModel).from_result(result)
+    assert np.array_equal(ours, model.predict(X))
+    if recipe == "lightgbm":
+        native_model = lightgbm.Booster(model_file=str(out / native))
+        codes = model.binning.codes(X)
+        assert np.array_equal(native_model.predict(codes), ours)
+    else:
+        native_model = xgboost.Booster()
+        native_model.load_model(str(out / native))
+        assert np.array_equal(native_model.predict(xgboost.DMatrix(model.binning.codes(X))), ours)
+
+    # an edited model file is refused, not applied
+    (out / native).write_text(result["model"].replace("1", "2", 1))
+    with pytest.raises(PackageError, match="was modified"):
+        fedhealth.load_model(out)
 
 
 def _refused_before_training(fed: LocalFederation, capture: Path, final: Any, refusing: list[str]) -> None:

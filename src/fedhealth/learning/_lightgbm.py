@@ -35,6 +35,7 @@ from fedhealth.data import TabularDataset
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
 from fedhealth.learning._lightgbm_network import SessionNetwork, TreeTracker
+from fedhealth.learning._preprocessing import preprocessing_metadata
 from fedhealth.learning._recipe import (
     CombinationPattern,
     DataSchema,
@@ -83,6 +84,9 @@ class LightGbmParams(BaseModel):
     )
     feature_ranges: tuple[Range, ...] | None = Field(
         default=None, description="a public range per feature, in input order (instead of value_range)"
+    )
+    label_meaning: str | None = Field(
+        default=None, min_length=1, max_length=500, description="what label 1 means, for the model package"
     )
 
     @model_validator(mode="after")
@@ -554,17 +558,13 @@ class LightGbmRecipe:
     def export(self, params: LightGbmParams, result: Mapping[str, Any]) -> ModelExport:
         """The model of a study's result (what ``finish`` returned) as tensors and metadata: ``model`` the
         LightGBM model text (UTF-8 bytes, over bin codes), ``bin_starts`` every feature's first cells
-        concatenated and ``bin_counts`` how many each has, ``low``/``high`` the public grid's ranges."""
+        concatenated and ``bin_counts`` how many each has, ``low``/``high`` the public grid's ranges; the
+        native file ``model.txt`` (the model text) and, in the metadata, the binning that maps raw features
+        to the codes it reads."""
         model = LightGbmModel.from_result(result)
-        binning = model.binning
-        return ModelExport(
-            tensors={
-                "model": np.frombuffer(model.model_text.encode(), dtype=np.uint8).copy(),
-                "bin_starts": np.concatenate([np.asarray(s, dtype=np.int64) for s in binning.starts]),
-                "bin_counts": np.asarray(binning.num_bins, dtype=np.int64),
-                "low": np.asarray(binning.low, dtype=np.float64),
-                "high": np.asarray(binning.high, dtype=np.float64),
-            },
+        return boosting_export(
+            model.model_text,
+            model.binning,
             metadata={
                 "recipe": self.name,
                 "version": self.version,
@@ -573,10 +573,43 @@ class LightGbmRecipe:
                 "lightgbm": LIGHTGBM_VERSION,
                 "objective": params.objective,
                 "num_class": params.num_class,
-                "grid_cells": binning.grid_cells,
+                "grid_cells": model.binning.grid_cells,
             },
+            label_meaning=params.label_meaning,
+            native_name="model.txt",
             predict_proba=model.predict if params.objective == "binary" else None,
         )
+
+
+def boosting_export(
+    model: str,
+    binning: Binning,
+    *,
+    metadata: Mapping[str, JsonValue],
+    label_meaning: str | None,
+    native_name: str,
+    predict_proba: Any,
+) -> ModelExport:
+    """A boosting recipe's export: the model (its library's own file, over bin codes) and the binning, as
+    tensors, as metadata (``binning``; ``preprocessing``: the sites' own standardization, as their
+    connectors did it; ``label``) and as the native file a model package holds."""
+    return ModelExport(
+        tensors={
+            "model": np.frombuffer(model.encode(), dtype=np.uint8).copy(),
+            "bin_starts": np.concatenate([np.asarray(s, dtype=np.int64) for s in binning.starts]),
+            "bin_counts": np.asarray(binning.num_bins, dtype=np.int64),
+            "low": np.asarray(binning.low, dtype=np.float64),
+            "high": np.asarray(binning.high, dtype=np.float64),
+        },
+        metadata={
+            **metadata,
+            "binning": binning.to_json(),
+            "preprocessing": preprocessing_metadata(None),
+            "label": {"positive_class": 1, "meaning": label_meaning},
+        },
+        predict_proba=predict_proba,
+        native_file=(native_name, model.encode()),
+    )
 
 
 def model_from_export(export: ModelExport) -> LightGbmModel:

@@ -29,6 +29,7 @@ from fedhealth.learning._lightgbm import (
     _first_line,
     _probe_rows,
     binning_of,
+    boosting_export,
     cell_counts,
     held_out_sums,
     release,
@@ -74,6 +75,9 @@ class XGBoostParams(BaseModel):
     grid_cells: int = Field(default=1024, ge=2, le=65_536)
     value_range: Range = (-10.0, 10.0)
     feature_ranges: tuple[Range, ...] | None = None
+    label_meaning: str | None = Field(
+        default=None, min_length=1, max_length=500, description="what label 1 means, for the model package"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> XGBoostParams:
@@ -310,17 +314,13 @@ class XGBoostRecipe:
         return result
 
     def export(self, params: XGBoostParams, result: Mapping[str, Any]) -> ModelExport:
-        """``model``: XGBoost's JSON model (UTF-8 bytes, over bin codes); the binning as for lightgbm."""
+        """``model``: XGBoost's JSON model (UTF-8 bytes, over bin codes), also the native file
+        ``model.json``; the binning as for lightgbm."""
         model = XGBoostModel.from_result(result)
         binning = model.binning
-        return ModelExport(
-            tensors={
-                "model": np.frombuffer(model.model_json.encode(), dtype=np.uint8).copy(),
-                "bin_starts": np.concatenate([np.asarray(s, dtype=np.int64) for s in binning.starts]),
-                "bin_counts": np.asarray(binning.num_bins, dtype=np.int64),
-                "low": np.asarray(binning.low, dtype=np.float64),
-                "high": np.asarray(binning.high, dtype=np.float64),
-            },
+        return boosting_export(
+            model.model_json,
+            binning,
             metadata={
                 "recipe": self.name,
                 "version": self.version,
@@ -331,6 +331,8 @@ class XGBoostRecipe:
                 "num_class": params.num_class,
                 "grid_cells": binning.grid_cells,
             },
+            label_meaning=params.label_meaning,
+            native_name="model.json",
             predict_proba=model.predict if params.objective == "binary:logistic" else None,
         )
 
