@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
@@ -432,6 +433,49 @@ def train_site(
     }
 
 
+class TimedSession:
+    """A site's session that also counts the seconds its program spent inside collective calls (waiting for
+    the other sites and the relay): the site's own record says how much of its time was waiting."""
+
+    def __init__(self, session: Collectives) -> None:
+        self._session = session
+        self.started = time.perf_counter()
+        self.waiting_s = 0.0
+
+    @property
+    def site(self) -> str:
+        return self._session.site
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return self._session.sites
+
+    def secure_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
+        started = time.perf_counter()
+        try:
+            return self._session.secure_sum(values)
+        finally:
+            self.waiting_s += time.perf_counter() - started
+
+    def broadcast(self, data: bytes | None) -> bytes:
+        started = time.perf_counter()
+        try:
+            return self._session.broadcast(data)
+        finally:
+            self.waiting_s += time.perf_counter() - started
+
+    def barrier(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._session.barrier()
+        finally:
+            self.waiting_s += time.perf_counter() - started
+
+    def record(self) -> dict[str, JsonValue]:
+        """The program's seconds and those spent in collective calls (kept at the site, never sent)."""
+        return {"program_s": time.perf_counter() - self.started, "collective_s": self.waiting_s}
+
+
 def held_out_sums(kind: str, predict: Any, dataset: TabularDataset) -> NDArray[np.float64]:
     """This site's test statistics, summed over the sites: [rows, correct, loss sum, own accuracy, 1 if it
     has test rows]."""
@@ -537,16 +581,21 @@ class LightGbmRecipe:
         if dataset is None:
             raise DatasetError("LightGBM needs the site's dataset")
         self.data_schema(params).check(dataset)
-        model, calls = train_site(params, dataset, session)
+        timed = TimedSession(session)
+        model, calls = train_site(params, dataset, timed)
         release(
-            session,
+            timed,
             held_out_sums(params.objective, model.predict, dataset),
             params.objective,
             {"model": model.model_text, "binning": model.binning.to_json()},
             lambda: model.booster().num_trees(),
         )
         return SiteSessionOutcome(
-            record={"collectives": dict(calls.items()), "train_rows": len(dataset.y_train)}
+            record={
+                "collectives": dict(calls.items()),
+                "train_rows": len(dataset.y_train),
+                **timed.record(),
+            }
         )
 
     def finish(self, params: LightGbmParams, released: bytes) -> dict[str, JsonValue]:

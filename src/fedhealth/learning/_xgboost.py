@@ -26,6 +26,7 @@ from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
 from fedhealth.learning._lightgbm import (
     Binning,
+    TimedSession,
     _first_line,
     _probe_rows,
     binning_of,
@@ -197,8 +198,20 @@ def train_pooled_xgboost(params: XGBoostParams, datasets: Sequence[TabularDatase
     X = np.concatenate([binning.codes(d.X_train) for d in datasets])
     y = np.concatenate([d.y_train for d in datasets]).astype(np.float64)
     train = xgb.QuantileDMatrix(X, label=y, ref=_reference(binning), nthread=1)
-    booster = xgb.train(params.training_params(), train, params.num_rounds)
+    booster = xgb.train(
+        {**params.training_params(), **_base_score(params, y.sum(), y.size)}, train, params.num_rounds
+    )
     return XGBoostModel(model_json=bytes(booster.save_raw("json")).decode(), binning=binning)
+
+
+def _base_score(params: XGBoostParams, total_y: float, total_n: float) -> dict[str, float]:
+    """The start score of a binary or regression model: the pooled label mean (float64, rounded once to
+    XGBoost's float32), given to XGBoost rather than estimated by it. XGBoost's own distributed estimate
+    combines the workers' estimates in float32 and can end one float32 step away from the single-machine
+    value (seen with 3 sites, and 4 sites of 105 rows, on synthetic data), which changes every prediction."""
+    if params.objective == "multi:softprob" or total_n < 1:
+        return {}
+    return {"base_score": total_y / total_n}
 
 
 def train_site_xgboost(
@@ -211,6 +224,9 @@ def train_site_xgboost(
     low, high = zip(*params.ranges(), strict=True)
     counts = session.secure_sum(cell_counts(dataset.X_train, low, high, params.grid_cells).reshape(-1))
     binning = binning_of(params, counts)
+    y = dataset.y_train.astype(np.float64)
+    total_y, total_n = session.secure_sum(np.array([y.sum(), y.size], dtype=np.float64)).tolist()
+    start = _base_score(params, total_y, total_n)
     train = xgb.QuantileDMatrix(  # before the communicator: no sketch is exchanged
         binning.codes(dataset.X_train),
         label=dataset.y_train.astype(np.float64),
@@ -227,7 +243,7 @@ def train_site_xgboost(
             federated_rank=proxy.rank,
         ):
             try:
-                booster = xgb.train(params.training_params(), train, params.num_rounds)
+                booster = xgb.train({**params.training_params(), **start}, train, params.num_rounds)
             except xgb.core.XGBoostError:
                 if proxy.error is not None:
                     raise proxy.error from None
@@ -296,16 +312,19 @@ class XGBoostRecipe:
         if dataset is None:
             raise DatasetError("XGBoost needs the site's dataset")
         self.data_schema(params).check(dataset)
-        model, calls = train_site_xgboost(params, dataset, session)
+        timed = TimedSession(session)
+        model, calls = train_site_xgboost(params, dataset, timed)
         kind = _KIND[params.objective]
         release(
-            session,
+            timed,
             held_out_sums(kind, model.predict, dataset),
             kind,
             {"model": model.model_json, "binning": model.binning.to_json()},
             lambda: params.num_rounds * max(1, params.num_class),
         )
-        return SiteSessionOutcome(record={"collectives": dict(calls), "train_rows": len(dataset.y_train)})
+        return SiteSessionOutcome(
+            record={"collectives": dict(calls), "train_rows": len(dataset.y_train), **timed.record()}
+        )
 
     def finish(self, params: XGBoostParams, released: bytes) -> dict[str, JsonValue]:
         result = json.loads(released)
