@@ -80,14 +80,20 @@ def _write_site_csv(path: Path, rows: int, features: int, rng: np.random.Generat
     np.savetxt(path, body, delimiter=",", header=header, comments="", fmt=["%.6f"] * features + ["%d"])
 
 
-def _site_record(fed: LocalFederation, site: str, study_id: str) -> dict[str, Any]:
-    """The site's own record of its part in the study's session (its results.jsonl)."""
+def _site_record(fed: LocalFederation, site: str, study_id: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """The site's own record of its part in the study's session (its results.jsonl), which the agent
+    writes after the session's closing call, so possibly a moment after the study completed."""
     path = fed.site_home(site).root / "results.jsonl"
-    for line in reversed(path.read_text().splitlines()):
-        entry = json.loads(line)
-        if entry.get("study_id") == study_id:
-            return dict(entry["metrics"])
-    raise FederationError(f"site {site} kept no record of study {study_id}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        for line in reversed(lines):
+            entry = json.loads(line)
+            if entry.get("study_id") == study_id:
+                return dict(entry["metrics"])
+        if time.monotonic() > deadline:
+            raise FederationError(f"site {site} kept no record of study {study_id}")
+        time.sleep(0.1)
 
 
 def benchmark_boosting(
