@@ -22,19 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from fedhealth.core import DatasetError
 from fedhealth.data import TabularDataset
+from fedhealth.learning._boosting import TimedSession, boosting_export, first_line, probe_rows
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
-from fedhealth.learning._lightgbm import (
-    Binning,
-    TimedSession,
-    _first_line,
-    _probe_rows,
-    binning_of,
-    boosting_export,
-    cell_counts,
-    held_out_sums,
-    release,
-)
+from fedhealth.learning._lightgbm import Binning, binning_of, cell_counts, held_out_sums, release
 from fedhealth.learning._recipe import (
     CombinationPattern,
     DataSchema,
@@ -151,11 +142,11 @@ def xgboost_problem(params: XGBoostParams) -> str | None:
         xgb = _xgb()
     except RecipeError:
         return None
-    X, y = _probe_rows(params.n_features, params.label_classes())
+    X, y = probe_rows(params.n_features, params.label_classes())
     try:
         xgb.train(params.training_params(), xgb.DMatrix(X, label=y, nthread=1), 1)
     except xgb.core.XGBoostError as exc:
-        return f"XGBoost {XGBOOST_VERSION} refuses these parameters: {_first_line(exc)}"
+        return f"XGBoost {XGBOOST_VERSION} refuses these parameters: {first_line(exc)}"
     return None
 
 
