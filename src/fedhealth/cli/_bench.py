@@ -74,8 +74,6 @@ def boosting_benchmark(
 ) -> None:
     """Federated LightGBM and XGBoost through the real services against the same library on the pooled rows,
     in one run: wall-time ratio, collectives per tree, bytes per site, share of time waiting."""
-    from rich.table import Table
-
     from fedhealth.sim import benchmark_boosting
 
     console = Console(stderr=as_json)
@@ -86,32 +84,15 @@ def boosting_benchmark(
     if as_json:
         print(json.dumps(result.to_json()))
         return
-    table = Table(title=f"{sites} sites, {rows:,} rows x {features} features, {trees} trees (binary)")
-    for col in (
-        "library",
-        "pooled",
-        "federated",
-        "ratio",
-        "collectives/tree",
-        "MB/site",
-        "waiting",
-        "= pooled",
-        "accuracy",
-    ):
-        table.add_column(col, justify="left" if col == "library" else "right")
+    console.print(f"{sites} sites, {rows:,} rows x {features} features, {trees} trees (binary):")
     for r in result.runs:
-        table.add_row(
-            r.library,
-            f"{r.pooled_s:.2f} s",
-            f"{r.federated_s:.1f} s",
-            f"{r.ratio:.0f}x",
-            f"{r.collectives_per_tree:.1f}",
-            f"{r.bytes_per_site / 1e6:.1f}",
-            f"{r.waiting_share:.0%}",
-            "yes" if r.identical_to_pooled else "NO",
-            f"{r.accuracy:.3f}" if r.accuracy is not None else "",
+        accuracy = f", accuracy {r.accuracy:.3f}" if r.accuracy is not None else ""
+        console.print(
+            f"  {r.library}: pooled {r.pooled_s:.2f} s, federated {r.federated_s:.1f} s = {r.ratio:.0f}x; "
+            f"{r.collectives_per_tree:.1f} collectives/tree, {r.bytes_per_site / 1e6:.1f} MB/site, "
+            f"{r.waiting_share:.0%} of each site's time in collective calls; "
+            f"{'equal to' if r.identical_to_pooled else 'DIFFERENT from'} the pooled model{accuracy}"
         )
-    console.print(table)
     load = ", ".join(f"{v:.2f}" for v in result.load_before)
     console.print(f"load average at start {load} on {result.cpus} CPUs")
 
