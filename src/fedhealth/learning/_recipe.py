@@ -142,12 +142,14 @@ class ModelExport:
     ``label`` (``positive_class`` and what it means); and ``predict_proba``, P(label = 1) for each row of
     a feature matrix in ``feature_names`` order, after that preprocessing (float64). ``onnx``, for a recipe
     declaring ``export_onnx``, builds the same model, preprocessing's standardization included, as an ONNX
-    file (the ``onnx`` package is imported only then)."""
+    file (the ``onnx`` package is imported only then). ``native_file``, for a model that is its library's
+    own file (a collective recipe's trees), is that file's name and bytes: a model package holds it."""
 
     tensors: Params
     metadata: Mapping[str, JsonValue]
     predict_proba: Callable[[np.ndarray], np.ndarray] | None = None
     onnx: Callable[[], bytes] | None = None
+    native_file: tuple[str, bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

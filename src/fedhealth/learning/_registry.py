@@ -111,6 +111,14 @@ class ResolvedRecipe:
             )
         return cast(CollectiveRecipe[Any], self.recipe)
 
+    def export_result(self, result: Mapping[str, Any]) -> ModelExport:
+        """The model in a collective study's result (what ``finish`` returned), as the recipe exports it;
+        :class:`RecipeError` for a collective recipe that releases no model (e.g. statistics)."""
+        export = getattr(self.collective(), "export", None)
+        if not callable(export):
+            raise RecipeError(f"recipe {self.name!r} (version {self.version}) releases no model to export")
+        return cast(ModelExport, export(self.params, result))
+
     def session_dp_plan(self) -> DpPlan | None:
         """What one collective session of this study releases about a site's records under the recipe's own
         noise (``capabilities.session_dp``); None for a recipe that declares no such noise."""
