@@ -21,6 +21,7 @@ DOCS = [
     "docs/model-packages.md",
     "docs/statistics.md",
     "docs/boosting.md",
+    "docs/imaging.md",
 ]
 REFERENCE = re.compile(r"`(tests/[\w/]+\.py)?::(\w+)(?:\[[^\]]*\])?`")
 

@@ -37,10 +37,14 @@ def test_heart_disease_uris_open_the_loader_datasets(heart_data_dir):
     [
         (
             "s3://bucket/x.csv",
-            r"no connector for scheme 's3'.*known schemes: \['builtin', 'fhir', 'file', 'omop', 'sql'\]",
+            r"no connector for scheme 's3'.*known schemes: "
+            r"\['builtin', 'dicom', 'fhir', 'file', 'images', 'omop', 'sql'\]",
         ),
         ("heart-disease/0", "has no scheme"),
-        ("builtin://mnist/0", r"unknown builtin dataset 'mnist'.*\['breast-cancer', 'heart-disease'\]"),
+        (
+            "builtin://mnist/0",
+            r"unknown builtin dataset 'mnist'.*\['breast-cancer', 'breastmnist', 'heart-disease'\]",
+        ),
         ("builtin://heart-disease/5", "must be 0, 1, 2, 3 or pooled"),
         ("builtin://heart-disease/0?seed=1", r"unknown parameter\(s\) \['seed'\]"),
         ("builtin://heart-disease/pooled?scaling=weird", "is not one of"),

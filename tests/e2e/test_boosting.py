@@ -10,14 +10,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightgbm
 import numpy as np
+import pandas as pd
 import pytest
+import xgboost
+from typer.testing import CliRunner
 
+import fedhealth
+from fedhealth.cli import app
 from fedhealth.data import load_heart_disease
 from fedhealth.learning import (
     LIGHTGBM_RECIPE,
     LightGbmModel,
     LightGbmParams,
+    PackageError,
     XGBoostModel,
     XGBoostParams,
     train_pooled,
@@ -46,18 +53,42 @@ def capture(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fed(tmp_path_factory, capture, data_dir):
+def triage(tmp_path_factory) -> dict[str, Path]:
+    """A small CSV per site (three features, labels 0 and 1), registered as dataset ``triage``."""
+    folder = tmp_path_factory.mktemp("triage")
+    files = {}
+    for i, site in enumerate(SITES):
+        files[site] = folder / f"{site}.csv"
+        _write_triage(files[site], seed=i)
+    return files
+
+
+def _write_triage(path: Path, *, seed: int, third_class_row: int | None = None) -> None:
+    rng = np.random.default_rng(seed)
+    lines = ["x1,x2,x3,y"]
+    for row in range(60):
+        x = rng.normal(size=3)
+        label = 2 if row == third_class_row else int(x[0] + rng.normal() > 0)
+        lines.append(f"{x[0]:.4f},{x[1]:.4f},{x[2]:.4f},{label}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _datasets(site: str, triage: dict[str, Path]) -> dict[str, str]:
+    return {
+        "heart-disease": f"builtin://heart-disease/{SITES.index(site)}",
+        "triage": f"file://{triage[site]}?label=y",
+    }
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory, capture, data_dir, triage):
     path = os.pathsep.join(p for p in (str(CAPTURE_DIR), os.environ.get("PYTHONPATH", "")) if p)
     env = {"PYTHONPATH": path, "FEDHEALTH_TEST_RELAY_CAPTURE": str(capture)}
     with LocalFederation(tmp_path_factory.mktemp("boosting"), env=env, log_level="warning") as fed:
         fed.start_orchestrator()
-        for i, site in enumerate(SITES):
+        for site in SITES:
             fed.add_site(site)
-            fed.start_agent(
-                site,
-                {"heart-disease": f"builtin://heart-disease/{i}"},
-                extra_args=["--data-dir", str(data_dir)],
-            )
+            fed.start_agent(site, _datasets(site, triage), extra_args=["--data-dir", str(data_dir)])
         fed.wait_for_sites(SITES)
         yield fed
 
@@ -158,6 +189,116 @@ def test_federated_xgboost_through_the_services_is_the_pooled_model(fed, capture
         assert not all(_small(v) for v in record["head"]), record
 
 
+def _cli(fed: LocalFederation, *args: object) -> Any:
+    admin = ["--credential", fed.home.admin_credential, "--orchestrator", fed.url]
+    return CliRunner().invoke(app, [str(a) for a in (*args, *admin)])
+
+
+@pytest.mark.parametrize(
+    ("recipe", "params", "native"),
+    [
+        ("lightgbm", {"num_rounds": 6, "num_leaves": 6}, "model.txt"),
+        ("xgboost", {"num_rounds": 5, "max_depth": 3}, "model.json"),
+    ],
+)
+def test_an_exported_boosting_model_predicts_raw_rows_as_the_federated_model_does(
+    fed, data_dir, tmp_path, recipe, params, native
+):
+    centers = [load_heart_disease(c, data_dir, download=False) for c in range(4)]
+    names = list(centers[0].feature_names)
+    params = {"n_features": 13, "feature_names": names, "label_meaning": "heart disease", **params}
+    spec = _spec(fed, f"{recipe}-export", params, timeout_s=60).model_copy(
+        update={"recipe": RecipeSpec(name=recipe, params=params)}
+    )
+    final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=300, interval=0.2)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    result = final.rounds[0].metrics or {}
+
+    out = tmp_path / "package"
+    exported = _cli(fed, "model", "export", final.study_id, "--out", out, "--json")
+    assert exported.exit_code == 0, exported.output
+    metadata = json.loads(exported.output)
+    assert set(metadata["files"]) == {"result.json", native}
+    assert metadata["recipe"] == {"name": recipe, "version": "1"}
+    assert metadata["feature_names"] == names
+    assert metadata["label"] == {"positive_class": 1, "meaning": "heart disease"}
+    assert metadata["spec_hash"] == final.spec_hash
+    assert metadata["privacy"] is None  # no differential privacy in this study: the package says so
+    assert set(metadata["provenance"]["sites"]) == set(SITES)
+    assert (out / native).read_text() == result["model"]  # the library's own model file, as released
+
+    # the package, loaded with the library alone, predicts the sites' rows as the federated model does
+    X = np.concatenate([c.X_test for c in centers])
+    frame = pd.DataFrame(X[:, ::-1], columns=names[::-1])  # columns are found by name
+    package = fedhealth.load_model(out)
+    ours = package.predict_proba(frame, assume_standardized=True)
+    model = (LightGbmModel if recipe == "lightgbm" else XGBoostModel).from_result(result)
+    assert np.array_equal(ours, model.predict(X))
+    if recipe == "lightgbm":
+        native_model = lightgbm.Booster(model_file=str(out / native))
+        codes = model.binning.codes(X)
+        assert np.array_equal(native_model.predict(codes), ours)
+    else:
+        native_model = xgboost.Booster()
+        native_model.load_model(str(out / native))
+        assert np.array_equal(native_model.predict(xgboost.DMatrix(model.binning.codes(X))), ours)
+
+    # an edited model file is refused, not applied
+    (out / native).write_text(result["model"].replace("1", "2", 1))
+    with pytest.raises(PackageError, match="was modified"):
+        fedhealth.load_model(out)
+
+
+def _refused_before_training(fed: LocalFederation, capture: Path, final: Any, refusing: list[str]) -> None:
+    """The study failed on the refusing sites' ``dataset_invalid`` in one line, before any collective call
+    carried anything of a site's data, and no site's ledger holds anything for it."""
+    assert final.status is StudyStatus.FAILED
+    assert "\n" not in (final.reason or "")
+    [session] = final.rounds
+    invalid = "dataset_invalid: the site's dataset does not fit the study (format, schema or values)"
+    assert invalid in (final.reason or "")
+    reasons = {t.site: t.reason or "" for t in session.tasks}
+    # the first site to refuse ends the session; the others' tasks end with it, naming that refusal
+    assert any(reasons[site] == invalid for site in refusing), reasons
+    assert all(invalid in reason for reason in reasons.values()), reasons
+    assert not [r for r in _records(capture) if r["op"] in ("SUM", "BROADCAST")]  # nothing was computed
+    assert (session.metrics or {}).get("model") is None
+    for site in SITES:  # nothing reserved, nothing charged
+        ledger = fed.budget_ledger(site)
+        assert ledger.pending() == []
+        assert all(ledger.spent(budget.dataset) == 0 for budget in ledger.budgets())
+
+
+@pytest.mark.parametrize("recipe", ["lightgbm", "xgboost"])
+def test_a_site_whose_dataset_schema_differs_from_the_spec_refuses_before_training(fed, capture, recipe):
+    capture.unlink(missing_ok=True)
+    names = list(load_heart_disease(0, heart_data_dir(), download=False).feature_names)
+    names[2] = "resting_bp"  # the spec's name for what the sites call trestbps
+    params = {"n_features": 13, "num_rounds": 3, "feature_names": names}
+    spec = _spec(fed, f"{recipe}-schema", params, timeout_s=30).model_copy(
+        update={"recipe": RecipeSpec(name=recipe, params=params)}
+    )
+    final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=120, interval=0.2)
+    _refused_before_training(fed, capture, final, SITES)
+
+
+def test_a_third_label_class_at_one_site_refuses_a_binary_study_before_training(fed, capture, triage):
+    capture.unlink(missing_ok=True)
+    spec = _spec(fed, "lightgbm-three-classes", {"n_features": 3, "num_rounds": 3}, timeout_s=30).model_copy(
+        update={"dataset": "triage"}
+    )
+    _write_triage(triage["center-1"], seed=1, third_class_row=17)  # a nightly export gone wrong
+    try:
+        final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=120, interval=0.2)
+    finally:
+        _write_triage(triage["center-1"], seed=1)
+    _refused_before_training(fed, capture, final, ["center-1"])
+    # the same study on the repaired file trains
+    again = spec.model_copy(update={"name": "lightgbm-two-classes"})
+    after = fed.wait_for_study(fed.create_study(again).study_id, timeout=300, interval=0.2)
+    assert after.status is StudyStatus.COMPLETED, after.reason
+
+
 def test_a_site_killed_mid_training_fails_the_boosting_session_for_everyone(fed, capture):
     capture.unlink(missing_ok=True)
     params = {"n_features": 13, "num_rounds": 5000, "num_leaves": 31}
@@ -182,27 +323,46 @@ def test_a_site_killed_mid_training_fails_the_boosting_session_for_everyone(fed,
     assert not [r for r in records if r["op"] == "BROADCAST"]  # the leader never released anything
 
 
-def test_bad_lightgbm_params_are_refused_at_submission_in_one_line_and_no_study_is_created(fed):
+@pytest.mark.parametrize(
+    ("recipe", "params", "problem"),
+    [
+        ("lightgbm", {"objective": "lambdarank"}, r"recipe\.params\.objective: Input should be"),
+        # LightGBM's and XGBoost's own checks, asked of the library at submission
+        (
+            "lightgbm",
+            {"lambda_l1": -1},
+            r"LightGBM 4\.7\.0 refuses these parameters: Check failed: \(lambda_l1\)",
+        ),
+        (
+            "xgboost",
+            {"min_child_weight": -1},
+            r"XGBoost 3\.2\.0 refuses these parameters: value -1 for Param",
+        ),
+    ],
+)
+def test_bad_boosting_params_are_refused_at_submission_in_one_line_and_no_study_is_created(
+    fed, recipe, params, problem
+):
     before = {s.study_id for s in fed.operator.studies()}
-    spec = _spec(fed, "lightgbm-bad", {"n_features": 13, "objective": "lambdarank"}, timeout_s=5)
-    with pytest.raises(Exception, match=r"recipe\.params\.objective: Input should be") as err:
+    spec = _spec(fed, f"{recipe}-bad", {"n_features": 13, **params}, timeout_s=5).model_copy(
+        update={"recipe": RecipeSpec(name=recipe, params={"n_features": 13, **params})}
+    )
+    with pytest.raises(Exception, match=problem) as err:
         fed.create_study(spec, approve=False)
     assert "\n" not in str(err.value)
     assert {s.study_id for s in fed.operator.studies()} == before
 
 
-def _restart(fed: LocalFederation, site: str, data_dir: Path) -> None:
-    fed.start_agent(
-        site,
-        {"heart-disease": f"builtin://heart-disease/{SITES.index(site)}"},
-        extra_args=["--data-dir", str(data_dir)],
-    )
+def _restart(fed: LocalFederation, site: str, data_dir: Path, triage: dict[str, Path]) -> None:
+    fed.start_agent(site, _datasets(site, triage), extra_args=["--data-dir", str(data_dir)])
     fed.wait_for_sites(SITES)
 
 
-def test_a_killed_xgboost_session_fails_cleanly_and_the_same_agents_train_again(fed, capture, data_dir):
+def test_a_killed_xgboost_session_fails_cleanly_and_the_same_agents_train_again(
+    fed, capture, data_dir, triage
+):
     if fed.agents["center-2"].poll() is not None:  # killed by the LightGBM test above
-        _restart(fed, "center-2", data_dir)
+        _restart(fed, "center-2", data_dir, triage)
     capture.unlink(missing_ok=True)
     params = {"n_features": 13, "num_rounds": 5000, "max_depth": 6}
     spec = _spec(fed, "xgboost-killed", params, timeout_s=5).model_copy(
@@ -222,7 +382,7 @@ def test_a_killed_xgboost_session_fails_cleanly_and_the_same_agents_train_again(
     assert not [r for r in _records(capture) if r["op"] == "BROADCAST"]
 
     # the survivors' processes (whose XGBoost was aborted mid-training) train the next study
-    _restart(fed, "center-3", data_dir)
+    _restart(fed, "center-3", data_dir, triage)
     small = {"n_features": 13, "num_rounds": 3, "max_depth": 2}
     again = _spec(fed, "xgboost-again", small, timeout_s=60).model_copy(
         update={"recipe": RecipeSpec(name="xgboost", params=small)}

@@ -280,3 +280,28 @@ def test_a_step_that_overflows_the_model_dtype_is_refused_without_a_numpy_warnin
     x = {"w": np.array([3e38], np.float32)}
     with pytest.raises(TensorError, match="non-finite"):
         apply_strategy(StrategyConfig(server_learning_rate=10.0), x, {"w": np.array([1e38])}, {})
+
+
+# --- tensors a recipe declares averaged (statistics of the data, not trained parameters) ------------------
+
+
+@pytest.mark.parametrize("kind", [*ADAPTIVE, StrategyKind.FEDAVG])
+def test_declared_statistics_take_the_plain_mean_and_keep_no_optimizer_state(kind):
+    config = StrategyConfig(kind=kind, server_learning_rate=0.3)
+    model = {**_model(1.0, -2.0), "running_var": np.array([1.0, 4.0], dtype=np.float32)}
+    delta = {"weight": np.array([0.5, 0.5]), "bias": np.array([-0.1]), "running_var": np.array([2.0, -3.0])}
+    plain, plain_state = apply_strategy(config, model, delta, {})
+    new, state = apply_strategy(config, model, delta, {}, averaged={"running_var"})
+    # the statistic is the sites' mean (x + mean delta), whatever the strategy and its learning rate
+    np.testing.assert_array_equal(new["running_var"], np.array([3.0, 1.0], dtype=np.float32))
+    assert not np.array_equal(plain["running_var"], new["running_var"])
+    # the trained parameters move exactly as before
+    for name in ("weight", "bias"):
+        np.testing.assert_array_equal(new[name], plain[name])
+    assert not any(k.endswith(".running_var") for k in state)
+    assert set(state) == {k for k in plain_state if not k.endswith(".running_var")}
+    # a second round's state is checked against the smaller set
+    apply_strategy(config, new, delta, state, averaged={"running_var"})
+    if state:
+        with pytest.raises(TensorError):
+            apply_strategy(config, new, delta, plain_state, averaged={"running_var"})

@@ -10,7 +10,7 @@ import lightgbm  # the gbdt extra is installed by `make test`: missing, these te
 import numpy as np
 import pytest
 
-from fedhealth.data import load_heart_disease
+from fedhealth.data import SchemaError, load_heart_disease
 from fedhealth.learning import (
     LIGHTGBM_RECIPE,
     InMemorySession,
@@ -204,7 +204,23 @@ def test_a_site_lost_mid_training_fails_the_session_for_every_site(centers):
         ({"n_features": 13, "num_class": 3}, "num_class applies to multiclass only"),
         ({"n_features": 13, "num_leaves": 1}, "recipe.params.num_leaves: Input should be greater than"),
         ({"n_features": 13, "max_bin": 1000}, "recipe.params.max_bin: Input should be less than"),
-        ({"n_features": 13, "learning_rate": 0}, "recipe.params.learning_rate: Input should be greater"),
+        # LightGBM's own checks, asked of LightGBM on a few synthetic rows at submission
+        (
+            {"n_features": 13, "learning_rate": 0},
+            "LightGBM 4.7.0 refuses these parameters: Check failed: (learning_rate) > (0.0)",
+        ),
+        (
+            {"n_features": 13, "lambda_l1": -1},
+            "LightGBM 4.7.0 refuses these parameters: Check failed: (lambda_l1) >= (0.0)",
+        ),
+        (
+            {"n_features": 13, "min_gain_to_split": -1},
+            "refuses these parameters: Check failed: (min_gain_to_split) >= (0.0)",
+        ),
+        (
+            {"n_features": 13, "min_sum_hessian_in_leaf": -0.5},
+            "Check failed: (min_sum_hessian_in_leaf) >= (0.0)",
+        ),
         ({"n_features": 13, "max_depth": 0}, "max_depth must be -1"),
         ({"n_features": 13, "value_range": [1, 1]}, "a feature range must have low < high"),
         ({"n_features": 2, "feature_ranges": [[0, 1]]}, "feature_ranges gives 1 ranges, n_features is 2"),
@@ -223,6 +239,25 @@ def test_a_dataset_of_another_width_is_refused_before_training(centers):
     resolved = resolve_recipe("lightgbm", "1", {"n_features": 12})
     with pytest.raises(Exception, match="has 13 features; the study's model expects 12"):
         resolved.check_dataset(centers[0])
+
+
+def test_a_library_refusal_is_one_line_without_the_librarys_source_path():
+    with pytest.raises(RecipeParamsError) as err:
+        resolve_recipe("lightgbm", "1", {"n_features": 13, "lambda_l2": -2.0})
+    assert str(err.value) == (
+        "recipe.params: LightGBM 4.7.0 refuses these parameters: Check failed: (lambda_l2) >= (0.0)"
+    )
+
+
+def test_a_dataset_with_other_feature_names_is_refused_before_training(centers):
+    names = list(centers[0].feature_names)
+    names[3] = "not-" + names[3]
+    resolved = resolve_recipe("lightgbm", "1", {"n_features": 13, "feature_names": names})
+    with pytest.raises(SchemaError, match=f"feature 3 is {names[3][4:]!r}; the study expects {names[3]!r}"):
+        resolved.check_dataset(centers[0])
+    resolve_recipe(
+        "lightgbm", "1", {"n_features": 13, "feature_names": list(centers[0].feature_names)}
+    ).check_dataset(centers[0])  # the same names fit
 
 
 def test_the_site_check_reference_step_trains_on_synthetic_rows():

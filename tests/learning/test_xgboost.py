@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import xgboost  # the gbdt extra is installed by `make test`: missing, these tests fail
 
-from fedhealth.data import load_heart_disease
+from fedhealth.data import SchemaError, load_heart_disease
 from fedhealth.learning import (
     XGBOOST_RECIPE,
     InMemorySession,
@@ -126,12 +126,30 @@ def test_the_proxy_reads_and_writes_federated_proto_messages():
         ({"n_features": 13, "objective": "multi:softprob"}, "multi:softprob needs num_class >= 2"),
         ({"n_features": 13, "max_depth": 0}, "recipe.params.max_depth: Input should be greater"),
         ({"n_features": 13, "tree_method": "exact"}, "recipe.params.tree_method: Extra inputs"),
+        # XGBoost's own checks, asked of XGBoost (one round on a few synthetic rows) at submission
+        (
+            {"n_features": 13, "reg_lambda": -1},
+            "recipe.params: XGBoost 3.2.0 refuses these parameters: value -1 for Parameter reg_lambda should "
+            "be greater equal to 0",
+        ),
+        ({"n_features": 13, "min_child_weight": -0.5}, "Parameter min_child_weight should be greater equal"),
+        ({"n_features": 13, "gamma": -1}, "Parameter min_split_loss should be greater equal to 0"),
     ],
 )
 def test_bad_xgboost_params_are_refused_with_one_clear_line(params, problem):
     with pytest.raises(RecipeParamsError) as err:
         resolve_recipe("xgboost", "1", params)
     assert problem in str(err.value)
+    assert "\n" not in str(err.value)
+    assert "/" not in str(err.value).split("refuses these parameters:")[-1]  # no source path of XGBoost
+
+
+def test_an_xgboost_site_with_another_width_or_other_feature_names_is_refused_before_training(centers):
+    with pytest.raises(SchemaError, match="has 13 features; the study's model expects 14"):
+        resolve_recipe("xgboost", "1", {"n_features": 14}).check_dataset(centers[1])
+    names = ["years", *centers[1].feature_names[1:]]
+    with pytest.raises(SchemaError, match="feature 0 is 'age'; the study expects 'years'"):
+        resolve_recipe("xgboost", "1", {"n_features": 13, "feature_names": names}).check_dataset(centers[1])
 
 
 def test_the_xgboost_export_predicts_like_the_model(centers):
@@ -143,3 +161,25 @@ def test_the_xgboost_export_predicts_like_the_model(centers):
     assert export.predict_proba is not None
     assert np.array_equal(export.predict_proba(X), model.predict(X))
     XGBOOST_RECIPE.reference_step().run()
+
+
+def test_the_start_score_is_the_pooled_label_mean_so_three_sites_equal_the_pooled_model(tmp_path):
+    # XGBoost's own distributed estimate of the start score ended one float32 step off the single-machine
+    # one on these rows (3 sites of 140 training rows); the recipe gives XGBoost the pooled label mean instead
+    from fedhealth.data import open_dataset
+    from fedhealth.sim._boosting_bench import _write_site_csv
+
+    rng = np.random.default_rng(0)
+    sites = SITES[:3]
+    datasets = []
+    for site in sites:
+        _write_site_csv(tmp_path / f"{site}.csv", 200, 4, rng)
+        datasets.append(open_dataset(f"file://{tmp_path / site}.csv?label=y"))
+    params = XGBoostParams(n_features=4, num_rounds=2)
+    session = InMemorySession(sites, call_timeout_s=60)
+    runs = session.run(lambda m: train_site_xgboost(params, datasets[sites.index(m.site)], m))
+    federated, pooled = runs[sites[0]][0], train_pooled_xgboost(params, datasets)
+    assert _trees(federated.model_json) == _trees(pooled.model_json)
+    y = np.concatenate([d.y_train for d in datasets])
+    base_score = json.loads(pooled.model_json)["learner"]["learner_model_param"]["base_score"]
+    assert np.float32(base_score.strip("[]")) == np.float32(y.mean())  # XGBoost's own single-machine value

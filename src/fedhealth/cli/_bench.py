@@ -62,6 +62,41 @@ def collective_benchmark(
     )
 
 
+@benchmark_app.command("boosting")
+def boosting_benchmark(
+    sites: Annotated[int, typer.Option(min=3, help="Number of site agents (a session needs 3).")] = 4,
+    rows: Annotated[
+        int, typer.Option(min=100, help="Synthetic rows in all, split evenly over the sites.")
+    ] = 50_000,
+    features: Annotated[int, typer.Option(min=1, help="Features per row.")] = 30,
+    trees: Annotated[int, typer.Option(min=1, help="Boosting rounds of each library.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Federated LightGBM and XGBoost through the real services against the same library on the pooled rows,
+    in one run: wall-time ratio, collectives per tree, bytes per site, share of time waiting."""
+    from fedhealth.sim import benchmark_boosting
+
+    console = Console(stderr=as_json)
+    with console.status("preparing") as status:
+        result = benchmark_boosting(
+            sites=sites, rows=rows, features=features, trees=trees, on_step=status.update
+        )
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    console.print(f"{sites} sites, {rows:,} rows x {features} features, {trees} trees (binary):")
+    for r in result.runs:
+        accuracy = f", accuracy {r.accuracy:.3f}" if r.accuracy is not None else ""
+        console.print(
+            f"  {r.library}: pooled {r.pooled_s:.2f} s, federated {r.federated_s:.1f} s = {r.ratio:.0f}x; "
+            f"{r.collectives_per_tree:.1f} collectives/tree, {r.bytes_per_site / 1e6:.1f} MB/site, "
+            f"{r.waiting_share:.0%} of each site's time in collective calls; "
+            f"{'equal to' if r.identical_to_pooled else 'DIFFERENT from'} the pooled model{accuracy}"
+        )
+    load = ", ".join(f"{v:.2f}" for v in result.load_before)
+    console.print(f"load average at start {load} on {result.cpus} CPUs")
+
+
 @benchmark_app.command("heart-disease")
 def heart_disease_benchmark(
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per method (FLamby used 5).")] = 5,

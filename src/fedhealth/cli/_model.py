@@ -103,7 +103,8 @@ def model_export(
     orchestrator: UrlOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Write a completed study's model as a package: weights, metadata and, where the recipe can, ONNX."""
+    """Write a completed study's model as a package: weights, metadata and, where the recipe can, ONNX
+    (federated boosting: the session's result and the library's own model file)."""
     from fedhealth.client import export_package
 
     with operator_client(credential, orchestrator) as client:

@@ -29,6 +29,7 @@ import numpy as np
 from fedhealth.core import InputError, TensorError, canonical_json, decode_tensors, sha256_hex
 from fedhealth.data import standardize
 from fedhealth.learning import (
+    CombinationPattern,
     PackageError,
     PackageOrigin,
     RecipeError,
@@ -40,6 +41,7 @@ from fedhealth.learning import (
 
 if TYPE_CHECKING:
     from fedhealth.client._operator import OperatorClient
+    from fedhealth.protocol import StudyInfo
 
 
 class Scaling(StrEnum):
@@ -240,7 +242,8 @@ def export_package(
 
     Refuses (:class:`~fedhealth.learning.PackageError`) a study that has not completed, a folder that exists
     and is not empty (unless ``force``), and a model or spec that does not match what the orchestrator
-    states for the study (digest, spec hash)."""
+    states for the study (digest, spec hash). A collective study's model (federated boosting) is its
+    session's released result: the package holds it and the library's own model file."""
     from fedhealth import __version__
     from fedhealth.client._operator import ClientError
     from fedhealth.protocol import StudyStatus
@@ -251,14 +254,21 @@ def export_package(
             f"study {study_id} is {info.status.value}; only a completed study's final model is packaged "
             "(`fedhealth study download ID --model FILE` saves its latest model as it is)"
         )
-    if info.model_digest is None:
-        raise PackageError(f"study {study_id} has no released model")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
         raise PackageError(f"{out} exists and is not an empty folder; choose a new folder or give --force")
     spec = info.spec.model_dump(mode="json")
     spec_hash = sha256_hex(canonical_json(spec))
     if info.spec_hash is not None and info.spec_hash != spec_hash:
         raise PackageError(f"study {study_id}: the spec's hash differs from the one its sites approved")
+    recipe = info.spec.recipe
+    try:
+        pattern = resolve_recipe(recipe.name, recipe.version, recipe.params).pattern
+    except RecipeError as exc:
+        raise PackageError(f"study {study_id}: its model cannot be exported here ({exc})") from exc
+    if pattern is CombinationPattern.COLLECTIVE:
+        return _export_session_result(info, out, spec, spec_hash, force=force, version=__version__, now=now)
+    if info.model_digest is None:
+        raise PackageError(f"study {study_id} has no released model")
     weights = client.model_bytes(study_id)
     if sha256_hex(weights) != info.model_digest:
         raise PackageError(f"study {study_id}: the model downloaded is not the study's final model (digest)")
@@ -288,6 +298,53 @@ def export_package(
         exported_at=(now or datetime.now(UTC)).isoformat(),
     )
     return write_package(out, export=export, weights=weights, origin=origin, force=force)
+
+
+def _export_session_result(
+    info: StudyInfo,
+    out: Path,
+    spec: dict[str, Any],
+    spec_hash: str,
+    *,
+    force: bool,
+    version: str,
+    now: datetime | None,
+) -> dict[str, Any]:
+    """A completed collective study's package: its session's released result (``result.json``, whose
+    sha256 is the model digest) and the recipe's native model file. The provenance is the session's: when
+    it ran, its calls, and each site's attestation (approval, consent, cohort) the orchestrator holds."""
+    session = info.rounds[-1] if info.rounds else None
+    if session is None or not session.metrics:
+        raise PackageError(f"study {info.study_id} has no released result")
+    result = dict(session.metrics)
+    recipe = info.spec.recipe
+    try:
+        export = resolve_recipe(recipe.name, recipe.version, recipe.params).export_result(result)
+    except (RecipeError, KeyError, TypeError, ValueError) as exc:
+        raise PackageError(f"study {info.study_id}: its model cannot be exported here ({exc})") from exc
+    released = canonical_json(result)
+    provenance = {
+        "kind": "collective session",
+        "round": session.number,
+        "started_at": session.started_at.isoformat(),
+        "ended_at": session.ended_at.isoformat() if session.ended_at is not None else None,
+        "session": result.get("session"),
+        "sites": {
+            t.site: t.attestation.model_dump(mode="json") if t.attestation is not None else None
+            for t in session.tasks
+        },
+    }
+    origin = PackageOrigin(
+        study_id=info.study_id,
+        spec=spec,
+        spec_hash=spec_hash,
+        model_digest=sha256_hex(released),
+        provenance=provenance,
+        privacy=_privacy(spec, None),
+        software_version=version,
+        exported_at=(now or datetime.now(UTC)).isoformat(),
+    )
+    return write_package(out, export=export, weights=released, origin=origin, force=force, collective=True)
 
 
 def _privacy(spec: dict[str, Any], provenance: dict[str, Any] | None) -> dict[str, Any] | None:

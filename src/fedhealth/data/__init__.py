@@ -7,6 +7,12 @@ fingerprint. Nothing here trains models or talks to the orchestrator.
 """
 
 from fedhealth.data._breast_cancer import breast_cancer_federation
+from fedhealth.data._breastmnist import (
+    BREASTMNIST_MD5,
+    breastmnist_arrays,
+    breastmnist_federation,
+    breastmnist_pooled,
+)
 from fedhealth.data._connector import (
     TABLE_PARAMS,
     Connector,
@@ -26,6 +32,7 @@ from fedhealth.data._dataset import (
     split_indices,
     standardize,
 )
+from fedhealth.data._dicom import DicomConnector, dicom_grey
 from fedhealth.data._download import download_verified, verify_md5
 from fedhealth.data._errors import (
     CredentialsRefusedError,
@@ -48,6 +55,7 @@ from fedhealth.data._heart_disease import (
     heart_disease_records,
     load_heart_disease,
 )
+from fedhealth.data._images import ImageFolderConnector, image_quality, read_picture
 from fedhealth.data._omop import (
     OmopConnector,
     OmopDefinition,
@@ -91,6 +99,7 @@ from fedhealth.data._table import (
 )
 
 __all__ = [
+    "BREASTMNIST_MD5",
     "BUILTIN_DATASETS",
     "HEART_DISEASE_BASE_URL",
     "HEART_DISEASE_CENTERS",
@@ -110,6 +119,7 @@ __all__ = [
     "DatasetURI",
     "DateColumn",
     "DateUnit",
+    "DicomConnector",
     "FhirClient",
     "FhirConnector",
     "FhirMapping",
@@ -118,6 +128,7 @@ __all__ = [
     "FillRule",
     "HeartDiseaseCenter",
     "HeartDiseaseRecord",
+    "ImageFolderConnector",
     "Imputation",
     "MissingPolicy",
     "NonNumericColumnError",
@@ -140,6 +151,9 @@ __all__ = [
     "UnsafeQueryError",
     "UnseenPolicy",
     "breast_cancer_federation",
+    "breastmnist_arrays",
+    "breastmnist_federation",
+    "breastmnist_pooled",
     "build_dataset",
     "category_text",
     "check_read_only_sql",
@@ -147,11 +161,13 @@ __all__ = [
     "database_of",
     "dataset_fingerprint",
     "dataset_quality",
+    "dicom_grey",
     "download_verified",
     "fetch_consents",
     "fit_scaling",
     "heart_disease_file",
     "heart_disease_records",
+    "image_quality",
     "inspect_dataset",
     "load_definition",
     "load_heart_disease",
@@ -163,6 +179,7 @@ __all__ = [
     "read_cohort",
     "read_csv_dataset",
     "read_file_table",
+    "read_picture",
     "read_table",
     "redact_uri",
     "register_connector",

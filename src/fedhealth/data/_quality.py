@@ -80,20 +80,26 @@ class QualityReport:
     positives: int
     columns: tuple[ColumnQuality, ...]
     ignored_columns: tuple[str, ...] = ()
+    # a connector's own findings, one line each (e.g. identifying DICOM attributes)
+    warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "rows": self.rows,
             "label_counts": {"0": self.rows - self.positives, "1": self.positives},
             "columns": [c.to_json() for c in self.columns],
             "ignored_columns": list(self.ignored_columns),
         }
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        return out
 
     def lines(self) -> list[str]:
         out = [f"{self.rows} rows; label 1 in {self.positives}, label 0 in {self.rows - self.positives}"]
         out.extend(f"  {c.line()}" for c in self.columns)
         if self.ignored_columns:
             out.append(f"  not used as features: {', '.join(self.ignored_columns)}")
+        out.extend(f"  warning: {w}" for w in self.warnings)
         return out
 
 

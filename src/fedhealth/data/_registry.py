@@ -3,10 +3,13 @@
     builtin://heart-disease/<0-3>                 Fed-Heart-Disease (FLamby protocol, downloads if absent)
     builtin://heart-disease/pooled[?scaling=per-center|global]
     builtin://breast-cancer/<i>?sites=4&seed=0    site i of the offline breast-cancer federation
+    builtin://breastmnist/<i>|pooled?sites=4&seed=0[&limit=N]   BreastMNIST images (see ``_breastmnist``)
     file:///abs/path.csv?label=<col>[&id=<col>]   a CSV or Parquet file (by extension, or format=csv|parquet)
     sql+<sqlalchemy-url>?table=<t>|query=<q>&...  a table or read-only query of any SQLAlchemy database
     omop+<sqlalchemy-url>?definition=/abs/cohort.toml&...   an OMOP CDM v5.4 cohort (see ``_omop``)
     fhir+https://server/fhir?mapping=/abs/mapping.toml&...  a FHIR R4 server (see ``_fhir``)
+    images:///abs/folder?labels=/abs/labels.csv&size=28      PNG/JPEG files with labels (see ``_images``)
+    dicom:///abs/folder?labels=/abs/labels.csv&size=28       DICOM files with labels (see ``_dicom``)
 
 Every tabular source also takes ``schema=/abs/schema.toml`` (see ``_schema``), ``test_fraction=0.3``,
 ``seed=0`` and ``standardize=true``. A scheme ``a+b`` is served by the connector registered for ``a`` when no
@@ -28,9 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+import numpy as np
+
 from fedhealth.core import ConfigError
 from fedhealth.core import data_dir as default_data_dir
 from fedhealth.data._breast_cancer import breast_cancer_federation
+from fedhealth.data._breastmnist import breastmnist_federation, breastmnist_pooled
 from fedhealth.data._connector import (
     TABLE_PARAMS,
     Connector,
@@ -39,9 +45,11 @@ from fedhealth.data._connector import (
     table_options,
 )
 from fedhealth.data._dataset import TabularDataset
+from fedhealth.data._dicom import DicomConnector
 from fedhealth.data._fhir import FhirConnector
 from fedhealth.data._files import FileFormat, read_file_table
 from fedhealth.data._heart_disease import HEART_DISEASE_CENTERS, PooledScaling, load_heart_disease
+from fedhealth.data._images import ImageFolderConnector
 from fedhealth.data._omop import OmopConnector
 from fedhealth.data._quality import QualityReport, dataset_quality, table_quality
 from fedhealth.data._schema import DatasetSchema
@@ -104,6 +112,26 @@ def _open_breast_cancer(uri: DatasetURI, part: str, data_dir: Path) -> TabularDa
     if site >= n_sites:
         raise ConfigError(f"dataset URI {uri.raw!r}: site {site} does not exist in a federation of {n_sites}")
     return breast_cancer_federation(n_sites, seed)[site]
+
+
+def _open_breastmnist(uri: DatasetURI, part: str, data_dir: Path) -> TabularDataset:
+    uri.check_params({"sites", "seed", "limit"})
+    limit = uri.int_param("limit", 0, low=0)
+    if part == "pooled":
+        dataset = breastmnist_pooled(data_dir)
+    else:
+        n_sites = uri.int_param("sites", 4, low=2, high=20)
+        if not part.isdigit() or int(part) >= n_sites:
+            raise ConfigError(
+                f"dataset URI {uri.raw!r}: breastmnist part must be 'pooled' or a site index below "
+                f"{n_sites}, got {part!r}"
+            )
+        seed = uri.int_param("seed", 0, low=0, high=2**32 - 1)
+        dataset = breastmnist_federation(n_sites, seed, data_dir)[int(part)]
+    if limit:  # the first images of each part: a quick run (tests, a smoke demo)
+        train = np.arange(dataset.num_train) < limit
+        dataset = dataset.select(train, np.arange(dataset.num_test) < limit)
+    return dataset
 
 
 class FileConnector(TabularConnector):
@@ -184,8 +212,13 @@ class ConnectorRegistry:
                 ignored_columns=table.ignored,
                 quality=table_quality(table),
             )
+        inspect = getattr(connector, "inspect", None)  # a connector with findings of its own (DICOM tags)
+        if inspect is not None:
+            dataset, quality = inspect(parsed, _folder(data_dir))
+            return DatasetInspection(dataset=dataset, schema=None, quality=quality)
         dataset = connector.open(parsed, _folder(data_dir))
-        return DatasetInspection(dataset=dataset, schema=None, quality=dataset_quality(dataset))
+        report = getattr(connector, "quality", dataset_quality)  # e.g. image folders: one pixel summary
+        return DatasetInspection(dataset=dataset, schema=None, quality=report(dataset))
 
 
 def _folder(data_dir: Path | str | None) -> Path:
@@ -208,6 +241,7 @@ class DatasetInspection:
 BUILTIN_DATASETS = BuiltinConnector()
 BUILTIN_DATASETS.add("heart-disease", _open_heart_disease)
 BUILTIN_DATASETS.add("breast-cancer", _open_breast_cancer)
+BUILTIN_DATASETS.add("breastmnist", _open_breastmnist)
 
 DEFAULT_REGISTRY = ConnectorRegistry()
 DEFAULT_REGISTRY.register("builtin", BUILTIN_DATASETS)
@@ -215,6 +249,8 @@ DEFAULT_REGISTRY.register("file", FileConnector())
 DEFAULT_REGISTRY.register("sql", SqlConnector())
 DEFAULT_REGISTRY.register("omop", OmopConnector())
 DEFAULT_REGISTRY.register("fhir", FhirConnector())
+DEFAULT_REGISTRY.register("images", ImageFolderConnector())
+DEFAULT_REGISTRY.register("dicom", DicomConnector())
 
 
 def register_connector(scheme: str, connector: Connector, *, replace: bool = False) -> None:

@@ -128,6 +128,18 @@ from fedhealth.learning._synthetic import (
     synthetic_init,
     synthetic_train,
 )
+from fedhealth.learning._torch_recipe import (
+    BREASTMNIST_PARAMS,
+    BREASTMNIST_ROUNDS,
+    TORCH_RECIPE,
+    TorchParams,
+    TorchRecipe,
+    torch_evaluate,
+    torch_predict_proba,
+    torch_threads,
+    torch_train,
+    torch_train_dp,
+)
 from fedhealth.learning._xgboost import (
     XGBOOST_RECIPE,
     XGBoostModel,
@@ -138,6 +150,8 @@ from fedhealth.learning._xgboost import (
 )
 
 __all__ = [
+    "BREASTMNIST_PARAMS",
+    "BREASTMNIST_ROUNDS",
     "BREAST_CANCER_PRESETS",
     "COLLECTIVE_PROBE_RECIPE",
     "HEART_DISEASE_DP_DELTAS",
@@ -154,6 +168,7 @@ __all__ = [
     "STATS_RECIPE",
     "SYNTHETIC_RECIPE",
     "SYNTHETIC_STEP_SCALE",
+    "TORCH_RECIPE",
     "WEIGHTS_FILE",
     "XGBOOST_RECIPE",
     "BenchmarkCollectives",
@@ -207,6 +222,8 @@ __all__ = [
     "SyntheticParams",
     "SyntheticRecipe",
     "TemplateParam",
+    "TorchParams",
+    "TorchRecipe",
     "TrainResult",
     "TrainingDivergedError",
     "UnknownRecipeError",
@@ -245,6 +262,11 @@ __all__ = [
     "synthetic_init",
     "synthetic_train",
     "task_rng",
+    "torch_evaluate",
+    "torch_predict_proba",
+    "torch_threads",
+    "torch_train",
+    "torch_train_dp",
     "train_pooled",
     "train_pooled_xgboost",
     "train_site",

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from fedhealth.core import DatasetError
 from fedhealth.data import TabularDataset
+from fedhealth.learning._boosting import TimedSession, boosting_export, first_line, probe_rows
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
 from fedhealth.learning._lightgbm_network import SessionNetwork, TreeTracker
@@ -67,12 +68,13 @@ class LightGbmParams(BaseModel):
     num_rounds: int = Field(default=100, ge=1, le=10_000, description="boosting rounds")
     num_leaves: int = Field(default=31, ge=2, le=4096)
     max_depth: int = Field(default=-1, ge=-1, le=64, description="-1: no limit")
-    learning_rate: FiniteFloat = Field(default=0.1, gt=0, le=1)
-    lambda_l1: FiniteFloat = Field(default=0.0, ge=0, le=1e6)
-    lambda_l2: FiniteFloat = Field(default=0.0, ge=0, le=1e6)
-    min_gain_to_split: FiniteFloat = Field(default=1e-6, ge=0, le=1e6)
+    # the lower bounds of these are LightGBM's own, which it is asked for (library_problem)
+    learning_rate: FiniteFloat = Field(default=0.1, le=1)
+    lambda_l1: FiniteFloat = Field(default=0.0, le=1e6)
+    lambda_l2: FiniteFloat = Field(default=0.0, le=1e6)
+    min_gain_to_split: FiniteFloat = Field(default=1e-6, le=1e6)
     min_data_in_leaf: int = Field(default=1, ge=1, le=1_000_000)
-    min_sum_hessian_in_leaf: FiniteFloat = Field(default=1e-3, ge=0, le=1e6)
+    min_sum_hessian_in_leaf: FiniteFloat = Field(default=1e-3, le=1e6)
     boost_from_average: bool = True
     max_bin: int = Field(default=255, ge=2, le=255, description="bins per feature at most")
     grid_cells: int = Field(default=1024, ge=2, le=65_536, description="public grid cells per feature")
@@ -81,6 +83,9 @@ class LightGbmParams(BaseModel):
     )
     feature_ranges: tuple[Range, ...] | None = Field(
         default=None, description="a public range per feature, in input order (instead of value_range)"
+    )
+    label_meaning: str | None = Field(
+        default=None, min_length=1, max_length=500, description="what label 1 means, for the model package"
     )
 
     @model_validator(mode="after")
@@ -105,12 +110,19 @@ class LightGbmParams(BaseModel):
         for low, high in self.ranges():
             if not low < high:
                 raise ValueError(f"a feature range must have low < high, got [{low}, {high}]")
+        problem = library_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     def ranges(self) -> list[tuple[float, float]]:
         if self.feature_ranges is not None:
             return [(float(lo), float(hi)) for lo, hi in self.feature_ranges]
         return [(float(self.value_range[0]), float(self.value_range[1]))] * self.n_features
+
+    def label_classes(self) -> int | None:
+        """The number of classes (None for regression), for the synthetic rows the library is asked on."""
+        return {"binary": 2, "multiclass": self.num_class}.get(self.objective)
 
     def training_params(self) -> dict[str, Any]:
         """LightGBM's training parameters (the same at every site and for the pooled reference)."""
@@ -147,6 +159,22 @@ DATASET_PARAMS: dict[str, Any] = {
     "num_threads": 1,
     "verbosity": -1,
 }
+
+
+def library_problem(params: LightGbmParams) -> str | None:
+    """What LightGBM says of these parameters, asked on a few synthetic rows, in one line; None if it
+    accepts them, or if this process has no LightGBM (a site refuses the study before training then)."""
+    try:
+        lgb = _lgb()
+    except RecipeError:
+        return None
+    X, y = probe_rows(params.n_features, params.label_classes())
+    try:
+        data = lgb.Dataset(X, label=y, params=dict(DATASET_PARAMS))
+        lgb.Booster(params={**params.training_params(), "tree_learner": "serial"}, train_set=data)
+    except lgb.basic.LightGBMError as exc:
+        return f"LightGBM {LIGHTGBM_VERSION} refuses these parameters: {first_line(exc)}"
+    return None
 
 
 def _lgb() -> Any:
@@ -493,16 +521,21 @@ class LightGbmRecipe:
         if dataset is None:
             raise DatasetError("LightGBM needs the site's dataset")
         self.data_schema(params).check(dataset)
-        model, calls = train_site(params, dataset, session)
+        timed = TimedSession(session)
+        model, calls = train_site(params, dataset, timed)
         release(
-            session,
+            timed,
             held_out_sums(params.objective, model.predict, dataset),
             params.objective,
             {"model": model.model_text, "binning": model.binning.to_json()},
             lambda: model.booster().num_trees(),
         )
         return SiteSessionOutcome(
-            record={"collectives": dict(calls.items()), "train_rows": len(dataset.y_train)}
+            record={
+                "collectives": dict(calls.items()),
+                "train_rows": len(dataset.y_train),
+                **timed.record(),
+            }
         )
 
     def finish(self, params: LightGbmParams, released: bytes) -> dict[str, JsonValue]:
@@ -514,17 +547,13 @@ class LightGbmRecipe:
     def export(self, params: LightGbmParams, result: Mapping[str, Any]) -> ModelExport:
         """The model of a study's result (what ``finish`` returned) as tensors and metadata: ``model`` the
         LightGBM model text (UTF-8 bytes, over bin codes), ``bin_starts`` every feature's first cells
-        concatenated and ``bin_counts`` how many each has, ``low``/``high`` the public grid's ranges."""
+        concatenated and ``bin_counts`` how many each has, ``low``/``high`` the public grid's ranges; the
+        native file ``model.txt`` (the model text) and, in the metadata, the binning that maps raw features
+        to the codes it reads."""
         model = LightGbmModel.from_result(result)
-        binning = model.binning
-        return ModelExport(
-            tensors={
-                "model": np.frombuffer(model.model_text.encode(), dtype=np.uint8).copy(),
-                "bin_starts": np.concatenate([np.asarray(s, dtype=np.int64) for s in binning.starts]),
-                "bin_counts": np.asarray(binning.num_bins, dtype=np.int64),
-                "low": np.asarray(binning.low, dtype=np.float64),
-                "high": np.asarray(binning.high, dtype=np.float64),
-            },
+        return boosting_export(
+            model.model_text,
+            model.binning,
             metadata={
                 "recipe": self.name,
                 "version": self.version,
@@ -533,8 +562,10 @@ class LightGbmRecipe:
                 "lightgbm": LIGHTGBM_VERSION,
                 "objective": params.objective,
                 "num_class": params.num_class,
-                "grid_cells": binning.grid_cells,
+                "grid_cells": model.binning.grid_cells,
             },
+            label_meaning=params.label_meaning,
+            native_name="model.txt",
             predict_proba=model.predict if params.objective == "binary" else None,
         )
 

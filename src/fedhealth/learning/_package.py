@@ -7,6 +7,13 @@ Layout (docs/model-packages.md)::
                             digest that the study's provenance and audit log name)
     DIR/model.onnx          the same model with its standardization, for recipes that can (optional)
 
+A collective recipe's model (federated LightGBM or XGBoost) is not a tensor file the orchestrator stored:
+its package holds instead::
+
+    DIR/result.json         the study's result as the orchestrator holds it (canonical JSON; its sha256 is
+                            the package's model digest)
+    DIR/model.txt | .json   the model in its library's own format (``ModelExport.native_file``)
+
 ``metadata.json`` holds the recipe's export metadata under ``model`` (feature names in input order,
 preprocessing, label meaning), where the model came from (study, spec hash, the whole study spec, model
 digest, provenance, privacy guarantee), and ``files`` (name → sha256). :func:`load_package` checks all of it
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,8 +48,10 @@ from fedhealth.learning._registry import resolve_recipe
 PACKAGE_FORMAT = "fedhealth.model-package.v1"
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "model.safetensors"
+RESULT_FILE = "result.json"  # a collective study's released result, in place of the weights
 ONNX_FILE = "model.onnx"
 _PACKAGE_FILES = (METADATA_FILE, WEIGHTS_FILE, ONNX_FILE)
+_NATIVE_FILE = re.compile(r"^model\.[a-z0-9]{1,8}$")  # a library's own model file: model.txt, model.json
 _MAX_METADATA_BYTES = 64 * 1024 * 1024
 
 
@@ -102,13 +112,21 @@ def package_metadata(export: ModelExport, origin: PackageOrigin, files: Mapping[
 
 
 def write_package(
-    out: Path, *, export: ModelExport, weights: bytes, origin: PackageOrigin, force: bool = False
+    out: Path,
+    *,
+    export: ModelExport,
+    weights: bytes,
+    origin: PackageOrigin,
+    force: bool = False,
+    collective: bool = False,
 ) -> dict[str, Any]:
     """Write a package into ``out``; returns its metadata.
 
     ``out`` must not exist or be an empty folder; with ``force`` an existing folder's package files are
     replaced (other files in it are left alone, a stale ONNX file is removed). Everything is checked and
-    built in memory first; each file then lands by an atomic rename, the metadata last."""
+    built in memory first; each file then lands by an atomic rename, the metadata last. ``collective``:
+    ``weights`` is a collective study's result (canonical JSON), written as ``result.json`` beside the
+    export's native model file."""
     if sha256_hex(weights) != origin.model_digest:
         raise PackageError("the weights given are not the model the origin names (digest differs)")
     recipe = f"recipe {export.metadata.get('recipe')!r}"
@@ -123,18 +141,22 @@ def write_package(
         raise PackageError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise PackageError(f"{out} exists and is not empty; choose a new folder or give --force to replace")
-    blobs: dict[str, bytes] = {WEIGHTS_FILE: weights}
+    blobs: dict[str, bytes] = {RESULT_FILE if collective else WEIGHTS_FILE: weights}
+    if collective:
+        if export.native_file is None or not _NATIVE_FILE.match(export.native_file[0]):
+            raise PackageError(f"{recipe} gives no model file of its library to package")
+        blobs[export.native_file[0]] = export.native_file[1]
     if export.onnx is not None:
         blobs[ONNX_FILE] = export.onnx()
     metadata = package_metadata(export, origin, {name: sha256_hex(b) for name, b in blobs.items()})
     blobs[METADATA_FILE] = json.dumps(metadata, indent=2, sort_keys=True).encode("utf-8") + b"\n"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if ONNX_FILE not in blobs:
-            (out / ONNX_FILE).unlink(missing_ok=True)
-        for name in (WEIGHTS_FILE, ONNX_FILE, METADATA_FILE):
-            if name in blobs:
-                _write_atomic(out / name, blobs[name])
+        for stale in (ONNX_FILE, WEIGHTS_FILE, RESULT_FILE):
+            if stale not in blobs:
+                (out / stale).unlink(missing_ok=True)
+        for name in sorted(blobs, key=lambda n: n == METADATA_FILE):  # the metadata last
+            _write_atomic(out / name, blobs[name])
     except OSError as exc:
         raise PackageError(f"cannot write the package into {out}: {exc.strerror or exc}") from exc
     return metadata
@@ -303,11 +325,13 @@ def load_package(path: Path | str) -> ModelPackage:
         raise PackageError(f"{folder}: no such package folder")
     metadata = _read_metadata(folder)
     files = metadata.get("files")
-    if not isinstance(files, dict) or WEIGHTS_FILE not in files:
-        raise PackageError(f"{folder}: metadata lists no {WEIGHTS_FILE}")
+    if not isinstance(files, dict) or (WEIGHTS_FILE in files) == (RESULT_FILE in files):
+        raise PackageError(f"{folder}: metadata lists neither {WEIGHTS_FILE} nor {RESULT_FILE}, or both")
+    weights_file = WEIGHTS_FILE if WEIGHTS_FILE in files else RESULT_FILE
     blobs: dict[str, bytes] = {}
     for name, digest in files.items():
-        if name not in _PACKAGE_FILES or name == METADATA_FILE:
+        native = weights_file == RESULT_FILE and bool(_NATIVE_FILE.match(name)) and name != ONNX_FILE
+        if (name not in _PACKAGE_FILES and name != RESULT_FILE and not native) or name == METADATA_FILE:
             raise PackageError(f"{folder}: metadata lists an unexpected file {name!r}")
         try:
             blob = (folder / name).read_bytes()
@@ -321,12 +345,18 @@ def load_package(path: Path | str) -> ModelPackage:
     claimed = {k: v for k, v in metadata.items() if k != "package_digest"}
     if sha256_hex(canonical_json(claimed)) != metadata.get("package_digest"):
         raise PackageError(f"{folder}: {METADATA_FILE} was modified (its package_digest does not match)")
-    if sha256_hex(blobs[WEIGHTS_FILE]) != metadata.get("model_digest"):
-        raise PackageError(f"{folder}: {WEIGHTS_FILE} is not the model the metadata names")
+    if sha256_hex(blobs[weights_file]) != metadata.get("model_digest"):
+        raise PackageError(f"{folder}: {weights_file} is not the model the metadata names")
     spec = metadata.get("study_spec")
     if not isinstance(spec, dict) or sha256_hex(canonical_json(spec)) != metadata.get("spec_hash"):
         raise PackageError(f"{folder}: the study spec does not match its spec hash")
-    export = _reexport(folder, spec, blobs[WEIGHTS_FILE])
+    if weights_file == RESULT_FILE:
+        export = _reexport_result(folder, spec, blobs[RESULT_FILE])
+        native = export.native_file
+        if native is None or blobs.get(native[0]) != native[1]:
+            raise PackageError(f"{folder}: the model file is not the one the study's result holds")
+    else:
+        export = _reexport(folder, spec, blobs[WEIGHTS_FILE])
     if _json(dict(export.metadata)) != metadata.get("model"):
         raise PackageError(
             f"{folder}: the metadata's model section differs from what the study spec and weights give "
@@ -355,6 +385,28 @@ def _read_metadata(folder: Path) -> dict[str, Any]:
     if not isinstance(metadata, dict) or metadata.get("format") != PACKAGE_FORMAT:
         raise PackageError(f"{folder}: not a {PACKAGE_FORMAT} package")
     return metadata
+
+
+def _reexport_result(folder: Path, spec: Mapping[str, Any], released: bytes) -> ModelExport:
+    """The export of a collective study's result, as the study's recipe makes it from ``result.json``."""
+    recipe = spec.get("recipe")
+    if not isinstance(recipe, dict):
+        raise PackageError(f"{folder}: the study spec names no recipe")
+    try:
+        result = json.loads(released)
+    except ValueError as exc:
+        raise PackageError(f"{folder}: {RESULT_FILE} cannot be read as JSON ({exc})") from exc
+    if not isinstance(result, dict):
+        raise PackageError(f"{folder}: {RESULT_FILE} holds no study result")
+    try:
+        resolved = resolve_recipe(
+            str(recipe.get("name")), str(recipe.get("version", "1")), recipe.get("params") or {}
+        )
+        return resolved.export_result(result)
+    except RecipeError as exc:
+        raise PackageError(f"{folder}: the study's recipe cannot be used here ({exc})") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackageError(f"{folder}: {RESULT_FILE} does not fit the study's recipe ({exc})") from exc
 
 
 def _reexport(folder: Path, spec: Mapping[str, Any], weights: bytes) -> ModelExport:

@@ -142,12 +142,14 @@ class ModelExport:
     ``label`` (``positive_class`` and what it means); and ``predict_proba``, P(label = 1) for each row of
     a feature matrix in ``feature_names`` order, after that preprocessing (float64). ``onnx``, for a recipe
     declaring ``export_onnx``, builds the same model, preprocessing's standardization included, as an ONNX
-    file (the ``onnx`` package is imported only then)."""
+    file (the ``onnx`` package is imported only then). ``native_file``, for a model that is its library's
+    own file (a collective recipe's trees), is that file's name and bytes: a model package holds it."""
 
     tensors: Params
     metadata: Mapping[str, JsonValue]
     predict_proba: Callable[[np.ndarray], np.ndarray] | None = None
     onnx: Callable[[], bytes] | None = None
+    native_file: tuple[str, bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -230,6 +232,10 @@ class RoundsRecipe(Recipe[P], Protocol[P]):
 
     Every method is a pure function of its arguments (and ``rng``'s stream), so a task rerun after a crash
     gives the same bytes, and the orchestrator and an in-memory run compute the same models.
+
+    Optional: ``averaged_tensors(params) -> Collection[str]`` names tensors that are statistics of the data
+    rather than trained parameters (BatchNorm's running mean and variance); the server takes their plain
+    weighted mean under every strategy, and adaptive strategies keep no state for them.
     """
 
     def param_specs(self, params: P) -> list[TensorSpec]:

@@ -111,6 +111,14 @@ class ResolvedRecipe:
             )
         return cast(CollectiveRecipe[Any], self.recipe)
 
+    def export_result(self, result: Mapping[str, Any]) -> ModelExport:
+        """The model in a collective study's result (what ``finish`` returned), as the recipe exports it;
+        :class:`RecipeError` for a collective recipe that releases no model (e.g. statistics)."""
+        export = getattr(self.collective(), "export", None)
+        if not callable(export):
+            raise RecipeError(f"recipe {self.name!r} (version {self.version}) releases no model to export")
+        return cast(ModelExport, export(self.params, result))
+
     def session_dp_plan(self) -> DpPlan | None:
         """What one collective session of this study releases about a site's records under the recipe's own
         noise (``capabilities.session_dp``); None for a recipe that declares no such noise."""
@@ -151,6 +159,21 @@ class ResolvedRecipe:
 
     def export(self, model: Params) -> ModelExport:
         return self.rounds().export(self.params, model)
+
+    def averaged_tensors(self) -> frozenset[str]:
+        """The tensors the server averages plainly under every strategy (statistics of the data, not trained
+        parameters): what the recipe declares with its optional ``averaged_tensors(params)``; none when it
+        declares nothing."""
+        declared = getattr(self.rounds(), "averaged_tensors", None)
+        if declared is None:
+            return frozenset()
+        names = frozenset(declared(self.params))
+        unknown = names - {s.name for s in self.param_specs()}
+        if unknown:
+            raise RecipeError(
+                f"recipe {self.name!r} declares averaged tensors it does not have: {sorted(unknown)}"
+            )
+        return names
 
 
 def _is_recipe(obj: object) -> str | None:

@@ -17,7 +17,7 @@ safetensors between rounds and a restarted study continues bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -55,14 +55,16 @@ def weighted_mean(deltas: Sequence[tuple[int, Mapping[str, np.ndarray]]]) -> dic
 
 
 def strategy_state_specs(
-    config: StrategyConfig, params: Mapping[str, np.ndarray]
+    config: StrategyConfig, params: Mapping[str, np.ndarray], averaged: Collection[str] = ()
 ) -> dict[str, tuple[int, ...]]:
     """The names and shapes of the state ``config`` keeps for a model shaped like ``params`` (empty for
-    FedAvg / FedProx)."""
+    FedAvg / FedProx; none for the ``averaged`` tensors)."""
     if not config.is_adaptive:
         return {}
     specs: dict[str, tuple[int, ...]] = {}
     for name, arr in sorted(params.items()):
+        if name in averaged:
+            continue
         specs[f"m.{name}"] = tuple(arr.shape)
         specs[f"v.{name}"] = tuple(arr.shape)
     return specs
@@ -73,8 +75,14 @@ def apply_strategy(
     global_params: Mapping[str, np.ndarray],
     mean_delta: Mapping[str, np.ndarray],
     state: Mapping[str, np.ndarray],
+    averaged: Collection[str] = (),
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One server step: ``(new global params, new state)``. Inputs are left untouched.
+
+    ``averaged`` names the tensors that are statistics of the data rather than trained parameters (a
+    network's BatchNorm running mean and variance, declared by its recipe): they take the plain weighted
+    mean of the sites' values whatever the strategy, since a server learning rate or an adaptive step would
+    move them away from any statistic of the data (FedAdam on BatchNorm's running variance collapses a CNN).
 
     ``state`` is empty on the first round; otherwise it is what the previous call returned. Everything is
     validated before anything is computed: tensor names and shapes must agree, values must be finite, and a
@@ -86,7 +94,7 @@ def apply_strategy(
         raise TensorError("global params: the model has no tensors")
     check_tensors("global params", global_params, shapes)
     check_tensors("mean delta", mean_delta, shapes)
-    state_shapes = strategy_state_specs(config, global_params)
+    state_shapes = strategy_state_specs(config, global_params, averaged)
     if state:
         check_tensors(f"{config.kind.value} state", state, state_shapes)
 
@@ -96,7 +104,9 @@ def apply_strategy(
     for name in sorted(shapes):
         x = global_params[name].astype(np.float64)
         delta = mean_delta[name].astype(np.float64)
-        if not config.is_adaptive:
+        if name in averaged:
+            step = delta  # x + mean(site value - x) = the mean of the sites' values
+        elif not config.is_adaptive:
             step = eta * delta
         else:
             m0 = state[f"m.{name}"].astype(np.float64) if state else np.zeros_like(x)

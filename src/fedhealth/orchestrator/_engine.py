@@ -98,6 +98,7 @@ from fedhealth.runtime import (
     is_collective,
     param_specs,
     server_step,
+    study_recipe,
     summarize,
 )
 from fedhealth.secagg import SessionFailure, Stage
@@ -634,7 +635,8 @@ class RoundEngine:
             mean = sums.mean_delta
             if spec.privacy is not None and spec.privacy.mode is DpMode.SITE_CENTRAL:
                 mean = central_noise_on_mean(spec, mean, n, secure_generator())
-            new_params, new_state = server_step(spec.strategy, global_params, mean, state)
+            averaged = study_recipe(spec.recipe).averaged_tensors()
+            new_params, new_state = server_step(spec.strategy, global_params, mean, state, averaged=averaged)
             model_out = self.blobs.put(encode_tensors(new_params))
             state_out = self.blobs.put(encode_tensors(new_state)) if new_state else None
             return sums, model_out, state_out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,17 +276,26 @@ def aggregate(
     the central noise added in site-central mode, drawn from ``rng`` (default: a secure generator).
     """
     updates = bounded_updates(strategy, updates)
+    averaged = study_recipe(spec.recipe).averaged_tensors() if spec is not None else frozenset()
     if spec is not None and spec.privacy is not None and spec.privacy.mode is not DpMode.RECORD:
         mean = private_mean(spec, updates, rng if rng is not None else secure_generator())
-        return server_step(strategy, global_params, mean, state)
-    return server_step(strategy, global_params, weighted_mean(updates), state)
+        return server_step(strategy, global_params, mean, state, averaged=averaged)
+    return server_step(strategy, global_params, weighted_mean(updates), state, averaged=averaged)
 
 
 def server_step(
-    strategy: StrategySpec, global_params: Params, mean_delta: Mapping[str, np.ndarray], state: Params
+    strategy: StrategySpec,
+    global_params: Params,
+    mean_delta: Mapping[str, np.ndarray],
+    state: Params,
+    *,
+    averaged: Collection[str] = (),
 ) -> tuple[Params, Params]:
-    """The server strategy's step from the (already averaged) mean update: the secure path enters here."""
-    new_params, new_state = apply_strategy(strategy_config(strategy), global_params, mean_delta, state)
+    """The server strategy's step from the (already averaged) mean update: the secure path enters here.
+    ``averaged``: the recipe's statistics tensors, which take the plain mean (``averaged_tensors``)."""
+    new_params, new_state = apply_strategy(
+        strategy_config(strategy), global_params, mean_delta, state, averaged
+    )
     return {k: np.asarray(v, dtype=np.float32) for k, v in new_params.items()}, new_state
 
 

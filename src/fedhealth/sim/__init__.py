@@ -10,12 +10,15 @@ from fedhealth.sim._bench import (
     benchmark_heart_disease,
     benchmark_rounds,
 )
+from fedhealth.sim._boosting_bench import BoostingBenchmark, BoostingRun, benchmark_boosting
 from fedhealth.sim._connector_bench import ExtractionResult, benchmark_connectors
 from fedhealth.sim._federation import FederationError, LocalFederation
 from fedhealth.sim._privacy_bench import PrivacyResult, benchmark_privacy, plot_privacy
 
 __all__ = [
     "FLAMBY_HEART_DISEASE",
+    "BoostingBenchmark",
+    "BoostingRun",
     "CollectiveBenchmark",
     "ExtractionResult",
     "FederationError",
@@ -23,6 +26,7 @@ __all__ = [
     "MethodResult",
     "PrivacyResult",
     "RoundBenchmark",
+    "benchmark_boosting",
     "benchmark_collective",
     "benchmark_connectors",
     "benchmark_heart_disease",

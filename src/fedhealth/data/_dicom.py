@@ -1,0 +1,215 @@
+"""DICOM images (``dicom:///abs/folder?labels=/abs/labels.csv&size=28``), read with pydicom.
+
+``fedhealth site dataset check`` also reports each identifying attribute (:data:`IDENTIFYING_ATTRIBUTES`:
+names, ids, dates, places, clinicians) that the files carry with a value, naming the attribute and a file,
+never the value; ``allow_tags=PatientID,...`` lets a site keep some it has pseudonymised.
+
+Each file's stored values become grey levels in [0, 1] as a viewer shows them:
+
+1. the modality LUT: ``value * RescaleSlope + RescaleIntercept`` (e.g. Hounsfield units for CT), on the
+   stored integers of any bit depth (8, 12, 16 bits, signed or not);
+2. the VOI window: ``window=CENTER:WIDTH`` in the URI, else the file's first ``WindowCenter`` /
+   ``WindowWidth``, else the image's own range; values below the window are 0, above it 1, linear between;
+3. ``MONOCHROME1`` (where the lowest value is shown white) is inverted, so that bright means the same in
+   every file; colour images (``SamplesPerPixel`` 3) are averaged to grey.
+
+A file that is not DICOM, is corrupt, holds no pixel data (a structured report, a presentation state) or
+holds several frames is a problem named by its file (see :mod:`fedhealth.data._images`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedhealth.core import ConfigError
+from fedhealth.data._connector import DatasetURI
+from fedhealth.data._dataset import TabularDataset
+from fedhealth.data._images import (
+    IMAGE_PARAMS,
+    ImageProblem,
+    _folder,
+    _label_rows,
+    image_quality,
+    read_image_folder,
+)
+from fedhealth.data._quality import QualityReport
+
+_IGNORED_SUFFIXES = frozenset({".csv", ".txt", ".json", ".md", ".toml"})
+
+# Attributes that identify a patient, a clinician, a place or an examination (after DICOM PS3.15's Basic
+# Application Level Confidentiality Profile). ``site dataset check`` reports each one a file carries with a
+# non-empty value, unless the site allows it (``allow_tags=PatientID,StudyDate``): their values never leave
+# the site, but a folder meant to be de-identified should not hold them.
+IDENTIFYING_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientMotherBirthName",
+    "MedicalRecordLocator",
+    "IssuerOfPatientID",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "OperatorsName",
+    "RequestingPhysician",
+    "StationName",
+    "DeviceSerialNumber",
+)
+
+
+def _first(value: object) -> float:
+    """A DICOM numeric value, or the first of a multi-valued one."""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        value = next(iter(value))  # type: ignore[call-overload]
+    return float(value)  # type: ignore[arg-type]
+
+
+def dicom_grey(path: Path, window: tuple[float, float] | None = None) -> np.ndarray:
+    """The (1, rows, columns) grey image in [0, 1] of one DICOM file (see the module docstring)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise ImageProblem(f"not a readable DICOM file ({type(exc).__name__})") from None
+    if "PixelData" not in ds:
+        raise ImageProblem("a DICOM file without pixel data (not an image)")
+    try:
+        stored = np.asarray(ds.pixel_array, dtype=np.float64)
+    except Exception as exc:  # pydicom's decoders raise many kinds on damaged or unsupported pixel data
+        raise ImageProblem(f"its pixel data cannot be decoded ({type(exc).__name__})") from None
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageProblem(f"a multi-frame image ({frames} frames); one frame per file is read")
+    if samples == 3 and stored.ndim == 3:
+        stored = stored.mean(axis=-1)
+    if stored.ndim != 2:
+        raise ImageProblem(f"an image of {stored.ndim} dimensions; a 2D image is read")
+    try:
+        slope = _first(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = _first(ds.get("RescaleIntercept", 0.0) or 0.0)
+    except (TypeError, ValueError):
+        raise ImageProblem("its rescale slope or intercept is not a number") from None
+    values = stored * slope + intercept
+    if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
+        try:
+            window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
+        except (TypeError, ValueError):
+            raise ImageProblem("its window center or width is not a number") from None
+    if window is not None and window[1] > 0:
+        low, high = window[0] - window[1] / 2, window[0] + window[1] / 2
+    else:
+        low, high = float(values.min()), float(values.max())
+    grey = np.clip((values - low) / (high - low), 0.0, 1.0) if high > low else np.zeros_like(values)
+    if not np.isfinite(grey).all():
+        raise ImageProblem("its pixel values are not finite")
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        grey = 1.0 - grey
+    return grey[None]
+
+
+def _window(uri: DatasetURI) -> tuple[float, float] | None:
+    text = uri.params.get("window")
+    if text is None:
+        return None
+    try:
+        center, width = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"dataset URI {uri.raw!r}: window={text!r} must be CENTER:WIDTH") from None
+    if not (np.isfinite(center) and np.isfinite(width) and width > 0):
+        raise ConfigError(f"dataset URI {uri.raw!r}: window width must be positive and both finite")
+    return center, width
+
+
+def _is_dicom_candidate(path: Path) -> bool:
+    return path.suffix.lower() not in _IGNORED_SUFFIXES and path.name.upper() != "DICOMDIR"
+
+
+def identifying_attributes(
+    folder: Path, files: list[str], allowed: frozenset[str] = frozenset()
+) -> dict[str, list[str]]:
+    """For each identifying attribute (not ``allowed``) the files (relative to ``folder``) where it holds a
+    non-empty value; headers only are read."""
+    import pydicom
+
+    found: dict[str, list[str]] = {}
+    for rel in files:
+        ds = pydicom.dcmread(folder / rel, stop_before_pixels=True)
+        for keyword in IDENTIFYING_ATTRIBUTES:
+            if keyword not in allowed and str(ds.get(keyword, "") or "").strip():
+                found.setdefault(keyword, []).append(rel)
+    return found
+
+
+def _allowed(uri: DatasetURI) -> frozenset[str]:
+    text = uri.params.get("allow_tags", "")
+    names = frozenset(t.strip() for t in text.split(",") if t.strip())
+    unknown = sorted(names - set(IDENTIFYING_ATTRIBUTES))
+    if unknown:
+        raise ConfigError(
+            f"dataset URI {uri.raw!r}: allow_tags names {unknown}, not among the identifying attributes "
+            f"{list(IDENTIFYING_ATTRIBUTES)}"
+        )
+    return names
+
+
+class DicomConnector:
+    """``dicom:///abs/folder?labels=/abs/labels.csv&size=28[&window=CENTER:WIDTH]``: one grey channel."""
+
+    def open(self, uri: DatasetURI, data_dir: Path) -> TabularDataset:
+        del data_dir  # the URI carries an absolute path
+        uri.check_params(IMAGE_PARAMS | {"window", "allow_tags"})
+        _allowed(uri)
+        folder, labels = _folder(uri)
+        window = _window(uri)
+
+        def reader(path: Path, channels: int) -> np.ndarray:
+            del channels  # DICOM images are read as one grey channel
+            return dicom_grey(path, window)
+
+        return read_image_folder(
+            folder,
+            labels,
+            size=uri.int_param("size", 28, low=8, high=512),
+            channels=1,
+            reader=reader,
+            is_candidate=_is_dicom_candidate,
+            test_fraction=uri.float_param("test_fraction", 0.3, low=0.0, high_exclusive=1.0),
+            seed=uri.int_param("seed", 0, low=0, high=2**32 - 1),
+            name=folder.name,
+        )
+
+    def inspect(self, uri: DatasetURI, data_dir: Path) -> tuple[TabularDataset, QualityReport]:
+        """The dataset and its site-only report, which names the identifying attributes the files carry."""
+        dataset = self.open(uri, data_dir)
+        folder, labels = _folder(uri)
+        files = [rel for _, rel, _ in _label_rows(labels, folder, [])]
+        found = identifying_attributes(folder, files, _allowed(uri))
+        warnings = tuple(
+            f"identifying DICOM attribute {keyword} in {len(where)} file(s) (e.g. {where[0]}); "
+            "de-identify the files, or allow it with allow_tags="
+            for keyword, where in sorted(found.items())
+        )
+        report = image_quality(dataset)
+        return dataset, QualityReport(
+            rows=report.rows, positives=report.positives, columns=report.columns, warnings=warnings
+        )

@@ -1,0 +1,106 @@
+"""The architectures of the ``torch`` recipe, written with ``torch.nn`` only (no torchvision).
+
+This module imports torch at its top: only :mod:`fedhealth.learning._torch_recipe` imports it, and only
+inside the functions that need a network, so that importing fedhealth.learning stays light.
+
+- ``cnn``: two 3x3 convolution blocks (conv, norm, ReLU, 2x2 max-pool) of 16 and 32 channels, then a hidden
+  layer of 64 units and the classifier; about 0.1 M parameters at 28x28.
+- ``resnet18``: ResNet-18 (He et al. 2016, four stages of two basic blocks, 64-512 channels) adapted to
+  small inputs as MedMNIST does for 28x28: a 3x3 stride-1 stem and no max-pool; about 11 M parameters.
+
+``norm`` is ``batch`` (BatchNorm) or ``group``: BatchNorm mixes the records of a batch, which per-example
+gradients (DP-SGD) cannot have, so ``group`` lets Opacus' :class:`ModuleValidator` replace every BatchNorm
+with a GroupNorm (its own choice of groups), exactly as it does for any model handed to DP-SGD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def _norm(channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels)
+
+
+class SmallCnn(nn.Module):
+    def __init__(self, channels: int, input_size: int, n_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 16, 3, padding=1),
+            _norm(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            _norm(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        side = input_size // 4
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(32 * side * side, 64), nn.ReLU(), nn.Linear(64, n_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, inplanes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = _norm(planes)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = _norm(planes)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), _norm(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet18(nn.Module):
+    def __init__(self, channels: int, input_size: int, n_classes: int) -> None:
+        super().__init__()
+        del input_size  # global average pooling: any input size of at least 8 works
+        self.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
+        self.bn1 = _norm(64)
+        self.relu = nn.ReLU()
+        layers: list[nn.Module] = []
+        inplanes = 64
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes, 1)))
+            inplanes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+ARCHITECTURES: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "cnn": SmallCnn,
+    "resnet18": ResNet18,
+}
+
+
+def build_network(architecture: str, channels: int, input_size: int, n_classes: int, norm: str) -> nn.Module:
+    """A fresh network (its initial weights drawn from torch's global generator: seed it first)."""
+    net = ARCHITECTURES[architecture](channels, input_size, n_classes)
+    if norm == "group":
+        from opacus.validators import ModuleValidator
+
+        net = ModuleValidator.fix(net)
+    return net

@@ -1,0 +1,511 @@
+"""Image classifiers in PyTorch as a recipe plug-in (``torch``, version 1; the ``imaging`` extra).
+
+A site's images reach the recipe as a :class:`~fedhealth.data.TabularDataset` whose rows are the images
+flattened in (channel, row, column) order with values in [0, 1] (the image connectors and the BreastMNIST
+loader build them so); the recipe reshapes each row to ``(channels, input_size, input_size)``. The model's
+tensors are the network's ``state_dict`` (parameters and BatchNorm running statistics; not BatchNorm's
+integer step counter) as float32 arrays under their torch names, so every strategy, the secure sum and
+site-level DP treat them like any other model.
+
+Determinism: every random choice (the initial weights, the shuffling, the flips, the DP samples and noise)
+comes from the seed or the runtime's generator, and torch runs with ``use_deterministic_algorithms``: on
+CPU two runs with the same seed give bit-identical models. CUDA is used when present (the same seed then
+gives a model close to, not bit-identical with, the CPU one).
+
+FedProx is the proximal term ``proximal_mu / 2 * ||w - w_global||^2`` in the local loss (set
+``proximal_mu`` with the strategy ``fedprox``, as for logistic regression). Record-level DP (DP-SGD) uses
+Opacus for the per-example gradients and fedhealth.privacy's clipping, noise and Poisson sampling, driven by
+the runtime's generator, so the site's ledger pays exactly the :class:`RecordDp` release it runs.
+
+torch and Opacus are imported only inside the functions that need them: fedhealth.learning imports without
+them, and a site without the extra gets a clear error naming it when a study asks for this recipe.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from fedhealth.core import DatasetError, TensorSpec
+from fedhealth.data import TabularDataset
+from fedhealth.learning._config import LocalOptimizer
+from fedhealth.learning._errors import RecipeError
+from fedhealth.learning._recipe import (
+    CombinationPattern,
+    DataSchema,
+    DpLevel,
+    ModelExport,
+    Params,
+    RecipeCapabilities,
+    RecordDp,
+    ReferenceStep,
+    TemplateParam,
+)
+from fedhealth.learning._results import EvalResult, TrainResult
+from fedhealth.privacy import noisy_clipped_sum, poisson_sample
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+_EVAL_BATCH = 256
+_SKIPPED_BUFFERS = ("num_batches_tracked",)  # an integer counter, meaningless to average
+
+
+class Architecture(StrEnum):
+    """The networks the recipe builds (see :mod:`fedhealth.learning._torch_nets`)."""
+
+    CNN = "cnn"
+    RESNET18 = "resnet18"
+
+
+class Norm(StrEnum):
+    BATCH = "batch"
+    GROUP = "group"  # BatchNorm replaced by GroupNorm through Opacus' ModuleValidator (needed by DP-SGD)
+
+
+class TorchParams(BaseModel):
+    """``recipe.params`` of ``torch``: the network and how each site trains it per round."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    architecture: Architecture = Architecture.CNN
+    input_size: int = Field(default=28, ge=8, le=512, description="images are input_size x input_size")
+    channels: int = Field(default=1, ge=1, le=4)
+    n_classes: int = Field(default=2, ge=2, le=2, description="binary labels (0/1) for now")
+    norm: Norm = Norm.BATCH
+    optimizer: LocalOptimizer = LocalOptimizer.ADAM
+    learning_rate: FiniteFloat = Field(default=0.001, gt=0, le=10)
+    momentum: FiniteFloat = Field(default=0.0, ge=0, lt=1, description="SGD momentum")
+    weight_decay: FiniteFloat = Field(default=0.0, ge=0, le=1)
+    local_epochs: int = Field(default=1, ge=0, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=100_000)
+    augment_flips: bool = Field(default=False, description="random horizontal flips while training")
+    proximal_mu: FiniteFloat = Field(default=0.0, ge=0, le=100, description="FedProx proximal weight")
+
+    @property
+    def n_features(self) -> int:
+        return self.channels * self.input_size * self.input_size
+
+
+def _missing_extra(exc: ImportError) -> RecipeError:
+    return RecipeError(
+        f"recipe 'torch' needs the imaging extra (pip install 'fedhealth[imaging]'): {exc.msg}"
+    )
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:
+        raise _missing_extra(exc) from None
+    return torch
+
+
+def _device() -> torch.device:
+    torch = _torch()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_threads() -> int:
+    """CPU threads torch uses: ``$FEDHEALTH_TORCH_THREADS``, else half the cores (at least 1). An agent
+    shares its machine (HTTP, secure aggregation, other processes): on a busy 2-core host two spinning
+    torch threads ran a CNN step ten times slower than one."""
+    text = os.environ.get("FEDHEALTH_TORCH_THREADS", "")
+    if text.strip().isdigit() and int(text) >= 1:
+        return int(text)
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def _deterministic() -> None:
+    """Bit-reproducible kernels on CPU. On CUDA some backward kernels (adaptive average pooling, max
+    pooling) have no deterministic version, and strict mode would refuse them: there cuDNN is only asked for
+    deterministic convolutions, and a rerun gives a model close to, not bit-identical with, the first."""
+    torch = _torch()
+    if torch.get_num_threads() != torch_threads():
+        torch.set_num_threads(torch_threads())
+    torch.backends.cudnn.benchmark = False
+    if torch.cuda.is_available():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.use_deterministic_algorithms(True)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """torch's global generator seeded with ``seed`` inside, restored after (layers draw their init there)."""
+    torch = _torch()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _network(params: TorchParams) -> nn.Module:
+    try:
+        from fedhealth.learning._torch_nets import build_network
+
+        return build_network(
+            params.architecture.value, params.channels, params.input_size, params.n_classes, params.norm.value
+        )
+    except ImportError as exc:
+        raise _missing_extra(exc) from None
+
+
+def _exported(net: nn.Module) -> Params:
+    return {
+        name: value.detach().to("cpu").numpy().astype(np.float32, copy=True)
+        for name, value in net.state_dict().items()
+        if not name.endswith(_SKIPPED_BUFFERS)
+    }
+
+
+@functools.lru_cache(maxsize=32)
+def _specs(params: TorchParams) -> tuple[TensorSpec, ...]:
+    with _seeded(0):
+        tensors = _exported(_network(params))
+    return tuple(TensorSpec(name=k, shape=tuple(v.shape)) for k, v in sorted(tensors.items()))
+
+
+def _load(params: TorchParams, model: Params) -> nn.Module:
+    """The network holding ``model``'s tensors (on CPU)."""
+    torch = _torch()
+    with _seeded(0):
+        net = _network(params)
+    specs = {s.name: s.shape for s in _specs(params)}
+    if set(model) != set(specs):
+        raise RecipeError(
+            f"the model's tensors do not match the network: missing {sorted(set(specs) - set(model))}, "
+            f"unexpected {sorted(set(model) - set(specs))}"
+        )
+    state = {
+        k: torch.from_numpy(np.array(model[k], dtype=np.float32).reshape(shape)) for k, shape in specs.items()
+    }
+    net.load_state_dict(state, strict=False)
+    return net
+
+
+def _images(params: TorchParams, X: np.ndarray) -> np.ndarray:
+    if X.ndim != 2 or X.shape[1] != params.n_features:
+        raise DatasetError(
+            f"images must be rows of {params.n_features} values ({params.channels} x {params.input_size} x "
+            f"{params.input_size}), got {X.shape[1] if X.ndim == 2 else X.shape}"
+        )
+    return np.ascontiguousarray(X, dtype=np.float32).reshape(
+        -1, params.channels, params.input_size, params.input_size
+    )
+
+
+def _flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each image mirrored left-right with probability 1/2 (drawn from ``rng``)."""
+    flips = rng.random(images.shape[0]) < 0.5
+    out = images.copy()
+    out[flips] = out[flips][..., ::-1]
+    return out
+
+
+def _optimizer(params: TorchParams, net: nn.Module) -> torch.optim.Optimizer:
+    torch = _torch()
+    if params.optimizer is LocalOptimizer.ADAM:
+        return torch.optim.Adam(net.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
+    return torch.optim.SGD(
+        net.parameters(), lr=params.learning_rate, momentum=params.momentum, weight_decay=params.weight_decay
+    )
+
+
+def _rows(dataset: TabularDataset | None) -> TabularDataset:
+    if dataset is None:
+        raise DatasetError("the torch recipe needs the site's images")
+    return dataset
+
+
+def torch_train(
+    params: TorchParams, model: Params, dataset: TabularDataset, rng: np.random.Generator
+) -> TrainResult:
+    """One round of local training: ``local_epochs`` shuffled passes (order and flips from ``rng``)."""
+    torch = _torch()
+    _deterministic()
+    device = _device()
+    images = _images(params, dataset.X_train)
+    labels = np.asarray(dataset.y_train, dtype=np.int64)
+    n = images.shape[0]
+    if n == 0:
+        raise DatasetError("cannot train on an empty dataset")
+    net = _load(params, model).to(device)
+    net.train()
+    optimizer = _optimizer(params, net)
+    anchor = [p.detach().clone() for p in net.parameters()] if params.proximal_mu > 0 else None
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
+    seen, loss_total, steps = 0, 0.0, 0
+    for _ in range(params.local_epochs):
+        order = rng.permutation(n)
+        for start in range(0, n, params.batch_size):
+            idx = order[start : start + params.batch_size]
+            batch = _flip(images[idx], rng) if params.augment_flips else images[idx]
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+            y = torch.from_numpy(labels[idx]).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            data_loss = loss_fn(net(x), y)
+            loss = data_loss / idx.size
+            if anchor is not None:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(net.parameters(), anchor, strict=True))
+                loss = loss + params.proximal_mu / 2 * prox
+            loss.backward()
+            optimizer.step()
+            seen += int(idx.size)
+            loss_total += float(data_loss.detach())
+            steps += 1
+    local = _exported(net)
+    if not all(np.isfinite(v).all() for v in local.values()):
+        from fedhealth.learning._errors import TrainingDivergedError
+
+        raise TrainingDivergedError("local training diverged (non-finite weights); lower the learning rate")
+    return TrainResult(
+        params=local, num_samples=n, train_loss=loss_total / seen if seen else None, steps=steps
+    )
+
+
+def torch_train_dp(
+    params: TorchParams, model: Params, dataset: TabularDataset, rng: np.random.Generator, record_dp: RecordDp
+) -> TrainResult:
+    """DP-SGD: ``record_dp.steps`` steps, each on a Poisson sample at ``record_dp.sample_rate`` drawn from
+    ``rng``; Opacus' :class:`GradSampleModule` computes the per-example gradients, fedhealth.privacy clips
+    each (over all the network's parameters) to ``max_grad_norm``, sums them and adds the Gaussian noise
+    (drawn from ``rng``), divided by the expected batch size; a plain SGD step follows."""
+    torch = _torch()
+    try:
+        from opacus import GradSampleModule
+    except ImportError as exc:
+        raise _missing_extra(exc) from None
+    _deterministic()
+    device = _device()
+    images = _images(params, dataset.X_train)
+    labels = np.asarray(dataset.y_train, dtype=np.int64)
+    n = images.shape[0]
+    if n == 0:
+        raise DatasetError("cannot train on an empty dataset")
+    net = _load(params, model).to(device)
+    net.train()
+    gsm = GradSampleModule(net, loss_reduction="sum")
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    sizes = [p.numel() for p in trainable]
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
+    expected_batch = record_dp.sample_rate * n
+    for _ in range(record_dp.steps):
+        batch = poisson_sample(n, record_dp.sample_rate, rng)
+        if batch.size == 0:
+            grads = np.zeros((0, sum(sizes)), dtype=np.float64)
+        else:
+            chosen = _flip(images[batch], rng) if params.augment_flips else images[batch]
+            x = torch.from_numpy(np.ascontiguousarray(chosen)).to(device)
+            y = torch.from_numpy(labels[batch]).to(device)
+            gsm.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():
+                # Opacus' hooks are full backward hooks; the images need no gradient, which torch notes
+                warnings.filterwarnings(
+                    "ignore", message="Full backward hook is firing", category=UserWarning
+                )
+                loss_fn(gsm(x), y).backward()
+            grads = (
+                torch.cat([p.grad_sample.reshape(batch.size, -1) for p in trainable], dim=1)
+                .to("cpu", torch.float64)
+                .numpy()
+            )
+        noisy, _ = noisy_clipped_sum(
+            grads, max_grad_norm=record_dp.max_grad_norm, noise_multiplier=record_dp.noise_multiplier, rng=rng
+        )
+        step = torch.from_numpy(noisy / expected_batch)
+        with torch.no_grad():
+            offset = 0
+            for p, size in zip(trainable, sizes, strict=True):
+                update = step[offset : offset + size].reshape(p.shape).to(device, p.dtype)
+                p.add_(update + params.weight_decay * p, alpha=-params.learning_rate)
+                offset += size
+    gsm.zero_grad(set_to_none=True)
+    local = _exported(net)  # the wrapped network, its parameters updated in place
+    return TrainResult(params=local, num_samples=n, train_loss=None, steps=record_dp.steps)
+
+
+def torch_evaluate(params: TorchParams, model: Params, X: np.ndarray, y: np.ndarray) -> EvalResult:
+    """Mean cross-entropy, accuracy (the most probable class) and ROC AUC (of class 1's probability)."""
+    torch = _torch()
+    _deterministic()
+    images = _images(params, X)
+    labels = np.array(y, dtype=np.int64)
+    if images.shape[0] == 0:
+        raise DatasetError("evaluation needs at least one image")
+    device = _device()
+    net = _load(params, model).to(device)
+    net.eval()
+    logits = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], _EVAL_BATCH):
+            x = torch.from_numpy(images[start : start + _EVAL_BATCH]).to(device)
+            logits.append(net(x).to("cpu", torch.float64))
+    z = torch.cat(logits)
+    loss = float(torch.nn.functional.cross_entropy(z, torch.from_numpy(labels)))
+    prob = torch.softmax(z, dim=1)[:, 1].numpy()
+    accuracy = float((z.argmax(dim=1).numpy() == labels).mean())
+    from sklearn.metrics import roc_auc_score  # scikit-learn loads slowly: on first use
+
+    auc = float(roc_auc_score(labels, prob)) if np.unique(labels).size == 2 else None
+    return EvalResult(num_samples=int(labels.size), loss=loss, accuracy=accuracy, auc=auc)
+
+
+def torch_predict_proba(params: TorchParams, model: Params, X: np.ndarray) -> np.ndarray:
+    """P(label = 1) for each row of ``X`` (flattened images)."""
+    torch = _torch()
+    images = _images(params, X)
+    net = _load(params, model)
+    net.eval()
+    with torch.no_grad():
+        z = net(torch.from_numpy(images)).to(torch.float64)
+    return np.asarray(torch.softmax(z, dim=1)[:, 1].numpy())
+
+
+class TorchRecipe:
+    """A 2D image classifier (small CNN or ResNet-18) trained with PyTorch, combined in rounds."""
+
+    name: Literal["torch"] = "torch"
+    version: Literal["1"] = "1"
+    params_model = TorchParams
+    pattern = CombinationPattern.ROUNDS
+    capabilities = RecipeCapabilities(reads_data=True, record_dp=True, site_dp=True, secure_sum=True)
+
+    def data_schema(self, params: TorchParams) -> DataSchema:
+        return DataSchema(n_features=params.n_features)
+
+    def param_specs(self, params: TorchParams) -> list[TensorSpec]:
+        return list(_specs(params))
+
+    def averaged_tensors(self, params: TorchParams) -> frozenset[str]:
+        """BatchNorm's running mean and variance: statistics of the sites' images, averaged plainly by the
+        server under every strategy (an adaptive step on them collapses the network)."""
+        return frozenset(s.name for s in _specs(params) if s.name.endswith((".running_mean", ".running_var")))
+
+    def init(self, params: TorchParams, seed: int) -> Params:
+        with _seeded(seed):
+            return _exported(_network(params))
+
+    def train(
+        self,
+        params: TorchParams,
+        model: Params,
+        dataset: TabularDataset | None,
+        rng: np.random.Generator,
+        *,
+        record_dp: RecordDp | None = None,
+    ) -> TrainResult:
+        data = _rows(dataset)
+        if record_dp is None:
+            return torch_train(params, model, data, rng)
+        return torch_train_dp(params, model, data, rng, record_dp)
+
+    def evaluate(self, params: TorchParams, model: Params, dataset: TabularDataset | None) -> EvalResult:
+        data = _rows(dataset)
+        return torch_evaluate(params, model, data.X_test, data.y_test)
+
+    def dp_problem(self, params: TorchParams, level: DpLevel) -> str | None:
+        if level is not DpLevel.RECORD:
+            return None
+        if params.optimizer is not LocalOptimizer.SGD or params.proximal_mu != 0 or params.momentum != 0:
+            return (
+                "record-level DP trains with plain DP-SGD: the recipe's optimizer must be 'sgd', momentum 0 "
+                "and proximal_mu 0"
+            )
+        try:
+            from opacus.validators import ModuleValidator
+        except ImportError as exc:
+            raise _missing_extra(exc) from None
+        with _seeded(0):
+            errors = ModuleValidator.validate(_network(params), strict=False)
+        if errors:
+            return (
+                f"record-level DP needs per-example gradients, which this network cannot give "
+                f"({type(errors[0]).__name__}: {errors[0]}); set norm = 'group'"
+            )
+        return None
+
+    def describe(self, params: TorchParams) -> str:
+        count = sum(math.prod(s.shape) for s in _specs(params))
+        flips = ", random horizontal flips" if params.augment_flips else ""
+        prox = f", FedProx weight {params.proximal_mu:g}" if params.proximal_mu else ""
+        return (
+            f"image classifier {params.architecture.value} ({params.norm.value} norm, {count} values) on "
+            f"{params.channels}-channel {params.input_size}x{params.input_size} images; "
+            f"{params.local_epochs} epoch(s) of {params.optimizer.value} per round at learning rate "
+            f"{params.learning_rate:g}, batch size {params.batch_size}{flips}{prox}"
+        )
+
+    def template(self, n_features: int | None) -> list[TemplateParam]:
+        side = math.isqrt(n_features) if n_features else 28
+        return [
+            TemplateParam(key="architecture", value="cnn", comment="cnn (small) or resnet18"),
+            TemplateParam(key="input_size", value=side, comment="images are resized to this side"),
+            TemplateParam(key="channels", value=1, comment="1 for grey-scale, 3 for colour"),
+            TemplateParam(key="norm", value="batch", comment="batch, or group (needed by record-level DP)"),
+            TemplateParam(key="optimizer", value="adam", comment="sgd or adam (DP-SGD needs sgd)"),
+            TemplateParam(key="learning_rate", value=0.001, comment="step size of local training"),
+            TemplateParam(key="local_epochs", value=1, comment="passes over the local images per round"),
+            TemplateParam(key="batch_size", value=32, comment="images per minibatch"),
+            TemplateParam(key="augment_flips", value=False, comment="random horizontal flips"),
+        ]
+
+    def reference_step(self) -> ReferenceStep:
+        params = TorchParams(local_epochs=1, batch_size=32)
+        images = np.random.default_rng(0).random((128, params.n_features))
+        labels = (np.arange(128) % 2).astype(np.int64)
+
+        def run() -> None:
+            data = TabularDataset(
+                name="reference",
+                X_train=images,
+                y_train=labels,
+                X_test=images[:2],
+                y_test=labels[:2],
+                feature_names=tuple(f"px{i}" for i in range(params.n_features)),
+            )
+            torch_train(params, self.init(params, 0), data, np.random.default_rng(0))
+
+        return ReferenceStep(run=run, note="one epoch of the small CNN, 128 images of 28 x 28")
+
+    def export(self, params: TorchParams, model: Params) -> ModelExport:
+        specs = self.param_specs(params)
+        tensors = {s.name: np.array(model[s.name], dtype=np.float32) for s in specs}
+        metadata: dict[str, JsonValue] = {
+            "recipe": self.name,
+            "version": self.version,
+            "feature_names": None,
+            "architecture": params.architecture.value,
+            "norm": params.norm.value,
+            "input_shape": [params.channels, params.input_size, params.input_size],
+            "n_classes": params.n_classes,
+            "output": "softmax over the classes of the network's logits; input pixels in [0, 1]",
+        }
+        return ModelExport(tensors=tensors, metadata=metadata)
+
+
+TORCH_RECIPE = TorchRecipe()
+
+# BreastMNIST (28 x 28 grey, 4 sites): the demo's and the benchmark's settings (docs/benchmarks.md)
+BREASTMNIST_PARAMS = TorchParams(
+    architecture=Architecture.CNN,
+    input_size=28,
+    channels=1,
+    optimizer=LocalOptimizer.ADAM,
+    learning_rate=0.001,
+    local_epochs=1,
+    batch_size=32,
+    augment_flips=True,
+)
+BREASTMNIST_ROUNDS = 20

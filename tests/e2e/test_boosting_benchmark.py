@@ -1,0 +1,44 @@
+"""``fedhealth benchmark boosting`` at a tiny size: it runs both libraries through the real services against
+the pooled rows and reports what docs/benchmarks.md quotes (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fedhealth.cli import app
+
+pytestmark = pytest.mark.e2e
+
+
+def test_the_boosting_benchmark_reports_both_libraries_equal_to_pooled_with_their_costs(tmp_path):
+    result = CliRunner().invoke(
+        app,
+        [
+            "benchmark",
+            "boosting",
+            "--sites",
+            "3",
+            "--rows",
+            "600",
+            "--features",
+            "4",
+            "--trees",
+            "2",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (report["sites"], report["rows"], report["features"], report["trees"]) == (3, 600, 4, 2)
+    assert [r["library"] for r in report["runs"]] == ["LightGBM", "XGBoost"]
+    for run in report["runs"]:
+        assert run["identical_to_pooled"], run  # the federated model is the pooled one
+        assert run["trees"] == 2
+        assert run["ratio"] == pytest.approx(run["federated_s"] / run["pooled_s"])
+        assert run["collectives_per_tree"] >= 1
+        assert run["bytes_per_site"] > 0
+        assert 0 < run["waiting_share"] <= 1
+        assert 0.5 <= run["accuracy"] <= 1.0
