@@ -181,6 +181,33 @@ def test_study_init_writes_a_template_that_hashes_once_its_fields_are_set(tmp_pa
     assert "exists already" in one_error(again, 1)
 
 
+def test_study_init_with_column_names_writes_them_into_the_spec_in_order(tmp_path):
+    from fedhealth.client import load_spec
+
+    out = tmp_path / "study.toml"
+    args = ["--recipe", "logreg", "--dataset", "cohort", "--site", "a", "--features", "age, sbp,chol"]
+    assert cli("study", "init", *args, "--out", out).exit_code == 0
+    spec = load_spec(out)
+    assert spec.recipe.params["feature_names"] == ["age", "sbp", "chol"]
+    assert spec.recipe.params["n_features"] == 3
+
+
+@pytest.mark.parametrize(
+    ("recipe", "features", "words"),
+    [
+        ("logreg", "age,,chol", "not a list of distinct column names"),
+        ("logreg", "age,age", "not a list of distinct column names"),
+        ("logreg", "0", "must be at least 1"),
+        ("stats", "age,chol", "takes no feature names"),
+    ],
+)
+def test_study_init_refuses_bad_feature_columns_in_one_line(tmp_path, recipe, features, words):
+    out = tmp_path / "study.toml"
+    args = ["--recipe", recipe, "--dataset", "cohort", "--site", "a", "--features", features, "--out", out]
+    assert words in one_error(cli("study", "init", *args), 1)
+    assert not out.exists()
+
+
 def test_an_invalid_spec_file_names_the_field_and_the_rule_in_words(tmp_path):
     out = tmp_path / "study.toml"
     cli(

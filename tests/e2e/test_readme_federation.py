@@ -198,7 +198,8 @@ def test_the_readme_federation_runs_as_written(tmp_path):
     assert (researcher_dir / "model.safetensors").stat().st_size > 0
     report = (researcher_dir / "report.json").read_text()
     assert '"status": "completed"' in report
-    predictions = outputs[-1].strip().splitlines()
+    (predicted,) = [out for line, out in zip(results, outputs, strict=True) if "model predict" in line]
+    predictions = predicted.strip().splitlines()
     assert len(predictions) == 40
     ids = [row.split("\t")[0] for row in predictions]
     assert ids[0].startswith("PN")  # rows named by the file's own ids
@@ -206,3 +207,21 @@ def test_the_readme_federation_runs_as_written(tmp_path):
     probabilities = np.array([float(row.split("\t")[1]) for row in predictions])
     assert np.all((probabilities > 0) & (probabilities < 1))
     assert probabilities.std() > 0.05  # a trained model, not the all-zeros start (0.5 for everyone)
+    # the exported package selects the same columns by name and gives the same result; each site
+    # standardized its own rows, so the package takes the rows standardized as `model predict` does
+    import pandas as pd
+
+    import fedhealth
+    from fedhealth.data import standardize
+    from fedhealth.learning import PackageInputError
+
+    package = fedhealth.load_model(researcher_dir / "heart-model")
+    assert package.feature_names == FEATURES
+    rows = pd.read_csv(researcher_dir / "new-patients.csv")
+    scaled, _ = standardize(rows[list(FEATURES)].to_numpy(), rows[list(FEATURES)].to_numpy())
+    shuffled = pd.DataFrame(scaled, columns=list(FEATURES))[list(reversed(FEATURES))]
+    with pytest.raises(PackageInputError, match="standardized"):
+        package.predict_proba(shuffled)
+    np.testing.assert_allclose(
+        package.predict_proba(shuffled, assume_standardized=True), probabilities, atol=1e-4
+    )

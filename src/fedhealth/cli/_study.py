@@ -44,7 +44,11 @@ def study_init(
     dataset: Annotated[str, typer.Option(help="The dataset name the sites registered.")],
     site: Annotated[list[str] | None, typer.Option("--site", help="A training site (repeatable).")] = None,
     features: Annotated[
-        int | None, typer.Option(help="logreg: the number of feature columns of the dataset.")
+        str | None,
+        typer.Option(
+            help="logreg: the dataset's feature columns, in order (age,sbp,chol: a model package selects "
+            "them by name), or only their number."
+        ),
     ] = None,
     name: Annotated[str, typer.Option(help="The study's name.")] = "my-study",
     owner: Annotated[str, typer.Option(help="Your operator account (the spec's owner).")] = "admin",
@@ -54,8 +58,10 @@ def study_init(
 ) -> None:
     """Write a commented study spec template to edit before `study hash` and `study submit`."""
     from fedhealth.client import spec_template
+    from fedhealth.core import InputError
     from fedhealth.learning import UnknownRecipeError
 
+    width, names = _features(features)
     try:
         text = spec_template(
             recipe=recipe,
@@ -63,11 +69,14 @@ def study_init(
             sites=sorted(site or []),
             name=name,
             owner=owner,
-            features=features,
+            features=width,
             rounds=rounds,
+            feature_names=names,
         )
     except UnknownRecipeError as exc:
         fail(str(exc), "install the package that provides it, or pick one of the installed recipes")
+    except InputError as exc:
+        fail(str(exc), "see `fedhealth study init --help`")
     if str(out) == "-":
         typer.echo(text, nl=False)
         return
@@ -75,6 +84,24 @@ def study_init(
         fail(f"{out} exists already", "pass --force to overwrite it, or --out another file")
     out.write_text(text, encoding="utf-8")
     typer.echo(f"wrote {out}; edit it, then `fedhealth study hash {out}`", err=True)
+
+
+def _features(value: str | None) -> tuple[int | None, list[str] | None]:
+    """``--features``: a number of columns, or their names separated by commas."""
+    if value is None:
+        return None, None
+    text = value.strip()
+    if text.isdigit():
+        if int(text) < 1:
+            fail("--features must be at least 1", "give the number of feature columns, or their names")
+        return int(text), None
+    names = [n.strip() for n in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        fail(
+            f"--features {value!r} is not a list of distinct column names",
+            "separate the names with commas, e.g. --features age,sbp,chol",
+        )
+    return len(names), names
 
 
 @study_app.command("hash")

@@ -48,6 +48,7 @@ def spec_template(
     owner: str = "admin",
     features: int | None = None,
     rounds: int = 5,
+    feature_names: list[str] | None = None,
 ) -> str:
     """A commented study spec in TOML, valid as written once the sites and the model's width are right.
     The ``[recipe.params]`` lines come from the recipe itself (``Recipe.template``), so a plug-in recipe
@@ -63,9 +64,17 @@ def spec_template(
             f"no recipe {recipe!r} is installed here (installed: {', '.join(registry.names()) or 'none'})"
         )
     version = versions[-1]
-    recipe_lines = [
-        f"{p.key} = {_toml(p.value)}  # {p.comment}" for p in registry.get(recipe, version).template(features)
-    ]
+    chosen = registry.get(recipe, version)
+    if feature_names is not None:
+        features = len(feature_names)
+        if "feature_names" not in chosen.params_model.model_fields:
+            raise InputError(f"recipe {recipe!r} takes no feature names: give --features a number")
+    recipe_lines = [f"{p.key} = {_toml(p.value)}  # {p.comment}" for p in chosen.template(features)]
+    if feature_names is not None:
+        recipe_lines.append(
+            f"feature_names = {_toml(list(feature_names))}  # the dataset's feature columns, in order "
+            "(each site's dataset must have exactly these; a model package selects them by name)"
+        )
     site_list = sites or ["site-a", "site-b"]
     lines = [
         "# A fedhealth study spec. Every field below is part of what each site's data steward approves:",
