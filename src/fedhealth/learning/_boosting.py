@@ -12,6 +12,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import JsonValue
 
+from fedhealth.data import TabularDataset
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._preprocessing import preprocessing_metadata
 from fedhealth.learning._recipe import ModelExport
@@ -26,6 +27,22 @@ def probe_rows(n_features: int, classes: int | None) -> tuple[NDArray[np.float64
     X = (np.arange(rows * n_features, dtype=np.float64).reshape(rows, n_features) * 7) % 5
     y = (np.arange(rows) % classes if classes else np.arange(rows)).astype(np.float64)
     return X, y
+
+
+def reference_rows() -> TabularDataset:
+    """The synthetic 2000 x 10 rows (1500 for training) of the boosting recipes' reference step, which
+    ``fedhealth site check`` times on one machine."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(2000, 10))
+    y = (X[:, 0] + rng.normal(size=2000) > 0).astype(np.int64)
+    return TabularDataset(
+        name="reference",
+        X_train=X[:1500],
+        y_train=y[:1500],
+        X_test=X[1500:],
+        y_test=y[1500:],
+        feature_names=tuple(f"x{j}" for j in range(10)),
+    )
 
 
 def first_line(exc: BaseException) -> str:

@@ -31,7 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from fedhealth.core import DatasetError
 from fedhealth.data import TabularDataset
-from fedhealth.learning._boosting import TimedSession, boosting_export, first_line, probe_rows
+from fedhealth.learning._boosting import (
+    TimedSession,
+    boosting_export,
+    first_line,
+    probe_rows,
+    reference_rows,
+)
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
 from fedhealth.learning._lightgbm_network import SessionNetwork, TreeTracker
@@ -496,18 +502,7 @@ class LightGbmRecipe:
 
     def reference_step(self) -> ReferenceStep:
         def run() -> None:
-            rng = np.random.default_rng(0)
-            X = rng.normal(size=(2000, 10))
-            y = (X[:, 0] + rng.normal(size=2000) > 0).astype(np.int64)
-            data = TabularDataset(
-                name="reference",
-                X_train=X[:1500],
-                y_train=y[:1500],
-                X_test=X[1500:],
-                y_test=y[1500:],
-                feature_names=tuple(f"x{j}" for j in range(10)),
-            )
-            train_pooled(LightGbmParams(n_features=10, num_rounds=20), [data])
+            train_pooled(LightGbmParams(n_features=10, num_rounds=20), [reference_rows()])
 
         return ReferenceStep(run=run, note="20 trees on 1500 x 10 synthetic rows, one machine")
 
