@@ -79,9 +79,8 @@ def test_without_exact_counts_lightgbm_data_parallel_drifts_from_the_pooled_mode
     # and on Fed-Heart-Disease its trees leave the pooled ones (the counts first, then the splits)
     from fedhealth.learning import _lightgbm_network
 
-    monkeypatch.setattr(
-        _lightgbm_network.TreeTracker, "exact_counts", lambda self, blocks, secure_sum: blocks
-    )
+    monkeypatch.setattr(_lightgbm_network.TreeTracker, "exact_counts", lambda self, blocks: blocks)
+    monkeypatch.setattr(_lightgbm_network.TreeTracker, "leaf_histogram", lambda self: None)
     monkeypatch.setattr(_lightgbm_network.TreeTracker, "start", lambda self, rows: None)
     params = LightGbmParams(n_features=13, num_rounds=10)
     federated = _federated(params, centers)[SITES[0]][0]
@@ -112,6 +111,18 @@ def test_the_collectives_lightgbm_asks_for_are_the_protected_ones(centers):
         "split_records",
     }
     # and the only clear values: per split step, every site's two best-split records (a gather by secure sum)
+
+
+def test_a_split_step_costs_two_collectives_the_exact_counts_ride_with_the_histograms(centers):
+    params = LightGbmParams(n_features=13, num_rounds=5, num_leaves=4)
+    session = InMemorySession(SITES, call_timeout_s=60)
+    runs = session.run(
+        lambda member: (train_site(params, centers[SITES.index(member.site)], member)[1], member.calls)
+    )
+    calls, total = runs[SITES[0]]
+    del calls["values_sent"]
+    # the session's calls: the bins' cell counts, then exactly what LightGBM asked for (no count sum of its own)
+    assert total == 1 + sum(calls.values()) == 1 + 2 + 2 + 1 + 5 + 2 * 5 * 3
 
 
 def test_multiclass_trains_one_tree_per_class_and_round(centers):

@@ -393,6 +393,7 @@ def train_site(
         init_score=lambda _i: global_mean,
         tree=TreeTracker(
             codes.astype(np.int64),
+            num_bins=binning.num_bins,
             num_leaves=params.num_leaves,
             max_depth=params.max_depth,
             min_data_in_leaf=params.min_data_in_leaf,

@@ -147,17 +147,26 @@ class SessionNetwork:
         self.values_sent += int(np.size(values))
         return self.session.secure_sum(values)
 
-    def _float_sum(self, values: NDArray[np.float64]) -> NDArray[np.float64]:
+    def _float_sum(
+        self, values: NDArray[np.float64], counts: NDArray[np.int64] | None = None
+    ) -> tuple[NDArray[np.float64], NDArray[np.int64] | None]:
         """The sum of float64 values over the sites, exact to 2^-80 (one secure sum of twice the values):
         each value splits into its 2^-40 fixed-point part and the remainder times 2^40 (both exact in
         float64), each part sums exactly in the session's ring, and the result is their sum, rounded once.
         A plain 2^-40 sum would round the tiny hessians of confident rows (float32 values below 2^-17), and
-        the model would drift from LightGBM's own sums."""
+        the model would drift from LightGBM's own sums.
+
+        ``counts`` (integers, exact in one part) ride in the same secure sum, after the values; their sum is
+        the second item (None without them)."""
         flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
         high = np.rint(flat * _SCALE) / _SCALE
         low = (flat - high) * _SCALE
-        total = self._secure_sum(np.concatenate([high, low]))
-        return np.asarray(total[: flat.size] + total[flat.size :] / _SCALE, dtype=np.float64)
+        parts = [high, low] if counts is None else [high, low, counts.astype(np.float64)]
+        total = self._secure_sum(np.concatenate(parts))
+        summed = np.asarray(total[: flat.size] + total[flat.size : 2 * flat.size] / _SCALE, dtype=np.float64)
+        if counts is None:
+            return summed, None
+        return summed, np.rint(total[2 * flat.size :]).astype(np.int64)
 
     # --- reduce-scatter --------------------------------------------------------------------------------
 
@@ -193,7 +202,11 @@ class SessionNetwork:
                     raise UnprotectedCollectiveError(
                         "LightGBM asked for a reduce-scatter that is not a float64 sum"
                     )
-                total = self._float_sum(data.view(np.float64))
+                # with the histograms, this site's row counts per bin of the same leaf (module docstring)
+                counts = self.tree.leaf_histogram() if self.tree is not None else None
+                total, summed_counts = self._float_sum(data.view(np.float64), counts)
+                if self.tree is not None and summed_counts is not None:
+                    self.tree.take_histogram(summed_counts)
                 own = total.view(np.uint8)[start : start + length]
                 self._count("histogram_sum")
             except BaseException as exc:
@@ -239,7 +252,7 @@ class SessionNetwork:
                 raise UnprotectedCollectiveError("LightGBM's root statistics do not have the expected layout")
             self.phase = "train"
             self._count("root_sum")
-            h, g, n = self._float_sum(np.array([hess, grad, rows], dtype=np.float64)).tolist()
+            h, g, n = self._float_sum(np.array([hess, grad, rows], dtype=np.float64))[0].tolist()
             if self.tree is not None:
                 self.tree.start(round(n))
             return [struct.pack("<ddi4x", h, g, round(n)), *[zeros] * (self.n - 1)]
@@ -250,7 +263,7 @@ class SessionNetwork:
             (value,) = struct.unpack("<d", data)
             if kind == "sum":
                 self._count("statistic_sum")
-                total = self._float_sum(np.array([value], dtype=np.float64))
+                total, _ = self._float_sum(np.array([value], dtype=np.float64))
                 return [struct.pack("<d", float(total[0])), *[zeros] * (self.n - 1)]
             self._count("init_score")
             chosen = self._init_score(self._means)
@@ -271,7 +284,7 @@ class SessionNetwork:
         total = self._secure_sum(values.reshape(-1)).reshape(self.n, words.size)
         blocks = [np.rint(row).astype("<u2").tobytes() for row in total]
         if self.tree is not None:
-            blocks = self.tree.exact_counts(blocks, self._secure_sum)
+            blocks = self.tree.exact_counts(blocks)
         return blocks
 
 
@@ -303,9 +316,15 @@ _NONE = _Split(feature=-1, left=0, right=0, gain=-math.inf, threshold=0)
 
 class TreeTracker:
     """This site's copy of the tree LightGBM is growing, so that every split record carries the exact number
-    of rows on each side (a secure sum of the sites' own counts) instead of LightGBM's data-parallel estimate
-    from hessians. With exact counts LightGBM's data-parallel learner makes the decisions its serial learner
-    makes on the pooled rows (min_data_in_leaf, the smaller child, the counts in the model).
+    of rows on each side instead of LightGBM's data-parallel estimate from hessians. With exact counts
+    LightGBM's data-parallel learner makes the decisions its serial learner makes on the pooled rows
+    (min_data_in_leaf, the smaller child, the counts in the model).
+
+    The counts travel with the histograms: each histogram sum (the smaller leaf of a split search) carries
+    this site's rows of that leaf per (feature, bin code) (:meth:`leaf_histogram`); the summed counts of the
+    smaller leaf, and the parent's minus them for the larger one (:meth:`take_histogram`), give every site the
+    global rows on the left of any candidate split of either leaf (``code <= threshold``) without another
+    round trip (:meth:`exact_counts`).
 
     It replays SerialTreeLearner::Train of LightGBM 4.7.0: best-first, the leaf of the largest gain is split
     (left keeps the leaf's index, right takes the next), children with ``left_count < right_count`` make the
@@ -313,8 +332,22 @@ class TreeTracker:
     both children are below twice ``min_data_in_leaf``.
     """
 
-    def __init__(self, codes: NDArray[np.int64], *, num_leaves: int, max_depth: int, min_data_in_leaf: int):
+    def __init__(
+        self,
+        codes: NDArray[np.int64],
+        *,
+        num_bins: Sequence[int],
+        num_leaves: int,
+        max_depth: int,
+        min_data_in_leaf: int,
+    ):
+        if codes.ndim != 2 or codes.shape[1] != len(num_bins):
+            raise ValueError("the codes have another number of features than the binning")
         self.codes = codes
+        self.num_bins = [int(b) for b in num_bins]
+        self.offsets = np.concatenate([[0], np.cumsum(self.num_bins)]).astype(np.int64)
+        # every row's (feature, code) cell in one flat histogram of all features
+        self._cells = np.clip(codes, 0, np.asarray(self.num_bins) - 1) + self.offsets[:-1]
         self.num_leaves = num_leaves
         self.max_depth = max_depth
         self.min_data_in_leaf = min_data_in_leaf
@@ -322,6 +355,8 @@ class TreeTracker:
         self.counts: list[int] = []
         self.depth: list[int] = []
         self.best: list[_Split] = []
+        self.histograms: dict[int, NDArray[np.int64]] = {}  # global rows per (feature, code), by leaf
+        self._parent: NDArray[np.int64] | None = None  # the histogram of the leaf the pending search splits
         self.pending: tuple[int, int] | None = None
         self.splits = 0
 
@@ -329,34 +364,56 @@ class TreeTracker:
         """A new tree: every row in leaf 0; the search for (smaller 0, larger none) comes next."""
         self.leaf_of_row[:] = 0
         self.counts, self.depth, self.best = [rows], [0], [_NONE]
+        self.histograms, self._parent = {}, None
         self.pending = (0, -1)
         self.splits = 0
 
-    def exact_counts(
-        self, blocks: list[bytes], secure_sum: Callable[[NDArray[np.float64]], NDArray[np.float64]]
-    ) -> list[bytes]:
+    def _expect_search(self) -> tuple[int, int]:
         if self.pending is None:
             raise UnprotectedCollectiveError("LightGBM searched for a split the replayed tree did not expect")
-        leaves = self.pending
+        return self.pending
+
+    def leaf_histogram(self) -> NDArray[np.int64]:
+        """This site's rows of the pending search's smaller leaf, per (feature, code), all features in a row."""
+        smaller, _ = self._expect_search()
+        cells = self._cells[self.leaf_of_row == smaller]
+        return np.bincount(cells.reshape(-1), minlength=int(self.offsets[-1])).astype(np.int64)
+
+    def take_histogram(self, summed: NDArray[np.int64]) -> None:
+        """The global histogram of the smaller leaf (the sum of every site's :meth:`leaf_histogram`)."""
+        smaller, larger = self._expect_search()
+        if summed.shape != (int(self.offsets[-1]),):
+            raise UnprotectedCollectiveError("the summed row counts do not match the binning")
+        self.histograms[smaller] = summed
+        if larger >= 0:
+            if self._parent is None:
+                raise UnprotectedCollectiveError("the replayed tree lost the histogram of the leaf split")
+            self.histograms[larger] = self._parent - summed
+        self._parent = None
+
+    def _left_of(self, leaf: int, split: _Split) -> int:
+        histogram = self.histograms.get(leaf)
+        if histogram is None:
+            raise UnprotectedCollectiveError("a split record came for a leaf without summed row counts")
+        if not 0 <= split.feature < len(self.num_bins):
+            raise UnprotectedCollectiveError("a split record names a feature the binning does not have")
+        first = int(self.offsets[split.feature])
+        bins = min(int(split.threshold) + 1, self.num_bins[split.feature])
+        return int(histogram[first : first + bins].sum())
+
+    def exact_counts(self, blocks: list[bytes]) -> list[bytes]:
+        """The gathered split records with the exact rows on each side, from the leaves' summed histograms."""
+        leaves = self._expect_search()
         records = [[_Split(*_HEAD.unpack_from(b, k * _SPLIT_BYTES)) for k in (0, 1)] for b in blocks]
-        local = np.zeros((len(blocks), 2), dtype=np.float64)
-        for k, leaf in enumerate(leaves):
-            if leaf < 0:
-                continue
-            in_leaf = self.codes[self.leaf_of_row == leaf]
-            for site, pair in enumerate(records):
-                if pair[k].feature >= 0:
-                    local[site, k] = np.count_nonzero(in_leaf[:, pair[k].feature] <= pair[k].threshold)
-        left = np.rint(secure_sum(local.reshape(-1))).astype(np.int64).reshape(local.shape)
         out = []
-        for site, pair in enumerate(records):
-            block = bytearray(blocks[site])
+        for pair, block in zip(records, blocks, strict=True):
+            changed = bytearray(block)
             for k, leaf in enumerate(leaves):
                 if leaf >= 0 and pair[k].feature >= 0:
-                    pair[k].left = int(left[site, k])
+                    pair[k].left = self._left_of(leaf, pair[k])
                     pair[k].right = self.counts[leaf] - pair[k].left
-                    struct.pack_into("<ii", block, k * _SPLIT_BYTES + 4, pair[k].left, pair[k].right)
-            out.append(bytes(block))
+                    struct.pack_into("<ii", changed, k * _SPLIT_BYTES + 4, pair[k].left, pair[k].right)
+            out.append(bytes(changed))
         for k, leaf in enumerate(leaves):  # SyncUpGlobalBestSplit: the first best in site order
             if leaf >= 0:
                 chosen = records[0][k]
@@ -379,6 +436,7 @@ class TreeTracker:
             if split.gain <= 0.0:
                 return
             new = len(self.counts)
+            self._parent = self.histograms.pop(best_leaf, None)
             rows = self.leaf_of_row == best_leaf
             goes_right = rows & (self.codes[:, split.feature] > split.threshold)
             self.leaf_of_row[goes_right] = new
