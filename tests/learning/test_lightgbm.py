@@ -121,7 +121,7 @@ def test_a_split_step_costs_two_collectives_the_exact_counts_ride_with_the_histo
     )
     calls, total = runs[SITES[0]]
     del calls["values_sent"]
-    # the session's calls: the bins' cell counts, then exactly what LightGBM asked for (no count sum of its own)
+    # the session's calls: the bins' cell counts, then what LightGBM asked for (no count sum of its own)
     assert total == 1 + sum(calls.values()) == 1 + 2 + 2 + 1 + 5 + 2 * 5 * 3
 
 

@@ -374,7 +374,7 @@ class TreeTracker:
         return self.pending
 
     def leaf_histogram(self) -> NDArray[np.int64]:
-        """This site's rows of the pending search's smaller leaf, per (feature, code), all features in a row."""
+        """This site's rows of the pending search's smaller leaf per (feature, code), features in a row."""
         smaller, _ = self._expect_search()
         cells = self._cells[self.leaf_of_row == smaller]
         return np.bincount(cells.reshape(-1), minlength=int(self.offsets[-1])).astype(np.int64)
