@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
@@ -40,7 +41,12 @@ from fedhealth.learning._boosting import (
 )
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
-from fedhealth.learning._lightgbm_network import SessionNetwork, TreeTracker
+from fedhealth.learning._lightgbm_network import (
+    RankGroup,
+    SessionNetwork,
+    TreeTracker,
+    UnprotectedCollectiveError,
+)
 from fedhealth.learning._recipe import (
     CombinationPattern,
     DataSchema,
@@ -382,44 +388,77 @@ def train_site(
         if total_n < 1:
             raise DatasetError("no site has a training row")
         global_mean = total_y / total_n
-    codes = binning.codes(X)
-    train = lgb.Dataset(codes, label=y, reference=reference_dataset(binning), params=dict(DATASET_PARAMS))
-    train.construct()
-    n = len(session.sites)
-    network = SessionNetwork(
-        session,
-        local_rows=len(y),
-        init_schedule=_init_schedule(params),
-        init_score=lambda _i: global_mean,
-        tree=TreeTracker(
-            codes.astype(np.int64),
-            num_bins=binning.num_bins,
-            num_leaves=params.num_leaves,
-            max_depth=params.max_depth,
-            min_data_in_leaf=params.min_data_in_leaf,
-        ),
-    )
-    network.bind(lgb.basic._LIB)
-    try:
-        booster = lgb.Booster(
-            params={**params.training_params(), "tree_learner": "data", "num_machines": n}, train_set=train
+    codes = binning.codes(X).astype(np.int64)
+    group = RankGroup(session)
+    # every rank of the network at this site (module docstring of _lightgbm_network), each on its own thread
+    sets = [
+        lgb.Dataset(codes, label=y, reference=reference_dataset(binning), params=dict(DATASET_PARAMS))
+        for _ in range(group.n)
+    ]
+    for train in sets:
+        train.construct()
+    networks = [
+        SessionNetwork(
+            group,
+            rank,
+            local_rows=len(y),
+            init_schedule=_init_schedule(params),
+            init_score=lambda _i: global_mean,
+            tree=TreeTracker(
+                codes,
+                num_bins=binning.num_bins,
+                num_leaves=params.num_leaves,
+                max_depth=params.max_depth,
+                min_data_in_leaf=params.min_data_in_leaf,
+            ),
         )
-        network.check()
-        network.phase = "init"
-        for _ in range(params.num_rounds):
+        for rank in range(group.n)
+    ]
+    texts: dict[int, str] = {}
+    errors: dict[int, BaseException] = {}
+
+    def run_rank(rank: int) -> None:
+        network = networks[rank]
+        try:
+            network.bind(lgb.basic._LIB)
             try:
-                finished = booster.update()
-            except lgb.basic.LightGBMError:
-                network.check()  # LightGBM failed on what a failed session left: the session's reason
-                raise
-            network.check()
-            if finished:
-                break
-    finally:
-        network.unbind(lgb.basic._LIB)
-    return LightGbmModel(model_text=booster.model_to_string(), binning=binning), {
-        **network.calls,
-        "values_sent": network.values_sent,
+                booster = lgb.Booster(
+                    params={**params.training_params(), "tree_learner": "data", "num_machines": group.n},
+                    train_set=sets[rank],
+                )
+                network.check()
+                network.phase = "init"
+                for _ in range(params.num_rounds):
+                    try:
+                        finished = booster.update()
+                    except lgb.basic.LightGBMError:
+                        network.check()  # LightGBM failed on what a failed session left: the session's reason
+                        raise
+                    network.check()
+                    if finished:
+                        break
+                texts[rank] = booster.model_to_string()
+            finally:
+                network.unbind(lgb.basic._LIB)
+        except BaseException as exc:
+            errors[rank] = exc
+            group.fail(exc)
+
+    threads = [
+        threading.Thread(target=run_rank, args=(rank,), name=f"lightgbm-rank-{rank}", daemon=True)
+        for rank in range(group.n)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:  # the first failure itself, not a rank stopped by it
+        raise group.error or next(iter(errors.values()))
+    if len(set(texts.values())) != 1:
+        raise UnprotectedCollectiveError("this site's LightGBM ranks ended with different models")
+    return LightGbmModel(model_text=texts[0], binning=binning), {
+        **networks[0].calls,
+        "values_sent": group.values_sent,
     }
 
 

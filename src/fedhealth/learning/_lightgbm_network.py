@@ -3,19 +3,26 @@
 LightGBM's data-parallel learner talks to the other machines through two functions it is given with
 ``LGBM_NetworkInitWithFunctions``: a reduce-scatter and an allgather. :class:`SessionNetwork` implements both
 on a :class:`~fedhealth.learning.Collectives` session so that nothing a site computed from its own rows leaves
-it except inside a secure sum:
+it except inside a secure sum.
+
+Each site runs all ``n`` ranks of the network itself (:class:`RankGroup`: one LightGBM booster per rank, each
+on its own thread, all on this site's rows). Rank r searches the best split of its block of features in the
+*summed* histograms, so it finds the record site r's rank would find: the split-record allgather is answered
+at the site, without a round trip, and what the site computes is what n machines would compute together. The
+ranks ask for the same sums (checked); the session makes each one once:
 
 - reduce-scatter (gradient histograms; LightGBM hands the reducer, which must be a float64 sum): one secure
-  sum of the whole buffer; the site keeps its block.
+  sum of the whole buffer, with this site's rows of the same leaf per (feature, bin code) after it
+  (:class:`TreeTracker`: the exact counts of every candidate split); each rank keeps its block.
 - allgather of a sum-type statistic (label counts and sums at booster creation, the root's (n, Σg, Σh) of each
   tree): one secure sum; the site writes the sum into block 0 and zeros into the others, so that LightGBM's
   own local reduction (block 0 + block 1 + ...) yields the sum exactly.
 - allgather of the initial score's mean (``GlobalSyncUpByMean``, the first iteration): the value every site
   must agree on (the objective's global start, or the pooled label mean for regression, which the recipe
   computed from secure sums) is written so that LightGBM's division by the number of machines returns it.
-- allgather of the best-split records (2 × ``SplitInfo``, computed from the summed histograms): each site's
-  record in its own block of a secure sum, so that the sum is the concatenation; these records, which become
-  the model, are the only values released per split.
+- allgather of the best-split records (2 × ``SplitInfo``, computed from the summed histograms): the site's
+  own ranks' records, with the exact row counts written in; these records, which become the model, are the
+  only values released per split, and every site computes them alike.
 
 Anything else LightGBM asks for (another reducer, another size) fails the session: it is never sent in clear.
 The call sites are those of LightGBM 4.7.0 (the ``gbdt`` extra pins it; tests/learning/test_lightgbm.py
@@ -79,6 +86,78 @@ class UnprotectedCollectiveError(RuntimeError):
     """LightGBM asked for a collective this bridge does not know how to protect; the session fails."""
 
 
+class RankGroup:
+    """The ``n`` LightGBM ranks one site runs, one thread each, in lockstep (see the module docstring).
+
+    Every rank trains on this site's rows, so every sum they ask for is the same: :meth:`secure_sum` checks
+    that (a rank that disagrees fails the site's training) and makes the session's secure sum once for all
+    of them. :meth:`gather` is a rendezvous of the ranks only. A rank that stops (:meth:`fail`) stops the
+    others at their next call.
+    """
+
+    def __init__(self, session: Collectives) -> None:
+        self.session = session
+        self.n = len(session.sites)
+        self.values_sent = 0  # float64 values this site put into secure sums during training
+        self._cond = threading.Condition()
+        self._arrived: dict[int, Any] = {}
+        self._generation = 0
+        self._outcome: tuple[Any, BaseException | None] = (None, None)
+        self.error: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self.error is None:
+                self.error = exc
+            self._cond.notify_all()
+
+    def _rendezvous(self, rank: int, value: Any, combine: Callable[[list[Any]], Any]) -> Any:
+        with self._cond:
+            if self.error is not None:
+                raise UnprotectedCollectiveError("another LightGBM rank of this site failed") from self.error
+            if rank in self._arrived:
+                raise UnprotectedCollectiveError(f"LightGBM rank {rank} called twice in one step")
+            generation = self._generation
+            self._arrived[rank] = value
+            if len(self._arrived) == self.n:
+                values = [self._arrived[r] for r in range(self.n)]
+                self._arrived = {}
+                try:
+                    self._outcome = (combine(values), None)
+                except BaseException as exc:
+                    self._outcome = (None, exc)
+                    self.error = self.error or exc
+                self._generation += 1
+                self._cond.notify_all()
+            else:
+                while self._generation == generation:
+                    if self.error is not None:
+                        raise UnprotectedCollectiveError(
+                            "another LightGBM rank of this site failed"
+                        ) from self.error
+                    self._cond.wait()
+            result, error = self._outcome
+            if error is not None:
+                raise error
+            return result
+
+    def secure_sum(self, rank: int, values: NDArray[np.float64]) -> NDArray[np.float64]:
+        """The session's secure sum of ``values``, which every rank must pass alike."""
+
+        def once(all_values: list[NDArray[np.float64]]) -> NDArray[np.float64]:
+            first = all_values[0]
+            if any(v.shape != first.shape or not np.array_equal(v, first) for v in all_values[1:]):
+                raise UnprotectedCollectiveError("this site's LightGBM ranks asked for different sums")
+            self.values_sent += int(np.size(first))
+            return self.session.secure_sum(first)
+
+        return self._rendezvous(rank, np.array(values, dtype=np.float64, copy=True), once)  # type: ignore[no-any-return]
+
+    def gather(self, rank: int, data: bytes) -> list[bytes]:
+        """Every rank's ``data``, in rank order."""
+        return self._rendezvous(rank, bytes(data), lambda blocks: blocks)  # type: ignore[no-any-return]
+
+
 class SessionNetwork:
     """One site's LightGBM network over ``session`` (see the module's docstring).
 
@@ -90,16 +169,17 @@ class SessionNetwork:
 
     def __init__(
         self,
-        session: Collectives,
+        group: RankGroup,
+        rank: int,
         *,
         local_rows: int,
         init_schedule: Sequence[str],
         init_score: Callable[[int], float | None],
         tree: TreeTracker | None = None,
     ) -> None:
-        self.session = session
-        self.n = len(session.sites)
-        self.rank = session.sites.index(session.site)
+        self.group = group
+        self.n = group.n
+        self.rank = rank
         self.local_rows = local_rows
         self._schedule = list(init_schedule)
         self._init_score = init_score
@@ -109,7 +189,6 @@ class SessionNetwork:
         self.calls: dict[str, int] = {}
         self._sum_reducers: dict[int, bool] = {}
         self.tree = tree
-        self.values_sent = 0  # float64 values this site put into secure sums during training
 
     # --- binding to LightGBM's thread-local network ----------------------------------------------------
 
@@ -144,8 +223,7 @@ class SessionNetwork:
         self.calls[what] = self.calls.get(what, 0) + 1
 
     def _secure_sum(self, values: NDArray[np.float64]) -> NDArray[np.float64]:
-        self.values_sent += int(np.size(values))
-        return self.session.secure_sum(values)
+        return self.group.secure_sum(self.rank, values)
 
     def _float_sum(
         self, values: NDArray[np.float64], counts: NDArray[np.int64] | None = None
@@ -277,12 +355,9 @@ class SessionNetwork:
         raise UnprotectedCollectiveError(f"LightGBM asked for an unexpected {size}-byte allgather")
 
     def _gather_records(self, data: bytes) -> list[bytes]:
-        """Each site's record in its own block of one secure sum: the sum is their concatenation."""
-        words = np.frombuffer(data, dtype="<u2").astype(np.float64)
-        values = np.zeros((self.n, words.size), dtype=np.float64)
-        values[self.rank] = words
-        total = self._secure_sum(values.reshape(-1)).reshape(self.n, words.size)
-        blocks = [np.rint(row).astype("<u2").tobytes() for row in total]
+        """Every rank's record, from this site's own ranks (each searched its block of the same summed
+        histograms, so rank r's record is the one site r's LightGBM finds): nothing crosses the network."""
+        blocks = self.group.gather(self.rank, data)
         if self.tree is not None:
             blocks = self.tree.exact_counts(blocks)
         return blocks
