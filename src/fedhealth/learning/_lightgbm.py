@@ -389,7 +389,16 @@ def train_site(
             raise DatasetError("no site has a training row")
         global_mean = total_y / total_n
     codes = binning.codes(X).astype(np.int64)
-    group = RankGroup(session)
+    group = RankGroup(
+        session,
+        TreeTracker(
+            codes,
+            num_bins=binning.num_bins,
+            num_leaves=params.num_leaves,
+            max_depth=params.max_depth,
+            min_data_in_leaf=params.min_data_in_leaf,
+        ),
+    )
     # every rank of the network at this site (module docstring of _lightgbm_network), each on its own thread
     sets = [
         lgb.Dataset(codes, label=y, reference=reference_dataset(binning), params=dict(DATASET_PARAMS))
@@ -404,13 +413,6 @@ def train_site(
             local_rows=len(y),
             init_schedule=_init_schedule(params),
             init_score=lambda _i: global_mean,
-            tree=TreeTracker(
-                codes,
-                num_bins=binning.num_bins,
-                num_leaves=params.num_leaves,
-                max_depth=params.max_depth,
-                min_data_in_leaf=params.min_data_in_leaf,
-            ),
         )
         for rank in range(group.n)
     ]

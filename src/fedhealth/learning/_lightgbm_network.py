@@ -95,9 +95,10 @@ class RankGroup:
     others at their next call.
     """
 
-    def __init__(self, session: Collectives) -> None:
+    def __init__(self, session: Collectives, tree: TreeTracker | None = None) -> None:
         self.session = session
         self.n = len(session.sites)
+        self.tree = tree  # shared by the ranks: the group updates it once per step
         self.values_sent = 0  # float64 values this site put into secure sums during training
         self._cond = threading.Condition()
         self._arrived: dict[int, Any] = {}
@@ -141,21 +142,76 @@ class RankGroup:
                 raise error
             return result
 
+    def _send(self, values: NDArray[np.float64]) -> NDArray[np.float64]:
+        self.values_sent += int(np.size(values))
+        return self.session.secure_sum(values)
+
+    @staticmethod
+    def _same(blocks: list[bytes]) -> bytes:
+        if any(b != blocks[0] for b in blocks[1:]):
+            raise UnprotectedCollectiveError("this site's LightGBM ranks asked for different sums")
+        return blocks[0]
+
     def secure_sum(self, rank: int, values: NDArray[np.float64]) -> NDArray[np.float64]:
         """The session's secure sum of ``values``, which every rank must pass alike."""
+        data = np.ascontiguousarray(values, dtype=np.float64).tobytes()
+        return self._rendezvous(  # type: ignore[no-any-return]
+            rank, data, lambda blocks: self._send(np.frombuffer(self._same(blocks), dtype=np.float64))
+        )
 
-        def once(all_values: list[NDArray[np.float64]]) -> NDArray[np.float64]:
-            first = all_values[0]
-            if any(v.shape != first.shape or not np.array_equal(v, first) for v in all_values[1:]):
-                raise UnprotectedCollectiveError("this site's LightGBM ranks asked for different sums")
-            self.values_sent += int(np.size(first))
-            return self.session.secure_sum(first)
+    def float_sum(self, rank: int, values: NDArray[np.float64]) -> NDArray[np.float64]:
+        """:func:`float_sum` over the session of ``values``, which every rank must pass alike."""
+        data = np.ascontiguousarray(values, dtype=np.float64).tobytes()
+        return self._rendezvous(  # type: ignore[no-any-return]
+            rank,
+            data,
+            lambda blocks: float_sum(self._send, np.frombuffer(self._same(blocks), dtype=np.float64))[0],
+        )
 
-        return self._rendezvous(rank, np.array(values, dtype=np.float64, copy=True), once)  # type: ignore[no-any-return]
+    def histogram_sum(self, rank: int, data: bytes) -> bytes:
+        """The summed histograms (float64 bytes, every rank's buffer alike), with the tree's exact counts."""
+
+        def once(blocks: list[bytes]) -> bytes:
+            values = np.frombuffer(self._same(blocks), dtype=np.float64)
+            counts = self.tree.leaf_histogram() if self.tree is not None else None
+            total, summed_counts = float_sum(self._send, values, counts)
+            if self.tree is not None and summed_counts is not None:
+                self.tree.take_histogram(summed_counts)
+            return total.tobytes()
+
+        return self._rendezvous(rank, data, once)  # type: ignore[no-any-return]
 
     def gather(self, rank: int, data: bytes) -> list[bytes]:
-        """Every rank's ``data``, in rank order."""
-        return self._rendezvous(rank, bytes(data), lambda blocks: blocks)  # type: ignore[no-any-return]
+        """Every rank's ``data``, in rank order (split records: with the tree's exact counts written in)."""
+
+        def once(blocks: list[bytes]) -> list[bytes]:
+            return self.tree.exact_counts(blocks) if self.tree is not None else blocks
+
+        return self._rendezvous(rank, bytes(data), once)  # type: ignore[no-any-return]
+
+
+def float_sum(
+    secure_sum: Callable[[NDArray[np.float64]], NDArray[np.float64]],
+    values: NDArray[np.float64],
+    counts: NDArray[np.int64] | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.int64] | None]:
+    """The sum of float64 values over the sites, exact to 2^-80 (one secure sum of twice the values):
+    each value splits into its 2^-40 fixed-point part and the remainder times 2^40 (both exact in
+    float64), each part sums exactly in the session's ring, and the result is their sum, rounded once.
+    A plain 2^-40 sum would round the tiny hessians of confident rows (float32 values below 2^-17), and
+    the model would drift from LightGBM's own sums.
+
+    ``counts`` (integers, exact in one part) ride in the same secure sum, after the values; their sum is
+    the second item (None without them)."""
+    flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+    high = np.rint(flat * _SCALE) / _SCALE
+    low = (flat - high) * _SCALE
+    parts = [high, low] if counts is None else [high, low, counts.astype(np.float64)]
+    total = secure_sum(np.concatenate(parts))
+    summed = np.asarray(total[: flat.size] + total[flat.size : 2 * flat.size] / _SCALE, dtype=np.float64)
+    if counts is None:
+        return summed, None
+    return summed, np.rint(total[2 * flat.size :]).astype(np.int64)
 
 
 class SessionNetwork:
@@ -175,7 +231,6 @@ class SessionNetwork:
         local_rows: int,
         init_schedule: Sequence[str],
         init_score: Callable[[int], float | None],
-        tree: TreeTracker | None = None,
     ) -> None:
         self.group = group
         self.n = group.n
@@ -188,7 +243,7 @@ class SessionNetwork:
         self.error: BaseException | None = None
         self.calls: dict[str, int] = {}
         self._sum_reducers: dict[int, bool] = {}
-        self.tree = tree
+        self.tree = group.tree
 
     # --- binding to LightGBM's thread-local network ----------------------------------------------------
 
@@ -225,27 +280,6 @@ class SessionNetwork:
     def _secure_sum(self, values: NDArray[np.float64]) -> NDArray[np.float64]:
         return self.group.secure_sum(self.rank, values)
 
-    def _float_sum(
-        self, values: NDArray[np.float64], counts: NDArray[np.int64] | None = None
-    ) -> tuple[NDArray[np.float64], NDArray[np.int64] | None]:
-        """The sum of float64 values over the sites, exact to 2^-80 (one secure sum of twice the values):
-        each value splits into its 2^-40 fixed-point part and the remainder times 2^40 (both exact in
-        float64), each part sums exactly in the session's ring, and the result is their sum, rounded once.
-        A plain 2^-40 sum would round the tiny hessians of confident rows (float32 values below 2^-17), and
-        the model would drift from LightGBM's own sums.
-
-        ``counts`` (integers, exact in one part) ride in the same secure sum, after the values; their sum is
-        the second item (None without them)."""
-        flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
-        high = np.rint(flat * _SCALE) / _SCALE
-        low = (flat - high) * _SCALE
-        parts = [high, low] if counts is None else [high, low, counts.astype(np.float64)]
-        total = self._secure_sum(np.concatenate(parts))
-        summed = np.asarray(total[: flat.size] + total[flat.size : 2 * flat.size] / _SCALE, dtype=np.float64)
-        if counts is None:
-            return summed, None
-        return summed, np.rint(total[2 * flat.size :]).astype(np.int64)
-
     # --- reduce-scatter --------------------------------------------------------------------------------
 
     def _is_float_sum(self, reducer_ref: int) -> bool:
@@ -271,7 +305,8 @@ class SessionNetwork:
         output_ptr: int,
         reducer_ref: int,
     ) -> None:
-        data = np.frombuffer(ctypes.string_at(input_ptr, input_size), dtype=np.uint8)
+        raw = ctypes.string_at(input_ptr, input_size)
+        data = np.frombuffer(raw, dtype=np.uint8)
         start, length = starts[self.rank], lens[self.rank]
         own = data[start : start + length]
         if self.error is None:
@@ -281,11 +316,8 @@ class SessionNetwork:
                         "LightGBM asked for a reduce-scatter that is not a float64 sum"
                     )
                 # with the histograms, this site's row counts per bin of the same leaf (module docstring)
-                counts = self.tree.leaf_histogram() if self.tree is not None else None
-                total, summed_counts = self._float_sum(data.view(np.float64), counts)
-                if self.tree is not None and summed_counts is not None:
-                    self.tree.take_histogram(summed_counts)
-                own = total.view(np.uint8)[start : start + length]
+                total = np.frombuffer(self.group.histogram_sum(self.rank, raw), dtype=np.uint8)
+                own = total[start : start + length]
                 self._count("histogram_sum")
             except BaseException as exc:
                 self.error = exc
@@ -330,8 +362,8 @@ class SessionNetwork:
                 raise UnprotectedCollectiveError("LightGBM's root statistics do not have the expected layout")
             self.phase = "train"
             self._count("root_sum")
-            h, g, n = self._float_sum(np.array([hess, grad, rows], dtype=np.float64))[0].tolist()
-            if self.tree is not None:
+            h, g, n = self.group.float_sum(self.rank, np.array([hess, grad, rows], dtype=np.float64)).tolist()
+            if self.tree is not None:  # shared by the ranks, each resets it alike
                 self.tree.start(round(n))
             return [struct.pack("<ddi4x", h, g, round(n)), *[zeros] * (self.n - 1)]
         if size == 8:
@@ -341,7 +373,7 @@ class SessionNetwork:
             (value,) = struct.unpack("<d", data)
             if kind == "sum":
                 self._count("statistic_sum")
-                total, _ = self._float_sum(np.array([value], dtype=np.float64))
+                total = self.group.float_sum(self.rank, np.array([value], dtype=np.float64))
                 return [struct.pack("<d", float(total[0])), *[zeros] * (self.n - 1)]
             self._count("init_score")
             chosen = self._init_score(self._means)
@@ -357,10 +389,7 @@ class SessionNetwork:
     def _gather_records(self, data: bytes) -> list[bytes]:
         """Every rank's record, from this site's own ranks (each searched its block of the same summed
         histograms, so rank r's record is the one site r's LightGBM finds): nothing crosses the network."""
-        blocks = self.group.gather(self.rank, data)
-        if self.tree is not None:
-            blocks = self.tree.exact_counts(blocks)
-        return blocks
+        return self.group.gather(self.rank, data)
 
 
 # SplitInfo::CopyTo's layout (split_info.hpp): feature i32 @0, left_count i32 @4, right_count i32 @8,
