@@ -72,6 +72,7 @@ from fedhealth.runtime import (
     run_scaling_program,
     run_site_program,
     secure_codec,
+    task_recipe,
     train_on_site,
 )
 from fedhealth.secagg import KeyReuseGuard, SecAggSecurityError, SessionFailedError
@@ -232,8 +233,11 @@ class SiteAgent:
                 return
             # before the model or any data: a secure study's round must be the one the steward approved, and
             # a secure study's task without its secure round is refused (nothing goes out in clear)
-            secure = check_secure_round(task, site, self.settings.identity, self._pins)
+            # a federated standardization's task must carry the scaling its pre-step released, the one this
+            # site took part in (InputError: invalid_task), before anything of a secure round starts
+            task_recipe(task)
             self._check_scaling(task)
+            secure = check_secure_round(task, site, self.settings.identity, self._pins)
             params = self._model(task)
             dataset = None
             if recipe.capabilities.reads_data:
