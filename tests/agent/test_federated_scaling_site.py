@@ -5,6 +5,7 @@ tests/e2e/test_stats_services.py)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -85,8 +86,11 @@ def test_a_scaling_other_than_the_one_this_site_released_is_refused(home):
     spec = spec_of(home)
     approve(home, spec)
     site, client = agent(home, DATASETS)
-    # what this site's own pre-step session released for the study (the agent keeps it per study)
-    site._scalings["st-1"] = {"mean": [0.5] * 13, "scale": [2.0] * 13, "rows": 500}
+    # what this site's own pre-step session released for the study, as its results record keeps it (the
+    # agent reads it back after a restart)
+    release = {"kind": "federated-scaling", "mean": [0.5] * 13, "scale": [2.0] * 13, "rows": 500}
+    entry = {"study_id": "st-1", "round": 0, "kind": "collective", "metrics": {"federated_scaling": release}}
+    (home.root / "results.jsonl").write_text(json.dumps(entry) + "\n")
     lied = SCALING.model_copy(update={"mean": [0.5] * 12 + [9.0]})
     site.handle(task(spec, task_id="tk-lied", scaling=lied))
     assert [f.code for f in client.failures] == [FailureCode.INVALID_TASK]

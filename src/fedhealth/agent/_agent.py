@@ -231,12 +231,12 @@ class SiteAgent:
                 self._run_collective(task, ctx, recipe)
                 self.tasks_done += 1
                 return
-            # before the model or any data: a secure study's round must be the one the steward approved, and
-            # a secure study's task without its secure round is refused (nothing goes out in clear)
             # a federated standardization's task must carry the scaling its pre-step released, the one this
             # site took part in (InputError: invalid_task), before anything of a secure round starts
             task_recipe(task)
             self._check_scaling(task)
+            # before the model or any data: a secure study's round must be the one the steward approved, and
+            # a secure study's task without its secure round is refused (nothing goes out in clear)
             secure = check_secure_round(task, site, self.settings.identity, self._pins)
             params = self._model(task)
             dataset = None
@@ -372,14 +372,33 @@ class SiteAgent:
         """A federated study's task must carry the scaling this site's own pre-step session released, when
         it took part in it (an evaluation site outside the session takes the orchestrator's word, as it
         does for the model): a lying orchestrator cannot make it train on another scaling."""
-        if task.scaling is None or task.study_id not in self._scalings:
+        if task.scaling is None:
             return
-        own = self._scalings[task.study_id]
+        own = self._scalings.get(task.study_id) or self._recorded_scaling(task.study_id)
+        if own is None:
+            return
         if list(task.scaling.mean) != own["mean"] or list(task.scaling.scale) != own["scale"]:
             raise TaskRefused(
                 FailureCode.INVALID_TASK.value,
                 "the task's federated scaling differs from the one this site's pre-step session released",
             )
+
+    def _recorded_scaling(self, study_id: str) -> dict[str, Any] | None:
+        """The release of this site's pre-step for ``study_id`` from its own results record (after a
+        restart of the agent), or None if it took no part in one."""
+        if self.settings.home is None:
+            return None
+        try:
+            lines = (self.settings.home / "results.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return None
+        for line in reversed(lines):
+            entry = json.loads(line)
+            if entry.get("study_id") == study_id and "federated_scaling" in entry.get("metrics", {}):
+                scaling: dict[str, Any] = entry["metrics"]["federated_scaling"]
+                self._scalings[study_id] = scaling
+                return scaling
+        return None
 
     def _record_locally(self, task: Task, metrics: SiteMetrics) -> None:
         """The site's own record of what it computed (kept at the site, whatever is sent)."""
