@@ -270,9 +270,9 @@ class ModelPackage:
 
     def standardized(self, X: np.ndarray) -> np.ndarray:
         """``X`` (from :meth:`features`) standardized as the model was trained."""
-        if self.standardize is StandardizeMode.GIVEN:
-            assert self._mean is not None
-            assert self._scale is not None
+        if self.standardize in (StandardizeMode.GIVEN, StandardizeMode.FEDERATED):
+            if self._mean is None or self._scale is None:
+                raise PackageInputError("this package's federated scaling is missing (mean and scale)")
             return (X - self._mean) / self._scale
         if self.standardize is StandardizeMode.NONE:
             return X
@@ -356,7 +356,7 @@ def load_package(path: Path | str) -> ModelPackage:
         if native is None or blobs.get(native[0]) != native[1]:
             raise PackageError(f"{folder}: the model file is not the one the study's result holds")
     else:
-        export = _reexport(folder, spec, blobs[WEIGHTS_FILE])
+        export = _reexport(folder, spec, blobs[WEIGHTS_FILE], metadata.get("preprocessing"))
     if _json(dict(export.metadata)) != metadata.get("model"):
         raise PackageError(
             f"{folder}: the metadata's model section differs from what the study spec and weights give "
@@ -409,14 +409,25 @@ def _reexport_result(folder: Path, spec: Mapping[str, Any], released: bytes) -> 
         raise PackageError(f"{folder}: {RESULT_FILE} does not fit the study's recipe ({exc})") from exc
 
 
-def _reexport(folder: Path, spec: Mapping[str, Any], weights: bytes) -> ModelExport:
+def _reexport(
+    folder: Path, spec: Mapping[str, Any], weights: bytes, recorded: Mapping[str, Any] | None = None
+) -> ModelExport:
     recipe = spec.get("recipe")
     if not isinstance(recipe, dict):
         raise PackageError(f"{folder}: the study spec names no recipe")
+    params = dict(recipe.get("params") or {})
+    pre = params.get("preprocessing")
+    if isinstance(pre, dict) and pre.get("standardize") == StandardizeMode.FEDERATED.value:
+        # the spec says "federated"; the released mean and scale are the package's record of its pre-step
+        # (the spec hash does not cover them: compare with round 0's result at the orchestrator)
+        pre_recorded = recorded if isinstance(recorded, Mapping) else {}
+        params["preprocessing"] = {
+            **pre,
+            "mean": pre_recorded.get("mean"),
+            "scale": pre_recorded.get("scale"),
+        }
     try:
-        resolved = resolve_recipe(
-            str(recipe.get("name")), str(recipe.get("version", "1")), recipe.get("params") or {}
-        )
+        resolved = resolve_recipe(str(recipe.get("name")), str(recipe.get("version", "1")), params)
         tensors, _ = decode_tensors(weights, resolved.param_specs())
         return resolved.export(tensors)
     except RecipeError as exc:

@@ -66,6 +66,9 @@ class RecipeCapabilities:
     when given :class:`RecordDp`. ``site_dp``: its update is a plain float vector the runtime may clip and
     noise as a whole. ``secure_sum``: its update may travel inside a SecAgg+ secure sum (a fixed-size float
     vector whose mean is the update's meaning). ``export_onnx``: its export can become an ONNX file.
+    ``federated_scaling``: a rounds recipe whose params take ``preprocessing`` with ``standardize =
+    "federated"`` (the study then runs the secure-sum scaling pre-step before round 1, and the recipe's
+    params get the released mean and scale filled in).
     ``session_dp``: a collective recipe that adds noise in its session and declares what it releases about a
     site's records with ``dp_plan(params) -> DpPlan`` (the site's ledger charges it before any data is read).
     """
@@ -76,6 +79,7 @@ class RecipeCapabilities:
     secure_sum: bool = False
     export_onnx: bool = False
     session_dp: bool = False
+    federated_scaling: bool = False
 
     def supports(self, level: DpLevel) -> bool:
         return self.record_dp if level is DpLevel.RECORD else self.site_dp

@@ -61,6 +61,7 @@ from fedhealth.protocol import (
     TaskStatus,
 )
 from fedhealth.runtime import (
+    SCALING_ROUND,
     AbandonSession,
     Aggregate,
     Aggregated,
@@ -92,6 +93,7 @@ from fedhealth.runtime import (
     check_recipe,
     decode_sum,
     decode_update,
+    finish_scaling,
     finish_session,
     first_round,
     initial_model,
@@ -446,7 +448,7 @@ class RoundEngine:
         what each site attested and, for a secure dropout, the stage it dropped out at."""
         now = self.clock.now()
         tasks = {t.site: t for t in self.store.tasks_of_round(round_id)}
-        if state.rules.combination is Combination.PLAIN:
+        if state.combination is Combination.PLAIN:
             for outcome in command.outcomes:
                 task = tasks[outcome.site]
                 if self.store.close_task(task.id, outcome.status, outcome.reason or "", now):
@@ -502,9 +504,9 @@ class RoundEngine:
         state = self._load_round(r, tasks)
         self._arm(r.id, r.deadline_at)
         spec = self.store.spec(r.study_id)
-        if state.rules.combination is Combination.SESSION:
+        if state.combination is Combination.SESSION:
             self._open_collective(r, spec, tasks)
-        elif state.rules.combination is Combination.SECURE:
+        elif state.combination is Combination.SECURE:
             keys = {}
             for t in tasks:
                 site = self.store.get_site_or_none(t.site)
@@ -566,9 +568,12 @@ class RoundEngine:
         r = self.store.get_round(round_id)
         study = self.store.get_study(r.study_id)
         closing.round, closing.study, closing.contributors = r, study, len(contributors)
-        match state.rules.combination, r.kind:
+        match state.combination, r.kind:
             case Combination.SESSION, _:
-                failure = self._aggregate_session(round_id, study.spec, closing)
+                scaling = state.rules.scaling_step and r.number == SCALING_ROUND
+                failure = self._aggregate_session(round_id, study.spec, closing, scaling=scaling)
+                if scaling:  # the pre-step changes no model: round 1 trains the initial one
+                    closing.model_out = r.model_in_digest
             case Combination.SECURE, _:
                 failure = await self._aggregate_secure(r, study, closing)
             case _, TaskKind.TRAIN:
@@ -649,8 +654,11 @@ class RoundEngine:
         closing.metrics = dict(sums.metrics)
         return None
 
-    def _aggregate_session(self, round_id: str, spec: StudySpec, closing: _Closing) -> str | None:
-        """The session's released result, read by the recipe, becomes the round's and the study's metrics."""
+    def _aggregate_session(
+        self, round_id: str, spec: StudySpec, closing: _Closing, *, scaling: bool = False
+    ) -> str | None:
+        """The session's released result, read by the recipe (or, for a scaling pre-step, as the federated
+        scaling), becomes the round's metrics (and a collective study's result)."""
         driver = self.collective.get(round_id)
         assert driver is not None  # the rules count a session round only once its session completed
         outcome = driver.outcome()
@@ -658,9 +666,14 @@ class RoundEngine:
         closing.session_calls = outcome.calls
         self.collective.discard(round_id, "the session is complete")
         try:
-            result = finish_session(spec.recipe, outcome.released)
+            if scaling:
+                result = finish_scaling(outcome.released)
+            else:
+                result = finish_session(spec.recipe, outcome.released)
         except (ValueError, FedHealthError) as exc:
             closing.metrics = {"session": session}
+            if scaling:  # the pre-step's refusal is its one line (a constant feature, too few rows)
+                return str(exc)
             return f"the session's result is unusable: {exc}"
         closing.metrics = {**result, "session": session}
         return None
@@ -711,14 +724,19 @@ class RoundEngine:
             model_in_digest=closing.model_out,
             deadline_at=command.deadline_at,
         )
-        version = ModelVersion(
-            digest=closing.model_out,
-            study_id=study.id,
-            round=r.number,
-            parent_digest=r.model_in_digest,
-            created_at=now,
-            num_sites=closing.contributors,
-            train_loss=metrics.get("train_loss"),
+        # the scaling pre-step ends with the model it started from: no new model version
+        version = (
+            None
+            if r.kind is TaskKind.COLLECTIVE
+            else ModelVersion(
+                digest=closing.model_out,
+                study_id=study.id,
+                round=r.number,
+                parent_digest=r.model_in_digest,
+                created_at=now,
+                num_sites=closing.contributors,
+                train_loss=metrics.get("train_loss"),
+            )
         )
         self._end_round(round_id, "the round is complete")
         next_row = self.store.finish_round(

@@ -22,6 +22,7 @@ from fedhealth.learning import (
     resolve_recipe,
 )
 from fedhealth.protocol import RecipeSpec, StudySpec, collective_plan
+from fedhealth.runtime._scaling import check_federated_scaling
 
 Params = dict[str, np.ndarray]
 
@@ -41,8 +42,11 @@ def check_recipe(spec: StudySpec) -> ResolvedRecipe:
     """Refuse a study whose recipe this installation cannot run as specified (:class:`RecipeError`): unknown
     name or version, params its model refuses, a combination pattern the services do not run, secure
     aggregation of a recipe that cannot be summed securely, a collective session the spec cannot hold
-    (:func:`~fedhealth.protocol.collective_plan`: its site keys, at least 3 sites). Privacy is
-    :func:`check_privacy`'s. The orchestrator runs it at submission, each site before it reads any data."""
+    (:func:`~fedhealth.protocol.collective_plan`: its site keys, at least 3 sites), a ``standardize =
+    "federated"`` the study cannot run (:func:`~fedhealth.runtime._scaling.check_federated_scaling`).
+    Privacy is otherwise :func:`check_privacy`'s. The orchestrator runs it at submission, each site
+    before it reads any data."""
+    check_federated_scaling(spec)  # before the params are validated: its errors say more
     recipe = study_recipe(spec.recipe)
     if recipe.pattern is CombinationPattern.COLLECTIVE:
         # one session over exactly the spec's sites, their keys bound by the spec (every sum is masked)

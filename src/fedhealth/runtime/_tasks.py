@@ -53,6 +53,7 @@ from fedhealth.runtime._recipes import (
     param_specs as param_specs,  # re-exported: the secure-sum codec imports it from here
 )
 from fedhealth.runtime._recipes import recipe_spec, study_recipe
+from fedhealth.runtime._scaling import task_recipe
 
 Params = dict[str, np.ndarray]
 
@@ -136,7 +137,7 @@ def train_on_site(
     from the training records without noise. A recipe is asked only for the DP it declares.
     """
     started = time.perf_counter()
-    recipe = study_recipe(task.recipe)
+    recipe = study_recipe(task_recipe(task))
     data = _site_data(recipe, task, dataset)
     rng = task_rng(task.seed, task.round, site)
     spec = task.spec
@@ -202,7 +203,7 @@ def _held_out_metrics(
 def evaluate_on_site(task: Task, params: Params, dataset: TabularDataset | None) -> SiteMetrics:
     """Metrics of the global model on the site's local validation split."""
     started = time.perf_counter()
-    recipe = study_recipe(task.recipe)
+    recipe = study_recipe(task_recipe(task))
     data = _site_data(recipe, task, dataset)
     evaluation = recipe.evaluate(params, data)
     if evaluation is None:
