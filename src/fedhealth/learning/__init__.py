@@ -131,6 +131,7 @@ from fedhealth.learning._synthetic import (
 from fedhealth.learning._torch_recipe import (
     BREASTMNIST_PARAMS,
     BREASTMNIST_ROUNDS,
+    CONTROL_VARIATE_PREFIX,
     TORCH_RECIPE,
     TorchParams,
     TorchRecipe,
@@ -154,6 +155,7 @@ __all__ = [
     "BREASTMNIST_ROUNDS",
     "BREAST_CANCER_PRESETS",
     "COLLECTIVE_PROBE_RECIPE",
+    "CONTROL_VARIATE_PREFIX",
     "HEART_DISEASE_DP_DELTAS",
     "HEART_DISEASE_DP_EPSILONS",
     "HEART_DISEASE_DP_PRESETS",

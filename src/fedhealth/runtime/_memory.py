@@ -72,6 +72,7 @@ def run_study_in_memory(
     rules = StudyRules.of(spec, Combination.PLAIN)
     params = initial_model(spec.recipe, spec.seed)
     state: Params = {}
+    site_states: dict[str, Params | None] = {}  # what each site keeps between its rounds (SCAFFOLD's c_i)
     evaluation: dict[str, SiteMetrics] = {}
     opening: OpenRound | None = first_round(rules, _START)
     while opening is not None:
@@ -81,7 +82,15 @@ def run_study_in_memory(
         commands: list[RoundCommand] = []
         for site in sorted(opening.sites):
             if opening.kind is TaskKind.TRAIN:
-                outcome = train_on_site(task, site, params, datasets[site], reproducible_noise=True)
+                outcome = train_on_site(
+                    task,
+                    site,
+                    params,
+                    datasets[site],
+                    reproducible_noise=True,
+                    site_state=site_states.get(site),
+                )
+                site_states[site] = outcome.site_state
                 updates[site] = (outcome.metrics.num_samples, outcome.delta)
             else:
                 evaluation[site] = evaluate_on_site(task, params, datasets[site])
