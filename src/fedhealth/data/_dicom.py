@@ -174,7 +174,7 @@ class LabelTag:
         element = ds.get(self.tag)
         value = element.value if element is not None else None
         if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-            value = "\\".join(str(v) for v in value)  # type: ignore[union-attr]
+            value = "\\".join(str(v) for v in value)
         text = "" if value is None else str(value).strip()
         if not text:
             raise ImageProblem(f"no label: the label tag {self.shown} is missing or empty")

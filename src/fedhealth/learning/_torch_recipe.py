@@ -74,6 +74,18 @@ class Architecture(StrEnum):
 
     CNN = "cnn"
     RESNET18 = "resnet18"
+    MONAI_DENSENET = "monai-densenet"  # MONAI's DenseNet, three blocks (16x16 images and up)
+    MONAI_DENSENET121 = "monai-densenet121"  # MONAI's DenseNet-121 (64x64 images and up)
+
+
+# the smallest input side of each architecture: its last BatchNorm must see at least 2x2 pixels (it cannot
+# train on one value per channel, i.e. one image of 1x1)
+_MIN_INPUT_SIZE = {
+    Architecture.CNN: 8,
+    Architecture.RESNET18: 8,
+    Architecture.MONAI_DENSENET: 16,
+    Architecture.MONAI_DENSENET121: 64,
+}
 
 
 class Norm(StrEnum):
@@ -100,6 +112,16 @@ class TorchParams(BaseModel):
     augment_flips: bool = Field(default=False, description="random horizontal flips while training")
     proximal_mu: FiniteFloat = Field(default=0.0, ge=0, le=100, description="FedProx proximal weight")
     scaffold: bool = Field(default=False, description="SCAFFOLD control variates (with strategy scaffold)")
+
+    @model_validator(mode="after")
+    def _input_fits_the_network(self) -> TorchParams:
+        least = _MIN_INPUT_SIZE[self.architecture]
+        if self.input_size < least:
+            raise ValueError(
+                f"architecture {self.architecture.value!r} needs input_size of at least {least} (its "
+                f"downsampling leaves nothing of {self.input_size}x{self.input_size} images)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _scaffold_runs_plain_sgd(self) -> TorchParams:
@@ -576,7 +598,11 @@ class TorchRecipe:
     def template(self, n_features: int | None) -> list[TemplateParam]:
         side = math.isqrt(n_features) if n_features else 28
         return [
-            TemplateParam(key="architecture", value="cnn", comment="cnn (small) or resnet18"),
+            TemplateParam(
+                key="architecture",
+                value="cnn",
+                comment="cnn (small), resnet18, monai-densenet (16x16 up) or monai-densenet121 (64x64 up)",
+            ),
             TemplateParam(key="input_size", value=side, comment="images are resized to this side"),
             TemplateParam(key="channels", value=1, comment="1 for grey-scale, 3 for colour"),
             TemplateParam(key="norm", value="batch", comment="batch, or group (needed by record-level DP)"),
