@@ -37,6 +37,7 @@ from fedhealth.agent._datasets import feeds_consent, sync_consent
 from fedhealth.agent._home import SiteHome
 from fedhealth.agent._pipeline import SiteGate, TaskContext, TaskRefused
 from fedhealth.agent._secure import PeerPins, UnmaskRecord, check_secure_round, run_secure_exchange
+from fedhealth.agent._site_state import SiteStateStore
 from fedhealth.core import (
     ConfigError,
     DatasetError,
@@ -128,6 +129,8 @@ class SiteAgent:
         # the site database (HOME/site.sqlite), where the site records each secure round it unmasked
         home = SiteHome(settings.home) if settings.home is not None else None
         self._unmasked = UnmaskRecord.at(home.database_path if home is not None else None)
+        # what a recipe keeps here between a study's rounds (SCAFFOLD's c_i), per study; never sent
+        self._site_state = SiteStateStore(home.recipe_state_path if home is not None else None)
         # the specs awaiting this site's steward, fetched and registered between polls
         self._approvals = (
             ApprovalSync(home, self.client) if home is not None and home.settings_path.exists() else None
@@ -249,9 +252,13 @@ class SiteAgent:
                 # the budget reserved for the task is charged; one before it (missing file, bad header,
                 # a value that does not parse, a schema that does not fit) released.
                 ctx.data_read = True
+            kept_after: dict[str, np.ndarray] | None = None
             if task.kind is TaskKind.TRAIN:
-                outcome = train_on_site(task, site, params, dataset)
-                delta, metrics = outcome.delta, outcome.metrics
+                kept = None
+                if recipe.capabilities.site_state:
+                    kept = self._site_state.load(task.study_id, task.round)
+                outcome = train_on_site(task, site, params, dataset, site_state=kept)
+                delta, metrics, kept_after = outcome.delta, outcome.metrics, outcome.site_state
             else:
                 delta, metrics = None, evaluate_on_site(task, params, dataset)
             for gate in self.gates:
@@ -286,6 +293,8 @@ class SiteAgent:
                     ResultManifest(task_id=task.task_id, metrics=metrics, attestation=ctx.site_attestation()),
                     max_elapsed_s=self._time_left(task),
                 )
+            if kept_after is not None:  # once the update went out: the state moves on with the server's c
+                self._site_state.save(task.study_id, task.round, kept_after)
             self.tasks_done += 1
         except TaskRefused as refusal:
             log.warning("task %s refused: %s: %s", task.task_id, refusal.code, refusal.reason)

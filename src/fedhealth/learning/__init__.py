@@ -140,6 +140,7 @@ from fedhealth.learning._synthetic import (
 from fedhealth.learning._torch_recipe import (
     BREASTMNIST_PARAMS,
     BREASTMNIST_ROUNDS,
+    CONTROL_VARIATE_PREFIX,
     TORCH_RECIPE,
     TorchParams,
     TorchRecipe,
@@ -163,6 +164,7 @@ __all__ = [
     "BREASTMNIST_ROUNDS",
     "BREAST_CANCER_PRESETS",
     "COLLECTIVE_PROBE_RECIPE",
+    "CONTROL_VARIATE_PREFIX",
     "HEART_DISEASE_DP_DELTAS",
     "HEART_DISEASE_DP_EPSILONS",
     "HEART_DISEASE_DP_PRESETS",

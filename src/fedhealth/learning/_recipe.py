@@ -71,6 +71,9 @@ class RecipeCapabilities:
     params get the released mean and scale filled in).
     ``session_dp``: a collective recipe that adds noise in its session and declares what it releases about a
     site's records with ``dp_plan(params) -> DpPlan`` (the site's ledger charges it before any data is read).
+    ``site_state``: a rounds recipe whose ``train`` takes, as ``site_state``, what its previous round at this
+    site returned in :attr:`TrainResult.site_state` (None on a site's first round of a study); the runtime
+    keeps it at the site, per study (SCAFFOLD's client control variate c_i).
     """
 
     reads_data: bool = True
@@ -80,6 +83,7 @@ class RecipeCapabilities:
     export_onnx: bool = False
     session_dp: bool = False
     federated_scaling: bool = False
+    site_state: bool = False
 
     def supports(self, level: DpLevel) -> bool:
         return self.record_dp if level is DpLevel.RECORD else self.site_dp
@@ -240,6 +244,9 @@ class RoundsRecipe(Recipe[P], Protocol[P]):
     Optional: ``averaged_tensors(params) -> Collection[str]`` names tensors that are statistics of the data
     rather than trained parameters (BatchNorm's running mean and variance); the server takes their plain
     weighted mean under every strategy, and adaptive strategies keep no state for them.
+    ``control_variate_tensors(params) -> Collection[str]`` names the tensors that hold SCAFFOLD's server
+    control variate c: the study's strategy must then be ``scaffold``, which moves them by |S|/N times their
+    mean update (a recipe declaring them declares ``site_state`` too, for the sites' c_i).
     """
 
     def param_specs(self, params: P) -> list[TensorSpec]:
@@ -258,11 +265,14 @@ class RoundsRecipe(Recipe[P], Protocol[P]):
         rng: np.random.Generator,
         *,
         record_dp: RecordDp | None = None,
+        site_state: Params | None = None,
     ) -> TrainResult:
         """One round of local training from the global ``model`` on the dataset's training rows; returns the
         local model (float32). All randomness comes from ``rng``. With ``record_dp`` (only if the recipe
         declares ``record_dp``) it runs exactly that DP-SGD release, ``rng`` drawing samples and noise, and
-        reports no training loss (``train_loss`` None: a loss computed without noise is not private)."""
+        reports no training loss (``train_loss`` None: a loss computed without noise is not private).
+        ``site_state`` is passed only to a recipe declaring ``site_state`` (see
+        :class:`RecipeCapabilities`)."""
         ...
 
     def evaluate(self, params: P, model: Params, dataset: TabularDataset | None) -> EvalResult | None:

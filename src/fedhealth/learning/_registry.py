@@ -141,11 +141,18 @@ class ResolvedRecipe:
         rng: np.random.Generator,
         *,
         record_dp: RecordDp | None = None,
+        site_state: Params | None = None,
     ) -> TrainResult:
         if record_dp is not None and not self.capabilities.record_dp:
             # declared, never guessed: a recipe that does not say it runs DP-SGD is never handed it
             raise RecipeError(f"recipe {self.name!r} does not implement record-level DP")
-        return self.rounds().train(self.params, model, dataset, rng, record_dp=record_dp)
+        if not self.capabilities.site_state:
+            if site_state is not None:
+                raise RecipeError(f"recipe {self.name!r} keeps no state at the site")
+            return self.rounds().train(self.params, model, dataset, rng, record_dp=record_dp)
+        return self.rounds().train(
+            self.params, model, dataset, rng, record_dp=record_dp, site_state=site_state
+        )
 
     def evaluate(self, model: Params, dataset: TabularDataset | None) -> EvalResult | None:
         return self.rounds().evaluate(self.params, model, dataset)
@@ -172,6 +179,26 @@ class ResolvedRecipe:
         if unknown:
             raise RecipeError(
                 f"recipe {self.name!r} declares averaged tensors it does not have: {sorted(unknown)}"
+            )
+        return names
+
+    def control_variate_tensors(self) -> frozenset[str]:
+        """The tensors holding SCAFFOLD's server control variate c, as the recipe declares them with its
+        optional ``control_variate_tensors(params)`` (none when it declares nothing)."""
+        declared = getattr(self.rounds(), "control_variate_tensors", None)
+        if declared is None:
+            return frozenset()
+        names = frozenset(declared(self.params))
+        if not names:  # asked of every study (check_recipe): no model is built for the answer
+            return names
+        unknown = names - {s.name for s in self.param_specs()}
+        if unknown:
+            raise RecipeError(
+                f"recipe {self.name!r} declares control variates it does not have: {sorted(unknown)}"
+            )
+        if not self.capabilities.site_state:
+            raise RecipeError(
+                f"recipe {self.name!r} declares control variates but keeps no site state for the sites' own"
             )
         return names
 

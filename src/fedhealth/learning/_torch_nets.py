@@ -8,6 +8,16 @@ inside the functions that need a network, so that importing fedhealth.learning s
 - ``resnet18``: ResNet-18 (He et al. 2016, four stages of two basic blocks, 64-512 channels) adapted to
   small inputs as MedMNIST does for 28x28: a 3x3 stride-1 stem and no max-pool; about 11 M parameters.
 
+- ``monai-densenet``: MONAI's ``DenseNet`` (Huang et al. 2017) with two dense blocks of 6 and 12 layers
+  (32 initial features, growth rate 16; 0.33 M values at 2 classes): DenseNet-121's 4x stem and three
+  transitions leave 28x28 images 1x1 or nothing, where BatchNorm cannot train on a batch of one image (a
+  site's last minibatch can be one); one transition leaves 16x16 images 2x2 and 28x28 ones 3x3.
+- ``monai-densenet121``: MONAI's ``DenseNet121`` as published (about 7 M values), for inputs of 64x64 and
+  more (2x2 after its last block).
+
+MONAI is imported only when one of its networks is built (the ``imaging`` extra pins it); its import takes
+seconds, since ``import monai`` loads the whole toolkit.
+
 ``norm`` is ``batch`` (BatchNorm) or ``group``: BatchNorm mixes the records of a batch, which per-example
 gradients (DP-SGD) cannot have, so ``group`` lets Opacus' :class:`ModuleValidator` replace every BatchNorm
 with a GroupNorm (its own choice of groups), exactly as it does for any model handed to DP-SGD.
@@ -90,9 +100,32 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def monai_densenet(channels: int, input_size: int, n_classes: int) -> nn.Module:
+    from monai.networks.nets.densenet import DenseNet
+
+    del input_size  # global average pooling after two blocks: 16x16 and up
+    return DenseNet(
+        spatial_dims=2,
+        in_channels=channels,
+        out_channels=n_classes,
+        init_features=32,
+        growth_rate=16,
+        block_config=(6, 12),
+    )
+
+
+def monai_densenet121(channels: int, input_size: int, n_classes: int) -> nn.Module:
+    from monai.networks.nets.densenet import DenseNet121
+
+    del input_size  # 64x64 and up
+    return DenseNet121(spatial_dims=2, in_channels=channels, out_channels=n_classes)
+
+
 ARCHITECTURES: dict[str, Callable[[int, int, int], nn.Module]] = {
     "cnn": SmallCnn,
     "resnet18": ResNet18,
+    "monai-densenet": monai_densenet,
+    "monai-densenet121": monai_densenet121,
 }
 
 

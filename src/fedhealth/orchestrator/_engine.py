@@ -99,6 +99,7 @@ from fedhealth.runtime import (
     initial_model,
     is_collective,
     param_specs,
+    participation_of,
     server_step,
     study_recipe,
     summarize,
@@ -640,8 +641,16 @@ class RoundEngine:
             mean = sums.mean_delta
             if spec.privacy is not None and spec.privacy.mode is DpMode.SITE_CENTRAL:
                 mean = central_noise_on_mean(spec, mean, n, secure_generator())
-            averaged = study_recipe(spec.recipe).averaged_tensors()
-            new_params, new_state = server_step(spec.strategy, global_params, mean, state, averaged=averaged)
+            recipe = study_recipe(spec.recipe)
+            new_params, new_state = server_step(
+                spec.strategy,
+                global_params,
+                mean,
+                state,
+                averaged=recipe.averaged_tensors(),
+                control_variates=recipe.control_variate_tensors(),
+                participation=participation_of(spec, n),
+            )
             model_out = self.blobs.put(encode_tensors(new_params))
             state_out = self.blobs.put(encode_tensors(new_state)) if new_state else None
             return sums, model_out, state_out

@@ -56,6 +56,7 @@ class StrategyName(StrEnum):
     FEDADAM = "fedadam"
     FEDYOGI = "fedyogi"
     FEDADAGRAD = "fedadagrad"
+    SCAFFOLD = "scaffold"  # needs a recipe whose model carries control variates (torch: scaffold = true)
 
 
 class RecipeSpec(Message):

@@ -102,6 +102,7 @@ def run_study_in_memory(
     rules = StudyRules.of(spec, Combination.PLAIN)
     params = initial_model(spec.recipe, spec.seed)
     state: Params = {}
+    site_states: dict[str, Params | None] = {}  # what each site keeps between its rounds (SCAFFOLD's c_i)
     evaluation: dict[str, SiteMetrics] = {}
     scaling: ReleasedScaling | None = None
     opening: OpenRound | None = first_round(rules, _START)
@@ -116,7 +117,15 @@ def run_study_in_memory(
             if opening.kind is TaskKind.COLLECTIVE:
                 pass  # its part was the session above
             elif opening.kind is TaskKind.TRAIN:
-                outcome = train_on_site(task, site, params, datasets[site], reproducible_noise=True)
+                outcome = train_on_site(
+                    task,
+                    site,
+                    params,
+                    datasets[site],
+                    reproducible_noise=True,
+                    site_state=site_states.get(site),
+                )
+                site_states[site] = outcome.site_state
                 updates[site] = (outcome.metrics.num_samples, outcome.delta)
             else:
                 evaluation[site] = evaluate_on_site(task, params, datasets[site])

@@ -21,7 +21,7 @@ from fedhealth.learning import (
     ResolvedRecipe,
     resolve_recipe,
 )
-from fedhealth.protocol import RecipeSpec, StudySpec, collective_plan
+from fedhealth.protocol import RecipeSpec, StrategyName, StudySpec, collective_plan
 from fedhealth.runtime._scaling import check_federated_scaling
 
 Params = dict[str, np.ndarray]
@@ -66,6 +66,15 @@ def check_recipe(spec: StudySpec) -> ResolvedRecipe:
         raise RecipeError(
             f"secure_aggregation: recipe {recipe.name!r} does not declare secure_sum: its updates cannot "
             "travel in a secure sum"
+        )
+    scaffold = spec.strategy.name is StrategyName.SCAFFOLD
+    if scaffold != bool(recipe.control_variate_tensors()):
+        raise RecipeError(
+            f"strategy.name: scaffold needs a model with control variates, which recipe {recipe.name!r} "
+            "builds only when it offers them and its params ask (torch: scaffold = true)"
+            if scaffold
+            else f"recipe.params: the model carries SCAFFOLD control variates; strategy "
+            f"{spec.strategy.name.value!r} cannot update them (use strategy 'scaffold')"
         )
     return recipe
 
