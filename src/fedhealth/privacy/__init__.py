@@ -3,8 +3,9 @@ from a target epsilon, and the per-dataset budget ledger (check, then commit).
 
 Releases (:class:`DpSgdRelease`, :class:`GaussianRelease`) are declarative values that serialize to JSON;
 a :class:`DpPlan` composes them; :func:`epsilon` accounts a plan (PLD by default, RDP on request);
-:func:`calibrate_noise` inverts it; :class:`BudgetLedger` enforces a site's budget per dataset. Imports
-nothing above ``fedhealth.core``.
+:func:`calibrate_noise` inverts it; :class:`BudgetLedger` enforces a site's budget per dataset;
+:func:`lira_scores` and :func:`loss_attack_scores` are the membership-inference attacks the privacy benchmark
+measures beside epsilon. Imports nothing above ``fedhealth.core``.
 """
 
 from fedhealth.privacy._accounting import (
@@ -49,6 +50,21 @@ from fedhealth.privacy._ledger import (
     StudySpend,
     sqlite_engine,
 )
+from fedhealth.privacy._membership import (
+    DEFAULT_FPR,
+    LOGIT_CLIP,
+    AttackFigures,
+    MembershipAttack,
+    MembershipMeasurement,
+    MembershipReport,
+    attack_figures,
+    cross_entropy_of_confidence,
+    lira_scores,
+    logit_confidence,
+    loss_attack_scores,
+    roc_auc,
+    tpr_at_fpr,
+)
 from fedhealth.privacy._mechanisms import (
     NoiseMode,
     RandomSource,
@@ -67,6 +83,19 @@ from fedhealth.privacy._mechanisms import (
 )
 
 __all__ = [
+    "DEFAULT_FPR",
+    "LOGIT_CLIP",
+    "AttackFigures",
+    "MembershipAttack",
+    "MembershipMeasurement",
+    "MembershipReport",
+    "attack_figures",
+    "cross_entropy_of_confidence",
+    "lira_scores",
+    "logit_confidence",
+    "loss_attack_scores",
+    "roc_auc",
+    "tpr_at_fpr",
     "DEFAULT_REL_TOL",
     "MAX_NOISE_MULTIPLIER",
     "MIN_NOISE_MULTIPLIER",
