@@ -150,7 +150,9 @@ def test_online_lira_uses_the_in_models_and_offline_only_the_out_models() -> Non
     assert offline[0] > offline[1]
     # offline ignores the in-models: changing them leaves its scores alone
     moved = np.where(inside, shadow + 3.0, shadow)
-    assert lira_scores([5.0, 0.0], moved, inside, attack=MembershipAttack.LIRA_OFFLINE) == pytest.approx(offline)
+    assert lira_scores([5.0, 0.0], moved, inside, attack=MembershipAttack.LIRA_OFFLINE) == pytest.approx(
+        offline
+    )
 
 
 def test_lira_refuses_shapes_that_do_not_fit() -> None:

@@ -277,7 +277,7 @@ class MembershipMeasurement:
         if not isinstance(obj, Mapping):
             raise InputError("membership result: each measurement must be an object")
         try:
-            attack = MembershipAttack(obj.get("attack"))
+            attack = MembershipAttack(str(obj.get("attack")))
         except ValueError:
             known = ", ".join(a.value for a in MembershipAttack)
             raise InputError(f"membership result: attack must be one of {known}") from None
