@@ -370,9 +370,13 @@ def membership_benchmark(
             min=3, help="Federations trained per setting: each the target once, the others its shadows."
         ),
     ] = 8,
+    breastmnist_models: Annotated[
+        int | None, typer.Option(min=3, help="Models per BreastMNIST setting (default: --models).")
+    ] = None,
     rounds: Annotated[
-        int, typer.Option(min=1, help="BreastMNIST rounds (heart disease: its presets').")
+        int, typer.Option(min=1, help="BreastMNIST rounds without DP (heart disease: its presets').")
     ] = 20,
+    dp_rounds: Annotated[int, typer.Option(min=1, help="BreastMNIST rounds with DP-SGD.")] = 20,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the halves each model trains on.")] = 0,
     quick: Annotated[
         bool, typer.Option("--quick", help="A small run: 4 models, epsilon 1 and 8, 3 BreastMNIST rounds.")
@@ -402,23 +406,34 @@ def membership_benchmark(
         raise typer.BadParameter("--epsilon must lie in (0, 100]")
     epsilons = epsilon or ([1.0, 8.0] if quick else [1.0, 4.0, 8.0])
     if quick:
-        models, rounds = min(models, 4), min(rounds, 3)
+        models, rounds, dp_rounds = min(models, 4), min(rounds, 3), min(dp_rounds, 3)
+        breastmnist_models = min(breastmnist_models or models, 4)
     console = Console(stderr=as_json)
     started = time.monotonic()
+
+    def step(text: str) -> None:
+        status.update(text)
+        if not console.is_terminal:  # a log file gets each step as a line
+            console.print(f"{time.monotonic() - started:7.0f} s  {text}")
+
     with console.status("preparing") as status:
         results = benchmark_membership(
             datasets=chosen,
             epsilons=epsilons,
             models=models,
+            breastmnist_models=breastmnist_models,
             breastmnist_rounds=rounds,
+            breastmnist_dp_rounds=dp_rounds,
             seed=seed,
             data_dir=data_dir,
-            on_step=status.update,
+            on_step=step,
         )
     wall = time.monotonic() - started
     setup = {
         "models": models,
+        "breastmnist_models": breastmnist_models or models,
         "breastmnist_rounds": rounds,
+        "breastmnist_dp_rounds": dp_rounds,
         "seed": seed,
         "quick": quick,
         "wall_time_s": round(wall, 1),
@@ -431,12 +446,11 @@ def membership_benchmark(
     if as_json:
         print(json.dumps(report.to_json()))
         return
-    table = Table(
-        title=f"Membership inference, {models} models per setting (each the target once), AUC / TPR at 1% FPR"
-    )
+    table = Table(title="Membership inference: attack AUC / TPR at 1% FPR (each model the target once)")
     for col in (
         "dataset",
         "setting",
+        "models x rounds",
         "ε target",
         "ε accounted",
         "δ",
@@ -450,6 +464,7 @@ def membership_benchmark(
         table.add_row(
             r.dataset.value,
             r.setting,
+            f"{r.models} x {r.rounds}",
             f"{r.target_epsilon:g}" if r.target_epsilon is not None else "-",
             f"{r.epsilon:.3f}" if r.epsilon is not None else "∞",
             f"{r.delta:g}" if r.delta is not None else "-",

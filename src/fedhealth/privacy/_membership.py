@@ -228,6 +228,15 @@ def _optional_number(obj: Mapping[str, Any], key: str) -> float | None:
     return float(value)
 
 
+def _optional_count(obj: Mapping[str, Any], key: str) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"membership result: {key} must be a positive whole number or null, got {value!r}")
+    return value
+
+
 def _number(obj: Mapping[str, Any], key: str, low: float, high: float) -> float:
     value = _optional_number(obj, key)
     if value is None or not low <= value <= high:
@@ -255,6 +264,8 @@ class MembershipMeasurement:
     attack: MembershipAttack
     figures: AttackFigures
     test_auc: float | None = None  # the models' own task AUC on held-out rows: what the privacy costs
+    models: int | None = None  # federations trained for this setting (each the target once)
+    rounds: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -270,6 +281,8 @@ class MembershipMeasurement:
             "members": self.figures.members,
             "non_members": self.figures.non_members,
             "test_auc": self.test_auc,
+            "models": self.models,
+            "rounds": self.rounds,
         }
 
     @classmethod
@@ -299,6 +312,8 @@ class MembershipMeasurement:
                 non_members=int(counts[1]),  # type: ignore[arg-type]
             ),
             test_auc=_optional_number(obj, "test_auc"),
+            models=_optional_count(obj, "models"),
+            rounds=_optional_count(obj, "rounds"),
         )
 
 

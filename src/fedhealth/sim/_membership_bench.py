@@ -123,6 +123,8 @@ class SettingResult:
     attacks: dict[MembershipAttack, AttackFigures]
     test_auc: float  # the models' task AUC on their held-out rows, mean over models
     seconds: float
+    models: int
+    rounds: int
 
 
 def _pooled_rows(
@@ -208,7 +210,7 @@ def _breastmnist_spec(
     )
 
 
-def breastmnist_settings(epsilons: Sequence[float], rounds: int) -> list[_Setting]:
+def breastmnist_settings(epsilons: Sequence[float], rounds: int, dp_rounds: int) -> list[_Setting]:
     def dp(eps: float) -> PrivacySpec:
         return PrivacySpec(
             delta=BREASTMNIST_DELTA,
@@ -220,7 +222,7 @@ def breastmnist_settings(epsilons: Sequence[float], rounds: int) -> list[_Settin
 
     def at(eps: float) -> Callable[[list[str], int], StudySpec]:
         return lambda sites, seed: _breastmnist_spec(
-            BREASTMNIST_DP_PARAMS, rounds, dp(eps), sites, seed, f"e{eps:g}"
+            BREASTMNIST_DP_PARAMS, dp_rounds, dp(eps), sites, seed, f"e{eps:g}"
         )
 
     settings = [
@@ -325,29 +327,36 @@ def benchmark_membership(
     datasets: Sequence[MembershipDataset] = tuple(MembershipDataset),
     epsilons: Sequence[float] = DEFAULT_EPSILONS,
     models: int = 8,
+    breastmnist_models: int | None = None,
     breastmnist_rounds: int = BREASTMNIST_ROUNDS,
+    breastmnist_dp_rounds: int = BREASTMNIST_ROUNDS,
     seed: int = 0,
     data_dir: Path | None = None,
     on_step: Callable[[str], object] = lambda _: None,
 ) -> list[SettingResult]:
-    """Every dataset's settings: ``models`` federations each, attacked (see the module docstring)."""
-    if models < 3:
+    """Every dataset's settings: ``models`` federations each (``breastmnist_models`` for BreastMNIST, whose
+    models cost far more), attacked (see the module docstring). BreastMNIST trains ``breastmnist_rounds``
+    rounds without DP and ``breastmnist_dp_rounds`` with DP-SGD (each accounted for its own rounds)."""
+    if min(models, breastmnist_models or models) < 3:
         raise ValueError("LiRA needs at least 3 models (a target and two shadows)")
     results: list[SettingResult] = []
     for dataset in datasets:
         if dataset is MembershipDataset.HEART_DISEASE:
             pool, settings = heart_disease_pool(data_dir), heart_disease_settings(epsilons)
+            count = models
         else:
-            pool, settings = breastmnist_pool(data_dir), breastmnist_settings(epsilons, breastmnist_rounds)
-        inside = _halves(pool, models, seed)
+            pool = breastmnist_pool(data_dir)
+            settings = breastmnist_settings(epsilons, breastmnist_rounds, breastmnist_dp_rounds)
+            count = breastmnist_models or models
+        inside = _halves(pool, count, seed)
         sites = [name for name, _, _ in pool.sites]
         for setting in settings:
             started = time.monotonic()
             eps = accounted_epsilon(setting.spec(sites, seed))
-            conf = np.empty((models, inside.shape[1]))
-            for j in range(models):
+            conf = np.empty((count, inside.shape[1]))
+            for j in range(count):
                 where = f"{setting.label} {_eps_text(setting.target_epsilon)}".strip()
-                on_step(f"{dataset.value}, {where}: model {j + 1}/{models}")
+                on_step(f"{dataset.value}, {where}: model {j + 1}/{count}")
                 conf[j] = _train(pool, setting.spec(sites, seed * 1000 + j), inside[j])
             figures, test_auc = attack_setting(conf, inside, pool.labels)
             results.append(
@@ -360,6 +369,8 @@ def benchmark_membership(
                     attacks=figures,
                     test_auc=test_auc,
                     seconds=time.monotonic() - started,
+                    models=count,
+                    rounds=setting.spec(sites, seed).rounds,
                 )
             )
     return results
@@ -381,6 +392,8 @@ def membership_report(results: Sequence[SettingResult], setup: dict[str, Any]) -
             attack=attack,
             figures=figures,
             test_auc=r.test_auc,
+            models=r.models,
+            rounds=r.rounds,
         )
         for r in results
         for attack, figures in r.attacks.items()
