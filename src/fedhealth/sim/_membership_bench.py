@@ -429,14 +429,17 @@ def plot_membership(results: Sequence[SettingResult], path: Path) -> Path:
         plain_x = [top * 2.5 * (1.6**k) for k in range(len(plain))]
         for row, (metric, chance) in enumerate((("auc", 0.5), ("tpr_at_fpr", 0.01))):
             ax = axes[row][col]
-            for attack, marker in markers.items():
+            for k, (attack, marker) in enumerate(markers.items()):
+                color = f"C{k}"
                 ax.plot(
                     [r.epsilon for r in dp],
                     [getattr(r.attacks[attack], metric) for r in dp],
                     marker=marker,
+                    color=color,
                     label=attack.value,
                 )
-                ax.scatter(plain_x, [getattr(r.attacks[attack], metric) for r in plain], marker=marker, s=40)
+                values = [getattr(r.attacks[attack], metric) for r in plain]
+                ax.scatter(plain_x, values, marker=marker, s=40, color=color)
             ax.axhline(chance, color="0.4", linestyle=":", linewidth=1, label="chance")
             ax.set_xscale("log")
             ticks = [r.epsilon for r in dp] + plain_x
