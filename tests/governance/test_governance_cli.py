@@ -337,6 +337,8 @@ def test_model_card_carries_a_membership_benchmark_result_and_names_a_bad_one(pr
         "fpr": 0.01,
         "members": 50,
         "non_members": 50,
+        "models": 6,
+        "rounds": 20,
     }
     result_file.write_text(
         json.dumps(
@@ -347,7 +349,8 @@ def test_model_card_carries_a_membership_benchmark_result_and_names_a_bad_one(pr
     args = ["card", digest, "--db", str(path), "--out", str(out), "--membership", str(result_file)]
     result = runner.invoke(model_app, args)
     assert result.exit_code == 0, result.output
-    assert "| breastmnist | FedAvg (no DP) | ∞ (no DP) | lira-online | 0.610 | 0.040 |" in out.read_text()
+    row = "| breastmnist | FedAvg (no DP) | 6 x 20 | ∞ (no DP) | lira-online | 0.610 | 0.040 |"
+    assert row in out.read_text()
     result_file.write_text("{not json")
     result = runner.invoke(model_app, args)
     assert result.exit_code == 1

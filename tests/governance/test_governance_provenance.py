@@ -342,8 +342,8 @@ def test_the_model_card_carries_the_measured_membership_figures_beside_epsilon()
     card = model_card_markdown(chain(), intended_use="x", membership=MEMBERSHIP)
     section = card.split("### Measured membership inference", 1)[1].split("## Consent statement")[0]
     # one row per setting, its strongest attack; the epsilon beside it
-    assert "| heart-disease | DP-SGD | 1 (1e-05) | lira-offline | 0.530 | 0.011 |" in section
-    assert "| heart-disease | no DP | ∞ (no DP) | lira-online | 0.600 | 0.050 |" in section
+    assert "| heart-disease | DP-SGD | n/a | 1 (1e-05) | lira-offline | 0.530 | 0.011 |" in section
+    assert "| heart-disease | no DP | n/a | ∞ (no DP) | lira-online | 0.600 | 0.050 |" in section
     assert "not on this one" in section
     # the model's own epsilon (1.5) falls under the nearest measured epsilon not below it: 4
     assert "ε ≤ 1.5: at the nearest measured ε not below it (4, heart-disease)" in section

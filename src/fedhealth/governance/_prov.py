@@ -258,28 +258,26 @@ def _membership_lines(model: ModelProvenance, report: MembershipReport) -> list[
     for m in report.measurements:
         groups.setdefault((m.dataset, m.setting, m.epsilon), []).append(m)
     fpr = report.measurements[0].figures.fpr
-    setup = report.setup
-    models = setup.get("models")
     lines = [
         "### Measured membership inference",
         "",
-        f"`fedhealth benchmark membership` ({_cell(report.measured_at)}"
-        + (f", {_cell(models)} models per setting" if models is not None else "")
-        + "): how well membership-inference attacks (loss threshold; LiRA online and offline, Carlini et al. "
-        "2022) tell training records from held-out records of models that fedhealth's recipes trained on "
-        "the benchmark datasets at each privacy setting. These are measurements on those models, not on "
-        f"this one. Chance is an AUC of 0.5 and a TPR of {fpr:.0%} at {fpr:.0%} FPR; the strongest attack "
-        "of each setting is shown.",
+        f"`fedhealth benchmark membership` ({_cell(report.measured_at)}): how well membership-inference "
+        "attacks (loss threshold; LiRA online and offline, Carlini et al. 2022) tell training records from "
+        "held-out records of models that fedhealth's recipes trained on the benchmark datasets at each "
+        "privacy setting. These are measurements on those models, not on this one. Chance is an AUC of 0.5 "
+        f"and a TPR of {fpr:.0%} at {fpr:.0%} FPR; the strongest attack of each setting is shown.",
         "",
-        f"| Dataset | Setting | ε accounted (δ) | Strongest attack | Attack AUC | TPR at {fpr:.0%} FPR |",
-        "|---|---|---|---|---|---|",
+        f"| Dataset | Setting | Models x rounds | ε accounted (δ) | Strongest attack | Attack AUC | "
+        f"TPR at {fpr:.0%} FPR |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (dataset, setting, eps), rows in groups.items():
         best = _strongest(rows)
         delta = f" ({best.delta:g})" if best.delta is not None else ""
         eps_text = f"{eps:.3g}{delta}" if eps is not None else "∞ (no DP)"
+        size = f"{best.models} x {best.rounds}" if best.models and best.rounds else "n/a"
         lines.append(
-            f"| {_cell(dataset)} | {_cell(setting)} | {eps_text} | {best.attack.value} | "
+            f"| {_cell(dataset)} | {_cell(setting)} | {size} | {eps_text} | {best.attack.value} | "
             f"{best.figures.auc:.3f} | {best.figures.tpr_at_fpr:.3f} |"
         )
     lines.append("")
