@@ -24,8 +24,9 @@ Datasets and the releases attacked:
   each target epsilon; the same recipe without noise; and without DP the ``fedavg`` preset (15 rounds x 100
   SGD steps), the model the benchmarks release without DP.
 - ``breastmnist`` (4 sites, the ``torch`` recipe's small CNN): DP-SGD as docs/benchmarks.md runs it
-  (GroupNorm, SGD 0.1, q 0.1, 10 steps per round, clip 1, delta 1e-4) and without DP
-  ``BREASTMNIST_PARAMS`` (Adam, BatchNorm, flips), ``rounds`` rounds each.
+  (GroupNorm, SGD 0.1, q 0.1, 10 steps per round, clip 1, delta 1e-4) for ``breastmnist_dp_rounds`` rounds
+  (the noise calibrated for them), and without DP ``BREASTMNIST_PARAMS`` (Adam, BatchNorm, flips) for
+  ``breastmnist_rounds``.
 """
 
 from __future__ import annotations
