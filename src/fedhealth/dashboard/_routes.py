@@ -256,7 +256,7 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
 
     @router.get("/drift")
     @ui_page
-    async def drift(request: Request) -> Response:
+    async def drift_page(request: Request) -> Response:
         who = _user(request)
         data = await anyio.to_thread.run_sync(views.drift_view, _svc(request), drift_policy)
         return _render("drift.html", user=who, page="drift", **data)
