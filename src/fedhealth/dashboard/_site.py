@@ -5,6 +5,9 @@ site's own machine (bound to 127.0.0.1 by default, plain HTTP on the loopback in
   run the command already holds the site's home. The token opens a session (an ``HttpOnly``,
   ``SameSite=Strict`` cookie; not ``Secure``, since this listener is plain HTTP on loopback and a Secure
   cookie would never come back); the token is spent on first use.
+- Pages: the approvals queue; the overview (budgets, consent and the models flagged by withdrawals, the
+  site's own audit log); the data quality of each registered dataset (``_site_quality``, kept per source
+  snapshot). Nothing these pages show is sent anywhere.
 - The queue lists the specs awaiting this site (fetched from the orchestrator, authenticated as the site, on
   each visit; the site's own list when it is out of reach) and those decided. Opening a spec shows it in full
   with the plain-language summary of ``fedhealth site approvals show`` and records that the steward read it
@@ -47,6 +50,8 @@ from fedhealth.agent import (
 )
 from fedhealth.core import FedHealthError
 from fedhealth.dashboard._assets import ASSET_NAMES, asset
+from fedhealth.dashboard._site_consent import WithdrawalFlags
+from fedhealth.dashboard._site_quality import QualityCache
 from fedhealth.governance import GOVERNANCE_METADATA, ApprovalStatus, list_study_approvals
 from fedhealth.privacy import BudgetLedger, sqlite_engine
 from fedhealth.protocol import StudySpec
@@ -101,9 +106,14 @@ def _error(status: int, message: str) -> HTMLResponse:
     return _page("error.html", status=status, message=message)
 
 
-def site_dashboard_app(home: SiteHome, *, token: str, steward: str) -> FastAPI:
-    """The steward's dashboard for the site at ``home``; ``token`` is the one-time sign-in token."""
+def site_dashboard_app(
+    home: SiteHome, *, token: str, steward: str, quality: QualityCache | None = None
+) -> FastAPI:
+    """The steward's dashboard for the site at ``home``; ``token`` is the one-time sign-in token; ``quality``
+    keeps the datasets' quality reports between page loads (a fresh one by default)."""
     sessions = _Sessions(token)
+    reports = quality or QualityCache()
+    withdrawals = WithdrawalFlags()
     site_name = home.require()["site"]
     app = FastAPI(title=f"fedhealth site {site_name}", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -151,6 +161,7 @@ def site_dashboard_app(home: SiteHome, *, token: str, steward: str) -> FastAPI:
         decided = [r for r in records if r.status is not ApprovalStatus.PENDING]
         return _page(
             "site_approvals.html",
+            page="approvals",
             site=site_name,
             pending=pending,
             decided=decided,
@@ -235,16 +246,31 @@ def site_dashboard_app(home: SiteHome, *, token: str, steward: str) -> FastAPI:
     async def overview(request: Request) -> Response:
         if session_of(request) is None:
             return _error(401, "sign in with the link `fedhealth site dashboard` printed")
-        data = await anyio.to_thread.run_sync(site_overview, home)
-        return _page("site_overview.html", site=site_name, steward=steward, **data)
+        data = await anyio.to_thread.run_sync(site_overview, home, withdrawals)
+        return _page("site_overview.html", page="overview", site=site_name, steward=steward, **data)
+
+    @app.get("/datasets")
+    async def datasets(request: Request, refresh: str = "") -> Response:
+        if session_of(request) is None:
+            return _error(401, "sign in with the link `fedhealth site dashboard` printed")
+        try:
+            found = await anyio.to_thread.run_sync(
+                lambda: reports.reports(SiteDatasets(home), refresh=refresh == "1")
+            )
+        except FedHealthError as exc:  # the registry file itself is unreadable
+            return _error(500, str(exc))
+        return _page("site_datasets.html", page="datasets", site=site_name, steward=steward, datasets=found)
 
     return app
 
 
-def site_overview(home: SiteHome) -> dict[str, Any]:
-    """This site's privacy budget per dataset with each study's charge, its consent states, and its own audit
-    log verified against its identity key."""
+def site_overview(home: SiteHome, withdrawals: WithdrawalFlags | None = None) -> dict[str, Any]:
+    """This site's privacy budget per dataset with each study's charge, its consent states, the studies that
+    trained on data of patients who withdrew later (``withdrawals`` keeps what it read of the log between
+    calls), and its own audit log verified against its identity key."""
     with SiteGovernance(home) as governance:
+        flags = withdrawals or WithdrawalFlags()
+        flagged, withdrawn = flags.flags(governance.engine, governance.log.log_id)
         ledger_engine = sqlite_engine(home.database_path)
         try:
             BudgetLedger.create_schema(ledger_engine)
@@ -271,6 +297,8 @@ def site_overview(home: SiteHome) -> dict[str, Any]:
     return {
         "budgets": budgets,
         "consent": consent,
+        "flagged": flagged,
+        "withdrawals": withdrawn,
         "verified": report.ok,
         "checked": report.checked,
         "summary": report.summary(),
