@@ -89,6 +89,7 @@ def test_a_steward_approves_a_pending_spec_in_the_browser_and_the_study_starts(s
         assert "approved" in page.locator(f"#decided tr[data-spec='{study.spec_hash}']").inner_text()
         page.click("#overview-link")  # the site's budgets, consent and its own audit log
         assert "3.0000" in page.locator("#site-budgets tr[data-dataset='bc-dp']").inner_text()
+        page.wait_for_selector("#site-verify")  # loaded after the page (htmx)
         assert page.text_content("#site-verify").startswith("Verified")
         # the link was spent: a second use opens nothing
         other = browser.new_page()
@@ -110,6 +111,7 @@ def test_a_steward_approves_a_pending_spec_in_the_browser_and_the_study_starts(s
         assert flagged.locator("td.withdrawals").inner_text() == "1"
         assert flagged.locator("td.patients").inner_text() == "1"
         assert f">{patient}<" not in page.content()
+        page.wait_for_selector("#site-verify")
         _shot(page, "site-overview", tmp_path)
         page.click("#datasets-link")  # each registered dataset's data-quality report
         quality = page.locator("section[data-dataset='breast-cancer']")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
@@ -25,7 +26,13 @@ from fedhealth.crypto import IdentityKey
 from fedhealth.dashboard import site_dashboard_app
 from fedhealth.dashboard._site_consent import WithdrawalFlags
 from fedhealth.dashboard._site_quality import QualityCache, source_snapshot
-from fedhealth.governance import AuditEventType, ConsentDecision, ConsentRecord, spec_hash
+from fedhealth.governance import (
+    GOVERNANCE_METADATA,
+    AuditEventType,
+    ConsentDecision,
+    ConsentRecord,
+    spec_hash,
+)
 from support import breast_spec
 
 PURPOSE = "HRESCH"
@@ -258,3 +265,16 @@ def test_withdrawal_flags_fold_each_log_entry_once(home):
         assert again == [flag]
         # one read of the new entries (none) and one of the approvals' names: the log is not read again
         assert len(statements) == 2
+
+
+def test_the_overview_loads_the_logs_verification_after_the_page_and_shows_a_tampered_entry(ui, home):
+    client, _ = ui
+    overview = client.get("/overview").text
+    assert 'hx-get="/overview/verify"' in overview
+    assert 'id="site-verify"' not in overview  # not verified while the page is drawn
+    fragment = client.get("/overview/verify").text
+    assert '<p id="site-verify" class="ok">Verified: ' in fragment
+    entries = GOVERNANCE_METADATA.tables["gov_audit_entries"]
+    with SiteGovernance(home) as governance, governance.engine.begin() as conn:
+        conn.execute(update(entries).where(entries.c.seq == 1).values(payload='{"site": "forged"}'))
+    assert "Verification FAILED" in client.get("/overview/verify").text

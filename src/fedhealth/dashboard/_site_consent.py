@@ -75,10 +75,11 @@ class WithdrawalFlags:
         self._folded = _Folded()
         self._log_id: str | None = None
         self._lock = threading.Lock()
+        self._affected: dict[str, _Affected] | None = None  # computed at the folded seq; None: stale
 
     def _fold_new_entries(self, engine: Engine, log_id: str) -> None:
         if log_id != self._log_id:  # another log (never, for one site): start over
-            self._folded, self._log_id = _Folded(), log_id
+            self._folded, self._log_id, self._affected = _Folded(), log_id, None
         c = _ENTRIES.c
         with engine.connect() as conn:
             rows = conn.execute(
@@ -107,12 +108,12 @@ class WithdrawalFlags:
                     )
                 )
             folded.seq = max(folded.seq, int(seq))
+        if rows:
+            self._affected = None
 
-    def flags(self, engine: Engine, log_id: str) -> tuple[list[StudyFlag], int]:
-        """(the flagged studies, most recent withdrawal first; the number of withdrawals logged) of the log
-        ``log_id`` in the site database ``engine``."""
-        with self._lock:
-            self._fold_new_entries(engine, log_id)
+    def _per_study(self) -> dict[str, _Affected]:
+        """Which studies each withdrawal touches (recomputed only after new entries were folded in)."""
+        if self._affected is None:
             folded = self._folded
             per_study: dict[str, _Affected] = {}
             for number, notice in enumerate(folded.notices):
@@ -123,12 +124,21 @@ class WithdrawalFlags:
                         seen.patients.add(notice.patient)
                         seen.updates.add((snapshot, round_))
                         seen.times.add(notice.withdrawn_at)
-            withdrawals = len(folded.notices)
-            studies = dict(folded.studies)
+            self._affected = per_study
+        return self._affected
+
+    def flags(self, engine: Engine, log_id: str) -> tuple[list[StudyFlag], int]:
+        """(the flagged studies, most recent withdrawal first; the number of withdrawals logged) of the log
+        ``log_id`` in the site database ``engine``."""
+        with self._lock:
+            self._fold_new_entries(engine, log_id)
+            per_study = self._per_study()
+            withdrawals = len(self._folded.notices)
+            studies = {s: self._folded.studies.get(s, ("", "")) for s in per_study}
         names = {a.spec_hash: a.study for a in list_study_approvals(engine)} if per_study else {}
         out = []
         for study_id, seen in per_study.items():
-            spec_hash, dataset = studies.get(study_id, ("", ""))
+            spec_hash, dataset = studies[study_id]
             times = sorted(seen.times)
             out.append(
                 StudyFlag(
