@@ -7,7 +7,7 @@ network); each page is requested once cold, then ``--repeats`` times. The data-q
 per source snapshot, so later loads only ``stat`` the file; the overview folds only the log entries appended
 since the previous load.
 
-Run:  python benchmarks/site_dashboard.py [--rows 200000] [--features 20] [--tasks 2000] [--markdown]
+Run:  python benchmarks/site_dashboard.py [--rows 100000] [--features 20] [--tasks 2000] [--markdown]
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _time(client: TestClient, path: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--features", type=int, default=20)
     parser.add_argument("--tasks", type=int, default=2_000)
     parser.add_argument("--studies", type=int, default=20)
@@ -109,7 +109,7 @@ def main() -> None:
         results: list[tuple[str, float, list[float]]] = []
         with TestClient(app) as client:
             client.get("/login?token=t", follow_redirects=False)
-            for path in ("/datasets", "/overview"):
+            for path in ("/datasets", "/overview", "/overview/verify"):
                 first = _time(client, path)
                 later = [_time(client, path) for _ in range(args.repeats)]
                 results.append((path, first, later))
