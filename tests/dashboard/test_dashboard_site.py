@@ -44,7 +44,6 @@ def steward_ui(tmp_path) -> Iterator[tuple[LocalFederation, dict[str, str]]]:
             fed.set_budget(site, "bc-dp", 3.0, 1e-5)  # a budget for DP studies of another dataset
             fed.start_agent(site, {"breast-cancer": BREAST_SITES[site]})
         fed.wait_for_sites([A, B])
-        SiteDatasets(fed.site_home(B)).add("breast-cancer", BREAST_SITES[B])  # for the data-quality page
         ready = tmp_path / "site-ui.json"
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedhealth", "site", "dashboard", "--home", str(fed.site_home(B).root),
@@ -113,6 +112,7 @@ def test_a_steward_approves_a_pending_spec_in_the_browser_and_the_study_starts(s
         assert f">{patient}<" not in page.content()
         page.wait_for_selector("#site-verify")
         _shot(page, "site-overview", tmp_path)
+        SiteDatasets(fed.site_home(B)).add("breast-cancer", BREAST_SITES[B])  # what `site dataset add` does
         page.click("#datasets-link")  # each registered dataset's data-quality report
         quality = page.locator("section[data-dataset='breast-cancer']")
         assert quality.locator("table.quality tbody tr").count() == 30  # one row per feature
