@@ -137,6 +137,9 @@ def test_a_report_is_read_again_only_when_its_file_changes_or_on_request(ui, hom
     assert "05:00:00 UTC" in html  # checked again now
     client.get("/datasets?refresh=1")
     assert cache.reads == 3
+    _touch_later(home.root / "schemas" / "cohort.json")  # the pinned schema rewritten (dataset add --replace)
+    client.get("/datasets")
+    assert cache.reads == 4
 
 
 def test_a_dataset_that_no_longer_checks_is_shown_failed_with_its_hint(ui, home, tmp_path):

@@ -97,7 +97,7 @@ class WithdrawalFlags:
                 snapshot = payload.get("consent_snapshot")
                 if snapshot:
                     folded.updates.setdefault(str(snapshot), []).append(
-                        (str(payload.get("study_id")), int(payload.get("round", 0)))
+                        (str(payload.get("study_id")), int(payload.get("round") or 0))
                     )
             elif "notice_id" in payload:  # consent.withdrawn
                 folded.notices.append(

@@ -18,6 +18,7 @@ not hammered on each load), with its one-line message and hint.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,9 +65,9 @@ def source_snapshot(uri: str) -> _Snapshot:
     if parsed.scheme == "builtin":
         return _Snapshot((uri,), False, "builtin dataset: fixed")
     if parsed.scheme == "file":
-        paths = [Path(unquote(parsed.path))]
+        paths = [Path(unquote(parsed.path))]  # the path stays percent-encoded; parameters are decoded
         if "schema" in parsed.params:
-            paths.append(Path(unquote(parsed.params["schema"])))
+            paths.append(Path(parsed.params["schema"]))
         stamps: list[object] = [uri]
         for path in paths:
             try:
@@ -74,7 +75,7 @@ def source_snapshot(uri: str) -> _Snapshot:
             except OSError:
                 stamps.append((str(path), None))  # missing: checked again once it appears
                 continue
-            if os.path.isdir(path):  # a folder's own time misses edits of the files in it
+            if stat.S_ISDIR(st.st_mode):  # a folder's own time misses edits of the files in it
                 return _Snapshot((uri,), True, "folder: re-read every 15 minutes")
             stamps.append((str(path), st.st_size, st.st_mtime_ns))
         return _Snapshot(tuple(stamps), False, "re-read when the file or its schema changes")
