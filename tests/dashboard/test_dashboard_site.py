@@ -20,7 +20,7 @@ from dashboard_support import assert_accessible, copy_screenshots
 from playwright.sync_api import sync_playwright
 from sqlalchemy import select
 
-from fedhealth.agent import SiteDatasets, SiteGovernance, report_withdrawals
+from fedhealth.agent import SiteDatasets, SiteGovernance
 from fedhealth.governance import GOVERNANCE_METADATA, AuditEventType
 from fedhealth.protocol import StudyStatus
 from fedhealth.sim import LocalFederation
@@ -103,8 +103,11 @@ def test_a_steward_approves_a_pending_spec_in_the_browser_and_the_study_starts(s
                 patient = conn.execute(select(members.c.patient_id).limit(1)).scalar_one()
             notice = governance.consent().withdraw(patient, spec.purpose)
         assert notice.snapshot_hashes
-        assert report_withdrawals(fed.site_home(B), [notice])  # versions flagged at the orchestrator
         page.reload()
+        page.click("#send-withdrawals")  # the notice to the orchestrator, which flags the model versions
+        sent = page.text_content("#withdrawals-sent")
+        assert sent.startswith("Sent 1 withdrawal notice(s)")
+        assert "flags 0 " not in sent
         flagged = page.locator(f"#site-flags tr[data-study='{study.study_id}']")
         assert "steward-ui" in flagged.inner_text()
         assert flagged.locator("td.withdrawals").inner_text() == "1"

@@ -281,3 +281,17 @@ def test_the_overview_loads_the_logs_verification_after_the_page_and_shows_a_tam
     with SiteGovernance(home) as governance, governance.engine.begin() as conn:
         conn.execute(update(entries).where(entries.c.seq == 1).values(payload='{"site": "forged"}'))
     assert "Verification FAILED" in client.get("/overview/verify").text
+
+
+def test_the_form_that_sends_withdrawal_notices_needs_its_csrf_token(ui, home):
+    client, _ = ui
+    assert 'id="send-withdrawals"' not in client.get("/overview").text  # nothing to send yet
+    with SiteGovernance(home) as governance:
+        governance.consent().withdraw("patient-0", PURPOSE)
+    page = client.get("/overview").text
+    assert 'id="send-withdrawals"' in page
+    assert 'name="csrf_token" value="' in page.split('action="/overview/withdrawals"')[1]
+    for form in ({}, {"csrf_token": "forged"}):
+        refused = client.post("/overview/withdrawals", data=form, follow_redirects=False)
+        assert refused.status_code == 403  # refused before the orchestrator is contacted
+        assert "CSRF" in refused.text

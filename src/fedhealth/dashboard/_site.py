@@ -42,11 +42,13 @@ from fedhealth.agent import (
     SiteHome,
     check_dataset,
     report_approval,
+    report_withdrawals,
     review,
     site_client,
     spec_summary,
     sync_approvals,
     was_reviewed,
+    withdrawal_notices,
 )
 from fedhealth.core import FedHealthError
 from fedhealth.dashboard._assets import ASSET_NAMES, asset
@@ -120,6 +122,17 @@ def site_dashboard_app(
     def session_of(request: Request) -> str | None:
         session = request.cookies.get(SITE_COOKIE)
         return session if sessions.valid(session) else None
+
+    async def checked_form(request: Request, session: str) -> dict[str, str] | Response:
+        """The posted form, or the error page if it is too large or lacks the session's CSRF token."""
+        body = await request.body()
+        if len(body) > 16 << 10:
+            return _error(400, "the form is too large")
+        form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
+        given = form.get("csrf_token", "")
+        if not hmac.compare_digest(sessions.csrf(session).encode(), given.encode()):
+            return _error(403, "the form's CSRF token is missing or wrong: reload the page and try again")
+        return form
 
     @app.get("/static/{name}")
     async def static(name: str) -> Response:
@@ -205,13 +218,9 @@ def site_dashboard_app(
         session = session_of(request)
         if session is None:
             return _error(401, "sign in with the link `fedhealth site dashboard` printed")
-        body = await request.body()
-        if len(body) > 16 << 10:
-            return _error(400, "the form is too large")
-        form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
-        given = form.get("csrf_token", "")
-        if not hmac.compare_digest(sessions.csrf(session).encode(), given.encode()):
-            return _error(403, "the form's CSRF token is missing or wrong: reload the page and try again")
+        form = await checked_form(request, session)
+        if isinstance(form, Response):
+            return form
         decision, reason = form.get("decision"), form.get("reason", "").strip()
         if decision not in ("approve", "refuse"):
             return _error(400, "the decision must be approve or refuse")
@@ -243,11 +252,45 @@ def site_dashboard_app(
         return RedirectResponse("/approvals", status_code=303)
 
     @app.get("/overview")
-    async def overview(request: Request) -> Response:
-        if session_of(request) is None:
+    async def overview(request: Request, sent: int | None = None, flagged: int | None = None) -> Response:
+        session = session_of(request)
+        if session is None:
             return _error(401, "sign in with the link `fedhealth site dashboard` printed")
         data = await anyio.to_thread.run_sync(site_overview, home, withdrawals)
-        return _page("site_overview.html", page="overview", site=site_name, steward=steward, **data)
+        return _page(
+            "site_overview.html",
+            page="overview",
+            site=site_name,
+            steward=steward,
+            csrf=sessions.csrf(session),
+            sent=sent,
+            flagged_versions=flagged,
+            **data,
+        )
+
+    @app.post("/overview/withdrawals")
+    async def send_withdrawals(request: Request) -> Response:
+        """Send every withdrawal notice in the site's log to the orchestrator (as ``fedhealth site consent
+        sync`` does: snapshot commitments, never a patient id; it ignores notices it has seen), which flags
+        the model versions trained on them."""
+        session = session_of(request)
+        if session is None:
+            return _error(401, "sign in with the link `fedhealth site dashboard` printed")
+        form = await checked_form(request, session)
+        if isinstance(form, Response):
+            return form
+
+        def send() -> tuple[int, int]:
+            with SiteGovernance(home) as governance:
+                notices = withdrawal_notices(governance)
+            return len(notices), len(report_withdrawals(home, notices)) if notices else 0
+
+        try:
+            sent, flagged = await anyio.to_thread.run_sync(send)
+        except (FedHealthError, httpx.HTTPError) as exc:
+            return _error(502, f"the orchestrator was not told ({' '.join(str(exc).split())[:300]})")
+        log.info("steward %s: sent %d withdrawal notice(s); %d version(s) flagged", steward, sent, flagged)
+        return RedirectResponse(f"/overview?sent={sent}&flagged={flagged}", status_code=303)
 
     @app.get("/overview/verify")
     async def overview_verify(request: Request) -> Response:
