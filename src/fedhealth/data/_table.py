@@ -250,8 +250,8 @@ def _numbers(source: SourceTable, column: str, tokens: Sequence[str]) -> tuple[n
         )
     else:
         cleaned = series.astype("object").where(~missing, None)
-        if source.text:
-            cleaned = cleaned.map(lambda v: v.strip() if isinstance(v, str) else v)
+        if source.text:  # a text source holds only strings (None where missing): strip them all at once
+            cleaned = cleaned.str.strip()
         values = pd.to_numeric(cleaned, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~missing & ~np.isfinite(values)
     if bad.any():
