@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import importlib
 import json
 import logging
@@ -334,7 +335,9 @@ class SiteAgent:
         try:
             session.open()
             log.info("task %s: collective session joined (%d sites)", task.task_id, len(session.sites))
-            outcome = run_site_program(recipe, task.spec, dataset, session, task.round)
+            outcome = run_site_program(
+                recipe, task.spec, dataset, session, task.round, checkpoints=self._checkpoints(task)
+            )
             for gate in self.gates:
                 gate.after_training(ctx)
             self._attest(ctx)
@@ -348,6 +351,17 @@ class SiteAgent:
             time.perf_counter() - started,
         )
         self._record(task, {"collective_calls": session.calls, **outcome.record})
+
+    def _checkpoints(self, task: Task) -> Path | None:
+        """The study's checkpoint directory in the site home (0700; kept across the study's sessions, so a
+        retried session resumes from what this site completed); None without a home."""
+        if self.settings.home is None:
+            return None
+        # the study id is the orchestrator's word: a digest of it names the directory, never a path it chose
+        path = self.settings.home / "checkpoints" / hashlib.sha256(task.study_id.encode()).hexdigest()[:32]
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.chmod(0o700)
+        return path
 
     def _record_locally(self, task: Task, metrics: SiteMetrics) -> None:
         """The site's own record of what it computed (kept at the site, whatever is sent)."""

@@ -100,7 +100,7 @@ from fedhealth.governance import (
     spec_hash,
 )
 from fedhealth.protocol import FailureCode, StudySpec, Task, TaskKind
-from fedhealth.runtime import planned_epsilon, recipe_capabilities
+from fedhealth.runtime import planned_epsilon, recipe_capabilities, session_attempts
 
 log = logging.getLogger("fedhealth.agent")
 
@@ -673,8 +673,11 @@ def _mismatch(task: Task) -> str | None:
         return f"training round {task.round} is outside the spec's {spec.rounds} rounds"
     if task.kind is TaskKind.EVALUATE and task.round != last:
         return f"an evaluation in round {task.round}; the spec evaluates in round {last}"
-    if task.kind is TaskKind.COLLECTIVE and task.round != 1:
-        return f"a collective session in round {task.round}; a collective study has one, round 1"
+    if task.kind is TaskKind.COLLECTIVE and not 1 <= task.round <= session_attempts(spec):
+        return (
+            f"a collective session in round {task.round}; the spec allows sessions in rounds 1 to "
+            f"{session_attempts(spec)} (the first and its retries)"
+        )
     return None
 
 

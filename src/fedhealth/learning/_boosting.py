@@ -3,16 +3,22 @@ about a study's parameters, timing a site's collective calls, and the shape of t
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import JsonValue
+from pydantic import Field, JsonValue
 
-from fedhealth.data import TabularDataset
+from fedhealth.data import SchemaError, TabularDataset
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._preprocessing import preprocessing_metadata
 from fedhealth.learning._recipe import ModelExport
@@ -50,6 +56,140 @@ def first_line(exc: BaseException) -> str:
     line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     line = re.sub(r"^\[[0-9:]+\] \S+?:\d+: ", "", line)  # XGBoost: "[12:00:00] /src/x.cc:42: ..."
     return re.sub(r" at \S+, line \d+ ?\.?$", "", line).strip()  # LightGBM: "... at /src/x.cpp, line 9 ."
+
+
+# --- early stopping on a securely summed validation loss --------------------------------------------------
+
+# The loss each objective stops on: additive over rows, so the sites' (sum, rows) pieces summed securely give
+# the pooled mean exactly. AUC is not offered: it needs every pair of rows across sites (docs/boosting.md).
+STOPPING_METRIC = {"binary": "binary_logloss", "multiclass": "multi_logloss", "regression": "l2"}
+_EPS = 1e-15  # LightGBM's kEpsilon, the clipping of its log losses
+
+
+def validation_pieces(kind: str, output: NDArray[Any], y: NDArray[Any]) -> NDArray[np.float64]:
+    """This site's additive pieces of the stopping loss on its validation rows: [loss sum, rows].
+    ``output``: probabilities (binary: P(1), multiclass: one column per class) or predictions (regression)."""
+    rows = len(y)
+    if rows == 0:
+        return np.zeros(2)
+    y = np.asarray(y, dtype=np.float64)
+    out = np.asarray(output, dtype=np.float64)
+    if kind == "binary":
+        p = np.clip(out, _EPS, 1 - _EPS)
+        loss = -np.sum(y * np.log(p) + (1 - y) * np.log(1 - p))
+    elif kind == "multiclass":
+        loss = -np.sum(np.log(np.clip(out[np.arange(rows), y.astype(np.int64)], _EPS, None)))
+    else:
+        loss = np.sum((out - y) ** 2)
+    return np.array([float(loss), float(rows)])
+
+
+def require_validation_rows(session: Any, rows: int) -> None:
+    """Early stopping needs validation rows somewhere: the sites' counts summed (one secure sum) before
+    training; none at all is the study's input error, the same at every site."""
+    total = float(session.secure_sum(np.array([rows], dtype=np.float64))[0])
+    if total < 1:
+        raise SchemaError(
+            "early_stopping_rounds needs a validation part: no site has held-out (test) rows"
+        )
+
+
+@dataclass(slots=True)
+class EarlyStopping:
+    """The libraries' own rule (LightGBM's ``early_stopping`` callback, XGBoost's ``EarlyStopping``, both
+    with ``min_delta=0``): an iteration improves when its loss is strictly below the best so far; training
+    stops once ``rounds`` iterations in a row did not improve, and the model keeps ``best_iteration``
+    iterations (boosting rounds, counted from 1). Every site feeds it the same securely summed losses, so
+    every site stops at the same tree."""
+
+    rounds: int
+    scores: list[float] = field(default_factory=list)
+    best: float = math.inf
+    best_iteration: int = 0
+
+    def update(self, loss_sum: float, rows: float) -> bool:
+        """Record the next iteration's summed pieces; True when training must stop now."""
+        score = loss_sum / rows
+        self.scores.append(score)
+        if score < self.best:
+            self.best, self.best_iteration = score, len(self.scores)
+        return len(self.scores) - self.best_iteration >= self.rounds
+
+    def replay(self, scores: list[float]) -> bool:
+        """Take up the scores of rounds done in an earlier session; True if the rule had stopped there."""
+        stop = False
+        for score in scores:
+            stop = self.update(score, 1.0)
+            if stop:
+                break
+        return stop
+
+
+# --- checkpoints and resuming ------------------------------------------------------------------------------
+
+RETRIES_LIMIT = 3
+
+
+def retries_field() -> Any:
+    return Field(
+        default=0,
+        ge=0,
+        le=RETRIES_LIMIT,
+        description="sessions the study may start again after a failed one, each resuming from the last "
+        "round every site completed (checkpointed in each site's home)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """A checkpoint: the model after ``rounds`` boosting rounds (library text) and the stopping losses."""
+
+    rounds: int
+    model: str
+    scores: list[float]
+
+
+class TreeCheckpoint:
+    """A site's checkpoint of its boosting session, in its own home: after every completed round, the model
+    so far (written to a temporary file, then renamed: a crash leaves the previous checkpoint whole). It
+    never leaves the site. ``key`` binds it to the study's parameters, the agreed bins and the site's data
+    (a checkpoint of anything else is ignored)."""
+
+    def __init__(self, directory: Path, *, recipe: str, key: str) -> None:
+        self.path = directory / f"{recipe}-checkpoint.json"
+        self.key = key
+
+    @staticmethod
+    def key_of(params: Any, binning: Any, dataset: TabularDataset) -> str:
+        text = json.dumps(
+            [params.model_dump(mode="json"), binning.to_json(), dataset.fingerprint], sort_keys=True
+        )
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def load(self) -> Saved | None:
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(saved, dict) or saved.get("key") != self.key:
+            return None
+        return Saved(rounds=int(saved["rounds"]), model=str(saved["model"]), scores=list(saved["scores"]))
+
+    def save(self, rounds: int, model: str, scores: list[float]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": self.key, "rounds": rounds, "model": model, "scores": scores}, f)
+        os.replace(tmp, self.path)
+
+
+def agree_resume(session: Any, local_rounds: int, num_rounds: int) -> int:
+    """The last round every site completed: one secure sum of "this site has at least k rounds" (k = 1 ..
+    ``num_rounds``), so the sum says how many sites reached each round, never which."""
+    reached = (np.arange(1, num_rounds + 1) <= local_rounds).astype(np.float64)
+    counts = np.rint(session.secure_sum(reached)).astype(np.int64)
+    everyone = counts == len(session.sites)
+    return int(num_rounds if everyone.all() else np.argmin(everyone))
 
 
 class TimedSession:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -176,12 +177,15 @@ class SessionContext:
     """What a collective recipe's site program knows besides its data and session: the site, the study
     seed, and a generator determined by (seed, session, site) for the program's own random choices.
     ``noise`` is the generator for differential-privacy noise (a cryptographically secure one unless the
-    site runs with reproducible noise for tests); None where the runtime gives none."""
+    site runs with reproducible noise for tests); None where the runtime gives none. ``checkpoints`` is a
+    directory in the site's own home for this study (0700, kept across the study's sessions, so that a
+    retried session can resume from what an earlier one completed); None where there is none."""
 
     site: str
     seed: int
     rng: np.random.Generator
     noise: RandomSource | None = None
+    checkpoints: Path | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -23,11 +24,17 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 from fedhealth.core import DatasetError
 from fedhealth.data import TabularDataset
 from fedhealth.learning._boosting import (
+    EarlyStopping,
     TimedSession,
     boosting_export,
     first_line,
     probe_rows,
     reference_rows,
+    TreeCheckpoint,
+    agree_resume,
+    require_validation_rows,
+    retries_field,
+    validation_pieces,
 )
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
@@ -62,6 +69,14 @@ class XGBoostParams(BaseModel):
     objective: Literal["binary:logistic", "reg:squarederror", "multi:softprob"] = "binary:logistic"
     num_class: int = Field(default=1, ge=1, le=256, description="classes (multi:softprob only, >= 2)")
     num_rounds: int = Field(default=100, ge=1, le=10_000)
+    early_stopping_rounds: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description="stop when the securely summed validation loss (the sites' test parts) has not improved "
+        "for this many rounds; the model keeps the best round",
+    )
+    retries: int = retries_field()
     max_depth: int = Field(default=6, ge=1, le=32)
     learning_rate: FiniteFloat = Field(default=0.3, gt=0, le=1)
     # the lower bounds of these are XGBoost's own, which it is asked for (xgboost_problem)
@@ -195,10 +210,23 @@ def train_pooled_xgboost(params: XGBoostParams, datasets: Sequence[TabularDatase
     X = np.concatenate([binning.codes(d.X_train) for d in datasets])
     y = np.concatenate([d.y_train for d in datasets]).astype(np.float64)
     train = xgb.QuantileDMatrix(X, label=y, ref=_reference(binning), nthread=1)
+    training = {**params.training_params(), **_base_score(params, y.sum(), y.size)}
+    if params.early_stopping_rounds is None:
+        booster = xgb.train(training, train, params.num_rounds)
+        return XGBoostModel(model_json=bytes(booster.save_raw("json")).decode(), binning=binning)
+    X_test = np.concatenate([binning.codes(d.X_test) for d in datasets])
+    y_test = np.concatenate([d.y_test for d in datasets]).astype(np.float64)
+    metric = {"binary": "logloss", "multiclass": "mlogloss", "regression": "rmse"}[_KIND[params.objective]]
     booster = xgb.train(
-        {**params.training_params(), **_base_score(params, y.sum(), y.size)}, train, params.num_rounds
+        {**training, "eval_metric": metric},
+        train,
+        params.num_rounds,
+        evals=[(xgb.DMatrix(X_test, label=y_test, nthread=1), "validation")],
+        early_stopping_rounds=params.early_stopping_rounds,
+        verbose_eval=False,
     )
-    return XGBoostModel(model_json=bytes(booster.save_raw("json")).decode(), binning=binning)
+    best = booster[: booster.best_iteration + 1]
+    return XGBoostModel(model_json=bytes(best.save_raw("json")).decode(), binning=binning)
 
 
 def _base_score(params: XGBoostParams, total_y: float, total_n: float) -> dict[str, float]:
@@ -212,24 +240,50 @@ def _base_score(params: XGBoostParams, total_y: float, total_n: float) -> dict[s
 
 
 def train_site_xgboost(
-    params: XGBoostParams, dataset: TabularDataset, session: Collectives
+    params: XGBoostParams,
+    dataset: TabularDataset,
+    session: Collectives,
+    checkpoints: Path | None = None,
 ) -> tuple[XGBoostModel, dict[str, int]]:
     """The federated training at one site: agreed bins, then XGBoost's federated communicator answered by
-    a proxy on 127.0.0.1 over the session. Returns the model (the same at every site) and the collectives
-    by kind."""
+    a proxy on 127.0.0.1 over the session; early stopping and checkpoints as for
+    :func:`~fedhealth.learning.train_site` (resuming with XGBoost's ``xgb_model``). Returns the model (the
+    same at every site) and the collectives by kind."""
     xgb = _xgb()
+    kind = _KIND[params.objective]
+    stopper = None
+    if params.early_stopping_rounds is not None:
+        require_validation_rows(session, len(dataset.y_test))
+        stopper = EarlyStopping(rounds=params.early_stopping_rounds)
     low, high = zip(*params.ranges(), strict=True)
     counts = session.secure_sum(cell_counts(dataset.X_train, low, high, params.grid_cells).reshape(-1))
     binning = binning_of(params, counts)
     y = dataset.y_train.astype(np.float64)
     total_y, total_n = session.secure_sum(np.array([y.sum(), y.size], dtype=np.float64)).tolist()
     start = _base_score(params, total_y, total_n)
+    checkpoint, saved, done = None, None, 0
+    if params.retries:
+        if checkpoints is not None:
+            key = TreeCheckpoint.key_of(params, binning, dataset)
+            checkpoint = TreeCheckpoint(checkpoints, recipe="xgboost", key=key)
+            saved = checkpoint.load()
+        done = agree_resume(session, saved.rounds if saved is not None else 0, params.num_rounds)
+    init = None
+    stopped = False
+    if done:
+        assert saved is not None  # every site reached round `done`, this one included
+        init = xgb.Booster()
+        init.load_model(bytearray(saved.model.encode()))
+        init = init[:done]
+        if stopper is not None:
+            stopped = stopper.replay(saved.scores[:done])
     train = xgb.QuantileDMatrix(  # before the communicator: no sketch is exchanged
         binning.codes(dataset.X_train),
         label=dataset.y_train.astype(np.float64),
         ref=_reference(binning),
         nthread=1,
     )
+    valid = xgb.DMatrix(binning.codes(dataset.X_test), nthread=1)
     proxy = SessionProxy(session)
     address = proxy.start()
     try:
@@ -240,7 +294,20 @@ def train_site_xgboost(
             federated_rank=proxy.rank,
         ):
             try:
-                booster = xgb.train({**params.training_params(), **start}, train, params.num_rounds)
+                # xgb.train's own loop, so that the early-stopping rule can sum between rounds; the
+                # validation matrix is in the booster's prediction cache, as xgb.train's evals would be
+                booster = xgb.Booster({**params.training_params(), **start}, [train, valid], model_file=init)
+                for i in range(done, params.num_rounds):
+                    if stopped:
+                        break
+                    booster.update(train, i)
+                    if stopper is not None:
+                        pieces = validation_pieces(kind, booster.predict(valid), dataset.y_test)
+                        loss_sum, rows = session.secure_sum(pieces).tolist()
+                        stopped = stopper.update(loss_sum, rows)
+                    if checkpoint is not None:
+                        model_json = bytes(booster.save_raw("json")).decode()
+                        checkpoint.save(i + 1, model_json, stopper.scores if stopper else [])
             except xgb.core.XGBoostError:
                 if proxy.error is not None:
                     raise proxy.error from None
@@ -249,8 +316,14 @@ def train_site_xgboost(
         proxy.stop()
     if proxy.error is not None:
         raise proxy.error
+    extra: dict[str, int] = {}
+    if stopper is not None:
+        booster = booster[: stopper.best_iteration]
+        extra = {"stopping": len(stopper.scores), "best_iteration": stopper.best_iteration}
+    if params.retries:
+        extra["resumed_from"] = done
     model = XGBoostModel(model_json=bytes(booster.save_raw("json")).decode(), binning=binning)
-    return model, {**proxy.calls, "values_sent": proxy.values_sent}
+    return model, {**proxy.calls, "values_sent": proxy.values_sent, **extra}
 
 
 class XGBoostRecipe:
@@ -299,18 +372,23 @@ class XGBoostRecipe:
             raise DatasetError("XGBoost needs the site's dataset")
         self.data_schema(params).check(dataset)
         timed = TimedSession(session)
-        model, calls = train_site_xgboost(params, dataset, timed)
+        model, calls = train_site_xgboost(params, dataset, timed, ctx.checkpoints)
         kind = _KIND[params.objective]
+        rounds = calls.get("best_iteration", params.num_rounds)
+        stopped = {"best_iteration": rounds} if "best_iteration" in calls else {}
         release(
             timed,
             held_out_sums(kind, model.predict, dataset),
             kind,
-            {"model": model.model_json, "binning": model.binning.to_json()},
-            lambda: params.num_rounds * max(1, params.num_class),
+            {"model": model.model_json, "binning": model.binning.to_json(), **stopped},
+            lambda: rounds * max(1, params.num_class),
         )
         return SiteSessionOutcome(
             record={"collectives": dict(calls), "train_rows": len(dataset.y_train), **timed.record()}
         )
+
+    def session_retries(self, params: XGBoostParams) -> int:
+        return params.retries
 
     def finish(self, params: XGBoostParams, released: bytes) -> dict[str, JsonValue]:
         result = json.loads(released)
