@@ -50,7 +50,8 @@ def test_federated_lightgbm_stops_where_lightgbm_stops_on_the_pooled_rows(center
     (model, calls), *others = runs.values()
     assert all(m.model_text == model.model_text for m, _ in others)  # every site stopped at the same tree
     best = calls["best_iteration"]
-    assert 1 <= best and calls["stopping"] == best + 5 < 200
+    assert best >= 1
+    assert calls["stopping"] == best + 5 < 200
     assert model.booster().num_trees() == best
     pooled = train_pooled(params, centers)
     assert model.model_text.split("end of trees")[0] == pooled.model_text.split("end of trees")[0]
@@ -88,7 +89,7 @@ def test_early_stopping_without_any_validation_rows_is_refused_before_training(c
     train = train_site if recipe == "lightgbm" else train_site_xgboost
     params_model = LightGbmParams if recipe == "lightgbm" else XGBoostParams
     params = params_model(n_features=13, num_rounds=5, early_stopping_rounds=2)
-    with pytest.raises(SchemaError, match="^early_stopping_rounds needs a validation part") as err:
+    with pytest.raises(SchemaError, match=r"^early_stopping_rounds needs a validation part") as err:
         _run(train, params, bare)
     assert "\n" not in str(err.value)
 

@@ -89,9 +89,7 @@ def require_validation_rows(session: Any, rows: int) -> None:
     training; none at all is the study's input error, the same at every site."""
     total = float(session.secure_sum(np.array([rows], dtype=np.float64))[0])
     if total < 1:
-        raise SchemaError(
-            "early_stopping_rounds needs a validation part: no site has held-out (test) rows"
-        )
+        raise SchemaError("early_stopping_rounds needs a validation part: no site has held-out (test) rows")
 
 
 @dataclass(slots=True)

@@ -36,12 +36,12 @@ from fedhealth.learning._boosting import (
     STOPPING_METRIC,
     EarlyStopping,
     TimedSession,
+    TreeCheckpoint,
+    agree_resume,
     boosting_export,
     first_line,
     probe_rows,
     reference_rows,
-    TreeCheckpoint,
-    agree_resume,
     require_validation_rows,
     retries_field,
     validation_pieces,
@@ -352,8 +352,9 @@ class LightGbmModel:
 
 def train_pooled(params: LightGbmParams, datasets: Sequence[TabularDataset]) -> LightGbmModel:
     """LightGBM on one machine, on the sites' training rows pooled (in the given order), with the bins the
-    federation agrees on: the reference the federated model is compared with. With ``early_stopping_rounds``,
-    LightGBM's own ``early_stopping`` callback on the pooled test rows, and the model of its best iteration."""
+    federation agrees on: the reference the federated model is compared with. With
+    ``early_stopping_rounds``, LightGBM's own ``early_stopping`` callback on the pooled test rows, and the
+    model of its best iteration."""
     lgb = _lgb()
     ranges = params.ranges()
     low, high = [lo for lo, _ in ranges], [hi for _, hi in ranges]
@@ -500,7 +501,8 @@ def train_site(
             if stopper is not None:
                 if rows:
                     raw += booster.predict(valid_codes, start_iteration=i, num_iteration=1, raw_score=True)
-                pieces = validation_pieces(params.objective, _probabilities(params.objective, raw), dataset.y_test)
+                output = _probabilities(params.objective, raw)
+                pieces = validation_pieces(params.objective, output, dataset.y_test)
                 loss_sum, total = session.secure_sum(pieces).tolist()
                 network.calls["stopping"] = network.calls.get("stopping", 0) + 1
                 stopped = stopper.update(loss_sum, total)
