@@ -241,6 +241,7 @@ def boosting_export(
     label_meaning: str | None,
     native_name: str,
     predict_proba: Any,
+    predict: Any = None,
 ) -> ModelExport:
     """A boosting recipe's export: the model (its library's own file, over bin codes) and the binning, as
     tensors, as metadata (``binning``; ``preprocessing``: the sites' own standardization, as their
@@ -260,5 +261,6 @@ def boosting_export(
             "label": {"positive_class": 1, "meaning": label_meaning},
         },
         predict_proba=predict_proba,
+        predict=predict,
         native_file=(native_name, model.encode()),
     )

@@ -665,6 +665,7 @@ class LightGbmRecipe:
             label_meaning=params.label_meaning,
             native_name="model.txt",
             predict_proba=model.predict if params.objective == "binary" else None,
+            predict=None if params.objective == "binary" else model.predict,
         )
 
 

@@ -144,11 +144,15 @@ class ModelExport:
     a feature matrix in ``feature_names`` order, after that preprocessing (float64). ``onnx``, for a recipe
     declaring ``export_onnx``, builds the same model, preprocessing's standardization included, as an ONNX
     file (the ``onnx`` package is imported only then). ``native_file``, for a model that is its library's
-    own file (a collective recipe's trees), is that file's name and bytes: a model package holds it."""
+    own file (a collective recipe's trees), is that file's name and bytes: a model package holds it.
+    ``predict``, for a model that is not a binary classifier (multiclass, regression), is its output for
+    each row (class probabilities, rows x classes; or the predicted value), in the place of
+    ``predict_proba``."""
 
     tensors: Params
     metadata: Mapping[str, JsonValue]
     predict_proba: Callable[[np.ndarray], np.ndarray] | None = None
+    predict: Callable[[np.ndarray], np.ndarray] | None = None
     onnx: Callable[[], bytes] | None = None
     native_file: tuple[str, bytes] | None = None
 

@@ -417,6 +417,7 @@ class XGBoostRecipe:
             label_meaning=params.label_meaning,
             native_name="model.json",
             predict_proba=model.predict if params.objective == "binary:logistic" else None,
+            predict=None if params.objective == "binary:logistic" else model.predict,
         )
 
 

@@ -1,0 +1,84 @@
+"""Multiclass and regression boosting models as model packages: the library's own model file, the
+metadata, and ``predict`` (class probabilities or values) from the package as from the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fedhealth
+from fedhealth.core import canonical_json, sha256_hex
+from fedhealth.data import load_heart_disease
+from fedhealth.learning import (
+    LIGHTGBM_RECIPE,
+    XGBOOST_RECIPE,
+    LightGbmParams,
+    PackageOrigin,
+    XGBoostParams,
+    train_pooled,
+    train_pooled_xgboost,
+    write_package,
+)
+from fedhealth.learning._package import PackageInputError
+
+
+@pytest.fixture(scope="module")
+def centers(heart_data_dir) -> list[Any]:
+    return [load_heart_disease(c, heart_data_dir, download=False) for c in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "params"),
+    [
+        ("lightgbm", {"objective": "multiclass", "num_class": 2, "num_rounds": 5, "num_leaves": 4}),
+        ("lightgbm", {"objective": "regression", "num_rounds": 5, "num_leaves": 4}),
+        ("xgboost", {"objective": "multi:softprob", "num_class": 2, "num_rounds": 5, "max_depth": 2}),
+        ("xgboost", {"objective": "reg:squarederror", "num_rounds": 5, "max_depth": 2}),
+    ],
+    ids=["lightgbm-multiclass", "lightgbm-regression", "xgboost-multiclass", "xgboost-regression"],
+)
+def test_multiclass_and_regression_models_export_as_packages_that_predict_like_the_model(
+    centers, tmp_path, recipe, params
+):
+    names = list(centers[0].feature_names)
+    full = {"n_features": 13, "feature_names": names, **params}
+    if recipe == "lightgbm":
+        p: Any = LightGbmParams(**full)
+        model = train_pooled(p, centers)
+        result = {"model": model.model_text, "binning": model.binning.to_json()}
+        export = LIGHTGBM_RECIPE.export(p, result)
+    else:
+        p = XGBoostParams(**full)
+        model = train_pooled_xgboost(p, centers)
+        result = {"model": model.model_json, "binning": model.binning.to_json()}
+        export = XGBOOST_RECIPE.export(p, result)
+    assert export.predict_proba is None
+    assert export.predict is not None
+    spec = {"name": "s", "recipe": {"name": recipe, "version": "1", "params": full}}
+    weights = canonical_json(result)
+    origin = PackageOrigin(
+        study_id="s",
+        spec=spec,
+        spec_hash=sha256_hex(canonical_json(spec)),
+        model_digest=sha256_hex(weights),
+        provenance=None,
+        privacy=None,
+        software_version="0",
+        exported_at="now",
+    )
+    out = tmp_path / "package"
+    metadata = write_package(out, export=export, weights=weights, origin=origin, collective=True)
+    native = "model.txt" if recipe == "lightgbm" else "model.json"
+    assert set(metadata["files"]) == {"result.json", native}
+    assert metadata["model"]["objective"] == p.objective
+    X = np.concatenate([c.X_test for c in centers])
+    package = fedhealth.load_model(out)
+    ours = package.predict(pd.DataFrame(X, columns=names), assume_standardized=True)
+    expected = model.predict(X)
+    assert ours.shape == ((len(X), 2) if "num_class" in params else (len(X),))
+    assert np.array_equal(ours, expected)
+    with pytest.raises(PackageInputError, match="not a binary classifier"):
+        package.predict_proba(pd.DataFrame(X, columns=names), assume_standardized=True)
