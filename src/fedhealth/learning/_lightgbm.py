@@ -617,7 +617,7 @@ class LightGbmRecipe:
         self.data_schema(params).check(dataset)
         timed = TimedSession(session)
         model, calls = train_site(params, dataset, timed, ctx.checkpoints)
-        stopped = {"best_iteration": calls["best_iteration"]} if "best_iteration" in calls else {}
+        stopped = {k: calls[k] for k in ("best_iteration", "resumed_from") if k in calls}
         release(
             timed,
             held_out_sums(params.objective, model.predict, dataset),

@@ -375,7 +375,7 @@ class XGBoostRecipe:
         model, calls = train_site_xgboost(params, dataset, timed, ctx.checkpoints)
         kind = _KIND[params.objective]
         rounds = calls.get("best_iteration", params.num_rounds)
-        stopped = {"best_iteration": rounds} if "best_iteration" in calls else {}
+        stopped = {k: calls[k] for k in ("best_iteration", "resumed_from") if k in calls}
         release(
             timed,
             held_out_sums(kind, model.predict, dataset),
