@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +300,43 @@ def test_a_third_label_class_at_one_site_refuses_a_binary_study_before_training(
     assert after.status is StudyStatus.COMPLETED, after.reason
 
 
+def test_a_killed_site_s_study_retries_and_resumes_from_the_last_common_checkpoint_to_the_pooled_model(
+    fed, capture, data_dir, triage
+):
+    capture.unlink(missing_ok=True)
+    params = {"n_features": 13, "num_rounds": 20, "num_leaves": 8, "retries": 3}
+    study = fed.create_study(_spec(fed, "lightgbm-retried", params, timeout_s=6))
+    deadline = time.monotonic() + 120
+    while max((r["index"] for r in _records(capture) if r["event"] == "completed"), default=0) < 80:
+        assert time.monotonic() < deadline, "the training did not get going"
+        time.sleep(0.05)
+    victim = fed.agents["center-1"]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    _restart(fed, "center-1", data_dir, triage)  # the same home: its checkpoints are there
+    final = fed.wait_for_study(study.study_id, timeout=240, interval=0.2)
+
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    # the killed session failed with its reason; a retry may fail too while the agent restarts (its
+    # session's set-up waits 6 s); the last session completed
+    first, *retries, last = final.rounds
+    assert first.status.value == "failed"
+    assert "center-1 did not take part in collective call" in (first.reason or "")
+    assert {t.status for t in first.tasks} == {TaskStatus.FAILED}
+    assert all(r.status.value == "failed" for r in retries)
+    assert last.status.value == "completed"
+    assert [r.number for r in final.rounds] == list(range(1, len(final.rounds) + 1))
+    result = last.metrics or {}
+    assert result["resumed_from"] >= 1  # the retry started from the checkpointed trees
+    centers = [load_heart_disease(c, data_dir, download=False) for c in range(4)]
+    pooled = train_pooled(LightGbmParams(**params), centers)
+    assert result["model"].split("end of trees")[0] == pooled.model_text.split("end of trees")[0]
+    # the checkpoints stay in each site's home, private to it
+    [folder] = (fed.site_home("center-1").root / "checkpoints").iterdir()
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert [p.name for p in folder.iterdir()] == ["lightgbm-checkpoint.json"]
+
+
 def test_a_site_killed_mid_training_fails_the_boosting_session_for_everyone(fed, capture):
     capture.unlink(missing_ok=True)
     params = {"n_features": 13, "num_rounds": 5000, "num_leaves": 31}
@@ -321,45 +359,6 @@ def test_a_site_killed_mid_training_fails_the_boosting_session_for_everyone(fed,
     completed = max(r["index"] for r in records if r["event"] == "completed")
     assert not [r for r in records if r["event"] == "completed" and r["index"] > completed]
     assert not [r for r in records if r["op"] == "BROADCAST"]  # the leader never released anything
-
-
-def test_a_killed_site_s_study_retries_and_resumes_from_the_last_common_checkpoint_to_the_pooled_model(
-    fed, capture, data_dir, triage
-):
-    if fed.agents["center-2"].poll() is not None:  # killed by the test above
-        _restart(fed, "center-2", data_dir, triage)
-    capture.unlink(missing_ok=True)
-    params = {"n_features": 13, "num_rounds": 20, "num_leaves": 8, "retries": 2}
-    study = fed.create_study(_spec(fed, "lightgbm-retried", params, timeout_s=5))
-    deadline = time.monotonic() + 120
-    while max((r["index"] for r in _records(capture) if r["event"] == "completed"), default=0) < 80:
-        assert time.monotonic() < deadline, "the training did not get going"
-        time.sleep(0.05)
-    victim = fed.agents["center-1"]
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(10)
-    _restart(fed, "center-1", data_dir, triage)  # the same home: its checkpoints are there
-    final = fed.wait_for_study(study.study_id, timeout=240, interval=0.2)
-
-    assert final.status is StudyStatus.COMPLETED, final.reason
-    # the killed session failed with its reason; a retry may fail too while the agent restarts (its
-    # session's set-up waits 5 s); the last session completed
-    first, *retries, last = final.rounds
-    assert first.status.value == "failed"
-    assert "center-1 did not take part in collective call" in (first.reason or "")
-    assert {t.status for t in first.tasks} == {TaskStatus.FAILED}
-    assert all(r.status.value == "failed" for r in retries)
-    assert last.status.value == "completed"
-    assert [r.number for r in final.rounds] == list(range(1, len(final.rounds) + 1))
-    result = last.metrics or {}
-    assert result["resumed_from"] >= 1  # the retry started from the checkpointed trees
-    centers = [load_heart_disease(c, data_dir, download=False) for c in range(4)]
-    pooled = train_pooled(LightGbmParams(**params), centers)
-    assert result["model"].split("end of trees")[0] == pooled.model_text.split("end of trees")[0]
-    # the checkpoints stay in each site's home, private to it
-    [folder] = (fed.site_home("center-1").root / "checkpoints").iterdir()
-    assert folder.stat().st_mode & 0o777 == 0o700
-    assert [p.name for p in folder.iterdir()] == ["lightgbm-checkpoint.json"]
 
 
 @pytest.mark.parametrize(
@@ -393,8 +392,17 @@ def test_bad_boosting_params_are_refused_at_submission_in_one_line_and_no_study_
 
 
 def _restart(fed: LocalFederation, site: str, data_dir: Path, triage: dict[str, Path]) -> None:
+    """Start the site's agent again and wait until the new process has called the orchestrator (the site
+    was seen before: ``wait_for_sites`` alone would return at once)."""
+    started = datetime.now(UTC)
     fed.start_agent(site, _datasets(site, triage), extra_args=["--data-dir", str(data_dir)])
-    fed.wait_for_sites(SITES)
+    deadline = time.monotonic() + 60
+    while True:
+        seen = {s.name: s.last_seen_at for s in fed.operator.sites()}.get(site)
+        if seen is not None and seen > started:
+            return
+        assert time.monotonic() < deadline, f"{site}'s restarted agent never called the orchestrator"
+        time.sleep(0.05)
 
 
 def test_a_killed_xgboost_session_fails_cleanly_and_the_same_agents_train_again(

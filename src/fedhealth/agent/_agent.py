@@ -353,15 +353,13 @@ class SiteAgent:
         self._record(task, {"collective_calls": session.calls, **outcome.record})
 
     def _checkpoints(self, task: Task) -> Path | None:
-        """The study's checkpoint directory in the site home (0700; kept across the study's sessions, so a
-        retried session resumes from what this site completed); None without a home."""
+        """The study's checkpoint directory in the site home (created 0700 by the recipe when it first
+        writes one; kept across the study's sessions, so a retried session resumes from what this site
+        completed); None without a home."""
         if self.settings.home is None:
             return None
         # the study id is the orchestrator's word: a digest of it names the directory, never a path it chose
-        path = self.settings.home / "checkpoints" / hashlib.sha256(task.study_id.encode()).hexdigest()[:32]
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.parent.chmod(0o700)
-        return path
+        return self.settings.home / "checkpoints" / hashlib.sha256(task.study_id.encode()).hexdigest()[:32]
 
     def _record_locally(self, task: Task, metrics: SiteMetrics) -> None:
         """The site's own record of what it computed (kept at the site, whatever is sent)."""

@@ -174,6 +174,10 @@ class TreeCheckpoint:
         return Saved(rounds=int(saved["rounds"]), model=str(saved["model"]), scores=list(saved["scores"]))
 
     def save(self, rounds: int, model: str, scores: list[float]) -> None:
+        folder = self.path.parent
+        if not folder.is_dir():  # the study's folder and the checkpoints folder above it: 0700
+            folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -182,8 +182,9 @@ class SessionContext:
     seed, and a generator determined by (seed, session, site) for the program's own random choices.
     ``noise`` is the generator for differential-privacy noise (a cryptographically secure one unless the
     site runs with reproducible noise for tests); None where the runtime gives none. ``checkpoints`` is a
-    directory in the site's own home for this study (0700, kept across the study's sessions, so that a
-    retried session can resume from what an earlier one completed); None where there is none."""
+    directory in the site's own home for this study (the recipe creates it, 0700, when it first writes; it
+    is kept across the study's sessions, so that a retried session can resume from what an earlier one
+    completed); None where there is none."""
 
     site: str
     seed: int
