@@ -13,6 +13,7 @@ from typing import Any
 
 import lightgbm
 import numpy as np
+import onnxruntime
 import pandas as pd
 import pytest
 import xgboost
@@ -219,7 +220,7 @@ def test_an_exported_boosting_model_predicts_raw_rows_as_the_federated_model_doe
     exported = _cli(fed, "model", "export", final.study_id, "--out", out, "--json")
     assert exported.exit_code == 0, exported.output
     metadata = json.loads(exported.output)
-    assert set(metadata["files"]) == {"result.json", native}
+    assert set(metadata["files"]) == {"result.json", native, "model.onnx"}
     assert metadata["recipe"] == {"name": recipe, "version": "1"}
     assert metadata["feature_names"] == names
     assert metadata["label"] == {"positive_class": 1, "meaning": "heart disease"}
@@ -243,6 +244,10 @@ def test_an_exported_boosting_model_predicts_raw_rows_as_the_federated_model_doe
         native_model = xgboost.Booster()
         native_model.load_model(str(out / native))
         assert np.array_equal(native_model.predict(xgboost.DMatrix(model.binning.codes(X))), ours)
+
+    # the ONNX file (binning and trees in one graph) takes the same rows and agrees to 1e-5
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.allclose(session.run(None, {"features": X})[-1][:, 1], ours, rtol=0, atol=1e-5)
 
     # an edited model file is refused, not applied
     (out / native).write_text(result["model"].replace("1", "2", 1))

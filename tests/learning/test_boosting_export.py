@@ -31,17 +31,26 @@ def centers(heart_data_dir) -> list[Any]:
 
 
 @pytest.mark.parametrize(
-    ("recipe", "params"),
+    ("recipe", "params", "onnx"),
     [
-        ("lightgbm", {"objective": "multiclass", "num_class": 2, "num_rounds": 5, "num_leaves": 4}),
-        ("lightgbm", {"objective": "regression", "num_rounds": 5, "num_leaves": 4}),
-        ("xgboost", {"objective": "multi:softprob", "num_class": 2, "num_rounds": 5, "max_depth": 2}),
-        ("xgboost", {"objective": "reg:squarederror", "num_rounds": 5, "max_depth": 2}),
+        ("lightgbm", {"objective": "binary", "num_rounds": 5, "num_leaves": 4}, True),
+        ("lightgbm", {"objective": "multiclass", "num_class": 2, "num_rounds": 5, "num_leaves": 4}, True),
+        ("lightgbm", {"objective": "regression", "num_rounds": 5, "num_leaves": 4}, True),
+        ("xgboost", {"objective": "binary:logistic", "num_rounds": 5, "max_depth": 2}, True),
+        ("xgboost", {"objective": "multi:softprob", "num_class": 2, "num_rounds": 5, "max_depth": 2}, False),
+        ("xgboost", {"objective": "reg:squarederror", "num_rounds": 5, "max_depth": 2}, True),
     ],
-    ids=["lightgbm-multiclass", "lightgbm-regression", "xgboost-multiclass", "xgboost-regression"],
+    ids=[
+        "lightgbm-binary",
+        "lightgbm-multiclass",
+        "lightgbm-regression",
+        "xgboost-binary",
+        "xgboost-multiclass",
+        "xgboost-regression",
+    ],
 )
-def test_multiclass_and_regression_models_export_as_packages_that_predict_like_the_model(
-    centers, tmp_path, recipe, params
+def test_boosting_models_export_as_packages_that_predict_like_the_model_with_onnx_where_it_converts(
+    centers, tmp_path, recipe, params, onnx
 ):
     names = list(centers[0].feature_names)
     full = {"n_features": 13, "feature_names": names, **params}
@@ -55,8 +64,10 @@ def test_multiclass_and_regression_models_export_as_packages_that_predict_like_t
         model = train_pooled_xgboost(p, centers)
         result = {"model": model.model_json, "binning": model.binning.to_json()}
         export = XGBOOST_RECIPE.export(p, result)
-    assert export.predict_proba is None
-    assert export.predict is not None
+    binary = params["objective"] in ("binary", "binary:logistic")
+    assert (export.predict_proba is not None) == binary
+    assert (export.predict is None) == binary
+    assert (export.onnx is not None) == onnx
     spec = {"name": "s", "recipe": {"name": recipe, "version": "1", "params": full}}
     weights = canonical_json(result)
     origin = PackageOrigin(
@@ -72,7 +83,7 @@ def test_multiclass_and_regression_models_export_as_packages_that_predict_like_t
     out = tmp_path / "package"
     metadata = write_package(out, export=export, weights=weights, origin=origin, collective=True)
     native = "model.txt" if recipe == "lightgbm" else "model.json"
-    assert set(metadata["files"]) == {"result.json", native}
+    assert set(metadata["files"]) == {"result.json", native, *(["model.onnx"] if onnx else [])}
     assert metadata["model"]["objective"] == p.objective
     X = np.concatenate([c.X_test for c in centers])
     package = fedhealth.load_model(out)
@@ -80,5 +91,19 @@ def test_multiclass_and_regression_models_export_as_packages_that_predict_like_t
     expected = model.predict(X)
     assert ours.shape == ((len(X), 2) if "num_class" in params else (len(X),))
     assert np.array_equal(ours, expected)
-    with pytest.raises(PackageInputError, match="not a binary classifier"):
-        package.predict_proba(pd.DataFrame(X, columns=names), assume_standardized=True)
+    if binary:
+        frame = pd.DataFrame(X, columns=names)
+        assert np.array_equal(package.predict_proba(frame, assume_standardized=True), ours)
+    else:
+        with pytest.raises(PackageInputError, match="not a binary classifier"):
+            package.predict_proba(pd.DataFrame(X, columns=names), assume_standardized=True)
+    if onnx:  # the ONNX file takes raw rows (as a site gives them) and agrees with the model to 1e-5
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"features": X})[-1]
+        if binary:
+            got = got[:, -1]  # probabilities: (rows, 2)
+        elif "num_class" not in params:
+            got = got.reshape(-1)  # variable: (rows, 1)
+        assert np.allclose(got, expected, rtol=0, atol=1e-5)

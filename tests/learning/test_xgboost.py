@@ -122,7 +122,7 @@ def test_the_proxy_reads_and_writes_federated_proto_messages():
 @pytest.mark.parametrize(
     ("params", "problem"),
     [
-        ({"n_features": 13, "objective": "survival:cox"}, "recipe.params.objective: Input should be"),
+        ({"n_features": 13, "objective": "rank:pairwise"}, "recipe.params.objective: Input should be"),
         ({"n_features": 13, "objective": "multi:softprob"}, "multi:softprob needs num_class >= 2"),
         ({"n_features": 13, "max_depth": 0}, "recipe.params.max_depth: Input should be greater"),
         ({"n_features": 13, "tree_method": "exact"}, "recipe.params.tree_method: Extra inputs"),

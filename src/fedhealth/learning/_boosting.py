@@ -246,6 +246,7 @@ def boosting_export(
     native_name: str,
     predict_proba: Any,
     predict: Any = None,
+    onnx: Any = None,
 ) -> ModelExport:
     """A boosting recipe's export: the model (its library's own file, over bin codes) and the binning, as
     tensors, as metadata (``binning``; ``preprocessing``: the sites' own standardization, as their
@@ -266,5 +267,91 @@ def boosting_export(
         },
         predict_proba=predict_proba,
         predict=predict,
+        onnx=onnx,
         native_file=(native_name, model.encode()),
     )
+
+
+# --- ONNX ------------------------------------------------------------------------------------------------
+
+ONNX_OPSET = 15  # the newest default-domain opset onnxmltools 1.16's tree converters support
+
+
+def boosting_onnx(library: str, kind: str, booster: Any, binning: Binning, predict: Any) -> bytes:
+    """The model as one ONNX graph over raw feature rows: the binning (``floor((x - low) / (high - low) *
+    grid_cells)`` clipped, then the bin whose first cell the cell reaches, in float64 like
+    :meth:`Binning.codes`) in front of onnxmltools' conversion of the trees (``library``: ``lightgbm`` or
+    ``xgboost``). Input ``features`` float64 (rows, n_features); outputs as onnxmltools gives them:
+    ``label`` and ``probabilities`` (rows, classes) for a classifier, ``variable`` (rows, 1) for a
+    regression. Checked before it is returned: onnxruntime must agree with ``predict`` to 1e-5 on rows
+    spread over every feature's grid, else :class:`RecipeError` (no ONNX file rather than a wrong one)."""
+    from fedhealth.learning._errors import RecipeError
+
+    try:
+        import onnx
+        import onnxmltools
+        import onnxruntime
+        from onnx import TensorProto, helper, numpy_helper
+        from onnxmltools.convert.common.data_types import FloatTensorType
+    except ImportError as exc:
+        raise RecipeError(
+            "an ONNX file of a boosting model needs onnx, onnxmltools and onnxruntime: "
+            "pip install 'fedhealth[onnx]'"
+        ) from exc
+    d = len(binning.starts)
+    convert = onnxmltools.convert_lightgbm if library == "lightgbm" else onnxmltools.convert_xgboost
+    options = {"zipmap": False} if library == "lightgbm" else {}
+    trees = convert(
+        booster, initial_types=[("codes", FloatTensorType([None, d]))], target_opset=ONNX_OPSET, **options
+    )
+    width = max(binning.num_bins)
+    starts = np.full((d, width), np.inf)
+    for j, s in enumerate(binning.starts):
+        starts[j, : len(s)] = s
+    low, high = np.asarray(binning.low), np.asarray(binning.high)
+    initializers = [
+        numpy_helper.from_array(low, "bin_low"),
+        numpy_helper.from_array(high - low, "bin_width"),
+        numpy_helper.from_array(np.array(float(binning.grid_cells)), "bin_cells"),
+        numpy_helper.from_array(np.array(0.0), "bin_first"),
+        numpy_helper.from_array(np.array(float(binning.grid_cells - 1)), "bin_last"),
+        numpy_helper.from_array(starts[None, :, :], "bin_starts"),
+        numpy_helper.from_array(np.array([2], dtype=np.int64), "bin_axis"),
+        numpy_helper.from_array(np.array(1.0), "bin_one"),
+    ]
+    nodes = [
+        helper.make_node("Sub", ["features", "bin_low"], ["bin_offset"]),
+        helper.make_node("Div", ["bin_offset", "bin_width"], ["bin_share"]),
+        helper.make_node("Mul", ["bin_share", "bin_cells"], ["bin_scaled"]),
+        helper.make_node("Floor", ["bin_scaled"], ["bin_floor"]),
+        helper.make_node("Clip", ["bin_floor", "bin_first", "bin_last"], ["bin_cell"]),
+        helper.make_node("Unsqueeze", ["bin_cell", "bin_axis"], ["bin_cell3"]),
+        helper.make_node("GreaterOrEqual", ["bin_cell3", "bin_starts"], ["bin_reached"]),
+        helper.make_node("Cast", ["bin_reached"], ["bin_reached64"], to=TensorProto.DOUBLE),
+        helper.make_node("ReduceSum", ["bin_reached64", "bin_axis"], ["bin_count"], keepdims=0),
+        helper.make_node("Sub", ["bin_count", "bin_one"], ["bin_code"]),
+        helper.make_node("Cast", ["bin_code"], ["codes"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes + list(trees.graph.node),
+        "fedhealth-boosting",
+        [helper.make_tensor_value_info("features", TensorProto.DOUBLE, [None, d])],
+        list(trees.graph.output),
+        initializers + list(trees.graph.initializer),
+    )
+    opsets = [helper.make_opsetid(o.domain, o.version) for o in trees.opset_import if o.domain != ""]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET), *opsets])
+    model.ir_version = trees.ir_version
+    onnx.checker.check_model(model)
+    data = model.SerializeToString()
+    # rows over every feature's grid, each cell's centre: the check covers every bin of every feature
+    cells = (np.arange(binning.grid_cells) + 0.5) / binning.grid_cells
+    rows = low + np.outer(cells, high - low)
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"features": rows})
+    got = np.asarray(outputs[-1], dtype=np.float64)
+    got = {"binary": got[:, -1], "regression": got.reshape(-1)}.get(kind, got)  # ``kind``: the objective's
+    want = np.asarray(predict(rows), dtype=np.float64)
+    if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=1e-5):
+        raise RecipeError(f"onnxmltools' conversion of this {library} {kind} model disagrees with the model")
+    return data

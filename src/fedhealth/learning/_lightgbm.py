@@ -39,6 +39,7 @@ from fedhealth.learning._boosting import (
     TreeCheckpoint,
     agree_resume,
     boosting_export,
+    boosting_onnx,
     first_line,
     probe_rows,
     reference_rows,
@@ -572,7 +573,7 @@ class LightGbmRecipe:
     version: Literal["1"] = "1"
     params_model = LightGbmParams
     pattern = CombinationPattern.COLLECTIVE
-    capabilities = RecipeCapabilities()
+    capabilities = RecipeCapabilities(export_onnx=True)
 
     def data_schema(self, params: LightGbmParams) -> DataSchema:
         return DataSchema(n_features=params.n_features, feature_names=params.feature_names)
@@ -666,6 +667,9 @@ class LightGbmRecipe:
             native_name="model.txt",
             predict_proba=model.predict if params.objective == "binary" else None,
             predict=None if params.objective == "binary" else model.predict,
+            onnx=lambda: boosting_onnx(
+                "lightgbm", params.objective, model.booster(), model.binning, model.predict
+            ),
         )
 
 

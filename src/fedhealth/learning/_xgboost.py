@@ -29,6 +29,7 @@ from fedhealth.learning._boosting import (
     TreeCheckpoint,
     agree_resume,
     boosting_export,
+    boosting_onnx,
     first_line,
     probe_rows,
     reference_rows,
@@ -437,7 +438,7 @@ class XGBoostRecipe:
     version: Literal["1"] = "1"
     params_model = XGBoostParams
     pattern = CombinationPattern.COLLECTIVE
-    capabilities = RecipeCapabilities()
+    capabilities = RecipeCapabilities(export_onnx=True)
 
     def data_schema(self, params: XGBoostParams) -> DataSchema:
         return DataSchema(n_features=params.n_features, feature_names=params.feature_names)
@@ -509,6 +510,7 @@ class XGBoostRecipe:
         ``model.json``; the binning as for lightgbm."""
         model = XGBoostModel.from_result(result)
         binning = model.binning
+        kind = _KIND[params.objective]
         return boosting_export(
             model.model_json,
             binning,
@@ -526,6 +528,13 @@ class XGBoostRecipe:
             native_name="model.json",
             predict_proba=model.predict if params.objective == "binary:logistic" else None,
             predict=None if params.objective == "binary:logistic" else model.predict,
+            # onnxmltools 1.16 converts binary and regression models exactly; its multi:softprob output
+            # disagrees with XGBoost 3.2.0's, and it has no Cox objective: no ONNX file for those
+            onnx=(
+                (lambda: boosting_onnx("xgboost", kind, model.booster(), binning, model.predict))
+                if kind in ("binary", "regression")
+                else None
+            ),
         )
 
 
