@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedhealth.data import SchemaError, TabularDataset, load_heart_disease
+from fedhealth.data import SchemaError, TabularDataset
 from fedhealth.learning import (
     InMemorySession,
     LightGbmParams,
@@ -27,8 +27,8 @@ SITES = ["center-0", "center-1", "center-2", "center-3"]
 
 
 @pytest.fixture(scope="module")
-def centers(heart_data_dir) -> list[Any]:
-    return [load_heart_disease(c, heart_data_dir, download=False) for c in range(4)]
+def centers(heart_centers) -> list[Any]:
+    return heart_centers
 
 
 def _run(train: Any, params: Any, datasets: list[Any]) -> dict[str, Any]:

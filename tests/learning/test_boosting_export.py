@@ -11,7 +11,6 @@ import pytest
 
 import fedhealth
 from fedhealth.core import canonical_json, sha256_hex
-from fedhealth.data import load_heart_disease
 from fedhealth.learning import (
     LIGHTGBM_RECIPE,
     XGBOOST_RECIPE,
@@ -26,8 +25,8 @@ from fedhealth.learning._package import PackageInputError
 
 
 @pytest.fixture(scope="module")
-def centers(heart_data_dir) -> list[Any]:
-    return [load_heart_disease(c, heart_data_dir, download=False) for c in range(4)]
+def centers(heart_centers) -> list[Any]:
+    return heart_centers
 
 
 @pytest.mark.parametrize(

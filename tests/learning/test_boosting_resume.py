@@ -31,10 +31,8 @@ class Crash(RuntimeError):
 
 
 @pytest.fixture(scope="module")
-def centers(heart_data_dir) -> list[Any]:
-    from fedhealth.data import load_heart_disease
-
-    return [load_heart_disease(c, heart_data_dir, download=False) for c in range(4)]
+def centers(heart_centers) -> list[Any]:
+    return heart_centers
 
 
 def _run(train, params, datasets, dirs=None, crash_at=None, counted=None):

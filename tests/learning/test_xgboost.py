@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import xgboost  # the gbdt extra is installed by `make test`: missing, these tests fail
 
-from fedhealth.data import SchemaError, load_heart_disease
+from fedhealth.data import SchemaError
 from fedhealth.learning import (
     XGBOOST_RECIPE,
     InMemorySession,
@@ -28,8 +28,8 @@ SITES = ["center-0", "center-1", "center-2", "center-3"]
 
 
 @pytest.fixture(scope="module")
-def centers(heart_data_dir) -> list[Any]:
-    return [load_heart_disease(c, heart_data_dir, download=False) for c in range(4)]
+def centers(heart_centers) -> list[Any]:
+    return heart_centers
 
 
 def _federated(params: XGBoostParams, centers: list[Any]) -> dict[str, Any]:
