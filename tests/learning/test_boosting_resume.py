@@ -175,3 +175,17 @@ def test_the_retries_are_part_of_the_recipe_and_the_rules(centers):
     assert resolve_recipe("xgboost", "1", {"n_features": 13, "retries": 2}).session_retries() == 2
     assert resolve_recipe("lightgbm", "1", {"n_features": 13}).session_retries() == 0
     assert SessionFailedError  # the other sites' error when one site dies (tests/learning/test_lightgbm.py)
+
+
+@pytest.mark.parametrize("recipe", ["lightgbm", "xgboost"])
+def test_the_description_a_steward_approves_names_early_stopping_and_retries(recipe):
+    plain = resolve_recipe(recipe, "1", {"n_features": 13}).describe()
+    both = resolve_recipe(
+        recipe, "1", {"n_features": 13, "early_stopping_rounds": 5, "retries": 2}
+    ).describe()
+    assert "validation" not in plain
+    assert "in its own home" not in plain
+    assert "validation (test-set) loss sum and row count inside a secure sum" in both
+    assert "stopping after 5 rounds without improvement" in both
+    assert "keeps the model after each round in its own home" in both
+    assert "up to 2 time(s)" in both

@@ -123,6 +123,23 @@ class EarlyStopping:
         return stop
 
 
+def describe_options(params: Any) -> str:
+    """What early stopping and retries add to a boosting recipe's description (what a steward approves)."""
+    out = ""
+    if params.early_stopping_rounds is not None:
+        out += (
+            "; after every round, the site's validation (test-set) loss sum and row count inside a secure "
+            f"sum, stopping after {params.early_stopping_rounds} rounds without improvement"
+        )
+    if params.retries:
+        out += (
+            f"; the site keeps the model after each round in its own home, and after a failed session the "
+            f"study may start again up to {params.retries} time(s), each session starting with one secure "
+            "sum of which rounds the site completed"
+        )
+    return out
+
+
 # --- checkpoints and resuming ------------------------------------------------------------------------------
 
 RETRIES_LIMIT = 3

@@ -40,6 +40,7 @@ from fedhealth.learning._boosting import (
     agree_resume,
     boosting_export,
     boosting_onnx,
+    describe_options,
     first_line,
     probe_rows,
     reference_rows,
@@ -586,6 +587,7 @@ class LightGbmRecipe:
             "child's gradient histograms and the rows on each side of candidate splits, each only inside a "
             "secure sum; per split it releases its best split among its features, computed from the sums "
             "over all sites; at the end, test-set counts and losses inside a secure sum"
+            + describe_options(params)
         )
 
     def template(self, n_features: int | None) -> list[TemplateParam]:

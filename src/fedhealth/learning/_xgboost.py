@@ -30,6 +30,7 @@ from fedhealth.learning._boosting import (
     agree_resume,
     boosting_export,
     boosting_onnx,
+    describe_options,
     first_line,
     probe_rows,
     reference_rows,
@@ -448,7 +449,14 @@ class XGBoostRecipe:
             f"gradient-boosted trees (XGBoost {params.objective}, {params.num_rounds} rounds of depth at "
             f"most {params.max_depth}) on the site's training rows: the site sends per-feature counts on a "
             "public grid and XGBoost's gradient histograms and sums, each only inside a secure sum, and "
-            "its column count and flags; at the end, test-set counts and losses inside a secure sum"
+            "its column count and flags; at the end, "
+            + (
+                "its test-set rows, events and C-index and a histogram of its test rows by survival time "
+                "and risk score on a public grid, inside a secure sum (its C-index is released by name)"
+                if params.objective == "survival:cox"
+                else "test-set counts and losses inside a secure sum"
+            )
+            + describe_options(params)
         )
 
     def template(self, n_features: int | None) -> list[TemplateParam]:
