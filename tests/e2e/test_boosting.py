@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 import fedhealth
 from fedhealth.cli import app
-from fedhealth.data import load_heart_disease
+from fedhealth.data import load_heart_disease, open_dataset
 from fedhealth.learning import (
     LIGHTGBM_RECIPE,
     LightGbmModel,
@@ -33,6 +33,7 @@ from fedhealth.learning import (
     train_pooled_xgboost,
 )
 from fedhealth.learning._lightgbm import cell_counts
+from fedhealth.learning._survival import harrell_c
 from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec, StudyStatus, TaskKind, TaskStatus
 from fedhealth.runtime import run_collective_in_memory
 from fedhealth.secagg import encode_fixed
@@ -62,7 +63,25 @@ def triage(tmp_path_factory) -> dict[str, Path]:
     for i, site in enumerate(SITES):
         files[site] = folder / f"{site}.csv"
         _write_triage(files[site], seed=i)
+        _write_survival(_survival_csv(files[site]), seed=i)
     return files
+
+
+def _survival_csv(triage: Path) -> Path:
+    return triage.with_name(f"{triage.stem}-survival.csv")
+
+
+def _write_survival(path: Path, *, seed: int) -> None:
+    """Survival rows: three features, a time (months) and an event indicator, a baseline hazard per site."""
+    rng = np.random.default_rng(100 + seed)
+    lines = ["x1,x2,x3,months,event"]
+    for _ in range(90):
+        x = rng.normal(size=3)
+        event_time = rng.exponential(1 / np.exp(0.9 * x[0] - 0.4 * x[1])) * (20 + 5 * seed)
+        censor = rng.uniform(0, 60)
+        months = max(min(event_time, censor), 0.05)
+        lines.append(f"{x[0]:.4f},{x[1]:.4f},{x[2]:.4f},{months:.2f},{int(event_time <= censor)}")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _write_triage(path: Path, *, seed: int, third_class_row: int | None = None) -> None:
@@ -79,6 +98,7 @@ def _datasets(site: str, triage: dict[str, Path]) -> dict[str, str]:
     return {
         "heart-disease": f"builtin://heart-disease/{SITES.index(site)}",
         "triage": f"file://{triage[site]}?label=y",
+        "survival": f"file://{_survival_csv(triage[site])}?label=event&time=months",
     }
 
 
@@ -303,6 +323,36 @@ def test_a_third_label_class_at_one_site_refuses_a_binary_study_before_training(
     again = spec.model_copy(update={"name": "lightgbm-two-classes"})
     after = fed.wait_for_study(fed.create_study(again).study_id, timeout=300, interval=0.2)
     assert after.status is StudyStatus.COMPLETED, after.reason
+
+
+def test_federated_cox_through_the_services_releases_each_site_s_c_index_and_the_stratified_model(
+    fed, triage
+):
+    params = {
+        "n_features": 3,
+        "objective": "survival:cox",
+        "num_rounds": 5,
+        "max_depth": 2,
+        "time_range": [0, 60],
+        "value_range": [-5, 5],
+    }
+    spec = _spec(fed, "cox", params, timeout_s=60).model_copy(
+        update={"dataset": "survival", "recipe": RecipeSpec(name="xgboost", params=params)}
+    )
+    final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=300, interval=0.2)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    result = final.rounds[0].metrics or {}
+    datasets = [open_dataset(_datasets(site, triage)["survival"]) for site in SITES]
+    assert all(d.survival and d.feature_names == ("x1", "x2", "x3") for d in datasets)
+    reference = train_pooled_xgboost(XGBoostParams(**params), datasets)
+    model = XGBoostModel.from_result(result)
+    X = np.concatenate([d.X_test for d in datasets])
+    assert np.allclose(model.margin(X), reference.margin(X), rtol=0, atol=1e-5)
+    for site, data in zip(SITES, datasets, strict=True):  # each site's exact C-index, by name
+        exact = harrell_c(data.time_test, data.y_test, model.margin(data.X_test))
+        assert result["c_index_sites"][site] == pytest.approx(exact, abs=1e-9)
+    assert result["test_rows"] == len(X)
+    assert 0.5 < result["c_index"] < 1
 
 
 def test_a_killed_site_s_study_retries_and_resumes_from_the_last_common_checkpoint_to_the_pooled_model(
