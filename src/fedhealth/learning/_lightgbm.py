@@ -478,10 +478,10 @@ def train_site(
     rows = len(dataset.y_test)
     raw = np.zeros((rows, params.num_class) if params.num_class > 1 else rows)
     stopped = False
-    if stopper is not None and saved is not None and done:
-        stopped = stopper.replay(saved.scores[:done])
+    if stopper is not None and saved is not None and init is not None:
+        stopped = stopper.replay(saved.scores[:done])  # the rule as it stood after round `done`
         if rows:
-            raw = np.asarray(init.predict(valid_codes, raw_score=True, num_threads=1), dtype=np.float64)  # type: ignore[union-attr]
+            raw = np.asarray(init.predict(valid_codes, raw_score=True, num_threads=1), dtype=np.float64)
     network.bind(lgb.basic._LIB)
     try:
         booster = lgb.Booster(
