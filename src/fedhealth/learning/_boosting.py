@@ -294,14 +294,18 @@ def boosting_export(
 ONNX_OPSET = 15  # the newest default-domain opset onnxmltools 1.16's tree converters support
 
 
-def boosting_onnx(library: str, kind: str, booster: Any, binning: Binning, predict: Any) -> bytes:
+def boosting_onnx(
+    converter: str, options: Mapping[str, Any], kind: str, booster: Any, binning: Binning, predict: Any
+) -> bytes:
     """The model as one ONNX graph over raw feature rows: the binning (``floor((x - low) / (high - low) *
     grid_cells)`` clipped, then the bin whose first cell the cell reaches, in float64 like
-    :meth:`Binning.codes`) in front of onnxmltools' conversion of the trees (``library``: ``lightgbm`` or
-    ``xgboost``). Input ``features`` float64 (rows, n_features); outputs as onnxmltools gives them:
-    ``label`` and ``probabilities`` (rows, classes) for a classifier, ``variable`` (rows, 1) for a
-    regression. Checked before it is returned: onnxruntime must agree with ``predict`` to 1e-5 on rows
-    spread over every feature's grid, else :class:`RecipeError` (no ONNX file rather than a wrong one)."""
+    :meth:`Binning.codes`) in front of onnxmltools' conversion of the trees (``converter``: the name of
+    onnxmltools' function for the library, called with ``options``; ``kind``: the objective's kind).
+
+    Input ``features`` float64 (rows, n_features); outputs as onnxmltools gives them: ``label`` and
+    ``probabilities`` (rows, classes) for a classifier, ``variable`` (rows, 1) for a regression. Checked
+    before it is returned: onnxruntime must agree with ``predict`` to 1e-5 on rows spread over every
+    feature's grid, else :class:`RecipeError` (no ONNX file rather than a wrong one)."""
     from fedhealth.learning._errors import RecipeError
 
     try:
@@ -316,8 +320,7 @@ def boosting_onnx(library: str, kind: str, booster: Any, binning: Binning, predi
             "pip install 'fedhealth[onnx]'"
         ) from exc
     d = len(binning.starts)
-    convert = onnxmltools.convert_lightgbm if library == "lightgbm" else onnxmltools.convert_xgboost
-    options = {"zipmap": False} if library == "lightgbm" else {}
+    convert = getattr(onnxmltools, converter)
     trees = convert(
         booster, initial_types=[("codes", FloatTensorType([None, d]))], target_opset=ONNX_OPSET, **options
     )
@@ -370,5 +373,5 @@ def boosting_onnx(library: str, kind: str, booster: Any, binning: Binning, predi
     got = {"binary": got[:, -1], "regression": got.reshape(-1)}.get(kind, got)  # ``kind``: the objective's
     want = np.asarray(predict(rows), dtype=np.float64)
     if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=1e-5):
-        raise RecipeError(f"onnxmltools' conversion of this {library} {kind} model disagrees with the model")
+        raise RecipeError(f"onnxmltools' {converter} of this {kind} model disagrees with the model")
     return data

@@ -670,7 +670,12 @@ class LightGbmRecipe:
             predict_proba=model.predict if params.objective == "binary" else None,
             predict=None if params.objective == "binary" else model.predict,
             onnx=lambda: boosting_onnx(
-                "lightgbm", params.objective, model.booster(), model.binning, model.predict
+                "convert_lightgbm",
+                {"zipmap": False},
+                params.objective,
+                model.booster(),
+                model.binning,
+                model.predict,
             ),
         )
 

@@ -539,7 +539,7 @@ class XGBoostRecipe:
             # onnxmltools 1.16 converts binary and regression models exactly; its multi:softprob output
             # disagrees with XGBoost 3.2.0's, and it has no Cox objective: no ONNX file for those
             onnx=(
-                (lambda: boosting_onnx("xgboost", kind, model.booster(), binning, model.predict))
+                (lambda: boosting_onnx("convert_xgboost", {}, kind, model.booster(), binning, model.predict))
                 if kind in ("binary", "regression")
                 else None
             ),
