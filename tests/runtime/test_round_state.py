@@ -31,6 +31,7 @@ from fedhealth.runtime import (
     FinishStudy,
     OpenRound,
     Resumed,
+    RetrySession,
     RoundCommand,
     RoundEvent,
     RoundPhase,
@@ -49,7 +50,7 @@ from support import synthetic_recipe
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SITES = ("north", "east", "south")
 CLOSED = (TaskStatus.COMPLETED, TaskStatus.REJECTED, TaskStatus.FAILED, TaskStatus.TIMED_OUT)
-TERMINAL = (OpenRound, FinishStudy, FailStudy)
+TERMINAL = (OpenRound, RetrySession, FinishStudy, FailStudy)
 
 
 def rules(
@@ -359,6 +360,45 @@ def test_a_session_round_closing_asks_how_its_session_ended():
     )
 
 
+def test_a_failed_session_of_a_study_with_retries_opens_the_next_session_round():
+    r = StudyRules(
+        rounds=1,
+        min_sites=1,
+        train_sites=SITES,
+        evaluation_sites=SITES,
+        round_deadline_s=60.0,
+        combination=Combination.SESSION,
+        session_attempts=2,
+    )
+    state = fresh(r, kind=TaskKind.COLLECTIVE)
+    state.handle(TaskClosed(site="east", status=TaskStatus.FAILED, reason="internal_error"))
+    close, retry = state.handle(SessionFailed(reason="collective session failed: site_lost"))
+    assert isinstance(close, CloseTasks)
+    assert {o.status for o in close.outcomes} == {TaskStatus.FAILED}
+    assert retry == RetrySession(reason="collective session failed: site_lost", number=2, sites=SITES)
+    assert state.phase is RoundPhase.ENDED
+    assert state.handle(SessionDone()) == ()  # nothing after the round's end
+    last = fresh(r, number=2, kind=TaskKind.COLLECTIVE)  # the retry is a round of this study; a third is not
+    assert last.handle(SessionFailed(reason="lost again"))[-1] == FailStudy(round=2, reason="lost again")
+    with pytest.raises(ValueError, match="not a round of this study"):
+        fresh(r, number=3, kind=TaskKind.COLLECTIVE)
+
+
+def test_the_session_attempts_are_the_recipe_s_retries_plus_one():
+    keys = {s: IdentityKey.generate().public().fingerprint for s in SITES}
+    spec = StudySpec(
+        name="gbdt",
+        dataset="heart",
+        recipe=RecipeSpec(name="lightgbm", params={"n_features": 4, "retries": 2}),
+        rounds=1,
+        train_sites=list(SITES),
+        secure_aggregation=SecureAggregationSpec(site_keys=keys),
+    )
+    assert StudyRules.of(spec).session_attempts == 3
+    bare = spec.model_copy(update={"recipe": RecipeSpec(name="lightgbm", params={"n_features": 4})})
+    assert StudyRules.of(bare).session_attempts == 1
+
+
 def test_a_session_s_unusable_result_fails_the_study():
     state = fresh(rules(Combination.SESSION, rounds=1), kind=TaskKind.COLLECTIVE)
     state.handle(SessionDone())
@@ -482,6 +522,7 @@ def study_rules(draw: st.DrawFn) -> StudyRules:
         combination=combination,
         # the scaling pre-step (round 0) of standardize = "federated": a rounds study's
         scaling_step=combination is not Combination.SESSION and draw(st.booleans()),
+        session_attempts=draw(st.integers(1, 2)) if combination is Combination.SESSION else 1,
     )
 
 
@@ -563,7 +604,9 @@ def test_a_study_driven_to_its_end_finishes_or_fails_once_within_rounds_plus_one
     ends: list[RoundCommand] = []
     while opening is not None:
         opened += 1
-        assert opened <= r.rounds + 1 + int(r.scaling_step)
+        assert opened <= (
+            r.session_attempts if r.combination is Combination.SESSION else r.rounds + 1 + int(r.scaling_step)
+        )
         state = RoundState.opened(r, opening)
         events = [
             TaskClosed(site=s, status=data.draw(st.sampled_from(CLOSED)), reason="r") for s in opening.sites
@@ -580,6 +623,11 @@ def test_a_study_driven_to_its_end_finishes_or_fails_once_within_rounds_plus_one
             if isinstance(command, OpenRound):
                 assert command.number == state.number + 1
                 opening = command
+            elif isinstance(command, RetrySession):  # the driver opens it with a fresh deadline
+                assert command.number == state.number + 1
+                opening = OpenRound(
+                    number=command.number, kind=state.kind, sites=command.sites, deadline_at=T0
+                )
             elif isinstance(command, (FinishStudy, FailStudy)):
                 ends.append(command)
     assert len(ends) == 1, "a study ends once: finished or failed, never both"

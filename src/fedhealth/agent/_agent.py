@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import importlib
 import json
 import logging
@@ -362,7 +363,10 @@ class SiteAgent:
                 record: dict[str, Any] = {"federated_scaling": json.loads(released)}
                 self._scalings[task.study_id] = finish_scaling(released)["scaling"]
             else:
-                record = dict(run_site_program(recipe, task.spec, dataset, session, task.round).record)
+                outcome = run_site_program(
+                    recipe, task.spec, dataset, session, task.round, checkpoints=self._checkpoints(task)
+                )
+                record = dict(outcome.record)
             for gate in self.gates:
                 gate.after_training(ctx)
             self._attest(ctx)
@@ -408,6 +412,15 @@ class SiteAgent:
                 self._scalings[study_id] = scaling
                 return scaling
         return None
+
+    def _checkpoints(self, task: Task) -> Path | None:
+        """The study's checkpoint directory in the site home (created 0700 by the recipe when it first
+        writes one; kept across the study's sessions, so a retried session resumes from what this site
+        completed); None without a home."""
+        if self.settings.home is None:
+            return None
+        # the study id is the orchestrator's word: a digest of it names the directory, never a path it chose
+        return self.settings.home / "checkpoints" / hashlib.sha256(task.study_id.encode()).hexdigest()[:32]
 
     def _record_locally(self, task: Task, metrics: SiteMetrics) -> None:
         """The site's own record of what it computed (kept at the site, whatever is sent)."""

@@ -105,6 +105,7 @@ from fedhealth.runtime import (
     federated_scaling_requested,
     planned_epsilon,
     recipe_capabilities,
+    session_attempts,
 )
 
 log = logging.getLogger("fedhealth.agent")
@@ -663,12 +664,6 @@ class GovernanceGate(PassGate):
             self._anchored.add(key)
 
 
-def _session_round(task: Task) -> int:
-    """The round of the spec's one collective session: its scaling pre-step (round 0) for a ``standardize
-    = "federated"`` study, else a collective study's round 1."""
-    return SCALING_ROUND if federated_scaling_requested(task.spec.recipe) else 1
-
-
 def _on_training_rows(task: Task) -> bool:
     """Whether the task computes on the training rows (the cohort rule applies): training, and a federated
     study's scaling pre-step (its sums are over the kept training rows)."""
@@ -692,9 +687,13 @@ def _mismatch(task: Task) -> str | None:
         return f"training round {task.round} is outside the spec's {spec.rounds} rounds"
     if task.kind is TaskKind.EVALUATE and task.round != last:
         return f"an evaluation in round {task.round}; the spec evaluates in round {last}"
-    if task.kind is TaskKind.COLLECTIVE and task.round != _session_round(task):
+    if task.kind is TaskKind.COLLECTIVE and federated_scaling_requested(spec.recipe):
+        if task.round != SCALING_ROUND:
+            return f"a collective session in round {task.round}; the spec has one, in round {SCALING_ROUND}"
+    elif task.kind is TaskKind.COLLECTIVE and not 1 <= task.round <= session_attempts(spec):
         return (
-            f"a collective session in round {task.round}; the spec has one, in round {_session_round(task)}"
+            f"a collective session in round {task.round}; the spec allows sessions in rounds 1 to "
+            f"{session_attempts(spec)} (the first and its retries)"
         )
     return None
 

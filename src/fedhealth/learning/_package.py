@@ -130,7 +130,7 @@ def write_package(
     if sha256_hex(weights) != origin.model_digest:
         raise PackageError("the weights given are not the model the origin names (digest differs)")
     recipe = f"recipe {export.metadata.get('recipe')!r}"
-    if export.predict_proba is None:
+    if export.predict_proba is None and export.predict is None:
         raise PackageError(f"{recipe} gives no way to apply its model outside fedhealth; nothing to package")
     if export.metadata.get("feature_names") is None:
         raise PackageError(
@@ -288,7 +288,20 @@ class ModelPackage:
         if not assume_standardized:
             X = self.standardized(X)
         predict = self._export.predict_proba
-        assert predict is not None  # load_package refuses an export without one
+        if predict is None:
+            raise PackageInputError(
+                "this model is not a binary classifier (multiclass or regression): use predict(frame)"
+            )
+        return np.asarray(predict(X), dtype=np.float64)
+
+    def predict(self, frame: Any, *, assume_standardized: bool = False) -> np.ndarray:
+        """The model's output for each row of ``frame``: P(label = 1) for a binary classifier, class
+        probabilities (rows x classes) for a multiclass one, the predicted value for a regression."""
+        X = self.features(frame)
+        if not assume_standardized:
+            X = self.standardized(X)
+        predict = self._export.predict or self._export.predict_proba
+        assert predict is not None  # load_package refuses an export without either
         return np.asarray(predict(X), dtype=np.float64)
 
 
@@ -365,7 +378,7 @@ def load_package(path: Path | str) -> ModelPackage:
     for key in ("feature_names", "preprocessing", "label"):
         if metadata.get(key) != metadata["model"].get(key):
             raise PackageError(f"{folder}: the metadata's {key} differs from its model section")
-    if export.predict_proba is None:
+    if export.predict_proba is None and export.predict is None:
         raise PackageError(f"{folder}: recipe {spec['recipe'].get('name')!r} gives no way to predict")
     if metadata["model"].get("feature_names") is None:
         raise PackageError(f"{folder}: the study named no features, so no table can be fed to this model")

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -151,11 +152,15 @@ class ModelExport:
     a feature matrix in ``feature_names`` order, after that preprocessing (float64). ``onnx``, for a recipe
     declaring ``export_onnx``, builds the same model, preprocessing's standardization included, as an ONNX
     file (the ``onnx`` package is imported only then). ``native_file``, for a model that is its library's
-    own file (a collective recipe's trees), is that file's name and bytes: a model package holds it."""
+    own file (a collective recipe's trees), is that file's name and bytes: a model package holds it.
+    ``predict``, for a model that is not a binary classifier (multiclass, regression), is its output for
+    each row (class probabilities, rows x classes; or the predicted value), in the place of
+    ``predict_proba``."""
 
     tensors: Params
     metadata: Mapping[str, JsonValue]
     predict_proba: Callable[[np.ndarray], np.ndarray] | None = None
+    predict: Callable[[np.ndarray], np.ndarray] | None = None
     onnx: Callable[[], bytes] | None = None
     native_file: tuple[str, bytes] | None = None
 
@@ -184,12 +189,16 @@ class SessionContext:
     """What a collective recipe's site program knows besides its data and session: the site, the study
     seed, and a generator determined by (seed, session, site) for the program's own random choices.
     ``noise`` is the generator for differential-privacy noise (a cryptographically secure one unless the
-    site runs with reproducible noise for tests); None where the runtime gives none."""
+    site runs with reproducible noise for tests); None where the runtime gives none. ``checkpoints`` is a
+    directory in the site's own home for this study (the recipe creates it, 0700, when it first writes; it
+    is kept across the study's sessions, so that a retried session can resume from what an earlier one
+    completed); None where there is none."""
 
     site: str
     seed: int
     rng: np.random.Generator
     noise: RandomSource | None = None
+    checkpoints: Path | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

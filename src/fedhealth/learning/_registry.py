@@ -167,6 +167,16 @@ class ResolvedRecipe:
     def export(self, model: Params) -> ModelExport:
         return self.rounds().export(self.params, model)
 
+    def session_retries(self) -> int:
+        """How many times a collective study whose session failed starts a new session (each resuming from
+        what the recipe checkpointed at its sites): what the recipe declares with its optional
+        ``session_retries(params)``, part of the approved spec; 0 for a recipe combined in rounds or one
+        that declares nothing."""
+        if self.recipe.pattern is not CombinationPattern.COLLECTIVE:
+            return 0
+        declared = getattr(self.recipe, "session_retries", None)
+        return 0 if declared is None else int(declared(self.params))
+
     def averaged_tensors(self) -> frozenset[str]:
         """The tensors the server averages plainly under every strategy (statistics of the data, not trained
         parameters): what the recipe declares with its optional ``averaged_tensors(params)``; none when it

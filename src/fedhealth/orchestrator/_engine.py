@@ -75,6 +75,7 @@ from fedhealth.runtime import (
     FinishStudy,
     OpenRound,
     Resumed,
+    RetrySession,
     RoundCommand,
     RoundEvent,
     RoundPhase,
@@ -437,6 +438,8 @@ class RoundEngine:
                 return await self._aggregate(round_id, state, contributors, closing)
             case OpenRound():
                 self._advance(round_id, command, closing)
+            case RetrySession():
+                self._retry(round_id, state, command)
             case FinishStudy(note=note):
                 self._finish(round_id, state, note, closing)
             case FailStudy():
@@ -716,6 +719,44 @@ class RoundEngine:
             )
             self._round_done(round_id, None)
             self._study_ended(r.study_id)
+
+    def _retry(self, round_id: str, state: RoundState, command: RetrySession) -> None:
+        """Close a failed session round (the study goes on) and open the study's next session round, its
+        retry, atomically: the sites resume from what they checkpointed (the recipe's business)."""
+        r = self.store.get_round(round_id)
+        spec = self.store.spec(r.study_id)
+        driver = self.collective.get(round_id)
+        metrics = None
+        if driver is not None:  # the audit's session entry counts the calls made before the failure
+            metrics = {"session": {"calls": driver.relay.calls, "attempt": driver.config.attempt}}
+        now = self.clock.now()
+        self._end_round(round_id, command.reason)
+        nxt = NewRound(
+            number=command.number,
+            kind=TaskKind.COLLECTIVE,
+            sites=command.sites,
+            model_in_digest=r.model_in_digest,
+            deadline_at=now + timedelta(seconds=spec.round_deadline_s),
+        )
+        next_row = self.store.finish_round(
+            round_id,
+            status=RoundStatus.FAILED,
+            reason=command.reason,
+            metrics=metrics,
+            when=now,
+            next_round=nxt,
+        )
+        log.warning(
+            "study %s: session round %d failed (%s); retry %d of %d",
+            r.study_id,
+            r.number,
+            command.reason,
+            command.number - 1,
+            state.rules.session_attempts - 1,
+        )
+        self._round_done(round_id, None)
+        assert next_row is not None
+        self._opened(next_row)
 
     def _advance(self, round_id: str, command: OpenRound, closing: _Closing) -> None:
         """Close a completed training round, record the model version and open the next round, atomically."""

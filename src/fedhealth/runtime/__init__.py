@@ -10,6 +10,7 @@ from fedhealth.runtime._collective import (
     is_collective,
     run_collective_in_memory,
     run_site_program,
+    session_attempts,
     session_context,
 )
 from fedhealth.runtime._memory import InMemoryResult, run_study_in_memory
@@ -50,6 +51,7 @@ from fedhealth.runtime._rounds import (
     FinishStudy,
     OpenRound,
     Resumed,
+    RetrySession,
     RoundCommand,
     RoundEvent,
     RoundPhase,
@@ -118,6 +120,7 @@ __all__ = [
     "InMemoryResult",
     "OpenRound",
     "Resumed",
+    "RetrySession",
     "RoundCommand",
     "RoundEvent",
     "RoundPhase",
@@ -170,6 +173,7 @@ __all__ = [
     "sample_rate",
     "secure_codec",
     "server_step",
+    "session_attempts",
     "session_context",
     "session_plan",
     "site_level_epsilon",

@@ -18,7 +18,9 @@ The rules (``tests/runtime/test_round_state.py`` checks each):
   secure sum); fewer fails the study. A secure evaluation round needs one contributor, a plain one none. A
   session round counts when its session completed: every participant or nobody.
 - In a session round, a participant's task ending without completing ends the session for everyone
-  (:class:`AbandonSession`); there is no dropout recovery inside a session.
+  (:class:`AbandonSession`); there is no dropout recovery inside a session. A failed session round of a
+  study whose recipe allows retries (``session_attempts`` > its number) fails alone and the next session
+  round opens over the same sites (:class:`RetrySession`); the recipe resumes from its sites' checkpoints.
 - A counted round is aggregated once (:class:`Aggregate`, contributors in site order). After a training round
   the next training round opens over the training sites, after the last one the evaluation round over the
   evaluation sites; an evaluation or session round finishes the study, naming the sites that gave nothing.
@@ -43,7 +45,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from fedhealth.protocol import StudySpec, TaskKind, TaskStatus
-from fedhealth.runtime._collective import is_collective
+from fedhealth.runtime._collective import is_collective, session_attempts
 from fedhealth.runtime._scaling import SCALING_ROUND, federated_scaling_requested
 
 _OPEN = frozenset({TaskStatus.PENDING, TaskStatus.DELIVERED})
@@ -77,8 +79,11 @@ class StudyRules:
     round_deadline_s: float
     combination: Combination
     scaling_step: bool = False  # round 0: the secure-sum scaling pre-step (standardize = "federated")
+    session_attempts: int = 1  # session rounds a collective study may run: the first and its retries
 
     def __post_init__(self) -> None:
+        if self.session_attempts < 1:
+            raise ValueError(f"session_attempts={self.session_attempts}: a study has at least one session")
         if self.rounds < 1:
             raise ValueError(f"rounds={self.rounds}: a study has at least one training round")
         if not 1 <= self.min_sites <= len(self.train_sites):
@@ -110,6 +115,7 @@ class StudyRules:
             round_deadline_s=spec.round_deadline_s,
             combination=combination,
             scaling_step=federated_scaling_requested(spec.recipe),
+            session_attempts=session_attempts(spec) if combination is Combination.SESSION else 1,
         )
 
 
@@ -250,6 +256,16 @@ class OpenRound:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RetrySession:
+    """This session round failed with ``reason`` but the study may retry: close it as failed (the study goes
+    on) and open session round ``number`` over ``sites``, with a fresh deadline from the driver's clock."""
+
+    reason: str
+    number: int
+    sites: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FinishStudy:
     """This round counted and was the study's last: the study completed (``note``: who gave nothing)."""
 
@@ -275,6 +291,7 @@ RoundCommand = (
     | AbandonSession
     | Aggregate
     | OpenRound
+    | RetrySession
     | FinishStudy
     | FailStudy
 )
@@ -305,7 +322,7 @@ class RoundState:
         self, rules: StudyRules, *, number: int, kind: TaskKind, tasks: Iterable[TaskOutcome]
     ) -> None:
         """A round as it stands: a fresh one (every task open) or one taken up again after a restart."""
-        last = 1 if rules.combination is Combination.SESSION else rules.rounds + 1
+        last = rules.session_attempts if rules.combination is Combination.SESSION else rules.rounds + 1
         first = SCALING_ROUND if rules.scaling_step else 1
         if not first <= number <= last or kind is not _kind_of(rules, number):
             raise ValueError(f"round {number} of kind {kind.value} is not a round of this study")
@@ -370,7 +387,18 @@ class RoundState:
                 return (*closing, *self._count(tuple(sorted(self._tasks))))
             case SessionFailed(reason=reason):
                 self._expect(Combination.SESSION, event)
-                return self._failed(reason, TaskStatus.FAILED, reason) if self._concludable else ()
+                if not self._concludable:
+                    return ()
+                # a collective study's session may be retried (the scaling pre-step of a rounds study not)
+                if (
+                    self.rules.combination is Combination.SESSION
+                    and self.number < self.rules.session_attempts
+                ):
+                    self.phase = RoundPhase.ENDED
+                    closing = self._closing(frozenset(), TaskStatus.FAILED, reason)
+                    retry = RetrySession(reason=reason, number=self.number + 1, sites=self.rules.train_sites)
+                    return (*closing, retry)
+                return self._failed(reason, TaskStatus.FAILED, reason)
             case Aggregated(at=at):
                 return self._aggregated(at) if self.phase is RoundPhase.AGGREGATING else ()
             case AggregationFailed(reason=reason):
