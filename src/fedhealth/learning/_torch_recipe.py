@@ -73,6 +73,7 @@ class Architecture(StrEnum):
     """The networks the recipe builds (see :mod:`fedhealth.learning._torch_nets`)."""
 
     CNN = "cnn"
+    CNN_WIDE = "cnn_wide"
     RESNET18 = "resnet18"
     MONAI_DENSENET = "monai-densenet"  # MONAI's DenseNet, three blocks (16x16 images and up)
     MONAI_DENSENET121 = "monai-densenet121"  # MONAI's DenseNet-121 (64x64 images and up)
@@ -82,6 +83,7 @@ class Architecture(StrEnum):
 # train on one value per channel, i.e. one image of 1x1)
 _MIN_INPUT_SIZE = {
     Architecture.CNN: 8,
+    Architecture.CNN_WIDE: 8,
     Architecture.RESNET18: 8,
     Architecture.MONAI_DENSENET: 16,
     Architecture.MONAI_DENSENET121: 64,
@@ -110,6 +112,12 @@ class TorchParams(BaseModel):
     local_epochs: int = Field(default=1, ge=0, le=1000)
     batch_size: int = Field(default=32, ge=1, le=100_000)
     augment_flips: bool = Field(default=False, description="random horizontal flips while training")
+    augment_shift: int = Field(
+        default=0, ge=0, le=16, description="random translations of up to this many pixels"
+    )
+    augment_rotate: FiniteFloat = Field(
+        default=0.0, ge=0, le=180, description="random rotations, max degrees"
+    )
     proximal_mu: FiniteFloat = Field(default=0.0, ge=0, le=100, description="FedProx proximal weight")
     scaffold: bool = Field(default=False, description="SCAFFOLD control variates (with strategy scaffold)")
 
@@ -276,6 +284,44 @@ def _flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def _shift(images: np.ndarray, most: int, rng: np.random.Generator) -> np.ndarray:
+    """Each image moved by a whole number of pixels drawn uniformly in [-most, most] along each axis (drawn
+    from ``rng``), the uncovered border filled with zeros: a random crop of the zero-padded image."""
+    side_y, side_x = images.shape[-2:]
+    padded = np.pad(images, [(0, 0)] * (images.ndim - 2) + [(most, most), (most, most)])
+    moves = rng.integers(0, 2 * most + 1, size=(images.shape[0], 2))
+    out = np.empty_like(images)
+    for i, (dy, dx) in enumerate(moves):
+        out[i] = padded[i, ..., dy : dy + side_y, dx : dx + side_x]
+    return out
+
+
+def _rotate(images: np.ndarray, most: float, rng: np.random.Generator) -> np.ndarray:
+    """Each image turned about its centre by an angle drawn uniformly in [-most, most] degrees (drawn from
+    ``rng``; bilinear, the corners filled with the nearest edge pixel)."""
+    from scipy import ndimage  # scipy (scikit-learn's dependency) loads slowly: on first use
+
+    angles = rng.uniform(-most, most, size=images.shape[0])
+    out = np.empty_like(images)
+    for i, angle in enumerate(angles):
+        out[i] = ndimage.rotate(
+            images[i], float(angle), axes=(-1, -2), reshape=False, order=1, mode="nearest"
+        )
+    return out
+
+
+def _augmented(params: TorchParams, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The training batch with the recipe's augmentations (flips, then rotations, then shifts), every draw
+    from ``rng``; with none asked for, the images themselves."""
+    if params.augment_flips:
+        images = _flip(images, rng)
+    if params.augment_rotate > 0:
+        images = _rotate(images, params.augment_rotate, rng)
+    if params.augment_shift > 0:
+        images = _shift(images, params.augment_shift, rng)
+    return images
+
+
 def _optimizer(params: TorchParams, net: nn.Module) -> torch.optim.Optimizer:
     torch = _torch()
     if params.optimizer is LocalOptimizer.ADAM:
@@ -323,7 +369,7 @@ def torch_train(
         order = rng.permutation(n)
         for start in range(0, n, params.batch_size):
             idx = order[start : start + params.batch_size]
-            batch = _flip(images[idx], rng) if params.augment_flips else images[idx]
+            batch = _augmented(params, images[idx], rng)
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
             y = torch.from_numpy(labels[idx]).to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -435,7 +481,7 @@ def torch_train_dp(
         if batch.size == 0:
             grads = np.zeros((0, sum(sizes)), dtype=np.float64)
         else:
-            chosen = _flip(images[batch], rng) if params.augment_flips else images[batch]
+            chosen = _augmented(params, images[batch], rng)
             x = torch.from_numpy(np.ascontiguousarray(chosen)).to(device)
             y = torch.from_numpy(labels[batch]).to(device)
             gsm.zero_grad(set_to_none=True)
@@ -585,6 +631,10 @@ class TorchRecipe:
     def describe(self, params: TorchParams) -> str:
         count = sum(math.prod(s.shape) for s in _net_specs(params))
         flips = ", random horizontal flips" if params.augment_flips else ""
+        if params.augment_rotate:
+            flips += f", random rotations up to {params.augment_rotate:g} degrees"
+        if params.augment_shift:
+            flips += f", random shifts up to {params.augment_shift} pixels"
         prox = f", FedProx weight {params.proximal_mu:g}" if params.proximal_mu else ""
         if params.scaffold:
             prox += ", SCAFFOLD control variates (the site keeps its own between rounds)"
@@ -601,7 +651,7 @@ class TorchRecipe:
             TemplateParam(
                 key="architecture",
                 value="cnn",
-                comment="cnn (small), resnet18, monai-densenet (16x16 up) or monai-densenet121 (64x64 up)",
+                comment="cnn, cnn_wide, resnet18, monai-densenet (16x16 up), monai-densenet121 (64x64 up)",
             ),
             TemplateParam(key="input_size", value=side, comment="images are resized to this side"),
             TemplateParam(key="channels", value=1, comment="1 for grey-scale, 3 for colour"),
