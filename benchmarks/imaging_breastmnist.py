@@ -6,7 +6,16 @@ All models run through :func:`fedhealth.runtime.run_study_in_memory`, the runtim
 orchestrator run (without the sockets). Sites: ``builtin://breastmnist/<i>?sites=4&seed=0``.
 
 Run:  python benchmarks/imaging_breastmnist.py [--rounds 20] [--strategies fedavg,fedadam] [--params JSON]
-      [--server-lr 0.01] [--skip-central] [--skip-local] [--json out.json]
+      [--server-lr 0.01] [--skip-central] [--skip-local] [--study-seeds 0,1,2] [--holdout val]
+      [--json out.json]
+
+Strategies: fedavg, fedprox, fedadam, fedyogi, fedadagrad, scaffold, and fedavg-sgd. SCAFFOLD's control
+variates assume plain SGD steps, so ``scaffold`` trains with SGD at ``--sgd-lr`` (momentum 0) instead of the
+preset's Adam; ``fedavg-sgd`` is FedAvg with exactly those local steps, its like-for-like baseline.
+
+``--holdout val`` is the tuning split: sites and the pooled set built from the official train images only,
+every model scored on the official validation images (78), so that settings are chosen without the test set.
+With several ``--study-seeds`` each setting runs once per seed and a summary line gives mean and sd.
 """
 
 from __future__ import annotations
@@ -78,6 +87,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=BREASTMNIST_ROUNDS)
     parser.add_argument("--strategies", default="fedavg")
     parser.add_argument("--server-lr", type=float, default=0.01, help="server learning rate of FedOpt")
+    parser.add_argument("--sgd-lr", type=float, default=0.05, help="local SGD rate of scaffold, fedavg-sgd")
     parser.add_argument("--params", default="{}", help="JSON overriding the recipe params of the preset")
     parser.add_argument("--dp-epsilons", default="", help="e.g. 8,1: FedAvg with DP-SGD at each epsilon")
     parser.add_argument("--dp-params", default='{"norm": "group", "optimizer": "sgd", "learning_rate": 0.1}')
@@ -88,20 +98,63 @@ def main() -> None:
     parser.add_argument("--skip-local", action="store_true")
     parser.add_argument("--skip-central", action="store_true")
     parser.add_argument("--study-seed", type=int, default=0)
+    parser.add_argument(
+        "--study-seeds", default="", help="e.g. 0,1,2: each setting once per seed (overrides --study-seed)"
+    )
+    parser.add_argument(
+        "--holdout", choices=("test", "val"), default="test", help="val: tune on the validation split"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    STUDY_SEED[0] = args.study_seed
+    seeds = [int(x) for x in args.study_seeds.split(",") if x] or [args.study_seed]
+    rows: list[dict[str, Any]] = []
+    for seed in seeds:
+        STUDY_SEED[0] = seed
+        rows += one_seed(args)
     import torch
 
     params = TorchParams(**{**BREASTMNIST_PARAMS.model_dump(), **json.loads(args.params)})
-    sites = {f"site-{i}": d for i, d in enumerate(breastmnist_federation(4, SEED))}
-    pooled = breastmnist_pooled()
+    summary: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {torch_threads()} torch threads, torch {torch.__version__}",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "holdout": args.holdout,
+        "study_seeds": seeds,
+        "params": params.model_dump(mode="json"),
+        "rows": rows,
+    }
+    if len(seeds) > 1:
+        summary["summary"] = []
+        for setting in dict.fromkeys(row["setting"] for row in rows):
+            mine = [row for row in rows if row["setting"] == setting]
+            line = {"setting": setting, "seeds": len(mine)}
+            for key in ("auc", "accuracy", "round_s"):
+                values = np.array([row[key] for row in mine], dtype=np.float64)
+                line[key] = [round(float(values.mean()), 4), round(float(values.std(ddof=1)), 4)]
+            summary["summary"].append(line)
+            print(json.dumps({"mean_sd": line}), flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(summary, handle, indent=2)
+
+
+def one_seed(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every asked-for setting with the study seed ``STUDY_SEED[0]``: one row each."""
+
+    params = TorchParams(**{**BREASTMNIST_PARAMS.model_dump(), **json.loads(args.params)})
+    sites = {f"site-{i}": d for i, d in enumerate(breastmnist_federation(4, SEED, holdout=args.holdout))}
+    pooled = breastmnist_pooled(holdout=args.holdout)
     rows: list[dict[str, Any]] = []
 
     def record(
         setting: str, model: dict[str, np.ndarray], round_s: float, rounds: int, used: TorchParams = params
     ) -> None:
-        row = {"setting": setting, "rounds": rounds, **scored(used, model, pooled), "round_s": round_s}
+        row = {
+            "setting": setting,
+            "seed": STUDY_SEED[0],
+            "rounds": rounds,
+            **scored(used, model, pooled),
+            "round_s": round_s,
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -120,24 +173,22 @@ def main() -> None:
     for strategy in args.strategies.split(",") if not args.skip_federated else []:
         fedopt = strategy in ("fedadam", "fedyogi", "fedadagrad")
         extra = {"server_learning_rate": args.server_lr} if fedopt else {}
-        model, round_s = run(params, sites, args.rounds, strategy, **extra)
-        record(f"federated {strategy}, 4 sites", model, round_s, args.rounds)
-    if not args.skip_central:  # the same recipe, one "site" holding all 624 training images, as many epochs
+        used, name = params, strategy
+        if strategy in ("scaffold", "fedavg-sgd"):
+            sgd = {"optimizer": "sgd", "learning_rate": args.sgd_lr, "momentum": 0.0}
+            used = TorchParams(**{**params.model_dump(), **sgd, "scaffold": strategy == "scaffold"})
+            name = "scaffold" if strategy == "scaffold" else "fedavg"
+        model, round_s = run(used, sites, args.rounds, name, **extra)
+        label = f"{strategy} (local SGD {args.sgd_lr:g})" if used is not params else strategy
+        record(f"federated {label}, 4 sites", model, round_s, args.rounds, used)
+    if not args.skip_central:  # the same recipe, one "site" holding every training image, as many epochs
         model, round_s = run(params, {"pooled": pooled}, args.rounds, "fedavg")
         record("centralized (same code, pooled data)", model, round_s, args.rounds)
     if not args.skip_local:
         for name, data in sites.items():
             model, round_s = run(params, {name: data}, args.rounds, "fedavg")
             record(f"local only: {name} ({data.num_train} images)", model, round_s, args.rounds)
-    summary = {
-        "machine": f"{platform.machine()}, {torch_threads()} torch threads, torch {torch.__version__}",
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "params": params.model_dump(mode="json"),
-        "rows": rows,
-    }
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(summary, handle, indent=2)
+    return rows
 
 
 if __name__ == "__main__":

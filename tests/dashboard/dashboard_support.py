@@ -21,7 +21,7 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 from fedhealth.crypto import IdentityKey
-from fedhealth.dashboard import DashboardExtension
+from fedhealth.dashboard import DashboardExtension, DriftPolicy
 from fedhealth.governance import AuditEventType
 from fedhealth.orchestrator import (
     ModelVersion,
@@ -50,11 +50,13 @@ class Dashboard:
 
 
 @contextmanager
-def dashboard_app(state_dir: Path, database_url: str | None = None) -> Iterator[Dashboard]:
+def dashboard_app(
+    state_dir: Path, database_url: str | None = None, drift: DriftPolicy | None = None
+) -> Iterator[Dashboard]:
     settings = OrchestratorSettings(
         state_dir=state_dir, signing_key=IdentityKey.generate(), rate_per_s=0, database_url=database_url
     )
-    app = create_app(settings, extensions=[*default_extensions(), DashboardExtension()])
+    app = create_app(settings, extensions=[*default_extensions(), DashboardExtension(drift=drift)])
     # https: the session cookie is Secure, so a client only sends it back over HTTPS
     with TestClient(app, base_url="https://testserver") as client:
         yield Dashboard(client=client, svc=app.state.services)

@@ -11,6 +11,7 @@ import pytest
 from fedhealth.dashboard._drift import (
     FRACTION_FLOOR,
     DriftInputError,
+    DriftPolicy,
     DriftThresholds,
     compare_reports,
     psi,
@@ -116,3 +117,37 @@ def test_reports_on_other_bins_or_not_reports_cannot_be_compared():
 def test_thresholds_must_be_positive_and_ordered(warn, alert):
     with pytest.raises(DriftInputError, match="0 < warn <= alert"):
         DriftThresholds(warn=warn, alert=alert)
+
+
+def test_a_dataset_override_replaces_the_default_thresholds_for_that_dataset_only():
+    policy = DriftPolicy.parse(DriftThresholds(0.1, 0.25), ["heart-disease=0.05,0.2", " icu.v2 = 0.3 , 0.3 "])
+    assert policy.for_dataset("heart-disease") == DriftThresholds(0.05, 0.2)
+    assert policy.for_dataset("icu.v2") == DriftThresholds(0.3, 0.3)
+    assert policy.for_dataset("breast-cancer") == DriftThresholds(0.1, 0.25)
+    assert list(policy.datasets) == ["heart-disease", "icu.v2"]
+    # the same PSI is a warning under one dataset's thresholds and fine under another's
+    assert policy.for_dataset("heart-disease").level(0.07) == "warn"
+    assert policy.for_dataset("breast-cancer").level(0.07) == "ok"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("heart-disease", r"'heart-disease': write DATASET=WARN,ALERT"),
+        ("heart-disease=0.1", r"write DATASET=WARN,ALERT"),
+        ("=0.1,0.2", r"write DATASET=WARN,ALERT"),
+        ("heart-disease=low,0.2", r"WARN and ALERT must be numbers"),
+        ("heart-disease=0.3,0.2", r"dataset 'heart-disease': drift thresholds must satisfy 0 < warn"),
+        ("heart-disease=0,0.2", r"0 < warn <= alert"),
+        ("heart-disease=nan,0.2", r"0 < warn <= alert"),
+    ],
+)
+def test_a_malformed_dataset_override_is_refused_in_one_line(override, message):
+    with pytest.raises(DriftInputError, match=message) as caught:
+        DriftPolicy.parse(DriftThresholds(), ["ok=0.1,0.2", override])
+    assert "\n" not in str(caught.value)
+
+
+def test_a_dataset_given_twice_is_refused():
+    with pytest.raises(DriftInputError, match="'a' are given twice"):
+        DriftPolicy.parse(DriftThresholds(), ["a=0.1,0.2", "a=0.2,0.3"])

@@ -5,7 +5,9 @@ bounded number of SQL statements; each site's validation metrics are drawn acros
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 from dashboard_support import Dashboard, add_user, csrf_of, dashboard_app, figure_of, seed, sign_in
 from sqlalchemy import event
 
-from fedhealth.dashboard._drift import DriftThresholds
+from fedhealth.dashboard._drift import DriftPolicy, DriftThresholds
 from fedhealth.dashboard._drift_watch import DriftObserver
 from fedhealth.governance import AuditEventType, ModelProvenance, ProvenanceStore
 from fedhealth.orchestrator import NewRound
@@ -93,9 +95,9 @@ def stats_study(dash: Dashboard, name: str, report: dict[str, Any]) -> str:
     return study.id
 
 
-def finish(dash: Dashboard, study_id: str) -> None:
+def finish(dash: Dashboard, study_id: str, thresholds: DriftThresholds | DriftPolicy | None = None) -> None:
     """What the orchestrator's round engine does when a study ends: tell the drift observer."""
-    DriftObserver(dash.svc.store, dash.svc.settings, DriftThresholds()).study_finished(
+    DriftObserver(dash.svc.store, dash.svc.settings, thresholds or DriftThresholds()).study_finished(
         dash.svc.store.get_study(study_id)
     )
 
@@ -260,6 +262,68 @@ def test_serve_takes_the_drift_thresholds_and_refuses_disordered_ones():
 
     served = _serve_extensions(dashboard=True, metrics_port=None, metrics_host="127.0.0.1", drift=(0.2, 0.5))
     [dashboard] = [e for e in served if isinstance(e, DashboardExtension)]
-    assert dashboard.drift == DriftThresholds(warn=0.2, alert=0.5)
+    assert dashboard.drift == DriftPolicy(default=DriftThresholds(warn=0.2, alert=0.5))
     with pytest.raises(CliError, match=r"--drift-warn/--drift-alert: drift thresholds must satisfy 0 < warn"):
         _serve_extensions(dashboard=True, metrics_port=None, metrics_host="127.0.0.1", drift=(0.3, 0.2))
+    with pytest.raises(CliError, match=r"^--drift-dataset: drift thresholds 'heart-disease=0.2': write"):
+        _serve_extensions(
+            dashboard=True,
+            metrics_port=None,
+            metrics_host="127.0.0.1",
+            drift=(0.1, 0.2),
+            drift_datasets=["breast-cancer=0.2,0.4", "heart-disease=0.2"],
+        )
+    served = _serve_extensions(
+        dashboard=True, metrics_port=None, metrics_host="127.0.0.1", drift_datasets=["icu=0.05,0.1"]
+    )
+    [dashboard] = [e for e in served if isinstance(e, DashboardExtension)]
+    assert dashboard.drift.for_dataset("icu") == DriftThresholds(0.05, 0.1)
+    assert dashboard.drift.for_dataset("other") == DriftThresholds()
+
+
+def test_serve_stops_at_start_with_one_line_on_malformed_dataset_thresholds(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedhealth.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        ["orchestrator", "serve", "--home", str(tmp_path / "none"), "--drift-dataset", "icu=0.5,0.1"],
+    )
+    assert result.exit_code == 2  # before the (missing) home is even looked at
+    lines = result.output.strip().splitlines()
+    assert lines == [
+        "error: --drift-dataset: dataset 'icu': drift thresholds must satisfy 0 < warn <= alert "
+        "(got warn=0.5, alert=0.1)"
+    ]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_each_dataset_is_rated_with_its_own_thresholds_and_the_page_shows_them(tmp_path, backend):
+    policy = DriftPolicy(
+        default=DriftThresholds(0.1, 0.25), datasets={"breast-cancer": DriftThresholds(0.3, 2.0)}
+    )
+    with (
+        postgres_schema() if backend == "postgres" else _no_database() as url,
+        dashboard_app(tmp_path / "state", database_url=url, drift=policy) as dash,
+    ):
+        _admin(dash)
+        finish(dash, stats_study(dash, "ref", _report(STEADY)), policy)
+        finish(dash, stats_study(dash, "later", _report(SHIFTED)), policy)
+        [entry] = drift_entries(dash)
+        # under the default thresholds this is an alert (b) and a warning (all sites): see the first test
+        assert entry["thresholds"] == {"warn": 0.3, "alert": 2.0}
+        assert entry["level"] == "warn"
+        levels = {(f["site"], f["feature"]): f["level"] for f in entry["findings"]}
+        assert levels == {(None, "x"): "ok", ("a", "x"): "ok", ("b", "x"): "warn"}
+        page = dash.client.get("/ui/drift").text
+        assert "data-alert=" not in page
+        table = page.split('id="drift-thresholds"')[1].split("</table>")[0]
+        assert '<tr data-dataset="breast-cancer"><td>breast-cancer</td><td>0.3</td><td>2.0</td>' in table
+        assert "every other dataset</td><td>0.1</td><td>0.25</td>" in table
+        assert "warn at PSI ≥ 0.3, alert at PSI ≥ 2.0" in page
+
+
+@contextlib.contextmanager
+def _no_database() -> Iterator[None]:
+    yield None

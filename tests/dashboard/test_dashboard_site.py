@@ -1,8 +1,9 @@
 """The site dashboard (``fedhealth site dashboard``) in chromium: a data steward signs in with the one-time
 link, reads a pending spec, approves it with a reason, and the study that waited for this site starts and
 completes; the decision is in the site's signed audit log, and the site's overview shows its budgets and
-its own audit log verified. The sign-in link works once, and a decision
-without its CSRF token is refused."""
+its own audit log verified. Once a patient whose data the study trained on withdraws, the overview flags the
+study; the data-quality page shows the registered dataset's report. The sign-in link works once, and a
+decision without its CSRF token is refused."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from pathlib import Path
 import pytest
 from dashboard_support import assert_accessible, copy_screenshots
 from playwright.sync_api import sync_playwright
+from sqlalchemy import select
 
-from fedhealth.agent import SiteGovernance
-from fedhealth.governance import AuditEventType
+from fedhealth.agent import SiteDatasets, SiteGovernance
+from fedhealth.governance import GOVERNANCE_METADATA, AuditEventType
 from fedhealth.protocol import StudyStatus
 from fedhealth.sim import LocalFederation
 from support import BREAST_SITES, breast_spec
@@ -86,14 +88,40 @@ def test_a_steward_approves_a_pending_spec_in_the_browser_and_the_study_starts(s
         assert "approved" in page.locator(f"#decided tr[data-spec='{study.spec_hash}']").inner_text()
         page.click("#overview-link")  # the site's budgets, consent and its own audit log
         assert "3.0000" in page.locator("#site-budgets tr[data-dataset='bc-dp']").inner_text()
+        page.wait_for_selector("#site-verify")  # loaded after the page (htmx)
         assert page.text_content("#site-verify").startswith("Verified")
-        _shot(page, "site-overview", tmp_path)
         # the link was spent: a second use opens nothing
         other = browser.new_page()
         assert other.goto(ui["login_url"]).status == 401
+        final = fed.wait_for_study(study.study_id, timeout=240)
+        assert final.status is StudyStatus.COMPLETED, final.reason
+        # a patient whose rows hospital-b trained on withdraws; the orchestrator flags the model versions,
+        # the overview the study
+        members = GOVERNANCE_METADATA.tables["gov_consent_snapshot_members"]
+        with SiteGovernance(fed.site_home(B)) as governance:
+            with governance.engine.connect() as conn:
+                patient = conn.execute(select(members.c.patient_id).limit(1)).scalar_one()
+            notice = governance.consent().withdraw(patient, spec.purpose)
+        assert notice.snapshot_hashes
+        page.reload()
+        page.click("#send-withdrawals")  # the notice to the orchestrator, which flags the model versions
+        sent = page.text_content("#withdrawals-sent")
+        assert sent.startswith("Sent 1 withdrawal notice(s)")
+        assert "flags 0 " not in sent
+        flagged = page.locator(f"#site-flags tr[data-study='{study.study_id}']")
+        assert "steward-ui" in flagged.inner_text()
+        assert flagged.locator("td.withdrawals").inner_text() == "1"
+        assert flagged.locator("td.patients").inner_text() == "1"
+        assert f">{patient}<" not in page.content()
+        page.wait_for_selector("#site-verify")
+        _shot(page, "site-overview", tmp_path)
+        SiteDatasets(fed.site_home(B)).add("breast-cancer", BREAST_SITES[B])  # what `site dataset add` does
+        page.click("#datasets-link")  # each registered dataset's data-quality report
+        quality = page.locator("section[data-dataset='breast-cancer']")
+        assert quality.locator("table.quality tbody tr").count() == 30  # one row per feature
+        assert "builtin dataset: fixed" in quality.locator(".checked").inner_text()
+        _shot(page, "site-datasets", tmp_path)
         browser.close()
-    final = fed.wait_for_study(study.study_id, timeout=240)
-    assert final.status is StudyStatus.COMPLETED, final.reason
     with SiteGovernance(fed.site_home(B)) as governance:
         entries = governance.log.entries()
     approved = [e for e in entries if e.type == AuditEventType.STUDY_APPROVED]

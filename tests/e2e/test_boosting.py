@@ -7,11 +7,13 @@ import json
 import os
 import signal
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import lightgbm
 import numpy as np
+import onnxruntime
 import pandas as pd
 import pytest
 import xgboost
@@ -19,7 +21,7 @@ from typer.testing import CliRunner
 
 import fedhealth
 from fedhealth.cli import app
-from fedhealth.data import load_heart_disease
+from fedhealth.data import load_heart_disease, open_dataset
 from fedhealth.learning import (
     LIGHTGBM_RECIPE,
     LightGbmModel,
@@ -31,6 +33,7 @@ from fedhealth.learning import (
     train_pooled_xgboost,
 )
 from fedhealth.learning._lightgbm import cell_counts
+from fedhealth.learning._survival import harrell_c
 from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec, StudyStatus, TaskKind, TaskStatus
 from fedhealth.runtime import run_collective_in_memory
 from fedhealth.secagg import encode_fixed
@@ -60,7 +63,25 @@ def triage(tmp_path_factory) -> dict[str, Path]:
     for i, site in enumerate(SITES):
         files[site] = folder / f"{site}.csv"
         _write_triage(files[site], seed=i)
+        _write_survival(_survival_csv(files[site]), seed=i)
     return files
+
+
+def _survival_csv(triage: Path) -> Path:
+    return triage.with_name(f"{triage.stem}-survival.csv")
+
+
+def _write_survival(path: Path, *, seed: int) -> None:
+    """Survival rows: three features, a time (months) and an event indicator, a baseline hazard per site."""
+    rng = np.random.default_rng(100 + seed)
+    lines = ["x1,x2,x3,months,event"]
+    for _ in range(90):
+        x = rng.normal(size=3)
+        event_time = rng.exponential(1 / np.exp(0.9 * x[0] - 0.4 * x[1])) * (20 + 5 * seed)
+        censor = rng.uniform(0, 60)
+        months = max(min(event_time, censor), 0.05)
+        lines.append(f"{x[0]:.4f},{x[1]:.4f},{x[2]:.4f},{months:.2f},{int(event_time <= censor)}")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _write_triage(path: Path, *, seed: int, third_class_row: int | None = None) -> None:
@@ -77,6 +98,7 @@ def _datasets(site: str, triage: dict[str, Path]) -> dict[str, str]:
     return {
         "heart-disease": f"builtin://heart-disease/{SITES.index(site)}",
         "triage": f"file://{triage[site]}?label=y",
+        "survival": f"file://{_survival_csv(triage[site])}?label=event&time=months",
     }
 
 
@@ -218,7 +240,7 @@ def test_an_exported_boosting_model_predicts_raw_rows_as_the_federated_model_doe
     exported = _cli(fed, "model", "export", final.study_id, "--out", out, "--json")
     assert exported.exit_code == 0, exported.output
     metadata = json.loads(exported.output)
-    assert set(metadata["files"]) == {"result.json", native}
+    assert set(metadata["files"]) == {"result.json", native, "model.onnx"}
     assert metadata["recipe"] == {"name": recipe, "version": "1"}
     assert metadata["feature_names"] == names
     assert metadata["label"] == {"positive_class": 1, "meaning": "heart disease"}
@@ -242,6 +264,10 @@ def test_an_exported_boosting_model_predicts_raw_rows_as_the_federated_model_doe
         native_model = xgboost.Booster()
         native_model.load_model(str(out / native))
         assert np.array_equal(native_model.predict(xgboost.DMatrix(model.binning.codes(X))), ours)
+
+    # the ONNX file (binning and trees in one graph) takes the same rows and agrees to 1e-5
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.allclose(session.run(None, {"features": X})[-1][:, 1], ours, rtol=0, atol=1e-5)
 
     # an edited model file is refused, not applied
     (out / native).write_text(result["model"].replace("1", "2", 1))
@@ -299,6 +325,73 @@ def test_a_third_label_class_at_one_site_refuses_a_binary_study_before_training(
     assert after.status is StudyStatus.COMPLETED, after.reason
 
 
+def test_federated_cox_through_the_services_releases_each_site_s_c_index_and_the_stratified_model(
+    fed, triage
+):
+    params = {
+        "n_features": 3,
+        "objective": "survival:cox",
+        "num_rounds": 5,
+        "max_depth": 2,
+        "time_range": [0, 60],
+        "value_range": [-5, 5],
+    }
+    spec = _spec(fed, "cox", params, timeout_s=60).model_copy(
+        update={"dataset": "survival", "recipe": RecipeSpec(name="xgboost", params=params)}
+    )
+    final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=300, interval=0.2)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    result = final.rounds[0].metrics or {}
+    datasets = [open_dataset(_datasets(site, triage)["survival"]) for site in SITES]
+    assert all(d.survival and d.feature_names == ("x1", "x2", "x3") for d in datasets)
+    reference = train_pooled_xgboost(XGBoostParams(**params), datasets)
+    model = XGBoostModel.from_result(result)
+    X = np.concatenate([d.X_test for d in datasets])
+    assert np.allclose(model.margin(X), reference.margin(X), rtol=0, atol=1e-5)
+    for site, data in zip(SITES, datasets, strict=True):  # each site's exact C-index, by name
+        exact = harrell_c(data.time_test, data.y_test, model.margin(data.X_test))
+        assert result["c_index_sites"][site] == pytest.approx(exact, abs=1e-9)
+    assert result["test_rows"] == len(X)
+    assert 0.5 < result["c_index"] < 1
+
+
+def test_a_killed_site_s_study_retries_and_resumes_from_the_last_common_checkpoint_to_the_pooled_model(
+    fed, capture, data_dir, triage
+):
+    capture.unlink(missing_ok=True)
+    params = {"n_features": 13, "num_rounds": 20, "num_leaves": 8, "retries": 3}
+    study = fed.create_study(_spec(fed, "lightgbm-retried", params, timeout_s=6))
+    deadline = time.monotonic() + 120
+    while max((r["index"] for r in _records(capture) if r["event"] == "completed"), default=0) < 80:
+        assert time.monotonic() < deadline, "the training did not get going"
+        time.sleep(0.05)
+    victim = fed.agents["center-1"]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    _restart(fed, "center-1", data_dir, triage)  # the same home: its checkpoints are there
+    final = fed.wait_for_study(study.study_id, timeout=240, interval=0.2)
+
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    # the killed session failed with its reason; a retry may fail too while the agent restarts (its
+    # session's set-up waits 6 s); the last session completed
+    first, *retries, last = final.rounds
+    assert first.status.value == "failed"
+    assert "center-1 did not take part in collective call" in (first.reason or "")
+    assert {t.status for t in first.tasks} == {TaskStatus.FAILED}
+    assert all(r.status.value == "failed" for r in retries)
+    assert last.status.value == "completed"
+    assert [r.number for r in final.rounds] == list(range(1, len(final.rounds) + 1))
+    result = last.metrics or {}
+    assert result["resumed_from"] >= 1  # the retry started from the checkpointed trees
+    centers = [load_heart_disease(c, data_dir, download=False) for c in range(4)]
+    pooled = train_pooled(LightGbmParams(**params), centers)
+    assert result["model"].split("end of trees")[0] == pooled.model_text.split("end of trees")[0]
+    # the checkpoints stay in each site's home, private to it
+    [folder] = (fed.site_home("center-1").root / "checkpoints").iterdir()
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert [p.name for p in folder.iterdir()] == ["lightgbm-checkpoint.json"]
+
+
 def test_a_site_killed_mid_training_fails_the_boosting_session_for_everyone(fed, capture):
     capture.unlink(missing_ok=True)
     params = {"n_features": 13, "num_rounds": 5000, "num_leaves": 31}
@@ -354,8 +447,17 @@ def test_bad_boosting_params_are_refused_at_submission_in_one_line_and_no_study_
 
 
 def _restart(fed: LocalFederation, site: str, data_dir: Path, triage: dict[str, Path]) -> None:
+    """Start the site's agent again and wait until the new process has called the orchestrator (the site
+    was seen before: ``wait_for_sites`` alone would return at once)."""
+    started = datetime.now(UTC)
     fed.start_agent(site, _datasets(site, triage), extra_args=["--data-dir", str(data_dir)])
-    fed.wait_for_sites(SITES)
+    deadline = time.monotonic() + 60
+    while True:
+        seen = {s.name: s.last_seen_at for s in fed.operator.sites()}.get(site)
+        if seen is not None and seen > started:
+            return
+        assert time.monotonic() < deadline, f"{site}'s restarted agent never called the orchestrator"
+        time.sleep(0.05)
 
 
 def test_a_killed_xgboost_session_fails_cleanly_and_the_same_agents_train_again(

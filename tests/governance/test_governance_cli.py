@@ -320,3 +320,42 @@ def test_an_unknown_model_is_a_one_line_error(provenance_db):
     result = runner.invoke(model_app, ["card", "ffffffffffff", "--db", str(path)])
     assert result.exit_code == 1
     assert one_line(result.stderr).startswith("error: no recorded model")
+
+
+def test_model_card_carries_a_membership_benchmark_result_and_names_a_bad_one(provenance_db, tmp_path):
+    path, digest = provenance_db
+    result_file = tmp_path / "membership.json"
+    row = {
+        "dataset": "breastmnist",
+        "setting": "FedAvg (no DP)",
+        "target_epsilon": None,
+        "epsilon": None,
+        "delta": None,
+        "attack": "lira-online",
+        "auc": 0.61,
+        "tpr_at_fpr": 0.04,
+        "fpr": 0.01,
+        "members": 50,
+        "non_members": 50,
+        "models": 6,
+        "rounds": 20,
+    }
+    result_file.write_text(
+        json.dumps(
+            {"kind": "fedhealth-membership-benchmark", "measured_at": "2026-12-06", "measurements": [row]}
+        )
+    )
+    out = tmp_path / "card.md"
+    args = ["card", digest, "--db", str(path), "--out", str(out), "--membership", str(result_file)]
+    result = runner.invoke(model_app, args)
+    assert result.exit_code == 0, result.output
+    row = "| breastmnist | FedAvg (no DP) | 6 x 20 | ∞ (no DP) | lira-online | 0.610 | 0.040 |"
+    assert row in out.read_text()
+    result_file.write_text("{not json")
+    result = runner.invoke(model_app, args)
+    assert result.exit_code == 1
+    assert one_line(result.stderr).startswith("error: --membership: membership.json is not JSON")
+    result_file.write_text(json.dumps({"kind": "fedhealth-membership-benchmark", "measurements": []}))
+    result = runner.invoke(model_app, args)
+    assert result.exit_code == 1
+    assert "measurements must be a non-empty list" in one_line(result.stderr)

@@ -20,6 +20,7 @@ from fedhealth.governance import (
     model_card_markdown,
     to_prov_json,
 )
+from fedhealth.privacy import MembershipReport
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 SPEC = hashlib.sha256(b"spec").hexdigest()
@@ -304,3 +305,53 @@ def test_the_model_card_states_a_withdrawal_flag_and_the_absence_of_dp():
     assert h("m2")[:16] in card
     assert "No differential-privacy guarantee" in card
     assert "No per-site evaluation" in card
+
+
+def _measured(dataset: str, setting: str, eps: float | None, auc: float, tpr: float, attack: str) -> dict:
+    return {
+        "dataset": dataset,
+        "setting": setting,
+        "target_epsilon": eps,
+        "epsilon": eps,
+        "delta": 1e-5 if eps is not None else None,
+        "attack": attack,
+        "auc": auc,
+        "tpr_at_fpr": tpr,
+        "fpr": 0.01,
+        "members": 100,
+        "non_members": 100,
+    }
+
+
+MEMBERSHIP = MembershipReport.from_json(
+    {
+        "kind": "fedhealth-membership-benchmark",
+        "measured_at": "2026-12-06T10:00:00Z",
+        "setup": {"models": 8},
+        "measurements": [
+            _measured("heart-disease", "DP-SGD", 1.0, 0.51, 0.012, "loss"),
+            _measured("heart-disease", "DP-SGD", 1.0, 0.53, 0.011, "lira-offline"),
+            _measured("heart-disease", "DP-SGD", 4.0, 0.55, 0.02, "lira-offline"),
+            _measured("heart-disease", "no DP", None, 0.6, 0.05, "lira-online"),
+        ],
+    }
+)
+
+
+def test_the_model_card_carries_the_measured_membership_figures_beside_epsilon():
+    card = model_card_markdown(chain(), intended_use="x", membership=MEMBERSHIP)
+    section = card.split("### Measured membership inference", 1)[1].split("## Consent statement")[0]
+    # one row per setting, its strongest attack; the epsilon beside it
+    assert "| heart-disease | DP-SGD | n/a | 1 (1e-05) | lira-offline | 0.530 | 0.011 |" in section
+    assert "| heart-disease | no DP | n/a | ∞ (no DP) | lira-online | 0.600 | 0.050 |" in section
+    assert "not on this one" in section
+    # the model's own epsilon (1.5) falls under the nearest measured epsilon not below it: 4
+    assert "ε ≤ 1.5: at the nearest measured ε not below it (4, heart-disease)" in section
+    assert "AUC 0.550 and TPR 0.020" in section
+    no_dp = version("m3", "m2", 3, {"a": "S3"}, eps={})
+    card = model_card_markdown([no_dp], intended_use="x", membership=MEMBERSHIP)
+    assert "compare it with the no-DP rows" in card
+    above = version("m3", "m2", 30, {"a": "S3"})  # epsilon 15
+    card = model_card_markdown([above], intended_use="x", membership=MEMBERSHIP)
+    assert "above every measured ε" in card
+    assert "Measured membership inference" not in model_card_markdown(chain(), intended_use="x")

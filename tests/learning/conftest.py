@@ -1,5 +1,6 @@
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,3 +29,11 @@ def heart_data_dir() -> Path:
     if missing:
         pytest.fail(f"FEDHEALTH_DATA_DIR={folder} lacks heart_disease/{missing}")
     return folder
+
+
+@pytest.fixture(scope="session")
+def heart_centers(heart_data_dir: Path) -> list[Any]:
+    """Fed-Heart-Disease's four centers, loaded once for the boosting tests (datasets are immutable)."""
+    from fedhealth.data import load_heart_disease
+
+    return [load_heart_disease(c, heart_data_dir, download=False) for c in range(4)]

@@ -10,7 +10,7 @@ import lightgbm  # the gbdt extra is installed by `make test`: missing, these te
 import numpy as np
 import pytest
 
-from fedhealth.data import SchemaError, load_heart_disease
+from fedhealth.data import SchemaError
 from fedhealth.learning import (
     LIGHTGBM_RECIPE,
     InMemorySession,
@@ -29,8 +29,8 @@ SITES = ["center-0", "center-1", "center-2", "center-3"]
 
 
 @pytest.fixture(scope="module")
-def centers(heart_data_dir) -> list[Any]:
-    return [load_heart_disease(c, heart_data_dir, download=False) for c in range(4)]
+def centers(heart_centers) -> list[Any]:
+    return heart_centers
 
 
 def _federated(params: LightGbmParams, centers: list[Any]) -> dict[str, tuple[LightGbmModel, dict[str, int]]]:

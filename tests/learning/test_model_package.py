@@ -365,7 +365,7 @@ def test_standardize_none_trains_on_the_raw_features(sites):
         ),
         ({"standardize": "given", "mean": [0.0] * 13, "scale": [0.0] * 13}, True, "greater than 0"),
         ({"standardize": "site"}, True, "'site' is the default"),
-        ({"standardize": "federated"}, True, "standardize"),
+        ({"standardize": "federated", "mean": [0.0] * 13}, True, "mean and scale go together"),
         ({"standardize": "none"}, False, "preprocessing needs feature_names"),
         (
             {"standardize": "none", "categorical": {"cp": {"categories": [1, 2], "features": ["cp_9"]}}},

@@ -226,7 +226,12 @@ def test_logreg_recipe_runs_dp_sgd_exactly_as_logreg_train_dp_and_reports_no_los
 def test_logreg_declares_both_dp_levels_and_refuses_dp_sgd_with_adam_or_fedprox():
     plain = resolve_recipe("logreg", "1", {"n_features": 3})
     assert plain.capabilities == RecipeCapabilities(
-        reads_data=True, record_dp=True, site_dp=True, secure_sum=True, export_onnx=True
+        reads_data=True,
+        record_dp=True,
+        site_dp=True,
+        secure_sum=True,
+        export_onnx=True,
+        federated_scaling=True,
     )
     assert (plain.dp_problem(DpLevel.RECORD), plain.dp_problem(DpLevel.SITE)) == (None, None)
     for params in ({"optimizer": "adam"}, {"proximal_mu": 0.1}):

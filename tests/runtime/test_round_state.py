@@ -31,6 +31,7 @@ from fedhealth.runtime import (
     FinishStudy,
     OpenRound,
     Resumed,
+    RetrySession,
     RoundCommand,
     RoundEvent,
     RoundPhase,
@@ -49,7 +50,7 @@ from support import synthetic_recipe
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SITES = ("north", "east", "south")
 CLOSED = (TaskStatus.COMPLETED, TaskStatus.REJECTED, TaskStatus.FAILED, TaskStatus.TIMED_OUT)
-TERMINAL = (OpenRound, FinishStudy, FailStudy)
+TERMINAL = (OpenRound, RetrySession, FinishStudy, FailStudy)
 
 
 def rules(
@@ -359,6 +360,45 @@ def test_a_session_round_closing_asks_how_its_session_ended():
     )
 
 
+def test_a_failed_session_of_a_study_with_retries_opens_the_next_session_round():
+    r = StudyRules(
+        rounds=1,
+        min_sites=1,
+        train_sites=SITES,
+        evaluation_sites=SITES,
+        round_deadline_s=60.0,
+        combination=Combination.SESSION,
+        session_attempts=2,
+    )
+    state = fresh(r, kind=TaskKind.COLLECTIVE)
+    state.handle(TaskClosed(site="east", status=TaskStatus.FAILED, reason="internal_error"))
+    close, retry = state.handle(SessionFailed(reason="collective session failed: site_lost"))
+    assert isinstance(close, CloseTasks)
+    assert {o.status for o in close.outcomes} == {TaskStatus.FAILED}
+    assert retry == RetrySession(reason="collective session failed: site_lost", number=2, sites=SITES)
+    assert state.phase is RoundPhase.ENDED
+    assert state.handle(SessionDone()) == ()  # nothing after the round's end
+    last = fresh(r, number=2, kind=TaskKind.COLLECTIVE)  # the retry is a round of this study; a third is not
+    assert last.handle(SessionFailed(reason="lost again"))[-1] == FailStudy(round=2, reason="lost again")
+    with pytest.raises(ValueError, match="not a round of this study"):
+        fresh(r, number=3, kind=TaskKind.COLLECTIVE)
+
+
+def test_the_session_attempts_are_the_recipe_s_retries_plus_one():
+    keys = {s: IdentityKey.generate().public().fingerprint for s in SITES}
+    spec = StudySpec(
+        name="gbdt",
+        dataset="heart",
+        recipe=RecipeSpec(name="lightgbm", params={"n_features": 4, "retries": 2}),
+        rounds=1,
+        train_sites=list(SITES),
+        secure_aggregation=SecureAggregationSpec(site_keys=keys),
+    )
+    assert StudyRules.of(spec).session_attempts == 3
+    bare = spec.model_copy(update={"recipe": RecipeSpec(name="lightgbm", params={"n_features": 4})})
+    assert StudyRules.of(bare).session_attempts == 1
+
+
 def test_a_session_s_unusable_result_fails_the_study():
     state = fresh(rules(Combination.SESSION, rounds=1), kind=TaskKind.COLLECTIVE)
     state.handle(SessionDone())
@@ -407,6 +447,7 @@ def test_a_round_that_does_not_fit_the_study_is_refused():
     r = rules(rounds=2)
     for number, kind in [
         (0, TaskKind.TRAIN),
+        (0, TaskKind.COLLECTIVE),  # no scaling pre-step in this study
         (3, TaskKind.TRAIN),
         (2, TaskKind.EVALUATE),
         (4, TaskKind.EVALUATE),
@@ -430,6 +471,7 @@ def test_a_round_that_does_not_fit_the_study_is_refused():
         ({"min_sites": 0}, "min_sites=0"),
         ({"train_sites": ("a", "a")}, "named twice"),
         ({"round_deadline_s": 0.0}, "not positive"),
+        ({"combination": Combination.SESSION, "scaling_step": True}, "a collective study has no scaling"),
     ],
 )
 def test_study_rules_that_cannot_hold_are_refused(fields, message):
@@ -478,10 +520,16 @@ def study_rules(draw: st.DrawFn) -> StudyRules:
         evaluation_sites=sites[: draw(st.integers(1, n))],
         round_deadline_s=10.0,
         combination=combination,
+        # the scaling pre-step (round 0) of standardize = "federated": a rounds study's
+        scaling_step=combination is not Combination.SESSION and draw(st.booleans()),
+        session_attempts=draw(st.integers(1, 2)) if combination is Combination.SESSION else 1,
     )
 
 
-def round_events(r: StudyRules, sites: tuple[str, ...]) -> st.SearchStrategy[list[RoundEvent]]:
+def round_events(
+    r: StudyRules, sites: tuple[str, ...], combination: Combination | None = None
+) -> st.SearchStrategy[list[RoundEvent]]:
+    combination = combination or r.combination
     choices: list[st.SearchStrategy[RoundEvent]] = [
         st.builds(
             TaskClosed, site=st.sampled_from(sites), status=st.sampled_from(CLOSED), reason=st.just("r")
@@ -491,10 +539,10 @@ def round_events(r: StudyRules, sites: tuple[str, ...]) -> st.SearchStrategy[lis
         st.builds(Aggregated, at=st.just(T0)),
         st.builds(AggregationFailed, reason=st.just("broken")),
     ]
-    if r.combination is Combination.SECURE:
+    if combination is Combination.SECURE:
         subsets = st.lists(st.sampled_from(sites), unique=True).map(tuple)
         choices += [st.builds(SecureSumDone, contributors=subsets), st.just(SecureSumFailed(reason="lost"))]
-    if r.combination is Combination.SESSION:
+    if combination is Combination.SESSION:
         choices += [st.just(SessionDone()), st.just(SessionFailed(reason="lost"))]
     return st.lists(st.one_of(choices), max_size=12)
 
@@ -521,7 +569,7 @@ def check_round(state: RoundState, events: list[RoundEvent]) -> list[RoundComman
                 assert list(command.contributors) == sorted(set(command.contributors))
                 if state.kind is TaskKind.TRAIN:
                     assert len(command.contributors) >= state.rules.min_sites
-                if state.rules.combination is Combination.PLAIN:
+                if state.combination is Combination.PLAIN:
                     assert all(state.tasks[s].status is TaskStatus.COMPLETED for s in command.contributors)
             if isinstance(command, (OpenRound, FinishStudy)):
                 assert aggregated is not None, "a round counts only once aggregated"
@@ -536,11 +584,13 @@ def check_round(state: RoundState, events: list[RoundEvent]) -> list[RoundComman
 @given(data=st.data())
 def test_any_event_sequence_keeps_the_round_invariants_and_is_deterministic(data):
     r = data.draw(study_rules())
-    number = data.draw(st.integers(1, 1 if r.combination is Combination.SESSION else r.rounds + 1))
-    kind = TaskKind.COLLECTIVE if r.combination is Combination.SESSION else None
+    first = 0 if r.scaling_step else 1
+    number = data.draw(st.integers(first, 1 if r.combination is Combination.SESSION else r.rounds + 1))
+    session = r.combination is Combination.SESSION or number == 0
+    kind = TaskKind.COLLECTIVE if session else None
     kind = kind or (TaskKind.TRAIN if number <= r.rounds else TaskKind.EVALUATE)
     sites = r.evaluation_sites if kind is TaskKind.EVALUATE else r.train_sites
-    events = data.draw(round_events(r, sites))
+    events = data.draw(round_events(r, sites, Combination.SESSION if session else None))
     commands = check_round(fresh(r, number, kind), events)
     assert check_round(fresh(r, number, kind), events) == commands  # the same events, the same commands
 
@@ -554,16 +604,18 @@ def test_a_study_driven_to_its_end_finishes_or_fails_once_within_rounds_plus_one
     ends: list[RoundCommand] = []
     while opening is not None:
         opened += 1
-        assert opened <= r.rounds + 1
+        assert opened <= (
+            r.session_attempts if r.combination is Combination.SESSION else r.rounds + 1 + int(r.scaling_step)
+        )
         state = RoundState.opened(r, opening)
         events = [
             TaskClosed(site=s, status=data.draw(st.sampled_from(CLOSED)), reason="r") for s in opening.sites
         ]
-        if r.combination is Combination.SECURE:
+        if state.combination is Combination.SECURE:
             events.append(
                 SecureSumDone(contributors=tuple(data.draw(st.sets(st.sampled_from(opening.sites)))))
             )
-        if r.combination is Combination.SESSION:
+        if state.combination is Combination.SESSION:
             events.append(data.draw(st.sampled_from([SessionDone(), SessionFailed(reason="lost")])))
         events += [DeadlinePassed(), Aggregated(at=T0)]
         opening = None
@@ -571,6 +623,11 @@ def test_a_study_driven_to_its_end_finishes_or_fails_once_within_rounds_plus_one
             if isinstance(command, OpenRound):
                 assert command.number == state.number + 1
                 opening = command
+            elif isinstance(command, RetrySession):  # the driver opens it with a fresh deadline
+                assert command.number == state.number + 1
+                opening = OpenRound(
+                    number=command.number, kind=state.kind, sites=command.sites, deadline_at=T0
+                )
             elif isinstance(command, (FinishStudy, FailStudy)):
                 ends.append(command)
     assert len(ends) == 1, "a study ends once: finished or failed, never both"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import importlib
 import json
 import logging
@@ -37,6 +38,7 @@ from fedhealth.agent._datasets import feeds_consent, sync_consent
 from fedhealth.agent._home import SiteHome
 from fedhealth.agent._pipeline import SiteGate, TaskContext, TaskRefused
 from fedhealth.agent._secure import PeerPins, UnmaskRecord, check_secure_round, run_secure_exchange
+from fedhealth.agent._site_state import SiteStateStore
 from fedhealth.core import (
     ConfigError,
     DatasetError,
@@ -60,14 +62,19 @@ from fedhealth.protocol import (
     failure_code,
 )
 from fedhealth.runtime import (
+    SCALING_ROUND,
     check_dataset_fits,
     check_recipe,
     encode_contribution,
     encode_update,
     evaluate_on_site,
+    federated_scaling_requested,
+    finish_scaling,
     param_specs,
+    run_scaling_program,
     run_site_program,
     secure_codec,
+    task_recipe,
     train_on_site,
 )
 from fedhealth.secagg import KeyReuseGuard, SecAggSecurityError, SessionFailedError
@@ -117,9 +124,14 @@ class SiteAgent:
         self.gates: list[SiteGate] = list(gates)
         self._pins = PeerPins(settings.home / "peers.json" if settings.home is not None else None)
         self._key_guard = KeyReuseGuard()
+        # per study: the federated scaling this site's own pre-step session released (standardize =
+        # "federated"), checked against what later tasks carry
+        self._scalings: dict[str, Any] = {}
         # the site database (HOME/site.sqlite), where the site records each secure round it unmasked
         home = SiteHome(settings.home) if settings.home is not None else None
         self._unmasked = UnmaskRecord.at(home.database_path if home is not None else None)
+        # what a recipe keeps here between a study's rounds (SCAFFOLD's c_i), per study; never sent
+        self._site_state = SiteStateStore(home.recipe_state_path if home is not None else None)
         # the specs awaiting this site's steward, fetched and registered between polls
         self._approvals = (
             ApprovalSync(home, self.client) if home is not None and home.settings_path.exists() else None
@@ -223,6 +235,10 @@ class SiteAgent:
                 self._run_collective(task, ctx, recipe)
                 self.tasks_done += 1
                 return
+            # a federated standardization's task must carry the scaling its pre-step released, the one this
+            # site took part in (InputError: invalid_task), before anything of a secure round starts
+            task_recipe(task)
+            self._check_scaling(task)
             # before the model or any data: a secure study's round must be the one the steward approved, and
             # a secure study's task without its secure round is refused (nothing goes out in clear)
             secure = check_secure_round(task, site, self.settings.identity, self._pins)
@@ -237,9 +253,13 @@ class SiteAgent:
                 # the budget reserved for the task is charged; one before it (missing file, bad header,
                 # a value that does not parse, a schema that does not fit) released.
                 ctx.data_read = True
+            kept_after: dict[str, np.ndarray] | None = None
             if task.kind is TaskKind.TRAIN:
-                outcome = train_on_site(task, site, params, dataset)
-                delta, metrics = outcome.delta, outcome.metrics
+                kept = None
+                if recipe.capabilities.site_state:
+                    kept = self._site_state.load(task.study_id, task.round)
+                outcome = train_on_site(task, site, params, dataset, site_state=kept)
+                delta, metrics, kept_after = outcome.delta, outcome.metrics, outcome.site_state
             else:
                 delta, metrics = None, evaluate_on_site(task, params, dataset)
             for gate in self.gates:
@@ -274,6 +294,8 @@ class SiteAgent:
                     ResultManifest(task_id=task.task_id, metrics=metrics, attestation=ctx.site_attestation()),
                     max_elapsed_s=self._time_left(task),
                 )
+            if kept_after is not None:  # once the update went out: the state moves on with the server's c
+                self._site_state.save(task.study_id, task.round, kept_after)
             self.tasks_done += 1
         except TaskRefused as refusal:
             log.warning("task %s refused: %s: %s", task.task_id, refusal.code, refusal.reason)
@@ -313,7 +335,9 @@ class SiteAgent:
         (with the attestation), and the site's own record of it."""
         site = self.settings.site
         checked = check_collective_session(task, site, self.settings.identity, self._pins)
-        recipe.collective()  # RecipeError (invalid_recipe) for a recipe combined in rounds
+        scaling_step = task.round == SCALING_ROUND and federated_scaling_requested(task.spec.recipe)
+        if not scaling_step:
+            recipe.collective()  # RecipeError (invalid_recipe) for a recipe combined in rounds
         dataset = None
         if recipe.capabilities.reads_data:
             dataset = self._dataset(task.dataset, task.study_id)
@@ -334,7 +358,15 @@ class SiteAgent:
         try:
             session.open()
             log.info("task %s: collective session joined (%d sites)", task.task_id, len(session.sites))
-            outcome = run_site_program(recipe, task.spec, dataset, session, task.round)
+            if scaling_step:  # standardize = "federated": the pre-step's sums over the kept training rows
+                released = run_scaling_program(task.spec, dataset, session)
+                record: dict[str, Any] = {"federated_scaling": json.loads(released)}
+                self._scalings[task.study_id] = finish_scaling(released)["scaling"]
+            else:
+                outcome = run_site_program(
+                    recipe, task.spec, dataset, session, task.round, checkpoints=self._checkpoints(task)
+                )
+                record = dict(outcome.record)
             for gate in self.gates:
                 gate.after_training(ctx)
             self._attest(ctx)
@@ -347,7 +379,48 @@ class SiteAgent:
             session.calls,
             time.perf_counter() - started,
         )
-        self._record(task, {"collective_calls": session.calls, **outcome.record})
+        self._record(task, {"collective_calls": session.calls, **record})
+
+    def _check_scaling(self, task: Task) -> None:
+        """A federated study's task must carry the scaling this site's own pre-step session released, when
+        it took part in it (an evaluation site outside the session takes the orchestrator's word, as it
+        does for the model): a lying orchestrator cannot make it train on another scaling."""
+        if task.scaling is None:
+            return
+        own = self._scalings.get(task.study_id) or self._recorded_scaling(task.study_id)
+        if own is None:
+            return
+        if list(task.scaling.mean) != own["mean"] or list(task.scaling.scale) != own["scale"]:
+            raise TaskRefused(
+                FailureCode.INVALID_TASK.value,
+                "the task's federated scaling differs from the one this site's pre-step session released",
+            )
+
+    def _recorded_scaling(self, study_id: str) -> dict[str, Any] | None:
+        """The release of this site's pre-step for ``study_id`` from its own results record (after a
+        restart of the agent), or None if it took no part in one."""
+        if self.settings.home is None:
+            return None
+        try:
+            lines = (self.settings.home / "results.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return None
+        for line in reversed(lines):
+            entry = json.loads(line)
+            if entry.get("study_id") == study_id and "federated_scaling" in entry.get("metrics", {}):
+                scaling: dict[str, Any] = entry["metrics"]["federated_scaling"]
+                self._scalings[study_id] = scaling
+                return scaling
+        return None
+
+    def _checkpoints(self, task: Task) -> Path | None:
+        """The study's checkpoint directory in the site home (created 0700 by the recipe when it first
+        writes one; kept across the study's sessions, so a retried session resumes from what this site
+        completed); None without a home."""
+        if self.settings.home is None:
+            return None
+        # the study id is the orchestrator's word: a digest of it names the directory, never a path it chose
+        return self.settings.home / "checkpoints" / hashlib.sha256(task.study_id.encode()).hexdigest()[:32]
 
     def _record_locally(self, task: Task, metrics: SiteMetrics) -> None:
         """The site's own record of what it computed (kept at the site, whatever is sent)."""

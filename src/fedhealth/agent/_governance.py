@@ -100,7 +100,13 @@ from fedhealth.governance import (
     spec_hash,
 )
 from fedhealth.protocol import FailureCode, StudySpec, Task, TaskKind
-from fedhealth.runtime import planned_epsilon, recipe_capabilities
+from fedhealth.runtime import (
+    SCALING_ROUND,
+    federated_scaling_requested,
+    planned_epsilon,
+    recipe_capabilities,
+    session_attempts,
+)
 
 log = logging.getLogger("fedhealth.agent")
 
@@ -439,7 +445,7 @@ class GovernanceGate(PassGate):
         refusal = first_refusal(decisions)
         if refusal is not None:
             self._refuse(ctx, refusal.rule.value, refusal.reason)
-        if task.kind is TaskKind.TRAIN and recipe_capabilities(task.recipe).reads_data:
+        if _on_training_rows(task) and recipe_capabilities(task.recipe).reads_data:
             self._cohort_before_data(ctx, settings)
 
     def _signed_spec(self, ctx: TaskContext, spec: Mapping[str, Any]) -> SignedSpec | None:
@@ -506,7 +512,7 @@ class GovernanceGate(PassGate):
         standardization statistics are computed on patients too. Training tasks then apply the cohort rule
         to the training rows kept."""
         notes: _TaskNotes = ctx.state[STATE_KEY]
-        training = ctx.task.kind is TaskKind.TRAIN
+        training = _on_training_rows(ctx.task)
         settings = self._settings or self.settings()
         model, why = self.governance.resolve_consent_model(settings.consent_model)
         train_ids = _row_ids(dataset.patient_ids_train, dataset.num_train, "row", model)
@@ -658,6 +664,14 @@ class GovernanceGate(PassGate):
             self._anchored.add(key)
 
 
+def _on_training_rows(task: Task) -> bool:
+    """Whether the task computes on the training rows (the cohort rule applies): training, and a federated
+    study's scaling pre-step (its sums are over the kept training rows)."""
+    if task.kind is TaskKind.TRAIN:
+        return True
+    return task.kind is TaskKind.COLLECTIVE and task.round == SCALING_ROUND
+
+
 def _mismatch(task: Task) -> str | None:
     """What the task would run that its spec (the approved thing) does not say, if anything: the agent trains
     with the task's own recipe, dataset and seed, so each must be the spec's."""
@@ -673,8 +687,14 @@ def _mismatch(task: Task) -> str | None:
         return f"training round {task.round} is outside the spec's {spec.rounds} rounds"
     if task.kind is TaskKind.EVALUATE and task.round != last:
         return f"an evaluation in round {task.round}; the spec evaluates in round {last}"
-    if task.kind is TaskKind.COLLECTIVE and task.round != 1:
-        return f"a collective session in round {task.round}; a collective study has one, round 1"
+    if task.kind is TaskKind.COLLECTIVE and federated_scaling_requested(spec.recipe):
+        if task.round != SCALING_ROUND:
+            return f"a collective session in round {task.round}; the spec has one, in round {SCALING_ROUND}"
+    elif task.kind is TaskKind.COLLECTIVE and not 1 <= task.round <= session_attempts(spec):
+        return (
+            f"a collective session in round {task.round}; the spec allows sessions in rounds 1 to "
+            f"{session_attempts(spec)} (the first and its retries)"
+        )
     return None
 
 

@@ -56,6 +56,11 @@ class SiteHome:
         return self.root / "site.sqlite"
 
     @property
+    def recipe_state_path(self) -> Path:
+        """Where recipes keep state between a study's rounds (agent._site_state)."""
+        return self.root / "recipe-state"
+
+    @property
     def policy_path(self) -> Path:
         return self.root / "policy.toml"
 

@@ -353,3 +353,124 @@ def dashboard_benchmark(
             f"p90 {page.p90_ms:7.1f} ms  "
             f"{page.bytes:>9,} bytes"
         )
+
+
+@benchmark_app.command("membership")
+def membership_benchmark(
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(help="heart-disease or breastmnist (repeatable; default both)."),
+    ] = None,
+    epsilon: Annotated[
+        list[float] | None, typer.Option(help="Target epsilons (repeatable; default 1 4 8).")
+    ] = None,
+    models: Annotated[
+        int,
+        typer.Option(
+            min=3, help="Federations trained per setting: each the target once, the others its shadows."
+        ),
+    ] = 8,
+    breastmnist_models: Annotated[
+        int | None, typer.Option(min=3, help="Models per BreastMNIST setting (default: --models).")
+    ] = None,
+    rounds: Annotated[
+        int, typer.Option(min=1, help="BreastMNIST rounds without DP (heart disease: its presets').")
+    ] = 20,
+    dp_rounds: Annotated[int, typer.Option(min=1, help="BreastMNIST rounds with DP-SGD.")] = 20,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the halves each model trains on.")] = 0,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A small run: 4 models, epsilon 1 and 8, 3 BreastMNIST rounds.")
+    ] = False,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Datasets folder (default $FEDHEALTH_DATA_DIR; downloads otherwise).")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="JSON result to write (`fedhealth model card --membership` reads it).")
+    ] = Path("membership.json"),
+    plot: Annotated[Path | None, typer.Option(help="PNG to write.")] = Path("docs/membership.png"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result.")] = False,
+) -> None:
+    """Membership-inference attacks (loss threshold; LiRA online and offline) on the models released at each
+    epsilon and without DP: attack AUC and TPR at 1% FPR beside the epsilon the sites' ledgers accounted."""
+    from rich.table import Table
+
+    from fedhealth.sim import MembershipDataset, benchmark_membership, membership_report, plot_membership
+
+    try:
+        chosen = [MembershipDataset(d) for d in dataset] if dataset else list(MembershipDataset)
+    except ValueError:
+        raise typer.BadParameter(
+            f"--dataset must be one of {', '.join(d.value for d in MembershipDataset)}"
+        ) from None
+    if epsilon is not None and any(not 0 < e <= 100 for e in epsilon):
+        raise typer.BadParameter("--epsilon must lie in (0, 100]")
+    epsilons = epsilon or ([1.0, 8.0] if quick else [1.0, 4.0, 8.0])
+    if quick:
+        models, rounds, dp_rounds = min(models, 4), min(rounds, 3), min(dp_rounds, 3)
+        breastmnist_models = min(breastmnist_models or models, 4)
+    console = Console(stderr=as_json)
+    started = time.monotonic()
+
+    def step(text: str) -> None:
+        status.update(text)
+        if not console.is_terminal:  # a log file gets each step as a line
+            console.print(f"{time.monotonic() - started:7.0f} s  {text}")
+
+    with console.status("preparing") as status:
+        results = benchmark_membership(
+            datasets=chosen,
+            epsilons=epsilons,
+            models=models,
+            breastmnist_models=breastmnist_models,
+            breastmnist_rounds=rounds,
+            breastmnist_dp_rounds=dp_rounds,
+            seed=seed,
+            data_dir=data_dir,
+            on_step=step,
+        )
+    wall = time.monotonic() - started
+    setup = {
+        "models": models,
+        "breastmnist_models": breastmnist_models or models,
+        "breastmnist_rounds": rounds,
+        "breastmnist_dp_rounds": dp_rounds,
+        "seed": seed,
+        "quick": quick,
+        "wall_time_s": round(wall, 1),
+    }
+    report = membership_report(results, setup)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    if plot is not None:
+        plot_membership(results, plot)
+    if as_json:
+        print(json.dumps(report.to_json()))
+        return
+    table = Table(title="Membership inference: attack AUC / TPR at 1% FPR (each model the target once)")
+    for col in (
+        "dataset",
+        "setting",
+        "models x rounds",
+        "ε target",
+        "ε accounted",
+        "δ",
+        "task AUC",
+        "loss",
+        "LiRA online",
+        "LiRA offline",
+    ):
+        table.add_column(col, justify="left" if col in ("dataset", "setting") else "right")
+    for r in results:
+        table.add_row(
+            r.dataset.value,
+            r.setting,
+            f"{r.models} x {r.rounds}",
+            f"{r.target_epsilon:g}" if r.target_epsilon is not None else "-",
+            f"{r.epsilon:.3f}" if r.epsilon is not None else "∞",
+            f"{r.delta:g}" if r.delta is not None else "-",
+            f"{r.test_auc:.3f}",
+            *(f"{f.auc:.3f} / {f.tpr_at_fpr:.3f}" for f in r.attacks.values()),
+        )
+    console.print(table)
+    console.print(f"result written to {out}" + (f", plot to {plot}" if plot is not None else ""))
+    console.print(f"wall time {wall:.0f} s")

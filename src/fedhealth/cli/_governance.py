@@ -32,7 +32,7 @@ import typer
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from fedhealth.core import FedHealthError, SystemClock
+from fedhealth.core import FedHealthError, InputError, SystemClock
 from fedhealth.crypto import IdentityKey, PublicIdentity
 from fedhealth.governance import (
     DEFAULT_LOG_ID,
@@ -61,6 +61,7 @@ from fedhealth.governance import (
     verify_chain,
     verify_loaded,
 )
+from fedhealth.privacy import MembershipReport
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -305,13 +306,31 @@ def write_model_card(
         home.close()
 
 
-def _card(store: ProvenanceStore, digest: str, intended_use: str) -> str:
+def _card(
+    store: ProvenanceStore, digest: str, intended_use: str, membership: MembershipReport | None = None
+) -> str:
     return model_card_markdown(
         store.lineage(digest),
         intended_use=intended_use,
         site_metrics=store.metrics(digest),
         flags=store.flags(digest),
+        membership=membership,
     )
+
+
+def _membership_report(path: Path) -> MembershipReport:
+    """A membership benchmark result file, or an InputError naming what is wrong with it."""
+    data = path.read_bytes()
+    try:
+        obj = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--membership: {path.name} is not JSON ({exc.msg}, line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"--membership: {path.name} is not UTF-8 JSON") from None
+    try:
+        return MembershipReport.from_json(obj)
+    except InputError as exc:
+        raise InputError(f"--membership: {path.name}: {exc}") from None
 
 
 def _site_governance(home: Path) -> SiteGovernance:
@@ -514,10 +533,21 @@ def model_card(
     intended_use: Annotated[str, typer.Option("--intended-use", help="The intended-use statement.")] = (
         DEFAULT_INTENDED_USE
     ),
+    membership: Annotated[
+        Path | None,
+        typer.Option(
+            "--membership",
+            help="A `fedhealth benchmark membership` result (JSON): its measured attack figures go beside "
+            "epsilon (with --db or --home).",
+        ),
+    ] = None,
 ) -> None:
     """Write a Markdown model card: intended use, data, per-site metrics, privacy guarantee, consent."""
     _one_source(db=db, home=home, credential=credential)
+    if membership is not None and credential is not None:
+        _fail("--membership works with --db or --home (the orchestrator renders a remote card itself)")
     with _errors_as_messages():
+        measured = _membership_report(membership) if membership is not None else None
         if credential is not None:
             card = _remote(
                 credential,
@@ -529,7 +559,7 @@ def model_card(
         else:
             store = ProvenanceStore(_provenance_engine(db, home))
             digest = store.resolve(model)
-            card = _card(store, digest, intended_use)
+            card = _card(store, digest, intended_use, measured)
         if out is None:
             typer.echo(card, nl=False)
             return

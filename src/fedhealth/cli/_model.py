@@ -125,7 +125,8 @@ def model_scaling(
     as_json: JsonOption = False,
 ) -> None:
     """Print the `[recipe.params.preprocessing]` section of a study spec (standardize = "given") with the
-    federation-wide mean and scale of a federated statistics report."""
+    federation-wide mean and scale of a federated statistics report. (standardize = "federated" does both
+    steps inside the study, without DP: docs/statistics.md.)"""
     import json
 
     from fedhealth.learning import scaling_from_statistics

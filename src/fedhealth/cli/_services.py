@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -164,12 +164,27 @@ def orchestrator_serve(
     drift_alert: Annotated[
         float, typer.Option(help="Feature drift: a PSI at or above this is an alert (dashboard, audit).")
     ] = 0.25,
+    drift_dataset: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="One dataset's own drift thresholds, DATASET=WARN,ALERT (repeatable; e.g. "
+            "heart-disease=0.05,0.2); other datasets use --drift-warn/--drift-alert."
+        ),
+    ] = None,
 ) -> None:
     """Serve the agent API, the operator API and the dashboard (/ui) on one HTTPS port."""
     from fedhealth.orchestrator import OrchestratorHome, OrchestratorSettings, TlsFiles, serve
 
     orch_home = OrchestratorHome(home)
     approval_wait_s = parse_duration(approval_wait, "--approval-wait")
+    # built (and so checked: drift thresholds, installed assets) before anything else is touched
+    extensions = _serve_extensions(
+        dashboard=dashboard,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        drift=(drift_warn, drift_alert),
+        drift_datasets=drift_dataset or (),
+    )
     with friendly_errors():
         orch_home.require()
         _secure_home(orch_home.secure(), home)
@@ -204,12 +219,7 @@ def orchestrator_serve(
             enroll_port=enroll_port,
             ready_file=ready_file,
             log_level=log_level.value,
-            extensions=_serve_extensions(
-                dashboard=dashboard,
-                metrics_port=metrics_port,
-                metrics_host=metrics_host,
-                drift=(drift_warn, drift_alert),
-            ),
+            extensions=extensions,
         )
     except OSError as exc:
         _explain_bind(exc, host, port)
@@ -222,6 +232,7 @@ def _serve_extensions(
     metrics_port: int | None,
     metrics_host: str,
     drift: tuple[float, float] | None = None,
+    drift_datasets: Sequence[str] = (),
 ) -> list[Any]:
     """The orchestrator's default extensions, plus the dashboard and the Prometheus metrics (they sit above
     the orchestrator in the layers, so the command adds them, not the orchestrator)."""
@@ -236,13 +247,17 @@ def _serve_extensions(
         extensions.append(MetricsExtension(metrics_port, host=metrics_host))
     if dashboard:
         try:
-            from fedhealth.dashboard import DashboardExtension, DriftThresholds
+            from fedhealth.dashboard import DashboardExtension, DriftPolicy, DriftThresholds
 
             try:
-                thresholds = DriftThresholds(*drift) if drift is not None else None
+                default = DriftThresholds(*drift) if drift is not None else DriftThresholds()
             except InputError as exc:
                 usage(f"--drift-warn/--drift-alert: {exc}")
-            extensions.append(DashboardExtension(drift=thresholds))
+            try:
+                policy = DriftPolicy.parse(default, drift_datasets)
+            except InputError as exc:
+                usage(f"--drift-dataset: {exc}")
+            extensions.append(DashboardExtension(drift=policy))
         except (ImportError, FedHealthError) as exc:
             hint = "pip install 'fedhealth[dashboard]', or serve with --no-dashboard"
             fail(f"the dashboard cannot be served: {exc}", hint)

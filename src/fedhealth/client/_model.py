@@ -274,10 +274,17 @@ def export_package(
         raise PackageError(f"study {study_id}: the model downloaded is not the study's final model (digest)")
     recipe = info.spec.recipe
     try:
+        # standardize = "federated": the recipe with the scaling its pre-step (round 0) released, which
+        # the package then records (mean and scale in its preprocessing)
+        from fedhealth.runtime import SCALING_ROUND, effective_recipe, released_scaling
+
+        pre_step = next((r for r in info.rounds if r.number == SCALING_ROUND), None)
+        scaling = released_scaling(pre_step.metrics if pre_step is not None else None)
+        recipe = effective_recipe(recipe, scaling)
         resolved = resolve_recipe(recipe.name, recipe.version, recipe.params)
         tensors, _ = decode_tensors(weights, resolved.param_specs())
         export = resolved.export(tensors)
-    except (RecipeError, TensorError) as exc:
+    except (RecipeError, TensorError, InputError) as exc:
         raise PackageError(f"study {study_id}: its model cannot be exported here ({exc})") from exc
     provenance: dict[str, Any] | None
     try:

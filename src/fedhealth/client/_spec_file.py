@@ -102,7 +102,7 @@ def spec_template(
         *recipe_lines,
         "",
         "[strategy]",
-        'name = "fedavg"  # fedavg, fedprox, fedadam, fedyogi or fedadagrad',
+        'name = "fedavg"  # fedavg, fedprox, fedadam, fedyogi, fedadagrad or scaffold',
         "",
         "# Differential privacy: uncomment to train with record-level DP-SGD at each site. Each site's",
         "# budget is charged the planned epsilon (its steward sees it before approving).",

@@ -7,7 +7,7 @@ installed packages (``pip install 'fedhealth[dashboard]'``).
 
 from fedhealth.dashboard._assets import MissingAsset
 from fedhealth.dashboard._bench import DashboardBenchmark, PageTime, benchmark_dashboard
-from fedhealth.dashboard._drift import DriftThresholds
+from fedhealth.dashboard._drift import DriftInputError, DriftPolicy, DriftThresholds
 from fedhealth.dashboard._extension import DashboardExtension
 from fedhealth.dashboard._metrics import DEFAULT_METRICS_HOST, FederationMetrics, MetricsExtension
 from fedhealth.dashboard._onboarding import PACK_FILES, onboarding_pack
@@ -20,6 +20,8 @@ __all__ = [
     "PACK_FILES",
     "DashboardBenchmark",
     "DashboardExtension",
+    "DriftInputError",
+    "DriftPolicy",
     "DriftThresholds",
     "FederationMetrics",
     "MetricsExtension",

@@ -14,13 +14,17 @@ no PSI is computed and the finding says why (``skipped``). Zero cells: a bin emp
 nothing; a bin empty in one only is floored at :data:`FRACTION_FLOOR` (PSI is infinite otherwise).
 
 Only released cells are read: this works on what the researcher was given, never on a site's own figures.
+
+Thresholds may differ per dataset (:class:`DriftPolicy`): a dataset whose features are noisy by nature (a
+small registry, seasonal admissions) can be given wider ones without loosening every other dataset's.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedhealth.core import InputError
@@ -54,6 +58,55 @@ class DriftThresholds:
         if psi >= self.warn:
             return "warn"
         return "ok"
+
+
+_OVERRIDE = re.compile(r"^\s*([^=,\s]+)\s*=\s*([^,]+?)\s*,\s*([^,]+?)\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class DriftPolicy:
+    """The thresholds each dataset is rated with: its own in ``datasets`` (by dataset name, as studies name
+    it in their spec), else ``default``."""
+
+    default: DriftThresholds = field(default_factory=DriftThresholds)
+    datasets: Mapping[str, DriftThresholds] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.default, DriftThresholds) or not all(
+            isinstance(k, str) and k and isinstance(v, DriftThresholds) for k, v in self.datasets.items()
+        ):
+            raise DriftInputError("a drift policy maps dataset names to DriftThresholds")
+        object.__setattr__(self, "datasets", dict(sorted(self.datasets.items())))
+
+    def for_dataset(self, dataset: str) -> DriftThresholds:
+        return self.datasets.get(dataset, self.default)
+
+    @classmethod
+    def parse(cls, default: DriftThresholds, overrides: Iterable[str]) -> DriftPolicy:
+        """``default`` with overrides written ``DATASET=WARN,ALERT`` (e.g. ``heart-disease=0.05,0.2``); the
+        whole list is checked before anything is used, and a bad one raises :class:`DriftInputError` naming
+        it in one line."""
+        datasets: dict[str, DriftThresholds] = {}
+        for text in overrides:
+            found = _OVERRIDE.match(text)
+            if found is None:
+                raise DriftInputError(
+                    f"drift thresholds {text!r}: write DATASET=WARN,ALERT (e.g. heart-disease=0.05,0.2)"
+                )
+            name, warn_text, alert_text = found.groups()
+            try:
+                warn, alert = float(warn_text), float(alert_text)
+            except ValueError:
+                raise DriftInputError(
+                    f"drift thresholds {text!r}: WARN and ALERT must be numbers (e.g. {name}=0.05,0.2)"
+                ) from None
+            if name in datasets:
+                raise DriftInputError(f"drift thresholds for dataset {name!r} are given twice")
+            try:
+                datasets[name] = DriftThresholds(warn, alert)
+            except DriftInputError as exc:
+                raise DriftInputError(f"dataset {name!r}: {exc}") from None
+        return cls(default=default, datasets=datasets)
 
 
 def psi(reference: Sequence[float], current: Sequence[float], *, floor: float = FRACTION_FLOOR) -> float:

@@ -6,6 +6,9 @@ dashboard's drift page reads those entries; nothing else is stored (no table, no
 The reference of a dataset: the study an operator designated last (a ``drift.reference`` entry, written by
 the dashboard's admin form), else the dataset's earliest completed statistics study that shares a feature on
 the same bins. Reports are read from the studies' stored results (the last round's released report).
+
+Each comparison is rated with its dataset's thresholds (:class:`~fedhealth.dashboard._drift.DriftPolicy`), and
+the entry records the thresholds used, so a later change of settings does not re-rate earlier entries.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from sqlalchemy import select
 from fedhealth.core import FedHealthError
 from fedhealth.dashboard._drift import (
     DriftInputError,
+    DriftPolicy,
     DriftThresholds,
     comparable,
     compare_reports,
@@ -93,9 +97,12 @@ def find_reference(
 class DriftObserver(NullObserver):
     """Compares each finished statistics study with its dataset's reference (module docstring)."""
 
-    def __init__(self, store: Store, settings: OrchestratorSettings, thresholds: DriftThresholds) -> None:
+    def __init__(
+        self, store: Store, settings: OrchestratorSettings, thresholds: DriftThresholds | DriftPolicy
+    ) -> None:
         self.store = store
-        self.thresholds = thresholds
+        # one set of thresholds for every dataset, or each dataset's own (DriftPolicy)
+        self.policy = thresholds if isinstance(thresholds, DriftPolicy) else DriftPolicy(default=thresholds)
         self.audit = AuditLog(store.engine, settings.signing_key, ACTOR, settings.clock)
         # a completed study's result never changes: each is read once (None: not a statistics report)
         self._reports: dict[str, dict[str, Any] | None] = {}
@@ -117,7 +124,7 @@ class DriftObserver(NullObserver):
             return
         reference, ref_report = found
         try:
-            result = compare_reports(ref_report, report, self.thresholds)
+            result = compare_reports(ref_report, report, self.policy.for_dataset(study.spec.dataset))
         except (DriftInputError, FedHealthError) as exc:
             log.warning("study %s: drift not assessed (%s)", study.id, exc)
             return

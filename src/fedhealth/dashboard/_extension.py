@@ -8,7 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from fedhealth.dashboard._assets import check_assets
-from fedhealth.dashboard._drift import DriftThresholds
+from fedhealth.dashboard._drift import DriftPolicy, DriftThresholds
 from fedhealth.dashboard._drift_watch import DriftObserver
 from fedhealth.dashboard._routes import dashboard_router
 from fedhealth.orchestrator import ExtensionContext, Registration
@@ -17,9 +17,11 @@ from fedhealth.orchestrator import ExtensionContext, Registration
 class DashboardExtension:
     """The governance dashboard under ``/ui`` on the orchestrator's own port."""
 
-    def __init__(self, drift: DriftThresholds | None = None) -> None:
+    def __init__(self, drift: DriftThresholds | DriftPolicy | None = None) -> None:
         check_assets()  # a missing asset package fails the start, not a page in a browser
-        self.drift = drift or DriftThresholds()
+        if drift is None:
+            drift = DriftPolicy()
+        self.drift = drift if isinstance(drift, DriftPolicy) else DriftPolicy(default=drift)
 
     def start(self, context: ExtensionContext) -> Registration:
         # the pages read the running service (request.app.state.services); the drift observer writes the
@@ -27,4 +29,4 @@ class DashboardExtension:
         return Registration(observer=DriftObserver(context.store, context.settings, self.drift))
 
     def routers(self) -> list[APIRouter]:
-        return [dashboard_router()]
+        return [dashboard_router(drift=self.drift)]

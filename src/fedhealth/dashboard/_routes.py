@@ -25,6 +25,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from fedhealth.core import FedHealthError, NotFoundError
 from fedhealth.dashboard import _views as views
 from fedhealth.dashboard._assets import ASSET_NAMES, asset, check_assets
+from fedhealth.dashboard._drift import DriftPolicy
 from fedhealth.dashboard._drift_watch import stats_report_of
 from fedhealth.dashboard._onboarding import onboarding_pack, pack_zip
 from fedhealth.dashboard._session import (
@@ -117,11 +118,13 @@ def ui_page(handler: Page) -> Page:
     return wrapped
 
 
-def dashboard_router() -> APIRouter:
-    """The ``/ui`` routes (raises :class:`~fedhealth.dashboard._assets.MissingAsset` if an asset's package is
-    missing, so a broken install fails when the orchestrator starts, not in a browser)."""
+def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
+    """The ``/ui`` routes; ``drift``: the thresholds the drift page shows as configured. Raises
+    :class:`~fedhealth.dashboard._assets.MissingAsset` if an asset's package is missing, so a broken install
+    fails when the orchestrator starts, not in a browser."""
     check_assets()
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
+    drift_policy = drift or DriftPolicy()
 
     @router.get("/static/{name}")
     async def static(name: str) -> Response:
@@ -253,9 +256,9 @@ def dashboard_router() -> APIRouter:
 
     @router.get("/drift")
     @ui_page
-    async def drift(request: Request) -> Response:
+    async def drift_page(request: Request) -> Response:
         who = _user(request)
-        data = await anyio.to_thread.run_sync(views.drift_view, _svc(request))
+        data = await anyio.to_thread.run_sync(views.drift_view, _svc(request), drift_policy)
         return _render("drift.html", user=who, page="drift", **data)
 
     @router.get("/audit")

@@ -5,6 +5,9 @@ site's own machine (bound to 127.0.0.1 by default, plain HTTP on the loopback in
   run the command already holds the site's home. The token opens a session (an ``HttpOnly``,
   ``SameSite=Strict`` cookie; not ``Secure``, since this listener is plain HTTP on loopback and a Secure
   cookie would never come back); the token is spent on first use.
+- Pages: the approvals queue; the overview (budgets, consent and the models flagged by withdrawals, the
+  site's own audit log); the data quality of each registered dataset (``_site_quality``, kept per source
+  snapshot). Nothing these pages show is sent anywhere.
 - The queue lists the specs awaiting this site (fetched from the orchestrator, authenticated as the site, on
   each visit; the site's own list when it is out of reach) and those decided. Opening a spec shows it in full
   with the plain-language summary of ``fedhealth site approvals show`` and records that the steward read it
@@ -39,14 +42,18 @@ from fedhealth.agent import (
     SiteHome,
     check_dataset,
     report_approval,
+    report_withdrawals,
     review,
     site_client,
     spec_summary,
     sync_approvals,
     was_reviewed,
+    withdrawal_notices,
 )
 from fedhealth.core import FedHealthError
 from fedhealth.dashboard._assets import ASSET_NAMES, asset
+from fedhealth.dashboard._site_consent import WithdrawalFlags
+from fedhealth.dashboard._site_quality import QualityCache
 from fedhealth.governance import GOVERNANCE_METADATA, ApprovalStatus, list_study_approvals
 from fedhealth.privacy import BudgetLedger, sqlite_engine
 from fedhealth.protocol import StudySpec
@@ -101,15 +108,31 @@ def _error(status: int, message: str) -> HTMLResponse:
     return _page("error.html", status=status, message=message)
 
 
-def site_dashboard_app(home: SiteHome, *, token: str, steward: str) -> FastAPI:
-    """The steward's dashboard for the site at ``home``; ``token`` is the one-time sign-in token."""
+def site_dashboard_app(
+    home: SiteHome, *, token: str, steward: str, quality: QualityCache | None = None
+) -> FastAPI:
+    """The steward's dashboard for the site at ``home``; ``token`` is the one-time sign-in token; ``quality``
+    keeps the datasets' quality reports between page loads (a fresh one by default)."""
     sessions = _Sessions(token)
+    reports = quality or QualityCache()
+    withdrawals = WithdrawalFlags()
     site_name = home.require()["site"]
     app = FastAPI(title=f"fedhealth site {site_name}", docs_url=None, redoc_url=None, openapi_url=None)
 
     def session_of(request: Request) -> str | None:
         session = request.cookies.get(SITE_COOKIE)
         return session if sessions.valid(session) else None
+
+    async def checked_form(request: Request, session: str) -> dict[str, str] | Response:
+        """The posted form, or the error page if it is too large or lacks the session's CSRF token."""
+        body = await request.body()
+        if len(body) > 16 << 10:
+            return _error(400, "the form is too large")
+        form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
+        given = form.get("csrf_token", "")
+        if not hmac.compare_digest(sessions.csrf(session).encode(), given.encode()):
+            return _error(403, "the form's CSRF token is missing or wrong: reload the page and try again")
+        return form
 
     @app.get("/static/{name}")
     async def static(name: str) -> Response:
@@ -151,6 +174,7 @@ def site_dashboard_app(home: SiteHome, *, token: str, steward: str) -> FastAPI:
         decided = [r for r in records if r.status is not ApprovalStatus.PENDING]
         return _page(
             "site_approvals.html",
+            page="approvals",
             site=site_name,
             pending=pending,
             decided=decided,
@@ -194,13 +218,9 @@ def site_dashboard_app(home: SiteHome, *, token: str, steward: str) -> FastAPI:
         session = session_of(request)
         if session is None:
             return _error(401, "sign in with the link `fedhealth site dashboard` printed")
-        body = await request.body()
-        if len(body) > 16 << 10:
-            return _error(400, "the form is too large")
-        form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
-        given = form.get("csrf_token", "")
-        if not hmac.compare_digest(sessions.csrf(session).encode(), given.encode()):
-            return _error(403, "the form's CSRF token is missing or wrong: reload the page and try again")
+        form = await checked_form(request, session)
+        if isinstance(form, Response):
+            return form
         decision, reason = form.get("decision"), form.get("reason", "").strip()
         if decision not in ("approve", "refuse"):
             return _error(400, "the decision must be approve or refuse")
@@ -232,19 +252,77 @@ def site_dashboard_app(home: SiteHome, *, token: str, steward: str) -> FastAPI:
         return RedirectResponse("/approvals", status_code=303)
 
     @app.get("/overview")
-    async def overview(request: Request) -> Response:
+    async def overview(request: Request, sent: int | None = None, flagged: int | None = None) -> Response:
+        session = session_of(request)
+        if session is None:
+            return _error(401, "sign in with the link `fedhealth site dashboard` printed")
+        data = await anyio.to_thread.run_sync(site_overview, home, withdrawals)
+        return _page(
+            "site_overview.html",
+            page="overview",
+            site=site_name,
+            steward=steward,
+            csrf=sessions.csrf(session),
+            sent=sent,
+            flagged_versions=flagged,
+            **data,
+        )
+
+    @app.post("/overview/withdrawals")
+    async def send_withdrawals(request: Request) -> Response:
+        """Send every withdrawal notice in the site's log to the orchestrator (as ``fedhealth site consent
+        sync`` does: snapshot commitments, never a patient id; it ignores notices it has seen), which flags
+        the model versions trained on them."""
+        session = session_of(request)
+        if session is None:
+            return _error(401, "sign in with the link `fedhealth site dashboard` printed")
+        form = await checked_form(request, session)
+        if isinstance(form, Response):
+            return form
+
+        def send() -> tuple[int, int]:
+            with SiteGovernance(home) as governance:
+                notices = withdrawal_notices(governance)
+            return len(notices), len(report_withdrawals(home, notices)) if notices else 0
+
+        try:
+            sent, flagged = await anyio.to_thread.run_sync(send)
+        except (FedHealthError, httpx.HTTPError) as exc:
+            return _error(502, f"the orchestrator was not told ({' '.join(str(exc).split())[:300]})")
+        log.info("steward %s: sent %d withdrawal notice(s); %d version(s) flagged", steward, sent, flagged)
+        return RedirectResponse(f"/overview?sent={sent}&flagged={flagged}", status_code=303)
+
+    @app.get("/overview/verify")
+    async def overview_verify(request: Request) -> Response:
+        """The site's own audit log verified (a fragment the overview loads after it is shown: checking every
+        entry's signature takes seconds on a long log)."""
         if session_of(request) is None:
             return _error(401, "sign in with the link `fedhealth site dashboard` printed")
-        data = await anyio.to_thread.run_sync(site_overview, home)
-        return _page("site_overview.html", site=site_name, steward=steward, **data)
+        data = await anyio.to_thread.run_sync(site_verification, home)
+        return _page("site_verify.html", **data)
+
+    @app.get("/datasets")
+    async def datasets(request: Request, refresh: str = "") -> Response:
+        if session_of(request) is None:
+            return _error(401, "sign in with the link `fedhealth site dashboard` printed")
+        try:
+            found = await anyio.to_thread.run_sync(
+                lambda: reports.reports(SiteDatasets(home), refresh=refresh == "1")
+            )
+        except FedHealthError as exc:  # the registry file itself is unreadable
+            return _error(500, str(exc))
+        return _page("site_datasets.html", page="datasets", site=site_name, steward=steward, datasets=found)
 
     return app
 
 
-def site_overview(home: SiteHome) -> dict[str, Any]:
-    """This site's privacy budget per dataset with each study's charge, its consent states, and its own audit
-    log verified against its identity key."""
+def site_overview(home: SiteHome, withdrawals: WithdrawalFlags | None = None) -> dict[str, Any]:
+    """This site's privacy budget per dataset with each study's charge, its consent states, and the studies
+    that trained on data of patients who withdrew later (``withdrawals`` keeps what it read of the log
+    between calls)."""
     with SiteGovernance(home) as governance:
+        flags = withdrawals or WithdrawalFlags()
+        flagged, withdrawn = flags.flags(governance.engine, governance.log.log_id)
         ledger_engine = sqlite_engine(home.database_path)
         try:
             BudgetLedger.create_schema(ledger_engine)
@@ -267,14 +345,14 @@ def site_overview(home: SiteHome) -> dict[str, Any]:
                     .order_by(records.c.purpose, records.c.decision)
                 )
             ]
+    return {"budgets": budgets, "consent": consent, "flagged": flagged, "withdrawals": withdrawn}
+
+
+def site_verification(home: SiteHome) -> dict[str, Any]:
+    """This site's own audit log verified against its identity key (every entry's chain and signature)."""
+    with SiteGovernance(home) as governance:
         report = governance.log.verify()
-    return {
-        "budgets": budgets,
-        "consent": consent,
-        "verified": report.ok,
-        "checked": report.checked,
-        "summary": report.summary(),
-    }
+    return {"verified": report.ok, "checked": report.checked, "summary": report.summary()}
 
 
 def _dataset_summary(home: SiteHome, name: str) -> tuple[Any, str | None]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from fedhealth.dashboard._drift import DriftPolicy
 from fedhealth.governance import (
     GOVERNANCE_METADATA,
     AuditEventType,
@@ -475,10 +476,12 @@ DRIFT_PAGE_SIZE = 100
 VALIDATION_CHART_KEYS = 4  # at most this many metrics drawn across model versions
 
 
-def drift_view(svc: Services) -> dict[str, Any]:
+def drift_view(svc: Services, policy: DriftPolicy | None = None) -> dict[str, Any]:
     """Feature-distribution drift (the ``drift.checked`` entries, newest first: one query) with the latest
-    comparison of each dataset and its alerts, the designated references (one query), and each site's
-    validation metrics across model versions (one query)."""
+    comparison of each dataset and its alerts, the designated references (one query), each site's
+    validation metrics across model versions (one query), and the thresholds configured now (``policy``:
+    the default and each dataset's own)."""
+    policy = policy or DriftPolicy()
     c = _ENTRIES.c
     with svc.store.engine.connect() as conn:
         checks = list(
@@ -565,4 +568,6 @@ def drift_view(svc: Services) -> dict[str, Any]:
         "references": references,
         "validation": validation,
         "versions": len(versions),
+        "threshold_default": policy.default,
+        "threshold_overrides": policy.datasets,
     }

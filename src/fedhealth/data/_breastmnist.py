@@ -16,11 +16,16 @@ drawn from the seed), so the sites differ in size and in label balance; each sit
 ``MIN_PER_CLASS`` training images of each class. ``breastmnist_pooled()`` is the whole set (the centralized
 baseline's data, trained by the same code). Row ids ``bm-<part>-<index>`` name the image's index in its
 official split.
+
+``holdout="val"`` (both functions) is the tuning split: the official train images (546) are the training
+rows and the official validation images (78) the held-out rows, split over the sites the same way;
+hyper-parameters are chosen on it so that the test images are touched only for the figures reported.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -54,7 +59,19 @@ def _rows(images: np.ndarray) -> np.ndarray:
     return images.reshape(images.shape[0], -1).astype(np.float64) / 255.0
 
 
-def _parts(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, np.ndarray]:
+Holdout = Literal["test", "val"]
+
+
+def _parts(
+    arrays: dict[str, np.ndarray], holdout: Holdout = "test"
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, np.ndarray]:
+    if holdout == "val":  # tuning: official train as training rows, official val held out
+        X_val, y_val = _rows(arrays["val_images"]), arrays["val_labels"].astype(np.int64).reshape(-1)
+        ids = [f"bm-train-{i}" for i in range(arrays["train_images"].shape[0])]
+        y = arrays["train_labels"].astype(np.int64).reshape(-1)
+        return _rows(arrays["train_images"]), y, ids, X_val, y_val
+    if holdout != "test":
+        raise ConfigError(f"holdout is 'test' or 'val', got {holdout!r}")
     X = np.concatenate([_rows(arrays["train_images"]), _rows(arrays["val_images"])])
     y = np.concatenate([arrays["train_labels"], arrays["val_labels"]]).astype(np.int64).reshape(-1)
     ids = [f"bm-train-{i}" for i in range(arrays["train_images"].shape[0])]
@@ -62,9 +79,11 @@ def _parts(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[
     return X, y, ids, _rows(arrays["test_images"]), arrays["test_labels"].astype(np.int64).reshape(-1)
 
 
-def breastmnist_pooled(data_dir: Path | str | None = None) -> TabularDataset:
-    """Every image in one dataset: official train + val as training rows, official test as held-out rows."""
-    X, y, ids, X_test, y_test = _parts(breastmnist_arrays(data_dir))
+def breastmnist_pooled(data_dir: Path | str | None = None, holdout: Holdout = "test") -> TabularDataset:
+    """Every image in one dataset: official train + val as training rows, official test as held-out rows
+    (``holdout="val"``: official train as training rows, official val held out)."""
+    X, y, ids, X_test, y_test = _parts(breastmnist_arrays(data_dir), holdout)
+    prefix = "bm-test" if holdout == "test" else "bm-val"
     return TabularDataset(
         name="breastmnist-pooled",
         X_train=X,
@@ -73,7 +92,7 @@ def breastmnist_pooled(data_dir: Path | str | None = None) -> TabularDataset:
         y_test=y_test,
         feature_names=_FEATURES,
         patient_ids_train=tuple(ids),
-        patient_ids_test=tuple(f"bm-test-{i}" for i in range(X_test.shape[0])),
+        patient_ids_test=tuple(f"{prefix}-{i}" for i in range(X_test.shape[0])),
     )
 
 
@@ -98,12 +117,13 @@ def _assign(labels: np.ndarray, shares: np.ndarray, rng: np.random.Generator) ->
 
 
 def breastmnist_federation(
-    n_sites: int = 4, seed: int = 0, data_dir: Path | str | None = None
+    n_sites: int = 4, seed: int = 0, data_dir: Path | str | None = None, holdout: Holdout = "test"
 ) -> list[TabularDataset]:
     """The sites of the BreastMNIST federation (see the module docstring); the same seed, the same split."""
     if not 2 <= n_sites <= 20:
         raise ConfigError(f"a BreastMNIST federation has 2 to 20 sites, got {n_sites}")
-    X, y, ids, X_test, y_test = _parts(breastmnist_arrays(data_dir))
+    X, y, ids, X_test, y_test = _parts(breastmnist_arrays(data_dir), holdout)
+    prefix = "bm-test" if holdout == "test" else "bm-val"
     shares = site_shares(n_sites, seed)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xB6]))
     for _ in range(1000):
@@ -127,7 +147,7 @@ def breastmnist_federation(
             y_test=y_test[s],
             feature_names=_FEATURES,
             patient_ids_train=tuple(ids[i] for i in t),
-            patient_ids_test=tuple(f"bm-test-{i}" for i in s),
+            patient_ids_test=tuple(f"{prefix}-{i}" for i in s),
         )
         for k, (t, s) in enumerate(zip(train, test, strict=True))
     ]

@@ -172,7 +172,7 @@ class Connector(Protocol):
 
 
 # the parameters every tabular connector takes, beside its own
-TABLE_PARAMS = frozenset({"label", "id", "schema", "test_fraction", "seed", "standardize"})
+TABLE_PARAMS = frozenset({"label", "id", "time", "schema", "test_fraction", "seed", "standardize"})
 
 
 def table_options(uri: DatasetURI, *, label_required: bool = False) -> TableOptions:
@@ -189,6 +189,7 @@ def table_options(uri: DatasetURI, *, label_required: bool = False) -> TableOpti
     return TableOptions(
         label=uri.params.get("label"),
         id_column=uri.params.get("id"),
+        time=uri.params.get("time"),
         schema=schema,
         test_fraction=uri.float_param("test_fraction", 0.3, low=0.0, high_exclusive=1.0),
         seed=uri.int_param("seed", 0, low=0, high=2**32 - 1),

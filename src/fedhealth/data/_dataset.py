@@ -114,6 +114,8 @@ class TabularDataset:
     patient_ids_test: tuple[str, ...] | None = None
     scaling: Scaling | None = None
     imputation: Imputation | None = None
+    time_train: np.ndarray | None = None
+    time_test: np.ndarray | None = None
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -142,6 +144,20 @@ class TabularDataset:
                 raise InputError(f"dataset {self.name!r}: y_{part} must hold only the labels 0 and 1")
             arrays[f"X_{part}"] = _frozen(X64)
             arrays[f"y_{part}"] = _frozen(y.astype(np.int64))
+        if (self.time_train is None) != (self.time_test is None):
+            raise InputError(f"dataset {self.name!r}: survival times are given for one part only")
+        if self.time_train is not None:
+            for part in ("train", "test"):
+                t = np.asarray(getattr(self, f"time_{part}"), dtype=np.float64)
+                if t.shape != arrays[f"y_{part}"].shape:
+                    raise InputError(
+                        f"dataset {self.name!r}: time_{part} must have one value per row, got {t.shape}"
+                    )
+                if not (np.isfinite(t).all() and (t > 0).all()):
+                    raise InputError(
+                        f"dataset {self.name!r}: time_{part} must hold finite positive survival times"
+                    )
+                arrays[f"time_{part}"] = _frozen(t + 0.0)
         ids = self._ids("train", self.patient_ids_train, arrays["X_train"].shape[0])
         test_ids = self._ids("test", self.patient_ids_test, arrays["X_test"].shape[0])
         if self.scaling is not None and self.scaling.mean.shape != (d,):
@@ -198,6 +214,11 @@ class TabularDataset:
         X_train, X_test = self.X_train[keep_train], self.X_test[keep_test]
         scaling = self.scaling
         imputation = self.imputation.select(keep_train, keep_test) if self.imputation is not None else None
+        times = (
+            {"time_train": self.time_train[keep_train], "time_test": self.time_test[keep_test]}
+            if self.time_train is not None and self.time_test is not None
+            else {}
+        )
         if not keep_train.all() and (scaling is not None or imputation is not None):
             raw_train, raw_test = X_train, X_test
             if scaling is not None:
@@ -220,7 +241,14 @@ class TabularDataset:
             patient_ids_test=_kept(self.patient_ids_test, keep_test),
             scaling=scaling,
             imputation=imputation,
+            **times,
         )
+
+    @property
+    def survival(self) -> bool:
+        """Whether the rows carry survival times (``time_train``/``time_test``; ``y`` is then the event
+        indicator: 1 the event was observed at that time, 0 the row was censored then)."""
+        return self.time_train is not None
 
 
 def _mask(keep: np.ndarray, rows: int, part: str) -> np.ndarray:
@@ -241,13 +269,16 @@ def dataset_fingerprint(
     test_patient_ids: tuple[str, ...] | None = None,
 ) -> str:
     """sha256 over: an 8-byte length, a canonical-JSON header (format, names, ids, each array's dtype and
-    shape), then each array's little-endian C-order bytes in a fixed order (float64 X, int64 y). The test
-    part's ids enter the header only when given (earlier fingerprints stay valid)."""
-    order = ("X_train", "y_train", "X_test", "y_test")
+    shape), then each array's little-endian C-order bytes in a fixed order (float64 X, int64 y, float64
+    survival times). The test part's ids and the survival times enter only when given (earlier fingerprints
+    stay valid)."""
+    order = ("X_train", "y_train", "X_test", "y_test", "time_train", "time_test")
     encoded = []
     for key in order:
+        if key not in arrays:
+            continue
         arr = arrays[key]
-        dtype = "<f8" if key.startswith("X") else "<i8"
+        dtype = "<i8" if key.startswith("y") else "<f8"
         encoded.append((key, dtype, np.ascontiguousarray(arr, dtype=dtype)))
     fields: dict[str, object] = {
         "format": _FINGERPRINT_FORMAT,

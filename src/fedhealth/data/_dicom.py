@@ -15,10 +15,20 @@ Each file's stored values become grey levels in [0, 1] as a viewer shows them:
 
 A file that is not DICOM, is corrupt, holds no pixel data (a structured report, a presentation state) or
 holds several frames is a problem named by its file (see :mod:`fedhealth.data._images`).
+
+Labels come from the labels CSV (``patient_id``, ``file``, ``label``), or from a tag of each file:
+``label_tag=ImageComments`` (a keyword of pydicom's dictionary) or ``label_tag=(0020,4000)`` (group,
+element in hex; the parentheses and comma are optional), with ``label_map=benign:0,malignant:1`` mapping the
+tag's values (stripped, compared exactly) to the classes 0 and 1; without ``label_map`` the value must be
+``0`` or ``1``. The CSV then names ``patient_id`` and ``file`` only (a ``label`` column is refused: one
+source per label). A file without the tag, with it empty, or with a value the map does not name is a problem
+named by its file like any other: the value itself is never shown (a comment may hold a name).
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +150,81 @@ def _window(uri: DatasetURI) -> tuple[float, float] | None:
     return center, width
 
 
+_NUMERIC_TAG = re.compile(r"^\(?\s*([0-9A-Fa-f]{4})\s*,?\s*([0-9A-Fa-f]{4})\s*\)?$")
+
+
+@dataclass(frozen=True, slots=True)
+class LabelTag:
+    """Where each file's label is read: the tag (as an int), how the URI named it, and the value -> class
+    map (None: the value itself is 0 or 1)."""
+
+    tag: int
+    shown: str
+    classes: dict[str, int] | None
+
+    def label(self, path: Path) -> int:
+        """The file's class; :class:`ImageProblem` naming the tag, never its value."""
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+            raise ImageProblem(f"not a readable DICOM file ({type(exc).__name__})") from None
+        element = ds.get(self.tag)
+        value = element.value if element is not None else None
+        if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+            value = "\\".join(str(v) for v in value)
+        text = "" if value is None else str(value).strip()
+        if not text:
+            raise ImageProblem(f"no label: the label tag {self.shown} is missing or empty")
+        classes = self.classes if self.classes is not None else {"0": 0, "1": 1}
+        if text not in classes:
+            what = "label_map" if self.classes is not None else "0 or 1 (no label_map given)"
+            raise ImageProblem(f"no label: the label tag {self.shown} holds a value not in {what}")
+        return classes[text]
+
+
+def label_tag(uri: DatasetURI) -> LabelTag | None:
+    """The URI's ``label_tag`` and ``label_map`` (None without ``label_tag``); ConfigError if malformed."""
+    text = uri.params.get("label_tag")
+    mapping = uri.params.get("label_map")
+    if text is None:
+        if mapping is not None:
+            raise ConfigError(f"dataset URI {uri.raw!r}: label_map needs label_tag (the tag it maps)")
+        return None
+    from pydicom.datadict import tag_for_keyword
+
+    text = text.strip()
+    numeric = _NUMERIC_TAG.match(text)
+    if numeric:
+        tag = int(numeric.group(1), 16) << 16 | int(numeric.group(2), 16)
+        shown = f"({numeric.group(1).upper()},{numeric.group(2).upper()})"
+    else:
+        found = tag_for_keyword(text)
+        if found is None:
+            raise ConfigError(
+                f"dataset URI {uri.raw!r}: label_tag={text!r} is neither a DICOM keyword (e.g. "
+                "ImageComments) nor a tag (gggg,eeee)"
+            )
+        tag, shown = int(found), text
+    classes = None
+    if mapping is not None:
+        classes = {}
+        for part in mapping.split(","):
+            value, sep, cls = part.rpartition(":")
+            value = value.strip()
+            if not sep or not value or cls.strip() not in ("0", "1"):
+                raise ConfigError(
+                    f"dataset URI {uri.raw!r}: label_map must be VALUE:CLASS pairs separated by commas, "
+                    "each class 0 or 1 (e.g. label_map=benign:0,malignant:1)"
+                )
+            if value in classes:
+                raise ConfigError(f"dataset URI {uri.raw!r}: label_map names one value twice")
+            classes[value] = int(cls)
+    return LabelTag(tag=tag, shown=shown, classes=classes)
+
+
 def _is_dicom_candidate(path: Path) -> bool:
     return path.suffix.lower() not in _IGNORED_SUFFIXES and path.name.upper() != "DICOMDIR"
 
@@ -173,14 +258,16 @@ def _allowed(uri: DatasetURI) -> frozenset[str]:
 
 
 class DicomConnector:
-    """``dicom:///abs/folder?labels=/abs/labels.csv&size=28[&window=CENTER:WIDTH]``: one grey channel."""
+    """``dicom:///abs/folder?labels=/abs/labels.csv&size=28[&window=CENTER:WIDTH][&label_tag=...]``: one
+    grey channel."""
 
     def open(self, uri: DatasetURI, data_dir: Path) -> TabularDataset:
         del data_dir  # the URI carries an absolute path
-        uri.check_params(IMAGE_PARAMS | {"window", "allow_tags"})
+        uri.check_params(IMAGE_PARAMS | {"window", "allow_tags", "label_tag", "label_map"})
         _allowed(uri)
         folder, labels = _folder(uri)
         window = _window(uri)
+        tag = label_tag(uri)
 
         def reader(path: Path, channels: int) -> np.ndarray:
             del channels  # DICOM images are read as one grey channel
@@ -196,13 +283,15 @@ class DicomConnector:
             test_fraction=uri.float_param("test_fraction", 0.3, low=0.0, high_exclusive=1.0),
             seed=uri.int_param("seed", 0, low=0, high=2**32 - 1),
             name=folder.name,
+            labeler=tag.label if tag is not None else None,
         )
 
     def inspect(self, uri: DatasetURI, data_dir: Path) -> tuple[TabularDataset, QualityReport]:
         """The dataset and its site-only report, which names the identifying attributes the files carry."""
         dataset = self.open(uri, data_dir)
         folder, labels = _folder(uri)
-        files = [rel for _, rel, _ in _label_rows(labels, folder, [])]
+        in_files = label_tag(uri) is not None
+        files = [rel for _, rel, _ in _label_rows(labels, folder, [], labels_in_files=in_files)]
         found = identifying_attributes(folder, files, _allowed(uri))
         warnings = tuple(
             f"identifying DICOM attribute {keyword} in {len(where)} file(s) (e.g. {where[0]}); "

@@ -90,20 +90,25 @@ def _csv(path: Path) -> SourceTable:
         columns = [c.strip() for c in header]
         if len(set(columns)) != len(columns):
             raise SchemaError(f"{path}: the header repeats a column name")
-        cells: list[list[str]] = [[] for _ in columns]
+        records: list[list[str]] = []
         lines: list[str] = []
+        width = len(columns)
         for record in reader:
-            line = reader.line_num
-            if not record or all(not c.strip() for c in record):
-                continue
-            if len(record) != len(columns):
+            if len(record) != width:
+                if not record or all(not c.strip() for c in record):
+                    continue
                 raise SchemaError(
-                    f"{path}: line {line} has {len(record)} fields, the header has {len(columns)}"
+                    f"{path}: line {reader.line_num} has {len(record)} fields, the header has {width}"
                 )
-            for column, value in zip(cells, record, strict=True):
-                column.append(value)
-            lines.append(f"line {line}")
-    frame = pd.DataFrame({c: pd.Series(v, dtype="object") for c, v in zip(columns, cells, strict=True)})
+            if not any(record) or all(not c.strip() for c in record):
+                continue
+            records.append(record)
+            lines.append(f"line {reader.line_num}")
+    # one transpose of the rows (a C loop) instead of appending each cell to its column
+    cells = list(zip(*records, strict=True)) if records else [() for _ in columns]
+    frame = pd.DataFrame(
+        {c: pd.Series(v, dtype="object") for c, v in zip(columns, cells, strict=True)}, copy=False
+    )
     return SourceTable(name=path.stem, where=str(path), frame=frame, text=True, row_labels=lines)
 
 

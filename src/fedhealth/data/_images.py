@@ -42,6 +42,8 @@ MAX_IMAGES = 1_000_000
 
 # one file's grey (channels, h, w) array in [0, 1], or a problem sentence naming no value
 Reader = Callable[[Path, int], np.ndarray]
+# one file's label (0 or 1) read from the file itself (a DICOM tag), or a problem naming no value
+Labeler = Callable[[Path], int]
 
 
 class ImageProblem(Exception):
@@ -88,17 +90,26 @@ def read_picture(path: Path, channels: int) -> np.ndarray:
     return planes
 
 
-def _label_rows(labels_csv: Path, folder: Path, problems: list[str]) -> list[tuple[str, str, int]]:
-    """(patient id, file, label) of each valid row; a problem per invalid row (naming its file and line)."""
+def _label_rows(
+    labels_csv: Path, folder: Path, problems: list[str], *, labels_in_files: bool = False
+) -> list[tuple[str, str, int]]:
+    """(patient id, file, label) of each valid row; a problem per invalid row (naming its file and line).
+    With ``labels_in_files`` the CSV names patients and files only (the label is read from each file: -1
+    here) and a ``label`` column is refused, so that a label never has two sources."""
+    columns = _LABEL_COLUMNS[:2] if labels_in_files else _LABEL_COLUMNS
     try:
         with labels_csv.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             header = tuple(reader.fieldnames or ())
-            missing = [c for c in _LABEL_COLUMNS if c not in header]
+            missing = [c for c in columns if c not in header]
             if missing:
                 raise SchemaError(
-                    f"labels file {labels_csv.name}: missing column(s) {missing}; it needs "
-                    f"{list(_LABEL_COLUMNS)}"
+                    f"labels file {labels_csv.name}: missing column(s) {missing}; it needs {list(columns)}"
+                )
+            if labels_in_files and "label" in header:
+                raise SchemaError(
+                    f"labels file {labels_csv.name}: has a label column while the labels are read from "
+                    "the files (label_tag); drop one of the two"
                 )
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -123,7 +134,9 @@ def _label_rows(labels_csv: Path, folder: Path, problems: list[str]) -> list[tup
             problems.append(f"{where}: listed twice")
             continue
         seen_files.add(name)
-        if text not in ("0", "1"):
+        if labels_in_files:
+            text = "-1"
+        elif text not in ("0", "1"):
             problems.append(f"{where}: missing label (must be 0 or 1)")
             continue
         if not pid:
@@ -161,27 +174,33 @@ def read_image_folder(
     test_fraction: float,
     seed: int,
     name: str,
+    labeler: Labeler | None = None,
 ) -> TabularDataset:
     """The dataset of a folder of images with a labels CSV (see the module docstring); SchemaError naming
-    every file that cannot be used."""
+    every file that cannot be used. With ``labeler`` each label is read from its file (the CSV then names
+    patients and files only)."""
     if not folder.is_dir():
         raise SchemaError(f"image folder {folder.name!r} does not exist or is not a folder")
     if not labels_csv.is_file():
         raise SchemaError(f"labels file {labels_csv.name!r} does not exist")
     problems: list[str] = []
-    rows = _label_rows(labels_csv, folder, problems)
+    rows = _label_rows(labels_csv, folder, problems, labels_in_files=labeler is not None)
     labelled = {f for _, f, _ in rows}
     listed_bad = {p.split(" (labels line", 1)[0] for p in problems}
     for rel in _candidates(folder, labels_csv, is_candidate):
         if rel not in labelled and rel not in listed_bad:
             problems.append(f"{rel}: missing label (no row in {labels_csv.name})")
     images: list[np.ndarray] = []
-    for _, rel, _ in rows:
+    labels: list[int] = []
+    for _, rel, label in rows:
         try:
+            if labeler is not None:
+                label = labeler(folder / rel)
             image = reader(folder / rel, channels)
             if image.ndim != 3 or image.shape[0] != channels or min(image.shape[1:]) < 1:
                 raise ImageProblem(f"unexpected pixel layout {image.shape}")
             images.append(resize(image, size).reshape(-1))
+            labels.append(label)
         except ImageProblem as exc:
             problems.append(f"{rel}: {exc}")
     if problems:
@@ -194,7 +213,7 @@ def read_image_folder(
     if len(rows) < 2:
         raise SchemaError(f"image folder {folder.name!r}: fewer than 2 labelled images")
     X = np.stack(images)
-    y = np.array([label for _, _, label in rows], dtype=np.int64)
+    y = np.array(labels, dtype=np.int64)
     ids = [pid for pid, _, _ in rows]
     train, test = split_indices(y, test_size=test_fraction, random_state=seed)
     return TabularDataset(

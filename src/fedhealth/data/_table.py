@@ -7,7 +7,8 @@ whichever source they come from:
 
 1. the schema is resolved (declared, given by the source's own definition, or inferred: every column
    besides the id and the label numeric and complete) and checked against the frame's columns;
-2. each column is parsed: the id (text, unique), the label (0 or 1), numbers, categories (declared list,
+2. each column is parsed: the id (text, unique), the label (0 or 1; with ``time=COLUMN`` the event
+   indicator, and that column the survival time, a positive number), numbers, categories (declared list,
    unseen values refused or counted as ``other``), dates (days or completed years to a reference), declared
    ranges checked; missing values are refused unless the column declares a policy;
 3. rows are ordered by patient id (as integers when every id is one, else as text), so a source's storage
@@ -52,6 +53,7 @@ class TableOptions:
 
     label: str | None = None
     id_column: str | None = None
+    time: str | None = None  # a survival time column: the label is then the event indicator
     schema: DatasetSchema | None = None
     test_fraction: float = 0.3
     seed: int = 0
@@ -106,6 +108,7 @@ class ParsedTable:
     ids: tuple[str, ...] | None
     labels: np.ndarray
     columns: tuple[ParsedColumn, ...]
+    times: np.ndarray | None = None
     ignored: tuple[str, ...] = field(default=())
 
     @property
@@ -135,6 +138,11 @@ def parse_table(source: SourceTable, options: TableOptions) -> ParsedTable:
             raise SchemaError(f"{where}: {role} column {name!r} is not in the header {columns}")
     if options.id_column is not None and options.id_column == label:
         raise SchemaError(f"{where}: the label column cannot also be the id column")
+    if options.time is not None:
+        if options.time not in columns:
+            raise SchemaError(f"{where}: time column {options.time!r} is not in the header {columns}")
+        if options.time in (label, options.id_column):
+            raise SchemaError(f"{where}: the time column cannot also be the label or id column")
     if declared is not None:
         schema = declared.with_roles(label=options.label, id_column=options.id_column, where=where)
         absent = [c for c in schema.source_columns if c not in columns]
@@ -145,7 +153,7 @@ def parse_table(source: SourceTable, options: TableOptions) -> ParsedTable:
             )
         inferred = False
     else:
-        features = [c for c in columns if c not in (label, options.id_column)]
+        features = [c for c in columns if c not in (label, options.id_column, options.time)]
         if not features:
             raise SchemaError(f"{where}: no feature columns besides the label and id columns")
         schema = DatasetSchema(
@@ -155,13 +163,17 @@ def parse_table(source: SourceTable, options: TableOptions) -> ParsedTable:
     if frame.shape[0] == 0:
         raise SchemaError(f"{where}: no data rows" + (" after the header" if source.text else ""))
     ids = _ids(source, schema.id) if schema.id is not None else None
+    if options.time is not None and options.time in schema.columns:
+        raise SchemaError(f"{where}: the time column {options.time!r} is also a feature of the schema")
     labels = _labels(source, schema.label, schema.missing_values)
+    times = _times(source, options.time, schema.missing_values) if options.time is not None else None
     parsed = [_column(source, column, spec, schema) for column, spec in schema.columns.items()]
     order = _order(ids) if ids is not None else None
     if order is not None:
         assert ids is not None
         ids = [ids[i] for i in order]
         labels = labels[order]
+        times = times[order] if times is not None else None
         parsed = [
             ParsedColumn(
                 column=p.column,
@@ -172,7 +184,7 @@ def parse_table(source: SourceTable, options: TableOptions) -> ParsedTable:
             )
             for p in parsed
         ]
-    used = set(schema.source_columns)
+    used = set(schema.source_columns) | ({options.time} if options.time is not None else set())
     return ParsedTable(
         name=source.name,
         where=where,
@@ -182,6 +194,7 @@ def parse_table(source: SourceTable, options: TableOptions) -> ParsedTable:
         labels=labels,
         columns=tuple(parsed),
         ignored=tuple(c for c in columns if c not in used),
+        times=times,
     )
 
 
@@ -236,6 +249,20 @@ def _labels(source: SourceTable, column: str, tokens: Sequence[str]) -> np.ndarr
     return values.astype(np.int64)
 
 
+def _times(source: SourceTable, column: str, tokens: Sequence[str]) -> np.ndarray:
+    """The survival time column: a finite positive number in every row (the time of the event or of
+    censoring, in the study's unit)."""
+    values, missing = _numbers(source, column, tokens)
+    bad = missing | ~(values > 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise SchemaError(
+            f"{source.where}: {source.row(i)}, time column {column!r} holds "
+            f"{'nothing' if missing[i] else format(values[i], 'g')}; survival times must be positive numbers"
+        )
+    return values
+
+
 def _numbers(source: SourceTable, column: str, tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """A column as float64 (NaN where missing) and its missing mask; a value that is not a finite number
     is a :class:`NonNumericColumnError` (or a :class:`SchemaError` for NaN and infinities)."""
@@ -250,8 +277,8 @@ def _numbers(source: SourceTable, column: str, tokens: Sequence[str]) -> tuple[n
         )
     else:
         cleaned = series.astype("object").where(~missing, None)
-        if source.text:
-            cleaned = cleaned.map(lambda v: v.strip() if isinstance(v, str) else v)
+        if source.text:  # a text source holds only strings (None where missing): strip them all at once
+            cleaned = cleaned.str.strip()
         values = pd.to_numeric(cleaned, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~missing & ~np.isfinite(values)
     if bad.any():
@@ -486,6 +513,8 @@ def build_dataset(parsed: ParsedTable, options: TableOptions) -> TabularDataset:
         patient_ids_test=tuple(ids[i] for i in test) if ids is not None else None,
         scaling=scaling,
         imputation=imputation,
+        time_train=parsed.times[train] if parsed.times is not None else None,
+        time_test=parsed.times[test] if parsed.times is not None else None,
     )
 
 

@@ -16,6 +16,7 @@ from fedhealth.core import InputError
 from fedhealth.governance._consent import SUPPRESSION_THRESHOLD, suppress
 from fedhealth.governance._provenance import FlagReason, ModelProvenance, WithdrawalFlag
 from fedhealth.governance._timefmt import format_instant
+from fedhealth.privacy import MembershipMeasurement, MembershipReport
 
 PROV_NAMESPACE = "urn:fedhealth:"
 PROV_RELATIONS = ("wasGeneratedBy", "used", "wasDerivedFrom", "wasAssociatedWith", "wasAttributedTo")
@@ -139,10 +140,11 @@ def model_card_markdown(
     site_metrics: Mapping[str, Mapping[str, float]] | None = None,
     flags: Sequence[WithdrawalFlag] = (),
     suppression_threshold: int = SUPPRESSION_THRESHOLD,
+    membership: MembershipReport | None = None,
 ) -> str:
     """A Markdown model card for ``lineage[0]``: model details, intended use, data, per-site metrics, privacy
-    guarantee, consent statement and lineage. Counts in metrics (``num_*``, ``n_*``) below the threshold are
-    suppressed."""
+    guarantee (with ``membership``: the measured membership-inference figures beside epsilon), consent
+    statement and lineage. Counts in metrics (``num_*``, ``n_*``) below the threshold are suppressed."""
     if not lineage:
         raise InputError("a model card needs the model's provenance")
     model = lineage[0]
@@ -191,6 +193,8 @@ def model_card_markdown(
         lines.append("No per-site evaluation has been recorded for this model version.")
     lines += ["", "## Privacy guarantee", ""]
     lines += _privacy_lines(model)
+    if membership is not None:
+        lines += ["", *_membership_lines(model, membership)]
     lines += ["", "## Consent statement", ""]
     lines += _consent_lines(model, flags)
     lines += ["", "## Lineage", ""]
@@ -238,6 +242,63 @@ def _privacy_lines(model: ModelProvenance) -> list[str]:
             "",
             "Mechanism parameters: " + ", ".join(f"{k} = {_cell(v)}" for k, v in sorted(params.items())),
         ]
+    return lines
+
+
+def _strongest(rows: Sequence[MembershipMeasurement]) -> MembershipMeasurement:
+    return max(rows, key=lambda m: (m.figures.auc, m.figures.tpr_at_fpr))
+
+
+def _membership_lines(model: ModelProvenance, report: MembershipReport) -> list[str]:
+    """The privacy benchmark's figures: per dataset and setting, the strongest attack's AUC and TPR at the
+    benchmark's FPR, beside the epsilon the ledgers accounted; and which measured setting this model's own
+    epsilon falls under. They were measured on models the same recipes trained on benchmark data, not on
+    this model: the card says so."""
+    groups: dict[tuple[str, str, float | None], list[MembershipMeasurement]] = {}
+    for m in report.measurements:
+        groups.setdefault((m.dataset, m.setting, m.epsilon), []).append(m)
+    fpr = report.measurements[0].figures.fpr
+    lines = [
+        "### Measured membership inference",
+        "",
+        f"`fedhealth benchmark membership` ({_cell(report.measured_at)}): how well membership-inference "
+        "attacks (loss threshold; LiRA online and offline, Carlini et al. 2022) tell training records from "
+        "held-out records of models that fedhealth's recipes trained on the benchmark datasets at each "
+        "privacy setting. These are measurements on those models, not on this one. Chance is an AUC of 0.5 "
+        f"and a TPR of {fpr:.0%} at {fpr:.0%} FPR; the strongest attack of each setting is shown.",
+        "",
+        f"| Dataset | Setting | Models x rounds | ε accounted (δ) | Strongest attack | Attack AUC | "
+        f"TPR at {fpr:.0%} FPR |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (dataset, setting, eps), rows in groups.items():
+        best = _strongest(rows)
+        delta = f" ({best.delta:g})" if best.delta is not None else ""
+        eps_text = f"{eps:.3g}{delta}" if eps is not None else "∞ (no DP)"
+        size = f"{best.models} x {best.rounds}" if best.models and best.rounds else "n/a"
+        lines.append(
+            f"| {_cell(dataset)} | {_cell(setting)} | {size} | {eps_text} | {best.attack.value} | "
+            f"{best.figures.auc:.3f} | {best.figures.tpr_at_fpr:.3f} |"
+        )
+    lines.append("")
+    if model.epsilon_spent:
+        own = max(model.epsilon_spent.values())
+        above = [m for m in report.measurements if m.epsilon is not None and m.epsilon >= own * (1 - 1e-9)]
+        if above:
+            nearest = min(m.epsilon for m in above if m.epsilon is not None)
+            at = _strongest([m for m in above if m.epsilon == nearest])
+            lines.append(
+                f"This model's record-level ε ≤ {own:.4g}: at the nearest measured ε not below it "
+                f"({nearest:.3g}, {_cell(at.dataset)}) the strongest attack reached AUC "
+                f"{at.figures.auc:.3f} and TPR {at.figures.tpr_at_fpr:.3f} at {fpr:.0%} FPR."
+            )
+        else:
+            lines.append(
+                f"This model's record-level ε ≤ {own:.4g} is above every measured ε: the figures above do "
+                "not cover it."
+            )
+    else:
+        lines.append("This model carries no differential-privacy guarantee: compare it with the no-DP rows.")
     return lines
 
 

@@ -32,6 +32,7 @@ class StrategyKind(StrEnum):
     FEDADAM = "fedadam"
     FEDYOGI = "fedyogi"
     FEDADAGRAD = "fedadagrad"
+    SCAFFOLD = "scaffold"  # Karimi et al. 2020: FedAvg's server step plus the control-variate update
 
 
 def _is_int(value: object) -> bool:

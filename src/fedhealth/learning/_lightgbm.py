@@ -24,6 +24,7 @@ import json
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
@@ -33,11 +34,20 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 from fedhealth.core import DatasetError
 from fedhealth.data import TabularDataset
 from fedhealth.learning._boosting import (
+    STOPPING_METRIC,
+    EarlyStopping,
     TimedSession,
+    TreeCheckpoint,
+    agree_resume,
     boosting_export,
+    boosting_onnx,
+    describe_options,
     first_line,
     probe_rows,
     reference_rows,
+    require_validation_rows,
+    retries_field,
+    validation_pieces,
 )
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
@@ -78,6 +88,14 @@ class LightGbmParams(BaseModel):
     objective: Literal["binary", "regression", "multiclass"] = "binary"
     num_class: int = Field(default=1, ge=1, le=256, description="classes (multiclass only, >= 2)")
     num_rounds: int = Field(default=100, ge=1, le=10_000, description="boosting rounds")
+    early_stopping_rounds: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description="stop when the securely summed validation loss (the sites' test parts) has not improved "
+        "for this many rounds; the model keeps the best round",
+    )
+    retries: int = retries_field()
     num_leaves: int = Field(default=31, ge=2, le=4096)
     max_depth: int = Field(default=-1, ge=-1, le=64, description="-1: no limit")
     # the lower bounds of these are LightGBM's own, which it is asked for (library_problem)
@@ -342,7 +360,9 @@ class LightGbmModel:
 
 def train_pooled(params: LightGbmParams, datasets: Sequence[TabularDataset]) -> LightGbmModel:
     """LightGBM on one machine, on the sites' training rows pooled (in the given order), with the bins the
-    federation agrees on: the reference the federated model is compared with."""
+    federation agrees on: the reference the federated model is compared with. With
+    ``early_stopping_rounds``, LightGBM's own ``early_stopping`` callback on the pooled test rows, and the
+    model of its best iteration."""
     lgb = _lgb()
     ranges = params.ranges()
     low, high = [lo for lo, _ in ranges], [hi for _, hi in ranges]
@@ -351,8 +371,32 @@ def train_pooled(params: LightGbmParams, datasets: Sequence[TabularDataset]) -> 
     X = np.concatenate([binning.codes(d.X_train) for d in datasets])
     y = np.concatenate([d.y_train for d in datasets]).astype(np.float64)
     train = lgb.Dataset(X, label=y, reference=reference_dataset(binning), params=dict(DATASET_PARAMS))
-    booster = lgb.train({**params.training_params(), "tree_learner": "serial"}, train, params.num_rounds)
-    return LightGbmModel(model_text=booster.model_to_string(), binning=binning)
+    training = {**params.training_params(), "tree_learner": "serial"}
+    if params.early_stopping_rounds is None:
+        booster = lgb.train(training, train, params.num_rounds)
+        return LightGbmModel(model_text=booster.model_to_string(), binning=binning)
+    X_test = np.concatenate([binning.codes(d.X_test) for d in datasets])
+    y_test = np.concatenate([d.y_test for d in datasets]).astype(np.float64)
+    valid = lgb.Dataset(X_test, label=y_test, reference=train, params=dict(DATASET_PARAMS))
+    booster = lgb.train(
+        {**training, "metric": STOPPING_METRIC[params.objective]},
+        train,
+        params.num_rounds,
+        valid_sets=[valid],
+        callbacks=[lgb.early_stopping(params.early_stopping_rounds, verbose=False)],
+    )
+    text = booster.model_to_string(num_iteration=booster.best_iteration)
+    return LightGbmModel(model_text=text, binning=binning)
+
+
+def _probabilities(objective: str, raw: NDArray[np.float64]) -> NDArray[np.float64]:
+    """LightGBM's output transformation of raw scores (sigmoid 1, softmax, identity)."""
+    if objective == "binary":
+        return np.asarray(1.0 / (1.0 + np.exp(-raw)), dtype=np.float64)
+    if objective == "multiclass":
+        shifted = np.exp(raw - raw.max(axis=1, keepdims=True))
+        return np.asarray(shifted / shifted.sum(axis=1, keepdims=True), dtype=np.float64)
+    return raw
 
 
 # --- the site program ------------------------------------------------------------------------------------
@@ -370,19 +414,44 @@ def _init_schedule(params: LightGbmParams) -> list[str]:
 
 
 def train_site(
-    params: LightGbmParams, dataset: TabularDataset, session: Collectives
+    params: LightGbmParams,
+    dataset: TabularDataset,
+    session: Collectives,
+    checkpoints: Path | None = None,
 ) -> tuple[LightGbmModel, dict[str, int]]:
     """The federated training at one site (every site calls it over the same session): agreed bins, then
-    LightGBM's data-parallel learner over the session. Returns the model (the same at every site) and the
-    collectives LightGBM asked for, by kind."""
+    LightGBM's data-parallel learner over the session; with ``early_stopping_rounds``, after each round the
+    sites' validation-loss pieces in one secure sum, and the model of the best round. With ``retries``, the
+    site checkpoints the model after every round in ``checkpoints`` (its own directory, if it has one) and
+    the sites first agree on the last round every one of them completed, and continue from it (LightGBM's
+    ``init_model``). Returns the model (the same at every site) and the collectives LightGBM asked for, by
+    kind (``stopping`` counts the sums of the early-stopping rule; ``best_iteration`` the rounds kept;
+    ``resumed_from`` the rounds taken from the checkpoints)."""
     lgb = _lgb()
+    stopper = None
+    if params.early_stopping_rounds is not None:
+        require_validation_rows(session, len(dataset.y_test))
+        stopper = EarlyStopping(rounds=params.early_stopping_rounds)
     ranges = params.ranges()
     low, high = [lo for lo, _ in ranges], [hi for _, hi in ranges]
     X, y = dataset.X_train, dataset.y_train.astype(np.float64)
     counts = session.secure_sum(cell_counts(X, low, high, params.grid_cells).reshape(-1))
     binning = binning_of(params, counts)
+    checkpoint, saved, done = None, None, 0
+    if params.retries:
+        if checkpoints is not None:
+            checkpoint = TreeCheckpoint(
+                checkpoints, recipe="lightgbm", key=TreeCheckpoint.key_of(params, binning, dataset)
+            )
+            saved = checkpoint.load()
+        done = agree_resume(session, saved.rounds if saved is not None else 0, params.num_rounds)
+    init = None
+    if done:
+        assert saved is not None  # every site reached round `done`, this one included
+        init = lgb.Booster(model_str=saved.model)
+        init = lgb.Booster(model_str=init.model_to_string(num_iteration=done))
     global_mean: float | None = None
-    if params.objective == "regression" and params.boost_from_average:
+    if params.objective == "regression" and params.boost_from_average and init is None:
         # LightGBM's data-parallel start would be the mean of the sites' means; the pooled mean instead
         total_y, total_n = session.secure_sum(np.array([y.sum(), y.size], dtype=np.float64)).tolist()
         if total_n < 1:
@@ -398,25 +467,71 @@ def train_site(
             max_depth=params.max_depth,
             min_data_in_leaf=params.min_data_in_leaf,
         ),
+        # with early stopping or checkpoints, one rank per site (the split records gathered by secure sum):
+        # predicting and saving between rounds next to other boosters of the same network aborted LightGBM
+        all_ranks=stopper is None and checkpoint is None,
     )
     # every rank of the network at this site (module docstring of _lightgbm_network), each on its own thread
-    sets = [
-        lgb.Dataset(codes, label=y, reference=reference_dataset(binning), params=dict(DATASET_PARAMS))
-        for _ in range(group.n)
-    ]
-    for train in sets:
+    sets = {}
+    for rank in group.ranks:
+        train = lgb.Dataset(
+            codes,
+            label=y,
+            reference=reference_dataset(binning),
+            params=dict(DATASET_PARAMS),
+            free_raw_data=False,
+        )
+        if (
+            init is not None
+        ):  # as lgb.train(init_model=...): the start scores are the checkpoint's predictions
+            training = params.training_params()
+            train._set_predictor(
+                lgb.basic._InnerPredictor.from_booster(
+                    booster=init, pred_parameter=dict(init.params, **training)
+                )
+            )
         train.construct()
-    networks = [
-        SessionNetwork(
+        sets[rank] = train
+    networks = {
+        rank: SessionNetwork(
             group,
             rank,
             local_rows=len(y),
-            init_schedule=_init_schedule(params),
+            init_schedule=_init_schedule(params)
+            if init is None
+            else [],  # no BoostFromAverage on a start score
             init_score=lambda _i: global_mean,
         )
-        for rank in range(group.n)
-    ]
-    texts: dict[int, str] = {}
+        for rank in group.ranks
+    }
+    valid_codes = binning.codes(dataset.X_test)
+    rows = len(dataset.y_test)
+    raw = np.zeros((rows, params.num_class) if params.num_class > 1 else rows)
+    stopped = False
+    if stopper is not None and saved is not None and init is not None:
+        stopped = stopper.replay(saved.scores[:done])  # the rule as it stood after round `done`
+        if rows:
+            raw = np.asarray(init.predict(valid_codes, raw_score=True, num_threads=1), dtype=np.float64)
+    boosters: dict[int, Any] = {}
+
+    def after_round(i: int, rank: int) -> bool:
+        """Once per round, by rank 0 on its own thread (the boosters are alike) while the others wait for its
+        answer: the early-stopping sum and the checkpoint. Whether to stop."""
+        nonlocal raw, stopped
+        booster = boosters[rank]
+        if stopper is not None:
+            if rows:
+                raw += booster.predict(valid_codes, start_iteration=i, num_iteration=1, raw_score=True)
+            output = _probabilities(params.objective, raw)
+            pieces = validation_pieces(params.objective, output, dataset.y_test)
+            loss_sum, total = session.secure_sum(pieces).tolist()
+            calls = networks[group.ranks[0]].calls
+            calls["stopping"] = calls.get("stopping", 0) + 1
+            stopped = stopper.update(loss_sum, total)
+        if checkpoint is not None:
+            checkpoint.save(i + 1, booster.model_to_string(), stopper.scores if stopper else [])
+        return stopped
+
     errors: dict[int, BaseException] = {}
 
     def run_rank(rank: int) -> None:
@@ -424,13 +539,16 @@ def train_site(
         try:
             network.bind(lgb.basic._LIB)
             try:
-                booster = lgb.Booster(
+                boosters[rank] = booster = lgb.Booster(
                     params={**params.training_params(), "tree_learner": "data", "num_machines": group.n},
                     train_set=sets[rank],
                 )
                 network.check()
                 network.phase = "init"
-                for _ in range(params.num_rounds):
+                halt = stopped
+                for i in range(done, params.num_rounds):
+                    if halt:
+                        break
                     try:
                         finished = booster.update()
                     except lgb.basic.LightGBMError:
@@ -439,7 +557,10 @@ def train_site(
                     network.check()
                     if finished:
                         break
-                texts[rank] = booster.model_to_string()
+                    if stopper is not None or checkpoint is not None:
+                        group.share(rank, None)  # every rank is out of LightGBM's iteration first
+                        mine = after_round(i, rank) if rank == group.ranks[0] else None
+                        halt = bool(group.share(rank, mine))
             finally:
                 network.unbind(lgb.basic._LIB)
         except BaseException as exc:
@@ -448,7 +569,7 @@ def train_site(
 
     threads = [
         threading.Thread(target=run_rank, args=(rank,), name=f"lightgbm-rank-{rank}", daemon=True)
-        for rank in range(group.n)
+        for rank in group.ranks
     ]
     for thread in threads:
         thread.start()
@@ -456,11 +577,17 @@ def train_site(
         thread.join()
     if errors:  # the first failure itself, not a rank stopped by it
         raise group.error or next(iter(errors.values()))
-    if len(set(texts.values())) != 1:
+    kept = stopper.best_iteration if stopper is not None else 0
+    texts = {boosters[r].model_to_string(num_iteration=kept) for r in group.ranks}
+    if len(texts) != 1:
         raise UnprotectedCollectiveError("this site's LightGBM ranks ended with different models")
-    return LightGbmModel(model_text=texts[0], binning=binning), {
-        **networks[0].calls,
+    extra = {"best_iteration": kept} if stopper is not None else {}
+    if params.retries:
+        extra["resumed_from"] = done
+    return LightGbmModel(model_text=texts.pop(), binning=binning), {
+        **networks[group.ranks[0]].calls,
         "values_sent": group.values_sent,
+        **extra,
     }
 
 
@@ -515,7 +642,7 @@ class LightGbmRecipe:
     version: Literal["1"] = "1"
     params_model = LightGbmParams
     pattern = CombinationPattern.COLLECTIVE
-    capabilities = RecipeCapabilities()
+    capabilities = RecipeCapabilities(export_onnx=True)
 
     def data_schema(self, params: LightGbmParams) -> DataSchema:
         return DataSchema(n_features=params.n_features, feature_names=params.feature_names)
@@ -528,6 +655,7 @@ class LightGbmRecipe:
             "child's gradient histograms and the rows on each side of candidate splits, each only inside a "
             "secure sum; per split it releases its best split among its features, computed from the sums "
             "over all sites; at the end, test-set counts and losses inside a secure sum"
+            + describe_options(params)
         )
 
     def template(self, n_features: int | None) -> list[TemplateParam]:
@@ -559,12 +687,13 @@ class LightGbmRecipe:
             raise DatasetError("LightGBM needs the site's dataset")
         self.data_schema(params).check(dataset)
         timed = TimedSession(session)
-        model, calls = train_site(params, dataset, timed)
+        model, calls = train_site(params, dataset, timed, ctx.checkpoints)
+        stopped = {k: calls[k] for k in ("best_iteration", "resumed_from") if k in calls}
         release(
             timed,
             held_out_sums(params.objective, model.predict, dataset),
             params.objective,
-            {"model": model.model_text, "binning": model.binning.to_json()},
+            {"model": model.model_text, "binning": model.binning.to_json(), **stopped},
             lambda: model.booster().num_trees(),
         )
         return SiteSessionOutcome(
@@ -574,6 +703,9 @@ class LightGbmRecipe:
                 **timed.record(),
             }
         )
+
+    def session_retries(self, params: LightGbmParams) -> int:
+        return params.retries
 
     def finish(self, params: LightGbmParams, released: bytes) -> dict[str, JsonValue]:
         result = json.loads(released)
@@ -604,6 +736,15 @@ class LightGbmRecipe:
             label_meaning=params.label_meaning,
             native_name="model.txt",
             predict_proba=model.predict if params.objective == "binary" else None,
+            predict=None if params.objective == "binary" else model.predict,
+            onnx=lambda: boosting_onnx(
+                "convert_lightgbm",
+                {"zipmap": False},
+                params.objective,
+                model.booster(),
+                model.binning,
+                model.predict,
+            ),
         )
 
 

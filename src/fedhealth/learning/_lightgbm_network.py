@@ -95,9 +95,13 @@ class RankGroup:
     others at their next call.
     """
 
-    def __init__(self, session: Collectives, tree: TreeTracker | None = None) -> None:
+    def __init__(
+        self, session: Collectives, tree: TreeTracker | None = None, *, all_ranks: bool = True
+    ) -> None:
         self.session = session
         self.n = len(session.sites)
+        # the ranks this site runs: all n, or only its own (then the records are gathered by secure sum)
+        self.ranks = list(range(self.n)) if all_ranks else [session.sites.index(session.site)]
         self.tree = tree  # shared by the ranks: the group updates it once per step
         self.values_sent = 0  # float64 values this site put into secure sums during training
         self._cond = threading.Condition()
@@ -120,8 +124,8 @@ class RankGroup:
                 raise UnprotectedCollectiveError(f"LightGBM rank {rank} called twice in one step")
             generation = self._generation
             self._arrived[rank] = value
-            if len(self._arrived) == self.n:
-                values = [self._arrived[r] for r in range(self.n)]
+            if len(self._arrived) == len(self.ranks):
+                values = [self._arrived[r] for r in self.ranks]
                 self._arrived = {}
                 try:
                     self._outcome = (combine(values), None)
@@ -181,10 +185,23 @@ class RankGroup:
 
         return self._rendezvous(rank, data, once)  # type: ignore[no-any-return]
 
+    def _gather_by_sum(self, rank: int, data: bytes) -> list[bytes]:
+        words = np.frombuffer(data, dtype="<u2").astype(np.float64)
+        values = np.zeros((self.n, words.size), dtype=np.float64)
+        values[rank] = words
+        total = self._send(values.reshape(-1)).reshape(self.n, words.size)
+        return [np.rint(row).astype("<u2").tobytes() for row in total]
+
+    def share(self, rank: int, value: Any) -> Any:
+        """The first local rank's ``value``, to every rank once all arrived."""
+        return self._rendezvous(rank, value, lambda values: values[0])
+
     def gather(self, rank: int, data: bytes) -> list[bytes]:
         """Every rank's ``data``, in rank order (split records: with the tree's exact counts written in)."""
 
         def once(blocks: list[bytes]) -> list[bytes]:
+            if len(self.ranks) == 1:  # only this site's rank: each site's record in its own block of a sum
+                blocks = self._gather_by_sum(self.ranks[0], blocks[0])
             return self.tree.exact_counts(blocks) if self.tree is not None else blocks
 
         return self._rendezvous(rank, bytes(data), once)  # type: ignore[no-any-return]

@@ -7,9 +7,9 @@ study's ``recipe.params`` onto them. Record-level DP is this recipe's ``train`` 
 noises the update), so both are declared in its capabilities.
 
 ``preprocessing`` (optional, :mod:`fedhealth.learning._preprocessing`) fixes how every site scales its
-features (the spec's federation-wide mean and scale, or none); a spec without it trains exactly as before
-(each site's own standardization), bit for bit. Its export can be written as a model package with an ONNX
-file (``fedhealth model export``).
+features (the spec's federation-wide mean and scale, one a secure-sum pre-step computes, or none); a spec
+without it trains exactly as before (each site's own standardization), bit for bit. Its export can be
+written as a model package with an ONNX file (``fedhealth model export``).
 """
 
 from __future__ import annotations
@@ -161,9 +161,9 @@ def logreg_onnx(
     ]
     nodes = []
     current = "features"
-    if preprocessing is not None and preprocessing.standardize is StandardizeMode.GIVEN:
-        assert preprocessing.mean is not None
-        assert preprocessing.scale is not None
+    if preprocessing is not None and preprocessing.standardize is not StandardizeMode.NONE:
+        if preprocessing.mean is None or preprocessing.scale is None:
+            raise ConfigError("standardize = 'federated': no released scaling to write into the ONNX file")
         initializers += [
             numpy_helper.from_array(np.asarray(preprocessing.mean, dtype=np.float64), "mean"),
             numpy_helper.from_array(np.asarray(preprocessing.scale, dtype=np.float64), "scale"),
@@ -204,7 +204,12 @@ class LogRegRecipe:
     params_model = LogRegParams
     pattern = CombinationPattern.ROUNDS
     capabilities = RecipeCapabilities(
-        reads_data=True, record_dp=True, site_dp=True, secure_sum=True, export_onnx=True
+        reads_data=True,
+        record_dp=True,
+        site_dp=True,
+        secure_sum=True,
+        export_onnx=True,
+        federated_scaling=True,
     )
 
     def data_schema(self, params: LogRegParams) -> DataSchema:
@@ -314,8 +319,11 @@ class LogRegRecipe:
         def onnx() -> bytes:
             return logreg_onnx(tensors["weight"], tensors["bias"], params.preprocessing, names)
 
-        # a model trained on per-site scaling has no one scaling an ONNX graph could hold
-        known_scaling = params.preprocessing is not None
+        # a model trained on per-site scaling has no one scaling an ONNX graph could hold (nor a federated
+        # one whose pre-step's release is not filled in)
+        known_scaling = params.preprocessing is not None and (
+            params.preprocessing.standardize is StandardizeMode.NONE or params.preprocessing.mean is not None
+        )
         return ModelExport(
             tensors=tensors,
             metadata=metadata,

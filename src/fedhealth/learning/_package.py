@@ -130,7 +130,7 @@ def write_package(
     if sha256_hex(weights) != origin.model_digest:
         raise PackageError("the weights given are not the model the origin names (digest differs)")
     recipe = f"recipe {export.metadata.get('recipe')!r}"
-    if export.predict_proba is None:
+    if export.predict_proba is None and export.predict is None:
         raise PackageError(f"{recipe} gives no way to apply its model outside fedhealth; nothing to package")
     if export.metadata.get("feature_names") is None:
         raise PackageError(
@@ -270,9 +270,9 @@ class ModelPackage:
 
     def standardized(self, X: np.ndarray) -> np.ndarray:
         """``X`` (from :meth:`features`) standardized as the model was trained."""
-        if self.standardize is StandardizeMode.GIVEN:
-            assert self._mean is not None
-            assert self._scale is not None
+        if self.standardize in (StandardizeMode.GIVEN, StandardizeMode.FEDERATED):
+            if self._mean is None or self._scale is None:
+                raise PackageInputError("this package's federated scaling is missing (mean and scale)")
             return (X - self._mean) / self._scale
         if self.standardize is StandardizeMode.NONE:
             return X
@@ -288,7 +288,20 @@ class ModelPackage:
         if not assume_standardized:
             X = self.standardized(X)
         predict = self._export.predict_proba
-        assert predict is not None  # load_package refuses an export without one
+        if predict is None:
+            raise PackageInputError(
+                "this model is not a binary classifier (multiclass or regression): use predict(frame)"
+            )
+        return np.asarray(predict(X), dtype=np.float64)
+
+    def predict(self, frame: Any, *, assume_standardized: bool = False) -> np.ndarray:
+        """The model's output for each row of ``frame``: P(label = 1) for a binary classifier, class
+        probabilities (rows x classes) for a multiclass one, the predicted value for a regression."""
+        X = self.features(frame)
+        if not assume_standardized:
+            X = self.standardized(X)
+        predict = self._export.predict or self._export.predict_proba
+        assert predict is not None  # load_package refuses an export without either
         return np.asarray(predict(X), dtype=np.float64)
 
 
@@ -356,7 +369,7 @@ def load_package(path: Path | str) -> ModelPackage:
         if native is None or blobs.get(native[0]) != native[1]:
             raise PackageError(f"{folder}: the model file is not the one the study's result holds")
     else:
-        export = _reexport(folder, spec, blobs[WEIGHTS_FILE])
+        export = _reexport(folder, spec, blobs[WEIGHTS_FILE], metadata.get("preprocessing"))
     if _json(dict(export.metadata)) != metadata.get("model"):
         raise PackageError(
             f"{folder}: the metadata's model section differs from what the study spec and weights give "
@@ -365,7 +378,7 @@ def load_package(path: Path | str) -> ModelPackage:
     for key in ("feature_names", "preprocessing", "label"):
         if metadata.get(key) != metadata["model"].get(key):
             raise PackageError(f"{folder}: the metadata's {key} differs from its model section")
-    if export.predict_proba is None:
+    if export.predict_proba is None and export.predict is None:
         raise PackageError(f"{folder}: recipe {spec['recipe'].get('name')!r} gives no way to predict")
     if metadata["model"].get("feature_names") is None:
         raise PackageError(f"{folder}: the study named no features, so no table can be fed to this model")
@@ -409,14 +422,25 @@ def _reexport_result(folder: Path, spec: Mapping[str, Any], released: bytes) -> 
         raise PackageError(f"{folder}: {RESULT_FILE} does not fit the study's recipe ({exc})") from exc
 
 
-def _reexport(folder: Path, spec: Mapping[str, Any], weights: bytes) -> ModelExport:
+def _reexport(
+    folder: Path, spec: Mapping[str, Any], weights: bytes, recorded: Mapping[str, Any] | None = None
+) -> ModelExport:
     recipe = spec.get("recipe")
     if not isinstance(recipe, dict):
         raise PackageError(f"{folder}: the study spec names no recipe")
+    params = dict(recipe.get("params") or {})
+    pre = params.get("preprocessing")
+    if isinstance(pre, dict) and pre.get("standardize") == StandardizeMode.FEDERATED.value:
+        # the spec says "federated"; the released mean and scale are the package's record of its pre-step
+        # (the spec hash does not cover them: compare with round 0's result at the orchestrator)
+        pre_recorded = recorded if isinstance(recorded, Mapping) else {}
+        params["preprocessing"] = {
+            **pre,
+            "mean": pre_recorded.get("mean"),
+            "scale": pre_recorded.get("scale"),
+        }
     try:
-        resolved = resolve_recipe(
-            str(recipe.get("name")), str(recipe.get("version", "1")), recipe.get("params") or {}
-        )
+        resolved = resolve_recipe(str(recipe.get("name")), str(recipe.get("version", "1")), params)
         tensors, _ = decode_tensors(weights, resolved.param_specs())
         return resolved.export(tensors)
     except RecipeError as exc:

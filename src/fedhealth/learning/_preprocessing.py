@@ -8,6 +8,12 @@ the same ones, and the exported model package carries them:
   its features as ``(x - mean) / scale``, never with its own data's statistics. The researcher obtains them
   from the federation, not from one site: a federated statistics run (secure sum of per-feature counts,
   sums and sums of squares over the sites' training rows) gives them through :func:`scaling_from_sums`.
+- ``standardize = "federated"`` (no ``mean`` or ``scale`` in the spec): before round 1 the study runs a
+  collective pre-step in which every training site adds the count, sum and sum of squares of each feature
+  over its kept training rows into a secure sum (:mod:`fedhealth.learning._federated_scaling`); every site
+  then standardizes with the federation-wide mean and scale those sums give, exactly as ``"given"`` would
+  with the same figures. The released scaling travels with each later task and is recorded in the model
+  package (``mean`` and ``scale`` filled in). One step instead of ``stats run`` then ``model scaling``.
 - ``standardize = "none"``: the features are used as the sites' datasets give them, unscaled.
 - no ``preprocessing`` at all (the default, and every study before packages): each site standardizes with
   its own training rows' mean and std, as FLamby does; such a model has no one scaling to ship.
@@ -45,6 +51,7 @@ class StandardizeMode(StrEnum):
     """How a model's features were standardized (``site`` is never written in a spec: it is the default)."""
 
     GIVEN = "given"  # (x - mean) / scale with the spec's statistics, the same at every site
+    FEDERATED = "federated"  # (x - mean) / scale with statistics a secure-sum pre-step computes
     NONE = "none"  # unscaled
     SITE = "site"  # each site with its own training rows' statistics (no one scaling exists)
 
@@ -101,11 +108,14 @@ class Preprocessing(BaseModel):
                 "mean and scale) or 'none'"
             )
         given = self.standardize is StandardizeMode.GIVEN
+        scaled = given or self.standardize is StandardizeMode.FEDERATED
         if given and (self.mean is None or self.scale is None):
             raise ValueError("standardize = 'given' needs mean and scale (one per feature)")
-        if not given and (self.mean is not None or self.scale is not None):
+        if not scaled and (self.mean is not None or self.scale is not None):
             raise ValueError("mean and scale go with standardize = 'given'")
-        if given and self.mean is not None and self.scale is not None and len(self.mean) != len(self.scale):
+        if (self.mean is None) != (self.scale is None):
+            raise ValueError("mean and scale go together")
+        if scaled and self.mean is not None and self.scale is not None and len(self.mean) != len(self.scale):
             raise ValueError(f"{len(self.mean)} means but {len(self.scale)} scales")
         claimed: dict[str, str] = {}
         for column, encoding in self.categorical.items():
@@ -136,20 +146,45 @@ class Preprocessing(BaseModel):
         """The rows ``X`` of ``dataset`` (as the site's connector gave them) under this preprocessing.
 
         A connector standardizes with the site's own training statistics unless told not to; the dataset
-        keeps them (``scaling``), so the rows are first put back on their raw scale. A dataset without a
-        scaling is raw already."""
-        raw = X if dataset.scaling is None else X * dataset.scaling.std + dataset.scaling.mean
-        if self.standardize is StandardizeMode.GIVEN:
-            assert self.mean is not None
-            assert self.scale is not None
-            return np.asarray((raw - np.asarray(self.mean)) / np.asarray(self.scale), dtype=np.float64)
-        return np.asarray(raw, dtype=np.float64)
+        keeps them (``scaling``), so the rows are first put back on their raw scale (:func:`raw_features`).
+        A dataset without a scaling is raw already."""
+        raw = raw_features(dataset, X)
+        if self.standardize is StandardizeMode.NONE:
+            return raw
+        if self.mean is None or self.scale is None:  # federated, before its pre-step released them
+            raise InputError(
+                "standardize = 'federated': the federation's mean and scale are not known yet (the "
+                "study's scaling pre-step has not released them)"
+            )
+        return np.asarray((raw - np.asarray(self.mean)) / np.asarray(self.scale), dtype=np.float64)
+
+    @property
+    def federated(self) -> bool:
+        return self.standardize is StandardizeMode.FEDERATED
+
+    def with_scaling(self, mean: Sequence[float], scale: Sequence[float]) -> Preprocessing:
+        """This federated preprocessing with the mean and scale its pre-step released filled in."""
+        if not self.federated:
+            raise InputError("only standardize = 'federated' takes a released scaling")
+        return self.model_copy(update={"mean": tuple(mean), "scale": tuple(scale)})
 
     def describe(self) -> str:
         """A clause for a steward's description of the study."""
         if self.standardize is StandardizeMode.GIVEN:
             return "features standardized with the spec's federation-wide mean and scale"
+        if self.standardize is StandardizeMode.FEDERATED:
+            return (
+                "features standardized with a federation-wide mean and scale computed before round 1 "
+                "from a secure sum of each site's per-feature count, sum and sum of squares"
+            )
         return "features used unscaled"
+
+
+def raw_features(dataset: TabularDataset, X: np.ndarray) -> np.ndarray:
+    """The rows ``X`` of ``dataset`` on their raw scale: a connector standardizes with the site's own
+    training statistics unless told not to, and the dataset keeps them (``scaling``)."""
+    raw = X if dataset.scaling is None else X * dataset.scaling.std + dataset.scaling.mean
+    return np.asarray(raw, dtype=np.float64)
 
 
 def preprocessing_metadata(preprocessing: Preprocessing | None) -> dict[str, JsonValue]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -66,8 +67,14 @@ class RecipeCapabilities:
     when given :class:`RecordDp`. ``site_dp``: its update is a plain float vector the runtime may clip and
     noise as a whole. ``secure_sum``: its update may travel inside a SecAgg+ secure sum (a fixed-size float
     vector whose mean is the update's meaning). ``export_onnx``: its export can become an ONNX file.
+    ``federated_scaling``: a rounds recipe whose params take ``preprocessing`` with ``standardize =
+    "federated"`` (the study then runs the secure-sum scaling pre-step before round 1, and the recipe's
+    params get the released mean and scale filled in).
     ``session_dp``: a collective recipe that adds noise in its session and declares what it releases about a
     site's records with ``dp_plan(params) -> DpPlan`` (the site's ledger charges it before any data is read).
+    ``site_state``: a rounds recipe whose ``train`` takes, as ``site_state``, what its previous round at this
+    site returned in :attr:`TrainResult.site_state` (None on a site's first round of a study); the runtime
+    keeps it at the site, per study (SCAFFOLD's client control variate c_i).
     """
 
     reads_data: bool = True
@@ -76,6 +83,8 @@ class RecipeCapabilities:
     secure_sum: bool = False
     export_onnx: bool = False
     session_dp: bool = False
+    federated_scaling: bool = False
+    site_state: bool = False
 
     def supports(self, level: DpLevel) -> bool:
         return self.record_dp if level is DpLevel.RECORD else self.site_dp
@@ -143,11 +152,15 @@ class ModelExport:
     a feature matrix in ``feature_names`` order, after that preprocessing (float64). ``onnx``, for a recipe
     declaring ``export_onnx``, builds the same model, preprocessing's standardization included, as an ONNX
     file (the ``onnx`` package is imported only then). ``native_file``, for a model that is its library's
-    own file (a collective recipe's trees), is that file's name and bytes: a model package holds it."""
+    own file (a collective recipe's trees), is that file's name and bytes: a model package holds it.
+    ``predict``, for a model that is not a binary classifier (multiclass, regression), is its output for
+    each row (class probabilities, rows x classes; or the predicted value), in the place of
+    ``predict_proba``."""
 
     tensors: Params
     metadata: Mapping[str, JsonValue]
     predict_proba: Callable[[np.ndarray], np.ndarray] | None = None
+    predict: Callable[[np.ndarray], np.ndarray] | None = None
     onnx: Callable[[], bytes] | None = None
     native_file: tuple[str, bytes] | None = None
 
@@ -176,12 +189,16 @@ class SessionContext:
     """What a collective recipe's site program knows besides its data and session: the site, the study
     seed, and a generator determined by (seed, session, site) for the program's own random choices.
     ``noise`` is the generator for differential-privacy noise (a cryptographically secure one unless the
-    site runs with reproducible noise for tests); None where the runtime gives none."""
+    site runs with reproducible noise for tests); None where the runtime gives none. ``checkpoints`` is a
+    directory in the site's own home for this study (the recipe creates it, 0700, when it first writes; it
+    is kept across the study's sessions, so that a retried session can resume from what an earlier one
+    completed); None where there is none."""
 
     site: str
     seed: int
     rng: np.random.Generator
     noise: RandomSource | None = None
+    checkpoints: Path | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -236,6 +253,9 @@ class RoundsRecipe(Recipe[P], Protocol[P]):
     Optional: ``averaged_tensors(params) -> Collection[str]`` names tensors that are statistics of the data
     rather than trained parameters (BatchNorm's running mean and variance); the server takes their plain
     weighted mean under every strategy, and adaptive strategies keep no state for them.
+    ``control_variate_tensors(params) -> Collection[str]`` names the tensors that hold SCAFFOLD's server
+    control variate c: the study's strategy must then be ``scaffold``, which moves them by |S|/N times their
+    mean update (a recipe declaring them declares ``site_state`` too, for the sites' c_i).
     """
 
     def param_specs(self, params: P) -> list[TensorSpec]:
@@ -254,11 +274,14 @@ class RoundsRecipe(Recipe[P], Protocol[P]):
         rng: np.random.Generator,
         *,
         record_dp: RecordDp | None = None,
+        site_state: Params | None = None,
     ) -> TrainResult:
         """One round of local training from the global ``model`` on the dataset's training rows; returns the
         local model (float32). All randomness comes from ``rng``. With ``record_dp`` (only if the recipe
         declares ``record_dp``) it runs exactly that DP-SGD release, ``rng`` drawing samples and noise, and
-        reports no training loss (``train_loss`` None: a loss computed without noise is not private)."""
+        reports no training loss (``train_loss`` None: a loss computed without noise is not private).
+        ``site_state`` is passed only to a recipe declaring ``site_state`` (see
+        :class:`RecipeCapabilities`)."""
         ...
 
     def evaluate(self, params: P, model: Params, dataset: TabularDataset | None) -> EvalResult | None:

@@ -141,11 +141,18 @@ class ResolvedRecipe:
         rng: np.random.Generator,
         *,
         record_dp: RecordDp | None = None,
+        site_state: Params | None = None,
     ) -> TrainResult:
         if record_dp is not None and not self.capabilities.record_dp:
             # declared, never guessed: a recipe that does not say it runs DP-SGD is never handed it
             raise RecipeError(f"recipe {self.name!r} does not implement record-level DP")
-        return self.rounds().train(self.params, model, dataset, rng, record_dp=record_dp)
+        if not self.capabilities.site_state:
+            if site_state is not None:
+                raise RecipeError(f"recipe {self.name!r} keeps no state at the site")
+            return self.rounds().train(self.params, model, dataset, rng, record_dp=record_dp)
+        return self.rounds().train(
+            self.params, model, dataset, rng, record_dp=record_dp, site_state=site_state
+        )
 
     def evaluate(self, model: Params, dataset: TabularDataset | None) -> EvalResult | None:
         return self.rounds().evaluate(self.params, model, dataset)
@@ -160,6 +167,16 @@ class ResolvedRecipe:
     def export(self, model: Params) -> ModelExport:
         return self.rounds().export(self.params, model)
 
+    def session_retries(self) -> int:
+        """How many times a collective study whose session failed starts a new session (each resuming from
+        what the recipe checkpointed at its sites): what the recipe declares with its optional
+        ``session_retries(params)``, part of the approved spec; 0 for a recipe combined in rounds or one
+        that declares nothing."""
+        if self.recipe.pattern is not CombinationPattern.COLLECTIVE:
+            return 0
+        declared = getattr(self.recipe, "session_retries", None)
+        return 0 if declared is None else int(declared(self.params))
+
     def averaged_tensors(self) -> frozenset[str]:
         """The tensors the server averages plainly under every strategy (statistics of the data, not trained
         parameters): what the recipe declares with its optional ``averaged_tensors(params)``; none when it
@@ -172,6 +189,26 @@ class ResolvedRecipe:
         if unknown:
             raise RecipeError(
                 f"recipe {self.name!r} declares averaged tensors it does not have: {sorted(unknown)}"
+            )
+        return names
+
+    def control_variate_tensors(self) -> frozenset[str]:
+        """The tensors holding SCAFFOLD's server control variate c, as the recipe declares them with its
+        optional ``control_variate_tensors(params)`` (none when it declares nothing)."""
+        declared = getattr(self.rounds(), "control_variate_tensors", None)
+        if declared is None:
+            return frozenset()
+        names = frozenset(declared(self.params))
+        if not names:  # asked of every study (check_recipe): no model is built for the answer
+            return names
+        unknown = names - {s.name for s in self.param_specs()}
+        if unknown:
+            raise RecipeError(
+                f"recipe {self.name!r} declares control variates it does not have: {sorted(unknown)}"
+            )
+        if not self.capabilities.site_state:
+            raise RecipeError(
+                f"recipe {self.name!r} declares control variates but keeps no site state for the sites' own"
             )
         return names
 

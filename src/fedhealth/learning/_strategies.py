@@ -13,15 +13,28 @@ Federated Optimization", Algorithm 2, taking the mean delta as the pseudo-gradie
 m and v start at zero (as in FLamby and Flower), without bias correction (as in the paper). The state is
 a flat dict of float64 arrays named ``m.<tensor>`` and ``v.<tensor>`` so the orchestrator can keep it as
 safetensors between rounds and a restarted study continues bit for bit.
+
+SCAFFOLD (Karimi et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning",
+Algorithm 1) keeps the server control variate c inside the global model, as tensors its recipe declares
+(``control_variates``), so it reaches the sites with the model and each site's Δc_i travels beside its Δy_i
+in the same update (twice the size, inside the secure sum like any update). The server needs only means:
+
+    x <- x + eta * mean Δy                                    (FedAvg's step)
+    c <- c + |S|/N * mean Δc                                  (S: the round's contributors, N: all sites)
+
+The mean is the same sample-weighted mean as FedAvg's (a plain one under site-level DP), so c tracks the
+weighted mean of the sites' c_i, the correction that matches the weighted objective FedAvg optimizes; with
+equal weights it is the paper's plain mean.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
-from fedhealth.core import InputError, TensorError
+from fedhealth.core import ConfigError, InputError, TensorError
 from fedhealth.learning._checks import check_tensors
 from fedhealth.learning._config import StrategyConfig, StrategyKind
 
@@ -55,15 +68,18 @@ def weighted_mean(deltas: Sequence[tuple[int, Mapping[str, np.ndarray]]]) -> dic
 
 
 def strategy_state_specs(
-    config: StrategyConfig, params: Mapping[str, np.ndarray], averaged: Collection[str] = ()
+    config: StrategyConfig,
+    params: Mapping[str, np.ndarray],
+    averaged: Collection[str] = (),
+    control_variates: Collection[str] = (),
 ) -> dict[str, tuple[int, ...]]:
     """The names and shapes of the state ``config`` keeps for a model shaped like ``params`` (empty for
-    FedAvg / FedProx; none for the ``averaged`` tensors)."""
+    FedAvg / FedProx / SCAFFOLD; none for the ``averaged`` tensors or the ``control_variates``)."""
     if not config.is_adaptive:
         return {}
     specs: dict[str, tuple[int, ...]] = {}
     for name, arr in sorted(params.items()):
-        if name in averaged:
+        if name in averaged or name in control_variates:
             continue
         specs[f"m.{name}"] = tuple(arr.shape)
         specs[f"v.{name}"] = tuple(arr.shape)
@@ -76,6 +92,9 @@ def apply_strategy(
     mean_delta: Mapping[str, np.ndarray],
     state: Mapping[str, np.ndarray],
     averaged: Collection[str] = (),
+    *,
+    control_variates: Collection[str] = (),
+    participation: float = 1.0,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """One server step: ``(new global params, new state)``. Inputs are left untouched.
 
@@ -88,13 +107,29 @@ def apply_strategy(
     validated before anything is computed: tensor names and shapes must agree, values must be finite, and a
     state must be either empty or complete. New parameters keep the dtype of ``global_params``; the state is
     float64.
+
+    ``control_variates`` names the tensors holding SCAFFOLD's server control variate c (declared by the
+    recipe; required by, and only allowed with, the ``scaffold`` strategy): they move by ``participation``
+    (|S|/N, the fraction of the study's training sites that contributed) times their mean delta.
     """
+    if (config.kind is StrategyKind.SCAFFOLD) != bool(control_variates):
+        raise ConfigError(
+            "strategy scaffold needs a model that carries control variates (torch: scaffold = true)"
+            if config.kind is StrategyKind.SCAFFOLD
+            else f"the model carries SCAFFOLD control variates: strategy {config.kind.value!r} cannot update "
+            "them (use strategy scaffold)"
+        )
+    if not (math.isfinite(participation) and 0.0 < participation <= 1.0):
+        raise ConfigError(f"participation must lie in (0, 1], got {participation!r}")
     shapes = {name: tuple(np.asarray(arr).shape) for name, arr in global_params.items()}
     if not shapes:
         raise TensorError("global params: the model has no tensors")
     check_tensors("global params", global_params, shapes)
     check_tensors("mean delta", mean_delta, shapes)
-    state_shapes = strategy_state_specs(config, global_params, averaged)
+    unknown = sorted(set(control_variates) - set(shapes))
+    if unknown:
+        raise TensorError(f"control variates {unknown} are not tensors of the model")
+    state_shapes = strategy_state_specs(config, global_params, averaged, control_variates)
     if state:
         check_tensors(f"{config.kind.value} state", state, state_shapes)
 
@@ -106,6 +141,8 @@ def apply_strategy(
         delta = mean_delta[name].astype(np.float64)
         if name in averaged:
             step = delta  # x + mean(site value - x) = the mean of the sites' values
+        elif name in control_variates:
+            step = participation * delta  # c <- c + |S|/N mean Δc_i
         elif not config.is_adaptive:
             step = eta * delta
         else:

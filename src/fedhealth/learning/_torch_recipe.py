@@ -13,7 +13,13 @@ CPU two runs with the same seed give bit-identical models. CUDA is used when pre
 gives a model close to, not bit-identical with, the CPU one).
 
 FedProx is the proximal term ``proximal_mu / 2 * ||w - w_global||^2`` in the local loss (set
-``proximal_mu`` with the strategy ``fedprox``, as for logistic regression). Record-level DP (DP-SGD) uses
+``proximal_mu`` with the strategy ``fedprox``, as for logistic regression). SCAFFOLD (Karimi et al. 2020) is
+``scaffold = true`` with the strategy ``scaffold``: the model then also carries the server control variate c
+(tensors ``scaffold.c.<parameter>``, zero at first, one per trainable parameter), each local SGD step uses
+the corrected gradient g - c_i + c, and after the round the site's control variate becomes (option II)
+c_i+ = c_i - c + (x - y_i) / (K lr) for K steps at learning rate lr. c_i stays at the site (the runtime
+keeps it per study, as :attr:`TrainResult.site_state`); the update the site sends is (Δy_i, Δc_i), so it
+travels in the secure sum like any update, at twice the size. Record-level DP (DP-SGD) uses
 Opacus for the per-example gradients and fedhealth.privacy's clipping, noise and Poisson sampling, driven by
 the runtime's generator, so the site's ledger pays exactly the :class:`RecordDp` release it runs.
 
@@ -33,7 +39,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from fedhealth.core import DatasetError, TensorSpec
 from fedhealth.data import TabularDataset
@@ -60,13 +66,28 @@ if TYPE_CHECKING:
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 _EVAL_BATCH = 256
 _SKIPPED_BUFFERS = ("num_batches_tracked",)  # an integer counter, meaningless to average
+CONTROL_VARIATE_PREFIX = "scaffold.c."  # SCAFFOLD's server control variate, one per trainable parameter
 
 
 class Architecture(StrEnum):
     """The networks the recipe builds (see :mod:`fedhealth.learning._torch_nets`)."""
 
     CNN = "cnn"
+    CNN_WIDE = "cnn_wide"
     RESNET18 = "resnet18"
+    MONAI_DENSENET = "monai-densenet"  # MONAI's DenseNet, three blocks (16x16 images and up)
+    MONAI_DENSENET121 = "monai-densenet121"  # MONAI's DenseNet-121 (64x64 images and up)
+
+
+# the smallest input side of each architecture: its last BatchNorm must see at least 2x2 pixels (it cannot
+# train on one value per channel, i.e. one image of 1x1)
+_MIN_INPUT_SIZE = {
+    Architecture.CNN: 8,
+    Architecture.CNN_WIDE: 8,
+    Architecture.RESNET18: 8,
+    Architecture.MONAI_DENSENET: 16,
+    Architecture.MONAI_DENSENET121: 64,
+}
 
 
 class Norm(StrEnum):
@@ -91,7 +112,35 @@ class TorchParams(BaseModel):
     local_epochs: int = Field(default=1, ge=0, le=1000)
     batch_size: int = Field(default=32, ge=1, le=100_000)
     augment_flips: bool = Field(default=False, description="random horizontal flips while training")
+    augment_shift: int = Field(
+        default=0, ge=0, le=16, description="random translations of up to this many pixels"
+    )
+    augment_rotate: FiniteFloat = Field(
+        default=0.0, ge=0, le=180, description="random rotations, max degrees"
+    )
     proximal_mu: FiniteFloat = Field(default=0.0, ge=0, le=100, description="FedProx proximal weight")
+    scaffold: bool = Field(default=False, description="SCAFFOLD control variates (with strategy scaffold)")
+
+    @model_validator(mode="after")
+    def _input_fits_the_network(self) -> TorchParams:
+        least = _MIN_INPUT_SIZE[self.architecture]
+        if self.input_size < least:
+            raise ValueError(
+                f"architecture {self.architecture.value!r} needs input_size of at least {least} (its "
+                f"downsampling leaves nothing of {self.input_size}x{self.input_size} images)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _scaffold_runs_plain_sgd(self) -> TorchParams:
+        # Option II's c_i+ = c_i - c + (x - y_i)/(K lr) estimates the mean gradient only when every local step
+        # is x <- x - lr * (corrected gradient): plain SGD, no momentum, no proximal term
+        if self.scaffold and (self.optimizer is not LocalOptimizer.SGD or self.momentum or self.proximal_mu):
+            raise ValueError(
+                "scaffold needs optimizer 'sgd' with momentum 0 and proximal_mu 0 (its control variates are "
+                "computed from the plain SGD steps)"
+            )
+        return self
 
     @property
     def n_features(self) -> int:
@@ -171,22 +220,43 @@ def _exported(net: nn.Module) -> Params:
 
 
 @functools.lru_cache(maxsize=32)
-def _specs(params: TorchParams) -> tuple[TensorSpec, ...]:
+def _net_specs(params: TorchParams) -> tuple[TensorSpec, ...]:
+    """The network's own tensors (what is exported and evaluated)."""
     with _seeded(0):
         tensors = _exported(_network(params))
     return tuple(TensorSpec(name=k, shape=tuple(v.shape)) for k, v in sorted(tensors.items()))
 
 
+@functools.lru_cache(maxsize=32)
+def _control_variate_specs(params: TorchParams) -> tuple[TensorSpec, ...]:
+    """SCAFFOLD's server control variate: one tensor per trainable parameter (none without scaffold)."""
+    if not params.scaffold:
+        return ()
+    with _seeded(0):
+        net = _network(params)
+    return tuple(
+        TensorSpec(name=CONTROL_VARIATE_PREFIX + name, shape=tuple(p.shape))
+        for name, p in sorted(net.named_parameters())
+        if p.requires_grad
+    )
+
+
+def _specs(params: TorchParams) -> tuple[TensorSpec, ...]:
+    """Every tensor of the study's model: the network's, then the control variates, sorted by name."""
+    return tuple(sorted((*_net_specs(params), *_control_variate_specs(params)), key=lambda s: s.name))
+
+
 def _load(params: TorchParams, model: Params) -> nn.Module:
-    """The network holding ``model``'s tensors (on CPU)."""
+    """The network holding ``model``'s tensors (on CPU); control variates in ``model`` are not its."""
     torch = _torch()
     with _seeded(0):
         net = _network(params)
-    specs = {s.name: s.shape for s in _specs(params)}
-    if set(model) != set(specs):
+    specs = {s.name: s.shape for s in _net_specs(params)}
+    given = {k for k in model if not k.startswith(CONTROL_VARIATE_PREFIX)}
+    if given != set(specs):
         raise RecipeError(
-            f"the model's tensors do not match the network: missing {sorted(set(specs) - set(model))}, "
-            f"unexpected {sorted(set(model) - set(specs))}"
+            f"the model's tensors do not match the network: missing {sorted(set(specs) - given)}, "
+            f"unexpected {sorted(given - set(specs))}"
         )
     state = {
         k: torch.from_numpy(np.array(model[k], dtype=np.float32).reshape(shape)) for k, shape in specs.items()
@@ -214,6 +284,44 @@ def _flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def _shift(images: np.ndarray, most: int, rng: np.random.Generator) -> np.ndarray:
+    """Each image moved by a whole number of pixels drawn uniformly in [-most, most] along each axis (drawn
+    from ``rng``), the uncovered border filled with zeros: a random crop of the zero-padded image."""
+    side_y, side_x = images.shape[-2:]
+    padded = np.pad(images, [(0, 0)] * (images.ndim - 2) + [(most, most), (most, most)])
+    moves = rng.integers(0, 2 * most + 1, size=(images.shape[0], 2))
+    out = np.empty_like(images)
+    for i, (dy, dx) in enumerate(moves):
+        out[i] = padded[i, ..., dy : dy + side_y, dx : dx + side_x]
+    return out
+
+
+def _rotate(images: np.ndarray, most: float, rng: np.random.Generator) -> np.ndarray:
+    """Each image turned about its centre by an angle drawn uniformly in [-most, most] degrees (drawn from
+    ``rng``; bilinear, the corners filled with the nearest edge pixel)."""
+    from scipy import ndimage  # scipy (scikit-learn's dependency) loads slowly: on first use
+
+    angles = rng.uniform(-most, most, size=images.shape[0])
+    out = np.empty_like(images)
+    for i, angle in enumerate(angles):
+        out[i] = ndimage.rotate(
+            images[i], float(angle), axes=(-1, -2), reshape=False, order=1, mode="nearest"
+        )
+    return out
+
+
+def _augmented(params: TorchParams, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The training batch with the recipe's augmentations (flips, then rotations, then shifts), every draw
+    from ``rng``; with none asked for, the images themselves."""
+    if params.augment_flips:
+        images = _flip(images, rng)
+    if params.augment_rotate > 0:
+        images = _rotate(images, params.augment_rotate, rng)
+    if params.augment_shift > 0:
+        images = _shift(images, params.augment_shift, rng)
+    return images
+
+
 def _optimizer(params: TorchParams, net: nn.Module) -> torch.optim.Optimizer:
     torch = _torch()
     if params.optimizer is LocalOptimizer.ADAM:
@@ -230,9 +338,15 @@ def _rows(dataset: TabularDataset | None) -> TabularDataset:
 
 
 def torch_train(
-    params: TorchParams, model: Params, dataset: TabularDataset, rng: np.random.Generator
+    params: TorchParams,
+    model: Params,
+    dataset: TabularDataset,
+    rng: np.random.Generator,
+    site_state: Params | None = None,
 ) -> TrainResult:
-    """One round of local training: ``local_epochs`` shuffled passes (order and flips from ``rng``)."""
+    """One round of local training: ``local_epochs`` shuffled passes (order and flips from ``rng``). With
+    ``params.scaffold`` each step's gradient is corrected by c - c_i (c from ``model``, c_i from
+    ``site_state``; zero on the site's first round) and the result carries the new c_i (module docstring)."""
     torch = _torch()
     _deterministic()
     device = _device()
@@ -245,13 +359,17 @@ def torch_train(
     net.train()
     optimizer = _optimizer(params, net)
     anchor = [p.detach().clone() for p in net.parameters()] if params.proximal_mu > 0 else None
+    variates = _ScaffoldVariates(params, model, site_state) if params.scaffold else None
+    correction = None
+    if variates is not None:
+        correction = [torch.from_numpy(c).to(device) for c in variates.correction()]
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
     seen, loss_total, steps = 0, 0.0, 0
     for _ in range(params.local_epochs):
         order = rng.permutation(n)
         for start in range(0, n, params.batch_size):
             idx = order[start : start + params.batch_size]
-            batch = _flip(images[idx], rng) if params.augment_flips else images[idx]
+            batch = _augmented(params, images[idx], rng)
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
             y = torch.from_numpy(labels[idx]).to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -261,6 +379,10 @@ def torch_train(
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(net.parameters(), anchor, strict=True))
                 loss = loss + params.proximal_mu / 2 * prox
             loss.backward()
+            if correction is not None:
+                for p, corr in zip(net.parameters(), correction, strict=True):
+                    assert p.grad is not None  # every parameter of the built-in networks takes part
+                    p.grad.add_(corr)
             optimizer.step()
             seen += int(idx.size)
             loss_total += float(data_loss.detach())
@@ -270,9 +392,62 @@ def torch_train(
         from fedhealth.learning._errors import TrainingDivergedError
 
         raise TrainingDivergedError("local training diverged (non-finite weights); lower the learning rate")
+    loss_mean = loss_total / seen if seen else None
+    if variates is None:
+        return TrainResult(params=local, num_samples=n, train_loss=loss_mean, steps=steps)
+    shared, own = variates.after(local, steps)
     return TrainResult(
-        params=local, num_samples=n, train_loss=loss_total / seen if seen else None, steps=steps
+        params=local | shared, num_samples=n, train_loss=loss_mean, steps=steps, site_state=own
     )
+
+
+class _ScaffoldVariates:
+    """SCAFFOLD's control variates at one site for one round (float64 arithmetic, float32 results).
+
+    ``c`` comes with the global model, ``c_i`` from the site's state (zero on its first round of the study).
+    Parameters are in ``net.named_parameters()`` order (the order :func:`torch_train` walks them)."""
+
+    def __init__(self, params: TorchParams, model: Params, site_state: Params | None) -> None:
+        with _seeded(0):
+            net = _network(params)
+        self.names = [name for name, _ in net.named_parameters()]
+        shapes = {s.name: s.shape for s in _control_variate_specs(params)}
+        self.lr = params.learning_rate
+        self.x = [np.asarray(model[n], dtype=np.float64) for n in self.names]
+        self.c = [np.asarray(model[CONTROL_VARIATE_PREFIX + n], dtype=np.float64) for n in self.names]
+        if site_state is None:
+            self.c_i = [np.zeros_like(c) for c in self.c]
+            return
+        if set(site_state) != set(shapes) or any(
+            tuple(np.shape(site_state[k])) != shape for k, shape in shapes.items()
+        ):
+            raise RecipeError(
+                "the site's SCAFFOLD state does not match this study's network (was the site's state of "
+                "another study?)"
+            )
+        self.c_i = [np.asarray(site_state[CONTROL_VARIATE_PREFIX + n], dtype=np.float64) for n in self.names]
+        if not all(np.isfinite(v).all() for v in self.c_i):
+            raise RecipeError("the site's SCAFFOLD state holds non-finite values")
+
+    def correction(self) -> list[np.ndarray]:
+        """c - c_i, added to every step's gradient (float32)."""
+        return [(c - c_i).astype(np.float32) for c, c_i in zip(self.c, self.c_i, strict=True)]
+
+    def after(self, local: Params, steps: int) -> tuple[Params, Params]:
+        """``(the local model's control-variate tensors, the site's new c_i)`` after ``steps`` local steps:
+        option II, c_i+ = c_i - c + (x - y_i) / (K lr); the local tensors are c + (c_i+ - c_i), so the update
+        (local - global) carries Δc_i. No step (no local data pass) leaves c_i as it was."""
+        shared: Params = {}
+        own: Params = {}
+        for name, x, c, c_i in zip(self.names, self.x, self.c, self.c_i, strict=True):
+            if steps:
+                y = np.asarray(local[name], dtype=np.float64)
+                new = c_i - c + (x - y) / (steps * self.lr)
+            else:
+                new = c_i
+            shared[CONTROL_VARIATE_PREFIX + name] = (c + (new - c_i)).astype(np.float32)
+            own[CONTROL_VARIATE_PREFIX + name] = new.astype(np.float32)
+        return shared, own
 
 
 def torch_train_dp(
@@ -306,7 +481,7 @@ def torch_train_dp(
         if batch.size == 0:
             grads = np.zeros((0, sum(sizes)), dtype=np.float64)
         else:
-            chosen = _flip(images[batch], rng) if params.augment_flips else images[batch]
+            chosen = _augmented(params, images[batch], rng)
             x = torch.from_numpy(np.ascontiguousarray(chosen)).to(device)
             y = torch.from_numpy(labels[batch]).to(device)
             gsm.zero_grad(set_to_none=True)
@@ -380,7 +555,9 @@ class TorchRecipe:
     version: Literal["1"] = "1"
     params_model = TorchParams
     pattern = CombinationPattern.ROUNDS
-    capabilities = RecipeCapabilities(reads_data=True, record_dp=True, site_dp=True, secure_sum=True)
+    capabilities = RecipeCapabilities(
+        reads_data=True, record_dp=True, site_dp=True, secure_sum=True, site_state=True
+    )
 
     def data_schema(self, params: TorchParams) -> DataSchema:
         return DataSchema(n_features=params.n_features)
@@ -391,11 +568,18 @@ class TorchRecipe:
     def averaged_tensors(self, params: TorchParams) -> frozenset[str]:
         """BatchNorm's running mean and variance: statistics of the sites' images, averaged plainly by the
         server under every strategy (an adaptive step on them collapses the network)."""
-        return frozenset(s.name for s in _specs(params) if s.name.endswith((".running_mean", ".running_var")))
+        return frozenset(
+            s.name for s in _net_specs(params) if s.name.endswith((".running_mean", ".running_var"))
+        )
+
+    def control_variate_tensors(self, params: TorchParams) -> frozenset[str]:
+        """SCAFFOLD's server control variate c (with ``scaffold``): moved by the ``scaffold`` strategy."""
+        return frozenset(s.name for s in _control_variate_specs(params))
 
     def init(self, params: TorchParams, seed: int) -> Params:
         with _seeded(seed):
-            return _exported(_network(params))
+            model = _exported(_network(params))
+        return model | {s.name: np.zeros(s.shape, dtype=np.float32) for s in _control_variate_specs(params)}
 
     def train(
         self,
@@ -405,10 +589,13 @@ class TorchRecipe:
         rng: np.random.Generator,
         *,
         record_dp: RecordDp | None = None,
+        site_state: Params | None = None,
     ) -> TrainResult:
         data = _rows(dataset)
         if record_dp is None:
-            return torch_train(params, model, data, rng)
+            return torch_train(params, model, data, rng, site_state if params.scaffold else None)
+        if params.scaffold:  # dp_problem refuses the study first; this guards a direct call
+            raise RecipeError("record-level DP does not run with scaffold")
         return torch_train_dp(params, model, data, rng, record_dp)
 
     def evaluate(self, params: TorchParams, model: Params, dataset: TabularDataset | None) -> EvalResult:
@@ -418,6 +605,11 @@ class TorchRecipe:
     def dp_problem(self, params: TorchParams, level: DpLevel) -> str | None:
         if level is not DpLevel.RECORD:
             return None
+        if params.scaffold:
+            return (
+                "record-level DP (DP-SGD) does not run with scaffold's corrected gradients; set scaffold = "
+                "false"
+            )
         if params.optimizer is not LocalOptimizer.SGD or params.proximal_mu != 0 or params.momentum != 0:
             return (
                 "record-level DP trains with plain DP-SGD: the recipe's optimizer must be 'sgd', momentum 0 "
@@ -437,9 +629,15 @@ class TorchRecipe:
         return None
 
     def describe(self, params: TorchParams) -> str:
-        count = sum(math.prod(s.shape) for s in _specs(params))
+        count = sum(math.prod(s.shape) for s in _net_specs(params))
         flips = ", random horizontal flips" if params.augment_flips else ""
+        if params.augment_rotate:
+            flips += f", random rotations up to {params.augment_rotate:g} degrees"
+        if params.augment_shift:
+            flips += f", random shifts up to {params.augment_shift} pixels"
         prox = f", FedProx weight {params.proximal_mu:g}" if params.proximal_mu else ""
+        if params.scaffold:
+            prox += ", SCAFFOLD control variates (the site keeps its own between rounds)"
         return (
             f"image classifier {params.architecture.value} ({params.norm.value} norm, {count} values) on "
             f"{params.channels}-channel {params.input_size}x{params.input_size} images; "
@@ -450,7 +648,11 @@ class TorchRecipe:
     def template(self, n_features: int | None) -> list[TemplateParam]:
         side = math.isqrt(n_features) if n_features else 28
         return [
-            TemplateParam(key="architecture", value="cnn", comment="cnn (small) or resnet18"),
+            TemplateParam(
+                key="architecture",
+                value="cnn",
+                comment="cnn, cnn_wide, resnet18, monai-densenet (16x16 up), monai-densenet121 (64x64 up)",
+            ),
             TemplateParam(key="input_size", value=side, comment="images are resized to this side"),
             TemplateParam(key="channels", value=1, comment="1 for grey-scale, 3 for colour"),
             TemplateParam(key="norm", value="batch", comment="batch, or group (needed by record-level DP)"),
@@ -480,7 +682,7 @@ class TorchRecipe:
         return ReferenceStep(run=run, note="one epoch of the small CNN, 128 images of 28 x 28")
 
     def export(self, params: TorchParams, model: Params) -> ModelExport:
-        specs = self.param_specs(params)
+        specs = _net_specs(params)  # the control variates are training state, not the model
         tensors = {s.name: np.array(model[s.name], dtype=np.float32) for s in specs}
         metadata: dict[str, JsonValue] = {
             "recipe": self.name,

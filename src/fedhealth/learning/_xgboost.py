@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -23,11 +24,19 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 from fedhealth.core import DatasetError
 from fedhealth.data import TabularDataset
 from fedhealth.learning._boosting import (
+    EarlyStopping,
     TimedSession,
+    TreeCheckpoint,
+    agree_resume,
     boosting_export,
+    boosting_onnx,
+    describe_options,
     first_line,
     probe_rows,
     reference_rows,
+    require_validation_rows,
+    retries_field,
+    validation_pieces,
 )
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
@@ -42,13 +51,25 @@ from fedhealth.learning._recipe import (
     SiteSessionOutcome,
     TemplateParam,
 )
+from fedhealth.learning._survival import (
+    cindex_from_histogram,
+    concordance_histogram,
+    cox_labels,
+    harrell_c,
+    stratified_cox_objective,
+)
 from fedhealth.learning._xgboost_proxy import SessionProxy
 
 XGBOOST_VERSION = "3.2.0"  # the last release with the federated communicator
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 FeatureName = Annotated[str, Field(min_length=1, max_length=200)]
 Range = tuple[FiniteFloat, FiniteFloat]
-_KIND = {"binary:logistic": "binary", "reg:squarederror": "regression", "multi:softprob": "multiclass"}
+_KIND = {
+    "binary:logistic": "binary",
+    "reg:squarederror": "regression",
+    "multi:softprob": "multiclass",
+    "survival:cox": "survival",
+}
 
 
 class XGBoostParams(BaseModel):
@@ -59,9 +80,19 @@ class XGBoostParams(BaseModel):
 
     n_features: int = Field(ge=1, le=10_000, description="input width")
     feature_names: tuple[FeatureName, ...] | None = None
-    objective: Literal["binary:logistic", "reg:squarederror", "multi:softprob"] = "binary:logistic"
+    objective: Literal["binary:logistic", "reg:squarederror", "multi:softprob", "survival:cox"] = (
+        "binary:logistic"
+    )
     num_class: int = Field(default=1, ge=1, le=256, description="classes (multi:softprob only, >= 2)")
     num_rounds: int = Field(default=100, ge=1, le=10_000)
+    early_stopping_rounds: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description="stop when the securely summed validation loss (the sites' test parts) has not improved "
+        "for this many rounds; the model keeps the best round",
+    )
+    retries: int = retries_field()
     max_depth: int = Field(default=6, ge=1, le=32)
     learning_rate: FiniteFloat = Field(default=0.3, gt=0, le=1)
     # the lower bounds of these are XGBoost's own, which it is asked for (xgboost_problem)
@@ -76,9 +107,29 @@ class XGBoostParams(BaseModel):
     label_meaning: str | None = Field(
         default=None, min_length=1, max_length=500, description="what label 1 means, for the model package"
     )
+    time_range: Range | None = Field(
+        default=None, description="survival:cox: the public range of survival times (the C-index's time grid)"
+    )
+    score_range: Range = Field(
+        default=(-8.0, 8.0), description="survival:cox: the public range of log hazard ratios (score grid)"
+    )
+    cindex_cells: int = Field(default=64, ge=2, le=512, description="survival:cox: cells of each grid")
 
     @model_validator(mode="after")
     def _consistent(self) -> XGBoostParams:
+        if self.objective == "survival:cox":
+            if self.time_range is None:
+                raise ValueError(
+                    "survival:cox needs time_range, the public range of survival times for the C-index"
+                )
+            if self.early_stopping_rounds is not None:
+                raise ValueError(
+                    "survival:cox takes no early_stopping_rounds: its loss (the partial likelihood) is not a "
+                    "sum over sites"
+                )
+            for name, (low, high) in (("time_range", self.time_range), ("score_range", self.score_range)):
+                if not low < high:
+                    raise ValueError(f"{name} must have low < high, got [{low}, {high}]")
         if self.objective == "multi:softprob" and self.num_class < 2:
             raise ValueError("multi:softprob needs num_class >= 2")
         if self.objective != "multi:softprob" and self.num_class != 1:
@@ -149,6 +200,8 @@ def xgboost_problem(params: XGBoostParams) -> str | None:
     except RecipeError:
         return None
     X, y = probe_rows(params.n_features, params.label_classes())
+    if params.objective == "survival:cox":  # survival times, every other one censored
+        y = (np.arange(len(y)) + 1.0) * np.where(np.arange(len(y)) % 2, -1.0, 1.0)
     try:
         xgb.train(params.training_params(), xgb.DMatrix(X, label=y, nthread=1), 1)
     except xgb.core.XGBoostError as exc:
@@ -176,6 +229,12 @@ class XGBoostModel:
         booster.load_model(bytearray(self.model_json.encode()))
         return booster
 
+    def margin(self, X: NDArray[Any]) -> NDArray[np.float64]:
+        """The raw score of each row (survival:cox: the log hazard ratio)."""
+        xgb = _xgb()
+        out = self.booster().predict(xgb.DMatrix(self.binning.codes(X), nthread=1), output_margin=True)
+        return np.asarray(out, dtype=np.float64)
+
     def predict(self, X: NDArray[Any]) -> NDArray[np.float64]:
         xgb = _xgb()
         out = self.booster().predict(xgb.DMatrix(self.binning.codes(X), nthread=1))
@@ -193,12 +252,29 @@ def train_pooled_xgboost(params: XGBoostParams, datasets: Sequence[TabularDatase
     counts = sum(cell_counts(d.X_train, low, high, params.grid_cells) for d in datasets)
     binning = binning_of(params, np.asarray(counts))
     X = np.concatenate([binning.codes(d.X_train) for d in datasets])
-    y = np.concatenate([d.y_train for d in datasets]).astype(np.float64)
+    y = np.concatenate([_labels(params, d, "train") for d in datasets])
     train = xgb.QuantileDMatrix(X, label=y, ref=_reference(binning), nthread=1)
+    training = {**params.training_params(), **_base_score(params, y.sum(), y.size)}
+    if params.objective == "survival:cox":  # one stratum per site, as the federated gradients are
+        objective = stratified_cox_objective([d.num_train for d in datasets])
+        booster = xgb.train(training, train, params.num_rounds, obj=objective)
+        return XGBoostModel(model_json=bytes(booster.save_raw("json")).decode(), binning=binning)
+    if params.early_stopping_rounds is None:
+        booster = xgb.train(training, train, params.num_rounds)
+        return XGBoostModel(model_json=bytes(booster.save_raw("json")).decode(), binning=binning)
+    X_test = np.concatenate([binning.codes(d.X_test) for d in datasets])
+    y_test = np.concatenate([d.y_test for d in datasets]).astype(np.float64)
+    metric = {"binary": "logloss", "multiclass": "mlogloss", "regression": "rmse"}[_KIND[params.objective]]
     booster = xgb.train(
-        {**params.training_params(), **_base_score(params, y.sum(), y.size)}, train, params.num_rounds
+        {**training, "eval_metric": metric},
+        train,
+        params.num_rounds,
+        evals=[(xgb.DMatrix(X_test, label=y_test, nthread=1), "validation")],
+        early_stopping_rounds=params.early_stopping_rounds,
+        verbose_eval=False,
     )
-    return XGBoostModel(model_json=bytes(booster.save_raw("json")).decode(), binning=binning)
+    best = booster[: booster.best_iteration + 1]
+    return XGBoostModel(model_json=bytes(best.save_raw("json")).decode(), binning=binning)
 
 
 def _base_score(params: XGBoostParams, total_y: float, total_n: float) -> dict[str, float]:
@@ -206,30 +282,67 @@ def _base_score(params: XGBoostParams, total_y: float, total_n: float) -> dict[s
     XGBoost's float32), given to XGBoost rather than estimated by it. XGBoost's own distributed estimate
     combines the workers' estimates in float32 and can end one float32 step away from the single-machine
     value (seen with 3 sites, and 4 sites of 105 rows, on synthetic data), which changes every prediction."""
+    if params.objective == "survival:cox":
+        # a hazard ratio of 1 (margin 0): the partial likelihood has no intercept, and XGBoost's distributed
+        # estimate of one differs from its single-machine one
+        return {"base_score": 1.0}
     if params.objective == "multi:softprob" or total_n < 1:
         return {}
     return {"base_score": total_y / total_n}
 
 
+def _labels(params: XGBoostParams, dataset: TabularDataset, part: str) -> NDArray[np.float64]:
+    """XGBoost's labels of a part: the label, or for ``survival:cox`` the signed survival time."""
+    if params.objective == "survival:cox":
+        return cox_labels(dataset, part)
+    return np.asarray(getattr(dataset, f"y_{part}"), dtype=np.float64)
+
+
 def train_site_xgboost(
-    params: XGBoostParams, dataset: TabularDataset, session: Collectives
+    params: XGBoostParams,
+    dataset: TabularDataset,
+    session: Collectives,
+    checkpoints: Path | None = None,
 ) -> tuple[XGBoostModel, dict[str, int]]:
     """The federated training at one site: agreed bins, then XGBoost's federated communicator answered by
-    a proxy on 127.0.0.1 over the session. Returns the model (the same at every site) and the collectives
-    by kind."""
+    a proxy on 127.0.0.1 over the session; early stopping and checkpoints as for
+    :func:`~fedhealth.learning.train_site` (resuming with XGBoost's ``xgb_model``). Returns the model (the
+    same at every site) and the collectives by kind."""
     xgb = _xgb()
+    kind = _KIND[params.objective]
+    y = _labels(params, dataset, "train")  # a dataset without survival times is refused here, first
+    stopper = None
+    if params.early_stopping_rounds is not None:
+        require_validation_rows(session, len(dataset.y_test))
+        stopper = EarlyStopping(rounds=params.early_stopping_rounds)
     low, high = zip(*params.ranges(), strict=True)
     counts = session.secure_sum(cell_counts(dataset.X_train, low, high, params.grid_cells).reshape(-1))
     binning = binning_of(params, counts)
-    y = dataset.y_train.astype(np.float64)
     total_y, total_n = session.secure_sum(np.array([y.sum(), y.size], dtype=np.float64)).tolist()
     start = _base_score(params, total_y, total_n)
+    checkpoint, saved, done = None, None, 0
+    if params.retries:
+        if checkpoints is not None:
+            key = TreeCheckpoint.key_of(params, binning, dataset)
+            checkpoint = TreeCheckpoint(checkpoints, recipe="xgboost", key=key)
+            saved = checkpoint.load()
+        done = agree_resume(session, saved.rounds if saved is not None else 0, params.num_rounds)
+    init = None
+    stopped = False
+    if done:
+        assert saved is not None  # every site reached round `done`, this one included
+        init = xgb.Booster()
+        init.load_model(bytearray(saved.model.encode()))
+        init = init[:done]
+        if stopper is not None:
+            stopped = stopper.replay(saved.scores[:done])
     train = xgb.QuantileDMatrix(  # before the communicator: no sketch is exchanged
         binning.codes(dataset.X_train),
-        label=dataset.y_train.astype(np.float64),
+        label=y,
         ref=_reference(binning),
         nthread=1,
     )
+    valid = xgb.DMatrix(binning.codes(dataset.X_test), nthread=1)
     proxy = SessionProxy(session)
     address = proxy.start()
     try:
@@ -240,7 +353,20 @@ def train_site_xgboost(
             federated_rank=proxy.rank,
         ):
             try:
-                booster = xgb.train({**params.training_params(), **start}, train, params.num_rounds)
+                # xgb.train's own loop, so that the early-stopping rule can sum between rounds; the
+                # validation matrix is in the booster's prediction cache, as xgb.train's evals would be
+                booster = xgb.Booster({**params.training_params(), **start}, [train, valid], model_file=init)
+                for i in range(done, params.num_rounds):
+                    if stopped:
+                        break
+                    booster.update(train, i)
+                    if stopper is not None:
+                        pieces = validation_pieces(kind, booster.predict(valid), dataset.y_test)
+                        loss_sum, rows = session.secure_sum(pieces).tolist()
+                        stopped = stopper.update(loss_sum, rows)
+                    if checkpoint is not None:
+                        model_json = bytes(booster.save_raw("json")).decode()
+                        checkpoint.save(i + 1, model_json, stopper.scores if stopper else [])
             except xgb.core.XGBoostError:
                 if proxy.error is not None:
                     raise proxy.error from None
@@ -249,8 +375,61 @@ def train_site_xgboost(
         proxy.stop()
     if proxy.error is not None:
         raise proxy.error
+    extra: dict[str, int] = {}
+    if stopper is not None:
+        booster = booster[: stopper.best_iteration]
+        extra = {"stopping": len(stopper.scores), "best_iteration": stopper.best_iteration}
+    if params.retries:
+        extra["resumed_from"] = done
     model = XGBoostModel(model_json=bytes(booster.save_raw("json")).decode(), binning=binning)
-    return model, {**proxy.calls, "values_sent": proxy.values_sent}
+    return model, {**proxy.calls, "values_sent": proxy.values_sent, **extra}
+
+
+def release_survival(
+    session: Collectives,
+    params: XGBoostParams,
+    model: XGBoostModel,
+    dataset: TabularDataset,
+    result: dict[str, JsonValue],
+) -> None:
+    """The end of a ``survival:cox`` session: one secure sum of the sites' test rows and events, each site's
+    exact C-index on its own test part (in its own block, so the sum lists them by site), and the
+    concordance histogram; the leader broadcasts the model with the per-site C-indices and the federation's
+    C-index from the histogram (approximate: :func:`~fedhealth.learning._survival.cindex_from_histogram`)."""
+    assert params.time_range is not None  # the params' validator requires it for survival:cox
+    n, rank = len(session.sites), session.sites.index(session.site)
+    time, event = dataset.time_test, dataset.y_test
+    assert time is not None  # cox_labels refused a dataset without survival times before training
+    risk = model.margin(dataset.X_test)
+    own = harrell_c(time, event, risk)
+    blocks = np.zeros(2 * n)
+    if own is not None:
+        blocks[rank], blocks[n + rank] = own, 1.0
+    histogram = concordance_histogram(
+        time,
+        event,
+        risk,
+        time_range=params.time_range,
+        score_range=params.score_range,
+        cells=params.cindex_cells,
+    )
+    pieces = np.concatenate([[len(time), float(event.sum())], blocks, histogram])
+    total = session.secure_sum(pieces)
+    report = None
+    if session.site == session.sites[0]:
+        per_site = {
+            site: float(total[2 + i]) if total[2 + n + i] > 0.5 else None
+            for i, site in enumerate(session.sites)
+        }
+        metrics: dict[str, JsonValue] = {
+            "test_rows": round(float(total[0])),
+            "events": round(float(total[1])),
+            "c_index": cindex_from_histogram(total[2 + 2 * n :], params.cindex_cells),
+            "c_index_sites": per_site,  # type: ignore[dict-item]
+            "sites": n,
+        }
+        report = json.dumps({**result, **metrics}).encode()
+    session.broadcast(report)
 
 
 class XGBoostRecipe:
@@ -260,7 +439,7 @@ class XGBoostRecipe:
     version: Literal["1"] = "1"
     params_model = XGBoostParams
     pattern = CombinationPattern.COLLECTIVE
-    capabilities = RecipeCapabilities()
+    capabilities = RecipeCapabilities(export_onnx=True)
 
     def data_schema(self, params: XGBoostParams) -> DataSchema:
         return DataSchema(n_features=params.n_features, feature_names=params.feature_names)
@@ -270,7 +449,14 @@ class XGBoostRecipe:
             f"gradient-boosted trees (XGBoost {params.objective}, {params.num_rounds} rounds of depth at "
             f"most {params.max_depth}) on the site's training rows: the site sends per-feature counts on a "
             "public grid and XGBoost's gradient histograms and sums, each only inside a secure sum, and "
-            "its column count and flags; at the end, test-set counts and losses inside a secure sum"
+            "its column count and flags; at the end, "
+            + (
+                "its test-set rows, events and C-index and a histogram of its test rows by survival time "
+                "and risk score on a public grid, inside a secure sum (its C-index is released by name)"
+                if params.objective == "survival:cox"
+                else "test-set counts and losses inside a secure sum"
+            )
+            + describe_options(params)
         )
 
     def template(self, n_features: int | None) -> list[TemplateParam]:
@@ -299,18 +485,27 @@ class XGBoostRecipe:
             raise DatasetError("XGBoost needs the site's dataset")
         self.data_schema(params).check(dataset)
         timed = TimedSession(session)
-        model, calls = train_site_xgboost(params, dataset, timed)
+        model, calls = train_site_xgboost(params, dataset, timed, ctx.checkpoints)
         kind = _KIND[params.objective]
-        release(
-            timed,
-            held_out_sums(kind, model.predict, dataset),
-            kind,
-            {"model": model.model_json, "binning": model.binning.to_json()},
-            lambda: params.num_rounds * max(1, params.num_class),
-        )
+        rounds = calls.get("best_iteration", params.num_rounds)
+        stopped = {k: calls[k] for k in ("best_iteration", "resumed_from") if k in calls}
+        released = {"model": model.model_json, "binning": model.binning.to_json(), **stopped}
+        if kind == "survival":
+            release_survival(timed, params, model, dataset, {**released, "trees": rounds})
+        else:
+            release(
+                timed,
+                held_out_sums(kind, model.predict, dataset),
+                kind,
+                released,
+                lambda: rounds * max(1, params.num_class),
+            )
         return SiteSessionOutcome(
             record={"collectives": dict(calls), "train_rows": len(dataset.y_train), **timed.record()}
         )
+
+    def session_retries(self, params: XGBoostParams) -> int:
+        return params.retries
 
     def finish(self, params: XGBoostParams, released: bytes) -> dict[str, JsonValue]:
         result = json.loads(released)
@@ -323,6 +518,7 @@ class XGBoostRecipe:
         ``model.json``; the binning as for lightgbm."""
         model = XGBoostModel.from_result(result)
         binning = model.binning
+        kind = _KIND[params.objective]
         return boosting_export(
             model.model_json,
             binning,
@@ -339,6 +535,14 @@ class XGBoostRecipe:
             label_meaning=params.label_meaning,
             native_name="model.json",
             predict_proba=model.predict if params.objective == "binary:logistic" else None,
+            predict=None if params.objective == "binary:logistic" else model.predict,
+            # onnxmltools 1.16 converts binary and regression models exactly; its multi:softprob output
+            # disagrees with XGBoost 3.2.0's, and it has no Cox objective: no ONNX file for those
+            onnx=(
+                (lambda: boosting_onnx("convert_xgboost", {}, kind, model.booster(), binning, model.predict))
+                if kind in ("binary", "regression")
+                else None
+            ),
         )
 
 

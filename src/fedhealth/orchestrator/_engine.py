@@ -61,6 +61,7 @@ from fedhealth.protocol import (
     TaskStatus,
 )
 from fedhealth.runtime import (
+    SCALING_ROUND,
     AbandonSession,
     Aggregate,
     Aggregated,
@@ -74,6 +75,7 @@ from fedhealth.runtime import (
     FinishStudy,
     OpenRound,
     Resumed,
+    RetrySession,
     RoundCommand,
     RoundEvent,
     RoundPhase,
@@ -92,11 +94,13 @@ from fedhealth.runtime import (
     check_recipe,
     decode_sum,
     decode_update,
+    finish_scaling,
     finish_session,
     first_round,
     initial_model,
     is_collective,
     param_specs,
+    participation_of,
     server_step,
     study_recipe,
     summarize,
@@ -434,6 +438,8 @@ class RoundEngine:
                 return await self._aggregate(round_id, state, contributors, closing)
             case OpenRound():
                 self._advance(round_id, command, closing)
+            case RetrySession():
+                self._retry(round_id, state, command)
             case FinishStudy(note=note):
                 self._finish(round_id, state, note, closing)
             case FailStudy():
@@ -446,7 +452,7 @@ class RoundEngine:
         what each site attested and, for a secure dropout, the stage it dropped out at."""
         now = self.clock.now()
         tasks = {t.site: t for t in self.store.tasks_of_round(round_id)}
-        if state.rules.combination is Combination.PLAIN:
+        if state.combination is Combination.PLAIN:
             for outcome in command.outcomes:
                 task = tasks[outcome.site]
                 if self.store.close_task(task.id, outcome.status, outcome.reason or "", now):
@@ -502,9 +508,9 @@ class RoundEngine:
         state = self._load_round(r, tasks)
         self._arm(r.id, r.deadline_at)
         spec = self.store.spec(r.study_id)
-        if state.rules.combination is Combination.SESSION:
+        if state.combination is Combination.SESSION:
             self._open_collective(r, spec, tasks)
-        elif state.rules.combination is Combination.SECURE:
+        elif state.combination is Combination.SECURE:
             keys = {}
             for t in tasks:
                 site = self.store.get_site_or_none(t.site)
@@ -566,9 +572,12 @@ class RoundEngine:
         r = self.store.get_round(round_id)
         study = self.store.get_study(r.study_id)
         closing.round, closing.study, closing.contributors = r, study, len(contributors)
-        match state.rules.combination, r.kind:
+        match state.combination, r.kind:
             case Combination.SESSION, _:
-                failure = self._aggregate_session(round_id, study.spec, closing)
+                scaling = state.rules.scaling_step and r.number == SCALING_ROUND
+                failure = self._aggregate_session(round_id, study.spec, closing, scaling=scaling)
+                if scaling:  # the pre-step changes no model: round 1 trains the initial one
+                    closing.model_out = r.model_in_digest
             case Combination.SECURE, _:
                 failure = await self._aggregate_secure(r, study, closing)
             case _, TaskKind.TRAIN:
@@ -635,8 +644,16 @@ class RoundEngine:
             mean = sums.mean_delta
             if spec.privacy is not None and spec.privacy.mode is DpMode.SITE_CENTRAL:
                 mean = central_noise_on_mean(spec, mean, n, secure_generator())
-            averaged = study_recipe(spec.recipe).averaged_tensors()
-            new_params, new_state = server_step(spec.strategy, global_params, mean, state, averaged=averaged)
+            recipe = study_recipe(spec.recipe)
+            new_params, new_state = server_step(
+                spec.strategy,
+                global_params,
+                mean,
+                state,
+                averaged=recipe.averaged_tensors(),
+                control_variates=recipe.control_variate_tensors(),
+                participation=participation_of(spec, n),
+            )
             model_out = self.blobs.put(encode_tensors(new_params))
             state_out = self.blobs.put(encode_tensors(new_state)) if new_state else None
             return sums, model_out, state_out
@@ -649,8 +666,11 @@ class RoundEngine:
         closing.metrics = dict(sums.metrics)
         return None
 
-    def _aggregate_session(self, round_id: str, spec: StudySpec, closing: _Closing) -> str | None:
-        """The session's released result, read by the recipe, becomes the round's and the study's metrics."""
+    def _aggregate_session(
+        self, round_id: str, spec: StudySpec, closing: _Closing, *, scaling: bool = False
+    ) -> str | None:
+        """The session's released result, read by the recipe (or, for a scaling pre-step, as the federated
+        scaling), becomes the round's metrics (and a collective study's result)."""
         driver = self.collective.get(round_id)
         assert driver is not None  # the rules count a session round only once its session completed
         outcome = driver.outcome()
@@ -658,9 +678,14 @@ class RoundEngine:
         closing.session_calls = outcome.calls
         self.collective.discard(round_id, "the session is complete")
         try:
-            result = finish_session(spec.recipe, outcome.released)
+            if scaling:
+                result = finish_scaling(outcome.released)
+            else:
+                result = finish_session(spec.recipe, outcome.released)
         except (ValueError, FedHealthError) as exc:
             closing.metrics = {"session": session}
+            if scaling:  # the pre-step's refusal is its one line (a constant feature, too few rows)
+                return str(exc)
             return f"the session's result is unusable: {exc}"
         closing.metrics = {**result, "session": session}
         return None
@@ -695,6 +720,44 @@ class RoundEngine:
             self._round_done(round_id, None)
             self._study_ended(r.study_id)
 
+    def _retry(self, round_id: str, state: RoundState, command: RetrySession) -> None:
+        """Close a failed session round (the study goes on) and open the study's next session round, its
+        retry, atomically: the sites resume from what they checkpointed (the recipe's business)."""
+        r = self.store.get_round(round_id)
+        spec = self.store.spec(r.study_id)
+        driver = self.collective.get(round_id)
+        metrics = None
+        if driver is not None:  # the audit's session entry counts the calls made before the failure
+            metrics = {"session": {"calls": driver.relay.calls, "attempt": driver.config.attempt}}
+        now = self.clock.now()
+        self._end_round(round_id, command.reason)
+        nxt = NewRound(
+            number=command.number,
+            kind=TaskKind.COLLECTIVE,
+            sites=command.sites,
+            model_in_digest=r.model_in_digest,
+            deadline_at=now + timedelta(seconds=spec.round_deadline_s),
+        )
+        next_row = self.store.finish_round(
+            round_id,
+            status=RoundStatus.FAILED,
+            reason=command.reason,
+            metrics=metrics,
+            when=now,
+            next_round=nxt,
+        )
+        log.warning(
+            "study %s: session round %d failed (%s); retry %d of %d",
+            r.study_id,
+            r.number,
+            command.reason,
+            command.number - 1,
+            state.rules.session_attempts - 1,
+        )
+        self._round_done(round_id, None)
+        assert next_row is not None
+        self._opened(next_row)
+
     def _advance(self, round_id: str, command: OpenRound, closing: _Closing) -> None:
         """Close a completed training round, record the model version and open the next round, atomically."""
         r, study = closing.round, closing.study
@@ -711,14 +774,19 @@ class RoundEngine:
             model_in_digest=closing.model_out,
             deadline_at=command.deadline_at,
         )
-        version = ModelVersion(
-            digest=closing.model_out,
-            study_id=study.id,
-            round=r.number,
-            parent_digest=r.model_in_digest,
-            created_at=now,
-            num_sites=closing.contributors,
-            train_loss=metrics.get("train_loss"),
+        # the scaling pre-step ends with the model it started from: no new model version
+        version = (
+            None
+            if r.kind is TaskKind.COLLECTIVE
+            else ModelVersion(
+                digest=closing.model_out,
+                study_id=study.id,
+                round=r.number,
+                parent_digest=r.model_in_digest,
+                created_at=now,
+                num_sites=closing.contributors,
+                train_loss=metrics.get("train_loss"),
+            )
         )
         self._end_round(round_id, "the round is complete")
         next_row = self.store.finish_round(

@@ -23,8 +23,23 @@ from fedhealth.orchestrator._blobs import BlobKind
 from fedhealth.orchestrator._http import SAFETENSORS_BODY, ApiError, Site, Svc, Wait, body_stream
 from fedhealth.orchestrator._service import OrchestratorService
 from fedhealth.orchestrator._store import RoundRow, TaskRow
-from fedhealth.protocol import Ack, ResultManifest, Task, TaskFailure, TaskKind, TaskPoll, TaskStatus
-from fedhealth.runtime import decode_update, param_specs
+from fedhealth.protocol import (
+    Ack,
+    ReleasedScaling,
+    ResultManifest,
+    Task,
+    TaskFailure,
+    TaskKind,
+    TaskPoll,
+    TaskStatus,
+)
+from fedhealth.runtime import (
+    SCALING_ROUND,
+    decode_update,
+    federated_scaling_requested,
+    param_specs,
+    released_scaling,
+)
 
 log = logging.getLogger("fedhealth.orchestrator")
 # Models up to this size travel inside their task (base64 in the JSON); larger ones are downloaded.
@@ -52,7 +67,17 @@ def task_message(svc: OrchestratorService, task: TaskRow, r: RoundRow) -> Task:
         spec=spec,
         secure_round=driver.info() if (driver := svc.engine.secure.get(r.id)) is not None else None,
         collective=session.info() if (session := svc.engine.collective.get(r.id)) is not None else None,
+        scaling=_released_scaling(svc, task.study_id, r),
     )
+
+
+def _released_scaling(svc: OrchestratorService, study_id: str, r: RoundRow) -> ReleasedScaling | None:
+    """What a ``standardize = "federated"`` study's pre-step (round 0) released, for every later task."""
+    spec = svc.store.spec(study_id)
+    if r.number == SCALING_ROUND or not federated_scaling_requested(spec.recipe):
+        return None
+    pre_step = next((x for x in svc.store.rounds_of(study_id) if x.number == SCALING_ROUND), None)
+    return released_scaling(pre_step.metrics if pre_step is not None else None)
 
 
 async def poll_task(svc: OrchestratorService, site: str, wait: float) -> TaskPoll:

@@ -3,8 +3,9 @@ from a target epsilon, and the per-dataset budget ledger (check, then commit).
 
 Releases (:class:`DpSgdRelease`, :class:`GaussianRelease`) are declarative values that serialize to JSON;
 a :class:`DpPlan` composes them; :func:`epsilon` accounts a plan (PLD by default, RDP on request);
-:func:`calibrate_noise` inverts it; :class:`BudgetLedger` enforces a site's budget per dataset. Imports
-nothing above ``fedhealth.core``.
+:func:`calibrate_noise` inverts it; :class:`BudgetLedger` enforces a site's budget per dataset;
+:func:`lira_scores` and :func:`loss_attack_scores` are the membership-inference attacks the privacy benchmark
+measures beside epsilon. Imports nothing above ``fedhealth.core``.
 """
 
 from fedhealth.privacy._accounting import (
@@ -65,14 +66,32 @@ from fedhealth.privacy._mechanisms import (
     snap,
     snap_grid,
 )
+from fedhealth.privacy._membership import (
+    DEFAULT_FPR,
+    LOGIT_CLIP,
+    AttackFigures,
+    MembershipAttack,
+    MembershipMeasurement,
+    MembershipReport,
+    attack_figures,
+    cross_entropy_of_confidence,
+    lira_scores,
+    logit_confidence,
+    loss_attack_scores,
+    roc_auc,
+    tpr_at_fpr,
+)
 
 __all__ = [
+    "DEFAULT_FPR",
     "DEFAULT_REL_TOL",
+    "LOGIT_CLIP",
     "MAX_NOISE_MULTIPLIER",
     "MIN_NOISE_MULTIPLIER",
     "PLD_EPSILON_CEILING",
     "PLD_VALUE_DISCRETIZATION",
     "AccountantKind",
+    "AttackFigures",
     "Budget",
     "BudgetCheck",
     "BudgetLedger",
@@ -86,6 +105,9 @@ __all__ = [
     "DpSgdReport",
     "GaussianRelease",
     "Mechanism",
+    "MembershipAttack",
+    "MembershipMeasurement",
+    "MembershipReport",
     "NoiseMode",
     "RandomSource",
     "Reservation",
@@ -96,6 +118,7 @@ __all__ = [
     "SpendStatus",
     "StudySpend",
     "TaskOverBudgetError",
+    "attack_figures",
     "calibrate_noise",
     "check_delta",
     "check_sample_rate",
@@ -104,18 +127,24 @@ __all__ = [
     "clip_per_example",
     "clip_tail_mass",
     "compose",
+    "cross_entropy_of_confidence",
     "epsilon",
     "gaussian_dp_delta",
     "gaussian_dp_epsilon",
     "gaussian_mu",
     "gaussian_noise",
     "global_l2_norm",
+    "lira_scores",
+    "logit_confidence",
+    "loss_attack_scores",
     "make_accountant",
     "noisy_clipped_sum",
     "poisson_sample",
     "release_from_json",
+    "roc_auc",
     "secure_generator",
     "snap",
     "snap_grid",
     "sqlite_engine",
+    "tpr_at_fpr",
 ]

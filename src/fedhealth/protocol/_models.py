@@ -56,6 +56,7 @@ class StrategyName(StrEnum):
     FEDADAM = "fedadam"
     FEDYOGI = "fedyogi"
     FEDADAGRAD = "fedadagrad"
+    SCAFFOLD = "scaffold"  # needs a recipe whose model carries control variates (torch: scaffold = true)
 
 
 class RecipeSpec(Message):
@@ -518,6 +519,18 @@ class CollectiveSessionInfo(Message):
     attempt: Annotated[str, Field(min_length=1, max_length=64)]
 
 
+class ReleasedScaling(Message):
+    """The federation-wide ``mean`` and ``scale`` per feature that a study's scaling pre-step (``standardize =
+    "federated"``, round 0) released, and its total training rows. Public by design: every site of the
+    session computed it from the secure sums."""
+
+    mean: list[FiniteFloat] = Field(min_length=1, max_length=1_000_000)
+    scale: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        min_length=1, max_length=1_000_000
+    )
+    rows: int = Field(ge=0)
+
+
 class Task(Message):
     """A unit of work for one site, delivered by long-poll. ``spec`` is the whole study spec, so the site can
     hash it and check its data steward's approval."""
@@ -547,6 +560,10 @@ class Task(Message):
     )
     secure_round: SecureRoundInfo | None = None
     collective: CollectiveSessionInfo | None = None
+    scaling: ReleasedScaling | None = Field(
+        default=None,
+        description="a 'federated' standardization's release (round 0), with every later task of the study",
+    )
 
 
 class TaskPoll(Message):

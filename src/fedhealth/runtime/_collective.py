@@ -8,6 +8,7 @@ combination pattern is COLLECTIVE, and the recipe's ``run_site`` and ``finish`` 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import JsonValue
@@ -33,17 +34,33 @@ def is_collective(spec: StudySpec) -> bool:
     return study_recipe(spec.recipe).pattern is CombinationPattern.COLLECTIVE
 
 
+def session_attempts(spec: StudySpec) -> int:
+    """How many sessions a collective study may run: the first and the retries its recipe's params allow
+    (1 for a study combined in rounds)."""
+    return 1 + study_recipe(spec.recipe).session_retries()
+
+
 def session_context(
-    spec: StudySpec, site: str, round_number: int = 1, *, reproducible_noise: bool | None = None
+    spec: StudySpec,
+    site: str,
+    round_number: int = 1,
+    *,
+    reproducible_noise: bool | None = None,
+    checkpoints: Path | None = None,
 ) -> SessionContext:
     """What a site program knows besides its data and session: the site, the study seed, a generator
     fixed by (seed, session round, site), the same in every attempt, and the generator for DP noise (a
     secure one, unless ``reproducible_noise`` or ``FEDHEALTH_REPRODUCIBLE_NOISE=1``: see
-    :func:`~fedhealth.runtime.noise_generator`)."""
+    :func:`~fedhealth.runtime.noise_generator`); ``checkpoints``: the site's own directory for this study's
+    checkpoints (kept across the study's sessions), or None."""
     rng = task_rng(spec.seed, round_number, site)
     noise_rng = task_rng(spec.seed, round_number, f"{site}/noise")
     return SessionContext(
-        site=site, seed=spec.seed, rng=rng, noise=noise_generator(noise_rng, reproducible_noise)
+        site=site,
+        seed=spec.seed,
+        rng=rng,
+        noise=noise_generator(noise_rng, reproducible_noise),
+        checkpoints=checkpoints,
     )
 
 
@@ -53,10 +70,16 @@ def run_site_program(
     dataset: TabularDataset | None,
     session: Collectives,
     round_number: int = 1,
+    *,
+    checkpoints: Path | None = None,
 ) -> SiteSessionOutcome:
-    """The recipe's site program at one site, over ``session``."""
+    """The recipe's site program at one site, over ``session`` (``checkpoints``: see
+    :func:`session_context`)."""
     return recipe.collective().run_site(
-        recipe.params, dataset, session, session_context(spec, session.site, round_number)
+        recipe.params,
+        dataset,
+        session,
+        session_context(spec, session.site, round_number, checkpoints=checkpoints),
     )
 
 

@@ -21,7 +21,8 @@ from fedhealth.learning import (
     ResolvedRecipe,
     resolve_recipe,
 )
-from fedhealth.protocol import RecipeSpec, StudySpec, collective_plan
+from fedhealth.protocol import RecipeSpec, StrategyName, StudySpec, collective_plan
+from fedhealth.runtime._scaling import check_federated_scaling
 
 Params = dict[str, np.ndarray]
 
@@ -41,8 +42,11 @@ def check_recipe(spec: StudySpec) -> ResolvedRecipe:
     """Refuse a study whose recipe this installation cannot run as specified (:class:`RecipeError`): unknown
     name or version, params its model refuses, a combination pattern the services do not run, secure
     aggregation of a recipe that cannot be summed securely, a collective session the spec cannot hold
-    (:func:`~fedhealth.protocol.collective_plan`: its site keys, at least 3 sites). Privacy is
-    :func:`check_privacy`'s. The orchestrator runs it at submission, each site before it reads any data."""
+    (:func:`~fedhealth.protocol.collective_plan`: its site keys, at least 3 sites), a ``standardize =
+    "federated"`` the study cannot run (:func:`~fedhealth.runtime._scaling.check_federated_scaling`).
+    Privacy is otherwise :func:`check_privacy`'s. The orchestrator runs it at submission, each site
+    before it reads any data."""
+    check_federated_scaling(spec)  # before the params are validated: its errors say more
     recipe = study_recipe(spec.recipe)
     if recipe.pattern is CombinationPattern.COLLECTIVE:
         # one session over exactly the spec's sites, their keys bound by the spec (every sum is masked)
@@ -62,6 +66,15 @@ def check_recipe(spec: StudySpec) -> ResolvedRecipe:
         raise RecipeError(
             f"secure_aggregation: recipe {recipe.name!r} does not declare secure_sum: its updates cannot "
             "travel in a secure sum"
+        )
+    scaffold = spec.strategy.name is StrategyName.SCAFFOLD
+    if scaffold != bool(recipe.control_variate_tensors()):
+        raise RecipeError(
+            f"strategy.name: scaffold needs a model with control variates, which recipe {recipe.name!r} "
+            "builds only when it offers them and its params ask (torch: scaffold = true)"
+            if scaffold
+            else f"recipe.params: the model carries SCAFFOLD control variates; strategy "
+            f"{spec.strategy.name.value!r} cannot update them (use strategy 'scaffold')"
         )
     return recipe
 

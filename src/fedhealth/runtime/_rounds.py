@@ -18,10 +18,16 @@ The rules (``tests/runtime/test_round_state.py`` checks each):
   secure sum); fewer fails the study. A secure evaluation round needs one contributor, a plain one none. A
   session round counts when its session completed: every participant or nobody.
 - In a session round, a participant's task ending without completing ends the session for everyone
-  (:class:`AbandonSession`); there is no dropout recovery inside a session.
+  (:class:`AbandonSession`); there is no dropout recovery inside a session. A failed session round of a
+  study whose recipe allows retries (``session_attempts`` > its number) fails alone and the next session
+  round opens over the same sites (:class:`RetrySession`); the recipe resumes from its sites' checkpoints.
 - A counted round is aggregated once (:class:`Aggregate`, contributors in site order). After a training round
   the next training round opens over the training sites, after the last one the evaluation round over the
   evaluation sites; an evaluation or session round finishes the study, naming the sites that gave nothing.
+- A study with a scaling pre-step (``standardize = "federated"``, :mod:`fedhealth.runtime._scaling`)
+  opens round 0 first: a session round over the training sites, of kind collective, whatever the study's
+  combination (every participant or nobody); once counted and aggregated (the driver reads the release)
+  it opens training round 1. Rounds 1 onwards are combined as the study says.
 - A round ends with exactly one of :class:`OpenRound`, :class:`FinishStudy` or :class:`FailStudy`, and takes
   no event after that (a late one is ignored, not an error: a result retried after the round closed, a timer
   that fired while it closed).
@@ -39,7 +45,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from fedhealth.protocol import StudySpec, TaskKind, TaskStatus
-from fedhealth.runtime._collective import is_collective
+from fedhealth.runtime._collective import is_collective, session_attempts
+from fedhealth.runtime._scaling import SCALING_ROUND, federated_scaling_requested
 
 _OPEN = frozenset({TaskStatus.PENDING, TaskStatus.DELIVERED})
 DEADLINE_REASON = "no result by the round deadline"
@@ -71,8 +78,12 @@ class StudyRules:
     evaluation_sites: tuple[str, ...]
     round_deadline_s: float
     combination: Combination
+    scaling_step: bool = False  # round 0: the secure-sum scaling pre-step (standardize = "federated")
+    session_attempts: int = 1  # session rounds a collective study may run: the first and its retries
 
     def __post_init__(self) -> None:
+        if self.session_attempts < 1:
+            raise ValueError(f"session_attempts={self.session_attempts}: a study has at least one session")
         if self.rounds < 1:
             raise ValueError(f"rounds={self.rounds}: a study has at least one training round")
         if not 1 <= self.min_sites <= len(self.train_sites):
@@ -82,6 +93,8 @@ class StudyRules:
                 raise ValueError(f"a site is named twice in {list(sites)}")
         if not self.round_deadline_s > 0:
             raise ValueError(f"round_deadline_s={self.round_deadline_s} is not positive")
+        if self.scaling_step and self.combination is Combination.SESSION:
+            raise ValueError("a collective study has no scaling pre-step: it trains no rounds")
 
     @classmethod
     def of(cls, spec: StudySpec, combination: Combination | None = None) -> StudyRules:
@@ -101,6 +114,8 @@ class StudyRules:
             evaluation_sites=tuple(spec.evaluation_sites),
             round_deadline_s=spec.round_deadline_s,
             combination=combination,
+            scaling_step=federated_scaling_requested(spec.recipe),
+            session_attempts=session_attempts(spec) if combination is Combination.SESSION else 1,
         )
 
 
@@ -241,6 +256,16 @@ class OpenRound:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RetrySession:
+    """This session round failed with ``reason`` but the study may retry: close it as failed (the study goes
+    on) and open session round ``number`` over ``sites``, with a fresh deadline from the driver's clock."""
+
+    reason: str
+    number: int
+    sites: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FinishStudy:
     """This round counted and was the study's last: the study completed (``note``: who gave nothing)."""
 
@@ -266,24 +291,26 @@ RoundCommand = (
     | AbandonSession
     | Aggregate
     | OpenRound
+    | RetrySession
     | FinishStudy
     | FailStudy
 )
 
 
 def first_round(rules: StudyRules, at: datetime) -> OpenRound:
-    """The round a study starts with (once its sites approved it, at ``at``)."""
-    kind = TaskKind.COLLECTIVE if rules.combination is Combination.SESSION else TaskKind.TRAIN
+    """The round a study starts with (once its sites approved it, at ``at``): its scaling pre-step if it
+    has one, else round 1."""
+    number = SCALING_ROUND if rules.scaling_step else 1
     return OpenRound(
-        number=1,
-        kind=kind,
+        number=number,
+        kind=_kind_of(rules, number),
         sites=rules.train_sites,
         deadline_at=at + timedelta(seconds=rules.round_deadline_s),
     )
 
 
 def _kind_of(rules: StudyRules, number: int) -> TaskKind:
-    if rules.combination is Combination.SESSION:
+    if rules.combination is Combination.SESSION or number == SCALING_ROUND:
         return TaskKind.COLLECTIVE
     return TaskKind.TRAIN if number <= rules.rounds else TaskKind.EVALUATE
 
@@ -295,12 +322,16 @@ class RoundState:
         self, rules: StudyRules, *, number: int, kind: TaskKind, tasks: Iterable[TaskOutcome]
     ) -> None:
         """A round as it stands: a fresh one (every task open) or one taken up again after a restart."""
-        last = 1 if rules.combination is Combination.SESSION else rules.rounds + 1
-        if not 1 <= number <= last or kind is not _kind_of(rules, number):
+        last = rules.session_attempts if rules.combination is Combination.SESSION else rules.rounds + 1
+        first = SCALING_ROUND if rules.scaling_step else 1
+        if not first <= number <= last or kind is not _kind_of(rules, number):
             raise ValueError(f"round {number} of kind {kind.value} is not a round of this study")
         self.rules = rules
         self.number = number
         self.kind = kind
+        # the scaling pre-step is a session round whatever the study's combination
+        scaling = rules.scaling_step and number == SCALING_ROUND
+        self.combination = Combination.SESSION if scaling else rules.combination
         self.phase = RoundPhase.OPEN
         self._contributors: tuple[str, ...] = ()
         self._tasks: dict[str, TaskOutcome] = {}
@@ -356,7 +387,18 @@ class RoundState:
                 return (*closing, *self._count(tuple(sorted(self._tasks))))
             case SessionFailed(reason=reason):
                 self._expect(Combination.SESSION, event)
-                return self._failed(reason, TaskStatus.FAILED, reason) if self._concludable else ()
+                if not self._concludable:
+                    return ()
+                # a collective study's session may be retried (the scaling pre-step of a rounds study not)
+                if (
+                    self.rules.combination is Combination.SESSION
+                    and self.number < self.rules.session_attempts
+                ):
+                    self.phase = RoundPhase.ENDED
+                    closing = self._closing(frozenset(), TaskStatus.FAILED, reason)
+                    retry = RetrySession(reason=reason, number=self.number + 1, sites=self.rules.train_sites)
+                    return (*closing, retry)
+                return self._failed(reason, TaskStatus.FAILED, reason)
             case Aggregated(at=at):
                 return self._aggregated(at) if self.phase is RoundPhase.AGGREGATING else ()
             case AggregationFailed(reason=reason):
@@ -370,8 +412,8 @@ class RoundState:
         return self.phase in (RoundPhase.OPEN, RoundPhase.CONCLUDING)
 
     def _expect(self, combination: Combination, event: RoundEvent) -> None:
-        if self.rules.combination is not combination:
-            raise ValueError(f"{type(event).__name__} in a {self.rules.combination.value} round")
+        if self.combination is not combination:
+            raise ValueError(f"{type(event).__name__} in a {self.combination.value} round")
 
     def _task_closed(self, event: TaskClosed) -> tuple[RoundCommand, ...]:
         if event.status in _OPEN:
@@ -384,13 +426,13 @@ class RoundState:
         self._tasks[event.site] = TaskOutcome(site=event.site, status=event.status, reason=event.reason)
         if self.phase is not RoundPhase.OPEN:
             return ()
-        if self.rules.combination is Combination.SESSION and event.status is not TaskStatus.COMPLETED:
+        if self.combination is Combination.SESSION and event.status is not TaskStatus.COMPLETED:
             return (AbandonSession(reason=f"{event.site}'s task ended ({event.reason})"),)
         return () if self.open_sites else self._close()
 
     def _close(self) -> tuple[RoundCommand, ...]:
         """The round closes now (every task closed, or the deadline passed)."""
-        match self.rules.combination:
+        match self.combination:
             case Combination.SECURE:
                 self.phase = RoundPhase.CONCLUDING
                 return (ConcludeSecureSum(),)
@@ -429,7 +471,7 @@ class RoundState:
 
     def _count(self, contributors: tuple[str, ...]) -> tuple[RoundCommand, ...]:
         """Aggregate the round if it has the contributions it needs; fail the study otherwise."""
-        plain = self.rules.combination is Combination.PLAIN
+        plain = self.combination is Combination.PLAIN
         if self.kind is TaskKind.TRAIN:
             needed = self.rules.min_sites
         else:  # a secure evaluation needs a sum of someone; a plain one reports what it got
@@ -451,7 +493,7 @@ class RoundState:
 
     def _aggregated(self, at: datetime) -> tuple[RoundCommand, ...]:
         self.phase = RoundPhase.ENDED
-        if self.kind is TaskKind.TRAIN:
+        if self.kind is TaskKind.TRAIN or self.number == SCALING_ROUND:
             number = self.number + 1
             kind = _kind_of(self.rules, number)
             sites = self.rules.train_sites if kind is TaskKind.TRAIN else self.rules.evaluation_sites
@@ -459,7 +501,7 @@ class RoundState:
             return (OpenRound(number=number, kind=kind, sites=sites, deadline_at=deadline),)
         if self.kind is TaskKind.COLLECTIVE:
             return (FinishStudy(note=None),)
-        if self.rules.combination is Combination.PLAIN:
+        if self.combination is Combination.PLAIN:
             missing = [
                 f"{t.site}: {t.status.value} ({t.reason})"
                 for t in self.tasks.values()

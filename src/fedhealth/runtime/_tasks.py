@@ -53,6 +53,7 @@ from fedhealth.runtime._recipes import (
     param_specs as param_specs,  # re-exported: the secure-sum codec imports it from here
 )
 from fedhealth.runtime._recipes import recipe_spec, study_recipe
+from fedhealth.runtime._scaling import task_recipe
 
 Params = dict[str, np.ndarray]
 
@@ -95,8 +96,12 @@ def preset_study(preset: StudyPreset, **fields: Any) -> StudySpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainOutcome:
+    """The update to send, the site's metrics, and what the site keeps for its next round of the study
+    (``site_state``: a recipe's state such as SCAFFOLD's c_i; None when it keeps nothing; never sent)."""
+
     delta: Params
     metrics: SiteMetrics
+    site_state: Params | None = None
 
 
 def _site_data(recipe: ResolvedRecipe, task: Task, dataset: TabularDataset | None) -> TabularDataset | None:
@@ -124,6 +129,7 @@ def train_on_site(
     dataset: TabularDataset | None,
     *,
     reproducible_noise: bool | None = None,
+    site_state: Params | None = None,
 ) -> TrainOutcome:
     """One round of local training: returns the update (local minus global) and the site's metrics.
 
@@ -134,26 +140,32 @@ def train_on_site(
     ``fedhealth.runtime._privacy``. Record mode has the recipe train with DP-SGD; site modes clip the update
     (and add the site's noise share in distributed mode). A DP task reports no training loss: it is computed
     from the training records without noise. A recipe is asked only for the DP it declares.
+
+    ``site_state`` is what this site's previous training round of the study left (``TrainOutcome.site_state``;
+    None on its first round), handed to a recipe that declares ``site_state``; the caller keeps the new one.
     """
     started = time.perf_counter()
-    recipe = study_recipe(task.recipe)
+    recipe = study_recipe(task_recipe(task))
     data = _site_data(recipe, task, dataset)
     rng = task_rng(task.seed, task.round, site)
     spec = task.spec
     privacy = spec.privacy
+    kept = {"site_state": site_state} if recipe.capabilities.site_state else {}
     if privacy is None:
-        result = recipe.train(global_params, data, rng)
+        result = recipe.train(global_params, data, rng, **kept)
         metrics = SiteMetrics(
             num_samples=result.num_samples,
             train_loss=result.train_loss,
             duration_s=time.perf_counter() - started,
             **_held_out_metrics(recipe, result.params, data),
         )
-        return TrainOutcome(delta=_delta(result.params, global_params), metrics=metrics)
+        return TrainOutcome(
+            delta=_delta(result.params, global_params), metrics=metrics, site_state=result.site_state
+        )
     if privacy.mode is not DpMode.RECORD:
         if not recipe.capabilities.site_dp:
             raise InputError(f"privacy: recipe {recipe.name!r} does not declare site-level DP")
-        result = recipe.train(global_params, data, rng)
+        result = recipe.train(global_params, data, rng, **kept)
         # The noise share continues the task's stream when reproducible (a fresh secure one otherwise).
         delta = privatize_update(
             spec, _delta(result.params, global_params), noise_generator(rng, reproducible_noise)
@@ -162,6 +174,7 @@ def train_on_site(
         return TrainOutcome(
             delta=delta,
             metrics=SiteMetrics(num_samples=result.num_samples, duration_s=time.perf_counter() - started),
+            site_state=result.site_state,
         )
     assert privacy.steps_per_round is not None
     record_dp = RecordDp(
@@ -170,7 +183,9 @@ def train_on_site(
         sample_rate=sample_rate(spec, site),
         steps=privacy.steps_per_round,
     )
-    result = recipe.train(global_params, data, noise_generator(rng, reproducible_noise), record_dp=record_dp)
+    result = recipe.train(
+        global_params, data, noise_generator(rng, reproducible_noise), record_dp=record_dp, **kept
+    )
     # After DP-SGD the local model is itself a DP release: its metrics on the held-out split are
     # post-processing as far as the training records are concerned.
     metrics = SiteMetrics(
@@ -178,7 +193,9 @@ def train_on_site(
         duration_s=time.perf_counter() - started,
         **_held_out_metrics(recipe, result.params, data),
     )
-    return TrainOutcome(delta=_delta(result.params, global_params), metrics=metrics)
+    return TrainOutcome(
+        delta=_delta(result.params, global_params), metrics=metrics, site_state=result.site_state
+    )
 
 
 def _held_out_metrics(
@@ -202,7 +219,7 @@ def _held_out_metrics(
 def evaluate_on_site(task: Task, params: Params, dataset: TabularDataset | None) -> SiteMetrics:
     """Metrics of the global model on the site's local validation split."""
     started = time.perf_counter()
-    recipe = study_recipe(task.recipe)
+    recipe = study_recipe(task_recipe(task))
     data = _site_data(recipe, task, dataset)
     evaluation = recipe.evaluate(params, data)
     if evaluation is None:
@@ -274,13 +291,32 @@ def aggregate(
 
     Under site-level DP (``spec.privacy`` in a site mode) the mean is unweighted, of re-clipped updates, with
     the central noise added in site-central mode, drawn from ``rng`` (default: a secure generator).
+    SCAFFOLD's participation |S|/N is the share of the spec's training sites among ``updates``.
     """
+    n_updates = len(updates)
     updates = bounded_updates(strategy, updates)
-    averaged = study_recipe(spec.recipe).averaged_tensors() if spec is not None else frozenset()
+    recipe = study_recipe(spec.recipe) if spec is not None else None
+    averaged = recipe.averaged_tensors() if recipe is not None else frozenset()
+    variates = recipe.control_variate_tensors() if recipe is not None else frozenset()
+    participation = participation_of(spec, n_updates) if spec is not None else 1.0
     if spec is not None and spec.privacy is not None and spec.privacy.mode is not DpMode.RECORD:
         mean = private_mean(spec, updates, rng if rng is not None else secure_generator())
-        return server_step(strategy, global_params, mean, state, averaged=averaged)
-    return server_step(strategy, global_params, weighted_mean(updates), state, averaged=averaged)
+    else:
+        mean = weighted_mean(updates)
+    return server_step(
+        strategy,
+        global_params,
+        mean,
+        state,
+        averaged=averaged,
+        control_variates=variates,
+        participation=participation,
+    )
+
+
+def participation_of(spec: StudySpec, contributors: int) -> float:
+    """|S|/N: the share of the study's training sites that contributed to a round (SCAFFOLD's c step)."""
+    return min(1.0, contributors / len(spec.train_sites))
 
 
 def server_step(
@@ -290,11 +326,20 @@ def server_step(
     state: Params,
     *,
     averaged: Collection[str] = (),
+    control_variates: Collection[str] = (),
+    participation: float = 1.0,
 ) -> tuple[Params, Params]:
     """The server strategy's step from the (already averaged) mean update: the secure path enters here.
-    ``averaged``: the recipe's statistics tensors, which take the plain mean (``averaged_tensors``)."""
+    ``averaged``: the recipe's statistics tensors, which take the plain mean (``averaged_tensors``);
+    ``control_variates`` and ``participation``: SCAFFOLD's (:func:`~fedhealth.learning.apply_strategy`)."""
     new_params, new_state = apply_strategy(
-        strategy_config(strategy), global_params, mean_delta, state, averaged
+        strategy_config(strategy),
+        global_params,
+        mean_delta,
+        state,
+        averaged,
+        control_variates=control_variates,
+        participation=participation,
     )
     return {k: np.asarray(v, dtype=np.float32) for k, v in new_params.items()}, new_state
 

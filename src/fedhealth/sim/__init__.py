@@ -13,6 +13,13 @@ from fedhealth.sim._bench import (
 from fedhealth.sim._boosting_bench import BoostingBenchmark, BoostingRun, benchmark_boosting
 from fedhealth.sim._connector_bench import ExtractionResult, benchmark_connectors
 from fedhealth.sim._federation import FederationError, LocalFederation
+from fedhealth.sim._membership_bench import (
+    MembershipDataset,
+    SettingResult,
+    benchmark_membership,
+    membership_report,
+    plot_membership,
+)
 from fedhealth.sim._privacy_bench import PrivacyResult, benchmark_privacy, plot_privacy
 
 __all__ = [
@@ -23,14 +30,19 @@ __all__ = [
     "ExtractionResult",
     "FederationError",
     "LocalFederation",
+    "MembershipDataset",
     "MethodResult",
     "PrivacyResult",
     "RoundBenchmark",
+    "SettingResult",
     "benchmark_boosting",
     "benchmark_collective",
     "benchmark_connectors",
     "benchmark_heart_disease",
+    "benchmark_membership",
     "benchmark_privacy",
     "benchmark_rounds",
+    "membership_report",
+    "plot_membership",
     "plot_privacy",
 ]
