@@ -172,7 +172,7 @@ def test_federated_lightgbm_through_the_services_is_the_pooled_model_and_the_rel
     ops = {r["op"] for r in records if r["event"] == "received"}
     assert ops <= {"SETUP", "SUM", "BROADCAST", "END"}
     sums = [r for r in records if r["event"] == "received" and r["op"] == "SUM" and len(r["head"]) >= 4]
-    assert len(sums) > 4 * 8 * 5  # bins, per tree the root, per split step histograms, records, counts
+    assert len(sums) > 4 * 8 * 5  # bins, per tree the root, per split step the histograms (with counts)
     for record in sums:  # a clear vector would be small fixed-point numbers; a masked one is uniform
         assert not all(_small(v) for v in record["head"]), record
     # the first sum is the grid counts: each site's masked vector shares no coordinate with its clear counts

@@ -79,9 +79,8 @@ def test_without_exact_counts_lightgbm_data_parallel_drifts_from_the_pooled_mode
     # and on Fed-Heart-Disease its trees leave the pooled ones (the counts first, then the splits)
     from fedhealth.learning import _lightgbm_network
 
-    monkeypatch.setattr(
-        _lightgbm_network.TreeTracker, "exact_counts", lambda self, blocks, secure_sum: blocks
-    )
+    monkeypatch.setattr(_lightgbm_network.TreeTracker, "exact_counts", lambda self, blocks: blocks)
+    monkeypatch.setattr(_lightgbm_network.TreeTracker, "leaf_histogram", lambda self: None)
     monkeypatch.setattr(_lightgbm_network.TreeTracker, "start", lambda self, rows: None)
     params = LightGbmParams(n_features=13, num_rounds=10)
     federated = _federated(params, centers)[SITES[0]][0]
@@ -112,6 +111,19 @@ def test_the_collectives_lightgbm_asks_for_are_the_protected_ones(centers):
         "split_records",
     }
     # and the only clear values: per split step, every site's two best-split records (a gather by secure sum)
+
+
+def test_a_split_step_costs_one_collective_the_histogram_sum(centers):
+    params = LightGbmParams(n_features=13, num_rounds=5, num_leaves=4)
+    session = InMemorySession(SITES, call_timeout_s=60)
+    runs = session.run(
+        lambda member: (train_site(params, centers[SITES.index(member.site)], member)[1], member.calls)
+    )
+    calls, total = runs[SITES[0]]
+    assert calls["histogram_sum"] == calls["split_records"] == 5 * 3
+    # the session's calls: the bins' cell counts, then what LightGBM asked for but the split-record gathers
+    # (each site's own ranks answer them) and the exact counts (they ride with the histogram sums)
+    assert total == 1 + 2 + 2 + 1 + 5 + 5 * 3
 
 
 def test_multiclass_trains_one_tree_per_class_and_round(centers):
@@ -287,9 +299,9 @@ class _Recording:
 
 
 def _network(session: _Recording) -> Any:
-    from fedhealth.learning._lightgbm_network import SessionNetwork
+    from fedhealth.learning._lightgbm_network import RankGroup, SessionNetwork
 
-    return SessionNetwork(session, local_rows=10, init_schedule=[], init_score=lambda _i: None)
+    return SessionNetwork(RankGroup(session), 0, local_rows=10, init_schedule=[], init_score=lambda _i: None)
 
 
 def test_a_collective_lightgbm_was_not_expected_to_ask_for_fails_instead_of_being_sent():
@@ -333,3 +345,36 @@ def test_a_reduce_scatter_whose_reducer_is_not_a_sum_is_refused():
     assert out.tolist() == [0.0, 1.0]  # the site's own block: LightGBM goes on alone until the loop raises
     with pytest.raises(UnprotectedCollectiveError):
         network.check()
+
+
+def test_a_sites_ranks_share_one_secure_sum_and_ranks_that_disagree_send_nothing():
+    import threading
+
+    from fedhealth.learning._lightgbm_network import RankGroup, UnprotectedCollectiveError
+
+    def run(group: RankGroup, values: list[np.ndarray]) -> list[Any]:
+        out: list[Any] = [None] * 3
+
+        def one(rank: int) -> None:
+            try:
+                out[rank] = group.secure_sum(rank, values[rank])
+            except UnprotectedCollectiveError as exc:
+                out[rank] = exc
+
+        threads = [threading.Thread(target=one, args=(r,)) for r in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        return out
+
+    session = _Recording()
+    same = run(RankGroup(session), [np.arange(4.0)] * 3)
+    assert len(session.summed) == 1  # one secure sum for the three ranks
+    assert all(np.array_equal(r, np.arange(4.0) * 3) for r in same)
+    group = RankGroup(session)
+    differ = run(group, [np.arange(4.0), np.arange(4.0), np.arange(4.0) + 1e-9])
+    assert all(isinstance(r, UnprotectedCollectiveError) for r in differ)
+    assert len(session.summed) == 1  # nothing more was sent
+    with pytest.raises(UnprotectedCollectiveError):  # and the group stays failed
+        group.gather(0, b"x")

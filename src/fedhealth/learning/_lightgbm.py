@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,12 @@ from fedhealth.learning._boosting import (
 )
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
-from fedhealth.learning._lightgbm_network import SessionNetwork, TreeTracker
+from fedhealth.learning._lightgbm_network import (
+    RankGroup,
+    SessionNetwork,
+    TreeTracker,
+    UnprotectedCollectiveError,
+)
 from fedhealth.learning._recipe import (
     CombinationPattern,
     DataSchema,
@@ -451,29 +457,53 @@ def train_site(
         if total_n < 1:
             raise DatasetError("no site has a training row")
         global_mean = total_y / total_n
-    codes = binning.codes(X)
-    train = lgb.Dataset(
-        codes, label=y, reference=reference_dataset(binning), params=dict(DATASET_PARAMS), free_raw_data=False
-    )
-    if init is not None:  # as lgb.train(init_model=...): the start scores are the checkpoint's predictions
-        training = params.training_params()
-        train._set_predictor(
-            lgb.basic._InnerPredictor.from_booster(booster=init, pred_parameter=dict(init.params, **training))
-        )
-    train.construct()
-    n = len(session.sites)
-    network = SessionNetwork(
+    codes = binning.codes(X).astype(np.int64)
+    group = RankGroup(
         session,
-        local_rows=len(y),
-        init_schedule=_init_schedule(params) if init is None else [],  # no BoostFromAverage on a start score
-        init_score=lambda _i: global_mean,
-        tree=TreeTracker(
-            codes.astype(np.int64),
+        TreeTracker(
+            codes,
+            num_bins=binning.num_bins,
             num_leaves=params.num_leaves,
             max_depth=params.max_depth,
             min_data_in_leaf=params.min_data_in_leaf,
         ),
+        # with early stopping or checkpoints, one rank per site (the split records gathered by secure sum):
+        # predicting and saving between rounds next to other boosters of the same network aborted LightGBM
+        all_ranks=stopper is None and checkpoint is None,
     )
+    # every rank of the network at this site (module docstring of _lightgbm_network), each on its own thread
+    sets = {}
+    for rank in group.ranks:
+        train = lgb.Dataset(
+            codes,
+            label=y,
+            reference=reference_dataset(binning),
+            params=dict(DATASET_PARAMS),
+            free_raw_data=False,
+        )
+        if (
+            init is not None
+        ):  # as lgb.train(init_model=...): the start scores are the checkpoint's predictions
+            training = params.training_params()
+            train._set_predictor(
+                lgb.basic._InnerPredictor.from_booster(
+                    booster=init, pred_parameter=dict(init.params, **training)
+                )
+            )
+        train.construct()
+        sets[rank] = train
+    networks = {
+        rank: SessionNetwork(
+            group,
+            rank,
+            local_rows=len(y),
+            init_schedule=_init_schedule(params)
+            if init is None
+            else [],  # no BoostFromAverage on a start score
+            init_score=lambda _i: global_mean,
+        )
+        for rank in group.ranks
+    }
     valid_codes = binning.codes(dataset.X_test)
     rows = len(dataset.y_test)
     raw = np.zeros((rows, params.num_class) if params.num_class > 1 else rows)
@@ -482,43 +512,81 @@ def train_site(
         stopped = stopper.replay(saved.scores[:done])  # the rule as it stood after round `done`
         if rows:
             raw = np.asarray(init.predict(valid_codes, raw_score=True, num_threads=1), dtype=np.float64)
-    network.bind(lgb.basic._LIB)
-    try:
-        booster = lgb.Booster(
-            params={**params.training_params(), "tree_learner": "data", "num_machines": n}, train_set=train
-        )
-        network.check()
-        network.phase = "init"
-        for i in range(done, params.num_rounds):
-            if stopped:
-                break
+    boosters: dict[int, Any] = {}
+
+    def after_round(i: int, rank: int) -> bool:
+        """Once per round, by rank 0 on its own thread (the boosters are alike) while the others wait for its
+        answer: the early-stopping sum and the checkpoint. Whether to stop."""
+        nonlocal raw, stopped
+        booster = boosters[rank]
+        if stopper is not None:
+            if rows:
+                raw += booster.predict(valid_codes, start_iteration=i, num_iteration=1, raw_score=True)
+            output = _probabilities(params.objective, raw)
+            pieces = validation_pieces(params.objective, output, dataset.y_test)
+            loss_sum, total = session.secure_sum(pieces).tolist()
+            calls = networks[group.ranks[0]].calls
+            calls["stopping"] = calls.get("stopping", 0) + 1
+            stopped = stopper.update(loss_sum, total)
+        if checkpoint is not None:
+            checkpoint.save(i + 1, booster.model_to_string(), stopper.scores if stopper else [])
+        return stopped
+
+    errors: dict[int, BaseException] = {}
+
+    def run_rank(rank: int) -> None:
+        network = networks[rank]
+        try:
+            network.bind(lgb.basic._LIB)
             try:
-                finished = booster.update()
-            except lgb.basic.LightGBMError:
-                network.check()  # LightGBM failed on what a failed session left: the session's reason
-                raise
-            network.check()
-            if finished:
-                break
-            if stopper is not None:
-                if rows:
-                    raw += booster.predict(valid_codes, start_iteration=i, num_iteration=1, raw_score=True)
-                output = _probabilities(params.objective, raw)
-                pieces = validation_pieces(params.objective, output, dataset.y_test)
-                loss_sum, total = session.secure_sum(pieces).tolist()
-                network.calls["stopping"] = network.calls.get("stopping", 0) + 1
-                stopped = stopper.update(loss_sum, total)
-            if checkpoint is not None:
-                checkpoint.save(i + 1, booster.model_to_string(), stopper.scores if stopper else [])
-    finally:
-        network.unbind(lgb.basic._LIB)
+                boosters[rank] = booster = lgb.Booster(
+                    params={**params.training_params(), "tree_learner": "data", "num_machines": group.n},
+                    train_set=sets[rank],
+                )
+                network.check()
+                network.phase = "init"
+                halt = stopped
+                for i in range(done, params.num_rounds):
+                    if halt:
+                        break
+                    try:
+                        finished = booster.update()
+                    except lgb.basic.LightGBMError:
+                        network.check()  # LightGBM failed on what a failed session left: the session's reason
+                        raise
+                    network.check()
+                    if finished:
+                        break
+                    if stopper is not None or checkpoint is not None:
+                        group.share(rank, None)  # every rank is out of LightGBM's iteration first
+                        mine = after_round(i, rank) if rank == group.ranks[0] else None
+                        halt = bool(group.share(rank, mine))
+            finally:
+                network.unbind(lgb.basic._LIB)
+        except BaseException as exc:
+            errors[rank] = exc
+            group.fail(exc)
+
+    threads = [
+        threading.Thread(target=run_rank, args=(rank,), name=f"lightgbm-rank-{rank}", daemon=True)
+        for rank in group.ranks
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:  # the first failure itself, not a rank stopped by it
+        raise group.error or next(iter(errors.values()))
     kept = stopper.best_iteration if stopper is not None else 0
+    texts = {boosters[r].model_to_string(num_iteration=kept) for r in group.ranks}
+    if len(texts) != 1:
+        raise UnprotectedCollectiveError("this site's LightGBM ranks ended with different models")
     extra = {"best_iteration": kept} if stopper is not None else {}
     if params.retries:
         extra["resumed_from"] = done
-    return LightGbmModel(model_text=booster.model_to_string(num_iteration=kept), binning=binning), {
-        **network.calls,
-        "values_sent": network.values_sent,
+    return LightGbmModel(model_text=texts.pop(), binning=binning), {
+        **networks[group.ranks[0]].calls,
+        "values_sent": group.values_sent,
         **extra,
     }
 

@@ -3,19 +3,26 @@
 LightGBM's data-parallel learner talks to the other machines through two functions it is given with
 ``LGBM_NetworkInitWithFunctions``: a reduce-scatter and an allgather. :class:`SessionNetwork` implements both
 on a :class:`~fedhealth.learning.Collectives` session so that nothing a site computed from its own rows leaves
-it except inside a secure sum:
+it except inside a secure sum.
+
+Each site runs all ``n`` ranks of the network itself (:class:`RankGroup`: one LightGBM booster per rank, each
+on its own thread, all on this site's rows). Rank r searches the best split of its block of features in the
+*summed* histograms, so it finds the record site r's rank would find: the split-record allgather is answered
+at the site, without a round trip, and what the site computes is what n machines would compute together. The
+ranks ask for the same sums (checked); the session makes each one once:
 
 - reduce-scatter (gradient histograms; LightGBM hands the reducer, which must be a float64 sum): one secure
-  sum of the whole buffer; the site keeps its block.
+  sum of the whole buffer, with this site's rows of the same leaf per (feature, bin code) after it
+  (:class:`TreeTracker`: the exact counts of every candidate split); each rank keeps its block.
 - allgather of a sum-type statistic (label counts and sums at booster creation, the root's (n, Σg, Σh) of each
   tree): one secure sum; the site writes the sum into block 0 and zeros into the others, so that LightGBM's
   own local reduction (block 0 + block 1 + ...) yields the sum exactly.
 - allgather of the initial score's mean (``GlobalSyncUpByMean``, the first iteration): the value every site
   must agree on (the objective's global start, or the pooled label mean for regression, which the recipe
   computed from secure sums) is written so that LightGBM's division by the number of machines returns it.
-- allgather of the best-split records (2 × ``SplitInfo``, computed from the summed histograms): each site's
-  record in its own block of a secure sum, so that the sum is the concatenation; these records, which become
-  the model, are the only values released per split.
+- allgather of the best-split records (2 × ``SplitInfo``, computed from the summed histograms): the site's
+  own ranks' records, with the exact row counts written in; these records, which become the model, are the
+  only values released per split, and every site computes them alike.
 
 Anything else LightGBM asks for (another reducer, another size) fails the session: it is never sent in clear.
 The call sites are those of LightGBM 4.7.0 (the ``gbdt`` extra pins it; tests/learning/test_lightgbm.py
@@ -79,6 +86,151 @@ class UnprotectedCollectiveError(RuntimeError):
     """LightGBM asked for a collective this bridge does not know how to protect; the session fails."""
 
 
+class RankGroup:
+    """The ``n`` LightGBM ranks one site runs, one thread each, in lockstep (see the module docstring).
+
+    Every rank trains on this site's rows, so every sum they ask for is the same: :meth:`secure_sum` checks
+    that (a rank that disagrees fails the site's training) and makes the session's secure sum once for all
+    of them. :meth:`gather` is a rendezvous of the ranks only. A rank that stops (:meth:`fail`) stops the
+    others at their next call.
+    """
+
+    def __init__(
+        self, session: Collectives, tree: TreeTracker | None = None, *, all_ranks: bool = True
+    ) -> None:
+        self.session = session
+        self.n = len(session.sites)
+        # the ranks this site runs: all n, or only its own (then the records are gathered by secure sum)
+        self.ranks = list(range(self.n)) if all_ranks else [session.sites.index(session.site)]
+        self.tree = tree  # shared by the ranks: the group updates it once per step
+        self.values_sent = 0  # float64 values this site put into secure sums during training
+        self._cond = threading.Condition()
+        self._arrived: dict[int, Any] = {}
+        self._generation = 0
+        self._outcome: tuple[Any, BaseException | None] = (None, None)
+        self.error: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self.error is None:
+                self.error = exc
+            self._cond.notify_all()
+
+    def _rendezvous(self, rank: int, value: Any, combine: Callable[[list[Any]], Any]) -> Any:
+        with self._cond:
+            if self.error is not None:
+                raise UnprotectedCollectiveError("another LightGBM rank of this site failed") from self.error
+            if rank in self._arrived:
+                raise UnprotectedCollectiveError(f"LightGBM rank {rank} called twice in one step")
+            generation = self._generation
+            self._arrived[rank] = value
+            if len(self._arrived) == len(self.ranks):
+                values = [self._arrived[r] for r in self.ranks]
+                self._arrived = {}
+                try:
+                    self._outcome = (combine(values), None)
+                except BaseException as exc:
+                    self._outcome = (None, exc)
+                    self.error = self.error or exc
+                self._generation += 1
+                self._cond.notify_all()
+            else:
+                while self._generation == generation:
+                    if self.error is not None:
+                        raise UnprotectedCollectiveError(
+                            "another LightGBM rank of this site failed"
+                        ) from self.error
+                    self._cond.wait()
+            result, error = self._outcome
+            if error is not None:
+                raise error
+            return result
+
+    def _send(self, values: NDArray[np.float64]) -> NDArray[np.float64]:
+        self.values_sent += int(np.size(values))
+        return self.session.secure_sum(values)
+
+    @staticmethod
+    def _same(blocks: list[bytes]) -> bytes:
+        if any(b != blocks[0] for b in blocks[1:]):
+            raise UnprotectedCollectiveError("this site's LightGBM ranks asked for different sums")
+        return blocks[0]
+
+    def secure_sum(self, rank: int, values: NDArray[np.float64]) -> NDArray[np.float64]:
+        """The session's secure sum of ``values``, which every rank must pass alike."""
+        data = np.ascontiguousarray(values, dtype=np.float64).tobytes()
+        return self._rendezvous(  # type: ignore[no-any-return]
+            rank, data, lambda blocks: self._send(np.frombuffer(self._same(blocks), dtype=np.float64))
+        )
+
+    def float_sum(self, rank: int, values: NDArray[np.float64]) -> NDArray[np.float64]:
+        """:func:`float_sum` over the session of ``values``, which every rank must pass alike."""
+        data = np.ascontiguousarray(values, dtype=np.float64).tobytes()
+        return self._rendezvous(  # type: ignore[no-any-return]
+            rank,
+            data,
+            lambda blocks: float_sum(self._send, np.frombuffer(self._same(blocks), dtype=np.float64))[0],
+        )
+
+    def histogram_sum(self, rank: int, data: bytes) -> bytes:
+        """The summed histograms (float64 bytes, every rank's buffer alike), with the tree's exact counts."""
+
+        def once(blocks: list[bytes]) -> bytes:
+            values = np.frombuffer(self._same(blocks), dtype=np.float64)
+            counts = self.tree.leaf_histogram() if self.tree is not None else None
+            total, summed_counts = float_sum(self._send, values, counts)
+            if self.tree is not None and summed_counts is not None:
+                self.tree.take_histogram(summed_counts)
+            return total.tobytes()
+
+        return self._rendezvous(rank, data, once)  # type: ignore[no-any-return]
+
+    def _gather_by_sum(self, rank: int, data: bytes) -> list[bytes]:
+        words = np.frombuffer(data, dtype="<u2").astype(np.float64)
+        values = np.zeros((self.n, words.size), dtype=np.float64)
+        values[rank] = words
+        total = self._send(values.reshape(-1)).reshape(self.n, words.size)
+        return [np.rint(row).astype("<u2").tobytes() for row in total]
+
+    def share(self, rank: int, value: Any) -> Any:
+        """The first local rank's ``value``, to every rank once all arrived."""
+        return self._rendezvous(rank, value, lambda values: values[0])
+
+    def gather(self, rank: int, data: bytes) -> list[bytes]:
+        """Every rank's ``data``, in rank order (split records: with the tree's exact counts written in)."""
+
+        def once(blocks: list[bytes]) -> list[bytes]:
+            if len(self.ranks) == 1:  # only this site's rank: each site's record in its own block of a sum
+                blocks = self._gather_by_sum(self.ranks[0], blocks[0])
+            return self.tree.exact_counts(blocks) if self.tree is not None else blocks
+
+        return self._rendezvous(rank, bytes(data), once)  # type: ignore[no-any-return]
+
+
+def float_sum(
+    secure_sum: Callable[[NDArray[np.float64]], NDArray[np.float64]],
+    values: NDArray[np.float64],
+    counts: NDArray[np.int64] | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.int64] | None]:
+    """The sum of float64 values over the sites, exact to 2^-80 (one secure sum of twice the values):
+    each value splits into its 2^-40 fixed-point part and the remainder times 2^40 (both exact in
+    float64), each part sums exactly in the session's ring, and the result is their sum, rounded once.
+    A plain 2^-40 sum would round the tiny hessians of confident rows (float32 values below 2^-17), and
+    the model would drift from LightGBM's own sums.
+
+    ``counts`` (integers, exact in one part) ride in the same secure sum, after the values; their sum is
+    the second item (None without them)."""
+    flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+    high = np.rint(flat * _SCALE) / _SCALE
+    low = (flat - high) * _SCALE
+    parts = [high, low] if counts is None else [high, low, counts.astype(np.float64)]
+    total = secure_sum(np.concatenate(parts))
+    summed = np.asarray(total[: flat.size] + total[flat.size : 2 * flat.size] / _SCALE, dtype=np.float64)
+    if counts is None:
+        return summed, None
+    return summed, np.rint(total[2 * flat.size :]).astype(np.int64)
+
+
 class SessionNetwork:
     """One site's LightGBM network over ``session`` (see the module's docstring).
 
@@ -90,16 +242,16 @@ class SessionNetwork:
 
     def __init__(
         self,
-        session: Collectives,
+        group: RankGroup,
+        rank: int,
         *,
         local_rows: int,
         init_schedule: Sequence[str],
         init_score: Callable[[int], float | None],
-        tree: TreeTracker | None = None,
     ) -> None:
-        self.session = session
-        self.n = len(session.sites)
-        self.rank = session.sites.index(session.site)
+        self.group = group
+        self.n = group.n
+        self.rank = rank
         self.local_rows = local_rows
         self._schedule = list(init_schedule)
         self._init_score = init_score
@@ -108,8 +260,7 @@ class SessionNetwork:
         self.error: BaseException | None = None
         self.calls: dict[str, int] = {}
         self._sum_reducers: dict[int, bool] = {}
-        self.tree = tree
-        self.values_sent = 0  # float64 values this site put into secure sums during training
+        self.tree = group.tree
 
     # --- binding to LightGBM's thread-local network ----------------------------------------------------
 
@@ -144,20 +295,7 @@ class SessionNetwork:
         self.calls[what] = self.calls.get(what, 0) + 1
 
     def _secure_sum(self, values: NDArray[np.float64]) -> NDArray[np.float64]:
-        self.values_sent += int(np.size(values))
-        return self.session.secure_sum(values)
-
-    def _float_sum(self, values: NDArray[np.float64]) -> NDArray[np.float64]:
-        """The sum of float64 values over the sites, exact to 2^-80 (one secure sum of twice the values):
-        each value splits into its 2^-40 fixed-point part and the remainder times 2^40 (both exact in
-        float64), each part sums exactly in the session's ring, and the result is their sum, rounded once.
-        A plain 2^-40 sum would round the tiny hessians of confident rows (float32 values below 2^-17), and
-        the model would drift from LightGBM's own sums."""
-        flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
-        high = np.rint(flat * _SCALE) / _SCALE
-        low = (flat - high) * _SCALE
-        total = self._secure_sum(np.concatenate([high, low]))
-        return np.asarray(total[: flat.size] + total[flat.size :] / _SCALE, dtype=np.float64)
+        return self.group.secure_sum(self.rank, values)
 
     # --- reduce-scatter --------------------------------------------------------------------------------
 
@@ -184,7 +322,8 @@ class SessionNetwork:
         output_ptr: int,
         reducer_ref: int,
     ) -> None:
-        data = np.frombuffer(ctypes.string_at(input_ptr, input_size), dtype=np.uint8)
+        raw = ctypes.string_at(input_ptr, input_size)
+        data = np.frombuffer(raw, dtype=np.uint8)
         start, length = starts[self.rank], lens[self.rank]
         own = data[start : start + length]
         if self.error is None:
@@ -193,8 +332,9 @@ class SessionNetwork:
                     raise UnprotectedCollectiveError(
                         "LightGBM asked for a reduce-scatter that is not a float64 sum"
                     )
-                total = self._float_sum(data.view(np.float64))
-                own = total.view(np.uint8)[start : start + length]
+                # with the histograms, this site's row counts per bin of the same leaf (module docstring)
+                total = np.frombuffer(self.group.histogram_sum(self.rank, raw), dtype=np.uint8)
+                own = total[start : start + length]
                 self._count("histogram_sum")
             except BaseException as exc:
                 self.error = exc
@@ -239,8 +379,8 @@ class SessionNetwork:
                 raise UnprotectedCollectiveError("LightGBM's root statistics do not have the expected layout")
             self.phase = "train"
             self._count("root_sum")
-            h, g, n = self._float_sum(np.array([hess, grad, rows], dtype=np.float64)).tolist()
-            if self.tree is not None:
+            h, g, n = self.group.float_sum(self.rank, np.array([hess, grad, rows], dtype=np.float64)).tolist()
+            if self.tree is not None:  # shared by the ranks, each resets it alike
                 self.tree.start(round(n))
             return [struct.pack("<ddi4x", h, g, round(n)), *[zeros] * (self.n - 1)]
         if size == 8:
@@ -250,7 +390,7 @@ class SessionNetwork:
             (value,) = struct.unpack("<d", data)
             if kind == "sum":
                 self._count("statistic_sum")
-                total = self._float_sum(np.array([value], dtype=np.float64))
+                total = self.group.float_sum(self.rank, np.array([value], dtype=np.float64))
                 return [struct.pack("<d", float(total[0])), *[zeros] * (self.n - 1)]
             self._count("init_score")
             chosen = self._init_score(self._means)
@@ -264,15 +404,9 @@ class SessionNetwork:
         raise UnprotectedCollectiveError(f"LightGBM asked for an unexpected {size}-byte allgather")
 
     def _gather_records(self, data: bytes) -> list[bytes]:
-        """Each site's record in its own block of one secure sum: the sum is their concatenation."""
-        words = np.frombuffer(data, dtype="<u2").astype(np.float64)
-        values = np.zeros((self.n, words.size), dtype=np.float64)
-        values[self.rank] = words
-        total = self._secure_sum(values.reshape(-1)).reshape(self.n, words.size)
-        blocks = [np.rint(row).astype("<u2").tobytes() for row in total]
-        if self.tree is not None:
-            blocks = self.tree.exact_counts(blocks, self._secure_sum)
-        return blocks
+        """Every rank's record, from this site's own ranks (each searched its block of the same summed
+        histograms, so rank r's record is the one site r's LightGBM finds): nothing crosses the network."""
+        return self.group.gather(self.rank, data)
 
 
 # SplitInfo::CopyTo's layout (split_info.hpp): feature i32 @0, left_count i32 @4, right_count i32 @8,
@@ -303,9 +437,15 @@ _NONE = _Split(feature=-1, left=0, right=0, gain=-math.inf, threshold=0)
 
 class TreeTracker:
     """This site's copy of the tree LightGBM is growing, so that every split record carries the exact number
-    of rows on each side (a secure sum of the sites' own counts) instead of LightGBM's data-parallel estimate
-    from hessians. With exact counts LightGBM's data-parallel learner makes the decisions its serial learner
-    makes on the pooled rows (min_data_in_leaf, the smaller child, the counts in the model).
+    of rows on each side instead of LightGBM's data-parallel estimate from hessians. With exact counts
+    LightGBM's data-parallel learner makes the decisions its serial learner makes on the pooled rows
+    (min_data_in_leaf, the smaller child, the counts in the model).
+
+    The counts travel with the histograms: each histogram sum (the smaller leaf of a split search) carries
+    this site's rows of that leaf per (feature, bin code) (:meth:`leaf_histogram`); the summed counts of the
+    smaller leaf, and the parent's minus them for the larger one (:meth:`take_histogram`), give every site the
+    global rows on the left of any candidate split of either leaf (``code <= threshold``) without another
+    round trip (:meth:`exact_counts`).
 
     It replays SerialTreeLearner::Train of LightGBM 4.7.0: best-first, the leaf of the largest gain is split
     (left keeps the leaf's index, right takes the next), children with ``left_count < right_count`` make the
@@ -313,8 +453,22 @@ class TreeTracker:
     both children are below twice ``min_data_in_leaf``.
     """
 
-    def __init__(self, codes: NDArray[np.int64], *, num_leaves: int, max_depth: int, min_data_in_leaf: int):
+    def __init__(
+        self,
+        codes: NDArray[np.int64],
+        *,
+        num_bins: Sequence[int],
+        num_leaves: int,
+        max_depth: int,
+        min_data_in_leaf: int,
+    ):
+        if codes.ndim != 2 or codes.shape[1] != len(num_bins):
+            raise ValueError("the codes have another number of features than the binning")
         self.codes = codes
+        self.num_bins = [int(b) for b in num_bins]
+        self.offsets = np.concatenate([[0], np.cumsum(self.num_bins)]).astype(np.int64)
+        # every row's (feature, code) cell in one flat histogram of all features
+        self._cells = np.clip(codes, 0, np.asarray(self.num_bins) - 1) + self.offsets[:-1]
         self.num_leaves = num_leaves
         self.max_depth = max_depth
         self.min_data_in_leaf = min_data_in_leaf
@@ -322,6 +476,8 @@ class TreeTracker:
         self.counts: list[int] = []
         self.depth: list[int] = []
         self.best: list[_Split] = []
+        self.histograms: dict[int, NDArray[np.int64]] = {}  # global rows per (feature, code), by leaf
+        self._parent: NDArray[np.int64] | None = None  # the histogram of the leaf the pending search splits
         self.pending: tuple[int, int] | None = None
         self.splits = 0
 
@@ -329,34 +485,56 @@ class TreeTracker:
         """A new tree: every row in leaf 0; the search for (smaller 0, larger none) comes next."""
         self.leaf_of_row[:] = 0
         self.counts, self.depth, self.best = [rows], [0], [_NONE]
+        self.histograms, self._parent = {}, None
         self.pending = (0, -1)
         self.splits = 0
 
-    def exact_counts(
-        self, blocks: list[bytes], secure_sum: Callable[[NDArray[np.float64]], NDArray[np.float64]]
-    ) -> list[bytes]:
+    def _expect_search(self) -> tuple[int, int]:
         if self.pending is None:
             raise UnprotectedCollectiveError("LightGBM searched for a split the replayed tree did not expect")
-        leaves = self.pending
+        return self.pending
+
+    def leaf_histogram(self) -> NDArray[np.int64]:
+        """This site's rows of the pending search's smaller leaf per (feature, code), features in a row."""
+        smaller, _ = self._expect_search()
+        cells = self._cells[self.leaf_of_row == smaller]
+        return np.bincount(cells.reshape(-1), minlength=int(self.offsets[-1])).astype(np.int64)
+
+    def take_histogram(self, summed: NDArray[np.int64]) -> None:
+        """The global histogram of the smaller leaf (the sum of every site's :meth:`leaf_histogram`)."""
+        smaller, larger = self._expect_search()
+        if summed.shape != (int(self.offsets[-1]),):
+            raise UnprotectedCollectiveError("the summed row counts do not match the binning")
+        self.histograms[smaller] = summed
+        if larger >= 0:
+            if self._parent is None:
+                raise UnprotectedCollectiveError("the replayed tree lost the histogram of the leaf split")
+            self.histograms[larger] = self._parent - summed
+        self._parent = None
+
+    def _left_of(self, leaf: int, split: _Split) -> int:
+        histogram = self.histograms.get(leaf)
+        if histogram is None:
+            raise UnprotectedCollectiveError("a split record came for a leaf without summed row counts")
+        if not 0 <= split.feature < len(self.num_bins):
+            raise UnprotectedCollectiveError("a split record names a feature the binning does not have")
+        first = int(self.offsets[split.feature])
+        bins = min(int(split.threshold) + 1, self.num_bins[split.feature])
+        return int(histogram[first : first + bins].sum())
+
+    def exact_counts(self, blocks: list[bytes]) -> list[bytes]:
+        """The gathered split records with the exact rows on each side, from the leaves' summed histograms."""
+        leaves = self._expect_search()
         records = [[_Split(*_HEAD.unpack_from(b, k * _SPLIT_BYTES)) for k in (0, 1)] for b in blocks]
-        local = np.zeros((len(blocks), 2), dtype=np.float64)
-        for k, leaf in enumerate(leaves):
-            if leaf < 0:
-                continue
-            in_leaf = self.codes[self.leaf_of_row == leaf]
-            for site, pair in enumerate(records):
-                if pair[k].feature >= 0:
-                    local[site, k] = np.count_nonzero(in_leaf[:, pair[k].feature] <= pair[k].threshold)
-        left = np.rint(secure_sum(local.reshape(-1))).astype(np.int64).reshape(local.shape)
         out = []
-        for site, pair in enumerate(records):
-            block = bytearray(blocks[site])
+        for pair, block in zip(records, blocks, strict=True):
+            changed = bytearray(block)
             for k, leaf in enumerate(leaves):
                 if leaf >= 0 and pair[k].feature >= 0:
-                    pair[k].left = int(left[site, k])
+                    pair[k].left = self._left_of(leaf, pair[k])
                     pair[k].right = self.counts[leaf] - pair[k].left
-                    struct.pack_into("<ii", block, k * _SPLIT_BYTES + 4, pair[k].left, pair[k].right)
-            out.append(bytes(block))
+                    struct.pack_into("<ii", changed, k * _SPLIT_BYTES + 4, pair[k].left, pair[k].right)
+            out.append(bytes(changed))
         for k, leaf in enumerate(leaves):  # SyncUpGlobalBestSplit: the first best in site order
             if leaf >= 0:
                 chosen = records[0][k]
@@ -379,6 +557,7 @@ class TreeTracker:
             if split.gain <= 0.0:
                 return
             new = len(self.counts)
+            self._parent = self.histograms.pop(best_leaf, None)
             rows = self.leaf_of_row == best_leaf
             goes_right = rows & (self.codes[:, split.feature] > split.threshold)
             self.leaf_of_row[goes_right] = new

@@ -4,11 +4,13 @@ library on the pooled rows, on synthetic data, in one run.
 Each site gets a CSV of its share of the rows (``features`` standard-normal columns, a binary label from a
 noisy linear rule) and loads it through the file connector like any dataset; the pooled reference loads the
 same files the same way (:func:`~fedhealth.data.open_dataset`), so both train on the same rows. Measured per
-library: the pooled training (``train_pooled``, the model the federated one equals), the study's wall time
-from submission to completion through the orchestrator and agents, their ratio, the session's collectives
-per tree, the values each site put into secure sums (8 bytes each in the masking ring), and the share of each
-site's program spent inside collective calls (waiting for the others and the relay), read from each site's
-own record (``results.jsonl``).
+library: the pooled training (``train_pooled``, the model the federated one equals; the best of three runs),
+the study's wall time from submission to completion through the orchestrator and agents, their ratio, the
+session's collectives per tree, the values each site put into secure sums (8 bytes each in the masking
+ring), and the share of each site's program spent inside collective calls (waiting for the others and the
+relay), read from each site's own record (``results.jsonl``). The sites' stewards approve each spec before
+the clock starts (in a federation that happens ahead of time, by people); the owner's signed submission is
+timed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from fedhealth.learning import (
 from fedhealth.protocol import SecureAggregationSpec, StudySpec, StudyStatus
 from fedhealth.runtime import recipe_spec
 from fedhealth.sim._federation import FederationError, LocalFederation
+
+POOLED_RUNS = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,9 +127,12 @@ def benchmark_boosting(
         pooled: dict[str, tuple[float, str]] = {}
         for library in libraries:
             on_step(f"{library.name} on the pooled rows")
-            started = time.perf_counter()
-            model = library.train_pooled(library.params, datasets)
-            pooled[library.name] = (time.perf_counter() - started, library.trees_of(model))
+            best = float("inf")
+            for _ in range(POOLED_RUNS):  # the best of a few: one short run is at the mercy of the load
+                started = time.perf_counter()
+                model = library.train_pooled(library.params, datasets)
+                best = min(best, time.perf_counter() - started)
+            pooled[library.name] = (best, library.trees_of(model))
         load_before = os.getloadavg()
         runs = []
         with LocalFederation(root / "federation", log_level="warning") as fed:
@@ -148,8 +155,12 @@ def benchmark_boosting(
                         stage_timeout_s=600.0, site_keys=fed.site_keys(names)
                     ),
                 )
+                # the stewards' approvals come first, as they would days before: not part of the training
+                for name in names:
+                    fed.approve(name, spec)
                 started = time.perf_counter()
-                final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=24 * 3600, interval=0.2)
+                submitted = fed.create_study(spec, approve=False)
+                final = fed.wait_for_study(submitted.study_id, timeout=24 * 3600, interval=0.05)
                 federated_s = time.perf_counter() - started
                 if final.status is not StudyStatus.COMPLETED:
                     raise FederationError(f"benchmark study {final.status.value}: {final.reason}")
