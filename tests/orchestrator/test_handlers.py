@@ -54,6 +54,7 @@ from fedhealth.protocol import (
     FailureCode,
     ResultManifest,
     Role,
+    SecureAggregationSpec,
     SiteCreate,
     SiteMetrics,
     SiteReadiness,
@@ -296,6 +297,60 @@ def test_a_secure_message_for_a_plain_round_is_gone(tmp_path: Path) -> None:
         assert (gone.value.status, gone.value.error) == (410, "no secure round is running for this task")
 
     _run(tmp_path, body)
+
+
+def test_a_secure_rounds_messages_follow_its_open_tasks_without_a_database_read(tmp_path: Path) -> None:
+    sites = ["site-a", "site-b", "site-c"]
+
+    async def main() -> None:
+        settings = OrchestratorSettings(state_dir=tmp_path / "state", signing_key=IdentityKey.generate())
+        svc = await start_service(settings, default_extensions())
+        try:
+            keys = {}
+            for site in sites:
+                created = register_site(svc, ADMIN, SiteCreate(name=site))
+                identity = IdentityKey.generate().public()
+                token = created.enrollment_token
+                enroll_site(svc, EnrollRequest(site=site, token=token, public_key=identity.raw.hex()))
+                keys[site] = identity.fingerprint
+            spec = _spec().model_copy(
+                update={
+                    "train_sites": sites,
+                    "min_sites": 2,
+                    "secure_aggregation": SecureAggregationSpec(site_keys=keys, collusion=0, threshold=2),
+                }
+            )
+            info = await submit_study(svc, RESEARCHER, spec)
+            assert info.spec_hash is not None
+            for site in sites:
+                report = ApprovalReport(spec_hash=info.spec_hash, state=ApprovalState.APPROVED)
+                await accept_approval(svc, site, report)
+            tasks = {}
+            for site in sites:
+                polled = await poll_task(svc, site, wait=0)
+                assert polled.task is not None
+                assert polled.task.secure_round is not None
+                tasks[site] = polled.task.task_id
+            # while the round runs, its driver answers who owns a task: no task is read per message
+            real_get_task = svc.store.get_task
+            svc.store.get_task = lambda task_id: pytest.fail(f"read task {task_id}")  # type: ignore[method-assign]
+            with pytest.raises(ApiError) as theirs:
+                accept_secagg_message(svc, "site-b", tasks["site-a"], "advertise_keys", b"x", None)
+            assert theirs.value.status == 403
+            with pytest.raises(InputError):  # the round's server saw it: a malformed message
+                accept_secagg_message(svc, "site-b", tasks["site-b"], "advertise_keys", b"x", None)
+            svc.store.get_task = real_get_task  # type: ignore[method-assign]
+            # a task closed mid-round (its site reported a failure) is gone; the round goes on for the others
+            failure = TaskFailure(code=FailureCode.INVALID_TASK)
+            assert await accept_failure(svc, "site-a", tasks["site-a"], failure) == Ack()
+            with pytest.raises(ApiError) as gone:
+                accept_secagg_message(svc, "site-a", tasks["site-a"], "advertise_keys", b"x", None)
+            assert (gone.value.status, gone.value.error) == (410, "no secure round is running for this task")
+            assert svc.engine.secure.by_task(tasks["site-c"]) is not None
+        finally:
+            await svc.close()
+
+    asyncio.run(main())
 
 
 def test_operator_handlers_refuse_wrong_principals_and_bad_input(tmp_path: Path) -> None:

@@ -361,6 +361,7 @@ class RoundEngine:
         task = self.store.get_task(task_id)
         self._notify("task_closed", task)
         if not task.is_open:
+            self.secure.task_closed(task.id)
             await self._drive(round_id, TaskClosed(site=task.site, status=task.status, reason=task.reason))
 
     async def finalize(self, round_id: str) -> None:
@@ -471,6 +472,8 @@ class RoundEngine:
                 reason = f"dropped out of secure aggregation at the {stage.value} stage"
             outcomes[tasks[outcome.site].id] = (outcome.status, reason, attestations.get(outcome.site))
         closed = set(self.store.close_tasks(outcomes, now))
+        for task_id in closed:
+            self.secure.task_closed(task_id)
         if closed:
             self._notify("tasks_closed", [t for t in self.store.tasks_of_round(round_id) if t.id in closed])
 
@@ -529,6 +532,7 @@ class RoundEngine:
                     on_failed=lambda rid, reason: self._spawn(
                         self._drive(rid, SecureSumFailed(reason=reason))
                     ),
+                    tasks={t.id: t.site for t in tasks if t.is_open and t.site in keys},
                 )
             except ConfigError as exc:  # e.g. fewer enrolled sites than the spec's threshold
                 failed = SecureSumFailed(reason=f"secure aggregation cannot start: {exc}")

@@ -23,22 +23,32 @@ from fedhealth.orchestrator._http import (
 )
 from fedhealth.orchestrator._secure import SecureRoundDriver, SecureRoundGone
 from fedhealth.orchestrator._service import OrchestratorService
-from fedhealth.orchestrator._store import TaskRow
 from fedhealth.protocol import Ack, SiteAttestation
 from fedhealth.secagg import Stage
 
 log = logging.getLogger("fedhealth.orchestrator")
 
 
-def secure_task(svc: OrchestratorService, site: str, task_id: str) -> tuple[TaskRow, SecureRoundDriver]:
-    """This site's open task and the driver of its secure round (403: another site's; 410: none runs)."""
+def secure_task(svc: OrchestratorService, site: str, task_id: str) -> SecureRoundDriver:
+    """The driver of the secure round of this site's open task (403: another site's; 410: none runs).
+
+    Answered from memory while the round runs: its driver was given its tasks when it started, and the
+    engine takes a task out when it closes one, so the five messages a site sends per round read nothing from
+    the database (that read was most of the orchestrator's work per message). Any other task is looked up.
+    """
+    held = svc.engine.secure.by_task(task_id)
+    if held is not None:
+        owner, driver = held
+        if owner != site:
+            raise ApiError(403, "this task belongs to another site")
+        return driver
     task = svc.store.get_task(task_id)
     if task.site != site:
         raise ApiError(403, "this task belongs to another site")
-    driver = svc.engine.secure.get(task.round_id)
-    if driver is None or not task.is_open:
+    found = svc.engine.secure.get(task.round_id)
+    if found is None or not task.is_open:
         raise ApiError(410, "no secure round is running for this task")
-    return task, driver
+    return found
 
 
 def accept_secagg_message(
@@ -54,7 +64,7 @@ def accept_secagg_message(
     The attestation is stored with the task when the round closes. 410: the site has no further part in the
     round (it was counted out, or the round ended).
     """
-    _, driver = secure_task(svc, site, task_id)
+    driver = secure_task(svc, site, task_id)
     try:
         driver.receive(site, stage, body)
     except SecureRoundGone as exc:
@@ -110,7 +120,7 @@ def secure_router() -> APIRouter:
     @router.get("/api/v1/agent/tasks/{task_id}/secagg/{stage}", response_class=Response)
     async def secagg_receive(svc: Svc, site: Site, task_id: str, stage: str, wait: Wait = 25.0) -> Response:
         """Long-poll for the server's SecAgg+ message to this site after ``stage`` closes (204: not yet)."""
-        _, driver = secure_task(svc, site, task_id)
+        driver = secure_task(svc, site, task_id)
         return _answer(await secagg_message(svc, driver, site, stage, wait))
 
     return router

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -228,10 +228,11 @@ def round_config(
 
 
 class SecureRounds:
-    """The open secure rounds of this orchestrator process."""
+    """The open secure rounds of this orchestrator process, and their open tasks (task id -> site, round)."""
 
     def __init__(self) -> None:
         self._drivers: dict[str, SecureRoundDriver] = {}
+        self._tasks: dict[str, tuple[str, str]] = {}
 
     def start(
         self,
@@ -245,7 +246,10 @@ class SecureRounds:
         identities: dict[str, str],
         on_done: Callable[[str], None],
         on_failed: Callable[[str, str], None],
+        tasks: Mapping[str, str] | None = None,
     ) -> SecureRoundDriver:
+        """Start the round's SecAgg+ server; ``tasks`` maps the round's open task ids to their sites, for
+        :meth:`by_task` (the engine calls :meth:`task_closed` when one closes)."""
         sa = spec.secure_aggregation
         assert sa is not None
         attempt = secrets.token_hex(8)
@@ -267,10 +271,9 @@ class SecureRounds:
             on_done=on_done,
             on_failed=on_failed,
         )
-        old = self._drivers.pop(round_id, None)
-        if old is not None:
-            old.abort("the round restarted with fresh keys")
+        self.discard(round_id, "the round restarted with fresh keys")
         self._drivers[round_id] = driver
+        self._tasks.update((task_id, (site, round_id)) for task_id, site in (tasks or {}).items())
         driver.arm()
         log.info(
             "secure round %s (%s, attempt %s): %d sites, threshold %d, vector %d",
@@ -286,6 +289,20 @@ class SecureRounds:
     def get(self, round_id: str) -> SecureRoundDriver | None:
         return self._drivers.get(round_id)
 
+    def by_task(self, task_id: str) -> tuple[str, SecureRoundDriver] | None:
+        """The site and round driver of an open task of a running secure round; None if this process does not
+        hold one (the caller then reads the task). A task closed by another orchestrator process sharing the
+        database is not seen here, as this process's round rules do not see it either."""
+        held = self._tasks.get(task_id)
+        if held is None:
+            return None
+        driver = self._drivers.get(held[1])
+        return (held[0], driver) if driver is not None else None
+
+    def task_closed(self, task_id: str) -> None:
+        """A task closed: from now on its site's messages are answered as for any closed task (410)."""
+        self._tasks.pop(task_id, None)
+
     def not_joinable(self, task: TaskRow, round_row: RoundRow) -> bool:
         """For task delivery: a secure round's task the site can no longer join is not handed out."""
         driver = self._drivers.get(round_row.id)
@@ -295,6 +312,8 @@ class SecureRounds:
         driver = self._drivers.pop(round_id, None)
         if driver is not None:
             driver.abort(reason)
+            for task_id in [t for t, (_, r) in self._tasks.items() if r == round_id]:
+                del self._tasks[task_id]
 
     def close(self) -> None:
         for round_id in list(self._drivers):

@@ -173,26 +173,43 @@ class VectorCodec:
         scale = levels / (seg.high - seg.low)
         width = min(CHUNK, seg.length)
         buf = np.empty(width, dtype=np.float64)
-        noise = np.empty(width, dtype=np.float64)
+        # With the keystream's noise, work in units of 2**-32 steps: the uint32 noise word k then adds as it
+        # is (u = k * 2**-32 needs no pass of its own). Scaling by a power of two is exact, so
+        # fl(2**32 * y + k) = 2**32 * fl(y + u) and every q is bit for bit what y + u gives.
+        unit = 2.0**32 if rng is None and math.isfinite(scale * 2.0**32) else 1.0
+        noise = np.empty(width, dtype=np.float64) if unit == 1.0 else None
         stream = None if rng is not None else uniform_noise(random_bytes(32), seg.length, CHUNK)
-        for start in range(0, seg.length, CHUNK):
-            stop = min(seg.length, start + CHUNK)
-            n = stop - start
-            b, u, xc = buf[:n], noise[:n], x[start:stop]
-            np.subtract(xc, seg.low, out=b)  # subtract first: x*scale - low*scale would cancel badly
-            np.multiply(b, scale, out=b)
-            if not math.isfinite(float(b.sum())) and not np.isfinite(xc).all():
-                raise InputError(f"segment {seg.name!r} holds NaN or infinite values")
-            if stream is None:
-                assert rng is not None
-                rng.random(n, out=u)
-            else:
-                np.multiply(next(stream), 2.0**-32, out=u)
-            np.add(b, u, out=b)
-            # clipping after the noise: below the range every value floors to 0, above it lands on the top
-            # level, and the clamp also catches L + u rounding up to L + 1 in float64
-            np.clip(b, 0.0, levels, out=b)
-            np.copyto(target[start:stop], b, casting="unsafe")  # truncation is floor: b is non-negative
+        # every q lies in [0, levels]: below 2**31 (two contributors or more) the cast can go through int32,
+        # numpy's fast one, and the bits are the same
+        out: NDArray[np.generic] = target.view(np.int32) if levels < 2.0**31 else target
+        # far outside the range a value overflows to +-inf (a chunk holding both sums to NaN): the check below
+        # tells that from non-finite input, and the clip maps it to the end level it belongs to
+        with np.errstate(over="ignore", invalid="ignore"):
+            for start in range(0, seg.length, CHUNK):
+                stop = min(seg.length, start + CHUNK)
+                n = stop - start
+                b, xc = buf[:n], x[start:stop]
+                np.subtract(xc, seg.low, out=b)  # subtract first: x*scale - low*scale would cancel badly
+                np.multiply(b, scale * unit, out=b)
+                if not math.isfinite(float(b.sum())) and not np.isfinite(xc).all():
+                    raise InputError(f"segment {seg.name!r} holds NaN or infinite values")
+                if noise is None:
+                    assert stream is not None
+                    np.add(b, next(stream), out=b)  # y * 2**32 + k
+                else:
+                    u = noise[:n]
+                    if stream is None:
+                        assert rng is not None
+                        rng.random(n, out=u)
+                    else:
+                        np.multiply(next(stream), 2.0**-32, out=u)
+                    np.add(b, u, out=b)
+                # clipping after the noise: below the range every value floors to 0, above it lands on the top
+                # level, and the clamp also catches L + u rounding up to L + 1 in float64
+                np.clip(b, 0.0, levels * unit, out=b)
+                if unit != 1.0:
+                    np.multiply(b, 1.0 / unit, out=b)  # exact, as above
+                np.copyto(out[start:stop], b, casting="unsafe")  # truncation is floor: b is non-negative
 
     def decode(self, total: NDArray[np.uint32], contributors: int) -> dict[str, NDArray[np.float64]]:
         """The per-segment sums of ``contributors`` sites' contributions, from the unmasked ring sum."""

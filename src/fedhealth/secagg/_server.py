@@ -447,7 +447,9 @@ class SecAggServer:
                 )
             dropped_keys[owner] = key
 
-        total = np.zeros(self._config.vector_length, dtype=np.uint32)
+        contributors = sorted(u3)
+        # the first input copied rather than added to zeros: fresh zeroed pages cost more than the copy
+        total = self._masked[contributors[0]].vector.copy()
         add: list[bytes] = []
         subtract = [
             _derive.self_mask_seed(self._config, self._digest, self_seed, site)
@@ -471,9 +473,8 @@ class SecAggServer:
                     ) from None
                 # the survivor added its mask with `owner` if it has the lower id, subtracted it otherwise
                 (subtract if survivor < owner else add).append(pair_seed)
-        apply_masks(
-            total, add=add, subtract=subtract, vectors=[self._masked[site].vector for site in sorted(u3)]
-        )
+        rest = [self._masked[site].vector for site in contributors[1:]]
+        apply_masks(total, add=add, subtract=subtract, vectors=rest)
         self._result = AggregateResult(
             vector=total,
             contributors=tuple(sorted(u3)),
