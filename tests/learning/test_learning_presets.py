@@ -37,7 +37,9 @@ def test_presets_fit_the_datasets_and_the_round_budget():
         assert preset.recipe.n_features == breast_cancer_federation(4, 0)[0].n_features
         assert 1 <= preset.rounds <= 20
     kinds = {p.strategy.kind for p in HEART_DISEASE_PRESETS.values()}
-    assert kinds == set(StrategyKind)
+    # every strategy has a heart-disease (logistic regression) preset, except SCAFFOLD: its control variates
+    # need a recipe that keeps them (torch), and logreg refuses the strategy
+    assert kinds == set(StrategyKind) - {StrategyKind.SCAFFOLD}
 
 
 def test_presets_cannot_be_replaced():
