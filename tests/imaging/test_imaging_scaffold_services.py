@@ -65,11 +65,14 @@ def test_a_scaffold_study_runs_through_secure_aggregation_and_moves_the_server_c
         assert final.status is StudyStatus.COMPLETED, final.reason
         model, _ = decode_tensors(fed.model_bytes(final.study_id), param_specs(spec.recipe))
         homes = {site: fed.site_home(site).root for site in SITES}
+        orchestrator_log = (fed.logs / "orchestrator.log").read_text()
     train_rounds = [r for r in final.rounds if r.kind is TaskKind.TRAIN]
     assert len(train_rounds) == 2
     assert all(t.status is TaskStatus.COMPLETED for r in final.rounds for t in r.tasks)
     assert all(t.metrics is None for r in final.rounds for t in r.tasks)  # figures only inside the sums
     assert all((r.metrics or {}).get("sites") == 3 for r in train_rounds)
+    for t in train_rounds[-1].tasks:  # each site's update went through every SecAgg+ stage
+        assert f"task {t.task_id}: unmask message received" in orchestrator_log
 
     # the server's control variate c started at zero and moved by the sites' summed Δc
     variates = [name for name in model if name.startswith(CONTROL_VARIATE_PREFIX)]
