@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import ssl
@@ -10,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,10 +21,10 @@ import pytest
 import sqlalchemy as sa
 
 from fedhealth.agent import OrchestratorClient
-from fedhealth.core import decode_tensors
+from fedhealth.core import canonical_json, decode_tensors, sha256_hex
 from fedhealth.crypto import PublicIdentity, pinned_tls_context
 from fedhealth.data import open_dataset
-from fedhealth.learning import LOGREG_RECIPE, SYNTHETIC_RECIPE, LogRegParams, SyntheticParams
+from fedhealth.learning import LOGREG_RECIPE, SYNTHETIC_RECIPE, LogRegParams, PackageOrigin, SyntheticParams
 from fedhealth.protocol import RecipeSpec, StrategySpec, StudySpec, Task, TaskKind, TaskPoll
 from fedhealth.runtime import (
     encode_contribution,
@@ -81,6 +83,39 @@ def breast_spec(sites: list[str], *, rounds: int = 3, name: str = "breast", **ov
     }
     fields.update(overrides)
     return StudySpec.model_validate(fields)
+
+
+def study_task(spec: StudySpec, round: int = 1, kind: TaskKind = TaskKind.TRAIN) -> Task:
+    """The task of ``spec``'s round ``round`` at a site, as the orchestrator would hand it out (for tests that
+    call ``train_on_site`` / ``evaluate_on_site`` directly, without services)."""
+    return Task(
+        task_id=f"t-{round}",
+        study_id="st",
+        round=round,
+        kind=kind,
+        dataset=spec.dataset,
+        recipe=spec.recipe,
+        model_digest="0" * 64,
+        seed=spec.seed,
+        deadline=datetime.now(UTC),
+        spec=spec,
+    )
+
+
+def package_origin(spec: dict[str, object], weights: bytes, **fields: object) -> PackageOrigin:
+    """A model package's origin for ``spec`` (a study spec as JSON) and its ``weights``: hashes computed,
+    no provenance or privacy statement; ``fields`` replace any of it (study_id, software_version...)."""
+    origin = PackageOrigin(
+        study_id="s",
+        spec=spec,
+        spec_hash=sha256_hex(canonical_json(spec)),
+        model_digest=sha256_hex(weights),
+        provenance=None,
+        privacy=None,
+        software_version="0",
+        exported_at="now",
+    )
+    return dataclasses.replace(origin, **fields)  # type: ignore[arg-type]
 
 
 def breast_datasets(sites: dict[str, str]) -> dict[str, object]:

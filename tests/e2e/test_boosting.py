@@ -460,11 +460,27 @@ def _restart(fed: LocalFederation, site: str, data_dir: Path, triage: dict[str, 
         time.sleep(0.05)
 
 
+def _small_xgboost_study(fed: LocalFederation, name: str) -> None:
+    """A three-tree XGBoost study of all four sites that completes (a long stage timeout: it waits for any
+    slow site rather than failing it)."""
+    small = {"n_features": 13, "num_rounds": 3, "max_depth": 2}
+    spec = _spec(fed, name, small, timeout_s=60).model_copy(
+        update={"recipe": RecipeSpec(name="xgboost", params=small)}
+    )
+    final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=300, interval=0.2)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    assert (final.rounds[0].metrics or {})["trees"] == 3
+
+
 def test_a_killed_xgboost_session_fails_cleanly_and_the_same_agents_train_again(
     fed, capture, data_dir, triage
 ):
     if fed.agents["center-2"].poll() is not None:  # killed by the LightGBM test above
         _restart(fed, "center-2", data_dir, triage)
+    # Every agent ready first (a restarted one has just started; XGBoost is imported at a site's first
+    # XGBoost task): the session below fails a site 5 s late, and on a loaded machine a cold agent could
+    # miss its set-up or first call by that much, failing the study for the wrong site.
+    _small_xgboost_study(fed, "xgboost-warm")
     capture.unlink(missing_ok=True)
     params = {"n_features": 13, "num_rounds": 5000, "max_depth": 6}
     spec = _spec(fed, "xgboost-killed", params, timeout_s=5).model_copy(
@@ -484,11 +500,7 @@ def test_a_killed_xgboost_session_fails_cleanly_and_the_same_agents_train_again(
     assert not [r for r in _records(capture) if r["op"] == "BROADCAST"]
 
     # the survivors' processes (whose XGBoost was aborted mid-training) train the next study
+    survivors = {site: fed.agents[site] for site in SITES if site != "center-3"}
     _restart(fed, "center-3", data_dir, triage)
-    small = {"n_features": 13, "num_rounds": 3, "max_depth": 2}
-    again = _spec(fed, "xgboost-again", small, timeout_s=60).model_copy(
-        update={"recipe": RecipeSpec(name="xgboost", params=small)}
-    )
-    after = fed.wait_for_study(fed.create_study(again).study_id, timeout=300, interval=0.2)
-    assert after.status is StudyStatus.COMPLETED, after.reason
-    assert (after.rounds[0].metrics or {})["trees"] == 3
+    _small_xgboost_study(fed, "xgboost-again")
+    assert all(fed.agents[site] is proc and proc.poll() is None for site, proc in survivors.items())

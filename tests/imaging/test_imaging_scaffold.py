@@ -28,7 +28,6 @@ from fedhealth.protocol import (
     SiteMetrics,
     StrategySpec,
     StudySpec,
-    Task,
     TaskKind,
 )
 from fedhealth.runtime import (
@@ -44,6 +43,7 @@ from fedhealth.runtime import (
     train_on_site,
 )
 from fedhealth.secagg import SecAggClient, SecAggConfig, SecAggServer, run_in_memory
+from support import study_task
 
 SIDE = 8
 SCAFFOLD = {
@@ -66,23 +66,6 @@ def _spec(sites, *, strategy="scaffold", params=SCAFFOLD, rounds=1, **fields) ->
         train_sites=sorted(sites),
         seed=3,
         **fields,
-    )
-
-
-def _task(spec: StudySpec, number: int) -> Task:
-    from datetime import UTC, datetime
-
-    return Task(
-        task_id=f"t{number}",
-        study_id="s",
-        round=number,
-        kind=TaskKind.TRAIN,
-        dataset=spec.dataset,
-        recipe=spec.recipe,
-        model_digest="0" * 64,
-        seed=spec.seed,
-        deadline=datetime.now(UTC),
-        spec=spec,
     )
 
 
@@ -142,7 +125,7 @@ def test_site_control_variates_follow_option_two_and_the_server_c_is_their_weigh
     for number in (1, 2):
         updates, outcomes = [], {}
         for site in sorted(sites):
-            outcome = train_on_site(_task(spec, number), site, model, sites[site], site_state=kept[site])
+            outcome = train_on_site(study_task(spec, number), site, model, sites[site], site_state=kept[site])
             outcomes[site] = outcome
             updates.append((outcome.metrics.num_samples, outcome.delta))
             steps = 2 * -(-sites[site].num_train // SCAFFOLD["batch_size"])  # 2 epochs of ceil(n / 8)
@@ -234,7 +217,7 @@ def test_the_control_variates_travel_inside_the_secure_sum():
     model = initial_model(spec.recipe, spec.seed)
     vectors, updates = {}, []
     for site in sorted(sites):
-        outcome = train_on_site(_task(spec, 1), site, model, sites[site])
+        outcome = train_on_site(study_task(spec, 1), site, model, sites[site])
         metrics = SiteMetrics(num_samples=outcome.metrics.num_samples, train_loss=outcome.metrics.train_loss)
         vectors[site] = encode_contribution(codec, spec, metrics, outcome.delta, rng=np.random.default_rng(0))
         updates.append((outcome.metrics.num_samples, outcome.delta))

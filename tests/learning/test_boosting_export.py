@@ -10,18 +10,18 @@ import pandas as pd
 import pytest
 
 import fedhealth
-from fedhealth.core import canonical_json, sha256_hex
+from fedhealth.core import canonical_json
 from fedhealth.learning import (
     LIGHTGBM_RECIPE,
     XGBOOST_RECIPE,
     LightGbmParams,
-    PackageOrigin,
     XGBoostParams,
     train_pooled,
     train_pooled_xgboost,
     write_package,
 )
 from fedhealth.learning._package import PackageInputError
+from support import package_origin
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +69,7 @@ def test_boosting_models_export_as_packages_that_predict_like_the_model_with_onn
     assert (export.onnx is not None) == onnx
     spec = {"name": "s", "recipe": {"name": recipe, "version": "1", "params": full}}
     weights = canonical_json(result)
-    origin = PackageOrigin(
-        study_id="s",
-        spec=spec,
-        spec_hash=sha256_hex(canonical_json(spec)),
-        model_digest=sha256_hex(weights),
-        provenance=None,
-        privacy=None,
-        software_version="0",
-        exported_at="now",
-    )
+    origin = package_origin(spec, weights)
     out = tmp_path / "package"
     metadata = write_package(out, export=export, weights=weights, origin=origin, collective=True)
     native = "model.txt" if recipe == "lightgbm" else "model.json"

@@ -1,7 +1,6 @@
 import inspect
 import math
 from dataclasses import replace
-from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -26,9 +25,10 @@ from fedhealth.learning._dp_presets import (
     dp_noise_multiplier,
 )
 from fedhealth.privacy import AccountantKind, DpPlan, epsilon
-from fedhealth.protocol import StudySpec, Task, TaskKind
+from fedhealth.protocol import TaskKind
 from fedhealth.runtime import task_plan, train_on_site
 from fedhealth.sim._privacy_bench import dp_preset_study
+from support import study_task
 
 # FLamby's Fed-Heart-Disease training-set sizes (Cleveland, Hungary, Switzerland, VA Long Beach)
 HEART_TRAIN_SIZES = (199, 172, 30, 85)
@@ -58,21 +58,6 @@ def _run(preset: DpPreset, sites, seed: int, noise_multiplier: float):
             updates.append((data.num_train, {k: local[k] - params[k] for k in params}))
         params, state = apply_strategy(preset.strategy, params, weighted_mean(updates), state)
     return params, spent
-
-
-def _task(spec: StudySpec, round: int) -> Task:
-    return Task(
-        task_id=f"t-{round}",
-        study_id="st",
-        round=round,
-        kind=TaskKind.TRAIN,
-        dataset=spec.dataset,
-        recipe=spec.recipe,
-        model_digest="0" * 64,
-        seed=spec.seed,
-        deadline=datetime.now(UTC),
-        spec=spec,
-    )
 
 
 def test_presets_cover_every_target_and_fit_the_dataset():
@@ -159,7 +144,8 @@ def test_each_site_trains_with_exactly_the_release_the_preset_accounts(heart_dat
             epsilon(DpPlan(releases=(release,) * preset.rounds), delta=preset.delta) <= preset.target_epsilon
         )
         calls.clear()
-        train_on_site(_task(spec, 1), site, logreg_init(preset.n_features, 0), data, reproducible_noise=True)
+        model = logreg_init(preset.n_features, 0)
+        train_on_site(study_task(spec, 1), site, model, data, reproducible_noise=True)
         step = [("sample", release.sample_rate), ("noise", release.noise_multiplier, preset.max_grad_norm)]
         assert calls == step * release.steps, site
 

@@ -24,14 +24,13 @@ from fedhealth.learning import (
     LogRegParams,
     PackageError,
     PackageInputError,
-    PackageOrigin,
     StandardizeMode,
     logreg_init,
     logreg_predict_proba,
     scaling_from_sums,
     write_package,
 )
-from support import heart_data_dir
+from support import heart_data_dir, package_origin
 
 CENTERS = (0, 1)
 RAW_COLUMNS = ("age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak")
@@ -100,20 +99,15 @@ def spec_of(params: LogRegParams) -> dict[str, Any]:
 def package(tmp_path: Path, params: LogRegParams, model: dict[str, np.ndarray], **origin: Any) -> Path:
     export = LOGREG_RECIPE.export(params, model)
     weights = encode_tensors(export.tensors)
-    spec = spec_of(params)
     fields: dict[str, Any] = {
         "study_id": "study-1",
-        "spec": spec,
-        "spec_hash": sha256_hex(canonical_json(spec)),
-        "model_digest": sha256_hex(weights),
-        "provenance": None,
-        "privacy": None,
         "software_version": fedhealth.__version__,
         "exported_at": "2026-12-06T00:00:00+00:00",
+        **origin,
     }
-    fields.update(origin)
     out = tmp_path / "package"
-    write_package(out, export=export, weights=weights, origin=PackageOrigin(**fields))
+    origin_of = package_origin(spec_of(params), weights, **fields)
+    write_package(out, export=export, weights=weights, origin=origin_of)
     return out
 
 
@@ -290,16 +284,7 @@ def test_a_package_is_not_written_into_a_folder_that_holds_files_unless_forced(s
     export = LOGREG_RECIPE.export(params, model)
     weights = encode_tensors(export.tensors)
     spec = spec_of(params)
-    origin = PackageOrigin(
-        study_id="s",
-        spec=spec,
-        spec_hash=sha256_hex(canonical_json(spec)),
-        model_digest=sha256_hex(weights),
-        provenance=None,
-        privacy=None,
-        software_version="0",
-        exported_at="now",
-    )
+    origin = package_origin(spec, weights)
     write_package(out, export=export, weights=weights, origin=origin, force=True)
     assert (out / "notes.txt").read_text() == "keep me"
     assert fedhealth.load_model(out).model_digest == sha256_hex(weights)

@@ -3,8 +3,6 @@ added, and DP training through ``train_on_site`` against the learning and privac
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import numpy as np
 import pytest
 
@@ -16,7 +14,6 @@ from fedhealth.protocol import (
     PrivacySpec,
     SecureAggregationSpec,
     StudySpec,
-    Task,
     TaskKind,
 )
 from fedhealth.runtime import (
@@ -31,7 +28,7 @@ from fedhealth.runtime import (
     train_on_site,
 )
 from fedhealth.runtime._privacy import distributed_clip_room, private_mean, privatize_update
-from support import logreg_recipe, synthetic_recipe
+from support import logreg_recipe, study_task, synthetic_recipe
 
 SITES = ["site-a", "site-b", "site-c"]
 SITE_KEYS = {s: f"{i:064x}" for i, s in enumerate(SITES)}  # placeholders: nothing here checks them
@@ -54,21 +51,6 @@ def spec_with(privacy: dict | None, **study: object) -> StudySpec:
             {"delta": 1e-5, "max_grad_norm": 1.0, "sample_rate": 0.1, "steps_per_round": 5, **privacy}
         )
     return StudySpec.model_validate(fields)
-
-
-def task(spec: StudySpec, round: int = 1, kind: TaskKind = TaskKind.TRAIN) -> Task:
-    return Task(
-        task_id=f"t-{round}",
-        study_id="st",
-        round=round,
-        kind=kind,
-        dataset=spec.dataset,
-        recipe=spec.recipe,
-        model_digest="0" * 64,
-        seed=spec.seed,
-        deadline=datetime.now(UTC),
-        spec=spec,
-    )
 
 
 # --- checks -----------------------------------------------------------------------------------------------
@@ -212,7 +194,7 @@ def test_record_mode_trains_with_dp_sgd_from_the_task_generator_when_noise_is_re
     spec = spec_with({"noise_multiplier": 1.3})
     data = open_dataset(URI)
     params = logreg_init(30, 0)
-    outcome = train_on_site(task(spec, round=2), "site-a", params, data, reproducible_noise=True)
+    outcome = train_on_site(study_task(spec, round=2), "site-a", params, data, reproducible_noise=True)
     local, _ = logreg_train_dp(
         params,
         data.X_train,
@@ -236,17 +218,18 @@ def test_dp_noise_comes_from_a_secure_generator_unless_the_site_asks_for_reprodu
     data = open_dataset(URI)
     params = logreg_init(30, 0)
     monkeypatch.delenv(REPRODUCIBLE_NOISE_ENV, raising=False)
-    first = train_on_site(task(spec), "site-a", params, data).delta["weight"]
-    second = train_on_site(task(spec), "site-a", params, data).delta["weight"]
+    first = train_on_site(study_task(spec), "site-a", params, data).delta["weight"]
+    second = train_on_site(study_task(spec), "site-a", params, data).delta["weight"]
     assert not np.array_equal(first, second)  # the study seed does not determine the noise
     monkeypatch.setenv(REPRODUCIBLE_NOISE_ENV, "1")
-    again = train_on_site(task(spec), "site-a", params, data).delta["weight"]
-    np.testing.assert_array_equal(again, train_on_site(task(spec), "site-a", params, data).delta["weight"])
+    again = train_on_site(study_task(spec), "site-a", params, data).delta["weight"]
+    once_more = train_on_site(study_task(spec), "site-a", params, data).delta["weight"]
+    np.testing.assert_array_equal(again, once_more)
 
 
 def test_site_mode_training_reports_only_the_record_count_and_sends_a_clipped_update():
     spec = spec_with({"mode": "site-central", "noise_multiplier": 1.0, "max_grad_norm": 0.01})
-    outcome = train_on_site(task(spec), "site-a", logreg_init(30, 0), open_dataset(URI))
+    outcome = train_on_site(study_task(spec), "site-a", logreg_init(30, 0), open_dataset(URI))
     norm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in outcome.delta.values()))
     assert norm <= 0.01 * (1 + 1e-6)
     m = outcome.metrics

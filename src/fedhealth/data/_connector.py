@@ -4,14 +4,17 @@ and :class:`TabularConnector`, the base of every connector whose source is a tab
 from __future__ import annotations
 
 import os
+import tomllib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+from pydantic import BaseModel, ValidationError
 
 from fedhealth.core import ConfigError
 from fedhealth.data._dataset import TabularDataset
@@ -169,6 +172,27 @@ class Connector(Protocol):
     """Opens the datasets of one URI scheme."""
 
     def open(self, uri: DatasetURI, data_dir: Path) -> TabularDataset: ...
+
+
+_Document = TypeVar("_Document", bound=BaseModel)
+
+
+def load_toml_document(model: type[_Document], path: Path, what: str) -> _Document:
+    """The TOML file ``path`` validated as ``model`` (a connector's mapping or definition, ``what`` naming
+    it: "FHIR mapping"): an unreadable file or the first bad key becomes one :class:`ConfigError`."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{what} {path} cannot be read as TOML ({exc})") from exc
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        at = ".".join(str(p) for p in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{what} {path}: {at}: {message}" if at else f"{path}: {message}") from exc
 
 
 # the parameters every tabular connector takes, beside its own

@@ -59,7 +59,6 @@ is one line naming it.
 from __future__ import annotations
 
 import time
-import tomllib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from datetime import date, datetime
@@ -74,7 +73,13 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from fedhealth.core import ConfigError, DatasetError
-from fedhealth.data._connector import TABLE_PARAMS, DatasetURI, TabularConnector, table_options
+from fedhealth.data._connector import (
+    TABLE_PARAMS,
+    DatasetURI,
+    TabularConnector,
+    load_toml_document,
+    table_options,
+)
 from fedhealth.data._errors import CredentialsRefusedError, SourceUnavailableError, UnitMismatchError
 from fedhealth.data._omop import Window
 from fedhealth.data._schema import (
@@ -212,19 +217,7 @@ class FhirMapping(BaseModel):
 
 
 def load_mapping(path: Path) -> FhirMapping:
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"FHIR mapping {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"FHIR mapping {path} cannot be read as TOML ({exc})") from exc
-    try:
-        return FhirMapping.model_validate(document)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        at = ".".join(str(p) for p in first["loc"])
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"FHIR mapping {path}: {at}: {message}" if at else f"{path}: {message}") from exc
+    return load_toml_document(FhirMapping, path, "FHIR mapping")
 
 
 # --- the client ---------------------------------------------------------------------------------------------

@@ -57,7 +57,6 @@ The query is written for PostgreSQL and SQLite date arithmetic (other databases:
 
 from __future__ import annotations
 
-import tomllib
 from datetime import date
 from enum import StrEnum
 from pathlib import Path
@@ -65,10 +64,16 @@ from typing import Any, Literal
 
 import pandas as pd
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from fedhealth.core import ConfigError
-from fedhealth.data._connector import TABLE_PARAMS, DatasetURI, TabularConnector, table_options
+from fedhealth.data._connector import (
+    TABLE_PARAMS,
+    DatasetURI,
+    TabularConnector,
+    load_toml_document,
+    table_options,
+)
 from fedhealth.data._errors import SchemaError, UnitMismatchError
 from fedhealth.data._schema import (
     CategoricalColumn,
@@ -276,19 +281,7 @@ _ID = "person_key"  # the id column of the frame (the chosen person id, as text)
 
 
 def load_definition(path: Path) -> OmopDefinition:
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"OMOP definition {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"OMOP definition {path} cannot be read as TOML ({exc})") from exc
-    try:
-        return OmopDefinition.model_validate(document)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        at = ".".join(str(p) for p in first["loc"])
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"OMOP definition {path}: {at}: {message}" if at else f"{path}: {message}") from exc
+    return load_toml_document(OmopDefinition, path, "OMOP definition")
 
 
 # --- the compiler -------------------------------------------------------------------------------------------
