@@ -79,9 +79,12 @@ def test_without_exact_counts_lightgbm_data_parallel_drifts_from_the_pooled_mode
     # and on Fed-Heart-Disease its trees leave the pooled ones (the counts first, then the splits)
     from fedhealth.learning import _lightgbm_network
 
-    monkeypatch.setattr(_lightgbm_network.TreeTracker, "exact_counts", lambda self, blocks: blocks)
-    monkeypatch.setattr(_lightgbm_network.TreeTracker, "leaf_histogram", lambda self: None)
-    monkeypatch.setattr(_lightgbm_network.TreeTracker, "start", lambda self, rows: None)
+    group_init = _lightgbm_network.RankGroup.__init__
+
+    def without_tree(self, session, tree=None, **options):  # no replayed tree: LightGBM's own estimates
+        group_init(self, session, None, **options)
+
+    monkeypatch.setattr(_lightgbm_network.RankGroup, "__init__", without_tree)
     params = LightGbmParams(n_features=13, num_rounds=10)
     federated = _federated(params, centers)[SITES[0]][0]
     pooled = train_pooled(params, centers)

@@ -182,10 +182,13 @@ class RankGroup:
 
         def once(blocks: list[Any]) -> NDArray[np.float64]:
             own = self._own_values(blocks)
-            counts = self.tree.leaf_histogram() if self.tree is not None else None
-            total, summed_counts = float_sum(self._send, own, counts)
-            if self.tree is not None and summed_counts is not None:
-                self.tree.take_histogram(summed_counts)
+            if self.tree is None:
+                return float_sum(self._send, own)[0]
+            counts = self.tree.leaf_histogram()
+            rows = self.tree.pooled_rows  # no count, and no sum of counts over the sites, exceeds them
+            total, words = float_sum(self._send, own, pack_counts(counts, rows))
+            assert words is not None
+            self.tree.take_histogram(unpack_counts(words, rows, counts.size))
             return total
 
         return self._rendezvous(rank, values if rank == self.own else None, once)  # type: ignore[no-any-return]
@@ -215,32 +218,74 @@ class RankGroup:
 def float_sum(
     secure_sum: Callable[[NDArray[np.float64]], NDArray[np.float64]],
     values: NDArray[np.float64],
-    counts: NDArray[np.int64] | None = None,
-) -> tuple[NDArray[np.float64], NDArray[np.int64] | None]:
+    extra: NDArray[np.float64] | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.float64] | None]:
     """The sum of float64 values over the sites, exact to 2^-80 (one secure sum of twice the values):
     each value splits into its 2^-40 fixed-point part and the remainder times 2^40 (both exact in
     float64), each part sums exactly in the session's ring, and the result is their sum, rounded once.
     A plain 2^-40 sum would round the tiny hessians of confident rows (float32 values below 2^-17), and
     the model would drift from LightGBM's own sums.
 
-    ``counts`` (integers, exact in one part) ride in the same secure sum, after the values; their sum is
-    the second item (None without them)."""
+    ``extra`` values (multiples of 2^-40, such as :func:`pack_counts`'s) ride in the same secure sum, after
+    the values, in one part each; their sum is the second item (None without them)."""
     flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
     n = flat.size
-    parts = np.empty(2 * n + (0 if counts is None else counts.size), dtype=np.float64)
+    parts = np.empty(2 * n + (0 if extra is None else extra.size), dtype=np.float64)
     high, low = parts[:n], parts[n : 2 * n]
     np.multiply(flat, _SCALE, out=low)  # exact: a power of two
     np.rint(low, out=high)
     np.subtract(low, high, out=low)  # the remainder times 2^40, exact
     np.multiply(high, 1 / _SCALE, out=high)
-    if counts is not None:
-        parts[2 * n :] = counts
+    if extra is not None:
+        parts[2 * n :] = extra
     total = secure_sum(parts)
     summed = np.multiply(total[n : 2 * n], 1 / _SCALE)
     np.add(summed, total[:n], out=summed)  # one rounding, as before: high + low / 2^40
-    if counts is None:
+    if extra is None:
         return summed, None
-    return summed, np.rint(total[2 * n :]).astype(np.int64)
+    return summed, total[2 * n :]
+
+
+# A secure sum carries a value x as the integer round(x * 2^40); an integer word below 2^53 goes in as
+# word * 2^-40 and comes back exactly (float64 holds it, the ring sums it without a carry out of the word).
+_WORD_BITS = 53
+
+
+def count_fields(rows: int) -> tuple[int, int]:
+    """The bits of one count field and the fields per word when no count, and no sum of counts over the
+    sites, exceeds ``rows`` (the pooled rows of the tree): each field's sum then stays inside it."""
+    if not 0 <= rows < 2**_WORD_BITS:
+        raise UnprotectedCollectiveError("the pooled row count is outside what a packed count can hold")
+    bits = max(1, int(rows).bit_length())
+    return bits, _WORD_BITS // bits
+
+
+def pack_counts(counts: NDArray[np.int64], rows: int) -> NDArray[np.float64]:
+    """This site's row counts, several to a secure-sum value (:func:`count_fields`), as values of the
+    session's fixed point. Refuses counts outside [0, ``rows``] (their sums could carry into the next
+    field) before anything is sent."""
+    bits, per_word = count_fields(rows)
+    flat = np.asarray(counts, dtype=np.int64).reshape(-1)
+    if flat.size and (int(flat.min()) < 0 or int(flat.max()) > rows):
+        raise UnprotectedCollectiveError("a row count exceeds the pooled rows: it cannot be packed")
+    padded = np.zeros(-(-flat.size // per_word) * per_word, dtype=np.int64)
+    padded[: flat.size] = flat
+    fields = padded.reshape(-1, per_word)
+    words = np.zeros(fields.shape[0], dtype=np.int64)
+    for k in range(per_word):
+        words |= fields[:, k] << (bits * k)
+    return words.astype(np.float64) * (1 / _SCALE)  # exact: integers below 2^53, a power of two
+
+
+def unpack_counts(summed: NDArray[np.float64], rows: int, size: int) -> NDArray[np.int64]:
+    """The summed counts from the sum over the sites of :func:`pack_counts`'s values (``size`` counts)."""
+    bits, per_word = count_fields(rows)
+    words = np.rint(np.asarray(summed, dtype=np.float64) * _SCALE).astype(np.int64)
+    if words.size != -(-size // per_word):
+        raise UnprotectedCollectiveError("the summed row counts have another size")
+    mask = (1 << bits) - 1
+    fields = np.stack([(words >> (bits * k)) & mask for k in range(per_word)], axis=1)
+    return fields.reshape(-1)[:size]
 
 
 class SessionNetwork:
@@ -494,6 +539,7 @@ class TreeTracker:
         self.num_leaves = num_leaves
         self.max_depth = max_depth
         self.min_data_in_leaf = min_data_in_leaf
+        self.pooled_rows = 0  # the tree's root: every site's rows
         self.rows: list[NDArray[np.intp]] = []  # this site's rows of each leaf, ascending
         # this site's rows per (feature, code) of each leaf that a pending or later search may split
         self.local: dict[int, NDArray[np.int64]] = {}
@@ -508,6 +554,7 @@ class TreeTracker:
 
     def start(self, rows: int) -> None:
         """A new tree: every row in leaf 0; the search for (smaller 0, larger none) comes next."""
+        self.pooled_rows = rows
         self.rows = [self._all_rows]
         self.local = {0: self._root_local}
         self.counts, self.depth, self.best = [rows], [0], [_NONE]
@@ -530,8 +577,14 @@ class TreeTracker:
         smaller, larger = self._expect_search()
         if summed.shape != (int(self.offsets[-1]),):
             raise UnprotectedCollectiveError("the summed row counts do not match the binning")
+        cumulative = np.cumsum(summed)
+        # every row of the leaf is in one bin of each feature: a count that carried into its neighbour
+        # field, or any other corruption, shows here
+        ends = cumulative[self.offsets[1:] - 1]
+        if np.any(np.diff(ends, prepend=0) != self.counts[smaller]):
+            raise UnprotectedCollectiveError("the summed row counts do not add up to the leaf's rows")
         self.histograms[smaller] = summed
-        self._cumulative[smaller] = np.cumsum(summed)
+        self._cumulative[smaller] = cumulative
         if larger >= 0:
             if self._parent is None:
                 raise UnprotectedCollectiveError("the replayed tree lost the histogram of the leaf split")
