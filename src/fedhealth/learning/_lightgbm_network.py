@@ -15,8 +15,9 @@ values are never sent), and a rank's decisions depend only on such sums, so the 
 same trees while LightGBM's work on the site's rows is done once. The session makes each sum once:
 
 - reduce-scatter (gradient histograms; LightGBM hands the reducer, which must be a float64 sum): one secure
-  sum of the whole buffer, with this site's rows of the same leaf per (feature, bin code) after it
-  (:class:`TreeTracker`: the exact counts of every candidate split); each rank keeps its block.
+  sum of the whole buffer, with this site's rows of the same leaf per (feature, bin code) after it, several
+  to a value (:func:`pack_counts`; :class:`TreeTracker`: the exact counts of every candidate split); each
+  rank keeps its block.
 - allgather of a sum-type statistic (label counts and sums at booster creation, the root's (n, Σg, Σh) of each
   tree): one secure sum; the site writes the sum into block 0 and zeros into the others, so that LightGBM's
   own local reduction (block 0 + block 1 + ...) yields the sum exactly.
@@ -690,7 +691,7 @@ def _times_n(value: float, n: int) -> float:
 
 
 def _ints(ptr: Any, n: int) -> list[int]:
-    return [int(ptr[i]) for i in range(n)]
+    return list(ptr[:n])  # a ctypes int32 pointer's slice: Python ints
 
 
 @_REDUCE_SCATTER
