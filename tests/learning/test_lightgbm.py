@@ -79,9 +79,12 @@ def test_without_exact_counts_lightgbm_data_parallel_drifts_from_the_pooled_mode
     # and on Fed-Heart-Disease its trees leave the pooled ones (the counts first, then the splits)
     from fedhealth.learning import _lightgbm_network
 
-    monkeypatch.setattr(_lightgbm_network.TreeTracker, "exact_counts", lambda self, blocks: blocks)
-    monkeypatch.setattr(_lightgbm_network.TreeTracker, "leaf_histogram", lambda self: None)
-    monkeypatch.setattr(_lightgbm_network.TreeTracker, "start", lambda self, rows: None)
+    group_init = _lightgbm_network.RankGroup.__init__
+
+    def without_tree(self, session, tree=None, **options):  # no replayed tree: LightGBM's own estimates
+        group_init(self, session, None, **options)
+
+    monkeypatch.setattr(_lightgbm_network.RankGroup, "__init__", without_tree)
     params = LightGbmParams(n_features=13, num_rounds=10)
     federated = _federated(params, centers)[SITES[0]][0]
     pooled = train_pooled(params, centers)
@@ -347,7 +350,7 @@ def test_a_reduce_scatter_whose_reducer_is_not_a_sum_is_refused():
         network.check()
 
 
-def test_a_sites_ranks_share_one_secure_sum_and_ranks_that_disagree_send_nothing():
+def test_a_sites_ranks_share_one_secure_sum_of_the_own_ranks_values_only():
     import threading
 
     from fedhealth.learning._lightgbm_network import RankGroup, UnprotectedCollectiveError
@@ -368,13 +371,15 @@ def test_a_sites_ranks_share_one_secure_sum_and_ranks_that_disagree_send_nothing
             t.join(10)
         return out
 
-    session = _Recording()
-    same = run(RankGroup(session), [np.arange(4.0)] * 3)
+    session = _Recording()  # site "a": rank 0 is its own, ranks 1 and 2 train on placeholder rows
+    placeholders = [np.arange(4.0), np.full(4, 7.0), np.full(4, -1.0)]
+    results = run(RankGroup(session), placeholders)
     assert len(session.summed) == 1  # one secure sum for the three ranks
-    assert all(np.array_equal(r, np.arange(4.0) * 3) for r in same)
+    assert np.array_equal(session.summed[0], np.arange(4.0))  # of the own rank's values, never the others'
+    assert all(np.array_equal(r, np.arange(4.0) * 3) for r in results)  # and every rank gets the sum
     group = RankGroup(session)
-    differ = run(group, [np.arange(4.0), np.arange(4.0), np.arange(4.0) + 1e-9])
-    assert all(isinstance(r, UnprotectedCollectiveError) for r in differ)
-    assert len(session.summed) == 1  # nothing more was sent
-    with pytest.raises(UnprotectedCollectiveError):  # and the group stays failed
+    group.fail(RuntimeError("rank 1 stopped"))
+    assert all(isinstance(r, UnprotectedCollectiveError) for r in run(group, placeholders))
+    assert len(session.summed) == 1  # a failed group sends nothing more
+    with pytest.raises(UnprotectedCollectiveError):  # and stays failed
         group.gather(0, b"x")

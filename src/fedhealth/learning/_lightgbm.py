@@ -413,6 +413,18 @@ def _init_schedule(params: LightGbmParams) -> list[str]:
     return ["mean"]
 
 
+def placeholder_rows(
+    params: LightGbmParams, binning: Binning
+) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """The rows a rank other than the site's own trains on: one per class (every code 0), no one's data.
+    Its histograms, sums and scores are never used (every sum it asks for is answered with the own rank's;
+    _lightgbm_network's docstring), so a handful of rows keeps its LightGBM work negligible."""
+    classes = max(2, params.num_class) if params.objective != "regression" else 2
+    codes = np.zeros((classes, len(binning.num_bins)), dtype=np.int64)
+    labels = np.arange(classes, dtype=np.float64) if params.objective != "regression" else np.zeros(classes)
+    return codes, labels
+
+
 def train_site(
     params: LightGbmParams,
     dataset: TabularDataset,
@@ -474,9 +486,11 @@ def train_site(
     # every rank of the network at this site (module docstring of _lightgbm_network), each on its own thread
     sets = {}
     for rank in group.ranks:
+        # the own rank trains on the site's rows; the others search blocks of the summed histograms only
+        rank_codes, rank_y = (codes, y) if rank == group.own else placeholder_rows(params, binning)
         train = lgb.Dataset(
-            codes,
-            label=y,
+            rank_codes,
+            label=rank_y,
             reference=reference_dataset(binning),
             params=dict(DATASET_PARAMS),
             free_raw_data=False,
@@ -496,7 +510,7 @@ def train_site(
         rank: SessionNetwork(
             group,
             rank,
-            local_rows=len(y),
+            local_rows=sets[rank].num_data(),
             init_schedule=_init_schedule(params)
             if init is None
             else [],  # no BoostFromAverage on a start score

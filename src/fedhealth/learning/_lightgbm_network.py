@@ -6,14 +6,18 @@ on a :class:`~fedhealth.learning.Collectives` session so that nothing a site com
 it except inside a secure sum.
 
 Each site runs all ``n`` ranks of the network itself (:class:`RankGroup`: one LightGBM booster per rank, each
-on its own thread, all on this site's rows). Rank r searches the best split of its block of features in the
-*summed* histograms, so it finds the record site r's rank would find: the split-record allgather is answered
-at the site, without a round trip, and what the site computes is what n machines would compute together. The
-ranks ask for the same sums (checked); the session makes each one once:
+on its own thread). Rank r searches the best split of its block of features in the *summed* histograms, so it
+finds the record site r's rank would find: the split-record allgather is answered at the site, without a
+round trip, and what the site computes is what n machines would compute together. Only the site's own rank
+trains on the site's rows; the others train on a few placeholder rows (:func:`placeholder_rows`): every
+sum a rank asks for is answered with the sum of the *own* rank's values over the sites (the placeholders'
+values are never sent), and a rank's decisions depend only on such sums, so the placeholder ranks grow the
+same trees while LightGBM's work on the site's rows is done once. The session makes each sum once:
 
 - reduce-scatter (gradient histograms; LightGBM hands the reducer, which must be a float64 sum): one secure
-  sum of the whole buffer, with this site's rows of the same leaf per (feature, bin code) after it
-  (:class:`TreeTracker`: the exact counts of every candidate split); each rank keeps its block.
+  sum of the whole buffer, with this site's rows of the same leaf per (feature, bin code) after it, several
+  to a value (:func:`pack_counts`; :class:`TreeTracker`: the exact counts of every candidate split); each
+  rank keeps its block.
 - allgather of a sum-type statistic (label counts and sums at booster creation, the root's (n, Σg, Σh) of each
   tree): one secure sum; the site writes the sum into block 0 and zeros into the others, so that LightGBM's
   own local reduction (block 0 + block 1 + ...) yields the sum exactly.
@@ -89,10 +93,10 @@ class UnprotectedCollectiveError(RuntimeError):
 class RankGroup:
     """The ``n`` LightGBM ranks one site runs, one thread each, in lockstep (see the module docstring).
 
-    Every rank trains on this site's rows, so every sum they ask for is the same: :meth:`secure_sum` checks
-    that (a rank that disagrees fails the site's training) and makes the session's secure sum once for all
-    of them. :meth:`gather` is a rendezvous of the ranks only. A rank that stops (:meth:`fail`) stops the
-    others at their next call.
+    Only the site's own rank (:attr:`own`) trains on this site's rows; the others train on placeholder rows.
+    Every sum the ranks ask for is made once, of the own rank's values (:meth:`secure_sum`): the other
+    ranks' values are never looked at, and every rank gets the sum. :meth:`gather` is a rendezvous of the
+    ranks only. A rank that stops (:meth:`fail`) stops the others at their next call.
     """
 
     def __init__(
@@ -100,8 +104,10 @@ class RankGroup:
     ) -> None:
         self.session = session
         self.n = len(session.sites)
+        self.own = session.sites.index(session.site)  # the rank that trains on this site's rows
         # the ranks this site runs: all n, or only its own (then the records are gathered by secure sum)
-        self.ranks = list(range(self.n)) if all_ranks else [session.sites.index(session.site)]
+        self.ranks = list(range(self.n)) if all_ranks else [self.own]
+        self._own_index = self.ranks.index(self.own)
         self.tree = tree  # shared by the ranks: the group updates it once per step
         self.values_sent = 0  # float64 values this site put into secure sums during training
         self._cond = threading.Condition()
@@ -150,40 +156,43 @@ class RankGroup:
         self.values_sent += int(np.size(values))
         return self.session.secure_sum(values)
 
-    @staticmethod
-    def _same(blocks: list[bytes]) -> bytes:
-        if any(b != blocks[0] for b in blocks[1:]):
-            raise UnprotectedCollectiveError("this site's LightGBM ranks asked for different sums")
-        return blocks[0]
+    def _own_values(self, blocks: list[Any]) -> Any:
+        """The own rank's values of a rendezvous (the placeholder ranks' are never used)."""
+        values = blocks[self._own_index]
+        if values is None:
+            raise UnprotectedCollectiveError("this site's own LightGBM rank passed no values to sum")
+        return values
 
     def secure_sum(self, rank: int, values: NDArray[np.float64]) -> NDArray[np.float64]:
-        """The session's secure sum of ``values``, which every rank must pass alike."""
-        data = np.ascontiguousarray(values, dtype=np.float64).tobytes()
+        """The session's secure sum of the own rank's ``values``, to every rank."""
+        data = np.array(values, dtype=np.float64) if rank == self.own else None
         return self._rendezvous(  # type: ignore[no-any-return]
-            rank, data, lambda blocks: self._send(np.frombuffer(self._same(blocks), dtype=np.float64))
+            rank, data, lambda blocks: self._send(self._own_values(blocks))
         )
 
     def float_sum(self, rank: int, values: NDArray[np.float64]) -> NDArray[np.float64]:
-        """:func:`float_sum` over the session of ``values``, which every rank must pass alike."""
-        data = np.ascontiguousarray(values, dtype=np.float64).tobytes()
+        """:func:`float_sum` over the session of the own rank's ``values``, to every rank."""
+        data = np.array(values, dtype=np.float64) if rank == self.own else None
         return self._rendezvous(  # type: ignore[no-any-return]
-            rank,
-            data,
-            lambda blocks: float_sum(self._send, np.frombuffer(self._same(blocks), dtype=np.float64))[0],
+            rank, data, lambda blocks: float_sum(self._send, self._own_values(blocks))[0]
         )
 
-    def histogram_sum(self, rank: int, data: bytes) -> bytes:
-        """The summed histograms (float64 bytes, every rank's buffer alike), with the tree's exact counts."""
+    def histogram_sum(self, rank: int, values: NDArray[np.float64] | None) -> NDArray[np.float64]:
+        """The summed histograms of the own rank's ``values`` (float64; the other ranks pass None), with the
+        tree's exact counts. The own rank's buffer is read while every rank waits here."""
 
-        def once(blocks: list[bytes]) -> bytes:
-            values = np.frombuffer(self._same(blocks), dtype=np.float64)
-            counts = self.tree.leaf_histogram() if self.tree is not None else None
-            total, summed_counts = float_sum(self._send, values, counts)
-            if self.tree is not None and summed_counts is not None:
-                self.tree.take_histogram(summed_counts)
-            return total.tobytes()
+        def once(blocks: list[Any]) -> NDArray[np.float64]:
+            own = self._own_values(blocks)
+            if self.tree is None:
+                return float_sum(self._send, own)[0]
+            counts = self.tree.leaf_histogram()
+            rows = self.tree.pooled_rows  # no count, and no sum of counts over the sites, exceeds them
+            total, words = float_sum(self._send, own, pack_counts(counts, rows))
+            assert words is not None
+            self.tree.take_histogram(unpack_counts(words, rows, counts.size))
+            return total
 
-        return self._rendezvous(rank, data, once)  # type: ignore[no-any-return]
+        return self._rendezvous(rank, values if rank == self.own else None, once)  # type: ignore[no-any-return]
 
     def _gather_by_sum(self, rank: int, data: bytes) -> list[bytes]:
         words = np.frombuffer(data, dtype="<u2").astype(np.float64)
@@ -210,25 +219,74 @@ class RankGroup:
 def float_sum(
     secure_sum: Callable[[NDArray[np.float64]], NDArray[np.float64]],
     values: NDArray[np.float64],
-    counts: NDArray[np.int64] | None = None,
-) -> tuple[NDArray[np.float64], NDArray[np.int64] | None]:
+    extra: NDArray[np.float64] | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.float64] | None]:
     """The sum of float64 values over the sites, exact to 2^-80 (one secure sum of twice the values):
     each value splits into its 2^-40 fixed-point part and the remainder times 2^40 (both exact in
     float64), each part sums exactly in the session's ring, and the result is their sum, rounded once.
     A plain 2^-40 sum would round the tiny hessians of confident rows (float32 values below 2^-17), and
     the model would drift from LightGBM's own sums.
 
-    ``counts`` (integers, exact in one part) ride in the same secure sum, after the values; their sum is
-    the second item (None without them)."""
+    ``extra`` values (multiples of 2^-40, such as :func:`pack_counts`'s) ride in the same secure sum, after
+    the values, in one part each; their sum is the second item (None without them)."""
     flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
-    high = np.rint(flat * _SCALE) / _SCALE
-    low = (flat - high) * _SCALE
-    parts = [high, low] if counts is None else [high, low, counts.astype(np.float64)]
-    total = secure_sum(np.concatenate(parts))
-    summed = np.asarray(total[: flat.size] + total[flat.size : 2 * flat.size] / _SCALE, dtype=np.float64)
-    if counts is None:
+    n = flat.size
+    parts = np.empty(2 * n + (0 if extra is None else extra.size), dtype=np.float64)
+    high, low = parts[:n], parts[n : 2 * n]
+    np.multiply(flat, _SCALE, out=low)  # exact: a power of two
+    np.rint(low, out=high)
+    np.subtract(low, high, out=low)  # the remainder times 2^40, exact
+    np.multiply(high, 1 / _SCALE, out=high)
+    if extra is not None:
+        parts[2 * n :] = extra
+    total = secure_sum(parts)
+    summed = np.multiply(total[n : 2 * n], 1 / _SCALE)
+    np.add(summed, total[:n], out=summed)  # one rounding, as before: high + low / 2^40
+    if extra is None:
         return summed, None
-    return summed, np.rint(total[2 * flat.size :]).astype(np.int64)
+    return summed, total[2 * n :]
+
+
+# A secure sum carries a value x as the integer round(x * 2^40); an integer word below 2^53 goes in as
+# word * 2^-40 and comes back exactly (float64 holds it, the ring sums it without a carry out of the word).
+_WORD_BITS = 53
+
+
+def count_fields(rows: int) -> tuple[int, int]:
+    """The bits of one count field and the fields per word when no count, and no sum of counts over the
+    sites, exceeds ``rows`` (the pooled rows of the tree): each field's sum then stays inside it."""
+    if not 0 <= rows < 2**_WORD_BITS:
+        raise UnprotectedCollectiveError("the pooled row count is outside what a packed count can hold")
+    bits = max(1, int(rows).bit_length())
+    return bits, _WORD_BITS // bits
+
+
+def pack_counts(counts: NDArray[np.int64], rows: int) -> NDArray[np.float64]:
+    """This site's row counts, several to a secure-sum value (:func:`count_fields`), as values of the
+    session's fixed point. Refuses counts outside [0, ``rows``] (their sums could carry into the next
+    field) before anything is sent."""
+    bits, per_word = count_fields(rows)
+    flat = np.asarray(counts, dtype=np.int64).reshape(-1)
+    if flat.size and (int(flat.min()) < 0 or int(flat.max()) > rows):
+        raise UnprotectedCollectiveError("a row count exceeds the pooled rows: it cannot be packed")
+    padded = np.zeros(-(-flat.size // per_word) * per_word, dtype=np.int64)
+    padded[: flat.size] = flat
+    fields = padded.reshape(-1, per_word)
+    words = np.zeros(fields.shape[0], dtype=np.int64)
+    for k in range(per_word):
+        words |= fields[:, k] << (bits * k)
+    return words.astype(np.float64) * (1 / _SCALE)  # exact: integers below 2^53, a power of two
+
+
+def unpack_counts(summed: NDArray[np.float64], rows: int, size: int) -> NDArray[np.int64]:
+    """The summed counts from the sum over the sites of :func:`pack_counts`'s values (``size`` counts)."""
+    bits, per_word = count_fields(rows)
+    words = np.rint(np.asarray(summed, dtype=np.float64) * _SCALE).astype(np.int64)
+    if words.size != -(-size // per_word):
+        raise UnprotectedCollectiveError("the summed row counts have another size")
+    mask = (1 << bits) - 1
+    fields = np.stack([(words >> (bits * k)) & mask for k in range(per_word)], axis=1)
+    return fields.reshape(-1)[:size]
 
 
 class SessionNetwork:
@@ -322,23 +380,29 @@ class SessionNetwork:
         output_ptr: int,
         reducer_ref: int,
     ) -> None:
-        raw = ctypes.string_at(input_ptr, input_size)
-        data = np.frombuffer(raw, dtype=np.uint8)
         start, length = starts[self.rank], lens[self.rank]
-        own = data[start : start + length]
+        source = input_ptr + start  # on failure: this rank's own block, as if it were alone
+        total: NDArray[np.float64] | None = None
         if self.error is None:
             try:
                 if type_size != 8 or input_size % 8 or not self._is_float_sum(reducer_ref):
                     raise UnprotectedCollectiveError(
                         "LightGBM asked for a reduce-scatter that is not a float64 sum"
                     )
+                values = None
+                if self.rank == self.group.own:  # a view: LightGBM waits in this call while it is read
+                    buffer = (ctypes.c_char * input_size).from_address(input_ptr)
+                    values = np.frombuffer(buffer, dtype=np.float64)
                 # with the histograms, this site's row counts per bin of the same leaf (module docstring)
-                total = np.frombuffer(self.group.histogram_sum(self.rank, raw), dtype=np.uint8)
-                own = total[start : start + length]
+                total = np.ascontiguousarray(self.group.histogram_sum(self.rank, values), dtype=np.float64)
+                if total.nbytes != input_size:
+                    raise UnprotectedCollectiveError("the summed histograms have another size")
+                source = total.ctypes.data + start
                 self._count("histogram_sum")
             except BaseException as exc:
                 self.error = exc
-        ctypes.memmove(output_ptr, np.ascontiguousarray(own).ctypes.data, length)
+                source = input_ptr + start
+        ctypes.memmove(output_ptr, source, length)
 
     # --- allgather -------------------------------------------------------------------------------------
 
@@ -464,28 +528,38 @@ class TreeTracker:
     ):
         if codes.ndim != 2 or codes.shape[1] != len(num_bins):
             raise ValueError("the codes have another number of features than the binning")
-        self.codes = codes
         self.num_bins = [int(b) for b in num_bins]
         self.offsets = np.concatenate([[0], np.cumsum(self.num_bins)]).astype(np.int64)
-        # every row's (feature, code) cell in one flat histogram of all features
+        # every row's (feature, code) cell in one flat histogram of all features, and each feature's codes
+        # as one contiguous column (the partition reads one feature of a leaf's rows)
         self._cells = np.clip(codes, 0, np.asarray(self.num_bins) - 1) + self.offsets[:-1]
+        self._columns = np.ascontiguousarray(codes.T)
+        self._all_rows = np.arange(codes.shape[0], dtype=np.intp)
+        # this site's rows per cell of the root (every row), the same for every tree
+        self._root_local = np.bincount(self._cells.reshape(-1), minlength=int(self.offsets[-1]))
         self.num_leaves = num_leaves
         self.max_depth = max_depth
         self.min_data_in_leaf = min_data_in_leaf
-        self.leaf_of_row = np.zeros(codes.shape[0], dtype=np.int64)
+        self.pooled_rows = 0  # the tree's root: every site's rows
+        self.rows: list[NDArray[np.intp]] = []  # this site's rows of each leaf, ascending
+        # this site's rows per (feature, code) of each leaf that a pending or later search may split
+        self.local: dict[int, NDArray[np.int64]] = {}
         self.counts: list[int] = []
         self.depth: list[int] = []
         self.best: list[_Split] = []
         self.histograms: dict[int, NDArray[np.int64]] = {}  # global rows per (feature, code), by leaf
+        self._cumulative: dict[int, NDArray[np.int64]] = {}  # their running sums, for the left counts
         self._parent: NDArray[np.int64] | None = None  # the histogram of the leaf the pending search splits
         self.pending: tuple[int, int] | None = None
         self.splits = 0
 
     def start(self, rows: int) -> None:
         """A new tree: every row in leaf 0; the search for (smaller 0, larger none) comes next."""
-        self.leaf_of_row[:] = 0
+        self.pooled_rows = rows
+        self.rows = [self._all_rows]
+        self.local = {0: self._root_local}
         self.counts, self.depth, self.best = [rows], [0], [_NONE]
-        self.histograms, self._parent = {}, None
+        self.histograms, self._cumulative, self._parent = {}, {}, None
         self.pending = (0, -1)
         self.splits = 0
 
@@ -497,30 +571,38 @@ class TreeTracker:
     def leaf_histogram(self) -> NDArray[np.int64]:
         """This site's rows of the pending search's smaller leaf per (feature, code), features in a row."""
         smaller, _ = self._expect_search()
-        cells = self._cells[self.leaf_of_row == smaller]
-        return np.bincount(cells.reshape(-1), minlength=int(self.offsets[-1])).astype(np.int64)
+        return self.local[smaller]
 
     def take_histogram(self, summed: NDArray[np.int64]) -> None:
         """The global histogram of the smaller leaf (the sum of every site's :meth:`leaf_histogram`)."""
         smaller, larger = self._expect_search()
         if summed.shape != (int(self.offsets[-1]),):
             raise UnprotectedCollectiveError("the summed row counts do not match the binning")
+        cumulative = np.cumsum(summed)
+        # every row of the leaf is in one bin of each feature: a count that carried into its neighbour
+        # field, or any other corruption, shows here
+        ends = cumulative[self.offsets[1:] - 1]
+        if np.any(np.diff(ends, prepend=0) != self.counts[smaller]):
+            raise UnprotectedCollectiveError("the summed row counts do not add up to the leaf's rows")
         self.histograms[smaller] = summed
+        self._cumulative[smaller] = cumulative
         if larger >= 0:
             if self._parent is None:
                 raise UnprotectedCollectiveError("the replayed tree lost the histogram of the leaf split")
             self.histograms[larger] = self._parent - summed
+            self._cumulative[larger] = np.cumsum(self.histograms[larger])
         self._parent = None
 
     def _left_of(self, leaf: int, split: _Split) -> int:
-        histogram = self.histograms.get(leaf)
-        if histogram is None:
+        cumulative = self._cumulative.get(leaf)
+        if cumulative is None:
             raise UnprotectedCollectiveError("a split record came for a leaf without summed row counts")
         if not 0 <= split.feature < len(self.num_bins):
             raise UnprotectedCollectiveError("a split record names a feature the binning does not have")
         first = int(self.offsets[split.feature])
         bins = min(int(split.threshold) + 1, self.num_bins[split.feature])
-        return int(histogram[first : first + bins].sum())
+        before = int(cumulative[first - 1]) if first else 0
+        return int(cumulative[first + bins - 1]) - before
 
     def exact_counts(self, blocks: list[bytes]) -> list[bytes]:
         """The gathered split records with the exact rows on each side, from the leaves' summed histograms."""
@@ -558,9 +640,12 @@ class TreeTracker:
                 return
             new = len(self.counts)
             self._parent = self.histograms.pop(best_leaf, None)
-            rows = self.leaf_of_row == best_leaf
-            goes_right = rows & (self.codes[:, split.feature] > split.threshold)
-            self.leaf_of_row[goes_right] = new
+            self._cumulative.pop(best_leaf, None)
+            parent_rows = self.rows[best_leaf]
+            goes_right = self._columns[split.feature][parent_rows] > split.threshold
+            self.rows[best_leaf] = parent_rows[~goes_right]
+            self.rows.append(parent_rows[goes_right])
+            parent_local = self.local.pop(best_leaf, None)
             self.counts[best_leaf] = split.left
             self.counts.append(split.right)
             self.depth[best_leaf] += 1
@@ -575,7 +660,18 @@ class TreeTracker:
                 self.best[best_leaf] = self.best[new] = _NONE
                 continue
             self.pending = (best_leaf, new) if split.left < split.right else (new, best_leaf)
+            self._split_local(parent_local, best_leaf, new)
             return
+
+    def _split_local(self, parent: NDArray[np.int64] | None, left: int, right: int) -> None:
+        """This site's histograms of both children of a split: the side with fewer of its rows counted, the
+        other the parent's minus it (as LightGBM builds the larger leaf's)."""
+        if parent is None:
+            raise UnprotectedCollectiveError("the replayed tree lost this site's counts of the leaf split")
+        few, many = (left, right) if self.rows[left].size <= self.rows[right].size else (right, left)
+        cells = self._cells[self.rows[few]]
+        self.local[few] = np.bincount(cells.reshape(-1), minlength=int(self.offsets[-1]))
+        self.local[many] = parent - self.local[few]
 
 
 def _times_n(value: float, n: int) -> float:
@@ -595,7 +691,7 @@ def _times_n(value: float, n: int) -> float:
 
 
 def _ints(ptr: Any, n: int) -> list[int]:
-    return [int(ptr[i]) for i in range(n)]
+    return list(ptr[:n])  # a ctypes int32 pointer's slice: Python ints
 
 
 @_REDUCE_SCATTER

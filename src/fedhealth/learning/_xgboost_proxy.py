@@ -21,9 +21,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedhealth.learning._collectives import Collectives
+from fedhealth.learning._lightgbm_network import float_sum  # the same two-part sum as LightGBM's
 
 SERVICE = "xgboost.collective.federated.Federated"
-_SCALE = 2.0**40
 _TYPES: dict[int, str] = {
     1: "<f4",
     2: "<f8",
@@ -53,6 +53,7 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 def decode_request(data: bytes) -> dict[int, Any]:
     """A federated.proto request's fields by number (varints and bytes; proto3, no nesting)."""
     fields: dict[int, Any] = {}
+    view = memoryview(data)
     pos = 0
     while pos < len(data):
         key, pos = _varint(data, pos)
@@ -61,14 +62,14 @@ def decode_request(data: bytes) -> dict[int, Any]:
             fields[number], pos = _varint(data, pos)
         elif wire == 2:
             length, pos = _varint(data, pos)
-            fields[number] = data[pos : pos + length]
+            fields[number] = view[pos : pos + length]  # no copy of a histogram buffer
             pos += length
         else:
             raise ValueError(f"unexpected wire type {wire} in a federated.proto request")
     return fields
 
 
-def encode_reply(buffer: bytes) -> bytes:
+def encode_reply(buffer: bytes | bytearray) -> bytes:
     """A reply message: ``bytes receive_buffer = 1``."""
     out = bytearray(b"\x0a")
     length = len(buffer)
@@ -78,7 +79,7 @@ def encode_reply(buffer: bytes) -> bytes:
         out.append(byte | (0x80 if length else 0))
         if not length:
             break
-    return bytes(out) + buffer
+    return b"".join((out, buffer))
 
 
 class SessionProxy:
@@ -155,11 +156,11 @@ class SessionProxy:
         return [total[2 * offsets[r] : 2 * offsets[r] + sizes[r]] for r in range(self.n)]
 
     def _allgather(self, request: dict[int, Any], context: Any) -> bytes:
-        return self._guarded("gather", lambda: b"".join(self.gather(request.get(3, b""))), context)
+        return self._guarded("gather", lambda: b"".join(self.gather(bytes(request.get(3, b"")))), context)
 
     def _broadcast(self, request: dict[int, Any], context: Any) -> bytes:
         root = int(request.get(4, 0))
-        data = request.get(3, b"") if self.rank == root else b""
+        data = bytes(request.get(3, b"")) if self.rank == root else b""
         return self._guarded("gather", lambda: self.gather(data)[root], context)
 
     def _allreduce(self, request: dict[int, Any], context: Any) -> bytes:
@@ -168,7 +169,7 @@ class SessionProxy:
         values = np.frombuffer(request.get(3, b""), dtype=dtype)
         if op == SUM and dtype.kind == "f":
             return self._guarded(
-                "float_sum", lambda: self._float_sum(values).astype(dtype).tobytes(), context
+                "float_sum", lambda: self._float_sum(values).astype(dtype, copy=False).tobytes(), context
             )
         if op == SUM:
             return self._guarded("int_sum", lambda: self._int_sum(values).tobytes(), context)
@@ -190,11 +191,7 @@ class SessionProxy:
         return self._guarded("metadata", reduce, context)
 
     def _float_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
-        flat = np.asarray(values, dtype=np.float64).reshape(-1)
-        high = np.rint(flat * _SCALE) / _SCALE
-        low = (flat - high) * _SCALE
-        total = self._secure_sum(np.concatenate([high, low]))
-        return np.asarray(total[: flat.size] + total[flat.size :] / _SCALE, dtype=np.float64)
+        return float_sum(self._secure_sum, np.asarray(values, dtype=np.float64))[0]
 
     def _int_sum(self, values: NDArray[Any]) -> NDArray[Any]:
         width = values.dtype.itemsize
