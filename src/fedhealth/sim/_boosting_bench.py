@@ -7,10 +7,10 @@ same files the same way (:func:`~fedhealth.data.open_dataset`), so both train on
 library: the pooled training (``train_pooled``, the model the federated one equals; the best of three runs),
 the study's wall time from submission to completion through the orchestrator and agents (its end as the
 orchestrator records it), their ratio, the session's collectives per tree, the values each site put into
-secure sums (8 bytes each in the masking ring), and the share of each site's program spent inside collective calls (waiting for the others and the
-relay), read from each site's own record (``results.jsonl``). The sites' stewards approve each spec before
-the clock starts (in a federation that happens ahead of time, by people); the owner's signed submission is
-timed.
+secure sums (8 bytes each in the masking ring), and the share of each site's program spent inside
+collective calls (waiting for the others and the relay), read from each site's own record
+(``results.jsonl``). The sites' stewards approve each spec before the clock starts (in a federation that
+happens ahead of time, by people); the owner's signed submission is timed.
 """
 
 from __future__ import annotations
