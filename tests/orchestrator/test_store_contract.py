@@ -539,3 +539,20 @@ def test_a_sites_credentials_follow_enrollment_rotation_and_revocation_at_once(s
     assert store.site_credentials("a").public_key is None
     store.revoke_site("a", T0)
     assert store.site_credentials("a").status is SiteStatus.REVOKED
+
+
+def test_a_study_view_reads_what_the_separate_queries_read(store):
+    running, _ = _study(store)
+    awaiting = _awaiting(store, sites=("d", "e"))
+    store.record_approval("d", DIGEST_B, ApprovalState.APPROVED, T0)
+    for study in (running, awaiting):
+        row, rounds, tasks, approvals = store.study_view(study.id)
+        assert row == store.get_study(study.id)
+        assert rounds == store.rounds_of(study.id)
+        assert tasks == store.tasks_of_study(study.id)
+        expected = store.approvals_of(row.spec_hash, row.named_sites) if row.spec_hash else {}
+        assert approvals == expected
+    assert store.study_view(awaiting.id)[3] == {"d": ApprovalState.APPROVED, "e": ApprovalState.PENDING}
+    assert store.study_view(running.id, with_rounds=False)[1:3] == ([], [])
+    with pytest.raises(NotFoundError):
+        store.study_view("st_missing")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import importlib
 import json
 import logging
 import threading
@@ -50,7 +49,7 @@ from fedhealth.core import (
 )
 from fedhealth.crypto import IdentityKey
 from fedhealth.data import SchemaError, TabularDataset, open_dataset
-from fedhealth.learning import RecipeError, ResolvedRecipe
+from fedhealth.learning import RecipeError, ResolvedRecipe, preload_libraries
 from fedhealth.protocol import (
     FailureCode,
     ProtocolMismatch,
@@ -163,11 +162,10 @@ class SiteAgent:
 
     @staticmethod
     def _warm_up() -> None:
-        """Load the libraries training needs before the first poll (scikit-learn takes seconds), so a first
-        task does not pay them against its round's deadline. No data is read here: only a task that passed
-        its gates reads data."""
-        for module in ("sklearn.metrics", "sklearn.model_selection"):
-            importlib.import_module(module)
+        """Load the libraries training needs before the first poll (scikit-learn and the boosting libraries
+        take seconds), so a first task does not pay them against its round's deadline, nor a study's timed
+        path. No data is read here: only a task that passed its gates reads data."""
+        preload_libraries()
 
     def _dataset(self, name: str, study_id: str) -> TabularDataset:
         """The dataset as this study sees it. A study's first task opens the source again, so the rows are

@@ -84,6 +84,7 @@ from fedhealth.learning._package import (
     package_metadata,
     write_package,
 )
+from fedhealth.learning._preload import RECIPE_LIBRARIES, preload_libraries
 from fedhealth.learning._preprocessing import (
     CategoricalEncoding,
     Preprocessing,
@@ -176,6 +177,7 @@ __all__ = [
     "ONNX_FILE",
     "PACKAGE_FORMAT",
     "RECIPE_ENTRY_POINT_GROUP",
+    "RECIPE_LIBRARIES",
     "STATS_RECIPE",
     "SYNTHETIC_RECIPE",
     "SYNTHETIC_STEP_SCALE",
@@ -262,6 +264,7 @@ __all__ = [
     "mean_metrics",
     "model_from_export",
     "package_metadata",
+    "preload_libraries",
     "preprocessing_metadata",
     "probe_expected",
     "probe_values",

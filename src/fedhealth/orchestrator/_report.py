@@ -15,11 +15,10 @@ __all__ = ["build_report", "one_line", "report_markdown", "study_info", "write_r
 
 
 def study_info(store: Store, study_id: str, *, with_rounds: bool = True) -> StudyInfo:
-    study = store.get_study(study_id)
-    rounds = store.rounds_of(study_id) if with_rounds else []
+    study, rounds, tasks, approvals = store.study_view(study_id, with_rounds=with_rounds)
     tasks_by_round: dict[str, list[TaskInfo]] = {}
     if with_rounds:
-        for t in store.tasks_of_study(study_id):
+        for t in tasks:
             tasks_by_round.setdefault(t.round_id, []).append(
                 TaskInfo(
                     task_id=t.id,
@@ -31,7 +30,6 @@ def study_info(store: Store, study_id: str, *, with_rounds: bool = True) -> Stud
                 )
             )
     open_round = next((r.number for r in rounds if r.status is RoundStatus.OPEN), None)
-    approvals = store.approvals_of(study.spec_hash, study.named_sites) if study.spec_hash else {}
     return StudyInfo(
         spec_hash=study.spec_hash,
         approvals=approvals,

@@ -198,11 +198,11 @@ def _site(row: RowMapping) -> SiteRow:
     )
 
 
-def _study(row: RowMapping) -> StudyRow:
+def _study(row: RowMapping, spec: StudySpec | None = None) -> StudyRow:
     return StudyRow(
         id=row["id"],
         name=row["name"],
-        spec=StudySpec.model_validate_json(row["spec_json"]),
+        spec=spec if spec is not None else StudySpec.model_validate_json(row["spec_json"]),
         status=StudyStatus(row["status"]),
         reason=row["reason"],
         created_at=_aware(row["created_at"]),  # type: ignore[arg-type]
@@ -692,6 +692,44 @@ class Store:
         if row is None:
             raise NotFoundError(f"study {study_id!r} does not exist")
         return _study(row)
+
+    def study_view(
+        self, study_id: str, *, with_rounds: bool = True
+    ) -> tuple[StudyRow, list[RoundRow], list[TaskRow], dict[str, ApprovalState]]:
+        """A study, its rounds and tasks (when ``with_rounds``) and its sites' approvals, read on one
+        connection in one transaction (one snapshot, and one pool checkout instead of four: a client polls
+        this while the study runs). The spec is the stored one, parsed once per study."""
+        with self.engine.connect() as c:
+            row = c.execute(select(studies).where(studies.c.id == study_id)).mappings().first()
+            if row is None:
+                raise NotFoundError(f"study {study_id!r} does not exist")
+            spec = self._specs.get(study_id)
+            if spec is None:
+                spec = self._specs[study_id] = StudySpec.model_validate_json(row["spec_json"])
+            study = _study(row, spec)
+            round_rows: list[RoundRow] = []
+            task_rows: list[TaskRow] = []
+            if with_rounds:
+                q = select(rounds).where(rounds.c.study_id == study_id).order_by(rounds.c.number)
+                round_rows = [_round(r) for r in c.execute(q).mappings()]
+                q = (
+                    select(tasks)
+                    .where(tasks.c.study_id == study_id)
+                    .order_by(tasks.c.created_at, tasks.c.site)
+                )
+                task_rows = [_task(r) for r in c.execute(q).mappings()]
+            reported: dict[str, ApprovalState] = {}
+            if study.spec_hash:
+                q = select(site_approvals.c.site, site_approvals.c.state).where(
+                    site_approvals.c.spec_hash == study.spec_hash
+                )
+                reported = {site: ApprovalState(state) for site, state in c.execute(q).all()}
+        approvals = (
+            {site: reported.get(site, ApprovalState.PENDING) for site in sorted(study.named_sites)}
+            if study.spec_hash
+            else {}
+        )
+        return study, round_rows, task_rows, approvals
 
     def spec(self, study_id: str) -> StudySpec:
         cached = self._specs.get(study_id)

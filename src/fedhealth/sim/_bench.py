@@ -179,7 +179,8 @@ def benchmark_collective(
             )
             load_before = os.getloadavg()
             study = fed.create_study(spec)
-            final = fed.wait_for_study(study.study_id, timeout=3600, interval=0.2)
+            # the figures are the sites' own timings: a slow poll, so as not to load the server they measure
+            final = fed.wait_for_study(study.study_id, timeout=3600, interval=1.0)
             load_after = os.getloadavg()
             if final.status is not StudyStatus.COMPLETED:
                 raise FederationError(f"benchmark session {final.status.value}: {final.reason}")
