@@ -22,9 +22,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
+from starlette.routing import Route
 
 import fedhealth
-from fedhealth.orchestrator._collective import collective_router
+from fedhealth.orchestrator._collective import COLLECTIVE_PATH, collective_router
+from fedhealth.orchestrator._direct import install_direct_routes
 from fedhealth.orchestrator._http import ApiError, install_error_handlers
 from fedhealth.orchestrator._limits import BodyLimits, EnrollmentPortMiddleware, RequestGate
 from fedhealth.orchestrator._routes_admin import admin_router
@@ -119,7 +121,13 @@ def create_app(
     for ext in extensions:
         for router in ext.routers():
             app.include_router(router)
-    for router in core_routers():
+    routers = core_routers()
+    for router in routers:
         app.include_router(router)
     install_error_handlers(app)
+    # the collective calls skip the router's search (every check of the middleware above still applies)
+    collective = [
+        r for rt in routers for r in rt.routes if isinstance(r, Route) and r.path == COLLECTIVE_PATH
+    ]
+    install_direct_routes(app, collective, marker="/collective/")
     return app
