@@ -38,10 +38,12 @@ def test_a_revocation_made_by_another_process_counts_at_the_next_read(stores):
     _enrolled(other, "alpha")
     for _ in range(3):
         credentials = serving.site_credentials("alpha")
-        assert credentials is not None and credentials.status is SiteStatus.ACTIVE
+        assert credentials is not None
+        assert credentials.status is SiteStatus.ACTIVE
     assert other.revoke_site("alpha", T0)
     credentials = serving.site_credentials("alpha")
-    assert credentials is not None and credentials.status is SiteStatus.REVOKED
+    assert credentials is not None
+    assert credentials.status is SiteStatus.REVOKED
 
 
 def test_a_rotation_made_by_another_process_retires_the_key_at_the_next_read(stores):
@@ -68,7 +70,8 @@ def test_a_broken_held_connection_is_replaced_and_disposing_the_engine_closes_it
     broken = reader._connection
     broken.dbapi_connection.close()  # as if the database server had dropped it
     credentials = serving.site_credentials("gamma")
-    assert credentials is not None and credentials.public_key == KEY
+    assert credentials is not None
+    assert credentials.public_key == KEY
     assert reader._connection is not broken
     serving.engine.dispose()
     assert reader._connection is None
