@@ -11,7 +11,8 @@ Where a route goes (each router's handlers are plain functions of the service, t
 - ``_routes_studies``: the operator's studies and reports; ``_routes_admin``: sites and users;
 - an :class:`Extension` (``_governance``, ``_privacy``): its own routes and state.
 
-Credentials, rate and body size are checked by :class:`RequestGate` before a route reads its body. Security
+Credentials, rate and body size are checked by :class:`RequestGate` before a route reads its body. The
+collective calls are matched ahead of the router (``_direct``), inside every middleware. Security
 actions (sites created, tokens issued, rotations, revocations, users and their keys, cancelled studies) are
 entries in the orchestrator's signed audit log, written in the same transaction as the change they record.
 """
