@@ -1,14 +1,14 @@
 """Routes served ahead of the app's router: the collective calls, hundreds a second per session.
 
-A collective call of a few bytes cost the orchestrator about 0.6 ms of CPU, and a sixth of it went to
-finding its route: FastAPI's router tries every route of every included router in turn, behind two layers
-of its own (the exception middleware and an exit stack for dependencies, which these plain endpoints do
-not have). :class:`DirectRoutes` sits innermost among the app's middleware, so every check stays where it
-was: the request gate (body limit before reading, client certificate, token with the store's revocation
-check, rate), the version headers, the enrollment-port filter, an extension's middleware (the metrics'
-request timer), and the outer error and telemetry layers of FastAPI. Only the route matching is done here,
-against the few direct routes, and the route is handled as the router would (``Route.handle``, with the
-app's exception handlers, so an error has the same status and shape).
+FastAPI's router tries every route of every included router in turn, and for a collective call of a few
+bytes that search (with the exit stack FastAPI keeps for dependencies these plain endpoints do not have)
+was about a sixth of the orchestrator's time. :class:`DirectRoutes` sits innermost among the app's
+middleware, so every check stays where it was: the request gate (body limit before reading, client
+certificate, token with the store's revocation check, rate), the version headers, the enrollment-port
+filter, an extension's middleware (the metrics' request timer), and FastAPI's outer error and telemetry
+layers. Only the route matching is done here, against the few direct routes; the route is then handled as
+the router would (``Route.handle``, behind Starlette's exception middleware with the app's handlers), so an
+error has the same status and shape.
 
 A direct route must be the route the router would pick for its paths; :func:`install_direct_routes`
 refuses a route that another route of the app shadows.
@@ -21,13 +21,11 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fedhealth.core import ConfigError
-
-# where the router keeps the app's exception handlers for Route.handle (Starlette's ExceptionMiddleware key)
-_HANDLERS = "starlette.exception_handlers"
 
 
 class DirectRoutes:
@@ -38,29 +36,32 @@ class DirectRoutes:
         self.app = app
         self.routes = tuple(routes)
         self.marker = marker
-        self._handlers: tuple[dict[Any, Any], dict[int, Any]] | None = None
+        self._handled: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.marker in scope["path"]:
             for route in self.routes:
                 match, child_scope = route.matches(scope)
                 if match is Match.FULL:
-                    if self._handlers is None:
-                        self._handlers = _exception_handlers(scope["app"])
-                    scope[_HANDLERS] = self._handlers
-                    scope["route"] = route
+                    if self._handled is None:
+                        self._handled = _with_exception_handlers(scope["app"], _handle)
+                    scope["route"] = route  # as the router sets it (the metrics' request timer reads it)
                     scope.update(child_scope)
-                    await route.handle(scope, receive, send)
+                    await self._handled(scope, receive, send)
                     return
         await self.app(scope, receive, send)
 
 
-def _exception_handlers(app: Starlette) -> tuple[dict[Any, Any], dict[int, Any]]:
-    """The app's handlers as its ExceptionMiddleware holds them (500 and Exception stay with the outer
-    ServerErrorMiddleware, which the direct routes still pass through)."""
-    by_class = {k: v for k, v in app.exception_handlers.items() if k not in (500, Exception)}
-    by_status = {k: v for k, v in by_class.items() if isinstance(k, int)}
-    return {k: v for k, v in by_class.items() if not isinstance(k, int)}, by_status
+async def _handle(scope: Scope, receive: Receive, send: Send) -> None:
+    await scope["route"].handle(scope, receive, send)
+
+
+def _with_exception_handlers(app: Starlette, inner: ASGIApp) -> ASGIApp:
+    """``inner`` behind the app's exception handlers, as its router is (Starlette's ExceptionMiddleware with
+    the same handlers; 500 and Exception stay with the outer ServerErrorMiddleware, which the direct routes
+    still pass through)."""
+    handlers = {k: v for k, v in app.exception_handlers.items() if k not in (500, Exception)}
+    return ExceptionMiddleware(inner, handlers=handlers, debug=app.debug)
 
 
 def install_direct_routes(app: Starlette, routes: Sequence[Route], *, marker: str) -> None:
