@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -80,6 +81,9 @@ def serve(
         log.warning("serving PLAIN HTTP (--insecure): tokens and model updates cross the network unencrypted")
 
     def _announce() -> None:  # called after the lifespan's recovery: the service is ready
+        # What start-up built (the app, its routes and schemas, the modules) lives as long as the process:
+        # out of the collector's way, a full collection walks only what requests create (gc.freeze's doc).
+        gc.freeze()
         log.info("orchestrator listening on %s", url)
         if enroll_url is not None:
             log.info("enrollment listener on %s", enroll_url)
