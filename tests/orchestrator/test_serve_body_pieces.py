@@ -1,6 +1,6 @@
-"""The orchestrator's HTTP protocol keeps a request body's pieces as the parser gave them (``_serve``): the app
-still gets every byte in order, whether it reads each piece at once or they pile up unread, and a body past
-uvicorn's high-water mark still pauses reading until the app takes it."""
+"""The orchestrator's HTTP protocol keeps a request body's pieces as the parser gave them (``_serve``): the
+app still gets every byte in order, whether it reads each piece at once or they pile up unread, and a body
+past uvicorn's high-water mark still pauses reading until the app takes it."""
 
 from __future__ import annotations
 
