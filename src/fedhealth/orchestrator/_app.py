@@ -11,7 +11,8 @@ Where a route goes (each router's handlers are plain functions of the service, t
 - ``_routes_studies``: the operator's studies and reports; ``_routes_admin``: sites and users;
 - an :class:`Extension` (``_governance``, ``_privacy``): its own routes and state.
 
-Credentials, rate and body size are checked by :class:`RequestGate` before a route reads its body. Security
+Credentials, rate and body size are checked by :class:`RequestGate` before a route reads its body. The
+collective calls are matched ahead of the router (``_direct``), inside every middleware. Security
 actions (sites created, tokens issued, rotations, revocations, users and their keys, cancelled studies) are
 entries in the orchestrator's signed audit log, written in the same transaction as the change they record.
 """
@@ -23,10 +24,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
+from starlette.routing import Route
 
 import fedhealth
 from fedhealth.learning import preload_libraries
-from fedhealth.orchestrator._collective import collective_router
+from fedhealth.orchestrator._collective import COLLECTIVE_PATH, collective_router
+from fedhealth.orchestrator._direct import install_direct_routes
 from fedhealth.orchestrator._http import ApiError, install_error_handlers
 from fedhealth.orchestrator._limits import BodyLimits, EnrollmentPortMiddleware, RequestGate
 from fedhealth.orchestrator._routes_admin import admin_router
@@ -124,7 +127,13 @@ def create_app(
     for ext in extensions:
         for router in ext.routers():
             app.include_router(router)
-    for router in core_routers():
+    routers = core_routers()
+    for router in routers:
         app.include_router(router)
     install_error_handlers(app)
+    # the collective calls skip the router's search (every check of the middleware above still applies)
+    collective = [
+        r for rt in routers for r in rt.routes if isinstance(r, Route) and r.path == COLLECTIVE_PATH
+    ]
+    install_direct_routes(app, collective, marker="/collective/")
     return app

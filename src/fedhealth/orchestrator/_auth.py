@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -84,6 +85,7 @@ class PeerCertificate:
     fingerprint: str
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of the key, compared on every agent request
 def key_thumbprint(public_key_hex: str) -> str:
     """What a site's tokens are bound to: the sha256 of its raw Ed25519 public key."""
     return sha256_hex(bytes.fromhex(public_key_hex))

@@ -6,11 +6,12 @@ participant posts call ``i`` (``POST /api/v1/agent/tasks/{task_id}/collective/{i
 gets the one result in the answer (204 if not within ``S`` seconds; ``GET`` on the same path long-polls).
 
 A collective costs milliseconds, so the route is a plain Starlette endpoint: no FastAPI body parsing or
-dependency resolution, no database read or write per call. The task's owner is checked against the session's
-own table of task ids (loaded when the session starts); the caller's token was checked by the
-:class:`~fedhealth.orchestrator._limits.RequestGate` on this very request, store lookup included, so a
-revoked site is refused at its next call. Only the session's start (tasks, attempt) and end (outcome, call
-count) reach the database and the audit log, through the round engine.
+dependency resolution, no database read or write in the route, and it is found without the router's
+search (:mod:`~fedhealth.orchestrator._direct`, inside every middleware). The task's owner is checked
+against the session's own table of task ids (loaded when the session starts); the caller's token was
+checked by the :class:`~fedhealth.orchestrator._limits.RequestGate` on this very request, store lookup
+included, so a revoked site is refused at its next call. Only the session's start (tasks, attempt) and
+end (outcome, call count) reach the database and the audit log, through the round engine.
 
 No dropout recovery: a participant whose call ``i`` has not arrived ``call_timeout_s`` after the first
 participant's, or whose task ends, fails the session for everyone with that reason (410 to every later
