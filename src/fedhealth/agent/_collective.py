@@ -30,11 +30,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 from urllib.parse import urlsplit
-
-import numpy as np
-from numpy.typing import NDArray
 
 import fedhealth
 from fedhealth.agent._client import OrchestratorClient, OrchestratorRefused, TlsVerificationError
@@ -55,7 +51,6 @@ from fedhealth.protocol import (
     version_headers,
 )
 from fedhealth.secagg import (
-    CallBuffer,
     CollectiveConfig,
     CollectiveSite,
     KeyReuseGuard,
@@ -273,18 +268,9 @@ class HttpCollectives(SessionMember):
         self._deadline = task.deadline
         self._poll_wait_s = poll_wait_s
         self._extra: dict[str, str] = {}
-        self._bodies = CallBuffer()
         if client.has_custom_transport:  # a test transport cannot lend its TLS set-up to a connection of ours
             raise ConfigError("a collective session needs the agent's network connection to the orchestrator")
         self._channel = SessionChannel(client, task_id=task.task_id, attempt=checked.config.attempt)
-
-    def secure_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
-        body = self._core.prepare_sum(values, buffer=self._bodies)
-        return self._core.complete_sum(self._exchange(self._core.pending_index, body))
-
-    def unmasked_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
-        body = self._core.prepare_sum(values, masked=False, buffer=self._bodies)
-        return self._core.complete_sum(self._exchange(self._core.pending_index, body))
 
     def _exchange(self, index: int, body: bytes | memoryview) -> bytes | memoryview:
         data = self._send(index, body, self._extra)

@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 from fedhealth.crypto import IdentityKey, PublicIdentity
 from fedhealth.secagg import (
     SETUP_INDEX,
+    CallBuffer,
     CollectiveConfig,
     CollectiveRelay,
     CollectiveSite,
@@ -74,6 +75,7 @@ class SessionMember:
     def __init__(self, core: CollectiveSite) -> None:
         self._core = core
         self._opened = False
+        self._bodies = CallBuffer()  # sum bodies are built here: valid until the next sum
 
     @property
     def site(self) -> str:
@@ -90,7 +92,7 @@ class SessionMember:
 
     def _exchange(self, index: int, body: bytes | memoryview) -> bytes | memoryview:
         """Send call ``index`` and return its result once every participant sent theirs (a view may be
-        valid only until the next call)."""
+        valid only until the next call). ``body`` may be a view of a buffer the next call reuses."""
         raise NotImplementedError
 
     def open(self) -> None:
@@ -100,11 +102,11 @@ class SessionMember:
         self._opened = True
 
     def secure_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
-        body = self._core.prepare_sum(values)
+        body = self._core.prepare_sum(values, buffer=self._bodies)
         return self._core.complete_sum(self._exchange(self._core.pending_index, body))
 
     def unmasked_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
-        body = self._core.prepare_sum(values, masked=False)
+        body = self._core.prepare_sum(values, masked=False, buffer=self._bodies)
         return self._core.complete_sum(self._exchange(self._core.pending_index, body))
 
     def broadcast(self, data: bytes | None) -> bytes:

@@ -35,6 +35,7 @@ _HEADER = struct.Struct("<4sBBH")  # magic, op, flags (reserved, 0), reserved: 8
 HEADER_BYTES = _HEADER.size
 _CHUNK = 1 << 15  # uint64 entries per masking step: 256 KiB, so the target chunk stays in cache
 _ZERO_NONCE = b"\x00" * 16
+_ZEROS = memoryview(bytes(8 * _CHUNK))  # what a mask stream encrypts: its keystream is the mask
 BROADCAST_DOMAIN = b"fedhealth-collective-broadcast/1\x00"
 
 
@@ -283,19 +284,22 @@ def apply_masks64(target: NDArray[np.uint64], add: list[bytes], subtract: list[b
 
 class _Masker:
     """The mask streams of one call, advanced chunk by chunk with every stream together, so each chunk of
-    the target is read and written while it sits in cache and nothing larger than a chunk is allocated."""
+    the target is read and written while it sits in cache and nothing larger than a chunk is allocated.
+    ``words`` (at least ``8 * width + 15`` bytes) is where a stream's next words are drawn."""
 
-    def __init__(self, add: list[bytes], subtract: list[bytes], width: int) -> None:
+    def __init__(
+        self, add: list[bytes], subtract: list[bytes], width: int, words: bytearray | None = None
+    ) -> None:
         self.streams = [(_aes_ctr(k), np.add) for k in add] + [(_aes_ctr(k), np.subtract) for k in subtract]
-        self.zeros = bytes(8 * width)
-        self.scratch = bytearray(8 * width + 15)
+        self.width = width
+        self.scratch = bytearray(8 * width + 15) if words is None else words
 
     def apply(self, part: NDArray[np.uint64]) -> None:
         """Add the streams' next ``part.size`` words to ``part`` (call it on the target's chunks in order)."""
-        for offset in range(0, part.size, len(self.zeros) // 8):
-            piece = part[offset : offset + len(self.zeros) // 8]
+        for offset in range(0, part.size, self.width):
+            piece = part[offset : offset + self.width]
             count = piece.size
-            block = self.zeros if 8 * count == len(self.zeros) else self.zeros[: 8 * count]
+            block = _ZEROS[: 8 * count]  # a view: no copy
             words = np.frombuffer(self.scratch, dtype="<u8", count=count)
             for encryptor, op in self.streams:
                 encryptor.update_into(block, self.scratch)
@@ -304,10 +308,13 @@ class _Masker:
 
 class CallBuffer:
     """Memory a site reuses for its call bodies: faulting in a fresh 8 MB for every call of a long session
-    costs as much as masking it. A body built here is valid until the next one of the same size."""
+    costs as much as masking it. A body built here is valid until the next one of the same size. It also
+    holds the chunk-sized scratch space a body is built with."""
 
     def __init__(self) -> None:
         self._data = bytearray()
+        self.values = np.empty(_CHUNK, dtype=np.float64)  # one chunk of scaled values
+        self.words = bytearray(8 * _CHUNK + 15)  # one chunk of a mask stream (update_into wants 15 more)
 
     def take(self, size: int) -> bytearray:
         if len(self._data) != size:
@@ -337,8 +344,10 @@ def masked_sum_call(
     _HEADER.pack_into(target, 0, _MAGIC, CollectiveOp.SUM, 0, 0)
     ring = np.frombuffer(target, dtype="<u8", offset=HEADER_BYTES, count=n)
     width = min(_CHUNK, max(n, 1))
-    scratch = np.empty(width, dtype=np.float64)
-    masker = _Masker(add, subtract, width) if add or subtract else None
+    scratch = np.empty(width, dtype=np.float64) if buffer is None else buffer.values
+    masker = (
+        _Masker(add, subtract, width, None if buffer is None else buffer.words) if add or subtract else None
+    )
     for start in range(0, n, _CHUNK):
         part = ring[start : start + _CHUNK]
         encode_into(values[start : start + _CHUNK], part, scratch)
