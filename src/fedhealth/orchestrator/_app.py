@@ -88,7 +88,14 @@ def create_app(
         app.state.services = svc
         # the recipes' libraries, loaded beside the service rather than by the first study's submission
         # (checking a boosting study's params imports its library: ~1.5 s of CPU, inside the study's time)
-        threading.Thread(target=preload_libraries, name="preload-libraries", daemon=True).start()
+        # /healthz says "loading" until they are in (their import adds ~130 MB to the process)
+        app.state.libraries = "loading"
+
+        def preload() -> None:
+            preload_libraries()
+            app.state.libraries = "loaded"
+
+        threading.Thread(target=preload, name="preload-libraries", daemon=True).start()
         app.state.shutdown = svc.notifier.shutdown
         if on_ready is not None:
             on_ready()

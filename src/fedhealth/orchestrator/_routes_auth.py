@@ -91,8 +91,11 @@ def auth_router() -> APIRouter:
     router = APIRouter()
 
     @router.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok", "version": fedhealth.__version__}
+    async def healthz(request: Request) -> dict[str, str]:
+        """Up, its release, and whether the recipes' libraries are loaded yet ("loading" for a few seconds
+        after start: a boosting study submitted meanwhile waits for them)."""
+        libraries = getattr(request.app.state, "libraries", "loaded")
+        return {"status": "ok", "version": fedhealth.__version__, "libraries": libraries}
 
     @router.post("/api/v1/enroll", response_model=EnrollResponse, tags=["enrollment"])
     async def enroll(svc: Svc, body: EnrollRequest) -> EnrollResponse:
