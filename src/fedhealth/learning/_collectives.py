@@ -169,8 +169,12 @@ class InMemorySession:
 
     def exchange(self, site: str, index: int, body: bytes) -> bytes | memoryview:
         with self._cond:
-            if self.relay.receive(site, index, body):
-                self._cond.notify_all()
+            try:
+                if self.relay.receive(site, index, body):
+                    self._cond.notify_all()
+            except BaseException:
+                self._cond.notify_all()  # a call that failed the session wakes the others now, not at timeout
+                raise
             give_up = time.monotonic() + self.call_timeout_s
             while (result := self.relay.result(index)) is None:  # raises once the session failed
                 remaining = give_up - time.monotonic()

@@ -115,6 +115,7 @@ class RankGroup:
         self._generation = 0
         self._outcome: tuple[Any, BaseException | None] = (None, None)
         self.error: BaseException | None = None
+        self._float_sums: FloatSums | None = None
 
     def fail(self, exc: BaseException) -> None:
         with self._cond:
@@ -156,6 +157,13 @@ class RankGroup:
         self.values_sent += int(np.size(values))
         return self.session.secure_sum(values)
 
+    @property
+    def float_sums(self) -> FloatSums:
+        """The group's :class:`FloatSums` (one per group: every site's makes the same decisions)."""
+        if self._float_sums is None:
+            self._float_sums = FloatSums(self._send)
+        return self._float_sums
+
     def _own_values(self, blocks: list[Any]) -> Any:
         """The own rank's values of a rendezvous (the placeholder ranks' are never used)."""
         values = blocks[self._own_index]
@@ -171,10 +179,10 @@ class RankGroup:
         )
 
     def float_sum(self, rank: int, values: NDArray[np.float64]) -> NDArray[np.float64]:
-        """:func:`float_sum` over the session of the own rank's ``values``, to every rank."""
+        """The exact sum (:class:`FloatSums`) over the session of the own rank's ``values``, to every rank."""
         data = np.array(values, dtype=np.float64) if rank == self.own else None
         return self._rendezvous(  # type: ignore[no-any-return]
-            rank, data, lambda blocks: float_sum(self._send, self._own_values(blocks))[0]
+            rank, data, lambda blocks: self.float_sums(self._own_values(blocks))[0]
         )
 
     def histogram_sum(self, rank: int, values: NDArray[np.float64] | None) -> NDArray[np.float64]:
@@ -184,10 +192,10 @@ class RankGroup:
         def once(blocks: list[Any]) -> NDArray[np.float64]:
             own = self._own_values(blocks)
             if self.tree is None:
-                return float_sum(self._send, own)[0]
+                return self.float_sums(own)[0]
             counts = self.tree.leaf_histogram()
             rows = self.tree.pooled_rows  # no count, and no sum of counts over the sites, exceeds them
-            total, words = float_sum(self._send, own, pack_counts(counts, rows))
+            total, words = self.float_sums(own, pack_counts(counts, rows))
             assert words is not None
             self.tree.take_histogram(unpack_counts(words, rows, counts.size))
             return total
@@ -216,35 +224,71 @@ class RankGroup:
         return self._rendezvous(rank, bytes(data), once)  # type: ignore[no-any-return]
 
 
-def float_sum(
-    secure_sum: Callable[[NDArray[np.float64]], NDArray[np.float64]],
-    values: NDArray[np.float64],
-    extra: NDArray[np.float64] | None = None,
-) -> tuple[NDArray[np.float64], NDArray[np.float64] | None]:
-    """The sum of float64 values over the sites, exact to 2^-80 (one secure sum of twice the values):
-    each value splits into its 2^-40 fixed-point part and the remainder times 2^40 (both exact in
-    float64), each part sums exactly in the session's ring, and the result is their sum, rounded once.
-    A plain 2^-40 sum would round the tiny hessians of confident rows (float32 values below 2^-17), and
-    the model would drift from LightGBM's own sums.
+class FloatSums:
+    """Sums of float64 values over the sites, exact to 2^-80, in one secure sum each while they can be.
 
-    ``extra`` values (multiples of 2^-40, such as :func:`pack_counts`'s) ride in the same secure sum, after
-    the values, in one part each; their sum is the second item (None without them)."""
-    flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
-    n = flat.size
-    parts = np.empty(2 * n + (0 if extra is None else extra.size), dtype=np.float64)
-    high, low = parts[:n], parts[n : 2 * n]
-    np.multiply(flat, _SCALE, out=low)  # exact: a power of two
-    np.rint(low, out=high)
-    np.subtract(low, high, out=low)  # the remainder times 2^40, exact
-    np.multiply(high, 1 / _SCALE, out=high)
-    if extra is not None:
-        parts[2 * n :] = extra
-    total = secure_sum(parts)
-    summed = np.multiply(total[n : 2 * n], 1 / _SCALE)
-    np.add(summed, total[:n], out=summed)  # one rounding, as before: high + low / 2^40
-    if extra is None:
-        return summed, None
-    return summed, total[2 * n :]
+    Each value splits into its 2^-40 fixed-point part and the remainder times 2^40 (both exact in float64);
+    each part sums exactly in the session's ring and the result is their sum, rounded once. A plain 2^-40
+    sum would round the tiny hessians of confident rows (float32 values below 2^-17), and the model would
+    drift from LightGBM's own sums.
+
+    The remainders are zero as long as every value is a multiple of 2^-40, as float32 gradients and hessians
+    of magnitude 2^-17 or more, and float64 sums of them, are (docs/boosting.md, "Float sums"): the second
+    part need not travel. While the last sum needed no second part, a sum is one secure sum of the first
+    parts and a flag (1 if this site has a value off the 2^-40 grid). If the summed flag is 0, the first
+    parts' sum *is* the exact sum, bit for bit what the two parts give. Otherwise every site (each learned
+    the same flag) sends both parts, and keeps sending both, with the flag, until a two-part sum's flag is 0
+    again. Learned beyond the two-part sums: per sum, the number of sites with a value off the grid (the
+    first parts' sum of a repeated sum is also in the repeat).
+
+    Every site decides from sums every site receives, so the sites' vectors always have the same length.
+    ``calls`` counts the secure sums made, ``repeats`` the sums that had to be sent again in two parts.
+    """
+
+    def __init__(self, secure_sum: Callable[[NDArray[np.float64]], NDArray[np.float64]]) -> None:
+        self._secure_sum = secure_sum
+        self.one_part = True
+        self.calls = 0
+        self.repeats = 0
+
+    def __call__(
+        self, values: NDArray[np.float64], extra: NDArray[np.float64] | None = None
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64] | None]:
+        """The exact sum of ``values`` over the sites. ``extra`` values (multiples of 2^-40, such as
+        :func:`pack_counts`'s) ride in the same secure sum, after the values, in one part each; their sum is
+        the second item (None without them)."""
+        flat = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+        n = flat.size
+        n_extra = 0 if extra is None else extra.size
+        parts = np.empty(2 * n + n_extra + 1, dtype=np.float64)
+        high, low = parts[:n], parts[n : 2 * n]
+        np.multiply(flat, _SCALE, out=low)  # exact: a power of two
+        np.rint(low, out=high)
+        np.subtract(low, high, out=low)  # the remainder times 2^40, exact
+        np.multiply(high, 1 / _SCALE, out=high)
+        off_grid = 1.0 if np.any(low) else 0.0
+        if self.one_part:
+            first = np.empty(n + n_extra + 1, dtype=np.float64)
+            first[:n] = high
+            if extra is not None:
+                first[n : n + n_extra] = extra
+            first[-1] = off_grid
+            total = self._sum(first)
+            if round(float(total[-1])) == 0:  # no site had a remainder: the first parts sum exactly
+                return total[:n], (None if extra is None else total[n : n + n_extra])
+            self.repeats += 1
+        if extra is not None:
+            parts[2 * n : 2 * n + n_extra] = extra
+        parts[-1] = off_grid
+        total = self._sum(parts)
+        self.one_part = round(float(total[-1])) == 0  # the next sum tries one part once no site needed two
+        summed = np.multiply(total[n : 2 * n], 1 / _SCALE)
+        np.add(summed, total[:n], out=summed)  # one rounding, as before: high + low / 2^40
+        return summed, (None if extra is None else total[2 * n : 2 * n + n_extra])
+
+    def _sum(self, values: NDArray[np.float64]) -> NDArray[np.float64]:
+        self.calls += 1
+        return self._secure_sum(values)
 
 
 # A secure sum carries a value x as the integer round(x * 2^40); an integer word below 2^53 goes in as

@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedhealth.learning._collectives import Collectives
-from fedhealth.learning._lightgbm_network import float_sum  # the same two-part sum as LightGBM's
+from fedhealth.learning._lightgbm_network import FloatSums  # the same exact sums as LightGBM's
 
 SERVICE = "xgboost.collective.federated.Federated"
 _TYPES: dict[int, str] = {
@@ -119,6 +119,7 @@ class SessionProxy:
         self.values_sent = 0
         self.error: BaseException | None = None
         self._lock = threading.Lock()
+        self._float_sums = FloatSums(self._secure_sum)
         self._server: Any = None
         self.port = 0
 
@@ -220,7 +221,7 @@ class SessionProxy:
         return self._guarded("metadata", reduce, context)
 
     def _float_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
-        return float_sum(self._secure_sum, np.asarray(values, dtype=np.float64))[0]
+        return self._float_sums(np.asarray(values, dtype=np.float64))[0]
 
     def _int_sum(self, values: NDArray[Any]) -> NDArray[Any]:
         width = values.dtype.itemsize
