@@ -18,7 +18,7 @@ from fedhealth.learning._xgboost_proxy import encode_reply
 _ROUNDS = textwrap.dedent(
     """
     import ctypes, threading
-    from fedhealth.learning._xgboost_proxy import keep_malloc_heaps
+    from fedhealth.core import keep_malloc_heaps
 
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

@@ -45,6 +45,7 @@ from fedhealth.core import (
     InputError,
     ServiceUnavailableError,
     decode_tensors,
+    keep_malloc_heaps,
     sha256_hex,
 )
 from fedhealth.crypto import IdentityKey
@@ -165,6 +166,7 @@ class SiteAgent:
         """Load the libraries training needs before the first poll (scikit-learn and the boosting libraries
         take seconds), so a first task does not pay them against its round's deadline, nor a study's timed
         path. No data is read here: only a task that passed its gates reads data."""
+        keep_malloc_heaps()  # collective calls move histogram-sized buffers: no fresh pages for each
         preload_libraries()
 
     def _dataset(self, name: str, study_id: str) -> TabularDataset:

@@ -32,6 +32,7 @@ from fedhealth.core._files import (
 )
 from fedhealth.core._hashing import canonical_json, file_sha256, sha256_hex
 from fedhealth.core._ids import is_valid_name, new_id
+from fedhealth.core._malloc import keep_malloc_heaps
 from fedhealth.core._tensors import TensorSpec, decode_tensors, encode_tensors, read_header, specs_of
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "encode_tensors",
     "file_sha256",
     "is_valid_name",
+    "keep_malloc_heaps",
     "make_private_dir",
     "new_id",
     "read_header",

@@ -13,8 +13,6 @@ listening on the loopback interface only). The proxy answers from the session:
 
 from __future__ import annotations
 
-import ctypes
-import platform
 import threading
 from concurrent import futures
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedhealth.core import keep_malloc_heaps
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._lightgbm_network import FloatSums  # the same exact sums as LightGBM's
 
@@ -83,29 +82,6 @@ def encode_reply(buffer: bytes | bytearray | memoryview | NDArray[Any]) -> bytes
         if not length:
             break
     return b"".join((out, buffer))
-
-
-# glibc's malloc, left to itself, gives the top of a thread's heap back to the system whenever more than
-# twice its (dynamic) mmap threshold is free there; the proxy's and XGBoost's client's buffers of a call
-# (several of the histogram's size, ~0.75 MB at 30 features) then come back as fresh zeroed pages at every
-# call: ~200 page faults per call and site, ~0.5 ms of CPU. Keeping 16 MiB at the top of each heap (and the
-# mmap threshold at glibc's own dynamic ceiling, 32 MiB, since setting one freezes the other) ends that;
-# freed memory a process keeps grows by at most 16 MiB per malloc arena.
-_M_TOP_PAD, _M_MMAP_THRESHOLD = -2, -3
-_malloc_tuned = False
-
-
-def keep_malloc_heaps() -> bool:
-    """Tune glibc's malloc for the proxy's large per-call buffers (once per process; elsewhere a no-op).
-    True if the settings are in force."""
-    global _malloc_tuned
-    if not _malloc_tuned and platform.libc_ver()[0] == "glibc":
-        try:
-            mallopt = ctypes.CDLL(None).mallopt
-        except (OSError, AttributeError):
-            return False
-        _malloc_tuned = bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TOP_PAD, 16 << 20))
-    return _malloc_tuned
 
 
 class SessionProxy:

@@ -19,6 +19,7 @@ import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 
+from fedhealth.core import keep_malloc_heaps
 from fedhealth.orchestrator._app import create_app
 from fedhealth.orchestrator._extensions import default_extensions
 from fedhealth.orchestrator._service import Extension, OrchestratorSettings
@@ -84,6 +85,7 @@ def serve(
         # What start-up built (the app, its routes and schemas, the modules) lives as long as the process:
         # out of the collector's way, a full collection walks only what requests create (gc.freeze's doc).
         gc.freeze()
+        keep_malloc_heaps()  # the relay's per-call bodies and sums reuse heap pages (fedhealth.core._malloc)
         log.info("orchestrator listening on %s", url)
         if enroll_url is not None:
             log.info("enrollment listener on %s", enroll_url)
