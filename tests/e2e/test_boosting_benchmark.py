@@ -42,3 +42,12 @@ def test_the_boosting_benchmark_reports_both_libraries_equal_to_pooled_with_thei
         assert run["bytes_per_site"] > 0
         assert 0 < run["waiting_share"] <= 1
         assert 0.5 <= run["accuracy"] <= 1.0
+        # CPU time, from /proc: every process did work during the study, no more than wall time allows
+        assert run["pooled_cpu_s"] > 0
+        assert run["orchestrator_cpu_s"] > 0
+        assert run["site_cpu_s"] > 0
+        cpus = report["cpus"]
+        assert run["cores_busy"] == pytest.approx(
+            (run["orchestrator_cpu_s"] + 3 * run["site_cpu_s"]) / run["federated_s"]
+        )
+        assert 0 < run["cores_busy"] <= cpus + 0.5  # clock-tick rounding

@@ -93,6 +93,11 @@ def boosting_benchmark(
             f"{r.waiting_share:.0%} of each site's time in collective calls; "
             f"{'equal to' if r.identical_to_pooled else 'DIFFERENT from'} the pooled model{accuracy}"
         )
+        if r.cores_busy is not None:
+            console.print(
+                f"    CPU: orchestrator {r.orchestrator_cpu_s:.1f} s, each site {r.site_cpu_s:.1f} s "
+                f"({r.cores_busy:.2f} cores busy on average), pooled {r.pooled_cpu_s:.2f} s"
+            )
     load = ", ".join(f"{v:.2f}" for v in result.load_before)
     console.print(f"load average at start {load} on {result.cpus} CPUs")
 

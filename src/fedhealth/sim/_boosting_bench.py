@@ -9,8 +9,10 @@ the study's wall time from submission to completion through the orchestrator and
 orchestrator records it), their ratio, the session's collectives per tree, the values each site put into
 secure sums (8 bytes each in the masking ring), and the share of each site's program spent inside
 collective calls (waiting for the others and the relay), read from each site's own record
-(``results.jsonl``). The sites' stewards approve each spec before the clock starts (in a federation that
-happens ahead of time, by people); the owner's signed submission is timed.
+(``results.jsonl``), and the CPU time of the orchestrator and of each agent process during the study (read
+from ``/proc``, Linux only), against the pooled run's: how much of the machine the federation kept busy.
+The sites' stewards approve each spec before the clock starts (in a federation that happens ahead of time,
+by people); the owner's signed submission is timed.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ class BoostingRun:
     program_s: float
     identical_to_pooled: bool
     accuracy: float | None
+    pooled_cpu_s: float  # CPU time of the pooled run timed (the best one)
+    orchestrator_cpu_s: float | None  # during the study; None where /proc is not there to read
+    site_cpu_s: float | None  # mean over the agents
+    cores_busy: float | None  # (orchestrator + every agent) CPU time / federated wall time
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,15 +131,16 @@ def benchmark_boosting(
             uris[name] = f"file://{data / f'{name}.csv'}?label=y"
         datasets = [open_dataset(uris[name]) for name in names]
         libraries = _libraries(features, trees)
-        pooled: dict[str, tuple[float, str]] = {}
+        pooled: dict[str, tuple[float, float, str]] = {}
         for library in libraries:
             on_step(f"{library.name} on the pooled rows")
-            best = float("inf")
+            best, best_cpu = float("inf"), 0.0
             for _ in range(POOLED_RUNS):  # the best of a few: one short run is at the mercy of the load
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.process_time()
                 model = library.train_pooled(library.params, datasets)
-                best = min(best, time.perf_counter() - started)
-            pooled[library.name] = (best, library.trees_of(model))
+                if (wall := time.perf_counter() - started) < best:
+                    best, best_cpu = wall, time.process_time() - started_cpu
+            pooled[library.name] = (best, best_cpu, library.trees_of(model))
         load_before = os.getloadavg()
         runs = []
         with LocalFederation(root / "federation", log_level="warning") as fed:
@@ -159,6 +166,9 @@ def benchmark_boosting(
                 # the stewards' approvals come first, as they would days before: not part of the training
                 for name in names:
                     fed.approve(name, spec)
+                processes = [fed.orchestrator, *(fed.agents[name] for name in names)]
+                pids = [p.pid if p is not None else None for p in processes]
+                cpu_before = [_cpu_seconds(pid) for pid in pids]
                 started = time.time()
                 submitted = fed.create_study(spec, approve=False)
                 # polled as a client would, slowly: the end is the orchestrator's own record of it
@@ -168,9 +178,10 @@ def benchmark_boosting(
                 if final.status is not StudyStatus.COMPLETED or final.ended_at is None:
                     raise FederationError(f"benchmark study {final.status.value}: {final.reason}")
                 federated_s = final.ended_at.timestamp() - started
+                cpu = _cpu_used(cpu_before, [_cpu_seconds(pid) for pid in pids])
                 result = final.rounds[0].metrics or {}
                 records = [_site_record(fed, name, final.study_id) for name in names]
-                pooled_s, reference = pooled[library.name]
+                pooled_s, pooled_cpu_s, reference = pooled[library.name]
                 identical = library.trees_of(library.from_result(result)) == reference
                 built = int(result.get("trees") or trees)
                 runs.append(
@@ -188,6 +199,10 @@ def benchmark_boosting(
                         program_s=float(np.mean([r["program_s"] for r in records])),
                         identical_to_pooled=identical,
                         accuracy=result.get("accuracy"),
+                        pooled_cpu_s=pooled_cpu_s,
+                        orchestrator_cpu_s=None if cpu is None else cpu[0],
+                        site_cpu_s=None if cpu is None else float(np.mean(cpu[1:])),
+                        cores_busy=None if cpu is None else sum(cpu) / federated_s,
                     )
                 )
     return BoostingBenchmark(
@@ -199,6 +214,24 @@ def benchmark_boosting(
         load_before=load_before,
         runs=tuple(runs),
     )
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process so far, from ``/proc`` (None where it cannot be read)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_used(before: list[float | None], after: list[float | None]) -> list[float] | None:
+    """Each process's CPU time between two readings; None unless every reading was there."""
+    if any(v is None for v in (*before, *after)):
+        return None
+    return [a - b for a, b in zip(after, before, strict=True)]  # type: ignore[operator]
 
 
 @dataclass(frozen=True, slots=True)
