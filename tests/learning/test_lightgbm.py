@@ -129,6 +129,52 @@ def test_a_split_step_costs_one_collective_the_histogram_sum(centers):
     assert total == 1 + 2 + 2 + 1 + 5 + 5 * 3
 
 
+def test_with_early_stopping_and_checkpoints_a_split_step_still_costs_one_collective(centers, tmp_path):
+    # every site runs every rank here too: the split-record gathers are answered at the site, and the only
+    # collectives besides LightGBM's are the early-stopping sums (one per round) and the resume agreement
+    params = LightGbmParams(
+        n_features=13, num_rounds=200, learning_rate=0.5, num_leaves=4, early_stopping_rounds=3, retries=1
+    )
+    session = InMemorySession(SITES, call_timeout_s=60)
+
+    def program(member: Any) -> Any:
+        (tmp_path / member.site).mkdir()
+        dataset = centers[SITES.index(member.site)]
+        return train_site(params, dataset, member, tmp_path / member.site)[1], member.calls
+
+    calls, total = session.run(program)[SITES[0]]
+    assert any((tmp_path / SITES[0]).rglob("*.json"))  # the site checkpointed its rounds
+    rounds = calls["root_sum"]
+    assert calls["stopping"] == rounds == calls["best_iteration"] + 3 < 200
+    assert calls["histogram_sum"] == calls["split_records"] == rounds * 3
+    # the bins' cell counts, the validation rows, the resume agreement, then LightGBM's collectives but the
+    # split-record gathers, and the early-stopping sums
+    assert total == 1 + 1 + 1 + 2 + 2 + 1 + rounds + rounds * 3 + rounds
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"early_stopping_rounds": 3, "learning_rate": 0.5}, {"retries": 1}],
+    ids=["plain", "early-stopping", "checkpoints"],
+)
+def test_training_leaves_lightgbm_s_process_wide_thread_count_at_one(centers, tmp_path, overrides):
+    # LightGBM's thread count is one value for the process, set by every booster and prediction; a rise
+    # while another site's booster of this process is inside an iteration corrupts LightGBM's heap
+    # (_lightgbm_network's module docstring): every call of the recipe must pass num_threads=1
+    import ctypes
+
+    threads = ctypes.c_int.in_dll(lightgbm.basic._LIB, "LGBM_DEFAULT_NUM_THREADS")
+    params = LightGbmParams(n_features=13, num_rounds=10, num_leaves=4, **overrides)
+    session = InMemorySession(SITES, call_timeout_s=60)
+
+    def program(member: Any) -> Any:
+        (tmp_path / member.site).mkdir()
+        return train_site(params, centers[SITES.index(member.site)], member, tmp_path / member.site)
+
+    session.run(program)
+    assert threads.value == 1
+
+
 def test_multiclass_trains_one_tree_per_class_and_round(centers):
     params = LightGbmParams(n_features=13, objective="multiclass", num_class=2, num_rounds=3, num_leaves=4)
     runs = _federated(params, centers)

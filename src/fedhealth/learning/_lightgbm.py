@@ -479,9 +479,6 @@ def train_site(
             max_depth=params.max_depth,
             min_data_in_leaf=params.min_data_in_leaf,
         ),
-        # with early stopping or checkpoints, one rank per site (the split records gathered by secure sum):
-        # predicting and saving between rounds next to other boosters of the same network aborted LightGBM
-        all_ranks=stopper is None and checkpoint is None,
     )
     # every rank of the network at this site (module docstring of _lightgbm_network), each on its own thread
     sets = {}
@@ -534,8 +531,11 @@ def train_site(
         nonlocal raw, stopped
         booster = boosters[rank]
         if stopper is not None:
-            if rows:
-                raw += booster.predict(valid_codes, start_iteration=i, num_iteration=1, raw_score=True)
+            if rows:  # one thread: a prediction sets LightGBM's process-wide thread count (the network's
+                # module docstring), and other sites' boosters in this process may be inside an iteration
+                raw += booster.predict(
+                    valid_codes, start_iteration=i, num_iteration=1, raw_score=True, num_threads=1
+                )
             output = _probabilities(params.objective, raw)
             pieces = validation_pieces(params.objective, output, dataset.y_test)
             loss_sum, total = session.secure_sum(pieces).tolist()

@@ -33,10 +33,17 @@ The call sites are those of LightGBM 4.7.0 (the ``gbdt`` extra pins it; tests/le
 checks the schedule).
 
 LightGBM keeps its network state per thread and gives the callbacks no context pointer: a network is bound to
-the thread that created it (:meth:`SessionNetwork.bind`), which must also train and free it. Python exceptions
-cannot unwind through LightGBM's C++ frames, so a callback never raises: it records the error, answers with
-the site's local values (as if it were alone; LightGBM finishes the iteration on them) and the training loop
-raises the error after the iteration (:meth:`SessionNetwork.check`).
+the thread that created it (:meth:`SessionNetwork.bind`), which must also train and free it. Its thread count,
+on the other hand, is one value for the whole process, which every booster's creation and every prediction
+sets from its ``num_threads`` (0, the default, means OpenMP's maximum); a learner sizes per-thread buffers
+with one read of it and runs the loop that fills them with another (``SerialTreeLearner::Train`` and
+``DataParallelTreeLearner::FindBestSplitsFromHistograms``), so a rise while any booster of the process is
+inside an iteration writes past the end of a buffer and corrupts the heap. Every LightGBM call of the
+recipe passes ``num_threads=1`` (tests/learning/test_lightgbm.py checks the value after training).
+
+Python exceptions cannot unwind through LightGBM's C++ frames, so a callback never raises: it records the
+error, answers with the site's local values (as if it were alone; LightGBM finishes the iteration on them)
+and the training loop raises the error after the iteration (:meth:`SessionNetwork.check`).
 """
 
 from __future__ import annotations
@@ -99,15 +106,11 @@ class RankGroup:
     ranks only. A rank that stops (:meth:`fail`) stops the others at their next call.
     """
 
-    def __init__(
-        self, session: Collectives, tree: TreeTracker | None = None, *, all_ranks: bool = True
-    ) -> None:
+    def __init__(self, session: Collectives, tree: TreeTracker | None = None) -> None:
         self.session = session
         self.n = len(session.sites)
         self.own = session.sites.index(session.site)  # the rank that trains on this site's rows
-        # the ranks this site runs: all n, or only its own (then the records are gathered by secure sum)
-        self.ranks = list(range(self.n)) if all_ranks else [self.own]
-        self._own_index = self.ranks.index(self.own)
+        self.ranks = list(range(self.n))  # the ranks this site runs: all of them
         self.tree = tree  # shared by the ranks: the group updates it once per step
         self.values_sent = 0  # float64 values this site put into secure sums during training
         self._cond = threading.Condition()
@@ -166,7 +169,7 @@ class RankGroup:
 
     def _own_values(self, blocks: list[Any]) -> Any:
         """The own rank's values of a rendezvous (the placeholder ranks' are never used)."""
-        values = blocks[self._own_index]
+        values = blocks[self.own]
         if values is None:
             raise UnprotectedCollectiveError("this site's own LightGBM rank passed no values to sum")
         return values
@@ -202,23 +205,14 @@ class RankGroup:
 
         return self._rendezvous(rank, values if rank == self.own else None, once)  # type: ignore[no-any-return]
 
-    def _gather_by_sum(self, rank: int, data: bytes) -> list[bytes]:
-        words = np.frombuffer(data, dtype="<u2").astype(np.float64)
-        values = np.zeros((self.n, words.size), dtype=np.float64)
-        values[rank] = words
-        total = self._send(values.reshape(-1)).reshape(self.n, words.size)
-        return [np.rint(row).astype("<u2").tobytes() for row in total]
-
     def share(self, rank: int, value: Any) -> Any:
-        """The first local rank's ``value``, to every rank once all arrived."""
+        """Rank 0's ``value``, to every rank once all arrived."""
         return self._rendezvous(rank, value, lambda values: values[0])
 
     def gather(self, rank: int, data: bytes) -> list[bytes]:
         """Every rank's ``data``, in rank order (split records: with the tree's exact counts written in)."""
 
         def once(blocks: list[bytes]) -> list[bytes]:
-            if len(self.ranks) == 1:  # only this site's rank: each site's record in its own block of a sum
-                blocks = self._gather_by_sum(self.ranks[0], blocks[0])
             return self.tree.exact_counts(blocks) if self.tree is not None else blocks
 
         return self._rendezvous(rank, bytes(data), once)  # type: ignore[no-any-return]
