@@ -2,9 +2,11 @@
 ``federated.proto`` on 127.0.0.1 whose every call goes through a session's collectives (docs/boosting.md).
 
 XGBoost's federated client sends each collective of the site's worker to this proxy (one proxy per site,
-listening on the loopback interface only). The proxy answers from the session:
+listening on the loopback interface only, and answering only connections from its own process: another
+local account's program that finds the port is refused before anything is summed). The proxy answers from
+the session:
 
-- Allreduce SUM of floats: one secure sum, exact to 2^-80 (two fixed-point parts, like LightGBM's sums);
+- Allreduce SUM of floats: one secure sum, exact to 2^-80 (:class:`FloatSums`, like LightGBM's sums);
 - Allreduce SUM of integers: one secure sum of 16-bit limbs, recombined modulo 2^(8 x width);
 - Allgather, AllgatherV, Broadcast and the other reductions (MAX, MIN, bitwise): each site's buffer in its own
   block of a secure sum (so the sum is their concatenation), reduced at the site. XGBoost uses these, with
@@ -13,8 +15,12 @@ listening on the loopback interface only). The proxy answers from the session:
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 import threading
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +29,8 @@ from numpy.typing import NDArray
 from fedhealth.core import keep_malloc_heaps
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._lightgbm_network import FloatSums  # the same exact sums as LightGBM's
+
+log = logging.getLogger(__name__)
 
 SERVICE = "xgboost.collective.federated.Federated"
 _TYPES: dict[int, str] = {
@@ -70,6 +78,57 @@ def decode_request(data: bytes) -> dict[int, Any]:
     return fields
 
 
+# 127.0.0.1 as the kernel's TCP tables print it (32-bit words in host order): in /proc/net/tcp, and as the
+# IPv4-mapped address of a dual-stack socket (gRPC's) in /proc/net/tcp6
+_LOOPBACK = (
+    ("0100007F", "0000000000000000FFFF00000100007F")
+    if sys.byteorder == "little"
+    else ("7F000001", "00000000000000000000FFFF7F000001")
+)
+
+
+def peer_is_this_process(peer: str, port: int) -> bool | None:
+    """Whether gRPC's ``peer`` (``ipv4:127.0.0.1:P``) is a socket of this very process connected to ``port``
+    on 127.0.0.1: the kernel's TCP table (``/proc/net/tcp``) gives the inode of the socket with that pair
+    of ends, and it must be one of this process's open files. None where the table cannot be read (not
+    Linux)."""
+    prefix = "ipv4:127.0.0.1:"
+    if not peer.startswith(prefix) or not peer[len(prefix) :].isdigit():
+        return False
+    ends = (f"{int(peer[len(prefix) :]):04X}", f"{port:04X}")
+    table: list[str] = []
+    for name in ("tcp", "tcp6"):  # tcp6 is absent where IPv6 is off
+        try:
+            table += Path(f"/proc/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+    if not table:
+        return None
+    inode = None
+    for line in table:  # sl local rem st tx:rx tr:tm retr uid timeout inode ...
+        fields = line.split()
+        if len(fields) < 10:
+            continue
+        (local_ip, _, local_port), (remote_ip, _, remote_port) = (f.partition(":") for f in fields[1:3])
+        if (local_port, remote_port) == ends and local_ip in _LOOPBACK and remote_ip in _LOOPBACK:
+            inode = fields[9]
+            break
+    if inode is None or inode == "0":
+        return False
+    target = f"socket:[{inode}]"
+    try:
+        descriptors = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for fd in descriptors:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def encode_reply(buffer: bytes | bytearray | memoryview | NDArray[Any]) -> bytes:
     """A reply message: ``bytes receive_buffer = 1``, from any contiguous buffer (an array's bytes are
     copied once, into the message)."""
@@ -96,6 +155,9 @@ class SessionProxy:
         self.error: BaseException | None = None
         self._lock = threading.Lock()
         self._float_sums = FloatSums(self._secure_sum)
+        self._peers: set[str] = set()  # callers found to be this process
+        self._unchecked_logged = False
+        self.refused = 0  # calls refused: not from this process
         self._server: Any = None
         self.port = 0
 
@@ -105,8 +167,12 @@ class SessionProxy:
         keep_malloc_heaps()
 
         def unary(fn: Any) -> Any:
+            def admitted(request: dict[int, Any], context: Any) -> bytes | NDArray[Any]:
+                self._admit(context)
+                return fn(request, context)  # type: ignore[no-any-return]
+
             return grpc.unary_unary_rpc_method_handler(
-                fn, request_deserializer=decode_request, response_serializer=encode_reply
+                admitted, request_deserializer=decode_request, response_serializer=encode_reply
             )
 
         handler = grpc.method_handlers_generic_handler(
@@ -127,6 +193,28 @@ class SessionProxy:
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop(grace=None)
+
+    def _admit(self, context: Any) -> None:
+        """Refuse (PERMISSION_DENIED) a call that does not come from this process, XGBoost's worker: the
+        port is open to every local account, and a call of theirs would become this site's part of a sum
+        and get them the other sites' pooled histograms. A caller is checked once per connection."""
+        peer = context.peer()
+        if peer in self._peers:
+            return
+        own = peer_is_this_process(peer, self.port)
+        if own is None:  # no /proc: the caller cannot be checked here
+            if not self._unchecked_logged:
+                log.warning("XGBoost proxy: callers cannot be checked on this platform (no /proc/net/tcp)")
+                self._unchecked_logged = True
+            return
+        if not own:
+            import grpc
+
+            self.refused += 1
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "only this site's XGBoost worker may call its proxy"
+            )
+        self._peers.add(peer)
 
     # --- the collectives --------------------------------------------------------------------------------
 
