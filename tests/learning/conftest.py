@@ -37,3 +37,19 @@ def heart_centers(heart_data_dir: Path) -> list[Any]:
     from fedhealth.data import load_heart_disease
 
     return [load_heart_disease(c, heart_data_dir, download=False) for c in range(4)]
+
+
+@pytest.fixture
+def float_sums_made(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every ``FloatSums`` the test creates (one per site and session), to read their calls and repeats."""
+    from fedhealth.learning import _lightgbm_network
+
+    made: list[Any] = []
+    init = _lightgbm_network.FloatSums.__init__
+
+    def recording(self: Any, *args: Any) -> None:
+        init(self, *args)
+        made.append(self)
+
+    monkeypatch.setattr(_lightgbm_network.FloatSums, "__init__", recording)
+    return made

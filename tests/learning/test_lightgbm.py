@@ -432,24 +432,14 @@ def test_a_sites_ranks_share_one_secure_sum_of_the_own_ranks_values_only():
 
 
 def test_confident_rows_send_both_parts_of_a_float_sum_and_the_model_stays_the_pooled_one(
-    centers, monkeypatch
+    centers, float_sums_made
 ):
     # at learning rate 1 the predictions grow confident: hessians fall below 2^-17, off the 2^-40 grid, and
     # the histogram sums of those trees go in two parts (docs/boosting.md, "Float sums")
-    from fedhealth.learning import _lightgbm_network
-
-    made: list[Any] = []
-    init = _lightgbm_network.FloatSums.__init__
-
-    def recording(self: Any, *args: Any) -> None:
-        init(self, *args)
-        made.append(self)
-
-    monkeypatch.setattr(_lightgbm_network.FloatSums, "__init__", recording)
     params = LightGbmParams(n_features=13, num_rounds=40, learning_rate=1.0)
     runs = _federated(params, centers)
-    assert len(made) == len(SITES)
-    assert len({(s.calls, s.repeats) for s in made}) == 1  # every site decided alike
-    assert 0 < made[0].repeats < made[0].calls / 2
+    assert len(float_sums_made) == len(SITES)
+    assert len({(s.calls, s.repeats) for s in float_sums_made}) == 1  # every site decided alike
+    assert 0 < float_sums_made[0].repeats < float_sums_made[0].calls / 2
     federated, pooled = runs[SITES[0]][0], train_pooled(params, centers)
     assert _trees(federated.model_text) == _trees(pooled.model_text)

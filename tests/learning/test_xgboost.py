@@ -186,22 +186,12 @@ def test_the_start_score_is_the_pooled_label_mean_so_three_sites_equal_the_poole
 
 
 def test_confident_rows_send_both_parts_of_a_float_sum_and_the_model_stays_the_pooled_one(
-    centers, monkeypatch
+    centers, float_sums_made
 ):
-    from fedhealth.learning import _lightgbm_network
-
-    made: list[Any] = []
-    init = _lightgbm_network.FloatSums.__init__
-
-    def recording(self: Any, *args: Any) -> None:
-        init(self, *args)
-        made.append(self)
-
-    monkeypatch.setattr(_lightgbm_network.FloatSums, "__init__", recording)
     params = XGBoostParams(n_features=13, num_rounds=40, learning_rate=1.0)
     runs = _federated(params, centers)
-    assert len(made) == len(SITES)
-    assert len({(s.calls, s.repeats) for s in made}) == 1
-    assert 0 < made[0].repeats < made[0].calls / 2
+    assert len(float_sums_made) == len(SITES)  # one proxy per site
+    assert len({(s.calls, s.repeats) for s in float_sums_made}) == 1  # every site decided alike
+    assert 0 < float_sums_made[0].repeats < float_sums_made[0].calls / 2
     federated, pooled = runs[SITES[0]][0], train_pooled_xgboost(params, centers)
     assert _trees(federated.model_json) == _trees(pooled.model_json)
