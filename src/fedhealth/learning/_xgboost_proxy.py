@@ -88,12 +88,12 @@ _LOOPBACK = (
 
 
 def peer_is_this_process(peer: str, port: int) -> bool | None:
-    """Whether gRPC's ``peer`` (``ipv4:127.0.0.1:P``) is a socket of this very process connected to ``port``
-    on 127.0.0.1: the kernel's TCP table (``/proc/net/tcp``) gives the inode of the socket with that pair
-    of ends, and it must be one of this process's open files. None where the table cannot be read (not
-    Linux)."""
-    prefix = "ipv4:127.0.0.1:"
-    if not peer.startswith(prefix) or not peer[len(prefix) :].isdigit():
+    """Whether gRPC's ``peer`` (``ipv4:127.0.0.1:P``, or its IPv4-mapped IPv6 form) is a socket of this very
+    process connected to ``port`` on 127.0.0.1: the kernel's TCP table (``/proc/net/tcp``) gives the inode of
+    the socket with that pair of ends, and it must be one of this process's open files. None where the
+    table cannot be read (not Linux)."""
+    prefix = next((p for p in ("ipv4:127.0.0.1:", "ipv6:[::ffff:127.0.0.1]:") if peer.startswith(p)), "")
+    if not prefix or not peer[len(prefix) :].isdigit():
         return False
     ends = (f"{int(peer[len(prefix) :]):04X}", f"{port:04X}")
     table: list[str] = []
