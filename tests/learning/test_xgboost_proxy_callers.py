@@ -98,9 +98,9 @@ def test_a_peer_that_is_no_socket_of_this_process_is_not_taken_for_one(proxy):
 
 def test_the_mapped_form_of_the_peer_is_checked_like_the_ipv4_one(proxy):
     server, _, address = proxy
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address) as channel:  # checked while the connection is open
         channel.unary_unary(f"/{SERVICE}/Allreduce")(_allreduce_request(np.ones(2)))
-    (peer,) = server._peers  # the worker's connection, as gRPC named it: ipv4:127.0.0.1:P
-    port = peer.rsplit(":", 1)[1]
-    assert peer_is_this_process(peer, server.port) is True
-    assert peer_is_this_process(f"ipv6:[::ffff:127.0.0.1]:{port}", server.port) is True
+        (peer,) = server._peers  # the worker's connection, as gRPC named it: ipv4:127.0.0.1:P
+        port = peer.rsplit(":", 1)[1]
+        assert peer_is_this_process(peer, server.port) is True
+        assert peer_is_this_process(f"ipv6:[::ffff:127.0.0.1]:{port}", server.port) is True
