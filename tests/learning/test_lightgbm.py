@@ -402,7 +402,7 @@ def test_a_sites_ranks_share_one_secure_sum_of_the_own_ranks_values_only():
     from fedhealth.learning._lightgbm_network import RankGroup, UnprotectedCollectiveError
 
     def run(group: RankGroup, values: list[np.ndarray]) -> list[Any]:
-        out: list[Any] = [None] * 3
+        out: list[Any] = [None] * len(group.ranks)
 
         def one(rank: int) -> None:
             try:
@@ -410,18 +410,20 @@ def test_a_sites_ranks_share_one_secure_sum_of_the_own_ranks_values_only():
             except UnprotectedCollectiveError as exc:
                 out[rank] = exc
 
-        threads = [threading.Thread(target=one, args=(r,)) for r in range(3)]
+        threads = [threading.Thread(target=one, args=(r,)) for r in group.ranks]
         for t in threads:
             t.start()
         for t in threads:
             t.join(10)
         return out
 
-    session = _Recording()  # site "a": rank 0 is its own, ranks 1 and 2 train on placeholder rows
-    placeholders = [np.arange(4.0), np.full(4, 7.0), np.full(4, -1.0)]
-    results = run(RankGroup(session), placeholders)
-    assert len(session.summed) == 1  # one secure sum for the three ranks
-    assert np.array_equal(session.summed[0], np.arange(4.0))  # of the own rank's values, never the others'
+    session = _Recording()  # site "a" of three: rank 0 trains on its rows, rank 1 on placeholder rows
+    group = RankGroup(session)
+    assert (group.ranks, group.own, group.sites) == ([0, 1], 0, 3)  # two ranks, whatever the session's size
+    placeholders = [np.arange(4.0), np.full(4, 7.0)]
+    results = run(group, placeholders)
+    assert len(session.summed) == 1  # one secure sum for the two ranks
+    assert np.array_equal(session.summed[0], np.arange(4.0))  # of the own rank's values, never the other's
     assert all(np.array_equal(r, np.arange(4.0) * 3) for r in results)  # and every rank gets the sum
     group = RankGroup(session)
     group.fail(RuntimeError("rank 1 stopped"))

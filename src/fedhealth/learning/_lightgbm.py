@@ -480,7 +480,7 @@ def train_site(
             min_data_in_leaf=params.min_data_in_leaf,
         ),
     )
-    # every rank of the network at this site (module docstring of _lightgbm_network), each on its own thread
+    # both ranks of this site's network (module docstring of _lightgbm_network), each on its own thread
     sets = {}
     for rank in group.ranks:
         # the own rank trains on the site's rows; the others search blocks of the summed histograms only

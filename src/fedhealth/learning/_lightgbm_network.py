@@ -5,14 +5,16 @@ LightGBM's data-parallel learner talks to the other machines through two functio
 on a :class:`~fedhealth.learning.Collectives` session so that nothing a site computed from its own rows leaves
 it except inside a secure sum.
 
-Each site runs all ``n`` ranks of the network itself (:class:`RankGroup`: one LightGBM booster per rank, each
-on its own thread). Rank r searches the best split of its block of features in the *summed* histograms, so it
-finds the record site r's rank would find: the split-record allgather is answered at the site, without a
-round trip, and what the site computes is what n machines would compute together. Only the site's own rank
-trains on the site's rows; the others train on a few placeholder rows (:func:`placeholder_rows`): every
-sum a rank asks for is answered with the sum of the *own* rank's values over the sites (the placeholders'
-values are never sent), and a rank's decisions depend only on such sums, so the placeholder ranks grow the
-same trees while LightGBM's work on the site's rows is done once. The session makes each sum once:
+Each site runs a LightGBM network of its own with two ranks (:class:`RankGroup`: one booster per rank, each on
+its own thread), whatever the number of sites. Both ranks search the best split of their blocks of features in
+the *summed* histograms; LightGBM keeps, per leaf, the record of the larger gain (at equal gain the smaller
+feature index), which is the best record over all features however they are shared among machines, so the
+two ranks choose the split that n machines choose: the split-record allgather is answered at the site,
+without a round trip. Only rank 0 trains on the site's rows; rank 1 trains on a few placeholder rows
+(:func:`placeholder_rows`): every sum a rank asks for is answered with the sum of rank 0's values over the
+sites (the placeholder's values are never sent), and a rank's decisions depend only on such sums, so the
+placeholder rank grows the same tree while LightGBM's work on the site's rows is done once. The session
+makes each sum once:
 
 - reduce-scatter (gradient histograms; LightGBM hands the reducer, which must be a float64 sum): one secure
   sum of the whole buffer, with this site's rows of the same leaf per (feature, bin code) after it, several
@@ -92,24 +94,31 @@ _ALLGATHER = ctypes.CFUNCTYPE(
 
 _bound = threading.local()
 
+# The machines of the LightGBM network each site runs (module docstring): two, the fewest LightGBM's
+# data-parallel learner runs with, for any number of sites.
+NETWORK_RANKS = 2
+
 
 class UnprotectedCollectiveError(RuntimeError):
     """LightGBM asked for a collective this bridge does not know how to protect; the session fails."""
 
 
 class RankGroup:
-    """The ``n`` LightGBM ranks one site runs, one thread each, in lockstep (see the module docstring).
+    """The LightGBM ranks one site runs (:data:`NETWORK_RANKS`), one thread each, in lockstep (see the module
+    docstring).
 
-    Only the site's own rank (:attr:`own`) trains on this site's rows; the others train on placeholder rows.
-    Every sum the ranks ask for is made once, of the own rank's values (:meth:`secure_sum`): the other
-    ranks' values are never looked at, and every rank gets the sum. :meth:`gather` is a rendezvous of the
-    ranks only. A rank that stops (:meth:`fail`) stops the others at their next call.
+    Only the site's own rank (:attr:`own`, rank 0) trains on this site's rows; the other trains on placeholder
+    rows. Every sum the ranks ask for is made once over the session's :attr:`sites`, of the own rank's values
+    (:meth:`secure_sum`): the other rank's values are never looked at, and every rank gets the sum.
+    :meth:`gather` is a rendezvous of the ranks only. A rank that stops (:meth:`fail`) stops the others at
+    their next call.
     """
 
     def __init__(self, session: Collectives, tree: TreeTracker | None = None) -> None:
         self.session = session
-        self.n = len(session.sites)
-        self.own = session.sites.index(session.site)  # the rank that trains on this site's rows
+        self.sites = len(session.sites)  # the participants of every secure sum
+        self.n = NETWORK_RANKS  # the machines of this site's LightGBM network, whatever the session's size
+        self.own = 0  # the rank that trains on this site's rows
         self.ranks = list(range(self.n))  # the ranks this site runs: all of them
         self.tree = tree  # shared by the ranks: the group updates it once per step
         self.values_sent = 0  # float64 values this site put into secure sums during training
@@ -500,14 +509,14 @@ class SessionNetwork:
             if chosen is None:  # LightGBM's own value, the same at every site: check that it is
                 chosen = value
                 total = self._secure_sum(np.array([value], dtype=np.float64))
-                if total[0] != int(np.rint(value * 2.0**40)) * self.n / 2.0**40:
+                if total[0] != int(np.rint(value * 2.0**40)) * self.group.sites / 2.0**40:
                     raise UnprotectedCollectiveError("the sites do not agree on the initial score")
             return [struct.pack("<d", _times_n(chosen, self.n)), *[zeros] * (self.n - 1)]
         raise UnprotectedCollectiveError(f"LightGBM asked for an unexpected {size}-byte allgather")
 
     def _gather_records(self, data: bytes) -> list[bytes]:
         """Every rank's record, from this site's own ranks (each searched its block of the same summed
-        histograms, so rank r's record is the one site r's LightGBM finds): nothing crosses the network."""
+        histograms; the best of them is the best over all features): nothing crosses the network."""
         return self.group.gather(self.rank, data)
 
 
