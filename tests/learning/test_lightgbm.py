@@ -74,6 +74,26 @@ def test_federated_lightgbm_equals_lightgbm_on_the_pooled_rows_bit_for_bit(cente
     assert federated.booster().num_trees() == 60 * params.num_class
 
 
+def test_with_eight_sites_each_site_runs_two_ranks_and_the_model_is_still_the_pooled_one(centers):
+    # the split each leaf takes is the best record over all features, however LightGBM's machines share
+    # them: a two-rank network per site grows what eight machines grow (docs/boosting.md)
+    halves = []
+    for center in centers:
+        train, test = np.arange(center.num_train) % 2 == 0, np.arange(center.num_test) % 2 == 0
+        halves += [center.select(train, test), center.select(~train, ~test)]
+    sites = [f"half-{i}" for i in range(len(halves))]
+    params = LightGbmParams(n_features=13, num_rounds=20)
+    session = InMemorySession(sites, call_timeout_s=60)
+    runs = session.run(lambda member: train_site(params, halves[sites.index(member.site)], member))
+    assert len({model.model_text for model, _ in runs.values()}) == 1
+    federated = runs[sites[0]][0]
+    assert "[num_machines: 2]" in federated.model_text  # two ranks at each of the eight sites
+    pooled = train_pooled(params, halves)
+    assert _trees(federated.model_text) == _trees(pooled.model_text)
+    X = _test_rows(halves)
+    assert np.array_equal(federated.predict(X, raw_score=True), pooled.predict(X, raw_score=True))
+
+
 def test_without_exact_counts_lightgbm_data_parallel_drifts_from_the_pooled_model(centers, monkeypatch):
     # what the exact counts buy: LightGBM's data-parallel learner estimates a child's rows from hessians,
     # and on Fed-Heart-Disease its trees leave the pooled ones (the counts first, then the splits)
