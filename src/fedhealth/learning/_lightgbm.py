@@ -483,7 +483,7 @@ def train_site(
     # both ranks of this site's network (module docstring of _lightgbm_network), each on its own thread
     sets = {}
     for rank in group.ranks:
-        # the own rank trains on the site's rows; the others search blocks of the summed histograms only
+        # the own rank trains on the site's rows; the other searches its block of the summed histograms only
         rank_codes, rank_y = (codes, y) if rank == group.own else placeholder_rows(params, binning)
         train = lgb.Dataset(
             rank_codes,
