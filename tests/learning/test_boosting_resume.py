@@ -88,6 +88,19 @@ def _dirs(tmp_path: Path) -> dict[str, Path]:
             ),
             0.6,
         ),
+        (
+            train_site,
+            LightGbmParams(
+                n_features=13,
+                num_rounds=40,
+                learning_rate=0.5,
+                num_leaves=8,
+                early_stopping_rounds=3,
+                early_stopping_metric="auc",
+                retries=1,
+            ),
+            0.6,
+        ),
         (train_site_xgboost, XGBoostParams(n_features=13, num_rounds=12, max_depth=3, retries=1), 0.6),
         (
             train_site_xgboost,
@@ -97,7 +110,7 @@ def _dirs(tmp_path: Path) -> dict[str, Path]:
             0.6,
         ),
     ],
-    ids=["lightgbm", "lightgbm-early-stopping", "xgboost", "xgboost-early-stopping"],
+    ids=["lightgbm", "lightgbm-early-stopping", "lightgbm-auc-stopping", "xgboost", "xgboost-early-stopping"],
 )
 def test_a_retried_session_resumes_from_the_last_common_round_to_the_uninterrupted_model(
     centers, tmp_path, train, params, crash_at
@@ -189,3 +202,9 @@ def test_the_description_a_steward_approves_names_early_stopping_and_retries(rec
     assert "stopping after 5 rounds without improvement" in both
     assert "keeps the model after each round in its own home" in both
     assert "up to 2 time(s)" in both
+    auc = resolve_recipe(
+        recipe, "1", {"n_features": 13, "early_stopping_rounds": 5, "early_stopping_metric": "auc"}
+    ).describe()
+    assert "loss sum" not in auc
+    assert "counted per label and per cell of a public grid of 2000 cells of the raw score" in auc
+    assert "stopping after 5 rounds without improvement" in auc

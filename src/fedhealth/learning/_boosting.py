@@ -58,12 +58,13 @@ def first_line(exc: BaseException) -> str:
     return re.sub(r" at \S+, line \d+ ?\.?$", "", line).strip()  # LightGBM: "... at /src/x.cpp, line 9 ."
 
 
-# --- early stopping on a securely summed validation loss --------------------------------------------------
+# --- early stopping on a securely summed validation metric ------------------------------------------------
 
 # The loss each objective stops on: additive over rows, so the sites' (sum, rows) pieces summed securely give
-# the pooled mean exactly. AUC is not offered: it needs every pair of rows across sites (docs/boosting.md).
+# the pooled mean exactly. AUC (binary objectives) is summed as counts of rows per (label, score cell).
 STOPPING_METRIC = {"binary": "binary_logloss", "multiclass": "multi_logloss", "regression": "l2"}
 _EPS = 1e-15  # LightGBM's kEpsilon, the clipping of its log losses
+AUC_MARGIN_RANGE = 10.0  # the AUC grid's cells split [-10, 10] of the raw score (log-odds); beyond: the ends
 
 
 def validation_pieces(kind: str, output: NDArray[Any], y: NDArray[Any]) -> NDArray[np.float64]:
@@ -84,32 +85,85 @@ def validation_pieces(kind: str, output: NDArray[Any], y: NDArray[Any]) -> NDArr
     return np.array([float(loss), float(rows)])
 
 
-def require_validation_rows(session: Any, rows: int) -> None:
-    """Early stopping needs validation rows somewhere: the sites' counts summed (one secure sum) before
-    training; none at all is the study's input error, the same at every site."""
-    total = float(session.secure_sum(np.array([rows], dtype=np.float64))[0])
-    if total < 1:
-        raise SchemaError("early_stopping_rounds needs a validation part: no site has held-out (test) rows")
+def auc_cells_of(margins: NDArray[Any], cells: int) -> NDArray[np.int64]:
+    """The cell of each raw score (log-odds) on the AUC grid: ``cells`` equal cells of
+    [-:data:`AUC_MARGIN_RANGE`, +:data:`AUC_MARGIN_RANGE`], the scores beyond it in the end cells. The cells
+    are in the scores' order, so a lower cell holds only lower scores."""
+    m = np.asarray(margins, dtype=np.float64).reshape(-1)
+    scaled = (m + AUC_MARGIN_RANGE) * (cells / (2 * AUC_MARGIN_RANGE))
+    return np.clip(np.floor(scaled), 0, cells - 1).astype(np.int64)
+
+
+def auc_pieces(margins: NDArray[Any], y: NDArray[Any], cells: int) -> NDArray[np.float64]:
+    """This site's validation rows counted per AUC cell (:func:`auc_cells_of`), label 0 then label 1:
+    ``2 * cells`` counts, which the sites sum securely."""
+    where = auc_cells_of(margins, cells)
+    label = np.asarray(y).reshape(-1) == 1
+    negatives = np.bincount(where[~label], minlength=cells)
+    positives = np.bincount(where[label], minlength=cells)
+    return np.concatenate([negatives, positives]).astype(np.float64)
+
+
+def auc_from_counts(counts: NDArray[Any]) -> float:
+    """The AUC of the pooled rows counted per cell (:func:`auc_pieces`, summed): the share of (positive,
+    negative) pairs in which the positive scored higher, a pair in one cell counting one half (as a tie does).
+    It is the exact AUC when no cell holds a positive and a negative of different scores; each such pair
+    moves it by at most ``0.5 / (positives * negatives)``. NaN without a row of each label."""
+    total = np.rint(np.asarray(counts, dtype=np.float64)).reshape(2, -1)
+    negatives, positives = total
+    pairs = float(negatives.sum()) * float(positives.sum())
+    if pairs == 0:
+        return math.nan
+    below = np.cumsum(negatives) - negatives  # negatives in lower cells
+    return float((positives @ below + 0.5 * (positives @ negatives)) / pairs)
 
 
 @dataclass(slots=True)
 class EarlyStopping:
     """The libraries' own rule (LightGBM's ``early_stopping`` callback, XGBoost's ``EarlyStopping``, both
-    with ``min_delta=0``): an iteration improves when its loss is strictly below the best so far; training
-    stops once ``rounds`` iterations in a row did not improve, and the model keeps ``best_iteration``
-    iterations (boosting rounds, counted from 1). Every site feeds it the same securely summed losses, so
-    every site stops at the same tree."""
+    with ``min_delta=0``): an iteration improves when its score is strictly better than the best so far (a
+    lower loss, a higher AUC); training stops once ``rounds`` iterations in a row did not improve, and the
+    model keeps ``best_iteration`` iterations (boosting rounds, counted from 1). Every site feeds it the same
+    securely summed pieces, so every site stops at the same tree.
+
+    ``metric``: ``"loss"`` (pieces ``[loss sum, rows]``, :func:`validation_pieces`) or ``"auc"`` (counts per
+    label and score cell, :func:`auc_pieces`, on ``auc_cells`` cells)."""
 
     rounds: int
+    metric: str = "loss"
+    auc_cells: int = 0
     scores: list[float] = field(default_factory=list)
-    best: float = math.inf
+    best: float = math.nan
     best_iteration: int = 0
 
-    def update(self, loss_sum: float, rows: float) -> bool:
+    @property
+    def on_margins(self) -> bool:
+        """Whether :meth:`pieces` takes raw scores (log-odds: AUC) rather than the objective's output."""
+        return self.metric == "auc"
+
+    def pieces(self, kind: str, scores: NDArray[Any], y: NDArray[Any]) -> NDArray[Any]:
+        """This site's pieces of the round's score: ``scores`` are raw scores (log-odds) if
+        :attr:`on_margins`, else the objective's output as :func:`validation_pieces` takes it."""
+        if self.on_margins:
+            return auc_pieces(scores, y, self.auc_cells)
+        return validation_pieces(kind, scores, y)
+
+    def score(self, summed: NDArray[Any]) -> float:
+        """The round's score from the pieces summed over the sites."""
+        if self.metric == "auc":
+            return auc_from_counts(summed)
+        loss_sum, rows = np.asarray(summed, dtype=np.float64).tolist()
+        return float(loss_sum / rows)
+
+    def update(self, summed: NDArray[Any]) -> bool:
         """Record the next iteration's summed pieces; True when training must stop now."""
-        score = loss_sum / rows
+        return self.record(self.score(summed))
+
+    def record(self, score: float) -> bool:
+        """Record the next iteration's score; True when training must stop now."""
         self.scores.append(score)
-        if score < self.best:
+        better = score > self.best if self.metric == "auc" else score < self.best
+        if self.best_iteration == 0 or better:
             self.best, self.best_iteration = score, len(self.scores)
         return len(self.scores) - self.best_iteration >= self.rounds
 
@@ -117,16 +171,74 @@ class EarlyStopping:
         """Take up the scores of rounds done in an earlier session; True if the rule had stopped there."""
         stop = False
         for score in scores:
-            stop = self.update(score, 1.0)
+            stop = self.record(score)
             if stop:
                 break
         return stop
 
 
+def stopping_rule(params: Any, session: Any, y_test: NDArray[Any]) -> EarlyStopping | None:
+    """The study's early-stopping rule, after the check every site makes before training: a validation
+    part somewhere (one secure sum of the sites' test-row counts and, for AUC, of their positives); none at
+    all, or for AUC no row of one of the labels, is the study's input error, the same at every site."""
+    if params.early_stopping_rounds is None:
+        return None
+    labels = np.asarray(y_test).reshape(-1)
+    counts = [labels.size]
+    if params.early_stopping_metric == "auc":
+        counts.append(int(np.sum(labels == 1)))
+    total = session.secure_sum(np.array(counts, dtype=np.float64)).tolist()
+    if total[0] < 1:
+        raise SchemaError("early_stopping_rounds needs a validation part: no site has held-out (test) rows")
+    if params.early_stopping_metric == "auc" and not 1 <= total[1] <= total[0] - 1:
+        raise SchemaError(
+            "early_stopping_metric auc needs held-out (test) rows of both labels; the sites' test parts "
+            "together have one label only"
+        )
+    return EarlyStopping(
+        rounds=params.early_stopping_rounds, metric=params.early_stopping_metric, auc_cells=params.auc_cells
+    )
+
+
+def stopping_metric_field() -> Any:
+    return Field(
+        default="loss",
+        description="what early stopping watches: the objective's loss, or (binary objectives) the AUC, "
+        "counted on a public grid of auc_cells cells of the raw score",
+    )
+
+
+def auc_cells_field() -> Any:
+    return Field(
+        default=2000,
+        ge=10,
+        le=100_000,
+        description="early_stopping_metric auc: cells of the public grid over raw scores -10..10 "
+        "(log-odds) on which the sites count their held-out rows per label",
+    )
+
+
+def check_stopping(params: Any, binary: bool) -> None:
+    """The parameter checks of early stopping both recipes make (a ValueError: one line)."""
+    if params.early_stopping_metric == "auc":
+        if params.early_stopping_rounds is None:
+            raise ValueError("early_stopping_metric applies with early_stopping_rounds")
+        if not binary:
+            raise ValueError(
+                f"early_stopping_metric auc is for binary objectives (objective is {params.objective})"
+            )
+
+
 def describe_options(params: Any) -> str:
     """What early stopping and retries add to a boosting recipe's description (what a steward approves)."""
     out = ""
-    if params.early_stopping_rounds is not None:
+    if params.early_stopping_rounds is not None and params.early_stopping_metric == "auc":
+        out += (
+            "; after every round, the site's validation (test-set) rows counted per label and per cell of "
+            f"a public grid of {params.auc_cells} cells of the raw score, inside a secure sum (the pooled "
+            f"counts give the AUC), stopping after {params.early_stopping_rounds} rounds without improvement"
+        )
+    elif params.early_stopping_rounds is not None:
         out += (
             "; after every round, the site's validation (test-set) loss sum and row count inside a secure "
             f"sum, stopping after {params.early_stopping_rounds} rounds without improvement"

@@ -35,19 +35,20 @@ from fedhealth.core import DatasetError
 from fedhealth.data import TabularDataset
 from fedhealth.learning._boosting import (
     STOPPING_METRIC,
-    EarlyStopping,
     TimedSession,
     TreeCheckpoint,
     agree_resume,
+    auc_cells_field,
     boosting_export,
     boosting_onnx,
+    check_stopping,
     describe_options,
     first_line,
     probe_rows,
     reference_rows,
-    require_validation_rows,
     retries_field,
-    validation_pieces,
+    stopping_metric_field,
+    stopping_rule,
 )
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
@@ -95,6 +96,8 @@ class LightGbmParams(BaseModel):
         description="stop when the securely summed validation loss (the sites' test parts) has not improved "
         "for this many rounds; the model keeps the best round",
     )
+    early_stopping_metric: Literal["loss", "auc"] = stopping_metric_field()
+    auc_cells: int = auc_cells_field()
     retries: int = retries_field()
     num_leaves: int = Field(default=31, ge=2, le=4096)
     max_depth: int = Field(default=-1, ge=-1, le=64, description="-1: no limit")
@@ -124,6 +127,7 @@ class LightGbmParams(BaseModel):
             raise ValueError("multiclass needs num_class >= 2")
         if self.objective != "multiclass" and self.num_class != 1:
             raise ValueError(f"num_class applies to multiclass only ({self.objective} has one output)")
+        check_stopping(self, binary=self.objective == "binary")
         if self.max_depth == 0:
             raise ValueError("max_depth must be -1 (no limit) or at least 1")
         if self.feature_names is not None:
@@ -379,7 +383,10 @@ def train_pooled(params: LightGbmParams, datasets: Sequence[TabularDataset]) -> 
     y_test = np.concatenate([d.y_test for d in datasets]).astype(np.float64)
     valid = lgb.Dataset(X_test, label=y_test, reference=train, params=dict(DATASET_PARAMS))
     booster = lgb.train(
-        {**training, "metric": STOPPING_METRIC[params.objective]},
+        {
+            **training,
+            "metric": "auc" if params.early_stopping_metric == "auc" else STOPPING_METRIC[params.objective],
+        },
         train,
         params.num_rounds,
         valid_sets=[valid],
@@ -440,10 +447,7 @@ def train_site(
     kind (``stopping`` counts the sums of the early-stopping rule; ``best_iteration`` the rounds kept;
     ``resumed_from`` the rounds taken from the checkpoints)."""
     lgb = _lgb()
-    stopper = None
-    if params.early_stopping_rounds is not None:
-        require_validation_rows(session, len(dataset.y_test))
-        stopper = EarlyStopping(rounds=params.early_stopping_rounds)
+    stopper = stopping_rule(params, session, dataset.y_test)
     ranges = params.ranges()
     low, high = [lo for lo, _ in ranges], [hi for _, hi in ranges]
     X, y = dataset.X_train, dataset.y_train.astype(np.float64)
@@ -536,12 +540,11 @@ def train_site(
                 raw += booster.predict(
                     valid_codes, start_iteration=i, num_iteration=1, raw_score=True, num_threads=1
                 )
-            output = _probabilities(params.objective, raw)
-            pieces = validation_pieces(params.objective, output, dataset.y_test)
-            loss_sum, total = session.secure_sum(pieces).tolist()
+            scores = raw if stopper.on_margins else _probabilities(params.objective, raw)
+            pieces = stopper.pieces(params.objective, scores, dataset.y_test)
             calls = networks[group.ranks[0]].calls
             calls["stopping"] = calls.get("stopping", 0) + 1
-            stopped = stopper.update(loss_sum, total)
+            stopped = stopper.update(session.secure_sum(pieces))
         if checkpoint is not None:
             checkpoint.save(i + 1, booster.model_to_string(), stopper.scores if stopper else [])
         return stopped

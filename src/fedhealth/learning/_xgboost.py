@@ -24,19 +24,20 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 from fedhealth.core import DatasetError
 from fedhealth.data import TabularDataset
 from fedhealth.learning._boosting import (
-    EarlyStopping,
     TimedSession,
     TreeCheckpoint,
     agree_resume,
+    auc_cells_field,
     boosting_export,
     boosting_onnx,
+    check_stopping,
     describe_options,
     first_line,
     probe_rows,
     reference_rows,
-    require_validation_rows,
     retries_field,
-    validation_pieces,
+    stopping_metric_field,
+    stopping_rule,
 )
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
@@ -92,6 +93,8 @@ class XGBoostParams(BaseModel):
         description="stop when the securely summed validation loss (the sites' test parts) has not improved "
         "for this many rounds; the model keeps the best round",
     )
+    early_stopping_metric: Literal["loss", "auc"] = stopping_metric_field()
+    auc_cells: int = auc_cells_field()
     retries: int = retries_field()
     max_depth: int = Field(default=6, ge=1, le=32)
     learning_rate: FiniteFloat = Field(default=0.3, gt=0, le=1)
@@ -117,6 +120,7 @@ class XGBoostParams(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> XGBoostParams:
+        check_stopping(self, binary=self.objective == "binary:logistic")
         if self.objective == "survival:cox":
             if self.time_range is None:
                 raise ValueError(
@@ -265,6 +269,8 @@ def train_pooled_xgboost(params: XGBoostParams, datasets: Sequence[TabularDatase
     X_test = np.concatenate([binning.codes(d.X_test) for d in datasets])
     y_test = np.concatenate([d.y_test for d in datasets]).astype(np.float64)
     metric = {"binary": "logloss", "multiclass": "mlogloss", "regression": "rmse"}[_KIND[params.objective]]
+    if params.early_stopping_metric == "auc":
+        metric = "auc"
     booster = xgb.train(
         {**training, "eval_metric": metric},
         train,
@@ -311,10 +317,7 @@ def train_site_xgboost(
     xgb = _xgb()
     kind = _KIND[params.objective]
     y = _labels(params, dataset, "train")  # a dataset without survival times is refused here, first
-    stopper = None
-    if params.early_stopping_rounds is not None:
-        require_validation_rows(session, len(dataset.y_test))
-        stopper = EarlyStopping(rounds=params.early_stopping_rounds)
+    stopper = stopping_rule(params, session, dataset.y_test)
     low, high = zip(*params.ranges(), strict=True)
     counts = session.secure_sum(cell_counts(dataset.X_train, low, high, params.grid_cells).reshape(-1))
     binning = binning_of(params, counts)
@@ -361,9 +364,9 @@ def train_site_xgboost(
                         break
                     booster.update(train, i)
                     if stopper is not None:
-                        pieces = validation_pieces(kind, booster.predict(valid), dataset.y_test)
-                        loss_sum, rows = session.secure_sum(pieces).tolist()
-                        stopped = stopper.update(loss_sum, rows)
+                        scores = booster.predict(valid, output_margin=stopper.on_margins)
+                        pieces = stopper.pieces(kind, scores, dataset.y_test)
+                        stopped = stopper.update(session.secure_sum(pieces))
                     if checkpoint is not None:
                         model_json = bytes(booster.save_raw("json")).decode()
                         checkpoint.save(i + 1, model_json, stopper.scores if stopper else [])
