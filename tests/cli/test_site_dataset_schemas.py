@@ -107,3 +107,20 @@ def test_an_inferred_schema_is_pinned_too_and_a_dropped_column_is_one_line_with_
     line = one_error(cli("site", "dataset", "check", "plain", "--home", site_home), 1)
     assert "column(s) ['b'] of the dataset's schema are not among the source's columns" in line
     assert "add the dataset again with --replace" in line
+
+
+def test_a_label_of_more_than_two_classes_is_added_with_classes_and_reported_per_level(site_home, tmp_path):
+    path = write_csv(tmp_path / "triage.csv", ["x", "level"], [[i, i % 3] for i in range(12)])
+    refused = cli("site", "dataset", "add", "triage", path, "--label", "level", "--home", site_home)
+    assert refused.exit_code != 0
+    assert "labels must be 0 or 1" in refused.output
+    added = cli(
+        "site", "dataset", "add", "triage", path, "--label", "level", "--classes", 3, "--home", site_home
+    )
+    assert added.exit_code == 0, added.output
+    checked = cli("site", "dataset", "check", "triage", "--home", site_home)
+    assert "12 rows; label 0 in 4, label 1 in 4, label 2 in 4" in checked.stdout
+    uri = "file:///x.csv?label=level"
+    both = cli("site", "dataset", "add", "t2", uri, "--classes", 3, "--home", site_home)
+    assert both.exit_code != 0
+    assert "go with a file path, not a URI" in both.output

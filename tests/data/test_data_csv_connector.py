@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fedhealth.core import ConfigError, DatasetMissingError
-from fedhealth.data import SchemaError, open_dataset
+from fedhealth.data import SchemaError, inspect_dataset, open_dataset
 
 
 def _write(tmp_path, text, name="cohort.csv"):
@@ -44,6 +44,24 @@ def test_csv_without_standardization_keeps_the_file_values_in_file_order(tmp_pat
     assert d.patient_ids_train is None
 
 
+def test_a_multiclass_label_is_read_with_classes_and_stratified_in_the_split(tmp_path):
+    rows = ["a,triage"] + [f"{i},{i % 4}" for i in range(40)]  # four levels, ten rows each
+    path = _write(tmp_path, "\n".join(rows) + "\n")
+    d = open_dataset(f"file://{path}?label=triage&classes=4&test_fraction=0.5")
+    assert d.classes == 4
+    assert np.bincount(d.y_train).tolist() == [5, 5, 5, 5]  # stratified on the label, as for two classes
+    assert np.bincount(d.y_test).tolist() == [5, 5, 5, 5]
+    report = inspect_dataset(f"file://{path}?label=triage&classes=4&test_fraction=0.5").quality
+    assert report.label_counts() == [10, 10, 10, 10]  # every level counted, not only label 1
+    assert report.lines()[0] == "40 rows; label 0 in 10, label 1 in 10, label 2 in 10, label 3 in 10"
+    assert report.to_json()["label_counts"] == {"0": 10, "1": 10, "2": 10, "3": 10}
+    small = _write(tmp_path, "a,y\n1,0\n2,1\n3,0\n4,1\n", "b.csv")
+    binary = open_dataset(f"file://{small}?label=y&test_fraction=0")
+    assert binary.classes == 2
+    declared = open_dataset(f"file://{small}?label=y&test_fraction=0&classes=3")
+    assert declared.fingerprint != binary.fingerprint  # the same rows declared as another label
+
+
 def test_csv_accepts_a_percent_encoded_path_and_localhost(tmp_path):
     path = _write(tmp_path, "a,y\n1,0\n2,1\n3,0\n4,1\n", name="my cohort.csv")
     encoded = str(path).replace(" ", "%20")
@@ -60,6 +78,16 @@ def test_csv_accepts_a_percent_encoded_path_and_localhost(tmp_path):
         ("a,y\n1,0\n,1\n", "label=y", r"line 3, column 'a' is empty"),
         ("a,y\n1,0\nnan,1\n", "label=y", r"not a finite number"),
         ("a,y\n1,0\n2,2\n", "label=y", r"line 3, label column 'y' holds 2; labels must be 0 or 1"),
+        (
+            "a,y\n1,0\n2,3\n",
+            "label=y&classes=3",
+            r"line 3, label column 'y' holds 3; labels must be integers from 0 to 2 \(classes=3\)",
+        ),
+        (
+            "a,y\n1,0\n2,1.5\n",
+            "label=y&classes=3",
+            r"line 3, label column 'y' holds 1.5; labels must be integers",
+        ),
         ("a,y\n1,0\n2,yes\n", "label=y", r"line 3, column 'y' holds 'yes', not a number"),
         ("a,y\n1,0\n2\n", "label=y", r"line 3 has 1 fields, the header has 2"),
         ("a,a,y\n1,2,0\n", "label=y", "repeats a column name"),
@@ -94,6 +122,9 @@ def test_a_missing_csv_file_is_a_missing_dataset(tmp_path):
         ("file:///x.csv?label=y&test_fraction=abc", "is not a number"),
         ("file:///x.csv?label=y&seed=-1", "must be from 0"),
         ("file:///x.csv?label=y&standardize=maybe", "is not a boolean"),
+        ("file:///x.csv?label=y&classes=1", "classes=1 must be from 2 to 256"),
+        ("file:///x.csv?label=y&classes=257", "classes=257 must be from 2 to 256"),
+        ("file:///x.csv?label=y&classes=two", "is not an integer"),
     ],
 )
 def test_bad_csv_uris_are_config_errors(uri, match):

@@ -103,9 +103,15 @@ def check_name(name: str) -> str:
 
 
 def csv_uri(
-    path: Path, *, label: str | None, id_column: str | None = None, schema: Path | None = None
+    path: Path,
+    *,
+    label: str | None,
+    id_column: str | None = None,
+    schema: Path | None = None,
+    classes: int | None = None,
 ) -> str:
-    """The ``file://`` URI of a CSV or Parquet file with its label (and id) column and schema file."""
+    """The ``file://`` URI of a CSV or Parquet file with its label (and id) column, schema file and the
+    label's classes (when more than two)."""
     params = {}
     if label is not None:
         params["label"] = label
@@ -113,6 +119,8 @@ def csv_uri(
         params["id"] = id_column
     if schema is not None:
         params["schema"] = str(schema.expanduser().resolve())
+    if classes is not None:
+        params["classes"] = str(classes)
     return f"file://{quote(str(path.expanduser().resolve()))}?{urlencode(params)}"
 
 

@@ -1,6 +1,7 @@
 """``fedhealth site dataset ...``: the datasets a site offers to studies, registered once in its home.
 
-    site dataset add NAME FILE.csv|FILE.parquet --label COLUMN [--id COLUMN] [--schema FILE.toml] --home HOME
+    site dataset add NAME FILE.csv|FILE.parquet --label COLUMN [--id COLUMN] [--schema FILE.toml]
+                     [--classes K] --home HOME
     site dataset add NAME URI --home HOME          (file:///...?label=...&id=..., sql+postgresql://...,
                                                     omop+postgresql://..., fhir+https://..., builtin://...)
     site dataset list | check [NAME] | remove NAME --home HOME
@@ -42,19 +43,21 @@ def _registry(home: Path) -> SiteDatasets:
     return SiteDatasets(site)
 
 
-def _uri(source: str, label: str | None, id_column: str | None, schema: Path | None) -> str:
+def _uri(
+    source: str, label: str | None, id_column: str | None, schema: Path | None, classes: int | None = None
+) -> str:
     from fedhealth.agent import csv_uri
 
     if "://" in source:
-        if label is not None or id_column is not None or schema is not None:
+        if label is not None or id_column is not None or schema is not None or classes is not None:
             usage(
-                "--label, --id and --schema go with a file path, not a URI",
-                "put them in the URI: ?label=...&id=...&schema=/abs/schema.toml",
+                "--label, --id, --schema and --classes go with a file path, not a URI",
+                "put them in the URI: ?label=...&id=...&schema=/abs/schema.toml&classes=K",
             )
         return source
     if label is None and schema is None:
         usage(f"{source} is a file path: name its label column with --label COLUMN (or give --schema)")
-    return csv_uri(Path(source), label=label, id_column=id_column, schema=schema)
+    return csv_uri(Path(source), label=label, id_column=id_column, schema=schema, classes=classes)
 
 
 @dataset_app.command("add")
@@ -62,7 +65,7 @@ def dataset_add(
     name: Annotated[str, typer.Argument(help="The name studies use (the spec's `dataset`).")],
     source: Annotated[str, typer.Argument(help="A CSV file path, or a dataset URI.")],
     home: SiteHomeOption,
-    label: Annotated[str | None, typer.Option(help="CSV: the label column (0 or 1).")] = None,
+    label: Annotated[str | None, typer.Option(help="CSV: the label column (0 or 1; see --classes).")] = None,
     id_column: Annotated[
         str | None,
         typer.Option("--id", help="File: the patient id column (for consent; never a feature)."),
@@ -71,6 +74,10 @@ def dataset_add(
         Path | None,
         typer.Option(help="File: a schema (TOML) declaring categories, dates and missing-value policies."),
     ] = None,
+    classes: Annotated[
+        int | None,
+        typer.Option(min=2, max=256, help="File: the label's classes when more than two (labels 0 to K-1)."),
+    ] = None,
     replace: Annotated[bool, typer.Option(help="Replace a dataset of the same name.")] = False,
     data_dir: DataDirOption = None,
     as_json: JsonOption = False,
@@ -78,7 +85,7 @@ def dataset_add(
     """Check a dataset and register it under NAME (its schema is pinned: see `site dataset check`)."""
     from fedhealth.agent import feeds_consent, sync_consent
 
-    uri = _uri(source, label, id_column, schema)
+    uri = _uri(source, label, id_column, schema, classes)
     registry = _registry(home)
     summary = registry.add(name, uri, data_dir=data_dir, replace=replace)
     imported = sync_consent(registry.home, name, uri) if feeds_consent(uri) else None

@@ -196,7 +196,7 @@ def load_toml_document(model: type[_Document], path: Path, what: str) -> _Docume
 
 
 # the parameters every tabular connector takes, beside its own
-TABLE_PARAMS = frozenset({"label", "id", "time", "schema", "test_fraction", "seed", "standardize"})
+TABLE_PARAMS = frozenset({"label", "id", "time", "schema", "test_fraction", "seed", "standardize", "classes"})
 
 
 def table_options(uri: DatasetURI, *, label_required: bool = False) -> TableOptions:
@@ -218,6 +218,7 @@ def table_options(uri: DatasetURI, *, label_required: bool = False) -> TableOpti
         test_fraction=uri.float_param("test_fraction", 0.3, low=0.0, high_exclusive=1.0),
         seed=uri.int_param("seed", 0, low=0, high=2**32 - 1),
         standardize=uri.bool_param("standardize", True),
+        classes=uri.int_param("classes", 2, low=2, high=256),
     )
 
 

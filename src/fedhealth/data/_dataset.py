@@ -93,7 +93,8 @@ class Imputation:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TabularDataset:
-    """One site's data, split into train and test: float64 features, int64 labels in {0, 1}.
+    """One site's data, split into train and test: float64 features, int64 labels in {0, 1} (or, with
+    ``classes = K``, in {0, ..., K - 1}: a multi-class label, as a triage level).
 
     The arrays are copied and made read-only, so a dataset cannot change under its fingerprint.
     ``patient_ids_train`` and ``patient_ids_test`` are pseudonymous ids of the rows of each part (for consent
@@ -116,6 +117,7 @@ class TabularDataset:
     imputation: Imputation | None = None
     time_train: np.ndarray | None = None
     time_test: np.ndarray | None = None
+    classes: int = 2
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -123,6 +125,9 @@ class TabularDataset:
         if len(set(names)) != len(names):
             raise InputError(f"dataset {self.name!r}: feature names are not unique")
         d = len(names)
+        k = self.classes
+        if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 256:
+            raise InputError(f"dataset {self.name!r}: classes must be an integer from 2 to 256")
         arrays: dict[str, np.ndarray] = {}
         for part in ("train", "test"):
             X = np.asarray(getattr(self, f"X_{part}"))
@@ -140,8 +145,9 @@ class TabularDataset:
             X64 = X.astype(np.float64) + 0.0  # + 0.0 turns -0.0 into 0.0: equal values, equal fingerprints
             if not np.isfinite(X64).all():
                 raise InputError(f"dataset {self.name!r}: X_{part} holds NaN or infinite values")
-            if not np.isin(y, (0, 1)).all():
-                raise InputError(f"dataset {self.name!r}: y_{part} must hold only the labels 0 and 1")
+            if not np.isin(y, np.arange(k)).all():
+                labels = "0 and 1" if k == 2 else f"0 to {k - 1} (classes={k})"
+                raise InputError(f"dataset {self.name!r}: y_{part} must hold only the labels {labels}")
             arrays[f"X_{part}"] = _frozen(X64)
             arrays[f"y_{part}"] = _frozen(y.astype(np.int64))
         if (self.time_train is None) != (self.time_test is None):
@@ -173,7 +179,9 @@ class TabularDataset:
         object.__setattr__(self, "feature_names", names)
         object.__setattr__(self, "patient_ids_train", ids)
         object.__setattr__(self, "patient_ids_test", test_ids)
-        object.__setattr__(self, "fingerprint", dataset_fingerprint(arrays, names, ids, test_ids))
+        object.__setattr__(
+            self, "fingerprint", dataset_fingerprint(arrays, names, ids, test_ids, classes=self.classes)
+        )
 
     def _ids(self, part: str, given: tuple[str, ...] | None, rows: int) -> tuple[str, ...] | None:
         if given is None:
@@ -241,6 +249,7 @@ class TabularDataset:
             patient_ids_test=_kept(self.patient_ids_test, keep_test),
             scaling=scaling,
             imputation=imputation,
+            classes=self.classes,
             **times,
         )
 
@@ -267,11 +276,13 @@ def dataset_fingerprint(
     feature_names: tuple[str, ...],
     patient_ids: tuple[str, ...] | None,
     test_patient_ids: tuple[str, ...] | None = None,
+    *,
+    classes: int = 2,
 ) -> str:
     """sha256 over: an 8-byte length, a canonical-JSON header (format, names, ids, each array's dtype and
     shape), then each array's little-endian C-order bytes in a fixed order (float64 X, int64 y, float64
-    survival times). The test part's ids and the survival times enter only when given (earlier fingerprints
-    stay valid)."""
+    survival times). The test part's ids, the survival times and a number of label classes other than 2
+    enter only when given (earlier fingerprints stay valid)."""
     order = ("X_train", "y_train", "X_test", "y_test", "time_train", "time_test")
     encoded = []
     for key in order:
@@ -288,6 +299,8 @@ def dataset_fingerprint(
     }
     if test_patient_ids is not None:
         fields["patient_ids_test"] = list(test_patient_ids)
+    if classes != 2:
+        fields["classes"] = classes
     header = canonical_json(fields)
     h = hashlib.sha256()
     h.update(len(header).to_bytes(8, "little"))

@@ -77,16 +77,21 @@ class QualityReport:
     """The report of one dataset: rows, labels, and one entry per feature column."""
 
     rows: int
-    positives: int
+    positives: int  # rows of label 1
     columns: tuple[ColumnQuality, ...]
     ignored_columns: tuple[str, ...] = ()
     # a connector's own findings, one line each (e.g. identifying DICOM attributes)
     warnings: tuple[str, ...] = ()
+    levels: tuple[int, ...] = ()  # rows of each label 0..K-1, when the label has more than two classes
+
+    def label_counts(self) -> list[int]:
+        """Rows per label, label 0 first."""
+        return list(self.levels) if self.levels else [self.rows - self.positives, self.positives]
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "rows": self.rows,
-            "label_counts": {"0": self.rows - self.positives, "1": self.positives},
+            "label_counts": {str(k): n for k, n in enumerate(self.label_counts())},
             "columns": [c.to_json() for c in self.columns],
             "ignored_columns": list(self.ignored_columns),
         }
@@ -95,7 +100,11 @@ class QualityReport:
         return out
 
     def lines(self) -> list[str]:
-        out = [f"{self.rows} rows; label 1 in {self.positives}, label 0 in {self.rows - self.positives}"]
+        if self.levels:
+            per_label = ", ".join(f"label {k} in {n}" for k, n in enumerate(self.levels))
+            out = [f"{self.rows} rows; {per_label}"]
+        else:
+            out = [f"{self.rows} rows; label 1 in {self.positives}, label 0 in {self.rows - self.positives}"]
         out.extend(f"  {c.line()}" for c in self.columns)
         if self.ignored_columns:
             out.append(f"  not used as features: {', '.join(self.ignored_columns)}")
@@ -149,11 +158,13 @@ def table_quality(table: ParsedTable) -> QualityReport:
         else:
             kind = f"date, {spec.unit.value}" if isinstance(spec, DateColumn) else "numeric"
             columns.append(_numeric(col.column, kind, col.values, col.missing))
+    counts = np.bincount(np.asarray(table.labels, dtype=np.int64), minlength=2)
     return QualityReport(
         rows=table.rows,
-        positives=int(table.labels.sum()),
+        positives=int(counts[1]),
         columns=tuple(columns),
         ignored_columns=table.ignored,
+        levels=tuple(int(n) for n in counts) if counts.size > 2 else (),
     )
 
 
@@ -162,9 +173,11 @@ def dataset_quality(dataset: TabularDataset) -> QualityReport:
     X = np.concatenate([dataset.X_train, dataset.X_test])
     y = np.concatenate([dataset.y_train, dataset.y_test])
     none = np.zeros(X.shape[0], dtype=np.bool_)
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=dataset.classes)
     return QualityReport(
         rows=int(X.shape[0]),
-        positives=int(y.sum()),
+        positives=int(counts[1]),
+        levels=tuple(int(n) for n in counts) if dataset.classes > 2 else (),
         columns=tuple(
             _numeric(name, "numeric", X[:, j], none) for j, name in enumerate(dataset.feature_names)
         ),

@@ -58,6 +58,7 @@ class TableOptions:
     test_fraction: float = 0.3
     seed: int = 0
     standardize: bool = True
+    classes: int = 2  # the label's classes: 0 and 1, or 0 to classes - 1 (``classes=K`` in the URI)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,7 +166,7 @@ def parse_table(source: SourceTable, options: TableOptions) -> ParsedTable:
     ids = _ids(source, schema.id) if schema.id is not None else None
     if options.time is not None and options.time in schema.columns:
         raise SchemaError(f"{where}: the time column {options.time!r} is also a feature of the schema")
-    labels = _labels(source, schema.label, schema.missing_values)
+    labels = _labels(source, schema.label, schema.missing_values, options.classes)
     times = _times(source, options.time, schema.missing_values) if options.time is not None else None
     parsed = [_column(source, column, spec, schema) for column, spec in schema.columns.items()]
     order = _order(ids) if ids is not None else None
@@ -232,19 +233,20 @@ def _is_missing(value: Any) -> bool:
     )
 
 
-def _labels(source: SourceTable, column: str, tokens: Sequence[str]) -> np.ndarray:
+def _labels(source: SourceTable, column: str, tokens: Sequence[str], classes: int = 2) -> np.ndarray:
     values, missing = _numbers(source, column, tokens)
     if missing.any():
         i = int(np.argmax(missing))
         raise SchemaError(
             f"{source.where}: {source.row(i)}, column {column!r} is empty (every row needs a label)"
         )
-    bad = ~np.isin(values, (0.0, 1.0))
+    bad = ~np.isin(values, np.arange(classes, dtype=np.float64))
     if bad.any():
         i = int(np.argmax(bad))
+        allowed = "0 or 1" if classes == 2 else f"integers from 0 to {classes - 1} (classes={classes})"
         raise SchemaError(
             f"{source.where}: {source.row(i)}, label column {column!r} holds {values[i]:g}; "
-            "labels must be 0 or 1"
+            f"labels must be {allowed}"
         )
     return values.astype(np.int64)
 
@@ -565,6 +567,7 @@ def build_dataset(parsed: ParsedTable, options: TableOptions) -> TabularDataset:
         imputation=imputation,
         time_train=parsed.times[train] if parsed.times is not None else None,
         time_test=parsed.times[test] if parsed.times is not None else None,
+        classes=options.classes,
     )
 
 
