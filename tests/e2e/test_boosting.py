@@ -64,7 +64,23 @@ def triage(tmp_path_factory) -> dict[str, Path]:
         files[site] = folder / f"{site}.csv"
         _write_triage(files[site], seed=i)
         _write_survival(_survival_csv(files[site]), seed=i)
+        _write_severity(_severity_csv(files[site]), seed=i)
     return files
+
+
+def _severity_csv(triage: Path) -> Path:
+    return triage.with_name(f"{triage.stem}-severity.csv")
+
+
+def _write_severity(path: Path, *, seed: int) -> None:
+    """Rows whose label is a level 0, 1 or 2 of a noisy score (a triage level), declared ``classes=3``."""
+    rng = np.random.default_rng(200 + seed)
+    lines = ["x1,x2,x3,level"]
+    for _ in range(80):
+        x = rng.normal(size=3)
+        score = x[0] + 0.5 * x[1] + rng.normal(scale=0.5)
+        lines.append(f"{x[0]:.4f},{x[1]:.4f},{x[2]:.4f},{int(np.digitize(score, [-0.6, 0.6]))}")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _survival_csv(triage: Path) -> Path:
@@ -99,6 +115,7 @@ def _datasets(site: str, triage: dict[str, Path]) -> dict[str, str]:
         "heart-disease": f"builtin://heart-disease/{SITES.index(site)}",
         "triage": f"file://{triage[site]}?label=y",
         "survival": f"file://{_survival_csv(triage[site])}?label=event&time=months",
+        "severity": f"file://{_severity_csv(triage[site])}?label=level&classes=3",
     }
 
 
@@ -323,6 +340,32 @@ def test_a_third_label_class_at_one_site_refuses_a_binary_study_before_training(
     again = spec.model_copy(update={"name": "lightgbm-two-classes"})
     after = fed.wait_for_study(fed.create_study(again).study_id, timeout=300, interval=0.2)
     assert after.status is StudyStatus.COMPLETED, after.reason
+
+
+def test_a_three_level_label_trains_a_multiclass_study_and_a_binary_study_is_refused_before_training(
+    fed, capture, triage
+):
+    params = {"n_features": 3, "objective": "multiclass", "num_class": 3, "num_rounds": 5, "num_leaves": 4}
+    spec = _spec(fed, "lightgbm-severity", params, timeout_s=60).model_copy(update={"dataset": "severity"})
+    final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=300, interval=0.2)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    result = final.rounds[0].metrics or {}
+    sites = [open_dataset(_datasets(site, triage)["severity"]) for site in SITES]
+    assert {d.classes for d in sites} == {3}
+    model = LightGbmModel.from_result(result)
+    pooled = train_pooled(LightGbmParams(**params), sites)
+    assert model.model_text.split("end of trees")[0] == pooled.model_text.split("end of trees")[0]
+    X = np.concatenate([d.X_test for d in sites])
+    assert model.predict(X).shape == (len(X), 3)
+
+    capture.unlink(missing_ok=True)
+    binary = _spec(fed, "lightgbm-severity-binary", {"n_features": 3, "num_rounds": 3}, timeout_s=30)
+    refused = fed.wait_for_study(
+        fed.create_study(binary.model_copy(update={"dataset": "severity"})).study_id,
+        timeout=120,
+        interval=0.2,
+    )
+    _refused_before_training(fed, capture, refused, SITES)
 
 
 def test_federated_cox_through_the_services_releases_each_site_s_c_index_and_the_stratified_model(

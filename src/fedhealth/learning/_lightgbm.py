@@ -662,7 +662,8 @@ class LightGbmRecipe:
     capabilities = RecipeCapabilities(export_onnx=True)
 
     def data_schema(self, params: LightGbmParams) -> DataSchema:
-        return DataSchema(n_features=params.n_features, feature_names=params.feature_names)
+        classes = {"multiclass": params.num_class, "regression": None}.get(params.objective, 2)
+        return DataSchema(n_features=params.n_features, feature_names=params.feature_names, classes=classes)
 
     def describe(self, params: LightGbmParams) -> str:
         return (

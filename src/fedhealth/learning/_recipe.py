@@ -95,14 +95,22 @@ class DataSchema:
     """What a site's dataset must look like for a study's recipe; the site checks it before training.
 
     ``n_features``: the width of the feature matrix (None: any). ``feature_names``: the features in this
-    order, when the study declares them (None: names are not checked).
+    order, when the study declares them (None: names are not checked). ``classes``: the label classes the
+    site's dataset must declare (2: a binary label, what every recipe but multiclass boosting takes; None:
+    any, for a regression on the label's values).
     """
 
     n_features: int | None = None
     feature_names: tuple[str, ...] | None = None
+    classes: int | None = 2
 
     def problem(self, dataset: TabularDataset) -> str | None:
         """Why ``dataset`` does not fit, in words that name no value of it; None if it fits."""
+        if self.classes is not None and dataset.classes != self.classes:
+            return (
+                f"dataset {dataset.name!r} declares {dataset.classes} label classes; the study's model is "
+                f"for {self.classes}" + (" (a binary label)" if self.classes == 2 else "")
+            )
         width = dataset.X_train.shape[1]
         if self.n_features is not None and width != self.n_features:
             return (

@@ -445,7 +445,8 @@ class XGBoostRecipe:
     capabilities = RecipeCapabilities(export_onnx=True)
 
     def data_schema(self, params: XGBoostParams) -> DataSchema:
-        return DataSchema(n_features=params.n_features, feature_names=params.feature_names)
+        classes = {"multi:softprob": params.num_class, "reg:squarederror": None}.get(params.objective, 2)
+        return DataSchema(n_features=params.n_features, feature_names=params.feature_names, classes=classes)
 
     def describe(self, params: XGBoostParams) -> str:
         return (
@@ -539,11 +540,12 @@ class XGBoostRecipe:
             native_name="model.json",
             predict_proba=model.predict if params.objective == "binary:logistic" else None,
             predict=None if params.objective == "binary:logistic" else model.predict,
-            # onnxmltools 1.16 converts binary and regression models exactly; its multi:softprob output
-            # disagrees with XGBoost 3.2.0's, and it has no Cox objective: no ONNX file for those
+            # onnxmltools 1.16 converts binary, regression and multi:softprob models of 3 classes or more
+            # exactly; a multi:softprob of 2 classes it takes for a binary model (its output disagrees with
+            # XGBoost 3.2.0's), and it has no Cox objective: no ONNX file for those
             onnx=(
                 (lambda: boosting_onnx("convert_xgboost", {}, kind, model.booster(), binning, model.predict))
-                if kind in ("binary", "regression")
+                if kind in ("binary", "regression") or (kind == "multiclass" and params.num_class >= 3)
                 else None
             ),
         )
