@@ -58,8 +58,10 @@ def test_lightgbm_is_the_pinned_version():
         {"num_leaves": 8, "max_depth": 3, "lambda_l2": 1.0, "learning_rate": 0.3},
         {"objective": "regression", "num_leaves": 15, "min_data_in_leaf": 20},
         {"objective": "multiclass", "num_class": 2, "num_leaves": 8},
+        # a rare outcome's weight, and each tree on a seeded share of the features
+        {"num_leaves": 8, "scale_pos_weight": 3.0, "feature_fraction": 0.5},
     ],
-    ids=["binary", "binary-depth-3", "regression-min-data-20", "multiclass"],
+    ids=["binary", "binary-depth-3", "regression-min-data-20", "multiclass", "weighted-feature-fraction"],
 )
 def test_federated_lightgbm_equals_lightgbm_on_the_pooled_rows_bit_for_bit(centers, overrides):
     params = LightGbmParams(n_features=13, num_rounds=60, **overrides)
@@ -285,6 +287,14 @@ def test_a_site_lost_mid_training_fails_the_session_for_every_site(centers):
         ({"n_features": 13, "num_class": 3}, "num_class applies to multiclass only"),
         ({"n_features": 13, "num_leaves": 1}, "recipe.params.num_leaves: Input should be greater than"),
         ({"n_features": 13, "max_bin": 1000}, "recipe.params.max_bin: Input should be less than"),
+        (
+            {"n_features": 13, "objective": "regression", "scale_pos_weight": 2},
+            "scale_pos_weight is for the binary objective (objective is regression)",
+        ),
+        (
+            {"n_features": 13, "feature_fraction": 0},
+            "recipe.params.feature_fraction: Input should be greater",
+        ),
         # LightGBM's own checks, asked of LightGBM on a few synthetic rows at submission
         (
             {"n_features": 13, "learning_rate": 0},

@@ -53,8 +53,10 @@ def test_xgboost_is_the_last_version_with_the_federated_communicator():
         {},
         {"objective": "reg:squarederror", "max_depth": 3, "reg_lambda": 0.5},
         {"objective": "multi:softprob", "num_class": 2, "max_depth": 4, "num_rounds": 20},
+        # a rare outcome's weight, and each tree on a seeded share of the features
+        {"scale_pos_weight": 3.0, "colsample_bytree": 0.5, "max_depth": 3},
     ],
-    ids=["binary", "regression", "multiclass"],
+    ids=["binary", "regression", "multiclass", "weighted-column-sample"],
 )
 def test_federated_xgboost_equals_xgboost_on_the_pooled_rows_bit_for_bit(centers, overrides):
     params = XGBoostParams(n_features=13, **{"num_rounds": 40, **overrides})
@@ -125,6 +127,11 @@ def test_the_proxy_reads_and_writes_federated_proto_messages():
         ({"n_features": 13, "objective": "rank:pairwise"}, "recipe.params.objective: Input should be"),
         ({"n_features": 13, "objective": "multi:softprob"}, "multi:softprob needs num_class >= 2"),
         ({"n_features": 13, "max_depth": 0}, "recipe.params.max_depth: Input should be greater"),
+        (
+            {"n_features": 13, "objective": "reg:squarederror", "scale_pos_weight": 2},
+            "scale_pos_weight is for the binary:logistic objective (objective is reg:squarederror)",
+        ),
+        ({"n_features": 13, "colsample_bytree": 1.5}, "recipe.params.colsample_bytree: Input should be less"),
         ({"n_features": 13, "tree_method": "exact"}, "recipe.params.tree_method: Extra inputs"),
         # XGBoost's own checks, asked of XGBoost (one round on a few synthetic rows) at submission
         (

@@ -108,6 +108,12 @@ class LightGbmParams(BaseModel):
     min_gain_to_split: FiniteFloat = Field(default=1e-6, le=1e6)
     min_data_in_leaf: int = Field(default=1, ge=1, le=1_000_000)
     min_sum_hessian_in_leaf: FiniteFloat = Field(default=1e-3, le=1e6)
+    scale_pos_weight: FiniteFloat = Field(
+        default=1.0, gt=0, le=1e6, description="binary: the weight of label 1's rows (a rare outcome)"
+    )
+    feature_fraction: FiniteFloat = Field(
+        default=1.0, gt=0, le=1, description="the share of features each tree may split on (seeded alike)"
+    )
     boost_from_average: bool = True
     max_bin: int = Field(default=255, ge=2, le=255, description="bins per feature at most")
     grid_cells: int = Field(default=1024, ge=2, le=65_536, description="public grid cells per feature")
@@ -128,6 +134,8 @@ class LightGbmParams(BaseModel):
         if self.objective != "multiclass" and self.num_class != 1:
             raise ValueError(f"num_class applies to multiclass only ({self.objective} has one output)")
         check_stopping(self, binary=self.objective == "binary")
+        if self.scale_pos_weight != 1.0 and self.objective != "binary":
+            raise ValueError(f"scale_pos_weight is for the binary objective (objective is {self.objective})")
         if self.max_depth == 0:
             raise ValueError("max_depth must be -1 (no limit) or at least 1")
         if self.feature_names is not None:
@@ -172,6 +180,8 @@ class LightGbmParams(BaseModel):
             "min_data_in_leaf": self.min_data_in_leaf,
             "min_sum_hessian_in_leaf": self.min_sum_hessian_in_leaf,
             "boost_from_average": self.boost_from_average,
+            "scale_pos_weight": self.scale_pos_weight,
+            "feature_fraction": self.feature_fraction,
             "force_row_wise": True,  # not LightGBM's timing-based choice
             "deterministic": True,
             **DATASET_PARAMS,

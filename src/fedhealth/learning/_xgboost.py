@@ -103,6 +103,12 @@ class XGBoostParams(BaseModel):
     reg_alpha: FiniteFloat = Field(default=0.0, le=1e6)
     min_child_weight: FiniteFloat = Field(default=1.0, le=1e6)
     gamma: FiniteFloat = Field(default=0.0, le=1e6)
+    scale_pos_weight: FiniteFloat = Field(
+        default=1.0, gt=0, le=1e6, description="binary:logistic: the weight of label 1's rows (rare outcomes)"
+    )
+    colsample_bytree: FiniteFloat = Field(
+        default=1.0, gt=0, le=1, description="the share of features each tree may split on (seeded alike)"
+    )
     max_bin: int = Field(default=255, ge=2, le=255)
     grid_cells: int = Field(default=1024, ge=2, le=65_536)
     value_range: Range = (-10.0, 10.0)
@@ -121,6 +127,10 @@ class XGBoostParams(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> XGBoostParams:
         check_stopping(self, binary=self.objective == "binary:logistic")
+        if self.scale_pos_weight != 1.0 and self.objective != "binary:logistic":
+            raise ValueError(
+                f"scale_pos_weight is for the binary:logistic objective (objective is {self.objective})"
+            )
         if self.objective == "survival:cox":
             if self.time_range is None:
                 raise ValueError(
@@ -173,6 +183,8 @@ class XGBoostParams(BaseModel):
             "alpha": self.reg_alpha,
             "min_child_weight": self.min_child_weight,
             "gamma": self.gamma,
+            "scale_pos_weight": self.scale_pos_weight,
+            "colsample_bytree": self.colsample_bytree,
             "max_bin": 256,
             "nthread": 1,
             "seed": 0,
