@@ -41,6 +41,11 @@ def centers(heart_centers) -> list[Any]:
     return heart_centers
 
 
+def _with_test_rows(center: TabularDataset, keep: Any) -> TabularDataset:
+    """The center with every training row and only the test rows ``keep`` marks."""
+    return center.select(np.ones(center.num_train, dtype=bool), keep)
+
+
 def _run(train: Any, params: Any, datasets: list[Any]) -> dict[str, Any]:
     session = InMemorySession(SITES, call_timeout_s=60)
     return session.run(lambda m: train(params, datasets[SITES.index(m.site)], m))
@@ -154,17 +159,7 @@ def test_federated_boosting_stops_on_the_auc_where_the_library_stops_on_the_pool
 
 @pytest.mark.parametrize("recipe", ["lightgbm", "xgboost"])
 def test_auc_stopping_with_test_parts_of_one_label_only_is_refused_before_training(centers, recipe):
-    negatives_only = [
-        TabularDataset(
-            name=c.name,
-            X_train=c.X_train,
-            y_train=c.y_train,
-            X_test=c.X_test[c.y_test == 0],
-            y_test=c.y_test[c.y_test == 0],
-            feature_names=c.feature_names,
-        )
-        for c in centers
-    ]
+    negatives_only = [_with_test_rows(c, c.y_test == 0) for c in centers]
     train = train_site if recipe == "lightgbm" else train_site_xgboost
     params_model = LightGbmParams if recipe == "lightgbm" else XGBoostParams
     params = params_model(n_features=13, num_rounds=5, early_stopping_rounds=2, early_stopping_metric="auc")
@@ -190,24 +185,14 @@ def test_auc_stopping_with_test_parts_of_one_label_only_is_refused_before_traini
     ],
 )
 def test_auc_stopping_outside_a_binary_study_with_stopping_is_one_line(recipe, params, message):
-    with pytest.raises(RecipeParamsError, match=f"early_stopping_metric {message}|{message}") as err:
+    with pytest.raises(RecipeParamsError, match=message) as err:
         resolve_recipe(recipe, "1", {"n_features": 13, "early_stopping_metric": "auc", **params})
     assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("recipe", ["lightgbm", "xgboost"])
 def test_early_stopping_without_any_validation_rows_is_refused_before_training(centers, recipe):
-    bare = [
-        TabularDataset(
-            name=c.name,
-            X_train=c.X_train,
-            y_train=c.y_train,
-            X_test=c.X_test[:0],
-            y_test=c.y_test[:0],
-            feature_names=c.feature_names,
-        )
-        for c in centers
-    ]
+    bare = [_with_test_rows(c, np.zeros(c.num_test, dtype=bool)) for c in centers]
     train = train_site if recipe == "lightgbm" else train_site_xgboost
     params_model = LightGbmParams if recipe == "lightgbm" else XGBoostParams
     params = params_model(n_features=13, num_rounds=5, early_stopping_rounds=2)
