@@ -60,8 +60,17 @@ def test_lightgbm_is_the_pinned_version():
         {"objective": "multiclass", "num_class": 2, "num_leaves": 8},
         # a rare outcome's weight, and each tree on a seeded share of the features
         {"num_leaves": 8, "scale_pos_weight": 3.0, "feature_fraction": 0.5},
+        # the risk may only rise with age and only fall with the third feature
+        {"num_leaves": 8, "monotone_constraints": (1, 0, -1, *[0] * 10)},
     ],
-    ids=["binary", "binary-depth-3", "regression-min-data-20", "multiclass", "weighted-feature-fraction"],
+    ids=[
+        "binary",
+        "binary-depth-3",
+        "regression-min-data-20",
+        "multiclass",
+        "weighted-feature-fraction",
+        "monotone",
+    ],
 )
 def test_federated_lightgbm_equals_lightgbm_on_the_pooled_rows_bit_for_bit(centers, overrides):
     params = LightGbmParams(n_features=13, num_rounds=60, **overrides)
@@ -294,6 +303,14 @@ def test_a_site_lost_mid_training_fails_the_session_for_every_site(centers):
         (
             {"n_features": 13, "feature_fraction": 0},
             "recipe.params.feature_fraction: Input should be greater",
+        ),
+        (
+            {"n_features": 13, "monotone_constraints": [1, 0, -1]},
+            "monotone_constraints gives 3 constraints, n_features is 13",
+        ),
+        (
+            {"n_features": 2, "monotone_constraints": [1, 2]},
+            "recipe.params.monotone_constraints.1: Input should be",
         ),
         # LightGBM's own checks, asked of LightGBM on a few synthetic rows at submission
         (

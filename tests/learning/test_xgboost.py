@@ -55,8 +55,9 @@ def test_xgboost_is_the_last_version_with_the_federated_communicator():
         {"objective": "multi:softprob", "num_class": 2, "max_depth": 4, "num_rounds": 20},
         # a rare outcome's weight, and each tree on a seeded share of the features
         {"scale_pos_weight": 3.0, "colsample_bytree": 0.5, "max_depth": 3},
+        {"monotone_constraints": (1, 0, -1, *[0] * 10), "max_depth": 3},
     ],
-    ids=["binary", "regression", "multiclass", "weighted-column-sample"],
+    ids=["binary", "regression", "multiclass", "weighted-column-sample", "monotone"],
 )
 def test_federated_xgboost_equals_xgboost_on_the_pooled_rows_bit_for_bit(centers, overrides):
     params = XGBoostParams(n_features=13, **{"num_rounds": 40, **overrides})
@@ -132,6 +133,10 @@ def test_the_proxy_reads_and_writes_federated_proto_messages():
             "scale_pos_weight is for the binary:logistic objective (objective is reg:squarederror)",
         ),
         ({"n_features": 13, "colsample_bytree": 1.5}, "recipe.params.colsample_bytree: Input should be less"),
+        (
+            {"n_features": 13, "monotone_constraints": [1, 0, -1]},
+            "monotone_constraints gives 3 constraints, n_features is 13",
+        ),
         ({"n_features": 13, "tree_method": "exact"}, "recipe.params.tree_method: Extra inputs"),
         # XGBoost's own checks, asked of XGBoost (one round on a few synthetic rows) at submission
         (

@@ -218,6 +218,15 @@ def auc_cells_field() -> Any:
     )
 
 
+def check_monotone(params: Any) -> None:
+    """``monotone_constraints`` names one constraint per feature (a ValueError: one line)."""
+    given = params.monotone_constraints
+    if given is not None and len(given) != params.n_features:
+        raise ValueError(
+            f"monotone_constraints gives {len(given)} constraints, n_features is {params.n_features}"
+        )
+
+
 def check_stopping(params: Any, binary: bool) -> None:
     """The parameter checks of early stopping both recipes make (a ValueError: one line)."""
     if params.early_stopping_metric == "auc":

@@ -41,6 +41,7 @@ from fedhealth.learning._boosting import (
     auc_cells_field,
     boosting_export,
     boosting_onnx,
+    check_monotone,
     check_stopping,
     describe_options,
     first_line,
@@ -114,6 +115,10 @@ class LightGbmParams(BaseModel):
     feature_fraction: FiniteFloat = Field(
         default=1.0, gt=0, le=1, description="the share of features each tree may split on (seeded alike)"
     )
+    monotone_constraints: tuple[Literal[-1, 0, 1], ...] | None = Field(
+        default=None,
+        description="per feature in input order: 1 the prediction only rises with it, -1 only falls, 0 free",
+    )
     boost_from_average: bool = True
     max_bin: int = Field(default=255, ge=2, le=255, description="bins per feature at most")
     grid_cells: int = Field(default=1024, ge=2, le=65_536, description="public grid cells per feature")
@@ -134,6 +139,7 @@ class LightGbmParams(BaseModel):
         if self.objective != "multiclass" and self.num_class != 1:
             raise ValueError(f"num_class applies to multiclass only ({self.objective} has one output)")
         check_stopping(self, binary=self.objective == "binary")
+        check_monotone(self)
         if self.scale_pos_weight != 1.0 and self.objective != "binary":
             raise ValueError(f"scale_pos_weight is for the binary objective (objective is {self.objective})")
         if self.max_depth == 0:
@@ -188,6 +194,8 @@ class LightGbmParams(BaseModel):
         }
         if self.objective == "multiclass":
             out["num_class"] = self.num_class
+        if self.monotone_constraints is not None:
+            out["monotone_constraints"] = list(self.monotone_constraints)
         return out
 
 

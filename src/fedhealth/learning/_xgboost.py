@@ -30,6 +30,7 @@ from fedhealth.learning._boosting import (
     auc_cells_field,
     boosting_export,
     boosting_onnx,
+    check_monotone,
     check_stopping,
     describe_options,
     first_line,
@@ -109,6 +110,10 @@ class XGBoostParams(BaseModel):
     colsample_bytree: FiniteFloat = Field(
         default=1.0, gt=0, le=1, description="the share of features each tree may split on (seeded alike)"
     )
+    monotone_constraints: tuple[Literal[-1, 0, 1], ...] | None = Field(
+        default=None,
+        description="per feature in input order: 1 the prediction only rises with it, -1 only falls, 0 free",
+    )
     max_bin: int = Field(default=255, ge=2, le=255)
     grid_cells: int = Field(default=1024, ge=2, le=65_536)
     value_range: Range = (-10.0, 10.0)
@@ -127,6 +132,7 @@ class XGBoostParams(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> XGBoostParams:
         check_stopping(self, binary=self.objective == "binary:logistic")
+        check_monotone(self)
         if self.scale_pos_weight != 1.0 and self.objective != "binary:logistic":
             raise ValueError(
                 f"scale_pos_weight is for the binary:logistic objective (objective is {self.objective})"
@@ -192,6 +198,8 @@ class XGBoostParams(BaseModel):
         }
         if self.objective == "multi:softprob":
             out["num_class"] = self.num_class
+        if self.monotone_constraints is not None:
+            out["monotone_constraints"] = "(" + ",".join(str(c) for c in self.monotone_constraints) + ")"
         return out
 
 
