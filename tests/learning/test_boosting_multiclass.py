@@ -190,3 +190,13 @@ def test_a_three_class_model_exports_a_package_and_an_onnx_file_that_predict_ali
     probabilities = session.run(None, {"features": X})[-1]
     assert probabilities.shape == (len(X), 3)
     assert np.allclose(probabilities, expected, rtol=0, atol=1e-5)
+
+
+def test_descriptive_statistics_take_a_multi_class_dataset_unless_they_count_per_label(sites):
+    from fedhealth.learning import resolve_recipe
+
+    plain = resolve_recipe("stats", "1", {"features": ["x0"]}).data_schema()
+    plain.check(sites[0])  # the label is not looked at
+    per_label = resolve_recipe("stats", "1", {"features": ["x0"], "by_label": True}).data_schema()
+    with pytest.raises(SchemaError, match="declares 3 label classes"):
+        per_label.check(sites[0])

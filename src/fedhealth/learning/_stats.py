@@ -492,7 +492,9 @@ class StatsRecipe:
     capabilities = RecipeCapabilities(reads_data=True, secure_sum=True, session_dp=True)
 
     def data_schema(self, params: StatsParams) -> DataSchema:
-        return DataSchema()  # features are looked up by name: their order and the width do not matter
+        # features are looked up by name: their order and the width do not matter; the label only counts
+        # with by_label (labels 0 and 1), so a study without it takes a dataset of any label classes
+        return DataSchema(classes=2 if params.by_label else None)
 
     def describe(self, params: StatsParams) -> str:
         extra = []
