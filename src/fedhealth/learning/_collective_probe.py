@@ -70,7 +70,7 @@ class CollectiveProbeRecipe:
     capabilities = RecipeCapabilities(reads_data=False)
 
     def data_schema(self, params: ProbeParams) -> DataSchema:
-        return DataSchema()
+        return DataSchema(classes=None)  # reads no data: any dataset, any label
 
     def describe(self, params: ProbeParams) -> str:
         clear = " and the same sums unmasked (synthetic values, in clear)" if params.baseline else ""

@@ -73,7 +73,7 @@ class SyntheticRecipe:
     capabilities = RecipeCapabilities(reads_data=False, secure_sum=True)
 
     def data_schema(self, params: SyntheticParams) -> DataSchema:
-        return DataSchema()
+        return DataSchema(classes=None)  # reads no data: any dataset, any label
 
     def param_specs(self, params: SyntheticParams) -> list[TensorSpec]:
         return [TensorSpec(name="weight", shape=(params.n_params,), dtype="float32")]
