@@ -492,3 +492,17 @@ def test_confident_rows_send_both_parts_of_a_float_sum_and_the_model_stays_the_p
     assert 0 < float_sums_made[0].repeats < float_sums_made[0].calls / 2
     federated, pooled = runs[SITES[0]][0], train_pooled(params, centers)
     assert _trees(federated.model_text) == _trees(pooled.model_text)
+
+
+def test_lightgbm_s_own_messages_go_to_the_debug_log_not_to_standard_output(centers, capfd, caplog):
+    # a site's log would otherwise show "[LightGBM] [Info] Local rank: 1, total number of machines: 2" at
+    # every session: the site's own two-rank network, which reads like two machines
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="fedhealth.lightgbm"):
+        _federated(LightGbmParams(n_features=13, num_rounds=2, num_leaves=4), centers)
+    out, err = capfd.readouterr()
+    assert "[LightGBM]" not in out + err
+    messages = [r.getMessage() for r in caplog.records if r.name == "fedhealth.lightgbm"]
+    assert any("total number of machines: 2" in m for m in messages)
+    assert all(r.levelno == logging.DEBUG for r in caplog.records if r.name == "fedhealth.lightgbm")

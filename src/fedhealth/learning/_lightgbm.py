@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -229,6 +230,21 @@ def library_problem(params: LightGbmParams) -> str | None:
     return None
 
 
+class _LibraryLog:
+    """Where LightGBM's own messages go: fedhealth's log at debug level, not the process's standard output.
+    (A site's log would otherwise carry ``[LightGBM] [Info] Local rank: 1, total number of machines: 2``
+    at every session: the two ranks of the site's own network, which reads like two machines.)"""
+
+    _log = logging.getLogger("fedhealth.lightgbm")
+
+    def info(self, msg: str) -> None:
+        if msg.strip():
+            self._log.debug("%s", msg.strip())
+
+    def warning(self, msg: str) -> None:
+        self._log.warning("%s", msg)
+
+
 def _lgb() -> Any:
     try:
         import lightgbm
@@ -239,6 +255,8 @@ def _lgb() -> Any:
             f"the lightgbm recipe runs on LightGBM {LIGHTGBM_VERSION} (its network callbacks are "
             f"version-specific); this site has {lightgbm.__version__}"
         )
+    if not isinstance(lightgbm.basic._LOGGER, _LibraryLog):
+        lightgbm.register_logger(_LibraryLog())
     return lightgbm
 
 

@@ -373,6 +373,9 @@ class SessionNetwork:
         """``LGBM_NetworkInitWithFunctions`` on this thread, with this network behind the callbacks."""
         if getattr(_bound, "network", None) is not None:
             raise RuntimeError("this thread already runs a LightGBM network")
+        callback = getattr(lib, "callback", None)  # LightGBM's log callback is per thread: this one's too
+        if callback is not None:
+            lib.LGBM_RegisterLogCallback(callback)
         _bound.network = self
         code = lib.LGBM_NetworkInitWithFunctions(
             ctypes.c_int(self.n),
