@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fedhealth.core import ConfigError, DatasetMissingError
-from fedhealth.data import SchemaError, inspect_dataset, open_dataset
+from fedhealth.data import CsvOptions, SchemaError, inspect_dataset, open_dataset, read_csv_dataset
 
 
 def _write(tmp_path, text, name="cohort.csv"):
@@ -51,6 +51,8 @@ def test_a_multiclass_label_is_read_with_classes_and_stratified_in_the_split(tmp
     assert d.classes == 4
     assert np.bincount(d.y_train).tolist() == [5, 5, 5, 5]  # stratified on the label, as for two classes
     assert np.bincount(d.y_test).tolist() == [5, 5, 5, 5]
+    direct = read_csv_dataset(path, CsvOptions(label="triage", classes=4, test_fraction=0.5))
+    assert direct.fingerprint == d.fingerprint  # the Python reader declares the classes alike
     report = inspect_dataset(f"file://{path}?label=triage&classes=4&test_fraction=0.5").quality
     assert report.label_counts() == [10, 10, 10, 10]  # every level counted, not only label 1
     assert report.lines()[0] == "40 rows; label 0 in 10, label 1 in 10, label 2 in 10, label 3 in 10"

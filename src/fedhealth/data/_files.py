@@ -40,7 +40,8 @@ class FileFormat(StrEnum):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CsvOptions:
     """How to read a CSV file: the label column, an optional patient-id column, the held-out fraction and its
-    seed, whether to standardize features with the training part's mean and std, and a declared schema."""
+    seed, whether to standardize features with the training part's mean and std, a declared schema, and the
+    label's classes."""
 
     label: str
     id_column: str | None = None
@@ -48,6 +49,7 @@ class CsvOptions:
     seed: int = 0
     standardize: bool = True
     schema: DatasetSchema | None = None
+    classes: int = 2  # the label's classes (labels 0 to classes - 1)
 
     def table_options(self) -> TableOptions:
         return TableOptions(
@@ -57,6 +59,7 @@ class CsvOptions:
             test_fraction=self.test_fraction,
             seed=self.seed,
             standardize=self.standardize,
+            classes=self.classes,
         )
 
 
