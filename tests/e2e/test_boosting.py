@@ -34,6 +34,7 @@ from fedhealth.learning import (
 )
 from fedhealth.learning._lightgbm import cell_counts
 from fedhealth.learning._survival import harrell_c
+from fedhealth.orchestrator._report import report_markdown
 from fedhealth.protocol import RecipeSpec, SecureAggregationSpec, StudySpec, StudyStatus, TaskKind, TaskStatus
 from fedhealth.runtime import run_collective_in_memory
 from fedhealth.secagg import encode_fixed
@@ -172,6 +173,13 @@ def test_federated_lightgbm_through_the_services_is_the_pooled_model_and_the_rel
     assert result["sites"] == 4
     assert 0.6 < result["accuracy"] <= 1.0
     assert 0.0 < result["mean_client_accuracy"] <= 1.0
+    # the study report holds the session's figures and the features by gain, not the model itself
+    report = fed.report(final.study_id)
+    assert report["collective"]["result"]["feature_importance"] == result["feature_importance"]
+    assert report["collective"]["result"]["accuracy"] == result["accuracy"]
+    assert "model" not in report["collective"]["result"]
+    top = result["feature_importance"][0]
+    assert f"| {top['feature']} | " in report_markdown(report).split("### Feature importance")[1]
 
     centers = [load_heart_disease(c, data_dir, download=False) for c in range(4)]
     model = LightGbmModel.from_result(result)

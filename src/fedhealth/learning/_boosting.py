@@ -9,7 +9,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +56,25 @@ def first_line(exc: BaseException) -> str:
     line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     line = re.sub(r"^\[[0-9:]+\] \S+?:\d+: ", "", line)  # XGBoost: "[12:00:00] /src/x.cc:42: ..."
     return re.sub(r" at \S+, line \d+ ?\.?$", "", line).strip()  # LightGBM: "... at /src/x.cpp, line 9 ."
+
+
+# --- feature importance ---------------------------------------------------------------------------------
+
+
+def feature_importance(
+    gains: Sequence[float], splits: Sequence[float], names: Sequence[str] | None
+) -> list[dict[str, JsonValue]]:
+    """Each input feature's total gain (the loss reduction summed over every split on it, in every tree and
+    class) and its number of splits, largest gain first (ties in input order). Read off the released trees,
+    whose splits carry their gains, so it says nothing the model does not."""
+    labels = list(names) if names else [f"x{j}" for j in range(len(gains))]
+    if len(labels) != len(gains) or len(splits) != len(gains):
+        raise ValueError(f"the model has {len(gains)} features, not {len(labels)}")
+    order = sorted(range(len(gains)), key=lambda j: (-float(gains[j]), j))
+    return [
+        {"feature": labels[j], "index": j, "total_gain": float(gains[j]), "splits": int(splits[j])}
+        for j in order
+    ]
 
 
 # --- early stopping on a securely summed validation metric ------------------------------------------------

@@ -45,6 +45,7 @@ from fedhealth.learning._boosting import (
     check_monotone,
     check_stopping,
     describe_options,
+    feature_importance,
     first_line,
     probe_rows,
     reference_rows,
@@ -391,6 +392,13 @@ class LightGbmModel:
         """LightGBM's predictions for raw feature rows ``X``."""
         out = self.booster().predict(self.binning.codes(X), raw_score=raw_score, num_threads=1)
         return np.asarray(out, dtype=np.float64)
+
+    def importance(self, names: Sequence[str] | None) -> list[dict[str, JsonValue]]:
+        """Each feature's total gain and number of splits, largest gain first (:func:`feature_importance`)."""
+        booster = self.booster()
+        return feature_importance(
+            booster.feature_importance("gain").tolist(), booster.feature_importance("split").tolist(), names
+        )
 
     @classmethod
     def from_result(cls, result: Mapping[str, Any]) -> LightGbmModel:
@@ -765,6 +773,13 @@ class LightGbmRecipe:
         result = json.loads(released)
         if not isinstance(result, dict) or not isinstance(result.get("model"), str):
             raise ValueError("the lightgbm session released no model")
+        # read off the model here, at the orchestrator, whatever the leader's broadcast said of it
+        try:
+            result["feature_importance"] = LightGbmModel.from_result(result).importance(params.feature_names)
+        except Exception as exc:  # LightGBM's own error for a model it cannot read, or a bad binning
+            raise ValueError(
+                f"the lightgbm session released a model LightGBM cannot read: {first_line(exc)}"
+            ) from exc
         return result
 
     def export(self, params: LightGbmParams, result: Mapping[str, Any]) -> ModelExport:
@@ -786,6 +801,7 @@ class LightGbmRecipe:
                 "objective": params.objective,
                 "num_class": params.num_class,
                 "grid_cells": model.binning.grid_cells,
+                "feature_importance": model.importance(params.feature_names),
             },
             label_meaning=params.label_meaning,
             native_name="model.txt",

@@ -33,6 +33,7 @@ from fedhealth.learning._boosting import (
     check_monotone,
     check_stopping,
     describe_options,
+    feature_importance,
     first_line,
     probe_rows,
     reference_rows,
@@ -263,6 +264,18 @@ class XGBoostModel:
         xgb = _xgb()
         out = self.booster().predict(xgb.DMatrix(self.binning.codes(X), nthread=1))
         return np.asarray(out, dtype=np.float64)
+
+    def importance(self, names: Sequence[str] | None) -> list[dict[str, JsonValue]]:
+        """Each feature's total gain and number of splits, largest gain first (:func:`feature_importance`);
+        XGBoost names the features it split on ``f<j>`` and leaves out the others."""
+        booster = self.booster()
+        d = len(self.binning.starts)
+        gain, weight = (booster.get_score(importance_type=t) for t in ("total_gain", "weight"))
+        return feature_importance(
+            [float(gain.get(f"f{j}", 0.0)) for j in range(d)],
+            [float(weight.get(f"f{j}", 0.0)) for j in range(d)],
+            names,
+        )
 
     @classmethod
     def from_result(cls, result: Mapping[str, Any]) -> XGBoostModel:
@@ -535,6 +548,13 @@ class XGBoostRecipe:
         result = json.loads(released)
         if not isinstance(result, dict) or not isinstance(result.get("model"), str):
             raise ValueError("the xgboost session released no model")
+        # read off the model here, at the orchestrator, whatever the leader's broadcast said of it
+        try:
+            result["feature_importance"] = XGBoostModel.from_result(result).importance(params.feature_names)
+        except Exception as exc:  # XGBoost's own error for a model it cannot read, or a bad binning
+            raise ValueError(
+                f"the xgboost session released a model XGBoost cannot read: {first_line(exc)}"
+            ) from exc
         return result
 
     def export(self, params: XGBoostParams, result: Mapping[str, Any]) -> ModelExport:
@@ -555,6 +575,7 @@ class XGBoostRecipe:
                 "objective": params.objective,
                 "num_class": params.num_class,
                 "grid_cells": binning.grid_cells,
+                "feature_importance": model.importance(params.feature_names),
             },
             label_meaning=params.label_meaning,
             native_name="model.json",

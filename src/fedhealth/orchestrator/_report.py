@@ -66,6 +66,7 @@ def build_report(store: Store, study_id: str) -> dict[str, Any]:
     rounds = store.rounds_of(study_id)
     train = [r for r in rounds if r.kind is TaskKind.TRAIN]
     evaluation = next((r for r in rounds if r.kind is TaskKind.EVALUATE and r.metrics), None)
+    session = next((r for r in reversed(rounds) if r.kind is TaskKind.COLLECTIVE), None)
     wall = (study.ended_at - study.created_at).total_seconds() if study.ended_at else None
     return {
         "study_id": study.id,
@@ -91,7 +92,24 @@ def build_report(store: Store, study_id: str) -> dict[str, Any]:
             for r in train
         ],
         "evaluation": evaluation.metrics if evaluation else None,
+        "collective": _collective_result(session),
         "privacy": privacy_report(store, study_id),
+    }
+
+
+_BULKY = ("model", "binning")  # the released model itself: in the model package, not in the report
+
+
+def _collective_result(r: Any) -> dict[str, Any] | None:
+    """A collective study's session round and its released result, less the model itself."""
+    if r is None:
+        return None
+    return {
+        "number": r.number,
+        "status": r.status.value,
+        "reason": r.reason,
+        "duration_s": (r.ended_at - r.started_at).total_seconds() if r.ended_at else None,
+        "result": {k: v for k, v in (r.metrics or {}).items() if k not in _BULKY},
     }
 
 
@@ -143,6 +161,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         acc = f"{m['accuracy']:.4f}" if "accuracy" in m else ""
         dur = f"{r['duration_s']:.3f}" if r["duration_s"] is not None else ""
         lines.append(f"| {r['number']} | {r['status']} | {m.get('sites', '')} | {loss} | {acc} | {dur} |")
+    if report.get("collective"):
+        lines += ["", *_collective_markdown(report["collective"])]
     if report.get("privacy"):
         lines += ["", *privacy_markdown(report["privacy"])]
     return "\n".join(lines) + "\n"
@@ -156,3 +176,33 @@ def write_report(store: Store, study_id: str, directory: Path) -> tuple[Path, Pa
     json_path.write_text(json.dumps(report, indent=2, sort_keys=True))
     md_path.write_text(report_markdown(report))
     return json_path, md_path
+
+
+_TOP_FEATURES = 20
+
+
+def _collective_markdown(session: dict[str, Any]) -> list[str]:
+    """The session's released figures (scalars), and a boosting model's features by total gain."""
+    result = session.get("result") or {}
+    lines = [f"## Collective session (round {session['number']}): {session['status']}", ""]
+    if session.get("reason"):
+        lines += [f"Reason: {one_line(session['reason'])}", ""]
+    scalars = {k: v for k, v in sorted(result.items()) if isinstance(v, int | float | str) or v is None}
+    lines += [f"- {k}: {_num(v) if isinstance(v, float) else v}" for k, v in scalars.items()]
+    importance = result.get("feature_importance")
+    if isinstance(importance, list) and importance:
+        total = sum(float(f.get("total_gain", 0.0)) for f in importance) or 1.0
+        lines += [
+            "",
+            "### Feature importance (total gain over every split on the feature)",
+            "",
+            "| feature | total gain | share | splits |",
+            "|---|---|---|---|",
+        ]
+        for f in importance[:_TOP_FEATURES]:
+            gain = float(f.get("total_gain", 0.0))
+            name = str(f.get("feature")).replace("|", "\\|")
+            lines.append(f"| {name} | {gain:.4g} | {gain / total:.1%} | {f.get('splits')} |")
+        if len(importance) > _TOP_FEATURES:
+            lines.append(f"| {len(importance) - _TOP_FEATURES} more | | | |")
+    return lines
