@@ -22,6 +22,7 @@ from fedhealth.data import SchemaError, TabularDataset
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._preprocessing import preprocessing_metadata
 from fedhealth.learning._recipe import ModelExport
+from fedhealth.secagg import SecAggSecurityError
 
 if TYPE_CHECKING:
     from fedhealth.learning._lightgbm import Binning
@@ -346,8 +347,23 @@ def agree_resume(session: Any, local_rounds: int, num_rounds: int) -> int:
     """The last round every site completed: one secure sum of "this site has at least k rounds" (k = 1 ..
     ``num_rounds``), so the sum says how many sites reached each round, never which."""
     reached = (np.arange(1, num_rounds + 1) <= local_rounds).astype(np.float64)
-    counts = np.rint(session.secure_sum(reached)).astype(np.int64)
-    everyone = counts == len(session.sites)
+    summed = np.asarray(session.secure_sum(reached), dtype=np.float64)
+    counts = np.rint(summed).astype(np.int64)
+    n = len(session.sites)
+    # Each site adds 0 or 1 per round, and one that reached round k reached every round before it: a sum
+    # outside [0, n], rising with k, or counting this site where it adds 0 (or not where it adds 1) is a
+    # forged result or a lying site. Trusting it would resume from a model this site does not hold.
+    if (
+        summed.shape != reached.shape
+        or not np.array_equal(summed, counts)
+        or (counts < 0).any()
+        or (counts > n).any()
+        or (np.diff(counts) > 0).any()
+        or (counts[local_rounds:] > n - 1).any()
+        or (counts[:local_rounds] < 1).any()
+    ):
+        raise SecAggSecurityError("the summed rounds each site checkpointed are not a count of the sites")
+    everyone = counts == n
     return int(num_rounds if everyone.all() else np.argmin(everyone))
 
 

@@ -89,9 +89,16 @@ _LOOPBACK = (
 
 def peer_is_this_process(peer: str, port: int) -> bool | None:
     """Whether gRPC's ``peer`` (``ipv4:127.0.0.1:P``, or its IPv4-mapped IPv6 form) is a socket of this very
-    process connected to ``port`` on 127.0.0.1: the kernel's TCP table (``/proc/net/tcp``) gives the inode of
-    the socket with that pair of ends, and it must be one of this process's open files. None where the
-    table cannot be read (not Linux)."""
+    process connected to ``port`` on 127.0.0.1 (:func:`own_peer_socket`); None where that cannot be read."""
+    found = own_peer_socket(peer, port)
+    return found if found is None or found is False else True
+
+
+def own_peer_socket(peer: str, port: int) -> tuple[int, str] | bool | None:
+    """This process's descriptor and its link (``socket:[inode]``) of the socket that is gRPC's ``peer``
+    connected to ``port`` on 127.0.0.1, or False when that socket is not this process's (or there is none):
+    the kernel's TCP table (``/proc/net/tcp``) gives the inode of the socket with that pair of ends, and it
+    must be one of this process's open files. None where the table cannot be read (not Linux)."""
     prefix = next((p for p in ("ipv4:127.0.0.1:", "ipv6:[::ffff:127.0.0.1]:") if peer.startswith(p)), "")
     if not prefix or not peer[len(prefix) :].isdigit():
         return False
@@ -123,10 +130,20 @@ def peer_is_this_process(peer: str, port: int) -> bool | None:
     for fd in descriptors:
         try:
             if os.readlink(f"/proc/self/fd/{fd}") == target:
-                return True
+                return int(fd), target
         except OSError:
             continue
     return False
+
+
+def still_open(fd: int, target: str) -> bool:
+    """Whether descriptor ``fd`` of this process still is the socket ``target`` (``socket:[inode]``). While
+    it is, no other socket can hold the same pair of TCP ends: a connection from the same peer address is
+    that socket's."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == target
+    except OSError:
+        return False
 
 
 def encode_reply(buffer: bytes | bytearray | memoryview | NDArray[Any]) -> bytes:
@@ -155,7 +172,8 @@ class SessionProxy:
         self.error: BaseException | None = None
         self._lock = threading.Lock()
         self._float_sums = FloatSums(self._secure_sum)
-        self._peers: set[str] = set()  # callers found to be this process
+        # callers found to be this process: gRPC's peer address -> the descriptor and inode of our socket
+        self._peers: dict[str, tuple[int, str]] = {}
         self._unchecked_logged = False
         self.refused = 0  # calls refused: not from this process
         self._server: Any = None
@@ -197,11 +215,18 @@ class SessionProxy:
     def _admit(self, context: Any) -> None:
         """Refuse (PERMISSION_DENIED) a call that does not come from this process, XGBoost's worker: the
         port is open to every local account, and a call of theirs would become this site's part of a sum
-        and get them the other sites' pooled histograms. A caller is checked once per connection."""
+        and get them the other sites' pooled histograms.
+
+        Reading the kernel's TCP table takes milliseconds, so a caller is looked up there once per
+        connection: the peer address is remembered with the descriptor and inode of this process's socket,
+        and a later call from that address is answered while that very socket is still open (a cheap
+        ``readlink``). Once it is closed, another account may bind its port and connect from the same
+        address: that call is looked up again, and refused."""
         peer = context.peer()
-        if peer in self._peers:
+        held = self._peers.get(peer)
+        if held is not None and still_open(*held):
             return
-        own = peer_is_this_process(peer, self.port)
+        own = own_peer_socket(peer, self.port)
         if own is None:  # no /proc: the caller cannot be checked here
             if not self._unchecked_logged:
                 log.warning("XGBoost proxy: callers cannot be checked on this platform (no /proc/net/tcp)")
@@ -214,7 +239,8 @@ class SessionProxy:
             context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, "only this site's XGBoost worker may call its proxy"
             )
-        self._peers.add(peer)
+        if isinstance(own, tuple):
+            self._peers[peer] = own
 
     # --- the collectives --------------------------------------------------------------------------------
 
