@@ -38,11 +38,12 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--size", type=int, default=10_000)
     parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--mtls", action="store_true", help="mutual TLS (the orchestrator's second listener)")
     args = parser.parse_args()
     names = [f"site-{i:02d}" for i in range(args.sites)]
     with (
         tempfile.TemporaryDirectory(prefix="fedhealth-bench-") as tmp,
-        LocalFederation(Path(tmp), log_level="warning") as fed,
+        LocalFederation(Path(tmp), log_level="warning", mtls=args.mtls) as fed,
     ):
         fed.start_orchestrator()
         for name in names:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -266,3 +267,7 @@ def test_mutual_tls_admits_only_clients_with_a_federation_certificate(tmp_path):
         )
         assert only_enrollment.status_code == 403
         assert only_enrollment.json()["error"] == "only enrollment is served on this port"
+        # both listeners run on the loop uvicorn picks for one (uvloop, installed with uvicorn[standard])
+        assert fed.orchestrator is not None
+        maps = Path(f"/proc/{fed.orchestrator.pid}/maps").read_text()
+        assert "uvloop/loop." in maps

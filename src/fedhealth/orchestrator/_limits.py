@@ -287,9 +287,13 @@ class RequestGate:
         )
         if self.require_client_cert and certificate is None and not on_enroll_port:
             raise Forbidden("a client certificate from the federation CA is required")
-        if certificate is not None:  # first, on every route: a revoked or retired certificate opens nothing
-            svc.auth.check_certificate(certificate)
         access = access_of(path)
+        # First, on every route: a revoked or retired certificate opens nothing. On the agent API the token's
+        # check below reads the same site row (status and the certificate of its latest enrollment) and holds
+        # the certificate to it, so a second read is spared on the hot path and made only where the token
+        # fails, for the certificate's refusal to come first as on every other route.
+        if certificate is not None and access is not Access.AGENT:
+            svc.auth.check_certificate(certificate)
         if access in (Access.PUBLIC, Access.LOGIN):
             if access is Access.LOGIN:
                 client = scope.get("client")
@@ -304,6 +308,8 @@ class RequestGate:
         try:
             principal = svc.auth.authenticate(authorization, audience, certificate)
         except (Unauthenticated, Forbidden):
+            if certificate is not None and access is Access.AGENT:
+                svc.auth.check_certificate(certificate)
             if not _routed(scope):
                 return  # no such route: the router answers 404/405 (it reads no body)
             raise

@@ -128,7 +128,9 @@ def serve(
     async def both() -> None:
         await asyncio.gather(main.serve(sockets=[sock]), enroll.serve(sockets=[enroll_sock]))
 
-    asyncio.run(both())
+    # the loop uvicorn's own run() would take (uvloop when installed), not asyncio's default
+    with asyncio.Runner(loop_factory=main.config.get_loop_factory()) as runner:
+        runner.run(both())
 
 
 class _Server(uvicorn.Server):
