@@ -191,6 +191,7 @@ def study_view(svc: Services, study_id: str) -> dict[str, Any]:
         site for site, state in info.approvals.items() if state is not ApprovalState.APPROVED
     )
     evaluation = report.get("evaluation") or {}
+    session, importance_figure = _collective_view(report.get("collective"))
     return {
         "id": info.study_id,
         "name": spec.name,
@@ -224,7 +225,50 @@ def study_view(svc: Services, study_id: str) -> dict[str, Any]:
         "metrics_figure": metrics_figure if quality else None,
         "participation_figure": participation_figure if info.rounds else None,
         "dropouts": dropouts,
+        "session": session,
+        "importance_figure": importance_figure,
     }
+
+
+_TOP_FEATURES = 20
+
+
+_View = dict[str, Any] | None
+
+
+def _collective_view(collective: dict[str, Any] | None) -> tuple[_View, _View]:
+    """A collective study's session (the report's ``collective``): its released figures (scalars, the model
+    itself left out) and, for boosting, the features by total gain as a bar chart (the top 20)."""
+    if not collective:
+        return None, None
+    result = collective.get("result") or {}
+    scalar = (int, float, str)
+    figures = {k: v for k, v in sorted(result.items()) if isinstance(v, scalar) and not isinstance(v, bool)}
+    session = {k: collective.get(k) for k in ("number", "status", "reason")} | {"figures": figures}
+    importance = result.get("feature_importance")
+    if not isinstance(importance, list) or not importance:
+        return session, None
+    top = importance[:_TOP_FEATURES][::-1]  # the largest at the top of a horizontal bar chart
+    figure = _figure(
+        [
+            {
+                "type": "bar",
+                "orientation": "h",
+                "name": "total gain",
+                "x": [_finite(f.get("total_gain")) or 0.0 for f in top],
+                "y": [str(f.get("feature")) for f in top],
+                "customdata": [f.get("splits") for f in top],
+                "hovertemplate": "%{y}: total gain %{x:.4g} over %{customdata} splits<extra></extra>",
+                "marker": {"color": "#0969da"},
+            }
+        ],
+        title="Feature importance (total gain over every split on the feature)",
+        x_title="total gain",
+        y_title="feature",
+        height=max(260, 60 + 22 * len(top)),
+        margin={"l": 140, "r": 20, "t": 40, "b": 50},
+    )
+    return session, figure
 
 
 def _open(status: TaskStatus) -> bool:
