@@ -320,6 +320,41 @@ def _refused_before_training(fed: LocalFederation, capture: Path, final: Any, re
         assert all(ledger.spent(budget.dataset) == 0 for budget in ledger.budgets())
 
 
+def test_a_raw_value_study_over_standardizing_connectors_exports_a_package_that_scores_the_csv_rows(
+    fed, triage, tmp_path
+):
+    # each site's file connector standardizes its CSV with the site's own statistics (the default); the
+    # study asks for raw values, so every site undoes that and the trees read the CSVs' own units
+    names = ["x1", "x2", "x3"]
+    params = {
+        "n_features": 3,
+        "feature_names": names,
+        "num_rounds": 6,
+        "num_leaves": 6,
+        "feature_ranges": [[-5.0, 5.0]] * 3,
+        "preprocessing": {"standardize": "none"},
+    }
+    spec = _spec(fed, "lightgbm-raw", params, timeout_s=60).model_copy(update={"dataset": "triage"})
+    final = fed.wait_for_study(fed.create_study(spec).study_id, timeout=300, interval=0.2)
+    assert final.status is StudyStatus.COMPLETED, final.reason
+    result = final.rounds[0].metrics or {}
+    datasets = [open_dataset(_datasets(site, triage)["triage"]) for site in SITES]
+    assert all(d.scaling is not None for d in datasets)  # the connectors did standardize
+    pooled = train_pooled(LightGbmParams(**params), datasets)
+    assert result["model"].split("end of trees")[0] == pooled.model_text.split("end of trees")[0]
+
+    out = tmp_path / "package"
+    exported = _cli(fed, "model", "export", final.study_id, "--out", out, "--json")
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.output)["model"]["preprocessing"]["standardize"] == "none"
+    rows = pd.concat([pd.read_csv(triage[site]) for site in SITES], ignore_index=True)
+    package = fedhealth.load_model(out)
+    ours = package.predict_proba(rows[names[::-1]])  # the CSV rows as written, no assume_standardized
+    model = LightGbmModel.from_result(result)
+    assert np.array_equal(ours, model.predict(rows[names].to_numpy()))
+    assert len(np.unique(ours)) > 4  # the trees split on the raw values
+
+
 @pytest.mark.parametrize("recipe", ["lightgbm", "xgboost"])
 def test_a_site_whose_dataset_schema_differs_from_the_spec_refuses_before_training(fed, capture, recipe):
     capture.unlink(missing_ok=True)

@@ -3,6 +3,7 @@ about a study's parameters, timing a site's collective calls, and the shape of t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -20,7 +21,12 @@ from pydantic import Field, JsonValue
 
 from fedhealth.data import SchemaError, TabularDataset
 from fedhealth.learning._collectives import Collectives
-from fedhealth.learning._preprocessing import preprocessing_metadata
+from fedhealth.learning._preprocessing import (
+    Preprocessing,
+    StandardizeMode,
+    preprocessing_metadata,
+    raw_features,
+)
 from fedhealth.learning._recipe import ModelExport
 from fedhealth.secagg import SecAggSecurityError
 
@@ -57,6 +63,48 @@ def first_line(exc: BaseException) -> str:
     line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     line = re.sub(r"^\[[0-9:]+\] \S+?:\d+: ", "", line)  # XGBoost: "[12:00:00] /src/x.cc:42: ..."
     return re.sub(r" at \S+, line \d+ ?\.?$", "", line).strip()  # LightGBM: "... at /src/x.cpp, line 9 ."
+
+
+# --- the units the trees read ------------------------------------------------------------------------------
+
+
+def preprocessing_field() -> Any:
+    return Field(
+        default=None,
+        description="standardize = 'none': every site trains on its features' raw values (its connector's "
+        "own standardization undone), so the trees' thresholds mean the same at every site and the package "
+        "takes raw rows; default: the rows as each site's connector gives them",
+    )
+
+
+def check_preprocessing(params: Any) -> None:
+    """``preprocessing``, if given, is ``standardize = "none"`` with the features named (the package selects
+    its input columns by name); a tree needs no scaling, only the public ranges in the features' units."""
+    pre: Preprocessing | None = params.preprocessing
+    if pre is None:
+        return
+    if pre.standardize is not StandardizeMode.NONE:
+        raise ValueError(
+            f"preprocessing.standardize = {pre.standardize.value!r}: boosting takes 'none' only (trees need "
+            "no scaling); give the features' public ranges in their own units (feature_ranges)"
+        )
+    problem = pre.problem(params.feature_names, params.n_features)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def boosting_rows(params: Any, dataset: TabularDataset) -> TabularDataset:
+    """The site's rows as the study trains on them: as its connector gave them, or, with ``preprocessing``
+    (``standardize = "none"``), on their raw scale: a connector that standardized them with the site's own
+    statistics is undone, so that every site's trees read the same units. Idempotent."""
+    if params.preprocessing is None or dataset.scaling is None:
+        return dataset
+    return dataclasses.replace(
+        dataset,
+        X_train=raw_features(dataset, dataset.X_train),
+        X_test=raw_features(dataset, dataset.X_test),
+        scaling=None,
+    )
 
 
 # --- feature importance ---------------------------------------------------------------------------------
@@ -259,8 +307,11 @@ def check_stopping(params: Any, binary: bool) -> None:
 
 
 def describe_options(params: Any) -> str:
-    """What early stopping and retries add to a boosting recipe's description (what a steward approves)."""
+    """What early stopping, retries and raw values add to a boosting recipe's description (what a steward
+    approves)."""
     out = ""
+    if params.preprocessing is not None:
+        out += "; the site's features on their raw scale (its own standardization undone)"
     if params.early_stopping_rounds is not None and params.early_stopping_metric == "auc":
         out += (
             "; after every round, the site's validation (test-set) rows counted per label and per cell of "
@@ -416,14 +467,16 @@ def boosting_export(
     *,
     metadata: Mapping[str, JsonValue],
     label_meaning: str | None,
+    preprocessing: Preprocessing | None,
     native_name: str,
     predict_proba: Any,
     predict: Any = None,
     onnx: Any = None,
 ) -> ModelExport:
     """A boosting recipe's export: the model (its library's own file, over bin codes) and the binning, as
-    tensors, as metadata (``binning``; ``preprocessing``: the sites' own standardization, as their
-    connectors did it; ``label``) and as the native file a model package holds."""
+    tensors, as metadata (``binning``; ``preprocessing``: the study's (raw values), else the sites' own
+    standardization, as their connectors did it; ``label``) and as the native file a model package
+    holds."""
     return ModelExport(
         tensors={
             "model": np.frombuffer(model.encode(), dtype=np.uint8).copy(),
@@ -435,7 +488,7 @@ def boosting_export(
         metadata={
             **metadata,
             "binning": binning.to_json(),
-            "preprocessing": preprocessing_metadata(None),
+            "preprocessing": preprocessing_metadata(preprocessing),
             "label": {"positive_class": 1, "meaning": label_meaning},
         },
         predict_proba=predict_proba,

@@ -42,11 +42,14 @@ from fedhealth.learning._boosting import (
     auc_cells_field,
     boosting_export,
     boosting_onnx,
+    boosting_rows,
     check_monotone,
+    check_preprocessing,
     check_stopping,
     describe_options,
     feature_importance,
     first_line,
+    preprocessing_field,
     probe_rows,
     reference_rows,
     retries_field,
@@ -61,6 +64,7 @@ from fedhealth.learning._lightgbm_network import (
     TreeTracker,
     UnprotectedCollectiveError,
 )
+from fedhealth.learning._preprocessing import Preprocessing
 from fedhealth.learning._recipe import (
     CombinationPattern,
     DataSchema,
@@ -133,6 +137,7 @@ class LightGbmParams(BaseModel):
     label_meaning: str | None = Field(
         default=None, min_length=1, max_length=500, description="what label 1 means, for the model package"
     )
+    preprocessing: Preprocessing | None = preprocessing_field()
 
     @model_validator(mode="after")
     def _consistent(self) -> LightGbmParams:
@@ -142,6 +147,7 @@ class LightGbmParams(BaseModel):
             raise ValueError(f"num_class applies to multiclass only ({self.objective} has one output)")
         check_stopping(self, binary=self.objective == "binary")
         check_monotone(self)
+        check_preprocessing(self)
         if self.scale_pos_weight != 1.0 and self.objective != "binary":
             raise ValueError(f"scale_pos_weight is for the binary objective (objective is {self.objective})")
         if self.max_depth == 0:
@@ -412,6 +418,7 @@ def train_pooled(params: LightGbmParams, datasets: Sequence[TabularDataset]) -> 
     ``early_stopping_rounds``, LightGBM's own ``early_stopping`` callback on the pooled test rows, and the
     model of its best iteration."""
     lgb = _lgb()
+    datasets = [boosting_rows(params, d) for d in datasets]
     ranges = params.ranges()
     low, high = [lo for lo, _ in ranges], [hi for _, hi in ranges]
     counts = sum(cell_counts(d.X_train, low, high, params.grid_cells) for d in datasets)
@@ -491,6 +498,7 @@ def train_site(
     kind (``stopping`` counts the sums of the early-stopping rule; ``best_iteration`` the rounds kept;
     ``resumed_from`` the rounds taken from the checkpoints)."""
     lgb = _lgb()
+    dataset = boosting_rows(params, dataset)
     stopper = stopping_rule(params, session, dataset.y_test)
     ranges = params.ranges()
     low, high = [lo for lo, _ in ranges], [hi for _, hi in ranges]
@@ -748,6 +756,7 @@ class LightGbmRecipe:
         if dataset is None:
             raise DatasetError("LightGBM needs the site's dataset")
         self.data_schema(params).check(dataset)
+        dataset = boosting_rows(params, dataset)
         timed = TimedSession(session)
         model, calls = train_site(params, dataset, timed, ctx.checkpoints)
         stopped = {k: calls[k] for k in ("best_iteration", "resumed_from") if k in calls}
@@ -804,6 +813,7 @@ class LightGbmRecipe:
                 "feature_importance": model.importance(params.feature_names),
             },
             label_meaning=params.label_meaning,
+            preprocessing=params.preprocessing,
             native_name="model.txt",
             predict_proba=model.predict if params.objective == "binary" else None,
             predict=None if params.objective == "binary" else model.predict,

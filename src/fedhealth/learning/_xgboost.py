@@ -30,11 +30,14 @@ from fedhealth.learning._boosting import (
     auc_cells_field,
     boosting_export,
     boosting_onnx,
+    boosting_rows,
     check_monotone,
+    check_preprocessing,
     check_stopping,
     describe_options,
     feature_importance,
     first_line,
+    preprocessing_field,
     probe_rows,
     reference_rows,
     retries_field,
@@ -44,6 +47,7 @@ from fedhealth.learning._boosting import (
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
 from fedhealth.learning._lightgbm import Binning, binning_of, cell_counts, held_out_sums, release
+from fedhealth.learning._preprocessing import Preprocessing
 from fedhealth.learning._recipe import (
     CombinationPattern,
     DataSchema,
@@ -122,6 +126,7 @@ class XGBoostParams(BaseModel):
     label_meaning: str | None = Field(
         default=None, min_length=1, max_length=500, description="what label 1 means, for the model package"
     )
+    preprocessing: Preprocessing | None = preprocessing_field()
     time_range: Range | None = Field(
         default=None, description="survival:cox: the public range of survival times (the C-index's time grid)"
     )
@@ -134,6 +139,7 @@ class XGBoostParams(BaseModel):
     def _consistent(self) -> XGBoostParams:
         check_stopping(self, binary=self.objective == "binary:logistic")
         check_monotone(self)
+        check_preprocessing(self)
         if self.scale_pos_weight != 1.0 and self.objective != "binary:logistic":
             raise ValueError(
                 f"scale_pos_weight is for the binary:logistic objective (objective is {self.objective})"
@@ -285,6 +291,7 @@ class XGBoostModel:
 def train_pooled_xgboost(params: XGBoostParams, datasets: Sequence[TabularDataset]) -> XGBoostModel:
     """XGBoost on one machine on the pooled training rows, with the bins the federation agrees on."""
     xgb = _xgb()
+    datasets = [boosting_rows(params, d) for d in datasets]
     low, high = zip(*params.ranges(), strict=True)
     counts = sum(cell_counts(d.X_train, low, high, params.grid_cells) for d in datasets)
     binning = binning_of(params, np.asarray(counts))
@@ -348,6 +355,7 @@ def train_site_xgboost(
     :func:`~fedhealth.learning.train_site` (resuming with XGBoost's ``xgb_model``). Returns the model (the
     same at every site) and the collectives by kind."""
     xgb = _xgb()
+    dataset = boosting_rows(params, dataset)
     kind = _KIND[params.objective]
     y = _labels(params, dataset, "train")  # a dataset without survival times is refused here, first
     stopper = stopping_rule(params, session, dataset.y_test)
@@ -521,6 +529,7 @@ class XGBoostRecipe:
         if dataset is None:
             raise DatasetError("XGBoost needs the site's dataset")
         self.data_schema(params).check(dataset)
+        dataset = boosting_rows(params, dataset)
         timed = TimedSession(session)
         model, calls = train_site_xgboost(params, dataset, timed, ctx.checkpoints)
         kind = _KIND[params.objective]
@@ -578,6 +587,7 @@ class XGBoostRecipe:
                 "feature_importance": model.importance(params.feature_names),
             },
             label_meaning=params.label_meaning,
+            preprocessing=params.preprocessing,
             native_name="model.json",
             predict_proba=model.predict if params.objective == "binary:logistic" else None,
             predict=None if params.objective == "binary:logistic" else model.predict,
