@@ -41,7 +41,7 @@ import sqlalchemy as sa
 
 from fedhealth.agent._client import OrchestratorClient, SecureRoundGone
 from fedhealth.agent._pipeline import TaskRefused
-from fedhealth.core import ConfigError, CryptoError
+from fedhealth.core import ConfigError, CryptoError, write_private_file
 from fedhealth.crypto import IdentityKey, PublicIdentity
 from fedhealth.governance import spec_hash
 from fedhealth.privacy import sqlite_engine
@@ -111,9 +111,7 @@ class PeerPins:
             if new:
                 self._pins.update(new)
                 if self.path is not None:
-                    tmp = self.path.with_name(self.path.name + ".tmp")
-                    tmp.write_text(json.dumps(self._pins, indent=2, sort_keys=True))
-                    tmp.replace(self.path)
+                    write_private_file(self.path, json.dumps(self._pins, indent=2, sort_keys=True).encode())
 
     def fingerprints(self) -> dict[str, str]:
         return {s: _fingerprint(k) for s, k in sorted(self._pins.items())}

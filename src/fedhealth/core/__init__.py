@@ -29,6 +29,7 @@ from fedhealth.core._files import (
     create_private_file,
     make_private_dir,
     secure_home,
+    write_private_file,
 )
 from fedhealth.core._hashing import canonical_json, file_sha256, sha256_hex
 from fedhealth.core._ids import is_valid_name, new_id
@@ -74,4 +75,5 @@ __all__ = [
     "sha256_hex",
     "specs_of",
     "utcnow",
+    "write_private_file",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,24 @@ def create_private_file(path: Path) -> None:
     except (FileExistsError, FileNotFoundError):
         return  # there already, or no folder for it: SQLite reports the latter when it opens the file
     os.close(fd)
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable by the owner only (0600), atomically: through a temporary file of
+    an unpredictable name created exclusively (``mkstemp``: ``O_EXCL``, 0600) beside it, then renamed over
+    ``path``. A fixed temporary name (``<path>.tmp``, opened with ``O_TRUNC``) would write the secret into
+    whatever another account planted there: a symbolic link to its own file, or a file it keeps open."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

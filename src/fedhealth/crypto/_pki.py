@@ -8,7 +8,6 @@ certificates for 30; the CA for 10 years.
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -18,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedhealth.core import CryptoError, utcnow
+from fedhealth.core import CryptoError, utcnow, write_private_file
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,16 +168,8 @@ def certificate_fingerprint(cert_pem: bytes) -> str:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write secret material readable by the owner only (0600), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """Write secret material readable by the owner only (0600), atomically (:func:`write_private_file`)."""
+    write_private_file(path, data)
 
 
 def create_client_csr(common_name: str) -> tuple[bytes, bytes]:

@@ -50,7 +50,7 @@ from fedhealth.agent import (
     was_reviewed,
     withdrawal_notices,
 )
-from fedhealth.core import FedHealthError
+from fedhealth.core import FedHealthError, write_private_file
 from fedhealth.dashboard._assets import ASSET_NAMES, asset
 from fedhealth.dashboard._site_consent import WithdrawalFlags
 from fedhealth.dashboard._site_quality import QualityCache
@@ -409,11 +409,9 @@ def serve_site_dashboard(
     url = f"http://{url_host}:{sock.getsockname()[1]}"
     login = f"{url}/login?token={token}"
     if ready_file is not None:  # for supervisors and tests; private, as it holds the sign-in token
-        tmp = ready_file.with_name(ready_file.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(json.dumps({"url": url, "login_url": login, "pid": os.getpid()}))
-        tmp.replace(ready_file)
+        write_private_file(
+            ready_file, json.dumps({"url": url, "login_url": login, "pid": os.getpid()}).encode()
+        )
     print(f"site dashboard of {home.require()['site']} on {url}\nsign in (once) at: {login}", flush=True)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=3)
     uvicorn.Server(config).run(sockets=[sock])

@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import Field, JsonValue
 
+from fedhealth.core import write_private_file
 from fedhealth.data import SchemaError, TabularDataset
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._preprocessing import (
@@ -387,11 +387,8 @@ class TreeCheckpoint:
         if not folder.is_dir():  # the study's folder and the checkpoints folder above it: 0700
             folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             folder.mkdir(mode=0o700, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"key": self.key, "rounds": rounds, "model": model, "scores": scores}, f)
-        os.replace(tmp, self.path)
+        text = json.dumps({"key": self.key, "rounds": rounds, "model": model, "scores": scores})
+        write_private_file(self.path, text.encode())
 
 
 def agree_resume(session: Any, local_rounds: int, num_rounds: int) -> int:

@@ -25,6 +25,9 @@ from sqlalchemy import (
     create_engine,
     event,
 )
+from sqlalchemy.engine import make_url
+
+from fedhealth.core import create_private_file
 
 metadata = MetaData(
     naming_convention={
@@ -181,8 +184,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def make_engine(url: str, *, fsync: bool = False) -> Engine:
-    """An engine for ``url`` (``sqlite:///path`` or ``postgresql+psycopg://...``), our settings applied."""
+    """An engine for ``url`` (``sqlite:///path`` or ``postgresql+psycopg://...``), our settings applied. A
+    SQLite file that does not exist yet is created 0600 first (SQLite would create it, and its WAL files
+    after it, with the process umask), wherever the URL puts it."""
     if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            create_private_file(Path(database))
         engine = create_engine(url, connect_args={"check_same_thread": False}, pool_size=8, max_overflow=8)
         sync = "FULL" if fsync else "NORMAL"
 

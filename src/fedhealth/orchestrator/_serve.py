@@ -19,7 +19,7 @@ import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 
-from fedhealth.core import keep_malloc_heaps
+from fedhealth.core import keep_malloc_heaps, write_private_file
 from fedhealth.orchestrator._app import create_app
 from fedhealth.orchestrator._extensions import default_extensions
 from fedhealth.orchestrator._service import Extension, OrchestratorSettings
@@ -90,9 +90,8 @@ def serve(
         if enroll_url is not None:
             log.info("enrollment listener on %s", enroll_url)
         if ready_file is not None:
-            tmp = ready_file.with_name(ready_file.name + ".tmp")
-            tmp.write_text(json.dumps({"url": url, "enroll_url": enroll_url, "pid": os.getpid()}))
-            tmp.replace(ready_file)
+            ready = {"url": url, "enroll_url": enroll_url, "pid": os.getpid()}
+            write_private_file(ready_file, json.dumps(ready).encode())
 
     app = create_app(
         settings, on_ready=_announce, extensions=default_extensions() if extensions is None else extensions
