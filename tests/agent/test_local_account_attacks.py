@@ -11,7 +11,8 @@ tests/e2e/test_site_protections.py do not already try.
 - `site dashboard` writes its ready file (the sign-in link) 0600 under a permissive umask, listens on the
   loopback interface only and keeps its sign-in token out of its process arguments;
 - secrets written through a temporary name are not diverted by a file planted beside them;
-- an enrollment token is not readable from the enrolling process's arguments (DEFECT, xfail).
+- an enrollment token is not readable from the enrolling process's arguments (from a file or standard
+  input).
 """
 
 from __future__ import annotations
@@ -196,15 +197,12 @@ def test_a_secret_written_to_a_shared_folder_is_not_diverted_by_a_planted_tempor
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/cmdline"), reason="needs Linux's /proc")
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: `fedhealth site enroll` takes the one-time enrollment token only as --token, so it sits "
-    "in the process arguments (/proc/PID/cmdline, `ps`) that every local account can read while Python "
-    "starts and the request is made; whoever reads it first can enroll its own key for the site "
-    "(src/fedhealth/cli/_services.py site_enroll)",
-)
-def test_an_enrollment_token_is_not_readable_from_the_enrolling_process_arguments(tmp_path):
+@pytest.mark.parametrize("channel", ["file", "stdin"])
+def test_an_enrollment_token_is_not_readable_from_the_enrolling_process_arguments(tmp_path, channel):
     token = "fhe_" + "s" * 43
+    token_file = tmp_path / "hospital-a.token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
     ca = tmp_path / "ca.pem"
     ca.write_bytes(create_ca("test federation").cert_pem)
     proc = subprocess.Popen(
@@ -216,8 +214,7 @@ def test_an_enrollment_token_is_not_readable_from_the_enrolling_process_argument
             "enroll",
             "--orchestrator",
             "https://127.0.0.1:9",  # nothing listens: the process lives long enough to be looked at
-            "--token",
-            token,
+            *(["--token-file", str(token_file)] if channel == "file" else []),
             "--ca",
             str(ca),
             "--name",
@@ -225,9 +222,14 @@ def test_an_enrollment_token_is_not_readable_from_the_enrolling_process_argument
             "--home",
             str(tmp_path / "site"),
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
+    assert proc.stdin is not None
+    if channel == "stdin":
+        proc.stdin.write(token.encode() + b"\n")  # as `fedhealth site enroll ... < hospital-a.token`
+    proc.stdin.close()
     try:
         seen = b""
         deadline = time.monotonic() + 10
@@ -238,3 +240,9 @@ def test_an_enrollment_token_is_not_readable_from_the_enrolling_process_argument
         proc.wait(timeout=60)
     assert b"fedhealth" in seen  # the enrolling process itself was looked at
     assert token.encode() not in seen
+    assert proc.stderr is not None
+    error = proc.stderr.read().decode()
+    proc.stderr.close()
+    # it took the token and went on to the orchestrator (which does not listen here)
+    assert "enrollment token" not in error, error
+    assert "127.0.0.1:9" in error or "connect" in error.lower(), error

@@ -158,10 +158,37 @@ def test_orchestrator_serve_on_a_port_in_use_is_one_line(tmp_path):
 
 
 def test_site_enroll_without_the_ca_file_says_where_it_comes_from(tmp_path):
-    args = ["--orchestrator", "https://127.0.0.1:9", "--token", "fhe_" + "x" * 30, "--name", "a"]
+    token = tmp_path / "a.token"
+    token.write_text("fhe_" + "x" * 30 + "\n")
+    args = ["--orchestrator", "https://127.0.0.1:9", "--token-file", token, "--name", "a"]
     line = one_error(cli("site", "enroll", *args, "--ca", tmp_path / "ca.pem", "--home", tmp_path / "h"), 1)
     assert "CA file" in line
     assert "ca.pem from the orchestrator's home" in line
+
+
+def _enroll(tmp_path, *args: object, stdin: str | None = None) -> Any:
+    base = ["site", "enroll", "--orchestrator", "https://127.0.0.1:9", "--name", "a"]
+    where = ["--ca", tmp_path / "missing-ca.pem", "--home", tmp_path / "h"]
+    return runner.invoke(app, [str(a) for a in (*base, *args, *where)], input=stdin)
+
+
+def test_site_enroll_reads_the_token_from_standard_input_and_warns_about_one_on_the_command_line(tmp_path):
+    piped = _enroll(tmp_path, stdin="fhe_" + "x" * 30 + "\n")  # the token read, on to the CA check
+    assert "CA file" in one_error(piped, 1)
+    given = _enroll(tmp_path, "--token", "fhe_" + "x" * 30)
+    assert given.exit_code == 1
+    assert "warning: --token puts the enrollment token where every local account can read it" in given.stderr
+    assert "CA file" in given.stderr
+
+
+def test_site_enroll_without_a_token_or_with_two_is_a_usage_error_in_one_line(tmp_path):
+    assert "no enrollment token" in one_error(_enroll(tmp_path, stdin=""), 2)
+    token = tmp_path / "a.token"
+    token.write_text("fhe_" + "x" * 30)
+    both = _enroll(tmp_path, "--token-file", token, "--token", "fhe_" + "y" * 30)
+    assert "give the enrollment token once" in one_error(both, 2)
+    missing = one_error(_enroll(tmp_path, "--token-file", tmp_path / "nope.token"), 1)
+    assert "cannot read the enrollment token from" in missing
 
 
 # --- spec files --------------------------------------------------------------------------------------------

@@ -423,7 +423,6 @@ def _readiness_or_empty(client: OperatorClient) -> list[object]:
 @site_app.command("enroll")
 def site_enroll(
     orchestrator: Annotated[str, typer.Option(help="The orchestrator's URL.")],
-    token: Annotated[str, typer.Option(help="The one-time enrollment token from `site add`.")],
     ca: Annotated[
         Path,
         typer.Option(help="The federation CA certificate to pin: ca.pem from the orchestrator's home."),
@@ -436,11 +435,28 @@ def site_enroll(
         str | None,
         typer.Option(help="Under mutual TLS: the main URL (--orchestrator is the enrollment port)."),
     ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A file holding the one-time enrollment token from `site add` (else: standard input)."
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="The token itself. Avoid: every local account sees a command's arguments (`ps`) while it "
+            "runs; give --token-file or pipe the token in."
+        ),
+    ] = None,
     insecure: InsecureOption = False,
 ) -> None:
-    """Generate this site's identity key locally, register its public key and pin the federation CA."""
+    """Generate this site's identity key locally, register its public key and pin the federation CA.
+
+    The one-time enrollment token comes from --token-file, else from standard input (piped, or typed at a
+    hidden prompt): never from the command line, where other local accounts can read it."""
     from fedhealth.agent import SiteHome, enroll_site
 
+    token = _enrollment_token(token_file, token)
     with friendly_errors():
         if SiteHome(home).identity_path.exists():
             raise FedHealthError(f"{home} already holds an identity key; use another --home to enroll anew")
@@ -460,6 +476,38 @@ def site_enroll(
             insecure=insecure,
         )
     typer.echo(f"site {name} enrolled; identity key in {enrolled.identity_path} (mode 0600)")
+
+
+def _enrollment_token(token_file: Path | None, token: str | None) -> str:
+    """The enrollment token from the file, the option (with a warning) or standard input, stripped."""
+    if token_file is not None and token is not None:
+        usage(
+            "give the enrollment token once",
+            "--token-file FILE, or pipe it in; not both --token-file and --token",
+        )
+    if token_file is not None:
+        try:
+            text = token_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            fail(f"cannot read the enrollment token from {token_file}: {exc.strerror or exc}")
+    elif token is not None:
+        typer.echo(
+            "warning: --token puts the enrollment token where every local account can read it (the process "
+            "list); use --token-file FILE or pipe it in",
+            err=True,
+        )
+        text = token
+    elif sys.stdin.isatty():
+        text = typer.prompt("enrollment token", hide_input=True)
+    else:
+        text = sys.stdin.readline()
+    value = text.strip()
+    if not value or any(c.isspace() for c in value):
+        usage(
+            "no enrollment token",
+            "give the one-time token of `fedhealth site add`: --token-file FILE or on stdin",
+        )
+    return value
 
 
 def _parse_datasets(values: list[str]) -> dict[str, str]:
