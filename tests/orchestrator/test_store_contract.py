@@ -556,3 +556,20 @@ def test_a_study_view_reads_what_the_separate_queries_read(store):
     assert store.study_view(running.id, with_rounds=False)[1:3] == ([], [])
     with pytest.raises(NotFoundError):
         store.study_view("st_missing")
+
+
+def test_a_revoked_token_is_known_until_it_would_have_expired_and_then_forgotten(store):
+    store.create_user("ana", "researcher", "0" * 64, T0)
+    assert store.user_for_token("ana", "tok-1") == (store.get_user("ana"), False)
+    store.revoke_token("tok-1", T0 + timedelta(minutes=15), T0)
+    store.revoke_token("tok-1", T0 + timedelta(minutes=15), T0)  # twice: still one revocation
+    user, revoked = store.user_for_token("ana", "tok-1")
+    assert user is not None
+    assert user.name == "ana"
+    assert revoked
+    assert store.user_for_token("ana", "tok-2")[1] is False  # another token of the same user
+    assert store.user_for_token("nobody", "tok-1") == (None, False)
+    # a later revocation, after tok-1 expired, forgets tok-1 (it is refused by its expiry from then on)
+    store.revoke_token("tok-3", T0 + timedelta(minutes=40), T0 + timedelta(minutes=20))
+    assert store.user_for_token("ana", "tok-1")[1] is False
+    assert store.user_for_token("ana", "tok-3")[1] is True

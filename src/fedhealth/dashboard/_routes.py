@@ -188,7 +188,10 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
         who = _user(request)
         form = await _form(request)
         check_csrf(who.csrf, form.get(CSRF_FIELD))
-        await anyio.to_thread.run_sync(lambda: _audit(_svc(request), who.name, "sign-out"))
+        svc = _svc(request)
+        # the session's token ends here, not when it expires: a copy of the cookie opens nothing after this
+        await anyio.to_thread.run_sync(lambda: svc.auth.sign_out(who.token))
+        await anyio.to_thread.run_sync(lambda: _audit(svc, who.name, "sign-out"))
         response = RedirectResponse(f"{PREFIX}/login", status_code=303)
         response.delete_cookie(
             SESSION_COOKIE, path=COOKIE_PATH, secure=True, httponly=True, samesite="strict"

@@ -297,15 +297,23 @@ class AuthService:
         else:
             if role not in OPERATOR_ROLES:
                 raise Forbidden("only operators may call the operator API")
-            user = self.store.get_user(claims.subject)
+            user, signed_out = self.store.user_for_token(claims.subject, claims.token_id)
             if user is None:
                 raise Unauthenticated("unknown user")
             if user.revoked_at is not None:
                 raise Forbidden("this user has been revoked")
             if claims.confirmation != api_key_thumbprint(user.api_key_hash):
                 raise Unauthenticated("token was issued for a replaced API key")
+            if signed_out:
+                raise Unauthenticated("this session was signed out")
             role = Role(user.role)  # the role the user has now
         return Principal(name=claims.subject, role=role, claims=claims)
+
+    def sign_out(self, token: str) -> None:
+        """End an operator token before it expires (a dashboard session's sign-out): every later request
+        with it is refused, by every orchestrator process on this database, until it would have expired."""
+        claims = self._verified_claims(token, Audience.OPERATOR)
+        self.store.revoke_token(claims.token_id, claims.expires_at, self.clock.now())
 
     def check_certificate(self, certificate: PeerCertificate) -> None:
         """Under mutual TLS, on a route without a token (login): the certificate must be a current site's

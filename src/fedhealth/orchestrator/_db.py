@@ -90,6 +90,14 @@ users = Table(
     Column("revoked_at", UTC_DATETIME, nullable=True),
 )
 
+revoked_tokens = Table(  # operator tokens ended before they expire (a dashboard sign-out), until then
+    "revoked_tokens",
+    metadata,
+    Column("token_id", String(64), primary_key=True),
+    Column("expires_at", UTC_DATETIME, nullable=False),
+)
+Index("ix_revoked_tokens_expires", revoked_tokens.c.expires_at)
+
 studies = Table(
     "studies",
     metadata,

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, and_, delete, exists, func, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
@@ -24,6 +24,7 @@ from fedhealth.orchestrator._db import (
     challenges,
     enrollment_tokens,
     model_versions,
+    revoked_tokens,
     rounds,
     site_approvals,
     sites,
@@ -45,6 +46,18 @@ from fedhealth.protocol import (
 OPEN_TASK_STATES = (TaskStatus.PENDING.value, TaskStatus.DELIVERED.value)
 # a study that has not ended: waiting for its sites' approvals, or running rounds
 LIVE_STUDY_STATES = (StudyStatus.AWAITING_APPROVAL.value, StudyStatus.RUNNING.value)
+
+
+def _user(row: RowMapping | None) -> UserRow | None:
+    if row is None:
+        return None
+    return UserRow(
+        name=row["name"],
+        role=row["role"],
+        api_key_hash=row["api_key_hash"],
+        created_at=_aware(row["created_at"]),  # type: ignore[arg-type]
+        revoked_at=_aware(row["revoked_at"]),
+    )
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -546,15 +559,23 @@ class Store:
     def get_user(self, name: str) -> UserRow | None:
         with self.engine.connect() as c:
             row = c.execute(select(users).where(users.c.name == name)).mappings().first()
-        if row is None:
-            return None
-        return UserRow(
-            name=row["name"],
-            role=row["role"],
-            api_key_hash=row["api_key_hash"],
-            created_at=_aware(row["created_at"]),  # type: ignore[arg-type]
-            revoked_at=_aware(row["revoked_at"]),
-        )
+        return _user(row)
+
+    def user_for_token(self, name: str, token_id: str) -> tuple[UserRow | None, bool]:
+        """The user and whether the token ``token_id`` was revoked (signed out), in one statement: read on
+        every request an operator token makes."""
+        revoked = exists().where(revoked_tokens.c.token_id == token_id).label("token_revoked")
+        with self.engine.connect() as c:
+            row = c.execute(select(users, revoked).where(users.c.name == name)).mappings().first()
+        return _user(row), bool(row is not None and row["token_revoked"])
+
+    def revoke_token(self, token_id: str, expires_at: datetime, when: datetime) -> None:
+        """End a token before it expires (kept until then), and forget the revocations that have expired."""
+        with self.engine.begin() as c:
+            c.execute(delete(revoked_tokens).where(revoked_tokens.c.expires_at <= when))
+            seen = select(revoked_tokens.c.token_id).where(revoked_tokens.c.token_id == token_id)
+            if c.execute(seen).first() is None:
+                c.execute(insert(revoked_tokens).values(token_id=token_id, expires_at=expires_at))
 
     def list_users(self) -> list[UserRow]:
         with self.engine.connect() as c:
