@@ -246,3 +246,23 @@ def test_an_enrollment_token_is_not_readable_from_the_enrolling_process_argument
     # it took the token and went on to the orchestrator (which does not listen here)
     assert "enrollment token" not in error, error
     assert "127.0.0.1:9" in error or "connect" in error.lower(), error
+
+
+def test_the_database_url_can_come_from_the_environment_instead_of_the_arguments(tmp_path):
+    # a PostgreSQL URL may carry a password: other accounts read /proc/PID/cmdline, not /proc/PID/environ
+    from typer.testing import CliRunner
+
+    from fedhealth.cli import app
+
+    database = tmp_path / "elsewhere.sqlite"
+    url = f"sqlite:///{database}"
+    home = tmp_path / "orch"
+    result = CliRunner().invoke(
+        app,
+        ["orchestrator", "init", str(home), "--host", "127.0.0.1"],
+        env={"FEDHEALTH_DATABASE_URL": url},
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(OrchestratorHome(home).settings_path.read_text())["database_url"] == url
+    assert mode(database) == 0o600  # created private, and the schema and admin user went there
+    assert database.stat().st_size > 0

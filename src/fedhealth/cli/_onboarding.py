@@ -23,7 +23,12 @@ def onboarding_pack_command(
     out: Annotated[Path, typer.Option(help="Folder to write the Markdown files into (created if missing).")],
     home: Annotated[Path, typer.Option(help="The orchestrator's home (`orchestrator init`).")],
     database_url: Annotated[
-        str | None, typer.Option(help="SQLAlchemy URL (overrides the home's setting).")
+        str | None,
+        typer.Option(
+            help="SQLAlchemy URL (overrides the home's setting). A URL with a password: set "
+            "FEDHEALTH_DATABASE_URL instead, as other local accounts can read a command's arguments.",
+            envvar="FEDHEALTH_DATABASE_URL",
+        ),
     ] = None,
 ) -> None:
     """Render a site's IRB consultation template, DPA annex (TOMs) and readiness checklist."""

@@ -94,7 +94,12 @@ def orchestrator_init(
     port: Annotated[int, typer.Option(help="Port the orchestrator will serve on.")] = 8443,
     url: Annotated[str | None, typer.Option(help="Public URL (default https://<first host>:<port>).")] = None,
     database_url: Annotated[
-        str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in HOME/state).")
+        str | None,
+        typer.Option(
+            help="SQLAlchemy URL (default: SQLite in HOME/state). A URL with a password: set "
+            "FEDHEALTH_DATABASE_URL instead, as other local accounts can read a command's arguments.",
+            envvar="FEDHEALTH_DATABASE_URL",
+        ),
     ] = None,
 ) -> None:
     """Create a federation: its CA, the orchestrator's TLS certificate and signing key, the database and a
@@ -136,7 +141,12 @@ def orchestrator_serve(
         int | None, typer.Option(help="Also listen here, without client certificates, for enrollment only.")
     ] = None,
     database_url: Annotated[
-        str | None, typer.Option(help="SQLAlchemy URL (overrides the home's setting).")
+        str | None,
+        typer.Option(
+            help="SQLAlchemy URL (overrides the home's setting). A URL with a password: set "
+            "FEDHEALTH_DATABASE_URL instead, as other local accounts can read a command's arguments.",
+            envvar="FEDHEALTH_DATABASE_URL",
+        ),
     ] = None,
     ready_file: Annotated[Path | None, typer.Option(help="Write {url, pid} here once ready.")] = None,
     fsync: Annotated[
