@@ -219,7 +219,9 @@ class SiteGovernance:
         self.site: str = settings["site"]
         self.engine = site_engine(home.database_path)
         _create_tables(self.engine)
-        self.log = AuditLog(self.engine, home.identity(), f"site:{self.site}", clock or SystemClock())
+        self.log = AuditLog(
+            self.engine, home.identity(), f"site:{self.site}", clock or SystemClock(), salted=True
+        )
         self.approvals = ApprovalRegistry(self.engine, self.log)
         self.commitments = CommitmentKeys(self.engine, self.log)
         self._record_enrollment(settings)

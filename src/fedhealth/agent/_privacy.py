@@ -174,7 +174,16 @@ class PrivacyGate(PassGate):
         noiseless = any(r.noise_multiplier == 0 for r in plan.releases)
         held = self._untouched.get(task.task_id)
         if held is not None:
-            notes.reservation = held  # the same task again, its data never read: already reserved
+            # The same task again, its data never read: already reserved, but only for what it reserved. A
+            # task id the orchestrator reuses for another dataset, study or plan would otherwise run on a
+            # reservation of something else, its own budget never checked nor charged.
+            if (held.dataset, held.study_id, held.planned) != (task.dataset, task.study_id, plan):
+                raise TaskRefused(
+                    BUDGET_ALREADY_CHARGED,
+                    f"task {task.task_id} holds a reservation for another dataset, study or privacy plan; "
+                    "that charge stays on the ledger, and this task is not run under it",
+                )
+            notes.reservation = held
             return
         try:
             if spec.privacy is not None and not noiseless:

@@ -145,7 +145,7 @@ def _audit_log(db: str, identity: Path | None, site: str) -> AuditLog:
         _fail("--db needs --identity (the site's key signs the entries); or give --home")
     engine = _engine(db)
     create_governance_tables(engine)
-    return AuditLog(engine, IdentityKey.load(identity), site, SystemClock())
+    return AuditLog(engine, IdentityKey.load(identity), site, SystemClock(), salted=True)
 
 
 def _keys(values: list[str]) -> dict[str, PublicIdentity]:

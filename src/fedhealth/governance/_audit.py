@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time as _time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,6 +37,10 @@ from fedhealth.governance._timefmt import format_instant, parse_instant
 GENESIS_HASH = "0" * 64
 DEFAULT_LOG_ID = "main"
 ENTRY_FORMAT_VERSION = 1
+# A site's log holds patient ids (a consent withdrawal) and error texts, and the site hands its log's head (an
+# entry's hash) to the orchestrator with every task. With ``salted`` every entry's payload carries 128 random
+# bits, so nobody without the log can test a guess of an entry (a patient id, a time) against its hash.
+SALT_KEY = "salt"
 MAX_PAYLOAD_BYTES = 256 * 1024
 _SIGNING_PURPOSE = "fedhealth.audit-entry.v1"
 _APPEND_ATTEMPTS = 50
@@ -651,6 +656,7 @@ class AuditLog:
         clock: Clock | None = None,
         *,
         log_id: str = DEFAULT_LOG_ID,
+        salted: bool = False,
     ) -> None:
         if not actor:
             raise InputError("an audit log needs an actor name")
@@ -665,6 +671,7 @@ class AuditLog:
         self._key_registered = False
         self._batch: Connection | None = None
         self._batch_head: LogHead | None = None
+        self._salted = salted
 
     @property
     def engine(self) -> Engine:
@@ -701,6 +708,8 @@ class AuditLog:
         """
         event = AuditEventType(type)
         clean = _clean_payload(event, payload)
+        if self._salted and SALT_KEY not in clean:
+            clean = {**clean, SALT_KEY: secrets.token_hex(16)}
         who = actor or self._actor
         if connection is None and self._batch is not None:
             return self._append_on(self._batch, event, clean, who)
