@@ -571,11 +571,14 @@ class Store:
 
     def revoke_token(self, token_id: str, expires_at: datetime, when: datetime) -> None:
         """End a token before it expires (kept until then), and forget the revocations that have expired."""
-        with self.engine.begin() as c:
-            c.execute(delete(revoked_tokens).where(revoked_tokens.c.expires_at <= when))
-            seen = select(revoked_tokens.c.token_id).where(revoked_tokens.c.token_id == token_id)
-            if c.execute(seen).first() is None:
-                c.execute(insert(revoked_tokens).values(token_id=token_id, expires_at=expires_at))
+        try:
+            with self.engine.begin() as c:
+                c.execute(delete(revoked_tokens).where(revoked_tokens.c.expires_at <= when))
+                seen = select(revoked_tokens.c.token_id).where(revoked_tokens.c.token_id == token_id)
+                if c.execute(seen).first() is None:
+                    c.execute(insert(revoked_tokens).values(token_id=token_id, expires_at=expires_at))
+        except IntegrityError:  # another process revoked it between the read and the insert: revoked
+            return
 
     def list_users(self) -> list[UserRow]:
         with self.engine.connect() as c:
