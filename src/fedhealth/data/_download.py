@@ -5,14 +5,11 @@ This is the one place the data layer talks to the network; httpx errors are tran
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedhealth.core import ChecksumError, DatasetError, DatasetMissingError
+from fedhealth.core import ChecksumError, DatasetError, DatasetMissingError, write_private_file
 
 if TYPE_CHECKING:
     import httpx
@@ -72,18 +69,7 @@ def download_verified(url: str, dest: Path, expected_md5: str, *, client: httpx.
             f"{dest}: downloaded from {url}, md5 {found} does not match the published md5 {expected_md5}"
         )
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_private_file(dest, data)
     except OSError as exc:
         raise DatasetMissingError(
             f"{dest} is missing and could not be written after downloading it from {url} "

@@ -28,9 +28,7 @@ approval record say.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from fedhealth.core import InputError, TensorError, canonical_json, decode_tensors, sha256_hex
+from fedhealth.core import (
+    InputError,
+    TensorError,
+    canonical_json,
+    decode_tensors,
+    sha256_hex,
+    write_private_file,
+)
 from fedhealth.data import category_text
 from fedhealth.learning._errors import RecipeError
 from fedhealth.learning._preprocessing import StandardizeMode
@@ -156,23 +161,10 @@ def write_package(
             if stale not in blobs:
                 (out / stale).unlink(missing_ok=True)
         for name in sorted(blobs, key=lambda n: n == METADATA_FILE):  # the metadata last
-            _write_atomic(out / name, blobs[name])
+            write_private_file(out / name, blobs[name])
     except OSError as exc:
         raise PackageError(f"cannot write the package into {out}: {exc.strerror or exc}") from exc
     return metadata
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
