@@ -164,7 +164,7 @@ def test_a_round_replayed_under_fresh_task_ids_is_charged_each_time_until_the_bu
 # --- a task id reused across studies ---------------------------------------------------------------------
 
 
-def refuse_download(digest: str, *, max_elapsed_s: float | None = None) -> bytes:
+def refuse_download(digest: str, *, max_elapsed_s: float | None = None, max_bytes: int = 0) -> bytes:
     """The orchestrator answers 404 to a model download (its choice: it serves the models)."""
     raise OrchestratorRefused(404, "not_found")
 

@@ -28,7 +28,9 @@ class StubClient:
         self.uploads: list[str] = []
         self.failures: list[tuple[str, str]] = []
 
-    def get_model(self, digest: str, *, max_elapsed_s: float | None = None) -> bytes:
+    def get_model(
+        self, digest: str, *, max_elapsed_s: float | None = None, max_bytes: int | None = None
+    ) -> bytes:
         self.downloads += 1
         return self.blob
 

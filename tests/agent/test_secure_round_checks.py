@@ -200,7 +200,9 @@ class RecordingClient:
         self.sent: list[str] = []
         self.failures: list[TaskFailure] = []
 
-    def get_model(self, digest: str, *, max_elapsed_s: float | None = None) -> bytes:
+    def get_model(
+        self, digest: str, *, max_elapsed_s: float | None = None, max_bytes: int | None = None
+    ) -> bytes:
         self.sent.append("model download")
         raise AssertionError("the model must not be fetched for a refused task")
 

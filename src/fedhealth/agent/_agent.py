@@ -39,6 +39,7 @@ from fedhealth.agent._pipeline import SiteGate, TaskContext, TaskRefused
 from fedhealth.agent._secure import PeerPins, UnmaskRecord, check_secure_round, run_secure_exchange
 from fedhealth.agent._site_state import SiteStateStore
 from fedhealth.core import (
+    MAX_HEADER_BYTES,
     ConfigError,
     DatasetError,
     FedHealthError,
@@ -150,7 +151,10 @@ class SiteAgent:
                 self._approvals.maybe_sync()
             try:
                 task = self.client.next_task(self.settings.poll_wait_s)
-            except ServiceUnavailableError:
+            except ServiceUnavailableError as exc:
+                # unreachable for a while, or an answer that is not one: poll again, after a pause
+                log.warning("polling: %s", exc)
+                self._stop.wait(self.client.backoff(0))
                 continue
             except OrchestratorRefused as exc:
                 if exc.status in (401, 403):
@@ -205,7 +209,13 @@ class SiteAgent:
                 except binascii.Error as exc:
                     raise InputError(f"the task's inline model is not base64: {exc}") from exc
             else:
-                blob = self.client.get_model(task.model_digest, max_elapsed_s=self._time_left(task))
+                specs = param_specs(task.recipe)
+                size = sum(spec.numel * np.dtype(spec.dtype).itemsize for spec in specs)
+                blob = self.client.get_model(
+                    task.model_digest,
+                    max_elapsed_s=self._time_left(task),
+                    max_bytes=8 + MAX_HEADER_BYTES + size,  # the header's length, the header, the tensors
+                )
             if sha256_hex(blob) != task.model_digest:
                 # content addressing is the site's check that it trains the model the round names
                 raise InputError(

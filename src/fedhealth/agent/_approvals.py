@@ -26,7 +26,7 @@ from fedhealth.agent._client import OrchestratorClient, RetryPolicy
 from fedhealth.agent._datasets import DatasetSummary, columns_used
 from fedhealth.agent._governance import SiteGovernance, requested_epsilon
 from fedhealth.agent._home import SiteHome
-from fedhealth.core import CryptoError, FedHealthError, InputError
+from fedhealth.core import CryptoError, FedHealthError, InputError, ServiceUnavailableError
 from fedhealth.crypto import PublicIdentity
 from fedhealth.governance import (
     GOVERNANCE_METADATA,
@@ -69,7 +69,12 @@ def site_client(home: SiteHome, *, url: str | None = None, max_elapsed_s: float 
 
 def fetch_pending(client: OrchestratorClient) -> list[PendingSpec]:
     response = client.call("fetching the specs awaiting approval", "GET", APPROVALS_PATH)
-    return PendingSpecs.model_validate_json(response.content).specs
+    try:
+        return PendingSpecs.model_validate_json(response.content).specs
+    except ValueError as exc:  # pydantic's ValidationError: tried again at the next synchronisation
+        raise ServiceUnavailableError(
+            "the specs awaiting approval: the answer is not a list of specs"
+        ) from exc
 
 
 def report_decision(client: OrchestratorClient, spec_hash: str, state: ApprovalState) -> None:

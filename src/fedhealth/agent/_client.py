@@ -48,6 +48,18 @@ from fedhealth.protocol import (
 log = logging.getLogger("fedhealth.agent")
 T = TypeVar("T")
 
+# The most an answer other than a model may hold: a task (a model is inlined only up to 64 KiB), an ack, a
+# challenge, the specs awaiting approval. A model download is bounded by the size its recipe fixes.
+MAX_ANSWER_BYTES = 4 << 20
+
+
+class _AnswerTooLarge(Exception):
+    pass
+
+
+class _AnswerTooSlow(Exception):
+    pass
+
 
 class OrchestratorRefused(FedHealthError):
     """The orchestrator answered 4xx: the request will not succeed by retrying."""
@@ -163,15 +175,20 @@ class OrchestratorClient:
     def _login(self) -> None:
         answer = self._raw("POST", "/api/v1/agent/challenge", json={"site": self.site})
         self._check_orchestrator(answer)
-        challenge = ChallengeResponse.model_validate_json(answer.content)
+        try:
+            challenge = ChallengeResponse.model_validate_json(answer.content)
+        except ValueError as exc:
+            raise ServiceUnavailableError("logging in: the challenge answer is not a challenge") from exc
         signature = self._identity.sign(canonical_json(agent_login_message(self.site, challenge.challenge)))
-        token = TokenResponse.model_validate_json(
-            self._raw(
-                "POST",
-                "/api/v1/agent/token",
-                json={"site": self.site, "challenge": challenge.challenge, "signature": signature.hex()},
-            ).content
+        answer = self._raw(
+            "POST",
+            "/api/v1/agent/token",
+            json={"site": self.site, "challenge": challenge.challenge, "signature": signature.hex()},
         )
+        try:
+            token = TokenResponse.model_validate_json(answer.content)
+        except ValueError as exc:
+            raise ServiceUnavailableError("logging in: the token answer is not a token") from exc
         self._token = token.access_token
         self._token_expires = token.expires_at
         log.debug("logged in as %s until %s", self.site, token.expires_at.isoformat())
@@ -188,10 +205,46 @@ class OrchestratorClient:
         return self.orchestrator_version.protocol if self.orchestrator_version is not None else None
 
     def _raw(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = self._http.request(method, path, **kwargs)
+        try:
+            response = self._bounded(method, path, MAX_ANSWER_BYTES, None, **kwargs)
+        except (_AnswerTooLarge, _AnswerTooSlow) as exc:
+            raise ServiceUnavailableError(f"{path}: {exc}") from exc
         if response.status_code >= 400:
             raise _refused(response)
         return response
+
+    def _bounded(
+        self, method: str, path: str, max_bytes: int, deadline: float | None, **kwargs: Any
+    ) -> httpx.Response:
+        """The answer read in full, but never more than ``max_bytes`` of body (declared or sent) nor past
+        ``deadline`` (``time.monotonic()``): httpx's timeouts bound each read, not the whole answer, so an
+        orchestrator that sends a byte now and then, or without end, would otherwise hold the agent (and its
+        memory) for as long as it likes. Redirects are not followed."""
+        request = self._http.build_request(method, path, **kwargs)
+        response = self._http.send(request, stream=True, follow_redirects=False)
+        try:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise _AnswerTooLarge(f"the answer declares {int(declared)} bytes, over {max_bytes}")
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in response.iter_bytes():  # decoded: a compressed answer counts as what it inflates to
+                size += len(chunk)
+                if size > max_bytes:
+                    raise _AnswerTooLarge(f"the answer runs past {max_bytes} bytes")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise _AnswerTooSlow("the answer was still arriving at its deadline")
+                chunks.append(chunk)
+        finally:
+            response.close()
+        headers = [
+            (k, v)
+            for k, v in response.headers.multi_items()
+            if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(
+            response.status_code, headers=headers, content=b"".join(chunks), request=request
+        )
 
     def auth_headers(self) -> dict[str, str]:
         # renew a minute early so a long upload does not outlive its token
@@ -202,10 +255,20 @@ class OrchestratorClient:
     # --- requests with retries ---------------------------------------------------------------------------
 
     def _call(
-        self, what: str, method: str, path: str, *, max_elapsed_s: float | None = None, **kwargs: Any
+        self,
+        what: str,
+        method: str,
+        path: str,
+        *,
+        max_elapsed_s: float | None = None,
+        max_bytes: int = MAX_ANSWER_BYTES,
+        **kwargs: Any,
     ) -> httpx.Response:
         started = time.monotonic()
         limit = max_elapsed_s if max_elapsed_s is not None else self.retry.max_elapsed_s
+        timeout = kwargs.get("timeout")
+        # one answer may take as long as the call may (its deadline), or a poll's wait and a margin
+        per_answer = timeout.read if isinstance(timeout, httpx.Timeout) and timeout.read else None
         attempt = 0
         renewed = False
         extra_headers: dict[str, str] = kwargs.pop("headers", {})
@@ -214,19 +277,33 @@ class OrchestratorClient:
             wait: float | None = None
             try:
                 headers = {**extra_headers, **self.auth_headers()}
-                response = self._http.request(method, path, headers=headers, **kwargs)
+                ends = [
+                    t
+                    for t in (
+                        started + limit if limit is not None else None,
+                        time.monotonic() + per_answer if per_answer is not None else None,
+                    )
+                    if t is not None
+                ]
+                response = self._bounded(
+                    method, path, max_bytes, min(ends) if ends else None, headers=headers, **kwargs
+                )
             except httpx.TransportError as exc:
                 named = connection_problem(exc)
                 if isinstance(named, TlsVerificationError):
                     raise named from exc
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except _AnswerTooLarge as exc:  # the same answer again would be as large: not retried
+                raise ServiceUnavailableError(f"{what}: {exc}") from exc
+            except _AnswerTooSlow as exc:
+                problem = str(exc)
             except OrchestratorRefused as exc:  # from the login requests
                 if exc.status == 429 or exc.status >= 500:
                     problem = f"login: HTTP {exc.status}"
                 else:
                     raise
             else:
-                if response.status_code < 400:
+                if response.status_code < 400:  # a redirect is not followed: its body is no answer
                     return response
                 if response.status_code == 401 and not renewed:
                     # expired or not yet valid: log in again once, at once
@@ -265,11 +342,24 @@ class OrchestratorClient:
             params={"wait": wait},
             timeout=httpx.Timeout(wait + 15, connect=5.0),
         )
-        return from_peer(TaskPoll, response.content, self.orchestrator_protocol).task
+        try:
+            return from_peer(TaskPoll, response.content, self.orchestrator_protocol).task
+        except ValueError as exc:  # pydantic's ValidationError: not a task poll; poll again, a bit later
+            time.sleep(self.retry.delay(0, self._rng))
+            raise ServiceUnavailableError(
+                f"polling for tasks: the answer is not a task poll ({type(exc).__name__})"
+            ) from exc
 
-    def get_model(self, digest: str, *, max_elapsed_s: float | None = None) -> bytes:
+    def get_model(
+        self, digest: str, *, max_elapsed_s: float | None = None, max_bytes: int = MAX_ANSWER_BYTES
+    ) -> bytes:
+        """The model of ``digest``, never more than ``max_bytes`` of it (its recipe fixes its size)."""
         return self._call(
-            "downloading the model", "GET", f"/api/v1/agent/models/{digest}", max_elapsed_s=max_elapsed_s
+            "downloading the model",
+            "GET",
+            f"/api/v1/agent/models/{digest}",
+            max_elapsed_s=max_elapsed_s,
+            max_bytes=max_bytes,
         ).content
 
     def upload_result(self, task_id: str, body: bytes, *, max_elapsed_s: float | None = None) -> Ack:

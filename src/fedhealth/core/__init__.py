@@ -34,10 +34,18 @@ from fedhealth.core._files import (
 from fedhealth.core._hashing import canonical_json, file_sha256, sha256_hex
 from fedhealth.core._ids import is_valid_name, new_id
 from fedhealth.core._malloc import keep_malloc_heaps
-from fedhealth.core._tensors import TensorSpec, decode_tensors, encode_tensors, read_header, specs_of
+from fedhealth.core._tensors import (
+    MAX_HEADER_BYTES,
+    TensorSpec,
+    decode_tensors,
+    encode_tensors,
+    read_header,
+    specs_of,
+)
 
 __all__ = [
     "DATA_DIR_ENV",
+    "MAX_HEADER_BYTES",
     "PRIVATE_DIR_MODE",
     "PRIVATE_FILE_MODE",
     "BudgetExceededError",

@@ -72,6 +72,8 @@ def read_header(data: bytes) -> tuple[dict[str, dict[str, object]], dict[str, st
         header = json.loads(data[8 : 8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TensorError("payload is not a safetensors file: header is not JSON") from exc
+    except RecursionError as exc:  # JSON nested deeper than the parser recurses (within the size limit)
+        raise TensorError("payload is not a safetensors file: header nests too deep") from exc
     if not isinstance(header, dict):
         raise TensorError("payload is not a safetensors file: header is not an object")
     metadata = header.pop("__metadata__", None) or {}
