@@ -504,3 +504,28 @@ def test_the_control_a_well_formed_empty_poll_keeps_the_agent_polling():
     finally:
         client.close()
     assert len(polls) >= 3
+
+
+# --- (1b) a collective session's answers -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("declared", [True, False], ids=["declared-2^40", "chunked-endless"])
+def test_an_enormous_collective_answer_fails_the_session_without_being_read(serve, declared, monkeypatch):
+    # the relay answers a secure sum: the site would allocate the declared length, or read without end
+    from fedhealth.agent import _collective
+    from fedhealth.agent._collective import SessionChannel
+    from fedhealth.secagg import SessionFailedError
+
+    monkeypatch.setattr(_collective, "MAX_RESULT_BYTES", 4 * MiB)  # the bound, scaled to the test
+    orch = serve({"/api/v1/agent/tasks/t-1/collective/": zeros_forever(declared=declared)})
+    client = client_of(orch, max_elapsed_s=1.0)
+    channel = SessionChannel(client, task_id="t-1", attempt="a1")
+    try:
+        with pytest.raises(SessionFailedError, match="relay"):
+            channel.call(1, b"\0" * 64, wait=0.1, deadline=time.monotonic() + 5)
+    finally:
+        channel.close()
+        client.close()
+    assert any("/collective/1" in target for _, target, _ in orch.requests)
+    assert max(orch.sent, default=0) < READ_BOUND

@@ -118,6 +118,12 @@ def check_collective_session(task: Task, site: str, identity: IdentityKey, pins:
     return CheckedSession(config=config, peers=peers)
 
 
+# The most one answer of the relay may hold: a sum is the size of what the site sent, a broadcast the leader's
+# payload (the released model); far below this. An error answer is a line of JSON.
+MAX_RESULT_BYTES = 256 << 20
+MAX_ERROR_BYTES = 64 << 10
+
+
 class SessionChannel:
     """One keep-alive connection for a session's calls.
 
@@ -187,7 +193,7 @@ class SessionChannel:
                 response = connection.getresponse()
                 if response.status == 200:
                     return self._read(response)
-                data = response.read()
+                data = response.read(MAX_ERROR_BYTES)
             except ssl.SSLCertVerificationError as exc:
                 raise TlsVerificationError(
                     f"TLS verification failed: the orchestrator's certificate is not trusted by the pinned "
@@ -227,9 +233,25 @@ class SessionChannel:
             attempt += 1
 
     def _read(self, response: http.client.HTTPResponse) -> memoryview:
-        length = int(response.getheader("content-length") or -1)
+        """The answer's body, never more than :data:`MAX_RESULT_BYTES` (declared or sent): a lying relay
+        would otherwise have the site allocate whatever length it declares, or read for ever."""
+        declared = response.getheader("content-length") or ""
+        length = int(declared) if declared.isdigit() else -1
+        if length > MAX_RESULT_BYTES:
+            self.close()
+            raise SessionFailedError(
+                SessionFailure.PROTOCOL_VIOLATION,
+                f"the relay declared an answer of {length} bytes, over {MAX_RESULT_BYTES}",
+            )
         if length < 0:  # not what the relay sends, but still HTTP
-            return memoryview(response.read())
+            data = response.read(MAX_RESULT_BYTES + 1)
+            if len(data) > MAX_RESULT_BYTES:
+                self.close()
+                raise SessionFailedError(
+                    SessionFailure.PROTOCOL_VIOLATION,
+                    f"the relay's answer runs past {MAX_RESULT_BYTES} bytes",
+                )
+            return memoryview(data)
         if len(self._buffer) != length:
             self._buffer = bytearray(length)  # a new one: the caller may still hold a view of the old
         view = memoryview(self._buffer)
