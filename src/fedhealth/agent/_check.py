@@ -227,7 +227,10 @@ def _latency(result: SiteCheck, client: OrchestratorClient) -> None:
 
 def _bandwidth(result: SiteCheck, client: OrchestratorClient, size: int) -> None:
     for name, run in (
-        ("network.download", lambda: client.call("download probe", "GET", PROBE_PATH, params={"size": size})),
+        (
+            "network.download",  # the probe's size is asked for: the answer may hold that much and no more
+            lambda: client.call("download probe", "GET", PROBE_PATH, params={"size": size}, max_bytes=size),
+        ),
         (
             "network.upload",
             lambda: client.call(
