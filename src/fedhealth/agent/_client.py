@@ -277,17 +277,11 @@ class OrchestratorClient:
             wait: float | None = None
             try:
                 headers = {**extra_headers, **self.auth_headers()}
-                ends = [
-                    t
-                    for t in (
-                        started + limit if limit is not None else None,
-                        time.monotonic() + per_answer if per_answer is not None else None,
-                    )
-                    if t is not None
-                ]
-                response = self._bounded(
-                    method, path, max_bytes, min(ends) if ends else None, headers=headers, **kwargs
-                )
+                deadline = started + limit if limit is not None else None
+                if per_answer is not None:
+                    this_answer = time.monotonic() + per_answer
+                    deadline = this_answer if deadline is None else min(deadline, this_answer)
+                response = self._bounded(method, path, max_bytes, deadline, headers=headers, **kwargs)
             except httpx.TransportError as exc:
                 named = connection_problem(exc)
                 if isinstance(named, TlsVerificationError):
