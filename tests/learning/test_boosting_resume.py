@@ -5,6 +5,9 @@ run, bit for bit."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +165,34 @@ def test_a_checkpoint_of_other_params_or_data_is_ignored_and_written_private(tmp
     assert TreeCheckpoint(checkpoint.path.parent, recipe="lightgbm", key="k2").load() is None
     checkpoint.path.write_text("{not json")
     assert checkpoint.load() is None
+
+
+_KILLED_WHILE_SAVING = """
+import os, signal, sys
+from pathlib import Path
+from fedhealth.learning._boosting import TreeCheckpoint
+os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # killed after writing, before renaming
+TreeCheckpoint(Path(sys.argv[1]), recipe="lightgbm", key="k1").save(4, "model of round 4", [0.2])
+"""
+
+
+def test_a_site_killed_while_saving_keeps_its_last_checkpoint_and_the_next_session_clears_the_leftover(
+    tmp_path,
+):
+    folder = tmp_path / "checkpoints" / "study"
+    checkpoint = TreeCheckpoint(folder, recipe="lightgbm", key="k1")
+    checkpoint.save(3, "model of round 3", [0.3])
+    other = folder / ".unrelated.json.abc.tmp"  # not this checkpoint's: left alone
+    other.write_text("x")
+    run = subprocess.run([sys.executable, "-c", _KILLED_WHILE_SAVING, str(folder)], check=False)
+    assert run.returncode == -signal.SIGKILL
+    leftovers = sorted(p.name for p in folder.iterdir() if p.name.startswith(".lightgbm-checkpoint.json."))
+    assert len(leftovers) == 1
+    assert leftovers[0].endswith(".tmp")
+    saved = TreeCheckpoint(folder, recipe="lightgbm", key="k1").load()  # the next session opens it
+    assert saved is not None
+    assert (saved.rounds, saved.model) == (3, "model of round 3")
+    assert sorted(p.name for p in folder.iterdir()) == [".unrelated.json.abc.tmp", "lightgbm-checkpoint.json"]
 
 
 def test_without_a_checkpoint_the_failed_session_fails_every_site_and_restarts_from_zero(centers, tmp_path):

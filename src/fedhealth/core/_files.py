@@ -10,6 +10,7 @@ and its database. No other local account may read any of it. New files are creat
 
 from __future__ import annotations
 
+import glob
 import os
 import stat
 import tempfile
@@ -56,6 +57,21 @@ def write_private_file(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def discard_interrupted_writes(path: Path) -> int:
+    """Remove the temporary files :func:`write_private_file` left beside ``path`` when its process was killed
+    between creating one and renaming it (``.<name>.<random>.tmp``); returns how many. Call it only where
+    this process is the file's one writer (a site's checkpoint of its own session): another writer's
+    temporary file is in use until it is renamed. Symbolic links are removed, never followed."""
+    removed = 0
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            leftover.unlink()
+        except FileNotFoundError:
+            continue
+        removed += 1
+    return removed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import Field, JsonValue
 
-from fedhealth.core import write_private_file
+from fedhealth.core import discard_interrupted_writes, write_private_file
 from fedhealth.data import SchemaError, TabularDataset
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._preprocessing import (
@@ -358,7 +358,8 @@ class Saved:
 
 class TreeCheckpoint:
     """A site's checkpoint of its boosting session, in its own home: after every completed round, the model
-    so far (written to a temporary file, then renamed: a crash leaves the previous checkpoint whole). It
+    so far (written to a temporary file, then renamed: a crash leaves the previous checkpoint whole, and
+    the next session removes the crash's temporary file). It
     never leaves the site. ``key`` binds it to the study's parameters, the agreed bins and the site's data
     (a checkpoint of anything else is ignored)."""
 
@@ -374,6 +375,9 @@ class TreeCheckpoint:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def load(self) -> Saved | None:
+        """The checkpoint to resume from, if it is this session's; a session opens it once, before any
+        save, and clears what a killed earlier session left half-written (its temporary file)."""
+        discard_interrupted_writes(self.path)
         try:
             saved = json.loads(self.path.read_text())
         except (OSError, ValueError):
