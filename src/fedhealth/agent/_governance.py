@@ -424,7 +424,7 @@ class GovernanceGate(PassGate):
             },
         )
         self._record_anchors(task)
-        mismatch = _mismatch(task)
+        mismatch = _mismatch(task, self.governance.site)
         if mismatch is not None:
             self._refuse(
                 ctx, SPEC_MISMATCH_CODE, f"the task does not do what its study spec says: {mismatch}"
@@ -674,10 +674,15 @@ def _on_training_rows(task: Task) -> bool:
     return task.kind is TaskKind.COLLECTIVE and task.round == SCALING_ROUND
 
 
-def _mismatch(task: Task) -> str | None:
+def _mismatch(task: Task, site: str) -> str | None:
     """What the task would run that its spec (the approved thing) does not say, if anything: the agent trains
-    with the task's own recipe, dataset and seed, so each must be the spec's."""
+    with the task's own recipe, dataset and seed, so each must be the spec's, and only in the role the spec
+    gives this site (the steward approved "this site trains / evaluates / takes no part")."""
     spec = task.spec
+    if task.kind in (TaskKind.TRAIN, TaskKind.COLLECTIVE) and site not in spec.train_sites:
+        return f"it asks this site to train; the spec's training sites are {sorted(spec.train_sites)}"
+    if task.kind is TaskKind.EVALUATE and site not in spec.evaluation_sites:
+        return f"it asks this site to evaluate; the spec's evaluation sites are {sorted(spec.evaluation_sites)}"
     if task.recipe != spec.recipe:
         return "its recipe differs from the spec's"
     if task.dataset != spec.dataset:
