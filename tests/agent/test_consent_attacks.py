@@ -268,14 +268,6 @@ def test_under_the_default_model_a_dataset_without_ids_is_refused_once_consent_r
     assert client.results == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "DEFECT: under consent_model = 'opt-out' a dataset whose rows carry no patient id is trained on in "
-        "full even though the consent registry holds a deny/withdrawal: _row_ids names rows by position "
-        "assuming 'nobody denied', so the withdrawn patient's row is used"
-    ),
-)
 def test_under_opt_out_a_dataset_without_ids_is_not_trained_on_while_someone_has_denied(home, tmp_path):
     set_policy(home, 'consent_model = "opt-out"\n')
     spec = study()
@@ -285,8 +277,8 @@ def test_under_opt_out_a_dataset_without_ids_is_not_trained_on_while_someone_has
     site, client = agent(home, {"cohort": write_csv_without_ids(tmp_path / "no-ids.csv")})
     site.handle(task(spec))
     used = sum(rows_used(r) for r in client.results)
-    # either refused (consent cannot be checked) or, at the very least, not every row including the victim's
-    assert [f.code for f in client.failures] == [FailureCode.CONSENT] or used < len(PATIENTS)
+    assert [f.code for f in client.failures] == [FailureCode.CONSENT]  # consent cannot be checked
+    assert used == 0
 
 
 def test_control_under_opt_out_with_ids_the_denying_patient_is_excluded(home, tmp_path):

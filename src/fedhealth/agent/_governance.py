@@ -257,6 +257,15 @@ class SiteGovernance:
         with self.engine.connect() as conn:
             return conn.execute(select(_CONSENT.c.record_id).limit(1)).first() is not None
 
+    def has_objections(self) -> bool:
+        """Whether any patient has denied or withdrawn (for any purpose, at any time): rows without patient
+        ids can then no longer be used under opt-out, since none of them can be told apart from the
+        patient's."""
+        c = _CONSENT.c
+        query = select(c.record_id).where((c.decision == "deny") | c.withdrawn_at.is_not(None)).limit(1)
+        with self.engine.connect() as conn:
+            return conn.execute(query).first() is not None
+
     def resolve_consent_model(self, setting: ConsentModelSetting) -> tuple[ConsentModel, str]:
         """The model to apply now and why (a sentence for the log)."""
         if setting is ConsentModelSetting.OPT_IN:
@@ -519,13 +528,22 @@ class GovernanceGate(PassGate):
         model, why = self.governance.resolve_consent_model(settings.consent_model)
         train_ids = _row_ids(dataset.patient_ids_train, dataset.num_train, "row", model)
         test_ids = _row_ids(dataset.patient_ids_test, dataset.num_test, "test-row", model)
+        without_ids = "training" if dataset.patient_ids_train is None else "held-out"
         if train_ids is None or test_ids is None:
             self._refuse(
                 ctx,
                 CONSENT_CODE,
-                f"dataset {ctx.task.dataset!r} has no patient ids for its "
-                f"{'training' if train_ids is None else 'held-out'} rows, "
+                f"dataset {ctx.task.dataset!r} has no patient ids for its {without_ids} rows, "
                 f"so consent ({why}) cannot be checked",
+            )
+        if (dataset.patient_ids_train is None or dataset.patient_ids_test is None) and (
+            self.governance.has_objections()
+        ):  # opt-out, rows named by position, and somebody said no: none of the rows can be told from theirs
+            self._refuse(
+                ctx,
+                CONSENT_CODE,
+                f"dataset {ctx.task.dataset!r} has no patient ids for its {without_ids} rows, "
+                f"so consent ({why}) cannot be checked: a patient has denied or withdrawn",
             )
         # Both parts, whatever the task: training rounds report metrics on the held-out part, evaluations
         # read it, and both see features standardized with the training part's statistics.
@@ -682,7 +700,9 @@ def _mismatch(task: Task, site: str) -> str | None:
     if task.kind in (TaskKind.TRAIN, TaskKind.COLLECTIVE) and site not in spec.train_sites:
         return f"it asks this site to train; the spec's training sites are {sorted(spec.train_sites)}"
     if task.kind is TaskKind.EVALUATE and site not in spec.evaluation_sites:
-        return f"it asks this site to evaluate; the spec's evaluation sites are {sorted(spec.evaluation_sites)}"
+        return (
+            f"it asks this site to evaluate; the spec's evaluation sites are {sorted(spec.evaluation_sites)}"
+        )
     if task.recipe != spec.recipe:
         return "its recipe differs from the spec's"
     if task.dataset != spec.dataset:
@@ -706,8 +726,8 @@ def _mismatch(task: Task, site: str) -> str | None:
 
 
 def _row_ids(ids: Sequence[str] | None, rows: int, prefix: str, model: ConsentModel) -> Sequence[str] | None:
-    """The patient id of each row; without ids, under opt-out (nobody denied) every row named by its
-    position, and under opt-in None: consent cannot be checked."""
+    """The patient id of each row; without ids, under opt-out every row named by its position (the caller
+    refuses them too once anyone has denied), and under opt-in None: consent cannot be checked."""
     if ids is not None:
         return ids
     if model is ConsentModel.OPT_OUT:
