@@ -391,15 +391,6 @@ def test_a_withdrawal_for_every_purpose_also_ends_a_permit_that_starts_later(con
     assert registry.filter(["p0003"], "research", start + timedelta(days=1)).kept_count == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "DEFECT: `consent withdraw --purpose research` marks only the patient's 'research' records "
-        "withdrawn and adds a deny from now; an any-purpose ('*') permit that starts after the withdrawal "
-        "is untouched and, being the later statement, wins again once it starts, so the withdrawn patient "
-        "is used for research"
-    ),
-)
 def test_a_purpose_withdrawal_also_ends_an_any_purpose_permit_that_starts_later(consent):
     registry, _ = consent
     start = T0 + timedelta(days=30)  # e.g. a FHIR Consent with provision.period.start next month, no purpose

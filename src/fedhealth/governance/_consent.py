@@ -746,8 +746,10 @@ class ConsentRegistry:
         """Withdraw a patient's consent for ``purpose`` (None: every purpose) from ``when`` (default: now).
 
         Marks the patient's matching records withdrawn and adds a deny record from ``when`` (so a broader
-        permit, e.g. for ``*``, no longer covers the purpose). Returns the notice for the orchestrator: the
-        snapshot hashes that included the patient for that purpose, and nothing that identifies the patient.
+        permit, e.g. for ``*``, no longer covers the purpose), and one from the start of each ``*`` permit
+        that starts later (said before the withdrawal, it must not outrank it when it starts). Returns the
+        notice for the orchestrator: the snapshot hashes that included the patient for that purpose, and
+        nothing that identifies the patient.
         """
         _check_id(patient_id, "patient_id")
         scope = purpose if purpose is not None else ANY_PURPOSE
@@ -774,7 +776,20 @@ class ConsentRegistry:
                         .where(consent_records.c.record_id == row.record_id)
                         .values(withdrawn_at=merged)
                     )
-            self._store(conn, [deny])
+            denies = [deny]
+            if scope != ANY_PURPOSE:
+                # A permit for every purpose that starts after the withdrawal would be the later statement
+                # once it starts, and win: the withdrawal was said after it, so a deny for this purpose
+                # starts with it too (at equal start the purpose's own record beats ``*``).
+                later = select(consent_records.c.valid_from).where(
+                    (consent_records.c.patient_id == patient_id)
+                    & (consent_records.c.purpose == ANY_PURPOSE)
+                    & (consent_records.c.decision == ConsentDecision.PERMIT.value)
+                    & (consent_records.c.valid_from > at)
+                )
+                for start in sorted(set(conn.execute(later).scalars())):
+                    denies.append(replace(deny, valid_from=start))
+            self._store(conn, denies)
             notice = WithdrawalNotice(
                 notice_id=new_id("wd"),
                 purpose=scope,
