@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pytest
 from site_fixtures import SITE, agent, approve, make_home, task
+from typer.testing import CliRunner
 
 from fedhealth.agent import SiteHome
 from fedhealth.agent._governance import SiteGovernance
+from fedhealth.cli import app
+from fedhealth.core import NotFoundError
 from fedhealth.crypto import IdentityKey
 from fedhealth.governance import ApprovalStatus, AuditEventType, SignedSpec, read_stored_log, spec_hash
 from fedhealth.protocol import FailureCode, StudySpec, TaskKind
@@ -291,15 +294,6 @@ def test_a_forged_spec_signature_is_refused_before_the_data_is_opened(home, tmp_
     assert codes(client) == [FailureCode.SPEC_SIGNATURE]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "DEFECT: the site verifies a spec signature only under the key the task itself carries and pins no "
-        "owner key, so an orchestrator re-signing a spec with its own key under the owner's name is recorded "
-        "'signed by its owner' (docs/governance.md 'Spec signatures'; orchestrator/_governance.py: 'so each "
-        "site can check that the spec is the one its owner signed')"
-    ),
-)
 def test_a_spec_signed_by_a_key_other_than_the_owners_known_key_is_refused(home, tmp_path):
     alice, orchestrators_own = IdentityKey.generate(), IdentityKey.generate()
     first = study()
@@ -311,9 +305,53 @@ def test_a_spec_signed_by_a_key_other_than_the_owners_known_key_is_refused(home,
     # a new spec "by alice" that alice never signed: the orchestrator signs it with its own key
     forged = study(name="gate-study-2", rounds=1)
     site.handle(task(forged, task_id="tk-2", **signed(forged, orchestrators_own)))
+    assert codes(client) == [FailureCode.SPEC_SIGNATURE]
+    with SiteGovernance(home) as governance:  # never put before the steward as alice's
+        with pytest.raises(NotFoundError):
+            governance.approvals.get(spec_hash(forged.model_dump(mode="json")))
+        pinned = governance.approvals.owner_key("alice")
+    assert pinned == alice.public()
+
+
+def test_after_the_steward_trusts_an_owners_new_key_only_that_key_signs_their_specs(home, tmp_path):
+    old, new = IdentityKey.generate(), IdentityKey.generate()
+    first, second, third = study(), study(name="gate-study-2"), study(name="gate-study-3")
+    for spec in (first, second, third):
+        approve(home, spec)
+    site, client = agent(home, present(tmp_path))
+    site.handle(task(first, task_id="tk-1", **signed(first, old)))
+    site.handle(task(second, task_id="tk-2", **signed(second, new)))
+    assert codes(client) == [FailureCode.SPEC_SIGNATURE]  # alice's key changed: not trusted yet
+    cli = CliRunner().invoke(
+        app,
+        [
+            "site", "approvals", "trust-key", "alice", new.public().raw.hex(),
+            "--reason", "alice's new key, read to me on the phone",
+            "--home", str(home.root), "--steward", "sam",
+        ],
+    )  # fmt: skip
+    assert cli.exit_code == 0, cli.output
+    assert f"was {old.public().fingerprint[:16]}" in cli.output
+    site.handle(task(second, task_id="tk-3", **signed(second, new)))
+    site.handle(task(third, task_id="tk-4", **signed(third, old)))  # the old key no longer signs for alice
+    assert codes(client) == [FailureCode.SPEC_SIGNATURE, FailureCode.SPEC_SIGNATURE]
+    assert len(client.results) == 2  # tk-1 and tk-3
     with SiteGovernance(home) as governance:
-        record = governance.approvals.get(spec_hash(forged.model_dump(mode="json")))
-    assert codes(client) == [FailureCode.SPEC_SIGNATURE] or not record.signed
+        entries = read_stored_log(governance.engine).entries
+    [pin] = [
+        e for e in entries if e.type is AuditEventType.OWNER_KEY_PINNED and e.payload["by"] != "first use"
+    ]
+    assert pin.payload["by"] == "steward:sam"
+    assert pin.payload["fingerprint"] == new.public().fingerprint
+    assert pin.payload["previous_fingerprint"] == old.public().fingerprint
+
+
+def test_trusting_a_malformed_owner_key_is_one_line(home):
+    cli = CliRunner().invoke(
+        app, ["site", "approvals", "trust-key", "alice", "zz", "--reason", "r", "--home", str(home.root)]
+    )
+    assert cli.exit_code != 0
+    assert "64 hex characters" in cli.output
 
 
 def test_an_approved_spec_cannot_be_run_as_a_different_task_kind_round(home, tmp_path):

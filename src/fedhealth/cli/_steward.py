@@ -187,7 +187,11 @@ def approvals_show(
     if as_json:
         print_json({**_record_json(record), "spec": dict(record.spec), "summary": summary, "site": site_name})
         return
-    signed = "signed by its owner" if record.signed else "UNSIGNED"
+    signed = (
+        f"signed by its owner's key {record.owner_key_fingerprint[:16]}"
+        if record.signed and record.owner_key_fingerprint
+        else "UNSIGNED"
+    )
     typer.echo(
         f"spec {record.spec_hash}  {record.status.value}  study {record.study} ({record.owner}, {signed})"
     )
@@ -204,6 +208,34 @@ def approvals_show(
             f'Approve: fedhealth site approve {record.spec_hash} --reason "..." {where}\n'
             f'Reject:  fedhealth site reject {record.spec_hash} --reason "..." {where}'
         )
+
+
+@approvals_app.command("trust-key")
+def approvals_trust_key(
+    owner: Annotated[str, typer.Argument(help="The study owner (their user name at the orchestrator).")],
+    key: Annotated[
+        str, typer.Argument(help="Their Ed25519 public key, 64 hex characters, given out of band.")
+    ],
+    reason: Annotated[str, typer.Option("--reason", help="Why (e.g. how the key reached you).")],
+    home: Annotated[Path, typer.Option("--home", help="The site's home (from `site enroll`).")],
+    steward: Annotated[
+        str | None, typer.Option("--steward", help="Your name (default: the current user).")
+    ] = None,
+) -> None:
+    """Trust KEY for OWNER's specs: before their first spec, or after their key changed. Otherwise the first
+    key an owner's spec arrives signed with is pinned, and a spec signed by any other key is refused."""
+    from fedhealth.core import CryptoError
+    from fedhealth.crypto import PublicIdentity
+
+    try:
+        public = PublicIdentity(bytes.fromhex(key.strip()))
+    except (ValueError, CryptoError):
+        fail("KEY must be an Ed25519 public key: 64 hex characters")
+    with _open(home) as governance:
+        previous = governance.approvals.owner_key(owner)
+        governance.approvals.trust_key(owner, public, steward=steward or getpass.getuser(), reason=reason)
+    was = f" (was {previous.fingerprint[:16]})" if previous is not None and previous != public else ""
+    typer.echo(f"owner {owner}: specs must be signed by key {public.fingerprint[:16]}{was}")
 
 
 def _resolve(

@@ -24,7 +24,7 @@ from fedhealth.core import ConflictError, CryptoError, InputError, NotFoundError
 from fedhealth.crypto import IdentityKey, PublicIdentity
 from fedhealth.governance._audit import AuditEventType, AuditLog, state_and_log
 from fedhealth.governance._decision import Decision, Rule
-from fedhealth.governance._tables import study_specs
+from fedhealth.governance._tables import owner_keys, study_specs
 
 _SPEC_SIGNING_PURPOSE = "fedhealth.study-spec.v1"
 _HEX = frozenset("0123456789abcdef")
@@ -141,6 +141,7 @@ class StudyApproval:
     decided_by: str | None = None
     reason: str | None = None
     signed: bool = False
+    owner_key_fingerprint: str | None = None  # sha256 of the key that signed it (signed specs)
 
 
 class ApprovalRegistry:
@@ -166,6 +167,7 @@ class ApprovalRegistry:
         signed = spec if isinstance(spec, SignedSpec) else None
         if signed is not None:
             signed.verify(trusted_owner_keys)
+            self._check_owner_key(signed)
         body: Mapping[str, Any] = signed.spec if signed is not None else spec  # type: ignore[assignment]
         digest = spec_hash(body)
         name = study_name(body)
@@ -200,6 +202,62 @@ class ApprovalRegistry:
         except IntegrityError:  # submitted concurrently by another process: same content by construction
             pass
         return self.get(digest)
+
+    def owner_key(self, owner: str) -> PublicIdentity | None:
+        """The key this site trusts for ``owner``'s specs, if it pinned one."""
+        with self._engine.connect() as conn:
+            raw = conn.execute(
+                select(owner_keys.c.public_key).where(owner_keys.c.owner == owner)
+            ).scalar_one_or_none()
+        return PublicIdentity(bytes.fromhex(raw)) if raw is not None else None
+
+    def trust_key(self, owner: str, key: PublicIdentity, *, steward: str, reason: str) -> None:
+        """The steward pins ``key`` for ``owner`` (before the owner's first spec, or after the owner's key
+        changed: a spec signed by any other key is refused); logged with the reason."""
+        if not reason.strip():
+            raise InputError("pinning an owner's key needs a reason")
+        if not steward.strip():
+            raise InputError("pinning an owner's key needs the steward's name")
+        self._pin(owner, key, by=f"steward:{steward}", reason=reason.strip())
+
+    def _check_owner_key(self, signed: SignedSpec) -> None:
+        pinned = self.owner_key(signed.owner)
+        if pinned is None:
+            try:
+                self._pin(signed.owner, signed.owner_key, by="first use", reason=None)
+            except IntegrityError:  # pinned concurrently by another process
+                pinned = self.owner_key(signed.owner)
+        if pinned is not None and pinned != signed.owner_key:
+            raise CryptoError(
+                f"the spec is signed by key {signed.owner_key.fingerprint[:16]}, but this site trusts key "
+                f"{pinned.fingerprint[:16]} for owner {signed.owner!r} (if the owner's key changed, the "
+                f"data steward trusts the new one: fedhealth site approvals trust-key {signed.owner} KEY)"
+            )
+
+    def _pin(self, owner: str, key: PublicIdentity, *, by: str, reason: str | None) -> None:
+        now = self._log.clock.now()
+        with state_and_log(self._engine, self._log) as (conn, log_conn):
+            previous = conn.execute(
+                select(owner_keys.c.public_key).where(owner_keys.c.owner == owner)
+            ).scalar_one_or_none()
+            if previous is None:
+                conn.execute(
+                    insert(owner_keys).values(
+                        owner=owner, public_key=key.raw.hex(), pinned_at=now, pinned_by=by
+                    )
+                )
+            else:
+                conn.execute(
+                    update(owner_keys)
+                    .where(owner_keys.c.owner == owner)
+                    .values(public_key=key.raw.hex(), pinned_at=now, pinned_by=by)
+                )
+            payload: dict[str, Any] = {"owner": owner, "fingerprint": key.fingerprint, "by": by}
+            if previous is not None:
+                payload["previous_fingerprint"] = PublicIdentity(bytes.fromhex(previous)).fingerprint
+            if reason is not None:
+                payload["reason"] = reason
+            self._log.append(AuditEventType.OWNER_KEY_PINNED, payload, connection=log_conn)
 
     def approve(self, spec_hash: str, *, reason: str, steward: str) -> StudyApproval:
         """The steward approves this exact spec hash; logged with the reason."""
@@ -328,4 +386,7 @@ def _from_row(row: Any) -> StudyApproval:
         decided_by=row.decided_by,
         reason=row.reason,
         signed=row.signature is not None,
+        owner_key_fingerprint=(
+            PublicIdentity(bytes.fromhex(row.owner_key)).fingerprint if row.owner_key is not None else None
+        ),
     )

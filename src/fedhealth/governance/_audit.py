@@ -53,7 +53,11 @@ class AuditEventType(StrEnum):
     STUDY_SUBMITTED = "study.submitted"
     STUDY_APPROVED = "study.approved"
     STUDY_REJECTED = "study.rejected"
-    STUDY_REVIEWED = "study.reviewed"  # the steward displayed the full spec (`fedhealth site approvals show`)
+    STUDY_REVIEWED = "study.reviewed"
+    # the key a study owner signs with, pinned at this site (on first use, or by the steward)
+    OWNER_KEY_PINNED = (
+        "owner_key.pinned"  # the steward displayed the full spec (`fedhealth site approvals show`)
+    )
     TASK_RECEIVED = "task.received"
     TASK_REFUSED = "task.refused"
     TASK_COMPLETED = "task.completed"
@@ -91,6 +95,7 @@ class AuditEventType(StrEnum):
 # Keys an entry of each type must carry, so an auditor can rely on them. Types not listed are free-form.
 REQUIRED_PAYLOAD_KEYS: Mapping[AuditEventType, frozenset[str]] = {
     AuditEventType.STUDY_SUBMITTED: frozenset({"spec_hash", "study"}),
+    AuditEventType.OWNER_KEY_PINNED: frozenset({"owner", "fingerprint", "by"}),
     AuditEventType.STUDY_APPROVED: frozenset({"spec_hash", "study", "reason", "steward"}),
     AuditEventType.STUDY_REJECTED: frozenset({"spec_hash", "study", "reason", "steward"}),
     AuditEventType.STUDY_REVIEWED: frozenset({"spec_hash", "study", "steward"}),

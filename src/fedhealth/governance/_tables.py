@@ -102,6 +102,18 @@ study_specs = Table(
     Column("reason", Text, nullable=True),
 )
 
+# The key each study owner signs specs with, as this site trusts it: pinned on first use (the first signed
+# spec of that owner) or by the steward (`fedhealth site approvals trust-key`). A spec signed by another key
+# is refused, so an orchestrator cannot re-sign a spec under an owner's name with a key of its own.
+owner_keys = Table(
+    "gov_owner_keys",
+    GOVERNANCE_METADATA,
+    Column("owner", String(NAME), primary_key=True),
+    Column("public_key", String(HASH), nullable=False),
+    Column("pinned_at", UTCDateTime, nullable=False),
+    Column("pinned_by", String(NAME), nullable=False),
+)
+
 consent_records = Table(
     "gov_consent_records",
     GOVERNANCE_METADATA,
