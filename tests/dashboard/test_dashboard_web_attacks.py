@@ -599,11 +599,6 @@ def test_an_auditor_cancels_nothing_not_even_through_a_hand_made_form(dash):
     assert _ui_actions(dash)[-1]["action"] == "cancel study refused"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: a state-changing request refused for its CSRF token (a forged cross-site revoke) leaves "
-    "no ui.action entry, though docs/dashboard.md says each refused attempt is one",
-)
 def test_a_forged_request_refused_for_its_csrf_token_is_an_audit_entry(dash):
     _as(dash, "root", Role.ADMIN)
     seed(dash.svc, sites=2, studies=0, rounds=1)
@@ -617,12 +612,6 @@ def test_a_forged_request_refused_for_its_csrf_token_is_an_audit_entry(dash):
     assert any("refused" in a["action"] and a.get("site") == "site-000" for a in after), after
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: an API key typed into the sign-in form's user field is written in clear into the "
-    "signed audit log (actor and payload of 'sign-in refused') and shown to every role on /ui/audit; "
-    "docs/security.md says API keys are stored as a hash",
-)
 def test_an_api_key_typed_in_the_user_field_is_not_written_to_the_audit_log(dash):
     admin_key = add_user(dash.svc, "root", Role.ADMIN)
     page = dash.client.get("/ui/login")
@@ -681,11 +670,6 @@ def test_under_mtls_the_rest_api_refuses_another_principals_key_or_token(mtls):
     assert refused.status_code == 403
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: under --mtls the dashboard's sign-in does not check that the client certificate names "
-    "the user signing in (the REST login does: 403)",
-)
 def test_under_mtls_the_dashboard_sign_in_refuses_another_principals_api_key(mtls):
     as_rita, _, dash = mtls
     admin_key = add_user(dash.svc, "root", Role.ADMIN)
@@ -694,11 +678,6 @@ def test_under_mtls_the_dashboard_sign_in_refuses_another_principals_api_key(mtl
     assert SESSION_COOKIE not in as_rita.cookies
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: under --mtls a dashboard session opens with a certificate that names another "
-    "principal (a stolen admin cookie works from the researcher's machine; the REST API refuses it: 403)",
-)
 def test_under_mtls_the_dashboard_refuses_a_session_of_another_principal(mtls):
     as_rita, plain, dash = mtls
     admin_key = add_user(dash.svc, "root", Role.ADMIN)

@@ -4,8 +4,10 @@
 Pages: federation, studies (list and one study), privacy, models (and each model card), drift, audit (with
 the verification result). Actions (forms, POST, CSRF-checked): sign in, sign out, revoke a site (admin),
 cancel a study (its owner or an admin), designate a drift reference (admin). Every action through the UI,
-allowed or refused, is an entry in the orchestrator's audit log (``ui.action``), and so is every sign-in
-attempt.
+allowed or refused (for its role, its CSRF token or, under mutual TLS, its client certificate), is an entry in
+the orchestrator's audit log (``ui.action``), and so is every sign-in attempt. The log names who signed in by
+a user name only: other text typed into the user field (an API key pasted in the wrong field) is written
+nowhere.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from fedhealth.core import FedHealthError, NotFoundError
+from fedhealth.core import FedHealthError, NotFoundError, is_valid_name
 from fedhealth.dashboard import _views as views
 from fedhealth.dashboard._assets import ASSET_NAMES, asset, check_assets
 from fedhealth.dashboard._drift import DriftPolicy
@@ -40,7 +42,12 @@ from fedhealth.dashboard._session import (
     new_login_csrf,
 )
 from fedhealth.governance import AuditEventType
-from fedhealth.orchestrator import Services
+from fedhealth.orchestrator import (
+    CertificateMismatch,
+    Services,
+    check_certificate_names,
+    peer_certificate,
+)
 from fedhealth.protocol import Role, StudyStatus
 
 log = logging.getLogger("fedhealth.dashboard")
@@ -58,6 +65,11 @@ _HEADERS = {
     "Cache-Control": "no-store",
 }
 FORM_MAX_BYTES = 16 << 10
+# Who a refused sign-in names in the audit log when the user field holds no user name.
+NOT_A_USER_NAME = "(not a user name)"
+# The orchestrator's answer to an unknown user or a wrong key, so that text which is no user name is refused
+# in the same words (and never reaches the store).
+_SIGN_IN_REFUSED = "unknown user or wrong API key"
 
 _templates = Environment(
     loader=FileSystemLoader(str(Path(__file__).parent / "templates")),
@@ -78,12 +90,29 @@ def _render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
 
 def _user(request: Request) -> UiUser:
     svc = _svc(request)
-    return current_user(svc.auth, svc.settings.signing_key, request.cookies.get(SESSION_COOKIE))
+    return current_user(
+        svc.auth,
+        svc.settings.signing_key,
+        request.cookies.get(SESSION_COOKIE),
+        peer_certificate(request.scope),
+    )
 
 
 def _audit(svc: Services, who: str, action: str, **details: Any) -> None:
     """One UI action in the orchestrator's signed audit log."""
     svc.audit.append(AuditEventType.UI_ACTION, {"action": action, "by": who, **details}, actor=f"user:{who}")
+
+
+async def _checked_csrf(svc: Services, who: UiUser, given: str | None, action: str, **details: Any) -> None:
+    """The form's CSRF token against the session's; a refusal is an audit entry like every refused attempt
+    (``action`` refused, reason ``csrf``)."""
+    try:
+        check_csrf(who.csrf, given)
+    except Denied:
+        await anyio.to_thread.run_sync(
+            lambda: _audit(svc, who.name, f"{action} refused", reason="csrf", **details)
+        )
+        raise
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -159,20 +188,33 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
         if svc.limiter.retry_after(f"ip:{client}") is not None:
             raise Denied(429, "too many sign-in attempts; wait a moment")
         form = await _form(request)
-        check_csrf(request.cookies.get(LOGIN_CSRF_COOKIE) or "", form.get(CSRF_FIELD))
         user, api_key = form.get("user", "").strip(), form.get("api_key", "").strip()
+        # the log names a user name or the placeholder, never other typed text (it may be a secret)
+        who = user if is_valid_name(user) else NOT_A_USER_NAME
+
+        async def refused(reason: str) -> None:
+            await anyio.to_thread.run_sync(lambda: _audit(svc, who, "sign-in refused", reason=reason))
+
+        try:
+            check_csrf(request.cookies.get(LOGIN_CSRF_COOKIE) or "", form.get(CSRF_FIELD))
+        except Denied:
+            await refused("csrf")
+            raise
+        if not is_valid_name(user):
+            await refused("not a user name")
+            return _sign_in_again(_SIGN_IN_REFUSED)
+        try:
+            check_certificate_names(request, user)  # under mutual TLS, as the REST login
+        except CertificateMismatch as exc:
+            await refused(type(exc).__name__)
+            raise Denied(403, str(exc)) from exc
         try:
             token, claims = await anyio.to_thread.run_sync(
                 lambda: svc.auth.operator_token(user=user, api_key=api_key)
             )
         except FedHealthError as exc:
-            refusal, message = type(exc).__name__, str(exc)
-            if user and len(user) <= 64:
-                await anyio.to_thread.run_sync(lambda: _audit(svc, user, "sign-in refused", reason=refusal))
-            fresh = new_login_csrf()
-            refused = _render("login.html", status=401, user=None, csrf=fresh, error=message)
-            _set_cookie(refused, LOGIN_CSRF_COOKIE, fresh, max_age=900)
-            return refused
+            await refused(type(exc).__name__)
+            return _sign_in_again(str(exc))
         await anyio.to_thread.run_sync(lambda: _audit(svc, user, "sign-in", role=claims.role))
         response = RedirectResponse(f"{PREFIX}/federation", status_code=303)
         lifetime = int(svc.settings.auth.operator_token_ttl.total_seconds())
@@ -187,8 +229,8 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
     async def logout(request: Request) -> Response:
         who = _user(request)
         form = await _form(request)
-        check_csrf(who.csrf, form.get(CSRF_FIELD))
         svc = _svc(request)
+        await _checked_csrf(svc, who, form.get(CSRF_FIELD), "sign-out")
         # the session's token ends here, not when it expires: a copy of the cookie opens nothing after this
         await anyio.to_thread.run_sync(lambda: svc.auth.sign_out(who.token))
         await anyio.to_thread.run_sync(lambda: _audit(svc, who.name, "sign-out"))
@@ -326,7 +368,7 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
         who = _user(request)
         svc = _svc(request)
         form = await _form(request)
-        check_csrf(who.csrf, form.get(CSRF_FIELD))
+        await _checked_csrf(svc, who, form.get(CSRF_FIELD), "revoke site", site=name)
         if who.role is not Role.ADMIN:
             await anyio.to_thread.run_sync(
                 lambda: _audit(svc, who.name, "revoke site refused", site=name, role=who.role.value)
@@ -360,8 +402,8 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
         who = _user(request)
         svc = _svc(request)
         form = await _form(request)
-        check_csrf(who.csrf, form.get(CSRF_FIELD))
         study_id = form.get("study_id", "").strip()[:64]
+        await _checked_csrf(svc, who, form.get(CSRF_FIELD), "drift reference", study_id=study_id)
         if who.role is not Role.ADMIN:
             await anyio.to_thread.run_sync(
                 lambda: _audit(
@@ -397,7 +439,7 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
         who = _user(request)
         svc = _svc(request)
         form = await _form(request)
-        check_csrf(who.csrf, form.get(CSRF_FIELD))
+        await _checked_csrf(svc, who, form.get(CSRF_FIELD), "cancel study", study_id=study_id)
         study = await anyio.to_thread.run_sync(svc.store.get_study, study_id)
         if not who.may_cancel_study(study.spec.owner):
             await anyio.to_thread.run_sync(
@@ -429,6 +471,14 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
         return RedirectResponse(f"{PREFIX}/studies/{study_id}", status_code=303)
 
     return router
+
+
+def _sign_in_again(error: str) -> Response:
+    """The sign-in page with a refusal's message (401) and a fresh double-submit token."""
+    fresh = new_login_csrf()
+    response = _render("login.html", status=401, user=None, csrf=fresh, error=error)
+    _set_cookie(response, LOGIN_CSRF_COOKIE, fresh, max_age=900)
+    return response
 
 
 def _set_cookie(response: Response, name: str, value: str, *, max_age: int) -> None:

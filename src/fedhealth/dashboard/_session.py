@@ -5,7 +5,8 @@
   is the session: it rides in a cookie that is ``HttpOnly`` (no script reads it), ``Secure`` (HTTPS only),
   ``SameSite=Strict`` and scoped to ``/ui``. Every request re-authenticates it with
   :meth:`AuthService.authenticate`, so a revoked user, a replaced API key or a changed role takes effect at
-  the next click, exactly as on the REST API; when it expires the user signs in again.
+  the next click, exactly as on the REST API; when it expires the user signs in again. Under mutual TLS the
+  client certificate must name the session's user, as it must name a bearer token's subject (403).
 - Every state-changing form carries a CSRF token: an HMAC of the session token under a key derived from the
   orchestrator's signing key (deterministic Ed25519 signature, so every orchestrator process sharing the
   database derives the same key and a restart does not void open forms). The sign-in form, before any
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from fedhealth.core import FedHealthError
 from fedhealth.crypto import Audience, IdentityKey
-from fedhealth.orchestrator import AuthService
+from fedhealth.orchestrator import AuthService, CertificateMismatch, PeerCertificate
 from fedhealth.protocol import Role
 
 SESSION_COOKIE = "fedhealth_ui"
@@ -79,12 +80,20 @@ def new_login_csrf() -> str:
     return secrets.token_urlsafe(32)
 
 
-def current_user(auth: AuthService, signing_key: IdentityKey, session_token: str | None) -> UiUser:
-    """The operator whose session token this is (checked now against the store); raises :class:`Denied`."""
+def current_user(
+    auth: AuthService,
+    signing_key: IdentityKey,
+    session_token: str | None,
+    certificate: PeerCertificate | None = None,
+) -> UiUser:
+    """The operator whose session token this is (checked now against the store, and under mutual TLS against
+    the connection's client ``certificate``); raises :class:`Denied`."""
     if not session_token:
         raise Denied(401, "please sign in")
     try:
-        principal = auth.authenticate(f"Bearer {session_token}", Audience.OPERATOR)
+        principal = auth.authenticate(f"Bearer {session_token}", Audience.OPERATOR, certificate)
+    except CertificateMismatch as exc:  # another principal's session (a copied cookie): signing in won't help
+        raise Denied(403, str(exc)) from exc
     except FedHealthError as exc:  # expired, revoked, replaced key: sign in again
         raise Denied(401, f"please sign in again ({exc})") from exc
     return UiUser(

@@ -7,13 +7,15 @@ deadline.
 """
 
 from fedhealth.orchestrator._app import create_app
-from fedhealth.orchestrator._auth import AuthService, AuthSettings
+from fedhealth.orchestrator._auth import AuthService, AuthSettings, CertificateMismatch, PeerCertificate
 from fedhealth.orchestrator._blobs import BlobStore
 from fedhealth.orchestrator._db import make_engine, metadata, sqlite_url, upgrade_database
 from fedhealth.orchestrator._engine import RoundEngine
 from fedhealth.orchestrator._extensions import default_extensions
 from fedhealth.orchestrator._home import OrchestratorHome, init_home
 from fedhealth.orchestrator._hooks import NullObserver, StudyObserver
+from fedhealth.orchestrator._http import check_certificate_names
+from fedhealth.orchestrator._limits import peer_certificate
 from fedhealth.orchestrator._report import build_report, report_markdown, study_info, write_report
 from fedhealth.orchestrator._serve import TlsFiles, serve
 from fedhealth.orchestrator._service import (
@@ -31,6 +33,7 @@ __all__ = [
     "AuthService",
     "AuthSettings",
     "BlobStore",
+    "CertificateMismatch",
     "Extension",
     "ExtensionContext",
     "ModelVersion",
@@ -39,6 +42,7 @@ __all__ = [
     "OrchestratorHome",
     "OrchestratorService",
     "OrchestratorSettings",
+    "PeerCertificate",
     "Registration",
     "RoundEngine",
     "RoundRow",
@@ -50,11 +54,13 @@ __all__ = [
     "TaskRow",
     "TlsFiles",
     "build_report",
+    "check_certificate_names",
     "create_app",
     "default_extensions",
     "init_home",
     "make_engine",
     "metadata",
+    "peer_certificate",
     "report_markdown",
     "serve",
     "sqlite_url",

@@ -51,6 +51,11 @@ class Forbidden(FedHealthError):
     """403: the caller is known but may not do this (revoked, wrong kind of token, wrong role)."""
 
 
+class CertificateMismatch(Forbidden):
+    """403 under mutual TLS: the client certificate names another principal than the token's subject (or
+    than the one logging in)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthSettings:
     agent_token_ttl: timedelta = timedelta(minutes=10)
@@ -281,7 +286,7 @@ class AuthService:
         except ValueError as exc:
             raise Unauthenticated("invalid token") from exc
         if certificate is not None and certificate.name != claims.subject:
-            raise Forbidden("the client certificate does not belong to the token's subject")
+            raise CertificateMismatch("the client certificate does not belong to the token's subject")
         if audience is Audience.AGENT:
             if role is not Role.SITE:
                 raise Forbidden("only sites may call the agent API")

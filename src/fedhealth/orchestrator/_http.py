@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from fedhealth.core import ConflictError, FedHealthError, InputError, NotFoundError
 from fedhealth.crypto import Audience
-from fedhealth.orchestrator._auth import Forbidden, Principal, Unauthenticated
+from fedhealth.orchestrator._auth import CertificateMismatch, Forbidden, Principal, Unauthenticated
 from fedhealth.orchestrator._limits import PRINCIPAL, ceil_seconds, peer_certificate
 from fedhealth.orchestrator._service import OrchestratorService
 from fedhealth.protocol import ATTESTATION_HEADER, ProtocolMismatch, Role, SiteAttestation
@@ -199,4 +199,4 @@ def check_certificate_names(request: Request, name: str) -> None:
     """Under mutual TLS a login names the principal its client certificate was issued to."""
     certificate = peer_certificate(request.scope)
     if certificate is not None and certificate.name != name:
-        raise Forbidden("the client certificate does not belong to the principal logging in")
+        raise CertificateMismatch("the client certificate does not belong to the principal logging in")
