@@ -70,13 +70,6 @@ def test_the_victim_table_reads_as_a_dataset_and_stays_whole(pg):
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: check_read_only_sql does not know PostgreSQL escape strings (E'\\''), so a second "
-    "statement hidden after one passes the check; COMMIT then ends the read-only transaction and the "
-    "DELETE after it is committed (docs/connectors.md, Example 2: 'anything else is refused before it is "
-    "sent' / 'runs in a transaction the database itself holds read-only')",
-)
 def test_a_query_hiding_statements_after_an_escape_string_cannot_write(pg):
     engine, schema = pg
     _victim(engine, schema)
@@ -91,10 +84,42 @@ def test_a_query_hiding_statements_after_an_escape_string_cannot_write(pg):
         check_read_only_sql(query)
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("prefix", ["", "SELECT 1 AS pad; ", "SELECT 1 AS pad; COMMIT; "])
+def test_the_database_runs_one_statement_even_if_the_statement_check_missed_a_second(pg, monkeypatch, prefix):
+    """The second layer: were the statement check fooled, the server still refuses a query of several
+    statements (psycopg sends it prepared), so a COMMIT cannot end the read-only transaction."""
+    engine, schema = pg
+    _victim(engine, schema)
+    monkeypatch.setattr("fedhealth.data._sql.check_read_only_sql", lambda sql: None)
+    query = f'{prefix}DELETE FROM "{schema}".victim; SELECT patient_id, x, y FROM "{schema}".victim'
+    with pytest.raises(UnsafeQueryError, match="more than one statement"):
+        open_dataset(f"sql+{POSTGRES_URL}?query={quote(query)}&label=y&id=patient_id")
+    assert _victim_rows(engine, schema) == 20
+
+
+def test_sqlite_runs_one_statement_even_if_the_statement_check_missed_a_second(tmp_path, monkeypatch):
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE victim (patient_id int, x float, y int)")
+        conn.exec_driver_sql("INSERT INTO victim VALUES (1, 1.5, 0), (2, 3.0, 1)")
+    monkeypatch.setattr("fedhealth.data._sql.check_read_only_sql", lambda sql: None)
+    query = quote("SELECT 1 AS pad; COMMIT; DELETE FROM victim; SELECT patient_id, x, y FROM victim")
+    with pytest.raises(UnsafeQueryError, match="more than one statement"):
+        open_dataset(f"sql+sqlite:///{tmp_path / 'w.db'}?query={query}&label=y&id=patient_id")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM victim").scalar_one() == 2
+    engine.dispose()
+
+
 @pytest.mark.parametrize(
     "query",
     [
         "SELECT 1; COMMIT; DELETE FROM victim",
+        "SELECT E'\\'' AS pad; COMMIT; DELETE FROM victim; SELECT 1 --'",
+        "SELECT 'a\\' AS pad; COMMIT; DELETE FROM victim; SELECT 1 --'",
+        "SELECT `a'` AS pad; COMMIT; DELETE FROM victim; SELECT 'b`",
+        "SELECT 1 /* /* */ ' */; COMMIT; DELETE FROM victim; -- '",
         "SELECT 1 /* a comment */; DELETE FROM victim",
         "SELECT 'it''s' AS a; DELETE FROM victim",
         "SELECT $q$;$q$ AS a; DELETE FROM victim",
@@ -199,13 +224,6 @@ def test_a_registry_left_readable_by_others_is_rewritten_private(tmp_path):
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: only the keys 'password' and 'token' are redacted; a password given through the "
-    "documented driver-option channel (db.password=, which psycopg uses) or under a mis-cased key is "
-    "printed in full by `site dataset add/list/check` and by the 'unknown parameter' refusal "
-    "(docs/connectors.md, Secrets: 'Every URI fedhealth shows ... has the secret replaced by ***')",
-)
 @pytest.mark.parametrize(
     "uri",
     [
@@ -389,12 +407,6 @@ def test_a_redirect_to_another_host_is_not_followed_with_the_token(mapping):
         assert evil.requests == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: FhirClient._json puts the server's OperationOutcome diagnostics into the error without "
-    "_scrub, so a server that echoes the request's Authorization header puts the bearer token into the "
-    "site's log and the CLI's output (docs/connectors.md, Secrets: driver messages are scrubbed of it)",
-)
 def test_a_server_echoing_the_token_in_its_error_does_not_put_it_in_the_message(mapping):
     def answer(path: str) -> Answer:
         diagnostics = f"forbidden; the request carried Authorization: Bearer {TOKEN}"
@@ -451,12 +463,6 @@ def test_resources_of_the_wrong_type_or_mode_and_repeated_patients_never_become_
     assert ids == [f"p{i:03d}" for i in range(N_PATIENTS)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: FhirClient.search follows next links without remembering the pages it read or bounding "
-    "their number, so a server whose next link points back at the same page keeps the site's dataset "
-    "check (and a task) reading forever",
-)
 def test_a_next_link_that_loops_back_is_refused(mapping):
     served = 0
     cap = 1000
@@ -476,12 +482,6 @@ def test_a_next_link_that_loops_back_is_refused(mapping):
     assert served < cap
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: FhirClient.get reads a whole response body into memory whatever its size (no cap on "
-    "the bytes of a page), so a server that streams without end exhausts the site's memory; the client "
-    "should refuse a page over a bound (e.g. 64 MiB) in one line",
-)
 def test_an_endless_response_is_refused_before_it_fills_memory():
     chunk = b" " * (1 << 20)
     limit = 96  # MiB the test will stream at most

@@ -21,9 +21,20 @@ from fedhealth.data._dataset import TabularDataset
 from fedhealth.data._schema import DatasetSchema, load_schema
 from fedhealth.data._table import ParsedTable, SourceTable, TableOptions, build_dataset, parse_table
 
-# query parameters whose values are secrets: kept out of DatasetURI.raw and every message
-SECRET_PARAMS = frozenset({"password", "token"})
 REDACTED = "***"
+# query parameters whose key holds one of these (in any case: ``password=``, ``db.password=``, ``PASSWORD=``)
+# are secrets, kept out of DatasetURI.raw and every message: a secret may come by a driver option or a
+# mistyped key. No other parameter a connector documents holds one; ``password_env=`` / ``token_env=`` name
+# an environment variable and stay visible
+_SECRET_WORDS = ("password", "passwd", "pwd", "token", "secret", "key")
+
+
+def is_secret_param(key: str) -> bool:
+    """Whether the value of the URI parameter ``key`` is shown as ``***`` (see ``_SECRET_WORDS``)."""
+    lowered = key.lower()
+    if lowered.endswith("_env"):
+        return False
+    return any(word in lowered for word in _SECRET_WORDS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,7 +42,8 @@ class DatasetURI:
     """A parsed dataset URI: ``scheme://host/path?key=value&...`` with unique keys.
 
     ``raw``, ``host`` and ``params`` show secrets as ``***``; the secrets themselves are only in
-    ``password`` (the user part's) and :meth:`secret` (``password=``, ``token=``), left out of ``repr``.
+    ``password`` (the user part's), :meth:`secret` (``password=``, ``token=``) and :meth:`prefixed` (a secret
+    driver option such as ``db.password=``), left out of ``repr``.
     """
 
     raw: str
@@ -63,7 +75,7 @@ class DatasetURI:
         for key, value in pairs:
             if key in params:
                 raise ConfigError(f"dataset URI {shown!r} repeats the parameter {key!r}")
-            if key in SECRET_PARAMS:
+            if is_secret_param(key):
                 secrets[key] = value
                 value = REDACTED
             params[key] = value
@@ -91,6 +103,14 @@ class DatasetURI:
                 f"dataset URI {self.raw!r}: {env_key}={env} names an environment variable that is not set"
             )
         return value
+
+    def prefixed(self, prefix: str) -> dict[str, str]:
+        """The parameters ``prefix + NAME=VALUE`` as ``{NAME: VALUE}``, secret values included."""
+        return {
+            key.removeprefix(prefix): self.secrets.get(key, value)
+            for key, value in self.params.items()
+            if key.startswith(prefix)
+        }
 
     def check_params(self, allowed: AbstractSet[str], required: AbstractSet[str] = frozenset()) -> None:
         unknown = sorted(self.params.keys() - allowed)
@@ -161,7 +181,7 @@ def redact_uri(uri: str) -> str:
         pieces = []
         for piece in query.split("&"):
             key = unquote(piece.split("=", 1)[0].replace("+", " "))
-            pieces.append(f"{piece.split('=', 1)[0]}={REDACTED}" if key in SECRET_PARAMS else piece)
+            pieces.append(f"{piece.split('=', 1)[0]}={REDACTED}" if is_secret_param(key) else piece)
         query = "&".join(pieces)
     scheme = f"{parts.scheme}://" if parts.scheme else ""
     tail = (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")

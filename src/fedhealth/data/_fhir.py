@@ -53,11 +53,13 @@ the server's ``next`` links only on the same origin (the token never goes elsewh
 resource with the ``fhir.resources`` R4 models. Dates: Observation.effective[x] (else issued),
 Condition.onset[x] (else recordedDate), MedicationRequest.authoredOn. Connection failures, timeouts and
 429/502/503/504 answers are retried with exponential backoff (honouring Retry-After); a server that stays down
-is one line naming it.
+is one line naming it. A page over ``MAX_PAGE_BYTES``, a search past ``MAX_PAGES`` pages and a next link back
+to a page already read are refused; every message is scrubbed of the token, the server's own text included.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
@@ -99,6 +101,10 @@ LOINC = "http://loinc.org"
 _ID = "patient_id"
 _Frozen = ConfigDict(frozen=True, extra="forbid")
 _RETRY_STATUS = frozenset({429, 502, 503, 504})
+# a hostile or broken server cannot fill the site's memory or keep a search going forever: a page (its body
+# as decoded) is at most 64 MiB, a search at most 100,000 pages (50 million resources at the default size)
+MAX_PAGE_BYTES = 64 << 20
+MAX_PAGES = 100_000
 
 
 class Resource(StrEnum):
@@ -268,51 +274,75 @@ class FhirClient:
     def _scrub(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
 
+    def _refusal(
+        self, kind: type[SourceUnavailableError], message: str, *, hint: str
+    ) -> SourceUnavailableError:
+        """Every error the client raises: on one line, scrubbed of the token (a server may echo it back)."""
+        return kind(" ".join(self._scrub(message).split()), hint=hint)
+
     def get(self, url: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
         """GET a JSON resource, retrying what may pass (see the class docstring)."""
         delay = 0.5
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
-                response = self.http.get(url, params=params)
+                with self.http.stream("GET", url, params=params) as response:
+                    if response.status_code not in _RETRY_STATUS or last:
+                        return self._json(response, self._body(response))
+                    wait = _retry_after(response, delay)
             except httpx.TransportError as exc:
                 if last:
-                    raise SourceUnavailableError(
+                    raise self._refusal(
+                        SourceUnavailableError,
                         f"the FHIR server at {self.shown} does not answer "
-                        f"({type(exc).__name__}: {self._scrub(str(exc)) or 'no reason given'}) "
+                        f"({type(exc).__name__}: {str(exc) or 'no reason given'}) "
                         f"after {self.retries + 1} attempts",
                         hint="is the FHIR server running and reachable from this host? check the URL",
                     ) from exc
-                self._sleep(delay)
-                delay *= 2
-                continue
-            if response.status_code in _RETRY_STATUS and not last:
-                self._sleep(_retry_after(response, delay))
-                delay *= 2
-                continue
-            return self._json(response)
+                wait = delay
+            self._sleep(wait)
+            delay *= 2
         raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
 
-    def _json(self, response: httpx.Response) -> dict[str, Any]:
-        status = response.status_code
+    def _body(self, response: httpx.Response) -> bytes:
+        """The response's body, refused once it passes MAX_PAGE_BYTES (nothing more is read)."""
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > MAX_PAGE_BYTES:
+                raise self._refusal(
+                    SourceUnavailableError,
+                    f"the FHIR server at {self.shown} answered {response.request.url.path} with more than "
+                    f"{MAX_PAGE_BYTES >> 20} MiB",
+                    hint="a page is read whole: lower page_size= so that each is smaller",
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _json(self, response: httpx.Response, content: bytes) -> dict[str, Any]:
+        status, path = response.status_code, response.request.url.path
         if status in (401, 403):
-            raise CredentialsRefusedError(
+            raise self._refusal(
+                CredentialsRefusedError,
                 f"the FHIR server at {self.shown} refuses this site's credentials (HTTP {status})",
                 hint="check the bearer token (token_env=NAME reads it from the environment)",
             )
+        try:
+            body = json.loads(content)
+        except (ValueError, RecursionError):  # RecursionError: JSON nested past Python's stack
+            body = None
         if status >= 400:
-            raise SourceUnavailableError(
-                f"the FHIR server at {self.shown} answered {response.request.url.path} with HTTP {status}"
-                f"{_outcome(response)}",
+            raise self._refusal(
+                SourceUnavailableError,
+                f"the FHIR server at {self.shown} answered {path} with HTTP {status}"
+                f"{_outcome(body, self._scrub)}",
                 hint="check the server's URL and that it speaks FHIR R4",
             )
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
         if not isinstance(body, dict):
-            raise SourceUnavailableError(
-                f"the FHIR server at {self.shown} answered {response.request.url.path} with something "
+            raise self._refusal(
+                SourceUnavailableError,
+                f"the FHIR server at {self.shown} answered {path} with something "
                 "that is not a FHIR JSON resource",
                 hint="check the server's URL (the base URL ends before the resource type)",
             )
@@ -323,22 +353,25 @@ class FhirClient:
         statement = self.get("metadata")
         version = str(statement.get("fhirVersion", ""))
         if statement.get("resourceType") != "CapabilityStatement" or not version.startswith("4.0"):
-            raise SourceUnavailableError(
+            raise self._refusal(
+                SourceUnavailableError,
                 f"the server at {self.shown} is not a FHIR R4 server (fhirVersion {version or 'missing'})",
                 hint="fedhealth reads FHIR R4 (4.0.x)",
             )
         return statement
 
     def search(self, resource: str, params: Mapping[str, str] | None = None) -> Iterator[dict[str, Any]]:
-        """Every resource a search matches, page by page (``_count`` = the page size)."""
+        """Every resource a search matches, page by page (``_count`` = the page size), up to MAX_PAGES
+        pages; a next link back to a page already read is refused."""
         query = {"_count": str(self.page_size), **(params or {})}
         url: str | None = resource
-        first = True
+        read: set[str] = set()
         while url is not None:
-            bundle = self.get(url, query if first else None)
-            first = False
+            bundle = self.get(url, None if read else query)
+            read.add(url)
             if bundle.get("resourceType") != "Bundle":
-                raise SourceUnavailableError(
+                raise self._refusal(
+                    SourceUnavailableError,
                     f"the FHIR server at {self.shown} answered a {resource} search with a "
                     f"{bundle.get('resourceType')!r}, not a Bundle",
                     hint="check the server's URL",
@@ -349,6 +382,20 @@ class FhirClient:
                 if isinstance(item, dict) and item.get("resourceType") == resource and mode == "match":
                     yield item
             url = self._next(bundle)
+            if url is not None and url in read:
+                raise self._refusal(
+                    SourceUnavailableError,
+                    f"the FHIR server at {self.shown} sent a next link back to a page of this {resource} "
+                    "search already read",
+                    hint="the server's paging is broken: ask its administrators",
+                )
+            if url is not None and len(read) >= MAX_PAGES:
+                raise self._refusal(
+                    SourceUnavailableError,
+                    f"the FHIR server at {self.shown} sent a next link past {MAX_PAGES} pages of a "
+                    f"{resource} search",
+                    hint="raise page_size= (the server may cap it), or check the server's paging",
+                )
 
     def _next(self, bundle: Mapping[str, Any]) -> str | None:
         for link in bundle.get("link") or []:
@@ -356,7 +403,8 @@ class FhirClient:
                 target = urljoin(self.base_url, str(link["url"]))
                 if urlsplit(target)[:2] != self._origin:
                     # the bearer token goes only to the server the site named
-                    raise SourceUnavailableError(
+                    raise self._refusal(
+                        SourceUnavailableError,
                         f"the FHIR server at {self.shown} sent a next page on another origin",
                         hint="the server's public base URL must match the one in the dataset URI",
                     )
@@ -371,17 +419,17 @@ def _retry_after(response: httpx.Response, default: float) -> float:
         return default
 
 
-def _outcome(response: httpx.Response) -> str:
-    """The first OperationOutcome diagnostic, if the server sent one (local messages only)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return ""
+def _outcome(body: Any, scrub: Callable[[str], str]) -> str:
+    """The first OperationOutcome diagnostic, if the server sent one (local messages only), scrubbed before
+    it is cut short (a token cut in two would pass the scrub)."""
     if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
         for issue in body.get("issue") or []:
-            text = issue.get("diagnostics") or (issue.get("details") or {}).get("text")
+            if not isinstance(issue, dict):
+                continue
+            details = issue.get("details")
+            text = issue.get("diagnostics") or (details.get("text") if isinstance(details, dict) else None)
             if text:
-                return f": {str(text)[:200]}"
+                return f": {scrub(' '.join(str(text).split()))[:200]}"
     return ""
 
 

@@ -15,9 +15,11 @@ driver (``db.sslmode=require``); and the parameters every tabular source takes (
 column when it has none), so a row's number in a message is stable.
 
 Read-only, twice over: a query must be one ``SELECT`` (or ``WITH ... SELECT``) statement, without ``INTO``
-or row locks, checked before it is sent; and everything runs in a transaction the database itself holds
-read-only (``SET TRANSACTION READ ONLY`` on PostgreSQL and MySQL, ``PRAGMA query_only`` on SQLite), then
-rolled back. Other databases get the statement check and the rollback only.
+or row locks, checked before it is sent, and the driver runs one statement at most (psycopg sends it
+prepared; sqlite3 refuses more), so a ``COMMIT`` the check missed cannot end the transaction; and everything
+runs in a transaction the database itself holds read-only (``SET TRANSACTION READ ONLY`` on PostgreSQL and
+MySQL, ``PRAGMA query_only`` on SQLite), then rolled back. Other databases get the statement check and the
+rollback only.
 
 Errors are translated here, once: an unreachable server or a refused login is a
 :class:`SourceUnavailableError` / :class:`CredentialsRefusedError`, a missing table or column a
@@ -99,7 +101,7 @@ def database_of(uri: DatasetURI, prefix: str) -> Database:
     except ValueError:
         raise ConfigError(f"dataset URI {uri.raw!r}: the port is not a number") from None
     database = unquote(uri.path[1:]) if uri.path.startswith("/") else unquote(uri.path)
-    query = {k[len(_DRIVER_PREFIX) :]: v for k, v in uri.params.items() if k.startswith(_DRIVER_PREFIX)}
+    query = uri.prefixed(_DRIVER_PREFIX)
     if driver.startswith("postgresql") and "connect_timeout" not in query:
         query["connect_timeout"] = str(
             _CONNECT_TIMEOUT_S
@@ -120,7 +122,9 @@ def database_of(uri: DatasetURI, prefix: str) -> Database:
             f"dataset URI {uri.raw!r}: {driver!r} is not a usable SQLAlchemy database: {exc}"
         ) from exc
     shown = url.set(query={}).render_as_string(hide_password=True)  # no driver options in messages
-    return Database(url=url, shown=shown, secrets=(password,) if password else ())
+    # every secret the URI carries (a db.password= too) is scrubbed from the driver's messages, longest first
+    secrets = sorted({s for s in (password, *uri.secrets.values()) if s}, key=len, reverse=True)
+    return Database(url=url, shown=shown, secrets=tuple(secrets))
 
 
 @contextmanager
@@ -172,6 +176,11 @@ def translate_error(exc: sa.exc.DBAPIError, db: Database, where: str) -> Dataset
         return UnsafeQueryError(
             f"{where}: the query tried to write, and its read-only transaction refused ({text})"
         )
+    # the driver's refusal of several statements (psycopg's prepared query, sqlite3): see _one_statement_only
+    if "cannot insert multiple commands" in lowered or "one statement at a time" in lowered:
+        return UnsafeQueryError(
+            f"{where}: the query holds more than one statement, and the database refused it"
+        )
     if state in ("42P01", "3F000", "42703") or "no such table" in lowered or "no such column" in lowered:
         return SchemaError(f"{where}: {text}", hint="check the tables and columns the dataset names")
     if state in ("42501", "28000", "28P01") or any(words in lowered for words in _CREDENTIALS):
@@ -194,9 +203,12 @@ def translate_error(exc: sa.exc.DBAPIError, db: Database, where: str) -> Dataset
 _LITERALS = re.compile(
     r"""
       --[^\n]*                      # a line comment
-    | /\*.*?\*/                     # a block comment
-    | '(?:[^']|'')*'                # a string
-    | "(?:[^"]|"")*"                # a quoted identifier
+    | (?P<block>/\*.*?\*/)          # a block comment
+    | (?P<quoted>
+        '(?:[^']|'')*'              # a string
+      | "(?:[^"]|"")*"              # a quoted identifier (a string on MySQL)
+      | `(?:[^`]|``)*`              # a MySQL quoted identifier
+      )
     | \$(?P<tag>\w*)\$.*?\$(?P=tag)\$   # a PostgreSQL dollar-quoted string
     """,
     re.VERBOSE | re.DOTALL,
@@ -207,8 +219,9 @@ _WRITES_INSIDE = re.compile(r"\b(INTO|FOR\s+(UPDATE|SHARE|NO\s+KEY\s+UPDATE|KEY\
 def check_read_only_sql(sql: str) -> None:
     """Refuse anything but one ``SELECT`` (or ``WITH ... SELECT``) statement without ``INTO`` or row locks.
     A writing ``WITH`` (``WITH d AS (DELETE ...) SELECT``) passes this check and is stopped by the
-    read-only transaction."""
-    body = _LITERALS.sub(" ", sql).strip()
+    read-only transaction. A backslash in a quoted string or name, and a comment inside a comment, are
+    refused: databases read them differently, so they could hide a second statement from this check."""
+    body = _LITERALS.sub(_blank_literal, sql).strip()
     body = body[:-1].rstrip() if body.endswith(";") else body
     if not body:
         raise UnsafeQueryError("the dataset query is empty")
@@ -220,6 +233,21 @@ def check_read_only_sql(sql: str) -> None:
     found = _WRITES_INSIDE.search(body)
     if found:
         raise UnsafeQueryError(f"the dataset query uses {found.group(0).upper()}; a dataset query only reads")
+
+
+def _blank_literal(found: re.Match[str]) -> str:
+    # A backslash escapes a quote in PostgreSQL's E'...' and in MySQL's strings, so such a string ends
+    # elsewhere than this scanner reads it (E'\'' hides what follows); PostgreSQL's block comments nest.
+    # Either could hide a second statement: refused rather than read per dialect.
+    quoted, block = found.group("quoted"), found.group("block")
+    if quoted is not None and "\\" in quoted:
+        raise UnsafeQueryError(
+            "the dataset query has a backslash inside a quoted string or name; write it without one "
+            "(bind a value with :NAME and param.NAME=)"
+        )
+    if block is not None and "/*" in block[2:]:
+        raise UnsafeQueryError("the dataset query has a comment inside a comment; write them apart")
+    return " "
 
 
 # --- the connector ------------------------------------------------------------------------------------------
@@ -237,7 +265,7 @@ class SqlConnector(TabularConnector):
         sources = [k for k in ("table", "query", "query_file") if k in uri.params]
         if len(sources) != 1:
             raise ConfigError(f"dataset URI {uri.raw!r}: give exactly one of table=, query= or query_file=")
-        binds = {k[len(_PARAM_PREFIX) :]: v for k, v in uri.params.items() if k.startswith(_PARAM_PREFIX)}
+        binds = uri.prefixed(_PARAM_PREFIX)
         db_schema = uri.params.get("db_schema")
         if "table" in uri.params:
             if binds:
@@ -302,7 +330,21 @@ def read_sql_query(
             if conn.dialect.name != "postgresql":
                 raise ConfigError(f"{where}: db_schema= goes with table= here; name the schema in the query")
             conn.execute(sa.select(sa.func.set_config("search_path", db_schema, True)))
+        _one_statement_only(conn)
         return _frame(conn.execute(statement, binds))
+
+
+def _one_statement_only(conn: sa.Connection) -> None:
+    """Have the driver send the dataset query so that the server runs one statement at most: the second layer
+    under :func:`check_read_only_sql` (a ``COMMIT`` it missed would end the read-only transaction).
+
+    psycopg sends a query without parameters by the simple protocol, which runs every statement in it;
+    prepared (the extended protocol), the server refuses more than one. sqlite3 refuses more than one
+    itself."""
+    if conn.dialect.driver == "psycopg":
+        driver = conn.connection.driver_connection
+        assert driver is not None  # an open connection has its driver's
+        driver.prepare_threshold = 0  # every query from now on is prepared
 
 
 def _frame(result: sa.CursorResult[Any]) -> pd.DataFrame:
