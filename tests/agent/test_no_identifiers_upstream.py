@@ -489,6 +489,7 @@ TEXT_FIELDS = {
     "SiteAttestation.dataset_fingerprint": "a keyed commitment (random per-study key)",
     "SiteAttestation.consent_snapshot": "a keyed commitment (random per-study key)",
     "LogHeadInfo.hash": "the site log's chained head (docs/privacy.md: not covered)",
+    "LogHeadInfo.signature": "the site's Ed25519 signature of that head's hash: a function of the hash alone",
     "PrivacySpend.dataset": "the dataset's registered name, chosen by the steward",
     "ApprovalReport.spec_hash": "the hash of the orchestrator's own spec",
     "SiteReadiness.site": "the site's name",

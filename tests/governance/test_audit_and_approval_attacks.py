@@ -260,15 +260,6 @@ def test_an_export_truncated_below_an_anchor_given_on_the_command_line_fails(fed
 # --- a peer framing an honest log ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "DEFECT: anchored heads carry no signature of the log's writer, so a peer can record a head the "
-        "other side never attested (the orchestrator in round.committed, a site in anchor.recorded) and "
-        "`audit verify --home X --peer Y` then reports X's untouched log as 'anchor_mismatch: the log was "
-        "rewritten'; docs/governance.md presents anchor_mismatch as proof of a rewrite"
-    ),
-)
 @pytest.mark.parametrize("framed", ["site", "orchestrator"])
 def test_a_peer_cannot_make_an_honest_log_look_rewritten(federation, framed):
     fed = federation

@@ -638,7 +638,7 @@ class GovernanceGate(PassGate):
                 },
             )
         head = self.log.head()
-        ctx.attestation["audit_head"] = {"seq": head.seq, "hash": head.entry_hash}
+        ctx.attestation["audit_head"] = head.to_json()  # with the site's signature of that entry
         # Keyed commitments, never the bare hashes: those would let anyone who knows every record but one
         # test a guess about the last (governance._commitments).
         for kind, digest in (
@@ -679,7 +679,7 @@ class GovernanceGate(PassGate):
                 self.log,
                 study_id=commitment.study_id,
                 round=commitment.round,
-                orchestrator_head=LogHead(seq=head.seq, entry_hash=head.hash),
+                orchestrator_head=LogHead.from_json(head.to_head_json()),
             )
             self._anchored.add(key)
 

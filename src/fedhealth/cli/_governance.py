@@ -250,7 +250,8 @@ def open_home_log(path: Path) -> HomeLog:
 
 
 def anchors_from_peers(home: HomeLog, peers: Sequence[HomeLog]) -> tuple[list[LogHead], list[str]]:
-    """The heads of ``home``'s log its peers anchored, and a note per peer (its own chain's state).
+    """The heads of ``home``'s log its peers anchored and ``home``'s key signed, and a note per peer (its
+    own chain's state, and how many heads it holds that ``home`` never signed: those are not used).
 
     A peer whose own chain does not verify still contributes what it holds, and its note says so.
     """
@@ -266,8 +267,17 @@ def anchors_from_peers(home: HomeLog, peers: Sequence[HomeLog]) -> tuple[list[Lo
             held = orchestrator_anchors(stored.entries)
         else:
             raise FedHealthError(f"{peer.path}: a {home.kind.value} log is anchored by the other side only")
-        heads.extend(held)
-        notes.append(f"{peer.name} holds {len(held)} anchor(s) of {home.name}'s log; {state}")
+        # Only a head the home's own key signed is the home's word: a peer can write any head into its own
+        # log, and one the home never signed would frame an honest log as rewritten.
+        signed = [h for h in held if h.signed_by(home.key)]
+        heads.extend(signed)
+        unsigned = len(held) - len(signed)
+        ignored = (
+            f"; {unsigned} more not signed by {home.name}'s key, ignored (the peer's word, not {home.name}'s)"
+            if unsigned
+            else ""
+        )
+        notes.append(f"{peer.name} holds {len(signed)} anchor(s) of {home.name}'s log{ignored}; {state}")
     return heads, notes
 
 

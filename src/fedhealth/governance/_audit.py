@@ -20,7 +20,7 @@ import secrets
 import time as _time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -134,9 +134,15 @@ class LogHead:
 
     seq: int
     entry_hash: str
+    # The writer's signature of that entry (as the entry holds it): a peer that anchors a head the writer
+    # never signed cannot pass it off as the writer's (see :func:`signed_by`). None for the empty log's head.
+    signature: bytes | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "hash": self.entry_hash}
+        out: dict[str, Any] = {"seq": self.seq, "hash": self.entry_hash}
+        if self.signature is not None:
+            out["signature"] = self.signature.hex()
+        return out
 
     @classmethod
     def from_json(cls, value: Any) -> LogHead:
@@ -147,7 +153,26 @@ class LogHead:
             or not _is_hash(value.get("hash"))
         ):
             raise InputError('a log head is {"seq": int, "hash": 64 hex characters}')
+        signature = value.get("signature")
+        if signature is not None:
+            if not isinstance(signature, str) or len(signature) != 128:
+                raise InputError("a log head's signature is 128 hex characters")
+            try:
+                raw = bytes.fromhex(signature)
+            except ValueError as exc:
+                raise InputError("a log head's signature is 128 hex characters") from exc
+            return cls(seq=value["seq"], entry_hash=value["hash"], signature=raw)
         return cls(seq=value["seq"], entry_hash=value["hash"])
+
+    def signed_by(self, key: PublicIdentity) -> bool:
+        """Did ``key``'s holder sign the entry this head names (is this head its log's own)?"""
+        if self.signature is None:
+            return False
+        try:
+            key.verify(self.signature, _signing_message(self.entry_hash))
+        except CryptoError:
+            return False
+        return True
 
 
 def _is_hash(value: Any) -> bool:
@@ -210,7 +235,7 @@ class AuditEntry:
 
     @property
     def head(self) -> LogHead:
-        return LogHead(seq=self.seq, entry_hash=self.entry_hash)
+        return LogHead(seq=self.seq, entry_hash=self.entry_hash, signature=self.signature)
 
     def to_json(self) -> dict[str, Any]:
         """The entry as one JSON object (an export line)."""
@@ -638,7 +663,7 @@ def _is_retryable(exc: Exception) -> bool:
 
 # Built once: the statement objects (and SQLAlchemy's cache keys for them) are reused by every append.
 _HEAD_QUERY = (
-    select(audit_entries.c.seq, audit_entries.c.entry_hash)
+    select(audit_entries.c.seq, audit_entries.c.entry_hash, audit_entries.c.signature)
     .where(audit_entries.c.log_id == bindparam("log_id"))
     .order_by(audit_entries.c.seq.desc())
     .limit(1)
@@ -847,7 +872,9 @@ class AuditLog:
         row = conn.execute(_HEAD_QUERY, {"log_id": self._log_id}).first()
         if row is None:
             return LogHead(seq=0, entry_hash=GENESIS_HASH)
-        return LogHead(seq=int(row.seq), entry_hash=str(row.entry_hash))
+        return LogHead(
+            seq=int(row.seq), entry_hash=str(row.entry_hash), signature=bytes.fromhex(row.signature)
+        )
 
     def _make_entry(
         self, head: LogHead, event: AuditEventType, payload: Mapping[str, Any], actor: str

@@ -174,14 +174,15 @@ class GovernanceObserver(NullObserver):
         c = _ENTRIES.c
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(c.seq, c.type, c.payload, c.entry_hash)
+                select(c.seq, c.type, c.payload, c.entry_hash, c.signature)
                 .where((c.log_id == self.log.log_id) & (c.seq > self._seen_seq) & c.type.in_(_WATCHED))
                 .order_by(c.seq)
             ).all()
-        for seq, kind, text, digest in rows:
+        for seq, kind, text, digest, signature in rows:
             self._seen_seq = max(self._seen_seq, int(seq))
             try:
-                self._learn(LogHead(seq=int(seq), entry_hash=str(digest)), str(kind), json.loads(text))
+                head = LogHead(seq=int(seq), entry_hash=str(digest), signature=bytes.fromhex(signature))
+                self._learn(head, str(kind), json.loads(text))
             except (ValueError, KeyError, TypeError, FedHealthError):
                 log.warning("audit entry %s (%s) could not be read back; skipped", seq, kind)
 
@@ -199,7 +200,7 @@ class GovernanceObserver(NullObserver):
                 study_id=payload["study_id"],
                 round=payload["round"],
                 model_digest=payload.get("model_digest"),
-                orchestrator_head=LogHeadInfo(seq=head.seq, hash=head.entry_hash),
+                orchestrator_head=LogHeadInfo.of(head),
             )
             for site in payload.get("site_heads", {}):
                 self._commitments.setdefault(site, deque(maxlen=COMMITMENTS_PER_TASK)).append(commitment)
@@ -345,7 +346,7 @@ class GovernanceObserver(NullObserver):
         if round_row.kind is TaskKind.EVALUATE:
             self._record_metrics(round_row, tasks)
         heads = {
-            t.site: LogHead(seq=t.attestation.audit_head.seq, entry_hash=t.attestation.audit_head.hash)
+            t.site: LogHead.from_json(t.attestation.audit_head.to_head_json())
             for t in tasks
             if t.attestation is not None and t.attestation.audit_head is not None
         }

@@ -485,10 +485,25 @@ class StudyInfo(Message):
 
 
 class LogHeadInfo(Message):
-    """The head of a hash-chained audit log: its last sequence number and entry hash."""
+    """The head of a hash-chained audit log: its last sequence number and entry hash, and its writer's
+    signature of that entry (so a peer that anchors it can show the writer stated it)."""
 
     seq: int = Field(ge=0)
     hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")] | None = None
+
+    @classmethod
+    def of(cls, head: Any) -> LogHeadInfo:
+        """From a governance ``LogHead`` (protocol does not import governance)."""
+        signature = head.signature.hex() if head.signature is not None else None
+        return cls(seq=head.seq, hash=head.entry_hash, signature=signature)
+
+    def to_head_json(self) -> dict[str, Any]:
+        """The JSON of the governance ``LogHead`` it names (``LogHead.from_json`` reads it)."""
+        out: dict[str, Any] = {"seq": self.seq, "hash": self.hash}
+        if self.signature is not None:
+            out["signature"] = self.signature
+        return out
 
 
 class RoundCommitment(Message):
