@@ -124,6 +124,9 @@ def test_sqlite_runs_one_statement_even_if_the_statement_check_missed_a_second(t
         "SELECT 'it''s' AS a; DELETE FROM victim",
         "SELECT $q$;$q$ AS a; DELETE FROM victim",
         "SELECT 1 -- comment\n; DELETE FROM victim",
+        "SELECT 1 --1; COMMIT; DELETE FROM victim",  # MySQL: 1 - -1, then two more statements
+        "SELECT 1 /*!; COMMIT; DELETE FROM victim */",  # MySQL runs a /*! comment's text
+        "SELECT 1 # comment\n, 2",  # MySQL: a comment; refused rather than read per dialect
         "SELECT * INTO copy FROM victim",
         "SELECT * FROM victim FOR UPDATE",
         "COMMIT",

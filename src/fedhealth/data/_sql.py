@@ -202,7 +202,7 @@ def translate_error(exc: sa.exc.DBAPIError, db: Database, where: str) -> Dataset
 
 _LITERALS = re.compile(
     r"""
-      --[^\n]*                      # a line comment
+      (?P<line>--[^\n]*)            # a line comment
     | (?P<block>/\*.*?\*/)          # a block comment
     | (?P<quoted>
         '(?:[^']|'')*'              # a string
@@ -227,6 +227,10 @@ def check_read_only_sql(sql: str) -> None:
         raise UnsafeQueryError("the dataset query is empty")
     if ";" in body:
         raise UnsafeQueryError("the dataset query holds more than one statement")
+    if "#" in body:  # a comment to the end of the line on MySQL: it could hide what this check reads
+        raise UnsafeQueryError(
+            'the dataset query has "#" outside quotes (a comment on MySQL); write it without'
+        )
     first = body.split(None, 1)[0].upper()
     if first not in ("SELECT", "WITH"):
         raise UnsafeQueryError(f"the dataset query is a {first} statement; only SELECT is run")
@@ -239,7 +243,7 @@ def _blank_literal(found: re.Match[str]) -> str:
     # A backslash escapes a quote in PostgreSQL's E'...' and in MySQL's strings, so such a string ends
     # elsewhere than this scanner reads it (E'\'' hides what follows); PostgreSQL's block comments nest.
     # Either could hide a second statement: refused rather than read per dialect.
-    quoted, block = found.group("quoted"), found.group("block")
+    quoted, block, line = found.group("quoted"), found.group("block"), found.group("line")
     if quoted is not None and "\\" in quoted:
         raise UnsafeQueryError(
             "the dataset query has a backslash inside a quoted string or name; write it without one "
@@ -247,6 +251,14 @@ def _blank_literal(found: re.Match[str]) -> str:
         )
     if block is not None and "/*" in block[2:]:
         raise UnsafeQueryError("the dataset query has a comment inside a comment; write them apart")
+    # MySQL runs a /*! ... */ comment's text, and reads "--" as a comment only before a space (--1 is minus
+    # minus one): either would run text this check took for a comment
+    if block is not None and block.startswith("/*!"):
+        raise UnsafeQueryError("the dataset query has a /*! comment, which MySQL runs; write it without")
+    if line is not None and line[2:3] not in ("", " ", "\t", "\r"):
+        raise UnsafeQueryError(
+            'the dataset query has "--" without a space after it; write "-- " for a comment'
+        )
     return " "
 
 
