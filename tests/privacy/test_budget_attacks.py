@@ -254,12 +254,6 @@ def test_a_training_study_on_a_dataset_whose_budget_delta_is_at_least_one_over_n
     assert refused.value.code == "invalid_privacy"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: PrivacyGate.prepare_data checks delta against 1/n only when spec.privacy is set; a "
-    "noisy stats session (noise in recipe.params) runs on a dataset whose budget delta, or whose own "
-    "recipe delta, is at or above 1/n",
-)
 @pytest.mark.parametrize(
     ("budget_delta", "params"),
     [

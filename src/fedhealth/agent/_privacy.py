@@ -241,10 +241,17 @@ class PrivacyGate(PassGate):
         self._untouched.pop(ctx.task.task_id, None)  # the data is read from here on
         notes: _TaskNotes | None = ctx.state.get(STATE_KEY)
         privacy = ctx.task.spec.privacy
-        if notes is not None and privacy is not None and dataset.num_train > 0:
+        if notes is not None and dataset.num_train > 0:
             # A delta of 1/n or more allows publishing one patient's record outright: no guarantee at all.
-            # Refused here, before anything is computed on the rows (the reservation is released).
-            deltas = {"the study's": privacy.delta}
+            # Refused here, before anything is computed on the rows (the reservation is released). Whatever
+            # the release: a training study's DP, or a collective session's own noise (a noisy statistics
+            # session states its delta in its recipe's params).
+            deltas: dict[str, float] = {}
+            if privacy is not None:
+                deltas["the study's"] = privacy.delta
+            session_delta = ctx.task.spec.recipe.params.get("delta")
+            if ctx.task.kind is TaskKind.COLLECTIVE and isinstance(session_delta, int | float):
+                deltas["the session's"] = float(session_delta)
             if notes.reservation is not None:
                 deltas["the site's budget"] = self.ledger.budget(ctx.task.dataset).delta
             for whose, delta in deltas.items():
