@@ -395,12 +395,6 @@ def test_a_noise_multiplier_so_small_it_breaks_the_accountant_is_never_trained_o
     assert ledger_at(db).statement(DATASET).studies == ()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: a spec within its own limits (sample_rate 1e-6, steps_per_round 1e6, rounds 1e5, "
-    "sigma 1) makes one PLD accounting of the whole study run for minutes (over 150 CPU seconds); the "
-    "RDP screen in fedhealth.privacy._accounting only short-cuts epsilons above 100, and this one is small",
-)
 def test_the_largest_study_a_spec_allows_is_accounted_quickly_by_the_site(db):
     """_accounting.py: "a study spec could stall or kill a site agent. The PLD path therefore first computes
     a cheap RDP upper bound". A study at the spec's limits (1e6 steps per round, 1e5 rounds: 1e11 steps) at
