@@ -75,13 +75,6 @@ def test_a_labels_row_naming_a_file_outside_the_folder_is_refused(tmp_path, sche
     assert "patient-9" not in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: _images._label_rows confines a row's file to the folder lexically only (no '..', not "
-    "absolute); a symbolic link inside the folder is followed, so an image outside the folder is read into "
-    "the dataset (docs/imaging.md: 'file (relative to the folder, subfolders allowed)'; the code's own "
-    "refusal: 'the file must be a path inside the folder')",
-)
 def test_a_symbolic_link_out_of_the_folder_is_refused(tmp_path):
     secret = outside_image(tmp_path)
     folder = tmp_path / "data"
@@ -108,14 +101,6 @@ def _png_header_only(width: int, height: int) -> bytes:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: _images.read_picture does not catch PIL.Image.DecompressionBombError (an Exception, not "
-    "an OSError/ValueError), so an image claiming 900 million pixels escapes the per-file check as a raw "
-    "PIL error (not the SchemaError naming the file; a task reports internal_error, not dataset_invalid) "
-    "(docs/imaging.md, Errors: 'Every file is checked before any is used ... one line naming "
-    "each file')",
-)
 def test_a_decompression_bomb_is_a_problem_named_by_its_file(tmp_path):
     folder = tmp_path / "xray"
     rows = png_folder(folder)

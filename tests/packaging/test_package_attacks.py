@@ -114,13 +114,6 @@ def test_the_untouched_package_loads_and_predicts(good):
 # --- the model the package names, and what else it ships ----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: load_package checks model.onnx only against the digest in metadata.json, which the "
-    "editor recomputes; nothing ties the ONNX graph to model.safetensors (the model digest), so a package "
-    "whose model_digest and spec_hash match the orchestrator's provenance can ship a different ONNX model "
-    "(docs/model-packages.md: model.onnx is 'the same model'; load_model 'verifies the package first')",
-)
 def test_an_onnx_file_of_another_model_is_refused_even_with_the_digests_recomputed(good, tmp_path):
     other = write_logreg(tmp_path / "other", weight=-3.0)
     path = copy_of(good, tmp_path)
@@ -278,13 +271,6 @@ class FifoWriter:
         self._thread.join(timeout=30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: load_package reads every listed file (and metadata.json, whose 64 MiB cap trusts "
-    "stat's size, 0 for a pipe or a device) with read_bytes without checking it is a regular file or "
-    "bounding the read, so a package holding a FIFO or a symlink to /dev/zero or /dev/urandom makes "
-    "load_model read without end instead of refusing in one line",
-)
 @pytest.mark.parametrize("name", ["metadata.json", "model.safetensors"])
 def test_a_package_file_that_is_a_pipe_is_refused_without_being_read(good, tmp_path, name):
     path = copy_of(good, tmp_path)
@@ -380,13 +366,6 @@ def test_the_untouched_boosting_packages_load_in_a_child_process(boosting_packag
         assert done.returncode == 3, done.stdout + done.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: LightGBM parses the model text of result.json inside load_package unchecked: a garbled "
-    "text escapes as lightgbm.basic.LightGBMError (not PackageError), and a truncated one crashes the "
-    "process with a segmentation fault (docs/model-packages.md: load_model raises PackageError with the "
-    "reason)",
-)
 @pytest.mark.parametrize(
     "edit",
     [lambda text: "tree\nversion=v4\n", lambda text: text[: len(text) // 2]],

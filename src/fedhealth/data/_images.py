@@ -23,6 +23,7 @@ Pillow and pydicom are imported only when a folder is read (the ``imaging`` extr
 from __future__ import annotations
 
 import csv
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote
@@ -74,7 +75,12 @@ def read_picture(path: Path, channels: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        # an image claiming more pixels than Pillow's MAX_IMAGE_PIXELS (a decompression bomb) is a problem of
+        # this file like any other: Pillow's warning and its error alike
+        with (
+            warnings.catch_warnings(action="error", category=Image.DecompressionBombWarning),
+            Image.open(path) as img,
+        ):
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 grey = np.asarray(img, dtype=np.float64)
@@ -87,6 +93,8 @@ def read_picture(path: Path, channels: int) -> np.ndarray:
                 planes = np.moveaxis(np.asarray(img.convert("RGB"), dtype=np.float64), -1, 0) / 255.0
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageProblem(f"not a readable image ({type(exc).__name__})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageProblem("more pixels than Pillow reads safely (a decompression bomb)") from None
     return planes
 
 
@@ -117,6 +125,7 @@ def _label_rows(
     if len(rows) > MAX_IMAGES:
         raise SchemaError(f"labels file {labels_csv.name}: more than {MAX_IMAGES} rows")
     out: list[tuple[str, str, int]] = []
+    inside = folder.resolve()
     seen_ids: set[str] = set()
     seen_files: set[str] = set()
     for line, row in enumerate(rows, start=2):
@@ -129,6 +138,13 @@ def _label_rows(
             continue
         if Path(name).is_absolute() or ".." in Path(name).parts:
             problems.append(f"{where}: the file must be a path inside the folder")
+            continue
+        try:
+            outside = not (folder / name).resolve().is_relative_to(inside)  # a symbolic link out of it
+        except (OSError, RuntimeError):  # a loop of links
+            outside = True
+        if outside:
+            problems.append(f"{where}: the file must be a path inside the folder (a link leads out of it)")
             continue
         if name in seen_files:
             problems.append(f"{where}: listed twice")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -380,6 +381,164 @@ def reference_dataset(binning: Binning) -> Any:
     return lgb.Dataset(data, params=dict(DATASET_PARAMS), free_raw_data=False).construct()
 
 
+# --- the model text a released result holds --------------------------------------------------------------
+
+# LightGBM 4.7.0 parses a model text trusting it: ``tree_sizes`` are byte offsets it reads trees at (in
+# parallel) and a ``[name: value]`` parameter line is split without a check, so a truncated or edited text
+# crashes the process (a segmentation fault), not an error. A text from a result (an orchestrator's, a
+# package's) is checked line by line against the layout LightGBM itself writes before LightGBM sees it.
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_INT = r"-?\d{1,9}"
+_HEADER = (
+    ("version", r"v4"),
+    ("num_class", r"\d{1,3}"),
+    ("num_tree_per_iteration", r"\d{1,3}"),
+    ("label_index", r"\d{1,9}"),
+    ("max_feature_idx", r"\d{1,6}"),
+    ("objective", r"[a-z_]+(?: [a-z_]+:" + _NUMBER + r")*"),
+    ("feature_names", r"[A-Za-z0-9_]+(?: [A-Za-z0-9_]+)*"),
+    ("monotone_constraints", r"-?[01](?: -?[01])*"),  # only when the study sets monotone constraints
+    ("feature_infos", r"(?:none|\[-?\d+:-?\d+\])(?: (?:none|\[-?\d+:-?\d+\]))*"),
+    ("tree_sizes", r"\d{1,12}(?: \d{1,12})*"),
+)
+_TREE_KEYS = (
+    "num_leaves",
+    "num_cat",
+    "split_feature",
+    "split_gain",
+    "threshold",
+    "decision_type",
+    "left_child",
+    "right_child",
+    "leaf_value",
+    "leaf_weight",
+    "leaf_count",
+    "internal_value",
+    "internal_weight",
+    "internal_count",
+    "is_linear",
+    "shrinkage",
+)
+_INTEGER_KEYS = frozenset(
+    {"num_leaves", "num_cat", "split_feature", "decision_type", "left_child", "right_child", "leaf_count"}
+    | {"internal_count", "is_linear"}
+)
+_PARAMETER_LINE = re.compile(r"\[[a-z][a-z0-9_]*: [^\[\]\"\\]*\]")
+_IMPORTANCE_LINE = re.compile(r"[A-Za-z0-9_]+=\d{1,12}")
+
+
+class ModelTextError(ValueError):
+    """A LightGBM model text that is not laid out as LightGBM 4.7.0 writes a model of this recipe."""
+
+
+def check_model_text(text: str) -> None:
+    """Refuse (:class:`ModelTextError`, one line) a model text LightGBM must not be given: anything but the
+    header, the numeric trees (every array as long as ``num_leaves`` says, every child and feature index in
+    range, ``tree_sizes`` the trees' exact lengths), ``end of trees`` and the feature importance, parameter
+    and pandas sections, each line as LightGBM writes it."""
+    if not text.isascii() or any(c < " " and c != "\n" for c in text):
+        raise ModelTextError("the model text holds characters LightGBM does not write")
+    lines = text.split("\n")
+    if lines[0] != "tree":
+        raise ModelTextError("the model text does not start with LightGBM's header")
+    at = 1
+    header: dict[str, str] = {}
+    for key, pattern in _HEADER:
+        line = lines[at] if at < len(lines) else ""
+        if key == "monotone_constraints" and not line.startswith(f"{key}="):
+            continue
+        if not line.startswith(f"{key}=") or not re.fullmatch(pattern, line[len(key) + 1 :]):
+            raise ModelTextError(f"the model text's header line {at + 1} is not a valid {key}")
+        header[key] = line[len(key) + 1 :]
+        at += 1
+    n_features = int(header["max_feature_idx"]) + 1
+    per_iteration = int(header["num_tree_per_iteration"])
+    if per_iteration != int(header["num_class"]) or per_iteration < 1:
+        raise ModelTextError("the model text's num_class and num_tree_per_iteration disagree")
+    for key in ("feature_names", "feature_infos", "monotone_constraints"):
+        if key in header and len(header[key].split(" ")) != n_features:
+            raise ModelTextError(f"the model text's {key} do not number max_feature_idx + 1")
+    sizes = [int(s) for s in header["tree_sizes"].split(" ")]
+    if len(sizes) % per_iteration:
+        raise ModelTextError("the model text's trees are not whole iterations")
+    if lines[at : at + 1] != [""]:
+        raise ModelTextError(f"the model text's header does not end at line {at + 1}")
+    at += 1
+    for index, size in enumerate(sizes):
+        start = at
+        at = _check_tree(lines, at, index, n_features)
+        length = sum(len(line) + 1 for line in lines[start:at])
+        if length != size:
+            raise ModelTextError(f"the model text's tree_sizes do not match tree {index}")
+    if lines[at : at + 2] != ["end of trees", ""]:
+        raise ModelTextError("the model text has more trees than its tree_sizes, or no end of trees")
+    at += 2
+    _check_tail(lines, at)
+
+
+def _check_tree(lines: list[str], at: int, index: int, n_features: int) -> int:
+    """The line after tree ``index``, which starts at ``lines[at]``."""
+    where = f"the model text's tree {index}"
+    if lines[at : at + 1] != [f"Tree={index}"]:
+        raise ModelTextError(f"{where} is missing")
+    values: dict[str, list[str]] = {}
+    for key in _TREE_KEYS:
+        at += 1
+        line = lines[at] if at < len(lines) else ""
+        if not line.startswith(f"{key}="):
+            raise ModelTextError(f"{where} has no {key} where LightGBM writes it")
+        values[key] = line[len(key) + 1 :].split(" ") if line[len(key) + 1 :] else []
+    at += 1
+    if lines[at : at + 2] != ["", ""]:
+        raise ModelTextError(f"{where} does not end after its shrinkage")
+    for key, items in values.items():
+        pattern = _INT if key in _INTEGER_KEYS else _NUMBER
+        if not all(re.fullmatch(pattern, v) for v in items):
+            raise ModelTextError(f"{where}'s {key} holds something other than numbers")
+    single = [int(v) for v in values["num_leaves"]]
+    if len(single) != 1 or not 1 <= single[0] <= 131072:
+        raise ModelTextError(f"{where} has no valid num_leaves")
+    leaves = single[0]
+    if values["num_cat"] != ["0"] or values["is_linear"] != ["0"] or len(values["shrinkage"]) != 1:
+        raise ModelTextError(f"{where} is not a numeric tree (categorical or linear)")
+    for key in _TREE_KEYS[2:]:
+        if key in ("is_linear", "shrinkage"):
+            continue
+        want = leaves if key.startswith("leaf_") else leaves - 1
+        got = len(values[key])
+        if got != want and not (leaves == 1 and key == "leaf_weight" and got == 0):
+            raise ModelTextError(f"{where} has {got} {key} for {leaves} leaves")
+    if any(not 0 <= int(f) < n_features for f in values["split_feature"]):
+        raise ModelTextError(f"{where} splits on a feature the model does not have")
+    if any(int(d) not in (0, 2, 4, 6, 8, 10) for d in values["decision_type"]):
+        raise ModelTextError(f"{where} has a decision type LightGBM does not write for a numeric split")
+    children = [int(c) for c in values["left_child"] + values["right_child"]]
+    # each leaf (~c) and each node but the root (c > 0) is a child exactly once: a tree, not a cycle
+    if sorted(children) != [*range(-leaves, 0), *range(1, leaves - 1)]:
+        raise ModelTextError(f"{where}'s children do not form a tree")
+    return at + 2
+
+
+def _check_tail(lines: list[str], at: int) -> None:
+    """The sections after ``end of trees`` LightGBM writes, each optional, in order."""
+    if lines[at : at + 1] == ["feature_importances:"]:
+        at += 1
+        while at < len(lines) and _IMPORTANCE_LINE.fullmatch(lines[at]):
+            at += 1
+        if lines[at : at + 1] != [""]:
+            raise ModelTextError("the model text's feature importances are not as LightGBM writes them")
+        at += 1
+    if lines[at : at + 1] == ["parameters:"]:
+        at += 1
+        while at < len(lines) and _PARAMETER_LINE.fullmatch(lines[at]):
+            at += 1
+        if lines[at : at + 3] != ["", "end of parameters", ""]:
+            raise ModelTextError("the model text's parameters are not as LightGBM writes them")
+        at += 3
+    if lines[at:] not in (["pandas_categorical:null", ""], [""], []):
+        raise ModelTextError("the model text goes on past its last section")
+
+
 # --- the model -------------------------------------------------------------------------------------------
 
 
@@ -408,8 +567,11 @@ class LightGbmModel:
 
     @classmethod
     def from_result(cls, result: Mapping[str, Any]) -> LightGbmModel:
-        """The model in a study's result (what ``finish`` returned)."""
-        return cls(model_text=str(result["model"]), binning=Binning.from_json(result["binning"]))
+        """The model in a study's result (what ``finish`` returned); :class:`ModelTextError` for a model
+        text LightGBM must not parse."""
+        text = str(result["model"])
+        check_model_text(text)
+        return cls(model_text=text, binning=Binning.from_json(result["binning"]))
 
 
 def train_pooled(params: LightGbmParams, datasets: Sequence[TabularDataset]) -> LightGbmModel:
@@ -840,7 +1002,9 @@ def model_from_export(export: ModelExport) -> LightGbmModel:
         grid_cells=int(export.metadata["grid_cells"]),  # type: ignore[arg-type]
         starts=starts,
     )
-    return LightGbmModel(model_text=bytes(t["model"]).decode(), binning=binning)
+    text = bytes(t["model"]).decode()
+    check_model_text(text)
+    return LightGbmModel(model_text=text, binning=binning)
 
 
 LIGHTGBM_RECIPE = LightGbmRecipe()

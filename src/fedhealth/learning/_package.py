@@ -17,18 +17,23 @@ its package holds instead::
 ``metadata.json`` holds the recipe's export metadata under ``model`` (feature names in input order,
 preprocessing, label meaning), where the model came from (study, spec hash, the whole study spec, model
 digest, provenance, privacy guarantee), and ``files`` (name → sha256). :func:`load_package` checks all of it
-before anything is predicted: each file's digest, the weights' digest against the model digest, the spec's
-hash, and that the recipe, given the spec's params and the weights, exports exactly the ``model`` section
-recorded (so an edited mean, scale or feature order is refused, not applied). ``package_digest`` covers the
-rest of the metadata. These checks catch corruption and edits; authenticity is the model digest and spec
-hash matching what the orchestrator's provenance (``fedhealth provenance show DIGEST``) and each site's
-approval record say.
+before anything is predicted: each file's digest (every file a regular one, read with a bound), the weights'
+digest against the model digest, the spec's hash, that the recipe, given the spec's params and the weights,
+exports exactly the ``model`` section recorded (so an edited mean, scale or feature order is refused, not
+applied), and that ``model.onnx`` is the file the recipe builds from those weights. ``package_digest``
+covers the rest of the metadata (``privacy`` and ``provenance`` included: whoever edits a package can
+recompute it). These checks catch corruption and edits; authenticity is the model digest and spec hash
+matching what the orchestrator's provenance (``fedhealth provenance show DIGEST``) and each site's approval
+record say.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +50,7 @@ from fedhealth.core import (
     write_private_file,
 )
 from fedhealth.data import category_text
+from fedhealth.learning._boosting import first_line
 from fedhealth.learning._errors import RecipeError
 from fedhealth.learning._preprocessing import StandardizeMode
 from fedhealth.learning._recipe import ModelExport
@@ -58,6 +64,7 @@ ONNX_FILE = "model.onnx"
 _PACKAGE_FILES = (METADATA_FILE, WEIGHTS_FILE, ONNX_FILE)
 _NATIVE_FILE = re.compile(r"^model\.[a-z0-9]{1,8}$")  # a library's own model file: model.txt, model.json
 _MAX_METADATA_BYTES = 64 * 1024 * 1024
+_MAX_FILE_BYTES = 4 << 30  # any other package file (docs/model-packages.md, "What loading checks")
 
 
 class PackageError(InputError):
@@ -338,12 +345,7 @@ def load_package(path: Path | str) -> ModelPackage:
         native = weights_file == RESULT_FILE and bool(_NATIVE_FILE.match(name)) and name != ONNX_FILE
         if (name not in _PACKAGE_FILES and name != RESULT_FILE and not native) or name == METADATA_FILE:
             raise PackageError(f"{folder}: metadata lists an unexpected file {name!r}")
-        try:
-            blob = (folder / name).read_bytes()
-        except FileNotFoundError:
-            raise PackageError(f"{folder}: {name} is missing") from None
-        except OSError as exc:
-            raise PackageError(f"{folder}: {name} cannot be read ({exc.strerror or exc})") from exc
+        blob = _read_file(folder, name, _MAX_FILE_BYTES)
         if sha256_hex(blob) != digest:
             raise PackageError(f"{folder}: {name} was modified (its sha256 differs from the metadata's)")
         blobs[name] = blob
@@ -374,18 +376,66 @@ def load_package(path: Path | str) -> ModelPackage:
         raise PackageError(f"{folder}: recipe {spec['recipe'].get('name')!r} gives no way to predict")
     if metadata["model"].get("feature_names") is None:
         raise PackageError(f"{folder}: the study named no features, so no table can be fed to this model")
+    if ONNX_FILE in blobs:
+        _check_onnx(folder, export, blobs[ONNX_FILE])
     return ModelPackage(path=folder, metadata=metadata, export=export)
 
 
-def _read_metadata(folder: Path) -> dict[str, Any]:
-    file = folder / METADATA_FILE
+def _check_onnx(folder: Path, export: ModelExport, onnx: bytes) -> None:
+    """``model.onnx`` must be the file the recipe builds from the verified model: its digest in
+    ``files`` is only as good as the metadata, which whoever edits a package recomputes. The recipes build
+    it deterministically (the boosting ones run it against the model as they build it)."""
+    if export.onnx is None:
+        raise PackageError(
+            f"{folder}: the package has a {ONNX_FILE} but its recipe builds none for this model"
+        )
     try:
-        if file.stat().st_size > _MAX_METADATA_BYTES:
-            raise PackageError(f"{folder}: {METADATA_FILE} is too large")
-        metadata = json.loads(file.read_bytes())
+        rebuilt = export.onnx()
+    except Exception as exc:  # onnx, onnxmltools or onnxruntime missing or failing: the file is unverified
+        raise PackageError(
+            f"{folder}: {ONNX_FILE} cannot be checked against the model ({first_line(exc)}); install "
+            "fedhealth[onnx] to load this package"
+        ) from exc
+    if rebuilt != onnx:
+        raise PackageError(
+            f"{folder}: {ONNX_FILE} is not the model the package holds (a different ONNX graph)"
+        )
+
+
+def _read_file(folder: Path, name: str, limit: int) -> bytes:
+    """A package file's bytes, if it is a regular file (not a link, a pipe or a device, which could be
+    read without end) of at most ``limit`` bytes."""
+    file = folder / name
+    try:
+        if stat.S_ISLNK(file.lstat().st_mode):
+            raise PackageError(f"{folder}: {name} is a symbolic link, not a file of the package")
+        # O_NOFOLLOW: a link swapped in after lstat is not followed; O_NONBLOCK: a pipe does not block open
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise PackageError(f"{folder}: no {METADATA_FILE}; not a fedhealth model package") from None
-    except (OSError, ValueError) as exc:
+        raise PackageError(f"{folder}: {name} is missing") from None
+    except OSError as exc:
+        raise PackageError(f"{folder}: {name} cannot be read ({exc.strerror or exc})") from exc
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise PackageError(f"{folder}: {name} is not a regular file (a pipe, device or folder)")
+        if info.st_size > limit:
+            raise PackageError(f"{folder}: {name} is too large (over {limit >> 20} MiB)")
+        try:
+            blob = handle.read(limit + 1)
+        except OSError as exc:
+            raise PackageError(f"{folder}: {name} cannot be read ({exc.strerror or exc})") from exc
+    if len(blob) > limit:
+        raise PackageError(f"{folder}: {name} is too large (over {limit >> 20} MiB)")
+    return blob
+
+
+def _read_metadata(folder: Path) -> dict[str, Any]:
+    if not (folder / METADATA_FILE).exists() and not (folder / METADATA_FILE).is_symlink():
+        raise PackageError(f"{folder}: no {METADATA_FILE}; not a fedhealth model package")
+    try:
+        metadata = json.loads(_read_file(folder, METADATA_FILE, _MAX_METADATA_BYTES))
+    except ValueError as exc:
         raise PackageError(f"{folder}: {METADATA_FILE} cannot be read as JSON ({exc})") from exc
     if not isinstance(metadata, dict) or metadata.get("format") != PACKAGE_FORMAT:
         raise PackageError(f"{folder}: not a {PACKAGE_FORMAT} package")
@@ -410,8 +460,21 @@ def _reexport_result(folder: Path, spec: Mapping[str, Any], released: bytes) -> 
         return resolved.export_result(result)
     except RecipeError as exc:
         raise PackageError(f"{folder}: the study's recipe cannot be used here ({exc})") from exc
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PackageError(f"{folder}: {RESULT_FILE} does not fit the study's recipe ({exc})") from exc
+    except (KeyError, TypeError, ValueError, *_library_errors()) as exc:
+        raise PackageError(
+            f"{folder}: {RESULT_FILE} does not fit the study's recipe ({first_line(exc)})"
+        ) from exc
+
+
+def _library_errors() -> tuple[type[Exception], ...]:
+    """The boosting libraries' own errors (a model they cannot read), from those this process imported:
+    evaluated when an error is being handled, so after the library that raised it was imported."""
+    found: list[type[Exception]] = []
+    for module, name in (("lightgbm.basic", "LightGBMError"), ("xgboost.core", "XGBoostError")):
+        error = getattr(sys.modules.get(module), name, None)
+        if isinstance(error, type) and issubclass(error, Exception):
+            found.append(error)
+    return tuple(found)
 
 
 def _reexport(
