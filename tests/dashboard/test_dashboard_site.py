@@ -142,7 +142,7 @@ def test_a_decision_without_its_csrf_token_is_refused_and_recorded_nowhere(stewa
         page = browser.new_page()
         page.goto(ui["login_url"])
         page.locator(f"#pending tr[data-spec='{study.spec_hash}'] a").click()
-        page.locator("input[name=csrf_token]").evaluate("input => input.remove()")
+        page.locator("#decision input[name=csrf_token]").evaluate("input => input.remove()")
         page.fill("#reason", "looks fine")
         page.click("#approve")
         page.wait_for_selector("#error")

@@ -35,6 +35,8 @@ from fedhealth.governance import (
 )
 from support import breast_spec
 
+LOCAL = "http://127.0.0.1:8765"  # the site dashboard answers only a loopback Host with its own port
+
 PURPOSE = "HRESCH"
 
 
@@ -56,7 +58,7 @@ def clock() -> ManualClock:
 def ui(home: SiteHome, clock: ManualClock) -> Iterator[tuple[TestClient, QualityCache]]:
     cache = QualityCache(clock=clock)
     app = site_dashboard_app(home, token="sign-in", steward="dana", quality=cache)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         # not followed: the approvals page would try the (absent) orchestrator
         assert client.get("/login?token=sign-in", follow_redirects=False).status_code == 303
         yield client, cache

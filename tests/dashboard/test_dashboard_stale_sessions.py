@@ -38,6 +38,8 @@ from fedhealth.orchestrator import OrchestratorSettings, Services, create_app, d
 from fedhealth.orchestrator._db import users
 from fedhealth.protocol import Role
 
+LOCAL = "http://127.0.0.1:8765"  # the site dashboard answers only a loopback Host with its own port
+
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
 
@@ -180,7 +182,7 @@ def home(tmp_path: Path) -> SiteHome:
 
 def test_the_site_dashboards_sign_in_link_opens_one_session_only(home):
     app = site_dashboard_app(home, token="the-link", steward="dana")
-    with TestClient(app) as steward, TestClient(app) as intruder:
+    with TestClient(app, base_url=LOCAL) as steward, TestClient(app, base_url=LOCAL) as intruder:
         assert steward.get("/login?token=the-link", follow_redirects=False).status_code == 303
         assert steward.get("/overview").status_code == 200
         # the same link again, from the terminal's scrollback or a shell history, opens nothing
@@ -196,16 +198,16 @@ def test_a_site_dashboard_session_or_csrf_token_of_an_earlier_process_opens_noth
     with SiteGovernance(home) as governance:
         governance.consent().withdraw("patient-0", "research")  # so the overview has a form to post
     first = site_dashboard_app(home, token="first", steward="dana")
-    with TestClient(first) as client:
+    with TestClient(first, base_url=LOCAL) as client:
         client.get("/login?token=first", follow_redirects=False)
         old_cookie = dict(client.cookies)
         old_csrf = csrf_of(client.get("/overview").text)
     second = site_dashboard_app(home, token="second", steward="dana")  # the dashboard restarted
-    with TestClient(second, cookies=old_cookie) as stale:
+    with TestClient(second, base_url=LOCAL, cookies=old_cookie) as stale:
         assert stale.get("/overview").status_code == 401
         refused = stale.post("/overview/withdrawals", data={"csrf_token": old_csrf}, follow_redirects=False)
         assert refused.status_code == 401
-    with TestClient(second) as client:
+    with TestClient(second, base_url=LOCAL) as client:
         client.get("/login?token=second", follow_redirects=False)
         assert client.get("/overview").status_code == 200
         refused = client.post("/overview/withdrawals", data={"csrf_token": old_csrf}, follow_redirects=False)

@@ -47,6 +47,8 @@ XSS_SVG = "<svg onload=alert(3)>"
 RAW = ("<img src=x onerror", "<script>alert", "<svg onload")
 PATIENT = "MRN-90210-SECRET"
 TOKEN = "the-one-time-token"
+LOCAL = "http://127.0.0.1:8765"  # the dashboard answers only a loopback Host with its own port
+COOKIE = f"{SITE_COOKIE}_8765"  # named per port
 
 
 @pytest.fixture
@@ -67,7 +69,7 @@ def no_orchestrator(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def steward(home: SiteHome, no_orchestrator: None) -> Iterator[TestClient]:
     app = site_dashboard_app(home, token=TOKEN, steward="dana")
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         assert client.get(f"/login?token={TOKEN}", follow_redirects=False).status_code == 303
         yield client
 
@@ -138,7 +140,7 @@ def test_every_site_page_and_error_forbids_inline_script_and_framing(steward, ho
     forged = steward.post(f"/approvals/{digest}/decide", data={"decision": "approve", "reason": "x"})
     assert forged.status_code == 403
     _assert_hardened(forged)
-    stranger = TestClient(steward.app).get("/approvals")
+    stranger = TestClient(steward.app, base_url=LOCAL).get("/approvals")
     assert stranger.status_code == 401
     _assert_hardened(stranger)
 
@@ -220,30 +222,34 @@ def test_column_names_values_and_consent_purposes_are_escaped_and_no_patient_id_
 
 def test_a_wrong_empty_or_spent_sign_in_token_opens_nothing(home, no_orchestrator):
     app = site_dashboard_app(home, token=TOKEN, steward="dana")
-    with TestClient(app) as intruder:
+    with TestClient(app, base_url=LOCAL) as intruder:
         for query in ("", "?token=", "?token=x", f"?token={TOKEN[:-1]}", f"?token={TOKEN}x", f"?tok={TOKEN}"):
             answer = intruder.get(f"/login{query}", follow_redirects=False)
             assert answer.status_code == 401, query
             assert "set-cookie" not in answer.headers
         # the token sent where a browser would not put it
         assert intruder.post("/login", data={"token": TOKEN}).status_code == 405
-        assert intruder.get("/approvals", headers={"Cookie": f"{SITE_COOKIE}={TOKEN}"}).status_code == 401
-    with TestClient(app) as steward:  # the link still works once for its steward
+        assert intruder.get("/approvals", headers={"Cookie": f"{COOKIE}={TOKEN}"}).status_code == 401
+    with TestClient(app, base_url=LOCAL) as steward:  # the link still works once for its steward
         assert steward.get(f"/login?token={TOKEN}", follow_redirects=False).status_code == 303
         assert steward.get("/approvals").status_code == 200
-    with TestClient(app) as late:
+    with TestClient(app, base_url=LOCAL) as late:
         assert late.get(f"/login?token={TOKEN}", follow_redirects=False).status_code == 401
         assert late.get("/approvals").status_code == 401
 
 
 def test_racing_requests_for_the_sign_in_link_open_one_session(home, no_orchestrator):
     app = site_dashboard_app(home, token=TOKEN, steward="dana")
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         answers: list[int] = []
         lock = threading.Lock()
 
         def attempt() -> None:
-            status = TestClient(app).get(f"/login?token={TOKEN}", follow_redirects=False).status_code
+            status = (
+                TestClient(app, base_url=LOCAL)
+                .get(f"/login?token={TOKEN}", follow_redirects=False)
+                .status_code
+            )
             with lock:
                 answers.append(status)
 
@@ -258,12 +264,12 @@ def test_racing_requests_for_the_sign_in_link_open_one_session(home, no_orchestr
 
 def test_the_session_cookie_is_http_only_strict_and_scoped_to_this_host(home, no_orchestrator):
     app = site_dashboard_app(home, token=TOKEN, steward="dana")
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         answer = client.get(f"/login?token={TOKEN}&next=https://evil.example/", follow_redirects=False)
         assert answer.status_code == 303
         assert answer.headers["location"] == "/approvals"  # no open redirect
         cookie = answer.headers["set-cookie"]
-        assert cookie.startswith(f"{SITE_COOKIE}=")
+        assert cookie.startswith(f"{COOKIE}=")
         assert "HttpOnly" in cookie
         assert "SameSite=strict" in cookie
         assert "Path=/" in cookie
@@ -275,7 +281,9 @@ def test_the_session_cookie_is_http_only_strict_and_scoped_to_this_host(home, no
         assert session not in client.get("/approvals").text  # no script or page reads it
         for forged in ("", "x", session + "x", session[:-1], TOKEN):
             assert (
-                TestClient(app).get("/overview", headers={"Cookie": f"{SITE_COOKIE}={forged}"}).status_code
+                TestClient(app, base_url=LOCAL)
+                .get("/overview", headers={"Cookie": f"{COOKIE}={forged}"})
+                .status_code
                 == 401
             ), forged
 
@@ -284,7 +292,7 @@ def test_nothing_is_answered_or_recorded_without_a_session(home, no_orchestrator
     digest = _pending(home)
     app = site_dashboard_app(home, token=TOKEN, steward="dana")
     before = len(_log(home))
-    with TestClient(app) as stranger:
+    with TestClient(app, base_url=LOCAL) as stranger:
         for method, path in [
             ("GET", "/approvals"),
             ("GET", f"/approvals/{digest}"),

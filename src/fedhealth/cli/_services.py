@@ -703,7 +703,7 @@ def site_dashboard(
     log_level: Annotated[LogLevel, typer.Option(help="How much to log.")] = LogLevel.WARNING,
 ) -> None:
     """The data steward's dashboard in a browser: the approvals queue (read a spec, approve or refuse it with
-    a reason). Prints a one-time sign-in link."""
+    a reason). Prints a one-time sign-in link (`fedhealth site dashboard-link` prints a new one)."""
     import getpass
 
     from fedhealth.agent import SiteHome
@@ -730,3 +730,21 @@ def site_dashboard(
     except OSError as exc:
         _explain_bind(exc, host, port)
         raise
+
+
+@site_app.command("dashboard-link")
+def site_dashboard_link(
+    home: Annotated[Path, typer.Option(help="The folder `site enroll` created.")] = Path("fedhealth-site"),
+) -> None:
+    """Print a fresh one-time sign-in link (void after 15 minutes) to the site dashboard running for this
+    home: after a session ended (8 hours, or signed out) or the first link expired unused."""
+    from fedhealth.agent import SiteHome
+
+    with friendly_errors():
+        site_home = SiteHome(home)
+        site_home.require()
+        try:
+            from fedhealth.dashboard import site_dashboard_link as signed_link
+        except ImportError as exc:
+            fail(f"the dashboard cannot be served: {exc}", "pip install 'fedhealth[dashboard]'")
+        typer.echo(signed_link(site_home))

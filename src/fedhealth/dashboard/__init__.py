@@ -13,7 +13,7 @@ from fedhealth.dashboard._metrics import DEFAULT_METRICS_HOST, FederationMetrics
 from fedhealth.dashboard._onboarding import PACK_FILES, onboarding_pack
 from fedhealth.dashboard._onboarding import write_pack as write_onboarding_pack
 from fedhealth.dashboard._routes import dashboard_router
-from fedhealth.dashboard._site import serve_site_dashboard, site_dashboard_app
+from fedhealth.dashboard._site import serve_site_dashboard, site_dashboard_app, site_dashboard_link
 
 __all__ = [
     "DEFAULT_METRICS_HOST",
@@ -32,5 +32,6 @@ __all__ = [
     "onboarding_pack",
     "serve_site_dashboard",
     "site_dashboard_app",
+    "site_dashboard_link",
     "write_onboarding_pack",
 ]

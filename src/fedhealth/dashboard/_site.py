@@ -3,8 +3,13 @@ site's own machine (bound to 127.0.0.1 by default, plain HTTP on the loopback in
 
 - Sign-in: the command prints a one-time sign-in link holding a random token (as Jupyter does); whoever can
   run the command already holds the site's home. The token opens a session (an ``HttpOnly``,
-  ``SameSite=Strict`` cookie; not ``Secure``, since this listener is plain HTTP on loopback and a Secure
-  cookie would never come back); the token is spent on first use.
+  ``SameSite=Strict`` cookie named per port; not ``Secure``, since this listener is plain HTTP on loopback
+  and a Secure cookie would never come back); the token is spent on first use and void after 15 minutes.
+  ``fedhealth site dashboard-link`` prints a fresh link to the running dashboard: it signs one with the
+  per-process link key the dashboard wrote (mode 0600) into the site home. A session ends 8 hours after
+  sign-in (absolute, not sliding) or at "Sign out" (a CSRF-checked POST that forgets it server-side).
+- Only requests whose ``Host`` is a loopback name with the port they arrived on are answered (421 otherwise),
+  so a page on another domain rebound to 127.0.0.1 (DNS rebinding) reaches nothing.
 - Pages: the approvals queue; the overview (budgets, consent and the models flagged by withdrawals, the
   site's own audit log); the data quality of each registered dataset (``_site_quality``, kept per source
   snapshot). Nothing these pages show is sent anywhere.
@@ -20,9 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
+import os
 import secrets
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -30,10 +38,12 @@ from urllib.parse import parse_qs
 import anyio
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
 from sqlalchemy import func, select
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fedhealth.agent import (
     DatasetCheckError,
@@ -50,7 +60,7 @@ from fedhealth.agent import (
     was_reviewed,
     withdrawal_notices,
 )
-from fedhealth.core import FedHealthError, write_private_file
+from fedhealth.core import Clock, FedHealthError, SystemClock, write_private_file
 from fedhealth.dashboard._assets import ASSET_NAMES, asset
 from fedhealth.dashboard._site_consent import WithdrawalFlags
 from fedhealth.dashboard._site_quality import QualityCache
@@ -59,8 +69,16 @@ from fedhealth.privacy import BudgetLedger, sqlite_engine
 from fedhealth.protocol import StudySpec
 
 log = logging.getLogger("fedhealth.dashboard")
-SITE_COOKIE = "fedhealth_site_ui"
+SITE_COOKIE = "fedhealth_site_ui"  # + "_<port>": browsers send a host's cookies to all its ports
 REASON_MAX = 2000
+SESSION_LIFETIME_S = 8 * 3600  # absolute: a copied cookie is worth one working day at most
+SIGN_IN_LIFETIME_S = 15 * 60
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+RUNTIME_FILE = "site-dashboard.json"  # in the site home, mode 0600: {url, pid, link_key} of the running one
+_LINK_PURPOSE = b"fedhealth.site-dashboard.sign-in.v1"
+_SIGN_IN_HELP = (
+    "sign in with the link `fedhealth site dashboard` printed (a new one: `fedhealth site dashboard-link`)"
+)
 _HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
     "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
@@ -77,26 +95,111 @@ _templates = Environment(
 
 
 class _Sessions:
-    """The one-time sign-in token, the sessions it opened, and their CSRF tokens."""
+    """The sign-in tokens (the one printed at start, and those signed with the link key), the sessions they
+    opened with their expiry, and the sessions' CSRF tokens. Called on the event loop only, so a check and
+    the spend that follows it are not interleaved with another request's."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, *, link_key: bytes, clock: Clock) -> None:
+        self._clock = clock
         self._token: str | None = token
-        self._sessions: set[str] = set()
+        self._token_expires = clock.monotonic() + SIGN_IN_LIFETIME_S
+        self._link_key = link_key
+        self._spent: dict[str, float] = {}  # nonce of a signed link used -> its expiry (wall time)
+        self._sessions: dict[str, float] = {}  # session -> its expiry (monotonic)
         self._key = secrets.token_bytes(32)
 
     def sign_in(self, token: str) -> str | None:
-        if self._token is None or not hmac.compare_digest(self._token.encode(), token.encode()):
+        now = self._clock.monotonic()
+        if self._token is not None and now >= self._token_expires:
+            self._token = None
+        if self._token is not None and hmac.compare_digest(self._token.encode(), token.encode()):
+            self._token = None  # spent: a link copied from a terminal's scrollback opens nothing more
+        elif not self._spend_signed_link(token, self._clock.now().timestamp()):
             return None
-        self._token = None  # spent: a link copied from a terminal's scrollback opens nothing more
+        self._sessions = {s: t for s, t in self._sessions.items() if t > now}
         session = secrets.token_urlsafe(32)
-        self._sessions.add(session)
+        self._sessions[session] = now + SESSION_LIFETIME_S
         return session
 
+    def _spend_signed_link(self, token: str, now: float) -> bool:
+        expires, _, rest = token.partition(".")
+        nonce, _, mac = rest.partition(".")
+        if (
+            not (expires.isascii() and expires.isdigit() and len(expires) <= 12)  # int() of "²" raises
+            or not nonce
+            or not hmac.compare_digest(_link_mac(self._link_key, int(expires), nonce).encode(), mac.encode())
+        ):
+            return False
+        self._spent = {n: t for n, t in self._spent.items() if t > now}
+        # the expiry bound keeps a link signed for far ahead from outliving the spent-nonce memory
+        if not now < int(expires) <= now + SIGN_IN_LIFETIME_S or nonce in self._spent:
+            return False
+        self._spent[nonce] = int(expires)
+        return True
+
     def valid(self, session: str | None) -> bool:
-        return session is not None and session in self._sessions
+        if session is None or session not in self._sessions:
+            return False
+        if self._clock.monotonic() >= self._sessions[session]:
+            del self._sessions[session]
+            return False
+        return True
+
+    def sign_out(self, session: str) -> None:
+        self._sessions.pop(session, None)
 
     def csrf(self, session: str) -> str:
         return hmac.new(self._key, session.encode(), hashlib.sha256).hexdigest()
+
+
+def _link_mac(link_key: bytes, expires: int, nonce: str) -> str:
+    return hmac.new(
+        link_key, b"|".join([_LINK_PURPOSE, str(expires).encode(), nonce.encode()]), "sha256"
+    ).hexdigest()
+
+
+def signed_sign_in_token(link_key: bytes, *, now: datetime) -> str:
+    """A one-time sign-in token for the dashboard holding ``link_key``, void 15 minutes after ``now``."""
+    expires = int(now.timestamp()) + SIGN_IN_LIFETIME_S
+    nonce = secrets.token_urlsafe(16)
+    return f"{expires}.{nonce}.{_link_mac(link_key, expires, nonce)}"
+
+
+class _LoopbackHostOnly:
+    """Answers only requests whose ``Host`` names this listener by a loopback name (or its own IP address)
+    and the port the request arrived on (ASGI ``server``). A page on another domain that rebinds its name to
+    127.0.0.1 sends that name, so it gets a 421 and reads nothing."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not _addressed_to_loopback(scope):
+            refused = PlainTextResponse(
+                "misdirected request: open the dashboard at http://127.0.0.1:<port>/\n", status_code=421
+            )
+            await refused(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _addressed_to_loopback(scope: Scope) -> bool:
+    server = scope.get("server")
+    hosts = Headers(scope=scope).getlist("host")
+    if not server or server[1] is None or len(hosts) != 1:
+        return False
+    names = set(LOOPBACK_NAMES)
+    try:  # an address literal cannot be rebound, so the one it was reached at is fine (`--host` elsewhere)
+        address = ipaddress.ip_address(server[0])
+        names.add(f"[{address}]" if address.version == 6 else str(address))
+    except ValueError:
+        pass
+    allowed = {f"{name}:{server[1]}" for name in names} | (names if server[1] == 80 else set())
+    return hosts[0].lower() in allowed
+
+
+def _cookie_name(request: Request) -> str:
+    return f"{SITE_COOKIE}_{request.scope['server'][1]}"  # _LoopbackHostOnly let only such requests in
 
 
 def _page(name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -109,18 +212,27 @@ def _error(status: int, message: str) -> HTMLResponse:
 
 
 def site_dashboard_app(
-    home: SiteHome, *, token: str, steward: str, quality: QualityCache | None = None
+    home: SiteHome,
+    *,
+    token: str,
+    steward: str,
+    quality: QualityCache | None = None,
+    link_key: bytes | None = None,
+    clock: Clock | None = None,
 ) -> FastAPI:
     """The steward's dashboard for the site at ``home``; ``token`` is the one-time sign-in token; ``quality``
-    keeps the datasets' quality reports between page loads (a fresh one by default)."""
-    sessions = _Sessions(token)
+    keeps the datasets' quality reports between page loads (a fresh one by default); ``link_key`` signs
+    further sign-in links (:func:`signed_sign_in_token`; a fresh random key by default); ``clock`` gives the
+    time of the tokens' and sessions' expiry."""
+    sessions = _Sessions(token, link_key=link_key or secrets.token_bytes(32), clock=clock or SystemClock())
     reports = quality or QualityCache()
     withdrawals = WithdrawalFlags()
     site_name = home.require()["site"]
     app = FastAPI(title=f"fedhealth site {site_name}", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_LoopbackHostOnly)
 
     def session_of(request: Request) -> str | None:
-        session = request.cookies.get(SITE_COOKIE)
+        session = request.cookies.get(_cookie_name(request))
         return session if sessions.valid(session) else None
 
     async def checked_form(request: Request, session: str) -> dict[str, str] | Response:
@@ -148,21 +260,44 @@ def site_dashboard_app(
         return RedirectResponse("/approvals", status_code=303)
 
     @app.get("/login")
-    async def login(token: str = "") -> Response:
+    async def login(request: Request, token: str = "") -> Response:
         session = sessions.sign_in(token)
         if session is None:
             return _error(
-                401, "this sign-in link is wrong or was already used: run `fedhealth site dashboard` again"
+                401,
+                "this sign-in link is wrong, expired (15 minutes) or already used: "
+                "`fedhealth site dashboard-link` prints a new one",
             )
         response = RedirectResponse("/approvals", status_code=303)
-        response.set_cookie(SITE_COOKIE, session, httponly=True, samesite="strict", path="/")
+        response.set_cookie(
+            _cookie_name(request),
+            session,
+            max_age=SESSION_LIFETIME_S,
+            httponly=True,
+            samesite="strict",
+            path="/",
+        )
+        return response
+
+    @app.post("/logout")
+    async def logout(request: Request) -> Response:
+        session = session_of(request)
+        if session is None:
+            return _error(401, _SIGN_IN_HELP)
+        form = await checked_form(request, session)
+        if isinstance(form, Response):
+            return form
+        sessions.sign_out(session)
+        log.info("steward %s signed out", steward)
+        response = _page("site_signed_out.html", site=site_name)
+        response.delete_cookie(_cookie_name(request), httponly=True, samesite="strict", path="/")
         return response
 
     @app.get("/approvals")
     async def approvals(request: Request) -> Response:
         session = session_of(request)
         if session is None:
-            return _error(401, "sign in with the link `fedhealth site dashboard` printed")
+            return _error(401, _SIGN_IN_HELP)
 
         def read() -> tuple[list[Any], str | None]:
             with SiteGovernance(home) as governance:
@@ -180,13 +315,14 @@ def site_dashboard_app(
             decided=decided,
             warning=warning,
             steward=steward,
+            csrf=sessions.csrf(session),
         )
 
     @app.get("/approvals/{digest}")
     async def show(request: Request, digest: str) -> Response:
         session = session_of(request)
         if session is None:
-            return _error(401, "sign in with the link `fedhealth site dashboard` printed")
+            return _error(401, _SIGN_IN_HELP)
 
         def read() -> tuple[Any, list[str]]:
             with SiteGovernance(home) as governance:
@@ -217,7 +353,7 @@ def site_dashboard_app(
     async def decide(request: Request, digest: str) -> Response:
         session = session_of(request)
         if session is None:
-            return _error(401, "sign in with the link `fedhealth site dashboard` printed")
+            return _error(401, _SIGN_IN_HELP)
         form = await checked_form(request, session)
         if isinstance(form, Response):
             return form
@@ -255,7 +391,7 @@ def site_dashboard_app(
     async def overview(request: Request, sent: int | None = None, flagged: int | None = None) -> Response:
         session = session_of(request)
         if session is None:
-            return _error(401, "sign in with the link `fedhealth site dashboard` printed")
+            return _error(401, _SIGN_IN_HELP)
         data = await anyio.to_thread.run_sync(site_overview, home, withdrawals)
         return _page(
             "site_overview.html",
@@ -275,7 +411,7 @@ def site_dashboard_app(
         the model versions trained on them."""
         session = session_of(request)
         if session is None:
-            return _error(401, "sign in with the link `fedhealth site dashboard` printed")
+            return _error(401, _SIGN_IN_HELP)
         form = await checked_form(request, session)
         if isinstance(form, Response):
             return form
@@ -297,21 +433,29 @@ def site_dashboard_app(
         """The site's own audit log verified (a fragment the overview loads after it is shown: checking every
         entry's signature takes seconds on a long log)."""
         if session_of(request) is None:
-            return _error(401, "sign in with the link `fedhealth site dashboard` printed")
+            return _error(401, _SIGN_IN_HELP)
         data = await anyio.to_thread.run_sync(site_verification, home)
         return _page("site_verify.html", **data)
 
     @app.get("/datasets")
     async def datasets(request: Request, refresh: str = "") -> Response:
-        if session_of(request) is None:
-            return _error(401, "sign in with the link `fedhealth site dashboard` printed")
+        session = session_of(request)
+        if session is None:
+            return _error(401, _SIGN_IN_HELP)
         try:
             found = await anyio.to_thread.run_sync(
                 lambda: reports.reports(SiteDatasets(home), refresh=refresh == "1")
             )
         except FedHealthError as exc:  # the registry file itself is unreadable
             return _error(500, str(exc))
-        return _page("site_datasets.html", page="datasets", site=site_name, steward=steward, datasets=found)
+        return _page(
+            "site_datasets.html",
+            page="datasets",
+            site=site_name,
+            steward=steward,
+            datasets=found,
+            csrf=sessions.csrf(session),
+        )
 
     return app
 
@@ -383,6 +527,28 @@ def new_sign_in_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def site_dashboard_link(home: SiteHome, *, clock: Clock | None = None) -> str:
+    """A fresh one-time sign-in link to the dashboard running for ``home`` (void after 15 minutes), signed
+    with the link key it wrote into the home; :class:`FedHealthError` when none is running."""
+    runtime = home.root / RUNTIME_FILE
+    try:
+        info = json.loads(runtime.read_text())
+        pid, url, link_key = int(info["pid"]), str(info["url"]), bytes.fromhex(info["link_key"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FedHealthError(
+            f"no site dashboard is running for {home.root}: start one with `fedhealth site dashboard`"
+        ) from exc
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError as exc:
+        raise FedHealthError(
+            f"the site dashboard for {home.root} (pid {pid}) is no longer running: start it again"
+        ) from exc
+    except PermissionError:
+        pass  # running, as another account (a supervisor's): its file is in this home, so the link is ours
+    return f"{url}/login?token={signed_sign_in_token(link_key, now=(clock or SystemClock()).now())}"
+
+
 def serve_site_dashboard(
     home: SiteHome,
     *,
@@ -392,14 +558,15 @@ def serve_site_dashboard(
     ready_file: Path | None = None,
     log_level: str = "info",
 ) -> None:
-    """Serve the site dashboard until interrupted; prints (and writes to ``ready_file``) the sign-in link."""
-    import os
+    """Serve the site dashboard until interrupted; prints (and writes to ``ready_file``) the sign-in link,
+    and writes its link key to the home for ``fedhealth site dashboard-link`` while it runs."""
     import socket
 
     import uvicorn
 
     token = new_sign_in_token()
-    app = site_dashboard_app(home, token=token, steward=steward)
+    link_key = secrets.token_bytes(32)
+    app = site_dashboard_app(home, token=token, steward=steward, link_key=link_key)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -408,10 +575,27 @@ def serve_site_dashboard(
     url_host = f"[{host}]" if ":" in host else host
     url = f"http://{url_host}:{sock.getsockname()[1]}"
     login = f"{url}/login?token={token}"
+    runtime = home.root / RUNTIME_FILE
+    # private, as it signs sign-in links; whoever can read it already holds the site's identity key
+    write_private_file(
+        runtime, json.dumps({"url": url, "pid": os.getpid(), "link_key": link_key.hex()}).encode()
+    )
     if ready_file is not None:  # for supervisors and tests; private, as it holds the sign-in token
         write_private_file(
             ready_file, json.dumps({"url": url, "login_url": login, "pid": os.getpid()}).encode()
         )
-    print(f"site dashboard of {home.require()['site']} on {url}\nsign in (once) at: {login}", flush=True)
+    print(
+        f"site dashboard of {home.require()['site']} on {url}\n"
+        f"sign in (once, within 15 minutes) at: {login}\n"
+        f"a new sign-in link: fedhealth site dashboard-link --home {home.root}",
+        flush=True,
+    )
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        try:  # unless a later dashboard for this home wrote its own
+            if json.loads(runtime.read_text()).get("pid") == os.getpid():
+                runtime.unlink()
+        except (OSError, ValueError):
+            pass
