@@ -167,7 +167,10 @@ def test_stats_run_releases_the_pooled_statistics_of_the_four_files_and_suppress
     params = StatsParams.model_validate(spec.recipe.params)
     layout = strata(params, tuple(sorted(SITES)))
     records = [json.loads(line) for line in capture.read_text().splitlines() if line.strip()]
-    first_sum = [r for r in records if r["event"] == "received" and r["op"] == "SUM" and r["index"] == 1]
+    # call 1 is the checked sums' key, sealed by the leader for each site; call 2 the counts
+    sealed = [r for r in records if r["event"] == "received" and r["op"] == "SEAL" and r["index"] == 1]
+    assert sorted(r["site"] for r in sealed) == sorted(SITES)
+    first_sum = [r for r in records if r["event"] == "received" and r["op"] == "SUM" and r["index"] == 2]
     assert sorted(r["site"] for r in first_sum) == sorted(SITES)
     total = 0.0
     for record in first_sum:

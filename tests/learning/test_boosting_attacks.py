@@ -236,7 +236,7 @@ def _collective_task(retries: int, round_number: int) -> Task:
 @pytest.mark.parametrize(("retries", "accepted"), [(0, {1}), (1, {1, 2}), (3, {1, 2, 3, 4})])
 def test_a_site_accepts_collective_sessions_in_rounds_one_to_one_plus_retries_only(retries, accepted):
     for round_number in range(-1, 7):
-        problem = _mismatch(_collective_task(retries, round_number))
+        problem = _mismatch(_collective_task(retries, round_number), SITES[0])
         if round_number in accepted:
             assert problem is None, (round_number, problem)
         else:

@@ -443,6 +443,13 @@ class TimedSession:
         finally:
             self.waiting_s += time.perf_counter() - started
 
+    def checked_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
+        started = time.perf_counter()
+        try:
+            return self._session.checked_sum(values)
+        finally:
+            self.waiting_s += time.perf_counter() - started
+
     def broadcast(self, data: bytes | None) -> bytes:
         started = time.perf_counter()
         try:

@@ -53,6 +53,14 @@ class Collectives(Protocol):
         ``±2^23 / n`` for n participants (else :class:`~fedhealth.secagg.FixedPointRangeError`, before
         anything is sent). The orchestrator sees only masked vectors and the sum."""
 
+    def checked_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
+        """:meth:`secure_sum` that the relay cannot alter unnoticed: each site adds secret random linear
+        combinations of its values (under a key the leader shares with every site, sealed from the relay)
+        and checks them against the sum it receives; an altered sum fails the session
+        (:class:`~fedhealth.secagg.SecAggSecurityError`). For sums whose result decides what is revealed
+        next (the statistics recipe's counts decide which cells' values are summed). The first one costs one
+        call more (the key), each 64 values more."""
+
     def broadcast(self, data: bytes | None) -> bytes:
         """The leader passes bytes, every other site None; all receive the leader's bytes (signed by it).
         A broadcast is public: the orchestrator relays it and keeps the last one as the session's result."""
@@ -104,6 +112,13 @@ class SessionMember:
     def secure_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
         body = self._core.prepare_sum(values, buffer=self._bodies)
         return self._core.complete_sum(self._exchange(self._core.pending_index, body))
+
+    def checked_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
+        if not self._core.has_group_secret:  # every site's first checked sum: the same call everywhere
+            body = self._core.prepare_group_secret()
+            self._core.complete_group_secret(self._exchange(self._core.pending_index, body))
+        body = self._core.prepare_checked_sum(values, buffer=self._bodies)
+        return self._core.complete_checked_sum(self._exchange(self._core.pending_index, body))
 
     def unmasked_sum(self, values: NDArray[Any]) -> NDArray[np.float64]:
         body = self._core.prepare_sum(values, masked=False, buffer=self._bodies)

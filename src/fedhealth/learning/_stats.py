@@ -73,7 +73,7 @@ from fedhealth.privacy import (
     secure_generator,
     snap,
 )
-from fedhealth.secagg import value_bound
+from fedhealth.secagg import SecAggSecurityError, value_bound
 
 # A public grid for features without bins of their own: standard units, for standardized features. It is
 # never derived from any site's data.
@@ -252,13 +252,15 @@ def join_limbs(limbs: NDArray[np.float64], n_sites: int) -> NDArray[np.float64]:
 
 
 def exact_secure_sum(session: Collectives, values: NDArray[np.float64]) -> NDArray[np.float64]:
-    """The sum over the session of ``values`` (1-D float64) through ``secure_sum``, exact as the module
-    docstring says, whatever their magnitude up to about 2^61 / n."""
+    """The sum over the session of ``values`` (1-D float64) through ``checked_sum``, exact as the module
+    docstring says, whatever their magnitude up to about 2^61 / n. Checked: what a site sums next (which
+    cells' values) follows from this sum, so a relay that altered it could make a site reveal what the
+    minimum-cell-count rule withholds; an altered sum fails the session instead."""
     n = len(session.sites)
     if values.size == 0:
         session.barrier()  # every site calls the same collectives, even with nothing to add
         return values.copy()
-    return join_limbs(session.secure_sum(split_limbs(values, n)), n)
+    return join_limbs(session.checked_sum(split_limbs(values, n)), n)
 
 
 # --- what one site computes ------------------------------------------------------------------------------
@@ -328,6 +330,22 @@ def count_vector(
             parts.append(np.array([observed, missing]))
             parts.append(hist)
     return np.concatenate(parts)
+
+
+def _check_own_strata(
+    layout: list[Stratum], site: str, local: NDArray[np.float64], summed: NDArray[np.float64]
+) -> None:
+    """A hospital's own strata (``by_site``) are filled by it alone: their summed cells must be its own
+    counts. Another participant that added phantom records there would make a cell of fewer than k of this
+    hospital's patients look releasable, and their values would then be summed; the session fails first."""
+    block = local.size // len(layout)
+    for s, stratum in enumerate(layout):
+        part = slice(s * block, (s + 1) * block)
+        if stratum.site == site and not np.array_equal(summed[part], local[part]):
+            raise SecAggSecurityError(
+                "stats: the summed counts of this hospital's own strata are not its counts (another "
+                "participant added to them); refusing the session"
+            )
 
 
 def centre_and_half_width(edges: NDArray[np.float64]) -> tuple[float, float]:
@@ -561,7 +579,10 @@ class StatsRecipe:
         if z is not None:  # noisy figures are snapped like every release (privacy._mechanisms: Mironov)
             assert ctx.noise is not None
             local = snap(local + ctx.noise.normal(0.0, std, size=local.size), std)
-        counts = read_counts(params, exact_secure_sum(session, local), layout)
+        summed = exact_secure_sum(session, local)
+        if z is None:
+            _check_own_strata(layout, session.site, local, summed)
+        counts = read_counts(params, summed, layout)
 
         # the second sum: only cells whose observed count is released, in a layout every site derives alike
         k = params.min_cell_count

@@ -40,7 +40,7 @@ it).
 
 from fedhealth.secagg._client import KeyReuseGuard, SecAggClient
 from fedhealth.secagg._codec import Segment, SegmentKind, VectorCodec
-from fedhealth.secagg._collective import CollectiveSite
+from fedhealth.secagg._collective import SUM_TAGS, CollectiveSite
 from fedhealth.secagg._collective_relay import CollectiveRelay
 from fedhealth.secagg._config import (
     PROTOCOL_VERSION,
@@ -107,6 +107,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SERVER_TRANSITIONS",
     "SETUP_INDEX",
+    "SUM_TAGS",
     "AggregateResult",
     "CallBuffer",
     "ClientAction",

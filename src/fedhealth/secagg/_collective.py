@@ -42,11 +42,14 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from numpy.typing import NDArray
 
@@ -55,9 +58,10 @@ from fedhealth.crypto import KEY_BYTES, AgreementKey, IdentityKey, PublicIdentit
 from fedhealth.secagg._client import KeyReuseGuard
 from fedhealth.secagg._crypto_extra import derive
 from fedhealth.secagg._errors import SecAggMessageError, SecAggProtocolError, SecAggSecurityError
-from fedhealth.secagg._fixedpoint import decode_fixed
+from fedhealth.secagg._fixedpoint import decode_fixed, encode_fixed
 from fedhealth.secagg._session import (
     COLLECTIVE_PROTOCOL,
+    HEADER_BYTES,
     SETUP_INDEX,
     SIGNATURE_BYTES,
     CallBuffer,
@@ -76,6 +80,9 @@ _GMAC_NONCE = b"\x00" * 12  # every GMAC key is derived for one call and one pai
 _END_DOMAIN = b"fedhealth-collective-end/1\x00"
 _CALL_DOMAIN = b"fedhealth-collective-call/1\x00"
 _CHAIN_DOMAIN = b"fedhealth-collective-chain/1\x00"
+_SEAL_DOMAIN = b"fedhealth-collective-group-seal/1\x00"
+_TAGS_DOMAIN = b"fedhealth-collective-sum-tags/1\x00"
+SUM_TAGS = 64  # check values per checked sum: an altered sum passes each with probability <= 1/2
 
 
 # --- the site -----------------------------------------------------------------------------------------------
@@ -89,6 +96,9 @@ class _Pending:
     length: int = 0
     # per peer: the GMAC key that folds this call's result into the pair's chain
     mac_keys: dict[str, bytes] = field(default_factory=dict)
+    # per peer: the key the group secret travels under in this call (the group-key call only)
+    seal_keys: dict[str, bytes] = field(default_factory=dict)
+    values: NDArray[np.uint64] | None = None  # a checked sum: this site's values on the ring
 
 
 class CollectiveSite:
@@ -130,6 +140,7 @@ class CollectiveSite:
         self._broken: str | None = None
         self._ended = False
         self._completed = 0
+        self._group_secret: bytes | None = None
 
     # --- state -------------------------------------------------------------------------------------------
 
@@ -181,6 +192,7 @@ class CollectiveSite:
         self._broken = str(exc)
         self._pending = None
         self._chains.clear()  # the pair secrets go with the session
+        self._group_secret = None
         return exc
 
     # --- set-up ------------------------------------------------------------------------------------------
@@ -300,7 +312,12 @@ class CollectiveSite:
 
     def complete_broadcast(self, result: bytes | memoryview) -> bytes:
         """The leader's payload, after checking its signature for this session and index."""
-        pending = self._take(CollectiveOp.BROADCAST)
+        return self._complete_broadcast(result)[1]
+
+    def _complete_broadcast(
+        self, result: bytes | memoryview, op: CollectiveOp = CollectiveOp.BROADCAST
+    ) -> tuple[_Pending, bytes]:
+        pending = self._take(op)
         if len(result) < SIGNATURE_BYTES:
             raise self._fail(SecAggMessageError("a broadcast carries the leader's signature"))
         payload, signature = bytes(result[:-SIGNATURE_BYTES]), bytes(result[-SIGNATURE_BYTES:])
@@ -314,7 +331,108 @@ class CollectiveSite:
             ) from None
         self._fold(pending, result)
         self._completed += 1
-        return payload
+        return pending, payload
+
+    # --- checked sums --------------------------------------------------------------------------------------
+
+    @property
+    def has_group_secret(self) -> bool:
+        return self._group_secret is not None
+
+    def prepare_group_secret(self) -> bytes:
+        """The call that gives every participant one secret the relay never holds (the key of checked sums):
+        the leader draws 32 random bytes and sends them to each peer sealed (AES-256-GCM) under a key of
+        their pair for this call, signed like any broadcast; every site passes the same call."""
+        is_leader = self.site == self.config.leader
+        pending = self._begin(CollectiveOp.SEAL)
+        keys = self._call_keys(pending)
+        pending.seal_keys = {
+            peer: hmac.digest(k[:KEY_BYTES], _SEAL_DOMAIN, "sha256") for peer, k in keys.items()
+        }
+        body = b""
+        if is_leader:
+            secret = os.urandom(KEY_BYTES)
+            aad = self._digest + pending.index.to_bytes(8, "big")
+            sealed = {
+                peer: AESGCM(key).encrypt(_GMAC_NONCE, secret, aad).hex()
+                for peer, key in sorted(pending.seal_keys.items())
+            }
+            payload = json.dumps(sealed, sort_keys=True).encode()
+            body = payload + self._identity.sign(broadcast_message(self._digest, pending.index, payload))
+            self._group_secret = secret
+        self._pending = pending
+        return encode_call(CollectiveOp.SEAL, body)
+
+    def complete_group_secret(self, result: bytes | memoryview) -> None:
+        """Open this site's sealed copy of the leader's secret (the leader keeps its own)."""
+        pending, payload = self._complete_broadcast(result, CollectiveOp.SEAL)
+        if self.site == self.config.leader:
+            return
+        try:
+            sealed = json.loads(payload)
+            blob = bytes.fromhex(sealed[self.site]) if isinstance(sealed, dict) else b""
+            aad = self._digest + pending.index.to_bytes(8, "big")
+            secret = AESGCM(pending.seal_keys[self.config.leader]).decrypt(_GMAC_NONCE, blob, aad)
+        except (ValueError, KeyError, TypeError, InvalidTag):
+            raise self._fail(
+                SecAggSecurityError("the leader's group secret does not open for this site")
+            ) from None
+        if len(secret) != KEY_BYTES:
+            raise self._fail(SecAggSecurityError("the leader's group secret is not 32 bytes"))
+        self._group_secret = secret
+
+    def _tag_weights(self, index: int, length: int) -> NDArray[np.uint64]:
+        """SUM_TAGS x ``length`` ring elements, uniform and secret from the relay: an AES-256-CTR keystream
+        under a key of the group secret and the call's index."""
+        assert self._group_secret is not None
+        key = hmac.digest(
+            self._group_secret, _TAGS_DOMAIN + self._digest + index.to_bytes(8, "big"), "sha256"
+        )
+        stream = Cipher(algorithms.AES(key), modes.CTR(b"\x00" * 16)).encryptor()
+        raw = stream.update(bytes(8 * SUM_TAGS * length))
+        return np.frombuffer(raw, dtype="<u8").astype(np.uint64).reshape(SUM_TAGS, length)
+
+    def prepare_checked_sum(
+        self, values: NDArray[Any], *, buffer: CallBuffer | None = None
+    ) -> bytes | memoryview:
+        """A secure sum the relay cannot alter unnoticed: the values, then SUM_TAGS check values (each a
+        secret random linear combination of this site's values on the ring, masked like them). The sum of
+        the check values is the same combination of the summed values, which every site verifies; a relay
+        without the group secret makes an altered sum pass with probability at most 2^-64."""
+        if self._group_secret is None:
+            raise SecAggProtocolError("a checked sum needs the session's group secret first")
+        array = np.asarray(values)
+        if array.dtype.kind not in "biuf":
+            raise SecAggMessageError("secure_sum takes real numbers")
+        flat = np.ascontiguousarray(array, dtype=np.float64).reshape(-1)
+        ring = encode_fixed(flat, self.config.n)  # the very encoding the sum uses; raises before any index
+        body = self.prepare_sum(np.concatenate([flat, np.zeros(SUM_TAGS)]), buffer=buffer)
+        pending = self._pending
+        assert pending is not None
+        pending.shape, pending.values = array.shape, ring
+        tags = (self._tag_weights(pending.index, flat.size) * ring).sum(axis=1, dtype=np.uint64)
+        target = memoryview(bytearray(body)) if isinstance(body, bytes) else body
+        words = np.frombuffer(target, dtype="<u8", offset=HEADER_BYTES, count=flat.size + SUM_TAGS)
+        words[flat.size :] += tags  # on top of the masks: the ring adds in any order
+        return bytes(target) if isinstance(body, bytes) else target
+
+    def complete_checked_sum(self, result: bytes | memoryview) -> NDArray[np.float64]:
+        """The checked sum over every participant, after verifying its check values."""
+        pending = self._pending
+        if pending is None or pending.values is None:
+            raise SecAggProtocolError("no checked sum is pending")
+        length, shape = pending.values.size, pending.shape
+        pending.shape = (length + SUM_TAGS,)
+        total = self.complete_sum(result)  # length checked, chains folded
+        ring = np.frombuffer(result, dtype="<u8").astype(np.uint64)
+        expected = (self._tag_weights(pending.index, length) * ring[:length]).sum(axis=1, dtype=np.uint64)
+        if not np.array_equal(expected, ring[length:]):
+            raise self._fail(
+                SecAggSecurityError(
+                    "the sum is not the one the sites sent (its check values disagree): the relay altered it"
+                )
+            )
+        return total[:length].reshape(shape)
 
     def prepare_barrier(self) -> bytes:
         pending = self._begin(CollectiveOp.BARRIER)

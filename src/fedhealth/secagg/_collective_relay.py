@@ -120,7 +120,7 @@ class CollectiveRelay:
             self._take_advert(site, payload)
         elif op is CollectiveOp.SUM:
             self._add(body, payload)
-        elif op is CollectiveOp.BROADCAST:
+        elif op in (CollectiveOp.BROADCAST, CollectiveOp.SEAL):
             if site == self.config.leader:
                 self._parts[site] = bytes(payload)
         elif op is CollectiveOp.END:
@@ -141,7 +141,9 @@ class CollectiveRelay:
             raise self.fail(
                 SessionFailure.PROTOCOL_VIOLATION, f"{site} sent a sum that is not a uint64 vector"
             )
-        if op is CollectiveOp.BROADCAST and (length >= SIGNATURE_BYTES) != (site == self.config.leader):
+        if op in (CollectiveOp.BROADCAST, CollectiveOp.SEAL) and (length >= SIGNATURE_BYTES) != (
+            site == self.config.leader
+        ):
             raise self.fail(
                 SessionFailure.PROTOCOL_VIOLATION,
                 f"{site} sent a broadcast payload, but only the leader ({self.config.leader}) sends one"
@@ -216,6 +218,8 @@ class CollectiveRelay:
         elif op is CollectiveOp.BROADCAST:
             result = self._parts[self.config.leader]
             self.released = bytes(result[:-SIGNATURE_BYTES])
+        elif op is CollectiveOp.SEAL:  # sealed for each site: nothing the relay can read, nor a result
+            result = self._parts[self.config.leader]
         elif op is CollectiveOp.END:
             result = json.dumps([self._parts[s] for s in self.config.sites], sort_keys=True).encode()
             self.done = True

@@ -47,6 +47,7 @@ class CollectiveOp(IntEnum):
     BROADCAST = 3
     BARRIER = 4
     END = 5
+    SEAL = 6  # the leader's sealed group secret: relayed like a broadcast, never kept as a result
 
 
 class SessionFailure(StrEnum):
