@@ -86,8 +86,8 @@ def read_header(data: bytes) -> tuple[dict[str, dict[str, object]], dict[str, st
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise TensorError(f"tensor {name!r}: malformed header entry")
         code = entry["dtype"]
-        if code not in _DTYPES:
-            raise TensorError(f"tensor {name!r}: dtype {code} is not supported")
+        if not isinstance(code, str) or code not in _DTYPES:  # a list or an object is no dtype (nor hashable)
+            raise TensorError(f"tensor {name!r}: dtype {str(code)[:40]} is not supported")
         shape = entry["shape"]
         offsets = entry["data_offsets"]
         if (

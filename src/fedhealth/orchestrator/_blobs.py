@@ -173,6 +173,11 @@ class BlobStore:
     def exists(self, digest: str, *, kind: BlobKind = BlobKind.MODEL) -> bool:
         return self.path(digest, kind).exists()
 
+    def remove_update(self, digest: str) -> None:
+        """Delete an update no task points to (the loser of two concurrent uploads for one task). Models
+        are never removed: the same bytes may be another study's."""
+        self.path(digest, BlobKind.UPDATE).unlink(missing_ok=True)
+
     def _remember(self, digest: str, data: bytes) -> None:
         if len(data) > self._cache_bytes // 4:
             return

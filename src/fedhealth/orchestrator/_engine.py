@@ -206,6 +206,8 @@ class RoundEngine:
         for observer in self.observers:
             # may refuse the study; in a thread, as checks can take seconds (noise calibration)
             await anyio.to_thread.run_sync(observer.check_study, spec, owner)
+        # its sites before its model: a study refused for them leaves no blob behind
+        self.store.check_study_sites({*spec.train_sites, *spec.evaluation_sites})
         # a collective study has no model: its one session round starts from the empty one
         params = {} if is_collective(spec) else initial_model(spec.recipe, spec.seed)
         digest = self.blobs.put(encode_tensors(params))

@@ -130,12 +130,16 @@ class SignedStudyBody(_Body):
     signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$", description="Ed25519 signature, hex")]
 
 
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+
+
 class WithdrawalBody(_Body):
     """A site's :class:`fedhealth.governance.WithdrawalNotice`: snapshot hashes, never a patient id."""
 
-    notice_id: Annotated[str, Field(min_length=1, max_length=200)]
-    purpose: Annotated[str, Field(min_length=1, max_length=200)]
-    withdrawn_at: Annotated[str, Field(max_length=40)]
+    # no control characters: they mean nothing here, and PostgreSQL refuses a NUL in any text it stores
+    notice_id: Annotated[str, Field(min_length=1, max_length=200, pattern=_PRINTABLE)]
+    purpose: Annotated[str, Field(min_length=1, max_length=200, pattern=_PRINTABLE)]
+    withdrawn_at: Annotated[str, Field(max_length=40, pattern=_PRINTABLE)]
     snapshot_hashes: Annotated[
         list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]], Field(max_length=10_000)
     ]

@@ -265,6 +265,9 @@ class RequestGate:
         except FedHealthError as exc:  # e.g. the database is unreachable: not the caller's fault
             await _answer(scope, send, 503, "the service cannot check credentials now", str(exc)[:500])
             return
+        if "\x00" in path:  # no id holds one, and PostgreSQL refuses it in any text it is compared with
+            await _answer(scope, send, 404, "not found: the path holds a NUL character")
+            return
         received = 0
 
         async def limited_receive() -> Any:

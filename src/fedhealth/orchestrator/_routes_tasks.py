@@ -197,6 +197,9 @@ async def accept_result(
         again = svc.store.get_task(task_id)
         if again.status is TaskStatus.COMPLETED and again.result_digest == digest:
             return Ack(detail="already stored")
+        # Lost the race for this task: no task points to these bytes (an update's manifest names its task),
+        # so they go, rather than stay on disk for good.
+        await anyio.to_thread.run_sync(svc.blobs.remove_update, digest)
         raise ApiError(409, f"task is {again.status.value}: {again.reason}")
     await svc.engine.task_closed(task.round_id, task.id)
     return Ack()

@@ -8,7 +8,7 @@ state or the new one, never half of each.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -608,6 +608,12 @@ class Store:
 
     # --- studies -----------------------------------------------------------------------------------------
 
+    def check_study_sites(self, named: Iterable[str]) -> None:
+        """Raise as :meth:`create_study` would for a site that is unknown or revoked (checked again there, in
+        its transaction): a caller may check before it stores anything for the study."""
+        with self.engine.connect() as c:
+            _check_study_sites(c, sorted(set(named)))
+
     def create_study(
         self,
         *,
@@ -626,14 +632,7 @@ class Store:
             {*spec.train_sites, *spec.evaluation_sites, *(first.sites if first is not None else ())}
         )
         with self.engine.begin() as c:
-            q = select(sites.c.name, sites.c.status).where(sites.c.name.in_(named))
-            site_status = {name: value for name, value in c.execute(q)}
-            unknown = [s for s in named if s not in site_status]
-            if unknown:
-                raise NotFoundError(f"unknown sites: {', '.join(unknown)}")
-            revoked = [s for s in named if site_status[s] == SiteStatus.REVOKED.value]
-            if revoked:
-                raise InputError(f"revoked sites cannot take part in a study: {', '.join(revoked)}")
+            _check_study_sites(c, named)
             status = StudyStatus.RUNNING if first is not None else StudyStatus.AWAITING_APPROVAL
             c.execute(
                 insert(studies).values(
@@ -1126,3 +1125,14 @@ class Store:
                 ModelVersion(**{**dict(r), "created_at": _aware(r["created_at"])})
                 for r in c.execute(q).mappings()
             ]
+
+
+def _check_study_sites(c: Connection, named: list[str]) -> None:
+    q = select(sites.c.name, sites.c.status).where(sites.c.name.in_(named))
+    site_status = {name: value for name, value in c.execute(q)}
+    unknown = [s for s in named if s not in site_status]
+    if unknown:
+        raise NotFoundError(f"unknown sites: {', '.join(unknown)}")
+    revoked = [s for s in named if site_status[s] == SiteStatus.REVOKED.value]
+    if revoked:
+        raise InputError(f"revoked sites cannot take part in a study: {', '.join(revoked)}")

@@ -66,10 +66,17 @@ class PeerVersion:
             raise ProtocolMismatch(
                 f"the peer's {PROTOCOL_HEADER} header is not a number: {text[:20]!r}"
             ) from None
+        if not (0 <= min_protocol <= _MAX_STATED and 0 <= protocol <= _MAX_STATED):
+            raise ProtocolMismatch(
+                f"the peer's {PROTOCOL_HEADER} or {MIN_PROTOCOL_HEADER} header is out of range: {text[:20]!r}"
+            )
         software = lowered.get(SOFTWARE_HEADER.lower())
         return cls(
             protocol=protocol, min_protocol=min(min_protocol, protocol), software=software and software[:40]
         )
+
+
+_MAX_STATED = 1_000_000  # a protocol version a peer may state (stored in a 32-bit column)
 
 
 def version_headers(
