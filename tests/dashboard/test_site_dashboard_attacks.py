@@ -448,3 +448,26 @@ def test_the_dashboard_process_listens_on_loopback_and_keeps_its_token_out_of_ar
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def test_a_decision_waits_only_briefly_on_an_orchestrator_out_of_reach(steward, home, monkeypatch):
+    """The agent reports a decision again if the dashboard's report fails: the steward's page asks the
+    orchestrator with a short wait, not the client's default 15 s."""
+    waits: list[float] = []
+
+    def report(home, spec_hash, *, approved, url=None, max_elapsed_s=15.0):
+        waits.append(max_elapsed_s)
+        raise httpx.ConnectError("connection refused")
+
+    monkeypatch.setattr("fedhealth.dashboard._site.report_approval", report)
+    digest = _pending(home)
+    form = steward.get(f"/approvals/{digest}").text  # read before deciding
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+    decided = steward.post(
+        f"/approvals/{digest}/decide",
+        data={"csrf_token": token, "decision": "approve", "reason": "fine"},
+        follow_redirects=False,
+    )
+    assert decided.status_code == 303  # decided here; the orchestrator is told later
+    assert len(waits) == 1
+    assert waits[0] <= 3.0

@@ -88,9 +88,11 @@ def report_decision(client: OrchestratorClient, spec_hash: str, state: ApprovalS
     )
 
 
-def report_approval(home: SiteHome, spec_hash: str, *, approved: bool, url: str | None = None) -> None:
+def report_approval(
+    home: SiteHome, spec_hash: str, *, approved: bool, url: str | None = None, max_elapsed_s: float = 15.0
+) -> None:
     """Tell the orchestrator this site's steward approved (or rejected) ``spec_hash``."""
-    client = site_client(home, url=url)
+    client = site_client(home, url=url, max_elapsed_s=max_elapsed_s)
     try:
         report_decision(client, spec_hash, ApprovalState.APPROVED if approved else ApprovalState.REJECTED)
     finally:

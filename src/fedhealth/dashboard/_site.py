@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -372,8 +373,10 @@ def site_dashboard_app(
                     governance.approvals.approve(full, reason=reason, steward=steward)
                 else:
                     governance.approvals.reject(full, reason=reason, steward=steward)
-            try:  # the state (never the reason) to the orchestrator; the agent reports it again if this fails
-                report_approval(home, full, approved=decision == "approve")
+            # the state (never the reason) to the orchestrator; the agent reports it again if this fails, so
+            # the steward's page does not wait long on an orchestrator out of reach
+            try:
+                report_approval(home, full, approved=decision == "approve", max_elapsed_s=_REPORT_WAIT_S)
             except (FedHealthError, httpx.HTTPError) as exc:
                 return full, f"the orchestrator was not told yet ({' '.join(str(exc).split())[:200]})"
             return full, None
@@ -510,14 +513,28 @@ def _dataset_summary(home: SiteHome, name: str) -> tuple[Any, str | None]:
         return None, f"Warning: {exc}"
 
 
+_REPORT_WAIT_S = 3.0  # a decision's report to the orchestrator: the agent sends it again if this fails
+_SYNC_PAUSE_S = 60.0  # after a failed fetch, the queue shows what the site holds without asking again
+_sync_failed: dict[str, tuple[float, str]] = {}  # site home -> (when the fetch failed, its warning)
+
+
 def _sync(governance: SiteGovernance) -> str | None:
+    """Fetch and register the specs awaiting this site; a warning when the orchestrator is out of reach,
+    after which the queue does not ask again for a minute (each try may wait seconds)."""
+    key = str(governance.home.root)
+    failed = _sync_failed.get(key)
+    if failed is not None and time.monotonic() - failed[0] < _SYNC_PAUSE_S:
+        return failed[1]
     client = site_client(governance.home, max_elapsed_s=5.0)
     try:
         result = sync_approvals(governance, client)
     except (FedHealthError, httpx.HTTPError) as exc:
-        return f"could not fetch the specs awaiting this site ({' '.join(str(exc).split())[:200]})"
+        warning = f"could not fetch the specs awaiting this site ({' '.join(str(exc).split())[:200]})"
+        _sync_failed[key] = (time.monotonic(), f"{warning}; asked again in a minute")
+        return warning
     finally:
         client.close()
+    _sync_failed.pop(key, None)
     if result.refused:
         return "not registered (bad signature or spec): " + "; ".join(result.refused)
     return None
