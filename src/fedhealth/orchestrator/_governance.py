@@ -74,7 +74,15 @@ from fedhealth.orchestrator._service import (
     OrchestratorSettings,
     Registration,
 )
-from fedhealth.orchestrator._store import ModelVersion, RoundRow, SiteStatus, Store, StudyRow, TaskRow
+from fedhealth.orchestrator._store import (
+    ModelVersion,
+    RoundRow,
+    SiteStatus,
+    Store,
+    StudyRow,
+    TaskRow,
+    shown_id,
+)
 from fedhealth.protocol import (
     FailureCode,
     LogHeadInfo,
@@ -592,7 +600,7 @@ def set_owner_key(
 ) -> dict[str, str]:
     """An admin sets or replaces a user's spec-signing key (404 for an unknown user)."""
     if svc.store.get_user(name) is None:
-        raise ApiError(404, f"user {name!r} does not exist")
+        raise ApiError(404, f"user {shown_id(name)} does not exist")
     key = _key(body.public_key)
     observer.register_owner_key(name, key, by=admin.name)
     return {"user": name, "fingerprint": key.fingerprint}

@@ -17,7 +17,7 @@ from fedhealth.governance import AuditEventType
 from fedhealth.orchestrator._auth import IssuedToken, Principal
 from fedhealth.orchestrator._http import Admin, ApiError, Reader, Svc
 from fedhealth.orchestrator._service import OrchestratorService
-from fedhealth.orchestrator._store import SiteRow
+from fedhealth.orchestrator._store import SiteRow, shown_id
 from fedhealth.protocol import Ack, Role, SiteCreate, SiteCreated, SiteInfo, UserCreate, UserCreated, UserInfo
 
 log = logging.getLogger("fedhealth.orchestrator")
@@ -105,7 +105,7 @@ def replace_api_key(svc: OrchestratorService, admin: Principal, name: str) -> Us
     """A user's new API key (shown once): the old key and its tokens stop working at once."""
     user = svc.store.get_user(name)
     if user is None:
-        raise ApiError(404, f"user {name!r} does not exist")
+        raise ApiError(404, f"user {shown_id(name)} does not exist")
     with svc.audit.transaction() as c:
         api_key = svc.auth.new_api_key(name, connection=c)
         svc.record(admin, AuditEventType.USER_KEY_CHANGED, {"user": name}, c)
@@ -114,7 +114,7 @@ def replace_api_key(svc: OrchestratorService, admin: Principal, name: str) -> Us
 
 def revoke_account(svc: OrchestratorService, admin: Principal, name: str) -> Ack:
     if svc.store.get_user(name) is None:
-        raise ApiError(404, f"user {name!r} does not exist")
+        raise ApiError(404, f"user {shown_id(name)} does not exist")
     if name == admin.name:
         raise ApiError(409, "an admin cannot revoke their own account")
     with svc.audit.transaction() as c:

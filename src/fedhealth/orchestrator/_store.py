@@ -310,7 +310,7 @@ class Store:
         with self.engine.connect() as c:
             row = c.execute(select(sites).where(sites.c.name == name)).mappings().first()
         if row is None:
-            raise NotFoundError(f"site {name!r} is not registered")
+            raise NotFoundError(f"site {shown_id(name)} is not registered")
         return _site(row)
 
     def get_site_or_none(self, name: str) -> SiteRow | None:
@@ -378,7 +378,7 @@ class Store:
         # FOR UPDATE on PostgreSQL serializes token changes of one site; SQLite has one writer at a time
         value = c.execute(select(sites.c.status).where(sites.c.name == site).with_for_update()).scalar()
         if value is None:
-            raise NotFoundError(f"site {site!r} is not registered")
+            raise NotFoundError(f"site {shown_id(site)} is not registered")
         return SiteStatus(value)
 
     @staticmethod
@@ -713,7 +713,7 @@ class Store:
         with self.engine.connect() as c:
             row = c.execute(select(studies).where(studies.c.id == study_id)).mappings().first()
         if row is None:
-            raise NotFoundError(f"study {study_id!r} does not exist")
+            raise NotFoundError(f"study {shown_id(study_id)} does not exist")
         return _study(row)
 
     def study_view(
@@ -725,7 +725,7 @@ class Store:
         with self.engine.connect() as c:
             row = c.execute(select(studies).where(studies.c.id == study_id)).mappings().first()
             if row is None:
-                raise NotFoundError(f"study {study_id!r} does not exist")
+                raise NotFoundError(f"study {shown_id(study_id)} does not exist")
             spec = self._specs.get(study_id)
             if spec is None:
                 spec = self._specs[study_id] = StudySpec.model_validate_json(row["spec_json"])
@@ -760,7 +760,7 @@ class Store:
             with self.engine.connect() as c:
                 raw = c.execute(select(studies.c.spec_json).where(studies.c.id == study_id)).scalar()
             if raw is None:
-                raise NotFoundError(f"study {study_id!r} does not exist")
+                raise NotFoundError(f"study {shown_id(study_id)} does not exist")
             cached = self._specs[study_id] = StudySpec.model_validate_json(raw)
         return cached
 
@@ -856,7 +856,7 @@ class Store:
         with self.engine.connect() as c:
             row = c.execute(select(rounds).where(rounds.c.id == round_id)).mappings().first()
         if row is None:
-            raise NotFoundError(f"round {round_id!r} does not exist")
+            raise NotFoundError(f"round {shown_id(round_id)} does not exist")
         return _round(row)
 
     def rounds_of(self, study_id: str) -> list[RoundRow]:
@@ -952,7 +952,7 @@ class Store:
         with self.engine.connect() as c:
             row = c.execute(select(tasks).where(tasks.c.id == task_id)).mappings().first()
         if row is None:
-            raise NotFoundError(f"task {task_id!r} does not exist")
+            raise NotFoundError(f"task {shown_id(task_id)} does not exist")
         return _task(row)
 
     def tasks_of_round(self, round_id: str) -> list[TaskRow]:
@@ -1136,3 +1136,8 @@ def _check_study_sites(c: Connection, named: list[str]) -> None:
     revoked = [s for s in named if site_status[s] == SiteStatus.REVOKED.value]
     if revoked:
         raise InputError(f"revoked sites cannot take part in a study: {', '.join(revoked)}")
+
+
+def shown_id(value: str) -> str:
+    """An id as an answer names it: quoted, and cut at 80 characters (a caller may send 10,000)."""
+    return repr(value[:80]) + ("..." if len(value) > 80 else "")
