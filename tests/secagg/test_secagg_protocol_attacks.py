@@ -15,7 +15,7 @@ import itertools
 
 import numpy as np
 import pytest
-from secagg_federation import make_federation
+from secagg_federation import make_federation, plain_sum
 
 from fedhealth.crypto import AgreementKey, IdentityKey
 from fedhealth.secagg import (
@@ -38,7 +38,7 @@ from fedhealth.secagg import (
     _derive,
 )
 from fedhealth.secagg._crypto_extra import apply_masks
-from fedhealth.secagg._shamir import reconstruct_secret
+from fedhealth.secagg._shamir import reconstruct_secret, reconstruct_verified, split_secret
 
 
 def _request(client: SecAggClient, survivors: set[str]) -> ConsistencyRequest:
@@ -249,25 +249,43 @@ def test_a_colluder_advertising_an_honest_sites_key_as_its_own_is_refused(which:
 # --- a malicious site at the unmask stage ------------------------------------------------------------------
 
 
-def test_a_site_revealing_a_corrupted_share_fails_the_round_cleanly_with_no_sum() -> None:
-    """A malicious survivor reveals a wrong self-mask-seed share of an honest site: the server's
-    reconstruction does not match the site's commitment, and the round fails with nothing computed (no
-    partial or wrong sum is released)."""
-    fed = make_federation(5, 3)
-    requests = fed.sign(fed.mask(fed.share(fed.advertise()), fed.inputs()))
-    liar = fed.sites[0]  # the smallest x: its share is among the t the server uses
+def _reveal(fed, requests, liars: dict[str, bytes], victim: str, kind: ShareKind) -> None:
+    """Every survivor answers the unmask request; each liar replaces its share of ``victim`` with bytes."""
     for s in fed.sites:
         response = fed.clients[s].unmask(requests[s])
-        if s == liar:
+        if s in liars:
             shares = tuple(
-                dataclasses.replace(r, share=bytes(65) + b"\x01")
-                if r.owner == fed.sites[1] and r.kind is ShareKind.SELF_MASK_SEED
-                else r
+                dataclasses.replace(r, share=liars[s]) if r.owner == victim and r.kind is kind else r
                 for r in response.shares
             )
-            assert any(isinstance(r, RevealedShare) and r.share == bytes(65) + b"\x01" for r in shares)
+            assert any(isinstance(r, RevealedShare) and r.share == liars[s] for r in shares)
             response = dataclasses.replace(response, shares=shares)
         fed.server.receive(response)
+
+
+def test_a_site_revealing_a_corrupted_share_is_named_and_the_round_still_sums_right() -> None:
+    """A malicious survivor reveals a wrong self-mask-seed share of an honest site (its share is among the t
+    the server tries first). The server rebuilds the seed from another set of the shares, checked against
+    the site's commitment, and names the liar: one site cannot fail every round unnamed."""
+    fed = make_federation(5, 3)
+    inputs = fed.inputs()
+    requests = fed.sign(fed.mask(fed.share(fed.advertise()), inputs))
+    liar, victim = fed.sites[0], fed.sites[1]  # the liar holds the smallest x
+    _reveal(fed, requests, {liar: bytes(65) + b"\x01"}, victim, ShareKind.SELF_MASK_SEED)
+    fed.server.close_stage()
+    result = fed.server.result()
+    assert np.array_equal(result.vector.astype(np.uint64), plain_sum(inputs, fed.sites))
+    assert result.misbehaving == (liar,)
+
+
+def test_too_many_wrong_shares_fail_the_round_cleanly_with_no_sum() -> None:
+    """More liars than the spare shares cover: no set of t shares rebuilds the committed seed, and the round
+    fails with nothing computed (no partial or wrong sum is released)."""
+    fed = make_federation(5, 3)
+    requests = fed.sign(fed.mask(fed.share(fed.advertise()), fed.inputs()))
+    victim = fed.sites[1]
+    liars = {s: bytes(65) + bytes([i + 1]) for i, s in enumerate(fed.sites) if s != victim}
+    _reveal(fed, requests, liars, victim, ShareKind.SELF_MASK_SEED)
     with pytest.raises(RoundFailedError) as info:
         fed.server.close_stage()
     assert info.value.reason is FailureReason.INCONSISTENT_SHARES
@@ -290,3 +308,17 @@ def test_the_server_refuses_to_request_both_kinds_of_share_of_one_site() -> None
     with pytest.raises(SecAggSecurityError, match="both kinds"):
         server._grant(victim, ShareKind.PAIRWISE_KEY)
     assert isinstance(server.config, SecAggConfig)
+
+
+def test_verified_reconstruction_names_every_share_off_the_polynomial() -> None:
+    secret = bytes(range(32))
+    shares = split_secret(secret, [1, 2, 3, 4, 5, 6, 7], 4)
+    shares[1] = bytes(65) + b"\x07"  # wrong value, among the first four tried
+    shares[6] = b"short"  # not even a share
+    got, wrong = reconstruct_verified(shares, 4, lambda s: s == secret)
+    assert got == secret
+    assert wrong == {1, 6}
+    honest = split_secret(secret, [1, 2, 3, 4], 4)
+    assert reconstruct_verified(honest, 4, lambda s: s == secret) == (secret, frozenset())
+    with pytest.raises(ValueError, match="no set"):  # 3 right shares of a threshold of 4
+        reconstruct_verified({**honest, 4: bytes(66)}, 4, lambda s: s == secret)

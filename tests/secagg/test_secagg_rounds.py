@@ -291,7 +291,14 @@ def test_server_result_is_only_the_sum_of_the_contributors() -> None:
     assert np.array_equal(seen.result.vector.astype(np.uint64), plain_sum(inputs, seen.result.contributors))
     assert not any(np.array_equal(seen.result.vector, inputs[s]) for s in fed.sites)
     # the result carries nothing else, and the server has forgotten every masked input and share
-    assert {f.name for f in dataclasses.fields(AggregateResult)} == {"vector", "contributors", "dropped"}
+    # the sum and names of sites, nothing of any site's input
+    assert {f.name for f in dataclasses.fields(AggregateResult)} == {
+        "vector",
+        "contributors",
+        "dropped",
+        "misbehaving",
+    }
+    assert seen.result.misbehaving == ()
     assert not fed.server._masked
     assert not fed.server._shares
     assert not fed.server._responses

@@ -487,7 +487,14 @@ class RoundEngine:
             return SecureSumFailed(
                 reason=f"secure aggregation did not finish (at the {stage} stage by the deadline)"
             )
-        return SecureSumDone(contributors=tuple(driver.result().contributors))
+        result = driver.result()
+        if result.misbehaving:  # the sum is right (rebuilt from the right shares); who lied is worth knowing
+            log.warning(
+                "round %s: %s revealed a wrong secret share; the sum was rebuilt without it",
+                round_id,
+                ", ".join(result.misbehaving),
+            )
+        return SecureSumDone(contributors=tuple(result.contributors))
 
     async def _secure_settled(self, round_id: str) -> None:
         await self._drive(round_id, self._secure_outcome(round_id))

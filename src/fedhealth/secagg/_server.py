@@ -18,7 +18,7 @@ seed comes from the advertisements it relays (all of them, to every site), never
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -47,7 +47,7 @@ from fedhealth.secagg._messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from fedhealth.secagg._shamir import reconstruct_secret
+from fedhealth.secagg._shamir import reconstruct_verified
 from fedhealth.secagg._stages import SERVER_TRANSITIONS, ServerAction, Stage, next_stage
 
 _M = TypeVar("_M", KeyAdvertisement, EncryptedShares, MaskedInput, ConsistencySignature, UnmaskResponse)
@@ -68,6 +68,9 @@ class AggregateResult:
     vector: NDArray[np.uint32]
     contributors: tuple[str, ...]
     dropped: tuple[str, ...]
+    # survivors that revealed a share off its owner's polynomial (a wrong share): the sum is right all the
+    # same, rebuilt from the right shares
+    misbehaving: tuple[str, ...] = ()
 
 
 class SecAggServer:
@@ -89,6 +92,7 @@ class SecAggServer:
         self._digest = config.digest()
         self._seed: bytes | None = None
         self._graph: NeighbourhoodGraph | None = None
+        self.misbehaving: set[str] = set()  # survivors that revealed a wrong share (see _recover)
         self._stage = Stage.ADVERTISE_KEYS
         self._expected: frozenset[str] = frozenset(config.sites)
         self._adverts: dict[str, KeyAdvertisement] = {}
@@ -403,6 +407,23 @@ class SecAggServer:
                     points[self._config.x_of(responder)] = share.share
         return points
 
+    def _recover(self, owner: str, points: dict[int, bytes], verify: Callable[[bytes], bool]) -> bytes:
+        """``owner``'s secret from the revealed shares, checked against its commitment (or public key). A
+        survivor that revealed a wrong share neither stops the round nor goes unnamed: another set of the
+        shares rebuilds the secret, and the holders of shares off its polynomial are recorded in
+        :attr:`misbehaving` (the round still needs ``t`` right shares)."""
+        try:
+            secret, wrong = reconstruct_verified(points, self._config.share_threshold, verify)
+        except ValueError:
+            raise self._fail(
+                FailureReason.INCONSISTENT_SHARES,
+                f"the shares of {owner!r} are inconsistent: no {self._config.share_threshold} of the "
+                f"{len(points)} revealed rebuild its committed secret",
+            ) from None
+        holders = {self._config.x_of(site): site for site in self._config.sites}
+        self.misbehaving.update(holders[x] for x in wrong if x in holders)
+        return secret
+
     def _close_unmask(self) -> None:
         self._require(frozenset(self._responses), "answered the unmask request")
         t = self._config.share_threshold
@@ -414,18 +435,13 @@ class SecAggServer:
                 raise self._fail(
                     FailureReason.NEIGHBOURHOOD_TOO_SMALL, f"{len(points)} shares of {owner!r}, {t} needed"
                 )
-            try:
-                seed = reconstruct_secret(points, t)
-            except ValueError:
-                raise self._fail(
-                    FailureReason.INCONSISTENT_SHARES, f"the shares of {owner!r} are inconsistent"
-                ) from None
-            commitment = _derive.self_mask_commitment(self._config, self._digest, seed, owner)
-            if not constant_time_equal(commitment, self._shares[owner].self_mask_commitment):
-                raise self._fail(
-                    FailureReason.INCONSISTENT_SHARES, f"the shares of {owner!r} are inconsistent"
-                )
-            self_seeds[owner] = seed
+            committed = self._shares[owner].self_mask_commitment
+
+            def matches(seed: bytes, owner: str = owner, committed: bytes = committed) -> bool:
+                commitment = _derive.self_mask_commitment(self._config, self._digest, seed, owner)
+                return constant_time_equal(commitment, committed)
+
+            self_seeds[owner] = self._recover(owner, points, matches)
         graph, graph_seed = self.graph, self._seed
         assert graph_seed is not None
         dropped_keys: dict[str, AgreementKey] = {}
@@ -435,17 +451,17 @@ class SecAggServer:
                 raise self._fail(
                     FailureReason.NEIGHBOURHOOD_TOO_SMALL, f"{len(points)} shares of {owner!r}, {t} needed"
                 )
-            try:
-                key = AgreementKey.from_private_bytes(reconstruct_secret(points, t))
-            except (ValueError, CryptoError):
-                raise self._fail(
-                    FailureReason.INCONSISTENT_SHARES, f"the shares of {owner!r} are inconsistent"
-                ) from None
-            if not constant_time_equal(key.public_bytes(), self._adverts[owner].mask_public_key):
-                raise self._fail(
-                    FailureReason.INCONSISTENT_SHARES, f"the shares of {owner!r} are inconsistent"
-                )
-            dropped_keys[owner] = key
+            advertised = self._adverts[owner].mask_public_key
+
+            def is_key(secret: bytes, advertised: bytes = advertised) -> bool:
+                try:
+                    return constant_time_equal(
+                        AgreementKey.from_private_bytes(secret).public_bytes(), advertised
+                    )
+                except CryptoError:
+                    return False
+
+            dropped_keys[owner] = AgreementKey.from_private_bytes(self._recover(owner, points, is_key))
 
         contributors = sorted(u3)
         # the first input copied rather than added to zeros: fresh zeroed pages cost more than the copy
@@ -479,6 +495,7 @@ class SecAggServer:
             vector=total,
             contributors=tuple(sorted(u3)),
             dropped=tuple(s for s in self._config.sites if s not in u3),
+            misbehaving=tuple(sorted(self.misbehaving)),
         )
         self._expected = frozenset()
         self._wipe()

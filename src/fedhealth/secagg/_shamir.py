@@ -10,8 +10,9 @@ per parameter.
 
 from __future__ import annotations
 
+import itertools
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 
 PRIME = (1 << 521) - 1
@@ -94,3 +95,49 @@ def reconstruct_secret(points: Mapping[int, bytes], threshold: int) -> bytes:
     if value >> (8 * SECRET_BYTES):
         raise ValueError("the shares do not encode a 32-byte secret")
     return value.to_bytes(SECRET_BYTES, "big")
+
+
+def _value_at(points: Mapping[int, int], x: int, prime: int = PRIME) -> int:
+    """The value at ``x`` of the polynomial through exactly ``points`` (Lagrange)."""
+    total = 0
+    for xj, yj in points.items():
+        num, den = 1, 1
+        for xm in points:
+            if xm != xj:
+                num = num * (x - xm) % prime
+                den = den * (xj - xm) % prime
+        total = (total + yj * num * pow(den, -1, prime)) % prime
+    return total
+
+
+def reconstruct_verified(
+    points: Mapping[int, bytes],
+    threshold: int,
+    verify: Callable[[bytes], bool],
+    *,
+    max_tries: int = 512,
+) -> tuple[bytes, frozenset[int]]:
+    """The secret from shares some of which may be wrong, when a wrong secret can be told (``verify``: a
+    commitment or a public key matches): the first ``threshold`` shares whose secret verifies, the
+    ``threshold`` smallest x first, then other sets of them (at most ``max_tries``), and the x of every
+    share that is not on that polynomial (their holders revealed a wrong share). Raises ``ValueError`` when
+    no set tried verifies. Every set rebuilds the same one secret or a wrong one: trying sets reveals
+    nothing that the right set does not."""
+    if len(points) < threshold:
+        raise ValueError(f"{len(points)} shares cannot reconstruct a secret that needs {threshold}")
+    wrong_size = {x for x, y in points.items() if len(y) != SHARE_BYTES}
+    values = {x: int.from_bytes(y, "big") for x, y in points.items() if x not in wrong_size}
+    values = {x: y for x, y in values.items() if 0 < x < PRIME and 0 <= y < PRIME}
+    for tries, xs in enumerate(itertools.combinations(sorted(values), threshold)):
+        if tries >= max_tries:
+            break
+        chosen = {x: values[x] for x in xs}
+        value = reconstruct_int(chosen, threshold)
+        if value >> (8 * SECRET_BYTES):
+            continue
+        secret = value.to_bytes(SECRET_BYTES, "big")
+        if not verify(secret):
+            continue
+        off = {x for x in values if x not in chosen and _value_at(chosen, x) != values[x]}
+        return secret, frozenset(off | (set(points) - set(values)))
+    raise ValueError("no set of the shares rebuilds a secret that verifies")
