@@ -104,6 +104,9 @@ class RetryPolicy:
 
 
 class OrchestratorClient:
+    # how much longer than the long poll's own wait an answer may take before the read times out
+    LONG_POLL_GRACE_S = 15.0
+
     def __init__(
         self,
         base_url: str,
@@ -334,7 +337,7 @@ class OrchestratorClient:
             "GET",
             "/api/v1/agent/tasks/next",
             params={"wait": wait},
-            timeout=httpx.Timeout(wait + 15, connect=5.0),
+            timeout=httpx.Timeout(wait + self.LONG_POLL_GRACE_S, connect=5.0),
         )
         try:
             return from_peer(TaskPoll, response.content, self.orchestrator_protocol).task
@@ -395,7 +398,10 @@ class OrchestratorClient:
         not yet; ask :meth:`secagg_receive`)."""
         waiting: dict[str, Any] = {}
         if wait > 0:
-            waiting = {"params": {"wait": wait}, "timeout": httpx.Timeout(wait + 15, connect=5.0)}
+            waiting = {
+                "params": {"wait": wait},
+                "timeout": httpx.Timeout(wait + self.LONG_POLL_GRACE_S, connect=5.0),
+            }
         headers = {"Content-Type": "application/octet-stream"}
         if attestation is not None:
             headers[ATTESTATION_HEADER] = base64.b64encode(attestation.model_dump_json().encode()).decode()
@@ -429,7 +435,7 @@ class OrchestratorClient:
                 "GET",
                 f"/api/v1/agent/tasks/{task_id}/secagg/{stage}",
                 params={"wait": wait},
-                timeout=httpx.Timeout(wait + 15, connect=5.0),
+                timeout=httpx.Timeout(wait + self.LONG_POLL_GRACE_S, connect=5.0),
                 max_elapsed_s=max_elapsed_s,
             )
         except OrchestratorRefused as exc:
