@@ -8,7 +8,7 @@ export FEDHEALTH_DATA_DIR
 
 # The tested versions of every dependency: installs use them, `make lock` refreshes them.
 CONSTRAINTS := constraints.txt
-EXTRAS := dev,postgres,onnx,gbdt,dashboard,browser,imaging
+EXTRAS := dev,postgres,mysql,onnx,gbdt,dashboard,browser,imaging
 
 .PHONY: demo test lint typecheck bench clean lock
 

@@ -48,6 +48,9 @@ from fedhealth.sim import LocalFederation
 # `postgres_admin()` below, and an unreachable server fails those tests (never skips them).
 POSTGRES_URL_ENV = "FEDHEALTH_TEST_POSTGRES_URL"
 POSTGRES_URL = os.environ.get(POSTGRES_URL_ENV) or "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+# And its one MySQL/MariaDB setting (the SQL connector's tests): an account that may create databases.
+MYSQL_URL_ENV = "FEDHEALTH_TEST_MYSQL_URL"
+MYSQL_URL = os.environ.get(MYSQL_URL_ENV) or "mysql+pymysql://root@127.0.0.1:3306/test"
 
 
 def logreg_recipe(n_features: int = 30, **params: object) -> RecipeSpec:
@@ -226,6 +229,43 @@ def postgres_schema() -> Iterator[str]:
     """A throwaway schema on the test server; yields a URL whose connections use it."""
     with postgres_schema_name() as schema:
         yield postgres_url(schema)
+
+
+_mysql: sa.Engine | None = None
+_mysql_unreachable: str | None = None
+
+
+def mysql_admin() -> sa.Engine:
+    """An engine on the test MySQL/MariaDB server, probed once per session; unreachable, it fails the
+    calling test in one line (as :func:`postgres_admin` does)."""
+    global _mysql, _mysql_unreachable
+    if _mysql is None and _mysql_unreachable is None:
+        engine = sa.create_engine(MYSQL_URL, connect_args={"connect_timeout": 5})
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            _mysql = engine
+        except sa.exc.OperationalError as exc:
+            engine.dispose()
+            reason = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+            _mysql_unreachable = f"MySQL/MariaDB is unreachable at {MYSQL_URL} ({MYSQL_URL_ENV}): {reason}"
+    if _mysql is None:
+        pytest.fail(_mysql_unreachable, pytrace=False)
+    return _mysql
+
+
+@contextmanager
+def mysql_database(prefix: str = "t") -> Iterator[str]:
+    """A throwaway database on the test MySQL/MariaDB server, dropped afterwards; yields its name."""
+    admin = mysql_admin()
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
+    try:
+        yield name
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE `{name}`")
 
 
 class ChokeProxy:

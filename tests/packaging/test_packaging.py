@@ -44,8 +44,20 @@ def test_psycopg_is_an_extra_that_make_installs():
     assert "EXTRAS := dev,postgres" in (ROOT / "Makefile").read_text()
 
 
+def make_extras() -> tuple[str, ...]:
+    """The extras `make test` installs (the Makefile's EXTRAS line)."""
+    line = next(x for x in (ROOT / "Makefile").read_text().splitlines() if x.startswith("EXTRAS := "))
+    return tuple(line.removeprefix("EXTRAS := ").split(","))
+
+
+def test_pymysql_is_an_extra_that_make_installs():
+    assert not any(r.name == "pymysql" for r in requirements())
+    assert [r.name for r in requirements("mysql")][-1] == "pymysql"
+    assert "mysql" in make_extras()
+
+
 def test_every_dependency_at_0_x_has_an_upper_bound():
-    for req in requirements("dev", "postgres", "bench"):
+    for req in requirements(*make_extras(), "bench"):
         lows = [Version(s.version) for s in req.specifier if s.operator == ">="]
         if lows and lows[0].major == 0:
             assert any(s.operator == "<" for s in req.specifier), f"{req} has no upper bound"
@@ -53,7 +65,7 @@ def test_every_dependency_at_0_x_has_an_upper_bound():
 
 def test_the_constraints_pin_versions_every_range_accepts():
     pinned = pins()
-    for req in requirements("dev", "postgres", "bench"):
+    for req in requirements(*make_extras(), "bench"):
         version = pinned.get(canonicalize_name(req.name))
         assert version is not None, f"{req.name} is not pinned in constraints.txt"
         assert req.specifier.contains(version, prereleases=True), f"{req.name}=={version} is outside {req}"

@@ -14,12 +14,16 @@ driver (``db.sslmode=require``); and the parameters every tabular source takes (
 ``schema``, ``test_fraction``, ``seed``, ``standardize``). A table is read ordered by its id column (by every
 column when it has none), so a row's number in a message is stable.
 
+MySQL and MariaDB are read with pymysql (``sql+mysql+pymysql://`` or ``sql+mariadb+pymysql://``, the
+``mysql`` extra); ``db_schema=`` is then the database of a ``table=``.
+
 Read-only, twice over: a query must be one ``SELECT`` (or ``WITH ... SELECT``) statement, without ``INTO``
 or row locks, checked before it is sent, and the driver runs one statement at most (psycopg sends it
-prepared; sqlite3 refuses more), so a ``COMMIT`` the check missed cannot end the transaction; and everything
-runs in a transaction the database itself holds read-only (``SET TRANSACTION READ ONLY`` on PostgreSQL and
-MySQL, ``PRAGMA query_only`` on SQLite), then rolled back. Other databases get the statement check and the
-rollback only.
+prepared; sqlite3 and pymysql refuse more, and on MySQL a query is read only through a pymysql connection
+without the multi-statement flag), so a ``COMMIT`` the check missed cannot end the transaction; and
+everything runs in a transaction the database itself holds read-only (``SET TRANSACTION READ ONLY`` on
+PostgreSQL and MySQL, ``PRAGMA query_only`` on SQLite), then rolled back. Other databases get the statement
+check and the rollback only.
 
 Errors are translated here, once: an unreachable server or a refused login is a
 :class:`SourceUnavailableError` / :class:`CredentialsRefusedError`, a missing table or column a
@@ -61,6 +65,10 @@ SQL_PARAMS = frozenset({"table", "query", "query_file", "db_schema", "password",
 _PARAM_PREFIX = "param."
 _DRIVER_PREFIX = "db."
 _CONNECT_TIMEOUT_S = 10
+# the extra that installs a dialect's tested driver
+_EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
+_MYSQL = ("mysql", "mariadb")
+_MYSQL_MULTI_STATEMENTS = 1 << 16  # CLIENT_MULTI_STATEMENTS in the MySQL protocol's capability flags
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,8 +126,10 @@ def database_of(uri: DatasetURI, prefix: str) -> Database:
         )
         sa.create_engine(url, poolclass=NullPool).dispose()  # checks the dialect and driver are installed
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+        extra = next((e for k, e in _EXTRAS.items() if driver.startswith(k)), None)
+        install = f" (pip install 'fedhealth[{extra}]')" if extra and isinstance(exc, ImportError) else ""
         raise ConfigError(
-            f"dataset URI {uri.raw!r}: {driver!r} is not a usable SQLAlchemy database: {exc}"
+            f"dataset URI {uri.raw!r}: {driver!r} is not a usable SQLAlchemy database{install}: {exc}"
         ) from exc
     shown = url.set(query={}).render_as_string(hide_password=True)  # no driver options in messages
     # every secret the URI carries (a db.password= too) is scrubbed from the driver's messages, longest first
@@ -148,7 +158,7 @@ def read_only(db: Database, where: str) -> Iterator[sa.Connection]:
 
 def _hold_read_only(conn: sa.Connection) -> None:
     dialect = conn.dialect.name
-    if dialect in ("postgresql", "mysql", "mariadb"):
+    if dialect == "postgresql" or dialect in _MYSQL:
         conn.exec_driver_sql("SET TRANSACTION READ ONLY")
     elif dialect == "sqlite":
         conn.exec_driver_sql("PRAGMA query_only = ON")
@@ -168,11 +178,16 @@ _CREDENTIALS = (
 def translate_error(exc: sa.exc.DBAPIError, db: Database, where: str) -> DatasetError:
     """One clear error for a driver's: what failed, where, and what to do (the password scrubbed)."""
     orig = exc.orig if exc.orig is not None else exc
-    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    # MySQL's drivers raise (error number, message); the number is the reliable part
+    args = getattr(orig, "args", ())
+    code = args[0] if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str) else None
+    message = args[1] if code is not None else str(orig)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
     text = db.scrub(lines[0] if lines else type(orig).__name__)
     lowered = text.lower()
     state = str(getattr(orig, "sqlstate", "") or "")
-    if state == "25006" or "read-only transaction" in lowered or "readonly database" in lowered:
+    read_only_refused = code == 1792 or "read-only transaction" in lowered or "readonly database" in lowered
+    if state == "25006" or read_only_refused:
         return UnsafeQueryError(
             f"{where}: the query tried to write, and its read-only transaction refused ({text})"
         )
@@ -181,9 +196,13 @@ def translate_error(exc: sa.exc.DBAPIError, db: Database, where: str) -> Dataset
         return UnsafeQueryError(
             f"{where}: the query holds more than one statement, and the database refused it"
         )
-    if state in ("42P01", "3F000", "42703") or "no such table" in lowered or "no such column" in lowered:
+    # MySQL: 1146 no such table, 1054 no such column
+    missing = code in (1146, 1054) or "no such table" in lowered or "no such column" in lowered
+    if state in ("42P01", "3F000", "42703") or missing:
         return SchemaError(f"{where}: {text}", hint="check the tables and columns the dataset names")
-    if state in ("42501", "28000", "28P01") or any(words in lowered for words in _CREDENTIALS):
+    # MySQL: 1045 the login, 1044 the database, 1142 and 1143 a table or column the user may not read
+    refused = code in (1044, 1045, 1142, 1143)
+    if state in ("42501", "28000", "28P01") or refused or any(words in lowered for words in _CREDENTIALS):
         return CredentialsRefusedError(
             f"the database at {db.shown} refuses this site's credentials: {text}",
             hint="check the user name and the password (password_env=NAME reads it from the environment), "
@@ -342,21 +361,35 @@ def read_sql_query(
             if conn.dialect.name != "postgresql":
                 raise ConfigError(f"{where}: db_schema= goes with table= here; name the schema in the query")
             conn.execute(sa.select(sa.func.set_config("search_path", db_schema, True)))
-        _one_statement_only(conn)
+        _one_statement_only(conn, where)
         return _frame(conn.execute(statement, binds))
 
 
-def _one_statement_only(conn: sa.Connection) -> None:
+def _one_statement_only(conn: sa.Connection, where: str) -> None:
     """Have the driver send the dataset query so that the server runs one statement at most: the second layer
     under :func:`check_read_only_sql` (a ``COMMIT`` it missed would end the read-only transaction).
 
     psycopg sends a query without parameters by the simple protocol, which runs every statement in it;
     prepared (the extended protocol), the server refuses more than one. sqlite3 refuses more than one
-    itself."""
+    itself. On MySQL and MariaDB the server runs several only for a connection that asked to (the
+    multi-statement capability): pymysql does not unless its ``client_flag`` says so, which is refused here;
+    other drivers (mysqlclient asks for it by default) are refused for a query, as this cannot be checked."""
+    driver = conn.connection.driver_connection
+    assert driver is not None  # an open connection has its driver's
     if conn.dialect.driver == "psycopg":
-        driver = conn.connection.driver_connection
-        assert driver is not None  # an open connection has its driver's
         driver.prepare_threshold = 0  # every query from now on is prepared
+    elif conn.dialect.name in _MYSQL:
+        if conn.dialect.driver != "pymysql":
+            raise UnsafeQueryError(
+                f"{where}: on MySQL and MariaDB a dataset query is read with the pymysql driver only "
+                f"(sql+{conn.dialect.name}+pymysql://...), which runs one statement at a time; "
+                f"{conn.dialect.driver} may run several"
+            )
+        if int(getattr(driver, "client_flag", 0)) & _MYSQL_MULTI_STATEMENTS:
+            raise UnsafeQueryError(
+                f"{where}: the connection lets the server run several statements in one query (its "
+                "client_flag asks for multi-statements); drop that option from db.client_flag="
+            )
 
 
 def _frame(result: sa.CursorResult[Any]) -> pd.DataFrame:
