@@ -1,10 +1,11 @@
 """Secure rounds at the orchestrator: one SecAgg+ server per open round, driven over the agent API.
 
 The protocol itself lives in ``fedhealth.secagg`` (sans-IO); this module is its transport. A site posts its
-message for the current stage; once every expected site has answered, or the stage's timeout passes, the
-stage closes with whoever answered and each continuing site can fetch the server's next message by
-long-poll. When the unmask stage closes, the round engine gets the *sum* and nothing else: the orchestrator
-never holds a site's unmasked update, and it keeps no masked input after the round.
+message for the current stage; once every expected site has answered or left the round (its task closed: it
+reported a failure), or the stage's timeout passes, the stage closes with whoever answered and each continuing
+site can fetch the server's next message by long-poll. When the unmask stage closes, the round engine gets the
+*sum* and nothing else: the orchestrator never holds a site's unmasked update, and it keeps no masked input
+after the round.
 
 The server's state is in memory on purpose (its secrets must not be written down). After an orchestrator
 restart an open secure round starts a new attempt with fresh keys: the attempt id is bound into every key
@@ -67,6 +68,8 @@ class SecureRoundDriver:
     on_failed: Callable[[str, str], None]
     outbox: dict[Stage, dict[str, bytes]] = field(default_factory=dict)
     dropped_at: dict[str, Stage] = field(default_factory=dict)
+    # sites whose task closed during the round (a reported failure): they answer no further stage
+    left: set[str] = field(default_factory=set)
     # what each site attested with its first message; written with the tasks when the round closes
     attestations: dict[str, SiteAttestation] = field(default_factory=dict)
     ended: str | None = None  # why the round is over for everyone (failure or result)
@@ -123,6 +126,8 @@ class SecureRoundDriver:
             raise ConflictError(str(exc)) from exc
         if not self.server.awaiting():
             self.close()
+        else:
+            self._close_if_decided()  # the sites still awaited may all have left
 
     def close(self) -> None:
         stage = self.server.stage
@@ -149,6 +154,27 @@ class SecureRoundDriver:
             return
         self.arm()
         self._wake()
+        self._close_if_decided()
+
+    def site_left(self, site: str) -> None:
+        """``site``'s task closed (it reported that it cannot go on): it will answer no further stage."""
+        if self.ended is None and site in self.config.sites:
+            self.left.add(site)
+            self._close_if_decided()
+
+    def _close_if_decided(self) -> None:
+        """Close the stage now, as its timeout would later, when every site still awaited has left: waiting
+        can change nothing. (A stage that only some departed sites keep from its threshold still waits for
+        the others, so that each site that refuses the round reports its own reason.)"""
+        awaiting = self.server.awaiting()
+        if self.ended is None and awaiting and awaiting <= self.left:
+            log.info(
+                "secure round %s: %s stage closes now: %s, still awaited, left the round",
+                self.round_id,
+                self.server.stage.value,
+                sorted(awaiting),
+            )
+            self.close()
 
     def _wake(self) -> None:
         self._changed.set()
@@ -300,8 +326,14 @@ class SecureRounds:
         return (held[0], driver) if driver is not None else None
 
     def task_closed(self, task_id: str) -> None:
-        """A task closed: from now on its site's messages are answered as for any closed task (410)."""
-        self._tasks.pop(task_id, None)
+        """A task closed: from now on its site's messages are answered as for any closed task (410), and its
+        round stops waiting for that site."""
+        held = self._tasks.pop(task_id, None)
+        if held is not None:
+            site, round_id = held
+            driver = self._drivers.get(round_id)
+            if driver is not None:
+                driver.site_left(site)
 
     def not_joinable(self, task: TaskRow, round_row: RoundRow) -> bool:
         """For task delivery: a secure round's task the site can no longer join is not handed out."""
