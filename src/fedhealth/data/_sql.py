@@ -219,28 +219,47 @@ def translate_error(exc: sa.exc.DBAPIError, db: Database, where: str) -> Dataset
 
 # --- the statement check ------------------------------------------------------------------------------------
 
-_LITERALS = re.compile(
-    r"""
-      (?P<line>--[^\n]*)            # a line comment
+_QUOTED_AND_COMMENTS = r"""
+      (?P<line>--[^\n\r]*)          # a line comment (PostgreSQL ends one at \r too)
     | (?P<block>/\*.*?\*/)          # a block comment
     | (?P<quoted>
         '(?:[^']|'')*'              # a string
       | "(?:[^"]|"")*"              # a quoted identifier (a string on MySQL)
       | `(?:[^`]|``)*`              # a MySQL quoted identifier
       )
-    | \$(?P<tag>\w*)\$.*?\$(?P=tag)\$   # a PostgreSQL dollar-quoted string
-    """,
-    re.VERBOSE | re.DOTALL,
+"""
+# PostgreSQL's dollar-quoted string: its tag starts with a letter or "_", and "$" after a name's character is
+# part of the name (a$b$ is an identifier), so no string starts there
+_DOLLAR_QUOTED = r"""
+    | (?<![\w$])\$(?P<tag>(?:[^\W\d]\w*)?)\$.*?\$(?P=tag)\$
+"""
+# Two readings of a query, each blanking what one family of databases reads as a string or a comment: on
+# MySQL, MariaDB and SQLite "$" is part of a name, so a$b$ ... $b$ is SQL there, not PostgreSQL's string.
+# The check refuses what either reading refuses (it does not know which database the query is for).
+_READINGS = (
+    re.compile(_QUOTED_AND_COMMENTS + _DOLLAR_QUOTED, re.VERBOSE | re.DOTALL),
+    re.compile(_QUOTED_AND_COMMENTS, re.VERBOSE | re.DOTALL),
 )
-_WRITES_INSIDE = re.compile(r"\b(INTO|FOR\s+(UPDATE|SHARE|NO\s+KEY\s+UPDATE|KEY\s+SHARE))\b", re.IGNORECASE)
+# A keyword starts after anything but a letter or "_": MySQL reads 1e1INTO as the number 1e1, then INTO
+_KEYWORD = r"(?<![^\W\d])"
+_WRITES_INSIDE = re.compile(
+    _KEYWORD + r"(INTO|FOR\s+(UPDATE|SHARE|NO\s+KEY\s+UPDATE|KEY\s+SHARE)|LOCK\s+IN\s+SHARE\s+MODE)\b",
+    re.IGNORECASE,
+)
 
 
 def check_read_only_sql(sql: str) -> None:
     """Refuse anything but one ``SELECT`` (or ``WITH ... SELECT``) statement without ``INTO`` or row locks.
     A writing ``WITH`` (``WITH d AS (DELETE ...) SELECT``) passes this check and is stopped by the
     read-only transaction. A backslash in a quoted string or name, and a comment inside a comment, are
-    refused: databases read them differently, so they could hide a second statement from this check."""
-    body = _LITERALS.sub(_blank_literal, sql).strip()
+    refused: databases read them differently, so they could hide a second statement from this check. The
+    query is read as PostgreSQL reads it and as MySQL does (no dollar-quoted strings there), and refused if
+    either reading finds what this refuses."""
+    for reading in _READINGS:
+        _check_reading(reading.sub(_blank_literal, sql).strip())
+
+
+def _check_reading(body: str) -> None:
     body = body[:-1].rstrip() if body.endswith(";") else body
     if not body:
         raise UnsafeQueryError("the dataset query is empty")
@@ -270,10 +289,12 @@ def _blank_literal(found: re.Match[str]) -> str:
         )
     if block is not None and "/*" in block[2:]:
         raise UnsafeQueryError("the dataset query has a comment inside a comment; write them apart")
-    # MySQL runs a /*! ... */ comment's text, and reads "--" as a comment only before a space (--1 is minus
-    # minus one): either would run text this check took for a comment
-    if block is not None and block.startswith("/*!"):
-        raise UnsafeQueryError("the dataset query has a /*! comment, which MySQL runs; write it without")
+    # MySQL runs a /*! ... */ comment's text (MariaDB a /*M! ... */ one's too), and reads "--" as a comment
+    # only before a space (--1 is minus minus one): either would run text this check took for a comment
+    if block is not None and (block.startswith("/*!") or block[2:4].upper() == "M!"):
+        raise UnsafeQueryError(
+            "the dataset query has a /*! or /*M! comment, which MySQL or MariaDB runs; write it without"
+        )
     if line is not None and line[2:3] not in ("", " ", "\t", "\r"):
         raise UnsafeQueryError(
             'the dataset query has "--" without a space after it; write "-- " for a comment'
