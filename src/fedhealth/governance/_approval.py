@@ -11,6 +11,7 @@ that is how a refusal can say "changed after approval" rather than just "not app
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,6 +53,15 @@ def _check_hash(value: str) -> str:
     if len(value) != 64 or not set(value) <= _HEX:
         raise InputError(f"{value!r} is not a spec hash (64 lowercase hex characters)")
     return value
+
+
+# the owner names a study spec can carry (fedhealth.protocol's Name; governance does not import protocol)
+_OWNER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+_FIRST_USE = "first use"
+
+
+class _AlreadyPinned(Exception):
+    """A first-use pin found a key pinned since the caller looked (the transaction is rolled back)."""
 
 
 def _signing_message(owner: str, digest: str) -> bytes:
@@ -218,14 +228,21 @@ class ApprovalRegistry:
             raise InputError("pinning an owner's key needs a reason")
         if not steward.strip():
             raise InputError("pinning an owner's key needs the steward's name")
+        if not _OWNER_NAME.fullmatch(owner):
+            # "Alice" or "alice " would pin a name no spec carries: the real owner's specs would still be
+            # pinned on first use to whatever key arrives, while the steward believes the key is pinned
+            raise InputError(
+                f"owner {owner!r} is not an owner name a study spec can carry (lowercase letters, digits, "
+                "'.', '_' and '-', starting with a letter or digit, at most 63): give the owner's user name"
+            )
         self._pin(owner, key, by=f"steward:{steward}", reason=reason.strip())
 
     def _check_owner_key(self, signed: SignedSpec) -> None:
         pinned = self.owner_key(signed.owner)
         if pinned is None:
             try:
-                self._pin(signed.owner, signed.owner_key, by="first use", reason=None)
-            except IntegrityError:  # pinned concurrently by another process
+                self._pin(signed.owner, signed.owner_key, by=_FIRST_USE, reason=None)
+            except (IntegrityError, _AlreadyPinned):  # pinned concurrently (the steward, another process)
                 pinned = self.owner_key(signed.owner)
         if pinned is not None and pinned != signed.owner_key:
             raise CryptoError(
@@ -240,6 +257,8 @@ class ApprovalRegistry:
             previous = conn.execute(
                 select(owner_keys.c.public_key).where(owner_keys.c.owner == owner)
             ).scalar_one_or_none()
+            if previous is not None and by == _FIRST_USE:
+                raise _AlreadyPinned  # first use pins only where nothing is: it never replaces a key
             if previous is None:
                 conn.execute(
                     insert(owner_keys).values(

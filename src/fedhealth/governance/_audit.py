@@ -513,11 +513,16 @@ def verify_anchor(entries: Iterable[AuditEntry], anchored_heads: Iterable[LogHea
     chain, and only the anchors held by its peers expose it.
     """
     by_seq = {e.seq: e for e in entries}
+    seq_of_hash = {e.entry_hash: e.seq for e in by_seq.values()}
     anchors = sorted(set(anchored_heads), key=lambda h: h.seq)
     last_good: LogHead | None = None
     for anchor in anchors:
         if anchor.seq == 0:
             continue  # an empty log's head anchors nothing
+        if seq_of_hash.get(anchor.entry_hash, anchor.seq) != anchor.seq:
+            # the writer signs an entry's hash, which covers its seq; the seq beside it is the peer's word.
+            # The entry is in the log, unchanged, under its own number: a renumbered head proves nothing
+            continue
         entry = by_seq.get(anchor.seq)
         since = f"between entries {last_good.seq + 1} and {anchor.seq}" if last_good else "at or before it"
         if entry is None:
