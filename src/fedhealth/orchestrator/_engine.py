@@ -488,9 +488,10 @@ class RoundEngine:
                 reason=f"secure aggregation did not finish (at the {stage} stage by the deadline)"
             )
         result = driver.result()
-        if result.misbehaving:  # the sum is right (rebuilt from the right shares); who lied is worth knowing
+        if result.misbehaving:  # the sum is right (rebuilt from the right shares); a lead worth logging
             log.warning(
-                "round %s: %s revealed a wrong secret share; the sum was rebuilt without it",
+                "round %s: %s revealed a secret share off its owner's polynomial (a wrong share, or one its "
+                "owner dealt wrong); the sum was rebuilt without it",
                 round_id,
                 ", ".join(result.misbehaving),
             )

@@ -69,7 +69,8 @@ class AggregateResult:
     contributors: tuple[str, ...]
     dropped: tuple[str, ...]
     # survivors that revealed a share off its owner's polynomial (a wrong share): the sum is right all the
-    # same, rebuilt from the right shares
+    # same, rebuilt from the right shares. A name is a lead, not proof: the share's dealer (its owner) may
+    # have dealt it wrong to an honest holder, which the server cannot tell apart
     misbehaving: tuple[str, ...] = ()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import lru_cache
 
 PRIME = (1 << 521) - 1
@@ -110,6 +110,19 @@ def _value_at(points: Mapping[int, int], x: int, prime: int = PRIME) -> int:
     return total
 
 
+def _sets_leaving_out_few(xs: Sequence[int], threshold: int) -> Iterator[tuple[int, ...]]:
+    """Every set of ``threshold`` of ``xs``, those that leave out fewer of the smallest x first: the
+    ``threshold`` smallest, then each leaving one of the ``threshold + 1`` smallest out, then two of the
+    ``threshold + 2`` smallest, and so on. So k wrong shares cost at most C(threshold + k, k) sets wherever
+    they are, where sets in plain order would all hold a wrong share with the smallest x for the first
+    C(len(xs) - 1, threshold - 1) of them (and the bound would fail the round over one wrong share)."""
+    yield tuple(xs[:threshold])
+    for k in range(1, len(xs) - threshold + 1):
+        front = xs[: threshold + k]
+        for left_out in itertools.combinations(front[:-1], k):  # each set once: the one whose largest x is
+            yield tuple(x for x in front if x not in left_out)  # front[-1]
+
+
 def reconstruct_verified(
     points: Mapping[int, bytes],
     threshold: int,
@@ -119,8 +132,10 @@ def reconstruct_verified(
 ) -> tuple[bytes, frozenset[int]]:
     """The secret from shares some of which may be wrong, when a wrong secret can be told (``verify``: a
     commitment or a public key matches): the first ``threshold`` shares whose secret verifies, the
-    ``threshold`` smallest x first, then other sets of them (at most ``max_tries``), and the x of every
-    share that is not on that polynomial (their holders revealed a wrong share; looked for only when the
+    ``threshold`` smallest x first, then sets leaving out one of the smallest, then two, and so on (at most
+    ``max_tries`` sets: see :func:`_sets_leaving_out_few`), and the x of every
+    share that is not on that polynomial (their holders revealed a wrong share, or were dealt one: the
+    holder cannot be told from the dealer without verifiable shares; looked for only when the
     first set failed, and shares that are no field element at all). Raises ``ValueError`` when
     no set tried verifies. Every set rebuilds the same one secret or a wrong one: trying sets reveals
     nothing that the right set does not."""
@@ -129,9 +144,7 @@ def reconstruct_verified(
     wrong_size = {x for x, y in points.items() if len(y) != SHARE_BYTES}
     values = {x: int.from_bytes(y, "big") for x, y in points.items() if x not in wrong_size}
     values = {x: y for x, y in values.items() if 0 < x < PRIME and 0 <= y < PRIME}
-    for tries, xs in enumerate(itertools.combinations(sorted(values), threshold)):
-        if tries >= max_tries:
-            break
+    for tries, xs in enumerate(itertools.islice(_sets_leaving_out_few(sorted(values), threshold), max_tries)):
         chosen = {x: values[x] for x in xs}
         value = reconstruct_int(chosen, threshold)
         if value >> (8 * SECRET_BYTES):
