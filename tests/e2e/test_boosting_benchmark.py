@@ -51,3 +51,7 @@ def test_the_boosting_benchmark_reports_both_libraries_equal_to_pooled_with_thei
             (run["orchestrator_cpu_s"] + 3 * run["site_cpu_s"]) / run["federated_s"]
         )
         assert 0 < run["cores_busy"] <= cpus + 0.5  # clock-tick rounding
+        # the best ratio the host allows for that CPU: no more than the ratio measured (rounding aside)
+        cpu_s = run["orchestrator_cpu_s"] + 3 * run["site_cpu_s"]
+        assert run["cpu_bound_ratio"] == pytest.approx(cpu_s / cpus / run["pooled_s"])
+        assert run["cpu_bound_ratio"] <= run["ratio"] * 1.1 + 0.5

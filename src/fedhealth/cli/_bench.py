@@ -96,7 +96,8 @@ def boosting_benchmark(
         if r.cores_busy is not None:
             console.print(
                 f"    CPU: orchestrator {r.orchestrator_cpu_s:.1f} s, each site {r.site_cpu_s:.1f} s "
-                f"({r.cores_busy:.2f} cores busy on average), pooled {r.pooled_cpu_s:.2f} s"
+                f"({r.cores_busy:.2f} cores busy on average), pooled {r.pooled_cpu_s:.2f} s; "
+                f"at best {r.cpu_bound_ratio:.0f}x on {result.cpus} cores for that much CPU"
             )
     load = ", ".join(f"{v:.2f}" for v in result.load_before)
     console.print(f"load average at start {load} on {result.cpus} CPUs")

@@ -10,7 +10,10 @@ orchestrator records it), their ratio, the session's collectives per tree, the v
 secure sums (8 bytes each in the masking ring), and the share of each site's program spent inside
 collective calls (waiting for the others and the relay), read from each site's own record
 (``results.jsonl``), and the CPU time of the orchestrator and of each agent process during the study (read
-from ``/proc``, Linux only), against the pooled run's: how much of the machine the federation kept busy.
+from ``/proc``, Linux only), against the pooled run's: how much of the machine the federation kept busy, and
+the ratio this machine allows at best for that much CPU (``cpu_bound_ratio``: all of it spread over every
+core without a moment idle, (orchestrator + every agent) / cores / pooled wall time). A ratio target below
+it needs less CPU, not less waiting.
 The sites' stewards approve each spec before the clock starts (in a federation that happens ahead of time,
 by people); the owner's signed submission is timed.
 """
@@ -66,6 +69,7 @@ class BoostingRun:
     orchestrator_cpu_s: float | None  # during the study; None where /proc is not there to read
     site_cpu_s: float | None  # mean over the agents
     cores_busy: float | None  # (orchestrator + every agent) CPU time / federated wall time
+    cpu_bound_ratio: float | None  # (orchestrator + every agent) CPU time / cores / pooled wall time
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -203,6 +207,7 @@ def benchmark_boosting(
                         orchestrator_cpu_s=None if cpu is None else cpu[0],
                         site_cpu_s=None if cpu is None else float(np.mean(cpu[1:])),
                         cores_busy=None if cpu is None else sum(cpu) / federated_s,
+                        cpu_bound_ratio=None if cpu is None else sum(cpu) / (os.cpu_count() or 1) / pooled_s,
                     )
                 )
     return BoostingBenchmark(
