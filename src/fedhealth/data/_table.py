@@ -23,6 +23,7 @@ site (the agent sends only a failure code).
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -215,16 +216,43 @@ def _missing_mask(source: SourceTable, series: pd.Series, tokens: Sequence[str])
 
 
 def _ids(source: SourceTable, column: str) -> list[str]:
+    """Each row's patient id as text. Consent is matched on this text, so it must be the id the consent
+    feed names: bytes (a Parquet BINARY column) are their UTF-8 text, not ``"b'p0003'"``; a list, a mapping
+    or an id holding a control or invisible format character (a NUL, a newline, a zero-width space: the
+    same patient as the id without it to a reader, not to a comparison) is refused. Messages name the row,
+    never the value."""
     series = source.frame[column]
     texts: list[str] = []
     for i, value in enumerate(series.tolist()):
+        if isinstance(value, bytes | bytearray):
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise SchemaError(
+                    f"{source.where}: {source.row(i)}, id column {column!r} holds bytes, not UTF-8 text"
+                ) from None
+        elif not (_is_missing(value) or isinstance(value, str | int | float | np.integer | np.floating)):
+            raise SchemaError(
+                f"{source.where}: {source.row(i)}, id column {column!r} holds a {type(value).__name__}, "
+                "not a text or integer id"
+            )
         text = "" if _is_missing(value) else category_text(value)
         if not text:
             raise SchemaError(f"{source.where}: {source.row(i)}, id column {column!r} is empty")
+        if any(unicodedata.category(ch) in _INVISIBLE for ch in text):
+            raise SchemaError(
+                f"{source.where}: {source.row(i)}, id column {column!r} holds a control or invisible "
+                "character (a NUL, a line break, a zero-width space); consent could not be matched to it"
+            )
         texts.append(text)
     if len(set(texts)) != len(texts):
         raise SchemaError(f"{source.where}: id column {column!r} repeats an id")
     return texts
+
+
+# Unicode categories of characters an id must not hold: control, format (zero-width), surrogate, private use,
+# unassigned, line and paragraph separators
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 def _is_missing(value: Any) -> bool:
@@ -540,9 +568,12 @@ def build_dataset(parsed: ParsedTable, options: TableOptions) -> TabularDataset:
     scaling = None
     if options.standardize:
         try:
-            scaling = fit_scaling(X_train)
+            # finite values near the float limits (1e200, 1e308) overflow the mean or the variance: one
+            # SchemaError naming the feature, not a RuntimeWarning and a sentence that names none
+            with np.errstate(over="ignore", invalid="ignore"):
+                scaling = fit_scaling(X_train)
         except InputError as exc:
-            raise SchemaError(f"{where}: {exc}") from exc
+            raise SchemaError(f"{where}: {_unscalable(X_train, parsed.schema.feature_names) or exc}") from exc
         X_train, X_test = scaling.apply(X_train), scaling.apply(X_test)
     imputation = None
     if filled:
@@ -568,6 +599,22 @@ def build_dataset(parsed: ParsedTable, options: TableOptions) -> TabularDataset:
         time_train=parsed.times[train] if parsed.times is not None else None,
         time_test=parsed.times[test] if parsed.times is not None else None,
         classes=options.classes,
+    )
+
+
+def _unscalable(X_train: np.ndarray, names: Sequence[str]) -> str | None:
+    """Which feature's training values are too large to standardize, as a sentence (None: no such one)."""
+    if X_train.shape[0] < 2:
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(X_train.mean(axis=0)) & np.isfinite(X_train.std(axis=0, ddof=1))
+    if finite.all():
+        return None
+    j = int(np.argmin(finite))
+    name = names[j] if j < len(names) else f"feature {j + 1}"
+    return (
+        f"feature {name!r} holds values too large to standardize (their mean or spread overflows a "
+        "64-bit float); rescale the column or declare its min and max in a schema"
     )
 
 

@@ -8,6 +8,14 @@ purpose-specific record beats ``*``; at a remaining tie ``deny`` beats ``permit`
 overrides an earlier consent, and a FHIR Consent's nested exception (same start, specific purpose)
 overrides its base rule.
 
+Another spelling of a patient's id. Feeds spell one patient differently (``P0003`` / ``p0003``, an integer
+column's ``1001`` / a text export's ``01001`` or ``1001.0``, full-width digits, a decomposed accent, a
+zero-width space left in a cell). A permit counts only for the exact id (a permit cannot widen a cohort by
+resemblance), but a deny, or a withdrawal, decides for every dataset id that is the same under
+:func:`id_match_key`: a row is left out when any spelling of its id is denied, whatever the exact spelling's
+records say. Two real patients whose ids differ only so lose a row each time one of them denies; that is the
+price of never training on a patient who said no under a spelling the dataset does not use.
+
 Patients with no record in force follow the registry's :class:`ConsentModel`: ``OPT_IN`` (the default: no
 record, no use) or ``OPT_OUT`` (no record, used). Each filter stores its *snapshot* (the set of patients it
 kept, with purpose and date) under the snapshot's hash, so that a later withdrawal can name the snapshots it
@@ -29,6 +37,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
@@ -64,6 +74,20 @@ class ConsentModel(StrEnum):
 
     OPT_IN = "opt-in"  # excluded: only an explicit permit lets data be used
     OPT_OUT = "opt-out"  # included unless a record denies
+
+
+_PLAIN_NUMBER = re.compile(r"[0-9]+(?:\.0*)?")
+
+
+def id_match_key(patient_id: str) -> str:
+    """The form under which two spellings of one id are the same patient for a deny (module docstring):
+    NFKC, case-folded, without whitespace, control or format characters; a plain number without leading
+    zeros or a zero fraction (``01001``, ``1001.0`` and ``1001`` are one)."""
+    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", patient_id).casefold())
+    text = "".join(ch for ch in text if unicodedata.category(ch)[0] not in "CZ")
+    if _PLAIN_NUMBER.fullmatch(text):
+        text = text.split(".", 1)[0].lstrip("0") or "0"
+    return text
 
 
 def _check_id(value: str, what: str) -> str:
@@ -650,8 +674,11 @@ class ConsentRegistry:
                 raise InputError(f"patient id at row {i} is not a non-empty string")
         at = as_instant(on)
         distinct = set(patient_ids)
+        match_keys = {pid: id_match_key(pid) for pid in distinct}
+        wanted = set(match_keys.values())
         # the winning record's precedence key per patient (as _precedence): plain tuples, because this loop
-        # sees every record of the purpose and a ConsentRecord each would dominate the cost
+        # sees every record of the purpose and a ConsentRecord each would dominate the cost. Records of other
+        # spellings of a dataset id are decided too (``best`` holds them): their deny excludes the row.
         best: dict[str, tuple[datetime, int, int]] = {}
         c = consent_records.c
         columns = (c.patient_id, c.purpose, c.decision, c.valid_from, c.valid_until, c.withdrawn_at)
@@ -659,7 +686,10 @@ class ConsentRegistry:
             rows = conn.execute(select(*columns).where(c.purpose.in_([purpose, ANY_PURPOSE])))
             for pid, record_purpose, decision, valid_from, valid_until, withdrawn_at in rows:
                 if pid not in distinct:
-                    continue
+                    if pid not in match_keys:
+                        match_keys[pid] = id_match_key(pid)
+                    if match_keys[pid] not in wanted:
+                        continue
                 if (
                     (valid_from is not None and at < valid_from)
                     or (valid_until is not None and at >= valid_until)
@@ -673,9 +703,11 @@ class ConsentRegistry:
                 )
                 if pid not in best or key > best[pid]:
                     best[pid] = key
-        permitted = {pid for pid, key in best.items() if not key[2]}
-        unrecorded = distinct - best.keys()
-        denied = len(best) - len(permitted)
+        denied_keys = {match_keys[pid] for pid, key in best.items() if key[2]}
+        denied_ids = {pid for pid in distinct if match_keys[pid] in denied_keys}
+        permitted = {pid for pid, key in best.items() if not key[2] and pid in distinct} - denied_ids
+        unrecorded = distinct - best.keys() - denied_ids
+        denied = len(denied_ids)
         kept = permitted | unrecorded if self._model is ConsentModel.OPT_OUT else permitted
         day = at.date()
         result = ConsentFilterResult(
@@ -811,13 +843,20 @@ class ConsentRegistry:
 
 
 def _snapshots_including(conn: Connection, patient_id: str, purpose: str | None) -> list[str]:
+    """The snapshots that kept ``patient_id`` under any of its spellings (``id_match_key``): a withdrawal
+    said as ``P0003`` must flag the models trained on the dataset's ``p0003``."""
+    key = id_match_key(patient_id)
+    members = consent_snapshot_members.c
+    spellings = [
+        p for p in conn.execute(select(members.patient_id).distinct()).scalars() if id_match_key(p) == key
+    ]
     query = (
         select(consent_snapshots.c.snapshot_hash)
         .join(
             consent_snapshot_members,
-            consent_snapshot_members.c.snapshot_hash == consent_snapshots.c.snapshot_hash,
+            members.snapshot_hash == consent_snapshots.c.snapshot_hash,
         )
-        .where(consent_snapshot_members.c.patient_id == patient_id)
+        .where(members.patient_id.in_([patient_id, *spellings]))
     )
     if purpose is not None and purpose != ANY_PURPOSE:
         query = query.where(consent_snapshots.c.purpose == purpose)
