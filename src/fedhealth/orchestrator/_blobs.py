@@ -6,10 +6,18 @@ Two namespaces, so that what a route may serve and what it must never serve are 
   its own check (an agent: the input model of one of its open tasks; an operator: a released version).
 - ``UPDATE``: what sites uploaded (a site's raw update in plain mode). Read by the round engine only; no
   route reads this namespace, so a digest seen in an audit entry opens nothing.
+
+A blob is read back only if its bytes still hash to its name (:class:`DamagedBlobError` otherwise: a file
+truncated by a power cut or changed on disk is never served or aggregated as if it were the stored bytes),
+and storing the same bytes again replaces a damaged file. With ``fsync`` a blob's folder is synced after the
+rename too, so a blob the (synced) database names is still there after a power cut. Temporary files of a
+writer that was killed are removed when the store opens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -19,9 +27,66 @@ from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
-from fedhealth.core import InputError, NotFoundError
+from fedhealth.core import FedHealthError, InputError, NotFoundError
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+# The temporary files this module writes, with the id of the process writing them (see _tmp_name).
+_TEMPORARY = re.compile(r"^\.(?:upload|[0-9a-f]{64})\.(\d+)\.[0-9a-z.]*tmp$")
+
+
+class DamagedBlobError(FedHealthError):
+    """A stored blob's bytes no longer hash to its digest: truncated or changed on disk once stored."""
+
+
+def _tmp_name(prefix: str) -> str:
+    # The pid tells a later start a dead writer's leftovers from a live writer's file (_discard_leftovers).
+    return f".{prefix}.{os.getpid()}.{threading.get_ident()}.{os.urandom(8).hex()}.tmp"
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename or creation in ``folder`` durable (a file's fsync does not cover its name)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another account's process: alive
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def _intact(path: Path, digest: str) -> bool:
+    """Whether ``path`` holds bytes that hash to ``digest`` (False if it is missing)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except FileNotFoundError:
+        return False
+    return h.hexdigest() == digest
+
+
+def _read_verified(path: Path, digest: str) -> bytes:
+    """The bytes at ``path``, if they still hash to ``digest``; FileNotFoundError if it is missing."""
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise DamagedBlobError(
+            f"blob {digest} is damaged on disk ({len(data)} bytes that no longer match its digest); "
+            "storing the same bytes again repairs it"
+        )
+    return data
 
 
 def check_digest(digest: str) -> str:
@@ -44,28 +109,54 @@ class BlobWriter:
         self._store = store
         self._kind = kind
         root = store.root_of(kind)
-        self._tmp = root / f".upload.{os.getpid()}.{threading.get_ident()}.{os.urandom(8).hex()}.tmp"
+        self._tmp = root / _tmp_name("upload")
         self._file: BinaryIO | None = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit/discard
         self._hash = hashlib.sha256()
         self.size = 0
+        self._failed = False
 
     def write(self, chunk: bytes) -> None:
         assert self._file is not None, "the writer is closed"
-        self._file.write(chunk)
+        try:
+            self._file.write(chunk)
+        except BaseException:
+            self._abandon()
+            raise
         self._hash.update(chunk)
         self.size += len(chunk)
+
+    def _abandon(self) -> None:
+        """A write failed (a full disk): what is in the file is not the blob the digest names, so it goes
+        and the writer can no longer be read or committed."""
+        self._failed = True
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):  # its unwritten buffer cannot be flushed either
+                file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def _check_whole(self) -> None:
+        if self._failed:
+            raise OSError(errno.EIO, "a write of this blob failed: it was discarded and cannot be stored")
 
     @property
     def digest(self) -> str:
         return self._hash.hexdigest()
 
     def _close(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        self._check_whole()
+        file = self._file
+        if file is None:
+            return
+        try:
+            file.flush()  # a full disk often shows only here, for the buffered part
             if self._store.fsync:
-                os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+                os.fsync(file.fileno())
+        except BaseException:
+            self._abandon()
+            raise
+        self._file = None
+        file.close()
 
     def read(self) -> bytes:
         """The bytes written so far (to validate them before they are committed)."""
@@ -73,18 +164,20 @@ class BlobWriter:
         return self._tmp.read_bytes()
 
     def commit(self) -> str:
-        """Move the blob into the store under its digest (a no-op for bytes already stored)."""
+        """Move the blob into the store under its digest (a no-op for bytes already stored intact)."""
         self._close()
         path = self._store.path(self.digest, self._kind)
-        if path.exists():
+        if _intact(path, self.digest):
             self._tmp.unlink(missing_ok=True)
         else:
-            path.parent.mkdir(exist_ok=True)
-            os.replace(self._tmp, path)
+            self._store.place(self._tmp, path)
         return self.digest
 
     def discard(self) -> None:
-        self._close()
+        if self._failed:
+            return
+        with contextlib.suppress(OSError):  # a failed flush abandons the file: it goes either way
+            self._close()
         self._tmp.unlink(missing_ok=True)
 
 
@@ -101,6 +194,7 @@ class BlobStore:
         self._roots = {BlobKind.MODEL: root, BlobKind.UPDATE: root / "updates"}
         for folder in self._roots.values():
             folder.mkdir(parents=True, exist_ok=True)
+        self._discard_leftovers()
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached = 0
@@ -114,24 +208,55 @@ class BlobStore:
         return self._roots[kind] / digest[:2] / digest
 
     def put(self, data: bytes, digest: str | None = None, *, kind: BlobKind = BlobKind.MODEL) -> str:
-        """Store ``data``; return its sha256. Storing the same bytes twice is a no-op."""
+        """Store ``data``; return its sha256. Storing the same bytes twice is a no-op (unless the stored
+        file was damaged: then it is replaced). A failed write (a full disk) leaves no file behind."""
         digest = digest or hashlib.sha256(data).hexdigest()
         path = self.path(digest, kind)
-        if not path.exists():
+        if not _intact(path, digest):
             path.parent.mkdir(exist_ok=True)
-            tmp = path.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
+            tmp = path.with_name(_tmp_name(digest))
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    if self.fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            self.place(tmp, path)
         if kind is BlobKind.MODEL:
             self._remember(digest, data)
         return digest
 
     def writer(self, kind: BlobKind) -> BlobWriter:
         return BlobWriter(self, kind)
+
+    def place(self, tmp: Path, path: Path) -> None:
+        """Rename the written (and, with ``fsync``, synced) ``tmp`` to ``path``. With ``fsync`` the rename
+        is synced too: the blob's folder, and its parent, whose entry for a folder just made (here or by a
+        concurrent writer that has not synced it yet) is as volatile as the rename."""
+        folder = path.parent
+        folder.mkdir(exist_ok=True)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            _sync_folder(folder)
+            _sync_folder(folder.parent)
+
+    def _discard_leftovers(self) -> None:
+        """Remove the temporary files of writers whose process is gone (killed mid-write): half an upload
+        or model that no row names and no retry reuses. A live process's files (another orchestrator's, or
+        this one's) are left alone."""
+        for root in self._roots.values():
+            for folder in (root, *(p for p in root.iterdir() if p.is_dir() and len(p.name) == 2)):
+                for leftover in folder.glob(".*.tmp"):
+                    match = _TEMPORARY.match(leftover.name)
+                    if match is not None and not _alive(int(match.group(1))):
+                        leftover.unlink(missing_ok=True)
 
     def get(self, digest: str, *, kind: BlobKind = BlobKind.MODEL) -> bytes:
         if kind is BlobKind.UPDATE:
@@ -142,19 +267,19 @@ class BlobStore:
                 self._cache.move_to_end(digest)
                 return cached
         try:
-            data = self.path(digest).read_bytes()
+            data = _read_verified(self.path(digest), digest)
         except FileNotFoundError as exc:
             raise NotFoundError(f"blob {digest} is not in the store") from exc
-        self._remember(digest, data)
+        self._remember(digest, data)  # verified: the cache holds only intact bytes
         return data
 
     def _get_update(self, digest: str) -> bytes:
         try:
-            return self.path(digest, BlobKind.UPDATE).read_bytes()
+            return _read_verified(self.path(digest, BlobKind.UPDATE), digest)
         except FileNotFoundError:
             pass
         try:  # uploaded before uploads had their own folder (an open round across an upgrade)
-            return self.path(digest).read_bytes()
+            return _read_verified(self.path(digest), digest)
         except FileNotFoundError as exc:
             raise NotFoundError(f"update {digest} is not in the store") from exc
 

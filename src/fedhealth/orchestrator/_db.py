@@ -6,11 +6,14 @@ The schema is defined once here; Alembic migrations (``migrations/``) create and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     Column,
+    Connection,
     DateTime,
     Engine,
     Float,
@@ -233,6 +236,45 @@ def upgrade_database(engine: Engine) -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
-    with engine.begin() as connection:
+    if engine.dialect.name != "sqlite":  # PostgreSQL: DDL is transactional, the whole upgrade is one
+        with engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "heads")
+        return
+    with _sqlite_migration(engine) as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "heads")
+
+
+@contextmanager
+def _sqlite_migration(engine: Engine) -> Iterator[Connection]:
+    """A connection for migrating a SQLite database: one transaction around every migration, foreign keys
+    off while tables are rebuilt, then checked before the commit.
+
+    The sqlite3 driver opens a transaction only before INSERT/UPDATE/DELETE, so each CREATE/ALTER/DROP of a
+    migration would commit by itself: a migration that failed half way left its first tables behind under
+    the old revision, and every later start failed on them ("table users already exists"). And a batch
+    migration rebuilds a table (copy, DROP, rename): with foreign keys on, the DROP of ``studies`` or
+    ``sites`` deletes its rows first and fails on the rounds and tasks referencing them, so a database
+    holding any study could not be upgraded. SQLite's own procedure for this (lang_altertable.html): keys
+    off outside the transaction, rebuild, ``PRAGMA foreign_key_check``, commit. The connection goes back
+    to the pool with its settings restored."""
+    connection = engine.connect()
+    raw = connection.connection.driver_connection
+    assert raw is not None
+    isolation = raw.isolation_level
+    try:
+        raw.isolation_level = None  # the driver leaves transactions to us: BEGIN below covers the DDL too
+        raw.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction, so before BEGIN
+        # Begun here, the transaction is the caller's to alembic, which then neither begins nor commits one
+        # per migration; the driver's COMMIT/ROLLBACK end the BEGIN below.
+        with connection.begin():
+            raw.execute("BEGIN IMMEDIATE")  # the write lock at once: another process waits, not interleaves
+            yield connection
+            broken = raw.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"a migration left rows that reference nothing: {broken[:5]}")
+    finally:
+        raw.execute("PRAGMA foreign_keys=ON")
+        raw.isolation_level = isolation
+        connection.close()
