@@ -686,3 +686,65 @@ def test_a_round_close_whose_postgres_connection_is_killed_half_way_leaves_no_ha
             assert [r.status for r in store.rounds_of(study_id)] == [RoundStatus.COMPLETED, RoundStatus.OPEN]
         finally:
             store.engine.dispose()
+
+
+def _test_client() -> Any:
+    import warnings
+
+    with warnings.catch_warnings():
+        # starlette would rather drive its test client with httpx2; we pin the httpx it also supports
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+        from starlette.testclient import TestClient
+    return TestClient
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "error"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 503, "the orchestrator's disk is full"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), 503, "the orchestrator's disk is full"),
+        (_blobs.DamagedBlobError("blob 00 is damaged on disk"), 500, "blob 00 is damaged on disk"),
+    ],
+)
+def test_a_full_disk_is_a_503_to_retry_and_a_damaged_blob_a_500_in_the_one_error_shape(raised, status, error):
+    """A full disk stored nothing, so the client may send the same again later (503, Retry-After: agents
+    retry it); a damaged blob is the server's fault, not the request's (500, not 400)."""
+    from fastapi import FastAPI
+
+    from fedhealth.orchestrator._http import DISK_FULL_RETRY_S, install_error_handlers
+
+    TestClient = _test_client()
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/upload")
+    async def upload() -> None:
+        raise raised
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.post("/upload")
+    assert answer.status_code == status
+    assert answer.json()["error"].startswith(error)
+    if status == 503:
+        assert answer.headers["Retry-After"] == str(DISK_FULL_RETRY_S)
+
+
+def test_another_os_error_is_still_the_servers_generic_500():
+    from fastapi import FastAPI
+
+    from fedhealth.orchestrator._http import install_error_handlers
+
+    TestClient = _test_client()
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/upload")
+    async def upload() -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.post("/upload")
+    assert answer.status_code == 500
+    assert "Retry-After" not in answer.headers

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
@@ -23,11 +24,13 @@ from starlette.requests import ClientDisconnect
 from fedhealth.core import ConflictError, FedHealthError, InputError, NotFoundError
 from fedhealth.crypto import Audience
 from fedhealth.orchestrator._auth import CertificateMismatch, Forbidden, Principal, Unauthenticated
+from fedhealth.orchestrator._blobs import DamagedBlobError
 from fedhealth.orchestrator._limits import PRINCIPAL, ceil_seconds, peer_certificate
 from fedhealth.orchestrator._service import OrchestratorService
 from fedhealth.protocol import ATTESTATION_HEADER, ProtocolMismatch, Role, SiteAttestation
 
 SAFETENSORS = "application/octet-stream"
+DISK_FULL_RETRY_S = 60  # Retry-After of a refusal for a full disk
 # The OpenAPI description of a route whose body is a safetensors file.
 SAFETENSORS_BODY: dict[str, Any] = {
     "requestBody": {
@@ -101,9 +104,24 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _protocol_mismatch(_: Request, exc: ProtocolMismatch) -> JSONResponse:
         return _error(426, str(exc))
 
+    @app.exception_handler(DamagedBlobError)
+    async def _damaged(_: Request, exc: DamagedBlobError) -> JSONResponse:
+        # the server's stored bytes, not the request, are at fault
+        return _error(500, str(exc))
+
     @app.exception_handler(FedHealthError)
     async def _fedhealth(_: Request, exc: FedHealthError) -> JSONResponse:
         return _error(400, str(exc))
+
+    @app.exception_handler(OSError)
+    async def _os_error(_: Request, exc: OSError) -> JSONResponse:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # nothing was stored: the client may send it again
+            return _error(
+                503,
+                "the orchestrator's disk is full: nothing was stored; send it again later",
+                headers={"Retry-After": str(DISK_FULL_RETRY_S)},
+            )
+        raise exc  # any other: the server's generic 500, as before
 
 
 # The dependencies below are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in its thread
