@@ -13,7 +13,9 @@ them. By default the file's features are standardized with its own mean and stan
 standardized its own data before training (``--scaling none`` for a file that is standardized already).
 Prints one line per row (id, probability, prediction), or writes them with ``--out``; with ``--label`` it also
 prints the accuracy and AUC on the file. With ``--package`` (a model package) the columns are selected by
-name and preprocessed as the study declared; ``--scaling`` does not apply.
+name and preprocessed as the study declared; ``--scaling`` does not apply. In the ``--out`` file an id (or
+the id column's name) that a spreadsheet would read as a formula is written as text
+(:meth:`fedhealth.client.Predictions.to_csv`).
 """
 
 from __future__ import annotations

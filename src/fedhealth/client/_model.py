@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -109,11 +110,27 @@ class Predictions:
     auc: float | None
 
     def to_csv(self, path: Path, id_name: str = "id") -> None:
+        """One row per prediction (id, probability, prediction). An id, or ``id_name``, that a spreadsheet
+        would read as a formula is written as text (:func:`spreadsheet_text`): the file is opened by an
+        analyst, and the ids come from whoever wrote the input file."""
         with path.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow([id_name, "probability", "prediction"])
+            writer.writerow([spreadsheet_text(id_name), "probability", "prediction"])
             for rid, p in zip(self.row_ids, self.probabilities, strict=True):
-                writer.writerow([rid, f"{p:.6f}", int(p > 0.5)])
+                writer.writerow([spreadsheet_text(rid), f"{p:.6f}", int(p > 0.5)])
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def spreadsheet_text(text: str) -> str:
+    """``text`` as a CSV cell a spreadsheet shows and never evaluates: one starting with ``=``, ``+``, ``-``,
+    ``@``, a tab or a carriage return, and not a plain number, gets a leading apostrophe (OWASP's advice
+    against CSV injection)."""
+    if text.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
 
 
 def predict_csv(
