@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -91,6 +92,26 @@ def _first(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+def _check_pixel_count(ds: Any) -> None:
+    """Refuse, before decoding, an image declaring more pixels than Pillow reads for a PNG or JPEG file
+    (``PIL.Image.MAX_IMAGE_PIXELS``, read at each call): an RLE-compressed file of a few MiB could otherwise
+    be decoded into gigabytes, and then copied as 64-bit floats."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        pixels = (
+            int(ds.get("Rows", 0) or 0)
+            * int(ds.get("Columns", 0) or 0)
+            * int(ds.get("SamplesPerPixel", 1) or 1)
+            * int(ds.get("NumberOfFrames", 1) or 1)
+        )
+    except (TypeError, ValueError):
+        raise ImageProblem("its rows, columns, samples or frames are not numbers") from None
+    if limit is not None and pixels > limit:
+        raise ImageProblem("more pixels than are read safely (a decompression bomb)")
+
+
 def dicom_grey(path: Path, window: tuple[float, float] | None = None) -> np.ndarray:
     """The (1, rows, columns) grey image in [0, 1] of one DICOM file (see the module docstring)."""
     import pydicom
@@ -102,6 +123,7 @@ def dicom_grey(path: Path, window: tuple[float, float] | None = None) -> np.ndar
         raise ImageProblem(f"not a readable DICOM file ({type(exc).__name__})") from None
     if "PixelData" not in ds:
         raise ImageProblem("a DICOM file without pixel data (not an image)")
+    _check_pixel_count(ds)
     try:
         stored = np.asarray(ds.pixel_array, dtype=np.float64)
     except Exception as exc:  # pydicom's decoders raise many kinds on damaged or unsupported pixel data
@@ -119,7 +141,11 @@ def dicom_grey(path: Path, window: tuple[float, float] | None = None) -> np.ndar
         intercept = _first(ds.get("RescaleIntercept", 0.0) or 0.0)
     except (TypeError, ValueError):
         raise ImageProblem("its rescale slope or intercept is not a number") from None
-    values = stored * slope + intercept
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = stored * slope + intercept
+    # a NaN or infinite slope, or one that overflows, would otherwise leave min == max: a black image
+    if not np.isfinite(values).all():
+        raise ImageProblem("its rescaled pixel values are not finite (rescale slope or intercept)")
     if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
         try:
             window = (_first(ds.WindowCenter), _first(ds.WindowWidth))

@@ -376,9 +376,20 @@ class FhirClient:
                     f"{bundle.get('resourceType')!r}, not a Bundle",
                     hint="check the server's URL",
                 )
-            for entry in bundle.get("entry") or []:
-                item = entry.get("resource") if isinstance(entry, dict) else None
-                mode = (entry.get("search") or {}).get("mode", "match") if isinstance(entry, dict) else None
+            entries = bundle.get("entry") or []
+            if not isinstance(entries, list):
+                raise self._refusal(
+                    SourceUnavailableError,
+                    f"the FHIR server at {self.shown} answered a {resource} search with a Bundle whose "
+                    "entry is not a list",
+                    hint="check the server's URL and that it speaks FHIR R4",
+                )
+            for entry in entries:
+                if not isinstance(entry, dict):
+                    continue
+                item, search = entry.get("resource"), entry.get("search") or {}
+                # a search element that is not an object has no mode: not a match, so not a row
+                mode = search.get("mode", "match") if isinstance(search, dict) else None
                 if isinstance(item, dict) and item.get("resourceType") == resource and mode == "match":
                     yield item
             url = self._next(bundle)
@@ -398,7 +409,14 @@ class FhirClient:
                 )
 
     def _next(self, bundle: Mapping[str, Any]) -> str | None:
-        for link in bundle.get("link") or []:
+        links = bundle.get("link") or []
+        if not isinstance(links, list):
+            raise self._refusal(
+                SourceUnavailableError,
+                f"the FHIR server at {self.shown} sent a Bundle whose link is not a list",
+                hint="check the server's URL and that it speaks FHIR R4",
+            )
+        for link in links:
             if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
                 target = urljoin(self.base_url, str(link["url"]))
                 if urlsplit(target)[:2] != self._origin:
@@ -542,8 +560,15 @@ def read_feature_table(client: FhirClient, mapping: FhirMapping, where: str) -> 
     for kind, tokens in mapping.searches().items():
         by_patient: dict[str, list[_Event]] = defaultdict(list)
         search = {"code": ",".join(f"{s}|{c}" for s, c in sorted(tokens))}
+        seen: set[str] = set()
         for raw in client.search(kind.value, search):
             resource = _parsed(models[kind], raw, where)
+            # a resource served on two pages (offset paging over data that changed) is one event, not two:
+            # counted twice it would change a count feature
+            if resource.id is not None:
+                if str(resource.id) in seen:
+                    continue
+                seen.add(str(resource.id))
             subject, day = _subject(resource), _when(resource, kind)
             if subject is None or day is None:
                 continue

@@ -540,7 +540,16 @@ def read_cohort(
             )
         query, unit_checks = compile_cohort_query(definition, tables, conn.dialect.name)
         result = conn.execute(query)
-        frame = pd.DataFrame.from_records([tuple(r) for r in result.fetchall()], columns=list(result.keys()))
+        try:
+            rows = result.fetchall()
+        except (TypeError, ValueError, ArithmeticError) as exc:
+            # SQLite keeps any value in any column: text in value_as_number fails the numeric conversion
+            raise SchemaError(
+                f"{where}: the cohort query returned a value that is not of its column's type "
+                f"({type(exc).__name__})",
+                hint="check that the CDM's numeric columns (value_as_number) hold numbers only",
+            ) from None
+        frame = pd.DataFrame.from_records([tuple(r) for r in rows], columns=list(result.keys()))
     for feature, name in unit_checks:
         # a value of unknown unit (NULL, counted as -1) cannot be checked either: refused like a wrong one
         bad = pd.to_numeric(frame[f"{name}__bad"]).fillna(0)
