@@ -394,3 +394,24 @@ def test_a_compressed_transfer_syntax_without_a_decoder_is_a_problem_named_by_it
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(SchemaError, match=r"img002\.dcm: its pixel data cannot be decoded"):
         open_dataset(_dicom_uri(folder))
+
+
+def test_a_deflated_dicom_file_is_refused_from_its_file_meta_before_it_is_inflated(tmp_path, monkeypatch):
+    """pydicom inflates a deflated file whole, with no bound, before any tag can be checked: a few MiB could
+    become gigabytes. The file meta (never deflated) names the transfer syntax; the file is refused there."""
+    import zlib
+
+    import pydicom
+
+    folder = _dicom_folder(tmp_path)
+    path = folder / "img001.dcm"
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    assert pydicom.dcmread(path).Rows > 0  # a valid deflated file, which pydicom itself reads
+    inflated: list[int] = []
+    real = zlib.decompress
+    monkeypatch.setattr(zlib, "decompress", lambda *a, **k: inflated.append(1) or real(*a, **k))
+    with pytest.raises(SchemaError, match=r"img001\.dcm: a deflated DICOM file"):
+        open_dataset(_dicom_uri(folder))
+    assert inflated == []  # refused before pydicom inflated anything

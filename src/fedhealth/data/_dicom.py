@@ -112,13 +112,34 @@ def _check_pixel_count(ds: Any) -> None:
         raise ImageProblem("more pixels than are read safely (a decompression bomb)")
 
 
+# Deflated Explicit VR Little Endian: pydicom inflates the whole file with no bound before reading a tag
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _dcmread(path: Path, *, stop_before_pixels: bool = False) -> Any:
+    """``pydicom.dcmread``, after refusing a deflated file from its file meta (read uninflated): a few MiB
+    deflated could inflate into gigabytes before any check here sees a tag."""
+    import pydicom
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        meta = read_file_meta_info(path)
+    except Exception:  # no or damaged file meta: dcmread below says what is wrong with the file
+        meta = None
+    if meta is not None and str(meta.get("TransferSyntaxUID", "")) == _DEFLATED:
+        raise ImageProblem(
+            "a deflated DICOM file (it would be inflated whole before any check); store it in an "
+            "uncompressed or image-compressed transfer syntax"
+        )
+    return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+
+
 def dicom_grey(path: Path, window: tuple[float, float] | None = None) -> np.ndarray:
     """The (1, rows, columns) grey image in [0, 1] of one DICOM file (see the module docstring)."""
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path)
+        ds = _dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
         raise ImageProblem(f"not a readable DICOM file ({type(exc).__name__})") from None
     if "PixelData" not in ds:
@@ -190,11 +211,10 @@ class LabelTag:
 
     def label(self, path: Path) -> int:
         """The file's class; :class:`ImageProblem` naming the tag, never its value."""
-        import pydicom
         from pydicom.errors import InvalidDicomError
 
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = _dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
             raise ImageProblem(f"not a readable DICOM file ({type(exc).__name__})") from None
         element = ds.get(self.tag)
@@ -260,11 +280,10 @@ def identifying_attributes(
 ) -> dict[str, list[str]]:
     """For each identifying attribute (not ``allowed``) the files (relative to ``folder``) where it holds a
     non-empty value; headers only are read."""
-    import pydicom
 
     found: dict[str, list[str]] = {}
     for rel in files:
-        ds = pydicom.dcmread(folder / rel, stop_before_pixels=True)
+        ds = _dcmread(folder / rel, stop_before_pixels=True)
         for keyword in IDENTIFYING_ATTRIBUTES:
             if keyword not in allowed and str(ds.get(keyword, "") or "").strip():
                 found.setdefault(keyword, []).append(rel)
