@@ -415,3 +415,19 @@ def test_a_deflated_dicom_file_is_refused_from_its_file_meta_before_it_is_inflat
     with pytest.raises(SchemaError, match=r"img001\.dcm: a deflated DICOM file"):
         open_dataset(_dicom_uri(folder))
     assert inflated == []  # refused before pydicom inflated anything
+
+
+@pytest.mark.parametrize("year", [2031, 9999, 1700], ids=["born-after-the-index", "year-9999", "year-1700"])
+def test_an_implausible_year_of_birth_is_one_schema_error_naming_no_person(tmp_path, year):
+    """An age at the index date below 0 or above 130 is a wrong year_of_birth, not a patient: refused in one
+    line that counts the persons and names neither them nor the year."""
+
+    def born(rows: list[dict[str, Any]]) -> None:
+        rows[5]["year_of_birth"] = year
+
+    with pytest.raises(
+        SchemaError, match=r"feature 'age': 1 person\(s\) with an age at the index date"
+    ) as caught:
+        _omop(tmp_path, _cdm(tmp_path / "cdm.sqlite", persons=born))
+    assert str(year) not in str(caught.value)
+    assert "S5" not in str(caught.value)

@@ -98,6 +98,9 @@ class Domain(StrEnum):
     VISIT = "visit"
 
 
+MAX_AGE = 130  # years: an age at index above it (or below 0) is a wrong year_of_birth, refused
+
+
 class FeatureKind(StrEnum):
     AGE_AT_INDEX = "age_at_index"
     GENDER = "gender"
@@ -565,4 +568,14 @@ def read_cohort(
         raise SchemaError(
             f"{where}: the cohort is empty (no person has a qualifying event in an observation period)"
         )
+    for feature in definition.features:
+        if feature.kind is FeatureKind.AGE_AT_INDEX:
+            ages = pd.to_numeric(frame[feature.name], errors="coerce")
+            implausible = int(((ages < 0) | (ages > MAX_AGE)).sum())
+            if implausible:  # a year of birth after the index date, or centuries before it: a data error
+                raise SchemaError(
+                    f"{where}: feature {feature.name!r}: {implausible} person(s) with an age at the index "
+                    f"date outside 0..{MAX_AGE}",
+                    hint="check year_of_birth in the CDM's person table",
+                )
     return frame
