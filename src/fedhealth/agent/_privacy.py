@@ -241,7 +241,12 @@ class PrivacyGate(PassGate):
         self._untouched.pop(ctx.task.task_id, None)  # the data is read from here on
         notes: _TaskNotes | None = ctx.state.get(STATE_KEY)
         privacy = ctx.task.spec.privacy
-        if notes is not None and dataset.num_train > 0:
+        # n is the training rows; with none left (consent, the split), the held-out rows, which a
+        # statistics session still describes: skipping the check there let any delta through.
+        records, which = (
+            (dataset.num_train, "training") if dataset.num_train > 0 else (dataset.num_test, "held-out")
+        )
+        if notes is not None and records > 0:
             # A delta of 1/n or more allows publishing one patient's record outright: no guarantee at all.
             # Refused here, before anything is computed on the rows (the reservation is released). Whatever
             # the release: a training study's DP, or a collective session's own noise (a noisy statistics
@@ -255,11 +260,11 @@ class PrivacyGate(PassGate):
             if notes.reservation is not None:
                 deltas["the site's budget"] = self.ledger.budget(ctx.task.dataset).delta
             for whose, delta in deltas.items():
-                if delta >= 1.0 / dataset.num_train:
+                if delta >= 1.0 / records:
                     raise TaskRefused(
                         INVALID_PRIVACY,
-                        f"{whose} delta {delta:g} is not below 1/n = {1.0 / dataset.num_train:.3g} for the "
-                        f"{dataset.num_train} training records of dataset {ctx.task.dataset!r}",
+                        f"{whose} delta {delta:g} is not below 1/n = {1.0 / records:.3g} for the "
+                        f"{records} {which} records of dataset {ctx.task.dataset!r}",
                     )
         return dataset
 
