@@ -6,7 +6,8 @@
 - Logs in by signing the orchestrator's fresh challenge with the site's identity key, keeps the short-lived
   access token and renews it before it expires (or at once on a 401).
 - Retries connection errors, 5xx and 429 with bounded exponential backoff and full jitter (honouring
-  Retry-After); other 4xx answers are final and raised as :class:`OrchestratorRefused`.
+  Retry-After, but never past the policy's longest pause nor the call's deadline); other 4xx answers are
+  final and raised as :class:`OrchestratorRefused`, whatever their body holds.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import httpx
+import pydantic_core
 
 import fedhealth
-from fedhealth.core import FedHealthError, ServiceUnavailableError, canonical_json
+from fedhealth.core import ConfigError, FedHealthError, ServiceUnavailableError, canonical_json
 from fedhealth.crypto import IdentityKey, client_tls_for_url
 from fedhealth.protocol import (
     ATTESTATION_HEADER,
@@ -102,10 +104,22 @@ class RetryPolicy:
         """Full jitter: uniform in [0, min(max, base * 2^attempt)]."""
         return rng.uniform(0, min(self.max_s, self.base_s * (2**attempt)))
 
+    def after_rate_limit(self, attempt: int, rng: random.Random, retry_after: str) -> float:
+        """The pause after a 429: at least what the orchestrator asked (``Retry-After`` in seconds) and at
+        least the usual backoff, but never longer than ``max_s``: a Retry-After of 10^9 seconds (or one too
+        large for a float) must not park the agent, and one of 0 must not make it hammer."""
+        backoff = self.delay(attempt, rng)
+        value = retry_after.strip()
+        if not value.replace(".", "", 1).isdigit():
+            return backoff  # absent, negative, an HTTP date: the usual backoff
+        return min(self.max_s, max(backoff, float(value)))
+
 
 class OrchestratorClient:
     # how much longer than the long poll's own wait an answer may take before the read times out
     LONG_POLL_GRACE_S = 15.0
+    # how long one login answer (challenge or token) may take to arrive whole
+    LOGIN_ANSWER_S = 30.0
 
     def __init__(
         self,
@@ -121,6 +135,13 @@ class OrchestratorClient:
         insecure: bool = False,
     ) -> None:
         verify = client_tls_for_url(base_url, ca_pem, client_cert=client_cert, insecure=insecure)
+        if transport is None and not ca_pem and base_url.strip().lower().startswith("https:"):
+            # https with no federation CA (HOME/ca.pem lost): the system's authorities would be trusted, and
+            # any of them that mis-issues a certificate for the orchestrator's name would get the site's login
+            raise ConfigError(
+                f"no federation CA to pin for {base_url}: refusing to trust the system's certificate "
+                "authorities; restore ca.pem in the site home (as given at enrollment)"
+            )
         self.site = site
         self.retry = retry or RetryPolicy()
         self._identity = identity
@@ -208,8 +229,9 @@ class OrchestratorClient:
         return self.orchestrator_version.protocol if self.orchestrator_version is not None else None
 
     def _raw(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        deadline = time.monotonic() + self.LOGIN_ANSWER_S  # a login answer that trickles is abandoned
         try:
-            response = self._bounded(method, path, MAX_ANSWER_BYTES, None, **kwargs)
+            response = self._bounded(method, path, MAX_ANSWER_BYTES, deadline, **kwargs)
         except (_AnswerTooLarge, _AnswerTooSlow) as exc:
             raise ServiceUnavailableError(f"{path}: {exc}") from exc
         if response.status_code >= 400:
@@ -277,7 +299,7 @@ class OrchestratorClient:
         extra_headers: dict[str, str] = kwargs.pop("headers", {})
         while True:
             problem: str
-            wait: float | None = None
+            retry_after: str | None = None
             try:
                 headers = {**extra_headers, **self.auth_headers()}
                 deadline = started + limit if limit is not None else None
@@ -310,18 +332,23 @@ class OrchestratorClient:
                 if response.status_code == 429:
                     problem = "HTTP 429 (rate limited)"
                     retry_after = response.headers.get("retry-after", "")
-                    wait = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None
                 elif response.status_code < 500:
                     raise _refused(response)
                 else:
                     problem = f"HTTP {response.status_code}"
             if self._should_stop():
                 raise ServiceUnavailableError(f"{what}: stopped while retrying ({problem})")
-            if limit is not None and time.monotonic() - started > limit:
+            elapsed = time.monotonic() - started
+            if limit is not None and elapsed > limit:
                 raise ServiceUnavailableError(
                     f"{what}: orchestrator unreachable for {limit:.0f} s ({problem})"
                 )
-            delay = wait if wait is not None else self.retry.delay(attempt, self._rng)
+            if retry_after is not None:
+                delay = self.retry.after_rate_limit(attempt, self._rng, retry_after)
+            else:
+                delay = self.retry.delay(attempt, self._rng)
+            if limit is not None:  # no pause past the call's deadline: the last try comes at it
+                delay = min(delay, max(0.0, limit - elapsed))
             log.warning("%s failed (%s); retrying in %.2f s", what, problem, delay)
             time.sleep(delay)
             attempt += 1
@@ -459,10 +486,19 @@ class OrchestratorClient:
 
 
 def _refused(response: httpx.Response) -> OrchestratorRefused | ProtocolMismatch:
+    """The refusal an error answer states. Its body comes from the orchestrator, so it is parsed with a
+    nesting limit (the standard library's parser raises RecursionError on 10^5 brackets) and may be any
+    JSON value, or none: whatever it holds, the result is a refusal, never an exception of another kind."""
     try:
-        body = response.json()
+        body = pydantic_core.from_json(response.content)
     except ValueError:
+        body = None
+    if not isinstance(body, dict):
         return OrchestratorRefused(response.status_code, response.text[:500])
+    error = str(body.get("error"))[:500]
     if response.status_code == 426:  # no protocol in common: the sentence says which side to upgrade
-        return ProtocolMismatch(str(body.get("error")))
-    return OrchestratorRefused(response.status_code, str(body.get("error")), body.get("detail"))
+        return ProtocolMismatch(error)
+    detail = body.get("detail")
+    return OrchestratorRefused(
+        response.status_code, error, detail if len(repr(detail)) <= 2000 else repr(detail)[:2000]
+    )

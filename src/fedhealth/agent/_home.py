@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from fedhealth.agent._client import OrchestratorRefused, TlsVerificationError, connection_problem
-from fedhealth.core import ConfigError, Tightened, make_private_dir, secure_home
+from fedhealth.core import ConfigError, ServiceUnavailableError, Tightened, make_private_dir, secure_home
 from fedhealth.crypto import IdentityKey, client_tls_for_url, create_client_csr, write_private
 from fedhealth.protocol import EnrollResponse
 
@@ -113,13 +113,26 @@ def enroll_site(
     enrollment leaves nothing behind. Under mutual TLS, ``orchestrator`` is the enrollment listener and
     ``serve_url`` the main one (what the agent will use); the site also sends a CSR for a TLS client key
     generated here, and keeps the certificate the orchestrator returns.
+
+    An ``https://`` orchestrator needs ``ca_pem``: without it the system's authorities would vouch for the
+    server, and the token would go to whoever one of them issued a certificate for that name. A redirect is
+    not followed (the token would go with it) and, like any answer other than 2xx, is a refusal.
     """
+    if transport is None and not ca_pem and orchestrator.strip().lower().startswith("https:"):
+        raise ConfigError(
+            f"no federation CA to pin for {orchestrator}: give the CA file from the orchestrator's operator "
+            "(--ca); the system's certificate authorities are not trusted"
+        )
     home = SiteHome(root)
     key = IdentityKey.generate()
     tls_key, tls_csr = create_client_csr(name)
     verify = client_tls_for_url(orchestrator, ca_pem, insecure=insecure)  # http:// only if insecure
     with httpx.Client(
-        base_url=orchestrator.strip().rstrip("/"), verify=verify, timeout=30, transport=transport
+        base_url=orchestrator.strip().rstrip("/"),
+        verify=verify,
+        timeout=30,
+        transport=transport,
+        follow_redirects=False,
     ) as http:
         try:
             response = http.post(
@@ -136,14 +149,22 @@ def enroll_site(
             if isinstance(problem, TlsVerificationError):
                 raise problem from exc
             raise ConfigError(f"cannot reach {orchestrator}: {problem}") from exc
-    if response.status_code >= 400:
-        body = (
-            response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
-        )
+    if not response.is_success:  # a refusal, or a redirect (not followed: the token would go with it)
+        try:
+            body = response.json()
+        except (ValueError, RecursionError):
+            body = None
+        if not isinstance(body, dict):
+            body = {}
         raise OrchestratorRefused(
-            response.status_code, str(body.get("error", response.text[:200])), body.get("detail")
+            response.status_code, str(body.get("error", response.text[:200]))[:500], body.get("detail")
         )
-    enrolled = EnrollResponse.model_validate(response.json())
+    try:
+        enrolled = EnrollResponse.model_validate_json(response.content)
+    except ValueError as exc:  # pydantic's ValidationError: not an enrollment answer
+        raise ServiceUnavailableError(
+            f"enrolling at {orchestrator}: the answer is not an enrollment ({type(exc).__name__})"
+        ) from exc
     make_private_dir(root)
     key.save(home.identity_path)
     if enrolled.tls_certificate is not None:

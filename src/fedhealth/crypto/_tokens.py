@@ -4,8 +4,10 @@ A token names its subject (a site or a user), its role, its audience (the agent 
 when it was issued and when it expires (minutes, not days). It may also name the credential it was issued
 against (RFC 7800 ``cnf``: a thumbprint of the site's key or the user's API key), so that replacing that
 credential invalidates the tokens issued against the old one at once, not when they expire. Verification
-checks the signature, the issuer, the audience and the expiry; every failure raises :class:`CryptoError`, an
-expired token :class:`TokenExpiredError` so a client can tell it to renew.
+checks the signature, the issuer, the audience and the validity period (``iat``, ``nbf``, ``exp``, all
+against the verifier's clock with its leeway: PyJWT's own time checks use the host's wall clock and no
+leeway, so they are off); every failure raises :class:`CryptoError`, an expired token
+:class:`TokenExpiredError` so a client can tell it to renew.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ class TokenVerifier:
 
     def _check_times(self, expires: float, not_before: float) -> None:
         now = self._clock.now().timestamp()
+        if not all(_is_time(t) for t in (expires, not_before)):
+            raise CryptoError("invalid token")
         if expires + self._leeway < now:
             raise TokenExpiredError("token expired")
         if not_before - self._leeway > now:
@@ -119,12 +123,18 @@ class TokenVerifier:
                     "require": ["exp", "iat", "sub", "aud", "iss", "jti"],
                     "verify_exp": False,
                     "verify_nbf": False,
+                    "verify_iat": False,
                 },
             )
         except jwt.PyJWTError as exc:
             raise CryptoError("invalid token") from exc
-        # Expiry is checked against the injectable clock, not the process's wall clock.
-        self._check_times(payload["exp"], payload.get("nbf", payload["iat"]))
+        # The validity period is checked against the injectable clock, not the process's wall clock: a token
+        # issued by another orchestrator process whose clock runs a little ahead is within the leeway. A token
+        # starts at the later of iat and nbf.
+        times = (payload["exp"], payload["iat"], payload.get("nbf", payload["iat"]))
+        if not all(_is_time(t) for t in times):
+            raise CryptoError("invalid token")
+        self._check_times(payload["exp"], max(payload["iat"], payload.get("nbf", payload["iat"])))
         if not isinstance(payload.get("role"), str):
             raise CryptoError("invalid token")
         confirmation = payload.get("cnf", {})
@@ -139,3 +149,12 @@ class TokenVerifier:
             token_id=payload["jti"],
             confirmation=confirmation.get("jkt"),
         )
+
+
+# Seconds since the epoch a datetime can hold (year 9999): a time claim beyond it is no time at all.
+_LATEST_TIME = 253402300799
+
+
+def _is_time(value: object) -> bool:
+    """Whether a time claim is a NumericDate (RFC 7519): a number, not a bool or a string, in range."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= _LATEST_TIME
