@@ -543,3 +543,23 @@ def test_an_identity_key_path_planted_as_a_symbolic_link_is_replaced_not_written
         assert stat.S_ISREG(info.st_mode)
         assert stat.S_IMODE(info.st_mode) == 0o600
     IdentityKey.load(home / "identity.key")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[1, 2]", b'"refused"', b"null", b"42", b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe not json"],
+    ids=["list", "string", "null", "number", "nested-100000-deep", "not-utf8"],
+)
+def test_a_collective_calls_error_body_of_any_shape_is_read_as_text_not_a_crash(body):
+    """The collective channel reads its error answers itself (not through the agent's client): whatever
+    the orchestrator puts in one, the site gets an error and a detail, never an exception of another kind."""
+    from fedhealth.agent._collective import _error_of
+
+    error, detail = _error_of(body)
+    assert isinstance(error, str)
+    assert len(error) <= 500
+    assert detail is None
+    assert _error_of(b'{"error": "the session is gone", "detail": {"call": 3}}') == (
+        "the session is gone",
+        {"call": 3},
+    )

@@ -189,6 +189,11 @@ class OrchestratorClient:
         """How long to wait before retry ``attempt`` (the client's policy, full jitter)."""
         return self.retry.delay(attempt, self._rng)
 
+    def rate_limit_backoff(self, attempt: int, retry_after: str) -> float:
+        """How long to wait before retry ``attempt`` after a 429 with ``retry_after`` (bounded by the
+        policy: :meth:`RetryPolicy.after_rate_limit`)."""
+        return self.retry.after_rate_limit(attempt, self._rng, retry_after)
+
     @property
     def http(self) -> httpx.Client:
         """The underlying HTTP client (pinned TLS, no retries), for callers that need raw answers."""

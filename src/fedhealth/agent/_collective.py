@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import base64
 import http.client
-import json
 import logging
 import ssl
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
+
+import pydantic_core
 
 import fedhealth
 from fedhealth.agent._client import OrchestratorClient, OrchestratorRefused, TlsVerificationError
@@ -217,9 +218,10 @@ class SessionChannel:
                 error, detail = _error_of(data)
                 if status == 410:
                     raise SessionFailedError(SessionFailure.ABORTED, str(detail or error))
-                if status == 429:
-                    value = response.getheader("retry-after", "")
-                    retry_after = float(value) if value.replace(".", "", 1).isdigit() else None
+                if status == 429:  # the pause it asks for, within the client's policy (never 0, never days)
+                    retry_after = self._client.rate_limit_backoff(
+                        attempt, response.getheader("retry-after", "")
+                    )
                 elif status < 500:
                     raise OrchestratorRefused(status, error, detail)
                 problem = f"HTTP {status}"
@@ -265,11 +267,16 @@ class SessionChannel:
 
 
 def _error_of(data: bytes) -> tuple[str, object]:
+    """The error and detail of an error answer, whatever its body holds: parsed with a nesting limit (the
+    standard library's parser raises RecursionError on 10^5 brackets); anything but a JSON object is text."""
     try:
-        body = json.loads(data)
-        return str(body.get("error")), body.get("detail")
-    except (ValueError, AttributeError):
-        return data[:500].decode("utf-8", "replace"), None
+        body = pydantic_core.from_json(data)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return bytes(data[:500]).decode("utf-8", "replace"), None
+    detail = body.get("detail")
+    return str(body.get("error"))[:500], detail if len(repr(detail)) <= 2000 else repr(detail)[:2000]
 
 
 class HttpCollectives(SessionMember):
