@@ -446,6 +446,11 @@ class _HttpRecorder:
         self.bodies.append(json)
         return types.SimpleNamespace(status_code=200, json=lambda: {"flagged": []}, text="")
 
+    def call(self, what: str, method: str, path: str, json: Any = None, **kwargs: Any) -> Any:
+        """The client's retried, bounded call (what report_withdrawals uses)."""
+        self.bodies.append(json)
+        return types.SimpleNamespace(status_code=200, content=b'{"flagged": []}', text="")
+
 
 def test_a_withdrawal_notice_names_no_patient_and_no_hash_of_one(site, tmp_path, monkeypatch):
     csv = marked_success_csv(tmp_path)
@@ -464,6 +469,9 @@ def test_a_withdrawal_notice_names_no_patient_and_no_hash_of_one(site, tmp_path,
 
         def auth_headers(self) -> dict[str, str]:
             return {}
+
+        def call(self, *args: Any, **kwargs: Any) -> Any:
+            return self.http.call(*args, **kwargs)
 
         def close(self) -> None:
             pass
@@ -532,3 +540,34 @@ def test_every_text_field_of_an_upstream_message_is_one_argued_for():
     assert PrivacySpend in seen
     assert ReadinessCheck in seen
     assert found == set(TEXT_FIELDS)
+
+
+@pytest.mark.parametrize(
+    "answer", [b"[1, 2]", b'{"flagged": "all"}', b'{"flagged": [1]}', b"[" * 100_000, b"not json"]
+)
+def test_a_withdrawal_answer_that_is_not_a_list_of_versions_is_one_clear_error(
+    site, tmp_path, monkeypatch, answer
+):
+    """The notice goes out through the client's bounded, retried call, and whatever the orchestrator
+    answers, the steward gets one error (not AttributeError or RecursionError from its body)."""
+    from fedhealth.core import ServiceUnavailableError
+
+    csv = marked_success_csv(tmp_path)
+    run(site, f"file://{csv}?label=label&id=patient_id", spec())
+    with SiteGovernance(site) as governance:
+        governance.consent().withdraw(f"{PATIENT}-000", "research")
+        notices = withdrawal_notices(governance)
+
+    class FakeClient:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def call(self, what: str, method: str, path: str, **kwargs: Any) -> Any:
+            return types.SimpleNamespace(status_code=200, content=answer, text="")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr("fedhealth.agent._governance.OrchestratorClient", FakeClient)
+    with pytest.raises(ServiceUnavailableError, match="is not a list of flagged model versions"):
+        report_withdrawals(site, notices)

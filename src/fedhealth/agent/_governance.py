@@ -50,12 +50,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, NoReturn
 
-import httpx
 import numpy as np
+import pydantic_core
 from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.exc import OperationalError
 
-from fedhealth.agent._client import OrchestratorClient, RetryPolicy
+from fedhealth.agent._client import OrchestratorClient, OrchestratorRefused, RetryPolicy
 from fedhealth.agent._home import SiteHome
 from fedhealth.agent._pipeline import PassGate, TaskContext, TaskRefused
 from fedhealth.core import (
@@ -792,18 +792,26 @@ def report_withdrawals(
     flagged: list[str] = []
     try:
         for notice in notices:
+            # the client's own call: retries, an answer bounded in size and time, any error body a refusal
             try:
-                response = client.http.post(
-                    WITHDRAWALS_PATH, json=notice.to_json(), headers=client.auth_headers()
+                response = client.call(
+                    "sending a withdrawal notice", "POST", WITHDRAWALS_PATH, json=notice.to_json()
                 )
-            except httpx.TransportError as exc:
-                raise ServiceUnavailableError(f"cannot reach the orchestrator: {exc}") from exc
-            if response.status_code >= 400:
+            except OrchestratorRefused as exc:
                 raise ConfigError(
-                    f"the orchestrator refused withdrawal notice {notice.notice_id}: "
-                    f"{response.status_code} {response.text[:300]}"
+                    f"the orchestrator refused withdrawal notice {notice.notice_id}: {exc.status} {exc}"
+                ) from exc
+            try:
+                answer = pydantic_core.from_json(response.content)
+            except ValueError:
+                answer = None
+            listed = answer.get("flagged") if isinstance(answer, dict) else None
+            if not isinstance(listed, list) or not all(isinstance(d, str) for d in listed):
+                raise ServiceUnavailableError(
+                    f"the orchestrator's answer to withdrawal notice {notice.notice_id} is not a list of "
+                    "flagged model versions"
                 )
-            flagged.extend(response.json().get("flagged", []))
+            flagged.extend(listed)
     finally:
         client.close()
     return sorted(set(flagged))
