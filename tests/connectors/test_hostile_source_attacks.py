@@ -431,3 +431,18 @@ def test_an_implausible_year_of_birth_is_one_schema_error_naming_no_person(tmp_p
         _omop(tmp_path, _cdm(tmp_path / "cdm.sqlite", persons=born))
     assert str(year) not in str(caught.value)
     assert "S5" not in str(caught.value)
+
+
+@pytest.mark.parametrize("born", ["2030-01-01", "1700-05-01"], ids=["after-the-index", "1700"])
+def test_an_implausible_fhir_birth_date_is_one_schema_error_naming_no_patient(fhir_dataset, born):
+    """As for OMOP: an age at the index date below 0 or above 130 is a wrong birth date, not an age."""
+
+    def patients(url: str) -> Any:
+        people = [_patient(i) for i in range(N)]
+        people[4]["birthDate"] = born
+        return _bundle(people)
+
+    with pytest.raises(SchemaError, match=r"feature 'age': a Patient's birthDate gives an age") as caught:
+        fhir_dataset({"Patient": patients})
+    assert "p004" not in str(caught.value)
+    assert born[:4] not in str(caught.value)

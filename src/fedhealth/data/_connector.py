@@ -22,6 +22,9 @@ from fedhealth.data._schema import DatasetSchema, load_schema
 from fedhealth.data._table import ParsedTable, SourceTable, TableOptions, build_dataset, parse_table
 
 REDACTED = "***"
+# years: an age at the index date outside 0..MAX_AGE is a wrong birth date or year of birth, refused by the
+# OMOP and FHIR connectors, never read as a patient's age
+MAX_AGE = 130
 # query parameters whose key holds one of these (in any case: ``password=``, ``db.password=``, ``PASSWORD=``)
 # are secrets, kept out of DatasetURI.raw and every message: a secret may come by a driver option or a
 # mistyped key. No other parameter a connector documents holds one; ``password_env=`` / ``token_env=`` name

@@ -76,13 +76,19 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from fedhealth.core import ConfigError, DatasetError
 from fedhealth.data._connector import (
+    MAX_AGE,
     TABLE_PARAMS,
     DatasetURI,
     TabularConnector,
     load_toml_document,
     table_options,
 )
-from fedhealth.data._errors import CredentialsRefusedError, SourceUnavailableError, UnitMismatchError
+from fedhealth.data._errors import (
+    CredentialsRefusedError,
+    SchemaError,
+    SourceUnavailableError,
+    UnitMismatchError,
+)
 from fedhealth.data._omop import Window
 from fedhealth.data._schema import (
     CategoricalColumn,
@@ -617,7 +623,14 @@ def _feature_value(
         born = _day(patient.birthDate)
         if born is None:
             return None
-        return float(index.year - born.year - ((index.month, index.day) < (born.month, born.day)))
+        age = index.year - born.year - ((index.month, index.day) < (born.month, born.day))
+        if not 0 <= age <= MAX_AGE:  # a birth date after the index date, or centuries before it
+            raise SchemaError(
+                f"{where}: feature {feature.name!r}: a Patient's birthDate gives an age at the index date "
+                f"outside 0..{MAX_AGE}",
+                hint="check the birth dates the FHIR server holds",
+            )
+        return float(age)
     if feature.kind is FhirFeatureKind.GENDER:
         return str(patient.gender) if patient.gender else None
     assert feature.resource is not None

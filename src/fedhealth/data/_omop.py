@@ -68,6 +68,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from fedhealth.core import ConfigError
 from fedhealth.data._connector import (
+    MAX_AGE,
     TABLE_PARAMS,
     DatasetURI,
     TabularConnector,
@@ -96,9 +97,6 @@ class Domain(StrEnum):
     MEASUREMENT = "measurement"
     OBSERVATION = "observation"
     VISIT = "visit"
-
-
-MAX_AGE = 130  # years: an age at index above it (or below 0) is a wrong year_of_birth, refused
 
 
 class FeatureKind(StrEnum):
