@@ -195,17 +195,20 @@ def test_federated_lightgbm_through_the_services_is_the_pooled_model_and_the_rel
     # what the orchestrator held: sums (masked vectors) and the final broadcast, nothing else
     records = _records(capture)
     ops = {r["op"] for r in records if r["event"] == "received"}
-    assert ops <= {"SETUP", "SUM", "BROADCAST", "END"}
+    assert ops <= {"SETUP", "SEAL", "SUM", "BROADCAST", "END"}
     sums = [r for r in records if r["event"] == "received" and r["op"] == "SUM" and len(r["head"]) >= 4]
     assert len(sums) > 4 * 8 * 5  # bins, per tree the root, per split step the histograms (with counts)
     for record in sums:  # a clear vector would be small fixed-point numbers; a masked one is uniform
         assert not all(_small(v) for v in record["head"]), record
-    # the first sum is the grid counts: each site's masked vector shares no coordinate with its clear counts
+    # the first sum (after the group secret's SEAL) is the grid counts, a checked sum: each site's masked
+    # vector shares no coordinate with its clear counts
     lp = LightGbmParams(**params)
     low, high = zip(*lp.ranges(), strict=True)
     for site, center in zip(SITES, centers, strict=True):
         clear = encode_fixed(cell_counts(center.X_train, low, high, lp.grid_cells).reshape(-1), 4)
-        [first] = [r for r in records if r["event"] == "received" and r["index"] == 1 and r["site"] == site]
+        [seal] = [r for r in records if r["event"] == "received" and r["index"] == 1 and r["site"] == site]
+        assert seal["op"] == "SEAL"
+        [first] = [r for r in records if r["event"] == "received" and r["index"] == 2 and r["site"] == site]
         assert first["op"] == "SUM"
         assert len(first["head"]) == 16
         assert not any(a == b for a, b in zip(first["head"], clear[:16].tolist(), strict=True))
@@ -230,7 +233,8 @@ def test_federated_xgboost_through_the_services_is_the_pooled_model(fed, capture
         == (json.loads(pooled.model_json)["learner"]["gradient_booster"]["model"]["trees"])
     )
     records = _records(capture)
-    assert {r["op"] for r in records if r["event"] == "received"} <= {"SETUP", "SUM", "BROADCAST", "END"}
+    ops = {r["op"] for r in records if r["event"] == "received"}
+    assert ops <= {"SETUP", "SEAL", "SUM", "BROADCAST", "END"}
     sums = [r for r in records if r["event"] == "received" and r["op"] == "SUM" and len(r["head"]) >= 4]
     for record in sums:
         assert not all(_small(v) for v in record["head"]), record

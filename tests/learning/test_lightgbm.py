@@ -155,9 +155,10 @@ def test_a_split_step_costs_one_collective_the_histogram_sum(centers):
     )
     calls, total = runs[SITES[0]]
     assert calls["histogram_sum"] == calls["split_records"] == 5 * 3
-    # the session's calls: the bins' cell counts, then what LightGBM asked for but the split-record gathers
-    # (each site's own ranks answer them) and the exact counts (they ride with the histogram sums)
-    assert total == 1 + 2 + 2 + 1 + 5 + 5 * 3
+    # the session's calls: the group secret and the bins' cell counts (a checked sum), then what LightGBM
+    # asked for but the split-record gathers (each site's own ranks answer them) and the exact counts (they
+    # ride with the histogram sums)
+    assert total == 1 + 1 + 2 + 2 + 1 + 5 + 5 * 3
 
 
 def test_with_early_stopping_and_checkpoints_a_split_step_still_costs_one_collective(centers, tmp_path):
@@ -178,9 +179,9 @@ def test_with_early_stopping_and_checkpoints_a_split_step_still_costs_one_collec
     rounds = calls["root_sum"]
     assert calls["stopping"] == rounds == calls["best_iteration"] + 3 < 200
     assert calls["histogram_sum"] == calls["split_records"] == rounds * 3
-    # the bins' cell counts, the validation rows, the resume agreement, then LightGBM's collectives but the
-    # split-record gathers, and the early-stopping sums
-    assert total == 1 + 1 + 1 + 2 + 2 + 1 + rounds + rounds * 3 + rounds
+    # the validation rows, the group secret, the bins' cell counts (a checked sum), the resume agreement,
+    # then LightGBM's collectives but the split-record gathers, and the early-stopping sums
+    assert total == 1 + 1 + 1 + 1 + 2 + 2 + 1 + rounds + rounds * 3 + rounds
 
 
 @pytest.mark.parametrize(

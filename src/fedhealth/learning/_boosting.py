@@ -9,7 +9,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -376,15 +376,43 @@ class TreeCheckpoint:
 
     def load(self) -> Saved | None:
         """The checkpoint to resume from, if it is this session's; a session opens it once, before any
-        save, and clears what a killed earlier session left half-written (its temporary file)."""
+        save, and clears what a killed earlier session left half-written (its temporary file). A file
+        without a whole number of rounds, a model text and a list of scores is none."""
         discard_interrupted_writes(self.path)
         try:
-            saved = json.loads(self.path.read_text())
+            data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(saved, dict) or saved.get("key") != self.key:
+        if not isinstance(data, dict) or data.get("key") != self.key:
             return None
-        return Saved(rounds=int(saved["rounds"]), model=str(saved["model"]), scores=list(saved["scores"]))
+        rounds, model, scores = data.get("rounds"), data.get("model"), data.get("scores")
+        if type(rounds) is not int or not isinstance(model, str) or not isinstance(scores, list):
+            return None
+        return Saved(rounds=rounds, model=model, scores=scores)
+
+    def resumable(
+        self, *, num_rounds: int, stopping: bool, model_holds: Callable[[str, int], bool]
+    ) -> Saved | None:
+        """:meth:`load`, taken up only if it is whole: rounds in [1, ``num_rounds``], one finite stopping
+        score per round (``stopping``) or none, and a model that ``model_holds(model, rounds)`` says the
+        library reads safely and that holds exactly that many rounds. Anything else is no checkpoint (the
+        site resumes from nothing, and says so in the resume agreement).
+
+        The file is the site's own, but its key is no secret (a digest of what the site knows), so an edited
+        or damaged file is read as what it is: LightGBM aborts the process on a model text it cannot parse,
+        a model of fewer rounds than the file claims would have this site go on from another model than the
+        sites it agreed the resume round with (and, as the leader, release it), and missing scores would
+        have its stopping rule stop at another round than theirs."""
+        saved = self.load()
+        if saved is None or not 1 <= saved.rounds <= num_rounds:
+            return None
+        if len(saved.scores) != (saved.rounds if stopping else 0):
+            return None
+        if not all(type(s) in (int, float) and math.isfinite(s) for s in saved.scores):
+            return None
+        if not model_holds(saved.model, saved.rounds):
+            return None
+        return Saved(rounds=saved.rounds, model=saved.model, scores=[float(s) for s in saved.scores])
 
     def save(self, rounds: int, model: str, scores: list[float]) -> None:
         folder = self.path.parent

@@ -76,6 +76,7 @@ from fedhealth.learning._recipe import (
     SiteSessionOutcome,
     TemplateParam,
 )
+from fedhealth.secagg import SecAggSecurityError
 
 LIGHTGBM_VERSION = "4.7.0"  # the call sites of _lightgbm_network are this version's
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -622,6 +623,23 @@ def _probabilities(objective: str, raw: NDArray[np.float64]) -> NDArray[np.float
 # --- the site program ------------------------------------------------------------------------------------
 
 
+def checkpoint_holds(params: LightGbmParams, model: str, rounds: int) -> bool:
+    """Whether a checkpoint's model text is one LightGBM may be given (:func:`check_model_text`: LightGBM
+    aborts the process on a text it cannot parse) and is a model of this study after exactly ``rounds``
+    rounds: its features, its trees per round and its rounds."""
+    lgb = _lgb()
+    try:
+        check_model_text(model)
+        booster = lgb.Booster(model_str=model)
+    except (ModelTextError, lgb.basic.LightGBMError):
+        return False
+    return bool(
+        booster.current_iteration() == rounds
+        and booster.num_feature() == params.n_features
+        and booster.num_model_per_iteration() == max(1, params.num_class)
+    )
+
+
 def _init_schedule(params: LightGbmParams) -> list[str]:
     """The 8-byte allgathers of the first iteration (LightGBM 4.7.0's BoostFromAverage)."""
     if not params.boost_from_average:
@@ -665,7 +683,9 @@ def train_site(
     ranges = params.ranges()
     low, high = [lo for lo, _ in ranges], [hi for _, hi in ranges]
     X, y = dataset.X_train, dataset.y_train.astype(np.float64)
-    counts = session.secure_sum(cell_counts(X, low, high, params.grid_cells).reshape(-1))
+    # a checked sum: the bins decide what the split records reveal, so a relay must not choose them by
+    # forging the pooled counts (docs/boosting.md, "Bins")
+    counts = session.checked_sum(cell_counts(X, low, high, params.grid_cells).reshape(-1))
     binning = binning_of(params, counts)
     checkpoint, saved, done = None, None, 0
     if params.retries:
@@ -673,7 +693,11 @@ def train_site(
             checkpoint = TreeCheckpoint(
                 checkpoints, recipe="lightgbm", key=TreeCheckpoint.key_of(params, binning, dataset)
             )
-            saved = checkpoint.load()
+            saved = checkpoint.resumable(
+                num_rounds=params.num_rounds,
+                stopping=stopper is not None,
+                model_holds=lambda model, rounds: checkpoint_holds(params, model, rounds),
+            )
         done = agree_resume(session, saved.rounds if saved is not None else 0, params.num_rounds)
     init = None
     if done:
@@ -863,7 +887,20 @@ def release(
             ("mse" if kind == "regression" else "log_loss"): loss / rows if rows else None,
         }
         report = json.dumps({**model, "trees": trees(), "sites": len(session.sites), **metrics}).encode()
-    session.broadcast(report)
+    check_release(model, session.broadcast(report))
+
+
+def check_release(own: Mapping[str, JsonValue], released: bytes) -> None:
+    """Every site's check of the leader's broadcast: the released model, its binning and its rounds are
+    the ones this site trained (the sums every site received were the same: the chain checks that). A
+    leader whose own program went elsewhere (a checkpoint of a model the other sites do not hold, say)
+    would otherwise release it unnoticed; this site fails the session instead, before its closing call."""
+    try:
+        result = json.loads(released)
+    except ValueError:
+        result = None
+    if not isinstance(result, dict) or any(result.get(key) != value for key, value in own.items()):
+        raise SecAggSecurityError("the leader released another model than the one this site trained")
 
 
 class LightGbmRecipe:

@@ -46,7 +46,14 @@ from fedhealth.learning._boosting import (
 )
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._errors import RecipeError
-from fedhealth.learning._lightgbm import Binning, binning_of, cell_counts, held_out_sums, release
+from fedhealth.learning._lightgbm import (
+    Binning,
+    binning_of,
+    cell_counts,
+    check_release,
+    held_out_sums,
+    release,
+)
 from fedhealth.learning._preprocessing import Preprocessing
 from fedhealth.learning._recipe import (
     CombinationPattern,
@@ -337,6 +344,18 @@ def _base_score(params: XGBoostParams, total_y: float, total_n: float) -> dict[s
     return {"base_score": total_y / total_n}
 
 
+def checkpoint_holds(params: XGBoostParams, model: str, rounds: int) -> bool:
+    """Whether a checkpoint's model JSON is one XGBoost reads and is a model of this study after exactly
+    ``rounds`` rounds (its features and rounds); XGBoost's refusal of an edited file is no checkpoint."""
+    xgb = _xgb()
+    booster = xgb.Booster()
+    try:
+        booster.load_model(bytearray(model.encode()))
+        return bool(booster.num_boosted_rounds() == rounds and booster.num_features() == params.n_features)
+    except xgb.core.XGBoostError:
+        return False
+
+
 def _labels(params: XGBoostParams, dataset: TabularDataset, part: str) -> NDArray[np.float64]:
     """XGBoost's labels of a part: the label, or for ``survival:cox`` the signed survival time."""
     if params.objective == "survival:cox":
@@ -360,7 +379,9 @@ def train_site_xgboost(
     y = _labels(params, dataset, "train")  # a dataset without survival times is refused here, first
     stopper = stopping_rule(params, session, dataset.y_test)
     low, high = zip(*params.ranges(), strict=True)
-    counts = session.secure_sum(cell_counts(dataset.X_train, low, high, params.grid_cells).reshape(-1))
+    # a checked sum: the bins decide what the split records reveal, so a relay must not choose them by
+    # forging the pooled counts (docs/boosting.md, "Bins")
+    counts = session.checked_sum(cell_counts(dataset.X_train, low, high, params.grid_cells).reshape(-1))
     binning = binning_of(params, counts)
     total_y, total_n = session.secure_sum(np.array([y.sum(), y.size], dtype=np.float64)).tolist()
     start = _base_score(params, total_y, total_n)
@@ -369,7 +390,11 @@ def train_site_xgboost(
         if checkpoints is not None:
             key = TreeCheckpoint.key_of(params, binning, dataset)
             checkpoint = TreeCheckpoint(checkpoints, recipe="xgboost", key=key)
-            saved = checkpoint.load()
+            saved = checkpoint.resumable(
+                num_rounds=params.num_rounds,
+                stopping=stopper is not None,
+                model_holds=lambda model, rounds: checkpoint_holds(params, model, rounds),
+            )
         done = agree_resume(session, saved.rounds if saved is not None else 0, params.num_rounds)
     init = None
     stopped = False
@@ -473,7 +498,7 @@ def release_survival(
             "sites": n,
         }
         report = json.dumps({**result, **metrics}).encode()
-    session.broadcast(report)
+    check_release(result, session.broadcast(report))
 
 
 class XGBoostRecipe:
