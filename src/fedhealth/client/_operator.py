@@ -1,19 +1,29 @@
-"""The operator API client."""
+"""The operator API client.
+
+It trusts only the federation CA: an ``https://`` URL with no CA to pin is refused before anything is sent
+(the system's authorities would vouch for whoever one of them issued a certificate for the orchestrator's
+name, and the API key would go there). Every answer is read as a stream and abandoned at a bound (its size,
+declared or sent, and a deadline for the whole answer); a redirect is not followed and, like any answer that
+is not 2xx, is a :class:`ClientError`, whatever its body holds.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
-from pydantic import BaseModel
+import pydantic_core
+from pydantic import BaseModel, ValidationError
 
 import fedhealth
 from fedhealth.client._words import field_errors
-from fedhealth.core import FedHealthError
+from fedhealth.core import ConfigError, FedHealthError
 from fedhealth.crypto import IdentityKey, client_tls_for_url
 from fedhealth.governance import SignedSpec
 from fedhealth.protocol import (
@@ -39,7 +49,9 @@ class ClientError(FedHealthError):
     """The orchestrator answered with an error; ``status`` and ``error`` are its own. A 422's list of field
     errors reads as rules in the message (``field rounds: must be at least 1``); ``detail`` keeps it raw."""
 
-    def __init__(self, status: int, error: str, detail: Any = None) -> None:
+    def __init__(
+        self, status: int, error: str, detail: Any = None, *, retry_after: str | None = None
+    ) -> None:
         shown = detail
         if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
             shown = field_errors(detail)
@@ -47,11 +59,21 @@ class ClientError(FedHealthError):
         self.status = status
         self.error = error
         self.detail = detail
+        # a 429's Retry-After, as sent (bounded by whoever honours it)
+        self.retry_after = retry_after
 
 
 class OperatorClient:
     """The operator API over HTTPS pinned to the federation CA. A plain ``http://`` URL is refused (the API
-    key would cross the network in clear) unless ``insecure=True`` is passed explicitly."""
+    key would cross the network in clear) unless ``insecure=True`` is passed explicitly; an ``https://`` URL
+    with no ``ca_pem`` is refused too. ``transport`` replaces the network (tests)."""
+
+    # the most an answer other than a model may hold: lists of studies and sites, reports, an audit log
+    MAX_ANSWER_BYTES = 256 << 20
+    # a model download (the orchestrator's own upload limit is 512 MiB unless raised)
+    MAX_MODEL_BYTES = 2 << 30
+    # the longest pause wait_for_study takes after a 429, whatever its Retry-After says
+    MAX_PAUSE_S = 10.0
 
     def __init__(
         self,
@@ -63,8 +85,18 @@ class OperatorClient:
         client_cert: tuple[bytes, bytes] | None = None,
         timeout: float = 30.0,
         insecure: bool = False,
+        transport: httpx.BaseTransport | None = None,
+        answer_deadline_s: float = 600.0,
     ) -> None:
+        if urlsplit(url.strip()).scheme.lower() == "https" and not ca_pem:
+            raise ConfigError(
+                f"no federation CA to pin for {url[:200]}: refusing to trust the system's certificate "
+                "authorities with the API key; the credential's ca_pem must hold the federation CA "
+                "(ca.pem of `orchestrator init`)"
+            )
         verify = client_tls_for_url(url, ca_pem, client_cert=client_cert, insecure=insecure)
+        # httpx's timeout bounds each read, not the whole answer: one that trickles is cut off here
+        self._answer_deadline_s = answer_deadline_s
         self.url = url
         self.user = user
         self._api_key = api_key
@@ -72,6 +104,8 @@ class OperatorClient:
             base_url=url.strip().rstrip("/"),
             verify=verify,
             timeout=timeout,
+            transport=transport,
+            follow_redirects=False,  # the API key and tokens go to the orchestrator and nowhere else
             headers={"User-Agent": "fedhealth-operator", **version_headers(fedhealth.__version__)},
         )
         # the orchestrator's versions, from its last answer (None: it stated none)
@@ -106,56 +140,114 @@ class OperatorClient:
     # --- plumbing ----------------------------------------------------------------------------------------
 
     def _login(self) -> None:
-        response = self._http.post("/api/v1/auth/token", json={"user": self.user, "api_key": self._api_key})
-        token = TokenResponse.model_validate(self._json(response))
+        response = self._bounded(
+            "POST",
+            "/api/v1/auth/token",
+            self.MAX_ANSWER_BYTES,
+            json={"user": self.user, "api_key": self._api_key},
+        )
+        if not response.is_success:
+            raise _error(response)
+        token = _answer(response, lambda data: TokenResponse.model_validate(data))
         self._token = token.access_token
         self._expires = token.expires_at
 
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send an authenticated request (logging in or renewing the token as needed); raise on 4xx/5xx."""
+    def request(
+        self, method: str, path: str, *, max_bytes: int | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        """Send an authenticated request (logging in or renewing the token as needed); raise on any answer
+        but 2xx (a redirect is not followed). The answer is read whole, up to ``max_bytes``
+        (:attr:`MAX_ANSWER_BYTES` by default) and the client's answer deadline."""
+        bound = self.MAX_ANSWER_BYTES if max_bytes is None else max_bytes
         if self._token is None or datetime.now(UTC) > self._expires - timedelta(seconds=30):
             self._login()
-        response = self._http.request(
-            method, path, headers={"Authorization": f"Bearer {self._token}"}, **kwargs
+        response = self._bounded(
+            method, path, bound, headers={"Authorization": f"Bearer {self._token}"}, **kwargs
         )
         if response.status_code == 401:  # expired early (clock skew) or revoked key: log in once more
             self._login()
-            response = self._http.request(
-                method, path, headers={"Authorization": f"Bearer {self._token}"}, **kwargs
+            response = self._bounded(
+                method, path, bound, headers={"Authorization": f"Bearer {self._token}"}, **kwargs
             )
         self.orchestrator_version = PeerVersion.from_headers(response.headers)
-        if response.status_code >= 400:
+        if not response.is_success:
             raise _error(response)
         return response
+
+    def _bounded(self, method: str, path: str, max_bytes: int, **kwargs: Any) -> httpx.Response:
+        """The answer read in full, but never more than ``max_bytes`` of body (declared or sent) nor past
+        the answer deadline: a lying orchestrator could otherwise fill the operator's memory, or hold the
+        command for ever with a byte now and then. A compressed answer counts as what it inflates to."""
+        request = self._http.build_request(method, path, **kwargs)
+        deadline = time.monotonic() + self._answer_deadline_s
+        response = self._http.send(request, stream=True, follow_redirects=False)
+        try:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise ClientError(
+                    response.status_code,
+                    f"the answer declares {int(declared)} bytes, over the {max_bytes} allowed",
+                )
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ClientError(
+                        response.status_code, f"the answer runs over the {max_bytes} bytes allowed"
+                    )
+                if time.monotonic() > deadline:
+                    raise ClientError(
+                        response.status_code,
+                        f"the answer was still arriving at its deadline ({self._answer_deadline_s:g} s)",
+                    )
+                chunks.append(chunk)
+        finally:
+            response.close()
+        headers = [
+            (k, v)
+            for k, v in response.headers.multi_items()
+            if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(
+            response.status_code, headers=headers, content=b"".join(chunks), request=request
+        )
 
     def _parse(self, model: type[M], data: Any) -> M:
         """A message from the orchestrator: fields a newer orchestrator added are dropped, not refused."""
         version = self.orchestrator_version
-        return from_peer(model, data, version.protocol if version is not None else None)
+        try:
+            return from_peer(model, data, version.protocol if version is not None else None)
+        except ValidationError as exc:
+            raise ClientError(200, f"the orchestrator's answer is not a {model.__name__}") from exc
 
-    @staticmethod
-    def _json(response: httpx.Response) -> Any:
-        if response.status_code >= 400:
-            raise _error(response)
-        return response.json()
+    def _get(self, method: str, path: str, **kwargs: Any) -> Any:
+        """An authenticated request's JSON answer (parsed with a nesting limit)."""
+        return _answer(self.request(method, path, **kwargs), lambda data: data)
+
+    def _list(self, path: str, **kwargs: Any) -> list[Any]:
+        data = self._get("GET", path, **kwargs)
+        if not isinstance(data, list):
+            raise ClientError(200, f"the orchestrator's answer to {path} is not a list")
+        return data
 
     # --- sites and users ---------------------------------------------------------------------------------
 
     def add_site(self, name: str) -> SiteCreated:
-        return self._parse(SiteCreated, self.request("POST", "/api/v1/sites", json={"name": name}).json())
+        return self._parse(SiteCreated, self._get("POST", "/api/v1/sites", json={"name": name}))
 
     def new_enrollment_token(self, name: str) -> SiteCreated:
-        return self._parse(SiteCreated, self.request("POST", f"/api/v1/sites/{name}/enrollment-token").json())
+        return self._parse(SiteCreated, self._get("POST", f"/api/v1/sites/{name}/enrollment-token"))
 
     def rotate_site(self, name: str) -> SiteCreated:
         """Retire the site's key and certificate; returns the enrollment token for its new key."""
-        return SiteCreated.model_validate(self.request("POST", f"/api/v1/sites/{name}/rotate").json())
+        return _answer(self.request("POST", f"/api/v1/sites/{name}/rotate"), SiteCreated.model_validate)
 
     def revoke_site(self, name: str) -> SiteInfo:
-        return self._parse(SiteInfo, self.request("POST", f"/api/v1/sites/{name}/revoke").json())
+        return self._parse(SiteInfo, self._get("POST", f"/api/v1/sites/{name}/revoke"))
 
     def sites(self) -> list[SiteInfo]:
-        return [self._parse(SiteInfo, s) for s in self.request("GET", "/api/v1/sites").json()]
+        return [self._parse(SiteInfo, s) for s in self._list("/api/v1/sites")]
 
     def site_keys(self, names: list[str]) -> dict[str, str]:
         """The enrolled identity-key fingerprints of ``names``, for a secure study's ``site_keys``, as the
@@ -168,19 +260,17 @@ class OperatorClient:
         return {n: known[n] for n in names}  # type: ignore[misc]
 
     def add_user(self, name: str, role: str) -> UserCreated:
-        return self._parse(
-            UserCreated, self.request("POST", "/api/v1/users", json={"name": name, "role": role}).json()
-        )
+        return self._parse(UserCreated, self._get("POST", "/api/v1/users", json={"name": name, "role": role}))
 
     def new_api_key(self, name: str) -> UserCreated:
         """Replace a user's API key; the old key and the tokens issued against it stop working."""
-        return UserCreated.model_validate(self.request("POST", f"/api/v1/users/{name}/api-key").json())
+        return _answer(self.request("POST", f"/api/v1/users/{name}/api-key"), UserCreated.model_validate)
 
     def revoke_user(self, name: str) -> None:
         self.request("POST", f"/api/v1/users/{name}/revoke")
 
     def users(self) -> list[UserInfo]:
-        return [self._parse(UserInfo, u) for u in self.request("GET", "/api/v1/users").json()]
+        return [self._parse(UserInfo, u) for u in self._list("/api/v1/users")]
 
     # --- studies -----------------------------------------------------------------------------------------
 
@@ -188,8 +278,7 @@ class OperatorClient:
         """Submit an unsigned spec (sites see it as unsigned); see :meth:`submit_study`."""
         params = {"approval_wait_s": approval_wait_s} if approval_wait_s is not None else None
         return self._parse(
-            StudyInfo,
-            self.request("POST", "/api/v1/studies", json=spec.model_dump(mode="json"), params=params).json(),
+            StudyInfo, self._get("POST", "/api/v1/studies", json=spec.model_dump(mode="json"), params=params)
         )
 
     def register_signing_key(self, key: IdentityKey) -> None:
@@ -205,24 +294,25 @@ class OperatorClient:
         signed = SignedSpec.sign(spec.model_dump(mode="json"), owner=spec.owner, key=key)
         params = {"approval_wait_s": approval_wait_s} if approval_wait_s is not None else None
         body = {"spec": spec.model_dump(mode="json"), "signature": signed.signature.hex()}
-        response = self.request("POST", "/api/v1/governance/studies", json=body, params=params)
-        return self._parse(StudyInfo, response.json())
+        return self._parse(
+            StudyInfo, self._get("POST", "/api/v1/governance/studies", json=body, params=params)
+        )
 
     def study(self, study_id: str) -> StudyInfo:
-        return self._parse(StudyInfo, self.request("GET", f"/api/v1/studies/{study_id}").json())
+        return self._parse(StudyInfo, self._get("GET", f"/api/v1/studies/{study_id}"))
 
     def studies(self, status: StudyStatus | None = None) -> list[StudyInfo]:
         params = {"status": status.value} if status is not None else None
-        return [
-            self._parse(StudyInfo, s) for s in self.request("GET", "/api/v1/studies", params=params).json()
-        ]
+        return [self._parse(StudyInfo, s) for s in self._list("/api/v1/studies", params=params)]
 
     def cancel_study(self, study_id: str) -> StudyInfo:
-        return self._parse(StudyInfo, self.request("POST", f"/api/v1/studies/{study_id}/cancel").json())
+        return self._parse(StudyInfo, self._get("POST", f"/api/v1/studies/{study_id}/cancel"))
 
     def model_bytes(self, study_id: str) -> bytes:
         """The study's latest released model (its owner or an admin)."""
-        return self.request("GET", f"/api/v1/studies/{study_id}/model").content
+        return self.request(
+            "GET", f"/api/v1/studies/{study_id}/model", max_bytes=self.MAX_MODEL_BYTES
+        ).content
 
     def download_model(self, study_id: str, path: Path) -> str:
         """Write the study's current model (safetensors) to ``path``; returns its sha256."""
@@ -232,16 +322,17 @@ class OperatorClient:
 
     def released_model(self, digest: str) -> bytes:
         """A released model version by digest (its study's owner or an admin)."""
-        return self.request("GET", f"/api/v1/models/{digest}").content
+        return self.request("GET", f"/api/v1/models/{digest}", max_bytes=self.MAX_MODEL_BYTES).content
 
     def report(self, study_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/studies/{study_id}/report").json()  # type: ignore[no-any-return]
+        report = self._get("GET", f"/api/v1/studies/{study_id}/report")
+        if not isinstance(report, dict):
+            raise ClientError(200, "the orchestrator's report is not a JSON object")
+        return report
 
     def site_readiness(self) -> list[SiteReadinessInfo]:
         """Each site's latest ``fedhealth site check`` report."""
-        return [
-            self._parse(SiteReadinessInfo, r) for r in self.request("GET", "/api/v1/sites/readiness").json()
-        ]
+        return [self._parse(SiteReadinessInfo, r) for r in self._list("/api/v1/sites/readiness")]
 
     def wait_for_study(
         self,
@@ -252,7 +343,8 @@ class OperatorClient:
         on_progress: Any = None,
     ) -> StudyInfo:
         """Poll until the study has ended (it may wait for approvals, then run); transient connection errors
-        are waited out."""
+        and 429s are waited out (a 429's Retry-After lengthens the pause up to :attr:`MAX_PAUSE_S`, never past
+        ``timeout``: a Retry-After of 10^9 s does not park the caller, nor one of 0 make it hammer)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -262,6 +354,11 @@ class OperatorClient:
                     raise
                 time.sleep(interval)
                 continue
+            except ClientError as exc:
+                if exc.status != 429 or time.monotonic() > deadline:
+                    raise
+                time.sleep(self._pause_after_429(exc.retry_after, interval, deadline))
+                continue
             if on_progress is not None:
                 on_progress(info)
             if info.status not in (StudyStatus.RUNNING, StudyStatus.AWAITING_APPROVAL):
@@ -269,6 +366,12 @@ class OperatorClient:
             if time.monotonic() > deadline:
                 raise ClientError(408, f"study {study_id} still {info.status.value} after {timeout:.0f} s")
             time.sleep(interval)
+
+    def _pause_after_429(self, retry_after: str | None, interval: float, deadline: float) -> float:
+        asked = (retry_after or "").strip()
+        wanted = float(asked) if asked.replace(".", "", 1).isdigit() else 0.0  # a date, garbage: the interval
+        pause = min(self.MAX_PAUSE_S, max(interval, wanted))  # float("9" * 400) is inf: min bounds it
+        return max(0.0, min(pause, deadline - time.monotonic()))
 
 
 def signing_key_path(credential: Path) -> Path:
@@ -283,9 +386,38 @@ def load_signing_key(path: Path) -> IdentityKey:
     return IdentityKey.load(path)
 
 
-def _error(response: httpx.Response) -> ClientError:
+T = TypeVar("T")
+
+
+def _answer(response: httpx.Response, read: Callable[[Any], T]) -> T:
+    """A 2xx answer's JSON, parsed with a nesting limit (the standard library's parser raises
+    RecursionError on 10^5 brackets), then read; what is not JSON, or not the thing asked for, is a
+    :class:`ClientError`."""
     try:
-        body = response.json()
-        return ClientError(response.status_code, str(body.get("error")), body.get("detail"))
+        return read(pydantic_core.from_json(response.content))
+    except ValueError as exc:  # pydantic's ValidationError is one
+        raise ClientError(
+            response.status_code, "the orchestrator's answer is not what was asked for"
+        ) from exc
+
+
+def _error(response: httpx.Response) -> ClientError:
+    """The refusal an answer that is not 2xx states. Its body comes from the orchestrator, so it may be any
+    JSON value, nested arbitrarily deep, or none: whatever it holds, the result is a ClientError."""
+    retry_after = response.headers.get("retry-after")
+    if response.is_redirect:  # never followed: the API key and tokens stay with the orchestrator
+        location = response.headers.get("location", "")[:200]
+        return ClientError(response.status_code, f"the orchestrator redirected to {location!r}; not followed")
+    try:
+        body = pydantic_core.from_json(response.content)
     except ValueError:
-        return ClientError(response.status_code, response.text[:500])
+        body = None
+    if not isinstance(body, dict):
+        return ClientError(response.status_code, response.text[:500], retry_after=retry_after)
+    detail = body.get("detail")
+    return ClientError(
+        response.status_code,
+        str(body.get("error"))[:500],
+        detail if len(repr(detail)) <= 2000 else repr(detail)[:2000],
+        retry_after=retry_after,
+    )

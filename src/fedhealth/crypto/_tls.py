@@ -40,13 +40,18 @@ def client_tls_for_url(
     """How a client of ``url`` verifies the server (an ``httpx`` ``verify`` value): decided here only.
 
     ``https`` (the scheme compared case-insensitively: ``HTTPS://`` is https too) gets a context pinned to
-    ``ca_pem``, or the system's trust store when no CA is given. ``http`` is refused unless ``insecure`` is
-    set explicitly (loopback tests), since tokens and API keys would cross the network in clear; any other
-    scheme is refused.
+    ``ca_pem``. With no CA to pin it gets a context that trusts **no** certificate, never the system's trust
+    store: any public authority could mis-issue a certificate for the orchestrator's name and would then
+    receive the credentials. (The agent, ``site enroll`` and the operator client refuse such a URL earlier,
+    with a sentence; a test transport given to the agent ignores this value.) ``http`` is refused unless
+    ``insecure`` is set explicitly (loopback tests), since tokens and API keys would cross the network in
+    clear; any other scheme is refused.
     """
     scheme = urlsplit(url.strip()).scheme.lower()
     if scheme == "https":
-        return pinned_tls_context(ca_pem, client_cert=client_cert) if ca_pem else True
+        if not ca_pem:
+            return _trusting_nothing()
+        return pinned_tls_context(ca_pem, client_cert=client_cert)
     if scheme == "http":
         if insecure:
             return True
@@ -55,3 +60,11 @@ def client_tls_for_url(
             "(or pass --insecure for a local test set-up)"
         )
     raise ConfigError(f"not an http(s) URL: {url[:200]!r}")
+
+
+def _trusting_nothing() -> ssl.SSLContext:
+    """A client context that verifies certificates and hostnames against an empty trust store: every
+    handshake fails before a byte of the request is sent."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname; no CA loaded
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
