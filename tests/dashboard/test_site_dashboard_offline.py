@@ -10,7 +10,7 @@ import pytest
 
 from fedhealth.agent import SiteHome
 from fedhealth.agent._governance import SiteGovernance
-from fedhealth.crypto import IdentityKey
+from fedhealth.crypto import IdentityKey, create_ca
 from fedhealth.dashboard import _site
 
 
@@ -20,6 +20,7 @@ def home(tmp_path: Path) -> SiteHome:
     home.root.mkdir(mode=0o700)
     IdentityKey.generate().save(home.identity_path)
     home.settings_path.write_text(json.dumps({"site": "solo", "orchestrator": "https://127.0.0.1:1"}))
+    home.ca_path.write_bytes(create_ca("test federation").cert_pem)  # as enrollment leaves it
     return home
 
 
@@ -51,3 +52,15 @@ def test_after_a_failed_fetch_the_queue_does_not_ask_the_orchestrator_again_for_
         now[0] += _site._SYNC_PAUSE_S + 1
         assert _site._sync(governance) is None  # back in reach: no warning, and the pause is forgotten
         assert str(home.root) not in _site._sync_failed
+
+
+def test_a_home_without_its_federation_ca_shows_a_warning_instead_of_failing_the_page(home, monkeypatch):
+    """A site home whose ca.pem was lost cannot make a client (no CA to pin, and the system's authorities
+    are not trusted): the queue says so, with what to do, and shows what the site holds."""
+    home.ca_path.unlink()
+    monkeypatch.setattr(_site, "_sync_failed", {})
+    with SiteGovernance(home) as governance:
+        warning = _site._sync(governance)
+    assert warning is not None
+    assert "could not fetch the specs awaiting this site (no federation CA to pin" in warning
+    assert "restore ca.pem" in warning

@@ -28,7 +28,7 @@ with warnings.catch_warnings():
 from fedhealth.agent import SiteHome
 from fedhealth.cli import app as cli
 from fedhealth.core import ManualClock
-from fedhealth.crypto import IdentityKey
+from fedhealth.crypto import IdentityKey, create_ca
 from fedhealth.dashboard import site_dashboard_app, site_dashboard_link
 from fedhealth.dashboard._site import RUNTIME_FILE, SITE_COOKIE, signed_sign_in_token
 
@@ -46,6 +46,7 @@ def home(tmp_path: Path) -> SiteHome:
     home.root.mkdir(mode=0o700)
     IdentityKey.generate().save(home.identity_path)
     home.settings_path.write_text(json.dumps({"site": "solo", "orchestrator": "https://127.0.0.1:1"}))
+    home.ca_path.write_bytes(create_ca("test federation").cert_pem)  # as enrollment leaves it
     return home
 
 

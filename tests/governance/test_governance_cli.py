@@ -359,3 +359,17 @@ def test_model_card_carries_a_membership_benchmark_result_and_names_a_bad_one(pr
     result = runner.invoke(model_app, args)
     assert result.exit_code == 1
     assert "measurements must be a non-empty list" in one_line(result.stderr)
+
+
+def test_a_steward_listing_approvals_in_a_home_without_its_ca_gets_a_warning_and_the_list(tmp_path):
+    """A home whose ca.pem was lost cannot reach the orchestrator (no CA to pin, the system's authorities
+    are not trusted): `site approvals` says so in a warning line and still lists what the site holds."""
+    from fedhealth.agent import SiteHome
+
+    home = SiteHome(tmp_path / "site")
+    home.root.mkdir(mode=0o700)
+    IdentityKey.generate().save(home.identity_path)
+    home.settings_path.write_text(json.dumps({"site": "solo", "orchestrator": "https://127.0.0.1:1"}))
+    result = runner.invoke(approvals_app, ["--home", str(home.root)])
+    assert result.exit_code == 0, result.output
+    assert "warning: could not fetch the specs awaiting this site (no federation CA to pin" in result.output

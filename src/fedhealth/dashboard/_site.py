@@ -525,15 +525,18 @@ def _sync(governance: SiteGovernance) -> str | None:
     failed = _sync_failed.get(key)
     if failed is not None and time.monotonic() - failed[0] < _SYNC_PAUSE_S:
         return failed[1]
-    client = site_client(governance.home, max_elapsed_s=5.0)
+    client = None
     try:
+        # inside: a home that cannot make a client (no federation CA to pin) is a warning, not a failed page
+        client = site_client(governance.home, max_elapsed_s=5.0)
         result = sync_approvals(governance, client)
     except (FedHealthError, httpx.HTTPError) as exc:
         warning = f"could not fetch the specs awaiting this site ({' '.join(str(exc).split())[:200]})"
         _sync_failed[key] = (time.monotonic(), f"{warning}; asked again in a minute")
         return warning
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     _sync_failed.pop(key, None)
     if result.refused:
         return "not registered (bad signature or spec): " + "; ".join(result.refused)
