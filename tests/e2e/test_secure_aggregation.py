@@ -420,8 +420,11 @@ def test_after_an_orchestrator_restart_no_site_unmasks_the_same_round_again(tmp_
             for stage in SECURE_STAGES[:-1]:
                 rogue.step(stage)
             task_ids = {site: _task_id(fed, study.study_id, 1, site) for site in REAL}
-            for tid in task_ids.values():  # attempt A: every real site unmasked
+            for site, tid in task_ids.items():  # attempt A: every real site unmasked
                 _wait_for_log(fed, "orchestrator", f"task {tid}: unmask message received")
+                # and knows it was answered (it logs that after the orchestrator's answer: killed before,
+                # the site would not have logged it, whatever it then does in attempt B)
+                _wait_for_log(fed, site, f"task {tid}: sent unmask")
         finally:
             rogue.close()
         fed.stop_orchestrator(sig=signal.SIGKILL)
