@@ -435,3 +435,16 @@ def test_site_check_against_an_unreachable_orchestrator_reports_each_failure(sit
     assert len(errors) == 1
     assert "orchestrator.tls" in errors[0]
     assert "Traceback" not in result.output
+
+
+def test_an_error_line_shows_control_characters_instead_of_letting_the_terminal_act_on_them():
+    """An error line can carry the orchestrator's or a data source's words: an escape sequence there must
+    not clear the screen, retitle the window or recolour what the steward reads."""
+    from fedhealth.cli._errors import error_line
+
+    line = error_line("refused: \x1b[2J\x1b]0;pwned\x07 by the server\x08\x08é", hint="see \x1b[31mhere")
+    assert not any(not ch.isprintable() for ch in line)
+    assert "\\x1b[2J" in line
+    assert "\\x07" in line
+    assert line.endswith("(see \\x1b[31mhere)")
+    assert "é" in line  # printable text is kept as it is

@@ -56,12 +56,21 @@ def usage(message: str, hint: str | None = None) -> NoReturn:
     raise CliError(message, hint, EXIT_USAGE)
 
 
+def _printable(text: str) -> str:
+    """``text`` with every control character (ESC, BEL, backspace, a lone CR...) shown as its escape: an
+    error line may carry the orchestrator's or a data source's words, and a terminal would act on them
+    (recolour, retitle, rewrite the line the steward reads)."""
+    return "".join(
+        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
 def error_line(message: str, hint: str | None = None) -> str:
-    """``error: <what> (<hint>)`` on one line (newlines in either are folded)."""
+    """``error: <what> (<hint>)`` on one line (newlines in either are folded, control characters escaped)."""
     what = " ".join(message.split()).removeprefix("Value error, ").replace(": Value error, ", ": ")
-    what = what.rstrip(".") or "failed"
+    what = _printable(what.rstrip(".")) or "failed"
     if hint:
-        return f"error: {what} ({' '.join(hint.split())})"
+        return f"error: {what} ({_printable(' '.join(hint.split()))})"
     return f"error: {what}"
 
 
