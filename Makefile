@@ -36,8 +36,12 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	bash .ci/install-chromium
 
+# Two worker processes (pytest-xdist), each test file on one of them: the end-to-end tests wait on their
+# services' processes much of the time, so two workers fill two cores (18.5 min instead of 26.5 on 2 cores,
+# docs/benchmarks.md). TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed $(CHROMIUM)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
