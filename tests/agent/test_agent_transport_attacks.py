@@ -11,8 +11,8 @@ retries"): what test_malicious_orchestrator_transport.py and the e2e transport t
   still backs off.
 - Error answers: a refusal whose body is a JSON list, a string, or nested 10^5 deep is an
   ``OrchestratorRefused``, never an ``AttributeError`` or ``RecursionError`` that ends ``site run``.
-- Time: a login answer that trickles is abandoned at a deadline; an answer whose headers trickle should be
-  too (a known defect, marked xfail).
+- Time: a login answer that trickles is abandoned at a deadline; so is an answer whose status line and
+  headers trickle (every socket read of the agent's transport keeps the answer's deadline).
 - Crafted task ids and digests never send the token to another host; enrollment follows no redirect.
 - Files: an identity key path planted as a symbolic link is replaced, never written through.
 """
@@ -429,12 +429,6 @@ def test_a_login_answer_that_trickles_is_abandoned_at_its_deadline():
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the agent's deadline is checked while the body streams, not while the status line and "
-    "headers arrive; httpx bounds each read only, so an orchestrator sending a header byte just inside the "
-    "read timeout holds one poll for up to h11's 16 KiB header limit times that timeout (days)",
-)
 def test_a_poll_answer_whose_headers_trickle_is_abandoned_at_the_polls_deadline():
     headers = trickled(b"HTTP/1.1 200 OK\r\nX-Slow: ", 3.0)
 
@@ -457,6 +451,50 @@ def test_a_poll_answer_whose_headers_trickle_is_abandoned_at_the_polls_deadline(
         finally:
             client.close()
         assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.timeout(30)
+def test_site_check_s_latency_probe_is_not_held_by_headers_that_trickle(monkeypatch):
+    from fedhealth.agent import _check
+    from fedhealth.protocol import CheckStatus
+
+    monkeypatch.setattr(_check, "LATENCY_ANSWER_S", 0.5)
+    headers = trickled(b"HTTP/1.1 200 OK\r\nX-Slow: ", 4.0)
+    with lying_server(lambda target, sock, stop: headers(sock, stop)) as (port, _):
+        client = OrchestratorClient(f"http://127.0.0.1:{port}", SITE, IdentityKey.generate(), insecure=True)
+        result = _check.SiteCheck(site=SITE)
+        started = time.monotonic()
+        try:
+            _check._latency(result, client)
+        finally:
+            client.close()
+    assert time.monotonic() - started < 3, "one trickled /healthz answer held the site check"
+    assert [(c.name, c.status) for c in result.checks] == [("network.latency", CheckStatus.FAIL)]
+
+
+@pytest.mark.timeout(30)
+def test_a_proxy_named_in_the_environment_never_carries_the_sites_login(monkeypatch):
+    closed = socket.create_server(("127.0.0.1", 0))  # an orchestrator address nothing answers at
+    port = closed.getsockname()[1]
+    closed.close()
+    with lying_server(lambda target, sock, stop: None) as (proxy_port, through_proxy):
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy_port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        client = OrchestratorClient(
+            f"http://127.0.0.1:{port}",
+            SITE,
+            IdentityKey.generate(),
+            insecure=True,
+            retry=RetryPolicy(base_s=0.05, max_s=0.1, max_elapsed_s=0.3),
+        )
+        try:
+            with pytest.raises(ServiceUnavailableError):
+                client.next_task(0)
+        finally:
+            client.close()
+    assert bytes(through_proxy) == b"", "the site's login went through a proxy the environment named"
 
 
 # --- (5) where the token goes

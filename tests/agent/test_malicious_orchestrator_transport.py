@@ -530,3 +530,45 @@ def test_an_enormous_collective_answer_fails_the_session_without_being_read(serv
         client.close()
     assert any("/collective/1" in target for _, target, _ in orch.requests)
     assert max(orch.sent, default=0) < READ_BOUND
+
+
+def trickled_head(*, seconds: float, every: float = 0.1) -> Behaviour:
+    """A status line, then one byte of a header every ``every`` seconds for ``seconds`` (then hangs up)."""
+
+    def behaviour(sock: socket.socket, orch: Orchestrator) -> int:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        sent, until = 0, time.monotonic() + seconds
+        try:
+            while time.monotonic() < until and not orch.stop.wait(every):
+                sock.sendall(b"a")
+                sent += 1
+        except OSError:
+            pass  # the site hung up
+        return sent
+
+    return behaviour
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("part", ["headers", "body"])
+def test_a_collective_answer_that_trickles_is_cut_off_when_due_and_the_call_gives_up_at_its_deadline(
+    serve, part, monkeypatch
+):
+    # each read gets a byte well inside the socket's timeout: only a deadline for the whole answer ends it
+    from fedhealth.agent import _collective
+    from fedhealth.agent._collective import SessionChannel
+
+    monkeypatch.setattr(_collective._CallWatch, "TICK_S", 0.1)
+    lying = trickled_head(seconds=30) if part == "headers" else trickle(seconds=30, every=0.1)
+    orch = serve({"/api/v1/agent/tasks/t-1/collective/": lying})
+    client = client_of(orch, max_elapsed_s=1.0)
+    channel = SessionChannel(client, task_id="t-1", attempt="a1")
+    started = time.monotonic()
+    try:
+        with pytest.raises(ServiceUnavailableError, match="still arriving"):
+            channel.call(1, b"\0" * 64, wait=0.1, deadline=time.monotonic() + 2)
+    finally:
+        channel.close()
+        client.close()
+    assert time.monotonic() - started < 5, "the call outlived its deadline"
+    assert any("/collective/1" in target for _, target, _ in orch.requests)

@@ -33,6 +33,7 @@ from fedhealth.core import FedHealthError
 from fedhealth.crypto import pinned_tls_context
 from fedhealth.learning import ReferenceStep, default_registry
 from fedhealth.protocol import PROTOCOL_VERSION, CheckStatus, ReadinessCheck, SiteReadiness
+from fedhealth.transport import answer_deadline
 
 READINESS_PATH = "/api/v1/agent/readiness"
 PROBE_PATH = "/api/v1/agent/probe"
@@ -42,6 +43,7 @@ DEFAULT_TRANSFER_BYTES = 10_000_000
 CLOCK_SKEW_WARN_S = 5.0
 CLOCK_SKEW_FAIL_S = 60.0  # login challenges and tokens would be refused
 LATENCY_WARN_MS = 500.0
+LATENCY_ANSWER_S = 10.0  # one /healthz answer of the latency probe, whole
 BANDWIDTH_WARN_MB_S = 1.0
 DISK_WARN_GB = 2.0
 DISK_FAIL_GB = 0.2
@@ -215,7 +217,9 @@ def _latency(result: SiteCheck, client: OrchestratorClient) -> None:
     try:
         for _ in range(5):
             started = time.perf_counter()
-            client.http.get("/healthz")
+            # whole by its deadline, headers too: an orchestrator trickling them cannot hang the check
+            with answer_deadline(time.monotonic() + LATENCY_ANSWER_S):
+                client.http.get("/healthz")
             samples.append(_ms(started))
     except httpx.HTTPError as exc:
         result.add("network.latency", CheckStatus.FAIL, note="requests fail", detail=str(exc))

@@ -46,6 +46,7 @@ from fedhealth.protocol import (
     ours,
     version_headers,
 )
+from fedhealth.transport import DeadlineTransport, answer_deadline
 
 log = logging.getLogger("fedhealth.agent")
 T = TypeVar("T")
@@ -158,8 +159,8 @@ class OrchestratorClient:
             base_url=self.base_url,
             headers={"User-Agent": "fedhealth-agent", **version_headers(fedhealth.__version__)},
             timeout=httpx.Timeout(30.0, connect=5.0),
-            transport=transport,
-            verify=verify,
+            transport=transport if transport is not None else DeadlineTransport(verify=verify),
+            trust_env=False,
         )
 
     def close(self) -> None:
@@ -251,6 +252,10 @@ class OrchestratorClient:
         orchestrator that sends a byte now and then, or without end, would otherwise hold the agent (and its
         memory) for as long as it likes. Redirects are not followed."""
         request = self._http.build_request(method, path, **kwargs)
+        with answer_deadline(deadline):  # the status line and headers too, not only the body's chunks
+            return self._read_bounded(request, max_bytes, deadline)
+
+    def _read_bounded(self, request: httpx.Request, max_bytes: int, deadline: float | None) -> httpx.Response:
         response = self._http.send(request, stream=True, follow_redirects=False)
         try:
             declared = response.headers.get("content-length", "")

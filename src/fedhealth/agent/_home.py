@@ -10,6 +10,7 @@ HOME/            mode 0700, every file in it 0600: no other local account reads 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from fedhealth.agent._client import OrchestratorRefused, TlsVerificationError, c
 from fedhealth.core import ConfigError, ServiceUnavailableError, Tightened, make_private_dir, secure_home
 from fedhealth.crypto import IdentityKey, client_tls_for_url, create_client_csr, write_private
 from fedhealth.protocol import EnrollResponse
+from fedhealth.transport import DeadlineTransport, answer_deadline
+
+# how long the orchestrator's answer to an enrollment may take to arrive whole
+ENROLL_ANSWER_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,13 +132,16 @@ def enroll_site(
     key = IdentityKey.generate()
     tls_key, tls_csr = create_client_csr(name)
     verify = client_tls_for_url(orchestrator, ca_pem, insecure=insecure)  # http:// only if insecure
-    with httpx.Client(
-        base_url=orchestrator.strip().rstrip("/"),
-        verify=verify,
-        timeout=30,
-        transport=transport,
-        follow_redirects=False,
-    ) as http:
+    with (
+        httpx.Client(
+            base_url=orchestrator.strip().rstrip("/"),
+            timeout=30,
+            transport=transport if transport is not None else DeadlineTransport(verify=verify),
+            follow_redirects=False,
+            trust_env=False,
+        ) as http,
+        answer_deadline(time.monotonic() + ENROLL_ANSWER_S),  # headers that trickle included
+    ):
         try:
             response = http.post(
                 "/api/v1/enroll",
