@@ -52,6 +52,7 @@ def credential(tmp_path) -> Path:
             api_key="fhk_" + "x" * 40,
         ).model_dump_json()
     )
+    path.chmod(0o600)  # a credential others can read is refused
     return path
 
 

@@ -368,3 +368,88 @@ def test_a_new_users_credential_is_private_under_umask_0_and_replaces_a_planted_
     assert not out.is_symlink()
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert OperatorCredential.model_validate_json(out.read_text()).api_key == created.api_key
+
+
+# --- the transport: a deadline for the whole answer, and no proxy from the environment ----------------------
+
+
+@contextmanager
+def plain_server(answer: Callable[[socket.socket], None]) -> Iterator[tuple[int, bytearray]]:
+    """A plain-HTTP server on loopback: reads each request's head, then lets ``answer`` write to the socket;
+    yields its port and every byte it received."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    received = bytearray()
+    closed = threading.Event()
+
+    def serve() -> None:
+        while not closed.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with contextlib.suppress(OSError), conn:
+                conn.settimeout(5)
+                while b"\r\n\r\n" not in received and (chunk := conn.recv(65536)):
+                    received.extend(chunk)
+                answer(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], received
+    finally:
+        closed.set()
+        listener.close()
+        thread.join(10)
+
+
+@pytest.mark.timeout(30)
+def test_an_answer_whose_status_line_and_headers_trickle_is_abandoned_at_the_deadline():
+    def trickle_headers(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        until = time.monotonic() + 6
+        while time.monotonic() < until:  # one byte well inside any per-read timeout
+            conn.sendall(b"a")
+            time.sleep(0.05)
+
+    with plain_server(trickle_headers) as (port, _):
+        client = OperatorClient(
+            f"http://127.0.0.1:{port}",
+            user="admin",
+            api_key="fh_key",
+            ca_pem=None,
+            insecure=True,
+            answer_deadline_s=0.5,
+        )
+        started = time.monotonic()
+        try:
+            with pytest.raises(httpx.TimeoutException, match="deadline"):
+                client.sites()
+        finally:
+            client.close()
+        assert time.monotonic() - started < 3
+
+
+@pytest.mark.timeout(30)
+def test_a_proxy_named_in_the_environment_never_sees_the_api_key(monkeypatch):
+    def refuse(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\n{}")
+
+    with plain_server(refuse) as (proxy_port, through_proxy), plain_server(refuse) as (port, direct):
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy_port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        client = OperatorClient(
+            f"http://127.0.0.1:{port}", user="admin", api_key="fh_secret_key", ca_pem=None, insecure=True
+        )
+        try:
+            with pytest.raises(ClientError):
+                client.sites()
+        finally:
+            client.close()
+    assert b"POST /api/v1/auth/token" in direct  # the control: the login went where it was told
+    assert bytes(through_proxy) == b"", "the operator's login went through a proxy the environment named"

@@ -76,6 +76,7 @@ def test_a_certificate_from_another_ca_is_a_tls_error_in_one_line(fed, tmp_path)
     other = real.model_copy(update={"ca_pem": create_ca("another federation").cert_pem.decode()})
     path = tmp_path / "wrong-ca.credential"
     path.write_text(other.model_dump_json())
+    path.chmod(0o600)  # a credential others can read is refused
     line = one_error(cli("site", "list", "--credential", path, "--orchestrator", fed.url), 1)
     assert "TLS verification failed" in line
     assert "pinned federation CA" in line

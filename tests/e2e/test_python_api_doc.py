@@ -54,6 +54,7 @@ def test_the_python_api_doc_runs_as_written(tmp_path, monkeypatch, capsys):
         (work / "admin.credential").write_text(
             credential.model_copy(update={"orchestrator": fed.url}).model_dump_json()
         )
+        (work / "admin.credential").chmod(0o600)  # a credential others can read is refused
         (work / "study.toml").write_text(
             spec_template(
                 recipe="logreg",

@@ -43,7 +43,7 @@ def operator_client(credential: Path, url: str | None, insecure: bool = False) -
 
     from fedhealth.client import OperatorClient
 
-    if not credential.is_file():
+    if not credential.exists() and not credential.is_symlink():  # anything else: read_credential says why
         fail(
             f"credential file {credential} not found",
             "give --credential FILE or set FEDHEALTH_CREDENTIAL; `orchestrator init` writes admin.credential "

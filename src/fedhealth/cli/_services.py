@@ -617,7 +617,7 @@ def user_add(
 
     with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         created = client.add_user(name, role.value)
-        admin = OperatorCredential.model_validate_json(credential.read_text())
+        admin = client.read_credential(credential)  # checked as when the client was made
     if out is not None:
         new = OperatorCredential(
             orchestrator=orchestrator or admin.orchestrator,
@@ -664,7 +664,7 @@ def user_new_key(
 
     with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         created = client.new_api_key(name)
-        admin = OperatorCredential.model_validate_json(credential.read_text())
+        admin = client.read_credential(credential)  # checked as when the client was made
     if out is not None:
         new = OperatorCredential(
             orchestrator=orchestrator or admin.orchestrator,

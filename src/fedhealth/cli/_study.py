@@ -15,9 +15,10 @@ failed or was cancelled); 2 a usage error.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -31,6 +32,9 @@ from fedhealth.cli._common import (
 )
 from fedhealth.cli._errors import fail, usage
 from fedhealth.protocol import ApprovalState, StudyInfo, StudyStatus, TaskStatus
+
+if TYPE_CHECKING:
+    from fedhealth.client import OperatorClient
 
 study_app = typer.Typer(help="Write, submit and follow studies.", no_args_is_help=True)
 SpecArgument = Annotated[Path, typer.Argument(help="The study spec file (TOML, or .json).")]
@@ -80,9 +84,7 @@ def study_init(
     if str(out) == "-":
         typer.echo(text, nl=False)
         return
-    if out.exists() and not force:
-        fail(f"{out} exists already", "pass --force to overwrite it, or --out another file")
-    out.write_text(text, encoding="utf-8")
+    _write_output(out, text.encode("utf-8"), force=force)
     typer.echo(f"wrote {out}; edit it, then `fedhealth study hash {out}`", err=True)
 
 
@@ -216,16 +218,14 @@ def study_status(
                 while info.status not in _ENDED:
                     if timeout is not None and time.monotonic() - started > timeout:
                         fail(f"study {study_id} is still {info.status.value} after {timeout:g} s")
-                    time.sleep(interval)
-                    info = client.study(study_id)
+                    info = _refreshed(client, info, interval, started, timeout)
                     live.update(_status_view(info), refresh=True)
         elif watch:
             started = time.monotonic()
             while info.status not in _ENDED:
                 if timeout is not None and time.monotonic() - started > timeout:
                     fail(f"study {study_id} is still {info.status.value} after {timeout:g} s")
-                time.sleep(interval)
-                info = client.study(study_id)
+                info = _refreshed(client, info, interval, started, timeout)
     if as_json:
         print_json(info)
     elif not watch:
@@ -234,6 +234,32 @@ def study_status(
         Console().print(_status_view(info))
     if watch and info.status is not StudyStatus.COMPLETED:
         fail(f"study {study_id} {info.status.value}" + (f": {info.reason}" if info.reason else ""))
+
+
+def _refreshed(
+    client: OperatorClient, info: StudyInfo, interval: float, started: float, timeout: float | None
+) -> StudyInfo:
+    """The study's state after ``interval``. A 429 (the orchestrator's rate limit) is waited out, as
+    ``OperatorClient.wait_for_study`` does: its Retry-After lengthens the pause up to
+    ``OperatorClient.MAX_PAUSE_S``, never past ``timeout`` (then the last state seen: the caller gives up)."""
+    from fedhealth.client import ClientError, OperatorClient
+
+    pause = interval
+    while True:
+        time.sleep(pause)
+        try:
+            return client.study(info.study_id)
+        except ClientError as exc:
+            if exc.status != 429:
+                raise
+            asked = (exc.retry_after or "").strip()
+            wanted = float(asked) if asked.replace(".", "", 1).isdigit() else 0.0  # a date, garbage: 0
+            pause = min(OperatorClient.MAX_PAUSE_S, max(interval, wanted))  # float("9" * 400) is inf
+            if timeout is not None:
+                left = timeout - (time.monotonic() - started)
+                if left <= 0:
+                    return info
+                pause = min(pause, left)
 
 
 def _status_view(info: StudyInfo) -> object:
@@ -309,12 +335,18 @@ def study_download(
     study_id: IdArgument,
     model: Annotated[Path | None, typer.Option(help="Write the model (safetensors) here.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the study report (JSON) here.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace files that exist already.")] = False,
     credential: CredentialOption = Path("admin.credential"),
     orchestrator: UrlOption = None,
 ) -> None:
-    """Download a study's model and/or its report."""
+    """Download a study's model and/or its report (each written 0600; an existing file only with --force)."""
+    import hashlib
+
     if model is None and report is None:
         usage("nothing to download", "give --model FILE and/or --report FILE")
+    for out in (model, report):
+        if out is not None and not force and os.path.lexists(out):  # before anything is downloaded
+            fail(f"{out} exists already", "pass --force to replace it, or give another file")
     with operator_client(credential, orchestrator) as client:
         if model is not None:
             info = client.study(study_id)
@@ -322,8 +354,24 @@ def study_download(
                 typer.echo(
                     f"warning: study {study_id} is {info.status.value}; its latest model is saved", err=True
                 )
-            digest = client.download_model(study_id, model)
-            typer.echo(f"model {digest[:16]}… written to {model}")
+            blob = client.model_bytes(study_id)
+            _write_output(model, blob, force=force)
+            typer.echo(f"model {hashlib.sha256(blob).hexdigest()[:16]}… written to {model}")
         if report is not None:
-            report.write_text(json.dumps(client.report(study_id), indent=2, sort_keys=True), encoding="utf-8")
+            text = json.dumps(client.report(study_id), indent=2, sort_keys=True)
+            _write_output(report, text.encode("utf-8"), force=force)
             typer.echo(f"report written to {report}")
+
+
+def _write_output(path: Path, data: bytes, *, force: bool) -> None:
+    """Write a file the operator asked for: 0600 (a model and a report stay with whoever downloaded them),
+    atomically, through a new file beside it, so a symbolic link another account planted at ``path`` is
+    replaced, never written through; a file already there (a link too) only with ``--force``."""
+    from fedhealth.core import write_private_file
+
+    try:
+        write_private_file(path, data, overwrite=force)
+    except FileExistsError:
+        fail(f"{path} exists already", "pass --force to replace it, or give another file")
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror or exc}")

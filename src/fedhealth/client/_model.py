@@ -17,6 +17,7 @@ and ``fedhealth.load_model`` applies it to a pandas DataFrame of raw columns.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from dataclasses import dataclass
@@ -27,7 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedhealth.core import InputError, TensorError, canonical_json, decode_tensors, sha256_hex
+from fedhealth.core import (
+    InputError,
+    TensorError,
+    canonical_json,
+    decode_tensors,
+    sha256_hex,
+    write_private_file,
+)
 from fedhealth.data import standardize
 from fedhealth.learning import (
     CombinationPattern,
@@ -112,12 +120,16 @@ class Predictions:
     def to_csv(self, path: Path, id_name: str = "id") -> None:
         """One row per prediction (id, probability, prediction). An id, or ``id_name``, that a spreadsheet
         would read as a formula is written as text (:func:`spreadsheet_text`): the file is opened by an
-        analyst, and the ids come from whoever wrote the input file."""
-        with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow([spreadsheet_text(id_name), "probability", "prediction"])
-            for rid, p in zip(self.row_ids, self.probabilities, strict=True):
-                writer.writerow([spreadsheet_text(rid), f"{p:.6f}", int(p > 0.5)])
+        analyst, and the ids come from whoever wrote the input file.
+
+        The file is written 0600 (a prediction per patient id) through a new file beside ``path``, renamed
+        over it: a symbolic link another account planted at ``path`` is replaced, never written through."""
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow([spreadsheet_text(id_name), "probability", "prediction"])
+        for rid, p in zip(self.row_ids, self.probabilities, strict=True):
+            writer.writerow([spreadsheet_text(rid), f"{p:.6f}", int(p > 0.5)])
+        write_private_file(path, text.getvalue().encode("utf-8"))
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

@@ -9,7 +9,10 @@ is not 2xx, is a :class:`ClientError`, whatever its body holds.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -23,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 import fedhealth
 from fedhealth.client._words import field_errors
-from fedhealth.core import ConfigError, FedHealthError
+from fedhealth.core import ConfigError, FedHealthError, write_private_file
 from fedhealth.crypto import IdentityKey, client_tls_for_url
 from fedhealth.governance import SignedSpec
 from fedhealth.protocol import (
@@ -41,6 +44,7 @@ from fedhealth.protocol import (
     from_peer,
     version_headers,
 )
+from fedhealth.transport import DeadlineTransport, answer_deadline
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -102,9 +106,10 @@ class OperatorClient:
         self._api_key = api_key
         self._http = httpx.Client(
             base_url=url.strip().rstrip("/"),
-            verify=verify,
             timeout=timeout,
-            transport=transport,
+            # the deadline kept by every socket read (a status line or headers that trickle included)
+            transport=transport if transport is not None else DeadlineTransport(verify=verify),
+            trust_env=False,  # no proxy or .netrc from the environment: the API key goes where it is told
             follow_redirects=False,  # the API key and tokens go to the orchestrator and nowhere else
             headers={"User-Agent": "fedhealth-operator", **version_headers(fedhealth.__version__)},
         )
@@ -113,9 +118,48 @@ class OperatorClient:
         self._token: str | None = None
         self._expires = datetime.min.replace(tzinfo=UTC)
 
+    # a credential holds a URL, a CA certificate, an API key and perhaps a TLS client key: a few KiB
+    MAX_CREDENTIAL_BYTES = 1 << 20
+
+    @staticmethod
+    def read_credential(path: Path) -> OperatorCredential:
+        """The credential file at ``path``, checked as the site's key files are (``IdentityKey.load``):
+        :class:`ConfigError` (one line) for a file others can read (chmod 600 it), one another account owns,
+        a symbolic link (not followed: another account could plant one where the operator looks), or what
+        is not a regular file (a FIFO would block the command) or holds more than a credential can."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ConfigError(
+                    f"credential file {path} is a symbolic link; not followed (give the file itself)"
+                ) from None
+            raise ConfigError(f"credential file {path} cannot be read: {exc.strerror}") from exc
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigError(f"credential file {path} is not a regular file")
+            if info.st_uid != os.getuid():
+                raise ConfigError(
+                    f"credential file {path} belongs to uid {info.st_uid}, not to this user "
+                    f"(uid {os.getuid()}); refusing an API key another account controls"
+                )
+            mode = stat.S_IMODE(info.st_mode)
+            if mode & 0o077:
+                raise ConfigError(
+                    f"credential file {path} is readable by other users (mode {mode:o}); chmod 600 it"
+                )
+            if info.st_size > OperatorClient.MAX_CREDENTIAL_BYTES:
+                raise ConfigError(f"credential file {path} is too large ({info.st_size} bytes)")
+            data = f.read(OperatorClient.MAX_CREDENTIAL_BYTES + 1)
+        if len(data) > OperatorClient.MAX_CREDENTIAL_BYTES:
+            raise ConfigError(f"credential file {path} is too large")
+        return OperatorCredential.model_validate_json(data)
+
     @classmethod
     def from_credential(cls, path: Path, *, url: str | None = None, insecure: bool = False) -> OperatorClient:
-        credential = OperatorCredential.model_validate_json(path.read_text())
+        """The client of the credential file at ``path`` (:meth:`read_credential`)."""
+        credential = cls.read_credential(path)
         client_cert = None
         if credential.tls_certificate and credential.tls_key:
             client_cert = (credential.tls_certificate.encode(), credential.tls_key.encode())
@@ -180,6 +224,10 @@ class OperatorClient:
         command for ever with a byte now and then. A compressed answer counts as what it inflates to."""
         request = self._http.build_request(method, path, **kwargs)
         deadline = time.monotonic() + self._answer_deadline_s
+        with answer_deadline(deadline):
+            return self._read_bounded(request, max_bytes, deadline)
+
+    def _read_bounded(self, request: httpx.Request, max_bytes: int, deadline: float) -> httpx.Response:
         response = self._http.send(request, stream=True, follow_redirects=False)
         try:
             declared = response.headers.get("content-length", "")
@@ -314,10 +362,12 @@ class OperatorClient:
             "GET", f"/api/v1/studies/{study_id}/model", max_bytes=self.MAX_MODEL_BYTES
         ).content
 
-    def download_model(self, study_id: str, path: Path) -> str:
-        """Write the study's current model (safetensors) to ``path``; returns its sha256."""
+    def download_model(self, study_id: str, path: Path, *, overwrite: bool = True) -> str:
+        """Write the study's current model (safetensors) to ``path``, 0600 and atomically (a symbolic link
+        planted there is replaced, never written through; with ``overwrite=False`` an existing file or link
+        raises :class:`FileExistsError`); returns its sha256."""
         blob = self.model_bytes(study_id)
-        path.write_bytes(blob)
+        write_private_file(path, blob, overwrite=overwrite)
         return hashlib.sha256(blob).hexdigest()
 
     def released_model(self, digest: str) -> bytes:

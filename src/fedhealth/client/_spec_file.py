@@ -13,6 +13,8 @@ The template is written by :func:`spec_template` alone: when the spec's format c
 from __future__ import annotations
 
 import json
+import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -125,25 +127,62 @@ def spec_template(
     return "\n".join(lines)
 
 
+# the orchestrator's limit on a submitted document (docs/security.md, "Limits and retries")
+MAX_SPEC_BYTES = 4 << 20
+
+
 def load_spec(path: Path) -> StudySpec:
-    """Read a spec file (TOML, or JSON by its ``.json`` suffix) and validate it."""
+    """Read a spec file (TOML, or JSON by its ``.json`` suffix) and validate it.
+
+    The file may come from anyone (a steward is sent one to check its hash), so: only a regular file, of
+    at most :data:`MAX_SPEC_BYTES` (a FIFO would block, a huge file fill memory); JSON that names a key
+    twice is refused, as TOML is, since a reader sees the first value and the parser keeps the last (the
+    hash would cover what the reader did not see); nesting too deep to parse is a refusal too."""
+    text = _read_spec_text(path)
+    kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecFileError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecFileError(f"{path}: cannot be read ({exc})") from exc
-    try:
-        body = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+        body = json.loads(text, object_pairs_hook=_without_repeats) if kind == "JSON" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
-        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
-        raise SpecFileError(f"{path}: not valid {kind}: {exc}") from exc
+        raise SpecFileError(f"{path}: not valid {kind}: {' '.join(str(exc).split())[:300]}") from exc
+    except RecursionError:
+        raise SpecFileError(f"{path}: not valid {kind}: nested too deep") from None
     if not isinstance(body, dict):
         raise SpecFileError(f"{path}: a study spec is an object (a table of fields)")
     try:
         return StudySpec.model_validate(body)
     except ValidationError as exc:
         raise SpecFileError(f"{path}: {field_errors(exc.errors())}") from exc
+
+
+def _read_spec_text(path: Path) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SpecFileError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise SpecFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise SpecFileError(f"{path}: not a regular file")
+        if info.st_size > MAX_SPEC_BYTES:
+            raise SpecFileError(f"{path}: larger than a study spec may be ({MAX_SPEC_BYTES} bytes)")
+        data = f.read(MAX_SPEC_BYTES + 1)
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecFileError(f"{path}: larger than a study spec may be ({MAX_SPEC_BYTES} bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecFileError(f"{path}: cannot be read ({exc})") from exc
+
+
+def _without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in body:
+            raise ValueError(f"key {key[:100]!r} is given twice")
+        body[key] = value
+    return body
 
 
 def study_spec_hash(spec: StudySpec) -> str:

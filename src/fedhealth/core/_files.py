@@ -41,11 +41,15 @@ def create_private_file(path: Path) -> None:
     os.close(fd)
 
 
-def write_private_file(path: Path, data: bytes) -> None:
+def write_private_file(path: Path, data: bytes, *, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` readable by the owner only (0600), atomically: through a temporary file of
     an unpredictable name created exclusively (``mkstemp``: ``O_EXCL``, 0600) beside it, then renamed over
     ``path``. A fixed temporary name (``<path>.tmp``, opened with ``O_TRUNC``) would write the secret into
-    whatever another account planted there: a symbolic link to its own file, or a file it keeps open."""
+    whatever another account planted there: a symbolic link to its own file, or a file it keeps open.
+
+    A symbolic link at ``path`` is replaced, never followed. With ``overwrite=False`` anything at ``path``
+    (a file, a link, even one that points nowhere) is left alone and :class:`FileExistsError` raised: the
+    temporary file is hard-linked into place, which fails rather than replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -53,10 +57,30 @@ def write_private_file(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path, data)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _link_new(tmp: str, path: Path, data: bytes) -> None:
+    """Put ``tmp`` at ``path`` only if nothing is there (:class:`FileExistsError` otherwise), then remove
+    ``tmp``. A file system without hard links gets ``path`` created exclusively instead (``O_EXCL`` refuses
+    a link too), written in place: not atomic there, but never through a link nor over a file."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(path, flags, PRIVATE_FILE_MODE), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    os.unlink(tmp)
 
 
 def discard_interrupted_writes(path: Path) -> int:

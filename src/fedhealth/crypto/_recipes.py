@@ -127,11 +127,21 @@ class IdentityKey:
 
     @classmethod
     def load(cls, path: Path) -> IdentityKey:
-        """Read a key written by :meth:`save`; refuse one that others can read."""
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise CryptoError(f"{path} is readable by other users (mode {mode:o}); chmod 600 it")
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        """Read a key written by :meth:`save`; refuse one that others can read, or that another account owns
+        (it could replace the key with its own). Both are checked on the file as opened, so a file swapped in
+        after the check is never the one read."""
+        with path.open("rb") as f:
+            info = os.fstat(f.fileno())
+            mode = stat.S_IMODE(info.st_mode)
+            if mode & 0o077:
+                raise CryptoError(f"{path} is readable by other users (mode {mode:o}); chmod 600 it")
+            if info.st_uid != os.getuid():
+                raise CryptoError(
+                    f"{path} is owned by another account (uid {info.st_uid}, not {os.getuid()}); "
+                    "refusing a key that account could replace"
+                )
+            pem = f.read()
+        key = serialization.load_pem_private_key(pem, password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise CryptoError(f"{path} does not hold an Ed25519 private key")
         return cls(key)
