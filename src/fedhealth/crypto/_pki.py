@@ -85,6 +85,19 @@ def create_ca(common_name: str, *, valid_days: int = 3650, now: datetime | None 
     return PemPair(key_pem=_key_pem(key), cert_pem=cert.public_bytes(serialization.Encoding.PEM))
 
 
+_SIGNATURE_ONLY = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 def _leaf(
     ca: PemPair,
     common_name: str,
@@ -106,6 +119,8 @@ def _leaf(
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + timedelta(days=valid_days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        # an ECDSA key in TLS (1.2 ECDHE or 1.3) only signs the handshake: no key agreement, no cert signing
+        .add_extension(_SIGNATURE_ONLY, critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
@@ -192,8 +207,12 @@ def sign_client_csr(
     if not csr.is_signature_valid:
         raise CryptoError("the certificate signing request's signature does not verify")
     public_key = csr.public_key()
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
-        raise CryptoError("client certificates need an ECDSA key")
+    # P-256 only, as every certificate of the federation: the CA must not vouch for a key on a weak curve
+    # (P-192) or one that TLS peers may not speak (secp256k1, brainpool)
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+        public_key.curve, ec.SECP256R1
+    ):
+        raise CryptoError("client certificates need an ECDSA P-256 key")
     return _leaf(
         ca,
         common_name,

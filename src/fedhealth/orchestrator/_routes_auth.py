@@ -98,12 +98,14 @@ def auth_router() -> APIRouter:
         return {"status": "ok", "version": fedhealth.__version__, "libraries": libraries}
 
     @router.post("/api/v1/enroll", response_model=EnrollResponse, tags=["enrollment"])
-    async def enroll(svc: Svc, body: EnrollRequest) -> EnrollResponse:
+    async def enroll(svc: Svc, request: Request, body: EnrollRequest) -> EnrollResponse:
         """A site registers its Ed25519 public key with its one-time enrollment token.
 
         401: the token is unknown, superseded by a newer one, spent or expired. 409: the token is valid but
-        the site is enrolled already (an enrolled site gets a new key only by an admin's rotation).
+        the site is enrolled already (an enrolled site gets a new key only by an admin's rotation). 403: the
+        connection's client certificate names another principal (one never carries another's token).
         """
+        check_certificate_names(request, body.site)
         return enroll_site(svc, body)
 
     @router.post("/api/v1/agent/challenge", response_model=ChallengeResponse, tags=["enrollment"])
