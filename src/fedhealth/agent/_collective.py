@@ -23,9 +23,13 @@ with ``GET``. A transport retry re-sends the same bytes (the relay counts a call
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import logging
+import math
+import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -125,6 +129,47 @@ MAX_RESULT_BYTES = 256 << 20
 MAX_ERROR_BYTES = 64 << 10
 
 
+class _CallWatch:
+    """Ends a call whose answer is still arriving when it is due. ``http.client`` bounds each read of the
+    socket only, so a relay sending a byte of its status line, headers or body now and then would hold the
+    site for as long as it liked. One thread per channel, started with its first call and waking once a
+    second; a call itself only sets two attributes (nothing on the path a collective's milliseconds take)."""
+
+    TICK_S = 1.0
+
+    def __init__(self) -> None:
+        self.due = math.inf  # time.monotonic() by which the call in progress must be answered whole
+        self.cut = False  # whether the watch ended the last call
+        self._sock: socket.socket | None = None
+        self._ended = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sock: socket.socket, due: float) -> None:
+        self.cut = False
+        self._sock = sock
+        self.due = due
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="collective-call-watch", daemon=True)
+            self._thread.start()
+
+    def done(self) -> None:
+        self.due = math.inf
+
+    def end(self) -> None:
+        self._ended.set()
+
+    def _run(self) -> None:
+        while not self._ended.wait(self.TICK_S):
+            sock = self._sock
+            if sock is not None and time.monotonic() > self.due:
+                self.due = math.inf
+                self.cut = True
+                # the plain socket's shutdown (not SSLSocket's, which drops its TLS object under the reader):
+                # the blocked read returns and the call fails as a broken connection, then is retried
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 class SessionChannel:
     """One keep-alive connection for a session's calls.
 
@@ -148,8 +193,14 @@ class SessionChannel:
         self._fixed_headers = {**version_headers(fedhealth.__version__), SESSION_HEADER: attempt}
         self._connection: http.client.HTTPConnection | None = None
         self._buffer = bytearray()
+        self._watch = _CallWatch()
 
     def close(self) -> None:
+        """Close the connection and end the watch (the session is over)."""
+        self._watch.end()
+        self._drop()
+
+    def _drop(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
@@ -185,24 +236,49 @@ class SessionChannel:
             sent["Content-Type"] = "application/octet-stream"
             sent["Content-Length"] = str(len(body))
         method = "GET" if body is None else "POST"
+        try:
+            return self._call(index, method, path, body, sent, wait, deadline)
+        finally:
+            self._watch.done()
+
+    def _call(
+        self,
+        index: int,
+        method: str,
+        path: str,
+        body: bytes | memoryview | None,
+        sent: dict[str, str],
+        wait: float,
+        deadline: float,
+    ) -> memoryview | None:
         attempt, renewed = 0, False
         while True:
             retry_after: float | None = None
             try:
                 connection = self._connect(wait + 15)
+                if connection.sock is None:
+                    connection.connect()
+                # the whole answer is due by the call's wait and a margin, and never after the deadline
+                self._watch.watch(connection.sock, min(time.monotonic() + wait + 15, deadline))
                 connection.request(method, path, body=body, headers={**sent, **self._client.auth_headers()})
                 response = connection.getresponse()
-                if response.status == 200:
-                    return self._read(response)
-                data = response.read(MAX_ERROR_BYTES)
+                result = self._read(response) if response.status == 200 else None
+                data = b"" if result is not None else response.read(MAX_ERROR_BYTES)
+                if self._watch.cut:  # what arrived before the cut is no answer (its end ended the headers)
+                    raise ConnectionAbortedError("cut off when due")
+                if result is not None:
+                    return result
             except ssl.SSLCertVerificationError as exc:
                 raise TlsVerificationError(
                     f"TLS verification failed: the orchestrator's certificate is not trusted by the pinned "
                     f"federation CA ({exc.verify_message or exc.reason})"
                 ) from exc
             except (OSError, http.client.HTTPException) as exc:
-                self.close()
-                problem = f"{type(exc).__name__}: {exc}"
+                self._drop()
+                if self._watch.cut:
+                    problem = "the answer was still arriving when it was due"
+                else:
+                    problem = f"{type(exc).__name__}: {exc}"
             except OrchestratorRefused as exc:  # from logging in again
                 if exc.status != 429 and exc.status < 500:
                     raise
@@ -240,7 +316,7 @@ class SessionChannel:
         declared = response.getheader("content-length") or ""
         length = int(declared) if declared.isdigit() else -1
         if length > MAX_RESULT_BYTES:
-            self.close()
+            self._drop()
             raise SessionFailedError(
                 SessionFailure.PROTOCOL_VIOLATION,
                 f"the relay declared an answer of {length} bytes, over {MAX_RESULT_BYTES}",
@@ -248,7 +324,7 @@ class SessionChannel:
         if length < 0:  # not what the relay sends, but still HTTP
             data = response.read(MAX_RESULT_BYTES + 1)
             if len(data) > MAX_RESULT_BYTES:
-                self.close()
+                self._drop()
                 raise SessionFailedError(
                     SessionFailure.PROTOCOL_VIOLATION,
                     f"the relay's answer runs past {MAX_RESULT_BYTES} bytes",
