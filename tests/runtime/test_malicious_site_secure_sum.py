@@ -52,7 +52,7 @@ def _rogue(
     an honest site derives from one set of metrics replaced by ``changes``."""
     codec = secure_codec(spec, kind)
     values: dict[str, object] = {s.name: np.zeros(s.length) for s in codec.segments}
-    values.update(eval_n=50, correct=40, accuracy=0.8, auc=0.7, auc_n=1, eval_loss=0.6)
+    values.update(eval_n=50, eval_sites=1, correct=40, accuracy=0.8, auc=0.7, auc_n=1, eval_loss=0.6)
     if kind is TaskKind.TRAIN:
         values.update(delta=np.zeros(N_PARAMS), weight=1, loss=0.5)
     values.update(changes)
@@ -66,6 +66,8 @@ ATTACKS = [
     (TaskKind.TRAIN, {"loss": 100_000 * MAX_LOSS}, "summed loss"),
     # an evaluation round: a site with no held-out record claims the most correct predictions
     (TaskKind.EVALUATE, {"eval_n": 0, "correct": 900_000}, "correct predictions out of"),
+    # an accuracy of 1 not counted among the sites with held-out figures: the mean accuracy above 1
+    (TaskKind.EVALUATE, {"accuracy": 1.0, "eval_sites": 0}, "accuracies summing to"),
 ]
 
 

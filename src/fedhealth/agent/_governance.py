@@ -12,8 +12,10 @@ the consent snapshots each task used. :class:`GovernanceGate` is the first gate 
                   before the dataset is opened.
 ``prepare_data``  (every task) keep only the rows, training and held-out, whose patient's consent permits the
                   study's purpose today (the consent snapshot is stored and logged with suppressed counts),
-                  re-standardized on the kept training rows; then (training) the cohort rule. The dataset
-                  handed on is the filtered one.
+                  re-standardized on the kept training rows; then (training) the cohort rule, and (training,
+                  evaluation, collective session) the held-out cohort rule: below k held-out patients the
+                  task gets no held-out row, so it reports no figure of them (an evaluation answers with
+                  none). The dataset handed on is the filtered one.
 ``after_training`` / ``attest``  log ``task.completed`` and ``update.sent``; state the log head and keyed
                   commitments (``governance._commitments``) to the fingerprint of the rows actually used and
                   to the consent snapshot, for the orchestrator (which anchors the head in its round record).
@@ -81,9 +83,11 @@ from fedhealth.governance import (
     CommitmentKind,
     ConsentModel,
     ConsentRegistry,
+    Decision,
     LogHead,
     PolicyError,
     PolicyRequest,
+    Rule,
     SignedSpec,
     SitePolicy,
     StudyApproval,
@@ -565,6 +569,20 @@ class GovernanceGate(PassGate):
             )
             if not cohort.allowed:
                 self._refuse(ctx, cohort.rule.value, cohort.reason)
+        if _reads_held_out(ctx.task):
+            held_out = _held_out_decision(settings.policy, int(keep_test.sum()))
+            record_decision(
+                self.log,
+                held_out,
+                subject={**notes.subject, "snapshot_hash": result.snapshot_hash, "rows": "held-out"},
+            )
+            if not held_out.allowed:
+                # the held-out rows are not handed on, so no figure of them is computed, let alone released;
+                # the task itself goes on: a training round still trains on its >= k training rows, a
+                # collective session still takes part, and an evaluation answers with no figure (inside a
+                # secure sum it adds zeros: a refusal would leave the round short of its threshold)
+                keep_test = np.zeros_like(keep_test)
+                kept[len(train_ids) :] = False
         selected = dataset if kept.all() else dataset.select(keep_train, keep_test)
         notes.dataset_fingerprint = selected.fingerprint
         notes.consent_snapshot = result.snapshot_hash
@@ -690,6 +708,38 @@ def _on_training_rows(task: Task) -> bool:
     if task.kind is TaskKind.TRAIN:
         return True
     return task.kind is TaskKind.COLLECTIVE and task.round == SCALING_ROUND
+
+
+def _reports_held_out(task: Task) -> bool:
+    """Whether the task reports figures of its held-out rows to the orchestrator: training rounds (their
+    local model's metrics) and evaluations. Below k neither is refused: its held-out rows are withheld
+    (:func:`_reads_held_out`)."""
+    return task.kind in (TaskKind.TRAIN, TaskKind.EVALUATE)
+
+
+def _reads_held_out(task: Task) -> bool:
+    """Whether a figure of the task's held-out rows may leave the site, so that its held-out rows are handed
+    on only when at least k remain: the tasks of :func:`_reports_held_out`, and a collective session (a
+    boosting session sums its sites' validation figures, and a Cox model's session releases each site's
+    C-index by name); not the federated scaling pre-step, which reads the training rows only. A session is
+    never refused for it: below k the site takes part without its held-out rows."""
+    if task.kind is TaskKind.COLLECTIVE:
+        return task.round != SCALING_ROUND
+    return _reports_held_out(task)
+
+
+def _held_out_decision(policy: SitePolicy, held_out: int) -> Decision:
+    """Are there at least k held-out patients after consent? Below k the site releases no figure of them (a
+    crafted model would turn the loss of one held-out row into that patient's value). The reason never
+    states a count."""
+    k = policy.min_cohort_k
+    if held_out >= k:
+        return Decision.allow(Rule.MIN_COHORT, f"the held-out part after consent has at least k={k}")
+    return Decision.refuse(
+        Rule.MIN_COHORT,
+        f"the held-out part after consent is smaller than the site's minimum k={k}: "
+        "no metric of it is released",
+    )
 
 
 def _mismatch(task: Task, site: str) -> str | None:

@@ -46,13 +46,14 @@ from fedhealth.orchestrator._blobs import BlobKind, BlobStore
 from fedhealth.orchestrator._collective import CollectiveSessions
 from fedhealth.orchestrator._hooks import StudyObserver
 from fedhealth.orchestrator._notify import TaskNotifier
-from fedhealth.orchestrator._report import write_report
+from fedhealth.orchestrator._report import HELD_OUT_WITHHELD, write_report
 from fedhealth.orchestrator._secure import SecureRounds
 from fedhealth.orchestrator._store import ModelVersion, NewRound, RoundRow, Store, StudyRow, TaskRow
 from fedhealth.privacy import secure_generator
 from fedhealth.protocol import (
     ApprovalState,
     DpMode,
+    FailureCode,
     RoundStatus,
     SiteAttestation,
     StudySpec,
@@ -101,6 +102,7 @@ from fedhealth.runtime import (
     is_collective,
     param_specs,
     participation_of,
+    recipe_capabilities,
     server_step,
     study_recipe,
     summarize,
@@ -110,6 +112,27 @@ from fedhealth.secagg import SessionFailure, Stage
 log = logging.getLogger("fedhealth.orchestrator")
 # How long a submitted study waits for its sites' approvals unless its submission says otherwise.
 DEFAULT_APPROVAL_WAIT_S = 7 * 24 * 3600.0
+
+
+def _held_out_withheld(spec: StudySpec, kind: TaskKind, tasks: Sequence[TaskRow]) -> list[str]:
+    """The sites of a round that withheld their held-out metrics: a site releases none computed from fewer
+    than its ``min_cohort_k`` held-out patients after consent (docs/privacy.md). A training round's task
+    then completes with no held-out figure; an evaluation task is refused with ``min_cohort_k``. A recipe
+    that reads no data, and a training round under site-level DP (its local model is never described),
+    report none by design: nobody withheld anything there. Under secure aggregation a training round's
+    figures are inside the sum (a withholding site adds zeros), so only refused evaluations can be named."""
+    if not recipe_capabilities(spec.recipe).reads_data:
+        return []
+    if kind is TaskKind.TRAIN and spec.privacy is not None and spec.privacy.mode is not DpMode.RECORD:
+        return []
+
+    def withheld(t: TaskRow) -> bool:
+        if t.status is TaskStatus.COMPLETED:
+            return t.metrics is not None and t.metrics.num_eval_samples == 0
+        code = (t.reason or "").partition(": ")[0]
+        return kind is TaskKind.EVALUATE and t.status is TaskStatus.FAILED and code == FailureCode.MIN_COHORT
+
+    return sorted(t.site for t in tasks if withheld(t))
 
 
 @dataclass
@@ -600,9 +623,15 @@ class RoundEngine:
                 tasks = self.store.tasks_of_round(round_id)
                 completed = [t for t in tasks if t.site in contributors and t.metrics is not None]
                 metrics = summarize([t.metrics for t in completed if t.metrics is not None])
+                withheld = _held_out_withheld(study.spec, r.kind, tasks)
+                # a site that withheld its figures answered with none: no row of its own in the table
                 metrics["per_site"] = {
-                    t.site: t.metrics.model_dump(mode="json") for t in completed if t.metrics is not None
+                    t.site: t.metrics.model_dump(mode="json")
+                    for t in completed
+                    if t.metrics is not None and t.site not in withheld
                 }
+                if withheld:
+                    metrics[HELD_OUT_WITHHELD] = withheld
                 closing.metrics = metrics
                 failure = None
         if failure is not None:
@@ -635,6 +664,8 @@ class RoundEngine:
 
         closing.model_out, closing.state_out = await anyio.to_thread.run_sync(compute)
         closing.metrics = summarize([t.metrics for t in completed if t.metrics is not None])
+        if withheld := _held_out_withheld(spec, r.kind, completed):
+            closing.metrics[HELD_OUT_WITHHELD] = withheld
         return None
 
     async def _aggregate_secure(self, r: RoundRow, study: StudyRow, closing: _Closing) -> str | None:
@@ -678,6 +709,8 @@ class RoundEngine:
             log.warning("study %s round %d: %s", study.id, r.number, exc)
             return f"secure sum rejected: {exc}"
         closing.metrics = dict(sums.metrics)
+        if withheld := _held_out_withheld(spec, r.kind, self.store.tasks_of_round(r.id)):
+            closing.metrics[HELD_OUT_WITHHELD] = withheld
         return None
 
     def _aggregate_session(

@@ -98,6 +98,10 @@ def build_report(store: Store, study_id: str) -> dict[str, Any]:
 
 
 _BULKY = ("model", "binning")  # the released model itself: in the model package, not in the report
+# round metrics key (set by the round engine): the sites that withheld their held-out figures, having fewer
+# than their min_cohort_k held-out patients after consent; the report shows them as withheld, never a count
+HELD_OUT_WITHHELD = "held_out_withheld"
+_WITHHELD = "withheld"
 
 
 def _collective_result(r: Any) -> dict[str, Any] | None:
@@ -133,14 +137,19 @@ def report_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     evaluation = report.get("evaluation")
-    if evaluation and evaluation.get("per_site"):
+    withheld = (evaluation or {}).get(HELD_OUT_WITHHELD) or []
+    if evaluation and (evaluation.get("per_site") or withheld):
         lines += [
             "## Final model, evaluated at each site",
             "",
             "| site | n | accuracy | AUC | loss |",
             "|---|---|---|---|---|",
         ]
-        for site, m in sorted(evaluation["per_site"].items()):
+        rows = (evaluation.get("per_site") or {}) | {site: None for site in withheld}
+        for site, m in sorted(rows.items()):
+            if not m:  # the site releases no figure of fewer than k held-out patients, not even the count
+                lines.append(f"| {site} | {_WITHHELD} | {_WITHHELD} | {_WITHHELD} | {_WITHHELD} |")
+                continue
             lines.append(
                 f"| {site} | {m['num_eval_samples']} | {_num(m.get('accuracy'))} | {_num(m.get('auc'))} "
                 f"| {_num(m.get('eval_loss'))} |"
@@ -159,6 +168,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         m = r["metrics"] or {}
         loss = f"{m['train_loss']:.4f}" if "train_loss" in m else ""
         acc = f"{m['accuracy']:.4f}" if "accuracy" in m else ""
+        if m.get(HELD_OUT_WITHHELD):
+            acc = f"{acc} ({_WITHHELD} at {', '.join(m[HELD_OUT_WITHHELD])})".strip()
         dur = f"{r['duration_s']:.3f}" if r["duration_s"] is not None else ""
         lines.append(f"| {r['number']} | {r['status']} | {m.get('sites', '')} | {loss} | {acc} | {dur} |")
     if report.get("collective"):

@@ -8,8 +8,9 @@ learns only sums over the contributing sites:
   ``weight_cap`` and at least 1, or 1 under site-level DP), ``weight`` = w_k, ``loss`` = w_k * train loss,
   and the validation figures below;
 - evaluation round: ``eval_n``, ``correct`` (counts), ``accuracy``, ``auc`` and ``eval_loss`` (each site's own
-  value, summed: their mean over contributors is FLamby's plain mean of site metrics), ``auc_n`` (how many
-  sites could compute an AUC).
+  value, summed: their mean over the sites that released them is FLamby's plain mean of site metrics),
+  ``eval_sites`` (1 from a site with held-out figures: one with fewer than k held-out patients withholds
+  them and adds zeros, which must not count in the mean) and ``auc_n`` (how many sites could compute an AUC).
 
 The sample-weighted mean update is then ``sum(delta) / sum(weight)``: FedAvg's weighting, with nothing
 revealed per site. Values are clipped to their segment's range; the codec's quantization error per
@@ -72,6 +73,7 @@ def site_weight(spec: StudySpec, num_samples: int) -> int:
 def _metric_segments(cap: int) -> list[Segment]:
     return [
         Segment(name="eval_n", low=0, high=cap, kind=SegmentKind.INTEGER),
+        Segment(name="eval_sites", low=0, high=1, kind=SegmentKind.INTEGER),
         Segment(name="correct", low=0, high=cap, kind=SegmentKind.INTEGER),
         Segment(name="accuracy", low=0.0, high=1.0),
         Segment(name="auc", low=0.0, high=1.0),
@@ -117,9 +119,20 @@ def _unflatten(flat: np.ndarray, specs: Sequence[TensorSpec]) -> Params:
 
 def _metric_values(metrics: SiteMetrics) -> dict[str, Any]:
     n = metrics.num_eval_samples
+    if n == 0:  # no held-out record counted (none, or fewer than k: withheld): no held-out figure either
+        return {
+            "eval_n": 0,
+            "eval_sites": 0,
+            "correct": 0,
+            "accuracy": 0.0,
+            "auc": 0.0,
+            "auc_n": 0,
+            "eval_loss": 0.0,
+        }
     accuracy = metrics.accuracy if metrics.accuracy is not None else 0.0
     return {
         "eval_n": n,
+        "eval_sites": 1,
         "correct": round(accuracy * n),
         "accuracy": accuracy,
         "auc": metrics.auc if metrics.auc is not None else 0.0,
@@ -171,10 +184,12 @@ def decode_sum(codec: VectorCodec, spec: StudySpec, total: np.ndarray, contribut
     check_sum(codec, spec, sums, contributors)
     metrics: dict[str, Any] = {"sites": contributors, "secure": True}
     eval_n = float(sums["eval_n"][0])
+    eval_sites = float(sums["eval_sites"][0])  # the sites that released held-out figures
     if eval_n > 0:
-        metrics["accuracy"] = float(sums["accuracy"][0]) / contributors
+        metrics["accuracy"] = float(sums["accuracy"][0]) / eval_sites
         metrics["pooled_accuracy"] = float(sums["correct"][0]) / eval_n
-        metrics["eval_loss"] = float(sums["eval_loss"][0]) / contributors
+        metrics["eval_loss"] = float(sums["eval_loss"][0]) / eval_sites
+        metrics["eval_sites"] = int(eval_sites)
         metrics["num_eval_samples"] = int(eval_n)
     if sums["auc_n"][0] > 0:
         metrics["auc"] = float(sums["auc"][0]) / float(sums["auc_n"][0])
@@ -195,7 +210,9 @@ def check_sum(codec: VectorCodec, spec: StudySpec, sums: Mapping[str, np.ndarray
     and across segments, up to the codec's quantization error bound: every contributor weighs 1..cap (so
     contributors <= sum weight <= contributors * cap); |sum delta| <= update_clip * sum weight per coordinate
     (each site's delta is its weight times a clipped update) and, with ``max_update_norm``, in L2 too;
-    loss <= MAX_LOSS * weight; correct <= eval_n; auc <= auc_n <= contributors; accuracy <= contributors.
+    loss <= MAX_LOSS * weight; correct <= eval_n; auc <= auc_n <= contributors; eval_sites <= eval_n and
+    eval_sites > 0 whenever eval_n > 0 (a site releasing figures held out at least one patient);
+    accuracy <= eval_sites; eval_loss <= MAX_LOSS * eval_sites.
     """
     m = contributors
 
@@ -212,8 +229,17 @@ def check_sum(codec: VectorCodec, spec: StudySpec, sums: Mapping[str, np.ndarray
         problems.append(f"{scalar('auc_n'):.0f} sites with an AUC among {m} contributors")
     if scalar("auc") > scalar("auc_n") + slack("auc"):
         problems.append(f"AUCs summing to {scalar('auc'):.4g} over {scalar('auc_n'):.0f} sites")
-    if scalar("accuracy") > m + slack("accuracy"):
-        problems.append(f"accuracies summing to {scalar('accuracy'):.4g} over {m} sites")
+    eval_sites = scalar("eval_sites")
+    if eval_sites > m:
+        problems.append(f"{eval_sites:.0f} sites with held-out figures among {m} contributors")
+    if eval_sites > scalar("eval_n") or (scalar("eval_n") > 0 and eval_sites == 0):
+        problems.append(
+            f"{scalar('eval_n'):.0f} held-out records from {eval_sites:.0f} sites with held-out figures"
+        )
+    if scalar("accuracy") > min(m, eval_sites) + slack("accuracy"):
+        problems.append(f"accuracies summing to {scalar('accuracy'):.4g} over {eval_sites:.0f} sites")
+    if scalar("eval_loss") > MAX_LOSS * min(m, eval_sites) + slack("eval_loss"):
+        problems.append(f"held-out losses summing to {scalar('eval_loss'):.4g} over {eval_sites:.0f} sites")
     if "delta" in sums:
         sa = spec.secure_aggregation
         assert sa is not None

@@ -201,8 +201,9 @@ def train_on_site(
 def _held_out_metrics(
     recipe: ResolvedRecipe, params: Params, dataset: TabularDataset | None
 ) -> dict[str, Any]:
-    """A training round's figures on the held-out rows; none when consent left no held-out row (or the
-    recipe reads no data, or has nothing to report)."""
+    """A training round's figures on the held-out rows; none when no held-out row is handed on (or the
+    recipe reads no data, or has nothing to report). At a site the governance gate hands on no held-out row
+    when fewer than the site's ``min_cohort_k`` remain after consent: their figures are withheld."""
     if dataset is None or dataset.num_test == 0:
         return {}
     evaluation = recipe.evaluate(params, dataset)
@@ -221,7 +222,9 @@ def evaluate_on_site(task: Task, params: Params, dataset: TabularDataset | None)
     started = time.perf_counter()
     recipe = study_recipe(task_recipe(task))
     data = _site_data(recipe, task, dataset)
-    evaluation = recipe.evaluate(params, data)
+    # no held-out row handed on (a site withholds the figures of fewer than its min_cohort_k held-out
+    # patients, or holds none out): an answer with no figure, as a training round's
+    evaluation = None if data is not None and data.num_test == 0 else recipe.evaluate(params, data)
     if evaluation is None:
         return SiteMetrics(num_samples=0, duration_s=time.perf_counter() - started)
     return SiteMetrics(
@@ -345,7 +348,9 @@ def server_step(
 
 
 def summarize(metrics: Sequence[SiteMetrics]) -> dict[str, Any]:
-    """Round-level figures: sample-weighted train loss, plain means of the sites' accuracy and AUC."""
+    """Round-level figures: sample-weighted train loss, plain means of the sites' accuracy and AUC. A site
+    that withheld its held-out figures (fewer than k held-out patients) is left out of those means; a round
+    where every site withheld them has none."""
     out: dict[str, Any] = {"sites": len(metrics), "num_samples": sum(m.num_samples for m in metrics)}
     weighted = [(m.num_samples, m.train_loss) for m in metrics if m.train_loss is not None and m.num_samples]
     if weighted:
