@@ -132,18 +132,21 @@ def test_control_without_a_withdrawal_the_patient_is_used(home, tmp_path):
 # --- withdrawn between the steward's approval and the first task ------------------------------------------
 
 
-@pytest.mark.parametrize("deadline_days", [5, -30], ids=["deadline-ahead", "deadline-backdated"])
+@pytest.mark.parametrize(
+    "deadline", [timedelta(days=5), timedelta(seconds=-60)], ids=["deadline-ahead", "deadline-backdated"]
+)
 def test_a_withdrawal_between_approval_and_training_excludes_the_patient_whatever_the_task_says(
-    home, tmp_path, deadline_days
+    home, tmp_path, deadline
 ):
     """The orchestrator cannot pick the consent date: a task back-dated (its deadline before the withdrawal)
-    is still judged on the site's own clock."""
+    is still judged on the site's own clock. (Back-dated within the round period a site still trains in,
+    tests/agent/test_training_deadline.py; further back the task is refused before any row is read.)"""
     spec = study()
     approve(home, spec)
     permit_everyone(home)
     withdraw(home, VICTIM)
     site, client = agent(home, {"cohort": uri(write_csv(tmp_path / "d.csv"))})
-    when = datetime.now(UTC) + timedelta(days=deadline_days)
+    when = datetime.now(UTC) + deadline
     site.handle(task(spec).model_copy(update={"deadline": when}))
     assert client.failures == []
     kept = kept_patients(home, "tk-1")

@@ -42,12 +42,14 @@ from fedhealth.core import (
     MAX_HEADER_BYTES,
     ConfigError,
     DatasetError,
+    DeadlinePassedError,
     FedHealthError,
     InputError,
     ServiceUnavailableError,
     decode_tensors,
     keep_malloc_heaps,
     sha256_hex,
+    work_deadline,
 )
 from fedhealth.crypto import IdentityKey
 from fedhealth.data import SchemaError, TabularDataset, open_dataset
@@ -231,6 +233,13 @@ class SiteAgent:
     def _time_left(task: Task) -> float:
         return max(1.0, (task.deadline - datetime.now(UTC)).total_seconds())
 
+    @staticmethod
+    def _training_time_left(task: Task) -> float:
+        """How long this site may still train for the task: until its deadline and one more round period
+        (``round_deadline_s``), by this site's clock. The deadline is the orchestrator's time; the margin
+        keeps a site whose clock runs ahead (by less than a round period) from cutting its rounds short."""
+        return (task.deadline - datetime.now(UTC)).total_seconds() + task.spec.round_deadline_s
+
     def handle(self, task: Task) -> None:
         site = self.settings.site
         log.info("task %s: %s round %d of study %s", task.task_id, task.kind.value, task.round, task.study_id)
@@ -252,6 +261,9 @@ class SiteAgent:
             # before the model or any data: a secure study's round must be the one the steward approved, and
             # a secure study's task without its secure round is refused (nothing goes out in clear)
             secure = check_secure_round(task, site, self.settings.identity, self._pins)
+            if task.kind is TaskKind.TRAIN and self._training_time_left(task) <= 0:
+                # before the model or any data (nothing charged): a task already past its deadline
+                raise DeadlinePassedError("the task's deadline had passed when it arrived")
             params = self._model(task)
             dataset = None
             if recipe.capabilities.reads_data:
@@ -268,7 +280,9 @@ class SiteAgent:
                 kept = None
                 if recipe.capabilities.site_state:
                     kept = self._site_state.load(task.study_id, task.round)
-                outcome = train_on_site(task, site, params, dataset, site_state=kept)
+                # past the round's deadline the orchestrator takes no update: training stops there
+                with work_deadline(self._training_time_left(task)):
+                    outcome = train_on_site(task, site, params, dataset, site_state=kept)
                 delta, metrics, kept_after = outcome.delta, outcome.metrics, outcome.site_state
             else:
                 delta, metrics = None, evaluate_on_site(task, params, dataset)
@@ -486,6 +500,8 @@ def _failure_code(exc: BaseException) -> FailureCode:
         return FailureCode.DATASET_UNAVAILABLE
     if isinstance(exc, InputError):
         return FailureCode.INVALID_TASK
+    if isinstance(exc, DeadlinePassedError):
+        return FailureCode.DEADLINE_PASSED
     if isinstance(exc, FedHealthError):
         return FailureCode.TRAINING_FAILED
     return FailureCode.INTERNAL_ERROR

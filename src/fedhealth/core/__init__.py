@@ -5,6 +5,7 @@ Everything else in fedhealth may import this package; it imports nothing of fedh
 
 from fedhealth.core._clock import Clock, ManualClock, SystemClock, utcnow
 from fedhealth.core._config import DATA_DIR_ENV, data_dir
+from fedhealth.core._deadline import DeadlinePassedError, check_deadline, work_deadline
 from fedhealth.core._errors import (
     BudgetExceededError,
     ChecksumError,
@@ -57,6 +58,7 @@ __all__ = [
     "CryptoError",
     "DatasetError",
     "DatasetMissingError",
+    "DeadlinePassedError",
     "FedHealthError",
     "GovernanceError",
     "InputError",
@@ -70,6 +72,7 @@ __all__ = [
     "TensorSpec",
     "Tightened",
     "canonical_json",
+    "check_deadline",
     "create_private_file",
     "data_dir",
     "decode_tensors",
@@ -85,5 +88,6 @@ __all__ = [
     "sha256_hex",
     "specs_of",
     "utcnow",
+    "work_deadline",
     "write_private_file",
 ]

@@ -7,11 +7,11 @@ Pure functions of (parameters, data, config, generator): the same inputs give th
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from fedhealth.core import InputError, TensorSpec
+from fedhealth.core import InputError, TensorSpec, check_deadline
 from fedhealth.learning._checks import check_features_labels, check_tensors
 from fedhealth.learning._config import LocalOptimizer, LogRegConfig
 from fedhealth.learning._errors import TrainingDivergedError
@@ -124,22 +124,31 @@ def logreg_per_example_gradients(
     return {"weight": residual[:, None] * X64, "bias": residual[:, None].copy()}
 
 
-def _batches(n: int, config: LogRegConfig, rng: np.random.Generator) -> list[np.ndarray]:
-    """The minibatch index arrays of one round, in order (see :class:`LogRegConfig`)."""
+def _batches(n: int, config: LogRegConfig, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """The minibatch index arrays of one round, in order (see :class:`LogRegConfig`), one at a time: a
+    round of 10,000 epochs of batches of one row must not hold every batch of the round at once. Each epoch's
+    order is drawn when the epoch starts; nothing else draws from ``rng`` meanwhile."""
     size = config.batch_size
-    out: list[np.ndarray] = []
     if config.local_steps is None:
         for _ in range(config.local_epochs):
             order = rng.permutation(n)
-            out.extend(order[i : i + size] for i in range(0, n, size))
-        return out
-    while len(out) < config.local_steps:
+            for i in range(0, n, size):
+                yield order[i : i + size]
+        return
+    made = 0
+    while made < config.local_steps:
         order = rng.permutation(n)
         for i in range(0, n, size):
-            out.append(order[i : i + size])
-            if len(out) == config.local_steps:
-                break
-    return out
+            yield order[i : i + size]
+            made += 1
+            if made == config.local_steps:
+                return
+
+
+def _batch_count(n: int, config: LogRegConfig) -> int:
+    if config.local_steps is None:
+        return config.local_epochs * -(-n // config.batch_size)
+    return config.local_steps
 
 
 def logreg_train(
@@ -180,6 +189,7 @@ def logreg_train(
     # overflow is detected below and reported as divergence, not left to numpy warnings
     with np.errstate(over="ignore", invalid="ignore"):
         for t, idx in enumerate(batches, start=1):
+            check_deadline()  # past the round's deadline no update is taken: stop (core/_deadline.py)
             xb = Xa[idx]
             yb = y64[idx]
             z = xb @ theta
@@ -204,7 +214,9 @@ def logreg_train(
             f"local training diverged (non-finite loss or parameters) at step {steps}, learning rate {lr}"
         )
     train_loss = loss_sum / seen if seen else float(bce_with_logits(Xa @ theta, y64).mean())
-    return TrainResult(params=_pack(theta), num_samples=n, train_loss=train_loss, steps=len(batches))
+    return TrainResult(
+        params=_pack(theta), num_samples=n, train_loss=train_loss, steps=_batch_count(n, config)
+    )
 
 
 def logreg_predict_proba(params: Mapping[str, np.ndarray], X: np.ndarray) -> np.ndarray:

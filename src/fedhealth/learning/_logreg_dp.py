@@ -16,7 +16,7 @@ import math
 import numpy as np
 from numpy.typing import NDArray
 
-from fedhealth.core import InputError
+from fedhealth.core import InputError, check_deadline
 from fedhealth.learning._logreg import logreg_per_example_gradients
 from fedhealth.privacy import (
     DpParameterError,
@@ -91,6 +91,7 @@ def logreg_train_dp(
     batch_total = 0
     clipped_total = 0
     for _ in range(release.steps):
+        check_deadline()  # past the round's deadline no update is taken: stop (core/_deadline.py)
         batch = poisson_sample(n, release.sample_rate, rng)
         grads = _stacked_gradients(theta[:d], theta[d:], X64[batch], y64[batch])
         noisy_sum, clipped = noisy_clipped_sum(

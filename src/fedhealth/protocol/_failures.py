@@ -47,6 +47,7 @@ class FailureCode(StrEnum):
     INVALID_RECIPE = "invalid_recipe"
     INVALID_TASK = "invalid_task"
     TRAINING_FAILED = "training_failed"
+    DEADLINE_PASSED = "deadline_passed"
     INTERNAL_ERROR = "internal_error"
 
     @property
@@ -67,6 +68,7 @@ _FAILURES = frozenset(
         FailureCode.INVALID_RECIPE,
         FailureCode.INVALID_TASK,
         FailureCode.TRAINING_FAILED,
+        FailureCode.DEADLINE_PASSED,
         FailureCode.INTERNAL_ERROR,
     }
 )
@@ -102,6 +104,7 @@ _MESSAGES: dict[FailureCode, str] = {
     "refuses its parameters",
     FailureCode.INVALID_TASK: "the task or its model failed the site's checks",
     FailureCode.TRAINING_FAILED: "training or evaluation failed at the site",
+    FailureCode.DEADLINE_PASSED: "the site's training did not end before the round's deadline, so it stopped",
     FailureCode.INTERNAL_ERROR: "the site agent hit an internal error",
 }
 
