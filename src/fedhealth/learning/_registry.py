@@ -273,6 +273,7 @@ class RecipeRegistry:
         self._pending: dict[str, list[importlib.metadata.EntryPoint]] = {}
         self._loaded: dict[str, dict[str, Recipe[Any]]] = {}
         self._failed: dict[str, str] = {}
+        self._clashes: set[tuple[str, str]] = set()  # (name, version) two packages claim: neither runs
         self._resolved: OrderedDict[tuple[str, str, str], ResolvedRecipe] = OrderedDict()
         for recipe in recipes:
             problem = _is_recipe(recipe)
@@ -306,8 +307,11 @@ class RecipeRegistry:
     def _add(self, recipe: Recipe[Any], origin: str) -> None:
         versions = self._loaded.setdefault(recipe.name, {})
         other = versions.get(recipe.version)
-        if other is not None and other is not recipe:
-            # two packages claim the same recipe: which one ran would depend on install order
+        if (recipe.name, recipe.version) in self._clashes or (other is not None and other is not recipe):
+            # two packages claim the same recipe: which one ran would depend on install order, so neither
+            # does (not the first loaded, nor a third claimant after them)
+            versions.pop(recipe.version, None)
+            self._clashes.add((recipe.name, recipe.version))
             raise UnknownRecipeError(
                 f"recipe.name: recipe {recipe.name!r} version {recipe.version!r} is registered twice "
                 f"(again by {origin}); uninstall one of them"

@@ -33,7 +33,7 @@ import functools
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
-from fedhealth.core import DatasetError, TensorSpec
+from fedhealth.core import DatasetError, TensorSpec, check_deadline
 from fedhealth.data import TabularDataset
+from fedhealth.learning._checks import check_tensors
 from fedhealth.learning._config import LocalOptimizer
 from fedhealth.learning._errors import RecipeError
 from fedhealth.learning._recipe import (
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 _EVAL_BATCH = 256
+_DP_CHUNK_VALUES = 1 << 25  # per-example gradient values held at once by DP-SGD (256 MiB in float64)
 _SKIPPED_BUFFERS = ("num_batches_tracked",)  # an integer counter, meaningless to average
 CONTROL_VARIATE_PREFIX = "scaffold.c."  # SCAFFOLD's server control variate, one per trainable parameter
 
@@ -258,9 +260,10 @@ def _load(params: TorchParams, model: Params) -> nn.Module:
             f"the model's tensors do not match the network: missing {sorted(set(specs) - given)}, "
             f"unexpected {sorted(given - set(specs))}"
         )
-    state = {
-        k: torch.from_numpy(np.array(model[k], dtype=np.float32).reshape(shape)) for k, shape in specs.items()
-    }
+    # exact shapes (never a silent reshape of as many values), float values, all finite: one line naming the
+    # tensor, before any step (a site may get this model from a malicious orchestrator)
+    check_tensors("the model", {k: model[k] for k in specs}, specs)
+    state = {k: torch.from_numpy(np.array(model[k], dtype=np.float32)) for k in specs}
     net.load_state_dict(state, strict=False)
     return net
 
@@ -368,6 +371,7 @@ def torch_train(
     for _ in range(params.local_epochs):
         order = rng.permutation(n)
         for start in range(0, n, params.batch_size):
+            check_deadline()  # past the round's deadline no update is taken: stop (core/_deadline.py)
             idx = order[start : start + params.batch_size]
             batch = _augmented(params, images[idx], rng)
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
@@ -413,6 +417,7 @@ class _ScaffoldVariates:
         self.names = [name for name, _ in net.named_parameters()]
         shapes = {s.name: s.shape for s in _control_variate_specs(params)}
         self.lr = params.learning_rate
+        check_tensors("the model's control variates", {k: model[k] for k in shapes if k in model}, shapes)
         self.x = [np.asarray(model[n], dtype=np.float64) for n in self.names]
         self.c = [np.asarray(model[CONTROL_VARIATE_PREFIX + n], dtype=np.float64) for n in self.names]
         if site_state is None:
@@ -476,14 +481,15 @@ def torch_train_dp(
     sizes = [p.numel() for p in trainable]
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
     expected_batch = record_dp.sample_rate * n
-    for _ in range(record_dp.steps):
-        batch = poisson_sample(n, record_dp.sample_rate, rng)
-        if batch.size == 0:
-            grads = np.zeros((0, sum(sizes)), dtype=np.float64)
-        else:
-            chosen = _augmented(params, images[batch], rng)
-            x = torch.from_numpy(np.ascontiguousarray(chosen)).to(device)
-            y = torch.from_numpy(labels[batch]).to(device)
+    # per-example gradients take (images x parameters) memory: computed a chunk of images at a time, each
+    # chunk clipped and summed before the next, so a high rate or a large network (ResNet-18: 45 MB of
+    # gradients per image) cannot exhaust the site's memory; clipping each example makes this exact
+    chunk = max(1, _DP_CHUNK_VALUES // sum(sizes))
+
+    def per_example_gradients(chosen: np.ndarray, chosen_labels: np.ndarray) -> Iterator[np.ndarray]:
+        for start in range(0, chosen.shape[0], chunk):
+            x = torch.from_numpy(np.ascontiguousarray(chosen[start : start + chunk])).to(device)
+            y = torch.from_numpy(chosen_labels[start : start + chunk]).to(device)
             gsm.zero_grad(set_to_none=True)
             with warnings.catch_warnings():
                 # Opacus' hooks are full backward hooks; the images need no gradient, which torch notes
@@ -491,11 +497,19 @@ def torch_train_dp(
                     "ignore", message="Full backward hook is firing", category=UserWarning
                 )
                 loss_fn(gsm(x), y).backward()
-            grads = (
-                torch.cat([p.grad_sample.reshape(batch.size, -1) for p in trainable], dim=1)
+            yield (
+                torch.cat([p.grad_sample.reshape(x.shape[0], -1) for p in trainable], dim=1)
                 .to("cpu", torch.float64)
                 .numpy()
             )
+
+    for _ in range(record_dp.steps):
+        check_deadline()
+        batch = poisson_sample(n, record_dp.sample_rate, rng)
+        if batch.size == 0:
+            grads: Iterable[np.ndarray] = [np.zeros((0, sum(sizes)), dtype=np.float64)]
+        else:
+            grads = per_example_gradients(_augmented(params, images[batch], rng), labels[batch])
         noisy, _ = noisy_clipped_sum(
             grads, max_grad_norm=record_dp.max_grad_norm, noise_multiplier=record_dp.noise_multiplier, rng=rng
         )
@@ -594,8 +608,11 @@ class TorchRecipe:
         data = _rows(dataset)
         if record_dp is None:
             return torch_train(params, model, data, rng, site_state if params.scaffold else None)
-        if params.scaffold:  # dp_problem refuses the study first; this guards a direct call
-            raise RecipeError("record-level DP does not run with scaffold")
+        # the study is refused first (orchestrator and site privacy checks); this guards a direct call, which
+        # would otherwise fail in Opacus (BatchNorm) or run plain SGD in place of the spec's Adam or momentum
+        problem = self.dp_problem(params, DpLevel.RECORD)
+        if problem is not None:
+            raise RecipeError(problem)
         return torch_train_dp(params, model, data, rng, record_dp)
 
     def evaluate(self, params: TorchParams, model: Params, dataset: TabularDataset | None) -> EvalResult:

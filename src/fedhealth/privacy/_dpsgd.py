@@ -9,6 +9,7 @@ L2 norm ``C``, sum, add ``N(0, sigma^2 C^2)`` to every coordinate, and divide by
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,7 @@ class DpSgdReport:
 
 
 def noisy_clipped_sum(
-    per_example_gradients: NDArray[np.floating],
+    per_example_gradients: NDArray[np.floating] | Iterable[NDArray[np.floating]],
     *,
     max_grad_norm: float,
     noise_multiplier: float,
@@ -43,12 +44,28 @@ def noisy_clipped_sum(
     """The sum of the rows clipped to ``max_grad_norm``, plus Gaussian noise, snapped to a grid below the
     noise's scale (the floating-point mitigation of ``_mechanisms``); and how many rows were clipped.
 
-    ``per_example_gradients`` has shape ``(batch, d)``; an empty batch (shape ``(0, d)``) still gets noise.
+    ``per_example_gradients`` has shape ``(batch, d)``, or comes as consecutive blocks of its rows (arrays of
+    shape ``(rows, d)``, e.g. a generator computing them a few examples at a time, so that a large model's
+    whole matrix is never in memory); an empty batch (shape ``(0, d)``) still gets noise.
     """
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise DpParameterError(f"noise multiplier must be a non-negative number, got {noise_multiplier!r}")
-    clipped, norms = clip_per_example(per_example_gradients, max_grad_norm)
-    total = clipped.sum(axis=0, dtype=np.float64)
+    blocks = (
+        [per_example_gradients] if isinstance(per_example_gradients, np.ndarray) else per_example_gradients
+    )
+    total: NDArray[np.float64] | None = None
+    n_clipped = 0
+    for block in blocks:
+        clipped, norms = clip_per_example(block, max_grad_norm)
+        part = clipped.sum(axis=0, dtype=np.float64)
+        if total is not None and part.shape != total.shape:
+            raise DpParameterError(
+                f"per-example gradient blocks differ in width: {part.shape} after {total.shape}"
+            )
+        total = part if total is None else total + part
+        n_clipped += int(np.count_nonzero(norms > max_grad_norm))
+    if total is None:
+        raise DpParameterError("no per-example gradients given (an empty batch is one block of shape (0, d))")
     std = noise_multiplier * max_grad_norm
     noisy = snap(total + gaussian_noise(total.shape, std, rng), std)
-    return noisy, int(np.count_nonzero(norms > max_grad_norm))
+    return noisy, n_clipped
