@@ -408,20 +408,36 @@ def _count(value: float, noisy: bool) -> float | int:
 
 
 def suppressed_bins(
-    hist: NDArray[np.float64], k: int, noisy: bool, *, observed_ok: bool, count_shown: bool
-) -> set[int]:
+    hist: NDArray[np.float64],
+    k: int,
+    noisy: bool,
+    *,
+    observed_ok: bool,
+    count_shown: bool,
+    missing: float = 0.0,
+) -> set[int] | None:
     """The histogram bins withheld: all of them if the observed count is suppressed; else each bin of 1 to
     k-1 records (primary), plus the smallest other non-empty bin when one suppressed bin could otherwise be
     recovered by subtraction: from the shown count if exactly one bin is suppressed, or, when the count is
-    withheld (its missing count is small), from the rows if no bin is (secondary suppression)."""
+    withheld (its ``missing`` count is small), from the rows if no bin is (secondary suppression). Also when
+    the suppressed cells (bins, and the missing count if the count is withheld) are pinned by their total:
+    an exact report releases zeros and suppresses only 1 to k-1, so n such cells adding up to n hold one
+    record each, and adding up to n(k-1) hold k-1 each.
+
+    None: the suppressed cells are pinned and no other non-empty bin is left to withhold beside them (every
+    non-empty bin is a small one): the feature is withheld as a whole, as when its observed count is small."""
     if not observed_ok:
         return set(range(len(hist)))
     hidden = {i for i, c in enumerate(hist) if not _released(float(c), k, noisy)}
-    needed = 1 if count_shown else 0
-    if len(hidden) == needed:
+    unknown = len(hidden) + (0 if count_shown else 1)
+    total = sum(float(hist[i]) for i in hidden) + (0.0 if count_shown else missing)
+    pinned = not noisy and unknown > 1 and total in (unknown, unknown * (k - 1))
+    if unknown == 1 or pinned:
         spare = [i for i, c in enumerate(hist) if i not in hidden and float(c) > 0]
         if spare:
             hidden.add(min(spare, key=lambda i: (float(hist[i]), i)))
+        elif hidden:
+            return None
     return hidden
 
 
@@ -447,6 +463,19 @@ def build_report(
             n_miss = counts.missing[s][j]
             obs_ok = rows_ok and _released(n_obs, k, noisy)
             miss_ok = rows_ok and _released(n_miss, k, noisy)
+            # a feature's rows split into observed and missing: both are shown or neither, else the one
+            # suppressed would be the other subtracted from the rows
+            hidden = suppressed_bins(
+                counts.hist[s][j],
+                k,
+                noisy,
+                observed_ok=obs_ok,
+                count_shown=obs_ok and miss_ok,
+                missing=n_miss,
+            )
+            if hidden is None:  # small cells pinned with nothing left to hide beside them: all of it withheld
+                obs_ok = miss_ok = False
+                hidden = set(range(len(counts.hist[s][j])))
             mean: float | None = None
             var: float | None = None
             if obs_ok and (s, j) in moments and n_obs > 0:
@@ -457,12 +486,9 @@ def build_report(
                 if noisy:  # clamped to what clipped values can give: post-processing
                     mean = min(max(mean, float(edges[0])), float(edges[-1]))
                     var = None if var is None else max(var, 0.0)
-            # a feature's rows split into observed and missing: both are shown or neither, else the one
-            # suppressed would be the other subtracted from the rows
             shown = obs_ok and miss_ok
             total = n_obs + n_miss
             fraction = n_miss / total if shown and total > 0 else None
-            hidden = suppressed_bins(counts.hist[s][j], k, noisy, observed_ok=obs_ok, count_shown=shown)
             bins = [_cell(_count(float(c), noisy), i in hidden) for i, c in enumerate(counts.hist[s][j])]
             features[feature] = {
                 "count": _cell(_count(n_obs, noisy), not shown),
