@@ -11,7 +11,8 @@ A blob is read back only if its bytes still hash to its name (:class:`DamagedBlo
 truncated by a power cut or changed on disk is never served or aggregated as if it were the stored bytes),
 and storing the same bytes again replaces a damaged file. With ``fsync`` a blob's folder is synced after the
 rename too, so a blob the (synced) database names is still there after a power cut. Temporary files of a
-writer that was killed are removed when the store opens.
+writer that was killed are removed when the store opens, and blobs no database row names are collected when
+the orchestrator starts (:meth:`BlobStore.collect`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
-from fedhealth.core import FedHealthError, InputError, NotFoundError
+from fedhealth.core import FedHealthError, InputError, NotFoundError, write_private_file
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 # The temporary files this module writes, with the id of the process writing them (see _tmp_name).
@@ -257,6 +259,59 @@ class BlobStore:
                     match = _TEMPORARY.match(leftover.name)
                     if match is not None and not _alive(int(match.group(1))):
                         leftover.unlink(missing_ok=True)
+
+    # The studies of the database this folder's blobs were last kept for (one id a line), beside the blobs.
+    KEPT_FOR = ".studies"
+
+    def kept_for(self, studies: set[str], named: set[str]) -> bool:
+        """Whether a database with these studies is the one this folder's blobs belong to, so that the blobs
+        it does not name may be collected: it still has every study it had when the folder was last kept
+        for one. A wrong database (a forgotten ``FEDHEALTH_DATABASE_URL`` falling back to the home's SQLite
+        file, a mistyped schema, another federation's, an older backup) names none of the blobs, and taking
+        them all for orphans would lose every model. An unrecorded folder that holds blobs (the first start
+        of a release that collects) belongs to a database that names at least one of them (``named``).
+        Record the database's studies with :meth:`keep_for` once it is known to belong."""
+        try:
+            recorded = set((self.root / self.KEPT_FOR).read_text(encoding="ascii").split())
+        except FileNotFoundError:
+            stored = [blob.name for blob in self._stored()]
+            return not stored or any(digest in named for digest in stored)
+        return recorded <= studies
+
+    def keep_for(self, studies: set[str]) -> None:
+        """Record ``studies`` as those of the database this folder's blobs belong to (:meth:`kept_for`): at
+        start, and each study as it is created (its blobs are here from then on)."""
+        with contextlib.suppress(FileNotFoundError):
+            studies = studies | set((self.root / self.KEPT_FOR).read_text(encoding="ascii").split())
+        write_private_file(self.root / self.KEPT_FOR, "".join(f"{s}\n" for s in sorted(studies)).encode())
+
+    def _stored(self) -> Iterator[Path]:
+        """Every file named like a blob, in either root."""
+        for root in self._roots.values():
+            for folder in (p for p in root.iterdir() if p.is_dir() and len(p.name) == 2):
+                for blob in folder.iterdir():
+                    if _DIGEST.match(blob.name) and blob.name[:2] == folder.name:
+                        yield blob
+
+    def collect(self, named: set[str]) -> int:
+        """Remove the blobs whose digest is not in ``named`` (every digest a database row names), returning
+        how many went: an upload whose task row was never written (killed between the two, or the row's
+        commit failed), a model of an aggregation killed before its round closed. Nothing names them and
+        nothing will (a retried upload writes its bytes again). Only files named like a blob are candidates:
+        temporary files (a live writer's, see :meth:`_discard_leftovers`) and anything else are left alone.
+
+        Call it only while no request or round can write (at start, before serving, holding the
+        orchestrator's lock): a blob is written before the row that names it, so a running orchestrator's
+        newest blob is always unnamed for a moment."""
+        removed = 0
+        for blob in list(self._stored()):
+            if blob.name not in named and blob.is_file() and not blob.is_symlink():
+                blob.unlink(missing_ok=True)
+                removed += 1
+        with self._lock:  # nothing was cached yet at start; a cached copy of a removed blob must not linger
+            for digest in [d for d in self._cache if d not in named]:
+                self._cached -= len(self._cache.pop(digest))
+        return removed
 
     def get(self, digest: str, *, kind: BlobKind = BlobKind.MODEL) -> bytes:
         if kind is BlobKind.UPDATE:

@@ -6,10 +6,15 @@ The schema is defined once here; Alembic migrations (``migrations/``) create and
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from sqlalchemy import (
     Column,
@@ -27,10 +32,13 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 
-from fedhealth.core import create_private_file
+from fedhealth.core import ConfigError, create_private_file
 
 metadata = MetaData(
     naming_convention={
@@ -230,12 +238,15 @@ def sqlite_url(path: Path) -> str:
 
 def upgrade_database(engine: Engine) -> None:
     """Apply every Alembic migration up to head (creates the schema on an empty database). ``heads``: branches
-    added in parallel (each revising the same parent) are all applied, in dependency order."""
+    added in parallel (each revising the same parent) are all applied, in dependency order. A database that a
+    newer release migrated is refused (:class:`ConfigError`, one line) and left as it is."""
     from alembic import command
     from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+    _refuse_newer_schema(engine, ScriptDirectory.from_config(cfg))
     if engine.dialect.name != "sqlite":  # PostgreSQL: DDL is transactional, the whole upgrade is one
         with engine.begin() as connection:
             cfg.attributes["connection"] = connection
@@ -278,3 +289,180 @@ def _sqlite_migration(engine: Engine) -> Iterator[Connection]:
         raw.execute("PRAGMA foreign_keys=ON")
         raw.isolation_level = isolation
         connection.close()
+
+
+def _refuse_newer_schema(engine: Engine, scripts: Any) -> None:
+    """Alembic fails on a revision it does not know with a traceback ("Can't locate revision"); a database
+    that a newer release upgraded is a downgrade of the software, so say that, before anything is touched."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_heads()
+    known = {script.revision for script in scripts.walk_revisions()}
+    unknown = sorted(set(current) - known)
+    if unknown:
+        raise ConfigError(
+            f"the database's schema is at revision {', '.join(unknown)}, newer than this fedhealth knows "
+            f"(up to {', '.join(sorted(scripts.get_heads()))}): a newer orchestrator upgraded it; "
+            "run that release, or restore the database's backup from before the upgrade"
+        )
+
+
+# -- one orchestrator per database and per state folder ------------------------------------------------------
+
+# The advisory lock's first key ("fedh"); the second is the hash of the schema, so orchestrators of two
+# federations on one PostgreSQL database, each in its own schema, do not exclude each other.
+_ADVISORY_CLASS = 0x66656468
+# A dead client's session (a host that vanished, no FIN) holds its lock until TCP notices: keepalives make
+# that well under a minute instead of the kernel's two hours.
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+
+
+class OrchestratorLock:
+    """Held for the life of an orchestrator process: a lock file ``flock``-ed in its state folder (its blobs
+    and reports; and a SQLite database's own beside it), and on PostgreSQL a session advisory lock on a
+    connection of its own. The kernel drops a flock, and PostgreSQL an advisory lock, when the process or
+    its connection dies: a killed orchestrator leaves nothing that blocks its restart."""
+
+    def __init__(self) -> None:
+        self._files: list[int] = []
+        self._engine: Engine | None = None
+        self._connection: Connection | None = None
+        self._url: str | None = None  # the PostgreSQL database whose advisory lock this holds
+        self._keys: dict[str, Any] = {}
+
+    def _lock_file(self, path: Path, what: str) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise ConfigError(
+                f"another orchestrator{pid} is using {what} {path.parent}; stop it first "
+                "(two orchestrators on one database would both run its rounds)"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # who holds it, for the next one's message
+        self._files.append(fd)
+
+    def _lock_postgres(self, url: str) -> None:
+        engine = create_engine(url, poolclass=NullPool, connect_args=dict(_KEEPALIVES))
+        connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        self._engine, self._connection = engine, connection
+        keys = {
+            "c": _ADVISORY_CLASS,
+            "k": connection.execute(text("SELECT hashtext(current_schema())")).scalar(),
+        }
+        if connection.execute(text("SELECT pg_try_advisory_lock(:c, :k)"), keys).scalar():
+            self._url, self._keys = url, keys
+            return
+        holder = connection.execute(
+            text(
+                "SELECT a.pid, a.client_addr FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "  # the two-key form
+                "AND l.classid = CAST(:c AS integer)::oid AND l.objid = CAST(:k AS integer)::oid"
+            ),
+            keys,
+        ).first()
+        who, end = "", ""
+        if holder is not None:
+            who = f" (PostgreSQL session {holder[0]} from {holder[1] or 'a local socket'})"
+            end = f", or end its session if its host is gone: SELECT pg_terminate_backend({holder[0]})"
+        raise ConfigError(f"another orchestrator{who} is using this database's schema; stop it first{end}")
+
+    def check(self) -> bool:
+        """Whether the PostgreSQL advisory lock is still this process's, asked on its own connection (the
+        flocks cannot be lost). A lock whose connection ended (``pg_terminate_backend``, a PostgreSQL
+        restart or failover) is taken again on a new connection, returning False; :class:`ConfigError` if
+        another orchestrator took it meanwhile (this one must stop), a ``DBAPIError`` if the database cannot
+        be reached now (ask again later). A lock without PostgreSQL is always held."""
+        if self._url is None:
+            return True
+        held = False
+        if self._connection is not None:
+            with contextlib.suppress(DBAPIError):  # the connection dropped: its session's lock went with it
+                held = bool(
+                    self._connection.execute(
+                        text(
+                            "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() "
+                            "AND locktype = 'advisory' AND granted AND objsubid = 2 "
+                            "AND classid = CAST(:c AS integer)::oid AND objid = CAST(:k AS integer)::oid"
+                        ),
+                        self._keys,
+                    ).scalar()
+                )
+        if held:
+            return True
+        url = self._url
+        self._drop_connection()
+        self._lock_postgres(url)  # the same schema's key; raises ConfigError naming the new holder
+        return False
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):  # a dropped connection has lost its lock already
+                self._connection.close()
+            self._connection = None
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def release(self) -> None:
+        while self._files:
+            os.close(self._files.pop())  # closing the descriptor drops its flock
+        self._url = None
+        self._drop_connection()
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL opens, resolved: a symbolic link, a relative path or a ``file:`` URI naming
+    it must find the same lock beside it (None: an in-memory database). A file with a second hard link is
+    refused: no path leads from one name to the other's lock, and SQLite keeps its WAL by name."""
+    parsed = make_url(url)
+    database = parsed.database
+    if database and database.startswith("file:") and str(parsed.query.get("uri", "")).lower() == "true":
+        uri = urlsplit(database)
+        if "memory" in parse_qs(uri.query).get("mode", []):
+            return None
+        database = unquote(uri.path)
+    if not database or database == ":memory:":
+        return None
+    path = Path(database).resolve()
+    with contextlib.suppress(FileNotFoundError):
+        if (links := path.stat().st_nlink) > 1:
+            raise ConfigError(
+                f"the SQLite database {path} has {links} hard links: another name could reach it with its "
+                "own lock and WAL file (which corrupts it); keep one name (copy the file, remove the links)"
+            )
+    return path
+
+
+def lock_orchestrator(state_dir: Path, database_url: str, *, wait_s: float = 0.0) -> OrchestratorLock:
+    """Take the locks that keep a second orchestrator off this state folder and database, or raise
+    :class:`ConfigError` saying who holds them. ``wait_s``: how long to retry, for a supervisor's restart
+    racing the death of the process it replaces (PostgreSQL ends a dead client's session a moment later)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    sqlite_file = _sqlite_file(database_url) if database_url.startswith("sqlite") else None
+    deadline = time.monotonic() + wait_s
+    while True:
+        lock = OrchestratorLock()
+        try:
+            lock._lock_file(state_dir / "orchestrator.lock", "the state folder")
+            if sqlite_file is not None:
+                lock._lock_file(sqlite_file.with_name(sqlite_file.name + ".lock"), "the database in")
+            elif make_url(database_url).get_backend_name() == "postgresql":
+                lock._lock_postgres(database_url)
+            return lock
+        except ConfigError:
+            lock.release()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+        except BaseException:
+            lock.release()
+            raise

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -31,6 +32,7 @@ from fedhealth.protocol import ATTESTATION_HEADER, ProtocolMismatch, Role, SiteA
 
 SAFETENSORS = "application/octet-stream"
 DISK_FULL_RETRY_S = 60  # Retry-After of a refusal for a full disk
+DATABASE_RETRY_S = 5  # Retry-After when the database connection was lost
 # The OpenAPI description of a route whose body is a safetensors file.
 SAFETENSORS_BODY: dict[str, Any] = {
     "requestBody": {
@@ -122,6 +124,18 @@ def install_error_handlers(app: FastAPI) -> None:
                 headers={"Retry-After": str(DISK_FULL_RETRY_S)},
             )
         raise exc  # any other: the server's generic 500, as before
+
+    @app.exception_handler(DBAPIError)
+    async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+        # the database connection dropped (a restart, a failover, pg_terminate_backend) or the server is
+        # unreachable: the pool replaces the connection, so the same request may well pass in a moment
+        if exc.connection_invalidated or isinstance(exc, OperationalError):
+            return _error(
+                503,
+                "the orchestrator lost its database connection; send the request again",
+                headers={"Retry-After": str(DATABASE_RETRY_S)},
+            )
+        raise exc  # a constraint or a bug: the server's generic 500
 
 
 # The dependencies below are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in its thread

@@ -235,6 +235,13 @@ class RequestGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        services = getattr(scope["app"].state, "services", None)
+        if services is not None and services.stopped:  # another orchestrator holds the database now
+            # the reason (which names the other's database session) stays in this orchestrator's log
+            await _answer(
+                scope, send, 503, "this orchestrator has stopped: another orchestrator took its database"
+            )
+            return
         path, method = scope["path"], scope["method"]
         limit = self.limits.of(body_class(method, path))
         for name, value in scope.get("headers", ()):

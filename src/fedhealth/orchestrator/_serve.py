@@ -19,8 +19,9 @@ import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 
-from fedhealth.core import keep_malloc_heaps, write_private_file
+from fedhealth.core import ConfigError, keep_malloc_heaps, write_private_file
 from fedhealth.orchestrator._app import create_app
+from fedhealth.orchestrator._db import lock_orchestrator, make_engine, upgrade_database
 from fedhealth.orchestrator._extensions import default_extensions
 from fedhealth.orchestrator._service import Extension, OrchestratorSettings
 
@@ -70,6 +71,37 @@ def serve(
     its certificate.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.lock is not None:  # the caller holds it
+        _serve(settings, host, port, tls, enroll_port, ready_file, log_level, extensions)
+        return
+    # Refused here, before anything listens, as one error the CLI prints as one line: in the app's lifespan
+    # a refusal is uvicorn's traceback. The lock is held until the server stops; the lifespan's
+    # start_service finds it in the settings.
+    settings.lock = lock_orchestrator(
+        settings.state_dir, settings.resolved_database_url, wait_s=settings.lock_wait_s
+    )
+    try:
+        database = make_engine(settings.resolved_database_url, fsync=settings.fsync)
+        try:  # likewise a database a newer release migrated, or a migration that fails
+            upgrade_database(database)
+        finally:
+            database.dispose()
+        _serve(settings, host, port, tls, enroll_port, ready_file, log_level, extensions)
+    finally:
+        settings.lock.release()
+        settings.lock = None
+
+
+def _serve(
+    settings: OrchestratorSettings,
+    host: str,
+    port: int,
+    tls: TlsFiles | None,
+    enroll_port: int | None,
+    ready_file: Path | None,
+    log_level: str,
+    extensions: Sequence[Extension] | None,
+) -> None:
     scheme = "https" if tls else "http"
     sock = _bind(host, port)
     url = _url(scheme, host, sock)
@@ -117,33 +149,55 @@ def serve(
         )
 
     main = _Server(config(bool(tls and tls.require_client_cert), "on"))
-    if enroll_sock is None:
-        main.run(sockets=[sock])
-        return
-    enroll = _Server(config(False, "off"))
-    main.peers = [enroll]
-    enroll.peers = [main]
+    lost: list[str] = []
 
-    async def both() -> None:
-        await asyncio.gather(main.serve(sockets=[sock]), enroll.serve(sockets=[enroll_sock]))
+    def _lock_lost(reason: str) -> None:  # another orchestrator took the database (the service said why)
+        lost.append(reason)
+        main.stop()
 
-    # the loop uvicorn's own run() would take (uvloop when installed), not asyncio's default
-    with asyncio.Runner(loop_factory=main.config.get_loop_factory()) as runner:
-        runner.run(both())
+    settings.on_lock_lost = _lock_lost
+    try:
+        if enroll_sock is None:
+            main.run(sockets=[sock])
+        else:
+            enroll = _Server(config(False, "off"))
+            main.peers = [enroll]
+            enroll.peers = [main]
+
+            async def both() -> None:
+                await asyncio.gather(main.serve(sockets=[sock]), enroll.serve(sockets=[enroll_sock]))
+
+            # the loop uvicorn's own run() would take (uvloop when installed), not asyncio's default
+            with asyncio.Runner(loop_factory=main.config.get_loop_factory()) as runner:
+                runner.run(both())
+    finally:
+        settings.on_lock_lost = None
+    if lost:  # one line from the CLI, and a failed exit for the supervisor
+        raise ConfigError(lost[0])
 
 
 class _Server(uvicorn.Server):
     peers: list[_Server]
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._end_long_polls()
+        super().handle_exit(sig, frame)
+        for peer in getattr(self, "peers", []):  # a second listener stops with the first
+            peer.should_exit = True
+
+    def stop(self) -> None:
+        """What a signal does, without one (uvicorn raises the signals it caught again once it stopped)."""
+        self._end_long_polls()
+        self.should_exit = True
+        for peer in getattr(self, "peers", []):
+            peer.should_exit = True
+
+    def _end_long_polls(self) -> None:
         # Long polls would otherwise hold the graceful shutdown for up to their full wait.
         state = getattr(self.config.app, "state", None)
         shutdown = getattr(state, "shutdown", None)
         if shutdown is not None:
             shutdown()
-        super().handle_exit(sig, frame)
-        for peer in getattr(self, "peers", []):  # a second listener stops with the first
-            peer.should_exit = True
 
 
 def _with_client_certificate(app: Any, pem: str) -> Any:

@@ -13,6 +13,9 @@ extension's observer among the engine's.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,18 +25,27 @@ from typing import Any, Protocol
 import anyio
 from fastapi import APIRouter
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
-from fedhealth.core import Clock, SystemClock
+from fedhealth.core import Clock, ConfigError, SystemClock
 from fedhealth.crypto import IdentityKey, PemPair
 from fedhealth.governance import AuditEventType, AuditLog
 from fedhealth.orchestrator._auth import AuthService, AuthSettings, Principal
 from fedhealth.orchestrator._blobs import BlobStore
-from fedhealth.orchestrator._db import make_engine, sqlite_url, upgrade_database
+from fedhealth.orchestrator._db import (
+    OrchestratorLock,
+    lock_orchestrator,
+    make_engine,
+    sqlite_url,
+    upgrade_database,
+)
 from fedhealth.orchestrator._engine import DEFAULT_APPROVAL_WAIT_S, RoundEngine
-from fedhealth.orchestrator._hooks import StudyObserver
+from fedhealth.orchestrator._hooks import NullObserver, StudyObserver
 from fedhealth.orchestrator._limits import RateLimiter
 from fedhealth.orchestrator._notify import TaskNotifier
-from fedhealth.orchestrator._store import Store
+from fedhealth.orchestrator._store import Store, StudyRow
+
+log = logging.getLogger("fedhealth.orchestrator")
 
 # The audit log's actor name for the orchestrator (the governance extension writes under the same name).
 AUDIT_ACTOR = "orchestrator"
@@ -60,6 +72,17 @@ class OrchestratorSettings:
     approval_wait_s: float = DEFAULT_APPROVAL_WAIT_S  # a study's wait for its sites' approvals, by default
     auth: AuthSettings = field(default_factory=AuthSettings)
     clock: Clock = field(default_factory=SystemClock)
+    # How long a start waits for the lock of an orchestrator that is going away (a supervisor's restart).
+    lock_wait_s: float = 5.0
+    # Set by ``serve`` from before it listens (it refuses in one line there); otherwise start_service
+    # takes the lock itself and its service's close() releases it.
+    lock: OrchestratorLock | None = None
+    # How often a running orchestrator asks whether it still holds its PostgreSQL lock (one query on the
+    # lock's own connection, none per request): a lock whose connection ended is taken again, or, if
+    # another orchestrator took it meanwhile, this one stops driving rounds (docs/security.md, "Durability").
+    lock_check_s: float = 2.0
+    # Called with the reason when another orchestrator took the lock; ``serve`` stops the server with it.
+    on_lock_lost: Callable[[str], None] | None = None
 
     @property
     def resolved_database_url(self) -> str:
@@ -110,6 +133,9 @@ class OrchestratorService:
     database: Engine | None = None  # disposed by :meth:`close` when the service opened it
     spec_signatures: SpecSignatures | None = None
     last_seen: dict[str, datetime] = field(default_factory=dict)
+    lock: OrchestratorLock | None = None  # released by :meth:`close` when the service took it
+    stopped: str | None = None  # why the service stopped driving rounds (another took its lock), if it did
+    lock_watch: asyncio.Task[None] | None = None  # :func:`_watch_lock`, ended by :meth:`close`
 
     def signature_of(self, study_id: str) -> tuple[str, str] | None:
         """The owner's signature of a study's spec, if an extension keeps signatures and it was signed."""
@@ -125,10 +151,24 @@ class OrchestratorService:
         """One security action in the orchestrator's audit log, naming who did it."""
         self.audit.append(event, {**payload, "by": who.name}, actor=f"user:{who.name}", connection=connection)
 
+    def site_locked_out(self, site: str) -> None:
+        """A site was revoked or re-keyed (call on the event loop, after the change is stored): its waiting
+        polls are woken, and refused when they ask again; a collective session it takes part in fails now
+        for every participant (its calls are refused from here on) rather than at the call's deadline."""
+        self.notifier.notify([site])
+        self.engine.collective.site_locked_out(site)
+
     async def close(self) -> None:
+        if self.lock_watch is not None:
+            self.lock_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.lock_watch  # a check in progress finishes before the lock is released
+            self.lock_watch = None
         await self.engine.close()
         if self.database is not None:
             self.database.dispose()
+        if self.lock is not None:
+            self.lock.release()
 
 
 # The name the app and the extensions have used since the first release.
@@ -138,13 +178,71 @@ Services = OrchestratorService
 async def start_service(
     settings: OrchestratorSettings, extensions: Sequence[Extension] = ()
 ) -> OrchestratorService:
-    """Open the database (migrated), the blob store and the round engine, start each extension, and resume
-    the studies that were running (:meth:`RoundEngine.recover`). Call :meth:`OrchestratorService.close`."""
+    """Take the orchestrator's lock (one orchestrator per database and state folder: a second would run the
+    same rounds), open the database (migrated) and the blob store (blobs no row names collected), the round
+    engine, start each extension, and resume the studies that were running (:meth:`RoundEngine.recover`).
+    Call :meth:`OrchestratorService.close`."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    lock = None
+    if settings.lock is None:
+        lock = await anyio.to_thread.run_sync(
+            lambda: lock_orchestrator(
+                settings.state_dir, settings.resolved_database_url, wait_s=settings.lock_wait_s
+            )
+        )
     db = make_engine(settings.resolved_database_url, fsync=settings.fsync)
-    await anyio.to_thread.run_sync(upgrade_database, db)
-    store = Store(db)
-    blobs = BlobStore(settings.state_dir / "blobs", fsync=settings.fsync)
+    try:
+        await anyio.to_thread.run_sync(upgrade_database, db)
+        store = Store(db)
+        blobs = BlobStore(settings.state_dir / "blobs", fsync=settings.fsync)
+        # Locked, and before anything serves or aggregates: no blob is being written (module docstring).
+        belongs = await anyio.to_thread.run_sync(_collect, store, blobs)
+        return await _start(settings, extensions, db, store, blobs, lock, belongs)
+    except BaseException:
+        db.dispose()
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _collect(store: Store, blobs: BlobStore) -> bool:
+    """Remove the blobs no row names, if this database is the one the blobs belong to (a start on the wrong
+    database must not take every model for an orphan: :meth:`BlobStore.kept_for`); whether it is."""
+    studies, named = store.study_ids(), store.named_digests()
+    if not blobs.kept_for(studies, named):
+        log.warning(
+            "the database lacks studies whose blobs are in %s: is it the federation's database? "
+            "blobs no row names are kept (a start on the database they belong to collects them)",
+            blobs.root,
+        )
+        return False
+    collected = blobs.collect(named)
+    if collected:
+        log.info("removed %d stored blobs that no database row names", collected)
+    blobs.keep_for(studies)
+    return True
+
+
+class _KeptFor(NullObserver):
+    """Records each new study beside the blobs (:meth:`BlobStore.keep_for`), so that a later start on a
+    database without it does not collect its blobs, even after a crash."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self._blobs = blobs
+
+    def study_created(self, study: StudyRow, owner: str) -> None:
+        self._blobs.keep_for({study.id})
+
+
+async def _start(
+    settings: OrchestratorSettings,
+    extensions: Sequence[Extension],
+    db: Engine,
+    store: Store,
+    blobs: BlobStore,
+    lock: OrchestratorLock | None,
+    belongs: bool,
+) -> OrchestratorService:
     notifier = TaskNotifier()
     context = ExtensionContext(settings=settings, store=store, blobs=blobs)
     registrations = [ext.start(context) for ext in extensions]
@@ -154,7 +252,10 @@ async def start_service(
         settings.clock,
         notifier,
         reports_dir=settings.state_dir / "reports",
-        observers=[r.observer for r in registrations if r.observer is not None],
+        observers=[
+            *([_KeptFor(blobs)] if belongs else []),  # only where the blobs are this database's
+            *(r.observer for r in registrations if r.observer is not None),
+        ],
         approval_wait_s=settings.approval_wait_s,
     )
     svc = OrchestratorService(
@@ -167,8 +268,41 @@ async def start_service(
         limiter=RateLimiter(settings.rate_per_s, settings.rate_burst),
         audit=AuditLog(db, settings.signing_key, AUDIT_ACTOR, settings.clock),
         database=db,
+        lock=lock,
         # the first extension that keeps signatures answers for them
         spec_signatures=next((r.spec_signatures for r in registrations if r.spec_signatures), None),
     )
     await engine.recover()
+    held = lock if lock is not None else settings.lock
+    if held is not None and settings.lock_check_s > 0:
+        svc.lock_watch = asyncio.create_task(_watch_lock(svc, held), name="orchestrator-lock-watch")
     return svc
+
+
+async def _watch_lock(svc: OrchestratorService, lock: OrchestratorLock) -> None:
+    """Keep this orchestrator the only one on its database while it runs. A PostgreSQL advisory lock lives
+    as long as its connection: one ended under the running orchestrator (``pg_terminate_backend``, a server
+    restart or failover) would let a second orchestrator in beside it. Every ``lock_check_s`` the lock's own
+    connection is asked; a lost lock is taken again at once, and if another orchestrator holds it by then
+    this one stops driving rounds (``serve`` exits with the reason), so the two never both run them."""
+    while True:
+        await asyncio.sleep(svc.settings.lock_check_s)
+        try:
+            held = await anyio.to_thread.run_sync(lock.check)
+        except ConfigError as exc:
+            svc.stopped = (
+                "another orchestrator took this database's lock while this one's lock connection was down; "
+                f"this one stops running rounds ({exc})"
+            )
+            log.error("%s", svc.stopped)
+            await svc.engine.close()
+            if svc.settings.on_lock_lost is not None:
+                svc.settings.on_lock_lost(svc.stopped)
+            return
+        except Exception as exc:  # the database is unreachable (so is the pool's): asked again next turn
+            cause = exc.orig if isinstance(exc, DBAPIError) else exc
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            log.warning("cannot check the orchestrator's database lock (%s); trying again", reason)
+            continue
+        if not held:
+            log.warning("the orchestrator's database lock ended with its connection; it is held again")

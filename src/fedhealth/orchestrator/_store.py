@@ -15,7 +15,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, exists, func, insert, select, update
+from sqlalchemy import Connection, Engine, and_, delete, exists, func, insert, inspect, select, update
+from sqlalchemy import column as sa_column
+from sqlalchemy import table as sa_table
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
@@ -1105,6 +1107,27 @@ class Store:
         )
         with self.engine.connect() as c:
             return c.execute(q).first() is not None
+
+    def study_ids(self) -> set[str]:
+        """The id of every study in the database (whatever its status)."""
+        with self.engine.connect() as c:
+            return set(c.execute(select(studies.c.id)).scalars())
+
+    def named_digests(self) -> set[str]:
+        """Every value of every column named ``*digest`` in the database, the extensions' tables included:
+        the blobs rows name, which :meth:`BlobStore.collect` must keep. Found by reflection rather than
+        listed, so a table added later (or an extension's) cannot have its blobs collected by omission."""
+        inspector = inspect(self.engine)
+        named: set[str] = set()
+        with self.engine.connect() as c:
+            for name in inspector.get_table_names():
+                for column in inspector.get_columns(name):
+                    if not column["name"].endswith("digest"):
+                        continue
+                    col = sa_column(column["name"])
+                    query = select(col).select_from(sa_table(name)).where(col.is_not(None)).distinct()
+                    named.update(str(value) for value in c.execute(query).scalars())
+        return named
 
     def model_version(self, digest: str) -> ModelVersion | None:
         """The released model version with this digest (a completed round's output), if there is one."""
