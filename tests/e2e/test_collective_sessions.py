@@ -181,7 +181,7 @@ def test_a_site_killed_mid_session_fails_it_for_everyone_with_the_reason_and_not
     assert (after.rounds[0].metrics or {})["mismatches"] == 0
 
 
-def test_a_site_revoked_mid_session_is_refused_at_its_next_call(fed, capture):
+def test_a_site_revoked_mid_session_fails_the_session_at_once_and_is_refused_at_its_next_call(fed, capture):
     capture.unlink(missing_ok=True)
     study = _probe(fed, "probe-revoked", size=16, calls=1_000_000, baseline=False, timeout_s=5)
     deadline = time.monotonic() + 60
@@ -192,7 +192,8 @@ def test_a_site_revoked_mid_session_is_refused_at_its_next_call(fed, capture):
     revoked = time.time()
     final = fed.wait_for_study(study.study_id, timeout=60, interval=0.2)
     assert final.status is StudyStatus.FAILED
-    assert "site-d did not take part" in (final.reason or "")
+    # at the revocation, not at the call's deadline: the reason says why
+    assert "site_lost: site-d was revoked or re-keyed during the session" in (final.reason or "")
     # not one call of site-d reached the relay after the revocation, although its token had minutes left
     late = [r for r in _records(capture) if r.get("site") == "site-d" and r["time"] > revoked]
     assert late == []

@@ -248,3 +248,30 @@ def test_a_late_call_to_a_failed_session_gets_its_reason():
         assert "site-c's task ended" in late.json()["detail"]
 
     run(main)
+
+
+def test_a_participant_revoked_or_re_keyed_fails_the_session_for_everyone_at_once():
+    # docs/security.md, Sites item 4: the revoke and rotate routes call OrchestratorService.site_locked_out;
+    # the site's calls would be refused from then on, so the others are not left waiting for its next one
+    async def main() -> None:
+        h = _Harness(timeout_s=30.0)
+        await h.set_up()
+        bodies = {s: h.sites[s].prepare_sum(np.ones(4)) for s in ("site-a", "site-b")}
+        waiting = [asyncio.ensure_future(h.post(s, 1, bodies[s], wait=20)) for s in bodies]
+        await asyncio.sleep(0.2)
+        h.sessions.site_locked_out("site-z")  # the control: a site of no session changes nothing
+        await asyncio.sleep(0.2)
+        assert not any(w.done() for w in waiting)
+        assert h.failed == []
+        started = asyncio.get_running_loop().time()
+        h.sessions.site_locked_out("site-c")
+        answers = await asyncio.gather(*waiting)
+        assert asyncio.get_running_loop().time() - started < 5  # not at the call's 30 s deadline
+        for answer in answers:
+            assert answer.status_code == 410
+            assert "site-c was revoked or re-keyed during the session" in answer.json()["detail"]
+        assert h.failed == [answers[0].json()["detail"]]  # the engine heard it once
+        late = await h.post("site-c", 1, h.sites["site-c"].prepare_sum(np.ones(4)))
+        assert late.status_code == 410
+
+    run(main)

@@ -393,6 +393,7 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
                 )
 
         await anyio.to_thread.run_sync(do)
+        svc.site_locked_out(name)  # its waiting polls and sessions end now, not when their wait does
         log.warning("site %s revoked by %s through the dashboard", name, who.name)
         return RedirectResponse(f"{PREFIX}/federation", status_code=303)
 

@@ -342,6 +342,13 @@ class CollectiveSessions:
                 if self._by_task.get(task_id) is old:
                     del self._by_task[task_id]
 
+    def site_locked_out(self, site: str) -> None:
+        """``site`` was revoked or re-keyed: every open session it takes part in fails (its waiting calls,
+        and the others', are answered 410 with the reason at once)."""
+        for driver in list(self._drivers.values()):
+            if site in driver.config.sites and not driver.done:
+                driver.fail(SessionFailure.SITE_LOST, f"{site} was revoked or re-keyed during the session")
+
     def close(self) -> None:
         for round_id in list(self._drivers):
             self.discard(round_id, "the orchestrator is shutting down")

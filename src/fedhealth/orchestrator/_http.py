@@ -204,6 +204,18 @@ async def require_site(
 Site = Annotated[str, Depends(require_site)]
 
 
+async def site_recheck(
+    svc: Svc, request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Callable[[], object]:
+    """The agent API caller's credentials, to ask again: a long poll calls it whenever it is woken, so a
+    site revoked or re-keyed while it waits is refused then (403 or 401), not when its wait ends."""
+    certificate = peer_certificate(request.scope)
+    return lambda: svc.auth.authenticate(authorization, Audience.AGENT, certificate)
+
+
+Recheck = Annotated[Callable[[], object], Depends(site_recheck)]
+
+
 def require_roles(*roles: Role) -> Callable[..., Coroutine[Any, Any, Principal]]:
     async def dependency(
         svc: Svc, request: Request, authorization: Annotated[str | None, Header()] = None

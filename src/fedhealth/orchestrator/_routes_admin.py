@@ -72,6 +72,7 @@ def rotate(svc: OrchestratorService, admin: Principal, name: str) -> SiteCreated
         }
         svc.record(admin, AuditEventType.SITE_ROTATED, entry, c)
     log.warning("site %s rotated by %s: its old key is retired", name, admin.name)
+    svc.site_locked_out(name)  # its waiting polls and sessions end now, not when their wait does
     return SiteCreated(name=name, enrollment_token=token, expires_at=expires)
 
 
@@ -82,6 +83,7 @@ def revoke(svc: OrchestratorService, admin: Principal, name: str) -> SiteInfo:
         if svc.store.revoke_site(name, svc.settings.clock.now(), connection=c):
             svc.record(admin, AuditEventType.SITE_REVOKED, {"site": name}, c)
     log.warning("site %s revoked by %s", name, admin.name)
+    svc.site_locked_out(name)  # its waiting polls and sessions end now, not when their wait does
     return site_info(svc.store.get_site(name))
 
 

@@ -7,7 +7,9 @@ server's message to the site.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request, Response
 
@@ -15,6 +17,7 @@ from fedhealth.orchestrator._http import (
     SAFETENSORS,
     SAFETENSORS_BODY,
     ApiError,
+    Recheck,
     Site,
     Svc,
     Wait,
@@ -76,13 +79,31 @@ def accept_secagg_message(
 
 
 async def secagg_message(
-    svc: OrchestratorService, driver: SecureRoundDriver, site: str, stage: str, wait: float
+    svc: OrchestratorService,
+    driver: SecureRoundDriver,
+    site: str,
+    stage: str,
+    wait: float,
+    recheck: Callable[[], object] | None = None,
 ) -> bytes | None:
-    """The server's message to this site after ``stage`` closes; None if not within ``wait`` seconds."""
+    """The server's message to this site after ``stage`` closes; None if not within ``wait`` seconds.
+
+    ``recheck`` (the caller's credentials, asked again) runs whenever the site is woken while it waits:
+    revoking or re-keying a site wakes it, so its waiting poll is refused then (403 or 401) and is not
+    handed the round's next message."""
+    receive = asyncio.ensure_future(driver.next_message(site, stage, min(wait, svc.settings.max_wait_s)))
     try:
-        return await driver.next_message(site, stage, min(wait, svc.settings.max_wait_s))
+        while recheck is not None and not receive.done():
+            waiter = svc.notifier.waiter(site)
+            await asyncio.wait({receive, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if not receive.done():
+                recheck()
+        return await receive
     except SecureRoundGone as exc:
         raise ApiError(410, "no longer part of this secure round", str(exc)) from exc
+    finally:
+        receive.cancel()
 
 
 def _answer(data: bytes | None) -> Response:
@@ -98,7 +119,13 @@ def secure_router() -> APIRouter:
         "/api/v1/agent/tasks/{task_id}/secagg/{stage}", response_model=Ack, openapi_extra=SAFETENSORS_BODY
     )
     async def secagg_send(
-        svc: Svc, site: Site, task_id: str, stage: str, request: Request, wait: Wait = 0.0
+        svc: Svc,
+        site: Site,
+        task_id: str,
+        stage: str,
+        request: Request,
+        recheck: Recheck,
+        wait: Wait = 0.0,
     ) -> Ack | Response:
         """Send this site's SecAgg+ message for ``stage`` (advertise_keys, share_keys, masked_input,
         consistency, unmask).
@@ -108,19 +135,27 @@ def secure_router() -> APIRouter:
         the answer is the server's message to this site after the stage closes, as ``GET`` of the same path
         would give it (204: not within ``wait`` seconds; the message sent is kept): one request per stage
         instead of two. 410 means this site has no further part in the round (it was counted out, or the
-        round ended).
+        round ended). A site revoked or re-keyed while it waits is refused then (403 or 401).
         """
         body = await read_body(request)
         attestation = attestation_header(request)
         driver = accept_secagg_message(svc, site, task_id, stage, body, attestation)
         if wait <= 0 or stage == Stage.UNMASK.value:
             return Ack()
-        return _answer(await secagg_message(svc, driver, site, stage, wait))
+        return _answer(await secagg_message(svc, driver, site, stage, wait, recheck))
 
     @router.get("/api/v1/agent/tasks/{task_id}/secagg/{stage}", response_class=Response)
-    async def secagg_receive(svc: Svc, site: Site, task_id: str, stage: str, wait: Wait = 25.0) -> Response:
-        """Long-poll for the server's SecAgg+ message to this site after ``stage`` closes (204: not yet)."""
+    async def secagg_receive(
+        svc: Svc,
+        site: Site,
+        task_id: str,
+        stage: str,
+        recheck: Recheck,
+        wait: Wait = 25.0,
+    ) -> Response:
+        """Long-poll for the server's SecAgg+ message to this site after ``stage`` closes (204: not yet). A
+        site revoked or re-keyed while its poll waits is refused then (403 or 401), not when it ends."""
         driver = secure_task(svc, site, task_id)
-        return _answer(await secagg_message(svc, driver, site, stage, wait))
+        return _answer(await secagg_message(svc, driver, site, stage, wait, recheck))
 
     return router

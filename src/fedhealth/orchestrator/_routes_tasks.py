@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from datetime import timedelta
 
 import anyio
@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from fedhealth.core import TensorError
 from fedhealth.orchestrator._blobs import BlobKind
-from fedhealth.orchestrator._http import SAFETENSORS_BODY, ApiError, Site, Svc, Wait, body_stream
+from fedhealth.orchestrator._http import SAFETENSORS_BODY, ApiError, Recheck, Site, Svc, Wait, body_stream
 from fedhealth.orchestrator._service import OrchestratorService
 from fedhealth.orchestrator._store import RoundRow, TaskRow
 from fedhealth.protocol import (
@@ -80,8 +80,12 @@ def _released_scaling(svc: OrchestratorService, study_id: str, r: RoundRow) -> R
     return released_scaling(pre_step.metrics if pre_step is not None else None)
 
 
-async def poll_task(svc: OrchestratorService, site: str, wait: float) -> TaskPoll:
-    """This site's next task, as soon as one exists, or none after ``wait`` seconds."""
+async def poll_task(
+    svc: OrchestratorService, site: str, wait: float, recheck: Callable[[], object] | None = None
+) -> TaskPoll:
+    """This site's next task, as soon as one exists, or none after ``wait`` seconds. ``recheck`` (the
+    caller's credentials, asked again) runs after every wake-up: revoking or re-keying a site wakes its
+    waiting polls, which are then refused at once rather than answered when their wait ends."""
     now = svc.settings.clock.now()
     seen = svc.last_seen.get(site)
     if seen is None or now - seen > timedelta(seconds=5):
@@ -107,6 +111,8 @@ async def poll_task(svc: OrchestratorService, site: str, wait: float) -> TaskPol
             return TaskPoll(task=None)
         await asyncio.wait({waiter}, timeout=remaining)
         waiter.cancel()
+        if recheck is not None:
+            recheck()
 
 
 def own_task(svc: OrchestratorService, site: str, task_id: str, kind: TaskKind) -> TaskRow:
@@ -252,9 +258,10 @@ def tasks_router() -> APIRouter:
     router = APIRouter(tags=["agent"])
 
     @router.get("/api/v1/agent/tasks/next", response_model=TaskPoll)
-    async def next_task(svc: Svc, site: Site, wait: Wait = 25.0) -> TaskPoll:
-        """Long-poll: answers as soon as a task for this site exists, or after ``wait`` seconds with none."""
-        return await poll_task(svc, site, wait)
+    async def next_task(svc: Svc, site: Site, recheck: Recheck, wait: Wait = 25.0) -> TaskPoll:
+        """Long-poll: answers as soon as a task for this site exists, or after ``wait`` seconds with none.
+        A site revoked or re-keyed while its poll waits is refused then (403 or 401), not when it ends."""
+        return await poll_task(svc, site, wait, recheck)
 
     @router.post("/api/v1/agent/tasks/{task_id}/result", response_model=Ack, openapi_extra=SAFETENSORS_BODY)
     async def upload_result(svc: Svc, site: Site, task_id: str, request: Request) -> Ack:
