@@ -526,3 +526,41 @@ class LyingOrchestrator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+@contextmanager
+def proxy_recorder() -> Iterator[tuple[int, list[bytes]]]:
+    """A listener for every proxy variable to name: what a process tries to reach beyond the federation
+    through the environment's proxy (a library's telemetry, an update check) arrives as a request's first
+    bytes. Yields its port and what arrived."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    seen.append(conn.recv(4096))
+                except OSError:
+                    seen.append(b"")
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], seen
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        server.close()

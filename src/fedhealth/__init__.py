@@ -7,8 +7,24 @@ secure aggregation, bounded by differential privacy and recorded in a verifiable
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+# onnxruntime (1.29 and later) sends telemetry to Microsoft from Linux too, keeps a device identifier and an
+# event cache in ~/.cache/Microsoft, and reads this switch once, when it is imported: set before any fedhealth
+# code can import it (model packages check their ONNX file with it), and on purpose not left to the
+# environment, since nothing is to leave a site unasked (docs/security.md, "Nothing phones home").
+if "onnxruntime" in sys.modules and os.environ.get("ORT_DISABLE_TELEMETRY") != "1":
+    warnings.warn(
+        "onnxruntime was imported before fedhealth with its telemetry on: this process may send telemetry "
+        "to Microsoft; import fedhealth first or set ORT_DISABLE_TELEMETRY=1 (docs/security.md)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
 if TYPE_CHECKING:
     from fedhealth.learning import ModelPackage

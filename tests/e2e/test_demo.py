@@ -16,11 +16,13 @@ import time
 import httpx
 import pytest
 
+from support import PROXY_VARIABLES, proxy_recorder
+
 pytestmark = pytest.mark.e2e
 
 
-def _demo(tmp_path, *args):
-    env = {**os.environ, "COLUMNS": "120", "PYTHONUNBUFFERED": "1"}
+def _demo(tmp_path, *args, env_extra=None):
+    env = {**os.environ, "COLUMNS": "120", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "fedhealth", "demo", "--out", str(tmp_path / "out"), *args],
         stdout=subprocess.PIPE,
@@ -32,9 +34,20 @@ def _demo(tmp_path, *args):
 
 
 def test_the_demo_trains_four_hospitals_securely_and_prints_the_summary(tmp_path):
-    proc = _demo(tmp_path, "--rounds", "4")
-    output, _ = proc.communicate(timeout=300)
+    home = tmp_path / "home"  # where a library would keep a device id or an event cache
+    home.mkdir()
+    with proxy_recorder() as (port, reached_out):
+        proxy = f"http://127.0.0.1:{port}"
+        env_extra = {name: proxy for name in PROXY_VARIABLES} | {
+            "HOME": str(home),
+            "ORT_DISABLE_TELEMETRY": "0",
+        }
+        proc = _demo(tmp_path, "--rounds", "4", env_extra=env_extra)
+        output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
+    # nothing phones home (docs/security.md): no process of the demo reached past its own federation
+    assert reached_out == []
+    assert not (home / ".cache" / "Microsoft").exists()
     for site in ("hospital-a", "hospital-b", "hospital-c", "hospital-d"):
         assert f"{site}: data steward approved spec" in output
         assert f"│ {site}" in output
