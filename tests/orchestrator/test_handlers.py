@@ -39,7 +39,7 @@ from fedhealth.orchestrator._governance import (
     submit_signed_study,
 )
 from fedhealth.orchestrator._http import ApiError
-from fedhealth.orchestrator._routes_admin import add_user, register_site, revoke_account
+from fedhealth.orchestrator._routes_admin import add_user, register_site, revoke, revoke_account, rotate
 from fedhealth.orchestrator._routes_auth import enroll_site
 from fedhealth.orchestrator._routes_models import released_model, study_model, task_model
 from fedhealth.orchestrator._routes_secure import accept_secagg_message
@@ -90,7 +90,7 @@ RESEARCHER = _principal("alice", Role.RESEARCHER)
 OTHER_RESEARCHER = _principal("bob", Role.RESEARCHER)
 
 
-def _spec(owner: str = "alice") -> StudySpec:
+def _spec(owner: str = "alice", min_sites: int = 1) -> StudySpec:
     return StudySpec.model_validate(
         {
             "name": "handlers",
@@ -99,7 +99,7 @@ def _spec(owner: str = "alice") -> StudySpec:
             "recipe": synthetic_recipe(16),
             "rounds": 2,
             "train_sites": SITES,
-            "min_sites": 1,
+            "min_sites": min_sites,
             "round_deadline_s": 600.0,
             "seed": 3,
         }
@@ -128,9 +128,11 @@ async def _service(
         await svc.close()
 
 
-async def _running_study(svc: OrchestratorService) -> tuple[StudyInfo, dict[str, Task]]:
+async def _running_study(
+    svc: OrchestratorService, spec: StudySpec | None = None
+) -> tuple[StudyInfo, dict[str, Task]]:
     """A study both sites approved, and each site's first task."""
-    info = await submit_study(svc, RESEARCHER, _spec())
+    info = await submit_study(svc, RESEARCHER, spec or _spec())
     assert info.status is StudyStatus.AWAITING_APPROVAL
     assert info.spec_hash is not None
     for site in SITES:
@@ -515,3 +517,72 @@ def test_a_signed_study_is_checked_against_the_owners_key_and_its_signature_reac
             assert pending.owner_public_key == key.public().raw.hex()
 
     asyncio.run(main())
+
+
+async def _closed(svc: OrchestratorService, task_id: str) -> TaskStatus:
+    """The task's status once it closed (a round opened over a revoked site closes its task just after)."""
+    for _ in range(200):
+        task = svc.store.get_task(task_id)
+        if not task.is_open:
+            return task.status
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"task {task_id} is still open")
+
+
+def test_a_revoked_site_fails_its_open_tasks_at_once_and_later_rounds_go_on_without_it(
+    tmp_path: Path,
+) -> None:
+    # docs/security.md, Sites item 4: a revoked site never answers again, so its rounds must not wait for it
+    # until their deadline (600 s here) in this round and in every later one its spec still names it
+    async def body(svc: OrchestratorService) -> None:
+        info, tasks = await _running_study(svc)
+        assert await accept_result(svc, "site-a", tasks["site-a"].task_id, _update(tasks["site-a"])) == Ack()
+        assert svc.store.get_study(info.study_id).completed_rounds == 0  # waiting for site-b
+        await revoke(svc, ADMIN, "site-b")
+        first = svc.store.get_task(tasks["site-b"].task_id)
+        assert first.status is TaskStatus.FAILED
+        assert first.reason == "site_revoked: the site was revoked by an admin"
+        assert svc.store.get_study(info.study_id).completed_rounds == 1  # closed at once, without site-b
+        for number in (2, 3):  # round 2 (training), round 3 (evaluation): site-b's task fails as it opens
+            (r,) = [x for x in svc.store.open_rounds() if x.study_id == info.study_id]
+            assert r.number == number
+            (b_task,) = [t for t in svc.store.tasks_of_round(r.id) if t.site == "site-b"]
+            assert await _closed(svc, b_task.id) is TaskStatus.FAILED
+            polled = await poll_task(svc, "site-a", wait=0)
+            assert polled.task is not None
+            if number == 2:
+                assert await accept_result(svc, "site-a", polled.task.task_id, _update(polled.task)) == Ack()
+            else:
+                manifest = ResultManifest(task_id=polled.task.task_id, metrics=SiteMetrics(num_samples=10))
+                assert await accept_evaluation(svc, "site-a", polled.task.task_id, manifest) == Ack()
+        study = svc.store.get_study(info.study_id)
+        assert study.status is StudyStatus.COMPLETED, study.reason
+        assert study.completed_rounds == 2
+
+    _run(tmp_path, body)
+
+
+def test_a_re_keyed_site_keeps_its_open_task_which_it_may_still_finish(tmp_path: Path) -> None:
+    # control: a rotation is not a revocation (the site enrolls its new key and goes on)
+    async def body(svc: OrchestratorService) -> None:
+        info, tasks = await _running_study(svc)
+        rotate(svc, ADMIN, "site-b")
+        await asyncio.sleep(0.2)
+        assert svc.store.get_task(tasks["site-b"].task_id).is_open
+        assert svc.store.get_study(info.study_id).completed_rounds == 0
+
+    _run(tmp_path, body)
+
+
+def test_revoking_a_site_the_quorum_needs_fails_the_study_at_once_naming_it(tmp_path: Path) -> None:
+    async def body(svc: OrchestratorService) -> None:
+        info, tasks = await _running_study(svc, _spec(min_sites=2))
+        assert await accept_result(svc, "site-a", tasks["site-a"].task_id, _update(tasks["site-a"])) == Ack()
+        await revoke(svc, ADMIN, "site-b")
+        study = svc.store.get_study(info.study_id)
+        assert study.status is StudyStatus.FAILED
+        assert study.reason is not None
+        assert "quorum not met" in study.reason
+        assert "site-b: failed (site_revoked: the site was revoked by an admin)" in study.reason
+
+    _run(tmp_path, body)

@@ -112,6 +112,30 @@ def test_next_task_is_delivered_and_closes_exactly_once(store):
     assert store.next_task("b") is None
 
 
+def test_a_sites_open_tasks_are_those_pending_or_delivered_in_open_rounds_oldest_first(store):
+    # what revoking a site closes (docs/security.md, Sites item 4)
+    _, first = _study(store)
+    spec = breast_spec(["a", "b"], rounds=1, min_sites=1)
+    later = NewRound(
+        number=1, kind=TaskKind.TRAIN, sites=["a", "b"], model_in_digest=DIGEST_A, deadline_at=T0
+    )
+    other, second = store.create_study(
+        spec=spec, model_digest=DIGEST_A, state_digest=None, first=later, when=T0 + timedelta(seconds=1)
+    )
+    b_first, b_second = (
+        next(t for t in store.tasks_of_round(r.id) if t.site == "b") for r in (first, second)
+    )
+    assert [t.id for t in store.open_tasks_of_site("b")] == [b_first.id, b_second.id]
+    store.mark_delivered(b_first.id, T0)  # delivered is still open
+    assert [t.id for t in store.open_tasks_of_site("b")] == [b_first.id, b_second.id]
+    assert store.close_task(b_first.id, TaskStatus.FAILED, "site said no", T0)
+    assert [t.id for t in store.open_tasks_of_site("b")] == [b_second.id]
+    assert store.end_study(other.id, StudyStatus.CANCELLED, "operator", T0)  # its round is no longer open
+    assert store.open_tasks_of_site("b") == []
+    assert [t.site for t in store.open_tasks_of_site("c")] == ["c"]
+    assert store.open_tasks_of_site("nobody") == []
+
+
 def test_closing_several_tasks_at_once_closes_each_open_one_exactly_once(store):
     _, first = _study(store)
     a, b, c = store.tasks_of_round(first.id)

@@ -393,8 +393,9 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
                 )
 
         await anyio.to_thread.run_sync(do)
-        svc.site_locked_out(name)  # its waiting polls and sessions end now, not when their wait does
         log.warning("site %s revoked by %s through the dashboard", name, who.name)
+        # its waiting polls and sessions end now, not when their wait does; its rounds go on without it
+        await svc.site_revoked(name)
         return RedirectResponse(f"{PREFIX}/federation", status_code=303)
 
     @router.post("/drift/reference")

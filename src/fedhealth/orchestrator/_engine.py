@@ -48,7 +48,15 @@ from fedhealth.orchestrator._hooks import StudyObserver
 from fedhealth.orchestrator._notify import TaskNotifier
 from fedhealth.orchestrator._report import HELD_OUT_WITHHELD, write_report
 from fedhealth.orchestrator._secure import SecureRounds
-from fedhealth.orchestrator._store import ModelVersion, NewRound, RoundRow, Store, StudyRow, TaskRow
+from fedhealth.orchestrator._store import (
+    ModelVersion,
+    NewRound,
+    RoundRow,
+    SiteStatus,
+    Store,
+    StudyRow,
+    TaskRow,
+)
 from fedhealth.privacy import secure_generator
 from fedhealth.protocol import (
     ApprovalState,
@@ -110,6 +118,10 @@ from fedhealth.runtime import (
 from fedhealth.secagg import SessionFailure, Stage
 
 log = logging.getLogger("fedhealth.orchestrator")
+
+# The reason a task of a revoked site is closed with (failed, as a site's own "cannot do it" is): the round
+# goes on without the site instead of waiting for it until its deadline.
+REVOKED_TASK_REASON = "site_revoked: the site was revoked by an admin"
 # How long a submitted study waits for its sites' approvals unless its submission says otherwise.
 DEFAULT_APPROVAL_WAIT_S = 7 * 24 * 3600.0
 
@@ -389,6 +401,23 @@ class RoundEngine:
             self.secure.task_closed(task.id)
             await self._drive(round_id, TaskClosed(site=task.site, status=task.status, reason=task.reason))
 
+    async def close_revoked_tasks(self, site: str) -> None:
+        """``site`` was revoked: its open tasks close as failed now (:data:`REVOKED_TASK_REASON`) and their
+        rounds go on without it, as after any site's failure. A revoked site never answers again, so they
+        would otherwise wait for it until their deadline. Not on a rotation: the re-keyed site may still
+        enroll again and finish them."""
+        for task in self.store.open_tasks_of_site(site):
+            await self._close_revoked(task)
+
+    async def _close_revoked(self, task: TaskRow) -> None:
+        if self.store.close_task(task.id, TaskStatus.FAILED, REVOKED_TASK_REASON, self.clock.now()):
+            log.warning("task %s closed: its site %s is revoked", task.id, task.site)
+            await self.task_closed(task.round_id, task.id)
+
+    async def _close_revoked_all(self, revoked: Sequence[TaskRow]) -> None:
+        for task in revoked:
+            await self._close_revoked(task)
+
     async def finalize(self, round_id: str) -> None:
         """The round's deadline passed: it closes with the results it has."""
         await self._drive(round_id, DeadlinePassed())
@@ -550,7 +579,8 @@ class RoundEngine:
             keys = {}
             for t in tasks:
                 site = self.store.get_site_or_none(t.site)
-                if site is not None and site.public_key is not None:
+                # a revoked site is no participant: its task closes below, as a site's that dropped out
+                if site is not None and site.public_key is not None and site.status is not SiteStatus.REVOKED:
                     keys[t.site] = site.public_key
             try:
                 self.secure.start(
@@ -571,6 +601,14 @@ class RoundEngine:
                 failed = SecureSumFailed(reason=f"secure aggregation cannot start: {exc}")
                 self._spawn(self._drive(r.id, failed))
         self.notifier.notify([t.site for t in tasks if t.is_open])
+        # a site revoked while its study runs is still named by its spec: its task in each later round
+        # fails at once (as if the site had said it cannot do it) rather than waiting out the deadline
+        if revoked := [t for t in tasks if t.is_open and self._is_revoked(t.site)]:
+            self._spawn(self._close_revoked_all(revoked))
+
+    def _is_revoked(self, site: str) -> bool:
+        row = self.store.get_site_or_none(site)
+        return row is not None and row.status is SiteStatus.REVOKED
 
     def not_joinable(self, task: TaskRow, round_row: RoundRow) -> bool:
         """For task delivery: a task its site can no longer join (a secure round or session under way)."""

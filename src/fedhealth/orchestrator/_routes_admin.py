@@ -76,14 +76,15 @@ def rotate(svc: OrchestratorService, admin: Principal, name: str) -> SiteCreated
     return SiteCreated(name=name, enrollment_token=token, expires_at=expires)
 
 
-def revoke(svc: OrchestratorService, admin: Principal, name: str) -> SiteInfo:
-    """Revoke a site: every request it makes from now on is refused."""
+async def revoke(svc: OrchestratorService, admin: Principal, name: str) -> SiteInfo:
+    """Revoke a site: every request it makes from now on is refused, and its open tasks fail at once."""
     svc.store.get_site(name)
     with svc.audit.transaction() as c:
         if svc.store.revoke_site(name, svc.settings.clock.now(), connection=c):
             svc.record(admin, AuditEventType.SITE_REVOKED, {"site": name}, c)
     log.warning("site %s revoked by %s", name, admin.name)
-    svc.site_locked_out(name)  # its waiting polls and sessions end now, not when their wait does
+    # its waiting polls and sessions end now, not when their wait does; its rounds go on without it
+    await svc.site_revoked(name)
     return site_info(svc.store.get_site(name))
 
 
@@ -149,8 +150,9 @@ def admin_router() -> APIRouter:
 
     @router.post("/api/v1/sites/{name}/revoke", response_model=SiteInfo)
     async def revoke_site(svc: Svc, admin: Admin, name: str) -> SiteInfo:
-        """Revoke a site: every request it makes from now on is refused with 403."""
-        return revoke(svc, admin, name)
+        """Revoke a site: every request it makes from now on is refused with 403, and its open tasks close
+        as failed (``site_revoked``), so their rounds go on without it rather than wait for it."""
+        return await revoke(svc, admin, name)
 
     @router.get("/api/v1/sites", response_model=list[SiteInfo])
     async def list_sites(svc: Svc, _: Reader) -> list[SiteInfo]:

@@ -158,6 +158,12 @@ class OrchestratorService:
         self.notifier.notify([site])
         self.engine.collective.site_locked_out(site)
 
+    async def site_revoked(self, site: str) -> None:
+        """A site was revoked for good (call on the event loop, after the change is stored): as
+        :meth:`site_locked_out`, and its open tasks close as failed, so their rounds go on without it."""
+        self.site_locked_out(site)
+        await self.engine.close_revoked_tasks(site)
+
     async def close(self) -> None:
         if self.lock_watch is not None:
             self.lock_watch.cancel()

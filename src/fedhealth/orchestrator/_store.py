@@ -995,6 +995,23 @@ class Store:
                 return found
         return None
 
+    def open_tasks_of_site(self, site: str) -> list[TaskRow]:
+        """Every task of ``site`` still open in an open round (oldest first)."""
+        q = (
+            select(tasks)
+            .join(rounds, rounds.c.id == tasks.c.round_id)
+            .where(
+                and_(
+                    tasks.c.site == site,
+                    tasks.c.status.in_(OPEN_TASK_STATES),
+                    rounds.c.status == RoundStatus.OPEN.value,
+                )
+            )
+            .order_by(tasks.c.created_at, tasks.c.id)
+        )
+        with self.engine.connect() as c:
+            return [_task(r) for r in c.execute(q).mappings()]
+
     def count_open_tasks(self, round_id: str) -> int:
         with self.engine.connect() as c:
             q = select(func.count()).where(
