@@ -20,7 +20,7 @@ from fedhealth.core import DeadlinePassedError, check_deadline, work_deadline
 from fedhealth.learning._config import LogRegConfig
 from fedhealth.learning._logreg import logreg_train
 from fedhealth.privacy import BudgetLedger, sqlite_engine
-from fedhealth.protocol import FailureCode, PrivacySpec, StudySpec
+from fedhealth.protocol import FailureCode, PrivacySpec, StudySpec, TaskKind
 from support import logreg_recipe
 
 ROWS = 2_000
@@ -103,6 +103,26 @@ def test_a_task_already_past_its_deadline_is_refused_before_any_row_is_read_and_
     [result] = client.results
     assert result.task_id == "tk-2"
     assert BudgetLedger(engine).statement("cohort").spent_epsilon > 0
+
+
+def test_an_evaluation_task_past_its_deadline_is_refused_before_its_dataset_is_opened(tmp_path):
+    # the dataset named does not exist: a site that opened it would answer dataset_unavailable
+    home = make_home(tmp_path / "site")
+    spec = _spec(1, round_deadline_s=60.0)
+    approve(home, spec)
+    site, client = agent(home, {"cohort": f"file://{tmp_path / 'gone.csv'}?label=label&id=patient_id"})
+    stale = datetime.now(UTC) - timedelta(seconds=90)  # past the deadline and its 60 s margin
+    site.handle(task(spec, kind=TaskKind.EVALUATE, round=2).model_copy(update={"deadline": stale}))
+    assert [f.code for f in client.failures] == [FailureCode.DEADLINE_PASSED]
+    assert client.evaluations == []
+    # the control: the same task within its deadline opens the dataset (and finds it missing)
+    site.handle(task(spec, kind=TaskKind.EVALUATE, round=2, task_id="tk-2"))
+    assert [f.code for f in client.failures] == [FailureCode.DEADLINE_PASSED, FailureCode.DATASET_UNAVAILABLE]
+    # and with the dataset there, it evaluates and answers
+    _csv(tmp_path / "gone.csv")
+    site.handle(task(spec, kind=TaskKind.EVALUATE, round=2, task_id="tk-3"))
+    [evaluation] = client.evaluations
+    assert evaluation.task_id == "tk-3"
 
 
 def test_logreg_stops_at_the_first_step_past_the_deadline_and_runs_on_without_one():

@@ -261,8 +261,9 @@ class SiteAgent:
             # before the model or any data: a secure study's round must be the one the steward approved, and
             # a secure study's task without its secure round is refused (nothing goes out in clear)
             secure = check_secure_round(task, site, self.settings.identity, self._pins)
-            if task.kind is TaskKind.TRAIN and self._training_time_left(task) <= 0:
-                # before the model or any data (nothing charged): a task already past its deadline
+            if task.kind in _DEADLINE_KINDS and self._training_time_left(task) <= 0:
+                # before the model or any data (nothing charged): a task already past its deadline, whose
+                # round the orchestrator has closed (a training or an evaluation: no answer is taken)
                 raise DeadlinePassedError("the task's deadline had passed when it arrived")
             params = self._model(task)
             dataset = None
@@ -505,6 +506,11 @@ def _failure_code(exc: BaseException) -> FailureCode:
     if isinstance(exc, FedHealthError):
         return FailureCode.TRAINING_FAILED
     return FailureCode.INTERNAL_ERROR
+
+
+# the kinds of task refused once past their deadline: their round closes at it. A collective session keeps
+# its own call deadlines (its round waits for the session, not the clock).
+_DEADLINE_KINDS = frozenset({TaskKind.TRAIN, TaskKind.EVALUATE})
 
 
 class SiteRefused(FedHealthError):

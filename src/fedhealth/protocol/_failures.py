@@ -104,7 +104,7 @@ _MESSAGES: dict[FailureCode, str] = {
     "refuses its parameters",
     FailureCode.INVALID_TASK: "the task or its model failed the site's checks",
     FailureCode.TRAINING_FAILED: "training or evaluation failed at the site",
-    FailureCode.DEADLINE_PASSED: "the site's training did not end before the round's deadline, so it stopped",
+    FailureCode.DEADLINE_PASSED: "the round's deadline passed before the site's work on the task ended",
     FailureCode.INTERNAL_ERROR: "the site agent hit an internal error",
 }
 
