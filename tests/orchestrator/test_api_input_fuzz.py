@@ -1102,16 +1102,24 @@ def test_a_site_revoked_mid_round_is_refused_and_the_round_goes_on_without_it(fe
     answer = fed.call(sites[0], "POST", f"/api/v1/agent/tasks/{task.task_id}/result", content=_update(task))
     _refused(answer, {401, 403})
     _unchanged(fed, before)
-    # a second revocation is answered the same and writes no second entry
+    # a second revocation is answered the same and writes no second entry; the first closed the site's
+    # open task (failed, site_revoked), which the audit log records as any task's end
     twice = fed.call("root", "POST", f"/api/v1/sites/{sites[0]}/revoke")
     assert twice.status_code == 200, twice.text
-    assert _audit_types(fed)[audit:] == [AuditEventType.SITE_REVOKED.value]
+    assert _audit_types(fed)[audit:] == [
+        AuditEventType.SITE_REVOKED.value,
+        AuditEventType.TASK_COMPLETED.value,
+    ]
     # the revoked site is refused in new studies; the other site's update still counts
     spec = _spec(name=fed.unique("rv"), train_sites=sites)
     _refused(fed.call("rx", "POST", "/api/v1/studies", json=spec), {422})
     ok = fed.call(sites[1], "POST", f"/api/v1/agent/tasks/{other.task_id}/result", content=_update(other))
     assert ok.status_code == 200, ok.text
-    assert fed.svc.store.get_task(task.task_id).status is not TaskStatus.COMPLETED
+    closed = fed.svc.store.get_task(task.task_id)
+    assert (closed.status, closed.reason) == (
+        TaskStatus.FAILED,
+        "site_revoked: the site was revoked by an admin",
+    )
 
 
 # --- the same thing twice at once -------------------------------------------------------------------------

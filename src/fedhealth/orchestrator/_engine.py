@@ -577,10 +577,13 @@ class RoundEngine:
             self._open_collective(r, spec, tasks)
         elif state.combination is Combination.SECURE:
             keys = {}
+            revoked_sites = []
             for t in tasks:
                 site = self.store.get_site_or_none(t.site)
-                # a revoked site is no participant: its task closes below, as a site's that dropped out
-                if site is not None and site.public_key is not None and site.status is not SiteStatus.REVOKED:
+                # a revoked site is no participant: its task closes below (site_revoked), as the round opens
+                if site is not None and site.status is SiteStatus.REVOKED:
+                    revoked_sites.append(t.site)
+                elif site is not None and site.public_key is not None:
                     keys[t.site] = site.public_key
             try:
                 self.secure.start(
@@ -598,13 +601,31 @@ class RoundEngine:
                     tasks={t.id: t.site for t in tasks if t.is_open and t.site in keys},
                 )
             except ConfigError as exc:  # e.g. fewer enrolled sites than the spec's threshold
-                failed = SecureSumFailed(reason=f"secure aggregation cannot start: {exc}")
-                self._spawn(self._drive(r.id, failed))
+                reason = f"secure aggregation cannot start: {exc}"
+                if revoked_sites:  # the round cannot be held without them: its reason names them
+                    reason += f" (without {', '.join(sorted(revoked_sites))}: {REVOKED_TASK_REASON})"
+                failed = SecureSumFailed(reason=reason)
+                revoked_tasks = [t for t in tasks if t.is_open and t.site in revoked_sites]
+                self._spawn(self._secure_cannot_start(r.id, revoked_tasks, failed))
         self.notifier.notify([t.site for t in tasks if t.is_open])
         # a site revoked while its study runs is still named by its spec: its task in each later round
         # fails at once (as if the site had said it cannot do it) rather than waiting out the deadline
         if revoked := [t for t in tasks if t.is_open and self._is_revoked(t.site)]:
             self._spawn(self._close_revoked_all(revoked))
+
+    async def _secure_cannot_start(
+        self, round_id: str, revoked: Sequence[TaskRow], failed: SecureSumFailed
+    ) -> None:
+        """A secure round that cannot start fails; the tasks of its revoked sites close first, as the round
+        opens, with their own reason (the round's failure would otherwise close them as dropped out of the
+        secure sum). They close in the store only: the round's rules learn of them with its failure, driven
+        at once, which leaves them as they are (a round whose every task was a revoked site's would
+        otherwise close at its last one as a secure sum that did not finish)."""
+        for task in revoked:
+            if self.store.close_task(task.id, TaskStatus.FAILED, REVOKED_TASK_REASON, self.clock.now()):
+                log.warning("task %s closed: its site %s is revoked", task.id, task.site)
+                self._notify("task_closed", self.store.get_task(task.id))
+        await self._drive(round_id, failed)
 
     def _is_revoked(self, site: str) -> bool:
         row = self.store.get_site_or_none(site)
