@@ -17,6 +17,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedhealth.core import write_private_file
 from fedhealth.protocol import SecureAggregationSpec, StudyInfo, StudySpec, StudyStatus, TaskKind
 
 
@@ -151,6 +152,8 @@ def run_demo(
     console = console or Console()
     sites, spec = demo_federation(dataset, rounds)  # the secure spec follows once the sites have keys
     state = out / "state"
+    if state.is_symlink():  # planted: removed, never followed (rmtree refuses a link, silently here)
+        state.unlink()
     shutil.rmtree(state, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -194,12 +197,13 @@ def run_demo(
         console.print()
         report = fed.report(study.study_id)
         model_path = out / "model.safetensors"
-        model_path.write_bytes(fed.model_bytes(study.study_id))
+        # through a new file renamed into place: a link planted in the output folder is replaced
+        write_private_file(model_path, fed.model_bytes(study.study_id))
         from fedhealth.orchestrator import report_markdown  # the report's Markdown form
 
         report_md = out / "report.md"
-        report_md.write_text(report_markdown(report))
-        (out / "report.json").write_text(json.dumps(report, indent=2))
+        write_private_file(report_md, report_markdown(report).encode("utf-8"))
+        write_private_file(out / "report.json", json.dumps(report, indent=2).encode("utf-8"))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping the orchestrator and the agents[/]")
         fed.stop_all()

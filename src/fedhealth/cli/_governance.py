@@ -32,7 +32,7 @@ import typer
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from fedhealth.core import FedHealthError, InputError, SystemClock
+from fedhealth.core import FedHealthError, InputError, SystemClock, write_private_file
 from fedhealth.crypto import IdentityKey, PublicIdentity
 from fedhealth.governance import (
     DEFAULT_LOG_ID,
@@ -310,7 +310,8 @@ def write_model_card(
     try:
         store = ProvenanceStore(home.engine)
         digest = store.resolve(model)
-        out.write_text(_card(store, digest, intended_use), encoding="utf-8")
+        # a new file renamed into place: a link or FIFO planted at ``out`` is replaced, never written through
+        write_private_file(out, _card(store, digest, intended_use).encode("utf-8"))
         return digest
     finally:
         home.close()
@@ -573,7 +574,7 @@ def model_card(
         if out is None:
             typer.echo(card, nl=False)
             return
-        out.write_text(card, encoding="utf-8")
+        write_private_file(out, card.encode("utf-8"))  # never through a link or FIFO planted at --out
     typer.echo(f"wrote the model card of {digest[:16]} to {out}")
 
 

@@ -20,6 +20,7 @@ import typer
 
 from fedhealth.cli._common import CredentialOption, UrlOption, operator_client, parse_duration
 from fedhealth.cli._errors import fail
+from fedhealth.core import write_private_file
 from fedhealth.protocol import StudyStatus
 
 stats_app = typer.Typer(help="Federated descriptive statistics.", no_args_is_help=True)
@@ -149,7 +150,8 @@ def stats_run(
     if report is None:
         fail(f"study {info.study_id} completed but released no statistics report (is its recipe stats?)")
     if out is not None:
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        # 0600, like `study download --report`; a link or FIFO planted at --out is replaced, not followed
+        write_private_file(out, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
         typer.echo(f"report written to {out}", err=True)
     _print(report)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +27,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from sqlalchemy import select
 
 import fedhealth
-from fedhealth.core import InputError, NotFoundError
+from fedhealth.core import InputError, NotFoundError, write_private_file
 from fedhealth.governance import GOVERNANCE_METADATA, AuditEventType, AuditLog
 from fedhealth.orchestrator import Store
 from fedhealth.protocol import PROTOCOL_VERSION, StudySpec
@@ -173,14 +174,18 @@ def write_pack(pack: Mapping[str, str], out: Path) -> list[Path]:
     """Write the kit's files into ``out`` (created if missing); refuses to overwrite an existing file."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a folder")
-    clashes = [name for name in pack if (out / name).exists()]
+    # lexists: a link there, even one that points nowhere, is a clash (a plain open would create its target)
+    clashes = [name for name in pack if os.path.lexists(out / name)]
     if clashes:
         raise InputError(f"{out} already holds {', '.join(clashes)}; choose an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in pack.items():
         path = out / name
-        path.write_text(text, encoding="utf-8")
+        try:  # created beside it and linked into place: never through a link planted since the check
+            write_private_file(path, text.encode("utf-8"), overwrite=False)
+        except FileExistsError:
+            raise InputError(f"{out} already holds {name}; choose an empty folder") from None
         written.append(path)
     return written
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from fedhealth.core import CryptoError, InputError, canonical_json
+from fedhealth.core import CryptoError, InputError, canonical_json, write_private_file
 from fedhealth.crypto import PublicIdentity
 from fedhealth.governance._audit import (
     DEFAULT_LOG_ID,
@@ -59,7 +59,7 @@ def write_jsonl(
     """Write ``entries`` (already parsed) as an export file; returns the number of entries written."""
     lines = [canonical_json(_header(log_id, keys)).decode()]
     lines.extend(canonical_json(e.to_json()).decode() for e in entries)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _write_export(path, lines)
     return len(lines) - 1
 
 
@@ -84,8 +84,14 @@ def export_stored_log(engine: Engine, path: Path, *, log_id: str = DEFAULT_LOG_I
             "signature": row.signature,
         }
         lines.append(canonical_json(record).decode())
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _write_export(path, lines)
     return len(rows)
+
+
+def _write_export(path: Path, lines: list[str]) -> None:
+    # private (0600) whatever the umask: a log names stewards, consent decisions and salted patient
+    # references; through a new file renamed into place, so a link or FIFO planted at ``path`` is replaced
+    write_private_file(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def _payload_as_exported(stored: str) -> Any:

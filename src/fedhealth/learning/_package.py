@@ -149,6 +149,7 @@ def write_package(
             f"the study named no features, and a package selects a table's columns by name: declare "
             f"feature_names in the {recipe}'s params"
         )
+    _refuse_a_folder_of_another_account(out)
     if out.exists() and not out.is_dir():
         raise PackageError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -172,6 +173,22 @@ def write_package(
     except OSError as exc:
         raise PackageError(f"cannot write the package into {out}: {exc.strerror or exc}") from exc
     return metadata
+
+
+def _refuse_a_folder_of_another_account(out: Path) -> None:
+    """A package folder that is a symbolic link (its files would land, and ``force`` would replace files,
+    wherever it points), or that another local account owns (it could swap the files once written)."""
+    try:
+        info = os.lstat(out)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise PackageError(f"{out} is a symbolic link; give the package folder itself")
+    if info.st_uid != os.getuid():
+        raise PackageError(
+            f"{out} belongs to uid {info.st_uid}, not to this user (uid {os.getuid()}): that account could "
+            "replace the package's files; choose a folder of your own"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
