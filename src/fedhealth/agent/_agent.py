@@ -230,15 +230,26 @@ class SiteAgent:
         return cached
 
     @staticmethod
+    def _until_deadline(task: Task) -> float:
+        """Seconds to the task's deadline by this site's clock, but never more than two round periods. An
+        honest orchestrator's deadline is one period (``round_deadline_s``, in the spec the steward approved)
+        after the round opened, so it is at most two away from a site whose clock runs behind by less than
+        a period. A deadline in the year 9999 (a lying orchestrator, or a site clock reset to 1970) let a
+        spec's many epochs train for hours and its transfers retry as long
+        (tests/agent/test_time_attacks.py::test_a_deadline_in_the_year_9999_is_bounded_by_the_approved_round_period)."""
+        left = (task.deadline - datetime.now(UTC)).total_seconds()
+        return min(left, 2 * task.spec.round_deadline_s)
+
+    @staticmethod
     def _time_left(task: Task) -> float:
-        return max(1.0, (task.deadline - datetime.now(UTC)).total_seconds())
+        return max(1.0, SiteAgent._until_deadline(task))
 
     @staticmethod
     def _training_time_left(task: Task) -> float:
         """How long this site may still train for the task: until its deadline and one more round period
         (``round_deadline_s``), by this site's clock. The deadline is the orchestrator's time; the margin
         keeps a site whose clock runs ahead (by less than a round period) from cutting its rounds short."""
-        return (task.deadline - datetime.now(UTC)).total_seconds() + task.spec.round_deadline_s
+        return SiteAgent._until_deadline(task) + task.spec.round_deadline_s
 
     def handle(self, task: Task) -> None:
         site = self.settings.site

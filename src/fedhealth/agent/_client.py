@@ -282,8 +282,11 @@ class OrchestratorClient:
         )
 
     def auth_headers(self) -> dict[str, str]:
-        # renew a minute early so a long upload does not outlive its token
-        if self._token is None or datetime.now(UTC) > self._token_expires - timedelta(seconds=60):
+        # renew a minute early so a long upload does not outlive its token. The minute is added to this
+        # site's clock, not taken from the orchestrator's expiry: an expiry of 0001-01-01 (a lying
+        # orchestrator) overflowed there, and the OverflowError ended `site run`
+        # (tests/agent/test_time_attacks.py::test_a_token_expiring_at_the_dawn_of_time_is_renewed_not_a_crash)
+        if self._token is None or datetime.now(UTC) + timedelta(seconds=60) > self._token_expires:
             self._login()
         return {"Authorization": f"Bearer {self._token}"}
 

@@ -203,7 +203,8 @@ class OperatorClient:
         but 2xx (a redirect is not followed). The answer is read whole, up to ``max_bytes``
         (:attr:`MAX_ANSWER_BYTES` by default) and the client's answer deadline."""
         bound = self.MAX_ANSWER_BYTES if max_bytes is None else max_bytes
-        if self._token is None or datetime.now(UTC) > self._expires - timedelta(seconds=30):
+        # the margin is added to our clock: the orchestrator's expiry may be 0001-01-01 (no overflow here)
+        if self._token is None or datetime.now(UTC) + timedelta(seconds=30) > self._expires:
             self._login()
         response = self._bounded(
             method, path, bound, headers={"Authorization": f"Bearer {self._token}"}, **kwargs

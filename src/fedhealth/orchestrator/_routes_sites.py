@@ -75,6 +75,11 @@ def accept_readiness(svc: OrchestratorService, site: str, body: SiteReadiness) -
     """Keep a site's latest readiness report (a site reports its own only: 403 otherwise)."""
     if body.site != site:
         raise ApiError(403, "a site reports its own readiness only")
+    # Kept with the orchestrator's time of receipt, not the site's: a skewed or lying site clock made a
+    # stale report read "checked 9999-12-31" (fresh for ever) on the dashboard and in `site readiness`, or
+    # printed a time in its own offset, or none, labelled UTC
+    # (tests/orchestrator/test_site_clock_attacks.py)
+    body = body.model_copy(update={"checked_at": svc.settings.clock.now()})
     svc.store.set_readiness(site, body.model_dump_json())
     return Ack()
 

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import AwareDatetime, Field
 
 from fedhealth.protocol._models import Message, Name
 
@@ -71,7 +71,9 @@ class OperatorTokenRequest(Message):
 class TokenResponse(Message):
     access_token: str
     token_type: str = "bearer"  # noqa: S105 - the OAuth token type, not a secret
-    expires_at: datetime
+    # with its offset: the agent and the operator client compare it with their own clock, and a naive
+    # one made that comparison raise out of every call (tests/agent/test_time_attacks.py)
+    expires_at: AwareDatetime
     role: Role
 
 

@@ -12,7 +12,15 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+    model_validator,
+)
 
 from fedhealth.protocol._failures import FailureCode
 from fedhealth.secagg import (
@@ -566,7 +574,11 @@ class Task(Message):
         ),
     )
     seed: int
-    deadline: datetime
+    # With its offset: a deadline without one cannot be compared with the site's clock, and a lying
+    # orchestrator's naive deadline made the agent's arithmetic raise out of handle() (and out of its
+    # failure report, ending `site run`); it is now no task poll at all
+    # (tests/agent/test_time_attacks.py)
+    deadline: AwareDatetime
     spec: StudySpec
     spec_signature: str | None = Field(default=None, description="the owner's Ed25519 signature, hex")
     owner_public_key: str | None = Field(default=None, description="the owner's Ed25519 public key, hex")
