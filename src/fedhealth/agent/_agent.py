@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -40,6 +41,7 @@ from fedhealth.agent._secure import PeerPins, UnmaskRecord, check_secure_round, 
 from fedhealth.agent._site_state import SiteStateStore
 from fedhealth.core import (
     MAX_HEADER_BYTES,
+    PRIVATE_FILE_MODE,
     ConfigError,
     DatasetError,
     DeadlinePassedError,
@@ -441,12 +443,31 @@ class SiteAgent:
             lines = (self.settings.home / "results.jsonl").read_text().splitlines()
         except FileNotFoundError:
             return None
-        for line in reversed(lines):
-            entry = json.loads(line)
-            if entry.get("study_id") == study_id and "federated_scaling" in entry.get("metrics", {}):
+        torn: list[int] = []
+        for number in range(len(lines), 0, -1):
+            try:
+                entry = json.loads(lines[number - 1])
+            except json.JSONDecodeError:
+                torn.append(number)  # a record cut by a crash mid-append (see _record)
+                continue
+            if not isinstance(entry, dict) or not isinstance(entry.get("metrics"), dict):
+                torn.append(number)
+                continue
+            if entry.get("study_id") == study_id and "federated_scaling" in entry["metrics"]:
                 scaling: dict[str, Any] = entry["metrics"]["federated_scaling"]
                 self._scalings[study_id] = scaling
                 return scaling
+        if torn:
+            # A torn line may be this study's own release, cut by a crash while it was written: reading it
+            # as "took no part" would take the orchestrator's word for the scaling, and a json error here
+            # failed every later task as an internal error. Fail closed, naming the line for the steward
+            # (tests/agent/test_crash_consistency_attacks.py).
+            raise TaskRefused(
+                FailureCode.INVALID_TASK.value,
+                f"the task's federated scaling cannot be checked: {self.settings.home / 'results.jsonl'} "
+                f"line {', '.join(map(str, sorted(torn)))} is not a whole record (cut by a crash while it "
+                "was written?) and may be this site's own release for the study; check it and remove it",
+            )
         return None
 
     def _checkpoints(self, task: Task) -> Path | None:
@@ -473,8 +494,24 @@ class SiteAgent:
             "kind": task.kind.value,
             "metrics": metrics,
         }
-        with open(self.settings.home / "results.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
+        data = (json.dumps(line) + "\n").encode()
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC  # read: its last byte
+        fd = os.open(self.settings.home / "results.jsonl", flags, PRIVATE_FILE_MODE)
+        try:
+            # A crash mid-append (a kill between two writes of a long line, a power cut) leaves a last line
+            # without its newline; appended to as it was, the next record was glued to it, and both were lost
+            # to the scaling check that reads them back. Start on a line of our own, write the record in one
+            # call and make it durable
+            # (tests/agent/test_crash_consistency_attacks.py).
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _attest(self, ctx: TaskContext) -> None:
         for gate in self.gates:

@@ -184,7 +184,11 @@ def site_engine(path: Path) -> Engine:
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        # FULL, not NORMAL: in WAL mode NORMAL does not sync a commit, so a power cut could take back audit
+        # entries whose head an attestation already gave the orchestrator, and the restarted site would
+        # sign other entries under the same numbers, a fork of the anchored head
+        # (tests/agent/test_crash_consistency_attacks.py).
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
