@@ -6,6 +6,7 @@ round open; a round whose tasks all closed while the orchestrator was down close
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -209,5 +210,31 @@ def test_a_task_still_open_when_its_closure_is_reported_changes_nothing(tmp_path
         assert task.status in (TaskStatus.PENDING, TaskStatus.DELIVERED)
         await o.engine.task_closed(r.id, task.id)  # a caller that did not close it: no event for the rules
         assert o.open_round(study_id).id == r.id
+
+    run(test, tmp_path)
+
+
+def test_closing_the_engine_waits_for_the_report_a_worker_thread_is_still_writing(tmp_path, monkeypatch):
+    # The service disposes of the database right after the engine closes: a report thread still querying it
+    # then met a dropped schema ("relation rounds does not exist") and left a connection open (CI).
+    finished: list[str] = []
+
+    def slow_report(store: Store, study_id: str, folder: Path) -> None:
+        time.sleep(0.5)  # the report's queries, still running when the engine is asked to close
+        store.rounds_of(study_id)
+        finished.append(study_id)
+
+    monkeypatch.setattr("fedhealth.orchestrator._engine.write_report", slow_report)
+
+    async def test(o: Orchestrator) -> None:
+        o.engine.reports_dir = tmp_path / "reports"
+        study_id = await o.start(min_sites=3)
+        await o.engine.task_closed(*o.fail(study_id, "north", "dataset_unavailable: gone"))
+        await o.engine.task_closed(*o.fail(study_id, "east", "dataset_unavailable: gone"))
+        await o.engine.task_closed(*o.fail(study_id, "south", "dataset_unavailable: gone"))
+        assert o.store.get_study(study_id).status is StudyStatus.FAILED
+        await asyncio.sleep(0.05)  # the report's thread has started
+        await o.engine.close()
+        assert finished == [study_id]
 
     run(test, tmp_path)

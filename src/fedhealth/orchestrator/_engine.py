@@ -122,6 +122,8 @@ log = logging.getLogger("fedhealth.orchestrator")
 # The reason a task of a revoked site is closed with (failed, as a site's own "cannot do it" is): the round
 # goes on without the site instead of waiting for it until its deadline.
 REVOKED_TASK_REASON = "site_revoked: the site was revoked by an admin"
+# How long closing the engine waits for its background work (a report in a worker thread) to end.
+BACKGROUND_CLOSE_S = 30.0
 # How long a submitted study waits for its sites' approvals unless its submission says otherwise.
 DEFAULT_APPROVAL_WAIT_S = 7 * 24 * 3600.0
 
@@ -184,6 +186,7 @@ class RoundEngine:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._rounds: dict[str, RoundState] = {}  # the rules of each open round this process drives
         self._background: set[asyncio.Task[Any]] = set()
+        self._reports: set[asyncio.Future[None]] = set()  # reports being written in worker threads
         self.secure = SecureRounds()
         self.collective = CollectiveSessions()
 
@@ -214,6 +217,11 @@ class RoundEngine:
         self._rounds.clear()
         for task in list(self._background):
             task.cancel()
+        if self._reports:
+            # A report being written in a worker thread goes on when its task is cancelled, and it queries
+            # the database, which the service disposes of next: wait for it (a CI run dropped a test's schema
+            # under one: "relation rounds does not exist", and a connection was left open).
+            await asyncio.wait(list(self._reports), timeout=BACKGROUND_CLOSE_S)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -959,7 +967,10 @@ class RoundEngine:
         self._notify("study_finished", self.store.get_study(study_id))
 
         async def report() -> None:  # off the event loop: the privacy section may run an accountant
-            await anyio.to_thread.run_sync(self._write_report, study_id)
+            work = asyncio.ensure_future(anyio.to_thread.run_sync(self._write_report, study_id))
+            self._reports.add(work)
+            work.add_done_callback(self._reports.discard)
+            await asyncio.shield(work)  # cancelled with the engine, the thread goes on: close() waits for it
 
         self._spawn(report())
 
