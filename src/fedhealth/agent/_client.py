@@ -111,8 +111,11 @@ class RetryPolicy:
         large for a float) must not park the agent, and one of 0 must not make it hammer."""
         backoff = self.delay(attempt, rng)
         value = retry_after.strip()
-        if not value.replace(".", "", 1).isdigit():
-            return backoff  # absent, negative, an HTTP date: the usual backoff
+        # ASCII digits only: "²" (one latin-1 byte) passes str.isdigit(), and float() raised ValueError out of
+        # the call: out of a secure stage, a collective call, and the poll, ending `site run`
+        # (tests/agent/test_secure_wait_attacks.py)
+        if not (value.isascii() and value.replace(".", "", 1).isdigit()):
+            return backoff  # absent, negative, an HTTP date, no number: the usual backoff
         return min(self.max_s, max(backoff, float(value)))
 
 
@@ -272,10 +275,13 @@ class OrchestratorClient:
                 chunks.append(chunk)
         finally:
             response.close()
+        # the raw bytes, as they came: the decoded text of a header holding a byte over 0x7f (a "²" in a
+        # Retry-After) could not be encoded back, and the UnicodeEncodeError ended `site run`
+        # (tests/agent/test_secure_wait_attacks.py)
         headers = [
             (k, v)
-            for k, v in response.headers.multi_items()
-            if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+            for k, v in response.headers.raw
+            if k.lower() not in (b"content-encoding", b"content-length", b"transfer-encoding")
         ]
         return httpx.Response(
             response.status_code, headers=headers, content=b"".join(chunks), request=request

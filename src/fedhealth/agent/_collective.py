@@ -40,7 +40,7 @@ import pydantic_core
 import fedhealth
 from fedhealth.agent._client import OrchestratorClient, OrchestratorRefused, TlsVerificationError
 from fedhealth.agent._pipeline import TaskRefused
-from fedhealth.agent._secure import PeerPins
+from fedhealth.agent._secure import PeerPins, bounded_deadline
 from fedhealth.core import ConfigError, ServiceUnavailableError
 from fedhealth.crypto import IdentityKey, PublicIdentity
 from fedhealth.governance import spec_hash
@@ -314,7 +314,9 @@ class SessionChannel:
         """The answer's body, never more than :data:`MAX_RESULT_BYTES` (declared or sent): a lying relay
         would otherwise have the site allocate whatever length it declares, or read for ever."""
         declared = response.getheader("content-length") or ""
-        length = int(declared) if declared.isdigit() else -1
+        # ASCII digits only: "²" passes str.isdigit() (http.client reads headers as latin-1), and int() raised
+        # ValueError out of the session (tests/agent/test_secure_wait_attacks.py)
+        length = int(declared) if declared.isascii() and declared.isdigit() else -1
         if length > MAX_RESULT_BYTES:
             self._drop()
             raise SessionFailedError(
@@ -370,7 +372,9 @@ class HttpCollectives(SessionMember):
         poll_wait_s: float = 25.0,
     ) -> None:
         super().__init__(CollectiveSite(checked.config, site, identity, checked.peers, key_guard=guard))
-        self._deadline = task.deadline
+        # the task's deadline, but never past two approved round periods from the session's start: one in the
+        # year 9999 held the site's calls (and their retries) for ever (agent/_secure.py's bounded_deadline)
+        self._deadline = bounded_deadline(task)
         self._poll_wait_s = poll_wait_s
         self._extra: dict[str, str] = {}
         if client.has_custom_transport:  # a test transport cannot lend its TLS set-up to a connection of ours

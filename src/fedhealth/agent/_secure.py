@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +261,17 @@ def check_secure_round(task: Task, site: str, identity: IdentityKey, pins: PeerP
     return CheckedRound(config=config, peers=peers, attempt=info.attempt)
 
 
+def bounded_deadline(task: Task) -> datetime:
+    """The instant a secure round's (or a collective session's) waits end: the task's deadline, but never
+    more than two approved round periods (``round_deadline_s``, in the spec the steward approved) from now,
+    the cap ``SiteAgent._until_deadline`` puts on training and transfers. Fixed once, when the exchange
+    starts: counted afresh for each long poll, a deadline in the year 9999 (a lying orchestrator, or a site
+    clock reset to 1970) let a stage that never closes, or a collective call never answered, hold the site
+    for ever, each request retried for as long
+    (tests/agent/test_secure_wait_attacks.py)."""
+    return min(task.deadline, datetime.now(UTC) + timedelta(seconds=2 * task.spec.round_deadline_s))
+
+
 def run_secure_exchange(
     client: OrchestratorClient,
     task: Task,
@@ -285,8 +296,10 @@ def run_secure_exchange(
         before_reveal=reveal_once(record, task, checked.attempt),
     )
 
+    deadline = bounded_deadline(task)
+
     def left() -> float:
-        return max(1.0, (task.deadline - datetime.now(UTC)).total_seconds())
+        return max(1.0, (deadline - datetime.now(UTC)).total_seconds())
 
     def send(stage: str, body: bytes) -> None:
         client.secagg_send(task.task_id, stage, body, max_elapsed_s=left())
@@ -312,7 +325,7 @@ def run_secure_exchange(
             )
             if data is not None:
                 return data
-            if (task.deadline - datetime.now(UTC)).total_seconds() <= 0:
+            if (deadline - datetime.now(UTC)).total_seconds() <= 0:
                 raise SecureRoundGone(f"the round deadline passed while waiting after the {stage} stage")
 
     started = time.perf_counter()
