@@ -655,13 +655,13 @@ def test_nul_and_control_characters_in_free_text_round_trip_exactly(fed: Fed) ->
     byte and a control character as they came, on PostgreSQL too (in JSON text, escaped), and read back
     the same."""
     text = "a\x00b\x1bc\u2028d"
-    readiness = _readiness(checks=[{"name": "x", "status": "ok", "note": text}], software_version="v\x00")
+    # (a software version is no free text: it must look like a version, test_site_report_poisoning_attacks)
+    readiness = _readiness(checks=[{"name": "x", "status": "ok", "note": text}])
     answer = fed.call("site-a", "POST", "/api/v1/agent/readiness", json=readiness)
     assert answer.status_code == 200, answer.text
     listed = fed.call("root", "GET", "/api/v1/sites/readiness").json()
     mine = next(r for r in listed if r["site"] == "site-a")["readiness"]
     assert mine["checks"][0]["note"] == text
-    assert mine["software_version"] == "v\x00"
     study = fed.call("rx", "POST", "/api/v1/studies", json=_spec(name=fed.unique("nul"), description=text))
     assert study.status_code == 201, study.text
     again = fed.call("rx", "GET", f"/api/v1/studies/{study.json()['study_id']}")

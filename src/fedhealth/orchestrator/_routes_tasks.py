@@ -182,7 +182,12 @@ async def accept_result(
         except TensorError as exc:
             raise await _reject(svc, task, str(exc)) from exc
         except ValidationError as exc:
-            raise await _reject(svc, task, f"malformed result manifest: {exc.errors()[0]['msg']}") from exc
+            # the field's path too: "String should match pattern" alone left a site guessing which field
+            # (tests/orchestrator/test_site_report_poisoning_attacks.py)
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            message = f"{where}: {first['msg']}" if where else first["msg"]
+            raise await _reject(svc, task, f"malformed result manifest: {message}") from exc
         del data
         if manifest.task_id != task_id:
             raise await _reject(svc, task, "the result manifest names another task")

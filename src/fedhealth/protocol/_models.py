@@ -49,6 +49,15 @@ KeyFingerprint = Annotated[
 # The most samples one site may report for one task. Far above any hospital's cohort; it keeps every weight
 # and sum an exact integer in float64 and int64 (2**62 samples let one site set a plain-mode model outright).
 MAX_SITE_SAMPLES = 1_000_000_000
+# The largest loss a site may report. Losses are >= 0 (every recipe's, and the secure sum's range); a site's
+# 1e308 times its sample count made the round's sample-weighted train loss inf (NaN beside -1e308) in the
+# round metrics, the model version, the report and the API. MAX_SITE_SAMPLES of them per site stay far from
+# float64's overflow, whatever the number of sites; an honest (even diverged) finite loss is far below
+# (tests/orchestrator/test_site_report_poisoning_attacks.py)
+MAX_REPORTED_LOSS = 1e100
+Loss = Annotated[float, Field(ge=0, le=MAX_REPORTED_LOSS, allow_inf_nan=False)]
+# A sha256 hex digest (or a keyed HMAC-SHA256 commitment to one), as a site attests it
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="64 lowercase hex digits")]
 
 
 class Message(BaseModel):
@@ -431,8 +440,8 @@ class SiteMetrics(Message):
         ge=0, le=MAX_SITE_SAMPLES, description="training examples used (the aggregation weight)"
     )
     num_eval_samples: int = Field(default=0, ge=0, le=MAX_SITE_SAMPLES)
-    train_loss: FiniteFloat | None = None
-    eval_loss: FiniteFloat | None = None
+    train_loss: Loss | None = None
+    eval_loss: Loss | None = None
     accuracy: FiniteFloat | None = Field(default=None, ge=0, le=1)
     auc: FiniteFloat | None = Field(default=None, ge=0, le=1)
     duration_s: FiniteFloat = Field(default=0.0, ge=0)
@@ -600,7 +609,9 @@ class TaskPoll(Message):
 class PrivacySpend(Message):
     """What a site's ledger says after a task: the study's spend, the dataset's total and its budget."""
 
-    dataset: str
+    # the spec's dataset (a Name): it is a Prometheus label and a dashboard cell, so no free text
+    # (tests/orchestrator/test_site_report_poisoning_attacks.py)
+    dataset: Name
     delta: FiniteFloat
     study_epsilon: FiniteFloat = Field(ge=0)
     total_epsilon: FiniteFloat = Field(ge=0)
@@ -630,8 +641,12 @@ class SiteAttestation(Message):
     fingerprint of the training set it used, its consent snapshot and its privacy ledger."""
 
     audit_head: LogHeadInfo | None = None
-    dataset_fingerprint: str | None = None
-    consent_snapshot: str | None = None
+    # Keyed commitments (64 hex digits) from an honest agent. Other text in consent_snapshot made the
+    # round's provenance fail to record (no lineage, model card, release entry or round commitment for any
+    # site); a fingerprint with `|` or a newline broke the model card's table
+    # (tests/orchestrator/test_site_report_poisoning_attacks.py)
+    dataset_fingerprint: Digest | None = None
+    consent_snapshot: Digest | None = None
     privacy: PrivacySpend | None = None
 
 

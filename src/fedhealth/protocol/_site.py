@@ -66,7 +66,10 @@ class SiteReadiness(Message):
 
     site: Name
     checked_at: datetime
-    software_version: Annotated[str, Field(max_length=40)]
+    # a version string, not text: `fedhealth site readiness` prints it in a tab-separated line per site, where
+    # a newline forged another site's line and an escape sequence reached the operator's terminal
+    # (tests/orchestrator/test_site_report_poisoning_attacks.py)
+    software_version: Annotated[str, Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,39}$")]
     protocol_version: int = Field(ge=1)
     ready: bool
     checks: list[ReadinessCheck] = Field(max_length=200)
