@@ -414,17 +414,13 @@ class RoundEngine:
         rounds go on without it, as after any site's failure. A revoked site never answers again, so they
         would otherwise wait for it until their deadline. Not on a rotation: the re-keyed site may still
         enroll again and finish them."""
-        for task in self.store.open_tasks_of_site(site):
-            await self._close_revoked(task)
+        await self._close_revoked(self.store.open_tasks_of_site(site))
 
-    async def _close_revoked(self, task: TaskRow) -> None:
-        if self.store.close_task(task.id, TaskStatus.FAILED, REVOKED_TASK_REASON, self.clock.now()):
-            log.warning("task %s closed: its site %s is revoked", task.id, task.site)
-            await self.task_closed(task.round_id, task.id)
-
-    async def _close_revoked_all(self, revoked: Sequence[TaskRow]) -> None:
-        for task in revoked:
-            await self._close_revoked(task)
+    async def _close_revoked(self, revoked: Sequence[TaskRow]) -> None:
+        for task in revoked:  # each still open (another path may have closed it meanwhile) closes and counts
+            if self.store.close_task(task.id, TaskStatus.FAILED, REVOKED_TASK_REASON, self.clock.now()):
+                log.warning("task %s closed: its site %s is revoked", task.id, task.site)
+                await self.task_closed(task.round_id, task.id)
 
     async def finalize(self, round_id: str) -> None:
         """The round's deadline passed: it closes with the results it has."""
@@ -619,7 +615,7 @@ class RoundEngine:
         # a site revoked while its study runs is still named by its spec: its task in each later round
         # fails at once (as if the site had said it cannot do it) rather than waiting out the deadline
         if revoked := [t for t in tasks if t.is_open and self._is_revoked(t.site)]:
-            self._spawn(self._close_revoked_all(revoked))
+            self._spawn(self._close_revoked(revoked))
 
     async def _secure_cannot_start(
         self, round_id: str, revoked: Sequence[TaskRow], failed: SecureSumFailed
