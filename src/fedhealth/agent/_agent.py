@@ -37,7 +37,13 @@ from fedhealth.agent._collective import HttpCollectives, check_collective_sessio
 from fedhealth.agent._datasets import feeds_consent, sync_consent
 from fedhealth.agent._home import SiteHome
 from fedhealth.agent._pipeline import SiteGate, TaskContext, TaskRefused
-from fedhealth.agent._secure import PeerPins, UnmaskRecord, check_secure_round, run_secure_exchange
+from fedhealth.agent._secure import (
+    PeerPins,
+    UnmaskRecord,
+    bounded_deadline,
+    check_secure_round,
+    run_secure_exchange,
+)
 from fedhealth.agent._site_state import SiteStateStore
 from fedhealth.core import (
     MAX_HEADER_BYTES,
@@ -239,8 +245,7 @@ class SiteAgent:
         a period. A deadline in the year 9999 (a lying orchestrator, or a site clock reset to 1970) let a
         spec's many epochs train for hours and its transfers retry as long
         (tests/agent/test_time_attacks.py::test_a_deadline_in_the_year_9999_is_bounded_by_the_approved_round_period)."""
-        left = (task.deadline - datetime.now(UTC)).total_seconds()
-        return min(left, 2 * task.spec.round_deadline_s)
+        return (bounded_deadline(task) - datetime.now(UTC)).total_seconds()
 
     @staticmethod
     def _time_left(task: Task) -> float:
