@@ -17,6 +17,8 @@ step, so the agent's own error handling for a failed task does not run; where on
   entry continues it;
 - SCAFFOLD's site state and results.jsonl: a crash mid-write leaves the previous state, and a torn record
   neither swallows the next record nor lets the federated-scaling check pass unchecked.
+- a power cut right after an atomic rename (pins, SCAFFOLD's state, every private file): the folder is
+  synced after the rename, so the new version is the one on disk.
 """
 
 from __future__ import annotations
@@ -544,6 +546,69 @@ def test_a_crash_while_saving_the_site_state_leaves_the_previous_rounds_state(tm
     loaded = SiteStateStore(root).load("study-1", 3)
     assert loaded is not None
     assert np.array_equal(loaded["c"], after["c"])
+
+
+# --- a power cut after a rename ---------------------------------------------------------------------------
+
+
+class DiskWrites:
+    """Records the renames and the fsyncs (of files and of folders) that a write makes, in order: what a
+    power cut keeps is what was fsynced, and a renamed file's new name is kept only once its folder is."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.events: list[tuple[str, str]] = []
+        real_fsync, real_replace = os.fsync, os.replace
+
+        def fsync(fd: int) -> None:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            self.events.append(("fsync-folder" if os.path.isdir(target) else "fsync-file", target))
+            real_fsync(fd)
+
+        def replace(src, dst) -> None:
+            real_replace(src, dst)
+            self.events.append(("rename", os.path.realpath(dst)))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def synced_after_rename(self, path: Path) -> bool:
+        """Whether ``path``'s folder was fsynced after the last rename onto ``path``."""
+        target = os.path.realpath(path)
+        renames = [i for i, event in enumerate(self.events) if event == ("rename", target)]
+        assert renames, f"no rename onto {path}: {self.events}"
+        folder = os.path.dirname(target)
+        return ("fsync-folder", folder) in self.events[renames[-1] + 1 :]
+
+
+def test_a_new_pin_and_a_new_site_state_outlive_a_power_cut_after_their_rename(tmp_path, monkeypatch):
+    """The pin of a new peer and a SCAFFOLD round's state are written beside the file and renamed over it;
+    without an fsync of the folder after the rename the new name may not be on disk at a power cut, and the
+    restarted site finds the previous pins (the new peer unpinned, its key taken afresh under the next spec)
+    or the previous round's state."""
+    disk = DiskWrites(monkeypatch)
+    pins = tmp_path / "peers.json"
+    PeerPins(pins).check(*_pin_args("site-b"))
+    assert disk.synced_after_rename(pins)
+
+    root = tmp_path / "recipe-state"
+    SiteStateStore(root).save("study-1", 1, {"c": np.full(4, 1.0, dtype=np.float32)})
+    [state] = root.rglob("round-1.safetensors")
+    assert disk.synced_after_rename(state)
+
+
+def test_every_private_file_written_atomically_has_its_name_synced(tmp_path, monkeypatch):
+    """`write_private_file` (pins, the site's private exports, model cards, onboarding packs) makes the
+    rename durable too, both when it replaces a file and when it places a new one beside others."""
+    disk = DiskWrites(monkeypatch)
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    files_module.write_private_file(target, b"new")
+    assert disk.synced_after_rename(target)
+    assert target.read_bytes() == b"new"
+    linked = tmp_path / "fresh.json"
+    files_module.write_private_file(linked, b"fresh", overwrite=False)
+    assert linked.read_bytes() == b"fresh"
+    assert ("fsync-folder", os.path.realpath(tmp_path)) == disk.events[-1]
 
 
 # --- results.jsonl ----------------------------------------------------------------------------------------

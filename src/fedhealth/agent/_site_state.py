@@ -22,6 +22,7 @@ from fedhealth.core import (
     encode_tensors,
     make_private_dir,
     sha256_hex,
+    sync_folder,
 )
 
 Params = dict[str, np.ndarray]
@@ -80,6 +81,7 @@ class SiteStateStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, target)
+        sync_folder(folder)  # the new round's name, durable before the older rounds' files go
         for r, path in self._rounds(study_id).items():
             if r < round_number - 1:
                 path.unlink(missing_ok=True)

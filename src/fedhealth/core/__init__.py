@@ -31,6 +31,7 @@ from fedhealth.core._files import (
     discard_interrupted_writes,
     make_private_dir,
     secure_home,
+    sync_folder,
     write_private_file,
 )
 from fedhealth.core._hashing import canonical_json, file_sha256, sha256_hex
@@ -89,5 +90,6 @@ __all__ = [
     "specs_of",
     "utcnow",
     "work_deadline",
+    "sync_folder",
     "write_private_file",
 ]

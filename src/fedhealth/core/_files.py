@@ -41,6 +41,17 @@ def create_private_file(path: Path) -> None:
     os.close(fd)
 
 
+def sync_folder(folder: Path) -> None:
+    """Make a rename or creation in ``folder`` durable: a file's own fsync does not cover its name, so after a
+    power cut an atomic rename not synced here can come back as the previous version (a removed peer pin,
+    an older site state)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_private_file(path: Path, data: bytes, *, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` readable by the owner only (0600), atomically: through a temporary file of
     an unpredictable name created exclusively (``mkstemp``: ``O_EXCL``, 0600) beside it, then renamed over
@@ -49,7 +60,8 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool = True) -> No
 
     A symbolic link at ``path`` is replaced, never followed. With ``overwrite=False`` anything at ``path``
     (a file, a link, even one that points nowhere) is left alone and :class:`FileExistsError` raised: the
-    temporary file is hard-linked into place, which fails rather than replace."""
+    temporary file is hard-linked into place, which fails rather than replace. The new name is synced to
+    disk with the data (:func:`sync_folder`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -64,6 +76,7 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool = True) -> No
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    sync_folder(path.parent)
 
 
 def _link_new(tmp: str, path: Path, data: bytes) -> None:

@@ -29,7 +29,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
-from fedhealth.core import FedHealthError, InputError, NotFoundError, write_private_file
+from fedhealth.core import FedHealthError, InputError, NotFoundError, sync_folder, write_private_file
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 # The temporary files this module writes, with the id of the process writing them (see _tmp_name).
@@ -43,15 +43,6 @@ class DamagedBlobError(FedHealthError):
 def _tmp_name(prefix: str) -> str:
     # The pid tells a later start a dead writer's leftovers from a live writer's file (_discard_leftovers).
     return f".{prefix}.{os.getpid()}.{threading.get_ident()}.{os.urandom(8).hex()}.tmp"
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make a rename or creation in ``folder`` durable (a file's fsync does not cover its name)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -246,8 +237,8 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
             raise
         if self.fsync:
-            _sync_folder(folder)
-            _sync_folder(folder.parent)
+            sync_folder(folder)
+            sync_folder(folder.parent)
 
     def _discard_leftovers(self) -> None:
         """Remove the temporary files of writers whose process is gone (killed mid-write): half an upload
