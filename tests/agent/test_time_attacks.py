@@ -8,6 +8,7 @@ make time pass, and nothing asserts how long a step took."""
 
 from __future__ import annotations
 
+import email.utils
 import json
 import threading
 import time
@@ -301,6 +302,49 @@ def test_a_token_whose_expiry_has_no_offset_is_not_a_token_and_the_agent_goes_on
     assert counts["polls"] == 0  # no call goes out under a token whose lifetime cannot be read
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("site_ahead_h", [1, -1], ids=["site-an-hour-ahead", "site-an-hour-behind"])
+def test_a_site_clock_off_by_an_hour_renews_its_token_once_per_lifetime_not_per_call(tmp_path, site_ahead_h):
+    """The orchestrator issues ten-minute tokens by its own clock (its answers' ``Date``). A site whose
+    clock is ahead used to find each one expired on arrival and logged in before every call, spending the
+    login rate limit; a site behind kept a token past its end (until refused). The token's lifetime is
+    now what the orchestrator's clock gives it, counted on the site's monotonic clock."""
+    orchestrator_now = datetime.now(UTC) - timedelta(hours=site_ahead_h)
+    counts = {"polls": 0, "logins": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        stamped = orchestrator_now + timedelta(seconds=time.monotonic() - started)
+        date = {"date": email.utils.format_datetime(stamped, usegmt=True)}
+        if request.url.path.endswith("/challenge"):
+            expiry = (stamped + timedelta(minutes=1)).isoformat()
+            return httpx.Response(200, headers=date, json={"challenge": "ab" * 16, "expires_at": expiry})
+        if request.url.path.endswith("/token"):
+            counts["logins"] += 1
+            expiry = (stamped + timedelta(minutes=10)).isoformat()
+            return httpx.Response(
+                200, headers=date, json={"access_token": "t", "expires_at": expiry, "role": "site"}
+            )
+        if request.url.path.endswith("/approvals"):
+            return httpx.Response(200, headers=date, json={"specs": []})
+        if request.url.path.endswith("/tasks/next"):
+            counts["polls"] += 1
+            return httpx.Response(200, headers=date, json={"task": None})
+        return httpx.Response(404, headers=date, json={"error": "not_found", "detail": ""})
+
+    started = time.monotonic()
+    site = _agent(handler, tmp_path)
+    try:
+        raised = _run_until(site, counts, "polls", 5)
+        renew_in = site.client._renew_at - time.monotonic()
+    finally:
+        site.client.close()
+    assert raised is None, f"the agent stopped: {type(raised).__name__}: {raised}"
+    assert counts["polls"] >= 5
+    assert counts["logins"] == 1  # before: one a call with the clock ahead
+    # renewed a minute before the ten minutes end (a second for the Date's rounding), not an hour off
+    assert 8 * 60 < renew_in <= 9 * 60 + 1
+
+
 def test_the_control_a_well_formed_task_and_token_work_through_the_loop(tmp_path):
     spec = _spec()
     body = json.loads(task(spec).model_dump_json())
@@ -349,3 +393,38 @@ def test_the_operator_client_survives_a_token_expiring_at_the_dawn_of_time_or_wi
             assert len(logins) == 2  # an expired token is renewed before each request
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("operator_ahead_h", [1, -1], ids=["an-hour-ahead", "an-hour-behind"])
+def test_the_operator_client_counts_its_token_by_the_orchestrators_clock(operator_ahead_h):
+    """An operator's laptop an hour off: its tokens last their fifteen minutes, not zero (a login before
+    every request) nor an hour and a quarter (requests under an expired token)."""
+    orchestrator_now = datetime.now(UTC) - timedelta(hours=operator_ahead_h)
+    logins: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        date = {"date": email.utils.format_datetime(orchestrator_now, usegmt=True)}
+        if request.url.path == "/api/v1/auth/token":
+            logins.append(1)
+            expiry = (orchestrator_now + timedelta(minutes=15)).isoformat()
+            return httpx.Response(
+                200, headers=date, json={"access_token": "t", "expires_at": expiry, "role": "admin"}
+            )
+        return httpx.Response(200, headers=date, json=[])
+
+    client = OperatorClient(
+        "http://orchestrator.test",
+        user="admin",
+        api_key="k" * 32,
+        ca_pem=None,
+        insecure=True,
+        transport=httpx.MockTransport(handler),
+    )
+    try:
+        for _ in range(3):
+            assert client.request("GET", "/api/v1/sites").json() == []
+        renew_in = client._renew_at - time.monotonic()
+    finally:
+        client.close()
+    assert len(logins) == 1
+    assert 14 * 60 < renew_in <= 14 * 60 + 31

@@ -19,14 +19,19 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import httpx
 import pydantic_core
 
 import fedhealth
-from fedhealth.core import ConfigError, FedHealthError, ServiceUnavailableError, canonical_json
+from fedhealth.core import (
+    ConfigError,
+    FedHealthError,
+    ServiceUnavailableError,
+    canonical_json,
+    token_lifetime_s,
+)
 from fedhealth.crypto import IdentityKey, client_tls_for_url
 from fedhealth.protocol import (
     ATTESTATION_HEADER,
@@ -124,6 +129,7 @@ class OrchestratorClient:
     LONG_POLL_GRACE_S = 15.0
     # how long one login answer (challenge or token) may take to arrive whole
     LOGIN_ANSWER_S = 30.0
+    RENEW_EARLY_S = 60.0  # a token is renewed this long before it expires
 
     def __init__(
         self,
@@ -152,7 +158,7 @@ class OrchestratorClient:
         self._rng = random.Random()
         self._should_stop = should_stop
         self._token: str | None = None
-        self._token_expires = datetime.min.replace(tzinfo=UTC)
+        self._renew_at = 0.0  # time.monotonic() from which the token is renewed before a call
         self._verify = verify
         self._custom_transport = transport is not None
         self.base_url = base_url.strip().rstrip("/")
@@ -223,7 +229,11 @@ class OrchestratorClient:
         except ValueError as exc:
             raise ServiceUnavailableError("logging in: the token answer is not a token") from exc
         self._token = token.access_token
-        self._token_expires = token.expires_at
+        self._renew_at = (
+            time.monotonic()
+            + token_lifetime_s(token.expires_at, answer.headers.get("date"))
+            - self.RENEW_EARLY_S
+        )
         log.debug("logged in as %s until %s", self.site, token.expires_at.isoformat())
 
     def _check_orchestrator(self, response: httpx.Response) -> None:
@@ -288,11 +298,9 @@ class OrchestratorClient:
         )
 
     def auth_headers(self) -> dict[str, str]:
-        # renew a minute early so a long upload does not outlive its token. The minute is added to this
-        # site's clock, not taken from the orchestrator's expiry: an expiry of 0001-01-01 (a lying
-        # orchestrator) overflowed there, and the OverflowError ended `site run`
-        # (tests/agent/test_time_attacks.py::test_a_token_expiring_at_the_dawn_of_time_is_renewed_not_a_crash)
-        if self._token is None or datetime.now(UTC) + timedelta(seconds=60) > self._token_expires:
+        # renewed a minute early (RENEW_EARLY_S) so a long upload does not outlive its token, on this
+        # process's monotonic clock: see token_lifetime_s for why not on the wall clock
+        if self._token is None or time.monotonic() >= self._renew_at:
             self._login()
         return {"Authorization": f"Bearer {self._token}"}
 

@@ -15,7 +15,6 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -26,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 import fedhealth
 from fedhealth.client._words import field_errors
-from fedhealth.core import ConfigError, FedHealthError, write_private_file
+from fedhealth.core import ConfigError, FedHealthError, token_lifetime_s, write_private_file
 from fedhealth.crypto import IdentityKey, client_tls_for_url
 from fedhealth.governance import SignedSpec
 from fedhealth.protocol import (
@@ -74,6 +73,7 @@ class OperatorClient:
 
     # the most an answer other than a model may hold: lists of studies and sites, reports, an audit log
     MAX_ANSWER_BYTES = 256 << 20
+    RENEW_EARLY_S = 30.0  # a token is renewed this long before it expires
     # a model download (the orchestrator's own upload limit is 512 MiB unless raised)
     MAX_MODEL_BYTES = 2 << 30
     # the longest pause wait_for_study takes after a 429, whatever its Retry-After says
@@ -116,7 +116,7 @@ class OperatorClient:
         # the orchestrator's versions, from its last answer (None: it stated none)
         self.orchestrator_version: PeerVersion | None = None
         self._token: str | None = None
-        self._expires = datetime.min.replace(tzinfo=UTC)
+        self._renew_at = 0.0  # time.monotonic() from which the token is renewed before a request
 
     # a credential holds a URL, a CA certificate, an API key and perhaps a TLS client key: a few KiB
     MAX_CREDENTIAL_BYTES = 1 << 20
@@ -194,7 +194,9 @@ class OperatorClient:
             raise _error(response)
         token = _answer(response, lambda data: TokenResponse.model_validate(data))
         self._token = token.access_token
-        self._expires = token.expires_at
+        # counted on this machine's monotonic clock from the orchestrator's own (core.token_lifetime_s)
+        lifetime = token_lifetime_s(token.expires_at, response.headers.get("date"))
+        self._renew_at = time.monotonic() + lifetime - self.RENEW_EARLY_S
 
     def request(
         self, method: str, path: str, *, max_bytes: int | None = None, **kwargs: Any
@@ -203,8 +205,7 @@ class OperatorClient:
         but 2xx (a redirect is not followed). The answer is read whole, up to ``max_bytes``
         (:attr:`MAX_ANSWER_BYTES` by default) and the client's answer deadline."""
         bound = self.MAX_ANSWER_BYTES if max_bytes is None else max_bytes
-        # the margin is added to our clock: the orchestrator's expiry may be 0001-01-01 (no overflow here)
-        if self._token is None or datetime.now(UTC) + timedelta(seconds=30) > self._expires:
+        if self._token is None or time.monotonic() >= self._renew_at:
             self._login()
         response = self._bounded(
             method, path, bound, headers={"Authorization": f"Bearer {self._token}"}, **kwargs

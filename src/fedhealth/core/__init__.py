@@ -3,7 +3,7 @@
 Everything else in fedhealth may import this package; it imports nothing of fedhealth.
 """
 
-from fedhealth.core._clock import Clock, ManualClock, SystemClock, utcnow
+from fedhealth.core._clock import Clock, ManualClock, SystemClock, token_lifetime_s, utcnow
 from fedhealth.core._config import DATA_DIR_ENV, data_dir
 from fedhealth.core._deadline import DeadlinePassedError, check_deadline, work_deadline
 from fedhealth.core._errors import (
@@ -88,8 +88,9 @@ __all__ = [
     "secure_home",
     "sha256_hex",
     "specs_of",
+    "sync_folder",
+    "token_lifetime_s",
     "utcnow",
     "work_deadline",
-    "sync_folder",
     "write_private_file",
 ]
