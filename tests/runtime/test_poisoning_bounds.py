@@ -31,6 +31,7 @@ from fedhealth.runtime import (
     decode_sum,
     encode_contribution,
     secure_codec,
+    summarize,
 )
 from support import synthetic_recipe
 
@@ -220,3 +221,23 @@ def test_the_server_scales_a_plain_update_down_to_the_norm_bound_before_averagin
     np.testing.assert_allclose(new["b"], [(0.4 + 0.8) / 2], rtol=1e-6)
     unbounded, _ = aggregate(StrategySpec(), params, [(1, small), (1, large)], {})
     np.testing.assert_allclose(unbounded["w"], [15.15, 0.0], rtol=1e-6)
+
+
+def test_one_site_cannot_set_a_plain_rounds_train_loss_alone():
+    """The round's train loss weighs each site as the update does (its count capped at ``weight_cap``) and
+    clips each loss at MAX_LOSS, as the secure sum does: one site claiming 10^9 samples at a loss of 1e99
+    (both within what the protocol accepts) made the round's loss 1e99, whatever the honest sites said."""
+    spec = _spec(weight_cap=100)
+    honest = [SiteMetrics(num_samples=100, train_loss=0.5) for _ in range(3)]
+    hostile = SiteMetrics(num_samples=10**9, train_loss=1e99)
+    figures = summarize(spec.strategy, [*honest, hostile])
+    assert figures["train_loss"] == pytest.approx((3 * 100 * 0.5 + 100 * MAX_LOSS) / 400)
+    assert summarize(spec.strategy, honest)["train_loss"] == pytest.approx(0.5)
+
+    # the same site inside a secure sum weighs and counts the same (its loss clipped, its weight capped)
+    codec = secure_codec(spec, TaskKind.TRAIN)
+    rng = np.random.default_rng(0)
+    delta = {"weight": np.zeros(N_PARAMS, np.float32)}
+    vectors = [encode_contribution(codec, spec, m, delta, rng=rng) for m in [*honest, hostile]]
+    secure = decode_sum(codec, spec, _ring_sum(vectors), 4)
+    assert secure.metrics["train_loss"] == pytest.approx(figures["train_loss"], rel=1e-6)

@@ -685,7 +685,9 @@ class RoundEngine:
             case _:
                 tasks = self.store.tasks_of_round(round_id)
                 completed = [t for t in tasks if t.site in contributors and t.metrics is not None]
-                metrics = summarize([t.metrics for t in completed if t.metrics is not None])
+                metrics = summarize(
+                    study.spec.strategy, [t.metrics for t in completed if t.metrics is not None]
+                )
                 withheld = _held_out_withheld(study.spec, r.kind, tasks)
                 # a site that withheld its figures answered with none: no row of its own in the table
                 metrics["per_site"] = {
@@ -726,7 +728,9 @@ class RoundEngine:
             return model_out, state_out
 
         closing.model_out, closing.state_out = await anyio.to_thread.run_sync(compute)
-        closing.metrics = summarize([t.metrics for t in completed if t.metrics is not None])
+        closing.metrics = summarize(
+            study.spec.strategy, [t.metrics for t in completed if t.metrics is not None]
+        )
         if withheld := _held_out_withheld(spec, r.kind, completed):
             closing.metrics[HELD_OUT_WITHHELD] = withheld
         return None

@@ -44,10 +44,9 @@ from fedhealth.protocol import (
     TaskKind,
     secure_round_plan,
 )
-from fedhealth.runtime._tasks import Params, bound_update_norm, param_specs
+from fedhealth.runtime._tasks import MAX_LOSS, Params, bound_update_norm, param_specs
 from fedhealth.secagg import Segment, SegmentKind, VectorCodec
 
-MAX_LOSS = 100.0  # losses are clipped here before summing (a BCE above 100 means the model is broken anyway)
 MAX_EVAL_COUNT = 1_000_000  # most held-out records one site's evaluation counts (see _count_cap)
 
 

@@ -56,6 +56,9 @@ from fedhealth.runtime._recipes import recipe_spec, study_recipe
 from fedhealth.runtime._scaling import task_recipe
 
 Params = dict[str, np.ndarray]
+# a site's train loss is clipped here before it counts in a round's figures, plain or secure (a BCE above 100
+# means the model is broken anyway)
+MAX_LOSS = 100.0
 
 
 def strategy_config(strategy: StrategySpec) -> StrategyConfig:
@@ -347,12 +350,21 @@ def server_step(
     return {k: np.asarray(v, dtype=np.float32) for k, v in new_params.items()}, new_state
 
 
-def summarize(metrics: Sequence[SiteMetrics]) -> dict[str, Any]:
+def summarize(strategy: StrategySpec, metrics: Sequence[SiteMetrics]) -> dict[str, Any]:
     """Round-level figures: sample-weighted train loss, plain means of the sites' accuracy and AUC. A site
     that withheld its held-out figures (fewer than k held-out patients) is left out of those means; a round
-    where every site withheld them has none."""
+    where every site withheld them has none.
+
+    The train loss is weighted as the updates are (each count capped at ``weight_cap``) and each site's loss
+    clipped at ``MAX_LOSS``, as the secure sum does: a site claiming 10**9 samples, or a loss of 1e100, set
+    the round's loss alone
+    (tests/runtime/test_poisoning_bounds.py::test_one_site_cannot_set_a_plain_rounds_train_loss_alone)."""
     out: dict[str, Any] = {"sites": len(metrics), "num_samples": sum(m.num_samples for m in metrics)}
-    weighted = [(m.num_samples, m.train_loss) for m in metrics if m.train_loss is not None and m.num_samples]
+    weighted = [
+        (min(m.num_samples, strategy.weight_cap), min(MAX_LOSS, m.train_loss))
+        for m in metrics
+        if m.train_loss is not None and m.num_samples
+    ]
     if weighted:
         total = sum(n for n, _ in weighted)
         out["train_loss"] = sum(n * v for n, v in weighted) / total
