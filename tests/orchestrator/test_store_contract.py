@@ -597,3 +597,38 @@ def test_a_revoked_token_is_known_until_it_would_have_expired_and_then_forgotten
     store.revoke_token("tok-3", T0 + timedelta(minutes=40), T0 + timedelta(minutes=20))
     assert store.user_for_token("ana", "tok-1")[1] is False
     assert store.user_for_token("ana", "tok-3")[1] is True
+
+
+def test_figures_stored_before_a_check_was_added_are_read_without_them(store, caplog):
+    """Receipt now refuses a loss of 1e200 and an attestation fingerprint that is no digest; a database
+    written before (by an attacked site) still holds such rows. Each is read without those figures, with
+    a warning, and the round's other tasks and the study stay readable: before, every read of the round
+    (its report, the round engine's aggregation) raised a ValidationError."""
+    _, first = _study(store)
+    honest, hostile = store.tasks_of_round(first.id)[:2]
+    good = SiteMetrics(num_samples=10, train_loss=0.5)
+    attested = SiteAttestation(consent_snapshot="c" * 64)
+    for task in (honest, hostile):
+        store.complete_task(
+            task.id, digest=DIGEST_B, num_samples=10, metrics=good, when=T0, attestation=attested
+        )
+    with store.engine.begin() as c:  # as an older version stored them
+        c.execute(
+            sa.text("UPDATE tasks SET metrics_json = :m, attestation_json = :a WHERE id = :id"),
+            {
+                "m": '{"num_samples": 10, "train_loss": 1e200}',
+                "a": '{"consent_snapshot": "not a digest <script>"}',
+                "id": hostile.id,
+            },
+        )
+    with caplog.at_level("WARNING", logger="fedhealth.orchestrator"):
+        read = {t.id: t for t in store.tasks_of_round(first.id)}
+    assert read[hostile.id].metrics is None
+    assert read[hostile.id].attestation is None
+    assert read[hostile.id].status is TaskStatus.COMPLETED
+    assert read[hostile.id].num_samples == 10
+    assert read[honest.id].metrics == good
+    assert read[honest.id].attestation == attested
+    warned = [r.getMessage() for r in caplog.records if hostile.id in r.getMessage()]
+    assert len(warned) == 2
+    assert not any("1e200" in line or "script" in line for line in warned)  # no stored value in the log
