@@ -428,3 +428,48 @@ def test_the_operator_client_counts_its_token_by_the_orchestrators_clock(operato
         client.close()
     assert len(logins) == 1
     assert 14 * 60 < renew_in <= 14 * 60 + 31
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "date",
+    [
+        "Mon, 01 Jan 99999999999999999999 00:00:00 GMT",
+        "Mon, 01 Jan 2026 00:00:00",
+        "Mon, 01 Jan 2026 00:00:00 +9999",
+        "Mon, 01 Jan 2026 00:00:00 -0000",
+        "yesterday",
+    ],
+    ids=["year-of-20-digits", "no-zone", "offset-99h", "unknown-offset", "not-a-date"],
+)
+def test_a_date_the_site_cannot_read_falls_back_to_its_own_clock(tmp_path, date):
+    """The token's lifetime reads the answer's Date: one a lying orchestrator made unreadable (a year of
+    twenty digits overflowed the parser) is left aside and the site's own clock counts, as before."""
+    counts = {"polls": 0, "logins": 0}
+    soon = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"date": date}
+        if request.url.path.endswith("/challenge"):
+            return httpx.Response(200, headers=headers, json={"challenge": "ab" * 16, "expires_at": soon})
+        if request.url.path.endswith("/token"):
+            counts["logins"] += 1
+            return httpx.Response(
+                200, headers=headers, json={"access_token": "t", "expires_at": soon, "role": "site"}
+            )
+        if request.url.path.endswith("/approvals"):
+            return httpx.Response(200, headers=headers, json={"specs": []})
+        if request.url.path.endswith("/tasks/next"):
+            counts["polls"] += 1
+            return httpx.Response(200, headers=headers, json={"task": None})
+        return httpx.Response(404, headers=headers, json={"error": "not_found", "detail": ""})
+
+    site = _agent(handler, tmp_path)
+    try:
+        raised = _run_until(site, counts, "polls", 3)
+        renew_in = site.client._renew_at - time.monotonic()
+    finally:
+        site.client.close()
+    assert raised is None, f"the agent stopped: {type(raised).__name__}: {raised}"
+    assert counts["logins"] == 1
+    assert 8 * 60 < renew_in <= 9 * 60

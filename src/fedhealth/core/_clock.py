@@ -66,7 +66,7 @@ def token_lifetime_s(expires_at: datetime, date_header: str | None) -> float:
     if date_header:
         try:
             stated = email.utils.parsedate_to_datetime(date_header)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):  # a year of 20 digits overflows
             stated = None
         if stated is not None and stated.tzinfo is not None:
             issued = stated
