@@ -76,6 +76,11 @@ def test_a_training_task_without_the_released_scaling_is_refused(home):
     spec = spec_of(home)
     approve(home, spec)
     site, client = agent(home, DATASETS)
+    # a training site took part in the pre-step: it takes only the scaling its own record holds (without
+    # one it refuses every scaling, tests/agent/test_scaling_crash_attacks.py)
+    release = {"kind": "federated-scaling", "mean": [0.5] * 13, "scale": [2.0] * 13, "rows": 500}
+    entry = {"study_id": "st-1", "round": 0, "kind": "collective", "metrics": {"federated_scaling": release}}
+    (home.root / "results.jsonl").write_text(json.dumps(entry) + "\n")
     site.handle(task(spec, task_id="tk-bare"))
     assert [f.code for f in client.failures] == [FailureCode.INVALID_TASK]
     site.handle(task(spec, task_id="tk-scaled", scaling=SCALING))

@@ -60,11 +60,12 @@ def credential(tmp_path) -> Path:
 def site_home(tmp_path) -> Path:
     """A site home as `site enroll` leaves it (the orchestrator it names is not running)."""
     home = tmp_path / "site"
-    home.mkdir()
+    home.mkdir(mode=0o700)
     IdentityKey.generate().save(home / "identity.key")
     (home / "site.json").write_text(
         json.dumps({"site": "hospital-a", "orchestrator": f"https://127.0.0.1:{closed_port()}"})
     )
+    (home / "site.json").chmod(0o600)
     return home
 
 

@@ -80,7 +80,6 @@ from fedhealth.runtime import (
     encode_update,
     evaluate_on_site,
     federated_scaling_requested,
-    finish_scaling,
     param_specs,
     run_scaling_program,
     run_site_program,
@@ -91,6 +90,9 @@ from fedhealth.runtime import (
 from fedhealth.secagg import KeyReuseGuard, SecAggSecurityError, SessionFailedError
 
 log = logging.getLogger("fedhealth.agent")
+
+# the results record's mark that this site joined a study's scaling pre-step session (before it sent anything)
+SCALING_JOINED = "federated_scaling_joined"
 
 
 @dataclass(kw_only=True)
@@ -381,6 +383,14 @@ class SiteAgent:
         scaling_step = task.round == SCALING_ROUND and federated_scaling_requested(task.spec.recipe)
         if not scaling_step:
             recipe.collective()  # RecipeError (invalid_recipe) for a recipe combined in rounds
+        elif self._scalings.get(task.study_id) or self._recorded_scaling(task.study_id):
+            # An honest orchestrator never runs a study's pre-step twice; a second session's totals less the
+            # first's are the rows that changed in between (one patient who withdrew consent: their values)
+            raise TaskRefused(
+                FailureCode.INVALID_TASK.value,
+                "this site already took part in the study's scaling pre-step and takes part once: a second "
+                "session's sums, less the first's, would reveal the rows that changed in between",
+            )
         dataset = None
         if recipe.capabilities.reads_data:
             dataset = self._dataset(task.dataset, task.study_id)
@@ -397,14 +407,28 @@ class SiteAgent:
             guard=self._key_guard,
             poll_wait_s=self.settings.poll_wait_s,
         )
+        if scaling_step:
+            # Durable before anything is sent: a restarted agent that joined the session but recorded no
+            # release (killed mid-session) knows it took part, and neither runs it again nor takes the
+            # orchestrator's word for its scaling
+            self._record(task, {SCALING_JOINED: task.task_id})
+            self._scalings[task.study_id] = {SCALING_JOINED: task.task_id}
         started = time.perf_counter()
         try:
             session.open()
             log.info("task %s: collective session joined (%d sites)", task.task_id, len(session.sites))
+            record: dict[str, Any] | None = None
             if scaling_step:  # standardize = "federated": the pre-step's sums over the kept training rows
-                released = run_scaling_program(task.spec, dataset, session)
-                record: dict[str, Any] = {"federated_scaling": json.loads(released)}
-                self._scalings[task.study_id] = finish_scaling(released)["scaling"]
+                release = json.loads(run_scaling_program(task.spec, dataset, session))
+                # Recorded before the closing call acknowledges it: an agent killed between the two kept no
+                # record and, restarted, took the orchestrator's word for the scaling. A record that cannot
+                # be written fails the session instead (tests/agent/test_scaling_crash_attacks.py).
+                self._record(task, {"collective_calls": session.calls, "federated_scaling": release})
+                self._scalings[task.study_id] = release
+                if "refused" in release:
+                    # the session still closes: the orchestrator reads the refusal from it and fails the
+                    # study with that one line
+                    log.warning("task %s: the scaling pre-step refused: %s", task.task_id, release["refused"])
             else:
                 outcome = run_site_program(
                     recipe, task.spec, dataset, session, task.round, checkpoints=self._checkpoints(task)
@@ -422,26 +446,50 @@ class SiteAgent:
             session.calls,
             time.perf_counter() - started,
         )
-        self._record(task, {"collective_calls": session.calls, **record})
+        if record is not None:
+            self._record(task, {"collective_calls": session.calls, **record})
 
     def _check_scaling(self, task: Task) -> None:
         """A federated study's task must carry the scaling this site's own pre-step session released, when
         it took part in it (an evaluation site outside the session takes the orchestrator's word, as it
-        does for the model): a lying orchestrator cannot make it train on another scaling."""
+        does for the model): a lying orchestrator cannot make it train on another scaling. Every training
+        site of the study took part (the session is every training site or nobody), so one with no release
+        to check against refuses: it lost the record, or the orchestrator skipped or replayed the pre-step."""
         if task.scaling is None:
             return
         own = self._scalings.get(task.study_id) or self._recorded_scaling(task.study_id)
         if own is None:
-            return
-        if list(task.scaling.mean) != own["mean"] or list(task.scaling.scale) != own["scale"]:
+            if self.settings.site not in task.spec.train_sites:
+                return
+            where = self.settings.home / "results.jsonl" if self.settings.home is not None else "memory"
+            raise TaskRefused(
+                FailureCode.INVALID_TASK.value,
+                "the task carries a federated scaling, but this site holds no record of what its pre-step "
+                f"released (none in {where}): as one of the study's training sites it took part in that "
+                "session, so the agent stopped before recording it, the record was removed, or the "
+                "orchestrator skipped the pre-step; it does not train on a scaling it cannot check",
+            )
+        if SCALING_JOINED in own:
+            raise TaskRefused(
+                FailureCode.INVALID_TASK.value,
+                "the task carries a federated scaling, but this site joined the study's pre-step session and "
+                "recorded no release of it (the agent stopped mid-session?): it cannot check the scaling",
+            )
+        if "refused" in own:
+            raise TaskRefused(
+                FailureCode.INVALID_TASK.value,
+                f"the task carries a federated scaling, but this site's pre-step refused: {own['refused']}",
+            )
+        if list(task.scaling.mean) != own.get("mean") or list(task.scaling.scale) != own.get("scale"):
             raise TaskRefused(
                 FailureCode.INVALID_TASK.value,
                 "the task's federated scaling differs from the one this site's pre-step session released",
             )
 
     def _recorded_scaling(self, study_id: str) -> dict[str, Any] | None:
-        """The release of this site's pre-step for ``study_id`` from its own results record (after a
-        restart of the agent), or None if it took no part in one."""
+        """What this site's own results record holds of its pre-step for ``study_id`` (after a restart of
+        the agent): the release, ``{SCALING_JOINED: task id}`` when its latest session recorded none, or
+        None if it holds neither."""
         if self.settings.home is None:
             return None
         try:
@@ -458,10 +506,16 @@ class SiteAgent:
             if not isinstance(entry, dict) or not isinstance(entry.get("metrics"), dict):
                 torn.append(number)
                 continue
-            if entry.get("study_id") == study_id and "federated_scaling" in entry["metrics"]:
-                scaling: dict[str, Any] = entry["metrics"]["federated_scaling"]
-                self._scalings[study_id] = scaling
-                return scaling
+            if entry.get("study_id") != study_id:
+                continue
+            found: dict[str, Any] | None = None
+            if "federated_scaling" in entry["metrics"]:
+                found = entry["metrics"]["federated_scaling"]
+            elif SCALING_JOINED in entry["metrics"]:  # joined, and recorded no release after that
+                found = {SCALING_JOINED: entry["metrics"][SCALING_JOINED]}
+            if isinstance(found, dict):
+                self._scalings[study_id] = found
+                return found
         if torn:
             # A torn line may be this study's own release, cut by a crash while it was written: reading it
             # as "took no part" would take the orchestrator's word for the scaling, and a json error here

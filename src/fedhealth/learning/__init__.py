@@ -42,6 +42,7 @@ from fedhealth.learning._errors import (
 from fedhealth.learning._federated_scaling import (
     FederatedScaling,
     ScalingRefusedError,
+    ScalingSumsError,
     read_scaling,
     run_scaling_site,
     scaling_release,
@@ -224,6 +225,7 @@ __all__ = [
     "ResolvedRecipe",
     "RoundsRecipe",
     "ScalingRefusedError",
+    "ScalingSumsError",
     "SessionContext",
     "SessionDpRecipe",
     "SessionMember",

@@ -7,7 +7,9 @@ as the collective recipes, docs/architecture.md) and runs :func:`run_scaling_sit
    exact, sums to within ``n 2^-41``) of ``[count, sum, sum of squares]`` per feature over the site's kept
    training rows, on their raw scale (after the consent filter and the cohort rule; a connector's own
    standardization is undone first);
-2. every site turns the sums into the same ``mean`` and ``scale`` (:func:`scaling_release`: the sample std,
+2. every site checks that the totals are those of some rows (:func:`check_totals`: one whole row count, at
+   least its own, no negative variance; each participant's figures are masked, so only their total can
+   be checked) and turns them into the same ``mean`` and ``scale`` (:func:`scaling_release`: the sample std,
    ddof 1, plus ``STD_EPSILON``, as :func:`~fedhealth.learning.scaling_from_sums` computes them for
    ``"given"``); the leader broadcasts that release and every other site checks it byte for byte, as the
    ``stats`` recipe does with its report.
@@ -43,6 +45,10 @@ SCALING_KIND = "federated-scaling"
 
 class ScalingRefusedError(InputError):
     """The federation's rows cannot give a scaling (a constant feature, too few rows)."""
+
+
+class ScalingSumsError(InputError):
+    """The session's totals are not those of any rows: a participant sent figures no data gives."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,12 +132,46 @@ def read_scaling(released: bytes | None) -> FederatedScaling:
     )
 
 
+def check_totals(totals: NDArray[np.float64], own: NDArray[np.float64], feature_names: Sequence[str]) -> None:
+    """Refuse totals that no rows give (:class:`ScalingSumsError`, one line, no value): one row count for
+    every feature, a whole number, at least this site's own (``own``, its :func:`scaling_sums`), and per
+    feature a sum of squares at least the sum's square over the count. A participant's figures are masked,
+    so no site can check them one by one; without this a lying one shifted the mean of one feature alone
+    (a count for it only), or its sums made the scale infinite and every site's program crash."""
+    f = len(feature_names)
+    if not f:
+        return
+    count, total, total_sq = totals[:f], totals[f : 2 * f], totals[2 * f :]
+    problem = None
+    if not (count == count[0]).all():
+        problem = "the row count differs between features"
+    elif count[0] != math.floor(count[0]):
+        problem = "the row count is not a whole number of rows"
+    elif count[0] < own[0]:
+        problem = "the federation counts fewer rows than this site holds"
+    elif count[0] > 0:
+        # Cauchy-Schwarz: n sumsq >= sum^2 for any rows; the sums are exact to n 2^-41, far inside this margin
+        spread = total_sq - total * total / count[0]
+        negative = [
+            n for n, s, sq in zip(feature_names, spread, total_sq, strict=True) if s < -1e-9 * abs(sq)
+        ]
+        if negative:
+            problem = f"feature {negative[0]!r} has a negative variance"
+    if problem is not None:
+        raise ScalingSumsError(
+            f"scaling: the session's sums are not those of any rows ({problem}): a participant sent figures "
+            "no data gives; refusing the session"
+        )
+
+
 def run_scaling_site(
     session: Collectives, dataset: TabularDataset | None, feature_names: Sequence[str]
 ) -> bytes:
     """One site's part in the pre-step (module docstring); returns the release, the same at every site."""
     X_raw = raw_features(dataset, dataset.X_train) if dataset is not None else None
-    totals = exact_secure_sum(session, scaling_sums(X_raw, len(feature_names)))
+    sums = scaling_sums(X_raw, len(feature_names))
+    totals = exact_secure_sum(session, sums)
+    check_totals(totals, sums, feature_names)  # before the release: a refused session releases nothing
     own = scaling_release(totals, feature_names)
     released = session.broadcast(own if session.site == session.sites[0] else None)
     if released != own:

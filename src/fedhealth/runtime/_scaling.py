@@ -76,10 +76,10 @@ def check_federated_scaling(spec: StudySpec) -> None:
         ) from None
 
 
-def _feature_names(spec: StudySpec) -> tuple[str, ...]:
+def _feature_names(recipe: RecipeSpec) -> tuple[str, ...]:
     from fedhealth.runtime._recipes import study_recipe
 
-    names = getattr(study_recipe(spec.recipe).params, "feature_names", None)
+    names = getattr(study_recipe(recipe).params, "feature_names", None)
     if not names:  # the recipe's own validation requires them with preprocessing
         raise RecipeError("recipe.params.feature_names: standardize = 'federated' needs them")
     return tuple(names)
@@ -87,7 +87,7 @@ def _feature_names(spec: StudySpec) -> tuple[str, ...]:
 
 def run_scaling_program(spec: StudySpec, dataset: TabularDataset | None, session: Collectives) -> bytes:
     """A site's part in the pre-step's session, over its kept training rows; returns the release."""
-    return run_scaling_site(session, dataset, _feature_names(spec))
+    return run_scaling_site(session, dataset, _feature_names(spec.recipe))
 
 
 def finish_scaling(released: bytes | None) -> dict[str, JsonValue]:
@@ -110,7 +110,8 @@ def released_scaling(metrics: Mapping[str, Any] | None) -> ReleasedScaling | Non
 def effective_recipe(recipe: RecipeSpec, scaling: ReleasedScaling | None) -> RecipeSpec:
     """The recipe a task trains, evaluates or exports with: ``recipe`` itself, or for ``standardize =
     "federated"`` the same with the released mean and scale filled in. InputError for a federated study
-    without its scaling, a scaling for a study that has none, or one of the wrong width."""
+    without its scaling, a scaling for a study that has none, or one of the wrong width (before any data is
+    read: the recipe itself would notice only once it standardizes the rows)."""
     if not federated_scaling_requested(recipe):
         if scaling is not None:
             raise InputError("the task carries a federated scaling, but the study does not standardize so")
@@ -118,7 +119,14 @@ def effective_recipe(recipe: RecipeSpec, scaling: ReleasedScaling | None) -> Rec
     if scaling is None:
         raise InputError("standardize = 'federated': the task came without the scaling its pre-step released")
     if len(scaling.mean) != len(scaling.scale):
-        raise InputError("the federated scaling has as many means as scales")
+        raise InputError(
+            f"the federated scaling has {len(scaling.mean)} means but {len(scaling.scale)} scales"
+        )
+    if len(scaling.mean) != (width := len(_feature_names(recipe))):
+        raise InputError(
+            f"the federated scaling has {len(scaling.mean)} values per statistic for the study's {width} "
+            "features"
+        )
     pre = dict(recipe.params["preprocessing"])  # type: ignore[arg-type]
     pre["mean"] = list(scaling.mean)
     pre["scale"] = list(scaling.scale)
