@@ -614,6 +614,24 @@ def test_every_private_file_written_atomically_has_its_name_synced(tmp_path, mon
 # --- results.jsonl ----------------------------------------------------------------------------------------
 
 
+def test_the_first_results_record_is_durable_with_its_name(tmp_path, monkeypatch):
+    """results.jsonl holds the pre-step's "joined" mark and release: created by its first record, its name
+    must reach the disk with the data, or a power cut loses the whole file and the restarted site finds no
+    record of a session it took part in."""
+    home = make_home(tmp_path / "home")
+    spec = scaling_spec_of(home)
+    site, _ = agent(home, SCALING_DATASETS)
+    disk = DiskWrites(monkeypatch)
+    site._record(task(spec, kind=TaskKind.COLLECTIVE, round=0), {"collective_calls": 1})
+    results = os.path.realpath(home.root / "results.jsonl")
+    assert disk.events.index(("fsync-file", results)) < disk.events.index(
+        ("fsync-folder", os.path.realpath(home.root))
+    )
+    disk.events.clear()
+    site._record(task(spec, kind=TaskKind.COLLECTIVE, round=0), {"collective_calls": 2})
+    assert disk.events == [("fsync-file", results)]  # an append to a known file syncs the file alone
+
+
 def torn_record(home) -> str:
     """What a crash mid-append leaves at the end of results.jsonl: the start of a record, no newline."""
     whole = json.dumps(

@@ -57,6 +57,7 @@ from fedhealth.core import (
     decode_tensors,
     keep_malloc_heaps,
     sha256_hex,
+    sync_folder,
     work_deadline,
 )
 from fedhealth.crypto import IdentityKey
@@ -571,6 +572,8 @@ class SiteAgent:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if not size:  # the file is new: its name is durable only once the home is synced too
+            sync_folder(self.settings.home)
 
     def _attest(self, ctx: TaskContext) -> None:
         for gate in self.gates:
