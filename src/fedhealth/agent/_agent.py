@@ -524,9 +524,10 @@ class SiteAgent:
             # (tests/agent/test_crash_consistency_attacks.py).
             raise TaskRefused(
                 FailureCode.INVALID_TASK.value,
-                f"the task's federated scaling cannot be checked: {self.settings.home / 'results.jsonl'} "
-                f"line {', '.join(map(str, sorted(torn)))} is not a whole record (cut by a crash while it "
-                "was written?) and may be this site's own release for the study; check it and remove it",
+                "this site's record of the study's scaling pre-step cannot be read: "
+                f"{self.settings.home / 'results.jsonl'} line {', '.join(map(str, sorted(torn)))} is not a "
+                "whole record (cut by a crash while it was written?) and may be this site's own part in the "
+                "pre-step; check it and remove it",
             )
         return None
 
