@@ -1,33 +1,83 @@
-"""Shared helpers for the tests: dataset locations, study specs, a misbehaving site, the PostgreSQL server."""
+"""Shared helpers for the tests: dataset locations, study specs, the orchestrator's service and round engine
+in one process, the CLI in process, a misbehaving site or orchestrator, the PostgreSQL server."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
 import socket
 import ssl
+import stat
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from typer.testing import CliRunner
 
-from fedhealth.agent import OrchestratorClient
-from fedhealth.core import canonical_json, decode_tensors, sha256_hex
-from fedhealth.crypto import PublicIdentity, pinned_tls_context
+with warnings.catch_warnings():
+    # starlette would rather drive its test client with httpx2; the httpx it also supports is the one we pin
+    # (tests import TestClient from here, so that the warning is silenced once)
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+    from starlette.testclient import TestClient as TestClient
+
+from fedhealth.agent import OrchestratorClient, SiteAgent
+from fedhealth.cli import app
+from fedhealth.core import SystemClock, canonical_json, decode_tensors, sha256_hex
+from fedhealth.crypto import Audience, IdentityKey, PublicIdentity, TokenClaims, pinned_tls_context
 from fedhealth.data import open_dataset
+from fedhealth.governance import spec_hash
 from fedhealth.learning import LOGREG_RECIPE, SYNTHETIC_RECIPE, LogRegParams, PackageOrigin, SyntheticParams
-from fedhealth.protocol import RecipeSpec, StrategySpec, StudySpec, Task, TaskKind, TaskPoll
+from fedhealth.orchestrator import (
+    BlobStore,
+    Extension,
+    OrchestratorService,
+    OrchestratorSettings,
+    RoundEngine,
+    Store,
+    default_extensions,
+    make_engine,
+    sqlite_url,
+    start_service,
+    upgrade_database,
+)
+from fedhealth.orchestrator._auth import Principal
+from fedhealth.orchestrator._blobs import BlobKind
+from fedhealth.orchestrator._notify import TaskNotifier
+from fedhealth.orchestrator._routes_admin import register_site
+from fedhealth.orchestrator._routes_auth import enroll_site
+from fedhealth.orchestrator._store import RoundRow, TaskRow
+from fedhealth.protocol import (
+    ApprovalState,
+    EnrollRequest,
+    RecipeSpec,
+    ResultManifest,
+    Role,
+    SiteCreate,
+    SiteMetrics,
+    StrategySpec,
+    StudySpec,
+    Task,
+    TaskKind,
+    TaskPoll,
+    TaskStatus,
+    agent_login_message,
+)
 from fedhealth.runtime import (
     encode_contribution,
+    encode_update,
     evaluate_on_site,
     param_specs,
     recipe_spec,
@@ -121,6 +171,167 @@ def package_origin(spec: dict[str, object], weights: bytes, **fields: object) ->
     return dataclasses.replace(origin, **fields)  # type: ignore[arg-type]
 
 
+def operator_principal(name: str, role: Role, *, token_id: str | None = None) -> Principal:
+    """An operator as the API's auth dependency hands them to a route handler: a five-minute token of
+    ``role`` (for tests that call the handlers as plain functions)."""
+    now = datetime.now(UTC)
+    claims = TokenClaims(
+        subject=name,
+        role=role.value,
+        audience=Audience.OPERATOR,
+        issued_at=now,
+        expires_at=now + timedelta(minutes=5),
+        token_id=f"t-{name}" if token_id is None else token_id,
+    )
+    return Principal(name=name, role=role, claims=claims)
+
+
+def open_round(store: Store, study_id: str) -> RoundRow:
+    """The study's one open round (fails the test if it has none, or several)."""
+    (r,) = [x for x in store.open_rounds() if x.study_id == study_id]
+    return r
+
+
+def task_of(store: Store, round_id: str, site: str) -> TaskRow:
+    """``site``'s one task of the round."""
+    (t,) = [x for x in store.tasks_of_round(round_id) if x.site == site]
+    return t
+
+
+def enroll_sites(svc: OrchestratorService, sites: Sequence[str]) -> dict[str, IdentityKey]:
+    """Register each of ``sites`` (as an admin) and enroll it with a fresh identity key, through the route
+    handlers; the keys."""
+    admin = operator_principal("admin", Role.ADMIN)
+    keys = {}
+    for site in sites:
+        created = register_site(svc, admin, SiteCreate(name=site))
+        keys[site] = IdentityKey.generate()
+        request = EnrollRequest(
+            site=site, token=created.enrollment_token, public_key=keys[site].public().raw.hex()
+        )
+        enroll_site(svc, request)
+    return keys
+
+
+@asynccontextmanager
+async def running_service(
+    tmp_path: Path, sites: Sequence[str], extensions: Sequence[Extension] | None = None
+) -> AsyncIterator[OrchestratorService]:
+    """The orchestrator's service for handlers called as functions: state in ``tmp_path / "state"`` (SQLite),
+    a fresh signing key, the default extensions unless ``extensions`` says otherwise, and ``sites`` enrolled
+    (:func:`enroll_sites`); closed afterwards."""
+    settings = OrchestratorSettings(state_dir=tmp_path / "state", signing_key=IdentityKey.generate())
+    svc = await start_service(settings, default_extensions() if extensions is None else extensions)
+    try:
+        enroll_sites(svc, sites)
+        yield svc
+    finally:
+        await svc.close()
+
+
+def agent_bearer(svc: OrchestratorService, site: str) -> tuple[IdentityKey, dict[str, str]]:
+    """Create ``site`` in the store, enroll it with a fresh identity key and log its agent in through the
+    service's auth (no HTTP): the key, and the ``Authorization`` header of the agent's token."""
+    key = IdentityKey.generate()
+    svc.store.create_site(site, svc.settings.clock.now())
+    issued = svc.auth.enrollment_token(site)
+    svc.auth.enroll(site=site, token=issued.token, public_key_hex=key.public().raw.hex())
+    challenge, _ = svc.auth.challenge(site)
+    signature = key.sign(canonical_json(agent_login_message(site, challenge))).hex()
+    token, _ = svc.auth.agent_token(site=site, challenge=challenge, signature_hex=signature)
+    return key, {"Authorization": f"Bearer {token}"}
+
+
+def operator_bearer(svc: OrchestratorService, name: str, role: Role) -> tuple[str, dict[str, str]]:
+    """A new operator ``name`` of ``role`` through the service's auth (no HTTP): their API key, and the
+    ``Authorization`` header of the token it trades for."""
+    api_key = svc.auth.new_user(name, role)
+    token, _ = svc.auth.operator_token(user=name, api_key=api_key)
+    return api_key, {"Authorization": f"Bearer {token}"}
+
+
+ENGINE_SITES = ("north", "east", "south")
+
+
+class RoundEngineHarness:
+    """The round engine with its real store (SQLite) and blob store in ``folder``, no service and no HTTP: a
+    test stores results as the upload route does, and tells the engine of each closure itself (or does not,
+    to play a process that died before it could)."""
+
+    def __init__(self, folder: Path, *, round_deadline_s: float = 3600.0) -> None:
+        self.db = make_engine(sqlite_url(folder / "orchestrator.sqlite"))
+        upgrade_database(self.db)
+        self.store = Store(self.db)
+        self.blobs = BlobStore(folder / "blobs")
+        self.clock = SystemClock()
+        self.engine = RoundEngine(self.store, self.blobs, self.clock, TaskNotifier())
+        self.round_deadline_s = round_deadline_s
+
+    async def start(self, **fields: Any) -> str:
+        """A study of the synthetic recipe over :data:`ENGINE_SITES`, approved by each; its id."""
+        spec = StudySpec.model_validate(
+            {
+                "name": "driver",
+                "dataset": "none",
+                "recipe": synthetic_recipe(8),
+                "rounds": 2,
+                "train_sites": list(ENGINE_SITES),
+                "min_sites": 2,
+                "round_deadline_s": self.round_deadline_s,
+                **fields,
+            }
+        )
+        digest = spec_hash(spec.model_dump(mode="json"))
+        for site in ENGINE_SITES:
+            if self.store.get_site_or_none(site) is None:
+                self.store.create_site(site, self.clock.now())
+            self.store.record_approval(site, digest, ApprovalState.APPROVED, self.clock.now())
+        return (await self.engine.create_study(spec)).id
+
+    def open_round(self, study_id: str) -> RoundRow:
+        return open_round(self.store, study_id)
+
+    def complete(self, study_id: str, site: str) -> tuple[str, str]:
+        """Store ``site``'s result for the open round as the upload route does; its (round, task) ids."""
+        r = self.open_round(study_id)
+        task = task_of(self.store, r.id, site)
+        metrics = SiteMetrics(num_samples=10, train_loss=0.5)
+        digest = None
+        if r.kind is TaskKind.TRAIN:
+            spec = self.store.spec(study_id)
+            delta = {s.name: np.full(s.shape, 0.01, np.float32) for s in param_specs(spec.recipe)}
+            body = encode_update(delta, ResultManifest(task_id=task.id, metrics=metrics))
+            digest = self.blobs.put(body, kind=BlobKind.UPDATE)
+        assert self.store.complete_task(
+            task.id, digest=digest, num_samples=10, metrics=metrics, when=self.clock.now()
+        )
+        return r.id, task.id
+
+    def fail(self, study_id: str, site: str, reason: str) -> tuple[str, str]:
+        """Close ``site``'s task of the open round as failed with ``reason``; its (round, task) ids."""
+        r = self.open_round(study_id)
+        task = task_of(self.store, r.id, site)
+        assert self.store.close_task(task.id, TaskStatus.FAILED, reason, self.clock.now())
+        return r.id, task.id
+
+
+def run_round_engine(
+    test: Callable[[RoundEngineHarness], Awaitable[None]], folder: Path, **harness: Any
+) -> None:
+    """Run ``test`` on a :class:`RoundEngineHarness` over ``folder`` (one process "life": call again on the
+    same folder to restart), closing the engine and the database afterwards."""
+
+    async def main() -> None:
+        o = RoundEngineHarness(folder, **harness)
+        try:
+            await test(o)
+        finally:
+            await o.engine.close()
+            o.db.dispose()
+
+    asyncio.run(main())
+
+
 def breast_datasets(sites: dict[str, str]) -> dict[str, object]:
     return {name: open_dataset(uri) for name, uri in sites.items()}
 
@@ -134,6 +345,58 @@ def heart_data_dir() -> Path:
             pytest.fail(f"FEDHEALTH_DATA_DIR={value!r} does not hold heart_disease/ (required in CI)")
         pytest.skip("set FEDHEALTH_DATA_DIR to the shared datasets folder to run this test")
     return folder
+
+
+_cli_runner = CliRunner()
+
+
+def cli(*args: object) -> Any:
+    """``fedhealth`` with ``args`` (each passed through ``str``), run in process; its result."""
+    return _cli_runner.invoke(app, [str(a) for a in args])
+
+
+def one_error(result: Any, code: int = 1) -> str:
+    """stderr is exactly one ``error:`` line, with no traceback, and the exit code is ``code``; the line."""
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def file_mode(path: Path) -> int:
+    """The permission bits of ``path`` itself (a symbolic link's own, not its target's)."""
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def allreduce_request(values: np.ndarray) -> bytes:
+    """XGBoost's federated.proto AllreduceRequest, as its worker sends it to the site's proxy: sequence 0,
+    rank 0, the buffer, float64 (2), SUM (2)."""
+    buffer = values.astype("<f8").tobytes()
+    assert len(buffer) < 128  # one-byte length varint
+    return bytes([0x08, 0, 0x10, 0, 0x1A, len(buffer)]) + buffer + bytes([0x20, 2, 0x28, 2])
+
+
+def run_until_polled(site: SiteAgent, polls: list[int], times: int = 3) -> BaseException | None:
+    """Run the agent's loop in a thread until it polled ``times`` times; what it raised, if it stopped."""
+    raised: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            site.run()
+        except BaseException as exc:
+            raised.append(exc)
+
+    site._warm_up = lambda: None  # type: ignore[method-assign] # no library preloading in a unit test
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while len(polls) < times and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    site.stop()
+    thread.join(5)
+    return raised[0] if raised else None
 
 
 class RogueSite:

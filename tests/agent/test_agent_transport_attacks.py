@@ -55,6 +55,7 @@ from fedhealth.crypto import (
     issue_client_certificate,
     issue_server_certificate,
 )
+from support import run_until_polled
 
 SITE = "site-a"
 URL = "https://orchestrator.test"
@@ -374,24 +375,9 @@ def test_the_agent_goes_on_polling_after_a_refusal_nested_a_hundred_thousand_dee
         AgentSettings(orchestrator_url=URL, site=SITE, identity=key, poll_wait_s=0.01, retry=quick),
         client=client,
     )
-    site._warm_up = lambda: None  # type: ignore[method-assign] # no library preloading in a unit test
-    raised: list[BaseException] = []
-
-    def loop() -> None:
-        try:
-            site.run()
-        except BaseException as exc:
-            raised.append(exc)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while len(polls) < 3 and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    site.stop()
-    thread.join(5)
+    raised = run_until_polled(site, polls)
     client.close()
-    assert not raised, f"the agent stopped: {type(raised[0]).__name__}"
+    assert raised is None, f"the agent stopped: {type(raised).__name__}"
     assert len(polls) >= 3
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -34,21 +33,9 @@ from fedhealth.agent import enroll_site
 from fedhealth.core import ConfigError
 from fedhealth.crypto import create_ca, write_private
 from fedhealth.orchestrator import OrchestratorHome, init_home
+from support import file_mode
 
 _OTHERS = 0o077
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.lstat().st_mode)
-
-
-@pytest.fixture
-def permissive_umask():
-    old = os.umask(0o000)  # the worst a process could inherit
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def _everything_under(root: Path) -> list[Path]:
@@ -81,11 +68,11 @@ def test_site_enroll_writes_every_file_of_the_home_private_under_a_permissive_um
         ca_pem=ca.cert_pem,
         transport=httpx.MockTransport(orchestrator),
     )
-    assert mode(home.root) == 0o700
+    assert file_mode(home.root) == 0o700
     written = sorted(p.name for p in home.root.iterdir())
     assert written == ["ca.pem", "identity.key", "site.json", "tls-client.key", "tls-client.pem"]
     for path in home.root.iterdir():
-        assert mode(path) == 0o600, f"{path.name} is {mode(path):o}"
+        assert file_mode(path) == 0o600, f"{path.name} is {file_mode(path):o}"
     assert home.client_cert() is not None
 
 
@@ -98,7 +85,7 @@ def test_orchestrator_init_leaves_nothing_readable_by_others_under_a_permissive_
     found = _everything_under(root)
     for path in (home.settings_path, home.ca_cert, home.tls_cert, home.state_dir / "orchestrator.sqlite"):
         assert path in found, path.name
-    loose = {str(p.relative_to(root)): f"{mode(p):o}" for p in [root, *found] if mode(p) & _OTHERS}
+    loose = {str(p.relative_to(root)): f"{file_mode(p):o}" for p in [root, *found] if file_mode(p) & _OTHERS}
     assert loose == {}
 
 
@@ -116,7 +103,7 @@ def test_an_orchestrator_database_at_a_sqlite_url_of_its_own_is_created_private(
     finally:
         os.umask(old)
     assert "database_url" in json.loads(OrchestratorHome(tmp_path / "orch").settings_path.read_text())
-    assert mode(database) == 0o600, f"{mode(database):o}"
+    assert file_mode(database) == 0o600, f"{file_mode(database):o}"
 
 
 def test_an_orchestrator_home_owned_by_another_account_is_refused(tmp_path, monkeypatch):
@@ -159,7 +146,7 @@ def test_the_site_dashboard_listens_on_loopback_only_and_writes_its_sign_in_link
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
             assert time.monotonic() < deadline, "the dashboard did not start"
             time.sleep(0.05)
-        assert mode(ready) == 0o600
+        assert file_mode(ready) == 0o600
         info = json.loads(ready.read_text())
         assert info["url"].startswith("http://127.0.0.1:")
         port = int(info["url"].rsplit(":", 1)[1])
@@ -193,7 +180,7 @@ def test_a_secret_written_to_a_shared_folder_is_not_diverted_by_a_planted_tempor
     write_private(shared / "rita.credential", b'{"api_key": "fhk_secret"}')
     assert "fhk_secret" not in attackers.read_text()
     assert not (shared / "rita.credential").is_symlink()
-    assert mode(shared / "rita.credential") == 0o600
+    assert file_mode(shared / "rita.credential") == 0o600
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/cmdline"), reason="needs Linux's /proc")
@@ -264,5 +251,5 @@ def test_the_database_url_can_come_from_the_environment_instead_of_the_arguments
     )
     assert result.exit_code == 0, result.output
     assert json.loads(OrchestratorHome(home).settings_path.read_text())["database_url"] == url
-    assert mode(database) == 0o600  # created private, and the schema and admin user went there
+    assert file_mode(database) == 0o600  # created private, and the schema and admin user went there
     assert database.stat().st_size > 0

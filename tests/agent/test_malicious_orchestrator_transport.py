@@ -28,7 +28,7 @@ from fedhealth.core import ServiceUnavailableError, encode_tensors, sha256_hex
 from fedhealth.crypto import IdentityKey
 from fedhealth.protocol import StudySpec, Task, TaskKind
 from fedhealth.runtime import initial_model
-from support import synthetic_recipe
+from support import run_until_polled, synthetic_recipe
 
 SITE = "site-a"
 MiB = 1 << 20
@@ -413,27 +413,6 @@ def scripted_orchestrator(bad: Callable[[], httpx.Response], *, approvals_bad: b
         return httpx.Response(404, json={"error": "not_found"})
 
     return handler, polls
-
-
-def run_until_polled(site: SiteAgent, polls: list[int], times: int = 3) -> BaseException | None:
-    """Run the agent's loop in a thread until it polled ``times`` times; what it raised, if it stopped."""
-    raised: list[BaseException] = []
-
-    def loop() -> None:
-        try:
-            site.run()
-        except BaseException as exc:
-            raised.append(exc)
-
-    site._warm_up = lambda: None  # type: ignore[method-assign] # no library preloading in a unit test
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while len(polls) < times and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    site.stop()
-    thread.join(5)
-    return raised[0] if raised else None
 
 
 @pytest.mark.timeout(30)

@@ -22,15 +22,6 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-@pytest.fixture
-def permissive_umask():
-    old = os.umask(0o000)  # the worst a service could inherit
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
 @pytest.mark.parametrize("factory", [site_engine, sqlite_engine], ids=["governance", "ledger"])
 def test_a_new_site_database_and_its_wal_files_are_0600_under_any_umask(tmp_path, permissive_umask, factory):
     path = tmp_path / "site.sqlite"

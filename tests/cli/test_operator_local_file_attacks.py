@@ -20,48 +20,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import stat
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from fedhealth.cli import _study as study_module
-from fedhealth.cli import app
 from fedhealth.client import ClientError, OperatorClient, SpecFileError, load_spec, spec_template
 from fedhealth.core import ConfigError, encode_tensors
 from fedhealth.crypto import create_ca
 from fedhealth.protocol import OperatorCredential, StudyInfo
-from support import breast_spec
+from support import breast_spec, cli, file_mode, one_error
 
 API_KEY = "fhk_" + "k" * 43
 # nothing listens there: a command that got past the credential check would fail to connect instead
 URL = "https://127.0.0.1:9"
 FEDERATION_CA = create_ca("the federation").cert_pem.decode()
 MODEL = encode_tensors({"weight": np.ones(3, dtype=np.float32), "bias": np.zeros(1, dtype=np.float32)})
-
-runner = CliRunner()
-
-
-def cli(*args: object) -> Any:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error(result: Any) -> str:
-    """Exit 1 with exactly one ``error:`` line on stderr and no traceback."""
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.lstat().st_mode)
 
 
 def write_credential(path: Path, file_mode: int = 0o600) -> Path:
@@ -72,15 +49,6 @@ def write_credential(path: Path, file_mode: int = 0o600) -> Path:
     )
     os.chmod(path, file_mode)
     return path
-
-
-@pytest.fixture
-def permissive_umask():
-    old = os.umask(0o000)  # the worst a process could inherit
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def study_info(status: str) -> StudyInfo:
@@ -219,7 +187,7 @@ def test_study_download_does_not_write_through_a_symbolic_link_planted_at_its_ou
     assert forced.exit_code == 0, forced.output
     assert victim.read_text() == "precious"
     assert not out.is_symlink()
-    assert mode(out) == 0o600
+    assert file_mode(out) == 0o600
 
 
 @pytest.mark.parametrize("option", ["--model", "--report"])
@@ -259,7 +227,7 @@ def test_a_downloaded_model_and_report_are_private_under_a_permissive_umask(
     assert result.exit_code == 0, result.output
     assert model.read_bytes() == MODEL
     assert json.loads(report.read_text()) == {"auc": 0.9, "study": "st_1"}
-    assert (mode(model), mode(report)) == (0o600, 0o600)
+    assert (file_mode(model), file_mode(report)) == (0o600, 0o600)
 
 
 def test_the_python_apis_download_model_does_not_write_through_a_planted_link(tmp_path, monkeypatch):
@@ -288,7 +256,7 @@ def test_model_predict_out_does_not_write_through_a_planted_link_and_is_private(
     assert victim.read_text() == "precious"
     assert not out.is_symlink()
     assert "p-1" in out.read_text()  # patient ids: for the operator's eyes only
-    assert mode(out) == 0o600
+    assert file_mode(out) == 0o600
 
 
 def test_study_init_does_not_create_the_target_of_a_dangling_link(tmp_path):

@@ -4,29 +4,12 @@ refused with one error line. (``stats run`` through the services: tests/e2e/test
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import numpy as np
-from typer.testing import CliRunner
 
-from fedhealth.cli import app
 from fedhealth.data import TabularDataset
 from fedhealth.learning import run_stats_in_memory
-
-runner = CliRunner()
-
-
-def cli(*args: object) -> Any:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error(result: Any, code: int) -> str:
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.output
-    return lines[0]
+from support import cli, one_error
 
 
 def site(name: str, n: int) -> TabularDataset:

@@ -23,7 +23,6 @@ import base64
 import os
 import ssl
 import stat
-import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -68,10 +67,7 @@ from fedhealth.orchestrator._routes_admin import register_site
 from fedhealth.orchestrator._routes_auth import enroll_site
 from fedhealth.orchestrator._serve import _with_client_certificate
 from fedhealth.protocol import EnrollRequest, Role, SiteCreate, agent_login_message
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-    from starlette.testclient import TestClient
+from support import TestClient
 
 HOST = "orchestrator.example"
 

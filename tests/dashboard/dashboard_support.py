@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,11 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-with warnings.catch_warnings():
-    # starlette would rather drive its test client with httpx2; the httpx it also supports is the one we pin
-    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-    from starlette.testclient import TestClient
 
 from fedhealth.crypto import IdentityKey
 from fedhealth.dashboard import DashboardExtension, DriftPolicy
@@ -32,7 +26,7 @@ from fedhealth.orchestrator import (
     default_extensions,
 )
 from fedhealth.protocol import RoundStatus, SiteMetrics, TaskKind, TaskStatus
-from support import breast_spec
+from support import TestClient, breast_spec
 
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 

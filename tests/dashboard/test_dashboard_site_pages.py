@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import update
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-    from starlette.testclient import TestClient
 
 from fedhealth.agent import DatasetSummary, SiteDatasets, SiteGovernance, SiteHome, csv_uri
 from fedhealth.core import ManualClock
@@ -33,7 +28,7 @@ from fedhealth.governance import (
     ConsentRecord,
     spec_hash,
 )
-from support import breast_spec
+from support import TestClient, breast_spec
 
 LOCAL = "http://127.0.0.1:8765"  # the site dashboard answers only a loopback Host with its own port
 

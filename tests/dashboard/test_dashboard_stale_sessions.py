@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,10 +22,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from dashboard_support import add_user, csrf_of, seed, sign_in
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-    from starlette.testclient import TestClient
 
 from fedhealth.agent import SiteGovernance, SiteHome
 from fedhealth.cli._services import orchestrator_serve
@@ -37,6 +32,7 @@ from fedhealth.dashboard._session import SESSION_COOKIE
 from fedhealth.orchestrator import OrchestratorSettings, Services, create_app, default_extensions
 from fedhealth.orchestrator._db import users
 from fedhealth.protocol import Role
+from support import TestClient
 
 LOCAL = "http://127.0.0.1:8765"  # the site dashboard answers only a loopback Host with its own port
 

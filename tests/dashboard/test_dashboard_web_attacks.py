@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from html.parser import HTMLParser
@@ -32,10 +31,6 @@ import pytest
 import sqlalchemy as sa
 from dashboard_support import Dashboard, add_user, csrf_of, dashboard_app, figure_of, seed, sign_in
 
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-    from starlette.testclient import TestClient
-
 from fedhealth.crypto import IdentityKey, create_ca, issue_client_certificate
 from fedhealth.dashboard import DashboardExtension
 from fedhealth.dashboard._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE
@@ -44,6 +39,7 @@ from fedhealth.orchestrator import OrchestratorSettings, create_app, default_ext
 from fedhealth.orchestrator._db import rounds, studies, tasks
 from fedhealth.orchestrator._serve import _with_client_certificate
 from fedhealth.protocol import Role
+from support import TestClient
 
 XSS_IMG = "<img src=x onerror=alert(1)>"  # 28 characters: fits a software version (40)
 XSS_SCRIPT = "</script><script>alert(2)</script>"

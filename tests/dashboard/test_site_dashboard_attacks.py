@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -30,16 +29,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-    from starlette.testclient import TestClient
-
 from fedhealth.agent import SiteDatasets, SiteGovernance, SiteHome
 from fedhealth.crypto import IdentityKey
 from fedhealth.dashboard import site_dashboard_app
 from fedhealth.dashboard._site import SITE_COOKIE
 from fedhealth.governance import AuditEventType, ConsentDecision, ConsentRecord, spec_hash
-from support import breast_spec
+from support import TestClient, breast_spec
 
 XSS_IMG = "<img src=x onerror=alert(1)>"
 XSS_SCRIPT = "</script><script>alert(2)</script>"

@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,16 +20,13 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-    from starlette.testclient import TestClient
-
 from fedhealth.agent import SiteHome
 from fedhealth.cli import app as cli
 from fedhealth.core import ManualClock
 from fedhealth.crypto import IdentityKey, create_ca
 from fedhealth.dashboard import site_dashboard_app, site_dashboard_link
 from fedhealth.dashboard._site import RUNTIME_FILE, SITE_COOKIE, signed_sign_in_token
+from support import TestClient
 
 TOKEN = "the-one-time-token"
 PORT = 8765

@@ -1,34 +1,9 @@
-import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-
-HEART_FILES = (
-    "processed.cleveland.data",
-    "processed.hungarian.data",
-    "processed.switzerland.data",
-    "processed.va.data",
-)
-
-
-@pytest.fixture(scope="session")
-def heart_data_dir() -> Path:
-    """The folder holding heart_disease/: skipped only when FEDHEALTH_DATA_DIR is unset and the data is not
-    required (FEDHEALTH_REQUIRE_DATA != "1"); a set but incomplete folder is a failure."""
-    value = os.environ.get("FEDHEALTH_DATA_DIR")
-    required = os.environ.get("FEDHEALTH_REQUIRE_DATA") == "1"
-    if not value:
-        if required:
-            pytest.fail("FEDHEALTH_REQUIRE_DATA=1 but FEDHEALTH_DATA_DIR is not set")
-        pytest.skip(
-            "FEDHEALTH_DATA_DIR is not set (set it to a folder holding heart_disease/ to run this test)"
-        )
-    folder = Path(value)
-    missing = [f for f in HEART_FILES if not (folder / "heart_disease" / f).is_file()]
-    if missing:
-        pytest.fail(f"FEDHEALTH_DATA_DIR={folder} lacks heart_disease/{missing}")
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +12,12 @@ def heart_centers(heart_data_dir: Path) -> list[Any]:
     from fedhealth.data import load_heart_disease
 
     return [load_heart_disease(c, heart_data_dir, download=False) for c in range(4)]
+
+
+@pytest.fixture(scope="module")
+def centers(heart_centers: list[Any]) -> list[Any]:
+    """The four centers, under the name the boosting tests give them (a module may define its own)."""
+    return heart_centers
 
 
 @pytest.fixture
@@ -53,3 +34,30 @@ def float_sums_made(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(_lightgbm_network.FloatSums, "__init__", recording)
     return made
+
+
+class _RecordedSession:
+    """Three sites' session as the site's XGBoost proxy sees it: every secure sum recorded, the sum as if all
+    sent alike."""
+
+    site, sites = "b", ("a", "b", "c")
+
+    def __init__(self) -> None:
+        self.sums: list[np.ndarray] = []
+
+    def secure_sum(self, values: Any) -> np.ndarray:
+        self.sums.append(np.array(values, dtype=np.float64))
+        return np.array(values, dtype=np.float64) * 3
+
+
+@pytest.fixture
+def proxy() -> Iterator[tuple[Any, _RecordedSession, str]]:
+    """A site's XGBoost proxy (``SessionProxy``) started on a recorded session: the proxy, the session and
+    the address it listens on; stopped afterwards."""
+    from fedhealth.learning._xgboost_proxy import SessionProxy
+
+    session = _RecordedSession()
+    proxy = SessionProxy(session)  # type: ignore[arg-type]
+    address = proxy.start()
+    yield proxy, session, address
+    proxy.stop()

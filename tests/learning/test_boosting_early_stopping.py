@@ -36,11 +36,6 @@ from fedhealth.learning._boosting import (
 SITES = ["center-0", "center-1", "center-2", "center-3"]
 
 
-@pytest.fixture(scope="module")
-def centers(heart_centers) -> list[Any]:
-    return heart_centers
-
-
 def _with_test_rows(center: TabularDataset, keep: Any) -> TabularDataset:
     """The center with every training row and only the test rows ``keep`` marks."""
     return center.select(np.ones(center.num_train, dtype=bool), keep)

@@ -24,11 +24,6 @@ from fedhealth.learning._package import PackageInputError
 from support import package_origin
 
 
-@pytest.fixture(scope="module")
-def centers(heart_centers) -> list[Any]:
-    return heart_centers
-
-
 @pytest.mark.parametrize(
     ("recipe", "params", "onnx"),
     [

@@ -33,11 +33,6 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.fixture(scope="module")
-def centers(heart_centers) -> list[Any]:
-    return heart_centers
-
-
 def _run(train, params, datasets, dirs=None, crash_at=None, counted=None):
     """The session; ``crash_at``: center-2 dies at its call of that number (a share of ``counted``, the
     calls of a whole run, when a float); ``counted``: a list that gets the number of center-2's calls."""

@@ -27,11 +27,6 @@ from fedhealth.secagg import SessionFailedError
 SITES = ["center-0", "center-1", "center-2", "center-3"]
 
 
-@pytest.fixture(scope="module")
-def centers(heart_centers) -> list[Any]:
-    return heart_centers
-
-
 def _federated(params: XGBoostParams, centers: list[Any]) -> dict[str, Any]:
     session = InMemorySession(SITES, call_timeout_s=60)
     return session.run(lambda member: train_site_xgboost(params, centers[SITES.index(member.site)], member))

@@ -18,44 +18,16 @@ import numpy as np
 import pytest
 
 from fedhealth.learning import _xgboost_proxy
-from fedhealth.learning._xgboost_proxy import SERVICE, SessionProxy
+from fedhealth.learning._xgboost_proxy import SERVICE
+from support import allreduce_request
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the caller check reads Linux's /proc")
-
-
-class _Session:
-    """Three sites' session as the proxy sees it: every secure sum recorded."""
-
-    site, sites = "b", ("a", "b", "c")
-
-    def __init__(self) -> None:
-        self.sums: list[np.ndarray] = []
-
-    def secure_sum(self, values: Any) -> np.ndarray:
-        self.sums.append(np.array(values, dtype=np.float64))
-        return np.array(values, dtype=np.float64) * 3
-
-
-def _allreduce_request(values: np.ndarray) -> bytes:
-    """federated.proto's AllreduceRequest: sequence 0, rank 0, the buffer, float64 (2), SUM (2)."""
-    buffer = values.astype("<f8").tobytes()
-    assert len(buffer) < 128
-    return bytes([0x08, 0, 0x10, 0, 0x1A, len(buffer)]) + buffer + bytes([0x20, 2, 0x28, 2])
 
 
 def _gather_request(data: bytes, root: int | None = None) -> bytes:
     """AllgatherRequest / BroadcastRequest: sequence 0, rank 1, the bytes (field 3), root (field 4)."""
     out = bytes([0x08, 0, 0x10, 1, 0x1A, len(data)]) + data
     return out + (bytes([0x20, root]) if root is not None else b"")
-
-
-@pytest.fixture
-def proxy():
-    session = _Session()
-    proxy = SessionProxy(session)  # type: ignore[arg-type]
-    address = proxy.start()
-    yield proxy, session, address
-    proxy.stop()
 
 
 def _listening(port: int) -> list[str]:
@@ -90,7 +62,7 @@ def test_the_proxy_listens_on_the_loopback_address_only(proxy):
 def test_every_method_of_the_proxy_refuses_another_process(proxy):
     server, session, address = proxy
     calls = {
-        "Allreduce": _allreduce_request(np.zeros(4)),
+        "Allreduce": allreduce_request(np.zeros(4)),
         "Allgather": _gather_request(b"\x01\x02\x03\x04"),
         "AllgatherV": _gather_request(b"\x05\x06"),
         "Broadcast": _gather_request(b"", root=0),
@@ -124,7 +96,7 @@ def test_without_proc_the_proxy_says_so_once_and_answers(proxy, monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger=_xgboost_proxy.__name__):
         for _ in range(2):
             with grpc.insecure_channel(address) as channel:  # a new connection each time
-                channel.unary_unary(f"/{SERVICE}/Allreduce")(_allreduce_request(np.ones(2)), timeout=20)
+                channel.unary_unary(f"/{SERVICE}/Allreduce")(allreduce_request(np.ones(2)), timeout=20)
     assert len(session.sums) == 2
     warnings = [r for r in caplog.records if "cannot be checked" in r.getMessage()]
     assert len(warnings) == 1
@@ -212,7 +184,7 @@ def test_a_hand_made_call_of_another_process_is_refused(proxy):
     server, session, _ = proxy
     attacker = _RAW_CALL + textwrap.dedent(
         f"""
-        request = {_allreduce_request(np.full(2, 7.0))!r}
+        request = {allreduce_request(np.full(2, 7.0))!r}
         path = "/{SERVICE}/Allreduce"
         print("ANSWERED" if raw_call({_free_port()}, {server.port}, path, request, True) else "REFUSED")
         """
@@ -231,13 +203,13 @@ def test_another_process_on_the_port_of_a_closed_connection_of_the_agent_is_refu
     path = f"/{SERVICE}/Allreduce"
     port = _free_port()
     # the agent's own connection (this process) from ``port``: checked, admitted and answered
-    assert namespace["raw_call"](port, server.port, path, _allreduce_request(np.ones(2)), True)
+    assert namespace["raw_call"](port, server.port, path, allreduce_request(np.ones(2)), True)
     assert len(session.sums) == 1
     assert set(server._peers) == {f"ipv4:127.0.0.1:{port}"}
     # that connection is gone; a program of another account takes its port (read in /proc/net/tcp)
     attacker = _RAW_CALL + textwrap.dedent(
         f"""
-        request = {_allreduce_request(np.full(2, 7.0))!r}
+        request = {allreduce_request(np.full(2, 7.0))!r}
         print("ANSWERED" if raw_call({port}, {server.port}, {path!r}, request, True) else "REFUSED")
         """
     )
@@ -263,7 +235,7 @@ def test_a_connection_is_looked_up_in_the_tcp_table_once_while_it_stays_open(pro
     with grpc.insecure_channel(address) as channel:
         call = channel.unary_unary(f"/{SERVICE}/Allreduce")
         for _ in range(3):
-            call(_allreduce_request(np.ones(2)), timeout=20)
+            call(allreduce_request(np.ones(2)), timeout=20)
     assert len(session.sums) == 3
     assert len(looked_up) == 1
     assert server.refused == 0

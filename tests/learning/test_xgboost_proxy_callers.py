@@ -7,48 +7,19 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
-from fedhealth.learning._xgboost_proxy import SERVICE, SessionProxy, decode_request, peer_is_this_process
+from fedhealth.learning._xgboost_proxy import SERVICE, decode_request, peer_is_this_process
+from support import allreduce_request
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the caller check reads Linux's /proc")
 
 
-class _Session:
-    """Three sites' session as the proxy sees it: every secure sum recorded, the sum as if all sent alike."""
-
-    site, sites = "b", ("a", "b", "c")
-
-    def __init__(self) -> None:
-        self.sums: list[np.ndarray] = []
-
-    def secure_sum(self, values: Any) -> np.ndarray:
-        self.sums.append(np.array(values, dtype=np.float64))
-        return np.array(values, dtype=np.float64) * 3
-
-
-def _allreduce_request(values: np.ndarray) -> bytes:
-    """federated.proto's AllreduceRequest: sequence 0, rank 0, the buffer, float64 (2), SUM (2)."""
-    buffer = values.astype("<f8").tobytes()
-    assert len(buffer) < 128  # one-byte length varint
-    return bytes([0x08, 0, 0x10, 0, 0x1A, len(buffer)]) + buffer + bytes([0x20, 2, 0x28, 2])
-
-
-@pytest.fixture
-def proxy():
-    session = _Session()
-    proxy = SessionProxy(session)  # type: ignore[arg-type]
-    address = proxy.start()
-    yield proxy, session, address
-    proxy.stop()
-
-
 def test_the_request_helper_is_what_the_proxy_decodes():
-    fields = decode_request(_allreduce_request(np.array([1.0, 2.0])))
+    fields = decode_request(allreduce_request(np.array([1.0, 2.0])))
     assert (fields[4], fields[5]) == (2, 2)
     assert np.frombuffer(fields[3], dtype="<f8").tolist() == [1.0, 2.0]
 
@@ -56,7 +27,7 @@ def test_the_request_helper_is_what_the_proxy_decodes():
 def test_a_call_from_the_proxys_own_process_is_answered(proxy):
     server, session, address = proxy
     with grpc.insecure_channel(address) as channel:
-        reply = channel.unary_unary(f"/{SERVICE}/Allreduce")(_allreduce_request(np.array([0.5, 1.25, -2.0])))
+        reply = channel.unary_unary(f"/{SERVICE}/Allreduce")(allreduce_request(np.array([0.5, 1.25, -2.0])))
     assert np.frombuffer(reply[2:], dtype="<f8").tolist() == [1.5, 3.75, -6.0]  # field 1, length 24
     assert len(session.sums) == 1
     assert server.refused == 0
@@ -67,7 +38,7 @@ def test_a_call_from_another_process_is_refused_before_anything_is_summed(proxy)
     attacker = textwrap.dedent(
         f"""
         import grpc
-        request = {_allreduce_request(np.zeros(4))!r}
+        request = {allreduce_request(np.zeros(4))!r}
         with grpc.insecure_channel({address!r}) as channel:
             try:
                 channel.unary_unary("/{SERVICE}/Allreduce")(request)
@@ -83,7 +54,7 @@ def test_a_call_from_another_process_is_refused_before_anything_is_summed(proxy)
     assert server.refused == 1
     assert server.error is None  # the site's own training is not failed by it
     with grpc.insecure_channel(address) as channel:  # and the worker is still answered
-        channel.unary_unary(f"/{SERVICE}/Allreduce")(_allreduce_request(np.ones(2)))
+        channel.unary_unary(f"/{SERVICE}/Allreduce")(allreduce_request(np.ones(2)))
     assert len(session.sums) == 1
 
 
@@ -99,7 +70,7 @@ def test_a_peer_that_is_no_socket_of_this_process_is_not_taken_for_one(proxy):
 def test_the_mapped_form_of_the_peer_is_checked_like_the_ipv4_one(proxy):
     server, _, address = proxy
     with grpc.insecure_channel(address) as channel:  # checked while the connection is open
-        channel.unary_unary(f"/{SERVICE}/Allreduce")(_allreduce_request(np.ones(2)))
+        channel.unary_unary(f"/{SERVICE}/Allreduce")(allreduce_request(np.ones(2)))
         (peer,) = server._peers  # the worker's connection, as gRPC named it: ipv4:127.0.0.1:P
         port = peer.rsplit(":", 1)[1]
         assert peer_is_this_process(peer, server.port) is True

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +30,6 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 
-with warnings.catch_warnings():
-    # starlette would rather drive its test client with httpx2; the httpx it also supports is the one we pin
-    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-    from starlette.testclient import TestClient
-
-from fedhealth.core import canonical_json
 from fedhealth.crypto import IdentityKey
 from fedhealth.dashboard import DashboardExtension
 from fedhealth.orchestrator import OrchestratorSettings, create_app, default_extensions
@@ -50,10 +43,9 @@ from fedhealth.protocol import (
     StudyStatus,
     Task,
     TaskStatus,
-    agent_login_message,
 )
 from fedhealth.runtime import encode_update, param_specs
-from support import synthetic_recipe
+from support import TestClient, agent_bearer, operator_bearer, synthetic_recipe
 
 # --- who may call what (docs/security.md) ----------------------------------------------------------------
 
@@ -209,21 +201,11 @@ class World:
 
 
 def _enroll(w: World, site: str) -> None:
-    svc, now = w.svc, w.svc.settings.clock.now()
-    key = w.keys[site] = IdentityKey.generate()
-    svc.store.create_site(site, now)
-    issued = svc.auth.enrollment_token(site)
-    svc.auth.enroll(site=site, token=issued.token, public_key_hex=key.public().raw.hex())
-    challenge, _ = svc.auth.challenge(site)
-    signature = key.sign(canonical_json(agent_login_message(site, challenge))).hex()
-    token, _ = svc.auth.agent_token(site=site, challenge=challenge, signature_hex=signature)
-    w.bearer[site] = {"Authorization": f"Bearer {token}"}
+    w.keys[site], w.bearer[site] = agent_bearer(w.svc, site)
 
 
 def _user(w: World, caller: str, name: str, role: Role) -> None:
-    api_key = w.api_keys[name] = w.svc.auth.new_user(name, role)
-    token, _ = w.svc.auth.operator_token(user=name, api_key=api_key)
-    w.bearer[caller] = {"Authorization": f"Bearer {token}"}
+    w.api_keys[name], w.bearer[caller] = operator_bearer(w.svc, name, role)
 
 
 def _start(tmp: Path, *, gate: bool) -> Iterator[World]:

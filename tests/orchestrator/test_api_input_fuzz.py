@@ -32,7 +32,6 @@ import itertools
 import json
 import struct
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +40,6 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
-
-with warnings.catch_warnings():
-    # starlette would rather drive its test client with httpx2; the httpx it also supports is the one we pin
-    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-    from starlette.testclient import TestClient
 
 from fedhealth.core import canonical_json, encode_tensors
 from fedhealth.crypto import IdentityKey
@@ -64,7 +58,7 @@ from fedhealth.protocol import (
     agent_login_message,
 )
 from fedhealth.runtime import encode_update, param_specs
-from support import postgres_schema, synthetic_recipe
+from support import TestClient, agent_bearer, operator_bearer, postgres_schema, synthetic_recipe
 
 POSTGRES = pytest.param("postgres", marks=pytest.mark.postgres)
 DATABASES = ["sqlite", POSTGRES]
@@ -97,21 +91,11 @@ class Fed:
 
 
 def _enroll(f: Fed, site: str) -> None:
-    svc, now = f.svc, f.svc.settings.clock.now()
-    key = f.keys[site] = IdentityKey.generate()
-    svc.store.create_site(site, now)
-    issued = svc.auth.enrollment_token(site)
-    svc.auth.enroll(site=site, token=issued.token, public_key_hex=key.public().raw.hex())
-    challenge, _ = svc.auth.challenge(site)
-    signature = key.sign(canonical_json(agent_login_message(site, challenge))).hex()
-    token, _ = svc.auth.agent_token(site=site, challenge=challenge, signature_hex=signature)
-    f.bearer[site] = {"Authorization": f"Bearer {token}"}
+    f.keys[site], f.bearer[site] = agent_bearer(f.svc, site)
 
 
 def _user(f: Fed, name: str, role: Role) -> None:
-    api_key = f.svc.auth.new_user(name, role)
-    token, _ = f.svc.auth.operator_token(user=name, api_key=api_key)
-    f.bearer[name] = {"Authorization": f"Bearer {token}"}
+    _, f.bearer[name] = operator_bearer(f.svc, name, role)
 
 
 @contextlib.contextmanager

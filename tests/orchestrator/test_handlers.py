@@ -6,9 +6,8 @@ status the API answers and nothing lost. The same routes over real HTTPS are in 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,9 @@ import pytest
 from fastapi import APIRouter
 
 from fedhealth.core import ConflictError, InputError, NotFoundError
-from fedhealth.crypto import Audience, IdentityKey, TokenClaims
+from fedhealth.crypto import IdentityKey
 from fedhealth.governance import SignedSpec
 from fedhealth.orchestrator import (
-    Extension,
     ExtensionContext,
     NullObserver,
     OrchestratorService,
@@ -30,7 +28,7 @@ from fedhealth.orchestrator import (
     default_extensions,
     start_service,
 )
-from fedhealth.orchestrator._auth import Forbidden, Principal
+from fedhealth.orchestrator._auth import Forbidden
 from fedhealth.orchestrator._governance import (
     GovernanceExtension,
     OwnerKeyBody,
@@ -67,27 +65,14 @@ from fedhealth.protocol import (
     UserCreate,
 )
 from fedhealth.runtime import encode_update, param_specs
-from support import synthetic_recipe
+from support import operator_principal, running_service, synthetic_recipe
 
 SITES = ["site-a", "site-b"]
 
 
-def _principal(name: str, role: Role) -> Principal:
-    now = datetime.now(UTC)
-    claims = TokenClaims(
-        subject=name,
-        role=role.value,
-        audience=Audience.OPERATOR,
-        issued_at=now,
-        expires_at=now + timedelta(minutes=5),
-        token_id=f"t-{name}",
-    )
-    return Principal(name=name, role=role, claims=claims)
-
-
-ADMIN = _principal("admin", Role.ADMIN)
-RESEARCHER = _principal("alice", Role.RESEARCHER)
-OTHER_RESEARCHER = _principal("bob", Role.RESEARCHER)
+ADMIN = operator_principal("admin", Role.ADMIN)
+RESEARCHER = operator_principal("alice", Role.RESEARCHER)
+OTHER_RESEARCHER = operator_principal("bob", Role.RESEARCHER)
 
 
 def _spec(owner: str = "alice", min_sites: int = 1) -> StudySpec:
@@ -110,22 +95,6 @@ def _update(task: Task, fill: float = 0.01, task_id: str | None = None) -> bytes
     delta = {s.name: np.full(s.shape, fill, dtype=np.float32) for s in param_specs(task.recipe)}
     manifest = ResultManifest(task_id=task_id or task.task_id, metrics=SiteMetrics(num_samples=10))
     return encode_update(delta, manifest)
-
-
-@asynccontextmanager
-async def _service(
-    tmp_path: Path, extensions: Sequence[Extension] | None = None
-) -> AsyncIterator[OrchestratorService]:
-    settings = OrchestratorSettings(state_dir=tmp_path / "state", signing_key=IdentityKey.generate())
-    svc = await start_service(settings, default_extensions() if extensions is None else extensions)
-    try:
-        for site in SITES:
-            created = register_site(svc, ADMIN, SiteCreate(name=site))
-            key = IdentityKey.generate().public().raw.hex()
-            enroll_site(svc, EnrollRequest(site=site, token=created.enrollment_token, public_key=key))
-        yield svc
-    finally:
-        await svc.close()
 
 
 async def _running_study(
@@ -153,7 +122,7 @@ async def _running_study(
 
 def _run(tmp_path: Path, body: Callable[[OrchestratorService], Awaitable[None]]) -> None:
     async def main() -> None:
-        async with _service(tmp_path) as svc:
+        async with running_service(tmp_path, SITES) as svc:
             await body(svc)
 
     asyncio.run(main())
@@ -375,7 +344,7 @@ def test_operator_handlers_refuse_wrong_principals_and_bad_input(tmp_path: Path)
         assert site_user.value.status == 422
         add_user(svc, ADMIN, UserCreate(name="root", role=Role.ADMIN))
         with pytest.raises(ApiError) as self_revoke:
-            revoke_account(svc, _principal("root", Role.ADMIN), "root")
+            revoke_account(svc, operator_principal("root", Role.ADMIN), "root")
         assert (self_revoke.value.status, self_revoke.value.error) == (
             409,
             "an admin cannot revoke their own account",
@@ -450,7 +419,7 @@ def test_an_extension_registers_its_observer_signatures_and_routes(tmp_path: Pat
     extension = _SigningExtension()
 
     async def main() -> None:
-        async with _service(tmp_path, [extension]) as svc:
+        async with running_service(tmp_path, SITES, [extension]) as svc:
             assert extension.started_with is not None
             assert extension.started_with.store is svc.store
             assert extension.recorder in svc.engine.observers
@@ -469,7 +438,7 @@ def test_an_extension_registers_its_observer_signatures_and_routes(tmp_path: Pat
 
 def test_without_governance_specs_go_unsigned_and_its_routes_say_it_is_off(tmp_path: Path) -> None:
     async def main() -> None:
-        async with _service(tmp_path, []) as svc:
+        async with running_service(tmp_path, SITES, []) as svc:
             info = await submit_study(svc, RESEARCHER, _spec())
             (pending,) = pending_specs(svc, "site-a").specs
             assert pending.study_id == info.study_id
@@ -493,7 +462,7 @@ def test_a_signed_study_is_checked_against_the_owners_key_and_its_signature_reac
     forged = SignedStudyBody(spec=spec, signature=by_another_key.signature.hex())
 
     async def main() -> None:
-        async with _service(tmp_path, [governance]) as svc:
+        async with running_service(tmp_path, SITES, [governance]) as svc:
             observer = governance.observer
             with pytest.raises(ApiError) as no_key:
                 await submit_signed_study(svc, observer, RESEARCHER, good)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,43 +20,33 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from fedhealth.core import NotFoundError, SystemClock
-from fedhealth.crypto import Audience, IdentityKey, PublicIdentity, TokenClaims
-from fedhealth.governance import spec_hash
+from fedhealth.core import NotFoundError
+from fedhealth.crypto import IdentityKey, PublicIdentity
 from fedhealth.orchestrator import (
-    BlobStore,
     NullObserver,
     OrchestratorService,
     OrchestratorSettings,
-    RoundEngine,
     Store,
     make_engine,
     sqlite_url,
     start_service,
-    upgrade_database,
 )
-from fedhealth.orchestrator._auth import Principal
-from fedhealth.orchestrator._blobs import BlobKind
 from fedhealth.orchestrator._http import ApiError
-from fedhealth.orchestrator._notify import TaskNotifier
-from fedhealth.orchestrator._routes_admin import register_site, revoke, rotate
-from fedhealth.orchestrator._routes_auth import enroll_site
+from fedhealth.orchestrator._routes_admin import revoke, rotate
 from fedhealth.orchestrator._routes_secure import accept_secagg_message
 from fedhealth.orchestrator._routes_sites import accept_approval
 from fedhealth.orchestrator._routes_studies import submit_study
 from fedhealth.orchestrator._routes_tasks import accept_evaluation, accept_result, poll_task
-from fedhealth.orchestrator._store import RoundRow, SiteStatus, TaskRow
+from fedhealth.orchestrator._store import SiteStatus, TaskRow
 from fedhealth.protocol import (
     Ack,
     ApprovalReport,
     ApprovalState,
-    EnrollRequest,
     RecipeSpec,
     ResultManifest,
     Role,
     RoundStatus,
     SecureAggregationSpec,
-    SiteCreate,
     SiteMetrics,
     StudySpec,
     StudyStatus,
@@ -73,28 +63,23 @@ from fedhealth.secagg import (
     Stage,
     UnmaskRequest,
 )
-from support import synthetic_recipe
+from support import (
+    RoundEngineHarness,
+    enroll_sites,
+    open_round,
+    operator_principal,
+    run_round_engine,
+    synthetic_recipe,
+    task_of,
+)
 
 REVOKED = "site_revoked: the site was revoked by an admin"
 SITES = ["site-a", "site-b", "site-c"]
 LONG_S = 600.0  # every deadline and stage timeout: far beyond any test here
 
 
-def _principal(name: str, role: Role) -> Principal:
-    now = datetime.now(UTC)
-    claims = TokenClaims(
-        subject=name,
-        role=role.value,
-        audience=Audience.OPERATOR,
-        issued_at=now,
-        expires_at=now + timedelta(minutes=5),
-        token_id=f"t-{name}",
-    )
-    return Principal(name=name, role=role, claims=claims)
-
-
-ADMIN = _principal("admin", Role.ADMIN)
-RESEARCHER = _principal("alice", Role.RESEARCHER)
+ADMIN = operator_principal("admin", Role.ADMIN)
+RESEARCHER = operator_principal("alice", Role.RESEARCHER)
 
 
 async def _until(predicate: Callable[[], bool], what: str) -> None:
@@ -135,18 +120,6 @@ async def _service(tmp_path: Path, signing_key: IdentityKey) -> AsyncIterator[Or
         await svc.close()
 
 
-def _enroll(svc: OrchestratorService, sites: Sequence[str] = SITES) -> dict[str, IdentityKey]:
-    keys = {}
-    for site in sites:
-        created = register_site(svc, ADMIN, SiteCreate(name=site))
-        keys[site] = IdentityKey.generate()
-        request = EnrollRequest(
-            site=site, token=created.enrollment_token, public_key=keys[site].public().raw.hex()
-        )
-        enroll_site(svc, request)
-    return keys
-
-
 def _spec(sites: Sequence[str] = SITES, **fields: Any) -> StudySpec:
     return StudySpec.model_validate(
         {
@@ -173,16 +146,6 @@ async def _start_study(svc: OrchestratorService, spec: StudySpec) -> str:
         assert await accept_approval(svc, site, report) == Ack()
     assert svc.store.get_study(info.study_id).status is StudyStatus.RUNNING
     return info.study_id
-
-
-def _open_round(store: Store, study_id: str) -> RoundRow:
-    (r,) = [x for x in store.open_rounds() if x.study_id == study_id]
-    return r
-
-
-def _task(store: Store, round_id: str, site: str) -> TaskRow:
-    (t,) = [x for x in store.tasks_of_round(round_id) if x.site == site]
-    return t
 
 
 def _update(task: Task) -> bytes:
@@ -228,14 +191,14 @@ def _run(tmp_path: Path, body: Callable[[OrchestratorService], Awaitable[None]])
 def test_revoking_right_after_the_last_result_leaves_the_closed_round_alone(tmp_path: Path) -> None:
     # the race: the site's task closed (completed) an instant before its revocation; its round is over
     async def body(svc: OrchestratorService) -> None:
-        _enroll(svc, SITES[:2])
+        enroll_sites(svc, SITES[:2])
         closures = _Closures()
         svc.engine.observers.append(closures)
         study_id = await _start_study(svc, _spec(SITES[:2]))
-        first = _open_round(svc.store, study_id)
+        first = open_round(svc.store, study_id)
         for site in SITES[:2]:
             await _train(svc, site)
-        second = _open_round(svc.store, study_id)
+        second = open_round(svc.store, study_id)
         assert second.number == 2
         await revoke(svc, ADMIN, "site-b")
         # round 1 as it was: both results counted, nothing reopened or re-closed
@@ -245,14 +208,14 @@ def test_revoking_right_after_the_last_result_leaves_the_closed_round_alone(tmp_
             "site-a": (TaskStatus.COMPLETED, None),
             "site-b": (TaskStatus.COMPLETED, None),
         }
-        b2 = _task(svc.store, second.id, "site-b")
+        b2 = task_of(svc.store, second.id, "site-b")
         assert (b2.status, b2.reason) == (TaskStatus.FAILED, REVOKED)
-        assert _open_round(svc.store, study_id).id == second.id  # site-a still trains round 2
+        assert open_round(svc.store, study_id).id == second.id  # site-a still trains round 2
         await _train(svc, "site-a")
-        third = _open_round(svc.store, study_id)
+        third = open_round(svc.store, study_id)
         assert (third.number, third.kind) == (3, TaskKind.EVALUATE)
-        await _until(lambda: not _task(svc.store, third.id, "site-b").is_open, "site-b's evaluation closed")
-        b3 = _task(svc.store, third.id, "site-b")
+        await _until(lambda: not task_of(svc.store, third.id, "site-b").is_open, "site-b's evaluation closed")
+        b3 = task_of(svc.store, third.id, "site-b")
         assert (b3.status, b3.reason) == (TaskStatus.FAILED, REVOKED)
         await _evaluate(svc, "site-a")
         study = svc.store.get_study(study_id)
@@ -269,9 +232,9 @@ def test_revoking_while_the_round_aggregates_changes_nothing_of_it_and_fails_the
     tmp_path: Path,
 ) -> None:
     async def body(svc: OrchestratorService) -> None:
-        _enroll(svc, SITES[:2])
+        enroll_sites(svc, SITES[:2])
         study_id = await _start_study(svc, _spec(SITES[:2]))
-        first = _open_round(svc.store, study_id)
+        first = open_round(svc.store, study_id)
         entered, release = asyncio.Event(), asyncio.Event()
         real = svc.engine._aggregate_updates
 
@@ -295,14 +258,14 @@ def test_revoking_while_the_round_aggregates_changes_nothing_of_it_and_fails_the
         assert done.status is RoundStatus.COMPLETED
         assert done.metrics is not None
         assert done.metrics["sites"] == 2
-        second = _open_round(svc.store, study_id)
+        second = open_round(svc.store, study_id)
         assert second.number == 2
         await _until(
-            lambda: not _task(svc.store, second.id, "site-b").is_open, "site-b's round-2 task closed"
+            lambda: not task_of(svc.store, second.id, "site-b").is_open, "site-b's round-2 task closed"
         )
-        b2 = _task(svc.store, second.id, "site-b")
+        b2 = task_of(svc.store, second.id, "site-b")
         assert (b2.status, b2.reason) == (TaskStatus.FAILED, REVOKED)
-        assert _task(svc.store, second.id, "site-a").is_open
+        assert task_of(svc.store, second.id, "site-a").is_open
         assert svc.store.get_study(study_id).status is StudyStatus.RUNNING
 
     _run(tmp_path, body)
@@ -310,11 +273,11 @@ def test_revoking_while_the_round_aggregates_changes_nothing_of_it_and_fails_the
 
 def test_an_upload_in_flight_when_its_site_is_revoked_is_refused_and_counted_once(tmp_path: Path) -> None:
     async def body(svc: OrchestratorService) -> None:
-        _enroll(svc, SITES[:2])
+        enroll_sites(svc, SITES[:2])
         closures = _Closures()
         svc.engine.observers.append(closures)
         study_id = await _start_study(svc, _spec(SITES[:2]))
-        first = _open_round(svc.store, study_id)
+        first = open_round(svc.store, study_id)
         task = await _polled(svc, "site-b")
         update = _update(task)
         half, go_on = asyncio.Event(), asyncio.Event()
@@ -347,9 +310,9 @@ def test_an_upload_in_flight_when_its_site_is_revoked_is_refused_and_counted_onc
 
 def test_revoking_twice_or_an_unknown_site_closes_nothing_more(tmp_path: Path) -> None:
     async def body(svc: OrchestratorService) -> None:
-        _enroll(svc, SITES[:2])
+        enroll_sites(svc, SITES[:2])
         study_id = await _start_study(svc, _spec(SITES[:2]))
-        first = _open_round(svc.store, study_id)
+        first = open_round(svc.store, study_id)
         with pytest.raises(NotFoundError):
             await revoke(svc, ADMIN, "site-z")
         assert _revocations(svc) == 0
@@ -359,14 +322,14 @@ def test_revoking_twice_or_an_unknown_site_closes_nothing_more(tmp_path: Path) -
             "site-b": SiteStatus.ACTIVE,
         }
         await revoke(svc, ADMIN, "site-b")
-        once = svc.store.get_task(_task(svc.store, first.id, "site-b").id)
+        once = svc.store.get_task(task_of(svc.store, first.id, "site-b").id)
         assert (once.status, once.reason) == (TaskStatus.FAILED, REVOKED)
         again = await revoke(svc, ADMIN, "site-b")
         assert again.status == SiteStatus.REVOKED.value
         assert _revocations(svc) == 1  # the second revocation changed nothing, so recorded nothing
         assert svc.store.get_task(once.id) == once
-        assert _task(svc.store, first.id, "site-a").is_open
-        assert _open_round(svc.store, study_id).id == first.id
+        assert task_of(svc.store, first.id, "site-a").is_open
+        assert open_round(svc.store, study_id).id == first.id
         assert svc.store.get_study(study_id).status is StudyStatus.RUNNING
 
     _run(tmp_path, body)
@@ -375,21 +338,21 @@ def test_revoking_twice_or_an_unknown_site_closes_nothing_more(tmp_path: Path) -
 def test_a_re_keyed_site_revoked_before_it_enrolled_again_loses_its_open_task(tmp_path: Path) -> None:
     # a rotation keeps the task (the site may finish it); revoking the site afterwards must still close it
     async def body(svc: OrchestratorService) -> None:
-        _enroll(svc, SITES[:2])
+        enroll_sites(svc, SITES[:2])
         study_id = await _start_study(svc, _spec(SITES[:2]))
-        first = _open_round(svc.store, study_id)
+        first = open_round(svc.store, study_id)
         rotate(svc, ADMIN, "site-b")
         assert svc.store.get_site("site-b").status is SiteStatus.PENDING
-        assert _task(svc.store, first.id, "site-b").is_open
+        assert task_of(svc.store, first.id, "site-b").is_open
         await revoke(svc, ADMIN, "site-b")
-        b = _task(svc.store, first.id, "site-b")
+        b = task_of(svc.store, first.id, "site-b")
         assert (b.status, b.reason) == (TaskStatus.FAILED, REVOKED)
         await _train(svc, "site-a")
         r1 = svc.store.get_round(first.id)
         assert r1.status is RoundStatus.COMPLETED
         assert r1.metrics is not None
         assert r1.metrics["sites"] == 1
-        assert _open_round(svc.store, study_id).number == 2
+        assert open_round(svc.store, study_id).number == 2
 
     _run(tmp_path, body)
 
@@ -398,19 +361,19 @@ def test_a_site_named_only_for_the_evaluation_fails_its_evaluation_task_as_that_
     tmp_path: Path,
 ) -> None:
     async def body(svc: OrchestratorService) -> None:
-        _enroll(svc)
+        enroll_sites(svc, SITES)
         spec = _spec(SITES[:2], eval_sites=["site-a", "site-c"], rounds=1)
         study_id = await _start_study(svc, spec)
-        first = _open_round(svc.store, study_id)
+        first = open_round(svc.store, study_id)
         await revoke(svc, ADMIN, "site-c")  # it has no task yet
         assert all(t.is_open for t in svc.store.tasks_of_round(first.id))
         for site in SITES[:2]:
             await _train(svc, site)
-        evaluation = _open_round(svc.store, study_id)
+        evaluation = open_round(svc.store, study_id)
         assert (evaluation.number, evaluation.kind) == (2, TaskKind.EVALUATE)
         assert sorted(t.site for t in svc.store.tasks_of_round(evaluation.id)) == ["site-a", "site-c"]
-        await _until(lambda: not _task(svc.store, evaluation.id, "site-c").is_open, "site-c's task closed")
-        c = _task(svc.store, evaluation.id, "site-c")
+        await _until(lambda: not task_of(svc.store, evaluation.id, "site-c").is_open, "site-c's task closed")
+        c = task_of(svc.store, evaluation.id, "site-c")
         assert (c.status, c.reason) == (TaskStatus.FAILED, REVOKED)
         assert (await poll_task(svc, "site-c", wait=0)).task is None  # nothing left for it
         await _evaluate(svc, "site-a")
@@ -430,12 +393,12 @@ def test_a_site_revoked_while_the_orchestrator_was_down_is_closed_out_when_it_co
 
     async def first_life() -> tuple[str, str]:
         async with _service(tmp_path, signing_key) as svc:
-            _enroll(svc)
+            enroll_sites(svc, SITES)
             study_id = await _start_study(svc, _spec(min_sites=2, rounds=1))
             for site in ("site-a", "site-b"):
                 await _train(svc, site)
-            r = _open_round(svc.store, study_id)
-            assert _task(svc.store, r.id, "site-c").is_open  # the round waits for site-c
+            r = open_round(svc.store, study_id)
+            assert task_of(svc.store, r.id, "site-c").is_open  # the round waits for site-c
             return study_id, r.id
 
     study_id, round_id = asyncio.run(first_life())
@@ -448,12 +411,12 @@ def test_a_site_revoked_while_the_orchestrator_was_down_is_closed_out_when_it_co
             await _until(
                 lambda: svc.store.get_round(round_id).status is not RoundStatus.OPEN, "round 1 closed"
             )
-            c = _task(svc.store, round_id, "site-c")
+            c = task_of(svc.store, round_id, "site-c")
             assert (c.status, c.reason) == (TaskStatus.FAILED, REVOKED)
             assert svc.store.get_round(round_id).status is RoundStatus.COMPLETED
-            evaluation = _open_round(svc.store, study_id)
+            evaluation = open_round(svc.store, study_id)
             assert (evaluation.number, evaluation.kind) == (2, TaskKind.EVALUATE)
-            await _until(lambda: not _task(svc.store, evaluation.id, "site-c").is_open, "evaluation closed")
+            await _until(lambda: not task_of(svc.store, evaluation.id, "site-c").is_open, "evaluation closed")
             for site in ("site-a", "site-b"):
                 await _evaluate(svc, site)
             study = svc.store.get_study(study_id)
@@ -463,114 +426,54 @@ def test_a_site_revoked_while_the_orchestrator_was_down_is_closed_out_when_it_co
     asyncio.run(second_life())
 
 
-# --- the round engine and store alone (the harness of test_round_engine_driver.py) --------------------------
-
-ENGINE_SITES = ["north", "east", "south"]
-
-
-class _Orchestrator:
-    def __init__(self, folder: Path) -> None:
-        self.db = make_engine(sqlite_url(folder / "orchestrator.sqlite"))
-        upgrade_database(self.db)
-        self.store = Store(self.db)
-        self.blobs = BlobStore(folder / "blobs")
-        self.clock = SystemClock()
-        self.engine = RoundEngine(self.store, self.blobs, self.clock, TaskNotifier())
-
-    async def start(self, **fields: Any) -> str:
-        spec = StudySpec.model_validate(
-            {
-                "name": "driver",
-                "dataset": "none",
-                "recipe": synthetic_recipe(8),
-                "rounds": 2,
-                "train_sites": ENGINE_SITES,
-                "min_sites": 2,
-                "round_deadline_s": LONG_S,
-                **fields,
-            }
-        )
-        digest = spec_hash(spec.model_dump(mode="json"))
-        for site in ENGINE_SITES:
-            if self.store.get_site_or_none(site) is None:
-                self.store.create_site(site, self.clock.now())
-            self.store.record_approval(site, digest, ApprovalState.APPROVED, self.clock.now())
-        return (await self.engine.create_study(spec)).id
-
-    def complete(self, study_id: str, site: str) -> tuple[str, str]:
-        """Store ``site``'s result for the open round as the upload route does; its (round, task) ids."""
-        r = _open_round(self.store, study_id)
-        task = _task(self.store, r.id, site)
-        metrics = SiteMetrics(num_samples=10, train_loss=0.5)
-        digest = None
-        if r.kind is TaskKind.TRAIN:
-            spec = self.store.spec(study_id)
-            delta = {s.name: np.full(s.shape, 0.01, np.float32) for s in param_specs(spec.recipe)}
-            body = encode_update(delta, ResultManifest(task_id=task.id, metrics=metrics))
-            digest = self.blobs.put(body, kind=BlobKind.UPDATE)
-        assert self.store.complete_task(
-            task.id, digest=digest, num_samples=10, metrics=metrics, when=self.clock.now()
-        )
-        return r.id, task.id
-
-
-def _drive(test: Callable[[_Orchestrator], Awaitable[None]], folder: Path) -> None:
-    async def main() -> None:
-        o = _Orchestrator(folder)
-        try:
-            await test(o)
-        finally:
-            await o.engine.close()
-            o.db.dispose()
-
-    asyncio.run(main())
+# --- the round engine and store alone (support.RoundEngineHarness) -----------------------------------------
 
 
 def test_after_a_restart_a_revoked_sites_open_task_closes_and_the_round_goes_on_without_it(
     tmp_path: Path,
 ) -> None:
-    async def first_life(o: _Orchestrator) -> None:
+    async def first_life(o: RoundEngineHarness) -> None:
         study_id = await o.start(min_sites=2)
         await o.engine.task_closed(*o.complete(study_id, "north"))
         # the process "dies" here; east is revoked in the database meanwhile (no engine to tell)
         assert o.store.revoke_site("east", o.clock.now())
 
-    async def second_life(o: _Orchestrator) -> None:
+    async def second_life(o: RoundEngineHarness) -> None:
         (r1,) = o.store.open_rounds()
         await o.engine.recover()
-        await _until(lambda: not _task(o.store, r1.id, "east").is_open, "east's task closed at start-up")
-        east = _task(o.store, r1.id, "east")
+        await _until(lambda: not task_of(o.store, r1.id, "east").is_open, "east's task closed at start-up")
+        east = task_of(o.store, r1.id, "east")
         assert (east.status, east.reason) == (TaskStatus.FAILED, REVOKED)
-        assert _open_round(o.store, r1.study_id).id == r1.id  # south may still answer: it is waited for
+        assert open_round(o.store, r1.study_id).id == r1.id  # south may still answer: it is waited for
         await o.engine.task_closed(*o.complete(r1.study_id, "south"))
         assert o.store.get_round(r1.id).status is RoundStatus.COMPLETED
-        r2 = _open_round(o.store, r1.study_id)
+        r2 = open_round(o.store, r1.study_id)
         assert r2.number == 2
-        await _until(lambda: not _task(o.store, r2.id, "east").is_open, "east's round-2 task closed")
-        assert _task(o.store, r2.id, "east").reason == REVOKED
+        await _until(lambda: not task_of(o.store, r2.id, "east").is_open, "east's round-2 task closed")
+        assert task_of(o.store, r2.id, "east").reason == REVOKED
         for site in ("north", "south"):
             await o.engine.task_closed(*o.complete(r1.study_id, site))
-        r3 = _open_round(o.store, r1.study_id)
+        r3 = open_round(o.store, r1.study_id)
         assert (r3.number, r3.kind) == (3, TaskKind.EVALUATE)
-        await _until(lambda: not _task(o.store, r3.id, "east").is_open, "east's evaluation closed")
+        await _until(lambda: not task_of(o.store, r3.id, "east").is_open, "east's evaluation closed")
         for site in ("north", "south"):
             await o.engine.task_closed(*o.complete(r1.study_id, site))
         study = o.store.get_study(r1.study_id)
         assert study.status is StudyStatus.COMPLETED, study.reason
         assert study.completed_rounds == 2
 
-    _drive(first_life, tmp_path)
-    _drive(second_life, tmp_path)
+    run_round_engine(first_life, tmp_path, round_deadline_s=LONG_S)
+    run_round_engine(second_life, tmp_path, round_deadline_s=LONG_S)
 
 
 def test_a_quorum_that_needs_a_site_revoked_while_down_fails_at_start_up_naming_it(tmp_path: Path) -> None:
-    async def first_life(o: _Orchestrator) -> None:
+    async def first_life(o: RoundEngineHarness) -> None:
         study_id = await o.start(min_sites=3)
         await o.engine.task_closed(*o.complete(study_id, "north"))
         await o.engine.task_closed(*o.complete(study_id, "south"))
         assert o.store.revoke_site("east", o.clock.now())
 
-    async def second_life(o: _Orchestrator) -> None:
+    async def second_life(o: RoundEngineHarness) -> None:
         (r1,) = o.store.open_rounds()
         await o.engine.recover()
         await _until(lambda: o.store.get_study(r1.study_id).status is not StudyStatus.RUNNING, "study ended")
@@ -581,8 +484,8 @@ def test_a_quorum_that_needs_a_site_revoked_while_down_fails_at_start_up_naming_
         )
         assert o.store.open_rounds() == []
 
-    _drive(first_life, tmp_path)
-    _drive(second_life, tmp_path)
+    run_round_engine(first_life, tmp_path, round_deadline_s=LONG_S)
+    run_round_engine(second_life, tmp_path, round_deadline_s=LONG_S)
 
 
 # --- secure aggregation: a revoked site is no participant of a later round ----------------------------------
@@ -603,14 +506,14 @@ class _SecureRound:
 
     def __init__(self, svc: OrchestratorService, study_id: str, keys: dict[str, IdentityKey]) -> None:
         self.svc = svc
-        self.round = _open_round(svc.store, study_id)
+        self.round = open_round(svc.store, study_id)
         driver = svc.engine.secure.get(self.round.id)
         assert driver is not None, "no secure round runs"
         self.driver = driver
         self.spec = svc.store.spec(study_id)
         peers = {s: PublicIdentity(bytes.fromhex(k)) for s, k in driver.peer_keys.items()}
         self.clients = {s: SecAggClient(driver.config, s, keys[s], peers) for s in driver.config.sites}
-        self.tasks = {s: _task(svc.store, self.round.id, s).id for s in driver.config.sites}
+        self.tasks = {s: task_of(svc.store, self.round.id, s).id for s in driver.config.sites}
 
     @property
     def participants(self) -> tuple[str, ...]:
@@ -647,12 +550,12 @@ class _SecureRound:
 
 def test_a_site_revoked_in_a_secure_study_is_no_participant_of_its_later_round(tmp_path: Path) -> None:
     async def body(svc: OrchestratorService) -> None:
-        keys = _enroll(svc)
+        keys = enroll_sites(svc, SITES)
         study_id = await _start_study(svc, _secure_spec(keys, threshold=2, collusion=0))
         first = _SecureRound(svc, study_id, keys)
         assert first.participants == tuple(SITES)
         await revoke(svc, ADMIN, "site-c")  # before it sent anything: the first stage stops waiting for it
-        c1 = _task(svc.store, first.round.id, "site-c")
+        c1 = task_of(svc.store, first.round.id, "site-c")
         assert (c1.status, c1.reason) == (TaskStatus.FAILED, REVOKED)
         first.run(["site-a", "site-b"])
         await _until(lambda: svc.store.get_round(first.round.id).status is not RoundStatus.OPEN, "round 1")
@@ -660,13 +563,13 @@ def test_a_site_revoked_in_a_secure_study_is_no_participant_of_its_later_round(t
         assert r1.status is RoundStatus.COMPLETED, svc.store.get_study(study_id).reason
         assert r1.metrics is not None
         assert r1.metrics["sites"] == 2
-        assert _task(svc.store, first.round.id, "site-c").reason == REVOKED  # not overwritten at the close
+        assert task_of(svc.store, first.round.id, "site-c").reason == REVOKED  # not overwritten at the close
         # the evaluation round opens without site-c: no participant, its task failed as the round opened
         evaluation = _SecureRound(svc, study_id, keys)
         assert (evaluation.round.number, evaluation.round.kind) == (2, TaskKind.EVALUATE)
         assert evaluation.participants == ("site-a", "site-b")
-        await _until(lambda: not _task(svc.store, evaluation.round.id, "site-c").is_open, "site-c's task")
-        c2 = _task(svc.store, evaluation.round.id, "site-c")
+        await _until(lambda: not task_of(svc.store, evaluation.round.id, "site-c").is_open, "site-c's task")
+        c2 = task_of(svc.store, evaluation.round.id, "site-c")
         assert (c2.status, c2.reason) == (TaskStatus.FAILED, REVOKED)
         evaluation.run(["site-a", "site-b"])  # no stage waits for site-c
         await _until(lambda: svc.store.get_study(study_id).status is not StudyStatus.RUNNING, "study ended")
@@ -683,7 +586,7 @@ def test_a_secure_round_short_of_its_threshold_without_a_revoked_site_fails_at_o
     # threshold 3 of 3: once site-c is revoked no later round can be held; it must not wait out its stage
     # timeout (600 s) and the study's reason must say which site it lacks and why
     async def body(svc: OrchestratorService) -> None:
-        keys = _enroll(svc)
+        keys = enroll_sites(svc, SITES)
         study_id = await _start_study(svc, _secure_spec(keys, threshold=3, collusion=1))
         first = _SecureRound(svc, study_id, keys)
         revoked: list[Any] = []
@@ -703,7 +606,7 @@ def test_a_secure_round_short_of_its_threshold_without_a_revoked_site_fails_at_o
         assert study.reason.endswith(f" (without site-c: {REVOKED})"), study.reason
         (evaluation,) = [r for r in svc.store.rounds_of(study_id) if r.number == 2]
         assert evaluation.status is RoundStatus.FAILED
-        c2 = _task(svc.store, evaluation.id, "site-c")
+        c2 = task_of(svc.store, evaluation.id, "site-c")
         assert (c2.status, c2.reason) == (TaskStatus.FAILED, REVOKED)
         assert not any(t.is_open for t in svc.store.tasks_of_round(evaluation.id))
 
@@ -714,7 +617,7 @@ def test_revoking_a_site_the_running_secure_round_needs_fails_it_at_once(tmp_pat
     # threshold 3 of 3 and site-c revoked before it advertised its keys: the first stage stops waiting for
     # it, closes with two, and the round fails then rather than after its 600 s stage timeout
     async def body(svc: OrchestratorService) -> None:
-        keys = _enroll(svc)
+        keys = enroll_sites(svc, SITES)
         study_id = await _start_study(svc, _secure_spec(keys, threshold=3, collusion=1))
         first = _SecureRound(svc, study_id, keys)
         for site in ("site-a", "site-b"):
@@ -729,7 +632,7 @@ def test_revoking_a_site_the_running_secure_round_needs_fails_it_at_once(tmp_pat
             "round 1: secure aggregation failed at the advertise_keys stage: too_few_sites: "
             "2 sites advertised keys, 3 needed"
         )
-        c = _task(svc.store, first.round.id, "site-c")
+        c = task_of(svc.store, first.round.id, "site-c")
         assert (c.status, c.reason) == (TaskStatus.FAILED, REVOKED)
         assert {t.site: t.status for t in svc.store.tasks_of_round(first.round.id)} == {
             "site-a": TaskStatus.TIMED_OUT,
@@ -749,9 +652,9 @@ def test_a_secure_round_reopened_after_a_restart_without_a_site_revoked_meanwhil
 
     async def first_life() -> tuple[str, str]:
         async with _service(tmp_path, signing_key) as svc:
-            keys = _enroll(svc)
+            keys = enroll_sites(svc, SITES)
             study_id = await _start_study(svc, _secure_spec(keys, threshold=3, collusion=1))
-            return study_id, _open_round(svc.store, study_id).id
+            return study_id, open_round(svc.store, study_id).id
 
     study_id, round_id = asyncio.run(first_life())
     db = make_engine(sqlite_url(tmp_path / "state" / "orchestrator.sqlite"))
@@ -767,7 +670,7 @@ def test_a_secure_round_reopened_after_a_restart_without_a_site_revoked_meanwhil
             assert study.reason.startswith("round 1: secure aggregation cannot start: "), study.reason
             assert study.reason.endswith(f" (without site-c: {REVOKED})"), study.reason
             assert svc.store.get_round(round_id).status is RoundStatus.FAILED
-            c = _task(svc.store, round_id, "site-c")
+            c = task_of(svc.store, round_id, "site-c")
             assert (c.status, c.reason) == (TaskStatus.FAILED, REVOKED)
             assert not any(t.is_open for t in svc.store.tasks_of_round(round_id))
 
@@ -779,7 +682,7 @@ def test_a_secure_round_reopened_after_a_restart_without_a_site_revoked_meanwhil
 
 def test_a_collective_studys_retries_do_not_wait_for_a_revoked_participant(tmp_path: Path) -> None:
     async def body(svc: OrchestratorService) -> None:
-        keys = _enroll(svc)
+        keys = enroll_sites(svc, SITES)
         spec = StudySpec(
             name="gbdt",
             owner="alice",
@@ -793,7 +696,7 @@ def test_a_collective_studys_retries_do_not_wait_for_a_revoked_participant(tmp_p
             ),
         )
         study_id = await _start_study(svc, spec)
-        first = _open_round(svc.store, study_id)
+        first = open_round(svc.store, study_id)
         assert (first.number, first.kind) == (1, TaskKind.COLLECTIVE)
         assert svc.engine.collective.get(first.id) is not None
         await revoke(svc, ADMIN, "site-c")
@@ -811,7 +714,7 @@ def test_a_collective_studys_retries_do_not_wait_for_a_revoked_participant(tmp_p
         for r in rounds[1:]:
             assert r.reason == retried
         for r in rounds:
-            c = _task(svc.store, r.id, "site-c")
+            c = task_of(svc.store, r.id, "site-c")
             assert (c.status, c.reason) == (TaskStatus.FAILED, REVOKED)
             assert not any(t.is_open for t in svc.store.tasks_of_round(r.id))
             assert svc.engine.collective.get(r.id) is None  # no session left running

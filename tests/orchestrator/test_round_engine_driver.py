@@ -7,103 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from fedhealth.orchestrator import Store
+from fedhealth.protocol import RoundStatus, StudyStatus, TaskKind, TaskStatus
+from support import ENGINE_SITES, RoundEngineHarness, run_round_engine
 
-from fedhealth.core import SystemClock
-from fedhealth.governance import spec_hash
-from fedhealth.orchestrator import BlobStore, RoundEngine, Store, make_engine, sqlite_url, upgrade_database
-from fedhealth.orchestrator._blobs import BlobKind
-from fedhealth.orchestrator._notify import TaskNotifier
-from fedhealth.protocol import (
-    ApprovalState,
-    ResultManifest,
-    RoundStatus,
-    SiteMetrics,
-    StudySpec,
-    StudyStatus,
-    TaskKind,
-    TaskStatus,
-)
-from fedhealth.runtime import encode_update, param_specs
-from support import synthetic_recipe
-
-SITES = ["north", "east", "south"]
-
-
-class Orchestrator:
-    def __init__(self, folder: Path) -> None:
-        self.db = make_engine(sqlite_url(folder / "orchestrator.sqlite"))
-        upgrade_database(self.db)
-        self.store = Store(self.db)
-        self.blobs = BlobStore(folder / "blobs")
-        self.clock = SystemClock()
-        self.engine = RoundEngine(self.store, self.blobs, self.clock, TaskNotifier())
-
-    async def start(self, **fields: Any) -> str:
-        spec = StudySpec.model_validate(
-            {
-                "name": "driver",
-                "dataset": "none",
-                "recipe": synthetic_recipe(8),
-                "rounds": 2,
-                "train_sites": SITES,
-                "min_sites": 2,
-                "round_deadline_s": 3600.0,
-                **fields,
-            }
-        )
-        digest = spec_hash(spec.model_dump(mode="json"))
-        for site in SITES:
-            if self.store.get_site_or_none(site) is None:
-                self.store.create_site(site, self.clock.now())
-            self.store.record_approval(site, digest, ApprovalState.APPROVED, self.clock.now())
-        return (await self.engine.create_study(spec)).id
-
-    def open_round(self, study_id: str):
-        (r,) = [x for x in self.store.open_rounds() if x.study_id == study_id]
-        return r
-
-    def complete(self, study_id: str, site: str) -> tuple[str, str]:
-        """Store ``site``'s result for the open round as the upload route does; its (round, task) ids."""
-        r = self.open_round(study_id)
-        (task,) = [t for t in self.store.tasks_of_round(r.id) if t.site == site]
-        metrics = SiteMetrics(num_samples=10, train_loss=0.5)
-        digest = None
-        if r.kind is TaskKind.TRAIN:
-            spec = self.store.spec(study_id)
-            delta = {s.name: np.full(s.shape, 0.01, np.float32) for s in param_specs(spec.recipe)}
-            body = encode_update(delta, ResultManifest(task_id=task.id, metrics=metrics))
-            digest = self.blobs.put(body, kind=BlobKind.UPDATE)
-        assert self.store.complete_task(
-            task.id, digest=digest, num_samples=10, metrics=metrics, when=self.clock.now()
-        )
-        return r.id, task.id
-
-    def fail(self, study_id: str, site: str, reason: str) -> tuple[str, str]:
-        r = self.open_round(study_id)
-        (task,) = [t for t in self.store.tasks_of_round(r.id) if t.site == site]
-        assert self.store.close_task(task.id, TaskStatus.FAILED, reason, self.clock.now())
-        return r.id, task.id
-
-
-def run(test: Callable[[Orchestrator], Awaitable[None]], folder: Path) -> None:
-    async def main() -> None:
-        orchestrator = Orchestrator(folder)
-        try:
-            await test(orchestrator)
-        finally:
-            await orchestrator.engine.close()
-            orchestrator.db.dispose()
-
-    asyncio.run(main())
+SITES = ENGINE_SITES
 
 
 def test_a_study_runs_through_the_rules_to_its_end_with_a_failed_site_counted_out(tmp_path):
-    async def test(o: Orchestrator) -> None:
+    async def test(o: RoundEngineHarness) -> None:
         study_id = await o.start()
         for _ in range(2):  # two training rounds: two results and one failure each
             await o.engine.task_closed(*o.complete(study_id, "north"))
@@ -123,11 +38,11 @@ def test_a_study_runs_through_the_rules_to_its_end_with_a_failed_site_counted_ou
         assert rounds[0].metrics["sites"] == 2
         assert set(rounds[2].metrics["per_site"]) == set(SITES)
 
-    run(test, tmp_path)
+    run_round_engine(test, tmp_path)
 
 
 def test_a_round_short_of_its_quorum_fails_the_study_naming_each_missing_site(tmp_path):
-    async def test(o: Orchestrator) -> None:
+    async def test(o: RoundEngineHarness) -> None:
         study_id = await o.start(min_sites=2)
         await o.engine.task_closed(*o.complete(study_id, "north"))
         await o.engine.task_closed(*o.fail(study_id, "east", "dataset_unavailable: gone"))
@@ -141,11 +56,11 @@ def test_a_round_short_of_its_quorum_fails_the_study_naming_each_missing_site(tm
         (r,) = o.store.rounds_of(study_id)
         assert r.status is RoundStatus.FAILED
 
-    run(test, tmp_path)
+    run_round_engine(test, tmp_path)
 
 
 def test_the_deadline_times_out_the_late_site_and_the_round_counts_without_it(tmp_path):
-    async def test(o: Orchestrator) -> None:
+    async def test(o: RoundEngineHarness) -> None:
         study_id = await o.start(min_sites=2)
         await o.engine.task_closed(*o.complete(study_id, "north"))
         round_id, _ = o.complete(study_id, "south")
@@ -157,13 +72,13 @@ def test_the_deadline_times_out_the_late_site_and_the_round_counts_without_it(tm
         assert o.store.get_round(round_id).status is RoundStatus.COMPLETED
         assert o.open_round(study_id).number == 2
 
-    run(test, tmp_path)
+    run_round_engine(test, tmp_path)
 
 
 def test_a_next_round_the_database_refuses_fails_the_study_instead_of_leaving_the_round_open(
     tmp_path, monkeypatch
 ):
-    async def test(o: Orchestrator) -> None:
+    async def test(o: RoundEngineHarness) -> None:
         study_id = await o.start(min_sites=1)
         finish_round = o.store.finish_round
 
@@ -180,16 +95,16 @@ def test_a_next_round_the_database_refuses_fails_the_study_instead_of_leaving_th
         assert study.reason == "round 1: internal error while aggregating: RuntimeError: disk full"
         assert [r.status for r in o.store.rounds_of(study_id)] == [RoundStatus.FAILED]
 
-    run(test, tmp_path)
+    run_round_engine(test, tmp_path)
 
 
 def test_a_round_whose_tasks_all_closed_while_the_orchestrator_was_down_closes_when_it_comes_back(tmp_path):
-    async def first_life(o: Orchestrator) -> None:
+    async def first_life(o: RoundEngineHarness) -> None:
         study_id = await o.start(min_sites=1)
         for site in SITES:  # results stored, but the engine never hears of them: the process "dies"
             o.complete(study_id, site)
 
-    async def second_life(o: Orchestrator) -> None:
+    async def second_life(o: RoundEngineHarness) -> None:
         (before,) = o.store.open_rounds()
         assert before.number == 1
         await o.engine.recover()
@@ -198,12 +113,12 @@ def test_a_round_whose_tasks_all_closed_while_the_orchestrator_was_down_closes_w
         assert o.store.get_round(before.id).status is RoundStatus.COMPLETED
         assert o.store.get_study(after.study_id).status is StudyStatus.RUNNING
 
-    run(first_life, tmp_path)
-    run(second_life, tmp_path)
+    run_round_engine(first_life, tmp_path)
+    run_round_engine(second_life, tmp_path)
 
 
 def test_a_task_still_open_when_its_closure_is_reported_changes_nothing(tmp_path):
-    async def test(o: Orchestrator) -> None:
+    async def test(o: RoundEngineHarness) -> None:
         study_id = await o.start(min_sites=1)
         r = o.open_round(study_id)
         task = next(t for t in o.store.tasks_of_round(r.id) if t.site == "north")
@@ -211,7 +126,7 @@ def test_a_task_still_open_when_its_closure_is_reported_changes_nothing(tmp_path
         await o.engine.task_closed(r.id, task.id)  # a caller that did not close it: no event for the rules
         assert o.open_round(study_id).id == r.id
 
-    run(test, tmp_path)
+    run_round_engine(test, tmp_path)
 
 
 def test_closing_the_engine_waits_for_the_report_a_worker_thread_is_still_writing(tmp_path, monkeypatch):
@@ -226,7 +141,7 @@ def test_closing_the_engine_waits_for_the_report_a_worker_thread_is_still_writin
 
     monkeypatch.setattr("fedhealth.orchestrator._engine.write_report", slow_report)
 
-    async def test(o: Orchestrator) -> None:
+    async def test(o: RoundEngineHarness) -> None:
         o.engine.reports_dir = tmp_path / "reports"
         study_id = await o.start(min_sites=3)
         await o.engine.task_closed(*o.fail(study_id, "north", "dataset_unavailable: gone"))
@@ -237,4 +152,4 @@ def test_closing_the_engine_waits_for_the_report_a_worker_thread_is_still_writin
         await o.engine.close()
         assert finished == [study_id]
 
-    run(test, tmp_path)
+    run_round_engine(test, tmp_path)

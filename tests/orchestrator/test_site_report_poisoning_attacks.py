@@ -12,9 +12,7 @@ import asyncio
 import contextlib
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,58 +20,36 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from fedhealth.crypto import Audience, IdentityKey, TokenClaims
 from fedhealth.orchestrator import (
     OrchestratorService,
-    OrchestratorSettings,
-    default_extensions,
-    start_service,
 )
-from fedhealth.orchestrator._auth import Principal
 from fedhealth.orchestrator._governance import GovernanceObserver
 from fedhealth.orchestrator._http import ApiError
 from fedhealth.orchestrator._report import build_report, report_markdown
-from fedhealth.orchestrator._routes_admin import register_site
-from fedhealth.orchestrator._routes_auth import enroll_site
 from fedhealth.orchestrator._routes_sites import accept_approval, pending_specs
 from fedhealth.orchestrator._routes_studies import submit_study
 from fedhealth.orchestrator._routes_tasks import accept_result, poll_task
 from fedhealth.protocol import (
     ApprovalReport,
     ApprovalState,
-    EnrollRequest,
     PrivacySpend,
     ResultManifest,
     Role,
     SiteAttestation,
-    SiteCreate,
     SiteMetrics,
     SiteReadiness,
     StudySpec,
     Task,
 )
 from fedhealth.runtime import encode_update, param_specs
-from support import synthetic_recipe
+from support import operator_principal, running_service, synthetic_recipe
 
 SITES = ["site-a", "site-b"]
 HONEST, MALICIOUS = SITES
 
 
-def _principal(name: str, role: Role) -> Principal:
-    now = datetime.now(UTC)
-    claims = TokenClaims(
-        subject=name,
-        role=role.value,
-        audience=Audience.OPERATOR,
-        issued_at=now,
-        expires_at=now + timedelta(minutes=5),
-        token_id=f"t-{name}",
-    )
-    return Principal(name=name, role=role, claims=claims)
-
-
-ADMIN = _principal("admin", Role.ADMIN)
-RESEARCHER = _principal("alice", Role.RESEARCHER)
+ADMIN = operator_principal("admin", Role.ADMIN)
+RESEARCHER = operator_principal("alice", Role.RESEARCHER)
 
 
 def _spec() -> StudySpec:
@@ -90,20 +66,6 @@ def _spec() -> StudySpec:
             "seed": 3,
         }
     )
-
-
-@asynccontextmanager
-async def _service(tmp_path: Path) -> AsyncIterator[OrchestratorService]:
-    settings = OrchestratorSettings(state_dir=tmp_path / "state", signing_key=IdentityKey.generate())
-    svc = await start_service(settings, default_extensions())
-    try:
-        for site in SITES:
-            created = register_site(svc, ADMIN, SiteCreate(name=site))
-            key = IdentityKey.generate().public().raw.hex()
-            enroll_site(svc, EnrollRequest(site=site, token=created.enrollment_token, public_key=key))
-        yield svc
-    finally:
-        await svc.close()
 
 
 async def _first_tasks(svc: OrchestratorService) -> tuple[str, dict[str, Task]]:
@@ -124,7 +86,7 @@ async def _first_tasks(svc: OrchestratorService) -> tuple[str, dict[str, Task]]:
 
 def _run(tmp_path: Path, body: Callable[[OrchestratorService], Awaitable[None]]) -> None:
     async def main() -> None:
-        async with _service(tmp_path) as svc:
+        async with running_service(tmp_path, SITES) as svc:
             await body(svc)
 
     asyncio.run(main())

@@ -24,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 
 from fedhealth.core import ConflictError, ManualClock, canonical_json
-from fedhealth.crypto import Audience, IdentityKey, TokenClaims
+from fedhealth.crypto import Audience, IdentityKey
 from fedhealth.governance import SignedSpec
 from fedhealth.orchestrator import (
     AuthService,
@@ -36,7 +36,7 @@ from fedhealth.orchestrator import (
     start_service,
     upgrade_database,
 )
-from fedhealth.orchestrator._auth import Forbidden, Principal, Unauthenticated
+from fedhealth.orchestrator._auth import Forbidden, Unauthenticated
 from fedhealth.orchestrator._db import enrollment_tokens, users
 from fedhealth.orchestrator._governance import (
     GovernanceExtension,
@@ -51,7 +51,7 @@ from fedhealth.orchestrator._http import ApiError
 from fedhealth.orchestrator._routes_admin import register_site
 from fedhealth.orchestrator._routes_auth import enroll_site
 from fedhealth.protocol import EnrollRequest, Role, SiteCreate, StudySpec, agent_login_message
-from support import synthetic_recipe
+from support import operator_principal, synthetic_recipe
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 BAD_TOKEN = "enrollment token is invalid, superseded, already used, or expired"
@@ -248,19 +248,6 @@ def test_a_revoked_site_never_enrolls_again_even_with_a_token_valid_in_the_datab
 # --- spec signatures: a replaced owner key -----------------------------------------------------------------
 
 
-def _principal(name: str, role: Role) -> Principal:
-    now = datetime.now(UTC)
-    claims = TokenClaims(
-        subject=name,
-        role=role.value,
-        audience=Audience.OPERATOR,
-        issued_at=now,
-        expires_at=now + timedelta(minutes=5),
-        token_id="t",
-    )
-    return Principal(name=name, role=role, claims=claims)
-
-
 def _spec(owner: str) -> StudySpec:
     return StudySpec.model_validate(
         {
@@ -279,7 +266,10 @@ def _spec(owner: str) -> StudySpec:
 def test_a_study_signed_with_an_owner_key_an_admin_replaced_is_refused(tmp_path: Path) -> None:
     governance = GovernanceExtension()
     old, new = IdentityKey.generate(), IdentityKey.generate()
-    alice, admin = _principal("alice", Role.RESEARCHER), _principal("admin", Role.ADMIN)
+    alice, admin = (
+        operator_principal("alice", Role.RESEARCHER, token_id="t"),
+        operator_principal("admin", Role.ADMIN, token_id="t"),
+    )
     spec = _spec("alice")
     by_old = SignedSpec.sign(spec.model_dump(mode="json"), owner="alice", key=old)
     by_new = SignedSpec.sign(spec.model_dump(mode="json"), owner="alice", key=new)
