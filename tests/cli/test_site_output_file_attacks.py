@@ -13,6 +13,8 @@ downloads, ``model predict --out``, ``study init --out``) does not try.
 - ``model export --out`` (``write_package``): a package folder that is a symbolic link, or that another
   account owns, is refused: that account could swap the package's files after the export (or, with
   ``--force``, the link would redirect the replacement onto the operator's other package).
+- ``demo --out``: an output folder that is a link or another account's is refused (the demo sites' keys go
+  under it); ``benchmark privacy/membership --plot`` and ``--out``: never written through a planted link.
 
 Every refusal is one ``error:`` line. Root runs these tests: "another account" is uid 1000 (``os.chown``).
 """
@@ -31,10 +33,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 from sqlalchemy import create_engine
-from typer.testing import CliRunner
 
 import fedhealth.client as client_module
-from fedhealth.cli import app
 from fedhealth.client import OperatorClient
 from fedhealth.core import ManualClock, encode_tensors
 from fedhealth.crypto import IdentityKey, create_ca
@@ -49,42 +49,13 @@ from fedhealth.governance import (
 )
 from fedhealth.learning import LOGREG_RECIPE, LogRegParams, PackageError, logreg_init, write_package
 from fedhealth.protocol import OperatorCredential, StudyStatus
-from support import package_origin
+from support import cli, file_mode, one_error, package_origin
 
 OTHER_UID = 1000  # the other local account
 PATIENT = "p-4711"  # a patient id in the consent file: never in a message
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 API_KEY = "fhk_" + "k" * 43
 URL = "https://127.0.0.1:9"  # nothing listens there
-
-runner = CliRunner()
-
-
-def cli(*args: object) -> Any:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error(result: Any) -> str:
-    """Exit 1 with exactly one ``error:`` line on stderr and no traceback."""
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.lstat().st_mode)
-
-
-@pytest.fixture
-def permissive_umask():
-    old = os.umask(0o000)  # the worst a process could inherit
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def attackers_file(path: Path) -> Path:
@@ -146,7 +117,7 @@ def test_audit_export_is_private_under_a_permissive_umask(site_db, tmp_path, per
     result = cli("audit", "export", "--db", db, "--out", out)
     assert result.exit_code == 0, result.output
     assert "consent" in out.read_text()
-    assert mode(out) == 0o600
+    assert file_mode(out) == 0o600
 
 
 def test_audit_export_does_not_write_into_a_file_another_account_linked_at_its_path(site_db, tmp_path):
@@ -158,7 +129,7 @@ def test_audit_export_does_not_write_into_a_file_another_account_linked_at_its_p
     assert result.exit_code == 0, result.output
     assert theirs.read_text() == ""  # the other account got nothing
     assert not out.is_symlink()
-    assert mode(out) == 0o600
+    assert file_mode(out) == 0o600
     assert "consent" in out.read_text()
 
 
@@ -190,7 +161,7 @@ def test_the_python_apis_audit_writers_are_private_and_replace_a_planted_link(
         engine.dispose()
     assert victim.read_text() == "precious"
     assert not out.is_symlink()
-    assert mode(out) == 0o600
+    assert file_mode(out) == 0o600
 
 
 def test_audit_export_replaces_a_fifo_planted_at_its_path_instead_of_writing_into_it(site_db, tmp_path):
@@ -297,7 +268,7 @@ def test_stats_run_out_does_not_write_through_a_planted_link_and_is_private(
     assert victim.read_text() == "precious"
     assert not out.is_symlink()
     assert json.loads(out.read_text())["kind"] == "federated-statistics"
-    assert mode(out) == 0o600
+    assert file_mode(out) == 0o600
 
 
 # --- onboarding pack ----------------------------------------------------------------------------------------
@@ -459,3 +430,51 @@ def test_demo_outputs_are_not_written_through_links_planted_in_its_output_folder
     assert (out / "model.safetensors").read_bytes() == b"the demo's model"
     assert not any(p.is_symlink() for p in out.iterdir())
     assert FakeFederation.states == [(out / "state", False)]
+
+
+@pytest.mark.parametrize("owner", ["a-link", "another-account"])
+def test_demo_refuses_an_output_folder_that_is_a_link_or_another_accounts(tmp_path, monkeypatch, owner):
+    """``fedhealth demo --out`` puts the demo sites' identity keys and databases under ``state/``: an output
+    folder that is itself a link (into another account's folder) or that another account owns is refused
+    in one line before anything is written or started. Before, it was used as given."""
+    import fedhealth.sim as sim_module
+
+    monkeypatch.setattr(sim_module, "LocalFederation", FakeFederation)
+    FakeFederation.states = []
+    attackers_folder = tmp_path / "attacker"
+    attackers_folder.mkdir()
+    os.chown(attackers_folder, OTHER_UID, OTHER_UID)
+    os.chmod(attackers_folder, 0o777)
+    out = (
+        attackers_folder
+        if owner == "another-account"
+        else plant_link(tmp_path / "demo-output", attackers_folder)
+    )
+    line = one_error(cli("demo", "--out", out, "--no-secure"))
+    assert "demo's output folder" in line
+    assert ("symbolic link" if owner == "a-link" else "belongs to uid 1000") in line
+    assert FakeFederation.states == []  # no federation was started
+    assert list(attackers_folder.iterdir()) == []
+
+
+def test_the_benchmark_plots_are_not_written_through_a_planted_link(tmp_path):
+    """``benchmark privacy --plot`` and ``benchmark membership --plot`` (default paths under docs/, often a
+    shared checkout) wrote their PNG with matplotlib, through whatever link was planted at the path."""
+    from fedhealth.sim import PrivacyResult, plot_privacy
+
+    victim = attackers_file(tmp_path / "victim.txt")
+    victim.write_text("precious")
+    out = plant_link(tmp_path / "docs" / "privacy.png", victim)
+    result = PrivacyResult(
+        target_epsilon=None,
+        delta=None,
+        noise_multiplier=0.0,
+        accuracies=(0.7, 0.72),
+        per_center=(0.7, 0.72, 0.71, 0.69),
+        site_epsilons={},
+        bit_identical=True,
+    )
+    plot_privacy([result], out)
+    assert victim.read_text() == "precious"
+    assert not out.is_symlink()
+    assert out.read_bytes().startswith(b"\x89PNG")

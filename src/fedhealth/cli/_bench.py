@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fedhealth.core import write_private_file
+
 benchmark_app = typer.Typer(
     help="Reproducible measurements (accuracy, latency, privacy).", no_args_is_help=True
 )
@@ -445,8 +447,7 @@ def membership_benchmark(
         "wall_time_s": round(wall, 1),
     }
     report = membership_report(results, setup)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    write_private_file(out, (json.dumps(report.to_json(), indent=2) + "\n").encode())
     if plot is not None:
         plot_membership(results, plot)
     if as_json:

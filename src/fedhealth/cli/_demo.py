@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedhealth.core import write_private_file
+from fedhealth.core import refuse_foreign_folder, write_private_file
 from fedhealth.protocol import SecureAggregationSpec, StudyInfo, StudySpec, StudyStatus, TaskKind
 
 
@@ -151,6 +151,8 @@ def run_demo(
 
     console = console or Console()
     sites, spec = demo_federation(dataset, rounds)  # the secure spec follows once the sites have keys
+    # the demo sites' keys and databases go under it: not into a folder another account can reach
+    refuse_foreign_folder(out, what="the demo's output folder")
     state = out / "state"
     if state.is_symlink():  # planted: removed, never followed (rmtree refuses a link, silently here)
         state.unlink()
@@ -263,4 +265,8 @@ def demo(
     ] = True,
 ) -> None:
     """Start an orchestrator and 4 site agents on this machine and train one model together."""
-    sys.exit(run_demo(dataset, rounds, out, secure=secure))
+    from fedhealth.cli._services import friendly_errors
+
+    with friendly_errors():  # e.g. an output folder another account owns: one line, no traceback
+        code = run_demo(dataset, rounds, out, secure=secure)
+    sys.exit(code)

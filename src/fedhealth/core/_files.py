@@ -96,6 +96,23 @@ def _link_new(tmp: str, path: Path, data: bytes) -> None:
     os.unlink(tmp)
 
 
+def refuse_foreign_folder(folder: Path, *, what: str) -> None:
+    """:class:`ConfigError` (one line) for an output folder that is a symbolic link (everything written
+    would land wherever it points) or that another local account owns (it could read or swap the files once
+    written); a folder not there yet is fine."""
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise ConfigError(f"{what} {folder} is a symbolic link; give the folder itself")
+    if info.st_uid != os.getuid():
+        raise ConfigError(
+            f"{what} {folder} belongs to uid {info.st_uid}, not to this user (uid {os.getuid()}): that "
+            "account could read or replace what is written there; choose a folder of your own"
+        )
+
+
 def discard_interrupted_writes(path: Path) -> int:
     """Remove the temporary files :func:`write_private_file` left beside ``path`` when its process was killed
     between creating one and renaming it (``.<name>.<random>.tmp``); returns how many. Call it only where
