@@ -24,6 +24,7 @@ step, so the agent's own error handling for a failed task does not run; where on
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
@@ -684,3 +685,43 @@ def test_a_torn_record_that_may_be_the_studys_scaling_refuses_the_task_naming_th
     assert [f.code for f in client.failures] == [FailureCode.INVALID_TASK]
     assert "results.jsonl line 1" in caplog.text
     assert client.results == []
+
+
+@pytest.mark.parametrize("failure", ["fsync-einval", "no-read-permission"])
+def test_a_folder_the_file_system_cannot_sync_does_not_fail_a_write_that_happened(
+    tmp_path, monkeypatch, failure
+):
+    """Folder syncs are for durability only: a file system that refuses them (EINVAL from FUSE and some
+    network file systems) or a folder this account may write but not list must not turn a written and
+    renamed file into a reported failure."""
+    target = tmp_path / "drop" / "out.json"
+    target.parent.mkdir()
+    if failure == "fsync-einval":
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+    else:
+        real_open = os.open
+
+        def open_(path, flags, *args, **kwargs):  # root reads any folder: refuse as the kernel would a user
+            if flags & os.O_DIRECTORY:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", open_)
+    files_module.write_private_file(target, b"written")
+    assert target.read_bytes() == b"written"
+    monkeypatch.undo()
+
+    def fsync_fails(fd: int) -> None:  # a disk error on the folder: the rename may not last, and is said to
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync_fails)
+    with pytest.raises(OSError, match="Input/output"):
+        files_module.write_private_file(target, b"again")

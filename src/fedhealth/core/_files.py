@@ -10,6 +10,7 @@ and its database. No other local account may read any of it. New files are creat
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import stat
@@ -45,9 +46,17 @@ def sync_folder(folder: Path) -> None:
     """Make a rename or creation in ``folder`` durable: a file's own fsync does not cover its name, so after a
     power cut an atomic rename not synced here can come back as the previous version (a removed peer pin,
     an older site state)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:  # a folder this account may write into but not list: no way to sync it
+        return
     try:
         os.fsync(fd)
+    except OSError as exc:
+        # some file systems (FUSE, some network ones) cannot sync a folder: the file was written and renamed,
+        # as durable as they make it, and failing here would report a write that happened as failed
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(fd)
 
