@@ -14,7 +14,8 @@ Where the data lives is given one of three ways:
 - ``--credential FILE`` (provenance and model cards): ask a running orchestrator over its operator API.
 
 ``audit verify --home A --peer B`` also checks the anchors: a site's log against the heads the orchestrator's
-round records hold for it, and the orchestrator's log against the round commitments each site recorded.
+round records hold for it, and the orchestrator's log against the round commitments each site recorded (and
+that each of those commits the study and round the site says it was given it for: a replayed head is named).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from fedhealth.governance import (
     to_prov_json,
     verify_chain,
     verify_loaded,
+    verify_round_anchors,
 )
 from fedhealth.privacy import MembershipReport
 
@@ -282,9 +284,23 @@ def anchors_from_peers(home: HomeLog, peers: Sequence[HomeLog]) -> tuple[list[Lo
 
 
 def verify_home(home: HomeLog, peers: Sequence[HomeLog] = ()) -> VerificationReport:
-    """Chain, hashes and signatures under the home's pinned key, then every anchor its peers hold."""
+    """Chain, hashes and signatures under the home's pinned key, then every anchor its peers hold, then (an
+    orchestrator's log) that each round commitment a site anchored commits the round the site names."""
     heads, _ = anchors_from_peers(home, peers)
-    return verify_loaded(home.read(), {home.key.fingerprint: home.key}, anchored_heads=heads)
+    report = verify_loaded(home.read(), {home.key.fingerprint: home.key}, anchored_heads=heads)
+    return _with_round_anchors(report, home, peers)
+
+
+def _with_round_anchors(
+    report: VerificationReport, home: HomeLog, peers: Sequence[HomeLog]
+) -> VerificationReport:
+    # a replayed head is still in the log, unchanged, so the anchor check passes it; only the round each site
+    # says it was given it for tells it apart (governance.verify_round_anchors)
+    if not report.ok or home.kind is not HomeKind.ORCHESTRATOR:
+        return report
+    sites = {peer.name: peer.read().entries for peer in peers if peer.kind is HomeKind.SITE}
+    rounds = verify_round_anchors(home.read().entries, sites, home.key)
+    return rounds if not rounds.ok else report
 
 
 def verify_federation(orchestrator: Path, sites: Sequence[Path]) -> list[tuple[str, VerificationReport]]:
@@ -423,7 +439,8 @@ def _verify_with_home(
         typer.echo(
             f"note: {home.kind.value} log of {home.name}, writer key {home.key.fingerprint[:16]}", err=True
         )
-        return verify_loaded(home.read(), keys, anchored_heads=[*heads, *held])
+        report = verify_loaded(home.read(), keys, anchored_heads=[*heads, *held])
+        return _with_round_anchors(report, home, opened)
     finally:
         for log_home in (home, *opened):
             log_home.close()

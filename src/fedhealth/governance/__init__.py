@@ -12,6 +12,7 @@ from fedhealth.governance._anchoring import (
     record_anchor,
     round_commitment_payload,
     site_anchors,
+    verify_round_anchors,
 )
 from fedhealth.governance._approval import (
     ApprovalRegistry,
@@ -169,6 +170,7 @@ __all__ = [
     "verify_chain",
     "verify_loaded",
     "verify_opening",
+    "verify_round_anchors",
     "verify_stored_log",
     "write_jsonl",
 ]

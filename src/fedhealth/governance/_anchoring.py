@@ -6,7 +6,7 @@ which each site appends to its log as an ``anchor.recorded`` entry. Afterwards n
 history before those points unnoticed, even with its own key:
 ``verify_anchor(site_entries, site_anchors(orchestrator_entries, site))`` and
 ``verify_anchor(orchestrator_entries, orchestrator_anchors(site_entries))`` name the entry that no longer
-matches.
+matches, and :func:`verify_round_anchors` names an old head given to a site as a new round's commitment.
 """
 
 from __future__ import annotations
@@ -15,7 +15,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fedhealth.core import InputError
-from fedhealth.governance._audit import AuditEntry, AuditEventType, AuditLog, LogHead
+from fedhealth.crypto import PublicIdentity
+from fedhealth.governance._audit import (
+    GENESIS_HASH,
+    AuditEntry,
+    AuditEventType,
+    AuditLog,
+    AuditProblem,
+    BadEntry,
+    LogHead,
+    VerificationReport,
+)
 
 
 def round_commitment_payload(
@@ -82,6 +92,68 @@ def orchestrator_anchors(site_entries: Iterable[AuditEntry]) -> list[LogHead]:
         for entry in site_entries
         if entry.type == AuditEventType.ANCHOR_RECORDED
     ]
+
+
+def verify_round_anchors(
+    orchestrator_entries: Iterable[AuditEntry],
+    site_logs: Mapping[str, Iterable[AuditEntry]],
+    orchestrator_key: PublicIdentity,
+) -> VerificationReport:
+    """Check that every round commitment a site anchored is the entry that commits that round, with the site
+    in it; name the lowest orchestrator entry that is not.
+
+    :func:`verify_anchor` proves an anchored entry is still there, unchanged; it cannot tell that the
+    orchestrator gave a site an *old* signed head (another round's, another site's round, or any other
+    entry) as a new round's commitment, which leaves the history after that head unanchored at the site.
+    Each ``anchor.recorded`` entry names the study and round it was given for, so this is checked here. Only
+    heads ``orchestrator_key`` signed count (anything else is the site's word), and the round the site
+    names is the site's word too: a failure reads "replayed to the site, or the site's log misstates it".
+    ``site_logs`` maps each site's name to its log's entries.
+    """
+    entries = list(orchestrator_entries)
+    by_hash = {e.entry_hash: e for e in entries}
+    disputes: list[BadEntry] = []
+    for site, site_entries in sorted(site_logs.items()):
+        for anchor in site_entries:
+            if anchor.type != AuditEventType.ANCHOR_RECORDED:
+                continue
+            try:
+                head = _head(anchor.payload.get("orchestrator_head"), anchor)
+            except InputError:
+                continue  # a malformed head binds nothing (the site's chain check names its entry)
+            committed = by_hash.get(head.entry_hash)
+            if committed is None or not head.signed_by(orchestrator_key):
+                continue  # missing or rewritten: verify_anchor names it; unsigned: not the orchestrator's
+            claimed = (anchor.payload.get("study_id"), anchor.payload.get("round"))
+            wrong = _not_the_commitment(committed, claimed, site)
+            if wrong is not None:
+                disputes.append(
+                    BadEntry(
+                        seq=committed.seq,
+                        problem=AuditProblem.ANCHOR_DISPUTED,
+                        detail=(
+                            f"{site} anchored it (its entry {anchor.seq}) as the commitment of study "
+                            f"{claimed[0]} round {claimed[1]}, but {wrong}: an old head replayed to {site}, "
+                            f"or {site}'s log misstates it"
+                        ),
+                    )
+                )
+    head = entries[-1].head if entries else LogHead(seq=0, entry_hash=GENESIS_HASH)
+    first = min(disputes, key=lambda bad: bad.seq, default=None)
+    return VerificationReport(checked=len(entries), head=head, first_bad=first)
+
+
+def _not_the_commitment(entry: AuditEntry, claimed: tuple[Any, Any], site: str) -> str | None:
+    """Why ``entry`` is not the commitment of ``claimed`` (study, round) naming ``site``; None if it is."""
+    if entry.type != AuditEventType.ROUND_COMMITTED:
+        return f"it is a {entry.type} entry, not a round commitment"
+    study, number = entry.payload.get("study_id"), entry.payload.get("round")
+    if (study, number) != claimed:
+        return f"it commits study {study} round {number}"
+    heads = entry.payload.get("site_heads")
+    if not isinstance(heads, Mapping) or site not in heads:
+        return f"that round's commitment holds no head of {site}"
+    return None
 
 
 def _head(value: Any, entry: AuditEntry) -> LogHead:

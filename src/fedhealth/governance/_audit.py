@@ -355,6 +355,8 @@ class AuditProblem(StrEnum):
     BROKEN_LINK = "broken_link"  # prev_hash is not the hash of the previous entry
     ANCHOR_MISSING = "anchor_missing"  # an entry a peer anchored is no longer in the log
     ANCHOR_MISMATCH = "anchor_mismatch"  # an entry a peer anchored has a different hash now
+    # a site anchored this entry, signed by the orchestrator, as the commitment of a round it does not commit
+    ANCHOR_DISPUTED = "anchor_disputed"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
