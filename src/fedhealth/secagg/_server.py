@@ -274,7 +274,8 @@ class SecAggServer:
     def _check_response(self, message: UnmaskResponse) -> None:
         site = message.site_id
         for share in message.shares:
-            if site not in self.graph.holders(share.owner) or share.owner not in self._u2:
+            # the owner first: a name outside U2 (even outside the round) is a protocol error, not a KeyError
+            if share.owner not in self._u2 or site not in self.graph.holders(share.owner):
                 raise SecAggProtocolError(f"{site!r} cannot hold a share of {share.owner!r}")
             if self._requested.get(share.owner) is not share.kind:
                 # never store the other kind: holding both would unmask that site's input
