@@ -20,6 +20,7 @@ import csv
 import io
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -183,8 +184,11 @@ def predict_csv_with_package(
 
     loaded = load_package(package)
     file = Path(path)
+    _check_csv_shape(file)
     try:
-        frame = pd.read_csv(file, dtype={id_column: str} if id_column is not None else None)
+        # index_col=False: pandas would otherwise take the first column as an index when every row has
+        # one field more than the header, and shift each value under the next column's name
+        frame = pd.read_csv(file, dtype={id_column: str} if id_column is not None else None, index_col=False)
     except FileNotFoundError:
         raise InputError(f"{file}: no such CSV file") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -210,6 +214,31 @@ def predict_csv_with_package(
             auc = float(roc_auc_score(y, probabilities))
     predictions = Predictions(row_ids=ids, probabilities=probabilities, labels=y, accuracy=accuracy, auc=auc)
     return loaded.model_digest, predictions
+
+
+def _check_csv_shape(path: Path) -> None:
+    """A package selects a CSV file's columns by name, so each name must be in the header once and every
+    row must have the header's number of fields (pandas would rename a repeated column ``age.1`` and read
+    the first one, or shift a row's values under the wrong names)."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = csv.reader(f)
+            header = next(rows, None)
+            if header is None:
+                raise InputError(f"{path}: is empty; a CSV file with a header row is needed")
+            names = [c.strip() for c in header]
+            repeated = sorted(n for n, times in Counter(names).items() if times > 1)
+            if repeated:
+                raise InputError(f"{path}: the header names column(s) {repeated} more than once")
+            for line, record in enumerate(rows, start=2):
+                if record and len(record) != len(header):
+                    raise InputError(
+                        f"{path}: line {line} has {len(record)} fields, the header has {len(header)}"
+                    )
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such CSV file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot be read as CSV ({exc})") from exc
 
 
 def _read(

@@ -17,10 +17,12 @@ its package holds instead::
 ``metadata.json`` holds the recipe's export metadata under ``model`` (feature names in input order,
 preprocessing, label meaning), where the model came from (study, spec hash, the whole study spec, model
 digest, provenance, privacy guarantee), and ``files`` (name → sha256). :func:`load_package` checks all of it
-before anything is predicted: each file's digest (every file a regular one, read with a bound), the weights'
+before anything is predicted: each file's digest (every file a regular one, read with a bound; no model
+file in the folder that ``files`` does not list; the JSON finite and shallow), the weights'
 digest against the model digest, the spec's hash, that the recipe, given the spec's params and the weights,
 exports exactly the ``model`` section recorded (so an edited mean, scale or feature order is refused, not
-applied), and that ``model.onnx`` is the file the recipe builds from those weights. ``package_digest``
+applied; a federated scaling's figures, which the spec does not hold, only by their form and the ONNX file),
+and that ``model.onnx`` is the file the recipe builds from those weights. ``package_digest``
 covers the rest of the metadata (``privacy`` and ``provenance`` included: whoever edits a package can
 recompute it). These checks catch corruption and edits; authenticity is the model digest and spec hash
 matching what the orchestrator's provenance (``fedhealth provenance show DIGEST``) and each site's approval
@@ -30,6 +32,7 @@ record say.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
@@ -62,9 +65,20 @@ WEIGHTS_FILE = "model.safetensors"
 RESULT_FILE = "result.json"  # a collective study's released result, in place of the weights
 ONNX_FILE = "model.onnx"
 _PACKAGE_FILES = (METADATA_FILE, WEIGHTS_FILE, ONNX_FILE)
+_STALE_FILES = (ONNX_FILE, WEIGHTS_FILE, RESULT_FILE)  # removed by a forced export that writes none
 _NATIVE_FILE = re.compile(r"^model\.[a-z0-9]{1,8}$")  # a library's own model file: model.txt, model.json
+# the names under which a model runtime would read a model from the folder (LightGBM's model.txt, XGBoost's
+# model.json or .ubj, ONNX, torch, pickles): such a file the metadata does not list is refused. Notes beside a
+# package (model.md, model.csv) are the hospital's own and stay allowed.
+_MODEL_FILE_NAMES = frozenset(
+    ("model", ext)
+    for ext in ("safetensors", "onnx", "txt", "json", "ubj", "bin", "pt", "pth", "pkl", "joblib")
+)
 _MAX_METADATA_BYTES = 64 * 1024 * 1024
 _MAX_FILE_BYTES = 4 << 30  # any other package file (docs/model-packages.md, "What loading checks")
+# A package's JSON is a few levels deep (provenance: about 6); a bound keeps a hostile file from
+# exhausting the interpreter's recursion in the parser or in canonical_json.
+_MAX_JSON_DEPTH = 64
 
 
 class PackageError(InputError):
@@ -163,9 +177,18 @@ def write_package(
         blobs[ONNX_FILE] = export.onnx()
     metadata = package_metadata(export, origin, {name: sha256_hex(b) for name, b in blobs.items()})
     blobs[METADATA_FILE] = json.dumps(metadata, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+    if out.is_dir():
+        # a loader refuses a package whose folder holds a model file its metadata does not list
+        # (load_package); one this package does not write is the user's to move, not ours to delete
+        stray = sorted(n for n in _layout_names(out) if n not in blobs and n not in _STALE_FILES)
+        if stray:
+            raise PackageError(
+                f"{out} holds {stray[0]}, a model file this package would not replace; move it or choose "
+                "a new folder"
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in (ONNX_FILE, WEIGHTS_FILE, RESULT_FILE):
+        for stale in _STALE_FILES:
             if stale not in blobs:
                 (out / stale).unlink(missing_ok=True)
         for name in sorted(blobs, key=lambda n: n == METADATA_FILE):  # the metadata last
@@ -324,7 +347,11 @@ class ModelPackage:
 def _numeric(name: str, series: Any) -> np.ndarray:
     import pandas as pd
 
-    if pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series):
+    if (
+        pd.api.types.is_bool_dtype(series)
+        or pd.api.types.is_complex_dtype(series)  # float64 would drop the imaginary part
+        or not pd.api.types.is_numeric_dtype(series)
+    ):
         raise PackageInputError(
             f"column {name!r} holds {series.dtype} values, not numbers (convert it, e.g. "
             "pandas.to_numeric, before predicting)"
@@ -357,6 +384,11 @@ def load_package(path: Path | str) -> ModelPackage:
     if not isinstance(files, dict) or (WEIGHTS_FILE in files) == (RESULT_FILE in files):
         raise PackageError(f"{folder}: metadata lists neither {WEIGHTS_FILE} nor {RESULT_FILE}, or both")
     weights_file = WEIGHTS_FILE if WEIGHTS_FILE in files else RESULT_FILE
+    unlisted = sorted(n for n in _layout_names(folder) if n not in files)
+    if unlisted:
+        # model.onnx or a library's model file beside the package, unverified, would be read by
+        # onnxruntime or the library as the package's model
+        raise PackageError(f"{folder}: holds {unlisted[0]}, which its metadata does not list")
     blobs: dict[str, bytes] = {}
     for name, digest in files.items():
         native = weights_file == RESULT_FILE and bool(_NATIVE_FILE.match(name)) and name != ONNX_FILE
@@ -379,6 +411,9 @@ def load_package(path: Path | str) -> ModelPackage:
         native = export.native_file
         if native is None or blobs.get(native[0]) != native[1]:
             raise PackageError(f"{folder}: the model file is not the one the study's result holds")
+        others = sorted(n for n in blobs if n not in (RESULT_FILE, ONNX_FILE, native[0]))
+        if others:
+            raise PackageError(f"{folder}: lists {others[0]}, a model file the study's result does not hold")
     else:
         export = _reexport(folder, spec, blobs[WEIGHTS_FILE], metadata.get("preprocessing"))
     if _json(dict(export.metadata)) != metadata.get("model"):
@@ -389,6 +424,9 @@ def load_package(path: Path | str) -> ModelPackage:
     for key in ("feature_names", "preprocessing", "label"):
         if metadata.get(key) != metadata["model"].get(key):
             raise PackageError(f"{folder}: the metadata's {key} differs from its model section")
+    recipe = {"name": metadata["model"].get("recipe"), "version": metadata["model"].get("version")}
+    if metadata.get("recipe") != recipe:
+        raise PackageError(f"{folder}: the metadata's recipe differs from its model section")
     if export.predict_proba is None and export.predict is None:
         raise PackageError(f"{folder}: recipe {spec['recipe'].get('name')!r} gives no way to predict")
     if metadata["model"].get("feature_names") is None:
@@ -450,13 +488,53 @@ def _read_file(folder: Path, name: str, limit: int) -> bytes:
 def _read_metadata(folder: Path) -> dict[str, Any]:
     if not (folder / METADATA_FILE).exists() and not (folder / METADATA_FILE).is_symlink():
         raise PackageError(f"{folder}: no {METADATA_FILE}; not a fedhealth model package")
-    try:
-        metadata = json.loads(_read_file(folder, METADATA_FILE, _MAX_METADATA_BYTES))
-    except ValueError as exc:
-        raise PackageError(f"{folder}: {METADATA_FILE} cannot be read as JSON ({exc})") from exc
+    metadata = _strict_json(folder, METADATA_FILE, _read_file(folder, METADATA_FILE, _MAX_METADATA_BYTES))
     if not isinstance(metadata, dict) or metadata.get("format") != PACKAGE_FORMAT:
         raise PackageError(f"{folder}: not a {PACKAGE_FORMAT} package")
     return metadata
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as infinity
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return value
+
+
+def _strict_json(folder: Path, name: str, blob: bytes) -> Any:
+    """``blob`` as JSON that canonical JSON can hash: finite numbers only (no NaN, Infinity or 1e999),
+    nested at most ``_MAX_JSON_DEPTH`` levels."""
+    try:
+        value = json.loads(blob, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise PackageError(f"{folder}: {name} is nested too deeply") from None
+    except ValueError as exc:
+        raise PackageError(f"{folder}: {name} cannot be read as JSON ({first_line(exc)})") from exc
+    level = [value]
+    for _ in range(_MAX_JSON_DEPTH):
+        level = [
+            child
+            for node in level
+            if isinstance(node, dict | list)
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+        if not level:
+            return value
+    raise PackageError(f"{folder}: {name} is nested more than {_MAX_JSON_DEPTH} levels deep")
+
+
+def _layout_names(folder: Path) -> list[str]:
+    """The names in ``folder`` that are a package's model files (weights, result, ONNX, a library's
+    model file), whatever the metadata lists."""
+    try:
+        names = [entry.name for entry in os.scandir(folder)]
+    except OSError as exc:
+        raise PackageError(f"{folder}: cannot be listed ({exc.strerror or exc})") from exc
+    return [n for n in names if n in _STALE_FILES or n.partition(".")[::2] in _MODEL_FILE_NAMES]
 
 
 def _reexport_result(folder: Path, spec: Mapping[str, Any], released: bytes) -> ModelExport:
@@ -464,12 +542,11 @@ def _reexport_result(folder: Path, spec: Mapping[str, Any], released: bytes) -> 
     recipe = spec.get("recipe")
     if not isinstance(recipe, dict):
         raise PackageError(f"{folder}: the study spec names no recipe")
-    try:
-        result = json.loads(released)
-    except ValueError as exc:
-        raise PackageError(f"{folder}: {RESULT_FILE} cannot be read as JSON ({exc})") from exc
+    result = _strict_json(folder, RESULT_FILE, released)
     if not isinstance(result, dict):
         raise PackageError(f"{folder}: {RESULT_FILE} holds no study result")
+    if not isinstance(recipe.get("params") or {}, dict):
+        raise PackageError(f"{folder}: the study spec's recipe params are not a table")
     try:
         resolved = resolve_recipe(
             str(recipe.get("name")), str(recipe.get("version", "1")), recipe.get("params") or {}
@@ -500,6 +577,8 @@ def _reexport(
     recipe = spec.get("recipe")
     if not isinstance(recipe, dict):
         raise PackageError(f"{folder}: the study spec names no recipe")
+    if not isinstance(recipe.get("params") or {}, dict):
+        raise PackageError(f"{folder}: the study spec's recipe params are not a table")
     params = dict(recipe.get("params") or {})
     pre = params.get("preprocessing")
     if isinstance(pre, dict) and pre.get("standardize") == StandardizeMode.FEDERATED.value:
