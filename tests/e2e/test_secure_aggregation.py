@@ -428,10 +428,17 @@ def test_after_an_orchestrator_restart_no_site_unmasks_the_same_round_again(tmp_
         finally:
             rogue.close()
         fed.stop_orchestrator(sig=signal.SIGKILL)
-        # hospital-a's agent restarts too: only its database remembers that it unmasked
+        # hospital-a's agent restarts too: only its database remembers that it unmasked. It starts while the
+        # orchestrator is down (it retries until it answers), so that its start-up, which on a loaded host
+        # took longer than attempt B's 15 s advertise stage, does not decide the test
         fed.stop_agent("hospital-a", sig=signal.SIGKILL)
-        fed.start_orchestrator()
+        started = (fed.logs / "agent-hospital-a.log").read_text().count("site hospital-a polling")
         fed.start_agent("hospital-a", {"breast-cancer": BREAST_SITES["hospital-a"]})
+        deadline = time.monotonic() + 120  # a bound on a broken test
+        while (fed.logs / "agent-hospital-a.log").read_text().count("site hospital-a polling") == started:
+            assert time.monotonic() < deadline, "hospital-a's agent never started polling again"
+            time.sleep(0.05)
+        fed.start_orchestrator()
         rogue = SecureRogue(fed, ROGUE, BREAST_SITES[ROGUE])
         try:
             rogue.join()  # attempt B of the same round
