@@ -441,6 +441,36 @@ def suppressed_bins(
     return hidden
 
 
+def feature_release(counts: CountCells, s: int, j: int, k: int, noisy: bool) -> tuple[bool, bool, set[int]]:
+    """What the rule releases of feature ``j`` in stratum ``s``: whether its observed count (with its mean and
+    variance) and its missing count are released, and the histogram bins withheld. One decision, read by the
+    report and by the moments sum alike, so no value is summed for a cell the report withholds."""
+    rows_ok = _released(counts.rows[s], k, noisy)
+    n_miss = counts.missing[s][j]
+    obs_ok = rows_ok and _released(counts.observed[s][j], k, noisy)
+    miss_ok = rows_ok and _released(n_miss, k, noisy)
+    # a feature's rows split into observed and missing: both are shown or neither, else the one suppressed
+    # would be the other subtracted from the rows
+    hidden = suppressed_bins(
+        counts.hist[s][j], k, noisy, observed_ok=obs_ok, count_shown=obs_ok and miss_ok, missing=n_miss
+    )
+    if hidden is None:  # small cells pinned with nothing left to hide beside them: all of it withheld
+        return False, False, set(range(len(counts.hist[s][j])))
+    return obs_ok, miss_ok, hidden
+
+
+def moment_cells(params: StatsParams, counts: CountCells, noisy: bool) -> list[tuple[int, int]]:
+    """The (stratum, feature) cells whose values the second sum adds: those whose mean the report releases
+    (a released, non-zero observed count of a feature not withheld as a whole), in a fixed order."""
+    k = params.min_cell_count
+    return [
+        (s, j)
+        for s in range(len(counts.rows))
+        for j in range(len(params.features))
+        if counts.observed[s][j] > 0 and feature_release(counts, s, j, k, noisy)[0]
+    ]
+
+
 def build_report(
     params: StatsParams,
     sites: tuple[str, ...],
@@ -461,21 +491,7 @@ def build_report(
             centre, _ = centre_and_half_width(edges)
             n_obs = counts.observed[s][j]
             n_miss = counts.missing[s][j]
-            obs_ok = rows_ok and _released(n_obs, k, noisy)
-            miss_ok = rows_ok and _released(n_miss, k, noisy)
-            # a feature's rows split into observed and missing: both are shown or neither, else the one
-            # suppressed would be the other subtracted from the rows
-            hidden = suppressed_bins(
-                counts.hist[s][j],
-                k,
-                noisy,
-                observed_ok=obs_ok,
-                count_shown=obs_ok and miss_ok,
-                missing=n_miss,
-            )
-            if hidden is None:  # small cells pinned with nothing left to hide beside them: all of it withheld
-                obs_ok = miss_ok = False
-                hidden = set(range(len(counts.hist[s][j])))
+            obs_ok, miss_ok, hidden = feature_release(counts, s, j, k, noisy)
             mean: float | None = None
             var: float | None = None
             if obs_ok and (s, j) in moments and n_obs > 0:
@@ -610,15 +626,8 @@ class StatsRecipe:
             _check_own_strata(layout, session.site, local, summed)
         counts = read_counts(params, summed, layout)
 
-        # the second sum: only cells whose observed count is released, in a layout every site derives alike
-        k = params.min_cell_count
-        wanted: list[tuple[int, int]] = []
-        for s in range(len(layout)):
-            if not _released(counts.rows[s], k, z is not None):
-                continue
-            for j in range(len(params.features)):
-                if counts.observed[s][j] > 0 and _released(counts.observed[s][j], k, z is not None):
-                    wanted.append((s, j))
+        # the second sum: only cells whose mean the report releases, in a layout every site derives alike
+        wanted = moment_cells(params, counts, z is not None)
         sums = np.zeros(2 * len(wanted))
         scales = np.ones(2 * len(wanted))
         for i, (s, j) in enumerate(wanted):
