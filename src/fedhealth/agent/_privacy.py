@@ -66,12 +66,13 @@ from fedhealth.privacy import (
     epsilon,
     sqlite_engine,
 )
-from fedhealth.protocol import AccountantName, PrivacySpend, TaskKind
+from fedhealth.protocol import AccountantName, PrivacySpend, Task, TaskKind
 from fedhealth.runtime import (
     check_privacy,
     recipe_capabilities,
     reproducible_noise_enabled,
     session_plan,
+    study_recipe,
     task_plan,
 )
 
@@ -254,9 +255,9 @@ class PrivacyGate(PassGate):
             deltas: dict[str, float] = {}
             if privacy is not None:
                 deltas["the study's"] = privacy.delta
-            session_delta = ctx.task.spec.recipe.params.get("delta")
-            if ctx.task.kind is TaskKind.COLLECTIVE and isinstance(session_delta, int | float):
-                deltas["the session's"] = float(session_delta)
+            session_delta = _session_delta(ctx.task) if ctx.task.kind is TaskKind.COLLECTIVE else None
+            if session_delta is not None:
+                deltas["the session's"] = session_delta
             if notes.reservation is not None:
                 deltas["the site's budget"] = self.ledger.budget(ctx.task.dataset).delta
             for whose, delta in deltas.items():
@@ -382,6 +383,17 @@ class PrivacyGate(PassGate):
             spec_study_epsilon=_json_float(spec_epsilon) if spec_epsilon is not None else None,
             reproducible_noise=self.reproducible_noise,
         ).model_dump(mode="json")
+
+
+def _session_delta(task: Task) -> float | None:
+    """A collective session's own delta as its recipe reads it: from the validated params, not the raw JSON,
+    where a delta written as a string ("0.2") is the recipe's 0.2 but no number to an isinstance check (it
+    slipped past the 1/n check; tests/privacy/test_privacy_doc_attacks.py)."""
+    try:
+        value = getattr(study_recipe(task.spec.recipe).params, "delta", None)
+    except InputError:
+        value = task.spec.recipe.params.get("delta")  # refused elsewhere; still checked here if numeric
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _json_float(value: float) -> float | None:
