@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Protocol, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from pydantic import BaseModel, ValidationError
 
@@ -70,6 +70,11 @@ class DatasetURI:
         if not parts.scheme:
             raise ConfigError(
                 f"dataset URI {shown!r} has no scheme (expected e.g. builtin://... or file:///...)"
+            )
+        if _user_part_cut(parts):
+            raise ConfigError(
+                f"dataset URI {shown!r}: the user part is cut short by an unencoded '/', '?', '#' or '@'; "
+                "URL-encode them in a password (%2F, %3F, %23, %40)"
             )
         if parts.fragment:
             raise ConfigError(f"dataset URI {shown!r}: fragments (#...) are not supported")
@@ -164,6 +169,16 @@ class DatasetURI:
         raise ConfigError(f"dataset URI {self.raw!r}: {key}={text!r} is not a boolean (true/false)")
 
 
+def _user_part_cut(parts: SplitResult) -> bool:
+    """Whether an unencoded "/", "?", "#" or "@" in a password left an "@" after the host (in the path, the
+    fragment or a parameter's name), where the password's pieces would be read as a host, a database name or
+    a parameter and shown. An "@" in a parameter's value (``param.email=a@b``) is a value, not this."""
+    if ":" not in parts.netloc:
+        return False
+    names = (piece.partition("=")[0] for piece in parts.query.split("&"))
+    return "@" in parts.path or "@" in parts.fragment or any("@" in name for name in names)
+
+
 def _redacted_netloc(netloc: str) -> str:
     userinfo, at, hostport = netloc.rpartition("@")
     if not at or ":" not in userinfo:
@@ -178,6 +193,13 @@ def redact_uri(uri: str) -> str:
         parts = urlsplit(uri)
     except ValueError:
         return "<a malformed URI>"
+    scheme = f"{parts.scheme}://" if parts.scheme else ""
+    no_user = "@" not in parts.netloc and ":" in parts.netloc and "@" in uri.partition(parts.netloc)[2]
+    if _user_part_cut(parts) or no_user:
+        # an unencoded "/", "?" or "#" in a password ends the user part early (u:pa/ss@host reads as host
+        # "u", port "pa", path "/ss@host"): everything up to the last "@" may hold a piece of it, so it is
+        # hidden (host:port/db?param.e=a@b too: shown less rather than a secret shown)
+        return f"{scheme}{REDACTED}@{uri.rpartition('@')[2]}"
     netloc = _redacted_netloc(parts.netloc)
     query = parts.query
     if query:
@@ -186,8 +208,8 @@ def redact_uri(uri: str) -> str:
             key = unquote(piece.split("=", 1)[0].replace("+", " "))
             pieces.append(f"{piece.split('=', 1)[0]}={REDACTED}" if is_secret_param(key) else piece)
         query = "&".join(pieces)
-    scheme = f"{parts.scheme}://" if parts.scheme else ""
-    tail = (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    # a fragment is refused, but it may be the tail of a secret holding an unencoded "#" (token=ab#cd)
+    tail = (f"?{query}" if query else "") + (f"#{REDACTED}" if parts.fragment else "")
     return f"{scheme}{netloc}{parts.path}{tail}"
 
 
