@@ -172,6 +172,9 @@ def dicom_grey(path: Path, window: tuple[float, float] | None = None) -> np.ndar
             window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
         except (TypeError, ValueError):
             raise ImageProblem("its window center or width is not a number") from None
+        # a NaN center would leave the window empty (an all-black image), an infinite width a NaN image
+        if not (np.isfinite(window[0]) and np.isfinite(window[1])):
+            raise ImageProblem("its window center or width is not finite")
     if window is not None and window[1] > 0:
         low, high = window[0] - window[1] / 2, window[0] + window[1] / 2
     else:

@@ -9,8 +9,8 @@ site-level DP treat them like any other model.
 
 Determinism: every random choice (the initial weights, the shuffling, the flips, the DP samples and noise)
 comes from the seed or the runtime's generator, and torch runs with ``use_deterministic_algorithms``: on
-CPU two runs with the same seed give bit-identical models. CUDA is used when present (the same seed then
-gives a model close to, not bit-identical with, the CPU one).
+CPU two runs with the same seed give bit-identical models. CUDA is used when present (the same seed is then
+expected to give a model close to, not bit-identical with, the CPU one; not measured, no GPU was lent).
 
 FedProx is the proximal term ``proximal_mu / 2 * ||w - w_global||^2`` in the local loss (set
 ``proximal_mu`` with the strategy ``fedprox``, as for logistic regression). SCAFFOLD (Karimi et al. 2020) is
@@ -255,10 +255,14 @@ def _load(params: TorchParams, model: Params) -> nn.Module:
         net = _network(params)
     specs = {s.name: s.shape for s in _net_specs(params)}
     given = {k for k in model if not k.startswith(CONTROL_VARIATE_PREFIX)}
-    if given != set(specs):
+    # control variates are checked where they are used (_ScaffoldVariates); one the study does not have is
+    # as unexpected as any other tensor (an exported model, the network alone, may carry none)
+    variates = {s.name for s in _control_variate_specs(params)}
+    smuggled = {k for k in model if k.startswith(CONTROL_VARIATE_PREFIX)} - variates
+    if given != set(specs) or smuggled:
         raise RecipeError(
             f"the model's tensors do not match the network: missing {sorted(set(specs) - given)}, "
-            f"unexpected {sorted(given - set(specs))}"
+            f"unexpected {sorted((given - set(specs)) | smuggled)}"
         )
     # exact shapes (never a silent reshape of as many values), float values, all finite: one line naming the
     # tensor, before any step (a site may get this model from a malicious orchestrator)
@@ -340,6 +344,15 @@ def _rows(dataset: TabularDataset | None) -> TabularDataset:
     return dataset
 
 
+def _check_finite(local: Params) -> None:
+    """No update with a non-finite value leaves the site (a hostile global model or spec can overflow a
+    step even when every value it sent was finite)."""
+    if not all(np.isfinite(v).all() for v in local.values()):
+        from fedhealth.learning._errors import TrainingDivergedError
+
+        raise TrainingDivergedError("local training diverged (non-finite weights); lower the learning rate")
+
+
 def torch_train(
     params: TorchParams,
     model: Params,
@@ -392,10 +405,7 @@ def torch_train(
             loss_total += float(data_loss.detach())
             steps += 1
     local = _exported(net)
-    if not all(np.isfinite(v).all() for v in local.values()):
-        from fedhealth.learning._errors import TrainingDivergedError
-
-        raise TrainingDivergedError("local training diverged (non-finite weights); lower the learning rate")
+    _check_finite(local)
     loss_mean = loss_total / seen if seen else None
     if variates is None:
         return TrainResult(params=local, num_samples=n, train_loss=loss_mean, steps=steps)
@@ -520,8 +530,13 @@ def torch_train_dp(
                 update = step[offset : offset + size].reshape(p.shape).to(device, p.dtype)
                 p.add_(update + params.weight_decay * p, alpha=-params.learning_rate)
                 offset += size
+            # stop at the first overflow: the next step's per-example gradients would be NaN, which the
+            # clipping refuses with a message about DP parameters rather than about the training
+            if not all(bool(torch.isfinite(p).all()) for p in trainable):
+                _check_finite(_exported(net))
     gsm.zero_grad(set_to_none=True)
     local = _exported(net)  # the wrapped network, its parameters updated in place
+    _check_finite(local)
     return TrainResult(params=local, num_samples=n, train_loss=None, steps=record_dp.steps)
 
 
