@@ -45,10 +45,12 @@ from typing import Any
 import numpy as np
 
 from fedhealth.core import (
+    ConfigError,
     InputError,
     TensorError,
     canonical_json,
     decode_tensors,
+    refuse_foreign_folder,
     sha256_hex,
     write_private_file,
 )
@@ -202,16 +204,9 @@ def _refuse_a_folder_of_another_account(out: Path) -> None:
     """A package folder that is a symbolic link (its files would land, and ``force`` would replace files,
     wherever it points), or that another local account owns (it could swap the files once written)."""
     try:
-        info = os.lstat(out)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(info.st_mode):
-        raise PackageError(f"{out} is a symbolic link; give the package folder itself")
-    if info.st_uid != os.getuid():
-        raise PackageError(
-            f"{out} belongs to uid {info.st_uid}, not to this user (uid {os.getuid()}): that account could "
-            "replace the package's files; choose a folder of your own"
-        )
+        refuse_foreign_folder(out, what="the package folder")
+    except ConfigError as exc:
+        raise PackageError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
