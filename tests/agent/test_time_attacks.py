@@ -302,6 +302,35 @@ def test_a_token_whose_expiry_has_no_offset_is_not_a_token_and_the_agent_goes_on
     assert counts["polls"] == 0  # no call goes out under a token whose lifetime cannot be read
 
 
+def _dated_orchestrator(
+    now: Callable[[], datetime], date: Callable[[datetime], str]
+) -> tuple[Callable[[httpx.Request], httpx.Response], dict[str, int]]:
+    """An orchestrator with no task whose clock reads ``now()``: every answer carries ``date(now())`` as its
+    ``Date``, and a token lives ten minutes by that clock."""
+    counts = {"polls": 0, "logins": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        stamped = now()
+        headers = {"date": date(stamped)}
+        if request.url.path.endswith("/challenge"):
+            expiry = (stamped + timedelta(minutes=1)).isoformat()
+            return httpx.Response(200, headers=headers, json={"challenge": "ab" * 16, "expires_at": expiry})
+        if request.url.path.endswith("/token"):
+            counts["logins"] += 1
+            expiry = (stamped + timedelta(minutes=10)).isoformat()
+            return httpx.Response(
+                200, headers=headers, json={"access_token": "t", "expires_at": expiry, "role": "site"}
+            )
+        if request.url.path.endswith("/approvals"):
+            return httpx.Response(200, headers=headers, json={"specs": []})
+        if request.url.path.endswith("/tasks/next"):
+            counts["polls"] += 1
+            return httpx.Response(200, headers=headers, json={"task": None})
+        return httpx.Response(404, headers=headers, json={"error": "not_found", "detail": ""})
+
+    return handler, counts
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("site_ahead_h", [1, -1], ids=["site-an-hour-ahead", "site-an-hour-behind"])
 def test_a_site_clock_off_by_an_hour_renews_its_token_once_per_lifetime_not_per_call(tmp_path, site_ahead_h):
@@ -310,28 +339,11 @@ def test_a_site_clock_off_by_an_hour_renews_its_token_once_per_lifetime_not_per_
     login rate limit; a site behind kept a token past its end (until refused). The token's lifetime is
     now what the orchestrator's clock gives it, counted on the site's monotonic clock."""
     orchestrator_now = datetime.now(UTC) - timedelta(hours=site_ahead_h)
-    counts = {"polls": 0, "logins": 0}
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        stamped = orchestrator_now + timedelta(seconds=time.monotonic() - started)
-        date = {"date": email.utils.format_datetime(stamped, usegmt=True)}
-        if request.url.path.endswith("/challenge"):
-            expiry = (stamped + timedelta(minutes=1)).isoformat()
-            return httpx.Response(200, headers=date, json={"challenge": "ab" * 16, "expires_at": expiry})
-        if request.url.path.endswith("/token"):
-            counts["logins"] += 1
-            expiry = (stamped + timedelta(minutes=10)).isoformat()
-            return httpx.Response(
-                200, headers=date, json={"access_token": "t", "expires_at": expiry, "role": "site"}
-            )
-        if request.url.path.endswith("/approvals"):
-            return httpx.Response(200, headers=date, json={"specs": []})
-        if request.url.path.endswith("/tasks/next"):
-            counts["polls"] += 1
-            return httpx.Response(200, headers=date, json={"task": None})
-        return httpx.Response(404, headers=date, json={"error": "not_found", "detail": ""})
-
     started = time.monotonic()
+    handler, counts = _dated_orchestrator(
+        lambda: orchestrator_now + timedelta(seconds=time.monotonic() - started),
+        lambda stamped: email.utils.format_datetime(stamped, usegmt=True),
+    )
     site = _agent(handler, tmp_path)
     try:
         raised = _run_until(site, counts, "polls", 5)
@@ -445,25 +457,7 @@ def test_the_operator_client_counts_its_token_by_the_orchestrators_clock(operato
 def test_a_date_the_site_cannot_read_falls_back_to_its_own_clock(tmp_path, date):
     """The token's lifetime reads the answer's Date: one a lying orchestrator made unreadable (a year of
     twenty digits overflowed the parser) is left aside and the site's own clock counts, as before."""
-    counts = {"polls": 0, "logins": 0}
-    soon = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        headers = {"date": date}
-        if request.url.path.endswith("/challenge"):
-            return httpx.Response(200, headers=headers, json={"challenge": "ab" * 16, "expires_at": soon})
-        if request.url.path.endswith("/token"):
-            counts["logins"] += 1
-            return httpx.Response(
-                200, headers=headers, json={"access_token": "t", "expires_at": soon, "role": "site"}
-            )
-        if request.url.path.endswith("/approvals"):
-            return httpx.Response(200, headers=headers, json={"specs": []})
-        if request.url.path.endswith("/tasks/next"):
-            counts["polls"] += 1
-            return httpx.Response(200, headers=headers, json={"task": None})
-        return httpx.Response(404, headers=headers, json={"error": "not_found", "detail": ""})
-
+    handler, counts = _dated_orchestrator(lambda: datetime.now(UTC), lambda _: date)
     site = _agent(handler, tmp_path)
     try:
         raised = _run_until(site, counts, "polls", 3)
