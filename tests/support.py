@@ -378,8 +378,8 @@ def allreduce_request(values: np.ndarray) -> bytes:
     return bytes([0x08, 0, 0x10, 0, 0x1A, len(buffer)]) + buffer + bytes([0x20, 2, 0x28, 2])
 
 
-def run_until_polled(site: SiteAgent, polls: list[int], times: int = 3) -> BaseException | None:
-    """Run the agent's loop in a thread until it polled ``times`` times; what it raised, if it stopped."""
+def run_until(site: SiteAgent, done: Callable[[], bool], give_up_s: float = 20) -> BaseException | None:
+    """Run the agent's loop in a thread until ``done()`` holds; what it raised, if it stopped."""
     raised: list[BaseException] = []
 
     def loop() -> None:
@@ -391,12 +391,17 @@ def run_until_polled(site: SiteAgent, polls: list[int], times: int = 3) -> BaseE
     site._warm_up = lambda: None  # type: ignore[method-assign] # no library preloading in a unit test
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while len(polls) < times and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    give_up = time.monotonic() + give_up_s  # a bound on a broken test, not a timing assertion
+    while not done() and thread.is_alive() and time.monotonic() < give_up:
+        time.sleep(0.01)
     site.stop()
-    thread.join(5)
+    thread.join(10)
     return raised[0] if raised else None
+
+
+def run_until_polled(site: SiteAgent, polls: list[int], times: int = 3) -> BaseException | None:
+    """Run the agent's loop in a thread until it polled ``times`` times; what it raised, if it stopped."""
+    return run_until(site, lambda: len(polls) >= times, give_up_s=10)
 
 
 class RogueSite:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import email.utils
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from fedhealth.agent import AgentSettings, OrchestratorClient, RetryPolicy, Site
 from fedhealth.client import ClientError, OperatorClient
 from fedhealth.crypto import IdentityKey
 from fedhealth.protocol import FailureCode, StudySpec, Task
-from support import logreg_recipe
+from support import logreg_recipe, run_until
 
 SITE = "hospital-a"
 FAR_WEST = timezone(-timedelta(hours=23, minutes=59))
@@ -205,27 +204,6 @@ def _orchestrator(
     return handler, counts
 
 
-def _run_until(site: SiteAgent, counts: dict[str, int], key: str, times: int) -> BaseException | None:
-    """The agent's loop in a thread until ``counts[key]`` reached ``times``; what it raised, if it stopped."""
-    raised: list[BaseException] = []
-
-    def loop() -> None:
-        try:
-            site.run()
-        except BaseException as exc:
-            raised.append(exc)
-
-    site._warm_up = lambda: None  # type: ignore[method-assign] # no library preloading in a unit test
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    give_up = time.monotonic() + 20  # a bound on a broken test, not a timing assertion
-    while counts[key] < times and thread.is_alive() and time.monotonic() < give_up:
-        time.sleep(0.01)
-    site.stop()
-    thread.join(10)
-    return raised[0] if raised else None
-
-
 def _agent(handler: Callable[[httpx.Request], httpx.Response], tmp_path: Path) -> SiteAgent:
     key = IdentityKey.generate()
     client = OrchestratorClient(
@@ -259,7 +237,7 @@ def test_a_task_whose_deadline_has_no_offset_is_no_task_and_the_agent_polls_on(t
     handler, counts = _orchestrator(poll)
     site = _agent(handler, tmp_path)
     try:
-        raised = _run_until(site, counts, "polls", 3)
+        raised = run_until(site, lambda: counts["polls"] >= 3)
     finally:
         site.client.close()
     # a naive deadline cannot be compared with this site's clock: before, the TypeError escaped handle()
@@ -278,7 +256,7 @@ def test_a_token_expiring_at_the_dawn_of_time_is_renewed_not_a_crash(tmp_path, e
     handler, counts = _orchestrator(lambda n: httpx.Response(200, json={"task": None}), expires_at)
     site = _agent(handler, tmp_path)
     try:
-        raised = _run_until(site, counts, "polls", 3)
+        raised = run_until(site, lambda: counts["polls"] >= 3)
     finally:
         site.client.close()
     # before, "expiry minus a minute" overflowed: an OverflowError out of every call ended `site run`
@@ -293,7 +271,7 @@ def test_a_token_whose_expiry_has_no_offset_is_not_a_token_and_the_agent_goes_on
     handler, counts = _orchestrator(lambda n: httpx.Response(200, json={"task": None}), naive)
     site = _agent(handler, tmp_path)
     try:
-        raised = _run_until(site, counts, "logins", 3)
+        raised = run_until(site, lambda: counts["logins"] >= 3)
     finally:
         site.client.close()
     # before, the naive expiry was kept and compared with this site's clock: a TypeError ended `site run`
@@ -346,7 +324,7 @@ def test_a_site_clock_off_by_an_hour_renews_its_token_once_per_lifetime_not_per_
     )
     site = _agent(handler, tmp_path)
     try:
-        raised = _run_until(site, counts, "polls", 5)
+        raised = run_until(site, lambda: counts["polls"] >= 5)
         renew_in = site.client._renew_at - time.monotonic()
     finally:
         site.client.close()
@@ -367,7 +345,7 @@ def test_the_control_a_well_formed_task_and_token_work_through_the_loop(tmp_path
     handler, counts = _orchestrator(poll)
     site = _agent(handler, tmp_path)
     try:
-        raised = _run_until(site, counts, "polls", 3)
+        raised = run_until(site, lambda: counts["polls"] >= 3)
     finally:
         site.client.close()
     assert raised is None
@@ -460,7 +438,7 @@ def test_a_date_the_site_cannot_read_falls_back_to_its_own_clock(tmp_path, date)
     handler, counts = _dated_orchestrator(lambda: datetime.now(UTC), lambda _: date)
     site = _agent(handler, tmp_path)
     try:
-        raised = _run_until(site, counts, "polls", 3)
+        raised = run_until(site, lambda: counts["polls"] >= 3)
         renew_in = site.client._renew_at - time.monotonic()
     finally:
         site.client.close()
