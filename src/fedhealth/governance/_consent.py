@@ -14,7 +14,9 @@ zero-width space left in a cell). A permit counts only for the exact id (a permi
 resemblance), but a deny, or a withdrawal, decides for every dataset id that is the same under
 :func:`id_match_key`: a row is left out when any spelling of its id is denied, whatever the exact spelling's
 records say. Two real patients whose ids differ only so lose a row each time one of them denies; that is the
-price of never training on a patient who said no under a spelling the dataset does not use.
+price of never training on a patient who said no under a spelling the dataset does not use. The purpose
+likewise: a deny under another spelling of the study's purpose (``Research`` for ``research``) speaks for it,
+a permit only under the exact purpose (or ``*``).
 
 Patients with no record in force follow the registry's :class:`ConsentModel`: ``OPT_IN`` (the default: no
 record, no use) or ``OPT_OUT`` (no record, used). Each filter stores its *snapshot* (the set of patients it
@@ -160,9 +162,18 @@ def _precedence(record: ConsentRecord) -> tuple[datetime, int, int]:
     return (start, int(record.purpose != ANY_PURPOSE), int(record.decision is ConsentDecision.DENY))
 
 
+def _speaks_for(record: ConsentRecord, purpose: str) -> bool:
+    """Whether ``record`` speaks for ``purpose``: its own purpose or ``*``, or (a deny only) another spelling
+    of the purpose under :func:`id_match_key` (``Research`` for ``research``): a permit never widens by
+    resemblance, a deny is never lost to a spelling."""
+    if record.applies_to(purpose):
+        return True
+    return record.decision is ConsentDecision.DENY and id_match_key(record.purpose) == id_match_key(purpose)
+
+
 def decide(records: Iterable[ConsentRecord], purpose: str, at: datetime) -> ConsentDecision | None:
     """The decision of the records in force for ``purpose`` at ``at`` (module docstring); None if none is."""
-    in_force = [r for r in records if r.applies_to(purpose) and r.in_force(at)]
+    in_force = [r for r in records if _speaks_for(r, purpose) and r.in_force(at)]
     if not in_force:
         return None
     return max(in_force, key=_precedence).decision
@@ -683,8 +694,12 @@ class ConsentRegistry:
         c = consent_records.c
         columns = (c.patient_id, c.purpose, c.decision, c.valid_from, c.valid_until, c.withdrawn_at)
         with self._engine.connect() as conn:
-            rows = conn.execute(select(*columns).where(c.purpose.in_([purpose, ANY_PURPOSE])))
+            # the purpose's other spellings too: a deny under one excludes the patient (``_speaks_for``)
+            purposes = [purpose, ANY_PURPOSE, *_other_spellings(conn, consent_records.c.purpose, purpose)]
+            rows = conn.execute(select(*columns).where(c.purpose.in_(purposes)))
             for pid, record_purpose, decision, valid_from, valid_until, withdrawn_at in rows:
+                if record_purpose not in (purpose, ANY_PURPOSE) and decision != ConsentDecision.DENY.value:
+                    continue  # a permit under another spelling grants nothing
                 if pid not in distinct:
                     if pid not in match_keys:
                         match_keys[pid] = id_match_key(pid)
@@ -799,7 +814,8 @@ class ConsentRegistry:
                 consent_records.c.patient_id == patient_id
             )
             if scope != ANY_PURPOSE:
-                query = query.where(consent_records.c.purpose == scope)
+                spellings = [scope, *_other_spellings(conn, consent_records.c.purpose, scope)]
+                query = query.where(consent_records.c.purpose.in_(spellings))
             for row in conn.execute(query).all():
                 merged = _earliest(row.withdrawn_at, at)
                 if merged != row.withdrawn_at:
@@ -859,8 +875,21 @@ def _snapshots_including(conn: Connection, patient_id: str, purpose: str | None)
         .where(members.patient_id.in_([patient_id, *spellings]))
     )
     if purpose is not None and purpose != ANY_PURPOSE:
-        query = query.where(consent_snapshots.c.purpose == purpose)
+        # a withdrawal said as ``Research`` names the snapshots of the studies for ``research``
+        spellings = [purpose, *_other_spellings(conn, consent_snapshots.c.purpose, purpose)]
+        query = query.where(consent_snapshots.c.purpose.in_(spellings))
     return sorted(set(conn.execute(query).scalars()))
+
+
+def _other_spellings(conn: Connection, column: Any, purpose: str) -> list[str]:
+    """The purposes stored in ``column`` that are ``purpose`` under another spelling (:func:`id_match_key`),
+    ``*`` aside."""
+    key = id_match_key(purpose)
+    return [
+        p
+        for p in conn.execute(select(column).distinct()).scalars()
+        if p not in (purpose, ANY_PURPOSE) and id_match_key(p) == key
+    ]
 
 
 def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:

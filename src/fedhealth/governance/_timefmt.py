@@ -15,7 +15,10 @@ def require_aware(value: datetime, what: str) -> datetime:
     """``value`` in UTC; a naive datetime is refused (:class:`InputError`): its time zone would be a guess."""
     if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
         raise InputError(f"{what} must be a timezone-aware datetime")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00: before year 1 in UTC
+        raise InputError(f"{what} is outside the years 1 to 9999 in UTC") from None
 
 
 def format_instant(value: datetime) -> str:
@@ -38,16 +41,25 @@ def parse_bound(text: str, *, end: bool) -> datetime:
     """A date (``2026-03-01``) or an ISO 8601 datetime with an offset, as a UTC instant.
 
     A date as a start means the start of that day; as an end it means the end of that day, returned as the
-    next midnight because governance treats ends as exclusive. Naive datetimes are refused.
+    next midnight because governance treats ends as exclusive. ``9999-12-31`` as an end, the "no end" of many
+    hospital exports, has no next midnight: it is the calendar's last instant. Naive datetimes are refused,
+    and so is an instant outside the years 1 to 9999 in UTC.
     """
     text = text.strip()
-    if _DATE.match(text):
-        day = date.fromisoformat(text)
-        return at_start_of_day(day + timedelta(days=1) if end else day)
-    parsed = datetime.fromisoformat(text)
-    if parsed.tzinfo is None:
-        raise ValueError(f"{text!r} has no UTC offset: write e.g. {text}Z, or a plain date")
-    return parsed.astimezone(UTC)
+    try:
+        if _DATE.match(text):
+            day = date.fromisoformat(text)
+            if end and day == date.max:
+                return datetime.max.replace(tzinfo=UTC)
+            return at_start_of_day(day + timedelta(days=1) if end else day)
+        parsed = datetime.fromisoformat(text)
+        if parsed.tzinfo is None:
+            raise ValueError(f"{text!r} has no UTC offset: write e.g. {text}Z, or a plain date")
+        return parsed.astimezone(UTC)
+    except OverflowError:  # an offset that moves the instant before year 1 or past year 9999 in UTC
+        raise ValueError(
+            f"{text!r} is outside the years 1 to 9999 in UTC (an open end is an empty cell)"
+        ) from None
 
 
 def as_instant(value: date | datetime) -> datetime:
