@@ -98,6 +98,24 @@ def _user(request: Request) -> UiUser:
     )
 
 
+async def _acting(request: Request, action: str, **details: Any) -> UiUser:
+    """The session's user of an action. Under mutual TLS, a session refused for the connection's client
+    certificate (a copied cookie used from another principal's machine) is an audit entry like every refused
+    attempt (``action`` refused, by the certificate's principal, reason ``CertificateMismatch``)."""
+    try:
+        return _user(request)
+    except Denied as exc:
+        certificate = peer_certificate(request.scope)
+        if isinstance(exc.__cause__, CertificateMismatch) and certificate is not None:
+            svc = _svc(request)
+            who = certificate.name if is_valid_name(certificate.name) else NOT_A_USER_NAME
+            reason = type(exc.__cause__).__name__
+            await anyio.to_thread.run_sync(
+                lambda: _audit(svc, who, f"{action} refused", reason=reason, **details)
+            )
+        raise
+
+
 def _audit(svc: Services, who: str, action: str, **details: Any) -> None:
     """One UI action in the orchestrator's signed audit log."""
     svc.audit.append(AuditEventType.UI_ACTION, {"action": action, "by": who, **details}, actor=f"user:{who}")
@@ -227,7 +245,7 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
     @router.post("/logout")
     @ui_page
     async def logout(request: Request) -> Response:
-        who = _user(request)
+        who = await _acting(request, "sign-out")
         form = await _form(request)
         svc = _svc(request)
         await _checked_csrf(svc, who, form.get(CSRF_FIELD), "sign-out")
@@ -342,7 +360,7 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
     @router.get("/sites/{name}/onboarding.zip")
     @ui_page
     async def onboarding(request: Request, name: str) -> Response:
-        who = _user(request)
+        who = await _acting(request, "onboarding kit", site=name)
         svc = _svc(request)
         if who.role is not Role.ADMIN:
             await anyio.to_thread.run_sync(
@@ -365,7 +383,7 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
     @router.post("/sites/{name}/revoke")
     @ui_page
     async def revoke(request: Request, name: str) -> Response:
-        who = _user(request)
+        who = await _acting(request, "revoke site", site=name)
         svc = _svc(request)
         form = await _form(request)
         await _checked_csrf(svc, who, form.get(CSRF_FIELD), "revoke site", site=name)
@@ -401,7 +419,7 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
     @router.post("/drift/reference")
     @ui_page
     async def drift_reference(request: Request) -> Response:
-        who = _user(request)
+        who = await _acting(request, "drift reference")
         svc = _svc(request)
         form = await _form(request)
         study_id = form.get("study_id", "").strip()[:64]
@@ -438,7 +456,7 @@ def dashboard_router(drift: DriftPolicy | None = None) -> APIRouter:
     @router.post("/studies/{study_id}/cancel")
     @ui_page
     async def cancel(request: Request, study_id: str) -> Response:
-        who = _user(request)
+        who = await _acting(request, "cancel study", study_id=study_id)
         svc = _svc(request)
         form = await _form(request)
         await _checked_csrf(svc, who, form.get(CSRF_FIELD), "cancel study", study_id=study_id)
