@@ -381,7 +381,7 @@ class TreeCheckpoint:
         discard_interrupted_writes(self.path)
         try:
             data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: arrays nested too deep to parse
             return None
         if not isinstance(data, dict) or data.get("key") != self.key:
             return None
@@ -408,7 +408,7 @@ class TreeCheckpoint:
             return None
         if len(saved.scores) != (saved.rounds if stopping else 0):
             return None
-        if not all(type(s) in (int, float) and math.isfinite(s) for s in saved.scores):
+        if not all(_finite(s) for s in saved.scores):
             return None
         if not model_holds(saved.model, saved.rounds):
             return None
@@ -421,6 +421,16 @@ class TreeCheckpoint:
             folder.mkdir(mode=0o700, exist_ok=True)
         text = json.dumps({"key": self.key, "rounds": rounds, "model": model, "scores": scores})
         write_private_file(self.path, text.encode())
+
+
+def _finite(value: object) -> bool:
+    """Whether a checkpoint's stopping score is a finite number (an integer too large for a float is not)."""
+    if type(value) not in (int, float):
+        return False
+    try:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return False
 
 
 def agree_resume(session: Any, local_rounds: int, num_rounds: int) -> int:

@@ -11,6 +11,7 @@ raw values). The model equals XGBoost trained on the pooled rows on one machine
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -255,6 +256,149 @@ def _reference(binning: Binning) -> Any:
     return xgb.QuantileDMatrix(data, max_bin=256, nthread=1)
 
 
+# --- the model JSON a released result or a checkpoint holds ------------------------------------------------
+
+# XGBoost 3.2.0 loads a JSON model checking the arrays' lengths but not what they point at: a child, parent or
+# feature index out of range, or a child that leads back up the tree, loads, and the first prediction,
+# feature importance or training round on it reads out of bounds (a segmentation fault) or loops forever. A
+# JSON from a result (an orchestrator's, a package's) or a checkpoint is checked against the layout XGBoost
+# itself writes for a model of this recipe (gbtree, numeric splits) before XGBoost sees it.
+_TREE_ARRAYS = (
+    "left_children",
+    "right_children",
+    "parents",
+    "split_indices",
+    "split_conditions",
+    "split_type",
+    "default_left",
+    "base_weights",
+    "loss_changes",
+    "sum_hessian",
+)
+_NO_PARENT = 2147483647  # the root's parent as XGBoost writes it
+
+
+class ModelJsonError(ValueError):
+    """An XGBoost JSON model that is not laid out as XGBoost 3.2.0 writes a model of this recipe."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):  # XGBoost's parser might take another of the repeated values than this one
+        raise ModelJsonError("the model JSON repeats a key")
+    return out
+
+
+def _count(value: Any, what: str) -> int:
+    """A count as XGBoost writes it in a model's parameters: the decimal digits of a whole number."""
+    if not isinstance(value, str) or not value.isdigit() or len(value) > 9:
+        raise ModelJsonError(f"the model JSON's {what} is not a count")
+    return int(value)
+
+
+def _whole_numbers(tree: Mapping[str, Any], key: str, where: str) -> list[int]:
+    items = tree.get(key)
+    if not isinstance(items, list) or not all(type(v) is int for v in items):
+        raise ModelJsonError(f"{where}'s {key} are not whole numbers")
+    return items
+
+
+def check_model_json(text: str) -> None:
+    """Refuse (:class:`ModelJsonError`, one line) an XGBoost JSON model XGBoost must not be given: anything
+    but a gbtree of numeric trees whose every node is reached once from its root (children and parents
+    agreeing, the root no one's child), split features below ``num_feature``, no categories, and as many
+    trees as ``num_trees``, ``tree_info`` and ``iteration_indptr`` say."""
+    try:
+        _check_model_json(text)
+    except ModelJsonError:
+        raise
+    except (ValueError, RecursionError, LookupError, TypeError, AttributeError) as exc:
+        raise ModelJsonError("the model JSON is not an XGBoost model") from exc
+
+
+def _check_model_json(text: str) -> None:
+    data = json.loads(text, object_pairs_hook=_unique_keys)
+    learner = data["learner"]
+    params = learner["learner_model_param"]
+    booster = learner["gradient_booster"]
+    model = booster["model"]
+    trees = model["trees"]
+    if booster.get("name") != "gbtree" or not isinstance(trees, list):
+        raise ModelJsonError("the model JSON is not a gbtree model")
+    n_features = _count(params.get("num_feature"), "num_feature")
+    outputs = max(1, _count(params.get("num_class"), "num_class"))
+    counts = model.get("gbtree_model_param")
+    if not isinstance(counts, dict) or _count(counts.get("num_trees"), "num_trees") != len(trees):
+        raise ModelJsonError("the model JSON's num_trees is not its number of trees")
+    if _count(counts.get("num_parallel_tree"), "num_parallel_tree") != 1:
+        raise ModelJsonError("the model JSON's trees are not one per output and round")
+    info = model.get("tree_info")
+    if not isinstance(info, list) or len(info) != len(trees) or any(type(c) is not int for c in info):
+        raise ModelJsonError("the model JSON's tree_info does not name each tree's output")
+    if any(not 0 <= c < outputs for c in info):
+        raise ModelJsonError("the model JSON's tree_info names an output the model does not have")
+    indptr = model.get("iteration_indptr")
+    if (
+        not isinstance(indptr, list)
+        or any(type(i) is not int for i in indptr)
+        or indptr[:1] != [0]
+        or indptr[-1:] != [len(trees)]
+        or any(b < a for a, b in itertools.pairwise(indptr))
+    ):
+        raise ModelJsonError("the model JSON's iteration_indptr does not cut its trees into rounds")
+    cats = model.get("cats", {})
+    if not isinstance(cats, dict) or any(v != [] for v in cats.values()):
+        raise ModelJsonError("the model JSON has categorical features")
+    for index, tree in enumerate(trees):
+        _check_tree_json(tree, index, n_features)
+
+
+def _check_tree_json(tree: Any, index: int, n_features: int) -> None:
+    where = f"the model JSON's tree {index}"
+    if not isinstance(tree, dict) or tree.get("id") != index or not isinstance(tree.get("tree_param"), dict):
+        raise ModelJsonError(f"{where} is missing")
+    param = tree["tree_param"]
+    nodes = _count(param.get("num_nodes"), "num_nodes")
+    if (
+        nodes < 1
+        or _count(param.get("num_deleted"), "num_deleted") != 0
+        or _count(param.get("num_feature"), "num_feature") != n_features
+        or param.get("size_leaf_vector") not in ("0", "1")
+    ):
+        raise ModelJsonError(f"{where}'s tree_param is not that of a numeric tree of the model's features")
+    for key in _TREE_ARRAYS:
+        items = tree.get(key)
+        if not isinstance(items, list) or len(items) != nodes:
+            raise ModelJsonError(f"{where} has no {key} of num_nodes entries")
+    for key in ("categories", "categories_nodes", "categories_segments", "categories_sizes"):
+        if tree.get(key) != []:
+            raise ModelJsonError(f"{where} has categorical splits")
+    left, right = _whole_numbers(tree, "left_children", where), _whole_numbers(tree, "right_children", where)
+    parents, features = _whole_numbers(tree, "parents", where), _whole_numbers(tree, "split_indices", where)
+    if any(t != 0 for t in _whole_numbers(tree, "split_type", where)):
+        raise ModelJsonError(f"{where} has categorical splits")
+    if parents[0] != _NO_PARENT:
+        raise ModelJsonError(f"{where}'s root has a parent")
+    # from the root, every node is reached exactly once, each child naming its parent: a tree, no cycle
+    seen = [False] * nodes
+    seen[0] = True
+    stack = [0]
+    while stack:
+        node = stack.pop()
+        pair = (left[node], right[node])
+        if pair == (-1, -1):
+            continue
+        if not 0 <= features[node] < n_features:
+            raise ModelJsonError(f"{where} splits on a feature the model does not have")
+        for child in pair:
+            if not 0 < child < nodes or seen[child] or parents[child] != node:
+                raise ModelJsonError(f"{where}'s children do not form a tree")
+            seen[child] = True
+            stack.append(child)
+    if not all(seen):
+        raise ModelJsonError(f"{where} has nodes its root does not reach")
+
+
 @dataclass(frozen=True, slots=True)
 class XGBoostModel:
     """The trained model: XGBoost's JSON model over bin codes and the binning."""
@@ -292,7 +436,11 @@ class XGBoostModel:
 
     @classmethod
     def from_result(cls, result: Mapping[str, Any]) -> XGBoostModel:
-        return cls(model_json=str(result["model"]), binning=Binning.from_json(result["binning"]))
+        """The model in a study's result (what ``finish`` returned); :class:`ModelJsonError` for a model JSON
+        XGBoost must not load."""
+        text = str(result["model"])
+        check_model_json(text)
+        return cls(model_json=text, binning=Binning.from_json(result["binning"]))
 
 
 def train_pooled_xgboost(params: XGBoostParams, datasets: Sequence[TabularDataset]) -> XGBoostModel:
@@ -350,9 +498,10 @@ def checkpoint_holds(params: XGBoostParams, model: str, rounds: int) -> bool:
     xgb = _xgb()
     booster = xgb.Booster()
     try:
+        check_model_json(model)  # XGBoost crashes on a model whose indices point out of its arrays
         booster.load_model(bytearray(model.encode()))
         return bool(booster.num_boosted_rounds() == rounds and booster.num_features() == params.n_features)
-    except xgb.core.XGBoostError:
+    except (ModelJsonError, xgb.core.XGBoostError):
         return False
 
 
