@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 import fedhealth
 from fedhealth.learning import preload_libraries
@@ -73,6 +74,15 @@ def core_routers() -> list[APIRouter]:
     ]
 
 
+class _Orchestrator(FastAPI):
+    """FastAPI with the version headers outside every other layer: Starlette's server-error layer (a bug's
+    500) and the enrollment port's refusals answer outside the middleware an app adds, and every answer states
+    the protocol and release (docs/architecture.md, "Versions on the wire")."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return VersionHeadersMiddleware(super().build_middleware_stack())
+
+
 def create_app(
     settings: OrchestratorSettings,
     on_ready: Callable[[], None] | None = None,
@@ -104,7 +114,7 @@ def create_app(
         finally:
             await svc.close()
 
-    app = FastAPI(
+    app = _Orchestrator(
         title="fedhealth orchestrator",
         version=fedhealth.__version__,
         lifespan=lifespan,
@@ -126,7 +136,6 @@ def create_app(
         require_client_cert=settings.require_client_cert,
         enroll_port=settings.enroll_port,
     )
-    app.add_middleware(VersionHeadersMiddleware)  # every answer states the protocol and release
     for ext in extensions:  # an extension may wrap every request (e.g. the metrics' request timer)
         getattr(ext, "install_middleware", lambda _app: None)(app)
     if settings.enroll_port is not None:

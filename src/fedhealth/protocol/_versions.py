@@ -20,6 +20,7 @@ Spec fields are never dropped: a study spec is approved by the hash of all of it
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import UnionType
@@ -28,7 +29,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 from pydantic import BaseModel
 
 from fedhealth.core import ProtocolError
-from fedhealth.protocol._models import PROTOCOL_VERSION
+from fedhealth.protocol._models import PROTOCOL_VERSION, StudySpec
 
 MIN_PROTOCOL_VERSION = 1  # the oldest protocol this release still speaks
 PROTOCOL_HEADER = "X-Fedhealth-Protocol"
@@ -70,13 +71,17 @@ class PeerVersion:
             raise ProtocolMismatch(
                 f"the peer's {PROTOCOL_HEADER} or {MIN_PROTOCOL_HEADER} header is out of range: {text[:20]!r}"
             )
-        software = lowered.get(SOFTWARE_HEADER.lower())
+        software = (lowered.get(SOFTWARE_HEADER.lower()) or "")[:40]
         return cls(
-            protocol=protocol, min_protocol=min(min_protocol, protocol), software=software and software[:40]
+            protocol=protocol,
+            min_protocol=min(min_protocol, protocol),
+            # what `fedhealth site list` prints: a release, never a tab or an escape sequence (else unknown)
+            software=software if _RELEASE.fullmatch(software) else None,
         )
 
 
 _MAX_STATED = 1_000_000  # a protocol version a peer may state (stored in a 32-bit column)
+_RELEASE = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]{0,39}")  # as a readiness report's software_version
 
 
 def version_headers(
@@ -126,7 +131,7 @@ def for_peer(message: BaseModel, peer_protocol: int) -> dict[str, Any]:
 
 
 def _strip(model: type[BaseModel], data: Any, peer_protocol: int) -> Any:
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or model in _SPEC_MODELS:
         return data
     since = FIELDS_SINCE.get(model.__name__, {})
     out = {}
@@ -153,7 +158,7 @@ def from_peer(model: type[M], data: bytes | str | Mapping[str, Any], peer_protoc
 
 
 def _known(model: type[BaseModel], data: Any) -> Any:
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or model in _SPEC_MODELS:  # whole: a field we lack refuses the spec
         return data
     out = {}
     for name, value in data.items():
@@ -162,6 +167,30 @@ def _known(model: type[BaseModel], data: Any) -> Any:
             continue
         out[name] = _walk(field.annotation, value, _known)
     return out
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _parts(model: type[BaseModel]) -> frozenset[type[BaseModel]]:
+    """``model`` and every model its fields hold, however deep."""
+    found = {model}
+    pending = [model]
+    while pending:
+        for field in pending.pop().model_fields.values():
+            for part in _models_in(field.annotation):
+                if part not in found:
+                    found.add(part)
+                    pending.append(part)
+    return frozenset(found)
+
+
+# A study spec and its parts (a task's copy of the recipe too) are never cut, reading or sending: a spec is
+# approved by the hash of all of it, so one with a field this side lacks is refused, never run shorter.
+_SPEC_MODELS = _parts(StudySpec)
 
 
 def _walk(annotation: Any, value: Any, visit: Any) -> Any:
