@@ -20,12 +20,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from tests.learning.test_boosting_session_attacks import SITES, _dirs, _model_text, _site_data, _train
 
+from fedhealth.core import ProtocolError
 from fedhealth.data import TabularDataset
 from fedhealth.learning import LightGbmParams, XGBoostParams, train_site, train_site_xgboost
 from fedhealth.learning._boosting import TreeCheckpoint
+from fedhealth.learning._xgboost_proxy import SessionProxy
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +207,60 @@ def test_a_released_xgboost_model_pointing_out_of_its_arrays_fails_the_result_in
     assert out["finish"].startswith("the xgboost session released a model XGBoost cannot read: ")
     assert "\n" not in out["finish"]
     assert "tree 0" in out["finish"]
+
+
+# --- the XGBoost proxy: a gather's lengths come back from the relay ----------------------------------------
+
+
+class _RelaySum:
+    """A two-site session as the proxy of site ``a`` (rank 0) sees it: each secure sum adds what site ``b``
+    put in (``b``'s bytes ``other``), and the relay then replaces the first sum (the lengths) by ``forged``
+    when given."""
+
+    site = "a"
+    sites = ("a", "b")
+
+    def __init__(self, other: bytes, forged: list[float] | None = None) -> None:
+        self.other = other
+        self.forged = forged
+        self.calls = 0
+
+    def secure_sum(self, values: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        if self.calls == 1:
+            honest = values + np.array([0.0, len(self.other)])
+            return np.array(self.forged, dtype=np.float64) if self.forged is not None else honest
+        padded = self.other + b"\0" * (len(self.other) % 2)
+        words = np.frombuffer(padded, dtype="<u2").astype(np.float64)
+        out = np.array(values, dtype=np.float64)
+        out[len(out) - len(words) :] += words
+        return out
+
+
+def test_an_honest_gather_through_the_proxy_returns_every_sites_bytes():
+    proxy = SessionProxy(_RelaySum(b"xyz!!"))  # type: ignore[arg-type]
+    assert proxy.gather(b"abc") == [b"abc", b"xyz!!"]
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        [3.0, 1e12],  # another site "sent" a terabyte: the site would size its next sum by it
+        [3.0, -8.0],
+        [3.0, 2.5],
+        [3.0, float("nan")],
+        [3.0, float("inf")],
+        [7.0, 5.0],  # not this site's own length
+        [3.0, float(16 << 20)],  # within a float's whole numbers, past what a gather of XGBoost's holds
+    ],
+    ids=["huge", "negative", "fraction", "nan", "inf", "not-own", "past-the-bound"],
+)
+def test_gather_lengths_the_relay_altered_size_no_allocation_and_fail_the_call(forged):
+    """docs/boosting.md, XGBoost: a gather is each site's bytes in its own block of a secure sum, the
+    lengths first. A relay that alters the lengths' sum must not make the site allocate (and mask, and send)
+    what it says: the call fails, as a session failure, before the second sum."""
+    session = _RelaySum(b"xyz!!", forged)
+    proxy = SessionProxy(session)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="gather's lengths"):
+        proxy.gather(b"abc")
+    assert session.calls == 1

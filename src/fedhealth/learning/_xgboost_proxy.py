@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedhealth.core import keep_malloc_heaps
+from fedhealth.core import ProtocolError, keep_malloc_heaps
 from fedhealth.learning._collectives import Collectives
 from fedhealth.learning._lightgbm_network import FloatSums  # the same exact sums as LightGBM's
 
@@ -46,6 +46,21 @@ _TYPES: dict[int, str] = {
     11: "<u8",
 }
 MAX, MIN, SUM, AND, OR, XOR = range(6)
+# What all sites' blocks of one gather may hold together: XGBoost's gathers and broadcasts here carry its
+# parameters, a seed, a column count (kilobytes). The lengths come back from the relay as a sum, and a sum
+# altered by it must not size an allocation at the site.
+_MAX_GATHER_BYTES = 16 << 20
+
+
+def _gather_sizes(summed: NDArray[np.float64], rank: int, own: int) -> list[int]:
+    """Each site's length in a gather, from the sum of the lengths' blocks; :class:`ProtocolError` where the
+    relay's sum cannot be the sites' lengths (not whole, negative, not this site's own, too large)."""
+    if not np.all(np.isfinite(summed)) or np.any(summed < 0) or np.any(summed != np.rint(summed)):
+        raise ProtocolError("the relay's sum of a gather's lengths is not a list of lengths")
+    sizes = [int(v) for v in summed]
+    if sizes[rank] != own or sum(sizes) > _MAX_GATHER_BYTES:
+        raise ProtocolError("the relay's sum of a gather's lengths is not the sites' lengths")
+    return sizes
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -264,9 +279,11 @@ class SessionProxy:
 
     def gather(self, data: bytes) -> list[bytes]:
         """Every site's bytes, in rank order: lengths, then 16-bit words, each site in its own block."""
+        if len(data) > _MAX_GATHER_BYTES:
+            raise ProtocolError(f"a gather of more than {_MAX_GATHER_BYTES} bytes is not one of XGBoost's")
         lengths = np.zeros(self.n)
         lengths[self.rank] = len(data)
-        sizes = [round(v) for v in self._secure_sum(lengths)]
+        sizes = _gather_sizes(self._secure_sum(lengths), self.rank, len(data))
         words = [(s + 1) // 2 for s in sizes]
         offsets = np.cumsum([0, *words])
         values = np.zeros(int(offsets[-1]))
