@@ -81,8 +81,17 @@ def test_the_demo_trains_four_hospitals_securely_and_prints_the_summary(tmp_path
             )
         assert commitment not in recorded  # never the bare hash
         assert opened[commitment] in recorded, (site, commitment, recorded)
+    # each hospital states the consent model its gate applied; the demo's hospitals hold no consent record,
+    # so each applied opt-out (policy "auto"), and the card says what opt-out admitted, not "only the
+    # patients whose recorded consent permitted" (it said so until 2026-12-08)
+    models = re.findall(r"^\| hospital-[a-d] \| .+ \| ([a-z -]+) \| `[0-9a-f]{64}` \|$", card, re.MULTILINE)
+    assert models == ["opt-out"] * 4, card
     consent = card.split("## Consent statement\n", 1)[1].split("\n## ", 1)[0]
-    assert "training used only the patients whose recorded consent permitted" in consent
+    assert (
+        "- opt-out (hospital-a, hospital-b, hospital-c, hospital-d): training used every patient except"
+        in consent
+    )
+    assert "recorded consent permitted" not in consent
     assert "No consent withdrawal affecting this model version has been reported." in consent
     lineage = card.split("## Lineage\n", 1)[1]
     versions = re.findall(r"^\d+\. `[0-9a-f]{16}` round (\d+)", lineage, re.MULTILINE)

@@ -349,6 +349,7 @@ class _TaskNotes:
     completed: bool = False
     dataset_fingerprint: str | None = None
     consent_snapshot: str | None = None
+    consent_model: ConsentModel | None = None
     subject: dict[str, Any] = field(default_factory=dict)
 
 
@@ -590,6 +591,7 @@ class GovernanceGate(PassGate):
         selected = dataset if kept.all() else dataset.select(keep_train, keep_test)
         notes.dataset_fingerprint = selected.fingerprint
         notes.consent_snapshot = result.snapshot_hash
+        notes.consent_model = model
         return selected
 
     def after_training(self, ctx: TaskContext) -> None:
@@ -671,6 +673,10 @@ class GovernanceGate(PassGate):
                 ctx.attestation[kind.value] = self.governance.commitments.commit(
                     kind=kind, study_id=ctx.task.study_id, task_id=ctx.task.task_id, digest=digest
                 )
+        if notes is not None and notes.consent_model is not None:
+            # the policy's rule for patients without a record, stated so the model card can say it: a fact
+            # of the site's governance, the same for every patient (docs/privacy.md)
+            ctx.attestation["consent_model"] = notes.consent_model.value
 
     # --- helpers -------------------------------------------------------------------------------------------
 

@@ -171,9 +171,10 @@ def model_card_markdown(
         "",
     ]
     if model.n_sites:
-        lines += ["| Site | Dataset fingerprint | Consent snapshot |", "|---|---|---|"]
+        lines += ["| Site | Dataset fingerprint | Consent model | Consent snapshot |", "|---|---|---|---|"]
         lines += [
-            f"| {_cell(s)} | `{model.dataset_fingerprints[s]}` | `{model.consent_snapshots[s]}` |"
+            f"| {_cell(s)} | `{model.dataset_fingerprints[s]}` | {model.consent_models.get(s, 'not stated')} "
+            f"| `{model.consent_snapshots[s]}` |"
             for s in model.sites
         ]
         lines.append("")
@@ -302,12 +303,45 @@ def _membership_lines(model: ModelProvenance, report: MembershipReport) -> list[
     return lines
 
 
+_CONSENT_RULES = {
+    "opt-in": "training used only the patients whose recorded consent permitted the study's purpose on the "
+    "training date",
+    "opt-out": "training used every patient except those whose recorded consent denied the study's purpose, "
+    "or who had withdrawn it, on the training date (no record: used)",
+}
+
+
 def _consent_lines(model: ModelProvenance, flags: Sequence[WithdrawalFlag]) -> list[str]:
-    lines = [
-        "At each site, training used only the patients whose recorded consent permitted the study's purpose "
-        "on the training date; the consent snapshot each site used is named by its hash in the Data section.",
-        "",
-    ]
+    """What consent admitted a patient, by the consent model each site stated (opt-in and opt-out differ for
+    a patient with no record), then the withdrawal flags."""
+    by_model: dict[str, list[str]] = {}
+    for site in model.sites:
+        by_model.setdefault(model.consent_models.get(site, ""), []).append(site)
+    if not model.consent_models:  # none stated (the initial model, or a record made before sites said it)
+        lines = [
+            "At each site, training used only the patients its consent policy admitted for the study's "
+            "purpose on the training date (the consent model of each site was not recorded for this "
+            "version); the consent snapshot each site used is named by its hash in the Data section."
+        ]
+    elif set(by_model) == {"opt-in"}:
+        lines = [
+            f"At each site (opt-in everywhere), {_CONSENT_RULES['opt-in']}; the consent snapshot each site "
+            "used is named by its hash in the Data section."
+        ]
+    else:
+        lines = [
+            "Each site applied its own consent model; the model and the consent snapshot each site used are "
+            "in the Data section.",
+            "",
+        ]
+        for name in ("opt-in", "opt-out"):
+            if name in by_model:
+                sites = ", ".join(_cell(s) for s in by_model[name])
+                lines.append(f"- {name} ({sites}): {_CONSENT_RULES[name]}.")
+        if "" in by_model:
+            sites = ", ".join(_cell(s) for s in by_model[""])
+            lines.append(f"- not stated ({sites}): the site's consent policy, not recorded for this version.")
+    lines.append("")
     if not flags:
         lines.append("No consent withdrawal affecting this model version has been reported.")
         return lines

@@ -31,10 +31,12 @@ from fedhealth.core import (
     canonical_json,
 )
 from fedhealth.governance._audit import AuditEventType, AuditLog, state_and_log
+from fedhealth.governance._consent import ConsentModel
 from fedhealth.governance._tables import model_flags, model_metrics, model_snapshots, model_versions
 from fedhealth.governance._timefmt import format_instant, parse_instant, require_aware
 
 _HEX = frozenset("0123456789abcdef")
+CONSENT_MODELS = frozenset(m.value for m in ConsentModel)
 
 
 def _is_hash(value: object) -> bool:
@@ -66,6 +68,9 @@ class ModelProvenance:
     software_version: str
     dp_params: Mapping[str, Any] = field(default_factory=dict)
     epsilon_spent: Mapping[str, float] = field(default_factory=dict)
+    # the consent model each site stated it applied (``opt-in``, ``opt-out``); a site that stated none is not
+    # named (an agent of an older release)
+    consent_models: Mapping[str, str] = field(default_factory=dict)
     created_at: datetime
 
     def __post_init__(self) -> None:
@@ -92,6 +97,10 @@ class ModelProvenance:
             raise InputError("consent snapshot hashes must be sha256 hex digests")
         if not all(isinstance(f, str) and f for f in self.dataset_fingerprints.values()):
             raise InputError("dataset fingerprints must be non-empty strings")
+        if not set(self.consent_models) <= sites:
+            raise InputError("consent_models names a site that did not contribute")
+        if not all(m in CONSENT_MODELS for m in self.consent_models.values()):
+            raise InputError(f"a site's consent model must be one of {sorted(CONSENT_MODELS)}")
         if not set(self.epsilon_spent) <= sites:
             raise InputError("epsilon_spent names a site that did not contribute")
         for site, eps in self.epsilon_spent.items():
@@ -108,7 +117,7 @@ class ModelProvenance:
         return sorted(self.dataset_fingerprints)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "model_digest": self.model_digest,
             "parent_digest": self.parent_digest,
             "study_id": self.study_id,
@@ -122,6 +131,9 @@ class ModelProvenance:
             "epsilon_spent": {k: float(v) for k, v in sorted(self.epsilon_spent.items())},
             "created_at": format_instant(self.created_at),
         }
+        if self.consent_models:  # absent when none was stated: a record made before the field reads the same
+            out["consent_models"] = dict(sorted(self.consent_models.items()))
+        return out
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> ModelProvenance:

@@ -406,6 +406,7 @@ class GovernanceObserver(NullObserver):
         completed = [t for t in tasks if t.status is TaskStatus.COMPLETED]
         fingerprints: dict[str, str] = {}
         snapshots: dict[str, str] = {}
+        consent_models: dict[str, str] = {}
         no_data = not recipe_capabilities(study.spec.recipe).reads_data
         for t in completed:
             attestation = t.attestation
@@ -413,6 +414,8 @@ class GovernanceObserver(NullObserver):
             fingerprints[t.site] = fingerprint or (NO_DATA if no_data else UNATTESTED)
             snapshot = attestation.consent_snapshot if attestation is not None else None
             snapshots[t.site] = snapshot or NO_SNAPSHOT
+            if attestation is not None and attestation.consent_model is not None:
+                consent_models[t.site] = attestation.consent_model.value
         epsilons = provenance_epsilons(study.spec, {t.site: t.attestation for t in completed})
         return ModelProvenance(
             model_digest=version.digest,
@@ -426,6 +429,7 @@ class GovernanceObserver(NullObserver):
             software_version=fedhealth.__version__,
             dp_params=provenance_dp_params(study.spec, round_row.number),
             epsilon_spent=epsilons,
+            consent_models=consent_models,
             created_at=version.created_at,
         )
 

@@ -636,9 +636,17 @@ class PrivacySpend(Message):
     )
 
 
+class ConsentBasis(StrEnum):
+    """The consent model a site applied to a task's rows (its ``policy.toml``, docs/governance.md)."""
+
+    OPT_IN = "opt-in"  # only patients with a permit in force
+    OPT_OUT = "opt-out"  # every patient but those who denied or withdrew
+
+
 class SiteAttestation(Message):
     """Facts a site states about a task, none of them patient data: its audit-log head (for anchoring), the
-    fingerprint of the training set it used, its consent snapshot and its privacy ledger."""
+    fingerprint of the training set it used, its consent snapshot, the consent model it applied (the model
+    card says it) and its privacy ledger."""
 
     audit_head: LogHeadInfo | None = None
     # Keyed commitments (64 hex digits) from an honest agent. Other text in consent_snapshot made the
@@ -647,6 +655,7 @@ class SiteAttestation(Message):
     # (tests/orchestrator/test_site_report_poisoning_attacks.py)
     dataset_fingerprint: Digest | None = None
     consent_snapshot: Digest | None = None
+    consent_model: ConsentBasis | None = None
     privacy: PrivacySpend | None = None
 
 
