@@ -918,6 +918,11 @@ class Store:
         """
         with self.engine.begin() as c:
             r = c.execute(select(rounds).where(rounds.c.id == round_id)).mappings().one()
+            # The study's row first, as end_study takes it (PostgreSQL): a cancellation at the moment the
+            # round closes then waits for it, or it for the cancellation, instead of the two deadlocking
+            # (round then study here, study then round there) and one failing with a database error
+            # (tests/orchestrator/test_race_attacks.py).
+            c.execute(select(studies.c.id).where(studies.c.id == r["study_id"]).with_for_update())
             done = c.execute(
                 update(rounds)
                 .where(and_(rounds.c.id == round_id, rounds.c.status == RoundStatus.OPEN.value))
