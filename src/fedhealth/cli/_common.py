@@ -7,6 +7,7 @@ import re
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import urlsplit
 
 import typer
 from pydantic import BaseModel
@@ -43,6 +44,10 @@ def operator_client(credential: Path, url: str | None, insecure: bool = False) -
 
     from fedhealth.client import OperatorClient
 
+    if url is not None:
+        check_url(url, "--orchestrator")
+    if credential.is_dir() and not credential.is_symlink():
+        fail(f"credential file {credential} is a folder", "give --credential FILE")
     if not credential.exists() and not credential.is_symlink():  # anything else: read_credential says why
         fail(
             f"credential file {credential} not found",
@@ -70,13 +75,30 @@ def _plain(value: Any) -> Any:
     return value
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+def check_url(url: str, option: str) -> str:
+    """``url`` if it is an http(s) URL with a host (and a port in range, if it names one); a usage error
+    otherwise, before anything is read, written or sent."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError as exc:
+        usage(f"{option} {url!r} is not a usable URL ({exc})", "e.g. https://fl.example.org:8443")
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        usage(f"{option} {url!r} is not an http(s) URL with a host", "e.g. https://fl.example.org:8443")
+    return url
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.ASCII)
 _UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MAX_APPROVAL_WAIT_S = 366 * 86400.0  # the orchestrator's own bound on a study's approval wait
 
 
-def parse_duration(text: str, option: str) -> float:
-    """``90``, ``90s``, ``15m``, ``12h`` or ``7d`` in seconds (a usage error otherwise)."""
+def parse_duration(text: str, option: str, most: float = MAX_APPROVAL_WAIT_S) -> float:
+    """``90``, ``90s``, ``15m``, ``12h`` or ``7d`` in seconds, at most ``most`` (a usage error otherwise)."""
     found = _DURATION.match(text.lower())
     if found is None or float(found.group(1)) <= 0:
         usage(f"{option} {text!r} is not a duration", "e.g. 90s, 15m, 12h or 7d")
-    return float(found.group(1)) * _UNIT_S[found.group(2)]
+    seconds = float(found.group(1)) * _UNIT_S[found.group(2)]
+    if not seconds <= most:  # float("9" * 400) is inf
+        usage(f"{option} {text!r} is longer than {most / 86400:g} days", "e.g. 90s, 15m, 12h or 7d")
+    return seconds

@@ -255,7 +255,8 @@ def demo(
         ),
     ] = DemoDataset.BREAST_CANCER,
     rounds: Annotated[
-        int | None, typer.Option(help="Training rounds (default: the dataset's preset).")
+        int | None,
+        typer.Option(min=1, max=100_000, help="Training rounds (default: the dataset's preset)."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Where the model, the report and the logs go.")] = Path(
         "demo-output"

@@ -121,7 +121,8 @@ def explain(exc: BaseException) -> tuple[str, str | None] | None:
                 "the address is already in use",
                 "another process listens there; stop it or pick another --port",
             )
-        where = f"{exc.filename}: " if exc.filename else ""
+        # an int filename is a file descriptor, which tells the user nothing
+        where = f"{exc.filename}: " if exc.filename and not isinstance(exc.filename, int) else ""
         return f"{where}{exc.strerror or exc}", None
     return None
 

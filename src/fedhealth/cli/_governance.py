@@ -156,7 +156,10 @@ def _keys(values: list[str]) -> dict[str, PublicIdentity]:
         text = value
         candidate = Path(value).expanduser()
         if len(value) != 64 and candidate.is_file():
-            text = candidate.read_text(encoding="utf-8").strip()
+            try:
+                text = candidate.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                text = ""  # not text: refused below as no key
         key = parse_public_key(text)
         if key is None:
             _fail(
@@ -171,6 +174,8 @@ def _anchors(values: list[str]) -> list[LogHead]:
     for value in values:
         seq, _, digest = value.partition(":")
         try:
+            if not (seq.strip().isascii() and seq.strip().isdigit()):  # not -1, nor a digit of another script
+                raise ValueError(seq)
             heads.append(LogHead.from_json({"seq": int(seq), "hash": digest.strip().lower()}))
         except (ValueError, FedHealthError):
             _fail(f"--anchor {value!r}: expected SEQ:HASH, e.g. 12:3f1a... (64 hex characters)")
@@ -628,10 +633,10 @@ def _steward_decision(
             registry = ApprovalRegistry(log.engine, log)
         try:
             if spec_file is not None:
-                body = json.loads(spec_file.read_text(encoding="utf-8"))
-                if not isinstance(body, dict):
-                    raise FedHealthError(f"{spec_file}: a study spec is a JSON object")
-                body = _normalized_spec(body)
+                from fedhealth.client import load_spec
+
+                # TOML, or JSON by its suffix; a FIFO, a huge or a non-text file is one refusal, never a hang
+                body = load_spec(spec_file).model_dump(mode="json")
                 if not spec_hash(body).startswith(spec.strip().lower()):
                     raise FedHealthError(
                         f"{spec_file} hashes to {spec_hash(body)}, not {spec}: is it the spec you reviewed?"
@@ -673,20 +678,6 @@ def _report_decision(home: Path, digest: str, *, approved: bool) -> str | None:
     return None
 
 
-def _normalized_spec(body: dict[str, object]) -> dict[str, object]:
-    """A study spec file as the site will see it in tasks: validated, defaults filled in."""
-    from pydantic import ValidationError
-
-    from fedhealth.protocol import StudySpec
-
-    try:
-        return StudySpec.model_validate(body).model_dump(mode="json")
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise FedHealthError(f"not a valid study spec: {where}: {first['msg']}") from exc
-
-
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit log).")]
 StewardOption = Annotated[
     str | None, typer.Option("--steward", help="The steward's name (default: the current user).")
@@ -699,7 +690,7 @@ SpecFileOption = Annotated[
     Path | None,
     typer.Option(
         "--spec",
-        help="The study spec (JSON) to register first, when the site has not received it yet; "
+        help="The study spec (TOML, or .json) to register first, when the site has not received it yet; "
         "it must hash to HASH.",
     ),
 ]
@@ -946,7 +937,15 @@ def audit_verify_commitments(
     from fedhealth.governance import Revelation
 
     with _errors_as_messages():
-        revelation = Revelation.from_json(json.loads(file.read_text(encoding="utf-8")))
+        try:
+            body = json.loads(file.read_text(encoding="utf-8"))
+        except ValueError as exc:  # not UTF-8, not JSON
+            _fail(f"{file}: not JSON ({' '.join(str(exc).split())[:200]})", EXIT_RUNTIME)
+        if not isinstance(body, dict):
+            _fail(
+                f"{file}: not a revelation (`fedhealth site reveal-commitment-key` writes one)", EXIT_RUNTIME
+            )
+        revelation = Revelation.from_json(body)
     try:
         revelation.verify()
     except CryptoError as exc:

@@ -19,7 +19,7 @@ import typer
 
 from fedhealth.cli._common import JsonOption, print_json
 from fedhealth.cli._errors import EXIT_RUNTIME, EXIT_USAGE, FedhealthGroup
-from fedhealth.core import FedHealthError, InputError
+from fedhealth.core import FedHealthError, InputError, is_valid_name
 from fedhealth.privacy import (
     PLD_EPSILON_CEILING,
     AccountantKind,
@@ -29,6 +29,7 @@ from fedhealth.privacy import (
     DpParameterError,
     DpSgdRelease,
     calibrate_noise,
+    check_delta,
     epsilon,
     sqlite_engine,
 )
@@ -171,6 +172,17 @@ def _has_ledger(engine: sa.Engine) -> bool:
     return sa.inspect(engine).has_table("privacy_budget")
 
 
+def _check_budget(dataset: str, budget_epsilon: float, delta: float) -> None:
+    """What ``BudgetLedger.set_budget`` refuses, refused before the database is opened or created."""
+    if not is_valid_name(dataset):
+        raise InputError(
+            f"dataset name {dataset!r} is not valid: use 1 to 63 lowercase letters, digits, '_', '.' or '-'"
+        )
+    if not (math.isfinite(budget_epsilon) and budget_epsilon > 0):
+        raise DpParameterError(f"budget epsilon must be a positive finite number, got {budget_epsilon!r}")
+    check_delta(delta)
+
+
 @budget_app.command("set")
 def budget_set_command(
     dataset: Annotated[str, typer.Argument(help="The registered dataset's name.")],
@@ -180,6 +192,8 @@ def budget_set_command(
     home: SiteHomeOption = None,
 ) -> None:
     """Set (or change) the privacy budget of a dataset: every later task on it is checked against it."""
+    # the values are checked before the database is opened: a bad one creates and changes nothing
+    _guard(lambda: _check_budget(dataset, budget_epsilon, delta))
     ledger = _ledger(_database(site_db, home), create=True)
     budget = _guard(lambda: ledger.set_budget(dataset, budget_epsilon, delta))
     typer.echo(f"budget of {budget.dataset}: epsilon {budget.epsilon:g} at delta {budget.delta:g}")

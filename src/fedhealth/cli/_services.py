@@ -4,9 +4,12 @@ services. Imports of the heavy service modules happen inside the commands, so ``
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import logging
+import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -20,9 +23,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
-from fedhealth.cli._common import JsonOption, LogLevel, operator_client, parse_duration, print_json
+from fedhealth.cli._common import (
+    JsonOption,
+    LogLevel,
+    check_url,
+    operator_client,
+    parse_duration,
+    print_json,
+)
 from fedhealth.cli._errors import error_line, explain, fail, usage
-from fedhealth.core import FedHealthError, InputError, Tightened
+from fedhealth.core import FedHealthError, InputError, Tightened, is_valid_name
 
 if TYPE_CHECKING:
     from fedhealth.client import OperatorClient
@@ -91,7 +101,7 @@ def orchestrator_init(
     host: Annotated[
         list[str] | None, typer.Option(help="Host name or IP the TLS certificate covers (repeatable).")
     ] = None,
-    port: Annotated[int, typer.Option(help="Port the orchestrator will serve on.")] = 8443,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port the orchestrator will serve on.")] = 8443,
     url: Annotated[str | None, typer.Option(help="Public URL (default https://<first host>:<port>).")] = None,
     database_url: Annotated[
         str | None,
@@ -107,13 +117,49 @@ def orchestrator_init(
     from fedhealth.orchestrator import init_home
 
     hosts = host or ["localhost", "127.0.0.1"]
+    for name in hosts:  # checked before anything is written: a bad one would leave half a home behind
+        if not _is_host(name):
+            usage(f"--host {name!r} is not a host name or an IP address", "e.g. fl.example.org or 10.0.0.5")
     url_host = f"[{hosts[0]}]" if ":" in hosts[0] else hosts[0]
+    if url is not None:
+        check_url(url, "--url")
+    if database_url is not None:
+        _check_database_url(database_url)
     with friendly_errors():
         init_home(home, hosts=hosts, url=url or f"https://{url_host}:{port}", database_url=database_url)
     typer.echo(f"federation created in {home}")
     typer.echo(f"  CA certificate (give it to each site): {home / 'ca.pem'}")
     typer.echo(f"  admin credential (keep it secret):     {home / 'admin.credential'}")
     typer.echo(f"  serve it with: fedhealth orchestrator serve --home {home} --port {port}")
+
+
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$", re.ASCII)
+
+
+def _is_host(name: str) -> bool:
+    """An IP address, or a DNS name of ASCII labels (what a TLS certificate can name)."""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return 0 < len(name) <= 253 and all(
+        _HOST_LABEL.match(label) for label in name.removesuffix(".").split(".")
+    )
+
+
+def _check_database_url(database_url: str) -> None:
+    """A usage error, before anything is written, for a database URL SQLAlchemy cannot use (the URL itself
+    is not echoed: it may hold a password)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(database_url).get_dialect()
+    except (ArgumentError, ImportError, ValueError) as exc:
+        usage(
+            f"--database-url is not a usable database URL ({exc})", "e.g. postgresql+psycopg://user@db/name"
+        )
 
 
 def _secure_home(tightened: Tightened, home: Path) -> None:
@@ -132,13 +178,16 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def orchestrator_serve(
     home: Annotated[Path, typer.Option(help="The folder `orchestrator init` created.")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8443,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8443,
     insecure: Annotated[
         bool, typer.Option(help="Serve plain HTTP (testing only; prints a warning).")
     ] = False,
     mtls: Annotated[bool, typer.Option(help="Require client certificates from the federation CA.")] = False,
     enroll_port: Annotated[
-        int | None, typer.Option(help="Also listen here, without client certificates, for enrollment only.")
+        int | None,
+        typer.Option(
+            min=0, max=65535, help="Also listen here, without client certificates, for enrollment only."
+        ),
     ] = None,
     database_url: Annotated[
         str | None,
@@ -152,8 +201,12 @@ def orchestrator_serve(
     fsync: Annotated[
         bool, typer.Option(help="fsync every commit and blob (survives power loss, slower).")
     ] = False,
-    max_body_mb: Annotated[int, typer.Option(help="Largest request body accepted, in MiB.")] = 512,
-    rate_limit: Annotated[float, typer.Option(help="Requests per second per site or user (0: off).")] = 200.0,
+    max_body_mb: Annotated[
+        int, typer.Option(min=1, max=1 << 20, help="Largest request body accepted, in MiB.")
+    ] = 512,
+    rate_limit: Annotated[
+        float, typer.Option(min=0, help="Requests per second per site or user (0: off).")
+    ] = 200.0,
     approval_wait: Annotated[
         str, typer.Option(help="How long a study waits for its sites' approvals by default (e.g. 12h, 7d).")
     ] = "7d",
@@ -163,7 +216,9 @@ def orchestrator_serve(
     ] = True,
     metrics_port: Annotated[
         int | None,
-        typer.Option(help="Serve Prometheus metrics on this port (0: any free port; default: off)."),
+        typer.Option(
+            min=0, max=65535, help="Serve Prometheus metrics on this port (0: any free port; default: off)."
+        ),
     ] = None,
     metrics_host: Annotated[
         str, typer.Option(help="Address of the metrics listener (keep it local: metrics carry no auth).")
@@ -186,6 +241,10 @@ def orchestrator_serve(
     from fedhealth.orchestrator import OrchestratorHome, OrchestratorSettings, TlsFiles, serve
 
     orch_home = OrchestratorHome(home)
+    if not math.isfinite(rate_limit):
+        usage(f"--rate-limit {rate_limit!r} is not a finite number of requests per second", "0 turns it off")
+    if database_url is not None:
+        _check_database_url(database_url)
     approval_wait_s = parse_duration(approval_wait, "--approval-wait")
     # built (and so checked: drift thresholds, installed assets) before anything else is touched
     extensions = _serve_extensions(
@@ -293,6 +352,8 @@ def _check_port(host: str, port: int) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
+        except socket.gaierror:
+            fail(f"cannot listen on {host}:{port}: no such address", "give --host an address of this machine")
         except OSError as exc:
             _explain_bind(exc, host, port)
             raise
@@ -466,6 +527,16 @@ def site_enroll(
     hidden prompt): never from the command line, where other local accounts can read it."""
     from fedhealth.agent import SiteHome, enroll_site
 
+    check_url(orchestrator, "--orchestrator")
+    if serve_url is not None:
+        check_url(serve_url, "--serve-url")
+    if not is_valid_name(name):
+        usage(
+            f"--name {name!r} is not a site name",
+            "lowercase letters, digits, '-', '_' or '.', starting with a letter or digit, at most 63 long",
+        )
+    if home.exists() and not home.is_dir():
+        fail(f"{home} is not a folder", "give --home a new folder, or the folder of an earlier enrollment")
     token = _enrollment_token(token_file, token)
     with friendly_errors():
         if SiteHome(home).identity_path.exists():
@@ -476,12 +547,15 @@ def site_enroll(
                 "copy ca.pem from the orchestrator's home (the folder given to `orchestrator init`), "
                 "as the orchestrator's operator gives it to you",
             )
+        ca_pem = ca.read_bytes()
+        if not ca_pem.isascii():
+            fail(f"CA file {ca} is not a PEM certificate", "give ca.pem from the orchestrator's home")
         enrolled = enroll_site(
             home,
             name=name,
             orchestrator=orchestrator,
             token=token,
-            ca_pem=ca.read_bytes(),
+            ca_pem=ca_pem,
             serve_url=serve_url,
             insecure=insecure,
         )
@@ -500,6 +574,11 @@ def _enrollment_token(token_file: Path | None, token: str | None) -> str:
             text = token_file.read_text(encoding="utf-8")
         except OSError as exc:
             fail(f"cannot read the enrollment token from {token_file}: {exc.strerror or exc}")
+        except UnicodeDecodeError:
+            fail(
+                f"cannot read the enrollment token from {token_file}: not text",
+                "give the file `site add` wrote",
+            )
     elif token is not None:
         typer.echo(
             "warning: --token puts the enrollment token where every local account can read it (the process "
@@ -543,7 +622,7 @@ def site_serve(
     data_dir: Annotated[
         Path | None, typer.Option(help="Folder of downloaded datasets (default $FEDHEALTH_DATA_DIR).")
     ] = None,
-    poll_wait: Annotated[float, typer.Option(help="Long-poll wait, seconds.")] = 25.0,
+    poll_wait: Annotated[float, typer.Option(min=0, max=60, help="Long-poll wait, seconds.")] = 25.0,
     log_level: Annotated[LogLevel, typer.Option(help="How much to log.")] = LogLevel.INFO,
     insecure: InsecureOption = False,
 ) -> None:
@@ -564,6 +643,8 @@ def site_serve(
     signal.signal(signal.SIGTERM, _raise_interrupt)
     site_home = SiteHome(home)
     overrides = _parse_datasets(dataset or [])
+    if orchestrator is not None:
+        check_url(orchestrator, "--orchestrator")
     with friendly_errors():
         site_home.require()
         _secure_home(site_home.secure(), home)
@@ -695,7 +776,7 @@ def user_revoke(
 def site_dashboard(
     home: Annotated[Path, typer.Option(help="The folder `site enroll` created.")] = Path("fedhealth-site"),
     host: Annotated[str, typer.Option(help="Address to listen on (keep it local).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8765,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8765,
     steward: Annotated[str | None, typer.Option(help="Your name (default: the current user).")] = None,
     ready_file: Annotated[
         Path | None, typer.Option(help="Write {url, login_url, pid} here (mode 0600) once listening.")

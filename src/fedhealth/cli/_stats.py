@@ -109,7 +109,9 @@ def _print(report: dict[str, Any]) -> None:
 
 @stats_app.command("run")
 def stats_run(
-    spec: Annotated[Path, typer.Argument(help="The study spec (TOML, or .json) of a statistics study.")],
+    spec: Annotated[
+        Path, typer.Argument(dir_okay=False, help="The study spec (TOML, or .json) of a statistics study.")
+    ],
     out: OutOption = None,
     credential: CredentialOption = Path("admin.credential"),
     orchestrator: UrlOption = None,
@@ -129,8 +131,8 @@ def stats_run(
 
     wait = parse_duration(approval_wait, "--approval-wait") if approval_wait is not None else None
     loaded = load_spec(spec)
-    key = load_signing_key(signing_key or signing_key_path(credential))
-    with operator_client(credential, orchestrator) as client:
+    with operator_client(credential, orchestrator) as client:  # a bad credential or URL: no key made
+        key = load_signing_key(signing_key or signing_key_path(credential))
         if loaded.owner != client.user:
             fail(
                 f"the spec's owner is {loaded.owner!r} but the credential is {client.user!r}'s",

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from fedhealth.client import OperatorClient
 
 study_app = typer.Typer(help="Write, submit and follow studies.", no_args_is_help=True)
-SpecArgument = Annotated[Path, typer.Argument(help="The study spec file (TOML, or .json).")]
+SpecArgument = Annotated[Path, typer.Argument(dir_okay=False, help="The study spec file (TOML, or .json).")]
 IdArgument = Annotated[str, typer.Argument(help="The study id (`study submit` printed it).")]
 _ENDED = (StudyStatus.COMPLETED, StudyStatus.FAILED, StudyStatus.CANCELLED)
 
@@ -81,6 +81,7 @@ def study_init(
         fail(str(exc), "install the package that provides it, or pick one of the installed recipes")
     except InputError as exc:
         fail(str(exc), "see `fedhealth study init --help`")
+    _check_given_fields(text)
     if str(out) == "-":
         typer.echo(text, nl=False)
         return
@@ -88,11 +89,35 @@ def study_init(
     typer.echo(f"wrote {out}; edit it, then `fedhealth study hash {out}`", err=True)
 
 
+def _check_given_fields(text: str) -> None:
+    """Refuse, before anything is written, a template whose fields from the command line (--name, --owner,
+    --dataset, --site, --rounds) the spec would not accept: each named with its rule in words. The recipe's
+    own lines are left to the editor (a plug-in's template may need editing)."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    from fedhealth.client import field_errors
+    from fedhealth.protocol import StudySpec
+
+    try:
+        StudySpec.model_validate(tomllib.loads(text))
+    except ValidationError as exc:
+        given = ("name", "owner", "dataset", "train_sites", "rounds", "min_sites")
+        bad = [e for e in exc.errors() if e["loc"] and e["loc"][0] in given]
+        if bad:
+            fail(field_errors(bad), "see `fedhealth study init --help`")
+    except tomllib.TOMLDecodeError as exc:  # a value the template cannot spell
+        fail(f"the template cannot be written: {exc}", "see `fedhealth study init --help`")
+
+
 def _features(value: str | None) -> tuple[int | None, list[str] | None]:
     """``--features``: a number of columns, or their names separated by commas."""
     if value is None:
         return None, None
     text = value.strip()
+    if text.isdigit() and not text.isascii():  # '²' or '３': a number, but not one int() reads as meant
+        fail(f"--features {value!r}: write the number with the digits 0-9", "or give the column names")
     if text.isdigit():
         if int(text) < 1:
             fail("--features must be at least 1", "give the number of feature columns, or their names")
@@ -144,8 +169,8 @@ def study_submit(
 
     wait = parse_duration(approval_wait, "--approval-wait") if approval_wait is not None else None
     loaded = load_spec(spec)
-    key = load_signing_key(signing_key or signing_key_path(credential))
-    with operator_client(credential, orchestrator) as client:
+    with operator_client(credential, orchestrator) as client:  # a bad credential or URL: no key made
+        key = load_signing_key(signing_key or signing_key_path(credential))
         if loaded.owner != client.user:
             fail(
                 f"the spec's owner is {loaded.owner!r} but the credential is {client.user!r}'s",
