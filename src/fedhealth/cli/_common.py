@@ -1,4 +1,5 @@
-"""What the command modules share: the operator credential options, JSON output, durations, log levels."""
+"""What the command modules share: the operator credential options, JSON output, durations, log levels, and
+:func:`shown`, through which every text another party wrote reaches the terminal."""
 
 from __future__ import annotations
 
@@ -58,6 +59,43 @@ def operator_client(credential: Path, url: str | None, insecure: bool = False) -
         return OperatorClient.from_credential(credential, url=url, insecure=insecure)
     except (ValidationError, ValueError) as exc:
         fail(f"{credential} is not a fedhealth credential file ({type(exc).__name__})")
+
+
+# Characters Python counts as printable that show as nothing (Hangul fillers, the combining grapheme
+# joiner, Khmer inherent vowels, the braille blank): text could hide behind them as behind a zero-width space.
+_BLANK_LOOKING = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")
+
+
+def _visible(ch: str) -> str:
+    if ch.isprintable() and ch not in _BLANK_LOOKING:
+        return ch
+    return ch.encode("unicode_escape").decode("ascii")  # \x1b, \r, \n, \u202e, \U000e0041
+
+
+def shown(text: object) -> str:
+    """``text`` as one line a terminal prints and never acts on: every control character (ESC, BEL, a
+    carriage return, a backspace, a newline, C1 controls), every bidi control (U+202A-202E, U+2066-2069),
+    every invisible or format character (zero-width space and joiners, U+2028, a BOM, tag characters) and
+    every space other than U+0020 is shown as its escape (``\\x1b``, ``\\u202e``), so whatever a study
+    spec, a site, the orchestrator or another operator wrote can neither recolour, retitle, rewrite nor
+    reorder what is read, nor hide part of itself. Nothing is cut: a long line is printed whole."""
+    value = str(text)
+    if value.isprintable() and _BLANK_LOOKING.isdisjoint(value):
+        return value
+    return "".join(_visible(ch) for ch in value)
+
+
+def shown_lines(text: str) -> str:
+    """A multi-line text another party wrote (a Markdown model card the orchestrator rendered) with every
+    line :func:`shown`: its newlines are kept, every other control or invisible character is escaped."""
+    return "\n".join(shown(line) for line in text.split("\n"))
+
+
+def shown_cell(text: object) -> Any:
+    """:func:`shown` as a rich ``Text`` cell: rich reads no markup in it (``[link=...]``, ``[/]``)."""
+    from rich.text import Text
+
+    return Text(shown(text))
 
 
 def print_json(value: Any) -> None:

@@ -221,7 +221,11 @@ def run_demo(
         return print_governance_summary(console, fed.home.root, homes, model, out / "model-card.md")
 
     if final.status is not StudyStatus.COMPLETED:
-        console.print(f"[red]study {final.status.value}[/]: {final.reason}")
+        from rich.markup import escape
+
+        from fedhealth.cli._common import shown
+
+        console.print(f"[red]study {final.status.value}[/]: {escape(shown(final.reason or ''))}")
         governance_summary(None)
         return 1
     evaluation = report["evaluation"] or {}

@@ -60,9 +60,9 @@ def _printable(text: str) -> str:
     """``text`` with every control character (ESC, BEL, backspace, a lone CR...) shown as its escape: an
     error line may carry the orchestrator's or a data source's words, and a terminal would act on them
     (recolour, retitle, rewrite the line the steward reads)."""
-    return "".join(
-        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii") for ch in text
-    )
+    from fedhealth.cli._common import shown  # _common imports this module: the one sanitizer lives there
+
+    return shown(text)
 
 
 def error_line(message: str, hint: str | None = None) -> str:

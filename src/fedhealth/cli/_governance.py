@@ -33,6 +33,7 @@ import typer
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from fedhealth.cli._common import shown, shown_cell, shown_lines
 from fedhealth.core import FedHealthError, InputError, SystemClock, write_private_file
 from fedhealth.crypto import IdentityKey, PublicIdentity
 from fedhealth.governance import (
@@ -111,7 +112,7 @@ UrlOption = Annotated[
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {shown(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -426,7 +427,7 @@ def audit_verify(
                     err=True,
                 )
             report = verify_loaded(stored, pinned or fallback, anchored_heads=heads)
-    typer.echo(report.summary())
+    typer.echo(shown(report.summary()))
     if not report.ok:
         raise typer.Exit(EXIT_BAD_ENTRY)
 
@@ -439,10 +440,11 @@ def _verify_with_home(
     try:
         held, notes = anchors_from_peers(home, opened)
         for note in notes:
-            typer.echo(f"note: {note}", err=True)
+            typer.echo(f"note: {shown(note)}", err=True)
         keys = pinned or {home.key.fingerprint: home.key}
         typer.echo(
-            f"note: {home.kind.value} log of {home.name}, writer key {home.key.fingerprint[:16]}", err=True
+            f"note: {home.kind.value} log of {shown(home.name)}, writer key {home.key.fingerprint[:16]}",
+            err=True,
         )
         report = verify_loaded(home.read(), keys, anchored_heads=[*heads, *held])
         return _with_round_anchors(report, home, opened)
@@ -545,8 +547,8 @@ def provenance_show(
     for depth, p in enumerate(lineage):
         mark = "  [FLAGGED: consent withdrawn]" if p.model_digest in flagged else ""
         typer.echo(
-            f"{'  ' * depth}{p.model_digest[:16]}  study {p.study_id}  round {p.round}  sites {p.n_sites}  "
-            f"spec {p.spec_hash[:12]}  fedhealth {p.software_version}{mark}"
+            f"{'  ' * depth}{shown(p.model_digest[:16])}  study {shown(p.study_id)}  round {p.round}  "
+            f"sites {p.n_sites}  spec {shown(p.spec_hash[:12])}  fedhealth {shown(p.software_version)}{mark}"
         )
 
 
@@ -594,10 +596,10 @@ def model_card(
             digest = store.resolve(model)
             card = _card(store, digest, intended_use, measured)
         if out is None:
-            typer.echo(card, nl=False)
+            typer.echo(shown_lines(card), nl=False)  # a remote card is the orchestrator's text
             return
         write_private_file(out, card.encode("utf-8"))  # never through a link or FIFO planted at --out
-    typer.echo(f"wrote the model card of {digest[:16]} to {out}")
+    typer.echo(f"wrote the model card of {shown(digest[:16])} to {out}")
 
 
 # --- site: study approval -----------------------------------------------------------------------------------
@@ -673,7 +675,8 @@ def _report_decision(home: Path, digest: str, *, approved: bool) -> str | None:
     except (FedHealthError, httpx.HTTPError) as exc:
         return (
             "warning: the orchestrator was not told yet "
-            f"({' '.join(str(exc).split())[:200]}); the site's agent will tell it while the study waits"
+            f"({shown(' '.join(str(exc).split())[:200])}); "
+            "the site's agent will tell it while the study waits"
         )
     return None
 
@@ -777,9 +780,10 @@ def approval_list(
 def _list_approvals(engine: Engine, status: ApprovalStatus | None) -> list[str]:
     out = []
     for a in list_study_approvals(engine, status=status):
-        decided = f" by {a.decided_by}: {a.reason}" if a.decided_by else ""
+        decided = f" by {shown(a.decided_by)}: {shown(a.reason)}" if a.decided_by else ""
         signed = "signed" if a.signed else "unsigned"
-        out.append(f"{a.spec_hash}  {a.status.value:<8}  {a.study} ({signed}, owner {a.owner}){decided}")
+        owner = shown(a.owner)
+        out.append(f"{a.spec_hash}  {a.status.value:<8}  {shown(a.study)} ({signed}, owner {owner}){decided}")
     return out
 
 
@@ -916,7 +920,8 @@ def reveal_commitment_key(
         else:
             write_private(out, text.encode())
     typer.echo(
-        f"revealed the commitment key of study {study} to {to} ({len(revelation.openings)} opening(s))",
+        f"revealed the commitment key of study {shown(study)} to {shown(to)} "
+        f"({len(revelation.openings)} opening(s))",
         err=True,
     )
 
@@ -955,8 +960,8 @@ def audit_verify_commitments(
         if value not in opened:
             _fail(f"commitment {value} is not among the openings of study {revelation.study_id}", 1)
         o = opened[value]
-        typer.echo(f"{value}: {o.kind.value} of task {o.task_id} = {o.digest}")
-    typer.echo(f"{len(revelation.openings)} opening(s) of study {revelation.study_id} verified")
+        typer.echo(f"{shown(value)}: {o.kind.value} of task {shown(o.task_id)} = {shown(o.digest)}")
+    typer.echo(f"{len(revelation.openings)} opening(s) of study {shown(revelation.study_id)} verified")
 
 
 # --- the demo's closing governance summary ----------------------------------------------------------------
@@ -979,7 +984,9 @@ def print_governance_summary(
     results = verify_federation(orchestrator, sites)
     for name, report in results:
         style = "green" if report.ok else "bold red"
-        table.add_row(name, f"[{style}]{report.summary()}[/]")
+        result = shown_cell(report.summary())
+        result.stylize(style)
+        table.add_row(shown_cell(name), result)
     console.print(table)
     if model is not None:
         digest = write_model_card(orchestrator, model, card)

@@ -26,7 +26,7 @@ from typing import Annotated
 
 import typer
 
-from fedhealth.cli._common import CredentialOption, JsonOption, UrlOption, operator_client, print_json
+from fedhealth.cli._common import CredentialOption, JsonOption, UrlOption, operator_client, print_json, shown
 from fedhealth.cli._errors import fail, usage
 
 
@@ -115,7 +115,10 @@ def model_export(
         print_json(metadata)
         return
     files = ", ".join(sorted(metadata["files"]))
-    typer.echo(f"model {metadata['model_digest'][:16]}… of study {study_id} packaged in {out} ({files})")
+    typer.echo(
+        f"model {shown(metadata['model_digest'][:16])}… of study {shown(study_id)} packaged in {out} "
+        f"({shown(files)})"
+    )
 
 
 def model_scaling(
@@ -145,7 +148,8 @@ def model_scaling(
         print_json({"feature_names": names, "mean": mean, "scale": scale})
         return
     noise = body.get("noise")
-    typer.echo(f"# federation-wide statistics of sites {', '.join(map(str, body.get('sites', [])))}")
+    # a comment line of TOML: a newline in a site's name would start a line of the spec the user pastes
+    typer.echo(f"# federation-wide statistics of sites {shown(', '.join(map(str, body.get('sites', []))))}")
     typer.echo(f"# noise: {json.dumps(noise)}; features in this order: {json.dumps(names)}")
     typer.echo("[recipe.params.preprocessing]")
     typer.echo('standardize = "given"')

@@ -17,7 +17,7 @@ from typing import Annotated, NoReturn, TypeVar
 import sqlalchemy as sa
 import typer
 
-from fedhealth.cli._common import JsonOption, print_json
+from fedhealth.cli._common import JsonOption, print_json, shown
 from fedhealth.cli._errors import EXIT_RUNTIME, EXIT_USAGE, FedhealthGroup
 from fedhealth.core import FedHealthError, InputError, is_valid_name
 from fedhealth.privacy import (
@@ -67,7 +67,7 @@ SiteHomeOption = Annotated[
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {shown(message)}", err=True)
     raise typer.Exit(code=code)
 
 
@@ -208,7 +208,7 @@ def _print_statement(s: BudgetStatement) -> None:
         typer.echo("  no spend yet")
     for study in s.studies:
         typer.echo(
-            f"  {study.study_id}: epsilon {study.epsilon:.4g} "
+            f"  {shown(study.study_id)}: epsilon {study.epsilon:.4g} "
             f"({study.committed_tasks} committed, {study.reserved_tasks} reserved)"
         )
 
@@ -232,7 +232,7 @@ def budget_show_command(
         _print_statement(_guard(partial(ledger.statement, name)))
         for r in _guard(partial(ledger.pending, name)):
             typer.echo(
-                f"  never settled: task {r.task_id} of {r.study_id}, reserved "
+                f"  never settled: task {shown(r.task_id)} of {shown(r.study_id)}, reserved "
                 f"{r.reserved_at:%Y-%m-%d %H:%M:%S} (the agent stopped after reserving; counted in full)"
             )
 

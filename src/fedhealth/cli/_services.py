@@ -30,6 +30,7 @@ from fedhealth.cli._common import (
     operator_client,
     parse_duration,
     print_json,
+    shown,
 )
 from fedhealth.cli._errors import error_line, explain, fail, usage
 from fedhealth.core import FedHealthError, InputError, Tightened, is_valid_name
@@ -455,7 +456,7 @@ def site_revoke(
     """Revoke a site: its next request is refused (403)."""
     with friendly_errors(), _operator(credential, orchestrator, insecure) as client:
         info = client.revoke_site(name)
-    typer.echo(f"site {info.name} is {info.status}")
+    typer.echo(f"site {shown(info.name)} is {shown(info.status)}")
 
 
 @site_app.command("list")
@@ -477,7 +478,7 @@ def site_list(
         version = f"fedhealth {s.software_version}" if s.software_version else "version unknown"
         ready = readiness.get(s.name)
         check = "not checked" if ready is None else ("ready" if ready.ready else "NOT READY")
-        typer.echo(f"{s.name}\t{s.status}\tlast seen {seen}\t{version}\t{check}")
+        typer.echo(f"{shown(s.name)}\t{shown(s.status)}\tlast seen {seen}\t{shown(version)}\t{check}")
 
 
 def _readiness_or_empty(client: OperatorClient) -> list[object]:
@@ -726,7 +727,7 @@ def user_list(
         print_json(users)
         return
     for u in users:
-        typer.echo(f"{u.name}\t{u.role.value}\t{'revoked' if u.revoked_at else 'active'}")
+        typer.echo(f"{shown(u.name)}\t{u.role.value}\t{'revoked' if u.revoked_at else 'active'}")
 
 
 @user_app.command("new-key")

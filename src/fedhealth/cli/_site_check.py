@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fedhealth.cli._common import CredentialOption, JsonOption, UrlOption, operator_client, print_json
+from fedhealth.cli._common import (
+    CredentialOption,
+    JsonOption,
+    UrlOption,
+    operator_client,
+    print_json,
+    shown,
+    shown_cell,
+)
 from fedhealth.cli._errors import fail
 
 if TYPE_CHECKING:
@@ -82,7 +90,10 @@ def _print_table(checks: list[ReadinessCheck], details: dict[str, str]) -> None:
         value = "" if c.value is None else f"{c.value:g} {c.unit}".strip()
         note = c.note + (f": {details[c.name]}" if c.name in details else "")
         table.add_row(
-            Text(c.name), Text(c.status.value, style=styles[c.status.value]), Text(value), Text(note)
+            shown_cell(c.name),
+            Text(c.status.value, style=styles[c.status.value]),
+            shown_cell(value),
+            shown_cell(note),
         )
     Console().print(table)
 
@@ -101,11 +112,12 @@ def site_readiness(
     for entry in reports:
         r = entry.readiness
         if r is None:
-            typer.echo(f"{entry.site}\tnot checked")
+            typer.echo(f"{shown(entry.site)}\tnot checked")
             continue
         failed = [c.name for c in r.checks if c.status.value == "fail"]
         warned = [c.name for c in r.checks if c.status.value == "warn"]
         state = "ready" if r.ready else f"NOT READY ({', '.join(failed)})"
         extra = f"; warnings: {', '.join(warned)}" if warned else ""
         when = f"checked {r.checked_at:%Y-%m-%d %H:%M} UTC"
-        typer.echo(f"{entry.site}\t{state}\t{when}\tfedhealth {r.software_version}{extra}")
+        version = shown(r.software_version)
+        typer.echo(f"{shown(entry.site)}\t{shown(state)}\t{when}\tfedhealth {version}{shown(extra)}")

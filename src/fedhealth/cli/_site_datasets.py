@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fedhealth.cli._common import JsonOption, print_json
+from fedhealth.cli._common import JsonOption, print_json, shown
 from fedhealth.cli._errors import usage
 
 if TYPE_CHECKING:
@@ -110,11 +110,14 @@ def _consent_line(summary: ConsentImportSummary) -> str:
 def _line(summary: DatasetSummary) -> str:
     roles = []
     if summary.label is not None:
-        roles.append(f"label {summary.label}")
+        roles.append(f"label {shown(summary.label)}")
     if summary.id_column is not None:
-        roles.append(f"id {summary.id_column}")
+        roles.append(f"id {shown(summary.id_column)}")
     extra = f", {', '.join(roles)}" if roles else ""
-    return f"{summary.name}\t{summary.rows} rows, {len(summary.features)} features{extra}\t{summary.uri}"
+    return (
+        f"{shown(summary.name)}\t{summary.rows} rows, {len(summary.features)} features{extra}\t"
+        f"{shown(summary.uri)}"
+    )
 
 
 @dataset_app.command("list")
@@ -141,13 +144,14 @@ def dataset_list(home: SiteHomeOption, data_dir: DataDirOption = None, as_json: 
         if row["ok"]:
             features = row["features"]
             assert isinstance(features, list)
-            label = f", label {row['label']}" if row.get("label") else ""
-            id_column = f", id {row['id_column']}" if row.get("id_column") else ""
+            label = f", label {shown(row['label'])}" if row.get("label") else ""
+            id_column = f", id {shown(row['id_column'])}" if row.get("id_column") else ""
             typer.echo(
-                f"{row['name']}\t{row['rows']} rows, {len(features)} features{label}{id_column}\t{row['uri']}"
+                f"{shown(row['name'])}\t{row['rows']} rows, {len(features)} features{label}{id_column}\t"
+                f"{shown(row['uri'])}"
             )
         else:
-            typer.echo(f"{row['name']}\tBROKEN: {row['error']}\t{row['uri']}")
+            typer.echo(f"{shown(row['name'])}\tBROKEN: {shown(row['error'])}\t{shown(row['uri'])}")
 
 
 @dataset_app.command("check")
@@ -171,10 +175,10 @@ def dataset_check(
         typer.echo(f"ok: {_line(summary)}")
         if summary.schema is not None:
             how = "inferred from the source" if summary.schema_inferred else "declared"
-            typer.echo(f"  schema ({how}): features {', '.join(summary.features)}")
+            typer.echo(f"  schema ({how}): features {shown(', '.join(summary.features))}")
         if summary.quality is not None:
             for line in summary.quality.lines():
-                typer.echo(f"  {line}")
+                typer.echo(f"  {shown(line)}")
 
 
 @dataset_app.command("remove")

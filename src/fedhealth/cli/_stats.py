@@ -18,7 +18,14 @@ from typing import Annotated, Any
 
 import typer
 
-from fedhealth.cli._common import CredentialOption, UrlOption, operator_client, parse_duration
+from fedhealth.cli._common import (
+    CredentialOption,
+    UrlOption,
+    operator_client,
+    parse_duration,
+    shown,
+    shown_cell,
+)
 from fedhealth.cli._errors import fail
 from fedhealth.core import write_private_file
 from fedhealth.protocol import StudyStatus
@@ -83,9 +90,9 @@ def stats_table(report: dict[str, Any]) -> Any:
             if not fraction["suppressed"] and fraction["value"] is not None:
                 missing += f" ({fraction['value']:.1%})"
             table.add_row(
-                name,
+                shown_cell(name),  # a site, a label and a feature name are text from elsewhere: no markup
                 rows,
-                feature,
+                shown_cell(feature),
                 _figure(figures["count"], k),
                 missing,
                 _figure(figures["mean"], k),
@@ -104,7 +111,7 @@ def _print(report: dict[str, Any]) -> None:
     if bins:
         typer.echo("bins: below the first edge, between successive edges [a, b), at or above the last:")
         for feature, edges in bins.items():
-            typer.echo(f"  {feature}: {', '.join(f'{e:g}' for e in edges)}")
+            typer.echo(f"  {shown(feature)}: {', '.join(f'{e:g}' for e in edges)}")
 
 
 @stats_app.command("run")
@@ -140,7 +147,8 @@ def stats_run(
             )
         info = client.submit_study(loaded, key, approval_wait_s=wait)
         typer.echo(
-            f"study {info.study_id} submitted (spec {info.spec_hash}); waiting for its result", err=True
+            f"study {shown(info.study_id)} submitted (spec {shown(info.spec_hash)}); waiting for its result",
+            err=True,
         )
         try:
             info = client.wait_for_study(info.study_id, timeout=timeout, interval=0.5)

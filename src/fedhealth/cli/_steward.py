@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fedhealth.cli._common import JsonOption, print_json
+from fedhealth.cli._common import JsonOption, print_json, shown
 from fedhealth.cli._errors import fail, usage
 from fedhealth.governance import ApprovalStatus
 
@@ -49,12 +49,13 @@ def sync_from_orchestrator(governance: SiteGovernance) -> str | None:
         client = site_client(governance.home, max_elapsed_s=5.0)  # no CA to pin: a warning, like no reach
         result = sync_approvals(governance, client)
     except (FedHealthError, httpx.HTTPError) as exc:
-        return f"warning: could not fetch the specs awaiting this site ({' '.join(str(exc).split())[:200]})"
+        why = shown(" ".join(str(exc).split())[:200])
+        return f"warning: could not fetch the specs awaiting this site ({why})"
     finally:
         if client is not None:
             client.close()
     if result.refused:
-        return "warning: not registered (bad signature or spec): " + "; ".join(result.refused)
+        return "warning: not registered (bad signature or spec): " + shown("; ".join(result.refused))
     return None
 
 
@@ -195,14 +196,15 @@ def approvals_show(
         else "UNSIGNED"
     )
     typer.echo(
-        f"spec {record.spec_hash}  {record.status.value}  study {record.study} ({record.owner}, {signed})"
+        f"spec {record.spec_hash}  {record.status.value}  study {shown(record.study)} "
+        f"({shown(record.owner)}, {signed})"
     )
     typer.echo("")
     typer.echo(json.dumps(dict(record.spec), indent=2, sort_keys=True))
     typer.echo("")
     typer.echo("In plain words:")
     for line in summary:
-        typer.echo(f"  - {line}")
+        typer.echo(f"  - {shown(line)}")  # the description, params and names are the spec writer's text
     typer.echo("")
     if record.status is ApprovalStatus.PENDING:
         where = f"--home {home}" if home is not None else f"--db {db}"
@@ -237,7 +239,7 @@ def approvals_trust_key(
         previous = governance.approvals.owner_key(owner)
         governance.approvals.trust_key(owner, public, steward=steward or getpass.getuser(), reason=reason)
     was = f" (was {previous.fingerprint[:16]})" if previous is not None and previous != public else ""
-    typer.echo(f"owner {owner}: specs must be signed by key {public.fingerprint[:16]}{was}")
+    typer.echo(f"owner {shown(owner)}: specs must be signed by key {public.fingerprint[:16]}{was}")
 
 
 def _resolve(

@@ -29,6 +29,8 @@ from fedhealth.cli._common import (
     operator_client,
     parse_duration,
     print_json,
+    shown,
+    shown_cell,
 )
 from fedhealth.cli._errors import fail, usage
 from fedhealth.protocol import ApprovalState, StudyInfo, StudyStatus, TaskStatus
@@ -180,18 +182,20 @@ def study_submit(
     if as_json:
         print_json(info)
         return
-    typer.echo(info.study_id)
+    typer.echo(shown(info.study_id))
     typer.echo(_state_line(info), err=True)
 
 
 def _state_line(info: StudyInfo) -> str:
     if info.status is StudyStatus.AWAITING_APPROVAL:
         waiting = [s for s, state in info.approvals.items() if state is not ApprovalState.APPROVED]
-        return (
+        return shown(
             f"study {info.study_id} awaits the approval of {', '.join(waiting)} "
             f"(spec {info.spec_hash}); each steward runs `fedhealth site approvals show {info.spec_hash}`"
         )
-    return f"study {info.study_id} is {info.status.value}" + (f": {info.reason}" if info.reason else "")
+    return shown(
+        f"study {info.study_id} is {info.status.value}" + (f": {info.reason}" if info.reason else "")
+    )
 
 
 @study_app.command("list")
@@ -212,7 +216,8 @@ def study_list(
     for s in studies:
         progress = f"{s.completed_rounds}/{s.spec.rounds} rounds"
         typer.echo(
-            f"{s.study_id}\t{s.spec.name}\t{s.status.value}\t{progress}\t{s.created_at:%Y-%m-%d %H:%M}"
+            f"{shown(s.study_id)}\t{shown(s.spec.name)}\t{s.status.value}\t{progress}\t"
+            f"{s.created_at:%Y-%m-%d %H:%M}"
         )
 
 
@@ -290,22 +295,21 @@ def _refreshed(
 def _status_view(info: StudyInfo) -> object:
     from rich.console import Group
     from rich.table import Table
-    from rich.text import Text
 
-    head = Text(
+    head = shown_cell(
         f"study {info.study_id} ({info.spec.name}): {info.status.value}, "
         f"{info.completed_rounds}/{info.spec.rounds} training rounds done"
     )
     parts: list[object] = [head]
     if info.reason:
-        parts.append(Text(f"reason: {info.reason}"))
+        parts.append(shown_cell(f"reason: {info.reason}"))
     outstanding = {s: st for s, st in info.approvals.items() if st is not ApprovalState.APPROVED}
     if info.status is StudyStatus.AWAITING_APPROVAL:
         deadline = (
             f" (deadline {info.approval_deadline:%Y-%m-%d %H:%M} UTC)" if info.approval_deadline else ""
         )
         waiting = ", ".join(f"{s}: {st.value}" for s, st in outstanding.items())
-        parts.append(Text(f"approvals outstanding: {waiting}{deadline}; spec {info.spec_hash}"))
+        parts.append(shown_cell(f"approvals outstanding: {waiting}{deadline}; spec {info.spec_hash}"))
     sites = sorted({t.site for r in info.rounds for t in r.tasks})
     if info.rounds:
         table = Table(show_edge=False)
@@ -313,7 +317,7 @@ def _status_view(info: StudyInfo) -> object:
         table.add_column("kind")
         table.add_column("status")
         for site in sites:
-            table.add_column(site)
+            table.add_column(shown_cell(site))  # a Text header: rich reads no markup in a site's name
         table.add_column("metrics")
         for r in info.rounds:
             states = {t.site: _task_state(t.status) for t in r.tasks}
@@ -352,7 +356,7 @@ def study_cancel(
     """Cancel a study that is awaiting approval or running."""
     with operator_client(credential, orchestrator) as client:
         info = client.cancel_study(study_id)
-    typer.echo(f"study {info.study_id} is {info.status.value}")
+    typer.echo(f"study {shown(info.study_id)} is {info.status.value}")
 
 
 @study_app.command("download")
@@ -377,7 +381,8 @@ def study_download(
             info = client.study(study_id)
             if info.status is not StudyStatus.COMPLETED:
                 typer.echo(
-                    f"warning: study {study_id} is {info.status.value}; its latest model is saved", err=True
+                    f"warning: study {shown(study_id)} is {info.status.value}; its latest model is saved",
+                    err=True,
                 )
             blob = client.model_bytes(study_id)
             _write_output(model, blob, force=force)

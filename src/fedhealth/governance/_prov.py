@@ -123,8 +123,22 @@ def to_prov_json(
 # --- model card -------------------------------------------------------------------------------------------
 
 
+# What Markdown (CommonMark, GFM tables, inline HTML) acts on inside a line: a table cell's end, a code span,
+# a link or image, an autolink or HTML tag, a character reference (``&#x202e;``), and the escape itself.
+_MARKDOWN_ACTIVE = frozenset("\\`|[]<>&")
+
+
 def _cell(value: object) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    """Text a site, the orchestrator or a file wrote, as inert Markdown on one line (a table cell, a list
+    item): every control, line break, bidi control and invisible character is written as its escape
+    (``\\u202e``, ``\\n``), and every character Markdown would act on is backslash-escaped, so a name or
+    notice id can neither end the cell or line, nor inject a link, an image or HTML, nor reorder the text."""
+    out = []
+    for ch in str(value):
+        if not ch.isprintable():
+            ch = ch.encode("unicode_escape").decode("ascii")
+        out.append("".join(f"\\{c}" if c in _MARKDOWN_ACTIVE else c for c in ch))
+    return "".join(out)
 
 
 def _number(name: str, value: float, threshold: int) -> str:
@@ -150,7 +164,7 @@ def model_card_markdown(
     model = lineage[0]
     metrics = dict(site_metrics or {})
     lines = [
-        f"# Model card: {model.study_id}, round {model.round}",
+        f"# Model card: {_cell(model.study_id)}, round {model.round}",
         "",
         "## Model details",
         "",
@@ -159,7 +173,7 @@ def model_card_markdown(
         if model.parent_digest
         else "- Parent model: none (initial model)",
         f"- Study: `{model.study_id}`, spec hash `{model.spec_hash}`",
-        f"- Produced {format_instant(model.created_at)} by fedhealth {model.software_version}",
+        f"- Produced {format_instant(model.created_at)} by fedhealth {_cell(model.software_version)}",
         "",
         "## Intended use",
         "",
@@ -173,7 +187,8 @@ def model_card_markdown(
     if model.n_sites:
         lines += ["| Site | Dataset fingerprint | Consent model | Consent snapshot |", "|---|---|---|---|"]
         lines += [
-            f"| {_cell(s)} | `{model.dataset_fingerprints[s]}` | {model.consent_models.get(s, 'not stated')} "
+            f"| {_cell(s)} | `{model.dataset_fingerprints[s]}` "
+            f"| {_cell(model.consent_models.get(s, 'not stated'))} "
             f"| `{model.consent_snapshots[s]}` |"
             for s in model.sites
         ]
@@ -352,12 +367,12 @@ def _consent_lines(model: ModelProvenance, flags: Sequence[WithdrawalFlag]) -> l
         f"({len(flags)} notice(s))."
     )
     lines += [
-        f"- site {_cell(f.site)}: trained on snapshot `{f.snapshot_hash}` (notice {f.notice_id})"
+        f"- site {_cell(f.site)}: trained on snapshot `{f.snapshot_hash}` (notice {_cell(f.notice_id)})"
         for f in direct
     ]
     lines += [
         f"- site {_cell(f.site)}: derived from flagged version `{(f.via_digest or '')[:16]}` "
-        f"(notice {f.notice_id})"
+        f"(notice {_cell(f.notice_id)})"
         for f in derived
     ]
     return lines
