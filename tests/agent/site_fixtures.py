@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,44 @@ from fedhealth.protocol import (
     TaskPoll,
 )
 from fedhealth.runtime import initial_model
+from support import logreg_recipe
 
 SITE = "hospital-a"
+PATIENTS = [f"p{i:04d}" for i in range(40)]
+
+
+def cohort_csv(path: Path, ids: Sequence[str] = PATIENTS) -> Path:
+    """A small cohort: one row per patient id, two features and a binary label."""
+    rows = [f"{p},{i % 7 / 3:.3f},{i % 5 - 2},{i % 2}" for i, p in enumerate(ids)]
+    path.write_text("patient_id,age,marker,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def cohort(tmp_path: Path) -> dict[str, str]:
+    """The dataset ``cohort``: :func:`cohort_csv` in ``tmp_path``."""
+    return {"cohort": f"file://{cohort_csv(tmp_path / 'cohort.csv')}?label=label&id=patient_id"}
+
+
+def absent_cohort(tmp_path: Path) -> dict[str, str]:
+    """The dataset ``cohort`` at a file that does not exist: a gate that opened it would fail with
+    dataset_unavailable."""
+    return {"cohort": f"file://{tmp_path}/absent.csv?label=label&id=patient_id"}
+
+
+def gate_study(name: str = "gate-study", **changes: object) -> StudySpec:
+    """A two-site logistic-regression study of ``cohort`` owned by alice."""
+    fields: dict[str, object] = {
+        "name": name,
+        "owner": "alice",
+        "dataset": "cohort",
+        "recipe": logreg_recipe(2, learning_rate=0.5, local_epochs=1),
+        "rounds": 2,
+        "train_sites": [SITE, "hospital-b"],
+        "min_sites": 1,
+        "seed": 7,
+    }
+    fields.update(changes)
+    return StudySpec.model_validate(fields)
 
 
 class RecordingClient:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from site_fixtures import SITE, agent, approve, make_home, task
+from site_fixtures import SITE, absent_cohort, agent, approve, cohort, gate_study, make_home, task
 from typer.testing import CliRunner
 
 from fedhealth.agent import SiteHome
@@ -26,34 +26,6 @@ from fedhealth.crypto import IdentityKey
 from fedhealth.governance import ApprovalStatus, AuditEventType, SignedSpec, read_stored_log, spec_hash
 from fedhealth.protocol import FailureCode, StudySpec, TaskKind
 from support import logreg_recipe
-
-PATIENTS = [f"p{i:04d}" for i in range(40)]
-
-
-def study(**changes: object) -> StudySpec:
-    fields: dict[str, object] = {
-        "name": "gate-study",
-        "owner": "alice",
-        "dataset": "cohort",
-        "recipe": logreg_recipe(2, learning_rate=0.5, local_epochs=1),
-        "rounds": 2,
-        "train_sites": [SITE, "hospital-b"],
-        "min_sites": 1,
-        "seed": 7,
-    }
-    fields.update(changes)
-    return StudySpec.model_validate(fields)
-
-
-def absent(tmp_path: Path) -> dict[str, str]:
-    return {"cohort": f"file://{tmp_path}/absent.csv?label=label&id=patient_id"}
-
-
-def present(tmp_path: Path) -> dict[str, str]:
-    path = tmp_path / "cohort.csv"
-    rows = [f"{p},{i % 7 / 3:.3f},{i % 5 - 2},{i % 2}" for i, p in enumerate(PATIENTS)]
-    path.write_text("patient_id,age,marker,label\n" + "\n".join(rows) + "\n")
-    return {"cohort": f"file://{path}?label=label&id=patient_id"}
 
 
 def signed(spec: StudySpec, key: IdentityKey, owner: str | None = None) -> dict[str, str]:
@@ -74,9 +46,9 @@ def home(tmp_path: Path) -> SiteHome:
 
 
 def test_control_the_approved_spec_runs(home, tmp_path):
-    spec = study()
+    spec = gate_study()
     approve(home, spec)
-    site, client = agent(home, present(tmp_path))
+    site, client = agent(home, cohort(tmp_path))
     site.handle(task(spec))
     assert client.failures == []
     assert len(client.results) == 1
@@ -86,9 +58,9 @@ def test_control_the_approved_spec_runs(home, tmp_path):
 
 
 def test_a_revoked_approval_refuses_the_next_task_before_the_data_is_opened(home, tmp_path):
-    spec = study()
+    spec = gate_study()
     approve(home, spec)
-    site, client = agent(home, absent(tmp_path))
+    site, client = agent(home, absent_cohort(tmp_path))
     with SiteGovernance(home) as governance:
         governance.reject(spec, reason="withdrawn by the IRB", steward="dana")
     site.handle(task(spec))
@@ -97,9 +69,9 @@ def test_a_revoked_approval_refuses_the_next_task_before_the_data_is_opened(home
 
 
 def test_a_revocation_between_two_rounds_stops_the_running_study(home, tmp_path):
-    spec = study()
+    spec = gate_study()
     approve(home, spec)
-    site, client = agent(home, present(tmp_path))
+    site, client = agent(home, cohort(tmp_path))
     site.handle(task(spec, round=1, task_id="tk-1"))
     assert len(client.results) == 1  # control: round 1 ran
     with SiteGovernance(home) as governance:
@@ -133,9 +105,9 @@ def test_a_revocation_between_two_rounds_stops_the_running_study(home, tmp_path)
     ids=lambda c: "-".join(c),
 )
 def test_a_spec_changed_after_approval_in_any_field_is_refused(home, tmp_path, changes):
-    approve(home, study())
-    changed = study(**changes)
-    site, client = agent(home, absent(tmp_path))
+    approve(home, gate_study())
+    changed = gate_study(**changes)
+    site, client = agent(home, absent_cohort(tmp_path))
     site.handle(task(changed))
     assert codes(client) == [FailureCode.STUDY_APPROVAL]
     assert client.results == []
@@ -162,9 +134,9 @@ def test_a_spec_changed_after_approval_in_any_field_is_refused(home, tmp_path, c
     ids=["learning-rate", "local-epochs", "dataset", "seed"],
 )
 def test_an_approved_spec_beside_other_task_parameters_is_refused(home, tmp_path, update):
-    spec = study()
+    spec = gate_study()
     approve(home, spec)
-    site, client = agent(home, {**absent(tmp_path), "other-cohort": absent(tmp_path)["cohort"]})
+    site, client = agent(home, {**absent_cohort(tmp_path), "other-cohort": absent_cohort(tmp_path)["cohort"]})
     site.handle(task(spec).model_copy(update=update))
     assert codes(client) == [FailureCode.SPEC_MISMATCH]
     assert client.results == []
@@ -179,19 +151,21 @@ def test_an_approved_spec_beside_other_task_parameters_is_refused(home, tmp_path
     ids=["another-study", "another-dataset", "another-version"],
 )
 def test_an_approval_does_not_cover_another_study_dataset_or_version(home, tmp_path, changes):
-    approve(home, study())
-    other = study(**changes)
-    site, client = agent(home, {"cohort": absent(tmp_path)["cohort"], "cohort-2": absent(tmp_path)["cohort"]})
+    approve(home, gate_study())
+    other = gate_study(**changes)
+    site, client = agent(
+        home, {"cohort": absent_cohort(tmp_path)["cohort"], "cohort-2": absent_cohort(tmp_path)["cohort"]}
+    )
     site.handle(task(other))
     assert codes(client) == [FailureCode.STUDY_APPROVAL]
 
 
 def test_an_approval_at_one_site_does_not_admit_the_task_at_another(tmp_path):
-    spec = study()
+    spec = gate_study()
     approving = make_home(tmp_path / "a")
     approve(approving, spec)
     other = make_home(tmp_path / "b", site="hospital-b")
-    site, client = agent(other, absent(tmp_path))
+    site, client = agent(other, absent_cohort(tmp_path))
     site.handle(task(spec))
     assert codes(client) == [FailureCode.STUDY_APPROVAL]
 
@@ -203,9 +177,9 @@ def test_an_orchestrator_cannot_register_an_approved_hash_for_another_spec(home)
     from fedhealth.core import InputError
     from fedhealth.protocol import PendingSpec
 
-    approved = study()
+    approved = gate_study()
     approve(home, approved)
-    changed = study(rounds=50)
+    changed = gate_study(rounds=50)
     pending = PendingSpec(
         study_id="st-1", spec_hash=spec_hash(approved.model_dump(mode="json")), spec=changed
     )
@@ -242,9 +216,9 @@ ROLE_LIES = [
 def test_a_task_for_a_role_the_spec_does_not_give_this_site_is_refused(
     home, tmp_path, roles, kind, round_number
 ):
-    spec = study(**roles)
+    spec = gate_study(**roles)
     approve(home, spec)  # the steward approved this spec, reading "This site evaluates" / "takes no part"
-    site, client = agent(home, present(tmp_path))
+    site, client = agent(home, cohort(tmp_path))
     site.handle(task(spec, kind=kind, round=round_number))
     assert len(client.failures) == 1
     assert client.failures[0].code in (FailureCode.SPEC_MISMATCH, FailureCode.STUDY_APPROVAL)
@@ -257,9 +231,9 @@ def test_a_task_for_a_role_the_spec_does_not_give_this_site_is_refused(
 
 def test_control_a_spec_signed_by_its_owner_runs_and_is_recorded_signed(home, tmp_path):
     alice = IdentityKey.generate()
-    spec = study()
+    spec = gate_study()
     approve(home, spec)
-    site, client = agent(home, present(tmp_path))
+    site, client = agent(home, cohort(tmp_path))
     site.handle(task(spec, **signed(spec, alice)))
     assert client.failures == []
 
@@ -276,11 +250,11 @@ def test_control_a_spec_signed_by_its_owner_runs_and_is_recorded_signed(home, tm
 )
 def test_a_forged_spec_signature_is_refused_before_the_data_is_opened(home, tmp_path, forge):
     alice = IdentityKey.generate()
-    spec = study()
+    spec = gate_study()
     approve(home, spec)
     fields = signed(spec, alice)
     if forge == "over-another-spec":
-        fields = signed(study(rounds=50), alice)
+        fields = signed(gate_study(rounds=50), alice)
     elif forge == "signed-as-another-owner":
         fields = signed(spec.model_copy(update={"owner": "mallory"}), alice, owner="mallory")
     elif forge == "signature-without-key":
@@ -289,21 +263,21 @@ def test_a_forged_spec_signature_is_refused_before_the_data_is_opened(home, tmp_
         fields = {"owner_public_key": fields["owner_public_key"]}
     else:
         fields = {**fields, "spec_signature": "zz" * 64}
-    site, client = agent(home, absent(tmp_path))
+    site, client = agent(home, absent_cohort(tmp_path))
     site.handle(task(spec, **fields))
     assert codes(client) == [FailureCode.SPEC_SIGNATURE]
 
 
 def test_a_spec_signed_by_a_key_other_than_the_owners_known_key_is_refused(home, tmp_path):
     alice, orchestrators_own = IdentityKey.generate(), IdentityKey.generate()
-    first = study()
+    first = gate_study()
     approve(home, first)
-    site, client = agent(home, present(tmp_path))
+    site, client = agent(home, cohort(tmp_path))
     site.handle(task(first, task_id="tk-1", **signed(first, alice)))
     assert client.failures == []  # the site has now seen alice's key
 
     # a new spec "by alice" that alice never signed: the orchestrator signs it with its own key
-    forged = study(name="gate-study-2", rounds=1)
+    forged = gate_study(name="gate-study-2", rounds=1)
     site.handle(task(forged, task_id="tk-2", **signed(forged, orchestrators_own)))
     assert codes(client) == [FailureCode.SPEC_SIGNATURE]
     with SiteGovernance(home) as governance:  # never put before the steward as alice's
@@ -315,10 +289,10 @@ def test_a_spec_signed_by_a_key_other_than_the_owners_known_key_is_refused(home,
 
 def test_after_the_steward_trusts_an_owners_new_key_only_that_key_signs_their_specs(home, tmp_path):
     old, new = IdentityKey.generate(), IdentityKey.generate()
-    first, second, third = study(), study(name="gate-study-2"), study(name="gate-study-3")
+    first, second, third = gate_study(), gate_study(name="gate-study-2"), gate_study(name="gate-study-3")
     for spec in (first, second, third):
         approve(home, spec)
-    site, client = agent(home, present(tmp_path))
+    site, client = agent(home, cohort(tmp_path))
     site.handle(task(first, task_id="tk-1", **signed(first, old)))
     site.handle(task(second, task_id="tk-2", **signed(second, new)))
     assert codes(client) == [FailureCode.SPEC_SIGNATURE]  # alice's key changed: not trusted yet
@@ -356,9 +330,9 @@ def test_trusting_a_malformed_owner_key_is_one_line(home):
 
 def test_an_approved_spec_cannot_be_run_as_a_different_task_kind_round(home, tmp_path):
     """A training round beyond the spec's, and an evaluation outside the evaluation round, are refused."""
-    spec = study()
+    spec = gate_study()
     approve(home, spec)
-    site, client = agent(home, absent(tmp_path))
+    site, client = agent(home, absent_cohort(tmp_path))
     site.handle(task(spec, round=spec.rounds + 1, task_id="tk-1"))
     site.handle(task(spec, kind=TaskKind.EVALUATE, round=1, task_id="tk-2"))
     site.handle(task(spec, kind=TaskKind.COLLECTIVE, round=1, task_id="tk-3"))

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from site_fixtures import agent, approve, make_home, task
+from site_fixtures import PATIENTS, agent, approve, cohort_csv, make_home, task
 from sqlalchemy import select
 
 from fedhealth.agent import SiteHome
@@ -32,16 +32,8 @@ from fedhealth.governance import (
 from fedhealth.protocol import FailureCode, StudySpec, TaskKind
 from support import logreg_recipe
 
-PATIENTS = [f"p{i:04d}" for i in range(40)]
 VICTIM = "p0003"
 MEMBERS = GOVERNANCE_METADATA.tables["gov_consent_snapshot_members"]
-
-
-def write_csv(path: Path, ids: list[str] | None = None) -> Path:
-    ids = ids if ids is not None else PATIENTS
-    rows = [f"{p},{i % 7 / 3:.3f},{i % 5 - 2},{i % 2}" for i, p in enumerate(ids)]
-    path.write_text("patient_id,age,marker,label\n" + "\n".join(rows) + "\n")
-    return path
 
 
 def uri(path: Path) -> str:
@@ -122,7 +114,7 @@ def test_control_without_a_withdrawal_the_patient_is_used(home, tmp_path):
     spec = study()
     approve(home, spec)
     permit_everyone(home)
-    site, client = agent(home, {"cohort": uri(write_csv(tmp_path / "d.csv"))})
+    site, client = agent(home, {"cohort": uri(cohort_csv(tmp_path / "d.csv"))})
     site.handle(task(spec))
     assert client.failures == []
     assert VICTIM in kept_patients(home, "tk-1")
@@ -145,7 +137,7 @@ def test_a_withdrawal_between_approval_and_training_excludes_the_patient_whateve
     approve(home, spec)
     permit_everyone(home)
     withdraw(home, VICTIM)
-    site, client = agent(home, {"cohort": uri(write_csv(tmp_path / "d.csv"))})
+    site, client = agent(home, {"cohort": uri(cohort_csv(tmp_path / "d.csv"))})
     when = datetime.now(UTC) + deadline
     site.handle(task(spec).model_copy(update={"deadline": when}))
     assert client.failures == []
@@ -164,7 +156,7 @@ def test_a_withdrawal_during_a_running_study_excludes_the_patient_from_every_lat
     spec = study()
     approve(home, spec)
     permit_everyone(home)
-    site, client = agent(home, {"cohort": uri(write_csv(tmp_path / "d.csv"))})
+    site, client = agent(home, {"cohort": uri(cohort_csv(tmp_path / "d.csv"))})
     site.handle(task(spec, round=1, task_id="tk-1"))
     assert VICTIM in kept_patients(home, "tk-1")  # control: round 1 trained on the patient
 
@@ -193,7 +185,7 @@ def test_a_withdrawal_for_the_studys_purpose_beats_an_any_purpose_permit(home, t
     approve(home, spec)
     permit_everyone(home, purpose="*")
     withdraw(home, VICTIM, purpose="research")
-    site, client = agent(home, {"cohort": uri(write_csv(tmp_path / "d.csv"))})
+    site, client = agent(home, {"cohort": uri(cohort_csv(tmp_path / "d.csv"))})
     site.handle(task(spec))
     assert client.failures == []
     assert VICTIM not in kept_patients(home, "tk-1")
@@ -209,7 +201,7 @@ def test_an_orchestrator_knowing_every_patient_cannot_learn_the_withdrawal_from_
     approve(home, spec)
     permit_everyone(home)
     withdraw(home, VICTIM)
-    site, client = agent(home, {"cohort": uri(write_csv(tmp_path / "d.csv"))})
+    site, client = agent(home, {"cohort": uri(cohort_csv(tmp_path / "d.csv"))})
     site.handle(task(spec))
     (result,) = client.results
     today = datetime.now(UTC).date()
@@ -289,7 +281,7 @@ def test_control_under_opt_out_with_ids_the_denying_patient_is_excluded(home, tm
     spec = study()
     approve(home, spec)
     withdraw(home, VICTIM)
-    site, client = agent(home, {"cohort": uri(write_csv(tmp_path / "d.csv"))})
+    site, client = agent(home, {"cohort": uri(cohort_csv(tmp_path / "d.csv"))})
     site.handle(task(spec))
     assert client.failures == []
     assert kept_patients(home, "tk-1") == set(PATIENTS) - {VICTIM}

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from agent.site_fixtures import SITE, agent, approve, make_home, task
+from agent.site_fixtures import PATIENTS, absent_cohort, agent, approve, cohort, gate_study, make_home, task
 from fedhealth.agent import SiteHome
 from fedhealth.agent._governance import GovernanceGate, SiteGovernance
 from fedhealth.core import ManualClock
@@ -43,7 +43,6 @@ from fedhealth.governance import (
     read_stored_log,
 )
 from fedhealth.protocol import FailureCode, LogHeadInfo, RoundCommitment, StudySpec
-from support import logreg_recipe
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 HEADER = "patient_id,purpose,decision,valid_from,valid_until,withdrawn_at\n"
@@ -193,34 +192,9 @@ def test_a_withdrawal_said_under_another_spelling_of_the_purpose_names_the_study
 
 # --- the site's gate: policy.toml, round commitments, cohort reasons ----------------------------------------
 
-PATIENTS = [f"p{i:04d}" for i in range(40)]
-
 
 def study(**changes: object) -> StudySpec:
-    fields: dict[str, object] = {
-        "name": "doc-attacks",
-        "owner": "alice",
-        "dataset": "cohort",
-        "recipe": logreg_recipe(2, learning_rate=0.5, local_epochs=1),
-        "rounds": 2,
-        "train_sites": [SITE, "hospital-b"],
-        "min_sites": 1,
-        "seed": 7,
-    }
-    fields.update(changes)
-    return StudySpec.model_validate(fields)
-
-
-def absent(tmp_path: Path) -> dict[str, str]:
-    """A dataset whose file does not exist: a gate that opened it would fail with dataset_unavailable."""
-    return {"cohort": f"file://{tmp_path}/absent.csv?label=label&id=patient_id"}
-
-
-def present(tmp_path: Path) -> dict[str, str]:
-    path = tmp_path / "cohort.csv"
-    rows = [f"{p},{i % 7 / 3:.3f},{i % 5 - 2},{i % 2}" for i, p in enumerate(PATIENTS)]
-    path.write_text("patient_id,age,marker,label\n" + "\n".join(rows) + "\n")
-    return {"cohort": f"file://{path}?label=label&id=patient_id"}
+    return gate_study("doc-attacks", **changes)
 
 
 @pytest.fixture
@@ -264,7 +238,7 @@ def test_an_unusable_policy_refuses_every_task_before_the_data_and_stops_the_age
 ):
     spec = study()
     approve(home, spec)
-    site, client = agent(home, absent(tmp_path))  # started under the defaults
+    site, client = agent(home, absent_cohort(tmp_path))  # started under the defaults
     home.policy_path.write_text(policy, encoding="utf-8")
     site.handle(task(spec, task_id="tk-1"))
     site.handle(task(spec, task_id="tk-2", round=2))
@@ -279,11 +253,11 @@ def test_a_policy_change_is_logged_once_and_not_again_after_a_restart(home, tmp_
     spec = study()
     approve(home, spec)
     home.policy_path.write_text("min_cohort_k = 5\n")
-    site, client = agent(home, present(tmp_path))
+    site, client = agent(home, cohort(tmp_path))
     site.handle(task(spec, task_id="tk-1"))
     site.handle(task(spec, task_id="tk-2", round=2))
     assert len(entries(home, AuditEventType.CONFIGURATION_CHANGED)) == 1
-    restarted, _ = agent(home, present(tmp_path))  # the same file: nothing changed
+    restarted, _ = agent(home, cohort(tmp_path))  # the same file: nothing changed
     assert len(entries(home, AuditEventType.CONFIGURATION_CHANGED)) == 1
     home.policy_path.write_text("min_cohort_k = 6\n")
     restarted.handle(task(spec, task_id="tk-3", round=2))
@@ -307,12 +281,12 @@ def test_round_commitments_are_logged_once_each_across_tasks_refusals_and_restar
     approve(home, spec)
     first = _commitment("st-1", 1, 7, "a")
     second = _commitment("st-1", 2, 9, "b")
-    site, _ = agent(home, absent(tmp_path))
+    site, _ = agent(home, absent_cohort(tmp_path))
     # refused (the dataset is missing, and then a spec mismatch): the commitments are still anchored once
     site.handle(task(spec, task_id="tk-1", commitments=[first]))
     site.handle(task(spec, task_id="tk-2", commitments=[first, first]))
     site.handle(task(spec, task_id="tk-3", round=99, commitments=[first, second]))
-    restarted, _ = agent(home, absent(tmp_path))
+    restarted, _ = agent(home, absent_cohort(tmp_path))
     restarted.handle(task(spec, task_id="tk-4", commitments=[second, first]))
     anchors = entries(home, AuditEventType.ANCHOR_RECORDED)
     heads = sorted((e.payload["round"], e.payload["orchestrator_head"]["hash"]) for e in anchors)
@@ -335,7 +309,7 @@ def test_a_cohort_refusal_never_states_the_count(home, tmp_path, opt_in):
         )
     model = "opt-in" if opt_in else "opt-out"
     home.policy_path.write_text(f'min_cohort_k = 20\nconsent_model = "{model}"\n')
-    site, client = agent(home, present(tmp_path))
+    site, client = agent(home, cohort(tmp_path))
     site.handle(task(spec))
     assert [f.code for f in client.failures] == [FailureCode.MIN_COHORT]
     decisions = [
@@ -368,7 +342,7 @@ def test_a_malformed_spec_signature_is_refused_as_such_before_the_data_and_never
     """Step 4: a task carrying a signature or key that is not one is ``spec_signature`` (not an internal
     error, not a spec recorded as signed), before the dataset is opened."""
     spec = study()
-    site, client = agent(home, absent(tmp_path))
+    site, client = agent(home, absent_cohort(tmp_path))
     site.handle(task(spec, **fields))
     assert [f.code for f in client.failures] == [FailureCode.SPEC_SIGNATURE]
     with SiteGovernance(home) as governance:

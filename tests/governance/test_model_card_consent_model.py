@@ -13,12 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
 
-from agent.site_fixtures import agent, approve, make_home, task
+from agent.site_fixtures import PATIENTS, agent, approve, cohort, make_home, task
 from fedhealth.agent import SiteHome
 from fedhealth.agent._governance import SiteGovernance
 from fedhealth.core import InputError
@@ -33,7 +32,6 @@ from fedhealth.governance._tables import model_versions
 from fedhealth.protocol import ConsentBasis, StudySpec
 from support import logreg_recipe
 
-PATIENTS = [f"p{i:04d}" for i in range(40)]
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
 
@@ -42,12 +40,6 @@ def _h(label: str) -> str:
 
 
 # --- what a site attests ------------------------------------------------------------------------------------
-
-
-def _csv(path: Path) -> str:
-    rows = [f"{p},{i % 7 / 3:.3f},{i % 5 - 2},{i % 2}" for i, p in enumerate(PATIENTS)]
-    path.write_text("patient_id,age,marker,label\n" + "\n".join(rows) + "\n")
-    return f"file://{path}?label=label&id=patient_id"
 
 
 def _spec() -> StudySpec:
@@ -89,7 +81,7 @@ def test_a_site_attests_the_consent_model_its_gate_applied(tmp_path, policy, rec
                     for p in permitted
                 ]
             )
-    site, client = agent(home, {"cohort": _csv(tmp_path / "d.csv")})
+    site, client = agent(home, cohort(tmp_path))
     site.handle(task(spec))
     assert client.failures == []
     [result] = client.results
