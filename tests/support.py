@@ -378,6 +378,88 @@ def allreduce_request(values: np.ndarray) -> bytes:
     return bytes([0x08, 0, 0x10, 0, 0x1A, len(buffer)]) + buffer + bytes([0x20, 2, 0x28, 2])
 
 
+@dataclasses.dataclass(frozen=True)
+class AsgiAnswer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    pulled: int  # bytes of the request body the app asked for
+
+
+async def asgi_request(
+    app: Any,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    chunks: Iterator[bytes],
+    *,
+    address: str = "198.51.100.7",
+) -> AsgiAnswer:
+    """One request straight into the ASGI app, with the path exactly as given (no client normalizes it) and
+    its body handed over chunk by chunk only as the app asks for it (a client streaming a body without end,
+    as far as the app reads it); ``pulled`` says how much of it the app read."""
+    pulled = 0
+    pending = iter(chunks)
+    finished = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled, finished
+        if finished:
+            return {"type": "http.disconnect"}
+        chunk = next(pending, None)
+        if chunk is None:
+            finished = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        pulled += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "https",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"testserver"),
+            *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+        ],
+        "client": (address, 40000),
+        "server": ("testserver", 443),
+        "extensions": {},
+        "app": app,
+    }
+    try:
+        await app(scope, receive, send)
+    except Exception:  # a server answers 500 for what escapes the app; what was sent says what happened
+        if not any(m["type"] == "http.response.start" for m in sent):
+            sent.append({"type": "http.response.start", "status": 500, "headers": []})
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return AsgiAnswer(
+        status=start["status"],
+        headers={k.decode(): v.decode() for k, v in start["headers"]},
+        body=b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"),
+        pulled=pulled,
+    )
+
+
+def send_asgi(
+    client: TestClient, app: Any, method: str, path: str, headers: dict[str, str], **kw: Any
+) -> AsgiAnswer:
+    """:func:`asgi_request` on the event loop of ``client`` (a started TestClient of ``app``)."""
+    chunks = kw.pop("chunks", iter(()))
+    assert client.portal is not None
+    return client.portal.call(lambda: asgi_request(app, method, path, headers, chunks, **kw))
+
+
 def run_until(site: SiteAgent, done: Callable[[], bool], give_up_s: float = 20) -> BaseException | None:
     """Run the agent's loop in a thread until ``done()`` holds; what it raised, if it stopped."""
     raised: list[BaseException] = []

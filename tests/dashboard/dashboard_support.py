@@ -56,6 +56,30 @@ def dashboard_app(
         yield Dashboard(client=client, svc=app.state.services)
 
 
+@contextmanager
+def rita_under_mtls(
+    tmp_path: Path, *, seeded: bool = False
+) -> Iterator[tuple[TestClient, TestClient, Dashboard]]:
+    """An orchestrator with the dashboard, a client whose every request arrives with the client certificate
+    of the researcher ``rita`` (as ``_serve`` adds it under ``--mtls``), and a plain client of the same app
+    for set-up (``seeded``: two sites and a round)."""
+    from fedhealth.crypto import create_ca, issue_client_certificate
+    from fedhealth.orchestrator._serve import _with_client_certificate
+    from fedhealth.protocol import Role
+
+    settings = OrchestratorSettings(
+        state_dir=tmp_path / "state", signing_key=IdentityKey.generate(), rate_per_s=0
+    )
+    app = create_app(settings, extensions=[*default_extensions(), DashboardExtension()])
+    rita = issue_client_certificate(create_ca("fedhealth test CA"), "rita").cert_pem.decode()
+    with TestClient(app, base_url="https://testserver") as plain:
+        dash = Dashboard(client=plain, svc=app.state.services)
+        add_user(dash.svc, "rita", Role.RESEARCHER)
+        if seeded:
+            seed(dash.svc, sites=2, studies=0, rounds=1)
+        yield TestClient(_with_client_certificate(app, rita), base_url="https://testserver"), plain, dash
+
+
 def add_user(svc: Services, name: str, role: object) -> str:
     return svc.auth.new_user(name, role)  # type: ignore[arg-type]
 

@@ -37,12 +37,12 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from dashboard_support import Dashboard, add_user, csrf_of, dashboard_app, seed, sign_in
+from dashboard_support import Dashboard, add_user, csrf_of, dashboard_app, rita_under_mtls, seed, sign_in
 
 from fedhealth.agent import SiteDatasets, SiteGovernance, SiteHome, csv_uri
 from fedhealth.agent._client import OrchestratorClient
 from fedhealth.core import ConfigError
-from fedhealth.crypto import IdentityKey, create_ca, issue_client_certificate
+from fedhealth.crypto import IdentityKey, create_ca
 from fedhealth.dashboard import DashboardExtension, site_dashboard_app
 from fedhealth.dashboard._routes import NOT_A_USER_NAME
 from fedhealth.dashboard._session import SESSION_COOKIE
@@ -50,7 +50,6 @@ from fedhealth.dashboard._site import SITE_COOKIE, signed_sign_in_token
 from fedhealth.governance import AuditEventType, ConsentDecision, ConsentRecord, spec_hash
 from fedhealth.orchestrator import OrchestratorSettings, create_app, default_extensions
 from fedhealth.orchestrator._db import studies
-from fedhealth.orchestrator._serve import _with_client_certificate
 from fedhealth.protocol import Role
 from support import TestClient, breast_spec
 
@@ -74,17 +73,8 @@ def _running(dash: Dashboard, study: str) -> None:
 def mtls(tmp_path: Path) -> Iterator[tuple[TestClient, TestClient, Dashboard]]:
     """An orchestrator whose every request through ``as_rita`` arrives with the client certificate of the
     researcher ``rita`` (as ``_serve`` adds it under ``--mtls``), and a plain client of the same app."""
-    settings = OrchestratorSettings(
-        state_dir=tmp_path / "state", signing_key=IdentityKey.generate(), rate_per_s=0
-    )
-    app = create_app(settings, extensions=[*default_extensions(), DashboardExtension()])
-    ca = create_ca("fedhealth test CA")
-    rita = issue_client_certificate(ca, "rita").cert_pem.decode()
-    with TestClient(app, base_url="https://testserver") as plain:
-        dash = Dashboard(client=plain, svc=app.state.services)
-        add_user(dash.svc, "rita", Role.RESEARCHER)
-        as_rita = TestClient(_with_client_certificate(app, rita), base_url="https://testserver")
-        yield as_rita, plain, dash
+    with rita_under_mtls(tmp_path) as clients:
+        yield clients
 
 
 def test_under_mtls_each_action_refused_for_its_client_certificate_is_an_audit_entry(mtls):

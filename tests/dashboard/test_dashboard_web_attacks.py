@@ -29,15 +29,20 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from dashboard_support import Dashboard, add_user, csrf_of, dashboard_app, figure_of, seed, sign_in
+from dashboard_support import (
+    Dashboard,
+    add_user,
+    csrf_of,
+    dashboard_app,
+    figure_of,
+    rita_under_mtls,
+    seed,
+    sign_in,
+)
 
-from fedhealth.crypto import IdentityKey, create_ca, issue_client_certificate
-from fedhealth.dashboard import DashboardExtension
 from fedhealth.dashboard._session import LOGIN_CSRF_COOKIE, SESSION_COOKIE
 from fedhealth.governance import AuditEventType, ModelProvenance, ProvenanceStore
-from fedhealth.orchestrator import OrchestratorSettings, create_app, default_extensions
 from fedhealth.orchestrator._db import rounds, studies, tasks
-from fedhealth.orchestrator._serve import _with_client_certificate
 from fedhealth.protocol import Role
 from support import TestClient
 
@@ -643,17 +648,8 @@ def test_a_refused_sign_in_says_the_same_for_an_unknown_user_and_a_wrong_key(das
 def mtls(tmp_path: Path) -> Iterator[tuple[TestClient, TestClient, Dashboard]]:
     """An orchestrator whose every request arrives with the client certificate of the researcher ``rita``
     (as ``_serve`` adds it under ``--mtls``), and a plain client of the same app for set-up."""
-    settings = OrchestratorSettings(
-        state_dir=tmp_path / "state", signing_key=IdentityKey.generate(), rate_per_s=0
-    )
-    app = create_app(settings, extensions=[*default_extensions(), DashboardExtension()])
-    ca = create_ca("fedhealth test CA")
-    rita = issue_client_certificate(ca, "rita").cert_pem.decode()
-    with TestClient(app, base_url="https://testserver") as plain:
-        dash = Dashboard(client=plain, svc=app.state.services)
-        add_user(dash.svc, "rita", Role.RESEARCHER)
-        seed(dash.svc, sites=2, studies=0, rounds=1)
-        yield TestClient(_with_client_certificate(app, rita), base_url="https://testserver"), plain, dash
+    with rita_under_mtls(tmp_path, seeded=True) as clients:
+        yield clients
 
 
 def test_under_mtls_the_rest_api_refuses_another_principals_key_or_token(mtls):

@@ -39,92 +39,12 @@ from fedhealth.orchestrator._home import secret_hash
 from fedhealth.orchestrator._routes_sites import PROBE_MAX_BYTES
 from fedhealth.orchestrator._serve import _with_client_certificate
 from fedhealth.protocol import Role, agent_login_message
-from support import TestClient, agent_bearer, operator_bearer
+from support import AsgiAnswer, TestClient, agent_bearer, operator_bearer, send_asgi
 
 MIB = 1 << 20
 
 
 # --- one request straight into the ASGI app ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RawAnswer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    pulled: int  # bytes of the request body the app asked for
-
-
-async def _raw(
-    app: Any,
-    method: str,
-    path: str,
-    headers: dict[str, str],
-    chunks: Iterator[bytes],
-    *,
-    address: str = "198.51.100.7",
-) -> RawAnswer:
-    """One request into the ASGI app, its body handed over chunk by chunk only as the app asks for it (a
-    client streaming a body without end, as far as the app reads it)."""
-    pulled = 0
-    pending = iter(chunks)
-    finished = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal pulled, finished
-        if finished:
-            return {"type": "http.disconnect"}
-        chunk = next(pending, None)
-        if chunk is None:
-            finished = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        pulled += len(chunk)
-        return {"type": "http.request", "body": chunk, "more_body": True}
-
-    sent: list[dict[str, Any]] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "https",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"host", b"testserver"),
-            *((k.lower().encode(), v.encode()) for k, v in headers.items()),
-        ],
-        "client": (address, 40000),
-        "server": ("testserver", 443),
-        "extensions": {},
-        "app": app,
-    }
-    try:
-        await app(scope, receive, send)
-    except Exception:  # a server answers 500 for what escapes the app; what was sent says what happened
-        if not any(m["type"] == "http.response.start" for m in sent):
-            sent.append({"type": "http.response.start", "status": 500, "headers": []})
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    return RawAnswer(
-        status=start["status"],
-        headers={k.decode(): v.decode() for k, v in start["headers"]},
-        body=b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"),
-        pulled=pulled,
-    )
-
-
-def _send(
-    client: TestClient, app: FastAPI, method: str, path: str, headers: dict[str, str], **kw: Any
-) -> Any:
-    chunks = kw.pop("chunks", iter(()))
-    assert client.portal is not None
-    return client.portal.call(lambda: _raw(app, method, path, headers, chunks, **kw))
 
 
 # --- the federation --------------------------------------------------------------------------------------
@@ -160,7 +80,7 @@ def world(tmp_path: Path) -> Iterator[World]:
 def test_a_bandwidth_probe_declaring_more_than_its_bound_is_refused_before_its_body_is_read(world):
     _, site = agent_bearer(world.svc, "probing-site")
     declared = PROBE_MAX_BYTES + 1
-    answer = _send(
+    answer = send_asgi(
         world.client,
         world.app,
         "POST",
@@ -172,7 +92,7 @@ def test_a_bandwidth_probe_declaring_more_than_its_bound_is_refused_before_its_b
     assert answer.pulled == 0
     assert set(json.loads(answer.body)) == {"error", "detail"}
     # the control: a probe within its bound is received whole
-    control = _send(
+    control = send_asgi(
         world.client,
         world.app,
         "POST",
@@ -189,7 +109,7 @@ def test_a_bandwidth_probe_streamed_past_its_bound_is_cut_off_there_not_held_who
     # several connections at once; the route may read at most its bound and one chunk more
     _, site = agent_bearer(world.svc, "probing-site")
     offered = 3 * PROBE_MAX_BYTES
-    answer = _send(
+    answer = send_asgi(
         world.client,
         world.app,
         "POST",
@@ -279,8 +199,8 @@ def test_a_login_flood_from_one_address_throttles_neither_another_address_nor_th
         _, site = agent_bearer(w.svc, "flooded-site")
         body = json.dumps({"site": "flooded-site"}).encode()
 
-        def challenge(address: str, **headers: str) -> RawAnswer:
-            return _send(
+        def challenge(address: str, **headers: str) -> AsgiAnswer:
+            return send_asgi(
                 w.client,
                 w.app,
                 "POST",
@@ -304,7 +224,7 @@ def test_a_login_flood_from_one_address_throttles_neither_another_address_nor_th
         # another address logs in as usual, and the flooded site's own requests are not throttled
         assert challenge("198.51.100.20").status == 200
         for _ in range(3):
-            own = _send(w.client, w.app, "GET", "/api/v1/agent/probe/time", site, address="203.0.113.9")
+            own = send_asgi(w.client, w.app, "GET", "/api/v1/agent/probe/time", site, address="203.0.113.9")
             assert own.status == 200, own.body
 
 
