@@ -104,3 +104,41 @@ def test_a_ledger_on_an_in_memory_database_still_works():
     ledger_engine = sqlite_engine(":memory:")
     BudgetLedger.create_schema(ledger_engine)
     assert BudgetLedger(ledger_engine).budgets() == []
+
+
+@pytest.mark.parametrize("step", ["server_certificate", "database", "admin_certificate"])
+@pytest.mark.parametrize("folder", ["new", "existing"])
+def test_an_orchestrator_init_that_fails_at_any_step_leaves_nothing_and_a_retry_succeeds(
+    tmp_path, monkeypatch, step, folder
+):
+    """Until 2026-12-08 a failure after the first write left the CA key (and, after the database step, a
+    database with its admin) behind: a retry then met an admin that already existed. Now what the call
+    created goes again; a folder that was there before, and what else it holds, stay."""
+    import fedhealth.orchestrator._home as home_module
+    import fedhealth.orchestrator._store as store_module
+
+    root = tmp_path / "orch"
+    if folder == "existing":
+        root.mkdir(mode=0o700)
+        (root / "README.txt").write_text("the operator's own notes\n")
+    before = sorted(p.name for p in root.iterdir()) if root.exists() else None
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"{step} failed")
+
+    with monkeypatch.context() as patch:
+        if step == "server_certificate":
+            patch.setattr(home_module, "issue_server_certificate", broken)
+        elif step == "database":
+            patch.setattr(store_module.Store, "create_user", broken)
+        else:
+            patch.setattr(home_module, "issue_client_certificate", broken)
+        with pytest.raises(RuntimeError, match=f"{step} failed"):
+            init_home(root, hosts=["localhost"], url="https://localhost:1")
+    if before is None:
+        assert not root.exists()
+    else:
+        assert sorted(p.name for p in root.iterdir()) == before
+    credential = init_home(root, hosts=["localhost"], url="https://localhost:1")
+    assert credential.user == "admin"
+    assert OrchestratorHome(root).exists()

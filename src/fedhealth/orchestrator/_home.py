@@ -11,7 +11,9 @@ HOME/                     mode 0700; keys, credential and database files 0600 (c
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -123,14 +125,48 @@ def init_home(
     federation: str = "fedhealth federation",
     now: datetime | None = None,
 ) -> OperatorCredential:
-    """Create a new federation: CA, TLS certificate, signing key, database and first admin credential."""
-    from fedhealth.orchestrator._db import make_engine, upgrade_database
-    from fedhealth.orchestrator._store import Store
-
+    """Create a new federation: CA, TLS certificate, signing key, database and first admin credential. On a
+    failure at any step, what this call wrote (and the folders it made, if empty) is removed again."""
     home = OrchestratorHome(root)
     if home.exists():
         raise ConfigError(f"{root} already holds a federation; refusing to overwrite it")
-    make_private_dir(root)
+    folders = [p for p in (root, home.state_dir) if not p.exists()]
+    database = home.state_dir / "orchestrator.sqlite"
+    files = [
+        *(home.ca_key, home.ca_cert, home.tls_key, home.tls_cert, home.signing_key_path),
+        *(home.admin_credential, home.settings_path, database),
+        *(database.with_name(database.name + suffix) for suffix in ("-wal", "-shm", "-journal")),
+    ]
+    new_files = [p for p in files if not os.path.lexists(p)]
+    try:
+        return _init_home(
+            home, hosts=hosts, url=url, database_url=database_url, federation=federation, now=now
+        )
+    except BaseException:
+        # nothing half made stays behind (a retry would meet keys and a database, with its admin, that a
+        # later step failed after): the files this call created and the folders it made, if empty
+        for path in new_files:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        for folder in reversed(folders):
+            with contextlib.suppress(OSError):  # not empty: something else is in it, left alone
+                folder.rmdir()
+        raise
+
+
+def _init_home(
+    home: OrchestratorHome,
+    *,
+    hosts: list[str],
+    url: str,
+    database_url: str | None,
+    federation: str,
+    now: datetime | None,
+) -> OperatorCredential:
+    from fedhealth.orchestrator._db import make_engine, upgrade_database
+    from fedhealth.orchestrator._store import Store
+
+    make_private_dir(home.root)
     ca = create_ca(federation, now=now)
     write_private(home.ca_key, ca.key_pem)
     write_private(home.ca_cert, ca.cert_pem)  # public, but the home's rule is one: every file 0600
