@@ -169,6 +169,13 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("init-host-empty", ["orchestrator", "init", f"{W}/new", "--host", ""], USAGE, "--host"),
     ("init-host-space", ["orchestrator", "init", f"{W}/new", "--host", "fl example.org"], USAGE, "--host"),
     ("init-host-rlo", ["orchestrator", "init", f"{W}/new", "--host", f"fl{RLO}gro.elpmaxe"], USAGE, "--host"),
+    # "$" matches before a final newline: a check written with it let "fl.example.org\n" through
+    (
+        "init-host-newline",
+        ["orchestrator", "init", f"{W}/new", "--host", "fl.example.org\n"],
+        USAGE,
+        "--host",
+    ),
     ("init-url-garbage", ["orchestrator", "init", f"{W}/new", "--url", "not a url"], USAGE, "--url"),
     ("init-url-bracket", ["orchestrator", "init", f"{W}/new", "--url", "https://[::1"], USAGE, "--url"),
     ("init-url-port", ["orchestrator", "init", f"{W}/new", "--url", "https://h:99999"], USAGE, "--url"),
@@ -243,6 +250,7 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("enroll-name-empty", [*ENROLL, "--name", "", *ENROLL_TAIL], USAGE, "--name"),
     ("enroll-name-rlo", [*ENROLL, "--name", f"hospital{RLO}a", *ENROLL_TAIL], USAGE, "--name"),
     ("enroll-name-zwsp", [*ENROLL, "--name", f"hospital{ZWSP}a", *ENROLL_TAIL], USAGE, "--name"),
+    ("enroll-name-newline", [*ENROLL, "--name", "hospital-a\n", *ENROLL_TAIL], USAGE, "--name"),
     (
         "enroll-ca-binary",
         [
@@ -376,6 +384,23 @@ CASES: list[tuple[str, list[str], int, str]] = [
         ],
         USAGE,
         "epsilon",
+    ),
+    (
+        "budget-dataset-newline",
+        [
+            "site",
+            "budget",
+            "set",
+            "cohort\n",
+            "--epsilon",
+            "3",
+            "--delta",
+            "1e-5",
+            "--site-db",
+            f"{W}/new.sqlite",
+        ],
+        USAGE,
+        "dataset name",
     ),
     (
         "budget-epsilon-inf",

@@ -26,7 +26,7 @@ from fedhealth.core import (
 )
 
 Params = dict[str, np.ndarray]
-_FILE = re.compile(r"^round-(\d{1,9})\.safetensors$")
+_FILE = re.compile(r"^round-(\d{1,9})\.safetensors\Z")
 
 
 class SiteStateStore:

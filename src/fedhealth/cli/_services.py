@@ -134,7 +134,7 @@ def orchestrator_init(
     typer.echo(f"  serve it with: fedhealth orchestrator serve --home {home} --port {port}")
 
 
-_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$", re.ASCII)
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z", re.ASCII)
 
 
 def _is_host(name: str) -> bool:

@@ -6,7 +6,7 @@ import re
 import secrets
 import time
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}\Z")
 
 
 def new_id(prefix: str) -> str:

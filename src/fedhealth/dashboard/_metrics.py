@@ -43,7 +43,7 @@ log = logging.getLogger("fedhealth.dashboard")
 
 DEFAULT_METRICS_HOST = "127.0.0.1"
 ACTIVE_WINDOW = timedelta(minutes=5)  # a site that called within this window counts as active
-_SECAGG_POST = re.compile(r"^/api/v1/agent/tasks/([^/]+)/secagg/([a-z_]+)$")
+_SECAGG_POST = re.compile(r"^/api/v1/agent/tasks/([^/]+)/secagg/([a-z_]+)\Z")
 _STAGE_ORDER = ("advertise_keys", "share_keys", "masked_input", "consistency", "unmask")
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

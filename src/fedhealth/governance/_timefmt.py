@@ -7,8 +7,8 @@ from datetime import UTC, date, datetime, time, timedelta
 
 from fedhealth.core import InputError
 
-_INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z\Z")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}\Z")
 
 
 def require_aware(value: datetime, what: str) -> datetime:
@@ -42,8 +42,9 @@ def parse_bound(text: str, *, end: bool) -> datetime:
 
     A date as a start means the start of that day; as an end it means the end of that day, returned as the
     next midnight because governance treats ends as exclusive. ``9999-12-31`` as an end, the "no end" of many
-    hospital exports, has no next midnight: it is the calendar's last instant. Naive datetimes are refused,
-    and so is an instant outside the years 1 to 9999 in UTC.
+    hospital exports, has no next midnight: it is the calendar's last instant, and so is an end in year 9999
+    whose offset puts it past the calendar in UTC (``9999-12-31T23:59:59-05:00``). Naive datetimes are
+    refused, and so is any other instant outside the years 1 to 9999 in UTC.
     """
     text = text.strip()
     try:
@@ -57,6 +58,8 @@ def parse_bound(text: str, *, end: bool) -> datetime:
             raise ValueError(f"{text!r} has no UTC offset: write e.g. {text}Z, or a plain date")
         return parsed.astimezone(UTC)
     except OverflowError:  # an offset that moves the instant before year 1 or past year 9999 in UTC
+        if end and text[:4] == "9999":  # the "no end" written in local time west of UTC: the same open end
+            return datetime.max.replace(tzinfo=UTC)
         raise ValueError(
             f"{text!r} is outside the years 1 to 9999 in UTC (an open end is an empty cell)"
         ) from None

@@ -68,7 +68,7 @@ RESULT_FILE = "result.json"  # a collective study's released result, in place of
 ONNX_FILE = "model.onnx"
 _PACKAGE_FILES = (METADATA_FILE, WEIGHTS_FILE, ONNX_FILE)
 _STALE_FILES = (ONNX_FILE, WEIGHTS_FILE, RESULT_FILE)  # removed by a forced export that writes none
-_NATIVE_FILE = re.compile(r"^model\.[a-z0-9]{1,8}$")  # a library's own model file: model.txt, model.json
+_NATIVE_FILE = re.compile(r"^model\.[a-z0-9]{1,8}\Z")  # a library's own model file: model.txt, model.json
 # the names under which a model runtime would read a model from the folder (LightGBM's model.txt, XGBoost's
 # model.json or .ubj, ONNX, torch, pickles): such a file the metadata does not list is refused. Notes beside a
 # package (model.md, model.csv) are the hospital's own and stay allowed.

@@ -54,8 +54,8 @@ from fedhealth.privacy import DpPlan
 RECIPE_ENTRY_POINT_GROUP = "fedhealth.recipes"
 # The wire's rules for the names a study spec can carry (fedhealth.protocol's Name and RecipeSpec.version):
 # a recipe that breaks them could never be named, so it is refused at registration.
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,31}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}\Z")
+_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,31}\Z")
 _RESOLVED_CACHE = 512  # resolved (name, version, params) kept per registry; a study asks every upload
 
 

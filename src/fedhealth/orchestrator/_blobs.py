@@ -33,7 +33,7 @@ from fedhealth.core import FedHealthError, InputError, NotFoundError, sync_folde
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}\Z")  # \Z, not $: "$" also matches before a trailing newline
 # The temporary files this module writes, with the id of the process writing them (see _tmp_name).
-_TEMPORARY = re.compile(r"^\.(?:upload|[0-9a-f]{64})\.(\d+)\.[0-9a-z.]*tmp$")
+_TEMPORARY = re.compile(r"^\.(?:upload|[0-9a-f]{64})\.(\d+)\.[0-9a-z.]*tmp\Z")
 
 
 class DamagedBlobError(FedHealthError):

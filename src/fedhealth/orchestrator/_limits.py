@@ -119,8 +119,8 @@ class BodyLimits:
 
 # updates, secure-aggregation stage messages, collective calls, and the bandwidth probe of `fedhealth site
 # check` (up to 32 MB)
-_UPLOADS = re.compile(r"^/api/v1/agent/(tasks/[^/]+/(result|secagg/[^/]+|collective/[0-9]+)|probe)$")
-_COLLECTIVE = re.compile(r"^/api/v1/agent/tasks/[^/]+/collective/[0-9]+$")
+_UPLOADS = re.compile(r"^/api/v1/agent/(tasks/[^/]+/(result|secagg/[^/]+|collective/[0-9]+)|probe)\Z")
+_COLLECTIVE = re.compile(r"^/api/v1/agent/tasks/[^/]+/collective/[0-9]+\Z")
 # A collective call takes this fraction of a rate token: a session makes hundreds of calls a second by
 # design, and paces itself (no site can send call i + 1 before every site sent call i), while the bucket
 # still bounds a site that loops on one call.
