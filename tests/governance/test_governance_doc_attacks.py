@@ -61,11 +61,10 @@ def registry(engine: Engine, site_key: IdentityKey) -> ConsentRegistry:
 @pytest.mark.parametrize(
     ("column", "row"),
     [
-        ("valid_until", "p-0002,research,permit,,9999-12-31T23:00:00-05:00,"),  # year 10000 in UTC
         ("valid_from", "p-0002,research,permit,0001-01-01T00:00:00+01:00,,"),  # before year 1 in UTC
         ("withdrawn_at", "p-0002,research,deny,,,9999-12-31T23:00:00-05:00"),  # after year 9999 in UTC
     ],
-    ids=["ends-after-year-9999", "before-year-1", "withdrawn-after-year-9999"],
+    ids=["before-year-1", "withdrawn-after-year-9999"],
 )
 def test_a_consent_csv_row_with_a_date_beyond_the_calendar_stops_the_import_naming_its_line(
     registry, tmp_path, column, row
@@ -80,7 +79,7 @@ def test_a_consent_csv_row_with_a_date_beyond_the_calendar_stops_the_import_nami
     assert registry.records() == []  # the good row before it is not stored either
 
 
-def test_a_fhir_consent_whose_period_ends_beyond_the_calendar_stops_the_import_naming_it(registry):
+def test_a_fhir_consent_whose_period_starts_before_the_calendar_stops_the_import_naming_it(registry):
     consent = {
         "resourceType": "Consent",
         "id": "c-9999",
@@ -90,7 +89,7 @@ def test_a_fhir_consent_whose_period_ends_beyond_the_calendar_stops_the_import_n
         "patient": {"reference": "Patient/p-0003"},
         "provision": {
             "type": "permit",
-            "period": {"start": "2025-01-01", "end": "9999-12-31T23:30:00-01:00"},
+            "period": {"start": "0001-01-01T00:30:00+01:00", "end": "2030-01-01"},
         },
     }
     with pytest.raises(ConsentImportError, match=r"Consent/c-9999"):
@@ -103,7 +102,11 @@ def test_9999_12_31_as_an_end_is_the_open_end_hospital_exports_mean_by_it(regist
     instant, in a CSV row and in a FHIR period: the record is stored, in force, and a later deny still
     outweighs it."""
     path = tmp_path / "consent.csv"
-    path.write_text(HEADER + "p-0001,research,permit,2025-01-01,9999-12-31,\n")
+    path.write_text(
+        HEADER
+        + "p-0001,research,permit,2025-01-01,9999-12-31,\n"
+        + "p-0004,research,permit,2025-01-01,9999-12-31T23:59:59-05:00,\n"  # local time west of UTC
+    )
     registry.import_csv(path)
     consent = {
         "resourceType": "Consent",
@@ -114,14 +117,21 @@ def test_9999_12_31_as_an_end_is_the_open_end_hospital_exports_mean_by_it(regist
         "patient": {"reference": "Patient/p-0002"},
         "provision": {"type": "permit", "period": {"start": "2025-01-01", "end": "9999-12-31"}},
     }
-    registry.import_fhir({"resourceType": "Bundle", "entry": [{"resource": consent}]})
+    offset = {
+        **consent,
+        "id": "c-open-local",
+        "patient": {"reference": "Patient/p-0005"},
+        "provision": {
+            "type": "permit",
+            "period": {"start": "2025-01-01", "end": "9999-12-31T23:30:00-01:00"},
+        },
+    }
+    registry.import_fhir({"resourceType": "Bundle", "entry": [{"resource": consent}, {"resource": offset}]})
     ends = {r.patient_id: r.valid_until for r in registry.records()}
-    assert ends == {"p-0001": datetime.max.replace(tzinfo=UTC), "p-0002": datetime.max.replace(tzinfo=UTC)}
+    assert ends == dict.fromkeys(["p-0001", "p-0002", "p-0004", "p-0005"], datetime.max.replace(tzinfo=UTC))
     late = datetime(9999, 12, 31, 12, tzinfo=UTC)
-    assert registry.filter(["p-0001", "p-0002", "p-0003"], "research", late).kept_patient_ids == (
-        "p-0001",
-        "p-0002",
-    )
+    kept = registry.filter(["p-0001", "p-0002", "p-0003", "p-0004", "p-0005"], "research", late)
+    assert kept.kept_patient_ids == ("p-0001", "p-0002", "p-0004", "p-0005")
     registry.add([_record("p-0002", "research", ConsentDecision.DENY, T0)])
     assert registry.filter(["p-0001", "p-0002"], "research", T0).kept_patient_ids == ("p-0001",)
 
