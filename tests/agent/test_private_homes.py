@@ -142,3 +142,31 @@ def test_an_orchestrator_init_that_fails_at_any_step_leaves_nothing_and_a_retry_
     credential = init_home(root, hosts=["localhost"], url="https://localhost:1")
     assert credential.user == "admin"
     assert OrchestratorHome(root).exists()
+
+
+@pytest.mark.parametrize("step", ["admin_certificate", "database"])
+def test_an_orchestrator_init_on_a_database_elsewhere_that_fails_can_be_retried(tmp_path, monkeypatch, step):
+    """A database named by --database-url is not the home's to delete: init_home creates its admin last, so
+    a failure before leaves no admin in it, and one at the admin's creation leaves only tables a retry
+    upgrades in place (the review of 9d1141c: the retry met an admin it could not replace)."""
+    import fedhealth.orchestrator._home as home_module
+    import fedhealth.orchestrator._store as store_module
+
+    root = tmp_path / "orch"
+    (tmp_path / "db").mkdir()
+    database_url = f"sqlite:///{tmp_path / 'db' / 'fed.sqlite'}"
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"{step} failed")
+
+    with monkeypatch.context() as patch:
+        if step == "database":
+            patch.setattr(store_module.Store, "create_user", broken)
+        else:
+            patch.setattr(home_module, "issue_client_certificate", broken)
+        with pytest.raises(RuntimeError, match=f"{step} failed"):
+            init_home(root, hosts=["localhost"], url="https://localhost:1", database_url=database_url)
+    assert not root.exists()
+    credential = init_home(root, hosts=["localhost"], url="https://localhost:1", database_url=database_url)
+    assert credential.user == "admin"
+    assert OrchestratorHome(root).exists()

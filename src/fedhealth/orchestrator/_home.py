@@ -178,12 +178,6 @@ def _init_home(
     if database_url is None:
         create_private_file(home.state_dir / "orchestrator.sqlite")  # 0600 before SQLite creates it
     api_key = new_secret("fhk")
-    engine = make_engine(database_url or _default_db(home))
-    try:
-        upgrade_database(engine)
-        Store(engine).create_user("admin", Role.ADMIN.value, secret_hash(api_key), now or utcnow())
-    finally:
-        engine.dispose()
     client = issue_client_certificate(ca, "admin", valid_days=365)
     credential = OperatorCredential(
         orchestrator=url,
@@ -196,6 +190,14 @@ def _init_home(
     write_private(home.admin_credential, credential.model_dump_json(indent=2).encode())
     settings = {"hosts": hosts, "url": url, "database_url": database_url, "federation": federation}
     write_private(home.settings_path, json.dumps(settings, indent=2).encode())
+    # The database last: its admin is the one thing init_home's clean-up cannot take back from a database
+    # elsewhere (--database-url), so nothing may fail after it; its tables alone a retry upgrades in place.
+    engine = make_engine(database_url or _default_db(home))
+    try:
+        upgrade_database(engine)
+        Store(engine).create_user("admin", Role.ADMIN.value, secret_hash(api_key), now or utcnow())
+    finally:
+        engine.dispose()
     return credential
 
 
