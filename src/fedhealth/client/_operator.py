@@ -9,25 +9,39 @@ is not 2xx, is a :class:`ClientError`, whatever its body holds.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import math
 import os
+import re
+import ssl
 import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 import pydantic_core
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 
 import fedhealth
 from fedhealth.client._words import field_errors
-from fedhealth.core import ConfigError, FedHealthError, token_lifetime_s, write_private_file
+from fedhealth.core import (
+    ConfigError,
+    CryptoError,
+    FedHealthError,
+    InputError,
+    token_lifetime_s,
+    write_private_file,
+)
 from fedhealth.crypto import IdentityKey, client_tls_for_url
-from fedhealth.governance import SignedSpec
+from fedhealth.governance import SignedSpec, spec_hash
 from fedhealth.protocol import (
     OperatorCredential,
     PeerVersion,
@@ -46,6 +60,9 @@ from fedhealth.protocol import (
 from fedhealth.transport import DeadlineTransport, answer_deadline
 
 M = TypeVar("M", bound=BaseModel)
+
+# what a bearer token may hold to be sent in a header: visible ASCII, no space, CR or LF
+_HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
 class ClientError(FedHealthError):
@@ -135,10 +152,11 @@ class OperatorClient:
                     f"credential file {path} is a symbolic link; not followed (give the file itself)"
                 ) from None
             raise ConfigError(f"credential file {path} cannot be read: {exc.strerror}") from exc
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # before fdopen: a folder would be its IsADirectoryError
+            os.close(fd)
+            raise ConfigError(f"credential file {path} is not a regular file")
         with os.fdopen(fd, "rb") as f:
-            info = os.fstat(f.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise ConfigError(f"credential file {path} is not a regular file")
             if info.st_uid != os.getuid():
                 raise ConfigError(
                     f"credential file {path} belongs to uid {info.st_uid}, not to this user "
@@ -154,7 +172,12 @@ class OperatorClient:
             data = f.read(OperatorClient.MAX_CREDENTIAL_BYTES + 1)
         if len(data) > OperatorClient.MAX_CREDENTIAL_BYTES:
             raise ConfigError(f"credential file {path} is too large")
-        return OperatorCredential.model_validate_json(data)
+        try:
+            return OperatorCredential.model_validate_json(data)
+        except ValidationError as exc:  # its rules only: pydantic's own text would quote the API key
+            raise ConfigError(
+                f"{path} is not a fedhealth credential file ({field_errors(exc.errors())})"
+            ) from None
 
     @classmethod
     def from_credential(cls, path: Path, *, url: str | None = None, insecure: bool = False) -> OperatorClient:
@@ -163,14 +186,20 @@ class OperatorClient:
         client_cert = None
         if credential.tls_certificate and credential.tls_key:
             client_cert = (credential.tls_certificate.encode(), credential.tls_key.encode())
-        return cls(
-            url or credential.orchestrator,
-            user=credential.user,
-            api_key=credential.api_key,
-            ca_pem=credential.ca_pem,
-            client_cert=client_cert,
-            insecure=insecure,
-        )
+        try:
+            return cls(
+                url or credential.orchestrator,
+                user=credential.user,
+                api_key=credential.api_key,
+                ca_pem=credential.ca_pem,
+                client_cert=client_cert,
+                insecure=insecure,
+            )
+        except ssl.SSLError as exc:  # a ca_pem or TLS key that is not one
+            raise ConfigError(
+                f"credential file {path}: its CA certificate or TLS client key cannot be used "
+                f"({' '.join(str(exc).split())[:200] or type(exc).__name__})"
+            ) from None
 
     def close(self) -> None:
         self._http.close()
@@ -193,6 +222,8 @@ class OperatorClient:
         if not response.is_success:
             raise _error(response)
         token = _answer(response, lambda data: TokenResponse.model_validate(data))
+        if not _HEADER_TOKEN.fullmatch(token.access_token):  # a CR LF or an é would break every request
+            raise ClientError(response.status_code, "the orchestrator's token cannot be sent in a header")
         self._token = token.access_token
         # counted on this machine's monotonic clock from the orchestrator's own (core.token_lifetime_s)
         lifetime = token_lifetime_s(token.expires_at, response.headers.get("date"))
@@ -254,10 +285,11 @@ class OperatorClient:
                 chunks.append(chunk)
         finally:
             response.close()
+        # as sent, in bytes: a value of Latin-1 text (``café``) made str headers fail to encode as ASCII
         headers = [
             (k, v)
-            for k, v in response.headers.multi_items()
-            if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+            for k, v in response.headers.raw
+            if k.lower() not in (b"content-encoding", b"content-length", b"transfer-encoding")
         ]
         return httpx.Response(
             response.status_code, headers=headers, content=b"".join(chunks), request=request
@@ -287,14 +319,16 @@ class OperatorClient:
         return self._parse(SiteCreated, self._get("POST", "/api/v1/sites", json={"name": name}))
 
     def new_enrollment_token(self, name: str) -> SiteCreated:
-        return self._parse(SiteCreated, self._get("POST", f"/api/v1/sites/{name}/enrollment-token"))
+        return self._parse(SiteCreated, self._get("POST", f"/api/v1/sites/{_segment(name)}/enrollment-token"))
 
     def rotate_site(self, name: str) -> SiteCreated:
         """Retire the site's key and certificate; returns the enrollment token for its new key."""
-        return _answer(self.request("POST", f"/api/v1/sites/{name}/rotate"), SiteCreated.model_validate)
+        return _answer(
+            self.request("POST", f"/api/v1/sites/{_segment(name)}/rotate"), SiteCreated.model_validate
+        )
 
     def revoke_site(self, name: str) -> SiteInfo:
-        return self._parse(SiteInfo, self._get("POST", f"/api/v1/sites/{name}/revoke"))
+        return self._parse(SiteInfo, self._get("POST", f"/api/v1/sites/{_segment(name)}/revoke"))
 
     def sites(self) -> list[SiteInfo]:
         return [self._parse(SiteInfo, s) for s in self._list("/api/v1/sites")]
@@ -314,10 +348,12 @@ class OperatorClient:
 
     def new_api_key(self, name: str) -> UserCreated:
         """Replace a user's API key; the old key and the tokens issued against it stop working."""
-        return _answer(self.request("POST", f"/api/v1/users/{name}/api-key"), UserCreated.model_validate)
+        return _answer(
+            self.request("POST", f"/api/v1/users/{_segment(name)}/api-key"), UserCreated.model_validate
+        )
 
     def revoke_user(self, name: str) -> None:
-        self.request("POST", f"/api/v1/users/{name}/revoke")
+        self.request("POST", f"/api/v1/users/{_segment(name)}/revoke")
 
     def users(self) -> list[UserInfo]:
         return [self._parse(UserInfo, u) for u in self._list("/api/v1/users")]
@@ -344,25 +380,36 @@ class OperatorClient:
         signed = SignedSpec.sign(spec.model_dump(mode="json"), owner=spec.owner, key=key)
         params = {"approval_wait_s": approval_wait_s} if approval_wait_s is not None else None
         body = {"spec": spec.model_dump(mode="json"), "signature": signed.signature.hex()}
-        return self._parse(
+        info = self._parse(
             StudyInfo, self._get("POST", "/api/v1/governance/studies", json=body, params=params)
         )
+        # the hash the owner sends each steward comes from this answer: one of another spec (an older one
+        # this owner signed, replayed) would have the stewards approve what the owner did not just submit
+        submitted = spec_hash(body["spec"])
+        if info.spec_hash != submitted:
+            raise ClientError(
+                200,
+                f"the orchestrator answered with spec hash {str(info.spec_hash)[:80]!r}, not {submitted} "
+                "of the spec submitted; do not send its hash to the stewards",
+            )
+        return info
 
     def study(self, study_id: str) -> StudyInfo:
-        return self._parse(StudyInfo, self._get("GET", f"/api/v1/studies/{study_id}"))
+        return self._parse(StudyInfo, self._get("GET", f"/api/v1/studies/{_segment(study_id)}"))
 
     def studies(self, status: StudyStatus | None = None) -> list[StudyInfo]:
         params = {"status": status.value} if status is not None else None
         return [self._parse(StudyInfo, s) for s in self._list("/api/v1/studies", params=params)]
 
     def cancel_study(self, study_id: str) -> StudyInfo:
-        return self._parse(StudyInfo, self._get("POST", f"/api/v1/studies/{study_id}/cancel"))
+        return self._parse(StudyInfo, self._get("POST", f"/api/v1/studies/{_segment(study_id)}/cancel"))
 
     def model_bytes(self, study_id: str) -> bytes:
-        """The study's latest released model (its owner or an admin)."""
-        return self.request(
-            "GET", f"/api/v1/studies/{study_id}/model", max_bytes=self.MAX_MODEL_BYTES
-        ).content
+        """The study's latest released model (its owner or an admin); :class:`ClientError` when its bytes
+        do not hash to the digest the orchestrator states with them."""
+        return _model(
+            self.request("GET", f"/api/v1/studies/{_segment(study_id)}/model", max_bytes=self.MAX_MODEL_BYTES)
+        )
 
     def download_model(self, study_id: str, path: Path, *, overwrite: bool = True) -> str:
         """Write the study's current model (safetensors) to ``path``, 0600 and atomically (a symbolic link
@@ -373,11 +420,13 @@ class OperatorClient:
         return hashlib.sha256(blob).hexdigest()
 
     def released_model(self, digest: str) -> bytes:
-        """A released model version by digest (its study's owner or an admin)."""
-        return self.request("GET", f"/api/v1/models/{digest}", max_bytes=self.MAX_MODEL_BYTES).content
+        """A released model version by digest (its study's owner or an admin): :class:`ClientError` when
+        the bytes answered do not hash to ``digest``."""
+        response = self.request("GET", f"/api/v1/models/{_segment(digest)}", max_bytes=self.MAX_MODEL_BYTES)
+        return _model(response, digest)
 
     def report(self, study_id: str) -> dict[str, Any]:
-        report = self._get("GET", f"/api/v1/studies/{study_id}/report")
+        report = self._get("GET", f"/api/v1/studies/{_segment(study_id)}/report")
         if not isinstance(report, dict):
             raise ClientError(200, "the orchestrator's report is not a JSON object")
         return report
@@ -397,6 +446,12 @@ class OperatorClient:
         """Poll until the study has ended (it may wait for approvals, then run); transient connection errors
         and 429s are waited out (a 429's Retry-After lengthens the pause up to :attr:`MAX_PAUSE_S`, never past
         ``timeout``: a Retry-After of 10^9 s does not park the caller, nor one of 0 make it hammer)."""
+        if math.isnan(timeout) or not (math.isfinite(interval) and interval >= 0):
+            # NaN would never pass (a poll for ever); sleep() refuses a negative or infinite interval
+            raise InputError(
+                f"wait_for_study: timeout must be a number of seconds and interval a finite one, at least 0 "
+                f"(given {timeout!r} and {interval!r})"
+            )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -421,7 +476,10 @@ class OperatorClient:
 
     def _pause_after_429(self, retry_after: str | None, interval: float, deadline: float) -> float:
         asked = (retry_after or "").strip()
-        wanted = float(asked) if asked.replace(".", "", 1).isdigit() else 0.0  # a date, garbage: the interval
+        # isdigit() holds for "²", which float() refuses: ASCII digits only
+        wanted = (
+            float(asked) if asked.isascii() and asked.replace(".", "", 1).isdigit() else 0.0
+        )  # a date, garbage: the interval
         pause = min(self.MAX_PAUSE_S, max(interval, wanted))  # float("9" * 400) is inf: min bounds it
         return max(0.0, min(pause, deadline - time.monotonic()))
 
@@ -431,11 +489,58 @@ def signing_key_path(credential: Path) -> Path:
     return credential.with_name(credential.name.removesuffix(".credential") + ".signing.key")
 
 
+# a PKCS#8 PEM Ed25519 key is 119 bytes
+MAX_SIGNING_KEY_BYTES = 64 << 10
+
+
 def load_signing_key(path: Path) -> IdentityKey:
-    """The operator's spec-signing key at ``path``, made (mode 0600) on first use."""
+    """The operator's spec-signing key at ``path``, made (mode 0600) on first use by whichever process gets
+    there first: a key already written is never replaced (two notebooks submitting at once would otherwise
+    each keep a key, and only one stays on disk).
+
+    Checked as :meth:`IdentityKey.load` checks a key, on the file as opened, and every refusal is a
+    :class:`CryptoError` (one line): a file others can read or another account owns, what is not a regular
+    file (a FIFO would block), one larger than a key, and one that is not an unencrypted Ed25519 private key
+    in PEM (another kind of key, a public key, a password-protected key, garbage)."""
     if not path.exists():
-        IdentityKey.generate().save(path)
-    return IdentityKey.load(path)
+        pem = (
+            IdentityKey.generate()
+            .crypto_key()
+            .private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        with contextlib.suppress(FileExistsError):  # another process made it first: that key is the one
+            write_private_file(path, pem, overwrite=False)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CryptoError(f"signing key {path} cannot be read: {exc.strerror or exc}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise CryptoError(f"signing key {path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o077:
+            raise CryptoError(f"{path} is readable by other users (mode {mode:o}); chmod 600 it")
+        if info.st_uid != os.getuid():
+            raise CryptoError(
+                f"{path} is owned by another account (uid {info.st_uid}, not {os.getuid()}); "
+                "refusing a key that account could replace"
+            )
+        pem = f.read(MAX_SIGNING_KEY_BYTES + 1)
+    if len(pem) > MAX_SIGNING_KEY_BYTES:
+        raise CryptoError(f"signing key {path} is larger than a key ({MAX_SIGNING_KEY_BYTES} bytes at most)")
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # not PEM, a public key, a password-protected key
+        key = None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise CryptoError(
+            f"{path} does not hold an Ed25519 private key (unencrypted PEM, as fedhealth writes its keys)"
+        )
+    return IdentityKey(key)
 
 
 T = TypeVar("T")
@@ -451,6 +556,28 @@ def _answer(response: httpx.Response, read: Callable[[Any], T]) -> T:
         raise ClientError(
             response.status_code, "the orchestrator's answer is not what was asked for"
         ) from exc
+
+
+def _model(response: httpx.Response, asked: str | None = None) -> bytes:
+    """A model answer's bytes, checked against the digest asked for and the one the orchestrator states
+    (``X-Fedhealth-Model-Digest``; an orchestrator that states none is taken at its bytes)."""
+    blob = response.content
+    actual = hashlib.sha256(blob).hexdigest()
+    for promised in (asked, response.headers.get("x-fedhealth-model-digest")):
+        if promised is not None and promised.strip().lower() != actual:
+            raise ClientError(
+                response.status_code,
+                f"the model answered hashes to {actual}, not to the digest promised ({promised[:80]!r})",
+            )
+    return blob
+
+
+def _segment(value: str) -> str:
+    """``value`` (an id or a name: typed, pasted, or listed by the orchestrator) as one path segment. Put in
+    the path as it was, a ``/``, ``?``, ``#`` or ``..`` in it made another request of the call:
+    ``cancel_study("../users/rita/revoke?")`` was ``POST /api/v1/users/rita/revoke``."""
+    quoted = quote(str(value), safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
 
 
 def _error(response: httpx.Response) -> ClientError:

@@ -161,10 +161,11 @@ def _read_spec_text(path: Path) -> str:
         raise SpecFileError(f"{path}: no such file") from None
     except OSError as exc:
         raise SpecFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # before fdopen: a folder would be its IsADirectoryError
+        os.close(fd)
+        raise SpecFileError(f"{path}: not a regular file")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise SpecFileError(f"{path}: not a regular file")
         if info.st_size > MAX_SPEC_BYTES:
             raise SpecFileError(f"{path}: larger than a study spec may be ({MAX_SPEC_BYTES} bytes)")
         data = f.read(MAX_SPEC_BYTES + 1)

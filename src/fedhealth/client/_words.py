@@ -61,10 +61,15 @@ def field_errors(errors: Iterable[dict[str, Any]], *, drop: Sequence[str] = ("bo
     """``field spec.rounds: must be at least 1; field name: is required`` from pydantic/FastAPI errors."""
     parts = []
     for error in errors:
-        loc = [str(p) for p in error.get("loc", ())]
+        # an orchestrator's 422 is its own JSON: a loc that is not a list or a ctx not an object is ignored
+        where_from = error.get("loc")
+        loc = [str(p) for p in where_from] if isinstance(where_from, list | tuple) else []
         while loc and loc[0] in drop:
             loc = loc[1:]
         where = ".".join(loc)
-        rule = rule_in_words(str(error.get("type", "")), str(error.get("msg", "")), error.get("ctx"))
+        ctx = error.get("ctx")
+        rule = rule_in_words(
+            str(error.get("type", "")), str(error.get("msg", "")), ctx if isinstance(ctx, dict) else None
+        )
         parts.append(f"field {where}: {rule}" if where else rule)
     return "; ".join(parts) or "the request is malformed"
