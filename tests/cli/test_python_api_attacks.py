@@ -694,3 +694,36 @@ def test_new_rows_that_cannot_be_predicted_are_an_input_error_and_nothing_is_wri
 def test_every_refusal_above_is_a_fedhealth_error():
     for kind in (ConfigError, CryptoError, SpecFileError, ClientError, ModelFileError, InputError):
         assert issubclass(kind, FedHealthError), kind
+
+
+# --- a newer orchestrator's spec field ----------------------------------------------------------------------
+
+
+def test_a_spec_field_of_a_newer_orchestrator_is_one_error_saying_to_upgrade_not_a_shortened_spec():
+    """A spec is read whole or not at all (docs/architecture.md, "Versions on the wire"): an older client
+    facing a newer orchestrator whose study spec holds a field it lacks neither drops the field nor says only
+    that the answer is not a StudyInfo; it says to upgrade. A spec that is wrong at the same protocol stays
+    the plain refusal."""
+    from fedhealth.protocol import PROTOCOL_VERSION
+    from fedhealth.protocol._versions import version_headers
+
+    newer = version_headers("9.0.0", protocol=PROTOCOL_VERSION + 1)
+    same = version_headers("0.1.0", protocol=PROTOCOL_VERSION)
+    plain = study_json()
+    extended = study_json(study_id="st_2", spec={**plain["spec"], "retention_days": 30})
+
+    def answer(headers: dict[str, str]) -> Answer:
+        def reply(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/api/v1/studies":
+                return httpx.Response(200, json=[plain, extended], headers=headers)
+            return httpx.Response(200, json=extended, headers=headers)
+
+        return reply
+
+    with orchestrator(answer(newer)) as client:
+        for call in (client.studies, lambda: client.study("st_2")):
+            with pytest.raises(ClientError, match=r"field this release does not know .*upgrade fedhealth"):
+                call()
+    with orchestrator(answer(same)) as client, pytest.raises(ClientError) as caught:
+        client.study("st_2")
+    assert "is not a StudyInfo" in str(caught.value)

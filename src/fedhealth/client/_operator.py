@@ -43,6 +43,7 @@ from fedhealth.core import (
 from fedhealth.crypto import IdentityKey, client_tls_for_url
 from fedhealth.governance import SignedSpec, spec_hash
 from fedhealth.protocol import (
+    PROTOCOL_VERSION,
     OperatorCredential,
     PeerVersion,
     SiteCreated,
@@ -301,6 +302,14 @@ class OperatorClient:
         try:
             return from_peer(model, data, version.protocol if version is not None else None)
         except ValidationError as exc:
+            if version is not None and version.protocol > PROTOCOL_VERSION and _newer_spec_field(exc):
+                # a spec is read whole or not at all (protocol._versions): say why, and what to do
+                raise ClientError(
+                    200,
+                    f"the orchestrator's {model.__name__} holds a study spec with a field this release does "
+                    f"not know (it speaks protocol {version.protocol}, this client {PROTOCOL_VERSION}): "
+                    "upgrade fedhealth to read it",
+                ) from exc
             raise ClientError(200, f"the orchestrator's answer is not a {model.__name__}") from exc
 
     def _get(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -600,3 +609,9 @@ def _error(response: httpx.Response) -> ClientError:
         detail if len(repr(detail)) <= 2000 else repr(detail)[:2000],
         retry_after=retry_after,
     )
+
+
+def _newer_spec_field(exc: ValidationError) -> bool:
+    """Whether ``exc`` refuses a field the study spec (or its parts) does not have: what a newer peer's spec
+    field looks like to this release."""
+    return any(e["type"] == "extra_forbidden" and "spec" in e["loc"] for e in exc.errors())
