@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.x509.verification import (
     DNSName,
@@ -191,3 +192,27 @@ def test_unsigned_alg_none_token_is_refused():
     token = f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims)}."
     with pytest.raises(CryptoError):
         verifier.verify(token, Audience.AGENT)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "huge", "public-key"])
+def test_an_identity_key_path_that_holds_no_key_is_one_crypto_error_and_never_blocks(tmp_path, kind):
+    """A site's identity key and the orchestrator's signing key are read by IdentityKey.load: a FIFO planted
+    at the path would have blocked the agent's start for ever (no writer), a folder or a file of megabytes
+    raised what the reader met; each is one CryptoError, at once."""
+    path = tmp_path / "identity.key"
+    if kind == "fifo":
+        os.mkfifo(path, 0o600)
+    elif kind == "folder":
+        path.mkdir(mode=0o700)
+    elif kind == "huge":
+        path.write_bytes(b"-" * (1 << 20))
+        os.chmod(path, 0o600)
+    else:
+        key = IdentityKey.generate().crypto_key().public_key()
+        path.write_bytes(
+            key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+        os.chmod(path, 0o600)
+    with pytest.raises(CryptoError) as refused:
+        IdentityKey.load(path)
+    assert str(path) in str(refused.value)

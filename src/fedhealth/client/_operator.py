@@ -25,9 +25,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 import pydantic_core
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 
 import fedhealth
@@ -498,19 +496,14 @@ def signing_key_path(credential: Path) -> Path:
     return credential.with_name(credential.name.removesuffix(".credential") + ".signing.key")
 
 
-# a PKCS#8 PEM Ed25519 key is 119 bytes
-MAX_SIGNING_KEY_BYTES = 64 << 10
-
-
 def load_signing_key(path: Path) -> IdentityKey:
     """The operator's spec-signing key at ``path``, made (mode 0600) on first use by whichever process gets
     there first: a key already written is never replaced (two notebooks submitting at once would otherwise
     each keep a key, and only one stays on disk).
 
-    Checked as :meth:`IdentityKey.load` checks a key, on the file as opened, and every refusal is a
-    :class:`CryptoError` (one line): a file others can read or another account owns, what is not a regular
-    file (a FIFO would block), one larger than a key, and one that is not an unencrypted Ed25519 private key
-    in PEM (another kind of key, a public key, a password-protected key, garbage)."""
+    Read by :meth:`IdentityKey.load`, and every refusal is a :class:`CryptoError` (one line): a file others
+    can read or another account owns, what is not a regular file (a FIFO would block), one larger than a key,
+    one that is not an unencrypted Ed25519 private key in PEM, one that cannot be opened."""
     if not path.exists():
         pem = (
             IdentityKey.generate()
@@ -522,34 +515,9 @@ def load_signing_key(path: Path) -> IdentityKey:
         with contextlib.suppress(FileExistsError):  # another process made it first: that key is the one
             write_private_file(path, pem, overwrite=False)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return IdentityKey.load(path)
     except OSError as exc:
         raise CryptoError(f"signing key {path} cannot be read: {exc.strerror or exc}") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise CryptoError(f"signing key {path} is not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        mode = stat.S_IMODE(info.st_mode)
-        if mode & 0o077:
-            raise CryptoError(f"{path} is readable by other users (mode {mode:o}); chmod 600 it")
-        if info.st_uid != os.getuid():
-            raise CryptoError(
-                f"{path} is owned by another account (uid {info.st_uid}, not {os.getuid()}); "
-                "refusing a key that account could replace"
-            )
-        pem = f.read(MAX_SIGNING_KEY_BYTES + 1)
-    if len(pem) > MAX_SIGNING_KEY_BYTES:
-        raise CryptoError(f"signing key {path} is larger than a key ({MAX_SIGNING_KEY_BYTES} bytes at most)")
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):  # not PEM, a public key, a password-protected key
-        key = None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise CryptoError(
-            f"{path} does not hold an Ed25519 private key (unencrypted PEM, as fedhealth writes its keys)"
-        )
-    return IdentityKey(key)
 
 
 T = TypeVar("T")

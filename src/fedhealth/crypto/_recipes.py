@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fedhealth.core import CryptoError, canonical_json, sha256_hex, write_private_file
 
 KEY_BYTES = 32
+MAX_KEY_FILE_BYTES = 64 << 10  # a PKCS#8 PEM Ed25519 key is 119 bytes
 NONCE_BYTES = 12
 _OPAQUE = "cryptographic verification failed"
 
@@ -129,9 +130,16 @@ class IdentityKey:
     def load(cls, path: Path) -> IdentityKey:
         """Read a key written by :meth:`save`; refuse one that others can read, or that another account owns
         (it could replace the key with its own). Both are checked on the file as opened, so a file swapped in
-        after the check is never the one read."""
-        with path.open("rb") as f:
-            info = os.fstat(f.fileno())
+        after the check is never the one read. What is not a regular file (a FIFO would block the reader), a
+        file larger than a key, and one that is not an unencrypted Ed25519 private key in PEM (another kind of
+        key, a public key, a password-protected key, garbage) are a :class:`CryptoError` too; a file that
+        cannot be opened is the :class:`OSError` of its opening."""
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # before fdopen: a folder would be its IsADirectoryError
+            os.close(fd)
+            raise CryptoError(f"{path} is not a regular file")
+        with os.fdopen(fd, "rb") as f:
             mode = stat.S_IMODE(info.st_mode)
             if mode & 0o077:
                 raise CryptoError(f"{path} is readable by other users (mode {mode:o}); chmod 600 it")
@@ -140,10 +148,21 @@ class IdentityKey:
                     f"{path} is owned by another account (uid {info.st_uid}, not {os.getuid()}); "
                     "refusing a key that account could replace"
                 )
-            pem = f.read()
-        key = serialization.load_pem_private_key(pem, password=None)
+            pem = f.read(MAX_KEY_FILE_BYTES + 1)
+        if len(pem) > MAX_KEY_FILE_BYTES:
+            raise CryptoError(f"{path} is larger than a key ({MAX_KEY_FILE_BYTES} bytes at most)")
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (
+            ValueError,
+            TypeError,
+            UnsupportedAlgorithm,
+        ):  # not PEM, a public key, a password-protected key
+            key = None
         if not isinstance(key, Ed25519PrivateKey):
-            raise CryptoError(f"{path} does not hold an Ed25519 private key")
+            raise CryptoError(
+                f"{path} does not hold an Ed25519 private key (unencrypted PEM, as fedhealth writes its keys)"
+            )
         return cls(key)
 
 
