@@ -460,6 +460,35 @@ def send_asgi(
     return client.portal.call(lambda: asgi_request(app, method, path, headers, chunks, **kw))
 
 
+def opened_for_writing_later(fifo: Path) -> threading.Timer:
+    """Unblock a reader stuck on ``fifo`` after a while (so an unfixed reader ends the test, not the run)."""
+
+    def unblock() -> None:
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    timer = threading.Timer(5.0, unblock)
+    timer.start()
+    return timer
+
+
+def finishes_within(seconds: float, call: Callable[[], object]) -> BaseException | None:
+    """Run ``call`` in a thread; the exception it raised, asserting it ended within ``seconds``."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # what the test checks
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the call blocked (a read on a FIFO?)"
+    return raised[0] if raised else None
+
+
 def run_until(site: SiteAgent, done: Callable[[], bool], give_up_s: float = 20) -> BaseException | None:
     """Run the agent's loop in a thread until ``done()`` holds; what it raised, if it stopped."""
     raised: list[BaseException] = []

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from fedhealth.client import ClientError, OperatorClient, SpecFileError, load_sp
 from fedhealth.core import ConfigError, encode_tensors
 from fedhealth.crypto import create_ca
 from fedhealth.protocol import OperatorCredential, StudyInfo
-from support import breast_spec, cli, file_mode, one_error
+from support import breast_spec, cli, file_mode, finishes_within, one_error, opened_for_writing_later
 
 API_KEY = "fhk_" + "k" * 43
 # nothing listens there: a command that got past the credential check would fail to connect instead
@@ -116,41 +115,12 @@ def test_a_symbolic_link_planted_at_the_credential_path_is_not_followed(tmp_path
     assert "symbolic link" in line
 
 
-def _opened_for_writing_later(fifo: Path) -> threading.Timer:
-    """Unblock a reader stuck on ``fifo`` after a while (so an unfixed reader ends the test, not the run)."""
-
-    def unblock() -> None:
-        with contextlib.suppress(OSError):
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-
-    timer = threading.Timer(5.0, unblock)
-    timer.start()
-    return timer
-
-
-def _finishes_within(seconds: float, call: Any) -> BaseException | None:
-    """Run ``call`` in a thread; the exception it raised, asserting it ended within ``seconds``."""
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            call()
-        except BaseException as exc:  # what the test checks
-            raised.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), "the read blocked on a FIFO"
-    return raised[0] if raised else None
-
-
 def test_a_fifo_planted_at_the_credential_path_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "admin.credential"
     os.mkfifo(fifo, 0o600)
-    timer = _opened_for_writing_later(fifo)
+    timer = opened_for_writing_later(fifo)
     try:
-        raised = _finishes_within(2.0, lambda: OperatorClient.from_credential(fifo))
+        raised = finishes_within(2.0, lambda: OperatorClient.from_credential(fifo))
     finally:
         timer.cancel()
         with contextlib.suppress(OSError):
@@ -400,9 +370,9 @@ def test_a_spec_file_of_many_megabytes_is_refused_before_it_is_read(tmp_path):
 def test_a_fifo_given_as_a_spec_file_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "study.toml"
     os.mkfifo(fifo, 0o600)
-    timer = _opened_for_writing_later(fifo)
+    timer = opened_for_writing_later(fifo)
     try:
-        raised = _finishes_within(2.0, lambda: load_spec(fifo))
+        raised = finishes_within(2.0, lambda: load_spec(fifo))
     finally:
         timer.cancel()
         with contextlib.suppress(OSError):

@@ -23,7 +23,6 @@ import gzip
 import hashlib
 import json
 import os
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,7 +50,7 @@ from fedhealth.client import _operator as operator_module
 from fedhealth.core import ConfigError, CryptoError, FedHealthError, InputError, encode_tensors
 from fedhealth.crypto import IdentityKey, create_ca
 from fedhealth.protocol import OperatorCredential
-from support import breast_spec, file_mode
+from support import breast_spec, file_mode, finishes_within, opened_for_writing_later
 
 API_KEY = "fhk_" + "s" * 43
 URL = "https://orchestrator.test"
@@ -104,32 +103,6 @@ def listing(folder: Path) -> dict[str, bytes | None]:
         else:
             out[str(path)] = None
     return out
-
-
-def finishes_within(seconds: float, call: Callable[[], object]) -> BaseException | None:
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            call()
-        except BaseException as exc:  # what the test checks
-            raised.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), "the call blocked"
-    return raised[0] if raised else None
-
-
-def unblock_later(fifo: Path) -> threading.Timer:
-    def unblock() -> None:
-        with contextlib.suppress(OSError):
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-
-    timer = threading.Timer(5.0, unblock)
-    timer.start()
-    return timer
 
 
 # --- (1) the credential file --------------------------------------------------------------------------------
@@ -239,7 +212,7 @@ def test_a_signing_key_others_can_read_or_another_account_owns_is_refused(tmp_pa
 def test_a_fifo_or_a_folder_at_the_signing_key_path_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "admin.signing.key"
     os.mkfifo(fifo, 0o600)
-    timer = unblock_later(fifo)
+    timer = opened_for_writing_later(fifo)
     try:
         raised = finishes_within(2.0, lambda: load_signing_key(fifo))
     finally:
