@@ -36,7 +36,7 @@ with warnings.catch_warnings():
 from fedhealth.agent import OrchestratorClient, SiteAgent
 from fedhealth.cli import app
 from fedhealth.core import SystemClock, canonical_json, decode_tensors, sha256_hex
-from fedhealth.crypto import Audience, IdentityKey, PublicIdentity, TokenClaims, pinned_tls_context
+from fedhealth.crypto import Audience, IdentityKey, PublicIdentity, TokenClaims, create_ca, pinned_tls_context
 from fedhealth.data import open_dataset
 from fedhealth.governance import spec_hash
 from fedhealth.learning import LOGREG_RECIPE, SYNTHETIC_RECIPE, LogRegParams, PackageOrigin, SyntheticParams
@@ -62,6 +62,7 @@ from fedhealth.orchestrator._store import RoundRow, TaskRow
 from fedhealth.protocol import (
     ApprovalState,
     EnrollRequest,
+    OperatorCredential,
     RecipeSpec,
     ResultManifest,
     Role,
@@ -353,6 +354,28 @@ _cli_runner = CliRunner()
 def cli(*args: object) -> Any:
     """``fedhealth`` with ``args`` (each passed through ``str``), run in process; its result."""
     return _cli_runner.invoke(app, [str(a) for a in args])
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed again)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def unreachable_credential(path: Path) -> Path:
+    """An admin credential (0600) of a federation whose orchestrator does not answer: its CA is a fresh one
+    and its URL a closed loopback port."""
+    path.write_text(
+        OperatorCredential(
+            orchestrator=f"https://127.0.0.1:{closed_port()}",
+            ca_pem=create_ca("test federation").cert_pem.decode(),
+            user="admin",
+            api_key="fhk_" + "x" * 40,
+        ).model_dump_json()
+    )
+    path.chmod(0o600)  # a credential others can read is refused
+    return path
 
 
 def one_error(result: Any, code: int = 1) -> str:

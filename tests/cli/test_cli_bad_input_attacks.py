@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -25,19 +24,13 @@ from typer.testing import CliRunner
 
 from fedhealth.cli import app
 from fedhealth.crypto import IdentityKey, create_ca
-from fedhealth.protocol import OperatorCredential
+from support import closed_port, unreachable_credential
 
 runner = CliRunner()
 USAGE, FAILURE = 2, 1
 HASH = "a" * 64
 RLO, ZWSP = "\u202e", "\u200b"  # right-to-left override, zero-width space
 NINES = "9" * 400  # float() of it is inf
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(autouse=True)
@@ -72,16 +65,7 @@ def world(tmp_path_factory) -> Path:
     assert runner.invoke(app, ["orchestrator", "init", str(w / "orch"), "--host", "127.0.0.1"]).exit_code == 0
     ca = create_ca("test federation")
     (w / "ca.pem").write_bytes(ca.cert_pem)
-    credential = w / "admin.credential"
-    credential.write_text(
-        OperatorCredential(
-            orchestrator=f"https://127.0.0.1:{closed_port()}",
-            ca_pem=ca.cert_pem.decode(),
-            user="admin",
-            api_key="fhk_" + "x" * 40,
-        ).model_dump_json()
-    )
-    credential.chmod(0o600)
+    unreachable_credential(w / "admin.credential")
     site = w / "site"
     site.mkdir(mode=0o700)
     IdentityKey.generate().save(site / "identity.key")

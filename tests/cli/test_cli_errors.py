@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import fedhealth
 from fedhealth.cli import app
 from fedhealth.crypto import IdentityKey, create_ca
-from fedhealth.protocol import OperatorCredential
+from support import closed_port, unreachable_credential
 
 runner = CliRunner()
 
@@ -34,26 +34,9 @@ def one_error(result: Any, code: int) -> str:
     return lines[0]
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # closed again when the block ends: nothing listens there
-
-
 @pytest.fixture
 def credential(tmp_path) -> Path:
-    path = tmp_path / "admin.credential"
-    ca = create_ca("test federation")
-    path.write_text(
-        OperatorCredential(
-            orchestrator=f"https://127.0.0.1:{closed_port()}",
-            ca_pem=ca.cert_pem.decode(),
-            user="admin",
-            api_key="fhk_" + "x" * 40,
-        ).model_dump_json()
-    )
-    path.chmod(0o600)  # a credential others can read is refused
-    return path
+    return unreachable_credential(tmp_path / "admin.credential")
 
 
 @pytest.fixture
